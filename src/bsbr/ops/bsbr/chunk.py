@@ -1,0 +1,203 @@
+"""Chunked BSBR attention: the default forward. No n x n tensor exists anywhere.
+
+Cost per head: within-chunk SDPA O(n B d), chunk states O(n d^2), retrieval weights O(C^2 d),
+retrieved states O(C^2 d^2) dense or O(C k d^2) with top-k, read-out O(n d^2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F_
+
+from .utils import (
+    BSBRState,
+    check_inputs,
+    check_options,
+    combine,
+    gate_per_head,
+    refresh_retrieval,
+    retrieval_weights,
+)
+
+
+def _compact(valid: torch.Tensor):
+    """Index that moves each sequence's real tokens to the front (stable), and their counts."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (b, n)
+    return order, valid.sum(1)
+
+
+def _gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    # x: (b, h, n, d); order: (b, n)
+    return x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def chunk_bsbr_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mq: torch.Tensor,
+    mk: torch.Tensor,
+    *,
+    chunk_size: int,
+    fq: Optional[torch.Tensor] = None,
+    fk: Optional[torch.Tensor] = None,
+    variant: str = "additive",
+    gate: Optional[torch.Tensor] = None,
+    top_k: Optional[int] = None,
+    valid: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    output_final_state: bool = False,
+):
+    """Block Sparse attention with Block Retrieval.
+
+    Args:
+        q: (b, hq, n, d) queries (positions already applied). k: (b, hkv, n, d), v: (b, hkv, n, dv);
+            ``hq`` must be a multiple of ``hkv`` (grouped K/V heads).
+        mq: (b, hq, n, dm), mk: (b, hkv, n, dm) per-token meta-queries / meta-keys; reduced to one
+            per chunk as described in :mod:`bsbr.ops.bsbr.utils`.
+        chunk_size: tokens per chunk ``B``.
+        fq, fk: (b, hq, n, df), (b, hkv, n, df) features for the chunk states; default ``q``, ``k``.
+            ``variant="normalized"`` needs non-negative features (a positive feature map).
+        variant: ``"additive"`` (the seed's ``softmax_local + q.S``) or ``"normalized"`` (shared
+            denominator; see :func:`bsbr.ops.bsbr.utils.combine`).
+        gate: None (open) or a scalar / (hq,) tensor scaling the retrieved term.
+        top_k: None for dense retrieval over all earlier chunks, else keep the k best-scoring ones.
+        valid: (b, n) padding mask, 1/True for real tokens. Each sequence is processed on its own
+            real tokens (chunk boundaries start at its first real token); padded positions output 0.
+        scale: softmax scale, default ``1/sqrt(d)``.
+        output_final_state: also return the :class:`BSBRState` to continue with
+            :func:`bsbr.ops.recurrent_bsbr_attention`.
+
+    Returns:
+        ``(o, state)``: o is (b, hq, n, dv); state is None unless ``output_final_state``.
+    """
+    fq = q if fq is None else fq
+    fk = k if fk is None else fk
+    check_options(chunk_size, variant, top_k)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid)
+    b, hq, hkv, n, B = a.batch, a.q_heads, a.kv_heads, a.seq_len, chunk_size
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
+    gates = gate_per_head(gate, hq, q)
+
+    order = None
+    if valid is not None:
+        valid = valid.bool()
+        if not bool(valid.all()):
+            order, lengths = _compact(valid)
+            q, k, v, mq, mk, fq, fk = (_gather_tokens(x, order) for x in (q, k, v, mq, mk, fq, fk))
+            valid = torch.arange(n, device=q.device)[None, :] < lengths[:, None]
+        else:
+            valid = None
+    if n == 0:
+        o = q.new_zeros(b, hq, 0, a.value_dim)
+        return o, (BSBRState.empty(a, B, q) if output_final_state else None)
+
+    C = -(-n // B)
+    pad = C * B - n
+    if pad:
+        q, k, v, mq, mk, fq, fk = (F_.pad(x, (0, 0, 0, pad)) for x in (q, k, v, mq, mk, fq, fk))
+    tok_valid = torch.ones(b, C * B, dtype=torch.bool, device=q.device)
+    tok_valid[:, n:] = False
+    if valid is not None:
+        tok_valid[:, :n] = valid
+
+    def blocks(x):  # (b, h, C*B, d) -> (b, h, C, B, d)
+        return x.view(x.shape[0], x.shape[1], C, B, x.shape[-1])
+
+    # 1. within-chunk causal softmax attention: one SDPA call over all chunks as a batch
+    qc = blocks(q).transpose(1, 2).reshape(b * C, hq, B, a.head_dim)
+    kc = blocks(k).transpose(1, 2).reshape(b * C, hkv, B, a.head_dim)
+    vc = blocks(v).transpose(1, 2).reshape(b * C, hkv, B, a.value_dim)
+    o_local = F_.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=g > 1)
+    o_local = o_local.view(b, C, hq, B, a.value_dim).transpose(1, 2)  # (b, hq, C, B, dv)
+
+    # 2. chunk states from real tokens only: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
+    m = tok_valid.view(b, 1, C, B, 1).to(q.dtype)
+    fk_c = blocks(fk) * m
+    F = fk_c.transpose(-1, -2) @ blocks(v)
+    z = fk_c.sum(-2)
+
+    # 3. meta-keys (mean over the chunk) and meta-queries (mean over the previous chunk)
+    counts = m.sum(-2).clamp(min=1.0)  # (b, 1, C, 1)
+    h_meta = (blocks(mk) * m).sum(-2) / counts  # (b, hkv, C, dm)
+    mean_q = (blocks(mq) * m).sum(-2) / counts  # (b, hq, C, dm)
+    r_meta = F_.pad(mean_q[:, :, :-1], (0, 0, 1, 0))  # r_c = mean_q[c-1]; r_0 is never used
+
+    # 4. retrieval over strictly earlier chunks: w (b, hkv, g, C, C)
+    c_idx = torch.arange(C, device=q.device)
+    allowed = (c_idx[None, :] < c_idx[:, None]).view(1, 1, 1, C, C)
+    w = retrieval_weights(r_meta.view(b, hkv, g, C, -1), h_meta, allowed, top_k, variant)
+    df, dv = a.feature_dim, a.value_dim
+    if top_k is not None and top_k < C - 1:
+        # sparse: gather the k selected states per chunk, O(C k d^2)
+        wk, idx = w.topk(top_k, dim=-1)  # unselected weights are exactly 0
+        Fg = F.view(b, hkv, 1, C, df * dv).expand(-1, -1, g, -1, -1)
+        S = torch.zeros(b, hkv, g, C, df * dv, dtype=q.dtype, device=q.device)
+        zS = torch.zeros(b, hkv, g, C, df, dtype=q.dtype, device=q.device)
+        for j in range(top_k):  # k is small; each step is one batched gather
+            sel = idx[..., j : j + 1]
+            S = S + wk[..., j : j + 1] * Fg.gather(3, sel.expand(-1, -1, -1, -1, df * dv))
+            zS = zS + wk[..., j : j + 1] * z.view(b, hkv, 1, C, df).expand(-1, -1, g, -1, -1).gather(
+                3, sel.expand(-1, -1, -1, -1, df)
+            )
+    else:
+        S = w @ F.view(b, hkv, 1, C, df * dv)  # (b, hkv, g, C, df*dv)
+        zS = w @ z.view(b, hkv, 1, C, df)
+    S = S.reshape(b, hq, C, df, dv)
+    zS = zS.reshape(b, hq, C, df)
+
+    # 5. read-out with each chunk's retrieved state, then combine with the local output
+    fq_c = blocks(fq)  # (b, hq, C, B, df)
+    num = fq_c @ S  # (b, hq, C, B, dv)
+    den = (fq_c @ zS.unsqueeze(-1)).squeeze(-1) if variant == "normalized" else None
+    o = combine(o_local.reshape(b, hq, C * B, dv), num.reshape(b, hq, C * B, dv),
+                None if den is None else den.reshape(b, hq, C * B), gates, variant)
+    o = o * tok_valid.view(b, 1, C * B, 1).to(o.dtype)
+    o = o[:, :, :n]
+
+    state = None
+    if output_final_state:
+        state = _final_state(a, B, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, variant)
+    if order is not None:  # scatter back to the original (padded) positions
+        o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
+    return o, state
+
+
+def _final_state(a, B, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, variant) -> BSBRState:
+    """The streaming state after the last real token of each sequence."""
+    b, hkv, hq = a.batch, a.kv_heads, a.q_heads
+    C = F.shape[2]
+    lengths = tok_valid.sum(1)  # (b,)
+    full = torch.div(lengths, B, rounding_mode="floor")  # completed chunks per sequence
+    st = BSBRState.empty(a, B, k)
+    st.n_seen = lengths.clone()
+    cur = full.clamp(max=C - 1)  # index of the current (partial) chunk; ignored if it is empty
+    has_partial = (lengths % B) > 0
+
+    def pick(x):  # x: (b, h, C, ...) -> (b, h, ...) at chunk cur[b]
+        idx = cur.view(b, 1, 1, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], 1, *x.shape[3:])
+        return x.gather(2, idx).squeeze(2)
+
+    def where_partial(x):
+        return torch.where(has_partial.view(b, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
+
+    kb = k.view(b, hkv, C, B, -1)
+    vb = v.view(b, hkv, C, B, -1)
+    st.k_buf = where_partial(pick(kb))
+    st.v_buf = where_partial(pick(vb))
+    st.F_cur = where_partial(pick(F))
+    st.z_cur = where_partial(pick(z))
+    st.mk_sum = where_partial(pick((mk.view(b, hkv, C, B, -1) * m).sum(-2)))
+    st.mq_sum = where_partial(pick((mq.view(b, hq, C, B, -1) * m).sum(-2)))
+    prev = (full - 1).clamp(min=0)
+    idx = prev.view(b, 1, 1, 1).expand(-1, hq, 1, mean_q.shape[-1])
+    st.r_cur = torch.where((full > 0).view(b, 1, 1), mean_q.gather(2, idx).squeeze(2), torch.zeros_like(st.r_cur))
+    keep = (torch.arange(C, device=k.device)[None, :] < full[:, None]).view(b, 1, C)
+    st.F_past = F * keep[..., None, None].to(F.dtype)
+    st.z_past = z * keep[..., None].to(z.dtype)
+    st.h_past = h_meta * keep[..., None].to(h_meta.dtype)
+    refresh_retrieval(st, full > 0, top_k, variant)
+    return st

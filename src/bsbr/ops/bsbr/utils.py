@@ -1,0 +1,240 @@
+"""Pieces shared by the three forms of the BSBR op: argument checks, the retrieval weights and the
+streaming state.
+
+Notation (one head; see ``shared/notes/bsbr-math.md``): chunk size ``B``, chunk ``c(t) = t // B``.
+
+* ``q, k, v``      per-token queries, keys, values (keys/values may have fewer heads: grouped K/V).
+* ``fq, fk``       the *feature* side of queries/keys used by the chunk states. They default to
+                   ``q``/``k``; a layer passes a feature map and/or a state compression here
+                   (compression = a projection of the feature dim ``d -> d / factor``, so each
+                   chunk state ``F_c = sum_j fk_j v_j^T`` shrinks from ``d x d`` to ``d/factor x d``).
+* ``mq, mk``       per-token meta-queries / meta-keys. The op reduces them to one per chunk:
+                   ``h_c = mean(mk_j, j in chunk c)`` (a chunk's key may summarise the whole chunk,
+                   because only *later* chunks read it) and ``r_c = mean(mq_j, j in chunk c-1)``.
+                   The meta-query of chunk ``c`` is built from the previous chunk, which every token
+                   of chunk ``c`` has already seen; the earlier library used the last token of chunk
+                   ``c`` itself, which leaks the future into the rest of that chunk.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+VARIANTS = ("additive", "normalized")
+
+
+@dataclass
+class BSBRArgs:
+    """Validated sizes of one call."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+    value_dim: int
+    feature_dim: int
+    meta_dim: int
+
+
+def _check_tensor(name: str, x, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+
+
+def check_options(chunk_size, variant: str, top_k) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None (dense retrieval) or an int >= 1, got {top_k!r}")
+
+
+def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4) -> BSBRArgs:
+    """Check shapes of a sequence call (``token_dim=4``: (b, h, n, d)) or a step call (3: (b, h, d))."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk)):
+        _check_tensor(name, x, token_dim)
+    b, hq = q.shape[:2]
+    d = q.shape[-1]
+    hkv = k.shape[1]
+    lead = q.shape[:-1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    kv_lead = (b, hkv) + tuple(lead[2:])
+    for name, x in (("k", k), ("v", v), ("mk", mk), ("fk", fk)):
+        if tuple(x.shape[:-1]) != kv_lead:
+            raise ValueError(f"{name} must have leading shape {kv_lead}, got {tuple(x.shape)}")
+    for name, x in (("mq", mq), ("fq", fq)):
+        if tuple(x.shape[:-1]) != tuple(lead):
+            raise ValueError(f"{name} must have leading shape {tuple(lead)}, got {tuple(x.shape)}")
+    if k.shape[-1] != d:
+        raise ValueError(f"k head dim ({k.shape[-1]}) must equal q head dim ({d})")
+    if mq.shape[-1] != mk.shape[-1]:
+        raise ValueError(f"mq and mk must share their last dim, got {mq.shape[-1]} and {mk.shape[-1]}")
+    if fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"fq and fk must share their last dim, got {fq.shape[-1]} and {fk.shape[-1]}")
+    dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk)}
+    if len(dtypes) != 1:
+        raise TypeError(f"q, k, v, mq, mk, fq, fk must share one dtype, got {sorted(map(str, dtypes))}")
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor):
+            raise TypeError(f"gate must be None or a tensor of shape ({hq},), got {type(gate).__name__}")
+        if gate.dim() > 1 or gate.numel() not in (1, hq):
+            raise ValueError(f"gate must be a scalar or have shape ({hq},), got {tuple(gate.shape)}")
+    n = q.shape[2] if token_dim == 4 else 1
+    if valid is not None:
+        want = (b, n) if token_dim == 4 else (b,)
+        if not isinstance(valid, torch.Tensor):
+            raise TypeError(f"valid must be None or a tensor of shape {want}, got {type(valid).__name__}")
+        if tuple(valid.shape) != want:
+            raise ValueError(f"valid (the padding mask) must have shape {want}, got {tuple(valid.shape)}")
+    return BSBRArgs(b, hq, hkv, n, d, v.shape[-1], fq.shape[-1], mq.shape[-1])
+
+
+def gate_per_head(gate: Optional[torch.Tensor], q_heads: int, like: torch.Tensor) -> torch.Tensor:
+    """The retrieval gate as a (q_heads,) tensor; ``None`` means an open gate (1)."""
+    if gate is None:
+        return torch.ones(q_heads, dtype=like.dtype, device=like.device)
+    return gate.to(like.dtype).reshape(-1).expand(q_heads)
+
+
+def retrieval_weights(
+    r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, top_k: Optional[int], variant: str
+) -> torch.Tensor:
+    """Weights w[c, c'] that chunk c gives to the state of chunk c'.
+
+    r: (b, hkv, g, R, dm) meta-queries; h: (b, hkv, P, dm) meta-keys of candidate chunks;
+    allowed: (b or 1, 1, 1, R, P) bool, which (c, c') pairs may be retrieved (c' < c).
+    Returns (b, hkv, g, R, P). Rows with nothing allowed are all zero.
+
+    ``additive`` uses the seed's alpha = softmax over allowed chunks (the weights sum to one).
+    ``normalized`` multiplies alpha by the number of selected chunks, so that uniform scores give
+    every past chunk a full weight of one: then the read-out is plain linear attention over the past,
+    sharing its denominator with the local softmax.
+    """
+    scores = torch.einsum("bkgrd,bkpd->bkgrp", r, h) / math.sqrt(r.shape[-1])
+    allowed = allowed.expand_as(scores)
+    if top_k is not None and top_k < scores.shape[-1]:
+        masked = scores.masked_fill(~allowed, float("-inf"))
+        idx = masked.topk(top_k, dim=-1).indices
+        keep = torch.zeros_like(allowed).scatter(-1, idx, True)
+        allowed = allowed & keep
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # rows with no allowed chunk (chunk 0) would be softmax of all -inf: give them zero weight
+    any_allowed = allowed.any(-1, keepdim=True)
+    alpha = torch.softmax(scores.masked_fill(~any_allowed, 0.0), dim=-1) * allowed
+    if variant == "normalized":
+        alpha = alpha * allowed.sum(-1, keepdim=True).to(alpha.dtype)
+    return alpha
+
+
+def combine(o_local, num, den, gate, variant: str):
+    """Mix the local softmax output with the retrieved read-out.
+
+    o_local, num: (..., hq, T, dv); den: (..., hq, T) or None; gate: (hq,).
+    additive:   o = o_local + g * q.S                        (the seed's formula)
+    normalized: o = (o_local + g * fq.S) / (1 + g * fq.z)    (shared denominator: the local
+                softmax is a distribution of mass one, the retrieved chunks add mass g * fq.z)
+    """
+    g = gate.view(-1, 1, 1)
+    if variant == "additive":
+        return o_local + g * num
+    return (o_local + g * num) / (1.0 + g * den.unsqueeze(-1))
+
+
+@dataclass
+class BSBRState:
+    """Streaming state of one BSBR attention for a batch; each sequence has its own position.
+
+    Memory is bounded by one chunk of keys/values plus one (feature x value) state, one meta-key
+    and one feature sum per *completed* chunk: it never holds the keys of earlier chunks.
+    """
+
+    chunk_size: int
+    n_seen: torch.Tensor  # (b,) real tokens consumed per sequence
+    k_buf: torch.Tensor  # (b, hkv, B, d) keys of the current chunk
+    v_buf: torch.Tensor  # (b, hkv, B, dv)
+    F_cur: torch.Tensor  # (b, hkv, df, dv) state of the current (incomplete) chunk
+    z_cur: torch.Tensor  # (b, hkv, df)
+    mk_sum: torch.Tensor  # (b, hkv, dm) running sum of meta-keys of the current chunk
+    mq_sum: torch.Tensor  # (b, hq, dm) running sum of meta-queries of the current chunk
+    r_cur: torch.Tensor  # (b, hq, dm) meta-query of the current chunk (mean over the previous one)
+    F_past: torch.Tensor  # (b, hkv, P, df, dv) states of completed chunks (P >= completed)
+    z_past: torch.Tensor  # (b, hkv, P, df)
+    h_past: torch.Tensor  # (b, hkv, P, dm) meta-keys of completed chunks
+    S_cur: torch.Tensor  # (b, hq, df, dv) what the current chunk retrieved (cached)
+    zS_cur: torch.Tensor  # (b, hq, df)
+
+    @property
+    def completed(self) -> torch.Tensor:
+        return torch.div(self.n_seen, self.chunk_size, rounding_mode="floor")
+
+    @classmethod
+    def empty(cls, a: BSBRArgs, chunk_size: int, like: torch.Tensor) -> "BSBRState":
+        z = lambda *s: torch.zeros(*s, dtype=like.dtype, device=like.device)  # noqa: E731
+        b, hq, hkv = a.batch, a.q_heads, a.kv_heads
+        return cls(
+            chunk_size=chunk_size,
+            n_seen=torch.zeros(b, dtype=torch.long, device=like.device),
+            k_buf=z(b, hkv, chunk_size, a.head_dim),
+            v_buf=z(b, hkv, chunk_size, a.value_dim),
+            F_cur=z(b, hkv, a.feature_dim, a.value_dim),
+            z_cur=z(b, hkv, a.feature_dim),
+            mk_sum=z(b, hkv, a.meta_dim),
+            mq_sum=z(b, hq, a.meta_dim),
+            r_cur=z(b, hq, a.meta_dim),
+            F_past=z(b, hkv, 0, a.feature_dim, a.value_dim),
+            z_past=z(b, hkv, 0, a.feature_dim),
+            h_past=z(b, hkv, 0, a.meta_dim),
+            S_cur=z(b, hq, a.feature_dim, a.value_dim),
+            zS_cur=z(b, hq, a.feature_dim),
+        )
+
+    def tensors(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunk_size"}
+
+    def select(self, index: torch.Tensor) -> "BSBRState":
+        """Reorder/select batch entries (beam search)."""
+        return BSBRState(self.chunk_size, **{n: t.index_select(0, index) for n, t in self.tensors().items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def refresh_retrieval(state: BSBRState, which: torch.Tensor, top_k, variant: str) -> None:
+    """Recompute what the current chunk retrieves (S_cur, zS_cur) for the sequences in ``which``."""
+    b, hkv, P = state.h_past.shape[:3]
+    hq = state.r_cur.shape[1]
+    g = hq // hkv
+    if P == 0:
+        return
+    r = state.r_cur.view(b, hkv, g, 1, -1)
+    allowed = (torch.arange(P, device=r.device)[None, :] < state.completed[:, None]).view(b, 1, 1, 1, P)
+    w = retrieval_weights(r, state.h_past, allowed, top_k, variant)  # (b, hkv, g, 1, P)
+    S = torch.einsum("bkgp,bkpfv->bkgfv", w[:, :, :, 0], state.F_past).reshape(b, hq, *state.F_past.shape[-2:])
+    zS = torch.einsum("bkgp,bkpf->bkgf", w[:, :, :, 0], state.z_past).reshape(b, hq, -1)
+    sel = which.view(b, 1, 1, 1)
+    state.S_cur = torch.where(sel, S, state.S_cur)
+    state.zS_cur = torch.where(sel.view(b, 1, 1), zS, state.zS_cur)
+
+
+def ensure_capacity(state: BSBRState, need: int) -> None:
+    """Grow the per-chunk arrays so that they hold ``need`` completed chunks (amortised doubling)."""
+    P = state.F_past.shape[2]
+    if need <= P:
+        return
+    grow = max(need, 2 * P) - P
+
+    def pad(t):
+        extra = torch.zeros(t.shape[:2] + (grow,) + t.shape[3:], dtype=t.dtype, device=t.device)
+        return torch.cat([t, extra], dim=2)
+
+    state.F_past, state.z_past, state.h_past = pad(state.F_past), pad(state.z_past), pad(state.h_past)
