@@ -1,0 +1,217 @@
+"""BSBRAttention: the nn.Module around :mod:`bsbr.ops.bsbr` (no HuggingFace dependency).
+
+Member names follow the earlier bsbr library (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``,
+``meta_r_proj``, ``meta_h_proj``) so its users can switch. Beyond the earlier layer it supports
+grouped K/V heads, rotary positions, biases, the normalized retrieval variant with feature maps,
+a retrieval gate, top-k retrieval, state compression, a padding mask and a streaming ``step()``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops.bsbr import VARIANTS, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
+from .feature_maps import FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
+from .rotary import apply_rotary
+
+META_MODES = ("linear", "shared")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_hidden_states(hidden_states, hidden_dim: int) -> None:
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_dim:
+        raise ValueError(
+            f"hidden_states must have shape (batch, seq_len, {hidden_dim}), got {tuple(hidden_states.shape)}"
+        )
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+
+
+def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
+    """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor of shape ({batch}, {seq_len}), got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (batch, seq_len):
+        raise ValueError(f"attention_mask must have shape ({batch}, {seq_len}), got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
+    return attention_mask.bool()
+
+
+class BSBRAttention(nn.Module):
+    """Block Sparse attention with Block Retrieval.
+
+    Args:
+        hidden_dim, num_heads, chunk_size, dropout, compression_factor: as in the earlier library.
+            ``compression_factor`` shrinks each chunk state's feature dim by that factor.
+        num_kv_heads: key/value heads (grouped K/V); default ``num_heads``.
+        head_dim: default ``hidden_dim // num_heads``.
+        bias / out_bias: biases of the q/k/v and output projections.
+        retrieval: ``"additive"`` (the seed: local softmax + q.S) or ``"normalized"`` (shared
+            denominator; needs a non-negative feature map).
+        feature_map: ``"identity"``, ``"elu"`` or ``"hedgehog"``; default identity for additive,
+            hedgehog for normalized.
+        gate: None (no gate) or the initial value of a per-head gate on the retrieved term. A gate
+            starting at 0 makes the layer exactly chunk-local attention until it is trained.
+        top_k: None (dense) or the number of past chunks each chunk retrieves.
+        meta: ``"linear"`` (own projections of the hidden state, the earlier library's) or
+            ``"shared"`` (per-head d x d maps of the un-rotated q/k, identity-initialised: the meta
+            projections start as W_Q and W_K and add only d^2 parameters per head).
+        meta_dim: size of meta-queries/keys per head for ``meta="linear"`` (default head_dim).
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        chunk_size: int,
+        dropout: float = 0.1,
+        compression_factor: Optional[int] = None,
+        *,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        bias: bool = True,
+        out_bias: Optional[bool] = None,
+        retrieval: str = "additive",
+        feature_map: Optional[str] = None,
+        gate: Optional[float] = None,
+        top_k: Optional[int] = None,
+        meta: str = "linear",
+        meta_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        _check_int("hidden_dim", hidden_dim)
+        _check_int("num_heads", num_heads)
+        _check_int("chunk_size", chunk_size)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if hidden_dim % num_heads:
+                raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+            head_dim = hidden_dim // num_heads
+        _check_int("head_dim", head_dim)
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if retrieval not in VARIANTS:
+            raise ValueError(f"retrieval must be one of {VARIANTS}, got {retrieval!r}")
+        feature_map = feature_map or ("identity" if retrieval == "additive" else "hedgehog")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+        if retrieval == "normalized" and feature_map == "identity":
+            raise ValueError("retrieval='normalized' needs a non-negative feature_map ('elu' or 'hedgehog')")
+        if top_k is not None:
+            _check_int("top_k", top_k)
+        if meta not in META_MODES:
+            raise ValueError(f"meta must be one of {META_MODES}, got {meta!r}")
+        if meta == "shared" and meta_dim not in (None, head_dim):
+            raise ValueError("meta='shared' uses meta_dim = head_dim")
+        meta_dim = head_dim if meta_dim is None else meta_dim
+        _check_int("meta_dim", meta_dim)
+        if gate is not None and not isinstance(gate, (int, float)):
+            raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
+
+        self.hidden_dim, self.num_heads, self.num_kv_heads = hidden_dim, num_heads, num_kv_heads
+        self.head_dim, self.chunk_size, self.dropout = head_dim, chunk_size, float(dropout)
+        self.retrieval, self.top_k, self.meta, self.meta_dim = retrieval, top_k, meta, meta_dim
+        self.compression_factor = compression_factor
+
+        self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_dim, num_kv_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, hidden_dim, bias=bias if out_bias is None else out_bias)
+        if meta == "linear":
+            self.meta_r_proj = nn.Linear(hidden_dim, num_heads * meta_dim, bias=bias)
+            self.meta_h_proj = nn.Linear(hidden_dim, num_kv_heads * meta_dim, bias=bias)
+        else:
+            self.meta_r_proj = HeadwiseLinear(num_heads, head_dim, head_dim)
+            self.meta_h_proj = HeadwiseLinear(num_kv_heads, head_dim, head_dim)
+        self.feature_q = FeatureMap(feature_map, num_heads, head_dim)
+        self.feature_k = FeatureMap(feature_map, num_kv_heads, head_dim)
+        self.compress = (
+            None if compression_factor is None
+            else StateCompression(self.feature_q.out_dim, compression_factor, self.feature_q.nonnegative)
+        )
+        self.retrieval_gate = None if gate is None else nn.Parameter(torch.full((num_heads,), float(gate)))
+        self.dropout_layer = nn.Dropout(dropout)
+
+    def gate_value(self) -> Optional[torch.Tensor]:
+        """The gate, clamped at 0 with a straight-through gradient (so a closed gate can open)."""
+        g = self.retrieval_gate
+        if g is None:
+            return None
+        return g + (g.clamp(min=0.0) - g).detach()
+
+    def _project(self, x: torch.Tensor, position_embeddings):
+        b, n, _ = x.shape
+
+        def heads(t, h):  # (b, n, h*d) -> (b, h, n, d)
+            return t.view(b, n, h, -1).transpose(1, 2)
+
+        q = heads(self.q_proj(x), self.num_heads)
+        k = heads(self.k_proj(x), self.num_kv_heads)
+        v = heads(self.v_proj(x), self.num_kv_heads)
+        if self.meta == "linear":
+            mq, mk = heads(self.meta_r_proj(x), self.num_heads), heads(self.meta_h_proj(x), self.num_kv_heads)
+        else:  # from un-rotated q/k: a mean of rotated vectors over a chunk would cancel out
+            mq, mk = self.meta_r_proj(q), self.meta_h_proj(k)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        fq, fk = self.feature_q(q), self.feature_k(k)
+        if self.compress is not None:
+            fq, fk = self.compress(fq), self.compress(fk)
+        return q, k, v, mq, mk, fq, fk
+
+    def _options(self):
+        return dict(chunk_size=self.chunk_size, variant=self.retrieval, gate=self.gate_value(), top_k=self.top_k)
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        b, h, n, dv = o.shape
+        return self.out_proj(self.dropout_layer(o.transpose(1, 2).reshape(b, n, h * dv)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        output_state: bool = False,
+    ):
+        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
+        rotary (cos, sin) or None. Returns (b, n, hidden_dim), and the streaming state if asked."""
+        check_hidden_states(hidden_states, self.hidden_dim)
+        b, n, _ = hidden_states.shape
+        valid = mask_to_valid(attention_mask, b, n)
+        q, k, v, mq, mk, fq, fk = self._project(hidden_states, position_embeddings)
+        o, state = chunk_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid,
+                                        output_final_state=output_state, **self._options())
+        out = self._output(o)
+        return (out, state) if output_state else out
+
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        state: Optional[BSBRState],
+        attention_mask: Optional[torch.Tensor] = None,
+        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ):
+        """Streaming decode: continue from ``state`` with the given tokens (b, T, hidden_dim),
+        token by token. Returns ((b, T, hidden_dim), new state)."""
+        check_hidden_states(hidden_states, self.hidden_dim)
+        b, n, _ = hidden_states.shape
+        valid = mask_to_valid(attention_mask, b, n)
+        q, k, v, mq, mk, fq, fk = self._project(hidden_states, position_embeddings)
+        o, state = recurrent_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid, initial_state=state,
+                                            output_final_state=True, **self._options())
+        return self._output(o), state

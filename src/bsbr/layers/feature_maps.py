@@ -1,0 +1,79 @@
+"""Feature maps phi for the chunk states, and the optional state compression.
+
+The retrieved term reads ``phi(q) . sum_j phi(k_j) v_j^T``. ``identity`` is the seed's plain q/k
+(additive variant); ``elu`` (elu + 1) and ``hedgehog`` are non-negative, as the normalized variant's
+shared denominator needs. ``hedgehog`` is trainable: phi(x) = [softmax(x W), softmax(-x W)] per head
+with W initialised to the identity (Zhang et al., 2024), the map LoLCATs-style conversions train
+by attention transfer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURE_MAPS = ("identity", "elu", "hedgehog")
+
+
+class HeadwiseLinear(nn.Module):
+    """A separate (d_in x d_out) matrix per head, applied to (b, h, n, d_in); identity-initialised
+    when square."""
+
+    def __init__(self, heads: int, d_in: int, d_out: int):
+        super().__init__()
+        w = torch.zeros(heads, d_in, d_out)
+        k = min(d_in, d_out)
+        w[:, torch.arange(k), torch.arange(k)] = 1.0
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhnd,hde->bhne", x, self.weight)
+
+
+class FeatureMap(nn.Module):
+    def __init__(self, kind: str, heads: int, head_dim: int):
+        super().__init__()
+        if kind not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {kind!r}")
+        self.kind = kind
+        self.proj = HeadwiseLinear(heads, head_dim, head_dim) if kind == "hedgehog" else None
+        self.out_dim = 2 * head_dim if kind == "hedgehog" else head_dim
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.kind != "identity"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "identity":
+            return x
+        if self.kind == "elu":
+            return F.elu(x) + 1.0
+        y = self.proj(x)
+        return torch.cat([torch.softmax(y, dim=-1), torch.softmax(-y, dim=-1)], dim=-1)
+
+
+class StateCompression(nn.Module):
+    """Shrinks every chunk state from (df x dv) to (df/factor x dv) with one projection P of the
+    feature dim, applied to both sides: F = (fk P)^T v and read-out (fq P) F.
+
+    P starts as average pooling of ``factor`` consecutive features (non-negative, so positive
+    features stay positive) and is trainable; with ``nonnegative=True`` it is clamped at zero in the
+    forward pass so the normalized variant's denominator can never go negative.
+    """
+
+    def __init__(self, feature_dim: int, factor: int, nonnegative: bool = False):
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"compression_factor must be None or an int >= 1, got {factor!r}")
+        if feature_dim % factor:
+            raise ValueError(
+                f"compression_factor ({factor}) must divide the state feature dim ({feature_dim})"
+            )
+        self.factor = factor
+        self.nonnegative = nonnegative
+        pool = torch.zeros(feature_dim, feature_dim // factor)
+        pool[torch.arange(feature_dim), torch.arange(feature_dim) // factor] = 1.0 / factor
+        self.proj = nn.Parameter(pool)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ (self.proj.clamp(min=0.0) if self.nonnegative else self.proj)

@@ -1,0 +1,69 @@
+"""The native BSBR stack (the earlier library's BSBRLayer / BSBRModel API), with rotary positions
+computed on the fly so that no position table caps the sequence length."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layers.bsbr_attention import BSBRAttention, _check_int
+from ..layers.rotary import RotaryEmbedding
+
+
+class BSBRLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + ff(ln(x)). Extra keyword arguments go to
+    :class:`BSBRAttention`."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, ff_dim: int, dropout: float = 0.1,
+                 compression_factor: Optional[int] = None, **attention_kwargs):
+        super().__init__()
+        _check_int("ff_dim", ff_dim)
+        self.attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor,
+                                       **attention_kwargs)
+        self.layer_norm1 = nn.LayerNorm(hidden_dim)
+        self.layer_norm2 = nn.LayerNorm(hidden_dim)
+        self.ff = nn.Sequential(nn.Linear(hidden_dim, ff_dim), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(ff_dim, hidden_dim), nn.Dropout(dropout))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_embeddings=None) -> torch.Tensor:
+        x = hidden_states
+        x = x + self.attention(self.layer_norm1(x), attention_mask, position_embeddings)
+        return x + self.ff(self.layer_norm2(x))
+
+
+class BSBRModel(nn.Module):
+    """Token embedding, ``num_layers`` BSBR layers and a final LayerNorm; returns hidden states
+    (batch, seq_len, hidden_dim) for any sequence length."""
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, chunk_size: int,
+                 ff_dim: int, dropout: float = 0.1, compression_factor: Optional[int] = None,
+                 rope_theta: float = 10000.0, **attention_kwargs):
+        super().__init__()
+        _check_int("vocab_size", vocab_size)
+        _check_int("num_layers", num_layers)
+        self.embedding = nn.Embedding(vocab_size, hidden_dim)
+        self.layers = nn.ModuleList(
+            BSBRLayer(hidden_dim, num_heads, chunk_size, ff_dim, dropout, compression_factor, **attention_kwargs)
+            for _ in range(num_layers)
+        )
+        self.rotary = RotaryEmbedding(self.layers[0].attention.head_dim, theta=rope_theta)
+        self.layer_norm = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.embedding.num_embeddings):
+            raise ValueError(f"input_ids must lie in [0, {self.embedding.num_embeddings})")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        if attention_mask is not None and tuple(attention_mask.shape) == tuple(input_ids.shape):
+            # positions count real tokens only, so a padded sequence sees the positions it has alone
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        cos_sin = self.rotary(positions, self.embedding.weight.dtype)
+        x = self.dropout(self.embedding(input_ids))
+        for layer in self.layers:
+            x = layer(x, attention_mask, cos_sin)
+        return self.layer_norm(x)
