@@ -157,7 +157,7 @@ class BSBRAttention(nn.Module):
         b, n, _ = x.shape
 
         def heads(t, h):  # (b, n, h*d) -> (b, h, n, d)
-            return t.view(b, n, h, -1).transpose(1, 2)
+            return t.view(b, n, h, t.shape[-1] // h).transpose(1, 2)
 
         q = heads(self.q_proj(x), self.num_heads)
         k = heads(self.k_proj(x), self.num_kv_heads)

@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from bsbr import BSBRAttention, BSBRLayer, BSBRModel
+from bsbr.layers import RotaryEmbedding, StandardAttention
+
+VARIANTS = [
+    dict(),  # the seed's additive form, own meta projections
+    dict(retrieval="normalized", feature_map="hedgehog", gate=0.5, meta="shared", num_kv_heads=2),
+    dict(retrieval="normalized", feature_map="elu", compression_factor=2, top_k=2),
+    dict(retrieval="additive", compression_factor=3, gate=1.0, num_kv_heads=1),
+]
+
+
+def layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    return BSBRAttention(24, 4, 8, dropout=0.0, **kw).double().eval()
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_forward_equals_streaming_step(kw):
+    a = layer(**kw)
+    x = torch.randn(2, 29, 24, dtype=torch.float64)
+    full = a(x)
+    o1, st = a.step(x[:, :13], None)
+    o2, st = a.step(x[:, 13:], st)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_layer_is_causal(kw):
+    a = layer(**kw)
+    x = torch.randn(1, 40, 24, dtype=torch.float64)
+    base = a(x)
+    for t in (3, 8, 15, 39):
+        y = x.clone()
+        y[:, t] += 5.0
+        assert torch.equal(a(y)[:, :t], base[:, :t])
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_padded_batch_equals_each_sequence_alone(kw):
+    a = layer(**kw)
+    rot = RotaryEmbedding(6)
+    x = torch.randn(3, 21, 24, dtype=torch.float64)
+    mask = torch.ones(3, 21, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[1, 16:] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = a(x, mask, rot(pos, torch.float64))
+    for b in range(3):
+        keep = mask[b].bool()
+        xb = x[b : b + 1, keep]
+        alone = a(xb, None, rot(torch.arange(xb.shape[1]), torch.float64))
+        torch.testing.assert_close(out[b : b + 1, keep], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_one_chunk_equals_standard_attention_with_same_projections():
+    a = layer(num_kv_heads=2)
+    s = StandardAttention(24, 4, num_kv_heads=2).double().eval()
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        getattr(s, name).load_state_dict(getattr(a, name).state_dict())
+    x = torch.randn(2, 8, 24, dtype=torch.float64)
+    torch.testing.assert_close(a(x), s(x), rtol=1e-10, atol=1e-10)
+
+
+def test_closed_gate_is_chunk_local_attention_and_can_open():
+    a = layer(retrieval="normalized", gate=0.0)
+    x = torch.randn(1, 24, 24, dtype=torch.float64)
+    out = a(x)
+    # chunk-local attention: each chunk alone
+    local = torch.cat([a(x[:, i : i + 8]) for i in range(0, 24, 8)], dim=1)
+    torch.testing.assert_close(out, local, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()
+    assert a.retrieval_gate.grad is not None and a.retrieval_gate.grad.abs().sum() > 0
+
+
+def test_model_runs_any_length_and_pads():
+    torch.manual_seed(0)
+    m = BSBRModel(50, 32, 2, 4, 16, 64, dropout=0.0).eval()
+    ids = torch.randint(0, 50, (2, 300))
+    assert m(ids).shape == (2, 300, 32)
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :37] = 0
+    out = m(ids, mask)
+    torch.testing.assert_close(out[1:, 37:], m(ids[1:, 37:]), rtol=1e-5, atol=1e-5)
+
+
+def test_bsbr_layer_gradients_flow():
+    l = BSBRLayer(24, 4, 8, 48, dropout=0.0)
+    x = torch.randn(2, 20, 24, requires_grad=True)
+    l(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for n, p in l.named_parameters()), [n for n, p in l.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize(
+    "kw,exc",
+    [
+        (dict(hidden_dim=30, num_heads=4), ValueError),  # not divisible
+        (dict(chunk_size=0), ValueError),
+        (dict(compression_factor=5), ValueError),  # does not divide the feature dim 6
+        (dict(compression_factor=0), ValueError),
+        (dict(top_k=0), ValueError),
+        (dict(num_kv_heads=3), ValueError),
+        (dict(retrieval="softmax"), ValueError),
+        (dict(retrieval="normalized", feature_map="identity"), ValueError),
+        (dict(feature_map="relu"), ValueError),
+        (dict(meta="mean"), ValueError),
+        (dict(dropout=1.5), ValueError),
+        (dict(gate="open"), TypeError),
+    ],
+)
+def test_bad_construction_raises(kw, exc):
+    args = dict(hidden_dim=24, num_heads=4, chunk_size=8)
+    args.update(kw)
+    with pytest.raises(exc):
+        BSBRAttention(**args)
+
+
+def test_bad_forward_inputs_raise():
+    a = layer()
+    with pytest.raises(ValueError, match="hidden_states"):
+        a(torch.randn(2, 5, 23, dtype=torch.float64))
+    with pytest.raises(ValueError, match="hidden_states"):
+        a(torch.randn(5, 24, dtype=torch.float64))
+    with pytest.raises(TypeError, match="hidden_states"):
+        a([[0.0]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        a(torch.randn(2, 5, 24, dtype=torch.float64), torch.ones(2, 6))
+    with pytest.raises(ValueError, match="attention_mask"):
+        a(torch.randn(2, 5, 24, dtype=torch.float64), torch.full((2, 5), 2))
+    assert a(torch.randn(2, 0, 24, dtype=torch.float64)).shape == (2, 0, 24)
+    m = BSBRModel(50, 24, 1, 4, 8, 48)
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.randint(0, 60, (1, 5)) + 50)
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.randn(1, 5))

@@ -1,0 +1,186 @@
+"""The three forms of the BSBR op are one function: reference = chunked = recurrent (float64,
+gradients included), causal, padding-invariant, and equal to causal softmax attention inside one chunk."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbr.ops import chunk_bsbr_attention, naive_bsbr_attention, recurrent_bsbr_attention
+
+DT = torch.float64
+
+
+def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    df = df or d
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=DT)
+
+    x = dict(q=r(b, hq, n, d), k=r(b, hkv, n, d), v=r(b, hkv, n, dv), mq=r(b, hq, n, dm), mk=r(b, hkv, n, dm))
+    x["fq"] = r(b, hq, n, df).exp() * 0.3 if positive else r(b, hq, n, df)
+    x["fk"] = r(b, hkv, n, df).exp() * 0.3 if positive else r(b, hkv, n, df)
+    if requires_grad:
+        for t in x.values():
+            t.requires_grad_(True)
+    return x
+
+
+def call(fn, x, **kw):
+    return fn(x["q"], x["k"], x["v"], x["mq"], x["mk"], fq=x["fq"], fk=x["fk"], **kw)[0]
+
+
+CASES = [
+    # (n, chunk, hq, hkv, d, df, variant, top_k, gate)
+    (1, 64, 2, 2, 8, None, "additive", None, None),
+    (63, 64, 2, 2, 8, None, "additive", None, None),
+    (64, 64, 2, 2, 8, None, "additive", None, None),
+    (65, 64, 2, 2, 8, None, "normalized", None, None),
+    (1000, 64, 2, 1, 6, None, "additive", None, None),
+    (1000, 64, 4, 2, 6, 3, "normalized", 3, "per_head"),  # compressed features, top-k, grouped K/V
+    (37, 8, 3, 1, 5, 2, "additive", 2, "scalar"),
+    (37, 8, 6, 3, 10, 10, "normalized", None, "per_head"),
+    (100, 1, 2, 2, 3, None, "normalized", 4, None),  # chunk size 1: every token is a chunk
+]
+
+
+@pytest.mark.parametrize("n,chunk,hq,hkv,d,df,variant,top_k,gate", CASES)
+def test_three_forms_agree(n, chunk, hq, hkv, d, df, variant, top_k, gate):
+    x = make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=d, df=df, positive=variant == "normalized")
+    gt = None
+    if gate == "per_head":
+        gt = torch.linspace(0.0, 2.0, hq, dtype=DT)
+    elif gate == "scalar":
+        gt = torch.tensor(0.7, dtype=DT)
+    kw = dict(chunk_size=chunk, variant=variant, top_k=top_k, gate=gt)
+    ref = call(naive_bsbr_attention, x, **kw)
+    torch.testing.assert_close(call(chunk_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
+    if n <= 100:  # the token-by-token form is slow in Python; 100 tokens cover several chunks
+        torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_recurrent_long_sequence_small_chunk():
+    x = make_inputs(b=1, hq=2, hkv=1, n=300, d=4, df=4, positive=True)
+    kw = dict(chunk_size=16, variant="normalized", top_k=5)
+    torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), call(naive_bsbr_attention, x, **kw),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant,top_k", [("additive", None), ("normalized", 2)])
+def test_gradients_agree(variant, top_k):
+    kw = dict(chunk_size=8, variant=variant, top_k=top_k)
+    grads = []
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        x = make_inputs(b=2, hq=4, hkv=2, n=29, d=5, df=3, positive=True, requires_grad=True)
+        gate = torch.tensor([0.3, 0.5, 1.0, 1.5], dtype=DT, requires_grad=True)
+        o = call(fn, x, gate=gate, **kw)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
+        (o * w).sum().backward()
+        grads.append([t.grad for t in x.values()] + [gate.grad])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["additive", "normalized"])
+def test_causal_perturbing_a_later_token(variant):
+    x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
+    kw = dict(chunk_size=8, variant=variant)
+    base = call(chunk_bsbr_attention, x, **kw)
+    for t in (0, 7, 8, 20, 49):  # first token, chunk end, chunk start, mid chunk, last
+        y = {k: v.clone() for k, v in x.items()}
+        for name in y:
+            y[name][:, :, t] += 10.0
+        out = call(chunk_bsbr_attention, y, **kw)
+        assert torch.equal(out[:, :, :t], base[:, :, :t]), f"outputs before {t} changed"
+        assert not torch.equal(out[:, :, t], base[:, :, t])
+
+
+def test_one_chunk_is_causal_softmax_attention():
+    x = make_inputs(b=2, hq=4, hkv=2, n=40, d=8)
+    o = call(chunk_bsbr_attention, x, chunk_size=64)
+    k = x["k"].repeat_interleave(2, dim=1)
+    v = x["v"].repeat_interleave(2, dim=1)
+    s = x["q"] @ k.transpose(-1, -2) / math.sqrt(8)
+    s = s.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(o, torch.softmax(s, -1) @ v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(x["q"], k, v, is_causal=True), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [chunk_bsbr_attention, recurrent_bsbr_attention])
+@pytest.mark.parametrize("variant", ["additive", "normalized"])
+def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant):
+    n = 30
+    x = make_inputs(b=3, hq=2, hkv=1, n=n, d=4, positive=True)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[0, :7] = False  # left padding
+    valid[1, 19:] = False  # right padding
+    valid[2, 3:5] = False  # holes
+    kw = dict(chunk_size=8, variant=variant, top_k=2)
+    o = call(fn, x, valid=valid, **kw)
+    for b in range(3):
+        alone = {k: t[b : b + 1][:, :, valid[b]] for k, t in x.items()}
+        torch.testing.assert_close(o[b : b + 1][:, :, valid[b]], call(naive_bsbr_attention, alone, **kw),
+                                   rtol=1e-10, atol=1e-10)
+        assert torch.equal(o[b][:, ~valid[b]], torch.zeros_like(o[b][:, ~valid[b]]))
+    # garbage in padded positions must not leak anywhere
+    y = {k: t.clone() for k, t in x.items()}
+    for t in y.values():
+        t[:, :, :][~valid[:, None, :].expand(-1, t.shape[1], -1)] = 1e3
+    torch.testing.assert_close(call(fn, y, valid=valid, **kw), o, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 16, 23])
+def test_chunked_prefill_then_streaming_equals_full(cut):
+    x = make_inputs(b=2, hq=2, hkv=2, n=30, d=4, positive=True)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :3] = False
+    kw = dict(chunk_size=8, variant="normalized", top_k=None)
+    full = call(naive_bsbr_attention, x, valid=valid, **kw)
+    pre = {k: t[:, :, :cut] for k, t in x.items()}
+    post = {k: t[:, :, cut:] for k, t in x.items()}
+    _, state = chunk_bsbr_attention(pre["q"], pre["k"], pre["v"], pre["mq"], pre["mk"], fq=pre["fq"], fk=pre["fk"],
+                                    valid=valid[:, :cut], output_final_state=True, **kw)
+    o, _ = recurrent_bsbr_attention(post["q"], post["k"], post["v"], post["mq"], post["mk"], fq=post["fq"],
+                                    fk=post["fk"], valid=valid[:, cut:], initial_state=state, **kw)
+    torch.testing.assert_close(o, full[:, :, cut:], rtol=1e-10, atol=1e-10)
+
+
+def test_state_memory_is_bounded_by_chunk_plus_per_chunk_states():
+    x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
+    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], chunk_size=32, output_final_state=True)
+    assert st.k_buf.shape[2] == 32  # one chunk of keys, not the whole context
+    assert st.F_past.shape[2] == 8  # one state per completed chunk
+
+
+def test_empty_sequence():
+    x = make_inputs(b=2, n=0)
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        assert call(fn, x, chunk_size=4).shape == (2, 4, 0, 7)
+
+
+@pytest.mark.parametrize(
+    "change,kw,exc",
+    [
+        ({}, dict(chunk_size=0), ValueError),
+        ({}, dict(chunk_size=2.5), ValueError),
+        ({}, dict(chunk_size=4, variant="magic"), ValueError),
+        ({}, dict(chunk_size=4, top_k=0), ValueError),
+        ({"q": torch.zeros(2, 4, 5)}, dict(chunk_size=4), ValueError),  # wrong rank
+        ({"k": torch.zeros(2, 3, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # 4 q heads, 3 kv heads
+        ({"v": torch.zeros(2, 2, 8, 7, dtype=DT)}, dict(chunk_size=4), ValueError),  # length mismatch
+        ({"mk": torch.zeros(2, 2, 9, 4, dtype=DT)}, dict(chunk_size=4), ValueError),  # meta dims differ
+        ({"q": [[1.0]]}, dict(chunk_size=4), TypeError),
+        ({"q": torch.zeros(2, 4, 9, 6, dtype=torch.long)}, dict(chunk_size=4), TypeError),
+        ({"v": torch.zeros(2, 2, 9, 7, dtype=torch.float32)}, dict(chunk_size=4), TypeError),  # mixed dtypes
+        ({}, dict(chunk_size=4, valid=torch.ones(2, 8, dtype=torch.bool)), ValueError),
+        ({}, dict(chunk_size=4, gate=torch.ones(3, dtype=DT)), ValueError),
+    ],
+)
+def test_bad_inputs_raise(change, kw, exc):
+    x = make_inputs(b=2, hq=4, hkv=2, n=9, d=6)
+    x.update(change)
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        with pytest.raises(exc):
+            call(fn, x, **kw)
