@@ -21,10 +21,14 @@ class HeadwiseLinear(nn.Module):
 
     def __init__(self, heads: int, d_in: int, d_out: int):
         super().__init__()
+        self.weight = nn.Parameter(self.initial_weight(heads, d_in, d_out))
+
+    @staticmethod
+    def initial_weight(heads: int, d_in: int, d_out: int) -> torch.Tensor:
         w = torch.zeros(heads, d_in, d_out)
         k = min(d_in, d_out)
         w[:, torch.arange(k), torch.arange(k)] = 1.0
-        self.weight = nn.Parameter(w)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhnd,hde->bhne", x, self.weight)
@@ -71,9 +75,13 @@ class StateCompression(nn.Module):
             )
         self.factor = factor
         self.nonnegative = nonnegative
+        self.proj = nn.Parameter(self.initial_weight(feature_dim, factor))
+
+    @staticmethod
+    def initial_weight(feature_dim: int, factor: int) -> torch.Tensor:
         pool = torch.zeros(feature_dim, feature_dim // factor)
         pool[torch.arange(feature_dim), torch.arange(feature_dim) // factor] = 1.0 / factor
-        self.proj = nn.Parameter(pool)
+        return pool
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return f @ (self.proj.clamp(min=0.0) if self.nonnegative else self.proj)

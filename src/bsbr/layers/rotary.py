@@ -36,6 +36,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
         """position_ids: (b, n) or (n,) -> cos, sin of shape (b, n, dim) / (n, dim)."""
-        freqs = position_ids.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
+        # float32 like the HuggingFace Llama-family rotary, so converted models reproduce it exactly
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)

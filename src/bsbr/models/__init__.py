@@ -1,4 +1,5 @@
 """Models built from the layers: the native BSBR stack and the HuggingFace BSBR models."""
+from .bsbr import BSBRBaseModel, BSBRCache, BSBRConfig, BSBRForCausalLM
 from .native import BSBRLayer, BSBRModel
 
-__all__ = ["BSBRLayer", "BSBRModel"]
+__all__ = ["BSBRBaseModel", "BSBRCache", "BSBRConfig", "BSBRForCausalLM", "BSBRLayer", "BSBRModel"]

@@ -1,0 +1,52 @@
+"""Pieces shared by the baseline attention layers: argument checks and the q/k/v/out projections
+that every multi-head baseline has (named as in BSBRAttention, so layers swap one for another)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .bsbr_attention import _check_int
+
+
+def check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -> int:
+    _check_int("hidden_dim", hidden_dim)
+    _check_int("num_heads", num_heads)
+    if head_dim is None:
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = hidden_dim // num_heads
+    _check_int("head_dim", head_dim)
+    return head_dim
+
+
+class MultiHeadProjections(nn.Module):
+    """q_proj / k_proj / v_proj / out_proj of a multi-head layer, plus the head split and merge."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, head_dim: int, dropout: float, bias: bool,
+                 out_bias: Optional[bool]):
+        super().__init__()
+        self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, head_dim
+        self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, hidden_dim, bias=bias if out_bias is None else out_bias)
+        self.dropout_layer = nn.Dropout(dropout)
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:  # (b, n, h*d) -> (b, h, n, d)
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor):
+        return self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:  # (b, h, n, dv) -> (b, n, hidden)
+        b, h, n, dv = o.shape
+        return self.out_proj(self.dropout_layer(o.transpose(1, 2).reshape(b, n, h * dv)))

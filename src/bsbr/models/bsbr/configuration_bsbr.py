@@ -1,0 +1,137 @@
+"""BSBRConfig: one configuration for every family a BSBR model can host (GPT-2, Llama, Mistral,
+Qwen2): positions, norms, MLP, biases and embeddings are fields, not separate model classes."""
+from __future__ import annotations
+
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+from ...layers.bsbr_attention import META_MODES
+from ...layers.feature_maps import FEATURE_MAPS
+from ...ops.bsbr import VARIANTS
+
+POSITION_TYPES = ("learned", "rope")
+# how learned (GPT-2-style) positions continue past max_position_embeddings:
+#   absolute: refuse longer inputs; clamp: every later token gets the last position;
+#   wrap: chunk-aligned wrap-around, positions restart at a multiple of chunk_size inside the table
+POSITION_SCHEMES = ("absolute", "clamp", "wrap")
+NORM_TYPES = ("layernorm", "rmsnorm")
+MLP_TYPES = ("standard", "gated")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+class BSBRConfig(PretrainedConfig):
+    model_type = "bsbr"
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        hidden_size: int = 768,
+        intermediate_size: int = 3072,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_key_value_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        hidden_act: str = "gelu_new",
+        mlp_type: str = "standard",
+        norm_type: str = "layernorm",
+        norm_eps: float = 1e-5,
+        position_type: str = "learned",
+        max_position_embeddings: int = 1024,
+        position_scheme: str = "wrap",
+        rope_parameters: Optional[dict] = None,
+        attention_bias: bool = True,
+        attention_out_bias: Optional[bool] = None,
+        mlp_bias: bool = True,
+        # BSBR attention
+        chunk_size: int = 128,
+        compression_factor: Optional[int] = None,
+        retrieval: str = "normalized",
+        feature_map: str = "hedgehog",
+        gate_init: Optional[float] = 0.0,
+        top_k: Optional[int] = None,
+        meta: str = "shared",
+        meta_dim: Optional[int] = None,
+        initializer_range: float = 0.02,
+        source_model_type: Optional[str] = None,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
+                            ("num_attention_heads", num_attention_heads), ("chunk_size", chunk_size),
+                            ("max_position_embeddings", max_position_embeddings)):
+            _positive_int(name, value)
+        _positive_int("num_key_value_heads", num_key_value_heads, allow_none=True)
+        _positive_int("head_dim", head_dim, allow_none=True)
+        _positive_int("compression_factor", compression_factor, allow_none=True)
+        _positive_int("top_k", top_k, allow_none=True)
+        _positive_int("meta_dim", meta_dim, allow_none=True)
+        _choice("mlp_type", mlp_type, MLP_TYPES)
+        _choice("norm_type", norm_type, NORM_TYPES)
+        _choice("position_type", position_type, POSITION_TYPES)
+        _choice("position_scheme", position_scheme, POSITION_SCHEMES)
+        _choice("retrieval", retrieval, VARIANTS)
+        _choice("feature_map", feature_map, FEATURE_MAPS)
+        _choice("meta", meta, META_MODES)
+        num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_key_value_heads})")
+        if head_dim is None:
+            if hidden_size % num_attention_heads:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                                 f"({num_attention_heads}) when head_dim is not given")
+            head_dim = hidden_size // num_attention_heads
+        if position_type == "rope" and rope_parameters is None:
+            rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.hidden_act = hidden_act
+        self.mlp_type = mlp_type
+        self.norm_type = norm_type
+        self.norm_eps = float(norm_eps)
+        self.position_type = position_type
+        self.max_position_embeddings = max_position_embeddings
+        self.position_scheme = position_scheme
+        self.rope_parameters = rope_parameters
+        self.attention_bias = attention_bias
+        self.attention_out_bias = attention_bias if attention_out_bias is None else attention_out_bias
+        self.mlp_bias = mlp_bias
+        self.chunk_size = chunk_size
+        self.compression_factor = compression_factor
+        self.retrieval = retrieval
+        self.feature_map = feature_map
+        self.gate_init = gate_init
+        self.top_k = top_k
+        self.meta = meta
+        self.meta_dim = meta_dim
+        self.initializer_range = initializer_range
+        self.source_model_type = source_model_type
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def attention_kwargs(self) -> dict:
+        """Keyword arguments of :class:`bsbr.layers.BSBRAttention` for this config."""
+        return dict(
+            num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
+            out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
+            gate=self.gate_init, top_k=self.top_k, meta=self.meta, meta_dim=self.meta_dim,
+        )

@@ -1,0 +1,303 @@
+"""HuggingFace BSBR models: norms -> MLP -> (attention: bsbr.layers.BSBRAttention) -> decoder layer ->
+PreTrainedModel -> base model -> ForCausalLM.
+
+One implementation hosts every supported family; the config says which positions, norm, MLP and
+biases to use. Generation keeps a :class:`BSBRCache` of per-layer streaming states (the current
+chunk's keys/values plus one state per completed chunk), never a KV cache of the whole context.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ...layers.bsbr_attention import BSBRAttention, mask_to_valid
+from ...layers.feature_maps import HeadwiseLinear, StateCompression
+from ...layers.rotary import RotaryEmbedding
+from ...ops.bsbr import BSBRState
+from .configuration_bsbr import BSBRConfig
+
+
+class BSBRRMSNorm(nn.Module):
+    """RMSNorm computed in float32, as the Llama family does."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: BSBRConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return BSBRRMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def make_rotary(config: BSBRConfig) -> RotaryEmbedding:
+    """Rotary embedding with the source's rope settings (any HF rope type via its init functions)."""
+    params = dict(config.rope_parameters)
+    if params.get("rope_type", "default") == "default":
+        return RotaryEmbedding(config.head_dim, theta=float(params.get("rope_theta", 10000.0)))
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = params["rope_type"]
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_parameters['rope_type'] must be 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}, "
+                         f"got {rope_type!r}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    return RotaryEmbedding(config.head_dim, inv_freq=inv_freq, attention_scaling=scaling)
+
+
+class BSBRMLP(nn.Module):
+    """``standard``: fc_out(act(fc_in(x))) (GPT-2); ``gated``: down(act(gate(x)) * up(x)) (Llama family)."""
+
+    def __init__(self, config: BSBRConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gated = config.mlp_type == "gated"
+        if config.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be one of {sorted(ACT2FN)}, got {config.hidden_act!r}")
+        self.act = ACT2FN[config.hidden_act]
+        if self.gated:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
+            self.down_proj = nn.Linear(i, h, bias=bias)
+        else:
+            self.fc_in = nn.Linear(h, i, bias=bias)
+            self.fc_out = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class BSBRDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, config: BSBRConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = BSBRAttention(config.hidden_size, config.num_attention_heads, config.chunk_size, dropout=0.0,
+                                  compression_factor=config.compression_factor, **config.attention_kwargs())
+        self.mlp_norm = make_norm(config)
+        self.mlp = BSBRMLP(config)
+
+    def forward(self, x, valid, position_embeddings, state: Optional[BSBRState] = None, streaming: bool = False,
+                output_state: bool = False):
+        h = self.attn_norm(x)
+        if streaming:
+            a, state = self.attn.step(h, state, valid, position_embeddings)
+        elif output_state:
+            a, state = self.attn(h, valid, position_embeddings, output_state=True)
+        else:
+            a = self.attn(h, valid, position_embeddings)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class BSBRCache:
+    """Per-layer streaming states for generation. Its size is bounded by one chunk of keys/values
+    plus one state per completed chunk per layer (see :class:`bsbr.ops.BSBRState`)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, states: List[BSBRState]):
+        self.states = states
+
+    @property
+    def n_seen(self) -> torch.Tensor:
+        """(b,) real tokens consumed per sequence."""
+        return self.states[0].n_seen
+
+    @property
+    def is_linear(self) -> List[bool]:
+        return [True] * len(self.states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.states[layer_idx].n_seen.max()) if self.states[layer_idx].n_seen.numel() else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.states = [s.select(beam_idx) for s in self.states]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.states)
+
+
+class BSBRPreTrainedModel(PreTrainedModel):
+    config_class = BSBRConfig
+    config: BSBRConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["BSBRDecoderLayer"]
+    # generation keeps its own BSBRCache; it can neither be rolled back nor replaced by a DynamicCache
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, HeadwiseLinear):
+            init.copy_(module.weight, HeadwiseLinear.initial_weight(*module.weight.shape))
+        elif isinstance(module, StateCompression):
+            init.copy_(module.proj, StateCompression.initial_weight(module.proj.shape[0], module.factor))
+        elif isinstance(module, BSBRAttention) and module.retrieval_gate is not None:
+            init.constant_(module.retrieval_gate, float(self.config.gate_init))
+        elif isinstance(module, BSBRRMSNorm):
+            init.ones_(module.weight)
+
+
+def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tensor:
+    n_pos = config.max_position_embeddings
+    if config.position_scheme == "absolute":
+        if pos.numel() and int(pos.max()) >= n_pos:
+            raise ValueError(f"input reaches position {int(pos.max())} but max_position_embeddings is {n_pos}; "
+                             f"use position_scheme 'wrap' or 'clamp' for longer inputs")
+        return pos
+    if config.position_scheme == "clamp":
+        return pos.clamp(max=n_pos - 1)
+    # wrap: chunk-aligned, so a chunk never straddles the wrap point and keeps contiguous positions
+    period = (n_pos // config.chunk_size) * config.chunk_size or n_pos
+    return torch.where(pos < n_pos, pos, pos % period)
+
+
+class BSBRBaseModel(BSBRPreTrainedModel):
+    def __init__(self, config: BSBRConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_type == "learned" else None
+        )
+        self.rotary = make_rotary(config) if config.position_type == "rope" else None
+        self.layers = nn.ModuleList(BSBRDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[BSBRCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+                raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
+                                 f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size})")
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, n = inputs_embeds.shape[:2]
+        if cache is not None and not isinstance(cache, BSBRCache):
+            raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got {type(cache).__name__}")
+        if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
+            attention_mask = attention_mask[:, -n:]  # generate passes the whole mask; keep the new tokens'
+        valid = mask_to_valid(attention_mask, b, n)
+        if valid is not None and bool(valid.all()):
+            valid = None
+        if position_ids is None:
+            start = cache.n_seen[:, None] if cache is not None else torch.zeros(b, 1, dtype=torch.long,
+                                                                                device=inputs_embeds.device)
+            # positions count real tokens only, so padding never shifts a sequence
+            steps = torch.arange(n, device=inputs_embeds.device)[None] if valid is None else (valid.long().cumsum(1) - 1).clamp(min=0)
+            position_ids = start + steps
+        x = inputs_embeds
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))
+        cos_sin = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        streaming = cache is not None
+        states = []
+        hidden = [x] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            x, st = layer(x, valid, cos_sin, cache.states[i] if streaming else None, streaming=streaming,
+                          output_state=use_cache)
+            states.append(st)
+            if output_hidden_states:
+                hidden.append(x)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x
+        new_cache = BSBRCache(states) if (use_cache or streaming) else None
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
+                                       hidden_states=tuple(hidden) if hidden else None)
+
+
+class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BSBRConfig):
+        super().__init__(config)
+        self.model = BSBRBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[BSBRCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+        kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
+        return super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask, **kwargs)

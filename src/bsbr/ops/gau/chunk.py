@@ -1,0 +1,62 @@
+"""Causal GAU attention, blocked form: queries in blocks of ``block_size`` against all earlier keys,
+so the forward never holds more than (block_size x n) scores. Time stays O(n^2 d): squared-ReLU
+attention has no linear-time form (the paper's linear "FLASH" variant is a different layer).
+Autograd keeps every block's scores for the backward, so training memory is O(n^2) as for any
+non-fused quadratic attention."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
+
+
+def chunk_gau_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    valid: Optional[torch.Tensor] = None,
+    block_size: int = 512,
+):
+    """Squared-ReLU causal attention of the gated attention unit (see :mod:`.naive`).
+
+    Args:
+        q, k: (b, h, n, d) (GAU uses one head, h = 1, with q/k from one shared projection);
+            v: (b, h, n, dv).
+        scale: multiplies q . k inside the ReLU, default ``1/sqrt(d)``.
+        valid: (b, n) padding mask (1/True = real): padded keys get no weight and are not counted;
+            padded positions output 0.
+        block_size: queries per block (memory knob only).
+
+    Returns:
+        ``(o, None)`` with o (b, h, n, dv).
+    """
+    b, h, n, d, dv = check_qkv(q, k, v)
+    scale = check_scale(scale, d)
+    valid = check_valid(valid, b, n)
+    check_int("block_size", block_size)
+    kv_w = None if valid is None else valid[:, None, :, None].to(q.dtype)  # (b, 1, n, 1)
+    # N_t: keys visible to query t (itself included), at least 1 for padded queries
+    if valid is None:
+        count = torch.arange(1, n + 1, dtype=q.dtype, device=q.device).view(1, 1, n, 1)
+    else:
+        count = kv_w.cumsum(2).clamp(min=1.0)
+    vm = v if kv_w is None else v * kv_w  # padded values get no weight (zeroing v is the cheapest mask)
+    outs = []
+    for s in range(0, n, block_size):
+        e = min(n, s + block_size)
+        qs = q[:, :, s:e] * scale  # (b, h, L, d)
+        # keys before the block: no mask needed; the block itself: causal mask
+        diag = torch.relu(qs @ k[:, :, s:e].transpose(-1, -2)).square().tril()  # (b, h, L, L)
+        o = diag @ vm[:, :, s:e]
+        if s > 0:
+            o = o + torch.relu(qs @ k[:, :, :s].transpose(-1, -2)).square() @ vm[:, :, :s]
+        outs.append(o)
+    o = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, dv)
+    o = o / count
+    if valid is not None:
+        o = o * kv_w
+    return o, None
