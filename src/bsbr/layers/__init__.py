@@ -14,3 +14,18 @@ __all__ = [
     "StateCompression",
     "apply_rotary",
 ]
+
+# baselines beside BSBR (issue 5): same forward signature, swap freely in bsbr.models.AttentionLM
+from .deltanet import DeltaNet
+from .gau import GatedAttentionUnit
+from .hopfield_attention import HopfieldAttention
+from .linear_attention import LinearAttention
+from .sliding_window_attention import SlidingWindowAttention
+
+__all__ += [
+    "DeltaNet",
+    "GatedAttentionUnit",
+    "HopfieldAttention",
+    "LinearAttention",
+    "SlidingWindowAttention",
+]

@@ -27,18 +27,21 @@ def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -
     return head_dim
 
 
-class MultiHeadProjections(nn.Module):
-    """q_proj / k_proj / v_proj / out_proj of a multi-head layer, plus the head split and merge."""
+class MultiHeadBase(nn.Module):
+    """Base of the multi-head baselines: q_proj / k_proj / v_proj / out_proj on the layer itself
+    (the parameter names of BSBRAttention and StandardAttention), plus the head split and merge."""
 
-    def __init__(self, hidden_dim: int, num_heads: int, head_dim: int, dropout: float, bias: bool,
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float, head_dim: Optional[int], bias: bool,
                  out_bias: Optional[bool]):
         super().__init__()
+        head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
         self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, head_dim
+        self.dropout = check_dropout(dropout)
         self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * head_dim, hidden_dim, bias=bias if out_bias is None else out_bias)
-        self.dropout_layer = nn.Dropout(dropout)
+        self.dropout_layer = nn.Dropout(self.dropout)
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:  # (b, n, h*d) -> (b, h, n, d)
         b, n, _ = t.shape

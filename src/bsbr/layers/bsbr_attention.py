@@ -70,6 +70,10 @@ class BSBRAttention(nn.Module):
         meta_dim: size of meta-queries/keys per head for ``meta="linear"`` (default head_dim).
     """
 
+    # the pieces a standard attention layer does not have: what a converted model must initialise
+    # and what attention-transfer distillation trains
+    NEW_PARAMETER_PREFIXES = ("meta_r_proj", "meta_h_proj", "feature_q", "feature_k", "compress", "retrieval_gate")
+
     def __init__(
         self,
         hidden_dim: int,

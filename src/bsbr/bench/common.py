@@ -1,0 +1,282 @@
+"""Timing and memory helpers shared by the benchmarks.
+
+Why these choices:
+
+* **Medians of interleaved repeats.** The benchmark machines are shared (other jobs run on the same
+  cores), so a slow spell would bias whichever model happened to run during it. Running the models
+  side by side inside every repeat, in a rotating order, and taking medians makes the *ratios*
+  robust even when absolute times drift.
+* **Peak memory on CPU = extra peak resident set size (RSS) of one call.** ``tracemalloc`` does not
+  see torch's allocations and ``ru_maxrss`` is a lifetime maximum that cannot be reset, so on Linux
+  we use the kernel's own high-water mark: writing ``5`` to ``/proc/self/clear_refs`` resets
+  ``VmHWM`` to the current RSS. Before each measured call we run the garbage collector and
+  ``malloc_trim(0)`` so that memory freed by earlier calls but cached by the C allocator is handed
+  back to the OS (otherwise a call could reuse cached pages and look free), record ``VmRSS``, reset
+  the mark, run the call and read ``VmHWM``. ``extra = VmHWM - VmRSS_before`` counts every page the
+  call touched and still held at its peak: torch tensors, temporaries and the returned output. It is
+  exact (no sampling). Where ``clear_refs`` cannot be written, a background thread samples
+  ``/proc/self/statm`` every millisecond instead (can miss peaks shorter than that); without
+  ``/proc`` the peak is reported as unknown. On CUDA the allocator's own peak counter is used.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MiB = float(2**20)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _status_kb(key: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> Optional[int]:
+    """Current resident set size of this process in bytes (None without /proc)."""
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb * 1024
+
+
+def _statm_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Collect garbage and return the C allocator's cached free pages to the OS, so the next
+    measurement starts from memory actually in use."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def memory_method(device: str = "cpu") -> str:
+    """Which way :func:`measure_peak` measures on this machine (recorded in the JSON)."""
+    if device.startswith("cuda"):
+        return "cuda-max-memory-allocated"
+    if _reset_hwm():
+        return "linux-vmhwm-reset"
+    if rss_bytes() is not None:
+        return "statm-sampling-1ms"
+    return "unavailable"
+
+
+def available_memory_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo: how much more this process may allocate without swapping
+    or being killed (Linux over-commits, so a too-big allocation is killed rather than raised)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _Sampler(threading.Thread):
+    """Fallback: samples RSS every ``interval`` seconds and keeps the maximum."""
+
+    def __init__(self, interval: float = 1e-3):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop = interval, _statm_rss(), threading.Event()
+
+    def run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _statm_rss())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join()
+        self.peak = max(self.peak, _statm_rss())
+        return self.peak
+
+
+@dataclass
+class PeakMemory:
+    """Result of :func:`measure_peak`: extra bytes over the start, and the absolute peak."""
+
+    extra_bytes: Optional[int]
+    peak_bytes: Optional[int]
+    method: str
+
+    @property
+    def extra_mb(self) -> Optional[float]:
+        return None if self.extra_bytes is None else self.extra_bytes / MiB
+
+    @property
+    def peak_mb(self) -> Optional[float]:
+        return None if self.peak_bytes is None else self.peak_bytes / MiB
+
+
+def measure_peak(fn: Callable[[], object], device: str = "cpu") -> PeakMemory:
+    """Run ``fn()`` once and return its extra peak memory (see the module docstring for how).
+    The result of ``fn`` is dropped only after the peak is read, so the output counts."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return PeakMemory(peak - before, peak, "cuda-max-memory-allocated")
+    release_free_memory()
+    before = rss_bytes()
+    if before is None:
+        fn()
+        return PeakMemory(None, None, "unavailable")
+    if _reset_hwm():
+        before = rss_bytes()
+        out = fn()
+        peak = _status_kb("VmHWM") * 1024
+        del out
+        return PeakMemory(max(0, peak - before), peak, "linux-vmhwm-reset")
+    sampler = _Sampler()
+    before = _statm_rss()
+    sampler.start()
+    try:
+        out = fn()
+    finally:
+        peak = sampler.stop()
+    del out
+    return PeakMemory(max(0, peak - before), peak, "statm-sampling-1ms")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an allocation failure torch raised (CPU or CUDA), as opposed to a bug."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg
+                                              or "not enough memory" in msg)
+
+
+# ----------------------------------------------------------------------------------------- timing
+def sync(device: str = "cpu") -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Wall time of one call in seconds (synchronising the GPU around it)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    dt = time.perf_counter() - t0
+    del out
+    return dt
+
+
+def median(xs: Sequence[float]) -> float:
+    if not xs:
+        raise ValueError("median of no values")
+    return float(statistics.median(xs))
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      device: str = "cpu") -> Dict[str, List[float]]:
+    """Time several callables side by side: ``warmup`` untimed calls each, then ``repeats`` rounds,
+    each round calling every callable once in a rotating order. Returns name -> seconds per round.
+
+    Rotation means no model always runs first (after the allocator was just trimmed) or last."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            time_call(fns[name], device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(time_call(fns[name], device))
+    return times
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5, dtype=torch.float32, device: str = "cpu") -> float:
+    """This machine's dense matmul rate (GFLOP/s, median of ``repeats``) on ``size``-square
+    matrices: the practical ceiling the attention kernels are compared against."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    time_call(lambda: a @ b, device)
+    t = median([time_call(lambda: a @ b, device) for _ in range(repeats)])
+    return 2.0 * size**3 / t / 1e9
+
+
+def machine_info(device: str = "cpu") -> Dict[str, object]:
+    """What the numbers were measured on (recorded next to them)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "device": device,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_method": memory_method(device),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def round_sig(x: Optional[float], digits: int = 4) -> Optional[float]:
+    """Round to significant digits for readable JSON (None and 0 pass through)."""
+    if x is None or x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))

@@ -1,0 +1,147 @@
+"""Declarative weight maps from each supported source family to BSBRForCausalLM.
+
+A map is a list of ``(target, source, transform)`` rules; ``{i}`` stands for the layer index.
+Transforms are explicit: GPT-2's Conv1D stores weights as (in, out), so they are transposed, and its
+fused ``c_attn`` is split into q, k, v. The converter checks every shape, requires every source
+weight to be used exactly once and every target weight (other than the new BSBR pieces) to be filled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def transpose(w: torch.Tensor) -> torch.Tensor:
+    return w.t()
+
+
+def split_qkv(part: int, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Take q (0), k (1) or v (2) out of a fused projection (GPT-2 ``c_attn``, Conv1D layout)."""
+
+    def take(w: torch.Tensor) -> torch.Tensor:
+        if transposed:  # Conv1D weight (in, 3*out) -> (3*out, in)
+            w = w.t()
+        return w.chunk(3, dim=0)[part]
+
+    take.__name__ = f"split_qkv[{part}]"
+    return take
+
+
+@dataclass(frozen=True)
+class Family:
+    model_types: Tuple[str, ...]
+    # rules: (target key, source key, transform); layer rules use {i}
+    global_rules: List[Tuple[str, str, Transform]]
+    layer_rules: List[Tuple[str, str, Transform]]
+    config: Callable  # source config -> BSBRConfig architecture kwargs
+    base_prefix: str  # prefix of the base model inside the *ForCausalLM state dict
+    layer_prefix: str  # source key prefix of layer {i}
+    embed_key: str  # source key of the token embedding (what a tied lm_head must equal)
+    # source keys that are not weights (buffers) and are knowingly not carried over
+    ignored_suffixes: Tuple[str, ...] = ()
+
+
+def _gpt2_config(c) -> dict:
+    for flag, bad in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                      ("add_cross_attention", True)):
+        if getattr(c, flag, not bad) == bad:
+            raise ValueError(f"GPT-2 sources with {flag}={bad} are not supported (it changes the attention math)")
+    return dict(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner or 4 * c.n_embd,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, hidden_act=c.activation_function,
+        mlp_type="standard", norm_type="layernorm", norm_eps=c.layer_norm_epsilon, position_type="learned",
+        max_position_embeddings=c.n_positions, attention_bias=True, attention_out_bias=True, mlp_bias=True,
+        tie_word_embeddings=getattr(c, "tie_word_embeddings", True),
+    )
+
+
+def _llama_like_config(c) -> dict:
+    rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 10000.0)}
+    if getattr(c, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise ValueError("sources with partial_rotary_factor != 1 are not supported")
+    qkv_bias = bool(getattr(c, "attention_bias", False)) or c.model_type == "qwen2"
+    out_bias = bool(getattr(c, "attention_bias", False)) if c.model_type != "qwen2" else False
+    return dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        hidden_act=c.hidden_act, mlp_type="gated", norm_type="rmsnorm", norm_eps=c.rms_norm_eps,
+        position_type="rope", max_position_embeddings=c.max_position_embeddings, rope_parameters=dict(rope),
+        attention_bias=qkv_bias, attention_out_bias=out_bias, mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+    )
+
+
+GPT2 = Family(
+    model_types=("gpt2",),
+    global_rules=[
+        ("model.embed_tokens.weight", "transformer.wte.weight", None),
+        ("model.embed_positions.weight", "transformer.wpe.weight", None),
+        ("model.norm.weight", "transformer.ln_f.weight", None),
+        ("model.norm.bias", "transformer.ln_f.bias", None),
+        ("lm_head.weight", "lm_head.weight", None),
+    ],
+    layer_rules=[
+        ("attn_norm.weight", "ln_1.weight", None),
+        ("attn_norm.bias", "ln_1.bias", None),
+        ("attn.q_proj.weight", "attn.c_attn.weight", split_qkv(0, transposed=True)),
+        ("attn.k_proj.weight", "attn.c_attn.weight", split_qkv(1, transposed=True)),
+        ("attn.v_proj.weight", "attn.c_attn.weight", split_qkv(2, transposed=True)),
+        ("attn.q_proj.bias", "attn.c_attn.bias", split_qkv(0, transposed=False)),
+        ("attn.k_proj.bias", "attn.c_attn.bias", split_qkv(1, transposed=False)),
+        ("attn.v_proj.bias", "attn.c_attn.bias", split_qkv(2, transposed=False)),
+        ("attn.out_proj.weight", "attn.c_proj.weight", transpose),
+        ("attn.out_proj.bias", "attn.c_proj.bias", None),
+        ("mlp_norm.weight", "ln_2.weight", None),
+        ("mlp_norm.bias", "ln_2.bias", None),
+        ("mlp.fc_in.weight", "mlp.c_fc.weight", transpose),
+        ("mlp.fc_in.bias", "mlp.c_fc.bias", None),
+        ("mlp.fc_out.weight", "mlp.c_proj.weight", transpose),
+        ("mlp.fc_out.bias", "mlp.c_proj.bias", None),
+    ],
+    config=_gpt2_config,
+    base_prefix="transformer",
+    layer_prefix="transformer.h.{i}.",
+    embed_key="transformer.wte.weight",
+    ignored_suffixes=("attn.bias", "attn.masked_bias"),
+)
+
+LLAMA_LIKE = Family(
+    model_types=("llama", "mistral", "qwen2"),
+    global_rules=[
+        ("model.embed_tokens.weight", "model.embed_tokens.weight", None),
+        ("model.norm.weight", "model.norm.weight", None),
+        ("lm_head.weight", "lm_head.weight", None),
+    ],
+    layer_rules=[
+        ("attn_norm.weight", "input_layernorm.weight", None),
+        ("attn.q_proj.weight", "self_attn.q_proj.weight", None),
+        ("attn.k_proj.weight", "self_attn.k_proj.weight", None),
+        ("attn.v_proj.weight", "self_attn.v_proj.weight", None),
+        ("attn.out_proj.weight", "self_attn.o_proj.weight", None),
+        ("attn.q_proj.bias", "self_attn.q_proj.bias", None),
+        ("attn.k_proj.bias", "self_attn.k_proj.bias", None),
+        ("attn.v_proj.bias", "self_attn.v_proj.bias", None),
+        ("attn.out_proj.bias", "self_attn.o_proj.bias", None),
+        ("mlp_norm.weight", "post_attention_layernorm.weight", None),
+        ("mlp.gate_proj.weight", "mlp.gate_proj.weight", None),
+        ("mlp.up_proj.weight", "mlp.up_proj.weight", None),
+        ("mlp.down_proj.weight", "mlp.down_proj.weight", None),
+        ("mlp.gate_proj.bias", "mlp.gate_proj.bias", None),
+        ("mlp.up_proj.bias", "mlp.up_proj.bias", None),
+        ("mlp.down_proj.bias", "mlp.down_proj.bias", None),
+    ],
+    config=_llama_like_config,
+    base_prefix="model",
+    layer_prefix="model.layers.{i}.",
+    embed_key="model.embed_tokens.weight",
+    ignored_suffixes=("rotary_emb.inv_freq",),
+)
+
+FAMILIES: Dict[str, Family] = {t: f for f in (GPT2, LLAMA_LIKE) for t in f.model_types}
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))

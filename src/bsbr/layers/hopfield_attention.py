@@ -1,0 +1,55 @@
+"""HopfieldAttention: causal modern-Hopfield retrieval (Ramsauer et al., 2021) as an attention layer,
+the earlier bsbr library's "HopfieldNetwork" baseline made causal. A learned inverse temperature
+beta per head (stored as log beta, so it stays positive), and ``num_steps`` Hopfield updates of the
+query before the values are read out: num_steps = 1 is standard attention with a learned temperature.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops.hopfield import chunk_hopfield_attention
+from ._baseline_common import MultiHeadBase
+from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from .rotary import apply_rotary
+
+
+class HopfieldAttention(MultiHeadBase):
+    """Args:
+        hidden_dim, num_heads, dropout, head_dim, bias, out_bias: as in SlidingWindowAttention.
+        num_steps: Hopfield updates (>= 1); the cost is num_steps causal attentions.
+        beta: initial inverse temperature, default ``1/sqrt(head_dim)``.
+        learn_beta: make beta a trainable parameter (per head).
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, *, head_dim: Optional[int] = None,
+                 bias: bool = True, out_bias: Optional[bool] = None, num_steps: int = 2,
+                 beta: Optional[float] = None, learn_beta: bool = True):
+        super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
+        _check_int("num_steps", num_steps)
+        if beta is None:
+            beta = self.head_dim ** -0.5
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
+            raise ValueError(f"beta must be None or a float > 0, got {beta!r}")
+        self.num_steps = num_steps
+        log_beta = torch.full((num_heads,), math.log(beta))
+        if learn_beta:
+            self.log_beta = nn.Parameter(log_beta)
+        else:
+            self.register_buffer("log_beta", log_beta)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
+        rotary (cos, sin) or None. Returns (b, n, hidden_dim)."""
+        check_hidden_states(hidden_states, self.hidden_dim)
+        b, n, _ = hidden_states.shape
+        valid = mask_to_valid(attention_mask, b, n)
+        q, k, v = self.qkv(hidden_states)
+        if position_embeddings is not None:
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        o, _ = chunk_hopfield_attention(q, k, v, beta=self.log_beta.exp(), num_steps=self.num_steps, valid=valid)
+        return self.output(o)

@@ -1,0 +1,41 @@
+"""SlidingWindowAttention: causal softmax attention over the last ``window_size`` tokens
+(Longformer/Mistral-style local attention), with the projections of BSBRAttention. With
+``window_size`` equal to BSBR's chunk size it is the "local attention only" baseline that tells
+whether BSBR's retrieval of earlier chunks is worth its cost."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops.sliding_window import chunk_sliding_window_attention
+from ._baseline_common import MultiHeadBase
+from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from .rotary import apply_rotary
+
+
+class SlidingWindowAttention(MultiHeadBase):
+    """Args:
+        hidden_dim, num_heads, window_size: model width, heads, keys each token sees (itself included).
+        dropout: on the attention output before ``out_proj``.
+        head_dim: default ``hidden_dim // num_heads``. bias / out_bias: projection biases.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, window_size: int, dropout: float = 0.0, *,
+                 head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None):
+        super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
+        _check_int("window_size", window_size)
+        self.window_size = window_size
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
+        rotary (cos, sin) or None. Returns (b, n, hidden_dim)."""
+        check_hidden_states(hidden_states, self.hidden_dim)
+        b, n, _ = hidden_states.shape
+        valid = mask_to_valid(attention_mask, b, n)
+        q, k, v = self.qkv(hidden_states)
+        if position_embeddings is not None:
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        o, _ = chunk_sliding_window_attention(q, k, v, window_size=self.window_size, valid=valid)
+        return self.output(o)

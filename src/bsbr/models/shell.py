@@ -1,0 +1,126 @@
+"""AttentionLM: one decoder-only language model shell in which only the attention layer differs.
+
+Token embedding -> ``num_layers`` pre-norm blocks (x + attn(ln(x)), then x + mlp(ln(x))) -> final
+LayerNorm -> LM head (tied to the embedding). Rotary positions are computed on the fly for any length
+(layers that use no positions ignore them). This is the shell of ``bsbr bench models`` and
+``bsbr bench quality``: same width, depth, MLP and head for every attention, so differences in speed
+and loss are the attention's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layers.bsbr_attention import BSBRAttention, _check_int
+from ..layers.deltanet import DeltaNet
+from ..layers.gau import GatedAttentionUnit
+from ..layers.hopfield_attention import HopfieldAttention
+from ..layers.linear_attention import LinearAttention
+from ..layers.rotary import RotaryEmbedding
+from ..layers.sliding_window_attention import SlidingWindowAttention
+from ..layers.standard_attention import StandardAttention
+
+ATTENTIONS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "hopfield", "gau")
+
+
+def build_attention(attention: str, hidden_dim: int, num_heads: int, dropout: float, **kwargs) -> nn.Module:
+    """One attention layer by name. Required extra kwargs: ``chunk_size`` for ``"bsbr"``,
+    ``window_size`` for ``"sliding_window"``; the rest go to the layer's constructor."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention == "standard":
+        return StandardAttention(hidden_dim, num_heads, dropout, **kwargs)
+    if attention == "bsbr":
+        if "chunk_size" not in kwargs:
+            raise ValueError("attention='bsbr' needs chunk_size=... (tokens per chunk)")
+        return BSBRAttention(hidden_dim, num_heads, kwargs.pop("chunk_size"), dropout, **kwargs)
+    if attention == "sliding_window":
+        if "window_size" not in kwargs:
+            raise ValueError("attention='sliding_window' needs window_size=... (keys each token sees)")
+        return SlidingWindowAttention(hidden_dim, num_heads, kwargs.pop("window_size"), dropout, **kwargs)
+    if attention == "linear":
+        return LinearAttention(hidden_dim, num_heads, dropout, **kwargs)
+    if attention == "deltanet":
+        return DeltaNet(hidden_dim, num_heads, dropout, **kwargs)
+    if attention == "hopfield":
+        return HopfieldAttention(hidden_dim, num_heads, dropout, **kwargs)
+    return GatedAttentionUnit(hidden_dim, dropout=dropout, **kwargs)  # one head by definition
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm decoder block with a GELU MLP."""
+
+    def __init__(self, attention: nn.Module, hidden_dim: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.attention = attention
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, hidden_dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x, attention_mask=None, position_embeddings=None):
+        x = x + self.attention(self.norm1(x), attention_mask, position_embeddings)
+        return x + self.mlp(self.norm2(x))
+
+
+class AttentionLM(nn.Module):
+    """Args:
+        vocab_size, hidden_dim, num_layers, num_heads, ff_dim: the shell's sizes.
+        attention: one of :data:`ATTENTIONS`.
+        dropout: in the attention output and the MLP (default 0).
+        rope_theta: rotary base.
+        **attention_kwargs: passed to the attention layer (e.g. ``chunk_size=128`` for BSBR,
+            ``window_size=128`` for sliding window, ``retrieval="normalized"``, ``top_k=4``).
+    """
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int,
+                 attention: str = "standard", ff_dim: Optional[int] = None, dropout: float = 0.0,
+                 rope_theta: float = 10000.0, **attention_kwargs):
+        super().__init__()
+        if not isinstance(attention, str) or attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        _check_int("vocab_size", vocab_size)
+        _check_int("hidden_dim", hidden_dim)
+        _check_int("num_layers", num_layers)
+        _check_int("num_heads", num_heads)
+        ff_dim = 4 * hidden_dim if ff_dim is None else ff_dim
+        _check_int("ff_dim", ff_dim)
+        self.attention_name = attention
+        self.attention_kwargs = dict(attention_kwargs)
+        self.embedding = nn.Embedding(vocab_size, hidden_dim)
+        self.layers = nn.ModuleList(
+            Block(build_attention(attention, hidden_dim, num_heads, dropout, **dict(attention_kwargs)),
+                  hidden_dim, ff_dim, dropout)
+            for _ in range(num_layers)
+        )
+        att = self.layers[0].attention
+        rotary_dim = getattr(att, "rotary_dim", None) or att.head_dim
+        self.rotary = RotaryEmbedding(rotary_dim, theta=rope_theta)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.lm_head = nn.Linear(hidden_dim, vocab_size, bias=False)
+        self.lm_head.weight = self.embedding.weight  # tied: the head adds no parameters
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (b, n) integers in [0, vocab_size); attention_mask (b, n) of 1/0 or None.
+        Returns logits (b, n, vocab_size)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        V = self.embedding.num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            raise ValueError(f"input_ids must lie in [0, {V})")
+        b, n = input_ids.shape
+        positions = torch.arange(n, device=input_ids.device)[None].expand(b, -1)
+        if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.shape == (b, n):
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # count real tokens only
+        cos_sin = self.rotary(positions, self.embedding.weight.dtype)
+        x = self.embedding(input_ids)
+        for layer in self.layers:
+            x = layer(x, attention_mask, cos_sin)
+        return self.lm_head(self.norm(x))
