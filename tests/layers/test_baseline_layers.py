@@ -1,0 +1,161 @@
+"""Baseline attention layers and the AttentionLM shell: they run, are causal, mask padding, decode
+step by step like a full forward, reject bad arguments, and the shell's loss backpropagates for every
+attention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbr.layers import (
+    DeltaNet,
+    GatedAttentionUnit,
+    HopfieldAttention,
+    LinearAttention,
+    RotaryEmbedding,
+    SlidingWindowAttention,
+)
+from bsbr.models.shell import ATTENTIONS, AttentionLM
+
+DT = torch.float64
+HIDDEN, HEADS = 24, 3  # head dim 8
+
+LAYERS = {
+    "sliding_window": lambda: SlidingWindowAttention(HIDDEN, HEADS, window_size=5),
+    "linear": lambda: LinearAttention(HIDDEN, HEADS, chunk_size=4),
+    "linear_hedgehog": lambda: LinearAttention(HIDDEN, HEADS, feature_map="hedgehog", chunk_size=7),
+    "deltanet": lambda: DeltaNet(HIDDEN, HEADS, chunk_size=4),
+    "hopfield": lambda: HopfieldAttention(HIDDEN, HEADS, num_steps=3, beta=0.5),
+    "gau": lambda: GatedAttentionUnit(HIDDEN, query_key_dim=8, block_size=4),
+}
+
+SHELL_KW = {
+    "bsbr": dict(chunk_size=8),
+    "sliding_window": dict(window_size=8),
+    "linear": dict(chunk_size=8),
+    "deltanet": dict(chunk_size=8),
+    "gau": dict(query_key_dim=8),
+}
+
+
+def layer(name):
+    torch.manual_seed(0)
+    return LAYERS[name]().to(DT).eval()
+
+
+def rope(n, dim=8):
+    return RotaryEmbedding(dim)(torch.arange(n), DT)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_shape_and_causality(name):
+    m = layer(name)
+    x = torch.randn(2, 23, HIDDEN, dtype=DT)
+    pe = rope(23)
+    y = m(x, None, pe)
+    assert y.shape == x.shape and y.dtype == DT
+    x2 = x.clone()
+    x2[:, 15:] += torch.randn_like(x2[:, 15:])
+    y2 = m(x2, None, pe)
+    assert torch.equal(y[:, :15], y2[:, :15])
+    assert not torch.equal(y[:, 15:], y2[:, 15:])
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_left_padding_equals_alone(name):
+    """A left-padded sequence gives the outputs it gives alone (padding is invisible), zeros at padding."""
+    m = layer(name)
+    x = torch.randn(2, 19, HIDDEN, dtype=DT)
+    mask = torch.ones(2, 19, dtype=torch.long)
+    mask[1, :6] = 0
+    y = m(x, mask)
+    alone = m(x[1:, 6:])
+    torch.testing.assert_close(y[1:, 6:], alone, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y[:1], m(x[:1]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["linear", "deltanet"])
+def test_step_equals_forward(name):
+    m = layer(name)
+    x = torch.randn(2, 13, HIDDEN, dtype=DT)
+    full = m(x)
+    y1, state = m.step(x[:, :6])
+    y2, state = m.step(x[:, 6:], state)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_bad_arguments():
+    with pytest.raises(ValueError, match="window_size"):
+        SlidingWindowAttention(HIDDEN, HEADS, window_size=0)
+    with pytest.raises(ValueError, match="divisible"):
+        LinearAttention(25, HEADS)
+    with pytest.raises(ValueError, match="normalize=True needs"):
+        LinearAttention(HIDDEN, HEADS, feature_map="identity")
+    with pytest.raises(ValueError, match="feature_map"):
+        LinearAttention(HIDDEN, HEADS, feature_map="relu")
+    with pytest.raises(ValueError, match="dropout"):
+        DeltaNet(HIDDEN, HEADS, dropout=1.5)
+    with pytest.raises(ValueError, match="num_steps"):
+        HopfieldAttention(HIDDEN, HEADS, num_steps=0)
+    with pytest.raises(ValueError, match="beta"):
+        HopfieldAttention(HIDDEN, HEADS, beta=-1.0)
+    with pytest.raises(ValueError, match="query_key_dim"):
+        GatedAttentionUnit(HIDDEN, query_key_dim=7)
+    m = layer("sliding_window")
+    with pytest.raises(ValueError, match="hidden_states must have shape"):
+        m(torch.randn(2, 5, HIDDEN + 1, dtype=DT))
+    with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
+        m([[0.0] * HIDDEN])
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        m(torch.randn(2, 5, HIDDEN, dtype=DT), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="query_key_dim"):
+        layer("gau")(torch.randn(1, 5, HIDDEN, dtype=DT), None, rope(5, dim=4))
+
+
+def lm(name, seed=0):
+    torch.manual_seed(seed)
+    return AttentionLM(64, HIDDEN, 2, HEADS, attention=name, ff_dim=48, **SHELL_KW.get(name, {}))
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+def test_shell_runs_and_backpropagates(name):
+    m = lm(name)
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0))
+    logits = m(ids)
+    assert logits.shape == (2, 21, 64)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    loss.backward()
+    att_grads = [p.grad for p in m.layers[0].attention.parameters() if p.requires_grad]
+    assert att_grads and all(g is not None and torch.isfinite(g).all() for g in att_grads)
+    assert any(g.abs().sum() > 0 for g in att_grads)
+    # only the attention differs: embedding, MLPs and norms have the same parameter count
+    rest = sum(p.numel() for n_, p in m.named_parameters() if ".attention." not in n_)
+    assert rest == sum(p.numel() for n_, p in lm("standard").named_parameters() if ".attention." not in n_)
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+def test_shell_is_causal_and_left_padding_invariant(name):
+    m = lm(name).to(DT).eval()
+    ids = torch.randint(1, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    out = m(ids)
+    ids2 = ids.clone()
+    ids2[:, 12:] = (ids2[:, 12:] + 5) % 64
+    assert torch.equal(m(ids2)[:, :12], out[:, :12])
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    padded = m(ids, mask)
+    torch.testing.assert_close(padded[1, 7:], m(ids[1:, 7:])[0], rtol=1e-9, atol=1e-9)
+
+
+def test_shell_bad_arguments():
+    with pytest.raises(ValueError, match="attention must be one of .*sliding_window"):
+        AttentionLM(64, HIDDEN, 1, HEADS, attention="flash")
+    with pytest.raises(ValueError, match="chunk_size"):
+        AttentionLM(64, HIDDEN, 1, HEADS, attention="bsbr")
+    with pytest.raises(ValueError, match="window_size"):
+        AttentionLM(64, HIDDEN, 1, HEADS, attention="sliding_window")
+    with pytest.raises(ValueError, match="num_layers"):
+        AttentionLM(64, HIDDEN, 0, HEADS)
+    m = lm("standard")
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\)"):
+        m(torch.full((1, 3), 64))
