@@ -9,6 +9,7 @@ import sys
 
 # module -> it adds one or more subcommands
 COMMAND_MODULES = [
+    "bsbr.convert.cli",
     "bsbr.bench.cli",
 ]
 

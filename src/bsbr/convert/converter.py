@@ -178,6 +178,7 @@ class TransformerToBSBRConverter:
             raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
         opts = dict(self.options)
         meta_init = opts.pop("meta_init")
+        opts["retrieval_top_k"] = opts.pop("top_k")
         special = {k: getattr(src.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = BSBRConfig(**arch, chunk_size=self.chunk_size, compression_factor=self.compression_factor,
                             source_model_type=mt, **opts, **{k: v for k, v in special.items() if v is not None})

@@ -1,5 +1,5 @@
 """Models built from the layers: the native BSBR stack and the HuggingFace BSBR models."""
-from .bsbr import BSBRBaseModel, BSBRCache, BSBRConfig, BSBRForCausalLM
+from .bsbr import BSBRBaseModel, BSBRCache, BSBRConfig, BSBRForCausalLM, load_bsbr_model
 from .native import BSBRLayer, BSBRModel
 
-__all__ = ["BSBRBaseModel", "BSBRCache", "BSBRConfig", "BSBRForCausalLM", "BSBRLayer", "BSBRModel"]
+__all__ = ["BSBRBaseModel", "BSBRCache", "BSBRConfig", "BSBRForCausalLM", "BSBRLayer", "BSBRModel", "load_bsbr_model"]

@@ -60,7 +60,7 @@ class BSBRConfig(PretrainedConfig):
         retrieval: str = "normalized",
         feature_map: str = "hedgehog",
         gate_init: Optional[float] = 0.0,
-        top_k: Optional[int] = None,
+        retrieval_top_k: Optional[int] = None,
         meta: str = "shared",
         meta_dim: Optional[int] = None,
         initializer_range: float = 0.02,
@@ -77,7 +77,7 @@ class BSBRConfig(PretrainedConfig):
         _positive_int("num_key_value_heads", num_key_value_heads, allow_none=True)
         _positive_int("head_dim", head_dim, allow_none=True)
         _positive_int("compression_factor", compression_factor, allow_none=True)
-        _positive_int("top_k", top_k, allow_none=True)
+        _positive_int("retrieval_top_k", retrieval_top_k, allow_none=True)
         _positive_int("meta_dim", meta_dim, allow_none=True)
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
@@ -120,7 +120,8 @@ class BSBRConfig(PretrainedConfig):
         self.retrieval = retrieval
         self.feature_map = feature_map
         self.gate_init = gate_init
-        self.top_k = top_k
+        # not 'top_k': that name belongs to generation settings in HF configs
+        self.retrieval_top_k = retrieval_top_k
         self.meta = meta
         self.meta_dim = meta_dim
         self.initializer_range = initializer_range
@@ -133,5 +134,5 @@ class BSBRConfig(PretrainedConfig):
         return dict(
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
-            gate=self.gate_init, top_k=self.top_k, meta=self.meta, meta_dim=self.meta_dim,
+            gate=self.gate_init, top_k=self.retrieval_top_k, meta=self.meta, meta_dim=self.meta_dim,
         )

@@ -159,6 +159,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
             init.constant_(module.retrieval_gate, float(self.config.gate_init))
         elif isinstance(module, BSBRRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            # a non-persistent buffer: from_pretrained builds the model on the meta device, so recompute it
+            init.copy_(module.inv_freq, make_rotary(self.config).inv_freq)
 
 
 def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tensor:

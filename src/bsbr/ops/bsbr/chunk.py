@@ -116,14 +116,23 @@ def chunk_bsbr_attention(
 
     # 2. chunk states from real tokens only: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
     m = tok_valid.view(b, 1, C, B, 1).to(q.dtype)
-    fk_c = blocks(fk) * m
+    if valid is None:
+        # No padding mask: the only padded tokens are the zeros F_.pad appended, which add exactly 0
+        # to every sum, so multiplying by the mask would change nothing but cost a full copy of
+        # fk, mk and mq. Same values, same layouts, same reductions: bit-identical results.
+        def masked(x):
+            return x
+    else:
+        def masked(x):
+            return x * m
+    fk_c = masked(blocks(fk))
     F = fk_c.transpose(-1, -2) @ blocks(v)
     z = fk_c.sum(-2)
 
     # 3. meta-keys (mean over the chunk) and meta-queries (mean over the previous chunk)
     counts = m.sum(-2).clamp(min=1.0)  # (b, 1, C, 1)
-    h_meta = (blocks(mk) * m).sum(-2) / counts  # (b, hkv, C, dm)
-    mean_q = (blocks(mq) * m).sum(-2) / counts  # (b, hq, C, dm)
+    h_meta = masked(blocks(mk)).sum(-2) / counts  # (b, hkv, C, dm)
+    mean_q = masked(blocks(mq)).sum(-2) / counts  # (b, hq, C, dm)
     r_meta = F_.pad(mean_q[:, :, :-1], (0, 0, 1, 0))  # r_c = mean_q[c-1]; r_0 is never used
 
     # 4. retrieval over strictly earlier chunks: w (b, hkv, g, C, C)
@@ -152,11 +161,21 @@ def chunk_bsbr_attention(
     # 5. read-out with each chunk's retrieved state, then combine with the local output
     fq_c = blocks(fq)  # (b, hq, C, B, df)
     num = fq_c @ S  # (b, hq, C, B, dv)
-    den = (fq_c @ zS.unsqueeze(-1)).squeeze(-1) if variant == "normalized" else None
-    o = combine(o_local.reshape(b, hq, C * B, dv), num.reshape(b, hq, C * B, dv),
-                None if den is None else den.reshape(b, hq, C * B), gates, variant)
-    o = o * tok_valid.view(b, 1, C * B, 1).to(o.dtype)
-    o = o[:, :, :n]
+    needs_grad = torch.is_grad_enabled() and (o_local.requires_grad or num.requires_grad)
+    if variant == "additive" and gate is None and valid is None and not needs_grad:  # out= has no autograd
+        # The common case, o = o_local + q.S: one pass, no mask (padded rows are sliced off) and no
+        # gate (an open gate multiplies by exactly 1). The sum is written straight into a
+        # (b, n, hq, dv) buffer, so the caller's transpose to (b, n, hq*dv) for the output
+        # projection is a free view instead of another full copy.
+        out = torch.empty(b, C * B, hq, dv, dtype=num.dtype, device=num.device)  # (b, C*B, hq, dv)
+        torch.add(o_local, num, out=out.view(b, C, B, hq, dv).permute(0, 3, 1, 2, 4))
+        o = out.transpose(1, 2)[:, :, :n]  # (b, hq, n, dv) view
+    else:
+        den = (fq_c @ zS.unsqueeze(-1)).squeeze(-1) if variant == "normalized" else None
+        o = combine(o_local.reshape(b, hq, C * B, dv), num.reshape(b, hq, C * B, dv),
+                    None if den is None else den.reshape(b, hq, C * B), gates, variant)
+        o = o * tok_valid.view(b, 1, C * B, 1).to(o.dtype)
+        o = o[:, :, :n]
 
     state = None
     if output_final_state:

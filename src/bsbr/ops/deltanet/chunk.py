@@ -73,10 +73,12 @@ def chunk_delta_rule(
     causal = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
     QK = (qb @ kb.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (b, h, C, B, B)
 
+    # unbind once: indexing x[:, :, c] inside the loop would make the backward add C full-size
+    # zero tensors (quadratic in n); unbind's backward is a single stack
     outs = []
-    for c in range(C):
-        U = U0[:, :, c] - W[:, :, c] @ S  # (b, h, B, dv)
-        outs.append(qb[:, :, c] @ S + QK[:, :, c] @ U)
-        S = S + kb[:, :, c].transpose(-1, -2) @ U  # (b, h, d, dv)
+    for Qc, Kc, Wc, U0c, QKc in zip(*(x.unbind(2) for x in (qb, kb, W, U0, QK))):
+        U = U0c - Wc @ S  # (b, h, B, dv)
+        outs.append(Qc @ S + QKc @ U)
+        S = S + Kc.transpose(-1, -2) @ U  # (b, h, d, dv)
     o = torch.stack(outs, dim=2).reshape(b, h, C * B, dv)[:, :, :n]
     return o, (S if output_final_state else None)

@@ -46,9 +46,8 @@ def chunk_gau_attention(
         count = kv_w.cumsum(2).clamp(min=1.0)
     vm = v if kv_w is None else v * kv_w  # padded values get no weight (zeroing v is the cheapest mask)
     outs = []
-    for s in range(0, n, block_size):
-        e = min(n, s + block_size)
-        qs = q[:, :, s:e] * scale  # (b, h, L, d)
+    for i, qs in enumerate((q * scale).split(block_size, dim=2)):  # qs: (b, h, L, d)
+        s, e = i * block_size, i * block_size + qs.shape[2]
         # keys before the block: no mask needed; the block itself: causal mask
         diag = torch.relu(qs @ k[:, :, s:e].transpose(-1, -2)).square().tril()  # (b, h, L, L)
         o = diag @ vm[:, :, s:e]

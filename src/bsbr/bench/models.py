@@ -1,0 +1,378 @@
+"""``bsbr bench models``: every attention in the same :class:`~bsbr.models.shell.AttentionLM` shell
+(default 2 layers, hidden 256, 4 heads, ff 1024, byte vocabulary, chunk/window 128), from 1k to 64k
+tokens: forward time, forward+backward ("train") time, extra peak memory of each, parameter count,
+and the fitted scaling exponent (slope of log time vs log n).
+
+How it is measured (helpers in :mod:`bsbr.bench.common`):
+
+* batch 1, float32, eval mode, dropout 0; forward under ``torch.no_grad``; the train step is the
+  forward, a next-token cross-entropy and ``backward()`` (gradients dropped after each call).
+* At each length the first call of every model measures its extra peak RSS and doubles as the
+  warm-up; then ``--repeats`` rounds call every model once each in a rotating order (interleaved),
+  and the medians are reported, so a slow spell on the shared machine hits all models alike.
+* A model stops growing when its next call is predicted (from its own measured slope, at least
+  linear, quadratic until two points exist) to exceed ``--max-seconds``, when its predicted peak
+  would exceed 70% of the available memory, or when its total measuring time has passed
+  ``--model-budget``; the reason is recorded in the row. Train steps are capped the same way on
+  their own, so a model may have forward times at lengths where its train step was skipped.
+
+Rows: ``{"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "train_peak_mb", "params",
+"status", "reason"}``; times are medians in ms, memory in MiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    MiB,
+    available_memory_bytes,
+    interleaved_times,
+    is_oom,
+    machine_info,
+    measure_peak,
+    median,
+    release_free_memory,
+    round_sig,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+MEMORY_FRACTION = 0.7
+VOCAB = 256  # bytes
+
+
+def model_specs(block: int = 128) -> Dict[str, Tuple[str, dict]]:
+    """Benchmarked models: name -> (attention of the shell, its kwargs). ``block`` is BSBR's chunk and
+    the sliding window (equal, so the window baseline is BSBR without retrieval)."""
+    return {
+        "standard": ("standard", {}),
+        "bsbr": ("bsbr", {"chunk_size": block}),
+        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu"}),
+        "bsbr_topk4": ("bsbr", {"chunk_size": block, "top_k": 4}),
+        "sliding_window": ("sliding_window", {"window_size": block}),
+        "linear": ("linear", {"chunk_size": block}),
+        "deltanet": ("deltanet", {"chunk_size": 64}),
+        "hopfield": ("hopfield", {"num_steps": 2}),
+        "gau": ("gau", {"query_key_dim": 128}),
+    }
+
+
+DEFAULT_MODELS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "hopfield", "gau")
+
+
+def build_model(name: str, *, hidden: int, layers: int, heads: int, ff_dim: int, block: int, seed: int):
+    from ..models.shell import AttentionLM
+
+    specs = model_specs(block)
+    if name not in specs:
+        raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(specs)}")
+    attention, kw = specs[name]
+    torch.manual_seed(seed)
+    return AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kw).eval()
+
+
+def _forward_fn(model, ids) -> Callable[[], torch.Tensor]:
+    def fn():
+        with torch.no_grad():
+            return model(ids)
+    return fn
+
+
+def _train_fn(model, ids) -> Callable[[], None]:
+    def fn():
+        logits = model(ids)
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return fn
+
+
+def fit_exponent(points: Sequence[Tuple[int, float]], min_len: int = 4096) -> Optional[Dict[str, object]]:
+    """Least-squares slope of log(time) vs log(n): over lengths >= ``min_len`` when at least two
+    exist there (short lengths are dominated by fixed overheads), else over all points."""
+    pts = sorted((n, t) for n, t in points if t and t > 0)
+    use = [p for p in pts if p[0] >= min_len]
+    if len(use) < 2:
+        use = pts
+    if len(use) < 2:
+        return None
+    xs = [math.log(n) for n, _ in use]
+    ys = [math.log(t) for _, t in use]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return {"exponent": round(slope, 3), "from": use[0][0], "to": use[-1][0], "points": len(use)}
+
+
+def _predict(history: List[Tuple[int, float]], n: int) -> Optional[float]:
+    """Extrapolated value at n from the last points of a history (n_i, value_i)."""
+    if not history:
+        return None
+    n1, v1 = history[-1]
+    slope = 2.0
+    if len(history) >= 2:
+        n0, v0 = history[-2]
+        if v0 > 0 and v1 > 0 and n1 > n0:
+            slope = min(2.2, max(1.0, math.log(v1 / v0) / math.log(n1 / n0)))
+    return v1 * (n / n1) ** slope
+
+
+def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[int, float]],
+          spent: float, max_seconds: float, budget: float) -> Optional[str]:
+    if spent > budget:
+        return f"model's measuring time {spent:.0f} s passed --model-budget {budget:g} s"
+    t = _predict(times, n)
+    if t is not None and t > max_seconds:
+        return f"{kind} predicted {t:.0f} s per call > --max-seconds {max_seconds:g}"
+    m = _predict(peaks, n)
+    avail = available_memory_bytes()
+    if m is not None and avail is not None and m * MiB > MEMORY_FRACTION * avail:
+        return f"{kind} predicted {m / 1024:.1f} GiB > {MEMORY_FRACTION:.0%} of {avail / 2**30:.1f} GiB available"
+    return None
+
+
+def bench_models(
+    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
+    models: Sequence[str] = DEFAULT_MODELS,
+    *,
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    ff_dim: int = 1024,
+    block: int = 128,
+    repeats: int = 3,
+    max_seconds: float = 15.0,
+    model_budget: float = 90.0,
+    train: bool = True,
+    seed: int = 0,
+) -> Dict[str, object]:
+    """Measure every model at every length it fits (see the module docstring). Returns
+    ``{"benchmark": "models", "config", "machine", "rows", "exponents", "ratios", "targets"}``."""
+    built = {m: build_model(m, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim, block=block, seed=seed)
+             for m in models}
+    params = {m: mod.num_parameters() for m, mod in built.items()}
+    hist = {m: {"fwd": [], "train": [], "fwd_mem": [], "train_mem": []} for m in models}
+    spent = {m: 0.0 for m in models}
+    stopped: Dict[str, str] = {}
+    rows: List[Dict[str, object]] = []
+    for n in seq_lens:
+        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed + n))
+        fwd_fns: Dict[str, Callable] = {}
+        train_fns: Dict[str, Callable] = {}
+        row_of: Dict[str, Dict[str, object]] = {}
+        for m in models:
+            row = {"model": m, "seq_len": n, "time_ms": None, "train_time_ms": None, "peak_mb": None,
+                   "train_peak_mb": None, "params": params[m], "status": "ok", "reason": None}
+            rows.append(row)
+            h = hist[m]
+            reason = stopped.get(m) or _skip("forward", n, h["fwd"], h["fwd_mem"], spent[m], max_seconds, model_budget)
+            if reason:
+                stopped[m] = reason
+                row.update(status="skipped", reason=reason)
+                log.info("%s @ %d: skipped (%s)", m, n, reason)
+                continue
+            row_of[m] = row
+            kinds = [("fwd", _forward_fn(built[m], ids), "peak_mb")]
+            if train:
+                tr = _skip("train", n, h["train"], h["train_mem"], spent[m], max_seconds, model_budget)
+                if tr:
+                    row["reason"] = tr
+                else:
+                    kinds.append(("train", _train_fn(built[m], ids), "train_peak_mb"))
+            for kind, fn, key in kinds:
+                t0 = time.perf_counter()
+                try:  # the first call: extra peak memory, and the warm-up
+                    row[key] = round_sig(measure_peak(fn).extra_mb)
+                except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
+                    row.update(status="failed" if kind == "fwd" else row["status"],
+                               reason=f"{kind}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    if kind == "fwd" or not is_oom(e):
+                        stopped[m] = row["reason"]
+                    release_free_memory()
+                    break
+                spent[m] += time.perf_counter() - t0
+                h[kind + "_mem"].append((n, row[key] or 0.0))
+                (fwd_fns if kind == "fwd" else train_fns)[m] = fn
+        for kind, fns in (("fwd", fwd_fns), ("train", train_fns)):
+            if not fns:
+                continue
+            t0 = time.perf_counter()
+            times = interleaved_times(fns, repeats, warmup=0)
+            per_model = (time.perf_counter() - t0) / len(fns)  # roughly: the models ran in rotation
+            for m, ts in times.items():
+                ms = median(ts) * 1e3
+                row_of[m]["time_ms" if kind == "fwd" else "train_time_ms"] = round_sig(ms)
+                hist[m][kind].append((n, ms / 1e3))
+                spent[m] += sum(ts) if sum(ts) > 0 else per_model
+        for m, row in row_of.items():
+            log.info("%s @ %d: fwd %s ms (+%s MiB), train %s ms (+%s MiB)", m, n, row["time_ms"], row["peak_mb"],
+                     row["train_time_ms"], row["train_peak_mb"])
+        del ids, fwd_fns, train_fns
+        release_free_memory()
+
+    exponents = {}
+    for m in models:
+        ok = [r for r in rows if r["model"] == m]
+        exponents[m] = {
+            "forward": fit_exponent([(r["seq_len"], r["time_ms"]) for r in ok]),
+            "train": fit_exponent([(r["seq_len"], r["train_time_ms"]) for r in ok]),
+        }
+    ratios = speed_ratios(rows)
+    config = dict(seq_lens=list(seq_lens), models=list(models), hidden=hidden, layers=layers, heads=heads,
+                  ff_dim=ff_dim, block=block, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
+                  model_budget=model_budget, batch=1, dtype="float32", seed=seed,
+                  specs={m: model_specs(block)[m] for m in models})
+    return {"benchmark": "models", "config": config, "machine": machine_info(), "rows": rows,
+            "exponents": exponents, "ratios": ratios, "targets": check_targets(ratios)}
+
+
+def speed_ratios(rows: Sequence[Dict[str, object]], baseline: str = "standard") -> List[Dict[str, object]]:
+    """Forward and train time of ``baseline`` divided by each other model's, per length (> 1: faster)."""
+    by = {(r["model"], r["seq_len"]): r for r in rows}
+    out = []
+    for r in rows:
+        b = by.get((baseline, r["seq_len"]))
+        if r["model"] == baseline or b is None:
+            continue
+        out.append({"model": r["model"], "seq_len": r["seq_len"],
+                    "forward_speedup": round_sig(b["time_ms"] / r["time_ms"]) if b["time_ms"] and r["time_ms"] else None,
+                    "train_speedup": round_sig(b["train_time_ms"] / r["train_time_ms"])
+                    if b["train_time_ms"] and r["train_time_ms"] else None})
+    return out
+
+
+def check_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Issue 5's speed targets: BSBR forward faster than standard from 4k tokens on, >= 5x at 16k."""
+    bs = {r["seq_len"]: r["forward_speedup"] for r in ratios if r["model"] == "bsbr"}
+    from_4k = {n: s for n, s in bs.items() if n >= 4096 and s is not None}
+    return [
+        {"target": "bsbr forward faster than standard at every length >= 4096",
+         "measured": from_4k, "met": (all(s > 1.0 for s in from_4k.values()) if from_4k else None)},
+        {"target": "bsbr forward >= 5x faster than standard at 16384", "measured": bs.get(16384),
+         "met": None if bs.get(16384) is None else bs[16384] >= 5.0},
+    ]
+
+
+# ------------------------------------------------------------------------------- output
+def write_json(result: Dict[str, object], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
+def plot_models(result: Dict[str, object], path: str) -> None:
+    """Log-log forward time, train time and extra peak memory vs length, one line per model, the
+    fitted exponent in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows, exps = result["rows"], result["exponents"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("time_ms", "forward time (ms, median)", "forward"), ("train_time_ms", "forward+backward time (ms, median)", "train"),
+              ("peak_mb", "forward extra peak memory (MiB)", None))
+    for m in dict.fromkeys(r["model"] for r in rows):
+        for ax, (key, _, ek) in zip(axes, panels):
+            pts = sorted((r["seq_len"], r[key]) for r in rows if r["model"] == m and r[key])
+            if not pts:
+                continue
+            e = exps.get(m, {}).get(ek) if ek else None
+            label = f"{m} (n^{e['exponent']:.2f})" if e else m
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for ax, (_, label, _) in zip(axes, panels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    c = result["config"]
+    fig.suptitle(f"AttentionLM shell: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
+                 f"chunk/window {c['block']}, batch 1, CPU float32")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(result: Dict[str, object]) -> str:
+    lines = [f"{'model':<16}{'tokens':>8}{'fwd ms':>11}{'train ms':>11}{'fwd MiB':>10}{'train MiB':>11}{'params':>10}  note"]
+    for r in result["rows"]:
+        def f(x, p=1):
+            return "-" if x is None else f"{x:.{p}f}"
+        lines.append(f"{r['model']:<16}{r['seq_len']:>8}{f(r['time_ms']):>11}{f(r['train_time_ms']):>11}"
+                     f"{f(r['peak_mb']):>10}{f(r['train_peak_mb']):>11}{r['params']:>10}  {r['reason'] or ''}")
+    lines.append("")
+    lines.append("scaling exponents (slope of log time vs log n): " + ", ".join(
+        f"{m} fwd {e['forward']['exponent'] if e['forward'] else '-'} / train {e['train']['exponent'] if e['train'] else '-'}"
+        for m, e in result["exponents"].items()))
+    for t in result["targets"]:
+        lines.append(f"target: {t['target']}: measured {t['measured']} -> met={t['met']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- CLI
+def run_models(args: argparse.Namespace) -> int:
+    seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
+    if any(n < 2 for n in seq_lens):
+        raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    models = args.models or list(DEFAULT_MODELS)
+    unknown = [m for m in models if m not in model_specs()]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {sorted(model_specs())}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_models(seq_lens, models, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                          ff_dim=args.ff_dim, block=args.block, repeats=args.repeats, max_seconds=args.max_seconds,
+                          model_budget=args.model_budget, train=not args.no_train, seed=args.seed)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_models(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def register(bench_sub) -> None:
+    """Add ``bsbr bench models`` (and ``bsbr bench quality``, which lives in :mod:`bsbr.bench.quality`)."""
+    p = bench_sub.add_parser("models", help="every attention in one LM shell: time, train time, memory vs length",
+                             description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                   help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ff-dim", type=int, default=1024)
+    p.add_argument("--block", type=int, default=128, help="BSBR chunk size = sliding window = linear chunk")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per length (median)")
+    p.add_argument("--max-seconds", type=float, default=15.0, help="skip calls predicted to take longer")
+    p.add_argument("--model-budget", type=float, default=90.0, help="stop a model after this much measuring time")
+    p.add_argument("--no-train", action="store_true", help="forward only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a log-log plot here")
+    p.set_defaults(func=run_models)
+    if "quality" not in getattr(bench_sub, "choices", {}):
+        from . import quality
+
+        quality.register(bench_sub)

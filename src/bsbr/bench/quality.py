@@ -1,0 +1,302 @@
+"""``bsbr bench quality``: which attention uses long context per unit of compute.
+
+Every model is the same :class:`~bsbr.models.shell.AttentionLM` (default 2 layers, hidden 128,
+4 heads, ff 512, byte vocabulary) with only the attention swapped, trained for the same steps on the
+same batches (same tokens, same order, same seed) with AdamW, then evaluated on held-out text:
+mean next-token loss (nats/byte) in position buckets 0-63, 64-127, 128-255, 256-511, ... of each
+evaluation window. A model that uses context beyond its local block should lose less in the late
+buckets than the sliding window whose window equals BSBR's chunk size.
+
+Default corpus: the Python standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``,
+test suites and site-packages excluded), read as bytes, so nothing is downloaded and no tokenizer is
+needed. Files are sorted by path; every 10th file is held out for evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sysconfig
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+VOCAB = 256
+EXCLUDE_DIRS = {"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__"}
+
+
+def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
+    """Trained models: name -> (attention, kwargs). ``block`` is BSBR's chunk = the sliding window."""
+    return {
+        "standard": ("standard", {}),
+        "sliding_window": ("sliding_window", {"window_size": block}),
+        "bsbr": ("bsbr", {"chunk_size": block}),
+        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu"}),
+        "bsbr_topk2": ("bsbr", {"chunk_size": block, "top_k": 2}),
+        "bsbr_compressed4": ("bsbr", {"chunk_size": block, "compression_factor": 4}),
+        "linear": ("linear", {"chunk_size": block}),
+        "deltanet": ("deltanet", {"chunk_size": block}),
+        "hopfield": ("hopfield", {"num_steps": 2}),
+        "gau": ("gau", {"query_key_dim": 64}),
+        "bsbr_chunk32": ("bsbr", {"chunk_size": 32}),
+        "sliding_window_32": ("sliding_window", {"window_size": 32}),
+        "bsbr_chunk128": ("bsbr", {"chunk_size": 128}),
+        "sliding_window_128": ("sliding_window", {"window_size": 128}),
+    }
+
+
+DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr_topk2", "bsbr_compressed4",
+                  "linear", "deltanet", "hopfield", "gau")
+
+
+# ------------------------------------------------------------------------------- data
+def stdlib_files(root: Optional[str] = None) -> List[str]:
+    """The standard library's .py files, sorted, without test suites and installed packages."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"corpus directory not found: {root}")
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in EXCLUDE_DIRS and not x.startswith("test"))
+        out.extend(os.path.join(d, f) for f in files if f.endswith(".py") and not f.startswith("test_"))
+    return sorted(out)
+
+
+def load_corpus(root: Optional[str] = None, eval_every: int = 10, max_bytes: Optional[int] = None):
+    """(train bytes, eval bytes) as uint8 tensors: every ``eval_every``-th file is held out. Files are
+    joined with a blank line."""
+    files = stdlib_files(root)
+    if len(files) < 2:
+        raise ValueError(f"need at least 2 .py files under {root}, found {len(files)}")
+    train, held = [], []
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            (held if i % eval_every == eval_every - 1 else train).append(f.read() + b"\n\n")
+    tr, ev = b"".join(train), b"".join(held)
+    if max_bytes:
+        tr = tr[:max_bytes]
+    return (torch.frombuffer(bytearray(tr), dtype=torch.uint8).long(),
+            torch.frombuffer(bytearray(ev), dtype=torch.uint8).long(), len(files))
+
+
+def windows(data: torch.Tensor, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` random windows of ``length + 1`` bytes (inputs and next-token targets)."""
+    starts = torch.randint(0, data.numel() - length - 1, (count,), generator=gen)
+    return torch.stack([data[s : s + length + 1] for s in starts.tolist()])
+
+
+def buckets_for(seq_len: int, first: int = 64) -> List[Tuple[int, int]]:
+    """Position buckets [0, first), [first, 2 first), [2 first, 4 first), ... up to seq_len."""
+    out, lo, hi = [], 0, first
+    while lo < seq_len:
+        out.append((lo, min(hi, seq_len)))
+        lo, hi = hi, hi * 2
+    return out
+
+
+# ------------------------------------------------------------------------------- train / eval
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Tensor, eval_batch: torch.Tensor, *,
+                   hidden: int, layers: int, heads: int, ff_dim: int, seq_len: int, batch: int, steps: int,
+                   lr: float, seed: int, progress: bool = True) -> Dict[str, object]:
+    """Train one model from scratch and return its per-position eval loss (and timing)."""
+    from tqdm.auto import tqdm
+
+    from ..models.shell import AttentionLM
+
+    torch.manual_seed(seed)
+    model = AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)  # the same batches for every model
+    warmup = max(1, steps // 20)
+    model.train()
+    t0 = time.perf_counter()
+    losses = []
+    bar = tqdm(range(steps), desc=f"train {name}", leave=False, disable=not progress)
+    for step in bar:
+        xy = windows(train_data, batch, seq_len, gen)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        logits = model(xy[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), xy[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    train_s = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    per_pos = torch.zeros(seq_len, dtype=torch.float64)
+    with torch.no_grad():
+        for xy in eval_batch.split(8):
+            logits = model(xy[:, :-1])
+            ce = F.cross_entropy(logits.reshape(-1, VOCAB), xy[:, 1:].reshape(-1), reduction="none")
+            per_pos += ce.view(xy.shape[0], seq_len).sum(0).double()
+    per_pos /= eval_batch.shape[0]
+    eval_s = time.perf_counter() - t0
+    buckets = {f"{lo}-{hi - 1}": round(per_pos[lo:hi].mean().item(), 4) for lo, hi in buckets_for(seq_len)}
+    return {"model": name, "attention": attention, "kwargs": kwargs, "params": model.num_parameters(),
+            "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+            "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+            "eval_loss": round(per_pos.mean().item(), 4), "buckets": buckets}
+
+
+def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidden: int = 128, layers: int = 2,
+                heads: int = 4, ff_dim: int = 512, seq_len: int = 512, batch: int = 8, steps: int = 300,
+                lr: float = 2e-3, eval_windows: int = 64, seed: int = 0, corpus: Optional[str] = None,
+                progress: bool = True) -> Dict[str, object]:
+    specs = quality_specs(block)
+    unknown = [m for m in models if m not in specs]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {sorted(specs)}")
+    train_data, eval_data, n_files = load_corpus(corpus)
+    log.info("corpus: %d files, %.1f MB train, %.1f MB held out", n_files, train_data.numel() / 1e6,
+             eval_data.numel() / 1e6)
+    eval_batch = windows(eval_data, eval_windows, seq_len, torch.Generator().manual_seed(seed + 1))
+    results = []
+    for m in models:
+        attention, kw = specs[m]
+        r = train_and_eval(m, attention, kw, train_data, eval_batch, hidden=hidden, layers=layers, heads=heads,
+                           ff_dim=ff_dim, seq_len=seq_len, batch=batch, steps=steps, lr=lr, seed=seed,
+                           progress=progress)
+        log.info("%s: eval %.4f nats/byte, buckets %s (%.0f s)", m, r["eval_loss"], r["buckets"], r["train_seconds"])
+        results.append(r)
+    config = dict(models=list(models), block=block, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim,
+                  seq_len=seq_len, batch=batch, steps=steps, lr=lr, optimizer="AdamW(0.9, 0.95), wd 0.1, clip 1.0, "
+                  "warmup 5% + cosine to 10%", tokens_per_model=steps * batch * seq_len, eval_windows=eval_windows,
+                  seed=seed, corpus=corpus or sysconfig.get_paths()["stdlib"], corpus_files=n_files,
+                  train_bytes=train_data.numel(), eval_bytes=eval_data.numel())
+    return {"benchmark": "quality", "config": config, "results": results,
+            "comparison": compare_to_window(results, block)}
+
+
+def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[Dict[str, object]]:
+    """Issue 5's quality target: BSBR's loss on positions past the first chunk vs the sliding window
+    with window = chunk size (negative difference: BSBR better)."""
+    by = {r["model"]: r for r in results}
+    pairs = [("bsbr", "sliding_window", block), ("bsbr_normalized", "sliding_window", block),
+             ("bsbr_topk2", "sliding_window", block), ("bsbr_compressed4", "sliding_window", block),
+             ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
+    out = []
+    for a, b, chunk in pairs:
+        if a not in by or b not in by:
+            continue
+        late_a = _late_loss(by[a], chunk)
+        late_b = _late_loss(by[b], chunk)
+        out.append({"bsbr_model": a, "window_model": b, "chunk": chunk, "bsbr_loss_past_chunk": late_a,
+                    "window_loss_past_chunk": late_b, "difference": round(late_a - late_b, 4),
+                    "bsbr_better": late_a < late_b})
+    return out
+
+
+def _late_loss(result: Dict[str, object], chunk: int) -> float:
+    """Mean loss over buckets starting at or after ``chunk`` (weighted by bucket width)."""
+    tot, w = 0.0, 0
+    for key, v in result["buckets"].items():
+        lo, hi = (int(x) for x in key.split("-"))
+        if lo >= chunk:
+            tot += v * (hi - lo + 1)
+            w += hi - lo + 1
+    return round(tot / w, 4) if w else float("nan")
+
+
+def format_table(result: Dict[str, object]) -> str:
+    keys = list(result["results"][0]["buckets"]) if result["results"] else []
+    head = f"{'model':<20}{'params':>9}{'train s':>9}{'eval':>8}" + "".join(f"{k:>10}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for r in result["results"]:
+        lines.append(f"{r['model']:<20}{r['params']:>9}{r['train_seconds']:>9.0f}{r['eval_loss']:>8.3f}"
+                     + "".join(f"{r['buckets'][k]:>10.3f}" for k in keys))
+    for c in result["comparison"]:
+        lines.append(f"{c['bsbr_model']} vs {c['window_model']} on positions >= {c['chunk']}: "
+                     f"{c['bsbr_loss_past_chunk']:.4f} vs {c['window_loss_past_chunk']:.4f} "
+                     f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, diff {c['difference']:+.4f})")
+    return "\n".join(lines)
+
+
+def plot_quality(result: Dict[str, object], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in result["results"]:
+        keys = list(r["buckets"])
+        ax.plot(range(len(keys)), [r["buckets"][k] for k in keys], marker="o", label=r["model"])
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys)
+    ax.set_xlabel("position in the window (bucket)")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    c = result["config"]
+    ax.set_title(f"equal training ({c['steps']} steps x {c['batch']} x {c['seq_len']} bytes), "
+                 f"{c['layers']} layers, hidden {c['hidden']}, chunk/window {c['block']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_quality_cli(args: argparse.Namespace) -> int:
+    for name in ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,
+                         heads=args.heads, ff_dim=args.ff_dim, seq_len=args.seq_len, batch=args.batch,
+                         steps=args.steps, lr=args.lr, eval_windows=args.eval_windows, seed=args.seed,
+                         corpus=args.corpus)
+    print(format_table(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_quality(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def register(bench_sub) -> None:
+    """Add ``bsbr bench quality``."""
+    p = bench_sub.add_parser("quality", help="train each attention in one small LM shell; eval loss by position",
+                             description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")
+    p.add_argument("--block", type=int, default=64, help="BSBR chunk size = sliding window")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ff-dim", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.set_defaults(func=run_quality_cli)

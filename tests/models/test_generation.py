@@ -1,0 +1,77 @@
+"""Cached decoding = a full forward; left-padded batches = each prompt alone."""
+import pytest
+import torch
+from model_sources import VOCAB, make_source
+
+from bsbr import convert_to_bsbr
+from bsbr.models import BSBRCache
+
+CHUNK = 8
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def model(request):
+    # an open gate, so the retrieved states matter in every chunk after the first
+    return convert_to_bsbr(make_source(request.param), chunk_size=CHUNK, gate_init=0.7)
+
+
+def test_prefill_then_steps_equal_full_forward_logits(model):
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :11], use_cache=True)
+        steps = [out.logits]
+        cache = out.cache
+        for t in range(11, 37):
+            out = model(ids[:, t:t + 1], cache=cache)
+            cache = out.cache
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_equals_argmax_of_full_forward(model):
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        seq = model.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+        full = model(seq).logits
+    assert seq.shape[1] == 35  # crosses several chunk boundaries
+    assert torch.equal(full[:, 4:-1].argmax(-1), seq[:, 5:])
+
+
+def test_left_padded_batch_generation_equals_each_prompt_alone(model):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (3, 12, 7)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, **kw)
+        for i, p in enumerate(prompts):
+            alone = model.generate(p[None], **kw)
+            assert torch.equal(batch[i, width:], alone[0, len(p):]), f"prompt {i}"
+
+
+def test_cache_is_bounded_by_chunk_and_per_chunk_states(model):
+    prompt = torch.randint(0, VOCAB, (1, 4))
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        cache = out.cache
+        for _ in range(60):
+            out = model(out.logits[:, -1:].argmax(-1), cache=cache)
+            cache = out.cache
+    assert isinstance(cache, BSBRCache)
+    st = cache.states[0]
+    assert int(st.n_seen) == 64
+    assert st.k_buf.shape[2] == CHUNK  # keys of one chunk, not of 64 tokens
+    assert 8 <= st.F_past.shape[2] <= 16  # one state per completed chunk (capacity grows by doubling)
+
+
+def test_beam_search_runs(model):
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 18)

