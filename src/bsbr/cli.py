@@ -10,7 +10,9 @@ import sys
 # module -> it adds one or more subcommands
 COMMAND_MODULES = [
     "bsbr.convert.cli",
+    "bsbr.distill.cli",
     "bsbr.bench.cli",
+    "bsbr.evaluate.cli",
 ]
 
 

@@ -1,0 +1,242 @@
+"""Distillation of a converted BSBR model from its source.
+
+Stage 1, attention transfer: everything frozen except the pieces BSBR added (meta projections,
+feature maps, retrieval gates, state compression). Each layer's BSBR attention, fed the teacher's
+own attention input, is trained to reproduce the teacher's attention output (relative MSE on the
+tokens past the first chunk, where the two differ). Layers are independent, so each layer's loss
+is back-propagated on its own (memory of one layer at a time).
+
+Stage 2 (optional), end to end: KL(teacher || student) on next-token distributions past the first
+chunk, plus a small LM loss; trains the new pieces, or every weight, or LoRA adapters (peft).
+
+Data parallel with torch.distributed: under ``torchrun`` every rank takes its own windows and the
+gradients are averaged with all_reduce (gloo on CPU) before each optimizer step — the same update
+DistributedDataParallel makes, without wrapping a model whose stage-1 forward is not ``forward``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..layers.bsbr_attention import BSBRAttention
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .teacher import teacher_targets
+
+logger = logging.getLogger(__name__)
+
+STAGE2_PARAMS = ("new", "all", "lora")
+
+
+@dataclass
+class DistillConfig:
+    steps: Optional[int] = None  # stage-1 optimizer steps (per rank); None = until the time budget
+    minutes: Optional[float] = None  # wall-clock budget for both stages
+    stage2_steps: int = 0  # end-to-end steps after stage 1
+    stage2_share: float = 0.0  # with --minutes and no stage2_steps: fraction of the budget for stage 2
+    lr: float = 1e-2
+    stage2_lr: float = 1e-3
+    stage2_params: str = "new"
+    lm_weight: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 25
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give --steps or --minutes (the stopping rule)")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
+            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes!r}")
+        if not 0.0 <= self.stage2_share < 1.0:
+            raise ValueError(f"stage2_share must be in [0, 1), got {self.stage2_share!r}")
+        if self.stage2_params not in STAGE2_PARAMS:
+            raise ValueError(f"stage2_params must be one of {STAGE2_PARAMS}, got {self.stage2_params!r}")
+        if self.lr <= 0 or self.stage2_lr <= 0:
+            raise ValueError("learning rates must be > 0")
+
+
+def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
+    """The parameters BSBR added to the source model (what attention transfer trains)."""
+    keys = tuple(f".attn.{p}" for p in BSBRAttention.NEW_PARAMETER_PREFIXES)
+    return {n: p for n, p in student.named_parameters() if any(k in n for k in keys)}
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params) -> None:
+    rank, world = _world()
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def _set_trainable(student, params: Dict[str, torch.nn.Parameter]) -> None:
+    keep = {id(p) for p in params.values()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def attention_transfer_loss(student, records, input_ids: torch.Tensor, backward: bool = True) -> float:
+    """Sum over layers of ||attn_bsbr(x) - attn_teacher(x)||^2 / ||attn_teacher(x)||^2 on the tokens
+    past the first chunk; back-propagated layer by layer when ``backward``."""
+    cfg = student.config
+    n = input_ids.shape[1]
+    start = cfg.chunk_size if n > cfg.chunk_size else 0
+    cos_sin = None
+    if student.model.rotary is not None:
+        cos_sin = student.model.rotary(torch.arange(n, device=input_ids.device)[None], torch.float32)
+    total = 0.0
+    for layer, (x, y) in zip(student.model.layers, records):
+        out = layer.attn(x, None, cos_sin)
+        err = (out[:, start:] - y[:, start:]).pow(2).mean() / y[:, start:].pow(2).mean().clamp_min(1e-12)
+        if backward:
+            err.backward()
+        total += float(err.detach())
+    return total / len(records)
+
+
+def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tensor, lm_weight: float):
+    """KL(teacher || student) of next-token distributions past the first chunk, plus lm_weight * CE."""
+    start = student.config.chunk_size if input_ids.shape[1] > student.config.chunk_size else 0
+    logits = student(input_ids).logits[:, start:-1].float()
+    t = F.log_softmax(teacher_logits[:, start:-1].float(), -1)
+    s = F.log_softmax(logits, -1)
+    kl = (t.exp() * (t - s)).sum(-1).mean()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, start + 1:].reshape(-1))
+    return kl + lm_weight * ce, float(kl), float(ce)
+
+
+def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ValueError("stage2_params='lora' needs peft: pip install 'bsbr[lora]' (or pip install peft)") from e
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=targets), student)
+    return {n: p for n, p in student.named_parameters() if "lora_" in n}
+
+
+def _merge_lora(student) -> None:
+    """Fold LoRA adapters into their base linear layers and put the plain layers back, so the
+    saved model is an ordinary BSBR checkpoint."""
+    for name, module in list(student.named_modules()):
+        if hasattr(module, "base_layer") and hasattr(module, "merge"):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(student.get_submodule(parent_name), child, module.base_layer)
+
+
+def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
+            resume: bool = False) -> dict:
+    """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
+    ``windows`` (1-D LongTensors). Checkpoints go to ``output_dir/checkpoint``; the final model is
+    saved with ``save_pretrained(output_dir)`` by rank 0. Returns the progress log."""
+    cfg.validate()
+    if len(windows) == 0:
+        raise ValueError("no training windows")
+    rank, world = _world()
+    output_dir = Path(output_dir)
+    ckpt_dir = output_dir / "checkpoint"
+    teacher.eval()
+    student.eval()  # no dropout anywhere: deterministic, resumable
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))
+    progress = dict(stage=1, step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world)
+
+    def build(stage):
+        if stage == 1 or cfg.stage2_params == "new":
+            params = new_parameters(student)
+        elif cfg.stage2_params == "all":
+            params = dict(student.named_parameters())
+        else:
+            params = _lora_parameters(student)
+        _set_trainable(student, params)
+        lr = cfg.lr if stage == 1 else cfg.stage2_lr
+        return params, torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+
+    params, opt = build(1)
+    if resume and has_checkpoint(ckpt_dir):
+        saved = json.loads((ckpt_dir / "progress.json").read_text())
+        if saved["stage"] == 2:
+            params, opt = build(2)
+        progress = load_checkpoint(ckpt_dir, params, opt)
+        logger.info("resumed from %s at stage %d step %d", ckpt_dir, progress["stage"], progress["step"])
+    elif resume:
+        logger.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
+
+    budget = None if cfg.minutes is None else cfg.minutes * 60.0
+    stage1_budget = None if budget is None else budget * (1.0 - (cfg.stage2_share if not cfg.stage2_steps else 0.0))
+    t0 = time.monotonic() - progress["elapsed"]
+
+    def stage_done(stage) -> bool:
+        elapsed = time.monotonic() - t0
+        if stage == 1:
+            return (cfg.steps is not None and progress["step"] >= cfg.steps) or (
+                stage1_budget is not None and elapsed >= stage1_budget)
+        limit = cfg.stage2_steps or (math.inf if cfg.stage2_share > 0 and budget is not None else 0)
+        return progress["step"] >= limit or (budget is not None and elapsed >= budget)
+
+    bar = tqdm(disable=rank != 0, desc="distill", unit="step")
+    while progress["stage"] <= 2:
+        stage = progress["stage"]
+        if stage_done(stage):
+            if rank == 0:
+                save_checkpoint(ckpt_dir, params, opt, {**progress, "elapsed": time.monotonic() - t0})
+            if stage == 1:
+                progress.update(stage=2, step=0)
+                if not stage_done(2):
+                    params, opt = build(2)
+                    continue
+            progress["stage"] = 3
+            break
+        ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
+        opt.zero_grad(set_to_none=True)
+        if stage == 1:
+            records, _ = teacher_targets(teacher, ids)
+            loss = attention_transfer_loss(student, records, ids)
+            entry = dict(stage=1, step=progress["step"], attn_mse=loss)
+        else:
+            _, tlogits = teacher_targets(teacher, ids, logits=True, attention=False)
+            total, kl, ce = end_to_end_loss(student, tlogits, ids, cfg.lm_weight)
+            total.backward()
+            entry = dict(stage=2, step=progress["step"], kl=kl, ce=ce)
+        _average_gradients(params.values())
+        opt.step()
+        progress["step"] += 1
+        entry["seconds"] = round(time.monotonic() - t0, 2)
+        progress["log"].append(entry)
+        bar.update(1)
+        bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k in ("attn_mse", "kl", "ce")})
+        if rank == 0 and progress["step"] % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, params, opt, {**progress, "elapsed": time.monotonic() - t0})
+    bar.close()
+    progress["elapsed"] = time.monotonic() - t0
+    if rank == 0:
+        for p in student.parameters():
+            p.requires_grad_(True)
+        _merge_lora(student)
+        student.save_pretrained(output_dir)
+        (output_dir / "distill.json").write_text(json.dumps(progress, indent=1))
+    return progress
