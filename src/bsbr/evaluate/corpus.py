@@ -1,0 +1,179 @@
+"""Evaluation text, with nothing downloaded by default.
+
+The default corpus is the Python standard library's own ``.py`` sources: every machine that runs
+``bsbr`` has them, they are long (long files exercise retrieval across chunks), and they are not
+the web prose a chat model was tuned on, so they are hard to have memorised verbatim.
+
+Files are split into ``"train"`` and ``"heldout"`` by a stable hash of their path relative to the
+standard library root (SHA-256, so the split does not depend on Python's randomised ``hash``, on the
+file order of the disk, or on how many files a given Python version ships): a file keeps its split
+when other files are added or removed. Distillation trains on ``"train"``; evaluation defaults to
+``"heldout"``.
+
+:func:`token_windows` turns any iterable of documents into fixed-length token windows, joined by
+the tokenizer's EOS token, the way a language model sees a packed corpus.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "heldout", "all")
+HELDOUT_FRACTION = 0.1
+# directories never read: test suites (they are code *about* the library, full of fixtures and
+# generated data) and installed third-party packages (not the standard library, and they change)
+EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+def stdlib_root() -> Path:
+    """The directory holding the running interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1) for ``key``: the first 8 bytes of its SHA-256 over 2**64."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_of(relative_path: str, heldout_fraction: float = HELDOUT_FRACTION) -> str:
+    """``"heldout"`` for a stable ``heldout_fraction`` of relative paths, else ``"train"``.
+
+    The path is normalised to forward slashes so the split is the same on every OS.
+    """
+    key = Path(relative_path).as_posix()
+    return "heldout" if _unit_hash(key) < heldout_fraction else "train"
+
+
+def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]] = None,
+                 heldout_fraction: float = HELDOUT_FRACTION) -> List[Path]:
+    """The standard library's ``.py`` files in ``split`` (``"train"``, ``"heldout"`` or ``"all"``),
+    sorted by relative path (deterministic on every machine with the same Python).
+
+    Test suites, ``test_*.py`` files, ``site-packages`` and caches are excluded (see
+    :data:`EXCLUDE_DIRS`). ``root`` defaults to :func:`stdlib_root`; tests pass a small directory.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+    root = Path(root) if root is not None else stdlib_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"corpus directory not found: {root}")
+    found = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in EXCLUDE_DIRS]
+        for f in files:
+            if f.endswith(".py") and not f.startswith("test_"):
+                rel = (Path(d) / f).relative_to(root).as_posix()
+                if split == "all" or split_of(rel, heldout_fraction) == split:
+                    found.append(rel)
+    return [root / rel for rel in sorted(found)]
+
+
+def mixed_order(paths: Sequence[Path], seed: int = 0) -> List[Path]:
+    """``paths`` in a deterministic, seed-dependent shuffled order (sorted by a hash of the seed and
+    the file name), so the first few windows sample many modules instead of the alphabetical start
+    (``__future__``, ``_aix_support``, ...)."""
+    return sorted(paths, key=lambda p: _unit_hash(f"{seed}:{Path(p).as_posix()}"))
+
+
+def read_texts(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[str]:
+    """Each file's text, read lazily (UTF-8; undecodable bytes replaced, never an error)."""
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"text file not found: {path}")
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def stdlib_texts(split: str = "heldout", seed: int = 0, root=None) -> Iterator[str]:
+    """The default corpus: the texts of :func:`stdlib_files` in :func:`mixed_order`."""
+    files = stdlib_files(split, root=root)
+    if not files:
+        raise ValueError(f"no standard-library .py files in split {split!r} under {root or stdlib_root()}")
+    logger.info("corpus: %d standard-library files in split %r", len(files), split)
+    return read_texts(mixed_order(files, seed))
+
+
+def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
+                  text_column: str = "text") -> Iterator[str]:
+    """Texts from a HuggingFace dataset, streamed (only the rows read are fetched).
+
+    ``datasets`` is imported here, not at module import, because it is an optional dependency and
+    the default corpus needs no network. Empty rows are skipped.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("--dataset needs the 'datasets' package: pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # network, unknown name, unknown config/split: all user-facing
+        raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {e}") from e
+
+    def rows():
+        for i, row in enumerate(ds):
+            if text_column not in row:
+                raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "
+                                 "pick one with --text-column")
+            text = row[text_column]
+            if isinstance(text, str) and text.strip():
+                yield text
+
+    return rows()
+
+
+def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Optional[int],
+                  stride: Optional[int] = None) -> torch.Tensor:
+    """Fixed-length windows of token ids, shape ``(num_windows, seq_len)``.
+
+    Documents are tokenized without special tokens and concatenated with the tokenizer's EOS token
+    after each one (as in packed pretraining): the stream is
+    ``doc_0, EOS, doc_1, EOS, ...``. Window ``i`` is ``stream[i*stride : i*stride + seq_len]``;
+    ``stride`` defaults to ``seq_len`` (non-overlapping). Only full windows are returned, at most
+    ``max_windows`` (None = all), and documents are read only until enough tokens are buffered,
+    so a large corpus is never tokenized in full. Deterministic given the texts' order.
+    """
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+    stride = seq_len if stride is None else stride
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id: it is needed to separate documents")
+
+    buffer: List[int] = []
+    start = 0  # where the next window starts in ``buffer``
+    out: List[List[int]] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must yield str, got {type(text).__name__}")
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buffer.append(eos)
+        while start + seq_len <= len(buffer):
+            out.append(buffer[start:start + seq_len])
+            start += stride
+            if max_windows is not None and len(out) >= max_windows:
+                return torch.tensor(out, dtype=torch.long)
+        # drop what no later window can use, so memory stays O(seq_len + one document)
+        dropped = min(start, len(buffer))
+        if dropped:
+            del buffer[:dropped]
+            start -= dropped
+    if not out:
+        raise ValueError(f"the corpus has only {len(buffer)} tokens: not enough for one window of {seq_len}; "
+                         "lower --seq-len or give more text")
+    if max_windows is not None and len(out) < max_windows:
+        logger.warning("corpus gave %d windows of %d tokens (asked for %d)", len(out), seq_len, max_windows)
+    return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,215 @@
+"""How much of the source model a converted model keeps, as sums accumulated window by window.
+
+Three models read the same windows of ``n`` tokens:
+
+* ``source`` -- the pretrained model with full causal attention (the upper bound);
+* ``local``  -- the source restricted to chunk-local attention (BSBR with its retrieval gate
+  closed: the lower bound, what a converted model gets for free);
+* ``bsbr``   -- the model under evaluation.
+
+Position ``p`` of a window predicts token ``p + 1`` (so ``p`` runs over ``0 .. n-2``). Inside the
+first chunk (``p < B``, ``B`` = chunk size) the three models compute the same function exactly, so
+every metric is taken over ``p >= B`` only, in total and per position bucket.
+
+With ``T`` the scored positions, ``y_p`` the target token, and ``log q^m_p`` model ``m``'s
+log-softmax at ``p``:
+
+* negative log-likelihood ``NLL_m = (1/|T|) sum_p -log q^m_p(y_p)``; perplexity ``PPL_m = exp(NLL_m)``;
+* gap closed ``G = (PPL_local - PPL_bsbr) / (PPL_local - PPL_source)``: 0 = no better than chunk-local,
+  1 = as good as full attention, < 0 = worse than chunk-local; undefined (None) when the two
+  bounds coincide (``|PPL_local - PPL_source| <= 1e-6 * PPL_source``);
+* top-k agreement ``A_k = (1/|T|) sum_p [argmax q^source_p is among the k largest of q^m_p]``
+  (computed from the rank ``r_p = #{v : q^m_p(v) > q^m_p(argmax q^source_p)}``: agreement iff
+  ``r_p < k``, so ties count in the candidate's favour);
+* ``KL(source || m) = (1/|T|) sum_p sum_v q^source_p(v) (log q^source_p(v) - log q^m_p(v))`` in nats;
+* on the final hidden state (the LM head's input) ``h``: mean cosine similarity
+  ``cos(h^m_p, h^source_p)`` and mean squared error ``mean_d (h^m_{p,d} - h^source_{p,d})^2``.
+
+Only per-bucket sums (float64) are kept, never the logits (the vocabulary is ~49k), so memory is
+one window's logits regardless of how many windows are read.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE = "source"
+DEFAULT_KS = (1, 5, 10)
+BUCKET_SCHEMES = ("chunk", "doubling")
+
+
+def position_buckets(seq_len: int, chunk_size: int, scheme: str = "chunk") -> List[Tuple[int, int]]:
+    """Half-open ranges ``[lo, hi)`` of scored positions ``p`` (``B <= p <= seq_len - 2``).
+
+    ``"chunk"``: one bucket per chunk after the first, ``[B, 2B), [2B, 3B), ...``;
+    ``"doubling"``: ``[B, 2B), [2B, 4B), [4B, 8B), ...`` (few buckets for very long windows).
+    The last bucket is cut at ``seq_len - 1`` (the last position has no target in the window).
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(seq_len, int) or seq_len < chunk_size + 2:
+        raise ValueError(f"seq_len must be at least chunk_size + 2 = {chunk_size + 2} so that some token past "
+                         f"the first chunk has a target, got {seq_len!r}")
+    if scheme not in BUCKET_SCHEMES:
+        raise ValueError(f"scheme must be one of {BUCKET_SCHEMES}, got {scheme!r}")
+    end = seq_len - 1
+    out, lo = [], chunk_size
+    while lo < end:
+        hi = lo + chunk_size if scheme == "chunk" else 2 * lo
+        out.append((lo, min(hi, end)))
+        lo = hi
+    return out
+
+
+def gap_closed(ppl_local: float, ppl_model: float, ppl_full: float, rel_eps: float = 1e-6) -> Optional[float]:
+    """``(ppl_local - ppl_model) / (ppl_local - ppl_full)``, or None when the denominator is within
+    ``rel_eps * ppl_full`` of zero (the bounds coincide: nothing to close) or an input is not finite."""
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (ppl_local, ppl_model, ppl_full)):
+        return None
+    denom = ppl_local - ppl_full
+    if abs(denom) <= rel_eps * max(abs(ppl_full), 1e-12):
+        return None
+    return (ppl_local - ppl_model) / denom
+
+
+def reference_rank(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Rank of the reference's argmax under ``logits``: ``#{v : logits[v] > logits[argmax ref]}``.
+
+    ``logits``, ``reference_logits``: (..., V) -> (...) long. Rank 0 = same top-1.
+    """
+    top = reference_logits.argmax(-1, keepdim=True)                       # (..., 1)
+    picked = logits.gather(-1, top)                                       # (..., 1)
+    return (logits > picked).sum(-1)                                      # (...)
+
+
+def kl_divergence(reference_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``KL(reference || model)`` per position from log-probabilities (..., V) -> (...), in nats."""
+    return (reference_logp.exp() * (reference_logp - logp)).sum(-1)
+
+
+class MetricAccumulator:
+    """Per-bucket sums of every metric in this module's docstring, updated one window at a time.
+
+    ``models`` names the perplexity columns (must include ``"source"``); every other name is also
+    compared with the source (agreement, KL, hidden states). ``update`` takes each model's logits
+    for one window (or a batch of windows); ``result`` turns the sums into means.
+    """
+
+    def __init__(self, seq_len: int, chunk_size: int, models: Sequence[str] = ("bsbr", "source", "local"),
+                 scheme: str = "chunk", ks: Sequence[int] = DEFAULT_KS):
+        if REFERENCE not in models:
+            raise ValueError(f"models must include {REFERENCE!r}, got {list(models)}")
+        if len(set(models)) != len(models):
+            raise ValueError(f"models must be distinct names, got {list(models)}")
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"ks must be positive ints, got {ks!r}")
+        self.seq_len, self.chunk_size, self.scheme = seq_len, chunk_size, scheme
+        self.buckets = position_buckets(seq_len, chunk_size, scheme)
+        self.models = list(models)
+        self.candidates = [m for m in self.models if m != REFERENCE]
+        self.ks = tuple(sorted(set(ks)))
+        # bucket index of each position, -1 = not scored (first chunk, last position)
+        index = torch.full((seq_len,), -1, dtype=torch.long)
+        for i, (lo, hi) in enumerate(self.buckets):
+            index[lo:hi] = i
+        self._index = index
+        nb = len(self.buckets)
+        zeros = lambda: torch.zeros(nb, dtype=torch.float64)  # noqa: E731
+        self.count = zeros()
+        self.nll = {m: zeros() for m in self.models}
+        self.agree = {m: {k: zeros() for k in self.ks} for m in self.candidates}
+        self.kl = {m: zeros() for m in self.candidates}
+        self.cos = {m: zeros() for m in self.candidates}
+        self.mse = {m: zeros() for m in self.candidates}
+        self.hidden_count = zeros()
+        self.windows = 0
+
+    def _add(self, acc: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> None:
+        acc.index_add_(0, idx, values.detach().to(torch.float64).reshape(-1))
+
+    @torch.no_grad()
+    def update(self, targets: torch.Tensor, logits: Mapping[str, torch.Tensor],
+               hidden: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """Add one batch of windows.
+
+        ``targets``: (b, n) the window's token ids (position ``p`` predicts ``targets[:, p+1]``);
+        ``logits[m]``: (b, n, V) for every model name; ``hidden[m]``: (b, n, D) final hidden states
+        for the source and any candidate (optional).
+        """
+        if targets.dim() != 2 or targets.shape[1] != self.seq_len:
+            raise ValueError(f"targets must have shape (batch, {self.seq_len}), got {tuple(targets.shape)}")
+        missing = [m for m in self.models if m not in logits]
+        if missing:
+            raise ValueError(f"logits missing for models {missing}")
+        b, n = targets.shape
+        vocab = logits[REFERENCE].shape[-1]
+        for m in self.models:
+            if tuple(logits[m].shape) != (b, n, vocab):
+                raise ValueError(f"logits[{m!r}] must have shape {(b, n, vocab)}, got {tuple(logits[m].shape)}")
+        keep = self._index >= 0                                            # (n,)
+        pos = keep.nonzero().squeeze(1)                                    # (t,) scored positions
+        idx = self._index[pos].repeat(b)                                   # (b*t,) bucket per scored token
+        y = targets[:, pos + 1]                                            # (b, t) next tokens
+
+        logp = {m: F.log_softmax(logits[m][:, pos].float(), dim=-1) for m in self.models}  # (b, t, V)
+        self.count.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+        for m in self.models:
+            self._add(self.nll[m], -logp[m].gather(-1, y.unsqueeze(-1)).squeeze(-1), idx)
+        ref = logp[REFERENCE]
+        for m in self.candidates:
+            rank = reference_rank(logp[m], ref)                            # (b, t)
+            for k in self.ks:
+                self._add(self.agree[m][k], (rank < k).double(), idx)
+            self._add(self.kl[m], kl_divergence(ref, logp[m]), idx)
+        del logp, ref
+
+        if hidden is not None:
+            if REFERENCE not in hidden:
+                raise ValueError(f"hidden must include {REFERENCE!r} to compare against")
+            hs = hidden[REFERENCE][:, pos].float()                         # (b, t, D)
+            self.hidden_count.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+            for m in self.candidates:
+                if m not in hidden:
+                    raise ValueError(f"hidden states missing for {m!r}")
+                hm = hidden[m][:, pos].float()
+                if hm.shape != hs.shape:
+                    raise ValueError(f"hidden[{m!r}] has shape {tuple(hm.shape)}, the source's {tuple(hs.shape)}")
+                self._add(self.cos[m], F.cosine_similarity(hm, hs, dim=-1, eps=1e-12), idx)
+                self._add(self.mse[m], (hm - hs).pow(2).mean(-1), idx)
+        self.windows += b
+
+    # ------------------------------------------------------------------ results
+    @staticmethod
+    def _mean(total: torch.Tensor, count: torch.Tensor) -> Optional[float]:
+        c = float(count.sum())
+        return float(total.sum()) / c if c > 0 else None
+
+    def _summary(self, sel: slice) -> dict:
+        """Means over the buckets ``sel`` (a slice: all of them, or one)."""
+        count = self.count[sel]
+        tokens = int(count.sum())
+        nll = {m: self._mean(self.nll[m][sel], count) for m in self.models}
+        ppl = {m: (math.exp(v) if v is not None else None) for m, v in nll.items()}
+        out = dict(tokens=tokens, nll=nll, perplexity=ppl,
+                   agreement={m: {f"top{k}": self._mean(self.agree[m][k][sel], count) for k in self.ks}
+                              for m in self.candidates},
+                   kl={m: self._mean(self.kl[m][sel], count) for m in self.candidates})
+        if "bsbr" in ppl and "local" in ppl and None not in (ppl["bsbr"], ppl["local"], ppl[REFERENCE]):
+            out["gap_closed"] = gap_closed(ppl["local"], ppl["bsbr"], ppl[REFERENCE])
+        hc = self.hidden_count[sel]
+        if float(hc.sum()) > 0:
+            out["hidden_cosine"] = {m: self._mean(self.cos[m][sel], hc) for m in self.candidates}
+            out["hidden_mse"] = {m: self._mean(self.mse[m][sel], hc) for m in self.candidates}
+        return out
+
+    def result(self) -> dict:
+        """Totals over every scored position, and the same per bucket (``start``/``end`` = ``[lo, hi)``)."""
+        out = self._summary(slice(None))
+        out["windows"] = self.windows
+        out["bucket_scheme"] = self.scheme
+        out["buckets"] = [dict(start=lo, end=hi, **self._summary(slice(i, i + 1)))
+                          for i, (lo, hi) in enumerate(self.buckets)]
+        return out

@@ -1,0 +1,108 @@
+import json
+import math
+
+import pytest
+import torch
+from model_sources import make_source
+
+from bsbr.cli import main
+from bsbr.convert import convert_to_bsbr
+from bsbr.evaluate import evaluate, local_baseline
+
+CHUNK = 8
+PYTHON_TEXT = ("def f ( x ) :\n    return x + y\n\nclass x :\n    def y ( self ) :\n        print ( x , y )\n"
+               "for x in y :\n    if x : print ( None ) # The grass is green .\n    else : return 1 2 3\n") * 6
+
+
+def _finite(tree):
+    if isinstance(tree, dict):
+        return all(_finite(v) for v in tree.values())
+    if isinstance(tree, list):
+        return all(_finite(v) for v in tree)
+    return not isinstance(tree, float) or math.isfinite(tree)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    src = make_source("llama")
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    with torch.no_grad():  # open the retrieval gate so the model differs from the chunk-local baseline
+        for name, p in model.named_parameters():
+            if name.endswith("retrieval_gate"):
+                p.fill_(1.0)
+    return src, model, local_baseline(src, CHUNK, like=model)
+
+
+def test_local_baseline_is_chunk_local(tiny):
+    """Chunk c of the baseline's logits = the source run on chunk c alone (rotary positions are relative)."""
+    src, _, local = tiny
+    ids = torch.randint(3, 97, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = local(ids).logits
+        for c in range(3):
+            alone = src(ids[:, c * CHUNK:(c + 1) * CHUNK]).logits
+            torch.testing.assert_close(full[:, c * CHUNK:(c + 1) * CHUNK], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_tiny_model(tiny):
+    src, model, local = tiny
+    windows = torch.randint(3, 97, (3, 5 * CHUNK), generator=torch.Generator().manual_seed(1))
+    r = evaluate(model, src, None, windows, CHUNK, local=local, progress=False, batch_size=2)
+    lm = r["language_modeling"]
+    assert _finite(r)
+    assert lm["tokens"] == 3 * (5 * CHUNK - 1 - CHUNK)  # first chunk (and the last position) excluded
+    assert [(b["start"], b["end"]) for b in lm["buckets"]] == [(8, 16), (16, 24), (24, 32), (32, 39)]
+    assert lm["agreement"]["bsbr"]["top1"] <= lm["agreement"]["bsbr"]["top5"] <= lm["agreement"]["bsbr"]["top10"]
+    assert lm["kl"]["bsbr"] > 0 and lm["kl"]["local"] > 0 and -1 <= lm["hidden_cosine"]["bsbr"] <= 1
+    assert lm["perplexity"]["source"] != lm["perplexity"]["local"] != lm["perplexity"]["bsbr"]
+    assert lm["gap_closed"] is not None and lm["gap_closed"] != 0.0
+
+    # the closed-gate model *is* the baseline: gap closed 0 exactly
+    closed = evaluate(local, src, None, windows, CHUNK, local=local, progress=False)["language_modeling"]
+    assert closed["gap_closed"] == 0.0 and closed["kl"]["bsbr"] == closed["kl"]["local"]
+
+    # the shortest window with a scored token: B + 2 tokens, only position B (predicting B + 1) counts
+    short = windows[:1, : CHUNK + 2]
+    r1 = evaluate(model, src, None, short, CHUNK, local=local, progress=False)["language_modeling"]
+    assert r1["tokens"] == 1
+
+
+def test_evaluate_bad_inputs(tiny):
+    src, model, local = tiny
+    with pytest.raises(ValueError, match="windows"):
+        evaluate(model, src, None, torch.zeros(5), CHUNK)
+    with pytest.raises(ValueError, match="outside"):
+        evaluate(model, src, None, torch.full((1, 20), 500), CHUNK)
+    with pytest.raises(ValueError, match="seq_len"):
+        evaluate(model, src, None, torch.zeros(1, CHUNK, dtype=torch.long), CHUNK, progress=False)
+
+
+def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys):
+    src, _, _ = tiny
+    ref, conv = tmp_path / "ref", tmp_path / "conv"
+    src.save_pretrained(ref)
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    model.save_pretrained(conv)
+    word_tokenizer.save_pretrained(conv)
+    text = tmp_path / "code.py"
+    text.write_text(PYTHON_TEXT)
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["eval", str(conv), "--reference", str(ref), "--text-file", str(text), "--seq-len", "40",
+               "--max-windows", "2", "--passkey-lengths", "96", "128", "--passkey-depths", "0.1", "0.9",
+               "--passkey-trials", "1", "--passkey-new-tokens", "4", "--json", str(out_json), "--plot", str(out_png),
+               "--no-progress"])
+    assert rc == 0
+    r = json.loads(out_json.read_text())
+    assert r["config"]["chunk_size"] == CHUNK and r["config"]["windows"] == 2
+    assert r["language_modeling"]["gap_closed"] == 0.0  # zero-shot conversion: the gate is closed
+    assert set(r["passkey"]["models"]) == {"bsbr", "source", "local"}
+    assert len(r["passkey"]["models"]["bsbr"]["cells"]) == 4
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "gap closed" in printed and "pass-key accuracy" in printed
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bsbr eval: error:")

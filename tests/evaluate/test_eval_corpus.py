@@ -1,0 +1,96 @@
+import sysconfig
+
+import pytest
+import torch
+
+from bsbr.evaluate import corpus
+
+
+def test_stdlib_split_is_deterministic_disjoint_and_complete():
+    train, held, every = (corpus.stdlib_files(s) for s in ("train", "heldout", "all"))
+    assert set(train).isdisjoint(held)
+    assert sorted(train + held) == every
+    assert corpus.stdlib_files("heldout") == held  # same listing twice
+    assert every == sorted(every)
+    root = sysconfig.get_paths()["stdlib"]
+    rel = [p.relative_to(root).as_posix() for p in every]
+    assert not any(part in ("site-packages", "test", "idle_test") for r in rel for part in r.split("/"))
+    assert 0.05 < len(held) / len(every) < 0.15  # about 10% held out
+    # the split is a function of the relative path only
+    assert all(corpus.split_of(p.relative_to(root).as_posix()) == "heldout" for p in held)
+
+
+def test_split_of_a_small_tree(tmp_path):
+    for name in ["a.py", "b.py", "pkg/c.py", "pkg/test_d.py", "test/e.py", "site-packages/f.py", "g.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    every = [p.relative_to(tmp_path).as_posix() for p in corpus.stdlib_files("all", root=tmp_path)]
+    assert every == ["a.py", "b.py", "pkg/c.py"]
+    parts = corpus.stdlib_files("train", root=tmp_path) + corpus.stdlib_files("heldout", root=tmp_path)
+    assert sorted(parts) == corpus.stdlib_files("all", root=tmp_path)
+
+
+def test_bad_split_and_missing_root(tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        corpus.stdlib_files("valid")
+    with pytest.raises(FileNotFoundError):
+        corpus.stdlib_files("all", root=tmp_path / "nope")
+
+
+class CharTokenizer:
+    """ids = character codes mod 50; EOS = 99 (a tokenizer stand-in for window arithmetic)."""
+    eos_token_id = 99
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 50 for c in text]}
+
+
+def test_token_windows_shapes_eos_and_determinism():
+    texts = ["abcdefghij", "klmno", "pqrstuvwxyz" * 3]
+    w = corpus.token_windows(CharTokenizer(), texts, seq_len=8, max_windows=None)
+    stream = [ord(c) % 50 for c in texts[0]] + [99] + [ord(c) % 50 for c in texts[1]] + [99]
+    stream += [ord(c) % 50 for c in texts[2]] + [99]
+    assert w.dtype == torch.long and w.shape == (len(stream) // 8, 8)
+    assert w.flatten().tolist() == stream[: w.numel()]
+    assert torch.equal(w, corpus.token_windows(CharTokenizer(), iter(texts), 8, None))
+    assert corpus.token_windows(CharTokenizer(), texts, 8, max_windows=2).shape == (2, 8)
+    s = corpus.token_windows(CharTokenizer(), texts, 8, max_windows=None, stride=3)
+    assert s[1].tolist() == stream[3:11] and s[-1].tolist() == stream[3 * (len(s) - 1): 3 * (len(s) - 1) + 8]
+    g = corpus.token_windows(CharTokenizer(), texts, 4, max_windows=None, stride=6)  # gaps between windows
+    assert g[2].tolist() == stream[12:16]
+
+
+def test_token_windows_errors():
+    with pytest.raises(ValueError, match="seq_len"):
+        corpus.token_windows(CharTokenizer(), ["abc"], 1, 1)
+    with pytest.raises(ValueError, match="not enough"):
+        corpus.token_windows(CharTokenizer(), ["abc"], 100, 1)
+    with pytest.raises(ValueError, match="max_windows"):
+        corpus.token_windows(CharTokenizer(), ["abc"], 2, 0)
+
+    class NoEos(CharTokenizer):
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="eos"):
+        corpus.token_windows(NoEos(), ["abc"], 2, 1)
+
+
+def test_stdlib_texts_windows_with_a_real_tokenizer(word_tokenizer):
+    w = corpus.token_windows(word_tokenizer, corpus.stdlib_texts("heldout"), seq_len=64, max_windows=3)
+    assert w.shape == (3, 64)
+    assert torch.equal(w, corpus.token_windows(word_tokenizer, corpus.stdlib_texts("heldout"), 64, 3))
+
+
+def test_dataset_without_the_package_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        corpus.dataset_texts("wikitext")

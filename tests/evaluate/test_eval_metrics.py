@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from bsbr.evaluate.metrics import MetricAccumulator, gap_closed, kl_divergence, position_buckets, reference_rank
+
+B, N, V, D = 4, 14, 11, 6
+
+
+def test_position_buckets():
+    assert position_buckets(14, 4) == [(4, 8), (8, 12), (12, 13)]
+    assert position_buckets(2048, 256, "doubling") == [(256, 512), (512, 1024), (1024, 2047)]
+    with pytest.raises(ValueError, match="seq_len"):
+        position_buckets(5, 4)
+    with pytest.raises(ValueError, match="scheme"):
+        position_buckets(20, 4, "log")
+
+
+def test_gap_closed():
+    assert gap_closed(20.0, 20.0, 10.0) == 0.0
+    assert gap_closed(20.0, 10.0, 10.0) == 1.0
+    assert gap_closed(20.0, 15.0, 10.0) == 0.5
+    assert gap_closed(20.0, 30.0, 10.0) == -1.0
+    assert gap_closed(10.0, 10.0, 10.0) is None  # nothing to close
+    assert gap_closed(float("nan"), 1.0, 1.0) is None
+
+
+def test_rank_and_kl_by_hand():
+    ref = torch.tensor([[0.0, 3.0, 1.0, 2.0]])          # argmax 1
+    cand = torch.tensor([[5.0, 1.0, 4.0, 0.0]])         # token 1 is 3rd largest: rank 2
+    assert reference_rank(cand, ref).tolist() == [2]
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.25, 0.75]]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_divergence(p, q).item() == pytest.approx(expected)
+    assert kl_divergence(p, p).item() == 0.0
+
+
+def _window(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, V, (1, N), generator=g), torch.randn(1, N, V, generator=g) * 2,
+            torch.randn(1, N, D, generator=g))
+
+
+def test_identical_models():
+    ids, logits, h = _window()
+    acc = MetricAccumulator(N, B)
+    acc.update(ids, {m: logits for m in ("bsbr", "source", "local")}, {m: h for m in ("bsbr", "source", "local")})
+    r = acc.result()
+    assert r["tokens"] == N - 1 - B  # positions B .. N-2
+    assert r["perplexity"]["bsbr"] == r["perplexity"]["source"] == r["perplexity"]["local"]
+    assert r["gap_closed"] is None
+    assert r["agreement"]["bsbr"] == {"top1": 1.0, "top5": 1.0, "top10": 1.0}
+    assert r["kl"]["bsbr"] == 0.0 and r["kl"]["local"] == 0.0
+    assert r["hidden_cosine"]["bsbr"] == pytest.approx(1.0) and r["hidden_mse"]["bsbr"] == 0.0
+    assert [b["tokens"] for b in r["buckets"]] == [4, 4, 1]
+
+
+def test_known_perplexity_and_gap():
+    ids, _, h = _window()
+    uniform = torch.zeros(1, N, V)                                    # ppl = V exactly
+    # the source puts probability 1/2 on every target: ppl 2
+    src = torch.full((1, N, V), 0.0)
+    src[0, torch.arange(N - 1), ids[0, 1:]] = math.log(V - 1)        # e^a / (e^a + V - 1) = 1/2
+    acc = MetricAccumulator(N, B)
+    acc.update(ids, {"bsbr": uniform, "source": src, "local": uniform}, {"bsbr": h, "source": h, "local": h})
+    r = acc.result()
+    assert r["perplexity"]["source"] == pytest.approx(2.0)
+    assert r["perplexity"]["bsbr"] == pytest.approx(V) == r["perplexity"]["local"]
+    assert r["gap_closed"] == 0.0                                     # equal to the local baseline
+    # uniform logits: every token ties, so the source's argmax is "within" the top-1 (ties favour the candidate)
+    assert r["agreement"]["local"]["top1"] == 1.0
+    acc2 = MetricAccumulator(N, B)
+    acc2.update(ids, {"bsbr": src, "source": src, "local": uniform})
+    r2 = acc2.result()
+    assert r2["gap_closed"] == pytest.approx(1.0) and "hidden_cosine" not in r2
+    # KL(source || uniform) = sum p log(p V) with p = (1/2, 1/(2(V-1)), ...)
+    expected = 0.5 * math.log(0.5 * V) + 0.5 * math.log(V / (2 * (V - 1)))
+    assert r2["kl"]["local"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_first_chunk_is_not_scored():
+    ids, logits, h = _window()
+    bad = logits.clone()
+    bad[:, :B] = torch.randn(1, B, V) * 10  # differences only inside the first chunk
+    acc = MetricAccumulator(N, B)
+    acc.update(ids, {"bsbr": bad, "source": logits, "local": logits})
+    r = acc.result()
+    assert r["kl"]["bsbr"] == 0.0 and r["agreement"]["bsbr"]["top1"] == 1.0
+
+
+def test_topk_agreement_counts():
+    ids = torch.zeros(1, N, dtype=torch.long)
+    src = torch.zeros(1, N, V)
+    src[..., 0] = 1.0                                                  # source argmax: token 0
+    cand = torch.arange(V, dtype=torch.float).expand(1, N, V).clone()  # token 0 has rank V-1 = 10
+    acc = MetricAccumulator(N, B, ks=(1, 5, 10, 11))
+    acc.update(ids, {"bsbr": cand, "source": src, "local": src})
+    ag = acc.result()["agreement"]["bsbr"]
+    assert ag == {"top1": 0.0, "top5": 0.0, "top10": 0.0, "top11": 1.0}
+
+
+def test_sums_over_windows_equal_one_batch():
+    w1, w2 = _window(1), _window(2)
+    a, b = MetricAccumulator(N, B), MetricAccumulator(N, B)
+    for ids, lg, h in (w1, w2):
+        a.update(ids, {"bsbr": lg, "source": lg * 0.5, "local": lg * 0.1}, {"bsbr": h, "source": h + 1, "local": h})
+    ids = torch.cat([w1[0], w2[0]]); lg = torch.cat([w1[1], w2[1]]); h = torch.cat([w1[2], w2[2]])
+    b.update(ids, {"bsbr": lg, "source": lg * 0.5, "local": lg * 0.1}, {"bsbr": h, "source": h + 1, "local": h})
+    ra, rb = a.result(), b.result()
+    assert ra["windows"] == rb["windows"] == 2
+    for key in ("perplexity", "kl", "hidden_mse"):
+        for m in ra[key]:
+            assert ra[key][m] == pytest.approx(rb[key][m])
+
+
+def test_bad_inputs():
+    ids, logits, _ = _window()
+    acc = MetricAccumulator(N, B)
+    with pytest.raises(ValueError, match="logits missing"):
+        acc.update(ids, {"bsbr": logits, "source": logits})
+    with pytest.raises(ValueError, match="targets"):
+        acc.update(ids[:, :5], {m: logits for m in ("bsbr", "source", "local")})
+    with pytest.raises(ValueError, match="source"):
+        MetricAccumulator(N, B, models=("bsbr", "local"))

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from model_sources import make_source
+
+from bsbr.convert import convert_to_bsbr
+from bsbr.evaluate import passkey
+
+
+def test_keys_are_deterministic_five_digits():
+    keys = [passkey.make_key(0, 1024, d, t) for d in (0.1, 0.5) for t in range(3)]
+    assert keys == [passkey.make_key(0, 1024, d, t) for d in (0.1, 0.5) for t in range(3)]
+    assert all(len(k) == 5 and k.isdigit() for k in keys) and len(set(keys)) == len(keys)
+    assert passkey.make_key(1, 1024, 0.1, 0) != passkey.make_key(0, 1024, 0.1, 0)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_prompt_holds_the_key_at_the_requested_depth(word_tokenizer, depth):
+    length = 400
+    p = passkey.build_prompt(word_tokenizer, length, depth, "40721")
+    assert length - 8 <= p.length <= length  # whole filler sentences: at most one short
+    key_ids = word_tokenizer(" " + passkey.KEY_SENTENCE.format(key="40721"), add_special_tokens=False)["input_ids"]
+    assert p.input_ids[p.key_start:p.key_end] == key_ids
+    intro = len(word_tokenizer(passkey.INTRO)["input_ids"])
+    question = len(word_tokenizer(" " + passkey.QUESTION, add_special_tokens=False)["input_ids"])
+    # the key cannot go before the instruction nor after the last filler sentence
+    wanted = min(max(depth * length, intro), p.length - question - len(key_ids))
+    assert abs(p.key_start - wanted) <= 8  # nearest sentence boundary (sentences are <= 8 tokens here)
+    text = word_tokenizer.decode(p.input_ids)
+    assert "4 0 7 2 1" in text and text.rstrip().endswith("The pass key is")
+    assert text.count("4 0 7 2 1") == 2  # once in "The pass key is K" and once in "K is the pass key"
+    if depth == 0.0:
+        assert p.key_start == intro
+    if depth == 1.0:
+        assert p.key_end == p.length - question
+
+
+def test_prompt_errors(word_tokenizer):
+    with pytest.raises(ValueError, match="too short"):
+        passkey.build_prompt(word_tokenizer, 40, 0.5, "12345")
+    with pytest.raises(ValueError, match="depth"):
+        passkey.build_prompt(word_tokenizer, 200, 1.5, "12345")
+    with pytest.raises(ValueError, match="key"):
+        passkey.build_prompt(word_tokenizer, 200, 0.5, "12a45")
+
+
+def test_scorer():
+    assert passkey.passkey_found(" 40721. Remember", "40721")
+    assert passkey.passkey_found(" 4 0 7 2 1 .", "40721")
+    assert not passkey.passkey_found(" 40712.", "40721")
+    assert not passkey.passkey_found("", "40721")
+    assert not passkey.passkey_found(" the pass key", "40721")
+
+
+class Oracle(torch.nn.Module):
+    """Generates the key it is told (success) or a fixed wrong number (failure): checks the scoring loop."""
+
+    def __init__(self, tokenizer, right):
+        super().__init__()
+        self.tok, self.right = tokenizer, right
+
+    def generate(self, input_ids, max_new_tokens, **kw):
+        text = self.tok.decode(input_ids[0])
+        digits = [w for w in text.split() if w.isdigit()]
+        answer = "".join(digits[:5]) if self.right else "99999"
+        new = self.tok(" " + " ".join(answer) + " .", add_special_tokens=False)["input_ids"][:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def test_run_passkey_scores_success_and_failure(word_tokenizer):
+    r = passkey.run_passkey({"right": Oracle(word_tokenizer, True), "wrong": Oracle(word_tokenizer, False)},
+                            word_tokenizer, lengths=[120, 160], depths=[0.2, 0.8], trials=2, chunk_size=32,
+                            progress=False)
+    assert r["models"]["right"]["accuracy"] == 1.0 and r["models"]["wrong"]["accuracy"] == 0.0
+    assert len(r["models"]["right"]["cells"]) == 4 and len(r["samples"]) == 8
+    assert all(c["trials"] == 2 for c in r["models"]["right"]["cells"])
+    s = r["samples"][0]
+    assert s["key_in_last_chunk"] == (s["key_start"] // 32 == (s["prompt_tokens"] - 1) // 32)
+
+
+def test_run_passkey_with_tiny_models(word_tokenizer):
+    src = make_source("llama")
+    bsbr = convert_to_bsbr(src, chunk_size=16)
+    r = passkey.run_passkey({"source": src, "bsbr": bsbr}, word_tokenizer, lengths=[96], depths=[0.5], trials=1,
+                            max_new_tokens=4, progress=False)
+    assert set(r["models"]) == {"source", "bsbr"}
+    assert all(isinstance(o, str) for o in r["samples"][0]["outputs"].values())
