@@ -1,0 +1,144 @@
+"""``bsbr bench converted``: a converted BSBR model against its source, side by side in one run.
+
+Forward (prefill) time and extra peak memory at several lengths, and greedy decode time per token
+at several context lengths (source: its HF KV cache; BSBR: its BSBRCache of chunk states). Ratios
+are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved repeats.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .common import interleaved_times, machine_info, measure_peak, median
+
+logger = logging.getLogger(__name__)
+
+
+def gpt2_small_random(n_positions: int = 8192):
+    """A GPT-2-small-shaped model with random weights (no download), with a position table long
+    enough to run the source itself at every benchmarked length."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_positions=n_positions)).eval()
+
+
+def _decode_ms(model, ids: torch.Tensor, steps: int) -> float:
+    """Median ms per generated token after prefilling ``ids`` (cache on)."""
+    times = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long)
+        for _ in range(steps):
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask[:, :1]], 1)
+            t0 = time.perf_counter()
+            out = model(tok, cache=out.cache, attention_mask=mask, use_cache=True)
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * median(times)
+
+
+def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3,
+                    decode_contexts: Sequence[int] = (), decode_steps: int = 8, seed: int = 0) -> Dict:
+    vocab = converted.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    rows: List[Dict] = []
+    models = {"source": source, "bsbr": converted}
+    for n in seq_lens:
+        ids = torch.randint(0, vocab, (1, n), generator=g)
+        fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
+        with torch.no_grad():
+            times = interleaved_times(fns, repeats=repeats, warmup=1)
+            mem = {name: measure_peak(fn) for name, fn in fns.items()}
+        row = dict(seq_len=n)
+        for name in models:
+            row[f"{name}_ms"] = 1000.0 * median(times[name])
+            row[f"{name}_peak_mb"] = mem[name].extra_mb
+        row["speedup"] = row["source_ms"] / row["bsbr_ms"]
+        rows.append(row)
+        logger.info("prefill %6d tokens: source %.0f ms, bsbr %.0f ms, speed-up %.2fx", n, row["source_ms"],
+                    row["bsbr_ms"], row["speedup"])
+    decode = []
+    for n in decode_contexts:
+        ids = torch.randint(0, vocab, (1, n), generator=g)
+        row = dict(context=n)
+        for name, m in models.items():
+            row[f"{name}_ms_per_token"] = _decode_ms(m, ids, decode_steps)
+        decode.append(row)
+        logger.info("decode at %6d context: source %.1f ms/token, bsbr %.1f ms/token", n,
+                    row["source_ms_per_token"], row["bsbr_ms_per_token"])
+    return dict(prefill=rows, decode=decode, machine=machine_info(), repeats=repeats,
+                chunk_size=converted.config.chunk_size)
+
+
+def plot(result: Dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = result["prefill"]
+    for name in ("source", "bsbr"):
+        axes[0].loglog([r["seq_len"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)
+    axes[0].set(xlabel="tokens", ylabel="forward ms (median)", title=f"prefill: {title}")
+    axes[0].legend()
+    dec = result["decode"]
+    if dec:
+        for name in ("source", "bsbr"):
+            axes[1].plot([r["context"] for r in dec], [r[f"{name}_ms_per_token"] for r in dec], "o-", label=name)
+        axes[1].set(xlabel="context tokens", ylabel="ms per generated token", title="decode")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd(args) -> int:
+    from ..convert.converter import convert_to_bsbr, load_source
+
+    if args.gpt2_small_random:
+        source = gpt2_small_random(max(list(args.seq_lens) + list(args.decode_contexts)) + 64)
+        title = "GPT-2-small shape (random weights)"
+    else:
+        source = load_source(args.source).eval()
+        title = args.source or "SmolLM2-135M"
+    converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=0.5).eval()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
+    result["model"] = title
+    print(f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}")
+    for r in result["prefill"]:
+        print(f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
+              f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}")
+    for r in result["decode"]:
+        print(f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
+              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(result, Path(args.plot), title)
+    return 0
+
+
+def register(bench_sub) -> None:
+    p = bench_sub.add_parser("converted", help="a converted model vs its source: prefill and decode speed")
+    p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
+    p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 16384])
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.set_defaults(func=cmd)
