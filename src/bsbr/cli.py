@@ -9,6 +9,7 @@ import sys
 
 # module -> it adds one or more subcommands
 COMMAND_MODULES = [
+    "bsbr.demo",
     "bsbr.convert.cli",
     "bsbr.distill.cli",
     "bsbr.bench.cli",

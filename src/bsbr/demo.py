@@ -1,0 +1,77 @@
+"""``bsbr demo``: the README's main job. Convert the default pretrained model to BSBR, evaluate it
+against the original on the default corpus, measure speed side by side, print a summary table and
+write JSON and plots."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .bench.converted import bench_converted
+    from .bench.converted import plot as plot_speed
+    from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
+    from .evaluate.evaluate import evaluate_saved, summary_lines
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
+          f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
+    source = load_source(args.source).eval()
+    model = convert_to_bsbr(source, chunk_size=args.chunk_size)
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    tok = load_tokenizer(args.source)
+    if tok is not None:
+        tok.save_pretrained(model_dir)
+    conv = model.conversion_summary
+    print(f"      parameters {conv['params_source'] / 1e6:.1f}M -> {conv['params_bsbr'] / 1e6:.1f}M "
+          f"(+{conv['extra_params_pct']:.2f}%); saved to {model_dir}", flush=True)
+
+    print(f"[2/3] evaluating against the original on {args.max_windows} held-out windows of {args.seq_len} "
+          f"tokens of the Python standard library ...", flush=True)
+    passkey = None if args.no_passkey else dict(lengths=[1024, args.seq_len], trials=2)
+    result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
+                            passkey=passkey, json_path=out / "eval.json", plot_path=out / "eval.png")
+
+    print("[3/3] speed: converted vs original, side by side ...", flush=True)
+    with torch.no_grad():
+        speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
+                                decode_contexts=args.decode_contexts, decode_steps=4)
+    (out / "speed.json").write_text(json.dumps(speed, indent=1))
+    plot_speed(speed, out / "speed.png", args.source or "SmolLM2-135M")
+
+    print("\n=== summary ===")
+    for line in summary_lines(result):
+        print(line)
+    print(f"{'tokens':>8} {'original ms':>12} {'BSBR ms':>9} {'speed-up':>9}")
+    for r in speed["prefill"]:
+        print(f"{r['seq_len']:>8} {r['source_ms']:>12.0f} {r['bsbr_ms']:>9.0f} {r['speedup']:>8.2f}x")
+    for r in speed["decode"]:
+        print(f"decode at {r['context']} tokens of context: original {r['source_ms_per_token']:.0f} ms/token, "
+              f"BSBR {r['bsbr_ms_per_token']:.0f} ms/token")
+    print(f"\nwrote {out}/eval.json, eval.png, speed.json, speed.png in {time.perf_counter() - t0:.0f}s")
+    print("The conversion starts with closed retrieval gates (exactly chunk-local attention); "
+          "`bsbr distill` opens them (see docs/findings.md).")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="convert the default model, evaluate it against the original, show speed")
+    p.add_argument("--source", default=None, help="model to convert (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--output", default="outputs/demo")
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=4)
+    p.add_argument("--no-passkey", action="store_true")
+    p.add_argument("--speed-lens", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 4096])
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_demo)
