@@ -1,0 +1,148 @@
+"""Smoke tests of ``bsbr bench attention`` at tiny sizes: the functions run, the JSON rows carry the
+expected keys with positive numbers, the PNG is written and the CLI parses. No timing assertions:
+speed is what the benchmark measures, not what a test on a shared machine can check."""
+import json
+import zipfile
+
+import pytest
+import torch
+
+from bsbr.bench import attention as ba
+from bsbr.bench import common
+from bsbr.cli import build_parser, main
+
+TINY = dict(hidden=32, heads=2, chunk_size=32, repeats=1)
+
+# A stand-in for the earlier library's wheel: only the layout matters to the loader (a zip holding
+# bsbr/bsbr.py with a BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor)).
+FAKE_EARLIER = '''
+import torch
+from torch import nn
+
+class BSBRAttention(nn.Module):
+    def __init__(self, hidden_dim, num_heads, chunk_size, dropout=0.1, compression_factor=None):
+        super().__init__()
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, hidden_states, attention_mask=None):
+        n = hidden_states.shape[1]
+        scores = torch.ones(n, n).tril()  # quadratic, like the earlier layer
+        return self.proj(scores @ hidden_states / n)
+'''
+
+
+@pytest.fixture
+def fake_wheel(tmp_path):
+    path = tmp_path / "bsbr-0.1.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("bsbr/__init__.py", "from bsbr.bsbr import BSBRAttention\n")
+        zf.writestr("bsbr/bsbr.py", FAKE_EARLIER)
+    yield str(path)
+    import sys
+
+    sys.modules.pop(ba.EARLIER_MODULE_NAME, None)
+
+
+def _check_rows(rows, models, seq_lens):
+    assert {(r["model"], r["seq_len"]) for r in rows} == {(m, n) for m in models for n in seq_lens}
+    for r in rows:
+        assert {"model", "seq_len", "time_ms", "peak_mb", "status"} <= set(r)
+        assert r["status"] == "ok", r
+        assert r["time_ms"] > 0
+        assert r["peak_mb"] is not None and r["peak_mb"] >= 0
+        assert all(t > 0 for t in r["times_ms"])
+
+
+def test_bench_attention_tiny(tmp_path, fake_wheel):
+    res = ba.bench_attention([64, 128], earlier_wheel=fake_wheel, **TINY)
+    _check_rows(res["rows"], ["bsbr", "standard", "earlier"], [64, 128])
+    assert {(r["baseline"], r["seq_len"]) for r in res["ratios"]} == {
+        (m, n) for m in ("standard", "earlier") for n in (64, 128)}
+    assert all(r["time_ratio"] > 0 for r in res["ratios"])
+    assert len(res["targets"]) == 4 and all(t["met"] is None for t in res["targets"])  # lengths not run
+    path = tmp_path / "a.png"
+    ba.plot_rows(res["rows"], str(path), "tiny")
+    assert path.stat().st_size > 0
+    assert "bsbr ms" in ba.format_table(res["rows"])
+
+
+def test_skips_are_recorded():
+    res = ba.bench_attention([64, 128], max_standard_len=64, **TINY)
+    std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}
+    assert std[64]["status"] == "ok"
+    assert std[128]["status"] == "skipped" and "max-standard-len" in std[128]["reason"]
+    assert std[128]["time_ms"] is None
+    # a predicted time over the limit also skips, with the prediction in the reason
+    res = ba.bench_attention([64, 128], max_seconds=1e-9, **TINY)
+    std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}
+    assert std[128]["status"] == "skipped" and "predicted" in std[128]["reason"]
+
+
+def test_bench_core_and_flops():
+    core = ba.bench_core([64, 128], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64)
+    assert core["matmul_gflops_per_s"] > 0
+    for r in core["rows"]:
+        assert r["time_ms"] > 0 and r["gflop"] > 0 and r["gflops_per_s"] > 0 and r["fraction_of_matmul"] > 0
+    f = ba.bsbr_core_flops(16384, 128, 8, 64)
+    assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k not in ("total", "standard_causal")))
+    assert f["standard_causal"] / f["total"] > 20  # the cost model's point: far fewer FLOPs at 16k
+    assert ba.bsbr_core_flops(16384, 128, 8, 64, top_k=4)["retrieved_states"] < f["retrieved_states"]
+
+
+def test_model_scaling_tiny():
+    res = ba.bench_model_scaling([64, 128], hidden=32, heads=2, chunk_size=32, ff_dim=64, vocab_size=50, repeats=1)
+    _check_rows(res["rows"], ["bsbr_model"], [64, 128])
+    assert all(r["process_peak_mb"] > 0 for r in res["rows"])
+    assert res["ratios"]["time_ratio_longest_shortest"] > 0
+    assert [t["met"] is not None for t in res["targets"]] == [True, True]
+
+
+def test_cli_runs_and_writes(tmp_path, fake_wheel, capsys):
+    out, png = tmp_path / "a.json", tmp_path / "a.png"
+    rc = main(["bench", "attention", "--seq-lens", "64", "128", "--hidden", "32", "--heads", "2",
+               "--chunk-size", "32", "--repeats", "1", "--earlier-wheel", fake_wheel,
+               "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    _check_rows(data["rows"], ["bsbr", "standard", "earlier"], [64, 128])
+    assert data["core"]["rows"] and data["machine"]["memory_method"]
+    assert png.stat().st_size > 0
+    assert "standard/bsbr" in capsys.readouterr().out
+
+    out2, png2 = tmp_path / "m.json", tmp_path / "m.png"
+    rc = main(["bench", "attention", "--model-scaling", "--seq-lens", "64", "128", "--hidden", "32",
+               "--heads", "2", "--chunk-size", "32", "--ff-dim", "64", "--vocab", "50", "--repeats", "1",
+               "--json", str(out2), "--plot", str(png2)])
+    assert rc == 0 and json.loads(out2.read_text())["benchmark"] == "model_scaling" and png2.exists()
+
+
+def test_cli_parses_and_rejects_bad_arguments(capsys):
+    args = build_parser().parse_args(["bench", "attention", "--seq-lens", "1024", "2048", "--top-k", "4",
+                                      "--retrieval", "normalized", "--max-standard-len", "8192"])
+    assert args.func is ba.run_attention
+    assert args.seq_lens == [1024, 2048] and args.top_k == 4 and args.retrieval == "normalized"
+    assert args.chunk_size == 128 and args.hidden is None  # mode-dependent default, filled in later
+    for bad in (["--seq-lens", "0"], ["--repeats", "0"], ["--hidden", "30", "--heads", "4"],
+                ["--top-k", "0"], ["--max-seconds", "0"]):
+        with pytest.raises(ValueError):
+            ba.run_attention(build_parser().parse_args(["bench", "attention", *bad]))
+    with pytest.raises(FileNotFoundError):
+        ba.run_attention(build_parser().parse_args(["bench", "attention", "--earlier-wheel", "/nonexistent.whl"]))
+    assert main(["bench", "attention", "--repeats", "0"]) == 2  # one clear line, no traceback
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_loader_rejects_a_non_wheel(tmp_path):
+    bad = tmp_path / "x.whl"
+    bad.write_text("not a zip")
+    with pytest.raises(ValueError):
+        ba.load_earlier_bsbr(str(bad))
+
+
+def test_measure_peak_sees_torch_allocations():
+    mem = common.measure_peak(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, returned so it counts
+    if mem.extra_bytes is None:
+        pytest.skip("no way to read RSS here")
+    assert mem.extra_mb > 32  # tracemalloc would report ~0 for a torch tensor
+    times = common.interleaved_times({"a": lambda: 1, "b": lambda: 2}, repeats=3, warmup=0)
+    assert [len(v) for v in times.values()] == [3, 3]
