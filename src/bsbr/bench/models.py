@@ -12,9 +12,9 @@ How it is measured (helpers in :mod:`bsbr.bench.common`):
   and the medians are reported, so a slow spell on the shared machine hits all models alike.
 * A model stops growing when its next call is predicted (from its own measured slope, at least
   linear, quadratic until two points exist) to exceed ``--max-seconds``, when its predicted peak
-  would exceed 70% of the available memory, or when its total measuring time has passed
-  ``--model-budget``; the reason is recorded in the row. Train steps are capped the same way on
-  their own, so a model may have forward times at lengths where its train step was skipped.
+  would exceed 70% of the available memory; the reason is recorded in the row. Train steps are capped
+  the same way on their own and also stop once the model's total measuring time has passed
+  ``--model-budget``, so a model may have forward times at lengths where its train step was skipped.
 
 Rows: ``{"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "train_peak_mb", "params",
 "status", "reason"}``; times are medians in ms, memory in MiB.
@@ -128,9 +128,10 @@ def _predict(history: List[Tuple[int, float]], n: int) -> Optional[float]:
 
 
 def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[int, float]],
-          spent: float, max_seconds: float, budget: float) -> Optional[str]:
-    if spent > budget:
-        return f"model's measuring time {spent:.0f} s passed --model-budget {budget:g} s"
+          spent: float, max_seconds: float, budget: Optional[float]) -> Optional[str]:
+    """Why a call must not run (None: run it). ``budget`` (train steps only) caps a model's total time."""
+    if budget is not None and spent > budget:
+        return f"{kind}: model's measuring time {spent:.0f} s passed --model-budget {budget:g} s"
     t = _predict(times, n)
     if t is not None and t > max_seconds:
         return f"{kind} predicted {t:.0f} s per call > --max-seconds {max_seconds:g}"
@@ -175,7 +176,7 @@ def bench_models(
                    "train_peak_mb": None, "params": params[m], "status": "ok", "reason": None}
             rows.append(row)
             h = hist[m]
-            reason = stopped.get(m) or _skip("forward", n, h["fwd"], h["fwd_mem"], spent[m], max_seconds, model_budget)
+            reason = stopped.get(m) or _skip("forward", n, h["fwd"], h["fwd_mem"], spent[m], max_seconds, None)
             if reason:
                 stopped[m] = reason
                 row.update(status="skipped", reason=reason)
@@ -365,7 +366,7 @@ def register(bench_sub) -> None:
     p.add_argument("--block", type=int, default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=float, default=15.0, help="skip calls predicted to take longer")
-    p.add_argument("--model-budget", type=float, default=90.0, help="stop a model after this much measuring time")
+    p.add_argument("--model-budget", type=float, default=90.0, help="no more train steps for a model after this much measuring time")
     p.add_argument("--no-train", action="store_true", help="forward only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)

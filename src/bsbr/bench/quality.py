@@ -40,6 +40,10 @@ def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
         "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu"}),
         "bsbr_topk2": ("bsbr", {"chunk_size": block, "top_k": 2}),
         "bsbr_compressed4": ("bsbr", {"chunk_size": block, "compression_factor": 4}),
+        # retrieval gate per head starting closed: the model starts as chunk-local attention
+        "bsbr_gated": ("bsbr", {"chunk_size": block, "gate": 0.0}),
+        "bsbr_normalized_gated": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu",
+                                           "gate": 0.0}),
         "linear": ("linear", {"chunk_size": block}),
         "deltanet": ("deltanet", {"chunk_size": block}),
         "hopfield": ("hopfield", {"num_steps": 2}),
@@ -190,6 +194,7 @@ def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[
     with window = chunk size (negative difference: BSBR better)."""
     by = {r["model"]: r for r in results}
     pairs = [("bsbr", "sliding_window", block), ("bsbr_normalized", "sliding_window", block),
+             ("bsbr_gated", "sliding_window", block), ("bsbr_normalized_gated", "sliding_window", block),
              ("bsbr_topk2", "sliding_window", block), ("bsbr_compressed4", "sliding_window", block),
              ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
     out = []
@@ -236,9 +241,12 @@ def plot_quality(result: Dict[str, object], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for r in result["results"]:
+    colors = plt.cm.tab20.colors  # 20 distinct colours: the default cycle repeats after 10 models
+    for i, r in enumerate(result["results"]):
         keys = list(r["buckets"])
-        ax.plot(range(len(keys)), [r["buckets"][k] for k in keys], marker="o", label=r["model"])
+        style = "--" if r["model"].startswith("bsbr") else "-"  # BSBR variants dashed
+        ax.plot(range(len(keys)), [r["buckets"][k] for k in keys], marker="o", linestyle=style,
+                color=colors[i % len(colors)], label=r["model"])
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels(keys)
     ax.set_xlabel("position in the window (bucket)")
@@ -254,7 +262,36 @@ def plot_quality(result: Dict[str, object], path: str) -> None:
     plt.close(fig)
 
 
+def merge_results(paths: Sequence[str]) -> Dict[str, object]:
+    """One result from several runs of the same configuration (e.g. models split over processes):
+    results concatenated, comparisons recomputed. Runs that differ in anything but the models are
+    refused, since their losses would not be comparable."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    if not parts:
+        raise ValueError("--merge needs at least one JSON file")
+
+    def same(c):
+        return {k: v for k, v in c.items() if k != "models"}
+    for path, part in zip(paths, parts):
+        if part.get("benchmark") != "quality":
+            raise ValueError(f"--merge: {path} is not a 'bsbr bench quality' result")
+        if same(part["config"]) != same(parts[0]["config"]):
+            raise ValueError(f"--merge: {path} was run with a different configuration than {paths[0]}")
+    results = [r for part in parts for r in part["results"]]
+    config = dict(parts[0]["config"], models=[r["model"] for r in results], merged_from=list(paths))
+    return {"benchmark": "quality", "config": config, "results": results,
+            "comparison": compare_to_window(results, config["block"])}
+
+
 def run_quality_cli(args: argparse.Namespace) -> int:
+    if args.merge:
+        result = merge_results(args.merge)
+        print(format_table(result))
+        _write(result, args)
+        return 0
     for name in ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -265,6 +302,11 @@ def run_quality_cli(args: argparse.Namespace) -> int:
                          steps=args.steps, lr=args.lr, eval_windows=args.eval_windows, seed=args.seed,
                          corpus=args.corpus)
     print(format_table(result))
+    _write(result, args)
+    return 0
+
+
+def _write(result: Dict[str, object], args: argparse.Namespace) -> None:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
         with open(args.json, "w") as f:
@@ -274,7 +316,6 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     if args.plot:
         plot_quality(result, args.plot)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def register(bench_sub) -> None:
@@ -299,4 +340,6 @@ def register(bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
+                   help="instead of training: merge results of runs with the same configuration")
     p.set_defaults(func=run_quality_cli)

@@ -1,0 +1,71 @@
+"""Smoke tests of ``bsbr bench models`` and ``bsbr bench quality``: they run at tiny sizes and write
+the documented JSON keys. No timing assertions (the machines are shared)."""
+import json
+
+import pytest
+
+from bsbr.bench import models as bench_models
+from bsbr.bench import quality as bench_quality
+from bsbr.cli import main
+
+ROW_KEYS = {"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "params"}
+
+
+def test_bench_models_cli_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    rc = main(["bench", "models", "--seq-lens", "64", "--repeats", "1", "--hidden", "32", "--heads", "2",
+               "--ff-dim", "64", "--block", "16", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == set(bench_models.DEFAULT_MODELS)
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["seq_len"] == 64 and r["status"] == "ok"
+        assert r["time_ms"] > 0 and r["train_time_ms"] > 0 and r["params"] > 0
+    assert png.stat().st_size > 0
+    assert set(result["exponents"]) == set(bench_models.DEFAULT_MODELS)
+
+
+def test_bench_models_rejects_unknown_model(capsys):
+    assert main(["bench", "models", "--seq-lens", "64", "--models", "flash"]) == 2
+    assert "unknown" in capsys.readouterr().err
+
+
+def test_fit_exponent():
+    fit = bench_models.fit_exponent([(1024, 1.0), (2048, 4.0), (4096, 16.0), (8192, 64.0)])
+    assert fit["exponent"] == pytest.approx(2.0) and fit["from"] == 4096
+    assert bench_models.fit_exponent([(1024, 1.0)]) is None
+
+
+def test_bench_quality_tiny(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    out = tmp_path / "q.json"
+    rc = main(["bench", "quality", "--corpus", str(corpus), "--models", "bsbr", "sliding_window", "--steps", "2",
+               "--batch", "2", "--seq-len", "80", "--hidden", "16", "--heads", "2", "--ff-dim", "32", "--block", "16",
+               "--eval-windows", "2", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["model"] for r in result["results"]] == ["bsbr", "sliding_window"]
+    assert list(result["results"][0]["buckets"]) == ["0-63", "64-79"]
+    assert result["comparison"][0]["bsbr_model"] == "bsbr"
+    merged = tmp_path / "merged.json"
+    assert main(["bench", "quality", "--merge", str(out), str(out), "--json", str(merged)]) == 0
+    assert len(json.loads(merged.read_text())["results"]) == 4
+    assert bench_quality.buckets_for(512) == [(0, 64), (64, 128), (128, 256), (256, 512)]
+
+
+def test_quality_is_deterministic_for_a_seed(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"m{i}.py").write_text(f"class C{i}:\n    x = {i * 7}\n" * 30)
+    kw = dict(block=8, hidden=16, layers=1, heads=2, ff_dim=32, seq_len=40, batch=2, steps=3, eval_windows=2,
+              seed=3, corpus=str(corpus), progress=False)
+    a = bench_quality.run_quality(["bsbr_gated", "deltanet"], **kw)
+    b = bench_quality.run_quality(["bsbr_gated", "deltanet"], **kw)
+    for ra, rb in zip(a["results"], b["results"]):
+        assert ra["buckets"] == rb["buckets"] and ra["final_train_loss"] == rb["final_train_loss"]
