@@ -184,3 +184,34 @@ def test_bad_inputs_raise(change, kw, exc):
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         with pytest.raises(exc):
             call(fn, x, **kw)
+
+
+@pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_meta_maps_on_chunk_means_equal_per_token_projections(fn):
+    """An affine map commutes with a mean: mapping chunk means of raw inputs (one "head") equals
+    projecting every token first — the per-token definition the reference uses."""
+    x = make_inputs(b=2, hq=4, hkv=2, n=29, d=4, positive=True)
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(2, 1, 29, 7, generator=g, dtype=DT)  # e.g. hidden states
+    wq, bq = torch.randn(7, 4 * 3, generator=g, dtype=DT), torch.randn(4 * 3, generator=g, dtype=DT)
+    wk, bk = torch.randn(7, 2 * 3, generator=g, dtype=DT), torch.randn(2 * 3, generator=g, dtype=DT)
+
+    def proj(t, w, bias, h):  # (b, 1, T, 7) -> (b, h, T, 3)
+        y = t[:, 0] @ w + bias
+        return y.view(t.shape[0], t.shape[2], h, 3).transpose(1, 2)
+
+    valid = torch.ones(2, 29, dtype=torch.bool)
+    valid[1, :4] = False
+    kw = dict(chunk_size=8, variant="normalized", top_k=2, valid=valid, fq=x["fq"], fk=x["fk"])
+    per_token = naive_bsbr_attention(x["q"], x["k"], x["v"], proj(raw, wq, bq, 4), proj(raw, wk, bk, 2), **kw)[0]
+    mapped = fn(x["q"], x["k"], x["v"], raw, raw, meta_q_map=lambda m: proj(m, wq, bq, 4),
+                meta_k_map=lambda m: proj(m, wk, bk, 2), **kw)[0]
+    torch.testing.assert_close(mapped, per_token, rtol=1e-10, atol=1e-10)
+
+
+def test_meta_map_errors():
+    x = make_inputs(b=1, hq=2, hkv=1, n=9, d=4)
+    with pytest.raises(TypeError, match="callable"):
+        call(chunk_bsbr_attention, x, chunk_size=4, meta_q_map="linear")
+    with pytest.raises(ValueError, match="meta_q_map"):
+        call(chunk_bsbr_attention, x, chunk_size=4, meta_q_map=lambda m: m[:, :1])

@@ -166,10 +166,11 @@ class BSBRAttention(nn.Module):
         q = heads(self.q_proj(x), self.num_heads)
         k = heads(self.k_proj(x), self.num_kv_heads)
         v = heads(self.v_proj(x), self.num_kv_heads)
+        # meta projections are affine, so the op applies them to chunk means (one per chunk, not per token)
         if self.meta == "linear":
-            mq, mk = heads(self.meta_r_proj(x), self.num_heads), heads(self.meta_h_proj(x), self.num_kv_heads)
+            mq = mk = x.unsqueeze(1)  # (b, 1, n, hidden)
         else:  # from un-rotated q/k: a mean of rotated vectors over a chunk would cancel out
-            mq, mk = self.meta_r_proj(q), self.meta_h_proj(k)
+            mq, mk = q, k
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -178,8 +179,20 @@ class BSBRAttention(nn.Module):
             fq, fk = self.compress(fq), self.compress(fk)
         return q, k, v, mq, mk, fq, fk
 
+    def _meta_map(self, proj, heads: int):
+        if self.meta == "shared":
+            return proj  # HeadwiseLinear on (b, h, C, d)
+
+        def project(means):  # (b, 1, C, hidden) -> (b, heads, C, meta_dim)
+            b, _, C, _ = means.shape
+            return proj(means[:, 0]).view(b, C, heads, self.meta_dim).transpose(1, 2)
+
+        return project
+
     def _options(self):
-        return dict(chunk_size=self.chunk_size, variant=self.retrieval, gate=self.gate_value(), top_k=self.top_k)
+        return dict(chunk_size=self.chunk_size, variant=self.retrieval, gate=self.gate_value(), top_k=self.top_k,
+                    meta_q_map=self._meta_map(self.meta_r_proj, self.num_heads),
+                    meta_k_map=self._meta_map(self.meta_h_proj, self.num_kv_heads))
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         b, h, n, dv = o.shape

@@ -13,6 +13,7 @@ import torch.nn.functional as F_
 
 from .utils import (
     BSBRState,
+    apply_map,
     check_inputs,
     check_options,
     combine,
@@ -78,12 +79,16 @@ def chunk_bsbr_attention(
     valid: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     output_final_state: bool = False,
+    meta_q_map=None,
+    meta_k_map=None,
 ):
     """Block Sparse attention with Block Retrieval.
 
     Args:
         q: (b, hq, n, d) queries (positions already applied). k: (b, hkv, n, d), v: (b, hkv, n, dv);
             ``hq`` must be a multiple of ``hkv`` (grouped K/V heads).
+        meta_q_map, meta_k_map: optional affine maps applied to the chunk means of mq / mk (then mq
+            may have 1 head, e.g. raw hidden states); see :mod:`bsbr.ops.bsbr.utils`.
         mq: (b, hq, n, dm), mk: (b, hkv, n, dm) per-token meta-queries / meta-keys; reduced to one
             per chunk as described in :mod:`bsbr.ops.bsbr.utils`.
         chunk_size: tokens per chunk ``B``.
@@ -105,7 +110,7 @@ def chunk_bsbr_attention(
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map)
     b, hq, hkv, n, B = a.batch, a.q_heads, a.kv_heads, a.seq_len, chunk_size
     g = hq // hkv
     scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
@@ -160,8 +165,8 @@ def chunk_bsbr_attention(
 
     # 3. meta-keys (mean over the chunk) and meta-queries (mean over the previous chunk)
     counts = m.sum(-2).clamp(min=1.0)  # (b, 1, C, 1)
-    h_meta = masked(blocks(mk)).sum(-2) / counts  # (b, hkv, C, dm)
-    mean_q = masked(blocks(mq)).sum(-2) / counts  # (b, hq, C, dm)
+    h_meta = apply_map(meta_k_map, masked(blocks(mk)).sum(-2) / counts)  # (b, hkv, C, dm)
+    mean_q = apply_map(meta_q_map, masked(blocks(mq)).sum(-2) / counts)  # (b, hq, C, dm)
     r_meta = F_.pad(mean_q[:, :, :-1], (0, 0, 1, 0))  # r_c = mean_q[c-1]; r_0 is never used
 
     # 4. retrieval over strictly earlier chunks: w (b, hkv, g, C, C)
@@ -238,8 +243,8 @@ def _final_state(a, B, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, 
     st.v_buf = where_partial(pick(vb))
     st.F_cur = where_partial(pick(F))
     st.z_cur = where_partial(pick(z))
-    st.mk_sum = where_partial(pick((mk.view(b, hkv, C, B, -1) * m).sum(-2)))
-    st.mq_sum = where_partial(pick((mq.view(b, hq, C, B, -1) * m).sum(-2)))
+    st.mk_sum = where_partial(pick((mk.view(b, mk.shape[1], C, B, -1) * m).sum(-2)))
+    st.mq_sum = where_partial(pick((mq.view(b, mq.shape[1], C, B, -1) * m).sum(-2)))
     prev = (full - 1).clamp(min=0)
     idx = prev.view(b, 1, 1, 1).expand(-1, hq, 1, mean_q.shape[-1])
     st.r_cur = torch.where((full > 0).view(b, 1, 1), mean_q.gather(2, idx).squeeze(2), torch.zeros_like(st.r_cur))

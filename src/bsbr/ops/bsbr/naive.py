@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .utils import check_inputs, check_options, gate_per_head
+from .utils import apply_map, check_inputs, check_options, gate_per_head
 
 
 def naive_bsbr_attention(
@@ -29,12 +29,14 @@ def naive_bsbr_attention(
     top_k: Optional[int] = None,
     valid: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    meta_q_map=None,
+    meta_k_map=None,
 ):
     """Same signature and meaning as :func:`bsbr.ops.chunk_bsbr_attention`; returns ``(o, None)``."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map)
     B, g = chunk_size, a.q_heads // a.kv_heads
     scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
     gates = gate_per_head(gate, a.q_heads, q)
@@ -45,8 +47,8 @@ def naive_bsbr_attention(
         if L == 0:
             continue
         # one sequence, real tokens only; K/V-side tensors repeated to the query heads (grouped K/V)
-        qb, fqb, mqb = q[b][:, keep], fq[b][:, keep], mq[b][:, keep]
-        kb, vb, fkb, mkb = (x[b][:, keep].repeat_interleave(g, dim=0) for x in (k, v, fk, mk))
+        qb, fqb = q[b][:, keep], fq[b][:, keep]
+        kb, vb, fkb = (x[b][:, keep].repeat_interleave(g, dim=0) for x in (k, v, fk))
         t = torch.arange(L, device=q.device)
         chunk = t // B
         C = int(chunk[-1]) + 1
@@ -59,9 +61,10 @@ def naive_bsbr_attention(
         F = torch.einsum("cj,hjf,hjv->hcfv", onehot, fkb, vb)
         z = torch.einsum("cj,hjf->hcf", onehot, fkb)
         # 3. meta-keys h_c = mean of mk over chunk c; meta-queries r_c = mean of mq over chunk c-1
+        #    (the optional affine maps act on the means)
         counts = onehot.sum(1)[:, None]
-        h_meta = (onehot @ mkb) / counts  # (h, C, dm)
-        means_q = (onehot @ mqb) / counts
+        h_meta = apply_map(meta_k_map, (onehot @ mk[b][:, keep] / counts)[None])[0].repeat_interleave(g, dim=0)
+        means_q = apply_map(meta_q_map, (onehot @ mq[b][:, keep] / counts)[None])[0]  # (hq, C, dm)
         r_meta = torch.cat([torch.zeros_like(means_q[:, :1]), means_q[:, :-1]], dim=1)
         # 4. retrieval: M_out[c, c'] = c' < c (strictly); alpha = softmax over allowed chunks
         w = torch.zeros(a.q_heads, C, C, dtype=q.dtype, device=q.device)

@@ -13,6 +13,7 @@ import torch
 
 from .utils import (
     BSBRState,
+    apply_map,
     check_inputs,
     check_options,
     combine,
@@ -38,6 +39,8 @@ def bsbr_attention_step(
     top_k: Optional[int] = None,
     valid: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    meta_q_map=None,
+    meta_k_map=None,
 ):
     """One token per sequence. q: (b, hq, d), k: (b, hkv, d), ...; valid: (b,) (False = padding:
     the state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``; the state
@@ -45,7 +48,8 @@ def bsbr_attention_step(
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim=3)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim=3, meta_q_map=meta_q_map,
+                     meta_k_map=meta_k_map)
     if state is None:
         state = BSBRState.empty(a, chunk_size, q)
     elif state.chunk_size != chunk_size:
@@ -91,9 +95,10 @@ def bsbr_attention_step(
         at3 = at.view(b, 1, P, 1)
         state.F_past = torch.where(at3.unsqueeze(-1), state.F_cur.unsqueeze(2), state.F_past)
         state.z_past = torch.where(at3, state.z_cur.unsqueeze(2), state.z_past)
-        state.h_past = torch.where(at3, (state.mk_sum / B).unsqueeze(2), state.h_past)
+        h_new = apply_map(meta_k_map, (state.mk_sum / B).unsqueeze(2))  # (b, hkv, 1, dm)
+        state.h_past = torch.where(at3, h_new, state.h_past)
         d1, d2 = done.view(b, 1, 1), done.view(b, 1, 1, 1)
-        state.r_cur = torch.where(d1, state.mq_sum / B, state.r_cur)
+        state.r_cur = torch.where(d1, apply_map(meta_q_map, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
         state.F_cur = torch.where(d2, torch.zeros_like(state.F_cur), state.F_cur)
         state.z_cur = torch.where(d1, torch.zeros_like(state.z_cur), state.z_cur)
         state.mk_sum = torch.where(d1, torch.zeros_like(state.mk_sum), state.mk_sum)
@@ -119,13 +124,15 @@ def recurrent_bsbr_attention(
     scale: Optional[float] = None,
     initial_state: Optional[BSBRState] = None,
     output_final_state: bool = False,
+    meta_q_map=None,
+    meta_k_map=None,
 ):
     """Same signature and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one). Returns ``(o, state)``."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map)
     state = initial_state
     if state is None:
         state = BSBRState.empty(a, chunk_size, q)
@@ -134,7 +141,8 @@ def recurrent_bsbr_attention(
         o, state = bsbr_attention_step(
             q[:, :, t], k[:, :, t], v[:, :, t], mq[:, :, t], mk[:, :, t], state,
             chunk_size=chunk_size, fq=fq[:, :, t], fk=fk[:, :, t], variant=variant, gate=gate,
-            top_k=top_k, valid=None if valid is None else valid[:, t], scale=scale,
+            top_k=top_k, valid=None if valid is None else valid[:, t], scale=scale, meta_q_map=meta_q_map,
+            meta_k_map=meta_k_map,
         )
         outs.append(o)
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)

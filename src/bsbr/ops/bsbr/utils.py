@@ -14,6 +14,11 @@ Notation (one head; see ``shared/notes/bsbr-math.md``): chunk size ``B``, chunk 
                    The meta-query of chunk ``c`` is built from the previous chunk, which every token
                    of chunk ``c`` has already seen; the earlier library used the last token of chunk
                    ``c`` itself, which leaks the future into the rest of that chunk.
+* ``meta_q_map, meta_k_map``  optional *affine* maps applied to those chunk means. Because an affine
+                   map commutes with a mean, ``map(mean(x)) == mean(map(x))``: a layer passes its raw
+                   inputs (e.g. hidden states with a single "head") and its meta projections here, and
+                   pays for one projection per chunk instead of one per token. The maps take
+                   (b, h_in, C, d_in) and return (b, hq, C, dm) / (b, hkv, C, dm).
 """
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ class BSBRArgs:
     head_dim: int
     value_dim: int
     feature_dim: int
-    meta_dim: int
+    meta_dim: int  # after the meta maps
+    meta_q_in: tuple = ()  # (heads, dim) of mq before its map
+    meta_k_in: tuple = ()
 
 
 def _check_tensor(name: str, x, ndim: int) -> None:
@@ -58,7 +65,8 @@ def check_options(chunk_size, variant: str, top_k) -> None:
         raise ValueError(f"top_k must be None (dense retrieval) or an int >= 1, got {top_k!r}")
 
 
-def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4) -> BSBRArgs:
+def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4, meta_q_map=None,
+                 meta_k_map=None) -> BSBRArgs:
     """Check shapes of a sequence call (``token_dim=4``: (b, h, n, d)) or a step call (3: (b, h, d))."""
     for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk)):
         _check_tensor(name, x, token_dim)
@@ -69,15 +77,34 @@ def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4) -> BS
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     kv_lead = (b, hkv) + tuple(lead[2:])
-    for name, x in (("k", k), ("v", v), ("mk", mk), ("fk", fk)):
+    for name, x in (("k", k), ("v", v), ("fk", fk)):
         if tuple(x.shape[:-1]) != kv_lead:
             raise ValueError(f"{name} must have leading shape {kv_lead}, got {tuple(x.shape)}")
-    for name, x in (("mq", mq), ("fq", fq)):
-        if tuple(x.shape[:-1]) != tuple(lead):
-            raise ValueError(f"{name} must have leading shape {tuple(lead)}, got {tuple(x.shape)}")
+    if tuple(fq.shape[:-1]) != tuple(lead):
+        raise ValueError(f"fq must have leading shape {tuple(lead)}, got {tuple(fq.shape)}")
     if k.shape[-1] != d:
         raise ValueError(f"k head dim ({k.shape[-1]}) must equal q head dim ({d})")
-    if mq.shape[-1] != mk.shape[-1]:
+    for name, x, heads, fn in (("mq", mq, hq, meta_q_map), ("mk", mk, hkv, meta_k_map)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}'s map must be callable or None, got {type(fn).__name__}")
+        allowed = (heads,) if fn is None else (1, heads)
+        if x.shape[0] != b or x.shape[1] not in allowed or tuple(x.shape[2:-1]) != tuple(lead[2:]):
+            want = " or ".join(str((b, h) + tuple(lead[2:])) for h in allowed)
+            raise ValueError(f"{name} must have leading shape {want}, got {tuple(x.shape)}")
+    meta_dim = mq.shape[-1]
+    if meta_q_map is not None or meta_k_map is not None:
+        # the mapped sizes: probe the maps on one zero "chunk"
+        with torch.no_grad():
+            outs = [(fn(x.new_zeros(b, x.shape[1], 1, x.shape[-1])) if fn is not None else x.new_zeros(b, h, 1, x.shape[-1]))
+                    for x, h, fn in ((mq, hq, meta_q_map), (mk, hkv, meta_k_map))]
+        for name, o, h in (("meta_q_map", outs[0], hq), ("meta_k_map", outs[1], hkv)):
+            if o.dim() != 4 or tuple(o.shape[:3]) != (b, h, 1):
+                raise ValueError(f"{name} must return (b, {h}, C, dm), got {tuple(o.shape)} for one chunk")
+        meta_dim = outs[0].shape[-1]
+        if outs[1].shape[-1] != meta_dim:
+            raise ValueError(f"meta-queries and meta-keys must share their size after the maps, got "
+                             f"{meta_dim} and {outs[1].shape[-1]}")
+    elif mq.shape[-1] != mk.shape[-1]:
         raise ValueError(f"mq and mk must share their last dim, got {mq.shape[-1]} and {mk.shape[-1]}")
     if fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"fq and fk must share their last dim, got {fq.shape[-1]} and {fk.shape[-1]}")
@@ -96,7 +123,13 @@ def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4) -> BS
             raise TypeError(f"valid must be None or a tensor of shape {want}, got {type(valid).__name__}")
         if tuple(valid.shape) != want:
             raise ValueError(f"valid (the padding mask) must have shape {want}, got {tuple(valid.shape)}")
-    return BSBRArgs(b, hq, hkv, n, d, v.shape[-1], fq.shape[-1], mq.shape[-1])
+    return BSBRArgs(b, hq, hkv, n, d, v.shape[-1], fq.shape[-1], meta_dim, (mq.shape[1], mq.shape[-1]),
+                    (mk.shape[1], mk.shape[-1]))
+
+
+def apply_map(fn, x: torch.Tensor) -> torch.Tensor:
+    """A meta map on chunk means (b, h, C, d) -> (b, h', C, dm); identity when ``fn`` is None."""
+    return x if fn is None else fn(x)
 
 
 def gate_per_head(gate: Optional[torch.Tensor], q_heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -164,8 +197,8 @@ class BSBRState:
     v_buf: torch.Tensor  # (b, hkv, B, dv)
     F_cur: torch.Tensor  # (b, hkv, df, dv) state of the current (incomplete) chunk
     z_cur: torch.Tensor  # (b, hkv, df)
-    mk_sum: torch.Tensor  # (b, hkv, dm) running sum of meta-keys of the current chunk
-    mq_sum: torch.Tensor  # (b, hq, dm) running sum of meta-queries of the current chunk
+    mk_sum: torch.Tensor  # (b, hkv or 1, dm_in) running sum of (unmapped) meta-keys of the current chunk
+    mq_sum: torch.Tensor  # (b, hq or 1, dm_in) running sum of (unmapped) meta-queries of the current chunk
     r_cur: torch.Tensor  # (b, hq, dm) meta-query of the current chunk (mean over the previous one)
     F_past: torch.Tensor  # (b, hkv, P, df, dv) states of completed chunks (P >= completed)
     z_past: torch.Tensor  # (b, hkv, P, df)
@@ -188,8 +221,8 @@ class BSBRState:
             v_buf=z(b, hkv, chunk_size, a.value_dim),
             F_cur=z(b, hkv, a.feature_dim, a.value_dim),
             z_cur=z(b, hkv, a.feature_dim),
-            mk_sum=z(b, hkv, a.meta_dim),
-            mq_sum=z(b, hq, a.meta_dim),
+            mk_sum=z(b, *(a.meta_k_in or (hkv, a.meta_dim))),
+            mq_sum=z(b, *(a.meta_q_in or (hq, a.meta_dim))),
             r_cur=z(b, hq, a.meta_dim),
             F_past=z(b, hkv, 0, a.feature_dim, a.value_dim),
             z_past=z(b, hkv, 0, a.feature_dim),
