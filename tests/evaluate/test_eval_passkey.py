@@ -84,3 +84,10 @@ def test_run_passkey_with_tiny_models(word_tokenizer):
                             max_new_tokens=4, progress=False)
     assert set(r["models"]) == {"source", "bsbr"}
     assert all(isinstance(o, str) for o in r["samples"][0]["outputs"].values())
+
+
+def test_prompt_leaves_room_for_the_answer(word_tokenizer):
+    """prompt + answer fit in the nominal length, so the answer never crosses a chunk boundary
+    when the length is a multiple of the chunk size."""
+    p = passkey.build_prompt(word_tokenizer, 400, 0.5, "40721", answer_tokens=8)
+    assert 400 - 8 - 8 <= p.length <= 400 - 8

@@ -62,9 +62,12 @@ def _ids(tokenizer, text: str, special: bool = False) -> List[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def build_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
-    """A prompt of at most ``length`` tokens (filler is whole sentences, so it may fall a few tokens
-    short) with the key sentence starting at the sentence boundary nearest ``depth * length``.
+def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: int = 0) -> PasskeyPrompt:
+    """A prompt of at most ``length - answer_tokens`` tokens (filler is whole sentences, so it may
+    fall a few tokens short) with the key sentence starting at the sentence boundary nearest
+    ``depth * length``. Leaving room for the answer keeps prompt + answer within ``length``: with a
+    length that is a multiple of the chunk size, the answer never crosses into a new chunk (where
+    chunk-local attention would suddenly see nothing of the prompt).
 
     Pieces are tokenized separately and concatenated as ids (each piece after the intro starts
     with a space, as it would in running text); the intro gets the tokenizer's usual special tokens
@@ -79,7 +82,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPromp
     intro = _ids(tokenizer, INTRO, special=True)
     key_ids = _ids(tokenizer, " " + KEY_SENTENCE.format(key=key))
     question = _ids(tokenizer, " " + QUESTION)
-    budget = length - len(intro) - len(key_ids) - len(question)
+    budget = length - answer_tokens - len(intro) - len(key_ids) - len(question)
     fillers = [_ids(tokenizer, " " + s) for s in FILLER]
     if budget < max(len(f) for f in fillers):
         raise ValueError(f"length {length} is too short for a pass-key prompt: the instruction, key and question "
@@ -141,7 +144,8 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     for length in lengths:
         for depth in depths:
             for trial in range(trials):
-                p = build_prompt(tokenizer, int(length), float(depth), make_key(seed, int(length), float(depth), trial))
+                p = build_prompt(tokenizer, int(length), float(depth), make_key(seed, int(length), float(depth), trial),
+                                 answer_tokens=max_new_tokens)
                 p.meta = dict(trial=trial)
                 prompts.append(p)
     correct = {m: {} for m in models}
