@@ -123,7 +123,7 @@ def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tens
     s = F.log_softmax(logits, -1)
     kl = (t.exp() * (t - s)).sum(-1).mean()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, start + 1:].reshape(-1))
-    return kl + lm_weight * ce, float(kl), float(ce)
+    return kl + lm_weight * ce, float(kl.detach()), float(ce.detach())
 
 
 def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:

@@ -12,16 +12,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ..ops.checks import check_int as _check_int
 from ..ops.bsbr import VARIANTS, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .feature_maps import FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
 from .rotary import apply_rotary
 
 META_MODES = ("linear", "shared")
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def check_hidden_states(hidden_states, hidden_dim: int) -> None:

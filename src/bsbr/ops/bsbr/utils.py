@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_tensor
+
 VARIANTS = ("additive", "normalized")
 
 
@@ -47,15 +49,6 @@ class BSBRArgs:
     meta_k_in: tuple = ()
 
 
-def _check_tensor(name: str, x, ndim: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
-
-
 def check_options(chunk_size, variant: str, top_k) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -69,7 +62,7 @@ def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4, meta_
                  meta_k_map=None) -> BSBRArgs:
     """Check shapes of a sequence call (``token_dim=4``: (b, h, n, d)) or a step call (3: (b, h, d))."""
     for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk)):
-        _check_tensor(name, x, token_dim)
+        check_tensor(name, x, token_dim)
     b, hq = q.shape[:2]
     d = q.shape[-1]
     hkv = k.shape[1]
