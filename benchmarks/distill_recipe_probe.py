@@ -1,0 +1,61 @@
+"""Usage: python benchmarks/distill_recipe_probe.py {transfer|kl} STEPS LR
+
+A short probe of the two distillation stages on SmolLM2-135M (chunk 256, 2,048-token windows):
+``transfer`` = stage 1 (attention transfer, relative MSE per layer), ``kl`` = stage 2 only (end-to-end
+KL on the new pieces). Prints perplexity on tokens past the first chunk of 4 windows from 40 files
+not trained on, for full attention, chunk-local attention and the distilled BSBR model.
+(How docs/findings.md chose the distillation recipe.)
+"""
+import math
+import pathlib
+import random
+import sys
+import sysconfig
+import time
+
+import torch
+
+from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
+from bsbr.distill import DistillConfig, distill
+
+mode, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+torch.manual_seed(0)
+tok, src = load_tokenizer(None), load_source(None).eval()
+B, N = 256, 2048
+files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+random.Random(0).shuffle(files)
+
+
+def windows(fs, k):
+    out = []
+    for f in fs:
+        ids = tok(f.read_text(errors="ignore")).input_ids
+        for i in range(0, len(ids) - N, N):
+            out.append(torch.tensor(ids[i:i + N]))
+            if len(out) >= k:
+                return out
+    return out
+
+
+train, held = windows(files[:150], 200), windows(files[-40:], 4)
+student, local = convert_to_bsbr(src, chunk_size=B), convert_to_bsbr(src, chunk_size=B)
+
+
+def ppl(m):
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for w in held:
+            lg = m(w[None]).logits[0, B:-1]
+            tot += torch.nn.functional.cross_entropy(lg, w[B + 1:], reduction="sum").item()
+            n += len(w) - B - 1
+    return math.exp(tot / n)
+
+
+pf, pl = ppl(src), ppl(local)
+print("full", pf, "local", pl, flush=True)
+cfg = (DistillConfig(steps=steps, lr=lr, checkpoint_every=10**6) if mode == "transfer"
+       else DistillConfig(steps=0, stage2_steps=steps, stage2_lr=lr, checkpoint_every=10**6))
+t = time.time()
+distill(src, student, train, f"/tmp/probe_{mode}", cfg)
+pb = ppl(student)
+print(f"{mode}: {steps} steps in {time.time() - t:.0f}s; bsbr {pb:.3f}; gap closed {(pl - pb) / (pl - pf):.3f}")
