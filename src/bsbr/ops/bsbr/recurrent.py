@@ -54,17 +54,31 @@ def bsbr_attention_step(
         state = BSBRState.empty(a, chunk_size, q)
     elif state.chunk_size != chunk_size:
         raise ValueError(f"state was built with chunk_size={state.chunk_size}, got chunk_size={chunk_size}")
-    b, hq, hkv, B = a.batch, a.q_heads, a.kv_heads, chunk_size
+    o = _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map)
+    return o, state
+
+
+def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map):
+    """The step without argument checks (validated once per sequence by the callers)."""
+    b, hq, d = q.shape
+    hkv, B = k.shape[1], chunk_size
     g = hq // hkv
-    scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     valid = torch.ones(b, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
     vb1 = valid.view(b, 1, 1)
+    # without autograd, update the state in place (no copy of the chunk buffers per token)
+    inplace = not torch.is_grad_enabled()
 
     j = state.n_seen % B  # slot of this token inside its chunk
-    slot = (torch.arange(B, device=q.device)[None, :] == j[:, None]) & valid[:, None]  # (b, B)
-    s4 = slot.view(b, 1, B, 1)
-    state.k_buf = torch.where(s4, k.unsqueeze(2), state.k_buf)
-    state.v_buf = torch.where(s4, v.unsqueeze(2), state.v_buf)
+    if inplace:
+        rows = valid.nonzero()[:, 0]
+        state.k_buf[rows, :, j[rows]] = k[rows]
+        state.v_buf[rows, :, j[rows]] = v[rows]
+    else:
+        slot = (torch.arange(B, device=q.device)[None, :] == j[:, None]) & valid[:, None]  # (b, B)
+        s4 = slot.view(b, 1, B, 1)
+        state.k_buf = torch.where(s4, k.unsqueeze(2), state.k_buf)
+        state.v_buf = torch.where(s4, v.unsqueeze(2), state.v_buf)
 
     # local causal softmax over the chunk so far (slots 0..j)
     seen = torch.arange(B, device=q.device)[None, :] <= j[:, None]  # (b, B)
@@ -77,13 +91,20 @@ def bsbr_attention_step(
     den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if variant == "normalized" else None
     o = combine(o_local.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
                 gate_per_head(gate, hq, q), variant).squeeze(2)
-    o = torch.where(vb1, o, torch.zeros_like(o))
+    vm = vb1.to(o.dtype)  # padding: output 0, state unchanged
+    o = o * vm
 
     # update the running sums of the current chunk
-    state.F_cur = torch.where(vb1.unsqueeze(-1), state.F_cur + fk.unsqueeze(-1) * v.unsqueeze(-2), state.F_cur)
-    state.z_cur = torch.where(vb1, state.z_cur + fk, state.z_cur)
-    state.mk_sum = torch.where(vb1, state.mk_sum + mk, state.mk_sum)
-    state.mq_sum = torch.where(vb1, state.mq_sum + mq, state.mq_sum)
+    if inplace:
+        state.F_cur += (fk * vm).unsqueeze(-1) * v.unsqueeze(-2)
+        state.z_cur += fk * vm
+        state.mk_sum += mk * vm
+        state.mq_sum += mq * vm
+    else:
+        state.F_cur = torch.where(vb1.unsqueeze(-1), state.F_cur + fk.unsqueeze(-1) * v.unsqueeze(-2), state.F_cur)
+        state.z_cur = torch.where(vb1, state.z_cur + fk, state.z_cur)
+        state.mk_sum = torch.where(vb1, state.mk_sum + mk, state.mk_sum)
+        state.mq_sum = torch.where(vb1, state.mq_sum + mq, state.mq_sum)
     state.n_seen = state.n_seen + valid.long()
 
     done = valid & (j == B - 1)  # sequences whose chunk just completed
@@ -104,7 +125,7 @@ def bsbr_attention_step(
         state.mk_sum = torch.where(d1, torch.zeros_like(state.mk_sum), state.mk_sum)
         state.mq_sum = torch.where(d1, torch.zeros_like(state.mq_sum), state.mq_sum)
         refresh_retrieval(state, done, top_k, variant)
-    return o, state
+    return o
 
 
 def recurrent_bsbr_attention(
@@ -136,14 +157,12 @@ def recurrent_bsbr_attention(
     state = initial_state
     if state is None:
         state = BSBRState.empty(a, chunk_size, q)
+    elif state.chunk_size != chunk_size:
+        raise ValueError(f"state was built with chunk_size={state.chunk_size}, got chunk_size={chunk_size}")
     outs = []
     for t in range(a.seq_len):
-        o, state = bsbr_attention_step(
-            q[:, :, t], k[:, :, t], v[:, :, t], mq[:, :, t], mk[:, :, t], state,
-            chunk_size=chunk_size, fq=fq[:, :, t], fk=fk[:, :, t], variant=variant, gate=gate,
-            top_k=top_k, valid=None if valid is None else valid[:, t], scale=scale, meta_q_map=meta_q_map,
-            meta_k_map=meta_k_map,
-        )
-        outs.append(o)
+        outs.append(_step(q[:, :, t], k[:, :, t], v[:, :, t], mq[:, :, t], mk[:, :, t], fq[:, :, t], fk[:, :, t],
+                          state, chunk_size, variant, gate, top_k, None if valid is None else valid[:, t], scale,
+                          meta_q_map, meta_k_map))
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)
     return o, (state if output_final_state else None)
