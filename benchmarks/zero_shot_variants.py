@@ -1,0 +1,43 @@
+"""Usage: python benchmarks/zero_shot_variants.py OUT.json
+
+Zero-shot perplexity (no training) of SmolLM2-135M converted with different retrieval variants and
+gate settings, on tokens past the first chunk (chunk 256) of held-out 2,048-token windows."""
+import json
+import math
+import sys
+
+import torch
+
+from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
+from bsbr.evaluate.corpus import stdlib_texts, token_windows
+
+torch.set_num_threads(1)
+tok, src = load_tokenizer(None), load_source(None).eval()
+windows = token_windows(tok, stdlib_texts("heldout"), 2048, 2)
+
+
+def ppl(model, start=256):
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            lg = model(w[None]).logits[0, start:-1]
+            tot += torch.nn.functional.cross_entropy(lg, w[start + 1:], reduction="sum").item()
+            n += len(w) - start - 1
+    return math.exp(tot / n)
+
+
+variants = {
+    "full attention (source)": None,
+    "normalized+hedgehog, gate closed (default)": dict(),
+    "normalized+hedgehog, gate 1 (open)": dict(gate_init=1.0),
+    "normalized+elu, gate 1 (open)": dict(feature_map="elu", gate_init=1.0),
+    "additive (seed formula), no gate": dict(retrieval="additive", feature_map="identity", gate_init=None),
+    "additive, top-k 2, no gate": dict(retrieval="additive", feature_map="identity", gate_init=None, top_k=2),
+}
+out = {}
+for name, opts in variants.items():
+    m = src if opts is None else convert_to_bsbr(src, chunk_size=256, **opts)
+    out[name] = ppl(m)
+    print(f"{name:<48} ppl {out[name]:.3f}", flush=True)
+json.dump(dict(windows=len(windows), seq_len=2048, chunk_size=256, ppl_past_first_chunk=out),
+          open(sys.argv[1] if len(sys.argv) > 1 else "zero_shot_variants.json", "w"), indent=1)
