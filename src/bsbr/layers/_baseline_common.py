@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .bsbr_attention import _check_int
+from ..ops.checks import check_int
 
 
 def check_dropout(dropout) -> float:
@@ -17,13 +17,13 @@ def check_dropout(dropout) -> float:
 
 
 def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -> int:
-    _check_int("hidden_dim", hidden_dim)
-    _check_int("num_heads", num_heads)
+    check_int("hidden_dim", hidden_dim)
+    check_int("num_heads", num_heads)
     if head_dim is None:
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
         head_dim = hidden_dim // num_heads
-    _check_int("head_dim", head_dim)
+    check_int("head_dim", head_dim)
     return head_dim
 
 

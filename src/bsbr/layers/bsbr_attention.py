@@ -12,36 +12,13 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.checks import check_int as _check_int
+from ..ops.checks import check_int
 from ..ops.bsbr import VARIANTS, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
+from .inputs import check_hidden_states, mask_to_valid
 from .feature_maps import FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
 from .rotary import apply_rotary
 
 META_MODES = ("linear", "shared")
-
-
-def check_hidden_states(hidden_states, hidden_dim: int) -> None:
-    if not isinstance(hidden_states, torch.Tensor):
-        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
-    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_dim:
-        raise ValueError(
-            f"hidden_states must have shape (batch, seq_len, {hidden_dim}), got {tuple(hidden_states.shape)}"
-        )
-    if not hidden_states.is_floating_point():
-        raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
-
-
-def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
-    """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a tensor of shape ({batch}, {seq_len}), got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != (batch, seq_len):
-        raise ValueError(f"attention_mask must have shape ({batch}, {seq_len}), got {tuple(attention_mask.shape)}")
-    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
-    return attention_mask.bool()
 
 
 class BSBRAttention(nn.Module):
@@ -90,18 +67,18 @@ class BSBRAttention(nn.Module):
         meta_dim: Optional[int] = None,
     ):
         super().__init__()
-        _check_int("hidden_dim", hidden_dim)
-        _check_int("num_heads", num_heads)
-        _check_int("chunk_size", chunk_size)
+        check_int("hidden_dim", hidden_dim)
+        check_int("num_heads", num_heads)
+        check_int("chunk_size", chunk_size)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_int("num_kv_heads", num_kv_heads)
+        check_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if head_dim is None:
             if hidden_dim % num_heads:
                 raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
             head_dim = hidden_dim // num_heads
-        _check_int("head_dim", head_dim)
+        check_int("head_dim", head_dim)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if retrieval not in VARIANTS:
@@ -112,13 +89,13 @@ class BSBRAttention(nn.Module):
         if retrieval == "normalized" and feature_map == "identity":
             raise ValueError("retrieval='normalized' needs a non-negative feature_map ('elu' or 'hedgehog')")
         if top_k is not None:
-            _check_int("top_k", top_k)
+            check_int("top_k", top_k)
         if meta not in META_MODES:
             raise ValueError(f"meta must be one of {META_MODES}, got {meta!r}")
         if meta == "shared" and meta_dim not in (None, head_dim):
             raise ValueError("meta='shared' uses meta_dim = head_dim")
         meta_dim = head_dim if meta_dim is None else meta_dim
-        _check_int("meta_dim", meta_dim)
+        check_int("meta_dim", meta_dim)
         if gate is not None and not isinstance(gate, (int, float)):
             raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..ops.deltanet import chunk_delta_rule, naive_delta_rule
 from ._baseline_common import MultiHeadBase
-from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from ..ops.checks import check_int
+from .inputs import check_hidden_states, mask_to_valid
 
 
 class DeltaNet(MultiHeadBase):
@@ -29,7 +30,7 @@ class DeltaNet(MultiHeadBase):
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, *, head_dim: Optional[int] = None,
                  bias: bool = True, out_bias: Optional[bool] = None, chunk_size: int = 64):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
-        _check_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self.beta_proj = nn.Linear(hidden_dim, num_heads, bias=True)
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..ops.gau import chunk_gau_attention
 from ._baseline_common import check_dropout
-from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from ..ops.checks import check_int
+from .inputs import check_hidden_states, mask_to_valid
 from .rotary import apply_rotary
 
 
@@ -35,10 +36,10 @@ class GatedAttentionUnit(nn.Module):
     def __init__(self, hidden_dim: int, expansion_factor: int = 2, query_key_dim: int = 128,
                  dropout: float = 0.0, *, bias: bool = True, block_size: int = 512):
         super().__init__()
-        _check_int("hidden_dim", hidden_dim)
-        _check_int("expansion_factor", expansion_factor)
-        _check_int("query_key_dim", query_key_dim)
-        _check_int("block_size", block_size)
+        check_int("hidden_dim", hidden_dim)
+        check_int("expansion_factor", expansion_factor)
+        check_int("query_key_dim", query_key_dim)
+        check_int("block_size", block_size)
         if query_key_dim % 2:
             raise ValueError(f"query_key_dim must be even (rotary positions), got {query_key_dim}")
         self.hidden_dim, self.query_key_dim, self.block_size = hidden_dim, query_key_dim, block_size

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..ops.hopfield import chunk_hopfield_attention
 from ._baseline_common import MultiHeadBase
-from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from ..ops.checks import check_int
+from .inputs import check_hidden_states, mask_to_valid
 from .rotary import apply_rotary
 
 
@@ -29,7 +30,7 @@ class HopfieldAttention(MultiHeadBase):
                  bias: bool = True, out_bias: Optional[bool] = None, num_steps: int = 2,
                  beta: Optional[float] = None, learn_beta: bool = True):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
-        _check_int("num_steps", num_steps)
+        check_int("num_steps", num_steps)
         if beta is None:
             beta = self.head_dim ** -0.5
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:

@@ -14,7 +14,8 @@ import torch
 
 from ..ops.linear_attn import chunk_linear_attention, recurrent_linear_attention
 from ._baseline_common import MultiHeadBase
-from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from ..ops.checks import check_int
+from .inputs import check_hidden_states, mask_to_valid
 from .feature_maps import FEATURE_MAPS, FeatureMap
 
 
@@ -35,7 +36,7 @@ class LinearAttention(MultiHeadBase):
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
         if normalize and feature_map == "identity":
             raise ValueError("normalize=True needs a non-negative feature_map ('elu' or 'hedgehog')")
-        _check_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
         self.normalize, self.chunk_size = bool(normalize), chunk_size
         self.feature_q = FeatureMap(feature_map, num_heads, self.head_dim)
         self.feature_k = FeatureMap(feature_map, num_heads, self.head_dim)

@@ -10,7 +10,8 @@ import torch
 
 from ..ops.sliding_window import chunk_sliding_window_attention
 from ._baseline_common import MultiHeadBase
-from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from ..ops.checks import check_int
+from .inputs import check_hidden_states, mask_to_valid
 from .rotary import apply_rotary
 
 
@@ -24,7 +25,7 @@ class SlidingWindowAttention(MultiHeadBase):
     def __init__(self, hidden_dim: int, num_heads: int, window_size: int, dropout: float = 0.0, *,
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
-        _check_int("window_size", window_size)
+        check_int("window_size", window_size)
         self.window_size = window_size
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

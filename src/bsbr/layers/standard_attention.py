@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bsbr_attention import _check_int, check_hidden_states, mask_to_valid
+from ..ops.checks import check_int
+from .inputs import check_hidden_states, mask_to_valid
 from .rotary import apply_rotary
 
 
@@ -17,8 +18,8 @@ class StandardAttention(nn.Module):
                  num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, bias: bool = True,
                  out_bias: Optional[bool] = None):
         super().__init__()
-        _check_int("hidden_dim", hidden_dim)
-        _check_int("num_heads", num_heads)
+        check_int("hidden_dim", hidden_dim)
+        check_int("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")

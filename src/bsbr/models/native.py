@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers.bsbr_attention import BSBRAttention, _check_int
+from ..layers.bsbr_attention import BSBRAttention
+from ..ops.checks import check_int
 from ..layers.rotary import RotaryEmbedding
 
 
@@ -18,7 +19,7 @@ class BSBRLayer(nn.Module):
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, ff_dim: int, dropout: float = 0.1,
                  compression_factor: Optional[int] = None, **attention_kwargs):
         super().__init__()
-        _check_int("ff_dim", ff_dim)
+        check_int("ff_dim", ff_dim)
         self.attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor,
                                        **attention_kwargs)
         self.layer_norm1 = nn.LayerNorm(hidden_dim)
@@ -41,8 +42,8 @@ class BSBRModel(nn.Module):
                  ff_dim: int, dropout: float = 0.1, compression_factor: Optional[int] = None,
                  rope_theta: float = 10000.0, **attention_kwargs):
         super().__init__()
-        _check_int("vocab_size", vocab_size)
-        _check_int("num_layers", num_layers)
+        check_int("vocab_size", vocab_size)
+        check_int("num_layers", num_layers)
         self.embedding = nn.Embedding(vocab_size, hidden_dim)
         self.layers = nn.ModuleList(
             BSBRLayer(hidden_dim, num_heads, chunk_size, ff_dim, dropout, compression_factor, **attention_kwargs)

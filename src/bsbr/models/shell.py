@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers.bsbr_attention import BSBRAttention, _check_int
+from ..layers.bsbr_attention import BSBRAttention
+from ..ops.checks import check_int
 from ..layers.deltanet import DeltaNet
 from ..layers.gau import GatedAttentionUnit
 from ..layers.hopfield_attention import HopfieldAttention
@@ -81,12 +82,12 @@ class AttentionLM(nn.Module):
         super().__init__()
         if not isinstance(attention, str) or attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        _check_int("vocab_size", vocab_size)
-        _check_int("hidden_dim", hidden_dim)
-        _check_int("num_layers", num_layers)
-        _check_int("num_heads", num_heads)
+        check_int("vocab_size", vocab_size)
+        check_int("hidden_dim", hidden_dim)
+        check_int("num_layers", num_layers)
+        check_int("num_heads", num_heads)
         ff_dim = 4 * hidden_dim if ff_dim is None else ff_dim
-        _check_int("ff_dim", ff_dim)
+        check_int("ff_dim", ff_dim)
         self.attention_name = attention
         self.attention_kwargs = dict(attention_kwargs)
         self.embedding = nn.Embedding(vocab_size, hidden_dim)

@@ -16,7 +16,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ...layers.bsbr_attention import BSBRAttention, mask_to_valid
+from ...layers.bsbr_attention import BSBRAttention
+from ...layers.inputs import mask_to_valid
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding
 from ...ops.bsbr import BSBRState
