@@ -7,24 +7,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.checks import check_int
+from .inputs import resolve_head_dim
 
 
 def check_dropout(dropout) -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     return float(dropout)
-
-
-def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -> int:
-    check_int("hidden_dim", hidden_dim)
-    check_int("num_heads", num_heads)
-    if head_dim is None:
-        if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-        head_dim = hidden_dim // num_heads
-    check_int("head_dim", head_dim)
-    return head_dim
 
 
 class MultiHeadBase(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops.checks import check_int
 from ..ops.bsbr import VARIANTS, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
-from .inputs import check_hidden_states, mask_to_valid
+from .inputs import check_hidden_states, mask_to_valid, resolve_head_dim, resolve_kv_heads
 from .feature_maps import FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
 from .rotary import apply_rotary
 
@@ -67,18 +67,9 @@ class BSBRAttention(nn.Module):
         meta_dim: Optional[int] = None,
     ):
         super().__init__()
-        check_int("hidden_dim", hidden_dim)
-        check_int("num_heads", num_heads)
+        head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
+        num_kv_heads = resolve_kv_heads(num_heads, num_kv_heads)
         check_int("chunk_size", chunk_size)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check_int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim is None:
-            if hidden_dim % num_heads:
-                raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-            head_dim = hidden_dim // num_heads
-        check_int("head_dim", head_dim)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if retrieval not in VARIANTS:

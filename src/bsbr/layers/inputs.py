@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ..ops.checks import check_int
+
 
 def check_hidden_states(hidden_states, hidden_dim: int) -> None:
     if not isinstance(hidden_states, torch.Tensor):
@@ -28,3 +30,24 @@ def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Te
     if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
     return attention_mask.bool()
+
+
+def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -> int:
+    """The per-head size: given, or hidden_dim / num_heads (which must divide)."""
+    check_int("hidden_dim", hidden_dim)
+    check_int("num_heads", num_heads)
+    if head_dim is None:
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = hidden_dim // num_heads
+    check_int("head_dim", head_dim)
+    return head_dim
+
+
+def resolve_kv_heads(num_heads: int, num_kv_heads: Optional[int]) -> int:
+    """Key/value heads for grouped K/V: given (dividing num_heads), or num_heads."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    check_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    return num_kv_heads

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.checks import check_int
-from .inputs import check_hidden_states, mask_to_valid
+from .inputs import check_hidden_states, mask_to_valid, resolve_head_dim, resolve_kv_heads
 from .rotary import apply_rotary
 
 
@@ -18,15 +17,8 @@ class StandardAttention(nn.Module):
                  num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, bias: bool = True,
                  out_bias: Optional[bool] = None):
         super().__init__()
-        check_int("hidden_dim", hidden_dim)
-        check_int("num_heads", num_heads)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim is None:
-            if hidden_dim % num_heads:
-                raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-            head_dim = hidden_dim // num_heads
+        head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
+        num_kv_heads = resolve_kv_heads(num_heads, num_kv_heads)
         self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim = hidden_dim, num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_dim, num_kv_heads * head_dim, bias=bias)
