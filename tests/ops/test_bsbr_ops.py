@@ -60,6 +60,72 @@ def test_three_forms_agree(n, chunk, hq, hkv, d, df, variant, top_k, gate):
         torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
 
 
+MASS_CASES = [  # (n, chunk, hq, hkv, variant, top_k, mass_power)
+    (65, 16, 4, 2, "normalized", None, [1.0, 0.5, 0.0, 2.0]),
+    (100, 8, 2, 1, "normalized", 3, [1.0, 1.0]),
+    (37, 8, 3, 3, "additive", None, [0.7]),
+]
+
+
+@pytest.mark.parametrize("n,chunk,hq,hkv,variant,top_k,mass", MASS_CASES)
+def test_three_forms_agree_with_a_per_token_gate(n, chunk, hq, hkv, variant, top_k, mass):
+    x = make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=5, df=4, positive=True)
+    kw = dict(chunk_size=chunk, variant=variant, top_k=top_k, gate=torch.linspace(0.2, 1.5, hq, dtype=DT),
+              mass_power=torch.tensor(mass, dtype=DT))
+    ref = call(naive_bsbr_attention, x, **kw)
+    without = call(naive_bsbr_attention, x, **{**kw, "mass_power": None})
+    assert not torch.allclose(ref, without)  # the per-token gate changes the output
+    torch.testing.assert_close(call(chunk_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_mass_power_one_is_one_softmax_over_local_keys_and_the_retrieved_mass():
+    """Written out by hand for chunk 1, which retrieves only chunk 0 (weight exactly 1):
+    o_t = (sum_local e^(s-m) v + g fq.F_0) / (sum_local e^(s-m) + g fq.z_0), m = max of the local scores."""
+    B = 8
+    x = make_inputs(b=1, hq=1, hkv=1, n=2 * B, d=4, df=3, positive=True)
+    g = torch.tensor([0.6], dtype=DT)
+    o = call(chunk_bsbr_attention, x, chunk_size=B, variant="normalized", gate=g, mass_power=torch.ones(1, dtype=DT))
+    q, k, v, fq, fk = (x[n][0, 0] for n in ("q", "k", "v", "fq", "fk"))
+    F0, z0 = fk[:B].T @ v[:B], fk[:B].sum(0)
+    for t in range(B, 2 * B):
+        s = k[B : t + 1] @ q[t] / 2.0
+        e = torch.exp(s - s.max())
+        want = (e @ v[B : t + 1] + g * (fq[t] @ F0)) / (e.sum() + g * (fq[t] @ z0))
+        torch.testing.assert_close(o[0, 0, t], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(o[0, 0, :B], call(naive_bsbr_attention, x, chunk_size=B)[0, 0, :B])  # chunk 0: local
+
+
+def test_per_token_gate_is_causal_padding_invariant_and_differentiable():
+    kw = dict(chunk_size=8, variant="normalized", top_k=2)
+    x = make_inputs(b=1, hq=2, hkv=1, n=40, d=4, positive=True)
+    beta = torch.tensor([1.0, 0.5], dtype=DT)
+    base = call(chunk_bsbr_attention, x, mass_power=beta, **kw)
+    for t in (0, 8, 21, 39):
+        y = {k: v.clone() for k, v in x.items()}
+        for name in y:
+            y[name][:, :, t] += 10.0
+        assert torch.equal(call(chunk_bsbr_attention, y, mass_power=beta, **kw)[:, :, :t], base[:, :, :t])
+    valid = torch.ones(1, 40, dtype=torch.bool)
+    valid[0, :5] = False
+    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        o = call(fn, x, valid=valid, mass_power=beta, **kw)
+        alone = {k: t[:, :, 5:] for k, t in x.items()}
+        torch.testing.assert_close(o[:, :, 5:], call(naive_bsbr_attention, alone, mass_power=beta, **kw),
+                                   rtol=1e-10, atol=1e-10)
+    grads = []
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        xs = make_inputs(b=1, hq=2, hkv=1, n=21, d=4, positive=True, requires_grad=True)
+        b_ = beta.clone().requires_grad_(True)
+        o = call(fn, xs, mass_power=b_, gate=torch.tensor(0.5, dtype=DT), **kw)
+        (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(2), dtype=DT)).sum().backward()
+        grads.append([t.grad for t in xs.values()] + [b_.grad])
+    assert grads[0][-1].abs().sum() > 0
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
 def test_recurrent_long_sequence_small_chunk():
     x = make_inputs(b=1, hq=2, hkv=1, n=300, d=4, df=4, positive=True)
     kw = dict(chunk_size=16, variant="normalized", top_k=5)
@@ -176,6 +242,8 @@ def test_empty_sequence():
         ({"v": torch.zeros(2, 2, 9, 7, dtype=torch.float32)}, dict(chunk_size=4), TypeError),  # mixed dtypes
         ({}, dict(chunk_size=4, valid=torch.ones(2, 8, dtype=torch.bool)), ValueError),
         ({}, dict(chunk_size=4, gate=torch.ones(3, dtype=DT)), ValueError),
+        ({}, dict(chunk_size=4, mass_power=torch.ones(3, dtype=DT)), ValueError),
+        ({}, dict(chunk_size=4, mass_power=1.0), TypeError),
     ],
 )
 def test_bad_inputs_raise(change, kw, exc):

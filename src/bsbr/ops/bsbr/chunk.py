@@ -18,6 +18,7 @@ from .utils import (
     check_options,
     combine,
     gate_per_head,
+    local_log_mass,
     refresh_retrieval,
     retrieval_weights,
 )
@@ -81,6 +82,7 @@ def chunk_bsbr_attention(
     output_final_state: bool = False,
     meta_q_map=None,
     meta_k_map=None,
+    mass_power: Optional[torch.Tensor] = None,
 ):
     """Block Sparse attention with Block Retrieval.
 
@@ -97,6 +99,8 @@ def chunk_bsbr_attention(
         variant: ``"additive"`` (the seed's ``softmax_local + q.S``) or ``"normalized"`` (shared
             denominator; see :func:`bsbr.ops.bsbr.utils.combine`).
         gate: None (open) or a scalar / (hq,) tensor scaling the retrieved term.
+        mass_power: None, or a scalar / (hq,) tensor beta making the gate per token,
+            ``g * L_t**(-beta)`` with ``L_t`` the local softmax mass (see :func:`~bsbr.ops.bsbr.utils.combine`).
         top_k: None for dense retrieval over all earlier chunks, else keep the k best-scoring ones.
         valid: (b, n) padding mask, 1/True for real tokens. Each sequence is processed on its own
             real tokens (chunk boundaries start at its first real token); padded positions output 0.
@@ -110,7 +114,8 @@ def chunk_bsbr_attention(
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map,
+                     mass_power=mass_power)
     b, hq, hkv, n, B = a.batch, a.q_heads, a.kv_heads, a.seq_len, chunk_size
     g = hq // hkv
     scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
@@ -145,7 +150,14 @@ def chunk_bsbr_attention(
     qc = blocks(q).transpose(1, 2).reshape(b * C, hq, B, a.head_dim)
     kc = blocks(k).transpose(1, 2).reshape(b * C, hkv, B, a.head_dim)
     vc = blocks(v).transpose(1, 2).reshape(b * C, hkv, B, a.value_dim)
-    o_local = F_.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=g > 1)
+    log_mass = None
+    if mass_power is None:
+        o_local = F_.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=g > 1)
+    else:  # the per-token gate needs the local softmax's mass, which SDPA does not return
+        s = (qc.view(b * C, hkv, g, B, -1) @ kc.unsqueeze(2).transpose(-1, -2)) * scale  # (bC, hkv, g, B, B)
+        s = s.masked_fill(~torch.ones(B, B, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        o_local = (torch.softmax(s, dim=-1) @ vc.unsqueeze(2)).view(b * C, hq, B, a.value_dim)
+        log_mass = local_log_mass(s).view(b, C, hq, B).transpose(1, 2).reshape(b, hq, C * B)
     o_local = o_local.view(b, C, hq, B, a.value_dim).transpose(1, 2)  # (b, hq, C, B, dv)
 
     # 2. chunk states from real tokens only: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
@@ -196,7 +208,7 @@ def chunk_bsbr_attention(
     fq_c = blocks(fq)  # (b, hq, C, B, df)
     num = _bmm5(fq_c, S)  # (b, hq, C, B, dv)
     needs_grad = torch.is_grad_enabled() and (o_local.requires_grad or num.requires_grad)
-    if variant == "additive" and gate is None and valid is None and not needs_grad:  # out= has no autograd
+    if variant == "additive" and gate is None and mass_power is None and valid is None and not needs_grad:  # out= has no autograd
         # The common case, o = o_local + q.S: one pass, no mask (padded rows are sliced off) and no
         # gate (an open gate multiplies by exactly 1). The sum is written straight into a
         # (b, n, hq, dv) buffer, so the caller's transpose to (b, n, hq*dv) for the output
@@ -207,7 +219,7 @@ def chunk_bsbr_attention(
     else:
         den = (fq_c @ zS.unsqueeze(-1)).squeeze(-1) if variant == "normalized" else None
         o = combine(o_local.reshape(b, hq, C * B, dv), num.reshape(b, hq, C * B, dv),
-                    None if den is None else den.reshape(b, hq, C * B), gates, variant)
+                    None if den is None else den.reshape(b, hq, C * B), gates, variant, log_mass, mass_power)
         o = o * tok_valid.view(b, 1, C * B, 1).to(o.dtype)
         o = o[:, :, :n]
 

@@ -31,12 +31,14 @@ def naive_bsbr_attention(
     scale: Optional[float] = None,
     meta_q_map=None,
     meta_k_map=None,
+    mass_power: Optional[torch.Tensor] = None,
 ):
     """Same signature and meaning as :func:`bsbr.ops.chunk_bsbr_attention`; returns ``(o, None)``."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map,
+                     mass_power=mass_power)
     B, g = chunk_size, a.q_heads // a.kv_heads
     scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
     gates = gate_per_head(gate, a.q_heads, q)
@@ -55,7 +57,8 @@ def naive_bsbr_attention(
         # 1. within-chunk attention: M_in[t, j] = same chunk and j <= t
         m_in = (chunk[:, None] == chunk[None, :]) & (t[None, :] <= t[:, None])
         s = (qb @ kb.transpose(-1, -2)) * scale
-        A = torch.softmax(s.masked_fill(~m_in, float("-inf")), dim=-1) @ vb  # (h, L, dv)
+        s = s.masked_fill(~m_in, float("-inf"))
+        A = torch.softmax(s, dim=-1) @ vb  # (h, L, dv)
         # 2. chunk states F_c = sum_{j in c} fk_j v_j^T, feature sums z_c = sum_{j in c} fk_j
         onehot = (chunk[None, :] == torch.arange(C, device=q.device)[:, None]).to(q.dtype)  # (C, L)
         F = torch.einsum("cj,hjf,hjv->hcfv", onehot, fkb, vb)
@@ -82,6 +85,9 @@ def naive_bsbr_attention(
         # 5. read-out at each token with its own chunk's retrieved state, then the combination
         num = torch.einsum("htf,htfv->htv", fqb, S[:, chunk])
         gh = gates.view(-1, 1, 1)
+        if mass_power is not None:  # per-token gate g * L_t^-beta, L_t = sum_local exp(s - max s)
+            log_L = torch.logsumexp(s, dim=-1) - s.amax(dim=-1)  # (h, L)
+            gh = gh * torch.exp(-mass_power.to(q.dtype).reshape(-1, 1) * log_L).unsqueeze(-1)
         if variant == "additive":
             o = A + gh * num
         else:

@@ -19,6 +19,7 @@ from .utils import (
     combine,
     ensure_capacity,
     gate_per_head,
+    local_log_mass,
     refresh_retrieval,
 )
 
@@ -41,6 +42,7 @@ def bsbr_attention_step(
     scale: Optional[float] = None,
     meta_q_map=None,
     meta_k_map=None,
+    mass_power: Optional[torch.Tensor] = None,
 ):
     """One token per sequence. q: (b, hq, d), k: (b, hkv, d), ...; valid: (b,) (False = padding:
     the state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``; the state
@@ -49,16 +51,18 @@ def bsbr_attention_step(
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
     a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim=3, meta_q_map=meta_q_map,
-                     meta_k_map=meta_k_map)
+                     meta_k_map=meta_k_map, mass_power=mass_power)
     if state is None:
         state = BSBRState.empty(a, chunk_size, q)
     elif state.chunk_size != chunk_size:
         raise ValueError(f"state was built with chunk_size={state.chunk_size}, got chunk_size={chunk_size}")
-    o = _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map)
+    o = _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map,
+              mass_power)
     return o, state
 
 
-def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map):
+def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map,
+          mass_power=None):
     """The step without argument checks (validated once per sequence by the callers)."""
     b, hq, d = q.shape
     hkv, B = k.shape[1], chunk_size
@@ -89,8 +93,9 @@ def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, vali
     # read-out of what this chunk retrieved when it began
     num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
     den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if variant == "normalized" else None
+    log_mass = None if mass_power is None else local_log_mass(s).reshape(b, hq, 1)
     o = combine(o_local.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
-                gate_per_head(gate, hq, q), variant).squeeze(2)
+                gate_per_head(gate, hq, q), variant, log_mass, mass_power).squeeze(2)
     vm = vb1.to(o.dtype)  # padding: output 0, state unchanged
     o = o * vm
 
@@ -147,13 +152,15 @@ def recurrent_bsbr_attention(
     output_final_state: bool = False,
     meta_q_map=None,
     meta_k_map=None,
+    mass_power: Optional[torch.Tensor] = None,
 ):
     """Same signature and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one). Returns ``(o, state)``."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
     check_options(chunk_size, variant, top_k)
-    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map)
+    a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map,
+                     mass_power=mass_power)
     state = initial_state
     if state is None:
         state = BSBRState.empty(a, chunk_size, q)
@@ -163,6 +170,6 @@ def recurrent_bsbr_attention(
     for t in range(a.seq_len):
         outs.append(_step(q[:, :, t], k[:, :, t], v[:, :, t], mq[:, :, t], mk[:, :, t], fq[:, :, t], fk[:, :, t],
                           state, chunk_size, variant, gate, top_k, None if valid is None else valid[:, t], scale,
-                          meta_q_map, meta_k_map))
+                          meta_q_map, meta_k_map, mass_power))
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)
     return o, (state if output_final_state else None)

@@ -59,7 +59,7 @@ def check_options(chunk_size, variant: str, top_k) -> None:
 
 
 def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4, meta_q_map=None,
-                 meta_k_map=None) -> BSBRArgs:
+                 meta_k_map=None, mass_power=None) -> BSBRArgs:
     """Check shapes of a sequence call (``token_dim=4``: (b, h, n, d)) or a step call (3: (b, h, d))."""
     for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk)):
         check_tensor(name, x, token_dim)
@@ -104,11 +104,13 @@ def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4, meta_
     dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk)}
     if len(dtypes) != 1:
         raise TypeError(f"q, k, v, mq, mk, fq, fk must share one dtype, got {sorted(map(str, dtypes))}")
-    if gate is not None:
-        if not isinstance(gate, torch.Tensor):
-            raise TypeError(f"gate must be None or a tensor of shape ({hq},), got {type(gate).__name__}")
-        if gate.dim() > 1 or gate.numel() not in (1, hq):
-            raise ValueError(f"gate must be a scalar or have shape ({hq},), got {tuple(gate.shape)}")
+    for name, x in (("gate", gate), ("mass_power", mass_power)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be None or a tensor of shape ({hq},), got {type(x).__name__}")
+        if x.dim() > 1 or x.numel() not in (1, hq):
+            raise ValueError(f"{name} must be a scalar or have shape ({hq},), got {tuple(x.shape)}")
     n = q.shape[2] if token_dim == 4 else 1
     if valid is not None:
         want = (b, n) if token_dim == 4 else (b,)
@@ -162,15 +164,30 @@ def retrieval_weights(
     return alpha
 
 
-def combine(o_local, num, den, gate, variant: str):
+def local_log_mass(scores: torch.Tensor) -> torch.Tensor:
+    """log sum_j exp(s_j - max_j s_j) over the last dim of masked (-inf) local scores: the log of the
+    local softmax's mass once its running max is subtracted, in [0, log n_local]."""
+    return torch.logsumexp(scores, dim=-1) - scores.amax(dim=-1)
+
+
+def combine(o_local, num, den, gate, variant: str, log_mass=None, mass_power=None):
     """Mix the local softmax output with the retrieved read-out.
 
     o_local, num: (..., hq, T, dv); den: (..., hq, T) or None; gate: (hq,).
     additive:   o = o_local + g * q.S                        (the seed's formula)
     normalized: o = (o_local + g * fq.S) / (1 + g * fq.z)    (shared denominator: the local
                 softmax is a distribution of mass one, the retrieved chunks add mass g * fq.z)
+
+    With ``mass_power`` beta (hq,) and ``log_mass`` (..., hq, T) = log L_t, where
+    L_t = sum_local exp(s - max s), the gate becomes per token: g_t = g * L_t^(-beta). With beta = 1
+    this is one softmax over the local scores and the retrieved mass with the running max subtracted
+    from the softmax part only: o = (L o_local + g fq.S) / (L + g fq.z). A token whose local context
+    holds one dominant key (L near 1, e.g. early in its chunk) leans on retrieval; a token with many
+    strong local matches leans on them.
     """
     g = gate.view(-1, 1, 1)
+    if mass_power is not None:
+        g = g * torch.exp(-mass_power.to(o_local.dtype).reshape(-1, 1) * log_mass).unsqueeze(-1)
     if variant == "additive":
         return o_local + g * num
     return (o_local + g * num) / (1.0 + g * den.unsqueeze(-1))
