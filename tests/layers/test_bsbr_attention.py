@@ -109,6 +109,8 @@ def test_bsbr_layer_gradients_flow():
         (dict(meta="mean"), ValueError),
         (dict(dropout=1.5), ValueError),
         (dict(gate="open"), TypeError),
+        (dict(mass_power="1"), TypeError),
+        (dict(mass_power=True), TypeError),
     ],
 )
 def test_bad_construction_raises(kw, exc):

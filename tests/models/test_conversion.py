@@ -95,7 +95,11 @@ def test_meta_initialisations(meta, meta_init):
 
 def test_save_load_round_trip(tmp_path):
     src = make_source("qwen2")
-    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, top_k=2)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, top_k=2, retrieval_mass=1.0)
+    with torch.no_grad():  # trained-looking new pieces: a loader that re-initialised them would differ
+        for layer in model.model.layers:
+            layer.attn.retrieval_gate.uniform_(0.1, 1.0)
+            layer.attn.retrieval_mass.uniform_(0.0, 2.0)
     model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "model.safetensors" in files and "config.json" in files

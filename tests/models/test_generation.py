@@ -9,10 +9,12 @@ from bsbr.models import BSBRCache
 CHUNK = 8
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=[("llama", None), ("gpt2", None), ("llama", 1.0)], ids=["llama", "gpt2", "llama-mass"])
 def model(request):
-    # an open gate, so the retrieved states matter in every chunk after the first
-    return convert_to_bsbr(make_source(request.param), chunk_size=CHUNK, gate_init=0.7)
+    # an open gate, so the retrieved states matter in every chunk after the first; "mass" adds the
+    # per-token gate (its local softmax mass is computed differently in the prefill and the steps)
+    family, mass = request.param
+    return convert_to_bsbr(make_source(family), chunk_size=CHUNK, gate_init=0.7, retrieval_mass=mass)
 
 
 def test_prefill_then_steps_equal_full_forward_logits(model):

@@ -29,6 +29,9 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-map", choices=["identity", "elu", "hedgehog"], default=DEFAULT_OPTIONS["feature_map"])
     p.add_argument("--gate-init", type=_optional_float, default=DEFAULT_OPTIONS["gate_init"],
                    help="initial retrieval gate; 0 = closed (exactly chunk-local until trained), 'none' = no gate")
+    p.add_argument("--retrieval-mass", type=_optional_float, default=DEFAULT_OPTIONS["retrieval_mass"],
+                   help="initial per-head exponent beta of the per-token gate g * L_t^-beta (L_t = the local "
+                        "softmax mass after its max); 'none' = a per-head gate only")
     p.add_argument("--top-k", type=_optional_int, default=None, help="retrieve only the k best past chunks")
     p.add_argument("--meta", choices=["shared", "linear"], default=DEFAULT_OPTIONS["meta"])
     p.add_argument("--meta-init", choices=list(META_INITS), default=DEFAULT_OPTIONS["meta_init"])
@@ -38,7 +41,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
 
 def conversion_options(args) -> dict:
     return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor, retrieval=args.retrieval,
-                feature_map=args.feature_map, gate_init=args.gate_init, top_k=args.top_k, meta=args.meta,
+                feature_map=args.feature_map, gate_init=args.gate_init, top_k=args.top_k,
+                retrieval_mass=args.retrieval_mass, meta=args.meta,
                 meta_init=args.meta_init, position_scheme=args.position_scheme)
 
 

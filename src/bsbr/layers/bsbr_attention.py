@@ -21,6 +21,15 @@ from .rotary import apply_rotary
 META_MODES = ("linear", "shared")
 
 
+def _op_precision(*tensors: torch.Tensor):
+    """Under mixed precision (autocast) the projections come out in a low-precision dtype and the
+    feature maps in float32; the op then runs in float32 with autocast off (its running sums, the
+    shared denominator and the local-mass exponent need the range). Otherwise: unchanged."""
+    if not torch.is_autocast_enabled(tensors[0].device.type):
+        return tensors
+    return tuple(t.float() for t in tensors)
+
+
 class BSBRAttention(nn.Module):
     """Block Sparse attention with Block Retrieval.
 
@@ -36,6 +45,9 @@ class BSBRAttention(nn.Module):
             hedgehog for normalized.
         gate: None (no gate) or the initial value of a per-head gate on the retrieved term. A gate
             starting at 0 makes the layer exactly chunk-local attention until it is trained.
+        mass_power: None, or the initial value of a per-head exponent beta that makes the gate per
+            token, ``g * L_t**(-beta)`` with ``L_t`` the local softmax's mass after subtracting its max
+            (beta = 1: one softmax over the local keys and the retrieved mass). Trained with the gate.
         top_k: None (dense) or the number of past chunks each chunk retrieves.
         meta: ``"linear"`` (own projections of the hidden state, the earlier library's) or
             ``"shared"`` (per-head d x d maps of the un-rotated q/k, identity-initialised: the meta
@@ -45,7 +57,8 @@ class BSBRAttention(nn.Module):
 
     # the pieces a standard attention layer does not have: what a converted model must initialise
     # and what attention-transfer distillation trains
-    NEW_PARAMETER_PREFIXES = ("meta_r_proj", "meta_h_proj", "feature_q", "feature_k", "compress", "retrieval_gate")
+    NEW_PARAMETER_PREFIXES = ("meta_r_proj", "meta_h_proj", "feature_q", "feature_k", "compress", "retrieval_gate",
+                              "retrieval_mass")
 
     def __init__(
         self,
@@ -65,6 +78,7 @@ class BSBRAttention(nn.Module):
         top_k: Optional[int] = None,
         meta: str = "linear",
         meta_dim: Optional[int] = None,
+        mass_power: Optional[float] = None,
     ):
         super().__init__()
         head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
@@ -112,6 +126,10 @@ class BSBRAttention(nn.Module):
             else StateCompression(self.feature_q.out_dim, compression_factor, self.feature_q.nonnegative)
         )
         self.retrieval_gate = None if gate is None else nn.Parameter(torch.full((num_heads,), float(gate)))
+        if mass_power is not None and (isinstance(mass_power, bool) or not isinstance(mass_power, (int, float))):
+            raise TypeError(f"mass_power must be None or a float, got {mass_power!r}")
+        self.retrieval_mass = (None if mass_power is None
+                               else nn.Parameter(torch.full((num_heads,), float(mass_power))))
         self.dropout_layer = nn.Dropout(dropout)
 
     def gate_value(self) -> Optional[torch.Tensor]:
@@ -155,6 +173,7 @@ class BSBRAttention(nn.Module):
 
     def _options(self):
         return dict(chunk_size=self.chunk_size, variant=self.retrieval, gate=self.gate_value(), top_k=self.top_k,
+                    mass_power=self.retrieval_mass,
                     meta_q_map=self._meta_map(self.meta_r_proj, self.num_heads),
                     meta_k_map=self._meta_map(self.meta_h_proj, self.num_kv_heads))
 
@@ -174,9 +193,10 @@ class BSBRAttention(nn.Module):
         check_hidden_states(hidden_states, self.hidden_dim)
         b, n, _ = hidden_states.shape
         valid = mask_to_valid(attention_mask, b, n)
-        q, k, v, mq, mk, fq, fk = self._project(hidden_states, position_embeddings)
-        o, state = chunk_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid,
-                                        output_final_state=output_state, **self._options())
+        q, k, v, mq, mk, fq, fk = _op_precision(*self._project(hidden_states, position_embeddings))
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            o, state = chunk_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid,
+                                            output_final_state=output_state, **self._options())
         out = self._output(o)
         return (out, state) if output_state else out
 
@@ -192,7 +212,8 @@ class BSBRAttention(nn.Module):
         check_hidden_states(hidden_states, self.hidden_dim)
         b, n, _ = hidden_states.shape
         valid = mask_to_valid(attention_mask, b, n)
-        q, k, v, mq, mk, fq, fk = self._project(hidden_states, position_embeddings)
-        o, state = recurrent_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid, initial_state=state,
-                                            output_final_state=True, **self._options())
+        q, k, v, mq, mk, fq, fk = _op_precision(*self._project(hidden_states, position_embeddings))
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            o, state = recurrent_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid, initial_state=state,
+                                                output_final_state=True, **self._options())
         return self._output(o), state

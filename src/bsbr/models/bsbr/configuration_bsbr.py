@@ -61,6 +61,7 @@ class BSBRConfig(PretrainedConfig):
         feature_map: str = "hedgehog",
         gate_init: Optional[float] = 0.0,
         retrieval_top_k: Optional[int] = None,
+        retrieval_mass: Optional[float] = None,
         meta: str = "shared",
         meta_dim: Optional[int] = None,
         initializer_range: float = 0.02,
@@ -122,6 +123,9 @@ class BSBRConfig(PretrainedConfig):
         self.gate_init = gate_init
         # not 'top_k': that name belongs to generation settings in HF configs
         self.retrieval_top_k = retrieval_top_k
+        if retrieval_mass is not None and (isinstance(retrieval_mass, bool) or not isinstance(retrieval_mass, (int, float))):
+            raise TypeError(f"retrieval_mass must be None or a float, got {retrieval_mass!r}")
+        self.retrieval_mass = retrieval_mass
         self.meta = meta
         self.meta_dim = meta_dim
         self.initializer_range = initializer_range
@@ -135,4 +139,5 @@ class BSBRConfig(PretrainedConfig):
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
             gate=self.gate_init, top_k=self.retrieval_top_k, meta=self.meta, meta_dim=self.meta_dim,
+            mass_power=getattr(self, "retrieval_mass", None),
         )

@@ -156,8 +156,11 @@ class BSBRPreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, HeadwiseLinear.initial_weight(*module.weight.shape))
         elif isinstance(module, StateCompression):
             init.copy_(module.proj, StateCompression.initial_weight(module.proj.shape[0], module.factor))
-        elif isinstance(module, BSBRAttention) and module.retrieval_gate is not None:
-            init.constant_(module.retrieval_gate, float(self.config.gate_init))
+        elif isinstance(module, BSBRAttention):
+            if module.retrieval_gate is not None:
+                init.constant_(module.retrieval_gate, float(self.config.gate_init))
+            if module.retrieval_mass is not None:
+                init.constant_(module.retrieval_mass, float(self.config.retrieval_mass))
         elif isinstance(module, BSBRRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
