@@ -1,8 +1,9 @@
-"""Usage: python benchmarks/distill_recipe_probe.py {transfer|kl} STEPS LR
+"""Usage: python benchmarks/distill_recipe_probe.py {transfer|kl} STEPS LR [BASE_LR] [key=value ...]
 
 A short probe of the two distillation stages on SmolLM2-135M (chunk 256, 2,048-token windows):
 ``transfer`` = stage 1 (attention transfer, relative MSE per layer), ``kl`` = stage 2 only (end-to-end
-KL on the new pieces). Prints perplexity on tokens past the first chunk of 4 windows from 40 files
+KL on the new pieces; with BASE_LR > 0, on all weights, the source's own at BASE_LR). ``key=value``
+pairs are conversion options (e.g. ``retrieval_mass=1.0``). Prints perplexity on tokens past the first chunk of 4 windows from 40 files
 not trained on, for full attention, chunk-local attention and the distilled BSBR model.
 (How docs/findings.md chose the distillation recipe.)
 """
@@ -19,6 +20,9 @@ from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.distill import DistillConfig, distill
 
 mode, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+base_lr = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+options = {k: float(v) for k, v in (a.split("=") for a in sys.argv[5:]) if k != "bf16"}
+bf16 = "bf16=1" in sys.argv[5:]
 torch.manual_seed(0)
 tok, src = load_tokenizer(None), load_source(None).eval()
 B, N = 256, 2048
@@ -38,7 +42,7 @@ def windows(fs, k):
 
 
 train, held = windows(files[:150], 200), windows(files[-40:], 4)
-student, local = convert_to_bsbr(src, chunk_size=B), convert_to_bsbr(src, chunk_size=B)
+student, local = convert_to_bsbr(src, chunk_size=B, **options), convert_to_bsbr(src, chunk_size=B)
 
 
 def ppl(m):
@@ -54,8 +58,9 @@ def ppl(m):
 pf, pl = ppl(src), ppl(local)
 print("full", pf, "local", pl, flush=True)
 cfg = (DistillConfig(steps=steps, lr=lr, checkpoint_every=10**6) if mode == "transfer"
-       else DistillConfig(steps=0, stage2_steps=steps, stage2_lr=lr, checkpoint_every=10**6))
+       else DistillConfig(steps=0, stage2_steps=steps, stage2_lr=lr, checkpoint_every=10**6, bf16=bf16,
+                     **(dict(stage2_params="all", stage2_base_lr=base_lr) if base_lr > 0 else {})))
 t = time.time()
 distill(src, student, train, f"/tmp/probe_{mode}", cfg)
 pb = ppl(student)
-print(f"{mode}: {steps} steps in {time.time() - t:.0f}s; bsbr {pb:.3f}; gap closed {(pl - pb) / (pl - pf):.3f}")
+print(f"{mode} base_lr={base_lr} bf16={bf16} {options}: {steps} steps in {time.time() - t:.0f}s; bsbr {pb:.3f}; gap closed {(pl - pb) / (pl - pf):.3f}")

@@ -82,11 +82,40 @@ def test_stage2_end_to_end(tmp_path):
     assert all(torch.isfinite(torch.tensor(e["kl"])) for e in progress["log"] if e["stage"] == 2)
 
 
+def test_stage2_all_weights_with_their_own_learning_rate(tmp_path):
+    teacher, student = fresh(0.1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    new = set(new_parameters(student))
+    cfg = DistillConfig(steps=0, stage2_steps=2, stage2_params="all", stage2_lr=1e-2, stage2_base_lr=1e-6,
+                        checkpoint_every=100)
+    distill(teacher, student, windows(), tmp_path, cfg)
+    moved = {k: float((v - before[k]).abs().max()) for k, v in student.state_dict().items()}
+    assert max(moved[k] for k in new) > 1e-3  # Adam moves each weight by about its learning rate per step
+    assert 0 < max(m for k, m in moved.items() if k not in new) < 1e-5
+
+
+def test_bf16_autocast_trains_in_float32_weights(tmp_path):
+    teacher = make_source("llama")
+    student = convert_to_bsbr(teacher, chunk_size=CHUNK, gate_init=0.1, retrieval_mass=1.0)
+    before = {k: v.clone() for k, v in new_parameters(student).items()}
+    cfg = DistillConfig(steps=0, stage2_steps=3, stage2_lr=1e-2, bf16=True, checkpoint_every=100)
+    progress = distill(teacher, student, windows(), tmp_path, cfg)
+    assert all(torch.isfinite(torch.tensor(e["kl"])) for e in progress["log"])
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert any(not torch.equal(p, before[k]) for k, p in new_parameters(student).items())
+    masses = [layer.attn.retrieval_mass for layer in student.model.layers]
+    assert any(not torch.equal(m, torch.ones_like(m)) for m in masses)  # the exponent trains too
+    ids = windows(1)[0][None]
+    torch.testing.assert_close(load_bsbr_model(tmp_path)(ids).logits, student(ids).logits)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="steps or --minutes"):
         DistillConfig().validate()
     with pytest.raises(ValueError, match="stage2_params"):
         DistillConfig(steps=1, stage2_params="some").validate()
+    with pytest.raises(ValueError, match="stage2_base_lr"):
+        DistillConfig(steps=1, stage2_base_lr=1e-5).validate()
     teacher, student = fresh()
     with pytest.raises(ValueError, match="no training windows"):
         distill(teacher, student, [], "/tmp/unused", DistillConfig(steps=1))

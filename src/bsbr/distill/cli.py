@@ -21,7 +21,7 @@ def cmd_distill(args) -> int:
 
     cfg = DistillConfig(steps=args.steps, minutes=args.minutes, stage2_steps=args.stage2_steps,
                         stage2_share=args.stage2_share, lr=args.lr, stage2_lr=args.stage2_lr,
-                        stage2_params=args.stage2_params, lm_weight=args.lm_weight, seed=args.seed,
+                        stage2_params=args.stage2_params, stage2_base_lr=args.stage2_base_lr, bf16=args.bf16, lm_weight=args.lm_weight, seed=args.seed,
                         checkpoint_every=args.checkpoint_every)
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,6 +62,11 @@ def register(sub) -> None:
     p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="new")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--stage2-lr", type=float, default=1e-3)
+    p.add_argument("--stage2-base-lr", type=float, default=None,
+                   help="with --stage2-params all: learning rate of the source's own weights "
+                        "(default: --stage2-lr for every weight)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=2000)

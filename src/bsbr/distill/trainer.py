@@ -47,7 +47,9 @@ class DistillConfig:
     lr: float = 1e-2
     stage2_lr: float = 1e-3
     stage2_params: str = "new"
+    stage2_base_lr: Optional[float] = None  # stage2_params="all": lr of the source's own weights
     lm_weight: float = 0.1
+    bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
     checkpoint_every: int = 25
     log_every: int = 1
@@ -63,8 +65,10 @@ class DistillConfig:
             raise ValueError(f"stage2_share must be in [0, 1), got {self.stage2_share!r}")
         if self.stage2_params not in STAGE2_PARAMS:
             raise ValueError(f"stage2_params must be one of {STAGE2_PARAMS}, got {self.stage2_params!r}")
-        if self.lr <= 0 or self.stage2_lr <= 0:
+        if self.lr <= 0 or self.stage2_lr <= 0 or (self.stage2_base_lr is not None and self.stage2_base_lr <= 0):
             raise ValueError("learning rates must be > 0")
+        if self.stage2_base_lr is not None and self.stage2_params != "all":
+            raise ValueError("stage2_base_lr applies only to stage2_params='all'")
 
 
 def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
@@ -126,6 +130,17 @@ def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tens
     return kl + lm_weight * ce, float(kl.detach()), float(ce.detach())
 
 
+def _train_step(stage: int, teacher, student, ids: torch.Tensor, cfg: DistillConfig) -> dict:
+    """One step's forward and backward (gradients left in ``.grad``); returns the log entry."""
+    if stage == 1:
+        records, _ = teacher_targets(teacher, ids)
+        return dict(stage=1, attn_mse=attention_transfer_loss(student, records, ids))
+    _, tlogits = teacher_targets(teacher, ids, logits=True, attention=False)
+    total, kl, ce = end_to_end_loss(student, tlogits, ids, cfg.lm_weight)
+    total.backward()
+    return dict(stage=2, kl=kl, ce=ce)
+
+
 def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
     try:
         from peft import LoraConfig, inject_adapter_in_model
@@ -174,7 +189,13 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             params = _lora_parameters(student)
         _set_trainable(student, params)
         lr = cfg.lr if stage == 1 else cfg.stage2_lr
-        return params, torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+        groups = [dict(params=list(params.values()), lr=lr)]
+        if stage == 2 and cfg.stage2_params == "all" and cfg.stage2_base_lr is not None:
+            # the new pieces start from scratch and need a large step; the pretrained weights a small one
+            new = set(new_parameters(student))
+            groups = [dict(params=[p for n, p in params.items() if n in new], lr=lr),
+                      dict(params=[p for n, p in params.items() if n not in new], lr=cfg.stage2_base_lr)]
+        return params, torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
     params, opt = build(1)
     if resume and has_checkpoint(ckpt_dir):
@@ -213,15 +234,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             break
         ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
         opt.zero_grad(set_to_none=True)
-        if stage == 1:
-            records, _ = teacher_targets(teacher, ids)
-            loss = attention_transfer_loss(student, records, ids)
-            entry = dict(stage=1, step=progress["step"], attn_mse=loss)
-        else:
-            _, tlogits = teacher_targets(teacher, ids, logits=True, attention=False)
-            total, kl, ce = end_to_end_loss(student, tlogits, ids, cfg.lm_weight)
-            total.backward()
-            entry = dict(stage=2, step=progress["step"], kl=kl, ce=ce)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            entry = _train_step(stage, teacher, student, ids, cfg)
+        entry["step"] = progress["step"]
         _average_gradients(params.values())
         opt.step()
         progress["step"] += 1
