@@ -49,6 +49,7 @@ def test_attention_transfer_trains_only_new_pieces_and_lowers_the_loss(tmp_path)
             assert torch.equal(v, frozen[k]), k
     assert any(float(l.attn.gate_value().detach().abs().max()) > 0 for l in student.model.layers)  # gate opened
     assert len(progress["log"]) == 30
+    assert (tmp_path / "distill.png").stat().st_size > 1000  # the training curve beside distill.json
     reloaded = load_bsbr_model(tmp_path)  # the saved result is a normal BSBR checkpoint
     ids = ws[0][None]
     torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)

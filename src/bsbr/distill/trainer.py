@@ -254,4 +254,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         _merge_lora(student)
         student.save_pretrained(output_dir)
         (output_dir / "distill.json").write_text(json.dumps(progress, indent=1))
+        from .plots import plot_progress
+
+        plot_progress(progress, output_dir / "distill.png")
     return progress
