@@ -3,7 +3,8 @@
 A short probe of the two distillation stages on SmolLM2-135M (chunk 256, 2,048-token windows):
 ``transfer`` = stage 1 (attention transfer, relative MSE per layer), ``kl`` = stage 2 only (end-to-end
 KL on the new pieces; with BASE_LR > 0, on all weights, the source's own at BASE_LR). ``key=value``
-pairs are conversion options (e.g. ``retrieval_mass=1.0``). Prints perplexity on tokens past the first chunk of 4 windows from 40 files
+pairs are conversion options (e.g. ``retrieval_mass=1.0``, ``compression_factor=4``; ``bf16=1`` turns on
+autocast). Prints perplexity on tokens past the first chunk of 4 windows from 40 files
 not trained on, for full attention, chunk-local attention and the distilled BSBR model.
 (How docs/findings.md chose the distillation recipe.)
 """
@@ -21,7 +22,18 @@ from bsbr.distill import DistillConfig, distill
 
 mode, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 base_lr = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
-options = {k: float(v) for k, v in (a.split("=") for a in sys.argv[5:]) if k != "bf16"}
+
+
+def _value(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+options = {k: _value(v) for k, v in (a.split("=") for a in sys.argv[5:]) if k != "bf16"}
 bf16 = "bf16=1" in sys.argv[5:]
 torch.manual_seed(0)
 tok, src = load_tokenizer(None), load_source(None).eval()
