@@ -137,3 +137,16 @@ def test_torchrun_two_processes_gloo(tmp_path):
     import json
     log = json.loads((tmp_path / "distill.json").read_text())
     assert log["world_size"] == 2 and len(log["log"]) == 4
+
+
+def test_cli_defaults_are_the_measured_recipe_and_bad_combinations_are_refused(capsys):
+    from bsbr.cli import build_parser, main
+    from bsbr.distill.cli import _base_lr
+
+    args = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60"])
+    assert (args.steps, args.stage2_share, args.stage2_params, args.stage2_lr, _base_lr(args)) == (0, 0.99, "all", 3e-3, 6e-5)
+    assert main(["distill", "--student", "s", "--output", "o"]) == 2
+    assert "nothing to train" in capsys.readouterr().err
+    assert main(["distill", "--student", "s", "--output", "o", "--minutes", "1", "--stage2-params", "new",
+                 "--stage2-base-lr", "1e-5"]) == 2
+    assert "--stage2-base-lr" in capsys.readouterr().err

@@ -8,6 +8,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def _base_lr(args):
+    if args.stage2_params != "all":
+        if args.stage2_base_lr is not None:
+            raise ValueError("--stage2-base-lr applies only to --stage2-params all")
+        return None
+    return 6e-5 if args.stage2_base_lr is None else args.stage2_base_lr
+
+
 def cmd_distill(args) -> int:
     import torch
     import torch.distributed as dist
@@ -19,10 +27,12 @@ def cmd_distill(args) -> int:
     from ..models import load_bsbr_model
     from .trainer import DistillConfig, distill
 
+    if args.minutes is None and not args.steps and not args.stage2_steps:
+        raise ValueError("nothing to train: give --minutes M (the usual), --stage2-steps S or --steps S")
     cfg = DistillConfig(steps=args.steps, minutes=args.minutes, stage2_steps=args.stage2_steps,
                         stage2_share=args.stage2_share, lr=args.lr, stage2_lr=args.stage2_lr,
-                        stage2_params=args.stage2_params, stage2_base_lr=args.stage2_base_lr, bf16=args.bf16, lm_weight=args.lm_weight, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every)
+                        stage2_params=args.stage2_params, stage2_base_lr=_base_lr(args), bf16=args.bf16,
+                        lm_weight=args.lm_weight, seed=args.seed, checkpoint_every=args.checkpoint_every)
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -55,16 +65,18 @@ def register(sub) -> None:
     p.add_argument("--student", required=True, help="converted model directory (bsbr convert)")
     p.add_argument("--output", required=True, help="where to write checkpoints and the distilled model")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for both stages")
-    p.add_argument("--steps", type=int, default=None, help="stage-1 (attention transfer) steps")
+    # defaults = the recipe measured best in docs/findings.md: end-to-end KL on all weights, no stage 1
+    p.add_argument("--steps", type=int, default=0,
+                   help="stage-1 (attention transfer) steps (default 0: it made perplexity worse alone)")
     p.add_argument("--stage2-steps", type=int, default=0, help="end-to-end KL steps after stage 1")
-    p.add_argument("--stage2-share", type=float, default=0.0,
-                   help="with --minutes: fraction of the budget for stage 2 (default 0)")
-    p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="new")
+    p.add_argument("--stage2-share", type=float, default=0.99,
+                   help="with --minutes: fraction of the budget for stage 2 (default 0.99)")
+    p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="all",
+                   help="what stage 2 trains: the new BSBR pieces, all weights (default) or LoRA adapters")
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--stage2-lr", type=float, default=1e-3)
+    p.add_argument("--stage2-lr", type=float, default=3e-3, help="stage-2 learning rate of the new pieces (default 3e-3)")
     p.add_argument("--stage2-base-lr", type=float, default=None,
-                   help="with --stage2-params all: learning rate of the source's own weights "
-                        "(default: --stage2-lr for every weight)")
+                   help="with --stage2-params all: learning rate of the source's own weights (default 6e-5)"),
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=float, default=0.1)
