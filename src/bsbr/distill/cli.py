@@ -76,7 +76,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--stage2-lr", type=float, default=3e-3, help="stage-2 learning rate of the new pieces (default 3e-3)")
     p.add_argument("--stage2-base-lr", type=float, default=None,
-                   help="with --stage2-params all: learning rate of the source's own weights (default 6e-5)"),
+                   help="with --stage2-params all: learning rate of the source's own weights (default 6e-5)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=float, default=0.1)

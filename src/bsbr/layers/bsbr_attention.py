@@ -21,13 +21,17 @@ from .rotary import apply_rotary
 META_MODES = ("linear", "shared")
 
 
-def _op_precision(*tensors: torch.Tensor):
-    """Under mixed precision (autocast) the projections come out in a low-precision dtype and the
-    feature maps in float32; the op then runs in float32 with autocast off (its running sums, the
-    shared denominator and the local-mass exponent need the range). Otherwise: unchanged."""
-    if not torch.is_autocast_enabled(tensors[0].device.type):
-        return tensors
-    return tuple(t.float() for t in tensors)
+def _run_op(op, tensors, **kwargs):
+    """Call a BSBR op on (q, k, v, mq, mk, fq, fk). Under mixed precision (autocast) the projections
+    come out in a low-precision dtype and the feature maps in float32; the op then runs in float32
+    with autocast off (its running sums, the shared denominator and the local-mass exponent need the
+    range). Otherwise the tensors pass unchanged."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        tensors = tuple(t.float() for t in tensors)
+    q, k, v, mq, mk, fq, fk = tensors
+    with torch.autocast(device, enabled=False):
+        return op(q, k, v, mq, mk, fq=fq, fk=fk, **kwargs)
 
 
 class BSBRAttention(nn.Module):
@@ -193,10 +197,8 @@ class BSBRAttention(nn.Module):
         check_hidden_states(hidden_states, self.hidden_dim)
         b, n, _ = hidden_states.shape
         valid = mask_to_valid(attention_mask, b, n)
-        q, k, v, mq, mk, fq, fk = _op_precision(*self._project(hidden_states, position_embeddings))
-        with torch.autocast(hidden_states.device.type, enabled=False):
-            o, state = chunk_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid,
-                                            output_final_state=output_state, **self._options())
+        o, state = _run_op(chunk_bsbr_attention, self._project(hidden_states, position_embeddings), valid=valid,
+                           output_final_state=output_state, **self._options())
         out = self._output(o)
         return (out, state) if output_state else out
 
@@ -212,8 +214,6 @@ class BSBRAttention(nn.Module):
         check_hidden_states(hidden_states, self.hidden_dim)
         b, n, _ = hidden_states.shape
         valid = mask_to_valid(attention_mask, b, n)
-        q, k, v, mq, mk, fq, fk = _op_precision(*self._project(hidden_states, position_embeddings))
-        with torch.autocast(hidden_states.device.type, enabled=False):
-            o, state = recurrent_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, valid=valid, initial_state=state,
-                                                output_final_state=True, **self._options())
+        o, state = _run_op(recurrent_bsbr_attention, self._project(hidden_states, position_embeddings),
+                           valid=valid, initial_state=state, output_final_state=True, **self._options())
         return self._output(o), state

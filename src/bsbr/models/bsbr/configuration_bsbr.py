@@ -139,5 +139,5 @@ class BSBRConfig(PretrainedConfig):
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
             gate=self.gate_init, top_k=self.retrieval_top_k, meta=self.meta, meta_dim=self.meta_dim,
-            mass_power=getattr(self, "retrieval_mass", None),
+            mass_power=self.retrieval_mass,
         )

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .utils import apply_map, check_inputs, check_options, gate_per_head
+from .utils import apply_map, check_inputs, check_options, gate_per_head, local_log_mass
 
 
 def naive_bsbr_attention(
@@ -86,8 +86,7 @@ def naive_bsbr_attention(
         num = torch.einsum("htf,htfv->htv", fqb, S[:, chunk])
         gh = gates.view(-1, 1, 1)
         if mass_power is not None:  # per-token gate g * L_t^-beta, L_t = sum_local exp(s - max s)
-            log_L = torch.logsumexp(s, dim=-1) - s.amax(dim=-1)  # (h, L)
-            gh = gh * torch.exp(-mass_power.to(q.dtype).reshape(-1, 1) * log_L).unsqueeze(-1)
+            gh = gh * torch.exp(-mass_power.to(q.dtype).reshape(-1, 1) * local_log_mass(s)).unsqueeze(-1)
         if variant == "additive":
             o = A + gh * num
         else:
