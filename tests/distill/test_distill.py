@@ -74,6 +74,48 @@ def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):
     assert not all(torch.equal(p1[k], new_parameters(s3)[k]) for k in p1)
 
 
+def test_linear_schedule_decays_each_stage_and_resumes_exactly(tmp_path, monkeypatch):
+    ws = windows()
+    cfg = dict(steps=4, stage2_steps=4, stage2_params="all", stage2_lr=1e-3, schedule="linear", checkpoint_every=3)
+    t1, s1 = fresh(0.1)
+    progress = distill(t1, s1, ws, tmp_path / "a", DistillConfig(**cfg))
+    scales = [(e["stage"], e["lr_scale"]) for e in progress["log"]]
+    # by steps: 1 - step/steps in each stage, restarting at the stage-2 boundary
+    assert scales == [(1, 1.0), (1, 0.75), (1, 0.5), (1, 0.25), (2, 1.0), (2, 0.75), (2, 0.5), (2, 0.25)]
+    # a run killed inside stage 2 (after its checkpoint at stage-2 step 3) resumes onto the same decayed rates
+    from bsbr.distill import trainer
+
+    calls = []
+
+    def dies_at_step_8(*args, **kw):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return train_step(*args, **kw)
+
+    train_step = trainer._train_step
+    t2, s2 = fresh(0.1)
+    monkeypatch.setattr(trainer, "_train_step", dies_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        distill(t2, s2, ws, tmp_path / "b", DistillConfig(**cfg))
+    monkeypatch.setattr(trainer, "_train_step", train_step)
+    t3, s3 = fresh(0.1)
+    resumed = distill(t3, s3, ws, tmp_path / "b", DistillConfig(**cfg), resume=True)
+    assert [(e["stage"], e["lr_scale"]) for e in resumed["log"]] == scales
+    for (k, a), b in zip(s1.state_dict().items(), s3.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_lr_scale_shapes():
+    from bsbr.distill.trainer import lr_scale
+
+    assert [lr_scale("constant", f) for f in (0, 0.5, 1)] == [1.0, 1.0, 1.0]
+    assert [lr_scale("linear", f) for f in (0, 0.5, 1, 2)] == [1.0, 0.5, 0.0, 0.0]
+    assert lr_scale("cosine", 0) == 1.0 and abs(lr_scale("cosine", 0.5) - 0.5) < 1e-12 and lr_scale("cosine", 1) < 1e-12
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_scale("step", 0.5)
+
+
 def test_stage2_end_to_end(tmp_path):
     teacher, student = fresh(0.1)
     cfg = DistillConfig(steps=2, stage2_steps=3, stage2_params="all", stage2_lr=1e-3, checkpoint_every=100)
@@ -117,6 +159,8 @@ def test_bad_config():
         DistillConfig(steps=1, stage2_params="some").validate()
     with pytest.raises(ValueError, match="stage2_base_lr"):
         DistillConfig(steps=1, stage2_base_lr=1e-5).validate()
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        DistillConfig(steps=1, schedule="exponential").validate()
     teacher, student = fresh()
     with pytest.raises(ValueError, match="no training windows"):
         distill(teacher, student, [], "/tmp/unused", DistillConfig(steps=1))

@@ -32,7 +32,7 @@ def cmd_distill(args) -> int:
     cfg = DistillConfig(steps=args.steps, minutes=args.minutes, stage2_steps=args.stage2_steps,
                         stage2_share=args.stage2_share, lr=args.lr, stage2_lr=args.stage2_lr,
                         stage2_params=args.stage2_params, stage2_base_lr=_base_lr(args), bf16=args.bf16,
-                        lm_weight=args.lm_weight, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                        lm_weight=args.lm_weight, schedule=args.schedule, seed=args.seed, checkpoint_every=args.checkpoint_every)
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -77,6 +77,9 @@ def register(sub) -> None:
     p.add_argument("--stage2-lr", type=float, default=3e-3, help="stage-2 learning rate of the new pieces (default 3e-3)")
     p.add_argument("--stage2-base-lr", type=float, default=None,
                    help="with --stage2-params all: learning rate of the source's own weights (default 6e-5)")
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant",
+                   help="learning-rate schedule within each stage: constant, or decay to 0 at its end "
+                        "(over its steps or its share of --minutes)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=float, default=0.1)

@@ -36,6 +36,20 @@ from .teacher import teacher_targets
 logger = logging.getLogger(__name__)
 
 STAGE2_PARAMS = ("new", "all", "lora")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_scale(schedule: str, fraction: float) -> float:
+    """Learning-rate multiplier at ``fraction`` (0 = start, 1 = end) of a stage: ``constant`` 1,
+    ``linear`` decays to 0 at the end, ``cosine`` half a cosine down to 0."""
+    f = min(max(fraction, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - f
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * f))
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 @dataclass
@@ -49,6 +63,7 @@ class DistillConfig:
     stage2_params: str = "new"
     stage2_base_lr: Optional[float] = None  # stage2_params="all": lr of the source's own weights
     lm_weight: float = 0.1
+    schedule: str = "constant"  # learning-rate schedule within each stage (SCHEDULES)
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
     checkpoint_every: int = 25
@@ -69,6 +84,8 @@ class DistillConfig:
             raise ValueError("learning rates must be > 0")
         if self.stage2_base_lr is not None and self.stage2_params != "all":
             raise ValueError("stage2_base_lr applies only to stage2_params='all'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
@@ -189,12 +206,13 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             params = _lora_parameters(student)
         _set_trainable(student, params)
         lr = cfg.lr if stage == 1 else cfg.stage2_lr
-        groups = [dict(params=list(params.values()), lr=lr)]
+        groups = [dict(params=list(params.values()), lr=lr, base_lr=lr)]
         if stage == 2 and cfg.stage2_params == "all" and cfg.stage2_base_lr is not None:
             # the new pieces start from scratch and need a large step; the pretrained weights a small one
             new = set(new_parameters(student))
-            groups = [dict(params=[p for n, p in params.items() if n in new], lr=lr),
-                      dict(params=[p for n, p in params.items() if n not in new], lr=cfg.stage2_base_lr)]
+            groups = [dict(params=[p for n, p in params.items() if n in new], lr=lr, base_lr=lr),
+                      dict(params=[p for n, p in params.items() if n not in new], lr=cfg.stage2_base_lr,
+                           base_lr=cfg.stage2_base_lr)]
         return params, torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
     params, opt = build(1)
@@ -219,6 +237,18 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         limit = cfg.stage2_steps or (math.inf if cfg.stage2_share > 0 and budget is not None else 0)
         return progress["step"] >= limit or (budget is not None and elapsed >= budget)
 
+    def stage_fraction(stage) -> float:
+        """How far through its stage the run is: by steps, by time, whichever is further."""
+        elapsed = time.monotonic() - t0 - progress.get("stage_start", 0.0)
+        if stage == 1:
+            steps, seconds = cfg.steps, stage1_budget
+        else:
+            steps = cfg.stage2_steps or None
+            seconds = None if budget is None else budget - progress.get("stage_start", 0.0)
+        fractions = [progress["step"] / steps if steps else 0.0,
+                     elapsed / seconds if seconds else 0.0]
+        return max(fractions)
+
     bar = tqdm(disable=rank != 0, desc="distill", unit="step")
     while progress["stage"] <= 2:
         stage = progress["stage"]
@@ -226,17 +256,21 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             if rank == 0:
                 save_checkpoint(ckpt_dir, params, opt, {**progress, "elapsed": time.monotonic() - t0})
             if stage == 1:
-                progress.update(stage=2, step=0)
+                progress.update(stage=2, step=0, stage_start=time.monotonic() - t0)
                 if not stage_done(2):
                     params, opt = build(2)
                     continue
             progress["stage"] = 3
             break
         ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
+        scale = lr_scale(cfg.schedule, stage_fraction(stage))
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             entry = _train_step(stage, teacher, student, ids, cfg)
         entry["step"] = progress["step"]
+        entry["lr_scale"] = round(scale, 6)
         _average_gradients(params.values())
         opt.step()
         progress["step"] += 1
