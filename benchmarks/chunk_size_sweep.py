@@ -1,24 +1,17 @@
 """Usage: python benchmarks/chunk_size_sweep.py OUT.json
 
 Chunk-size sweep of the zero-shot conversion (gate closed = chunk-local attention) vs full attention."""
-import json, math, sys, time
+import json, sys
 import torch
 from bsbr.convert import load_source, load_tokenizer, convert_to_bsbr
-from bsbr.evaluate.corpus import stdlib_texts, token_windows
+from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
 tok = load_tokenizer(None); src = load_source(None).eval()
 windows = token_windows(tok, stdlib_texts("heldout"), 2048, 3)
-def nll(model, start):
-    tot = 0.0; n = 0
-    with torch.no_grad():
-        for w in windows:
-            lg = model(w[None]).logits[0, start:-1]
-            tot += torch.nn.functional.cross_entropy(lg, w[start + 1:], reduction="sum").item(); n += len(w) - start - 1
-    return tot / n
 out = {}
-full = {s: math.exp(nll(src, s)) for s in (512,)}
+full = {s: perplexity_past(src, windows, s) for s in (512,)}
 for B in (64, 128, 256, 512):
     m = convert_to_bsbr(src, chunk_size=B)
-    out[B] = dict(local_ppl_past_512=math.exp(nll(m, 512)), extra_params_pct=m.conversion_summary["extra_params_pct"])
+    out[B] = dict(local_ppl_past_512=perplexity_past(m, windows, 512), extra_params_pct=m.conversion_summary["extra_params_pct"])
     print(B, out[B], flush=True)
 res = dict(full_ppl_past_512=full[512], chunk_sizes=out, windows=len(windows), seq_len=2048,
            note="tokens at positions >= 512 of each window, so every chunk size is scored on the same tokens")

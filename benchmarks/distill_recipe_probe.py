@@ -8,7 +8,6 @@ autocast). Prints perplexity on tokens past the first chunk of 4 windows from 40
 not trained on, for full attention, chunk-local attention and the distilled BSBR model.
 (How docs/findings.md chose the distillation recipe.)
 """
-import math
 import pathlib
 import random
 import sys
@@ -19,6 +18,7 @@ import torch
 
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.distill import DistillConfig, distill
+from bsbr.evaluate import perplexity_past
 
 mode, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 base_lr = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
@@ -58,13 +58,7 @@ student, local = convert_to_bsbr(src, chunk_size=B, **options), convert_to_bsbr(
 
 
 def ppl(m):
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for w in held:
-            lg = m(w[None]).logits[0, B:-1]
-            tot += torch.nn.functional.cross_entropy(lg, w[B + 1:], reduction="sum").item()
-            n += len(w) - B - 1
-    return math.exp(tot / n)
+    return perplexity_past(m, held, B)
 
 
 pf, pl = ppl(src), ppl(local)

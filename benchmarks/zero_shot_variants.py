@@ -3,27 +3,20 @@
 Zero-shot perplexity (no training) of SmolLM2-135M converted with different retrieval variants and
 gate settings, on tokens past the first chunk (chunk 256) of held-out 2,048-token windows."""
 import json
-import math
 import sys
 
 import torch
 
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
-from bsbr.evaluate.corpus import stdlib_texts, token_windows
+from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
 
 torch.set_num_threads(1)
 tok, src = load_tokenizer(None), load_source(None).eval()
 windows = token_windows(tok, stdlib_texts("heldout"), 2048, 2)
 
 
-def ppl(model, start=256):
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            lg = model(w[None]).logits[0, start:-1]
-            tot += torch.nn.functional.cross_entropy(lg, w[start + 1:], reduction="sum").item()
-            n += len(w) - start - 1
-    return math.exp(tot / n)
+def ppl(model):
+    return perplexity_past(model, windows, 256)
 
 
 variants = {

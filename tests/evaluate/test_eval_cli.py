@@ -106,3 +106,26 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bsbr eval: error:")
+
+
+def test_perplexity_past_is_the_cross_entropy_of_the_scored_tokens_only():
+    from bsbr.evaluate import perplexity_past
+
+    src = make_source("llama")
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(3, 97, (2, 30), generator=g)
+    with torch.no_grad():
+        logits = src(windows).logits
+    by_hand = math.exp(torch.nn.functional.cross_entropy(logits[:, 9:-1].reshape(-1, logits.shape[-1]),
+                                                         windows[:, 10:].reshape(-1)).item())
+    assert perplexity_past(src, windows, 9) == pytest.approx(by_hand, rel=1e-5)
+    assert perplexity_past(src, list(windows), 0) != pytest.approx(by_hand, rel=1e-3)  # more tokens scored
+    # forward keyword arguments reach the model: a mask hiding all but the token itself changes the number
+    eye = torch.full((30, 30), torch.finfo(torch.float32).min).fill_diagonal_(0.0)[None, None]
+    assert perplexity_past(src, windows, 9, attention_mask=eye) != pytest.approx(by_hand, rel=1e-3)
+    with pytest.raises(ValueError, match="start must be an int"):
+        perplexity_past(src, windows, -1)
+    with pytest.raises(ValueError, match="no tokens past start"):
+        perplexity_past(src, windows, 29)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        perplexity_past(src, [windows.float()[0]], 0)

@@ -6,7 +6,7 @@ Submodules: :mod:`.corpus` (default corpus: the standard library's sources, spli
 :mod:`.evaluate` (the evaluation loop and ``bsbr eval``'s orchestration), :mod:`.plots`.
 """
 from .corpus import dataset_texts, read_texts, split_of, stdlib_files, stdlib_texts, token_windows
-from .evaluate import evaluate, evaluate_saved, local_baseline, summary_lines
+from .evaluate import evaluate, evaluate_saved, local_baseline, perplexity_past, summary_lines
 from .metrics import MetricAccumulator, gap_closed, position_buckets
 from .passkey import build_prompt, make_key, passkey_found, run_passkey
 
@@ -20,6 +20,7 @@ __all__ = [
     "local_baseline",
     "make_key",
     "passkey_found",
+    "perplexity_past",
     "position_buckets",
     "read_texts",
     "run_passkey",

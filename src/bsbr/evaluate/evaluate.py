@@ -100,6 +100,30 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     return result
 
 
+def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
+    """Perplexity of ``model`` on the tokens at positions ``> start`` of each window, predicted from
+    the logits at positions ``>= start`` (no cache, no gradient). ``windows``: a (num_windows,
+    seq_len) integer tensor or a sequence of 1-D ones; ``forward_kwargs`` go to every forward call
+    (e.g. an ``attention_mask``). The quick number probes and sweeps compare; :func:`evaluate` gives
+    the full set of metrics."""
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.is_floating_point():
+                raise ValueError(f"each window must be a 1-D integer tensor, got "
+                                 f"{getattr(w, 'shape', type(w).__name__)}")
+            if w.numel() < start + 2:
+                raise ValueError(f"a window of {w.numel()} tokens has no tokens past start={start}")
+            logits = model(input_ids=w[None], use_cache=False, **forward_kwargs).logits[0, start:-1].float()
+            total += torch.nn.functional.cross_entropy(logits, w[start + 1:], reduction="sum").item()
+            count += w.numel() - start - 1
+    if count == 0:
+        raise ValueError("windows is empty")
+    return math.exp(total / count)
+
+
 def local_baseline(reference, chunk_size: int, like=None):
     """The chunk-local baseline: ``reference`` converted with ``chunk_size`` and a closed retrieval
     gate (``gate_init=0``), which makes BSBR exactly chunk-local softmax attention. The other
