@@ -1,0 +1,33 @@
+"""Usage: python benchmarks/local_window_variants.py OUT.json
+
+Zero-shot perplexity of SmolLM2-135M under local attention patterns, set with an additive 4-D
+attention mask on the source model itself (no conversion, no training): full causal attention, the
+chunk-local pattern BSBR keeps (chunk 256), the chunk plus an exact "halo" of the previous chunk's
+last W tokens, and a sliding window. Tokens past the first chunk of 6 held-out 2,048-token windows.
+(Whether to give chunk-start tokens exact recent context: docs/findings.md.)"""
+import json
+import sys
+
+import torch
+
+from bsbr.convert import load_source, load_tokenizer
+from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
+
+N, B = 2048, 256
+tok, src = load_tokenizer(None), load_source(None).eval()
+windows = token_windows(tok, stdlib_texts("heldout"), N, 6)
+i, j = torch.arange(N)[:, None], torch.arange(N)[None]
+patterns = {
+    "full causal": j <= i,
+    "chunk-local (BSBR's local part)": (j <= i) & (j >= i // B * B),
+    **{f"chunk + previous {w} tokens": (j <= i) & (j >= i // B * B - w) for w in (16, 64, 128)},
+    "sliding window 256": (j <= i) & (j > i - B),
+}
+out = {}
+for name, allowed in patterns.items():
+    mask = torch.zeros(N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    out[name] = perplexity_past(src, windows, B, attention_mask=mask)
+    print(f"{name:<36} ppl {out[name]:.3f}", flush=True)
+json.dump(dict(windows=len(windows), seq_len=N, chunk_size=B, ppl_past_first_chunk=out,
+               command="python benchmarks/local_window_variants.py " + " ".join(sys.argv[1:])),
+          open(sys.argv[1] if len(sys.argv) > 1 else "local_window_variants.json", "w"), indent=1)
