@@ -239,12 +239,12 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     def stage_fraction(stage) -> float:
         """How far through its stage the run is: by steps, by time, whichever is further."""
-        elapsed = time.monotonic() - t0 - progress.get("stage_start", 0.0)
+        start = progress.get("stage_start", 0.0)  # seconds into the run when this stage began
+        elapsed = time.monotonic() - t0 - start
         if stage == 1:
             steps, seconds = cfg.steps, stage1_budget
         else:
-            steps = cfg.stage2_steps or None
-            seconds = None if budget is None else budget - progress.get("stage_start", 0.0)
+            steps, seconds = cfg.stage2_steps, None if budget is None else budget - start
         fractions = [progress["step"] / steps if steps else 0.0,
                      elapsed / seconds if seconds else 0.0]
         return max(fractions)
