@@ -283,3 +283,123 @@ def test_meta_map_errors():
         call(chunk_bsbr_attention, x, chunk_size=4, meta_q_map="linear")
     with pytest.raises(ValueError, match="meta_q_map"):
         call(chunk_bsbr_attention, x, chunk_size=4, meta_q_map=lambda m: m[:, :1])
+
+
+# ---------------------------------------------------------------- the exact window: previous chunks and sinks
+WINDOW_CASES = [  # (n, chunk, local_chunks, sink_tokens, variant, top_k, gate, mass_power)
+    (37, 8, 2, 1, "additive", None, "per_head", None),
+    (65, 8, 3, 4, "normalized", 2, None, None),
+    (40, 8, 2, 10, "normalized", None, "per_head", [1.0, 0.5]),  # more sinks than a chunk holds
+    (9, 4, 2, 3, "additive", None, None, None),
+    (30, 8, 1, 2, "additive", 1, "per_head", None),  # sinks with the plain one-chunk window
+    (50, 8, 2, 0, "normalized", None, None, None),  # previous chunk, no sinks
+    (20, 8, 4, 2, "normalized", None, None, None),  # the window is longer than the sequence
+]
+
+
+def window_kw(chunk, L, S, variant, top_k, gate, mass):
+    return dict(chunk_size=chunk, variant=variant, top_k=top_k, local_chunks=L, sink_tokens=S,
+                gate=None if gate is None else torch.tensor([0.3, 1.2], dtype=DT),
+                mass_power=None if mass is None else torch.tensor(mass, dtype=DT))
+
+
+@pytest.mark.parametrize("n,chunk,L,S,variant,top_k,gate,mass", WINDOW_CASES)
+def test_three_forms_agree_with_a_wider_exact_window(n, chunk, L, S, variant, top_k, gate, mass):
+    x = make_inputs(b=2, hq=2, hkv=1, n=n, d=4, positive=True)
+    kw = window_kw(chunk, L, S, variant, top_k, gate, mass)
+    ref = call(naive_bsbr_attention, x, **kw)
+    assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "local_chunks": 1, "sink_tokens": 0})) \
+        or n <= chunk  # the window changes the output once there is a chunk before the last
+    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        torch.testing.assert_close(call(fn, x, **kw), ref, rtol=1e-10, atol=1e-10)
+    # padding: each sequence alone, sinks are its own first real tokens
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, : min(5, n - 1)] = False
+    valid[1, 3:6] = False
+    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        o = call(fn, x, valid=valid, **kw)
+        for b in range(2):
+            alone = {k: t[b : b + 1][:, :, valid[b]] for k, t in x.items()}
+            torch.testing.assert_close(o[b : b + 1][:, :, valid[b]], call(naive_bsbr_attention, alone, **kw),
+                                       rtol=1e-10, atol=1e-10)
+    # a chunked prefill hands its state to token-by-token decoding at any cut
+    full = call(naive_bsbr_attention, x, valid=valid, **kw)
+    for cut in sorted({0, 3, chunk, n // 2 + 1, n - 1}):
+        pre = {k: t[:, :, :cut] for k, t in x.items()}
+        post = {k: t[:, :, cut:] for k, t in x.items()}
+        _, st = chunk_bsbr_attention(pre["q"], pre["k"], pre["v"], pre["mq"], pre["mk"], fq=pre["fq"], fk=pre["fk"],
+                                     valid=valid[:, :cut], output_final_state=True, **kw)
+        o, _ = recurrent_bsbr_attention(post["q"], post["k"], post["v"], post["mq"], post["mk"], fq=post["fq"],
+                                        fk=post["fk"], valid=valid[:, cut:], initial_state=st, **kw)
+        torch.testing.assert_close(o, full[:, :, cut:], rtol=1e-10, atol=1e-10)
+
+
+def test_closed_gate_is_softmax_over_the_window_written_out_by_hand():
+    """Gate 0: every token attends exactly to (its chunk so far) + (the chunk before) + (tokens 0..2)."""
+    n, B, L, S = 40, 8, 2, 3
+    x = make_inputs(b=1, hq=2, hkv=2, n=n, d=4)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for t in range(n):
+        lo = max(0, (t // B - 1) * B)  # start of the previous chunk
+        allowed[t, lo : t + 1] = True
+        allowed[t, : min(S, t + 1)] = True
+    s = (x["q"] @ x["k"].transpose(-1, -2) / 2.0).masked_fill(~allowed, float("-inf"))
+    want = torch.softmax(s, -1) @ x["v"]
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        got = call(fn, x, chunk_size=B, local_chunks=L, sink_tokens=S, gate=torch.zeros(1, dtype=DT))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("L,S", [(2, 0), (2, 4), (3, 1)])
+def test_window_is_causal_and_retrieval_skips_the_window(L, S):
+    x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
+    kw = dict(chunk_size=8, variant="normalized", local_chunks=L, sink_tokens=S)
+    base = call(chunk_bsbr_attention, x, **kw)
+    for t in (0, 3, 7, 8, 20, 49):
+        y = {k: v.clone() for k, v in x.items()}
+        for name in y:
+            y[name][:, :, t] += 10.0
+        out = call(chunk_bsbr_attention, y, **kw)
+        assert torch.equal(out[:, :, :t], base[:, :, :t]), f"outputs before {t} changed"
+        assert not torch.equal(out[:, :, t], base[:, :, t])
+    # retrieval reaches only chunks before the window: the first L chunks never retrieve, so with a
+    # wide-open gate they equal the closed-gate output
+    open_ = call(chunk_bsbr_attention, x, gate=torch.tensor(5.0, dtype=DT), **kw)
+    closed = call(chunk_bsbr_attention, x, gate=torch.tensor(0.0, dtype=DT), **kw)
+    torch.testing.assert_close(open_[:, :, : L * 8], closed[:, :, : L * 8], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(open_[:, :, L * 8 :], closed[:, :, L * 8 :])
+
+
+def test_window_gradients_agree():
+    grads = []
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        xs = make_inputs(b=1, hq=2, hkv=1, n=27, d=4, positive=True, requires_grad=True)
+        o = call(fn, xs, chunk_size=6, variant="normalized", local_chunks=2, sink_tokens=2,
+                 gate=torch.tensor(0.5, dtype=DT))
+        (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=DT)).sum().backward()
+        grads.append([t.grad for t in xs.values()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+def test_window_state_holds_the_window_and_refuses_other_sizes():
+    x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
+    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], chunk_size=32, local_chunks=2,
+                                 sink_tokens=4, output_final_state=True)
+    assert st.k_buf.shape[2] == 64 and st.k_sink.shape[2] == 4  # two chunks and the sinks, not the context
+    assert st.F_past.shape[2] == 8
+    step = {k: t[:, :, :1] for k, t in x.items()}
+    for sizes in (dict(local_chunks=1, sink_tokens=4), dict(local_chunks=2, sink_tokens=0)):
+        with pytest.raises(ValueError, match="state was built with"):
+            recurrent_bsbr_attention(step["q"], step["k"], step["v"], step["mq"], step["mk"], chunk_size=32,
+                                     initial_state=st, **sizes)
+
+
+@pytest.mark.parametrize("kw", [dict(local_chunks=0), dict(local_chunks=1.5), dict(local_chunks=True),
+                                dict(sink_tokens=-1), dict(sink_tokens=2.0)])
+def test_bad_window_options_raise(kw):
+    x = make_inputs(b=1, hq=2, hkv=1, n=9, d=4)
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            call(fn, x, chunk_size=4, **kw)

@@ -17,6 +17,7 @@ from .utils import (
     check_inputs,
     check_options,
     combine,
+    exact_window,
     gate_per_head,
     local_log_mass,
     refresh_retrieval,
@@ -83,6 +84,8 @@ def chunk_bsbr_attention(
     meta_q_map=None,
     meta_k_map=None,
     mass_power: Optional[torch.Tensor] = None,
+    local_chunks: int = 1,
+    sink_tokens: int = 0,
 ):
     """Block Sparse attention with Block Retrieval.
 
@@ -102,6 +105,11 @@ def chunk_bsbr_attention(
         mass_power: None, or a scalar / (hq,) tensor beta making the gate per token,
             ``g * L_t**(-beta)`` with ``L_t`` the local softmax mass (see :func:`~bsbr.ops.bsbr.utils.combine`).
         top_k: None for dense retrieval over all earlier chunks, else keep the k best-scoring ones.
+        local_chunks: each token attends exactly (softmax) to its own chunk so far and to the
+            ``local_chunks - 1`` chunks before it; retrieval reaches the chunks before those. 1 is the
+            plain BSBR pattern.
+        sink_tokens: the sequence's first ``sink_tokens`` tokens stay in every token's exact window
+            ("attention sinks"; a pretrained model parks attention mass on its first token).
         valid: (b, n) padding mask, 1/True for real tokens. Each sequence is processed on its own
             real tokens (chunk boundaries start at its first real token); padded positions output 0.
         scale: softmax scale, default ``1/sqrt(d)``.
@@ -113,10 +121,11 @@ def chunk_bsbr_attention(
     """
     fq = q if fq is None else fq
     fk = k if fk is None else fk
-    check_options(chunk_size, variant, top_k)
+    check_options(chunk_size, variant, top_k, local_chunks, sink_tokens)
     a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map,
                      mass_power=mass_power)
     b, hq, hkv, n, B = a.batch, a.q_heads, a.kv_heads, a.seq_len, chunk_size
+    L = local_chunks
     g = hq // hkv
     scale = 1.0 / math.sqrt(a.head_dim) if scale is None else scale
     gates = gate_per_head(gate, hq, q)
@@ -132,7 +141,7 @@ def chunk_bsbr_attention(
             valid = None
     if n == 0:
         o = q.new_zeros(b, hq, 0, a.value_dim)
-        return o, (BSBRState.empty(a, B, q) if output_final_state else None)
+        return o, (BSBRState.empty(a, B, q, L, sink_tokens) if output_final_state else None)
 
     C = -(-n // B)
     pad = C * B - n
@@ -146,16 +155,28 @@ def chunk_bsbr_attention(
     def blocks(x):  # (b, h, C*B, d) -> (b, h, C, B, d)
         return x.view(x.shape[0], x.shape[1], C, B, x.shape[-1])
 
-    # 1. within-chunk causal softmax attention: one SDPA call over all chunks as a batch
+    # 1. exact (local) causal softmax attention: one SDPA call over all chunks as a batch
     qc = blocks(q).transpose(1, 2).reshape(b * C, hq, B, a.head_dim)
-    kc = blocks(k).transpose(1, 2).reshape(b * C, hkv, B, a.head_dim)
-    vc = blocks(v).transpose(1, 2).reshape(b * C, hkv, B, a.value_dim)
+    if L == 1 and sink_tokens == 0:  # the chunk itself: a causal mask
+        kc = blocks(k).transpose(1, 2).reshape(b * C, hkv, B, a.head_dim)
+        vc = blocks(v).transpose(1, 2).reshape(b * C, hkv, B, a.value_dim)
+        allowed_local = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
+    else:  # keys: the sinks, then chunks c-L+1 .. c
+        kc, vc, allowed_local = _window_keys(k, v, B, C, L, sink_tokens)
+        kc = kc.reshape(b * C, hkv, -1, a.head_dim)
+        vc = vc.reshape(b * C, hkv, -1, a.value_dim)
+        allowed_local = allowed_local.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * C, 1, B, -1)
     log_mass = None
     if mass_power is None:
-        o_local = F_.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=g > 1)
+        if L == 1 and sink_tokens == 0:
+            o_local = F_.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=g > 1)
+        else:
+            o_local = F_.scaled_dot_product_attention(qc, kc, vc, attn_mask=allowed_local, scale=scale,
+                                                      enable_gqa=g > 1)
     else:  # the per-token gate needs the local softmax's mass, which SDPA does not return
-        s = (qc.view(b * C, hkv, g, B, -1) @ kc.unsqueeze(2).transpose(-1, -2)) * scale  # (bC, hkv, g, B, B)
-        s = s.masked_fill(~torch.ones(B, B, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        s = (qc.view(b * C, hkv, g, B, -1) @ kc.unsqueeze(2).transpose(-1, -2)) * scale  # (bC, hkv, g, B, keys)
+        mask = allowed_local if allowed_local.dim() == 2 else allowed_local.unsqueeze(1)
+        s = s.masked_fill(~mask, float("-inf"))
         o_local = (torch.softmax(s, dim=-1) @ vc.unsqueeze(2)).view(b * C, hq, B, a.value_dim)
         log_mass = local_log_mass(s).view(b, C, hq, B).transpose(1, 2).reshape(b, hq, C * B)
     o_local = o_local.view(b, C, hq, B, a.value_dim).transpose(1, 2)  # (b, hq, C, B, dv)
@@ -181,12 +202,12 @@ def chunk_bsbr_attention(
     mean_q = apply_map(meta_q_map, masked(blocks(mq)).sum(-2) / counts)  # (b, hq, C, dm)
     r_meta = F_.pad(mean_q[:, :, :-1], (0, 0, 1, 0))  # r_c = mean_q[c-1]; r_0 is never used
 
-    # 4. retrieval over strictly earlier chunks: w (b, hkv, g, C, C)
+    # 4. retrieval over the earlier chunks outside the exact window: w (b, hkv, g, C, C)
     c_idx = torch.arange(C, device=q.device)
-    allowed = (c_idx[None, :] < c_idx[:, None]).view(1, 1, 1, C, C)
+    allowed = (c_idx[None, :] <= c_idx[:, None] - L).view(1, 1, 1, C, C)
     w = retrieval_weights(r_meta.view(b, hkv, g, C, -1), h_meta, allowed, top_k, variant)
     df, dv = a.feature_dim, a.value_dim
-    if top_k is not None and top_k < C - 1:
+    if top_k is not None and top_k < C - L:
         # sparse: gather the k selected states per chunk, O(C k d^2)
         wk, idx = w.topk(top_k, dim=-1)  # unselected weights are exactly 0
         Fg = F.view(b, hkv, 1, C, df * dv).expand(-1, -1, g, -1, -1)
@@ -225,19 +246,45 @@ def chunk_bsbr_attention(
 
     state = None
     if output_final_state:
-        state = _final_state(a, B, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, variant)
+        state = _final_state(a, B, L, sink_tokens, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, variant)
     if order is not None:  # scatter back to the original (padded) positions
         o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
     return o, state
 
 
-def _final_state(a, B, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, variant) -> BSBRState:
+def _window_keys(k: torch.Tensor, v: torch.Tensor, B: int, C: int, L: int, S: int):
+    """Keys/values of every chunk's exact window, (b, C, h, S + L*B, d): the sequence's first S tokens,
+    then chunks c-L+1 .. c (zeros before the sequence start), and which of them each query of the
+    chunk may attend to, (C, B, S + L*B) bool. A sink that already lies in the window is masked in
+    the sink columns, so no key is counted twice."""
+    def windows(x):  # (b, h, C*B, d) -> (b, C, h, L*B, d)
+        xb = F_.pad(x.view(x.shape[0], x.shape[1], C, B, x.shape[-1]), (0, 0, 0, 0, L - 1, 0))
+        win = torch.cat([xb[:, :, i:i + C] for i in range(L)], dim=3)
+        return win.transpose(1, 2)
+
+    S = min(S, C * B)
+    kw, vw = windows(k), windows(v)
+    if S:
+        def with_sinks(x, w):
+            return torch.cat([x[:, :, :S].unsqueeze(1).expand(-1, C, -1, -1, -1), w], dim=3)
+        kw, vw = with_sinks(k, kw), with_sinks(v, vw)
+    t = torch.arange(C * B, device=k.device).view(C, B, 1)  # query index
+    c = torch.arange(C, device=k.device).view(C, 1, 1)
+    j_win = (c - L + 1) * B + torch.arange(L * B, device=k.device).view(1, 1, -1)  # (C, 1, L*B)
+    j_sink = torch.arange(S, device=k.device).view(1, 1, -1)
+    in_window = torch.div(j_sink, B, rounding_mode="floor") > c - L
+    allowed = torch.cat([exact_window(t, j_sink, B, L, S) & ~in_window,
+                         exact_window(t, j_win, B, L, 0)], dim=-1)
+    return kw, vw, allowed
+
+
+def _final_state(a, B, L, S, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, variant) -> BSBRState:
     """The streaming state after the last real token of each sequence."""
     b, hkv, hq = a.batch, a.kv_heads, a.q_heads
     C = F.shape[2]
     lengths = tok_valid.sum(1)  # (b,)
     full = torch.div(lengths, B, rounding_mode="floor")  # completed chunks per sequence
-    st = BSBRState.empty(a, B, k)
+    st = BSBRState.empty(a, B, k, L, S)
     st.n_seen = lengths.clone()
     cur = full.clamp(max=C - 1)  # index of the current (partial) chunk; ignored if it is empty
     has_partial = (lengths % B) > 0
@@ -249,10 +296,20 @@ def _final_state(a, B, k, v, F, z, mk, mq, h_meta, mean_q, m, tok_valid, top_k, 
     def where_partial(x):
         return torch.where(has_partial.view(b, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
 
-    kb = k.view(b, hkv, C, B, -1)
-    vb = v.view(b, hkv, C, B, -1)
-    st.k_buf = where_partial(pick(kb))
-    st.v_buf = where_partial(pick(vb))
+    # the ring of the last W tokens: slot s holds token (last - ((last - s) mod W)); zeros before the start
+    W = L * B
+    last = (lengths - 1).view(b, 1)
+    idx = last - torch.remainder(last - torch.arange(W, device=k.device).view(1, W), W)  # (b, W)
+
+    def ring(x):
+        got = x.gather(2, idx.clamp(min=0).view(b, 1, W, 1).expand(-1, x.shape[1], -1, x.shape[-1]))
+        return got * (idx >= 0).view(b, 1, W, 1).to(x.dtype)
+
+    st.k_buf, st.v_buf = ring(k), ring(v)
+    if S:
+        first = (torch.arange(min(S, C * B), device=k.device).view(1, 1, -1, 1) < lengths.view(b, 1, 1, 1)).to(k.dtype)
+        st.k_sink[:, :, :C * B] = k[:, :, :S] * first
+        st.v_sink[:, :, :C * B] = v[:, :, :S] * first
     st.F_cur = where_partial(pick(F))
     st.z_cur = where_partial(pick(z))
     st.mk_sum = where_partial(pick((mk.view(b, mk.shape[1], C, B, -1) * m).sum(-2)))

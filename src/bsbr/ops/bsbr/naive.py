@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .utils import apply_map, check_inputs, check_options, gate_per_head, local_log_mass
+from .utils import apply_map, check_inputs, check_options, exact_window, gate_per_head, local_log_mass
 
 
 def naive_bsbr_attention(
@@ -32,11 +32,13 @@ def naive_bsbr_attention(
     meta_q_map=None,
     meta_k_map=None,
     mass_power: Optional[torch.Tensor] = None,
+    local_chunks: int = 1,
+    sink_tokens: int = 0,
 ):
     """Same signature and meaning as :func:`bsbr.ops.chunk_bsbr_attention`; returns ``(o, None)``."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
-    check_options(chunk_size, variant, top_k)
+    check_options(chunk_size, variant, top_k, local_chunks, sink_tokens)
     a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map,
                      mass_power=mass_power)
     B, g = chunk_size, a.q_heads // a.kv_heads
@@ -54,8 +56,9 @@ def naive_bsbr_attention(
         t = torch.arange(L, device=q.device)
         chunk = t // B
         C = int(chunk[-1]) + 1
-        # 1. within-chunk attention: M_in[t, j] = same chunk and j <= t
-        m_in = (chunk[:, None] == chunk[None, :]) & (t[None, :] <= t[:, None])
+        # 1. exact attention: M_in[t, j] = j <= t and j in t's chunk (or one of the local_chunks - 1
+        #    chunks before it, or a sink token)
+        m_in = exact_window(t[:, None], t[None, :], B, local_chunks, sink_tokens)
         s = (qb @ kb.transpose(-1, -2)) * scale
         s = s.masked_fill(~m_in, float("-inf"))
         A = torch.softmax(s, dim=-1) @ vb  # (h, L, dv)
@@ -69,17 +72,19 @@ def naive_bsbr_attention(
         h_meta = apply_map(meta_k_map, (onehot @ mk[b][:, keep] / counts)[None])[0].repeat_interleave(g, dim=0)
         means_q = apply_map(meta_q_map, (onehot @ mq[b][:, keep] / counts)[None])[0]  # (hq, C, dm)
         r_meta = torch.cat([torch.zeros_like(means_q[:, :1]), means_q[:, :-1]], dim=1)
-        # 4. retrieval: M_out[c, c'] = c' < c (strictly); alpha = softmax over allowed chunks
+        # 4. retrieval: M_out[c, c'] = c' < c - (local_chunks - 1), the chunks before the exact window;
+        #    alpha = softmax over allowed chunks
         w = torch.zeros(a.q_heads, C, C, dtype=q.dtype, device=q.device)
-        for c in range(1, C):
-            sc = torch.einsum("hd,hpd->hp", r_meta[:, c], h_meta[:, :c]) / math.sqrt(a.meta_dim)
-            if top_k is not None and top_k < c:
+        for c in range(local_chunks, C):
+            P = c - local_chunks + 1  # chunks 0 .. P-1 are retrieved
+            sc = torch.einsum("hd,hpd->hp", r_meta[:, c], h_meta[:, :P]) / math.sqrt(a.meta_dim)
+            if top_k is not None and top_k < P:
                 chosen = sc.topk(top_k, dim=-1).indices
                 sc = torch.full_like(sc, float("-inf")).scatter(-1, chosen, sc.gather(-1, chosen))
             alpha = torch.softmax(sc, dim=-1)
             if variant == "normalized":
-                alpha = alpha * min(c, top_k or c)
-            w[:, c, :c] = alpha
+                alpha = alpha * min(P, top_k or P)
+            w[:, c, :P] = alpha
         S = torch.einsum("hcp,hpfv->hcfv", w, F)
         zS = torch.einsum("hcp,hpf->hcf", w, z)
         # 5. read-out at each token with its own chunk's retrieved state, then the combination

@@ -1,6 +1,7 @@
 """Streaming BSBR attention: token by token from an explicit state.
 
-Per-token cost is O(B d + d^2) whatever the context length: attention over the current chunk's keys,
+Per-token cost is O(L B d + d^2) whatever the context length: attention over the exact window's keys
+(the current chunk, ``local_chunks - 1`` before it and the sink tokens),
 plus one read-out of the state the chunk retrieved when it began. When a chunk completes, its
 state is appended to the past and the next chunk's retrieval is computed once (O(C d^2)).
 """
@@ -18,6 +19,7 @@ from .utils import (
     check_options,
     combine,
     ensure_capacity,
+    exact_window,
     gate_per_head,
     local_log_mass,
     refresh_retrieval,
@@ -43,19 +45,21 @@ def bsbr_attention_step(
     meta_q_map=None,
     meta_k_map=None,
     mass_power: Optional[torch.Tensor] = None,
+    local_chunks: int = 1,
+    sink_tokens: int = 0,
 ):
     """One token per sequence. q: (b, hq, d), k: (b, hkv, d), ...; valid: (b,) (False = padding:
     the state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``; the state
     is updated in place (and created if None)."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
-    check_options(chunk_size, variant, top_k)
+    check_options(chunk_size, variant, top_k, local_chunks, sink_tokens)
     a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim=3, meta_q_map=meta_q_map,
                      meta_k_map=meta_k_map, mass_power=mass_power)
     if state is None:
-        state = BSBRState.empty(a, chunk_size, q)
-    elif state.chunk_size != chunk_size:
-        raise ValueError(f"state was built with chunk_size={state.chunk_size}, got chunk_size={chunk_size}")
+        state = BSBRState.empty(a, chunk_size, q, local_chunks, sink_tokens)
+    else:
+        state.check_sizes(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens)
     o = _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map,
               mass_power)
     return o, state
@@ -63,9 +67,12 @@ def bsbr_attention_step(
 
 def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, valid, scale, meta_q_map, meta_k_map,
           mass_power=None):
-    """The step without argument checks (validated once per sequence by the callers)."""
+    """The step without argument checks (validated once per sequence by the callers). The exact
+    window's sizes come from the state."""
     b, hq, d = q.shape
     hkv, B = k.shape[1], chunk_size
+    L, S = state.local_chunks, state.sink_tokens
+    W = L * B
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     valid = torch.ones(b, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
@@ -73,22 +80,25 @@ def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, vali
     # without autograd, update the state in place (no copy of the chunk buffers per token)
     inplace = not torch.is_grad_enabled()
 
-    j = state.n_seen % B  # slot of this token inside its chunk
-    if inplace:
-        rows = valid.nonzero()[:, 0]
-        state.k_buf[rows, :, j[rows]] = k[rows]
-        state.v_buf[rows, :, j[rows]] = v[rows]
-    else:
-        slot = (torch.arange(B, device=q.device)[None, :] == j[:, None]) & valid[:, None]  # (b, B)
-        s4 = slot.view(b, 1, B, 1)
-        state.k_buf = torch.where(s4, k.unsqueeze(2), state.k_buf)
-        state.v_buf = torch.where(s4, v.unsqueeze(2), state.v_buf)
+    t = state.n_seen  # index of this token
+    j = t % B  # its slot inside its chunk
+    _write_slot(state, "k_buf", "v_buf", t % W, valid, k, v, inplace)
+    if S:
+        _write_slot(state, "k_sink", "v_sink", t.clamp(max=S - 1), valid & (t < S), k, v, inplace)
 
-    # local causal softmax over the chunk so far (slots 0..j)
-    seen = torch.arange(B, device=q.device)[None, :] <= j[:, None]  # (b, B)
-    s = torch.einsum("bkgd,bkjd->bkgj", q.view(b, hkv, g, -1), state.k_buf) * scale
-    s = s.masked_fill(~seen.view(b, 1, 1, B), float("-inf"))
-    o_local = torch.einsum("bkgj,bkjv->bkgv", torch.softmax(s, dim=-1), state.v_buf).reshape(b, hq, -1)
+    # local causal softmax over the exact window: the sinks, then the ring of the last W tokens
+    tt = t.view(b, 1)
+    ring_idx = tt - torch.remainder(tt - torch.arange(W, device=q.device).view(1, W), W)  # token in each slot
+    seen = exact_window(tt, ring_idx, B, L, 0)  # (b, W)
+    keys, values = state.k_buf, state.v_buf
+    if S:
+        j_sink = torch.arange(S, device=q.device).view(1, S)
+        in_window = torch.div(j_sink, B, rounding_mode="floor") > torch.div(tt, B, rounding_mode="floor") - L
+        seen = torch.cat([exact_window(tt, j_sink, B, L, S) & ~in_window, seen], dim=1)
+        keys, values = torch.cat([state.k_sink, keys], dim=2), torch.cat([state.v_sink, values], dim=2)
+    s = torch.einsum("bkgd,bkjd->bkgj", q.view(b, hkv, g, -1), keys) * scale
+    s = s.masked_fill(~seen.view(b, 1, 1, -1), float("-inf"))
+    o_local = torch.einsum("bkgj,bkjv->bkgv", torch.softmax(s, dim=-1), values).reshape(b, hq, -1)
 
     # read-out of what this chunk retrieved when it began
     num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
@@ -133,6 +143,19 @@ def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, vali
     return o
 
 
+def _write_slot(state, k_name, v_name, slot, rows, k, v, inplace):
+    """Write this token's key/value into buffer slot ``slot`` (b,) for the sequences in ``rows`` (b,)."""
+    kb, vb = getattr(state, k_name), getattr(state, v_name)
+    if inplace:
+        r = rows.nonzero()[:, 0]
+        kb[r, :, slot[r]] = k[r]
+        vb[r, :, slot[r]] = v[r]
+        return
+    at = ((torch.arange(kb.shape[2], device=k.device)[None, :] == slot[:, None]) & rows[:, None]).view(k.shape[0], 1, -1, 1)
+    setattr(state, k_name, torch.where(at, k.unsqueeze(2), kb))
+    setattr(state, v_name, torch.where(at, v.unsqueeze(2), vb))
+
+
 def recurrent_bsbr_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -153,19 +176,21 @@ def recurrent_bsbr_attention(
     meta_q_map=None,
     meta_k_map=None,
     mass_power: Optional[torch.Tensor] = None,
+    local_chunks: int = 1,
+    sink_tokens: int = 0,
 ):
     """Same signature and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one). Returns ``(o, state)``."""
     fq = q if fq is None else fq
     fk = k if fk is None else fk
-    check_options(chunk_size, variant, top_k)
+    check_options(chunk_size, variant, top_k, local_chunks, sink_tokens)
     a = check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, meta_q_map=meta_q_map, meta_k_map=meta_k_map,
                      mass_power=mass_power)
     state = initial_state
     if state is None:
-        state = BSBRState.empty(a, chunk_size, q)
-    elif state.chunk_size != chunk_size:
-        raise ValueError(f"state was built with chunk_size={state.chunk_size}, got chunk_size={chunk_size}")
+        state = BSBRState.empty(a, chunk_size, q, local_chunks, sink_tokens)
+    else:
+        state.check_sizes(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens)
     outs = []
     for t in range(a.seq_len):
         outs.append(_step(q[:, :, t], k[:, :, t], v[:, :, t], mq[:, :, t], mk[:, :, t], fq[:, :, t], fk[:, :, t],

@@ -49,13 +49,30 @@ class BSBRArgs:
     meta_k_in: tuple = ()
 
 
-def check_options(chunk_size, variant: str, top_k) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_options(chunk_size, variant: str, top_k, local_chunks=1, sink_tokens=0) -> None:
+    if not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None (dense retrieval) or an int >= 1, got {top_k!r}")
+    if not _is_int(local_chunks) or local_chunks < 1:
+        raise ValueError(f"local_chunks must be an int >= 1 (1: own chunk only), got {local_chunks!r}")
+    if not _is_int(sink_tokens) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+
+
+def exact_window(t: torch.Tensor, j: torch.Tensor, chunk_size: int, local_chunks: int, sink_tokens: int):
+    """Which keys a query attends to exactly (the local softmax): key index j <= query index t, and j
+    lies in t's own chunk or one of the ``local_chunks - 1`` chunks before it, or j is one of the
+    sequence's first ``sink_tokens`` tokens ("attention sinks"). Indices count real tokens from 0;
+    t and j broadcast. Every earlier chunk outside the window is reached by retrieval only."""
+    near = torch.div(j, chunk_size, rounding_mode="floor") > torch.div(t, chunk_size, rounding_mode="floor") - local_chunks
+    return (j <= t) & (j >= 0) & (near | (j < sink_tokens))
 
 
 def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4, meta_q_map=None,
@@ -197,14 +214,17 @@ def combine(o_local, num, den, gate, variant: str, log_mass=None, mass_power=Non
 class BSBRState:
     """Streaming state of one BSBR attention for a batch; each sequence has its own position.
 
-    Memory is bounded by one chunk of keys/values plus one (feature x value) state, one meta-key
-    and one feature sum per *completed* chunk: it never holds the keys of earlier chunks.
+    Memory is bounded by the exact window's keys/values (``local_chunks`` chunks plus ``sink_tokens``
+    tokens) plus one (feature x value) state, one meta-key and one feature sum per *completed* chunk:
+    it never holds the keys of earlier chunks.
     """
 
     chunk_size: int
     n_seen: torch.Tensor  # (b,) real tokens consumed per sequence
-    k_buf: torch.Tensor  # (b, hkv, B, d) keys of the current chunk
-    v_buf: torch.Tensor  # (b, hkv, B, dv)
+    k_buf: torch.Tensor  # (b, hkv, W, d) ring of the last W = local_chunks * B keys (token t in slot t % W)
+    v_buf: torch.Tensor  # (b, hkv, W, dv)
+    k_sink: torch.Tensor  # (b, hkv, sink_tokens, d) keys of the sequence's first tokens
+    v_sink: torch.Tensor  # (b, hkv, sink_tokens, dv)
     F_cur: torch.Tensor  # (b, hkv, df, dv) state of the current (incomplete) chunk
     z_cur: torch.Tensor  # (b, hkv, df)
     mk_sum: torch.Tensor  # (b, hkv or 1, dm_in) running sum of (unmapped) meta-keys of the current chunk
@@ -215,20 +235,30 @@ class BSBRState:
     h_past: torch.Tensor  # (b, hkv, P, dm) meta-keys of completed chunks
     S_cur: torch.Tensor  # (b, hq, df, dv) what the current chunk retrieved (cached)
     zS_cur: torch.Tensor  # (b, hq, df)
+    local_chunks: int = 1
+    sink_tokens: int = 0
+
+    SIZES = ("chunk_size", "local_chunks", "sink_tokens")
 
     @property
     def completed(self) -> torch.Tensor:
         return torch.div(self.n_seen, self.chunk_size, rounding_mode="floor")
 
     @classmethod
-    def empty(cls, a: BSBRArgs, chunk_size: int, like: torch.Tensor) -> "BSBRState":
+    def empty(cls, a: BSBRArgs, chunk_size: int, like: torch.Tensor, local_chunks: int = 1,
+              sink_tokens: int = 0) -> "BSBRState":
         z = lambda *s: torch.zeros(*s, dtype=like.dtype, device=like.device)  # noqa: E731
         b, hq, hkv = a.batch, a.q_heads, a.kv_heads
+        W = local_chunks * chunk_size
         return cls(
             chunk_size=chunk_size,
+            local_chunks=local_chunks,
+            sink_tokens=sink_tokens,
             n_seen=torch.zeros(b, dtype=torch.long, device=like.device),
-            k_buf=z(b, hkv, chunk_size, a.head_dim),
-            v_buf=z(b, hkv, chunk_size, a.value_dim),
+            k_buf=z(b, hkv, W, a.head_dim),
+            v_buf=z(b, hkv, W, a.value_dim),
+            k_sink=z(b, hkv, sink_tokens, a.head_dim),
+            v_sink=z(b, hkv, sink_tokens, a.value_dim),
             F_cur=z(b, hkv, a.feature_dim, a.value_dim),
             z_cur=z(b, hkv, a.feature_dim),
             mk_sum=z(b, *(a.meta_k_in or (hkv, a.meta_dim))),
@@ -242,11 +272,20 @@ class BSBRState:
         )
 
     def tensors(self):
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunk_size"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.SIZES}
+
+    def sizes(self) -> dict:
+        return {name: getattr(self, name) for name in self.SIZES}
+
+    def check_sizes(self, **sizes) -> None:
+        """A state continues only a call with the sizes it was built with."""
+        for name, want in sizes.items():
+            if getattr(self, name) != want:
+                raise ValueError(f"state was built with {name}={getattr(self, name)}, got {name}={want}")
 
     def select(self, index: torch.Tensor) -> "BSBRState":
         """Reorder/select batch entries (beam search)."""
-        return BSBRState(self.chunk_size, **{n: t.index_select(0, index) for n, t in self.tensors().items()})
+        return BSBRState(**self.sizes(), **{n: t.index_select(0, index) for n, t in self.tensors().items()})
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -260,7 +299,9 @@ def refresh_retrieval(state: BSBRState, which: torch.Tensor, top_k, variant: str
     if P == 0:
         return
     r = state.r_cur.view(b, hkv, g, 1, -1)
-    allowed = (torch.arange(P, device=r.device)[None, :] < state.completed[:, None]).view(b, 1, 1, 1, P)
+    # the current chunk retrieves the completed chunks outside its exact window
+    reachable = state.completed - (state.local_chunks - 1)
+    allowed = (torch.arange(P, device=r.device)[None, :] < reachable[:, None]).view(b, 1, 1, 1, P)
     w = retrieval_weights(r, state.h_past, allowed, top_k, variant)  # (b, hkv, g, 1, P)
     S = torch.einsum("bkgp,bkpfv->bkgfv", w[:, :, :, 0], state.F_past).reshape(b, hq, *state.F_past.shape[-2:])
     zS = torch.einsum("bkgp,bkpf->bkgf", w[:, :, :, 0], state.z_past).reshape(b, hq, -1)
