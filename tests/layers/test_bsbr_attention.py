@@ -9,6 +9,7 @@ VARIANTS = [
     dict(retrieval="normalized", feature_map="hedgehog", gate=0.5, meta="shared", num_kv_heads=2),
     dict(retrieval="normalized", feature_map="elu", compression_factor=2, top_k=2),
     dict(retrieval="additive", compression_factor=3, gate=1.0, num_kv_heads=1),
+    dict(retrieval="normalized", gate=0.5, meta="shared", num_kv_heads=2, local_chunks=2, sink_tokens=3),
 ]
 
 
@@ -111,6 +112,9 @@ def test_bsbr_layer_gradients_flow():
         (dict(gate="open"), TypeError),
         (dict(mass_power="1"), TypeError),
         (dict(mass_power=True), TypeError),
+        (dict(local_chunks=0), ValueError),
+        (dict(sink_tokens=-1), ValueError),
+        (dict(sink_tokens=1.5), ValueError),
     ],
 )
 def test_bad_construction_raises(kw, exc):

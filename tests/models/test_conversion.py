@@ -80,6 +80,23 @@ def test_parameter_overhead_and_closed_gate_is_chunk_local():
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_closed_gate_with_a_wider_window_is_the_source_under_that_mask(source):
+    """local_chunks=2, sink_tokens=3, gate 0: the converted model is its source with attention limited
+    to (own chunk so far) + (previous chunk) + (first 3 tokens), written here as a 4-D additive mask."""
+    name, src = source
+    if not hasattr(src, "lm_head"):
+        pytest.skip("a base model: the 4-D mask path is exercised on the LM families")
+    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=2, sink_tokens=3)
+    n = 3 * CHUNK + 5
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    allowed = (j <= i) & ((j >= (i // CHUNK - 1) * CHUNK) | (j < 3))
+    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(4))
+    want = outputs(src, ids, attention_mask=mask)
+    assert (want - outputs(src, ids)).abs().max() > 1e-3  # the mask matters: past two chunks it hides tokens
+    torch.testing.assert_close(outputs(model, ids), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("meta,meta_init", [("shared", "qk"), ("shared", "random"), ("linear", "qk"),
                                             ("linear", "average"), ("linear", "random")])
 def test_meta_initialisations(meta, meta_init):
@@ -95,7 +112,8 @@ def test_meta_initialisations(meta, meta_init):
 
 def test_save_load_round_trip(tmp_path):
     src = make_source("qwen2")
-    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, top_k=2, retrieval_mass=1.0)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, top_k=2, retrieval_mass=1.0,
+                            local_chunks=2, sink_tokens=2)
     with torch.no_grad():  # trained-looking new pieces: a loader that re-initialised them would differ
         for layer in model.model.layers:
             layer.attn.retrieval_gate.uniform_(0.1, 1.0)

@@ -9,12 +9,15 @@ from bsbr.models import BSBRCache
 CHUNK = 8
 
 
-@pytest.fixture(params=[("llama", None), ("gpt2", None), ("llama", 1.0)], ids=["llama", "gpt2", "llama-mass"])
+@pytest.fixture(params=[("llama", None, 1, 0), ("gpt2", None, 1, 0), ("llama", 1.0, 1, 0), ("llama", None, 2, 3)],
+                ids=["llama", "gpt2", "llama-mass", "llama-window"])
 def model(request):
     # an open gate, so the retrieved states matter in every chunk after the first; "mass" adds the
-    # per-token gate (its local softmax mass is computed differently in the prefill and the steps)
-    family, mass = request.param
-    return convert_to_bsbr(make_source(family), chunk_size=CHUNK, gate_init=0.7, retrieval_mass=mass)
+    # per-token gate (its local softmax mass is computed differently in the prefill and the steps);
+    # "window" attends exactly to the previous chunk and 3 sink tokens (a ring buffer in the cache)
+    family, mass, local_chunks, sinks = request.param
+    return convert_to_bsbr(make_source(family), chunk_size=CHUNK, gate_init=0.7, retrieval_mass=mass,
+                           local_chunks=local_chunks, sink_tokens=sinks)
 
 
 def test_prefill_then_steps_equal_full_forward_logits(model):
@@ -68,7 +71,8 @@ def test_cache_is_bounded_by_chunk_and_per_chunk_states(model):
     assert isinstance(cache, BSBRCache)
     st = cache.states[0]
     assert int(st.n_seen) == 64
-    assert st.k_buf.shape[2] == CHUNK  # keys of one chunk, not of 64 tokens
+    assert st.k_buf.shape[2] == CHUNK * model.config.local_chunks  # keys of the window, not of 64 tokens
+    assert st.k_sink.shape[2] == model.config.sink_tokens
     assert 8 <= st.F_past.shape[2] <= 16  # one state per completed chunk (capacity grows by doubling)
 
 

@@ -33,6 +33,11 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="initial per-head exponent beta of the per-token gate g * L_t^-beta (L_t = the local "
                         "softmax mass after its max); 'none' = a per-head gate only")
     p.add_argument("--top-k", type=_optional_int, default=None, help="retrieve only the k best past chunks")
+    p.add_argument("--local-chunks", type=int, default=DEFAULT_OPTIONS["local_chunks"],
+                   help="chunks each token attends to exactly: its own and the LOCAL_CHUNKS - 1 before it "
+                        "(default %(default)s); retrieval reaches the earlier ones")
+    p.add_argument("--sink-tokens", type=int, default=DEFAULT_OPTIONS["sink_tokens"],
+                   help="the sequence's first tokens kept in every exact window (attention sinks; default %(default)s)")
     p.add_argument("--meta", choices=["shared", "linear"], default=DEFAULT_OPTIONS["meta"])
     p.add_argument("--meta-init", choices=list(META_INITS), default=DEFAULT_OPTIONS["meta_init"])
     p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
@@ -42,7 +47,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
 def conversion_options(args) -> dict:
     return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor, retrieval=args.retrieval,
                 feature_map=args.feature_map, gate_init=args.gate_init, top_k=args.top_k,
-                retrieval_mass=args.retrieval_mass, meta=args.meta,
+                retrieval_mass=args.retrieval_mass, local_chunks=args.local_chunks, sink_tokens=args.sink_tokens,
+                meta=args.meta,
                 meta_init=args.meta_init, position_scheme=args.position_scheme)
 
 

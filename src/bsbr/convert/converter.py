@@ -29,7 +29,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 META_INITS = ("qk", "average", "random")
 # the converter's defaults; chosen by the measurements in docs/findings.md
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, top_k=None, retrieval_mass=None,
-                       meta="shared", meta_init="qk", position_scheme="wrap")
+                       local_chunks=1, sink_tokens=0, meta="shared", meta_init="qk", position_scheme="wrap")
 
 
 def default_source_path() -> Path:
@@ -147,7 +147,8 @@ class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
     Options (see :data:`DEFAULT_OPTIONS`): ``retrieval``, ``feature_map``, ``gate_init`` (None = no
-    gate), ``top_k``, ``meta`` ("shared" | "linear"), ``meta_init`` ("qk" | "average" | "random"),
+    gate), ``top_k``, ``retrieval_mass``, ``local_chunks`` and ``sink_tokens`` (the exact window, see
+    :class:`~bsbr.layers.BSBRAttention`), ``meta`` ("shared" | "linear"), ``meta_init`` ("qk" | "average" | "random"),
     ``position_scheme`` for learned positions past the source's table ("wrap" | "clamp" | "absolute").
     """
 

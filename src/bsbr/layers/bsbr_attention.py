@@ -53,6 +53,11 @@ class BSBRAttention(nn.Module):
             token, ``g * L_t**(-beta)`` with ``L_t`` the local softmax's mass after subtracting its max
             (beta = 1: one softmax over the local keys and the retrieved mass). Trained with the gate.
         top_k: None (dense) or the number of past chunks each chunk retrieves.
+        local_chunks: how many chunks each token attends to exactly: its own (causally) and the
+            ``local_chunks - 1`` before it; retrieval reaches only the chunks before those. 1 (default)
+            is plain BSBR; 2 doubles the local work and the decoding cache's keys.
+        sink_tokens: the sequence's first tokens kept in every token's exact window (attention
+            sinks); default 0.
         meta: ``"linear"`` (own projections of the hidden state, the earlier library's) or
             ``"shared"`` (per-head d x d maps of the un-rotated q/k, identity-initialised: the meta
             projections start as W_Q and W_K and add only d^2 parameters per head).
@@ -83,6 +88,8 @@ class BSBRAttention(nn.Module):
         meta: str = "linear",
         meta_dim: Optional[int] = None,
         mass_power: Optional[float] = None,
+        local_chunks: int = 1,
+        sink_tokens: int = 0,
     ):
         super().__init__()
         head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
@@ -105,6 +112,9 @@ class BSBRAttention(nn.Module):
             raise ValueError("meta='shared' uses meta_dim = head_dim")
         meta_dim = head_dim if meta_dim is None else meta_dim
         check_int("meta_dim", meta_dim)
+        check_int("local_chunks", local_chunks)
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         if gate is not None and not isinstance(gate, (int, float)):
             raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
 
@@ -112,6 +122,7 @@ class BSBRAttention(nn.Module):
         self.head_dim, self.chunk_size, self.dropout = head_dim, chunk_size, float(dropout)
         self.retrieval, self.top_k, self.meta, self.meta_dim = retrieval, top_k, meta, meta_dim
         self.compression_factor = compression_factor
+        self.local_chunks, self.sink_tokens = local_chunks, sink_tokens
 
         self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_dim, num_kv_heads * head_dim, bias=bias)
@@ -177,7 +188,7 @@ class BSBRAttention(nn.Module):
 
     def _options(self):
         return dict(chunk_size=self.chunk_size, variant=self.retrieval, gate=self.gate_value(), top_k=self.top_k,
-                    mass_power=self.retrieval_mass,
+                    mass_power=self.retrieval_mass, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
                     meta_q_map=self._meta_map(self.meta_r_proj, self.num_heads),
                     meta_k_map=self._meta_map(self.meta_h_proj, self.num_kv_heads))
 

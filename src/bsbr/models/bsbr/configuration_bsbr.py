@@ -62,6 +62,8 @@ class BSBRConfig(PretrainedConfig):
         gate_init: Optional[float] = 0.0,
         retrieval_top_k: Optional[int] = None,
         retrieval_mass: Optional[float] = None,
+        local_chunks: int = 1,
+        sink_tokens: int = 0,
         meta: str = "shared",
         meta_dim: Optional[int] = None,
         initializer_range: float = 0.02,
@@ -80,6 +82,9 @@ class BSBRConfig(PretrainedConfig):
         _positive_int("compression_factor", compression_factor, allow_none=True)
         _positive_int("retrieval_top_k", retrieval_top_k, allow_none=True)
         _positive_int("meta_dim", meta_dim, allow_none=True)
+        _positive_int("local_chunks", local_chunks)
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
@@ -126,6 +131,9 @@ class BSBRConfig(PretrainedConfig):
         if retrieval_mass is not None and (isinstance(retrieval_mass, bool) or not isinstance(retrieval_mass, (int, float))):
             raise TypeError(f"retrieval_mass must be None or a float, got {retrieval_mass!r}")
         self.retrieval_mass = retrieval_mass
+        # the exact (softmax) window: own chunk + local_chunks - 1 before it + the first sink_tokens tokens
+        self.local_chunks = local_chunks
+        self.sink_tokens = sink_tokens
         self.meta = meta
         self.meta_dim = meta_dim
         self.initializer_range = initializer_range
@@ -139,5 +147,5 @@ class BSBRConfig(PretrainedConfig):
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
             gate=self.gate_init, top_k=self.retrieval_top_k, meta=self.meta, meta_dim=self.meta_dim,
-            mass_power=self.retrieval_mass,
+            mass_power=self.retrieval_mass, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
         )
