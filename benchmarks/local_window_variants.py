@@ -3,7 +3,8 @@
 Zero-shot perplexity of SmolLM2-135M under local attention patterns, set with an additive 4-D
 attention mask on the source model itself (no conversion, no training): full causal attention, the
 chunk-local pattern BSBR keeps (chunk 256), the chunk plus an exact "halo" of the previous chunk's
-last W tokens, and a sliding window. Tokens past the first chunk of 6 held-out 2,048-token windows.
+last W tokens, a sliding window, and each of these with the sequence's first tokens kept visible
+("attention sinks"). Tokens past the first chunk of 6 held-out 2,048-token windows.
 (Whether to give chunk-start tokens exact recent context: docs/findings.md.)"""
 import json
 import sys
@@ -22,6 +23,11 @@ patterns = {
     "chunk-local (BSBR's local part)": (j <= i) & (j >= i // B * B),
     **{f"chunk + previous {w} tokens": (j <= i) & (j >= i // B * B - w) for w in (16, 64, 128)},
     "sliding window 256": (j <= i) & (j > i - B),
+    # StreamingLLM-style attention sinks: the sequence's first S tokens stay visible to every query.
+    **{f"sliding window 256 + {s} sinks": (j <= i) & ((j > i - B) | (j < s)) for s in (1, 4)},
+    "chunk-local + 4 sinks": (j <= i) & ((j >= i // B * B) | (j < 4)),
+    "chunk + previous chunk": (j <= i) & (j >= (i // B - 1) * B),
+    "chunk + previous chunk + 4 sinks": (j <= i) & ((j >= (i // B - 1) * B) | (j < 4)),
 }
 out = {}
 for name, allowed in patterns.items():
