@@ -19,6 +19,7 @@ from .utils import (
     combine,
     exact_window,
     gate_per_head,
+    sink_slot_visible,
     local_log_mass,
     refresh_retrieval,
     retrieval_weights,
@@ -272,9 +273,7 @@ def _window_keys(k: torch.Tensor, v: torch.Tensor, B: int, C: int, L: int, S: in
     c = torch.arange(C, device=k.device).view(C, 1, 1)
     j_win = (c - L + 1) * B + torch.arange(L * B, device=k.device).view(1, 1, -1)  # (C, 1, L*B)
     j_sink = torch.arange(S, device=k.device).view(1, 1, -1)
-    in_window = torch.div(j_sink, B, rounding_mode="floor") > c - L
-    allowed = torch.cat([exact_window(t, j_sink, B, L, S) & ~in_window,
-                         exact_window(t, j_win, B, L, 0)], dim=-1)
+    allowed = torch.cat([sink_slot_visible(t, j_sink, B, L), exact_window(t, j_win, B, L, 0)], dim=-1)
     return kw, vw, allowed
 
 

@@ -20,6 +20,7 @@ from .utils import (
     combine,
     ensure_capacity,
     exact_window,
+    sink_slot_visible,
     gate_per_head,
     local_log_mass,
     refresh_retrieval,
@@ -92,9 +93,7 @@ def _step(q, k, v, mq, mk, fq, fk, state, chunk_size, variant, gate, top_k, vali
     seen = exact_window(tt, ring_idx, B, L, 0)  # (b, W)
     keys, values = state.k_buf, state.v_buf
     if S:
-        j_sink = torch.arange(S, device=q.device).view(1, S)
-        in_window = torch.div(j_sink, B, rounding_mode="floor") > torch.div(tt, B, rounding_mode="floor") - L
-        seen = torch.cat([exact_window(tt, j_sink, B, L, S) & ~in_window, seen], dim=1)
+        seen = torch.cat([sink_slot_visible(tt, torch.arange(S, device=q.device).view(1, S), B, L), seen], dim=1)
         keys, values = torch.cat([state.k_sink, keys], dim=2), torch.cat([state.v_sink, values], dim=2)
     s = torch.einsum("bkgd,bkjd->bkgj", q.view(b, hkv, g, -1), keys) * scale
     s = s.masked_fill(~seen.view(b, 1, 1, -1), float("-inf"))

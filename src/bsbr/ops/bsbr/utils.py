@@ -3,6 +3,11 @@ streaming state.
 
 Notation (one head; see ``shared/notes/bsbr-math.md``): chunk size ``B``, chunk ``c(t) = t // B``.
 
+* exact window     token ``t`` attends by softmax to the keys ``j <= t`` of chunks ``c(t) - L + 1 ..
+                   c(t)`` (``L = local_chunks``, default 1: its own chunk) and of the sequence's first
+                   ``S = sink_tokens`` tokens (:func:`exact_window`); retrieval reads the chunk states
+                   of chunks ``< c(t) - L + 1``. (The sinks' chunk 0 is retrieved like any other.)
+
 * ``q, k, v``      per-token queries, keys, values (keys/values may have fewer heads: grouped K/V).
 * ``fq, fk``       the *feature* side of queries/keys used by the chunk states. They default to
                    ``q``/``k``; a layer passes a feature map and/or a state compression here
@@ -71,8 +76,18 @@ def exact_window(t: torch.Tensor, j: torch.Tensor, chunk_size: int, local_chunks
     lies in t's own chunk or one of the ``local_chunks - 1`` chunks before it, or j is one of the
     sequence's first ``sink_tokens`` tokens ("attention sinks"). Indices count real tokens from 0;
     t and j broadcast. Every earlier chunk outside the window is reached by retrieval only."""
-    near = torch.div(j, chunk_size, rounding_mode="floor") > torch.div(t, chunk_size, rounding_mode="floor") - local_chunks
-    return (j <= t) & (j >= 0) & (near | (j < sink_tokens))
+    return (j <= t) & (j >= 0) & (_near(t, j, chunk_size, local_chunks) | (j < sink_tokens))
+
+
+def _near(t, j, chunk_size, local_chunks):
+    return torch.div(j, chunk_size, rounding_mode="floor") > torch.div(t, chunk_size, rounding_mode="floor") - local_chunks
+
+
+def sink_slot_visible(t: torch.Tensor, j: torch.Tensor, chunk_size: int, local_chunks: int):
+    """The chunked and streaming forms hold the sinks in slots of their own, beside the window's
+    chunks: query t reads sink j through its slot only when j <= t lies outside t's chunks (inside
+    them, the chunk's own slot holds it, and a key must not count twice)."""
+    return (j <= t) & ~_near(t, j, chunk_size, local_chunks)
 
 
 def check_inputs(q, k, v, mq, mk, fq, fk, gate, valid, token_dim: int = 4, meta_q_map=None,
