@@ -54,7 +54,10 @@ def windows(fs, k):
 
 
 train, held = windows(files[:150], 200), windows(files[-40:], 4)
-student, local = convert_to_bsbr(src, chunk_size=B, **options), convert_to_bsbr(src, chunk_size=B)
+# measured before the exact window grew past one chunk: chunk-local unless the options say otherwise
+PLAIN = dict(local_chunks=1, sink_tokens=0)
+student = convert_to_bsbr(src, chunk_size=B, **{**PLAIN, **options})
+local = convert_to_bsbr(src, chunk_size=B, **PLAIN)
 
 
 def ppl(m):

@@ -58,7 +58,9 @@ def cmd_demo(args) -> int:
         print(f"decode at {r['context']} tokens of context: original {r['source_ms_per_token']:.0f} ms/token, "
               f"BSBR {r['bsbr_ms_per_token']:.0f} ms/token")
     print(f"\nwrote {out}/eval.json, eval.png, speed.json, speed.png in {time.perf_counter() - t0:.0f}s")
-    print("The conversion starts with closed retrieval gates (exactly chunk-local attention); "
+    cfg = model.config
+    print(f"The conversion starts with closed retrieval gates: exactly the source restricted to its exact window "
+          f"(own chunk + {cfg.local_chunks - 1} before it + the first {cfg.sink_tokens} tokens, the 'window' row); "
           "`bsbr distill` opens them (see docs/findings.md).")
     return 0
 

@@ -124,8 +124,12 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys):
     assert rc == 0
     r = json.loads(out_json.read_text())
     assert r["config"]["chunk_size"] == CHUNK and r["config"]["windows"] == 2
-    assert r["language_modeling"]["gap_closed"] == 0.0  # zero-shot conversion: the gate is closed
-    assert set(r["passkey"]["models"]) == {"bsbr", "source", "local"}
+    # zero-shot conversion, gate closed: exactly the source in the default exact window (2 chunks + sinks),
+    # which already beats chunk-local attention
+    lm = r["language_modeling"]
+    assert (r["config"]["local_chunks"], r["config"]["sink_tokens"]) == (2, 4)
+    assert lm["gap_closed_by_retrieval"] == 0.0 and lm["gap_closed"] != 0.0
+    assert set(r["passkey"]["models"]) == {"bsbr", "source", "local", "window"}
     assert len(r["passkey"]["models"]["bsbr"]["cells"]) == 4
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out

@@ -68,7 +68,7 @@ def test_converted_weights_are_copies():
 
 def test_parameter_overhead_and_closed_gate_is_chunk_local():
     src = make_source("llama")
-    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=1, sink_tokens=0)
     assert model.conversion_summary["params_bsbr"] > model.conversion_summary["params_source"]
     # a closed gate: every chunk is processed as if it were alone
     ids = torch.randint(0, VOCAB, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(3))

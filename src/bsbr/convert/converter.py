@@ -29,7 +29,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 META_INITS = ("qk", "average", "random")
 # the converter's defaults; chosen by the measurements in docs/findings.md
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, top_k=None, retrieval_mass=None,
-                       local_chunks=1, sink_tokens=0, meta="shared", meta_init="qk", position_scheme="wrap")
+                       local_chunks=2, sink_tokens=4, meta="shared", meta_init="qk", position_scheme="wrap")
 
 
 def default_source_path() -> Path:

@@ -151,9 +151,10 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
                     position_scheme=cfg.position_scheme)
         if getattr(cfg, "meta_init", None):
             opts["meta_init"] = cfg.meta_init
-        if same_window:
-            opts.update(local_chunks=getattr(cfg, "local_chunks", 1), sink_tokens=getattr(cfg, "sink_tokens", 0))
-    return convert_to_bsbr(reference, chunk_size=chunk_size, **{**opts, "gate_init": 0.0})
+    window = dict(local_chunks=1, sink_tokens=0)  # chunk-local, whatever the converter's defaults
+    if same_window and cfg is not None:
+        window = dict(local_chunks=getattr(cfg, "local_chunks", 1), sink_tokens=getattr(cfg, "sink_tokens", 0))
+    return convert_to_bsbr(reference, chunk_size=chunk_size, **{**opts, **window, "gate_init": 0.0})
 
 
 def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Optional[str] = None,

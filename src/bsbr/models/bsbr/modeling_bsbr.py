@@ -109,8 +109,9 @@ class BSBRDecoderLayer(nn.Module):
 
 
 class BSBRCache:
-    """Per-layer streaming states for generation. Its size is bounded by one chunk of keys/values
-    plus one state per completed chunk per layer (see :class:`bsbr.ops.BSBRState`)."""
+    """Per-layer streaming states for generation. Its size is bounded by the exact window's
+    keys/values (``local_chunks`` chunks plus ``sink_tokens`` tokens) plus one state per completed
+    chunk per layer (see :class:`bsbr.ops.BSBRState`)."""
 
     is_compileable = False
     is_croppable = False
