@@ -197,6 +197,17 @@ def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant):
     torch.testing.assert_close(call(fn, y, valid=valid, **kw), o, rtol=0, atol=0)
 
 
+def prefill_then_stream(x, valid, cut, **kw):
+    """Chunked prefill of tokens [0, cut), then its state handed to the streaming form for the rest."""
+    pre = {k: t[:, :, :cut] for k, t in x.items()}
+    post = {k: t[:, :, cut:] for k, t in x.items()}
+    _, state = chunk_bsbr_attention(pre["q"], pre["k"], pre["v"], pre["mq"], pre["mk"], fq=pre["fq"], fk=pre["fk"],
+                                    valid=valid[:, :cut], output_final_state=True, **kw)
+    o, _ = recurrent_bsbr_attention(post["q"], post["k"], post["v"], post["mq"], post["mk"], fq=post["fq"],
+                                    fk=post["fk"], valid=valid[:, cut:], initial_state=state, **kw)
+    return o
+
+
 @pytest.mark.parametrize("cut", [0, 5, 8, 16, 23])
 def test_chunked_prefill_then_streaming_equals_full(cut):
     x = make_inputs(b=2, hq=2, hkv=2, n=30, d=4, positive=True)
@@ -204,13 +215,7 @@ def test_chunked_prefill_then_streaming_equals_full(cut):
     valid[1, :3] = False
     kw = dict(chunk_size=8, variant="normalized", top_k=None)
     full = call(naive_bsbr_attention, x, valid=valid, **kw)
-    pre = {k: t[:, :, :cut] for k, t in x.items()}
-    post = {k: t[:, :, cut:] for k, t in x.items()}
-    _, state = chunk_bsbr_attention(pre["q"], pre["k"], pre["v"], pre["mq"], pre["mk"], fq=pre["fq"], fk=pre["fk"],
-                                    valid=valid[:, :cut], output_final_state=True, **kw)
-    o, _ = recurrent_bsbr_attention(post["q"], post["k"], post["v"], post["mq"], post["mk"], fq=post["fq"],
-                                    fk=post["fk"], valid=valid[:, cut:], initial_state=state, **kw)
-    torch.testing.assert_close(o, full[:, :, cut:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
 
 
 def test_state_memory_is_bounded_by_chunk_plus_per_chunk_states():
@@ -325,13 +330,7 @@ def test_three_forms_agree_with_a_wider_exact_window(n, chunk, L, S, variant, to
     # a chunked prefill hands its state to token-by-token decoding at any cut
     full = call(naive_bsbr_attention, x, valid=valid, **kw)
     for cut in sorted({0, 3, chunk, n // 2 + 1, n - 1}):
-        pre = {k: t[:, :, :cut] for k, t in x.items()}
-        post = {k: t[:, :, cut:] for k, t in x.items()}
-        _, st = chunk_bsbr_attention(pre["q"], pre["k"], pre["v"], pre["mq"], pre["mk"], fq=pre["fq"], fk=pre["fk"],
-                                     valid=valid[:, :cut], output_final_state=True, **kw)
-        o, _ = recurrent_bsbr_attention(post["q"], post["k"], post["v"], post["mq"], post["mk"], fq=post["fq"],
-                                        fk=post["fk"], valid=valid[:, cut:], initial_state=st, **kw)
-        torch.testing.assert_close(o, full[:, :, cut:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
 
 
 def test_closed_gate_is_softmax_over_the_window_written_out_by_hand():
