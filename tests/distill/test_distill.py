@@ -137,6 +137,41 @@ def test_stage2_all_weights_with_their_own_learning_rate(tmp_path):
     assert 0 < max(m for k, m in moved.items() if k not in new) < 1e-5
 
 
+def test_stage2_lora_trains_adapters_and_new_pieces_then_merges_into_a_plain_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from bsbr.distill import trainer
+
+    teacher, student = fresh(0.1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    new = set(new_parameters(student))
+    ws = windows()
+    seen = {}
+
+    def merge(s):  # just before merging: adapters in place, the source's weights untouched
+        seen["lora"] = sorted({n.split(".lora_")[0] for n, p in s.named_parameters() if "lora_" in n})
+        seen["frozen_moved"] = [n for n, p in s.named_parameters() if "lora_" not in n and n.replace(".base_layer", "")
+                                not in new and not torch.equal(p, before[n.replace(".base_layer", "")])]
+        with torch.no_grad():
+            seen["logits"] = s(ws[0][None]).logits
+        merge_lora(s)
+
+    merge_lora = trainer._merge_lora
+    monkeypatch.setattr(trainer, "_merge_lora", merge)
+    cfg = DistillConfig(steps=0, stage2_steps=3, stage2_params="lora", stage2_lr=1e-2, checkpoint_every=100)
+    distill(teacher, student, ws, tmp_path, cfg)
+    assert seen["frozen_moved"] == []
+    assert {n.rsplit(".", 1)[-1] for n in seen["lora"]} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    # saved: the adapters folded into q/k/v/out, no adapter left, the same function as with them
+    after = student.state_dict()
+    assert set(after) == set(before)
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved & new and any(k.endswith("q_proj.weight") for k in moved)
+    assert not any(k.endswith(("embed_tokens.weight", "up_proj.weight")) for k in moved)
+    reloaded = load_bsbr_model(tmp_path)
+    assert not any("lora_" in n for n, _ in reloaded.named_parameters())
+    torch.testing.assert_close(reloaded(ws[0][None]).logits, seen["logits"], rtol=1e-4, atol=1e-4)
+
+
 def test_bf16_autocast_trains_in_float32_weights(tmp_path):
     teacher = make_source("llama")
     student = convert_to_bsbr(teacher, chunk_size=CHUNK, gate_init=0.1, retrieval_mass=1.0)
@@ -158,7 +193,7 @@ def test_bad_config():
     with pytest.raises(ValueError, match="stage2_params"):
         DistillConfig(steps=1, stage2_params="some").validate()
     with pytest.raises(ValueError, match="stage2_base_lr"):
-        DistillConfig(steps=1, stage2_base_lr=1e-5).validate()
+        DistillConfig(steps=1, stage2_base_lr=1e-5).validate()  # "new" trains no source weight
     with pytest.raises(ValueError, match="schedule must be one of"):
         DistillConfig(steps=1, schedule="exponential").validate()
     teacher, student = fresh()
@@ -194,3 +229,6 @@ def test_cli_defaults_are_the_measured_recipe_and_bad_combinations_are_refused(c
     assert main(["distill", "--student", "s", "--output", "o", "--minutes", "1", "--stage2-params", "new",
                  "--stage2-base-lr", "1e-5"]) == 2
     assert "--stage2-base-lr" in capsys.readouterr().err
+    lora = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60",
+                                      "--stage2-params", "lora"])
+    assert _base_lr(lora) is None  # the adapters share --stage2-lr unless told otherwise

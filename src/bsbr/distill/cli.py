@@ -9,10 +9,12 @@ logger = logging.getLogger(__name__)
 
 
 def _base_lr(args):
-    if args.stage2_params != "all":
+    if args.stage2_params == "new":
         if args.stage2_base_lr is not None:
-            raise ValueError("--stage2-base-lr applies only to --stage2-params all")
+            raise ValueError("--stage2-base-lr applies only to --stage2-params all or lora")
         return None
+    if args.stage2_params == "lora":
+        return args.stage2_base_lr  # None: the adapters share --stage2-lr
     return 6e-5 if args.stage2_base_lr is None else args.stage2_base_lr
 
 
@@ -72,11 +74,13 @@ def register(sub) -> None:
     p.add_argument("--stage2-share", type=float, default=0.99,
                    help="with --minutes: fraction of the budget for stage 2 (default 0.99)")
     p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="all",
-                   help="what stage 2 trains: the new BSBR pieces, all weights (default) or LoRA adapters")
+                   help="what stage 2 trains: the new BSBR pieces, all weights (default), or the new pieces "
+                        "plus LoRA adapters (peft; merged into the weights when saved)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--stage2-lr", type=float, default=3e-3, help="stage-2 learning rate of the new pieces (default 3e-3)")
     p.add_argument("--stage2-base-lr", type=float, default=None,
-                   help="with --stage2-params all: learning rate of the source's own weights (default 6e-5)")
+                   help="with --stage2-params all: learning rate of the source's own weights (default 6e-5); "
+                        "with lora: of the adapters (default: --stage2-lr)")
     p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant",
                    help="learning-rate schedule within each stage: constant, or decay to 0 at its end "
                         "(over its steps or its share of --minutes)")

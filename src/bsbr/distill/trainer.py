@@ -7,7 +7,8 @@ tokens past the first chunk, where the two differ). Layers are independent, so e
 is back-propagated on its own (memory of one layer at a time).
 
 Stage 2 (optional), end to end: KL(teacher || student) on next-token distributions past the first
-chunk, plus a small LM loss; trains the new pieces, or every weight, or LoRA adapters (peft).
+chunk, plus a small LM loss; trains the new pieces, or every weight, or the new pieces plus LoRA
+adapters (peft), merged into the weights when the model is saved.
 
 Data parallel with torch.distributed: under ``torchrun`` every rank takes its own windows and the
 gradients are averaged with all_reduce (gloo on CPU) before each optimizer step — the same update
@@ -61,7 +62,7 @@ class DistillConfig:
     lr: float = 1e-2
     stage2_lr: float = 1e-3
     stage2_params: str = "new"
-    stage2_base_lr: Optional[float] = None  # stage2_params="all": lr of the source's own weights
+    stage2_base_lr: Optional[float] = None  # "all": lr of the source's own weights; "lora": of the adapters
     lm_weight: float = 0.1
     schedule: str = "constant"  # learning-rate schedule within each stage (SCHEDULES)
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
@@ -82,8 +83,8 @@ class DistillConfig:
             raise ValueError(f"stage2_params must be one of {STAGE2_PARAMS}, got {self.stage2_params!r}")
         if self.lr <= 0 or self.stage2_lr <= 0 or (self.stage2_base_lr is not None and self.stage2_base_lr <= 0):
             raise ValueError("learning rates must be > 0")
-        if self.stage2_base_lr is not None and self.stage2_params != "all":
-            raise ValueError("stage2_base_lr applies only to stage2_params='all'")
+        if self.stage2_base_lr is not None and self.stage2_params == "new":
+            raise ValueError("stage2_base_lr applies only to stage2_params='all' or 'lora'")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -202,13 +203,14 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             params = new_parameters(student)
         elif cfg.stage2_params == "all":
             params = dict(student.named_parameters())
-        else:
-            params = _lora_parameters(student)
+        else:  # the new pieces start from scratch, so they train beside the adapters
+            params = {**new_parameters(student), **_lora_parameters(student)}
         _set_trainable(student, params)
         lr = cfg.lr if stage == 1 else cfg.stage2_lr
         groups = [dict(params=list(params.values()), lr=lr, base_lr=lr)]
-        if stage == 2 and cfg.stage2_params == "all" and cfg.stage2_base_lr is not None:
-            # the new pieces start from scratch and need a large step; the pretrained weights a small one
+        if stage == 2 and cfg.stage2_params != "new" and cfg.stage2_base_lr is not None:
+            # the new pieces start from scratch and need a large step; changes to the pretrained
+            # weights (themselves, or their adapters) a small one
             new = set(new_parameters(student))
             groups = [dict(params=[p for n, p in params.items() if n in new], lr=lr, base_lr=lr),
                       dict(params=[p for n, p in params.items() if n not in new], lr=cfg.stage2_base_lr,
