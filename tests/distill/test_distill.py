@@ -223,7 +223,11 @@ def test_cli_defaults_are_the_measured_recipe_and_bad_combinations_are_refused(c
     from bsbr.distill.cli import _base_lr
 
     args = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60"])
-    assert (args.steps, args.stage2_share, args.stage2_params, args.stage2_lr, _base_lr(args)) == (0, 0.99, "all", 3e-3, 6e-5)
+    assert (args.steps, args.stage2_share, args.stage2_params, args.stage2_lr, args.lm_weight, _base_lr(args)) == (
+        0, 0.99, "new", 3e-3, 0.0, None)
+    full = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60",
+                                      "--stage2-params", "all"])
+    assert _base_lr(full) == 6e-5
     assert main(["distill", "--student", "s", "--output", "o"]) == 2
     assert "nothing to train" in capsys.readouterr().err
     assert main(["distill", "--student", "s", "--output", "o", "--minutes", "1", "--stage2-params", "new",

@@ -67,14 +67,15 @@ def register(sub) -> None:
     p.add_argument("--student", required=True, help="converted model directory (bsbr convert)")
     p.add_argument("--output", required=True, help="where to write checkpoints and the distilled model")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for both stages")
-    # defaults = the recipe measured best in docs/findings.md: end-to-end KL on all weights, no stage 1
+    # defaults = the recipe measured best in docs/findings.md for the default exact window: end-to-end
+    # KL (no LM term) on the new pieces only, no stage 1
     p.add_argument("--steps", type=int, default=0,
                    help="stage-1 (attention transfer) steps (default 0: it made perplexity worse alone)")
     p.add_argument("--stage2-steps", type=int, default=0, help="end-to-end KL steps after stage 1")
     p.add_argument("--stage2-share", type=float, default=0.99,
                    help="with --minutes: fraction of the budget for stage 2 (default 0.99)")
-    p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="all",
-                   help="what stage 2 trains: the new BSBR pieces, all weights (default), or the new pieces "
+    p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="new",
+                   help="what stage 2 trains: the new BSBR pieces (default), all weights, or the new pieces "
                         "plus LoRA adapters (peft; merged into the weights when saved)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--stage2-lr", type=float, default=3e-3, help="stage-2 learning rate of the new pieces (default 3e-3)")
@@ -86,7 +87,8 @@ def register(sub) -> None:
                         "(over its steps or its share of --minutes)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
-    p.add_argument("--lm-weight", type=float, default=0.1)
+    p.add_argument("--lm-weight", type=float, default=0.0,
+                   help="weight of the LM loss beside the KL (default 0: pure imitation of the source)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=2000)
     p.add_argument("--text-file", nargs="*", default=None, help="train on these text files")

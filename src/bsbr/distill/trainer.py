@@ -7,7 +7,7 @@ tokens past the first chunk, where the two differ). Layers are independent, so e
 is back-propagated on its own (memory of one layer at a time).
 
 Stage 2 (optional), end to end: KL(teacher || student) on next-token distributions past the first
-chunk, plus a small LM loss; trains the new pieces, or every weight, or the new pieces plus LoRA
+chunk, optionally plus an LM loss; trains the new pieces, or every weight, or the new pieces plus LoRA
 adapters (peft), merged into the weights when the model is saved.
 
 Data parallel with torch.distributed: under ``torchrun`` every rank takes its own windows and the
@@ -63,7 +63,7 @@ class DistillConfig:
     stage2_lr: float = 1e-3
     stage2_params: str = "new"
     stage2_base_lr: Optional[float] = None  # "all": lr of the source's own weights; "lora": of the adapters
-    lm_weight: float = 0.1
+    lm_weight: float = 0.0  # weight of the LM loss beside the KL
     schedule: str = "constant"  # learning-rate schedule within each stage (SCHEDULES)
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
