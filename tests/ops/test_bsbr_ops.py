@@ -152,9 +152,13 @@ def test_gradients_agree(variant, top_k):
 @pytest.mark.parametrize("variant", ["additive", "normalized"])
 def test_causal_perturbing_a_later_token(variant):
     x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
-    kw = dict(chunk_size=8, variant=variant)
+    assert_causal(x, (0, 7, 8, 20, 49), chunk_size=8, variant=variant)  # first, chunk end, chunk start, mid, last
+
+
+def assert_causal(x, positions, **kw):
+    """Perturbing every input at token t changes the output at t and nothing before it."""
     base = call(chunk_bsbr_attention, x, **kw)
-    for t in (0, 7, 8, 20, 49):  # first token, chunk end, chunk start, mid chunk, last
+    for t in positions:
         y = {k: v.clone() for k, v in x.items()}
         for name in y:
             y[name][:, :, t] += 10.0
@@ -353,14 +357,7 @@ def test_closed_gate_is_softmax_over_the_window_written_out_by_hand():
 def test_window_is_causal_and_retrieval_skips_the_window(L, S):
     x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
     kw = dict(chunk_size=8, variant="normalized", local_chunks=L, sink_tokens=S)
-    base = call(chunk_bsbr_attention, x, **kw)
-    for t in (0, 3, 7, 8, 20, 49):
-        y = {k: v.clone() for k, v in x.items()}
-        for name in y:
-            y[name][:, :, t] += 10.0
-        out = call(chunk_bsbr_attention, y, **kw)
-        assert torch.equal(out[:, :, :t], base[:, :, :t]), f"outputs before {t} changed"
-        assert not torch.equal(out[:, :, t], base[:, :, t])
+    assert_causal(x, (0, 3, 7, 8, 20, 49), **kw)
     # retrieval reaches only chunks before the window: the first L chunks never retrieve, so with a
     # wide-open gate they equal the closed-gate output
     open_ = call(chunk_bsbr_attention, x, gate=torch.tensor(5.0, dtype=DT), **kw)
