@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr.ops import chunk_bsbr_attention, naive_bsbr_attention, recurrent_bsbr_attention
+from bsbr.ops import BSBROptions, chunk_bsbr_attention, naive_bsbr_attention, recurrent_bsbr_attention
 
 DT = torch.float64
 
@@ -27,18 +27,29 @@ def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False
     return x
 
 
+OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "retrieval", "scale")
+
+
+def split(kw):
+    """Keyword arguments -> (BSBROptions, the op's tensor arguments)."""
+    opts = {name: kw.pop(name) for name in OPTION_NAMES if name in kw}
+    return BSBROptions(**opts), kw
+
+
 def call(fn, x, **kw):
-    return fn(x["q"], x["k"], x["v"], x["mq"], x["mk"], fq=x["fq"], fk=x["fk"], **kw)[0]
+    options, rest = split(dict(kw))
+    extra = {name: x[name] for name in ("qr", "kr") if name in x}
+    return fn(x["q"], x["k"], x["v"], x["mq"], x["mk"], options, fq=x["fq"], fk=x["fk"], **extra, **rest)[0]
 
 
 CASES = [
-    # (n, chunk, hq, hkv, d, df, variant, top_k, gate)
+    # (n, chunk, hq, hkv, d, df, retrieval, retrieval_blocks, gate)
     (1, 64, 2, 2, 8, None, "additive", None, None),
     (63, 64, 2, 2, 8, None, "additive", None, None),
     (64, 64, 2, 2, 8, None, "additive", None, None),
     (65, 64, 2, 2, 8, None, "normalized", None, None),
     (1000, 64, 2, 1, 6, None, "additive", None, None),
-    (1000, 64, 4, 2, 6, 3, "normalized", 3, "per_head"),  # compressed features, top-k, grouped K/V
+    (1000, 64, 4, 2, 6, 3, "normalized", 3, "per_head"),  # compressed features, blocks, grouped K/V
     (37, 8, 3, 1, 5, 2, "additive", 2, "scalar"),
     (37, 8, 6, 3, 10, 10, "normalized", None, "per_head"),
     (100, 1, 2, 2, 3, None, "normalized", 4, None),  # chunk size 1: every token is a chunk
@@ -47,95 +58,30 @@ CASES = [
 
 @pytest.mark.parametrize("n,chunk,hq,hkv,d,df,variant,top_k,gate", CASES)
 def test_three_forms_agree(n, chunk, hq, hkv, d, df, variant, top_k, gate):
+    top_k = top_k or 0
     x = make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=d, df=df, positive=variant == "normalized")
     gt = None
     if gate == "per_head":
         gt = torch.linspace(0.0, 2.0, hq, dtype=DT)
     elif gate == "scalar":
         gt = torch.tensor(0.7, dtype=DT)
-    kw = dict(chunk_size=chunk, variant=variant, top_k=top_k, gate=gt)
+    kw = dict(chunk_size=chunk, retrieval=variant, retrieval_blocks=top_k or 0, gate=gt)
     ref = call(naive_bsbr_attention, x, **kw)
     torch.testing.assert_close(call(chunk_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
     if n <= 100:  # the token-by-token form is slow in Python; 100 tokens cover several chunks
         torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
 
 
-MASS_CASES = [  # (n, chunk, hq, hkv, variant, top_k, mass_power)
-    (65, 16, 4, 2, "normalized", None, [1.0, 0.5, 0.0, 2.0]),
-    (100, 8, 2, 1, "normalized", 3, [1.0, 1.0]),
-    (37, 8, 3, 3, "additive", None, [0.7]),
-]
-
-
-@pytest.mark.parametrize("n,chunk,hq,hkv,variant,top_k,mass", MASS_CASES)
-def test_three_forms_agree_with_a_per_token_gate(n, chunk, hq, hkv, variant, top_k, mass):
-    x = make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=5, df=4, positive=True)
-    kw = dict(chunk_size=chunk, variant=variant, top_k=top_k, gate=torch.linspace(0.2, 1.5, hq, dtype=DT),
-              mass_power=torch.tensor(mass, dtype=DT))
-    ref = call(naive_bsbr_attention, x, **kw)
-    without = call(naive_bsbr_attention, x, **{**kw, "mass_power": None})
-    assert not torch.allclose(ref, without)  # the per-token gate changes the output
-    torch.testing.assert_close(call(chunk_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
-
-
-def test_mass_power_one_is_one_softmax_over_local_keys_and_the_retrieved_mass():
-    """Written out by hand for chunk 1, which retrieves only chunk 0 (weight exactly 1):
-    o_t = (sum_local e^(s-m) v + g fq.F_0) / (sum_local e^(s-m) + g fq.z_0), m = max of the local scores."""
-    B = 8
-    x = make_inputs(b=1, hq=1, hkv=1, n=2 * B, d=4, df=3, positive=True)
-    g = torch.tensor([0.6], dtype=DT)
-    o = call(chunk_bsbr_attention, x, chunk_size=B, variant="normalized", gate=g, mass_power=torch.ones(1, dtype=DT))
-    q, k, v, fq, fk = (x[n][0, 0] for n in ("q", "k", "v", "fq", "fk"))
-    F0, z0 = fk[:B].T @ v[:B], fk[:B].sum(0)
-    for t in range(B, 2 * B):
-        s = k[B : t + 1] @ q[t] / 2.0
-        e = torch.exp(s - s.max())
-        want = (e @ v[B : t + 1] + g * (fq[t] @ F0)) / (e.sum() + g * (fq[t] @ z0))
-        torch.testing.assert_close(o[0, 0, t], want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(o[0, 0, :B], call(naive_bsbr_attention, x, chunk_size=B)[0, 0, :B])  # chunk 0: local
-
-
-def test_per_token_gate_is_causal_padding_invariant_and_differentiable():
-    kw = dict(chunk_size=8, variant="normalized", top_k=2)
-    x = make_inputs(b=1, hq=2, hkv=1, n=40, d=4, positive=True)
-    beta = torch.tensor([1.0, 0.5], dtype=DT)
-    base = call(chunk_bsbr_attention, x, mass_power=beta, **kw)
-    for t in (0, 8, 21, 39):
-        y = {k: v.clone() for k, v in x.items()}
-        for name in y:
-            y[name][:, :, t] += 10.0
-        assert torch.equal(call(chunk_bsbr_attention, y, mass_power=beta, **kw)[:, :, :t], base[:, :, :t])
-    valid = torch.ones(1, 40, dtype=torch.bool)
-    valid[0, :5] = False
-    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
-        o = call(fn, x, valid=valid, mass_power=beta, **kw)
-        alone = {k: t[:, :, 5:] for k, t in x.items()}
-        torch.testing.assert_close(o[:, :, 5:], call(naive_bsbr_attention, alone, mass_power=beta, **kw),
-                                   rtol=1e-10, atol=1e-10)
-    grads = []
-    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
-        xs = make_inputs(b=1, hq=2, hkv=1, n=21, d=4, positive=True, requires_grad=True)
-        b_ = beta.clone().requires_grad_(True)
-        o = call(fn, xs, mass_power=b_, gate=torch.tensor(0.5, dtype=DT), **kw)
-        (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(2), dtype=DT)).sum().backward()
-        grads.append([t.grad for t in xs.values()] + [b_.grad])
-    assert grads[0][-1].abs().sum() > 0
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other):
-            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
-
-
 def test_recurrent_long_sequence_small_chunk():
     x = make_inputs(b=1, hq=2, hkv=1, n=300, d=4, df=4, positive=True)
-    kw = dict(chunk_size=16, variant="normalized", top_k=5)
+    kw = dict(chunk_size=16, retrieval="normalized", retrieval_blocks=5)
     torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), call(naive_bsbr_attention, x, **kw),
                                rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant,top_k", [("additive", None), ("normalized", 2)])
 def test_gradients_agree(variant, top_k):
-    kw = dict(chunk_size=8, variant=variant, top_k=top_k)
+    kw = dict(chunk_size=8, retrieval=variant, retrieval_blocks=top_k or 0)
     grads = []
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         x = make_inputs(b=2, hq=4, hkv=2, n=29, d=5, df=3, positive=True, requires_grad=True)
@@ -152,7 +98,7 @@ def test_gradients_agree(variant, top_k):
 @pytest.mark.parametrize("variant", ["additive", "normalized"])
 def test_causal_perturbing_a_later_token(variant):
     x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
-    assert_causal(x, (0, 7, 8, 20, 49), chunk_size=8, variant=variant)  # first, chunk end, chunk start, mid, last
+    assert_causal(x, (0, 7, 8, 20, 49), chunk_size=8, retrieval=variant)  # first, chunk end, chunk start, mid, last
 
 
 def assert_causal(x, positions, **kw):
@@ -187,7 +133,7 @@ def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant):
     valid[0, :7] = False  # left padding
     valid[1, 19:] = False  # right padding
     valid[2, 3:5] = False  # holes
-    kw = dict(chunk_size=8, variant=variant, top_k=2)
+    kw = dict(chunk_size=8, retrieval=variant, retrieval_blocks=2)
     o = call(fn, x, valid=valid, **kw)
     for b in range(3):
         alone = {k: t[b : b + 1][:, :, valid[b]] for k, t in x.items()}
@@ -205,10 +151,13 @@ def prefill_then_stream(x, valid, cut, **kw):
     """Chunked prefill of tokens [0, cut), then its state handed to the streaming form for the rest."""
     pre = {k: t[:, :, :cut] for k, t in x.items()}
     post = {k: t[:, :, cut:] for k, t in x.items()}
-    _, state = chunk_bsbr_attention(pre["q"], pre["k"], pre["v"], pre["mq"], pre["mk"], fq=pre["fq"], fk=pre["fk"],
-                                    valid=valid[:, :cut], output_final_state=True, **kw)
-    o, _ = recurrent_bsbr_attention(post["q"], post["k"], post["v"], post["mq"], post["mk"], fq=post["fq"],
-                                    fk=post["fk"], valid=valid[:, cut:], initial_state=state, **kw)
+    options, rest = split(dict(kw))
+    _, state = chunk_bsbr_attention(*(pre[n] for n in ("q", "k", "v", "mq", "mk")), options,
+                                    **{n: pre[n] for n in pre if n not in ("q", "k", "v", "mq", "mk")},
+                                    valid=valid[:, :cut], output_final_state=True, **rest)
+    o, _ = recurrent_bsbr_attention(*(post[n] for n in ("q", "k", "v", "mq", "mk")), options,
+                                    **{n: post[n] for n in post if n not in ("q", "k", "v", "mq", "mk")},
+                                    valid=valid[:, cut:], initial_state=state, **rest)
     return o
 
 
@@ -217,14 +166,14 @@ def test_chunked_prefill_then_streaming_equals_full(cut):
     x = make_inputs(b=2, hq=2, hkv=2, n=30, d=4, positive=True)
     valid = torch.ones(2, 30, dtype=torch.bool)
     valid[1, :3] = False
-    kw = dict(chunk_size=8, variant="normalized", top_k=None)
+    kw = dict(chunk_size=8, retrieval="normalized", retrieval_blocks=0)
     full = call(naive_bsbr_attention, x, valid=valid, **kw)
     torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
 
 
 def test_state_memory_is_bounded_by_chunk_plus_per_chunk_states():
     x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
-    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], chunk_size=32, output_final_state=True)
+    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32), output_final_state=True)
     assert st.k_buf.shape[2] == 32  # one chunk of keys, not the whole context
     assert st.F_past.shape[2] == 8  # one state per completed chunk
 
@@ -240,8 +189,8 @@ def test_empty_sequence():
     [
         ({}, dict(chunk_size=0), ValueError),
         ({}, dict(chunk_size=2.5), ValueError),
-        ({}, dict(chunk_size=4, variant="magic"), ValueError),
-        ({}, dict(chunk_size=4, top_k=0), ValueError),
+        ({}, dict(chunk_size=4, retrieval="magic"), ValueError),
+        ({}, dict(chunk_size=4, retrieval_blocks=1.5), ValueError),
         ({"q": torch.zeros(2, 4, 5)}, dict(chunk_size=4), ValueError),  # wrong rank
         ({"k": torch.zeros(2, 3, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # 4 q heads, 3 kv heads
         ({"v": torch.zeros(2, 2, 8, 7, dtype=DT)}, dict(chunk_size=4), ValueError),  # length mismatch
@@ -251,8 +200,11 @@ def test_empty_sequence():
         ({"v": torch.zeros(2, 2, 9, 7, dtype=torch.float32)}, dict(chunk_size=4), TypeError),  # mixed dtypes
         ({}, dict(chunk_size=4, valid=torch.ones(2, 8, dtype=torch.bool)), ValueError),
         ({}, dict(chunk_size=4, gate=torch.ones(3, dtype=DT)), ValueError),
-        ({}, dict(chunk_size=4, mass_power=torch.ones(3, dtype=DT)), ValueError),
-        ({}, dict(chunk_size=4, mass_power=1.0), TypeError),
+        ({}, dict(chunk_size=4, retrieval_blocks=-1), ValueError),
+        ({"qr": torch.zeros(2, 4, 9, 5, dtype=DT)}, dict(chunk_size=4), ValueError),  # qr head dim
+        ({"kr": torch.zeros(2, 4, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # kr heads
+        ({}, dict(chunk_size=4, meta_q=torch.zeros(4, 5, 3, dtype=DT)), ValueError),  # meta map input size
+        ({}, dict(chunk_size=4, meta_q="linear"), TypeError),
     ],
 )
 def test_bad_inputs_raise(change, kw, exc):
@@ -265,37 +217,21 @@ def test_bad_inputs_raise(change, kw, exc):
 
 @pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
 def test_meta_maps_on_chunk_means_equal_per_token_projections(fn):
-    """An affine map commutes with a mean: mapping chunk means of raw inputs (one "head") equals
-    projecting every token first — the per-token definition the reference uses."""
-    x = make_inputs(b=2, hq=4, hkv=2, n=29, d=4, positive=True)
+    """A linear map commutes with a mean: the op maps chunk means of mq/mk with per-head weights,
+    which equals projecting every token first."""
+    x = make_inputs(b=2, hq=4, hkv=2, n=29, d=4, dm=5, positive=True)
     g = torch.Generator().manual_seed(5)
-    raw = torch.randn(2, 1, 29, 7, generator=g, dtype=DT)  # e.g. hidden states
-    wq, bq = torch.randn(7, 4 * 3, generator=g, dtype=DT), torch.randn(4 * 3, generator=g, dtype=DT)
-    wk, bk = torch.randn(7, 2 * 3, generator=g, dtype=DT), torch.randn(2 * 3, generator=g, dtype=DT)
-
-    def proj(t, w, bias, h):  # (b, 1, T, 7) -> (b, h, T, 3)
-        y = t[:, 0] @ w + bias
-        return y.view(t.shape[0], t.shape[2], h, 3).transpose(1, 2)
-
+    wq, wk = torch.randn(4, 5, 3, generator=g, dtype=DT), torch.randn(2, 5, 3, generator=g, dtype=DT)
     valid = torch.ones(2, 29, dtype=torch.bool)
     valid[1, :4] = False
-    kw = dict(chunk_size=8, variant="normalized", top_k=2, valid=valid, fq=x["fq"], fk=x["fk"])
-    per_token = naive_bsbr_attention(x["q"], x["k"], x["v"], proj(raw, wq, bq, 4), proj(raw, wk, bk, 2), **kw)[0]
-    mapped = fn(x["q"], x["k"], x["v"], raw, raw, meta_q_map=lambda m: proj(m, wq, bq, 4),
-                meta_k_map=lambda m: proj(m, wk, bk, 2), **kw)[0]
-    torch.testing.assert_close(mapped, per_token, rtol=1e-10, atol=1e-10)
-
-
-def test_meta_map_errors():
-    x = make_inputs(b=1, hq=2, hkv=1, n=9, d=4)
-    with pytest.raises(TypeError, match="callable"):
-        call(chunk_bsbr_attention, x, chunk_size=4, meta_q_map="linear")
-    with pytest.raises(ValueError, match="meta_q_map"):
-        call(chunk_bsbr_attention, x, chunk_size=4, meta_q_map=lambda m: m[:, :1])
+    kw = dict(chunk_size=8, retrieval="normalized", retrieval_blocks=1, valid=valid, gate=torch.tensor(0.8, dtype=DT))
+    per_token = dict(x, mq=torch.einsum("bhnd,hde->bhne", x["mq"], wq), mk=torch.einsum("bhnd,hde->bhne", x["mk"], wk))
+    torch.testing.assert_close(call(fn, x, meta_q=wq, meta_k=wk, **kw), call(naive_bsbr_attention, per_token, **kw),
+                               rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------- the exact window: previous chunks and sinks
-WINDOW_CASES = [  # (n, chunk, local_chunks, sink_tokens, variant, top_k, gate, mass_power)
+WINDOW_CASES = [  # (n, chunk, local_chunks, sink_tokens, retrieval, retrieval_blocks, gate, unused)
     (37, 8, 2, 1, "additive", None, "per_head", None),
     (65, 8, 3, 4, "normalized", 2, None, None),
     (40, 8, 2, 10, "normalized", None, "per_head", [1.0, 0.5]),  # more sinks than a chunk holds
@@ -307,9 +243,9 @@ WINDOW_CASES = [  # (n, chunk, local_chunks, sink_tokens, variant, top_k, gate, 
 
 
 def window_kw(chunk, L, S, variant, top_k, gate, mass):
-    return dict(chunk_size=chunk, variant=variant, top_k=top_k, local_chunks=L, sink_tokens=S,
+    return dict(chunk_size=chunk, retrieval=variant, retrieval_blocks=top_k or 0, local_chunks=L, sink_tokens=S,
                 gate=None if gate is None else torch.tensor([0.3, 1.2], dtype=DT),
-                mass_power=None if mass is None else torch.tensor(mass, dtype=DT))
+                )
 
 
 @pytest.mark.parametrize("n,chunk,L,S,variant,top_k,gate,mass", WINDOW_CASES)
@@ -356,7 +292,7 @@ def test_closed_gate_is_softmax_over_the_window_written_out_by_hand():
 @pytest.mark.parametrize("L,S", [(2, 0), (2, 4), (3, 1)])
 def test_window_is_causal_and_retrieval_skips_the_window(L, S):
     x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
-    kw = dict(chunk_size=8, variant="normalized", local_chunks=L, sink_tokens=S)
+    kw = dict(chunk_size=8, retrieval="normalized", local_chunks=L, sink_tokens=S)
     assert_causal(x, (0, 3, 7, 8, 20, 49), **kw)
     # retrieval reaches only chunks before the window: the first L chunks never retrieve, so with a
     # wide-open gate they equal the closed-gate output
@@ -370,7 +306,7 @@ def test_window_gradients_agree():
     grads = []
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         xs = make_inputs(b=1, hq=2, hkv=1, n=27, d=4, positive=True, requires_grad=True)
-        o = call(fn, xs, chunk_size=6, variant="normalized", local_chunks=2, sink_tokens=2,
+        o = call(fn, xs, chunk_size=6, retrieval="normalized", local_chunks=2, sink_tokens=2,
                  gate=torch.tensor(0.5, dtype=DT))
         (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=DT)).sum().backward()
         grads.append([t.grad for t in xs.values()])
@@ -381,15 +317,15 @@ def test_window_gradients_agree():
 
 def test_window_state_holds_the_window_and_refuses_other_sizes():
     x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
-    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], chunk_size=32, local_chunks=2,
-                                 sink_tokens=4, output_final_state=True)
+    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32, local_chunks=2,
+                                 sink_tokens=4), output_final_state=True)
     assert st.k_buf.shape[2] == 64 and st.k_sink.shape[2] == 4  # two chunks and the sinks, not the context
     assert st.F_past.shape[2] == 8
     step = {k: t[:, :, :1] for k, t in x.items()}
     for sizes in (dict(local_chunks=1, sink_tokens=4), dict(local_chunks=2, sink_tokens=0)):
         with pytest.raises(ValueError, match="state was built with"):
-            recurrent_bsbr_attention(step["q"], step["k"], step["v"], step["mq"], step["mk"], chunk_size=32,
-                                     initial_state=st, **sizes)
+            recurrent_bsbr_attention(step["q"], step["k"], step["v"], step["mq"], step["mk"],
+                                     BSBROptions(32, **sizes), initial_state=st)
 
 
 @pytest.mark.parametrize("kw", [dict(local_chunks=0), dict(local_chunks=1.5), dict(local_chunks=True),
@@ -399,3 +335,101 @@ def test_bad_window_options_raise(kw):
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         with pytest.raises(ValueError, match=next(iter(kw))):
             call(fn, x, chunk_size=4, **kw)
+
+
+# ---------------------------------------------------------------- exact block retrieval
+def with_far_keys(x, seed=7):
+    """Add far-key queries/keys (qr, kr) that differ from q/k, as rotary positions past the window make them."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(x, qr=torch.randn(x["q"].shape, generator=g, dtype=DT).requires_grad_(x["q"].requires_grad),
+                kr=torch.randn(x["k"].shape, generator=g, dtype=DT).requires_grad_(x["k"].requires_grad))
+
+
+BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_blocks, retrieval)
+    (70, 8, 4, 2, 2, 3, 2, "normalized"),
+    (70, 8, 2, 1, 1, 0, 3, "additive"),
+    (70, 8, 2, 2, 2, 10, 2, "normalized"),  # sinks fill chunk 0 and part of chunk 1
+    (41, 4, 3, 1, 3, 2, 50, "additive"),  # more blocks than there are chunks
+    (33, 1, 2, 1, 2, 1, 4, "normalized"),  # every token is a chunk
+]
+
+
+@pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,variant", BLOCK_CASES)
+def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant):
+    x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))
+    kw = dict(chunk_size=chunk, local_chunks=L, sink_tokens=S, retrieval_blocks=K, retrieval=variant,
+              gate=torch.linspace(0.2, 1.4, hq, dtype=DT))
+    ref = call(naive_bsbr_attention, x, **kw)
+    assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "retrieval_blocks": 0}))
+    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        torch.testing.assert_close(call(fn, x, **kw), ref, rtol=1e-10, atol=1e-10)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, :5] = False
+    valid[1, 9:12] = False
+    full = call(naive_bsbr_attention, x, valid=valid, **kw)
+    for b in range(2):
+        alone = {k: t[b : b + 1][:, :, valid[b]] for k, t in x.items()}
+        torch.testing.assert_close(full[b : b + 1][:, :, valid[b]], call(naive_bsbr_attention, alone, **kw),
+                                   rtol=1e-10, atol=1e-10)
+    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        torch.testing.assert_close(call(fn, x, valid=valid, **kw), full, rtol=1e-10, atol=1e-10)
+    for cut in sorted({0, 3, chunk, n // 2 + 1, n - 1}):
+        torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
+
+
+def test_blocks_covering_every_earlier_chunk_are_full_causal_attention():
+    """With as many blocks as chunks, every key before the window is read exactly: with the chunk-state
+    gate closed and far keys = keys, the op is plain causal softmax attention."""
+    n, B = 50, 8
+    x = make_inputs(b=2, hq=4, hkv=2, n=n, d=4)
+    k, v = (x[name].repeat_interleave(2, dim=1) for name in ("k", "v"))
+    s = (x["q"] @ k.transpose(-1, -2) / 2.0).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(s, -1) @ v
+    for L, S in ((1, 0), (2, 4)):
+        kw = dict(chunk_size=B, local_chunks=L, sink_tokens=S, retrieval_blocks=n // B, gate=torch.zeros(1, dtype=DT))
+        for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+            torch.testing.assert_close(call(fn, x, **kw), want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_needle_is_found_by_its_bound():
+    """One key far back that matches the query strongly: its block is selected (its bound holds the
+    needle's coordinates; a mean over the chunk could wash it out) and the output is its value."""
+    n, B = 64, 8
+    x = make_inputs(b=1, hq=1, hkv=1, n=n, d=8)
+    for name in ("q", "k"):
+        x[name] = x[name] * 0.1
+    x["k"][0, 0, 13] = torch.full((8,), 3.0, dtype=DT)  # chunk 1
+    x["v"][0, 0, 13] = 100.0
+    x["q"][0, 0, -1] = torch.full((8,), 3.0, dtype=DT)
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        o = call(fn, x, chunk_size=B, local_chunks=2, retrieval_blocks=1, gate=torch.zeros(1, dtype=DT))
+        assert o[0, 0, -1].min() > 90.0
+        o0 = call(fn, x, chunk_size=B, local_chunks=2, retrieval_blocks=0, gate=torch.zeros(1, dtype=DT))
+        assert o0[0, 0, -1].max() < 10.0
+
+
+def test_block_selection_is_causal_to_the_bit():
+    x = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=60, d=4, positive=True))
+    assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
+                  retrieval="normalized", gate=torch.tensor(0.7, dtype=DT))
+
+
+def test_block_gradients_agree():
+    grads = []
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        xs = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=37, d=4, df=3, positive=True, requires_grad=True))
+        o = call(fn, xs, chunk_size=6, local_chunks=2, sink_tokens=2, retrieval_blocks=2, retrieval="normalized",
+                 gate=torch.tensor(0.5, dtype=DT))
+        (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=DT)).sum().backward()
+        grads.append([t.grad for t in xs.values()])
+    assert all(t is not None and t.abs().sum() > 0 for t in grads[0])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+def test_exact_block_state_keeps_every_chunk():
+    x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
+    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32, retrieval_blocks=2),
+                                 output_final_state=True)
+    assert st.kr_past.shape[2:4] == (8, 32) and st.kmin_past.shape[2] == 8

@@ -1,6 +1,7 @@
 """Functional attention math (no nn.Module). Every op has a reference beside its fast forms."""
 from .bsbr import (
     VARIANTS,
+    BSBROptions,
     BSBRState,
     bsbr_attention_step,
     chunk_bsbr_attention,
@@ -10,6 +11,7 @@ from .bsbr import (
 
 __all__ = [
     "VARIANTS",
+    "BSBROptions",
     "BSBRState",
     "bsbr_attention_step",
     "chunk_bsbr_attention",

@@ -1,11 +1,13 @@
-"""BSBR attention in three forms with one signature: naive (reference), chunk (default), recurrent."""
+"""BSBR attention in three forms with one meaning: naive (reference), chunk (default), recurrent."""
 from .chunk import chunk_bsbr_attention
 from .naive import naive_bsbr_attention
+from .options import VARIANTS, BSBROptions
 from .recurrent import bsbr_attention_step, recurrent_bsbr_attention
-from .utils import VARIANTS, BSBRState
+from .state import BSBRState
 
 __all__ = [
     "VARIANTS",
+    "BSBROptions",
     "BSBRState",
     "bsbr_attention_step",
     "chunk_bsbr_attention",

@@ -1,0 +1,82 @@
+"""Shape and type checks of one call of a BSBR op, done once per call."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checks import check_tensor
+
+
+@dataclass
+class BSBRArgs:
+    """Validated sizes of one call."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+    value_dim: int
+    feature_dim: int
+    meta_in: int  # size of mq/mk per head
+    meta_dim: int  # after the meta maps
+
+
+def _check_leading(name, x, want):
+    if tuple(x.shape[:-1]) != tuple(want):
+        raise ValueError(f"{name} must have leading shape {tuple(want)}, got {tuple(x.shape)}")
+
+
+def check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta_k=None, token_dim: int = 4) -> BSBRArgs:
+    """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)).
+    K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk), ("qr", qr),
+                    ("kr", kr)):
+        check_tensor(name, x, token_dim)
+    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    hkv = k.shape[1]
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    tokens = tuple(q.shape[2:-1])
+    for name, x in (("k", k), ("v", v), ("fk", fk), ("kr", kr), ("mk", mk)):
+        _check_leading(name, x, (b, hkv) + tokens)
+    for name, x in (("fq", fq), ("qr", qr), ("mq", mq)):
+        _check_leading(name, x, (b, hq) + tokens)
+    for name, x in (("k", k), ("qr", qr), ("kr", kr)):
+        if x.shape[-1] != d:
+            raise ValueError(f"{name} head dim ({x.shape[-1]}) must equal q's ({d})")
+    if fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"fq and fk must share their last dim, got {fq.shape[-1]} and {fk.shape[-1]}")
+    if mq.shape[-1] != mk.shape[-1]:
+        raise ValueError(f"mq and mk must share their last dim, got {mq.shape[-1]} and {mk.shape[-1]}")
+    dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk, qr, kr)}
+    if len(dtypes) != 1:
+        raise TypeError(f"q, k, v, mq, mk, fq, fk, qr, kr must share one dtype, got {sorted(map(str, dtypes))}")
+    dm_in, dm = mq.shape[-1], mq.shape[-1]
+    outs = []
+    for name, w, heads in (("meta_q", meta_q, hq), ("meta_k", meta_k, hkv)):
+        if w is None:
+            outs.append(dm_in)
+            continue
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be None or a ({heads}, {dm_in}, dm) tensor, got {type(w).__name__}")
+        if w.dim() != 3 or w.shape[0] != heads or w.shape[1] != dm_in:
+            raise ValueError(f"{name} must have shape ({heads}, {dm_in}, dm), got {tuple(w.shape)}")
+        outs.append(w.shape[2])
+    if outs[0] != outs[1]:
+        raise ValueError(f"meta_q and meta_k must map to one size, got {outs[0]} and {outs[1]}")
+    dm = outs[0]
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor):
+            raise TypeError(f"gate must be None or a tensor of shape ({hq},), got {type(gate).__name__}")
+        if gate.dim() > 1 or gate.numel() not in (1, hq):
+            raise ValueError(f"gate must be a scalar or have shape ({hq},), got {tuple(gate.shape)}")
+    n = q.shape[2] if token_dim == 4 else 1
+    if valid is not None:
+        want = (b, n) if token_dim == 4 else (b,)
+        if not isinstance(valid, torch.Tensor):
+            raise TypeError(f"valid must be None or a tensor of shape {want}, got {type(valid).__name__}")
+        if tuple(valid.shape) != want:
+            raise ValueError(f"valid (the padding mask) must have shape {want}, got {tuple(valid.shape)}")
+    return BSBRArgs(b, hq, hkv, n, d, v.shape[-1], fq.shape[-1], dm_in, dm)

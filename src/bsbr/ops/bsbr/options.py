@@ -1,0 +1,56 @@
+"""The options of one BSBR attention: defined and validated once, passed unchanged from the model's
+config through the layer to the op's three forms."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+VARIANTS = ("additive", "normalized")
+
+
+def _int_at_least(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BSBROptions:
+    """Which keys a query token reads, and how.
+
+    * ``chunk_size`` ``B``: tokens per chunk; chunk ``c(t) = t // B`` counts the sequence's real tokens.
+    * ``local_chunks`` ``L`` and ``sink_tokens`` ``S``: the exact window. Token ``t`` attends by
+      softmax to the keys ``j <= t`` of chunks ``c(t) - L + 1 .. c(t)`` and to the sequence's first
+      ``S`` tokens. ``L = 1, S = 0`` is plain BSBR (own chunk only).
+    * ``retrieval_blocks`` ``K``: each token also attends exactly, in the same softmax, to the tokens
+      of the ``K`` chunks before its window that score highest against its query (per head; the score
+      is the largest ``q . k`` the chunk's per-dimension key bounds allow). 0: none.
+    * ``retrieval``: how the chunk states of the earlier chunks it did not select join the exact
+      softmax: ``"additive"`` (``o = softmax part + g q.S``) or ``"normalized"`` (one denominator:
+      ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features).
+    * ``scale``: softmax scale, default ``1/sqrt(head_dim)``.
+
+    See ``docs/design.md`` for the whole definition.
+    """
+
+    chunk_size: int
+    local_chunks: int = 1
+    sink_tokens: int = 0
+    retrieval_blocks: int = 0
+    retrieval: str = "additive"
+    scale: Optional[float] = None
+
+    def __post_init__(self):
+        _int_at_least("chunk_size", self.chunk_size, 1)
+        _int_at_least("local_chunks", self.local_chunks, 1)
+        _int_at_least("sink_tokens", self.sink_tokens, 0)
+        _int_at_least("retrieval_blocks", self.retrieval_blocks, 0)
+        if self.retrieval not in VARIANTS:
+            raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
+        if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))
+                                       or not self.scale > 0):
+            raise ValueError(f"scale must be None or a positive float, got {self.scale!r}")
+
+    @property
+    def window(self) -> int:
+        """Tokens of the exact window's chunk part (the streaming cache's ring)."""
+        return self.local_chunks * self.chunk_size

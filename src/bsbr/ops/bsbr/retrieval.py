@@ -1,0 +1,80 @@
+"""Retrieval math shared by the three forms: the chunk states' weights, the exact blocks' router, and
+how the exact softmax and the chunk states combine."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def apply_meta(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A per-head meta map on chunk means: x (b, h, C, dm_in) @ weight (h, dm_in, dm); identity if None."""
+    return x if weight is None else torch.einsum("bhcd,hde->bhce", x, weight.to(x.dtype))
+
+
+def gate_per_head(gate: Optional[torch.Tensor], q_heads: int, like: torch.Tensor) -> torch.Tensor:
+    """The chunk-state gate as a (q_heads,) tensor; ``None`` means an open gate (1)."""
+    if gate is None:
+        return torch.ones(q_heads, dtype=like.dtype, device=like.device)
+    return gate.to(like.dtype).reshape(-1).expand(q_heads)
+
+
+def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, variant: str) -> torch.Tensor:
+    """Weights w[c, c'] that chunk c gives to the state of chunk c'.
+
+    r: (..., R, dm) meta-queries; h: (..., P, dm) meta-keys (leading dims broadcast); allowed:
+    (..., R, P) bool, which pairs may be read (c' before c's window). Rows with nothing allowed are 0.
+    ``additive``: alpha = softmax over allowed chunks. ``normalized``: alpha times the number of
+    allowed chunks, so uniform scores give every past chunk weight one (plain linear attention over
+    the past, sharing its denominator with the exact softmax).
+    """
+    scores = (r @ h.transpose(-1, -2)) / math.sqrt(r.shape[-1])
+    allowed = allowed.expand_as(scores)
+    any_allowed = allowed.any(-1, keepdim=True)
+    alpha = torch.softmax(scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_allowed, 0.0), dim=-1) * allowed
+    if variant == "normalized":
+        alpha = alpha * allowed.sum(-1, keepdim=True).to(alpha.dtype)
+    return alpha
+
+
+def block_bounds(kr: torch.Tensor, keep: torch.Tensor):
+    """Per-dimension min and max of each chunk's far keys: kr (..., C, B, d), keep (..., C, B) bool
+    (the tokens a retrieval may read). Returns (kmin, kmax), each (..., C, d); 0 for a chunk with no
+    such token (the caller never selects it)."""
+    m = keep.unsqueeze(-1)
+    kmin = kr.masked_fill(~m, float("inf")).amin(-2)
+    kmax = kr.masked_fill(~m, float("-inf")).amax(-2)
+    any_ = keep.any(-1, keepdim=True)
+    return torch.where(any_, kmin, 0.0), torch.where(any_, kmax, 0.0)
+
+
+def block_scores(qr: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """The largest ``qr . k`` that any key within a chunk's bounds can give (Quest's bound):
+    ``sum_i max(qr_i kmin_i, qr_i kmax_i)``. qr (..., T, d), kmin/kmax (..., P, d) -> (..., T, P).
+    A bound, unlike a mean key, keeps one outstanding key (a needle) findable."""
+    return qr.clamp(min=0) @ kmax.transpose(-1, -2) + qr.clamp(max=0) @ kmin.transpose(-1, -2)
+
+
+def select_blocks(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best candidate chunks per query: scores (..., P), candidate (..., P) bool (broadcast).
+    Returns (..., min(k, P)) chunk indices, -1 where fewer than k candidates exist."""
+    k = min(k, scores.shape[-1])
+    if k == 0:
+        return scores.new_zeros(scores.shape[:-1] + (0,), dtype=torch.long)
+    val, idx = scores.masked_fill(~candidate, float("-inf")).topk(k, dim=-1)
+    return torch.where(val > float("-inf"), idx, -1)
+
+
+def combine(o_exact, num, den, gate, variant: str):
+    """The exact softmax output and the chunk states' read-out (of the chunks not read exactly).
+
+    o_exact, num: (..., hq, T, dv); den: (..., hq, T) or None; gate: (hq,).
+    additive:   o = o_exact + g * q.S
+    normalized: o = (o_exact + g * fq.S) / (1 + g * fq.z)   (the softmax has mass one; the states add
+                mass g * fq.z)
+    """
+    g = gate.view(-1, 1, 1)
+    if variant == "additive":
+        return o_exact + g * num
+    return (o_exact + g * num) / (1.0 + g * den.unsqueeze(-1))

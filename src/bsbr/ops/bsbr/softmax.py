@@ -1,0 +1,55 @@
+"""Softmax attention over parts of the keys, merged by log-sum-exp: the exact window and the retrieved
+blocks are one softmax computed piece by piece."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float, causal: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp. q (N, h, M, d), k/v (N, h, W, d); ``allowed`` a bool
+    mask broadcastable to (N, h, M, W), or None with ``causal`` (M == W). Every row must allow at
+    least one key. Returns o (N, h, M, dv), lse (N, h, M).
+
+    On CPU this is PyTorch's fused flash kernel (it returns the log-sum-exp, SDPA does not);
+    elsewhere the plain formula."""
+    if (_FLASH_CPU is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16)):
+        mask = None
+        if allowed is not None:
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        return o, lse.to(o.dtype)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        allowed = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.softmax(s, dim=-1) @ v, lse
+
+
+def masked_attention_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor):
+    """Softmax over scores ``s`` (..., M, W) where ``allowed``; rows with nothing allowed give o = 0 and
+    lse = -inf. Returns o (..., M, dv), lse (..., M)."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    return p @ v, lse
+
+
+def merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax from parts (o_i (..., M, dv), lse_i (..., M)) over disjoint keys: weights
+    exp(lse_i - max) renormalised. A part with lse = -inf (no key for that row) has weight 0."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])
+    m = lses.amax(0)
+    w = torch.exp(lses - m)
+    total = w.sum(0)
+    o = sum(wi.unsqueeze(-1) * oi for wi, (oi, _) in zip(w, parts))
+    return o / total.unsqueeze(-1)

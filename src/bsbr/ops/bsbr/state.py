@@ -1,0 +1,117 @@
+"""The streaming state of one BSBR attention, and its updates when a chunk completes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .inputs import BSBRArgs
+from .options import BSBROptions
+from .retrieval import state_weights
+
+
+@dataclass
+class BSBRState:
+    """Streaming state of one BSBR attention for a batch; each sequence has its own position.
+
+    Always: the window's keys/values (a ring of ``local_chunks * chunk_size`` tokens), the sink
+    tokens' far keys/values, and per *completed* chunk one (feature x value) state, feature sum and
+    meta-key. With ``retrieval_blocks > 0`` also every completed chunk's far keys, values and key
+    bounds (the exact blocks a later token may select): memory then grows with the context, like a
+    KV cache, while the work per token stays bounded.
+    """
+
+    options: BSBROptions
+    n_seen: torch.Tensor  # (b,) real tokens consumed per sequence
+    k_buf: torch.Tensor  # (b, hkv, W, d) keys of the last W tokens (token t in slot t % W)
+    v_buf: torch.Tensor  # (b, hkv, W, dv)
+    k_sink: torch.Tensor  # (b, hkv, S, d) far keys of the sequence's first S tokens
+    v_sink: torch.Tensor  # (b, hkv, S, dv)
+    F_cur: torch.Tensor  # (b, hkv, df, dv) state of the current (incomplete) chunk
+    z_cur: torch.Tensor  # (b, hkv, df)
+    mk_sum: torch.Tensor  # (b, hkv, dm_in) running sum of meta-keys of the current chunk
+    mq_sum: torch.Tensor  # (b, hq, dm_in)
+    r_cur: torch.Tensor  # (b, hq, dm) meta-query of the current chunk (mean over the previous one)
+    F_past: torch.Tensor  # (b, hkv, P, df, dv) states of completed chunks (P >= completed)
+    z_past: torch.Tensor  # (b, hkv, P, df)
+    h_past: torch.Tensor  # (b, hkv, P, dm) meta-keys of completed chunks
+    w_cur: torch.Tensor  # (b, hq, P) weights the current chunk gives each completed chunk's state
+    S_cur: torch.Tensor  # (b, hq, df, dv) the weighted sum of those states
+    zS_cur: torch.Tensor  # (b, hq, df)
+    kr_cur: torch.Tensor  # (b, hkv, Bk, d) far keys of the current chunk (Bk = chunk_size with blocks, else 0)
+    v_cur: torch.Tensor  # (b, hkv, Bk, dv)
+    kr_past: torch.Tensor  # (b, hkv, P, Bk, d) far keys of completed chunks
+    v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
+    kmin_past: torch.Tensor  # (b, hkv, P, d) per-dimension key bounds of completed chunks
+    kmax_past: torch.Tensor  # (b, hkv, P, d)
+
+    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past", "kmin_past", "kmax_past")
+
+    @property
+    def completed(self) -> torch.Tensor:
+        return torch.div(self.n_seen, self.options.chunk_size, rounding_mode="floor")
+
+    @classmethod
+    def empty(cls, a: BSBRArgs, options: BSBROptions, like: torch.Tensor) -> "BSBRState":
+        def z(*s):
+            return torch.zeros(*s, dtype=like.dtype, device=like.device)
+
+        b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
+        Bk = options.chunk_size if options.retrieval_blocks else 0
+        return cls(
+            options=options, n_seen=torch.zeros(b, dtype=torch.long, device=like.device),
+            k_buf=z(b, hkv, options.window, d), v_buf=z(b, hkv, options.window, dv),
+            k_sink=z(b, hkv, options.sink_tokens, d), v_sink=z(b, hkv, options.sink_tokens, dv),
+            F_cur=z(b, hkv, df, dv), z_cur=z(b, hkv, df), mk_sum=z(b, hkv, a.meta_in), mq_sum=z(b, hq, a.meta_in),
+            r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
+            h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
+            kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
+            kmin_past=z(b, hkv, 0, d), kmax_past=z(b, hkv, 0, d),
+        )
+
+    def tensors(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+
+    def check_options(self, options: BSBROptions) -> None:
+        """A state continues only a call with the options it was built with."""
+        if options != self.options:
+            raise ValueError(f"state was built with {self.options}, got {options}")
+
+    def select(self, index: torch.Tensor) -> "BSBRState":
+        """Reorder/select batch entries (beam search)."""
+        return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def refresh_retrieval(state: BSBRState, which: torch.Tensor) -> None:
+    """Recompute what the current chunk reads from the completed chunks' states (w_cur, S_cur, zS_cur)
+    for the sequences in ``which`` (b,) bool."""
+    b, hkv, P = state.h_past.shape[:3]
+    hq = state.r_cur.shape[1]
+    if P == 0:
+        return
+    g = hq // hkv
+    r = state.r_cur.view(b, hkv, g, 1, -1)
+    reachable = state.completed - (state.options.local_chunks - 1)  # chunks before the window
+    allowed = (torch.arange(P, device=r.device)[None, :] < reachable[:, None]).view(b, 1, 1, 1, P)
+    w = state_weights(r, state.h_past.unsqueeze(2), allowed, state.options.retrieval)[:, :, :, 0]  # (b, hkv, g, P)
+    S = torch.einsum("bkgp,bkpfv->bkgfv", w, state.F_past).reshape(b, hq, *state.F_past.shape[-2:])
+    zS = torch.einsum("bkgp,bkpf->bkgf", w, state.z_past).reshape(b, hq, -1)
+    sel = which.view(b, 1, 1)
+    state.w_cur = torch.where(sel, w.reshape(b, hq, P), state.w_cur)
+    state.S_cur = torch.where(sel.unsqueeze(-1), S, state.S_cur)
+    state.zS_cur = torch.where(sel, zS, state.zS_cur)
+
+
+def ensure_capacity(state: BSBRState, need: int) -> None:
+    """Grow the per-chunk arrays so that they hold ``need`` completed chunks (amortised doubling)."""
+    P = state.F_past.shape[2]
+    if need <= P:
+        return
+    grow = max(need, 2 * P) - P
+    for name in BSBRState.PER_CHUNK:
+        t = getattr(state, name)
+        extra = torch.zeros(t.shape[:2] + (grow,) + t.shape[3:], dtype=t.dtype, device=t.device)
+        setattr(state, name, torch.cat([t, extra], dim=2))
