@@ -36,11 +36,35 @@ def test_one_chunk_reproduces_the_source(source):
 
 def test_first_chunk_of_a_long_input_reproduces_the_source(source):
     name, src = source
-    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=1, sink_tokens=0, retrieval_blocks=0)
     ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(0))
     a, b = bsbr_outputs(model, src, ids), outputs(src, ids)
     assert (a[:, :CHUNK] - b[:, :CHUNK]).abs().max().item() <= 1e-4
     assert (a[:, CHUNK:] - b[:, CHUNK:]).abs().max().item() > 1e-3  # later chunks do differ: not a copy of the source
+
+
+def test_blocks_covering_every_earlier_chunk_reproduce_the_source(source):
+    """Exact blocks at their own positions: with as many blocks as earlier chunks, every token reads
+    every earlier token exactly, so the converted model is its source at every position."""
+    name, src = source
+    ids = torch.randint(0, VOCAB, (2, 4 * CHUNK - 1), generator=torch.Generator().manual_seed(1))  # GPT-2 has 64 positions
+    model = convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=5, far_positions="absolute")
+    diff = (bsbr_outputs(model, src, ids) - outputs(src, ids)).abs().max().item()
+    assert diff <= 1e-4, f"{name}: max |logit diff| {diff}"
+    fewer = convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=1, far_positions="absolute")
+    assert (bsbr_outputs(fewer, src, ids) - outputs(src, ids)).abs().max().item() > 1e-3
+
+
+def test_far_positions_change_only_far_keys():
+    """far_positions='window' moves sinks and blocks, never the window: until a token has a key
+    outside its window, the model is its source; after, it differs from the 'absolute' rule."""
+    src = make_source("llama")
+    ids = torch.randint(0, VOCAB, (1, 5 * CHUNK), generator=torch.Generator().manual_seed(2))
+    near = convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=5, far_positions="window")
+    far = convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=5, far_positions="absolute")
+    a, b = outputs(near, ids), outputs(far, ids)
+    torch.testing.assert_close(a[:, : 2 * CHUNK], outputs(src, ids)[:, : 2 * CHUNK], rtol=1e-4, atol=1e-4)
+    assert (a[:, 2 * CHUNK:] - b[:, 2 * CHUNK:]).abs().max() > 1e-3
 
 
 def test_a_skipped_weight_would_be_caught():
@@ -68,7 +92,7 @@ def test_converted_weights_are_copies():
 
 def test_parameter_overhead_and_closed_gate_is_chunk_local():
     src = make_source("llama")
-    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=1, sink_tokens=0)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=1, sink_tokens=0, retrieval_blocks=0)
     assert model.conversion_summary["params_bsbr"] > model.conversion_summary["params_source"]
     # a closed gate: every chunk is processed as if it were alone
     ids = torch.randint(0, VOCAB, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(3))
@@ -86,7 +110,8 @@ def test_closed_gate_with_a_wider_window_is_the_source_under_that_mask(source):
     name, src = source
     if not hasattr(src, "lm_head"):
         pytest.skip("a base model: the 4-D mask path is exercised on the LM families")
-    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=2, sink_tokens=3)
+    model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=2, sink_tokens=3, retrieval_blocks=0,
+                            far_positions="absolute")
     n = 3 * CHUNK + 5
     i, j = torch.arange(n)[:, None], torch.arange(n)[None]
     allowed = (j <= i) & ((j >= (i // CHUNK - 1) * CHUNK) | (j < 3))
@@ -97,27 +122,14 @@ def test_closed_gate_with_a_wider_window_is_the_source_under_that_mask(source):
     torch.testing.assert_close(outputs(model, ids), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("meta,meta_init", [("shared", "qk"), ("shared", "random"), ("linear", "qk"),
-                                            ("linear", "average"), ("linear", "random")])
-def test_meta_initialisations(meta, meta_init):
-    src = make_source("llama")
-    model = convert_to_bsbr(src, chunk_size=CHUNK, meta=meta, meta_init=meta_init, gate_init=1.0)
-    a = model.model.layers[0].attn
-    if meta == "linear" and meta_init == "qk":
-        assert torch.equal(a.meta_r_proj.weight, a.q_proj.weight)
-        assert torch.equal(a.meta_h_proj.weight, a.k_proj.weight)
-    ids = torch.randint(0, VOCAB, (1, 50))
-    assert torch.isfinite(outputs(model, ids)).all()
-
-
 def test_save_load_round_trip(tmp_path):
     src = make_source("qwen2")
-    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, top_k=2, retrieval_mass=1.0,
+    model = convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3, compression_factor=2, retrieval_blocks=2,
                             local_chunks=2, sink_tokens=2)
     with torch.no_grad():  # trained-looking new pieces: a loader that re-initialised them would differ
         for layer in model.model.layers:
             layer.attn.retrieval_gate.uniform_(0.1, 1.0)
-            layer.attn.retrieval_mass.uniform_(0.0, 2.0)
+            layer.attn.meta_r_proj.weight.normal_()
     model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "model.safetensors" in files and "config.json" in files
@@ -171,8 +183,10 @@ def test_errors():
         convert_to_bsbr(src, chunk_size=CHUNK, compression_factor=7)
     with pytest.raises(TypeError, match="unknown conversion options"):
         TransformerToBSBRConverter(chunk_size=8, colour="blue")
-    with pytest.raises(ValueError, match="meta_init"):
-        convert_to_bsbr(src, meta_init="magic")
+    with pytest.raises(ValueError, match="far_positions"):
+        convert_to_bsbr(src, far_positions="magic")
+    with pytest.raises(ValueError, match="retrieval_blocks"):
+        convert_to_bsbr(src, retrieval_blocks=-2)
     with pytest.raises(FileNotFoundError):
         convert_to_bsbr("/nonexistent/model.gguf")
     with pytest.raises(FileNotFoundError):

@@ -14,42 +14,42 @@ def _optional_int(text: str):
     return None if text.lower() in ("none", "off", "0") else int(text)
 
 
-def _optional_float(text: str):
-    return None if text.lower() in ("none", "off") else float(text)
-
-
 def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
-    """The conversion options, shared by every command that converts."""
-    from .converter import DEFAULT_OPTIONS, META_INITS
+    """The conversion options, shared by every command that converts; defaults from the converter."""
+    from .converter import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
 
-    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (default 128)")
-    p.add_argument("--compression-factor", type=_optional_int, default=None,
-                   help="shrink each chunk state's feature dim by this factor (default: none)")
-    p.add_argument("--retrieval", choices=["additive", "normalized"], default=DEFAULT_OPTIONS["retrieval"])
-    p.add_argument("--feature-map", choices=["identity", "elu", "hedgehog"], default=DEFAULT_OPTIONS["feature_map"])
-    p.add_argument("--gate-init", type=_optional_float, default=DEFAULT_OPTIONS["gate_init"],
-                   help="initial retrieval gate; 0 = closed (exactly chunk-local until trained), 'none' = no gate")
-    p.add_argument("--retrieval-mass", type=_optional_float, default=DEFAULT_OPTIONS["retrieval_mass"],
-                   help="initial per-head exponent beta of the per-token gate g * L_t^-beta (L_t = the local "
-                        "softmax mass after its max); 'none' = a per-head gate only")
-    p.add_argument("--top-k", type=_optional_int, default=None, help="retrieve only the k best past chunks")
-    p.add_argument("--local-chunks", type=int, default=DEFAULT_OPTIONS["local_chunks"],
+    def gate(text: str):
+        return None if text.lower() == "none" else float(text)
+
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default %(default)s)")
+    p.add_argument("--local-chunks", type=int, default=D["local_chunks"],
                    help="chunks each token attends to exactly: its own and the LOCAL_CHUNKS - 1 before it "
-                        "(default %(default)s); retrieval reaches the earlier ones")
-    p.add_argument("--sink-tokens", type=int, default=DEFAULT_OPTIONS["sink_tokens"],
+                        "(default %(default)s)")
+    p.add_argument("--sink-tokens", type=int, default=D["sink_tokens"],
                    help="the sequence's first tokens kept in every exact window (attention sinks; default %(default)s)")
-    p.add_argument("--meta", choices=["shared", "linear"], default=DEFAULT_OPTIONS["meta"])
-    p.add_argument("--meta-init", choices=list(META_INITS), default=DEFAULT_OPTIONS["meta_init"])
+    p.add_argument("--retrieval-blocks", type=int, default=D["retrieval_blocks"],
+                   help="earlier chunks each token reads exactly, chosen per token by its query against each "
+                        "chunk's key bounds (default %(default)s; 0 = none)")
+    p.add_argument("--far-positions", choices=["absolute", "window"], default=D["far_positions"],
+                   help="rotary positions of sinks and retrieved blocks: their own, or just before the window "
+                        "(default %(default)s; 'window' keeps every distance inside the source's range)")
+    p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
+                   help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
+    p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])
+    p.add_argument("--gate-init", type=gate, default=D["gate_init"],
+                   help="initial chunk-state gate; 0 = closed (the source's attention over the exact keys until "
+                        "trained), 'none' = no gate")
+    p.add_argument("--compression-factor", type=lambda t: None if t.lower() in ("none", "0") else int(t), default=None,
+                   help="shrink each chunk state's feature dim by this factor (default: none)")
     p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
-                   default=DEFAULT_OPTIONS["position_scheme"], help="learned positions past the source's table")
+                   default=D["position_scheme"], help="learned positions past the source's table")
 
 
 def conversion_options(args) -> dict:
     return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor, retrieval=args.retrieval,
-                feature_map=args.feature_map, gate_init=args.gate_init, top_k=args.top_k,
-                retrieval_mass=args.retrieval_mass, local_chunks=args.local_chunks, sink_tokens=args.sink_tokens,
-                meta=args.meta,
-                meta_init=args.meta_init, position_scheme=args.position_scheme)
+                feature_map=args.feature_map, gate_init=args.gate_init, local_chunks=args.local_chunks,
+                sink_tokens=args.sink_tokens, retrieval_blocks=args.retrieval_blocks,
+                far_positions=args.far_positions, position_scheme=args.position_scheme)
 
 
 def cmd_convert(args) -> int:

@@ -3,8 +3,8 @@
 Every trained weight is copied (never shared: training the converted model leaves the source
 alone) through the declarative maps in :mod:`bsbr.convert.families`. If an input fits in one chunk,
 BSBR is causal softmax attention, so the converted model reproduces the source's logits there;
-past the first chunk it reads earlier chunks through their states, starting with a closed
-retrieval gate (exactly chunk-local attention) until distillation opens it.
+past it, each token reads its exact window and its retrieved blocks with the source's own attention
+weights; the chunk-state gate starts closed, so nothing else enters until distillation opens it.
 """
 from __future__ import annotations
 
@@ -19,17 +19,16 @@ import torch
 from transformers import PreTrainedModel
 
 from ..layers.bsbr_attention import BSBRAttention
-from ..layers.feature_maps import HeadwiseLinear
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-META_INITS = ("qk", "average", "random")
 # the converter's defaults; chosen by the measurements in docs/findings.md
-DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, top_k=None, retrieval_mass=None,
-                       local_chunks=2, sink_tokens=4, meta="shared", meta_init="qk", position_scheme="wrap")
+DEFAULT_CHUNK_SIZE = 256
+DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
+                       retrieval_blocks=4, far_positions="window", position_scheme="wrap")
 
 
 def default_source_path() -> Path:
@@ -88,56 +87,6 @@ def _is_new_piece(key: str) -> bool:
     return any(f".attn.{p}" in key for p in BSBRAttention.NEW_PARAMETER_PREFIXES)
 
 
-def _repeat_heads(w: torch.Tensor, heads_from: int, heads_to: int) -> torch.Tensor:
-    """(heads_from*d, ...) -> (heads_to*d, ...) by repeating each K/V head for its query group."""
-    return w.view(heads_from, -1, *w.shape[1:]).repeat_interleave(heads_to // heads_from, 0).reshape(-1, *w.shape[1:])
-
-
-def _mean_heads(w: torch.Tensor, heads_from: int, heads_to: int) -> torch.Tensor:
-    """(heads_from*d, ...) -> (heads_to*d, ...) by averaging the query heads of each K/V group."""
-    return w.view(heads_to, heads_from // heads_to, -1, *w.shape[1:]).mean(1).reshape(-1, *w.shape[1:])
-
-
-@torch.no_grad()
-def init_meta_projections(model: BSBRForCausalLM, meta_init: str) -> None:
-    """Initialise the meta-query/meta-key projections.
-
-    ``qk``: W_R = W_Q and W_H = W_K (for ``meta="shared"`` the identity on the un-rotated q/k, so
-    the retrieval scores start as the chunks' mean-query . mean-key attention logits);
-    ``average``: the seed's averaging, W_R = W_H-like means of W_Q and W_K (``meta="linear"`` only);
-    ``random``: the default random initialisation (a baseline).
-    """
-    if meta_init not in META_INITS:
-        raise ValueError(f"meta_init must be one of {META_INITS}, got {meta_init!r}")
-    for layer in model.model.layers:
-        a = layer.attn
-        if a.meta == "shared":
-            if meta_init == "average":
-                raise ValueError("meta_init='average' needs meta='linear' (meta='shared' starts from W_Q/W_K)")
-            for proj in (a.meta_r_proj, a.meta_h_proj):
-                if meta_init == "qk":
-                    proj.weight.copy_(HeadwiseLinear.initial_weight(*proj.weight.shape))
-                else:
-                    proj.weight.normal_(0.0, 1.0 / proj.weight.shape[1] ** 0.5)
-            continue
-        if a.meta_dim != a.head_dim and meta_init != "random":
-            raise ValueError(f"meta_init={meta_init!r} needs meta_dim == head_dim ({a.head_dim})")
-        if meta_init == "random":
-            continue
-        hq, hkv = a.num_heads, a.num_kv_heads
-        pairs = [(a.meta_r_proj.weight, a.q_proj.weight, a.k_proj.weight)]
-        if a.q_proj.bias is not None:
-            pairs.append((a.meta_r_proj.bias, a.q_proj.bias, a.k_proj.bias))
-        for target_r, wq, wk in pairs:
-            target_h = a.meta_h_proj.bias if target_r is a.meta_r_proj.bias else a.meta_h_proj.weight
-            if meta_init == "qk":
-                target_r.copy_(wq)
-                target_h.copy_(wk)
-            else:  # average of the query and key projections, in each side's head layout
-                target_r.copy_((wq + _repeat_heads(wk, hkv, hq)) / 2)
-                target_h.copy_((wk + _mean_heads(wq, hq, hkv)) / 2)
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied weights count once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -147,20 +96,19 @@ class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
     Options (see :data:`DEFAULT_OPTIONS`): ``retrieval``, ``feature_map``, ``gate_init`` (None = no
-    gate), ``top_k``, ``retrieval_mass``, ``local_chunks`` and ``sink_tokens`` (the exact window, see
-    :class:`~bsbr.layers.BSBRAttention`), ``meta`` ("shared" | "linear"), ``meta_init`` ("qk" | "average" | "random"),
-    ``position_scheme`` for learned positions past the source's table ("wrap" | "clamp" | "absolute").
+    gate), ``local_chunks``, ``sink_tokens`` and ``retrieval_blocks`` (the exact keys, see
+    :class:`bsbr.ops.BSBROptions`), ``far_positions`` (rotary positions of far keys, see
+    :class:`bsbr.models.BSBRConfig`), ``position_scheme`` for learned positions past the source's table
+    ("wrap" | "clamp" | "absolute").
     """
 
-    def __init__(self, chunk_size: int = 128, compression_factor: Optional[int] = None, **options):
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None, **options):
         unknown = set(options) - set(DEFAULT_OPTIONS)
         if unknown:
             raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
         self.chunk_size = chunk_size
         self.compression_factor = compression_factor
         self.options = {**DEFAULT_OPTIONS, **options}
-        if self.options["meta_init"] not in META_INITS:
-            raise ValueError(f"meta_init must be one of {META_INITS}, got {self.options['meta_init']!r}")
 
     def convert(self, source) -> BSBRForCausalLM:
         t0 = time.perf_counter()
@@ -178,12 +126,9 @@ class TransformerToBSBRConverter:
         if "lm_head.weight" not in sd and not arch["tie_word_embeddings"]:
             raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
         opts = dict(self.options)
-        meta_init = opts.pop("meta_init")
-        opts["retrieval_top_k"] = opts.pop("top_k")
         special = {k: getattr(src.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = BSBRConfig(**arch, chunk_size=self.chunk_size, compression_factor=self.compression_factor,
                             source_model_type=mt, **opts, **{k: v for k, v in special.items() if v is not None})
-        config.meta_init = meta_init
         model = BSBRForCausalLM(config).float()
         target = model.state_dict()
 
@@ -222,7 +167,6 @@ class TransformerToBSBRConverter:
         assert not result.unexpected_keys, result.unexpected_keys
         if tied:
             model.tie_weights()
-        init_meta_projections(model, meta_init)
         before, after = count_parameters(src), count_parameters(model)
         logger.info("converted %s (%d layers): %.2fM -> %.2fM parameters (+%.2f%%) in %.1fs", mt,
                     config.num_hidden_layers, before / 1e6, after / 1e6, 100.0 * (after - before) / before,
@@ -233,7 +177,7 @@ class TransformerToBSBRConverter:
         return model.eval()
 
 
-def convert_to_bsbr(source=None, chunk_size: int = 128, compression_factor: Optional[int] = None,
+def convert_to_bsbr(source=None, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None,
                     **options) -> BSBRForCausalLM:
     """Convert ``source`` (a transformers model, a local directory, a .gguf file, a hub id, or None
     for the bundled SmolLM2-135M) to a :class:`BSBRForCausalLM`. See :class:`TransformerToBSBRConverter`."""

@@ -147,13 +147,12 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     cfg = getattr(like, "config", None)
     if cfg is not None and getattr(cfg, "model_type", None) == "bsbr":
         opts = dict(compression_factor=cfg.compression_factor, retrieval=cfg.retrieval,
-                    feature_map=cfg.feature_map, top_k=cfg.retrieval_top_k, meta=cfg.meta,
+                    feature_map=cfg.feature_map, far_positions=cfg.far_positions,
                     position_scheme=cfg.position_scheme)
-        if getattr(cfg, "meta_init", None):
-            opts["meta_init"] = cfg.meta_init
-    window = dict(local_chunks=1, sink_tokens=0)  # chunk-local, whatever the converter's defaults
+    # chunk-local, whatever the converter's defaults; no exact blocks either way
+    window = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0)
     if same_window and cfg is not None:
-        window = dict(local_chunks=getattr(cfg, "local_chunks", 1), sink_tokens=getattr(cfg, "sink_tokens", 0))
+        window.update(local_chunks=cfg.local_chunks, sink_tokens=cfg.sink_tokens)
     return convert_to_bsbr(reference, chunk_size=chunk_size, **{**opts, **window, "gate_init": 0.0})
 
 

@@ -6,9 +6,8 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
-from ...layers.bsbr_attention import META_MODES
-from ...layers.feature_maps import FEATURE_MAPS
-from ...ops.bsbr import VARIANTS
+from ...layers.feature_maps import BSBR_FEATURE_MAPS
+from ...ops.bsbr import BSBROptions
 
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
@@ -17,6 +16,11 @@ POSITION_TYPES = ("learned", "rope")
 POSITION_SCHEMES = ("absolute", "clamp", "wrap")
 NORM_TYPES = ("layernorm", "rmsnorm")
 MLP_TYPES = ("standard", "gated")
+# the rotary positions of far keys (sinks outside the window, retrieved blocks):
+#   absolute: every key at its own position (a retrieved block covering all chunks is full attention);
+#   window: read as if they lay in the chunk just before the window, at their offset in their own chunk,
+#           so every query-key distance stays below (local_chunks + 1) * chunk_size at any length
+FAR_POSITIONS = ("absolute", "window")
 
 
 def _choice(name, value, allowed):
@@ -55,17 +59,15 @@ class BSBRConfig(PretrainedConfig):
         attention_out_bias: Optional[bool] = None,
         mlp_bias: bool = True,
         # BSBR attention
-        chunk_size: int = 128,
+        chunk_size: int = 256,
         compression_factor: Optional[int] = None,
         retrieval: str = "normalized",
         feature_map: str = "hedgehog",
         gate_init: Optional[float] = 0.0,
-        retrieval_top_k: Optional[int] = None,
-        retrieval_mass: Optional[float] = None,
         local_chunks: int = 1,
         sink_tokens: int = 0,
-        meta: str = "shared",
-        meta_dim: Optional[int] = None,
+        retrieval_blocks: int = 0,
+        far_positions: str = "absolute",
         initializer_range: float = 0.02,
         source_model_type: Optional[str] = None,
         tie_word_embeddings: bool = True,
@@ -74,24 +76,20 @@ class BSBRConfig(PretrainedConfig):
     ):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
-                            ("num_attention_heads", num_attention_heads), ("chunk_size", chunk_size),
+                            ("num_attention_heads", num_attention_heads),
                             ("max_position_embeddings", max_position_embeddings)):
             _positive_int(name, value)
         _positive_int("num_key_value_heads", num_key_value_heads, allow_none=True)
         _positive_int("head_dim", head_dim, allow_none=True)
         _positive_int("compression_factor", compression_factor, allow_none=True)
-        _positive_int("retrieval_top_k", retrieval_top_k, allow_none=True)
-        _positive_int("meta_dim", meta_dim, allow_none=True)
-        _positive_int("local_chunks", local_chunks)
-        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
+                    retrieval_blocks=retrieval_blocks, retrieval=retrieval)  # validates them
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
         _choice("position_scheme", position_scheme, POSITION_SCHEMES)
-        _choice("retrieval", retrieval, VARIANTS)
-        _choice("feature_map", feature_map, FEATURE_MAPS)
-        _choice("meta", meta, META_MODES)
+        _choice("feature_map", feature_map, BSBR_FEATURE_MAPS)
+        _choice("far_positions", far_positions, FAR_POSITIONS)
         num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads ({num_attention_heads}) must be a multiple of "
@@ -126,16 +124,12 @@ class BSBRConfig(PretrainedConfig):
         self.retrieval = retrieval
         self.feature_map = feature_map
         self.gate_init = gate_init
-        # not 'top_k': that name belongs to generation settings in HF configs
-        self.retrieval_top_k = retrieval_top_k
-        if retrieval_mass is not None and (isinstance(retrieval_mass, bool) or not isinstance(retrieval_mass, (int, float))):
-            raise TypeError(f"retrieval_mass must be None or a float, got {retrieval_mass!r}")
-        self.retrieval_mass = retrieval_mass
-        # the exact (softmax) window: own chunk + local_chunks - 1 before it + the first sink_tokens tokens
+        # the exact keys: own chunk + local_chunks - 1 before it + the first sink_tokens tokens + the
+        # retrieval_blocks best-scoring earlier chunks (see bsbr.ops.BSBROptions)
         self.local_chunks = local_chunks
         self.sink_tokens = sink_tokens
-        self.meta = meta
-        self.meta_dim = meta_dim
+        self.retrieval_blocks = retrieval_blocks
+        self.far_positions = far_positions
         self.initializer_range = initializer_range
         self.source_model_type = source_model_type
         self.use_cache = use_cache
@@ -146,6 +140,6 @@ class BSBRConfig(PretrainedConfig):
         return dict(
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
-            gate=self.gate_init, top_k=self.retrieval_top_k, meta=self.meta, meta_dim=self.meta_dim,
-            mass_power=self.retrieval_mass, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
+            gate=self.gate_init, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
+            retrieval_blocks=self.retrieval_blocks,
         )

@@ -95,23 +95,24 @@ class BSBRDecoderLayer(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = BSBRMLP(config)
 
-    def forward(self, x, valid, position_embeddings, state: Optional[BSBRState] = None, streaming: bool = False,
-                output_state: bool = False):
+    def forward(self, x, valid, position_embeddings, far_position_embeddings=None, state: Optional[BSBRState] = None,
+                streaming: bool = False, output_state: bool = False):
         h = self.attn_norm(x)
         if streaming:
-            a, state = self.attn.step(h, state, valid, position_embeddings)
+            a, state = self.attn.step(h, state, valid, position_embeddings, far_position_embeddings)
         elif output_state:
-            a, state = self.attn(h, valid, position_embeddings, output_state=True)
+            a, state = self.attn(h, valid, position_embeddings, output_state=True,
+                                 far_position_embeddings=far_position_embeddings)
         else:
-            a = self.attn(h, valid, position_embeddings)
+            a = self.attn(h, valid, position_embeddings, far_position_embeddings=far_position_embeddings)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), state
 
 
 class BSBRCache:
-    """Per-layer streaming states for generation. Its size is bounded by the exact window's
-    keys/values (``local_chunks`` chunks plus ``sink_tokens`` tokens) plus one state per completed
-    chunk per layer (see :class:`bsbr.ops.BSBRState`)."""
+    """Per-layer streaming states for generation: the exact window's keys/values (``local_chunks``
+    chunks plus ``sink_tokens`` tokens) and one state per completed chunk per layer; with
+    ``retrieval_blocks > 0`` also every completed chunk's keys/values (see :class:`bsbr.ops.BSBRState`)."""
 
     is_compileable = False
     is_croppable = False
@@ -160,8 +161,6 @@ class BSBRPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BSBRAttention):
             if module.retrieval_gate is not None:
                 init.constant_(module.retrieval_gate, float(self.config.gate_init))
-            if module.retrieval_mass is not None:
-                init.constant_(module.retrieval_mass, float(self.config.retrieval_mass))
         elif isinstance(module, BSBRRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
@@ -220,8 +219,6 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
                 raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
                                  f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size})")
             inputs_embeds = self.embed_tokens(input_ids)
         b, n = inputs_embeds.shape[:2]
         if cache is not None and not isinstance(cache, BSBRCache):
@@ -241,13 +238,20 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if self.embed_positions is not None:
             x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))
         cos_sin = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        far = None
+        if self.rotary is not None and self.config.far_positions == "window":
+            # far keys at their offset in their chunk; far queries at their offset + the window's length,
+            # so a far key reads as if it lay in the chunk just before the window
+            offset = position_ids % self.config.chunk_size
+            far = (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),
+                   self.rotary(offset, x.dtype))
 
         use_cache = self.config.use_cache if use_cache is None else use_cache
         streaming = cache is not None
         states = []
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            x, st = layer(x, valid, cos_sin, cache.states[i] if streaming else None, streaming=streaming,
+            x, st = layer(x, valid, cos_sin, far, cache.states[i] if streaming else None, streaming=streaming,
                           output_state=use_cache)
             states.append(st)
             if output_hidden_states:

@@ -93,7 +93,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     if S:
         j = torch.arange(min(S, N), device=q.device)
         ok = sink_outside_window(t[:, None], j[None, :], B, L) & tok_valid[:, None, j]  # (b, N, S)
-        s = (qr.view(b, hkv, g * N, -1) @ kr[:, :, : j.numel()].transpose(-1, -2)).view(b, hkv, g, N, -1) * scale
+        s = (qr.view(b, hkv, g, N, -1) @ kr[:, :, : j.numel()].unsqueeze(2).transpose(-1, -2)) * scale
         o_s, lse_s = masked_attention_lse(s, ok.view(b, 1, 1, N, -1), v[:, :, : j.numel()].unsqueeze(2))
         parts.append((o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)))
 
