@@ -12,7 +12,8 @@ import sys
 import torch
 
 from bsbr.convert import load_source, load_tokenizer
-from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
+from bsbr.corpus import stdlib_texts, token_windows
+from bsbr.evaluate import perplexity_past
 
 N, B = 2048, 256
 tok, src = load_tokenizer(None), load_source(None).eval()

@@ -17,7 +17,7 @@ def cmd_demo(args) -> int:
     from .bench.converted import bench_converted
     from .bench.converted import plot as plot_speed
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
-    from .evaluate.evaluate import evaluate_saved, summary_lines
+    from .evaluate import evaluate_saved, summary_lines
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

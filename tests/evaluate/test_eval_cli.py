@@ -72,7 +72,7 @@ def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path
     window; with the gate closed the model *is* that baseline (retrieval's share 0 exactly), while
     the issue's chunk-local gap is already positive."""
     from bsbr.evaluate import summary_lines
-    from bsbr.evaluate.evaluate import has_wide_window
+    from bsbr.evaluate.baselines import has_wide_window
 
     src, _, local = tiny
     wide = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=2, sink_tokens=2)
