@@ -3,7 +3,6 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ def cmd_demo(args) -> int:
     import torch
 
     from .bench.converted import bench_converted
-    from .bench.converted import plot as plot_speed
+    from .bench.plots import plot_converted
+    from .output import write_json
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
 
@@ -45,8 +45,8 @@ def cmd_demo(args) -> int:
     with torch.no_grad():
         speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
                                 decode_contexts=args.decode_contexts, decode_steps=4)
-    (out / "speed.json").write_text(json.dumps(speed, indent=1))
-    plot_speed(speed, out / "speed.png", args.source or "SmolLM2-135M")
+    write_json(speed, out / "speed.json")
+    plot_converted(speed, out / "speed.png", args.source or "SmolLM2-135M")
 
     print("\n=== summary ===")
     for line in summary_lines(result):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from ..output import pyplot, save_figure, write_json
+from ..output import write_json
+from .plots import plot_quality
 from ..schedule import lr_scale
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,8 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
 
 
 def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[Dict[str, object]]:
-    """Issue 5's quality target: BSBR's loss on positions past the first chunk vs the sliding window
-    with window = chunk size (negative difference: BSBR better)."""
+    """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
+    (negative difference: BSBR better)."""
     by = {r["model"]: r for r in results}
     pairs = [("bsbr", "sliding_window", block), ("bsbr_normalized", "sliding_window", block),
              ("bsbr_gated", "sliding_window", block), ("bsbr_normalized_gated", "sliding_window", block),
@@ -214,27 +215,6 @@ def format_table(result: Dict[str, object]) -> str:
                      f"{c['bsbr_loss_past_chunk']:.4f} vs {c['window_loss_past_chunk']:.4f} "
                      f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, diff {c['difference']:+.4f})")
     return "\n".join(lines)
-
-
-def plot_quality(result: Dict[str, object], path: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colors = plt.cm.tab20.colors  # 20 distinct colours: the default cycle repeats after 10 models
-    for i, r in enumerate(result["results"]):
-        keys = list(r["buckets"])
-        style = "--" if r["model"].startswith("bsbr") else "-"  # BSBR variants dashed
-        ax.plot(range(len(keys)), [r["buckets"][k] for k in keys], marker="o", linestyle=style,
-                color=colors[i % len(colors)], label=r["model"])
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys)
-    ax.set_xlabel("position in the window (bucket)")
-    ax.set_ylabel("held-out loss (nats/byte)")
-    c = result["config"]
-    ax.set_title(f"equal training ({c['steps']} steps x {c['batch']} x {c['seq_len']} bytes), "
-                 f"{c['layers']} layers, hidden {c['hidden']}, chunk/window {c['block']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, path, dpi=110)
 
 
 def merge_results(paths: Sequence[str]) -> Dict[str, object]:
