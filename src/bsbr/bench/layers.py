@@ -81,7 +81,7 @@ def bench_attention(
     seed: int = 0,
     device: str = "cpu",
 ) -> Dict[str, object]:
-    """Forward time and extra peak memory of the BSBR layer vs standard (and the earlier) layer.
+    """Forward time and extra peak memory of the BSBR layer vs standard (and the bsbr 0.1.1) layer.
 
     Returns ``{"rows": [...], "ratios": [...], "config": ..., "targets": ...}``; each row has
     ``model, seq_len, status ("ok" | "skipped" | "failed"), time_ms (median), peak_mb, times_ms``
@@ -163,7 +163,7 @@ def attention_ratios(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
 
 
 def attention_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
+    """The targets, each with the measured value and whether it is met (None: not measured)."""
     at = {(r["baseline"], r["seq_len"]): r for r in ratios}
 
     def check(name, baseline, n, key, goal):
