@@ -14,7 +14,7 @@ from bsbr.cli import build_parser, main
 
 TINY = dict(hidden=32, heads=2, chunk_size=32, repeats=1)
 
-# A stand-in for the earlier library's wheel: only the layout matters to the loader (a zip holding
+# A stand-in for the bsbr 0.1.1 wheel: only the layout matters to the loader (a zip holding
 # bsbr/bsbr.py with a BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor)).
 FAKE_EARLIER = '''
 import torch
@@ -27,7 +27,7 @@ class BSBRAttention(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None):
         n = hidden_states.shape[1]
-        scores = torch.ones(n, n).tril()  # quadratic, like the earlier layer
+        scores = torch.ones(n, n).tril()  # quadratic, like the 0.1.1 layer
         return self.proj(scores @ hidden_states / n)
 '''
 
