@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 
@@ -49,29 +49,18 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _positive_ints(name: str, values: Sequence[int]) -> List[int]:
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{name} must be positive integers, got {values}")
-    return list(values)
-
-
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab"):
+    for name in ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "top_k",
+                 "max_standard_len", "max_earlier_len", "threads"):
         v = getattr(args, name)
-        if v is not None and v < 1:
+        if v is not None and v < 1:  # None: the option's default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    for name in ("top_k", "max_standard_len", "max_earlier_len"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if not args.max_seconds > 0:
         raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
-    if args.seq_lens is not None:
-        _positive_ints("--seq-lens", args.seq_lens)
+    if args.seq_lens is not None and any(n < 1 for n in args.seq_lens):
+        raise ValueError(f"--seq-lens must be positive integers, got {args.seq_lens}")
     hidden = args.hidden or (256 if args.model_scaling else 512)
     heads = args.heads or (4 if args.model_scaling else 8)
     if hidden % heads:
