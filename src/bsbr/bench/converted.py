@@ -76,6 +76,16 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
                 chunk_size=converted.config.chunk_size)
 
 
+def speed_lines(result: Dict) -> List[str]:
+    """The text table of a result: prefill time and extra memory per length, decode time per token."""
+    lines = [f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}"]
+    lines += [f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
+              f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}" for r in result["prefill"]]
+    lines += [f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
+              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token" for r in result["decode"]]
+    return lines
+
+
 def cmd(args) -> int:
     from ..convert.converter import convert_to_bsbr, load_source
 
@@ -90,13 +100,7 @@ def cmd(args) -> int:
         torch.set_num_threads(args.threads)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
     result["model"] = title
-    print(f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}")
-    for r in result["prefill"]:
-        print(f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
-              f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}")
-    for r in result["decode"]:
-        print(f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
-              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token")
+    print("\n".join(speed_lines(result)))
     if args.json:
         write_json(result, args.json)
     if args.plot:
