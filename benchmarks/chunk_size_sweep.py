@@ -3,7 +3,8 @@
 Chunk-size sweep of the zero-shot conversion (gate closed = chunk-local attention) vs full attention."""
 import json, sys
 from bsbr.convert import load_source, load_tokenizer, convert_to_bsbr
-from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
+from bsbr.corpus import stdlib_texts, token_windows
+from bsbr.evaluate import perplexity_past
 tok = load_tokenizer(None); src = load_source(None).eval()
 windows = token_windows(tok, stdlib_texts("heldout"), 2048, 3)
 out = {}

@@ -7,7 +7,7 @@ source's own at BASE_LR). ``key=value`` pairs are conversion options (e.g. ``ret
 ``compression_factor=4``; ``bf16=1`` turns on autocast). Prints perplexity on tokens past the first
 chunk of 4 windows from 40 files not trained on, for full attention, chunk-local attention and the
 distilled BSBR model.
-(How docs/findings.md chose the distillation recipe.)
+(The probes in docs/findings.md, "Ruled out".)
 """
 import pathlib
 import random

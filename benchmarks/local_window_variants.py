@@ -5,14 +5,15 @@ attention mask on the source model itself (no conversion, no training): full cau
 chunk-local pattern BSBR keeps (chunk 256), the chunk plus an exact "halo" of the previous chunk's
 last W tokens, a sliding window, and each of these with the sequence's first tokens kept visible
 ("attention sinks"). Tokens past the first chunk of 6 held-out 2,048-token windows.
-(Whether to give chunk-start tokens exact recent context: docs/findings.md.)"""
+(The exact-window rows of docs/findings.md, "Ruled out".)"""
 import json
 import sys
 
 import torch
 
 from bsbr.convert import load_source, load_tokenizer
-from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
+from bsbr.corpus import stdlib_texts, token_windows
+from bsbr.evaluate import perplexity_past
 
 N, B = 2048, 256
 tok, src = load_tokenizer(None), load_source(None).eval()

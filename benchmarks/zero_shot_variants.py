@@ -8,7 +8,8 @@ import sys
 import torch
 
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
-from bsbr.evaluate import perplexity_past, stdlib_texts, token_windows
+from bsbr.corpus import stdlib_texts, token_windows
+from bsbr.evaluate import perplexity_past
 
 torch.set_num_threads(1)
 tok, src = load_tokenizer(None), load_source(None).eval()

@@ -3,7 +3,6 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,10 +13,11 @@ logger = logging.getLogger(__name__)
 def cmd_demo(args) -> int:
     import torch
 
-    from .bench.converted import bench_converted
-    from .bench.converted import plot as plot_speed
+    from .bench.converted import bench_converted, speed_lines
+    from .bench.plots import plot_converted
+    from .output import write_json
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
-    from .evaluate.evaluate import evaluate_saved, summary_lines
+    from .evaluate import evaluate_saved, summary_lines
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,18 +45,14 @@ def cmd_demo(args) -> int:
     with torch.no_grad():
         speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
                                 decode_contexts=args.decode_contexts, decode_steps=4)
-    (out / "speed.json").write_text(json.dumps(speed, indent=1))
-    plot_speed(speed, out / "speed.png", args.source or "SmolLM2-135M")
+    write_json(speed, out / "speed.json")
+    plot_converted(speed, out / "speed.png", args.source or "SmolLM2-135M")
 
     print("\n=== summary ===")
     for line in summary_lines(result):
         print(line)
-    print(f"{'tokens':>8} {'original ms':>12} {'BSBR ms':>9} {'speed-up':>9}")
-    for r in speed["prefill"]:
-        print(f"{r['seq_len']:>8} {r['source_ms']:>12.0f} {r['bsbr_ms']:>9.0f} {r['speedup']:>8.2f}x")
-    for r in speed["decode"]:
-        print(f"decode at {r['context']} tokens of context: original {r['source_ms_per_token']:.0f} ms/token, "
-              f"BSBR {r['bsbr_ms_per_token']:.0f} ms/token")
+    for line in speed_lines(speed):
+        print(line)
     print(f"\nwrote {out}/eval.json, eval.png, speed.json, speed.png in {time.perf_counter() - t0:.0f}s")
     cfg = model.config
     print(f"The conversion starts with closed retrieval gates: exactly the source restricted to its exact window "

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from bsbr.bench import attention as ba
-from bsbr.bench import common
+from bsbr.bench import common, earlier, layers, plots, scaling
+from bsbr.bench import core as bc
 from bsbr.cli import build_parser, main
 
 TINY = dict(hidden=32, heads=2, chunk_size=32, repeats=1)
 
-# A stand-in for the earlier library's wheel: only the layout matters to the loader (a zip holding
+# A stand-in for the bsbr 0.1.1 wheel: only the layout matters to the loader (a zip holding
 # bsbr/bsbr.py with a BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor)).
 FAKE_EARLIER = '''
 import torch
@@ -26,7 +27,7 @@ class BSBRAttention(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None):
         n = hidden_states.shape[1]
-        scores = torch.ones(n, n).tril()  # quadratic, like the earlier layer
+        scores = torch.ones(n, n).tril()  # quadratic, like the 0.1.1 layer
         return self.proj(scores @ hidden_states / n)
 '''
 
@@ -40,7 +41,7 @@ def fake_wheel(tmp_path):
     yield str(path)
     import sys
 
-    sys.modules.pop(ba.EARLIER_MODULE_NAME, None)
+    sys.modules.pop(earlier.EARLIER_MODULE_NAME, None)
 
 
 def _check_rows(rows, models, seq_lens):
@@ -54,43 +55,43 @@ def _check_rows(rows, models, seq_lens):
 
 
 def test_bench_attention_tiny(tmp_path, fake_wheel):
-    res = ba.bench_attention([64, 128], earlier_wheel=fake_wheel, **TINY)
+    res = layers.bench_attention([64, 128], earlier_wheel=fake_wheel, **TINY)
     _check_rows(res["rows"], ["bsbr", "standard", "earlier"], [64, 128])
     assert {(r["baseline"], r["seq_len"]) for r in res["ratios"]} == {
         (m, n) for m in ("standard", "earlier") for n in (64, 128)}
     assert all(r["time_ratio"] > 0 for r in res["ratios"])
     assert len(res["targets"]) == 4 and all(t["met"] is None for t in res["targets"])  # lengths not run
     path = tmp_path / "a.png"
-    ba.plot_rows(res["rows"], str(path), "tiny")
+    plots.plot_rows(res["rows"], str(path), "tiny")
     assert path.stat().st_size > 0
     assert "bsbr ms" in ba.format_table(res["rows"])
 
 
 def test_skips_are_recorded():
-    res = ba.bench_attention([64, 128], max_standard_len=64, **TINY)
+    res = layers.bench_attention([64, 128], max_standard_len=64, **TINY)
     std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}
     assert std[64]["status"] == "ok"
     assert std[128]["status"] == "skipped" and "max-standard-len" in std[128]["reason"]
     assert std[128]["time_ms"] is None
     # a predicted time over the limit also skips, with the prediction in the reason
-    res = ba.bench_attention([64, 128], max_seconds=1e-9, **TINY)
+    res = layers.bench_attention([64, 128], max_seconds=1e-9, **TINY)
     std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}
     assert std[128]["status"] == "skipped" and "predicted" in std[128]["reason"]
 
 
 def test_bench_core_and_flops():
-    core = ba.bench_core([64, 128], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64)
+    core = bc.bench_core([64, 128], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64)
     assert core["matmul_gflops_per_s"] > 0
     for r in core["rows"]:
         assert r["time_ms"] > 0 and r["gflop"] > 0 and r["gflops_per_s"] > 0 and r["fraction_of_matmul"] > 0
-    f = ba.bsbr_core_flops(16384, 128, 8, 64)
+    f = bc.bsbr_core_flops(16384, 128, 8, 64)
     assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k not in ("total", "standard_causal")))
     assert f["standard_causal"] / f["total"] > 20  # the cost model's point: far fewer FLOPs at 16k
-    assert ba.bsbr_core_flops(16384, 128, 8, 64, top_k=4)["retrieved_states"] < f["retrieved_states"]
+    assert bc.bsbr_core_flops(16384, 128, 8, 64, top_k=4)["retrieved_states"] < f["retrieved_states"]
 
 
 def test_model_scaling_tiny():
-    res = ba.bench_model_scaling([64, 128], hidden=32, heads=2, chunk_size=32, ff_dim=64, vocab_size=50, repeats=1)
+    res = scaling.bench_model_scaling([64, 128], hidden=32, heads=2, chunk_size=32, ff_dim=64, vocab_size=50, repeats=1)
     _check_rows(res["rows"], ["bsbr_model"], [64, 128])
     assert all(r["process_peak_mb"] > 0 for r in res["rows"])
     assert res["ratios"]["time_ratio_longest_shortest"] > 0
@@ -136,7 +137,7 @@ def test_loader_rejects_a_non_wheel(tmp_path):
     bad = tmp_path / "x.whl"
     bad.write_text("not a zip")
     with pytest.raises(ValueError):
-        ba.load_earlier_bsbr(str(bad))
+        earlier.load_earlier_bsbr(str(bad))
 
 
 def test_measure_peak_sees_torch_allocations():

@@ -70,16 +70,16 @@ def test_evaluate_tiny_model(tiny):
 def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path):
     """A model with local_chunks=2 and sinks gets a second baseline, the source restricted to that
     window; with the gate closed the model *is* that baseline (retrieval's share 0 exactly), while
-    the issue's chunk-local gap is already positive."""
+    the chunk-local gap is already positive."""
     from bsbr.evaluate import summary_lines
-    from bsbr.evaluate.evaluate import has_wide_window
+    from bsbr.evaluate.baselines import has_wide_window
 
     src, _, local = tiny
     wide = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=2, sink_tokens=2, retrieval_blocks=0)
     assert has_wide_window(wide) and not has_wide_window(local)
     window = local_baseline(src, CHUNK, like=wide, same_window=True)
     assert (window.config.local_chunks, window.config.sink_tokens, window.config.gate_init) == (2, 2, 0.0)
-    assert local_baseline(src, CHUNK, like=wide).config.local_chunks == 1  # the issue's baseline stays chunk-local
+    assert local_baseline(src, CHUNK, like=wide).config.local_chunks == 1  # the gap's baseline stays chunk-local
     windows = torch.randint(3, 97, (2, 5 * CHUNK), generator=torch.Generator().manual_seed(2))
     r = evaluate(wide, src, None, windows, CHUNK, local=local, window=window, progress=False)
     lm = r["language_modeling"]

@@ -3,7 +3,7 @@ import sysconfig
 import pytest
 import torch
 
-from bsbr.evaluate import corpus
+from bsbr import corpus
 
 
 def test_stdlib_split_is_deterministic_disjoint_and_complete():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCH_MODULES = ["bsbr.bench.attention", "bsbr.bench.models", "bsbr.bench.converted"]
+BENCH_MODULES = ["bsbr.bench.attention", "bsbr.bench.models", "bsbr.bench.quality", "bsbr.bench.converted"]
 
 
 def register(sub) -> None:

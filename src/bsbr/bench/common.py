@@ -37,6 +37,8 @@ import torch
 log = logging.getLogger(__name__)
 
 MiB = float(2**20)
+DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+MEMORY_FRACTION = 0.7  # never try a call predicted to need more than this share of MemAvailable
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -113,6 +115,16 @@ def available_memory_bytes() -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def memory_refusal(need_bytes: Optional[float]) -> Optional[str]:
+    """Why a call predicted to need ``need_bytes`` must not run (None: it fits, or nothing is known).
+    Linux kills rather than raises on over-commit, so a call that may not fit must not be tried."""
+    avail = available_memory_bytes()
+    if need_bytes is None or avail is None or need_bytes <= MEMORY_FRACTION * avail:
+        return None
+    return (f"would need ~{need_bytes / 2**30:.1f} GiB, more than {MEMORY_FRACTION:.0%} of the "
+            f"{avail / 2**30:.1f} GiB available")
 
 
 class _Sampler(threading.Thread):
@@ -273,6 +285,27 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A call of ``model(x)`` without gradients, to time or measure."""
+    def fn():
+        with torch.no_grad():
+            return model(x)
+    return fn
+
+
+# ------------------------------------------------------------------------------------------- rows
+def new_row(model: str, n: int) -> Dict[str, object]:
+    """A result row before measuring: ``status`` ok, time and extra peak memory unknown."""
+    return {"model": model, "seq_len": n, "status": "ok", "time_ms": None, "peak_mb": None}
+
+
+def failure(exc: BaseException) -> Dict[str, object]:
+    """What a row records for a call that raised: its first line, and whether it ran out of memory."""
+    lines = str(exc).splitlines()
+    return {"status": "failed", "reason": f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200],
+            "oom": is_oom(exc)}
 
 
 def round_sig(x: Optional[float], digits: int = 4) -> Optional[float]:

@@ -6,15 +6,15 @@ are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved r
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
+from ..output import write_json
 from .common import interleaved_times, machine_info, measure_peak, median
+from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +76,14 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
                 chunk_size=converted.config.chunk_size)
 
 
-def plot(result: Dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    rows = result["prefill"]
-    for name in ("source", "bsbr"):
-        axes[0].loglog([r["seq_len"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)
-    axes[0].set(xlabel="tokens", ylabel="forward ms (median)", title=f"prefill: {title}")
-    axes[0].legend()
-    dec = result["decode"]
-    if dec:
-        for name in ("source", "bsbr"):
-            axes[1].plot([r["context"] for r in dec], [r[f"{name}_ms_per_token"] for r in dec], "o-", label=name)
-        axes[1].set(xlabel="context tokens", ylabel="ms per generated token", title="decode")
-        axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def speed_lines(result: Dict) -> List[str]:
+    """The text table of a result: prefill time and extra memory per length, decode time per token."""
+    lines = [f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}"]
+    lines += [f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
+              f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}" for r in result["prefill"]]
+    lines += [f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
+              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token" for r in result["decode"]]
+    return lines
 
 
 def cmd(args) -> int:
@@ -113,19 +100,11 @@ def cmd(args) -> int:
         torch.set_num_threads(args.threads)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
     result["model"] = title
-    print(f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}")
-    for r in result["prefill"]:
-        print(f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
-              f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}")
-    for r in result["decode"]:
-        print(f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
-              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token")
+    print("\n".join(speed_lines(result)))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(result, args.json)
     if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(result, Path(args.plot), title)
+        plot_converted(result, args.plot, title)
     return 0
 
 

@@ -22,32 +22,21 @@ Rows: ``{"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "train_peak_
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    MiB,
-    available_memory_bytes,
-    interleaved_times,
-    is_oom,
-    machine_info,
-    measure_peak,
-    median,
-    release_free_memory,
-    round_sig,
-)
+from ..output import write_json
+from .common import (DEFAULT_SEQ_LENS, MiB, forward_fn, interleaved_times, is_oom, machine_info, measure_peak, median,
+                     memory_refusal, release_free_memory, round_sig)
+from .plots import plot_models
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-MEMORY_FRACTION = 0.7
 VOCAB = 256  # bytes
 
 
@@ -79,13 +68,6 @@ def build_model(name: str, *, hidden: int, layers: int, heads: int, ff_dim: int,
     attention, kw = specs[name]
     torch.manual_seed(seed)
     return AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kw).eval()
-
-
-def _forward_fn(model, ids) -> Callable[[], torch.Tensor]:
-    def fn():
-        with torch.no_grad():
-            return model(ids)
-    return fn
 
 
 def _train_fn(model, ids) -> Callable[[], None]:
@@ -136,10 +118,8 @@ def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[i
     if t is not None and t > max_seconds:
         return f"{kind} predicted {t:.0f} s per call > --max-seconds {max_seconds:g}"
     m = _predict(peaks, n)
-    avail = available_memory_bytes()
-    if m is not None and avail is not None and m * MiB > MEMORY_FRACTION * avail:
-        return f"{kind} predicted {m / 1024:.1f} GiB > {MEMORY_FRACTION:.0%} of {avail / 2**30:.1f} GiB available"
-    return None
+    reason = memory_refusal(None if m is None else m * MiB)
+    return reason and f"{kind} {reason}"
 
 
 def bench_models(
@@ -183,7 +163,7 @@ def bench_models(
                 log.info("%s @ %d: skipped (%s)", m, n, reason)
                 continue
             row_of[m] = row
-            kinds = [("fwd", _forward_fn(built[m], ids), "peak_mb")]
+            kinds = [("fwd", forward_fn(built[m], ids), "peak_mb")]
             if train:
                 tr = _skip("train", n, h["train"], h["train_mem"], spent[m], max_seconds, model_budget)
                 if tr:
@@ -253,7 +233,7 @@ def speed_ratios(rows: Sequence[Dict[str, object]], baseline: str = "standard") 
 
 
 def check_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Issue 5's speed targets: BSBR forward faster than standard from 4k tokens on, >= 5x at 16k."""
+    """The speed targets: BSBR forward faster than standard from 4k tokens on, >= 5x at 16k."""
     bs = {r["seq_len"]: r["forward_speedup"] for r in ratios if r["model"] == "bsbr"}
     from_4k = {n: s for n, s in bs.items() if n >= 4096 and s is not None}
     return [
@@ -265,49 +245,6 @@ def check_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]
 
 
 # ------------------------------------------------------------------------------- output
-def write_json(result: Dict[str, object], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-
-
-def plot_models(result: Dict[str, object], path: str) -> None:
-    """Log-log forward time, train time and extra peak memory vs length, one line per model, the
-    fitted exponent in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    rows, exps = result["rows"], result["exponents"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = (("time_ms", "forward time (ms, median)", "forward"), ("train_time_ms", "forward+backward time (ms, median)", "train"),
-              ("peak_mb", "forward extra peak memory (MiB)", None))
-    for m in dict.fromkeys(r["model"] for r in rows):
-        for ax, (key, _, ek) in zip(axes, panels):
-            pts = sorted((r["seq_len"], r[key]) for r in rows if r["model"] == m and r[key])
-            if not pts:
-                continue
-            e = exps.get(m, {}).get(ek) if ek else None
-            label = f"{m} (n^{e['exponent']:.2f})" if e else m
-            ax.plot(*zip(*pts), marker="o", label=label)
-    for ax, (_, label, _) in zip(axes, panels):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    c = result["config"]
-    fig.suptitle(f"AttentionLM shell: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
-                 f"chunk/window {c['block']}, batch 1, CPU float32")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def format_table(result: Dict[str, object]) -> str:
     lines = [f"{'model':<16}{'tokens':>8}{'fwd ms':>11}{'train ms':>11}{'fwd MiB':>10}{'train MiB':>11}{'params':>10}  note"]
     for r in result["rows"]:
@@ -342,8 +279,7 @@ def run_models(args: argparse.Namespace) -> int:
                           model_budget=args.model_budget, train=not args.no_train, seed=args.seed)
     print(format_table(result))
     if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(result, args.json)}")
     if args.plot:
         plot_models(result, args.plot)
         print(f"wrote {args.plot}")
@@ -351,7 +287,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def register(bench_sub) -> None:
-    """Add ``bsbr bench models`` (and ``bsbr bench quality``, which lives in :mod:`bsbr.bench.quality`)."""
+    """Add ``bsbr bench models``."""
     p = bench_sub.add_parser("models", help="every attention in one LM shell: time, train time, memory vs length",
                              description=__doc__.split("\n\n")[0],
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -373,7 +309,3 @@ def register(bench_sub) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a log-log plot here")
     p.set_defaults(func=run_models)
-    if "quality" not in getattr(bench_sub, "choices", {}):
-        from . import quality
-
-        quality.register(bench_sub)

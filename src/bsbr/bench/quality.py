@@ -7,28 +7,30 @@ mean next-token loss (nats/byte) in position buckets 0-63, 64-127, 128-255, 256-
 evaluation window. A model that uses context beyond its local block should lose less in the late
 buckets than the sliding window whose window equals BSBR's chunk size.
 
-Default corpus: the Python standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``,
-test suites and site-packages excluded), read as bytes, so nothing is downloaded and no tokenizer is
-needed. Files are sorted by path; every 10th file is held out for evaluation.
+Default corpus: the Python standard library's own ``.py`` sources, read as bytes (nothing is
+downloaded and no tokenizer is needed), split into train and held-out files by
+:mod:`bsbr.corpus` -- the same split ``bsbr distill`` trains on and ``bsbr eval`` evaluates on.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
-import os
-import sysconfig
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..corpus import stdlib_files, stdlib_root
+from ..evaluate.metrics import bucket_spans
+from ..output import write_json
+from .plots import plot_quality
+from ..schedule import lr_scale
+
 log = logging.getLogger(__name__)
 
 VOCAB = 256
-EXCLUDE_DIRS = {"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__"}
 
 
 def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
@@ -60,33 +62,18 @@ DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr
 
 
 # ------------------------------------------------------------------------------- data
-def stdlib_files(root: Optional[str] = None) -> List[str]:
-    """The standard library's .py files, sorted, without test suites and installed packages."""
-    root = root or sysconfig.get_paths()["stdlib"]
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"corpus directory not found: {root}")
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in EXCLUDE_DIRS and not x.startswith("test"))
-        out.extend(os.path.join(d, f) for f in files if f.endswith(".py") and not f.startswith("test_"))
-    return sorted(out)
-
-
-def load_corpus(root: Optional[str] = None, eval_every: int = 10, max_bytes: Optional[int] = None):
-    """(train bytes, eval bytes) as uint8 tensors: every ``eval_every``-th file is held out. Files are
-    joined with a blank line."""
-    files = stdlib_files(root)
-    if len(files) < 2:
-        raise ValueError(f"need at least 2 .py files under {root}, found {len(files)}")
-    train, held = [], []
-    for i, path in enumerate(files):
-        with open(path, "rb") as f:
-            (held if i % eval_every == eval_every - 1 else train).append(f.read() + b"\n\n")
-    tr, ev = b"".join(train), b"".join(held)
+def load_corpus(root: Optional[str] = None, max_bytes: Optional[int] = None):
+    """(train bytes, held-out bytes, file count): the corpus's train and held-out files, each split's
+    files joined with a blank line, as long tensors of byte values."""
+    split = {s: stdlib_files(s, root=root) for s in ("train", "heldout")}
+    if not all(split.values()):
+        raise ValueError(f"need train and held-out .py files under {root or stdlib_root()}, "
+                         f"found {len(split['train'])} and {len(split['heldout'])}")
+    tr, ev = (b"".join(p.read_bytes() + b"\n\n" for p in split[s]) for s in ("train", "heldout"))
     if max_bytes:
         tr = tr[:max_bytes]
     return (torch.frombuffer(bytearray(tr), dtype=torch.uint8).long(),
-            torch.frombuffer(bytearray(ev), dtype=torch.uint8).long(), len(files))
+            torch.frombuffer(bytearray(ev), dtype=torch.uint8).long(), sum(map(len, split.values())))
 
 
 def windows(data: torch.Tensor, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -97,19 +84,15 @@ def windows(data: torch.Tensor, count: int, length: int, gen: torch.Generator) -
 
 def buckets_for(seq_len: int, first: int = 64) -> List[Tuple[int, int]]:
     """Position buckets [0, first), [first, 2 first), [2 first, 4 first), ... up to seq_len."""
-    out, lo, hi = [], 0, first
-    while lo < seq_len:
-        out.append((lo, min(hi, seq_len)))
-        lo, hi = hi, hi * 2
-    return out
+    return [(0, min(first, seq_len))] + bucket_spans(first, seq_len, "doubling")
 
 
 # ------------------------------------------------------------------------------- train / eval
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then half a cosine down to 10% of ``lr``."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return lr * lr_scale("cosine", (step - warmup) / max(1, steps - warmup), floor=0.1)
 
 
 def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Tensor, eval_batch: torch.Tensor, *,
@@ -183,15 +166,15 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
     config = dict(models=list(models), block=block, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim,
                   seq_len=seq_len, batch=batch, steps=steps, lr=lr, optimizer="AdamW(0.9, 0.95), wd 0.1, clip 1.0, "
                   "warmup 5% + cosine to 10%", tokens_per_model=steps * batch * seq_len, eval_windows=eval_windows,
-                  seed=seed, corpus=corpus or sysconfig.get_paths()["stdlib"], corpus_files=n_files,
+                  seed=seed, corpus=corpus or str(stdlib_root()), corpus_files=n_files,
                   train_bytes=train_data.numel(), eval_bytes=eval_data.numel())
     return {"benchmark": "quality", "config": config, "results": results,
             "comparison": compare_to_window(results, block)}
 
 
 def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[Dict[str, object]]:
-    """Issue 5's quality target: BSBR's loss on positions past the first chunk vs the sliding window
-    with window = chunk size (negative difference: BSBR better)."""
+    """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
+    (negative difference: BSBR better)."""
     by = {r["model"]: r for r in results}
     pairs = [("bsbr", "sliding_window", block), ("bsbr_normalized", "sliding_window", block),
              ("bsbr_gated", "sliding_window", block), ("bsbr_normalized_gated", "sliding_window", block),
@@ -232,34 +215,6 @@ def format_table(result: Dict[str, object]) -> str:
                      f"{c['bsbr_loss_past_chunk']:.4f} vs {c['window_loss_past_chunk']:.4f} "
                      f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, diff {c['difference']:+.4f})")
     return "\n".join(lines)
-
-
-def plot_quality(result: Dict[str, object], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colors = plt.cm.tab20.colors  # 20 distinct colours: the default cycle repeats after 10 models
-    for i, r in enumerate(result["results"]):
-        keys = list(r["buckets"])
-        style = "--" if r["model"].startswith("bsbr") else "-"  # BSBR variants dashed
-        ax.plot(range(len(keys)), [r["buckets"][k] for k in keys], marker="o", linestyle=style,
-                color=colors[i % len(colors)], label=r["model"])
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys)
-    ax.set_xlabel("position in the window (bucket)")
-    ax.set_ylabel("held-out loss (nats/byte)")
-    c = result["config"]
-    ax.set_title(f"equal training ({c['steps']} steps x {c['batch']} x {c['seq_len']} bytes), "
-                 f"{c['layers']} layers, hidden {c['hidden']}, chunk/window {c['block']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def merge_results(paths: Sequence[str]) -> Dict[str, object]:
@@ -308,11 +263,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
 
 def _write(result: Dict[str, object], args: argparse.Namespace) -> None:
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(result, args.json)}")
     if args.plot:
         plot_quality(result, args.plot)
         print(f"wrote {args.plot}")

@@ -24,8 +24,7 @@ def cmd_distill(args) -> int:
     from transformers import AutoTokenizer
 
     from ..convert.converter import load_source
-    from ..evaluate.corpus import token_windows
-    from ..evaluate.evaluate import corpus_texts
+    from ..corpus import corpus_texts, token_windows
     from ..models import load_bsbr_model
     from .trainer import DistillConfig, distill
 

@@ -31,26 +31,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..layers.bsbr_attention import BSBRAttention
+from ..schedule import SCHEDULES, lr_scale
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .teacher import teacher_targets
 
 logger = logging.getLogger(__name__)
 
 STAGE2_PARAMS = ("new", "all", "lora")
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def lr_scale(schedule: str, fraction: float) -> float:
-    """Learning-rate multiplier at ``fraction`` (0 = start, 1 = end) of a stage: ``constant`` 1,
-    ``linear`` decays to 0 at the end, ``cosine`` half a cosine down to 0."""
-    f = min(max(fraction, 0.0), 1.0)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return 1.0 - f
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * f))
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 @dataclass

@@ -1,19 +1,21 @@
 """Evaluation of converted models: perplexity past the first chunk against full attention and the
 chunk-local baseline, next-token agreement, KL, hidden-state similarity, and pass-key retrieval.
 
-Submodules: :mod:`.corpus` (default corpus: the standard library's sources, split train/held-out),
-:mod:`.metrics` (accumulated metrics), :mod:`.passkey` (offline pass-key prompts),
-:mod:`.evaluate` (the evaluation loop and ``bsbr eval``'s orchestration), :mod:`.plots`.
+Submodules: :mod:`.evaluate` (the evaluation loop), :mod:`.metrics` (accumulated metrics),
+:mod:`.baselines` (the chunk-local and exact-window baselines), :mod:`.passkey` (offline pass-key
+prompts), :mod:`.saved` (``bsbr eval``: a saved model, end to end), :mod:`.report` (the printed
+table), :mod:`.plots`. The text comes from :mod:`bsbr.corpus`.
 """
-from .corpus import dataset_texts, read_texts, split_of, stdlib_files, stdlib_texts, token_windows
-from .evaluate import evaluate, evaluate_saved, local_baseline, perplexity_past, summary_lines
+from .baselines import local_baseline
+from .evaluate import evaluate, perplexity_past
 from .metrics import MetricAccumulator, gap_closed, position_buckets
 from .passkey import build_prompt, make_key, passkey_found, run_passkey
+from .report import summary_lines
+from .saved import evaluate_saved
 
 __all__ = [
     "MetricAccumulator",
     "build_prompt",
-    "dataset_texts",
     "evaluate",
     "evaluate_saved",
     "gap_closed",
@@ -22,11 +24,6 @@ __all__ = [
     "passkey_found",
     "perplexity_past",
     "position_buckets",
-    "read_texts",
     "run_passkey",
-    "split_of",
-    "stdlib_files",
-    "stdlib_texts",
     "summary_lines",
-    "token_windows",
 ]

@@ -23,7 +23,7 @@ def _positive(text: str) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_saved, summary_lines
+    from . import evaluate_saved, summary_lines
     from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS
 
     passkey = None

@@ -35,7 +35,7 @@ one window's logits regardless of how many windows are read.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,15 @@ def position_buckets(seq_len: int, chunk_size: int, scheme: str = "chunk") -> Li
                          f"the first chunk has a target, got {seq_len!r}")
     if scheme not in BUCKET_SCHEMES:
         raise ValueError(f"scheme must be one of {BUCKET_SCHEMES}, got {scheme!r}")
-    end = seq_len - 1
-    out, lo = [], chunk_size
+    return bucket_spans(chunk_size, seq_len - 1, scheme)
+
+
+def bucket_spans(lo: int, end: int, scheme: str = "chunk") -> List[Tuple[int, int]]:
+    """``[lo, 2 lo), [2 lo, 3 lo), ...`` (``"chunk"``) or ``[lo, 2 lo), [2 lo, 4 lo), ...``
+    (``"doubling"``), the last range cut at ``end``."""
+    out, width = [], lo
     while lo < end:
-        hi = lo + chunk_size if scheme == "chunk" else 2 * lo
+        hi = lo + width if scheme == "chunk" else 2 * lo
         out.append((lo, min(hi, end)))
         lo = hi
     return out

@@ -5,6 +5,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..output import pyplot, save_figure
+
 logger = logging.getLogger(__name__)
 
 COLOURS = {"source": "tab:green", "local": "tab:red", "window": "tab:orange", "bsbr": "tab:blue"}
@@ -17,14 +19,9 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     """Left: perplexity per position bucket for each model (where retrieval should pay off: the
     later buckets). Right (if the result has a pass-key section): accuracy per (length, depth) cell
     as grouped bars. Returns the written path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     passkey = result.get("passkey")
     ncols = 2 if passkey else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
     ax = axes[0, 0]
     lm = result["language_modeling"]
     buckets = lm["buckets"]
@@ -60,10 +57,6 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"pass-key retrieval ({passkey['trials']} trials per cell)", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, path)
     logger.info("wrote %s", path)
     return path

@@ -1,4 +1,4 @@
-"""Evaluation text, with nothing downloaded by default.
+"""Text for evaluation, distillation and the trained-from-scratch benchmark; nothing downloaded by default.
 
 The default corpus is the Python standard library's own ``.py`` sources: every machine that runs
 ``bsbr`` has them, they are long (long files exercise retrieval across chunks), and they are not
@@ -7,10 +7,11 @@ the web prose a chat model was tuned on, so they are hard to have memorised verb
 Files are split into ``"train"`` and ``"heldout"`` by a stable hash of their path relative to the
 standard library root (SHA-256, so the split does not depend on Python's randomised ``hash``, on the
 file order of the disk, or on how many files a given Python version ships): a file keeps its split
-when other files are added or removed. Distillation trains on ``"train"``; evaluation defaults to
-``"heldout"``.
+when other files are added or removed. ``bsbr distill`` and ``bsbr bench quality`` train on
+``"train"``; ``bsbr eval`` and ``bsbr bench quality`` evaluate on ``"heldout"``.
 
-:func:`token_windows` turns any iterable of documents into fixed-length token windows, joined by
+:func:`corpus_texts` picks the texts a command reads (local files, a HuggingFace dataset, or the
+default corpus). :func:`token_windows` turns any iterable of documents into fixed-length token windows, joined by
 the tokenizer's EOS token, the way a language model sees a packed corpus.
 """
 from __future__ import annotations
@@ -129,6 +130,24 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                 yield text
 
     return rows()
+
+
+def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Optional[str] = None,
+                 dataset_config: Optional[str] = None, dataset_split: str = "test", text_column: str = "text",
+                 split: str = "heldout", seed: int = 0):
+    """(texts iterator, description): local files, a HuggingFace dataset, or the default corpus's
+    ``split`` of the standard library's sources."""
+    if text_files and dataset:
+        raise ValueError("give either text files or a dataset, not both")
+    if text_files:
+        missing = [str(f) for f in text_files if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"text file not found: {', '.join(missing)}")
+        return read_texts(text_files), dict(kind="text_files", files=[str(f) for f in text_files])
+    if dataset:
+        return (dataset_texts(dataset, dataset_config, dataset_split, text_column),
+                dict(kind="dataset", name=dataset, config=dataset_config, split=dataset_split, text_column=text_column))
+    return stdlib_texts(split, seed=seed), dict(kind="stdlib", split=split, seed=seed, root=str(stdlib_root()))
 
 
 def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Optional[int],

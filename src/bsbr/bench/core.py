@@ -1,0 +1,81 @@
+"""The op alone against this machine's matmul rate: :func:`bsbr.ops.chunk_bsbr_attention` on random
+tensors, its matmul FLOPs from the cost model in :func:`bsbr_core_flops` (``docs/design.md``), and
+the achieved GFLOP/s next to a big dense ``torch.matmul`` measured in the same run: how close the
+op is to this machine's limit.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .common import DEFAULT_SEQ_LENS, interleaved_times, matmul_gflops, median, round_sig
+
+log = logging.getLogger(__name__)
+
+
+def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: int = 1,
+                    top_k: Optional[int] = None) -> Dict[str, float]:
+    """Matmul FLOPs of :func:`bsbr.ops.chunk_bsbr_attention` (d = dv = df = dm = head_dim), by term.
+
+    A multiply-add counts 2. The within-chunk term counts the causal half of the B x B blocks
+    (``q k^T`` and ``p v``: 2 * n*B*d * 2 / 2), the work a causal kernel must do; the op computes
+    the retrieval weights and retrieved states as dense C x C products (top-k: C x k)."""
+    B, d = chunk_size, head_dim
+    n_pad = -(-n // B) * B
+    C = n_pad // B
+    k_eff = C if top_k is None else min(top_k, C)
+    per_head = {
+        "within_chunk": 2.0 * n_pad * B * d,
+        "chunk_states": 2.0 * n_pad * d * d,
+        "retrieval_weights": 2.0 * C * C * d,
+        "retrieved_states": 2.0 * C * k_eff * d * d,
+        "read_out": 2.0 * n_pad * d * d,
+    }
+    out = {k: v * heads * batch for k, v in per_head.items()}
+    out["total"] = sum(out.values())
+    out["standard_causal"] = 2.0 * n * n * d * heads * batch  # full causal softmax attention
+    return out
+
+
+def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_dim: int = 64,
+               chunk_size: int = 128, repeats: int = 5, retrieval: str = "additive",
+               top_k: Optional[int] = None, matmul_size: int = 2048, seed: int = 0,
+               device: str = "cpu") -> Dict[str, object]:
+    """The op alone on random (1, h, n, d) tensors: median time, cost-model FLOPs, achieved GFLOP/s,
+    and this machine's dense matmul GFLOP/s measured in the same run (before and after the op runs,
+    median of both, because a shared machine's speed drifts)."""
+    from ..ops.bsbr import chunk_bsbr_attention
+
+    peak_before = matmul_gflops(matmul_size, repeats, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = []
+    for n in seq_lens:
+        q, k, v, mq, mk = (torch.randn(1, heads, n, head_dim, generator=g, device=device) for _ in range(5))
+        if retrieval == "normalized":  # needs non-negative features
+            fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+        else:
+            fq = fk = None
+
+        def fn():
+            with torch.no_grad():
+                return chunk_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, chunk_size=chunk_size,
+                                            variant=retrieval, top_k=top_k)[0]
+
+        t = median(interleaved_times({"op": fn}, repeats, warmup=1, device=device)["op"])
+        flops = bsbr_core_flops(n, chunk_size, heads, head_dim, top_k=top_k)
+        rows.append({"seq_len": n, "time_ms": round_sig(t * 1e3), "gflop": round_sig(flops["total"] / 1e9),
+                     "gflops_per_s": round_sig(flops["total"] / t / 1e9),
+                     "flops_by_term": {k: round_sig(v) for k, v in flops.items()}})
+        log.info("core @ %d: %.2f ms, %.3f GFLOP, %.1f GFLOP/s", n, t * 1e3, flops["total"] / 1e9,
+                 flops["total"] / t / 1e9)
+        del q, k, v, mq, mk, fq, fk
+    peak_after = matmul_gflops(matmul_size, repeats, device=device)
+    peak = median([peak_before, peak_after])
+    for r in rows:
+        r["fraction_of_matmul"] = round_sig(r["gflops_per_s"] / peak)
+    return {"matmul_size": matmul_size, "matmul_gflops_per_s": round_sig(peak),
+            "matmul_gflops_per_s_before_after": [round_sig(peak_before), round_sig(peak_after)],
+            "heads": heads, "head_dim": head_dim, "chunk_size": chunk_size, "retrieval": retrieval,
+            "top_k": top_k, "rows": rows}

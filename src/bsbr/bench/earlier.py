@@ -1,0 +1,58 @@
+"""The ``bsbr==0.1.1`` layer, loaded from its wheel to be timed beside this package's.
+
+``bsbr/bsbr.py`` is imported from the wheel under another module name, so it cannot clash with this
+package; its code is neither copied nor kept.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+
+EARLIER_MODULE_NAME = "bsbr_earlier_0_1_1"
+
+
+def load_earlier_bsbr(wheel_path: str):
+    """Import ``bsbr/bsbr.py`` of the bsbr 0.1.1 wheel as module ``bsbr_earlier_0_1_1``.
+
+    The wheel is extracted to a temporary directory that is deleted right after the import (the
+    module lives on in ``sys.modules``). Importing the file by location, not as ``bsbr``, keeps it
+    from shadowing this package; the file needs only torch."""
+    if not os.path.isfile(wheel_path):
+        raise FileNotFoundError(f"bsbr 0.1.1 wheel not found: {wheel_path}")
+    if EARLIER_MODULE_NAME in sys.modules:
+        return sys.modules[EARLIER_MODULE_NAME]
+    tmp = tempfile.mkdtemp(prefix="bsbr-earlier-")
+    try:
+        try:
+            with zipfile.ZipFile(wheel_path) as zf:
+                zf.extractall(tmp)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{wheel_path} is not a wheel (zip) file: {e}") from e
+        src = os.path.join(tmp, "bsbr", "bsbr.py")
+        if not os.path.isfile(src):
+            raise ValueError(f"{wheel_path} has no bsbr/bsbr.py: not the bsbr 0.1.1 wheel")
+        spec = importlib.util.spec_from_file_location(EARLIER_MODULE_NAME, src)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[EARLIER_MODULE_NAME] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[EARLIER_MODULE_NAME]
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not hasattr(module, "BSBRAttention"):
+        del sys.modules[EARLIER_MODULE_NAME]
+        raise ValueError(f"{wheel_path}: bsbr/bsbr.py defines no BSBRAttention")
+    return module
+
+
+def earlier_bytes_estimate(n: int, heads: int, chunk_size: int) -> int:
+    """Memory the bsbr 0.1.1 layer needs at ``n`` tokens: it materialises two n x n float masks and,
+    per head, the n x n scores, the masked scores, a bool mask and the softmax."""
+    n_pad = -(-n // chunk_size) * chunk_size
+    return 2 * 4 * n * n + heads * n_pad * n_pad * (3 * 4 + 1)

@@ -1,0 +1,179 @@
+"""Layer against layer: :class:`~bsbr.layers.BSBRAttention` and the SDPA baseline
+:class:`~bsbr.layers.standard_attention.StandardAttention` (same projections), plus optionally the
+``bsbr==0.1.1`` layer (:mod:`bsbr.bench.earlier`), forward only at each sequence length.
+
+The layers run side by side in every repeat (rotating order) and medians are reported, so ratios
+hold even on a shared machine. The baselines are quadratic; a length is skipped, with the reason
+recorded, when ``max_standard_len`` / ``max_earlier_len`` exclude it, when the time extrapolated
+from the previous length exceeds ``max_seconds`` per call, when the memory it would need
+(extrapolated, or for the 0.1.1 layer its n x n matrices) exceeds 70% of the memory available
+(Linux kills rather than raises on over-commit, so it must not be tried), or when torch raises
+out-of-memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .common import (DEFAULT_SEQ_LENS, MiB, failure, forward_fn, interleaved_times, measure_peak, median,
+                     memory_refusal, new_row, release_free_memory, round_sig, time_call)
+from .earlier import earlier_bytes_estimate, load_earlier_bsbr
+
+log = logging.getLogger(__name__)
+
+# targets, checked and recorded next to the numbers
+TARGET_SPEEDUP_16K = 5.0  # BSBR layer >= 5x faster than standard at 16,384 tokens
+TARGET_SPEEDUP_1K = 1.0  # ... and not slower at 1,024
+TARGET_EARLIER_SPEEDUP = 20.0  # >= 20x faster than the bsbr 0.1.1 layer at 4,096 tokens
+TARGET_EARLIER_MEMORY = 10.0  # >= 10x less extra memory there
+
+
+def build_attention_models(hidden: int, heads: int, chunk_size: int, *, retrieval: str = "additive",
+                           top_k: Optional[int] = None, earlier_module=None, seed: int = 0,
+                           device: str = "cpu") -> Dict[str, torch.nn.Module]:
+    """The layers compared, in eval mode with dropout 0 and seeded weights."""
+    from ..layers.bsbr_attention import BSBRAttention
+    from ..layers.standard_attention import StandardAttention
+
+    torch.manual_seed(seed)
+    models = {
+        "bsbr": BSBRAttention(hidden, heads, chunk_size, dropout=0.0, retrieval=retrieval, top_k=top_k),
+        "standard": StandardAttention(hidden, heads, dropout=0.0),
+    }
+    if earlier_module is not None:
+        models["earlier"] = earlier_module.BSBRAttention(hidden, heads, chunk_size, 0.0, None)
+    return {k: m.to(device).eval() for k, m in models.items()}
+
+
+def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_len: Optional[int],
+                 max_seconds: float, heads: int, chunk_size: int, device: str) -> Optional[str]:
+    """Why a quadratic baseline must not be run at ``n`` tokens (None: run it)."""
+    if max_len is not None and n > max_len:
+        return f"seq_len > --max-{name}-len {max_len}"
+    scale = (n / last["seq_len"]) ** 2 if last else None
+    if last and last["time_ms"] and last["time_ms"] / 1e3 * scale > max_seconds:
+        return (f"predicted {last['time_ms'] / 1e3 * scale:.0f} s per call (quadratic from "
+                f"{last['seq_len']} tokens) > --max-seconds {max_seconds:g}")
+    if device != "cpu":
+        return None
+    need = earlier_bytes_estimate(n, heads, chunk_size) if name == "earlier" else 0
+    if last and last["peak_mb"]:
+        need = max(need, last["peak_mb"] * MiB * scale)
+    return memory_refusal(need)
+
+
+def bench_attention(
+    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
+    hidden: int = 512,
+    heads: int = 8,
+    chunk_size: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    retrieval: str = "additive",
+    top_k: Optional[int] = None,
+    max_standard_len: Optional[int] = None,
+    earlier_wheel: Optional[str] = None,
+    max_earlier_len: Optional[int] = None,
+    max_seconds: float = 30.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Dict[str, object]:
+    """Forward time and extra peak memory of the BSBR layer vs standard (and the bsbr 0.1.1) layer.
+
+    Returns ``{"rows": [...], "ratios": [...], "config": ..., "targets": ...}``; each row has
+    ``model, seq_len, status ("ok" | "skipped" | "failed"), time_ms (median), peak_mb, times_ms``
+    and a ``reason`` when not ok. Ratios are baseline / BSBR at the same length (> 1: BSBR better).
+    """
+    earlier = load_earlier_bsbr(earlier_wheel) if earlier_wheel else None
+    models = build_attention_models(hidden, heads, chunk_size, retrieval=retrieval, top_k=top_k,
+                                    earlier_module=earlier, seed=seed, device=device)
+    max_len = {"standard": max_standard_len, "earlier": max_earlier_len}
+    rows: List[Dict[str, object]] = []
+    last_ok: Dict[str, Dict[str, object]] = {}
+    for n in seq_lens:
+        x = torch.randn(1, n, hidden, device=device)
+        fns: Dict[str, Callable[[], object]] = {}
+        row_of: Dict[str, Dict[str, object]] = {}
+        for name, model in models.items():
+            row = new_row(name, n)
+            rows.append(row)
+            reason = None if name == "bsbr" else _skip_reason(
+                name, n, last_ok.get(name), max_len=max_len[name], max_seconds=max_seconds,
+                heads=heads, chunk_size=chunk_size, device=device)
+            if reason:
+                row.update(status="skipped", reason=reason)
+                log.info("%s @ %d: skipped (%s)", name, n, reason)
+                continue
+            fn = forward_fn(model, x)
+            try:  # warm-up first (one-time allocations of kernels, thread pools), then memory
+                for _ in range(warmup):
+                    time_call(fn, device)
+                row["peak_mb"] = round_sig(measure_peak(fn, device).extra_mb)
+            except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
+                row.update(failure(e))
+                log.warning("%s @ %d failed: %s", name, n, row["reason"])
+                release_free_memory()
+                continue
+            fns[name] = fn
+            row_of[name] = row
+        try:
+            times = interleaved_times(fns, repeats, warmup=0, device=device)
+        except Exception as e:  # noqa: BLE001 - e.g. OOM on a repeat: fall back to one by one
+            log.warning("side-by-side timing at %d failed (%s); timing one by one", n, e)
+            times = {}
+            for name in list(fns):
+                try:
+                    times.update(interleaved_times({name: fns[name]}, repeats, 0, device))
+                except Exception as e2:  # noqa: BLE001
+                    row_of[name].update(failure(e2))
+        for name, ts in times.items():
+            row_of[name]["time_ms"] = round_sig(median(ts) * 1e3)
+            row_of[name]["times_ms"] = [round_sig(t * 1e3) for t in ts]
+            last_ok[name] = row_of[name]
+            log.info("%s @ %d: %.1f ms, +%s MiB", name, n, median(ts) * 1e3, row_of[name]["peak_mb"])
+        del x, fns
+        release_free_memory()
+    config = dict(seq_lens=list(seq_lens), hidden=hidden, heads=heads, chunk_size=chunk_size,
+                  repeats=repeats, warmup=warmup, retrieval=retrieval, top_k=top_k, batch=1,
+                  dtype="float32", max_standard_len=max_standard_len, max_earlier_len=max_earlier_len,
+                  max_seconds=max_seconds, earlier_wheel=os.path.basename(earlier_wheel) if earlier_wheel else None,
+                  seed=seed)
+    ratios = attention_ratios(rows)
+    return {"benchmark": "attention", "config": config, "rows": rows, "ratios": ratios,
+            "targets": attention_targets(ratios)}
+
+
+def attention_ratios(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """baseline / BSBR time and extra-memory ratios at each length both ran (> 1: BSBR better)."""
+    ok = {(r["model"], r["seq_len"]): r for r in rows if r["status"] == "ok" and r["time_ms"]}
+    out = []
+    for (model, n), r in sorted(ok.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        b = ok.get(("bsbr", n))
+        if model == "bsbr" or b is None:
+            continue
+        mem = None
+        if r["peak_mb"] is not None and b["peak_mb"]:
+            mem = round_sig(r["peak_mb"] / b["peak_mb"])
+        out.append({"baseline": model, "seq_len": n, "time_ratio": round_sig(r["time_ms"] / b["time_ms"]),
+                    "memory_ratio": mem})
+    return out
+
+
+def attention_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """The targets, each with the measured value and whether it is met (None: not measured)."""
+    at = {(r["baseline"], r["seq_len"]): r for r in ratios}
+
+    def check(name, baseline, n, key, goal):
+        r = at.get((baseline, n))
+        value = None if r is None else r[key]
+        return {"target": name, "value": value, "goal": goal, "met": None if value is None else value >= goal}
+
+    return [
+        check("standard/bsbr time at 16384 >= 5", "standard", 16384, "time_ratio", TARGET_SPEEDUP_16K),
+        check("standard/bsbr time at 1024 >= 1 (not slower)", "standard", 1024, "time_ratio", TARGET_SPEEDUP_1K),
+        check("earlier/bsbr time at 4096 >= 20", "earlier", 4096, "time_ratio", TARGET_EARLIER_SPEEDUP),
+        check("earlier/bsbr extra memory at 4096 >= 10", "earlier", 4096, "memory_ratio", TARGET_EARLIER_MEMORY),
+    ]

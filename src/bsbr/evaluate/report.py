@@ -1,0 +1,45 @@
+"""The text report of an evaluation result (what ``bsbr eval`` and ``bsbr demo`` print)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def summary_lines(result: dict) -> Iterable[str]:
+    """A compact text table of a result (what ``bsbr eval`` prints)."""
+    cfg, lm = result["config"], result["language_modeling"]
+    yield (f"{cfg['windows']} windows x {cfg['seq_len']} tokens, chunk {cfg['chunk_size']}: "
+           f"{lm['tokens']} tokens scored (positions >= chunk size)")
+    names = [n for n in ("source", "local", "window", "bsbr") if n in lm["perplexity"]]
+    fmt = lambda x, spec=".4g": "-" if x is None else format(x, spec)  # noqa: E731
+    yield f"{'model':<8} {'ppl':>9} {'top1':>7} {'top5':>7} {'top10':>7} {'KL':>9} {'cos(h)':>8} {'mse(h)':>9}"
+    for n in names:
+        ag = lm["agreement"].get(n, {})
+        hc = lm.get("hidden_cosine", {}).get(n)
+        hm = lm.get("hidden_mse", {}).get(n)
+        yield (f"{n:<8} {fmt(lm['perplexity'][n]):>9} {fmt(ag.get('top1'), '.3f'):>7} {fmt(ag.get('top5'), '.3f'):>7} "
+               f"{fmt(ag.get('top10'), '.3f'):>7} {fmt(lm['kl'].get(n)):>9} {fmt(hc, '.4f'):>8} {fmt(hm):>9}")
+    gap = lm.get("gap_closed")
+    yield f"gap closed (ppl_local - ppl_bsbr) / (ppl_local - ppl_source): {'undefined' if gap is None else f'{100 * gap:.2f}%'}"
+    if "gap_closed_by_retrieval" in lm:
+        gr = lm["gap_closed_by_retrieval"]
+        yield (f"  of which retrieval (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
+               f"{'undefined' if gr is None else f'{100 * gr:.2f}%'} (window = the source restricted to the "
+               f"model's exact window: {cfg.get('local_chunks', 1)} chunk(s) + {cfg.get('sink_tokens', 0)} sink tokens)")
+    yield "perplexity per position bucket:"
+    yield f"  {'positions':<13} " + " ".join(f"{n:>9}" for n in names) + f" {'gap':>8}"
+    for b in lm["buckets"]:
+        g = b.get("gap_closed")
+        yield (f"  {b['start']:>5}-{b['end']:<7} " + " ".join(f"{fmt(b['perplexity'][n]):>9}" for n in names)
+               + f" {'-' if g is None else f'{100 * g:.1f}%':>8}")
+    pk = result.get("passkey")
+    if pk:
+        yield f"pass-key accuracy ({pk['trials']} trials per cell; rows = length, columns = depth):"
+        pnames = [n for n in ("source", "local", "window", "bsbr") if n in pk["models"]]
+        yield f"  {'length':<7} " + " ".join(f"{n}@{d:g}".rjust(11) for n in pnames for d in pk["depths"])
+        for L in pk["lengths"]:
+            row = []
+            for n in pnames:
+                acc = {(c["length"], c["depth"]): c["accuracy"] for c in pk["models"][n]["cells"]}
+                row += [f"{acc[(L, d)]:.2f}".rjust(11) for d in pk["depths"]]
+            yield f"  {L:<7} " + " ".join(row)
+        yield "  overall: " + ", ".join(f"{n} {pk['models'][n]['accuracy']:.2f}" for n in pnames)
