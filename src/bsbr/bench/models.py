@@ -351,7 +351,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def register(bench_sub) -> None:
-    """Add ``bsbr bench models`` (and ``bsbr bench quality``, which lives in :mod:`bsbr.bench.quality`)."""
+    """Add ``bsbr bench models``."""
     p = bench_sub.add_parser("models", help="every attention in one LM shell: time, train time, memory vs length",
                              description=__doc__.split("\n\n")[0],
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -373,7 +373,3 @@ def register(bench_sub) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a log-log plot here")
     p.set_defaults(func=run_models)
-    if "quality" not in getattr(bench_sub, "choices", {}):
-        from . import quality
-
-        quality.register(bench_sub)
