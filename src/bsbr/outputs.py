@@ -214,3 +214,76 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     if force:
         return "--force: " + msg
     raise SourceMismatchError(msg)
+
+
+def check_model_arg(source, option: str) -> None:
+    """Refuse, before loading anything, a model argument that names a local path which does not exist or
+    is not a model (a directory with config.json, or a .gguf file). Only ``ORG/NAME`` that is no local
+    path is left to the hub; a bare ``name`` that does not exist is a local path mistyped."""
+    if source is None:
+        return
+    text = str(source)
+    path = Path(os.path.expanduser(text))
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
+        if path.is_file() and path.suffix != ".gguf":
+            raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
+        return
+    hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith((".gguf", "/"))
+    if not hub_id:
+        raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
+                        f"ORG/NAME, e.g. openai-community/gpt2)")
+
+
+def load_model_arg(source, option: str):
+    """:func:`bsbr.convert.load_source` for a command-line argument: a local path that does not exist, or a
+    hub id that cannot be fetched, is one :class:`UserError` naming the argument."""
+    from .convert.converter import load_source
+
+    check_model_arg(source, option)
+    local = source is None or Path(os.path.expanduser(str(source))).exists()
+    try:
+        return load_source(source).eval()
+    except OSError as e:
+        if local:
+            raise UserError(f"{option} {source}: could not load the model ({' '.join(str(e).split())})") from e
+        raise UserError(f"{option} {source} is no local path, and the hub could not provide it "
+                        f"({' '.join(str(e).split())[:200]}): check the path") from e
+
+
+def load_tokenizer_arg(source, option: str):
+    """The tokenizer of a model argument, or a :class:`UserError` that says which argument lacks one."""
+    from .convert.converter import load_tokenizer
+
+    try:
+        tok = load_tokenizer(source)
+    except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({' '.join(str(e).split())[:200]}): "
+                        f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
+    if tok is None or isinstance(tok, bool):
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
+    return tok
+
+
+MODEL_CARD = """# A BSBR model
+
+Block Sparse attention with Block Retrieval (`pip install bsbr`). transformers does not know
+`model_type: "bsbr"` by itself: `import bsbr` first (it registers the model with the Auto classes), then
+
+```python
+import bsbr
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH)   # or bsbr.load_bsbr_model(PATH)
+```
+
+Without `import bsbr`, transformers says it "does not recognize this architecture" and suggests upgrading
+transformers: upgrading does not help, importing bsbr does. `conversion.json` records the conversion's options
+and its source (name, model type, a fingerprint of its weights).
+"""
+
+
+def write_model_card(directory) -> None:
+    card = Path(directory) / "README.md"
+    if not card.exists():
+        card.write_text(MODEL_CARD)
