@@ -287,3 +287,22 @@ def write_model_card(directory) -> None:
     card = Path(directory) / "README.md"
     if not card.exists():
         card.write_text(MODEL_CARD)
+
+
+def publish_files(staging, directory) -> None:
+    """Move every file of the complete ``staging`` directory into ``directory`` (same file system),
+    ``config.json`` last and any old ``config.json`` removed first: until the last rename the directory
+    holds no loadable model, after it the new one. ``staging`` is removed."""
+    staging, directory = Path(staging), Path(directory)
+    names = sorted(p.name for p in staging.iterdir())
+    old_config = directory / "config.json"
+    if old_config.exists():
+        old_config.unlink()
+        _fsync_dir(directory)
+    for name in sorted(names, key=lambda n: n == "config.json"):
+        target = directory / name
+        if target.is_dir() and not (staging / name).is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+    _fsync_dir(directory)
