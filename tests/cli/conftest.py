@@ -34,7 +34,7 @@ def one_error_line(err: str, command: str) -> str:
     """The stderr of a refused command: exactly one line, ``bsbr COMMAND: error: ...``."""
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"bsbr {command}: error: "), err
+    assert lines[0].startswith(f"bsbr{' ' + command if command else ''}: error: "), err
     assert "Traceback" not in err
     return lines[0]
 

@@ -105,18 +105,18 @@ def cmd_distill(args) -> int:
         raise UserError(f"--student {student_dir} is not a converted model directory (no config.json): "
                         f"make one with `bsbr convert SOURCE {student_dir}`")
     check_model_arg(args.teacher, "--teacher")
-    check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume, option="--output",
-                     inputs=[("--student", student_dir), ("--teacher", args.teacher)])
+    from .checkpoint import has_checkpoint, read_manifest
+
     ckpt = out / "checkpoint"
+    check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),
+                     option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher)])
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
-    if not args.resume and not args.overwrite and ckpt.is_dir():
+    if not args.resume and not args.overwrite and has_checkpoint(ckpt):
         raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it, --overwrite to "
                               f"start over, or choose another --output")
-    if args.resume and ckpt.is_dir():
-        from .checkpoint import read_manifest
-
+    if args.resume and has_checkpoint(ckpt):
         read_manifest(ckpt)  # a partial or corrupt checkpoint is refused before loading the models
     tokenizer = load_tokenizer_arg(student_dir, "--student")
 

@@ -356,6 +356,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     bar.close()
     progress["elapsed"] = time.monotonic() - t0
     if rank == 0:
+        import shutil
         import tempfile
 
         from ..outputs import publish_files
@@ -364,6 +365,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         for p in student.parameters():
             p.requires_grad_(True)
         _merge_lora(student)
+        for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
+            shutil.rmtree(stale, ignore_errors=True)
         final = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=output_dir))
         try:
             student.save_pretrained(final)
@@ -373,8 +376,6 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                 extra_files(final)
             publish_files(final, output_dir)
         except BaseException:
-            import shutil
-
             shutil.rmtree(final, ignore_errors=True)
             raise
     return progress
