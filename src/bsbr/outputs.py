@@ -63,6 +63,10 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     not be one of them, inside one, or contain one (even with ``overwrite``). ``allow_existing``: the
     caller continues what is there (``distill --resume``). Returns the absolute path."""
     out = _resolved(path)
+    cwd = _resolved(os.getcwd())
+    if overwrite and (out == cwd or out in cwd.parents):
+        raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
+                          f"choose another {option}")
     for label, src in inputs:
         if src is None:
             continue
@@ -234,6 +238,30 @@ def check_model_arg(source, option: str) -> None:
     if not hub_id:
         raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
                         f"ORG/NAME, e.g. openai-community/gpt2)")
+
+
+def check_bsbr_dir(path, option: str) -> Path:
+    """Refuse, before loading, a directory that is not a saved BSBR model (``bsbr convert`` / ``distill``)."""
+    path = Path(os.path.expanduser(str(path)))
+    config = path / "config.json"
+    if not config.is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{option} {path}: config.json is not valid JSON ({e})") from e
+    if model_type != "bsbr":
+        raise UserError(f"{option} {path} is a {model_type!r} model, not a BSBR one: convert it first "
+                        f"(bsbr convert {path} NEW_DIR)")
+    return path
+
+
+def check_text_files(files, option: str = "--text-file") -> None:
+    for f in files or []:
+        if not Path(f).is_file():
+            raise UserError(f"{option} {f} " + ("is a directory: give text files" if Path(f).is_dir()
+                                                 else "does not exist"))
 
 
 def load_model_arg(source, option: str):

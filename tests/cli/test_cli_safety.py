@@ -76,6 +76,7 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
     assert "victim2 does not exist" in line and time.perf_counter() - t0 < 5
     assert "must be >= 1" in refused(capsys, ["convert", source, "out", "--chunk-size", "0"], "convert")
     assert not (tmp_path / "out").exists()
+    assert "current directory" in refused(capsys, ["convert", source, ".", "--overwrite"], "convert", tmp_path)
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
@@ -127,7 +128,8 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
     assert "--prompt is empty" in refused(capsys, ["generate", converted, "--prompt", ""], "generate")
     assert "--max-new-tokens" in refused(capsys, ["generate", converted, "--prompt", "x", "--max-new-tokens", "0"],
                                          "generate")
-    assert "no config.json" in refused(capsys, ["generate", tmp_path / "none", "--prompt", "x"], "generate")
+    assert "does not exist" in refused(capsys, ["generate", tmp_path / "none", "--prompt", "x"], "generate")
+    assert "not a BSBR one" in refused(capsys, ["generate", models[0], "--prompt", "x"], "generate")
     assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
 
 
@@ -140,6 +142,8 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
     assert "is not the model" in line and "--force" in line
     assert "is a directory" in refused(capsys, [*base, "--reference", source, "--json", tmp_path], "eval", tmp_path)
     assert "does not exist" in refused(capsys, [*base, "--reference", "./nowhere"], "eval")
+    assert "nope.txt does not exist" in refused(capsys, [*base[:2], "--text-file", tmp_path / "nope.txt"], "eval")
+    assert "not a BSBR one" in refused(capsys, ["eval", source, "--reference", source], "eval")
     assert main([str(a) for a in [*base, "--reference", other, "--force", "--json", tmp_path / "r.json"]]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["config"]["windows"] == 1
 
@@ -157,11 +161,17 @@ def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_never_writes_into_the_student(models, text, capsys):
-    _, converted, _ = models
+def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
+    source, converted, _ = models
     line = refused(capsys, distill_args(models, text, converted, "--stage2-steps", "2", "--overwrite"), "distill",
                    converted)
     assert "overlaps the --student" in line
+    line = refused(capsys, distill_args(models, text, source / "out", "--stage2-steps", "2"), "distill", source)
+    assert "overlaps the --teacher" in line
+    args = distill_args(models, text, tmp_path / "out", "--stage2-steps", "2")
+    assert "not a BSBR one" in refused(capsys, [*args, "--student", source], "distill", source)
+    assert "not enough for one window" in refused(capsys, [*args, "--seq-len", "100000"], "distill")
+    assert not (tmp_path / "out").exists()
 
 
 def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
@@ -195,6 +205,10 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     assert "other settings" in line and "stage2_lr" in line
     line = refused(capsys, [*args, "--resume", "--seq-len", "16"], "distill", out)
     assert "other settings" in line and "seq_len" in line
+    other_text = tmp_path / "other.py"
+    other_text.write_text(TEXT.replace("x", "y"))
+    line = refused(capsys, [*args, "--resume", "--text-file", other_text], "distill", out)
+    assert "the training windows' tokens" in line
 
     ckpt = out / "checkpoint"
     data = ckpt / manifest["files"]["weights"]["name"]

@@ -119,9 +119,9 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..models import load_bsbr_model
-    from ..outputs import load_tokenizer_arg
+    from ..outputs import check_bsbr_dir, load_tokenizer_arg
 
-    path = Path(args.model_dir)
+    path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
     model = load_bsbr_model(path)
     tok = load_tokenizer_arg(path, "MODEL_DIR")
     ids = tok(args.prompt, return_tensors="pt")

@@ -28,9 +28,15 @@ def _plan(args):
     for name in ("steps", "stage2_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("checkpoint_every", "seq_len", "max_windows"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("checkpoint_every", 1), ("seq_len", 2), ("max_windows", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("lr", "stage2_lr", "stage2_base_lr"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if not args.lm_weight >= 0:
+        raise UserError(f"--lm-weight must be >= 0, got {args.lm_weight}")
     if args.minutes is not None and not args.minutes > 0:
         raise UserError(f"--minutes must be > 0, got {args.minutes}")
     if args.minutes is None and not args.steps and not args.stage2_steps:
@@ -96,15 +102,14 @@ class _StopOnSignal:
 
 
 def cmd_distill(args) -> int:
-    from ..outputs import (METADATA, CheckpointError, UserError, check_model_arg, check_output_dir, check_source,
-                           load_model_arg, load_tokenizer_arg, write_model_card)
+    from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
+                           check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
 
     cfg = _plan(args)
     student_dir, out = Path(args.student), Path(args.output)
-    if not (student_dir / "config.json").is_file():
-        raise UserError(f"--student {student_dir} is not a converted model directory (no config.json): "
-                        f"make one with `bsbr convert SOURCE {student_dir}`")
+    check_bsbr_dir(student_dir, "--student")
     check_model_arg(args.teacher, "--teacher")
+    check_text_files(args.text_file)
     from .checkpoint import has_checkpoint, read_manifest
 
     ckpt = out / "checkpoint"
@@ -132,6 +137,11 @@ def cmd_distill(args) -> int:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     torch.manual_seed(args.seed)
+    # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
+    texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, dataset_split="train", split="train",
+                            seed=args.seed)
+    windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
+    logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
     student = load_bsbr_model(student_dir)
     teacher = load_model_arg(args.teacher, "--teacher")
     vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.config.vocab_size
@@ -141,18 +151,13 @@ def cmd_distill(args) -> int:
     note = check_source(student_dir, args.teacher, teacher, option="--teacher", force=args.force)
     if note:
         logger.warning(note)
-    # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
-    texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, dataset_split="train", split="train",
-                            seed=args.seed)
-    windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
-    logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
     if args.overwrite and out.exists():
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
         (out / "config.json").unlink(missing_ok=True)  # the old model is no longer a model
-    settings = dict(seq_len=args.seq_len, max_windows=args.max_windows, text_file=args.text_file,
-                    dataset=args.dataset)
+    # the windows' tokens are compared too, so the text files are recorded by content, not by path
+    settings = dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset)
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)

@@ -131,7 +131,9 @@ def _check_same_run(saved: dict, cfg: "DistillConfig", run: dict, directory: Pat
               if k not in RESUMABLE_CHANGES and (saved.get("config") or {}).get(k) != v]
     if diffs:
         short = lambda v: v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:") else v  # noqa: E731
-        shown = "; ".join(f"{k}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs[:4])
+        names = dict(windows="the training windows' tokens", teacher="the teacher's weights",
+                     student="the student's initial weights")
+        shown = "; ".join(f"{names.get(k, k)}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs[:4])
         raise CheckpointError(f"checkpoint {directory} was written by a run with other settings ({shown}): resume "
                               f"with the same settings, or start a new --output")
 

@@ -42,15 +42,13 @@ def _check_result_path(path, option: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from ..outputs import UserError, check_model_arg, check_source
+    from ..outputs import check_bsbr_dir, check_model_arg, check_source, check_text_files
     from .evaluate import evaluate_saved, summary_lines
     from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise UserError(f"MODEL {args.model} is not a converted model directory (no config.json)")
+    check_bsbr_dir(args.model, "MODEL")
     check_model_arg(args.reference, "--reference")
+    check_text_files(args.text_file)
     _check_result_path(args.json, "--json")
     _check_result_path(args.plot, "--plot")
 
