@@ -27,16 +27,22 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
+_SUBPACKAGES = ("bench", "convert", "distill", "evaluate", "layers", "models", "ops")
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'bsbr' has no attribute {name!r}")
+    elif name in _SUBPACKAGES:  # bsbr.models.X after a plain `import bsbr`
+        value = importlib.import_module(f"bsbr.{name}")
+    else:
+        raise AttributeError(f"module 'bsbr' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
 
 
 def _register_auto_classes() -> None:

@@ -107,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and e.filename:
-        text = f"{e.strerror or text}: {e.filename}" if e.strerror else text
-    return text
+    """The exception's message on one line (an OSError as ``FILE: what went wrong``)."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv=None) -> int:

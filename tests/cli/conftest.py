@@ -1,9 +1,6 @@
 """Tiny local models for the CLI tests: a random llama source with a word-level tokenizer, saved to
 disk, and its BSBR conversion (chunk 8). Nothing is downloaded."""
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,14 +17,6 @@ def tree_hash(path) -> dict:
         return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def run_cli(*args, cwd=None, timeout=120, env=None):
-    """``python -m bsbr.cli ARGS`` in a subprocess (this worktree's sources first on the path)."""
-    e = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-         **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bsbr.cli", *map(str, args)], cwd=cwd, env=e, timeout=timeout,
-                          capture_output=True, text=True)
 
 
 def one_error_line(err: str, command: str) -> str:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import one_error_line, tree_hash
+from conftest import SRC, one_error_line, tree_hash
 from safetensors.torch import load_file, save_file
 
 from bsbr.cli import main
@@ -364,7 +364,7 @@ def test_help_is_fast_imports_no_torch_and_lists_exit_codes():
     code = ("import sys, time; t = time.perf_counter(); from bsbr.cli import main\n"
             "try: main(['--help'])\nexcept SystemExit: pass\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)")
-    env = {**os.environ, "PYTHONPATH": str(__import__("conftest").SRC)}
+    env = {**os.environ, "PYTHONPATH": SRC}
     import subprocess
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
@@ -414,6 +414,6 @@ def test_import_bsbr_alone_registers_the_auto_classes(models):
             f"m = AutoModelForCausalLM.from_pretrained({str(converted)!r}); print(type(m).__name__)")
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(__import__("conftest").SRC), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("BSBRForCausalLM"), r.stderr[-2000:]
