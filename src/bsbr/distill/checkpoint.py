@@ -75,6 +75,10 @@ def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        if "progress.json" in present:
+            raise CheckpointError(f"checkpoint {directory} has the layout of an earlier bsbr (progress.json, no "
+                                  f"{MANIFEST}): its files cannot be checked; start a new --output, or pass "
+                                  f"--overwrite to start over in this one")
         raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); "
                               f"start a new --output, or pass --overwrite to start over in this one")
     try:
