@@ -67,11 +67,13 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     if overwrite and (out == cwd or out in cwd.parents):
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
+    real_out = Path(os.path.realpath(out))
     for label, src in inputs:
         if src is None:
             continue
         s = _resolved(src)
-        if _overlap(out, s) and (s.exists() or out == s):
+        real = Path(os.path.realpath(s))
+        if (_overlap(out, s) or _overlap(real_out, real)) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
     if out.exists() and not out.is_dir():

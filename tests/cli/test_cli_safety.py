@@ -51,10 +51,12 @@ def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, 
     assert "is not empty" in line and "--overwrite" in line and "did you mean" in line
 
 
-@pytest.mark.parametrize("where", ["same", "inside", "around"])
+@pytest.mark.parametrize("where", ["same", "inside", "around", "symlink"])
 def test_convert_never_writes_into_or_over_the_source(models, tmp_path, capsys, where):
     source, _, _ = models
-    out = {"same": source, "inside": source / "bsbr", "around": source.parent}[where]
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(source, target_is_directory=True)
+    out = {"same": source, "inside": source / "bsbr", "around": source.parent, "symlink": tmp_path / "link"}[where]
     line = refused(capsys, ["convert", source, out, "--overwrite"], "convert", source)
     assert "overlaps the SOURCE" in line
 
@@ -222,6 +224,12 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     assert json.loads((ckpt / "manifest.json").read_text())["step"] == 5
     assert main([*args, "--overwrite"]) == 0  # start over: 3 steps again
     assert json.loads((ckpt / "manifest.json").read_text())["step"] == 3
+    # the distilled model keeps its source's record: eval --reference checks it as for the conversion
+    source, converted, other = models
+    assert (out / "conversion.json").read_text() == (converted / "conversion.json").read_text()
+    line = refused(capsys, ["eval", out, "--reference", other, "--text-file", args[args.index("--text-file") + 1],
+                            "--seq-len", "24", "--max-windows", "1", "--no-passkey"], "eval", out)
+    assert "is not the model" in line
 
 
 def test_distill_resume_into_a_directory_without_a_checkpoint_refuses(models, text, tmp_path, capsys):
