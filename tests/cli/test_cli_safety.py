@@ -72,6 +72,16 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
         shutil.copy(source / name, no_tok / name)
     line = refused(capsys, ["convert", no_tok, tmp_path / "out"], "convert", no_tok)
     assert "no usable tokenizer" in line and not (tmp_path / "out").exists()
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    big_tok = tmp_path / "big-tokenizer"
+    shutil.copytree(no_tok, big_tok)
+    vocab = {f"w{i}": i for i in range(150)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="w0")),
+                            unk_token="w0", eos_token="w1").save_pretrained(big_tok)
+    line = refused(capsys, ["convert", big_tok, tmp_path / "out"], "convert", big_tok)
+    assert "tokenizer has 150 tokens, its model only 97" in line and not (tmp_path / "out").exists()
     monkeypatch.chdir(tmp_path)
     t0 = time.perf_counter()
     line = refused(capsys, ["convert", "victim2", "out"], "convert")  # a relative path mistyped: no hub lookup

@@ -89,6 +89,10 @@ def cmd_convert(args) -> int:
     tok = load_tokenizer_arg(source, "SOURCE")
     print(f"loading {source or 'the bundled SmolLM2-135M-Instruct (GGUF)'} ...", flush=True)
     src = load_model_arg(source, "SOURCE")
+    vocab = src.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:
+        raise UserError(f"SOURCE {source}: its tokenizer has {len(tok)} tokens, its model only {vocab}: "
+                        f"the tokenizer is not this model's")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     model = convert_to_bsbr(src, **options)
     s = model.conversion_summary
