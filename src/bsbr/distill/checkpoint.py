@@ -1,27 +1,45 @@
 """Training checkpoints without pickles: tensors (trainable weights, optimizer moments) in
-safetensors, everything else (step, stage, hyper-parameters, loss log) in JSON."""
+safetensors, everything else in ``manifest.json``: step, stage, the run's settings, the loss log, and
+every data file with its size and SHA-256.
+
+A save writes new data files (names unique to the save) and fsyncs them, then replaces
+``manifest.json`` in one rename, then removes the files the new manifest does not name. A process
+killed at any moment leaves the previous checkpoint or the new one, complete, never a mix. A load
+checks every file against the manifest and refuses a partial or corrupt checkpoint with
+:class:`~bsbr.outputs.CheckpointError`.
+"""
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Dict
 
 import torch
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = "trainable.safetensors"
-OPTIM = "optimizer.safetensors"
-STATE = "progress.json"
+from ..outputs import CheckpointError, atomic_write_text, file_record
+
+MANIFEST = "manifest.json"
+FORMAT = 2
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     progress: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / ".tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file({k: p.detach().contiguous() for k, p in params.items()}, tmp / WEIGHTS)
+    tag = f"s{progress.get('stage', 0)}-{progress.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
+    names = dict(weights=f"trainable-{tag}.safetensors", optimizer=f"optimizer-{tag}.safetensors")
+    save_file({k: p.detach().contiguous() for k, p in params.items()}, directory / names["weights"])
     index = {id(p): k for k, p in params.items()}
     tensors, scalars = {}, {}
     for p, st in optimizer.state.items():
@@ -31,33 +49,80 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
                 tensors[key] = value.detach().contiguous()
             else:
                 scalars[key] = value
-    save_file(tensors, tmp / OPTIM)
-    (tmp / STATE).write_text(json.dumps({**progress, "optimizer_scalars": scalars}, indent=1))
-    for name in (WEIGHTS, OPTIM, STATE):  # replace the previous checkpoint only once the new one is complete
-        os.replace(tmp / name, directory / name)
-    tmp.rmdir()
+    save_file(tensors, directory / names["optimizer"])
+    files = {}
+    for role, name in names.items():
+        _fsync(directory / name)
+        files[role] = dict(name=name, **file_record(directory / name))
+    manifest = dict(format=FORMAT, stage=progress.get("stage"), step=progress.get("step"), files=files,
+                    progress={**progress, "optimizer_scalars": scalars})
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    keep = {f["name"] for f in files.values()} | {MANIFEST}
+    for p in directory.iterdir():  # the previous checkpoint's files, and any a killed save left behind
+        if p.name not in keep and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def has_checkpoint(directory: Path) -> bool:
-    return all((Path(directory) / n).is_file() for n in (WEIGHTS, OPTIM, STATE))
+    """Whether ``directory`` holds anything of a checkpoint (complete or not)."""
+    directory = Path(directory)
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of the checkpoint in ``directory``, with every file checked (exists, size, SHA-256)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        if "progress.json" in present:
+            raise CheckpointError(f"checkpoint {directory} has the layout of an earlier bsbr (progress.json, no "
+                                  f"{MANIFEST}): its files cannot be checked; start a new --output, or pass "
+                                  f"--overwrite to start over in this one")
+        raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); "
+                              f"start a new --output, or pass --overwrite to start over in this one")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        manifest["progress"]["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); start a new --output, or pass --overwrite") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}")
+    for role, f in files.items():
+        p = directory / f["name"]
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {directory} is partial: {f['name']} is missing; "
+                                  f"start a new --output, or pass --overwrite to start over in this one")
+        record = file_record(p)
+        if record["size"] != f["size"] or record["sha256"] != f["sha256"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {f['name']} is {record['size']} bytes with "
+                                  f"another hash than the {f['size']} bytes recorded; start a new --output, or "
+                                  f"pass --overwrite to start over in this one")
+    return manifest
 
 
 def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer) -> dict:
+                    optimizer: torch.optim.Optimizer, manifest: dict = None) -> dict:
     directory = Path(directory)
-    if not has_checkpoint(directory):
-        raise FileNotFoundError(f"no complete checkpoint in {directory} (need {WEIGHTS}, {OPTIM}, {STATE})")
-    weights = load_file(directory / WEIGHTS)
+    manifest = manifest or read_manifest(directory)
+    try:
+        weights = load_file(directory / manifest["files"]["weights"]["name"])
+        moments = load_file(directory / manifest["files"]["optimizer"]["name"])
+    except Exception as e:  # the hashes matched, so this is a checkpoint written wrongly
+        raise CheckpointError(f"checkpoint {directory}: cannot read its tensors ({e})") from e
     if set(weights) != set(params):
-        raise ValueError(f"checkpoint in {directory} holds different parameters than the student trains: "
-                         f"missing {sorted(set(params) - set(weights))[:5]}, extra {sorted(set(weights) - set(params))[:5]}")
+        raise CheckpointError(f"checkpoint {directory} holds different parameters than the student trains: "
+                              f"missing {sorted(set(params) - set(weights))[:5]}, "
+                              f"extra {sorted(set(weights) - set(params))[:5]}")
+    for k, p in params.items():
+        if weights[k].shape != p.shape:
+            raise CheckpointError(f"checkpoint {directory}: {k} has shape {tuple(weights[k].shape)}, "
+                                  f"the student's is {tuple(p.shape)}")
     with torch.no_grad():
         for k, p in params.items():
-            if weights[k].shape != p.shape:
-                raise ValueError(f"checkpoint shape mismatch for {k}: {tuple(weights[k].shape)} vs {tuple(p.shape)}")
             p.copy_(weights[k])
-    progress = json.loads((directory / STATE).read_text())
-    moments = load_file(directory / OPTIM)
+    progress = dict(manifest["progress"])
     scalars = progress.pop("optimizer_scalars", {})
     optimizer.state.clear()
     for k, p in params.items():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -18,39 +20,162 @@ def _base_lr(args):
     return 6e-5 if args.stage2_base_lr is None else args.stage2_base_lr
 
 
-def cmd_distill(args) -> int:
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
+def _plan(args):
+    """The run's DistillConfig, checked before anything is loaded."""
+    from ..outputs import UserError
+    from .trainer import DistillConfig
 
-    from ..convert.converter import load_source
-    from ..corpus import corpus_texts, token_windows
-    from ..models import load_bsbr_model
-    from .trainer import DistillConfig, distill
-
+    for name in ("steps", "stage2_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name, low in (("checkpoint_every", 1), ("seq_len", 2), ("max_windows", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("lr", "stage2_lr", "stage2_base_lr"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if not args.lm_weight >= 0:
+        raise UserError(f"--lm-weight must be >= 0, got {args.lm_weight}")
+    if args.minutes is not None and not args.minutes > 0:
+        raise UserError(f"--minutes must be > 0, got {args.minutes}")
     if args.minutes is None and not args.steps and not args.stage2_steps:
-        raise ValueError("nothing to train: give --minutes M (the usual), --stage2-steps S or --steps S")
+        raise UserError("nothing to train: give --minutes M (the usual), --stage2-steps S or --steps S")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the checkpoint in --output, --overwrite replaces it: give one of them")
     cfg = DistillConfig(steps=args.steps, minutes=args.minutes, stage2_steps=args.stage2_steps,
                         stage2_share=args.stage2_share, lr=args.lr, stage2_lr=args.stage2_lr,
                         stage2_params=args.stage2_params, stage2_base_lr=_base_lr(args), bf16=args.bf16,
-                        lm_weight=args.lm_weight, schedule=args.schedule, seed=args.seed, checkpoint_every=args.checkpoint_every)
-    cfg.validate()
+                        lm_weight=args.lm_weight, schedule=args.schedule, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every)
+    if not args.steps and not args.stage2_steps and not (args.minutes and args.stage2_share > 0):
+        raise UserError(f"nothing to train: --steps 0, --stage2-steps 0 and --stage2-share {args.stage2_share} "
+                        f"gives stage 2 no part of --minutes: give --steps S, --stage2-steps S, or --stage2-share > 0")
+    try:
+        cfg.validate()
+    except ValueError as e:  # name the options, not the config fields
+        raise UserError(re.sub(r"\b(stage2_\w+|steps|minutes|lr|schedule)\b",
+                               lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from e
+    return cfg
+
+
+def _resume_command(args) -> str:
+    import shlex
+
+    argv = [a for a in getattr(args, "argv", None) or [] if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return "bsbr " + " ".join(shlex.quote(a) for a in argv)
+
+
+class _StopOnSignal:
+    """While active: the first SIGINT / SIGTERM asks the run to stop after its current step (and write
+    a checkpoint); a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.requested = True
+        logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)",
+                       signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def cmd_distill(args) -> int:
+    from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
+                           check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
+
+    cfg = _plan(args)
+    student_dir, out = Path(args.student), Path(args.output)
+    check_bsbr_dir(student_dir, "--student")
+    check_model_arg(args.teacher, "--teacher")
+    check_text_files(args.text_file)
+    from .checkpoint import has_checkpoint, read_manifest
+
+    ckpt = out / "checkpoint"
+    check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),
+                     option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher)])
+    if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
+        raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
+                              f"the run to continue, or an empty one")
+    if not args.resume and not args.overwrite and has_checkpoint(ckpt):
+        raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it, --overwrite to "
+                              f"start over, or choose another --output")
+    if args.resume and has_checkpoint(ckpt):
+        read_manifest(ckpt)  # a partial or corrupt checkpoint is refused before loading the models
+    tokenizer = load_tokenizer_arg(student_dir, "--student")
+
+    import torch
+    import torch.distributed as dist
+
+    from ..corpus import corpus_texts, token_windows
+    from ..models import load_bsbr_model
+    from .trainer import DistillInterrupted, distill
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     torch.manual_seed(args.seed)
-    student_dir = Path(args.student)
-    student = load_bsbr_model(student_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
-    teacher = load_source(args.teacher).eval()
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
     texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, dataset_split="train", split="train",
                             seed=args.seed)
     windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
-    progress = distill(teacher, student, windows, args.output, cfg, resume=args.resume)
+    student = load_bsbr_model(student_dir)
+    teacher = load_model_arg(args.teacher, "--teacher")
+    vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.config.vocab_size
+    if vocab_t != vocab_s:
+        raise UserError(f"--teacher {args.teacher or '(bundled SmolLM2)'} has a vocabulary of {vocab_t} tokens, the "
+                        f"student {student_dir} {vocab_s}: give the model the student was converted from")
+    note = check_source(student_dir, args.teacher, teacher, option="--teacher", force=args.force)
+    if note:
+        logger.warning(note)
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+        (out / "config.json").unlink(missing_ok=True)  # the old model is no longer a model
+    # the windows' tokens are compared too, so the text files are recorded by content, not by path
+    settings = dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset)
+
+    def extra_files(directory: Path) -> None:
+        tokenizer.save_pretrained(directory)
+        if (student_dir / METADATA).is_file():  # the source it was converted from, for eval --reference
+            (directory / METADATA).write_text((student_dir / METADATA).read_text())
+        write_model_card(directory)
+
+    stop = _StopOnSignal()
+    try:
+        with stop:
+            progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=settings,
+                               should_stop=lambda: stop.requested, extra_files=extra_files)
+    except DistillInterrupted as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"bsbr distill: {e}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 130
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tokenizer.save_pretrained(args.output)
         last = progress["log"][-1] if progress["log"] else {}
         print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
               f"saved to {args.output}")
@@ -64,7 +189,8 @@ def register(sub) -> None:
     p = sub.add_parser("distill", help="recover a converted model's quality from its source")
     p.add_argument("--teacher", default=None, help="the source model (default: the bundled SmolLM2)")
     p.add_argument("--student", required=True, help="converted model directory (bsbr convert)")
-    p.add_argument("--output", required=True, help="where to write checkpoints and the distilled model")
+    p.add_argument("--output", required=True, help="where to write checkpoints and the distilled model: new or "
+                                                   "empty (or --resume / --overwrite); never the student's directory")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for both stages")
     # defaults = the recipe measured best in docs/findings.md for the default exact window: end-to-end
     # KL (no LM term) on the new pieces only, no stage 1
@@ -94,5 +220,10 @@ def register(sub) -> None:
     p.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in OUTPUT/checkpoint (same settings; more steps or minutes allowed)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --output (its checkpoint "
+                                                            "and model are replaced)")
+    p.add_argument("--force", action="store_true",
+                   help="use a --teacher whose weights are not those the student was converted from")
     p.set_defaults(func=cmd_distill)

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..schedule import SCHEDULES, lr_scale
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 from .teacher import teacher_targets
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ class DistillConfig:
             raise ValueError("give --steps or --minutes (the stopping rule)")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
             raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        if not isinstance(self.stage2_steps, int) or self.stage2_steps < 0:
+            raise ValueError(f"stage2_steps must be an int >= 0, got {self.stage2_steps!r}")
+        for name in ("checkpoint_every", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes!r}")
         if not 0.0 <= self.stage2_share < 1.0:
@@ -74,6 +79,50 @@ class DistillConfig:
             raise ValueError("stage2_base_lr applies only to stage2_params='all' or 'lora'")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        stage1 = self.steps is None or self.steps > 0  # None: stage 1 runs until its share of the minutes
+        stage2 = self.stage2_steps > 0 or (self.stage2_share > 0 and self.minutes is not None)
+        if not (stage1 or stage2):
+            raise ValueError("nothing to train: stage 1 has 0 steps and stage 2 neither steps (stage2_steps) nor "
+                             "a share of the minutes (stage2_share > 0 with minutes)")
+
+
+# settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
+RESUMABLE_CHANGES = ("steps", "minutes", "stage2_steps", "stage2_share", "checkpoint_every", "log_every")
+
+
+class DistillInterrupted(KeyboardInterrupt):
+    """A stop request (Ctrl-C, SIGTERM) honoured after a step: the checkpoint at ``directory`` holds it."""
+
+    def __init__(self, directory: Path, stage: int, step: int):
+        super().__init__(f"interrupted at stage {stage} step {step}; checkpoint written to {directory}")
+        self.directory, self.stage, self.step = directory, stage, step
+
+
+def _windows_fingerprint(windows) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in windows:
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _check_same_run(saved: dict, cfg: "DistillConfig", run: dict, directory: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings than this run's."""
+    from ..outputs import CheckpointError
+
+    now_cfg = asdict(cfg)
+    diffs = [(k, (saved.get("run") or {}).get(k), v) for k, v in run.items() if (saved.get("run") or {}).get(k) != v]
+    diffs += [(k, (saved.get("config") or {}).get(k), v) for k, v in now_cfg.items()
+              if k not in RESUMABLE_CHANGES and (saved.get("config") or {}).get(k) != v]
+    if diffs:
+        short = lambda v: v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:") else v  # noqa: E731
+        names = dict(windows="the training windows' tokens", teacher="the teacher's weights",
+                     student="the student's initial weights")
+        shown = "; ".join(f"{names.get(k, k)}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs[:4])
+        raise CheckpointError(f"checkpoint {directory} was written by a run with other settings ({shown}): resume "
+                              f"with the same settings, or start a new --output")
 
 
 def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
@@ -167,23 +216,36 @@ def _merge_lora(student) -> None:
 
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
-            resume: bool = False) -> dict:
+            resume: bool = False, settings: Optional[dict] = None, should_stop: Optional[Callable[[], bool]] = None,
+            extra_files: Optional[Callable[[Path], None]] = None) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
-    ``windows`` (1-D LongTensors). Checkpoints go to ``output_dir/checkpoint``; the final model is
-    saved with ``save_pretrained(output_dir)`` by rank 0. Returns the progress log."""
+    ``windows`` (1-D LongTensors). Checkpoints go to ``output_dir/checkpoint`` (see
+    :mod:`bsbr.distill.checkpoint`); the final model (``save_pretrained``, ``distill.json``, ``distill.png``
+    and what ``extra_files(dir)`` writes) is written by rank 0 beside it and moved into ``output_dir``,
+    ``config.json`` last. Returns the progress log.
+
+    An existing checkpoint is continued with ``resume`` (refused, :class:`~bsbr.outputs.CheckpointError`,
+    when partial or written with other settings: the teacher's and student's weights, the windows,
+    ``settings`` and the config except :data:`RESUMABLE_CHANGES`) and refused without it.
+    ``should_stop``: asked after every step; when it answers True, a checkpoint is written and
+    :class:`DistillInterrupted` raised."""
+    from ..outputs import CheckpointError, weights_fingerprint
+
     cfg.validate()
     if len(windows) == 0:
         raise ValueError("no training windows")
     rank, world = _world()
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoint"
+    run = dict(**(settings or {}), windows=_windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
+               student=weights_fingerprint(student), world_size=world)
     teacher.eval()
     student.eval()  # no dropout anywhere: deterministic, resumable
     for p in teacher.parameters():
         p.requires_grad_(False)
 
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))
-    progress = dict(stage=1, step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world)
+    progress = dict(stage=1, step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world, run=run)
 
     def build(stage):
         if stage == 1 or cfg.stage2_params == "new":
@@ -205,11 +267,16 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         return params, torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
     params, opt = build(1)
-    if resume and has_checkpoint(ckpt_dir):
-        saved = json.loads((ckpt_dir / "progress.json").read_text())
-        if saved["stage"] == 2:
+    if has_checkpoint(ckpt_dir):
+        if not resume:
+            raise CheckpointError(f"{ckpt_dir} holds a checkpoint: pass --resume to continue it, --overwrite to "
+                                  f"start over, or choose another --output")
+        manifest = read_manifest(ckpt_dir)
+        _check_same_run(manifest["progress"], cfg, run, ckpt_dir)
+        if manifest["progress"]["stage"] == 2:
             params, opt = build(2)
-        progress = load_checkpoint(ckpt_dir, params, opt)
+        progress = load_checkpoint(ckpt_dir, params, opt, manifest)
+        progress["config"] = asdict(cfg)  # the stopping rule and save interval of this run
         logger.info("resumed from %s at stage %d step %d", ckpt_dir, progress["stage"], progress["step"])
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
@@ -267,17 +334,47 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         progress["log"].append(entry)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k in ("attn_mse", "kl", "ce")})
-        if rank == 0 and progress["step"] % cfg.checkpoint_every == 0:
+        stop = _stop_requested(should_stop)
+        if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
             save_checkpoint(ckpt_dir, params, opt, {**progress, "elapsed": time.monotonic() - t0})
+        if stop:
+            bar.close()
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            raise DistillInterrupted(ckpt_dir, stage, progress["step"])
     bar.close()
     progress["elapsed"] = time.monotonic() - t0
     if rank == 0:
+        import shutil
+        import tempfile
+
+        from ..outputs import publish_files
+        from .plots import plot_progress
+
         for p in student.parameters():
             p.requires_grad_(True)
         _merge_lora(student)
-        student.save_pretrained(output_dir)
-        (output_dir / "distill.json").write_text(json.dumps(progress, indent=1))
-        from .plots import plot_progress
-
-        plot_progress(progress, output_dir / "distill.png")
+        for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
+            shutil.rmtree(stale, ignore_errors=True)
+        final = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=output_dir))
+        try:
+            student.save_pretrained(final)
+            (final / "distill.json").write_text(json.dumps(progress, indent=1))
+            plot_progress(progress, final / "distill.png")
+            if extra_files is not None:
+                extra_files(final)
+            publish_files(final, output_dir)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
     return progress
+
+
+def _stop_requested(should_stop) -> bool:
+    """``should_stop()``, agreed by all ranks (any rank asked: all stop after this step)."""
+    stop = bool(should_stop()) if should_stop is not None else False
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if stop else 0.0])
+        dist.all_reduce(flag)
+        stop = bool(flag.item() > 0)
+    return stop

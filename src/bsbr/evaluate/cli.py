@@ -22,9 +22,40 @@ def _positive(text: str) -> int:
     return value
 
 
+def _check_result_path(path, option: str) -> None:
+    """A results file: not a directory, in a directory that exists or can be made and written."""
+    import os
+    from pathlib import Path
+
+    from ..outputs import UserError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {path} is a directory: give a file name (e.g. {p / 'eval'}{'.json' if option == '--json' else '.png'})")
+    parent = p.parent if str(p.parent) else Path(".")
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot write in {parent}")
+
+
 def cmd_eval(args) -> int:
+    from ..outputs import check_bsbr_dir, check_model_arg, check_source, check_text_files
     from . import evaluate_saved, summary_lines
     from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS
+
+    check_bsbr_dir(args.model, "MODEL")
+    check_model_arg(args.reference, "--reference")
+    check_text_files(args.text_file)
+    _check_result_path(args.json, "--json")
+    _check_result_path(args.plot, "--plot")
+
+    def check_reference(source_model):
+        note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
+        if note:
+            logger.warning(note)
 
     passkey = None
     if not args.no_passkey:
@@ -37,7 +68,7 @@ def cmd_eval(args) -> int:
                                 text_column=args.text_column, split=args.split, seq_len=args.seq_len,
                                 max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
                                 passkey=passkey, seed=args.seed, json_path=args.json, plot_path=args.plot,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, check_reference=check_reference)
     except ImportError as e:  # an optional dependency (datasets): one line, not a traceback
         if args.verbose:
             raise
@@ -83,6 +114,8 @@ def register(sub) -> None:
     p.add_argument("--passkey-new-tokens", type=_positive, default=8, help="greedy tokens generated (default 8)")
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key test")
     p.add_argument("--seed", type=int, default=0, help="pass-key keys and default corpus order")
+    p.add_argument("--force", action="store_true",
+                   help="use a --reference whose weights are not those the model was converted from")
     p.add_argument("--json", metavar="OUT", default=None, help="write all results here")
     p.add_argument("--plot", metavar="OUT.png", default=None, help="write the plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -21,12 +21,13 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
                    seq_len: int = 2048, max_windows: int = 16, stride: Optional[int] = None,
                    buckets: str = "chunk", passkey: Optional[dict] = None, seed: int = 0,
                    json_path: Optional[os.PathLike] = None, plot_path: Optional[os.PathLike] = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, check_reference=None) -> dict:
     """``bsbr eval``: load, evaluate, and write the JSON / PNG (when paths are given).
 
     ``reference`` is what the model was converted from (a directory, ``.gguf`` file, hub id, or
     None for the bundled SmolLM2-135M-Instruct). The tokenizer is the one saved next to the model,
-    else the reference's.
+    else the reference's. ``check_reference(source_model)``, if given, runs right after the reference
+    is loaded (``bsbr eval`` refuses there a reference that is not the model's source).
     """
     from transformers import AutoTokenizer
 
@@ -47,6 +48,8 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
     chunk = int(model.config.chunk_size)
     logger.info("loading the reference %s", reference or "(bundled SmolLM2-135M-Instruct)")
     source = load_source(reference).eval()
+    if check_reference is not None:
+        check_reference(source)
     local = local_baseline(source, chunk, like=model)
     window = local_baseline(source, chunk, like=model, same_window=True) if has_wide_window(model) else None
 

@@ -152,6 +152,23 @@ class BSBRPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """transformers' ``from_pretrained`` (also what ``AutoModelForCausalLM`` calls), strict: a weight the
+        checkpoint lacks, one it has in excess, or one of another shape is an error, where transformers
+        would initialise it randomly with a warning. ``strict=False``: transformers' behaviour."""
+        if not strict:
+            return super().from_pretrained(*args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(map(str, v))[:8] for k, v in info.items()
+                    if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+            raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} "
+                             f"(refused: these weights would be random; pass strict=False to allow it)")
+        return (model, info) if want_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, HeadwiseLinear):

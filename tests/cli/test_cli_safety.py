@@ -1,0 +1,437 @@
+"""The issue-13 cases, each run through the real CLI (``main([...])`` in process, a subprocess where the
+process itself matters) on tiny local models: the exit status, the one-line message, and that no
+file changed that the command was not asked to write."""
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import pytest
+import torch
+from conftest import SRC, one_error_line, tree_hash
+from safetensors.torch import load_file, save_file
+
+from bsbr.cli import main
+
+TEXT = ("def f ( x ) :\n    return x + y\n\nclass x :\n    def y ( self ) :\n        print ( x , y )\n") * 40
+
+
+def refused(capsys, argv, command, *protected):
+    """Run ``bsbr ARGV``: exit status 2, one error line, the ``protected`` paths unchanged. Returns the line."""
+    before = [tree_hash(p) for p in protected]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    last = [line for line in err.strip().splitlines() if line.strip()][-1]
+    assert "Traceback" not in err and sum(line.startswith(f"bsbr {command}: error:") for line in err.splitlines()) == 1
+    assert last.startswith(f"bsbr {command}: error: "), err
+    assert [tree_hash(p) for p in protected] == before
+    return last
+
+
+@pytest.fixture()
+def text(tmp_path):
+    p = tmp_path / "train.py"
+    p.write_text(TEXT)
+    return p
+
+
+def distill_args(models, text, output, *extra):
+    source, converted, _ = models
+    return ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len", "24",
+            "--max-windows", "4", "--output", output, *extra]
+
+
+# ------------------------------------------------------------------------------------------- convert
+def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, capsys):
+    _, converted, _ = models
+    line = refused(capsys, ["convert", converted, "--chunk-size", "16"], "convert", converted)
+    assert "is not empty" in line and "--overwrite" in line and "did you mean" in line
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around", "symlink"])
+def test_convert_never_writes_into_or_over_the_source(models, tmp_path, capsys, where):
+    source, _, _ = models
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(source, target_is_directory=True)
+    out = {"same": source, "inside": source / "bsbr", "around": source.parent, "symlink": tmp_path / "link"}[where]
+    line = refused(capsys, ["convert", source, out, "--overwrite"], "convert", source)
+    assert "overlaps the SOURCE" in line
+
+
+def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
+    source, _, _ = models
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert "is a file" in refused(capsys, ["convert", source, afile], "convert", afile)
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, no_tok / name)
+    line = refused(capsys, ["convert", no_tok, tmp_path / "out"], "convert", no_tok)
+    assert "no usable tokenizer" in line and not (tmp_path / "out").exists()
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    big_tok = tmp_path / "big-tokenizer"
+    shutil.copytree(no_tok, big_tok)
+    vocab = {f"w{i}": i for i in range(150)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="w0")),
+                            unk_token="w0", eos_token="w1").save_pretrained(big_tok)
+    line = refused(capsys, ["convert", big_tok, tmp_path / "out"], "convert", big_tok)
+    assert "tokenizer has 150 tokens, its model only 97" in line and not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)
+    t0 = time.perf_counter()
+    line = refused(capsys, ["convert", "victim2", "out"], "convert")  # a relative path mistyped: no hub lookup
+    assert "victim2 does not exist" in line and time.perf_counter() - t0 < 5
+    assert "must be >= 1" in refused(capsys, ["convert", source, "out", "--chunk-size", "0"], "convert")
+    assert not (tmp_path / "out").exists()
+    assert "current directory" in refused(capsys, ["convert", source, ".", "--overwrite"], "convert", tmp_path)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_convert_refuses_an_unwritable_output_before_loading(models, tmp_path, capsys):
+    source, _, _ = models
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert "permission denied" in refused(capsys, ["convert", source, ro / "out"], "convert", ro)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, capsys, monkeypatch):
+    import bsbr.outputs
+    from bsbr.convert.converter import load_source
+
+    source, converted, _ = models
+    out = tmp_path / "out"
+    shutil.copytree(converted, out)
+    before = tree_hash(out)
+
+    def fail(directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bsbr.outputs, "write_model_card", fail)  # the last file of the conversion fails
+    assert main(["convert", str(source), str(out), "--overwrite", "--chunk-size", "16"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert tree_hash(out) == before and sorted(os.listdir(tmp_path)) == ["out"]  # no temporary left behind
+    monkeypatch.undo()
+    assert main(["convert", str(source), str(out), "--overwrite", "--chunk-size", "16"]) == 0
+    assert json.loads((out / "config.json").read_text())["chunk_size"] == 16
+    meta = json.loads((out / "conversion.json").read_text())
+    assert meta["source"] == dict(name=str(source), model_type="llama",
+                                  fingerprint=bsbr.outputs.weights_fingerprint(load_source(source)))
+    assert "import bsbr" in (out / "README.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_convert_refuses_a_bsbr_source(models, tmp_path, capsys):
+    _, converted, _ = models
+    assert "already a BSBR model" in refused(capsys, ["convert", converted, tmp_path / "x"], "convert", converted)
+
+
+# ------------------------------------------------------------------------------------------ generate
+def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
+    _, converted, _ = models
+    assert "--prompt is empty" in refused(capsys, ["generate", converted, "--prompt", ""], "generate")
+    assert "--max-new-tokens" in refused(capsys, ["generate", converted, "--prompt", "x", "--max-new-tokens", "0"],
+                                         "generate")
+    assert "does not exist" in refused(capsys, ["generate", tmp_path / "none", "--prompt", "x"], "generate")
+    assert "not a BSBR one" in refused(capsys, ["generate", models[0], "--prompt", "x"], "generate")
+    assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, capsys):
+    source, converted, other = models
+    base = ["eval", converted, "--text-file", text, "--seq-len", "24", "--max-windows", "1", "--no-passkey",
+            "--no-progress"]
+    line = refused(capsys, [*base, "--reference", other], "eval", converted)
+    assert "is not the model" in line and "--force" in line
+    assert "is a directory" in refused(capsys, [*base, "--reference", source, "--json", tmp_path], "eval", tmp_path)
+    assert "does not exist" in refused(capsys, [*base, "--reference", "./nowhere"], "eval")
+    assert "nope.txt does not exist" in refused(capsys, [*base[:2], "--text-file", tmp_path / "nope.txt"], "eval")
+    assert "not a BSBR one" in refused(capsys, ["eval", source, "--reference", source], "eval")
+    assert main([str(a) for a in [*base, "--reference", other, "--force", "--json", tmp_path / "r.json"]]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["windows"] == 1
+
+
+# ------------------------------------------------------------------------------------------- distill
+@pytest.mark.parametrize("extra, message", [
+    (["--stage2-steps", "-5"], "--stage2-steps must be >= 0"),
+    (["--minutes", "0.2", "--stage2-share", "0"], "nothing to train"),
+    (["--stage2-steps", "3", "--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+    (["--steps", "-1", "--stage2-steps", "3"], "--steps must be >= 0"),
+    (["--stage2-steps", "2", "--resume", "--overwrite"], "give one of them"),
+])
+def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, capsys, extra, message):
+    assert message in refused(capsys, distill_args(models, text, tmp_path / "out", *extra), "distill", models[1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
+    source, converted, _ = models
+    line = refused(capsys, distill_args(models, text, converted, "--stage2-steps", "2", "--overwrite"), "distill",
+                   converted)
+    assert "overlaps the --student" in line
+    line = refused(capsys, distill_args(models, text, source / "out", "--stage2-steps", "2"), "distill", source)
+    assert "overlaps the --teacher" in line
+    args = distill_args(models, text, tmp_path / "out", "--stage2-steps", "2")
+    assert "not a BSBR one" in refused(capsys, [*args, "--student", source], "distill", source)
+    assert "not enough for one window" in refused(capsys, [*args, "--seq-len", "100000"], "distill")
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
+    from model_sources import randomize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source, converted, other = models
+    args = distill_args(models, text, tmp_path / "out", "--stage2-steps", "2")
+    line = refused(capsys, [*args, "--teacher", other], "distill", converted, other)
+    assert "is not the model" in line and "--force" in line
+    wide = tmp_path / "wide-vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                 num_attention_heads=6, num_key_value_heads=2)).save_pretrained(wide)
+    assert "vocabulary of 120 tokens" in refused(capsys, [*args, "--teacher", wide], "distill", converted)
+    assert not (tmp_path / "out").exists()
+    assert main([str(a) for a in [*args, "--teacher", other, "--force"]]) == 0
+
+
+def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(a) for a in distill_args(models, text, out, "--stage2-steps", "3", "--checkpoint-every", "1")]
+    assert main(args) == 0
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["step"] == 3 and set(manifest["files"]) == {"weights", "optimizer"}
+    assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
+    assert manifest["progress"]["run"]["seq_len"] == 24 and manifest["progress"]["config"]["stage2_lr"] == 3e-3
+
+    line = refused(capsys, [*args, "--stage2-steps", "5"], "distill", out)  # a rerun without --resume
+    assert "holds a checkpoint" in line and "--resume" in line and "--overwrite" in line
+    line = refused(capsys, [*args, "--resume", "--stage2-lr", "1e-3"], "distill", out)
+    assert "other settings" in line and "stage2_lr" in line
+    line = refused(capsys, [*args, "--resume", "--seq-len", "16"], "distill", out)
+    assert "other settings" in line and "seq_len" in line
+    other_text = tmp_path / "other.py"
+    other_text.write_text(TEXT.replace("x", "y"))
+    line = refused(capsys, [*args, "--resume", "--text-file", other_text], "distill", out)
+    assert "the training windows' tokens" in line
+
+    ckpt = out / "checkpoint"
+    data = ckpt / manifest["files"]["weights"]["name"]
+    good = data.read_bytes()
+    data.write_bytes(good[: len(good) // 2])  # truncated
+    assert "is corrupt" in refused(capsys, [*args, "--resume"], "distill", out)
+    data.unlink()  # missing
+    assert "is partial" in refused(capsys, [*args, "--resume"], "distill", out)
+    data.write_bytes(good)
+    assert main([*args, "--resume", "--stage2-steps", "5"]) == 0  # more steps: allowed
+    assert json.loads((ckpt / "manifest.json").read_text())["step"] == 5
+    assert main([*args, "--overwrite"]) == 0  # start over: 3 steps again
+    assert json.loads((ckpt / "manifest.json").read_text())["step"] == 3
+    # the distilled model keeps its source's record: eval --reference checks it as for the conversion
+    source, converted, other = models
+    assert (out / "conversion.json").read_text() == (converted / "conversion.json").read_text()
+    line = refused(capsys, ["eval", out, "--reference", other, "--text-file", args[args.index("--text-file") + 1],
+                            "--seq-len", "24", "--max-windows", "1", "--no-passkey"], "eval", out)
+    assert "is not the model" in line
+
+
+def test_distill_resume_into_a_directory_without_a_checkpoint_refuses(models, text, tmp_path, capsys):
+    _, converted, _ = models
+    out = tmp_path / "out"
+    shutil.copytree(converted, out)
+    assert "holds no checkpoint" in refused(capsys, distill_args(models, text, out, "--stage2-steps", "2", "--resume"),
+                                            "distill", out)
+
+
+def _fork_cli(argv, quiet=True):
+    """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            if quiet:
+                sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the child exits right after)
+            code = main(argv)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _final_weights(out):
+    return load_file(out / "model.safetensors")
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(models, text, tmp_path):
+    out = tmp_path / "out"
+    args = [str(a) for a in distill_args(models, text, out, "--stage2-steps", "200", "--checkpoint-every", "1000")]
+    err = tmp_path / "err.txt"
+    err.write_text("")
+    pid = os.fork()
+    if pid == 0:  # the child: the command, stderr to err.txt
+        code = 1
+        try:
+            sys.stderr = open(err, "w", buffering=1)  # noqa: SIM115 (the child exits right after)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            code = main(args)
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 60
+        while "1step" not in err.read_text(errors="replace"):  # training has started
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(pid, 15)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130
+    last = err.read_text().strip().splitlines()[-1]
+    assert last.startswith("bsbr distill: interrupted at stage 2 step") and "checkpoint written to" in last, last
+    step = int(last.split(" step ")[1].split(";")[0])
+    assert 0 < step < 200
+    command = last.split("resume with: ")[1]
+    assert command.startswith("bsbr distill ") and command.endswith("--resume")
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["step"] == step and not (out / "config.json").exists()
+    assert main(command.split()[1:]) == 0
+    log = json.loads((out / "distill.json").read_text())["log"]
+    assert [e["step"] for e in log] == list(range(200))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("trials", [3, pytest.param(10, marks=pytest.mark.slow)])
+def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanly(models, text, tmp_path, capsys,
+                                                                                  trials):
+    """Runs killed with SIGKILL at random moments (checkpoint every step): each either resumes to the
+    uninterrupted run's weights, or (killed before its first complete checkpoint) refuses cleanly."""
+    import random
+
+    plan = ["--stage2-steps", "12", "--checkpoint-every", "1"]
+    reference = tmp_path / "reference"
+    t0 = time.monotonic()
+    assert main([str(a) for a in distill_args(models, text, reference, *plan)]) == 0
+    duration = time.monotonic() - t0
+    expected = _final_weights(reference)
+    rng = random.Random(trials)
+    outcomes = []
+    for trial in range(trials):
+        out = tmp_path / f"run{trial}"
+        args = [str(a) for a in distill_args(models, text, out, *plan)]
+        pid = _fork_cli(args)
+        try:
+            time.sleep(rng.uniform(0.0, 1.2 * duration))
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        capsys.readouterr()
+        code = main([*args, "--resume"])
+        err = capsys.readouterr().err
+        if code == 0:
+            _assert_same(_final_weights(out), expected)
+            outcomes.append("resumed")
+        else:
+            assert code == 2 and "Traceback" not in err
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("bsbr distill: error: checkpoint") and "is partial" in last, err
+            outcomes.append("refused")
+    print("outcomes:", outcomes)
+    assert outcomes.count("resumed") >= trials // 2, outcomes
+
+
+# ------------------------------------------------------------------------------- the error boundary
+def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypatch):
+    assert main(["convert"]) == 2
+    one_error_line(capsys.readouterr().err, "convert")
+    assert main(["convert", "a", "b", "--chunk-size", "x"]) == 2
+    assert "invalid int value" in one_error_line(capsys.readouterr().err, "convert")
+    assert main(["nosuch"]) == 2
+    assert "invalid choice" in one_error_line(capsys.readouterr().err, "")
+    import bsbr.outputs
+
+    def bug(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(bsbr.outputs, "check_model_arg", bug)
+    _, converted, _ = models
+    assert main(["convert", str(converted), "x"]) == 1
+    line = one_error_line(capsys.readouterr().err, "convert")
+    assert "internal error KeyError" in line and "-v" in line
+    with pytest.raises(KeyError):
+        main(["convert", str(converted), "x", "-v"])  # -v: the traceback (also after the command)
+    with pytest.raises(KeyError):
+        main(["-v", "convert", str(converted), "x"])
+
+
+def test_help_is_fast_imports_no_torch_and_lists_exit_codes():
+    code = ("import sys, time; t = time.perf_counter(); from bsbr.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    *help_lines, last = r.stdout.strip().splitlines()
+    torch_loaded, transformers_loaded, seconds = last.split()
+    assert (torch_loaded, transformers_loaded) == ("False", "False")
+    assert float(seconds) < 1.0
+    text = "\n".join(help_lines)
+    assert "exit status:" in text and "130" in text and "internal error" in text
+
+
+def test_bench_subcommands_are_registered_in_one_place():
+    from bsbr.bench.cli import BENCH_COMMANDS
+    from bsbr.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    assert set(parser.commands.choices) == set(COMMANDS)
+    bench = parser.commands.choices["bench"]
+    bench.format_help()
+    assert set(bench.commands.choices) == set(BENCH_COMMANDS) == {"attention", "models", "converted", "quality"}
+    args = parser.parse_args(["bench", "quality", "--steps", "3"])
+    assert args.steps == 3 and callable(args.func)
+
+
+# ------------------------------------------------------------------------------- loading strictly
+def test_auto_classes_load_strictly(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, converted, _ = models
+    broken = tmp_path / "broken"
+    shutil.copytree(converted, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(k for k in weights if "retrieval_gate" in k)
+    del weights[dropped]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing_keys"):
+        AutoModelForCausalLM.from_pretrained(broken)
+    assert AutoModelForCausalLM.from_pretrained(broken, strict=False) is not None  # transformers' way, if asked
+
+
+@pytest.mark.slow
+def test_import_bsbr_alone_registers_the_auto_classes(models):
+    _, converted, _ = models
+    # a fresh interpreter: `import bsbr` is light and still registers the model with the Auto classes
+    code = ("import sys, bsbr; assert 'torch' not in sys.modules\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(converted)!r}); print(type(m).__name__)")
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("BSBRForCausalLM"), r.stderr[-2000:]
