@@ -1,0 +1,120 @@
+"""The pass-key test as a local, offline lm-eval (0.4.x) task.
+
+:func:`write_lm_eval_task` writes three files into a directory: ``bsbr_passkey.jsonl`` (one prompt
+per line, built for a given tokenizer by :func:`bsbr.evaluate.passkey.build_prompt`, so lengths are
+in that tokenizer's tokens), ``bsbr_passkey.yaml`` (``dataset_path: json`` on that file,
+``output_type: generate_until``, greedy), and ``bsbr_passkey_utils.py`` (the metric ``passkey``:
+1 when the key's digits appear in the output once whitespace is removed, as in ``bsbr eval``).
+Nothing is downloaded; ``import bsbr`` registers BSBR models with ``AutoModelForCausalLM``, so
+lm-eval's ``HFLM`` loads a converted model directory as it is::
+
+    import bsbr
+    from bsbr.evaluate.lm_eval_task import write_lm_eval_task
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    write_lm_eval_task("passkey_task", AutoTokenizer.from_pretrained("smol-bsbr"), lengths=[4096, 8192])
+    out = simple_evaluate(model=HFLM(pretrained="smol-bsbr", device="cpu", max_length=8200),
+                          tasks=["bsbr_passkey"], task_manager=TaskManager(include_path="passkey_task"))
+    print(out["results"]["bsbr_passkey"]["passkey,none"])
+
+``HFLM`` cuts prompts from the left to its ``max_length`` less the tokens to generate (by default
+the model's ``max_position_embeddings``, 8,192 for SmolLM2), so pass ``max_length`` above the
+longest prompt (plus ``max_new_tokens``) for 16k-32k prompts. Its tokenizer adds no BOS to the prompt
+by default, so prompts may differ from ``bsbr eval``'s by that one token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+from .filler import DEFAULT_FILLERS, Filler, get_filler
+from .passkey import DEFAULT_DEPTHS, build_prompt, make_key, passkey_found
+
+TASK_NAME = "bsbr_passkey"
+METRIC = "passkey"
+DEFAULT_TASK_LENGTHS = (1024, 2048, 4096)
+
+_YAML = """\
+# pass-key retrieval, written by bsbr.evaluate.lm_eval_task.write_lm_eval_task (offline: a local JSONL file)
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{key}}}}"
+generation_kwargs:
+  until: []
+  max_gen_toks: {max_new_tokens}
+  do_sample: false
+process_results: !function {utils}.process_results
+metric_list:
+  - metric: {metric}
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+  lengths: {lengths}
+  depths: {depths}
+  trials: {trials}
+  seed: {seed}
+  fillers: {fillers}
+"""
+
+_UTILS = '''\
+"""The bsbr_passkey metric (written by bsbr.evaluate.lm_eval_task): whether the key's digits appear
+in the model's output once whitespace is removed."""
+from bsbr.evaluate.lm_eval_task import process_results  # noqa: F401
+'''
+
+
+def process_results(doc: dict, results: Sequence[str]) -> dict:
+    """lm-eval's per-document scorer: ``{"passkey": 1.0}`` when ``doc["key"]`` appears in the first
+    generated text (whitespace removed), else 0.0."""
+    return {METRIC: float(passkey_found(results[0], str(doc["key"])))}
+
+
+def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_TASK_LENGTHS,
+                       depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0,
+                       fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, max_new_tokens: int = 8,
+                       task: str = TASK_NAME) -> Path:
+    """Write the task (``{task}.yaml``, ``{task}.jsonl``, ``{task}_utils.py``) into ``task_dir`` and
+    return the YAML's path. Prompts are the ones ``bsbr eval`` builds: per (length, depth, trial)
+    the same seeded key, trial ``t`` with filler ``fillers[t % len(fillers)]``, and ``max_new_tokens``
+    tokens of room left for the answer. Each JSONL row holds ``prompt`` (text), ``key``, ``length``,
+    ``depth``, ``trial``, ``filler`` and ``prompt_tokens``."""
+    if not task.isidentifier():
+        raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if not lengths or not depths or not fillers:
+        raise ValueError("lengths, depths and fillers must be non-empty")
+    sources = [get_filler(f) for f in fillers]
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data = (task_dir / f"{task}.jsonl").resolve()
+    with open(data, "w", encoding="utf-8") as out:
+        for length in map(int, lengths):
+            for depth in map(float, depths):
+                for trial in range(trials):
+                    fill = sources[trial % len(sources)]
+                    key = make_key(seed, length, depth, trial)
+                    p = build_prompt(tokenizer, length, depth, key, answer_tokens=max_new_tokens, filler=fill,
+                                     filler_seed=f"{seed}:{length}:{depth}:{trial}")
+                    text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
+                    out.write(json.dumps(dict(prompt=text, key=key, length=length, depth=depth, trial=trial,
+                                              filler=fill.name, prompt_tokens=p.length)) + "\n")
+    (task_dir / f"{task}_utils.py").write_text(_UTILS)
+    yaml_path = task_dir / f"{task}.yaml"
+    yaml_path.write_text(_YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
+                                      utils=f"{task}_utils", metric=METRIC, lengths=json.dumps([int(x) for x in lengths]),
+                                      depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
+                                      fillers=json.dumps([f.name for f in sources])))
+    return yaml_path
