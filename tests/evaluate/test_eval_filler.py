@@ -120,7 +120,10 @@ def test_run_passkey_rotates_fillers_and_reports_each(word_tokenizer, tmp_path):
     assert all(v["trials"] == 4 and v["accuracy"] == 1.0 and set(v["by_length"]) == {"120", "200"}
                for v in m["by_filler"].values())
     assert set(m["seconds_by_length"]) == {"120", "200"}
-    lines = list(passkey.filler_summary_lines(r))
-    assert lines[0] == "pass-key accuracy per filler:" and any("file:mine.txt" in line for line in lines)
+    lines = list(passkey.passkey_summary_lines(r))
+    i = lines.index("pass-key accuracy per filler (trials):")
+    assert [line.split()[:2] for line in lines[i + 2:i + 5]] == [["classic", "1.00"], ["random", "1.00"],
+                                                               ["file:mine.txt", "1.00"]]
+    assert lines[-1].startswith("  seconds: echo")
     with pytest.raises(ValueError, match="distinct"):
         passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, fillers=["random", "random"])

@@ -254,19 +254,29 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
                 samples=samples)
 
 
-def filler_summary_lines(passkey: dict) -> Iterable[str]:
-    """Pass-key accuracy per filler and model (rows = filler, columns = model), and seconds per model."""
+def passkey_summary_lines(passkey: dict) -> Iterable[str]:
+    """A text table of a :func:`run_passkey` result: accuracy per length (rows) and model@depth
+    (columns), overall accuracy, accuracy per filler, and seconds per model."""
     names = [n for n in ("source", "local", "window", "bsbr") if n in passkey["models"]]
     names += [n for n in passkey["models"] if n not in names]
-    fillers = [f["name"] for f in passkey.get("fillers", [])]
-    if not fillers:
-        return
-    yield "pass-key accuracy per filler:"
-    yield f"  {'filler':<24} " + " ".join(f"{n:>9}" for n in names)
-    for f in fillers:
+    yield f"pass-key accuracy ({passkey['trials']} trials per cell; rows = length, columns = depth):"
+    yield f"  {'length':<7} " + " ".join(f"{n}@{d:g}".rjust(11) for n in names for d in passkey["depths"])
+    for L in passkey["lengths"]:
         row = []
         for n in names:
-            r = passkey["models"][n].get("by_filler", {}).get(f)
-            row.append(f"{r['accuracy']:.2f} ({r['trials']})".rjust(9) if r else "-".rjust(9))
-        yield f"  {f:<24} " + " ".join(row)
-    yield "  seconds: " + ", ".join(f"{n} {passkey['models'][n].get('seconds', 0):.1f}" for n in names)
+            acc = {(c["length"], c["depth"]): c["accuracy"] for c in passkey["models"][n]["cells"]}
+            row += [f"{acc[(L, d)]:.2f}".rjust(11) for d in passkey["depths"]]
+        yield f"  {L:<7} " + " ".join(row)
+    yield "  overall: " + ", ".join(f"{n} {passkey['models'][n]['accuracy']:.2f}" for n in names)
+    fillers = [f["name"] for f in passkey.get("fillers", [])]
+    if fillers:
+        yield "pass-key accuracy per filler (trials):"
+        yield f"  {'filler':<24} " + " ".join(f"{n:>11}" for n in names)
+        for f in fillers:
+            row = []
+            for n in names:
+                r = passkey["models"][n].get("by_filler", {}).get(f)
+                row.append((f"{r['accuracy']:.2f} ({r['trials']})" if r else "-").rjust(11))
+            yield f"  {f:<24} " + " ".join(row)
+    if all("seconds" in passkey["models"][n] for n in names):
+        yield "  seconds: " + ", ".join(f"{n} {passkey['models'][n]['seconds']:.1f}" for n in names)
