@@ -82,6 +82,8 @@ def cmd_eval(args) -> int:
                        fillers=args.passkey_filler or list(DEFAULT_FILLERS))
     if args.lm_eval_task_dir:
         return _write_lm_eval_task(args, passkey)
+    if passkey is not None and args.passkey_models:
+        passkey["only"] = list(dict.fromkeys(args.passkey_models))
     if args.passkey_only:
         from .passkey_run import passkey_saved
 
@@ -161,6 +163,9 @@ def register(sub) -> None:
     p.add_argument("--passkey-plot", metavar="OUT.png", default=None,
                    help="write the pass-key heat map (length x depth per model, accuracy per filler) here, with "
                         "OUT.json beside it (default: beside --plot or --json as NAME.passkey.png)")
+    p.add_argument("--passkey-models", nargs="+", choices=["source", "local", "window", "bsbr"], default=None,
+                   metavar="NAME", help="run the pass-key test on these only (source, local, window, bsbr; default "
+                                        "all; window exists for models whose exact window passes their chunk)")
     p.add_argument("--passkey-only", action="store_true",
                    help="run the pass-key test only (no perplexity windows): for long prompts")
     p.add_argument("--lm-eval-task-dir", metavar="DIR", default=None,

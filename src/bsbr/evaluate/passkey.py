@@ -169,13 +169,15 @@ def _rate(correct: int, trials: int) -> dict:
 def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
                 depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
                 chunk_size: Optional[int] = None, progress: bool = True,
-                fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS) -> dict:
+                fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, only: Optional[Sequence[str]] = None) -> dict:
     """Accuracy of each model per (length, depth) cell and per filler, and every trial's output.
 
     Trial ``t`` of a cell uses ``fillers[t % len(fillers)]`` (so ``trials`` a multiple of the number
     of fillers gives each filler the same weight in every cell); its key depends on (seed, length,
     depth, trial) only, whatever the fillers. ``chunk_size`` (optional) records whether each key
-    lies in the question's chunk, i.e. whether chunk-local attention could see it at all.
+    lies in the question's chunk, i.e. whether chunk-local attention could see it at all. ``only``:
+    the names of the models to run (default: all of ``models``), e.g. to skip the slow full-attention
+    source at 32k.
 
     Returns ``{"lengths", "depths", "trials", "seed", "max_new_tokens", "fillers": [description],
     "models": {name: {"accuracy", "cells": [{"length", "depth", "correct", "trials", "accuracy"}],
@@ -184,6 +186,11 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     """
     from tqdm.auto import tqdm
 
+    if only is not None:
+        unknown = sorted(set(only) - set(models))
+        if unknown:
+            raise ValueError(f"only names models that are not here: {unknown} (have {sorted(models)})")
+        models = {n: m for n, m in models.items() if n in set(only)}
     if not models:
         raise ValueError("models must name at least one model")
     if not isinstance(trials, int) or trials < 1:
