@@ -2,7 +2,9 @@
 chunk-local baseline, next-token agreement, KL, hidden-state similarity, and pass-key retrieval.
 
 Submodules: :mod:`.corpus` (default corpus: the standard library's sources, split train/held-out),
-:mod:`.metrics` (accumulated metrics), :mod:`.passkey` (offline pass-key prompts),
+:mod:`.metrics` (accumulated metrics), :mod:`.passkey` (offline pass-key prompts), :mod:`.filler`
+(their filler texts), :mod:`.passkey_plot` (heat maps), :mod:`.passkey_run` (``--passkey-only``),
+:mod:`.lm_eval_task` (the pass-key test as an offline lm-eval task),
 :mod:`.evaluate` (the evaluation loop and ``bsbr eval``'s orchestration), :mod:`.plots`.
 """
 from .corpus import dataset_texts, read_texts, split_of, stdlib_files, stdlib_texts, token_windows

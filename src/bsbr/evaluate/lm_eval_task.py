@@ -20,7 +20,8 @@ lm-eval's ``HFLM`` loads a converted model directory as it is::
                           tasks=["bsbr_passkey"], task_manager=TaskManager(include_path="passkey_task"))
     print(out["results"]["bsbr_passkey"]["passkey,none"])
 
-``HFLM`` cuts prompts from the left to its ``max_length`` less the tokens to generate (by default
+(``TaskManager(..., include_defaults=False)`` skips indexing lm-eval's built-in tasks, ~20 s, in
+recent 0.4 releases.) ``HFLM`` cuts prompts from the left to its ``max_length`` less the tokens to generate (by default
 the model's ``max_position_embeddings``, 8,192 for SmolLM2), so pass ``max_length`` above the
 longest prompt (plus ``max_new_tokens``) for 16k-32k prompts. Its tokenizer adds no BOS to the prompt
 by default, so prompts may differ from ``bsbr eval``'s by that one token.

@@ -236,9 +236,9 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
                 c = table[name].setdefault(k, [0, 0])
                 c[0] += int(ok)
                 c[1] += 1
-            bar.update(1)
             bar.set_postfix_str(" ".join(f"{m}={sum(c for c, _ in cells[m].values())}/"
-                                         f"{sum(n for _, n in cells[m].values())}" for m in models))
+                                         f"{sum(n for _, n in cells[m].values())}" for m in models), refresh=False)
+            bar.update(1)
         logger.debug("passkey L=%d depth=%.2f filler=%s key=%s: %s", p.target_length, p.depth, filler, p.key,
                      sample["found"])
         samples.append(sample)

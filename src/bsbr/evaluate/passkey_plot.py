@@ -80,7 +80,7 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
         ax.set_xticklabels(fillers, fontsize=7, rotation=20)
         ax.set_ylim(0, 1.05)
         ax.set_title("accuracy per filler", fontsize=9)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.suptitle(f"pass-key retrieval: {passkey['trials']} trials per cell, seed {passkey['seed']}", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
