@@ -4,7 +4,8 @@
 per line, built for a given tokenizer by :func:`bsbr.evaluate.passkey.build_prompt`, so lengths are
 in that tokenizer's tokens), ``bsbr_passkey.yaml`` (``dataset_path: json`` on that file,
 ``output_type: generate_until``, greedy), and ``bsbr_passkey_utils.py`` (the metric ``passkey``:
-1 when the key's digits appear in the output once whitespace is removed, as in ``bsbr eval``).
+1 when the key's digits appear in the output once whitespace is removed, as in ``bsbr eval``; also
+averaged per length, ``passkey_len4096``, and per filler, ``passkey_prose``).
 Nothing is downloaded; ``import bsbr`` registers BSBR models with ``AutoModelForCausalLM``, so
 lm-eval's ``HFLM`` loads a converted model directory as it is::
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -57,10 +59,7 @@ generation_kwargs:
   do_sample: false
 process_results: !function {utils}.process_results
 metric_list:
-  - metric: {metric}
-    aggregation: mean
-    higher_is_better: true
-metadata:
+{metrics}metadata:
   version: 1.0
   lengths: {lengths}
   depths: {depths}
@@ -76,10 +75,20 @@ from bsbr.evaluate.lm_eval_task import process_results  # noqa: F401
 '''
 
 
+def metric_names(length: int, filler: str) -> tuple:
+    """The per-length and per-filler metric names of a document: ``passkey_len{length}`` and
+    ``passkey_{filler}`` (non-word characters of the filler's name become ``_``)."""
+    return f"{METRIC}_len{int(length)}", f"{METRIC}_{re.sub(r'[^0-9A-Za-z_]', '_', filler)}"
+
+
 def process_results(doc: dict, results: Sequence[str]) -> dict:
-    """lm-eval's per-document scorer: ``{"passkey": 1.0}`` when ``doc["key"]`` appears in the first
-    generated text (whitespace removed), else 0.0."""
-    return {METRIC: float(passkey_found(results[0], str(doc["key"])))}
+    """lm-eval's per-document scorer: ``passkey`` is 1.0 when ``doc["key"]`` appears in the first
+    generated text (whitespace removed), else 0.0; the same value is also reported under the
+    document's length and filler (:func:`metric_names`), so lm-eval averages each of them too, over
+    the documents that have it (lm-eval warns that the metrics count different documents: that is
+    this breakdown, and matters only if the task is put in a size-weighted group)."""
+    hit = float(passkey_found(results[0], str(doc["key"])))
+    return {METRIC: hit, **{name: hit for name in metric_names(doc["length"], doc["filler"])}}
 
 
 def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_TASK_LENGTHS,
@@ -112,10 +121,13 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
                     text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
                     out.write(json.dumps(dict(prompt=text, key=key, length=length, depth=depth, trial=trial,
                                               filler=fill.name, prompt_tokens=p.length)) + "\n")
+    names = [METRIC] + [metric_names(L, "")[0] for L in lengths] + [metric_names(0, f.name)[1] for f in sources]
+    metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                      for m in dict.fromkeys(names))
     (task_dir / f"{task}_utils.py").write_text(_UTILS)
     yaml_path = task_dir / f"{task}.yaml"
     yaml_path.write_text(_YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
-                                      utils=f"{task}_utils", metric=METRIC, lengths=json.dumps([int(x) for x in lengths]),
+                                      utils=f"{task}_utils", metrics=metrics, lengths=json.dumps([int(x) for x in lengths]),
                                       depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
                                       fillers=json.dumps([f.name for f in sources])))
     return yaml_path
