@@ -35,8 +35,8 @@ import re
 from pathlib import Path
 from typing import Sequence, Union
 
-from .filler import DEFAULT_FILLERS, Filler, get_filler
-from .passkey import DEFAULT_DEPTHS, build_prompt, make_key, passkey_found
+from .filler import DEFAULT_FILLERS, Filler
+from .passkey import DEFAULT_DEPTHS, filler_sources, grid_prompts, passkey_found
 
 TASK_NAME = "bsbr_passkey"
 METRIC = "passkey"
@@ -102,32 +102,24 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     ``depth``, ``trial``, ``filler`` and ``prompt_tokens``."""
     if not task.isidentifier():
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
-    if not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive int, got {trials!r}")
-    if not lengths or not depths or not fillers:
-        raise ValueError("lengths, depths and fillers must be non-empty")
-    sources = [get_filler(f) for f in fillers]
+    sources = filler_sources(fillers)
+    prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     data = (task_dir / f"{task}.jsonl").resolve()
     with open(data, "w", encoding="utf-8") as out:
-        for length in map(int, lengths):
-            for depth in map(float, depths):
-                for trial in range(trials):
-                    fill = sources[trial % len(sources)]
-                    key = make_key(seed, length, depth, trial)
-                    p = build_prompt(tokenizer, length, depth, key, answer_tokens=max_new_tokens, filler=fill,
-                                     filler_seed=f"{seed}:{length}:{depth}:{trial}")
-                    text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
-                    out.write(json.dumps(dict(prompt=text, key=key, length=length, depth=depth, trial=trial,
-                                              filler=fill.name, prompt_tokens=p.length)) + "\n")
+        for p in prompts:
+            text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
+            out.write(json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth,
+                                      trial=p.meta["trial"], filler=p.meta["filler"], prompt_tokens=p.length)) + "\n")
     names = [METRIC] + [metric_names(L, "")[0] for L in lengths] + [metric_names(0, f.name)[1] for f in sources]
     metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
                       for m in dict.fromkeys(names))
     (task_dir / f"{task}_utils.py").write_text(_UTILS)
     yaml_path = task_dir / f"{task}.yaml"
     yaml_path.write_text(_YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
-                                      utils=f"{task}_utils", metrics=metrics, lengths=json.dumps([int(x) for x in lengths]),
+                                      utils=f"{task}_utils", metrics=metrics,
+                                      lengths=json.dumps([int(x) for x in lengths]),
                                       depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
                                       fillers=json.dumps([f.name for f in sources])))
     return yaml_path

@@ -162,6 +162,38 @@ def greedy_continuation(model, input_ids: Sequence[int], max_new_tokens: int, pa
     return out[0, x.shape[1]:].tolist()
 
 
+def filler_sources(fillers: Sequence[Union[str, Filler]]) -> List[Filler]:
+    """:func:`~bsbr.evaluate.filler.get_filler` of each, checked non-empty and distinct by name."""
+    if not fillers:
+        raise ValueError("fillers must name at least one filler")
+    sources = [get_filler(f) for f in fillers]
+    names = [f.name for f in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"fillers must be distinct, got {names}")
+    return sources
+
+
+def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
+                 max_new_tokens: int, fillers: Sequence[Union[str, Filler]]) -> Iterable[PasskeyPrompt]:
+    """The prompts of a pass-key grid, in order (length, then depth, then trial): trial ``t`` of a
+    cell has the key :func:`make_key` (seed, length, depth, t), filler ``fillers[t % len(fillers)]``
+    starting at a point seeded by the same four, and ``max_new_tokens`` tokens of room for the
+    answer; ``meta`` holds ``trial`` and ``filler``. ``bsbr eval`` and the lm-eval task share them."""
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if not lengths or not depths:
+        raise ValueError("lengths and depths must be non-empty")
+    sources = filler_sources(fillers)
+    for length in map(int, lengths):
+        for depth in map(float, depths):
+            for trial in range(trials):
+                p = build_prompt(tokenizer, length, depth, make_key(seed, length, depth, trial),
+                                 answer_tokens=max_new_tokens, filler=sources[trial % len(sources)],
+                                 filler_seed=f"{seed}:{length}:{depth}:{trial}")
+                p.meta.update(trial=trial)
+                yield p
+
+
 def _rate(correct: int, trials: int) -> dict:
     return dict(correct=correct, trials=trials, accuracy=correct / trials if trials else None)
 
@@ -193,26 +225,10 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
         models = {n: m for n, m in models.items() if n in set(only)}
     if not models:
         raise ValueError("models must name at least one model")
-    if not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive int, got {trials!r}")
-    if not lengths or not depths:
-        raise ValueError("lengths and depths must be non-empty")
-    if not fillers:
-        raise ValueError("fillers must name at least one filler")
-    sources = [get_filler(f) for f in fillers]
+    sources = filler_sources(fillers)
     names = [f.name for f in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"fillers must be distinct, got {names}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = []
-    for length in map(int, lengths):
-        for depth in map(float, depths):
-            for trial in range(trials):
-                fill = sources[trial % len(sources)]
-                p = build_prompt(tokenizer, length, depth, make_key(seed, length, depth, trial),
-                                 answer_tokens=max_new_tokens, filler=fill, filler_seed=f"{seed}:{length}:{depth}:{trial}")
-                p.meta.update(trial=trial)
-                prompts.append(p)
+    prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
     cells = {m: {} for m in models}          # (length, depth) -> [correct, n]
     by_filler = {m: {} for m in models}      # (filler, length) -> [correct, n]
     seconds = {m: {} for m in models}        # length -> seconds
