@@ -45,7 +45,7 @@ def _demo(args, out: Path, final: Path) -> int:
 
     print(f"[2/3] evaluating against the original on {args.max_windows} held-out windows of {args.seq_len} "
           f"tokens of the Python standard library ...", flush=True)
-    passkey = None if args.no_passkey else dict(lengths=[1024, args.seq_len], trials=2)
+    passkey = None if args.no_passkey else dict(lengths=[1024, args.seq_len], depths=[0.1, 0.5, 0.9], trials=2)
     result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
                             passkey=passkey, json_path=out / "eval.json", plot_path=out / "eval.png")
 

@@ -3,8 +3,10 @@ chunk-local baseline, next-token agreement, KL, hidden-state similarity, and pas
 
 Submodules: :mod:`.evaluate` (the evaluation loop), :mod:`.metrics` (accumulated metrics),
 :mod:`.baselines` (the chunk-local and exact-window baselines), :mod:`.passkey` (offline pass-key
-prompts), :mod:`.saved` (``bsbr eval``: a saved model, end to end), :mod:`.report` (the printed
-table), :mod:`.plots`. The text comes from :mod:`bsbr.corpus`.
+prompts), :mod:`.filler` (their filler texts), :mod:`.passkey_plot` (heat maps), :mod:`.passkey_run`
+(``--passkey-only``), :mod:`.lm_eval_task` (the pass-key test as an offline lm-eval task),
+:mod:`.saved` (``bsbr eval``: a saved model, end to end), :mod:`.report` (the printed table),
+:mod:`.plots`. The text comes from :mod:`bsbr.corpus`.
 """
 from .baselines import local_baseline
 from .evaluate import evaluate, perplexity_past

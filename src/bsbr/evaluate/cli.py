@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +44,61 @@ def _check_result_path(path, option: str) -> None:
         raise UserError(f"{option} {path}: cannot write in {parent}")
 
 
-def cmd_eval(args) -> int:
-    from ..outputs import check_bsbr_dir, check_model_arg, check_source, check_text_files
-    from . import evaluate_saved, summary_lines
-    from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS
+def _filler(text: str) -> str:
+    from .filler import get_filler
 
+    try:
+        get_filler(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _heatmap_path(args) -> Optional[Path]:
+    """Where the pass-key heat map goes: --passkey-plot, else beside --plot (NAME.passkey.png; with
+    --passkey-only, --plot itself), else beside --json; None when none is given."""
+    if args.passkey_plot:
+        return Path(args.passkey_plot)
+    if args.plot:
+        return Path(args.plot) if args.passkey_only else Path(args.plot).with_suffix(".passkey.png")
+    if args.json:
+        return Path(args.json).with_suffix(".passkey.png")
+    return None
+
+
+def _write_lm_eval_task(args, passkey: dict) -> int:
+    from .lm_eval_task import TASK_NAME, write_lm_eval_task
+    from .passkey_run import load_eval_tokenizer
+
+    tokenizer = load_eval_tokenizer(args.model, args.reference)
+    yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
+    longest = max(passkey["lengths"]) + passkey["max_new_tokens"]
+    print(f"lm-eval task {TASK_NAME}: {yaml_path}")
+    print(f"run it (offline) with:\n"
+          f"  import bsbr, lm_eval\n"
+          f"  from lm_eval.models.huggingface import HFLM\n"
+          f"  from lm_eval.tasks import TaskManager\n"
+          f"  out = lm_eval.simple_evaluate(model=HFLM(pretrained={str(args.model)!r}, device='cpu', "
+          f"backend='causal', max_length={longest}), tasks=[{TASK_NAME!r}], "
+          f"task_manager=TaskManager(include_path={str(args.lm_eval_task_dir)!r}))\n"
+          f"  print(out['results'][{TASK_NAME!r}])")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..outputs import UserError, check_bsbr_dir, check_model_arg, check_source, check_text_files
+    from . import evaluate_saved, summary_lines
+    from .filler import DEFAULT_FILLERS
+    from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, passkey_summary_lines
+
+    if args.passkey_only and args.no_passkey:
+        raise UserError("--passkey-only and --no-passkey exclude each other: give one")
     check_bsbr_dir(args.model, "MODEL")
     check_model_arg(args.reference, "--reference")
     check_text_files(args.text_file)
     _check_result_path(args.json, "--json")
     _check_result_path(args.plot, "--plot")
+    _check_result_path(args.passkey_plot, "--passkey-plot")
 
     def check_reference(source_model):
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
@@ -58,10 +106,27 @@ def cmd_eval(args) -> int:
             logger.warning(note)
 
     passkey = None
-    if not args.no_passkey:
+    if not args.no_passkey or args.lm_eval_task_dir:
         passkey = dict(lengths=args.passkey_lengths or list(DEFAULT_LENGTHS),
                        depths=args.passkey_depths or list(DEFAULT_DEPTHS), trials=args.passkey_trials,
-                       seed=args.seed, max_new_tokens=args.passkey_new_tokens)
+                       seed=args.seed, max_new_tokens=args.passkey_new_tokens,
+                       fillers=args.passkey_filler or list(DEFAULT_FILLERS))
+    if args.lm_eval_task_dir:
+        return _write_lm_eval_task(args, passkey)
+    if passkey is not None and args.passkey_models:
+        passkey["only"] = list(dict.fromkeys(args.passkey_models))
+    if args.passkey_only:
+        from .passkey_run import passkey_saved
+
+        result = passkey_saved(args.model, args.reference, passkey=passkey, progress=not args.no_progress,
+                               check_reference=check_reference)
+        for line in passkey_summary_lines(result["passkey"]):
+            print(line)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+            print(f"results: {args.json}")
+        return _write_heatmap(args, result["passkey"])
     try:
         result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
                                 dataset_config=args.dataset_config, dataset_split=args.dataset_split,
@@ -80,6 +145,16 @@ def cmd_eval(args) -> int:
         print(f"results: {args.json}")
     if args.plot:
         print(f"plot: {args.plot}")
+    return _write_heatmap(args, result.get("passkey"))
+
+
+def _write_heatmap(args, passkey: Optional[dict]) -> int:
+    path = _heatmap_path(args)
+    if passkey and path is not None:
+        from .passkey_plot import write_passkey_report
+
+        png, js = write_passkey_report(passkey, path)
+        print(f"pass-key heat map: {png} (data: {js})")
     return 0
 
 
@@ -107,11 +182,27 @@ def register(sub) -> None:
     p.add_argument("--buckets", choices=["chunk", "doubling"], default="chunk",
                    help="position buckets: one per chunk, or doubling ranges [B,2B),[2B,4B),...")
     p.add_argument("--passkey-lengths", type=_positive, nargs="+", default=None, metavar="N",
-                   help="pass-key prompt lengths in tokens (default 512 1024 2048)")
+                   help="pass-key prompt lengths in tokens, e.g. 16384 32768 (default 1024 2048 4096 8192)")
     p.add_argument("--passkey-depths", type=_depth, nargs="+", default=None, metavar="D",
-                   help="relative depths of the key (default 0.1 0.5 0.9)")
-    p.add_argument("--passkey-trials", type=_positive, default=3, help="keys per (length, depth) cell (default 3)")
+                   help="relative depths of the key (default 0.1 0.3 0.5 0.7 0.9)")
+    p.add_argument("--passkey-trials", type=_positive, default=3,
+                   help="keys per (length, depth) cell; trial t uses filler t mod the number of fillers (default 3)")
+    p.add_argument("--passkey-filler", type=_filler, action="extend", nargs="+", default=None, metavar="KIND|FILE",
+                   help="filler text, repeatable: classic (the repeated grass/sky sentences), prose (licence texts "
+                        "in /usr/share/common-licenses, else standard-library docstrings), docstrings, random "
+                        "(seeded random sentences), or a text file's path (default: classic prose random)")
     p.add_argument("--passkey-new-tokens", type=_positive, default=8, help="greedy tokens generated (default 8)")
+    p.add_argument("--passkey-plot", metavar="OUT.png", default=None,
+                   help="write the pass-key heat map (length x depth per model, accuracy per filler) here, with "
+                        "OUT.json beside it (default: beside --plot or --json as NAME.passkey.png)")
+    p.add_argument("--passkey-models", nargs="+", choices=["source", "local", "window", "bsbr"], default=None,
+                   metavar="NAME", help="run the pass-key test on these only (source, local, window, bsbr; default "
+                                        "all; window exists for models whose exact window passes their chunk)")
+    p.add_argument("--passkey-only", action="store_true",
+                   help="run the pass-key test only (no perplexity windows): for long prompts")
+    p.add_argument("--lm-eval-task-dir", metavar="DIR", default=None,
+                   help="write the pass-key prompts (--passkey-* options, this model's tokenizer) as the offline "
+                        "lm-eval task bsbr_passkey into DIR, print how to run it, and exit")
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key test")
     p.add_argument("--seed", type=int, default=0, help="pass-key keys and default corpus order")
     p.add_argument("--force", action="store_true",

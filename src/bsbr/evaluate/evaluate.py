@@ -38,8 +38,8 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     Metrics (see :mod:`bsbr.evaluate.metrics`) cover positions ``>= chunk_size`` only: inside the
     first chunk all three models are the same function. ``local=None`` skips the baseline (and so
     the gap closed). ``passkey``: keyword arguments for :func:`~bsbr.evaluate.passkey.run_passkey`
-    (``lengths``, ``depths``, ``trials``, ``seed``, ``max_new_tokens``), or None to skip it; it needs
-    ``tokenizer``. Returns ``{"config", "language_modeling", "passkey"?, "seconds"}``.
+    (``lengths``, ``depths``, ``trials``, ``seed``, ``max_new_tokens``, ``fillers``, ``only``), or
+    None to skip it; it needs ``tokenizer``. Returns ``{"config", "language_modeling", "passkey"?, "seconds"}``.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point():
         raise ValueError(f"windows must be an integer tensor of shape (num_windows, seq_len), got "

@@ -2,7 +2,10 @@
 
 A prompt of ``length`` tokens is an instruction, neutral filler sentences, one sentence carrying a
 5-digit key at relative ``depth`` (0.1 = near the start, 0.9 = near the end), more filler, and the
-question ``"What is the pass key? The pass key is"``. The model greedily generates a few tokens;
+question ``"What is the pass key? The pass key is"``. The filler comes from several offline sources
+(:mod:`bsbr.evaluate.filler`: the classic repeated sentences, prose, seeded random sentences, or a
+user's text file), rotated across trials and reported separately, so one memorisable text does not
+decide the score. The model greedily generates a few tokens;
 the trial succeeds when the key's digits appear in them (whitespace removed, so a tokenizer that
 decodes digits one by one still counts).
 
@@ -11,28 +14,36 @@ attention, so the chunk-local baseline can only guess; full attention sees it; B
 through the retrieved chunk states. Perplexity averages over many easy tokens; this test isolates
 one long-range lookup.
 
-Keys are drawn from a seeded generator per (length, depth, trial), so every model sees the same
-prompts and a rerun gives the same keys.
+Keys are drawn from a seeded generator per (length, depth, trial), and so is where each filler
+text starts, so every model sees the same prompts and a rerun gives the same prompts.
+
+Long prompts (16k-32k tokens) cost one prefill forward pass and ``max_new_tokens`` cached decode
+steps per model (``generate`` keeps the logits of the last position only), under
+``torch.inference_mode``.
 """
 from __future__ import annotations
 
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
+
+from .filler import CLASSIC, DEFAULT_FILLERS, Filler, get_filler
 
 logger = logging.getLogger(__name__)
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. "
          "You will be asked for the pass key at the end.")
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+FILLER = CLASSIC  # the classic filler's sentences
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-DEFAULT_LENGTHS = (512, 1024, 2048)
-DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+MAX_MISSES = 64  # consecutive filler sentences too long for the space left before filling stops
 
 
 @dataclass
@@ -62,12 +73,18 @@ def _ids(tokenizer, text: str, special: bool = False) -> List[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: int = 0) -> PasskeyPrompt:
+def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: int = 0,
+                 filler: Union[str, Filler] = "classic", filler_seed: str = "") -> PasskeyPrompt:
     """A prompt of at most ``length - answer_tokens`` tokens (filler is whole sentences, so it may
     fall a few tokens short) with the key sentence starting at the sentence boundary nearest
     ``depth * length``. Leaving room for the answer keeps prompt + answer within ``length``: with a
     length that is a multiple of the chunk size, the answer never crosses into a new chunk (where
     chunk-local attention would suddenly see nothing of the prompt).
+
+    ``filler``: a kind or file (see :func:`~bsbr.evaluate.filler.get_filler`) or a
+    :class:`~bsbr.evaluate.filler.Filler`; ``filler_seed`` picks where its text starts. Sentences
+    are taken in order while they fit; one too long for the space left is skipped (up to
+    :data:`MAX_MISSES` in a row), so long prose sentences still fill the prompt closely.
 
     Pieces are tokenized separately and concatenated as ids (each piece after the intro starts
     with a space, as it would in running text); the intro gets the tokenizer's usual special tokens
@@ -79,21 +96,16 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
         raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
     if not (isinstance(key, str) and key.isdigit()):
         raise ValueError(f"key must be a string of digits, got {key!r}")
+    source = get_filler(filler)
     intro = _ids(tokenizer, INTRO, special=True)
     key_ids = _ids(tokenizer, " " + KEY_SENTENCE.format(key=key))
     question = _ids(tokenizer, " " + QUESTION)
     budget = length - answer_tokens - len(intro) - len(key_ids) - len(question)
-    fillers = [_ids(tokenizer, " " + s) for s in FILLER]
-    if budget < max(len(f) for f in fillers):
+    sentences = _fill(tokenizer, source.sentences(filler_seed), budget)
+    if not sentences:
         raise ValueError(f"length {length} is too short for a pass-key prompt: the instruction, key and question "
-                         f"alone take {length - budget} tokens")
-    # whole filler sentences, cycling, until the budget is used
-    sentences: List[List[int]] = []
-    used, i = 0, 0
-    while used + len(fillers[i % len(fillers)]) <= budget:
-        sentences.append(fillers[i % len(fillers)])
-        used += len(sentences[-1])
-        i += 1
+                         f"alone take {length - budget} tokens, leaving no room for one {source.name!r} filler "
+                         f"sentence")
     # insert at the sentence boundary nearest the requested depth
     target = depth * length - len(intro)
     boundaries, acc = [0], 0
@@ -106,7 +118,33 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     ids = intro + before + key_ids + after + question
     start = len(intro) + len(before)
     return PasskeyPrompt(input_ids=ids, key=key, key_start=start, key_end=start + len(key_ids), depth=depth,
-                         target_length=length)
+                         target_length=length, meta=dict(filler=source.name))
+
+
+def _fill(tokenizer, sentences: Iterable[str], budget: int) -> List[List[int]]:
+    """Token ids of whole sentences from ``sentences``, in order, skipping any that does not fit
+    the space left, until ``budget`` tokens are used or :data:`MAX_MISSES` sentences in a row
+    did not fit."""
+    out: List[List[int]] = []
+    cache: Dict[str, List[int]] = {}
+    used, misses = 0, 0
+    if budget <= 0:
+        return out
+    for s in sentences:
+        ids = cache.get(s)
+        if ids is None:
+            ids = cache[s] = _ids(tokenizer, " " + s)
+        if 0 < len(ids) <= budget - used:
+            out.append(ids)
+            used += len(ids)
+            misses = 0
+            if used == budget:
+                break
+        else:
+            misses += 1
+            if misses >= MAX_MISSES:
+                break
+    return out
 
 
 def passkey_found(generated: str, key: str) -> bool:
@@ -114,65 +152,154 @@ def passkey_found(generated: str, key: str) -> bool:
     return key in re.sub(r"\s+", "", generated)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_continuation(model, input_ids: Sequence[int], max_new_tokens: int, pad_token_id: Optional[int]) -> List[int]:
-    """The model's greedy continuation (new token ids only), via ``generate`` with its cache."""
+    """The model's greedy continuation (new token ids only), via ``generate``: one prefill pass that
+    keeps the last position's logits only (``logits_to_keep``), then cached decode steps."""
     x = torch.tensor([list(input_ids)], dtype=torch.long)
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                          do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
     return out[0, x.shape[1]:].tolist()
 
 
-def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
-                depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
-                chunk_size: Optional[int] = None, progress: bool = True) -> dict:
-    """Accuracy of each model per (length, depth) cell, and every trial's output.
+def filler_sources(fillers: Sequence[Union[str, Filler]]) -> List[Filler]:
+    """:func:`~bsbr.evaluate.filler.get_filler` of each, checked non-empty and distinct by name."""
+    if not fillers:
+        raise ValueError("fillers must name at least one filler")
+    sources = [get_filler(f) for f in fillers]
+    names = [f.name for f in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"fillers must be distinct, got {names}")
+    return sources
 
-    ``chunk_size`` (optional) records whether each key lies in the question's chunk, i.e. whether
-    chunk-local attention could see it at all.
-    """
-    from tqdm.auto import tqdm
 
-    if not models:
-        raise ValueError("models must name at least one model")
+def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
+                 max_new_tokens: int, fillers: Sequence[Union[str, Filler]]) -> Iterable[PasskeyPrompt]:
+    """The prompts of a pass-key grid, in order (length, then depth, then trial): trial ``t`` of a
+    cell has the key :func:`make_key` (seed, length, depth, t), filler ``fillers[t % len(fillers)]``
+    starting at a point seeded by the same four, and ``max_new_tokens`` tokens of room for the
+    answer; ``meta`` holds ``trial`` and ``filler``. ``bsbr eval`` and the lm-eval task share them."""
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
     if not lengths or not depths:
         raise ValueError("lengths and depths must be non-empty")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = []
-    for length in lengths:
-        for depth in depths:
+    sources = filler_sources(fillers)
+    for length in map(int, lengths):
+        for depth in map(float, depths):
             for trial in range(trials):
-                p = build_prompt(tokenizer, int(length), float(depth), make_key(seed, int(length), float(depth), trial),
-                                 answer_tokens=max_new_tokens)
-                p.meta = dict(trial=trial)
-                prompts.append(p)
-    correct = {m: {} for m in models}
+                p = build_prompt(tokenizer, length, depth, make_key(seed, length, depth, trial),
+                                 answer_tokens=max_new_tokens, filler=sources[trial % len(sources)],
+                                 filler_seed=f"{seed}:{length}:{depth}:{trial}")
+                p.meta.update(trial=trial)
+                yield p
+
+
+def _rate(correct: int, trials: int) -> dict:
+    return dict(correct=correct, trials=trials, accuracy=correct / trials if trials else None)
+
+
+def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
+                depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
+                chunk_size: Optional[int] = None, progress: bool = True,
+                fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, only: Optional[Sequence[str]] = None) -> dict:
+    """Accuracy of each model per (length, depth) cell and per filler, and every trial's output.
+
+    Trial ``t`` of a cell uses ``fillers[t % len(fillers)]`` (so ``trials`` a multiple of the number
+    of fillers gives each filler the same weight in every cell); its key depends on (seed, length,
+    depth, trial) only, whatever the fillers. ``chunk_size`` (optional) records whether each key
+    lies in the question's chunk, i.e. whether chunk-local attention could see it at all. ``only``:
+    the names of the models to run (default: all of ``models``), e.g. to skip the slow full-attention
+    source at 32k.
+
+    Returns ``{"lengths", "depths", "trials", "seed", "max_new_tokens", "fillers": [description],
+    "models": {name: {"accuracy", "cells": [{"length", "depth", "correct", "trials", "accuracy"}],
+    "by_filler": {filler: {"correct", "trials", "accuracy", "by_length": {length: accuracy}}},
+    "seconds", "seconds_by_length"}}, "samples": [...]}``.
+    """
+    from tqdm.auto import tqdm
+
+    if only is not None:
+        unknown = sorted(set(only) - set(models))
+        if unknown:
+            raise ValueError(f"only names models that are not here: {unknown} (have {sorted(models)})")
+        models = {n: m for n, m in models.items() if n in set(only)}
+    if not models:
+        raise ValueError("models must name at least one model")
+    sources = filler_sources(fillers)
+    names = [f.name for f in sources]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
+    cells = {m: {} for m in models}          # (length, depth) -> [correct, n]
+    by_filler = {m: {} for m in models}      # (filler, length) -> [correct, n]
+    seconds = {m: {} for m in models}        # length -> seconds
     samples = []
     bar = tqdm(total=len(prompts) * len(models), desc="passkey", disable=not progress)
     for p in prompts:
+        filler = p.meta["filler"]
         sample = dict(length=p.target_length, prompt_tokens=p.length, depth=p.depth, trial=p.meta["trial"],
-                      key=p.key, key_start=p.key_start, key_end=p.key_end, outputs={}, found={})
+                      filler=filler, key=p.key, key_start=p.key_start, key_end=p.key_end, outputs={}, found={})
         if chunk_size:
             sample["key_in_last_chunk"] = p.key_start // chunk_size == (p.length - 1) // chunk_size
         for name, model in models.items():
+            bar.set_description(f"passkey {name} L={p.target_length} depth={p.depth:g} {filler}")
+            t0 = time.perf_counter()
             new = greedy_continuation(model, p.input_ids, max_new_tokens, pad)
+            seconds[name][p.target_length] = seconds[name].get(p.target_length, 0.0) + time.perf_counter() - t0
             text = tokenizer.decode(new, skip_special_tokens=True)
             ok = passkey_found(text, p.key)
             sample["outputs"][name], sample["found"][name] = text, ok
-            cell = correct[name].setdefault((p.target_length, p.depth), [0, 0])
-            cell[0] += int(ok)
-            cell[1] += 1
+            for table, k in ((cells, (p.target_length, p.depth)), (by_filler, (filler, p.target_length))):
+                c = table[name].setdefault(k, [0, 0])
+                c[0] += int(ok)
+                c[1] += 1
+            bar.set_postfix_str(" ".join(f"{m}={sum(c for c, _ in cells[m].values())}/"
+                                         f"{sum(n for _, n in cells[m].values())}" for m in models), refresh=False)
             bar.update(1)
-        logger.debug("passkey L=%d depth=%.2f key=%s: %s", p.target_length, p.depth, p.key, sample["found"])
+        logger.debug("passkey L=%d depth=%.2f filler=%s key=%s: %s", p.target_length, p.depth, filler, p.key,
+                     sample["found"])
         samples.append(sample)
     bar.close()
     results = {}
     for name in models:
-        cells = [dict(length=L, depth=d, correct=c, trials=n, accuracy=c / n) for (L, d), (c, n) in correct[name].items()]
-        total_c = sum(c["correct"] for c in cells)
-        total_n = sum(c["trials"] for c in cells)
-        results[name] = dict(accuracy=total_c / total_n, cells=cells)
+        cell_list = [dict(length=L, depth=d, **_rate(c, n)) for (L, d), (c, n) in cells[name].items()]
+        per_filler = {}
+        for f in names:
+            rows = {L: cn for (g, L), cn in by_filler[name].items() if g == f}
+            if rows:
+                per_filler[f] = dict(**_rate(sum(c for c, _ in rows.values()), sum(n for _, n in rows.values())),
+                                     by_length={str(L): c / n for L, (c, n) in rows.items()})
+        results[name] = dict(**_rate(sum(c["correct"] for c in cell_list), sum(c["trials"] for c in cell_list)),
+                             cells=cell_list, by_filler=per_filler,
+                             seconds=round(sum(seconds[name].values()), 2),
+                             seconds_by_length={str(L): round(t, 2) for L, t in seconds[name].items()})
     return dict(lengths=[int(x) for x in lengths], depths=[float(d) for d in depths], trials=trials, seed=seed,
-                max_new_tokens=max_new_tokens, models=results, samples=samples)
+                max_new_tokens=max_new_tokens, fillers=[f.describe() for f in sources], models=results,
+                samples=samples)
+
+
+def passkey_summary_lines(passkey: dict) -> Iterable[str]:
+    """A text table of a :func:`run_passkey` result: accuracy per length (rows) and model@depth
+    (columns), overall accuracy, accuracy per filler, and seconds per model."""
+    names = [n for n in ("source", "local", "window", "bsbr") if n in passkey["models"]]
+    names += [n for n in passkey["models"] if n not in names]
+    yield f"pass-key accuracy ({passkey['trials']} trials per cell; rows = length, columns = depth):"
+    yield f"  {'length':<7} " + " ".join(f"{n}@{d:g}".rjust(11) for n in names for d in passkey["depths"])
+    for L in passkey["lengths"]:
+        row = []
+        for n in names:
+            acc = {(c["length"], c["depth"]): c["accuracy"] for c in passkey["models"][n]["cells"]}
+            row += [f"{acc[(L, d)]:.2f}".rjust(11) for d in passkey["depths"]]
+        yield f"  {L:<7} " + " ".join(row)
+    yield "  overall: " + ", ".join(f"{n} {passkey['models'][n]['accuracy']:.2f}" for n in names)
+    fillers = [f["name"] for f in passkey.get("fillers", [])]
+    if fillers:
+        yield "pass-key accuracy per filler (trials):"
+        yield f"  {'filler':<24} " + " ".join(f"{n:>11}" for n in names)
+        for f in fillers:
+            row = []
+            for n in names:
+                r = passkey["models"][n].get("by_filler", {}).get(f)
+                row.append((f"{r['accuracy']:.2f} ({r['trials']})" if r else "-").rjust(11))
+            yield f"  {f:<24} " + " ".join(row)
+    if all("seconds" in passkey["models"][n] for n in names):
+        yield "  seconds: " + ", ".join(f"{n} {passkey['models'][n]['seconds']:.1f}" for n in names)

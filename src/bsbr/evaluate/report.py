@@ -31,15 +31,7 @@ def summary_lines(result: dict) -> Iterable[str]:
         g = b.get("gap_closed")
         yield (f"  {b['start']:>5}-{b['end']:<7} " + " ".join(f"{fmt(b['perplexity'][n]):>9}" for n in names)
                + f" {'-' if g is None else f'{100 * g:.1f}%':>8}")
-    pk = result.get("passkey")
-    if pk:
-        yield f"pass-key accuracy ({pk['trials']} trials per cell; rows = length, columns = depth):"
-        pnames = [n for n in ("source", "local", "window", "bsbr") if n in pk["models"]]
-        yield f"  {'length':<7} " + " ".join(f"{n}@{d:g}".rjust(11) for n in pnames for d in pk["depths"])
-        for L in pk["lengths"]:
-            row = []
-            for n in pnames:
-                acc = {(c["length"], c["depth"]): c["accuracy"] for c in pk["models"][n]["cells"]}
-                row += [f"{acc[(L, d)]:.2f}".rjust(11) for d in pk["depths"]]
-            yield f"  {L:<7} " + " ".join(row)
-        yield "  overall: " + ", ".join(f"{n} {pk['models'][n]['accuracy']:.2f}" for n in pnames)
+    if result.get("passkey"):
+        from .passkey import passkey_summary_lines
+
+        yield from passkey_summary_lines(result["passkey"])

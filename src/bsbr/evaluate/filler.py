@@ -1,0 +1,206 @@
+"""Filler text for pass-key prompts, offline and seeded: several kinds, so a model is not judged on
+one memorisable text.
+
+Kinds (:data:`FILLER_KINDS`):
+
+* ``classic``: the usual repeated sentences ("The grass is green. The sky is blue. ..."), in order.
+* ``prose``: English prose, the licence texts in ``/usr/share/common-licenses`` where that
+  directory exists (Debian/Ubuntu), else the standard library's docstrings (every Python has them).
+* ``docstrings``: the standard library's docstrings (modules, classes, functions of a fixed list of
+  modules), whatever the machine.
+* ``random``: grammatical nonsense from a seeded generator ("The quiet engineer carried a
+  wooden lantern near the river."): no text a model could have memorised.
+* a text file (``file:PATH``, or any existing path): its sentences.
+
+Every sentence with a digit is dropped (a number in the filler could pass for the key, or hide it),
+and so is every sentence that mentions a pass key. A :class:`Filler` yields sentences from an
+offset chosen by a seed string, cycling, so trials see different stretches of the same text, and
+the same seed gives the same sentences on every run.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+logger = logging.getLogger(__name__)
+
+CLASSIC = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+FILLER_KINDS = ("classic", "prose", "docstrings", "random")
+DEFAULT_FILLERS = ("classic", "prose", "random")
+LICENSES_DIR = Path("/usr/share/common-licenses")
+# a fixed list, so the docstring text depends only on the Python version
+DOCSTRING_MODULES = (
+    "argparse", "asyncio.events", "calendar", "collections", "concurrent.futures", "configparser", "contextlib",
+    "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools",
+    "gzip", "heapq", "http.client", "inspect", "ipaddress", "json", "logging", "mailbox", "pathlib", "pickle",
+    "pprint", "queue", "random", "shutil", "smtplib", "socket", "statistics", "string", "subprocess", "tarfile",
+    "tempfile", "textwrap", "threading", "typing", "unittest.case", "urllib.parse", "urllib.request", "uuid",
+    "warnings", "weakref", "zipfile",
+)
+MIN_WORDS, MAX_WORDS = 4, 80
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_FORBIDDEN = re.compile(r"\d|pass[\s-]?key|https?:|www\.|@|[<>{}\[\]|\\=_*#`~^$]", re.IGNORECASE)
+
+
+def split_sentences(text: str, min_words: int = MIN_WORDS, max_words: int = MAX_WORDS) -> List[str]:
+    """The usable sentences of ``text``, in order, whitespace collapsed: ending in ``.``/``!``/``?``,
+    ``min_words``..``max_words`` words, starting with a capital letter, without digits, markup-like
+    characters, addresses or the words "pass key"."""
+    text = re.sub(r"\s+", " ", text).strip()
+    out = []
+    for s in _SENTENCE_END.split(text):
+        s = s.strip()
+        if not s or s[-1] not in ".!?" or not s[0].isupper() or _FORBIDDEN.search(s):
+            continue
+        if min_words <= len(s.split()) <= max_words:
+            out.append(s)
+    return out
+
+
+def _dedupe(sentences) -> Tuple[str, ...]:
+    return tuple(dict.fromkeys(sentences))
+
+
+@lru_cache(maxsize=None)
+def license_sentences(root: str = str(LICENSES_DIR)) -> Tuple[str, ...]:
+    """Sentences of the licence texts under ``root`` (files in sorted order); empty if it is absent."""
+    path = Path(root)
+    if not path.is_dir():
+        return ()
+    sentences = []
+    for f in sorted(p for p in path.iterdir() if p.is_file() and not p.is_symlink()):
+        try:
+            sentences += split_sentences(f.read_text(encoding="utf-8", errors="replace"))
+        except OSError as e:  # unreadable file: skip it, the others still make prose
+            logger.debug("skipping %s: %s", f, e)
+    return _dedupe(sentences)
+
+
+@lru_cache(maxsize=None)
+def docstring_sentences(modules: Tuple[str, ...] = DOCSTRING_MODULES) -> Tuple[str, ...]:
+    """Sentences of the docstrings of ``modules`` and their public classes and functions (sorted by
+    name); modules that do not import are skipped."""
+    sentences = []
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a module missing from a stripped-down Python
+            logger.debug("no docstrings from %s: %s", name, e)
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr, None)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                docs.append(inspect.getdoc(obj) or "")
+        for d in docs:
+            sentences += split_sentences(d)
+    return _dedupe(sentences)
+
+
+# the random generator's vocabulary: no digits, ordinary words a tokenizer splits into few tokens
+_ADJ = ("quiet", "old", "bright", "small", "heavy", "gentle", "narrow", "wooden", "distant", "curious", "silver",
+        "patient", "crowded", "empty", "warm", "cold", "careful", "tired", "busy", "tall")
+_NOUN = ("engineer", "farmer", "river", "lantern", "village", "teacher", "garden", "window", "letter", "bridge",
+         "market", "sailor", "forest", "painter", "kitchen", "train", "library", "mountain", "basket", "doctor")
+_VERB = ("carried", "found", "watched", "painted", "opened", "followed", "repaired", "described", "visited",
+         "remembered", "cleaned", "counted", "borrowed", "noticed", "built", "measured")
+_PLACE = ("near the river", "in the morning", "after the storm", "behind the station", "before dinner",
+          "under the old bridge", "at the edge of town", "during the long winter", "beside the harbour",
+          "without a word", "on the way home", "in the quiet hall")
+_ADV = ("slowly", "quickly", "carefully", "again", "twice", "happily", "reluctantly", "at last")
+
+
+def random_sentence(rng: random.Random) -> str:
+    """One grammatical sentence from ``rng``."""
+    subject = f"{rng.choice(('The', 'A', 'One'))} {rng.choice(_ADJ)} {rng.choice(_NOUN)}"
+    obj = f"{rng.choice(('the', 'a', 'every'))} {rng.choice(_ADJ)} {rng.choice(_NOUN)}"
+    form = rng.randrange(3)
+    if form == 0:
+        return f"{subject} {rng.choice(_VERB)} {obj} {rng.choice(_PLACE)}."
+    if form == 1:
+        return f"{subject} {rng.choice(_ADV)} {rng.choice(_VERB)} {obj}."
+    return f"{rng.choice(_PLACE).capitalize()}, {subject.lower()} {rng.choice(_VERB)} {obj}."
+
+
+class Filler:
+    """A named, seeded source of filler sentences. ``sentences(seed)`` is an endless iterator;
+    equal seeds give equal sentences."""
+
+    name = "filler"
+
+    def sentences(self, seed: str) -> Iterator[str]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return dict(name=self.name)
+
+
+class CyclingFiller(Filler):
+    """Cycles through a fixed list of sentences, from a seeded offset (``offset=False``: always
+    from the first sentence, as the classic test does)."""
+
+    def __init__(self, name: str, sentences: Sequence[str], origin: str, offset: bool = True):
+        if not sentences:
+            raise ValueError(f"filler {name!r} ({origin}) has no usable sentences")
+        self.name, self._sentences, self.origin, self.offset = name, tuple(sentences), origin, offset
+
+    def sentences(self, seed: str) -> Iterator[str]:
+        n = len(self._sentences)
+        i = random.Random(f"filler:{self.name}:{seed}").randrange(n) if self.offset else 0
+        while True:
+            yield self._sentences[i % n]
+            i += 1
+
+    def describe(self) -> dict:
+        return dict(name=self.name, origin=self.origin, sentences=len(self._sentences))
+
+
+class RandomFiller(Filler):
+    name = "random"
+
+    def sentences(self, seed: str) -> Iterator[str]:
+        rng = random.Random(f"filler:random:{seed}")
+        while True:
+            yield random_sentence(rng)
+
+    def describe(self) -> dict:
+        return dict(name=self.name, origin="seeded random sentences")
+
+
+def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]] = None) -> Filler:
+    """A :class:`Filler` from a kind name (:data:`FILLER_KINDS`), ``file:PATH`` or an existing file's
+    path; a :class:`Filler` passes through. ``licenses_dir`` overrides where ``prose`` looks."""
+    if isinstance(spec, Filler):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a filler is a kind ({', '.join(FILLER_KINDS)}) or a text file, got {spec!r}")
+    if spec == "classic":
+        return CyclingFiller("classic", CLASSIC, "classic pass-key sentences", offset=False)
+    if spec == "random":
+        return RandomFiller()
+    if spec == "docstrings":
+        return CyclingFiller("docstrings", docstring_sentences(), "standard library docstrings")
+    if spec == "prose":
+        root = str(licenses_dir or LICENSES_DIR)
+        found = license_sentences(root)
+        if found:
+            return CyclingFiller("prose", found, f"licence texts in {root}")
+        logger.info("no licence texts in %s; prose filler falls back to the standard library's docstrings", root)
+        return CyclingFiller("prose", docstring_sentences(), "standard library docstrings (no licence texts)")
+    path = Path(spec[len("file:"):] if spec.startswith("file:") else spec)
+    if not path.is_file():
+        raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    sentences = _dedupe(split_sentences(text))
+    if not sentences:
+        raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
+                         "capitalised, ending in . ! or ?, without digits)")
+    return CyclingFiller(f"file:{path.name}", sentences, str(path))

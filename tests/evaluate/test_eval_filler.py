@@ -1,0 +1,129 @@
+import itertools
+import re
+
+import pytest
+import torch
+
+from bsbr.evaluate import filler, passkey
+
+SEED = "0:1024:0.5:1"
+
+
+def first(f, seed, n=60):
+    return list(itertools.islice(f.sentences(seed), n))
+
+
+@pytest.mark.parametrize("kind", filler.FILLER_KINDS)
+def test_every_kind_is_seeded_and_clean(kind):
+    f = filler.get_filler(kind)
+    assert f.name == kind and f.describe()["name"] == kind
+    a = first(f, SEED)
+    assert a == first(filler.get_filler(kind), SEED)  # a fresh source, same seed: same text
+    assert len(set(a)) > 3 if kind != "classic" else a[:5] == list(filler.CLASSIC)
+    if kind != "classic":  # the seed moves where the text starts
+        assert a != first(f, "0:1024:0.5:2")
+    for s in a:
+        assert not re.search(r"\d", s) and "pass key" not in s.lower()
+        assert s[0].isupper() and s[-1] in ".!?"
+
+
+def test_prose_falls_back_to_docstrings_without_licence_texts(tmp_path):
+    missing = filler.get_filler("prose", licenses_dir=tmp_path / "absent")
+    assert "docstrings" in missing.describe()["origin"]
+    assert first(missing, SEED, 5)
+    lic = tmp_path / "licenses"
+    lic.mkdir()
+    (lic / "MIT").write_text("Permission is hereby granted, free of charge, to any person. "
+                             "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND. Version 2 only.\n")
+    f = filler.get_filler("prose", licenses_dir=lic)
+    assert str(lic) in f.describe()["origin"] and f.describe()["sentences"] == 2  # the digit sentence is dropped
+    assert set(first(f, SEED, 10)) == {"Permission is hereby granted, free of charge, to any person.",
+                                       "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND."}
+
+
+def test_file_filler_and_errors(tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time there was a fox.\nIt lived in the woods   near a river!\n"
+                    "The key is 12345 here.\nshort one.\n")
+    for spec in (str(text), f"file:{text}"):
+        f = filler.get_filler(spec)
+        assert f.name == "file:story.txt"
+        assert set(first(f, SEED, 6)) == {"Once upon a time there was a fox.", "It lived in the woods near a river!"}
+    empty = tmp_path / "code.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no usable sentences"):
+        filler.get_filler(str(empty))
+    with pytest.raises(ValueError, match="unknown filler"):
+        filler.get_filler("lorem")
+
+
+def test_split_sentences():
+    got = filler.split_sentences("Hello there my friend. See 3 cats now. what a day it is. "
+                                 "A <tag> here is bad. Visit https://x.org please now. Fine, it is done!")
+    assert got == ["Hello there my friend.", "Fine, it is done!"]
+
+
+@pytest.mark.parametrize("kind", filler.FILLER_KINDS)
+@pytest.mark.parametrize("length", [200, 1000])
+def test_prompts_from_every_filler(word_tokenizer, kind, length):
+    """Deterministic, the key's span exact, the length respected (at most one short sentence's worth
+    below the room left for the answer)."""
+    key = "40721"
+    p = passkey.build_prompt(word_tokenizer, length, 0.5, key, answer_tokens=8, filler=kind, filler_seed=SEED)
+    assert p.input_ids == passkey.build_prompt(word_tokenizer, length, 0.5, key, answer_tokens=8, filler=kind,
+                                               filler_seed=SEED).input_ids
+    assert p.meta["filler"] == kind
+    assert length - 8 - 24 <= p.length <= length - 8
+    key_ids = word_tokenizer(" " + passkey.KEY_SENTENCE.format(key=key), add_special_tokens=False)["input_ids"]
+    assert p.input_ids[p.key_start:p.key_end] == key_ids
+    assert abs(p.key_start - 0.5 * length) <= 100  # the nearest sentence boundary (prose sentences are long)
+    text = word_tokenizer.decode(p.input_ids)
+    assert text.count("4 0 7 2 1") == 2 and text.rstrip().endswith("The pass key is")
+    if kind != "classic":
+        other = passkey.build_prompt(word_tokenizer, length, 0.5, key, answer_tokens=8, filler=kind,
+                                     filler_seed="another")
+        assert other.input_ids != p.input_ids
+
+
+def test_long_prompt_fills_closely(word_tokenizer):
+    p = passkey.build_prompt(word_tokenizer, 32768, 0.1, "12345", answer_tokens=8, filler="prose", filler_seed=SEED)
+    assert 32768 - 8 - 24 <= p.length <= 32768 - 8
+    assert abs(p.key_start - 3277) <= 100
+
+
+class Echo(torch.nn.Module):
+    """Answers with the first five digits of its prompt (the key): every trial succeeds."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tok = tokenizer
+
+    def generate(self, input_ids, max_new_tokens, **kw):
+        digits = [w for w in self.tok.decode(input_ids[0]).split() if w.isdigit()]
+        new = self.tok(" " + " ".join(digits[:5]), add_special_tokens=False)["input_ids"][:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def test_run_passkey_rotates_fillers_and_reports_each(word_tokenizer, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("My own text has sentences like this one. And here is another sentence of mine.")
+    fillers = ["classic", "random", str(text)]
+    r = passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[120, 200], depths=[0.3, 0.7],
+                            trials=3, fillers=fillers, progress=False)
+    assert [f["name"] for f in r["fillers"]] == ["classic", "random", "file:mine.txt"]
+    assert [s["filler"] for s in r["samples"][:3]] == ["classic", "random", "file:mine.txt"]
+    # keys depend on (seed, length, depth, trial) only
+    assert [s["key"] for s in r["samples"]] == [passkey.make_key(0, L, d, t) for L in (120, 200) for d in (0.3, 0.7)
+                                                for t in range(3)]
+    m = r["models"]["echo"]
+    assert m["accuracy"] == 1.0 and set(m["by_filler"]) == {"classic", "random", "file:mine.txt"}
+    assert all(v["trials"] == 4 and v["accuracy"] == 1.0 and set(v["by_length"]) == {"120", "200"}
+               for v in m["by_filler"].values())
+    assert set(m["seconds_by_length"]) == {"120", "200"}
+    lines = list(passkey.passkey_summary_lines(r))
+    i = lines.index("pass-key accuracy per filler (trials):")
+    assert [line.split()[:2] for line in lines[i + 2:i + 5]] == [["classic", "1.00"], ["random", "1.00"],
+                                                               ["file:mine.txt", "1.00"]]
+    assert lines[-1].startswith("  seconds: echo")
+    with pytest.raises(ValueError, match="distinct"):
+        passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, fillers=["random", "random"])

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from model_sources import make_source
+
+from bsbr.convert import convert_to_bsbr
+from bsbr.evaluate import lm_eval_task, passkey
+
+
+def test_task_files(word_tokenizer, tmp_path):
+    y = lm_eval_task.write_lm_eval_task(tmp_path / "task", word_tokenizer, lengths=[96, 160], depths=[0.2, 0.8],
+                                        trials=2, fillers=["classic", "random"], max_new_tokens=4)
+    assert y == tmp_path / "task" / "bsbr_passkey.yaml"
+    text = y.read_text()
+    assert "output_type: generate_until" in text and "dataset_path: json" in text and "max_gen_toks: 4" in text
+    assert str((tmp_path / "task" / "bsbr_passkey.jsonl").resolve()) in text
+    rows = [json.loads(line) for line in (tmp_path / "task" / "bsbr_passkey.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2
+    assert [r["key"] for r in rows] == [passkey.make_key(0, L, d, t) for L in (96, 160) for d in (0.2, 0.8)
+                                        for t in range(2)]
+    assert [r["filler"] for r in rows[:2]] == ["classic", "random"]
+    for r in rows:
+        assert r["prompt_tokens"] <= r["length"] - 4
+        assert r["prompt"].count(" ".join(r["key"])) == 2 and r["prompt"].rstrip().endswith("The pass key is")
+    assert lm_eval_task.process_results(rows[0], [" " + " ".join(rows[0]["key"]) + " ."]) == {
+        "passkey": 1.0, "passkey_len96": 1.0, "passkey_classic": 1.0}
+    assert lm_eval_task.process_results(rows[1], [" 00000"]) == {
+        "passkey": 0.0, "passkey_len96": 0.0, "passkey_random": 0.0}
+    assert lm_eval_task.metric_names(4096, "file:my text.txt") == ("passkey_len4096", "passkey_file_my_text_txt")
+    for m in ("passkey", "passkey_len96", "passkey_len160", "passkey_classic", "passkey_random"):
+        assert f"  - metric: {m}\n" in text
+    with pytest.raises(ValueError, match="identifier"):
+        lm_eval_task.write_lm_eval_task(tmp_path, word_tokenizer, task="bsbr-passkey")
+
+
+def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
+    """lm-eval runs the task offline on a saved BSBR model (HFLM loads it via AutoModelForCausalLM
+    once bsbr is imported) and reports the task's metric."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model_dir = tmp_path / "model"
+    convert_to_bsbr(make_source("llama"), chunk_size=16).save_pretrained(model_dir)
+    word_tokenizer.save_pretrained(model_dir)
+    task_dir = tmp_path / "task"
+    lm_eval_task.write_lm_eval_task(task_dir, word_tokenizer, lengths=[96, 128], depths=[0.5], trials=2,
+                                    fillers=["classic", "random"], max_new_tokens=4)
+    from bsbr import BSBRForCausalLM
+
+    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=1)
+    assert isinstance(lm.model, BSBRForCausalLM)
+    torch.manual_seed(0)
+    out = lm_eval.simple_evaluate(model=lm,
+                                  tasks=["bsbr_passkey"], task_manager=TaskManager(include_path=str(task_dir),
+                                                                                    include_defaults=False),
+                                  bootstrap_iters=0)
+    res = out["results"]["bsbr_passkey"]
+    assert 0.0 <= res["passkey,none"] <= 1.0
+    for m in ("passkey_len96", "passkey_len128", "passkey_classic", "passkey_random"):
+        assert 0.0 <= res[f"{m},none"] <= 1.0
+    samples0 = out["samples"]["bsbr_passkey"]
+    for L in (96, 128):  # each length's mean is over its own documents only
+        assert res[f"passkey_len{L},none"] == pytest.approx(
+            sum(s["passkey"] for s in samples0 if s["doc"]["length"] == L) / 2)
+    samples = out["samples"]["bsbr_passkey"]
+    assert len(samples) == 4 and all(s["passkey"] in (0.0, 1.0) for s in samples)
+    assert {s["doc"]["filler"] for s in samples} == {"classic", "random"}
+    # the whole prompt reached the model (HFLM cuts from the left only past its max_length)
+    assert all(s["arguments"][0][0] == s["doc"]["prompt"] and len(s["resps"][0][0].split()) <= 4 for s in samples)
+    assert lm.max_length > max(s["doc"]["prompt_tokens"] for s in samples)
+
+
+def test_metrics_aggregate_per_length_and_filler(word_tokenizer, tmp_path):
+    """A stand-in LM that finds every key in the 96-token prompts and none in the 128-token ones:
+    lm-eval's means per length, per filler and overall follow."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    short_keys = {passkey.make_key(0, 96, d, t) for d in (0.3, 0.7) for t in range(2)}
+
+    class Reader(LM):
+        def generate_until(self, requests):
+            out = []
+            for r in requests:
+                digits = "".join(w for w in r.args[0].split() if w.isdigit())[:5]
+                out.append(" " + digits if digits in short_keys else " 00000")
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    lm_eval_task.write_lm_eval_task(tmp_path, word_tokenizer, lengths=[96, 128], depths=[0.3, 0.7], trials=2,
+                                    fillers=["classic", "random"], max_new_tokens=4)
+    out = lm_eval.simple_evaluate(model=Reader(), tasks=["bsbr_passkey"], bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    res = out["results"]["bsbr_passkey"]
+    assert (res["passkey_len96,none"], res["passkey_len128,none"]) == (1.0, 0.0)
+    assert res["passkey,none"] == res["passkey_classic,none"] == res["passkey_random,none"] == 0.5

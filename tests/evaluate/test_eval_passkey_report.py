@@ -1,0 +1,108 @@
+"""bsbr eval's pass-key flags: fillers, the heat map with its JSON, --passkey-only, --lm-eval-task-dir."""
+import json
+
+import pytest
+from model_sources import make_source
+
+from bsbr.cli import main
+from bsbr.convert import convert_to_bsbr
+from bsbr.evaluate import passkey
+from bsbr.evaluate.passkey_plot import accuracy_grid, model_order, plot_passkey_heatmap, write_passkey_report
+from test_eval_filler import Echo
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, word_tokenizer):
+    root = tmp_path_factory.mktemp("saved")
+    src = make_source("llama")
+    src.save_pretrained(root / "ref")
+    convert_to_bsbr(src, chunk_size=16).save_pretrained(root / "conv")
+    word_tokenizer.save_pretrained(root / "conv")
+    (root / "story.txt").write_text("The fox ran over the hill. It was a bright and windy day in the valley.")
+    return root
+
+
+def test_heatmap_and_json_structure(word_tokenizer, tmp_path):
+    r = passkey.run_passkey({"bsbr": Echo(word_tokenizer), "source": Echo(word_tokenizer)}, word_tokenizer,
+                            lengths=[160, 120], depths=[0.9, 0.1, 0.5], trials=2, fillers=["random", "classic"],
+                            progress=False)
+    assert model_order(r) == ["source", "bsbr"]
+    grid = accuracy_grid(r, "bsbr")
+    assert len(grid) == 2 and all(len(row) == 3 for row in grid)  # rows = lengths, columns = depths
+    r["models"]["bsbr"]["cells"] = [c for c in r["models"]["bsbr"]["cells"] if (c["length"], c["depth"]) != (120, 0.5)]
+    r["models"]["bsbr"]["cells"][0]["accuracy"] = 0.5  # (160, 0.9): the first cell run
+    assert accuracy_grid(r, "bsbr") == [[0.5, 1.0, 1.0], [1.0, 1.0, None]]  # in the result's order
+    png, js = write_passkey_report(r, tmp_path / "out" / "pk.png")
+    assert png.read_bytes()[:8] == PNG and js == tmp_path / "out" / "pk.json"
+    back = json.loads(js.read_text())
+    assert back["lengths"] == [160, 120] and back["depths"] == [0.9, 0.1, 0.5]
+    assert [f["name"] for f in back["fillers"]] == ["random", "classic"]
+    assert set(back["models"]["source"]["by_filler"]) == {"random", "classic"}
+    assert plot_passkey_heatmap({**r, "fillers": []}, tmp_path / "nofill.png").read_bytes()[:8] == PNG
+
+
+def test_passkey_only_cli(saved, tmp_path, capsys):
+    out = tmp_path / "pk.json"
+    rc = main(["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only",
+               "--passkey-lengths", "96", "128", "--passkey-depths", "0.1", "0.9", "--passkey-trials", "2",
+               "--passkey-filler", "classic", "--passkey-filler", str(saved / "story.txt"),
+               "--passkey-new-tokens", "4", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert "language_modeling" not in r and r["config"]["chunk_size"] == 16
+    pk = r["passkey"]
+    assert set(pk["models"]) == {"bsbr", "source", "local", "window"}
+    assert [f["name"] for f in pk["fillers"]] == ["classic", "file:story.txt"]
+    assert all(len(m["cells"]) == 4 and set(m["by_filler"]) == {"classic", "file:story.txt"}
+               for m in pk["models"].values())
+    heat = tmp_path / "pk.passkey.png"
+    assert heat.read_bytes()[:8] == PNG
+    assert json.loads(heat.with_suffix(".json").read_text()) == pk
+    printed = capsys.readouterr().out
+    assert "pass-key accuracy per filler" in printed and f"pass-key heat map: {heat}" in printed
+
+
+def test_full_eval_writes_the_heatmap_beside_the_plot(saved, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The grass is green . The sky is blue .\n" * 40)
+    rc = main(["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--text-file", str(text),
+               "--seq-len", "40", "--max-windows", "1", "--passkey-lengths", "96", "--passkey-depths", "0.5",
+               "--passkey-trials", "1", "--passkey-new-tokens", "4", "--plot", str(tmp_path / "e.png"),
+               "--no-progress"])
+    assert rc == 0
+    assert (tmp_path / "e.png").read_bytes()[:8] == PNG and (tmp_path / "e.passkey.png").read_bytes()[:8] == PNG
+    pk = json.loads((tmp_path / "e.passkey.json").read_text())
+    assert [f["name"] for f in pk["fillers"]] == ["classic", "prose", "random"] and pk["trials"] == 1
+
+
+def test_lm_eval_task_dir_cli(saved, tmp_path, capsys):
+    rc = main(["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task"), "--passkey-lengths", "96",
+               "--passkey-depths", "0.5", "--passkey-trials", "3"])
+    assert rc == 0
+    rows = (tmp_path / "task" / "bsbr_passkey.jsonl").read_text().splitlines()
+    assert [json.loads(x)["filler"] for x in rows] == ["classic", "prose", "random"]
+    assert (tmp_path / "task" / "bsbr_passkey.yaml").is_file()
+    assert "simple_evaluate" in capsys.readouterr().out
+
+
+def test_passkey_models_restricts_the_run(saved, tmp_path, capsys, word_tokenizer):
+    out = tmp_path / "pk.json"
+    args = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only", "--passkey-lengths",
+            "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens", "2", "--no-progress"]
+    assert main(args + ["--passkey-models", "bsbr", "source", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["passkey"]["models"]) == {"bsbr", "source"}
+    narrow = tmp_path / "narrow"  # exact window = its own chunk: no window baseline
+    convert_to_bsbr(make_source("llama"), chunk_size=16, local_chunks=1, sink_tokens=0).save_pretrained(narrow)
+    word_tokenizer.save_pretrained(narrow)
+    capsys.readouterr()
+    assert main(args[:1] + [str(narrow)] + args[2:] + ["--passkey-models", "window"]) == 2
+    assert "only names models that are not here: ['window']" in capsys.readouterr().err
+
+
+def test_bad_flags(saved, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", str(saved / "conv"), "--passkey-filler", "lorem"])
+    assert "unknown filler" in capsys.readouterr().err
+    assert main(["eval", str(saved / "conv"), "--passkey-only", "--no-passkey"]) == 2
