@@ -25,7 +25,7 @@ def _demo(args, out: Path, final: Path) -> int:
 
     from .bench.converted import bench_converted, speed_lines
     from .bench.plots import plot_converted
-    from .output import write_json
+    from .results import write_json
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
 

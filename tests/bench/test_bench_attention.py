@@ -87,7 +87,8 @@ def test_bench_core_and_flops():
     f = bc.bsbr_core_flops(16384, 128, 8, 64)
     assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k not in ("total", "standard_causal")))
     assert f["standard_causal"] / f["total"] > 20  # the cost model's point: far fewer FLOPs at 16k
-    assert bc.bsbr_core_flops(16384, 128, 8, 64, top_k=4)["retrieved_states"] < f["retrieved_states"]
+    blocks = bc.bsbr_core_flops(16384, 128, 8, 64, retrieval_blocks=4)
+    assert blocks["block_attention"] > 0 == f["block_attention"] and blocks["total"] > f["total"]
 
 
 def test_model_scaling_tiny():
@@ -118,13 +119,13 @@ def test_cli_runs_and_writes(tmp_path, fake_wheel, capsys):
 
 
 def test_cli_parses_and_rejects_bad_arguments(capsys):
-    args = build_parser().parse_args(["bench", "attention", "--seq-lens", "1024", "2048", "--top-k", "4",
+    args = build_parser().parse_args(["bench", "attention", "--seq-lens", "1024", "2048", "--retrieval-blocks", "4",
                                       "--retrieval", "normalized", "--max-standard-len", "8192"])
     assert args.func is ba.run_attention
-    assert args.seq_lens == [1024, 2048] and args.top_k == 4 and args.retrieval == "normalized"
+    assert args.seq_lens == [1024, 2048] and args.retrieval_blocks == 4 and args.retrieval == "normalized"
     assert args.chunk_size == 128 and args.hidden is None  # mode-dependent default, filled in later
     for bad in (["--seq-lens", "0"], ["--repeats", "0"], ["--hidden", "30", "--heads", "4"],
-                ["--top-k", "0"], ["--max-seconds", "0"]):
+                ["--retrieval-blocks", "-1"], ["--max-seconds", "0"]):
         with pytest.raises(ValueError):
             ba.run_attention(build_parser().parse_args(["bench", "attention", *bad]))
     with pytest.raises(FileNotFoundError):

@@ -279,28 +279,27 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(models, text,
     out = tmp_path / "out"
     args = [str(a) for a in distill_args(models, text, out, "--stage2-steps", "200", "--checkpoint-every", "1000")]
     err = tmp_path / "err.txt"
-    err.write_text("")
-    pid = os.fork()
-    if pid == 0:  # the child: the command, stderr to err.txt
-        code = 1
-        try:
-            sys.stderr = open(err, "w", buffering=1)  # noqa: SIM115 (the child exits right after)
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-            code = main(args)
-        finally:
-            os._exit(code)
+    import subprocess
+
+    # a fresh interpreter, not a fork: a child forked after the parent's torch thread pool has run can
+    # hang in OpenMP, and this test waits for the child's progress
+    code = "import sys; from bsbr.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    with open(err, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=err_file,
+                                env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while "1step" not in err.read_text(errors="replace"):  # training has started
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text(errors="replace")[-2000:]
             time.sleep(0.02)
-        os.kill(pid, 15)
-        _, status = os.waitpid(pid, 0)
+        proc.send_signal(15)
+        status = proc.wait(timeout=120)
     finally:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 130
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert status == 130, err.read_text()[-2000:]
     last = err.read_text().strip().splitlines()[-1]
     assert last.startswith("bsbr distill: interrupted at stage 2 step") and "checkpoint written to" in last, last
     step = int(last.split(" step ")[1].split(";")[0])

@@ -21,7 +21,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from ..output import write_json
+from ..results import write_json
 from .common import machine_info
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
@@ -50,11 +50,13 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "top_k",
+    for name in ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab",
                  "max_standard_len", "max_earlier_len", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:  # None: the option's default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.retrieval_blocks < 0:
+        raise ValueError(f"--retrieval-blocks must be >= 0, got {args.retrieval_blocks}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if not args.max_seconds > 0:
@@ -86,7 +88,7 @@ def run_attention(args: argparse.Namespace) -> int:
         result = bench_model_scaling(
             args.seq_lens or DEFAULT_MODEL_SEQ_LENS, hidden=args.hidden or 256, heads=args.heads or 4,
             chunk_size=args.chunk_size, ff_dim=args.ff_dim, num_layers=args.layers, vocab_size=args.vocab,
-            repeats=args.repeats, retrieval=args.retrieval, top_k=args.top_k, seed=args.seed, device=args.device)
+            repeats=args.repeats, retrieval=args.retrieval, retrieval_blocks=args.retrieval_blocks, seed=args.seed, device=args.device)
         result["machine"] = machine_info(args.device)
         print(format_table(result["rows"]))
         for r in result["rows"]:
@@ -102,12 +104,12 @@ def run_attention(args: argparse.Namespace) -> int:
         seq_lens = args.seq_lens or DEFAULT_SEQ_LENS
         result = bench_attention(
             seq_lens, hidden=hidden, heads=heads, chunk_size=args.chunk_size, repeats=args.repeats,
-            warmup=args.warmup, retrieval=args.retrieval, top_k=args.top_k,
+            warmup=args.warmup, retrieval=args.retrieval, retrieval_blocks=args.retrieval_blocks,
             max_standard_len=args.max_standard_len, earlier_wheel=args.earlier_wheel,
             max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds, seed=args.seed, device=args.device)
         if not args.skip_core:
             result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, chunk_size=args.chunk_size,
-                                        repeats=args.repeats, retrieval=args.retrieval, top_k=args.top_k,
+                                        repeats=args.repeats, retrieval=args.retrieval, retrieval_blocks=args.retrieval_blocks,
                                         seed=args.seed, device=args.device)
         result["machine"] = machine_info(args.device)
         print(format_table(result["rows"]))
@@ -148,7 +150,8 @@ def register(bench_sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and length (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per model and length before measuring")
     p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive")
-    p.add_argument("--top-k", type=int, default=None, help="retrieve only the k best past chunks")
+    p.add_argument("--retrieval-blocks", type=int, default=0,
+                   help="earlier chunks each token attends to exactly, chosen by key bounds (default 0)")
     p.add_argument("--max-standard-len", type=int, default=None, help="longest length for standard attention")
     p.add_argument("--earlier-wheel", default=None, metavar="WHL",
                    help="the bsbr==0.1.1 wheel: also time its BSBRAttention side by side")

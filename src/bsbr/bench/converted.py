@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..output import write_json
+from ..results import write_json
 from .common import interleaved_times, machine_info, measure_peak, median
 from .plots import plot_converted
 

@@ -16,22 +16,27 @@ log = logging.getLogger(__name__)
 
 
 def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: int = 1,
-                    top_k: Optional[int] = None) -> Dict[str, float]:
-    """Matmul FLOPs of :func:`bsbr.ops.chunk_bsbr_attention` (d = dv = df = dm = head_dim), by term.
+                    retrieval_blocks: int = 0) -> Dict[str, float]:
+    """Matmul FLOPs of :func:`bsbr.ops.chunk_bsbr_attention` with its own chunk as the exact window
+    (d = dv = df = dm = head_dim), by term.
 
     A multiply-add counts 2. The within-chunk term counts the causal half of the B x B blocks
     (``q k^T`` and ``p v``: 2 * n*B*d * 2 / 2), the work a causal kernel must do; the op computes
-    the retrieval weights and retrieved states as dense C x C products (top-k: C x k)."""
+    the retrieval weights and retrieved states as dense C x C products. With ``retrieval_blocks`` K,
+    every token scores each chunk by its min/max key bound (2 * 2*n*C*d) and attends to K blocks of
+    B tokens exactly (2 * 2*n*K*B*d)."""
     B, d = chunk_size, head_dim
     n_pad = -(-n // B) * B
     C = n_pad // B
-    k_eff = C if top_k is None else min(top_k, C)
+    K = min(retrieval_blocks, C)
     per_head = {
         "within_chunk": 2.0 * n_pad * B * d,
         "chunk_states": 2.0 * n_pad * d * d,
         "retrieval_weights": 2.0 * C * C * d,
-        "retrieved_states": 2.0 * C * k_eff * d * d,
+        "retrieved_states": 2.0 * C * C * d * d,
         "read_out": 2.0 * n_pad * d * d,
+        "block_scores": 4.0 * n_pad * C * d if K else 0.0,
+        "block_attention": 4.0 * n_pad * K * B * d,
     }
     out = {k: v * heads * batch for k, v in per_head.items()}
     out["total"] = sum(out.values())
@@ -41,15 +46,16 @@ def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: i
 
 def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_dim: int = 64,
                chunk_size: int = 128, repeats: int = 5, retrieval: str = "additive",
-               top_k: Optional[int] = None, matmul_size: int = 2048, seed: int = 0,
+               retrieval_blocks: int = 0, matmul_size: int = 2048, seed: int = 0,
                device: str = "cpu") -> Dict[str, object]:
     """The op alone on random (1, h, n, d) tensors: median time, cost-model FLOPs, achieved GFLOP/s,
     and this machine's dense matmul GFLOP/s measured in the same run (before and after the op runs,
     median of both, because a shared machine's speed drifts)."""
-    from ..ops.bsbr import chunk_bsbr_attention
+    from ..ops.bsbr import BSBROptions, chunk_bsbr_attention
 
     peak_before = matmul_gflops(matmul_size, repeats, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
+    options = BSBROptions(chunk_size=chunk_size, retrieval=retrieval, retrieval_blocks=retrieval_blocks)
     rows = []
     for n in seq_lens:
         q, k, v, mq, mk = (torch.randn(1, heads, n, head_dim, generator=g, device=device) for _ in range(5))
@@ -60,11 +66,10 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
 
         def fn():
             with torch.no_grad():
-                return chunk_bsbr_attention(q, k, v, mq, mk, fq=fq, fk=fk, chunk_size=chunk_size,
-                                            variant=retrieval, top_k=top_k)[0]
+                return chunk_bsbr_attention(q, k, v, mq, mk, options, fq=fq, fk=fk)[0]
 
         t = median(interleaved_times({"op": fn}, repeats, warmup=1, device=device)["op"])
-        flops = bsbr_core_flops(n, chunk_size, heads, head_dim, top_k=top_k)
+        flops = bsbr_core_flops(n, chunk_size, heads, head_dim, retrieval_blocks=retrieval_blocks)
         rows.append({"seq_len": n, "time_ms": round_sig(t * 1e3), "gflop": round_sig(flops["total"] / 1e9),
                      "gflops_per_s": round_sig(flops["total"] / t / 1e9),
                      "flops_by_term": {k: round_sig(v) for k, v in flops.items()}})
@@ -78,4 +83,4 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
     return {"matmul_size": matmul_size, "matmul_gflops_per_s": round_sig(peak),
             "matmul_gflops_per_s_before_after": [round_sig(peak_before), round_sig(peak_after)],
             "heads": heads, "head_dim": head_dim, "chunk_size": chunk_size, "retrieval": retrieval,
-            "top_k": top_k, "rows": rows}
+            "retrieval_blocks": retrieval_blocks, "rows": rows}

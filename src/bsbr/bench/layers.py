@@ -32,7 +32,7 @@ TARGET_EARLIER_MEMORY = 10.0  # >= 10x less extra memory there
 
 
 def build_attention_models(hidden: int, heads: int, chunk_size: int, *, retrieval: str = "additive",
-                           top_k: Optional[int] = None, earlier_module=None, seed: int = 0,
+                           retrieval_blocks: int = 0, earlier_module=None, seed: int = 0,
                            device: str = "cpu") -> Dict[str, torch.nn.Module]:
     """The layers compared, in eval mode with dropout 0 and seeded weights."""
     from ..layers.bsbr_attention import BSBRAttention
@@ -40,7 +40,7 @@ def build_attention_models(hidden: int, heads: int, chunk_size: int, *, retrieva
 
     torch.manual_seed(seed)
     models = {
-        "bsbr": BSBRAttention(hidden, heads, chunk_size, dropout=0.0, retrieval=retrieval, top_k=top_k),
+        "bsbr": BSBRAttention(hidden, heads, chunk_size, dropout=0.0, retrieval=retrieval, retrieval_blocks=retrieval_blocks),
         "standard": StandardAttention(hidden, heads, dropout=0.0),
     }
     if earlier_module is not None:
@@ -73,7 +73,7 @@ def bench_attention(
     repeats: int = 5,
     warmup: int = 1,
     retrieval: str = "additive",
-    top_k: Optional[int] = None,
+    retrieval_blocks: int = 0,
     max_standard_len: Optional[int] = None,
     earlier_wheel: Optional[str] = None,
     max_earlier_len: Optional[int] = None,
@@ -88,7 +88,7 @@ def bench_attention(
     and a ``reason`` when not ok. Ratios are baseline / BSBR at the same length (> 1: BSBR better).
     """
     earlier = load_earlier_bsbr(earlier_wheel) if earlier_wheel else None
-    models = build_attention_models(hidden, heads, chunk_size, retrieval=retrieval, top_k=top_k,
+    models = build_attention_models(hidden, heads, chunk_size, retrieval=retrieval, retrieval_blocks=retrieval_blocks,
                                     earlier_module=earlier, seed=seed, device=device)
     max_len = {"standard": max_standard_len, "earlier": max_earlier_len}
     rows: List[Dict[str, object]] = []
@@ -137,7 +137,7 @@ def bench_attention(
         del x, fns
         release_free_memory()
     config = dict(seq_lens=list(seq_lens), hidden=hidden, heads=heads, chunk_size=chunk_size,
-                  repeats=repeats, warmup=warmup, retrieval=retrieval, top_k=top_k, batch=1,
+                  repeats=repeats, warmup=warmup, retrieval=retrieval, retrieval_blocks=retrieval_blocks, batch=1,
                   dtype="float32", max_standard_len=max_standard_len, max_earlier_len=max_earlier_len,
                   max_seconds=max_seconds, earlier_wheel=os.path.basename(earlier_wheel) if earlier_wheel else None,
                   seed=seed)

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..output import write_json
+from ..results import write_json
 from .common import (DEFAULT_SEQ_LENS, MiB, forward_fn, interleaved_times, is_oom, machine_info, measure_peak, median,
                      memory_refusal, release_free_memory, round_sig)
 from .plots import plot_models
@@ -46,8 +46,8 @@ def model_specs(block: int = 128) -> Dict[str, Tuple[str, dict]]:
     return {
         "standard": ("standard", {}),
         "bsbr": ("bsbr", {"chunk_size": block}),
-        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu"}),
-        "bsbr_topk4": ("bsbr", {"chunk_size": block, "top_k": 4}),
+        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog"}),
+        "bsbr_blocks4": ("bsbr", {"chunk_size": block, "retrieval_blocks": 4}),
         "sliding_window": ("sliding_window", {"window_size": block}),
         "linear": ("linear", {"chunk_size": block}),
         "deltanet": ("deltanet", {"chunk_size": 64}),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
-from ..output import pyplot, save_figure
+from ..results import pyplot, save_figure
 
 
 def _loglog_axes(axes, ylabels, legend_fontsize=None) -> None:

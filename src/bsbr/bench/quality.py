@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from ..output import write_json
+from ..results import write_json
 from .plots import plot_quality
 from ..schedule import lr_scale
 
@@ -39,12 +39,12 @@ def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
         "standard": ("standard", {}),
         "sliding_window": ("sliding_window", {"window_size": block}),
         "bsbr": ("bsbr", {"chunk_size": block}),
-        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu"}),
-        "bsbr_topk2": ("bsbr", {"chunk_size": block, "top_k": 2}),
+        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog"}),
+        "bsbr_blocks2": ("bsbr", {"chunk_size": block, "retrieval_blocks": 2}),
         "bsbr_compressed4": ("bsbr", {"chunk_size": block, "compression_factor": 4}),
         # retrieval gate per head starting closed: the model starts as chunk-local attention
         "bsbr_gated": ("bsbr", {"chunk_size": block, "gate": 0.0}),
-        "bsbr_normalized_gated": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "elu",
+        "bsbr_normalized_gated": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog",
                                            "gate": 0.0}),
         "linear": ("linear", {"chunk_size": block}),
         "deltanet": ("deltanet", {"chunk_size": block}),
@@ -57,7 +57,7 @@ def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
     }
 
 
-DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr_topk2", "bsbr_compressed4",
+DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr_blocks2", "bsbr_compressed4",
                   "linear", "deltanet", "hopfield", "gau")
 
 
@@ -178,7 +178,7 @@ def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[
     by = {r["model"]: r for r in results}
     pairs = [("bsbr", "sliding_window", block), ("bsbr_normalized", "sliding_window", block),
              ("bsbr_gated", "sliding_window", block), ("bsbr_normalized_gated", "sliding_window", block),
-             ("bsbr_topk2", "sliding_window", block), ("bsbr_compressed4", "sliding_window", block),
+             ("bsbr_blocks2", "sliding_window", block), ("bsbr_compressed4", "sliding_window", block),
              ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
     out = []
     for a, b, chunk in pairs:

@@ -20,7 +20,7 @@ TARGET_MODEL_PEAK_MB = 3 * 1024.0  # process peak RSS at 64k tokens, MiB
 
 def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden: int = 256, heads: int = 4,
                         chunk_size: int = 128, ff_dim: int = 1024, num_layers: int = 2, vocab_size: int = 1000,
-                        repeats: int = 3, retrieval: str = "additive", top_k: Optional[int] = None,
+                        repeats: int = 3, retrieval: str = "additive", retrieval_blocks: int = 0,
                         seed: int = 0, device: str = "cpu") -> Dict[str, object]:
     """A small :class:`BSBRModel` forward at growing lengths: median time, extra peak memory of the
     call and the whole process's peak RSS. Lengths run in turn (one model, nothing to interleave)."""
@@ -28,7 +28,7 @@ def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden
 
     torch.manual_seed(seed)
     model = BSBRModel(vocab_size, hidden, num_layers, heads, chunk_size, ff_dim, dropout=0.0,
-                      retrieval=retrieval, top_k=top_k).to(device).eval()
+                      retrieval=retrieval, retrieval_blocks=retrieval_blocks).to(device).eval()
     rows = []
     for n in seq_lens:
         ids = torch.randint(0, vocab_size, (1, n), device=device)
@@ -56,7 +56,7 @@ def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden
     peak_hi = ok[hi]["process_peak_mb"] if hi in ok else None
     config = dict(seq_lens=list(seq_lens), hidden=hidden, heads=heads, chunk_size=chunk_size, ff_dim=ff_dim,
                   num_layers=num_layers, vocab_size=vocab_size, repeats=repeats, retrieval=retrieval,
-                  top_k=top_k, batch=1, dtype="float32", seed=seed)
+                  retrieval_blocks=retrieval_blocks, batch=1, dtype="float32", seed=seed)
     targets = [
         {"target": f"t({hi})/t({lo}) <= {TARGET_MODEL_TIME_RATIO:g}", "value": t_ratio,
          "goal": TARGET_MODEL_TIME_RATIO, "met": None if t_ratio is None else t_ratio <= TARGET_MODEL_TIME_RATIO},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..output import pyplot, save_figure
+from ..results import pyplot, save_figure
 
 
 def plot_progress(progress: dict, path: os.PathLike, smooth: int = 10) -> Path:

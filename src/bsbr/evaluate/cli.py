@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -123,8 +122,9 @@ def cmd_eval(args) -> int:
         for line in passkey_summary_lines(result["passkey"]):
             print(line)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            from ..results import write_json
+
+            write_json(result, args.json)
             print(f"results: {args.json}")
         return _write_heatmap(args, result["passkey"])
     try:

@@ -6,12 +6,13 @@ each model's accuracy per filler source.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Tuple
+
+from ..results import pyplot, save_figure, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,9 @@ def accuracy_grid(passkey: dict, model: str) -> list:
 def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
     """Write the heat maps (and the per-filler panel) of a :func:`~bsbr.evaluate.passkey.run_passkey`
     result to ``path``; returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     names = model_order(passkey)
     fillers = [f["name"] for f in passkey.get("fillers", [])]
@@ -82,10 +81,7 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
         ax.set_title("accuracy per filler", fontsize=9)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.suptitle(f"pass-key retrieval: {passkey['trials']} trials per cell, seed {passkey['seed']}", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    path = save_figure(fig, path, dpi=110, bbox_inches="tight")
     logger.info("wrote %s", path)
     return path
 
@@ -95,5 +91,5 @@ def write_passkey_report(passkey: dict, png_path: os.PathLike) -> Tuple[Path, Pa
     returns both paths."""
     png = plot_passkey_heatmap(passkey, png_path)
     js = png.with_suffix(".json")
-    js.write_text(json.dumps(passkey, indent=2))
+    write_json(passkey, js)
     return png, js

@@ -5,7 +5,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..output import pyplot, save_figure
+from ..results import pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 

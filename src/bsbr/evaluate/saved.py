@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..output import write_json
+from ..results import write_json
 from .baselines import has_wide_window, local_baseline
 from .evaluate import evaluate
 

@@ -73,7 +73,7 @@ class AttentionLM(nn.Module):
         dropout: in the attention output and the MLP (default 0).
         rope_theta: rotary base.
         **attention_kwargs: passed to the attention layer (e.g. ``chunk_size=128`` for BSBR,
-            ``window_size=128`` for sliding window, ``retrieval="normalized"``, ``top_k=4``).
+            ``window_size=128`` for sliding window, ``retrieval="normalized"``, ``retrieval_blocks=4``).
     """
 
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int,

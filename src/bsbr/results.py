@@ -22,10 +22,13 @@ def _finite(obj):
 
 
 def write_json(result, path: PathLike) -> Path:
-    """Write ``result`` as indented JSON to ``path``, making its folder. Returns the path."""
+    """Write ``result`` as indented JSON to ``path`` (making its folder) in one rename: a reader sees
+    the old file or the new one. Returns the path."""
+    from .outputs import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(result), indent=1) + "\n")
+    atomic_write_text(path, json.dumps(_finite(result), indent=1) + "\n")
     return path
 
 
@@ -39,13 +42,20 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: PathLike, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` (making its folder) and close it. Returns the path."""
+def save_figure(fig, path: PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
+    """Lay out ``fig``, write it to ``path`` (making its folder; one rename, so never half a file) and
+    close it. ``savefig_kwargs`` go to ``fig.savefig``. Returns the path."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix names the format
+    try:
+        fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
