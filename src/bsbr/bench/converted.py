@@ -28,11 +28,32 @@ def gpt2_small_random(n_positions: int = 8192):
     return GPT2LMHeadModel(GPT2Config(n_positions=n_positions)).eval()
 
 
-def _decode_ms(model, ids: torch.Tensor, steps: int) -> float:
-    """Median ms per generated token after prefilling ``ids`` (cache on)."""
+def cache_bytes(cache) -> int:
+    """Bytes held by the tensors a cache object reaches (attributes, lists, dicts), each counted once."""
+    seen, total, todo = set(), 0, [cache]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, torch.Tensor):
+            if obj.untyped_storage().data_ptr() not in seen:
+                seen.add(obj.untyped_storage().data_ptr())
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif hasattr(obj, "__dict__") and id(obj) not in seen:
+            seen.add(id(obj))
+            todo.extend(vars(obj).values())
+    return total
+
+
+def _decode(model, ids: torch.Tensor, steps: int):
+    """(median ms per generated token after prefilling ``ids`` with the cache on, the cache's bytes per
+    context token after the prefill)."""
     times = []
     with torch.no_grad():
         out = model(ids, use_cache=True)
+        per_token = cache_bytes(out.cache) / ids.shape[1]
         mask = torch.ones(1, ids.shape[1], dtype=torch.long)
         for _ in range(steps):
             tok = out.logits[:, -1:].argmax(-1)
@@ -40,7 +61,7 @@ def _decode_ms(model, ids: torch.Tensor, steps: int) -> float:
             t0 = time.perf_counter()
             out = model(tok, cache=out.cache, attention_mask=mask, use_cache=True)
             times.append(time.perf_counter() - t0)
-    return 1000.0 * median(times)
+    return 1000.0 * median(times), per_token
 
 
 def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3,
@@ -68,10 +89,11 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
         ids = torch.randint(0, vocab, (1, n), generator=g)
         row = dict(context=n)
         for name, m in models.items():
-            row[f"{name}_ms_per_token"] = _decode_ms(m, ids, decode_steps)
+            row[f"{name}_ms_per_token"], row[f"{name}_cache_bytes_per_token"] = _decode(m, ids, decode_steps)
         decode.append(row)
-        logger.info("decode at %6d context: source %.1f ms/token, bsbr %.1f ms/token", n,
-                    row["source_ms_per_token"], row["bsbr_ms_per_token"])
+        logger.info("decode at %6d context: source %.1f ms/token, bsbr %.1f ms/token; cache %.0f / %.0f bytes per "
+                    "token", n, row["source_ms_per_token"], row["bsbr_ms_per_token"],
+                    row["source_cache_bytes_per_token"], row["bsbr_cache_bytes_per_token"])
     return dict(prefill=rows, decode=decode, machine=machine_info(), repeats=repeats,
                 chunk_size=converted.config.chunk_size)
 
@@ -82,7 +104,9 @@ def speed_lines(result: Dict) -> List[str]:
     lines += [f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
               f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}" for r in result["prefill"]]
     lines += [f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
-              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token" for r in result["decode"]]
+              f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token; cache bytes per context token: source "
+              f"{r['source_cache_bytes_per_token']:.0f}, bsbr {r['bsbr_cache_bytes_per_token']:.0f}"
+              for r in result["decode"]]
     return lines
 
 
@@ -113,8 +137,8 @@ def register(bench_sub) -> None:
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 16384])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 32768])
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
