@@ -1,0 +1,30 @@
+"""``bsbr bench converted`` on a tiny llama and its conversion: the table's fields, and the cache's
+bytes per context token (exact blocks keep every key and value; the window alone does not)."""
+from model_sources import make_source
+
+from bsbr.bench.converted import bench_converted, cache_bytes, speed_lines
+from bsbr.convert import convert_to_bsbr
+
+
+def test_bench_converted_reports_speed_and_cache_bytes():
+    source = make_source("llama")
+    blocks = convert_to_bsbr(source, chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2).eval()
+    window = convert_to_bsbr(source, chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=0).eval()
+    res = bench_converted(source, blocks, seq_lens=[48], repeats=1, decode_contexts=[40, 120], decode_steps=2)
+    (row,) = res["prefill"]
+    assert row["source_ms"] > 0 and row["bsbr_ms"] > 0 and row["speedup"] == row["source_ms"] / row["bsbr_ms"]
+    short, long = res["decode"]
+    for r in (short, long):
+        assert r["source_ms_per_token"] > 0 and r["bsbr_ms_per_token"] > 0
+    # the source keeps k and v of every token; exact blocks keep them too (plus states and bounds)
+    assert long["bsbr_cache_bytes_per_token"] > long["source_cache_bytes_per_token"] * 0.9
+    only_window = bench_converted(source, window, seq_lens=[], decode_contexts=[120], decode_steps=1)["decode"][0]
+    assert only_window["bsbr_cache_bytes_per_token"] < long["bsbr_cache_bytes_per_token"]
+    assert len(speed_lines(res)) == 1 + 1 + 2
+
+
+def test_cache_bytes_counts_each_storage_once():
+    import torch
+
+    t = torch.zeros(10)
+    assert cache_bytes({"a": t, "b": [t, t[2:]], "c": (torch.zeros(3, dtype=torch.float64),)}) == 40 + 24
