@@ -109,7 +109,7 @@ def _recall_sets(fk, v, n, options: BSBROptions) -> torch.Tensor:
                 pred = fk[h, j] @ F
                 if options.retrieval == "normalized":
                     pred = pred / (fk[h, j] @ z)
-                err[j] = float((pred - v[h, j]).norm())
+                err[j] = float((pred - v[h, j]).norm().detach())
                 err[j] = float("inf") if math.isnan(err[j]) else err[j]
             cache = sorted(err, key=lambda j: (-err[j], -j))[:M]
             out[h, c, cache] = True

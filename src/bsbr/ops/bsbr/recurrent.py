@@ -35,15 +35,22 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
-def _write(state, name, slot, rows, x, inplace):
-    """Write x (b, h, d) into ``state.name`` (b, h, slots, d) at slot (b,) for the sequences in rows (b,)."""
-    buf = getattr(state, name)
+def _write(state, slot, rows, named, inplace):
+    """Write each x (b, h, d) of ``named`` ((name, x), ...) into ``state.name`` (b, h, slots, d) at
+    slot (b,) for the sequences in rows (b,)."""
     if inplace:
         r = rows.nonzero()[:, 0]
-        buf[r, :, slot[r]] = x[r]
+        if r.numel() == 0:
+            return
+        everyone = r.numel() == rows.numel()
+        s = slot if everyone else slot[r]
+        for name, x in named:
+            getattr(state, name)[r, :, s] = x if everyone else x[r]
         return
-    at = ((torch.arange(buf.shape[2], device=x.device)[None, :] == slot[:, None]) & rows[:, None])
-    setattr(state, name, torch.where(at.view(x.shape[0], 1, -1, 1), x.unsqueeze(2), buf))
+    for name, x in named:
+        buf = getattr(state, name)
+        at = ((torch.arange(buf.shape[2], device=x.device)[None, :] == slot[:, None]) & rows[:, None])
+        setattr(state, name, torch.where(at.view(x.shape[0], 1, -1, 1), x.unsqueeze(2), buf))
 
 
 def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_k, valid):
@@ -89,17 +96,12 @@ def _write_token(state, k, v, kr, fk, valid, inplace):
     """Store this token where later tokens read it: the window ring, the sinks, the current block."""
     opt = state.options
     t, W, S = state.n_seen, opt.window, opt.sink_tokens
-    _write(state, "k_buf", t % W, valid, k, inplace)
-    _write(state, "v_buf", t % W, valid, v, inplace)
+    ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
+    _write(state, t % W, valid, ring, inplace)
     if S:
-        _write(state, "k_sink", t.clamp(max=S - 1), valid & (t < S), kr, inplace)
-        _write(state, "v_sink", t.clamp(max=S - 1), valid & (t < S), v, inplace)
+        _write(state, t.clamp(max=S - 1), valid & (t < S), [("k_sink", kr), ("v_sink", v)], inplace)
     if opt.retrieval_blocks:
-        _write(state, "kr_cur", t % opt.chunk_size, valid, kr, inplace)
-        _write(state, "v_cur", t % opt.chunk_size, valid, v, inplace)
-    if opt.recall_tokens:
-        _write(state, "kr_ring", t % W, valid, kr, inplace)
-        _write(state, "fk_ring", t % W, valid, fk, inplace)
+        _write(state, t % opt.chunk_size, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
 
 
 def _window_and_sinks(qg, qrg, state):
