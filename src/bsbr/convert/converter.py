@@ -98,8 +98,8 @@ class TransformerToBSBRConverter:
     Options (see :data:`DEFAULT_OPTIONS`): ``retrieval``, ``feature_map``, ``gate_init`` (None = no
     gate), ``local_chunks``, ``sink_tokens``, ``retrieval_blocks`` and ``recall_tokens`` (the exact keys,
     see :class:`bsbr.ops.BSBROptions`; ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0),
-    ``far_positions`` (rotary positions of far keys, see :class:`bsbr.models.BSBRConfig`), ``position_scheme`` for learned positions past the source's table
-    ("wrap" | "clamp" | "absolute").
+    ``far_positions`` (rotary positions of far keys, see :class:`bsbr.models.BSBRConfig`),
+    ``position_scheme`` for learned positions past the source's table ("wrap" | "clamp" | "absolute").
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None, **options):

@@ -84,7 +84,8 @@ class BSBRConfig(PretrainedConfig):
         _positive_int("head_dim", head_dim, allow_none=True)
         _positive_int("compression_factor", compression_factor, allow_none=True)
         BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
-                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens, retrieval=retrieval)  # validates them
+                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
+                    retrieval=retrieval)  # validates them
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
