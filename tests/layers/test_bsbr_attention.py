@@ -10,6 +10,8 @@ VARIANTS = [
     dict(retrieval="normalized", compression_factor=2, retrieval_blocks=2),
     dict(retrieval="additive", compression_factor=3, gate=1.0, num_kv_heads=1),
     dict(retrieval="normalized", gate=0.5, num_kv_heads=2, local_chunks=2, sink_tokens=3, retrieval_blocks=1),
+    dict(retrieval="normalized", gate=0.5, num_kv_heads=2, local_chunks=2, sink_tokens=2, recall_tokens=5),
+    dict(retrieval="additive", gate=0.3, recall_tokens=3),
 ]
 
 
@@ -103,6 +105,8 @@ def test_bsbr_layer_gradients_flow():
         (dict(compression_factor=5), ValueError),  # does not divide the feature dim 6
         (dict(compression_factor=0), ValueError),
         (dict(retrieval_blocks=-1), ValueError),
+        (dict(recall_tokens=-1), ValueError),
+        (dict(recall_tokens=4, retrieval_blocks=2), ValueError),
         (dict(num_kv_heads=3), ValueError),
         (dict(retrieval="softmax"), ValueError),
         (dict(retrieval="normalized", feature_map="identity"), ValueError),

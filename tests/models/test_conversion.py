@@ -55,6 +55,42 @@ def test_blocks_covering_every_earlier_chunk_reproduce_the_source(source):
     assert (bsbr_outputs(fewer, src, ids) - outputs(src, ids)).abs().max().item() > 1e-3
 
 
+def test_recall_cache_holding_every_token_reproduces_the_source(source, tmp_path):
+    """recall_tokens at least the context, closed gate, far keys at their own positions: every earlier
+    token is read exactly (window, sinks or recall cache), so the converted model is its source; a
+    small cache differs. The option survives save/load, and it replaces the exact blocks."""
+    name, src = source
+    ids = torch.randint(0, VOCAB, (2, 4 * CHUNK - 1), generator=torch.Generator().manual_seed(1))
+    model = convert_to_bsbr(src, chunk_size=CHUNK, recall_tokens=4 * CHUNK, far_positions="absolute")
+    assert model.config.recall_tokens == 4 * CHUNK and model.config.retrieval_blocks == 0
+    diff = (bsbr_outputs(model, src, ids) - outputs(src, ids)).abs().max().item()
+    assert diff <= 1e-4, f"{name}: max |logit diff| {diff}"
+    small = convert_to_bsbr(src, chunk_size=CHUNK, recall_tokens=2, far_positions="absolute")
+    assert (bsbr_outputs(small, src, ids) - outputs(src, ids)).abs().max().item() > 1e-3
+    small.save_pretrained(tmp_path)
+    assert load_bsbr_model(tmp_path).config.recall_tokens == 2
+    with pytest.raises(ValueError, match="exclusive"):
+        convert_to_bsbr(src, chunk_size=CHUNK, recall_tokens=2, retrieval_blocks=1)
+
+
+def test_recall_tokens_flag():
+    import argparse
+
+    from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
+    from bsbr.outputs import UserError
+
+    p = argparse.ArgumentParser()
+    add_conversion_arguments(p)
+    assert "M tokens per layer per K/V head" in " ".join(p.format_help().split())  # what it costs
+    opts = conversion_options(p.parse_args(["--recall-tokens", "64"]))
+    assert opts["recall_tokens"] == 64 and opts["retrieval_blocks"] == 0
+    assert conversion_options(p.parse_args([]))["retrieval_blocks"] == 4
+    with pytest.raises(UserError, match="exclusive"):
+        check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "8", "--retrieval-blocks", "2"])))
+    with pytest.raises(UserError, match="recall-tokens"):
+        check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "-1"])))
+
+
 def test_far_positions_change_only_far_keys():
     """far_positions='window' moves sinks and blocks, never the window: until a token has a key
     outside its window, the model is its source; after, it differs from the 'absolute' rule."""

@@ -9,16 +9,18 @@ from bsbr.models import BSBRCache
 CHUNK = 8
 
 
-@pytest.fixture(params=[("llama", 1, 0, 0, "absolute"), ("gpt2", 1, 0, 0, "absolute"), ("llama", 2, 3, 0, "window"),
-                        ("llama", 2, 3, 2, "window"), ("gpt2", 2, 1, 2, "absolute")],
-                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks"])
+@pytest.fixture(params=[("llama", 1, 0, 0, "absolute", 0), ("gpt2", 1, 0, 0, "absolute", 0),
+                        ("llama", 2, 3, 0, "window", 0), ("llama", 2, 3, 2, "window", 0),
+                        ("gpt2", 2, 1, 2, "absolute", 0), ("llama", 2, 3, 0, "window", 5)],
+                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks", "llama-recall"])
 def model(request):
     # an open gate, so the chunk states matter in every chunk after the first; "window" attends
     # exactly to the previous chunk and the sinks (a ring buffer in the cache); "blocks" also reads
-    # the 2 best earlier chunks exactly (their keys in the cache)
-    family, local_chunks, sinks, blocks, far = request.param
+    # the 2 best earlier chunks exactly (their keys in the cache); "recall" keeps 5 exact past tokens
+    # per K/V head and one state of the rest
+    family, local_chunks, sinks, blocks, far, recall = request.param
     return convert_to_bsbr(make_source(family), chunk_size=CHUNK, gate_init=0.7, local_chunks=local_chunks,
-                           sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far)
+                           sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far, recall_tokens=recall)
 
 
 def test_prefill_then_steps_equal_full_forward_logits(model):
@@ -74,6 +76,10 @@ def test_cache_is_bounded_by_chunk_and_per_chunk_states(model):
     assert int(st.n_seen) == 64
     assert st.k_buf.shape[2] == CHUNK * model.config.local_chunks  # keys of the window, not of 64 tokens
     assert st.k_sink.shape[2] == model.config.sink_tokens
+    if model.config.recall_tokens:  # bounded: M cached tokens and one state, no per-chunk arrays
+        assert st.F_past.shape[2] == 0 and st.kr_past.numel() == 0
+        assert st.recall_kr.shape[2] == model.config.recall_tokens and bool(st.recall_on.all())
+        return
     assert 8 <= st.F_past.shape[2] <= 16  # one state per completed chunk (capacity grows by doubling)
     if model.config.retrieval_blocks:  # exact blocks keep every completed chunk's keys and values
         assert st.kr_past.shape[2] == st.F_past.shape[2] and st.kr_past.shape[3] == CHUNK

@@ -27,9 +27,15 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     p.add_argument("--sink-tokens", type=int, default=D["sink_tokens"],
                    help="the sequence's first tokens kept in every exact window (attention sinks; default %(default)s)")
-    p.add_argument("--retrieval-blocks", type=int, default=D["retrieval_blocks"],
+    p.add_argument("--retrieval-blocks", type=int, default=None,
                    help="earlier chunks each token reads exactly, chosen per token by its query against each "
-                        "chunk's key bounds (default %(default)s; 0 = none)")
+                        f"chunk's key bounds (default {D['retrieval_blocks']}, 0 with --recall-tokens; 0 = none). "
+                        "Keeps every past token's key and value: the cache grows with the context")
+    p.add_argument("--recall-tokens", type=int, default=D["recall_tokens"],
+                   help="the bounded recall mode (default %(default)s = off; needs --retrieval-blocks 0): keep at "
+                        "most M exact past tokens per layer and K/V head, those the linear state recalls worst, "
+                        "and the rest in one state; the cache stays constant (M tokens per layer per K/V head "
+                        "plus the window), whatever the context length")
     p.add_argument("--far-positions", choices=["absolute", "window"], default=D["far_positions"],
                    help="rotary positions of sinks and retrieved blocks: their own, or just before the window "
                         "(default %(default)s; 'window' keeps every distance inside the source's range)")
@@ -46,9 +52,14 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def conversion_options(args) -> dict:
+    from .converter import DEFAULT_OPTIONS
+
+    blocks = args.retrieval_blocks
+    if blocks is None:
+        blocks = 0 if args.recall_tokens else DEFAULT_OPTIONS["retrieval_blocks"]
     return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor, retrieval=args.retrieval,
                 feature_map=args.feature_map, gate_init=args.gate_init, local_chunks=args.local_chunks,
-                sink_tokens=args.sink_tokens, retrieval_blocks=args.retrieval_blocks,
+                sink_tokens=args.sink_tokens, retrieval_blocks=blocks, recall_tokens=args.recall_tokens,
                 far_positions=args.far_positions, position_scheme=args.position_scheme)
 
 
@@ -57,10 +68,12 @@ def check_conversion_options(options: dict) -> None:
     from ..outputs import UserError
 
     for name, low in (("chunk_size", 1), ("local_chunks", 1), ("sink_tokens", 0), ("compression_factor", 1),
-                      ("top_k", 1)):
+                      ("top_k", 1), ("recall_tokens", 0)):
         value = options.get(name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if options.get("recall_tokens") and options.get("retrieval_blocks"):
+        raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
 
 
 def cmd_convert(args) -> int:

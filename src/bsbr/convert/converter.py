@@ -28,7 +28,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the converter's defaults; chosen by the measurements in docs/findings.md
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
-                       retrieval_blocks=4, far_positions="window", position_scheme="wrap")
+                       retrieval_blocks=4, recall_tokens=0, far_positions="window", position_scheme="wrap")
 
 
 def default_source_path() -> Path:
@@ -96,10 +96,10 @@ class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
     Options (see :data:`DEFAULT_OPTIONS`): ``retrieval``, ``feature_map``, ``gate_init`` (None = no
-    gate), ``local_chunks``, ``sink_tokens`` and ``retrieval_blocks`` (the exact keys, see
-    :class:`bsbr.ops.BSBROptions`), ``far_positions`` (rotary positions of far keys, see
-    :class:`bsbr.models.BSBRConfig`), ``position_scheme`` for learned positions past the source's table
-    ("wrap" | "clamp" | "absolute").
+    gate), ``local_chunks``, ``sink_tokens``, ``retrieval_blocks`` and ``recall_tokens`` (the exact keys,
+    see :class:`bsbr.ops.BSBROptions`; ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0),
+    ``far_positions`` (rotary positions of far keys, see :class:`bsbr.models.BSBRConfig`),
+    ``position_scheme`` for learned positions past the source's table ("wrap" | "clamp" | "absolute").
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None, **options):
@@ -108,6 +108,8 @@ class TransformerToBSBRConverter:
             raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
         self.chunk_size = chunk_size
         self.compression_factor = compression_factor
+        if options.get("recall_tokens") and "retrieval_blocks" not in options:
+            options["retrieval_blocks"] = 0  # the bounded mode replaces the exact blocks
         self.options = {**DEFAULT_OPTIONS, **options}
 
     def convert(self, source) -> BSBRForCausalLM:

@@ -112,7 +112,9 @@ class BSBRDecoderLayer(nn.Module):
 class BSBRCache:
     """Per-layer streaming states for generation: the exact window's keys/values (``local_chunks``
     chunks plus ``sink_tokens`` tokens) and one state per completed chunk per layer; with
-    ``retrieval_blocks > 0`` also every completed chunk's keys/values (see :class:`bsbr.ops.BSBRState`)."""
+    ``retrieval_blocks > 0`` also every completed chunk's keys/values; with ``recall_tokens = M > 0``
+    instead ``M`` cached tokens and one state per K/V head, and no per-chunk arrays (constant size; see
+    :class:`bsbr.ops.BSBRState`)."""
 
     is_compileable = False
     is_croppable = False

@@ -18,6 +18,7 @@ from .masks import sink_outside_window
 from .options import BSBROptions
 from .retrieval import apply_meta, block_bounds, block_scores, combine, gate_per_head, select_blocks, state_weights
 from .softmax import attention_lse, masked_attention_lse, merge
+from .recall import RecallCache, cache_scores, recall_update
 from .state import BSBRState, refresh_retrieval
 
 NEG_INF = float("-inf")
@@ -61,92 +62,157 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     a = check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
-    B, L, S, K = options.chunk_size, options.local_chunks, options.sink_tokens, options.retrieval_blocks
-    g = hq // hkv
+    B, L = options.chunk_size, options.local_chunks
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
-    tensors = (q, k, v, mq, mk, fq, fk, qr, kr)
-
-    order = None
-    if valid is not None:
-        valid = valid.bool()
-        order, lengths = _compact(valid)
-        tensors = tuple(_gather_tokens(x, order) for x in tensors)
-    else:
-        lengths = torch.full((b,), n, dtype=torch.long, device=q.device)
     if n == 0:
         return q.new_zeros(b, hq, 0, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
+    x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
+    q, k, v, mq, mk, fq, fk, qr, kr = x
+    C = q.shape[2] // B
+    tok_valid = torch.arange(C * B, device=q.device)[None, :] < lengths[:, None]  # (b, N)
 
-    C = -(-n // B)
-    pad = C * B - n
+    # 1. the exact softmax, in parts: the window, the sinks, and (below) the blocks or the recall cache
+    parts = _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
+    if options.sink_tokens:
+        parts.append(_sink_part(qr, kr, v, tok_valid, options, scale))
+    if options.recall_tokens:
+        o_c, lse_c, num, den, cache = _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale)
+        parts.append((o_c, lse_c))
+        saved = dict(cache=cache)
+    else:
+        num, den, saved = _chunk_state_terms(mq, mk, fq, fk, v, tok_valid, options, meta_q, meta_k)
+        if options.retrieval_blocks:
+            o_r, lse_r, num, den, saved["bounds"] = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid,
+                                                                  options, scale)
+            parts.append((o_r, lse_r))
+
+    o = combine(merge(parts), num, den, gate_per_head(gate, hq, q), options.retrieval)
+    o = (o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]
+    state = None
+    if output_final_state:
+        state = _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved)
+    if order is not None:  # back to the original (padded) positions
+        o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
+    return o, state
+
+
+def _chunked_tokens(tensors, valid, B):
+    """Each sequence's real tokens moved to the front (with ``valid``), then zero-padded to whole chunks.
+    Returns (tensors, order or None, lengths (b,))."""
+    b, n = tensors[0].shape[0], tensors[0].shape[2]
+    order = None
+    if valid is not None:
+        order, lengths = _compact(valid.bool())
+        tensors = tuple(_gather_tokens(x, order) for x in tensors)
+    else:
+        lengths = torch.full((b,), n, dtype=torch.long, device=tensors[0].device)
+    pad = -n % B
     if pad:
         tensors = tuple(F_.pad(x, (0, 0, 0, pad)) for x in tensors)
-    q, k, v, mq, mk, fq, fk, qr, kr = tensors
-    N = C * B
-    tok_valid = torch.arange(N, device=q.device)[None, :] < lengths[:, None]  # (b, N)
+    return tensors, order, lengths
 
-    def blocks(x):  # (b, h, N, d) -> (b, h, C, B, d)
-        return x.view(x.shape[0], x.shape[1], C, B, x.shape[-1])
 
-    # 1. the exact softmax, in parts
-    parts = _window_parts(q, k, v, b, hkv, g, C, B, L, scale)
-    t = torch.arange(N, device=q.device)
-    if S:
-        j = torch.arange(min(S, N), device=q.device)
-        ok = sink_outside_window(t[:, None], j[None, :], B, L) & tok_valid[:, None, j]  # (b, N, S)
-        s = (qr.view(b, hkv, g, N, -1) @ kr[:, :, : j.numel()].unsqueeze(2).transpose(-1, -2)) * scale
-        o_s, lse_s = masked_attention_lse(s, ok.view(b, 1, 1, N, -1), v[:, :, : j.numel()].unsqueeze(2))
-        parts.append((o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)))
+def _blocks(x, B):
+    """(b, h, N, d) -> (b, h, C, B, d)."""
+    return x.view(x.shape[0], x.shape[1], x.shape[2] // B, B, x.shape[-1])
 
-    # 2. chunk states from real tokens: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
-    m = tok_valid.view(b, 1, C, B, 1).to(q.dtype)
-    fk_c = blocks(fk) * m
-    F = fk_c.transpose(-1, -2) @ blocks(v)
+
+def _sink_part(qr, kr, v, tok_valid, options, scale):
+    """The sinks outside each token's window as an LSE part (o (b, hq, N, dv), lse (b, hq, N))."""
+    b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
+    hq = qr.shape[1]
+    t = torch.arange(N, device=qr.device)
+    j = torch.arange(min(options.sink_tokens, N), device=qr.device)
+    ok = sink_outside_window(t[:, None], j[None, :], options.chunk_size, options.local_chunks)
+    ok = ok & tok_valid[:, None, j]  # (b, N, S)
+    s = (qr.view(b, hkv, hq // hkv, N, -1) @ kr[:, :, : j.numel()].unsqueeze(2).transpose(-1, -2)) * scale
+    o_s, lse_s = masked_attention_lse(s, ok.view(b, 1, 1, N, -1), v[:, :, : j.numel()].unsqueeze(2))
+    return o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)
+
+
+def _chunk_state_terms(mq, mk, fq, fk, v, tok_valid, options, meta_q, meta_k):
+    """The chunk states' read-out (num (b, hq, N, dv), den (b, hq, N) or None) and what later steps
+    reuse (chunk states, meta-keys/queries, weights)."""
+    b, hkv, N = fk.shape[0], fk.shape[1], fk.shape[2]
+    hq, B, L = fq.shape[1], options.chunk_size, options.local_chunks
+    g, C = hq // hkv, N // B
+    # chunk states from real tokens: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
+    m = tok_valid.view(b, 1, C, B, 1).to(fk.dtype)
+    fk_c = _blocks(fk, B) * m
+    F = fk_c.transpose(-1, -2) @ _blocks(v, B)
     z = fk_c.sum(-2)
-
-    # 3. meta-keys (mean over the chunk) and meta-queries (mean over the previous chunk)
+    # meta-keys (mean over the chunk) and meta-queries (mean over the previous chunk)
     counts = m.sum(-2).clamp(min=1.0)  # (b, 1, C, 1)
-    h_meta = apply_meta(meta_k, (blocks(mk) * m).sum(-2) / counts)  # (b, hkv, C, dm)
-    mean_q = apply_meta(meta_q, (blocks(mq) * m).sum(-2) / counts)  # (b, hq, C, dm)
+    h_meta = apply_meta(meta_k, (_blocks(mk, B) * m).sum(-2) / counts)  # (b, hkv, C, dm)
+    mean_q = apply_meta(meta_q, (_blocks(mq, B) * m).sum(-2) / counts)  # (b, hq, C, dm)
     r_meta = F_.pad(mean_q[:, :, :-1], (0, 0, 1, 0))  # r_c = mean_q[c-1]
-
-    # 4. state weights over the chunks before each chunk's window: w (b, hkv, g, C, C)
-    c_idx = torch.arange(C, device=q.device)
+    # state weights over the chunks before each chunk's window: w (b, hkv, g, C, C)
+    c_idx = torch.arange(C, device=fk.device)
     w = state_weights(r_meta.view(b, hkv, g, C, -1), h_meta.unsqueeze(2), c_idx[None, :] <= c_idx[:, None] - L,
                       options.retrieval)
-    df, dv = a.feature_dim, a.value_dim
+    df, dv = fk.shape[-1], v.shape[-1]
     S_ = (w @ F.view(b, hkv, 1, C, df * dv)).view(b, hkv, g, C, df, dv)
     zS = w @ z.view(b, hkv, 1, C, df)  # (b, hkv, g, C, df)
     fq_c = fq.view(b, hkv, g, C, B, df)
     num = (fq_c @ S_).view(b, hq, N, dv)
     den = (fq_c @ zS.unsqueeze(-1)).view(b, hq, N) if options.retrieval == "normalized" else None
+    return num, den, dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
 
-    # 5. exact blocks: each token's top-K chunks before its window, read in the same softmax; their
-    #    states leave the chunk-state term
-    kmin = kmax = None
-    if K:
-        keep = (tok_valid & (t >= S)[None, :]).view(b, 1, C, B)  # a sink is never part of a block
-        kmin, kmax = block_bounds(blocks(kr), keep)  # (b, hkv, C, d)
-        candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
-        candidate = candidate & tok_valid[:, :, None]
-        scores = block_scores(qr.view(b, hkv, g, N, -1), kmin.unsqueeze(2), kmax.unsqueeze(2))  # (b, hkv, g, N, C)
-        sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), K)  # (b, hkv, g, N, K')
-        w_tok = w.gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
-        w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
-        o_r, lse_r, sub_num, sub_den = _selected_blocks(qr, fq, blocks(kr), blocks(v), F, z, sel, w_sel, keep, scale)
-        parts.append((o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N)))
-        num = num - sub_num.reshape(b, hq, N, dv)
-        if den is not None:
-            den = den - sub_den.reshape(b, hq, N)
 
-    o = combine(merge(parts), num, den, gate_per_head(gate, hq, q), options.retrieval)
-    o = (o * tok_valid.view(b, 1, N, 1).to(o.dtype))[:, :, :n]
+def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
+    """Exact blocks: each token's top-K chunks before its window, read in the same softmax; their
+    states leave the chunk-state term. Returns the LSE part, the corrected num/den and the key bounds."""
+    b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
+    hq, B, L, S = qr.shape[1], options.chunk_size, options.local_chunks, options.sink_tokens
+    g, C, dv = hq // hkv, N // B, v.shape[-1]
+    t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
+    keep = (tok_valid & (t >= S)[None, :]).view(b, 1, C, B)  # a sink is never part of a block
+    kmin, kmax = block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, d)
+    candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
+    candidate = candidate & tok_valid[:, :, None]
+    scores = block_scores(qr.view(b, hkv, g, N, -1), kmin.unsqueeze(2), kmax.unsqueeze(2))  # (b, hkv, g, N, C)
+    sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
+    w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
+    w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
+    o_r, lse_r, sub_num, sub_den = _selected_blocks(qr, fq, _blocks(kr, B), _blocks(v, B), saved["F"], saved["z"],
+                                                    sel, w_sel, keep, scale)
+    num = num - sub_num.reshape(b, hq, N, dv)
+    if den is not None:
+        den = den - sub_den.reshape(b, hq, N)
+    return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den, (kmin, kmax)
 
-    state = None
-    if output_final_state:
-        state = _final_state(a, options, k, v, kr, F, z, mk, mq, h_meta, mean_q, m, lengths, kmin, kmax)
-    if order is not None:  # back to the original (padded) positions
-        o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
-    return o, state
+
+def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale):
+    """The bounded recall mode: the cache built chunk by chunk (chunk e leaves the window at the start
+    of chunk e + L), each chunk's queries against the cache as it stood at its start (an LSE part), and
+    their read-out of the state of the other left-window tokens. Returns (o, lse, num, den, final cache)."""
+    b, hkv, N, d = kr.shape
+    hq, B, L, S, M = qr.shape[1], options.chunk_size, options.local_chunks, options.sink_tokens, options.recall_tokens
+    g, C, dv, df = hq // hkv, N // B, v.shape[-1], fk.shape[-1]
+    kr_c, v_c, fk_c = _blocks(kr, B), _blocks(v, B), _blocks(fk, B)
+    full = torch.div(lengths, B, rounding_mode="floor")  # completed chunks per sequence
+    cache = RecallCache.empty(b, hkv, M, d, dv, df, kr)
+    at_start = [cache] * min(L, C)  # the cache at the start of each chunk
+    for e in range(max(C - L + 1, 0)):
+        pos = e * B + torch.arange(B, device=kr.device)
+        real = tok_valid[:, e * B:(e + 1) * B]
+        cache = recall_update(cache, kr_c[:, :, e], v_c[:, :, e], fk_c[:, :, e], pos.expand(b, B), real,
+                              real & (pos >= S), e <= full - L, options.retrieval)
+        if e + L < C:
+            at_start.append(cache)
+    snap = RecallCache(*(torch.stack(x, dim=2) for x in zip(*at_start)))  # each (b, hkv, C, ...)
+    qr_c = qr.view(b, hkv, g, C, B, d).transpose(2, 3).reshape(b, hkv, C, g * B, d)
+    s = cache_scores(qr_c, snap.kr, snap.on, scale)  # (b, hkv, C, g*B, M)
+    o, lse = masked_attention_lse(s, torch.isfinite(s), snap.v)
+
+    def unfold(x):  # (b, hkv, C, g*B, ...) -> (b, hq, N, ...)
+        x = x.view(b, hkv, C, g, B, *x.shape[4:]).transpose(2, 3)
+        return x.reshape(b, hq, N, *x.shape[5:])
+
+    fq_c = fq.view(b, hkv, g, C, B, df).transpose(2, 3).reshape(b, hkv, C, g * B, df)
+    num = unfold(fq_c @ snap.F)
+    den = unfold((fq_c @ snap.z.unsqueeze(-1))[..., 0]) if options.retrieval == "normalized" else None
+    return unfold(o), unfold(lse), num, den, cache
 
 
 def _window_parts(q, k, v, b, hkv, g, C, B, L, scale):
@@ -248,22 +314,11 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, keep, scale):
     return o.transpose(2, 3), lse.transpose(2, 3), num.transpose(2, 3), den.transpose(2, 3)
 
 
-def _final_state(a, options, k, v, kr, F, z, mk, mq, h_meta, mean_q, m, lengths, kmin, kmax) -> BSBRState:
+def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
     """The streaming state after the last real token of each sequence."""
-    b, hkv, hq = a.batch, a.kv_heads, a.q_heads
-    B, S = options.chunk_size, options.sink_tokens
-    C = F.shape[2]
-    full = torch.div(lengths, B, rounding_mode="floor")  # completed chunks per sequence
+    b, S = a.batch, options.sink_tokens
     st = BSBRState.empty(a, options, k)
     st.n_seen = lengths.clone()
-    cur = full.clamp(max=C - 1)  # the current (partial) chunk; ignored if empty
-    has_partial = (lengths % B) > 0
-
-    def pick(x):  # (b, h, C, ...) -> (b, h, ...) at chunk cur[b], zero where no partial chunk
-        idx = cur.view(b, 1, 1, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], 1, *x.shape[3:])
-        got = x.gather(2, idx).squeeze(2)
-        return torch.where(has_partial.view(b, *([1] * (got.dim() - 1))), got, torch.zeros_like(got))
-
     # the ring of the last W tokens: slot s holds token last - ((last - s) mod W); zeros before the start
     W = options.window
     last = (lengths - 1).view(b, 1)
@@ -279,17 +334,41 @@ def _final_state(a, options, k, v, kr, F, z, mk, mq, h_meta, mean_q, m, lengths,
         first = (torch.arange(s_, device=k.device).view(1, 1, -1, 1) < lengths.view(b, 1, 1, 1)).to(k.dtype)
         st.k_sink[:, :, :s_] = kr[:, :, :s_] * first
         st.v_sink[:, :, :s_] = v[:, :, :s_] * first
+    if options.recall_tokens:
+        st.kr_ring, st.fk_ring = ring(kr), ring(fk)
+        st.set_recall(saved["cache"])
+    else:
+        _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved)
+    return st
+
+
+def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
+    """The per-chunk part of the final state: the current chunk's running sums, every completed chunk's
+    state and meta-key (and blocks), and what the current chunk reads."""
+    b, hkv, hq, B = a.batch, a.kv_heads, a.q_heads, options.chunk_size
+    F, z, m, mean_q = saved["F"], saved["z"], saved["m"], saved["mean_q"]
+    C = F.shape[2]
+    full = torch.div(lengths, B, rounding_mode="floor")  # completed chunks per sequence
+    cur = full.clamp(max=C - 1)  # the current (partial) chunk; ignored if empty
+    has_partial = (lengths % B) > 0
+
+    def pick(x):  # (b, h, C, ...) -> (b, h, ...) at chunk cur[b], zero where no partial chunk
+        idx = cur.view(b, 1, 1, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], 1, *x.shape[3:])
+        got = x.gather(2, idx).squeeze(2)
+        return torch.where(has_partial.view(b, *([1] * (got.dim() - 1))), got, torch.zeros_like(got))
+
     st.F_cur, st.z_cur = pick(F), pick(z)
     st.mk_sum = pick((mk.view(b, hkv, C, B, -1) * m).sum(-2))
     st.mq_sum = pick((mq.view(b, hq, C, B, -1) * m).sum(-2))
     prev = (full - 1).clamp(min=0).view(b, 1, 1, 1).expand(-1, hq, 1, mean_q.shape[-1])
     st.r_cur = torch.where((full > 0).view(b, 1, 1), mean_q.gather(2, prev).squeeze(2), torch.zeros_like(st.r_cur))
-    done = (torch.arange(C, device=k.device)[None, :] < full[:, None]).view(b, 1, C)
+    done = (torch.arange(C, device=F.device)[None, :] < full[:, None]).view(b, 1, C)
     st.F_past = F * done[..., None, None].to(F.dtype)
     st.z_past = z * done[..., None].to(z.dtype)
-    st.h_past = h_meta * done[..., None].to(h_meta.dtype)
+    st.h_past = saved["h_meta"] * done[..., None].to(F.dtype)
     st.w_cur = st.w_cur.new_zeros(b, hq, C)
     if options.retrieval_blocks:
+        kmin, kmax = saved["bounds"]
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
@@ -301,4 +380,3 @@ def _final_state(a, options, k, v, kr, F, z, mk, mq, h_meta, mean_q, m, lengths,
             t = getattr(st, name)
             setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
     refresh_retrieval(st, full > 0)
-    return st

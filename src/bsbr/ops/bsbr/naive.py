@@ -46,6 +46,15 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         candidate = torch.arange(C, device=q.device)[None, :] <= chunk[:, None] - L  # (n, C): before the window
         retrievable = t >= S  # a sink is read through the sink slot, never as part of a block
         candidate = candidate & (onehot.bool() & retrievable[None]).any(1)[None, :]
+        if options.recall_tokens:  # the bounded mode: a cache of M tokens and the state of the rest
+            cached = _recall_sets(fkb, vb, n, options)[:, chunk]  # (h, n, n): the cache each token reads
+            far = sink | cached
+            outside = (chunk[None, :] <= chunk[:, None] - L) & ~cached  # left the window, not cached
+            kernel = (fqb @ fkb.transpose(-1, -2)) * outside
+            num, den = kernel @ vb, kernel.sum(-1) if options.retrieval == "normalized" else None
+            A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale)
+            out[b][:, keep] = combine(A, num, den, gates, options.retrieval)
+            continue
         selected = torch.zeros(a.q_heads, n, C + 1, dtype=torch.bool, device=q.device)  # column C: "none"
         if K:
             kmin, kmax = block_bounds(krb[:, None], onehot.bool() & retrievable[None])  # (h, C, d) each
@@ -53,9 +62,7 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
         selected = selected[..., :C]
         far = sink | (selected[:, :, chunk] & retrievable[None, None, :] & ~win)  # (h, n, n)
-        s = torch.where(win, qb @ kb.transpose(-1, -2), qrb @ krb.transpose(-1, -2)) * scale
-        s = s.masked_fill(~(win | far), float("-inf"))
-        A = torch.softmax(s, dim=-1) @ vb
+        A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale)
         # 2. chunk states F_c = sum_{j in c} fk_j v_j^T, z_c = sum_{j in c} fk_j
         F = torch.einsum("cj,hjf,hjv->hcfv", onehot, fkb, vb)
         z = torch.einsum("cj,hjf->hcf", onehot, fkb)
@@ -73,3 +80,37 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         den = torch.einsum("htf,htc,hcf->ht", fqb, w_tok, z) if options.retrieval == "normalized" else None
         out[b][:, keep] = combine(A, num, den, gates, options.retrieval)
     return out, None
+
+
+def _exact_softmax(q, k, qr, kr, v, win, far, scale):
+    """One softmax over the window (q.k) and the far keys (qr.kr); masks (h, n, n) or (n, n)."""
+    s = torch.where(win, q @ k.transpose(-1, -2), qr @ kr.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~(win | far), float("-inf")), dim=-1) @ v
+
+
+def _recall_sets(fk, v, n, options: BSBROptions) -> torch.Tensor:
+    """The recall cache by its definition: (h, C, n) bool, the tokens in head h's cache at the start
+    of chunk c. Built chunk by chunk: when chunk e leaves the window (at the start of chunk e + L),
+    the cache and e's non-sink tokens are ranked by their recall error against the state of every
+    token of chunks <= e (the state of the tokens outside the cache, the candidates included); the
+    M largest stay, ties to the later token."""
+    B, L, S, M = options.chunk_size, options.local_chunks, options.sink_tokens, options.recall_tokens
+    C = -(-n // B)
+    t = torch.arange(n, device=fk.device)
+    out = torch.zeros(fk.shape[0], C, n, dtype=torch.bool, device=fk.device)
+    for h in range(fk.shape[0]):
+        cache = []
+        for c in range(L, C):
+            e = c - L
+            left = t[t // B <= e]
+            F, z = fk[h, left].T @ v[h, left], fk[h, left].sum(0)
+            err = {}
+            for j in cache + [j for j in range(e * B, (e + 1) * B) if j >= S]:
+                pred = fk[h, j] @ F
+                if options.retrieval == "normalized":
+                    pred = pred / (fk[h, j] @ z)
+                err[j] = float((pred - v[h, j]).norm().detach())
+                err[j] = float("inf") if math.isnan(err[j]) else err[j]
+            cache = sorted(err, key=lambda j: (-err[j], -j))[:M]
+            out[h, c, cache] = True
+    return out

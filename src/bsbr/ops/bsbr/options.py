@@ -27,6 +27,18 @@ class BSBROptions:
     * ``retrieval``: how the chunk states of the earlier chunks it did not select join the exact
       softmax: ``"additive"`` (``o = softmax part + g q.S``) or ``"normalized"`` (one denominator:
       ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features).
+    * ``recall_tokens`` ``M``: the bounded recall mode (LoLA-style; 0: off; exclusive with
+      ``retrieval_blocks``). Per K/V head a cache of at most ``M`` exact tokens (far key, value) taken
+      from the chunks that have left the window (never sinks). When chunk ``c`` leaves the window (at
+      the start of chunk ``c + L``) the candidates are the cache and the non-sink tokens of ``c``; each
+      gets its recall error against the linear state ``S = sum fk_j v_j^T``, ``z = sum fk_j`` of every
+      token that has left the window and is not in the cache, candidates included:
+      ``e_j = |fk_j.S / fk_j.z - v_j|`` (normalized) or ``|fk_j.S - v_j|`` (additive). The ``M``
+      largest errors stay (ties: the later token), the rest join the state. A token attends in one
+      softmax to its window, the sinks and the cache as it stands at the start of its chunk (far
+      keys, ``qr.kr``), and reads the state (the left-window tokens outside the cache, each with
+      weight one; no meta-retrieval) through ``retrieval`` with the gate. Memory is constant: ``M``
+      tokens and one state per K/V head.
     * ``scale``: softmax scale, default ``1/sqrt(head_dim)``.
 
     See ``docs/design.md`` for the whole definition.
@@ -37,6 +49,7 @@ class BSBROptions:
     sink_tokens: int = 0
     retrieval_blocks: int = 0
     retrieval: str = "additive"
+    recall_tokens: int = 0
     scale: Optional[float] = None
 
     def __post_init__(self):
@@ -44,6 +57,9 @@ class BSBROptions:
         _int_at_least("local_chunks", self.local_chunks, 1)
         _int_at_least("sink_tokens", self.sink_tokens, 0)
         _int_at_least("retrieval_blocks", self.retrieval_blocks, 0)
+        _int_at_least("recall_tokens", self.recall_tokens, 0)
+        if self.recall_tokens and self.retrieval_blocks:
+            raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
         if self.retrieval not in VARIANTS:
             raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
         if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))

@@ -16,6 +16,7 @@ from .inputs import check_inputs
 from .masks import exact_window, sink_outside_window
 from .options import BSBROptions
 from .retrieval import apply_meta, block_bounds, block_scores, combine, gate_per_head, select_blocks
+from .recall import cache_scores, recall_update
 from .state import BSBRState, ensure_capacity, refresh_retrieval
 
 
@@ -34,100 +35,167 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
-def _write(state, name, slot, rows, x, inplace):
-    """Write x (b, h, d) into ``state.name`` (b, h, slots, d) at slot (b,) for the sequences in rows (b,)."""
-    buf = getattr(state, name)
+def _write(state, slot, rows, named, inplace):
+    """Write each x (b, h, d) of ``named`` ((name, x), ...) into ``state.name`` (b, h, slots, d) at
+    slot (b,) for the sequences in rows (b,)."""
     if inplace:
         r = rows.nonzero()[:, 0]
-        buf[r, :, slot[r]] = x[r]
+        if r.numel() == 0:
+            return
+        everyone = r.numel() == rows.numel()
+        s = slot if everyone else slot[r]
+        for name, x in named:
+            getattr(state, name)[r, :, s] = x if everyone else x[r]
         return
-    at = ((torch.arange(buf.shape[2], device=x.device)[None, :] == slot[:, None]) & rows[:, None])
-    setattr(state, name, torch.where(at.view(x.shape[0], 1, -1, 1), x.unsqueeze(2), buf))
+    for name, x in named:
+        buf = getattr(state, name)
+        at = ((torch.arange(buf.shape[2], device=x.device)[None, :] == slot[:, None]) & rows[:, None])
+        setattr(state, name, torch.where(at.view(x.shape[0], 1, -1, 1), x.unsqueeze(2), buf))
 
 
 def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_k, valid):
     """The step on checked inputs."""
     opt = state.options
     b, hq, d = q.shape
-    hkv, B, L, S, K = k.shape[1], opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks
-    W, g = opt.window, hq // hkv
+    hkv, B = k.shape[1], opt.chunk_size
     scale = 1.0 / math.sqrt(d) if opt.scale is None else opt.scale
     inplace = not torch.is_grad_enabled()  # no copy of the buffers per token when nothing needs gradients
     t = state.n_seen  # index of this token
-    j = t % B  # its slot in its chunk
-    _write(state, "k_buf", t % W, valid, k, inplace)
-    _write(state, "v_buf", t % W, valid, v, inplace)
-    if S:
-        _write(state, "k_sink", t.clamp(max=S - 1), valid & (t < S), kr, inplace)
-        _write(state, "v_sink", t.clamp(max=S - 1), valid & (t < S), v, inplace)
-    if K:
-        _write(state, "kr_cur", j, valid, kr, inplace)
-        _write(state, "v_cur", j, valid, v, inplace)
+    _write_token(state, k, v, kr, fk, valid, inplace)
 
-    # the exact softmax: window (q.k), sinks outside it and selected blocks (qr.kr), one normalisation
-    tt = t.view(b, 1)
-    ring = tt - torch.remainder(tt - torch.arange(W, device=q.device).view(1, W), W)  # token in each slot
-    qg, qrg = q.view(b, hkv, g, 1, d), qr.view(b, hkv, g, 1, d)
-    scores = [(qg @ state.k_buf.unsqueeze(2).transpose(-1, -2)).masked_fill(
-        ~exact_window(tt, ring, B, L, 0).view(b, 1, 1, 1, W), float("-inf"))]
-    values = [state.v_buf.unsqueeze(2).expand(-1, -1, g, -1, -1)]
-    if S:
-        seen = sink_outside_window(tt, torch.arange(S, device=q.device).view(1, S), B, L)
-        scores.append((qrg @ state.k_sink.unsqueeze(2).transpose(-1, -2)).masked_fill(
-            ~seen.view(b, 1, 1, 1, S), float("-inf")))
-        values.append(state.v_sink.unsqueeze(2).expand(-1, -1, g, -1, -1))
-    num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
-    den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
-    P = state.kmin_past.shape[2]
-    if K and P:
-        chunks = torch.arange(P, device=q.device)
-        # before the window, and holding a token that is not a sink
-        candidate = (chunks[None, :] <= (torch.div(t, B, rounding_mode="floor") - L)[:, None]) & ((chunks + 1) * B > S)
-        bs = block_scores(qrg, state.kmin_past.unsqueeze(2), state.kmax_past.unsqueeze(2))  # (b, hkv, g, 1, P)
-        sel = select_blocks(bs, candidate.view(b, 1, 1, 1, P), K)[:, :, :, 0]  # (b, hkv, g, K')
-        Kp = sel.shape[-1]
-        at = sel.clamp(min=0)
-        kb = state.kr_past.unsqueeze(2).expand(-1, -1, g, -1, -1, -1).gather(
-            3, at.view(b, hkv, g, Kp, 1, 1).expand(-1, -1, -1, -1, B, d))  # (b, hkv, g, K', B, d)
-        vb = state.v_past.unsqueeze(2).expand(-1, -1, g, -1, -1, -1).gather(
-            3, at.view(b, hkv, g, Kp, 1, 1).expand(-1, -1, -1, -1, B, state.v_past.shape[-1]))
-        readable = (sel >= 0).unsqueeze(-1) & (at.unsqueeze(-1) * B + torch.arange(B, device=q.device) >= S)
-        scores.append((qrg @ kb.reshape(b, hkv, g, Kp * B, d).transpose(-1, -2)).masked_fill(
-            ~readable.reshape(b, hkv, g, 1, Kp * B), float("-inf")))
-        values.append(vb.reshape(b, hkv, g, Kp * B, -1))
-        # the selected chunks leave the chunk-state term
-        w_sel = state.w_cur.view(b, hkv, g, -1).gather(-1, at) * (sel >= 0)  # (b, hkv, g, K')
-        Fsel = state.F_past.unsqueeze(2).expand(-1, -1, g, -1, -1, -1).gather(
-            3, at.view(b, hkv, g, Kp, 1, 1).expand(-1, -1, -1, -1, *state.F_past.shape[-2:]))
-        fqg = fq.view(b, hkv, g, 1, -1)
-        num = num - torch.einsum("bkgp,bkgf,bkgpfv->bkgv", w_sel, fqg[:, :, :, 0], Fsel).reshape(b, hq, -1)
-        if den is not None:
-            zsel = state.z_past.unsqueeze(2).expand(-1, -1, g, -1, -1).gather(
-                3, at.view(b, hkv, g, Kp, 1).expand(-1, -1, -1, -1, state.z_past.shape[-1]))
-            den = den - torch.einsum("bkgp,bkgf,bkgpf->bkg", w_sel, fqg[:, :, :, 0], zsel).reshape(b, hq)
+    # the exact softmax: window (q.k), sinks outside it and selected blocks or the recall cache (qr.kr),
+    # one normalisation
+    qg, qrg = q.view(b, hkv, hq // hkv, 1, d), qr.view(b, hkv, hq // hkv, 1, d)
+    scores, values = _window_and_sinks(qg, qrg, state)
+    if opt.recall_tokens:
+        num, den = _recall_read(qrg, fq, state, scores, values, scale)
+    else:
+        num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
+        den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
+        if opt.retrieval_blocks and state.kmin_past.shape[2]:
+            num, den = _read_blocks(qrg, fq, state, scores, values, num, den)
     s = torch.cat(scores, dim=-1) * scale
     o_exact = (torch.softmax(s, dim=-1) @ torch.cat(values, dim=-2)).reshape(b, hq, -1)
     o = combine(o_exact.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
                 gate_per_head(gate, hq, q), opt.retrieval).squeeze(2)
     vm = valid.view(b, 1, 1).to(o.dtype)  # padding: output 0, state unchanged
     o = o * vm
-
-    # running sums of the current chunk
-    if inplace:
-        state.F_cur += (fk * vm).unsqueeze(-1) * v.unsqueeze(-2)
-        state.z_cur += fk * vm
-        state.mk_sum += mk * vm
-        state.mq_sum += mq * vm
-    else:
-        state.F_cur = state.F_cur + (fk * vm).unsqueeze(-1) * v.unsqueeze(-2)
-        state.z_cur = state.z_cur + fk * vm
-        state.mk_sum = state.mk_sum + mk * vm
-        state.mq_sum = state.mq_sum + mq * vm
+    if not opt.recall_tokens:
+        _add_to_chunk(state, fk * vm, v, mk * vm, mq * vm, inplace)
     state.n_seen = state.n_seen + valid.long()
-    done = valid & (j == B - 1)
+    done = valid & (t % B == B - 1)
     if bool(done.any()):
-        _complete_chunk(state, done, meta_q, meta_k)
+        if opt.recall_tokens:
+            _recall_complete_chunk(state, done)
+        else:
+            _complete_chunk(state, done, meta_q, meta_k)
     return o
+
+
+def _write_token(state, k, v, kr, fk, valid, inplace):
+    """Store this token where later tokens read it: the window ring, the sinks, the current block."""
+    opt = state.options
+    t, W, S = state.n_seen, opt.window, opt.sink_tokens
+    ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
+    _write(state, t % W, valid, ring, inplace)
+    if S:
+        _write(state, t.clamp(max=S - 1), valid & (t < S), [("k_sink", kr), ("v_sink", v)], inplace)
+    if opt.retrieval_blocks:
+        _write(state, t % opt.chunk_size, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
+
+
+def _window_and_sinks(qg, qrg, state):
+    """Unscaled scores (b, hkv, g, 1, keys) and values of the window and the sinks outside it."""
+    opt = state.options
+    b, hkv, g = qg.shape[:3]
+    B, L, S, W = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window
+    tt = state.n_seen.view(b, 1)
+    ring = tt - torch.remainder(tt - torch.arange(W, device=qg.device).view(1, W), W)  # token in each slot
+    scores = [(qg @ state.k_buf.unsqueeze(2).transpose(-1, -2)).masked_fill(
+        ~exact_window(tt, ring, B, L, 0).view(b, 1, 1, 1, W), float("-inf"))]
+    values = [state.v_buf.unsqueeze(2).expand(-1, -1, g, -1, -1)]
+    if S:
+        seen = sink_outside_window(tt, torch.arange(S, device=qg.device).view(1, S), B, L)
+        scores.append((qrg @ state.k_sink.unsqueeze(2).transpose(-1, -2)).masked_fill(
+            ~seen.view(b, 1, 1, 1, S), float("-inf")))
+        values.append(state.v_sink.unsqueeze(2).expand(-1, -1, g, -1, -1))
+    return scores, values
+
+
+def _read_blocks(qrg, fq, state, scores, values, num, den):
+    """Append the selected blocks' scores and values; return num/den without their chunk states."""
+    opt = state.options
+    b, hkv, g, _, d = qrg.shape
+    B, L, S, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, state.kmin_past.shape[2]
+    t = state.n_seen
+    chunks = torch.arange(P, device=qrg.device)
+    # before the window, and holding a token that is not a sink
+    candidate = (chunks[None, :] <= (torch.div(t, B, rounding_mode="floor") - L)[:, None]) & ((chunks + 1) * B > S)
+    bs = block_scores(qrg, state.kmin_past.unsqueeze(2), state.kmax_past.unsqueeze(2))  # (b, hkv, g, 1, P)
+    sel = select_blocks(bs, candidate.view(b, 1, 1, 1, P), opt.retrieval_blocks)[:, :, :, 0]  # (b, hkv, g, K')
+    Kp = sel.shape[-1]
+    at = sel.clamp(min=0)
+
+    def chosen(x):  # (b, hkv, P, ...) -> (b, hkv, g, K', ...) at the selected chunks
+        x = x.unsqueeze(2).expand(-1, -1, g, *x.shape[2:])
+        return x.gather(3, at.view(b, hkv, g, Kp, *([1] * (x.dim() - 4))).expand(-1, -1, -1, -1, *x.shape[4:]))
+
+    kb, vb = chosen(state.kr_past), chosen(state.v_past)  # (b, hkv, g, K', B, d)
+    readable = (sel >= 0).unsqueeze(-1) & (at.unsqueeze(-1) * B + torch.arange(B, device=qrg.device) >= S)
+    scores.append((qrg @ kb.reshape(b, hkv, g, Kp * B, d).transpose(-1, -2)).masked_fill(
+        ~readable.reshape(b, hkv, g, 1, Kp * B), float("-inf")))
+    values.append(vb.reshape(b, hkv, g, Kp * B, -1))
+    # the selected chunks leave the chunk-state term
+    w_sel = state.w_cur.view(b, hkv, g, -1).gather(-1, at) * (sel >= 0)  # (b, hkv, g, K')
+    fqg = fq.view(b, hkv, g, -1)
+    num = num - torch.einsum("bkgp,bkgf,bkgpfv->bkgv", w_sel, fqg, chosen(state.F_past)).reshape(num.shape)
+    if den is not None:
+        den = den - torch.einsum("bkgp,bkgf,bkgpf->bkg", w_sel, fqg, chosen(state.z_past)).reshape(den.shape)
+    return num, den
+
+
+def _recall_read(qrg, fq, state, scores, values, scale):
+    """Append the recall cache's scores and values; return the read-out of the state of the other
+    left-window tokens (num (b, hq, dv), den (b, hq) or None)."""
+    b, hkv, g = qrg.shape[:3]
+    cache = state.recall()
+    scores.append(cache_scores(qrg, cache.kr.unsqueeze(2), cache.on.unsqueeze(2), 1.0))
+    values.append(cache.v.unsqueeze(2).expand(-1, -1, g, -1, -1))
+    fqg = fq.view(b, hkv, g, -1)
+    num = (fqg @ cache.F).reshape(b, hkv * g, -1)
+    den = (fqg @ cache.z.unsqueeze(-1)).reshape(b, hkv * g) if state.options.retrieval == "normalized" else None
+    return num, den
+
+
+def _add_to_chunk(state, fk, v, mk, mq, inplace):
+    """Running sums of the current chunk (inputs already zero for padding)."""
+    if inplace:
+        state.F_cur += fk.unsqueeze(-1) * v.unsqueeze(-2)
+        state.z_cur += fk
+        state.mk_sum += mk
+        state.mq_sum += mq
+    else:
+        state.F_cur = state.F_cur + fk.unsqueeze(-1) * v.unsqueeze(-2)
+        state.z_cur = state.z_cur + fk
+        state.mk_sum = state.mk_sum + mk
+        state.mq_sum = state.mq_sum + mq
+
+
+def _recall_complete_chunk(state: BSBRState, done: torch.Tensor) -> None:
+    """A chunk completed: the chunk L chunks back (the ring's oldest) leaves the window and the recall
+    cache is updated from it, for the sequences in ``done`` that have one."""
+    opt = state.options
+    B, L, W = opt.chunk_size, opt.local_chunks, opt.window
+    e = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the chunk leaving (n_seen: next token)
+    pos = e[:, None] * B + torch.arange(B, device=e.device)[None, :]  # (b, B)
+    slot = pos.clamp(min=0) % W
+
+    def tokens(x):  # (b, hkv, W, d) -> (b, hkv, B, d) at the leaving chunk's slots
+        return x.gather(2, slot[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+    real = pos >= 0
+    state.set_recall(recall_update(state.recall(), tokens(state.kr_ring), tokens(state.v_buf), tokens(state.fk_ring),
+                                   pos, real, real & (pos >= opt.sink_tokens), done & (e >= 0), opt.retrieval))
 
 
 def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> None:

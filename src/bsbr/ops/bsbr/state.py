@@ -7,6 +7,7 @@ import torch
 
 from .inputs import BSBRArgs
 from .options import BSBROptions
+from .recall import RecallCache
 from .retrieval import state_weights
 
 
@@ -18,7 +19,10 @@ class BSBRState:
     tokens' far keys/values, and per *completed* chunk one (feature x value) state, feature sum and
     meta-key. With ``retrieval_blocks > 0`` also every completed chunk's far keys, values and key
     bounds (the exact blocks a later token may select): memory then grows with the context, like a
-    KV cache, while the work per token stays bounded.
+    KV cache, while the work per token stays bounded. With ``recall_tokens = M > 0`` instead: the
+    window's far keys and features (to rank a chunk as it leaves the window), ``M`` cached tokens per
+    K/V head and one state of the other left-window tokens; no per-chunk arrays, so the memory is
+    constant.
     """
 
     options: BSBROptions
@@ -44,6 +48,15 @@ class BSBRState:
     v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
     kmin_past: torch.Tensor  # (b, hkv, P, d) per-dimension key bounds of completed chunks
     kmax_past: torch.Tensor  # (b, hkv, P, d)
+    kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
+    fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
+    recall_kr: torch.Tensor  # (b, hkv, M, d) the recall cache (see bsbr.ops.bsbr.recall.RecallCache)
+    recall_v: torch.Tensor  # (b, hkv, M, dv)
+    recall_fk: torch.Tensor  # (b, hkv, M, df)
+    recall_pos: torch.Tensor  # (b, hkv, M) long
+    recall_on: torch.Tensor  # (b, hkv, M) bool
+    recall_F: torch.Tensor  # (b, hkv, df, dv) state of the left-window tokens outside the cache (df = 0 off)
+    recall_z: torch.Tensor  # (b, hkv, df)
 
     PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past", "kmin_past", "kmax_past")
 
@@ -58,6 +71,9 @@ class BSBRState:
 
         b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
         Bk = options.chunk_size if options.retrieval_blocks else 0
+        M = options.recall_tokens
+        Wr, dfr = (options.window, df) if M else (0, 0)
+        cache = RecallCache.empty(b, hkv, M, d, dv, dfr, like)
         return cls(
             options=options, n_seen=torch.zeros(b, dtype=torch.long, device=like.device),
             k_buf=z(b, hkv, options.window, d), v_buf=z(b, hkv, options.window, dv),
@@ -66,8 +82,16 @@ class BSBRState:
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
             h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
             kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
-            kmin_past=z(b, hkv, 0, d), kmax_past=z(b, hkv, 0, d),
+            kmin_past=z(b, hkv, 0, d), kmax_past=z(b, hkv, 0, d), kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
+            **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
+
+    def recall(self) -> RecallCache:
+        return RecallCache(*(getattr(self, f"recall_{name}") for name in RecallCache._fields))
+
+    def set_recall(self, cache: RecallCache) -> None:
+        for name, x in zip(RecallCache._fields, cache):
+            setattr(self, f"recall_{name}", x)
 
     def tensors(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
