@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -44,8 +47,6 @@ def _plan(args):
 
 
 def _resume_command(args) -> str:
-    import shlex
-
     argv = [a for a in getattr(args, "argv", None) or [] if a != "--overwrite"]
     if "--resume" not in argv:
         argv.append("--resume")
@@ -61,25 +62,18 @@ class _StopOnSignal:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        import signal
-
         self.requested = True
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)",
                        signal.Signals(signum).name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
