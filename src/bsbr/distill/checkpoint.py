@@ -88,7 +88,8 @@ def read_manifest(directory: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); start a new --output, or pass --overwrite") from e
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}")
+        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}: "
+                              f"start a new --output, or pass --overwrite to start over in this one")
     for role, f in files.items():
         p = directory / f["name"]
         if not p.is_file():
