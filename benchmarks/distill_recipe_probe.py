@@ -1,9 +1,9 @@
-"""Usage: python benchmarks/distill_recipe_probe.py {transfer|kl} STEPS LR [BASE_LR] [key=value ...]
+"""Usage: python benchmarks/distill_recipe_probe.py kl STEPS LR [BASE_LR] [key=value ...]
 
-A short probe of the two distillation stages on SmolLM2-135M (chunk 256, 2,048-token windows):
-``transfer`` = stage 1 (attention transfer, relative MSE per layer), ``kl`` = stage 2 only (end-to-end
-KL plus 0.1 x LM loss, as these probes ran, on the new pieces; with BASE_LR > 0, on all weights, the
-source's own at BASE_LR). ``key=value`` pairs are conversion options (e.g. ``retrieval_mass=1.0``,
+A short distillation probe on SmolLM2-135M (chunk 256, 2,048-token windows): end-to-end KL plus
+0.1 x LM loss, as these probes ran, on the new pieces; with BASE_LR > 0, on all weights, the source's
+own at BASE_LR. (``kl`` names the recipe, as in the recorded commands; attention transfer, the other
+mode, is retired.) ``key=value`` pairs are conversion options (e.g. ``retrieval_mass=1.0``,
 ``compression_factor=4``; ``bf16=1`` turns on autocast). Prints perplexity on tokens past the first
 chunk of 4 windows from 40 files not trained on, for full attention, chunk-local attention and the
 distilled BSBR model.
@@ -22,6 +22,7 @@ from bsbr.distill import DistillConfig, distill
 from bsbr.evaluate import perplexity_past
 
 mode, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+assert mode == "kl", "the only probe left is kl (attention transfer is retired)"
 base_lr = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 
 
@@ -67,9 +68,8 @@ def ppl(m):
 
 pf, pl = ppl(src), ppl(local)
 print("full", pf, "local", pl, flush=True)
-cfg = (DistillConfig(steps=steps, lr=lr, checkpoint_every=10**6) if mode == "transfer"
-       else DistillConfig(steps=0, stage2_steps=steps, stage2_lr=lr, checkpoint_every=10**6, bf16=bf16, lm_weight=0.1,
-                     **(dict(stage2_params="all", stage2_base_lr=base_lr) if base_lr > 0 else {})))
+cfg = DistillConfig(steps=steps, lr=lr, checkpoint_every=10**6, bf16=bf16, lm_weight=0.1,
+                    **(dict(params="all", base_lr=base_lr) if base_lr > 0 else {}))
 t = time.time()
 distill(src, student, train, f"/tmp/probe_{mode}", cfg)
 pb = ppl(student)

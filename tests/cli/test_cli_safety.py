@@ -162,11 +162,13 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
 
 # ------------------------------------------------------------------------------------------- distill
 @pytest.mark.parametrize("extra, message", [
-    (["--stage2-steps", "-5"], "--stage2-steps must be >= 0"),
-    (["--minutes", "0.2", "--stage2-share", "0"], "nothing to train"),
-    (["--stage2-steps", "3", "--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
-    (["--steps", "-1", "--stage2-steps", "3"], "--steps must be >= 0"),
-    (["--stage2-steps", "2", "--resume", "--overwrite"], "give one of them"),
+    (["--steps", "-5"], "--steps must be an int >= 1"),
+    (["--steps", "0"], "--steps must be an int >= 1"),
+    ([], "nothing to train"),
+    (["--minutes", "0"], "--minutes must be > 0"),
+    (["--steps", "3", "--checkpoint-every", "0"], "--checkpoint-every must be an int >= 1"),
+    (["--steps", "3", "--lr", "-1"], "learning rates must be > 0"),
+    (["--steps", "2", "--resume", "--overwrite"], "give one of them"),
 ])
 def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, capsys, extra, message):
     assert message in refused(capsys, distill_args(models, text, tmp_path / "out", *extra), "distill", models[1])
@@ -175,12 +177,12 @@ def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, caps
 
 def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
     source, converted, _ = models
-    line = refused(capsys, distill_args(models, text, converted, "--stage2-steps", "2", "--overwrite"), "distill",
+    line = refused(capsys, distill_args(models, text, converted, "--steps", "2", "--overwrite"), "distill",
                    converted)
     assert "overlaps the --student" in line
-    line = refused(capsys, distill_args(models, text, source / "out", "--stage2-steps", "2"), "distill", source)
+    line = refused(capsys, distill_args(models, text, source / "out", "--steps", "2"), "distill", source)
     assert "overlaps the --teacher" in line
-    args = distill_args(models, text, tmp_path / "out", "--stage2-steps", "2")
+    args = distill_args(models, text, tmp_path / "out", "--steps", "2")
     assert "not a BSBR one" in refused(capsys, [*args, "--student", source], "distill", source)
     assert "not enough for one window" in refused(capsys, [*args, "--seq-len", "100000"], "distill")
     assert not (tmp_path / "out").exists()
@@ -191,7 +193,7 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     source, converted, other = models
-    args = distill_args(models, text, tmp_path / "out", "--stage2-steps", "2")
+    args = distill_args(models, text, tmp_path / "out", "--steps", "2")
     line = refused(capsys, [*args, "--teacher", other], "distill", converted, other)
     assert "is not the model" in line and "--force" in line
     wide = tmp_path / "wide-vocab"
@@ -204,17 +206,17 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
 
 def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, capsys):
     out = tmp_path / "out"
-    args = [str(a) for a in distill_args(models, text, out, "--stage2-steps", "3", "--checkpoint-every", "1")]
+    args = [str(a) for a in distill_args(models, text, out, "--steps", "3", "--checkpoint-every", "1")]
     assert main(args) == 0
     manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
     assert manifest["step"] == 3 and set(manifest["files"]) == {"weights", "optimizer"}
     assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
-    assert manifest["progress"]["run"]["seq_len"] == 24 and manifest["progress"]["config"]["stage2_lr"] == 3e-3
+    assert manifest["progress"]["run"]["seq_len"] == 24 and manifest["progress"]["config"]["lr"] == 3e-3
 
-    line = refused(capsys, [*args, "--stage2-steps", "5"], "distill", out)  # a rerun without --resume
+    line = refused(capsys, [*args, "--steps", "5"], "distill", out)  # a rerun without --resume
     assert "holds a checkpoint" in line and "--resume" in line and "--overwrite" in line
-    line = refused(capsys, [*args, "--resume", "--stage2-lr", "1e-3"], "distill", out)
-    assert "other settings" in line and "stage2_lr" in line
+    line = refused(capsys, [*args, "--resume", "--lr", "1e-3"], "distill", out)
+    assert "other settings" in line and "lr: checkpoint 0.003, now 0.001" in line
     line = refused(capsys, [*args, "--resume", "--seq-len", "16"], "distill", out)
     assert "other settings" in line and "seq_len" in line
     other_text = tmp_path / "other.py"
@@ -230,7 +232,7 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     data.unlink()  # missing
     assert "is partial" in refused(capsys, [*args, "--resume"], "distill", out)
     data.write_bytes(good)
-    assert main([*args, "--resume", "--stage2-steps", "5"]) == 0  # more steps: allowed
+    assert main([*args, "--resume", "--steps", "5"]) == 0  # more steps: allowed
     assert json.loads((ckpt / "manifest.json").read_text())["step"] == 5
     assert main([*args, "--overwrite"]) == 0  # start over: 3 steps again
     assert json.loads((ckpt / "manifest.json").read_text())["step"] == 3
@@ -246,7 +248,7 @@ def test_distill_resume_into_a_directory_without_a_checkpoint_refuses(models, te
     _, converted, _ = models
     out = tmp_path / "out"
     shutil.copytree(converted, out)
-    assert "holds no checkpoint" in refused(capsys, distill_args(models, text, out, "--stage2-steps", "2", "--resume"),
+    assert "holds no checkpoint" in refused(capsys, distill_args(models, text, out, "--steps", "2", "--resume"),
                                             "distill", out)
 
 
@@ -277,7 +279,7 @@ def _assert_same(a, b):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(models, text, tmp_path):
     out = tmp_path / "out"
-    args = [str(a) for a in distill_args(models, text, out, "--stage2-steps", "200", "--checkpoint-every", "1000")]
+    args = [str(a) for a in distill_args(models, text, out, "--steps", "200", "--checkpoint-every", "1000")]
     err = tmp_path / "err.txt"
     import subprocess
 
@@ -301,7 +303,7 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(models, text,
             proc.wait()
     assert status == 130, err.read_text()[-2000:]
     last = err.read_text().strip().splitlines()[-1]
-    assert last.startswith("bsbr distill: interrupted at stage 2 step") and "checkpoint written to" in last, last
+    assert last.startswith("bsbr distill: interrupted at step") and "checkpoint written to" in last, last
     step = int(last.split(" step ")[1].split(";")[0])
     assert 0 < step < 200
     command = last.split("resume with: ")[1]
@@ -321,7 +323,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanl
     uninterrupted run's weights, or (killed before its first complete checkpoint) refuses cleanly."""
     import random
 
-    plan = ["--stage2-steps", "12", "--checkpoint-every", "1"]
+    plan = ["--steps", "12", "--checkpoint-every", "1"]
     reference = tmp_path / "reference"
     t0 = time.monotonic()
     assert main([str(a) for a in distill_args(models, text, reference, *plan)]) == 0

@@ -1,4 +1,4 @@
-"""Run by test_distill.py under torchrun: a tiny distillation on 2 CPU processes (gloo)."""
+"""Run by test_distill.py under torchrun: a tiny distillation on 2 CPU processes (gloo, DDP)."""
 import sys
 
 import torch

@@ -65,22 +65,11 @@ def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_le
     return memory_refusal(need)
 
 
-def bench_attention(
-    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
-    hidden: int = 512,
-    heads: int = 8,
-    chunk_size: int = 128,
-    repeats: int = 5,
-    warmup: int = 1,
-    retrieval: str = "additive",
-    retrieval_blocks: int = 0,
-    max_standard_len: Optional[int] = None,
-    earlier_wheel: Optional[str] = None,
-    max_earlier_len: Optional[int] = None,
-    max_seconds: float = 30.0,
-    seed: int = 0,
-    device: str = "cpu",
-) -> Dict[str, object]:
+def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 512, heads: int = 8,
+                    chunk_size: int = 128, repeats: int = 5, warmup: int = 1, retrieval: str = "additive",
+                    retrieval_blocks: int = 0, max_standard_len: Optional[int] = None,
+                    earlier_wheel: Optional[str] = None, max_earlier_len: Optional[int] = None,
+                    max_seconds: float = 30.0, seed: int = 0, device: str = "cpu") -> Dict[str, object]:
     """Forward time and extra peak memory of the BSBR layer vs standard (and the bsbr 0.1.1) layer.
 
     Returns ``{"rows": [...], "ratios": [...], "config": ..., "targets": ...}``; each row has

@@ -122,21 +122,10 @@ def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[i
     return reason and f"{kind} {reason}"
 
 
-def bench_models(
-    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
-    models: Sequence[str] = DEFAULT_MODELS,
-    *,
-    hidden: int = 256,
-    layers: int = 2,
-    heads: int = 4,
-    ff_dim: int = 1024,
-    block: int = 128,
-    repeats: int = 3,
-    max_seconds: float = 15.0,
-    model_budget: float = 90.0,
-    train: bool = True,
-    seed: int = 0,
-) -> Dict[str, object]:
+def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[str] = DEFAULT_MODELS, *,
+                 hidden: int = 256, layers: int = 2, heads: int = 4, ff_dim: int = 1024, block: int = 128,
+                 repeats: int = 3, max_seconds: float = 15.0, model_budget: float = 90.0, train: bool = True,
+                 seed: int = 0) -> Dict[str, object]:
     """Measure every model at every length it fits (see the module docstring). Returns
     ``{"benchmark": "models", "config", "machine", "rows", "exponents", "ratios", "targets"}``."""
     built = {m: build_model(m, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim, block=block, seed=seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,7 +27,6 @@ from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..results import write_json
 from .plots import plot_quality
-from ..schedule import lr_scale
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then half a cosine down to 10% of ``lr``."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    return lr * lr_scale("cosine", (step - warmup) / max(1, steps - warmup), floor=0.1)
+    f = min((step - warmup) / max(1, steps - warmup), 1.0)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * f)))
 
 
 def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Tensor, eval_batch: torch.Tensor, *,

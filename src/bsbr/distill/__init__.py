@@ -1,4 +1,4 @@
-"""Distillation of converted models from their sources (attention transfer, then end to end)."""
-from .trainer import DistillConfig, attention_transfer_loss, distill, end_to_end_loss, new_parameters
+"""Distillation of converted models from their sources (end-to-end KL to the source's logits)."""
+from .trainer import DistillConfig, distill, end_to_end_loss, new_parameters
 
-__all__ = ["DistillConfig", "attention_transfer_loss", "distill", "end_to_end_loss", "new_parameters"]
+__all__ = ["DistillConfig", "distill", "end_to_end_loss", "new_parameters"]

@@ -1,5 +1,5 @@
 """Training checkpoints without pickles: tensors (trainable weights, optimizer moments) in
-safetensors, everything else in ``manifest.json``: step, stage, the run's settings, the loss log, and
+safetensors, everything else in ``manifest.json``: step, the run's settings, the loss log, and
 every data file with its size and SHA-256.
 
 A save writes new data files (names unique to the save) and fsyncs them, then replaces
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..outputs import CheckpointError, atomic_write_text, file_record
 
 MANIFEST = "manifest.json"
-FORMAT = 2
+FORMAT = 3  # 2: the two-stage distillation (stage-1 attention transfer), retired
 
 
 def _fsync(path: Path) -> None:
@@ -37,7 +37,7 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
                     progress: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tag = f"s{progress.get('stage', 0)}-{progress.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
+    tag = f"{progress.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
     names = dict(weights=f"trainable-{tag}.safetensors", optimizer=f"optimizer-{tag}.safetensors")
     save_file({k: p.detach().contiguous() for k, p in params.items()}, directory / names["weights"])
     index = {id(p): k for k, p in params.items()}
@@ -54,7 +54,7 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     for role, name in names.items():
         _fsync(directory / name)
         files[role] = dict(name=name, **file_record(directory / name))
-    manifest = dict(format=FORMAT, stage=progress.get("stage"), step=progress.get("step"), files=files,
+    manifest = dict(format=FORMAT, step=progress.get("step"), files=files,
                     progress={**progress, "optimizer_scalars": scalars})
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
     keep = {f["name"] for f in files.values()} | {MANIFEST}
@@ -88,7 +88,8 @@ def read_manifest(directory: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); start a new --output, or pass --overwrite") from e
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}")
+        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}: "
+                              f"start a new --output, or pass --overwrite to start over in this one")
     for role, f in files.items():
         p = directory / f["name"]
         if not p.is_file():

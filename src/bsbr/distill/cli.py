@@ -4,20 +4,23 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
 def _base_lr(args):
-    if args.stage2_params == "new":
-        if args.stage2_base_lr is not None:
-            raise ValueError("--stage2-base-lr applies only to --stage2-params all or lora")
+    if args.params == "new":
+        if args.base_lr is not None:
+            raise ValueError("--base-lr applies only to --params all or lora")
         return None
-    if args.stage2_params == "lora":
-        return args.stage2_base_lr  # None: the adapters share --stage2-lr
-    return 6e-5 if args.stage2_base_lr is None else args.stage2_base_lr
+    if args.params == "lora":
+        return args.base_lr  # None: the adapters share --lr
+    return 6e-5 if args.base_lr is None else args.base_lr
 
 
 def _plan(args):
@@ -25,43 +28,25 @@ def _plan(args):
     from ..outputs import UserError
     from .trainer import DistillConfig
 
-    for name in ("steps", "stage2_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name, low in (("checkpoint_every", 1), ("seq_len", 2), ("max_windows", 1)):
-        if getattr(args, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name in ("lr", "stage2_lr", "stage2_base_lr"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    if not args.lm_weight >= 0:
-        raise UserError(f"--lm-weight must be >= 0, got {args.lm_weight}")
-    if args.minutes is not None and not args.minutes > 0:
-        raise UserError(f"--minutes must be > 0, got {args.minutes}")
-    if args.minutes is None and not args.steps and not args.stage2_steps:
-        raise UserError("nothing to train: give --minutes M (the usual), --stage2-steps S or --steps S")
+    if args.minutes is None and args.steps is None:
+        raise UserError("nothing to train: give --minutes M (the usual) or --steps S")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the checkpoint in --output, --overwrite replaces it: give one of them")
-    cfg = DistillConfig(steps=args.steps, minutes=args.minutes, stage2_steps=args.stage2_steps,
-                        stage2_share=args.stage2_share, lr=args.lr, stage2_lr=args.stage2_lr,
-                        stage2_params=args.stage2_params, stage2_base_lr=_base_lr(args), bf16=args.bf16,
-                        lm_weight=args.lm_weight, schedule=args.schedule, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every)
-    if not args.steps and not args.stage2_steps and not (args.minutes and args.stage2_share > 0):
-        raise UserError(f"nothing to train: --steps 0, --stage2-steps 0 and --stage2-share {args.stage2_share} "
-                        f"gives stage 2 no part of --minutes: give --steps S, --stage2-steps S, or --stage2-share > 0")
+    for name, low in (("seq_len", 2), ("max_windows", 1)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     try:
+        cfg = DistillConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, params=args.params,
+                            base_lr=_base_lr(args), lm_weight=args.lm_weight, bf16=args.bf16, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every)
         cfg.validate()
-    except ValueError as e:  # name the options, not the config fields
-        raise UserError(re.sub(r"\b(stage2_\w+|steps|minutes|lr|schedule)\b",
+    except ValueError as e:  # the config's field names are the options' names
+        raise UserError(re.sub(r"(?<!-)\b(base_lr|lm_weight|checkpoint_every|steps|minutes|params|lr)\b",
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from e
     return cfg
 
 
 def _resume_command(args) -> str:
-    import shlex
-
     argv = [a for a in getattr(args, "argv", None) or [] if a != "--overwrite"]
     if "--resume" not in argv:
         argv.append("--resume")
@@ -77,25 +62,18 @@ class _StopOnSignal:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        import signal
-
         self.requested = True
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)",
                        signal.Signals(signum).name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
@@ -191,25 +169,17 @@ def register(sub) -> None:
     p.add_argument("--student", required=True, help="converted model directory (bsbr convert)")
     p.add_argument("--output", required=True, help="where to write checkpoints and the distilled model: new or "
                                                    "empty (or --resume / --overwrite); never the student's directory")
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for both stages")
     # defaults = the recipe measured best in docs/findings.md for the default exact window: end-to-end
-    # KL (no LM term) on the new pieces only, no stage 1
-    p.add_argument("--steps", type=int, default=0,
-                   help="stage-1 (attention transfer) steps (default 0: it made perplexity worse alone)")
-    p.add_argument("--stage2-steps", type=int, default=0, help="end-to-end KL steps after stage 1")
-    p.add_argument("--stage2-share", type=float, default=0.99,
-                   help="with --minutes: fraction of the budget for stage 2 (default 0.99)")
-    p.add_argument("--stage2-params", choices=["new", "all", "lora"], default="new",
-                   help="what stage 2 trains: the new BSBR pieces (default), all weights, or the new pieces "
-                        "plus LoRA adapters (peft; merged into the weights when saved)")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--stage2-lr", type=float, default=3e-3, help="stage-2 learning rate of the new pieces (default 3e-3)")
-    p.add_argument("--stage2-base-lr", type=float, default=None,
-                   help="with --stage2-params all: learning rate of the source's own weights (default 6e-5); "
-                        "with lora: of the adapters (default: --stage2-lr)")
-    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant",
-                   help="learning-rate schedule within each stage: constant, or decay to 0 at its end "
-                        "(over its steps or its share of --minutes)")
+    # KL (no LM term) on the new pieces only
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: whichever ends first)")
+    p.add_argument("--params", choices=["new", "all", "lora"], default="new",
+                   help="what trains: the new BSBR pieces (default), all weights, or the new pieces plus LoRA "
+                        "adapters (peft; merged into the weights when saved)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the new pieces (default 3e-3)")
+    p.add_argument("--base-lr", type=float, default=None,
+                   help="with --params all: learning rate of the source's own weights (default 6e-5); "
+                        "with lora: of the adapters (default: --lr)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=float, default=0.0,

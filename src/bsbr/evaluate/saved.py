@@ -12,6 +12,7 @@ import torch
 from ..results import write_json
 from .baselines import has_wide_window, local_baseline
 from .evaluate import evaluate
+from .passkey_run import load_eval_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +30,14 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
     else the reference's. ``check_reference(source_model)``, if given, runs right after the reference
     is loaded (``bsbr eval`` refuses there a reference that is not the model's source).
     """
-    from transformers import AutoTokenizer
-
-    from ..convert import load_source, load_tokenizer
+    from ..convert import load_source
     from ..models import load_bsbr_model
     from ..corpus import corpus_texts, token_windows
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
     model = load_bsbr_model(model_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        logger.info("no tokenizer in %s (%s); using the reference's", model_dir, e)
-        tokenizer = load_tokenizer(reference)
-        if tokenizer is None:
-            raise ValueError(f"{model_dir} has no tokenizer and the reference gives none")
+    tokenizer = load_eval_tokenizer(model_dir, reference)
     chunk = int(model.config.chunk_size)
     logger.info("loading the reference %s", reference or "(bundled SmolLM2-135M-Instruct)")
     source = load_source(reference).eval()

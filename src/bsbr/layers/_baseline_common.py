@@ -2,12 +2,13 @@
 that every multi-head baseline has (named as in BSBRAttention, so layers swap one for another)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .inputs import resolve_head_dim
+from .inputs import check_hidden_states, mask_to_valid, resolve_head_dim
+from .rotary import apply_rotary
 
 
 def check_dropout(dropout) -> float:
@@ -36,8 +37,18 @@ class MultiHeadBase(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def qkv(self, x: torch.Tensor):
-        return self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+    def project(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """Check the input and return (q, k, v, valid): the projections split into heads, q and k
+        rotated when ``position_embeddings`` (rotary cos, sin) is given; ``valid`` the (b, n) mask or None."""
+        check_hidden_states(hidden_states, self.hidden_dim)
+        b, n, _ = hidden_states.shape
+        valid = mask_to_valid(attention_mask, b, n)
+        x = hidden_states
+        q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+        if position_embeddings is not None:
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        return q, k, v, valid
 
     def output(self, o: torch.Tensor) -> torch.Tensor:  # (b, h, n, dv) -> (b, n, hidden)
         b, h, n, dv = o.shape

@@ -18,7 +18,6 @@ from torch import nn
 from ..ops.deltanet import chunk_delta_rule, naive_delta_rule
 from ._baseline_common import MultiHeadBase
 from ..ops.checks import check_int
-from .inputs import check_hidden_states, mask_to_valid
 
 
 class DeltaNet(MultiHeadBase):
@@ -35,10 +34,7 @@ class DeltaNet(MultiHeadBase):
         self.beta_proj = nn.Linear(hidden_dim, num_heads, bias=True)
 
     def _inputs(self, hidden_states, attention_mask):
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
-        q, k, v = self.qkv(hidden_states)
+        q, k, v, valid = self.project(hidden_states, attention_mask)
         q = F.normalize(F.silu(q), dim=-1)
         k = F.normalize(F.silu(k), dim=-1)
         beta = torch.sigmoid(self.beta_proj(hidden_states)).transpose(1, 2)  # (b, h, n)

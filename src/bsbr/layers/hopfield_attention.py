@@ -14,8 +14,6 @@ from torch import nn
 from ..ops.hopfield import chunk_hopfield_attention
 from ._baseline_common import MultiHeadBase
 from ..ops.checks import check_int
-from .inputs import check_hidden_states, mask_to_valid
-from .rotary import apply_rotary
 
 
 class HopfieldAttention(MultiHeadBase):
@@ -46,11 +44,6 @@ class HopfieldAttention(MultiHeadBase):
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
         rotary (cos, sin) or None. Returns (b, n, hidden_dim)."""
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
-        q, k, v = self.qkv(hidden_states)
-        if position_embeddings is not None:
-            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        q, k, v, valid = self.project(hidden_states, attention_mask, position_embeddings)
         o, _ = chunk_hopfield_attention(q, k, v, beta=self.log_beta.exp(), num_steps=self.num_steps, valid=valid)
         return self.output(o)

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.checks import check_int
+from ..ops.checks import check_int, check_valid
 
 
 def check_hidden_states(hidden_states, hidden_dim: int) -> None:
@@ -21,15 +21,11 @@ def check_hidden_states(hidden_states, hidden_dim: int) -> None:
 
 def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
     """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a tensor of shape ({batch}, {seq_len}), got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != (batch, seq_len):
-        raise ValueError(f"attention_mask must have shape ({batch}, {seq_len}), got {tuple(attention_mask.shape)}")
-    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+    valid = check_valid(attention_mask, batch, seq_len, name="attention_mask")
+    if valid is not None and attention_mask.dtype != torch.bool and not bool(
+            ((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
-    return attention_mask.bool()
+    return valid
 
 
 def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -> int:

@@ -15,7 +15,6 @@ import torch
 from ..ops.linear_attn import chunk_linear_attention, recurrent_linear_attention
 from ._baseline_common import MultiHeadBase
 from ..ops.checks import check_int
-from .inputs import check_hidden_states, mask_to_valid
 from .feature_maps import FEATURE_MAPS, FeatureMap
 
 
@@ -42,10 +41,7 @@ class LinearAttention(MultiHeadBase):
         self.feature_k = FeatureMap(feature_map, num_heads, self.head_dim)
 
     def _features(self, hidden_states, attention_mask):
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
-        q, k, v = self.qkv(hidden_states)
+        q, k, v, valid = self.project(hidden_states, attention_mask)
         fq, fk = self.feature_q(q), self.feature_k(k)
         if valid is not None:  # a zero feature adds nothing to the state and reads out 0 (eps > 0)
             m = valid[:, None, :, None].to(fq.dtype)

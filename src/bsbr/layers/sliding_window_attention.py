@@ -11,8 +11,6 @@ import torch
 from ..ops.sliding_window import chunk_sliding_window_attention
 from ._baseline_common import MultiHeadBase
 from ..ops.checks import check_int
-from .inputs import check_hidden_states, mask_to_valid
-from .rotary import apply_rotary
 
 
 class SlidingWindowAttention(MultiHeadBase):
@@ -32,11 +30,6 @@ class SlidingWindowAttention(MultiHeadBase):
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
         rotary (cos, sin) or None. Returns (b, n, hidden_dim)."""
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
-        q, k, v = self.qkv(hidden_states)
-        if position_embeddings is not None:
-            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        q, k, v, valid = self.project(hidden_states, attention_mask, position_embeddings)
         o, _ = chunk_sliding_window_attention(q, k, v, window_size=self.window_size, valid=valid)
         return self.output(o)

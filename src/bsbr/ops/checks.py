@@ -1,6 +1,8 @@
 """Argument checks shared by every op and layer: a clear ValueError/TypeError naming the argument."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -16,3 +18,15 @@ def check_tensor(name: str, x, ndim: int) -> None:
 def check_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_valid(valid, b: int, n: int, name: str = "valid (the padding mask)") -> Optional[torch.Tensor]:
+    """A (b, n) padding mask (1/True = real token) as bool; None stays None. ``name``: the argument's
+    name in the error messages."""
+    if valid is None:
+        return None
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"{name} must be None or a tensor of shape ({b}, {n}), got {type(valid).__name__}")
+    if tuple(valid.shape) != (b, n):
+        raise ValueError(f"{name} must have shape ({b}, {n}), got {tuple(valid.shape)}")
+    return valid.bool()

@@ -26,17 +26,9 @@ from ..linear_attn.utils import check_int, check_scale
 from .utils import check_delta_inputs, initial_delta_state
 
 
-def chunk_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    chunk_size: int = 64,
-    scale: Optional[float] = None,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-):
+def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
+                     scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                     output_final_state: bool = False):
     """The delta rule over a whole sequence.
 
     Args:

@@ -15,16 +15,9 @@ from ..linear_attn.utils import check_scale
 from .utils import check_delta_inputs, initial_delta_state
 
 
-def naive_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    scale: Optional[float] = None,
-    initial_state: Optional[torch.Tensor] = None,
-    output_final_state: bool = False,
-):
+def naive_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                     scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                     output_final_state: bool = False):
     """Same meaning as :func:`chunk_delta_rule`, one token at a time. Returns ``(o, state)``."""
     b, h, n, d, dv = check_delta_inputs(q, k, v, beta)
     scale = check_scale(scale, d)

@@ -12,15 +12,8 @@ import torch
 from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
 
 
-def chunk_gau_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: Optional[float] = None,
-    valid: Optional[torch.Tensor] = None,
-    block_size: int = 512,
-):
+def chunk_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+                        valid: Optional[torch.Tensor] = None, block_size: int = 512):
     """Squared-ReLU causal attention of the gated attention unit (see :mod:`.naive`).
 
     Args:

@@ -16,14 +16,8 @@ import torch
 from ..linear_attn.utils import check_qkv, check_scale, check_valid
 
 
-def naive_gau_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: Optional[float] = None,
-    valid: Optional[torch.Tensor] = None,
-):
+def naive_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+                        valid: Optional[torch.Tensor] = None):
     """Same meaning as :func:`chunk_gau_attention`; builds the n x n matrix."""
     b, h, n, d, dv = check_qkv(q, k, v)
     scale = check_scale(scale, d)

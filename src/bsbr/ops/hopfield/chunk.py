@@ -12,15 +12,9 @@ from ..linear_attn.utils import check_qkv, check_valid
 from .utils import beta_per_head, check_steps
 
 
-def chunk_hopfield_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    beta: Union[None, float, torch.Tensor] = None,
-    num_steps: int = 1,
-    valid: Optional[torch.Tensor] = None,
-):
+def chunk_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                             beta: Union[None, float, torch.Tensor] = None, num_steps: int = 1,
+                             valid: Optional[torch.Tensor] = None):
     """Causal modern-Hopfield retrieval iterated ``num_steps`` times (see :mod:`.naive`).
 
     Args:

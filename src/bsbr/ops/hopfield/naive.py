@@ -19,15 +19,9 @@ from ..linear_attn.utils import check_qkv, check_valid
 from .utils import beta_per_head, check_steps
 
 
-def naive_hopfield_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    beta: Union[None, float, torch.Tensor] = None,
-    num_steps: int = 1,
-    valid: Optional[torch.Tensor] = None,
-):
+def naive_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                             beta: Union[None, float, torch.Tensor] = None, num_steps: int = 1,
+                             valid: Optional[torch.Tensor] = None):
     """Same signature and meaning as :func:`chunk_hopfield_attention`; builds the n x n scores."""
     b, h, n, d, dv = check_qkv(q, k, v)
     check_steps(num_steps)

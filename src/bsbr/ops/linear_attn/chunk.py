@@ -13,17 +13,10 @@ import torch.nn.functional as F
 from .utils import check_eps, check_int, check_qkv, check_state
 
 
-def chunk_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    chunk_size: int = 64,
-    normalize: bool = True,
-    eps: float = 1e-6,
-    initial_state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
-    output_final_state: bool = False,
-):
+def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
+                           normalize: bool = True, eps: float = 1e-6,
+                           initial_state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+                           output_final_state: bool = False):
     """Causal linear attention over feature-mapped queries and keys.
 
     Args:

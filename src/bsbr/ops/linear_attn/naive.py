@@ -11,14 +11,8 @@ import torch
 from .utils import check_eps, check_qkv
 
 
-def naive_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    normalize: bool = True,
-    eps: float = 1e-6,
-):
+def naive_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,
+                           eps: float = 1e-6):
     """Same meaning as :func:`chunk_linear_attention` (no state in or out); returns ``(o, None)``."""
     b, h, n, d, dv = check_qkv(q, k, v)
     check_eps(eps)

@@ -9,16 +9,10 @@ import torch
 from .utils import check_eps, check_qkv, check_state
 
 
-def recurrent_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    normalize: bool = True,
-    eps: float = 1e-6,
-    initial_state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
-    output_final_state: bool = False,
-):
+def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,
+                               eps: float = 1e-6,
+                               initial_state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+                               output_final_state: bool = False):
     """Same meaning as :func:`chunk_linear_attention`, computed one token at a time."""
     b, h, n, d, dv = check_qkv(q, k, v)
     check_eps(eps)

@@ -2,11 +2,11 @@
 GAU). They all take per-head tensors laid out (batch, heads, seq_len, dim)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-from ..checks import check_int, check_tensor  # noqa: F401  (re-exported for the baseline ops)
+from ..checks import check_int, check_tensor, check_valid  # noqa: F401  (re-exported for the baseline ops)
 
 
 def check_qkv(q, k, v) -> Tuple[int, int, int, int, int]:
@@ -21,17 +21,6 @@ def check_qkv(q, k, v) -> Tuple[int, int, int, int, int]:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, n, d = q.shape
     return b, h, n, d, v.shape[-1]
-
-
-def check_valid(valid, b: int, n: int) -> Optional[torch.Tensor]:
-    """A (b, n) padding mask (1/True = real token) as bool; None stays None."""
-    if valid is None:
-        return None
-    if not isinstance(valid, torch.Tensor):
-        raise TypeError(f"valid must be None or a tensor of shape ({b}, {n}), got {type(valid).__name__}")
-    if tuple(valid.shape) != (b, n):
-        raise ValueError(f"valid (the padding mask) must have shape ({b}, {n}), got {tuple(valid.shape)}")
-    return valid.bool()
 
 
 def check_scale(scale, d: int) -> float:

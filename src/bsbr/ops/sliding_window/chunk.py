@@ -14,15 +14,8 @@ import torch.nn.functional as F
 from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
 
 
-def chunk_sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    window_size: int,
-    valid: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-):
+def chunk_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,
+                                   valid: Optional[torch.Tensor] = None, scale: Optional[float] = None):
     """Causal attention of each token over itself and the ``window_size - 1`` tokens before it.
 
     Args:

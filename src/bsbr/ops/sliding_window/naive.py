@@ -13,15 +13,8 @@ import torch
 from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
 
 
-def naive_sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    window_size: int,
-    valid: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-):
+def naive_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,
+                                   valid: Optional[torch.Tensor] = None, scale: Optional[float] = None):
     """Same signature and meaning as :func:`chunk_sliding_window_attention`; builds the n x n mask."""
     b, h, n, d, dv = check_qkv(q, k, v)
     check_int("window_size", window_size)
