@@ -41,7 +41,6 @@ class Family:
     base_prefix: str  # prefix of the base model inside the *ForCausalLM state dict
     layer_prefix: str  # source key prefix of layer {i}
     embed_key: str  # source key of the token embedding (what a tied lm_head must equal)
-    attention_module: str  # the source's attention module of layer {i} (what distillation imitates)
     # source keys that are not weights (buffers) and are knowingly not carried over
     ignored_suffixes: Tuple[str, ...] = ()
 
@@ -109,7 +108,6 @@ GPT2 = Family(
     base_prefix="transformer",
     layer_prefix="transformer.h.{i}.",
     embed_key="transformer.wte.weight",
-    attention_module="transformer.h.{i}.attn",
     ignored_suffixes=("attn.bias", "attn.masked_bias"),
 )
 
@@ -142,7 +140,6 @@ LLAMA_LIKE = Family(
     base_prefix="model",
     layer_prefix="model.layers.{i}.",
     embed_key="model.embed_tokens.weight",
-    attention_module="model.layers.{i}.self_attn",
     ignored_suffixes=("rotary_emb.inv_freq",),
 )
 
