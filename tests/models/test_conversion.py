@@ -77,6 +77,7 @@ def test_recall_tokens_flag():
     import argparse
 
     from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
+    from bsbr.convert.converter import DEFAULT_OPTIONS
     from bsbr.outputs import UserError
 
     p = argparse.ArgumentParser()
@@ -84,7 +85,7 @@ def test_recall_tokens_flag():
     assert "M tokens per layer per K/V head" in " ".join(p.format_help().split())  # what it costs
     opts = conversion_options(p.parse_args(["--recall-tokens", "64"]))
     assert opts["recall_tokens"] == 64 and opts["retrieval_blocks"] == 0
-    assert conversion_options(p.parse_args([]))["retrieval_blocks"] == 4
+    assert conversion_options(p.parse_args([]))["retrieval_blocks"] == DEFAULT_OPTIONS["retrieval_blocks"]
     with pytest.raises(UserError, match="exclusive"):
         check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "8", "--retrieval-blocks", "2"])))
     with pytest.raises(UserError, match="recall-tokens"):
