@@ -86,6 +86,20 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory in ``parent`` with the permissions ``mkdir`` would give (``mkdtemp`` gives
+    0700, which would make a published model readable by its owner only)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block finishes, rename it to ``path``
@@ -93,7 +107,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left."""
     out = _resolved(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
         publish_dir(tmp, out, overwrite=overwrite)
@@ -138,6 +152,7 @@ def atomic_write_text(path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp gives 0600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

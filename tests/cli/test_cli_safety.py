@@ -436,3 +436,17 @@ def test_import_bsbr_alone_registers_the_auto_classes(models):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("BSBRForCausalLM"), r.stderr[-2000:]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Staged directories and atomically written files end up as mkdir/open would make them, not 0700/0600."""
+    from bsbr.outputs import atomic_write_text, staged_dir
+
+    old = os.umask(0o022)
+    try:
+        with staged_dir(tmp_path / "out") as d:
+            atomic_write_text(d / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "a.json").stat().st_mode & 0o777 == 0o644

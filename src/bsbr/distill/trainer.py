@@ -253,9 +253,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
     """Write the final model into a fresh directory beside ``output_dir``'s files, then move it in."""
     import shutil
-    import tempfile
 
-    from ..outputs import publish_files
+    from ..outputs import publish_files, temp_dir
     from .plots import plot_progress
 
     for p in student.parameters():
@@ -263,7 +262,7 @@ def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
     _merge_lora(student)
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
-    final = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=output_dir))
+    final = temp_dir(output_dir, ".final.tmp-")
     try:
         student.save_pretrained(final)
         (final / "distill.json").write_text(json.dumps(progress, indent=1))
