@@ -351,6 +351,7 @@ BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_bloc
     (70, 8, 2, 2, 2, 10, 2, "normalized"),  # sinks fill chunk 0 and part of chunk 1
     (41, 4, 3, 1, 3, 2, 50, "additive"),  # more blocks than there are chunks
     (33, 1, 2, 1, 2, 1, 4, "normalized"),  # every token is a chunk
+    (300, 64, 2, 1, 1, 3, 2, "normalized"),  # two 32-token pieces per chunk, sinks in the first
 ]
 
 
@@ -375,6 +376,29 @@ def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant
         torch.testing.assert_close(call(fn, x, valid=valid, **kw), full, rtol=1e-10, atol=1e-10)
     for cut in sorted({0, 3, chunk, n // 2 + 1, n - 1}):
         torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
+
+
+def test_block_scores_are_the_best_bound_of_a_chunks_pieces():
+    from bsbr.ops.bsbr.retrieval import block_bounds, block_scores
+
+    g = torch.Generator().manual_seed(3)
+    kr = torch.randn(2, 5, 96, 4, generator=g, dtype=DT)  # (h, C, B, d): 3 pieces of 32
+    keep = torch.rand(2, 5, 96, generator=g) > 0.3
+    keep[0, 1, 32:64] = False  # an empty piece never counts
+    qr = torch.randn(2, 7, 4, generator=g, dtype=DT)
+    got = block_scores(qr, *block_bounds(kr, keep))  # (h, T, C)
+    for h in range(2):
+        for c in range(5):
+            best = []
+            for p in range(3):
+                ks = kr[h, c, 32 * p:32 * (p + 1)][keep[h, c, 32 * p:32 * (p + 1)]]
+                if len(ks):
+                    lo, hi = ks.min(0).values, ks.max(0).values
+                    best.append(torch.maximum(qr[h] * lo, qr[h] * hi).sum(-1))
+            torch.testing.assert_close(got[h, :, c], torch.stack(best).max(0).values)
+            # the bound is never below the best true score of a kept key
+            ks = kr[h, c][keep[h, c]]
+            assert (got[h, :, c] >= (qr[h] @ ks.T).max(-1).values - 1e-12).all()
 
 
 def test_blocks_covering_every_earlier_chunk_are_full_causal_attention():

@@ -167,7 +167,7 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     g, C, dv = hq // hkv, N // B, v.shape[-1]
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
     keep = (tok_valid & (t >= S)[None, :]).view(b, 1, C, B)  # a sink is never part of a block
-    kmin, kmax = block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, d)
+    kmin, kmax = block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, pieces, d)
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
     scores = block_scores(qr.view(b, hkv, g, N, -1), kmin.unsqueeze(2), kmax.unsqueeze(2))  # (b, hkv, g, N, C)
@@ -373,8 +373,8 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
-        st.kmin_past = kmin * done[..., None].to(kmin.dtype)
-        st.kmax_past = kmax * done[..., None].to(kmax.dtype)
+        st.kmin_past = kmin * done[..., None, None].to(kmin.dtype)
+        st.kmax_past = kmax * done[..., None, None].to(kmax.dtype)
     else:
         for name in ("kr_past", "v_past", "kmin_past", "kmax_past"):
             t = getattr(st, name)

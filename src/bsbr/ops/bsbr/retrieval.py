@@ -38,22 +38,46 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, varia
     return alpha
 
 
-def block_bounds(kr: torch.Tensor, keep: torch.Tensor):
-    """Per-dimension min and max of each chunk's far keys: kr (..., C, B, d), keep (..., C, B) bool
-    (the tokens a retrieval may read). Returns (kmin, kmax), each (..., C, d); 0 for a chunk with no
-    such token (the caller never selects it)."""
+BOUND_TOKENS = 32  # keys per bound: a chunk's score is the best bound of its 32-token pieces
+
+
+def bound_size(chunk_size: int) -> int:
+    """Tokens per key bound: :data:`BOUND_TOKENS` where it divides the chunk, else the whole chunk."""
+    return BOUND_TOKENS if chunk_size % BOUND_TOKENS == 0 else chunk_size
+
+
+def extreme_keys(kr: torch.Tensor, keep: torch.Tensor):
+    """Per-dimension min and max over the kept keys: kr (..., T, d), keep (..., T) bool -> (kmin, kmax),
+    each (..., d). Where no key is kept: kmin = 1 > kmax = -1, which :func:`block_scores` reads as empty."""
     m = keep.unsqueeze(-1)
     kmin = kr.masked_fill(~m, float("inf")).amin(-2)
     kmax = kr.masked_fill(~m, float("-inf")).amax(-2)
     any_ = keep.any(-1, keepdim=True)
-    return torch.where(any_, kmin, 0.0), torch.where(any_, kmax, 0.0)
+    return torch.where(any_, kmin, 1.0), torch.where(any_, kmax, -1.0)
+
+
+def block_bounds(kr: torch.Tensor, keep: torch.Tensor):
+    """Key bounds of each chunk's pieces of :func:`bound_size` tokens: kr (..., C, B, d), keep (..., C, B)
+    bool (the tokens a retrieval may read). Returns (kmin, kmax), each (..., C, B / bound_size(B), d)."""
+    B = kr.shape[-2]
+    s = bound_size(B)
+    return extreme_keys(kr.unflatten(-2, (B // s, s)), keep.unflatten(-1, (B // s, s)))
 
 
 def block_scores(qr: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """The largest ``qr . k`` that any key within a chunk's bounds can give (Quest's bound):
-    ``sum_i max(qr_i kmin_i, qr_i kmax_i)``. qr (..., T, d), kmin/kmax (..., P, d) -> (..., T, P).
-    A bound, unlike a mean key, keeps one outstanding key (a needle) findable."""
-    return qr.clamp(min=0) @ kmax.transpose(-1, -2) + qr.clamp(max=0) @ kmin.transpose(-1, -2)
+    """A chunk's score: the largest ``qr . k`` that any key within the bounds of one of its pieces can
+    give (Quest's bound, ``sum_i max(qr_i kmin_i, qr_i kmax_i)``), maximised over its pieces; empty
+    pieces never count. qr (..., T, d), kmin/kmax (..., P, pieces, d) -> (..., T, P). A bound, unlike a
+    mean key, keeps one outstanding key (a needle) findable; small pieces keep the bound tight where a
+    chunk's keys are diverse (prose)."""
+    pos, neg = qr.clamp(min=0), qr.clamp(max=0)
+    best = None
+    for i in range(kmin.shape[-2]):  # one piece at a time: no (T, P, pieces) tensor
+        lo, hi = kmin[..., i, :], kmax[..., i, :]
+        sc = (pos @ hi.transpose(-1, -2) + neg @ lo.transpose(-1, -2)).masked_fill(
+            (lo > hi).any(-1).unsqueeze(-2), float("-inf"))
+        best = sc if best is None else torch.maximum(best, sc)
+    return best
 
 
 def select_blocks(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:

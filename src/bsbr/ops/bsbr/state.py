@@ -8,7 +8,7 @@ import torch
 from .inputs import BSBRArgs
 from .options import BSBROptions
 from .recall import RecallCache
-from .retrieval import state_weights
+from .retrieval import bound_size, state_weights
 
 
 @dataclass
@@ -46,8 +46,8 @@ class BSBRState:
     v_cur: torch.Tensor  # (b, hkv, Bk, dv)
     kr_past: torch.Tensor  # (b, hkv, P, Bk, d) far keys of completed chunks
     v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
-    kmin_past: torch.Tensor  # (b, hkv, P, d) per-dimension key bounds of completed chunks
-    kmax_past: torch.Tensor  # (b, hkv, P, d)
+    kmin_past: torch.Tensor  # (b, hkv, P, pieces, d) per-dimension key bounds of completed chunks' pieces
+    kmax_past: torch.Tensor  # (b, hkv, P, pieces, d)
     kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
     fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
     recall_kr: torch.Tensor  # (b, hkv, M, d) the recall cache (see bsbr.ops.bsbr.recall.RecallCache)
@@ -71,6 +71,7 @@ class BSBRState:
 
         b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
         Bk = options.chunk_size if options.retrieval_blocks else 0
+        pieces = options.chunk_size // bound_size(options.chunk_size)
         M = options.recall_tokens
         Wr, dfr = (options.window, df) if M else (0, 0)
         cache = RecallCache.empty(b, hkv, M, d, dv, dfr, like)
@@ -82,7 +83,7 @@ class BSBRState:
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
             h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
             kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
-            kmin_past=z(b, hkv, 0, d), kmax_past=z(b, hkv, 0, d), kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
+            kmin_past=z(b, hkv, 0, pieces, d), kmax_past=z(b, hkv, 0, pieces, d), kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
             **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
 
