@@ -238,3 +238,23 @@ def test_errors():
 def test_public_names_of_the_earlier_library():
     for name in ("BSBRAttention", "BSBRLayer", "BSBRModel", "convert_to_bsbr", "TransformerToBSBRConverter"):
         assert hasattr(bsbr, name)
+
+
+def test_convert_flags_follow_the_options_object():
+    """One name per concept: every BSBROptions field a conversion sets and every converter option is a
+    `bsbr convert` flag of the same name, and the flags' defaults are the converter's."""
+    import argparse
+    import dataclasses
+
+    from bsbr.convert.cli import add_conversion_arguments, conversion_options
+    from bsbr.convert.converter import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
+    from bsbr.ops import BSBROptions
+
+    p = argparse.ArgumentParser()
+    add_conversion_arguments(p)
+    flags = {a.dest for a in p._actions}
+    names = {f.name for f in dataclasses.fields(BSBROptions)} - {"scale"}  # scale: the head dim's, always
+    assert names <= flags and set(DEFAULT_OPTIONS) <= flags
+    opts = conversion_options(p.parse_args([]))
+    assert opts.pop("chunk_size") == DEFAULT_CHUNK_SIZE and opts.pop("compression_factor") is None
+    assert opts == DEFAULT_OPTIONS
