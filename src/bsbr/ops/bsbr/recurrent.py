@@ -131,14 +131,20 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     chunks = torch.arange(P, device=qrg.device)
     # before the window, and holding a token that is not a sink
     candidate = (chunks[None, :] <= (torch.div(t, B, rounding_mode="floor") - L)[:, None]) & ((chunks + 1) * B > S)
+    # as many slots as there are candidates (at most K): a slot costs a copy of B keys and values per head
+    slots = min(opt.retrieval_blocks, int(candidate.sum(-1).max()))
+    if slots == 0:
+        return num, den
     bs = block_scores(qrg, state.kmin_past.unsqueeze(2), state.kmax_past.unsqueeze(2))  # (b, hkv, g, 1, P)
-    sel = select_blocks(bs, candidate.view(b, 1, 1, 1, P), opt.retrieval_blocks)[:, :, :, 0]  # (b, hkv, g, K')
+    sel = select_blocks(bs, candidate.view(b, 1, 1, 1, P), slots)[:, :, :, 0]  # (b, hkv, g, K')
     Kp = sel.shape[-1]
     at = sel.clamp(min=0)
 
-    def chosen(x):  # (b, hkv, P, ...) -> (b, hkv, g, K', ...) at the selected chunks
-        x = x.unsqueeze(2).expand(-1, -1, g, *x.shape[2:])
-        return x.gather(3, at.view(b, hkv, g, Kp, *([1] * (x.dim() - 4))).expand(-1, -1, -1, -1, *x.shape[4:]))
+    bi = torch.arange(b, device=qrg.device).view(b, 1, 1, 1)
+    hi = torch.arange(hkv, device=qrg.device).view(1, hkv, 1, 1)
+
+    def chosen(x):  # (b, hkv, P, ...) -> (b, hkv, g, K', ...) at the selected chunks (whole rows copied:
+        return x[bi, hi, at]  # gather on a head-expanded view was 2 ms a call, most of a decode step)
 
     kb, vb = chosen(state.kr_past), chosen(state.v_past)  # (b, hkv, g, K', B, d)
     readable = (sel >= 0).unsqueeze(-1) & (at.unsqueeze(-1) * B + torch.arange(B, device=qrg.device) >= S)
