@@ -352,6 +352,7 @@ BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_bloc
     (41, 4, 3, 1, 3, 2, 50, "additive"),  # more blocks than there are chunks
     (33, 1, 2, 1, 2, 1, 4, "normalized"),  # every token is a chunk
     (300, 64, 2, 1, 1, 3, 2, "normalized"),  # two 32-token pieces per chunk, sinks in the first
+    (70, 8, 2, 2, 2, 10, 9, "normalized"),  # K covers every earlier chunk (read densely); chunk 0 all sinks
 ]
 
 

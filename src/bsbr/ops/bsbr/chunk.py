@@ -150,13 +150,22 @@ def _chunk_state_terms(mq, mk, fq, fk, v, tok_valid, options, meta_q, meta_k):
     c_idx = torch.arange(C, device=fk.device)
     w = state_weights(r_meta.view(b, hkv, g, C, -1), h_meta.unsqueeze(2), c_idx[None, :] <= c_idx[:, None] - L,
                       options.retrieval)
-    df, dv = fk.shape[-1], v.shape[-1]
+    num, den = _read_states(fq, F, z, w, options.retrieval)
+    return num, den, dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
+
+
+def _read_states(fq, F, z, w, retrieval):
+    """Every token's read-out of the chunk states with its chunk's weights: fq (b, hq, N, df), F (b, hkv,
+    C, df, dv), z (b, hkv, C, df), w (b, hkv, g, C, C) -> num (b, hq, N, dv), den (b, hq, N) or None."""
+    b, hkv, C, df, dv = F.shape
+    hq, N = fq.shape[1], fq.shape[2]
+    g = hq // hkv
     S_ = (w @ F.view(b, hkv, 1, C, df * dv)).view(b, hkv, g, C, df, dv)
     zS = w @ z.view(b, hkv, 1, C, df)  # (b, hkv, g, C, df)
-    fq_c = fq.view(b, hkv, g, C, B, df)
+    fq_c = fq.view(b, hkv, g, C, N // C, df)
     num = (fq_c @ S_).view(b, hq, N, dv)
-    den = (fq_c @ zS.unsqueeze(-1)).view(b, hq, N) if options.retrieval == "normalized" else None
-    return num, den, dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
+    den = (fq_c @ zS.unsqueeze(-1)).view(b, hq, N) if retrieval == "normalized" else None
+    return num, den
 
 
 def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
@@ -168,6 +177,11 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
     keep = (tok_valid & (t >= S)[None, :]).view(b, 1, C, B)  # a sink is never part of a block
     kmin, kmax = block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, pieces, d)
+    if C - L <= options.retrieval_blocks:  # every chunk before each window is selected: read them densely
+        o_r, lse_r = _all_earlier_blocks(qr, kr, v, keep, B, L, scale)
+        rest = saved["w"] * (~keep.any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)  # all-sink chunks stay
+        num, den = _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
+        return o_r, lse_r, num, den, (kmin, kmax)
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
     scores = block_scores(qr.view(b, hkv, g, N, -1), kmin.unsqueeze(2), kmax.unsqueeze(2))  # (b, hkv, g, N, C)
@@ -180,6 +194,24 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     if den is not None:
         den = den - sub_den.reshape(b, hq, N)
     return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den, (kmin, kmax)
+
+
+def _all_earlier_blocks(qr, kr, v, keep, B, L, scale):
+    """The far part when every chunk before each window is selected: chunk c's queries against the far
+    keys of chunks 0 .. c - L (readable ones: keep (b, 1, C, B)). Returns o (b, hq, N, dv), lse (b, hq, N)."""
+    b, hkv, N, d = kr.shape
+    hq, dv, C = qr.shape[1], v.shape[-1], N // B
+    g = hq // hkv
+    o = qr.new_zeros(b, hkv, g, N, dv)
+    lse = qr.new_full((b, hkv, g, N), NEG_INF)
+    readable = keep.reshape(b, 1, 1, N)
+    for c in range(L, C):
+        W, rows = (c - L + 1) * B, slice(c * B, (c + 1) * B)
+        q_c = qr.view(b, hkv, g, N, d)[:, :, :, rows].reshape(b, hkv, g * B, d)
+        s = (q_c @ kr[:, :, :W].transpose(-1, -2)) * scale
+        o_c, lse_c = masked_attention_lse(s, readable[..., :W], v[:, :, :W])
+        o[:, :, :, rows], lse[:, :, :, rows] = o_c.view(b, hkv, g, B, dv), lse_c.view(b, hkv, g, B)
+    return o.reshape(b, hq, N, dv), lse.reshape(b, hq, N)
 
 
 def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale):
