@@ -6,8 +6,9 @@ sources (held-out standard-library code and licence prose).
     OMP_NUM_THREADS=2 python benchmarks/retrieval_probe.py --seq-len 8192 --windows 2 \
         --variants source window K2w K4w K8w K4a --json retrieval_8k.json
 
-Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a>``: k exact blocks, far positions
-``window`` (w) or ``absolute`` (a). Past the source's 8,192 positions only the BSBR variants run.
+Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a>[<p>]``: k exact blocks, far positions
+``window`` (w) or ``absolute`` (a), and optionally key bounds over pieces of p tokens instead of
+:data:`bsbr.ops.bsbr.retrieval.BOUND_TOKENS` (e.g. ``K8w16``). Past the source's 8,192 positions only the BSBR variants run.
 Prints perplexity per source and the share of the window -> full gap each variant closes
 (``(ppl_window - ppl_variant) / (ppl_window - ppl_source)``) and the retrieved share of the context
 (K * chunk / seq_len).
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import bsbr.ops.bsbr.retrieval as retrieval
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past
@@ -41,7 +43,7 @@ def build(source, name: str, chunk: int):
         return source
     if name == "window":
         return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=0).eval()
-    m = re.fullmatch(r"K(\d+)([wa])", name)
+    m = re.fullmatch(r"K(\d+)([wa])(\d*)", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
     far = {"w": "window", "a": "absolute"}[m.group(2)]
@@ -59,6 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     source = load_source(None).eval()
     tok = load_tokenizer(None)
+    default_pieces = retrieval.BOUND_TOKENS
     too_long = args.seq_len > source.config.max_position_embeddings
     names = [v for v in args.variants if not (too_long and v == "source")]
     result = dict(seq_len=args.seq_len, chunk_size=args.chunk_size, threads=torch.get_num_threads(),
@@ -68,6 +71,8 @@ def main() -> None:
         result["ppl"][kind], result["seconds"][kind] = {}, {}
         for name in names:
             model = build(source, name, args.chunk_size)
+            pieces = re.fullmatch(r"K\d+[wa](\d*)", name)
+            retrieval.BOUND_TOKENS = int(pieces.group(1)) if pieces and pieces.group(1) else default_pieces
             t0 = time.perf_counter()
             ppl = perplexity_past(model, windows, args.chunk_size)
             result["ppl"][kind][name] = ppl

@@ -40,7 +40,7 @@ def text(tmp_path):
 
 def distill_args(models, text, output, *extra):
     source, converted, _ = models
-    return ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len", "24",
+    return ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len", "96",
             "--max-windows", "4", "--output", output, *extra]
 
 
@@ -211,13 +211,13 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
     assert manifest["step"] == 3 and set(manifest["files"]) == {"weights", "optimizer"}
     assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
-    assert manifest["progress"]["run"]["seq_len"] == 24 and manifest["progress"]["config"]["lr"] == 3e-3
+    assert manifest["progress"]["run"]["seq_len"] == 96 and manifest["progress"]["config"]["lr"] == 3e-3
 
     line = refused(capsys, [*args, "--steps", "5"], "distill", out)  # a rerun without --resume
     assert "holds a checkpoint" in line and "--resume" in line and "--overwrite" in line
     line = refused(capsys, [*args, "--resume", "--lr", "1e-3"], "distill", out)
     assert "other settings" in line and "lr: checkpoint 0.003, now 0.001" in line
-    line = refused(capsys, [*args, "--resume", "--seq-len", "16"], "distill", out)
+    line = refused(capsys, [*args, "--resume", "--seq-len", "104"], "distill", out)
     assert "other settings" in line and "seq_len" in line
     other_text = tmp_path / "other.py"
     other_text.write_text(TEXT.replace("x", "y"))
@@ -450,3 +450,13 @@ def test_outputs_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_distill_refuses_windows_where_the_new_pieces_do_nothing(models, text, tmp_path, capsys):
+    # the fixture's student: chunk 8, local_chunks 2, retrieval_blocks 8: every token of a 24-token
+    # window reads all earlier tokens exactly, so the chunk states and gate cannot change its output
+    args = [str(a) for a in distill_args(models, text, tmp_path / "out", "--steps", "2")]
+    args[args.index("--seq-len") + 1] = "24"
+    line = refused(capsys, args, "distill", models[1])
+    assert "--seq-len 24" in line and "80 tokens" in line and "--params all" in line
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,28 @@ def test_closed_gate_is_chunk_local_attention_and_can_open():
     assert a.retrieval_gate.grad is not None and a.retrieval_gate.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kw", [dict(retrieval_blocks=1, local_chunks=2, sink_tokens=2), dict(recall_tokens=4), {}])
+def test_closed_gate_skips_the_states_without_changing_the_output(kw):
+    # without gradients a closed gate is passed to the op as 0 (the states are kept but not read); with
+    # gradients it goes as a tensor and the states are read; both must give the same output and state
+    a = layer(retrieval="normalized", gate=0.0, num_kv_heads=2, **kw)
+    x = torch.randn(2, 45, 24, dtype=torch.float64)
+    with torch.no_grad():
+        fast = a(x, output_state=True)
+        assert a._op_gate() == 0
+        step, _ = a.step(x[:, 40:], a(x[:, :40], output_state=True)[1])
+    full, state = a(x, output_state=True)
+    assert full.requires_grad
+    torch.testing.assert_close(fast[0], full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(step, full[:, 40:].detach(), rtol=1e-10, atol=1e-10)
+    for name in ("F_past", "z_past", "F_cur", "z_cur"):
+        torch.testing.assert_close(getattr(fast[1], name), getattr(state, name).detach(), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # opening the gate in place is seen at the next call
+        a.retrieval_gate.fill_(0.5)
+        assert isinstance(a._op_gate(), torch.Tensor)
+        assert not torch.allclose(a(x), fast[0])
+
+
 def test_model_runs_any_length_and_pads():
     torch.manual_seed(0)
     m = BSBRModel(50, 32, 2, 4, 16, 64, dropout=0.0).eval()

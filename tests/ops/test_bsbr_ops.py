@@ -27,7 +27,7 @@ def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False
     return x
 
 
-OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "retrieval", "scale")
+OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "retrieval", "scale")
 
 
 def split(kw):
@@ -354,6 +354,22 @@ BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_bloc
     (300, 64, 2, 1, 1, 3, 2, "normalized"),  # two 32-token pieces per chunk, sinks in the first
     (70, 8, 2, 2, 2, 10, 9, "normalized"),  # K covers every earlier chunk (read densely); chunk 0 all sinks
 ]
+
+
+@pytest.mark.parametrize("extra", [dict(retrieval_blocks=2), dict(retrieval_blocks=9), dict(recall_tokens=5), {}])
+def test_closed_gate_equals_a_zero_gate(extra):
+    # gate=0 (the number) lets the chunked and streaming forms skip reading the chunk states; the
+    # result must be the reference's with a zero gate tensor, padded or not
+    x = with_far_keys(make_inputs(b=2, hq=4, hkv=2, n=70, d=4, df=3, positive=True))
+    kw = dict(chunk_size=8, local_chunks=2, sink_tokens=3, retrieval="normalized", **extra)
+    ref = call(naive_bsbr_attention, x, **kw, gate=torch.zeros(4, dtype=DT))
+    valid = torch.ones(2, 70, dtype=torch.bool)
+    valid[0, :5] = False
+    for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        torch.testing.assert_close(call(fn, x, **kw, gate=0), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(call(fn, x, **kw, gate=0, valid=valid)[0, :, 5:],
+                                   call(naive_bsbr_attention, x, **kw, gate=torch.zeros(4, dtype=DT), valid=valid)[0, :, 5:],
+                                   rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,variant", BLOCK_CASES)

@@ -119,11 +119,12 @@ def cmd(args) -> int:
     else:
         source = load_source(args.source).eval()
         title = args.source or "SmolLM2-135M"
-    converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=0.5).eval()
+    converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=args.gate_init).eval()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
     result["model"] = title
+    result["gate_init"] = args.gate_init
     print("\n".join(speed_lines(result)))
     if args.json:
         write_json(result, args.json)
@@ -137,6 +138,9 @@ def register(bench_sub) -> None:
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--gate-init", type=float, default=0.0,
+                   help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (the states are kept but "
+                        "not read), > 0 as after distillation opened it (they are read; default %(default)s)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 32768])
     p.add_argument("--decode-steps", type=int, default=8)

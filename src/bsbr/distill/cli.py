@@ -46,6 +46,18 @@ def _plan(args):
     return cfg
 
 
+def _check_new_pieces_matter(config, args) -> None:
+    """Refuse ``--params new`` on windows so short that the new pieces cannot change the output: with
+    exact blocks covering every chunk before each window, every token reads all earlier tokens exactly."""
+    from ..outputs import UserError
+
+    B, L, K = config.chunk_size, config.local_chunks, config.retrieval_blocks
+    if args.params == "new" and K and -(-args.seq_len // B) - L <= K:
+        raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
+                        f"(local_chunks + retrieval_blocks) x chunk_size = {(L + K) * B} tokens, so the pieces "
+                        f"--params new trains have no effect there: use --seq-len > {(L + K) * B}, or --params all")
+
+
 def _resume_command(args) -> str:
     argv = [a for a in getattr(args, "argv", None) or [] if a != "--overwrite"]
     if "--resume" not in argv:
@@ -120,6 +132,7 @@ def cmd_distill(args) -> int:
     windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
     student = load_bsbr_model(student_dir)
+    _check_new_pieces_matter(student.config, args)
     teacher = load_model_arg(args.teacher, "--teacher")
     vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.config.vocab_size
     if vocab_t != vocab_s:

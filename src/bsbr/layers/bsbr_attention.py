@@ -111,7 +111,21 @@ class BSBRAttention(nn.Module):
             return None
         return g + (g.clamp(min=0.0) - g).detach()
 
-    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings):
+    def _op_gate(self):
+        """The gate as the op takes it: ``0`` when it is closed and cannot open in this call (no
+        gradient), so the op skips reading the chunk states; else :meth:`gate_value`. Whether it is
+        closed is read once per change of the parameter (its version counter), not per call."""
+        g = self.retrieval_gate
+        if g is None:
+            return None
+        if torch.is_grad_enabled() and g.requires_grad:
+            return self.gate_value()
+        key = (g.data_ptr(), g._version)
+        if getattr(self, "_closed_key", None) != key:
+            self._closed, self._closed_key = bool((g <= 0).all()), key
+        return 0 if self._closed else self.gate_value()
+
+    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings, read_states: bool = True):
         b, n, _ = x.shape
 
         def heads(t, h):  # (b, n, h*d) -> (b, h, n, d)
@@ -128,13 +142,21 @@ class BSBRAttention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        fq, fk = self.feature_q(q), self.feature_k(k)
-        if self.compress is not None:
-            fq, fk = self.compress(fq), self.compress(fk)
+        fk = self.feature_k(k)
+        fk = fk if self.compress is None else self.compress(fk)
+        if read_states:
+            fq = self.feature_q(q)
+            fq = fq if self.compress is None else self.compress(fq)
+        else:  # a closed gate: the op never reads fq
+            fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
         return q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr
 
-    def _tensor_options(self):
-        return dict(gate=self.gate_value(), meta_q=self.meta_r_proj.weight, meta_k=self.meta_h_proj.weight)
+    def _run(self, op, hidden_states, position_embeddings, far_position_embeddings, **kwargs):
+        gate = self._op_gate()
+        tensors = self._project(hidden_states, position_embeddings, far_position_embeddings,
+                                read_states=not isinstance(gate, int))
+        return _run_op(op, tensors, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,
+                       meta_k=self.meta_h_proj.weight, **kwargs)
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         b, h, n, dv = o.shape
@@ -150,10 +172,8 @@ class BSBRAttention(nn.Module):
         check_hidden_states(hidden_states, self.hidden_dim)
         b, n, _ = hidden_states.shape
         valid = mask_to_valid(attention_mask, b, n)
-        o, state = _run_op(chunk_bsbr_attention, self._project(hidden_states, position_embeddings,
-                                                               far_position_embeddings),
-                           options=self.options, valid=valid, output_final_state=output_state,
-                           **self._tensor_options())
+        o, state = self._run(chunk_bsbr_attention, hidden_states, position_embeddings, far_position_embeddings,
+                             valid=valid, output_final_state=output_state)
         out = self._output(o)
         return (out, state) if output_state else out
 
@@ -164,8 +184,6 @@ class BSBRAttention(nn.Module):
         check_hidden_states(hidden_states, self.hidden_dim)
         b, n, _ = hidden_states.shape
         valid = mask_to_valid(attention_mask, b, n)
-        o, state = _run_op(recurrent_bsbr_attention, self._project(hidden_states, position_embeddings,
-                                                                   far_position_embeddings),
-                           options=self.options, valid=valid, initial_state=state, output_final_state=True,
-                           **self._tensor_options())
+        o, state = self._run(recurrent_bsbr_attention, hidden_states, position_embeddings, far_position_embeddings,
+                             valid=valid, initial_state=state, output_final_state=True)
         return self._output(o), state

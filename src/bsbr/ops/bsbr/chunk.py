@@ -16,7 +16,8 @@ import torch.nn.functional as F_
 from .inputs import check_inputs
 from .masks import sink_outside_window
 from .options import BSBROptions
-from .retrieval import apply_meta, block_bounds, block_scores, combine, gate_per_head, select_blocks, state_weights
+from .retrieval import (apply_meta, block_bounds, block_scores, combine, gate_closed, gate_per_head, select_blocks,
+                        state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
 from .recall import RecallCache, cache_scores, recall_update
 from .state import BSBRState, refresh_retrieval
@@ -71,22 +72,35 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     C = q.shape[2] // B
     tok_valid = torch.arange(C * B, device=q.device)[None, :] < lengths[:, None]  # (b, N)
 
-    # 1. the exact softmax, in parts: the window, the sinks, and (below) the blocks or the recall cache
+    closed = gate_closed(gate)
+    dense = bool(options.retrieval_blocks) and C - L <= options.retrieval_blocks
+    # the exact softmax, in parts: the window, the sinks, and the blocks or the recall cache
     parts = _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
-    if options.sink_tokens:
+    if options.sink_tokens and not dense:  # (the dense far part holds the sinks)
         parts.append(_sink_part(qr, kr, v, tok_valid, options, scale))
+    num = den = None
     if options.recall_tokens:
-        o_c, lse_c, num, den, cache = _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale)
+        o_c, lse_c, num, den, cache = _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
         parts.append((o_c, lse_c))
         saved = dict(cache=cache)
     else:
-        num, den, saved = _chunk_state_terms(mq, mk, fq, fk, v, tok_valid, options, meta_q, meta_k)
-        if options.retrieval_blocks:
-            o_r, lse_r, num, den, saved["bounds"] = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid,
-                                                                  options, scale)
-            parts.append((o_r, lse_r))
+        # the chunk states: read unless the gate is closed, kept for the streaming state
+        saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k) if not closed or output_final_state else {}
+        if dense:
+            parts.append(_all_earlier_blocks(qr, kr, v, None if valid is None else tok_valid, B, L, scale))
+            if B <= options.sink_tokens and not closed:  # only chunks of sinks alone keep their states
+                rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
+                num, den = _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
+        else:
+            if not closed:
+                num, den = _read_states(fq, saved["F"], saved["z"], saved["w"], options.retrieval)
+            if options.retrieval_blocks:
+                o_r, lse_r, num, den, saved["bounds"] = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid,
+                                                                      options, scale)
+                parts.append((o_r, lse_r))
 
-    o = combine(merge(parts), num, den, gate_per_head(gate, hq, q), options.retrieval)
+    o = merge(parts) if num is None else combine(merge(parts), num, den, gate_per_head(gate, hq, q),
+                                                 options.retrieval)
     o = (o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]
     state = None
     if output_final_state:
@@ -130,11 +144,11 @@ def _sink_part(qr, kr, v, tok_valid, options, scale):
     return o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)
 
 
-def _chunk_state_terms(mq, mk, fq, fk, v, tok_valid, options, meta_q, meta_k):
-    """The chunk states' read-out (num (b, hq, N, dv), den (b, hq, N) or None) and what later steps
-    reuse (chunk states, meta-keys/queries, weights)."""
+def _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k):
+    """The chunk states and what reading them needs: F (b, hkv, C, df, dv), z, meta-keys/queries and
+    the state weights w (b, hkv, g, C, C)."""
     b, hkv, N = fk.shape[0], fk.shape[1], fk.shape[2]
-    hq, B, L = fq.shape[1], options.chunk_size, options.local_chunks
+    hq, B, L = mq.shape[1], options.chunk_size, options.local_chunks
     g, C = hq // hkv, N // B
     # chunk states from real tokens: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
     m = tok_valid.view(b, 1, C, B, 1).to(fk.dtype)
@@ -150,8 +164,15 @@ def _chunk_state_terms(mq, mk, fq, fk, v, tok_valid, options, meta_q, meta_k):
     c_idx = torch.arange(C, device=fk.device)
     w = state_weights(r_meta.view(b, hkv, g, C, -1), h_meta.unsqueeze(2), c_idx[None, :] <= c_idx[:, None] - L,
                       options.retrieval)
-    num, den = _read_states(fq, F, z, w, options.retrieval)
-    return num, den, dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
+    return dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
+
+
+def _keep(tok_valid, options):
+    """(b, 1, C, B): the tokens a retrieved block may read (real, not a sink)."""
+    b, N = tok_valid.shape
+    B = options.chunk_size
+    t = torch.arange(N, device=tok_valid.device)
+    return (tok_valid & (t >= options.sink_tokens)[None, :]).view(b, 1, N // B, B)
 
 
 def _read_states(fq, F, z, w, retrieval):
@@ -169,52 +190,60 @@ def _read_states(fq, F, z, w, retrieval):
 
 
 def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
-    """Exact blocks: each token's top-K chunks before its window, read in the same softmax; their
-    states leave the chunk-state term. Returns the LSE part, the corrected num/den and the key bounds."""
+    """Exact blocks when K selects among the chunks before a window: each token's top-K chunks, read in
+    the same softmax; their states leave the chunk-state term (when it is read: ``num`` not None).
+    Returns the LSE part, the corrected num/den and the key bounds."""
     b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
-    hq, B, L, S = qr.shape[1], options.chunk_size, options.local_chunks, options.sink_tokens
+    hq, B, L = qr.shape[1], options.chunk_size, options.local_chunks
     g, C, dv = hq // hkv, N // B, v.shape[-1]
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
-    keep = (tok_valid & (t >= S)[None, :]).view(b, 1, C, B)  # a sink is never part of a block
+    keep = _keep(tok_valid, options)  # a sink is never part of a block
     kmin, kmax = block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, pieces, d)
-    if C - L <= options.retrieval_blocks:  # every chunk before each window is selected: read them densely
-        o_r, lse_r = _all_earlier_blocks(qr, kr, v, keep, B, L, scale)
-        rest = saved["w"] * (~keep.any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)  # all-sink chunks stay
-        num, den = _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
-        return o_r, lse_r, num, den, (kmin, kmax)
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
-    scores = block_scores(qr.view(b, hkv, g, N, -1), kmin.unsqueeze(2), kmax.unsqueeze(2))  # (b, hkv, g, N, C)
+    # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
+    scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
+    qv = qr.view(b, hkv, g, C, B, -1)
+    for c in range(L, C):
+        scores[:, :, :, c * B:(c + 1) * B, :c - L + 1] = block_scores(
+            qv[:, :, :, c], kmin[:, :, :c - L + 1].unsqueeze(2), kmax[:, :, :c - L + 1].unsqueeze(2))
     sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
-    w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
-    w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
-    o_r, lse_r, sub_num, sub_den = _selected_blocks(qr, fq, _blocks(kr, B), _blocks(v, B), saved["F"], saved["z"],
-                                                    sel, w_sel, keep, scale)
-    num = num - sub_num.reshape(b, hq, N, dv)
-    if den is not None:
-        den = den - sub_den.reshape(b, hq, N)
+    w_sel = None
+    if num is not None:
+        w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
+        w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
+    o_r, lse_r, sub_num, sub_den = _selected_blocks(qr, fq, _blocks(kr, B), _blocks(v, B), saved.get("F"),
+                                                    saved.get("z"), sel, w_sel, options.sink_tokens, scale)
+    if num is not None:
+        num = num - sub_num.reshape(b, hq, N, dv)
+        if den is not None:
+            den = den - sub_den.reshape(b, hq, N)
     return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den, (kmin, kmax)
 
 
-def _all_earlier_blocks(qr, kr, v, keep, B, L, scale):
-    """The far part when every chunk before each window is selected: chunk c's queries against the far
-    keys of chunks 0 .. c - L (readable ones: keep (b, 1, C, B)). Returns o (b, hq, N, dv), lse (b, hq, N)."""
+def _all_earlier_blocks(qr, kr, v, readable, B, L, scale):
+    """The far part when K covers every chunk before each window (contexts up to L + K chunks): chunk
+    c's queries against every key of chunks 0 .. c - L, sinks included, at far positions. ``readable``
+    (b, N) the real tokens, or None when all are. Returns (o (b, hq, N, dv), lse (b, hq, N)); rows of
+    the first L chunks have lse -inf."""
     b, hkv, N, d = kr.shape
     hq, dv, C = qr.shape[1], v.shape[-1], N // B
     g = hq // hkv
     o = qr.new_zeros(b, hkv, g, N, dv)
     lse = qr.new_full((b, hkv, g, N), NEG_INF)
-    readable = keep.reshape(b, 1, 1, N)
     for c in range(L, C):
         W, rows = (c - L + 1) * B, slice(c * B, (c + 1) * B)
         q_c = qr.view(b, hkv, g, N, d)[:, :, :, rows].reshape(b, hkv, g * B, d)
-        s = (q_c @ kr[:, :, :W].transpose(-1, -2)) * scale
-        o_c, lse_c = masked_attention_lse(s, readable[..., :W], v[:, :, :W])
+        if readable is None:
+            o_c, lse_c = attention_lse(q_c, kr[:, :, :W], v[:, :, :W], None, scale)
+        else:
+            s = (q_c @ kr[:, :, :W].transpose(-1, -2)) * scale
+            o_c, lse_c = masked_attention_lse(s, readable[:, None, None, :W], v[:, :, :W])
         o[:, :, :, rows], lse[:, :, :, rows] = o_c.view(b, hkv, g, B, dv), lse_c.view(b, hkv, g, B)
     return o.reshape(b, hq, N, dv), lse.reshape(b, hq, N)
 
 
-def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale):
+def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed):
     """The bounded recall mode: the cache built chunk by chunk (chunk e leaves the window at the start
     of chunk e + L), each chunk's queries against the cache as it stood at its start (an LSE part), and
     their read-out of the state of the other left-window tokens. Returns (o, lse, num, den, final cache)."""
@@ -241,6 +270,8 @@ def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale):
         x = x.view(b, hkv, C, g, B, *x.shape[4:]).transpose(2, 3)
         return x.reshape(b, hq, N, *x.shape[5:])
 
+    if closed:  # the state is kept in the cache but not read
+        return unfold(o), unfold(lse), None, None, cache
     fq_c = fq.view(b, hkv, g, C, B, df).transpose(2, 3).reshape(b, hkv, C, g * B, df)
     num = unfold(fq_c @ snap.F)
     den = unfold((fq_c @ snap.z.unsqueeze(-1))[..., 0]) if options.retrieval == "normalized" else None
@@ -276,74 +307,74 @@ def _window_parts(q, k, v, b, hkv, g, C, B, L, scale):
     return parts
 
 
-def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, keep, scale):
+def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     """Softmax parts of the selected blocks and the chunk-state terms they replace.
 
     qr (b, hq, N, d), fq (b, hq, N, df); kr_c (b, hkv, C, B, d), v_c (b, hkv, C, B, dv); F (b, hkv, C,
     df, dv), z (b, hkv, C, df); sel (b, hkv, g, N, K') selected chunks (-1: none), w_sel their state
-    weights; keep (b, 1, C, B) readable tokens. Returns o (b, hkv, g, N, dv) and lse (b, hkv, g, N)
-    over all of a token's selected blocks, and sum over them of w fq.F_c (b, hkv, g, N, dv) and of
-    w fq.z_c (b, hkv, g, N).
+    weights or None (the chunk-state term is not read); ``sinks``: the sequence's first tokens, which a
+    block never holds (a selected chunk lies before a real token's window, so all its tokens are real).
+    Returns o (b, hkv, g, N, dv) and lse (b, hkv, g, N) over all of a token's selected blocks, and the
+    sums over them of w fq.F_c (b, hkv, g, N, dv) and w fq.z_c (b, hkv, g, N) (None without w_sel).
 
     Work is grouped by (sequence, K/V head, chunk): the queries that selected a chunk are gathered
-    and read its B keys in one matmul, so the cost is O(selections x B x d) with no padding."""
+    and read its keys in one fused softmax call, so the cost is O(selections x B x d) with no padding."""
     b, hkv, g, N, Kp = sel.shape
     C, B, d = kr_c.shape[2], kr_c.shape[3], kr_c.shape[-1]
-    dv, df = v_c.shape[-1], fq.shape[-1]
-    rows = g * N * Kp
+    dv = v_c.shape[-1]
+    rows, total = g * N * Kp, b * hkv * g * N * Kp
     qr_f = qr.reshape(b * hkv, g * N, d)
-    fq_f = fq.reshape(b * hkv, g * N, df)
+    kr_f, v_f = kr_c.reshape(b * hkv, C, B, d), v_c.reshape(b * hkv, C, B, dv)
     # pairs in (token, head, slot) order: a token's pairs never move when a later token's choice changes
     sel_f = sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
-    w_f = w_sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
-    keep_f = keep.expand(b, hkv, C, B).reshape(b * hkv, C, B)
-    kr_f, v_f = kr_c.reshape(b * hkv, C, B, d), v_c.reshape(b * hkv, C, B, dv)
-    F_f, z_f = F.reshape(b * hkv, C, df, dv), z.reshape(b * hkv, C, df)
-    at, lses, outs, nums, dens = [], [], [], [], []
     flat = sel_f + (torch.arange(b * hkv, device=sel.device) * C)[:, None]  # (row, chunk) as one id
     flat = flat.masked_fill(sel_f < 0, -1).reshape(-1)
     pairs = (flat >= 0).nonzero()[:, 0]
-    if pairs.numel():
-        ids = flat[pairs]
-        ids, order = ids.sort(stable=True)
-        pairs = pairs[order]
-        uniq, counts = torch.unique_consecutive(ids, return_counts=True)
-        start = 0
-        for gid, cnt in zip(uniq.tolist(), counts.tolist()):
-            p = pairs[start:start + cnt]
-            start += cnt
-            r, c = divmod(gid, C)
-            th = (p % rows) // Kp  # token * g + head
-            qi = (th % g) * N + th // g  # the query (row of qr_f) of each pair
-            # rows padded to a multiple of TILE: a BLAS kernel's result for one row can depend on the
-            # row count, and a token's output must not depend on which other tokens chose this chunk
-            qi = F_.pad(qi, (0, -cnt % TILE))
-            s = (qr_f[r, qi] @ kr_f[r, c].transpose(0, 1)) * scale
-            s = s.masked_fill(~keep_f[r, c][None, :], NEG_INF)
-            lses.append(torch.logsumexp(s, dim=-1)[:cnt])
-            outs.append((torch.softmax(s, dim=-1) @ v_f[r, c])[:cnt])
-            fqi, wi = fq_f[r, qi], w_f.reshape(-1)[p]
+    ids, order = flat[pairs].sort(stable=True)
+    pairs = pairs[order]
+    th = (pairs % rows) // Kp  # token * g + head
+    q_at = (th % g) * N + th // g  # each pair's query (row of qr_f)
+    state = w_sel is not None
+    if state:
+        fq_f, F_f, z_f = fq.reshape(b * hkv, g * N, -1), F.reshape(b * hkv, C, *F.shape[3:]), z.reshape(b * hkv, C, -1)
+        w_p = w_sel.permute(0, 1, 3, 2, 4).reshape(-1)[pairs]
+    outs, lses, nums, dens = [], [], [], []
+    start = 0
+    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+    for gid, cnt in zip(uniq.tolist(), counts.tolist()):
+        r, c = divmod(gid, C)
+        # rows padded to a multiple of TILE: a BLAS kernel's result for one row can depend on the row
+        # count, and a token's output must not depend on which other tokens chose this chunk
+        qi = F_.pad(q_at[start:start + cnt], (0, -cnt % TILE))
+        first = min(max(sinks - c * B, 0), B)  # the sinks at the chunk's start
+        o_g, lse_g = attention_lse(qr_f[r].index_select(0, qi)[None, None], kr_f[r, c, first:][None, None],
+                                   v_f[r, c, first:][None, None], None, scale)
+        outs.append(o_g[0, 0, :cnt])
+        lses.append(lse_g[0, 0, :cnt])
+        if state:
+            fqi, wi = fq_f[r].index_select(0, qi), w_p[start:start + cnt]
             nums.append(wi[:, None] * (fqi @ F_f[r, c])[:cnt])
             dens.append(wi * (fqi @ z_f[r, c])[:cnt])
-            at.append(p)
-    total = b * hkv * rows
-    lse_p = torch.full((total,), NEG_INF, dtype=qr.dtype, device=qr.device)
-    o_p = qr.new_zeros(total, dv)
-    num_p = qr.new_zeros(total, dv)
-    den_p = qr.new_zeros(total)
-    if at:
-        idx = torch.cat(at)
-        lse_p = lse_p.index_put((idx,), torch.cat(lses))
-        o_p = o_p.index_put((idx,), torch.cat(outs))
-        num_p = num_p.index_put((idx,), torch.cat(nums))
-        den_p = den_p.index_put((idx,), torch.cat(dens))
-    lse_p = lse_p.view(b, hkv, N, g, Kp)
+        start += cnt
+
+    # back to (token, head, slot) order: each slot reads its pair's row; an empty slot reads a last row
+    # of o = 0, lse = -inf
+    npairs = pairs.numel()
+    back = torch.full((total,), npairs, dtype=torch.long, device=qr.device)
+    back[pairs] = torch.arange(npairs, device=qr.device)
+
+    def unsort(parts, fill, *shape):
+        return torch.cat(parts + [qr.new_full((1, *shape), fill)]).index_select(0, back)
+
+    lse_p = unsort(lses, NEG_INF).view(b, hkv, N, g, Kp)
     lse = torch.logsumexp(lse_p, dim=-1)
     wts = torch.exp(lse_p - lse.masked_fill(lse == NEG_INF, 0.0).unsqueeze(-1))  # 0 for empty slots
-    o = (wts.unsqueeze(-1) * o_p.view(b, hkv, N, g, Kp, dv)).sum(-2)
-    num = num_p.view(b, hkv, N, g, Kp, dv).sum(-2)
-    den = den_p.view(b, hkv, N, g, Kp).sum(-1)
-    return o.transpose(2, 3), lse.transpose(2, 3), num.transpose(2, 3), den.transpose(2, 3)
+    o = (wts.unsqueeze(-1) * unsort(outs, 0.0, dv).view(b, hkv, N, g, Kp, dv)).sum(-2)
+    num = den = None
+    if state:
+        num = unsort(nums, 0.0, dv).view(b, hkv, N, g, Kp, dv).sum(-2).transpose(2, 3)
+        den = unsort(dens, 0.0).view(b, hkv, N, g, Kp).sum(-1).transpose(2, 3)
+    return o.transpose(2, 3), lse.transpose(2, 3), num, den
 
 
 def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
@@ -400,7 +431,8 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
     st.h_past = saved["h_meta"] * done[..., None].to(F.dtype)
     st.w_cur = st.w_cur.new_zeros(b, hq, C)
     if options.retrieval_blocks:
-        kmin, kmax = saved["bounds"]
+        kmin, kmax = saved.get("bounds") or block_bounds(kr.view(b, hkv, C, B, -1),
+                                                         _keep(m.view(b, C * B) > 0, options))
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)

@@ -67,9 +67,9 @@ def check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta
     if outs[0] != outs[1]:
         raise ValueError(f"meta_q and meta_k must map to one size, got {outs[0]} and {outs[1]}")
     dm = outs[0]
-    if gate is not None:
+    if gate is not None and not (isinstance(gate, (int, float)) and not isinstance(gate, bool) and gate == 0):
         if not isinstance(gate, torch.Tensor):
-            raise TypeError(f"gate must be None or a tensor of shape ({hq},), got {type(gate).__name__}")
+            raise TypeError(f"gate must be None, 0 (closed) or a tensor of shape ({hq},), got {gate!r}")
         if gate.dim() > 1 or gate.numel() not in (1, hq):
             raise ValueError(f"gate must be a scalar or have shape ({hq},), got {tuple(gate.shape)}")
     n = q.shape[2] if token_dim == 4 else 1

@@ -15,7 +15,7 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, sink_outside_window
 from .options import BSBROptions
-from .retrieval import apply_meta, block_bounds, block_scores, combine, gate_per_head, select_blocks
+from .retrieval import apply_meta, block_bounds, block_scores, combine, gate_closed, gate_per_head, select_blocks
 from .recall import cache_scores, recall_update
 from .state import BSBRState, ensure_capacity, refresh_retrieval
 
@@ -64,20 +64,28 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     _write_token(state, k, v, kr, fk, valid, inplace)
 
     # the exact softmax: window (q.k), sinks outside it and selected blocks or the recall cache (qr.kr),
-    # one normalisation
-    qg, qrg = q.view(b, hkv, hq // hkv, 1, d), qr.view(b, hkv, hq // hkv, 1, d)
+    # one normalisation; a K/V head's g query heads are the rows of one matmul per part
+    qg, qrg = q.view(b, hkv, hq // hkv, d), qr.view(b, hkv, hq // hkv, d)
     scores, values = _window_and_sinks(qg, qrg, state)
+    read = not gate_closed(gate)  # a closed gate: the states are kept, not read
+    num = den = None
     if opt.recall_tokens:
-        num, den = _recall_read(qrg, fq, state, scores, values, scale)
+        num, den = _recall_read(qrg, fq, state, scores, values, read)
     else:
-        num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
-        den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
+        if read:
+            num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
+            den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
         if opt.retrieval_blocks and state.kmin_past.shape[2]:
             num, den = _read_blocks(qrg, fq, state, scores, values, num, den)
-    s = torch.cat(scores, dim=-1) * scale
-    o_exact = (torch.softmax(s, dim=-1) @ torch.cat(values, dim=-2)).reshape(b, hq, -1)
-    o = combine(o_exact.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
-                gate_per_head(gate, hq, q), opt.retrieval).squeeze(2)
+    p = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)  # (b, hkv, g, keys)
+    o, at = None, 0
+    for x in values:  # (b, hkv, X, dv): each part's probabilities times its values
+        o_x = p[..., at:at + x.shape[2]] @ x
+        o, at = (o_x if o is None else o + o_x), at + x.shape[2]
+    o = o.reshape(b, hq, -1)
+    if num is not None:
+        o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
+                    gate_per_head(gate, hq, q), opt.retrieval).squeeze(2)
     vm = valid.view(b, 1, 1).to(o.dtype)  # padding: output 0, state unchanged
     o = o * vm
     if not opt.recall_tokens:
@@ -105,68 +113,81 @@ def _write_token(state, k, v, kr, fk, valid, inplace):
 
 
 def _window_and_sinks(qg, qrg, state):
-    """Unscaled scores (b, hkv, g, 1, keys) and values of the window and the sinks outside it."""
+    """Unscaled scores (b, hkv, g, keys) and values (b, hkv, keys, dv) of the window and of the sinks
+    outside it."""
     opt = state.options
-    b, hkv, g = qg.shape[:3]
+    b = qg.shape[0]
     B, L, S, W = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window
     tt = state.n_seen.view(b, 1)
     ring = tt - torch.remainder(tt - torch.arange(W, device=qg.device).view(1, W), W)  # token in each slot
-    scores = [(qg @ state.k_buf.unsqueeze(2).transpose(-1, -2)).masked_fill(
-        ~exact_window(tt, ring, B, L, 0).view(b, 1, 1, 1, W), float("-inf"))]
-    values = [state.v_buf.unsqueeze(2).expand(-1, -1, g, -1, -1)]
+    scores = [(qg @ state.k_buf.transpose(-1, -2)).masked_fill(~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
+                                                                float("-inf"))]
+    values = [state.v_buf]
     if S:
         seen = sink_outside_window(tt, torch.arange(S, device=qg.device).view(1, S), B, L)
-        scores.append((qrg @ state.k_sink.unsqueeze(2).transpose(-1, -2)).masked_fill(
-            ~seen.view(b, 1, 1, 1, S), float("-inf")))
-        values.append(state.v_sink.unsqueeze(2).expand(-1, -1, g, -1, -1))
+        scores.append((qrg @ state.k_sink.transpose(-1, -2)).masked_fill(~seen.view(b, 1, 1, S), float("-inf")))
+        values.append(state.v_sink)
     return scores, values
 
 
 def _read_blocks(qrg, fq, state, scores, values, num, den):
-    """Append the selected blocks' scores and values; return num/den without their chunk states."""
+    """Append the selected blocks' scores and values; return num/den without their chunk states.
+
+    The blocks some query head of a K/V head selected (their union, at most g K) are read once for
+    all g heads, each head's scores masked to its own selection. When K covers every candidate (short
+    contexts) they are all read in place; otherwise the union is gathered, B keys per block."""
     opt = state.options
-    b, hkv, g, _, d = qrg.shape
-    B, L, S, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, state.kmin_past.shape[2]
-    t = state.n_seen
+    b, hkv, g, d = qrg.shape
+    B, L, S, K, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks, state.kmin_past.shape[2]
     chunks = torch.arange(P, device=qrg.device)
-    # before the window, and holding a token that is not a sink
-    candidate = (chunks[None, :] <= (torch.div(t, B, rounding_mode="floor") - L)[:, None]) & ((chunks + 1) * B > S)
-    # as many slots as there are candidates (at most K): a slot costs a copy of B keys and values per head
-    slots = min(opt.retrieval_blocks, int(candidate.sum(-1).max()))
-    if slots == 0:
+    last = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the last chunk before the window
+    candidate = (chunks[None, :] <= last[:, None]) & ((chunks + 1) * B > S)  # and holding a non-sink token
+    n_cand = int(candidate.sum(-1).max())
+    if n_cand == 0:
         return num, den
-    bs = block_scores(qrg, state.kmin_past.unsqueeze(2), state.kmax_past.unsqueeze(2))  # (b, hkv, g, 1, P)
-    sel = select_blocks(bs, candidate.view(b, 1, 1, 1, P), slots)[:, :, :, 0]  # (b, hkv, g, K')
-    Kp = sel.shape[-1]
-    at = sel.clamp(min=0)
+    if n_cand <= K:  # every candidate is selected: read chunks 0 .. U - 1 where they lie
+        U = int(last.max()) + 1
+        idx = chunks[:U].expand(b, hkv, U)
+        mine = candidate[:, :U].view(b, 1, 1, U).expand(b, hkv, g, U)  # (b, hkv, g, U) each head's blocks
 
-    bi = torch.arange(b, device=qrg.device).view(b, 1, 1, 1)
-    hi = torch.arange(hkv, device=qrg.device).view(1, hkv, 1, 1)
+        def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...), a view
+            return x[:, :, :U]
+    else:
+        bs = block_scores(qrg, state.kmin_past, state.kmax_past)  # (b, hkv, g, P)
+        sel = select_blocks(bs, candidate.view(b, 1, 1, P), K)  # (b, hkv, g, K)
+        picked = torch.zeros(b, hkv, g, P, dtype=torch.bool, device=qrg.device).scatter_(-1, sel.clamp(min=0), sel >= 0)
+        union = picked.any(2)  # (b, hkv, P)
+        U = int(union.sum(-1).max())
+        idx = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :U]  # (b, hkv, U)
+        mine = picked.gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U))
+        rows = (idx + P * torch.arange(b * hkv, device=idx.device).view(b, hkv, 1)).reshape(-1)
 
-    def chosen(x):  # (b, hkv, P, ...) -> (b, hkv, g, K', ...) at the selected chunks (whole rows copied:
-        return x[bi, hi, at]  # gather on a head-expanded view was 2 ms a call, most of a decode step)
-
-    kb, vb = chosen(state.kr_past), chosen(state.v_past)  # (b, hkv, g, K', B, d)
-    readable = (sel >= 0).unsqueeze(-1) & (at.unsqueeze(-1) * B + torch.arange(B, device=qrg.device) >= S)
-    scores.append((qrg @ kb.reshape(b, hkv, g, Kp * B, d).transpose(-1, -2)).masked_fill(
-        ~readable.reshape(b, hkv, g, 1, Kp * B), float("-inf")))
-    values.append(vb.reshape(b, hkv, g, Kp * B, -1))
+        def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...) at idx: one copy per block
+            return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, U, *x.shape[3:])
+    readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
+    kb, vb = blocks(state.kr_past).reshape(b, hkv, U * B, d), blocks(state.v_past).reshape(b, hkv, U * B, -1)
+    scores.append((qrg @ kb.transpose(-1, -2)).masked_fill(~readable.reshape(b, hkv, g, U * B), float("-inf")))
+    values.append(vb)
+    if num is None:
+        return num, den
     # the selected chunks leave the chunk-state term
-    w_sel = state.w_cur.view(b, hkv, g, -1).gather(-1, at) * (sel >= 0)  # (b, hkv, g, K')
+    w = state.w_cur.view(b, hkv, g, -1).gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U)) * mine
     fqg = fq.view(b, hkv, g, -1)
-    num = num - torch.einsum("bkgp,bkgf,bkgpfv->bkgv", w_sel, fqg, chosen(state.F_past)).reshape(num.shape)
+    num = num - torch.einsum("bkgu,bkgf,bkufv->bkgv", w, fqg, blocks(state.F_past)).reshape(num.shape)
     if den is not None:
-        den = den - torch.einsum("bkgp,bkgf,bkgpf->bkg", w_sel, fqg, chosen(state.z_past)).reshape(den.shape)
+        den = den - torch.einsum("bkgu,bkgf,bkuf->bkg", w, fqg, blocks(state.z_past)).reshape(den.shape)
     return num, den
 
 
-def _recall_read(qrg, fq, state, scores, values, scale):
+def _recall_read(qrg, fq, state, scores, values, read):
     """Append the recall cache's scores and values; return the read-out of the state of the other
-    left-window tokens (num (b, hq, dv), den (b, hq) or None)."""
+    left-window tokens (num (b, hq, dv), den (b, hq) or None; both None unless ``read``)."""
     b, hkv, g = qrg.shape[:3]
     cache = state.recall()
-    scores.append(cache_scores(qrg, cache.kr.unsqueeze(2), cache.on.unsqueeze(2), 1.0))
-    values.append(cache.v.unsqueeze(2).expand(-1, -1, g, -1, -1))
+    scores.append(cache_scores(qrg, cache.kr, cache.on, 1.0))
+    values.append(cache.v)
+    if not read:
+        return None, None
     fqg = fq.view(b, hkv, g, -1)
     num = (fqg @ cache.F).reshape(b, hkv * g, -1)
     den = (fqg @ cache.z.unsqueeze(-1)).reshape(b, hkv * g) if state.options.retrieval == "normalized" else None

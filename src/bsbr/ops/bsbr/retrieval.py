@@ -13,11 +13,17 @@ def apply_meta(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x if weight is None else torch.einsum("bhcd,hde->bhce", x, weight.to(x.dtype))
 
 
-def gate_per_head(gate: Optional[torch.Tensor], q_heads: int, like: torch.Tensor) -> torch.Tensor:
-    """The chunk-state gate as a (q_heads,) tensor; ``None`` means an open gate (1)."""
-    if gate is None:
-        return torch.ones(q_heads, dtype=like.dtype, device=like.device)
+def gate_per_head(gate, q_heads: int, like: torch.Tensor) -> torch.Tensor:
+    """The chunk-state gate as a (q_heads,) tensor; ``None`` means an open gate (1), ``0`` a closed one."""
+    if gate is None or not isinstance(gate, torch.Tensor):
+        return torch.full((q_heads,), 1.0 if gate is None else float(gate), dtype=like.dtype, device=like.device)
     return gate.to(like.dtype).reshape(-1).expand(q_heads)
+
+
+def gate_closed(gate) -> bool:
+    """The gate is the number 0: the chunk-state term contributes nothing, so the forms skip reading it
+    (the states are still kept, so a cache stays complete)."""
+    return isinstance(gate, (int, float)) and not isinstance(gate, bool) and gate == 0
 
 
 def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, variant: str) -> torch.Tensor:
@@ -69,15 +75,15 @@ def block_scores(qr: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> to
     give (Quest's bound, ``sum_i max(qr_i kmin_i, qr_i kmax_i)``), maximised over its pieces; empty
     pieces never count. qr (..., T, d), kmin/kmax (..., P, pieces, d) -> (..., T, P). A bound, unlike a
     mean key, keeps one outstanding key (a needle) findable; small pieces keep the bound tight where a
-    chunk's keys are diverse (prose)."""
-    pos, neg = qr.clamp(min=0), qr.clamp(max=0)
-    best = None
-    for i in range(kmin.shape[-2]):  # one piece at a time: no (T, P, pieces) tensor
-        lo, hi = kmin[..., i, :], kmax[..., i, :]
-        sc = (pos @ hi.transpose(-1, -2) + neg @ lo.transpose(-1, -2)).masked_fill(
-            (lo > hi).any(-1).unsqueeze(-2), float("-inf"))
-        best = sc if best is None else torch.maximum(best, sc)
-    return best
+    chunk's keys are diverse (prose).
+
+    Every piece at once: ``max(qr, 0) . kmax + min(qr, 0) . kmin``, two matmuls."""
+    P, pieces = kmin.shape[-3], kmin.shape[-2]
+    hi, lo = kmax.flatten(-3, -2), kmin.flatten(-3, -2)  # (..., P * pieces, d)
+    sc = (qr.clamp(min=0) @ hi.transpose(-1, -2)).add_(qr.clamp(max=0) @ lo.transpose(-1, -2))
+    empty = (kmin > kmax).any(-1).flatten(-2)  # (..., P * pieces)
+    sc = sc.masked_fill(empty.unsqueeze(-2), float("-inf"))
+    return sc.unflatten(-1, (P, pieces)).amax(-1)
 
 
 def select_blocks(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:

@@ -48,8 +48,9 @@ def merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0][0]
     lses = torch.stack([lse for _, lse in parts])
-    m = lses.amax(0)
-    w = torch.exp(lses - m)
-    total = w.sum(0)
-    o = sum(wi.unsqueeze(-1) * oi for wi, (oi, _) in zip(w, parts))
-    return o / total.unsqueeze(-1)
+    w = torch.exp(lses - lses.amax(0))
+    w = (w / w.sum(0)).unsqueeze(-1)
+    o = parts[0][0] * w[0]
+    for wi, (oi, _) in zip(w[1:], parts[1:]):
+        o = o.addcmul_(oi, wi)
+    return o
