@@ -28,9 +28,39 @@ def _check_leading(name, x, want):
         raise ValueError(f"{name} must have leading shape {tuple(want)}, got {tuple(x.shape)}")
 
 
+_CHECKED: dict = {}  # signature of a call that passed -> its sizes (decode checks 30 layers a token)
+
+
+def _signature(args, token_dim):
+    """What the checks depend on (each tensor's shape, dtype and device; any other value itself), or
+    None when something is neither a tensor, None nor a plain number."""
+    sig = [token_dim]
+    for x in args:
+        if isinstance(x, torch.Tensor):
+            sig.append((x.shape, x.dtype, x.device))
+        elif x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
+            sig.append(x)
+        else:
+            return None
+    return tuple(sig)
+
+
 def check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta_k=None, token_dim: int = 4) -> BSBRArgs:
     """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)).
-    K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple."""
+    K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple.
+    A signature seen before is not checked again."""
+    key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k), token_dim)
+    if key is not None and key in _CHECKED:
+        return _CHECKED[key]
+    a = _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim)
+    if key is not None:
+        if len(_CHECKED) >= 1024:
+            _CHECKED.clear()
+        _CHECKED[key] = a
+    return a
+
+
+def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim) -> BSBRArgs:
     for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk), ("qr", qr),
                     ("kr", kr)):
         check_tensor(name, x, token_dim)

@@ -31,13 +31,20 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
         state = BSBRState.empty(a, options, q)
     else:
         state.check_options(options)
-    valid = torch.ones(a.batch, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
+    valid = None if valid is None else valid.bool()
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
 def _write(state, slot, rows, named, inplace):
     """Write each x (b, h, d) of ``named`` ((name, x), ...) into ``state.name`` (b, h, slots, d) at
-    slot (b,) for the sequences in rows (b,)."""
+    slot (b,) for the sequences in rows (b,) (None: all)."""
+    if inplace and rows is None:
+        b = torch.arange(slot.shape[0], device=slot.device)
+        for name, x in named:
+            getattr(state, name)[b, :, slot] = x
+        return
+    if rows is None:
+        rows = torch.ones_like(slot, dtype=torch.bool)
     if inplace:
         r = rows.nonzero()[:, 0]
         if r.numel() == 0:
@@ -86,12 +93,14 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     if num is not None:
         o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
                     gate_per_head(gate, hq, q), opt.retrieval).squeeze(2)
-    vm = valid.view(b, 1, 1).to(o.dtype)  # padding: output 0, state unchanged
-    o = o * vm
+    if valid is not None:  # padding: output 0, state unchanged
+        vm = valid.view(b, 1, 1).to(o.dtype)
+        o, fk, mk, mq = o * vm, fk * vm, mk * vm, mq * vm
     if not opt.recall_tokens:
-        _add_to_chunk(state, fk * vm, v, mk * vm, mq * vm, inplace)
-    state.n_seen = state.n_seen + valid.long()
-    done = valid & (t % B == B - 1)
+        _add_to_chunk(state, fk, v, mk, mq, inplace)
+    state.n_seen = state.n_seen + (1 if valid is None else valid.long())
+    done = t % B == B - 1
+    done = done if valid is None else valid & done
     if bool(done.any()):
         if opt.recall_tokens:
             _recall_complete_chunk(state, done)
@@ -107,7 +116,9 @@ def _write_token(state, k, v, kr, fk, valid, inplace):
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
     _write(state, t % W, valid, ring, inplace)
     if S:
-        _write(state, t.clamp(max=S - 1), valid & (t < S), [("k_sink", kr), ("v_sink", v)], inplace)
+        first = t < S
+        _write(state, t.clamp(max=S - 1), first if valid is None else valid & first, [("k_sink", kr), ("v_sink", v)],
+               inplace)
     if opt.retrieval_blocks:
         _write(state, t % opt.chunk_size, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
 
@@ -268,8 +279,7 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
         state = BSBRState.empty(a, options, q)
     else:
         state.check_options(options)
-    ones = torch.ones(a.batch, dtype=torch.bool, device=q.device)
     outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
-                  ones if valid is None else valid[:, i].bool()) for i in range(a.seq_len)]
+                  None if valid is None else valid[:, i].bool()) for i in range(a.seq_len)]
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)
     return o, (state if output_final_state else None)
