@@ -123,20 +123,44 @@ def _write_token(state, k, v, kr, fk, valid, inplace):
         _write(state, t % opt.chunk_size, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
 
 
+_MASKS: dict = {}  # the last step's masks: every layer of a model steps at the same positions
+
+
+def _step_masks(state, device):
+    """What this step's token may read, a function of the options and positions only (so computed
+    once per step for all layers): the window's ring slots (b, 1, 1, W), the sinks outside the window
+    (b, 1, 1, S), and with blocks the candidate chunks (b, P), their largest count and the last chunk
+    before each window (b,)."""
+    opt = state.options
+    P = state.kmin_past.shape[2]
+    key = (opt, P, device, tuple(state.n_seen.tolist()))
+    if key in _MASKS:
+        return _MASKS[key]
+    B, L, S, W = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window
+    b = state.n_seen.shape[0]
+    tt = state.n_seen.view(b, 1)
+    ring = tt - torch.remainder(tt - torch.arange(W, device=device).view(1, W), W)  # token in each slot
+    m = dict(window=exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
+             sinks=sink_outside_window(tt, torch.arange(S, device=device).view(1, S), B, L).view(b, 1, 1, S))
+    if opt.retrieval_blocks:
+        chunks = torch.arange(P, device=device)
+        last = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the last chunk before the window
+        candidate = (chunks[None, :] <= last[:, None]) & ((chunks + 1) * B > S)  # and holding a non-sink token
+        m.update(candidate=candidate, n_cand=int(candidate.sum(-1).max()) if P else 0,
+                 last=int(last.max()) if b else -1)
+    _MASKS.clear()
+    _MASKS[key] = m
+    return m
+
+
 def _window_and_sinks(qg, qrg, state):
     """Unscaled scores (b, hkv, g, keys) and values (b, hkv, keys, dv) of the window and of the sinks
     outside it."""
-    opt = state.options
-    b = qg.shape[0]
-    B, L, S, W = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window
-    tt = state.n_seen.view(b, 1)
-    ring = tt - torch.remainder(tt - torch.arange(W, device=qg.device).view(1, W), W)  # token in each slot
-    scores = [(qg @ state.k_buf.transpose(-1, -2)).masked_fill(~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
-                                                                float("-inf"))]
+    m = _step_masks(state, qg.device)
+    scores = [(qg @ state.k_buf.transpose(-1, -2)).masked_fill(~m["window"], float("-inf"))]
     values = [state.v_buf]
-    if S:
-        seen = sink_outside_window(tt, torch.arange(S, device=qg.device).view(1, S), B, L)
-        scores.append((qrg @ state.k_sink.transpose(-1, -2)).masked_fill(~seen.view(b, 1, 1, S), float("-inf")))
+    if state.options.sink_tokens:
+        scores.append((qrg @ state.k_sink.transpose(-1, -2)).masked_fill(~m["sinks"], float("-inf")))
         values.append(state.v_sink)
     return scores, values
 
@@ -150,15 +174,13 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     opt = state.options
     b, hkv, g, d = qrg.shape
     B, L, S, K, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks, state.kmin_past.shape[2]
-    chunks = torch.arange(P, device=qrg.device)
-    last = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the last chunk before the window
-    candidate = (chunks[None, :] <= last[:, None]) & ((chunks + 1) * B > S)  # and holding a non-sink token
-    n_cand = int(candidate.sum(-1).max())
+    m = _step_masks(state, qrg.device)
+    candidate, n_cand = m["candidate"], m["n_cand"]
     if n_cand == 0:
         return num, den
     if n_cand <= K:  # every candidate is selected: read chunks 0 .. U - 1 where they lie
-        U = int(last.max()) + 1
-        idx = chunks[:U].expand(b, hkv, U)
+        U = m["last"] + 1
+        idx = torch.arange(U, device=qrg.device).expand(b, hkv, U)
         mine = candidate[:, :U].view(b, 1, 1, U).expand(b, hkv, g, U)  # (b, hkv, g, U) each head's blocks
 
         def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...), a view
