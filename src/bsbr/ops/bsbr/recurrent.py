@@ -148,6 +148,9 @@ def _step_masks(state, device):
         candidate = (chunks[None, :] <= last[:, None]) & ((chunks + 1) * B > S)  # and holding a non-sink token
         m.update(candidate=candidate, n_cand=int(candidate.sum(-1).max()) if P else 0,
                  last=int(last.max()) if b else -1)
+        U = max(m["last"] + 1, 0)  # while every candidate is read: its chunks' non-sink tokens
+        tok = torch.arange(U * B, device=device)
+        m["dense"] = (candidate[:, :U].repeat_interleave(B, dim=1) & (tok >= S)).view(b, 1, 1, U * B)
     _MASKS.clear()
     _MASKS[key] = m
     return m
@@ -185,6 +188,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
 
         def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...), a view
             return x[:, :, :U]
+        readable = m["dense"]  # (b, 1, 1, U * B)
     else:
         bs = block_scores(qrg, state.kmin_past, state.kmax_past)  # (b, hkv, g, P)
         sel = select_blocks(bs, candidate.view(b, 1, 1, P), K)  # (b, hkv, g, K)
@@ -197,9 +201,10 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
 
         def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...) at idx: one copy per block
             return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, U, *x.shape[3:])
-    readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
+        readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
+        readable = readable.reshape(b, hkv, g, U * B)
     kb, vb = blocks(state.kr_past).reshape(b, hkv, U * B, d), blocks(state.v_past).reshape(b, hkv, U * B, -1)
-    scores.append((qrg @ kb.transpose(-1, -2)).masked_fill(~readable.reshape(b, hkv, g, U * B), float("-inf")))
+    scores.append((qrg @ kb.transpose(-1, -2)).masked_fill(~readable, float("-inf")))
     values.append(vb)
     if num is None:
         return num, den
