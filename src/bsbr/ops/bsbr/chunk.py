@@ -323,7 +323,6 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     C, B, d = kr_c.shape[2], kr_c.shape[3], kr_c.shape[-1]
     dv = v_c.shape[-1]
     rows, total = g * N * Kp, b * hkv * g * N * Kp
-    qr_f = qr.reshape(b * hkv, g * N, d)
     kr_f, v_f = kr_c.reshape(b * hkv, C, B, d), v_c.reshape(b * hkv, C, B, dv)
     # pairs in (token, head, slot) order: a token's pairs never move when a later token's choice changes
     sel_f = sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
@@ -332,48 +331,58 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     pairs = (flat >= 0).nonzero()[:, 0]
     ids, order = flat[pairs].sort(stable=True)
     pairs = pairs[order]
-    th = (pairs % rows) // Kp  # token * g + head
-    q_at = (th % g) * N + th // g  # each pair's query (row of qr_f)
+    th = pairs // Kp  # each pair's (sequence, K/V head, token, head): a row of the (b, hkv, N, g) outputs
+    r_of = th // (N * g)
+    q_row = r_of * (g * N) + (th % g) * N + (th // g) % N  # and its query: a row of qr.reshape(-1, d)
+    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+    # one gather of every pair's query, each group's rows padded to a multiple of TILE: a BLAS kernel's
+    # result for one row can depend on the row count, and a token's output must not depend on which
+    # other tokens chose the same chunk
+    padded = (counts + TILE - 1) // TILE * TILE
+    first_p = torch.cumsum(padded, 0) - padded  # each group's first padded row
+    first_u = torch.cumsum(counts, 0) - counts  # and its first pair
+    grp = torch.repeat_interleave(torch.arange(counts.numel(), device=sel.device), padded)
+    at = (torch.arange(grp.numel(), device=sel.device) - first_p[grp]).minimum(counts[grp] - 1) + first_u[grp]
+    q_all = qr.reshape(-1, d).index_select(0, q_row[at])
     state = w_sel is not None
     if state:
-        fq_f, F_f, z_f = fq.reshape(b * hkv, g * N, -1), F.reshape(b * hkv, C, *F.shape[3:]), z.reshape(b * hkv, C, -1)
+        fq_all = fq.reshape(-1, fq.shape[-1]).index_select(0, q_row[at])
+        F_f, z_f = F.reshape(b * hkv, C, *F.shape[3:]), z.reshape(b * hkv, C, -1)
         w_p = w_sel.permute(0, 1, 3, 2, 4).reshape(-1)[pairs]
-    outs, lses, nums, dens = [], [], [], []
-    start = 0
-    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+    groups, lses = [], []
+    start, pstart = 0, 0
     for gid, cnt in zip(uniq.tolist(), counts.tolist()):
         r, c = divmod(gid, C)
-        # rows padded to a multiple of TILE: a BLAS kernel's result for one row can depend on the row
-        # count, and a token's output must not depend on which other tokens chose this chunk
-        qi = F_.pad(q_at[start:start + cnt], (0, -cnt % TILE))
+        pc = (cnt + TILE - 1) // TILE * TILE
         first = min(max(sinks - c * B, 0), B)  # the sinks at the chunk's start
-        o_g, lse_g = attention_lse(qr_f[r].index_select(0, qi)[None, None], kr_f[r, c, first:][None, None],
+        o_g, lse_g = attention_lse(q_all[pstart:pstart + pc][None, None], kr_f[r, c, first:][None, None],
                                    v_f[r, c, first:][None, None], None, scale)
-        outs.append(o_g[0, 0, :cnt])
+        groups.append((start, cnt, r, c, pstart, pc, o_g[0, 0, :cnt]))
         lses.append(lse_g[0, 0, :cnt])
-        if state:
-            fqi, wi = fq_f[r].index_select(0, qi), w_p[start:start + cnt]
-            nums.append(wi[:, None] * (fqi @ F_f[r, c])[:cnt])
-            dens.append(wi * (fqi @ z_f[r, c])[:cnt])
-        start += cnt
+        start, pstart = start + cnt, pstart + pc
 
-    # back to (token, head, slot) order: each slot reads its pair's row; an empty slot reads a last row
-    # of o = 0, lse = -inf
-    npairs = pairs.numel()
-    back = torch.full((total,), npairs, dtype=torch.long, device=qr.device)
-    back[pairs] = torch.arange(npairs, device=qr.device)
-
-    def unsort(parts, fill, *shape):
-        return torch.cat(parts + [qr.new_full((1, *shape), fill)]).index_select(0, back)
-
-    lse_p = unsort(lses, NEG_INF).view(b, hkv, N, g, Kp)
-    lse = torch.logsumexp(lse_p, dim=-1)
-    wts = torch.exp(lse_p - lse.masked_fill(lse == NEG_INF, 0.0).unsqueeze(-1))  # 0 for empty slots
-    o = (wts.unsqueeze(-1) * unsort(outs, 0.0, dv).view(b, hkv, N, g, Kp, dv)).sum(-2)
-    num = den = None
+    # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
+    # weight exp(lse_pair - lse) into its row (in group order: a row's sum depends on its own pairs only)
+    rows_out = b * hkv * N * g
+    lse = qr.new_full((rows_out,), NEG_INF)
+    o = qr.new_zeros(rows_out, dv)
+    num = qr.new_zeros(rows_out, dv) if state else None
+    den = qr.new_zeros(rows_out) if state else None
+    if lses:
+        lse_pairs = torch.cat(lses)
+        m = lse.detach().scatter_reduce(0, th, lse_pairs.detach(), "amax", include_self=False)  # largest part per row
+        lse = m + torch.log(qr.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th])))
+        w_pairs = torch.exp(lse_pairs - lse[th])
+        for start, cnt, r, c, pstart, pc, o_g in groups:
+            rows_g = th[start:start + cnt]
+            o.index_add_(0, rows_g, o_g * w_pairs[start:start + cnt, None])
+            if state:
+                fqi, wi = fq_all[pstart:pstart + pc], w_p[start:start + cnt]
+                num.index_add_(0, rows_g, wi[:, None] * (fqi @ F_f[r, c])[:cnt])
+                den.index_add_(0, rows_g, wi * (fqi @ z_f[r, c])[:cnt])
+    o, lse = o.view(b, hkv, N, g, dv), lse.view(b, hkv, N, g)
     if state:
-        num = unsort(nums, 0.0, dv).view(b, hkv, N, g, Kp, dv).sum(-2).transpose(2, 3)
-        den = unsort(dens, 0.0).view(b, hkv, N, g, Kp).sum(-1).transpose(2, 3)
+        num, den = num.view(b, hkv, N, g, dv).transpose(2, 3), den.view(b, hkv, N, g).transpose(2, 3)
     return o.transpose(2, 3), lse.transpose(2, 3), num, den
 
 
