@@ -351,7 +351,7 @@ BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_bloc
     (70, 8, 2, 2, 2, 10, 2, "normalized"),  # sinks fill chunk 0 and part of chunk 1
     (41, 4, 3, 1, 3, 2, 50, "additive"),  # more blocks than there are chunks
     (33, 1, 2, 1, 2, 1, 4, "normalized"),  # every token is a chunk
-    (300, 64, 2, 1, 1, 3, 2, "normalized"),  # two 32-token pieces per chunk, sinks in the first
+    (300, 64, 2, 1, 1, 3, 2, "normalized"),  # four 16-token pieces per chunk, sinks in the first
     (70, 8, 2, 2, 2, 10, 9, "normalized"),  # K covers every earlier chunk (read densely); chunk 0 all sinks
 ]
 
@@ -396,19 +396,19 @@ def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant
 
 
 def test_block_scores_are_the_best_bound_of_a_chunks_pieces():
-    from bsbr.ops.bsbr.retrieval import block_bounds, block_scores
+    from bsbr.ops.bsbr.retrieval import BOUND_TOKENS as s, block_bounds, block_scores
 
     g = torch.Generator().manual_seed(3)
-    kr = torch.randn(2, 5, 96, 4, generator=g, dtype=DT)  # (h, C, B, d): 3 pieces of 32
-    keep = torch.rand(2, 5, 96, generator=g) > 0.3
-    keep[0, 1, 32:64] = False  # an empty piece never counts
+    kr = torch.randn(2, 5, 3 * s, 4, generator=g, dtype=DT)  # (h, C, B, d): 3 pieces
+    keep = torch.rand(2, 5, 3 * s, generator=g) > 0.3
+    keep[0, 1, s:2 * s] = False  # an empty piece never counts
     qr = torch.randn(2, 7, 4, generator=g, dtype=DT)
     got = block_scores(qr, *block_bounds(kr, keep))  # (h, T, C)
     for h in range(2):
         for c in range(5):
             best = []
             for p in range(3):
-                ks = kr[h, c, 32 * p:32 * (p + 1)][keep[h, c, 32 * p:32 * (p + 1)]]
+                ks = kr[h, c, s * p:s * (p + 1)][keep[h, c, s * p:s * (p + 1)]]
                 if len(ks):
                     lo, hi = ks.min(0).values, ks.max(0).values
                     best.append(torch.maximum(qr[h] * lo, qr[h] * hi).sum(-1))

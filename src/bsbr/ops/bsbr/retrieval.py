@@ -44,7 +44,7 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, varia
     return alpha
 
 
-BOUND_TOKENS = 32  # keys per bound: a chunk's score is the best bound of its 32-token pieces
+BOUND_TOKENS = 16  # keys per bound, measured: 16 closes more of the 8k gap than 32 (prose 62% vs 56%)
 
 
 def bound_size(chunk_size: int) -> int:
