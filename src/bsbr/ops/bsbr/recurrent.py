@@ -172,8 +172,9 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     """Append the selected blocks' scores and values; return num/den without their chunk states.
 
     The blocks some query head of a K/V head selected (their union, at most g K) are read once for
-    all g heads, each head's scores masked to its own selection. When K covers every candidate (short
-    contexts) they are all read in place; otherwise the union is gathered, B keys per block."""
+    all g heads, each head's scores masked to its own selection. When K covers every candidate, or the
+    union is at least half of the chunks before the window, those chunks are read where they lie;
+    otherwise the union is gathered, B keys per block."""
     opt = state.options
     b, hkv, g, d = qrg.shape
     B, L, S, K, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks, state.kmin_past.shape[2]
@@ -194,13 +195,20 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
         sel = select_blocks(bs, candidate.view(b, 1, 1, P), K)  # (b, hkv, g, K)
         picked = torch.zeros(b, hkv, g, P, dtype=torch.bool, device=qrg.device).scatter_(-1, sel.clamp(min=0), sel >= 0)
         union = picked.any(2)  # (b, hkv, P)
-        U = int(union.sum(-1).max())
-        idx = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :U]  # (b, hkv, U)
-        mine = picked.gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U))
-        rows = (idx + P * torch.arange(b * hkv, device=idx.device).view(b, hkv, 1)).reshape(-1)
+        U, span = int(union.sum(-1).max()), m["last"] + 1
+        if 2 * U >= span:  # the heads chose most candidates: read chunks 0 .. span - 1 where they lie
+            U = span
+            idx = torch.arange(U, device=qrg.device).expand(b, hkv, U)
 
-        def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...) at idx: one copy per block
-            return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, U, *x.shape[3:])
+            def blocks(x):  # a view
+                return x[:, :, :U]
+        else:
+            idx = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :U]
+            rows = (idx + P * torch.arange(b * hkv, device=idx.device).view(b, hkv, 1)).reshape(-1)
+
+            def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...) at idx: one copy per block
+                return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, U, *x.shape[3:])
+        mine = picked.gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U))
         readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
         readable = readable.reshape(b, hkv, g, U * B)
     kb, vb = blocks(state.kr_past).reshape(b, hkv, U * B, d), blocks(state.v_past).reshape(b, hkv, U * B, -1)

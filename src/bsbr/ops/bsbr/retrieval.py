@@ -81,7 +81,7 @@ def block_scores(qr: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> to
     P, pieces = kmin.shape[-3], kmin.shape[-2]
     hi, lo = kmax.flatten(-3, -2), kmin.flatten(-3, -2)  # (..., P * pieces, d)
     sc = (qr.clamp(min=0) @ hi.transpose(-1, -2)).add_(qr.clamp(max=0) @ lo.transpose(-1, -2))
-    empty = (kmin > kmax).any(-1).flatten(-2)  # (..., P * pieces)
+    empty = (kmin[..., 0] > kmax[..., 0]).flatten(-2)  # (..., P * pieces): an empty piece has 1 > -1 everywhere
     sc = sc.masked_fill(empty.unsqueeze(-2), float("-inf"))
     return sc.unflatten(-1, (P, pieces)).amax(-1)
 
