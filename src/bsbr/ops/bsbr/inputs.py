@@ -50,8 +50,9 @@ def check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta
     K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple.
     A signature seen before is not checked again."""
     key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k), token_dim)
-    if key is not None and key in _CHECKED:
-        return _CHECKED[key]
+    seen = _CHECKED.get(key) if key is not None else None
+    if seen is not None:
+        return seen
     a = _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim)
     if key is not None:
         if len(_CHECKED) >= 1024:

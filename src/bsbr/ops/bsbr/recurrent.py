@@ -134,8 +134,9 @@ def _step_masks(state, device):
     opt = state.options
     P = state.kmin_past.shape[2]
     key = (opt, P, device, tuple(state.n_seen.tolist()))
-    if key in _MASKS:
-        return _MASKS[key]
+    m = _MASKS.get(key)
+    if m is not None:
+        return m
     B, L, S, W = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
