@@ -166,3 +166,13 @@ def test_bad_forward_inputs_raise():
         m(torch.randint(0, 60, (1, 5)) + 50)
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.randn(1, 5))
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_prefill_state_is_contiguous(kw):
+    # the layer's q/k/v are transposed views; decode reshapes the state's arrays every step, which
+    # would copy the whole past each token if they kept those strides
+    a = layer(**kw)
+    with torch.no_grad():
+        _, state = a(torch.randn(2, 29, 24, dtype=torch.float64), output_state=True)
+    assert all(t.is_contiguous() for t in state.tensors().values())

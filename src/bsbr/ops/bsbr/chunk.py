@@ -411,6 +411,8 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
         st.set_recall(saved["cache"])
     else:
         _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved)
+    for name, t in st.tensors().items():  # decoding reshapes these arrays every step: no copies then
+        setattr(st, name, t.contiguous())
     return st
 
 
