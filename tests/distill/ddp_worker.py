@@ -14,7 +14,7 @@ from bsbr.distill import DistillConfig, distill, new_parameters  # noqa: E402
 dist.init_process_group("gloo")
 out = sys.argv[1]
 teacher = make_source("llama")
-student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1)
+student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1, retrieval_blocks=2)  # 40-token windows: 5 chunks
 windows = [torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
 distill(teacher, student, windows, out, DistillConfig(steps=4, lr=1e-2, checkpoint_every=100))
 save_file({k: v.detach().contiguous() for k, v in new_parameters(student).items()},

@@ -190,7 +190,7 @@ def test_torchrun_two_processes_gloo_equals_one_process_on_both_windows(tmp_path
     from bsbr.distill.trainer import _trainable
 
     teacher = make_source("llama")
-    student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1)
+    student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1, retrieval_blocks=2)  # as ddp_worker.py
     ws = [torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     order = torch.randperm(len(ws), generator=torch.Generator().manual_seed(0))
     params, opt = _trainable(student, DistillConfig(steps=4, lr=1e-2))
@@ -227,3 +227,13 @@ def test_cli_defaults_are_the_measured_recipe_and_bad_combinations_are_refused(c
     lora = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60",
                                       "--params", "lora"])
     assert _base_lr(lora) is None  # the adapters share --lr unless told otherwise
+
+
+def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
+    # with K blocks covering every earlier chunk of a window, the new pieces cannot change the output
+    teacher = make_source("llama")
+    student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1)  # local 2 + 8 blocks: exact up to 80 tokens
+    ws = [torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(ValueError, match="exactly up to 80"):
+        distill(teacher, student, ws, tmp_path / "out", DistillConfig(steps=1))
+    assert not (tmp_path / "out").exists()

@@ -51,11 +51,13 @@ def _check_new_pieces_matter(config, args) -> None:
     exact blocks covering every chunk before each window, every token reads all earlier tokens exactly."""
     from ..outputs import UserError
 
-    B, L, K = config.chunk_size, config.local_chunks, config.retrieval_blocks
-    if args.params == "new" and K and -(-args.seq_len // B) - L <= K:
+    from .trainer import exact_reach
+
+    reach = exact_reach(config)
+    if args.params == "new" and args.seq_len <= reach:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
-                        f"(local_chunks + retrieval_blocks) x chunk_size = {(L + K) * B} tokens, so the pieces "
-                        f"--params new trains have no effect there: use --seq-len > {(L + K) * B}, or --params all")
+                        f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
+                        f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
 
 
 def _resume_command(args) -> str:

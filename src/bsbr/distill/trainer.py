@@ -172,6 +172,14 @@ def _trainable(student, cfg: DistillConfig):
     return params, torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
 
 
+def exact_reach(config) -> int:
+    """Tokens up to which a BSBR model reads every earlier token exactly: ``(local_chunks +
+    retrieval_blocks) x chunk_size`` with exact blocks, else 0. On windows no longer than that, the
+    pieces ``params="new"`` trains (chunk states, gates, maps) cannot change the output."""
+    K = getattr(config, "retrieval_blocks", 0)
+    return (config.local_chunks + K) * config.chunk_size if K else 0
+
+
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
             resume: bool = False, settings: Optional[dict] = None, should_stop: Optional[Callable[[], bool]] = None,
             extra_files: Optional[Callable[[Path], None]] = None) -> dict:
@@ -191,6 +199,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     cfg.validate()
     if len(windows) == 0:
         raise ValueError("no training windows")
+    reach = exact_reach(student.config)
+    if cfg.params == "new" and max(len(w) for w in windows) <= reach:
+        raise ValueError(f"params='new' on windows of at most {max(len(w) for w in windows)} tokens: this student "
+                         f"reads every earlier token exactly up to {reach}, so the new pieces have no effect there")
     rank, world = _world()
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoint"
