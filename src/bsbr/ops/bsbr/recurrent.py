@@ -149,9 +149,10 @@ def _step_masks(state, device):
         candidate = (chunks[None, :] <= last[:, None]) & ((chunks + 1) * B > S)  # and holding a non-sink token
         m.update(candidate=candidate, n_cand=int(candidate.sum(-1).max()) if P else 0,
                  last=int(last.max()) if b else -1)
-        U = max(m["last"] + 1, 0)  # while every candidate is read: its chunks' non-sink tokens
-        tok = torch.arange(U * B, device=device)
-        m["dense"] = (candidate[:, :U].repeat_interleave(B, dim=1) & (tok >= S)).view(b, 1, 1, U * B)
+        if 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' non-sink tokens
+            U = m["last"] + 1
+            tok = torch.arange(U * B, device=device)
+            m["dense"] = (candidate[:, :U].repeat_interleave(B, dim=1) & (tok >= S)).view(b, 1, 1, U * B)
     _MASKS.clear()
     _MASKS[key] = m
     return m
