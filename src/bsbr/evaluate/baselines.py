@@ -1,6 +1,14 @@
 """The models a converted model is measured between: its source restricted to chunk-local attention
-(the lower bound) or to the converted model's exact window (what retrieval adds on top of)."""
+(the lower bound) or to the converted model's exact window (what retrieval adds on top of), and the
+loading of a saved model beside them (``bsbr eval``)."""
 from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def has_wide_window(model) -> bool:
@@ -29,3 +37,52 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     if same_window and cfg is not None:
         window.update(local_chunks=cfg.local_chunks, sink_tokens=cfg.sink_tokens)
     return convert_to_bsbr(reference, chunk_size=chunk_size, **{**opts, **window, "gate_init": 0.0})
+
+
+def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
+    """The tokenizer saved next to the model, else the reference's (None: the bundled SmolLM2)."""
+    from transformers import AutoTokenizer
+
+    from ..convert import load_tokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        logger.info("no tokenizer in %s (%s); using the reference's", model_dir, e)
+    tokenizer = load_tokenizer(reference)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer and the reference gives none")
+    return tokenizer
+
+
+def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=None):
+    """``(models, tokenizer, config)`` for the saved BSBR model in ``model_dir``: ``models`` holds it
+    (``"bsbr"``), its ``reference`` (``"source"``: a directory, ``.gguf`` file, hub id, or None for the
+    bundled SmolLM2-135M-Instruct), the chunk-local baseline (``"local"``) and, for a model whose exact
+    window reaches past its own chunk, the source restricted to that window (``"window"``). The
+    tokenizer is :func:`load_eval_tokenizer`'s; ``config`` what a result records of the run.
+    ``check_reference(source_model)``, if given, runs right after the reference is loaded (``bsbr
+    eval`` refuses there a reference that is not the model's source)."""
+    import torch
+
+    from ..convert import load_source
+    from ..models import load_bsbr_model
+    from ..outputs import source_label
+
+    model_dir = Path(model_dir)
+    logger.info("loading %s", model_dir)
+    model = load_bsbr_model(model_dir).eval()
+    tokenizer = load_eval_tokenizer(model_dir, reference)
+    chunk = int(model.config.chunk_size)
+    logger.info("loading the reference %s", source_label(reference))
+    source = load_source(reference).eval()
+    if check_reference is not None:
+        check_reference(source)
+    models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
+    if has_wide_window(model):
+        models["window"] = local_baseline(source, chunk, like=model, same_window=True)
+    config = dict(model_dir=str(model_dir), reference=source_label(reference), chunk_size=chunk,
+                  local_chunks=getattr(model.config, "local_chunks", 1),
+                  sink_tokens=getattr(model.config, "sink_tokens", 0), torch=torch.__version__,
+                  threads=torch.get_num_threads(), machine=platform.machine())
+    return models, tokenizer, config

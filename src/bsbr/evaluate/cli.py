@@ -67,7 +67,7 @@ def _heatmap_path(args) -> Optional[Path]:
 
 def _write_lm_eval_task(args, passkey: dict) -> int:
     from .lm_eval_task import TASK_NAME, write_lm_eval_task
-    from .passkey_run import load_eval_tokenizer
+    from .baselines import load_eval_tokenizer
 
     tokenizer = load_eval_tokenizer(args.model, args.reference)
     yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)

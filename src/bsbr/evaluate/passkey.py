@@ -277,19 +277,31 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
                 samples=samples)
 
 
+MODEL_ORDER = ("source", "local", "window", "bsbr")
+
+
+def model_order(passkey: dict) -> list:
+    """The result's model names: source, local, window, bsbr first, then any others in their order."""
+    names = [n for n in MODEL_ORDER if n in passkey["models"]]
+    return names + [n for n in passkey["models"] if n not in names]
+
+
+def accuracy_grid(passkey: dict, model: str) -> list:
+    """Accuracy of ``model`` as rows (lengths, in the result's order) of columns (depths); ``None``
+    for a cell without trials."""
+    acc = {(c["length"], c["depth"]): c["accuracy"] for c in passkey["models"][model]["cells"]}
+    return [[acc.get((L, d)) for d in passkey["depths"]] for L in passkey["lengths"]]
+
+
 def passkey_summary_lines(passkey: dict) -> Iterable[str]:
     """A text table of a :func:`run_passkey` result: accuracy per length (rows) and model@depth
     (columns), overall accuracy, accuracy per filler, and seconds per model."""
-    names = [n for n in ("source", "local", "window", "bsbr") if n in passkey["models"]]
-    names += [n for n in passkey["models"] if n not in names]
+    names = model_order(passkey)
     yield f"pass-key accuracy ({passkey['trials']} trials per cell; rows = length, columns = depth):"
     yield f"  {'length':<7} " + " ".join(f"{n}@{d:g}".rjust(11) for n in names for d in passkey["depths"])
-    for L in passkey["lengths"]:
-        row = []
-        for n in names:
-            acc = {(c["length"], c["depth"]): c["accuracy"] for c in passkey["models"][n]["cells"]}
-            row += [f"{acc[(L, d)]:.2f}".rjust(11) for d in passkey["depths"]]
-        yield f"  {L:<7} " + " ".join(row)
+    grids = {n: accuracy_grid(passkey, n) for n in names}
+    for i, L in enumerate(passkey["lengths"]):
+        yield f"  {L:<7} " + " ".join(f"{a:.2f}".rjust(11) for n in names for a in grids[n][i])
     yield "  overall: " + ", ".join(f"{n} {passkey['models'][n]['accuracy']:.2f}" for n in names)
     fillers = [f["name"] for f in passkey.get("fillers", [])]
     if fillers:

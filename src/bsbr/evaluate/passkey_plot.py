@@ -13,26 +13,10 @@ from pathlib import Path
 from typing import Tuple
 
 from ..results import pyplot, save_figure, write_json
+from .passkey import accuracy_grid, model_order
+from .plots import LABELS, grouped_bars
 
 logger = logging.getLogger(__name__)
-
-ORDER = ("source", "local", "window", "bsbr")
-TITLES = {"source": "source (full attention)", "local": "chunk-local baseline",
-          "window": "source in BSBR's exact window", "bsbr": "BSBR"}
-COLOURS = {"source": "tab:green", "local": "tab:red", "window": "tab:orange", "bsbr": "tab:blue"}
-
-
-def model_order(passkey: dict) -> list:
-    """The result's model names: source, local, window, bsbr first, then any others in their order."""
-    names = [n for n in ORDER if n in passkey["models"]]
-    return names + [n for n in passkey["models"] if n not in names]
-
-
-def accuracy_grid(passkey: dict, model: str) -> list:
-    """Accuracy of ``model`` as rows (lengths, in the result's order) of columns (depths); ``None``
-    for a cell without trials."""
-    acc = {(c["length"], c["depth"]): c["accuracy"] for c in passkey["models"][model]["cells"]}
-    return [[acc.get((L, d)) for d in passkey["depths"]] for L in passkey["lengths"]]
 
 
 def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
@@ -64,18 +48,13 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
         ax.set_xlabel("key depth")
         ax.set_ylabel("prompt tokens")
         overall = passkey["models"][name]["accuracy"]
-        ax.set_title(f"{TITLES.get(name, name)}\naccuracy {overall:.2f}", fontsize=9)
+        ax.set_title(f"{LABELS.get(name, name)}\naccuracy {overall:.2f}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=list(axes[0][:len(names)]), fraction=0.02, pad=0.02)
     if fillers:
         ax = axes[0][-1]
-        width = 0.8 / max(1, len(names))
-        for i, name in enumerate(names):
-            per = passkey["models"][name].get("by_filler", {})
-            ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(fillers))],
-                   [per.get(f, {}).get("accuracy") or 0.0 for f in fillers], width,
-                   color=COLOURS.get(name), label=TITLES.get(name, name))
-        ax.set_xticks(range(len(fillers)))
+        grouped_bars(ax, names, fillers,
+                     lambda name, f: passkey["models"][name].get("by_filler", {}).get(f, {}).get("accuracy") or 0.0)
         ax.set_xticklabels(fillers, fontsize=7, rotation=20)
         ax.set_ylim(0, 1.05)
         ax.set_title("accuracy per filler", fontsize=9)

@@ -6,13 +6,22 @@ import os
 from pathlib import Path
 
 from ..results import pyplot, save_figure
+from .passkey import MODEL_ORDER, accuracy_grid, model_order
 
 logger = logging.getLogger(__name__)
 
 COLOURS = {"source": "tab:green", "local": "tab:red", "window": "tab:orange", "bsbr": "tab:blue"}
 LABELS = {"source": "source (full attention)", "local": "chunk-local baseline",
           "window": "source in BSBR's exact window", "bsbr": "BSBR"}
-NAMES = ("source", "local", "window", "bsbr")
+
+
+def grouped_bars(ax, names, groups, value) -> None:
+    """Bars of ``value(name, group)``: one group of bars per group, one bar per model name, side by side."""
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(groups))],
+               [value(name, g) for g in groups], width, color=COLOURS.get(name), label=LABELS.get(name, name))
+    ax.set_xticks(range(len(groups)))
 
 
 def plot_results(result: dict, path: os.PathLike) -> Path:
@@ -26,7 +35,7 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     lm = result["language_modeling"]
     buckets = lm["buckets"]
     x = [(b["start"] + b["end"]) / 2 for b in buckets]
-    for name in NAMES:
+    for name in MODEL_ORDER:
         if name not in lm["perplexity"]:
             continue
         y = [b["perplexity"][name] for b in buckets]
@@ -43,15 +52,11 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
 
     if passkey:
         ax = axes[0, 1]
-        names = [n for n in NAMES if n in passkey["models"]]
-        cells = [(L, d) for L in passkey["lengths"] for d in passkey["depths"]]
-        width = 0.8 / max(1, len(names))
-        for i, name in enumerate(names):
-            acc = {(c["length"], c["depth"]): c["accuracy"] for c in passkey["models"][name]["cells"]}
-            ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(cells))],
-                   [acc.get(c, 0.0) for c in cells], width, color=COLOURS.get(name), label=LABELS.get(name, name))
-        ax.set_xticks(range(len(cells)))
-        ax.set_xticklabels([f"{L}\n{d:g}" for L, d in cells], fontsize=8)
+        names = model_order(passkey)
+        grids = {n: accuracy_grid(passkey, n) for n in names}
+        cells = [(i, j) for i in range(len(passkey["lengths"])) for j in range(len(passkey["depths"]))]
+        grouped_bars(ax, names, cells, lambda name, c: grids[name][c[0]][c[1]] or 0.0)
+        ax.set_xticklabels([f"{L}\n{d:g}" for L in passkey["lengths"] for d in passkey["depths"]], fontsize=8)
         ax.set_xlabel("prompt length / key depth")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)
