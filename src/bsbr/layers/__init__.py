@@ -1,31 +1,27 @@
-"""nn.Modules with explicit keyword arguments and no HuggingFace dependency."""
+"""nn.Modules with explicit keyword arguments and no HuggingFace dependency: BSBRAttention, its pieces,
+and the baselines beside it (same forward signature: they swap freely in bsbr.models.AttentionLM)."""
 from .bsbr_attention import BSBRAttention
+from .deltanet import DeltaNet
 from .feature_maps import FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
+from .gau import GatedAttentionUnit
+from .hopfield_attention import HopfieldAttention
+from .linear_attention import LinearAttention
 from .rotary import RotaryEmbedding, apply_rotary
+from .sliding_window_attention import SlidingWindowAttention
 from .standard_attention import StandardAttention
 
 __all__ = [
     "BSBRAttention",
+    "DeltaNet",
     "FEATURE_MAPS",
     "FeatureMap",
+    "GatedAttentionUnit",
     "HeadwiseLinear",
+    "HopfieldAttention",
+    "LinearAttention",
     "RotaryEmbedding",
+    "SlidingWindowAttention",
     "StandardAttention",
     "StateCompression",
     "apply_rotary",
-]
-
-# baselines beside BSBR (issue 5): same forward signature, swap freely in bsbr.models.AttentionLM
-from .deltanet import DeltaNet
-from .gau import GatedAttentionUnit
-from .hopfield_attention import HopfieldAttention
-from .linear_attention import LinearAttention
-from .sliding_window_attention import SlidingWindowAttention
-
-__all__ += [
-    "DeltaNet",
-    "GatedAttentionUnit",
-    "HopfieldAttention",
-    "LinearAttention",
-    "SlidingWindowAttention",
 ]

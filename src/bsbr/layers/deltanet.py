@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops.deltanet import chunk_delta_rule, naive_delta_rule
 from ._baseline_common import MultiHeadBase
-from ..ops.checks import check_int
+from ..ops.checks import check_int, zero_padded
 
 
 class DeltaNet(MultiHeadBase):
@@ -48,15 +48,11 @@ class DeltaNet(MultiHeadBase):
         Returns (b, n, hidden_dim)."""
         q, k, v, beta, valid = self._inputs(hidden_states, attention_mask)
         o, _ = chunk_delta_rule(q, k, v, beta, chunk_size=self.chunk_size)
-        if valid is not None:
-            o = o * valid[:, None, :, None].to(o.dtype)
-        return self.output(o)
+        return self.output(zero_padded(o, valid))
 
     def step(self, hidden_states: torch.Tensor, state: Optional[torch.Tensor] = None,
              attention_mask: Optional[torch.Tensor] = None, position_embeddings=None):
         """Decode: continue from ``state`` ((b, h, d, d) or None) token by token. Returns (output, state)."""
         q, k, v, beta, valid = self._inputs(hidden_states, attention_mask)
         o, state = naive_delta_rule(q, k, v, beta, initial_state=state, output_final_state=True)
-        if valid is not None:
-            o = o * valid[:, None, :, None].to(o.dtype)
-        return self.output(o), state
+        return self.output(zero_padded(o, valid)), state

@@ -19,6 +19,24 @@ def check_hidden_states(hidden_states, hidden_dim: int) -> None:
         raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
 
 
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """A language model's input: an integer tensor (batch, seq_len) of ids in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size})")
+
+
+def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """(batch, seq_len) rotary positions: 0, 1, 2, ..., or with a (batch, seq_len) mask of 1/0 the count
+    of real tokens before each one, so a padded sequence sees the positions it has alone."""
+    b, n = input_ids.shape
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == (b, n):
+        return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return torch.arange(n, device=input_ids.device)[None].expand(b, -1)
+
+
 def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
     """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
     valid = check_valid(attention_mask, batch, seq_len, name="attention_mask")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import mask_padding, zero_padded
 from .inputs import check_hidden_states, mask_to_valid, resolve_head_dim, resolve_kv_heads
 from .rotary import apply_rotary
 
@@ -39,10 +40,7 @@ class StandardAttention(nn.Module):
         gqa = self.num_heads != self.num_kv_heads
         if valid is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # padding needs an explicit (n x n) mask; rows of pure padding attend to themselves
-            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-            allowed = causal[None] & valid[:, None, :]
-            allowed = allowed | torch.eye(n, dtype=torch.bool, device=q.device)[None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
-            o = o * valid[:, None, :, None].to(o.dtype)
+        else:  # padding needs an explicit (n x n) mask
+            allowed = mask_padding(torch.ones(1, n, n, dtype=torch.bool, device=q.device).tril(), valid)
+            o = zero_padded(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa), valid)
         return self.out_proj(self.dropout_layer(o.transpose(1, 2).reshape(b, n, -1)))

@@ -3,6 +3,5 @@ from .bsbr import BSBRBaseModel, BSBRCache, BSBRConfig, BSBRForCausalLM, load_bs
 from .native import BSBRLayer, BSBRModel
 from .shell import ATTENTIONS, AttentionLM
 
-__all__ = [
-    "ATTENTIONS",
-    "AttentionLM","BSBRBaseModel", "BSBRCache", "BSBRConfig", "BSBRForCausalLM", "BSBRLayer", "BSBRModel", "load_bsbr_model"]
+__all__ = ["ATTENTIONS", "AttentionLM", "BSBRBaseModel", "BSBRCache", "BSBRConfig", "BSBRForCausalLM", "BSBRLayer",
+           "BSBRModel", "load_bsbr_model"]

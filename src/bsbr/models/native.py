@@ -9,6 +9,7 @@ from torch import nn
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..ops.checks import check_int
+from ..layers.inputs import check_input_ids, token_positions
 from ..layers.rotary import RotaryEmbedding
 
 
@@ -54,16 +55,8 @@ class BSBRModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.embedding.num_embeddings):
-            raise ValueError(f"input_ids must lie in [0, {self.embedding.num_embeddings})")
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-        if attention_mask is not None and tuple(attention_mask.shape) == tuple(input_ids.shape):
-            # positions count real tokens only, so a padded sequence sees the positions it has alone
-            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        cos_sin = self.rotary(positions, self.embedding.weight.dtype)
+        check_input_ids(input_ids, self.embedding.num_embeddings)
+        cos_sin = self.rotary(token_positions(input_ids, attention_mask), self.embedding.weight.dtype)
         x = self.dropout(self.embedding(input_ids))
         for layer in self.layers:
             x = layer(x, attention_mask, cos_sin)

@@ -19,6 +19,7 @@ from ..layers.deltanet import DeltaNet
 from ..layers.gau import GatedAttentionUnit
 from ..layers.hopfield_attention import HopfieldAttention
 from ..layers.linear_attention import LinearAttention
+from ..layers.inputs import check_input_ids, token_positions
 from ..layers.rotary import RotaryEmbedding
 from ..layers.sliding_window_attention import SlidingWindowAttention
 from ..layers.standard_attention import StandardAttention
@@ -110,17 +111,8 @@ class AttentionLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (b, n) integers in [0, vocab_size); attention_mask (b, n) of 1/0 or None.
         Returns logits (b, n, vocab_size)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        V = self.embedding.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
-            raise ValueError(f"input_ids must lie in [0, {V})")
-        b, n = input_ids.shape
-        positions = torch.arange(n, device=input_ids.device)[None].expand(b, -1)
-        if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.shape == (b, n):
-            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # count real tokens only
-        cos_sin = self.rotary(positions, self.embedding.weight.dtype)
+        check_input_ids(input_ids, self.embedding.num_embeddings)
+        cos_sin = self.rotary(token_positions(input_ids, attention_mask), self.embedding.weight.dtype)
         x = self.embedding(input_ids)
         for layer in self.layers:
             x = layer(x, attention_mask, cos_sin)

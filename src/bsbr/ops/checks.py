@@ -30,3 +30,17 @@ def check_valid(valid, b: int, n: int, name: str = "valid (the padding mask)") -
     if tuple(valid.shape) != (b, n):
         raise ValueError(f"{name} must have shape ({b}, {n}), got {tuple(valid.shape)}")
     return valid.bool()
+
+
+def mask_padding(allowed: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """An (1, n, n) attention mask restricted to real keys (``valid`` (b, n); None: unchanged), every
+    query still seeing itself so that no row is empty (outputs at padded positions are zeroed)."""
+    if valid is None:
+        return allowed
+    eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    return (allowed & valid[:, None, :]) | eye[None]
+
+
+def zero_padded(o: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """``o`` (b, h, n, dv) with the outputs at padded positions (``valid`` (b, n) False) set to 0."""
+    return o if valid is None else o * valid[:, None, :, None].to(o.dtype)

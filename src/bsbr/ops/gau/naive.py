@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..linear_attn.utils import check_qkv, check_scale, check_valid
+from ..linear_attn.utils import check_qkv, check_scale, check_valid, zero_padded
 
 
 def naive_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
@@ -28,7 +28,4 @@ def naive_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     allowed = allowed[:, None].to(q.dtype)  # (b or 1, 1, n, n)
     a = torch.relu((q @ k.transpose(-1, -2)) * scale).square() * allowed  # (b, h, n, n)
     count = allowed.sum(-1, keepdim=True).clamp(min=1.0)  # N_t
-    o = (a @ v) / count
-    if valid is not None:
-        o = o * valid[:, None, :, None].to(o.dtype)
-    return o, None
+    return zero_padded((a @ v) / count, valid), None

@@ -8,8 +8,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..linear_attn.utils import check_qkv, check_valid
-from .utils import beta_per_head, check_steps
+from ..linear_attn.utils import check_int, check_qkv, check_valid, mask_padding, zero_padded
+from .utils import beta_per_head
 
 
 def chunk_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -28,13 +28,12 @@ def chunk_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         ``(o, None)`` with o (b, h, n, dv).
     """
     b, h, n, d, dv = check_qkv(q, k, v)
-    check_steps(num_steps)
+    check_int("num_steps", num_steps)
     valid = check_valid(valid, b, n)
     bt = beta_per_head(beta, h, d, q)
     mask = None
     if valid is not None:
-        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        mask = ((causal[None] & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=q.device)[None])[:, None]
+        mask = mask_padding(torch.ones(1, n, n, dtype=torch.bool, device=q.device).tril(), valid)[:, None]
 
     def retrieve(xi, targets):  # beta folded into the query, so a per-head beta needs no custom kernel
         if mask is None:
@@ -44,7 +43,4 @@ def chunk_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     xi = q
     for _ in range(num_steps - 1):
         xi = retrieve(xi, k)  # (b, h, n, d)
-    o = retrieve(xi, v)  # (b, h, n, dv)
-    if valid is not None:
-        o = o * valid[:, None, :, None].to(o.dtype)
-    return o, None
+    return zero_padded(retrieve(xi, v), valid), None  # (b, h, n, dv)

@@ -15,8 +15,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..linear_attn.utils import check_qkv, check_valid
-from .utils import beta_per_head, check_steps
+from ..linear_attn.utils import check_int, check_qkv, check_valid, mask_padding, zero_padded
+from .utils import beta_per_head
 
 
 def naive_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -24,13 +24,11 @@ def naive_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              valid: Optional[torch.Tensor] = None):
     """Same signature and meaning as :func:`chunk_hopfield_attention`; builds the n x n scores."""
     b, h, n, d, dv = check_qkv(q, k, v)
-    check_steps(num_steps)
+    check_int("num_steps", num_steps)
     valid = check_valid(valid, b, n)
     bt = beta_per_head(beta, h, d, q)
-    allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None]  # (1, n, n)
-    if valid is not None:
-        allowed = (allowed & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=q.device)[None]
-    allowed = allowed[:, None]  # (b or 1, 1, n, n)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None]
+    allowed = mask_padding(causal, valid)[:, None]  # (b or 1, 1, n, n)
 
     def retrieve(xi, targets):
         s = (bt * xi) @ k.transpose(-1, -2)  # (b, h, n, n)
@@ -39,7 +37,4 @@ def naive_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     xi = q
     for _ in range(num_steps - 1):
         xi = retrieve(xi, k)
-    o = retrieve(xi, v)
-    if valid is not None:
-        o = o * valid[:, None, :, None].to(o.dtype)
-    return o, None
+    return zero_padded(retrieve(xi, v), valid), None

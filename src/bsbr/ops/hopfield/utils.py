@@ -1,11 +1,7 @@
 """Argument checks of the Hopfield ops."""
 from __future__ import annotations
 
-from typing import Union
-
 import torch
-
-from ..linear_attn.utils import check_int
 
 
 def beta_per_head(beta, h: int, d: int, like: torch.Tensor) -> torch.Tensor:
@@ -19,7 +15,3 @@ def beta_per_head(beta, h: int, d: int, like: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"beta must be a scalar or have shape ({h},), got {tuple(beta.shape)}")
         return beta.to(like.dtype).reshape(-1).expand(h).view(1, h, 1, 1)
     return torch.full((1, h, 1, 1), float(beta), dtype=like.dtype, device=like.device)
-
-
-def check_steps(num_steps: Union[int, None]) -> None:
-    check_int("num_steps", num_steps)

@@ -6,7 +6,7 @@ from typing import Tuple
 
 import torch
 
-from ..checks import check_int, check_tensor, check_valid  # noqa: F401  (re-exported for the baseline ops)
+from ..checks import check_int, check_tensor, check_valid, mask_padding, zero_padded  # noqa: F401  (re-exported for the baseline ops)
 
 
 def check_qkv(q, k, v) -> Tuple[int, int, int, int, int]:

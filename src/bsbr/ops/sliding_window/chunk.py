@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
+from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid, zero_padded
 
 
 def chunk_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,
@@ -64,7 +64,4 @@ def chunk_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     # 3. one SDPA call over all (batch, head, block) triples
     o = F.scaled_dot_product_attention(qb, kk, vv, attn_mask=allowed[:, None], scale=scale)  # (b, h, C, w, dv)
-    o = o.reshape(b, h, C * w, dv)[:, :, :n]
-    if valid is not None:
-        o = o * valid[:, None, :, None].to(o.dtype)
-    return o, None
+    return zero_padded(o.reshape(b, h, C * w, dv)[:, :, :n], valid), None

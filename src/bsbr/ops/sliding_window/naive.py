@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
+from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid, mask_padding, zero_padded
 
 
 def naive_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,
@@ -22,13 +22,7 @@ def naive_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scale = check_scale(scale, d)
     t = torch.arange(n, device=q.device)
     rel = t[:, None] - t[None, :]  # (n, n): query position minus key position
-    allowed = ((rel >= 0) & (rel < window_size))[None]  # (1, n, n)
-    if valid is not None:
-        # padded keys are invisible; a padded query attends to itself only (its output is zeroed)
-        allowed = (allowed & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=q.device)[None]
+    allowed = mask_padding(((rel >= 0) & (rel < window_size))[None], valid)  # (b or 1, n, n)
     s = (q @ k.transpose(-1, -2)) * scale  # (b, h, n, n)
     p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
-    o = p @ v
-    if valid is not None:
-        o = o * valid[:, None, :, None].to(o.dtype)
-    return o, None
+    return zero_padded(p @ v, valid), None
