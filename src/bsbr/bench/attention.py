@@ -21,8 +21,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from ..results import write_json
-from .common import machine_info
+from .common import add_output_arguments, machine_info, write_outputs
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
 from .plots import plot_rows
@@ -128,11 +127,7 @@ def run_attention(args: argparse.Namespace) -> int:
                       f"{r['fraction_of_matmul']:>10.1%}")
         title = (f"attention forward, hidden {hidden}, {heads} heads, chunk {args.chunk_size} "
                  f"({result['machine']['torch_threads']} threads, {args.device})")
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
-    if args.plot:
-        plot_rows(result["rows"], args.plot, title)
-        print(f"wrote {args.plot}")
+    write_outputs(result, args, lambda r, path: plot_rows(r["rows"], path, title))
     return 0
 
 
@@ -164,9 +159,7 @@ def register(bench_sub) -> None:
     p.add_argument("--layers", type=int, default=2, help="model scaling: layers")
     p.add_argument("--ff-dim", type=int, default=1024, help="model scaling: feed-forward size")
     p.add_argument("--vocab", type=int, default=1000, help="model scaling: vocabulary size")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a log-log plot here")
+    add_output_arguments(p, "a log-log plot")
     p.set_defaults(func=run_attention)

@@ -43,13 +43,14 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 # ----------------------------------------------------------------------------------------- memory
-def _status_kb(key: str) -> Optional[int]:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None where there is no /proc."""
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """A ``kB`` field of a /proc file (VmRSS, VmHWM of /proc/self/status; MemAvailable of /proc/meminfo)
+    in bytes, or None where there is no /proc."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                    return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
@@ -57,8 +58,7 @@ def _status_kb(key: str) -> Optional[int]:
 
 def rss_bytes() -> Optional[int]:
     """Current resident set size of this process in bytes (None without /proc)."""
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb * 1024
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def _statm_rss() -> int:
@@ -107,14 +107,7 @@ def memory_method(device: str = "cpu") -> str:
 def available_memory_bytes() -> Optional[int]:
     """MemAvailable from /proc/meminfo: how much more this process may allocate without swapping
     or being killed (Linux over-commits, so a too-big allocation is killed rather than raised)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def memory_refusal(need_bytes: Optional[float]) -> Optional[str]:
@@ -185,7 +178,7 @@ def measure_peak(fn: Callable[[], object], device: str = "cpu") -> PeakMemory:
     if _reset_hwm():
         before = rss_bytes()
         out = fn()
-        peak = _status_kb("VmHWM") * 1024
+        peak = _proc_bytes("/proc/self/status", "VmHWM")
         del out
         return PeakMemory(max(0, peak - before), peak, "linux-vmhwm-reset")
     sampler = _Sampler()
@@ -285,6 +278,24 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def add_output_arguments(p, plot: str = "a plot") -> None:
+    """``--threads``, ``--json`` and ``--plot``: the options every benchmark command shares."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help=f"write {plot} here")
+
+
+def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
+    """Write ``result`` to ``args.json`` and ``plot(result, args.plot)`` where given, saying so."""
+    from ..results import write_json
+
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:

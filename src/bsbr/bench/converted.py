@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..results import write_json
-from .common import interleaved_times, machine_info, measure_peak, median
+from .common import add_output_arguments, interleaved_times, machine_info, measure_peak, median
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,5 @@ def register(bench_sub) -> None:
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 32768])
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
-    p.add_argument("--plot", default=None)
+    add_output_arguments(p, "the prefill and decode plot")
     p.set_defaults(func=cmd)

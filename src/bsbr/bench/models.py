@@ -30,9 +30,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..results import write_json
-from .common import (DEFAULT_SEQ_LENS, MiB, forward_fn, interleaved_times, is_oom, machine_info, measure_peak, median,
-                     memory_refusal, release_free_memory, round_sig)
+from .common import (DEFAULT_SEQ_LENS, MiB, add_output_arguments, forward_fn, interleaved_times, is_oom, machine_info,
+                     measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
 log = logging.getLogger(__name__)
@@ -267,11 +266,7 @@ def run_models(args: argparse.Namespace) -> int:
                           ff_dim=args.ff_dim, block=args.block, repeats=args.repeats, max_seconds=args.max_seconds,
                           model_budget=args.model_budget, train=not args.no_train, seed=args.seed)
     print(format_table(result))
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
-    if args.plot:
-        plot_models(result, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(result, args, plot_models)
     return 0
 
 
@@ -293,8 +288,6 @@ def register(bench_sub) -> None:
     p.add_argument("--max-seconds", type=float, default=15.0, help="skip calls predicted to take longer")
     p.add_argument("--model-budget", type=float, default=90.0, help="no more train steps for a model after this much measuring time")
     p.add_argument("--no-train", action="store_true", help="forward only")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a log-log plot here")
+    add_output_arguments(p, "a log-log plot")
     p.set_defaults(func=run_models)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from ..results import write_json
+from .common import add_output_arguments, write_outputs
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     if args.merge:
         result = merge_results(args.merge)
         print(format_table(result))
-        _write(result, args)
+        write_outputs(result, args, plot_quality)
         return 0
     for name in ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"):
         if getattr(args, name) < 1:
@@ -258,16 +258,8 @@ def run_quality_cli(args: argparse.Namespace) -> int:
                          steps=args.steps, lr=args.lr, eval_windows=args.eval_windows, seed=args.seed,
                          corpus=args.corpus)
     print(format_table(result))
-    _write(result, args)
+    write_outputs(result, args, plot_quality)
     return 0
-
-
-def _write(result: Dict[str, object], args: argparse.Namespace) -> None:
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
-    if args.plot:
-        plot_quality(result, args.plot)
-        print(f"wrote {args.plot}")
 
 
 def register(bench_sub) -> None:
@@ -288,10 +280,8 @@ def register(bench_sub) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="OUT.json")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
+    add_output_arguments(p, "the loss-by-position plot")
     p.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
                    help="instead of training: merge results of runs with the same configuration")
     p.set_defaults(func=run_quality_cli)
