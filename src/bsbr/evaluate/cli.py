@@ -26,20 +26,15 @@ def _positive(text: str) -> int:
 
 def _check_result_path(path, option: str) -> None:
     """A results file: not a directory, in a directory that exists or can be made and written."""
-    import os
-    from pathlib import Path
-
-    from ..outputs import UserError
+    from ..outputs import UserError, unwritable_parent
 
     if path is None:
         return
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{option} {path} is a directory: give a file name (e.g. {p / 'eval'}{'.json' if option == '--json' else '.png'})")
-    parent = p.parent if str(p.parent) else Path(".")
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = unwritable_parent(p)
+    if parent is not None:
         raise UserError(f"{option} {path}: cannot write in {parent}")
 
 
