@@ -53,8 +53,9 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
         logger.warning("chunk_size=%d differs from the model's config.chunk_size=%d", chunk_size, model_chunk)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    vocab = {n: m.get_output_embeddings().weight.shape[0]
-             for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window)) if m is not None}
+    models = {n: m for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window))
+              if m is not None}
+    vocab = {n: m.get_output_embeddings().weight.shape[0] for n, m in models.items()}
     if len(set(vocab.values())) != 1:
         raise ValueError(f"the models' vocabularies differ: {vocab} (is --reference the model this was converted from?)")
     v = next(iter(vocab.values()))
@@ -64,11 +65,6 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    models = {"bsbr": model, "source": source}
-    if local is not None:
-        models["local"] = local
-    if window is not None:
-        models["window"] = window
     for m in models.values():
         m.eval()
     n_win, seq_len = windows.shape

@@ -206,10 +206,9 @@ class MetricAccumulator:
                    agreement={m: {f"top{k}": self._mean(self.agree[m][k][sel], count) for k in self.ks}
                               for m in self.candidates},
                    kl={m: self._mean(self.kl[m][sel], count) for m in self.candidates})
-        if "bsbr" in ppl and "local" in ppl and None not in (ppl["bsbr"], ppl["local"], ppl[REFERENCE]):
-            out["gap_closed"] = gap_closed(ppl["local"], ppl["bsbr"], ppl[REFERENCE])
-        if "bsbr" in ppl and "window" in ppl and None not in (ppl["bsbr"], ppl["window"], ppl[REFERENCE]):
-            out["gap_closed_by_retrieval"] = gap_closed(ppl["window"], ppl["bsbr"], ppl[REFERENCE])
+        for key, lower in (("gap_closed", "local"), ("gap_closed_by_retrieval", "window")):
+            if "bsbr" in ppl and lower in ppl and None not in (ppl["bsbr"], ppl[lower], ppl[REFERENCE]):
+                out[key] = gap_closed(ppl[lower], ppl["bsbr"], ppl[REFERENCE])
         hc = self.hidden_count[sel]
         if float(hc.sum()) > 0:
             out["hidden_cosine"] = {m: self._mean(self.cos[m][sel], hc) for m in self.candidates}
