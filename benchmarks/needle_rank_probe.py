@@ -1,0 +1,116 @@
+"""Does the block router find the needle? On pass-key prompts, rank the needle's chunk among the
+chunks before the window under several block scorers, for the (layer, head, query) triples that
+attend to it, in the default SmolLM2-135M conversion.
+
+    OMP_NUM_THREADS=1 python benchmarks/needle_rank_probe.py --length 16384 --depths 0.5 0.9 \
+        --fillers prose random --json needle_ranks_16k.json
+
+The model is run once per prompt (prefill only); the far queries of the last ``--rows`` tokens (the
+question) and every far key are kept per layer. For each query head, the "far mass" of a chunk is its
+share of the softmax over all keys before the window (what reading every chunk would give it). The
+triples whose far mass on the needle's chunk(s) is at least ``--min-mass`` are the ones retrieval must
+serve; for each, the needle's rank (0 = best) under:
+
+* ``max``: the chunk's largest exact ``q.k`` (an oracle: it costs a full ``q K^T``);
+* ``mean``: ``q . mean(k)`` over the chunk (MoBA's score);
+* ``bound<p>``: the largest key bound (Quest) over pieces of ``p`` tokens, as the op computes it.
+
+Prints and writes the share of triples whose needle is in the top 8 and top 16, and the median rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import bsbr.layers.bsbr_attention as attention_layer
+from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
+from bsbr.evaluate.passkey import grid_prompts
+from bsbr.ops.bsbr.retrieval import block_scores, extreme_keys
+
+PIECES = (4, 8, 16, 32, 256)
+
+
+def capture(model, input_ids, rows):
+    """Per layer: the far queries of the last ``rows`` tokens (hq, rows, d) and the far keys (hkv, n, d)."""
+    got, op = [], attention_layer.chunk_bsbr_attention
+
+    def spy(q, k, v, mq, mk, options, *, qr=None, kr=None, **kw):
+        got.append((qr[0, :, -rows:].double(), kr[0].double()))
+        return op(q, k, v, mq, mk, options, qr=qr, kr=kr, **kw)
+
+    attention_layer.chunk_bsbr_attention = spy
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([input_ids]))
+    finally:
+        attention_layer.chunk_bsbr_attention = op
+    return got
+
+
+def scorers(q, keys, sinks, B):
+    """Scores (P,) of each candidate chunk for one query q (d,) against keys (P * B, d)."""
+    P = keys.shape[0] // B
+    logit = keys @ q
+    logit[:sinks] = float("-inf")
+    out = {"max": logit.view(P, B).amax(-1)}
+    keep = (torch.arange(P * B) >= sinks).view(P, B)
+    out["mean"] = (keys.view(P, B, -1) * keep[..., None]).sum(1) @ q / keep.sum(1).clamp(min=1)
+    for p in PIECES:
+        kmin, kmax = extreme_keys(keys.view(P, B // p, p, -1), keep.view(P, B // p, p))
+        out[f"bound{p}"] = block_scores(q[None], kmin, kmax)[0]
+    return out, torch.softmax(logit / q.shape[0] ** 0.5, 0).view(P, B).sum(-1)
+
+
+def ranks(prompt, got, B, L, sinks, min_mass):
+    n = len(prompt.input_ids)
+    P = (n - 1) // B - L + 1  # chunks before the last token's window
+    needle = sorted({prompt.key_start // B, (prompt.key_end - 1) // B})
+    out = {}
+    for qr, kr in got:
+        g = qr.shape[0] // kr.shape[0]
+        for h in range(qr.shape[0]):
+            for r in range(qr.shape[1]):
+                sc, mass = scorers(qr[h, r], kr[h // g, :P * B], sinks, B)
+                if float(mass[needle].sum()) < min_mass:
+                    continue
+                for name, s in sc.items():
+                    out.setdefault(name, []).append(int(min((s > s[c]).sum() for c in needle)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 0.9])
+    ap.add_argument("--fillers", nargs="+", default=["prose", "random"])
+    ap.add_argument("--trials", type=int, default=1, help="prompts per (depth, filler)")
+    ap.add_argument("--rows", type=int, default=24, help="query tokens at the end of the prompt")
+    ap.add_argument("--min-mass", type=float, default=0.1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    source, tok = load_source(None).eval(), load_tokenizer(None)
+    model = convert_to_bsbr(source).eval()
+    cfg = model.config
+    all_ranks = {}
+    for filler in args.fillers:
+        for prompt in grid_prompts(tok, [args.length], args.depths, args.trials, 0, 8, [filler]):
+            r = ranks(prompt, capture(model, prompt.input_ids, args.rows), cfg.chunk_size, cfg.local_chunks,
+                      cfg.sink_tokens, args.min_mass)
+            print(filler, prompt.depth, "triples", len(r.get("max", [])), flush=True)
+            for name, v in r.items():
+                all_ranks.setdefault(name, []).extend(v)
+    summary = {name: dict(top8=sum(x < 8 for x in v) / len(v), top16=sum(x < 16 for x in v) / len(v),
+                          median_rank=statistics.median(v), triples=len(v)) for name, v in all_ranks.items()}
+    for name, s in summary.items():
+        print(f"{name:9s} top-8 {s['top8']:.2f}  top-16 {s['top16']:.2f}  median rank {s['median_rank']:.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), summary=summary), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
