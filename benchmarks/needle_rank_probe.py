@@ -2,8 +2,8 @@
 chunks before the window under several block scorers, for the (layer, head, query) triples that
 attend to it, in the default SmolLM2-135M conversion.
 
-    OMP_NUM_THREADS=1 python benchmarks/needle_rank_probe.py --length 16384 --depths 0.5 0.9 \
-        --fillers prose random --json needle_ranks_16k.json
+    OMP_NUM_THREADS=1 python benchmarks/needle_rank_probe.py --length 16384 --depths 0.5 \
+        --fillers random prose --json needle_ranks_16k.json
 
 The model is run once per prompt (prefill only); the far queries of the last ``--rows`` tokens (the
 question) and every far key are kept per layer. For each query head, the "far mass" of a chunk is its
@@ -51,17 +51,18 @@ def capture(model, input_ids, rows):
 
 
 def scorers(q, keys, sinks, B):
-    """Scores (P,) of each candidate chunk for one query q (d,) against keys (P * B, d)."""
+    """Scores (R, P) of each candidate chunk for queries q (R, d) against keys (P * B, d), and each
+    chunk's share of the softmax over all of them (R, P)."""
     P = keys.shape[0] // B
-    logit = keys @ q
-    logit[:sinks] = float("-inf")
-    out = {"max": logit.view(P, B).amax(-1)}
+    logit = q @ keys.T  # (R, P * B)
+    logit[:, :sinks] = float("-inf")
+    out = {"max": logit.view(-1, P, B).amax(-1)}
     keep = (torch.arange(P * B) >= sinks).view(P, B)
-    out["mean"] = (keys.view(P, B, -1) * keep[..., None]).sum(1) @ q / keep.sum(1).clamp(min=1)
+    out["mean"] = q @ ((keys.view(P, B, -1) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).T
     for p in PIECES:
         kmin, kmax = extreme_keys(keys.view(P, B // p, p, -1), keep.view(P, B // p, p))
-        out[f"bound{p}"] = block_scores(q[None], kmin, kmax)[0]
-    return out, torch.softmax(logit / q.shape[0] ** 0.5, 0).view(P, B).sum(-1)
+        out[f"bound{p}"] = block_scores(q, kmin, kmax)
+    return out, torch.softmax(logit / q.shape[-1] ** 0.5, -1).view(-1, P, B).sum(-1)
 
 
 def ranks(prompt, got, B, L, sinks, min_mass):
@@ -72,12 +73,10 @@ def ranks(prompt, got, B, L, sinks, min_mass):
     for qr, kr in got:
         g = qr.shape[0] // kr.shape[0]
         for h in range(qr.shape[0]):
-            for r in range(qr.shape[1]):
-                sc, mass = scorers(qr[h, r], kr[h // g, :P * B], sinks, B)
-                if float(mass[needle].sum()) < min_mass:
-                    continue
+            sc, mass = scorers(qr[h], kr[h // g, :P * B], sinks, B)
+            for r in (mass[:, needle].sum(-1) >= min_mass).nonzero()[:, 0].tolist():
                 for name, s in sc.items():
-                    out.setdefault(name, []).append(int(min((s > s[c]).sum() for c in needle)))
+                    out.setdefault(name, []).append(int(min((s[r] > s[r, c]).sum() for c in needle)))
     return out
 
 
