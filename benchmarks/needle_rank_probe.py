@@ -11,7 +11,7 @@ share of the softmax over all keys before the window (what reading every chunk w
 triples whose far mass on the needle's chunk(s) is at least ``--min-mass`` are the ones retrieval must
 serve; for each, the needle's rank (0 = best) under:
 
-* ``max``: the chunk's largest exact ``q.k`` (an oracle: it costs a full ``q K^T``);
+* ``max``: the chunk's largest exact ``q.k`` (the ``exact`` router; one ``q.k`` per key);
 * ``mean``: ``q . mean(k)`` over the chunk (MoBA's score);
 * ``bound<p>``: the largest key bound (Quest) over pieces of ``p`` tokens, as the op computes it.
 

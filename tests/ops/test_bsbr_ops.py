@@ -27,7 +27,8 @@ def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False
     return x
 
 
-OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "retrieval", "scale")
+OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "block_router", "recall_tokens",
+                "retrieval", "scale")
 
 
 def split(kw):
@@ -191,6 +192,7 @@ def test_empty_sequence():
         ({}, dict(chunk_size=2.5), ValueError),
         ({}, dict(chunk_size=4, retrieval="magic"), ValueError),
         ({}, dict(chunk_size=4, retrieval_blocks=1.5), ValueError),
+        ({}, dict(chunk_size=4, retrieval_blocks=2, block_router="mean"), ValueError),
         ({"q": torch.zeros(2, 4, 5)}, dict(chunk_size=4), ValueError),  # wrong rank
         ({"k": torch.zeros(2, 3, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # 4 q heads, 3 kv heads
         ({"v": torch.zeros(2, 2, 8, 7, dtype=DT)}, dict(chunk_size=4), ValueError),  # length mismatch
@@ -372,11 +374,12 @@ def test_closed_gate_equals_a_zero_gate(extra):
                                    rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("router", ["bounds", "exact"])
 @pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,variant", BLOCK_CASES)
-def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant):
+def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant, router):
     x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))
     kw = dict(chunk_size=chunk, local_chunks=L, sink_tokens=S, retrieval_blocks=K, retrieval=variant,
-              gate=torch.linspace(0.2, 1.4, hq, dtype=DT))
+              block_router=router, gate=torch.linspace(0.2, 1.4, hq, dtype=DT))
     ref = call(naive_bsbr_attention, x, **kw)
     assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "retrieval_blocks": 0}))
     for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
@@ -449,18 +452,41 @@ def test_a_needle_is_found_by_its_bound():
         assert o0[0, 0, -1].max() < 10.0
 
 
-def test_block_selection_is_causal_to_the_bit():
+def test_the_exact_router_finds_a_needle_the_bounds_rank_below_a_decoy():
+    """Chunk 1 holds one key (the needle) with q.k = 48; chunk 3 holds keys that each match half the
+    query (q.k = 36) but whose per-dimension bounds allow 72. Bounds pick the decoy, the exact router
+    the needle, in all three forms."""
+    n, B, d = 48, 8, 8
+    x = make_inputs(b=1, hq=1, hkv=1, n=n, d=d)
+    for name in ("q", "k"):
+        x[name] = x[name] * 0.01
+    x["k"][0, 0, 12] = 2.0  # chunk 1, every dimension
+    x["v"][0, 0, 12] = 100.0
+    for t in range(24, 32):  # chunk 3: alternately the even and the odd dimensions
+        x["k"][0, 0, t] = 0.0
+        x["k"][0, 0, t, t % 2::2] = 3.0
+    x["v"][0, 0, 24:32] = -100.0
+    x["q"][0, 0, -1] = 3.0
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        kw = dict(chunk_size=B, local_chunks=2, retrieval_blocks=1, gate=torch.zeros(1, dtype=DT))
+        assert call(fn, x, **kw, block_router="exact")[0, 0, -1].min() > 90.0
+        assert call(fn, x, **kw, block_router="bounds")[0, 0, -1].max() < -90.0
+
+
+@pytest.mark.parametrize("router", ["bounds", "exact"])
+def test_block_selection_is_causal_to_the_bit(router):
     x = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=60, d=4, positive=True))
     assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
-                  retrieval="normalized", gate=torch.tensor(0.7, dtype=DT))
+                  block_router=router, retrieval="normalized", gate=torch.tensor(0.7, dtype=DT))
 
 
-def test_block_gradients_agree():
+@pytest.mark.parametrize("router", ["bounds", "exact"])
+def test_block_gradients_agree(router):
     grads = []
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         xs = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=37, d=4, df=3, positive=True, requires_grad=True))
         o = call(fn, xs, chunk_size=6, local_chunks=2, sink_tokens=2, retrieval_blocks=2, retrieval="normalized",
-                 gate=torch.tensor(0.5, dtype=DT))
+                 block_router=router, gate=torch.tensor(0.5, dtype=DT))
         (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=DT)).sum().backward()
         grads.append([t.grad for t in xs.values()])
     assert all(t is not None and t.abs().sum() > 0 for t in grads[0])
@@ -474,3 +500,6 @@ def test_exact_block_state_keeps_every_chunk():
     _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32, retrieval_blocks=2),
                                  output_final_state=True)
     assert st.kr_past.shape[2:4] == (8, 32) and st.kmin_past.shape[2] == 8
+    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"],
+                                 BSBROptions(32, retrieval_blocks=2, block_router="exact"), output_final_state=True)
+    assert st.kr_past.shape[2:4] == (8, 32) and st.kmin_past.numel() == 0  # the exact router keeps no bounds

@@ -46,7 +46,8 @@ class BSBRAttention(nn.Module):
         feature_map: ``"identity"`` or ``"hedgehog"``; default identity for additive, hedgehog for normalized.
         gate: None (no gate) or the initial value of a per-head gate on the chunk-state term. A gate
             starting at 0 makes the layer exactly softmax attention over its exact keys until trained.
-        local_chunks, sink_tokens, retrieval_blocks: the exact keys, see :class:`bsbr.ops.BSBROptions`.
+        local_chunks, sink_tokens, retrieval_blocks, block_router: the exact keys, see
+            :class:`bsbr.ops.BSBROptions`.
         recall_tokens: the bounded recall mode (0: off; exclusive with ``retrieval_blocks``): a cache of
             at most this many exact tokens per K/V head, the rest of the past in one state, so the
             streaming state has constant size (see :class:`bsbr.ops.BSBROptions`).
@@ -63,13 +64,14 @@ class BSBRAttention(nn.Module):
                  compression_factor: Optional[int] = None, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
                  retrieval: str = "additive", feature_map: Optional[str] = None, gate: Optional[float] = None,
-                 local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0):
+                 local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, block_router: str = "bounds",
+                 recall_tokens: int = 0):
         super().__init__()
         head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
         num_kv_heads = resolve_kv_heads(num_heads, num_kv_heads)
         self.options = BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
-                                   retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
-                                   retrieval=retrieval)
+                                   retrieval_blocks=retrieval_blocks, block_router=block_router,
+                                   recall_tokens=recall_tokens, retrieval=retrieval)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         feature_map = feature_map or ("identity" if retrieval == "additive" else "hedgehog")
@@ -101,6 +103,7 @@ class BSBRAttention(nn.Module):
     local_chunks = property(lambda self: self.options.local_chunks)
     sink_tokens = property(lambda self: self.options.sink_tokens)
     retrieval_blocks = property(lambda self: self.options.retrieval_blocks)
+    block_router = property(lambda self: self.options.block_router)
     recall_tokens = property(lambda self: self.options.recall_tokens)
     retrieval = property(lambda self: self.options.retrieval)
 
@@ -125,7 +128,8 @@ class BSBRAttention(nn.Module):
             self._closed, self._closed_key = bool((g <= 0).all()), key
         return 0 if self._closed else self.gate_value()
 
-    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings, read_states: bool = True):
+    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings, read_states: bool = True,
+                 keep_states: bool = True):
         b, n, _ = x.shape
 
         def heads(t, h):  # (b, n, h*d) -> (b, h, n, d)
@@ -142,8 +146,11 @@ class BSBRAttention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        fk = self.feature_k(k)
-        fk = fk if self.compress is None else self.compress(fk)
+        if read_states or keep_states:
+            fk = self.feature_k(k)
+            fk = fk if self.compress is None else self.compress(fk)
+        else:  # a closed gate and no state to return: the op never reads fk
+            fk = k.new_zeros(()).expand(b, self.num_kv_heads, n, self.feature_k.out_dim)
         if read_states:
             fq = self.feature_q(q)
             fq = fq if self.compress is None else self.compress(fq)
@@ -153,8 +160,11 @@ class BSBRAttention(nn.Module):
 
     def _run(self, op, hidden_states, position_embeddings, far_position_embeddings, **kwargs):
         gate = self._op_gate()
-        tensors = self._project(hidden_states, position_embeddings, far_position_embeddings,
-                                read_states=not isinstance(gate, int))
+        read = not isinstance(gate, int)
+        # the recall mode's cache and a returned state are built from fk even when the gate is closed
+        keep = read or kwargs.get("output_final_state", False) or bool(self.options.recall_tokens)
+        tensors = self._project(hidden_states, position_embeddings, far_position_embeddings, read_states=read,
+                                keep_states=keep)
         return _run_op(op, tensors, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,
                        meta_k=self.meta_h_proj.weight, **kwargs)
 

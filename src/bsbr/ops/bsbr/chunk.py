@@ -16,8 +16,8 @@ import torch.nn.functional as F_
 from .inputs import check_inputs
 from .masks import sink_outside_window
 from .options import BSBROptions
-from .retrieval import (apply_meta, block_bounds, block_scores, combine, gate_closed, gate_per_head, select_blocks,
-                        state_weights)
+from .retrieval import (apply_meta, block_bounds, block_scores, combine, exact_scores, gate_closed, gate_per_head,
+                        select_blocks, state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
 from .recall import RecallCache, cache_scores, recall_update
 from .state import BSBRState, refresh_retrieval
@@ -198,15 +198,18 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     g, C, dv = hq // hkv, N // B, v.shape[-1]
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
     keep = _keep(tok_valid, options)  # a sink is never part of a block
-    kmin, kmax = block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, pieces, d)
+    exact = options.block_router == "exact"
+    bounds = None if exact else block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, pieces, d) each
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
     # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
     scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
     qv = qr.view(b, hkv, g, C, B, -1)
-    for c in range(L, C):
-        scores[:, :, :, c * B:(c + 1) * B, :c - L + 1] = block_scores(
-            qv[:, :, :, c], kmin[:, :, :c - L + 1].unsqueeze(2), kmax[:, :, :c - L + 1].unsqueeze(2))
+    for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
+        P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
+        s_c = (exact_scores(q_c, _blocks(kr[:, :, :P * B], B), options.sink_tokens) if exact
+               else block_scores(q_c, bounds[0][:, :, :P], bounds[1][:, :, :P]))
+        scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
     sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
     w_sel = None
     if num is not None:
@@ -218,7 +221,7 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
         num = num - sub_num.reshape(b, hq, N, dv)
         if den is not None:
             den = den - sub_den.reshape(b, hq, N)
-    return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den, (kmin, kmax)
+    return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den, bounds
 
 
 def _all_earlier_blocks(qr, kr, v, readable, B, L, scale):
@@ -441,17 +444,20 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
     st.z_past = z * done[..., None].to(z.dtype)
     st.h_past = saved["h_meta"] * done[..., None].to(F.dtype)
     st.w_cur = st.w_cur.new_zeros(b, hq, C)
+    unused = ["kmin_past", "kmax_past"]  # the exact router reads the keys themselves
     if options.retrieval_blocks:
-        kmin, kmax = saved.get("bounds") or block_bounds(kr.view(b, hkv, C, B, -1),
-                                                         _keep(m.view(b, C * B) > 0, options))
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
-        st.kmin_past = kmin * done[..., None, None].to(kmin.dtype)
-        st.kmax_past = kmax * done[..., None, None].to(kmax.dtype)
+        if options.block_router == "bounds":
+            kmin, kmax = saved.get("bounds") or block_bounds(krb, _keep(m.view(b, C * B) > 0, options))
+            st.kmin_past = kmin * done[..., None, None].to(kmin.dtype)
+            st.kmax_past = kmax * done[..., None, None].to(kmax.dtype)
+            unused = []
     else:
-        for name in ("kr_past", "v_past", "kmin_past", "kmax_past"):
-            t = getattr(st, name)
-            setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
+        unused += ["kr_past", "v_past"]
+    for name in unused:
+        t = getattr(st, name)
+        setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
     refresh_retrieval(st, full > 0)

@@ -57,7 +57,12 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             out[b][:, keep] = combine(A, num, den, gates, options.retrieval)
             continue
         selected = torch.zeros(a.q_heads, n, C + 1, dtype=torch.bool, device=q.device)  # column C: "none"
-        if K:
+        if K and options.block_router == "exact":  # a chunk's largest q.k over its retrievable keys
+            s = (qrb @ krb.transpose(-1, -2)).unsqueeze(-2)  # (h, n, 1, n)
+            scores = s.masked_fill(~(onehot.bool() & retrievable[None]), float("-inf")).amax(-1)  # (h, n, C)
+            idx = select_blocks(scores, candidate, K)
+            selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
+        elif K:
             # key bounds of each chunk's pieces of bound_size(B) tokens: piece p of chunk c holds the
             # tokens with t // B == c and (t % B) // s == p
             s_ = bound_size(B)

@@ -15,7 +15,8 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, sink_outside_window
 from .options import BSBROptions
-from .retrieval import apply_meta, block_bounds, block_scores, combine, gate_closed, gate_per_head, select_blocks
+from .retrieval import (apply_meta, block_bounds, block_scores, combine, exact_scores, gate_closed, gate_per_head,
+                        select_blocks)
 from .recall import cache_scores, recall_update
 from .state import BSBRState, ensure_capacity, refresh_retrieval
 
@@ -82,7 +83,7 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
         if read:
             num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
             den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
-        if opt.retrieval_blocks and state.kmin_past.shape[2]:
+        if opt.retrieval_blocks and state.kr_past.shape[2]:
             num, den = _read_blocks(qrg, fq, state, scores, values, num, den)
     p = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)  # (b, hkv, g, keys)
     o, at = None, 0
@@ -132,7 +133,7 @@ def _step_masks(state, device):
     (b, 1, 1, S), and with blocks the candidate chunks (b, P), their largest count and the last chunk
     before each window (b,)."""
     opt = state.options
-    P = state.kmin_past.shape[2]
+    P = state.kr_past.shape[2]
     key = (opt, P, device, tuple(state.n_seen.tolist()))
     m = _MASKS.get(key)
     if m is not None:
@@ -179,7 +180,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     otherwise the union is gathered, B keys per block."""
     opt = state.options
     b, hkv, g, d = qrg.shape
-    B, L, S, K, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks, state.kmin_past.shape[2]
+    B, L, S, K, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
     m = _step_masks(state, qrg.device)
     candidate, n_cand = m["candidate"], m["n_cand"]
     if n_cand == 0:
@@ -193,11 +194,15 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
             return x[:, :, :U]
         readable = m["dense"]  # (b, 1, 1, U * B)
     else:
-        bs = block_scores(qrg, state.kmin_past, state.kmax_past)  # (b, hkv, g, P)
-        sel = select_blocks(bs, candidate.view(b, 1, 1, P), K)  # (b, hkv, g, K)
+        span = m["last"] + 1  # chunks 0 .. last hold every candidate
+        if opt.block_router == "exact":
+            bs = exact_scores(qrg, state.kr_past[:, :, :span], S)  # (b, hkv, g, span)
+        else:
+            bs = block_scores(qrg, state.kmin_past[:, :, :span], state.kmax_past[:, :, :span])  # (b, hkv, g, span)
+        sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K)
         picked = torch.zeros(b, hkv, g, P, dtype=torch.bool, device=qrg.device).scatter_(-1, sel.clamp(min=0), sel >= 0)
         union = picked.any(2)  # (b, hkv, P)
-        U, span = int(union.sum(-1).max()), m["last"] + 1
+        U = int(union.sum(-1).max())
         if 2 * U >= span:  # the heads chose most candidates: read chunks 0 .. span - 1 where they lie
             U = span
             idx = torch.arange(U, device=qrg.device).expand(b, hkv, U)
@@ -290,12 +295,13 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     put("z_past", state.z_cur)
     put("h_past", apply_meta(meta_k, (state.mk_sum / B).unsqueeze(2)).squeeze(2))
     if opt.retrieval_blocks:
-        keep = c[:, None] * B + torch.arange(B, device=c.device)[None, :] >= S  # (b, B): not a sink
-        kmin, kmax = block_bounds(state.kr_cur, keep.view(b, 1, B))
         put("kr_past", state.kr_cur)
         put("v_past", state.v_cur)
-        put("kmin_past", kmin)
-        put("kmax_past", kmax)
+        if opt.block_router == "bounds":
+            keep = c[:, None] * B + torch.arange(B, device=c.device)[None, :] >= S  # (b, B): not a sink
+            kmin, kmax = block_bounds(state.kr_cur, keep.view(b, 1, B))
+            put("kmin_past", kmin)
+            put("kmax_past", kmax)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
     state.F_cur = torch.where(d1.unsqueeze(-1), torch.zeros_like(state.F_cur), state.F_cur)

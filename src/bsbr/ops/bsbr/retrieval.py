@@ -86,6 +86,17 @@ def block_scores(qr: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> to
     return sc.unflatten(-1, (P, pieces)).amax(-1)
 
 
+def exact_scores(qr: torch.Tensor, kr: torch.Tensor, sinks: int) -> torch.Tensor:
+    """A chunk's score: its largest exact ``qr . k`` over its keys that are not sinks. qr (..., T, d),
+    kr (..., P, B, d) the sequence's first P chunks (every token real: a candidate chunk lies before a
+    real token's window); ``sinks`` the first keys, never read as a block -> (..., T, P), -inf for a
+    chunk of sinks alone."""
+    P, B = kr.shape[-3], kr.shape[-2]
+    sc = qr @ kr.flatten(-3, -2).transpose(-1, -2)  # (..., T, P * B)
+    sc[..., :sinks] = float("-inf")
+    return sc.unflatten(-1, (P, B)).amax(-1)
+
+
 def select_blocks(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` best candidate chunks per query: scores (..., P), candidate (..., P) bool (broadcast).
     Returns (..., min(k, P)) chunk indices, -1 where fewer than k candidates exist."""

@@ -18,7 +18,7 @@ class BSBRState:
     Always: the window's keys/values (a ring of ``local_chunks * chunk_size`` tokens), the sink
     tokens' far keys/values, and per *completed* chunk one (feature x value) state, feature sum and
     meta-key. With ``retrieval_blocks > 0`` also every completed chunk's far keys, values and key
-    bounds (the exact blocks a later token may select): memory then grows with the context, like a
+    bounds (the exact blocks a later token may select; no bounds with the exact router): memory then grows with the context, like a
     KV cache, while the work per token stays bounded. With ``recall_tokens = M > 0`` instead: the
     window's far keys and features (to rank a chunk as it leaves the window), ``M`` cached tokens per
     K/V head and one state of the other left-window tokens; no per-chunk arrays, so the memory is
@@ -71,7 +71,7 @@ class BSBRState:
 
         b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
         Bk = options.chunk_size if options.retrieval_blocks else 0
-        pieces = options.chunk_size // bound_size(options.chunk_size)
+        pieces = options.chunk_size // bound_size(options.chunk_size) if options.block_router == "bounds" else 0
         M = options.recall_tokens
         Wr, dfr = (options.window, df) if M else (0, 0)
         cache = RecallCache.empty(b, hkv, M, d, dv, dfr, like)
