@@ -11,9 +11,10 @@ share of the softmax over all keys before the window (what reading every chunk w
 triples whose far mass on the needle's chunk(s) is at least ``--min-mass`` are the ones retrieval must
 serve; for each, the needle's rank (0 = best) under:
 
-* ``max``: the chunk's largest exact ``q.k`` (the ``exact`` router; one ``q.k`` per key);
+* ``max``: the chunk's largest exact ``q.k`` (the op's block score; one ``q.k`` per key);
 * ``mean``: ``q . mean(k)`` over the chunk (MoBA's score);
-* ``bound<p>``: the largest key bound (Quest) over pieces of ``p`` tokens, as the op computes it.
+* ``bound<p>``: the largest key bound (Quest) over pieces of ``p`` tokens (the op's score before the
+  exact maximum replaced it).
 
 Prints and writes the share of triples whose needle is in the top 8 and top 16, and the median rank.
 """
@@ -28,7 +29,7 @@ import torch
 import bsbr.layers.bsbr_attention as attention_layer
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.evaluate.passkey import grid_prompts
-from bsbr.ops.bsbr.retrieval import block_scores, extreme_keys
+from bsbr.ops.bsbr.retrieval import block_scores
 
 PIECES = (4, 8, 16, 32, 256)
 
@@ -56,13 +57,23 @@ def scorers(q, keys, sinks, B):
     P = keys.shape[0] // B
     logit = q @ keys.T  # (R, P * B)
     logit[:, :sinks] = float("-inf")
-    out = {"max": logit.view(-1, P, B).amax(-1)}
+    out = {"max": block_scores(q, keys.view(P, B, -1), sinks)}
     keep = (torch.arange(P * B) >= sinks).view(P, B)
     out["mean"] = q @ ((keys.view(P, B, -1) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).T
     for p in PIECES:
-        kmin, kmax = extreme_keys(keys.view(P, B // p, p, -1), keep.view(P, B // p, p))
-        out[f"bound{p}"] = block_scores(q, kmin, kmax)
+        out[f"bound{p}"] = bound_scores(q, keys.view(P, B, -1), keep, p)
     return out, torch.softmax(logit / q.shape[-1] ** 0.5, -1).view(-1, P, B).sum(-1)
+
+
+def bound_scores(q, keys, keep, p):
+    """Quest's score: the largest ``q.k`` that the per-dimension min/max of the kept keys of one of a
+    chunk's ``p``-token pieces allow. q (R, d), keys (P, B, d), keep (P, B) -> (R, P)."""
+    P, B, d = keys.shape
+    k, m = keys.view(P, B // p, p, d), keep.view(P, B // p, p, 1)
+    kmin, kmax = k.masked_fill(~m, float("inf")).amin(2), k.masked_fill(~m, float("-inf")).amax(2)
+    sc = q.clamp(min=0) @ kmax.flatten(0, 1).T + q.clamp(max=0) @ kmin.flatten(0, 1).T  # (R, P * pieces)
+    sc = sc.masked_fill(~m.any(2).flatten(), float("-inf"))  # empty pieces never count
+    return sc.view(-1, P, B // p).amax(-1)
 
 
 def ranks(prompt, got, B, L, sinks, min_mass):

@@ -6,9 +6,8 @@ sources (held-out standard-library code and licence prose).
     OMP_NUM_THREADS=2 python benchmarks/retrieval_probe.py --seq-len 8192 --windows 2 \
         --variants source window K2w K4w K8w K4a --json retrieval_8k.json
 
-Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a>[<p>|x]``: k exact blocks, far positions
-``window`` (w) or ``absolute`` (a), and optionally key bounds over pieces of p tokens instead of
-:data:`bsbr.ops.bsbr.retrieval.BOUND_TOKENS` (e.g. ``K8w16``) or the exact router (``K8wx``). Past the source's 8,192 positions only the BSBR variants run.
+Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a>``: k exact blocks, far positions ``window``
+(w) or ``absolute`` (a). Past the source's 8,192 positions only the BSBR variants run.
 Prints perplexity per source and the share of the window -> full gap each variant closes
 (``(ppl_window - ppl_variant) / (ppl_window - ppl_source)``) and the retrieved share of the context
 (K * chunk / seq_len).
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-import bsbr.ops.bsbr.retrieval as retrieval
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past
@@ -43,12 +41,11 @@ def build(source, name: str, chunk: int):
         return source
     if name == "window":
         return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=0).eval()
-    m = re.fullmatch(r"K(\d+)([wa])(\d*|x)", name)
+    m = re.fullmatch(r"K(\d+)([wa])", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
     far = {"w": "window", "a": "absolute"}[m.group(2)]
-    return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=int(m.group(1)), far_positions=far,
-                           block_router="exact" if m.group(3) == "x" else "bounds").eval()
+    return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=int(m.group(1)), far_positions=far).eval()
 
 
 def main() -> None:
@@ -62,7 +59,6 @@ def main() -> None:
     args = ap.parse_args()
     source = load_source(None).eval()
     tok = load_tokenizer(None)
-    default_pieces = retrieval.BOUND_TOKENS
     too_long = args.seq_len > source.config.max_position_embeddings
     names = [v for v in args.variants if not (too_long and v == "source")]
     result = dict(seq_len=args.seq_len, chunk_size=args.chunk_size, threads=torch.get_num_threads(),
@@ -72,8 +68,6 @@ def main() -> None:
         result["ppl"][kind], result["seconds"][kind] = {}, {}
         for name in names:
             model = build(source, name, args.chunk_size)
-            pieces = re.fullmatch(r"K\d+[wa](\d*|x)", name)
-            retrieval.BOUND_TOKENS = int(pieces.group(1)) if pieces and pieces.group(1).isdigit() else default_pieces
             t0 = time.perf_counter()
             ppl = perplexity_past(model, windows, args.chunk_size)
             result["ppl"][kind][name] = ppl

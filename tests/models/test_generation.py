@@ -11,19 +11,16 @@ CHUNK = 8
 
 @pytest.fixture(params=[("llama", 1, 0, 0, "absolute", 0), ("gpt2", 1, 0, 0, "absolute", 0),
                         ("llama", 2, 3, 0, "window", 0), ("llama", 2, 3, 2, "window", 0),
-                        ("llama", 2, 3, -2, "window", 0), ("gpt2", 2, 1, 2, "absolute", 0),
-                        ("llama", 2, 3, 0, "window", 5)],
-                ids=["llama", "gpt2", "llama-window", "llama-blocks", "llama-blocks-exact", "gpt2-blocks",
-                     "llama-recall"])
+                        ("gpt2", 2, 1, 2, "absolute", 0), ("llama", 2, 3, 0, "window", 5)],
+                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks", "llama-recall"])
 def model(request):
     # an open gate, so the chunk states matter in every chunk after the first; "window" attends
     # exactly to the previous chunk and the sinks (a ring buffer in the cache); "blocks" also reads
-    # the 2 best earlier chunks exactly (their keys in the cache; -2: chosen by the exact router);
-    # "recall" keeps 5 exact past tokens per K/V head and one state of the rest
+    # the 2 best earlier chunks exactly (their keys in the cache); "recall" keeps 5 exact past tokens
+    # per K/V head and one state of the rest
     family, local_chunks, sinks, blocks, far, recall = request.param
     return convert_to_bsbr(make_source(family), chunk_size=CHUNK, gate_init=0.7, local_chunks=local_chunks,
-                           sink_tokens=sinks, retrieval_blocks=abs(blocks), block_router="exact" if blocks < 0 else "bounds",
-                           far_positions=far, recall_tokens=recall)
+                           sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far, recall_tokens=recall)
 
 
 def test_prefill_then_steps_equal_full_forward_logits(model):

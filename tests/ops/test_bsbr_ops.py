@@ -27,8 +27,7 @@ def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False
     return x
 
 
-OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "block_router", "recall_tokens",
-                "retrieval", "scale")
+OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "retrieval", "scale")
 
 
 def split(kw):
@@ -192,7 +191,6 @@ def test_empty_sequence():
         ({}, dict(chunk_size=2.5), ValueError),
         ({}, dict(chunk_size=4, retrieval="magic"), ValueError),
         ({}, dict(chunk_size=4, retrieval_blocks=1.5), ValueError),
-        ({}, dict(chunk_size=4, retrieval_blocks=2, block_router="mean"), ValueError),
         ({"q": torch.zeros(2, 4, 5)}, dict(chunk_size=4), ValueError),  # wrong rank
         ({"k": torch.zeros(2, 3, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # 4 q heads, 3 kv heads
         ({"v": torch.zeros(2, 2, 8, 7, dtype=DT)}, dict(chunk_size=4), ValueError),  # length mismatch
@@ -374,12 +372,11 @@ def test_closed_gate_equals_a_zero_gate(extra):
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("router", ["bounds", "exact"])
 @pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,variant", BLOCK_CASES)
-def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant, router):
+def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant):
     x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))
     kw = dict(chunk_size=chunk, local_chunks=L, sink_tokens=S, retrieval_blocks=K, retrieval=variant,
-              block_router=router, gate=torch.linspace(0.2, 1.4, hq, dtype=DT))
+              gate=torch.linspace(0.2, 1.4, hq, dtype=DT))
     ref = call(naive_bsbr_attention, x, **kw)
     assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "retrieval_blocks": 0}))
     for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
@@ -398,27 +395,18 @@ def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant
         torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
 
 
-def test_block_scores_are_the_best_bound_of_a_chunks_pieces():
-    from bsbr.ops.bsbr.retrieval import BOUND_TOKENS as s, block_bounds, block_scores
+def test_block_scores_are_each_chunks_largest_logit_over_its_non_sink_keys():
+    from bsbr.ops.bsbr.retrieval import block_scores
 
     g = torch.Generator().manual_seed(3)
-    kr = torch.randn(2, 5, 3 * s, 4, generator=g, dtype=DT)  # (h, C, B, d): 3 pieces
-    keep = torch.rand(2, 5, 3 * s, generator=g) > 0.3
-    keep[0, 1, s:2 * s] = False  # an empty piece never counts
+    kr = torch.randn(2, 5, 6, 4, generator=g, dtype=DT)  # (h, C, B, d)
     qr = torch.randn(2, 7, 4, generator=g, dtype=DT)
-    got = block_scores(qr, *block_bounds(kr, keep))  # (h, T, C)
+    got = block_scores(qr, kr, 8)  # (h, T, C): chunk 0 is all sinks, chunk 1 holds two
     for h in range(2):
         for c in range(5):
-            best = []
-            for p in range(3):
-                ks = kr[h, c, s * p:s * (p + 1)][keep[h, c, s * p:s * (p + 1)]]
-                if len(ks):
-                    lo, hi = ks.min(0).values, ks.max(0).values
-                    best.append(torch.maximum(qr[h] * lo, qr[h] * hi).sum(-1))
-            torch.testing.assert_close(got[h, :, c], torch.stack(best).max(0).values)
-            # the bound is never below the best true score of a kept key
-            ks = kr[h, c][keep[h, c]]
-            assert (got[h, :, c] >= (qr[h] @ ks.T).max(-1).values - 1e-12).all()
+            ks = kr[h, c, max(8 - 6 * c, 0):]
+            want = (qr[h] @ ks.T).max(-1).values if len(ks) else torch.full((7,), float("-inf"), dtype=DT)
+            torch.testing.assert_close(got[h, :, c], want)
 
 
 def test_blocks_covering_every_earlier_chunk_are_full_causal_attention():
@@ -435,9 +423,9 @@ def test_blocks_covering_every_earlier_chunk_are_full_causal_attention():
             torch.testing.assert_close(call(fn, x, **kw), want, rtol=1e-10, atol=1e-10)
 
 
-def test_a_needle_is_found_by_its_bound():
-    """One key far back that matches the query strongly: its block is selected (its bound holds the
-    needle's coordinates; a mean over the chunk could wash it out) and the output is its value."""
+def test_a_needle_is_found():
+    """One key far back that matches the query strongly: its block is selected (its chunk's score is
+    the needle's logit; a mean over the chunk could wash it out) and the output is its value."""
     n, B = 64, 8
     x = make_inputs(b=1, hq=1, hkv=1, n=n, d=8)
     for name in ("q", "k"):
@@ -452,10 +440,10 @@ def test_a_needle_is_found_by_its_bound():
         assert o0[0, 0, -1].max() < 10.0
 
 
-def test_the_exact_router_finds_a_needle_the_bounds_rank_below_a_decoy():
+def test_a_needle_is_chosen_over_a_chunk_whose_key_bounds_look_better():
     """Chunk 1 holds one key (the needle) with q.k = 48; chunk 3 holds keys that each match half the
-    query (q.k = 36) but whose per-dimension bounds allow 72. Bounds pick the decoy, the exact router
-    the needle, in all three forms."""
+    query (q.k = 36) but whose per-dimension bounds would allow 72 (Quest's score picks it): the
+    needle's chunk is read, in all three forms."""
     n, B, d = 48, 8, 8
     x = make_inputs(b=1, hq=1, hkv=1, n=n, d=d)
     for name in ("q", "k"):
@@ -469,24 +457,21 @@ def test_the_exact_router_finds_a_needle_the_bounds_rank_below_a_decoy():
     x["q"][0, 0, -1] = 3.0
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         kw = dict(chunk_size=B, local_chunks=2, retrieval_blocks=1, gate=torch.zeros(1, dtype=DT))
-        assert call(fn, x, **kw, block_router="exact")[0, 0, -1].min() > 90.0
-        assert call(fn, x, **kw, block_router="bounds")[0, 0, -1].max() < -90.0
+        assert call(fn, x, **kw)[0, 0, -1].min() > 90.0
 
 
-@pytest.mark.parametrize("router", ["bounds", "exact"])
-def test_block_selection_is_causal_to_the_bit(router):
+def test_block_selection_is_causal_to_the_bit():
     x = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=60, d=4, positive=True))
     assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
-                  block_router=router, retrieval="normalized", gate=torch.tensor(0.7, dtype=DT))
+                  retrieval="normalized", gate=torch.tensor(0.7, dtype=DT))
 
 
-@pytest.mark.parametrize("router", ["bounds", "exact"])
-def test_block_gradients_agree(router):
+def test_block_gradients_agree():
     grads = []
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         xs = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=37, d=4, df=3, positive=True, requires_grad=True))
         o = call(fn, xs, chunk_size=6, local_chunks=2, sink_tokens=2, retrieval_blocks=2, retrieval="normalized",
-                 block_router=router, gate=torch.tensor(0.5, dtype=DT))
+                 gate=torch.tensor(0.5, dtype=DT))
         (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=DT)).sum().backward()
         grads.append([t.grad for t in xs.values()])
     assert all(t is not None and t.abs().sum() > 0 for t in grads[0])
@@ -499,7 +484,4 @@ def test_exact_block_state_keeps_every_chunk():
     x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
     _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32, retrieval_blocks=2),
                                  output_final_state=True)
-    assert st.kr_past.shape[2:4] == (8, 32) and st.kmin_past.shape[2] == 8
-    _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"],
-                                 BSBROptions(32, retrieval_blocks=2, block_router="exact"), output_final_state=True)
-    assert st.kr_past.shape[2:4] == (8, 32) and st.kmin_past.numel() == 0  # the exact router keeps no bounds
+    assert st.kr_past.shape[2:4] == (8, 32) and st.v_past.shape[2:4] == (8, 32)

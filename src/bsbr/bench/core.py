@@ -23,8 +23,8 @@ def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: i
     A multiply-add counts 2. The within-chunk term counts the causal half of the B x B blocks
     (``q k^T`` and ``p v``: 2 * n*B*d * 2 / 2), the work a causal kernel must do; the op computes
     the retrieval weights and retrieved states as dense C x C products. With ``retrieval_blocks`` K,
-    every token scores each chunk by its min/max key bound (2 * 2*n*C*d) and attends to K blocks of
-    B tokens exactly (2 * 2*n*K*B*d)."""
+    every token scores each earlier chunk by its largest ``q.k`` (one ``q.k`` per earlier key: 2 *
+    n*n/2*d) and attends to K blocks of B tokens exactly (2 * 2*n*K*B*d)."""
     B, d = chunk_size, head_dim
     n_pad = -(-n // B) * B
     C = n_pad // B
@@ -35,7 +35,7 @@ def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: i
         "retrieval_weights": 2.0 * C * C * d,
         "retrieved_states": 2.0 * C * C * d * d,
         "read_out": 2.0 * n_pad * d * d,
-        "block_scores": 4.0 * n_pad * C * d if K else 0.0,
+        "block_scores": 1.0 * n_pad * n_pad * d if K else 0.0,
         "block_attention": 4.0 * n_pad * K * B * d,
     }
     out = {k: v * heads * batch for k, v in per_head.items()}

@@ -25,12 +25,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sequence's first tokens kept in every exact window (attention sinks; default %(default)s)")
     p.add_argument("--retrieval-blocks", type=int, default=None,
                    help="earlier chunks each token reads exactly, chosen per token by its query against each "
-                        f"chunk's keys (default {D['retrieval_blocks']}, 0 with --recall-tokens; 0 = none). "
+                        f"chunk's keys (its largest q.k; default {D['retrieval_blocks']}, 0 with --recall-tokens; 0 = none). "
                         "Keeps every past token's key and value: the cache grows with the context")
-    p.add_argument("--block-router", choices=["bounds", "exact"], default=D["block_router"],
-                   help="how a token scores an earlier chunk: 'bounds', the largest q.k its per-dimension key "
-                        "bounds over 4-token pieces allow (half a q.k per key), or 'exact', its largest q.k "
-                        "(one q.k per key; finds a lone key the bounds can miss) (default %(default)s)")
     p.add_argument("--recall-tokens", type=int, default=D["recall_tokens"],
                    help="the bounded recall mode (default %(default)s = off; needs --retrieval-blocks 0): keep at "
                         "most M exact past tokens per layer and K/V head, those the linear state recalls worst, "

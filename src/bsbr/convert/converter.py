@@ -31,8 +31,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # distances inside the source's position range at any length (absolute positions matched it only on code)
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
-                       retrieval_blocks=8, block_router="bounds", recall_tokens=0, far_positions="window",
-                       position_scheme="wrap")
+                       retrieval_blocks=8, recall_tokens=0, far_positions="window", position_scheme="wrap")
 
 
 def default_source_path() -> Path:
@@ -100,7 +99,7 @@ class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
     Options (see :data:`DEFAULT_OPTIONS`): ``retrieval``, ``feature_map``, ``gate_init`` (None = no
-    gate), ``local_chunks``, ``sink_tokens``, ``retrieval_blocks``, ``block_router`` and ``recall_tokens`` (the exact keys,
+    gate), ``local_chunks``, ``sink_tokens``, ``retrieval_blocks`` and ``recall_tokens`` (the exact keys,
     see :class:`bsbr.ops.BSBROptions`; ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0),
     ``far_positions`` (rotary positions of far keys, see :class:`bsbr.models.BSBRConfig`),
     ``position_scheme`` for learned positions past the source's table ("wrap" | "clamp" | "absolute").

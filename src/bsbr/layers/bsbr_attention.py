@@ -46,8 +46,7 @@ class BSBRAttention(nn.Module):
         feature_map: ``"identity"`` or ``"hedgehog"``; default identity for additive, hedgehog for normalized.
         gate: None (no gate) or the initial value of a per-head gate on the chunk-state term. A gate
             starting at 0 makes the layer exactly softmax attention over its exact keys until trained.
-        local_chunks, sink_tokens, retrieval_blocks, block_router: the exact keys, see
-            :class:`bsbr.ops.BSBROptions`.
+        local_chunks, sink_tokens, retrieval_blocks: the exact keys, see :class:`bsbr.ops.BSBROptions`.
         recall_tokens: the bounded recall mode (0: off; exclusive with ``retrieval_blocks``): a cache of
             at most this many exact tokens per K/V head, the rest of the past in one state, so the
             streaming state has constant size (see :class:`bsbr.ops.BSBROptions`).
@@ -64,14 +63,13 @@ class BSBRAttention(nn.Module):
                  compression_factor: Optional[int] = None, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
                  retrieval: str = "additive", feature_map: Optional[str] = None, gate: Optional[float] = None,
-                 local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, block_router: str = "bounds",
-                 recall_tokens: int = 0):
+                 local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0):
         super().__init__()
         head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
         num_kv_heads = resolve_kv_heads(num_heads, num_kv_heads)
         self.options = BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
-                                   retrieval_blocks=retrieval_blocks, block_router=block_router,
-                                   recall_tokens=recall_tokens, retrieval=retrieval)
+                                   retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
+                                   retrieval=retrieval)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         feature_map = feature_map or ("identity" if retrieval == "additive" else "hedgehog")
@@ -103,7 +101,6 @@ class BSBRAttention(nn.Module):
     local_chunks = property(lambda self: self.options.local_chunks)
     sink_tokens = property(lambda self: self.options.sink_tokens)
     retrieval_blocks = property(lambda self: self.options.retrieval_blocks)
-    block_router = property(lambda self: self.options.block_router)
     recall_tokens = property(lambda self: self.options.recall_tokens)
     retrieval = property(lambda self: self.options.retrieval)
 

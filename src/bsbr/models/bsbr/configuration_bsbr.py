@@ -67,7 +67,6 @@ class BSBRConfig(PretrainedConfig):
         local_chunks: int = 1,
         sink_tokens: int = 0,
         retrieval_blocks: int = 0,
-        block_router: str = "bounds",
         recall_tokens: int = 0,
         far_positions: str = "absolute",
         initializer_range: float = 0.02,
@@ -85,7 +84,7 @@ class BSBRConfig(PretrainedConfig):
         _positive_int("head_dim", head_dim, allow_none=True)
         _positive_int("compression_factor", compression_factor, allow_none=True)
         BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
-                    retrieval_blocks=retrieval_blocks, block_router=block_router, recall_tokens=recall_tokens,
+                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
                     retrieval=retrieval)  # validates them
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
@@ -132,7 +131,6 @@ class BSBRConfig(PretrainedConfig):
         self.local_chunks = local_chunks
         self.sink_tokens = sink_tokens
         self.retrieval_blocks = retrieval_blocks
-        self.block_router = block_router
         # the bounded recall mode: at most recall_tokens exact past tokens per layer and K/V head, the
         # rest in one state (constant memory; exclusive with retrieval_blocks)
         self.recall_tokens = recall_tokens
@@ -148,5 +146,5 @@ class BSBRConfig(PretrainedConfig):
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
             gate=self.gate_init, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
-            retrieval_blocks=self.retrieval_blocks, block_router=self.block_router, recall_tokens=self.recall_tokens,
+            retrieval_blocks=self.retrieval_blocks, recall_tokens=self.recall_tokens,
         )

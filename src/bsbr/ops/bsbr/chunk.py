@@ -2,8 +2,8 @@
 
 The exact softmax is computed in parts merged by log-sum-exp: each chunk against itself (causal),
 against each of the ``L - 1`` chunks before it, against the sinks, and against its tokens' selected
-blocks. Cost per head: window O(n L B d), block scores O(n C d), selected blocks O(n K B d), chunk
-states O(n d^2 + C^2 d^2).
+blocks. Cost per head: window O(n L B d), block scores O(n^2 d / 2) (one q.k per earlier key: no
+softmax, no values), selected blocks O(n K B d), chunk states O(n d^2 + C^2 d^2).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F_
 from .inputs import check_inputs
 from .masks import sink_outside_window
 from .options import BSBROptions
-from .retrieval import (apply_meta, block_bounds, block_scores, combine, exact_scores, gate_closed, gate_per_head,
-                        select_blocks, state_weights)
+from .retrieval import (apply_meta, block_scores, combine, gate_closed, gate_per_head, select_blocks,
+                        state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
 from .recall import RecallCache, cache_scores, recall_update
 from .state import BSBRState, refresh_retrieval
@@ -95,8 +95,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             if not closed:
                 num, den = _read_states(fq, saved["F"], saved["z"], saved["w"], options.retrieval)
             if options.retrieval_blocks:
-                o_r, lse_r, num, den, saved["bounds"] = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid,
-                                                                      options, scale)
+                o_r, lse_r, num, den = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
                 parts.append((o_r, lse_r))
 
     o = merge(parts) if num is None else combine(merge(parts), num, den, gate_per_head(gate, hq, q),
@@ -192,14 +191,12 @@ def _read_states(fq, F, z, w, retrieval):
 def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     """Exact blocks when K selects among the chunks before a window: each token's top-K chunks, read in
     the same softmax; their states leave the chunk-state term (when it is read: ``num`` not None).
-    Returns the LSE part, the corrected num/den and the key bounds."""
+    Returns the LSE part and the corrected num/den."""
     b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
     hq, B, L = qr.shape[1], options.chunk_size, options.local_chunks
     g, C, dv = hq // hkv, N // B, v.shape[-1]
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
     keep = _keep(tok_valid, options)  # a sink is never part of a block
-    exact = options.block_router == "exact"
-    bounds = None if exact else block_bounds(_blocks(kr, B), keep)  # (b, hkv, C, pieces, d) each
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
     # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
@@ -207,8 +204,7 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     qv = qr.view(b, hkv, g, C, B, -1)
     for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
         P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
-        s_c = (exact_scores(q_c, _blocks(kr[:, :, :P * B], B), options.sink_tokens) if exact
-               else block_scores(q_c, bounds[0][:, :, :P], bounds[1][:, :, :P]))
+        s_c = block_scores(q_c, _blocks(kr[:, :, :P * B], B), options.sink_tokens)
         scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
     sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
     w_sel = None
@@ -221,7 +217,7 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
         num = num - sub_num.reshape(b, hq, N, dv)
         if den is not None:
             den = den - sub_den.reshape(b, hq, N)
-    return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den, bounds
+    return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den
 
 
 def _all_earlier_blocks(qr, kr, v, readable, B, L, scale):
@@ -325,7 +321,7 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     b, hkv, g, N, Kp = sel.shape
     C, B, d = kr_c.shape[2], kr_c.shape[3], kr_c.shape[-1]
     dv = v_c.shape[-1]
-    rows, total = g * N * Kp, b * hkv * g * N * Kp
+    rows = g * N * Kp
     kr_f, v_f = kr_c.reshape(b * hkv, C, B, d), v_c.reshape(b * hkv, C, B, dv)
     # pairs in (token, head, slot) order: a token's pairs never move when a later token's choice changes
     sel_f = sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
@@ -444,20 +440,13 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
     st.z_past = z * done[..., None].to(z.dtype)
     st.h_past = saved["h_meta"] * done[..., None].to(F.dtype)
     st.w_cur = st.w_cur.new_zeros(b, hq, C)
-    unused = ["kmin_past", "kmax_past"]  # the exact router reads the keys themselves
     if options.retrieval_blocks:
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
-        if options.block_router == "bounds":
-            kmin, kmax = saved.get("bounds") or block_bounds(krb, _keep(m.view(b, C * B) > 0, options))
-            st.kmin_past = kmin * done[..., None, None].to(kmin.dtype)
-            st.kmax_past = kmax * done[..., None, None].to(kmax.dtype)
-            unused = []
     else:
-        unused += ["kr_past", "v_past"]
-    for name in unused:
-        t = getattr(st, name)
-        setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
+        for name in ("kr_past", "v_past"):
+            t = getattr(st, name)
+            setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
     refresh_retrieval(st, full > 0)

@@ -14,8 +14,7 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, near
 from .options import BSBROptions
-from .retrieval import (apply_meta, block_scores, bound_size, combine, extreme_keys, gate_per_head, select_blocks,
-                        state_weights)
+from .retrieval import apply_meta, combine, gate_per_head, select_blocks, state_weights
 
 
 def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
@@ -57,20 +56,10 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             out[b][:, keep] = combine(A, num, den, gates, options.retrieval)
             continue
         selected = torch.zeros(a.q_heads, n, C + 1, dtype=torch.bool, device=q.device)  # column C: "none"
-        if K and options.block_router == "exact":  # a chunk's largest q.k over its retrievable keys
+        if K:  # each chunk's score: its largest q'.k' over its keys that are not sinks
             s = (qrb @ krb.transpose(-1, -2)).unsqueeze(-2)  # (h, n, 1, n)
             scores = s.masked_fill(~(onehot.bool() & retrievable[None]), float("-inf")).amax(-1)  # (h, n, C)
             idx = select_blocks(scores, candidate, K)
-            selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
-        elif K:
-            # key bounds of each chunk's pieces of bound_size(B) tokens: piece p of chunk c holds the
-            # tokens with t // B == c and (t % B) // s == p
-            s_ = bound_size(B)
-            piece = chunk * (B // s_) + (t % B) // s_
-            member = piece[None, :] == torch.arange(C * (B // s_), device=q.device)[:, None]  # (C * pieces, n)
-            kmin, kmax = extreme_keys(krb[:, None], member & retrievable[None])  # (h, C * pieces, d) each
-            kmin, kmax = kmin.unflatten(1, (C, B // s_)), kmax.unflatten(1, (C, B // s_))
-            idx = select_blocks(block_scores(qrb, kmin, kmax), candidate, K)  # (h, n, K)
             selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
         selected = selected[..., :C]
         far = sink | (selected[:, :, chunk] & retrievable[None, None, :] & ~win)  # (h, n, n)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 VARIANTS = ("additive", "normalized")
-ROUTERS = ("bounds", "exact")
 
 
 def _int_at_least(name: str, value, minimum: int) -> None:
@@ -24,11 +23,7 @@ class BSBROptions:
       ``S`` tokens. ``L = 1, S = 0`` is plain BSBR (own chunk only).
     * ``retrieval_blocks`` ``K``: each token also attends exactly, in the same softmax, to the tokens
       of the ``K`` chunks before its window that score highest against its query (per head; the score
-      is set by ``block_router``). 0: none.
-    * ``block_router``: a chunk's score. ``"bounds"``: the largest ``q . k`` that the per-dimension key
-      bounds of one of its pieces of 4 tokens allow (Quest's bound; half a ``q . k`` per key).
-      ``"exact"``: its largest exact ``q . k`` (one ``q . k`` per key; finds a lone needle's chunk
-      where a bound can rank it below others).
+      is the chunk's largest ``q . k`` over its keys that are not sinks). 0: none.
     * ``retrieval``: how the chunk states of the earlier chunks it did not select join the exact
       softmax: ``"additive"`` (``o = softmax part + g q.S``) or ``"normalized"`` (one denominator:
       ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features).
@@ -53,7 +48,6 @@ class BSBROptions:
     local_chunks: int = 1
     sink_tokens: int = 0
     retrieval_blocks: int = 0
-    block_router: str = "bounds"
     retrieval: str = "additive"
     recall_tokens: int = 0
     scale: Optional[float] = None
@@ -66,8 +60,6 @@ class BSBROptions:
         _int_at_least("recall_tokens", self.recall_tokens, 0)
         if self.recall_tokens and self.retrieval_blocks:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
-        if self.block_router not in ROUTERS:
-            raise ValueError(f"block_router must be one of {ROUTERS}, got {self.block_router!r}")
         if self.retrieval not in VARIANTS:
             raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
         if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))

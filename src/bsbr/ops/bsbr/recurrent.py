@@ -1,9 +1,9 @@
 """Streaming BSBR attention: token by token from an explicit state.
 
 Per token: one softmax over the window's keys, the sinks and the tokens of its K selected chunks
-(O((L + K) B d)), block scores against every completed chunk's bounds (O(C d)) and one read-out of the
-chunk states (O(d^2)). When a chunk completes, its state, bounds and far keys are stored and the next
-chunk's state weights are computed once (O(C d^2)).
+(O((L + K) B d)), block scores against every key before the window (O(t d): one q.k per key, no
+softmax, no values) and one read-out of the chunk states (O(d^2)). When a chunk completes, its state
+and far keys are stored and the next chunk's state weights are computed once (O(C d^2)).
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, sink_outside_window
 from .options import BSBROptions
-from .retrieval import (apply_meta, block_bounds, block_scores, combine, exact_scores, gate_closed, gate_per_head,
-                        select_blocks)
+from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, select_blocks
 from .recall import cache_scores, recall_update
 from .state import BSBRState, ensure_capacity, refresh_retrieval
 
@@ -180,7 +179,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     otherwise the union is gathered, B keys per block."""
     opt = state.options
     b, hkv, g, d = qrg.shape
-    B, L, S, K, P = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
+    B, S, K, P = opt.chunk_size, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
     m = _step_masks(state, qrg.device)
     candidate, n_cand = m["candidate"], m["n_cand"]
     if n_cand == 0:
@@ -195,10 +194,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
         readable = m["dense"]  # (b, 1, 1, U * B)
     else:
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
-        if opt.block_router == "exact":
-            bs = exact_scores(qrg, state.kr_past[:, :, :span], S)  # (b, hkv, g, span)
-        else:
-            bs = block_scores(qrg, state.kmin_past[:, :, :span], state.kmax_past[:, :, :span])  # (b, hkv, g, span)
+        bs = block_scores(qrg, state.kr_past[:, :, :span], S)  # (b, hkv, g, span)
         sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K)
         picked = torch.zeros(b, hkv, g, P, dtype=torch.bool, device=qrg.device).scatter_(-1, sel.clamp(min=0), sel >= 0)
         union = picked.any(2)  # (b, hkv, P)
@@ -281,7 +277,7 @@ def _recall_complete_chunk(state: BSBRState, done: torch.Tensor) -> None:
 def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> None:
     """Store the chunk that just completed (for the sequences in ``done``) and start the next one."""
     opt = state.options
-    b, B, S = done.shape[0], opt.chunk_size, opt.sink_tokens
+    b, B = done.shape[0], opt.chunk_size
     c = torch.div(state.n_seen - 1, B, rounding_mode="floor")  # index of the completed chunk
     ensure_capacity(state, int(c[done].max()) + 1)
     P = state.F_past.shape[2]
@@ -297,11 +293,6 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     if opt.retrieval_blocks:
         put("kr_past", state.kr_cur)
         put("v_past", state.v_cur)
-        if opt.block_router == "bounds":
-            keep = c[:, None] * B + torch.arange(B, device=c.device)[None, :] >= S  # (b, B): not a sink
-            kmin, kmax = block_bounds(state.kr_cur, keep.view(b, 1, B))
-            put("kmin_past", kmin)
-            put("kmax_past", kmax)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
     state.F_cur = torch.where(d1.unsqueeze(-1), torch.zeros_like(state.F_cur), state.F_cur)

@@ -1,4 +1,4 @@
-"""Retrieval math shared by the three forms: the chunk states' weights, the exact blocks' router, and
+"""Retrieval math shared by the three forms: the chunk states' weights, the exact blocks' scores, and
 how the exact softmax and the chunk states combine."""
 from __future__ import annotations
 
@@ -44,53 +44,14 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, varia
     return alpha
 
 
-BOUND_TOKENS = 4  # keys per bound, measured at 8k: gap closed on prose 88% (4) vs 74% (8), 62% (16), 56% (32)
-
-
-def bound_size(chunk_size: int) -> int:
-    """Tokens per key bound: :data:`BOUND_TOKENS` where it divides the chunk, else the whole chunk."""
-    return BOUND_TOKENS if chunk_size % BOUND_TOKENS == 0 else chunk_size
-
-
-def extreme_keys(kr: torch.Tensor, keep: torch.Tensor):
-    """Per-dimension min and max over the kept keys: kr (..., T, d), keep (..., T) bool -> (kmin, kmax),
-    each (..., d). Where no key is kept: kmin = 1 > kmax = -1, which :func:`block_scores` reads as empty."""
-    m = keep.unsqueeze(-1)
-    kmin = kr.masked_fill(~m, float("inf")).amin(-2)
-    kmax = kr.masked_fill(~m, float("-inf")).amax(-2)
-    any_ = keep.any(-1, keepdim=True)
-    return torch.where(any_, kmin, 1.0), torch.where(any_, kmax, -1.0)
-
-
-def block_bounds(kr: torch.Tensor, keep: torch.Tensor):
-    """Key bounds of each chunk's pieces of :func:`bound_size` tokens: kr (..., C, B, d), keep (..., C, B)
-    bool (the tokens a retrieval may read). Returns (kmin, kmax), each (..., C, B / bound_size(B), d)."""
-    B = kr.shape[-2]
-    s = bound_size(B)
-    return extreme_keys(kr.unflatten(-2, (B // s, s)), keep.unflatten(-1, (B // s, s)))
-
-
-def block_scores(qr: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """A chunk's score: the largest ``qr . k`` that any key within the bounds of one of its pieces can
-    give (Quest's bound, ``sum_i max(qr_i kmin_i, qr_i kmax_i)``), maximised over its pieces; empty
-    pieces never count. qr (..., T, d), kmin/kmax (..., P, pieces, d) -> (..., T, P). A bound, unlike a
-    mean key, keeps one outstanding key (a needle) findable; small pieces keep the bound tight where a
-    chunk's keys are diverse (prose).
-
-    Every piece at once: ``max(qr, 0) . kmax + min(qr, 0) . kmin``, two matmuls."""
-    P, pieces = kmin.shape[-3], kmin.shape[-2]
-    hi, lo = kmax.flatten(-3, -2), kmin.flatten(-3, -2)  # (..., P * pieces, d)
-    sc = (qr.clamp(min=0) @ hi.transpose(-1, -2)).add_(qr.clamp(max=0) @ lo.transpose(-1, -2))
-    empty = (kmin[..., 0] > kmax[..., 0]).flatten(-2)  # (..., P * pieces): an empty piece has 1 > -1 everywhere
-    sc = sc.masked_fill(empty.unsqueeze(-2), float("-inf"))
-    return sc.unflatten(-1, (P, pieces)).amax(-1)
-
-
-def exact_scores(qr: torch.Tensor, kr: torch.Tensor, sinks: int) -> torch.Tensor:
-    """A chunk's score: its largest exact ``qr . k`` over its keys that are not sinks. qr (..., T, d),
-    kr (..., P, B, d) the sequence's first P chunks (every token real: a candidate chunk lies before a
+def block_scores(qr: torch.Tensor, kr: torch.Tensor, sinks: int) -> torch.Tensor:
+    """A chunk's score: its largest ``qr . k`` over its keys that are not sinks. qr (..., T, d), kr
+    (..., P, B, d) the sequence's first P chunks (every token real: a candidate chunk lies before a
     real token's window); ``sinks`` the first keys, never read as a block -> (..., T, P), -inf for a
-    chunk of sinks alone."""
+    chunk of sinks alone. The exact maximum, not a bound or a mean: one outstanding key (a needle)
+    makes its chunk's score, however diverse the other keys are (measured in docs/findings.md: key
+    bounds over 4-token pieces, Quest's score, ranked the needle's chunk below others for heads that
+    read it, and cost as much per decoded token)."""
     P, B = kr.shape[-3], kr.shape[-2]
     sc = qr @ kr.flatten(-3, -2).transpose(-1, -2)  # (..., T, P * B)
     sc[..., :sinks] = float("-inf")

@@ -8,7 +8,7 @@ import torch
 from .inputs import BSBRArgs
 from .options import BSBROptions
 from .recall import RecallCache
-from .retrieval import bound_size, state_weights
+from .retrieval import state_weights
 
 
 @dataclass
@@ -17,9 +17,9 @@ class BSBRState:
 
     Always: the window's keys/values (a ring of ``local_chunks * chunk_size`` tokens), the sink
     tokens' far keys/values, and per *completed* chunk one (feature x value) state, feature sum and
-    meta-key. With ``retrieval_blocks > 0`` also every completed chunk's far keys, values and key
-    bounds (the exact blocks a later token may select; no bounds with the exact router): memory then grows with the context, like a
-    KV cache, while the work per token stays bounded. With ``recall_tokens = M > 0`` instead: the
+    meta-key. With ``retrieval_blocks > 0`` also every completed chunk's far keys and values (the
+    exact blocks a later token may select, and the keys that score them): memory then grows with the
+    context, like a KV cache. With ``recall_tokens = M > 0`` instead: the
     window's far keys and features (to rank a chunk as it leaves the window), ``M`` cached tokens per
     K/V head and one state of the other left-window tokens; no per-chunk arrays, so the memory is
     constant.
@@ -46,8 +46,6 @@ class BSBRState:
     v_cur: torch.Tensor  # (b, hkv, Bk, dv)
     kr_past: torch.Tensor  # (b, hkv, P, Bk, d) far keys of completed chunks
     v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
-    kmin_past: torch.Tensor  # (b, hkv, P, pieces, d) per-dimension key bounds of completed chunks' pieces
-    kmax_past: torch.Tensor  # (b, hkv, P, pieces, d)
     kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
     fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
     recall_kr: torch.Tensor  # (b, hkv, M, d) the recall cache (see bsbr.ops.bsbr.recall.RecallCache)
@@ -58,7 +56,7 @@ class BSBRState:
     recall_F: torch.Tensor  # (b, hkv, df, dv) state of the left-window tokens outside the cache (df = 0 off)
     recall_z: torch.Tensor  # (b, hkv, df)
 
-    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past", "kmin_past", "kmax_past")
+    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past")
 
     @property
     def completed(self) -> torch.Tensor:
@@ -71,7 +69,6 @@ class BSBRState:
 
         b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
         Bk = options.chunk_size if options.retrieval_blocks else 0
-        pieces = options.chunk_size // bound_size(options.chunk_size) if options.block_router == "bounds" else 0
         M = options.recall_tokens
         Wr, dfr = (options.window, df) if M else (0, 0)
         cache = RecallCache.empty(b, hkv, M, d, dv, dfr, like)
@@ -83,7 +80,7 @@ class BSBRState:
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
             h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
             kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
-            kmin_past=z(b, hkv, 0, pieces, d), kmax_past=z(b, hkv, 0, pieces, d), kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
+            kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
             **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
 
