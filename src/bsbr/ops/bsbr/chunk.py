@@ -199,14 +199,17 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     keep = _keep(tok_valid, options)  # a sink is never part of a block
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
-    # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
-    scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
-    qv = qr.view(b, hkv, g, C, B, -1)
-    for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
-        P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
-        s_c = block_scores(q_c, _blocks(kr[:, :, :P * B], B), options.sink_tokens)
-        scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
-    sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
+    # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C).
+    # They only choose blocks (no gradient flows through a choice), so autograd keeps none of them.
+    with torch.no_grad():
+        scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
+        qv = qr.view(b, hkv, g, C, B, -1)
+        kr_t = _blocks(kr, B).transpose(-1, -2).contiguous()  # (b, hkv, C, d, B): the streaming cache's layout
+        for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
+            P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
+            s_c = block_scores(q_c, kr_t[:, :, :P], options.sink_tokens)
+            scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
+        sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
     w_sel = None
     if num is not None:
         w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
@@ -342,23 +345,25 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     first_u = torch.cumsum(counts, 0) - counts  # and its first pair
     grp = torch.repeat_interleave(torch.arange(counts.numel(), device=sel.device), padded)
     at = (torch.arange(grp.numel(), device=sel.device) - first_p[grp]).minimum(counts[grp] - 1) + first_u[grp]
-    q_all = qr.reshape(-1, d).index_select(0, q_row[at])
+    # each group's pieces as views made once (split/unbind): slicing a tensor per group would make its
+    # backward write a zero tensor of the whole input per group
+    sizes = padded.tolist()
+    q_g = qr.reshape(-1, d).index_select(0, q_row[at]).split(sizes)
+    k_g, v_g = kr_f.flatten(0, 1).unbind(0), v_f.flatten(0, 1).unbind(0)  # (B, d) per (sequence x head, chunk)
     state = w_sel is not None
     if state:
-        fq_all = fq.reshape(-1, fq.shape[-1]).index_select(0, q_row[at])
-        F_f, z_f = F.reshape(b * hkv, C, *F.shape[3:]), z.reshape(b * hkv, C, -1)
+        fq_g = fq.reshape(-1, fq.shape[-1]).index_select(0, q_row[at]).split(sizes)
+        F_g, z_g = F.flatten(0, 2).unbind(0), z.flatten(0, 2).unbind(0)
         w_p = w_sel.permute(0, 1, 3, 2, 4).reshape(-1)[pairs]
     groups, lses = [], []
-    start, pstart = 0, 0
-    for gid, cnt in zip(uniq.tolist(), counts.tolist()):
-        r, c = divmod(gid, C)
-        pc = (cnt + TILE - 1) // TILE * TILE
-        first = min(max(sinks - c * B, 0), B)  # the sinks at the chunk's start
-        o_g, lse_g = attention_lse(q_all[pstart:pstart + pc][None, None], kr_f[r, c, first:][None, None],
-                                   v_f[r, c, first:][None, None], None, scale)
-        groups.append((start, cnt, r, c, pstart, pc, o_g[0, 0, :cnt]))
+    start = 0
+    for i, (gid, cnt) in enumerate(zip(uniq.tolist(), counts.tolist())):
+        first = min(max(sinks - (gid % C) * B, 0), B)  # the sinks at the chunk's start
+        o_g, lse_g = attention_lse(q_g[i][None, None], k_g[gid][first:][None, None], v_g[gid][first:][None, None],
+                                   None, scale)
+        groups.append((i, gid, start, cnt, o_g[0, 0, :cnt]))
         lses.append(lse_g[0, 0, :cnt])
-        start, pstart = start + cnt, pstart + pc
+        start += cnt
 
     # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
     # weight exp(lse_pair - lse) into its row (in group order: a row's sum depends on its own pairs only)
@@ -372,13 +377,14 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
         m = lse.detach().scatter_reduce(0, th, lse_pairs.detach(), "amax", include_self=False)  # largest part per row
         lse = m + torch.log(qr.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th])))
         w_pairs = torch.exp(lse_pairs - lse[th])
-        for start, cnt, r, c, pstart, pc, o_g in groups:
+        w_pairs = w_pairs.split(counts.tolist())
+        w_p = w_p.split(counts.tolist()) if state else None
+        for i, gid, start, cnt, o_g in groups:
             rows_g = th[start:start + cnt]
-            o.index_add_(0, rows_g, o_g * w_pairs[start:start + cnt, None])
+            o.index_add_(0, rows_g, o_g * w_pairs[i][:, None])
             if state:
-                fqi, wi = fq_all[pstart:pstart + pc], w_p[start:start + cnt]
-                num.index_add_(0, rows_g, wi[:, None] * (fqi @ F_f[r, c])[:cnt])
-                den.index_add_(0, rows_g, wi * (fqi @ z_f[r, c])[:cnt])
+                num.index_add_(0, rows_g, w_p[i][:, None] * (fq_g[i] @ F_g[gid])[:cnt])
+                den.index_add_(0, rows_g, w_p[i] * (fq_g[i] @ z_g[gid])[:cnt])
     o, lse = o.view(b, hkv, N, g, dv), lse.view(b, hkv, N, g)
     if state:
         num, den = num.view(b, hkv, N, g, dv).transpose(2, 3), den.view(b, hkv, N, g).transpose(2, 3)
@@ -443,7 +449,7 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
     if options.retrieval_blocks:
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
-        st.kr_past = krb * done[..., None, None].to(kr.dtype)
+        st.kr_past = krb.transpose(-1, -2) * done[..., None, None].to(kr.dtype)  # (b, hkv, C, d, B)
         st.v_past = vb * done[..., None, None].to(v.dtype)
     else:
         for name in ("kr_past", "v_past"):

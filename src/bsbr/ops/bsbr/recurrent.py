@@ -214,8 +214,9 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
         mine = picked.gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U))
         readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
         readable = readable.reshape(b, hkv, g, U * B)
-    kb, vb = blocks(state.kr_past).reshape(b, hkv, U * B, d), blocks(state.v_past).reshape(b, hkv, U * B, -1)
-    scores.append((qrg @ kb.transpose(-1, -2)).masked_fill(~readable, float("-inf")))
+    s_b = (qrg.unsqueeze(2) @ blocks(state.kr_past)).transpose(2, 3).reshape(b, hkv, g, U * B)
+    scores.append(s_b.masked_fill(~readable, float("-inf")))
+    vb = blocks(state.v_past).reshape(b, hkv, U * B, -1)
     values.append(vb)
     if num is None:
         return num, den
@@ -291,7 +292,7 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     put("z_past", state.z_cur)
     put("h_past", apply_meta(meta_k, (state.mk_sum / B).unsqueeze(2)).squeeze(2))
     if opt.retrieval_blocks:
-        put("kr_past", state.kr_cur)
+        put("kr_past", state.kr_cur.transpose(-1, -2))
         put("v_past", state.v_cur)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
