@@ -70,6 +70,27 @@ def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):
     assert not all(torch.equal(p1[k], new_parameters(s3)[k]) for k in p1)
 
 
+def test_activation_checkpointing_recomputes_each_layer_and_reaches_the_same_weights(tmp_path, monkeypatch):
+    from bsbr.models.bsbr.modeling_bsbr import BSBRMLP
+
+    ws = windows(n=3, length=40)
+    calls = []
+    forward = BSBRMLP.forward  # inside the checkpointed layer
+    monkeypatch.setattr(BSBRMLP, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    got = {}
+    for on in (False, True):
+        calls.clear()
+        t, s = fresh(0.1)
+        distill(t, s, ws, tmp_path / str(on), DistillConfig(steps=3, lr=1e-2, activation_checkpointing=on))
+        layers = len(s.model.layers)
+        # without: one forward per layer and step; with: each layer's forward runs again in the backward
+        assert len(calls) == 3 * layers * (2 if on else 1), (on, len(calls))
+        assert not s.is_activation_checkpointing and not s.training  # the saved model is a plain one
+        got[on] = new_parameters(s)
+    for k in got[False]:
+        torch.testing.assert_close(got[True][k], got[False][k], rtol=1e-6, atol=1e-7)
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     ws = windows()
     cfg = dict(steps=6, params="all", base_lr=1e-4, checkpoint_every=2)

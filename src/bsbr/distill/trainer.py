@@ -40,6 +40,10 @@ class DistillConfig:
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
     checkpoint_every: int = 25
+    # recompute each decoder layer in the backward pass instead of keeping its activations: one
+    # 4,096-token window of the default conversion peaks at 22 GB without and 9 GB with, for about a
+    # fifth more time per step (docs/findings.md, Distillation of the default)
+    activation_checkpointing: bool = True
 
     def validate(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -61,7 +65,7 @@ class DistillConfig:
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
-RESUMABLE_CHANGES = ("steps", "minutes", "checkpoint_every")
+RESUMABLE_CHANGES = ("steps", "minutes", "checkpoint_every", "activation_checkpointing")
 
 
 class DistillInterrupted(KeyboardInterrupt):
@@ -114,7 +118,7 @@ def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tens
     ``student``: the model, or its DistributedDataParallel wrapper (whose forward averages gradients)."""
     chunk = getattr(student, "module", student).config.chunk_size
     start = chunk if input_ids.shape[1] > chunk else 0
-    logits = student(input_ids).logits[:, start:-1].float()
+    logits = student(input_ids, use_cache=False).logits[:, start:-1].float()
     t = F.log_softmax(teacher_logits[:, start:-1].float(), -1)
     s = F.log_softmax(logits, -1)
     kl = (t.exp() * (t - s)).sum(-1).mean()
@@ -125,7 +129,7 @@ def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tens
 def _train_step(teacher, student, ids: torch.Tensor, cfg: DistillConfig) -> dict:
     """One step's forward and backward (gradients left in ``.grad``); returns the log entry."""
     with torch.no_grad():
-        tlogits = teacher(ids).logits
+        tlogits = teacher(ids, use_cache=False).logits
     total, kl, ce = end_to_end_loss(student, tlogits, ids, cfg.lm_weight)
     total.backward()
     return dict(kl=kl, ce=ce)
@@ -210,6 +214,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                student=weights_fingerprint(student), world_size=world)
     teacher.eval()
     student.eval()  # no dropout anywhere: deterministic, resumable
+    if cfg.activation_checkpointing:  # transformers checkpoints a layer in training mode (dropout is 0 throughout)
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
     for p in teacher.parameters():
         p.requires_grad_(False)
 
@@ -271,6 +278,9 @@ def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
 
     for p in student.parameters():
         p.requires_grad_(True)
+    if student.is_activation_checkpointing:
+        student.activation_checkpointing_disable()
+    student.eval()
     _merge_lora(student)
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)

@@ -15,6 +15,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...layers.bsbr_attention import BSBRAttention
 from ...layers.inputs import mask_to_valid
@@ -84,8 +85,9 @@ class BSBRMLP(nn.Module):
         return self.fc_out(self.act(self.fc_in(x)))
 
 
-class BSBRDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
+class BSBRDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Under ``gradient_checkpointing_enable()`` a
+    training forward keeps only the block's input and recomputes the rest in the backward pass."""
 
     def __init__(self, config: BSBRConfig):
         super().__init__()
@@ -145,7 +147,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
     config_class = BSBRConfig
     config: BSBRConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["BSBRDecoderLayer"]
     # generation keeps its own BSBRCache; it can neither be rolled back nor replaced by a DynamicCache
     _is_stateful = True
