@@ -201,7 +201,9 @@ def register(sub) -> None:
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=float, default=0.0,
                    help="weight of the LM loss beside the KL (default 0: pure imitation of the source)")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="tokens per training window (default 4096: the default conversion reads every earlier "
+                        "token exactly up to (2 + 8) x 256 = 2,560 tokens, where its new pieces have no effect)")
     p.add_argument("--max-windows", type=int, default=2000)
     p.add_argument("--text-file", nargs="*", default=None, help="train on these text files")
     p.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
