@@ -258,3 +258,17 @@ def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
     with pytest.raises(ValueError, match="exactly up to 80"):
         distill(teacher, student, ws, tmp_path / "out", DistillConfig(steps=1))
     assert not (tmp_path / "out").exists()
+
+
+def test_distilling_exact_blocks_warns_that_the_chunk_states_grow_with_the_context(caplog):
+    from types import SimpleNamespace
+
+    from bsbr.distill.cli import _check_new_pieces_matter
+
+    args = SimpleNamespace(params="new", seq_len=4096)
+    for blocks, warned in ((8, True), (0, False)):
+        caplog.clear()
+        config = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=blocks).config
+        with caplog.at_level("WARNING", logger="bsbr.distill.cli"):
+            _check_new_pieces_matter(config, args)
+        assert ("worse than the zero-shot conversion" in caplog.text) == warned, (blocks, caplog.text)

@@ -60,6 +60,11 @@ def _check_new_pieces_matter(config, args) -> None:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
                         f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
                         f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
+    if config.retrieval_blocks and config.retrieval == "normalized":
+        logger.warning("distilling a model with exact blocks opens its chunk states, whose mass grows with the "
+                       "chunks a token does not select: measured worse than the zero-shot conversion past the "
+                       "training length (16k and 32k tokens after 4,096-token windows; docs/findings.md, "
+                       "Distillation of the default)")
 
 
 def _resume_command(args) -> str:
