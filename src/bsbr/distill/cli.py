@@ -216,8 +216,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each layer in the backward pass instead of keeping its activations (default on: "
-                        "a 4,096-token window of the default conversion needs 22 GB without it, 9 GB with, at about "
-                        "a fifth more time per step)")
+                        "a 4,096-token window of the default conversion peaked at 22 GB without it, 10 GB with, at "
+                        "one more forward pass per step)")
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint in OUTPUT/checkpoint (same settings; more steps or minutes allowed)")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --output (its checkpoint "

@@ -41,8 +41,8 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 25
     # recompute each decoder layer in the backward pass instead of keeping its activations: one
-    # 4,096-token window of the default conversion peaks at 22 GB without and 9 GB with, for about a
-    # fifth more time per step (docs/findings.md, Distillation of the default)
+    # 4,096-token window of the default conversion peaked at 22 GB without (killed on a 24 GB machine) and
+    # 10 GB with, for one more forward pass per step (docs/findings.md, Distillation of the default)
     activation_checkpointing: bool = True
 
     def validate(self) -> None:

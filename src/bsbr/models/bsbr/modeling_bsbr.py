@@ -86,7 +86,7 @@ class BSBRMLP(nn.Module):
 
 
 class BSBRDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Under ``gradient_checkpointing_enable()`` a
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Under ``activation_checkpointing_enable()`` a
     training forward keeps only the block's input and recomputes the rest in the backward pass."""
 
     def __init__(self, config: BSBRConfig):

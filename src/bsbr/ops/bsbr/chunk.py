@@ -199,17 +199,16 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     keep = _keep(tok_valid, options)  # a sink is never part of a block
     candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
     candidate = candidate & tok_valid[:, :, None]
-    # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C).
-    # They only choose blocks (no gradient flows through a choice), so autograd keeps none of them.
-    with torch.no_grad():
-        scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
-        qv = qr.view(b, hkv, g, C, B, -1)
-        kr_t = _blocks(kr, B).transpose(-1, -2).contiguous()  # (b, hkv, C, d, B): the streaming cache's layout
-        for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
-            P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
-            s_c = block_scores(q_c, kr_t[:, :, :P], options.sink_tokens)
-            scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
-        sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
+    # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
+    # (no autograd graph: a choice passes no gradient)
+    scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
+    qv = qr.detach().view(b, hkv, g, C, B, -1)
+    kr_t = _blocks(kr.detach(), B).transpose(-1, -2).contiguous()  # (b, hkv, C, d, B): the streaming cache's layout
+    for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
+        P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
+        s_c = block_scores(q_c, kr_t[:, :, :P], options.sink_tokens)
+        scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
+    sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
     w_sel = None
     if num is not None:
         w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
