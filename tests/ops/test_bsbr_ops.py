@@ -70,13 +70,19 @@ def test_three_forms_agree(n, chunk, hq, hkv, d, df, variant, top_k, gate):
     torch.testing.assert_close(call(chunk_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
     if n <= 100:  # the token-by-token form is slow in Python; 100 tokens cover several chunks
         torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
+        with torch.no_grad():  # in place, and the selected blocks' scores reused from the score pass
+            torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_recurrent_long_sequence_small_chunk():
+@pytest.mark.parametrize("grad", [True, False])
+def test_recurrent_long_sequence_small_chunk(grad):
+    # 19 chunks, 5 blocks per head, 2 heads per K/V head: the heads' union is sometimes gathered and
+    # sometimes most of the chunks (read where they lie)
     x = make_inputs(b=1, hq=2, hkv=1, n=300, d=4, df=4, positive=True)
     kw = dict(chunk_size=16, retrieval="normalized", retrieval_blocks=5)
-    torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), call(naive_bsbr_attention, x, **kw),
-                               rtol=1e-10, atol=1e-10)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(call(recurrent_bsbr_attention, x, **kw), call(naive_bsbr_attention, x, **kw),
+                                   rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant,top_k", [("additive", None), ("normalized", 2)])

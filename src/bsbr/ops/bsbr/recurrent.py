@@ -192,9 +192,14 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
         def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...), a view
             return x[:, :, :U]
         readable = m["dense"]  # (b, 1, 1, U * B)
+        s_b = (qrg.unsqueeze(2) @ blocks(state.kr_past)).transpose(2, 3).reshape(b, hkv, g, U * B)
     else:
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
-        bs = block_scores(qrg, state.kr_past[:, :, :span], S)  # (b, hkv, g, span)
+        # without autograd the score pass keeps every q.k (b, hkv, span, g, B), and the selected blocks'
+        # scores are taken from it instead of reading their keys again (block scores carry no gradient)
+        reuse = not torch.is_grad_enabled()
+        bs, qk = block_scores(qrg, state.kr_past[:, :, :span], S, keep=True) if reuse else \
+            (block_scores(qrg, state.kr_past[:, :, :span], S), None)  # (b, hkv, g, span)
         sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K)
         picked = torch.zeros(b, hkv, g, P, dtype=torch.bool, device=qrg.device).scatter_(-1, sel.clamp(min=0), sel >= 0)
         union = picked.any(2)  # (b, hkv, P)
@@ -211,10 +216,15 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
 
             def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...) at idx: one copy per block
                 return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, U, *x.shape[3:])
+            if reuse:
+                qk = qk.reshape(b * hkv * span, -1).index_select(0, (rows // P) * span + rows % P)
+        if reuse:
+            s_b = qk.view(b, hkv, U, g, B).transpose(2, 3).reshape(b, hkv, g, U * B)
+        else:
+            s_b = (qrg.unsqueeze(2) @ blocks(state.kr_past)).transpose(2, 3).reshape(b, hkv, g, U * B)
         mine = picked.gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U))
         readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
         readable = readable.reshape(b, hkv, g, U * B)
-    s_b = (qrg.unsqueeze(2) @ blocks(state.kr_past)).transpose(2, 3).reshape(b, hkv, g, U * B)
     scores.append(s_b.masked_fill(~readable, float("-inf")))
     vb = blocks(state.v_past).reshape(b, hkv, U * B, -1)
     values.append(vb)

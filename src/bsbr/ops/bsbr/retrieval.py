@@ -47,7 +47,7 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, varia
 SCORE_TILE = 1 << 18  # scores (floats) computed before they are reduced: a prefill's chunk, a decode step's whole context
 
 
-def block_scores(qr: torch.Tensor, kr_t: torch.Tensor, sinks: int) -> torch.Tensor:
+def block_scores(qr: torch.Tensor, kr_t: torch.Tensor, sinks: int, keep: bool = False):
     """A chunk's score: its largest ``qr . k`` over its keys that are not sinks. qr (..., T, d), kr_t
     (..., P, d, B) the far keys of the sequence's first P chunks, each chunk transposed (every token
     real: a candidate chunk lies before a real token's window); ``sinks`` the first keys, never read as
@@ -60,22 +60,29 @@ def block_scores(qr: torch.Tensor, kr_t: torch.Tensor, sinks: int) -> torch.Tens
     key: with the keys as (d, B) rows that is one pass over contiguous memory, 1.5-3x faster on CPU
     than the same matmul against (B, d) keys. Many queries (a prefill) are scored a few chunks at a
     time, each (T, B) tile reduced while it is in cache: writing every q.k to memory first and then
-    reducing it took 3x as long (docs/findings.md, Speed)."""
+    reducing it took 3x as long (docs/findings.md, Speed).
+
+    ``keep`` (a decode step, whose few queries' q.k fit in one tile) also returns every q.k,
+    (..., P, T, B) with -inf at the sinks, so the selected blocks' scores are not computed twice."""
     P, T, B = kr_t.shape[-3], qr.shape[-2], kr_t.shape[-1]
     step = max(1, SCORE_TILE // (T * B))  # chunks per tile
     lead = kr_t.dim() - 3
     qr, kr_t = qr.detach(), kr_t.detach()  # scores only choose blocks: no gradient flows through them
     out = qr.new_empty(kr_t.shape[:-3] + (P, T))
+    kept = qr.new_empty(kr_t.shape[:-3] + (P, T, B)) if keep else None
     # one (sequence, head) at a time: kr_t is often a slice of a longer capacity, and a matmul batched
     # over (..., chunks) would first copy it to merge those dims
-    for q_i, k_i, o_i in zip(_entries(qr.expand(kr_t.shape[:-3] + (T, -1)), lead), _entries(kr_t, lead),
-                             _entries(out, lead)):
+    outs = _entries(out, lead)
+    for q_i, k_i, o_i, r_i in zip(_entries(qr.expand(kr_t.shape[:-3] + (T, -1)), lead), _entries(kr_t, lead), outs,
+                                  _entries(kept, lead) if keep else [None] * len(outs)):
         for p0 in range(0, P, step):
-            sc = q_i @ k_i[p0:p0 + step]  # (chunks, T, B)
+            k_p = k_i[p0:p0 + step]
+            sc = q_i @ k_p if r_i is None else torch.matmul(q_i, k_p, out=r_i[p0:p0 + step])  # (chunks, T, B)
             for p in range(p0, min(p0 + step, P, -(-sinks // B))):  # chunks holding sinks
                 sc[p - p0, :, :sinks - p * B] = float("-inf")
             o_i[p0:p0 + step] = sc.amax(-1)
-    return out.transpose(-1, -2)
+    out = out.transpose(-1, -2)
+    return (out, kept) if keep else out
 
 
 def _entries(x: torch.Tensor, n: int):
