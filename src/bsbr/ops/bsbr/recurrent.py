@@ -86,9 +86,10 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
             num, den = _read_blocks(qrg, fq, state, scores, values, num, den)
     p = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)  # (b, hkv, g, keys)
     o, at = None, 0
-    for x in values:  # (b, hkv, X, dv): each part's probabilities times its values
-        o_x = p[..., at:at + x.shape[2]] @ x
-        o, at = (o_x if o is None else o + o_x), at + x.shape[2]
+    for s_x, x in zip(scores, values):  # each part's probabilities times its values (b, hkv, X, dv), or a
+        p_x = p[..., at:at + s_x.shape[-1]]  # function of them
+        o_x = x(p_x) if callable(x) else p_x @ x
+        o, at = (o_x if o is None else o + o_x), at + s_x.shape[-1]
     o = o.reshape(b, hq, -1)
     if num is not None:
         o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
@@ -173,69 +174,58 @@ def _window_and_sinks(qg, qrg, state):
 def _read_blocks(qrg, fq, state, scores, values, num, den):
     """Append the selected blocks' scores and values; return num/den without their chunk states.
 
-    The blocks some query head of a K/V head selected (their union, at most g K) are read once for
-    all g heads, each head's scores masked to its own selection. When K covers every candidate, or the
-    union is at least half of the chunks before the window, those chunks are read where they lie;
-    otherwise the union is gathered, B keys per block."""
+    While K covers every candidate, chunks 0 .. last are read where they lie. Otherwise each query
+    head reads its own K blocks: their q.k are taken from the score pass (read again from the keys
+    under autograd, as block scores carry no gradient), and their values are summed, weighted by the
+    probabilities, by one ``embedding_bag`` over the value cache, so no block is copied (a gather of
+    the blocks and a matmul took 3x as long at 32k context, docs/findings.md, Speed)."""
     opt = state.options
     b, hkv, g, d = qrg.shape
     B, S, K, P = opt.chunk_size, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
     m = _step_masks(state, qrg.device)
     candidate, n_cand = m["candidate"], m["n_cand"]
+    fqg = None if num is None else fq.view(b, hkv, g, -1)
     if n_cand == 0:
         return num, den
-    if n_cand <= K:  # every candidate is selected: read chunks 0 .. U - 1 where they lie
+    if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
         U = m["last"] + 1
-        idx = torch.arange(U, device=qrg.device).expand(b, hkv, U)
-        mine = candidate[:, :U].view(b, 1, 1, U).expand(b, hkv, g, U)  # (b, hkv, g, U) each head's blocks
-
-        def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...), a view
-            return x[:, :, :U]
-        readable = m["dense"]  # (b, 1, 1, U * B)
-        s_b = (qrg.unsqueeze(2) @ blocks(state.kr_past)).transpose(2, 3).reshape(b, hkv, g, U * B)
+        s_b = (qrg.unsqueeze(2) @ state.kr_past[:, :, :U]).transpose(2, 3).reshape(b, hkv, g, U * B)
+        scores.append(s_b.masked_fill(~m["dense"], float("-inf")))
+        values.append(state.v_past[:, :, :U].reshape(b, hkv, U * B, -1))
+        if num is None:
+            return num, den
+        w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)
+        F_sel, z_sel = state.F_past[:, :, :U].unsqueeze(2), state.z_past[:, :, :U].unsqueeze(2)
     else:
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
-        # without autograd the score pass keeps every q.k (b, hkv, span, g, B), and the selected blocks'
-        # scores are taken from it instead of reading their keys again (block scores carry no gradient)
-        reuse = not torch.is_grad_enabled()
-        bs, qk = block_scores(qrg, state.kr_past[:, :, :span], S, keep=True) if reuse else \
-            (block_scores(qrg, state.kr_past[:, :, :span], S), None)  # (b, hkv, g, span)
-        sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K)
-        picked = torch.zeros(b, hkv, g, P, dtype=torch.bool, device=qrg.device).scatter_(-1, sel.clamp(min=0), sel >= 0)
-        union = picked.any(2)  # (b, hkv, P)
-        U = int(union.sum(-1).max())
-        if 2 * U >= span:  # the heads chose most candidates: read chunks 0 .. span - 1 where they lie
-            U = span
-            idx = torch.arange(U, device=qrg.device).expand(b, hkv, U)
+        grad = torch.is_grad_enabled()
+        bs, qk = (block_scores(qrg, state.kr_past[:, :, :span], S), None) if grad else \
+            block_scores(qrg, state.kr_past[:, :, :span], S, keep=True)  # (b, hkv, g, span), (b, hkv, span, g, B)
+        sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K), -1: none
+        at = sel.clamp(min=0)
+        rows = (at + P * torch.arange(b * hkv, device=at.device).view(b, hkv, 1, 1)).reshape(-1)  # (b hkv P) rows
 
-            def blocks(x):  # a view
-                return x[:, :, :U]
+        def picked(x):  # (b, hkv, P, ...) -> (b, hkv, g, K, ...): each head's selected chunks
+            return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, g, K, *x.shape[3:])
+        if grad:
+            s_b = (qrg.view(b, hkv, g, 1, 1, d) @ picked(state.kr_past)).squeeze(-2)  # (b, hkv, g, K, B)
         else:
-            idx = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :U]
-            rows = (idx + P * torch.arange(b * hkv, device=idx.device).view(b, hkv, 1)).reshape(-1)
-
-            def blocks(x):  # (b, hkv, P, ...) -> (b, hkv, U, ...) at idx: one copy per block
-                return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, U, *x.shape[3:])
-            if reuse:
-                qk = qk.reshape(b * hkv * span, -1).index_select(0, (rows // P) * span + rows % P)
-        if reuse:
-            s_b = qk.view(b, hkv, U, g, B).transpose(2, 3).reshape(b, hkv, g, U * B)
-        else:
-            s_b = (qrg.unsqueeze(2) @ blocks(state.kr_past)).transpose(2, 3).reshape(b, hkv, g, U * B)
-        mine = picked.gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U))
-        readable = mine.unsqueeze(-1) & (idx * B).unsqueeze(2).unsqueeze(-1).ge(S - torch.arange(B, device=idx.device))
-        readable = readable.reshape(b, hkv, g, U * B)
-    scores.append(s_b.masked_fill(~readable, float("-inf")))
-    vb = blocks(state.v_past).reshape(b, hkv, U * B, -1)
-    values.append(vb)
-    if num is None:
-        return num, den
+            s_b = qk.transpose(2, 3).gather(3, at.unsqueeze(-1).expand(b, hkv, g, K, B))
+        tok = at.unsqueeze(-1) * B + torch.arange(B, device=at.device)  # (b, hkv, g, K, B)
+        scores.append(s_b.masked_fill(~((sel >= 0).unsqueeze(-1) & (tok >= S)), float("-inf")).reshape(b, hkv, g, -1))
+        table = state.v_past.reshape(b * hkv * P * B, -1)
+        bag = ((rows.view(b, hkv, g, K) * B).unsqueeze(-1) + torch.arange(B, device=at.device)).reshape(-1)
+        starts = torch.arange(0, bag.numel(), K * B, device=at.device)
+        values.append(lambda p_b: torch.nn.functional.embedding_bag(
+            bag, table, starts, mode="sum", per_sample_weights=p_b.reshape(-1)).view(b, hkv, g, -1))
+        if num is None:
+            return num, den
+        w = state.w_cur.view(b, hkv, g, -1).gather(-1, at) * (sel >= 0)
+        F_sel, z_sel = picked(state.F_past), picked(state.z_past)
     # the selected chunks leave the chunk-state term
-    w = state.w_cur.view(b, hkv, g, -1).gather(-1, idx.unsqueeze(2).expand(b, hkv, g, U)) * mine
-    fqg = fq.view(b, hkv, g, -1)
-    num = num - torch.einsum("bkgu,bkgf,bkufv->bkgv", w, fqg, blocks(state.F_past)).reshape(num.shape)
+    num = num - torch.einsum("bkgu,bkgf,bkgufv->bkgv", w, fqg, F_sel.expand(b, hkv, g, *F_sel.shape[3:])).reshape(num.shape)
     if den is not None:
-        den = den - torch.einsum("bkgu,bkgf,bkuf->bkg", w, fqg, blocks(state.z_past)).reshape(den.shape)
+        den = den - torch.einsum("bkgu,bkgf,bkguf->bkg", w, fqg, z_sel.expand(b, hkv, g, *z_sel.shape[3:])).reshape(den.shape)
     return num, den
 
 
