@@ -260,7 +260,7 @@ def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_distilling_exact_blocks_warns_that_the_chunk_states_grow_with_the_context(caplog):
+def test_distilling_exact_blocks_warns_about_long_contexts(caplog):
     from types import SimpleNamespace
 
     from bsbr.distill.cli import _check_new_pieces_matter

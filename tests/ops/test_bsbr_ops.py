@@ -491,3 +491,21 @@ def test_exact_block_state_keeps_every_chunk():
     _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32, retrieval_blocks=2),
                                  output_final_state=True)
     assert st.kr_past.shape[2:] == (8, 4, 32) and st.v_past.shape[2:] == (8, 32, 7)  # keys transposed per chunk
+
+
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_normalized_gist_mass(blocks):
+    """Normalized state weights: weight one per earlier chunk without exact blocks (linear attention
+    over the past); with blocks they sum to one over the chunks before the window, so the gist of the
+    unselected chunks never outweighs one chunk however long the context."""
+    from bsbr.ops.bsbr.retrieval import state_weights
+
+    g = torch.Generator().manual_seed(0)
+    C = 12
+    r, h = torch.randn(C, 5, generator=g, dtype=DT), torch.randn(C, 5, generator=g, dtype=DT)
+    c = torch.arange(C)
+    allowed = c[None, :] <= c[:, None] - 2
+    w = state_weights(r, h, allowed, BSBROptions(8, local_chunks=2, retrieval="normalized", retrieval_blocks=blocks))
+    expect = allowed.sum(-1).to(DT) if blocks == 0 else allowed.any(-1).to(DT)
+    torch.testing.assert_close(w.sum(-1), expect)
+    assert torch.equal(w[~allowed], torch.zeros_like(w[~allowed]))

@@ -162,7 +162,7 @@ def _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k):
     # state weights over the chunks before each chunk's window: w (b, hkv, g, C, C)
     c_idx = torch.arange(C, device=fk.device)
     w = state_weights(r_meta.view(b, hkv, g, C, -1), h_meta.unsqueeze(2), c_idx[None, :] <= c_idx[:, None] - L,
-                      options.retrieval)
+                      options)
     return dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
 
 

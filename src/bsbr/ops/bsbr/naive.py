@@ -75,7 +75,7 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         # 4. state weights w[c, c'] over the chunks before c's window; each token drops the chunks it
         #    reads exactly
         c_idx = torch.arange(C, device=q.device)
-        w = state_weights(r_meta, h_meta, c_idx[None, :] <= c_idx[:, None] - L, options.retrieval)  # (h, C, C)
+        w = state_weights(r_meta, h_meta, c_idx[None, :] <= c_idx[:, None] - L, options)  # (h, C, C)
         w_tok = w[:, chunk] * ~selected  # (h, n, C)
         num = torch.einsum("htf,htc,hcfv->htv", fqb, w_tok, F)
         den = torch.einsum("htf,htc,hcf->ht", fqb, w_tok, z) if options.retrieval == "normalized" else None

@@ -26,20 +26,23 @@ def gate_closed(gate) -> bool:
     return isinstance(gate, (int, float)) and not isinstance(gate, bool) and gate == 0
 
 
-def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, variant: str) -> torch.Tensor:
+def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, options) -> torch.Tensor:
     """Weights w[c, c'] that chunk c gives to the state of chunk c'.
 
     r: (..., R, dm) meta-queries; h: (..., P, dm) meta-keys (leading dims broadcast); allowed:
     (..., R, P) bool, which pairs may be read (c' before c's window). Rows with nothing allowed are 0.
-    ``additive``: alpha = softmax over allowed chunks. ``normalized``: alpha times the number of
-    allowed chunks, so uniform scores give every past chunk weight one (plain linear attention over
-    the past, sharing its denominator with the exact softmax).
+    alpha = softmax over allowed chunks. ``additive``, and ``normalized`` with exact blocks: w = alpha
+    (weights sum to one, less the chunks a token reads exactly: the gist's mass does not grow with the
+    context; measured in docs/findings.md: with weight one per chunk a distilled model's gist swamped
+    the window at 16k-32k). ``normalized`` without blocks: alpha times the number of allowed chunks, so
+    uniform scores give every past chunk weight one (plain linear attention over the past, sharing
+    its denominator with the exact softmax).
     """
     scores = (r @ h.transpose(-1, -2)) / math.sqrt(r.shape[-1])
     allowed = allowed.expand_as(scores)
     any_allowed = allowed.any(-1, keepdim=True)
     alpha = torch.softmax(scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_allowed, 0.0), dim=-1) * allowed
-    if variant == "normalized":
+    if options.retrieval == "normalized" and not options.retrieval_blocks:
         alpha = alpha * allowed.sum(-1, keepdim=True).to(alpha.dtype)
     return alpha
 

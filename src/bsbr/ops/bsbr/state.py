@@ -118,7 +118,7 @@ def refresh_retrieval(state: BSBRState, which: torch.Tensor) -> None:
     r = state.r_cur.view(b, hkv, g, 1, -1)
     reachable = state.completed - (state.options.local_chunks - 1)  # chunks before the window
     allowed = (torch.arange(P, device=r.device)[None, :] < reachable[:, None]).view(b, 1, 1, 1, P)
-    w = state_weights(r, state.h_past.unsqueeze(2), allowed, state.options.retrieval)[:, :, :, 0]  # (b, hkv, g, P)
+    w = state_weights(r, state.h_past.unsqueeze(2), allowed, state.options)[:, :, :, 0]  # (b, hkv, g, P)
     S = torch.einsum("bkgp,bkpfv->bkgfv", w, state.F_past).reshape(b, hq, *state.F_past.shape[-2:])
     zS = torch.einsum("bkgp,bkpf->bkgf", w, state.z_past).reshape(b, hq, -1)
     sel = which.view(b, 1, 1)
