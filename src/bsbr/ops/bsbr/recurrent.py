@@ -177,8 +177,8 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     While K covers every candidate, chunks 0 .. last are read where they lie. Otherwise each query
     head reads its own K blocks: their q.k are taken from the score pass (read again from the keys
     under autograd, as block scores carry no gradient), and their values are summed, weighted by the
-    probabilities, by one ``embedding_bag`` over the value cache, so no block is copied (a gather of
-    the blocks and a matmul took 3x as long at 32k context, docs/findings.md, Speed)."""
+    probabilities, by one ``embedding_bag`` over the value cache, so no block is copied (gathering the
+    blocks first: a 32k decode step 206 against 178 ms, docs/findings.md, Speed)."""
     opt = state.options
     b, hkv, g, d = qrg.shape
     B, S, K, P = opt.chunk_size, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
