@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import SRC, one_error_line, tree_hash
+from cli_checks import SRC, one_error_line, tree_hash
 from safetensors.torch import load_file, save_file
 
 from bsbr.cli import main

@@ -2,7 +2,7 @@
 output file, the summary, and no overwrite of a non-empty --output."""
 import json
 
-from conftest import one_error_line, tree_hash
+from cli_checks import one_error_line, tree_hash
 
 from bsbr.cli import main
 
