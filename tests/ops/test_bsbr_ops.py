@@ -509,3 +509,24 @@ def test_normalized_gist_mass(blocks):
     expect = allowed.sum(-1).to(DT) if blocks == 0 else allowed.any(-1).to(DT)
     torch.testing.assert_close(w.sum(-1), expect)
     assert torch.equal(w[~allowed], torch.zeros_like(w[~allowed]))
+
+
+@pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_gist_weighs_as_one_chunk_at_every_length(fn):
+    """With exact blocks the chunk-state term is renormalised over the chunks a token does not read
+    exactly. On a sequence that repeats one chunk (every state, block and meta-score equal), a token
+    of the last chunk reads the same window, the same K blocks and a gist of the same mass at 12 and
+    at 40 chunks, so its output is the same; weights that were not renormalised (a share that grows
+    with the number of unselected chunks) change it."""
+    B, K = 4, 2
+    one = make_inputs(b=1, hq=2, hkv=1, n=B, d=4, df=3, positive=True)
+    kw = dict(chunk_size=B, local_chunks=2, retrieval_blocks=K, retrieval="normalized", gate=torch.ones(2, dtype=DT))
+
+    def last_chunk(C):
+        x = {name: t.repeat(1, 1, C, 1) for name, t in one.items()}
+        return call(fn, x, **kw)[:, :, -B:]
+
+    short = last_chunk(12)
+    torch.testing.assert_close(last_chunk(40), short, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(short, call(fn, {n: t.repeat(1, 1, 12, 1) for n, t in one.items()},
+                                          **{**kw, "gate": torch.zeros(2, dtype=DT)})[:, :, -B:])

@@ -16,8 +16,8 @@ import torch.nn.functional as F_
 from .inputs import check_inputs
 from .masks import sink_outside_window
 from .options import BSBROptions
-from .retrieval import (apply_meta, block_scores, combine, gate_closed, gate_per_head, select_blocks,
-                        state_weights)
+from .retrieval import (apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
+                        select_blocks, state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
 from .recall import RecallCache, cache_scores, recall_update
 from .state import BSBRState, refresh_retrieval
@@ -90,6 +90,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             parts.append(_all_earlier_blocks(qr, kr, v, None if valid is None else tok_valid, B, L, scale))
             if B <= options.sink_tokens and not closed:  # only chunks of sinks alone keep their states
                 rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
+                total = rest.sum(-1)  # renormalised over these chunks (nothing to cancel)
+                rest = rest * gist_scale(total, torch.zeros_like(total), total > 0).unsqueeze(-1)
                 num, den = _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
         else:
             if not closed:
@@ -215,10 +217,13 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
         w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
     o_r, lse_r, sub_num, sub_den = _selected_blocks(qr, fq, _blocks(kr, B), _blocks(v, B), saved.get("F"),
                                                     saved.get("z"), sel, w_sel, options.sink_tokens, scale)
-    if num is not None:
-        num = num - sub_num.reshape(b, hq, N, dv)
+    if num is not None:  # the gist: the other chunks, renormalised
+        total = saved["w"].sum(-1).repeat_interleave(B, dim=-1)  # (b, hkv, g, N)
+        unread = (t // B - L + 1).clamp(min=0) > (sel >= 0).sum(-1)
+        s = gist_scale(total, w_sel.sum(-1), unread).reshape(b, hq, N)
+        num = (num - sub_num.reshape(b, hq, N, dv)) * s.unsqueeze(-1)
         if den is not None:
-            den = den - sub_den.reshape(b, hq, N)
+            den = (den - sub_den.reshape(b, hq, N)) * s
     return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den
 
 

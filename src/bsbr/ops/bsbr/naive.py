@@ -14,7 +14,7 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, near
 from .options import BSBROptions
-from .retrieval import apply_meta, combine, gate_per_head, select_blocks, state_weights
+from .retrieval import GIST_FLOOR, apply_meta, combine, gate_per_head, select_blocks, state_weights
 
 
 def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
@@ -73,10 +73,12 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         means_q = apply_meta(meta_q, (onehot @ mq[b][:, keep] / counts)[None])[0]
         r_meta = torch.cat([torch.zeros_like(means_q[:, :1]), means_q[:, :-1]], dim=1)
         # 4. state weights w[c, c'] over the chunks before c's window; each token drops the chunks it
-        #    reads exactly
+        #    reads exactly (and with blocks renormalises the rest)
         c_idx = torch.arange(C, device=q.device)
         w = state_weights(r_meta, h_meta, c_idx[None, :] <= c_idx[:, None] - L, options)  # (h, C, C)
         w_tok = w[:, chunk] * ~selected  # (h, n, C)
+        if K:  # the gist: renormalised over the chunks a token does not read exactly
+            w_tok = w_tok / w_tok.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)
         num = torch.einsum("htf,htc,hcfv->htv", fqb, w_tok, F)
         den = torch.einsum("htf,htc,hcf->ht", fqb, w_tok, z) if options.retrieval == "normalized" else None
         out[b][:, keep] = combine(A, num, den, gates, options.retrieval)

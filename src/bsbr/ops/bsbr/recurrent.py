@@ -15,7 +15,7 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, sink_outside_window
 from .options import BSBROptions
-from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, select_blocks
+from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale, select_blocks
 from .recall import cache_scores, recall_update
 from .state import BSBRState, ensure_capacity, refresh_retrieval
 
@@ -196,6 +196,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
             return num, den
         w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)
         F_sel, z_sel = state.F_past[:, :, :U].unsqueeze(2), state.z_past[:, :, :U].unsqueeze(2)
+        n_sel = candidate.sum(-1).view(b, 1, 1)
     else:
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
         grad = torch.is_grad_enabled()
@@ -222,10 +223,15 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
             return num, den
         w = state.w_cur.view(b, hkv, g, -1).gather(-1, at) * (sel >= 0)
         F_sel, z_sel = picked(state.F_past), picked(state.z_past)
-    # the selected chunks leave the chunk-state term
+        n_sel = (sel >= 0).sum(-1)
+    # the selected chunks leave the chunk-state term; the rest is renormalised (gist_scale)
+    n_allowed = (torch.div(state.n_seen, B, rounding_mode="floor") - opt.local_chunks + 1).clamp(min=0)
+    sc = gist_scale(state.w_cur.view(b, hkv, g, -1).sum(-1), w.sum(-1), n_allowed.view(b, 1, 1) > n_sel)
     num = num - torch.einsum("bkgu,bkgf,bkgufv->bkgv", w, fqg, F_sel.expand(b, hkv, g, *F_sel.shape[3:])).reshape(num.shape)
+    num = num * sc.reshape(b, hkv * g, 1)
     if den is not None:
         den = den - torch.einsum("bkgu,bkgf,bkguf->bkg", w, fqg, z_sel.expand(b, hkv, g, *z_sel.shape[3:])).reshape(den.shape)
+        den = den * sc.reshape(b, hkv * g)
     return num, den
 
 

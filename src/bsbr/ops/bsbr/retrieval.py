@@ -31,12 +31,11 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, optio
 
     r: (..., R, dm) meta-queries; h: (..., P, dm) meta-keys (leading dims broadcast); allowed:
     (..., R, P) bool, which pairs may be read (c' before c's window). Rows with nothing allowed are 0.
-    alpha = softmax over allowed chunks. ``additive``, and ``normalized`` with exact blocks: w = alpha
-    (weights sum to one, less the chunks a token reads exactly: the gist's mass does not grow with the
-    context; measured in docs/findings.md: with weight one per chunk a distilled model's gist swamped
-    the window at 16k-32k). ``normalized`` without blocks: alpha times the number of allowed chunks, so
-    uniform scores give every past chunk weight one (plain linear attention over the past, sharing
-    its denominator with the exact softmax).
+    alpha = softmax over allowed chunks. ``additive``, and ``normalized`` with exact blocks: w = alpha;
+    each token then renormalises it over the chunks it does not read exactly (:func:`gist_scale`).
+    ``normalized`` without blocks: alpha times the number of allowed chunks, so uniform scores give
+    every past chunk weight one (plain linear attention over the past, sharing its denominator with
+    the exact softmax).
     """
     scores = (r @ h.transpose(-1, -2)) / math.sqrt(r.shape[-1])
     allowed = allowed.expand_as(scores)
@@ -45,6 +44,24 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, optio
     if options.retrieval == "normalized" and not options.retrieval_blocks:
         alpha = alpha * allowed.sum(-1, keepdim=True).to(alpha.dtype)
     return alpha
+
+
+GIST_FLOOR = 0.01  # the smallest share a token's unselected chunks are renormalised from
+
+
+def gist_scale(total: torch.Tensor, picked: torch.Tensor, unread: torch.Tensor) -> torch.Tensor:
+    """With exact blocks, the factor on a token's chunk-state read-out (num and den) that makes the
+    weights of the chunks it does not read exactly sum to one: 1 / (total - picked), where ``total``
+    is the sum of its chunk weights and ``picked`` that of its selected chunks; 0 where ``unread``
+    (bool) says no allowed chunk is left unselected (so float residue of total - picked reads as
+    nothing). The share is floored at ``GIST_FLOOR``: a token whose selected chunks hold over 99% of
+    the meta-softmax reads its other chunks with weights summing to less than one.
+
+    Why renormalise: the unselected chunks' share of the meta-softmax grows with the context (about
+    94% at 32k against at most 43% on 4k training windows, docs/findings.md), so weights that were
+    not renormalised made a distilled model's gist heavier at every length past its training length;
+    this way the gist weighs as one chunk at every length."""
+    return torch.where(unread, 1.0 / (total - picked).clamp(min=GIST_FLOOR), torch.zeros_like(total))
 
 
 SCORE_TILE = 1 << 18  # scores (floats) computed before they are reduced: a prefill's chunk, a decode step's whole context
