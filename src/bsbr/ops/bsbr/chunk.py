@@ -62,6 +62,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     """
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     a = check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
+    same_far = qr is q and kr is k  # far keys read at their own positions
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
     B, L = options.chunk_size, options.local_chunks
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
@@ -74,8 +75,11 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
 
     closed = gate_closed(gate)
     dense = bool(options.retrieval_blocks) and C - L <= options.retrieval_blocks
+    # K covers every earlier chunk and far keys are the keys: the exact softmax is causal attention,
+    # one fused call (GPT-2-small shape, 1,024 tokens: docs/findings.md, Speed)
+    causal = dense and same_far
     # the exact softmax, in parts: the window, the sinks, and the blocks or the recall cache
-    parts = _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
+    parts = [] if causal else _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
     if options.sink_tokens and not dense:  # (the dense far part holds the sinks)
         parts.append(_sink_part(qr, kr, v, tok_valid, options, scale))
     num = den = None
@@ -87,7 +91,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         # the chunk states: read unless the gate is closed, kept for the streaming state
         saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k) if not closed or output_final_state else {}
         if dense:
-            parts.append(_all_earlier_blocks(qr, kr, v, None if valid is None else tok_valid, B, L, scale))
+            if not causal:
+                parts.append(_all_earlier_blocks(qr, kr, v, None if valid is None else tok_valid, B, L, scale))
             if B <= options.sink_tokens and not closed:  # only chunks of sinks alone keep their states
                 rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
                 total = rest.sum(-1)  # renormalised over these chunks (nothing to cancel)
@@ -100,8 +105,10 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
                 o_r, lse_r, num, den = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
                 parts.append((o_r, lse_r))
 
-    o = merge(parts) if num is None else combine(merge(parts), num, den, gate_per_head(gate, hq, q),
-                                                 options.retrieval)
+    o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv) if causal \
+        else merge(parts)
+    if num is not None:
+        o = combine(o, num, den, gate_per_head(gate, hq, q), options.retrieval)
     o = (o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]
     state = None
     if output_final_state:

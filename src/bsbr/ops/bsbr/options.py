@@ -28,7 +28,8 @@ class BSBROptions:
       softmax: ``"additive"`` (``o = softmax part + g q.S``) or ``"normalized"`` (one denominator:
       ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features). Without exact
       blocks the normalized weights give every earlier chunk weight one on uniform scores (linear
-      attention over the past); with them the weights sum to one, less the selected chunks (the gist).
+      attention over the past); with them (either form) each token renormalises the weights over the
+      chunks it did not select, so this gist weighs as one chunk at every length.
     * ``recall_tokens`` ``M``: the bounded recall mode (LoLA-style; 0: off; exclusive with
       ``retrieval_blocks``). Per K/V head a cache of at most ``M`` exact tokens (far key, value) taken
       from the chunks that have left the window (never sinks). When chunk ``c`` leaves the window (at
