@@ -189,11 +189,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
         return num, den
     if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
         U = m["last"] + 1
-        if torch.is_grad_enabled():
-            s_b = qrg.unsqueeze(2) @ state.kr_past[:, :, :U]  # (b, hkv, U, g, B)
-        else:  # per (sequence, head): a batched matmul over a slice of the capacity would copy it first
-            s_b = block_scores(qrg, state.kr_past[:, :, :U], S, keep=True)[1]
-        s_b = s_b.transpose(2, 3).reshape(b, hkv, g, U * B)
+        s_b = (qrg.unsqueeze(2) @ state.kr_past[:, :, :U]).transpose(2, 3).reshape(b, hkv, g, U * B)
         scores.append(s_b.masked_fill(~m["dense"], float("-inf")))
         values.append(state.v_past[:, :, :U].reshape(b, hkv, U * B, -1))
         if num is None:
