@@ -62,9 +62,9 @@ def _check_new_pieces_matter(config, args) -> None:
                         f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
     if config.retrieval_blocks and config.retrieval == "normalized":
         logger.warning("distilling a model with exact blocks opens its chunk states: after 4,096-token windows it "
-                       "measured within about 2% of the zero-shot conversion at 8k and 16k tokens and worse than the "
-                       "zero-shot conversion at 32k (code 6.70 against 6.48, the window alone 6.65; docs/findings.md, "
-                       "Distillation of the default)")
+                       "measured within 2% of the zero-shot conversion at 8k and 16k tokens and worse than it at 32k "
+                       "(code 6.55 against 6.48, prose 7.02 against 6.79; the window alone 6.65 and 15.60; "
+                       "docs/findings.md, Distillation of the default)")
 
 
 def _resume_command(args) -> str:
