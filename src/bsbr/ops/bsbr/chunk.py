@@ -16,7 +16,7 @@ import torch.nn.functional as F_
 from .inputs import check_inputs
 from .masks import sink_outside_window
 from .options import BSBROptions
-from .retrieval import (apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
+from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
                         select_blocks, state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
 from .recall import RecallCache, cache_scores, recall_update
@@ -95,8 +95,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
                 parts.append(_all_earlier_blocks(qr, kr, v, None if valid is None else tok_valid, B, L, scale))
             if B <= options.sink_tokens and not closed:  # only chunks of sinks alone keep their states
                 rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
-                total = rest.sum(-1)  # renormalised over these chunks (nothing to cancel)
-                rest = rest * gist_scale(total, torch.zeros_like(total), total > 0).unsqueeze(-1)
+                rest = rest / rest.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)  # the gist, renormalised
                 num, den = _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
         else:
             if not closed:
