@@ -80,8 +80,9 @@ def test_closed_gate_is_chunk_local_attention_and_can_open():
 
 @pytest.mark.parametrize("kw", [dict(retrieval_blocks=1, local_chunks=2, sink_tokens=2), dict(recall_tokens=4), {}])
 def test_closed_gate_skips_the_states_without_changing_the_output(kw):
-    # without gradients a closed gate is passed to the op as 0 (the states are kept but not read); with
-    # gradients it goes as a tensor and the states are read; both must give the same output and state
+    # without gradients a closed gate is passed to the op as 0: no chunk state is read or kept (feature
+    # size 0), except by the recall mode, which chooses its cache with them; with gradients it goes as a
+    # tensor and the states are read; both must give the same output (and recall state)
     a = layer(retrieval="normalized", gate=0.0, num_kv_heads=2, **kw)
     x = torch.randn(2, 45, 24, dtype=torch.float64)
     with torch.no_grad():
@@ -92,12 +93,21 @@ def test_closed_gate_skips_the_states_without_changing_the_output(kw):
     assert full.requires_grad
     torch.testing.assert_close(fast[0], full, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(step, full[:, 40:].detach(), rtol=1e-10, atol=1e-10)
-    for name in ("F_past", "z_past", "F_cur", "z_cur"):
+    if kw.get("recall_tokens"):
+        for name in ("recall_F", "recall_z", "recall_kr", "recall_pos"):
+            torch.testing.assert_close(getattr(fast[1], name), getattr(state, name).detach(), rtol=1e-12, atol=1e-12)
+    else:
+        assert fast[1].F_past.shape[3] == fast[1].F_cur.shape[2] == 0 < state.F_cur.shape[2]
+        assert fast[1].nbytes() < state.nbytes()
+    for name in ("k_buf", "v_buf", "k_sink", "kr_past", "v_past"):
         torch.testing.assert_close(getattr(fast[1], name), getattr(state, name).detach(), rtol=1e-12, atol=1e-12)
     with torch.no_grad():  # opening the gate in place is seen at the next call
         a.retrieval_gate.fill_(0.5)
         assert isinstance(a._op_gate(), torch.Tensor)
         assert not torch.allclose(a(x), fast[0])
+        if not kw.get("recall_tokens"):  # a state without chunk states cannot continue with them
+            with pytest.raises(ValueError, match="gate was closed"):
+                a.step(x[:, 40:], fast[1])
 
 
 def test_model_runs_any_length_and_pads():

@@ -47,21 +47,25 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _decode(model, ids: torch.Tensor, steps: int):
-    """(median ms per generated token after prefilling ``ids`` with the cache on, the cache's bytes per
-    context token after the prefill)."""
-    times = []
+def _decode(models: Dict, ids: torch.Tensor, steps: int):
+    """Greedy decode after prefilling ``ids`` with the cache on, the models' steps alternating (their
+    order flipped every step, so load on a shared machine falls on both alike). Returns per model
+    (median ms per generated token, the cache's bytes per context token after the prefill)."""
+    out, mask, times, per_token = {}, {}, {name: [] for name in models}, {}
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        per_token = cache_bytes(out.cache) / ids.shape[1]
-        mask = torch.ones(1, ids.shape[1], dtype=torch.long)
-        for _ in range(steps):
-            tok = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, mask[:, :1]], 1)
-            t0 = time.perf_counter()
-            out = model(tok, cache=out.cache, attention_mask=mask, use_cache=True)
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * median(times), per_token
+        for name, model in models.items():
+            out[name] = model(ids, use_cache=True)
+            per_token[name] = cache_bytes(out[name].cache) / ids.shape[1]
+            mask[name] = torch.ones(1, ids.shape[1], dtype=torch.long)
+        names = list(models)
+        for i in range(steps):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                tok = out[name].logits[:, -1:].argmax(-1)
+                mask[name] = torch.cat([mask[name], mask[name][:, :1]], 1)
+                t0 = time.perf_counter()
+                out[name] = models[name](tok, cache=out[name].cache, attention_mask=mask[name], use_cache=True)
+                times[name].append(time.perf_counter() - t0)
+    return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
 
 
 def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3,
@@ -88,8 +92,8 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
     for n in decode_contexts:
         ids = torch.randint(0, vocab, (1, n), generator=g)
         row = dict(context=n)
-        for name, m in models.items():
-            row[f"{name}_ms_per_token"], row[f"{name}_cache_bytes_per_token"] = _decode(m, ids, decode_steps)
+        for name, (ms, per_token) in _decode(models, ids, decode_steps).items():
+            row[f"{name}_ms_per_token"], row[f"{name}_cache_bytes_per_token"] = ms, per_token
         decode.append(row)
         logger.info("decode at %6d context: source %.1f ms/token, bsbr %.1f ms/token; cache %.0f / %.0f bytes per "
                     "token", n, row["source_ms_per_token"], row["bsbr_ms_per_token"],
@@ -139,8 +143,8 @@ def register(bench_sub) -> None:
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--gate-init", type=float, default=0.0,
-                   help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (the states are kept but "
-                        "not read), > 0 as after distillation opened it (they are read; default %(default)s)")
+                   help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
+                        "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 32768])
     p.add_argument("--decode-steps", type=int, default=8)

@@ -22,9 +22,10 @@ def _run_op(op, tensors, **kwargs):
     """Call a BSBR op on (q, k, v, mq, mk, fq, fk, qr, kr). Under mixed precision (autocast) the op
     runs in float32 with autocast off (its running sums and shared denominator need the range)."""
     device = tensors[0].device.type
-    if torch.is_autocast_enabled(device):
-        tensors = tuple(t.float() for t in tensors)
     q, k, v, mq, mk, fq, fk, qr, kr = tensors
+    if not torch.is_autocast_enabled(device):
+        return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)
+    q, k, v, mq, mk, fq, fk, qr, kr = (t.float() for t in tensors)
     with torch.autocast(device, enabled=False):
         return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)
 
@@ -146,8 +147,8 @@ class BSBRAttention(nn.Module):
         if read_states or keep_states:
             fk = self.feature_k(k)
             fk = fk if self.compress is None else self.compress(fk)
-        else:  # a closed gate and no state to return: the op never reads fk
-            fk = k.new_zeros(()).expand(b, self.num_kv_heads, n, self.feature_k.out_dim)
+        else:  # a closed gate: no chunk states, so features of size 0 (the op keeps empty states)
+            fk = k.new_zeros(()).expand(b, self.num_kv_heads, n, 0)
         if read_states:
             fq = self.feature_q(q)
             fq = fq if self.compress is None else self.compress(fq)
@@ -158,8 +159,9 @@ class BSBRAttention(nn.Module):
     def _run(self, op, hidden_states, position_embeddings, far_position_embeddings, **kwargs):
         gate = self._op_gate()
         read = not isinstance(gate, int)
-        # the recall mode's cache and a returned state are built from fk even when the gate is closed
-        keep = read or kwargs.get("output_final_state", False) or bool(self.options.recall_tokens)
+        # a closed gate reads no chunk state, so none is kept (nor its features computed), except by the
+        # recall mode, which chooses its cache with them
+        keep = read or bool(self.options.recall_tokens)
         tensors = self._project(hidden_states, position_embeddings, far_position_embeddings, read_states=read,
                                 keep_states=keep)
         return _run_op(op, tensors, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,

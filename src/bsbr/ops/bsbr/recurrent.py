@@ -30,14 +30,19 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
     if state is None:
         state = BSBRState.empty(a, options, q)
     else:
-        state.check_options(options)
+        state.check_continues(options, a)
     valid = None if valid is None else valid.bool()
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
-def _write(state, slot, rows, named, inplace):
+def _write(state, slot, rows, named, inplace, at=None):
     """Write each x (b, h, d) of ``named`` ((name, x), ...) into ``state.name`` (b, h, slots, d) at
-    slot (b,) for the sequences in rows (b,) (None: all)."""
+    slot (b,) for the sequences in rows (b,) (None: all); ``at``: that slot as an int when every
+    sequence writes the same one (a plain copy, no indexing)."""
+    if inplace and rows is None and at is not None:
+        for name, x in named:
+            getattr(state, name)[:, :, at] = x
+        return
     if inplace and rows is None:
         b = torch.arange(slot.shape[0], device=slot.device)
         for name, x in named:
@@ -68,13 +73,15 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     scale = 1.0 / math.sqrt(d) if opt.scale is None else opt.scale
     inplace = not torch.is_grad_enabled()  # no copy of the buffers per token when nothing needs gradients
     t = state.n_seen  # index of this token
-    _write_token(state, k, v, kr, fk, valid, inplace)
+    m = _step_masks(state, q.device)
+    t_host = m["at"]
+    _write_token(state, k, v, kr, fk, valid, inplace, t_host)
 
     # the exact softmax: window (q.k), sinks outside it and selected blocks or the recall cache (qr.kr),
     # one normalisation; a K/V head's g query heads are the rows of one matmul per part
     qg, qrg = q.view(b, hkv, hq // hkv, d), qr.view(b, hkv, hq // hkv, d)
-    scores, values = _window_and_sinks(qg, qrg, state)
-    read = not gate_closed(gate)  # a closed gate: the states are kept, not read
+    scores, values = _window_and_sinks(qg, qrg, state, m)
+    read = not gate_closed(gate)  # a closed gate: the states are not read
     num = den = None
     if opt.recall_tokens:
         num, den = _recall_read(qrg, fq, state, scores, values, read)
@@ -83,7 +90,7 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
             num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
             den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
         if opt.retrieval_blocks and state.kr_past.shape[2]:
-            num, den = _read_blocks(qrg, fq, state, scores, values, num, den)
+            num, den = _read_blocks(qrg, fq, state, m, scores, values, num, den)
     p = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)  # (b, hkv, g, keys)
     o, at = None, 0
     for s_x, x in zip(scores, values):  # each part's probabilities times its values (b, hkv, X, dv), or a
@@ -100,6 +107,8 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     if not opt.recall_tokens:
         _add_to_chunk(state, fk, v, mk, mq, inplace)
     state.n_seen = state.n_seen + (1 if valid is None else valid.long())
+    if t_host is not None and valid is None and t_host % B != B - 1:
+        return o
     done = t % B == B - 1
     done = done if valid is None else valid & done
     if bool(done.any()):
@@ -110,18 +119,19 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     return o
 
 
-def _write_token(state, k, v, kr, fk, valid, inplace):
-    """Store this token where later tokens read it: the window ring, the sinks, the current block."""
+def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
+    """Store this token where later tokens read it: the window ring, the sinks, the current block.
+    ``at``: its index when every sequence is at the same one (plain copies)."""
     opt = state.options
-    t, W, S = state.n_seen, opt.window, opt.sink_tokens
+    t, W, S, B = state.n_seen, opt.window, opt.sink_tokens, opt.chunk_size
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
-    _write(state, t % W, valid, ring, inplace)
-    if S:
+    _write(state, t % W, valid, ring, inplace, None if at is None else at % W)
+    if S and (at is None or at < S):
         first = t < S
         _write(state, t.clamp(max=S - 1), first if valid is None else valid & first, [("k_sink", kr), ("v_sink", v)],
-               inplace)
+               inplace, at)
     if opt.retrieval_blocks:
-        _write(state, t % opt.chunk_size, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
+        _write(state, t % B, valid, [("kr_cur", kr), ("v_cur", v)], inplace, None if at is None else at % B)
 
 
 _MASKS: dict = {}  # the last step's masks: every layer of a model steps at the same positions
@@ -129,12 +139,14 @@ _MASKS: dict = {}  # the last step's masks: every layer of a model steps at the 
 
 def _step_masks(state, device):
     """What this step's token may read, a function of the options and positions only (so computed
-    once per step for all layers): the window's ring slots (b, 1, 1, W), the sinks outside the window
-    (b, 1, 1, S), and with blocks the candidate chunks (b, P), their largest count and the last chunk
-    before each window (b,)."""
+    once per step for all layers): masks of what it may *not* read (filled with -inf in place) among
+    the window's ring slots (b, 1, 1, W), the sinks (b, 1, 1, S) and, while every candidate is read,
+    the blocks' tokens; with blocks the candidate chunks (b, P), their largest count and the last
+    chunk before each window; ``at``: the token's index (int) when every sequence is at the same one."""
     opt = state.options
     P = state.kr_past.shape[2]
-    key = (opt, P, device, tuple(state.n_seen.tolist()))
+    pos = tuple(state.n_seen.tolist())
+    key = (opt, P, device, pos)
     m = _MASKS.get(key)
     if m is not None:
         return m
@@ -142,8 +154,9 @@ def _step_masks(state, device):
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
     ring = tt - torch.remainder(tt - torch.arange(W, device=device).view(1, W), W)  # token in each slot
-    m = dict(window=exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
-             sinks=sink_outside_window(tt, torch.arange(S, device=device).view(1, S), B, L).view(b, 1, 1, S))
+    m = dict(at=pos[0] if len(set(pos)) == 1 else None,
+             not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
+             not_sinks=~sink_outside_window(tt, torch.arange(S, device=device).view(1, S), B, L).view(b, 1, 1, S))
     if opt.retrieval_blocks:
         chunks = torch.arange(P, device=device)
         last = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the last chunk before the window
@@ -153,25 +166,24 @@ def _step_masks(state, device):
         if 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' non-sink tokens
             U = m["last"] + 1
             tok = torch.arange(U * B, device=device)
-            m["dense"] = (candidate[:, :U].repeat_interleave(B, dim=1) & (tok >= S)).view(b, 1, 1, U * B)
+            m["not_dense"] = ~(candidate[:, :U].repeat_interleave(B, dim=1) & (tok >= S)).view(b, 1, 1, U * B)
     _MASKS.clear()
     _MASKS[key] = m
     return m
 
 
-def _window_and_sinks(qg, qrg, state):
+def _window_and_sinks(qg, qrg, state, m):
     """Unscaled scores (b, hkv, g, keys) and values (b, hkv, keys, dv) of the window and of the sinks
-    outside it."""
-    m = _step_masks(state, qg.device)
-    scores = [(qg @ state.k_buf.transpose(-1, -2)).masked_fill(~m["window"], float("-inf"))]
+    outside it; ``m`` the step's masks."""
+    scores = [(qg @ state.k_buf.transpose(-1, -2)).masked_fill_(m["not_window"], float("-inf"))]
     values = [state.v_buf]
     if state.options.sink_tokens:
-        scores.append((qrg @ state.k_sink.transpose(-1, -2)).masked_fill(~m["sinks"], float("-inf")))
+        scores.append((qrg @ state.k_sink.transpose(-1, -2)).masked_fill_(m["not_sinks"], float("-inf")))
         values.append(state.v_sink)
     return scores, values
 
 
-def _read_blocks(qrg, fq, state, scores, values, num, den):
+def _read_blocks(qrg, fq, state, m, scores, values, num, den):
     """Append the selected blocks' scores and values; return num/den without their chunk states.
 
     While K covers every candidate, chunks 0 .. last are read where they lie. Otherwise each query
@@ -182,15 +194,14 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
     opt = state.options
     b, hkv, g, d = qrg.shape
     B, S, K, P = opt.chunk_size, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
-    m = _step_masks(state, qrg.device)
     candidate, n_cand = m["candidate"], m["n_cand"]
     fqg = None if num is None else fq.view(b, hkv, g, -1)
     if n_cand == 0:
         return num, den
     if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
-        U = m["last"] + 1
-        s_b = (qrg.unsqueeze(2) @ state.kr_past[:, :, :U]).transpose(2, 3).reshape(b, hkv, g, U * B)
-        scores.append(s_b.masked_fill(~m["dense"], float("-inf")))
+        U = m["last"] + 1  # scored against the whole capacity: a matmul with a slice of it copies the slice first
+        s_b = (qrg.unsqueeze(2) @ state.kr_past)[:, :, :U].transpose(2, 3).reshape(b, hkv, g, U * B)
+        scores.append(s_b.masked_fill_(m["not_dense"], float("-inf")))
         values.append(state.v_past[:, :, :U].reshape(b, hkv, U * B, -1))
         if num is None:
             return num, den
@@ -213,7 +224,7 @@ def _read_blocks(qrg, fq, state, scores, values, num, den):
         else:
             s_b = qk.transpose(2, 3).gather(3, at.unsqueeze(-1).expand(b, hkv, g, K, B))
         tok = at.unsqueeze(-1) * B + torch.arange(B, device=at.device)  # (b, hkv, g, K, B)
-        scores.append(s_b.masked_fill(~((sel >= 0).unsqueeze(-1) & (tok >= S)), float("-inf")).reshape(b, hkv, g, -1))
+        scores.append(s_b.masked_fill_(~((sel >= 0).unsqueeze(-1) & (tok >= S)), float("-inf")).reshape(b, hkv, g, -1))
         table = state.v_past.reshape(b * hkv * P * B, -1)
         bag = ((rows.view(b, hkv, g, K) * B).unsqueeze(-1) + torch.arange(B, device=at.device)).reshape(-1)
         starts = torch.arange(0, bag.numel(), K * B, device=at.device)
@@ -319,8 +330,9 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
     if state is None:
         state = BSBRState.empty(a, options, q)
     else:
-        state.check_options(options)
+        state.check_continues(options, a)
     outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
                   None if valid is None else valid[:, i].bool()) for i in range(a.seq_len)]
-    o = torch.stack(outs, dim=2) if outs else q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)
+    o = (outs[0].unsqueeze(2) if len(outs) == 1 else torch.stack(outs, dim=2)) if outs else \
+        q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)
     return o, (state if output_final_state else None)

@@ -17,7 +17,8 @@ class BSBRState:
 
     Always: the window's keys/values (a ring of ``local_chunks * chunk_size`` tokens), the sink
     tokens' far keys/values, and per *completed* chunk one (feature x value) state, feature sum and
-    meta-key. With ``retrieval_blocks > 0`` also every completed chunk's far keys and values (the
+    meta-key (of feature size 0, so empty, when the layer's chunk-state gate is closed: nothing would
+    read them). With ``retrieval_blocks > 0`` also every completed chunk's far keys and values (the
     exact blocks a later token may select, and the keys that score them): memory then grows with the
     context, like a KV cache. With ``recall_tokens = M > 0`` instead: the
     window's far keys and features (to rank a chunk as it leaves the window), ``M`` cached tokens per
@@ -94,10 +95,14 @@ class BSBRState:
     def tensors(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
 
-    def check_options(self, options: BSBROptions) -> None:
-        """A state continues only a call with the options it was built with."""
+    def check_continues(self, options: BSBROptions, a: BSBRArgs) -> None:
+        """A state continues only a call with the options and chunk-state features it was built with."""
         if options != self.options:
             raise ValueError(f"state was built with {self.options}, got {options}")
+        if self.F_cur.shape[2] != a.feature_dim:
+            raise ValueError(f"state keeps chunk states of feature size {self.F_cur.shape[2]}, the call has "
+                             f"{a.feature_dim} (a state built while the chunk-state gate was closed keeps none): "
+                             "start a new cache")
 
     def select(self, index: torch.Tensor) -> "BSBRState":
         """Reorder/select batch entries (beam search)."""
