@@ -148,12 +148,13 @@ class BSBRAttention(nn.Module):
             fk = self.feature_k(k)
             fk = fk if self.compress is None else self.compress(fk)
         else:  # a closed gate: no chunk states, so features of size 0 (the op keeps empty states)
-            fk = k.new_zeros(()).expand(b, self.num_kv_heads, n, 0)
+            fk = k.new_empty(b, self.num_kv_heads, n, 0)
         if read_states:
             fq = self.feature_q(q)
             fq = fq if self.compress is None else self.compress(fq)
         else:  # a closed gate: the op never reads fq
-            fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
+            fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1]) if fk.shape[-1] else \
+                fk.new_empty(b, self.num_heads, n, 0)
         return q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr
 
     def _run(self, op, hidden_states, position_embeddings, far_position_embeddings, **kwargs):

@@ -10,8 +10,42 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+_MATRICES: list = []  # [(cos, sin, versions, M)]: the last one-token tables as matrices, shared by every
+_KEEP = 4  # layer of a decode step (a step uses up to three tables: positions, far queries, far keys)
+
+
+def _versions(*tables):
+    return tuple(None if t.is_inference() else t._version for t in tables)
+
+
+def _rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(b', d, d) M with ``x @ M = x * cos + rotate_half(x) * sin`` for one position per sequence
+    (cos/sin with one row per sequence), built once per table object (held, so its identity stays
+    unique) and in-place version."""
+    versions = _versions(cos, sin)
+    for c_, s_, v_, M in _MATRICES:
+        if c_ is cos and s_ is sin and v_ == versions:
+            return M
+    d = cos.shape[-1]
+    c, s = cos.reshape(-1, d), sin.reshape(-1, d)
+    h = torch.arange(d // 2, device=cos.device)
+    J = cos.new_zeros(d, d)  # x @ J = rotate_half(x)
+    J[h + d // 2, h] = -1.0
+    J[h, h + d // 2] = 1.0
+    M = torch.diag_embed(c) + J * s[:, None, :]
+    _MATRICES[:] = _MATRICES[-(_KEEP - 1):] + [(cos, sin, versions, M)]
+    return M
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (b, h, n, d); cos/sin: (b, n, d) or (n, d)."""
+    """x: (b, h, n, d); cos/sin: (b, n, d) or (n, d). One token per sequence (a decode step) is one
+    matmul with the table's rotation matrix, shared by every layer, instead of five elementwise ops."""
+    b, heads, n, d = x.shape
+    if n == 1 and not torch.is_grad_enabled():
+        M = _rotation_matrix(cos, sin)
+        if M.shape[0] == 1:
+            return (x.reshape(b * heads, d) @ M[0]).view(b, heads, 1, d)
+        return torch.bmm(x.reshape(b, heads, d), M).view(b, heads, 1, d)
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     return x * cos[:, None] + rotate_half(x) * sin[:, None]

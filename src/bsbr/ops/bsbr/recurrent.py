@@ -125,13 +125,15 @@ def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
     opt = state.options
     t, W, S, B = state.n_seen, opt.window, opt.sink_tokens, opt.chunk_size
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
-    _write(state, t % W, valid, ring, inplace, None if at is None else at % W)
+    at = at if inplace and valid is None else None  # plain copies apply; else slots as tensors
+    _write(state, None if at is not None else t % W, valid, ring, inplace, None if at is None else at % W)
     if S and (at is None or at < S):
         first = t < S
         _write(state, t.clamp(max=S - 1), first if valid is None else valid & first, [("k_sink", kr), ("v_sink", v)],
                inplace, at)
     if opt.retrieval_blocks:
-        _write(state, t % B, valid, [("kr_cur", kr), ("v_cur", v)], inplace, None if at is None else at % B)
+        _write(state, None if at is not None else t % B, valid, [("kr_cur", kr), ("v_cur", v)], inplace,
+               None if at is None else at % B)
 
 
 _MASKS: dict = {}  # the last step's masks: every layer of a model steps at the same positions
