@@ -153,8 +153,7 @@ class BSBRAttention(nn.Module):
             fq = self.feature_q(q)
             fq = fq if self.compress is None else self.compress(fq)
         else:  # a closed gate: the op never reads fq
-            fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1]) if fk.shape[-1] else \
-                fk.new_empty(b, self.num_heads, n, 0)
+            fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
         return q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr
 
     def _run(self, op, hidden_states, position_embeddings, far_position_embeddings, **kwargs):
