@@ -35,13 +35,13 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
-def _write(state, slot, rows, named, inplace, at=None):
+def _write(state, slot, rows, named, inplace):
     """Write each x (b, h, d) of ``named`` ((name, x), ...) into ``state.name`` (b, h, slots, d) at
-    slot (b,) for the sequences in rows (b,) (None: all); ``at``: that slot as an int when every
-    sequence writes the same one (a plain copy, no indexing)."""
-    if inplace and rows is None and at is not None:
+    slot (b,) for the sequences in rows (b,) (None: all). An int slot, every sequence's (in place, all
+    rows), is a plain copy."""
+    if isinstance(slot, int):
         for name, x in named:
-            getattr(state, name)[:, :, at] = x
+            getattr(state, name)[:, :, slot] = x
         return
     if inplace and rows is None:
         b = torch.arange(slot.shape[0], device=slot.device)
@@ -125,15 +125,14 @@ def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
     opt = state.options
     t, W, S, B = state.n_seen, opt.window, opt.sink_tokens, opt.chunk_size
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
-    at = at if inplace and valid is None else None  # plain copies apply; else slots as tensors
-    _write(state, None if at is not None else t % W, valid, ring, inplace, None if at is None else at % W)
-    if S and (at is None or at < S):
+    fast = at is not None and inplace and valid is None  # int slots: plain copies
+    _write(state, at % W if fast else t % W, valid, ring, inplace)
+    if S and not (fast and at >= S):
         first = t < S
         _write(state, t.clamp(max=S - 1), first if valid is None else valid & first, [("k_sink", kr), ("v_sink", v)],
-               inplace, at)
+               inplace)
     if opt.retrieval_blocks:
-        _write(state, None if at is not None else t % B, valid, [("kr_cur", kr), ("v_cur", v)], inplace,
-               None if at is None else at % B)
+        _write(state, at % B if fast else t % B, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
 
 
 _MASKS: dict = {}  # the last step's masks: every layer of a model steps at the same positions
