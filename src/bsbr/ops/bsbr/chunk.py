@@ -108,7 +108,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         else merge(parts)
     if num is not None:
         o = combine(o, num, den, gate_per_head(gate, hq, q), options.retrieval)
-    o = (o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]
+    o = (o if valid is None else o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]  # padding outputs 0
     state = None
     if output_final_state:
         state = _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved)
