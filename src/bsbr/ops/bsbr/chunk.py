@@ -19,7 +19,7 @@ from .options import BSBROptions
 from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
                         select_blocks, state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
-from .recall import RecallCache, cache_scores, recall_update
+from .recall import RecallCache, recall_update
 from .state import BSBRState, refresh_retrieval
 
 NEG_INF = float("-inf")
@@ -274,9 +274,14 @@ def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
         if e + L < C:
             at_start.append(cache)
     snap = RecallCache(*(torch.stack(x, dim=2) for x in zip(*at_start)))  # each (b, hkv, C, ...)
-    qr_c = qr.view(b, hkv, g, C, B, d).transpose(2, 3).reshape(b, hkv, C, g * B, d)
-    s = cache_scores(qr_c, snap.kr, snap.on, scale)  # (b, hkv, C, g*B, M)
-    o, lse = masked_attention_lse(s, torch.isfinite(s), snap.v)
+    qr_c = qr.view(b, hkv, g, C, B, d).transpose(2, 3).reshape(b * hkv * C, 1, g * B, d)
+    # one fused softmax per (sequence, K/V head, chunk) over its cache's filled slots; an empty cache
+    # (the first chunks) gets no weight (its zero keys are read only to keep the kernel's rows finite)
+    filled = snap.on.any(-1)  # (b, hkv, C)
+    allowed = (snap.on | ~filled.unsqueeze(-1)).view(b * hkv * C, 1, 1, M)
+    o, lse = attention_lse(qr_c, snap.kr.reshape(-1, 1, M, d), snap.v.reshape(-1, 1, M, dv), allowed, scale)
+    o = o.view(b, hkv, C, g * B, dv) * filled.view(b, hkv, C, 1, 1).to(o.dtype)
+    lse = lse.view(b, hkv, C, g * B).masked_fill(~filled.unsqueeze(-1), NEG_INF)
 
     def unfold(x):  # (b, hkv, C, g*B, ...) -> (b, hq, N, ...)
         x = x.view(b, hkv, C, g, B, *x.shape[4:]).transpose(2, 3)
