@@ -1,0 +1,51 @@
+"""What each retrieval mode costs in time and memory: the source, the default conversion (exact
+blocks, K = 8) and the bounded mode (256 recall tokens, no blocks), side by side in one process on
+SmolLM2-135M: prefill time, decode ms per token with the models' steps alternating, and the cache's
+bytes per context token after the prefill.
+
+    OMP_NUM_THREADS=1 python benchmarks/modes_speed.py --contexts 1024 8192 --decode-steps 16 \
+        --json docs/benchmarks/modes_speed_1k_8k.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from bsbr.bench.common import interleaved_times, median
+from bsbr.bench.converted import _decode
+from bsbr.convert import convert_to_bsbr, load_source
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--recall-tokens", type=int, default=256)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    source = load_source(None).eval()
+    models = {"source": source, "exact": convert_to_bsbr(source).eval(),
+              "bounded": convert_to_bsbr(source, retrieval_blocks=0, recall_tokens=args.recall_tokens).eval()}
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in args.contexts:
+        ids = torch.randint(0, source.config.vocab_size, (1, n), generator=g)
+        fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
+        with torch.no_grad():
+            prefill = {name: median(t) for name, t in interleaved_times(fns, repeats=1, warmup=0).items()}
+        decode = _decode(models, ids, args.decode_steps)
+        row = dict(context=n, prefill_s={k: round(v, 2) for k, v in prefill.items()},
+                   decode_ms={k: round(v[0], 1) for k, v in decode.items()},
+                   cache_bytes_per_token={k: round(v[1]) for k, v in decode.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(threads=1, torch=torch.__version__, decode_steps=args.decode_steps, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
