@@ -2,17 +2,10 @@
 
 The default corpus is the Python standard library's own ``.py`` sources: every machine that runs
 ``bsbr`` has them, they are long (long files exercise retrieval across chunks), and they are not
-the web prose a chat model was tuned on, so they are hard to have memorised verbatim.
-
-Files are split into ``"train"`` and ``"heldout"`` by a stable hash of their path relative to the
-standard library root (SHA-256, so the split does not depend on Python's randomised ``hash``, on the
-file order of the disk, or on how many files a given Python version ships): a file keeps its split
-when other files are added or removed. ``bsbr distill`` and ``bsbr bench quality`` train on
-``"train"``; ``bsbr eval`` and ``bsbr bench quality`` evaluate on ``"heldout"``.
-
-:func:`corpus_texts` picks the texts a command reads (local files, a HuggingFace dataset, or the
-default corpus). :func:`token_windows` turns any iterable of documents into fixed-length token windows, joined by
-the tokenizer's EOS token, the way a language model sees a packed corpus.
+the web prose a chat model was tuned on, so they are hard to have memorised verbatim. Files are
+split into ``"train"`` (``bsbr distill``, ``bsbr bench quality``) and ``"heldout"`` (``bsbr eval``,
+``bsbr bench quality``) by a SHA-256 of their relative path: independent of Python's randomised
+``hash``, the disk's file order and the other files, so a file keeps its split when files come or go.
 """
 from __future__ import annotations
 
@@ -44,27 +37,20 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def split_of(relative_path: str, heldout_fraction: float = HELDOUT_FRACTION) -> str:
-    """``"heldout"`` for a stable ``heldout_fraction`` of relative paths, else ``"train"``.
-
-    The path is normalised to forward slashes so the split is the same on every OS.
-    """
-    key = Path(relative_path).as_posix()
-    return "heldout" if _unit_hash(key) < heldout_fraction else "train"
+def split_of(relative_path: str) -> str:
+    """``"heldout"`` for a stable :data:`HELDOUT_FRACTION` of relative paths, else ``"train"``; the
+    path is normalised to forward slashes so the split is the same on every OS."""
+    return "heldout" if _unit_hash(Path(relative_path).as_posix()) < HELDOUT_FRACTION else "train"
 
 
-def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]] = None,
-                 heldout_fraction: float = HELDOUT_FRACTION) -> List[Path]:
+def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]] = None) -> List[Path]:
     """The standard library's ``.py`` files in ``split`` (``"train"``, ``"heldout"`` or ``"all"``),
-    sorted by relative path (deterministic on every machine with the same Python).
-
-    Test suites, ``test_*.py`` files, ``site-packages`` and caches are excluded (see
-    :data:`EXCLUDE_DIRS`). ``root`` defaults to :func:`stdlib_root`; tests pass a small directory.
+    sorted by relative path (deterministic on every machine with the same Python). Test suites,
+    ``test_*.py`` files, ``site-packages`` and caches are excluded (see :data:`EXCLUDE_DIRS`).
+    ``root`` defaults to :func:`stdlib_root`; tests pass a small directory.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"corpus directory not found: {root}")
@@ -74,7 +60,7 @@ def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]]
         for f in files:
             if f.endswith(".py") and not f.startswith("test_"):
                 rel = (Path(d) / f).relative_to(root).as_posix()
-                if split == "all" or split_of(rel, heldout_fraction) == split:
+                if split == "all" or split_of(rel) == split:
                     found.append(rel)
     return [root / rel for rel in sorted(found)]
 
@@ -89,28 +75,22 @@ def mixed_order(paths: Sequence[Path], seed: int = 0) -> List[Path]:
 def read_texts(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[str]:
     """Each file's text, read lazily (UTF-8; undecodable bytes replaced, never an error)."""
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield Path(p).read_text(encoding="utf-8", errors="replace")
 
 
-def stdlib_texts(split: str = "heldout", seed: int = 0, root=None) -> Iterator[str]:
+def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[str]:
     """The default corpus: the texts of :func:`stdlib_files` in :func:`mixed_order`."""
-    files = stdlib_files(split, root=root)
+    files = stdlib_files(split)
     if not files:
-        raise ValueError(f"no standard-library .py files in split {split!r} under {root or stdlib_root()}")
+        raise ValueError(f"no standard-library .py files in split {split!r} under {stdlib_root()}")
     logger.info("corpus: %d standard-library files in split %r", len(files), split)
     return read_texts(mixed_order(files, seed))
 
 
 def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                   text_column: str = "text") -> Iterator[str]:
-    """Texts from a HuggingFace dataset, streamed (only the rows read are fetched).
-
-    ``datasets`` is imported here, not at module import, because it is an optional dependency and
-    the default corpus needs no network. Empty rows are skipped.
-    """
+    """Texts from a HuggingFace dataset (an optional dependency), streamed: only the rows read are
+    fetched. Empty rows are skipped."""
     try:
         import datasets
     except ImportError as e:
@@ -121,7 +101,7 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
         raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {e}") from e
 
     def rows():
-        for i, row in enumerate(ds):
+        for row in ds:
             if text_column not in row:
                 raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "
                                  "pick one with --text-column")

@@ -7,7 +7,8 @@ from model_sources import make_source
 from bsbr.cli import main
 from bsbr.convert import convert_to_bsbr
 from bsbr.evaluate import passkey
-from bsbr.evaluate.passkey_plot import accuracy_grid, model_order, plot_passkey_heatmap, write_passkey_report
+from bsbr.evaluate.passkey import accuracy_grid, model_order
+from bsbr.evaluate.plots import plot_passkey_heatmap, write_passkey_report
 from test_eval_filler import Echo
 
 PNG = b"\x89PNG\r\n\x1a\n"

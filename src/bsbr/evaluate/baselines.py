@@ -26,17 +26,15 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     what the model sees exactly, so that only retrieval separates the two."""
     from ..convert import convert_to_bsbr
 
-    opts = {}
+    # chunk-local, whatever the converter's defaults; no exact blocks either way
+    opts = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0, gate_init=0.0)
     cfg = getattr(like, "config", None)
     if cfg is not None and getattr(cfg, "model_type", None) == "bsbr":
-        opts = dict(compression_factor=cfg.compression_factor, retrieval=cfg.retrieval,
-                    feature_map=cfg.feature_map, far_positions=cfg.far_positions,
-                    position_scheme=cfg.position_scheme)
-    # chunk-local, whatever the converter's defaults; no exact blocks either way
-    window = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0)
+        opts.update(compression_factor=cfg.compression_factor, retrieval=cfg.retrieval, feature_map=cfg.feature_map,
+                    far_positions=cfg.far_positions, position_scheme=cfg.position_scheme)
     if same_window and cfg is not None:
-        window.update(local_chunks=cfg.local_chunks, sink_tokens=cfg.sink_tokens)
-    return convert_to_bsbr(reference, chunk_size=chunk_size, **{**opts, **window, "gate_init": 0.0})
+        opts.update(local_chunks=cfg.local_chunks, sink_tokens=cfg.sink_tokens)
+    return convert_to_bsbr(reference, chunk_size=chunk_size, **opts)
 
 
 def load_eval_tokenizer(model_dir: os.PathLike, reference=None):

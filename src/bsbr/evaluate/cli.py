@@ -48,18 +48,6 @@ def _filler(text: str) -> str:
     return text
 
 
-def _heatmap_path(args) -> Optional[Path]:
-    """Where the pass-key heat map goes: --passkey-plot, else beside --plot (NAME.passkey.png; with
-    --passkey-only, --plot itself), else beside --json; None when none is given."""
-    if args.passkey_plot:
-        return Path(args.passkey_plot)
-    if args.plot:
-        return Path(args.plot) if args.passkey_only else Path(args.plot).with_suffix(".passkey.png")
-    if args.json:
-        return Path(args.json).with_suffix(".passkey.png")
-    return None
-
-
 def _write_lm_eval_task(args, passkey: dict) -> int:
     from .lm_eval_task import TASK_NAME, write_lm_eval_task
     from .baselines import load_eval_tokenizer
@@ -110,7 +98,7 @@ def cmd_eval(args) -> int:
     if passkey is not None and args.passkey_models:
         passkey["only"] = list(dict.fromkeys(args.passkey_models))
     if args.passkey_only:
-        from .passkey_run import passkey_saved
+        from .saved import passkey_saved
 
         result = passkey_saved(args.model, args.reference, passkey=passkey, progress=not args.no_progress,
                                check_reference=check_reference)
@@ -144,9 +132,18 @@ def cmd_eval(args) -> int:
 
 
 def _write_heatmap(args, passkey: Optional[dict]) -> int:
-    path = _heatmap_path(args)
-    if passkey and path is not None:
-        from .passkey_plot import write_passkey_report
+    """The pass-key heat map goes to --passkey-plot, else beside --plot (NAME.passkey.png; with
+    --passkey-only, --plot itself), else beside --json; nowhere when none is given."""
+    if args.passkey_plot:
+        path = Path(args.passkey_plot)
+    elif args.plot:
+        path = Path(args.plot) if args.passkey_only else Path(args.plot).with_suffix(".passkey.png")
+    elif args.json:
+        path = Path(args.json).with_suffix(".passkey.png")
+    else:
+        return 0
+    if passkey:
+        from .plots import write_passkey_report
 
         png, js = write_passkey_report(passkey, path)
         print(f"pass-key heat map: {png} (data: {js})")

@@ -1,8 +1,5 @@
-"""The evaluation loop: a converted model against its source and the chunk-local baseline.
-
-:func:`evaluate` runs the models over token windows (and optionally the pass-key test) and returns
-one JSON-ready dict; :func:`perplexity_past` is the quick single-model number probes compare.
-"""
+"""The evaluation loop: a converted model against its source and the chunk-local baseline
+(:func:`evaluate`), and the quick single-model number probes compare (:func:`perplexity_past`)."""
 from __future__ import annotations
 
 import logging
@@ -30,16 +27,12 @@ def _logits_and_hidden(model, ids: torch.Tensor):
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
              buckets: str = "chunk", ks: Sequence[int] = DEFAULT_KS, passkey: Optional[dict] = None,
              batch_size: int = 1, progress: bool = True, window=None) -> dict:
-    """Compare ``model`` (BSBR) with ``source`` (full attention) and ``local`` (chunk-local) on ``windows``.
-    ``window``: optionally the source restricted to the model's wider exact window (see
-    :func:`~bsbr.evaluate.baselines.local_baseline`), reported beside them with the gap closed by retrieval.
-
-    ``windows``: (num_windows, seq_len) token ids, e.g. from :func:`~bsbr.corpus.token_windows`.
-    Metrics (see :mod:`bsbr.evaluate.metrics`) cover positions ``>= chunk_size`` only: inside the
-    first chunk all three models are the same function. ``local=None`` skips the baseline (and so
-    the gap closed). ``passkey``: keyword arguments for :func:`~bsbr.evaluate.passkey.run_passkey`
-    (``lengths``, ``depths``, ``trials``, ``seed``, ``max_new_tokens``, ``fillers``, ``only``), or
-    None to skip it; it needs ``tokenizer``. Returns ``{"config", "language_modeling", "passkey"?, "seconds"}``.
+    """Compare ``model`` (BSBR) with ``source`` (full attention), ``local`` (chunk-local; None skips it
+    and the gap closed) and optionally ``window`` (the source in the model's wider exact window, see
+    :func:`~bsbr.evaluate.baselines.local_baseline`) on ``windows``, (num_windows, seq_len) token ids,
+    with the metrics of :mod:`bsbr.evaluate.metrics`. ``passkey``: keyword arguments for
+    :func:`~bsbr.evaluate.passkey.run_passkey`, or None to skip it; it needs ``tokenizer``.
+    Returns ``{"config", "language_modeling", "passkey"?, "seconds"}``.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point():
         raise ValueError(f"windows must be an integer tensor of shape (num_windows, seq_len), got "

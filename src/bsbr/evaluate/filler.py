@@ -1,16 +1,5 @@
-"""Filler text for pass-key prompts, offline and seeded: several kinds, so a model is not judged on
-one memorisable text.
-
-Kinds (:data:`FILLER_KINDS`):
-
-* ``classic``: the usual repeated sentences ("The grass is green. The sky is blue. ..."), in order.
-* ``prose``: English prose, the licence texts in ``/usr/share/common-licenses`` where that
-  directory exists (Debian/Ubuntu), else the standard library's docstrings (every Python has them).
-* ``docstrings``: the standard library's docstrings (modules, classes, functions of a fixed list of
-  modules), whatever the machine.
-* ``random``: grammatical nonsense from a seeded generator ("The quiet engineer carried a
-  wooden lantern near the river."): no text a model could have memorised.
-* a text file (``file:PATH``, or any existing path): its sentences.
+"""Filler text for pass-key prompts, offline and seeded: several kinds (:data:`FILLER_KINDS` or a text
+file; docs/passkey.md lists them), so a model is not judged on one memorisable text.
 
 Every sentence with a digit is dropped (a number in the filler could pass for the key, or hide it),
 and so is every sentence that mentions a pass key. A :class:`Filler` yields sentences from an
@@ -48,17 +37,17 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _FORBIDDEN = re.compile(r"\d|pass[\s-]?key|https?:|www\.|@|[<>{}\[\]|\\=_*#`~^$]", re.IGNORECASE)
 
 
-def split_sentences(text: str, min_words: int = MIN_WORDS, max_words: int = MAX_WORDS) -> List[str]:
+def split_sentences(text: str) -> List[str]:
     """The usable sentences of ``text``, in order, whitespace collapsed: ending in ``.``/``!``/``?``,
-    ``min_words``..``max_words`` words, starting with a capital letter, without digits, markup-like
-    characters, addresses or the words "pass key"."""
+    :data:`MIN_WORDS`..:data:`MAX_WORDS` words, starting with a capital letter, without digits,
+    markup-like characters, addresses or the words "pass key"."""
     text = re.sub(r"\s+", " ", text).strip()
     out = []
     for s in _SENTENCE_END.split(text):
         s = s.strip()
         if not s or s[-1] not in ".!?" or not s[0].isupper() or _FORBIDDEN.search(s):
             continue
-        if min_words <= len(s.split()) <= max_words:
+        if MIN_WORDS <= len(s.split()) <= MAX_WORDS:
             out.append(s)
     return out
 
@@ -68,7 +57,7 @@ def _dedupe(sentences) -> Tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
-def license_sentences(root: str = str(LICENSES_DIR)) -> Tuple[str, ...]:
+def license_sentences(root: str) -> Tuple[str, ...]:
     """Sentences of the licence texts under ``root`` (files in sorted order); empty if it is absent."""
     path = Path(root)
     if not path.is_dir():
@@ -83,11 +72,11 @@ def license_sentences(root: str = str(LICENSES_DIR)) -> Tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
-def docstring_sentences(modules: Tuple[str, ...] = DOCSTRING_MODULES) -> Tuple[str, ...]:
-    """Sentences of the docstrings of ``modules`` and their public classes and functions (sorted by
-    name); modules that do not import are skipped."""
+def docstring_sentences() -> Tuple[str, ...]:
+    """Sentences of the docstrings of :data:`DOCSTRING_MODULES` and their public classes and functions
+    (sorted by name); modules that do not import are skipped."""
     sentences = []
-    for name in modules:
+    for name in DOCSTRING_MODULES:
         try:
             mod = importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - a module missing from a stripped-down Python
@@ -134,13 +123,14 @@ class Filler:
     """A named, seeded source of filler sentences. ``sentences(seed)`` is an endless iterator;
     equal seeds give equal sentences."""
 
-    name = "filler"
+    name: str
+    origin: str
 
     def sentences(self, seed: str) -> Iterator[str]:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return dict(name=self.name)
+        return dict(name=self.name, origin=self.origin)
 
 
 class CyclingFiller(Filler):
@@ -160,19 +150,16 @@ class CyclingFiller(Filler):
             i += 1
 
     def describe(self) -> dict:
-        return dict(name=self.name, origin=self.origin, sentences=len(self._sentences))
+        return dict(super().describe(), sentences=len(self._sentences))
 
 
 class RandomFiller(Filler):
-    name = "random"
+    name, origin = "random", "seeded random sentences"
 
     def sentences(self, seed: str) -> Iterator[str]:
         rng = random.Random(f"filler:random:{seed}")
         while True:
             yield random_sentence(rng)
-
-    def describe(self) -> dict:
-        return dict(name=self.name, origin="seeded random sentences")
 
 
 def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]] = None) -> Filler:

@@ -1,31 +1,7 @@
-"""The pass-key test as a local, offline lm-eval (0.4.x) task.
-
-:func:`write_lm_eval_task` writes three files into a directory: ``bsbr_passkey.jsonl`` (one prompt
-per line, built for a given tokenizer by :func:`bsbr.evaluate.passkey.build_prompt`, so lengths are
-in that tokenizer's tokens), ``bsbr_passkey.yaml`` (``dataset_path: json`` on that file,
-``output_type: generate_until``, greedy), and ``bsbr_passkey_utils.py`` (the metric ``passkey``:
-1 when the key's digits appear in the output once whitespace is removed, as in ``bsbr eval``; also
-averaged per length, ``passkey_len4096``, and per filler, ``passkey_prose``).
-Nothing is downloaded; ``import bsbr`` registers BSBR models with ``AutoModelForCausalLM``, so
-lm-eval's ``HFLM`` loads a converted model directory as it is::
-
-    import bsbr
-    from bsbr.evaluate.lm_eval_task import write_lm_eval_task
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
-
-    write_lm_eval_task("passkey_task", AutoTokenizer.from_pretrained("smol-bsbr"), lengths=[4096, 8192])
-    out = simple_evaluate(model=HFLM(pretrained="smol-bsbr", device="cpu", max_length=8200),
-                          tasks=["bsbr_passkey"], task_manager=TaskManager(include_path="passkey_task"))
-    print(out["results"]["bsbr_passkey"]["passkey,none"])
-
-(``TaskManager(..., include_defaults=False)`` skips indexing lm-eval's built-in tasks, ~20 s, in
-recent 0.4 releases.) ``HFLM`` cuts prompts from the left to its ``max_length`` less the tokens to generate (by default
-the model's ``max_position_embeddings``, 8,192 for SmolLM2), so pass ``max_length`` above the
-longest prompt (plus ``max_new_tokens``) for 16k-32k prompts. Its tokenizer adds no BOS to the prompt
-by default, so prompts may differ from ``bsbr eval``'s by that one token.
+"""The pass-key test as a local, offline lm-eval (0.4.x) task: :func:`write_lm_eval_task` writes the
+prompts ``bsbr eval`` builds (for a given tokenizer) as a JSONL file, a ``generate_until`` task YAML
+on it, and the utils module with the ``passkey`` metric (also averaged per length and per filler).
+How to run it with lm-eval's ``HFLM``, and its ``max_length`` and BOS caveats: docs/passkey.md.
 """
 from __future__ import annotations
 
@@ -96,10 +72,8 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
                        fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, max_new_tokens: int = 8,
                        task: str = TASK_NAME) -> Path:
     """Write the task (``{task}.yaml``, ``{task}.jsonl``, ``{task}_utils.py``) into ``task_dir`` and
-    return the YAML's path. Prompts are the ones ``bsbr eval`` builds: per (length, depth, trial)
-    the same seeded key, trial ``t`` with filler ``fillers[t % len(fillers)]``, and ``max_new_tokens``
-    tokens of room left for the answer. Each JSONL row holds ``prompt`` (text), ``key``, ``length``,
-    ``depth``, ``trial``, ``filler`` and ``prompt_tokens``."""
+    return the YAML's path. The prompts are :func:`~bsbr.evaluate.passkey.grid_prompts`'s; each JSONL
+    row holds ``prompt`` (text), ``key``, ``length``, ``depth``, ``trial``, ``filler`` and ``prompt_tokens``."""
     if not task.isidentifier():
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
     sources = filler_sources(fillers)

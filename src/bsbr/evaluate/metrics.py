@@ -1,6 +1,6 @@
 """How much of the source model a converted model keeps, as sums accumulated window by window.
 
-Three models read the same windows of ``n`` tokens:
+The models read the same windows of ``n`` tokens:
 
 * ``source`` -- the pretrained model with full causal attention (the upper bound);
 * ``local``  -- the source restricted to chunk-local attention (BSBR with its retrieval gate
@@ -10,7 +10,7 @@ Three models read the same windows of ``n`` tokens:
   or ``sink_tokens > 0``) the source restricted to that exact window, BSBR's retrieval closed.
 
 Position ``p`` of a window predicts token ``p + 1`` (so ``p`` runs over ``0 .. n-2``). Inside the
-first chunk (``p < B``, ``B`` = chunk size) the three models compute the same function exactly, so
+first chunk (``p < B``, ``B`` = chunk size) the models compute the same function exactly, so
 every metric is taken over ``p >= B`` only, in total and per position bucket.
 
 With ``T`` the scored positions, ``y_p`` the target token, and ``log q^m_p`` model ``m``'s
@@ -115,7 +115,7 @@ class MetricAccumulator:
             raise ValueError(f"models must be distinct names, got {list(models)}")
         if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"ks must be positive ints, got {ks!r}")
-        self.seq_len, self.chunk_size, self.scheme = seq_len, chunk_size, scheme
+        self.seq_len, self.scheme = seq_len, scheme
         self.buckets = position_buckets(seq_len, chunk_size, scheme)
         self.models = list(models)
         self.candidates = [m for m in self.models if m != REFERENCE]

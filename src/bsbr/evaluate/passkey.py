@@ -1,28 +1,14 @@
 """Pass-key retrieval, generated offline: can the model fetch one fact from far back?
 
-A prompt of ``length`` tokens is an instruction, neutral filler sentences, one sentence carrying a
-5-digit key at relative ``depth`` (0.1 = near the start, 0.9 = near the end), more filler, and the
-question ``"What is the pass key? The pass key is"``. The filler comes from several offline sources
-(:mod:`bsbr.evaluate.filler`: the classic repeated sentences, prose, seeded random sentences, or a
-user's text file), rotated across trials and reported separately, so one memorisable text does not
-decide the score. The model greedily generates a few tokens;
-the trial succeeds when the key's digits appear in them (whitespace removed, so a tokenizer that
-decodes digits one by one still counts).
-
-Why it matters here: a key in an earlier chunk than the question is invisible to chunk-local
-attention, so the chunk-local baseline can only guess; full attention sees it; BSBR sees it only
-through the retrieved chunk states. Perplexity averages over many easy tokens; this test isolates
-one long-range lookup.
-
-Keys are drawn from a seeded generator per (length, depth, trial), and so is where each filler
-text starts, so every model sees the same prompts and a rerun gives the same prompts.
-
-Long prompts (16k-32k tokens) cost one prefill forward pass and ``max_new_tokens`` cached decode
-steps per model (``generate`` keeps the logits of the last position only), under
-``torch.inference_mode``.
+A key in an earlier chunk than the question is invisible to chunk-local attention, visible to full
+attention, and reaches BSBR only through retrieval; perplexity averages over many easy tokens, this
+test isolates one long-range lookup. Prompts, fillers and scoring are described in docs/passkey.md;
+keys and filler offsets are seeded per (length, depth, trial), so every model and every rerun sees the
+same prompts.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import re
@@ -44,6 +30,7 @@ QUESTION = "What is the pass key? The pass key is"
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 MAX_MISSES = 64  # consecutive filler sentences too long for the space left before filling stops
+MODEL_ORDER = ("source", "local", "window", "bsbr")
 
 
 @dataclass
@@ -82,9 +69,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     chunk-local attention would suddenly see nothing of the prompt).
 
     ``filler``: a kind or file (see :func:`~bsbr.evaluate.filler.get_filler`) or a
-    :class:`~bsbr.evaluate.filler.Filler`; ``filler_seed`` picks where its text starts. Sentences
-    are taken in order while they fit; one too long for the space left is skipped (up to
-    :data:`MAX_MISSES` in a row), so long prose sentences still fill the prompt closely.
+    :class:`~bsbr.evaluate.filler.Filler`; ``filler_seed`` picks where its text starts.
 
     Pieces are tokenized separately and concatenated as ids (each piece after the intro starts
     with a space, as it would in running text); the intro gets the tokenizer's usual special tokens
@@ -108,10 +93,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
                          f"sentence")
     # insert at the sentence boundary nearest the requested depth
     target = depth * length - len(intro)
-    boundaries, acc = [0], 0
-    for s in sentences:
-        acc += len(s)
-        boundaries.append(acc)
+    boundaries = [0, *itertools.accumulate(len(s) for s in sentences)]
     cut = min(range(len(boundaries)), key=lambda j: abs(boundaries[j] - target))
     before = [t for s in sentences[:cut] for t in s]
     after = [t for s in sentences[cut:] for t in s]
@@ -123,8 +105,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
 
 def _fill(tokenizer, sentences: Iterable[str], budget: int) -> List[List[int]]:
     """Token ids of whole sentences from ``sentences``, in order, skipping any that does not fit
-    the space left, until ``budget`` tokens are used or :data:`MAX_MISSES` sentences in a row
-    did not fit."""
+    the space left (so long prose sentences still fill closely), until ``budget`` tokens are used or
+    :data:`MAX_MISSES` sentences in a row did not fit."""
     out: List[List[int]] = []
     cache: Dict[str, List[int]] = {}
     used, misses = 0, 0
@@ -202,14 +184,11 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
                 depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
                 chunk_size: Optional[int] = None, progress: bool = True,
                 fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, only: Optional[Sequence[str]] = None) -> dict:
-    """Accuracy of each model per (length, depth) cell and per filler, and every trial's output.
-
-    Trial ``t`` of a cell uses ``fillers[t % len(fillers)]`` (so ``trials`` a multiple of the number
-    of fillers gives each filler the same weight in every cell); its key depends on (seed, length,
-    depth, trial) only, whatever the fillers. ``chunk_size`` (optional) records whether each key
-    lies in the question's chunk, i.e. whether chunk-local attention could see it at all. ``only``:
-    the names of the models to run (default: all of ``models``), e.g. to skip the slow full-attention
-    source at 32k.
+    """Accuracy of each model per (length, depth) cell and per filler, and every trial's output, on
+    the prompts of :func:`grid_prompts` (``trials`` a multiple of the number of fillers gives each
+    filler the same weight in every cell). ``chunk_size`` (optional) records whether each key lies
+    in the question's chunk, i.e. whether chunk-local attention could see it at all. ``only``: the
+    names of the models to run (default: all of ``models``), e.g. to skip the slow source at 32k.
 
     Returns ``{"lengths", "depths", "trials", "seed", "max_new_tokens", "fillers": [description],
     "models": {name: {"accuracy", "cells": [{"length", "depth", "correct", "trials", "accuracy"}],
@@ -226,11 +205,10 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     if not models:
         raise ValueError("models must name at least one model")
     sources = filler_sources(fillers)
-    names = [f.name for f in sources]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
     cells = {m: {} for m in models}          # (length, depth) -> [correct, n]
-    by_filler = {m: {} for m in models}      # (filler, length) -> [correct, n]
+    by_filler = {m: {} for m in models}      # filler -> length -> [correct, n]
     seconds = {m: {} for m in models}        # length -> seconds
     samples = []
     bar = tqdm(total=len(prompts) * len(models), desc="passkey", disable=not progress)
@@ -248,8 +226,8 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
             text = tokenizer.decode(new, skip_special_tokens=True)
             ok = passkey_found(text, p.key)
             sample["outputs"][name], sample["found"][name] = text, ok
-            for table, k in ((cells, (p.target_length, p.depth)), (by_filler, (filler, p.target_length))):
-                c = table[name].setdefault(k, [0, 0])
+            for c in (cells[name].setdefault((p.target_length, p.depth), [0, 0]),
+                      by_filler[name].setdefault(filler, {}).setdefault(p.target_length, [0, 0])):
                 c[0] += int(ok)
                 c[1] += 1
             bar.set_postfix_str(" ".join(f"{m}={sum(c for c, _ in cells[m].values())}/"
@@ -262,12 +240,10 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     results = {}
     for name in models:
         cell_list = [dict(length=L, depth=d, **_rate(c, n)) for (L, d), (c, n) in cells[name].items()]
-        per_filler = {}
-        for f in names:
-            rows = {L: cn for (g, L), cn in by_filler[name].items() if g == f}
-            if rows:
-                per_filler[f] = dict(**_rate(sum(c for c, _ in rows.values()), sum(n for _, n in rows.values())),
-                                     by_length={str(L): c / n for L, (c, n) in rows.items()})
+        # fillers in the order first run, which is the order given (trial t uses filler t mod F)
+        per_filler = {f: dict(**_rate(sum(c for c, _ in rows.values()), sum(n for _, n in rows.values())),
+                              by_length={str(L): c / n for L, (c, n) in rows.items()})
+                      for f, rows in by_filler[name].items()}
         results[name] = dict(**_rate(sum(c["correct"] for c in cell_list), sum(c["trials"] for c in cell_list)),
                              cells=cell_list, by_filler=per_filler,
                              seconds=round(sum(seconds[name].values()), 2),
@@ -275,9 +251,6 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     return dict(lengths=[int(x) for x in lengths], depths=[float(d) for d in depths], trials=trials, seed=seed,
                 max_new_tokens=max_new_tokens, fillers=[f.describe() for f in sources], models=results,
                 samples=samples)
-
-
-MODEL_ORDER = ("source", "local", "window", "bsbr")
 
 
 def model_order(passkey: dict) -> list:

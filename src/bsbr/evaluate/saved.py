@@ -1,8 +1,10 @@
-"""``bsbr eval``'s job: evaluate a saved model against its reference and write JSON and a plot."""
+"""``bsbr eval``'s jobs on a saved model: the full evaluation (JSON and a plot), or the pass-key test
+alone (``--passkey-only``), both against the models :func:`~.baselines.load_saved_models` loads."""
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 from ..results import write_json
@@ -39,3 +41,16 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
 
         plot_results(result, plot_path)
     return result
+
+
+def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[dict] = None,
+                  progress: bool = True, check_reference=None) -> dict:
+    """``bsbr eval --passkey-only``: pass-key accuracy of every loaded model, no perplexity windows.
+    ``passkey``: keyword arguments for :func:`~bsbr.evaluate.passkey.run_passkey`. Returns
+    ``{"config", "passkey", "seconds"}``."""
+    from .passkey import run_passkey
+
+    t0 = time.perf_counter()
+    models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
+    result = run_passkey(models, tokenizer, chunk_size=config["chunk_size"], progress=progress, **(passkey or {}))
+    return dict(config=config, passkey=result, seconds=round(time.perf_counter() - t0, 1))
