@@ -69,3 +69,16 @@ def test_quality_is_deterministic_for_a_seed(tmp_path):
     b = bench_quality.run_quality(["bsbr_gated", "deltanet"], **kw)
     for ra, rb in zip(a["results"], b["results"]):
         assert ra["buckets"] == rb["buckets"] and ra["final_train_loss"] == rb["final_train_loss"]
+
+
+def test_bench_models_records_a_failure_with_an_empty_message(monkeypatch):
+    """A call that raises an exception without a message (a bare MemoryError) is recorded as a failed
+    row; the benchmark goes on."""
+    def no_memory(fn, *a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(bench_models, "measure_peak", no_memory)
+    result = bench_models.bench_models(seq_lens=[64], models=["standard"], hidden=32, heads=2, ff_dim=64, block=16,
+                                       repeats=1, train=False)
+    (row,) = result["rows"]
+    assert row["status"] == "failed" and row["reason"] == "fwd: MemoryError: "

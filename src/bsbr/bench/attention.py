@@ -7,11 +7,9 @@ Three measurements, all forward only (``torch.no_grad``), batch 1, eval mode, dr
 2. **Core vs matmul FLOPs** (:mod:`bsbr.bench.core`, unless ``--skip-core``): the op alone, its
    achieved GFLOP/s next to a dense matmul measured in the same run.
 3. **Model scaling** (:mod:`bsbr.bench.scaling`, ``--model-scaling``): a 2-layer ``BSBRModel`` at
-   8k to 64k tokens.
+   8k to 64k tokens; its rows also give the whole process's peak RSS (``process_peak_mb``).
 
-**Peak memory** is the extra peak resident set size of one call (see :mod:`bsbr.bench.common`):
-torch allocations, temporaries and the output, in MiB (``peak_mb``). The model-scaling rows also
-give the whole process's peak (``process_peak_mb``).
+``peak_mb`` is the extra peak RSS of one call in MiB (see :mod:`bsbr.bench.common`).
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import add_output_arguments, machine_info, write_outputs
+from .common import add_output_arguments, check_at_least_one, machine_info, write_outputs
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
 from .plots import plot_rows
@@ -48,12 +46,9 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _validate(args: argparse.Namespace) -> None:
-    for name in ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab",
-                 "max_standard_len", "max_earlier_len", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:  # None: the option's default
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
+    check_at_least_one(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab",
+                              "max_standard_len", "max_earlier_len", "threads"))
     if args.retrieval_blocks < 0:
         raise ValueError(f"--retrieval-blocks must be >= 0, got {args.retrieval_blocks}")
     if args.warmup < 0:
@@ -62,8 +57,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.seq_lens is not None and any(n < 1 for n in args.seq_lens):
         raise ValueError(f"--seq-lens must be positive integers, got {args.seq_lens}")
-    hidden = args.hidden or (256 if args.model_scaling else 512)
-    heads = args.heads or (4 if args.model_scaling else 8)
     if hidden % heads:
         raise ValueError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
     if args.earlier_wheel and not os.path.isfile(args.earlier_wheel):
@@ -80,14 +73,18 @@ def _print_targets(targets: Sequence[Dict[str, object]]) -> None:
 
 def run_attention(args: argparse.Namespace) -> int:
     """``bsbr bench attention``: run, print tables, write JSON and PNG."""
-    _validate(args)
+    # --hidden, --heads and --seq-lens default by mode
+    hidden = args.hidden or (256 if args.model_scaling else 512)
+    heads = args.heads or (4 if args.model_scaling else 8)
+    seq_lens = args.seq_lens or (DEFAULT_MODEL_SEQ_LENS if args.model_scaling else DEFAULT_SEQ_LENS)
+    _validate(args, hidden, heads)
     if args.threads:
         torch.set_num_threads(args.threads)
+    shared = dict(chunk_size=args.chunk_size, repeats=args.repeats, retrieval=args.retrieval,
+                  retrieval_blocks=args.retrieval_blocks, seed=args.seed, device=args.device)
     if args.model_scaling:
-        result = bench_model_scaling(
-            args.seq_lens or DEFAULT_MODEL_SEQ_LENS, hidden=args.hidden or 256, heads=args.heads or 4,
-            chunk_size=args.chunk_size, ff_dim=args.ff_dim, num_layers=args.layers, vocab_size=args.vocab,
-            repeats=args.repeats, retrieval=args.retrieval, retrieval_blocks=args.retrieval_blocks, seed=args.seed, device=args.device)
+        result = bench_model_scaling(seq_lens, hidden=hidden, heads=heads, ff_dim=args.ff_dim, num_layers=args.layers,
+                                     vocab_size=args.vocab, **shared)
         result["machine"] = machine_info(args.device)
         print(format_table(result["rows"]))
         for r in result["rows"]:
@@ -96,20 +93,14 @@ def run_attention(args: argparse.Namespace) -> int:
         print(f"t(longest)/t(shortest) = {result['ratios']['time_ratio_longest_shortest']} "
               f"(linear: {result['ratios']['linear_would_be']:g})")
         _print_targets(result["targets"])
-        title = (f"{args.layers}-layer BSBRModel forward (hidden {args.hidden or 256}, chunk {args.chunk_size}, "
-                 f"{machine_info(args.device)['torch_threads']} threads)")
+        title = (f"{args.layers}-layer BSBRModel forward (hidden {hidden}, chunk {args.chunk_size}, "
+                 f"{result['machine']['torch_threads']} threads)")
     else:
-        hidden, heads = args.hidden or 512, args.heads or 8
-        seq_lens = args.seq_lens or DEFAULT_SEQ_LENS
-        result = bench_attention(
-            seq_lens, hidden=hidden, heads=heads, chunk_size=args.chunk_size, repeats=args.repeats,
-            warmup=args.warmup, retrieval=args.retrieval, retrieval_blocks=args.retrieval_blocks,
-            max_standard_len=args.max_standard_len, earlier_wheel=args.earlier_wheel,
-            max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds, seed=args.seed, device=args.device)
+        result = bench_attention(seq_lens, hidden=hidden, heads=heads, warmup=args.warmup,
+                                 max_standard_len=args.max_standard_len, earlier_wheel=args.earlier_wheel,
+                                 max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds, **shared)
         if not args.skip_core:
-            result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, chunk_size=args.chunk_size,
-                                        repeats=args.repeats, retrieval=args.retrieval, retrieval_blocks=args.retrieval_blocks,
-                                        seed=args.seed, device=args.device)
+            result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, **shared)
         result["machine"] = machine_info(args.device)
         print(format_table(result["rows"]))
         for r in result["rows"]:
@@ -133,9 +124,8 @@ def run_attention(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     """Add ``bsbr bench attention`` to the ``bsbr bench`` subparsers."""
-    p = bench_sub.add_parser(
-        "attention", help="BSBR vs standard (and bsbr 0.1.1) attention: time and peak memory vs length",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_sub.add_parser("attention", description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))}; "
                         f"with --model-scaling {' '.join(map(str, DEFAULT_MODEL_SEQ_LENS))})")

@@ -1,22 +1,15 @@
 """Timing and memory helpers shared by the benchmarks.
 
-Why these choices:
-
-* **Medians of interleaved repeats.** The benchmark machines are shared (other jobs run on the same
-  cores), so a slow spell would bias whichever model happened to run during it. Running the models
-  side by side inside every repeat, in a rotating order, and taking medians makes the *ratios*
-  robust even when absolute times drift.
-* **Peak memory on CPU = extra peak resident set size (RSS) of one call.** ``tracemalloc`` does not
-  see torch's allocations and ``ru_maxrss`` is a lifetime maximum that cannot be reset, so on Linux
-  we use the kernel's own high-water mark: writing ``5`` to ``/proc/self/clear_refs`` resets
-  ``VmHWM`` to the current RSS. Before each measured call we run the garbage collector and
-  ``malloc_trim(0)`` so that memory freed by earlier calls but cached by the C allocator is handed
-  back to the OS (otherwise a call could reuse cached pages and look free), record ``VmRSS``, reset
-  the mark, run the call and read ``VmHWM``. ``extra = VmHWM - VmRSS_before`` counts every page the
-  call touched and still held at its peak: torch tensors, temporaries and the returned output. It is
-  exact (no sampling). Where ``clear_refs`` cannot be written, a background thread samples
-  ``/proc/self/statm`` every millisecond instead (can miss peaks shorter than that); without
-  ``/proc`` the peak is reported as unknown. On CUDA the allocator's own peak counter is used.
+* **Medians of interleaved repeats.** The machines are shared, so a slow spell would bias whichever
+  model ran during it; running the models side by side in every repeat, in a rotating order, keeps
+  the *ratios* robust when absolute times drift.
+* **Peak memory on CPU = extra peak RSS of one call.** ``tracemalloc`` does not see torch's
+  allocations and ``ru_maxrss`` cannot be reset, so we use the kernel's high-water mark: after
+  ``gc`` and ``malloc_trim(0)`` (so the call cannot reuse pages an earlier call freed and look free),
+  writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` to ``VmRSS``; ``VmHWM - VmRSS_before``
+  then counts every page the call held at its peak, output included, exactly. Where ``clear_refs``
+  cannot be written, ``/proc/self/statm`` is sampled every millisecond (shorter peaks can be missed);
+  without ``/proc`` the peak is unknown. On CUDA the allocator's peak counter is used.
 """
 from __future__ import annotations
 
@@ -37,9 +30,10 @@ import torch
 log = logging.getLogger(__name__)
 
 MiB = float(2**20)
+VOCAB = 256  # the LM shells of bench models and bench quality read bytes
 DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 MEMORY_FRACTION = 0.7  # never try a call predicted to need more than this share of MemAvailable
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -76,19 +70,16 @@ def _reset_hwm() -> bool:
         return False
 
 
-_LIBC = None
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: no malloc_trim
+    _LIBC = None
 
 
 def release_free_memory() -> None:
     """Collect garbage and return the C allocator's cached free pages to the OS, so the next
     measurement starts from memory actually in use."""
-    global _LIBC
     gc.collect()
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
 
@@ -104,16 +95,11 @@ def memory_method(device: str = "cpu") -> str:
     return "unavailable"
 
 
-def available_memory_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo: how much more this process may allocate without swapping
-    or being killed (Linux over-commits, so a too-big allocation is killed rather than raised)."""
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
 def memory_refusal(need_bytes: Optional[float]) -> Optional[str]:
     """Why a call predicted to need ``need_bytes`` must not run (None: it fits, or nothing is known).
-    Linux kills rather than raises on over-commit, so a call that may not fit must not be tried."""
-    avail = available_memory_bytes()
+    Linux over-commits and kills rather than raises, so a call that may not fit in ``MemAvailable``
+    (what this process may still allocate without swapping) must not be tried."""
+    avail = _proc_bytes("/proc/meminfo", "MemAvailable")
     if need_bytes is None or avail is None or need_bytes <= MEMORY_FRACTION * avail:
         return None
     return (f"would need ~{need_bytes / 2**30:.1f} GiB, more than {MEMORY_FRACTION:.0%} of the "
@@ -219,9 +205,7 @@ def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
 
 
 def median(xs: Sequence[float]) -> float:
-    if not xs:
-        raise ValueError("median of no values")
-    return float(statistics.median(xs))
+    return float(statistics.median(xs))  # no values: statistics.StatisticsError, a ValueError
 
 
 def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -278,6 +262,14 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def check_at_least_one(args, names: Sequence[str]) -> None:
+    """Refuse an integer option below 1 (None: the option's default)."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
 def add_output_arguments(p, plot: str = "a plot") -> None:

@@ -138,7 +138,7 @@ def cmd(args) -> int:
 
 
 def register(bench_sub) -> None:
-    p = bench_sub.add_parser("converted", help="a converted model vs its source: prefill and decode speed")
+    p = bench_sub.add_parser("converted")
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=int, default=256)

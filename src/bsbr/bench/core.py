@@ -1,12 +1,10 @@
-"""The op alone against this machine's matmul rate: :func:`bsbr.ops.chunk_bsbr_attention` on random
-tensors, its matmul FLOPs from the cost model in :func:`bsbr_core_flops` (``docs/design.md``), and
-the achieved GFLOP/s next to a big dense ``torch.matmul`` measured in the same run: how close the
-op is to this machine's limit.
+"""The op alone (:func:`bsbr.ops.chunk_bsbr_attention` on random tensors) against a big dense matmul
+measured in the same run: how close the op comes to this machine's limit.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 

@@ -16,13 +16,8 @@ EARLIER_MODULE_NAME = "bsbr_earlier_0_1_1"
 
 
 def load_earlier_bsbr(wheel_path: str):
-    """Import ``bsbr/bsbr.py`` of the bsbr 0.1.1 wheel as module ``bsbr_earlier_0_1_1``.
-
-    The wheel is extracted to a temporary directory that is deleted right after the import (the
-    module lives on in ``sys.modules``). Importing the file by location, not as ``bsbr``, keeps it
-    from shadowing this package; the file needs only torch."""
-    if not os.path.isfile(wheel_path):
-        raise FileNotFoundError(f"bsbr 0.1.1 wheel not found: {wheel_path}")
+    """Import ``bsbr/bsbr.py`` of the bsbr 0.1.1 wheel (it needs only torch) as module
+    ``bsbr_earlier_0_1_1``, from a temporary extraction deleted right after the import."""
     if EARLIER_MODULE_NAME in sys.modules:
         return sys.modules[EARLIER_MODULE_NAME]
     tmp = tempfile.mkdtemp(prefix="bsbr-earlier-")

@@ -1,14 +1,9 @@
-"""Layer against layer: :class:`~bsbr.layers.BSBRAttention` and the SDPA baseline
-:class:`~bsbr.layers.standard_attention.StandardAttention` (same projections), plus optionally the
-``bsbr==0.1.1`` layer (:mod:`bsbr.bench.earlier`), forward only at each sequence length.
-
-The layers run side by side in every repeat (rotating order) and medians are reported, so ratios
-hold even on a shared machine. The baselines are quadratic; a length is skipped, with the reason
-recorded, when ``max_standard_len`` / ``max_earlier_len`` exclude it, when the time extrapolated
-from the previous length exceeds ``max_seconds`` per call, when the memory it would need
-(extrapolated, or for the 0.1.1 layer its n x n matrices) exceeds 70% of the memory available
-(Linux kills rather than raises on over-commit, so it must not be tried), or when torch raises
-out-of-memory.
+"""Layer against layer, forward only at each length: :class:`~bsbr.layers.BSBRAttention`, the SDPA
+baseline :class:`~bsbr.layers.standard_attention.StandardAttention` (same projections) and optionally
+the ``bsbr==0.1.1`` layer (:mod:`bsbr.bench.earlier`), timed side by side. A quadratic baseline skips,
+with the reason recorded, a length that ``max_standard_len`` / ``max_earlier_len`` exclude or where
+its time or memory extrapolated from the previous length would pass ``max_seconds`` or 70% of the
+available memory (Linux kills rather than raises on over-commit); an out-of-memory error is recorded.
 """
 from __future__ import annotations
 
@@ -113,9 +108,9 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
         except Exception as e:  # noqa: BLE001 - e.g. OOM on a repeat: fall back to one by one
             log.warning("side-by-side timing at %d failed (%s); timing one by one", n, e)
             times = {}
-            for name in list(fns):
+            for name, fn in fns.items():
                 try:
-                    times.update(interleaved_times({name: fns[name]}, repeats, 0, device))
+                    times.update(interleaved_times({name: fn}, repeats, 0, device))
                 except Exception as e2:  # noqa: BLE001
                     row_of[name].update(failure(e2))
         for name, ts in times.items():
@@ -139,7 +134,7 @@ def attention_ratios(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
     """baseline / BSBR time and extra-memory ratios at each length both ran (> 1: BSBR better)."""
     ok = {(r["model"], r["seq_len"]): r for r in rows if r["status"] == "ok" and r["time_ms"]}
     out = []
-    for (model, n), r in sorted(ok.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (model, n), r in sorted(ok.items(), key=lambda kv: kv[0]):
         b = ok.get(("bsbr", n))
         if model == "bsbr" or b is None:
             continue

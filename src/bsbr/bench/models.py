@@ -3,21 +3,14 @@
 tokens: forward time, forward+backward ("train") time, extra peak memory of each, parameter count,
 and the fitted scaling exponent (slope of log time vs log n).
 
-How it is measured (helpers in :mod:`bsbr.bench.common`):
-
-* batch 1, float32, eval mode, dropout 0; forward under ``torch.no_grad``; the train step is the
-  forward, a next-token cross-entropy and ``backward()`` (gradients dropped after each call).
-* At each length the first call of every model measures its extra peak RSS and doubles as the
-  warm-up; then ``--repeats`` rounds call every model once each in a rotating order (interleaved),
-  and the medians are reported, so a slow spell on the shared machine hits all models alike.
-* A model stops growing when its next call is predicted (from its own measured slope, at least
-  linear, quadratic until two points exist) to exceed ``--max-seconds``, when its predicted peak
-  would exceed 70% of the available memory; the reason is recorded in the row. Train steps are capped
-  the same way on their own and also stop once the model's total measuring time has passed
-  ``--model-budget``, so a model may have forward times at lengths where its train step was skipped.
-
-Rows: ``{"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "train_peak_mb", "params",
-"status", "reason"}``; times are medians in ms, memory in MiB.
+Measured with :mod:`bsbr.bench.common`: batch 1, float32, eval mode, dropout 0, forward under
+``torch.no_grad``; the train step is the forward, a next-token cross-entropy and ``backward()``. At
+each length a model's first call measures its extra peak RSS and is its warm-up, then ``--repeats``
+interleaved rounds give the medians. A model stops growing when its next call is predicted (from its
+own slope, at least linear, quadratic until two points exist) to pass ``--max-seconds`` or 70% of the
+available memory. Train steps are capped the same way on their own and also stop once the model's
+measuring time passes ``--model-budget``, so a row may have a forward time but no train time; the
+reason is recorded in the row.
 """
 from __future__ import annotations
 
@@ -30,13 +23,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import (DEFAULT_SEQ_LENS, MiB, add_output_arguments, forward_fn, interleaved_times, is_oom, machine_info,
-                     measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
+from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, check_at_least_one, forward_fn,
+                     failure, interleaved_times, is_oom, machine_info, measure_peak, median, memory_refusal,
+                     release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
 log = logging.getLogger(__name__)
-
-VOCAB = 256  # bytes
 
 
 def model_specs(block: int = 128) -> Dict[str, Tuple[str, dict]]:
@@ -61,10 +53,7 @@ DEFAULT_MODELS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "h
 def build_model(name: str, *, hidden: int, layers: int, heads: int, ff_dim: int, block: int, seed: int):
     from ..models.shell import AttentionLM
 
-    specs = model_specs(block)
-    if name not in specs:
-        raise ValueError(f"--models: unknown model {name!r}; choose from {sorted(specs)}")
-    attention, kw = specs[name]
+    attention, kw = model_specs(block)[name]
     torch.manual_seed(seed)
     return AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kw).eval()
 
@@ -127,6 +116,10 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                  seed: int = 0) -> Dict[str, object]:
     """Measure every model at every length it fits (see the module docstring). Returns
     ``{"benchmark": "models", "config", "machine", "rows", "exponents", "ratios", "targets"}``."""
+    specs = model_specs(block)
+    unknown = [m for m in models if m not in specs]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; choose from {sorted(specs)}")
     built = {m: build_model(m, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim, block=block, seed=seed)
              for m in models}
     params = {m: mod.num_parameters() for m, mod in built.items()}
@@ -136,8 +129,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
     rows: List[Dict[str, object]] = []
     for n in seq_lens:
         ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed + n))
-        fwd_fns: Dict[str, Callable] = {}
-        train_fns: Dict[str, Callable] = {}
+        fns_of: Dict[str, Dict[str, Callable]] = {"fwd": {}, "train": {}}  # kind -> model -> call
         row_of: Dict[str, Dict[str, object]] = {}
         for m in models:
             row = {"model": m, "seq_len": n, "time_ms": None, "train_time_ms": None, "peak_mb": None,
@@ -164,15 +156,15 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                     row[key] = round_sig(measure_peak(fn).extra_mb)
                 except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
                     row.update(status="failed" if kind == "fwd" else row["status"],
-                               reason=f"{kind}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                               reason=f"{kind}: {failure(e)['reason']}")
                     if kind == "fwd" or not is_oom(e):
                         stopped[m] = row["reason"]
                     release_free_memory()
                     break
                 spent[m] += time.perf_counter() - t0
                 h[kind + "_mem"].append((n, row[key] or 0.0))
-                (fwd_fns if kind == "fwd" else train_fns)[m] = fn
-        for kind, fns in (("fwd", fwd_fns), ("train", train_fns)):
+                fns_of[kind][m] = fn
+        for kind, fns in fns_of.items():
             if not fns:
                 continue
             t0 = time.perf_counter()
@@ -186,7 +178,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
         for m, row in row_of.items():
             log.info("%s @ %d: fwd %s ms (+%s MiB), train %s ms (+%s MiB)", m, n, row["time_ms"], row["peak_mb"],
                      row["train_time_ms"], row["train_peak_mb"])
-        del ids, fwd_fns, train_fns
+        del ids, fns_of
         release_free_memory()
 
     exponents = {}
@@ -200,24 +192,26 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
     config = dict(seq_lens=list(seq_lens), models=list(models), hidden=hidden, layers=layers, heads=heads,
                   ff_dim=ff_dim, block=block, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
                   model_budget=model_budget, batch=1, dtype="float32", seed=seed,
-                  specs={m: model_specs(block)[m] for m in models})
+                  specs={m: specs[m] for m in models})
     return {"benchmark": "models", "config": config, "machine": machine_info(), "rows": rows,
             "exponents": exponents, "ratios": ratios, "targets": check_targets(ratios)}
 
 
-def speed_ratios(rows: Sequence[Dict[str, object]], baseline: str = "standard") -> List[Dict[str, object]]:
-    """Forward and train time of ``baseline`` divided by each other model's, per length (> 1: faster)."""
+def speed_ratios(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Forward and train time of standard attention divided by each other model's, per length (> 1: faster)."""
     by = {(r["model"], r["seq_len"]): r for r in rows}
     out = []
     for r in rows:
-        b = by.get((baseline, r["seq_len"]))
-        if r["model"] == baseline or b is None:
+        b = by.get(("standard", r["seq_len"]))
+        if r["model"] == "standard" or b is None:
             continue
-        out.append({"model": r["model"], "seq_len": r["seq_len"],
-                    "forward_speedup": round_sig(b["time_ms"] / r["time_ms"]) if b["time_ms"] and r["time_ms"] else None,
-                    "train_speedup": round_sig(b["train_time_ms"] / r["train_time_ms"])
-                    if b["train_time_ms"] and r["train_time_ms"] else None})
+        out.append({"model": r["model"], "seq_len": r["seq_len"], "forward_speedup": _ratio(b["time_ms"], r["time_ms"]),
+                    "train_speedup": _ratio(b["train_time_ms"], r["train_time_ms"])})
     return out
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round_sig(a / b) if a and b else None
 
 
 def check_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -233,13 +227,15 @@ def check_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]
 
 
 # ------------------------------------------------------------------------------- output
+def _f(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def format_table(result: Dict[str, object]) -> str:
     lines = [f"{'model':<16}{'tokens':>8}{'fwd ms':>11}{'train ms':>11}{'fwd MiB':>10}{'train MiB':>11}{'params':>10}  note"]
     for r in result["rows"]:
-        def f(x, p=1):
-            return "-" if x is None else f"{x:.{p}f}"
-        lines.append(f"{r['model']:<16}{r['seq_len']:>8}{f(r['time_ms']):>11}{f(r['train_time_ms']):>11}"
-                     f"{f(r['peak_mb']):>10}{f(r['train_peak_mb']):>11}{r['params']:>10}  {r['reason'] or ''}")
+        lines.append(f"{r['model']:<16}{r['seq_len']:>8}{_f(r['time_ms']):>11}{_f(r['train_time_ms']):>11}"
+                     f"{_f(r['peak_mb']):>10}{_f(r['train_peak_mb']):>11}{r['params']:>10}  {r['reason'] or ''}")
     lines.append("")
     lines.append("scaling exponents (slope of log time vs log n): " + ", ".join(
         f"{m} fwd {e['forward']['exponent'] if e['forward'] else '-'} / train {e['train']['exponent'] if e['train'] else '-'}"
@@ -254,17 +250,13 @@ def run_models(args: argparse.Namespace) -> int:
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
     if any(n < 2 for n in seq_lens):
         raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    models = args.models or list(DEFAULT_MODELS)
-    unknown = [m for m in models if m not in model_specs()]
-    if unknown:
-        raise ValueError(f"--models: unknown {unknown}; choose from {sorted(model_specs())}")
+    check_at_least_one(args, ("repeats",))
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_models(seq_lens, models, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                          ff_dim=args.ff_dim, block=args.block, repeats=args.repeats, max_seconds=args.max_seconds,
-                          model_budget=args.model_budget, train=not args.no_train, seed=args.seed)
+    result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,
+                          heads=args.heads, ff_dim=args.ff_dim, block=args.block, repeats=args.repeats,
+                          max_seconds=args.max_seconds, model_budget=args.model_budget, train=not args.no_train,
+                          seed=args.seed)
     print(format_table(result))
     write_outputs(result, args, plot_models)
     return 0
@@ -272,8 +264,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     """Add ``bsbr bench models``."""
-    p = bench_sub.add_parser("models", help="every attention in one LM shell: time, train time, memory vs length",
-                             description=__doc__.split("\n\n")[0],
+    p = bench_sub.add_parser("models", description=__doc__.split("\n\n")[0],
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")

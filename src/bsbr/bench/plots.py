@@ -6,29 +6,28 @@ from typing import Dict, Sequence
 from ..results import pyplot, save_figure
 
 
-def _loglog_axes(axes, ylabels, legend_fontsize=None) -> None:
-    """Log-log axes over sequence length, one per y label, with grid and legend."""
-    for ax, label in zip(axes, ylabels):
+def _loglog(axes, rows: Sequence[Dict[str, object]], panels, label=None, legend_fontsize=None) -> None:
+    """One log-log panel over sequence length per ``(row key, y label)`` of ``panels``: a line per model
+    through its ok rows' values, named ``label(model, key)`` (default: the model)."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ok = sorted((r for r in rows if r["model"] == model and r["status"] == "ok"), key=lambda r: r["seq_len"])
+        for ax, (key, _) in zip(axes, panels):
+            pts = [(r["seq_len"], r[key]) for r in ok if r[key]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label(model, key) if label else model)
+    for ax, (_, ylabel) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=legend_fontsize)
 
 
 def plot_rows(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
-    """Log-log time and extra peak memory vs sequence length, one line per model (Agg backend, so
-    it works without a display)."""
+    """Log-log time and extra peak memory vs sequence length, one line per model."""
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    for model in models:
-        ok = sorted((r for r in rows if r["model"] == model and r["status"] == "ok"), key=lambda r: r["seq_len"])
-        for ax, key in zip(axes, ("time_ms", "peak_mb")):
-            pts = [(r["seq_len"], r[key]) for r in ok if r[key]]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=model)
-    _loglog_axes(axes, ("forward time (ms, median)", "extra peak memory (MiB)"))
+    _loglog(axes, rows, (("time_ms", "forward time (ms, median)"), ("peak_mb", "extra peak memory (MiB)")))
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -36,19 +35,16 @@ def plot_rows(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
 def plot_models(result: Dict[str, object], path: str) -> None:
     """Log-log forward time, train time and extra peak memory vs length, one line per model, the
     fitted exponent in the legend."""
-    rows, exps = result["rows"], result["exponents"]
+    fits = {"time_ms": "forward", "train_time_ms": "train"}
+
+    def label(model, key):
+        e = result["exponents"].get(model, {}).get(fits.get(key))
+        return f"{model} (n^{e['exponent']:.2f})" if e else model
+
     fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.8))
-    panels = (("time_ms", "forward time (ms, median)", "forward"), ("train_time_ms", "forward+backward time (ms, median)", "train"),
-              ("peak_mb", "forward extra peak memory (MiB)", None))
-    for m in dict.fromkeys(r["model"] for r in rows):
-        for ax, (key, _, ek) in zip(axes, panels):
-            pts = sorted((r["seq_len"], r[key]) for r in rows if r["model"] == m and r[key])
-            if not pts:
-                continue
-            e = exps.get(m, {}).get(ek) if ek else None
-            label = f"{m} (n^{e['exponent']:.2f})" if e else m
-            ax.plot(*zip(*pts), marker="o", label=label)
-    _loglog_axes(axes, [label for _, label, _ in panels], legend_fontsize=7)
+    panels = (("time_ms", "forward time (ms, median)"), ("train_time_ms", "forward+backward time (ms, median)"),
+              ("peak_mb", "forward extra peak memory (MiB)"))
+    _loglog(axes, result["rows"], panels, label, legend_fontsize=7)
     c = result["config"]
     fig.suptitle(f"AttentionLM shell: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
                  f"chunk/window {c['block']}, batch 1, CPU float32")

@@ -25,12 +25,10 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from .common import add_output_arguments, write_outputs
+from .common import VOCAB, add_output_arguments, check_at_least_one, write_outputs
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
-
-VOCAB = 256
 
 
 def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
@@ -62,7 +60,7 @@ DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr
 
 
 # ------------------------------------------------------------------------------- data
-def load_corpus(root: Optional[str] = None, max_bytes: Optional[int] = None):
+def load_corpus(root: Optional[str] = None):
     """(train bytes, held-out bytes, file count): the corpus's train and held-out files, each split's
     files joined with a blank line, as long tensors of byte values."""
     split = {s: stdlib_files(s, root=root) for s in ("train", "heldout")}
@@ -70,8 +68,6 @@ def load_corpus(root: Optional[str] = None, max_bytes: Optional[int] = None):
         raise ValueError(f"need train and held-out .py files under {root or stdlib_root()}, "
                          f"found {len(split['train'])} and {len(split['heldout'])}")
     tr, ev = (b"".join(p.read_bytes() + b"\n\n" for p in split[s]) for s in ("train", "heldout"))
-    if max_bytes:
-        tr = tr[:max_bytes]
     return (torch.frombuffer(bytearray(tr), dtype=torch.uint8).long(),
             torch.frombuffer(bytearray(ev), dtype=torch.uint8).long(), sum(map(len, split.values())))
 
@@ -177,10 +173,9 @@ def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[
     """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
     (negative difference: BSBR better)."""
     by = {r["model"]: r for r in results}
-    pairs = [("bsbr", "sliding_window", block), ("bsbr_normalized", "sliding_window", block),
-             ("bsbr_gated", "sliding_window", block), ("bsbr_normalized_gated", "sliding_window", block),
-             ("bsbr_blocks2", "sliding_window", block), ("bsbr_compressed4", "sliding_window", block),
-             ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
+    same_block = ("bsbr", "bsbr_normalized", "bsbr_gated", "bsbr_normalized_gated", "bsbr_blocks2", "bsbr_compressed4")
+    pairs = [(m, "sliding_window", block) for m in same_block]
+    pairs += [("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
     out = []
     for a, b, chunk in pairs:
         if a not in by or b not in by:
@@ -245,18 +240,14 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
 def run_quality_cli(args: argparse.Namespace) -> int:
     if args.merge:
         result = merge_results(args.merge)
-        print(format_table(result))
-        write_outputs(result, args, plot_quality)
-        return 0
-    for name in ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,
-                         heads=args.heads, ff_dim=args.ff_dim, seq_len=args.seq_len, batch=args.batch,
-                         steps=args.steps, lr=args.lr, eval_windows=args.eval_windows, seed=args.seed,
-                         corpus=args.corpus)
+    else:
+        check_at_least_one(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,
+                             heads=args.heads, ff_dim=args.ff_dim, seq_len=args.seq_len, batch=args.batch,
+                             steps=args.steps, lr=args.lr, eval_windows=args.eval_windows, seed=args.seed,
+                             corpus=args.corpus)
     print(format_table(result))
     write_outputs(result, args, plot_quality)
     return 0
@@ -264,8 +255,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     """Add ``bsbr bench quality``."""
-    p = bench_sub.add_parser("quality", help="train each attention in one small LM shell; eval loss by position",
-                             description=__doc__.split("\n\n")[0],
+    p = bench_sub.add_parser("quality", description=__doc__.split("\n\n")[0],
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")

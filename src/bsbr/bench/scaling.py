@@ -5,7 +5,7 @@ ff 1024) forward at 8k to 64k tokens: time, extra and whole-process peak RSS, an
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 
@@ -40,14 +40,12 @@ def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden
             ts = [time_call(fn, device) for _ in range(repeats)]
         except Exception as e:  # noqa: BLE001 - recorded
             row.update(failure(e))
-            rows.append(row)
-            release_free_memory()
-            continue
-        row.update(time_ms=round_sig(median(ts) * 1e3), times_ms=[round_sig(t * 1e3) for t in ts],
-                   peak_mb=round_sig(mem.extra_mb), process_peak_mb=round_sig(mem.peak_mb))
+        else:
+            row.update(time_ms=round_sig(median(ts) * 1e3), times_ms=[round_sig(t * 1e3) for t in ts],
+                       peak_mb=round_sig(mem.extra_mb), process_peak_mb=round_sig(mem.peak_mb))
+            log.info("model @ %d: %.1f ms, +%s MiB (process peak %s MiB)", n, row["time_ms"], row["peak_mb"],
+                     row["process_peak_mb"])
         rows.append(row)
-        log.info("model @ %d: %.1f ms, +%s MiB (process peak %s MiB)", n, row["time_ms"], row["peak_mb"],
-                 row["process_peak_mb"])
         del ids, fn
         release_free_memory()
     ok = {r["seq_len"]: r for r in rows if r["status"] == "ok"}
