@@ -1,12 +1,7 @@
-"""The ``bsbr`` command.
-
-Subcommands are listed in :data:`COMMANDS` (and ``bsbr bench``'s in :data:`bsbr.bench.cli.BENCH_COMMANDS`):
-name, one-line help, and the module whose ``register(sub)`` adds the command's arguments. A module is
-imported only when its command is chosen (or its ``--help`` asked), so ``bsbr --help`` imports neither
-torch nor transformers.
-
-Errors: :func:`main` is the one error boundary. Every failure prints one line
-``bsbr <command>: error: <what> (<what to do>)`` on stderr; ``-v`` prints the traceback instead.
+"""The ``bsbr`` command. A subcommand's module (:data:`COMMANDS`) is imported only when the command is
+chosen or its ``--help`` asked, so ``bsbr --help`` imports neither torch nor transformers. :func:`main` is
+the one error boundary: a failure is one line ``bsbr <command>: error: <what> (<what to do>)`` on stderr,
+or with ``-v`` the traceback.
 """
 from __future__ import annotations
 

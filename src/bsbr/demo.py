@@ -3,11 +3,8 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 
 def cmd_demo(args) -> int:

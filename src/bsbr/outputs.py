@@ -1,17 +1,7 @@
-"""Safe outputs, shared by every command that writes a model or a checkpoint.
-
-* :class:`UserError` and its kinds: a refusal the CLI prints as one line (``bsbr <cmd>: error: ...``).
-* :func:`check_output_dir`: refuse an output that is a file, a non-empty directory (unless
-  ``overwrite``), or the same as / inside / around a directory the command reads (source, student).
-* :func:`staged_dir`: write into a temporary directory beside the target and rename it into place
-  only when everything is written; on any failure the temporary directory is removed and the
-  target is untouched.
-* :func:`weights_fingerprint` / :func:`source_record` / :func:`check_source`: which weights a
-  converted model came from, recorded at conversion and checked when a reference or teacher is given.
-* :func:`file_record` / :func:`atomic_write_text`: sizes and SHA-256 of written files, and a file
-  replaced in one rename.
-
-Nothing here imports torch at module level.
+"""Safe outputs, shared by every command that writes a model or a checkpoint: one-line refusals
+(:class:`UserError`), output checks before any expensive work, directories staged beside the target and
+renamed into place, files replaced in one rename, and the source's weights fingerprint (README.md,
+"What the commands refuse"). Nothing here imports torch at module level.
 """
 from __future__ import annotations
 
@@ -111,13 +101,20 @@ def temp_dir(parent: Path, prefix: str) -> Path:
 def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block finishes, rename it to ``path``
     (with ``overwrite``, the old ``path`` is moved aside first and removed after). If the block raises,
-    or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left."""
+    or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left (and
+    is kept, complete, when ``path`` appeared while writing)."""
     out = _resolved(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
         publish_dir(tmp, out, overwrite=overwrite)
+    except OutputError:  # ``path`` appeared meanwhile: the complete result stays in tmp, as the message says
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,17 +137,18 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
     _fsync_dir(out.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def fsync(path) -> None:
+    """Flush a file (or directory) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened or synced
+        fsync(path)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -172,17 +170,13 @@ def atomic_write_text(path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def sha256_file(path, block: int = 1 << 20) -> str:
+def file_record(path) -> dict:
+    """Size and SHA-256 of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(block):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def file_record(path) -> dict:
-    path = Path(path)
-    return dict(size=path.stat().st_size, sha256=sha256_file(path))
+    return dict(size=Path(path).stat().st_size, sha256=h.hexdigest())
 
 
 def weights_fingerprint(model) -> str:
@@ -225,7 +219,7 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     ``model_dir`` when its weights differ from those the model was converted from, unless ``force``.
     Returns a warning text (forced, or nothing recorded), or None when the fingerprints match."""
     meta = read_metadata(model_dir) or {}
-    recorded = (meta.get("source") or {}) if isinstance(meta.get("source"), dict) else {}
+    recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     want = recorded.get("fingerprint")
     if not want:
         return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
@@ -294,10 +288,11 @@ def load_model_arg(source, option: str):
     try:
         return load_source(source).eval()
     except OSError as e:
+        why = " ".join(str(e).split())
         if local:
-            raise UserError(f"{option} {source}: could not load the model ({' '.join(str(e).split())})") from e
+            raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise UserError(f"{option} {source} is no local path, and the hub could not provide it "
-                        f"({' '.join(str(e).split())[:200]}): check the path") from e
+                        f"({why[:200]}): check the path") from e
 
 
 def load_tokenizer_arg(source, option: str):
@@ -342,12 +337,11 @@ def publish_files(staging, directory) -> None:
     ``config.json`` last and any old ``config.json`` removed first: until the last rename the directory
     holds no loadable model, after it the new one. ``staging`` is removed."""
     staging, directory = Path(staging), Path(directory)
-    names = sorted(p.name for p in staging.iterdir())
     old_config = directory / "config.json"
     if old_config.exists():
         old_config.unlink()
         _fsync_dir(directory)
-    for name in sorted(names, key=lambda n: n == "config.json"):
+    for name in sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "config.json", n)):
         target = directory / name
         if target.is_dir() and not (staging / name).is_dir():
             shutil.rmtree(target)

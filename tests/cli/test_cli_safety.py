@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -463,3 +464,23 @@ def test_distill_refuses_windows_where_the_new_pieces_do_nothing(models, text, t
     line = refused(capsys, args, "distill", models[1])
     assert "--seq-len 24" in line and "80 tokens" in line and "--params all" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_staged_output_kept_when_the_target_appears_while_writing(tmp_path):
+    """A directory that appears at the target while a command writes is not replaced, and the complete
+    result stays where the error says; a failure inside the block leaves nothing."""
+    from bsbr.outputs import OutputError, staged_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="appeared while writing") as e:
+        with staged_dir(out) as d:
+            (d / "model.safetensors").write_text("weights")
+            out.mkdir()
+            (out / "theirs.txt").write_text("keep")
+    kept = Path(str(e.value).split("the result is in ")[1].rstrip(")"))
+    assert (kept / "model.safetensors").read_text() == "weights"
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    with pytest.raises(RuntimeError):
+        with staged_dir(tmp_path / "other"):
+            raise RuntimeError("failed half-way")
+    assert not (tmp_path / "other").exists() and [p for p in tmp_path.iterdir() if "other" in p.name] == []

@@ -1,10 +1,9 @@
 """Convert pretrained decoder LMs (GPT-2, Llama, Mistral, Qwen2) to BSBRForCausalLM.
 
-Every trained weight is copied (never shared: training the converted model leaves the source
-alone) through the declarative maps in :mod:`bsbr.convert.families`. If an input fits in one chunk,
-BSBR is causal softmax attention, so the converted model reproduces the source's logits there;
-past it, each token reads its exact window and its retrieved blocks with the source's own attention
-weights; the chunk-state gate starts closed, so nothing else enters until distillation opens it.
+Every trained weight is copied (never shared) through the maps in :mod:`bsbr.convert.families`. Within
+one chunk the converted model reproduces the source's logits; past it, each token reads its exact window
+and retrieved blocks with the source's attention weights, and the closed chunk-state gate adds nothing
+until distillation opens it.
 """
 from __future__ import annotations
 
@@ -25,10 +24,9 @@ from .families import FAMILIES, SUPPORTED_MODEL_TYPES
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# the converter's defaults; chosen by the measurements in docs/findings.md. retrieval_blocks=8 with far
-# keys placed before the window: zero-shot on 8,192-token windows it closes 71% (code) / 47% (prose) of
-# the window -> full perplexity gap reading 25% of the context (K=4: 57% / 36%), and keeps retrieved
-# distances inside the source's position range at any length (absolute positions matched it only on code)
+# the converter's defaults, measured in docs/findings.md: 8 retrieved blocks placed just before the window
+# close 71% (code) / 47% (prose) of the window -> full perplexity gap zero-shot at 8,192 tokens, reading 25%
+# of the context (K=4: 57% / 36%), and keep distances inside the source's position range at any length
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
                        retrieval_blocks=8, recall_tokens=0, far_positions="window", position_scheme="wrap")
@@ -86,8 +84,9 @@ def load_tokenizer(source):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _is_new_piece(key: str) -> bool:
-    return any(f".attn.{p}" in key for p in BSBRAttention.NEW_PARAMETER_PREFIXES)
+def is_new_parameter(name: str) -> bool:
+    """Whether a parameter or state-dict name is one of the pieces BSBR adds to the source model."""
+    return any(f".attn.{p}" in name for p in BSBRAttention.NEW_PARAMETER_PREFIXES)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -98,11 +97,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
-    Options (see :data:`DEFAULT_OPTIONS`): ``retrieval``, ``feature_map``, ``gate_init`` (None = no
-    gate), ``local_chunks``, ``sink_tokens``, ``retrieval_blocks`` and ``recall_tokens`` (the exact keys,
-    see :class:`bsbr.ops.BSBROptions`; ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0),
-    ``far_positions`` (rotary positions of far keys, see :class:`bsbr.models.BSBRConfig`),
-    ``position_scheme`` for learned positions past the source's table ("wrap" | "clamp" | "absolute").
+    ``options``: the keys of :data:`DEFAULT_OPTIONS` (see :class:`bsbr.models.BSBRConfig`); ``recall_tokens > 0``
+    makes ``retrieval_blocks`` default to 0. ``gate_init=None`` means no gate.
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None, **options):
@@ -130,10 +126,9 @@ class TransformerToBSBRConverter:
         arch = family.config(src.config)
         if "lm_head.weight" not in sd and not arch["tie_word_embeddings"]:
             raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
-        opts = dict(self.options)
         special = {k: getattr(src.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = BSBRConfig(**arch, chunk_size=self.chunk_size, compression_factor=self.compression_factor,
-                            source_model_type=mt, **opts, **{k: v for k, v in special.items() if v is not None})
+                            source_model_type=mt, **self.options, **{k: v for k, v in special.items() if v is not None})
         model = BSBRForCausalLM(config).float()
         target = model.state_dict()
 
@@ -165,7 +160,8 @@ class TransformerToBSBRConverter:
         unused = [k for k in sd if k not in used and not k.endswith(family.ignored_suffixes)]
         if unused:
             raise ValueError(f"source weights with no place in the BSBR model: {unused[:8]}")
-        missing = [k for k in target if k not in filled and not _is_new_piece(k) and not (tied and k == "lm_head.weight")]
+        missing = [k for k in target
+                   if k not in filled and not is_new_parameter(k) and not (tied and k == "lm_head.weight")]
         if missing:
             raise ValueError(f"BSBR weights the source did not fill: {missing[:8]}")
         result = model.load_state_dict(filled, strict=False)
@@ -173,12 +169,11 @@ class TransformerToBSBRConverter:
         if tied:
             model.tie_weights()
         before, after = count_parameters(src), count_parameters(model)
+        s = model.conversion_summary = dict(source_model_type=mt, params_source=before, params_bsbr=after,
+                                            extra_params_pct=100.0 * (after - before) / before,
+                                            seconds=time.perf_counter() - t0)
         logger.info("converted %s (%d layers): %.2fM -> %.2fM parameters (+%.2f%%) in %.1fs", mt,
-                    config.num_hidden_layers, before / 1e6, after / 1e6, 100.0 * (after - before) / before,
-                    time.perf_counter() - t0)
-        model.conversion_summary = dict(source_model_type=mt, params_source=before, params_bsbr=after,
-                                        extra_params_pct=100.0 * (after - before) / before,
-                                        seconds=time.perf_counter() - t0)
+                    config.num_hidden_layers, before / 1e6, after / 1e6, s["extra_params_pct"], s["seconds"])
         return model.eval()
 
 

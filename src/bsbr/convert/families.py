@@ -1,9 +1,6 @@
-"""Declarative weight maps from each supported source family to BSBRForCausalLM.
-
-A map is a list of ``(target, source, transform)`` rules; ``{i}`` stands for the layer index.
-Transforms are explicit: GPT-2's Conv1D stores weights as (in, out), so they are transposed, and its
-fused ``c_attn`` is split into q, k, v. The converter checks every shape, requires every source
-weight to be used exactly once and every target weight (other than the new BSBR pieces) to be filled.
+"""Declarative weight maps from each supported source family to BSBRForCausalLM: lists of
+``(target, source, transform)`` rules. Transforms are explicit: GPT-2's Conv1D stores weights as
+(in, out), so they are transposed, and its fused ``c_attn`` is split into q, k, v.
 """
 from __future__ import annotations
 
@@ -27,7 +24,6 @@ def split_qkv(part: int, transposed: bool) -> Callable[[torch.Tensor], torch.Ten
             w = w.t()
         return w.chunk(3, dim=0)[part]
 
-    take.__name__ = f"split_qkv[{part}]"
     return take
 
 

@@ -1,17 +1,13 @@
-"""Training checkpoints without pickles: tensors (trainable weights, optimizer moments) in
-safetensors, everything else in ``manifest.json``: step, the run's settings, the loss log, and
-every data file with its size and SHA-256.
+"""Training checkpoints without pickles: trainable weights and optimizer moments in safetensors, the
+rest in ``manifest.json`` (step, run settings, loss log, each data file's size and SHA-256).
 
-A save writes new data files (names unique to the save) and fsyncs them, then replaces
-``manifest.json`` in one rename, then removes the files the new manifest does not name. A process
-killed at any moment leaves the previous checkpoint or the new one, complete, never a mix. A load
-checks every file against the manifest and refuses a partial or corrupt checkpoint with
-:class:`~bsbr.outputs.CheckpointError`.
+A save writes and fsyncs new data files (names unique to the save), replaces ``manifest.json`` in one
+rename, then removes the files it does not name: a kill at any moment leaves the previous checkpoint or
+the new one. A load checks every file against the manifest and refuses a partial or corrupt checkpoint.
 """
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Dict
@@ -19,18 +15,11 @@ from typing import Dict
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..outputs import CheckpointError, atomic_write_text, file_record
+from ..outputs import CheckpointError, atomic_write_text, file_record, fsync
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # the manifest layout this bsbr writes and reads
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+START_OVER = "start a new --output, or pass --overwrite to start over in this one"
 
 
 def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -52,7 +41,7 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     save_file(tensors, directory / names["optimizer"])
     files = {}
     for role, name in names.items():
-        _fsync(directory / name)
+        fsync(directory / name)
         files[role] = dict(name=name, **file_record(directory / name))
     manifest = dict(format=FORMAT, step=progress.get("step"), files=files,
                     progress={**progress, "optimizer_scalars": scalars})
@@ -75,34 +64,31 @@ def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-        raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); "
-                              f"start a new --output, or pass --overwrite to start over in this one")
+        raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); {START_OVER}")
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         manifest["progress"]["step"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); start a new --output, or pass --overwrite") from e
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); {START_OVER}") from e
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}: "
-                              f"start a new --output, or pass --overwrite to start over in this one")
+                              f"{START_OVER}")
     for role, f in files.items():
         p = directory / f["name"]
         if not p.is_file():
-            raise CheckpointError(f"checkpoint {directory} is partial: {f['name']} is missing; "
-                                  f"start a new --output, or pass --overwrite to start over in this one")
+            raise CheckpointError(f"checkpoint {directory} is partial: {f['name']} is missing; {START_OVER}")
         record = file_record(p)
         if record["size"] != f["size"] or record["sha256"] != f["sha256"]:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {f['name']} is {record['size']} bytes with "
-                                  f"another hash than the {f['size']} bytes recorded; start a new --output, or "
-                                  f"pass --overwrite to start over in this one")
+                                  f"another hash than the {f['size']} bytes recorded; {START_OVER}")
     return manifest
 
 
-def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, manifest: dict = None) -> dict:
-    directory = Path(directory)
-    manifest = manifest or read_manifest(directory)
+def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    manifest: dict) -> dict:
+    """Load the checkpoint that ``manifest`` (from :func:`read_manifest`) describes into ``params`` and
+    ``optimizer``; returns its progress."""
     try:
         weights = load_file(directory / manifest["files"]["weights"]["name"])
         moments = load_file(directory / manifest["files"]["optimizer"]["name"])
@@ -122,12 +108,8 @@ def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter],
     progress = dict(manifest["progress"])
     scalars = progress.pop("optimizer_scalars", {})
     optimizer.state.clear()
-    for k, p in params.items():
-        st = {}
-        for key, value in list(moments.items()) + list(scalars.items()):
-            name, _, field = key.partition("::")
-            if name == k:
-                st[field] = value
-        if st:
-            optimizer.state[p] = st
+    for key, value in {**moments, **scalars}.items():
+        name, _, field = key.partition("::")
+        if name in params:
+            optimizer.state[params[name]][field] = value
     return progress

@@ -15,13 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def _base_lr(args):
-    if args.params == "new":
-        if args.base_lr is not None:
-            raise ValueError("--base-lr applies only to --params all or lora")
-        return None
-    if args.params == "lora":
-        return args.base_lr  # None: the adapters share --lr
-    return 6e-5 if args.base_lr is None else args.base_lr
+    """--base-lr, 6e-5 by default with --params all (with lora, None: the adapters share --lr)."""
+    return 6e-5 if args.params == "all" and args.base_lr is None else args.base_lr
 
 
 def _plan(args):
@@ -52,7 +47,6 @@ def _check_new_pieces_matter(config, args) -> None:
     """Refuse ``--params new`` on windows so short that the new pieces cannot change the output: with
     exact blocks covering every chunk before each window, every token reads all earlier tokens exactly."""
     from ..outputs import UserError
-
     from .trainer import exact_reach
 
     reach = exact_reach(config)
@@ -164,18 +158,19 @@ def cmd_distill(args) -> int:
             (directory / METADATA).write_text((student_dir / METADATA).read_text())
         write_model_card(directory)
 
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     stop = _StopOnSignal()
     try:
         with stop:
             progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=settings,
                                should_stop=lambda: stop.requested, extra_files=extra_files)
     except DistillInterrupted as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if rank0:
             print(f"bsbr distill: {e}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 130
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank0:
         last = progress["log"][-1] if progress["log"] else {}
         print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
               f"saved to {args.output}")

@@ -1,10 +1,7 @@
 """Distillation of a converted BSBR model from its source: KL(teacher || student) of next-token
-distributions past the first chunk, optionally plus an LM loss. It trains the pieces BSBR added, or
-every weight, or the new pieces plus LoRA adapters (peft), merged into the weights when the model is
-saved.
-
-Data parallel under ``torchrun``: every rank takes its own windows and the student is wrapped in
-:class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU), which averages the gradients.
+distributions past the first chunk, optionally plus an LM loss, over the pieces BSBR added, every weight,
+or the new pieces plus LoRA adapters (merged when saved). Under ``torchrun`` every rank takes its own
+windows and :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU) averages the gradients.
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..layers.bsbr_attention import BSBRAttention
+from ..convert.converter import is_new_parameter
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -40,14 +37,15 @@ class DistillConfig:
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
     checkpoint_every: int = 25
-    # recompute each decoder layer in the backward pass instead of keeping its activations: one
-    # 4,096-token window of the default conversion peaked at 22 GB without (killed on a 24 GB machine) and
-    # 10 GB with, for one more forward pass per step (docs/findings.md, Distillation of the default)
+    # recompute each decoder layer in the backward pass: a 4,096-token window of the default conversion peaked
+    # at 22 GB without, 10 GB with, for one more forward pass per step (docs/findings.md)
     activation_checkpointing: bool = True
 
     def validate(self) -> None:
         if self.steps is None and self.minutes is None:
             raise ValueError("give steps or minutes (the stopping rule)")
+        if self.base_lr is not None and self.params == "new":
+            raise ValueError("base_lr applies only to params all or lora")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
@@ -60,8 +58,6 @@ class DistillConfig:
             raise ValueError("learning rates must be > 0")
         if not self.lm_weight >= 0:
             raise ValueError(f"lm_weight must be >= 0, got {self.lm_weight!r}")
-        if self.base_lr is not None and self.params == "new":
-            raise ValueError("base_lr applies only to params 'all' or 'lora'")
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
@@ -69,11 +65,7 @@ RESUMABLE_CHANGES = ("steps", "minutes", "checkpoint_every", "activation_checkpo
 
 
 class DistillInterrupted(KeyboardInterrupt):
-    """A stop request (Ctrl-C, SIGTERM) honoured after a step: the checkpoint at ``directory`` holds it."""
-
-    def __init__(self, directory: Path, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint written to {directory}")
-        self.directory, self.step = directory, step
+    """A stop request (Ctrl-C, SIGTERM) honoured after a step, once its checkpoint is written."""
 
 
 def _windows_fingerprint(windows) -> str:
@@ -88,10 +80,10 @@ def _check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path)
     """Refuse to resume a checkpoint written with other settings than this run's."""
     from ..outputs import CheckpointError
 
-    now_cfg = asdict(cfg)
-    diffs = [(k, (saved.get("run") or {}).get(k), v) for k, v in run.items() if (saved.get("run") or {}).get(k) != v]
-    diffs += [(k, (saved.get("config") or {}).get(k), v) for k, v in now_cfg.items()
-              if k not in RESUMABLE_CHANGES and (saved.get("config") or {}).get(k) != v]
+    old_run, old_cfg = saved.get("run") or {}, saved.get("config") or {}
+    diffs = [(k, old_run.get(k), v) for k, v in run.items() if old_run.get(k) != v]
+    diffs += [(k, old_cfg.get(k), v) for k, v in asdict(cfg).items()
+              if k not in RESUMABLE_CHANGES and old_cfg.get(k) != v]
     if diffs:
         short = lambda v: v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:") else v  # noqa: E731
         names = dict(windows="the training windows' tokens", teacher="the teacher's weights",
@@ -103,14 +95,7 @@ def _check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path)
 
 def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
     """The parameters BSBR added to the source model."""
-    keys = tuple(f".attn.{p}" for p in BSBRAttention.NEW_PARAMETER_PREFIXES)
-    return {n: p for n, p in student.named_parameters() if any(k in n for k in keys)}
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return {n: p for n, p in student.named_parameters() if is_new_parameter(n)}
 
 
 def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tensor, lm_weight: float):
@@ -188,26 +173,24 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             resume: bool = False, settings: Optional[dict] = None, should_stop: Optional[Callable[[], bool]] = None,
             extra_files: Optional[Callable[[Path], None]] = None) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
-    ``windows`` (1-D LongTensors). Checkpoints go to ``output_dir/checkpoint`` (see
-    :mod:`bsbr.distill.checkpoint`); the final model (``save_pretrained``, ``distill.json``, ``distill.png``
-    and what ``extra_files(dir)`` writes) is written by rank 0 beside it and moved into ``output_dir``,
-    ``config.json`` last. Returns the progress log.
+    ``windows`` (1-D LongTensors), checkpointing to ``output_dir/checkpoint``; rank 0 then moves the final
+    model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
+    ``output_dir``, ``config.json`` last. Returns the progress log.
 
-    An existing checkpoint is continued with ``resume`` (refused, :class:`~bsbr.outputs.CheckpointError`,
-    when partial or written with other settings: the teacher's and student's weights, the windows,
-    ``settings`` and the config except :data:`RESUMABLE_CHANGES`) and refused without it.
-    ``should_stop``: asked after every step; when it answers True, a checkpoint is written and
-    :class:`DistillInterrupted` raised."""
+    A checkpoint is continued only with ``resume``, and only if written with the same weights, windows,
+    ``settings`` and config (except :data:`RESUMABLE_CHANGES`). ``should_stop`` is asked after every step:
+    True writes a checkpoint and raises :class:`DistillInterrupted`."""
     from ..outputs import CheckpointError, weights_fingerprint
 
     cfg.validate()
     if len(windows) == 0:
         raise ValueError("no training windows")
-    reach = exact_reach(student.config)
-    if cfg.params == "new" and max(len(w) for w in windows) <= reach:
-        raise ValueError(f"params='new' on windows of at most {max(len(w) for w in windows)} tokens: this student "
-                         f"reads every earlier token exactly up to {reach}, so the new pieces have no effect there")
-    rank, world = _world()
+    reach, longest = exact_reach(student.config), max(len(w) for w in windows)
+    if cfg.params == "new" and longest <= reach:
+        raise ValueError(f"params='new' on windows of at most {longest} tokens: this student reads every earlier "
+                         f"token exactly up to {reach}, so the new pieces have no effect there")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoint"
     run = dict(**(settings or {}), windows=_windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
@@ -253,14 +236,14 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         progress["log"].append(entry)
         bar.update(1)
         bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
-        stop = _stop_requested(should_stop)
+        stop = _stop_requested(should_stop, world)
         if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
             save_checkpoint(ckpt_dir, params, opt, {**progress, "elapsed": time.monotonic() - t0})
         if stop:
             bar.close()
             if world > 1:
                 dist.barrier()
-            raise DistillInterrupted(ckpt_dir, progress["step"])
+            raise DistillInterrupted(f"interrupted at step {progress['step']}; checkpoint written to {ckpt_dir}")
     bar.close()
     progress["elapsed"] = time.monotonic() - t0
     if rank == 0:
@@ -297,10 +280,10 @@ def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
         raise
 
 
-def _stop_requested(should_stop) -> bool:
+def _stop_requested(should_stop, world: int) -> bool:
     """``should_stop()``, agreed by all ranks (any rank asked: all stop after this step)."""
     stop = bool(should_stop()) if should_stop is not None else False
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         flag = torch.tensor([1.0 if stop else 0.0])
         dist.all_reduce(flag)
         stop = bool(flag.item() > 0)
