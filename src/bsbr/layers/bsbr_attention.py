@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
+from ._baseline_common import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
-from .inputs import check_hidden_states, mask_to_valid, resolve_head_dim, resolve_kv_heads
+from .inputs import check_layer_inputs
 from .rotary import apply_rotary
 
 
@@ -30,7 +31,7 @@ def _run_op(op, tensors, **kwargs):
         return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)
 
 
-class BSBRAttention(nn.Module):
+class BSBRAttention(MultiHeadBase):
     """Block Sparse attention with Block Retrieval.
 
     A bare ``BSBRAttention(hidden_dim, num_heads, chunk_size)`` builds the plain BSBR pattern: each
@@ -65,14 +66,11 @@ class BSBRAttention(nn.Module):
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
                  retrieval: str = "additive", feature_map: Optional[str] = None, gate: Optional[float] = None,
                  local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0):
-        super().__init__()
-        head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
-        num_kv_heads = resolve_kv_heads(num_heads, num_kv_heads)
+        super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias, num_kv_heads)
+        head_dim, num_kv_heads = self.head_dim, self.num_kv_heads
         self.options = BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
                                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
                                    retrieval=retrieval)
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         feature_map = feature_map or ("identity" if retrieval == "additive" else "hedgehog")
         if feature_map not in BSBR_FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {BSBR_FEATURE_MAPS}, got {feature_map!r}")
@@ -80,14 +78,7 @@ class BSBRAttention(nn.Module):
             raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
         if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float))):
             raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
-
-        self.hidden_dim, self.num_heads, self.num_kv_heads = hidden_dim, num_heads, num_kv_heads
-        self.head_dim, self.dropout = head_dim, float(dropout)
         self.compression_factor = compression_factor
-        self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_dim, num_kv_heads * head_dim, bias=bias)
-        self.out_proj = nn.Linear(num_heads * head_dim, hidden_dim, bias=bias if out_bias is None else out_bias)
         self.meta_r_proj = HeadwiseLinear(num_heads, head_dim, head_dim)
         self.meta_h_proj = HeadwiseLinear(num_kv_heads, head_dim, head_dim)
         self.feature_q = FeatureMap(feature_map, num_heads, head_dim)
@@ -95,7 +86,6 @@ class BSBRAttention(nn.Module):
         self.compress = (None if compression_factor is None
                          else StateCompression(self.feature_q.out_dim, compression_factor, self.feature_q.nonnegative))
         self.retrieval_gate = None if gate is None else nn.Parameter(torch.full((num_heads,), float(gate)))
-        self.dropout_layer = nn.Dropout(dropout)
 
     # the options, readable as attributes
     chunk_size = property(lambda self: self.options.chunk_size)
@@ -126,16 +116,10 @@ class BSBRAttention(nn.Module):
             self._closed, self._closed_key = bool((g <= 0).all()), key
         return 0 if self._closed else self.gate_value()
 
-    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings, read_states: bool = True,
-                 keep_states: bool = True):
+    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings, read_states: bool,
+                 keep_states: bool):
         b, n, _ = x.shape
-
-        def heads(t, h):  # (b, n, h*d) -> (b, h, n, d)
-            return t.view(b, n, h, t.shape[-1] // h).transpose(1, 2)
-
-        q = heads(self.q_proj(x), self.num_heads)
-        k = heads(self.k_proj(x), self.num_kv_heads)
-        v = heads(self.v_proj(x), self.num_kv_heads)
+        q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
         mq, mk = q, k  # meta inputs un-rotated: a mean of rotated vectors over a chunk would cancel out
         qr = kr = None
         if far_position_embeddings is not None:  # far keys (sinks, blocks) at other positions than their own
@@ -167,10 +151,6 @@ class BSBRAttention(nn.Module):
         return _run_op(op, tensors, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,
                        meta_k=self.meta_h_proj.weight, **kwargs)
 
-    def _output(self, o: torch.Tensor) -> torch.Tensor:
-        b, h, n, dv = o.shape
-        return self.out_proj(self.dropout_layer(o.transpose(1, 2).reshape(b, n, h * dv)))
-
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, output_state: bool = False,
                 far_position_embeddings=None):
@@ -178,21 +158,17 @@ class BSBRAttention(nn.Module):
         rotary (cos, sin) or None; far_position_embeddings ((cos, sin) of the far queries, (cos, sin) of
         the far keys) or None (far keys keep their own positions). Returns (b, n, hidden_dim), and the
         streaming state if asked."""
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
+        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
         o, state = self._run(chunk_bsbr_attention, hidden_states, position_embeddings, far_position_embeddings,
                              valid=valid, output_final_state=output_state)
-        out = self._output(o)
+        out = self.output(o)
         return (out, state) if output_state else out
 
     def step(self, hidden_states: torch.Tensor, state: Optional[BSBRState], attention_mask: Optional[torch.Tensor] = None,
              position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, far_position_embeddings=None):
         """Streaming decode: continue from ``state`` with the given tokens (b, T, hidden_dim), token by
         token. Returns ((b, T, hidden_dim), new state)."""
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
+        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
         o, state = self._run(recurrent_bsbr_attention, hidden_states, position_embeddings, far_position_embeddings,
                              valid=valid, initial_state=state, output_final_state=True)
-        return self._output(o), state
+        return self.output(o), state

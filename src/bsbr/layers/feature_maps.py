@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import check_int
+
 FEATURE_MAPS = ("identity", "elu", "hedgehog")
 BSBR_FEATURE_MAPS = ("identity", "hedgehog")  # elu + 1 measured worse for BSBR in both regimes; linear attention keeps it
 
@@ -67,12 +69,9 @@ class StateCompression(nn.Module):
 
     def __init__(self, feature_dim: int, factor: int, nonnegative: bool = False):
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"compression_factor must be None or an int >= 1, got {factor!r}")
+        check_int("compression_factor", factor)
         if feature_dim % factor:
-            raise ValueError(
-                f"compression_factor ({factor}) must divide the state feature dim ({feature_dim})"
-            )
+            raise ValueError(f"compression_factor ({factor}) must divide the state feature dim ({feature_dim})")
         self.factor = factor
         self.nonnegative = nonnegative
         self.proj = nn.Parameter(self.initial_weight(feature_dim, factor))

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.gau import chunk_gau_attention
-from ._baseline_common import check_dropout
 from ..ops.checks import check_int
-from .inputs import check_hidden_states, mask_to_valid
+from ..ops.gau import chunk_gau_attention
+from .inputs import check_dropout, check_layer_inputs
 from .rotary import apply_rotary
 
 
@@ -61,9 +60,7 @@ class GatedAttentionUnit(nn.Module):
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
         rotary (cos, sin) of dim ``query_key_dim``, or None. Returns (b, n, hidden_dim)."""
-        check_hidden_states(hidden_states, self.hidden_dim)
-        b, n, _ = hidden_states.shape
-        valid = mask_to_valid(attention_mask, b, n)
+        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
         u, v = F.silu(self.uv_proj(hidden_states)).chunk(2, dim=-1)  # (b, n, e) each
         z = F.silu(self.z_proj(hidden_states))  # (b, n, s)
         q = (z * self.qk_scale[0] + self.qk_offset[0]).unsqueeze(1)  # (b, 1, n, s)

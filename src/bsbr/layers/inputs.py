@@ -8,7 +8,9 @@ import torch
 from ..ops.checks import check_int, check_valid
 
 
-def check_hidden_states(hidden_states, hidden_dim: int) -> None:
+def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask) -> Optional[torch.Tensor]:
+    """Check a layer's input (batch, seq_len, hidden_dim); return its padding mask as in
+    :func:`mask_to_valid`."""
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_dim:
@@ -17,6 +19,13 @@ def check_hidden_states(hidden_states, hidden_dim: int) -> None:
         )
     if not hidden_states.is_floating_point():
         raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+    return mask_to_valid(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
+
+
+def check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 def check_input_ids(input_ids, vocab_size: int) -> None:

@@ -15,7 +15,7 @@ import torch
 from ..ops.linear_attn import chunk_linear_attention, recurrent_linear_attention
 from ._baseline_common import MultiHeadBase
 from ..ops.checks import check_int
-from .feature_maps import FEATURE_MAPS, FeatureMap
+from .feature_maps import FeatureMap
 
 
 class LinearAttention(MultiHeadBase):
@@ -31,8 +31,6 @@ class LinearAttention(MultiHeadBase):
                  bias: bool = True, out_bias: Optional[bool] = None, feature_map: str = "elu",
                  normalize: bool = True, chunk_size: int = 64):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
         if normalize and feature_map == "identity":
             raise ValueError("normalize=True needs a non-negative feature_map ('elu' or 'hedgehog')")
         check_int("chunk_size", chunk_size)

@@ -81,8 +81,6 @@ class AttentionLM(nn.Module):
                  attention: str = "standard", ff_dim: Optional[int] = None, dropout: float = 0.0,
                  rope_theta: float = 10000.0, **attention_kwargs):
         super().__init__()
-        if not isinstance(attention, str) or attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         check_int("vocab_size", vocab_size)
         check_int("hidden_dim", hidden_dim)
         check_int("num_layers", num_layers)
@@ -90,10 +88,10 @@ class AttentionLM(nn.Module):
         ff_dim = 4 * hidden_dim if ff_dim is None else ff_dim
         check_int("ff_dim", ff_dim)
         self.attention_name = attention
-        self.attention_kwargs = dict(attention_kwargs)
+        self.attention_kwargs = attention_kwargs
         self.embedding = nn.Embedding(vocab_size, hidden_dim)
         self.layers = nn.ModuleList(
-            Block(build_attention(attention, hidden_dim, num_heads, dropout, **dict(attention_kwargs)),
+            Block(build_attention(attention, hidden_dim, num_heads, dropout, **attention_kwargs),
                   hidden_dim, ff_dim, dropout)
             for _ in range(num_layers)
         )

@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS
 from ...ops.bsbr import BSBROptions
+from ...ops.checks import check_int
 
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
@@ -26,13 +27,6 @@ FAR_POSITIONS = ("absolute", "window")
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
 class BSBRConfig(PretrainedConfig):
@@ -79,10 +73,11 @@ class BSBRConfig(PretrainedConfig):
                             ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
                             ("num_attention_heads", num_attention_heads),
                             ("max_position_embeddings", max_position_embeddings)):
-            _positive_int(name, value)
-        _positive_int("num_key_value_heads", num_key_value_heads, allow_none=True)
-        _positive_int("head_dim", head_dim, allow_none=True)
-        _positive_int("compression_factor", compression_factor, allow_none=True)
+            check_int(name, value)
+        for name, value in (("num_key_value_heads", num_key_value_heads), ("head_dim", head_dim),
+                            ("compression_factor", compression_factor)):  # None allowed
+            if value is not None:
+                check_int(name, value)
         BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
                     retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
                     retrieval=retrieval)  # validates them

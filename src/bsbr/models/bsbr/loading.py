@@ -17,12 +17,8 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} has no .safetensors weights (pickled checkpoints are not loaded)")
-    try:
-        model, info = BSBRForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True,
-                                                      use_safetensors=True)
+    try:  # strict: BSBRPreTrainedModel.from_pretrained refuses missing, unexpected or mismatched weights
+        model = BSBRForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         raise ValueError(f"could not load the BSBR checkpoint in {path}: {e}") from e
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        raise ValueError(f"checkpoint in {path} does not match its config: {problems}")
     return model.eval()

@@ -112,12 +112,8 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 
 
 class BSBRCache:
-    """Per-layer streaming states for generation: the exact window's keys/values (``local_chunks``
-    chunks plus ``sink_tokens`` tokens) and one state per completed chunk per layer (none while the
-    layer's chunk-state gate is closed, as in a fresh conversion); with
-    ``retrieval_blocks > 0`` also every completed chunk's keys/values; with ``recall_tokens = M > 0``
-    instead ``M`` cached tokens and one state per K/V head, and no per-chunk arrays (constant size; see
-    :class:`bsbr.ops.BSBRState`)."""
+    """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
+    holds: docs/design.md, section 8)."""
 
     is_compileable = False
     is_croppable = False

@@ -26,16 +26,6 @@ NEG_INF = float("-inf")
 TILE = 16
 
 
-def _compact(valid: torch.Tensor):
-    """Index that moves each sequence's real tokens to the front (stable), and their counts."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (b, n)
-    return order, valid.sum(1)
-
-
-def _gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    return x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
-
-
 def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None,
                          output_final_state: bool = False):
@@ -123,8 +113,10 @@ def _chunked_tokens(tensors, valid, B):
     b, n = tensors[0].shape[0], tensors[0].shape[2]
     order = None
     if valid is not None:
-        order, lengths = _compact(valid.bool())
-        tensors = tuple(_gather_tokens(x, order) for x in tensors)
+        valid = valid.bool()
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (b, n), stable
+        lengths = valid.sum(1)
+        tensors = tuple(x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in tensors)
     else:
         lengths = torch.full((b,), n, dtype=torch.long, device=tensors[0].device)
     pad = -n % B

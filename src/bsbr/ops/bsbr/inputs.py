@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_tensor
+from .retrieval import gate_closed
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
     dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk, qr, kr)}
     if len(dtypes) != 1:
         raise TypeError(f"q, k, v, mq, mk, fq, fk, qr, kr must share one dtype, got {sorted(map(str, dtypes))}")
-    dm_in, dm = mq.shape[-1], mq.shape[-1]
+    dm_in = mq.shape[-1]
     outs = []
     for name, w, heads in (("meta_q", meta_q, hq), ("meta_k", meta_k, hkv)):
         if w is None:
@@ -97,8 +98,7 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
         outs.append(w.shape[2])
     if outs[0] != outs[1]:
         raise ValueError(f"meta_q and meta_k must map to one size, got {outs[0]} and {outs[1]}")
-    dm = outs[0]
-    if gate is not None and not (isinstance(gate, (int, float)) and not isinstance(gate, bool) and gate == 0):
+    if gate is not None and not gate_closed(gate):
         if not isinstance(gate, torch.Tensor):
             raise TypeError(f"gate must be None, 0 (closed) or a tensor of shape ({hq},), got {gate!r}")
         if gate.dim() > 1 or gate.numel() not in (1, hq):
@@ -110,4 +110,4 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
             raise TypeError(f"valid must be None or a tensor of shape {want}, got {type(valid).__name__}")
         if tuple(valid.shape) != want:
             raise ValueError(f"valid (the padding mask) must have shape {want}, got {tuple(valid.shape)}")
-    return BSBRArgs(b, hq, hkv, n, d, v.shape[-1], fq.shape[-1], dm_in, dm)
+    return BSBRArgs(b, hq, hkv, n, d, v.shape[-1], fq.shape[-1], dm_in, outs[0])

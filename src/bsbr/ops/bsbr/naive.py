@@ -92,11 +92,8 @@ def _exact_softmax(q, k, qr, kr, v, win, far, scale):
 
 
 def _recall_sets(fk, v, n, options: BSBROptions) -> torch.Tensor:
-    """The recall cache by its definition: (h, C, n) bool, the tokens in head h's cache at the start
-    of chunk c. Built chunk by chunk: when chunk e leaves the window (at the start of chunk e + L),
-    the cache and e's non-sink tokens are ranked by their recall error against the state of every
-    token of chunks <= e (the state of the tokens outside the cache, the candidates included); the
-    M largest stay, ties to the later token."""
+    """The recall cache by its definition (docs/design.md, section 5b): (h, C, n) bool, the tokens in
+    head h's cache at the start of chunk c."""
     B, L, S, M = options.chunk_size, options.local_chunks, options.sink_tokens, options.recall_tokens
     C = -(-n // B)
     t = torch.arange(n, device=fk.device)

@@ -5,12 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..checks import check_int
+
 VARIANTS = ("additive", "normalized")
-
-
-def _int_at_least(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -26,25 +23,14 @@ class BSBROptions:
       is the chunk's largest ``q . k`` over its keys that are not sinks). 0: none.
     * ``retrieval``: how the chunk states of the earlier chunks it did not select join the exact
       softmax: ``"additive"`` (``o = softmax part + g q.S``) or ``"normalized"`` (one denominator:
-      ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features). Without exact
-      blocks the normalized weights give every earlier chunk weight one on uniform scores (linear
-      attention over the past); with them (either form) each token renormalises the weights over the
-      chunks it did not select, so this gist weighs as one chunk at every length.
+      ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features).
     * ``recall_tokens`` ``M``: the bounded recall mode (LoLA-style; 0: off; exclusive with
-      ``retrieval_blocks``). Per K/V head a cache of at most ``M`` exact tokens (far key, value) taken
-      from the chunks that have left the window (never sinks). When chunk ``c`` leaves the window (at
-      the start of chunk ``c + L``) the candidates are the cache and the non-sink tokens of ``c``; each
-      gets its recall error against the linear state ``S = sum fk_j v_j^T``, ``z = sum fk_j`` of every
-      token that has left the window and is not in the cache, candidates included:
-      ``e_j = |fk_j.S / fk_j.z - v_j|`` (normalized) or ``|fk_j.S - v_j|`` (additive). The ``M``
-      largest errors stay (ties: the later token), the rest join the state. A token attends in one
-      softmax to its window, the sinks and the cache as it stands at the start of its chunk (far
-      keys, ``qr.kr``), and reads the state (the left-window tokens outside the cache, each with
-      weight one; no meta-retrieval) through ``retrieval`` with the gate. Memory is constant: ``M``
-      tokens and one state per K/V head.
+      ``retrieval_blocks``): per K/V head a cache of at most ``M`` exact tokens that have left the
+      window, kept by how badly the linear state of the others recalls their values, and that state.
+      Memory is constant.
     * ``scale``: softmax scale, default ``1/sqrt(head_dim)``.
 
-    See ``docs/design.md`` for the whole definition.
+    See ``docs/design.md`` for the whole definition (sections 3-5b).
     """
 
     chunk_size: int
@@ -56,11 +42,11 @@ class BSBROptions:
     scale: Optional[float] = None
 
     def __post_init__(self):
-        _int_at_least("chunk_size", self.chunk_size, 1)
-        _int_at_least("local_chunks", self.local_chunks, 1)
-        _int_at_least("sink_tokens", self.sink_tokens, 0)
-        _int_at_least("retrieval_blocks", self.retrieval_blocks, 0)
-        _int_at_least("recall_tokens", self.recall_tokens, 0)
+        check_int("chunk_size", self.chunk_size, 1)
+        check_int("local_chunks", self.local_chunks, 1)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("retrieval_blocks", self.retrieval_blocks, 0)
+        check_int("recall_tokens", self.recall_tokens, 0)
         if self.recall_tokens and self.retrieval_blocks:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
         if self.retrieval not in VARIANTS:

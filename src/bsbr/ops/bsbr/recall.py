@@ -1,11 +1,5 @@
-"""The bounded recall mode (``recall_tokens = M > 0``): per K/V head a cache of at most ``M`` exact
-tokens that have left the window, chosen by how badly the linear state recalls their values (LoLA),
-and one linear state of the other tokens that have left it. Shared by the chunked and streaming
-forms (the reference, ``naive.py``, has its own plain version); see :class:`BSBROptions`.
-
-A cache is a :class:`RecallCache` of per-(sequence, K/V head) slots: far keys, values, features,
-positions and which slots are filled. Its size never depends on the context length.
-"""
+"""The bounded recall mode (``recall_tokens = M > 0``, docs/design.md section 5b), shared by the
+chunked and streaming forms (the reference, ``naive.py``, has its own plain version)."""
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -27,15 +27,11 @@ def gate_closed(gate) -> bool:
 
 
 def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, options) -> torch.Tensor:
-    """Weights w[c, c'] that chunk c gives to the state of chunk c'.
+    """Weights w[c, c'] that chunk c gives to the state of chunk c' (docs/design.md, section 3).
 
     r: (..., R, dm) meta-queries; h: (..., P, dm) meta-keys (leading dims broadcast); allowed:
     (..., R, P) bool, which pairs may be read (c' before c's window). Rows with nothing allowed are 0.
-    alpha = softmax over allowed chunks. ``additive``, and ``normalized`` with exact blocks: w = alpha;
-    each token then renormalises it over the chunks it does not read exactly (:func:`gist_scale`).
-    ``normalized`` without blocks: alpha times the number of allowed chunks, so uniform scores give
-    every past chunk weight one (plain linear attention over the past, sharing its denominator with
-    the exact softmax).
+    w = softmax over the allowed chunks, times their number for ``normalized`` without exact blocks.
     """
     scores = (r @ h.transpose(-1, -2)) / math.sqrt(r.shape[-1])
     allowed = allowed.expand_as(scores)
@@ -54,13 +50,11 @@ def gist_scale(total: torch.Tensor, picked: torch.Tensor, unread: torch.Tensor) 
     weights of the chunks it does not read exactly sum to one: 1 / (total - picked), where ``total``
     is the sum of its chunk weights and ``picked`` that of its selected chunks; 0 where ``unread``
     (bool) says no allowed chunk is left unselected (so float residue of total - picked reads as
-    nothing). The share is floored at ``GIST_FLOOR``: a token whose selected chunks hold over 99% of
-    the meta-softmax reads its other chunks with weights summing to less than one.
+    nothing). The share is floored at ``GIST_FLOOR``.
 
-    Why renormalise: the unselected chunks' share of the meta-softmax grows with the context (about
-    94% at 32k against at most 43% on 4k training windows, docs/findings.md), so weights that were
-    not renormalised made a distilled model's gist heavier at every length past its training length;
-    this way the gist weighs as one chunk at every length."""
+    Why: the unselected chunks' share grows with the context (about 94% at 32k against at most 43%
+    on 4k training windows), so without it a distilled model's gist grew heavier past its training
+    length (docs/findings.md)."""
     return torch.where(unread, 1.0 / (total - picked).clamp(min=GIST_FLOOR), torch.zeros_like(total))
 
 
@@ -72,15 +66,13 @@ def block_scores(qr: torch.Tensor, kr_t: torch.Tensor, sinks: int, keep: bool = 
     (..., P, d, B) the far keys of the sequence's first P chunks, each chunk transposed (every token
     real: a candidate chunk lies before a real token's window); ``sinks`` the first keys, never read as
     a block -> (..., T, P), -inf for a chunk of sinks alone. The exact maximum, not a bound or a mean:
-    one outstanding key (a needle) makes its chunk's score, however diverse the other keys are
-    (measured in docs/findings.md: key bounds over 4-token pieces, Quest's score, ranked the needle's
-    chunk below others for heads that read it, and were at most about a tenth cheaper at 8k).
+    one outstanding key (a needle) makes its chunk's score (Quest-style bounds ranked the needle's
+    chunk below others for heads that read it, and were at most a tenth cheaper; docs/findings.md).
 
-    Keys are stored transposed per chunk because a decode step scores one query against every past
-    key: with the keys as (d, B) rows that is one pass over contiguous memory, 1.5-3x faster on CPU
-    than the same matmul against (B, d) keys. Many queries (a prefill) are scored a few chunks at a
-    time, each (T, B) tile reduced while it is in cache: writing every q.k to memory first and then
-    reducing it took 3x as long (docs/findings.md, Speed).
+    Keys are stored transposed per chunk, (d, B): a decode step's one query against every past key is
+    then one pass over contiguous memory, 1.5-3x faster on CPU. A prefill is scored a few chunks at a
+    time, each (T, B) tile reduced while in cache (3x faster than writing every q.k first;
+    docs/findings.md, Speed).
 
     ``keep`` (a decode step, whose few queries' q.k fit in one tile) also returns every q.k,
     (..., P, T, B) with -inf at the sinks, so the selected blocks' scores are not computed twice."""

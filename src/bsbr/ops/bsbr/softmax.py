@@ -9,11 +9,10 @@ import torch
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float, causal: bool = False
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention and its log-sum-exp. q (N, h, M, d), k/v (N, h, W, d); ``allowed`` a bool
-    mask broadcastable to (N, h, M, W), or None with ``causal`` (M == W). Every row must allow at
-    least one key. Returns o (N, h, M, dv), lse (N, h, M).
+    mask broadcastable to (N, h, M, W), or None. Every row must allow at least one key. Returns
+    o (N, h, M, dv), lse (N, h, M).
 
     On CPU this is PyTorch's fused flash kernel (it returns the log-sum-exp, SDPA does not);
     elsewhere the plain formula."""
@@ -22,11 +21,9 @@ def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float, causal
         mask = None
         if allowed is not None:
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
         return o, lse.to(o.dtype)
     s = (q @ k.transpose(-1, -2)) * scale
-    if causal:
-        allowed = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)

@@ -13,17 +13,9 @@ from .retrieval import state_weights
 
 @dataclass
 class BSBRState:
-    """Streaming state of one BSBR attention for a batch; each sequence has its own position.
-
-    Always: the window's keys/values (a ring of ``local_chunks * chunk_size`` tokens), the sink
-    tokens' far keys/values, and per *completed* chunk one (feature x value) state, feature sum and
-    meta-key (of feature size 0, so empty, when the layer's chunk-state gate is closed: nothing would
-    read them). With ``retrieval_blocks > 0`` also every completed chunk's far keys and values (the
-    exact blocks a later token may select, and the keys that score them): memory then grows with the
-    context, like a KV cache. With ``recall_tokens = M > 0`` instead: the
-    window's far keys and features (to rank a chunk as it leaves the window), ``M`` cached tokens per
-    K/V head and one state of the other left-window tokens; no per-chunk arrays, so the memory is
-    constant.
+    """Streaming state of one BSBR attention for a batch; each sequence has its own position. What
+    it holds, per option, is docs/design.md, section 8; the fields below say each array's shape.
+    Chunk states have feature size 0 (so are empty) when the layer's chunk-state gate is closed.
     """
 
     options: BSBROptions

@@ -19,7 +19,5 @@ def check_delta_inputs(q, k, v, beta):
 
 def initial_delta_state(initial_state, b, h, d, dv, like: torch.Tensor) -> torch.Tensor:
     """The (b, h, d, dv) state to start from; None means zeros."""
-    if initial_state is not None and isinstance(initial_state, torch.Tensor):
-        initial_state = (initial_state, None)
-    S, _ = check_state(initial_state, b, h, d, dv, like, with_norm=False)
-    return S
+    state = (initial_state, None) if isinstance(initial_state, torch.Tensor) else initial_state
+    return check_state(state, b, h, d, dv, like, with_norm=False)[0]

@@ -6,8 +6,7 @@ import torch
 
 def beta_per_head(beta, h: int, d: int, like: torch.Tensor) -> torch.Tensor:
     """The inverse temperature as a (1, h, 1, 1) tensor: None means 1/sqrt(d) (standard attention)."""
-    if beta is None:
-        return torch.full((1, h, 1, 1), d ** -0.5, dtype=like.dtype, device=like.device)
+    beta = d ** -0.5 if beta is None else beta
     if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.Tensor)):
         raise TypeError(f"beta must be None, a float or a ({h},) tensor, got {type(beta).__name__}")
     if isinstance(beta, torch.Tensor):

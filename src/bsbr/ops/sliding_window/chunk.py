@@ -52,12 +52,10 @@ def chunk_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     rel = (w + r)[:, None] - j[None, :]  # (w, 2w)
     band = (rel >= 0) & (rel < w)
     key_pos = (torch.arange(C, device=q.device)[:, None] - 1) * w + j[None, :]  # (C, 2w)
-    key_ok = (key_pos >= 0) & (key_pos < n)
+    key_ok = ((key_pos >= 0) & (key_pos < n))[None]
     if valid is not None:
         vpad = F.pad(valid, (w, tail)).view(b, C + 1, w)
-        key_ok = key_ok[None] & torch.cat([vpad[:, :-1], vpad[:, 1:]], dim=2)  # (b, C, 2w)
-    else:
-        key_ok = key_ok[None]
+        key_ok = key_ok & torch.cat([vpad[:, :-1], vpad[:, 1:]], dim=2)  # (b, C, 2w)
     allowed = band[None, None] & key_ok[:, :, None, :]  # (b or 1, C, w, 2w)
     # a padded query may have no visible key: let it see itself (its output is zeroed below)
     allowed = allowed | (rel == 0)[None, None]
