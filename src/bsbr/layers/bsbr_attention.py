@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
-from ._baseline_common import MultiHeadBase
+from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
 from .inputs import check_layer_inputs
 from .rotary import apply_rotary

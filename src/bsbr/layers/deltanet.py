@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.deltanet import chunk_delta_rule, naive_delta_rule
-from ._baseline_common import MultiHeadBase
+from .multihead import MultiHeadBase
 from ..ops.checks import check_int, zero_padded
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..ops.hopfield import chunk_hopfield_attention
-from ._baseline_common import MultiHeadBase
+from .multihead import MultiHeadBase
 from ..ops.checks import check_int
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops.linear_attn import chunk_linear_attention, recurrent_linear_attention
-from ._baseline_common import MultiHeadBase
+from .multihead import MultiHeadBase
 from ..ops.checks import check_int
 from .feature_maps import FeatureMap
 

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops.sliding_window import chunk_sliding_window_attention
-from ._baseline_common import MultiHeadBase
+from .multihead import MultiHeadBase
 from ..ops.checks import check_int
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.checks import mask_padding, zero_padded
-from ._baseline_common import MultiHeadBase
+from .multihead import MultiHeadBase
 
 
 class StandardAttention(MultiHeadBase):
