@@ -5,6 +5,9 @@ bytes per context token after the prefill.
 
     OMP_NUM_THREADS=1 python benchmarks/modes_speed.py --contexts 1024 8192 --decode-steps 16 \
         --json docs/benchmarks/modes_speed_1k_8k.json
+
+``--models exact bounded --decode-only`` times the conversions' decode alone (a 32k prefill of the
+three models takes most of an hour on one thread).
 """
 from __future__ import annotations
 
@@ -23,19 +26,25 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--recall-tokens", type=int, default=256)
+    ap.add_argument("--models", nargs="+", choices=["source", "exact", "bounded"],
+                    default=["source", "exact", "bounded"])
+    ap.add_argument("--decode-only", action="store_true", help="no timed prefill (the decode's own prefill is untimed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     source = load_source(None).eval()
-    models = {"source": source, "exact": convert_to_bsbr(source).eval(),
-              "bounded": convert_to_bsbr(source, retrieval_blocks=0, recall_tokens=args.recall_tokens).eval()}
+    build = {"source": lambda: source, "exact": lambda: convert_to_bsbr(source).eval(),
+             "bounded": lambda: convert_to_bsbr(source, retrieval_blocks=0, recall_tokens=args.recall_tokens).eval()}
+    models = {name: build[name]() for name in args.models}
     g = torch.Generator().manual_seed(0)
     rows = []
     for n in args.contexts:
         ids = torch.randint(0, source.config.vocab_size, (1, n), generator=g)
         fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
-        with torch.no_grad():
-            prefill = {name: median(t) for name, t in interleaved_times(fns, repeats=1, warmup=0).items()}
+        prefill = {}
+        if not args.decode_only:
+            with torch.no_grad():
+                prefill = {name: median(t) for name, t in interleaved_times(fns, repeats=1, warmup=0).items()}
         decode = _decode(models, ids, args.decode_steps)
         row = dict(context=n, prefill_s={k: round(v, 2) for k, v in prefill.items()},
                    decode_ms={k: round(v[0], 1) for k, v in decode.items()},

@@ -28,3 +28,18 @@ def test_cache_bytes_counts_each_storage_once():
 
     t = torch.zeros(10)
     assert cache_bytes({"a": t, "b": [t, t[2:]], "c": (torch.zeros(3, dtype=torch.float64),)}) == 40 + 24
+
+
+def test_decode_prefill_keeps_only_the_last_logits():
+    """A long prefill's full logits (6.4 GB per SmolLM2 model at 32k) would be held through the decode."""
+    from bsbr.bench.converted import _decode
+
+    source = make_source("llama")
+    blocks = convert_to_bsbr(source, chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2).eval()
+    lengths = []
+    for m in (source, blocks):
+        m.register_forward_hook(lambda mod, args, out: lengths.append(out.logits.shape[1]))
+    import torch
+
+    _decode({"source": source, "bsbr": blocks}, torch.randint(0, 50, (1, 40)), steps=2)
+    assert lengths and set(lengths) == {1}
