@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import add_output_arguments, check_at_least_one, machine_info, write_outputs
+from .common import add_output_arguments, bench_parser, check_at_least_one, machine_info, write_outputs
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
 from .plots import plot_rows
@@ -124,8 +124,7 @@ def run_attention(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     """Add ``bsbr bench attention`` to the ``bsbr bench`` subparsers."""
-    p = bench_sub.add_parser("attention", description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser(bench_sub, "attention", __doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))}; "
                         f"with --model-scaling {' '.join(map(str, DEFAULT_MODEL_SEQ_LENS))})")

@@ -272,6 +272,20 @@ def check_at_least_one(args, names: Sequence[str]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
+def bench_parser(bench_sub, name: str, doc: str):
+    """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
+    import argparse
+
+    return bench_sub.add_parser(name, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_shape_arguments(p, hidden: int, layers: int, heads: int, ff_dim: int) -> None:
+    """``--hidden``, ``--layers``, ``--heads`` and ``--ff-dim`` of the LM shell a benchmark builds."""
+    for flag, default in (("--hidden", hidden), ("--layers", layers), ("--heads", heads), ("--ff-dim", ff_dim)):
+        p.add_argument(flag, type=int, default=default)
+
+
 def add_output_arguments(p, plot: str = "a plot") -> None:
     """``--threads``, ``--json`` and ``--plot``: the options every benchmark command shares."""
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, check_at_least_one, forward_fn,
+from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least_one, forward_fn,
                      failure, interleaved_times, is_oom, machine_info, measure_peak, median, memory_refusal,
                      release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
@@ -264,16 +264,12 @@ def run_models(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     """Add ``bsbr bench models``."""
-    p = bench_sub.add_parser("models", description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser(bench_sub, "models", __doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff-dim", type=int, default=1024)
+    add_shape_arguments(p, hidden=256, layers=2, heads=4, ff_dim=1024)
     p.add_argument("--block", type=int, default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=float, default=15.0, help="skip calls predicted to take longer")

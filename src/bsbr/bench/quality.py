@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from .common import VOCAB, add_output_arguments, check_at_least_one, write_outputs
+from .common import VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least_one, write_outputs
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -255,15 +255,11 @@ def run_quality_cli(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     """Add ``bsbr bench quality``."""
-    p = bench_sub.add_parser("quality", description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = bench_parser(bench_sub, "quality", __doc__)
     p.add_argument("--models", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")
     p.add_argument("--block", type=int, default=64, help="BSBR chunk size = sliding window")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff-dim", type=int, default=512)
+    add_shape_arguments(p, hidden=128, layers=2, heads=4, ff_dim=512)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
