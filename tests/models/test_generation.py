@@ -92,3 +92,17 @@ def test_beam_search_runs(model):
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape == (2, 18)
+
+
+def test_generate_past_the_sources_positions_with_the_default_length():
+    """transformers caps a default-length generate at max_position_embeddings; rope positions go on."""
+    source = make_source("llama3-rope")  # 256 positions
+    model = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2).eval()
+    prompt = torch.randint(3, VOCAB, (1, 300))
+    out = model.generate(prompt, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 320)  # transformers' default: 20 new tokens
+    assert model.generate(prompt, do_sample=False, max_new_tokens=3, eos_token_id=None, pad_token_id=0).shape == (1, 303)
+    gpt2 = convert_to_bsbr(make_source("gpt2"), chunk_size=CHUNK)  # learned absolute positions: 64 of them
+    gpt2.config.position_scheme = "absolute"
+    with pytest.raises(ValueError, match="max_length"):
+        gpt2.generate(torch.randint(3, VOCAB, (1, 70)), do_sample=False)

@@ -293,6 +293,15 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
+    def _prepare_generated_length(self, generation_config, has_default_max_length, *args, **kwargs):
+        """transformers caps a generation of default length (20 new tokens) at ``max_position_embeddings``
+        and refuses a longer prompt; a BSBR model's positions go on past it (rope, or learned positions
+        that wrap or clamp), so only learned ``absolute`` positions keep that cap."""
+        unbounded = self.config.position_type == "rope" or self.config.position_scheme != "absolute"
+        if unbounded and has_default_max_length and generation_config.max_new_tokens is None:
+            generation_config.max_new_tokens = generation_config.max_length
+        return super()._prepare_generated_length(generation_config, has_default_max_length, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
         return super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask, **kwargs)
