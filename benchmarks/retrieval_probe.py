@@ -7,7 +7,7 @@ sources (held-out standard-library code and licence prose).
         --variants source window K2w K4w K8w K4a --json retrieval_8k.json
 
 Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a>``: k exact blocks, far positions ``window``
-(w) or ``absolute`` (a). Past the source's 8,192 positions only the BSBR variants run.
+(w) or ``absolute`` (a); ``R<m>``: the bounded mode, m recall tokens per layer and K/V head. Past the source's 8,192 positions only the BSBR variants run.
 Prints perplexity per source and the share of the window -> full gap each variant closes
 (``(ppl_window - ppl_variant) / (ppl_window - ppl_source)``) and the retrieved share of the context
 (K * chunk / seq_len).
@@ -41,6 +41,9 @@ def build(source, name: str, chunk: int):
         return source
     if name == "window":
         return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=0).eval()
+    m = re.fullmatch(r"R(\d+)", name)
+    if m:
+        return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=0, recall_tokens=int(m.group(1))).eval()
     m = re.fullmatch(r"K(\d+)([wa])", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
@@ -81,11 +84,11 @@ def main() -> None:
         for name, value in ppl.items():
             if name in ("source", "window") or "window" not in ppl:
                 continue
-            k = int(re.match(r"K(\d+)", name).group(1))
             line = f"{kind:>6} {name:>7}: {ppl['window'] - value:+.3f} vs window"
             if "source" in ppl:
                 line += f", gap closed {100 * (ppl['window'] - value) / (ppl['window'] - ppl['source']):.1f}%"
-            print(line + f", retrieved {100 * k * args.chunk_size / args.seq_len:.1f}%")
+            k = re.match(r"K(\d+)", name)  # exact blocks: K chunks of the context; recall: a fixed budget
+            print(line + (f", retrieved {100 * int(k.group(1)) * args.chunk_size / args.seq_len:.1f}%" if k else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
