@@ -143,7 +143,10 @@ def _step_masks(state, device):
     once per step for all layers): masks of what it may *not* read (filled with -inf in place) among
     the window's ring slots (b, 1, 1, W), the sinks (b, 1, 1, S) and, while every candidate is read,
     the blocks' tokens; with blocks the candidate chunks (b, P), their largest count and the last
-    chunk before each window; ``at``: the token's index (int) when every sequence is at the same one."""
+    chunk before each window; ``at``: the token's index (int) when every sequence is at the same one;
+    ``sinks_apart``: whether the sinks are a part of their own (not while every candidate is read and
+    the sinks lie in chunk 0: that chunk is read, sinks included, exactly when they are outside the
+    window, as the chunked form's dense far part does)."""
     opt = state.options
     P = state.kr_past.shape[2]
     pos = tuple(state.n_seen.tolist())
@@ -155,7 +158,7 @@ def _step_masks(state, device):
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
     ring = tt - torch.remainder(tt - torch.arange(W, device=device).view(1, W), W)  # token in each slot
-    m = dict(at=pos[0] if len(set(pos)) == 1 else None,
+    m = dict(at=pos[0] if len(set(pos)) == 1 else None, sinks_apart=True,
              not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
              not_sinks=~sink_outside_window(tt, torch.arange(S, device=device).view(1, S), B, L).view(b, 1, 1, S))
     if opt.retrieval_blocks:
@@ -164,10 +167,13 @@ def _step_masks(state, device):
         candidate = (chunks[None, :] <= last[:, None]) & ((chunks + 1) * B > S)  # and holding a non-sink token
         m.update(candidate=candidate, n_cand=int(candidate.sum(-1).max()) if P else 0,
                  last=int(last.max()) if b else -1)
-        if 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' non-sink tokens
-            U = m["last"] + 1
-            tok = torch.arange(U * B, device=device)
-            m["not_dense"] = ~(candidate[:, :U].repeat_interleave(B, dim=1) & (tok >= S)).view(b, 1, 1, U * B)
+        m["sinks_apart"] = B <= S or m["n_cand"] > opt.retrieval_blocks
+        if 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' tokens (sinks
+            U = m["last"] + 1  # too, when they lie in chunk 0)
+            read = candidate[:, :U].repeat_interleave(B, dim=1)
+            if m["sinks_apart"]:
+                read = read & (torch.arange(U * B, device=device) >= S)
+            m["not_dense"] = ~read.view(b, 1, 1, U * B)
     _MASKS.clear()
     _MASKS[key] = m
     return m
@@ -178,7 +184,7 @@ def _window_and_sinks(qg, qrg, state, m):
     outside it; ``m`` the step's masks."""
     scores = [(qg @ state.k_buf.transpose(-1, -2)).masked_fill_(m["not_window"], float("-inf"))]
     values = [state.v_buf]
-    if state.options.sink_tokens:
+    if state.options.sink_tokens and m["sinks_apart"]:
         scores.append((qrg @ state.k_sink.transpose(-1, -2)).masked_fill_(m["not_sinks"], float("-inf")))
         values.append(state.v_sink)
     return scores, values
