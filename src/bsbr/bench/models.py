@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least_one, forward_fn,
-                     failure, interleaved_times, is_oom, machine_info, measure_peak, median, memory_refusal,
+from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
+                     check_at_least_one, forward_fn, failure, interleaved_times, is_oom, machine_info, measure_peak, median, memory_refusal,
                      release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
