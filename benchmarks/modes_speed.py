@@ -40,9 +40,9 @@ def main() -> None:
     rows = []
     for n in args.contexts:
         ids = torch.randint(0, source.config.vocab_size, (1, n), generator=g)
-        fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
         prefill = {}
         if not args.decode_only:
+            fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
             with torch.no_grad():
                 prefill = {name: median(t) for name, t in interleaved_times(fns, repeats=1, warmup=0).items()}
         decode = _decode(models, ids, args.decode_steps)
