@@ -57,7 +57,7 @@ def scorers(q, keys, sinks, B):
     P = keys.shape[0] // B
     logit = q @ keys.T  # (R, P * B)
     logit[:, :sinks] = float("-inf")
-    out = {"max": block_scores(q, keys.view(P, B, -1).transpose(-1, -2), sinks)}
+    out = {"max": block_scores(q, keys.view(P, B, -1), sinks)}
     keep = (torch.arange(P * B) >= sinks).view(P, B)
     out["mean"] = q @ ((keys.view(P, B, -1) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).T
     for p in PIECES:

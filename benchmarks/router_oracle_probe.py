@@ -49,9 +49,9 @@ def scoring(router_scores, options, select: str):
     oracle's scores and the recall statistics; returns the scores of ``select``."""
     B, L, S, K = options.chunk_size, options.local_chunks, options.sink_tokens, options.retrieval_blocks
 
-    def scores(q_c, kr_t, sinks, keep=False):
-        router = router_scores(q_c, kr_t, sinks)
-        P = kr_t.shape[-3]
+    def scores(q_c, kr, sinks, keep=False):
+        router = router_scores(q_c, kr, sinks)
+        P = kr.shape[-3]
         c = P + L - 1
         q, k = STASH["q"], STASH["k"]
         b, hkv, N, d = k.shape

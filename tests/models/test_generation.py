@@ -82,7 +82,7 @@ def test_cache_is_bounded_by_chunk_and_per_chunk_states(model):
         return
     assert 8 <= st.F_past.shape[2] <= 16  # one state per completed chunk (capacity grows by doubling)
     if model.config.retrieval_blocks:  # exact blocks keep every completed chunk's keys and values
-        assert st.kr_past.shape[2] == st.F_past.shape[2] and st.kr_past.shape[4] == CHUNK
+        assert st.kr_past.shape[2] == st.F_past.shape[2] and st.kr_past.shape[3] == CHUNK
     else:
         assert st.kr_past.numel() == 0
 

@@ -407,7 +407,7 @@ def test_block_scores_are_each_chunks_largest_logit_over_its_non_sink_keys():
     g = torch.Generator().manual_seed(3)
     kr = torch.randn(2, 5, 6, 4, generator=g, dtype=DT)  # (h, C, B, d)
     qr = torch.randn(2, 7, 4, generator=g, dtype=DT)
-    got = block_scores(qr, kr.transpose(-1, -2), 8)  # (h, T, C): chunk 0 is all sinks, chunk 1 holds two
+    got = block_scores(qr, kr, 8)  # (h, T, C): chunk 0 is all sinks, chunk 1 holds two
     for h in range(2):
         for c in range(5):
             ks = kr[h, c, max(8 - 6 * c, 0):]
@@ -490,7 +490,7 @@ def test_exact_block_state_keeps_every_chunk():
     x = make_inputs(b=1, hq=2, hkv=2, n=256, d=4)
     _, st = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], BSBROptions(32, retrieval_blocks=2),
                                  output_final_state=True)
-    assert st.kr_past.shape[2:] == (8, 4, 32) and st.v_past.shape[2:] == (8, 32, 7)  # keys transposed per chunk
+    assert st.kr_past.shape[2:] == (8, 32, 4) and st.v_past.shape[2:] == (8, 32, 7)
 
 
 @pytest.mark.parametrize("blocks", [0, 2])

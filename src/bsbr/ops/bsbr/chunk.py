@@ -203,10 +203,10 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     # (no autograd graph: a choice passes no gradient)
     scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
     qv = qr.detach().view(b, hkv, g, C, B, -1)
-    kr_t = _blocks(kr.detach(), B).transpose(-1, -2).contiguous()  # (b, hkv, C, d, B): the streaming cache's layout
+    kr_b = _blocks(kr.detach().contiguous(), B)  # (b, hkv, C, B, d): the streaming cache's layout
     for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
         P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
-        s_c = block_scores(q_c, kr_t[:, :, :P], options.sink_tokens)
+        s_c = block_scores(q_c, kr_b[:, :, :P], options.sink_tokens)
         scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
     sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
     w_sel = None
@@ -456,7 +456,7 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
     if options.retrieval_blocks:
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
-        st.kr_past = krb.transpose(-1, -2) * done[..., None, None].to(kr.dtype)  # (b, hkv, C, d, B)
+        st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
     else:
         for name in ("kr_past", "v_past"):

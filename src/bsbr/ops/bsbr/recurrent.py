@@ -206,8 +206,8 @@ def _read_blocks(qrg, fq, state, m, scores, values, num, den):
     if n_cand == 0:
         return num, den
     if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
-        U = m["last"] + 1  # scored against the whole capacity: a matmul with a slice of it copies the slice first
-        s_b = (qrg.unsqueeze(2) @ state.kr_past)[:, :, :U].transpose(2, 3).reshape(b, hkv, g, U * B)
+        U = m["last"] + 1
+        s_b = qrg @ state.kr_past[:, :, :U].reshape(b, hkv, U * B, d).transpose(-1, -2)
         scores.append(s_b.masked_fill_(m["not_dense"], float("-inf")))
         values.append(state.v_past[:, :, :U].reshape(b, hkv, U * B, -1))
         if num is None:
@@ -219,7 +219,7 @@ def _read_blocks(qrg, fq, state, m, scores, values, num, den):
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
         grad = torch.is_grad_enabled()
         bs, qk = (block_scores(qrg, state.kr_past[:, :, :span], S), None) if grad else \
-            block_scores(qrg, state.kr_past[:, :, :span], S, keep=True)  # (b, hkv, g, span), (b, hkv, span, g, B)
+            block_scores(qrg, state.kr_past[:, :, :span], S, keep=True)  # (b, hkv, g, span), (b, hkv, g, span, B)
         sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K), -1: none
         at = sel.clamp(min=0)
         rows = (at + P * torch.arange(b * hkv, device=at.device).view(b, hkv, 1, 1)).reshape(-1)  # (b hkv P) rows
@@ -227,9 +227,9 @@ def _read_blocks(qrg, fq, state, m, scores, values, num, den):
         def picked(x):  # (b, hkv, P, ...) -> (b, hkv, g, K, ...): each head's selected chunks
             return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, g, K, *x.shape[3:])
         if grad:
-            s_b = (qrg.view(b, hkv, g, 1, 1, d) @ picked(state.kr_past)).squeeze(-2)  # (b, hkv, g, K, B)
+            s_b = (qrg.view(b, hkv, g, 1, 1, d) @ picked(state.kr_past).transpose(-1, -2)).squeeze(-2)  # (b, hkv, g, K, B)
         else:
-            s_b = qk.transpose(2, 3).gather(3, at.unsqueeze(-1).expand(b, hkv, g, K, B))
+            s_b = qk.gather(3, at.unsqueeze(-1).expand(b, hkv, g, K, B))
         tok = at.unsqueeze(-1) * B + torch.arange(B, device=at.device)  # (b, hkv, g, K, B)
         scores.append(s_b.masked_fill_(~((sel >= 0).unsqueeze(-1) & (tok >= S)), float("-inf")).reshape(b, hkv, g, -1))
         table = state.v_past.reshape(b * hkv * P * B, -1)
@@ -316,7 +316,7 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     put("z_past", state.z_cur)
     put("h_past", apply_meta(meta_k, (state.mk_sum / B).unsqueeze(2)).squeeze(2))
     if opt.retrieval_blocks:
-        put("kr_past", state.kr_cur.transpose(-1, -2))
+        put("kr_past", state.kr_cur)
         put("v_past", state.v_cur)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)

@@ -61,39 +61,41 @@ def gist_scale(total: torch.Tensor, picked: torch.Tensor, unread: torch.Tensor) 
 SCORE_TILE = 1 << 18  # scores (floats) computed before they are reduced: a prefill's chunk, a decode step's whole context
 
 
-def block_scores(qr: torch.Tensor, kr_t: torch.Tensor, sinks: int, keep: bool = False):
-    """A chunk's score: its largest ``qr . k`` over its keys that are not sinks. qr (..., T, d), kr_t
-    (..., P, d, B) the far keys of the sequence's first P chunks, each chunk transposed (every token
-    real: a candidate chunk lies before a real token's window); ``sinks`` the first keys, never read as
-    a block -> (..., T, P), -inf for a chunk of sinks alone. The exact maximum, not a bound or a mean:
-    one outstanding key (a needle) makes its chunk's score (Quest-style bounds ranked the needle's
-    chunk below others for heads that read it, and were at most a tenth cheaper; docs/findings.md).
+def block_scores(qr: torch.Tensor, kr: torch.Tensor, sinks: int, keep: bool = False):
+    """A chunk's score: its largest ``qr . k`` over its keys that are not sinks. qr (..., T, d), kr
+    (..., P, B, d) the far keys of the sequence's first P chunks (every token real: a candidate chunk
+    lies before a real token's window); ``sinks`` the first keys, never read as a block -> (..., T, P),
+    -inf for a chunk of sinks alone. The exact maximum, not a bound or a mean: one outstanding key (a
+    needle) makes its chunk's score (Quest-style bounds ranked the needle's chunk below others for
+    heads that read it, and were at most a tenth cheaper; docs/findings.md).
 
-    Keys are stored transposed per chunk, (d, B): a decode step's one query against every past key is
-    then one pass over contiguous memory, 1.5-3x faster on CPU. A prefill is scored a few chunks at a
-    time, each (T, B) tile reduced while in cache (3x faster than writing every q.k first;
-    docs/findings.md, Speed).
+    Per (sequence, head) the keys of consecutive chunks are consecutive rows, so a few chunks at a
+    time are scored by one matmul against a view of them (no copy), and each (T, chunks x B) tile is
+    reduced while in cache (3x faster than writing every q.k first). With keys stored transposed per
+    chunk (one small matmul per chunk) a layer's decode step at 32k context took 1.4x as long
+    (docs/findings.md, Speed).
 
-    ``keep`` (a decode step, whose few queries' q.k fit in one tile) also returns every q.k,
-    (..., P, T, B) with -inf at the sinks, so the selected blocks' scores are not computed twice."""
-    P, T, B = kr_t.shape[-3], qr.shape[-2], kr_t.shape[-1]
-    step = max(1, SCORE_TILE // (T * B))  # chunks per tile
-    lead = kr_t.dim() - 3
-    qr, kr_t = qr.detach(), kr_t.detach()  # scores only choose blocks: no gradient flows through them
-    out = qr.new_empty(kr_t.shape[:-3] + (P, T))
-    kept = qr.new_empty(kr_t.shape[:-3] + (P, T, B)) if keep else None
-    # one (sequence, head) at a time: kr_t is often a slice of a longer capacity, and a matmul batched
-    # over (..., chunks) would first copy it to merge those dims
+    ``keep`` (a decode step, whose few queries' q.k are small) also returns every q.k, (..., T, P, B)
+    with -inf at the sinks, so the selected blocks' scores are not computed twice."""
+    P, B, d = kr.shape[-3:]
+    T = qr.shape[-2]
+    step = P if keep else max(1, SCORE_TILE // (T * B))  # chunks per tile
+    lead = kr.dim() - 3
+    qr, kr = qr.detach(), kr.detach()  # scores only choose blocks: no gradient flows through them
+    out = qr.new_empty(kr.shape[:-3] + (T, P))
+    kept = qr.new_empty(kr.shape[:-3] + (T, P, B)) if keep else None
+    # one (sequence, head) at a time: kr is often a slice of a longer capacity, whose (head, chunk)
+    # dims a batched matmul would first copy to merge
     outs = _entries(out, lead)
-    for q_i, k_i, o_i, r_i in zip(_entries(qr.expand(kr_t.shape[:-3] + (T, -1)), lead), _entries(kr_t, lead), outs,
+    for q_i, k_i, o_i, r_i in zip(_entries(qr.expand(kr.shape[:-3] + (T, d)), lead), _entries(kr, lead), outs,
                                   _entries(kept, lead) if keep else [None] * len(outs)):
         for p0 in range(0, P, step):
-            k_p = k_i[p0:p0 + step]
-            sc = q_i @ k_p if r_i is None else torch.matmul(q_i, k_p, out=r_i[p0:p0 + step])  # (chunks, T, B)
-            for p in range(p0, min(p0 + step, P, -(-sinks // B))):  # chunks holding sinks
-                sc[p - p0, :, :sinks - p * B] = float("-inf")
-            o_i[p0:p0 + step] = sc.amax(-1)
-    out = out.transpose(-1, -2)
+            n = min(step, P - p0)
+            k_p = k_i[p0:p0 + n].reshape(n * B, d).t()
+            sc = (q_i @ k_p if r_i is None else torch.matmul(q_i, k_p, out=r_i.view(T, P * B))).view(T, n, B)
+            for p in range(p0, min(p0 + n, -(-sinks // B))):  # chunks holding sinks
+                sc[:, p - p0, :sinks - p * B] = float("-inf")
+            o_i[:, p0:p0 + n] = sc.amax(-1)
     return (out, kept) if keep else out
 
 

@@ -37,7 +37,7 @@ class BSBRState:
     zS_cur: torch.Tensor  # (b, hq, df)
     kr_cur: torch.Tensor  # (b, hkv, Bk, d) far keys of the current chunk (Bk = chunk_size with blocks, else 0)
     v_cur: torch.Tensor  # (b, hkv, Bk, dv)
-    kr_past: torch.Tensor  # (b, hkv, P, d, Bk) far keys of completed chunks, each transposed (block_scores)
+    kr_past: torch.Tensor  # (b, hkv, P, Bk, d) far keys of completed chunks
     v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
     kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
     fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
@@ -72,7 +72,7 @@ class BSBRState:
             F_cur=z(b, hkv, df, dv), z_cur=z(b, hkv, df), mk_sum=z(b, hkv, a.meta_in), mq_sum=z(b, hq, a.meta_in),
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
             h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
-            kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, d, Bk), v_past=z(b, hkv, 0, Bk, dv),
+            kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
             kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
             **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
