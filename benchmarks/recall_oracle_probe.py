@@ -47,12 +47,12 @@ def main() -> None:
     now = dict(layer=0, forced=None, layers=set(), held={})
     keep_largest = recall.keep_largest
 
-    def forcing(err, pos, cand, M):  # the cache's choice, with the forced tokens first
+    def forcing(err, pos, cand, v, M):  # the cache's choice, with the forced tokens first
         if now["forced"] is not None and now["layer"] in now["layers"]:
             err = torch.where(torch.isin(pos, now["forced"]) & cand, torch.full_like(err, float("inf")), err)
-        idx = keep_largest(err, pos, cand, M)
+        idx, on = keep_largest(err, pos, cand, v, M)
         now["held"][now["layer"]] = idx, pos
-        return idx
+        return idx, on
 
     recall.keep_largest = forcing
     for i, layer in enumerate(model.model.layers):

@@ -29,9 +29,9 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "Keeps every past token's key and value: the cache grows with the context")
     p.add_argument("--recall-tokens", type=int, default=D["recall_tokens"],
                    help="the bounded recall mode (default %(default)s = off; needs --retrieval-blocks 0): keep at "
-                        "most M exact past tokens per layer and K/V head, those the linear state recalls worst, "
-                        "and the rest in one state; the cache stays constant (M tokens per layer per K/V head "
-                        "plus the window), whatever the context length")
+                        "most M exact past tokens per layer and K/V head, those the linear state recalls worst "
+                        "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "
+                        "per layer per K/V head plus the window), whatever the context length")
     p.add_argument("--far-positions", choices=["absolute", "window"], default=D["far_positions"],
                    help="rotary positions of sinks and retrieved blocks: their own, or just before the window "
                         "(default %(default)s; 'window' keeps every distance inside the source's range)")

@@ -14,6 +14,7 @@ import torch
 from .inputs import check_inputs
 from .masks import exact_window, near
 from .options import BSBROptions
+from .recall import DUPLICATE_COSINE
 from .retrieval import GIST_FLOOR, apply_meta, combine, gate_per_head, select_blocks, state_weights
 
 
@@ -111,6 +112,9 @@ def _recall_sets(fk, v, n, options: BSBROptions) -> torch.Tensor:
                     pred = pred / (fk[h, j] @ z)
                 err[j] = float((pred - v[h, j]).norm().detach())
                 err[j] = float("inf") if math.isnan(err[j]) else err[j]
-            cache = sorted(err, key=lambda j: (-err[j], -j))[:M]
+            ranked = sorted(err, key=lambda j: (-err[j], -j))  # the first M not duplicating one ranked before,
+            dup = [any(float(v[h, i] @ v[h, j] / (v[h, i].norm() * v[h, j].norm())) > DUPLICATE_COSINE  # then
+                       for i in ranked[:a]) for a, j in enumerate(ranked)]  # the duplicates
+            cache = ([j for j, d in zip(ranked, dup) if not d] + [j for j, d in zip(ranked, dup) if d])[:M]
             out[h, c, cache] = True
     return out
