@@ -56,14 +56,14 @@ def keep_largest(err, pos, cand, v, M: int):
     err = err.masked_fill(~cand, float("-inf"))
     by_pos = pos.masked_fill(~cand, -1).sort(dim=-1, descending=True, stable=True).indices
     order = by_pos.gather(-1, err.gather(-1, by_pos).sort(dim=-1, descending=True, stable=True).indices)
-    ok = cand.gather(-1, order)
+    ok = cand.gather(-1, order)  # in rank order from here
     x = torch.nn.functional.normalize(v.gather(-2, order.unsqueeze(-1).expand_as(v)), dim=-1)
     J = ok.shape[-1]
-    before = torch.ones(J, J, dtype=torch.bool, device=ok.device).triu(1) & ok.unsqueeze(-1)  # row: a ranked candidate
-    sim = (x @ x.transpose(-1, -2)).masked_fill(~before, float("-inf"))
-    rank = ok.to(torch.int8) * (2 - (sim.amax(-2) > DUPLICATE_COSINE).to(torch.int8))  # 2 first, then 1
-    pick = rank.sort(dim=-1, descending=True, stable=True).indices[..., :M]
-    return order.gather(-1, pick), ok.gather(-1, pick)
+    earlier = torch.ones(J, J, dtype=torch.bool, device=ok.device).tril(-1) & ok.unsqueeze(-2)  # [j, i]: i before j
+    dup = ((x @ x.transpose(-1, -2) > DUPLICATE_COSINE) & earlier).any(-1)
+    tier = ok.to(torch.int8) * (2 - dup.to(torch.int8))  # 2: kept first, 1: a near-duplicate
+    pick = order.gather(-1, tier.sort(dim=-1, descending=True, stable=True).indices[..., :M])
+    return pick, cand.gather(-1, pick)
 
 
 def _outer_sum(fk, v, w):
