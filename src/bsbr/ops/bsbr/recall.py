@@ -50,7 +50,7 @@ def keep_largest(err, pos, cand, v, M: int):
     candidate (..., M) (False: an empty slot).
 
     Why the duplicates go: by error alone the cache fills with copies of frequent tokens (at 16k tokens
-    of licence prose, 739 of the 7,680 slots held " License"), which read as one key many times over
+    of licence prose, 739 of the 23,040 slots held " License"), which read as one key many times over
     and draw the window's mass: 32k prose perplexity 16.04 with them, 15.47 without (the window alone
     15.60). A lower threshold gains more perplexity (15.29 at 0.8) but merges the digits of a number
     and loses prose pass-keys (1/6 at 4k-8k against 3/6; docs/findings.md, The bounded mode)."""
