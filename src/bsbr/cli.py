@@ -44,26 +44,20 @@ class LazyParser(Parser):
 
     def __init__(self, *args, module: str, **kwargs):
         super().__init__(*args, **kwargs)
-        self._module = module
-        self._loaded = False
+        self._module = module  # None once loaded
 
     def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        importlib.import_module(self._module).register(_Subparsers(self))
+        if self._module:
+            module, self._module = self._module, None
+            importlib.import_module(module).register(_Subparsers(self))
 
     def parse_known_args(self, args=None, namespace=None):
         self._load()
         return super().parse_known_args(args, namespace)
 
-    def format_help(self):
+    def format_help(self):  # format_usage needs no hook: Parser.error prints no usage
         self._load()
         return super().format_help()
-
-    def format_usage(self):
-        self._load()
-        return super().format_usage()
 
 
 class _Subparsers:
@@ -135,9 +129,8 @@ def main(argv=None) -> int:
             raise
         from .outputs import UserError
 
-        user = isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \
-            type(e).__name__ == "SafetensorError"
-        if user:
+        if isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \
+                type(e).__name__ == "SafetensorError":  # bad input, not a bug
             print(f"bsbr {name}: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USAGE
         print(f"bsbr {name}: error: internal error {type(e).__name__}: {_one_line(e)} "

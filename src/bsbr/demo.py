@@ -56,10 +56,7 @@ def _demo(args, out: Path, final: Path) -> int:
     plot_converted(speed, out / "speed.png", args.source or "SmolLM2-135M")
 
     print("\n=== summary ===")
-    for line in summary_lines(result):
-        print(line)
-    for line in speed_lines(speed):
-        print(line)
+    print("\n".join([*summary_lines(result), *speed_lines(speed)]))
     print(f"\nwrote {final}/eval.json, eval.png, speed.json, speed.png, model/ in {time.perf_counter() - t0:.0f}s")
     cfg = model.config
     print(f"Each token reads exactly its window (own chunk + {cfg.local_chunks - 1} before it + the first "

@@ -43,8 +43,7 @@ def pyplot():
 
 
 def save_figure(fig, path: PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
-    """Lay out ``fig``, write it to ``path`` (making its folder; one rename, so never half a file) and
-    close it. ``savefig_kwargs`` go to ``fig.savefig``. Returns the path."""
+    """Lay out ``fig``, write it to ``path`` (making its folder; one rename, so never half a file), close it."""
     import matplotlib.pyplot as plt
 
     if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it

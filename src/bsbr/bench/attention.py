@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import add_output_arguments, bench_parser, check_at_least_one, machine_info, write_outputs
+from .common import add_output_arguments, bench_parser, check_at_least, machine_info, write_outputs
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
 from .plots import plot_rows
@@ -30,29 +30,25 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
     """Rows as a text table: one line per length, time and memory per model."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     by = {(r["model"], r["seq_len"]): r for r in rows}
-    lens = sorted({r["seq_len"] for r in rows})
     head = f"{'tokens':>8} " + " ".join(f"{m + ' ms':>14} {m + ' MiB':>14}" for m in models)
     lines = [head, "-" * len(head)]
-    for n in lens:
+    for n in sorted({r["seq_len"] for r in rows}):
         cells = []
         for m in models:
             r = by.get((m, n))
             if r is None or r["status"] != "ok":
-                tag = "-" if r is None else r["status"]
-                cells.append(f"{tag:>14} {'':>14}")
+                cells.append(f"{'-' if r is None else r['status']:>14} {'':>14}")
             else:
-                cells.append(f"{r['time_ms']:>14.1f} {r['peak_mb'] if r['peak_mb'] is not None else float('nan'):>14.1f}")
+                peak = float("nan") if r["peak_mb"] is None else r["peak_mb"]
+                cells.append(f"{r['time_ms']:>14.1f} {peak:>14.1f}")
         lines.append(f"{n:>8} " + " ".join(cells))
     return "\n".join(lines)
 
 
 def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
-    check_at_least_one(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab",
-                              "max_standard_len", "max_earlier_len", "threads"))
-    if args.retrieval_blocks < 0:
-        raise ValueError(f"--retrieval-blocks must be >= 0, got {args.retrieval_blocks}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    check_at_least(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "max_standard_len",
+                          "max_earlier_len", "threads"))
+    check_at_least(args, ("retrieval_blocks", "warmup"), minimum=0)
     if not args.max_seconds > 0:
         raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.seq_lens is not None and any(n < 1 for n in args.seq_lens):
@@ -65,14 +61,7 @@ def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
         raise ValueError("--device cuda but CUDA is not available")
 
 
-def _print_targets(targets: Sequence[Dict[str, object]]) -> None:
-    for t in targets:
-        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
-        print(f"  {t['target']}: {t['value']} -> {met}")
-
-
 def run_attention(args: argparse.Namespace) -> int:
-    """``bsbr bench attention``: run, print tables, write JSON and PNG."""
     # --hidden, --heads and --seq-lens default by mode
     hidden = args.hidden or (256 if args.model_scaling else 512)
     heads = args.heads or (4 if args.model_scaling else 8)
@@ -85,45 +74,45 @@ def run_attention(args: argparse.Namespace) -> int:
     if args.model_scaling:
         result = bench_model_scaling(seq_lens, hidden=hidden, heads=heads, ff_dim=args.ff_dim, num_layers=args.layers,
                                      vocab_size=args.vocab, **shared)
-        result["machine"] = machine_info(args.device)
-        print(format_table(result["rows"]))
-        for r in result["rows"]:
-            if r["status"] == "ok":
-                print(f"  {r['seq_len']:>6} tokens: process peak RSS {r['process_peak_mb']:.0f} MiB")
-        print(f"t(longest)/t(shortest) = {result['ratios']['time_ratio_longest_shortest']} "
-              f"(linear: {result['ratios']['linear_would_be']:g})")
-        _print_targets(result["targets"])
-        title = (f"{args.layers}-layer BSBRModel forward (hidden {hidden}, chunk {args.chunk_size}, "
-                 f"{result['machine']['torch_threads']} threads)")
     else:
         result = bench_attention(seq_lens, hidden=hidden, heads=heads, warmup=args.warmup,
                                  max_standard_len=args.max_standard_len, earlier_wheel=args.earlier_wheel,
                                  max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds, **shared)
         if not args.skip_core:
             result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, **shared)
-        result["machine"] = machine_info(args.device)
-        print(format_table(result["rows"]))
+    result["machine"] = machine_info(args.device)
+    threads = result["machine"]["torch_threads"]
+    print(format_table(result["rows"]))
+    if args.model_scaling:
+        for r in result["rows"]:
+            if r["status"] == "ok":
+                print(f"  {r['seq_len']:>6} tokens: process peak RSS {r['process_peak_mb']:.0f} MiB")
+        print(f"t(longest)/t(shortest) = {result['ratios']['time_ratio_longest_shortest']} "
+              f"(linear: {result['ratios']['linear_would_be']:g})")
+        title = f"{args.layers}-layer BSBRModel forward (hidden {hidden}, chunk {args.chunk_size}, {threads} threads)"
+    else:
         for r in result["rows"]:
             if r["status"] != "ok":
                 print(f"  {r['model']} @ {r['seq_len']}: {r['status']}: {r.get('reason')}")
         for r in result["ratios"]:
             print(f"  {r['baseline']}/bsbr @ {r['seq_len']:>6}: time x{r['time_ratio']}, extra memory x{r['memory_ratio']}")
-        _print_targets(result["targets"])
-        if "core" in result:
-            core = result["core"]
-            print(f"core op vs dense matmul ({core['matmul_gflops_per_s']} GFLOP/s at {core['matmul_size']}^2):")
-            print(f"{'tokens':>8} {'ms':>10} {'GFLOP':>10} {'GFLOP/s':>10} {'of matmul':>10}")
-            for r in core["rows"]:
-                print(f"{r['seq_len']:>8} {r['time_ms']:>10.2f} {r['gflop']:>10.3f} {r['gflops_per_s']:>10.1f} "
-                      f"{r['fraction_of_matmul']:>10.1%}")
         title = (f"attention forward, hidden {hidden}, {heads} heads, chunk {args.chunk_size} "
-                 f"({result['machine']['torch_threads']} threads, {args.device})")
+                 f"({threads} threads, {args.device})")
+    for t in result["targets"]:
+        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        print(f"  {t['target']}: {t['value']} -> {met}")
+    if "core" in result:
+        core = result["core"]
+        print(f"core op vs dense matmul ({core['matmul_gflops_per_s']} GFLOP/s at {core['matmul_size']}^2):")
+        print(f"{'tokens':>8} {'ms':>10} {'GFLOP':>10} {'GFLOP/s':>10} {'of matmul':>10}")
+        for r in core["rows"]:
+            print(f"{r['seq_len']:>8} {r['time_ms']:>10.2f} {r['gflop']:>10.3f} {r['gflops_per_s']:>10.1f} "
+                  f"{r['fraction_of_matmul']:>10.1%}")
     write_outputs(result, args, lambda r, path: plot_rows(r["rows"], path, title))
     return 0
 
 
 def register(bench_sub) -> None:
-    """Add ``bsbr bench attention`` to the ``bsbr bench`` subparsers."""
     p = bench_parser(bench_sub, "attention", __doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))}; "

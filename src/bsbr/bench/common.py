@@ -37,17 +37,24 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------------------------------------- memory
-def _proc_bytes(path: str, key: str) -> Optional[int]:
-    """A ``kB`` field of a /proc file (VmRSS, VmHWM of /proc/self/status; MemAvailable of /proc/meminfo)
-    in bytes, or None where there is no /proc."""
+def _proc_field(path: str, key: str) -> Optional[str]:
+    """The value of field ``key`` of a /proc file ("VmRSS" of /proc/self/status, "model name" of
+    /proc/cpuinfo, ...), or None where there is no such file or field."""
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
-        return None
+        pass
     return None
+
+
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """A ``kB`` field of a /proc file (VmRSS, VmHWM; MemAvailable of /proc/meminfo) in bytes, or None."""
+    value = _proc_field(path, key)
+    return None if value is None else int(value.split()[0]) * 1024
 
 
 def rss_bytes() -> Optional[int]:
@@ -157,25 +164,24 @@ def measure_peak(fn: Callable[[], object], device: str = "cpu") -> PeakMemory:
         del out
         return PeakMemory(peak - before, peak, "cuda-max-memory-allocated")
     release_free_memory()
-    before = rss_bytes()
-    if before is None:
+    method = memory_method(device)  # "linux-vmhwm-reset": VmHWM was just reset to VmRSS
+    if method == "unavailable":
         fn()
-        return PeakMemory(None, None, "unavailable")
-    if _reset_hwm():
+        return PeakMemory(None, None, method)
+    if method == "linux-vmhwm-reset":
         before = rss_bytes()
         out = fn()
         peak = _proc_bytes("/proc/self/status", "VmHWM")
-        del out
-        return PeakMemory(max(0, peak - before), peak, "linux-vmhwm-reset")
-    sampler = _Sampler()
-    before = _statm_rss()
-    sampler.start()
-    try:
-        out = fn()
-    finally:
-        peak = sampler.stop()
+    else:
+        sampler = _Sampler()
+        before = _statm_rss()
+        sampler.start()
+        try:
+            out = fn()
+        finally:
+            peak = sampler.stop()
     del out
-    return PeakMemory(max(0, peak - before), peak, "statm-sampling-1ms")
+    return PeakMemory(max(0, peak - before), peak, method)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -240,18 +246,9 @@ def matmul_gflops(size: int = 2048, repeats: int = 5, dtype=torch.float32, devic
 
 def machine_info(device: str = "cpu") -> Dict[str, object]:
     """What the numbers were measured on (recorded next to them)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     info = {
         "device": device,
-        "cpu": cpu,
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -264,12 +261,12 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
     return info
 
 
-def check_at_least_one(args, names: Sequence[str]) -> None:
-    """Refuse an integer option below 1 (None: the option's default)."""
+def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
+    """Refuse an integer option below ``minimum`` (None: the option's default)."""
     for name in names:
         v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if v is not None and v < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
 
 
 def bench_parser(bench_sub, name: str, doc: str):
@@ -281,13 +278,11 @@ def bench_parser(bench_sub, name: str, doc: str):
 
 
 def add_shape_arguments(p, hidden: int, layers: int, heads: int, ff_dim: int) -> None:
-    """``--hidden``, ``--layers``, ``--heads`` and ``--ff-dim`` of the LM shell a benchmark builds."""
     for flag, default in (("--hidden", hidden), ("--layers", layers), ("--heads", heads), ("--ff-dim", ff_dim)):
         p.add_argument(flag, type=int, default=default)
 
 
 def add_output_arguments(p, plot: str = "a plot") -> None:
-    """``--threads``, ``--json`` and ``--plot``: the options every benchmark command shares."""
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help=f"write {plot} here")
@@ -305,7 +300,6 @@ def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
 
 
 def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A call of ``model(x)`` without gradients, to time or measure."""
     def fn():
         with torch.no_grad():
             return model(x)
@@ -314,7 +308,6 @@ def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Te
 
 # ------------------------------------------------------------------------------------------- rows
 def new_row(model: str, n: int) -> Dict[str, object]:
-    """A result row before measuring: ``status`` ok, time and extra peak memory unknown."""
     return {"model": model, "seq_len": n, "status": "ok", "time_ms": None, "peak_mb": None}
 
 

@@ -129,8 +129,7 @@ def cmd(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
-    result["model"] = title
-    result["gate_init"] = args.gate_init
+    result.update(model=title, gate_init=args.gate_init)
     print("\n".join(speed_lines(result)))
     if args.json:
         write_json(result, args.json)

@@ -57,10 +57,8 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
     rows = []
     for n in seq_lens:
         q, k, v, mq, mk = (torch.randn(1, heads, n, head_dim, generator=g, device=device) for _ in range(5))
-        if retrieval == "normalized":  # needs non-negative features
-            fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
-        else:
-            fq = fk = None
+        # normalized retrieval needs non-negative features
+        fq, fk = [torch.nn.functional.elu(t) + 1 for t in (q, k)] if retrieval == "normalized" else (None, None)
 
         def fn():
             with torch.no_grad():

@@ -26,23 +26,6 @@ TARGET_EARLIER_SPEEDUP = 20.0  # >= 20x faster than the bsbr 0.1.1 layer at 4,09
 TARGET_EARLIER_MEMORY = 10.0  # >= 10x less extra memory there
 
 
-def build_attention_models(hidden: int, heads: int, chunk_size: int, *, retrieval: str = "additive",
-                           retrieval_blocks: int = 0, earlier_module=None, seed: int = 0,
-                           device: str = "cpu") -> Dict[str, torch.nn.Module]:
-    """The layers compared, in eval mode with dropout 0 and seeded weights."""
-    from ..layers.bsbr_attention import BSBRAttention
-    from ..layers.standard_attention import StandardAttention
-
-    torch.manual_seed(seed)
-    models = {
-        "bsbr": BSBRAttention(hidden, heads, chunk_size, dropout=0.0, retrieval=retrieval, retrieval_blocks=retrieval_blocks),
-        "standard": StandardAttention(hidden, heads, dropout=0.0),
-    }
-    if earlier_module is not None:
-        models["earlier"] = earlier_module.BSBRAttention(hidden, heads, chunk_size, 0.0, None)
-    return {k: m.to(device).eval() for k, m in models.items()}
-
-
 def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_len: Optional[int],
                  max_seconds: float, heads: int, chunk_size: int, device: str) -> Optional[str]:
     """Why a quadratic baseline must not be run at ``n`` tokens (None: run it)."""
@@ -71,9 +54,17 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
     ``model, seq_len, status ("ok" | "skipped" | "failed"), time_ms (median), peak_mb, times_ms``
     and a ``reason`` when not ok. Ratios are baseline / BSBR at the same length (> 1: BSBR better).
     """
+    from ..layers.bsbr_attention import BSBRAttention
+    from ..layers.standard_attention import StandardAttention
+
     earlier = load_earlier_bsbr(earlier_wheel) if earlier_wheel else None
-    models = build_attention_models(hidden, heads, chunk_size, retrieval=retrieval, retrieval_blocks=retrieval_blocks,
-                                    earlier_module=earlier, seed=seed, device=device)
+    torch.manual_seed(seed)  # the layers compared: seeded weights, dropout 0, eval mode
+    models = {"bsbr": BSBRAttention(hidden, heads, chunk_size, dropout=0.0, retrieval=retrieval,
+                                    retrieval_blocks=retrieval_blocks),
+              "standard": StandardAttention(hidden, heads, dropout=0.0)}
+    if earlier:
+        models["earlier"] = earlier.BSBRAttention(hidden, heads, chunk_size, 0.0, None)
+    models = {k: m.to(device).eval() for k, m in models.items()}
     max_len = {"standard": max_standard_len, "earlier": max_earlier_len}
     rows: List[Dict[str, object]] = []
     last_ok: Dict[str, Dict[str, object]] = {}
@@ -114,8 +105,7 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
                 except Exception as e2:  # noqa: BLE001
                     row_of[name].update(failure(e2))
         for name, ts in times.items():
-            row_of[name]["time_ms"] = round_sig(median(ts) * 1e3)
-            row_of[name]["times_ms"] = [round_sig(t * 1e3) for t in ts]
+            row_of[name].update(time_ms=round_sig(median(ts) * 1e3), times_ms=[round_sig(t * 1e3) for t in ts])
             last_ok[name] = row_of[name]
             log.info("%s @ %d: %.1f ms, +%s MiB", name, n, median(ts) * 1e3, row_of[name]["peak_mb"])
         del x, fns
@@ -134,13 +124,11 @@ def attention_ratios(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
     """baseline / BSBR time and extra-memory ratios at each length both ran (> 1: BSBR better)."""
     ok = {(r["model"], r["seq_len"]): r for r in rows if r["status"] == "ok" and r["time_ms"]}
     out = []
-    for (model, n), r in sorted(ok.items(), key=lambda kv: kv[0]):
+    for (model, n), r in sorted(ok.items()):
         b = ok.get(("bsbr", n))
         if model == "bsbr" or b is None:
             continue
-        mem = None
-        if r["peak_mb"] is not None and b["peak_mb"]:
-            mem = round_sig(r["peak_mb"] / b["peak_mb"])
+        mem = round_sig(r["peak_mb"] / b["peak_mb"]) if r["peak_mb"] is not None and b["peak_mb"] else None
         out.append({"baseline": model, "seq_len": n, "time_ratio": round_sig(r["time_ms"] / b["time_ms"]),
                     "memory_ratio": mem})
     return out

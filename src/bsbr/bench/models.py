@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
-                     check_at_least_one, forward_fn, failure, interleaved_times, is_oom, machine_info, measure_peak, median, memory_refusal,
-                     release_free_memory, round_sig, write_outputs)
+                     check_at_least, failure, forward_fn, interleaved_times, is_oom, machine_info, measure_peak,
+                     median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ def model_specs(block: int = 128) -> Dict[str, Tuple[str, dict]]:
 
 
 DEFAULT_MODELS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "hopfield", "gau")
-
-
-def build_model(name: str, *, hidden: int, layers: int, heads: int, ff_dim: int, block: int, seed: int):
-    from ..models.shell import AttentionLM
-
-    attention, kw = model_specs(block)[name]
-    torch.manual_seed(seed)
-    return AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kw).eval()
 
 
 def _train_fn(model, ids) -> Callable[[], None]:
@@ -116,12 +108,17 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                  seed: int = 0) -> Dict[str, object]:
     """Measure every model at every length it fits (see the module docstring). Returns
     ``{"benchmark": "models", "config", "machine", "rows", "exponents", "ratios", "targets"}``."""
+    from ..models.shell import AttentionLM
+
     specs = model_specs(block)
     unknown = [m for m in models if m not in specs]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; choose from {sorted(specs)}")
-    built = {m: build_model(m, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim, block=block, seed=seed)
-             for m in models}
+    built = {}
+    for m in models:
+        attention, kw = specs[m]
+        torch.manual_seed(seed)
+        built[m] = AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kw).eval()
     params = {m: mod.num_parameters() for m, mod in built.items()}
     hist = {m: {"fwd": [], "train": [], "fwd_mem": [], "train_mem": []} for m in models}
     spent = {m: 0.0 for m in models}
@@ -183,11 +180,9 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
 
     exponents = {}
     for m in models:
-        ok = [r for r in rows if r["model"] == m]
-        exponents[m] = {
-            "forward": fit_exponent([(r["seq_len"], r["time_ms"]) for r in ok]),
-            "train": fit_exponent([(r["seq_len"], r["train_time_ms"]) for r in ok]),
-        }
+        own = [r for r in rows if r["model"] == m]
+        exponents[m] = {kind: fit_exponent([(r["seq_len"], r[key]) for r in own])
+                        for kind, key in (("forward", "time_ms"), ("train", "train_time_ms"))}
     ratios = speed_ratios(rows)
     config = dict(seq_lens=list(seq_lens), models=list(models), hidden=hidden, layers=layers, heads=heads,
                   ff_dim=ff_dim, block=block, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
@@ -250,7 +245,7 @@ def run_models(args: argparse.Namespace) -> int:
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
     if any(n < 2 for n in seq_lens):
         raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
-    check_at_least_one(args, ("repeats",))
+    check_at_least(args, ("repeats",))
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,
@@ -263,7 +258,6 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def register(bench_sub) -> None:
-    """Add ``bsbr bench models``."""
     p = bench_parser(bench_sub, "models", __doc__)
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")

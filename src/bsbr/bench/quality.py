@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from .common import VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least_one, write_outputs
+from .common import VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least, write_outputs
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -217,10 +218,7 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
     """One result from several runs of the same configuration (e.g. models split over processes):
     results concatenated, comparisons recomputed. Runs that differ in anything but the models are
     refused, since their losses would not be comparable."""
-    parts = []
-    for path in paths:
-        with open(path) as f:
-            parts.append(json.load(f))
+    parts = [json.loads(Path(path).read_text()) for path in paths]
     if not parts:
         raise ValueError("--merge needs at least one JSON file")
 
@@ -241,7 +239,7 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     if args.merge:
         result = merge_results(args.merge)
     else:
-        check_at_least_one(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"))
+        check_at_least(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"))
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,
@@ -254,7 +252,6 @@ def run_quality_cli(args: argparse.Namespace) -> int:
 
 
 def register(bench_sub) -> None:
-    """Add ``bsbr bench quality``."""
     p = bench_parser(bench_sub, "quality", __doc__)
     p.add_argument("--models", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")

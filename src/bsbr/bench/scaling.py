@@ -22,8 +22,7 @@ def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden
                         chunk_size: int = 128, ff_dim: int = 1024, num_layers: int = 2, vocab_size: int = 1000,
                         repeats: int = 3, retrieval: str = "additive", retrieval_blocks: int = 0,
                         seed: int = 0, device: str = "cpu") -> Dict[str, object]:
-    """A small :class:`BSBRModel` forward at growing lengths: median time, extra peak memory of the
-    call and the whole process's peak RSS. Lengths run in turn (one model, nothing to interleave)."""
+    """Lengths run in turn, not interleaved: there is only one model (the rest: see the module docstring)."""
     from ..models.native import BSBRModel
 
     torch.manual_seed(seed)
