@@ -28,12 +28,10 @@ EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "id
 
 
 def stdlib_root() -> Path:
-    """The directory holding the running interpreter's standard library."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 
 def _unit_hash(key: str) -> float:
-    """A stable number in [0, 1) for ``key``: the first 8 bytes of its SHA-256 over 2**64."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
@@ -167,9 +165,8 @@ def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Op
                 return torch.tensor(out, dtype=torch.long)
         # drop what no later window can use, so memory stays O(seq_len + one document)
         dropped = min(start, len(buffer))
-        if dropped:
-            del buffer[:dropped]
-            start -= dropped
+        del buffer[:dropped]
+        start -= dropped
     if not out:
         raise ValueError(f"the corpus has only {len(buffer)} tokens: not enough for one window of {seq_len}; "
                          "lower --seq-len or give more text")

@@ -113,10 +113,9 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
     try:
         publish_dir(tmp, out, overwrite=overwrite)
-    except OutputError:  # ``path`` appeared meanwhile: the complete result stays in tmp, as the message says
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -138,7 +137,6 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
 
 
 def fsync(path) -> None:
-    """Flush a file (or directory) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -171,7 +169,6 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def file_record(path) -> dict:
-    """Size and SHA-256 of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -204,27 +201,21 @@ def source_record(source, model) -> dict:
                 fingerprint=weights_fingerprint(model))
 
 
-def read_metadata(model_dir) -> Optional[dict]:
-    p = Path(model_dir) / METADATA
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p} is not valid JSON ({e}): restore it or convert again") from e
-
-
 def check_source(model_dir, source, source_model, *, option: str, force: bool = False) -> Optional[str]:
     """Refuse ``source_model`` (loaded from ``source``) as the reference/teacher of the converted model in
     ``model_dir`` when its weights differ from those the model was converted from, unless ``force``.
     Returns a warning text (forced, or nothing recorded), or None when the fingerprints match."""
-    meta = read_metadata(model_dir) or {}
+    p, meta = Path(model_dir) / METADATA, {}
+    if p.is_file():
+        try:
+            meta = json.loads(p.read_text()) or {}
+        except (OSError, ValueError) as e:
+            raise UserError(f"{p} is not valid JSON ({e}): restore it or convert again") from e
     recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     want = recorded.get("fingerprint")
     if not want:
         return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
-    got = weights_fingerprint(source_model)
-    if got == want:
+    if weights_fingerprint(source_model) == want:
         return None
     msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
            f"({recorded.get('name')}, {recorded.get('model_type')}; weights fingerprint differs): "
@@ -271,11 +262,11 @@ def check_bsbr_dir(path, option: str) -> Path:
     return path
 
 
-def check_text_files(files, option: str = "--text-file") -> None:
+def check_text_files(files) -> None:
     for f in files or []:
         if not Path(f).is_file():
-            raise UserError(f"{option} {f} " + ("is a directory: give text files" if Path(f).is_dir()
-                                                 else "does not exist"))
+            raise UserError(f"--text-file {f} " + ("is a directory: give text files" if Path(f).is_dir()
+                                                    else "does not exist"))
 
 
 def load_model_arg(source, option: str):

@@ -6,10 +6,21 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..corpus import corpus_texts, token_windows
+from ..models import load_bsbr_model
+from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
+                       check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
+from .checkpoint import has_checkpoint, read_manifest
+from .trainer import DistillConfig, DistillInterrupted, distill, exact_reach
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +32,6 @@ def _base_lr(args):
 
 def _plan(args):
     """The run's DistillConfig, checked before anything is loaded."""
-    from ..outputs import UserError
-    from .trainer import DistillConfig
-
     if args.minutes is None and args.steps is None:
         raise UserError("nothing to train: give --minutes M (the usual) or --steps S")
     if args.resume and args.overwrite:
@@ -46,9 +54,6 @@ def _plan(args):
 def _check_new_pieces_matter(config, args) -> None:
     """Refuse ``--params new`` on windows so short that the new pieces cannot change the output: with
     exact blocks covering every chunk before each window, every token reads all earlier tokens exactly."""
-    from ..outputs import UserError
-    from .trainer import exact_reach
-
     reach = exact_reach(config)
     if args.params == "new" and args.seq_len <= reach:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
@@ -91,20 +96,14 @@ class _StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        return False
 
 
 def cmd_distill(args) -> int:
-    from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                           check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
-
     cfg = _plan(args)
     student_dir, out = Path(args.student), Path(args.output)
     check_bsbr_dir(student_dir, "--student")
     check_model_arg(args.teacher, "--teacher")
     check_text_files(args.text_file)
-    from .checkpoint import has_checkpoint, read_manifest
-
     ckpt = out / "checkpoint"
     check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),
                      option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher)])
@@ -117,13 +116,6 @@ def cmd_distill(args) -> int:
     if args.resume and has_checkpoint(ckpt):
         read_manifest(ckpt)  # a partial or corrupt checkpoint is refused before loading the models
     tokenizer = load_tokenizer_arg(student_dir, "--student")
-
-    import torch
-    import torch.distributed as dist
-
-    from ..corpus import corpus_texts, token_windows
-    from ..models import load_bsbr_model
-    from .trainer import DistillInterrupted, distill
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -145,8 +137,6 @@ def cmd_distill(args) -> int:
     if note:
         logger.warning(note)
     if args.overwrite and out.exists():
-        import shutil
-
         shutil.rmtree(ckpt, ignore_errors=True)
         (out / "config.json").unlink(missing_ok=True)  # the old model is no longer a model
     # the windows' tokens are compared too, so the text files are recorded by content, not by path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..convert.converter import is_new_parameter
+from ..outputs import CheckpointError, publish_files, temp_dir, weights_fingerprint
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -78,8 +80,6 @@ def _windows_fingerprint(windows) -> str:
 
 def _check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) -> None:
     """Refuse to resume a checkpoint written with other settings than this run's."""
-    from ..outputs import CheckpointError
-
     old_run, old_cfg = saved.get("run") or {}, saved.get("config") or {}
     diffs = [(k, old_run.get(k), v) for k, v in run.items() if old_run.get(k) != v]
     diffs += [(k, old_cfg.get(k), v) for k, v in asdict(cfg).items()
@@ -180,8 +180,6 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     A checkpoint is continued only with ``resume``, and only if written with the same weights, windows,
     ``settings`` and config (except :data:`RESUMABLE_CHANGES`). ``should_stop`` is asked after every step:
     True writes a checkpoint and raises :class:`DistillInterrupted`."""
-    from ..outputs import CheckpointError, weights_fingerprint
-
     cfg.validate()
     if len(windows) == 0:
         raise ValueError("no training windows")
@@ -200,8 +198,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     if cfg.activation_checkpointing:  # transformers checkpoints a layer in training mode (dropout is 0 throughout)
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.train()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.requires_grad_(False)
 
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))
     progress = dict(step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world, run=run)
@@ -254,13 +251,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
 def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
     """Write the final model into a fresh directory beside ``output_dir``'s files, then move it in."""
-    import shutil
-
-    from ..outputs import publish_files, temp_dir
     from .plots import plot_progress
 
-    for p in student.parameters():
-        p.requires_grad_(True)
+    student.requires_grad_(True)
     if student.is_activation_checkpointing:
         student.activation_checkpointing_disable()
     student.eval()

@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..outputs import UserError, check_bsbr_dir, check_model_arg, check_source, check_text_files, unwritable_parent
+from ..results import write_json
+from .baselines import load_eval_tokenizer
+from .filler import DEFAULT_FILLERS, get_filler
+from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, passkey_summary_lines
+from .report import summary_lines
+from .saved import evaluate_saved, passkey_saved
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,8 +34,6 @@ def _positive(text: str) -> int:
 
 def _check_result_path(path, option: str) -> None:
     """A results file: not a directory, in a directory that exists or can be made and written."""
-    from ..outputs import UserError, unwritable_parent
-
     if path is None:
         return
     p = Path(path)
@@ -39,8 +45,6 @@ def _check_result_path(path, option: str) -> None:
 
 
 def _filler(text: str) -> str:
-    from .filler import get_filler
-
     try:
         get_filler(text)
     except ValueError as e:
@@ -50,7 +54,6 @@ def _filler(text: str) -> str:
 
 def _write_lm_eval_task(args, passkey: dict) -> int:
     from .lm_eval_task import TASK_NAME, write_lm_eval_task
-    from .baselines import load_eval_tokenizer
 
     tokenizer = load_eval_tokenizer(args.model, args.reference)
     yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
@@ -68,11 +71,6 @@ def _write_lm_eval_task(args, passkey: dict) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..outputs import UserError, check_bsbr_dir, check_model_arg, check_source, check_text_files
-    from . import evaluate_saved, summary_lines
-    from .filler import DEFAULT_FILLERS
-    from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, passkey_summary_lines
-
     if args.passkey_only and args.no_passkey:
         raise UserError("--passkey-only and --no-passkey exclude each other: give one")
     check_bsbr_dir(args.model, "MODEL")
@@ -98,15 +96,11 @@ def cmd_eval(args) -> int:
     if passkey is not None and args.passkey_models:
         passkey["only"] = list(dict.fromkeys(args.passkey_models))
     if args.passkey_only:
-        from .saved import passkey_saved
-
         result = passkey_saved(args.model, args.reference, passkey=passkey, progress=not args.no_progress,
                                check_reference=check_reference)
         for line in passkey_summary_lines(result["passkey"]):
             print(line)
         if args.json:
-            from ..results import write_json
-
             write_json(result, args.json)
             print(f"results: {args.json}")
         return _write_heatmap(args, result["passkey"])

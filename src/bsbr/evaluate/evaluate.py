@@ -14,15 +14,6 @@ from .metrics import DEFAULT_KS, MetricAccumulator
 logger = logging.getLogger(__name__)
 
 
-def _logits_and_hidden(model, ids: torch.Tensor):
-    """One forward pass: logits (b, n, V) and the final hidden state (b, n, D), the LM head's input
-    (``hidden_states[-1]``, after the final norm, for HF models and BSBR alike)."""
-    out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
-    if out.hidden_states is None:
-        raise ValueError(f"{type(model).__name__} returned no hidden states with output_hidden_states=True")
-    return out.logits, out.hidden_states[-1]
-
-
 @torch.no_grad()
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
              buckets: str = "chunk", ks: Sequence[int] = DEFAULT_KS, passkey: Optional[dict] = None,
@@ -66,7 +57,12 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
         ids = windows[start:start + batch_size]                            # (b, n)
         logits, hidden = {}, {}
         for name, m in models.items():
-            logits[name], hidden[name] = _logits_and_hidden(m, ids)       # (b, n, V), (b, n, D)
+            out = m(input_ids=ids, use_cache=False, output_hidden_states=True)
+            if out.hidden_states is None:
+                raise ValueError(f"{type(m).__name__} returned no hidden states with output_hidden_states=True")
+            # hidden_states[-1] is the LM head's input (after the final norm) for HF models and BSBR alike
+            logits[name], hidden[name] = out.logits, out.hidden_states[-1]  # (b, n, V), (b, n, D)
+            del out  # frees the other layers' hidden states
         acc.update(ids, logits, hidden)
         del logits, hidden
         logger.debug("window %d/%d done", start + ids.shape[0], n_win)

@@ -1,10 +1,7 @@
 """Filler text for pass-key prompts, offline and seeded: several kinds (:data:`FILLER_KINDS` or a text
-file; docs/passkey.md lists them), so a model is not judged on one memorisable text.
-
-Every sentence with a digit is dropped (a number in the filler could pass for the key, or hide it),
-and so is every sentence that mentions a pass key. A :class:`Filler` yields sentences from an
-offset chosen by a seed string, cycling, so trials see different stretches of the same text, and
-the same seed gives the same sentences on every run.
+file; docs/passkey.md lists them), so a model is not judged on one memorisable text. Sentences with a
+digit (a number could pass for the key, or hide it) or a mention of a pass key are dropped. A seed string
+picks where a :class:`Filler`'s text starts: trials see different stretches of it, the same on every run.
 """
 from __future__ import annotations
 
@@ -82,15 +79,13 @@ def docstring_sentences() -> Tuple[str, ...]:
         except Exception as e:  # noqa: BLE001 - a module missing from a stripped-down Python
             logger.debug("no docstrings from %s: %s", name, e)
             continue
-        docs = [inspect.getdoc(mod) or ""]
+        sentences += split_sentences(inspect.getdoc(mod) or "")
         for attr in sorted(vars(mod)):
             obj = getattr(mod, attr, None)
             if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
                 continue
             if inspect.isclass(obj) or inspect.isfunction(obj):
-                docs.append(inspect.getdoc(obj) or "")
-        for d in docs:
-            sentences += split_sentences(d)
+                sentences += split_sentences(inspect.getdoc(obj) or "")
     return _dedupe(sentences)
 
 
@@ -185,8 +180,7 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
     path = Path(spec[len("file:"):] if spec.startswith("file:") else spec)
     if not path.is_file():
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    sentences = _dedupe(split_sentences(text))
+    sentences = _dedupe(split_sentences(path.read_text(encoding="utf-8", errors="replace")))
     if not sentences:
         raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
                          "capitalised, ending in . ! or ?, without digits)")

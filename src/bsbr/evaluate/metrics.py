@@ -46,12 +46,9 @@ BUCKET_SCHEMES = ("chunk", "doubling")
 
 
 def position_buckets(seq_len: int, chunk_size: int, scheme: str = "chunk") -> List[Tuple[int, int]]:
-    """Half-open ranges ``[lo, hi)`` of scored positions ``p`` (``B <= p <= seq_len - 2``).
-
-    ``"chunk"``: one bucket per chunk after the first, ``[B, 2B), [2B, 3B), ...``;
-    ``"doubling"``: ``[B, 2B), [2B, 4B), [4B, 8B), ...`` (few buckets for very long windows).
-    The last bucket is cut at ``seq_len - 1`` (the last position has no target in the window).
-    """
+    """Half-open ranges ``[lo, hi)`` of the scored positions ``B <= p <= seq_len - 2``: :func:`bucket_spans`
+    from ``B`` to ``seq_len - 1`` (the last position has no target in the window); ``"doubling"`` gives few
+    buckets for very long windows."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(seq_len, int) or seq_len < chunk_size + 2:
@@ -63,7 +60,7 @@ def position_buckets(seq_len: int, chunk_size: int, scheme: str = "chunk") -> Li
 
 
 def bucket_spans(lo: int, end: int, scheme: str = "chunk") -> List[Tuple[int, int]]:
-    """``[lo, 2 lo), [2 lo, 3 lo), ...`` (``"chunk"``) or ``[lo, 2 lo), [2 lo, 4 lo), ...``
+    """``[lo, 2 lo), [2 lo, 3 lo), ...`` (``"chunk"``: one bucket per chunk) or ``[lo, 2 lo), [2 lo, 4 lo), ...``
     (``"doubling"``), the last range cut at ``end``."""
     out, width = [], lo
     while lo < end:
@@ -120,11 +117,9 @@ class MetricAccumulator:
         self.models = list(models)
         self.candidates = [m for m in self.models if m != REFERENCE]
         self.ks = tuple(sorted(set(ks)))
-        # bucket index of each position, -1 = not scored (first chunk, last position)
-        index = torch.full((seq_len,), -1, dtype=torch.long)
-        for i, (lo, hi) in enumerate(self.buckets):
-            index[lo:hi] = i
-        self._index = index
+        # the scored positions (past the first chunk, before the last position) and the bucket of each
+        self._pos = torch.arange(self.buckets[0][0], self.buckets[-1][1])
+        self._bucket = torch.repeat_interleave(torch.tensor([hi - lo for lo, hi in self.buckets]))
         nb = len(self.buckets)
         zeros = lambda: torch.zeros(nb, dtype=torch.float64)  # noqa: E731
         self.count = zeros()
@@ -158,9 +153,8 @@ class MetricAccumulator:
         for m in self.models:
             if tuple(logits[m].shape) != (b, n, vocab):
                 raise ValueError(f"logits[{m!r}] must have shape {(b, n, vocab)}, got {tuple(logits[m].shape)}")
-        keep = self._index >= 0                                            # (n,)
-        pos = keep.nonzero().squeeze(1)                                    # (t,) scored positions
-        idx = self._index[pos].repeat(b)                                   # (b*t,) bucket per scored token
+        pos = self._pos                                                    # (t,) scored positions
+        idx = self._bucket.repeat(b)                                       # (b*t,) bucket per scored token
         y = targets[:, pos + 1]                                            # (b, t) next tokens
 
         logp = {m: F.log_softmax(logits[m][:, pos].float(), dim=-1) for m in self.models}  # (b, t, V)
@@ -199,10 +193,9 @@ class MetricAccumulator:
     def _summary(self, sel: slice) -> dict:
         """Means over the buckets ``sel`` (a slice: all of them, or one)."""
         count = self.count[sel]
-        tokens = int(count.sum())
         nll = {m: self._mean(self.nll[m][sel], count) for m in self.models}
         ppl = {m: (math.exp(v) if v is not None else None) for m, v in nll.items()}
-        out = dict(tokens=tokens, nll=nll, perplexity=ppl,
+        out = dict(tokens=int(count.sum()), nll=nll, perplexity=ppl,
                    agreement={m: {f"top{k}": self._mean(self.agree[m][k][sel], count) for k in self.ks}
                               for m in self.candidates},
                    kl={m: self._mean(self.kl[m][sel], count) for m in self.candidates})

@@ -176,8 +176,10 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
                 yield p
 
 
-def _rate(correct: int, trials: int) -> dict:
-    return dict(correct=correct, trials=trials, accuracy=correct / trials if trials else None)
+def _rate(counts: Iterable[Sequence[int]]) -> dict:
+    """The sums of ``[correct, trials]`` counts (at least one trial), and their accuracy."""
+    correct, trials = (sum(column) for column in zip(*counts))
+    return dict(correct=correct, trials=trials, accuracy=correct / trials)
 
 
 def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
@@ -239,13 +241,11 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     bar.close()
     results = {}
     for name in models:
-        cell_list = [dict(length=L, depth=d, **_rate(c, n)) for (L, d), (c, n) in cells[name].items()]
+        cell_list = [dict(length=L, depth=d, **_rate([counts])) for (L, d), counts in cells[name].items()]
         # fillers in the order first run, which is the order given (trial t uses filler t mod F)
-        per_filler = {f: dict(**_rate(sum(c for c, _ in rows.values()), sum(n for _, n in rows.values())),
-                              by_length={str(L): c / n for L, (c, n) in rows.items()})
+        per_filler = {f: dict(**_rate(rows.values()), by_length={str(L): c / n for L, (c, n) in rows.items()})
                       for f, rows in by_filler[name].items()}
-        results[name] = dict(**_rate(sum(c["correct"] for c in cell_list), sum(c["trials"] for c in cell_list)),
-                             cells=cell_list, by_filler=per_filler,
+        results[name] = dict(**_rate(cells[name].values()), cells=cell_list, by_filler=per_filler,
                              seconds=round(sum(seconds[name].values()), 2),
                              seconds_by_length={str(L): round(t, 2) for L, t in seconds[name].items()})
     return dict(lengths=[int(x) for x in lengths], depths=[float(d) for d in depths], trials=trials, seed=seed,

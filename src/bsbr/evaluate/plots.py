@@ -3,13 +3,13 @@ position bucket with pass-key bars (``--plot``), and the pass-key heat map with 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Tuple
 
 from ..results import pyplot, save_figure, write_json
 from .passkey import MODEL_ORDER, accuracy_grid, model_order
+from .report import percent
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,13 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     lm = result["language_modeling"]
     buckets = lm["buckets"]
     x = [(b["start"] + b["end"]) / 2 for b in buckets]
-    for name in MODEL_ORDER:
-        if name not in lm["perplexity"]:
-            continue
+    for name in (n for n in MODEL_ORDER if n in lm["perplexity"]):
         y = [b["perplexity"][name] for b in buckets]
         ax.plot(x, y, marker="o", color=COLOURS[name], label=f"{LABELS[name]}: {lm['perplexity'][name]:.3g}",
                 linestyle="--" if name in ("local", "window") else "-")
     ax.set_xlabel("token position in window (bucket centre)")
     ax.set_ylabel("perplexity")
-    gap = lm.get("gap_closed")
-    gap_text = "n/a" if gap is None else f"{100 * gap:.1f}%"
+    gap_text = percent(lm.get("gap_closed"), 1, "n/a")
     ax.set_title(f"perplexity past the first chunk (B={result['config']['chunk_size']}), gap closed {gap_text}")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
@@ -76,21 +73,19 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
     with each model's accuracy per filler. Returns the path."""
     import numpy as np
 
-    plt = pyplot()
-
     names = model_order(passkey)
     fillers = [f["name"] for f in passkey.get("fillers", [])]
     n_panels = len(names) + (1 if fillers else 0)
     lengths, depths = passkey["lengths"], passkey["depths"]
     size = (n_panels * (0.7 * len(depths) + 2.2) + 0.6, 0.45 * len(lengths) + 2.0)
-    fig, axes = plt.subplots(1, n_panels, figsize=size, squeeze=False, layout="constrained")
+    fig, axes = pyplot().subplots(1, n_panels, figsize=size, squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes[0], names):
-        grid = np.array([[math.nan if a is None else a for a in row] for row in accuracy_grid(passkey, name)])
+        grid = np.array(accuracy_grid(passkey, name), dtype=float)  # None (no trials) becomes NaN
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
         for i in range(len(lengths)):
             for j in range(len(depths)):
-                if not math.isnan(grid[i, j]):
+                if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
                             color="black" if 0.25 < grid[i, j] < 0.85 else "white")
         ax.set_xticks(range(len(depths)))

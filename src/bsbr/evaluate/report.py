@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 from .passkey import MODEL_ORDER, passkey_summary_lines
 
 
-def _percent(x: Optional[float], digits: int, none: str) -> str:
+def percent(x: Optional[float], digits: int, none: str) -> str:
     return none if x is None else f"{100 * x:.{digits}f}%"
 
 
@@ -24,16 +24,16 @@ def summary_lines(result: dict) -> Iterable[str]:
         hm = lm.get("hidden_mse", {}).get(n)
         yield (f"{n:<8} {fmt(lm['perplexity'][n]):>9} {fmt(ag.get('top1'), '.3f'):>7} {fmt(ag.get('top5'), '.3f'):>7} "
                f"{fmt(ag.get('top10'), '.3f'):>7} {fmt(lm['kl'].get(n)):>9} {fmt(hc, '.4f'):>8} {fmt(hm):>9}")
-    gap = _percent(lm.get("gap_closed"), 2, "undefined")
+    gap = percent(lm.get("gap_closed"), 2, "undefined")
     yield f"gap closed (ppl_local - ppl_bsbr) / (ppl_local - ppl_source): {gap}"
     if "gap_closed_by_retrieval" in lm:
         yield (f"  of which retrieval (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
-               f"{_percent(lm['gap_closed_by_retrieval'], 2, 'undefined')} (window = the source restricted to the "
+               f"{percent(lm['gap_closed_by_retrieval'], 2, 'undefined')} (window = the source restricted to the "
                f"model's exact window: {cfg.get('local_chunks', 1)} chunk(s) + {cfg.get('sink_tokens', 0)} sink tokens)")
     yield "perplexity per position bucket:"
     yield f"  {'positions':<13} " + " ".join(f"{n:>9}" for n in names) + f" {'gap':>8}"
     for b in lm["buckets"]:
         yield (f"  {b['start']:>5}-{b['end']:<7} " + " ".join(f"{fmt(b['perplexity'][n]):>9}" for n in names)
-               + f" {_percent(b.get('gap_closed'), 1, '-'):>8}")
+               + f" {percent(b.get('gap_closed'), 1, '-'):>8}")
     if result.get("passkey"):
         yield from passkey_summary_lines(result["passkey"])
