@@ -51,7 +51,7 @@ def _demo(args, out: Path, final: Path) -> int:
     print("[3/3] speed: converted vs original, side by side ...", flush=True)
     with torch.no_grad():
         speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
-                                decode_contexts=args.decode_contexts, decode_steps=4)
+                                decode_contexts=args.decode_contexts, decode_steps=16)
     write_json(speed, out / "speed.json")
     plot_converted(speed, out / "speed.png", args.source or "SmolLM2-135M")
 

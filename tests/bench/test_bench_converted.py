@@ -1,5 +1,7 @@
 """``bsbr bench converted`` on a tiny llama and its conversion: the table's fields, and the cache's
 bytes per context token (exact blocks keep every key and value; the window alone does not)."""
+import torch
+
 from model_sources import make_source
 
 from bsbr.bench.converted import bench_converted, cache_bytes, speed_lines
@@ -20,12 +22,11 @@ def test_bench_converted_reports_speed_and_cache_bytes():
     assert long["bsbr_cache_bytes_per_token"] > long["source_cache_bytes_per_token"] * 0.9
     only_window = bench_converted(source, window, seq_lens=[], decode_contexts=[120], decode_steps=1)["decode"][0]
     assert only_window["bsbr_cache_bytes_per_token"] < long["bsbr_cache_bytes_per_token"]
-    assert len(speed_lines(res)) == 1 + 1 + 2
+    lines = speed_lines(res)
+    assert len(lines) == 1 + 1 + 1 + 2 and lines[0] == f"side by side on {torch.get_num_threads()} torch thread(s)"
 
 
 def test_cache_bytes_counts_each_storage_once():
-    import torch
-
     t = torch.zeros(10)
     assert cache_bytes({"a": t, "b": [t, t[2:]], "c": (torch.zeros(3, dtype=torch.float64),)}) == 40 + 24
 

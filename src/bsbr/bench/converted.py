@@ -105,8 +105,10 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
 
 
 def speed_lines(result: Dict) -> List[str]:
-    """The text table of a result: prefill time and extra memory per length, decode time per token."""
-    lines = [f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}"]
+    """The text table of a result: the thread count (ratios differ with it: docs/findings.md, Speed),
+    prefill time and extra memory per length, decode time per token."""
+    lines = [f"side by side on {result['machine']['torch_threads']} torch thread(s)",
+             f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}"]
     lines += [f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
               f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}" for r in result["prefill"]]
     lines += [f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
