@@ -257,8 +257,8 @@ def check_bsbr_dir(path, option: str) -> Path:
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"{option} {path}: config.json is not valid JSON ({e})") from e
     if model_type != "bsbr":
-        raise UserError(f"{option} {path} is a {model_type!r} model, not a BSBR one: convert it first "
-                        f"(bsbr convert {path} NEW_DIR)")
+        what = f"is a {model_type!r} model" if model_type else "has a config.json without a model_type"
+        raise UserError(f"{option} {path} {what}, not a BSBR one: convert it first (bsbr convert {path} NEW_DIR)")
     return path
 
 

@@ -1,5 +1,6 @@
 """``bsbr bench converted`` on a tiny llama and its conversion: the table's fields, and the cache's
 bytes per context token (exact blocks keep every key and value; the window alone does not)."""
+import pytest
 import torch
 
 from model_sources import make_source
@@ -44,3 +45,18 @@ def test_decode_prefill_keeps_only_the_last_logits():
 
     _decode({"source": source, "bsbr": blocks}, torch.randint(0, 50, (1, 40)), steps=2)
     assert lengths and set(lengths) == {1}
+
+
+@pytest.mark.parametrize("flag, value", [("--seq-lens", "0"), ("--decode-contexts", "-5"), ("--decode-steps", "0"),
+                                         ("--repeats", "0"), ("--threads", "0")])
+def test_bench_converted_refuses_bad_sizes_before_loading(flag, value, capsys, monkeypatch):
+    import bsbr.convert.converter as converter
+    from bsbr.cli import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("the source was loaded before the options were checked")
+
+    monkeypatch.setattr(converter, "load_source", no_loading)
+    assert main(["bench", "converted", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{flag} must be >= 1, got {value}" in err

@@ -88,6 +88,9 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
     line = refused(capsys, ["convert", "victim2", "out"], "convert")  # a relative path mistyped: no hub lookup
     assert "victim2 does not exist" in line and time.perf_counter() - t0 < 5
     assert "must be >= 1" in refused(capsys, ["convert", source, "out", "--chunk-size", "0"], "convert")
+    t0 = time.perf_counter()  # named by its flag, before the source is loaded
+    line = refused(capsys, ["convert", "out", "--retrieval-blocks", "-1"], "convert")
+    assert "--retrieval-blocks must be >= 0" in line and time.perf_counter() - t0 < 5
     assert not (tmp_path / "out").exists()
     assert "current directory" in refused(capsys, ["convert", source, ".", "--overwrite"], "convert", tmp_path)
 
@@ -143,6 +146,11 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
                                          "generate")
     assert "does not exist" in refused(capsys, ["generate", tmp_path / "none", "--prompt", "x"], "generate")
     assert "not a BSBR one" in refused(capsys, ["generate", models[0], "--prompt", "x"], "generate")
+    typeless = tmp_path / "typeless"
+    typeless.mkdir()
+    (typeless / "config.json").write_text("{}")
+    line = refused(capsys, ["generate", typeless, "--prompt", "x"], "generate")
+    assert "without a model_type, not a BSBR one" in line and "None" not in line
     assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
 
 

@@ -262,11 +262,12 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
 
 
 def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
-    """Refuse an integer option below ``minimum`` (None: the option's default)."""
+    """Refuse an integer option (or any value of a list option) below ``minimum`` (None: the option's default)."""
     for name in names:
         v = getattr(args, name)
-        if v is not None and v < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if x is not None and x < minimum:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {x}")
 
 
 def bench_parser(bench_sub, name: str, doc: str):

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..results import write_json
-from .common import add_output_arguments, interleaved_times, machine_info, measure_peak, median
+from .common import add_output_arguments, check_at_least, interleaved_times, machine_info, measure_peak, median
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def speed_lines(result: Dict) -> List[str]:
 def cmd(args) -> int:
     from ..convert.converter import convert_to_bsbr, load_source
 
+    check_at_least(args, ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size", "threads"))
     if args.gpt2_small_random:
         source = gpt2_small_random(max(list(args.seq_lens) + list(args.decode_contexts)) + 64)
         title = "GPT-2-small shape (random weights)"

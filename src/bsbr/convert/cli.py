@@ -64,7 +64,7 @@ def check_conversion_options(options: dict) -> None:
     from ..outputs import UserError
 
     for name, low in (("chunk_size", 1), ("local_chunks", 1), ("sink_tokens", 0), ("compression_factor", 1),
-                      ("recall_tokens", 0)):
+                      ("recall_tokens", 0), ("retrieval_blocks", 0)):
         value = options.get(name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
