@@ -12,10 +12,6 @@ import torch
 Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
-def transpose(w: torch.Tensor) -> torch.Tensor:
-    return w.t()
-
-
 def split_qkv(part: int, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """Take q (0), k (1) or v (2) out of a fused projection (GPT-2 ``c_attn``, Conv1D layout)."""
 
@@ -91,13 +87,13 @@ GPT2 = Family(
         ("attn.q_proj.bias", "attn.c_attn.bias", split_qkv(0, transposed=False)),
         ("attn.k_proj.bias", "attn.c_attn.bias", split_qkv(1, transposed=False)),
         ("attn.v_proj.bias", "attn.c_attn.bias", split_qkv(2, transposed=False)),
-        ("attn.out_proj.weight", "attn.c_proj.weight", transpose),
+        ("attn.out_proj.weight", "attn.c_proj.weight", torch.t),
         ("attn.out_proj.bias", "attn.c_proj.bias", None),
         ("mlp_norm.weight", "ln_2.weight", None),
         ("mlp_norm.bias", "ln_2.bias", None),
-        ("mlp.fc_in.weight", "mlp.c_fc.weight", transpose),
+        ("mlp.fc_in.weight", "mlp.c_fc.weight", torch.t),
         ("mlp.fc_in.bias", "mlp.c_fc.bias", None),
-        ("mlp.fc_out.weight", "mlp.c_proj.weight", transpose),
+        ("mlp.fc_out.weight", "mlp.c_proj.weight", torch.t),
         ("mlp.fc_out.bias", "mlp.c_proj.bias", None),
     ],
     config=_gpt2_config,

@@ -15,7 +15,6 @@ from torch import nn
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
-from .inputs import check_layer_inputs
 from .rotary import apply_rotary
 
 
@@ -116,39 +115,32 @@ class BSBRAttention(MultiHeadBase):
             self._closed, self._closed_key = bool((g <= 0).all()), key
         return 0 if self._closed else self.gate_value()
 
-    def _project(self, x: torch.Tensor, position_embeddings, far_position_embeddings, read_states: bool,
-                 keep_states: bool):
-        b, n, _ = x.shape
-        q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+    def _run(self, op, hidden_states, attention_mask, position_embeddings, far_position_embeddings, **kwargs):
+        q, k, v, valid = self.project(hidden_states, attention_mask)
+        b, _, n, _ = q.shape
+        gate = self._op_gate()
+        read = not isinstance(gate, int)
         mq, mk = q, k  # meta inputs un-rotated: a mean of rotated vectors over a chunk would cancel out
         qr = kr = None
         if far_position_embeddings is not None:  # far keys (sinks, blocks) at other positions than their own
             (cq, sq), (ck, sk) = far_position_embeddings
             qr, kr = apply_rotary(q, cq, sq), apply_rotary(k, ck, sk)
         if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if read_states or keep_states:
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        # a closed gate reads no chunk state, so none is kept (nor its features computed), except by the
+        # recall mode, which chooses its cache with them
+        if read or self.options.recall_tokens:
             fk = self.feature_k(k)
             fk = fk if self.compress is None else self.compress(fk)
-        else:  # a closed gate: no chunk states, so features of size 0 (the op keeps empty states)
+        else:  # no chunk states, so features of size 0 (the op keeps empty states)
             fk = k.new_empty(b, self.num_kv_heads, n, 0)
-        if read_states:
+        if read:
             fq = self.feature_q(q)
             fq = fq if self.compress is None else self.compress(fq)
         else:  # a closed gate: the op never reads fq
             fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
-        return q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr
-
-    def _run(self, op, hidden_states, position_embeddings, far_position_embeddings, **kwargs):
-        gate = self._op_gate()
-        read = not isinstance(gate, int)
-        # a closed gate reads no chunk state, so none is kept (nor its features computed), except by the
-        # recall mode, which chooses its cache with them
-        keep = read or bool(self.options.recall_tokens)
-        tensors = self._project(hidden_states, position_embeddings, far_position_embeddings, read_states=read,
-                                keep_states=keep)
-        return _run_op(op, tensors, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,
+        tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr)
+        return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,
                        meta_k=self.meta_h_proj.weight, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -158,9 +150,8 @@ class BSBRAttention(MultiHeadBase):
         rotary (cos, sin) or None; far_position_embeddings ((cos, sin) of the far queries, (cos, sin) of
         the far keys) or None (far keys keep their own positions). Returns (b, n, hidden_dim), and the
         streaming state if asked."""
-        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
-        o, state = self._run(chunk_bsbr_attention, hidden_states, position_embeddings, far_position_embeddings,
-                             valid=valid, output_final_state=output_state)
+        o, state = self._run(chunk_bsbr_attention, hidden_states, attention_mask, position_embeddings,
+                             far_position_embeddings, output_final_state=output_state)
         out = self.output(o)
         return (out, state) if output_state else out
 
@@ -168,7 +159,6 @@ class BSBRAttention(MultiHeadBase):
              position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, far_position_embeddings=None):
         """Streaming decode: continue from ``state`` with the given tokens (b, T, hidden_dim), token by
         token. Returns ((b, T, hidden_dim), new state)."""
-        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
-        o, state = self._run(recurrent_bsbr_attention, hidden_states, position_embeddings, far_position_embeddings,
-                             valid=valid, initial_state=state, output_final_state=True)
+        o, state = self._run(recurrent_bsbr_attention, hidden_states, attention_mask, position_embeddings,
+                             far_position_embeddings, initial_state=state, output_final_state=True)
         return self.output(o), state

@@ -44,8 +44,6 @@ class DeltaNet(MultiHeadBase):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings ignored.
-        Returns (b, n, hidden_dim)."""
         q, k, v, beta, valid = self._inputs(hidden_states, attention_mask)
         o, _ = chunk_delta_rule(q, k, v, beta, chunk_size=self.chunk_size)
         return self.output(zero_padded(o, valid))

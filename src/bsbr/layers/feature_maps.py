@@ -1,9 +1,9 @@
 """Feature maps phi for the chunk states, and the optional state compression.
 
 The chunk-state term reads ``phi(q) . sum_j phi(k_j) v_j^T``. ``identity`` is the plain q/k (additive
-variant); ``elu`` (elu + 1, linear attention's classic map) and ``hedgehog`` are non-negative, as the normalized variant's shared denominator needs, and
-trainable: phi(x) = [softmax(x W), softmax(-x W)] per head with W initialised to the identity
-(Zhang et al., 2024).
+variant); ``elu`` (elu + 1, linear attention's classic map) and ``hedgehog`` are non-negative, as the
+normalized variant's shared denominator needs; ``hedgehog`` is trainable: phi(x) = [softmax(x W),
+softmax(-x W)] per head with W initialised to the identity (Zhang et al., 2024).
 """
 from __future__ import annotations
 
@@ -27,10 +27,7 @@ class HeadwiseLinear(nn.Module):
 
     @staticmethod
     def initial_weight(heads: int, d_in: int, d_out: int) -> torch.Tensor:
-        w = torch.zeros(heads, d_in, d_out)
-        k = min(d_in, d_out)
-        w[:, torch.arange(k), torch.arange(k)] = 1.0
-        return w
+        return torch.eye(d_in, d_out).repeat(heads, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhnd,hde->bhne", x, self.weight)
@@ -77,10 +74,8 @@ class StateCompression(nn.Module):
         self.proj = nn.Parameter(self.initial_weight(feature_dim, factor))
 
     @staticmethod
-    def initial_weight(feature_dim: int, factor: int) -> torch.Tensor:
-        pool = torch.zeros(feature_dim, feature_dim // factor)
-        pool[torch.arange(feature_dim), torch.arange(feature_dim) // factor] = 1.0 / factor
-        return pool
+    def initial_weight(feature_dim: int, factor: int) -> torch.Tensor:  # feature i -> column i // factor
+        return torch.eye(feature_dim // factor).repeat_interleave(factor, dim=0) * (1.0 / factor)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return f @ (self.proj.clamp(min=0.0) if self.nonnegative else self.proj)

@@ -58,8 +58,6 @@ class GatedAttentionUnit(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
-        rotary (cos, sin) of dim ``query_key_dim``, or None. Returns (b, n, hidden_dim)."""
         valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
         u, v = F.silu(self.uv_proj(hidden_states)).chunk(2, dim=-1)  # (b, n, e) each
         z = F.silu(self.z_proj(hidden_states))  # (b, n, s)

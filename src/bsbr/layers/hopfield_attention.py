@@ -42,8 +42,6 @@ class HopfieldAttention(MultiHeadBase):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
-        rotary (cos, sin) or None. Returns (b, n, hidden_dim)."""
         q, k, v, valid = self.project(hidden_states, attention_mask, position_embeddings)
         o, _ = chunk_hopfield_attention(q, k, v, beta=self.log_beta.exp(), num_steps=self.num_steps, valid=valid)
         return self.output(o)

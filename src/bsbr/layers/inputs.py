@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.checks import check_int, check_valid
+from ..ops.checks import check_valid
 
 
 def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask) -> Optional[torch.Tensor]:
@@ -28,12 +28,13 @@ def check_dropout(dropout) -> float:
     return float(dropout)
 
 
-def check_input_ids(input_ids, vocab_size: int) -> None:
-    """A language model's input: an integer tensor (batch, seq_len) of ids in [0, vocab_size)."""
+def check_input_ids(input_ids, vocab_size: Optional[int] = None) -> None:
+    """A language model's input: an integer tensor (batch, seq_len), of ids in [0, vocab_size) if given."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    if vocab_size is not None and input_ids.numel() and (
+            int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size})")
 
 
@@ -54,23 +55,3 @@ def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Te
         raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
     return valid
 
-
-def resolve_head_dim(hidden_dim: int, num_heads: int, head_dim: Optional[int]) -> int:
-    """The per-head size: given, or hidden_dim / num_heads (which must divide)."""
-    check_int("hidden_dim", hidden_dim)
-    check_int("num_heads", num_heads)
-    if head_dim is None:
-        if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-        head_dim = hidden_dim // num_heads
-    check_int("head_dim", head_dim)
-    return head_dim
-
-
-def resolve_kv_heads(num_heads: int, num_kv_heads: Optional[int]) -> int:
-    """Key/value heads for grouped K/V: given (dividing num_heads), or num_heads."""
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    check_int("num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    return num_kv_heads

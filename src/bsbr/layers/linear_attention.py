@@ -14,7 +14,7 @@ import torch
 
 from ..ops.linear_attn import chunk_linear_attention, recurrent_linear_attention
 from .multihead import MultiHeadBase
-from ..ops.checks import check_int
+from ..ops.checks import check_int, zero_padded
 from .feature_maps import FeatureMap
 
 
@@ -40,16 +40,11 @@ class LinearAttention(MultiHeadBase):
 
     def _features(self, hidden_states, attention_mask):
         q, k, v, valid = self.project(hidden_states, attention_mask)
-        fq, fk = self.feature_q(q), self.feature_k(k)
-        if valid is not None:  # a zero feature adds nothing to the state and reads out 0 (eps > 0)
-            m = valid[:, None, :, None].to(fq.dtype)
-            fq, fk = fq * m, fk * m
-        return fq, fk, v
+        # padded tokens get zero features: a zero feature adds nothing to the state and reads out 0 (eps > 0)
+        return zero_padded(self.feature_q(q), valid), zero_padded(self.feature_k(k), valid), v
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings ignored
-        (see the module docstring). Returns (b, n, hidden_dim)."""
         fq, fk, v = self._features(hidden_states, attention_mask)
         o, _ = chunk_linear_attention(fq, fk, v, chunk_size=self.chunk_size, normalize=self.normalize)
         return self.output(o)

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .inputs import check_dropout, check_layer_inputs, resolve_head_dim, resolve_kv_heads
+from ..ops.checks import check_int
+from .inputs import check_dropout, check_layer_inputs
 from .rotary import apply_rotary
 
 
@@ -18,8 +19,17 @@ class MultiHeadBase(nn.Module):
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float, head_dim: Optional[int], bias: bool,
                  out_bias: Optional[bool], num_kv_heads: Optional[int] = None):
         super().__init__()
-        head_dim = resolve_head_dim(hidden_dim, num_heads, head_dim)
-        num_kv_heads = resolve_kv_heads(num_heads, num_kv_heads)
+        check_int("hidden_dim", hidden_dim)
+        check_int("num_heads", num_heads)
+        if head_dim is None:
+            if hidden_dim % num_heads:
+                raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+            head_dim = hidden_dim // num_heads
+        check_int("head_dim", head_dim)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim = hidden_dim, num_heads, num_kv_heads, head_dim
         self.dropout = check_dropout(dropout)
         self.q_proj = nn.Linear(hidden_dim, num_heads * head_dim, bias=bias)
@@ -37,8 +47,7 @@ class MultiHeadBase(nn.Module):
         """Check the input and return (q, k, v, valid): the projections split into heads, q and k
         rotated when ``position_embeddings`` (rotary cos, sin) is given; ``valid`` the (b, n) mask or None."""
         valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
-        x = hidden_states
-        q, k, v = self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+        q, k, v = (self.heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if position_embeddings is not None:
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         return q, k, v, valid

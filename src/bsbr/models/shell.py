@@ -24,31 +24,22 @@ from ..layers.rotary import RotaryEmbedding
 from ..layers.sliding_window_attention import SlidingWindowAttention
 from ..layers.standard_attention import StandardAttention
 
-ATTENTIONS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "hopfield", "gau")
+LAYERS = {"standard": StandardAttention, "bsbr": BSBRAttention, "sliding_window": SlidingWindowAttention,
+          "linear": LinearAttention, "deltanet": DeltaNet, "hopfield": HopfieldAttention, "gau": GatedAttentionUnit}
+ATTENTIONS = tuple(LAYERS)
+REQUIRED = {"bsbr": ("chunk_size", "tokens per chunk"), "sliding_window": ("window_size", "keys each token sees")}
 
 
 def build_attention(attention: str, hidden_dim: int, num_heads: int, dropout: float, **kwargs) -> nn.Module:
-    """One attention layer by name. Required extra kwargs: ``chunk_size`` for ``"bsbr"``,
-    ``window_size`` for ``"sliding_window"``; the rest go to the layer's constructor."""
+    """One attention layer by name; ``kwargs`` go to its constructor (those in :data:`REQUIRED` must be given)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    if attention == "standard":
-        return StandardAttention(hidden_dim, num_heads, dropout, **kwargs)
-    if attention == "bsbr":
-        if "chunk_size" not in kwargs:
-            raise ValueError("attention='bsbr' needs chunk_size=... (tokens per chunk)")
-        return BSBRAttention(hidden_dim, num_heads, kwargs.pop("chunk_size"), dropout, **kwargs)
-    if attention == "sliding_window":
-        if "window_size" not in kwargs:
-            raise ValueError("attention='sliding_window' needs window_size=... (keys each token sees)")
-        return SlidingWindowAttention(hidden_dim, num_heads, kwargs.pop("window_size"), dropout, **kwargs)
-    if attention == "linear":
-        return LinearAttention(hidden_dim, num_heads, dropout, **kwargs)
-    if attention == "deltanet":
-        return DeltaNet(hidden_dim, num_heads, dropout, **kwargs)
-    if attention == "hopfield":
-        return HopfieldAttention(hidden_dim, num_heads, dropout, **kwargs)
-    return GatedAttentionUnit(hidden_dim, dropout=dropout, **kwargs)  # one head by definition
+    if attention in REQUIRED and REQUIRED[attention][0] not in kwargs:
+        name, meaning = REQUIRED[attention]
+        raise ValueError(f"attention={attention!r} needs {name}=... ({meaning})")
+    if attention == "gau":
+        return GatedAttentionUnit(hidden_dim, dropout=dropout, **kwargs)  # one head by definition
+    return LAYERS[attention](hidden_dim, num_heads, dropout=dropout, **kwargs)
 
 
 class Block(nn.Module):

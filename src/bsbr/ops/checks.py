@@ -1,7 +1,9 @@
-"""Argument checks shared by every op and layer: a clear ValueError/TypeError naming the argument."""
+"""Argument checks shared by every op and layer: a clear ValueError/TypeError naming the argument. The
+baseline ops (sliding window, linear attention, DeltaNet, Hopfield, GAU) all take per-head tensors laid
+out (batch, heads, seq_len, dim)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,6 +32,54 @@ def check_valid(valid, b: int, n: int, name: str = "valid (the padding mask)") -
     if tuple(valid.shape) != (b, n):
         raise ValueError(f"{name} must have shape ({b}, {n}), got {tuple(valid.shape)}")
     return valid.bool()
+
+
+def check_qkv(q, k, v) -> Tuple[int, int, int, int, int]:
+    """q, k: (b, h, n, d); v: (b, h, n, dv), one dtype. Returns (b, h, n, d, dv)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 4)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have leading shape {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, n, d = q.shape
+    return b, h, n, d, v.shape[-1]
+
+
+def check_scale(scale, d: int) -> float:
+    if scale is None:
+        return d ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be None or a float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+
+
+def check_state(state, b: int, h: int, d: int, dv: int, like: torch.Tensor, with_norm: bool):
+    """An initial state (S, z): S (b, h, d, dv), z (b, h, d) (z only for normalized linear attention).
+    None becomes zeros."""
+    if state is None:
+        S = like.new_zeros(b, h, d, dv)
+        return S, (like.new_zeros(b, h, d) if with_norm else None)
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError("initial_state must be None or a tuple (S, z) as returned with output_final_state=True")
+    S, z = state
+    check_tensor("initial_state[0]", S, 4)
+    if tuple(S.shape) != (b, h, d, dv):
+        raise ValueError(f"initial_state[0] must have shape {(b, h, d, dv)}, got {tuple(S.shape)}")
+    if with_norm:
+        if z is None:
+            raise ValueError("initial_state[1] (the key sum z) is needed when normalize=True")
+        check_tensor("initial_state[1]", z, 3)
+        if tuple(z.shape) != (b, h, d):
+            raise ValueError(f"initial_state[1] must have shape {(b, h, d)}, got {tuple(z.shape)}")
+    return S.to(like.dtype), (None if not with_norm else z.to(like.dtype))
 
 
 def mask_padding(allowed: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:

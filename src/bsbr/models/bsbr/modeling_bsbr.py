@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...layers.bsbr_attention import BSBRAttention
-from ...layers.inputs import mask_to_valid
+from ...layers.inputs import check_input_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding
 from ...ops.bsbr import BSBRState
@@ -220,9 +220,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-                raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
-                                 f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+            check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
         b, n = inputs_embeds.shape[:2]
         if cache is not None and not isinstance(cache, BSBRCache):
@@ -232,12 +230,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         valid = mask_to_valid(attention_mask, b, n)
         if valid is not None and bool(valid.all()):
             valid = None
-        if position_ids is None:
-            start = cache.n_seen[:, None] if cache is not None else torch.zeros(b, 1, dtype=torch.long,
-                                                                                device=inputs_embeds.device)
-            # positions count real tokens only, so padding never shifts a sequence
-            steps = torch.arange(n, device=inputs_embeds.device)[None] if valid is None else (valid.long().cumsum(1) - 1).clamp(min=0)
-            position_ids = start + steps
+        if position_ids is None:  # positions count real tokens only, so padding never shifts a sequence
+            position_ids = token_positions(inputs_embeds[:, :, 0], valid)
+            if cache is not None:
+                position_ids = position_ids + cache.n_seen[:, None]
         x = inputs_embeds
         if self.embed_positions is not None:
             x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))

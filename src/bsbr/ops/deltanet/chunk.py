@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..linear_attn.utils import check_int, check_scale
-from .utils import check_delta_inputs, initial_delta_state
+from ..checks import check_int
+from .naive import check_delta_inputs
 
 
 def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
@@ -42,10 +42,8 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     Returns:
         ``(o, state)``: o (b, h, n, dv); state (b, h, d, dv) or None.
     """
-    b, h, n, d, dv = check_delta_inputs(q, k, v, beta)
+    (b, h, n, d, dv), scale, S = check_delta_inputs(q, k, v, beta, scale, initial_state)
     check_int("chunk_size", chunk_size)
-    scale = check_scale(scale, d)
-    S = initial_delta_state(initial_state, b, h, d, dv, q)
     B = chunk_size
     C = max(1, -(-n // B))
     tail = C * B - n

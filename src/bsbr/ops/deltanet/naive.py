@@ -11,17 +11,28 @@ from typing import Optional
 
 import torch
 
-from ..linear_attn.utils import check_scale
-from .utils import check_delta_inputs, initial_delta_state
+from ..checks import check_qkv, check_scale, check_state, check_tensor
+
+
+def check_delta_inputs(q, k, v, beta, scale, initial_state):
+    """q, k: (b, h, n, d); v: (b, h, n, dv); beta: (b, h, n) write strengths; initial_state (b, h, d, dv)
+    or None (zeros). Returns the sizes (b, h, n, d, dv), the scale and the state to start from."""
+    b, h, n, d, dv = check_qkv(q, k, v)
+    check_tensor("beta", beta, 3)
+    if tuple(beta.shape) != (b, h, n):
+        raise ValueError(f"beta must have shape {(b, h, n)}, got {tuple(beta.shape)}")
+    if beta.dtype != q.dtype:
+        raise TypeError(f"beta must have the dtype of q ({q.dtype}), got {beta.dtype}")
+    scale = check_scale(scale, d)
+    state = (initial_state, None) if isinstance(initial_state, torch.Tensor) else initial_state
+    return (b, h, n, d, dv), scale, check_state(state, b, h, d, dv, q, with_norm=False)[0]
 
 
 def naive_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
                      scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                      output_final_state: bool = False):
     """Same meaning as :func:`chunk_delta_rule`, one token at a time. Returns ``(o, state)``."""
-    b, h, n, d, dv = check_delta_inputs(q, k, v, beta)
-    scale = check_scale(scale, d)
-    S = initial_delta_state(initial_state, b, h, d, dv, q)
+    (b, h, n, d, dv), scale, S = check_delta_inputs(q, k, v, beta, scale, initial_state)
     outs = []
     for t in range(n):
         kt, vt, bt = k[:, :, t], v[:, :, t], beta[:, :, t, None]  # (b, h, d), (b, h, dv), (b, h, 1)

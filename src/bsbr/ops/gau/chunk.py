@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid
+from ..checks import check_int, check_qkv, check_scale, check_valid, zero_padded
 
 
 def chunk_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
@@ -31,14 +31,14 @@ def chunk_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     scale = check_scale(scale, d)
     valid = check_valid(valid, b, n)
     check_int("block_size", block_size)
-    kv_w = None if valid is None else valid[:, None, :, None].to(q.dtype)  # (b, 1, n, 1)
     # N_t: keys visible to query t (itself included), at least 1 for padded queries
     if valid is None:
         count = torch.arange(1, n + 1, dtype=q.dtype, device=q.device).view(1, 1, n, 1)
     else:
-        count = kv_w.cumsum(2).clamp(min=1.0)
-    vm = v if kv_w is None else v * kv_w  # padded values get no weight (zeroing v is the cheapest mask)
+        count = valid[:, None, :, None].to(q.dtype).cumsum(2).clamp(min=1.0)  # (b, 1, n, 1)
+    vm = zero_padded(v, valid)  # padded values get no weight (zeroing v is the cheapest mask)
     outs = []
+    # an empty sequence still gives one (empty) block, so outs is never empty
     for i, qs in enumerate((q * scale).split(block_size, dim=2)):  # qs: (b, h, L, d)
         s, e = i * block_size, i * block_size + qs.shape[2]
         # keys before the block: no mask needed; the block itself: causal mask
@@ -47,8 +47,4 @@ def chunk_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         if s > 0:
             o = o + torch.relu(qs @ k[:, :, :s].transpose(-1, -2)).square() @ vm[:, :, :s]
         outs.append(o)
-    o = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, dv)
-    o = o / count
-    if valid is not None:
-        o = o * kv_w
-    return o, None
+    return zero_padded(torch.cat(outs, dim=2) / count, valid), None

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..linear_attn.utils import check_qkv, check_scale, check_valid, zero_padded
+from ..checks import check_qkv, check_scale, check_valid, zero_padded
 
 
 def naive_gau_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,

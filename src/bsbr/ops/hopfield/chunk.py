@@ -8,8 +8,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..linear_attn.utils import check_int, check_qkv, check_valid, mask_padding, zero_padded
-from .utils import beta_per_head
+from ..checks import mask_padding, zero_padded
+from .naive import check_hopfield_inputs
 
 
 def chunk_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -27,10 +27,8 @@ def chunk_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Returns:
         ``(o, None)`` with o (b, h, n, dv).
     """
-    b, h, n, d, dv = check_qkv(q, k, v)
-    check_int("num_steps", num_steps)
-    valid = check_valid(valid, b, n)
-    bt = beta_per_head(beta, h, d, q)
+    valid, bt = check_hopfield_inputs(q, k, v, beta, num_steps, valid)
+    n = q.shape[2]
     mask = None
     if valid is not None:
         mask = mask_padding(torch.ones(1, n, n, dtype=torch.bool, device=q.device).tril(), valid)[:, None]

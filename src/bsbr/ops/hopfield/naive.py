@@ -15,18 +15,31 @@ from typing import Optional, Union
 
 import torch
 
-from ..linear_attn.utils import check_int, check_qkv, check_valid, mask_padding, zero_padded
-from .utils import beta_per_head
+from ..checks import check_int, check_qkv, check_valid, mask_padding, zero_padded
+
+
+def check_hopfield_inputs(q, k, v, beta, num_steps, valid):
+    """Check the arguments; return the padding mask (bool or None) and the inverse temperature as a
+    (1, h, 1, 1) tensor: None means 1/sqrt(d) (standard attention)."""
+    b, h, n, d, dv = check_qkv(q, k, v)
+    check_int("num_steps", num_steps)
+    valid = check_valid(valid, b, n)
+    beta = d ** -0.5 if beta is None else beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.Tensor)):
+        raise TypeError(f"beta must be None, a float or a ({h},) tensor, got {type(beta).__name__}")
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() > 1 or beta.numel() not in (1, h):
+            raise ValueError(f"beta must be a scalar or have shape ({h},), got {tuple(beta.shape)}")
+        return valid, beta.to(q.dtype).reshape(-1).expand(h).view(1, h, 1, 1)
+    return valid, torch.full((1, h, 1, 1), float(beta), dtype=q.dtype, device=q.device)
 
 
 def naive_hopfield_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              beta: Union[None, float, torch.Tensor] = None, num_steps: int = 1,
                              valid: Optional[torch.Tensor] = None):
     """Same signature and meaning as :func:`chunk_hopfield_attention`; builds the n x n scores."""
-    b, h, n, d, dv = check_qkv(q, k, v)
-    check_int("num_steps", num_steps)
-    valid = check_valid(valid, b, n)
-    bt = beta_per_head(beta, h, d, q)
+    valid, bt = check_hopfield_inputs(q, k, v, beta, num_steps, valid)
+    n = q.shape[2]
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None]
     allowed = mask_padding(causal, valid)[:, None]  # (b or 1, 1, n, n)
 

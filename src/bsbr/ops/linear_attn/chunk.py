@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .utils import check_eps, check_int, check_qkv, check_state
+from ..checks import check_eps, check_int, check_qkv, check_state
 
 
 def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import check_eps, check_qkv
+from ..checks import check_eps, check_qkv
 
 
 def naive_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,

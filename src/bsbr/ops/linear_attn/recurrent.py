@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .utils import check_eps, check_qkv, check_state
+from ..checks import check_eps, check_qkv, check_state
 
 
 def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,

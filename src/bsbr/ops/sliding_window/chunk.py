@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid, zero_padded
+from ..checks import check_int, check_qkv, check_scale, check_valid, zero_padded
 
 
 def chunk_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..linear_attn.utils import check_int, check_qkv, check_scale, check_valid, mask_padding, zero_padded
+from ..checks import check_int, check_qkv, check_scale, check_valid, mask_padding, zero_padded
 
 
 def naive_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,
