@@ -258,6 +258,13 @@ def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
     with pytest.raises(ValueError, match="exactly up to 80"):
         distill(teacher, student, ws, tmp_path / "out", DistillConfig(steps=1))
     assert not (tmp_path / "out").exists()
+    # the same without blocks: the window alone (2 chunks) and the bounded mode read 16 tokens exactly
+    for options in (dict(retrieval_blocks=0), dict(recall_tokens=4)):
+        student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1, **options)
+        short = [w[:16] for w in ws]
+        with pytest.raises(ValueError, match="exactly up to 16"):
+            distill(teacher, student, short, tmp_path / "out", DistillConfig(steps=1))
+        assert float(kl(teacher, student, short)) < 1e-9  # indeed nothing to learn there
 
 
 def test_distilling_exact_blocks_warns_about_long_contexts(caplog):

@@ -163,10 +163,10 @@ def _trainable(student, cfg: DistillConfig):
 
 def exact_reach(config) -> int:
     """Tokens up to which a BSBR model reads every earlier token exactly: ``(local_chunks +
-    retrieval_blocks) x chunk_size`` with exact blocks, else 0. On windows no longer than that, the
-    pieces ``params="new"`` trains (chunk states, gates, maps) cannot change the output."""
-    K = getattr(config, "retrieval_blocks", 0)
-    return (config.local_chunks + K) * config.chunk_size if K else 0
+    retrieval_blocks) x chunk_size`` (no chunk has left a token's window and blocks before that). On
+    windows no longer than that, the pieces ``params="new"`` trains (chunk states, gates, maps, the
+    recall mode's state) cannot change the output."""
+    return (config.local_chunks + getattr(config, "retrieval_blocks", 0)) * config.chunk_size
 
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
