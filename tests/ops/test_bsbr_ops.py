@@ -332,6 +332,11 @@ def test_window_state_holds_the_window_and_refuses_other_sizes():
         with pytest.raises(ValueError, match="state was built with"):
             recurrent_bsbr_attention(step["q"], step["k"], step["v"], step["mq"], step["mk"],
                                      BSBROptions(32, **sizes), initial_state=st)
+    for other in (make_inputs(b=3, hq=2, hkv=2, n=1, d=4), make_inputs(b=1, hq=4, hkv=2, n=1, d=4),
+                  make_inputs(b=1, hq=2, hkv=2, n=1, d=8)):  # another batch, more query heads, another head dim
+        with pytest.raises(ValueError, match=r"state holds \(batch, query heads"):
+            recurrent_bsbr_attention(other["q"], other["k"], other["v"], other["mq"], other["mk"],
+                                     BSBROptions(32, local_chunks=2, sink_tokens=4), initial_state=st)
 
 
 @pytest.mark.parametrize("kw", [dict(local_chunks=0), dict(local_chunks=1.5), dict(local_chunks=True),

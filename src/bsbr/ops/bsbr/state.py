@@ -88,9 +88,16 @@ class BSBRState:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
 
     def check_continues(self, options: BSBROptions, a: BSBRArgs) -> None:
-        """A state continues only a call with the options and chunk-state features it was built with."""
+        """A state continues only a call with the options, sizes and chunk-state features it was built with."""
         if options != self.options:
             raise ValueError(f"state was built with {self.options}, got {options}")
+        b, hkv, _, d = self.k_buf.shape
+        built = (b, self.mq_sum.shape[1], hkv, d, self.v_buf.shape[-1])
+        call = (a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim)
+        if built != call:
+            raise ValueError(f"state holds (batch, query heads, K/V heads, head dim, value dim) = {built}, the call "
+                             f"has {call}: continue a state with the batch it was built for (beam search: "
+                             "BSBRCache.reorder_cache)")
         if self.F_cur.shape[2] != a.feature_dim:
             raise ValueError(f"state keeps chunk states of feature size {self.F_cur.shape[2]}, the call has "
                              f"{a.feature_dim} (a state built while the chunk-state gate was closed keeps none): "
