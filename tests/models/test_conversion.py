@@ -220,6 +220,10 @@ def test_errors():
         convert_to_bsbr(src, chunk_size=CHUNK, compression_factor=7)
     with pytest.raises(TypeError, match="unknown conversion options"):
         TransformerToBSBRConverter(chunk_size=8, colour="blue")
+    for bad in (dict(chunk_size=0), dict(local_chunks=0), dict(sink_tokens=-1), dict(retrieval_blocks=-1),
+                dict(recall_tokens=8, retrieval_blocks=2), dict(retrieval="magic")):
+        with pytest.raises(ValueError):  # refused before any source is loaded
+            TransformerToBSBRConverter(**bad)
     with pytest.raises(ValueError, match="far_positions"):
         convert_to_bsbr(src, far_positions="magic")
     with pytest.raises(ValueError, match="retrieval_blocks"):

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
+from ..ops.bsbr import BSBROptions
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class TransformerToBSBRConverter:
         if options.get("recall_tokens") and "retrieval_blocks" not in options:
             options["retrieval_blocks"] = 0  # the bounded mode replaces the exact blocks
         self.options = {**DEFAULT_OPTIONS, **options}
+        o = self.options  # bad sizes are refused here, before a source is loaded
+        BSBROptions(chunk_size=chunk_size, local_chunks=o["local_chunks"], sink_tokens=o["sink_tokens"],
+                    retrieval_blocks=o["retrieval_blocks"], recall_tokens=o["recall_tokens"], retrieval=o["retrieval"])
 
     def convert(self, source) -> BSBRForCausalLM:
         t0 = time.perf_counter()
