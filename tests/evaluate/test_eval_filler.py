@@ -125,5 +125,11 @@ def test_run_passkey_rotates_fillers_and_reports_each(word_tokenizer, tmp_path):
     assert [line.split()[:2] for line in lines[i + 2:i + 5]] == [["classic", "1.00"], ["random", "1.00"],
                                                                ["file:mine.txt", "1.00"]]
     assert lines[-1].startswith("  seconds: echo")
+    # two trials per cell reach two of the three fillers: the table lists only those
+    r2 = passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[120], depths=[0.5], trials=2,
+                             fillers=fillers, progress=False)
+    lines = list(passkey.passkey_summary_lines(r2))
+    i = lines.index("pass-key accuracy per filler (trials):")
+    assert [line.split()[0] for line in lines[i + 2:-1]] == ["classic", "random"]
     with pytest.raises(ValueError, match="distinct"):
         passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, fillers=["random", "random"])

@@ -276,7 +276,8 @@ def passkey_summary_lines(passkey: dict) -> Iterable[str]:
     for i, L in enumerate(passkey["lengths"]):
         yield f"  {L:<7} " + " ".join(f"{a:.2f}".rjust(11) for n in names for a in grids[n][i])
     yield "  overall: " + ", ".join(f"{n} {passkey['models'][n]['accuracy']:.2f}" for n in names)
-    fillers = [f["name"] for f in passkey.get("fillers", [])]
+    fillers = [f["name"] for f in passkey.get("fillers", [])  # those some model ran (trials cycle through them)
+               if any(f["name"] in passkey["models"][n].get("by_filler", {}) for n in names)]
     if fillers:
         yield "pass-key accuracy per filler (trials):"
         yield f"  {'filler':<24} " + " ".join(f"{n:>11}" for n in names)
