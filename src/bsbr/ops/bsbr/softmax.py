@@ -9,23 +9,28 @@ import torch
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def fused_attention(q, v) -> bool:
+    """Whether :func:`attention_lse` runs PyTorch's fused CPU kernel on these queries and values."""
+    return (_FLASH_CPU is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16))
+
+
+def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float,
+                  bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention and its log-sum-exp. q (N, h, M, d), k/v (N, h, W, d); ``allowed`` a bool
-    mask broadcastable to (N, h, M, W), or None. Every row must allow at least one key. Returns
-    o (N, h, M, dv), lse (N, h, M).
+    mask broadcastable to (N, h, M, W), or None; or ``bias``, the same mask as 0 / -inf in q's dtype.
+    Every row must allow at least one key. Returns o (N, h, M, dv), lse (N, h, M).
 
     On CPU this is PyTorch's fused flash kernel (it returns the log-sum-exp, SDPA does not);
     elsewhere the plain formula."""
-    if (_FLASH_CPU is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
-            and q.dtype in (torch.float32, torch.float64, torch.bfloat16)):
-        mask = None
-        if allowed is not None:
-            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    if bias is None and allowed is not None:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    if fused_attention(q, v):
+        o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return o, lse.to(o.dtype)
     s = (q @ k.transpose(-1, -2)) * scale
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+    if bias is not None:
+        s = s + bias
     lse = torch.logsumexp(s, dim=-1)
     return torch.softmax(s, dim=-1) @ v, lse
 
