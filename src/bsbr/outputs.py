@@ -74,6 +74,40 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     return out
 
 
+def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Iterable[str] = ()) -> None:
+    """Check, before any expensive work, the result files a command was asked to write.
+
+    ``outputs``: ``(option, path)`` pairs, path None when not asked; ``inputs``: ``(label, path)``
+    pairs the command reads (files or directories). An output may not be another output, an input or
+    a file inside an input directory, nor a directory; its folder must be makeable; an option in
+    ``plots`` needs a file suffix matplotlib writes (.png, .pdf, .svg, ...)."""
+    seen = {}
+    sources = [(label, Path(os.path.realpath(_resolved(src)))) for label, src in inputs if src is not None]
+    for option, path in outputs:
+        if path is None:
+            continue
+        out = _resolved(path)
+        real = Path(os.path.realpath(out))
+        if real in seen:
+            raise OutputError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
+        seen[real] = option
+        for label, src in sources:
+            if real == src or src in real.parents:
+                raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
+        if out.is_dir():
+            raise OutputError(f"{option} {path} is a directory: give a file name")
+        parent = unwritable_parent(out)
+        if parent is not None:
+            raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
+        if option in plots:
+            from matplotlib.backend_bases import FigureCanvasBase
+
+            formats = FigureCanvasBase.get_supported_filetypes()
+            if out.suffix.lstrip(".").lower() not in formats:
+                raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
+                                  f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def unwritable_parent(path: Path) -> Optional[Path]:
     """The nearest existing directory above ``path`` when ``path`` cannot be made there (not a directory,
     or not writable); None when it can."""
