@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name -> (help, module whose register(sub) defines it)
@@ -103,13 +104,23 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed as one line)
         return int(e.code or 0)
+    except KeyboardInterrupt:  # Ctrl-C while a subcommand's parser imports its modules
+        print("bsbr: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     args.argv = list(sys.argv[1:] if argv is None else argv)
     verbose = bool(getattr(args, "verbose", False))
+    if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
+        # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        if "transformers" in sys.modules:  # imported already (a subcommand's parser): it read the variable then
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):

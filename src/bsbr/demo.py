@@ -10,7 +10,10 @@ from pathlib import Path
 def cmd_demo(args) -> int:
     from .outputs import check_model_arg, check_output_dir, staged_dir
 
+    from .bench.common import check_at_least
+
     final = Path(args.output)
+    check_at_least(args, ("chunk_size", "seq_len", "max_windows", "speed_lens", "decode_contexts", "repeats"))
     check_model_arg(args.source, "--source")
     check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
     with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing

@@ -62,13 +62,17 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         if (_overlap(out, s) or _overlap(real_out, real)) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
+    if out.is_symlink():
+        raise OutputError(f"{option} {path} is a symbolic link: give the directory itself (the output is "
+                          "renamed into place, which would replace the link)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
     parent = unwritable_parent(out)
     if parent is not None:
-        raise OutputError(f"{option} {path}: cannot write in {parent} (permission denied)")
+        why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
+        raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {path}: directory is not writable")
     return out
@@ -235,16 +239,28 @@ def source_record(source, model) -> dict:
                 fingerprint=weights_fingerprint(model))
 
 
+def read_metadata(model_dir) -> dict:
+    """A converted model's ``conversion.json`` as a dict ({} when there is none), or a one-line
+    :class:`UserError` when it is not a JSON object."""
+    p = Path(os.path.expanduser(str(model_dir))) / METADATA
+    if not p.is_file():
+        return {}
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is not valid JSON ({' '.join(str(e).split())}): restore it, delete it (the source is "
+                        "then not checked) or convert again") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{p} holds a JSON {type(meta).__name__}, not an object: restore it, delete it (the source "
+                        "is then not checked) or convert again")
+    return meta
+
+
 def check_source(model_dir, source, source_model, *, option: str, force: bool = False) -> Optional[str]:
     """Refuse ``source_model`` (loaded from ``source``) as the reference/teacher of the converted model in
     ``model_dir`` when its weights differ from those the model was converted from, unless ``force``.
     Returns a warning text (forced, or nothing recorded), or None when the fingerprints match."""
-    p, meta = Path(model_dir) / METADATA, {}
-    if p.is_file():
-        try:
-            meta = json.loads(p.read_text()) or {}
-        except (OSError, ValueError) as e:
-            raise UserError(f"{p} is not valid JSON ({e}): restore it or convert again") from e
+    meta = read_metadata(model_dir)
     recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     want = recorded.get("fingerprint")
     if not want:
@@ -272,11 +288,28 @@ def check_model_arg(source, option: str) -> None:
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
         if path.is_file() and path.suffix != ".gguf":
             raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
+        if path.is_dir():
+            read_config(path / "config.json", option)
+        elif path.stat().st_size < 8 or path.read_bytes()[:4] != b"GGUF":
+            raise UserError(f"{option} {text} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return
     hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith((".gguf", "/"))
     if not hub_id:
         raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
                         f"ORG/NAME, e.g. openai-community/gpt2)")
+
+
+def read_config(config: Path, option: str) -> dict:
+    """A model directory's config.json as a dict with a ``model_type``, or a one-line :class:`UserError`."""
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{option} {config.parent}: config.json is not valid JSON ({' '.join(str(e).split())})") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"{option} {config.parent}: config.json holds a JSON {type(cfg).__name__}, not an object")
+    if not isinstance(cfg.get("model_type"), str):
+        raise UserError(f"{option} {config.parent} has a config.json without a model_type: not a transformers model")
+    return cfg
 
 
 def check_bsbr_dir(path, option: str) -> Path:
@@ -286,13 +319,10 @@ def check_bsbr_dir(path, option: str) -> Path:
     if not config.is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"{option} {path}: config.json is not valid JSON ({e})") from e
+    model_type = read_config(config, option)["model_type"]
     if model_type != "bsbr":
-        what = f"is a {model_type!r} model" if model_type else "has a config.json without a model_type"
-        raise UserError(f"{option} {path} {what}, not a BSBR one: convert it first (bsbr convert {path} NEW_DIR)")
+        raise UserError(f"{option} {path} is a {model_type!r} model, not a BSBR one: convert it first "
+                        f"(bsbr convert {path} NEW_DIR)")
     return path
 
 
@@ -312,8 +342,15 @@ def load_model_arg(source, option: str):
     local = source is None or Path(os.path.expanduser(str(source))).exists()
     try:
         return load_source(source).eval()
-    except OSError as e:
+    except Exception as e:  # OSError: a missing or pickled file; SafetensorError: a broken one
+        if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
+            raise
         why = " ".join(str(e).split())
+        if why.startswith("Unrecognized configuration class"):
+            why = "transformers has no causal-LM model for its model type"
+        elif type(e).__name__ == "SafetensorError":
+            why = f"its .safetensors weights are unreadable, truncated or empty: {why}"
+        why = why if len(why) <= 300 else why[:300] + " ..."
         if local:
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise UserError(f"{option} {source} is no local path, and the hub could not provide it "
@@ -327,6 +364,14 @@ def load_tokenizer_arg(source, option: str):
     try:
         tok = load_tokenizer(source)
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
+        if source is not None and Path(os.path.expanduser(str(source))).is_dir():
+            from transformers import AutoConfig
+
+            try:  # the tokenizer reads config.json: a broken one is the model's fault, not the tokenizer's
+                AutoConfig.from_pretrained(os.path.expanduser(str(source)))
+            except Exception as bad:
+                raise UserError(f"{option} {source}: config.json is not a valid model config "
+                                f"({' '.join(str(bad).split())[:200]})") from bad
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({' '.join(str(e).split())[:200]}): "
                         f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
     if tok is None or isinstance(tok, bool):

@@ -1,6 +1,7 @@
 """Tiny local models for the CLI tests: a random llama source with a word-level tokenizer, saved to
 disk, and its BSBR conversion (chunk 8). Nothing is downloaded."""
 import pytest
+from cli_checks import TEXT
 from model_sources import make_source
 from word_tokenizer import build_word_tokenizer
 
@@ -28,3 +29,10 @@ def models(tmp_path_factory):
     tok.save_pretrained(root / "other")
     assert main(["convert", str(root / "source"), str(root / "converted"), "--chunk-size", str(CHUNK)]) == 0
     return root / "source", root / "converted", root / "other"
+
+
+@pytest.fixture()
+def text(tmp_path):
+    p = tmp_path / "train.py"
+    p.write_text(TEXT)
+    return p

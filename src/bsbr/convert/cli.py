@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -63,27 +64,42 @@ def check_conversion_options(options: dict) -> None:
     """Refuse bad sizes before loading the source (the converter would, but only after loading it)."""
     from ..outputs import UserError
 
-    for name, low in (("chunk_size", 1), ("local_chunks", 1), ("sink_tokens", 0), ("compression_factor", 1),
-                      ("recall_tokens", 0), ("retrieval_blocks", 0)):
+    from ..ops.bsbr.options import MAX_TOKENS
+
+    window = max(options.get("chunk_size") or 1, 1)
+    for name, low, high in (("chunk_size", 1, MAX_TOKENS), ("local_chunks", 1, MAX_TOKENS // window),
+                            ("sink_tokens", 0, MAX_TOKENS), ("compression_factor", 1, None),
+                            ("recall_tokens", 0, MAX_TOKENS), ("retrieval_blocks", 0, None)):
         value = options.get(name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if value is not None and high is not None and value > high:
+            raise UserError(f"--{name.replace('_', '-')} must be at most {high:,} (a window, sinks or a recall cache "
+                            f"holds at most {MAX_TOKENS:,} tokens), got {value:,}")
+    gate = options.get("gate_init")
+    if gate is not None and not math.isfinite(gate):
+        raise UserError(f"--gate-init must be a finite number, got {gate}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
 
 
 def cmd_convert(args) -> int:
-    from ..outputs import (METADATA, OutputError, UserError, check_model_arg, check_output_dir, source_record, staged_dir,
-                           write_model_card)
+    from ..outputs import (METADATA, OutputError, UserError, check_model_arg, check_output_dir, read_config,
+                           source_record, staged_dir, write_model_card)
 
     source, out = args.source, Path(args.output_dir)
     options = conversion_options(args)
     check_conversion_options(options)
     check_model_arg(source, "SOURCE")
-    config = Path(str(source)) / "config.json" if source is not None else None
-    if config is not None and config.is_file() and '"bsbr"' in config.read_text().replace(" ", ""):
-        if json.loads(config.read_text()).get("model_type") == "bsbr":
+    if source is not None and Path(str(source)).is_dir():
+        from .families import SUPPORTED_MODEL_TYPES
+
+        model_type = read_config(Path(str(source)) / "config.json", "SOURCE")["model_type"]
+        if model_type == "bsbr":
             raise UserError(f"SOURCE {source} is already a BSBR model: convert the model it came from")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
     try:
         check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
     except OutputError as e:
@@ -126,8 +142,8 @@ def cmd_generate(args) -> int:
         raise UserError("--prompt is empty: give the text to continue")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     import torch
 
     from ..models import load_bsbr_model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -67,10 +68,13 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+            raise OSError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): save "
+                          "them as safetensors (model.save_pretrained(DIR) does by default)")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)  # hub id
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, use_safetensors=True)  # hub id
 
 
 def load_tokenizer(source):
@@ -114,6 +118,8 @@ class TransformerToBSBRConverter:
         o = self.options  # bad sizes are refused here, before a source is loaded
         BSBROptions(chunk_size=chunk_size, local_chunks=o["local_chunks"], sink_tokens=o["sink_tokens"],
                     retrieval_blocks=o["retrieval_blocks"], recall_tokens=o["recall_tokens"], retrieval=o["retrieval"])
+        if o["gate_init"] is not None and not math.isfinite(o["gate_init"]):
+            raise ValueError(f"gate_init must be None or a finite number, got {o['gate_init']}")
 
     def convert(self, source) -> BSBRForCausalLM:
         t0 = time.perf_counter()

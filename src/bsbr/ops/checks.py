@@ -17,9 +17,11 @@ def check_tensor(name: str, x, ndim: int) -> None:
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
 
 
-def check_int(name: str, value, minimum: int = 1) -> None:
+def check_int(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:,}, got {value:,}")
 
 
 def check_valid(valid, b: int, n: int, name: str = "valid (the padding mask)") -> Optional[torch.Tensor]:

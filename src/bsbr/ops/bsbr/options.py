@@ -8,6 +8,7 @@ from typing import Optional
 from ..checks import check_int
 
 VARIANTS = ("additive", "normalized")
+MAX_TOKENS = 1 << 20  # the most tokens of an exact window, of sinks or of a recall cache (each is allocated whole)
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,11 @@ class BSBROptions:
     scale: Optional[float] = None
 
     def __post_init__(self):
-        check_int("chunk_size", self.chunk_size, 1)
-        check_int("local_chunks", self.local_chunks, 1)
-        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("chunk_size", self.chunk_size, 1, MAX_TOKENS)
+        check_int("local_chunks", self.local_chunks, 1, MAX_TOKENS // self.chunk_size)
+        check_int("sink_tokens", self.sink_tokens, 0, MAX_TOKENS)
         check_int("retrieval_blocks", self.retrieval_blocks, 0)
-        check_int("recall_tokens", self.recall_tokens, 0)
+        check_int("recall_tokens", self.recall_tokens, 0, MAX_TOKENS)
         if self.recall_tokens and self.retrieval_blocks:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
         if self.retrieval not in VARIANTS:

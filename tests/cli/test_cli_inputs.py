@@ -1,0 +1,144 @@
+"""Bad sources, values and output paths, each through the real CLI (``main([...])`` in process) on tiny
+local models: one error line, exit status 2, refused before the work, nothing written."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bsbr.cli
+from bsbr.cli import main
+from bsbr.ops import BSBROptions
+from bsbr.outputs import OutputError, check_output_files
+from cli_checks import refused
+
+
+
+def copy_source(source, where, skip=()):
+    where.mkdir()
+    for f in source.iterdir():
+        if f.name not in skip:
+            shutil.copy(f, where / f.name)
+    return where
+
+
+def test_weights_only_as_pickle_are_never_loaded(models, tmp_path, capsys, monkeypatch):
+    source, converted, _ = models
+    src = copy_source(source, tmp_path / "bin-only", skip=("model.safetensors",))
+    torch.save(load_file(source / "model.safetensors"), src / "pytorch_model.bin")
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "pickles" in line and "safetensors" in line and not loads and not (tmp_path / "out").exists()
+    line = refused(capsys, ["eval", converted, "--reference", src, "--no-passkey"], "eval", src)
+    assert "pickles" in line and not loads
+
+
+@pytest.mark.parametrize("config,expect", [("{not json", "not valid JSON"), ("[1, 2]", "JSON list"),
+                                           ("", "not valid JSON"), ("no_type", "without a model_type"),
+                                           ("wrong_type", "not a valid model config"), ("t5", "'t5' model")])
+def test_a_broken_source_config_is_named_not_blamed_on_the_tokenizer(models, tmp_path, capsys, config, expect):
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    cfg = json.loads((source / "config.json").read_text())
+    if config == "no_type":
+        cfg.pop("model_type")
+        config = json.dumps(cfg)
+    elif config == "wrong_type":
+        config = json.dumps({**cfg, "num_hidden_layers": "two"})
+    elif config == "t5":
+        config = json.dumps({**cfg, "model_type": "t5"})
+    (src / "config.json").write_text(config)
+    line = refused(capsys, ["convert", src, tmp_path / "out"], "convert", src)
+    assert expect in line and "tokenizer" not in line and not (tmp_path / "out").exists()
+
+
+def test_broken_weights_and_fake_gguf_are_one_line(models, tmp_path, capsys):
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    line = refused(capsys, ["convert", src, tmp_path / "out"], "convert", src)
+    assert line.startswith(f"bsbr convert: error: SOURCE {src}: could not load") and "truncated" in line
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a gguf")
+    assert "not a GGUF file" in refused(capsys, ["convert", fake, tmp_path / "out"], "convert", fake)
+
+
+@pytest.mark.parametrize("flag,value,expect", [("--gate-init", "nan", "finite"), ("--gate-init", "inf", "finite"),
+                                               ("--chunk-size", str(10 ** 20), "at most"),
+                                               ("--local-chunks", str(10 ** 9), "at most"),
+                                               ("--sink-tokens", str(10 ** 9), "at most"),
+                                               ("--recall-tokens", str(10 ** 9), "at most")])
+def test_conversion_values_that_cannot_work_are_refused_before_loading(models, tmp_path, capsys, monkeypatch,
+                                                                        flag, value, expect):
+    source, _, _ = models
+    monkeypatch.setattr("bsbr.outputs.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["convert", source, tmp_path / "out", flag, value], "convert", source)
+    assert flag in line and expect in line
+
+
+def test_options_cap_what_is_allocated_whole():
+    with pytest.raises(ValueError, match="chunk_size must be at most"):
+        BSBROptions(chunk_size=1 << 21)
+    with pytest.raises(ValueError, match="local_chunks must be at most 4"):
+        BSBROptions(chunk_size=1 << 18, local_chunks=5)
+    BSBROptions(chunk_size=1 << 18, local_chunks=4, sink_tokens=1 << 20, recall_tokens=1 << 20)
+
+
+def test_generate_refuses_an_infinite_temperature(models, capsys):
+    _, converted, _ = models
+    assert "--temperature" in refused(capsys, ["generate", converted, "--prompt", "x", "--temperature", "inf"],
+                                      "generate", converted)
+
+
+def test_output_dirs_that_are_links_or_under_a_file_are_refused(models, tmp_path, capsys):
+    source, _, _ = models
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out in ("link", "dangling"):
+        line = refused(capsys, ["convert", source, tmp_path / out], "convert", source)
+        assert "symbolic link" in line
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert "it is a file" in refused(capsys, ["convert", source, afile / "out"], "convert", afile)
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_demo_checks_its_sizes_before_the_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("bsbr.demo._demo", lambda *a: pytest.fail("the demo ran"))
+    for flag in ("--speed-lens", "--decode-contexts", "--repeats", "--seq-len"):
+        line = refused(capsys, ["demo", "--output", tmp_path / "d", flag, "0"], "demo")
+        assert flag in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line(capsys, monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bsbr.cli, "build_parser", interrupted)
+    assert main(["convert", "x", "y"]) == 130
+    assert capsys.readouterr().err.strip() == "bsbr: interrupted"
+
+
+def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    text = tmp_path / "t.py"
+    text.write_text("x")
+    other = tmp_path / "other.txt"
+    other.write_text("x")
+    cases = [([("--json", tmp_path / "a.json"), ("--plot", tmp_path / "a.json")], "also given to --json"),
+             ([("--json", model / "config.json")], "would overwrite the model"),
+             ([("--json", text)], "would overwrite the text"),
+             ([("--json", tmp_path)], "is a directory"),
+             ([("--plot", tmp_path / "p.txt")], "figure format"),
+             ([("--json", other / "x.json")], "cannot write in")]
+    for outputs, expect in cases:
+        with pytest.raises(OutputError, match=expect):
+            check_output_files(outputs, inputs=[("model", model), ("text", text)], plots=("--plot",))
+    check_output_files([("--json", tmp_path / "new" / "r.json"), ("--plot", tmp_path / "r.png"), ("--x", None)],
+                       inputs=[("model", model)], plots=("--plot",))
