@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
-from ..outputs import UserError, check_bsbr_dir, check_model_arg, check_source, check_text_files, unwritable_parent
+from ..outputs import (UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
+                       check_source, check_text_files, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, get_filler
@@ -32,16 +34,72 @@ def _positive(text: str) -> int:
     return value
 
 
-def _check_result_path(path, option: str) -> None:
-    """A results file: not a directory, in a directory that exists or can be made and written."""
-    if path is None:
+def _heatmap_path(args) -> Optional[Path]:
+    """Where the pass-key heat map goes: --passkey-plot, else beside --plot (NAME.passkey.png; with
+    --passkey-only, --plot itself), else beside --json; None when none is given. Its data (the
+    pass-key result as JSON) goes beside it with the suffix ``.json``."""
+    if args.passkey_plot:
+        return Path(args.passkey_plot)
+    if args.plot:
+        return Path(args.plot) if args.passkey_only else Path(args.plot).with_suffix(".passkey.png")
+    if args.json:
+        return Path(args.json).with_suffix(".passkey.png")
+    return None
+
+
+def _filler_files(specs) -> list:
+    """The text files among --passkey-filler's values (the others are filler kinds)."""
+    from .filler import FILLER_KINDS
+
+    out = []
+    for spec in specs or []:
+        if spec not in FILLER_KINDS:
+            path = Path(spec[len("file:"):] if spec.startswith("file:") else spec)
+            if path.is_file():
+                out.append(path)
+    return out
+
+
+def _inputs(args) -> list:
+    """``(label, path)`` of what the command reads from disk: the model, a local reference, the text
+    files and the filler files (outputs may not be, or lie inside, any of them)."""
+    inputs = [("MODEL", args.model)]
+    if args.reference is not None and Path(args.reference).expanduser().exists():
+        inputs.append(("--reference", Path(args.reference).expanduser()))
+    inputs += [("--text-file", f) for f in args.text_file or []]
+    inputs += [("--passkey-filler", f) for f in _filler_files(args.passkey_filler)]
+    return inputs
+
+
+def _check_seq_len(args) -> None:
+    """--seq-len against the model's chunk size (read from its config.json, no weights loaded): a
+    window needs a token past the first chunk with a target, so at least chunk_size + 2 tokens."""
+    try:
+        chunk = json.loads((Path(args.model).expanduser() / "config.json").read_text()).get("chunk_size")
+    except (OSError, ValueError, AttributeError):
+        return  # loading the model reports a broken config
+    if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1 and args.seq_len < chunk + 2:
+        raise UserError(f"--seq-len {args.seq_len} is too short for {args.model} (chunk size {chunk}): give at least "
+                        f"{chunk + 2} (tokens past the first chunk are scored)")
+
+
+def _check_outputs(args) -> None:
+    """Every file or directory the command will write, before anything is loaded."""
+    inputs = _inputs(args)
+    if args.lm_eval_task_dir:
+        check_output_dir(args.lm_eval_task_dir, inputs=inputs, option="--lm-eval-task-dir", allow_existing=True)
         return
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{option} {path} is a directory: give a file name (e.g. {p / 'eval'}{'.json' if option == '--json' else '.png'})")
-    parent = unwritable_parent(p)
-    if parent is not None:
-        raise UserError(f"{option} {path}: cannot write in {parent}")
+    outputs = [("--json", args.json), ("--plot", args.plot)]
+    heatmap = None if args.no_passkey else _heatmap_path(args)
+    if heatmap is not None:
+        named = "--passkey-plot" if args.passkey_plot else "--plot" if args.passkey_only and args.plot else None
+        beside = named or ("--plot" if args.plot else "--json")
+        if named:  # --passkey-plot, or --plot as the heat map itself
+            outputs = [o for o in outputs if o[0] != named] + [(named, args.passkey_plot or args.plot)]
+        else:
+            outputs.append((f"the pass-key heat map (beside {beside})", str(heatmap)))
+        outputs.append((f"the pass-key data (beside {beside})", str(heatmap.with_suffix(".json"))))
+    check_output_files(outputs, inputs=inputs, plots=("--plot", "--passkey-plot"))
 
 
 def _filler(text: str) -> str:
@@ -73,12 +131,26 @@ def _write_lm_eval_task(args, passkey: dict) -> int:
 def cmd_eval(args) -> int:
     if args.passkey_only and args.no_passkey:
         raise UserError("--passkey-only and --no-passkey exclude each other: give one")
+    for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
+                          ("--text-column", args.text_column)):
+        if value is not None and not args.dataset:
+            raise UserError(f"{option} {value} applies to --dataset only: give --dataset NAME, or drop {option}")
+    if args.lm_eval_task_dir:
+        for option, value in (("--json", args.json), ("--plot", args.plot), ("--passkey-plot", args.passkey_plot)):
+            if value:
+                raise UserError(f"{option} is not written with --lm-eval-task-dir (it writes the task and exits): "
+                                f"drop {option}, or run the evaluation separately")
+    if args.no_passkey and args.passkey_plot:
+        raise UserError("--passkey-plot with --no-passkey: there is no pass-key test to plot; drop one")
+    if args.passkey_only and args.plot and args.passkey_plot:
+        raise UserError("--plot and --passkey-plot both name the heat map with --passkey-only: give one")
     check_bsbr_dir(args.model, "MODEL")
+    read_metadata(args.model)  # where --reference is checked: refused now if broken
     check_model_arg(args.reference, "--reference")
     check_text_files(args.text_file)
-    _check_result_path(args.json, "--json")
-    _check_result_path(args.plot, "--plot")
-    _check_result_path(args.passkey_plot, "--passkey-plot")
+    if not (args.lm_eval_task_dir or args.passkey_only):
+        _check_seq_len(args)
+    _check_outputs(args)
 
     def check_reference(source_model):
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
@@ -106,8 +178,8 @@ def cmd_eval(args) -> int:
         return _write_heatmap(args, result["passkey"])
     try:
         result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
-                                dataset_config=args.dataset_config, dataset_split=args.dataset_split,
-                                text_column=args.text_column, split=args.split, seq_len=args.seq_len,
+                                dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
+                                text_column=args.text_column or "text", split=args.split, seq_len=args.seq_len,
                                 max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
                                 passkey=passkey, seed=args.seed, json_path=args.json, plot_path=args.plot,
                                 progress=not args.no_progress, check_reference=check_reference)
@@ -126,17 +198,10 @@ def cmd_eval(args) -> int:
 
 
 def _write_heatmap(args, passkey: Optional[dict]) -> int:
-    """The pass-key heat map goes to --passkey-plot, else beside --plot (NAME.passkey.png; with
-    --passkey-only, --plot itself), else beside --json; nowhere when none is given."""
-    if args.passkey_plot:
-        path = Path(args.passkey_plot)
-    elif args.plot:
-        path = Path(args.plot) if args.passkey_only else Path(args.plot).with_suffix(".passkey.png")
-    elif args.json:
-        path = Path(args.json).with_suffix(".passkey.png")
-    else:
-        return 0
-    if passkey:
+    """The pass-key heat map (and its data beside it) goes where :func:`_heatmap_path` says; nowhere when
+    no output is given."""
+    path = _heatmap_path(args)
+    if path is not None and passkey:
         from .plots import write_passkey_report
 
         png, js = write_passkey_report(passkey, path)
@@ -157,9 +222,9 @@ def register(sub) -> None:
     data.add_argument("--text-file", nargs="+", metavar="F", help="evaluate on these local text files")
     data.add_argument("--dataset", metavar="NAME", help="a HuggingFace dataset (needs `pip install datasets` "
                                                        "and network)")
-    p.add_argument("--dataset-config", default=None)
-    p.add_argument("--dataset-split", default="test")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--dataset-config", default=None, help="the --dataset's configuration")
+    p.add_argument("--dataset-split", default=None, help="the --dataset's split (default test)")
+    p.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout",
                    help="default corpus split (the standard library's .py files; default heldout)")
     p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window (default 2048)")

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence, Union
 
+from ..outputs import atomic_write_text, staged_dir
 from .filler import DEFAULT_FILLERS, Filler
 from .passkey import DEFAULT_DEPTHS, filler_sources, grid_prompts, passkey_found
 
@@ -78,22 +79,32 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
     sources = filler_sources(fillers)
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
-    task_dir = Path(task_dir)
-    task_dir.mkdir(parents=True, exist_ok=True)
-    data = (task_dir / f"{task}.jsonl").resolve()
-    with open(data, "w", encoding="utf-8") as out:
-        for p in prompts:
-            text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
-            out.write(json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth,
-                                      trial=p.meta["trial"], filler=p.meta["filler"], prompt_tokens=p.length)) + "\n")
+    task_dir = Path(task_dir).expanduser()
+    data = task_dir.resolve() / f"{task}.jsonl"  # where it will be: the YAML names it
+    rows = []
+    for p in prompts:
+        text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
+        rows.append(json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth,
+                                    trial=p.meta["trial"], filler=p.meta["filler"], prompt_tokens=p.length)) + "\n")
     names = [METRIC] + [metric_names(L, "")[0] for L in lengths] + [metric_names(0, f.name)[1] for f in sources]
     metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
                       for m in dict.fromkeys(names))
-    (task_dir / f"{task}_utils.py").write_text(_UTILS)
-    yaml_path = task_dir / f"{task}.yaml"
-    yaml_path.write_text(_YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
-                                      utils=f"{task}_utils", metrics=metrics,
-                                      lengths=json.dumps([int(x) for x in lengths]),
-                                      depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
-                                      fillers=json.dumps([f.name for f in sources])))
-    return yaml_path
+    files = {  # the YAML last: it is what lm-eval looks for
+        f"{task}.jsonl": "".join(rows),
+        f"{task}_utils.py": _UTILS,
+        f"{task}.yaml": _YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
+                                     utils=f"{task}_utils", metrics=metrics,
+                                     lengths=json.dumps([int(x) for x in lengths]),
+                                     depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
+                                     fillers=json.dumps([f.name for f in sources])),
+    }
+    if task_dir.is_dir():
+        for name, text in files.items():  # each file replaced in one rename: never half a file
+            atomic_write_text(task_dir / name, text)
+    elif task_dir.exists():
+        raise ValueError(f"task_dir {task_dir} is a file, not a directory")
+    else:  # a new directory appears whole, or not at all
+        with staged_dir(task_dir) as tmp:
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+    return task_dir / f"{task}.yaml"
