@@ -53,8 +53,8 @@ def test_bench_quality_tiny(tmp_path):
     assert list(result["results"][0]["buckets"]) == ["0-63", "64-79"]
     assert result["comparison"][0]["bsbr_model"] == "bsbr"
     merged = tmp_path / "merged.json"
-    assert main(["bench", "quality", "--merge", str(out), str(out), "--json", str(merged)]) == 0
-    assert len(json.loads(merged.read_text())["results"]) == 4
+    assert main(["bench", "quality", "--merge", str(out), "--json", str(merged)]) == 0
+    assert len(json.loads(merged.read_text())["results"]) == 2  # the same file twice is refused (test_bench_refusals)
     assert bench_quality.buckets_for(512) == [(0, 64), (64, 128), (128, 256), (256, 512)]
 
 

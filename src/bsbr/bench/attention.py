@@ -19,7 +19,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import add_output_arguments, bench_parser, check_at_least, machine_info, write_outputs
+from .common import (add_output_arguments, bench_parser, check_at_least, check_device, check_outputs, check_positive,
+                     machine_info, write_outputs)
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
 from .plots import plot_rows
@@ -49,16 +50,15 @@ def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
     check_at_least(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "max_standard_len",
                           "max_earlier_len", "threads"))
     check_at_least(args, ("retrieval_blocks", "warmup"), minimum=0)
-    if not args.max_seconds > 0:
-        raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    check_positive(args, ("max_seconds",))
     if args.seq_lens is not None and any(n < 1 for n in args.seq_lens):
         raise ValueError(f"--seq-lens must be positive integers, got {args.seq_lens}")
     if hidden % heads:
         raise ValueError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
     if args.earlier_wheel and not os.path.isfile(args.earlier_wheel):
         raise FileNotFoundError(f"--earlier-wheel: no such file: {args.earlier_wheel}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available")
+    check_device(args.device)
+    check_outputs(args, inputs=[("--earlier-wheel", args.earlier_wheel)])
 
 
 def run_attention(args: argparse.Namespace) -> int:

@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..outputs import UserError, check_output_files
+
 log = logging.getLogger(__name__)
 
 MiB = float(2**20)
@@ -270,6 +272,38 @@ def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {x}")
 
 
+def check_positive(args, names: Sequence[str]) -> None:
+    """Refuse a float option that is not a finite number > 0 (None: not given)."""
+    for name in names:
+        x = getattr(args, name)
+        if x is not None and not (math.isfinite(x) and x > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {x}")
+
+
+def check_finite(args, names: Sequence[str]) -> None:
+    """Refuse a float option that is NaN or infinite (None: not given)."""
+    for name in names:
+        x = getattr(args, name)
+        if x is not None and not math.isfinite(x):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {x}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` the benchmarks cannot run on: ``cpu``, or ``cuda``/``cuda:N`` where CUDA has it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise UserError(f"--device {device}: not a device the benchmark runs on; give cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} but CUDA is not available here: give --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
 def bench_parser(bench_sub, name: str, doc: str):
     """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
     import argparse
@@ -287,6 +321,13 @@ def add_output_arguments(p, plot: str = "a plot") -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help=f"write {plot} here")
+
+
+def check_outputs(args, inputs: Sequence = ()) -> None:
+    """Refuse, before the benchmark runs, a ``--json``/``--plot`` that may not be written: the same file
+    twice, a directory, an input (``(label, path)`` pairs the command reads), a folder that cannot be
+    made, a plot suffix matplotlib does not write (:func:`bsbr.outputs.check_output_files`)."""
+    check_output_files([("--json", args.json), ("--plot", args.plot)], inputs=inputs, plots=("--plot",))
 
 
 def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:

@@ -7,13 +7,15 @@ are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Dict, List, Sequence
 
 import torch
 
-from ..results import write_json
-from .common import add_output_arguments, check_at_least, interleaved_times, machine_info, measure_peak, median
+from ..outputs import UserError, check_model_arg
+from .common import (add_output_arguments, check_at_least, check_finite, check_outputs, interleaved_times, machine_info,
+                     measure_peak, median, write_outputs)
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,12 @@ def cmd(args) -> int:
     from ..convert.converter import convert_to_bsbr, load_source
 
     check_at_least(args, ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size", "threads"))
+    check_finite(args, ("gate_init",))
+    if args.gpt2_small_random and args.source is not None:
+        raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
+    check_model_arg(args.source, "SOURCE")
+    local = args.source is not None and os.path.exists(os.path.expanduser(args.source))  # not a hub id
+    check_outputs(args, inputs=[("SOURCE", args.source)] if local else ())
     if args.gpt2_small_random:
         source = gpt2_small_random(max(list(args.seq_lens) + list(args.decode_contexts)) + 64)
         title = "GPT-2-small shape (random weights)"
@@ -134,10 +142,7 @@ def cmd(args) -> int:
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
     result.update(model=title, gate_init=args.gate_init)
     print("\n".join(speed_lines(result)))
-    if args.json:
-        write_json(result, args.json)
-    if args.plot:
-        plot_converted(result, args.plot, title)
+    write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
     return 0
 
 

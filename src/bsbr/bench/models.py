@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
-                     check_at_least, failure, forward_fn, interleaved_times, is_oom, machine_info, measure_peak,
-                     median, memory_refusal, release_free_memory, round_sig, write_outputs)
+                     check_at_least, check_outputs, check_positive, failure, forward_fn, interleaved_times, is_oom,
+                     machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,9 @@ def run_models(args: argparse.Namespace) -> int:
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
     if any(n < 2 for n in seq_lens):
         raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
-    check_at_least(args, ("repeats",))
+    check_at_least(args, ("repeats", "hidden", "layers", "heads", "ff_dim", "block", "threads"))
+    check_positive(args, ("max_seconds", "model_budget"))
+    check_outputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,

@@ -17,6 +17,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,7 +28,9 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from .common import VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least, write_outputs
+from ..outputs import UserError
+from .common import (VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least, check_outputs,
+                     check_positive, write_outputs)
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -195,6 +199,8 @@ def _late_loss(result: Dict[str, object], chunk: int) -> float:
     for key, v in result["buckets"].items():
         lo, hi = (int(x) for x in key.split("-"))
         if lo >= chunk:
+            if v is None:  # a loss JSON could not hold (NaN: the training diverged)
+                return float("nan")
             tot += v * (hi - lo + 1)
             w += hi - lo + 1
     return round(tot / w, 4) if w else float("nan")
@@ -205,30 +211,82 @@ def format_table(result: Dict[str, object]) -> str:
     head = f"{'model':<20}{'params':>9}{'train s':>9}{'eval':>8}" + "".join(f"{k:>10}" for k in keys)
     lines = [head, "-" * len(head)]
     for r in result["results"]:
-        lines.append(f"{r['model']:<20}{r['params']:>9}{r['train_seconds']:>9.0f}{r['eval_loss']:>8.3f}"
-                     + "".join(f"{r['buckets'][k]:>10.3f}" for k in keys))
+        lines.append(f"{r['model']:<20}" + _num(r.get("params"), ">9") + _num(r.get("train_seconds"), ">9.0f")
+                     + _num(r.get("eval_loss"), ">8.3f") + "".join(_num(r["buckets"].get(k), ">10.3f") for k in keys))
     for c in result["comparison"]:
         lines.append(f"{c['bsbr_model']} vs {c['window_model']} on positions >= {c['chunk']}: "
-                     f"{c['bsbr_loss_past_chunk']:.4f} vs {c['window_loss_past_chunk']:.4f} "
-                     f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, diff {c['difference']:+.4f})")
+                     f"{_num(c['bsbr_loss_past_chunk'], '.4f')} vs {_num(c['window_loss_past_chunk'], '.4f')} "
+                     f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, "
+                     f"diff {_num(c['difference'], '+.4f')})")
     return "\n".join(lines)
+
+
+def _num(x, fmt: str) -> str:
+    """``x`` formatted with ``fmt``; None (JSON's null: a NaN loss, or a value the file lacks) as ``nan``."""
+    return format(float("nan") if x is None else x, fmt)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _read_result(path: str) -> Dict[str, object]:
+    """A ``bsbr bench quality --json`` result, or a :class:`UserError` naming ``path`` and what is wrong."""
+    what = "give a file written by `bsbr bench quality --json`"
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"--merge {path}: cannot read it ({why}): {what}") from e
+    if not text.strip():
+        raise UserError(f"--merge {path} is empty: {what}")
+    try:
+        part = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--merge {path} is not valid JSON ({e}): {what}") from e
+    if not isinstance(part, dict) or part.get("benchmark") != "quality":
+        raise UserError(f"--merge {path} is not a 'bsbr bench quality' result: {what}")
+    config, results = part.get("config"), part.get("results")
+    ok = isinstance(config, dict) and isinstance(config.get("block"), int) and isinstance(results, list) and all(
+        isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("buckets"), dict)
+        and all(re.fullmatch(r"\d+-\d+", k) and (v is None or _is_number(v)) for k, v in r["buckets"].items())
+        and all(r.get(k) is None or _is_number(r[k]) for k in ("params", "train_seconds", "eval_loss"))
+        for r in results)
+    if not ok:
+        raise UserError(f"--merge {path} is a damaged 'bsbr bench quality' result (its config or results are "
+                        f"missing or malformed): {what}")
+    return part
 
 
 def merge_results(paths: Sequence[str]) -> Dict[str, object]:
     """One result from several runs of the same configuration (e.g. models split over processes):
     results concatenated, comparisons recomputed. Runs that differ in anything but the models are
-    refused, since their losses would not be comparable."""
-    parts = [json.loads(Path(path).read_text()) for path in paths]
-    if not parts:
-        raise ValueError("--merge needs at least one JSON file")
+    refused, since their losses would not be comparable; so is a file given twice, or a model found
+    twice (its rows would count double)."""
+    if not paths:
+        raise UserError("--merge needs at least one JSON file")
+    seen = {}
+    for path in paths:
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in seen:
+            raise UserError(f"--merge {path} is given twice (also as {seen[real]}): give each result once")
+        seen[real] = path
+    parts = [_read_result(path) for path in paths]
 
     def same(c):
-        return {k: v for k, v in c.items() if k != "models"}
+        return {k: v for k, v in c.items() if k not in ("models", "merged_from")}
     for path, part in zip(paths, parts):
-        if part.get("benchmark") != "quality":
-            raise ValueError(f"--merge: {path} is not a 'bsbr bench quality' result")
         if same(part["config"]) != same(parts[0]["config"]):
-            raise ValueError(f"--merge: {path} was run with a different configuration than {paths[0]}")
+            raise UserError(f"--merge {path} was run with a different configuration than {paths[0]}: "
+                            f"merge only runs of the same configuration")
+    where: Dict[str, str] = {}
+    for path, part in zip(paths, parts):
+        for r in part["results"]:
+            if r["model"] in where:
+                also = "in it twice" if where[r["model"]] == path else f"also in {where[r['model']]}"
+                raise UserError(f"--merge {path}: model {r['model']!r} is {also}: its rows would count twice; "
+                                f"merge each model's result once")
+            where[r["model"]] = path
     results = [r for part in parts for r in part["results"]]
     config = dict(parts[0]["config"], models=[r["model"] for r in results], merged_from=list(paths))
     return {"benchmark": "quality", "config": config, "results": results,
@@ -236,10 +294,14 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
 
 
 def run_quality_cli(args: argparse.Namespace) -> int:
+    check_at_least(args, ("threads",))
+    check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()])
     if args.merge:
         result = merge_results(args.merge)
     else:
-        check_at_least(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows"))
+        check_at_least(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows",
+                              "ff_dim"))
+        check_positive(args, ("lr",))
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,

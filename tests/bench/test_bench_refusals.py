@@ -1,0 +1,149 @@
+"""What every ``bsbr bench`` subcommand refuses, and when: a bad ``--json``/``--plot``, a bad option value or
+a bad input is one line (exit 2) naming the argument, before the benchmark runs, with nothing written."""
+import json
+
+import pytest
+
+from cli_checks import one_error_line, tree_hash
+
+from bsbr.bench import attention as bench_attention
+from bsbr.bench import converted as bench_converted
+from bsbr.bench import models as bench_models
+from bsbr.bench import quality as bench_quality
+from bsbr.cli import main
+
+# the smallest command line of each subcommand (sizes that would run in a second, were it run)
+COMMANDS = {
+    "attention": ["--seq-lens", "64", "--hidden", "32", "--heads", "2", "--chunk-size", "32", "--repeats", "1"],
+    "models": ["--seq-lens", "64", "--repeats", "1", "--hidden", "32", "--heads", "2", "--ff-dim", "64"],
+    "quality": ["--steps", "2", "--batch", "2", "--seq-len", "80", "--hidden", "16", "--heads", "2"],
+    "converted": ["--gpt2-small-random", "--seq-lens", "64", "--decode-contexts", "--repeats", "1"],
+}
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Every benchmark (and every model load) fails the test if it starts: refusals come first."""
+    def runs(*a, **k):
+        raise AssertionError("the benchmark ran before the arguments were checked")
+
+    import bsbr.convert.converter as converter
+
+    for module, name in ((bench_attention, "bench_attention"), (bench_attention, "bench_model_scaling"),
+                         (bench_attention, "bench_core"), (bench_models, "bench_models"),
+                         (bench_quality, "run_quality"), (bench_converted, "gpt2_small_random"),
+                         (converter, "load_source")):
+        monkeypatch.setattr(module, name, runs)
+
+
+def _refused(argv, capsys, command):
+    assert main(argv) == 2
+    return one_error_line(capsys.readouterr().err, command)
+
+
+def _quality_result(path, models=("bsbr",), **config):
+    """A small 'bsbr bench quality' result file, as --json writes it."""
+    config = dict(models=list(models), block=16, hidden=16, layers=1, heads=2, seq_len=64, **config)
+    results = [{"model": m, "attention": m, "kwargs": {}, "params": 10, "train_seconds": 0.0, "eval_seconds": 0.0,
+                "final_train_loss": 5.0, "eval_loss": 5.0, "buckets": {"0-63": 5.0}} for m in models]
+    path.write_text(json.dumps({"benchmark": "quality", "config": config, "results": results, "comparison": []}))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("case", ["plot-suffix", "same-file", "json-is-dir"])
+def test_bench_refuses_bad_outputs_before_running(command, case, tmp_path, monkeypatch, capsys, nothing_runs):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "keep.json").write_text("{}\n")
+    outputs = {"plot-suffix": ["--json", "r.json", "--plot", "r.txt"],
+               "same-file": ["--json", "keep.json", "--plot", "keep.json"],
+               "json-is-dir": ["--json", "existing"]}[case]
+    before = tree_hash(tmp_path)
+    line = _refused(["bench", command, *COMMANDS[command], *outputs], capsys, f"bench {command}")
+    assert {"plot-suffix": "--plot r.txt", "same-file": "--plot keep.json is also given to --json",
+            "json-is-dir": "--json existing is a directory"}[case] in line
+    assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["existing", "keep.json"]
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("attention", "--max-seconds", "inf"), ("attention", "--max-seconds", "nan"),
+    ("models", "--max-seconds", "0"), ("models", "--max-seconds", "nan"), ("models", "--model-budget", "-1"),
+    ("models", "--model-budget", "inf"), ("quality", "--lr", "inf"), ("quality", "--lr", "nan"),
+    ("quality", "--lr", "0"), ("converted", "--gate-init", "inf"), ("converted", "--gate-init", "nan"),
+])
+def test_bench_refuses_bad_float_options(command, flag, value, capsys, nothing_runs):
+    line = _refused(["bench", command, *COMMANDS[command], f"{flag}={value}"], capsys, f"bench {command}")
+    assert f"{flag} must be a finite number" in line and value.lstrip("-") in line
+
+
+def test_bench_attention_refuses_an_unknown_device(capsys, nothing_runs):
+    line = _refused(["bench", "attention", *COMMANDS["attention"], "--device", "bogus"], capsys, "bench attention")
+    assert "--device bogus" in line and "cpu" in line
+
+
+def test_bench_converted_refuses_a_source_with_gpt2_small_random(tmp_path, capsys, nothing_runs):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    line = _refused(["bench", "converted", str(src), *COMMANDS["converted"]], capsys, "bench converted")
+    assert f"SOURCE {src}" in line and "--gpt2-small-random" in line
+
+
+def test_bench_converted_refuses_a_mistyped_local_path(tmp_path, monkeypatch, capsys, nothing_runs):
+    """A bare name that is no local path is not looked up on the hub (as bsbr convert does)."""
+    monkeypatch.chdir(tmp_path)
+    line = _refused(["bench", "converted", "nowhere_dir", "--seq-lens", "64"], capsys, "bench converted")
+    assert "SOURCE nowhere_dir does not exist" in line
+
+
+def test_bench_converted_refuses_an_output_inside_its_source(tmp_path, capsys, nothing_runs):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    before = tree_hash(src)
+    line = _refused(["bench", "converted", str(src), "--json", str(src / "config.json")], capsys, "bench converted")
+    assert "--json" in line and "SOURCE" in line and tree_hash(src) == before
+
+
+def test_bench_quality_merge_refuses_to_overwrite_its_input(tmp_path, capsys, nothing_runs):
+    a = _quality_result(tmp_path / "a.json")
+    before = tree_hash(tmp_path)
+    line = _refused(["bench", "quality", "--merge", a, "--json", a], capsys, "bench quality")
+    assert f"--json {a} would overwrite the --merge input" in line
+    assert tree_hash(tmp_path) == before
+
+
+def test_bench_quality_merge_refuses_rows_counted_twice(tmp_path, capsys, nothing_runs):
+    a = _quality_result(tmp_path / "a.json")
+    copy = _quality_result(tmp_path / "copy.json")
+    out = tmp_path / "m.json"
+    line = _refused(["bench", "quality", "--merge", a, str(tmp_path / "." / "a.json"), "--json", str(out)], capsys,
+                    "bench quality")
+    assert "is given twice" in line
+    line = _refused(["bench", "quality", "--merge", a, copy, "--json", str(out)], capsys, "bench quality")
+    assert f"--merge {copy}: model 'bsbr' is also in {a}" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, what", [("[1, 2]", "is not a 'bsbr bench quality' result"),
+                                        ("{bad", "is not valid JSON"), ("", "is empty"), ("\n", "is empty"),
+                                        ('{"benchmark": "quality", "config": {}, "results": 3}', "is a damaged")])
+def test_bench_quality_merge_names_a_bad_file(text, what, tmp_path, capsys, nothing_runs):
+    good = _quality_result(tmp_path / "good.json", models=("linear",))
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    line = _refused(["bench", "quality", "--merge", good, str(bad), "--json", str(tmp_path / "m.json")], capsys,
+                    "bench quality")
+    assert f"--merge {bad} {what}" in line
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
+    a = _quality_result(tmp_path / "a.json", models=("bsbr",))
+    b = _quality_result(tmp_path / "b.json", models=("sliding_window",))
+    out = tmp_path / "m.json"
+    assert main(["bench", "quality", "--merge", a, b, "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["model"] for r in merged["results"]] == ["bsbr", "sliding_window"]
+    assert merged["config"]["merged_from"] == [a, b] and len(merged["comparison"]) == 1
