@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -20,9 +20,25 @@ from ..models import load_bsbr_model
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
                        check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
 from .checkpoint import has_checkpoint, read_manifest
-from .trainer import DistillConfig, DistillInterrupted, distill, exact_reach
+from .trainer import FLOAT32_MAX, DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, \
+    student_record
 
 logger = logging.getLogger(__name__)
+
+
+def _number(float32: bool):
+    """An argparse type: a finite float (with ``float32``, one float32 holds: no overflow to inf)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if not math.isfinite(value) or (float32 and abs(value) > FLOAT32_MAX):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a finite number" +
+                                             (f" float32 holds (at most {FLOAT32_MAX:.3g})" if float32 else ""))
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def _base_lr(args):
@@ -39,6 +55,10 @@ def _plan(args):
     for name, low in (("seq_len", 2), ("max_windows", 1)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
+    if args.text_file is not None and not args.text_file:
+        raise UserError("--text-file needs at least one file (without --text-file: the standard library's sources)")
     try:
         cfg = DistillConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, params=args.params,
                             base_lr=_base_lr(args), lm_weight=args.lm_weight, bf16=args.bf16, seed=args.seed,
@@ -64,6 +84,23 @@ def _check_new_pieces_matter(config, args) -> None:
                        "measured within 2% of the zero-shot conversion at 8k and 16k tokens and worse than it at 32k "
                        "(code 6.55 against 6.48, prose 7.02 against 6.79; the window alone 6.65 and 15.60; "
                        "docs/findings.md, Distillation of the default)")
+
+
+def _settings(args) -> dict:
+    """The run's settings a resume must repeat (the windows' tokens are compared too, so the text files
+    are recorded by content, not by path)."""
+    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset)
+
+
+def _student_config(student_dir: Path) -> dict:
+    """:func:`~bsbr.distill.trainer.student_record` of the student's config.json, read without its weights."""
+    from ..models.bsbr.configuration_bsbr import BSBRConfig
+
+    try:
+        return student_record(BSBRConfig.from_pretrained(student_dir))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"--student {student_dir}: config.json is not a BSBR config ({' '.join(str(e).split())})") \
+            from e
 
 
 def _resume_command(args) -> str:
@@ -114,7 +151,9 @@ def cmd_distill(args) -> int:
         raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it, --overwrite to "
                               f"start over, or choose another --output")
     if args.resume and has_checkpoint(ckpt):
-        read_manifest(ckpt)  # a partial or corrupt checkpoint is refused before loading the models
+        # a partial or corrupt checkpoint, or one of another run (student, settings), is refused before loading
+        saved = read_manifest(ckpt)["progress"]
+        check_same_run(saved, cfg, dict(_settings(args), student_config=_student_config(student_dir)), ckpt)
     tokenizer = load_tokenizer_arg(student_dir, "--student")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -136,11 +175,7 @@ def cmd_distill(args) -> int:
     note = check_source(student_dir, args.teacher, teacher, option="--teacher", force=args.force)
     if note:
         logger.warning(note)
-    if args.overwrite and out.exists():
-        shutil.rmtree(ckpt, ignore_errors=True)
-        (out / "config.json").unlink(missing_ok=True)  # the old model is no longer a model
-    # the windows' tokens are compared too, so the text files are recorded by content, not by path
-    settings = dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset)
+    settings = _settings(args)
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
@@ -152,8 +187,10 @@ def cmd_distill(args) -> int:
     stop = _StopOnSignal()
     try:
         with stop:
+            # --overwrite: the old checkpoint and model stay until this run's first checkpoint replaces them
             progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=settings,
-                               should_stop=lambda: stop.requested, extra_files=extra_files)
+                               should_stop=lambda: stop.requested, extra_files=extra_files,
+                               overwrite=args.overwrite)
     except DistillInterrupted as e:
         if rank0:
             print(f"bsbr distill: {e}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
@@ -178,18 +215,19 @@ def register(sub) -> None:
                                                    "empty (or --resume / --overwrite); never the student's directory")
     # defaults = the recipe measured best in docs/findings.md for the default exact window: end-to-end
     # KL (no LM term) on the new pieces only
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--minutes", type=_number(float32=False), default=None, help="wall-clock budget")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: whichever ends first)")
     p.add_argument("--params", choices=["new", "all", "lora"], default="new",
                    help="what trains: the new BSBR pieces (default), all weights, or the new pieces plus LoRA "
                         "adapters (peft; merged into the weights when saved)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the new pieces (default 3e-3)")
-    p.add_argument("--base-lr", type=float, default=None,
+    p.add_argument("--lr", type=_number(float32=True), default=3e-3,
+                   help="learning rate of the new pieces (default 3e-3)")
+    p.add_argument("--base-lr", type=_number(float32=True), default=None,
                    help="with --params all: learning rate of the source's own weights (default 6e-5); "
                         "with lora: of the adapters (default: --lr)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
-    p.add_argument("--lm-weight", type=float, default=0.0,
+    p.add_argument("--lm-weight", type=_number(float32=True), default=0.0,
                    help="weight of the LM loss beside the KL (default 0: pure imitation of the source)")
     p.add_argument("--seq-len", type=int, default=4096,
                    help="tokens per training window (default 4096: the default conversion reads every earlier "
@@ -205,8 +243,9 @@ def register(sub) -> None:
                         "one more forward pass per step)")
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint in OUTPUT/checkpoint (same settings; more steps or minutes allowed)")
-    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --output (its checkpoint "
-                                                            "and model are replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --output: its checkpoint and model stay as they are until this "
+                        "run's first checkpoint replaces them")
     p.add_argument("--force", action="store_true",
                    help="use a --teacher whose weights are not those the student was converted from")
     p.set_defaults(func=cmd_distill)

@@ -6,8 +6,10 @@ windows and :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU) av
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +28,8 @@ from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_che
 logger = logging.getLogger(__name__)
 
 PARAMS = ("new", "all", "lora")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a larger lr or weight overflows
+LOWER_LR = "lower the learning rate (--lr, or --base-lr); nothing past the last checkpoint was saved"
 
 
 @dataclass
@@ -56,6 +60,12 @@ class DistillConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes!r}")
         if self.params not in PARAMS:
             raise ValueError(f"params must be one of {PARAMS}, got {self.params!r}")
+        for name in ("lr", "base_lr", "lm_weight", "minutes"):  # inf, nan, or more than float32 holds
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                          and (name == "minutes" or abs(value) <= FLOAT32_MAX)):
+                raise ValueError(f"{name} must be a finite number{'' if name == 'minutes' else ' float32 holds'}, "
+                                 f"got {value!r}")
         if not self.lr > 0 or (self.base_lr is not None and not self.base_lr > 0):
             raise ValueError("learning rates must be > 0")
         if not self.lm_weight >= 0:
@@ -78,17 +88,40 @@ def _windows_fingerprint(windows) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) -> None:
-    """Refuse to resume a checkpoint written with other settings than this run's."""
+def student_record(config) -> dict:
+    """What a checkpoint records of the student's config: every option of its config class (sizes, chunk
+    size, sink tokens, local chunks, retrieval, ...) but ``use_cache``, as JSON would give it back."""
+    names = [n for n, p in inspect.signature(type(config).__init__).parameters.items()
+             if n not in ("self", "use_cache") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return json.loads(json.dumps({n: getattr(config, n, None) for n in names}, default=str))
+
+
+def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings than this run's: those in ``run`` (the
+    run's settings, fingerprints and student config; any subset of them) and the config (but
+    :data:`RESUMABLE_CHANGES`). ``saved``: the checkpoint's progress."""
     old_run, old_cfg = saved.get("run") or {}, saved.get("config") or {}
-    diffs = [(k, old_run.get(k), v) for k, v in run.items() if old_run.get(k) != v]
+    diffs = []
+    for k, v in run.items():
+        old = old_run.get(k)
+        if k == "student_config" and old is None:  # a checkpoint of an older bsbr
+            logger.warning("checkpoint %s records no student config (an older bsbr wrote it): only the student's "
+                           "weights are checked", directory)
+        elif isinstance(old, dict) and isinstance(v, dict):
+            diffs += [(f"{k}.{n}", old.get(n), v.get(n)) for n in sorted(set(old) | set(v)) if old.get(n) != v.get(n)]
+        elif old != v:
+            diffs.append((k, old, v))
     diffs += [(k, old_cfg.get(k), v) for k, v in asdict(cfg).items()
               if k not in RESUMABLE_CHANGES and old_cfg.get(k) != v]
     if diffs:
         short = lambda v: v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:") else v  # noqa: E731
         names = dict(windows="the training windows' tokens", teacher="the teacher's weights",
                      student="the student's initial weights")
-        shown = "; ".join(f"{names.get(k, k)}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs[:4])
+
+        def label(k):
+            return "the student's " + k.split(".", 1)[1] if k.startswith("student_config.") else names.get(k, k)
+
+        shown = "; ".join(f"{label(k)}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs[:4])
         raise CheckpointError(f"checkpoint {directory} was written by a run with other settings ({shown}): resume "
                               f"with the same settings, or start a new --output")
 
@@ -171,16 +204,21 @@ def exact_reach(config) -> int:
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
             resume: bool = False, settings: Optional[dict] = None, should_stop: Optional[Callable[[], bool]] = None,
-            extra_files: Optional[Callable[[Path], None]] = None) -> dict:
+            extra_files: Optional[Callable[[Path], None]] = None, overwrite: bool = False) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
     ``windows`` (1-D LongTensors), checkpointing to ``output_dir/checkpoint``; rank 0 then moves the final
     model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
     ``output_dir``, ``config.json`` last. Returns the progress log.
 
     A checkpoint is continued only with ``resume``, and only if written with the same weights, windows,
-    ``settings`` and config (except :data:`RESUMABLE_CHANGES`). ``should_stop`` is asked after every step:
-    True writes a checkpoint and raises :class:`DistillInterrupted`."""
+    ``settings``, student config and config (except :data:`RESUMABLE_CHANGES`). ``overwrite`` starts over
+    whatever ``output_dir`` holds: its checkpoint and model stay, complete, until this run's first
+    checkpoint replaces the checkpoint (and removes the old model's ``config.json``). ``should_stop`` is
+    asked after every step: True writes a checkpoint and raises :class:`DistillInterrupted`. Weights that
+    turn inf or nan raise ValueError before they are saved."""
     cfg.validate()
+    if resume and overwrite:
+        raise ValueError("resume continues the checkpoint, overwrite replaces it: give one of them")
     if len(windows) == 0:
         raise ValueError("no training windows")
     reach, longest = exact_reach(student.config), max(len(w) for w in windows)
@@ -192,7 +230,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoint"
     run = dict(**(settings or {}), windows=_windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
-               student=weights_fingerprint(student), world_size=world)
+               student=weights_fingerprint(student), student_config=student_record(student.config), world_size=world)
     teacher.eval()
     student.eval()  # no dropout anywhere: deterministic, resumable
     if cfg.activation_checkpointing:  # transformers checkpoints a layer in training mode (dropout is 0 throughout)
@@ -203,12 +241,12 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))
     progress = dict(step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world, run=run)
     params, opt = _trainable(student, cfg)
-    if has_checkpoint(ckpt_dir):
+    if has_checkpoint(ckpt_dir) and not overwrite:
         if not resume:
             raise CheckpointError(f"{ckpt_dir} holds a checkpoint: pass --resume to continue it, --overwrite to "
                                   f"start over, or choose another --output")
         manifest = read_manifest(ckpt_dir)
-        _check_same_run(manifest["progress"], cfg, run, ckpt_dir)
+        check_same_run(manifest["progress"], cfg, run, ckpt_dir)
         progress = load_checkpoint(ckpt_dir, params, opt, manifest)
         progress["config"] = asdict(cfg)  # the stopping rule and save interval of this run
         logger.info("resumed from %s at step %d", ckpt_dir, progress["step"])
@@ -218,33 +256,50 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     # chunk or more), so DDP needs no find_unused_parameters search
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
 
+    old_model = [overwrite]  # the old model stays this output's until this run's first checkpoint
+
+    def save(state: dict) -> None:
+        save_checkpoint(ckpt_dir, params, opt, state)  # replaces any old checkpoint in one rename
+        if old_model[0]:
+            (output_dir / "config.json").unlink(missing_ok=True)  # the old model is no longer this output's
+            old_model[0] = False
+
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
     bar = tqdm(disable=rank != 0, desc="distill", unit="step")
-    while not ((cfg.steps is not None and progress["step"] >= cfg.steps)
-               or (budget is not None and time.monotonic() - t0 >= budget)):
-        ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            entry = _train_step(teacher, model, ids, cfg)
-        opt.step()
-        entry.update(step=progress["step"], seconds=round(time.monotonic() - t0, 2))
-        progress["step"] += 1
-        progress["log"].append(entry)
-        bar.update(1)
-        bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
-        stop = _stop_requested(should_stop, world)
-        if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
-            save_checkpoint(ckpt_dir, params, opt, {**progress, "elapsed": time.monotonic() - t0})
-        if stop:
-            bar.close()
-            if world > 1:
-                dist.barrier()
-            raise DistillInterrupted(f"interrupted at step {progress['step']}; checkpoint written to {ckpt_dir}")
-    bar.close()
+    try:  # the bar ends its line before any error is printed
+        while not ((cfg.steps is not None and progress["step"] >= cfg.steps)
+                   or (budget is not None and time.monotonic() - t0 >= budget)):
+            ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                entry = _train_step(teacher, model, ids, cfg)
+            try:
+                opt.step()
+            except RuntimeError as e:  # Adam's step lr / (1 - beta1) past float32's range
+                if "overflow" not in str(e):
+                    raise
+                raise ValueError(f"training diverged at step {progress['step'] + 1}: the optimizer's step overflows "
+                                 f"float32 ({e}): {LOWER_LR}") from e
+            _check_finite(params, progress["step"])
+            entry.update(step=progress["step"], seconds=round(time.monotonic() - t0, 2))
+            progress["step"] += 1
+            progress["log"].append(entry)
+            bar.update(1)
+            bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
+            stop = _stop_requested(should_stop, world)
+            if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
+                save({**progress, "elapsed": time.monotonic() - t0})
+            if stop:
+                bar.close()
+                if world > 1:
+                    dist.barrier()
+                raise DistillInterrupted(f"interrupted at step {progress['step']}; checkpoint written to {ckpt_dir}")
+    finally:
+        bar.close()
     progress["elapsed"] = time.monotonic() - t0
     if rank == 0:
-        save_checkpoint(ckpt_dir, params, opt, progress)
+        save(progress)
         _publish(student, progress, output_dir, extra_files)
     return progress
 
@@ -271,6 +326,16 @@ def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+
+
+def _check_finite(params: Dict[str, torch.nn.Parameter], step: int) -> None:
+    """Refuse to go on (and so to save) once a step has made a trained weight inf or nan. The same on
+    every rank: data-parallel replicas hold the same weights."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).tolist()  # one sync
+    if not all(finite):
+        bad = list(params)[finite.index(False)]
+        raise ValueError(f"training diverged at step {step + 1}: {bad} became inf or nan: {LOWER_LR}")
 
 
 def _stop_requested(should_stop, world: int) -> bool:
