@@ -153,7 +153,10 @@ def cmd_distill(args) -> int:
     if args.resume and has_checkpoint(ckpt):
         # a partial or corrupt checkpoint, or one of another run (student, settings), is refused before loading
         saved = read_manifest(ckpt)["progress"]
-        check_same_run(saved, cfg, dict(_settings(args), student_config=_student_config(student_dir)), ckpt)
+        run = dict(_settings(args))
+        if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: the trainer warns)
+            run["student_config"] = _student_config(student_dir)
+        check_same_run(saved, cfg, run, ckpt)
     tokenizer = load_tokenizer_arg(student_dir, "--student")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
