@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from transformers import PreTrainedModel
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
-from ..ops.bsbr import BSBROptions
+from ..models.bsbr.configuration_bsbr import check_bsbr_options
+from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-            raise OSError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): save "
-                          "them as safetensors (model.save_pretrained(DIR) does by default)")
+        refuse_pickled_weights(path)
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
@@ -115,11 +113,8 @@ class TransformerToBSBRConverter:
         if options.get("recall_tokens") and "retrieval_blocks" not in options:
             options["retrieval_blocks"] = 0  # the bounded mode replaces the exact blocks
         self.options = {**DEFAULT_OPTIONS, **options}
-        o = self.options  # bad sizes are refused here, before a source is loaded
-        BSBROptions(chunk_size=chunk_size, local_chunks=o["local_chunks"], sink_tokens=o["sink_tokens"],
-                    retrieval_blocks=o["retrieval_blocks"], recall_tokens=o["recall_tokens"], retrieval=o["retrieval"])
-        if o["gate_init"] is not None and not math.isfinite(o["gate_init"]):
-            raise ValueError(f"gate_init must be None or a finite number, got {o['gate_init']}")
+        # bad options are refused here, before a source is loaded, by the checks BSBRConfig makes of them
+        check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, **self.options)
 
     def convert(self, source) -> BSBRForCausalLM:
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ chunk's keys/values plus one state per completed chunk), never a KV cache of the
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -140,6 +142,14 @@ class BSBRCache:
         return sum(s.nbytes() for s in self.states)
 
 
+def refuse_pickled_weights(path: Path) -> None:
+    """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files: they are
+    pickles, which bsbr never loads (even with torch's restricted unpickler)."""
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise OSError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): save them as "
+                      "safetensors (model.save_pretrained(DIR) does by default)")
+
+
 class BSBRPreTrainedModel(PreTrainedModel):
     config_class = BSBRConfig
     config: BSBRConfig
@@ -157,7 +167,15 @@ class BSBRPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """transformers' ``from_pretrained`` (also what ``AutoModelForCausalLM`` calls), strict: a weight the
         checkpoint lacks, one it has in excess, or one of another shape is an error, where transformers
-        would initialise it randomly with a warning. ``strict=False``: transformers' behaviour."""
+        would initialise it randomly with a warning. ``strict=False``: transformers' behaviour.
+
+        Weights load from safetensors only, as with :func:`bsbr.load_bsbr_model` (a ``.bin`` checkpoint is a
+        pickle): ``use_safetensors`` defaults to True here; pass it explicitly to choose otherwise."""
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            if isinstance(where, (str, os.PathLike)):
+                refuse_pickled_weights(Path(where, kwargs.get("subfolder") or ""))
         if not strict:
             return super().from_pretrained(*args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)

@@ -1,0 +1,98 @@
+"""Bad config values and conversion options are refused at construction with a ValueError naming the
+argument, and loading never unpickles a checkpoint."""
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bsbr import BSBRConfig, BSBRForCausalLM, TransformerToBSBRConverter, convert_to_bsbr, load_bsbr_model
+from bsbr.convert import converter
+
+TINY = dict(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=32, chunk_size=8)
+NAN, INF = float("nan"), float("inf")
+
+BAD_CONFIGS = [
+    ("norm_eps", dict(norm_eps=NAN)), ("norm_eps", dict(norm_eps=0.0)), ("norm_eps", dict(norm_eps=-1e-5)),
+    ("norm_eps", dict(norm_eps="1e-5")),
+    ("rope_theta", dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 0.0})),
+    ("rope_theta", dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": -1.0})),
+    ("rope_theta", dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": INF})),
+    ("rope_theta", dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": NAN})),
+    ("rope_parameters", dict(position_type="rope", rope_parameters="x")),
+    ("initializer_range", dict(initializer_range=NAN)), ("initializer_range", dict(initializer_range=-0.02)),
+    ("gate_init", dict(gate_init=NAN)), ("gate_init", dict(gate_init=INF)), ("gate_init", dict(gate_init=10**400)),
+    ("gate_init", dict(gate_init="a")), ("gate_init", dict(gate_init=1e39)),  # inf in float32
+    ("compression_factor", dict(compression_factor=2.0)),
+    ("attention_bias", dict(attention_bias="no")), ("attention_out_bias", dict(attention_out_bias=1)),
+    ("mlp_bias", dict(mlp_bias="no")), ("tie_word_embeddings", dict(tie_word_embeddings="no")),
+    ("use_cache", dict(use_cache="no")),
+]
+
+
+@pytest.mark.parametrize("name, bad", BAD_CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_CONFIGS)])
+def test_bad_config_values_are_refused(name, bad):
+    with pytest.raises(ValueError, match=name):
+        BSBRConfig(**{**TINY, **bad})
+
+
+def test_good_values_still_pass():
+    for ok in (dict(), dict(gate_init=None), dict(gate_init=1), dict(initializer_range=0.0), dict(norm_eps=1),
+               dict(attention_out_bias=None), dict(position_type="rope"),
+               dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 500})):
+        BSBRConfig(**{**TINY, **ok})
+
+
+@pytest.mark.parametrize("key, value", [("norm_eps", NAN), ("initializer_range", -1.0), ("gate_init", INF),
+                                        ("attention_bias", "no"), ("rope_parameters", {"rope_theta": -5.0})])
+def test_a_saved_config_with_a_bad_value_is_refused_on_load(tmp_path, key, value):
+    model = BSBRForCausalLM(BSBRConfig(**TINY, position_type="rope"))
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))  # NaN/Infinity: what json writes and reads
+    name = "rope_theta" if key == "rope_parameters" else key
+    for load in (BSBRConfig.from_pretrained, AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained,
+                 load_bsbr_model):
+        with pytest.raises(ValueError, match=name):
+            load(tmp_path)
+
+
+BAD_OPTIONS = [
+    ("far_positions", dict(far_positions="windows")), ("position_scheme", dict(position_scheme="wrapped")),
+    ("feature_map", dict(feature_map="elu")), ("retrieval", dict(retrieval="normalised")),
+    ("compression_factor", dict(compression_factor=0)), ("compression_factor", dict(compression_factor=-2)),
+    ("compression_factor", dict(compression_factor=2.5)), ("compression_factor", dict(compression_factor="2")),
+    ("gate_init", dict(gate_init="a")), ("gate_init", dict(gate_init=10**400)), ("gate_init", dict(gate_init=NAN)),
+]
+
+
+@pytest.mark.parametrize("name, bad", BAD_OPTIONS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_OPTIONS)])
+def test_bad_conversion_options_are_refused_before_a_source_is_loaded(monkeypatch, name, bad):
+    def no_source(*a, **k):
+        raise AssertionError("the source was loaded before the options were checked")
+
+    monkeypatch.setattr(converter, "load_source", no_source)
+    with pytest.raises(ValueError, match=name):
+        TransformerToBSBRConverter(**bad)
+    with pytest.raises(ValueError, match=name):
+        convert_to_bsbr("some/model", **bad)
+
+
+def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained,
+                 lambda p: BSBRForCausalLM.from_pretrained(p, strict=False)):
+        with pytest.raises(OSError, match="pickle"):
+            load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_bsbr_model(tmp_path)
