@@ -144,6 +144,10 @@ def main(argv=None) -> int:
                 type(e).__name__ == "SafetensorError":  # bad input, not a bug
             print(f"bsbr {name}: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # inputs too large for this machine
+            print(f"bsbr {name}: error: out of memory ({_one_line(e)[:160]}): give shorter or fewer inputs",
+                  file=sys.stderr)
+            return EXIT_USAGE
         print(f"bsbr {name}: error: internal error {type(e).__name__}: {_one_line(e)} "
               f"(rerun with -v for the traceback and report it)", file=sys.stderr)
         return EXIT_INTERNAL

@@ -28,11 +28,14 @@ def _demo(args, out: Path, final: Path) -> int:
     from .results import write_json
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
+    from .outputs import check_positions
 
     t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
     source = load_source(args.source).eval()
+    check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
+                    + [("--decode-contexts (plus 16 decode steps)", n + 16) for n in args.decode_contexts])
     model = convert_to_bsbr(source, chunk_size=args.chunk_size)
     model_dir = out / "model"
     model.save_pretrained(model_dir)

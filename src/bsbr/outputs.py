@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
 
 
@@ -67,6 +68,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                           "renamed into place, which would replace the link)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
+    if len(os.fsencode(out.name)) > NAME_MAX - len(".tmp-12345678."):
+        raise OutputError(f"{option} {path}: its last name is {len(os.fsencode(out.name))} bytes; the directory it is "
+                          f"staged in beside it needs 14 more: give a name of at most {NAME_MAX - 14} bytes")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
     parent = unwritable_parent(out)
@@ -142,19 +146,29 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left (and
     is kept, complete, when ``path`` appeared while writing)."""
     out = _resolved(path)
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this call creates
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     try:
         publish_dir(tmp, out, overwrite=overwrite)
     except BaseException as e:
         if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty(made)
         raise
+
+
+def _remove_empty(folders) -> None:
+    """Remove the folders a failed command created (deepest first), where they are still empty."""
+    for p in folders:
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
@@ -312,6 +326,17 @@ def read_config(config: Path, option: str) -> dict:
     return cfg
 
 
+def check_positions(model, role: str, lengths: Iterable) -> None:
+    """Refuse lengths ``(option, tokens)`` that a source with learned positions (GPT-2's
+    ``n_positions``) cannot run: its position table ends there (rotary positions do not)."""
+    config = getattr(model, "config", None)
+    table = getattr(config, "n_positions", None) if getattr(config, "model_type", None) == "gpt2" else None
+    for option, tokens in lengths:
+        if table is not None and tokens > table:
+            raise UserError(f"{option} {tokens:,} is longer than the {role}'s {table:,} learned positions (n_positions): "
+                            f"give at most {table:,}")
+
+
 def check_bsbr_dir(path, option: str) -> Path:
     """Refuse, before loading, a directory that is not a saved BSBR model (``bsbr convert`` / ``distill``)."""
     path = Path(os.path.expanduser(str(path)))
@@ -327,10 +352,17 @@ def check_bsbr_dir(path, option: str) -> Path:
 
 
 def check_text_files(files) -> None:
+    """Refuse --text-file values that are not regular text files (missing, a directory, a device or
+    FIFO, or binary: a NUL byte in the first 8 KB)."""
     for f in files or []:
-        if not Path(f).is_file():
-            raise UserError(f"--text-file {f} " + ("is a directory: give text files" if Path(f).is_dir()
-                                                    else "does not exist"))
+        p = Path(f)
+        if not p.is_file():
+            what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
+                    else "is not a regular file (a device or FIFO)")
+            raise UserError(f"--text-file {f} {what}: give text files")
+        with open(p, "rb") as fh:
+            if b"\0" in fh.read(8192):
+                raise UserError(f"--text-file {f} looks binary (it holds NUL bytes): give text files")
 
 
 def load_model_arg(source, option: str):

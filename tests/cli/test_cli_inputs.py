@@ -142,3 +142,83 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
             check_output_files(outputs, inputs=[("model", model), ("text", text)], plots=("--plot",))
     check_output_files([("--json", tmp_path / "new" / "r.json"), ("--plot", tmp_path / "r.png"), ("--x", None)],
                        inputs=[("model", model)], plots=("--plot",))
+
+
+@pytest.fixture(scope="module")
+def gpt2_models(tmp_path_factory):
+    """A GPT-2 source with 64 learned positions (and a tokenizer), and its conversion."""
+    from model_sources import make_source
+    from word_tokenizer import build_word_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2")
+    make_source("gpt2").save_pretrained(root / "source")
+    build_word_tokenizer().save_pretrained(root / "source")
+    assert main(["convert", str(root / "source"), str(root / "converted"), "--chunk-size", "8"]) == 0
+    return root / "source", root / "converted"
+
+
+def test_lengths_past_a_sources_learned_positions_are_refused(gpt2_models, tmp_path, text, capsys):
+    source, converted = gpt2_models
+    line = refused(capsys, ["eval", converted, "--reference", source, "--text-file", text, "--seq-len", "100",
+                            "--no-passkey", "--json", tmp_path / "r.json"], "eval", converted)
+    assert "--seq-len 100" in line and "64 learned positions" in line and not (tmp_path / "r.json").exists()
+    line = refused(capsys, ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len",
+                            "96", "--steps", "1", "--output", tmp_path / "d"], "distill", converted)
+    assert "--seq-len 96" in line and not (tmp_path / "d").exists()
+    line = refused(capsys, ["bench", "converted", source, "--chunk-size", "8", "--seq-lens", "32", "--decode-contexts",
+                            "63", "--decode-steps", "2", "--repeats", "1"], "bench converted")
+    assert "--decode-contexts" in line and "65" in line
+
+
+def test_text_files_that_are_devices_or_binary_are_refused(models, tmp_path, capsys):
+    _, converted, _ = models
+    binary = tmp_path / "elf.txt"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" * 100)
+    for f, expect in (("/dev/null", "not a regular file"), (binary, "looks binary")):
+        line = refused(capsys, ["eval", converted, "--text-file", f, "--no-passkey"], "eval")
+        assert expect in line
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(models, tmp_path, capsys):
+    _, converted, _ = models
+    from transformers import AutoTokenizer
+
+    model = copy_source(converted, tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_tokens([f"extra{i}" for i in range(200)])
+    tok.save_pretrained(model)
+    line = refused(capsys, ["generate", model, "--prompt", "def f"], "generate", model)
+    assert "tokenizer has" in line and "not this model's" in line
+
+
+def test_running_out_of_memory_is_one_line(models, capsys, monkeypatch):
+    _, converted, _ = models
+
+    def too_big(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 62499500001 bytes")
+
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", too_big)
+    line = refused(capsys, ["generate", converted, "--prompt", "x"], "generate")
+    assert "out of memory" in line and "shorter" in line
+
+
+def test_a_failed_convert_leaves_no_folders_it_made(models, tmp_path, capsys, monkeypatch):
+    source, _, _ = models
+    name = "y" * 250
+    assert "at most 241 bytes" in refused(capsys, ["convert", source, tmp_path / name], "convert", source)
+
+    def fails(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("bsbr.models.BSBRForCausalLM.save_pretrained", fails)
+    refused(capsys, ["convert", source, tmp_path / "new" / "deeper" / "out"], "convert", source)
+    assert not (tmp_path / "new").exists()
+
+
+def test_distill_that_fits_no_step_in_its_minutes_writes_nothing(models, tmp_path, text, capsys):
+    source, converted, _ = models
+    line = refused(capsys, ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len",
+                            "96", "--max-windows", "2", "--minutes", "1e-9", "--output", tmp_path / "d"], "distill",
+                   converted)
+    assert "no training step fits" in line and not (tmp_path / "d").exists()

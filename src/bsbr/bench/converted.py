@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..outputs import UserError, check_model_arg
+from ..outputs import UserError, check_model_arg, check_positions
 from .common import (add_output_arguments, check_at_least, check_finite, check_outputs, interleaved_times, machine_info,
                      measure_peak, median, write_outputs)
 from .plots import plot_converted
@@ -136,6 +136,8 @@ def cmd(args) -> int:
     else:
         source = load_source(args.source).eval()
         title = args.source or "SmolLM2-135M"
+        check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
+                        [("--decode-contexts (plus --decode-steps)", n + args.decode_steps) for n in args.decode_contexts])
     converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=args.gate_init).eval()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -155,6 +155,9 @@ def cmd_generate(args) -> int:
     ids = tok(args.prompt, return_tensors="pt")
     if ids["input_ids"].shape[1] == 0:
         raise UserError("--prompt gives no tokens: give some text to continue")
+    if len(tok) > model.config.vocab_size:
+        raise UserError(f"MODEL_DIR {path}: its tokenizer has {len(tok)} tokens, the model only "
+                        f"{model.config.vocab_size}: the tokenizer is not this model's")
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,

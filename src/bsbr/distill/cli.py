@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..corpus import corpus_texts, token_windows
 from ..models import load_bsbr_model
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                       check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
+                       check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
 from .checkpoint import has_checkpoint, read_manifest
 from .trainer import FLOAT32_MAX, DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, \
     student_record
@@ -171,6 +171,7 @@ def cmd_distill(args) -> int:
     student = load_bsbr_model(student_dir)
     _check_new_pieces_matter(student.config, args)
     teacher = load_model_arg(args.teacher, "--teacher")
+    check_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])
     vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.config.vocab_size
     if vocab_t != vocab_s:
         raise UserError(f"--teacher {args.teacher or '(bundled SmolLM2)'} has a vocabulary of {vocab_t} tokens, the "

@@ -297,6 +297,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                 raise DistillInterrupted(f"interrupted at step {progress['step']}; checkpoint written to {ckpt_dir}")
     finally:
         bar.close()
+    if progress["step"] == 0:  # the time budget ran out before one step: nothing to save
+        raise ValueError(f"no training step fits in minutes={cfg.minutes} (one step takes longer): give more "
+                         "--minutes, or --steps")
     progress["elapsed"] = time.monotonic() - t0
     if rank == 0:
         save(progress)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..outputs import (UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_source, check_text_files, read_metadata)
+                       check_positions, check_source, check_text_files, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, get_filler
@@ -156,6 +156,10 @@ def cmd_eval(args) -> int:
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
         if note:
             logger.warning(note)
+        lengths = [] if args.passkey_only else [("--seq-len", args.seq_len)]
+        if passkey is not None and (not args.passkey_models or "source" in args.passkey_models):
+            lengths += [("--passkey-lengths", n) for n in passkey["lengths"]]
+        check_positions(source_model, "--reference", lengths)
 
     passkey = None
     if not args.no_passkey or args.lm_eval_task_dir:
