@@ -153,7 +153,7 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
     ([], "nothing to train"),
     (["--minutes", "0"], "--minutes must be > 0"),
     (["--steps", "3", "--checkpoint-every", "0"], "--checkpoint-every must be an int >= 1"),
-    (["--steps", "3", "--lr", "-1"], "learning rates must be > 0"),
+    (["--steps", "3", "--lr", "-1"], "lr (--lr) must be > 0"),
     (["--steps", "2", "--resume", "--overwrite"], "give one of them"),
 ])
 def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, capsys, extra, message):

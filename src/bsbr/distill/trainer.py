@@ -66,8 +66,10 @@ class DistillConfig:
                                           and (name == "minutes" or abs(value) <= FLOAT32_MAX)):
                 raise ValueError(f"{name} must be a finite number{'' if name == 'minutes' else ' float32 holds'}, "
                                  f"got {value!r}")
-        if not self.lr > 0 or (self.base_lr is not None and not self.base_lr > 0):
-            raise ValueError("learning rates must be > 0")
+        for name in ("lr", "base_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be > 0, got {value!r}")
         if not self.lm_weight >= 0:
             raise ValueError(f"lm_weight must be >= 0, got {self.lm_weight!r}")
 
