@@ -222,3 +222,27 @@ def test_distill_that_fits_no_step_in_its_minutes_writes_nothing(models, tmp_pat
                             "96", "--max-windows", "2", "--minutes", "1e-9", "--output", tmp_path / "d"], "distill",
                    converted)
     assert "no training step fits" in line and not (tmp_path / "d").exists()
+
+
+def test_passkey_only_refuses_the_perplexity_inputs_and_names_new_tokens(models, text, capsys):
+    source, converted, _ = models
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--text-file", text], "eval")
+    assert "--text-file" in line and "--passkey-only" in line
+    line = refused(capsys, ["eval", converted, "--reference", source, "--passkey-only", "--passkey-lengths", "96",
+                            "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens", "100000",
+                            "--no-progress"], "eval")
+    assert "--passkey-new-tokens" in line
+
+
+def test_distill_refuses_a_student_with_nan_weights(models, tmp_path, text, capsys):
+    source, converted, _ = models
+    student = copy_source(converted, tmp_path / "nan-student")
+    weights = load_file(student / "model.safetensors")
+    name = next(n for n in weights if n.endswith("q_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
+    line = refused(capsys, ["distill", "--student", student, "--teacher", source, "--text-file", text, "--seq-len", "96",
+                            "--max-windows", "2", "--steps", "1", "--force", "--output", tmp_path / "d"], "distill")
+    assert "holds inf or nan before training" in line and not (tmp_path / "d").exists()

@@ -219,6 +219,11 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     asked after every step: True writes a checkpoint and raises :class:`DistillInterrupted`. Weights that
     turn inf or nan raise ValueError before they are saved."""
     cfg.validate()
+    for role, model in (("student", student), ("teacher", teacher)):  # a broken model, not a learning rate
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise ValueError(f"the {role}'s weight {bad} holds inf or nan before training: give a sound {role} "
+                             f"(convert or save it again)")
     if resume and overwrite:
         raise ValueError("resume continues the checkpoint, overwrite replaces it: give one of them")
     if len(windows) == 0:

@@ -131,6 +131,9 @@ def _write_lm_eval_task(args, passkey: dict) -> int:
 def cmd_eval(args) -> int:
     if args.passkey_only and args.no_passkey:
         raise UserError("--passkey-only and --no-passkey exclude each other: give one")
+    for option, value in (("--text-file", args.text_file), ("--dataset", args.dataset)):
+        if value and args.passkey_only:
+            raise UserError(f"{option} is read by the perplexity evaluation, which --passkey-only skips: drop one")
     for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
                           ("--text-column", args.text_column)):
         if value is not None and not args.dataset:
