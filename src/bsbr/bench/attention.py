@@ -19,7 +19,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import (add_output_arguments, bench_parser, check_at_least, check_device, check_outputs, check_positive,
+from ..numbers import finite_number
+from .common import (add_output_arguments, bench_parser, check_at_least, check_device, check_outputs,
                      machine_info, write_outputs)
 from .core import bench_core
 from .layers import DEFAULT_SEQ_LENS, bench_attention
@@ -50,7 +51,6 @@ def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
     check_at_least(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "max_standard_len",
                           "max_earlier_len", "threads"))
     check_at_least(args, ("retrieval_blocks", "warmup"), minimum=0)
-    check_positive(args, ("max_seconds",))
     if args.seq_lens is not None and any(n < 1 for n in args.seq_lens):
         raise ValueError(f"--seq-lens must be positive integers, got {args.seq_lens}")
     if hidden % heads:
@@ -129,7 +129,7 @@ def register(bench_sub) -> None:
     p.add_argument("--earlier-wheel", default=None, metavar="WHL",
                    help="the bsbr==0.1.1 wheel: also time its BSBRAttention side by side")
     p.add_argument("--max-earlier-len", type=int, default=None, help="longest length for the bsbr 0.1.1 layer")
-    p.add_argument("--max-seconds", type=float, default=30.0,
+    p.add_argument("--max-seconds", type=finite_number(positive=True), default=30.0,
                    help="skip a baseline whose call is predicted (quadratically) to take longer")
     p.add_argument("--skip-core", action="store_true", help="skip the op-alone vs matmul FLOPs measurement")
     p.add_argument("--model-scaling", action="store_true",

@@ -272,22 +272,6 @@ def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {x}")
 
 
-def check_positive(args, names: Sequence[str]) -> None:
-    """Refuse a float option that is not a finite number > 0 (None: not given)."""
-    for name in names:
-        x = getattr(args, name)
-        if x is not None and not (math.isfinite(x) and x > 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {x}")
-
-
-def check_finite(args, names: Sequence[str]) -> None:
-    """Refuse a float option that is NaN or infinite (None: not given)."""
-    for name in names:
-        x = getattr(args, name)
-        if x is not None and not math.isfinite(x):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {x}")
-
-
 def check_device(device: str) -> None:
     """Refuse a ``--device`` the benchmarks cannot run on: ``cpu``, or ``cuda``/``cuda:N`` where CUDA has it."""
     try:

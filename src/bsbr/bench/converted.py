@@ -14,7 +14,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..outputs import UserError, check_model_arg, check_positions
-from .common import (add_output_arguments, check_at_least, check_finite, check_outputs, interleaved_times, machine_info,
+from ..numbers import finite_number
+from .common import (add_output_arguments, check_at_least, check_outputs, interleaved_times, machine_info,
                      measure_peak, median, write_outputs)
 from .plots import plot_converted
 
@@ -124,7 +125,6 @@ def cmd(args) -> int:
     from ..convert.converter import convert_to_bsbr, load_source
 
     check_at_least(args, ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size", "threads"))
-    check_finite(args, ("gate_init",))
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
     check_model_arg(args.source, "SOURCE")
@@ -153,7 +153,7 @@ def register(bench_sub) -> None:
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--gate-init", type=float, default=0.0,
+    p.add_argument("--gate-init", type=finite_number(), default=0.0,
                    help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
                         "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])

@@ -23,8 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..numbers import finite_number
 from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
-                     check_at_least, check_outputs, check_positive, failure, forward_fn, interleaved_times, is_oom,
+                     check_at_least, check_outputs, failure, forward_fn, interleaved_times, is_oom,
                      machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
@@ -246,7 +247,6 @@ def run_models(args: argparse.Namespace) -> int:
     if any(n < 2 for n in seq_lens):
         raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
     check_at_least(args, ("repeats", "hidden", "layers", "heads", "ff_dim", "block", "threads"))
-    check_positive(args, ("max_seconds", "model_budget"))
     check_outputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,8 +268,8 @@ def register(bench_sub) -> None:
     add_shape_arguments(p, hidden=256, layers=2, heads=4, ff_dim=1024)
     p.add_argument("--block", type=int, default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per length (median)")
-    p.add_argument("--max-seconds", type=float, default=15.0, help="skip calls predicted to take longer")
-    p.add_argument("--model-budget", type=float, default=90.0, help="no more train steps for a model after this much measuring time")
+    p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
+    p.add_argument("--model-budget", type=finite_number(positive=True), default=90.0, help="no more train steps for a model after this much measuring time")
     p.add_argument("--no-train", action="store_true", help="forward only")
     p.add_argument("--seed", type=int, default=0)
     add_output_arguments(p, "a log-log plot")

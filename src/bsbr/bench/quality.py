@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..outputs import UserError
+from ..numbers import finite_number
 from .common import (VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least, check_outputs,
-                     check_positive, write_outputs)
+                     write_outputs)
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,6 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     else:
         check_at_least(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows",
                               "ff_dim"))
-        check_positive(args, ("lr",))
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,
@@ -322,7 +322,7 @@ def register(bench_sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=finite_number(positive=True), default=2e-3)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
     p.add_argument("--seed", type=int, default=0)

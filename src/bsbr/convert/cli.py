@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
 import time
 from pathlib import Path
+
+from ..numbers import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     from .converter import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
 
     def gate(text: str):
-        return None if text.lower() == "none" else float(text)
+        return None if text.lower() == "none" else finite_number()(text)
 
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default %(default)s)")
     p.add_argument("--local-chunks", type=int, default=D["local_chunks"],
@@ -76,9 +77,6 @@ def check_conversion_options(options: dict) -> None:
         if value is not None and high is not None and value > high:
             raise UserError(f"--{name.replace('_', '-')} must be at most {high:,} (a window, sinks or a recall cache "
                             f"holds at most {MAX_TOKENS:,} tokens), got {value:,}")
-    gate = options.get("gate_init")
-    if gate is not None and not math.isfinite(gate):
-        raise UserError(f"--gate-init must be a finite number, got {gate}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
 
@@ -142,7 +140,7 @@ def cmd_generate(args) -> int:
         raise UserError("--prompt is empty: give the text to continue")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not 0 <= args.temperature < math.inf:
+    if not args.temperature >= 0:
         raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     import torch
 
@@ -185,5 +183,5 @@ def register(sub) -> None:
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=finite_number(), default=0.0, help="0 = greedy")
     g.set_defaults(func=cmd_generate)

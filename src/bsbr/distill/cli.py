@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import shlex
@@ -17,28 +16,14 @@ import torch.distributed as dist
 
 from ..corpus import corpus_texts, token_windows
 from ..models import load_bsbr_model
+from ..numbers import finite_number
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
                        check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
 from .checkpoint import has_checkpoint, read_manifest
-from .trainer import FLOAT32_MAX, DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, \
+from .trainer import DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, \
     student_record
 
 logger = logging.getLogger(__name__)
-
-
-def _number(float32: bool):
-    """An argparse type: a finite float (with ``float32``, one float32 holds: no overflow to inf)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-        if not math.isfinite(value) or (float32 and abs(value) > FLOAT32_MAX):
-            raise argparse.ArgumentTypeError(f"{text!r}: give a finite number" +
-                                             (f" float32 holds (at most {FLOAT32_MAX:.3g})" if float32 else ""))
-        return value
-    parse.__name__ = "number"
-    return parse
 
 
 def _base_lr(args):
@@ -219,19 +204,19 @@ def register(sub) -> None:
                                                    "empty (or --resume / --overwrite); never the student's directory")
     # defaults = the recipe measured best in docs/findings.md for the default exact window: end-to-end
     # KL (no LM term) on the new pieces only
-    p.add_argument("--minutes", type=_number(float32=False), default=None, help="wall-clock budget")
+    p.add_argument("--minutes", type=finite_number(), default=None, help="wall-clock budget")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: whichever ends first)")
     p.add_argument("--params", choices=["new", "all", "lora"], default="new",
                    help="what trains: the new BSBR pieces (default), all weights, or the new pieces plus LoRA "
                         "adapters (peft; merged into the weights when saved)")
-    p.add_argument("--lr", type=_number(float32=True), default=3e-3,
+    p.add_argument("--lr", type=finite_number(float32=True), default=3e-3,
                    help="learning rate of the new pieces (default 3e-3)")
-    p.add_argument("--base-lr", type=_number(float32=True), default=None,
+    p.add_argument("--base-lr", type=finite_number(float32=True), default=None,
                    help="with --params all: learning rate of the source's own weights (default 6e-5); "
                         "with lora: of the adapters (default: --lr)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
-    p.add_argument("--lm-weight", type=_number(float32=True), default=0.0,
+    p.add_argument("--lm-weight", type=finite_number(float32=True), default=0.0,
                    help="weight of the LM loss beside the KL (default 0: pure imitation of the source)")
     p.add_argument("--seq-len", type=int, default=4096,
                    help="tokens per training window (default 4096: the default conversion reads every earlier "

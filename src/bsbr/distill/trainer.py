@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from ..convert.converter import is_new_parameter
 from ..outputs import CheckpointError, publish_files, temp_dir, weights_fingerprint
+from ..numbers import FLOAT32_MAX
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 PARAMS = ("new", "all", "lora")
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a larger lr or weight overflows
 LOWER_LR = "lower the learning rate (--lr, or --base-lr); nothing past the last checkpoint was saved"
 
 

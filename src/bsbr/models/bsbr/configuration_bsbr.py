@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS
 from ...ops.bsbr import BSBROptions
+from ...numbers import FLOAT32_MAX
 from ...ops.checks import check_int
 
 POSITION_TYPES = ("learned", "rope")
@@ -24,7 +25,6 @@ MLP_TYPES = ("standard", "gated")
 #   window: read as if they lay in the chunk just before the window, at their offset in their own chunk,
 #           so every query-key distance stays below (local_chunks + 1) * chunk_size at any length
 FAR_POSITIONS = ("absolute", "window")
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _choice(name, value, allowed):
