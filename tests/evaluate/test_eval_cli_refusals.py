@@ -5,6 +5,7 @@ a --seq-len shorter than the model's chunk allows."""
 import json
 
 import pytest
+from cli_checks import one_error_line
 from model_sources import make_source
 
 from bsbr.cli import main
@@ -45,12 +46,12 @@ def _snapshot(root):
 def _refused(capsys, argv, *words):
     capsys.readouterr()
     rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err
     assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("bsbr eval: error:"), err
+    line = one_error_line(err, "eval")
     for w in words:
-        assert w in err[0], err[0]
-    return err[0]
+        assert w in line, line
+    return line
 
 
 def _base(saved, *extra):

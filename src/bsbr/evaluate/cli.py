@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..outputs import (UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_source, check_text_files, read_metadata)
+                       check_positions, check_source, check_text_files, read_config,
+                       read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, get_filler
@@ -74,10 +74,7 @@ def _inputs(args) -> list:
 def _check_seq_len(args) -> None:
     """--seq-len against the model's chunk size (read from its config.json, no weights loaded): a
     window needs a token past the first chunk with a target, so at least chunk_size + 2 tokens."""
-    try:
-        chunk = json.loads((Path(args.model).expanduser() / "config.json").read_text()).get("chunk_size")
-    except (OSError, ValueError, AttributeError):
-        return  # loading the model reports a broken config
+    chunk = read_config(Path(args.model).expanduser() / "config.json", "MODEL").get("chunk_size")
     if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1 and args.seq_len < chunk + 2:
         raise UserError(f"--seq-len {args.seq_len} is too short for {args.model} (chunk size {chunk}): give at least "
                         f"{chunk + 2} (tokens past the first chunk are scored)")
