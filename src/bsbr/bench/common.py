@@ -13,9 +13,9 @@
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
-import logging
 import math
 import os
 import platform
@@ -29,13 +29,12 @@ import torch
 
 from ..outputs import UserError, check_output_files
 
-log = logging.getLogger(__name__)
-
 MiB = float(2**20)
 VOCAB = 256  # the LM shells of bench models and bench quality read bytes
 DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 MEMORY_FRACTION = 0.7  # never try a call predicted to need more than this share of MemAvailable
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_STATUS = "/proc/self/status"
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -57,11 +56,6 @@ def _proc_bytes(path: str, key: str) -> Optional[int]:
     """A ``kB`` field of a /proc file (VmRSS, VmHWM; MemAvailable of /proc/meminfo) in bytes, or None."""
     value = _proc_field(path, key)
     return None if value is None else int(value.split()[0]) * 1024
-
-
-def rss_bytes() -> Optional[int]:
-    """Current resident set size of this process in bytes (None without /proc)."""
-    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def _statm_rss() -> int:
@@ -99,7 +93,7 @@ def memory_method(device: str = "cpu") -> str:
         return "cuda-max-memory-allocated"
     if _reset_hwm():
         return "linux-vmhwm-reset"
-    if rss_bytes() is not None:
+    if _proc_bytes(_STATUS, "VmRSS") is not None:
         return "statm-sampling-1ms"
     return "unavailable"
 
@@ -116,22 +110,25 @@ def memory_refusal(need_bytes: Optional[float]) -> Optional[str]:
 
 
 class _Sampler(threading.Thread):
-    """Fallback: samples RSS every ``interval`` seconds and keeps the maximum."""
+    """Fallback: samples RSS every millisecond and keeps the maximum."""
 
-    def __init__(self, interval: float = 1e-3):
+    def __init__(self):
         super().__init__(daemon=True)
-        self.interval, self.peak, self._stop = interval, _statm_rss(), threading.Event()
+        self.peak, self.done = _statm_rss(), threading.Event()  # not self._stop: threading.Thread's own method
 
     def run(self):
-        while not self._stop.is_set():
+        while not self.done.wait(1e-3):
             self.peak = max(self.peak, _statm_rss())
-            time.sleep(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self.done.set()
         self.join()
         self.peak = max(self.peak, _statm_rss())
         return self.peak
+
+
+def _mb(n: Optional[int]) -> Optional[float]:
+    return None if n is None else n / MiB
 
 
 @dataclass
@@ -142,13 +139,8 @@ class PeakMemory:
     peak_bytes: Optional[int]
     method: str
 
-    @property
-    def extra_mb(self) -> Optional[float]:
-        return None if self.extra_bytes is None else self.extra_bytes / MiB
-
-    @property
-    def peak_mb(self) -> Optional[float]:
-        return None if self.peak_bytes is None else self.peak_bytes / MiB
+    extra_mb = property(lambda self: _mb(self.extra_bytes))
+    peak_mb = property(lambda self: _mb(self.peak_bytes))
 
 
 def measure_peak(fn: Callable[[], object], device: str = "cpu") -> PeakMemory:
@@ -171,9 +163,9 @@ def measure_peak(fn: Callable[[], object], device: str = "cpu") -> PeakMemory:
         fn()
         return PeakMemory(None, None, method)
     if method == "linux-vmhwm-reset":
-        before = rss_bytes()
+        before = _proc_bytes(_STATUS, "VmRSS")
         out = fn()
-        peak = _proc_bytes("/proc/self/status", "VmHWM")
+        peak = _proc_bytes(_STATUS, "VmHWM")
     else:
         sampler = _Sampler()
         before = _statm_rss()
@@ -191,25 +183,21 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg
-                                              or "not enough memory" in msg)
+    return isinstance(exc, RuntimeError) and any(s in msg for s in ("out of memory", "can't allocate memory",
+                                                                    "not enough memory"))
 
 
 # ----------------------------------------------------------------------------------------- timing
-def sync(device: str = "cpu") -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
-    """Wall time of one call in seconds (synchronising the GPU around it)."""
-    sync(device)
+    """Wall time of one call in seconds (synchronising the GPU around it; the output is freed after)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    dt = time.perf_counter() - t0
-    del out
-    return dt
+    out = fn()  # noqa: F841 - kept until the clock stops: freeing it is not part of the call
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def median(xs: Sequence[float]) -> float:
@@ -239,10 +227,8 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
 def matmul_gflops(size: int = 2048, repeats: int = 5, dtype=torch.float32, device: str = "cpu") -> float:
     """This machine's dense matmul rate (GFLOP/s, median of ``repeats``) on ``size``-square
     matrices: the practical ceiling the attention kernels are compared against."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    time_call(lambda: a @ b, device)
-    t = median([time_call(lambda: a @ b, device) for _ in range(repeats)])
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    t = median(interleaved_times({"matmul": lambda: a @ b}, repeats, warmup=1, device=device)["matmul"])
     return 2.0 * size**3 / t / 1e9
 
 
@@ -290,8 +276,6 @@ def check_device(device: str) -> None:
 
 def bench_parser(bench_sub, name: str, doc: str):
     """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
-    import argparse
-
     return bench_sub.add_parser(name, description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -308,9 +292,8 @@ def add_output_arguments(p, plot: str = "a plot") -> None:
 
 
 def check_outputs(args, inputs: Sequence = ()) -> None:
-    """Refuse, before the benchmark runs, a ``--json``/``--plot`` that may not be written: the same file
-    twice, a directory, an input (``(label, path)`` pairs the command reads), a folder that cannot be
-    made, a plot suffix matplotlib does not write (:func:`bsbr.outputs.check_output_files`)."""
+    """Refuse, before the benchmark runs, a ``--json``/``--plot`` that may not be written
+    (:func:`bsbr.outputs.check_output_files`); ``inputs``: ``(label, path)`` pairs the command reads."""
     check_output_files([("--json", args.json), ("--plot", args.plot)], inputs=inputs, plots=("--plot",))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
 import tempfile
 import zipfile
@@ -20,8 +19,7 @@ def load_earlier_bsbr(wheel_path: str):
     ``bsbr_earlier_0_1_1``, from a temporary extraction deleted right after the import."""
     if EARLIER_MODULE_NAME in sys.modules:
         return sys.modules[EARLIER_MODULE_NAME]
-    tmp = tempfile.mkdtemp(prefix="bsbr-earlier-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="bsbr-earlier-", ignore_cleanup_errors=True) as tmp:
         try:
             with zipfile.ZipFile(wheel_path) as zf:
                 zf.extractall(tmp)
@@ -35,14 +33,11 @@ def load_earlier_bsbr(wheel_path: str):
         sys.modules[EARLIER_MODULE_NAME] = module
         try:
             spec.loader.exec_module(module)
+            if not hasattr(module, "BSBRAttention"):
+                raise ValueError(f"{wheel_path}: bsbr/bsbr.py defines no BSBRAttention")
         except BaseException:
             del sys.modules[EARLIER_MODULE_NAME]
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not hasattr(module, "BSBRAttention"):
-        del sys.modules[EARLIER_MODULE_NAME]
-        raise ValueError(f"{wheel_path}: bsbr/bsbr.py defines no BSBRAttention")
     return module
 
 

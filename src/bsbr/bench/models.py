@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,11 +70,7 @@ def fit_exponent(points: Sequence[Tuple[int, float]], min_len: int = 4096) -> Op
         use = pts
     if len(use) < 2:
         return None
-    xs = [math.log(n) for n, _ in use]
-    ys = [math.log(t) for _, t in use]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    slope = statistics.linear_regression([math.log(n) for n, _ in use], [math.log(t) for _, t in use]).slope
     return {"exponent": round(slope, 3), "from": use[0][0], "to": use[-1][0], "points": len(use)}
 
 
@@ -179,11 +176,8 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
         del ids, fns_of
         release_free_memory()
 
-    exponents = {}
-    for m in models:
-        own = [r for r in rows if r["model"] == m]
-        exponents[m] = {kind: fit_exponent([(r["seq_len"], r[key]) for r in own])
-                        for kind, key in (("forward", "time_ms"), ("train", "train_time_ms"))}
+    exponents = {m: {kind: fit_exponent([(r["seq_len"], r[key]) for r in rows if r["model"] == m])
+                     for kind, key in (("forward", "time_ms"), ("train", "train_time_ms"))} for m in models}
     ratios = speed_ratios(rows)
     config = dict(seq_lens=list(seq_lens), models=list(models), hidden=hidden, layers=layers, heads=heads,
                   ff_dim=ff_dim, block=block, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
@@ -232,12 +226,10 @@ def format_table(result: Dict[str, object]) -> str:
     for r in result["rows"]:
         lines.append(f"{r['model']:<16}{r['seq_len']:>8}{_f(r['time_ms']):>11}{_f(r['train_time_ms']):>11}"
                      f"{_f(r['peak_mb']):>10}{_f(r['train_peak_mb']):>11}{r['params']:>10}  {r['reason'] or ''}")
-    lines.append("")
-    lines.append("scaling exponents (slope of log time vs log n): " + ", ".join(
+    lines += ["", "scaling exponents (slope of log time vs log n): " + ", ".join(
         f"{m} fwd {e['forward']['exponent'] if e['forward'] else '-'} / train {e['train']['exponent'] if e['train'] else '-'}"
-        for m, e in result["exponents"].items()))
-    for t in result["targets"]:
-        lines.append(f"target: {t['target']}: measured {t['measured']} -> met={t['met']}")
+        for m, e in result["exponents"].items())]
+    lines += [f"target: {t['target']}: measured {t['measured']} -> met={t['met']}" for t in result["targets"]]
     return "\n".join(lines)
 
 

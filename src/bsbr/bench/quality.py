@@ -73,9 +73,9 @@ def load_corpus(root: Optional[str] = None):
     if not all(split.values()):
         raise ValueError(f"need train and held-out .py files under {root or stdlib_root()}, "
                          f"found {len(split['train'])} and {len(split['heldout'])}")
-    tr, ev = (b"".join(p.read_bytes() + b"\n\n" for p in split[s]) for s in ("train", "heldout"))
-    return (torch.frombuffer(bytearray(tr), dtype=torch.uint8).long(),
-            torch.frombuffer(bytearray(ev), dtype=torch.uint8).long(), sum(map(len, split.values())))
+    train, heldout = (torch.frombuffer(bytearray(b"".join(p.read_bytes() + b"\n\n" for p in files)),
+                                       dtype=torch.uint8).long() for files in split.values())
+    return train, heldout, sum(map(len, split.values()))
 
 
 def windows(data: torch.Tensor, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -184,13 +184,11 @@ def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[
     pairs += [("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
     out = []
     for a, b, chunk in pairs:
-        if a not in by or b not in by:
-            continue
-        late_a = _late_loss(by[a], chunk)
-        late_b = _late_loss(by[b], chunk)
-        out.append({"bsbr_model": a, "window_model": b, "chunk": chunk, "bsbr_loss_past_chunk": late_a,
-                    "window_loss_past_chunk": late_b, "difference": round(late_a - late_b, 4),
-                    "bsbr_better": late_a < late_b})
+        if a in by and b in by:
+            late_a, late_b = _late_loss(by[a], chunk), _late_loss(by[b], chunk)
+            out.append({"bsbr_model": a, "window_model": b, "chunk": chunk, "bsbr_loss_past_chunk": late_a,
+                        "window_loss_past_chunk": late_b, "difference": round(late_a - late_b, 4),
+                        "bsbr_better": late_a < late_b})
     return out
 
 
