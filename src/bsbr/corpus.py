@@ -55,12 +55,9 @@ def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]]
     found = []
     for d, dirs, files in os.walk(root):
         dirs[:] = [x for x in dirs if x not in EXCLUDE_DIRS]
-        for f in files:
-            if f.endswith(".py") and not f.startswith("test_"):
-                rel = (Path(d) / f).relative_to(root).as_posix()
-                if split == "all" or split_of(rel) == split:
-                    found.append(rel)
-    return [root / rel for rel in sorted(found)]
+        found += [(Path(d) / f).relative_to(root).as_posix() for f in files
+                  if f.endswith(".py") and not f.startswith("test_")]
+    return [root / rel for rel in sorted(found) if split == "all" or split_of(rel) == split]
 
 
 def mixed_order(paths: Sequence[Path], seed: int = 0) -> List[Path]:
@@ -72,8 +69,7 @@ def mixed_order(paths: Sequence[Path], seed: int = 0) -> List[Path]:
 
 def read_texts(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[str]:
     """Each file's text, read lazily (UTF-8; undecodable bytes replaced, never an error)."""
-    for p in paths:
-        yield Path(p).read_text(encoding="utf-8", errors="replace")
+    return (Path(p).read_text(encoding="utf-8", errors="replace") for p in paths)
 
 
 def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[str]:

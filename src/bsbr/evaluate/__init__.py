@@ -7,17 +7,5 @@ from .passkey import build_prompt, make_key, passkey_found, run_passkey
 from .report import summary_lines
 from .saved import evaluate_saved
 
-__all__ = [
-    "MetricAccumulator",
-    "build_prompt",
-    "evaluate",
-    "evaluate_saved",
-    "gap_closed",
-    "local_baseline",
-    "make_key",
-    "passkey_found",
-    "perplexity_past",
-    "position_buckets",
-    "run_passkey",
-    "summary_lines",
-]
+__all__ = ["MetricAccumulator", "build_prompt", "evaluate", "evaluate_saved", "gap_closed", "local_baseline",
+           "make_key", "passkey_found", "perplexity_past", "position_buckets", "run_passkey", "summary_lines"]

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..outputs import (UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_source, check_text_files, read_config,
-                       read_metadata)
+                       check_positions, check_source, check_text_files, read_config, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
-from .filler import DEFAULT_FILLERS, get_filler
+from .filler import DEFAULT_FILLERS, filler_path, get_filler
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, passkey_summary_lines
 from .report import summary_lines
 from .saved import evaluate_saved, passkey_saved
@@ -47,19 +46,6 @@ def _heatmap_path(args) -> Optional[Path]:
     return None
 
 
-def _filler_files(specs) -> list:
-    """The text files among --passkey-filler's values (the others are filler kinds)."""
-    from .filler import FILLER_KINDS
-
-    out = []
-    for spec in specs or []:
-        if spec not in FILLER_KINDS:
-            path = Path(spec[len("file:"):] if spec.startswith("file:") else spec)
-            if path.is_file():
-                out.append(path)
-    return out
-
-
 def _inputs(args) -> list:
     """``(label, path)`` of what the command reads from disk: the model, a local reference, the text
     files and the filler files (outputs may not be, or lie inside, any of them)."""
@@ -67,7 +53,7 @@ def _inputs(args) -> list:
     if args.reference is not None and Path(args.reference).expanduser().exists():
         inputs.append(("--reference", Path(args.reference).expanduser()))
     inputs += [("--text-file", f) for f in args.text_file or []]
-    inputs += [("--passkey-filler", f) for f in _filler_files(args.passkey_filler)]
+    inputs += [("--passkey-filler", f) for f in map(filler_path, args.passkey_filler or []) if f and f.is_file()]
     return inputs
 
 
@@ -89,11 +75,13 @@ def _check_outputs(args) -> None:
     outputs = [("--json", args.json), ("--plot", args.plot)]
     heatmap = None if args.no_passkey else _heatmap_path(args)
     if heatmap is not None:
-        named = "--passkey-plot" if args.passkey_plot else "--plot" if args.passkey_only and args.plot else None
-        beside = named or ("--plot" if args.plot else "--json")
-        if named:  # --passkey-plot, or --plot as the heat map itself
-            outputs = [o for o in outputs if o[0] != named] + [(named, args.passkey_plot or args.plot)]
+        if args.passkey_plot:
+            beside = "--passkey-plot"
+            outputs.append((beside, args.passkey_plot))
+        elif args.passkey_only and args.plot:  # --plot is the heat map itself
+            beside = "--plot"
         else:
+            beside = "--plot" if args.plot else "--json"
             outputs.append((f"the pass-key heat map (beside {beside})", str(heatmap)))
         outputs.append((f"the pass-key data (beside {beside})", str(heatmap.with_suffix(".json"))))
     check_output_files(outputs, inputs=inputs, plots=("--plot", "--passkey-plot"))
@@ -174,41 +162,34 @@ def cmd_eval(args) -> int:
     if args.passkey_only:
         result = passkey_saved(args.model, args.reference, passkey=passkey, progress=not args.no_progress,
                                check_reference=check_reference)
-        for line in passkey_summary_lines(result["passkey"]):
-            print(line)
-        if args.json:
-            write_json(result, args.json)
-            print(f"results: {args.json}")
-        return _write_heatmap(args, result["passkey"])
-    try:
-        result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
-                                dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
-                                text_column=args.text_column or "text", split=args.split, seq_len=args.seq_len,
-                                max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
-                                passkey=passkey, seed=args.seed, json_path=args.json, plot_path=args.plot,
-                                progress=not args.no_progress, check_reference=check_reference)
-    except ImportError as e:  # an optional dependency (datasets): one line, not a traceback
-        if args.verbose:
-            raise
-        print(f"bsbr eval: error: {e}", file=sys.stderr)
-        return 2
-    for line in summary_lines(result):
+        lines = passkey_summary_lines(result["passkey"])
+    else:
+        try:
+            result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
+                                    dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
+                                    text_column=args.text_column or "text", split=args.split, seq_len=args.seq_len,
+                                    max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
+                                    passkey=passkey, seed=args.seed, json_path=args.json, plot_path=args.plot,
+                                    progress=not args.no_progress, check_reference=check_reference)
+        except ImportError as e:  # an optional dependency (datasets): one line, not a traceback
+            if args.verbose:
+                raise
+            print(f"bsbr eval: error: {e}", file=sys.stderr)
+            return 2
+        lines = summary_lines(result)
+    for line in lines:
         print(line)
     if args.json:
+        if args.passkey_only:  # (a full run's JSON is written by evaluate_saved)
+            write_json(result, args.json)
         print(f"results: {args.json}")
-    if args.plot:
+    if args.plot and not args.passkey_only:
         print(f"plot: {args.plot}")
-    return _write_heatmap(args, result.get("passkey"))
-
-
-def _write_heatmap(args, passkey: Optional[dict]) -> int:
-    """The pass-key heat map (and its data beside it) goes where :func:`_heatmap_path` says; nowhere when
-    no output is given."""
-    path = _heatmap_path(args)
-    if path is not None and passkey:
+    heatmap = _heatmap_path(args)
+    if heatmap is not None and result.get("passkey"):
         from .plots import write_passkey_report
 
-        png, js = write_passkey_report(passkey, path)
+        png, js = write_passkey_report(result["passkey"], heatmap)
         print(f"pass-key heat map: {png} (data: {js})")
     return 0
 

@@ -38,15 +38,9 @@ def split_sentences(text: str) -> List[str]:
     """The usable sentences of ``text``, in order, whitespace collapsed: ending in ``.``/``!``/``?``,
     :data:`MIN_WORDS`..:data:`MAX_WORDS` words, starting with a capital letter, without digits,
     markup-like characters, addresses or the words "pass key"."""
-    text = re.sub(r"\s+", " ", text).strip()
-    out = []
-    for s in _SENTENCE_END.split(text):
-        s = s.strip()
-        if not s or s[-1] not in ".!?" or not s[0].isupper() or _FORBIDDEN.search(s):
-            continue
-        if MIN_WORDS <= len(s.split()) <= MAX_WORDS:
-            out.append(s)
-    return out
+    return [s for s in map(str.strip, _SENTENCE_END.split(re.sub(r"\s+", " ", text).strip()))
+            if s and s[-1] in ".!?" and s[0].isupper() and not _FORBIDDEN.search(s)
+            and MIN_WORDS <= len(s.split()) <= MAX_WORDS]
 
 
 def _dedupe(sentences) -> Tuple[str, ...]:
@@ -82,9 +76,8 @@ def docstring_sentences() -> Tuple[str, ...]:
         sentences += split_sentences(inspect.getdoc(mod) or "")
         for attr in sorted(vars(mod)):
             obj = getattr(mod, attr, None)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
+            if (not attr.startswith("_") and getattr(obj, "__module__", None) == mod.__name__
+                    and (inspect.isclass(obj) or inspect.isfunction(obj))):
                 sentences += split_sentences(inspect.getdoc(obj) or "")
     return _dedupe(sentences)
 
@@ -157,6 +150,11 @@ class RandomFiller(Filler):
             yield random_sentence(rng)
 
 
+def filler_path(spec: str) -> Optional[Path]:
+    """The file a filler spec names (``file:PATH`` or a path); None for a kind (:data:`FILLER_KINDS`)."""
+    return None if spec in FILLER_KINDS else Path(spec.removeprefix("file:"))
+
+
 def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]] = None) -> Filler:
     """A :class:`Filler` from a kind name (:data:`FILLER_KINDS`), ``file:PATH`` or an existing file's
     path; a :class:`Filler` passes through. ``licenses_dir`` overrides where ``prose`` looks."""
@@ -177,7 +175,7 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
             return CyclingFiller("prose", found, f"licence texts in {root}")
         logger.info("no licence texts in %s; prose filler falls back to the standard library's docstrings", root)
         return CyclingFiller("prose", docstring_sentences(), "standard library docstrings (no licence texts)")
-    path = Path(spec[len("file:"):] if spec.startswith("file:") else spec)
+    path = filler_path(spec)
     if not path.is_file():
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
     sentences = _dedupe(split_sentences(path.read_text(encoding="utf-8", errors="replace")))

@@ -78,14 +78,12 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     if not task.isidentifier():
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
     sources = filler_sources(fillers)
-    prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
+    rows = [json.dumps(dict(prompt=tokenizer.decode(p.input_ids, skip_special_tokens=True), key=p.key,
+                            length=p.target_length, depth=p.depth, trial=p.meta["trial"], filler=p.meta["filler"],
+                            prompt_tokens=p.length)) + "\n"
+            for p in grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources)]
     task_dir = Path(task_dir).expanduser()
     data = task_dir.resolve() / f"{task}.jsonl"  # where it will be: the YAML names it
-    rows = []
-    for p in prompts:
-        text = tokenizer.decode(p.input_ids, skip_special_tokens=True)
-        rows.append(json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth,
-                                    trial=p.meta["trial"], filler=p.meta["filler"], prompt_tokens=p.length)) + "\n")
     names = [METRIC] + [metric_names(L, "")[0] for L in lengths] + [metric_names(0, f.name)[1] for f in sources]
     metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
                       for m in dict.fromkeys(names))

@@ -282,10 +282,8 @@ def passkey_summary_lines(passkey: dict) -> Iterable[str]:
         yield "pass-key accuracy per filler (trials):"
         yield f"  {'filler':<24} " + " ".join(f"{n:>11}" for n in names)
         for f in fillers:
-            row = []
-            for n in names:
-                r = passkey["models"][n].get("by_filler", {}).get(f)
-                row.append((f"{r['accuracy']:.2f} ({r['trials']})" if r else "-").rjust(11))
-            yield f"  {f:<24} " + " ".join(row)
+            rows = (passkey["models"][n].get("by_filler", {}).get(f) for n in names)
+            yield f"  {f:<24} " + " ".join((f"{r['accuracy']:.2f} ({r['trials']})" if r else "-").rjust(11)
+                                           for r in rows)
     if all("seconds" in passkey["models"][n] for n in names):
         yield "  seconds: " + ", ".join(f"{n} {passkey['models'][n]['seconds']:.1f}" for n in names)

@@ -36,17 +36,14 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     fig, axes = pyplot().subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
     ax = axes[0, 0]
     lm = result["language_modeling"]
-    buckets = lm["buckets"]
-    x = [(b["start"] + b["end"]) / 2 for b in buckets]
+    x = [(b["start"] + b["end"]) / 2 for b in lm["buckets"]]
     for name in (n for n in MODEL_ORDER if n in lm["perplexity"]):
-        y = [b["perplexity"][name] for b in buckets]
-        ax.plot(x, y, marker="o", color=COLOURS[name], label=f"{LABELS[name]}: {lm['perplexity'][name]:.3g}",
+        ax.plot(x, [b["perplexity"][name] for b in lm["buckets"]], marker="o", color=COLOURS[name],
+                label=f"{LABELS[name]}: {lm['perplexity'][name]:.3g}",
                 linestyle="--" if name in ("local", "window") else "-")
-    ax.set_xlabel("token position in window (bucket centre)")
-    ax.set_ylabel("perplexity")
-    gap_text = percent(lm.get("gap_closed"), 1, "n/a")
-    ax.set_title(f"perplexity past the first chunk (B={result['config']['chunk_size']}), gap closed {gap_text}")
-    ax.title.set_fontsize(9)
+    ax.set(xlabel="token position in window (bucket centre)", ylabel="perplexity")
+    ax.set_title(f"perplexity past the first chunk (B={result['config']['chunk_size']}), gap closed "
+                 f"{percent(lm.get('gap_closed'), 1, 'n/a')}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -57,9 +54,7 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
         cells = [(i, j) for i in range(len(passkey["lengths"])) for j in range(len(passkey["depths"]))]
         grouped_bars(ax, names, cells, lambda name, c: grids[name][c[0]][c[1]] or 0.0)
         ax.set_xticklabels([f"{L}\n{d:g}" for L in passkey["lengths"] for d in passkey["depths"]], fontsize=8)
-        ax.set_xlabel("prompt length / key depth")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.05)
+        ax.set(xlabel="prompt length / key depth", ylabel="accuracy", ylim=(0, 1.05))
         ax.set_title(f"pass-key retrieval ({passkey['trials']} trials per cell)", fontsize=9)
         ax.legend(fontsize=8)
     path = save_figure(fig, path)
@@ -83,19 +78,14 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
     for ax, name in zip(axes[0], names):
         grid = np.array(accuracy_grid(passkey, name), dtype=float)  # None (no trials) becomes NaN
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
-        for i in range(len(lengths)):
-            for j in range(len(depths)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="black" if 0.25 < grid[i, j] < 0.85 else "white")
-        ax.set_xticks(range(len(depths)))
-        ax.set_xticklabels([f"{d:g}" for d in depths], fontsize=8)
-        ax.set_yticks(range(len(lengths)))
-        ax.set_yticklabels([str(L) for L in lengths], fontsize=8)
-        ax.set_xlabel("key depth")
-        ax.set_ylabel("prompt tokens")
-        overall = passkey["models"][name]["accuracy"]
-        ax.set_title(f"{LABELS.get(name, name)}\naccuracy {overall:.2f}", fontsize=9)
+        for (i, j), a in np.ndenumerate(grid):
+            if not np.isnan(a):
+                ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if 0.25 < a < 0.85 else "white")
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=8)
+        ax.set(xlabel="key depth", ylabel="prompt tokens")
+        ax.set_title(f"{LABELS.get(name, name)}\naccuracy {passkey['models'][name]['accuracy']:.2f}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=list(axes[0][:len(names)]), fraction=0.02, pad=0.02)
     if fillers:
@@ -116,6 +106,4 @@ def write_passkey_report(passkey: dict, png_path: os.PathLike) -> Tuple[Path, Pa
     """The heat map at ``png_path`` and the pass-key result as JSON beside it (same name, ``.json``);
     returns both paths."""
     png = plot_passkey_heatmap(passkey, png_path)
-    js = png.with_suffix(".json")
-    write_json(passkey, js)
-    return png, js
+    return png, write_json(passkey, png.with_suffix(".json"))
