@@ -8,9 +8,8 @@ from pathlib import Path
 
 
 def cmd_demo(args) -> int:
-    from .outputs import check_model_arg, check_output_dir, staged_dir
-
     from .bench.common import check_at_least
+    from .outputs import check_model_arg, check_output_dir, staged_dir
 
     final = Path(args.output)
     check_at_least(args, ("chunk_size", "seq_len", "max_windows", "speed_lens", "decode_contexts", "repeats"))
@@ -39,9 +38,7 @@ def _demo(args, out: Path, final: Path) -> int:
     model = convert_to_bsbr(source, chunk_size=args.chunk_size)
     model_dir = out / "model"
     model.save_pretrained(model_dir)
-    tok = load_tokenizer(args.source)
-    if tok is not None:
-        tok.save_pretrained(model_dir)
+    load_tokenizer(args.source).save_pretrained(model_dir)  # args.source is a path, a hub id or None
     conv = model.conversion_summary
     print(f"      parameters {conv['params_source'] / 1e6:.1f}M -> {conv['params_bsbr'] / 1e6:.1f}M "
           f"(+{conv['extra_params_pct']:.2f}%); saved to {final / 'model'} (at the end)", flush=True)

@@ -53,19 +53,17 @@ def conversion_options(args) -> dict:
     """The converter's keyword arguments from the parsed options."""
     from .converter import DEFAULT_OPTIONS
 
-    blocks = args.retrieval_blocks
-    if blocks is None:
-        blocks = 0 if args.recall_tokens else DEFAULT_OPTIONS["retrieval_blocks"]
-    options = dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor)
-    options.update({name: getattr(args, name) for name in DEFAULT_OPTIONS}, retrieval_blocks=blocks)
+    options = dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
+                   **{name: getattr(args, name) for name in DEFAULT_OPTIONS})
+    if options["retrieval_blocks"] is None:
+        options["retrieval_blocks"] = 0 if args.recall_tokens else DEFAULT_OPTIONS["retrieval_blocks"]
     return options
 
 
 def check_conversion_options(options: dict) -> None:
     """Refuse bad sizes before loading the source (the converter would, but only after loading it)."""
-    from ..outputs import UserError
-
     from ..ops.bsbr.options import MAX_TOKENS
+    from ..outputs import UserError
 
     window = max(options.get("chunk_size") or 1, 1)
     for name, low, high in (("chunk_size", 1, MAX_TOKENS), ("local_chunks", 1, MAX_TOKENS // window),

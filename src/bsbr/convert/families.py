@@ -13,14 +13,8 @@ Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
 def split_qkv(part: int, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Take q (0), k (1) or v (2) out of a fused projection (GPT-2 ``c_attn``, Conv1D layout)."""
-
-    def take(w: torch.Tensor) -> torch.Tensor:
-        if transposed:  # Conv1D weight (in, 3*out) -> (3*out, in)
-            w = w.t()
-        return w.chunk(3, dim=0)[part]
-
-    return take
+    """Take q (0), k (1) or v (2) out of a fused projection (GPT-2 ``c_attn``; a Conv1D weight is (in, 3*out))."""
+    return lambda w: (w.t() if transposed else w).chunk(3, dim=0)[part]
 
 
 @dataclass(frozen=True)
@@ -81,12 +75,8 @@ GPT2 = Family(
     layer_rules=[
         ("attn_norm.weight", "ln_1.weight", None),
         ("attn_norm.bias", "ln_1.bias", None),
-        ("attn.q_proj.weight", "attn.c_attn.weight", split_qkv(0, transposed=True)),
-        ("attn.k_proj.weight", "attn.c_attn.weight", split_qkv(1, transposed=True)),
-        ("attn.v_proj.weight", "attn.c_attn.weight", split_qkv(2, transposed=True)),
-        ("attn.q_proj.bias", "attn.c_attn.bias", split_qkv(0, transposed=False)),
-        ("attn.k_proj.bias", "attn.c_attn.bias", split_qkv(1, transposed=False)),
-        ("attn.v_proj.bias", "attn.c_attn.bias", split_qkv(2, transposed=False)),
+        *[(f"attn.{t}_proj.{kind}", f"attn.c_attn.{kind}", split_qkv(part, transposed=kind == "weight"))
+          for kind in ("weight", "bias") for part, t in enumerate("qkv")],
         ("attn.out_proj.weight", "attn.c_proj.weight", torch.t),
         ("attn.out_proj.bias", "attn.c_proj.bias", None),
         ("mlp_norm.weight", "ln_2.weight", None),
@@ -112,21 +102,11 @@ LLAMA_LIKE = Family(
     ],
     layer_rules=[
         ("attn_norm.weight", "input_layernorm.weight", None),
-        ("attn.q_proj.weight", "self_attn.q_proj.weight", None),
-        ("attn.k_proj.weight", "self_attn.k_proj.weight", None),
-        ("attn.v_proj.weight", "self_attn.v_proj.weight", None),
-        ("attn.out_proj.weight", "self_attn.o_proj.weight", None),
-        ("attn.q_proj.bias", "self_attn.q_proj.bias", None),
-        ("attn.k_proj.bias", "self_attn.k_proj.bias", None),
-        ("attn.v_proj.bias", "self_attn.v_proj.bias", None),
-        ("attn.out_proj.bias", "self_attn.o_proj.bias", None),
+        *[(f"attn.{t}_proj.{kind}", f"self_attn.{s}_proj.{kind}", None)
+          for kind in ("weight", "bias") for t, s in (("q", "q"), ("k", "k"), ("v", "v"), ("out", "o"))],
         ("mlp_norm.weight", "post_attention_layernorm.weight", None),
-        ("mlp.gate_proj.weight", "mlp.gate_proj.weight", None),
-        ("mlp.up_proj.weight", "mlp.up_proj.weight", None),
-        ("mlp.down_proj.weight", "mlp.down_proj.weight", None),
-        ("mlp.gate_proj.bias", "mlp.gate_proj.bias", None),
-        ("mlp.up_proj.bias", "mlp.up_proj.bias", None),
-        ("mlp.down_proj.bias", "mlp.down_proj.bias", None),
+        *[(f"mlp.{p}.{kind}", f"mlp.{p}.{kind}", None) for kind in ("weight", "bias")
+          for p in ("gate_proj", "up_proj", "down_proj")],
     ],
     config=_llama_like_config,
     base_prefix="model",

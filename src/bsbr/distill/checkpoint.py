@@ -30,14 +30,9 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     names = dict(weights=f"trainable-{tag}.safetensors", optimizer=f"optimizer-{tag}.safetensors")
     save_file({k: p.detach().contiguous() for k, p in params.items()}, directory / names["weights"])
     index = {id(p): k for k, p in params.items()}
-    tensors, scalars = {}, {}
-    for p, st in optimizer.state.items():
-        for field, value in st.items():
-            key = f"{index[id(p)]}::{field}"
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().contiguous()
-            else:
-                scalars[key] = value
+    state = {f"{index[id(p)]}::{field}": v for p, st in optimizer.state.items() for field, v in st.items()}
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     save_file(tensors, directory / names["optimizer"])
     files = {}
     for role, name in names.items():

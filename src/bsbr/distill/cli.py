@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -18,10 +20,10 @@ from ..corpus import corpus_texts, token_windows
 from ..models import load_bsbr_model
 from ..numbers import finite_number
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                       check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg, write_model_card)
+                       check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
+                       write_model_card)
 from .checkpoint import has_checkpoint, read_manifest
-from .trainer import DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, \
-    student_record
+from .trainer import DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, student_record
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +46,11 @@ def _plan(args):
         raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
     if args.text_file is not None and not args.text_file:
         raise UserError("--text-file needs at least one file (without --text-file: the standard library's sources)")
-    try:
-        cfg = DistillConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, params=args.params,
-                            base_lr=_base_lr(args), lm_weight=args.lm_weight, bf16=args.bf16, seed=args.seed,
-                            checkpoint_every=args.checkpoint_every,
-                            activation_checkpointing=args.activation_checkpointing)
+    try:  # the config's field names are the options' names
+        cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
+        cfg.base_lr = _base_lr(args)
         cfg.validate()
-    except ValueError as e:  # the config's field names are the options' names
+    except ValueError as e:
         raise UserError(re.sub(r"(?<!-)\b(base_lr|lm_weight|checkpoint_every|steps|minutes|params|lr)\b",
                                lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from e
     return cfg
@@ -95,28 +95,24 @@ def _resume_command(args) -> str:
     return "bsbr " + " ".join(shlex.quote(a) for a in argv)
 
 
-class _StopOnSignal:
-    """While active: the first SIGINT / SIGTERM asks the run to stop after its current step (and write
-    a checkpoint); a second SIGINT stops at once."""
+@contextlib.contextmanager
+def _stop_on_signal():
+    """While active: the first SIGINT / SIGTERM sets the event it yields, asking the run to stop after its
+    current step (and write a checkpoint); a second SIGINT stops at once."""
+    stop = threading.Event()
 
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        self.requested = True
+    def handle(signum, frame):
+        stop.set()
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)",
                        signal.Signals(signum).name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM) if main_thread}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
@@ -138,14 +134,13 @@ def cmd_distill(args) -> int:
     if args.resume and has_checkpoint(ckpt):
         # a partial or corrupt checkpoint, or one of another run (student, settings), is refused before loading
         saved = read_manifest(ckpt)["progress"]
-        run = dict(_settings(args))
+        run = _settings(args)
         if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: the trainer warns)
             run["student_config"] = _student_config(student_dir)
         check_same_run(saved, cfg, run, ckpt)
     tokenizer = load_tokenizer_arg(student_dir, "--student")
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     torch.manual_seed(args.seed)
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
@@ -164,7 +159,6 @@ def cmd_distill(args) -> int:
     note = check_source(student_dir, args.teacher, teacher, option="--teacher", force=args.force)
     if note:
         logger.warning(note)
-    settings = _settings(args)
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
@@ -173,12 +167,11 @@ def cmd_distill(args) -> int:
         write_model_card(directory)
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    stop = _StopOnSignal()
     try:
-        with stop:
+        with _stop_on_signal() as stop:
             # --overwrite: the old checkpoint and model stay until this run's first checkpoint replaces them
-            progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=settings,
-                               should_stop=lambda: stop.requested, extra_files=extra_files,
+            progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
+                               should_stop=stop.is_set, extra_files=extra_files,
                                overwrite=args.overwrite)
     except DistillInterrupted as e:
         if rank0:

@@ -160,8 +160,8 @@ def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise ValueError("params='lora' needs peft: pip install 'bsbr[lora]' (or pip install peft)") from e
-    targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=targets), student)
+    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                            student)
     return {n: p for n, p in student.named_parameters() if "lora_" in n}
 
 
@@ -232,8 +232,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     if cfg.params == "new" and longest <= reach:
         raise ValueError(f"params='new' on windows of at most {longest} tokens: this student reads every earlier "
                          f"token exactly up to {reach}, so the new pieces have no effect there")
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoint"
     run = dict(**(settings or {}), windows=_windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
@@ -263,13 +262,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     # chunk or more), so DDP needs no find_unused_parameters search
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
 
-    old_model = [overwrite]  # the old model stays this output's until this run's first checkpoint
-
     def save(state: dict) -> None:
         save_checkpoint(ckpt_dir, params, opt, state)  # replaces any old checkpoint in one rename
-        if old_model[0]:
-            (output_dir / "config.json").unlink(missing_ok=True)  # the old model is no longer this output's
-            old_model[0] = False
+        if overwrite:  # the old model stays this output's until this run's first checkpoint
+            (output_dir / "config.json").unlink(missing_ok=True)
 
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
@@ -294,11 +290,14 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             progress["log"].append(entry)
             bar.update(1)
             bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
-            stop = _stop_requested(should_stop, world)
+            stop = bool(should_stop()) if should_stop is not None else False
+            if world > 1:  # any rank asked: all stop after this step
+                flag = torch.tensor([1.0 if stop else 0.0])
+                dist.all_reduce(flag)
+                stop = bool(flag.item() > 0)
             if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
                 save({**progress, "elapsed": time.monotonic() - t0})
             if stop:
-                bar.close()
                 if world > 1:
                     dist.barrier()
                 raise DistillInterrupted(f"interrupted at step {progress['step']}; checkpoint written to {ckpt_dir}")
@@ -347,12 +346,3 @@ def _check_finite(params: Dict[str, torch.nn.Parameter], step: int) -> None:
         bad = list(params)[finite.index(False)]
         raise ValueError(f"training diverged at step {step + 1}: {bad} became inf or nan: {LOWER_LR}")
 
-
-def _stop_requested(should_stop, world: int) -> bool:
-    """``should_stop()``, agreed by all ranks (any rank asked: all stop after this step)."""
-    stop = bool(should_stop()) if should_stop is not None else False
-    if world > 1:
-        flag = torch.tensor([1.0 if stop else 0.0])
-        dist.all_reduce(flag)
-        stop = bool(flag.item() > 0)
-    return stop
