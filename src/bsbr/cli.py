@@ -21,7 +21,7 @@ COMMANDS = {
     "eval": ("evaluate a converted model against its source and the chunk-local baseline", "bsbr.evaluate.cli"),
 }
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 EXIT_CODES = """exit status:
   0    done
@@ -72,9 +72,8 @@ class _Subparsers:
     def add_parser(self, name, **kwargs):
         if name != self.name:
             return Parser(prog=name, add_help=False)
-        for key in ("description", "epilog", "formatter_class"):
-            if key in kwargs:
-                setattr(self.parser, key, kwargs[key])
+        for key in kwargs.keys() & {"description", "epilog", "formatter_class"}:
+            setattr(self.parser, key, kwargs[key])
         return self.parser
 
 
@@ -130,27 +129,24 @@ def main(argv=None) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)]))
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as e:  # the one error boundary
         if verbose:
             raise
-        print(f"bsbr {name}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # the one error boundary
-        if verbose:
-            raise
+        if isinstance(e, KeyboardInterrupt):
+            print(f"bsbr {name}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         from .outputs import UserError
 
         if isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \
                 type(e).__name__ == "SafetensorError":  # bad input, not a bug
-            print(f"bsbr {name}: error: {_one_line(e)}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # inputs too large for this machine
-            print(f"bsbr {name}: error: out of memory ({_one_line(e)[:160]}): give shorter or fewer inputs",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        print(f"bsbr {name}: error: internal error {type(e).__name__}: {_one_line(e)} "
-              f"(rerun with -v for the traceback and report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+            what, code = _one_line(e), EXIT_USAGE
+        elif isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # inputs too large for this machine
+            what, code = f"out of memory ({_one_line(e)[:160]}): give shorter or fewer inputs", EXIT_USAGE
+        else:
+            what, code = (f"internal error {type(e).__name__}: {_one_line(e)} "
+                          "(rerun with -v for the traceback and report it)"), EXIT_INTERNAL
+        print(f"bsbr {name}: error: {what}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -38,8 +38,12 @@ def _resolved(path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
+def _real(path) -> Path:
+    return Path(os.path.realpath(_resolved(path)))
+
+
 def _overlap(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), option: str = "OUTPUT",
@@ -50,17 +54,15 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     not be one of them, inside one, or contain one (even with ``overwrite``). ``allow_existing``: the
     caller continues what is there (``distill --resume``). Returns the absolute path."""
     out = _resolved(path)
-    cwd = _resolved(os.getcwd())
-    if overwrite and (out == cwd or out in cwd.parents):
+    if overwrite and _resolved(os.getcwd()).is_relative_to(out):
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
-    real_out = Path(os.path.realpath(out))
+    real_out = _real(out)
     for label, src in inputs:
         if src is None:
             continue
         s = _resolved(src)
-        real = Path(os.path.realpath(s))
-        if (_overlap(out, s) or _overlap(real_out, real)) and (s.exists() or out == s):
+        if (_overlap(out, s) or _overlap(real_out, _real(s))) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
     if out.is_symlink():
@@ -68,13 +70,13 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                           "renamed into place, which would replace the link)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
-    if len(os.fsencode(out.name)) > NAME_MAX - len(".tmp-12345678."):
-        raise OutputError(f"{option} {path}: its last name is {len(os.fsencode(out.name))} bytes; the directory it is "
+    name_bytes = len(os.fsencode(out.name))
+    if name_bytes > NAME_MAX - len(".tmp-12345678."):
+        raise OutputError(f"{option} {path}: its last name is {name_bytes} bytes; the directory it is "
                           f"staged in beside it needs 14 more: give a name of at most {NAME_MAX - 14} bytes")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
-    parent = unwritable_parent(out)
-    if parent is not None:
+    if (parent := unwritable_parent(out)) is not None:
         why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
@@ -90,22 +92,21 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
     a file inside an input directory, nor a directory; its folder must be makeable; an option in
     ``plots`` needs a file suffix matplotlib writes (.png, .pdf, .svg, ...)."""
     seen = {}
-    sources = [(label, Path(os.path.realpath(_resolved(src)))) for label, src in inputs if src is not None]
+    sources = [(label, _real(src)) for label, src in inputs if src is not None]
     for option, path in outputs:
         if path is None:
             continue
         out = _resolved(path)
-        real = Path(os.path.realpath(out))
+        real = _real(out)
         if real in seen:
             raise OutputError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
         seen[real] = option
         for label, src in sources:
-            if real == src or src in real.parents:
+            if real.is_relative_to(src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
         if out.is_dir():
             raise OutputError(f"{option} {path} is a directory: give a file name")
-        parent = unwritable_parent(out)
-        if parent is not None:
+        if (parent := unwritable_parent(out)) is not None:
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
@@ -173,18 +174,17 @@ def _remove_empty(folders) -> None:
 
 def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
     """Rename the complete directory ``tmp`` to ``out`` (same file system)."""
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        elif not overwrite:
+    old = None
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    elif out.exists():
+        if not overwrite:
             raise OutputError(f"{out} appeared while writing: not replaced (the result is in {tmp})")
-    if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
-        os.replace(tmp, out)
+    os.replace(tmp, out)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
     _fsync_dir(out.parent)
 
 
@@ -259,15 +259,18 @@ def read_metadata(model_dir) -> dict:
     p = Path(os.path.expanduser(str(model_dir))) / METADATA
     if not p.is_file():
         return {}
+    return _json_object(p, str(p), ": restore it, delete it (the source is then not checked) or convert again")
+
+
+def _json_object(path: Path, what: str, fix: str = "") -> dict:
+    """The JSON object in ``path``, or a one-line :class:`UserError` ``{what} is not valid JSON ...{fix}``."""
     try:
-        meta = json.loads(p.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{p} is not valid JSON ({' '.join(str(e).split())}): restore it, delete it (the source is "
-                        "then not checked) or convert again") from e
-    if not isinstance(meta, dict):
-        raise UserError(f"{p} holds a JSON {type(meta).__name__}, not an object: restore it, delete it (the source "
-                        "is then not checked) or convert again")
-    return meta
+        raise UserError(f"{what} is not valid JSON ({' '.join(str(e).split())}){fix}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} holds a JSON {type(obj).__name__}, not an object{fix}")
+    return obj
 
 
 def check_source(model_dir, source, source_model, *, option: str, force: bool = False) -> Optional[str]:
@@ -297,30 +300,23 @@ def check_model_arg(source, option: str) -> None:
         return
     text = str(source)
     path = Path(os.path.expanduser(text))
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir():
+        if not (path / "config.json").is_file():
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
+        read_config(path / "config.json", option)
+    elif path.exists():
         if path.is_file() and path.suffix != ".gguf":
             raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
-        if path.is_dir():
-            read_config(path / "config.json", option)
-        elif path.stat().st_size < 8 or path.read_bytes()[:4] != b"GGUF":
+        if path.stat().st_size < 8 or path.read_bytes()[:4] != b"GGUF":
             raise UserError(f"{option} {text} is not a GGUF file (it does not start with the GGUF magic bytes)")
-        return
-    hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith((".gguf", "/"))
-    if not hub_id:
+    elif text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".gguf", "/")):  # not ORG/NAME
         raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
                         f"ORG/NAME, e.g. openai-community/gpt2)")
 
 
 def read_config(config: Path, option: str) -> dict:
     """A model directory's config.json as a dict with a ``model_type``, or a one-line :class:`UserError`."""
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{option} {config.parent}: config.json is not valid JSON ({' '.join(str(e).split())})") from e
-    if not isinstance(cfg, dict):
-        raise UserError(f"{option} {config.parent}: config.json holds a JSON {type(cfg).__name__}, not an object")
+    cfg = _json_object(config, f"{option} {config.parent}: config.json")
     if not isinstance(cfg.get("model_type"), str):
         raise UserError(f"{option} {config.parent} has a config.json without a model_type: not a transformers model")
     return cfg

@@ -5,9 +5,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Union
-
-PathLike = Union[str, os.PathLike]
 
 
 def _finite(obj):
@@ -21,7 +18,7 @@ def _finite(obj):
     return obj
 
 
-def write_json(result, path: PathLike) -> Path:
+def write_json(result, path: str | os.PathLike) -> Path:
     """Write ``result`` as indented JSON to ``path`` (making its folder) in one rename: a reader sees
     the old file or the new one. Returns the path."""
     from .outputs import atomic_write_text
@@ -42,7 +39,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
     """Lay out ``fig``, write it to ``path`` (making its folder; one rename, so never half a file), close it."""
     import matplotlib.pyplot as plt
 
