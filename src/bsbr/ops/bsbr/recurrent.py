@@ -204,7 +204,7 @@ def _softmax_of_parts(parts, scale):
     key in every row: each part is one fused attention with its log-sum-exp, merged by them (SmolLM2's
     decode step at 1k context, window and earlier chunks read in place: 0.98x the time of writing
     their scores out; docs/findings.md, Speed)."""
-    if all(len(p) == 5 and p[4] for p in parts) and fused_attention(parts[0][0], parts[0][2]):
+    if all(len(p) == 5 and p[4] for p in parts) and fused_attention(*parts[0][:3]):
         outs = [attention_lse(q, k, v, None, scale, _bias(masked, q.dtype)) for q, k, v, masked, _ in parts]
         if len(outs) == 2:  # the weight of part 0 is sigmoid(lse_0 - lse_1)
             (o0, l0), (o1, l1) = outs

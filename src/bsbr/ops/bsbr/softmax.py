@@ -9,10 +9,12 @@ import torch
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def fused_attention(q, v) -> bool:
-    """Whether :func:`attention_lse` runs PyTorch's fused CPU kernel on these queries and values."""
+def fused_attention(q, k, v) -> bool:
+    """Whether :func:`attention_lse` runs PyTorch's fused CPU kernel on these inputs. Not under autograd:
+    the kernel's log-sum-exp carries no gradient, and the parts are merged by it."""
     return (_FLASH_CPU is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
-            and q.dtype in (torch.float32, torch.float64, torch.bfloat16))
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
 def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float,
@@ -25,7 +27,7 @@ def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float,
     elsewhere the plain formula."""
     if bias is None and allowed is not None:
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    if fused_attention(q, v):
+    if fused_attention(q, k, v):
         o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return o, lse.to(o.dtype)
     s = (q @ k.transpose(-1, -2)) * scale
