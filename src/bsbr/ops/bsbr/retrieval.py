@@ -109,11 +109,25 @@ def _entries(x: torch.Tensor, n: int):
 
 def select_blocks(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` best candidate chunks per query: scores (..., P), candidate (..., P) bool (broadcast).
-    Returns (..., min(k, P)) chunk indices, -1 where fewer than k candidates exist."""
-    k = min(k, scores.shape[-1])
+    Returns (..., min(k, P)) chunk indices, -1 where fewer than k candidates exist.
+
+    Equal scores go to the later chunk. ``topk`` alone orders them by its algorithm, which differs
+    with the tensor's shape, so the three forms, or a sequence alone and in a batch, could pick
+    different chunks: a repeated token at the same offset in two chunks has the same far key, so
+    their scores tie exactly. Only rows where the k-th score is shared by a chunk left out are
+    re-ranked (a stable sort), so the usual cost stays one ``topk``."""
+    P = scores.shape[-1]
+    k = min(k, P)
     if k == 0:
         return scores.new_zeros(scores.shape[:-1] + (0,), dtype=torch.long)
-    val, idx = scores.masked_fill(~candidate, float("-inf")).topk(k, dim=-1)
+    s = scores.masked_fill(~candidate, float("-inf"))
+    val, idx = s.topk(k, dim=-1)
+    kth = val[..., -1:]
+    ambiguous = ((s == kth).sum(-1) > (val == kth).sum(-1)) & (kth[..., 0] > float("-inf"))
+    if bool(ambiguous.any()):
+        rows = s[ambiguous].flip(-1).sort(dim=-1, descending=True, stable=True)
+        val, idx = val.clone(), idx.clone()
+        val[ambiguous], idx[ambiguous] = rows.values[:, :k], P - 1 - rows.indices[:, :k]
     return torch.where(val > float("-inf"), idx, -1)
 
 
