@@ -539,3 +539,27 @@ def test_gist_weighs_as_one_chunk_at_every_length(fn):
     torch.testing.assert_close(last_chunk(40), short, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(short, call(fn, {n: t.repeat(1, 1, 12, 1) for n, t in one.items()},
                                           **{**kw, "gate": torch.zeros(2, dtype=DT)})[:, :, -B:])
+
+
+@pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_an_empty_batch_gives_an_empty_output(fn):
+    x = {k: t[:0] for k, t in make_inputs(b=2, n=11).items()}
+    o = call(fn, x, chunk_size=4, local_chunks=2, sink_tokens=1, retrieval_blocks=1, retrieval="normalized",
+             gate=torch.tensor(0.5, dtype=DT))
+    assert o.shape == (0, 4, 11, 7)
+
+
+def test_wrong_options_state_or_dtype_are_named():
+    from bsbr.ops import bsbr_attention_step
+
+    x = make_inputs(b=1, n=9)
+    args = (x["q"], x["k"], x["v"], x["mq"], x["mk"])
+    with pytest.raises(TypeError, match="options must be a bsbr.ops.BSBROptions"):
+        chunk_bsbr_attention(*args, dict(chunk_size=4))
+    with pytest.raises(TypeError, match="state must be None or a bsbr.ops.BSBRState"):
+        recurrent_bsbr_attention(*args, BSBROptions(4), initial_state=123)
+    _, st = chunk_bsbr_attention(*args, BSBROptions(4), output_final_state=True)
+    with pytest.raises(TypeError, match="state holds torch.float64 tensors, the call has torch.float32"):
+        bsbr_attention_step(*(t[:, :, 0].float() for t in args), st, BSBROptions(4))
+    o, st2 = bsbr_attention_step(*(t[:0, :, 0] for t in args), None, BSBROptions(4))  # an empty batch
+    assert o.shape == (0, 4, 7) and st2.n_seen.shape == (0,)

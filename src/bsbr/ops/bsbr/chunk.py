@@ -51,13 +51,13 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
     """
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    a = check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
+    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
     same_far = qr is q and kr is k  # far keys read at their own positions
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
     B, L = options.chunk_size, options.local_chunks
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
-    if n == 0:
-        return q.new_zeros(b, hq, 0, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
+    if n == 0 or b == 0:
+        return q.new_zeros(b, hq, n, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
     x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
     q, k, v, mq, mk, fq, fk, qr, kr = x
     C = q.shape[2] // B

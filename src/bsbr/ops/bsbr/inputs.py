@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_tensor
+from .options import BSBROptions
 from .retrieval import gate_closed
 
 
@@ -46,10 +47,13 @@ def _signature(args, token_dim):
     return tuple(sig)
 
 
-def check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta_k=None, token_dim: int = 4) -> BSBRArgs:
+def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta_k=None,
+                 token_dim: int = 4) -> BSBRArgs:
     """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)).
     K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple.
     A signature seen before is not checked again."""
+    if not isinstance(options, BSBROptions):
+        raise TypeError(f"options must be a bsbr.ops.BSBROptions, got {type(options).__name__}")
     key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k), token_dim)
     seen = _CHECKED.get(key) if key is not None else None
     if seen is not None:

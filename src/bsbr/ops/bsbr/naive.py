@@ -22,7 +22,7 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None):
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`; returns ``(o, None)``."""
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    a = check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
+    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
     B, L, S, K = options.chunk_size, options.local_chunks, options.sink_tokens, options.retrieval_blocks
     g = a.q_heads // a.kv_heads
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale

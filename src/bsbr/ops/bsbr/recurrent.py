@@ -24,16 +24,26 @@ from .state import BSBRState, ensure_capacity, refresh_retrieval
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
                         qr=None, kr=None, gate=None, meta_q=None, meta_k=None, valid=None):
     """One token per sequence: q (b, hq, d), k (b, hkv, d), ...; valid (b,) (False = padding: the
-    state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``; the state is
-    updated in place when autograd is off (and created if None)."""
+    state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``: the state passed
+    in, advanced (created if None; its tensors written in place when autograd is off, replaced
+    otherwise). To continue one prefix twice, fork it first: ``state.select(torch.arange(b))``."""
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    a = check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim=3)
-    if state is None:
-        state = BSBRState.empty(a, options, q)
-    else:
-        state.check_continues(options, a)
+    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim=3)
+    state = _start(state, options, a, q)
+    if a.batch == 0:
+        return q.new_zeros(0, a.q_heads, a.value_dim), state
     valid = None if valid is None else valid.bool()
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
+
+
+def _start(state, options, a, like) -> BSBRState:
+    """The state a call continues: ``state`` checked against the call, or a new one."""
+    if state is None:
+        return BSBRState.empty(a, options, like)
+    if not isinstance(state, BSBRState):
+        raise TypeError(f"the state must be None or a bsbr.ops.BSBRState, got {type(state).__name__}")
+    state.check_continues(options, a, like.dtype)
+    return state
 
 
 def _write(state, slot, rows, named, inplace):
@@ -364,16 +374,13 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
                              gate=None, meta_q=None, meta_k=None, valid=None, initial_state: Optional[BSBRState] = None,
                              output_final_state: bool = False):
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
-    from ``initial_state`` (or an empty one). Returns ``(o, state)``."""
+    from ``initial_state`` (or an empty one), which is advanced as by :func:`bsbr_attention_step`.
+    Returns ``(o, state)``."""
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    a = check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
-    state = initial_state
-    if state is None:
-        state = BSBRState.empty(a, options, q)
-    else:
-        state.check_continues(options, a)
+    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
+    state = _start(initial_state, options, a, q)
     outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
-                  None if valid is None else valid[:, i].bool()) for i in range(a.seq_len)]
+                  None if valid is None else valid[:, i].bool()) for i in range(a.seq_len if a.batch else 0)]
     o = (outs[0].unsqueeze(2) if len(outs) == 1 else torch.stack(outs, dim=2)) if outs else \
-        q.new_zeros(a.batch, a.q_heads, 0, a.value_dim)
+        q.new_zeros(a.batch, a.q_heads, a.seq_len, a.value_dim)
     return o, (state if output_final_state else None)

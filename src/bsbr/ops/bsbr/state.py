@@ -87,10 +87,14 @@ class BSBRState:
     def tensors(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
 
-    def check_continues(self, options: BSBROptions, a: BSBRArgs) -> None:
-        """A state continues only a call with the options, sizes and chunk-state features it was built with."""
+    def check_continues(self, options: BSBROptions, a: BSBRArgs, dtype: torch.dtype) -> None:
+        """A state continues only a call with the options, sizes, dtype and chunk-state features it was
+        built with."""
         if options != self.options:
             raise ValueError(f"state was built with {self.options}, got {options}")
+        if dtype != self.k_buf.dtype:
+            raise TypeError(f"state holds {self.k_buf.dtype} tensors, the call has {dtype}: continue a state in the "
+                            "dtype it was built in (cast the model before the prefill)")
         b, hkv, _, d = self.k_buf.shape
         built = (b, self.mq_sum.shape[1], hkv, d, self.v_buf.shape[-1])
         call = (a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim)
