@@ -28,6 +28,7 @@ BAD_CONFIGS = [
     ("attention_bias", dict(attention_bias="no")), ("attention_out_bias", dict(attention_out_bias=1)),
     ("mlp_bias", dict(mlp_bias="no")), ("tie_word_embeddings", dict(tie_word_embeddings="no")),
     ("use_cache", dict(use_cache="no")),
+    ("feature_map 'hedgehog'", dict(retrieval="normalized", feature_map="identity")),
 ]
 
 
@@ -65,6 +66,7 @@ BAD_OPTIONS = [
     ("compression_factor", dict(compression_factor=0)), ("compression_factor", dict(compression_factor=-2)),
     ("compression_factor", dict(compression_factor=2.5)), ("compression_factor", dict(compression_factor="2")),
     ("gate_init", dict(gate_init="a")), ("gate_init", dict(gate_init=10**400)), ("gate_init", dict(gate_init=NAN)),
+    ("feature_map 'hedgehog'", dict(retrieval="normalized", feature_map="identity")),
 ]
 
 
@@ -78,6 +80,26 @@ def test_bad_conversion_options_are_refused_before_a_source_is_loaded(monkeypatc
         TransformerToBSBRConverter(**bad)
     with pytest.raises(ValueError, match=name):
         convert_to_bsbr("some/model", **bad)
+
+
+def test_normalized_with_identity_is_refused_up_front_with_the_layers_message(monkeypatch):
+    """retrieval='normalized' with feature_map='identity': BSBRConfig and the converter's constructor refuse
+    it with the message BSBRAttention gives, before a source is loaded (not only in .convert())."""
+    from bsbr import BSBRAttention
+
+    monkeypatch.setattr(converter, "load_source", lambda *a, **k: pytest.fail("the source was loaded"))
+    with pytest.raises(ValueError) as layer_error:
+        BSBRAttention(16, 2, 4, retrieval="normalized", feature_map="identity")
+    message = str(layer_error.value)
+    assert message == "retrieval='normalized' needs the non-negative feature_map 'hedgehog'"
+    for build in (lambda: BSBRConfig(**TINY, retrieval="normalized", feature_map="identity"),
+                  lambda: TransformerToBSBRConverter(retrieval="normalized", feature_map="identity"),
+                  lambda: TransformerToBSBRConverter(feature_map="identity")):  # the converter's default is normalized
+        with pytest.raises(ValueError) as error:
+            build()
+        assert str(error.value) == message
+    BSBRConfig(**TINY, retrieval="additive", feature_map="identity")  # still fine
+    TransformerToBSBRConverter(retrieval="additive", feature_map="identity")
 
 
 def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):

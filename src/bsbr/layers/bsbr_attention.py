@@ -15,6 +15,7 @@ from torch import nn
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
+from .inputs import check_number, is_number
 from .rotary import apply_rotary
 
 
@@ -70,13 +71,15 @@ class BSBRAttention(MultiHeadBase):
         self.options = BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
                                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
                                    retrieval=retrieval)
-        feature_map = feature_map or ("identity" if retrieval == "additive" else "hedgehog")
-        if feature_map not in BSBR_FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {BSBR_FEATURE_MAPS}, got {feature_map!r}")
+        if feature_map is None:  # only None means the default ("" or 0 is refused, not read as it)
+            feature_map = "identity" if retrieval == "additive" else "hedgehog"
+        if not isinstance(feature_map, str) or feature_map not in BSBR_FEATURE_MAPS:
+            raise ValueError(f"feature_map must be None or one of {BSBR_FEATURE_MAPS}, got {feature_map!r}")
         if retrieval == "normalized" and feature_map == "identity":
             raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
-        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float))):
+        if gate is not None and not is_number(gate):
             raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
+        check_number("gate", gate, none=True)  # the config's gate_init rule: finite in float32 (no nan/inf)
         self.compression_factor = compression_factor
         self.meta_r_proj = HeadwiseLinear(num_heads, head_dim, head_dim)
         self.meta_h_proj = HeadwiseLinear(num_kv_heads, head_dim, head_dim)

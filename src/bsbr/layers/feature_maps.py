@@ -36,7 +36,7 @@ class HeadwiseLinear(nn.Module):
 class FeatureMap(nn.Module):
     def __init__(self, kind: str, heads: int, head_dim: int):
         super().__init__()
-        if kind not in FEATURE_MAPS:
+        if not isinstance(kind, str) or kind not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {kind!r}")
         self.kind = kind
         self.proj = HeadwiseLinear(heads, head_dim, head_dim) if kind == "hedgehog" else None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.checks import check_int
-from .inputs import check_dropout, check_layer_inputs
+from .inputs import check_dropout, check_flag, check_layer_inputs
 from .rotary import apply_rotary
 
 
@@ -28,6 +28,8 @@ class MultiHeadBase(nn.Module):
         check_int("head_dim", head_dim)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         check_int("num_kv_heads", num_kv_heads)
+        check_flag("bias", bias)  # a truthy stand-in ("no", 2) would silently mean True
+        check_flag("out_bias", out_bias, none=True)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim = hidden_dim, num_heads, num_kv_heads, head_dim

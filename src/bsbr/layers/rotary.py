@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.checks import check_int
+from .inputs import check_number
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -61,12 +64,25 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float = 10000.0, inv_freq: torch.Tensor | None = None,
                  attention_scaling: float = 1.0):
         super().__init__()
+        check_int("dim", dim)
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}")
+        # theta is the base of the default frequencies: 0, negative, nan, inf or True give nan/constant tables
+        check_number("theta (the rotary base, rope_theta)", theta, 0, above=True)
+        check_number("attention_scaling", attention_scaling, 0, above=True)
+        if inv_freq is not None:
+            if not isinstance(inv_freq, torch.Tensor) or not inv_freq.is_floating_point():
+                raise TypeError(f"inv_freq must be None or a floating point tensor of shape ({dim // 2},), got "
+                                f"{getattr(inv_freq, 'dtype', type(inv_freq).__name__)}")
+            if tuple(inv_freq.shape) != (dim // 2,):
+                raise ValueError(f"inv_freq must have shape ({dim // 2},) (half the rotary dim {dim}), "
+                                 f"got {tuple(inv_freq.shape)}")
+            if not inv_freq.is_meta and not bool(torch.isfinite(inv_freq).all()):  # meta: built before loading
+                raise ValueError("inv_freq must hold only finite values")
         if inv_freq is None:
             inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.attention_scaling = attention_scaling
+        self.attention_scaling = float(attention_scaling)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
         """position_ids: (b, n) or (n,) -> cos, sin of shape (b, n, dim) / (n, dim)."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..ops.checks import check_int
-from ..layers.inputs import check_input_ids, token_positions
+from ..layers.inputs import check_input_ids, check_number, token_positions
 from ..layers.rotary import RotaryEmbedding
 
 
@@ -45,6 +45,7 @@ class BSBRModel(nn.Module):
         super().__init__()
         check_int("vocab_size", vocab_size)
         check_int("num_layers", num_layers)
+        check_number("rope_theta", rope_theta, 0, above=True)  # before any layer is built
         self.embedding = nn.Embedding(vocab_size, hidden_dim)
         self.layers = nn.ModuleList(
             BSBRLayer(hidden_dim, num_heads, chunk_size, ff_dim, dropout, compression_factor, **attention_kwargs)

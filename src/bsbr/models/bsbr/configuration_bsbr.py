@@ -2,15 +2,13 @@
 Qwen2): positions, norms, MLP, biases and embeddings are fields, not separate model classes."""
 from __future__ import annotations
 
-import math
-import sys
 from typing import Optional
 
 from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS
+from ...layers.inputs import check_flag, check_number
 from ...ops.bsbr import BSBROptions
-from ...numbers import FLOAT32_MAX
 from ...ops.checks import check_int
 
 POSITION_TYPES = ("learned", "rope")
@@ -32,38 +30,6 @@ def _choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _shown(value) -> str:
-    """``repr(value)``, cut short (a huge int has thousands of digits, or cannot be printed at all)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return f"an int of more than {sys.get_int_max_str_digits()} digits"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _number(name, value, minimum: Optional[float] = None, *, above: bool = False, none: bool = False) -> None:
-    """``value``: a float or int (not a bool) finite in float32, ``>= minimum`` (``> minimum`` when ``above``);
-    ``none``: None is allowed too."""
-    if none and value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    try:  # the model holds these as float32: inf or beyond its range is refused
-        ok = ok and math.isfinite(float(value)) and abs(float(value)) <= FLOAT32_MAX
-    except OverflowError:  # an int beyond float range
-        ok = False
-    if ok and minimum is not None:
-        ok = value > minimum if above else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if above else '>='} {minimum}"
-        raise ValueError(f"{name} must be {'None or ' if none else ''}a finite number{bound} (within float32 range), "
-                         f"got {_shown(value)}")
-
-
-def _flag(name, value, none: bool = False) -> None:
-    if not (isinstance(value, bool) or (none and value is None)):
-        raise ValueError(f"{name} must be True or False{' (or None)' if none else ''}, got {_shown(value)}")
-
-
 def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map, gate_init, local_chunks,
                        sink_tokens, retrieval_blocks, recall_tokens, far_positions, position_scheme) -> None:
     """The checks :class:`BSBRConfig` makes of its BSBR attention options (no architecture needed): the
@@ -73,7 +39,9 @@ def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map
     BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
                 retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens, retrieval=retrieval)  # validates them
     _choice("feature_map", feature_map, BSBR_FEATURE_MAPS)
-    _number("gate_init", gate_init, none=True)
+    if retrieval == "normalized" and feature_map == "identity":  # BSBRAttention's rule, checked up front
+        raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
+    check_number("gate_init", gate_init, none=True)
     _choice("far_positions", far_positions, FAR_POSITIONS)
     _choice("position_scheme", position_scheme, POSITION_SCHEMES)
 
@@ -133,12 +101,12 @@ class BSBRConfig(PretrainedConfig):
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
-        _number("norm_eps", norm_eps, 0, above=True)
-        _number("initializer_range", initializer_range, 0)
+        check_number("norm_eps", norm_eps, 0, above=True)
+        check_number("initializer_range", initializer_range, 0)
         for name, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias),
                             ("tie_word_embeddings", tie_word_embeddings), ("use_cache", use_cache)):
-            _flag(name, value)
-        _flag("attention_out_bias", attention_out_bias, none=True)
+            check_flag(name, value)
+        check_flag("attention_out_bias", attention_out_bias, none=True)
         if rope_parameters is not None and not isinstance(rope_parameters, dict):
             raise ValueError(f"rope_parameters must be None or a dict (rope_type, rope_theta, ...), "
                              f"got {type(rope_parameters).__name__}")
@@ -194,7 +162,7 @@ class BSBRConfig(PretrainedConfig):
         if rope is not None and not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be None or a dict, got {type(rope).__name__}")
         if rope and "rope_theta" in rope:
-            _number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
+            check_number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
 
     def attention_kwargs(self) -> dict:
         """Keyword arguments of :class:`bsbr.layers.BSBRAttention` for this config."""

@@ -5,10 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ...numbers import FLOAT32_MAX
 from ..checks import check_int
 
 VARIANTS = ("additive", "normalized")
 MAX_TOKENS = 1 << 20  # the most tokens of an exact window, of sinks or of a recall cache (each is allocated whole)
+
+
+def _finite_positive(value) -> bool:
+    """A float or int (not a bool), > 0 and finite in float32 (inf, nan or 1e39 would poison every softmax)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) <= FLOAT32_MAX
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,9 @@ class BSBROptions:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
         if self.retrieval not in VARIANTS:
             raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
-        if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))
-                                       or not self.scale > 0):
-            raise ValueError(f"scale must be None or a positive float, got {self.scale!r}")
+        if self.scale is not None and not _finite_positive(self.scale):
+            shown = f"{self.scale!r}" if not isinstance(self.scale, int) or abs(self.scale) < 10 ** 40 else "a huge int"
+            raise ValueError(f"scale must be None or a positive float (finite, within float32 range), got {shown}")
 
     @property
     def window(self) -> int:

@@ -1,0 +1,125 @@
+"""Bad constructor arguments of the layers (BSBRAttention, the baselines' shared projections, the rotary
+embedding, BSBRModel, BSBROptions) are refused with a one-line error naming the argument, before any
+work; nonsense (nan, inf, a truthy string for a flag, an empty feature map) is never silently accepted."""
+import pytest
+import torch
+
+from bsbr import BSBRAttention, BSBRModel
+from bsbr.layers import (
+    DeltaNet,
+    HopfieldAttention,
+    LinearAttention,
+    RotaryEmbedding,
+    SlidingWindowAttention,
+    StandardAttention,
+)
+from bsbr.ops.bsbr import BSBROptions
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("gate", [NAN, INF, -INF, 1e39, 10**400])
+def test_a_non_finite_gate_is_refused(gate):
+    with pytest.raises(ValueError, match="gate must be None or a finite number"):
+        BSBRAttention(16, 2, 4, gate=gate)
+
+
+def test_good_gates_still_pass_and_a_non_number_is_still_a_type_error():
+    for gate in (None, 0, 0.0, 0.5, -1.0, 2):
+        a = BSBRAttention(16, 2, 4, dropout=0.0, gate=gate)
+        assert not a(torch.randn(1, 9, 16)).isnan().any()
+    for gate in ("open", True):
+        with pytest.raises(TypeError, match="gate"):
+            BSBRAttention(16, 2, 4, gate=gate)
+
+
+@pytest.mark.parametrize("theta", [-1.0, 0, 0.0, True, None, NAN, INF, "10000", 1e39])
+def test_rotary_theta_must_be_a_finite_number_above_zero(theta):
+    with pytest.raises(ValueError, match="theta"):
+        RotaryEmbedding(8, theta=theta)
+    with pytest.raises(ValueError, match="rope_theta must be a finite number > 0"):
+        BSBRModel(50, 16, 1, 2, 4, 32, rope_theta=theta)
+
+
+@pytest.mark.parametrize("inv_freq, exc", [
+    ([1.0] * 4, TypeError), (torch.ones(4, dtype=torch.long), TypeError), (torch.ones(3), ValueError),
+    (torch.ones(1, 4), ValueError), (torch.tensor([1.0, NAN, 1.0, 1.0]), ValueError),
+    (torch.tensor([1.0, INF, 1.0, 1.0]), ValueError),
+])
+def test_rotary_inv_freq_of_the_wrong_kind_is_refused(inv_freq, exc):
+    with pytest.raises(exc, match="inv_freq"):
+        RotaryEmbedding(8, inv_freq=inv_freq)
+
+
+@pytest.mark.parametrize("scaling", ["1", True, None, NAN, INF, 0, -1.0, torch.tensor(1.0)])
+def test_rotary_attention_scaling_of_the_wrong_kind_is_refused(scaling):
+    with pytest.raises(ValueError, match="attention_scaling"):
+        RotaryEmbedding(8, attention_scaling=scaling)
+
+
+def test_good_rotary_arguments_still_pass():
+    for kw in (dict(), dict(theta=500), dict(theta=1e6), dict(inv_freq=torch.rand(4, dtype=torch.float64)),
+               dict(inv_freq=torch.ones(4), attention_scaling=1), dict(attention_scaling=1.2)):
+        cos, sin = RotaryEmbedding(8, **kw)(torch.arange(5))
+        assert cos.shape == (5, 8) and torch.isfinite(cos).all() and torch.isfinite(sin).all()
+    m = BSBRModel(50, 16, 1, 2, 4, 32, rope_theta=500)
+    assert torch.isfinite(m(torch.randint(0, 50, (1, 9)))).all()
+
+
+@pytest.mark.parametrize("scale", [INF, -INF, NAN, 0, 0.0, -1.0, True, "1", 1e39, 10**400])
+def test_bsbr_options_scale_must_be_none_or_a_finite_number_above_zero(scale):
+    with pytest.raises(ValueError, match="scale must be None or a positive float"):
+        BSBROptions(chunk_size=4, scale=scale)
+
+
+def test_good_scales_still_pass():
+    for scale in (None, 0.125, 1, 2.0):
+        assert BSBROptions(chunk_size=4, scale=scale).scale == scale
+
+
+@pytest.mark.parametrize("feature_map", ["", 0, False, [], "Hedgehog"])
+def test_only_none_means_the_default_feature_map(feature_map):
+    for retrieval in ("additive", "normalized"):
+        with pytest.raises(ValueError, match="feature_map"):
+            BSBRAttention(16, 2, 4, retrieval=retrieval, feature_map=feature_map)
+
+
+def test_none_still_gives_the_default_feature_map():
+    assert BSBRAttention(16, 2, 4).feature_q.kind == "identity"
+    assert BSBRAttention(16, 2, 4, retrieval="normalized").feature_q.kind == "hedgehog"
+
+
+MULTIHEAD_LAYERS = {
+    "bsbr": lambda **kw: BSBRAttention(16, 2, 4, **kw),
+    "standard": lambda **kw: StandardAttention(16, 2, **kw),
+    "sliding_window": lambda **kw: SlidingWindowAttention(16, 2, window_size=4, **kw),
+    "linear": lambda **kw: LinearAttention(16, 2, **kw),
+    "deltanet": lambda **kw: DeltaNet(16, 2, **kw),
+    "hopfield": lambda **kw: HopfieldAttention(16, 2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(MULTIHEAD_LAYERS))
+@pytest.mark.parametrize("kw, match", [
+    (dict(bias="no"), "bias must be True or False"), (dict(bias=1), "bias must be True or False"),
+    (dict(bias=None), "bias must be True or False"), (dict(bias=0), "bias must be True or False"),
+    (dict(out_bias=2), "out_bias must be True or False"), (dict(out_bias="no"), "out_bias must be True or False"),
+    (dict(out_bias=0), "out_bias must be True or False"),
+])
+def test_biases_must_be_bools(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        MULTIHEAD_LAYERS[name](**kw)
+
+
+@pytest.mark.parametrize("name", list(MULTIHEAD_LAYERS))
+def test_good_biases_still_pass(name):
+    for bias, out_bias, has_out in ((True, None, True), (False, None, False), (True, False, False),
+                                    (False, True, True)):
+        m = MULTIHEAD_LAYERS[name](bias=bias, out_bias=out_bias)
+        assert (m.q_proj.bias is not None) == bias and (m.out_proj.bias is not None) == has_out
+
+
+def test_a_rotary_built_on_the_meta_device_skips_the_value_check():
+    """Models are built on the meta device before their weights load: inv_freq's values cannot be read there."""
+    with torch.device("meta"):
+        assert RotaryEmbedding(8, inv_freq=torch.ones(4)).inv_freq.is_meta
