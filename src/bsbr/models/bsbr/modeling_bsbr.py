@@ -120,8 +120,9 @@ class BSBRCache:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, states: List[BSBRState]):
+    def __init__(self, states: List[BSBRState], n_positions: int = 0):
         self.states = states
+        self.n_positions = n_positions  # input positions consumed, padding included
 
     @property
     def n_seen(self) -> torch.Tensor:
@@ -130,16 +131,24 @@ class BSBRCache:
 
     @property
     def is_linear(self) -> List[bool]:
-        return [True] * len(self.states)
+        # not linear for transformers' generate: restarted with a cache and the whole sequence, it drops the
+        # first get_seq_length() positions of the input (those the cache has consumed)
+        return [False] * len(self.states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.states[layer_idx].n_seen.max()) if self.states[layer_idx].n_seen.numel() else 0
+        """Input positions consumed (padding included), as transformers counts a cache's length."""
+        return self.n_positions
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.states = [s.select(beam_idx) for s in self.states]
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
+
+
+def refuse_output_attentions(output_attentions) -> None:
+    if output_attentions:
+        raise ValueError("output_attentions=True is not supported: BSBR never forms the attention matrix")
 
 
 def refuse_pickled_weights(path: Path) -> None:
@@ -180,12 +189,15 @@ class BSBRPreTrainedModel(PreTrainedModel):
             return super().from_pretrained(*args, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if not hasattr(model, "lm_head"):  # a base model loaded from a causal LM's checkpoint drops its head
+            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith("lm_head.")]
         problems = {k: sorted(map(str, v))[:8] for k, v in info.items()
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
-            raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} "
-                             f"(refused: these weights would be random; pass strict=False to allow it)")
+            raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
+                             f"or mismatched weights would be random, unexpected ones dropped; pass strict=False "
+                             f"to allow it)")
         return (model, info) if want_info else model
 
     def _init_weights(self, module):
@@ -234,24 +246,31 @@ class BSBRBaseModel(BSBRPreTrainedModel):
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
-                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, **kwargs):
+        refuse_output_attentions(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             check_input_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
+            try:  # an out-of-range id fails here (checking the range first would sync with the device)
+                inputs_embeds = self.embed_tokens(input_ids)
+            except IndexError:
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size})") from None
         b, n = inputs_embeds.shape[:2]
-        if cache is not None and not isinstance(cache, BSBRCache):
-            raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got {type(cache).__name__}")
+        if cache is not None:
+            self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             attention_mask = attention_mask[:, -n:]  # generate passes the whole mask; keep the new tokens'
         valid = mask_to_valid(attention_mask, b, n)
         if valid is not None and bool(valid.all()):
             valid = None
-        if position_ids is None:  # positions count real tokens only, so padding never shifts a sequence
-            position_ids = token_positions(inputs_embeds[:, :, 0], valid)
-            if cache is not None:
-                position_ids = position_ids + cache.n_seen[:, None]
+        # each token's index among its sequence's real tokens: padding never shifts a sequence
+        index = token_positions(inputs_embeds[:, :, 0], valid)
+        if cache is not None:
+            index = index + cache.n_seen[:, None]
+        if position_ids is None:
+            position_ids = index
         x = inputs_embeds
         if self.embed_positions is not None:
             x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))
@@ -259,8 +278,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         far = None
         if self.rotary is not None and self.config.far_positions == "window":
             # far keys at their offset in their chunk; far queries at their offset + the window's length,
-            # so a far key reads as if it lay in the chunk just before the window
-            offset = position_ids % self.config.chunk_size
+            # so a far key reads as if it lay in the chunk just before the window. Chunks count from the
+            # sequence's first real token, so the offset comes from the token's index, not from position_ids
+            offset = index % self.config.chunk_size
             far = (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),
                    self.rotary(offset, x.dtype))
 
@@ -277,9 +297,26 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         x = self.norm(x)
         if output_hidden_states:
             hidden[-1] = x
-        new_cache = BSBRCache(states) if (use_cache or streaming) else None
-        return BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
-                                       hidden_states=tuple(hidden) if hidden else None)
+        new_cache = None
+        if use_cache or streaming:
+            new_cache = BSBRCache(states, (cache.n_positions if streaming else 0) + n)
+        out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
+                                      hidden_states=tuple(hidden) if hidden else None)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+    def _check_cache(self, cache, batch: int, inputs_embeds: torch.Tensor) -> None:
+        """A cache continues only this model's layers, for the batch and dtype it was built with."""
+        if not isinstance(cache, BSBRCache):
+            raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got {type(cache).__name__}")
+        n_layers = len(self.layers)
+        # the streaming op runs in float32 under autocast, so its states are float32 there
+        dtype = torch.float32 if torch.is_autocast_enabled(inputs_embeds.device.type) else inputs_embeds.dtype
+        got = (len(cache.states), int(cache.n_seen.shape[0]) if cache.states else None,
+               cache.states[0].k_buf.dtype if cache.states else None)
+        if got != (n_layers, batch, dtype):
+            raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}: "
+                             "pass the cache this model returned for this batch (beam search: "
+                             "BSBRCache.reorder_cache), or start a new one (use_cache=True without cache=)")
 
 
 class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
@@ -295,9 +332,12 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, logits_to_keep: int = 0, **kwargs):
+                return_dict: Optional[bool] = None, logits_to_keep: int = 0, output_attentions: Optional[bool] = None,
+                **kwargs):
+        refuse_output_attentions(output_attentions)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         return_dict=True)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -305,7 +345,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
     def _prepare_generated_length(self, generation_config, has_default_max_length, *args, **kwargs):
         """transformers caps a generation of default length (20 new tokens) at ``max_position_embeddings``
@@ -316,6 +357,13 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             generation_config.max_new_tokens = generation_config.max_length
         return super()._prepare_generated_length(generation_config, has_default_max_length, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
-        return super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask, **kwargs)
+        if next_sequence_length is not None and next_sequence_length <= 0:
+            # transformers' prefill asks to drop the cache's length from an input no longer than it: the input
+            # holds only the new tokens (passed without the whole mask), so none is dropped
+            next_sequence_length = None
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, cache=cache,
+                                                     attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                                     **kwargs)

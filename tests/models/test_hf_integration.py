@@ -1,0 +1,135 @@
+"""The HF models behave as transformers models do: generate continues a returned cache, takes
+inputs_embeds, a wrong cache or id is one clear error, return_dict=False gives a tuple, AutoModel
+loads a causal LM's checkpoint."""
+import pytest
+import torch
+from model_sources import VOCAB, make_source
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from bsbr import convert_to_bsbr
+from bsbr.models import BSBRBaseModel
+
+CHUNK = 4
+GEN = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def make(family, **kw):
+    opts = dict(local_chunks=2, sink_tokens=2, retrieval_blocks=2, gate_init=0.3)
+    opts.update(kw)
+    return convert_to_bsbr(make_source(family), chunk_size=CHUNK, **opts).eval()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request):
+    return make(request.param)
+
+
+def left_padded(seed=0):
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ids[0, :2] = 0
+    return ids, mask
+
+
+def test_generate_continues_a_returned_cache(model):
+    ids, mask = left_padded()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=15, **GEN)
+
+    def first():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=7, return_dict_in_generate=True, **GEN)
+
+    o = first()  # the whole sequence with a mask of ones (the cache has consumed the padding)
+    seq = o.sequences
+    assert o.cache.get_seq_length() == seq.shape[1] - 1
+    out = model.generate(seq, attention_mask=torch.ones_like(seq), cache=o.cache, max_new_tokens=8, **GEN)
+    assert torch.equal(out, ref)
+    o = first()  # the whole sequence with its own mask
+    full_mask = torch.cat([mask, torch.ones_like(seq[:, 6:])], 1)
+    out = model.generate(seq, attention_mask=full_mask, cache=o.cache, max_new_tokens=8, **GEN)
+    assert torch.equal(out, ref)
+    o = first()  # only the new token, with the whole mask
+    out = model.generate(seq[:, -1:], attention_mask=full_mask, cache=o.cache, max_new_tokens=8, **GEN)
+    assert torch.equal(out, ref[:, -9:])
+    o = first()  # only the new token, no mask
+    out = model.generate(seq[:, -1:], cache=o.cache, max_new_tokens=8, **GEN)
+    assert torch.equal(out, ref[:, -9:])
+
+
+def test_generate_from_inputs_embeds_equals_from_ids(model):
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    e = model.get_input_embeddings()(ids).detach()
+    a = model.generate(inputs_embeds=e, attention_mask=mask, max_new_tokens=10, **GEN)
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
+    assert torch.equal(a, b[:, 13:])
+
+
+def test_a_cache_of_another_batch_layer_count_or_dtype_is_refused(model):
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        with pytest.raises(ValueError, match="cache holds .*batch"):
+            model(ids[:1, :1], cache=cache)
+        with pytest.raises(ValueError, match="cache holds .*batch"):
+            model(torch.cat([ids, ids])[:, :1], cache=cache)
+        cache.states = cache.states[:1]
+        with pytest.raises(ValueError, match="cache holds .*layers"):
+            model(ids[:, :1], cache=cache)
+        cache.states = cache.states * 3
+        with pytest.raises(ValueError, match="cache holds .*layers"):
+            model(ids[:, :1], cache=cache)
+        cache = model(ids, use_cache=True).cache
+        with pytest.raises(ValueError, match="cache holds .*dtype"):
+            model.double()(ids[:, :1], cache=cache)
+
+
+def test_out_of_range_input_ids_are_one_clear_error(model):
+    for bad in (VOCAB, -1):
+        ids = torch.tensor([[3, 4, bad]])
+        with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
+            model(ids)
+        with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\)"):
+            model.model(ids)
+
+
+def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model):
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False)
+        out = model(ids, use_cache=False, return_dict=False)
+        assert isinstance(out, tuple) and torch.equal(out[0], ref.logits)
+        base = model.model(ids, use_cache=False, return_dict=False)
+        assert isinstance(base, tuple) and torch.equal(base[0], model.model(ids, use_cache=False).last_hidden_state)
+        for m in (model, model.model):
+            with pytest.raises(ValueError, match="output_attentions"):
+                m(ids, output_attentions=True)
+
+
+def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):
+    model = make("llama")  # untied LM head: lm_head.weight is in the checkpoint
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" in load_file(tmp_path / "model.safetensors")
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, BSBRBaseModel)
+    ids = torch.randint(0, VOCAB, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, model.model(ids).last_hidden_state, rtol=0, atol=0)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.extra.weight"] = torch.zeros(3)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected_keys.*extra.*dropped"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def test_explicit_positions_do_not_move_the_far_chunks():
+    """Far keys are rotated by their offset in their chunk, counted from the first real token: shifting
+    every position by a constant (the near rotary is relative) leaves the logits as they are."""
+    model = make("llama", local_chunks=1, sink_tokens=0, retrieval_blocks=2, gate_init=0.0, far_positions="window")
+    ids = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        for shift in (1, 3, 101):
+            out = model(ids, position_ids=torch.arange(13)[None] + shift, use_cache=False).logits
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
