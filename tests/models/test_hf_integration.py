@@ -133,3 +133,18 @@ def test_explicit_positions_do_not_move_the_far_chunks():
         for shift in (1, 3, 101):
             out = model(ids, position_ids=torch.arange(13)[None] + shift, use_cache=False).logits
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_forward_advances_the_cache_it_is_given_and_a_copy_forks_it():
+    from bsbr.models.bsbr.modeling_bsbr import BSBRCache
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, sink_tokens=1, retrieval_blocks=1)
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids[:, :9]).cache
+        fork = BSBRCache([s.select(torch.arange(2)) for s in cache.states], cache.n_positions)
+        out = model(ids[:, 9:], cache=cache)
+        assert out.cache is cache and cache.n_positions == 11 and cache.get_seq_length() == 11
+        again = model(ids[:, 9:], cache=fork)
+        torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
+        torch.testing.assert_close(out.logits, model(ids).logits[:, 9:], rtol=1e-4, atol=1e-4)

@@ -115,7 +115,9 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 
 class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
-    holds: docs/design.md, section 8)."""
+    holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
+    transformers' caches are; to continue one prefix twice, continue a copy:
+    ``BSBRCache([s.select(torch.arange(batch)) for s in cache.states], cache.n_positions)``."""
 
     is_compileable = False
     is_croppable = False
@@ -298,8 +300,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if output_hidden_states:
             hidden[-1] = x
         new_cache = None
-        if use_cache or streaming:
-            new_cache = BSBRCache(states, (cache.n_positions if streaming else 0) + n)
+        if streaming:  # the cache passed in is advanced and returned, as transformers' caches are
+            cache.states, cache.n_positions, new_cache = states, cache.n_positions + n, cache
+        elif use_cache:
+            new_cache = BSBRCache(states, n)
         out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
                                       hidden_states=tuple(hidden) if hidden else None)
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
