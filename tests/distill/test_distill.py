@@ -283,3 +283,16 @@ def test_distilling_exact_blocks_warns_about_long_contexts(caplog):
         with caplog.at_level("WARNING", logger="bsbr.distill.cli"):
             _check_new_pieces_matter(config, args)
         assert ("worse than it at 32k" in caplog.text) == warned, (blocks, caplog.text)
+
+
+@pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(retrieval_blocks=0, recall_tokens=4),
+                                     dict(retrieval_blocks=0)])
+def test_every_new_piece_gets_a_gradient(options):
+    """DistributedDataParallel (bsbr distill under torchrun) fails on a trained parameter without one."""
+    teacher = make_source("llama")
+    student = convert_to_bsbr(teacher, chunk_size=CHUNK, gate_init=0.1, **options)
+    ids = windows(n=1, length=64)[0][None]
+    with torch.no_grad():
+        target = teacher(ids).logits
+    end_to_end_loss(student, target, ids, 0.0)[0].backward()
+    assert [n for n, p in new_parameters(student).items() if p.grad is None] == []

@@ -55,7 +55,7 @@ class BSBRAttention(MultiHeadBase):
 
     The meta projections are per-head d x d maps of the un-rotated q/k (identity-initialised, so a
     chunk's retrieval score starts as its mean query . mean key logit); the op applies them to chunk
-    means.
+    means. The recall mode has none: it weighs no per-chunk states.
     """
 
     # the pieces a standard attention layer does not have: what a converted model must initialise
@@ -81,8 +81,9 @@ class BSBRAttention(MultiHeadBase):
             raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
         check_number("gate", gate, none=True)  # the config's gate_init rule: finite in float32 (no nan/inf)
         self.compression_factor = compression_factor
-        self.meta_r_proj = HeadwiseLinear(num_heads, head_dim, head_dim)
-        self.meta_h_proj = HeadwiseLinear(num_kv_heads, head_dim, head_dim)
+        # the chunk states' meta maps (the recall mode reads no per-chunk states, so has none)
+        self.meta_r_proj = None if recall_tokens else HeadwiseLinear(num_heads, head_dim, head_dim)
+        self.meta_h_proj = None if recall_tokens else HeadwiseLinear(num_kv_heads, head_dim, head_dim)
         self.feature_q = FeatureMap(feature_map, num_heads, head_dim)
         self.feature_k = FeatureMap(feature_map, num_kv_heads, head_dim)
         self.compress = (None if compression_factor is None
@@ -143,8 +144,9 @@ class BSBRAttention(MultiHeadBase):
         else:  # a closed gate: the op never reads fq
             fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
         tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr)
-        return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=self.meta_r_proj.weight,
-                       meta_k=self.meta_h_proj.weight, **kwargs)
+        meta_q, meta_k = (None if m is None else m.weight for m in (self.meta_r_proj, self.meta_h_proj))
+        return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=meta_q, meta_k=meta_k,
+                       **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, output_state: bool = False,
