@@ -194,6 +194,9 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):
         load_bsbr_model(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_bsbr_model(tmp_path / "missing")
+    src.save_pretrained(tmp_path / "gpt2")  # a plain transformers model: named, not a list of missing weights
+    with pytest.raises(ValueError, match="holds a 'gpt2' model, not a BSBR one: convert it first"):
+        load_bsbr_model(tmp_path / "gpt2")
 
 
 def test_gpt2_runs_past_its_position_table():
