@@ -148,3 +148,14 @@ def test_a_forward_advances_the_cache_it_is_given_and_a_copy_forks_it():
         again = model(ids[:, 9:], cache=fork)
         torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
         torch.testing.assert_close(out.logits, model(ids).logits[:, 9:], rtol=1e-4, atol=1e-4)
+
+
+def test_logits_to_keep_as_positions_and_hidden_states_from_the_config():
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, retrieval_blocks=1)
+    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        kept = model(ids, logits_to_keep=torch.tensor([0, 5, 12])).logits
+        torch.testing.assert_close(kept, full[:, [0, 5, 12]])
+        model.config.output_hidden_states = True
+        assert len(model(ids).hidden_states) == model.config.num_hidden_layers + 1

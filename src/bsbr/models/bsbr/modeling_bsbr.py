@@ -289,6 +289,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         streaming = cache is not None
         states = []
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             x, st = layer(x, valid, cos_sin, far, cache.states[i] if streaming else None, streaming=streaming,
@@ -336,14 +338,16 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, logits_to_keep: int = 0, output_attentions: Optional[bool] = None,
+                return_dict: Optional[bool] = None, logits_to_keep=0, output_attentions: Optional[bool] = None,
                 **kwargs):
         refuse_output_attentions(output_attentions)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          return_dict=True)
         h = out.last_hidden_state
-        if logits_to_keep:
+        if not isinstance(logits_to_keep, int):  # the positions to keep, as transformers' models take them
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None
