@@ -296,3 +296,12 @@ def test_every_new_piece_gets_a_gradient(options):
         target = teacher(ids).logits
     end_to_end_loss(student, target, ids, 0.0)[0].backward()
     assert [n for n, p in new_parameters(student).items() if p.grad is None] == []
+
+
+def test_bf16_warns_on_a_cpu_without_native_bfloat16(tmp_path, monkeypatch, caplog):
+    from bsbr.distill import trainer
+
+    monkeypatch.setattr(trainer, "_native_bf16", lambda: False)
+    teacher, student = fresh(0.1)
+    distill(teacher, student, windows(n=1), tmp_path / "out", DistillConfig(steps=1, bf16=True))
+    assert "no native bfloat16 matrix multiply" in caplog.text and "drop --bf16" in caplog.text
