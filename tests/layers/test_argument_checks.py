@@ -123,3 +123,12 @@ def test_a_rotary_built_on_the_meta_device_skips_the_value_check():
     """Models are built on the meta device before their weights load: inv_freq's values cannot be read there."""
     with torch.device("meta"):
         assert RotaryEmbedding(8, inv_freq=torch.ones(4)).inv_freq.is_meta
+
+
+@pytest.mark.parametrize("bias", ["no", 1, None])
+def test_the_gated_attention_unit_bias_must_be_a_bool(bias):
+    from bsbr.layers.gau import GatedAttentionUnit
+
+    with pytest.raises(ValueError, match="bias must be True or False"):
+        GatedAttentionUnit(16, query_key_dim=8, bias=bias)
+    assert GatedAttentionUnit(16, query_key_dim=8, bias=False).out_proj.bias is None

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..ops.checks import check_int
 from ..ops.gau import chunk_gau_attention
-from .inputs import check_dropout, check_layer_inputs
+from .inputs import check_dropout, check_flag, check_layer_inputs
 from .rotary import apply_rotary
 
 
@@ -38,6 +38,7 @@ class GatedAttentionUnit(nn.Module):
         check_int("hidden_dim", hidden_dim)
         check_int("expansion_factor", expansion_factor)
         check_int("query_key_dim", query_key_dim)
+        check_flag("bias", bias)
         check_int("block_size", block_size)
         if query_key_dim % 2:
             raise ValueError(f"query_key_dim must be even (rotary positions), got {query_key_dim}")
