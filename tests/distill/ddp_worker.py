@@ -16,7 +16,10 @@ out = sys.argv[1]
 teacher = make_source("llama")
 student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1, retrieval_blocks=2)  # 40-token windows: 5 chunks
 windows = [torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-distill(teacher, student, windows, out, DistillConfig(steps=4, lr=1e-2, checkpoint_every=100))
+# no activation checkpointing, as the test's one-process reference: with it the first layer's attention inputs
+# require grad and take another softmax kernel, whose rounding Adam can amplify
+distill(teacher, student, windows, out, DistillConfig(steps=4, lr=1e-2, checkpoint_every=100,
+                                                      activation_checkpointing=False))
 save_file({k: v.detach().contiguous() for k, v in new_parameters(student).items()},
           f"{out}/rank{dist.get_rank()}.safetensors")
 dist.barrier()

@@ -77,8 +77,9 @@ def test_activation_checkpointing_recomputes_each_layer_and_reaches_the_same_wei
     ws = windows(n=3, length=40)
     calls = []
     forward = BSBRMLP.forward  # inside the checkpointed layer
-    # the checkpointed forward runs without autograd, where the op would take the fused CPU kernel, and its
-    # recomputation with autograd, where it cannot: one kernel for both, so rounding cannot flip Adam's steps
+    # with checkpointing every layer's input requires grad, so the first layer's attention takes the written-out
+    # softmax where, without it, its inputs need no gradient and it takes the fused CPU kernel: one kernel for
+    # both runs, so rounding cannot flip Adam's steps
     monkeypatch.setattr(softmax, "_FLASH_CPU", None)
     monkeypatch.setattr(BSBRMLP, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
     got = {}
