@@ -108,7 +108,8 @@ class BSBRAttention(MultiHeadBase):
     def _op_gate(self):
         """The gate as the op takes it: ``0`` when it is closed and cannot open in this call (no
         gradient), so the op skips reading the chunk states; else :meth:`gate_value`. Whether it is
-        closed is read once per change of the parameter (its version counter), not per call."""
+        closed is read once per change of the parameter (its version counter), not per call; a write through
+        ``.data`` bumps no counter, so change the gate in place under ``torch.no_grad()`` instead."""
         g = self.retrieval_gate
         if g is None:
             return None
