@@ -65,10 +65,10 @@ def _check_new_pieces_matter(config, args) -> None:
                         f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
                         f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
     if config.retrieval_blocks and config.retrieval == "normalized":
-        logger.warning("distilling a model with exact blocks opens its chunk states: after 4,096-token windows it "
-                       "measured within 2% of the zero-shot conversion at 8k and 16k tokens and worse than it at 32k "
-                       "(code 6.55 against 6.48, prose 7.02 against 6.79; the window alone 6.65 and 15.60; "
-                       "docs/findings.md, Distillation of the default)")
+        logger.warning("distilling a model with exact blocks opens its chunk states: 12 steps on 4,096-token windows "
+                       "gained 1-5 points of the window's gap at 8k and 1.5% at 16k, and 32k is not measured since "
+                       "the gradient fix (before it, distillation was worse than zero-shot there): check long "
+                       "contexts with bsbr eval (docs/findings.md, Distillation of the default)")
 
 
 def _settings(args) -> dict:
