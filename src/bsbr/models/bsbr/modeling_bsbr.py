@@ -202,6 +202,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
                              f"to allow it)")
         return (model, info) if want_info else model
 
+    def _returned(self, out, return_dict: Optional[bool]):
+        """``out``, or its tuple when ``return_dict`` (default: the config's) is False, as transformers' models do."""
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, HeadwiseLinear):
@@ -308,7 +312,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             new_cache = BSBRCache(states, n)
         out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
                                       hidden_states=tuple(hidden) if hidden else None)
-        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+        return self._returned(out, return_dict)
 
     def _check_cache(self, cache, batch: int, inputs_embeds: torch.Tensor) -> None:
         """A cache continues only this model's layers, for the batch and dtype it was built with."""
@@ -354,7 +358,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
-        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+        return self._returned(out, return_dict)
 
     def _prepare_generated_length(self, generation_config, has_default_max_length, *args, **kwargs):
         """transformers caps a generation of default length (20 new tokens) at ``max_position_embeddings``
