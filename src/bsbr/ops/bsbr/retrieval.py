@@ -107,20 +107,36 @@ def _entries(x: torch.Tensor, n: int):
     return xs
 
 
+RANK_BITS = 10  # mantissa bits of a block score that rank chunks: scores equal to about 3 significant digits tie
+_MANTISSA = {torch.float64: (torch.int64, 52), torch.float32: (torch.int32, 23), torch.float16: (torch.int16, 10),
+             torch.bfloat16: (torch.int16, 7)}
+
+
+def rank_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Block scores as ranked: the mantissa cut to ``RANK_BITS`` bits (toward zero, which keeps their
+    order). Keys computed by different calls (a prefill's matmul, one decode step) differ in their
+    last bits, so a chunk that ties another exactly in one form could win by an ulp in another; cut,
+    both scores read the same and the tie rule decides."""
+    ints, bits = _MANTISSA[scores.dtype]
+    drop = bits - RANK_BITS
+    return scores if drop <= 0 else (scores.view(ints) & -(1 << drop)).view(scores.dtype)
+
+
 def select_blocks(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` best candidate chunks per query: scores (..., P), candidate (..., P) bool (broadcast).
     Returns (..., min(k, P)) chunk indices, -1 where fewer than k candidates exist.
 
-    Equal scores go to the later chunk. ``topk`` alone orders them by its algorithm, which differs
-    with the tensor's shape, so the three forms, or a sequence alone and in a batch, could pick
-    different chunks: a repeated token at the same offset in two chunks has the same far key, so
-    their scores tie exactly. Only rows where the k-th score is shared by a chunk left out are
-    re-ranked (a stable sort), so the usual cost stays one ``topk``."""
+    Scores are compared as :func:`rank_scores` gives them, and equal scores go to the later chunk.
+    ``topk`` alone orders ties by its algorithm, which differs with the tensor's shape, so the three
+    forms, or a sequence alone and in a batch, could pick different chunks: a repeated token at the
+    same offset in two chunks has the same far key, so their scores tie. Only rows where the k-th
+    score is shared by a chunk left out are re-ranked (a stable sort), so the usual cost stays one
+    ``topk``."""
     P = scores.shape[-1]
     k = min(k, P)
     if k == 0:
         return scores.new_zeros(scores.shape[:-1] + (0,), dtype=torch.long)
-    s = scores.masked_fill(~candidate, float("-inf"))
+    s = rank_scores(scores).masked_fill(~candidate, float("-inf"))
     val, idx = s.topk(k, dim=-1)
     kth = val[..., -1:]
     ambiguous = ((s == kth).sum(-1) > (val == kth).sum(-1)) & (kth[..., 0] > float("-inf"))
