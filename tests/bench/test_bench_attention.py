@@ -11,6 +11,7 @@ from bsbr.bench import attention as ba
 from bsbr.bench import common, earlier, layers, plots, scaling
 from bsbr.bench import core as bc
 from bsbr.cli import build_parser, main
+from bsbr.outputs import UserError
 
 TINY = dict(hidden=32, heads=2, chunk_size=32, repeats=1)
 
@@ -128,7 +129,7 @@ def test_cli_parses_and_rejects_bad_arguments(capsys):
                 ["--retrieval-blocks", "-1"]):
         with pytest.raises(ValueError):
             ba.run_attention(build_parser().parse_args(["bench", "attention", *bad]))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         ba.run_attention(build_parser().parse_args(["bench", "attention", "--earlier-wheel", "/nonexistent.whl"]))
     assert main(["bench", "attention", "--repeats", "0"]) == 2  # one clear line, no traceback
     assert "--repeats must be >= 1" in capsys.readouterr().err

@@ -147,3 +147,85 @@ def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
     merged = json.loads(out.read_text())
     assert [r["model"] for r in merged["results"]] == ["bsbr", "sliding_window"]
     assert merged["config"]["merged_from"] == [a, b] and len(merged["comparison"]) == 1
+
+
+@pytest.mark.parametrize("command, flag, values", [
+    ("attention", "--seq-lens", ["64", "64"]), ("models", "--seq-lens", ["64", "128", "64"]),
+    ("models", "--models", ["bsbr", "bsbr"]), ("converted", "--seq-lens", ["64", "64"]),
+    ("converted", "--decode-contexts", ["32", "32"]), ("quality", "--models", ["gau", "gau"]),
+])
+def test_bench_refuses_a_list_value_given_twice(command, flag, values, tmp_path, capsys, nothing_runs):
+    out = tmp_path / "r.json"
+    argv = ["bench", command, *COMMANDS[command], flag, *values, "--json", str(out)]
+    line = _refused(argv, capsys, f"bench {command}")
+    assert f"{flag} {values[0]} is given twice: give each value once" in line and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["attention", "models", "quality"])
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-9223372036854775809"])
+def test_bench_refuses_a_seed_torch_cannot_take(command, seed, capsys, nothing_runs):
+    line = _refused(["bench", command, *COMMANDS[command], "--seed", seed], capsys, f"bench {command}")
+    assert f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {seed}" in line
+
+
+@pytest.mark.parametrize("case, what", [("dir", "is a directory, not a wheel file"), ("missing", "does not exist"),
+                                        ("text", "is not a wheel (zip) file"),
+                                        ("zip", "has no bsbr/bsbr.py: it is not the bsbr 0.1.1 wheel")])
+def test_bench_attention_names_a_bad_earlier_wheel(case, what, tmp_path, capsys, nothing_runs):
+    import zipfile
+
+    path = tmp_path / case
+    if case == "dir":
+        path.mkdir()
+    elif case == "text":
+        path.write_text("not a zip\n")
+    elif case == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("other/x.py", "")
+    line = _refused(["bench", "attention", *COMMANDS["attention"], "--earlier-wheel", str(path)], capsys,
+                    "bench attention")
+    assert f"--earlier-wheel {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl" in line
+
+
+@pytest.mark.parametrize("case, what", [("missing", "does not exist"), ("file", "is a file, not a directory"),
+                                        ("empty", "has 0 train and 0 held-out .py files")])
+def test_bench_quality_names_a_bad_corpus(case, what, tmp_path, monkeypatch, capsys):
+    def trains(*a, **k):
+        raise AssertionError("trained before --corpus was checked")
+
+    monkeypatch.setattr(bench_quality, "train_and_eval", trains)
+    path = tmp_path / case
+    if case == "file":
+        path.write_text("x = 1\n")
+    elif case == "empty":
+        path.mkdir()
+    line = _refused(["bench", "quality", *COMMANDS["quality"], "--corpus", str(path)], capsys, "bench quality")
+    assert f"--corpus {path} {what}" in line and "give a directory of .py files" in line
+
+
+@pytest.mark.parametrize("option", [["--steps", "999"], ["--models", "gau"], ["--seed", "0"], ["--lr", "0.1"],
+                                    ["--corpus", "x"], ["--threads", "2"], ["--hidden", "16"]])
+def test_bench_quality_merge_refuses_the_training_options(option, tmp_path, capsys, nothing_runs):
+    a = _quality_result(tmp_path / "a.json")
+    out = tmp_path / "out.json"
+    line = _refused(["bench", "quality", "--merge", a, *option, "--json", str(out)], capsys, "bench quality")
+    assert f"{option[0]} is not used with --merge" in line and f"drop {option[0]}" in line and not out.exists()
+
+
+@pytest.mark.parametrize("command, argv, flag, what", [
+    ("attention", ["--model-scaling", "--earlier-wheel", "w"], "--earlier-wheel", "is not used with --model-scaling"),
+    ("attention", ["--model-scaling", "--warmup", "1"], "--warmup", "is not used with --model-scaling"),
+    ("attention", ["--model-scaling", "--max-seconds", "5"], "--max-seconds", "is not used with --model-scaling"),
+    ("attention", ["--model-scaling", "--skip-core"], "--skip-core", "is not used with --model-scaling"),
+    ("attention", ["--model-scaling", "--max-standard-len", "9"], "--max-standard-len", "is not used with"),
+    ("attention", ["--layers", "2"], "--layers", "applies to --model-scaling only"),
+    ("attention", ["--vocab", "50"], "--vocab", "applies to --model-scaling only"),
+    ("attention", ["--ff-dim", "64"], "--ff-dim", "applies to --model-scaling only"),
+    ("attention", ["--max-earlier-len", "64"], "--max-earlier-len", "applies to --earlier-wheel only"),
+    ("models", ["--no-train", "--model-budget", "5"], "--model-budget", "caps the train steps, which --no-train skips"),
+    ("converted", ["--decode-contexts", "--decode-steps", "2"], "--decode-steps", "applies to --decode-contexts"),
+])
+def test_bench_refuses_an_option_it_would_ignore(command, argv, flag, what, tmp_path, capsys, nothing_runs):
+    out = tmp_path / "r.json"
+    line = _refused(["bench", command, *COMMANDS[command], *argv, "--json", str(out)], capsys, f"bench {command}")
+    assert f"{flag} {what}" in line and not out.exists()

@@ -14,15 +14,16 @@ Three measurements, all forward only (``torch.no_grad``), batch 1, eval mode, dr
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Dict, Sequence
 
 import torch
 
 from ..numbers import finite_number
-from .common import (add_output_arguments, bench_parser, check_at_least, check_device, check_outputs,
-                     machine_info, write_outputs)
+from ..outputs import UserError
+from .common import (add_output_arguments, bench_parser, check_at_least, check_device, check_outputs, check_seed,
+                     check_unique, given, machine_info, write_outputs)
 from .core import bench_core
+from .earlier import check_wheel
 from .layers import DEFAULT_SEQ_LENS, bench_attention
 from .plots import plot_rows
 from .scaling import DEFAULT_MODEL_SEQ_LENS, bench_model_scaling
@@ -48,6 +49,17 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
 
 
 def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
+    check_unique(args, ("seq_lens",))
+    if args.model_scaling and (flag := given(args, ("warmup", "max_standard_len", "earlier_wheel", "max_earlier_len",
+                                                    "max_seconds", "skip_core"))):
+        raise UserError(f"{flag} is not used with --model-scaling (it times one BSBRModel, no baseline): "
+                        f"drop {flag}, or --model-scaling")
+    if not args.model_scaling and (flag := given(args, ("layers", "ff_dim", "vocab"))):
+        raise UserError(f"{flag} applies to --model-scaling only: give --model-scaling, or drop {flag}")
+    if args.max_earlier_len is not None and not args.earlier_wheel:
+        raise UserError("--max-earlier-len applies to --earlier-wheel only: give --earlier-wheel WHL, "
+                        "or drop --max-earlier-len")
+    check_seed(args)
     check_at_least(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "max_standard_len",
                           "max_earlier_len", "threads"))
     check_at_least(args, ("retrieval_blocks", "warmup"), minimum=0)
@@ -55,8 +67,8 @@ def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
         raise ValueError(f"--seq-lens must be positive integers, got {args.seq_lens}")
     if hidden % heads:
         raise ValueError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
-    if args.earlier_wheel and not os.path.isfile(args.earlier_wheel):
-        raise FileNotFoundError(f"--earlier-wheel: no such file: {args.earlier_wheel}")
+    if args.earlier_wheel is not None:
+        check_wheel(args.earlier_wheel)
     check_device(args.device)
     check_outputs(args, inputs=[("--earlier-wheel", args.earlier_wheel)])
 
@@ -71,13 +83,14 @@ def run_attention(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     shared = dict(chunk_size=args.chunk_size, repeats=args.repeats, retrieval=args.retrieval,
                   retrieval_blocks=args.retrieval_blocks, seed=args.seed, device=args.device)
+    layers = args.layers or 2  # the defaults of the options of one mode (None: not given, see _validate)
     if args.model_scaling:
-        result = bench_model_scaling(seq_lens, hidden=hidden, heads=heads, ff_dim=args.ff_dim, num_layers=args.layers,
-                                     vocab_size=args.vocab, **shared)
+        result = bench_model_scaling(seq_lens, hidden=hidden, heads=heads, ff_dim=args.ff_dim or 1024,
+                                     num_layers=layers, vocab_size=args.vocab or 1000, **shared)
     else:
-        result = bench_attention(seq_lens, hidden=hidden, heads=heads, warmup=args.warmup,
+        result = bench_attention(seq_lens, hidden=hidden, heads=heads, warmup=1 if args.warmup is None else args.warmup,
                                  max_standard_len=args.max_standard_len, earlier_wheel=args.earlier_wheel,
-                                 max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds, **shared)
+                                 max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds or 30.0, **shared)
         if not args.skip_core:
             result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, **shared)
     result["machine"] = machine_info(args.device)
@@ -89,7 +102,7 @@ def run_attention(args: argparse.Namespace) -> int:
                 print(f"  {r['seq_len']:>6} tokens: process peak RSS {r['process_peak_mb']:.0f} MiB")
         print(f"t(longest)/t(shortest) = {result['ratios']['time_ratio_longest_shortest']} "
               f"(linear: {result['ratios']['linear_would_be']:g})")
-        title = f"{args.layers}-layer BSBRModel forward (hidden {hidden}, chunk {args.chunk_size}, {threads} threads)"
+        title = f"{layers}-layer BSBRModel forward (hidden {hidden}, chunk {args.chunk_size}, {threads} threads)"
     else:
         for r in result["rows"]:
             if r["status"] != "ok":
@@ -121,7 +134,8 @@ def register(bench_sub) -> None:
     p.add_argument("--heads", type=int, default=None, help="attention heads (default 8; model scaling 4)")
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and length (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model and length before measuring")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per model and length before measuring (default 1)")
     p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive")
     p.add_argument("--retrieval-blocks", type=int, default=0,
                    help="earlier chunks each token attends to exactly, chosen by key bounds (default 0)")
@@ -129,14 +143,14 @@ def register(bench_sub) -> None:
     p.add_argument("--earlier-wheel", default=None, metavar="WHL",
                    help="the bsbr==0.1.1 wheel: also time its BSBRAttention side by side")
     p.add_argument("--max-earlier-len", type=int, default=None, help="longest length for the bsbr 0.1.1 layer")
-    p.add_argument("--max-seconds", type=finite_number(positive=True), default=30.0,
-                   help="skip a baseline whose call is predicted (quadratically) to take longer")
+    p.add_argument("--max-seconds", type=finite_number(positive=True), default=None,
+                   help="skip a baseline whose call is predicted (quadratically) to take longer (default 30)")
     p.add_argument("--skip-core", action="store_true", help="skip the op-alone vs matmul FLOPs measurement")
     p.add_argument("--model-scaling", action="store_true",
                    help="instead: a BSBRModel (default 2 layers, hidden 256, 4 heads, ff 1024) at 8k-64k tokens")
-    p.add_argument("--layers", type=int, default=2, help="model scaling: layers")
-    p.add_argument("--ff-dim", type=int, default=1024, help="model scaling: feed-forward size")
-    p.add_argument("--vocab", type=int, default=1000, help="model scaling: vocabulary size")
+    p.add_argument("--layers", type=int, default=None, help="model scaling: layers (default 2)")
+    p.add_argument("--ff-dim", type=int, default=None, help="model scaling: feed-forward size (default 1024)")
+    p.add_argument("--vocab", type=int, default=None, help="model scaling: vocabulary size (default 1000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     add_output_arguments(p, "a log-log plot")

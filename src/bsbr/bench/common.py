@@ -258,6 +258,32 @@ def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {x}")
 
 
+def check_unique(args, names: Sequence[str]) -> None:
+    """Refuse a list option that names one value twice (its rows would be measured and reported twice)."""
+    for name in names:
+        seen = set()
+        for v in getattr(args, name) or ():
+            if v in seen:
+                raise UserError(f"--{name.replace('_', '-')} {v} is given twice: give each value once")
+            seen.add(v)
+
+
+def check_seed(args) -> None:
+    """Refuse a --seed torch cannot take (as ``bsbr distill`` does); None: the default."""
+    if args.seed is not None and not -2 ** 63 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
+
+
+def given(args, names: Sequence[str]) -> Optional[str]:
+    """The first of the options ``names`` given on the command line, as ``--flag`` (such options default
+    to None, a flag to False, and get their default only after the checks), or None when none is."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v is not False:
+            return f"--{name.replace('_', '-')}"
+    return None
+
+
 def check_device(device: str) -> None:
     """Refuse a ``--device`` the benchmarks cannot run on: ``cpu``, or ``cuda``/``cuda:N`` where CUDA has it."""
     try:
@@ -274,10 +300,16 @@ def check_device(device: str) -> None:
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless that is None: then the help says it (see :func:`given`)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def bench_parser(bench_sub, name: str, doc: str):
     """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
-    return bench_sub.add_parser(name, description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return bench_sub.add_parser(name, description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
 
 
 def add_shape_arguments(p, hidden: int, layers: int, heads: int, ff_dim: int) -> None:

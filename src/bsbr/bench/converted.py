@@ -15,8 +15,8 @@ import torch
 
 from ..outputs import UserError, check_model_arg, check_positions
 from ..numbers import finite_number
-from .common import (add_output_arguments, check_at_least, check_outputs, interleaved_times, machine_info,
-                     measure_peak, median, write_outputs)
+from .common import (add_output_arguments, check_at_least, check_outputs, check_unique, interleaved_times,
+                     machine_info, measure_peak, median, write_outputs)
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,11 @@ def speed_lines(result: Dict) -> List[str]:
 def cmd(args) -> int:
     from ..convert.converter import convert_to_bsbr, load_source
 
+    check_unique(args, ("seq_lens", "decode_contexts"))
+    if not args.decode_contexts and args.decode_steps is not None:
+        raise UserError("--decode-steps applies to --decode-contexts, given none: give --decode-contexts N ..., "
+                        "or drop --decode-steps")
+    decode_steps = args.decode_steps or 8
     check_at_least(args, ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size", "threads"))
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
@@ -137,11 +142,11 @@ def cmd(args) -> int:
         source = load_source(args.source).eval()
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
-                        [("--decode-contexts (plus --decode-steps)", n + args.decode_steps) for n in args.decode_contexts])
+                        [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])
     converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=args.gate_init).eval()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, args.decode_steps)
+    result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
     result.update(model=title, gate_init=args.gate_init)
     print("\n".join(speed_lines(result)))
     write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
@@ -158,7 +163,7 @@ def register(bench_sub) -> None:
                         "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 32768])
-    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--decode-steps", type=int, default=None, help="tokens generated per decode context (default 8)")
     p.add_argument("--repeats", type=int, default=3)
     add_output_arguments(p, "the prefill and decode plot")
     p.set_defaults(func=cmd)

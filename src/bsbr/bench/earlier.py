@@ -11,7 +11,32 @@ import sys
 import tempfile
 import zipfile
 
+from ..outputs import UserError
+
 EARLIER_MODULE_NAME = "bsbr_earlier_0_1_1"
+
+
+def check_wheel(path: str, option: str = "--earlier-wheel") -> None:
+    """Refuse, before anything runs, a path that is not the bsbr 0.1.1 wheel: missing, a directory, not a
+    regular file, not a zip, or a zip without ``bsbr/bsbr.py``."""
+    if not os.path.exists(path):
+        what = "does not exist"
+    elif os.path.isdir(path):
+        what = "is a directory, not a wheel file"
+    elif not os.path.isfile(path):
+        what = "is not a regular file (a device or FIFO)"
+    else:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if "bsbr/bsbr.py" in zf.namelist():
+                    return
+            what = "has no bsbr/bsbr.py: it is not the bsbr 0.1.1 wheel"
+        except zipfile.BadZipFile:
+            what = "is not a wheel (zip) file"
+        except OSError as e:
+            what = f"cannot be read ({e.strerror or e})"
+    raise UserError(f"{option} {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl "
+                    f"(pip download bsbr==0.1.1 --no-deps)")
 
 
 def load_earlier_bsbr(wheel_path: str):

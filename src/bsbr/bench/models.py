@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..numbers import finite_number
+from ..outputs import UserError
 from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
-                     check_at_least, check_outputs, failure, forward_fn, interleaved_times, is_oom,
+                     check_at_least, check_outputs, check_seed, check_unique, failure, forward_fn, interleaved_times, is_oom,
                      machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
@@ -235,6 +236,10 @@ def format_table(result: Dict[str, object]) -> str:
 
 # ------------------------------------------------------------------------------- CLI
 def run_models(args: argparse.Namespace) -> int:
+    check_unique(args, ("seq_lens", "models"))
+    if args.no_train and args.model_budget is not None:
+        raise UserError("--model-budget caps the train steps, which --no-train skips: drop one of them")
+    check_seed(args)
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
     if any(n < 2 for n in seq_lens):
         raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
@@ -244,8 +249,8 @@ def run_models(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,
                           heads=args.heads, ff_dim=args.ff_dim, block=args.block, repeats=args.repeats,
-                          max_seconds=args.max_seconds, model_budget=args.model_budget, train=not args.no_train,
-                          seed=args.seed)
+                          max_seconds=args.max_seconds, model_budget=args.model_budget or 90.0,
+                          train=not args.no_train, seed=args.seed)
     print(format_table(result))
     write_outputs(result, args, plot_models)
     return 0
@@ -261,7 +266,8 @@ def register(bench_sub) -> None:
     p.add_argument("--block", type=int, default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
-    p.add_argument("--model-budget", type=finite_number(positive=True), default=90.0, help="no more train steps for a model after this much measuring time")
+    p.add_argument("--model-budget", type=finite_number(positive=True), default=None,
+                   help="no more train steps for a model after this much measuring time (default 90)")
     p.add_argument("--no-train", action="store_true", help="forward only")
     p.add_argument("--seed", type=int, default=0)
     add_output_arguments(p, "a log-log plot")

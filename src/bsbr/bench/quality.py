@@ -14,6 +14,7 @@ downloaded and no tokenizer is needed), split into train and held-out files by
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -30,8 +31,8 @@ from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..outputs import UserError
 from ..numbers import finite_number
-from .common import (VOCAB, add_output_arguments, add_shape_arguments, bench_parser, check_at_least, check_outputs,
-                     write_outputs)
+from .common import (VOCAB, add_output_arguments, bench_parser, check_at_least, check_outputs, check_seed,
+                     check_unique, given, write_outputs)
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,18 @@ DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr
 # ------------------------------------------------------------------------------- data
 def load_corpus(root: Optional[str] = None):
     """(train bytes, held-out bytes, file count): the corpus's train and held-out files, each split's
-    files joined with a blank line, as long tensors of byte values."""
+    files joined with a blank line, as long tensors of byte values. A ``root`` (``--corpus``) that is no
+    directory, or lacks either split, is a one-line :class:`UserError`."""
+    fix = "give a directory of .py files (or leave out --corpus: the standard library)"
+    if root is not None and not os.path.isdir(root):
+        what = ("does not exist" if not os.path.exists(root) else "is a file, not a directory" if os.path.isfile(root)
+                else "is not a directory")
+        raise UserError(f"--corpus {root} {what}: {fix}")
     split = {s: stdlib_files(s, root=root) for s in ("train", "heldout")}
     if not all(split.values()):
-        raise ValueError(f"need train and held-out .py files under {root or stdlib_root()}, "
-                         f"found {len(split['train'])} and {len(split['heldout'])}")
+        where = f"--corpus {root}" if root is not None else f"the standard library {stdlib_root()}"
+        raise UserError(f"{where} has {len(split['train'])} train and {len(split['heldout'])} held-out .py files "
+                        f"(split by a hash of each path; test_*.py skipped), need at least one of each: {fix}")
     train, heldout = (torch.frombuffer(bytearray(b"".join(p.read_bytes() + b"\n\n" for p in files)),
                                        dtype=torch.uint8).long() for files in split.values())
     return train, heldout, sum(map(len, split.values()))
@@ -292,20 +300,27 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
             "comparison": compare_to_window(results, config["block"])}
 
 
+# run_quality's options and their defaults: on the command line None is not given (its default), so that
+# --merge can refuse them
+TRAINING = {name: param.default for name, param in inspect.signature(run_quality).parameters.items()
+            if name != "progress"}
+
+
 def run_quality_cli(args: argparse.Namespace) -> int:
-    check_at_least(args, ("threads",))
+    if args.merge and (flag := given(args, (*TRAINING, "threads"))):
+        raise UserError(f"{flag} is not used with --merge (it joins results trained earlier, with their settings): "
+                        f"drop {flag}")
+    check_unique(args, ("models",))
+    check_seed(args)
+    check_at_least(args, ("threads", "steps", "batch", "seq_len", "hidden", "layers", "heads", "block",
+                          "eval_windows", "ff_dim"))
     check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()])
     if args.merge:
         result = merge_results(args.merge)
     else:
-        check_at_least(args, ("steps", "batch", "seq_len", "hidden", "layers", "heads", "block", "eval_windows",
-                              "ff_dim"))
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run_quality(args.models or DEFAULT_MODELS, block=args.block, hidden=args.hidden, layers=args.layers,
-                             heads=args.heads, ff_dim=args.ff_dim, seq_len=args.seq_len, batch=args.batch,
-                             steps=args.steps, lr=args.lr, eval_windows=args.eval_windows, seed=args.seed,
-                             corpus=args.corpus)
+        result = run_quality(**{name: getattr(args, name) for name in TRAINING if getattr(args, name) is not None})
     print(format_table(result))
     write_outputs(result, args, plot_quality)
     return 0
@@ -315,15 +330,12 @@ def register(bench_sub) -> None:
     p = bench_parser(bench_sub, "quality", __doc__)
     p.add_argument("--models", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")
-    p.add_argument("--block", type=int, default=64, help="BSBR chunk size = sliding window")
-    add_shape_arguments(p, hidden=128, layers=2, heads=4, ff_dim=512)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=finite_number(positive=True), default=2e-3)
-    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--block", type=int, default=None,
+                   help=f"BSBR chunk size = sliding window (default {TRAINING['block']})")
+    for name in ("hidden", "layers", "heads", "ff_dim", "seq_len", "batch", "steps", "eval_windows", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {TRAINING[name]}")
+    p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {TRAINING['lr']}")
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
-    p.add_argument("--seed", type=int, default=0)
     add_output_arguments(p, "the loss-by-position plot")
     p.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
                    help="instead of training: merge results of runs with the same configuration")
