@@ -1,8 +1,11 @@
 """bsbr eval refuses, in one line and before loading any model, what it cannot do safely: outputs that are
-(or lie inside) an input, outputs that collide with each other (the heat map's data beside it too), plot
-names without a figure format, a bad --lm-eval-task-dir, flags it would ignore, a broken conversion.json,
-a --seq-len shorter than the model's chunk allows."""
+(or lie inside) an input, outputs that collide with each other (the heat map's data beside it too), files
+derived from an option that bsbr eval did not write, plot names without a figure format, a bad
+--lm-eval-task-dir, flags it would ignore, repeated list values, a broken conversion.json, a --seq-len
+shorter than the model's chunk allows, pass-key lengths past the token cap. Its result files are written
+as one set, or not at all."""
 import json
+import os
 
 import pytest
 from cli_checks import one_error_line
@@ -10,6 +13,7 @@ from model_sources import make_source
 
 from bsbr.cli import main
 from bsbr.convert import convert_to_bsbr
+from bsbr.ops.bsbr.options import MAX_TOKENS
 
 CHUNK = 16
 STORY = "The fox ran over the hill. It was a bright and windy day in the valley.\n"
@@ -130,13 +134,26 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
     assert not task.exists() and not list(tmp_path.iterdir())
     monkeypatch.undo()
     task.mkdir()
-    (task / "notes.txt").write_text("mine")
-    (task / "bsbr_passkey.jsonl").write_text("old")
+    (task / "bsbr_passkey.jsonl").write_text("old")  # what a previous run (and lm-eval's import) left
+    (task / "__pycache__").mkdir()
+    (task / "__pycache__" / "bsbr_passkey_utils.cpython-312.pyc").write_bytes(b"pyc")
     assert main(argv) == 0
-    assert sorted(p.name for p in task.iterdir()) == ["bsbr_passkey.jsonl", "bsbr_passkey.yaml",
-                                                      "bsbr_passkey_utils.py", "notes.txt"]
-    assert (task / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in task.iterdir()) == ["__pycache__", "bsbr_passkey.jsonl", "bsbr_passkey.yaml",
+                                                      "bsbr_passkey_utils.py"]
     assert len([json.loads(x) for x in (task / "bsbr_passkey.jsonl").read_text().splitlines()]) == 2
+
+
+@pytest.mark.parametrize("mine", ["notes.txt", "bsbr_passkey_notes.txt", "__pycache__/other.pyc", "sub/x"])
+def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, no_loading, mine):
+    """Only a directory that is missing, empty, or holds a previous task's files is written into."""
+    task = tmp_path / "task"
+    (task / mine).parent.mkdir(parents=True)
+    (task / mine).write_text("mine")
+    (task / "bsbr_passkey.yaml").write_text("old")
+    before = _snapshot(task)
+    _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY],
+             "--lm-eval-task-dir", mine.split("/")[0], "move")
+    assert _snapshot(task) == before
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -146,6 +163,7 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
     (["--lm-eval-task-dir", "T", "--json", "r.json"], ["--json", "--lm-eval-task-dir"]),
     (["--no-passkey", "--passkey-plot", "p.png"], ["--passkey-plot", "--no-passkey"]),
     (["--passkey-only", "--plot", "a.png", "--passkey-plot", "b.png"], ["--plot", "--passkey-plot"]),
+    (["--lm-eval-task-dir", "T", "--no-passkey"], ["--no-passkey", "--lm-eval-task-dir"]),
 ])
 def test_flags_that_would_be_ignored_are_refused(saved, tmp_path, capsys, no_loading, monkeypatch, extra, words):
     monkeypatch.chdir(tmp_path)
@@ -170,3 +188,75 @@ def test_seq_len_is_checked_against_the_chunk_before_loading(saved, capsys, no_l
     argv = _base(saved, "--no-passkey")
     argv[argv.index("--seq-len") + 1] = seq_len
     _refused(capsys, argv, f"--seq-len {seq_len}", f"chunk size {CHUNK}", f"at least {CHUNK + 2}")
+
+
+@pytest.mark.parametrize("mode", ["full", "passkey-only", "lm-eval"])
+def test_passkey_lengths_past_the_token_cap_are_refused(saved, tmp_path, capsys, no_loading, mode):
+    extra = {"full": ["--text-file", str(saved / "text.py"), "--seq-len", "40"], "passkey-only": ["--passkey-only"],
+             "lm-eval": ["--lm-eval-task-dir", str(tmp_path / "task")]}[mode]
+    _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "96", str(MAX_TOKENS + 1)],
+             f"--passkey-lengths {MAX_TOKENS + 1:,}", f"at most {MAX_TOKENS:,}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--passkey-lengths", "96", "128", "96"], ["--passkey-lengths 96 is given twice"]),
+    (["--passkey-depths", "0.5", "0.50"], ["--passkey-depths 0.5 is given twice"]),
+    (["--passkey-models", "bsbr", "source", "bsbr"], ["--passkey-models bsbr is given twice"]),
+    (["--passkey-filler", "classic", "--passkey-filler", "classic"], ["--passkey-filler classic is given twice"]),
+    (["--passkey-filler", "STORY", "file:STORY"], ["--passkey-filler file:", "is given twice", "story.txt"]),
+    (["--text-file", "DIR/text.py", "DIR/./text.py"], ["--text-file", "/./text.py is given twice (as "]),
+])
+def test_repeated_list_values_are_refused(saved, capsys, no_loading, extra, words):
+    extra = [x.replace("STORY", str(saved / "story.txt")).replace("DIR", str(saved)) for x in extra]
+    _refused(capsys, _base(saved, *extra), *words)
+
+
+def test_filler_that_is_a_directory_or_fifo_says_so(saved, tmp_path, capsys):
+    _refused(capsys, _base(saved, "--passkey-filler", str(tmp_path)), "--passkey-filler", "is a directory")
+    os.mkfifo(tmp_path / "fifo")
+    _refused(capsys, _base(saved, "--passkey-filler", str(tmp_path / "fifo")), "--passkey-filler",
+             "not a regular file")
+
+
+@pytest.mark.parametrize("option,name,derived,content", [
+    ("--passkey-plot", "mine.png", "mine.json", '{"mine": 1}\n'),   # the heat map's data beside it
+    ("--json", "r.json", "r.passkey.png", "not a figure\n"),          # the heat map beside --json
+    ("--json", "r.json", "r.passkey.json", '{"lengths": [1]}\n'),
+    ("--plot", "r.png", "r.passkey.json", "[1, 2]\n"),
+])
+def test_derived_files_replace_only_what_eval_wrote(saved, tmp_path, capsys, no_loading, option, name, derived,
+                                                     content):
+    (tmp_path / derived).write_text(content)
+    _refused(capsys, _base(saved, *PASSKEY, option, str(tmp_path / name)), option, str(tmp_path / derived),
+             "move it")
+    assert [p.name for p in tmp_path.iterdir()] == [derived] and (tmp_path / derived).read_text() == content
+
+
+def test_result_files_are_written_as_one_set(saved, tmp_path, capsys, monkeypatch):
+    """A run that fails or is interrupted while drawing the heat map (the last figure) leaves the
+    previous run's four files as they were, and no temporaries or new folders; a rerun replaces them."""
+    out = tmp_path / "e"
+    argv = _base(saved, *PASSKEY, "--json", str(out / "r.json"), "--plot", str(out / "r.png"))
+    assert main(argv) == 0
+    names = ["r.json", "r.passkey.json", "r.passkey.png", "r.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    before = _snapshot(tmp_path)
+
+    def fail(error):
+        def plot(*args, **kwargs):
+            raise error
+        return plot
+
+    for error, rc in ((KeyboardInterrupt(), 130), (ValueError("plot failed"), 2)):
+        monkeypatch.setattr("bsbr.evaluate.plots.plot_passkey_heatmap", fail(error))
+        assert main(argv + ["--seed", "1"]) == rc
+        assert main(_base(saved, *PASSKEY, "--json", str(tmp_path / "new" / "sub" / "r.json"))) == rc
+        assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+        assert sorted(p.name for p in out.iterdir()) == names
+    monkeypatch.undo()
+    assert main(argv + ["--seed", "1"]) == 0  # the same command again: eval's own files are replaced
+    assert sorted(p.name for p in out.iterdir()) == names
+    after = _snapshot(tmp_path)
+    assert all(after[out / n] != before[out / n] for n in ("r.json", "r.passkey.json"))
+    assert json.loads((out / "r.json").read_text())["passkey"] == json.loads((out / "r.passkey.json").read_text())

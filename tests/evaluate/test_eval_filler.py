@@ -55,6 +55,8 @@ def test_file_filler_and_errors(tmp_path):
         filler.get_filler(str(empty))
     with pytest.raises(ValueError, match="unknown filler"):
         filler.get_filler("lorem")
+    with pytest.raises(ValueError, match="is a directory"):
+        filler.get_filler(str(tmp_path))
 
 
 def test_split_sentences():

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from ..outputs import (UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
+from ..ops.bsbr.options import MAX_TOKENS
+from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
                        check_positions, check_source, check_text_files, read_config, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
+from .lm_eval_task import TASK_NAME
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, passkey_summary_lines
 from .report import summary_lines
-from .saved import evaluate_saved, passkey_saved
+from .saved import evaluate_saved, passkey_saved, write_together
 
 logger = logging.getLogger(__name__)
 
@@ -66,25 +70,88 @@ def _check_seq_len(args) -> None:
                         f"{chunk + 2} (tokens past the first chunk are scored)")
 
 
+def _check_lists(args) -> None:
+    """No list option repeats a value (a repeated length or depth would count its cells twice), and no
+    pass-key length exceeds the token cap (:data:`~bsbr.ops.bsbr.options.MAX_TOKENS`)."""
+    for option, values, key in (("--text-file", args.text_file, os.path.realpath),
+                                ("--passkey-lengths", args.passkey_lengths, int),
+                                ("--passkey-depths", args.passkey_depths, float),
+                                ("--passkey-filler", args.passkey_filler, lambda f: get_filler(f).name),
+                                ("--passkey-models", args.passkey_models, str)):
+        seen = {}
+        for value in values or []:
+            k = key(value)
+            if k in seen:
+                first = seen[k]
+                same = "" if first == value else f" (as {first}" + ("" if k == first else f", both {k}") + ")"
+                raise UserError(f"{option} {value} is given twice{same}: give each value once")
+            seen[k] = value
+    for n in args.passkey_lengths or []:
+        if n > MAX_TOKENS:
+            raise UserError(f"--passkey-lengths {n:,} is longer than bsbr's {MAX_TOKENS:,}-token limit: "
+                            f"give at most {MAX_TOKENS:,}")
+
+
+TASK_FILES = (f"{TASK_NAME}.yaml", f"{TASK_NAME}.jsonl", f"{TASK_NAME}_utils.py")
+
+
+def _check_task_dir(task_dir: Path, arg) -> None:
+    """--lm-eval-task-dir may hold only what a previous --lm-eval-task-dir wrote (:data:`TASK_FILES`, and
+    the ``__pycache__`` of the utils module that lm-eval imports)."""
+    for p in sorted(task_dir.iterdir()) if task_dir.is_dir() else ():
+        ours = p.is_file() and p.name in TASK_FILES or p.name == "__pycache__" and p.is_dir() and all(
+            q.name.startswith(f"{TASK_NAME}_utils.") and q.suffix == ".pyc" for q in p.iterdir())
+        if not ours:
+            raise OutputError(f"--lm-eval-task-dir {arg} holds {p.name}, which bsbr eval does not write there: "
+                              f"give a new or empty directory, or move {p.name} away")
+
+
+def _is_passkey_output(path: Path) -> bool:
+    """Whether ``path`` is what bsbr eval writes as a derived file: a PNG file, or the pass-key data
+    (a :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".png":
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"lengths", "depths", "trials", "fillers", "models", "samples"} <= data.keys()
+
+
 def _check_outputs(args) -> None:
-    """Every file or directory the command will write, before anything is loaded."""
+    """Every file or directory the command will write, before anything is loaded. A file derived from an
+    option (the heat map and its data beside --plot or --json) may replace only what bsbr eval wrote
+    there (:func:`_is_passkey_output`)."""
     inputs = _inputs(args)
     if args.lm_eval_task_dir:
-        check_output_dir(args.lm_eval_task_dir, inputs=inputs, option="--lm-eval-task-dir", allow_existing=True)
+        task_dir = check_output_dir(args.lm_eval_task_dir, inputs=inputs, option="--lm-eval-task-dir",
+                                    allow_existing=True)
+        _check_task_dir(task_dir, args.lm_eval_task_dir)
         return
     outputs = [("--json", args.json), ("--plot", args.plot)]
+    derived = []  # (what, path) beside the option ``beside``
     heatmap = None if args.no_passkey else _heatmap_path(args)
     if heatmap is not None:
         if args.passkey_plot:
-            beside = "--passkey-plot"
-            outputs.append((beside, args.passkey_plot))
+            beside = ("--passkey-plot", args.passkey_plot)
+            outputs.append(beside)
         elif args.passkey_only and args.plot:  # --plot is the heat map itself
-            beside = "--plot"
+            beside = ("--plot", args.plot)
         else:
-            beside = "--plot" if args.plot else "--json"
-            outputs.append((f"the pass-key heat map (beside {beside})", str(heatmap)))
-        outputs.append((f"the pass-key data (beside {beside})", str(heatmap.with_suffix(".json"))))
-    check_output_files(outputs, inputs=inputs, plots=("--plot", "--passkey-plot"))
+            beside = ("--plot", args.plot) if args.plot else ("--json", args.json)
+            derived.append(("the pass-key heat map", heatmap))
+        derived.append(("the pass-key data", heatmap.with_suffix(".json")))
+    check_output_files(outputs + [(f"{what} (beside {beside[0]})", str(path)) for what, path in derived],
+                       inputs=inputs, plots=("--plot", "--passkey-plot"))
+    for what, path in derived:
+        path = path.expanduser()
+        if os.path.lexists(path) and not _is_passkey_output(path):
+            kind = "a PNG file" if path.suffix == ".png" else "a pass-key report of bsbr eval"
+            raise OutputError(f"{beside[0]} {beside[1]} puts {what} at {path}, which exists and is not {kind}: "
+                              f"move it, or choose another {beside[0]}")
 
 
 def _filler(text: str) -> str:
@@ -128,6 +195,8 @@ def cmd_eval(args) -> int:
             if value:
                 raise UserError(f"{option} is not written with --lm-eval-task-dir (it writes the task and exits): "
                                 f"drop {option}, or run the evaluation separately")
+        if args.no_passkey:
+            raise UserError("--no-passkey with --lm-eval-task-dir: the task is the pass-key test; drop one")
     if args.no_passkey and args.passkey_plot:
         raise UserError("--passkey-plot with --no-passkey: there is no pass-key test to plot; drop one")
     if args.passkey_only and args.plot and args.passkey_plot:
@@ -136,6 +205,7 @@ def cmd_eval(args) -> int:
     read_metadata(args.model)  # where --reference is checked: refused now if broken
     check_model_arg(args.reference, "--reference")
     check_text_files(args.text_file)
+    _check_lists(args)
     if not (args.lm_eval_task_dir or args.passkey_only):
         _check_seq_len(args)
     _check_outputs(args)
@@ -150,7 +220,7 @@ def cmd_eval(args) -> int:
         check_positions(source_model, "--reference", lengths)
 
     passkey = None
-    if not args.no_passkey or args.lm_eval_task_dir:
+    if not args.no_passkey:
         passkey = dict(lengths=args.passkey_lengths or list(DEFAULT_LENGTHS),
                        depths=args.passkey_depths or list(DEFAULT_DEPTHS), trials=args.passkey_trials,
                        seed=args.seed, max_new_tokens=args.passkey_new_tokens,
@@ -158,7 +228,7 @@ def cmd_eval(args) -> int:
     if args.lm_eval_task_dir:
         return _write_lm_eval_task(args, passkey)
     if passkey is not None and args.passkey_models:
-        passkey["only"] = list(dict.fromkeys(args.passkey_models))
+        passkey["only"] = list(args.passkey_models)
     if args.passkey_only:
         result = passkey_saved(args.model, args.reference, passkey=passkey, progress=not args.no_progress,
                                check_reference=check_reference)
@@ -169,8 +239,8 @@ def cmd_eval(args) -> int:
                                     dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
                                     text_column=args.text_column or "text", split=args.split, seq_len=args.seq_len,
                                     max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
-                                    passkey=passkey, seed=args.seed, json_path=args.json, plot_path=args.plot,
-                                    progress=not args.no_progress, check_reference=check_reference)
+                                    passkey=passkey, seed=args.seed, progress=not args.no_progress,
+                                    check_reference=check_reference)
         except ImportError as e:  # an optional dependency (datasets): one line, not a traceback
             if args.verbose:
                 raise
@@ -179,18 +249,24 @@ def cmd_eval(args) -> int:
         lines = summary_lines(result)
     for line in lines:
         print(line)
+    from .plots import plot_passkey_heatmap, plot_results
+
+    files = []  # all written together at the end: an error or interruption before leaves the old set
     if args.json:
-        if args.passkey_only:  # (a full run's JSON is written by evaluate_saved)
-            write_json(result, args.json)
+        files.append((args.json, lambda p: write_json(result, p)))
+    if args.plot and not args.passkey_only:
+        files.append((args.plot, lambda p: plot_results(result, p)))
+    heatmap = _heatmap_path(args)
+    if heatmap is not None and result.get("passkey"):
+        files.append((heatmap, lambda p: plot_passkey_heatmap(result["passkey"], p)))
+        files.append((heatmap.with_suffix(".json"), lambda p: write_json(result["passkey"], p)))
+    write_together(files)
+    if args.json:
         print(f"results: {args.json}")
     if args.plot and not args.passkey_only:
         print(f"plot: {args.plot}")
-    heatmap = _heatmap_path(args)
     if heatmap is not None and result.get("passkey"):
-        from .plots import write_passkey_report
-
-        png, js = write_passkey_report(result["passkey"], heatmap)
-        print(f"pass-key heat map: {png} (data: {js})")
+        print(f"pass-key heat map: {heatmap} (data: {heatmap.with_suffix('.json')})")
     return 0
 
 

@@ -177,6 +177,9 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
         return CyclingFiller("prose", docstring_sentences(), "standard library docstrings (no licence texts)")
     path = filler_path(spec)
     if not path.is_file():
+        if path.exists():
+            what = "a directory" if path.is_dir() else "not a regular file (a device or FIFO)"
+            raise ValueError(f"filler {spec!r} is {what}: give a text file's path or one of {', '.join(FILLER_KINDS)}")
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
     sentences = _dedupe(split_sentences(path.read_text(encoding="utf-8", errors="replace")))
     if not sentences:

@@ -58,7 +58,7 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
         ax.set_title(f"pass-key retrieval ({passkey['trials']} trials per cell)", fontsize=9)
         ax.legend(fontsize=8)
     path = save_figure(fig, path)
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return path
 
 
@@ -98,7 +98,7 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.suptitle(f"pass-key retrieval: {passkey['trials']} trials per cell, seed {passkey['seed']}", fontsize=10)
     path = save_figure(fig, path, dpi=110, bbox_inches="tight")
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return path
 
 

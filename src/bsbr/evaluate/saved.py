@@ -2,11 +2,15 @@
 alone (``--passkey-only``), both against the models :func:`~.baselines.load_saved_models` loads."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
 
+from ..outputs import fsync, temp_dir
 from ..results import write_json
 from .baselines import load_saved_models
 from .evaluate import evaluate
@@ -20,7 +24,8 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
                    buckets: str = "chunk", passkey: Optional[dict] = None, seed: int = 0,
                    json_path: Optional[os.PathLike] = None, plot_path: Optional[os.PathLike] = None,
                    progress: bool = True, check_reference=None) -> dict:
-    """``bsbr eval``: load, evaluate, and write the JSON / PNG (when paths are given).
+    """``bsbr eval``: load, evaluate, and write the JSON / PNG (when paths are given, as one set:
+    :func:`write_together`).
 
     ``reference`` (what the model was converted from) and ``check_reference``: as in
     :func:`~bsbr.evaluate.baselines.load_saved_models`.
@@ -34,13 +39,46 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
     result["config"].update(config, corpus=corpus_info, stride=stride or seq_len)
+    files = []
     if json_path:
-        logger.info("wrote %s", write_json(result, json_path))
+        files.append((json_path, lambda p: write_json(result, p)))
     if plot_path:
         from .plots import plot_results
 
-        plot_results(result, plot_path)
+        files.append((plot_path, lambda p: plot_results(result, p)))
+    write_together(files)
     return result
+
+
+def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]) -> None:
+    """Write result files as one set: each ``(path, write)`` first has ``write(staged)`` write its file
+    in a staging folder beside ``path``; only when all are written are they renamed into place, in one
+    short final step. A write that fails (or an interruption) before that step leaves the old files
+    untouched, and neither staging folders nor the folders made for them."""
+    staging, staged, made = {}, [], []
+    try:
+        for path, write in files:
+            path = Path(os.path.abspath(os.path.expanduser(str(path))))
+            if path.parent not in staging:
+                made += [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                staging[path.parent] = temp_dir(path.parent, ".bsbr-eval.tmp-")
+            write(staging[path.parent] / path.name)
+            staged.append((staging[path.parent] / path.name, path))
+    except BaseException:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first, where empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+        logger.info("wrote %s", path)
+    for parent, folder in staging.items():
+        folder.rmdir()
+        with contextlib.suppress(OSError):  # not every file system lets a directory be synced
+            fsync(parent)
 
 
 def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[dict] = None,
