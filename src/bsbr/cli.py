@@ -9,7 +9,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 # name -> (help, module whose register(sub) defines it)
 COMMANDS = {
@@ -103,6 +105,20 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    """Run ``bsbr ARGV``; returns the exit status. SIGTERM, while this runs, is a Ctrl-C: status 130 and one
+    line (a command may handle it itself meanwhile, as distill does during training)."""
+    sigterm = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if sigterm:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _main(argv)
+    finally:
+        if sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -1,7 +1,10 @@
 """``bsbr distill`` through the real CLI (``main([...])`` in process) on the tiny local models of
 tests/cli/conftest.py: options refused before anything loads, ``--overwrite`` that keeps the old model
-until the new run has a checkpoint, and ``--resume`` that refuses another student."""
+until the new run's model replaces it, ``--resume`` that refuses another student or a run with nothing left
+to train, and the resume command printed after a second Ctrl-C."""
 import json
+import signal
+import threading
 
 import pytest
 from cli_checks import refused, tree_hash
@@ -72,11 +75,44 @@ def dies_at_step(monkeypatch, n):
     monkeypatch.setattr(trainer, "_train_step", step)
 
 
-def test_overwrite_keeps_the_old_model_until_the_new_run_has_a_checkpoint(models, text, tmp_path, capsys,
-                                                                            monkeypatch):
+def signals_at_step(monkeypatch, n, *signals):
+    """From now on, the run's step ``n`` (counted from 1) sends itself ``signals`` (this process's handlers
+    run at once: the first asks the run to stop after this step, a second SIGINT stops it at once)."""
+    import os
+    import time
+
+    from bsbr.distill import trainer
+
+    train_step, calls = trainer._train_step, []
+
+    def step(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.01)  # the handler runs before the next signal is sent
+        return train_step(*args, **kw)
+
+    monkeypatch.setattr(trainer, "_train_step", step)
+
+
+def model_files(out):
+    """{name: sha256} of the output's files but its checkpoint's."""
+    return {k: v for k, v in tree_hash(out).items() if not k.startswith("checkpoint/")}
+
+
+needs_main_thread = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                       reason="signal handlers need the main thread")
+
+
+@needs_main_thread
+def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, text, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(distill_args(models, text, out, "--steps", "2", "--checkpoint-every", "1")) == 0
+    written = set(model_files(out))  # what a run publishes
+    (out / "notes.txt").write_text("the old output's")  # a file the new model does not write
     before = tree_hash(out)
+    old_model = model_files(out)
     # the optimizer's step overflows float32 at once: refused (not an internal error), the old model kept
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "2", "--lr", "1e38"), "--overwrite"], "distill", out)
     assert "training diverged at step 1" in line and "lower the learning rate" in line, line
@@ -89,16 +125,33 @@ def test_overwrite_keeps_the_old_model_until_the_new_run_has_a_checkpoint(models
     assert main(args) == 1  # an internal error
     assert tree_hash(out) == before
     load_bsbr_model(out)  # still a complete model
-    # after the new run's first checkpoint (step 2): that checkpoint replaces the old one, and the old
-    # model is no longer the output's (no config.json); --resume finishes the new run
+    # a crash, or SIGTERM, after the new run's first checkpoint (step 2): that checkpoint replaces the old
+    # one; the old model and its files stay as they were, loadable, beside it
     dies_at_step(monkeypatch, 3)
     assert main(args) == 1
     assert json.loads((out / "checkpoint" / "manifest.json").read_text())["step"] == 2
-    assert not (out / "config.json").exists()
+    assert model_files(out) == old_model
     monkeypatch.undo()
-    assert main([a for a in args if a != "--overwrite"] + ["--resume"]) == 0
+    signals_at_step(monkeypatch, 2, signal.SIGTERM)
+    capsys.readouterr()
+    assert main(args) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted at step 2" in last and "resume with: " in last, last
+    assert model_files(out) == old_model
+    assert json.loads((out / "distill.json").read_text())["config"]["seed"] == 0
+    load_bsbr_model(out)
+    # the printed command finishes the new run: its model replaces every old file
+    monkeypatch.undo()
+    assert main(last.split("resume with: ")[1].split()[1:]) == 0
     log = json.loads((out / "distill.json").read_text())
-    assert [e["step"] for e in log["log"]] == [0, 1, 2] and log["config"]["seed"] == 1
+    assert [e["step"] for e in log["log"]] == [0, 1, 2] and log["config"]["seed"] == 1 and "replaces" not in log
+    assert set(model_files(out)) == written
+    load_bsbr_model(out)
+    # an --overwrite that finishes at once: nothing of the old output is left
+    (out / "notes.txt").write_text("the old output's")
+    assert main([*distill_args(models, text, out, "--steps", "2", "--seed", "2"), "--overwrite"]) == 0
+    assert set(model_files(out)) == written
+    assert json.loads((out / "distill.json").read_text())["config"]["seed"] == 2
     load_bsbr_model(out)
 
 
@@ -122,3 +175,48 @@ def test_resume_refuses_a_student_with_another_config(models, text, tmp_path, ca
     manifest.write_text(json.dumps(m))
     assert main([*distill_args(models, text, out, "--steps", "3"), "--resume"]) == 0
     assert len(json.loads((out / "distill.json").read_text())["log"]) == 3
+
+
+def test_resume_with_nothing_left_to_train_is_refused(models, text, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--checkpoint-every", "1")
+    assert main([*args, "--steps", "3"]) == 0
+    import bsbr.distill.cli as cli
+
+    monkeypatch.setattr(cli, "load_bsbr_model", lambda *a: pytest.fail("loaded before the refusal"))
+    monkeypatch.setattr(cli, "load_model_arg", lambda *a: pytest.fail("loaded before the refusal"))
+    for steps in ("2", "3"):  # fewer steps than the checkpoint's; the finished run's own command
+        line = refused(capsys, [*args, "--steps", steps, "--resume"], "distill", out)
+        assert line == (f"bsbr distill: error: --steps {steps}: the checkpoint in --output {out} is already at step 3: "
+                        f"give more --steps (or --minutes)"), line
+    line = refused(capsys, [*args, "--minutes", "0.0001", "--resume"], "distill", out)  # a budget used up
+    assert f"--minutes 0.0001: the checkpoint in --output {out} has already used" in line, line
+    assert line.endswith("give more --minutes (or --steps)"), line
+    # the last checkpoint of a run killed while it published its model: its own command publishes it
+    (out / "config.json").unlink()
+    monkeypatch.undo()
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [0, 1, 2]
+    load_bsbr_model(out)
+
+
+@needs_main_thread
+def test_a_second_ctrl_c_prints_the_command_that_resumes_the_last_checkpoint(models, text, tmp_path, capsys,
+                                                                            monkeypatch):
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--steps", "4", "--checkpoint-every", "1")
+    signals_at_step(monkeypatch, 3, signal.SIGINT, signal.SIGINT)  # the second stops step 3 at once
+    capsys.readouterr()
+    assert main(args) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"bsbr distill: interrupted; checkpoint {out / 'checkpoint'} holds step 2; resume with: "
+                           f"bsbr distill "), last
+    monkeypatch.undo()
+    assert main(last.split("resume with: ")[1].split()[1:]) == 0
+    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [0, 1, 2, 3]
+    # --overwrite stopped before its first checkpoint: the checkpoint there is the old run's, not this one's
+    before = tree_hash(out)
+    signals_at_step(monkeypatch, 1, signal.SIGINT, signal.SIGINT)
+    assert main([*args, "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr distill: interrupted"
+    assert tree_hash(out) == before

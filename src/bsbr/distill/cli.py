@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,9 @@ from ..numbers import finite_number
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
                        check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
                        write_model_card)
-from .checkpoint import has_checkpoint, read_manifest
-from .trainer import DistillConfig, DistillInterrupted, check_same_run, distill, exact_reach, student_record
+from .checkpoint import MANIFEST, has_checkpoint, read_manifest
+from .trainer import (DistillConfig, DistillInterrupted, check_same_run, check_work_left, distill, exact_reach,
+                      student_record)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,40 @@ def cmd_distill(args) -> int:
         if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: the trainer warns)
             run["student_config"] = _student_config(student_dir)
         check_same_run(saved, cfg, run, ckpt)
+        check_work_left(saved, cfg, out)
+    # with --overwrite, the old run's checkpoint: not one this run may print a resume command for
+    before = (ckpt / MANIFEST).read_bytes() if args.overwrite and (ckpt / MANIFEST).is_file() else None
+    try:
+        return _train(args, cfg, student_dir, out)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: after a step and its checkpoint, or at any other moment
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if isinstance(e, DistillInterrupted):
+            line = str(e)
+        else:
+            step = _checkpoint_step(ckpt, before) if rank0 else None
+            if step is None:
+                raise
+            line = f"interrupted; checkpoint {ckpt} holds step {step}"
+        if rank0:
+            print(f"bsbr distill: {line}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 130
+
+
+def _checkpoint_step(ckpt: Path, before) -> Optional[int]:
+    """The step of the complete checkpoint in ``ckpt``, or None when there is none or its manifest is still
+    ``before`` (the bytes it held when this run started: another run's checkpoint)."""
+    try:
+        if before is not None and (ckpt / MANIFEST).read_bytes() == before:
+            return None
+        return read_manifest(ckpt)["progress"]["step"]
+    except (OSError, CheckpointError):
+        return None
+
+
+def _train(args, cfg: DistillConfig, student_dir: Path, out: Path) -> int:
+    """Load the inputs, train and publish (the checks of :func:`cmd_distill` passed)."""
     tokenizer = load_tokenizer_arg(student_dir, "--student")
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -166,20 +202,12 @@ def cmd_distill(args) -> int:
             (directory / METADATA).write_text((student_dir / METADATA).read_text())
         write_model_card(directory)
 
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    try:
-        with _stop_on_signal() as stop:
-            # --overwrite: the old checkpoint and model stay until this run's first checkpoint replaces them
-            progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
-                               should_stop=stop.is_set, extra_files=extra_files,
-                               overwrite=args.overwrite)
-    except DistillInterrupted as e:
-        if rank0:
-            print(f"bsbr distill: {e}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 130
-    if rank0:
+    with _stop_on_signal() as stop:
+        # --overwrite: the old checkpoint stays until this run's first checkpoint replaces it, the old model
+        # until this run's model replaces it
+        progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
+                           should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite)
+    if not dist.is_initialized() or dist.get_rank() == 0:
         last = progress["log"][-1] if progress["log"] else {}
         print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
               f"saved to {args.output}")
@@ -224,10 +252,11 @@ def register(sub) -> None:
                         "a 4,096-token window of the default conversion peaked at 22 GB without it, 10 GB with, at "
                         "one more forward pass per step)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the checkpoint in OUTPUT/checkpoint (same settings; more steps or minutes allowed)")
+                   help="continue the checkpoint in OUTPUT/checkpoint (same settings; more --steps or --minutes than "
+                        "it has done)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over in a non-empty --output: its checkpoint and model stay as they are until this "
-                        "run's first checkpoint replaces them")
+                   help="start over in a non-empty --output: its checkpoint stays until this run's first checkpoint "
+                        "replaces it, its model and other files until this run's model replaces them")
     p.add_argument("--force", action="store_true",
                    help="use a --teacher whose weights are not those the student was converted from")
     p.set_defaults(func=cmd_distill)

@@ -217,10 +217,12 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
     ``output_dir``, ``config.json`` last. Returns the progress log.
 
-    A checkpoint is continued only with ``resume``, and only if written with the same weights, windows,
-    ``settings``, student config and config (except :data:`RESUMABLE_CHANGES`). ``overwrite`` starts over
-    whatever ``output_dir`` holds: its checkpoint and model stay, complete, until this run's first
-    checkpoint replaces the checkpoint (and removes the old model's ``config.json``). ``should_stop`` is
+    A checkpoint is continued only with ``resume``, only if written with the same weights, windows,
+    ``settings``, student config and config (except :data:`RESUMABLE_CHANGES`), and only if ``cfg`` leaves
+    steps or time to train (:func:`check_work_left`). ``overwrite`` starts over whatever ``output_dir``
+    holds: its checkpoint stays until this run's first checkpoint replaces it, its other files (the old
+    model) until this run's model replaces them (an interrupted run's checkpoint records their names, so
+    its resume removes them too). ``should_stop`` is
     asked after every step: True writes a checkpoint and raises :class:`DistillInterrupted`. Weights that
     turn inf or nan raise ValueError before they are saved."""
     cfg.validate()
@@ -263,19 +265,23 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                                   f"start over, or choose another --output")
         manifest = read_manifest(ckpt_dir)
         check_same_run(manifest["progress"], cfg, run, ckpt_dir)
+        check_work_left(manifest["progress"], cfg, output_dir)
         progress = load_checkpoint(ckpt_dir, params, opt, manifest)
+        if published(manifest["progress"], output_dir):  # the old files it names were replaced then
+            progress.pop("replaces", None)
         progress["config"] = asdict(cfg)  # the stopping rule and save interval of this run
         logger.info("resumed from %s at step %d", ckpt_dir, progress["step"])
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
+    if overwrite and output_dir.is_dir():  # the old output's files, replaced when this run's model is published
+        progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
+                                      if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))
     # every trained parameter gets a gradient in every step (checked for new, all and lora, windows of one
     # chunk or more), so DDP needs no find_unused_parameters search
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
 
     def save(state: dict) -> None:
         save_checkpoint(ckpt_dir, params, opt, state)  # replaces any old checkpoint in one rename
-        if overwrite:  # the old model stays this output's until this run's first checkpoint
-            (output_dir / "config.json").unlink(missing_ok=True)
 
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
@@ -323,8 +329,40 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     return progress
 
 
+def published(saved: dict, output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds the model of the checkpoint whose progress is ``saved`` (its config.json,
+    and a distill.json with the same log)."""
+    try:
+        record = json.loads((Path(output_dir) / "distill.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (Path(output_dir) / "config.json").is_file() and isinstance(record, dict) \
+        and record.get("log") == saved.get("log")
+
+
+def check_work_left(saved: dict, cfg: DistillConfig, output_dir: Path) -> None:
+    """Refuse to resume a checkpoint (progress ``saved``) that already meets ``cfg``'s stopping rule: nothing
+    would train. Allowed only with the checkpoint's own stopping rule while its model is not yet published
+    (a run stopped after its last step, or killed while publishing): the resume publishes it."""
+    step, used = saved.get("step", 0), saved.get("elapsed", 0.0)
+    where = f"the checkpoint in --output {output_dir}"
+    if cfg.steps is not None and step >= cfg.steps:
+        what = f"--steps {cfg.steps}: {where} is already at step {step}: give more --steps (or --minutes)"
+    elif cfg.minutes is not None and used >= cfg.minutes * 60:
+        what = (f"--minutes {cfg.minutes:g}: {where} has already used {used / 60:.2f} minutes: give more --minutes "
+                f"(or --steps)")
+    else:
+        return
+    old = saved.get("config") or {}
+    if (old.get("steps"), old.get("minutes")) == (cfg.steps, cfg.minutes) and not published(saved, output_dir):
+        return
+    raise CheckpointError(what)
+
+
 def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
-    """Write the final model into a fresh directory beside ``output_dir``'s files, then move it in."""
+    """Write the final model into a fresh directory beside ``output_dir``'s files, then move it in: the old
+    ``config.json`` first goes, then the old files ``progress["replaces"]`` names that the new model does not
+    write, then the new files come, ``config.json`` last."""
     from .plots import plot_progress
 
     student.requires_grad_(True)
@@ -337,10 +375,19 @@ def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
     final = temp_dir(output_dir, ".final.tmp-")
     try:
         student.save_pretrained(final)
-        (final / "distill.json").write_text(json.dumps(progress, indent=1))
+        (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
+                                                       indent=1))
         plot_progress(progress, final / "distill.png")
         if extra_files is not None:
             extra_files(final)
+        (output_dir / "config.json").unlink(missing_ok=True)
+        for name in progress.get("replaces", ()):
+            old = output_dir / name
+            if not (final / name).exists():
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink(missing_ok=True)
         publish_files(final, output_dir)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
