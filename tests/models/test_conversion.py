@@ -265,3 +265,46 @@ def test_convert_flags_follow_the_options_object():
     opts = conversion_options(p.parse_args([]))
     assert opts.pop("chunk_size") == DEFAULT_CHUNK_SIZE and opts.pop("compression_factor") is None
     assert opts == DEFAULT_OPTIONS
+
+
+def test_what_a_conversion_cannot_keep_is_logged(caplog):
+    """A sliding window and length-dependent rotary scaling are not carried over: the converter says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2)
+    cases = [(MistralForCausalLM(MistralConfig(**kw, sliding_window=16)), "sliding window of 16"),
+             (Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=0)),
+              "sliding window of 16"),
+             (LlamaForCausalLM(LlamaConfig(**kw, max_position_embeddings=64, rope_parameters=dict(
+                 rope_type="dynamic", rope_theta=1e4, factor=4.0))), "'dynamic'"),
+             (MistralForCausalLM(MistralConfig(**kw, sliding_window=None)), None),
+             (Qwen2ForCausalLM(Qwen2Config(**kw, sliding_window=16)), None)]  # use_sliding_window False
+    for src, expected in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
+            convert_to_bsbr(src, chunk_size=CHUNK)
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert (expected is None and not warned) or any(expected in w for w in warned), (src.config.model_type, warned)
+
+
+def test_the_source_generation_config_is_carried_over(tmp_path):
+    """Chat models keep extra stop tokens and sampling defaults in generation_config: a converted model
+    stops where its source stops, and keeps them through save/load."""
+    src = make_source("llama")
+    src.generation_config.eos_token_id = [2, 35]
+    src.generation_config.do_sample, src.generation_config.temperature = True, 0.6
+    converted = convert_to_bsbr(src, chunk_size=64)  # the whole generation inside one chunk: the source's logits
+    assert converted.generation_config.eos_token_id == [2, 35] and converted.generation_config.temperature == 0.6
+    converted.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.generation_config.eos_token_id == [2, 35] and loaded.generation_config.temperature == 0.6
+    stops = 0
+    for seed in range(6):
+        ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = src.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
+            got = loaded.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        assert got.tolist() == want.tolist()
+        stops += want.shape[1] < 46
+    assert stops  # some prompt stopped early on a stop token

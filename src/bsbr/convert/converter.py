@@ -7,6 +7,7 @@ until distillation opens it.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -21,7 +22,7 @@ from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
-from .families import FAMILIES, SUPPORTED_MODEL_TYPES
+from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,17 @@ class TransformerToBSBRConverter:
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)
             sd = {f"{family.base_prefix}.{k}": v for k, v in sd.items()}
         arch = family.config(src.config)
+        for note in source_notes(src.config) if family is LLAMA_LIKE else ():
+            logger.warning("%s", note)
         if "lm_head.weight" not in sd and not arch["tie_word_embeddings"]:
             raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
         special = {k: getattr(src.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = BSBRConfig(**arch, chunk_size=self.chunk_size, compression_factor=self.compression_factor,
                             source_model_type=mt, **self.options, **{k: v for k, v in special.items() if v is not None})
         model = BSBRForCausalLM(config).float()
+        if getattr(src, "generation_config", None) is not None:  # stop tokens, sampling defaults
+            model.generation_config = copy.deepcopy(src.generation_config)
+            model.generation_config._from_model_config = False  # kept as given, not rebuilt from the config
         target = model.state_dict()
 
         filled, used = {}, set()

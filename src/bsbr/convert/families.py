@@ -63,6 +63,30 @@ def _llama_like_config(c) -> dict:
     )
 
 
+def source_notes(c) -> List[str]:
+    """What of a llama-like source's attention a conversion cannot keep, one line each (logged as
+    warnings): a sliding window (BSBR reads its own window and retrieved blocks instead, so it equals
+    the source only on inputs within the source's window) and rotary scaling that changes with the
+    input's length (BSBR rotates by the frequencies the source uses up to ``max_position_embeddings``)."""
+    notes = []
+    window = getattr(c, "sliding_window", None)
+    if window and (c.model_type != "qwen2" or getattr(c, "use_sliding_window", False)):
+        notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
+                     "BSBR model reads its own window and retrieved blocks instead, so it matches the source "
+                     f"only on inputs of up to {window} tokens")
+    rope = getattr(c, "rope_parameters", None) or {}
+    kind = rope.get("rope_type")
+    if kind == "dynamic":
+        notes.append(f"rope_type 'dynamic' rescales the rotary frequencies with the input's length past "
+                     f"{c.max_position_embeddings} tokens; the BSBR model keeps the unscaled ones (the source's "
+                     "up to that length)")
+    if kind == "longrope":
+        notes.append("rope_type 'longrope' switches to long_factor once the input exceeds "
+                     f"{rope.get('original_max_position_embeddings', c.max_position_embeddings)} tokens; the "
+                     "BSBR model keeps short_factor (the source's up to that length)")
+    return notes
+
+
 GPT2 = Family(
     model_types=("gpt2",),
     global_rules=[
