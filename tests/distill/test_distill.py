@@ -197,15 +197,31 @@ def test_bad_config():
         distill(teacher, student, [], "/tmp/unused", DistillConfig(steps=1))
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_gloo_equals_one_process_on_both_windows(tmp_path):
+def _torchrun(out, *mode):
+    """ddp_worker.py on 2 processes, writing into ``out``."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun not found next to the interpreter"
     tests_dir = str(Path(__file__).parents[1])
     worker = str(Path(__file__).with_name("ddp_worker.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", worker, str(tmp_path), tests_dir],
+    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", worker, str(out), tests_dir, *mode],
                    check=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_on_a_time_budget(tmp_path):
+    """Each rank read its own clock while rank 0 wrote checkpoints: one stopped, the other waited in its
+    next step's all-reduce until gloo timed out."""
+    _torchrun(tmp_path, "minutes")
+    from safetensors.torch import load_file
+
+    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_equals_one_process_on_both_windows(tmp_path):
+    _torchrun(tmp_path)
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # averaged gradients keep the replicas identical
@@ -223,11 +239,14 @@ def test_torchrun_two_processes_gloo_equals_one_process_on_both_windows(tmp_path
     student.eval()
     for step in range(4):
         opt.zero_grad(set_to_none=True)
+        kl = 0.0
         for rank in range(2):
             ids = ws[int(order[(step * 2 + rank) % len(ws)])][None]
-            loss, _, _ = end_to_end_loss(student, teacher(ids).logits.detach(), ids, 0.0)
+            loss, k, _ = end_to_end_loss(student, teacher(ids).logits.detach(), ids, 0.0)
             (loss / 2).backward()
+            kl += k / 2
         opt.step()
+        assert log["log"][step]["kl"] == pytest.approx(kl, rel=1e-5)  # the log: both ranks' windows, not rank 0's
     for k, p in new_parameters(student).items():
         torch.testing.assert_close(r0[k], p.detach(), rtol=1e-5, atol=1e-6)
 

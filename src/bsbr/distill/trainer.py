@@ -285,10 +285,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
+    out_of_time = budget is not None and progress["elapsed"] >= budget
     bar = tqdm(disable=rank != 0, desc="distill", unit="step")
     try:  # the bar ends its line before any error is printed
-        while not ((cfg.steps is not None and progress["step"] >= cfg.steps)
-                   or (budget is not None and time.monotonic() - t0 >= budget)):
+        while not ((cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time):
             ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -301,16 +301,19 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                 raise ValueError(f"training diverged at step {progress['step'] + 1}: the optimizer's step overflows "
                                  f"float32 ({e}): {LOWER_LR}") from e
             _check_finite(params, progress["step"])
+            stop = bool(should_stop()) if should_stop is not None else False
+            out_of_time = budget is not None and time.monotonic() - t0 >= budget
+            if world > 1:  # every rank stops after the same step (a rank asked, or its clock ran out; rank 0
+                # writes checkpoints, so the clocks part), and the log holds the mean loss of all ranks' windows
+                shared = torch.tensor([float(stop), float(out_of_time), entry["kl"], entry["ce"]], dtype=torch.float64)
+                dist.all_reduce(shared)
+                stop, out_of_time = bool(shared[0] > 0), bool(shared[1] > 0)
+                entry.update(kl=float(shared[2]) / world, ce=float(shared[3]) / world)
             entry.update(step=progress["step"], seconds=round(time.monotonic() - t0, 2))
             progress["step"] += 1
             progress["log"].append(entry)
             bar.update(1)
             bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
-            stop = bool(should_stop()) if should_stop is not None else False
-            if world > 1:  # any rank asked: all stop after this step
-                flag = torch.tensor([1.0 if stop else 0.0])
-                dist.all_reduce(flag)
-                stop = bool(flag.item() > 0)
             if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
                 save({**progress, "elapsed": time.monotonic() - t0})
             if stop:
