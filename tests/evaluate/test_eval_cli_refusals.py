@@ -164,6 +164,8 @@ def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, n
     (["--no-passkey", "--passkey-plot", "p.png"], ["--passkey-plot", "--no-passkey"]),
     (["--passkey-only", "--plot", "a.png", "--passkey-plot", "b.png"], ["--plot", "--passkey-plot"]),
     (["--lm-eval-task-dir", "T", "--no-passkey"], ["--no-passkey", "--lm-eval-task-dir"]),
+    (["--text-file", "a.py", "--split", "heldout"], ["--split heldout", "--text-file"]),
+    (["--dataset", "x/y", "--split", "train"], ["--split train", "--dataset"]),
 ])
 def test_flags_that_would_be_ignored_are_refused(saved, tmp_path, capsys, no_loading, monkeypatch, extra, words):
     monkeypatch.chdir(tmp_path)

@@ -24,6 +24,9 @@ def test_gap_closed():
     assert gap_closed(20.0, 30.0, 10.0) == -1.0
     assert gap_closed(10.0, 10.0, 10.0) is None  # nothing to close
     assert gap_closed(float("nan"), 1.0, 1.0) is None
+    # bounds in the wrong order or equal up to rounding: no gap (the ratio called a model worse than both 109%)
+    assert gap_closed(229.19, 290.98, 285.93) is None
+    assert gap_closed(10.0000002, 10.5, 10.0) is None
 
 
 def test_rank_and_kl_by_hand():

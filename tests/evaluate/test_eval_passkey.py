@@ -47,6 +47,9 @@ def test_scorer():
     assert passkey.passkey_found(" 40721. Remember", "40721")
     assert passkey.passkey_found(" 4 0 7 2 1 .", "40721")
     assert not passkey.passkey_found(" 40712.", "40721")
+    for other in (" 407215", " 9940721", " 4 0 7 2 1 6 8", "40,721"):  # longer numbers are other keys
+        assert not passkey.passkey_found(other, "40721"), other
+    assert passkey.passkey_found(" 12721 40721", "40721")
     assert not passkey.passkey_found("", "40721")
     assert not passkey.passkey_found(" the pass key", "40721")
 

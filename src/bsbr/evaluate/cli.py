@@ -190,6 +190,9 @@ def cmd_eval(args) -> int:
                           ("--text-column", args.text_column)):
         if value is not None and not args.dataset:
             raise UserError(f"{option} {value} applies to --dataset only: give --dataset NAME, or drop {option}")
+    if (args.text_file or args.dataset) and args.split:
+        raise UserError(f"--split {args.split} chooses from the default corpus, not from --text-file or --dataset: "
+                        "drop one")
     if args.lm_eval_task_dir:
         for option, value in (("--json", args.json), ("--plot", args.plot), ("--passkey-plot", args.passkey_plot)):
             if value:
@@ -237,7 +240,8 @@ def cmd_eval(args) -> int:
         try:
             result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
                                     dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
-                                    text_column=args.text_column or "text", split=args.split, seq_len=args.seq_len,
+                                    text_column=args.text_column or "text", split=args.split or "heldout",
+                                    seq_len=args.seq_len,
                                     max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
                                     passkey=passkey, seed=args.seed, progress=not args.no_progress,
                                     check_reference=check_reference)
@@ -286,11 +290,13 @@ def register(sub) -> None:
     p.add_argument("--dataset-config", default=None, help="the --dataset's configuration")
     p.add_argument("--dataset-split", default=None, help="the --dataset's split (default test)")
     p.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")
-    p.add_argument("--split", choices=["heldout", "train"], default="heldout",
+    p.add_argument("--split", choices=["heldout", "train"], default=None,
                    help="default corpus split (the standard library's .py files; default heldout)")
     p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-windows", type=_positive, default=16, help="windows to evaluate (default 16)")
-    p.add_argument("--stride", type=_positive, default=None, help="tokens between window starts (default: seq-len)")
+    p.add_argument("--stride", type=_positive, default=None,
+                   help="tokens between window starts (default: seq-len); below seq-len windows overlap and a "
+                        "token is scored once per window holding it")
     p.add_argument("--buckets", choices=["chunk", "doubling"], default="chunk",
                    help="position buckets: one per chunk, or doubling ranges [B,2B),[2B,4B),...")
     p.add_argument("--passkey-lengths", type=_positive, nargs="+", default=None, metavar="N",

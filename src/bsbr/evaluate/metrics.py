@@ -70,13 +70,15 @@ def bucket_spans(lo: int, end: int, scheme: str = "chunk") -> List[Tuple[int, in
     return out
 
 
-def gap_closed(ppl_local: float, ppl_model: float, ppl_full: float, rel_eps: float = 1e-6) -> Optional[float]:
-    """``(ppl_local - ppl_model) / (ppl_local - ppl_full)``, or None when the denominator is within
-    ``rel_eps * ppl_full`` of zero (the bounds coincide: nothing to close) or an input is not finite."""
+def gap_closed(ppl_local: float, ppl_model: float, ppl_full: float, rel_eps: float = 1e-4) -> Optional[float]:
+    """``(ppl_local - ppl_model) / (ppl_local - ppl_full)``: 1 = the full model's perplexity, 0 = the
+    local one's, < 0 worse. None when there is no gap to close: the local bound is not above the full
+    one by more than ``rel_eps * ppl_full`` (equal up to rounding, or in the wrong order, where the
+    ratio would call a model worse than both bounds a success), or an input is not finite."""
     if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (ppl_local, ppl_model, ppl_full)):
         return None
     denom = ppl_local - ppl_full
-    if abs(denom) <= rel_eps * max(abs(ppl_full), 1e-12):
+    if denom <= rel_eps * max(abs(ppl_full), 1e-12):
         return None
     return (ppl_local - ppl_model) / denom
 

@@ -130,8 +130,10 @@ def _fill(tokenizer, sentences: Iterable[str], budget: int) -> List[List[int]]:
 
 
 def passkey_found(generated: str, key: str) -> bool:
-    """Whether ``key`` appears in the generated text once whitespace is removed."""
-    return key in re.sub(r"\s+", "", generated)
+    """Whether ``key`` is one of the numbers in the generated text: a run of digits (``12345``) or of
+    digits one space apart (``1 2 3 4 5``). A longer number that contains it (``123456``) is not it."""
+    spaced = (re.sub(r"\s", "", m) for m in re.findall(r"\d(?:\s\d)+", generated))
+    return key in re.findall(r"\d+", generated) or key in spaced
 
 
 @torch.inference_mode()
