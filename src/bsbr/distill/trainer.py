@@ -285,7 +285,11 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
-    out_of_time = budget is not None and progress["elapsed"] >= budget
+    out_of_time = budget is not None and time.monotonic() - t0 >= budget
+    if world > 1:  # every rank starts the loop alike (see below)
+        flag = torch.tensor([float(out_of_time)])
+        dist.all_reduce(flag)
+        out_of_time = bool(flag.item() > 0)
     bar = tqdm(disable=rank != 0, desc="distill", unit="step")
     try:  # the bar ends its line before any error is printed
         while not ((cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time):
