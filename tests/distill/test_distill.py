@@ -291,7 +291,7 @@ def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
         assert float(kl(teacher, student, short)) < 1e-9  # indeed nothing to learn there
 
 
-def test_distilling_exact_blocks_warns_about_long_contexts(caplog):
+def test_distilling_exact_blocks_says_what_it_measured(caplog):
     from types import SimpleNamespace
 
     from bsbr.distill.cli import _check_new_pieces_matter
@@ -300,9 +300,9 @@ def test_distilling_exact_blocks_warns_about_long_contexts(caplog):
     for blocks, warned in ((8, True), (0, False)):
         caplog.clear()
         config = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=blocks).config
-        with caplog.at_level("WARNING", logger="bsbr.distill.cli"):
+        with caplog.at_level("INFO", logger="bsbr.distill.cli"):
             _check_new_pieces_matter(config, args)
-        assert ("check long contexts with bsbr eval" in caplog.text) == warned, (blocks, caplog.text)
+        assert ("check your own lengths with bsbr eval" in caplog.text) == warned, (blocks, caplog.text)
 
 
 @pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(retrieval_blocks=0, recall_tokens=4),
