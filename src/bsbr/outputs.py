@@ -22,6 +22,12 @@ class UserError(Exception):
     """A refusal or a bad input: the CLI prints it as one line and exits with status 2."""
 
 
+def check_seed(args) -> None:
+    """Refuse a ``--seed`` torch cannot take; None: the command's default."""
+    if args.seed is not None and not -2 ** 63 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
+
+
 class OutputError(UserError):
     """An output path the command may not write (exists, not empty, is a file, overlaps an input)."""
 

@@ -166,6 +166,7 @@ def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, n
     (["--lm-eval-task-dir", "T", "--no-passkey"], ["--no-passkey", "--lm-eval-task-dir"]),
     (["--text-file", "a.py", "--split", "heldout"], ["--split heldout", "--text-file"]),
     (["--dataset", "x/y", "--split", "train"], ["--split train", "--dataset"]),
+    (["--seed", str(2 ** 70)], ["--seed", "64 bits"]),  # one check of --seed for every command
 ])
 def test_flags_that_would_be_ignored_are_refused(saved, tmp_path, capsys, no_loading, monkeypatch, extra, words):
     monkeypatch.chdir(tmp_path)

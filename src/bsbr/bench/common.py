@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..outputs import UserError, check_output_files
+from ..outputs import UserError, check_output_files, check_seed  # noqa: F401 (check_seed: for the benchmarks)
 
 MiB = float(2**20)
 VOCAB = 256  # the LM shells of bench models and bench quality read bytes
@@ -266,12 +266,6 @@ def check_unique(args, names: Sequence[str]) -> None:
             if v in seen:
                 raise UserError(f"--{name.replace('_', '-')} {v} is given twice: give each value once")
             seen.add(v)
-
-
-def check_seed(args) -> None:
-    """Refuse a --seed torch cannot take (as ``bsbr distill`` does); None: the default."""
-    if args.seed is not None and not -2 ** 63 <= args.seed < 2 ** 63:
-        raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
 
 
 def given(args, names: Sequence[str]) -> Optional[str]:

@@ -21,7 +21,7 @@ from ..corpus import corpus_texts, token_windows
 from ..models import load_bsbr_model
 from ..numbers import finite_number
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                       check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
+                       check_positions, check_seed, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
                        write_model_card)
 from .checkpoint import MANIFEST, has_checkpoint, read_manifest
 from .trainer import (DistillConfig, DistillInterrupted, check_same_run, check_work_left, distill, exact_reach,
@@ -44,8 +44,7 @@ def _plan(args):
     for name, low in (("seq_len", 2), ("max_windows", 1)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if not -2 ** 63 <= args.seed < 2 ** 63:
-        raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
+    check_seed(args)
     if args.text_file is not None and not args.text_file:
         raise UserError("--text-file needs at least one file (without --text-file: the standard library's sources)")
     try:  # the config's field names are the options' names

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..ops.bsbr.options import MAX_TOKENS
 from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_source, check_text_files, read_config, read_metadata)
+                       check_positions, check_seed, check_source, check_text_files, read_config, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
@@ -181,6 +181,7 @@ def _write_lm_eval_task(args, passkey: dict) -> int:
 
 
 def cmd_eval(args) -> int:
+    check_seed(args)
     if args.passkey_only and args.no_passkey:
         raise UserError("--passkey-only and --no-passkey exclude each other: give one")
     for option, value in (("--text-file", args.text_file), ("--dataset", args.dataset)):
