@@ -28,6 +28,19 @@ def check_seed(args) -> None:
         raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
 
 
+def check_unique(option: str, values, key=None) -> None:
+    """Refuse a list option that names one value twice (``key``: what makes two values the same; its rows
+    would be measured and counted twice)."""
+    seen = {}
+    for value in values or ():
+        k = value if key is None else key(value)
+        if k in seen:
+            first = seen[k]
+            same = "" if first == value else f" (as {first}" + ("" if k == first else f", both {k}") + ")"
+            raise UserError(f"{option} {value} is given twice{same}: give each value once")
+        seen[k] = value
+
+
 class OutputError(UserError):
     """An output path the command may not write (exists, not empty, is a file, overlaps an input)."""
 

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .. import outputs
 from ..outputs import UserError, check_output_files, check_seed  # noqa: F401 (check_seed: for the benchmarks)
 
 MiB = float(2**20)
@@ -259,13 +260,9 @@ def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
 
 
 def check_unique(args, names: Sequence[str]) -> None:
-    """Refuse a list option that names one value twice (its rows would be measured and reported twice)."""
+    """Refuse a list option among ``names`` that names one value twice (:func:`bsbr.outputs.check_unique`)."""
     for name in names:
-        seen = set()
-        for v in getattr(args, name) or ():
-            if v in seen:
-                raise UserError(f"--{name.replace('_', '-')} {v} is given twice: give each value once")
-            seen.add(v)
+        outputs.check_unique(f"--{name.replace('_', '-')}", getattr(args, name))
 
 
 def given(args, names: Sequence[str]) -> Optional[str]:

@@ -11,7 +11,8 @@ from typing import Optional
 
 from ..ops.bsbr.options import MAX_TOKENS
 from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_seed, check_source, check_text_files, read_config, read_metadata)
+                       check_positions, check_seed, check_source, check_text_files, check_unique, read_config,
+                       read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
@@ -78,14 +79,7 @@ def _check_lists(args) -> None:
                                 ("--passkey-depths", args.passkey_depths, float),
                                 ("--passkey-filler", args.passkey_filler, lambda f: get_filler(f).name),
                                 ("--passkey-models", args.passkey_models, str)):
-        seen = {}
-        for value in values or []:
-            k = key(value)
-            if k in seen:
-                first = seen[k]
-                same = "" if first == value else f" (as {first}" + ("" if k == first else f", both {k}") + ")"
-                raise UserError(f"{option} {value} is given twice{same}: give each value once")
-            seen[k] = value
+        check_unique(option, values, key)
     for n in args.passkey_lengths or []:
         if n > MAX_TOKENS:
             raise UserError(f"--passkey-lengths {n:,} is longer than bsbr's {MAX_TOKENS:,}-token limit: "
