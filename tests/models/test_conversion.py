@@ -104,6 +104,29 @@ def test_far_positions_change_only_far_keys():
     assert (a[:, 2 * CHUNK:] - b[:, 2 * CHUNK:]).abs().max() > 1e-3
 
 
+def test_hybrid_positions_are_absolute_inside_the_sources_range_and_window_beyond():
+    """far_positions='hybrid' on a source of 4 chunks of positions: far keys fewer than 4 chunks back
+    keep their own positions (with blocks covering every chunk, the source itself while the context
+    fits its positions), older ones read as 'window' does."""
+    src = make_source("llama")
+    src.config.max_position_embeddings = 4 * CHUNK
+    ids = torch.randint(0, VOCAB, (1, 8 * CHUNK), generator=torch.Generator().manual_seed(2))
+    models = {rule: convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=8, sink_tokens=2, far_positions=rule)
+              for rule in ("hybrid", "absolute", "window")}
+    assert models["hybrid"].config.own_position_chunks() == 4
+    assert models["hybrid"].model.layers[0].attn.own_position_chunks == 4
+    out = {rule: outputs(m, ids) for rule, m in models.items()}
+    inside = slice(0, 4 * CHUNK)
+    torch.testing.assert_close(out["hybrid"][:, inside], outputs(src, ids)[:, inside], rtol=1e-4, atol=1e-4)
+    for other in ("absolute", "window"):
+        assert (out["hybrid"][:, 4 * CHUNK:] - out[other][:, 4 * CHUNK:]).abs().max() > 1e-3
+
+
+def test_hybrid_positions_need_blocks_not_the_bounded_mode():
+    with pytest.raises(ValueError, match="hybrid"):
+        convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, recall_tokens=4, far_positions="hybrid")
+
+
 def test_a_skipped_weight_would_be_caught():
     """The exactness test can fail: perturbing one copied weight breaks it."""
     src = make_source("gpt2")
@@ -260,7 +283,8 @@ def test_convert_flags_follow_the_options_object():
     p = argparse.ArgumentParser()
     add_conversion_arguments(p)
     flags = {a.dest for a in p._actions}
-    names = {f.name for f in dataclasses.fields(BSBROptions)} - {"scale"}  # scale: the head dim's, always
+    # scale: the head dim's, always; own_position_chunks: --far-positions hybrid derives it from the source's positions
+    names = {f.name for f in dataclasses.fields(BSBROptions)} - {"scale", "own_position_chunks"}
     assert names <= flags and set(DEFAULT_OPTIONS) <= flags
     opts = conversion_options(p.parse_args([]))
     assert opts.pop("chunk_size") == DEFAULT_CHUNK_SIZE and opts.pop("compression_factor") is None

@@ -11,15 +11,21 @@ CHUNK = 8
 
 @pytest.fixture(params=[("llama", 1, 0, 0, "absolute", 0), ("gpt2", 1, 0, 0, "absolute", 0),
                         ("llama", 2, 3, 0, "window", 0), ("llama", 2, 3, 2, "window", 0),
-                        ("gpt2", 2, 1, 2, "absolute", 0), ("llama", 2, 3, 0, "window", 5)],
-                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks", "llama-recall"])
+                        ("gpt2", 2, 1, 2, "absolute", 0), ("llama", 2, 3, 0, "window", 5),
+                        ("llama", 2, 3, 2, "hybrid", 0)],
+                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks", "llama-recall", "llama-hybrid"])
 def model(request):
     # an open gate, so the chunk states matter in every chunk after the first; "window" attends
     # exactly to the previous chunk and the sinks (a ring buffer in the cache); "blocks" also reads
     # the 2 best earlier chunks exactly (their keys in the cache); "recall" keeps 5 exact past tokens
     # per K/V head and one state of the rest
+    # "hybrid": a source of 3 chunks of positions, so blocks 2 chunks back keep their own positions and
+    # older ones read as just before the window
     family, local_chunks, sinks, blocks, far, recall = request.param
-    return convert_to_bsbr(make_source(family), chunk_size=CHUNK, gate_init=0.7, local_chunks=local_chunks,
+    src = make_source(family)
+    if far == "hybrid":
+        src.config.max_position_embeddings = 3 * CHUNK
+    return convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.7, local_chunks=local_chunks,
                            sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far, recall_tokens=recall)
 
 

@@ -27,7 +27,8 @@ def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False
     return x
 
 
-OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "retrieval", "scale")
+OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "retrieval",
+                "own_position_chunks", "scale")
 
 
 def split(kw):
@@ -391,8 +392,59 @@ def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant
     x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))
     kw = dict(chunk_size=chunk, local_chunks=L, sink_tokens=S, retrieval_blocks=K, retrieval=variant,
               gate=torch.linspace(0.2, 1.4, hq, dtype=DT))
+    assert not torch.allclose(call(naive_bsbr_attention, x, **kw),
+                              call(naive_bsbr_attention, x, **{**kw, "retrieval_blocks": 0}))
+    assert_forms_agree(x, kw)
+
+
+OWN_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_blocks, own_position_chunks)
+    (70, 8, 4, 2, 2, 3, 2, 3),  # blocks read one chunk past the window at own positions, older ones not
+    (70, 8, 2, 2, 2, 10, 2, 5),  # sinks fill chunk 0 and part of chunk 1
+    (41, 4, 3, 1, 3, 2, 50, 6),  # more blocks than chunks: the dense far part, split at own_from
+    (70, 8, 2, 2, 2, 10, 9, 4),  # dense, chunk 0 all sinks
+    (33, 1, 2, 1, 2, 1, 4, 7),  # every token is a chunk
+    (70, 8, 2, 1, 1, 2, 3, 100),  # every far key at its own position
+]
+
+
+@pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,R", OWN_CASES)
+def test_three_forms_agree_with_far_keys_at_own_positions(n, chunk, hq, hkv, L, S, K, R):
+    """Far keys fewer than ``own_position_chunks`` chunks back are read as q.k, older ones as qr.kr:
+    the reference, chunked and streaming forms agree, padded, after a prefill and in gradients."""
+    x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))
+    kw = dict(chunk_size=chunk, local_chunks=L, sink_tokens=S, retrieval_blocks=K, retrieval="normalized",
+              gate=torch.linspace(0.2, 1.4, hq, dtype=DT), own_position_chunks=R)
     ref = call(naive_bsbr_attention, x, **kw)
-    assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "retrieval_blocks": 0}))
+    for other in (0, R + 1):  # the rule changes what is read (R + 1 only while some key lies R chunks back)
+        if other == 0 or R + 1 < -(-n // chunk):
+            assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "own_position_chunks": other}))
+    if R * chunk >= n:  # every far key within reach: as if the far keys were the keys
+        torch.testing.assert_close(ref, call(naive_bsbr_attention, dict(x, qr=x["q"], kr=x["k"]),
+                                             **{**kw, "own_position_chunks": 0}), rtol=1e-10, atol=1e-10)
+    assert_forms_agree(x, kw)
+    grads = []
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        xs = {name: t.detach().clone().requires_grad_(True) for name, t in x.items()}
+        o = call(fn, xs, **kw)
+        (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=DT)).sum().backward()
+        grads.append([torch.zeros_like(t) if t.grad is None else t.grad for t in xs.values()])  # None: unread
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+def test_own_position_chunks_inside_the_window_or_with_the_bounded_mode_is_refused():
+    with pytest.raises(ValueError, match="own_position_chunks must be 0 or more than local_chunks"):
+        BSBROptions(8, local_chunks=2, own_position_chunks=2)
+    with pytest.raises(ValueError, match="own_position_chunks needs recall_tokens 0"):
+        BSBROptions(8, local_chunks=2, recall_tokens=4, own_position_chunks=3)
+
+
+def assert_forms_agree(x, kw):
+    """The chunked and streaming forms equal the reference, alone and padded (padded = each sequence
+    alone), and a chunked prefill continued by the streaming form equals the whole."""
+    n, chunk = x["q"].shape[2], kw["chunk_size"]
+    ref = call(naive_bsbr_attention, x, **kw)
     for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
         torch.testing.assert_close(call(fn, x, **kw), ref, rtol=1e-10, atol=1e-10)
     valid = torch.ones(2, n, dtype=torch.bool)
@@ -476,8 +528,9 @@ def test_a_needle_is_chosen_over_a_chunk_whose_key_bounds_look_better():
 
 def test_block_selection_is_causal_to_the_bit():
     x = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=60, d=4, positive=True))
-    assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
-                  retrieval="normalized", gate=torch.tensor(0.7, dtype=DT))
+    for R in (0, 4):
+        assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
+                      retrieval="normalized", gate=torch.tensor(0.7, dtype=DT), own_position_chunks=R)
 
 
 @pytest.mark.parametrize("dv", [7, 4])

@@ -34,7 +34,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "most M exact past tokens per layer and K/V head, those the linear state recalls worst "
                         "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "
                         "per layer per K/V head plus the window), whatever the context length")
-    p.add_argument("--far-positions", choices=["absolute", "window"], default=D["far_positions"],
+    p.add_argument("--far-positions", choices=["absolute", "window", "hybrid"], default=D["far_positions"],
                    help="rotary positions of sinks and retrieved blocks: their own, or just before the window "
                         "(default %(default)s; 'window' keeps every distance inside the source's range)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],

@@ -52,6 +52,8 @@ class BSBRAttention(MultiHeadBase):
         recall_tokens: the bounded recall mode (0: off; exclusive with ``retrieval_blocks``): a cache of
             at most this many exact tokens per K/V head, the rest of the past in one state, so the
             streaming state has constant size (see :class:`bsbr.ops.BSBROptions`).
+        own_position_chunks: far keys fewer than this many chunks back are read at their own positions,
+            older ones at ``far_position_embeddings`` (see :class:`bsbr.ops.BSBROptions`); 0: all at those.
 
     The meta projections are per-head d x d maps of the un-rotated q/k (identity-initialised, so a
     chunk's retrieval score starts as its mean query . mean key logit); the op applies them to chunk
@@ -65,12 +67,13 @@ class BSBRAttention(MultiHeadBase):
                  compression_factor: Optional[int] = None, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
                  retrieval: str = "additive", feature_map: Optional[str] = None, gate: Optional[float] = None,
-                 local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0):
+                 local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0,
+                 own_position_chunks: int = 0):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias, num_kv_heads)
         head_dim, num_kv_heads = self.head_dim, self.num_kv_heads
         self.options = BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
                                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
-                                   retrieval=retrieval)
+                                   own_position_chunks=own_position_chunks, retrieval=retrieval)
         if feature_map is None:  # only None means the default ("" or 0 is refused, not read as it)
             feature_map = "identity" if retrieval == "additive" else "hedgehog"
         if not isinstance(feature_map, str) or feature_map not in BSBR_FEATURE_MAPS:
@@ -96,6 +99,7 @@ class BSBRAttention(MultiHeadBase):
     sink_tokens = property(lambda self: self.options.sink_tokens)
     retrieval_blocks = property(lambda self: self.options.retrieval_blocks)
     recall_tokens = property(lambda self: self.options.recall_tokens)
+    own_position_chunks = property(lambda self: self.options.own_position_chunks)
     retrieval = property(lambda self: self.options.retrieval)
 
     def gate_value(self) -> Optional[torch.Tensor]:

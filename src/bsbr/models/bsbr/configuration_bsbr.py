@@ -22,7 +22,9 @@ MLP_TYPES = ("standard", "gated")
 #   absolute: every key at its own position (a retrieved block covering all chunks is full attention);
 #   window: read as if they lay in the chunk just before the window, at their offset in their own chunk,
 #           so every query-key distance stays below (local_chunks + 1) * chunk_size at any length
-FAR_POSITIONS = ("absolute", "window")
+#   hybrid: absolute while the key's chunk lies fewer than max_position_embeddings // chunk_size chunks
+#           back (every distance inside the source's range), window beyond
+FAR_POSITIONS = ("absolute", "window", "hybrid")
 
 
 def _choice(name, value, allowed):
@@ -43,6 +45,9 @@ def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map
         raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
     check_number("gate_init", gate_init, none=True)
     _choice("far_positions", far_positions, FAR_POSITIONS)
+    if far_positions == "hybrid" and recall_tokens:
+        raise ValueError("far_positions 'hybrid' needs recall_tokens 0: the bounded mode reads every far key at "
+                         "one rule; use 'window' (or 'absolute' within the source's positions)")
     _choice("position_scheme", position_scheme, POSITION_SCHEMES)
 
 
@@ -171,4 +176,14 @@ class BSBRConfig(PretrainedConfig):
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
             gate=self.gate_init, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
             retrieval_blocks=self.retrieval_blocks, recall_tokens=self.recall_tokens,
+            own_position_chunks=self.own_position_chunks(),
         )
+
+    def own_position_chunks(self) -> int:
+        """The op's ``own_position_chunks``: with ``far_positions='hybrid'`` on rotary positions, the chunks
+        whose every key lies within ``max_position_embeddings`` of a query (0 when that is no more than
+        the window); else 0."""
+        if self.far_positions != "hybrid" or self.position_type != "rope":
+            return 0
+        reach = self.max_position_embeddings // self.chunk_size
+        return reach if reach > self.local_chunks else 0

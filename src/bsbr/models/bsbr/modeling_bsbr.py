@@ -282,7 +282,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))
         cos_sin = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         far = None
-        if self.rotary is not None and self.config.far_positions == "window":
+        if self.rotary is not None and self.config.far_positions != "absolute":
             # far keys at their offset in their chunk; far queries at their offset + the window's length,
             # so a far key reads as if it lay in the chunk just before the window. Chunks count from the
             # sequence's first real token, so the offset comes from the token's index, not from position_ids

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F_
 
 from .inputs import check_inputs
-from .masks import sink_outside_window
+from .masks import near, sink_outside_window
 from .options import BSBROptions
 from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
                         select_blocks, state_weights)
@@ -52,15 +52,16 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     """
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
-    same_far = qr is q and kr is k  # far keys read at their own positions
+    same = qr is q and kr is k
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
-    B, L = options.chunk_size, options.local_chunks
+    B, L, R = options.chunk_size, options.local_chunks, options.own_position_chunks
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
     if n == 0 or b == 0:
         return q.new_zeros(b, hq, n, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
     x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
     q, k, v, mq, mk, fq, fk, qr, kr = x
     C = q.shape[2] // B
+    same_far = same or C <= R  # every far key read at its own position
     tok_valid = torch.arange(C * B, device=q.device)[None, :] < lengths[:, None]  # (b, N)
 
     closed = gate_closed(gate)
@@ -71,7 +72,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     # the exact softmax, in parts: the window, the sinks, and the blocks or the recall cache
     parts = [] if causal else _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
     if options.sink_tokens and not dense:  # (the dense far part holds the sinks)
-        parts.append(_sink_part(qr, kr, v, tok_valid, options, scale))
+        parts.append(_sink_part(q, k, qr, kr, v, tok_valid, options, scale))
     num = den = None
     if options.recall_tokens:
         o_c, lse_c, num, den, cache = _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
@@ -82,7 +83,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k) if not closed or output_final_state else {}
         if dense:
             if not causal:
-                parts.append(_all_earlier_blocks(qr, kr, v, None if valid is None else tok_valid, B, L, scale))
+                parts.append(_all_earlier_blocks(q, k, qr, kr, v, None if valid is None else tok_valid, options, scale))
             if B <= options.sink_tokens and not closed:  # only chunks of sinks alone keep their states
                 rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
                 rest = rest / rest.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)  # the gist, renormalised
@@ -91,7 +92,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             if not closed:
                 num, den = _read_states(fq, saved["F"], saved["z"], saved["w"], options.retrieval)
             if options.retrieval_blocks:
-                o_r, lse_r, num, den = _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
+                o_r, lse_r, num, den = _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
                 parts.append((o_r, lse_r))
 
     o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv) if causal \
@@ -130,15 +131,25 @@ def _blocks(x, B):
     return x.view(x.shape[0], x.shape[1], x.shape[2] // B, B, x.shape[-1])
 
 
-def _sink_part(qr, kr, v, tok_valid, options, scale):
+def _far_scores(q, k, qr, kr, own):
+    """Scores of far keys: q.k where ``own`` (bool, broadcast; None: nowhere), else qr.kr. q/qr (b, hkv,
+    g, M, d), k/kr (b, hkv, 1, W, d) -> (b, hkv, g, M, W)."""
+    s = qr @ kr.transpose(-1, -2)
+    return s if own is None else torch.where(own, q @ k.transpose(-1, -2), s)
+
+
+def _sink_part(q, k, qr, kr, v, tok_valid, options, scale):
     """The sinks outside each token's window as an LSE part (o (b, hq, N, dv), lse (b, hq, N))."""
     b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
-    hq = qr.shape[1]
+    hq, B, R = qr.shape[1], options.chunk_size, options.own_position_chunks
     t = torch.arange(N, device=qr.device)
     j = torch.arange(min(options.sink_tokens, N), device=qr.device)
-    ok = sink_outside_window(t[:, None], j[None, :], options.chunk_size, options.local_chunks)
+    ok = sink_outside_window(t[:, None], j[None, :], B, options.local_chunks)
     ok = ok & tok_valid[:, None, j]  # (b, N, S)
-    s = (qr.view(b, hkv, hq // hkv, N, -1) @ kr[:, :, : j.numel()].unsqueeze(2).transpose(-1, -2)) * scale
+    own = near(t[:, None], j[None, :], B, R) if R else None  # (N, S): sinks at their own positions
+    g_ = (b, hkv, hq // hkv, N, -1)
+    s = _far_scores(q.view(g_), k[:, :, : j.numel()].unsqueeze(2), qr.view(g_), kr[:, :, : j.numel()].unsqueeze(2),
+                    own) * scale
     o_s, lse_s = masked_attention_lse(s, ok.view(b, 1, 1, N, -1), v[:, :, : j.numel()].unsqueeze(2))
     return o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)
 
@@ -188,12 +199,12 @@ def _read_states(fq, F, z, w, retrieval):
     return num, den
 
 
-def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
+def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     """Exact blocks when K selects among the chunks before a window: each token's top-K chunks, read in
     the same softmax; their states leave the chunk-state term (when it is read: ``num`` not None).
     Returns the LSE part and the corrected num/den."""
     b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
-    hq, B, L = qr.shape[1], options.chunk_size, options.local_chunks
+    hq, B, L, R = qr.shape[1], options.chunk_size, options.local_chunks, options.own_position_chunks
     g, C, dv = hq // hkv, N // B, v.shape[-1]
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
     keep = _keep(tok_valid, options)  # a sink is never part of a block
@@ -202,19 +213,29 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
     # (no autograd graph: a choice passes no gradient)
     scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
-    qv = qr.detach().view(b, hkv, g, C, B, -1)
-    kr_b = _blocks(kr.detach().contiguous(), B)  # (b, hkv, C, B, d): the streaming cache's layout
+    qv, qrv = (x.detach().view(b, hkv, g, C, B, -1) for x in (q, qr))
+    k_b, kr_b = (_blocks(x.detach().contiguous(), B) for x in (k, kr))  # (b, hkv, C, B, d): the cache's layout
+    S = options.sink_tokens
     for c in range(L, C):  # a K/V head's g query heads are the rows of one matmul: no key copied per head
-        P, q_c = c - L + 1, qv[:, :, :, c].reshape(b, hkv, g * B, -1)
-        s_c = block_scores(q_c, kr_b[:, :, :P], options.sink_tokens)
-        scores[:, :, :, c * B:(c + 1) * B, :P] = s_c.view(b, hkv, g, B, P)
+        P = c - L + 1
+        split = min(max(c - R + 1, 0), P) if R else P  # chunks before it scored qr.kr, from it q.k
+        rows = scores[:, :, :, c * B:(c + 1) * B]
+        if split:
+            s_c = block_scores(qrv[:, :, :, c].reshape(b, hkv, g * B, -1), kr_b[:, :, :split], S)
+            rows[..., :split] = s_c.view(b, hkv, g, B, split)
+        if split < P:
+            s_c = block_scores(qv[:, :, :, c].reshape(b, hkv, g * B, -1), k_b[:, :, split:P], max(S - split * B, 0))
+            rows[..., split:P] = s_c.view(b, hkv, g, B, P - split)
     sel = select_blocks(scores, candidate.view(b, 1, 1, N, C), options.retrieval_blocks)  # (b, hkv, g, N, K')
     w_sel = None
     if num is not None:
         w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
         w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
-    o_r, lse_r, sub_num, sub_den = _selected_blocks(qr, fq, _blocks(kr, B), _blocks(v, B), saved.get("F"),
-                                                    saved.get("z"), sel, w_sel, options.sink_tokens, scale)
+    own = None
+    if R:  # the selected chunks fewer than R before the token's: read at their own positions
+        own = ((t // B).view(1, 1, 1, N, 1) - sel < R) & (sel >= 0)
+    o_r, lse_r, sub_num, sub_den = _selected_blocks((qr, q), fq, (_blocks(kr, B), _blocks(k, B)), _blocks(v, B),
+                                                    saved.get("F"), saved.get("z"), sel, own, w_sel, S, scale)
     if num is not None:  # the gist: the other chunks, renormalised
         total = saved["w"].sum(-1).repeat_interleave(B, dim=-1)  # (b, hkv, g, N)
         unread = (t // B - L + 1).clamp(min=0) > (sel >= 0).sum(-1)
@@ -225,24 +246,31 @@ def _block_terms(qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     return o_r.reshape(b, hq, N, dv), lse_r.reshape(b, hq, N), num, den
 
 
-def _all_earlier_blocks(qr, kr, v, readable, B, L, scale):
+def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
     """The far part when K covers every chunk before each window (contexts up to L + K chunks): chunk
-    c's queries against every key of chunks 0 .. c - L, sinks included, at far positions. ``readable``
-    (b, N) the real tokens, or None when all are. Returns (o (b, hq, N, dv), lse (b, hq, N)); rows of
-    the first L chunks have lse -inf."""
+    c's queries against every key of chunks 0 .. c - L, sinks included: as qr.kr up to chunk c - R,
+    as q.k after it (R = ``own_position_chunks``). ``readable`` (b, N) the real tokens, or None when
+    all are. Returns (o (b, hq, N, dv), lse (b, hq, N)); rows of the first L chunks have lse -inf."""
     b, hkv, N, d = kr.shape
+    B, L, R = options.chunk_size, options.local_chunks, options.own_position_chunks
     hq, dv, C = qr.shape[1], v.shape[-1], N // B
     g = hq // hkv
     o = qr.new_zeros(b, hkv, g, N, dv)
     lse = qr.new_full((b, hkv, g, N), NEG_INF)
     for c in range(L, C):
         W, rows = (c - L + 1) * B, slice(c * B, (c + 1) * B)
-        q_c = qr.view(b, hkv, g, N, d)[:, :, :, rows].reshape(b, hkv, g * B, d)
-        if readable is None:
-            o_c, lse_c = attention_lse(q_c, kr[:, :, :W], v[:, :, :W], None, scale)
-        else:
-            s = (q_c @ kr[:, :, :W].transpose(-1, -2)) * scale
-            o_c, lse_c = masked_attention_lse(s, readable[:, None, None, :W], v[:, :, :W])
+        split = min(max(c - R + 1, 0), c - L + 1) * B if R else W  # keys before it: qr.kr; from it: q.k
+        pieces = []
+        for qx, kx, keys in ((qr, kr, slice(0, split)), (q, k, slice(split, W))):
+            if keys.stop <= keys.start:
+                continue
+            q_c = qx.view(b, hkv, g, N, d)[:, :, :, rows].reshape(b, hkv, g * B, d)
+            if readable is None:
+                pieces.append(attention_lse(q_c, kx[:, :, keys], v[:, :, keys], None, scale))
+            else:
+                s = (q_c @ kx[:, :, keys].transpose(-1, -2)) * scale
+                pieces.append(masked_attention_lse(s, readable[:, None, None, keys], v[:, :, keys]))
+        o_c, lse_c = pieces[0] if len(pieces) == 1 else (merge(pieces), torch.logaddexp(*(x[1] for x in pieces)))
         o[:, :, :, rows], lse[:, :, :, rows] = o_c.view(b, hkv, g, B, dv), lse_c.view(b, hkv, g, B)
     return o.reshape(b, hq, N, dv), lse.reshape(b, hq, N)
 
@@ -316,11 +344,13 @@ def _window_parts(q, k, v, b, hkv, g, C, B, L, scale):
     return parts
 
 
-def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
+def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale):
     """Softmax parts of the selected blocks and the chunk-state terms they replace.
 
-    qr (b, hq, N, d), fq (b, hq, N, df); kr_c (b, hkv, C, B, d), v_c (b, hkv, C, B, dv); F (b, hkv, C,
-    df, dv), z (b, hkv, C, df); sel (b, hkv, g, N, K') selected chunks (-1: none), w_sel their state
+    queries (qr, q), each (b, hq, N, d), fq (b, hq, N, df); keys (kr_c, k_c), each (b, hkv, C, B, d),
+    v_c (b, hkv, C, B, dv); F (b, hkv, C, df, dv), z (b, hkv, C, df); sel (b, hkv, g, N, K') selected
+    chunks (-1: none); own (like sel, bool) the pairs read as q.k (at own positions), or None (every
+    pair qr.kr); w_sel their state
     weights or None (the chunk-state term is not read); ``sinks``: the sequence's first tokens, which a
     block never holds (a selected chunk lies before a real token's window, so all its tokens are real).
     Returns o (b, hkv, g, N, dv) and lse (b, hkv, g, N) over all of a token's selected blocks, and the
@@ -328,14 +358,17 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
 
     Work is grouped by (sequence, K/V head, chunk): the queries that selected a chunk are gathered
     and read its keys in one fused softmax call, so the cost is O(selections x B x d) with no padding."""
+    qr, q = queries
     b, hkv, g, N, Kp = sel.shape
-    C, B, d = kr_c.shape[2], kr_c.shape[3], kr_c.shape[-1]
+    C, B, d = keys[0].shape[2], keys[0].shape[3], keys[0].shape[-1]
     dv = v_c.shape[-1]
-    rows = g * N * Kp
-    kr_f, v_f = kr_c.reshape(b * hkv, C, B, d), v_c.reshape(b * hkv, C, B, dv)
+    rows, n_ids = g * N * Kp, b * hkv * C
+    v_f = v_c.reshape(b * hkv, C, B, dv)
     # pairs in (token, head, slot) order: a token's pairs never move when a later token's choice changes
     sel_f = sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
     flat = sel_f + (torch.arange(b * hkv, device=sel.device) * C)[:, None]  # (row, chunk) as one id
+    if own is not None:  # a pair read at own positions: ids n_ids .. 2 n_ids - 1 (keys k, queries q)
+        flat = flat + own.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows) * n_ids
     flat = flat.masked_fill(sel_f < 0, -1).reshape(-1)
     pairs = (flat >= 0).nonzero()[:, 0]
     ids, order = flat[pairs].sort(stable=True)
@@ -355,8 +388,15 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     # each group's pieces as views made once (split/unbind): slicing a tensor per group would make its
     # backward write a zero tensor of the whole input per group
     sizes = padded.tolist()
-    q_g = qr.reshape(-1, d).index_select(0, q_row[at]).split(sizes)
-    k_g, v_g = kr_f.flatten(0, 1).unbind(0), v_f.flatten(0, 1).unbind(0)  # (B, d) per (sequence x head, chunk)
+    k_g = keys[0].reshape(n_ids, B, d).unbind(0)  # (B, d) per id
+    if own is None:
+        q_g = qr.reshape(-1, d).index_select(0, q_row[at])
+    else:  # the queries of pairs at own positions are rows of q, after qr's
+        q_all = torch.cat([qr.reshape(-1, d), q.reshape(-1, d)])
+        q_g = q_all.index_select(0, q_row[at] + (ids[at] >= n_ids) * (q_all.shape[0] // 2))
+        k_g = k_g + keys[1].reshape(n_ids, B, d).unbind(0)
+    q_g = q_g.split(sizes)
+    v_g = v_f.flatten(0, 1).unbind(0)  # (B, dv) per (sequence x head, chunk)
     state = w_sel is not None
     if state:
         fq_g = fq.reshape(-1, fq.shape[-1]).index_select(0, q_row[at]).split(sizes)
@@ -366,8 +406,8 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
     start = 0
     for i, (gid, cnt) in enumerate(zip(uniq.tolist(), counts.tolist())):
         first = min(max(sinks - (gid % C) * B, 0), B)  # the sinks at the chunk's start
-        o_g, lse_g = attention_lse(q_g[i][None, None], k_g[gid][first:][None, None], v_g[gid][first:][None, None],
-                                   None, scale)
+        o_g, lse_g = attention_lse(q_g[i][None, None], k_g[gid][first:][None, None],
+                                   v_g[gid % n_ids][first:][None, None], None, scale)
         groups.append((i, gid, start, cnt, o_g[0, 0, :cnt]))
         lses.append(lse_g[0, 0, :cnt])
         start += cnt
@@ -390,8 +430,8 @@ def _selected_blocks(qr, fq, kr_c, v_c, F, z, sel, w_sel, sinks, scale):
             rows_g = th[start:start + cnt]
             o.index_add_(0, rows_g, o_g * w_pairs[i][:, None])
             if state:
-                num.index_add_(0, rows_g, w_p[i][:, None] * (fq_g[i] @ F_g[gid])[:cnt])
-                den.index_add_(0, rows_g, w_p[i] * (fq_g[i] @ z_g[gid])[:cnt])
+                num.index_add_(0, rows_g, w_p[i][:, None] * (fq_g[i] @ F_g[gid % n_ids])[:cnt])
+                den.index_add_(0, rows_g, w_p[i] * (fq_g[i] @ z_g[gid % n_ids])[:cnt])
     o, lse = o.view(b, hkv, N, g, dv), lse.view(b, hkv, N, g)
     if state:
         num, den = num.view(b, hkv, N, g, dv).transpose(2, 3), den.view(b, hkv, N, g).transpose(2, 3)
@@ -418,17 +458,19 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
         first = (torch.arange(s_, device=k.device).view(1, 1, -1, 1) < lengths.view(b, 1, 1, 1)).to(k.dtype)
         st.k_sink[:, :, :s_] = kr[:, :, :s_] * first
         st.v_sink[:, :, :s_] = v[:, :, :s_] * first
+        if options.own_position_chunks:
+            st.k_sink_own[:, :, :s_] = k[:, :, :s_] * first
     if options.recall_tokens:
         st.kr_ring, st.fk_ring = ring(kr), ring(fk)
         st.set_recall(saved["cache"])
     else:
-        _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved)
+        _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved)
     for name, t in st.tensors().items():  # decoding reshapes these arrays every step: no copies then
         setattr(st, name, t.contiguous())
     return st
 
 
-def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
+def _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved) -> None:
     """The per-chunk part of the final state: the current chunk's running sums, every completed chunk's
     state and meta-key (and blocks), and what the current chunk reads."""
     b, hkv, hq, B = a.batch, a.kv_heads, a.q_heads, options.chunk_size
@@ -458,8 +500,11 @@ def _chunk_state_final(st, a, options, kr, v, mk, mq, lengths, saved) -> None:
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
+        if options.own_position_chunks:
+            kb = k.view(b, hkv, C, B, -1)
+            st.k_cur, st.k_past = pick(kb), kb * done[..., None, None].to(k.dtype)
     else:
-        for name in ("kr_past", "v_past"):
+        for name in ("kr_past", "v_past", "k_past"):
             t = getattr(st, name)
             setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
     refresh_retrieval(st, full > 0)

@@ -43,6 +43,8 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         # 1. which keys each token reads exactly: its window (scored q.k), the sinks outside its window
         #    and the tokens of its selected chunks (scored with the far-key positions, qr.kr)
         win = near(t[:, None], t[None, :], B, L) & (t[None, :] <= t[:, None])  # (n, n)
+        # far keys of the chunks fewer than R before the token's are read at their own positions (q.k)
+        own = win | (near(t[:, None], t[None, :], B, options.own_position_chunks) & (t[None, :] <= t[:, None]))
         sink = exact_window(t[:, None], t[None, :], B, L, S) & ~win
         candidate = torch.arange(C, device=q.device)[None, :] <= chunk[:, None] - L  # (n, C): before the window
         retrievable = t >= S  # a sink is read through the sink slot, never as part of a block
@@ -56,15 +58,16 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale)
             out[b][:, keep] = combine(A, num, den, gates, options.retrieval)
             continue
+        s_far = torch.where(own, qb @ kb.transpose(-1, -2), qrb @ krb.transpose(-1, -2))  # (h, n, n)
         selected = torch.zeros(a.q_heads, n, C + 1, dtype=torch.bool, device=q.device)  # column C: "none"
         if K:  # each chunk's score: its largest q'.k' over its keys that are not sinks
-            s = (qrb @ krb.transpose(-1, -2)).unsqueeze(-2)  # (h, n, 1, n)
+            s = s_far.unsqueeze(-2)  # (h, n, 1, n)
             scores = s.masked_fill(~(onehot.bool() & retrievable[None]), float("-inf")).amax(-1)  # (h, n, C)
             idx = select_blocks(scores, candidate, K)
             selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
         selected = selected[..., :C]
         far = sink | (selected[:, :, chunk] & retrievable[None, None, :] & ~win)  # (h, n, n)
-        A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale)
+        A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale, own)
         # 2. chunk states F_c = sum_{j in c} fk_j v_j^T, z_c = sum_{j in c} fk_j
         F = torch.einsum("cj,hjf,hjv->hcfv", onehot, fkb, vb)
         z = torch.einsum("cj,hjf->hcf", onehot, fkb)
@@ -86,9 +89,11 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     return out, None
 
 
-def _exact_softmax(q, k, qr, kr, v, win, far, scale):
-    """One softmax over the window (q.k) and the far keys (qr.kr); masks (h, n, n) or (n, n)."""
-    s = torch.where(win, q @ k.transpose(-1, -2), qr @ kr.transpose(-1, -2)) * scale
+def _exact_softmax(q, k, qr, kr, v, win, far, scale, own=None):
+    """One softmax over the window and the far keys, scored q.k where ``own`` (default: the window;
+    else it holds the far keys read at their own positions too) and qr.kr elsewhere; masks (h, n, n)
+    or (n, n)."""
+    s = torch.where(win if own is None else own, q @ k.transpose(-1, -2), qr @ kr.transpose(-1, -2)) * scale
     return torch.softmax(s.masked_fill(~(win | far), float("-inf")), dim=-1) @ v
 
 

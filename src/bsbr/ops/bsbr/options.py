@@ -40,6 +40,10 @@ class BSBROptions:
       ``retrieval_blocks``): per K/V head a cache of at most ``M`` exact tokens that have left the
       window, kept by how badly the linear state of the others recalls their values, and that state.
       Memory is constant.
+    * ``own_position_chunks`` ``R``: far keys (sinks outside the window, retrieved blocks) of the chunks
+      fewer than ``R`` chunks before the query's are scored and read as ``q . k`` (their own positions),
+      older ones as ``qr . kr`` (the positions the caller gives far keys). 0: every far key as ``qr . kr``;
+      else more than ``L`` (a far key lies at least ``L`` chunks back). The bounded mode needs 0.
     * ``scale``: softmax scale, default ``1/sqrt(head_dim)``.
 
     See ``docs/design.md`` for the whole definition (sections 3-5b).
@@ -51,6 +55,7 @@ class BSBROptions:
     retrieval_blocks: int = 0
     retrieval: str = "additive"
     recall_tokens: int = 0
+    own_position_chunks: int = 0
     scale: Optional[float] = None
 
     def __post_init__(self):
@@ -61,6 +66,13 @@ class BSBROptions:
         check_int("recall_tokens", self.recall_tokens, 0, MAX_TOKENS)
         if self.recall_tokens and self.retrieval_blocks:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
+        check_int("own_position_chunks", self.own_position_chunks, 0, MAX_TOKENS)
+        if 0 < self.own_position_chunks <= self.local_chunks:
+            raise ValueError(f"own_position_chunks must be 0 or more than local_chunks ({self.local_chunks}): far "
+                             f"keys lie at least local_chunks chunks back, got {self.own_position_chunks}")
+        if self.recall_tokens and self.own_position_chunks:
+            raise ValueError("own_position_chunks needs recall_tokens 0: the bounded mode reads every far key "
+                             "at the far positions (qr, kr)")
         if self.retrieval not in VARIANTS:
             raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
         if self.scale is not None and not _finite_positive(self.scale):

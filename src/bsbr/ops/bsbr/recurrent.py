@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .inputs import check_inputs
-from .masks import exact_window, sink_outside_window
+from .masks import exact_window, near, sink_outside_window
 from .options import BSBROptions
 from .softmax import attention_lse, fused_attention, merge
 from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale, select_blocks
@@ -101,7 +101,7 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
             num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
             den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
         if opt.retrieval_blocks and state.kr_past.shape[2]:
-            num, den = _read_blocks(qrg, fq, state, m, parts, num, den)
+            num, den = _read_blocks(qg, qrg, fq, state, m, parts, num, den)
     o = _softmax_of_parts(parts, scale).reshape(b, hq, -1)
     if num is not None:
         o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
@@ -132,12 +132,14 @@ def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
     fast = at is not None and inplace and valid is None  # int slots: plain copies
     _write(state, at % W if fast else t % W, valid, ring, inplace)
+    own = opt.own_position_chunks > 0  # far keys also kept at their own positions
     if S and not (fast and at >= S):
         first = t < S
-        _write(state, t.clamp(max=S - 1), first if valid is None else valid & first, [("k_sink", kr), ("v_sink", v)],
-               inplace)
+        _write(state, t.clamp(max=S - 1), first if valid is None else valid & first,
+               [("k_sink", kr), ("v_sink", v)] + ([("k_sink_own", k)] if own else []), inplace)
     if opt.retrieval_blocks:
-        _write(state, at % B if fast else t % B, valid, [("kr_cur", kr), ("v_cur", v)], inplace)
+        _write(state, at % B if fast else t % B, valid, [("kr_cur", kr), ("v_cur", v)] + ([("k_cur", k)] if own else []),
+               inplace)
 
 
 _MASKS: dict = {}  # the last step's masks: every layer of a model steps at the same positions
@@ -169,14 +171,20 @@ def _step_masks(state, device):
     m = _MASKS.get(key)
     if m is not None:
         return m
-    B, L, S, W = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window
+    B, L, S, W, R = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window, opt.own_position_chunks
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
     ring = tt - torch.remainder(tt - torch.arange(W, device=device).view(1, W), W)  # token in each slot
     m = dict(at=pos[0] if len(set(pos)) == 1 else None, sinks_apart=True,
-             not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W),
-             not_sinks=~sink_outside_window(tt, torch.arange(S, device=device).view(1, S), B, L).view(b, 1, 1, S))
-    m["sinks_ok"] = bool((~m["not_sinks"]).any(-1).all())  # every sequence reads a sink outside its window
+             not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W))
+    # the sinks outside the window, as far keys (qr.kr) and, with own_position_chunks, at own positions
+    js = torch.arange(S, device=device).view(1, S)
+    sinks = sink_outside_window(tt, js, B, L)
+    own = near(tt, js, B, R) if R else torch.zeros_like(sinks)
+    for name, reads in (("sinks", sinks & ~own), ("sinks_own", sinks & own)):
+        m[f"not_{name}"] = ~reads.view(b, 1, 1, S)
+        m[f"{name}_ok"] = bool(reads.any(-1).all())  # every sequence reads one
+        m["sinks_far" if name == "sinks" else name] = bool(reads.any())  # some sequence does
     if opt.retrieval_blocks:
         chunks = torch.arange(P, device=device)
         last = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the last chunk before the window
@@ -184,13 +192,22 @@ def _step_masks(state, device):
         m.update(candidate=candidate, n_cand=int(candidate.sum(-1).max()) if P else 0,
                  last=int(last.max()) if b else -1)
         m["sinks_apart"] = B <= S or m["n_cand"] > opt.retrieval_blocks
+        # chunks from own_from on are read at their own positions; [own_lo, own_hi) bounds it in the batch
+        own_from = last + L + 1 - R if R else torch.full_like(last, P + 1)
+        m.update(own_from=own_from, own_lo=min(max(int(own_from.min()) if b else 0, 0), P),
+                 own_hi=min(max(int(own_from.max()) if b else 0, 0), P))
         if 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' tokens (sinks
             U = m["last"] + 1  # too, when they lie in chunk 0)
             read = candidate[:, :U].repeat_interleave(B, dim=1)
             if m["sinks_apart"]:
                 read = read & (torch.arange(U * B, device=device) >= S)
-            m["not_dense"] = ~read.view(b, 1, 1, U * B)
-            m["dense_ok"] = bool(read.any(-1).all())
+            own_tok = (chunks[:U].repeat_interleave(B)[None, :] >= own_from[:, None])  # (b, U * B)
+            lo, hi = min(m["own_lo"], U), min(m["own_hi"], U)
+            m["dense"] = []  # (far keys?, first chunk, end chunk, masked, every row reads)
+            for far, c0, c1, reads in ((True, 0, hi, read & ~own_tok), (False, lo, U, read & own_tok)):
+                reads = reads[:, c0 * B:c1 * B]
+                if c1 > c0 and bool(reads.any()):
+                    m["dense"].append((far, c0, c1, ~reads.view(b, 1, 1, -1), bool(reads.any(-1).all())))
     _MASKS.clear()
     _BIAS.clear()
     _MASKS[key] = m
@@ -202,7 +219,10 @@ def _window_and_sinks(qg, qrg, state, m):
     :func:`_softmax_of_parts`); ``m`` the step's masks."""
     parts = [(qg, state.k_buf, state.v_buf, m["not_window"], True)]  # a token's window holds itself
     if state.options.sink_tokens and m["sinks_apart"]:
-        parts.append((qrg, state.k_sink, state.v_sink, m["not_sinks"], m["sinks_ok"]))
+        if m["sinks_far"]:
+            parts.append((qrg, state.k_sink, state.v_sink, m["not_sinks"], m["sinks_ok"]))
+        if m["sinks_own"]:  # sinks at their own positions
+            parts.append((qg, state.k_sink_own, state.v_sink, m["not_sinks_own"], m["sinks_own_ok"]))
     return parts
 
 
@@ -236,7 +256,7 @@ def _softmax_of_parts(parts, scale):
     return o
 
 
-def _read_blocks(qrg, fq, state, m, parts, num, den):
+def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
     """Append the selected blocks to the softmax's ``parts``; return num/den without their chunk states.
 
     While K covers every candidate, chunks 0 .. last are read where they lie. Otherwise each query
@@ -253,8 +273,10 @@ def _read_blocks(qrg, fq, state, m, parts, num, den):
         return num, den
     if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
         U = m["last"] + 1
-        parts.append((qrg, state.kr_past[:, :, :U].reshape(b, hkv, U * B, d),
-                      state.v_past[:, :, :U].reshape(b, hkv, U * B, -1), m["not_dense"], m["dense_ok"]))
+        for far, c0, c1, masked, every in m["dense"]:
+            qx, kx = (qrg, state.kr_past) if far else (qg, state.k_past)
+            parts.append((qx, kx[:, :, c0:c1].reshape(b, hkv, (c1 - c0) * B, d),
+                          state.v_past[:, :, c0:c1].reshape(b, hkv, (c1 - c0) * B, -1), masked, every))
         if num is None:
             return num, den
         w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)
@@ -263,8 +285,7 @@ def _read_blocks(qrg, fq, state, m, parts, num, den):
     else:
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
         grad = torch.is_grad_enabled()
-        bs, qk = (block_scores(qrg, state.kr_past[:, :, :span], S), None) if grad else \
-            block_scores(qrg, state.kr_past[:, :, :span], S, keep=True)  # (b, hkv, g, span), (b, hkv, g, span, B)
+        bs, qk = _scores(qg, qrg, state, span, m, keep=not grad)  # (b, hkv, g, span), (b, hkv, g, span, B)
         sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K), -1: none
         at = sel.clamp(min=0)
         rows = (at + P * torch.arange(b * hkv, device=at.device).view(b, hkv, 1, 1)).reshape(-1)  # (b hkv P) rows
@@ -273,6 +294,10 @@ def _read_blocks(qrg, fq, state, m, parts, num, den):
             return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, g, K, *x.shape[3:])
         if grad:
             s_b = (qrg.view(b, hkv, g, 1, 1, d) @ picked(state.kr_past).transpose(-1, -2)).squeeze(-2)  # (b, hkv, g, K, B)
+            if opt.own_position_chunks:
+                own = (sel >= m["own_from"].view(b, 1, 1, 1)).unsqueeze(-1)
+                s_b = torch.where(own, (qg.view(b, hkv, g, 1, 1, d) @ picked(state.k_past).transpose(-1, -2)).squeeze(-2),
+                                  s_b)
         else:
             s_b = qk.gather(3, at.unsqueeze(-1).expand(b, hkv, g, K, B))
         tok = at.unsqueeze(-1) * B + torch.arange(B, device=at.device)  # (b, hkv, g, K, B)
@@ -296,6 +321,36 @@ def _read_blocks(qrg, fq, state, m, parts, num, den):
         den = den - torch.einsum("bkgu,bkgf,bkguf->bkg", w, fqg, z_sel.expand(b, hkv, g, *z_sel.shape[3:])).reshape(den.shape)
         den = den * sc.reshape(b, hkv * g)
     return num, den
+
+
+def _scores(qg, qrg, state, span, m, keep):
+    """Block scores of chunks 0 .. span - 1 (:func:`block_scores`): qr.kr before a sequence's
+    ``own_from`` chunk, q.k from it. Returns (scores (b, hkv, g, span), every q.k (.., span, B) or None)."""
+    opt = state.options
+    S, B = opt.sink_tokens, opt.chunk_size
+    lo, hi = min(m["own_lo"], span), min(m["own_hi"], span)  # (span, span) without own_position_chunks
+    got = []
+    if hi:
+        got.append(block_scores(qrg, state.kr_past[:, :, :hi], S, keep=keep))
+    if lo < span:
+        got.append(block_scores(qg, state.k_past[:, :, lo:span], max(S - lo * B, 0), keep=keep))
+    got = [x if keep else (x, None) for x in got]
+    if len(got) == 1:
+        return got[0]
+    (far, far_qk), (own, own_qk) = got
+    if lo == hi:
+        return torch.cat([far, own], -1), None if far_qk is None else torch.cat([far_qk, own_qk], -2)
+    # chunks lo .. hi - 1 hold both: each sequence's own from its own_from
+    b = qg.shape[0]
+    at_own = (torch.arange(lo, hi, device=qg.device)[None, :] >= m["own_from"][:, None]).view(b, 1, 1, hi - lo)
+
+    def mix(f, o, dim):  # f over chunks 0 .. hi - 1, o over lo .. span - 1, chunks along dim
+        f_lo, f_mid = f.split([lo, hi - lo], dim)
+        o_mid, o_hi = o.split([hi - lo, span - hi], dim)
+        w = at_own if dim == -1 else at_own.unsqueeze(-1)
+        return torch.cat([f_lo, torch.where(w, o_mid, f_mid), o_hi], dim)
+
+    return mix(far, own, -1), None if far_qk is None else mix(far_qk, own_qk, -2)
 
 
 def _recall_read(qrg, fq, state, parts, read):
@@ -362,6 +417,8 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     if opt.retrieval_blocks:
         put("kr_past", state.kr_cur)
         put("v_past", state.v_cur)
+        if opt.own_position_chunks:
+            put("k_past", state.k_cur)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
     state.F_cur = torch.where(d1.unsqueeze(-1), torch.zeros_like(state.F_cur), state.F_cur)

@@ -39,6 +39,10 @@ class BSBRState:
     v_cur: torch.Tensor  # (b, hkv, Bk, dv)
     kr_past: torch.Tensor  # (b, hkv, P, Bk, d) far keys of completed chunks
     v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
+    k_sink_own: torch.Tensor  # (b, hkv, So, d) the sinks' keys at their own positions (So = S with
+    #                           own_position_chunks, else 0)
+    k_cur: torch.Tensor  # (b, hkv, Bo, d) the current chunk's keys (Bo = Bk with own_position_chunks, else 0)
+    k_past: torch.Tensor  # (b, hkv, P, Bo, d) keys of completed chunks (read at their own positions)
     kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
     fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
     recall_kr: torch.Tensor  # (b, hkv, M, d) the recall cache (see bsbr.ops.bsbr.recall.RecallCache)
@@ -49,7 +53,7 @@ class BSBRState:
     recall_F: torch.Tensor  # (b, hkv, df, dv) state of the left-window tokens outside the cache (df = 0 off)
     recall_z: torch.Tensor  # (b, hkv, df)
 
-    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past")
+    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past", "k_past")
 
     @property
     def completed(self) -> torch.Tensor:
@@ -62,6 +66,7 @@ class BSBRState:
 
         b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
         Bk = options.chunk_size if options.retrieval_blocks else 0
+        Bo, So = (Bk, options.sink_tokens) if options.own_position_chunks else (0, 0)
         M = options.recall_tokens
         Wr, dfr = (options.window, df) if M else (0, 0)
         cache = RecallCache.empty(b, hkv, M, d, dv, dfr, like)
@@ -73,6 +78,7 @@ class BSBRState:
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
             h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
             kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
+            k_sink_own=z(b, hkv, So, d), k_cur=z(b, hkv, Bo, d), k_past=z(b, hkv, 0, Bo, d),
             kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
             **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
