@@ -104,17 +104,19 @@ def test_far_positions_change_only_far_keys():
     assert (a[:, 2 * CHUNK:] - b[:, 2 * CHUNK:]).abs().max() > 1e-3
 
 
-def test_hybrid_positions_are_absolute_inside_the_sources_range_and_window_beyond():
-    """far_positions='hybrid' on a source of 4 chunks of positions: far keys fewer than 4 chunks back
-    keep their own positions (with blocks covering every chunk, the source itself while the context
-    fits its positions), older ones read as 'window' does."""
+def test_hybrid_positions_are_absolute_inside_the_sources_range_and_shifted_beyond():
+    """far_positions='hybrid' on a source of 8 chunks of positions: far keys fewer than 4 chunks back
+    (half the range) keep their own positions (with blocks covering every chunk, the source itself
+    while the context fits that), older ones read as if 3 chunks back (neither rule alone)."""
     src = make_source("llama")
-    src.config.max_position_embeddings = 4 * CHUNK
+    src.config.max_position_embeddings = 8 * CHUNK
     ids = torch.randint(0, VOCAB, (1, 8 * CHUNK), generator=torch.Generator().manual_seed(2))
     models = {rule: convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=8, sink_tokens=2, far_positions=rule)
               for rule in ("hybrid", "absolute", "window")}
     assert models["hybrid"].config.own_position_chunks() == 4
     assert models["hybrid"].model.layers[0].attn.own_position_chunks == 4
+    assert models["hybrid"].config.far_shift_chunks() == 3
+    assert models["window"].config.far_shift_chunks() == models["window"].config.local_chunks == 2
     out = {rule: outputs(m, ids) for rule, m in models.items()}
     inside = slice(0, 4 * CHUNK)
     torch.testing.assert_close(out["hybrid"][:, inside], outputs(src, ids)[:, inside], rtol=1e-4, atol=1e-4)

@@ -19,12 +19,12 @@ def model(request):
     # exactly to the previous chunk and the sinks (a ring buffer in the cache); "blocks" also reads
     # the 2 best earlier chunks exactly (their keys in the cache); "recall" keeps 5 exact past tokens
     # per K/V head and one state of the rest
-    # "hybrid": a source of 3 chunks of positions, so blocks 2 chunks back keep their own positions and
-    # older ones read as just before the window
+    # "hybrid": a source of 6 chunks of positions (3 read at own positions), so blocks 2 chunks back keep
+    # their own positions and older ones read as if 2 chunks back
     family, local_chunks, sinks, blocks, far, recall = request.param
     src = make_source(family)
     if far == "hybrid":
-        src.config.max_position_embeddings = 3 * CHUNK
+        src.config.max_position_embeddings = 6 * CHUNK
     return convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.7, local_chunks=local_chunks,
                            sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far, recall_tokens=recall)
 

@@ -34,9 +34,11 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "most M exact past tokens per layer and K/V head, those the linear state recalls worst "
                         "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "
                         "per layer per K/V head plus the window), whatever the context length")
-    p.add_argument("--far-positions", choices=["absolute", "window", "hybrid"], default=D["far_positions"],
-                   help="rotary positions of sinks and retrieved blocks: their own, or just before the window "
-                        "(default %(default)s; 'window' keeps every distance inside the source's range)")
+    p.add_argument("--far-positions", choices=["absolute", "window", "hybrid"], default=None,
+                   help="rotary positions of sinks and retrieved blocks: 'hybrid' (default) their own within half "
+                        "the source's max_position_embeddings, beyond as if in the oldest such chunk; 'window' just "
+                        "before the window (every distance short at any length; the default with --recall-tokens); "
+                        "'absolute' their own always (leaves the source's range past it)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
     p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])
@@ -57,6 +59,8 @@ def conversion_options(args) -> dict:
                    **{name: getattr(args, name) for name in DEFAULT_OPTIONS})
     if options["retrieval_blocks"] is None:
         options["retrieval_blocks"] = 0 if args.recall_tokens else DEFAULT_OPTIONS["retrieval_blocks"]
+    if options["far_positions"] is None:
+        options["far_positions"] = "window" if args.recall_tokens else DEFAULT_OPTIONS["far_positions"]
     return options
 
 

@@ -26,12 +26,14 @@ from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
 
-# the converter's defaults, measured in docs/findings.md: 8 retrieved blocks placed just before the window
-# close 71% (code) / 47% (prose) of the window -> full perplexity gap zero-shot at 8,192 tokens, reading 25%
-# of the context (K=4: 57% / 36%), and keep distances inside the source's position range at any length
+# the converter's defaults, measured in docs/findings.md: 8 retrieved blocks (each chunk scored by its
+# largest q.k) read at their own positions within half the source's range and as if at its edge beyond
+# ('hybrid') close HYB of the window -> full perplexity gap zero-shot at 8,192 tokens (window positions:
+# 75.9% / 97.6%), reading 25% of the context, and keep distances inside the source's range at any length;
+# the bounded mode (recall_tokens) reads every far key at window positions
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
-                       retrieval_blocks=8, recall_tokens=0, far_positions="window", position_scheme="wrap")
+                       retrieval_blocks=8, recall_tokens=0, far_positions="hybrid", position_scheme="wrap")
 
 
 def default_source_path() -> Path:
@@ -99,7 +101,8 @@ class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
     ``options``: the keys of :data:`DEFAULT_OPTIONS` (see :class:`bsbr.models.BSBRConfig`); ``recall_tokens > 0``
-    makes ``retrieval_blocks`` default to 0. ``gate_init=None`` means no gate.
+    makes ``retrieval_blocks`` default to 0 and ``far_positions`` to ``"window"``. ``gate_init=None`` means
+    no gate.
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None, **options):
@@ -108,8 +111,9 @@ class TransformerToBSBRConverter:
             raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
         self.chunk_size = chunk_size
         self.compression_factor = compression_factor
-        if options.get("recall_tokens") and "retrieval_blocks" not in options:
-            options["retrieval_blocks"] = 0  # the bounded mode replaces the exact blocks
+        if options.get("recall_tokens"):  # the bounded mode replaces the exact blocks, and reads far keys at
+            options.setdefault("retrieval_blocks", 0)  # one rule
+            options.setdefault("far_positions", "window")
         self.options = {**DEFAULT_OPTIONS, **options}
         # bad options are refused here, before a source is loaded, by the checks BSBRConfig makes of them
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, **self.options)

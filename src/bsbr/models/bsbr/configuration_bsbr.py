@@ -22,8 +22,9 @@ MLP_TYPES = ("standard", "gated")
 #   absolute: every key at its own position (a retrieved block covering all chunks is full attention);
 #   window: read as if they lay in the chunk just before the window, at their offset in their own chunk,
 #           so every query-key distance stays below (local_chunks + 1) * chunk_size at any length
-#   hybrid: absolute while the key's chunk lies fewer than max_position_embeddings // chunk_size chunks
-#           back (every distance inside the source's range), window beyond
+#   hybrid: absolute while the key's chunk lies fewer than R = max_position_embeddings / 2 // chunk_size
+#           chunks back (every distance inside half the source's range); an older key reads as if it lay
+#           in the oldest of those chunks, R - 1 back, at its offset in its own chunk
 FAR_POSITIONS = ("absolute", "window", "hybrid")
 
 
@@ -181,9 +182,18 @@ class BSBRConfig(PretrainedConfig):
 
     def own_position_chunks(self) -> int:
         """The op's ``own_position_chunks``: with ``far_positions='hybrid'`` on rotary positions, the chunks
-        whose every key lies within ``max_position_embeddings`` of a query (0 when that is no more than
-        the window); else 0."""
+        whose every key lies within half of ``max_position_embeddings`` of a query (0 when that is no
+        more than the window); else 0. Half: SmolLM2 (8,192 positions) finds a pass-key at 4,096 tokens
+        9/9 and at 8,192 6/9; with the whole range, keys read about 8,000 tokens back were missed
+        (docs/findings.md)."""
         if self.far_positions != "hybrid" or self.position_type != "rope":
             return 0
-        reach = self.max_position_embeddings // self.chunk_size
+        reach = self.max_position_embeddings // 2 // self.chunk_size
         return reach if reach > self.local_chunks else 0
+
+    def far_shift_chunks(self) -> int:
+        """How many chunks back a far key read at far positions seems to lie (besides its offset): the
+        window's length for 'window', the oldest chunk read at own positions for 'hybrid' (the window's
+        length when no chunk is)."""
+        reach = self.own_position_chunks()
+        return reach - 1 if reach else self.local_chunks

@@ -283,11 +283,13 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         cos_sin = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         far = None
         if self.rotary is not None and self.config.far_positions != "absolute":
-            # far keys at their offset in their chunk; far queries at their offset + the window's length,
-            # so a far key reads as if it lay in the chunk just before the window. Chunks count from the
-            # sequence's first real token, so the offset comes from the token's index, not from position_ids
+            # far keys at their offset in their chunk; far queries at their offset + a shift of whole chunks:
+            # 'window': the window's length, so a far key reads as if it lay in the chunk just before the
+            # window; 'hybrid': R - 1 chunks, so a key past the R chunks read at own positions reads as if it
+            # lay in the oldest of them (the order of distances kept). Chunks count from the sequence's first
+            # real token, so the offset comes from the token's index, not from position_ids
             offset = index % self.config.chunk_size
-            far = (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),
+            far = (self.rotary(offset + self.config.far_shift_chunks() * self.config.chunk_size, x.dtype),
                    self.rotary(offset, x.dtype))
 
         use_cache = self.config.use_cache if use_cache is None else use_cache
