@@ -350,8 +350,7 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     queries (qr, q), each (b, hq, N, d), fq (b, hq, N, df); keys (kr_c, k_c), each (b, hkv, C, B, d),
     v_c (b, hkv, C, B, dv); F (b, hkv, C, df, dv), z (b, hkv, C, df); sel (b, hkv, g, N, K') selected
     chunks (-1: none); own (like sel, bool) the pairs read as q.k (at own positions), or None (every
-    pair qr.kr); w_sel their state
-    weights or None (the chunk-state term is not read); ``sinks``: the sequence's first tokens, which a
+    pair qr.kr); w_sel their state weights or None (the chunk-state term is not read); ``sinks``: the sequence's first tokens, which a
     block never holds (a selected chunk lies before a real token's window, so all its tokens are real).
     Returns o (b, hkv, g, N, dv) and lse (b, hkv, g, N) over all of a token's selected blocks, and the
     sums over them of w fq.F_c (b, hkv, g, N, dv) and w fq.z_c (b, hkv, g, N) (None without w_sel).
@@ -362,32 +361,12 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     b, hkv, g, N, Kp = sel.shape
     C, B, d = keys[0].shape[2], keys[0].shape[3], keys[0].shape[-1]
     dv = v_c.shape[-1]
-    rows, n_ids = g * N * Kp, b * hkv * C
+    n_ids = b * hkv * C
     v_f = v_c.reshape(b * hkv, C, B, dv)
-    # pairs in (token, head, slot) order: a token's pairs never move when a later token's choice changes
-    sel_f = sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
-    flat = sel_f + (torch.arange(b * hkv, device=sel.device) * C)[:, None]  # (row, chunk) as one id
-    if own is not None:  # a pair read at own positions: ids n_ids .. 2 n_ids - 1 (keys k, queries q)
-        flat = flat + own.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows) * n_ids
-    flat = flat.masked_fill(sel_f < 0, -1).reshape(-1)
-    pairs = (flat >= 0).nonzero()[:, 0]
-    ids, order = flat[pairs].sort(stable=True)
-    pairs = pairs[order]
-    th = pairs // Kp  # each pair's (sequence, K/V head, token, head): a row of the (b, hkv, N, g) outputs
-    r_of = th // (N * g)
-    q_row = r_of * (g * N) + (th % g) * N + (th // g) % N  # and its query: a row of qr.reshape(-1, d)
-    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
-    # one gather of every pair's query, each group's rows padded to a multiple of TILE: a BLAS kernel's
-    # result for one row can depend on the row count, and a token's output must not depend on which
-    # other tokens chose the same chunk
-    padded = (counts + TILE - 1) // TILE * TILE
-    first_p = torch.cumsum(padded, 0) - padded  # each group's first padded row
-    first_u = torch.cumsum(counts, 0) - counts  # and its first pair
-    grp = torch.repeat_interleave(torch.arange(counts.numel(), device=sel.device), padded)
-    at = (torch.arange(grp.numel(), device=sel.device) - first_p[grp]).minimum(counts[grp] - 1) + first_u[grp]
+    pairs, ids, th, q_row, uniq, counts, at = _pair_groups(sel, own, C)
     # each group's pieces as views made once (split/unbind): slicing a tensor per group would make its
     # backward write a zero tensor of the whole input per group
-    sizes = padded.tolist()
+    sizes = ((counts + TILE - 1) // TILE * TILE).tolist()
     k_g = keys[0].reshape(n_ids, B, d).unbind(0)  # (B, d) per id
     if own is None:
         q_g = qr.reshape(-1, d).index_select(0, q_row[at])
@@ -436,6 +415,37 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     if state:
         num, den = num.view(b, hkv, N, g, dv).transpose(2, 3), den.view(b, hkv, N, g).transpose(2, 3)
     return o.transpose(2, 3), lse.transpose(2, 3), num, den
+
+
+def _pair_groups(sel, own, C):
+    """The (token, head, selected chunk) pairs of :func:`_selected_blocks`, grouped by the keys they read:
+    (sequence, K/V head, chunk), and whether at own positions (ids ``n_ids`` .. ``2 n_ids - 1``).
+    Returns each pair's index into sel's (b, hkv, N, g, K') order, its group id, its output row in
+    (b, hkv, N, g) order, its query's row in (b, hq, N) order, the group ids and sizes, and ``at``:
+    the pair each row of the gathered queries holds, every group padded to a multiple of TILE rows."""
+    b, hkv, g, N, Kp = sel.shape
+    rows, n_ids = g * N * Kp, b * hkv * C
+    # pairs in (token, head, slot) order: a token's pairs never move when a later token's choice changes
+    sel_f = sel.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows)
+    flat = sel_f + (torch.arange(b * hkv, device=sel.device) * C)[:, None]  # (row, chunk) as one id
+    if own is not None:  # a pair read at own positions: ids n_ids .. 2 n_ids - 1 (keys k, queries q)
+        flat = flat + own.permute(0, 1, 3, 2, 4).reshape(b * hkv, rows) * n_ids
+    flat = flat.masked_fill(sel_f < 0, -1).reshape(-1)
+    pairs = (flat >= 0).nonzero()[:, 0]
+    ids, order = flat[pairs].sort(stable=True)
+    pairs = pairs[order]
+    th = pairs // Kp  # each pair's (sequence, K/V head, token, head): a row of the (b, hkv, N, g) outputs
+    q_row = th // (N * g) * (g * N) + (th % g) * N + (th // g) % N  # and its query: a row of qr.reshape(-1, d)
+    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+    # one gather of every pair's query, each group's rows padded to a multiple of TILE: a BLAS kernel's
+    # result for one row can depend on the row count, and a token's output must not depend on which
+    # other tokens chose the same chunk
+    padded = (counts + TILE - 1) // TILE * TILE
+    first_p = torch.cumsum(padded, 0) - padded  # each group's first padded row
+    first_u = torch.cumsum(counts, 0) - counts  # and its first pair
+    grp = torch.repeat_interleave(torch.arange(counts.numel(), device=sel.device), padded)
+    at = (torch.arange(grp.numel(), device=sel.device) - first_p[grp]).minimum(counts[grp] - 1) + first_u[grp]
+    return pairs, ids, th, q_row, uniq, counts, at
 
 
 def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
