@@ -433,6 +433,24 @@ def test_three_forms_agree_with_far_keys_at_own_positions(n, chunk, hq, hkv, L, 
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
+def test_own_position_keys_are_a_ring_of_r_minus_one_chunks():
+    """The streaming state keeps own-position keys only for the chunks a token may still read so (R - 1
+    back at most): a prefill and a decode that go on for 12 chunks hold 2 of them (R = 3)."""
+    x = with_far_keys(make_inputs(b=2, hq=2, hkv=1, n=96, d=4, df=3, positive=True))
+    options = BSBROptions(8, local_chunks=2, retrieval_blocks=2, own_position_chunks=3)
+    args = [x[n] for n in ("q", "k", "v", "mq", "mk")]
+    extra = {n: x[n] for n in ("fq", "fk", "qr", "kr")}
+    _, st = chunk_bsbr_attention(*(t[:, :, :50] for t in args), options, **{n: t[:, :, :50] for n, t in extra.items()},
+                                 output_final_state=True)
+    assert st.k_past.shape[2] == 2 and st.kr_past.shape[2] >= 6
+    _, st = recurrent_bsbr_attention(*(t[:, :, 50:] for t in args), options,
+                                     **{n: t[:, :, 50:] for n, t in extra.items()}, initial_state=st,
+                                     output_final_state=True)
+    assert st.k_past.shape[2] == 2 and st.kr_past.shape[2] >= 12
+    torch.testing.assert_close(st.k_past[:, :, 11 % 2], x["k"][:, :, 88:96])  # the last chunk, in slot 11 mod 2
+    torch.testing.assert_close(st.k_past[:, :, 10 % 2], x["k"][:, :, 80:88])
+
+
 def test_own_position_chunks_inside_the_window_or_with_the_bounded_mode_is_refused():
     with pytest.raises(ValueError, match="own_position_chunks must be 0 or more than local_chunks"):
         BSBROptions(8, local_chunks=2, own_position_chunks=2)

@@ -20,7 +20,7 @@ from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_clos
                         select_blocks, state_weights)
 from .softmax import attention_lse, masked_attention_lse, merge
 from .recall import RecallCache, recall_update
-from .state import BSBRState, refresh_retrieval
+from .state import BSBRState, own_ring_chunks, refresh_retrieval
 
 NEG_INF = float("-inf")
 TILE = 16
@@ -510,11 +510,15 @@ def _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved) -> None
         st.kr_cur, st.v_cur = pick(krb), pick(vb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
-        if options.own_position_chunks:
+        ring = own_ring_chunks(options)
+        if ring:  # the own-position ring: slot j holds the last completed chunk c with c mod ring = j
             kb = k.view(b, hkv, C, B, -1)
-            st.k_cur, st.k_past = pick(kb), kb * done[..., None, None].to(k.dtype)
+            j = torch.arange(min(C, ring), device=k.device)[None, :]
+            c_j = j + ring * torch.div(full[:, None] - 1 - j, ring, rounding_mode="floor")  # (b, slots)
+            got = kb.gather(2, c_j.clamp(min=0).view(b, 1, -1, 1, 1).expand(-1, hkv, -1, B, kb.shape[-1]))
+            st.k_cur, st.k_past = pick(kb), got * (c_j >= 0).view(b, 1, -1, 1, 1).to(k.dtype)
     else:
-        for name in ("kr_past", "v_past", "k_past"):
+        for name in ("kr_past", "v_past"):
             t = getattr(st, name)
             setattr(st, name, t.new_zeros(t.shape[:2] + (C,) + t.shape[3:]))
     refresh_retrieval(st, full > 0)

@@ -18,7 +18,7 @@ from .options import BSBROptions
 from .softmax import attention_lse, fused_attention, merge
 from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale, select_blocks
 from .recall import cache_scores, recall_update
-from .state import BSBRState, ensure_capacity, refresh_retrieval
+from .state import BSBRState, ensure_capacity, own_ring_chunks, refresh_retrieval
 
 
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
@@ -274,9 +274,13 @@ def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
     if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
         U = m["last"] + 1
         for far, c0, c1, masked, every in m["dense"]:
+            pieces = [(c0, c1, c0)] if far else _ring_pieces(c0, c1, own_ring_chunks(opt))
             qx, kx = (qrg, state.kr_past) if far else (qg, state.k_past)
-            parts.append((qx, kx[:, :, c0:c1].reshape(b, hkv, (c1 - c0) * B, d),
-                          state.v_past[:, :, c0:c1].reshape(b, hkv, (c1 - c0) * B, -1), masked, every))
+            for p0, p1, s0 in pieces:  # chunks p0 .. p1 - 1, from slot s0 of kx
+                n_p = (p1 - p0) * B
+                parts.append((qx, kx[:, :, s0:s0 + p1 - p0].reshape(b, hkv, n_p, d),
+                              state.v_past[:, :, p0:p1].reshape(b, hkv, n_p, -1),
+                              masked[..., (p0 - c0) * B:(p1 - c0) * B], every))
         if num is None:
             return num, den
         w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)
@@ -294,10 +298,13 @@ def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
             return x.reshape(b * hkv * P, -1).index_select(0, rows).view(b, hkv, g, K, *x.shape[3:])
         if grad:
             s_b = (qrg.view(b, hkv, g, 1, 1, d) @ picked(state.kr_past).transpose(-1, -2)).squeeze(-2)  # (b, hkv, g, K, B)
-            if opt.own_position_chunks:
+            ring = own_ring_chunks(opt)
+            if ring:  # the chunks at own positions: their keys from the ring
                 own = (sel >= m["own_from"].view(b, 1, 1, 1)).unsqueeze(-1)
-                s_b = torch.where(own, (qg.view(b, hkv, g, 1, 1, d) @ picked(state.k_past).transpose(-1, -2)).squeeze(-2),
-                                  s_b)
+                Pk = state.k_past.shape[2]
+                rows_k = (at % ring + Pk * torch.arange(b * hkv, device=at.device).view(b, hkv, 1, 1)).reshape(-1)
+                k_own = state.k_past.reshape(b * hkv * Pk, -1).index_select(0, rows_k).view(b, hkv, g, K, B, d)
+                s_b = torch.where(own, (qg.view(b, hkv, g, 1, 1, d) @ k_own.transpose(-1, -2)).squeeze(-2), s_b)
         else:
             s_b = qk.gather(3, at.unsqueeze(-1).expand(b, hkv, g, K, B))
         tok = at.unsqueeze(-1) * B + torch.arange(B, device=at.device)  # (b, hkv, g, K, B)
@@ -329,12 +336,18 @@ def _scores(qg, qrg, state, span, m, keep):
     opt = state.options
     S, B = opt.sink_tokens, opt.chunk_size
     lo, hi = min(m["own_lo"], span), min(m["own_hi"], span)  # (span, span) without own_position_chunks
+    def scores(q, keys, sinks):  # (scores, every q.k or None)
+        got = block_scores(q, keys, sinks, keep=keep)
+        return got if keep else (got, None)
+
     got = []
     if hi:
-        got.append(block_scores(qrg, state.kr_past[:, :, :hi], S, keep=keep))
-    if lo < span:
-        got.append(block_scores(qg, state.k_past[:, :, lo:span], max(S - lo * B, 0), keep=keep))
-    got = [x if keep else (x, None) for x in got]
+        got.append(scores(qrg, state.kr_past[:, :, :hi], S))
+    if lo < span:  # from the ring, in runs of consecutive slots
+        runs = [scores(qg, state.k_past[:, :, s0:s0 + p1 - p0], max(S - p0 * B, 0))
+                for p0, p1, s0 in _ring_pieces(lo, span, own_ring_chunks(opt))]
+        got.append(runs[0] if len(runs) == 1 else
+                   (torch.cat([x for x, _ in runs], -1), torch.cat([y for _, y in runs], -2) if keep else None))
     if len(got) == 1:
         return got[0]
     (far, far_qk), (own, own_qk) = got
@@ -351,6 +364,17 @@ def _scores(qg, qrg, state, span, m, keep):
         return torch.cat([f_lo, torch.where(w, o_mid, f_mid), o_hi], dim)
 
     return mix(far, own, -1), None if far_qk is None else mix(far_qk, own_qk, -2)
+
+
+def _ring_pieces(c0: int, c1: int, ring: int):
+    """Chunks c0 .. c1 - 1 of the own-position ring (chunk c in slot c mod ring) as runs of consecutive
+    slots: [(first chunk, end chunk, first slot)]."""
+    pieces, c = [], c0
+    while c < c1:
+        n = min(c1 - c, ring - c % ring)
+        pieces.append((c, c + n, c % ring))
+        c += n
+    return pieces
 
 
 def _recall_read(qrg, fq, state, parts, read):
@@ -417,8 +441,11 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     if opt.retrieval_blocks:
         put("kr_past", state.kr_cur)
         put("v_past", state.v_cur)
-        if opt.own_position_chunks:
-            put("k_past", state.k_cur)
+        ring = own_ring_chunks(opt)
+        if ring:  # the own-position ring: chunk c in slot c mod ring
+            Pk = state.k_past.shape[2]
+            slot = ((torch.arange(Pk, device=c.device)[None, :] == (c % ring)[:, None]) & done[:, None])
+            state.k_past = torch.where(slot.view(b, 1, Pk, 1, 1), state.k_cur.unsqueeze(2), state.k_past)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
     state.F_cur = torch.where(d1.unsqueeze(-1), torch.zeros_like(state.F_cur), state.F_cur)

@@ -42,7 +42,8 @@ class BSBRState:
     k_sink_own: torch.Tensor  # (b, hkv, So, d) the sinks' keys at their own positions (So = S with
     #                           own_position_chunks, else 0)
     k_cur: torch.Tensor  # (b, hkv, Bo, d) the current chunk's keys (Bo = Bk with own_position_chunks, else 0)
-    k_past: torch.Tensor  # (b, hkv, P, Bo, d) keys of completed chunks (read at their own positions)
+    k_past: torch.Tensor  # (b, hkv, Pk, Bo, d) keys at their own positions of the last R - 1 completed chunks
+    #                       (R = own_position_chunks; no others are read so), chunk c in slot c mod (R - 1)
     kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
     fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
     recall_kr: torch.Tensor  # (b, hkv, M, d) the recall cache (see bsbr.ops.bsbr.recall.RecallCache)
@@ -53,7 +54,7 @@ class BSBRState:
     recall_F: torch.Tensor  # (b, hkv, df, dv) state of the left-window tokens outside the cache (df = 0 off)
     recall_z: torch.Tensor  # (b, hkv, df)
 
-    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past", "k_past")
+    PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past")
 
     @property
     def completed(self) -> torch.Tensor:
@@ -142,12 +143,26 @@ def refresh_retrieval(state: BSBRState, which: torch.Tensor) -> None:
 
 
 def ensure_capacity(state: BSBRState, need: int) -> None:
-    """Grow the per-chunk arrays so that they hold ``need`` completed chunks (amortised doubling)."""
+    """Grow the per-chunk arrays so that they hold ``need`` completed chunks (amortised doubling), and
+    the own-position key ring up to its R - 1 chunks."""
     P = state.F_past.shape[2]
-    if need <= P:
-        return
-    grow = max(need, 2 * P) - P
-    for name in BSBRState.PER_CHUNK:
+    if need > P:
+        _grow(state, BSBRState.PER_CHUNK, max(need, 2 * P) - P)
+    ring = own_ring_chunks(state.options)
+    Pk = state.k_past.shape[2]
+    if ring and min(need, ring) > Pk:
+        _grow(state, ("k_past",), min(max(need, 2 * Pk), ring) - Pk)
+
+
+def own_ring_chunks(options) -> int:
+    """Chunks of the own-position key ring: R - 1 (the chunks a token may read at own positions lie
+    1 .. R - 1 chunks back), 0 without own_position_chunks or exact blocks."""
+    R = options.own_position_chunks
+    return R - 1 if R and options.retrieval_blocks else 0
+
+
+def _grow(state: BSBRState, names, grow: int) -> None:
+    for name in names:
         t = getattr(state, name)
         extra = torch.zeros(t.shape[:2] + (grow,) + t.shape[3:], dtype=t.dtype, device=t.device)
         setattr(state, name, torch.cat([t, extra], dim=2))
