@@ -7,6 +7,7 @@ softmax, no values), selected blocks O(n K B d), chunk states O(n d^2 + C^2 d^2)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -52,7 +53,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     """
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
-    same = qr is q and kr is k
+    same_far = qr is q and kr is k  # far keys read at their own positions
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
     B, L, R = options.chunk_size, options.local_chunks, options.own_position_chunks
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
@@ -61,7 +62,9 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
     q, k, v, mq, mk, fq, fk, qr, kr = x
     C = q.shape[2] // B
-    same_far = same or C <= R  # every far key read at its own position
+    state_options, state_kr = options, kr  # the state keeps the far keys as given, for later tokens
+    if C <= R:  # every far key lies within reach: read at its own position, i.e. as the keys themselves
+        qr, kr, options, same_far = q, k, dataclasses.replace(options, own_position_chunks=0), True
     tok_valid = torch.arange(C * B, device=q.device)[None, :] < lengths[:, None]  # (b, N)
 
     closed = gate_closed(gate)
@@ -102,7 +105,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     o = (o if valid is None else o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]  # padding outputs 0
     state = None
     if output_final_state:
-        state = _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved)
+        state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved)
     if order is not None:  # back to the original (padded) positions
         o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
     return o, state
