@@ -79,6 +79,15 @@ def test_conversion_values_that_cannot_work_are_refused_before_loading(models, t
     assert flag in line and expect in line
 
 
+def test_hybrid_far_positions_with_the_bounded_mode_are_refused_before_loading(models, tmp_path, capsys, monkeypatch):
+    source, _, _ = models
+    monkeypatch.setattr("bsbr.outputs.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["convert", source, tmp_path / "out", "--recall-tokens", "8", "--far-positions", "hybrid"],
+                   "convert", source)
+    assert "--far-positions hybrid needs --recall-tokens 0" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_options_cap_what_is_allocated_whole():
     with pytest.raises(ValueError, match="chunk_size must be at most"):
         BSBROptions(chunk_size=1 << 21)

@@ -90,6 +90,9 @@ def test_recall_tokens_flag():
         check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "8", "--retrieval-blocks", "2"])))
     with pytest.raises(UserError, match="recall-tokens"):
         check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "-1"])))
+    assert opts["far_positions"] == "window"  # the bounded mode's default
+    with pytest.raises(UserError, match="--far-positions hybrid needs --recall-tokens 0"):
+        check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "8", "--far-positions", "hybrid"])))
 
 
 def test_far_positions_change_only_far_keys():

@@ -81,6 +81,9 @@ def check_conversion_options(options: dict) -> None:
                             f"holds at most {MAX_TOKENS:,} tokens), got {value:,}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
+    if options.get("recall_tokens") and options.get("far_positions") == "hybrid":
+        raise UserError("--far-positions hybrid needs --recall-tokens 0: the bounded mode reads every far key at "
+                        "window positions (use --far-positions window or absolute)")
 
 
 def cmd_convert(args) -> int:
