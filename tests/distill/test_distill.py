@@ -299,10 +299,23 @@ def test_distilling_exact_blocks_says_what_it_measured(caplog):
     args = SimpleNamespace(params="new", seq_len=4096)
     for blocks, warned in ((8, True), (0, False)):
         caplog.clear()
-        config = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=blocks).config
+        config = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=blocks,
+                                 far_positions="window").config
         with caplog.at_level("INFO", logger="bsbr.distill.cli"):
             _check_new_pieces_matter(config, args)
         assert ("check your own lengths with bsbr eval" in caplog.text) == warned, (blocks, caplog.text)
+    # hybrid positions (the default) read every far key at its own position on windows within half the
+    # source's range: the source itself, nothing to learn
+    source = make_source("llama")
+    own = source.config.max_position_embeddings // 2
+    config = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2).config
+    assert config.far_positions == "hybrid" and config.own_position_chunks() * CHUNK == own
+    for seq_len, warned in ((own, True), (own + CHUNK, False)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="bsbr.distill.cli"):
+            _check_new_pieces_matter(config, SimpleNamespace(params="new", seq_len=seq_len))
+        assert ("the zero-shot conversion is the one to use" in caplog.text) == warned, (seq_len, caplog.text)
+        assert ("check your own lengths with bsbr eval" in caplog.text) != warned, (seq_len, caplog.text)
 
 
 @pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(retrieval_blocks=0, recall_tokens=4),

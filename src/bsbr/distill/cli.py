@@ -65,10 +65,19 @@ def _check_new_pieces_matter(config, args) -> None:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
                         f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
                         f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
-    if config.retrieval_blocks and config.retrieval == "normalized":
-        logger.info("distilling a model with exact blocks opens its chunk states: on SmolLM2 (window far positions), 12 "
-                    "steps on 4,096-token windows gained 1-5 points of the window's gap at 8k and 1.5-3% of perplexity at 16k-32k; check "
-                    "your own lengths with bsbr eval (docs/findings.md, Distillation of the default)")
+    if not (config.retrieval_blocks and config.retrieval == "normalized"):
+        return
+    own = config.own_position_chunks() * config.chunk_size
+    if own and args.seq_len <= own:
+        logger.warning(f"--seq-len {args.seq_len}: this student reads far keys at their own positions up to {own} "
+                       "tokens (far_positions 'hybrid'), so on these windows it is its source reading its window and "
+                       "blocks, with little to learn: on SmolLM2, 12 steps on 4,096-token windows started at KL 0.0001 "
+                       "and left perplexity at 8k-32k unchanged or worse; the zero-shot conversion is the one to use "
+                       "(docs/findings.md, Distillation of the default)")
+        return
+    logger.info("distilling a model with exact blocks opens its chunk states: on SmolLM2 (window far positions), 12 "
+                "steps on 4,096-token windows gained 1-5 points of the window's gap at 8k and 1.5-3% of perplexity at "
+                "16k-32k; check your own lengths with bsbr eval (docs/findings.md, Distillation of the default)")
 
 
 def _settings(args) -> dict:
