@@ -1,0 +1,75 @@
+"""Does the op select the needle's chunk? One pass-key prompt of ``bsbr eval``'s grid, one prefill of a
+saved conversion: for the last prompt tokens, the rank of the needle's chunk among each query head's
+candidates under the op's own block scores (the chunked form's, as it selects), per layer.
+
+    OMP_NUM_THREADS=1 python benchmarks/needle_selection_probe.py smol-k8h --length 32768 --depth 0.9 \\
+        --trial 2 --json needle_selection.json
+
+Prints, per layer, in how many of the query heads the needle's chunk is among the ``K`` selected at
+the last prompt token (the one that answers). The needle's chunks are those holding the key sentence's
+first 24 tokens. ``benchmarks/needle_rank_probe.py`` compares block scorers on far keys instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import bsbr.ops.bsbr.chunk as chunk_op
+from bsbr.convert import load_tokenizer
+from bsbr.evaluate.filler import DEFAULT_FILLERS
+from bsbr.evaluate.passkey import grid_prompts
+from bsbr.models import load_bsbr_model
+from bsbr.ops.bsbr.retrieval import rank_scores
+
+KEY_TOKENS = 24  # the key sentence's first tokens ("The pass key is 12345. Remember it.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a converted model directory (exact blocks)")
+    ap.add_argument("--length", type=int, required=True)
+    ap.add_argument("--depth", type=float, required=True)
+    ap.add_argument("--trial", type=int, default=0, help="trial index of the cell (filler trial mod 3)")
+    ap.add_argument("--rows", type=int, default=8, help="last prompt tokens whose ranks are kept")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    model = load_bsbr_model(args.model).eval()
+    K, B = model.config.retrieval_blocks, model.config.chunk_size
+    if not K:
+        ap.error(f"{args.model} retrieves no blocks (retrieval_blocks 0)")
+    prompt = [p for p in grid_prompts(load_tokenizer(None), [args.length], [args.depth], args.trial + 1,
+                                      args.seed, 8, DEFAULT_FILLERS) if p.meta["trial"] == args.trial][0]
+    n, R = len(prompt.input_ids), args.rows
+    key_chunks = sorted({(prompt.key_start + i) // B for i in range(KEY_TOKENS)})
+    ranks, select = [], chunk_op.select_blocks
+
+    def spy(scores, candidate, k):  # scores (b, hkv, g, N, C): the needle's rank per head and row
+        s = rank_scores(scores[..., n - R:n, :]).masked_fill(~candidate[..., n - R:n, :], float("-inf"))
+        best = s[..., key_chunks].amax(-1, keepdim=True)
+        ranks.append((s > best).sum(-1)[0].reshape(-1, R).tolist())  # (heads, rows); 0 = the best
+        return select(scores, candidate, k)
+
+    chunk_op.select_blocks = spy
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model(torch.tensor([prompt.input_ids]), logits_to_keep=1)
+    finally:
+        chunk_op.select_blocks = select
+    chosen = [sum(r[-1] < K for r in layer) for layer in ranks]
+    print(f"key at token {prompt.key_start} (chunks {key_chunks}) of {n}; query heads selecting it at the "
+          f"last token, per layer: {chosen}; total {sum(chosen)} of {sum(map(len, ranks))}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, length=args.length, depth=args.depth, trial=args.trial,
+                           filler=prompt.meta["filler"], key=prompt.key, key_start=prompt.key_start,
+                           key_chunks=key_chunks, K=K, selecting_at_last_token=chosen, ranks=ranks,
+                           seconds=round(time.perf_counter() - t0, 1)), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
