@@ -60,6 +60,8 @@ def main() -> None:
             model(torch.tensor([prompt.input_ids]), logits_to_keep=1)
     finally:
         chunk_op.select_blocks = select
+    if not ranks:
+        raise SystemExit(f"no selection at {n} tokens: every chunk before the window is read ({K} blocks cover them)")
     chosen = [sum(r[-1] < K for r in layer) for layer in ranks]
     print(f"key at token {prompt.key_start} (chunks {key_chunks}) of {n}; query heads selecting it at the "
           f"last token, per layer: {chosen}; total {sum(chosen)} of {sum(map(len, ranks))}")
