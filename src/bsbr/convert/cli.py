@@ -39,6 +39,10 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "the source's max_position_embeddings, beyond as if in the oldest such chunk; 'window' just "
                         "before the window (every distance short at any length; the default with --recall-tokens); "
                         "'absolute' their own always (leaves the source's range past it)")
+    p.add_argument("--window-scored-blocks", type=int, default=None,
+                   help=f"of the --retrieval-blocks, how many are chosen by a second score that reads every far key "
+                        f"as if just before the window (default {D['window_scored_blocks']}, at most --retrieval-blocks; "
+                        "0 unless --far-positions hybrid, whose own-position scores favour the nearest chunks)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
     p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])
@@ -53,15 +57,10 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
 
 def conversion_options(args) -> dict:
     """The converter's keyword arguments from the parsed options."""
-    from .converter import DEFAULT_OPTIONS
+    from .converter import DEFAULT_OPTIONS, resolve_options
 
-    options = dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
-                   **{name: getattr(args, name) for name in DEFAULT_OPTIONS})
-    if options["retrieval_blocks"] is None:
-        options["retrieval_blocks"] = 0 if args.recall_tokens else DEFAULT_OPTIONS["retrieval_blocks"]
-    if options["far_positions"] is None:
-        options["far_positions"] = "window" if args.recall_tokens else DEFAULT_OPTIONS["far_positions"]
-    return options
+    return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
+                **resolve_options({name: getattr(args, name) for name in DEFAULT_OPTIONS}))
 
 
 def check_conversion_options(options: dict) -> None:
@@ -72,7 +71,8 @@ def check_conversion_options(options: dict) -> None:
     window = max(options.get("chunk_size") or 1, 1)
     for name, low, high in (("chunk_size", 1, MAX_TOKENS), ("local_chunks", 1, MAX_TOKENS // window),
                             ("sink_tokens", 0, MAX_TOKENS), ("compression_factor", 1, None),
-                            ("recall_tokens", 0, MAX_TOKENS), ("retrieval_blocks", 0, None)):
+                            ("recall_tokens", 0, MAX_TOKENS), ("retrieval_blocks", 0, None),
+                            ("window_scored_blocks", 0, None)):
         value = options.get(name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -81,6 +81,12 @@ def check_conversion_options(options: dict) -> None:
                             f"holds at most {MAX_TOKENS:,} tokens), got {value:,}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
+    if (options.get("window_scored_blocks") or 0) > (options.get("retrieval_blocks") or 0):
+        raise UserError(f"--window-scored-blocks ({options['window_scored_blocks']}) must be at most --retrieval-blocks "
+                        f"({options.get('retrieval_blocks') or 0})")
+    if options.get("window_scored_blocks") and options.get("far_positions") != "hybrid":
+        raise UserError("--window-scored-blocks needs --far-positions hybrid (with the other rules the second score "
+                        "is the first one); set it to 0")
     if options.get("recall_tokens") and options.get("far_positions") == "hybrid":
         raise UserError("--far-positions hybrid needs --recall-tokens 0: the bounded mode reads every far key at "
                         "window positions (use --far-positions window or absolute)")

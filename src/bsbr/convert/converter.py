@@ -30,10 +30,33 @@ logger = logging.getLogger(__name__)
 # largest q.k), read at their own positions within half the source's range and as if at its edge beyond
 # ('hybrid'), close 99.5% (code) / 102% (prose) of the window -> full perplexity gap zero-shot at 8,192
 # tokens (window positions: 75.9% / 97.6%), reading 25% of the context, and keep distances inside the
-# source's range at any length; the bounded mode (recall_tokens) reads every far key at window positions
+# source's range at any length; the bounded mode (recall_tokens) reads every far key at window positions.
+# window_scored_blocks: 2 of the 8 blocks chosen by scores at window positions (WINDOW_SCORED_NOTE)
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
-                       retrieval_blocks=8, recall_tokens=0, far_positions="hybrid", position_scheme="wrap")
+                       retrieval_blocks=8, recall_tokens=0, far_positions="hybrid", window_scored_blocks=2,
+                       position_scheme="wrap")
+
+
+def resolve_options(options: dict) -> dict:
+    """The conversion options with every default filled in, given the options a user set (a key absent
+    or None for ``retrieval_blocks``, ``far_positions`` and ``window_scored_blocks``: their defaults
+    depend on the others). ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0 and
+    ``far_positions`` to ``"window"``; ``window_scored_blocks`` defaults to 2, at most
+    ``retrieval_blocks``, and to 0 unless ``far_positions`` is ``"hybrid"``."""
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
+    dependent = ("retrieval_blocks", "far_positions", "window_scored_blocks")
+    got = {name: value for name, value in options.items() if name not in dependent or value is not None}
+    if got.get("recall_tokens"):  # the bounded mode replaces the exact blocks, and reads far keys at one rule
+        got.setdefault("retrieval_blocks", 0)
+        got.setdefault("far_positions", "window")
+    out = {**DEFAULT_OPTIONS, **got}
+    if "window_scored_blocks" not in got:
+        j = DEFAULT_OPTIONS["window_scored_blocks"]
+        out["window_scored_blocks"] = min(j, out["retrieval_blocks"]) if out["far_positions"] == "hybrid" else 0
+    return out
 
 
 def default_source_path() -> Path:
@@ -100,21 +123,14 @@ def count_parameters(model: torch.nn.Module) -> int:
 class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
-    ``options``: the keys of :data:`DEFAULT_OPTIONS` (see :class:`bsbr.models.BSBRConfig`); ``recall_tokens > 0``
-    makes ``retrieval_blocks`` default to 0 and ``far_positions`` to ``"window"``. ``gate_init=None`` means
-    no gate.
+    ``options``: the keys of :data:`DEFAULT_OPTIONS` (see :class:`bsbr.models.BSBRConfig`), defaults
+    filled in by :func:`resolve_options`. ``gate_init=None`` means no gate.
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None, **options):
-        unknown = set(options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
         self.chunk_size = chunk_size
         self.compression_factor = compression_factor
-        if options.get("recall_tokens"):  # the bounded mode replaces the exact blocks, and reads far keys at
-            options.setdefault("retrieval_blocks", 0)  # one rule
-            options.setdefault("far_positions", "window")
-        self.options = {**DEFAULT_OPTIONS, **options}
+        self.options = resolve_options(options)
         # bad options are refused here, before a source is loaded, by the checks BSBRConfig makes of them
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, **self.options)
 

@@ -291,6 +291,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             offset = index % self.config.chunk_size
             far = (self.rotary(offset + self.config.far_shift_chunks() * self.config.chunk_size, x.dtype),
                    self.rotary(offset, x.dtype))
+            if self.config.window_scored_blocks and self.config.own_position_chunks():
+                # the second block score's queries: every far key scores as if it lay just before the window
+                far = far + (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),)
 
         use_cache = self.config.use_cache if use_cache is None else use_cache
         streaming = cache is not None
