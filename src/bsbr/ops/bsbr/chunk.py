@@ -50,8 +50,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             tokens (chunk boundaries start at its first real token); padded positions output 0.
         output_final_state: also return the :class:`BSBRState` to continue with the streaming form.
 
-    Returns:
-        ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
+    Returns ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
     """
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     qs = qr if qs is None else qs
@@ -62,31 +61,26 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
     if n == 0 or b == 0:
         return q.new_zeros(b, hq, n, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
-    second = options.window_scored_blocks > 0
-    x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr) + ((qs,) if second else ()), valid, B)
+    extra = (qs,) if options.window_scored_blocks else ()
+    x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr) + extra, valid, B)
     q, k, v, mq, mk, fq, fk, qr, kr = x[:9]
     C = q.shape[2] // B
     # the state keeps the far keys as given, for later tokens; the second score reads them too
-    state_options, state_kr = options, kr
-    second = (x[9], kr) if second else None
+    state_options, state_kr, second = options, kr, (x[9], kr) if extra else None
     if C <= R:  # every far key lies within reach: read at its own position, i.e. as the keys themselves
         qr, kr, options, same_far = q, k, dataclasses.replace(options, own_position_chunks=0), True
     tok_valid = torch.arange(C * B, device=q.device)[None, :] < lengths[:, None]  # (b, N)
-
     closed = gate_closed(gate)
     dense = bool(options.retrieval_blocks) and C - L <= options.retrieval_blocks
-    # K covers every earlier chunk and far keys are the keys: the exact softmax is causal attention,
-    # one fused call (GPT-2-small shape, 1,024 tokens: docs/findings.md, Speed)
-    causal = dense and same_far
+    causal = dense and same_far  # every earlier chunk read, far keys the keys: causal attention, one fused call
     # the exact softmax, in parts: the window, the sinks, and the blocks or the recall cache
     parts = [] if causal else _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
     if options.sink_tokens and not dense:  # (the dense far part holds the sinks)
         parts.append(_sink_part(q, k, qr, kr, v, tok_valid, options, scale))
     num = den = None
     if options.recall_tokens:
-        o_c, lse_c, num, den, cache = _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
-        parts.append((o_c, lse_c))
-        saved = dict(cache=cache)
+        part, num, den, saved = _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
+        parts.append(part)
     else:
         # the chunk states: read unless the gate is closed, kept for the streaming state
         saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k) if not closed or output_final_state else {}
@@ -94,9 +88,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             if not causal:
                 parts.append(_all_earlier_blocks(q, k, qr, kr, v, None if valid is None else tok_valid, options, scale))
             if B <= options.sink_tokens and not closed:  # only chunks of sinks alone keep their states
-                rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
-                rest = rest / rest.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)  # the gist, renormalised
-                num, den = _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
+                num, den = _sink_chunks_gist(fq, saved, tok_valid, options)
         else:
             if not closed:
                 num, den = _read_states(fq, saved["F"], saved["z"], saved["w"], options.retrieval)
@@ -110,9 +102,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     if num is not None:
         o = combine(o, num, den, gate_per_head(gate, hq, q), options.retrieval)
     o = (o if valid is None else o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]  # padding outputs 0
-    state = None
-    if output_final_state:
-        state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved)
+    state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved) if output_final_state else None
     if order is not None:  # back to the original (padded) positions
         o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
     return o, state
@@ -193,6 +183,15 @@ def _keep(tok_valid, options):
     B = options.chunk_size
     t = torch.arange(N, device=tok_valid.device)
     return (tok_valid & (t >= options.sink_tokens)[None, :]).view(b, 1, N // B, B)
+
+
+def _sink_chunks_gist(fq, saved, tok_valid, options):
+    """With every candidate chunk read exactly, the gist of the chunks that hold sinks alone (never read
+    as blocks), renormalised: num (b, hq, N, dv), den or None."""
+    b, C = tok_valid.shape[0], saved["w"].shape[-1]
+    rest = saved["w"] * (~_keep(tok_valid, options).any(-1)).view(b, 1, 1, 1, C).to(saved["w"].dtype)
+    rest = rest / rest.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)
+    return _read_states(fq, saved["F"], saved["z"], rest, options.retrieval)
 
 
 def _read_states(fq, F, z, w, retrieval):
@@ -306,7 +305,8 @@ def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
 def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed):
     """The bounded recall mode: the cache built chunk by chunk (chunk e leaves the window at the start
     of chunk e + L), each chunk's queries against the cache as it stood at its start (an LSE part), and
-    their read-out of the state of the other left-window tokens. Returns (o, lse, num, den, final cache)."""
+    their read-out of the state of the other left-window tokens. Returns ((o, lse), num, den,
+    {"cache": the final cache})."""
     b, hkv, N, d = kr.shape
     hq, B, L, S, M = qr.shape[1], options.chunk_size, options.local_chunks, options.sink_tokens, options.recall_tokens
     g, C, dv, df = hq // hkv, N // B, v.shape[-1], fk.shape[-1]
@@ -336,11 +336,11 @@ def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
         return x.reshape(b, hq, N, *x.shape[5:])
 
     if closed:  # the state is kept in the cache but not read
-        return unfold(o), unfold(lse), None, None, cache
+        return (unfold(o), unfold(lse)), None, None, dict(cache=cache)
     fq_c = fq.view(b, hkv, g, C, B, df).transpose(2, 3).reshape(b, hkv, C, g * B, df)
     num = unfold(fq_c @ snap.F)
     den = unfold((fq_c @ snap.z.unsqueeze(-1))[..., 0]) if options.retrieval == "normalized" else None
-    return unfold(o), unfold(lse), num, den, cache
+    return (unfold(o), unfold(lse)), num, den, dict(cache=cache)
 
 
 def _window_parts(q, k, v, b, hkv, g, C, B, L, scale):
