@@ -95,7 +95,7 @@ def test_recall_tokens_flag():
         check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "8", "--far-positions", "hybrid"])))
 
 
-def test_window_scored_blocks_default_follows_the_other_options_and_bad_values_are_refused():
+def test_window_scored_blocks_bad_values_are_refused_before_loading():
     import argparse
 
     from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
@@ -107,11 +107,9 @@ def test_window_scored_blocks_default_follows_the_other_options_and_bad_values_a
     def opts(*argv):
         return conversion_options(p.parse_args(list(argv)))
 
-    assert opts()["window_scored_blocks"] == 2
-    assert opts("--retrieval-blocks", "1")["window_scored_blocks"] == 1  # at most the blocks
-    assert opts("--far-positions", "window")["window_scored_blocks"] == 0  # the second score would be the first
-    assert opts("--recall-tokens", "8")["window_scored_blocks"] == 0
+    assert opts()["window_scored_blocks"] == 0 and opts("--window-scored-blocks", "4")["window_scored_blocks"] == 4
     for argv, match in ((("--window-scored-blocks", "9"), "must be at most --retrieval-blocks"),
+                        (("--window-scored-blocks", "2", "--recall-tokens", "8"), "must be at most --retrieval-blocks"),
                         (("--window-scored-blocks", "-1"), "--window-scored-blocks must be >= 0"),
                         (("--window-scored-blocks", "2", "--far-positions", "window"), "needs --far-positions hybrid")):
         with pytest.raises(UserError, match=match):
