@@ -43,7 +43,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --far-positions hybrid: of the --retrieval-blocks, how many are chosen by a second score "
                         "that reads every far key as if just before the window, where own-position scores favour the "
                         "nearest chunks (default %(default)s; 4 of 8 finds needles a few thousand tokens back more "
-                        "often, at a second block-score pass: prefill 1.4x slower at 16k)")
+                        "often, at a second block-score pass: prefill 1.3x slower at 16k)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
     p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # tokens (window positions: 75.9% / 97.6%), reading 25% of the context, and keep distances inside the
 # source's range at any length; the bounded mode (recall_tokens) reads every far key at window positions.
 # window_scored_blocks 0: choosing 4 of the 8 blocks by scores at window positions found the one 32k needle
-# the default misses and lowered prose perplexity 1-2%, but made prefill 11% slower at 4k and 39% at 16k
+# the default misses and lowered prose perplexity 1-2%, but made prefill 15% slower at 4k and 31% at 16k
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
                        retrieval_blocks=8, recall_tokens=0, far_positions="hybrid", window_scored_blocks=0,
