@@ -288,7 +288,9 @@ def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
         short = [w[:16] for w in ws]
         with pytest.raises(ValueError, match="exactly up to 16"):
             distill(teacher, student, short, tmp_path / "out", DistillConfig(steps=1))
-        assert float(kl(teacher, student, short)) < 1e-9  # indeed nothing to learn there
+        # indeed nothing to learn there: float32 rounding only (1.7e-8 with transformers 5.24); one chunk
+        # further, where the new pieces are read, the KL is 1e-2 to 1e-1
+        assert float(kl(teacher, student, short)) < 1e-6
 
 
 def test_distilling_exact_blocks_says_what_it_measured(caplog):
