@@ -72,12 +72,14 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
     assert "current directory" in refused(capsys, ["convert", source, ".", "--overwrite"], "convert", tmp_path)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
-def test_convert_refuses_an_unwritable_output_before_loading(models, tmp_path, capsys):
+def test_convert_refuses_an_unwritable_output_before_loading(models, tmp_path, capsys, monkeypatch):
     source, _, _ = models
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes anywhere: report the folder as the OS would
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro else access(p, mode, **kw))
     try:
         assert "permission denied" in refused(capsys, ["convert", source, ro / "out"], "convert", ro)
     finally:
@@ -128,7 +130,21 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
     (typeless / "config.json").write_text("{}")
     line = refused(capsys, ["generate", typeless, "--prompt", "x"], "generate")
     assert "without a model_type" in line and "None" not in line
-    assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    # what it prints: the prompt and its greedy continuation of 5 tokens, as generate gives them
+    from transformers import AutoTokenizer
+
+    from bsbr import load_bsbr_model
+    tok, model = AutoTokenizer.from_pretrained(converted), load_bsbr_model(converted)
+    ids = tok("def f", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5
+    prompt = tok.decode(ids["input_ids"][0], skip_special_tokens=True)
+    assert printed == tok.decode(out[0], skip_special_tokens=True) and printed.startswith(prompt) and printed != prompt
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -19,6 +19,18 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
         assert (out / name).is_file(), name
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["passkey"]["models"]) == {"source", "window", "bsbr"}
+    assert (ev["config"]["seq_len"], ev["config"]["windows"], ev["config"]["chunk_size"]) == (160, 1, 8)
+    lm = ev["language_modeling"]
+    assert set(lm["perplexity"]) == {"source", "local", "window", "bsbr"}
+    assert lm["tokens"] == 160 - 8 - 1  # the tokens predicted past the first chunk
+    summary = text.split("=== summary ===")[1]
+    assert any(line.split()[:2] == ["bsbr", f"{lm['perplexity']['bsbr']:.2f}"] for line in summary.splitlines())
+    # up to (2 window + 8 block) chunks of 8 tokens the conversion is the source: equal per-bucket NLL
+    exact = [bk for bk in lm["buckets"] if bk["end"] <= 80]
+    assert exact and all(abs(bk["nll"]["bsbr"] - bk["nll"]["source"]) < 1e-4 for bk in exact)
+    speed = json.loads((out / "speed.json").read_text())
+    assert [r["seq_len"] for r in speed["prefill"]] == [32] and [r["context"] for r in speed["decode"]] == [24]
+    assert speed["prefill"][0]["bsbr_ms"] > 0 and speed["decode"][0]["bsbr_ms_per_token"] > 0
     assert json.loads((out / "model" / "config.json").read_text())["retrieval_blocks"] > 0
     before = tree_hash(out)
     assert main(args) == 2  # a second run does not replace the first without --overwrite

@@ -280,6 +280,21 @@ def test_gpt2_runs_past_its_position_table():
         outputs(model, ids)
 
 
+def test_learned_positions_past_the_table_wrap_chunk_aligned_or_clamp():
+    from bsbr.models.bsbr.modeling_bsbr import _map_learned_positions
+
+    src = make_source("gpt2")  # n_positions = 64
+    pos = torch.arange(200)
+    chunk = 24  # 64 positions hold two whole chunks: wrap with period 48, so no chunk straddles the wrap
+    wrap, clamp = (convert_to_bsbr(src, chunk_size=chunk, position_scheme=s) for s in ("wrap", "clamp"))
+    assert torch.equal(_map_learned_positions(pos, wrap.config), torch.where(pos < 64, pos, pos % 48))
+    assert torch.equal(_map_learned_positions(pos, clamp.config), pos.clamp(max=63))
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
+    a, b = outputs(wrap, ids), outputs(clamp, ids)
+    torch.testing.assert_close(a[:, :64], b[:, :64])  # inside the table the schemes agree
+    assert (a[:, 64:] - b[:, 64:]).abs().amax() > 1e-3  # past it they read other positions
+
+
 def test_errors():
     with pytest.raises(ValueError, match="gpt2.*llama.*mistral.*qwen2"):
         convert_to_bsbr(BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,

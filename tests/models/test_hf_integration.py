@@ -143,11 +143,15 @@ def test_a_forward_advances_the_cache_it_is_given_and_a_copy_forks_it():
     with torch.no_grad():
         cache = model(ids[:, :9]).cache
         fork = BSBRCache([s.select(torch.arange(2)) for s in cache.states], cache.n_positions)
+        swapped = BSBRCache([s.select(torch.tensor([1, 0])) for s in cache.states], cache.n_positions)
         out = model(ids[:, 9:], cache=cache)
         assert out.cache is cache and cache.n_positions == 11 and cache.get_seq_length() == 11
         again = model(ids[:, 9:], cache=fork)
         torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
         torch.testing.assert_close(out.logits, model(ids).logits[:, 9:], rtol=1e-4, atol=1e-4)
+        # select picks sequences: the swapped cache continues the swapped batch
+        torch.testing.assert_close(model(ids.flip(0)[:, 9:], cache=swapped).logits, out.logits.flip(0),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_logits_to_keep_as_positions_and_hidden_states_from_the_config():

@@ -695,3 +695,35 @@ def test_wrong_options_state_or_dtype_are_named():
         bsbr_attention_step(*(t[:, :, 0].float() for t in args), st, BSBROptions(4))
     o, st2 = bsbr_attention_step(*(t[:0, :, 0] for t in args), None, BSBROptions(4))  # an empty batch
     assert o.shape == (0, 4, 7) and st2.n_seen.shape == (0,)
+
+
+@pytest.mark.parametrize("variant", ["additive", "normalized"])
+@pytest.mark.parametrize("L", [1, 2])
+def test_open_gate_gist_written_out_by_hand(variant, L):
+    """Gate open, no exact blocks: the window's softmax plus the chunk states weighed by the meta
+    softmax (docs/design.md, sections 2, 3 and 5), written out chunk by chunk in plain loops, so a bug
+    in the retrieval math the three forms share is caught here."""
+    n, B, hq, hkv, g = 29, 4, 4, 2, 0.7
+    x = make_inputs(b=1, hq=hq, hkv=hkv, n=n, d=3, dv=2, dm=5, df=3, positive=variant == "normalized")
+    q, k, v, mq, mk, fq, fk = (x[name][0] for name in ("q", "k", "v", "mq", "mk", "fq", "fk"))
+    want = torch.zeros(hq, n, 2, dtype=DT)
+    for i in range(hq):
+        j = i // (hq // hkv)  # the query head's K/V head
+        for t in range(n):
+            c = t // B
+            window = [s for s in range(t + 1) if s // B > c - L]
+            o = torch.softmax(torch.stack([q[i, t] @ k[j, s] for s in window]) / math.sqrt(3), 0) @ v[j, window]
+            past = list(range(c - L + 1))  # chunks before the window
+            num, den = torch.zeros(2, dtype=DT), torch.zeros((), dtype=DT)
+            if past:
+                r = mq[i, (c - 1) * B:c * B].mean(0)
+                h = torch.stack([mk[j, p * B:(p + 1) * B].mean(0) for p in past])
+                w = torch.softmax(h @ r / math.sqrt(5), 0) * (len(past) if variant == "normalized" else 1)
+                for wp, p in zip(w, past):
+                    for s in range(p * B, (p + 1) * B):
+                        num = num + wp * (fq[i, t] @ fk[j, s]) * v[j, s]
+                        den = den + wp * (fq[i, t] @ fk[j, s])
+            want[i, t] = o + g * num if variant == "additive" else (o + g * num) / (1 + g * den)
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        got = call(fn, x, chunk_size=B, local_chunks=L, retrieval=variant, gate=torch.tensor([g], dtype=DT))
+        torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-10)
