@@ -90,6 +90,13 @@ def test_bench_core_and_flops():
     assert f["standard_causal"] / f["total"] > 20  # the cost model's point: far fewer FLOPs at 16k
     blocks = bc.bsbr_core_flops(16384, 128, 8, 64, retrieval_blocks=4)
     assert blocks["block_attention"] > 0 == f["block_attention"] and blocks["total"] > f["total"]
+    # by hand: 256 tokens, chunk 128 (C = 2), d = 64, one head; a multiply-add counts 2
+    small = bc.bsbr_core_flops(256, 128, 1, 64, retrieval_blocks=1)
+    assert small == dict(within_chunk=2 * 256 * 128 * 64,  # the causal half of q.k and p.v
+                         chunk_states=2 * 256 * 64 * 64, retrieval_weights=2 * 2 * 2 * 64,
+                         retrieved_states=2 * 2 * 2 * 64 * 64, read_out=2 * 256 * 64 * 64,
+                         block_scores=256 * 256 * 64, block_attention=2 * 2 * 256 * 1 * 128 * 64,
+                         total=21_004_800, standard_causal=2 * 256 * 256 * 64)
 
 
 def test_model_scaling_tiny():

@@ -69,6 +69,8 @@ def test_quality_is_deterministic_for_a_seed(tmp_path):
     b = bench_quality.run_quality(["bsbr_gated", "deltanet"], **kw)
     for ra, rb in zip(a["results"], b["results"]):
         assert ra["buckets"] == rb["buckets"] and ra["final_train_loss"] == rb["final_train_loss"]
+    other = bench_quality.run_quality(["bsbr_gated", "deltanet"], **{**kw, "seed": 4})  # the seed is used
+    assert all(ra["final_train_loss"] != ro["final_train_loss"] for ra, ro in zip(a["results"], other["results"]))
 
 
 def test_bench_models_records_a_failure_with_an_empty_message(monkeypatch):

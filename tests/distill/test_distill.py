@@ -31,6 +31,26 @@ def kl(teacher, student, ws):
         return sum(end_to_end_loss(student, teacher(w[None]).logits, w[None], 0.0)[1] for w in ws) / len(ws)
 
 
+def test_end_to_end_loss_by_hand():
+    """KL(teacher || student) and the LM term on one position past the first chunk, computed by hand."""
+    import math
+    from types import SimpleNamespace
+
+    class Stub(torch.nn.Module):
+        config = SimpleNamespace(chunk_size=1)
+
+        def forward(self, ids, use_cache=False):  # every position: p = (0.25, 0.75)
+            return SimpleNamespace(logits=torch.log(torch.tensor([0.25, 0.75])).expand(1, ids.shape[1], 2))
+
+    teacher = torch.log(torch.tensor([0.5, 0.5])).expand(1, 3, 2)  # p = (0.5, 0.5)
+    ids = torch.tensor([[0, 1, 1]])  # scored: position 1 (past chunk 0), predicting token 1
+    want_kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    total, kl_value, ce = end_to_end_loss(Stub(), teacher, ids, 0.0)
+    assert kl_value == pytest.approx(want_kl) and float(total) == pytest.approx(want_kl)
+    assert ce == pytest.approx(-math.log(0.75))
+    assert float(end_to_end_loss(Stub(), teacher, ids, 1.0)[0]) == pytest.approx(want_kl - math.log(0.75))
+
+
 def test_trains_only_new_pieces_and_lowers_the_kl(tmp_path):
     teacher, student = fresh()
     frozen = {k: v.clone() for k, v in student.state_dict().items() if k not in new_parameters(student)}
@@ -38,7 +58,7 @@ def test_trains_only_new_pieces_and_lowers_the_kl(tmp_path):
     before = kl(teacher, student, ws)
     progress = distill(teacher, student, ws, tmp_path, DistillConfig(steps=12, lr=1e-2, checkpoint_every=5))
     after = kl(teacher, student, ws)
-    assert after < 0.9 * before, (before, after)
+    assert 0 < after < 0.9 * before, (before, after)
     for k, v in student.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
@@ -170,12 +190,22 @@ def test_lora_trains_adapters_and_new_pieces_then_merges_into_a_plain_checkpoint
     torch.testing.assert_close(reloaded(ws[0][None]).logits, seen["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_autocast_trains_in_float32_weights(tmp_path):
+def test_bf16_autocast_trains_in_float32_weights(tmp_path, monkeypatch):
+    import bsbr.distill.trainer as trainer
+
     teacher = make_source("llama")
     student = convert_to_bsbr(teacher, chunk_size=CHUNK, gate_init=0.1, retrieval_blocks=0)
     before = {k: v.clone() for k, v in new_parameters(student).items()}
     cfg = DistillConfig(steps=3, lr=1e-2, bf16=True, checkpoint_every=100)
+    step, seen = trainer._train_step, []
+
+    def recording_step(*args):  # each step runs under bfloat16 autocast
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return step(*args)
+
+    monkeypatch.setattr(trainer, "_train_step", recording_step)
     progress = distill(teacher, student, windows(), tmp_path, cfg)
+    assert seen == [(True, torch.bfloat16)] * 3
     assert all(torch.isfinite(torch.tensor(e["kl"])) for e in progress["log"])
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert any(not torch.equal(p, before[k]) for k, p in new_parameters(student).items())

@@ -55,6 +55,8 @@ def test_evaluate_tiny_model(tiny):
     assert [(b["start"], b["end"]) for b in lm["buckets"]] == [(8, 16), (16, 24), (24, 32), (32, 39)]
     assert lm["agreement"]["bsbr"]["top1"] <= lm["agreement"]["bsbr"]["top5"] <= lm["agreement"]["bsbr"]["top10"]
     assert lm["kl"]["bsbr"] > 0 and lm["kl"]["local"] > 0 and -1 <= lm["hidden_cosine"]["bsbr"] <= 1
+    # the final hidden states differ from the source's (the embeddings, the same in every model, would not)
+    assert all(lm["hidden_cosine"][m] < 1 - 1e-6 and lm["hidden_mse"][m] > 0 for m in ("bsbr", "local"))
     assert lm["perplexity"]["source"] != lm["perplexity"]["local"] != lm["perplexity"]["bsbr"]
     ppl = lm["perplexity"]
     assert ppl["local"] > ppl["source"]

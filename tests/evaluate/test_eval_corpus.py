@@ -20,6 +20,12 @@ def test_stdlib_split_is_deterministic_disjoint_and_complete():
     assert all(corpus.split_of(p.relative_to(root).as_posix()) == "heldout" for p in held)
 
 
+def test_split_is_stable_across_processes_and_versions():
+    # pinned: a split that changed between runs or releases would put evaluation files in training
+    assert [corpus.split_of(p) for p in ("bz2.py", "calendar.py", "asyncio/subprocess.py")] == ["heldout"] * 3
+    assert [corpus.split_of(p) for p in ("os.py", "typing.py", "json/decoder.py")] == ["train"] * 3
+
+
 def test_split_of_a_small_tree(tmp_path):
     for name in ["a.py", "b.py", "pkg/c.py", "pkg/test_d.py", "test/e.py", "site-packages/f.py", "g.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

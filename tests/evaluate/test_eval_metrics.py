@@ -116,6 +116,19 @@ def test_sums_over_windows_equal_one_batch():
     for key in ("perplexity", "kl", "hidden_mse"):
         for m in ra[key]:
             assert ra[key][m] == pytest.approx(rb[key][m])
+    assert ra["hidden_mse"]["bsbr"] == pytest.approx(1.0)  # every coordinate 1 from the source's
+
+
+def test_hidden_state_cosine_and_mse_by_hand():
+    ids, logits, _ = _window()
+    ones = torch.ones(1, N, D)
+    half = torch.zeros(1, N, D)
+    half[..., : D // 2] = 1.0  # half the coordinates of the source's: cos = 1/sqrt(2), mse = 1/2
+    acc = MetricAccumulator(N, B)
+    acc.update(ids, {m: logits for m in ("bsbr", "source", "local")}, {"bsbr": half, "source": ones, "local": ones})
+    r = acc.result()
+    assert r["hidden_cosine"]["bsbr"] == pytest.approx(1 / math.sqrt(2)) and r["hidden_cosine"]["local"] == pytest.approx(1)
+    assert r["hidden_mse"]["bsbr"] == pytest.approx(0.5) and r["hidden_mse"]["local"] == 0
 
 
 def test_bad_inputs():

@@ -76,8 +76,15 @@ def test_run_passkey_scores_success_and_failure(word_tokenizer):
     assert r["models"]["right"]["accuracy"] == 1.0 and r["models"]["wrong"]["accuracy"] == 0.0
     assert len(r["models"]["right"]["cells"]) == 4 and len(r["samples"]) == 8
     assert all(c["trials"] == 2 for c in r["models"]["right"]["cells"])
-    s = r["samples"][0]
-    assert s["key_in_last_chunk"] == (s["key_start"] // 32 == (s["prompt_tokens"] - 1) // 32)
+    # chunk 32: every key lies before the question's chunk
+    assert not any(s["key_in_last_chunk"] for s in r["samples"])
+    # chunk 64: at 120 tokens and depth 0.8 the key (from token 74 or 79) shares the last chunk (64-111)
+    r = passkey.run_passkey({"right": Oracle(word_tokenizer, True)}, word_tokenizer, lengths=[120, 160],
+                            depths=[0.2, 0.8], trials=2, chunk_size=64, progress=False)
+    assert [(s["length"], s["depth"], s["key_in_last_chunk"]) for s in r["samples"]] == [
+        (120, 0.2, False), (120, 0.2, False), (120, 0.8, True), (120, 0.8, True),
+        (160, 0.2, False), (160, 0.2, False), (160, 0.8, False), (160, 0.8, False)]
+    assert all(64 <= s["key_start"] <= s["prompt_tokens"] - 1 < 128 for s in r["samples"] if s["key_in_last_chunk"])
 
 
 def test_run_passkey_with_tiny_models(word_tokenizer):
