@@ -123,8 +123,11 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         for label, src in sources:
             if real.is_relative_to(src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
-        if out.is_dir():
+        if out.is_dir() or str(path).endswith(("/", os.sep)):
             raise OutputError(f"{option} {path} is a directory: give a file name")
+        if out.is_symlink() or (out.exists() and not out.is_file()):  # a device (/dev/null), a pipe, a link
+            raise OutputError(f"{option} {path} is not a regular file (a link, device or pipe): give a file name "
+                              "(the file is replaced, not written through)")
         if (parent := unwritable_parent(out)) is not None:
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
         if option in plots:

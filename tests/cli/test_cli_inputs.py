@@ -1,7 +1,9 @@
 """Bad sources, values and output paths, each through the real CLI (``main([...])`` in process) on tiny
 local models: one error line, exit status 2, refused before the work, nothing written."""
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -100,6 +102,46 @@ def test_generate_refuses_an_infinite_temperature(models, capsys):
     _, converted, _ = models
     assert "--temperature" in refused(capsys, ["generate", converted, "--prompt", "x", "--temperature", "inf"],
                                       "generate", converted)
+
+
+def test_generate_refuses_a_temperature_that_overflows_and_endless_lengths(models, capsys):
+    _, converted, _ = models
+    for t in ("1e-39", "1e-300", "-0.5"):  # 1e-39 divided the logits to inf: an internal error before
+        assert "--temperature" in refused(capsys, ["generate", converted, "--prompt", "x", "--temperature", t],
+                                          "generate", converted)
+    assert "--max-new-tokens" in refused(capsys, ["generate", converted, "--prompt", "x", "--max-new-tokens",
+                                                  str(2 ** 63)], "generate", converted)
+
+
+def test_json_outputs_that_are_not_regular_files_are_refused(models, tmp_path, capsys):
+    # a device, a pipe or a link would be replaced by a plain file (as root even /dev/null)
+    source, converted, _ = models
+    text = tmp_path / "t.py"
+    text.write_text("x = 1\n" * 200)
+    victim = tmp_path / "victim.py"
+    victim.write_text("keep")
+    (tmp_path / "link.json").symlink_to(victim)
+    os.mkfifo(tmp_path / "pipe.json")
+    base = ["eval", converted, "--reference", source, "--text-file", text, "--seq-len", "24", "--max-windows", "1",
+            "--no-passkey", "--no-progress", "--json"]
+    for out in ("link.json", "pipe.json"):
+        assert "not a regular file" in refused(capsys, [*base, tmp_path / out], "eval", victim)
+        assert (tmp_path / out).is_symlink() or stat.S_ISFIFO((tmp_path / out).stat().st_mode)
+    assert "is a directory" in refused(capsys, [*base, f"{tmp_path / 'o3'}/"], "eval")
+    assert not (tmp_path / "o3").exists()
+
+
+def test_eval_refuses_options_the_run_would_ignore(models, tmp_path, capsys):
+    source, converted, _ = models
+    base = ["eval", converted, "--reference", source, "--no-progress"]
+    for skip, extra in ((["--no-passkey"], ["--passkey-models", "bsbr"]), (["--no-passkey"], ["--passkey-trials", "2"]),
+                        (["--no-passkey"], ["--passkey-lengths", "96"]), (["--passkey-only"], ["--stride", "5"]),
+                        (["--passkey-only"], ["--buckets", "doubling"]), (["--passkey-only"], ["--split", "train"]),
+                        (["--lm-eval-task-dir", tmp_path / "task"], ["--seq-len", "64"]),
+                        (["--lm-eval-task-dir", tmp_path / "task"], ["--passkey-models", "bsbr"])):
+        line = refused(capsys, [*base, *skip, *extra], "eval")
+        assert f"{extra[0]} would be ignored with {skip[0]}" in line
+    assert not (tmp_path / "task").exists()
 
 
 def test_output_dirs_that_are_links_or_under_a_file_are_refused(models, tmp_path, capsys):

@@ -145,15 +145,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 overflowed to inf)
+
+
 def cmd_generate(args) -> int:
     from ..outputs import UserError
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    from ..ops.bsbr.options import MAX_TOKENS
+
+    if not 1 <= args.max_new_tokens <= MAX_TOKENS:
+        raise UserError(f"--max-new-tokens must be 1 to {MAX_TOKENS:,}, got {args.max_new_tokens}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
+        raise UserError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (logits divided "
+                        f"by less overflow float32), got {args.temperature}")
     import torch
 
     from ..models import load_bsbr_model

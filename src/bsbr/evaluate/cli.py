@@ -174,6 +174,32 @@ def _write_lm_eval_task(args, passkey: dict) -> int:
     return 0
 
 
+# options of one part of the evaluation: given to a run that skips that part, they would be ignored,
+# so they are refused (their defaults are read from the parser when it is built)
+_PERPLEXITY_OPTIONS = ("seq_len", "max_windows", "stride", "buckets", "split")
+_PASSKEY_OPTIONS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_filler", "passkey_new_tokens",
+                    "passkey_models")
+_DEFAULTS: dict = {}
+
+
+def _refuse_ignored(args) -> None:
+    """Refuse an option the run would ignore: pass-key options with --no-passkey, perplexity options
+    with --passkey-only or --lm-eval-task-dir (which writes the task and exits), --passkey-models with
+    --lm-eval-task-dir (the task runs whatever model lm-eval loads)."""
+    skips = []
+    if args.no_passkey:
+        skips.append(("--no-passkey", _PASSKEY_OPTIONS))
+    for flag, on in (("--passkey-only", args.passkey_only), ("--lm-eval-task-dir", args.lm_eval_task_dir)):
+        if on:
+            skips.append((flag, _PERPLEXITY_OPTIONS))
+    if args.lm_eval_task_dir:
+        skips.append(("--lm-eval-task-dir", ("passkey_models",)))
+    for flag, names in skips:
+        for name in names:
+            if getattr(args, name) != _DEFAULTS[name]:
+                raise UserError(f"--{name.replace('_', '-')} would be ignored with {flag}: drop one")
+
+
 def cmd_eval(args) -> int:
     check_seed(args)
     if args.passkey_only and args.no_passkey:
@@ -197,6 +223,7 @@ def cmd_eval(args) -> int:
             raise UserError("--no-passkey with --lm-eval-task-dir: the task is the pass-key test; drop one")
     if args.no_passkey and args.passkey_plot:
         raise UserError("--passkey-plot with --no-passkey: there is no pass-key test to plot; drop one")
+    _refuse_ignored(args)
     if args.passkey_only and args.plot and args.passkey_plot:
         raise UserError("--plot and --passkey-plot both name the heat map with --passkey-only: give one")
     check_bsbr_dir(args.model, "MODEL")
@@ -324,3 +351,4 @@ def register(sub) -> None:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="write the plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS)
