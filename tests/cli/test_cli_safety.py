@@ -1,7 +1,6 @@
 """The issue-13 cases, each run through the real CLI (``main([...])`` in process, a subprocess where the
 process itself matters) on tiny local models: the exit status, the one-line message, and that no
 file changed that the command was not asked to write."""
-import contextlib
 import json
 import os
 import shutil
@@ -191,7 +190,6 @@ def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
 
 
 def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
-    from model_sources import randomize
     from transformers import LlamaConfig, LlamaForCausalLM
 
     source, converted, other = models

@@ -2,7 +2,6 @@
 BSBR model's prefill + cached decoding (8k tokens; 32k among the slow checks), nor in the source's
 (SDPA, 8k tokens)."""
 import pytest
-import torch
 from model_sources import make_source
 from torch.profiler import ProfilerActivity, profile
 
