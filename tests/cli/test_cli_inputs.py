@@ -137,6 +137,7 @@ def test_eval_refuses_options_the_run_would_ignore(models, tmp_path, capsys):
     for skip, extra in ((["--no-passkey"], ["--passkey-models", "bsbr"]), (["--no-passkey"], ["--passkey-trials", "2"]),
                         (["--no-passkey"], ["--passkey-lengths", "96"]), (["--passkey-only"], ["--stride", "5"]),
                         (["--passkey-only"], ["--buckets", "doubling"]), (["--passkey-only"], ["--split", "train"]),
+                        (["--passkey-only"], ["--dataset", "x/y"]),
                         (["--lm-eval-task-dir", tmp_path / "task"], ["--seq-len", "64"]),
                         (["--lm-eval-task-dir", tmp_path / "task"], ["--passkey-models", "bsbr"])):
         line = refused(capsys, [*base, *skip, *extra], "eval")

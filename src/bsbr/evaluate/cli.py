@@ -176,7 +176,7 @@ def _write_lm_eval_task(args, passkey: dict) -> int:
 
 # options of one part of the evaluation: given to a run that skips that part, they would be ignored,
 # so they are refused (their defaults are read from the parser when it is built)
-_PERPLEXITY_OPTIONS = ("seq_len", "max_windows", "stride", "buckets", "split")
+_PERPLEXITY_OPTIONS = ("text_file", "dataset", "seq_len", "max_windows", "stride", "buckets", "split")
 _PASSKEY_OPTIONS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_filler", "passkey_new_tokens",
                     "passkey_models")
 _DEFAULTS: dict = {}
@@ -204,9 +204,6 @@ def cmd_eval(args) -> int:
     check_seed(args)
     if args.passkey_only and args.no_passkey:
         raise UserError("--passkey-only and --no-passkey exclude each other: give one")
-    for option, value in (("--text-file", args.text_file), ("--dataset", args.dataset)):
-        if value and args.passkey_only:
-            raise UserError(f"{option} is read by the perplexity evaluation, which --passkey-only skips: drop one")
     for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
                           ("--text-column", args.text_column)):
         if value is not None and not args.dataset:
