@@ -8,11 +8,14 @@ from pathlib import Path
 
 
 def cmd_demo(args) -> int:
-    from .bench.common import check_at_least
     from .outputs import check_model_arg, check_output_dir, staged_dir
 
     final = Path(args.output)
-    check_at_least(args, ("chunk_size", "seq_len", "max_windows", "speed_lens", "decode_contexts", "repeats"))
+    if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
+        from .outputs import UserError
+
+        raise UserError(f"--seq-len must be at least --chunk-size + 2 = {args.chunk_size + 2:,} so that some token "
+                        f"past the first chunk has a target, got {args.seq_len:,}")
     check_model_arg(args.source, "--source")
     check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
     with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
@@ -27,27 +30,33 @@ def _demo(args, out: Path, final: Path) -> int:
     from .results import write_json
     from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
+    from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
     from .outputs import check_positions
 
     t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
+    # one pass-key length, where the 8 default blocks cover half of the chunks before the window
+    passkey = None if args.no_passkey else dict(lengths=[args.seq_len], depths=[0.1, 0.5, 0.9], trials=2, seed=0,
+                                                max_new_tokens=8, fillers=list(DEFAULT_FILLERS))
+    tokenizer = load_tokenizer(args.source)  # args.source is a path, a hub id or None
+    if passkey is not None:
+        check_prompt_lengths(tokenizer, "--seq-len", **passkey)
     source = load_source(args.source).eval()
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
                     + [("--decode-contexts (plus 16 decode steps)", n + 16) for n in args.decode_contexts])
     model = convert_to_bsbr(source, chunk_size=args.chunk_size)
     model_dir = out / "model"
     model.save_pretrained(model_dir)
-    load_tokenizer(args.source).save_pretrained(model_dir)  # args.source is a path, a hub id or None
+    tokenizer.save_pretrained(model_dir)
     conv = model.conversion_summary
     print(f"      parameters {conv['params_source'] / 1e6:.1f}M -> {conv['params_bsbr'] / 1e6:.1f}M "
           f"(+{conv['extra_params_pct']:.2f}%); saved to {final / 'model'} (at the end)", flush=True)
 
     print(f"[2/3] evaluating against the original on {args.max_windows} held-out windows of {args.seq_len} "
           f"tokens of the Python standard library ...", flush=True)
-    # one length, where the 8 default blocks cover half of the chunks before the window
-    passkey = None if args.no_passkey else dict(lengths=[args.seq_len], depths=[0.1, 0.5, 0.9], trials=2,
-                                                only=["source", "window", "bsbr"])
+    if passkey is not None:
+        passkey["only"] = ["source", "window", "bsbr"]
     result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
                             passkey=passkey, json_path=out / "eval.json", plot_path=out / "eval.png")
 
@@ -70,16 +79,18 @@ def _demo(args, out: Path, final: Path) -> int:
 
 
 def register(sub) -> None:
+    from .numbers import MAX_REPEATS, integer
+
     p = sub.add_parser("demo", help="convert the default model, evaluate it against the original, show speed")
     p.add_argument("--source", default=None, help="model to convert (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--output", default="outputs/demo", help="new or empty directory for the model, JSON and plots "
                                                            "(default outputs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (once the demo is done)")
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--max-windows", type=int, default=2)
+    p.add_argument("--chunk-size", type=integer(), default=256)
+    p.add_argument("--seq-len", type=integer(), default=4096)
+    p.add_argument("--max-windows", type=integer(), default=2)
     p.add_argument("--no-passkey", action="store_true")
-    p.add_argument("--speed-lens", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 4096])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--speed-lens", type=integer(), nargs="+", default=[1024, 4096])
+    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 4096])
+    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3)
     p.set_defaults(func=cmd_demo)

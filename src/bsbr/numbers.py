@@ -24,3 +24,25 @@ def finite_number(float32: bool = False, positive: bool = False):
         return value
     parse.__name__ = "number"
     return parse
+
+
+MAX_TOKENS = 1 << 20  # the most tokens of one sequence, exact window, sink set or recall cache (each allocated whole)
+MAX_COUNT = 10 ** 9  # optimizer steps, windows: more would run for years
+MAX_REPEATS = 1000  # timed repeats, pass-key trials: a median of more measures nothing new
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # what torch.manual_seed takes
+
+
+def integer(low: int = 1, high: int = MAX_TOKENS):
+    """An argparse type: an int in [low, high]. A bad value is argparse's one-line usage error naming the
+    flag, at parse time, before any model is loaded (a huge count would otherwise overflow a tensor
+    size or run until killed)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low:,} to {high:,}, got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse

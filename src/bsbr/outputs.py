@@ -22,12 +22,6 @@ class UserError(Exception):
     """A refusal or a bad input: the CLI prints it as one line and exits with status 2."""
 
 
-def check_seed(args) -> None:
-    """Refuse a ``--seed`` torch cannot take; None: the command's default."""
-    if args.seed is not None and not -2 ** 63 <= args.seed < 2 ** 63:
-        raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {args.seed}")
-
-
 def check_unique(option: str, values, key=None) -> None:
     """Refuse a list option that names one value twice (``key``: what makes two values the same; its rows
     would be measured and counted twice)."""
@@ -370,17 +364,31 @@ def check_bsbr_dir(path, option: str) -> Path:
 
 
 def check_text_files(files) -> None:
-    """Refuse --text-file values that are not regular text files (missing, a directory, a device or
-    FIFO, or binary: a NUL byte in the first 8 KB)."""
+    """Refuse --text-file values that are not regular UTF-8 text files (missing, a directory, a device
+    or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
+    as replacement characters)."""
+    import codecs
+
     for f in files or []:
         p = Path(f)
         if not p.is_file():
             what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
             raise UserError(f"--text-file {f} {what}: give text files")
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
         with open(p, "rb") as fh:
-            if b"\0" in fh.read(8192):
-                raise UserError(f"--text-file {f} looks binary (it holds NUL bytes): give text files")
+            while True:
+                block = fh.read(1 << 20)
+                if offset == 0 and b"\0" in block[:8192]:
+                    raise UserError(f"--text-file {f} looks binary (it holds NUL bytes): give text files")
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"--text-file {f} is not UTF-8 text ({e.reason} at byte {offset + e.start:,}): "
+                                    "save it as UTF-8") from None
+                if not block:
+                    break
+                offset += len(block)
 
 
 def load_model_arg(source, option: str):

@@ -48,7 +48,9 @@ def test_decode_prefill_keeps_only_the_last_logits():
 
 
 @pytest.mark.parametrize("flag, value", [("--seq-lens", "0"), ("--decode-contexts", "-5"), ("--decode-steps", "0"),
-                                         ("--repeats", "0"), ("--threads", "0")])
+                                         ("--repeats", "0"), ("--threads", "0"), ("--seq-lens", str(2 ** 63)),
+                                         ("--decode-contexts", str(2 ** 63)), ("--decode-steps", str(2 ** 63)),
+                                         ("--repeats", str(2 ** 63)), ("--threads", str(2 ** 63))])
 def test_bench_converted_refuses_bad_sizes_before_loading(flag, value, capsys, monkeypatch):
     import bsbr.convert.converter as converter
     from bsbr.cli import main
@@ -59,4 +61,5 @@ def test_bench_converted_refuses_bad_sizes_before_loading(flag, value, capsys, m
     monkeypatch.setattr(converter, "load_source", no_loading)
     assert main(["bench", "converted", flag, value]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and f"{flag} must be >= 1, got {value}" in err
+    assert err.count("\n") == 0 and f"argument {flag}: must be an integer from 1 to" in err and err.endswith(
+        f"got {value} (see 'bsbr bench converted --help')")

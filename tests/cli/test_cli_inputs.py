@@ -69,10 +69,10 @@ def test_broken_weights_and_fake_gguf_are_one_line(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value,expect", [("--gate-init", "nan", "finite"), ("--gate-init", "inf", "finite"),
-                                               ("--chunk-size", str(10 ** 20), "at most"),
-                                               ("--local-chunks", str(10 ** 9), "at most"),
-                                               ("--sink-tokens", str(10 ** 9), "at most"),
-                                               ("--recall-tokens", str(10 ** 9), "at most")])
+                                               ("--chunk-size", str(10 ** 20), "from 1 to 1,048,576"),
+                                               ("--local-chunks", str(10 ** 9), "from 1 to 1,048,576"),
+                                               ("--sink-tokens", str(10 ** 9), "from 0 to 1,048,576"),
+                                               ("--recall-tokens", str(10 ** 9), "from 0 to 1,048,576")])
 def test_conversion_values_that_cannot_work_are_refused_before_loading(models, tmp_path, capsys, monkeypatch,
                                                                         flag, value, expect):
     source, _, _ = models

@@ -63,10 +63,10 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
     t0 = time.perf_counter()
     line = refused(capsys, ["convert", "victim2", "out"], "convert")  # a relative path mistyped: no hub lookup
     assert "victim2 does not exist" in line and time.perf_counter() - t0 < 5
-    assert "must be >= 1" in refused(capsys, ["convert", source, "out", "--chunk-size", "0"], "convert")
+    assert "--chunk-size: must be an integer from 1 to" in refused(capsys, ["convert", source, "out", "--chunk-size", "0"], "convert")
     t0 = time.perf_counter()  # named by its flag, before the source is loaded
     line = refused(capsys, ["convert", "out", "--retrieval-blocks", "-1"], "convert")
-    assert "--retrieval-blocks must be >= 0" in line and time.perf_counter() - t0 < 5
+    assert "--retrieval-blocks: must be an integer from 0 to" in line and time.perf_counter() - t0 < 5
     assert not (tmp_path / "out").exists()
     assert "current directory" in refused(capsys, ["convert", source, ".", "--overwrite"], "convert", tmp_path)
 
@@ -163,12 +163,13 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
 
 # ------------------------------------------------------------------------------------------- distill
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "-5"], "--steps must be an int >= 1"),
-    (["--steps", "0"], "--steps must be an int >= 1"),
+    (["--steps", "-5"], "--steps: must be an integer from 1 to"),
+    (["--steps", "0"], "--steps: must be an integer from 1 to"),
     ([], "nothing to train"),
     (["--minutes", "0"], "--minutes must be > 0"),
-    (["--steps", "3", "--checkpoint-every", "0"], "--checkpoint-every must be an int >= 1"),
-    (["--steps", "3", "--lr", "-1"], "lr (--lr) must be > 0"),
+    (["--steps", "3", "--checkpoint-every", "0"], "--checkpoint-every: must be an integer from 1 to"),
+    (["--steps", "3", "--lr", "-1"], "argument --lr: '-1': give a number > 0"),
+    (["--steps", "3", "--params", "all", "--base-lr", "0"], "argument --base-lr: '0': give a number > 0"),
     (["--steps", "2", "--resume", "--overwrite"], "give one of them"),
 ])
 def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, capsys, extra, message):
@@ -388,7 +389,7 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
     assert main(["convert"]) == 2
     one_error_line(capsys.readouterr().err, "convert")
     assert main(["convert", "a", "b", "--chunk-size", "x"]) == 2
-    assert "invalid int value" in one_error_line(capsys.readouterr().err, "convert")
+    assert "--chunk-size: must be an integer, got 'x'" in one_error_line(capsys.readouterr().err, "convert")
     assert main(["nosuch"]) == 2
     assert "invalid choice" in one_error_line(capsys.readouterr().err, "")
     import bsbr.outputs
@@ -450,6 +451,22 @@ def test_auto_classes_load_strictly(models, tmp_path):
     with pytest.raises(ValueError, match="missing_keys"):
         AutoModelForCausalLM.from_pretrained(broken)
     assert AutoModelForCausalLM.from_pretrained(broken, strict=False) is not None  # transformers' way, if asked
+
+
+@pytest.mark.parametrize("change", ["shape", "int32"])
+def test_a_weight_of_another_shape_or_dtype_is_refused_by_name(models, tmp_path, capsys, change):
+    _, converted, _ = models
+    broken = tmp_path / "broken"
+    shutil.copytree(converted, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    w = weights[name]
+    weights[name] = torch.zeros(w.shape[0] + 1, w.shape[1]) if change == "shape" else w.to(torch.int32)
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    line = refused(capsys, ["generate", broken, "--prompt", "x"], "generate", broken)
+    expect = f"{name} (checkpoint ({w.shape[0] + 1}, {w.shape[1]}), config {tuple(w.shape)})" if change == "shape" \
+        else f"weight {name} is I32, not floating point"
+    assert expect in line, line
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 output file, the summary, and no overwrite of a non-empty --output."""
 import json
 
-from cli_checks import one_error_line, tree_hash
+import pytest
+
+from cli_checks import one_error_line, refused, tree_hash
 
 from bsbr.cli import main
 
@@ -36,3 +38,24 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     assert main(args) == 2  # a second run does not replace the first without --overwrite
     assert "--overwrite" in one_error_line(capsys.readouterr().err, "demo")
     assert tree_hash(out) == before
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--chunk-size", "8", "--seq-len", "9"], "--seq-len must be at least --chunk-size + 2 = 10"),
+    (["--chunk-size", str(2 ** 63)], "argument --chunk-size: must be an integer from 1 to"),
+    (["--repeats", str(2 ** 63)], "argument --repeats: must be an integer from 1 to 1,000"),
+    (["--speed-lens", "0"], "argument --speed-lens: must be an integer from 1 to"),
+])
+def test_demo_refuses_bad_sizes_before_converting(models, tmp_path, capsys, monkeypatch, extra, words):
+    source, _, _ = models
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["demo", "--source", source, "--output", tmp_path / "out", *extra], "demo")
+    assert words in line and not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_a_passkey_prompt_that_cannot_fit_before_converting(models, tmp_path, capsys, monkeypatch):
+    source, _, _ = models
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["demo", "--source", source, "--output", tmp_path / "out", "--chunk-size", "8",
+                            "--seq-len", "32"], "demo")
+    assert "--seq-len: length 32 is too short for a pass-key prompt" in line and not (tmp_path / "out").exists()

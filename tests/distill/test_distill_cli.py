@@ -40,9 +40,9 @@ def no_loading(monkeypatch):
     (["--minutes", "nan"], "argument --minutes: 'nan': give a finite number"),
     (["--minutes", "inf"], "argument --minutes: 'inf'"),
     (["--minutes", "-1"], "--minutes must be > 0"),
-    (["--steps", "2", "--seq-len", "0"], "--seq-len must be >= 2"),
-    (["--steps", "2", "--max-windows", "-1"], "--max-windows must be >= 1"),
-    (["--steps", "2", "--seed", str(2 ** 70)], "--seed must fit in 64 bits"),
+    (["--steps", "2", "--seq-len", "0"], "--seq-len: must be an integer from 2 to"),
+    (["--steps", "2", "--max-windows", "-1"], "--max-windows: must be an integer from 1 to"),
+    (["--steps", "2", "--seed", str(2 ** 70)], "--seed: must be an integer from -9,223,372,036,854,775,808 to"),
     (["--steps", "2", "--text-file"], "--text-file needs at least one file"),
 ])
 def test_bad_values_are_refused_before_loading(models, text, tmp_path, capsys, no_loading, extra, message):

@@ -166,7 +166,7 @@ def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, n
     (["--lm-eval-task-dir", "T", "--no-passkey"], ["--no-passkey", "--lm-eval-task-dir"]),
     (["--text-file", "a.py", "--split", "heldout"], ["--split heldout", "--text-file"]),
     (["--dataset", "x/y", "--split", "train"], ["--split train", "--dataset"]),
-    (["--seed", str(2 ** 70)], ["--seed", "64 bits"]),  # one check of --seed for every command
+    (["--seed", str(2 ** 70)], ["--seed: must be an integer from -9,223,372,036,854,775,808 to"]),  # one check of --seed for every command
 ])
 def test_flags_that_would_be_ignored_are_refused(saved, tmp_path, capsys, no_loading, monkeypatch, extra, words):
     monkeypatch.chdir(tmp_path)
@@ -198,7 +198,7 @@ def test_passkey_lengths_past_the_token_cap_are_refused(saved, tmp_path, capsys,
     extra = {"full": ["--text-file", str(saved / "text.py"), "--seq-len", "40"], "passkey-only": ["--passkey-only"],
              "lm-eval": ["--lm-eval-task-dir", str(tmp_path / "task")]}[mode]
     _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "96", str(MAX_TOKENS + 1)],
-             f"--passkey-lengths {MAX_TOKENS + 1:,}", f"at most {MAX_TOKENS:,}")
+             f"--passkey-lengths: must be an integer from 1 to {MAX_TOKENS:,}, got {MAX_TOKENS + 1}")
     assert not list(tmp_path.iterdir())
 
 
@@ -263,3 +263,17 @@ def test_result_files_are_written_as_one_set(saved, tmp_path, capsys, monkeypatc
     after = _snapshot(tmp_path)
     assert all(after[out / n] != before[out / n] for n in ("r.json", "r.passkey.json"))
     assert json.loads((out / "r.json").read_text())["passkey"] == json.loads((out / "r.passkey.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["full", "passkey-only", "lm-eval"])
+def test_a_passkey_length_too_short_for_a_prompt_is_refused_before_any_model_runs(saved, tmp_path, capsys,
+                                                                                   monkeypatch, mode):
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", loaded)
+    extra = {"full": ["--text-file", str(saved / "text.py"), "--seq-len", "40"], "passkey-only": ["--passkey-only"],
+             "lm-eval": ["--lm-eval-task-dir", str(tmp_path / "task")]}[mode]
+    _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "500", "20"],
+             "--passkey-lengths: length 20 is too short for a pass-key prompt")
+    assert not list(tmp_path.iterdir())

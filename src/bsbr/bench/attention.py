@@ -18,9 +18,9 @@ from typing import Dict, Sequence
 
 import torch
 
-from ..numbers import finite_number
+from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..outputs import UserError
-from .common import (add_output_arguments, bench_parser, check_at_least, check_device, check_outputs, check_seed,
+from .common import (add_output_arguments, bench_parser, check_device, check_outputs,
                      check_unique, given, machine_info, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
@@ -59,12 +59,6 @@ def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
     if args.max_earlier_len is not None and not args.earlier_wheel:
         raise UserError("--max-earlier-len applies to --earlier-wheel only: give --earlier-wheel WHL, "
                         "or drop --max-earlier-len")
-    check_seed(args)
-    check_at_least(args, ("hidden", "heads", "chunk_size", "repeats", "layers", "ff_dim", "vocab", "max_standard_len",
-                          "max_earlier_len", "threads"))
-    check_at_least(args, ("retrieval_blocks", "warmup"), minimum=0)
-    if args.seq_lens is not None and any(n < 1 for n in args.seq_lens):
-        raise ValueError(f"--seq-lens must be positive integers, got {args.seq_lens}")
     if hidden % heads:
         raise ValueError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
     if args.earlier_wheel is not None:
@@ -127,31 +121,31 @@ def run_attention(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     p = bench_parser(bench_sub, "attention", __doc__)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None,
+    p.add_argument("--seq-lens", type=integer(), nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))}; "
                         f"with --model-scaling {' '.join(map(str, DEFAULT_MODEL_SEQ_LENS))})")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 512; model scaling 256)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads (default 8; model scaling 4)")
-    p.add_argument("--chunk-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and length (median)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--hidden", type=integer(), default=None, help="hidden size (default 512; model scaling 256)")
+    p.add_argument("--heads", type=integer(), default=None, help="attention heads (default 8; model scaling 4)")
+    p.add_argument("--chunk-size", type=integer(), default=128)
+    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=5, help="timed repeats per model and length (median)")
+    p.add_argument("--warmup", type=integer(0, MAX_REPEATS), default=None,
                    help="untimed calls per model and length before measuring (default 1)")
     p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive")
-    p.add_argument("--retrieval-blocks", type=int, default=0,
+    p.add_argument("--retrieval-blocks", type=integer(0), default=0,
                    help="earlier chunks each token attends to exactly, chosen by their largest q.k (default 0)")
-    p.add_argument("--max-standard-len", type=int, default=None, help="longest length for standard attention")
+    p.add_argument("--max-standard-len", type=integer(), default=None, help="longest length for standard attention")
     p.add_argument("--earlier-wheel", default=None, metavar="WHL",
                    help="the bsbr==0.1.1 wheel: also time its BSBRAttention side by side")
-    p.add_argument("--max-earlier-len", type=int, default=None, help="longest length for the bsbr 0.1.1 layer")
+    p.add_argument("--max-earlier-len", type=integer(), default=None, help="longest length for the bsbr 0.1.1 layer")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=None,
                    help="skip a baseline whose call is predicted (quadratically) to take longer (default 30)")
     p.add_argument("--skip-core", action="store_true", help="skip the op-alone vs matmul FLOPs measurement")
     p.add_argument("--model-scaling", action="store_true",
                    help="instead: a BSBRModel (default 2 layers, hidden 256, 4 heads, ff 1024) at 8k-64k tokens")
-    p.add_argument("--layers", type=int, default=None, help="model scaling: layers (default 2)")
-    p.add_argument("--ff-dim", type=int, default=None, help="model scaling: feed-forward size (default 1024)")
-    p.add_argument("--vocab", type=int, default=None, help="model scaling: vocabulary size (default 1000)")
+    p.add_argument("--layers", type=integer(), default=None, help="model scaling: layers (default 2)")
+    p.add_argument("--ff-dim", type=integer(), default=None, help="model scaling: feed-forward size (default 1024)")
+    p.add_argument("--vocab", type=integer(), default=None, help="model scaling: vocabulary size (default 1000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0)
     add_output_arguments(p, "a log-log plot")
     p.set_defaults(func=run_attention)

@@ -28,7 +28,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import outputs
-from ..outputs import UserError, check_output_files, check_seed  # noqa: F401 (check_seed: for the benchmarks)
+from ..numbers import integer
+from ..outputs import UserError, check_output_files
+
+MAX_THREADS = 1024  # torch.set_num_threads overflows far above; no machine has more
 
 MiB = float(2**20)
 VOCAB = 256  # the LM shells of bench models and bench quality read bytes
@@ -250,15 +253,6 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
     return info
 
 
-def check_at_least(args, names: Sequence[str], minimum: int = 1) -> None:
-    """Refuse an integer option (or any value of a list option) below ``minimum`` (None: the option's default)."""
-    for name in names:
-        v = getattr(args, name)
-        for x in v if isinstance(v, (list, tuple)) else [v]:
-            if x is not None and x < minimum:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {x}")
-
-
 def check_unique(args, names: Sequence[str]) -> None:
     """Refuse a list option among ``names`` that names one value twice (:func:`bsbr.outputs.check_unique`)."""
     for name in names:
@@ -305,11 +299,11 @@ def bench_parser(bench_sub, name: str, doc: str):
 
 def add_shape_arguments(p, hidden: int, layers: int, heads: int, ff_dim: int) -> None:
     for flag, default in (("--hidden", hidden), ("--layers", layers), ("--heads", heads), ("--ff-dim", ff_dim)):
-        p.add_argument(flag, type=int, default=default)
+        p.add_argument(flag, type=integer(), default=default)
 
 
 def add_output_arguments(p, plot: str = "a plot") -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help=f"write {plot} here")
 

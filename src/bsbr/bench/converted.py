@@ -14,8 +14,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..outputs import UserError, check_model_arg, check_positions
-from ..numbers import finite_number
-from .common import (add_output_arguments, check_at_least, check_outputs, check_unique, interleaved_times,
+from ..numbers import MAX_REPEATS, finite_number, integer
+from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times,
                      machine_info, measure_peak, median, write_outputs)
 from .plots import plot_converted
 
@@ -129,7 +129,6 @@ def cmd(args) -> int:
         raise UserError("--decode-steps applies to --decode-contexts, given none: give --decode-contexts N ..., "
                         "or drop --decode-steps")
     decode_steps = args.decode_steps or 8
-    check_at_least(args, ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size", "threads"))
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
     check_model_arg(args.source, "SOURCE")
@@ -157,13 +156,13 @@ def register(bench_sub) -> None:
     p = bench_sub.add_parser("converted")
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=integer(), default=256)
     p.add_argument("--gate-init", type=finite_number(), default=0.0,
                    help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
                         "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 32768])
-    p.add_argument("--decode-steps", type=int, default=None, help="tokens generated per decode context (default 8)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768])
+    p.add_argument("--decode-steps", type=integer(), default=None, help="tokens generated per decode context (default 8)")
+    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3)
     add_output_arguments(p, "the prefill and decode plot")
     p.set_defaults(func=cmd)

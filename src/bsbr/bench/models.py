@@ -24,10 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..numbers import finite_number
+from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..outputs import UserError
 from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
-                     check_at_least, check_outputs, check_seed, check_unique, failure, forward_fn, interleaved_times, is_oom,
+                     check_outputs, check_unique, failure, forward_fn, interleaved_times, is_oom,
                      machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
 
@@ -239,11 +239,7 @@ def run_models(args: argparse.Namespace) -> int:
     check_unique(args, ("seq_lens", "models"))
     if args.no_train and args.model_budget is not None:
         raise UserError("--model-budget caps the train steps, which --no-train skips: drop one of them")
-    check_seed(args)
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
-    if any(n < 2 for n in seq_lens):
-        raise ValueError(f"--seq-lens must be integers >= 2, got {seq_lens}")
-    check_at_least(args, ("repeats", "hidden", "layers", "heads", "ff_dim", "block", "threads"))
     check_outputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,17 +254,17 @@ def run_models(args: argparse.Namespace) -> int:
 
 def register(bench_sub) -> None:
     p = bench_parser(bench_sub, "models", __doc__)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None,
+    p.add_argument("--seq-lens", type=integer(2), nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
     add_shape_arguments(p, hidden=256, layers=2, heads=4, ff_dim=1024)
-    p.add_argument("--block", type=int, default=128, help="BSBR chunk size = sliding window = linear chunk")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds per length (median)")
+    p.add_argument("--block", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
+    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
     p.add_argument("--model-budget", type=finite_number(positive=True), default=None,
                    help="no more train steps for a model after this much measuring time (default 90)")
     p.add_argument("--no-train", action="store_true", help="forward only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0)
     add_output_arguments(p, "a log-log plot")
     p.set_defaults(func=run_models)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..outputs import UserError
-from ..numbers import finite_number
-from .common import (VOCAB, add_output_arguments, bench_parser, check_at_least, check_outputs, check_seed,
+from ..numbers import SEED_RANGE, finite_number, integer
+from .common import (VOCAB, add_output_arguments, bench_parser, check_outputs,
                      check_unique, given, write_outputs)
 from .plots import plot_quality
 
@@ -311,9 +311,6 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} is not used with --merge (it joins results trained earlier, with their settings): "
                         f"drop {flag}")
     check_unique(args, ("models",))
-    check_seed(args)
-    check_at_least(args, ("threads", "steps", "batch", "seq_len", "hidden", "layers", "heads", "block",
-                          "eval_windows", "ff_dim"))
     check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()])
     if args.merge:
         result = merge_results(args.merge)
@@ -330,10 +327,11 @@ def register(bench_sub) -> None:
     p = bench_parser(bench_sub, "quality", __doc__)
     p.add_argument("--models", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")
-    p.add_argument("--block", type=int, default=None,
+    p.add_argument("--block", type=integer(), default=None,
                    help=f"BSBR chunk size = sliding window (default {TRAINING['block']})")
     for name in ("hidden", "layers", "heads", "ff_dim", "seq_len", "batch", "steps", "eval_windows", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {TRAINING[name]}")
+        p.add_argument(f"--{name.replace('_', '-')}", type=integer(*SEED_RANGE) if name == "seed" else integer(),
+                       default=None, help=f"default {TRAINING[name]}")
     p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {TRAINING['lr']}")
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
     add_output_arguments(p, "the loss-by-position plot")

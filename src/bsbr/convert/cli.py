@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..numbers import finite_number
+from ..numbers import MAX_TOKENS, finite_number, integer
 
 logger = logging.getLogger(__name__)
 
@@ -19,17 +19,17 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     def gate(text: str):
         return None if text.lower() == "none" else finite_number()(text)
 
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default %(default)s)")
-    p.add_argument("--local-chunks", type=int, default=D["local_chunks"],
+    p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default %(default)s)")
+    p.add_argument("--local-chunks", type=integer(), default=D["local_chunks"],
                    help="chunks each token attends to exactly: its own and the LOCAL_CHUNKS - 1 before it "
                         "(default %(default)s)")
-    p.add_argument("--sink-tokens", type=int, default=D["sink_tokens"],
+    p.add_argument("--sink-tokens", type=integer(0), default=D["sink_tokens"],
                    help="the sequence's first tokens kept in every exact window (attention sinks; default %(default)s)")
-    p.add_argument("--retrieval-blocks", type=int, default=None,
+    p.add_argument("--retrieval-blocks", type=integer(0), default=None,
                    help="earlier chunks each token reads exactly, chosen per token by its query against each "
                         f"chunk's keys (its largest q.k; default {D['retrieval_blocks']}, 0 with --recall-tokens; 0 = none). "
                         "Keeps every past token's key and value: the cache grows with the context")
-    p.add_argument("--recall-tokens", type=int, default=D["recall_tokens"],
+    p.add_argument("--recall-tokens", type=integer(0), default=D["recall_tokens"],
                    help="the bounded recall mode (default %(default)s = off; needs --retrieval-blocks 0): keep at "
                         "most M exact past tokens per layer and K/V head, those the linear state recalls worst "
                         "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "
@@ -39,7 +39,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "the source's max_position_embeddings, beyond as if in the oldest such chunk; 'window' just "
                         "before the window (every distance short at any length; the default with --recall-tokens); "
                         "'absolute' their own always (leaves the source's range past it)")
-    p.add_argument("--window-scored-blocks", type=int, default=D["window_scored_blocks"],
+    p.add_argument("--window-scored-blocks", type=integer(0), default=D["window_scored_blocks"],
                    help="with --far-positions hybrid: of the --retrieval-blocks, how many are chosen by a second score "
                         "that reads every far key as if just before the window, where own-position scores favour the "
                         "nearest chunks (default %(default)s; 4 of 8 finds needles a few thousand tokens back more "
@@ -50,7 +50,10 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-init", type=gate, default=D["gate_init"],
                    help="initial chunk-state gate; 0 = closed (the source's attention over the exact keys until "
                         "trained), 'none' = no gate")
-    p.add_argument("--compression-factor", type=lambda t: None if t.lower() in ("none", "0") else int(t), default=None,
+    def compression(text: str):
+        return None if text.lower() in ("none", "0") else integer()(text)
+
+    p.add_argument("--compression-factor", type=compression, default=None, metavar="N",
                    help="shrink each chunk state's feature dim by this factor (default: none)")
     p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
                    default=D["position_scheme"], help="learned positions past the source's table")
@@ -66,20 +69,13 @@ def conversion_options(args) -> dict:
 
 def check_conversion_options(options: dict) -> None:
     """Refuse bad sizes before loading the source (the converter would, but only after loading it)."""
-    from ..ops.bsbr.options import MAX_TOKENS
     from ..outputs import UserError
 
-    window = max(options.get("chunk_size") or 1, 1)
-    for name, low, high in (("chunk_size", 1, MAX_TOKENS), ("local_chunks", 1, MAX_TOKENS // window),
-                            ("sink_tokens", 0, MAX_TOKENS), ("compression_factor", 1, None),
-                            ("recall_tokens", 0, MAX_TOKENS), ("retrieval_blocks", 0, None),
-                            ("window_scored_blocks", 0, None)):
-        value = options.get(name)
-        if value is not None and value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        if value is not None and high is not None and value > high:
-            raise UserError(f"--{name.replace('_', '-')} must be at most {high:,} (a window, sinks or a recall cache "
-                            f"holds at most {MAX_TOKENS:,} tokens), got {value:,}")
+    # each size is in range (the parser's types); the window is their product
+    if options["local_chunks"] * options["chunk_size"] > MAX_TOKENS:
+        raise UserError(f"--local-chunks must be at most {MAX_TOKENS // options['chunk_size']:,} with --chunk-size "
+                        f"{options['chunk_size']:,} (a window holds at most {MAX_TOKENS:,} tokens), "
+                        f"got {options['local_chunks']:,}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
     if (options.get("window_scored_blocks") or 0) > (options.get("retrieval_blocks") or 0):
@@ -153,10 +149,6 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
-    from ..ops.bsbr.options import MAX_TOKENS
-
-    if not 1 <= args.max_new_tokens <= MAX_TOKENS:
-        raise UserError(f"--max-new-tokens must be 1 to {MAX_TOKENS:,}, got {args.max_new_tokens}")
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise UserError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (logits divided "
                         f"by less overflow float32), got {args.temperature}")
@@ -200,6 +192,6 @@ def register(sub) -> None:
     g = sub.add_parser("generate", help="generate text with a converted model")
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=integer(), default=64)
     g.add_argument("--temperature", type=finite_number(), default=0.0, help="0 = greedy")
     g.set_defaults(func=cmd_generate)

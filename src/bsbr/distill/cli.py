@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from ..corpus import corpus_texts, token_windows
 from ..models import load_bsbr_model
-from ..numbers import finite_number
+from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                       check_positions, check_seed, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
+                       check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
                        write_model_card)
 from .checkpoint import MANIFEST, has_checkpoint, read_manifest
 from .trainer import (DistillConfig, DistillInterrupted, check_same_run, check_work_left, distill, exact_reach,
@@ -41,10 +41,6 @@ def _plan(args):
         raise UserError("nothing to train: give --minutes M (the usual) or --steps S")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the checkpoint in --output, --overwrite replaces it: give one of them")
-    for name, low in (("seq_len", 2), ("max_windows", 1)):
-        if getattr(args, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    check_seed(args)
     if args.text_file is not None and not args.text_file:
         raise UserError("--text-file needs at least one file (without --text-file: the standard library's sources)")
     try:  # the config's field names are the options' names
@@ -233,27 +229,28 @@ def register(sub) -> None:
     # defaults = the recipe measured best in docs/findings.md for the default exact window: end-to-end
     # KL (no LM term) on the new pieces only
     p.add_argument("--minutes", type=finite_number(), default=None, help="wall-clock budget")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (with --minutes: whichever ends first)")
+    p.add_argument("--steps", type=integer(1, MAX_COUNT), default=None, help="optimizer steps (with --minutes: whichever ends first)")
     p.add_argument("--params", choices=["new", "all", "lora"], default="new",
                    help="what trains: the new BSBR pieces (default), all weights, or the new pieces plus LoRA "
                         "adapters (peft; merged into the weights when saved)")
-    p.add_argument("--lr", type=finite_number(float32=True), default=3e-3,
+    p.add_argument("--lr", type=finite_number(float32=True, positive=True), default=3e-3,
                    help="learning rate of the new pieces (default 3e-3)")
-    p.add_argument("--base-lr", type=finite_number(float32=True), default=None,
+    p.add_argument("--base-lr", type=finite_number(float32=True, positive=True), default=None,
                    help="with --params all: learning rate of the source's own weights (default 6e-5); "
                         "with lora: of the adapters (default: --lr)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 matmuls (CPU autocast) for teacher and student; weights and optimizer stay float32")
     p.add_argument("--lm-weight", type=finite_number(float32=True), default=0.0,
                    help="weight of the LM loss beside the KL (default 0: pure imitation of the source)")
-    p.add_argument("--seq-len", type=int, default=4096,
+    p.add_argument("--seq-len", type=integer(2), default=4096,
                    help="tokens per training window (default 4096: the default conversion reads every earlier "
                         "token exactly up to (2 + 8) x 256 = 2,560 tokens, where its new pieces have no effect)")
-    p.add_argument("--max-windows", type=int, default=2000)
-    p.add_argument("--text-file", nargs="*", default=None, help="train on these text files")
-    p.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=2000)
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--text-file", nargs="*", default=None, help="train on these text files")
+    data.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0)
+    p.add_argument("--checkpoint-every", type=integer(1, MAX_COUNT), default=25)
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each layer in the backward pass instead of keeping its activations (default on: "
                         "a 4,096-token window of the default conversion peaked at 22 GB without it, 10 GB with, at "

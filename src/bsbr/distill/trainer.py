@@ -69,7 +69,7 @@ class DistillConfig:
         for name in ("lr", "base_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be > 0, got {value!r}")
+                raise ValueError(f"{name} must be > 0, got {value!r}")
         if not self.lm_weight >= 0:
             raise ValueError(f"lm_weight must be >= 0, got {self.lm_weight!r}")
 

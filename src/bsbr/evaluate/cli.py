@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..ops.bsbr.options import MAX_TOKENS
+from ..numbers import MAX_REPEATS, SEED_RANGE, integer
 from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_seed, check_source, check_text_files, check_unique, read_config,
+                       check_positions, check_source, check_text_files, check_unique, read_config,
                        read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
 from .lm_eval_task import TASK_NAME
-from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, passkey_summary_lines
+from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
 from .report import summary_lines
 from .saved import evaluate_saved, passkey_saved, write_together
 
@@ -28,13 +28,6 @@ def _depth(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"depth must lie in [0, 1], got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
@@ -72,18 +65,13 @@ def _check_seq_len(args) -> None:
 
 
 def _check_lists(args) -> None:
-    """No list option repeats a value (a repeated length or depth would count its cells twice), and no
-    pass-key length exceeds the token cap (:data:`~bsbr.ops.bsbr.options.MAX_TOKENS`)."""
+    """No list option repeats a value (a repeated length or depth would count its cells twice)."""
     for option, values, key in (("--text-file", args.text_file, os.path.realpath),
                                 ("--passkey-lengths", args.passkey_lengths, int),
                                 ("--passkey-depths", args.passkey_depths, float),
                                 ("--passkey-filler", args.passkey_filler, lambda f: get_filler(f).name),
                                 ("--passkey-models", args.passkey_models, str)):
         check_unique(option, values, key)
-    for n in args.passkey_lengths or []:
-        if n > MAX_TOKENS:
-            raise UserError(f"--passkey-lengths {n:,} is longer than bsbr's {MAX_TOKENS:,}-token limit: "
-                            f"give at most {MAX_TOKENS:,}")
 
 
 TASK_FILES = (f"{TASK_NAME}.yaml", f"{TASK_NAME}.jsonl", f"{TASK_NAME}_utils.py")
@@ -156,10 +144,9 @@ def _filler(text: str) -> str:
     return text
 
 
-def _write_lm_eval_task(args, passkey: dict) -> int:
+def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
     from .lm_eval_task import TASK_NAME, write_lm_eval_task
 
-    tokenizer = load_eval_tokenizer(args.model, args.reference)
     yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
     longest = max(passkey["lengths"]) + passkey["max_new_tokens"]
     print(f"lm-eval task {TASK_NAME}: {yaml_path}")
@@ -201,7 +188,6 @@ def _refuse_ignored(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    check_seed(args)
     if args.passkey_only and args.no_passkey:
         raise UserError("--passkey-only and --no-passkey exclude each other: give one")
     for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
@@ -247,8 +233,11 @@ def cmd_eval(args) -> int:
                        depths=args.passkey_depths or list(DEFAULT_DEPTHS), trials=args.passkey_trials,
                        seed=args.seed, max_new_tokens=args.passkey_new_tokens,
                        fillers=args.passkey_filler or list(DEFAULT_FILLERS))
-    if args.lm_eval_task_dir:
-        return _write_lm_eval_task(args, passkey)
+    if passkey is not None:  # before any model is loaded
+        tokenizer = load_eval_tokenizer(args.model, args.reference)
+        check_prompt_lengths(tokenizer, "--passkey-lengths", **passkey)
+        if args.lm_eval_task_dir:
+            return _write_lm_eval_task(args, passkey, tokenizer)
     if passkey is not None and args.passkey_models:
         passkey["only"] = list(args.passkey_models)
     if args.passkey_only:
@@ -311,24 +300,24 @@ def register(sub) -> None:
     p.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")
     p.add_argument("--split", choices=["heldout", "train"], default=None,
                    help="default corpus split (the standard library's .py files; default heldout)")
-    p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--max-windows", type=_positive, default=16, help="windows to evaluate (default 16)")
-    p.add_argument("--stride", type=_positive, default=None,
+    p.add_argument("--seq-len", type=integer(), default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--max-windows", type=integer(), default=16, help="windows to evaluate (default 16)")
+    p.add_argument("--stride", type=integer(), default=None,
                    help="tokens between window starts (default: seq-len); below seq-len windows overlap and a "
                         "token is scored once per window holding it")
     p.add_argument("--buckets", choices=["chunk", "doubling"], default="chunk",
                    help="position buckets: one per chunk, or doubling ranges [B,2B),[2B,4B),...")
-    p.add_argument("--passkey-lengths", type=_positive, nargs="+", default=None, metavar="N",
+    p.add_argument("--passkey-lengths", type=integer(), nargs="+", default=None, metavar="N",
                    help="pass-key prompt lengths in tokens, e.g. 16384 32768 (default 1024 2048 4096 8192)")
     p.add_argument("--passkey-depths", type=_depth, nargs="+", default=None, metavar="D",
                    help="relative depths of the key (default 0.1 0.3 0.5 0.7 0.9)")
-    p.add_argument("--passkey-trials", type=_positive, default=3,
+    p.add_argument("--passkey-trials", type=integer(1, MAX_REPEATS), default=3,
                    help="keys per (length, depth) cell; trial t uses filler t mod the number of fillers (default 3)")
     p.add_argument("--passkey-filler", type=_filler, action="extend", nargs="+", default=None, metavar="KIND|FILE",
                    help="filler text, repeatable: classic (the repeated grass/sky sentences), prose (licence texts "
                         "in /usr/share/common-licenses, else standard-library docstrings), docstrings, random "
                         "(seeded random sentences), or a text file's path (default: classic prose random)")
-    p.add_argument("--passkey-new-tokens", type=_positive, default=8, help="greedy tokens generated (default 8)")
+    p.add_argument("--passkey-new-tokens", type=integer(), default=8, help="greedy tokens generated (default 8)")
     p.add_argument("--passkey-plot", metavar="OUT.png", default=None,
                    help="write the pass-key heat map (length x depth per model, accuracy per filler) here, with "
                         "OUT.json beside it (default: beside --plot or --json as NAME.passkey.png)")
@@ -341,7 +330,7 @@ def register(sub) -> None:
                    help="write the pass-key prompts (--passkey-* options, this model's tokenizer) as the offline "
                         "lm-eval task bsbr_passkey into DIR, print how to run it, and exit")
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key test")
-    p.add_argument("--seed", type=int, default=0, help="pass-key keys and default corpus order")
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="pass-key keys and default corpus order")
     p.add_argument("--force", action="store_true",
                    help="use a --reference whose weights are not those the model was converted from")
     p.add_argument("--json", metavar="OUT", default=None, help="write all results here")

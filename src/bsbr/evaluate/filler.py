@@ -181,7 +181,12 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
             what = "a directory" if path.is_dir() else "not a regular file (a device or FIFO)"
             raise ValueError(f"filler {spec!r} is {what}: give a text file's path or one of {', '.join(FILLER_KINDS)}")
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
-    sentences = _dedupe(split_sentences(path.read_text(encoding="utf-8", errors="replace")))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"filler file {path} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") \
+            from None
+    sentences = _dedupe(split_sentences(text))
     if not sentences:
         raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
                          "capitalised, ending in . ! or ?, without digits)")

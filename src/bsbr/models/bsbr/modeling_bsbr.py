@@ -161,6 +161,20 @@ def refuse_pickled_weights(path: Path) -> None:
                       "safetensors (model.save_pretrained(DIR) does by default)")
 
 
+def refuse_non_float_weights(path: Path) -> None:
+    """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
+    not floating point (an integer or bool tensor would be cast silently into a float parameter)."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                dtype = st.get_slice(name).get_dtype()
+                if not dtype.startswith(("F", "BF")):
+                    raise ValueError(f"{f}: weight {name} is {dtype}, not floating point: this is not a BSBR "
+                                     "checkpoint as save_pretrained writes it")
+
+
 class BSBRPreTrainedModel(PreTrainedModel):
     config_class = BSBRConfig
     config: BSBRConfig
@@ -189,14 +203,22 @@ class BSBRPreTrainedModel(PreTrainedModel):
                 refuse_pickled_weights(Path(where, kwargs.get("subfolder") or ""))
         if not strict:
             return super().from_pretrained(*args, **kwargs)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        if isinstance(where, (str, os.PathLike)):
+            refuse_non_float_weights(Path(where, kwargs.get("subfolder") or ""))
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if not hasattr(model, "lm_head"):  # a base model loaded from a causal LM's checkpoint drops its head
             info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith("lm_head.")]
-        problems = {k: sorted(map(str, v))[:8] for k, v in info.items()
+        def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)
+            if isinstance(entry, tuple) and len(entry) == 3:
+                return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
+            return str(entry)
+
+        problems = {k: sorted(map(named, v))[:8] for k, v in info.items()
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; pass strict=False "
                              f"to allow it)")

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...numbers import FLOAT32_MAX
+from ...numbers import FLOAT32_MAX, MAX_TOKENS
 from ..checks import check_int
 
 VARIANTS = ("additive", "normalized")
-MAX_TOKENS = 1 << 20  # the most tokens of an exact window, of sinks or of a recall cache (each is allocated whole)
 
 
 def _finite_positive(value) -> bool:
