@@ -8,7 +8,8 @@ from bsbr.cli import main
 from bsbr.convert import convert_to_bsbr
 from bsbr.evaluate import passkey
 from bsbr.evaluate.passkey import accuracy_grid, model_order
-from bsbr.evaluate.plots import plot_passkey_heatmap, write_passkey_report
+from bsbr.evaluate.plots import plot_passkey_heatmap
+from bsbr.results import write_json
 from test_eval_filler import Echo
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,8 +36,8 @@ def test_heatmap_and_json_structure(word_tokenizer, tmp_path):
     r["models"]["bsbr"]["cells"] = [c for c in r["models"]["bsbr"]["cells"] if (c["length"], c["depth"]) != (120, 0.5)]
     r["models"]["bsbr"]["cells"][0]["accuracy"] = 0.5  # (160, 0.9): the first cell run
     assert accuracy_grid(r, "bsbr") == [[0.5, 1.0, 1.0], [1.0, 1.0, None]]  # in the result's order
-    png, js = write_passkey_report(r, tmp_path / "out" / "pk.png")
-    assert png.read_bytes()[:8] == PNG and js == tmp_path / "out" / "pk.json"
+    png, js = plot_passkey_heatmap(r, tmp_path / "out" / "pk.png"), write_json(r, tmp_path / "out" / "pk.json")
+    assert png.read_bytes()[:8] == PNG
     back = json.loads(js.read_text())
     assert back["lengths"] == [160, 120] and back["depths"] == [0.9, 0.1, 0.5]
     assert [f["name"] for f in back["fillers"]] == ["random", "classic"]

@@ -1,13 +1,12 @@
 """Figures for an evaluation result (matplotlib, Agg backend: no display needed): perplexity per
-position bucket with pass-key bars (``--plot``), and the pass-key heat map with its JSON beside it."""
+position bucket with pass-key bars (``--plot``), and the pass-key heat map."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Tuple
 
-from ..results import pyplot, save_figure, write_json
+from ..results import pyplot, save_figure
 from .passkey import MODEL_ORDER, accuracy_grid, model_order
 from .report import percent
 
@@ -101,9 +100,3 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
     logger.debug("wrote %s", path)
     return path
 
-
-def write_passkey_report(passkey: dict, png_path: os.PathLike) -> Tuple[Path, Path]:
-    """The heat map at ``png_path`` and the pass-key result as JSON beside it (same name, ``.json``);
-    returns both paths."""
-    png = plot_passkey_heatmap(passkey, png_path)
-    return png, write_json(passkey, png.with_suffix(".json"))
