@@ -46,6 +46,20 @@ def test_prefill_then_steps_equal_full_forward_logits(model):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
+    # transformers before 5.24 called it past_key_values, and so does much user code: unread, it gave a
+    # fresh forward of the new token alone
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        out = model(ids[:, -1:], past_key_values=cache)
+        assert out.past_key_values is cache and int(cache.n_seen[0]) == 30
+        torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="past_key_values"):
+            model(ids[:, -1:], past_key_values=cache, cache=cache)
+
+
 def test_greedy_generate_equals_argmax_of_full_forward(model):
     prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

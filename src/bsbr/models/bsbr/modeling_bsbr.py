@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ...layers.bsbr_attention import BSBRAttention
 from ...layers.inputs import check_input_ids, mask_to_valid, token_positions
@@ -271,6 +272,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         self.norm = make_norm(config)
         self.post_init()
 
+    # the name before transformers 5.24, still what much user code passes (it fell into **kwargs, unread)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
@@ -365,6 +368,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    # the name before transformers 5.24, still what much user code passes (it fell into **kwargs, unread)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
