@@ -408,9 +408,11 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
         main(["-v", "convert", str(converted), "x"])
 
 
-def test_help_is_fast_imports_no_torch_and_lists_exit_codes():
+@pytest.mark.parametrize("command,flag", [([], None), (["convert"], "--chunk-size"), (["generate"], "--prompt"),
+                                          (["demo"], "--seq-len")])
+def test_help_is_fast_imports_no_torch_and_lists_exit_codes(command, flag):
     code = ("import sys, time; t = time.perf_counter(); from bsbr.cli import main\n"
-            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            f"try: main({command + ['--help']!r})\nexcept SystemExit: pass\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)")
     env = {**os.environ, "PYTHONPATH": SRC}
     import subprocess
@@ -421,7 +423,10 @@ def test_help_is_fast_imports_no_torch_and_lists_exit_codes():
     assert (torch_loaded, transformers_loaded) == ("False", "False")
     assert float(seconds) < 1.0
     text = "\n".join(help_lines)
-    assert "exit status:" in text and "130" in text and "internal error" in text
+    if not command:
+        assert "exit status:" in text and "130" in text and "internal error" in text
+    else:
+        assert f"usage: bsbr {command[0]}" in text and flag in text
 
 
 def test_bench_subcommands_are_registered_in_one_place():

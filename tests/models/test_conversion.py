@@ -77,7 +77,7 @@ def test_recall_tokens_flag():
     import argparse
 
     from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
-    from bsbr.convert.converter import DEFAULT_OPTIONS
+    from bsbr.convert.defaults import DEFAULT_OPTIONS
     from bsbr.outputs import UserError
 
     p = argparse.ArgumentParser()
@@ -336,7 +336,7 @@ def test_convert_flags_follow_the_options_object():
     import dataclasses
 
     from bsbr.convert.cli import add_conversion_arguments, conversion_options
-    from bsbr.convert.converter import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
+    from bsbr.convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
     from bsbr.ops import BSBROptions
 
     p = argparse.ArgumentParser()

@@ -1,7 +1,18 @@
-"""Conversion of pretrained decoder LMs to BSBR."""
-from .converter import (DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS, TransformerToBSBRConverter, convert_to_bsbr,
-                        count_parameters, default_source_path, load_source, load_tokenizer)
-from .families import SUPPORTED_MODEL_TYPES
+"""Conversion of pretrained decoder LMs to BSBR. The converter (torch, transformers) loads on first use
+of its names, so the command line's parsers import this package without it."""
+import importlib
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_OPTIONS", "SUPPORTED_MODEL_TYPES", "TransformerToBSBRConverter",
-           "convert_to_bsbr", "count_parameters", "default_source_path", "load_source", "load_tokenizer"]
+_EXPORTS = {"DEFAULT_CHUNK_SIZE": "defaults", "DEFAULT_OPTIONS": "defaults", "SUPPORTED_MODEL_TYPES": "families",
+            **dict.fromkeys(("TransformerToBSBRConverter", "convert_to_bsbr", "count_parameters",
+                             "default_source_path", "load_source", "load_tokenizer"), "converter")}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

