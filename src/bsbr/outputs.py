@@ -310,8 +310,9 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
 
 def check_model_arg(source, option: str) -> None:
     """Refuse, before loading anything, a model argument that names a local path which does not exist or
-    is not a model (a directory with config.json, or a .gguf file). Only ``ORG/NAME`` that is no local
-    path is left to the hub; a bare ``name`` that does not exist is a local path mistyped."""
+    is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only
+    ``ORG/NAME`` that is no local path is left to the hub; a bare ``name`` that does not exist is a local
+    path mistyped."""
     if source is None:
         return
     text = str(source)
@@ -319,7 +320,9 @@ def check_model_arg(source, option: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
-        read_config(path / "config.json", option)
+        if read_config(path / "config.json", option)["model_type"] == "bsbr":
+            raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
+                            f"(its conversion.json names it)")
     elif path.exists():
         if path.is_file() and path.suffix != ".gguf":
             raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")

@@ -111,9 +111,32 @@ def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_convert_refuses_a_bsbr_source(models, tmp_path, capsys):
+@pytest.mark.parametrize("command,option", [("convert", "SOURCE"), ("distill", "--teacher"), ("eval", "--reference"),
+                                            ("bench converted", "SOURCE"), ("demo", "--source")])
+def test_a_bsbr_model_where_a_source_is_expected_is_refused_before_loading(models, text, tmp_path, capsys,
+                                                                           monkeypatch, command, option):
+    # distill --teacher CONVERTED --force trained the student against itself and exited 0
     _, converted, _ = models
-    assert "already a BSBR model" in refused(capsys, ["convert", converted, tmp_path / "x"], "convert", converted)
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded a model"))
+    argv = {"convert": ["convert", converted, tmp_path / "x"],
+            "distill": ["distill", "--student", converted, "--teacher", converted, "--text-file", text, "--steps", "1",
+                        "--seq-len", "96", "--output", tmp_path / "x", "--force"],
+            "eval": ["eval", converted, "--reference", converted, "--text-file", text, "--seq-len", "24", "--force"],
+            "bench converted": ["bench", "converted", converted, "--seq-lens", "32", "--decode-contexts"],
+            "demo": ["demo", "--source", converted, "--output", tmp_path / "x"]}[command]
+    line = refused(capsys, argv, command, converted)
+    assert f"{option} {converted} is already a BSBR model: give the model it was converted from" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_distill_never_replaces_its_own_text_files(models, text, tmp_path, capsys):
+    # an --output holding the --text-file: with --overwrite the text file was deleted
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = out / "train.txt"
+    inside.write_text(text.read_text())
+    line = refused(capsys, distill_args(models, inside, out, "--steps", "1", "--overwrite"), "distill", out)
+    assert f"--output {out} overlaps the --text-file {inside}" in line and inside.read_text() == text.read_text()
 
 
 # ------------------------------------------------------------------------------------------ generate

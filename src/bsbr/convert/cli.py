@@ -101,8 +101,6 @@ def cmd_convert(args) -> int:
         from .families import SUPPORTED_MODEL_TYPES
 
         model_type = read_config(Path(str(source)) / "config.json", "SOURCE")["model_type"]
-        if model_type == "bsbr":
-            raise UserError(f"SOURCE {source} is already a BSBR model: convert the model it came from")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")

@@ -129,7 +129,8 @@ def cmd_distill(args) -> int:
     check_text_files(args.text_file)
     ckpt = out / "checkpoint"
     check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),
-                     option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher)])
+                     option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher),
+                                                *[("--text-file", f) for f in args.text_file or []]])
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
