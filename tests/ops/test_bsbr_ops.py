@@ -727,3 +727,21 @@ def test_open_gate_gist_written_out_by_hand(variant, L):
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         got = call(fn, x, chunk_size=B, local_chunks=L, retrieval=variant, gate=torch.tensor([g], dtype=DT))
         torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("extra", [dict(retrieval_blocks=2, sink_tokens=2), dict(recall_tokens=3), {}])
+def test_a_sequence_shorter_than_its_chunk_computes_no_padding(monkeypatch, extra):
+    # a 5-token prompt padded to its chunk computed a (g*B, B) mask and scores: 4 GB in float64 at chunk 16384
+    import bsbr.ops.bsbr.chunk as chunk_module
+
+    seen = []
+    real = chunk_module.attention_lse
+    monkeypatch.setattr(chunk_module, "attention_lse", lambda q, k, *a, **kw: seen.append(k.shape[-2]) or real(q, k, *a, **kw))
+    x = with_far_keys(make_inputs(b=2, hq=4, hkv=2, n=5, d=4, df=3, positive=True, requires_grad=True))
+    kw = dict(local_chunks=2, retrieval="normalized", gate=torch.linspace(0.2, 1.4, 4, dtype=DT), **extra)
+    o = call(chunk_bsbr_attention, x, chunk_size=4096, **kw)
+    assert seen and max(seen) <= 5
+    torch.testing.assert_close(o, call(naive_bsbr_attention, x, chunk_size=8, **kw), rtol=1e-10, atol=1e-10)
+    o.sum().backward()
+    assert all(x[n].grad is not None for n in "qkv")
+    assert all(torch.isfinite(t.grad).all() for t in x.values() if t.grad is not None)

@@ -74,7 +74,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     dense = bool(options.retrieval_blocks) and C - L <= options.retrieval_blocks
     causal = dense and same_far  # every earlier chunk read, far keys the keys: causal attention, one fused call
     # the exact softmax, in parts: the window, the sinks, and the blocks or the recall cache
-    parts = [] if causal else _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale)
+    parts = [] if causal else _window_parts(q, k, v, b, hkv, hq // hkv, C, B, L, scale, n)
     if options.sink_tokens and not dense:  # (the dense far part holds the sinks)
         parts.append(_sink_part(q, k, qr, kr, v, tok_valid, options, scale))
     num = den = None
@@ -343,11 +343,11 @@ def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
     return (unfold(o), unfold(lse)), num, den, dict(cache=cache)
 
 
-def _window_parts(q, k, v, b, hkv, g, C, B, L, scale):
+def _window_parts(q, k, v, b, hkv, g, C, B, L, scale, n):
     """The window as LSE parts, each (o (b, hq, N, dv), lse (b, hq, N)): chunk c against itself
     (causal), then against chunk c - i for i = 1 .. L-1 (every key; rows of chunks c < i get lse
     -inf). Query heads of one K/V head are folded into the query length, so keys are never copied
-    per query head."""
+    per query head. ``n``: the input's length (tokens past it are padding)."""
     d, dv = q.shape[-1], v.shape[-1]
     qc = q.view(b, hkv, g, C, B, d).permute(0, 3, 1, 2, 4, 5).reshape(b, C, hkv, g * B, d)
     kc = k.view(b, hkv, C, B, d).transpose(1, 2)  # (b, C, hkv, B, d)
@@ -361,9 +361,16 @@ def _window_parts(q, k, v, b, hkv, g, C, B, L, scale):
             lse = F_.pad(lse, (0, 0, first, 0), value=NEG_INF)
         return o.reshape(b, hkv * g, C * B, dv), lse.reshape(b, hkv * g, C * B)
 
-    causal = torch.ones(B, B, dtype=torch.bool, device=q.device).tril().repeat(g, 1)  # (g*B, B)
-    o, lse = attention_lse(qc.reshape(b * C, hkv, g * B, d), kc.reshape(b * C, hkv, B, d),
-                           vc.reshape(b * C, hkv, B, dv), causal, scale)
+    m = min(n, B)  # one chunk of n < B tokens: its padding is not computed (a B x B mask per query head)
+    causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril().repeat(g, 1)  # (g*m, m)
+    if m < B:
+        o, lse = attention_lse(qc.view(b, hkv, g, B, d)[..., :m, :].reshape(b, hkv, g * m, d), kc[:, 0, :, :m],
+                               vc[:, 0, :, :m], causal, scale)  # padding rows: o 0, lse 0 (finite, unread)
+        o = F_.pad(o.view(b, hkv, g, m, dv), (0, 0, 0, B - m)).reshape(b, hkv, g * B, dv)
+        lse = F_.pad(lse.view(b, hkv, g, m), (0, B - m)).reshape(b, hkv, g * B)
+    else:
+        o, lse = attention_lse(qc.reshape(b * C, hkv, g * B, d), kc.reshape(b * C, hkv, B, d),
+                               vc.reshape(b * C, hkv, B, dv), causal, scale)
     parts = [unfold(o, lse, 0)]
     for i in range(1, min(L, C)):
         o, lse = attention_lse(qc[:, i:].reshape(-1, hkv, g * B, d), kc[:, : C - i].reshape(-1, hkv, B, d),
