@@ -308,6 +308,16 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     raise SourceMismatchError(msg)
 
 
+def check_recorded_source(model_dir, source, *, option: str, force: bool = False) -> None:
+    """Refuse, before loading, to default ``option`` (``source`` None) to the bundled SmolLM2 for a model
+    whose conversion.json names another source: :func:`check_source` would refuse it only once loaded."""
+    recorded = read_metadata(model_dir).get("source")
+    name = recorded.get("name") if isinstance(recorded, dict) else None
+    if source is None and not force and name and name != source_label(None):
+        raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
+                                  f"converted from {name}: give {option} {name}")
+
+
 def check_model_arg(source, option: str) -> None:
     """Refuse, before loading anything, a model argument that names a local path which does not exist or
     is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only

@@ -184,6 +184,21 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
     assert json.loads((tmp_path / "r.json").read_text())["config"]["windows"] == 1
 
 
+@pytest.mark.parametrize("command", ["eval", "distill"])
+def test_the_bundled_default_is_refused_before_loading_for_a_model_of_another_source(models, text, tmp_path, capsys,
+                                                                                   monkeypatch, command):
+    # without --reference / --teacher, the bundled SmolLM2 was loaded (23 s) only to find it is not the source
+    source, converted, _ = models
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded a model"))
+    argv = (["eval", converted, "--text-file", text, "--seq-len", "24", "--no-passkey"] if command == "eval" else
+            ["distill", "--student", converted, "--text-file", text, "--seq-len", "96", "--steps", "1",
+             "--output", tmp_path / "out"])
+    option = "--reference" if command == "eval" else "--teacher"
+    line = refused(capsys, argv, command, converted)
+    assert line.endswith(f"{converted} was converted from {source}: give {option} {source}"), line
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------- distill
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "-5"], "--steps: must be an integer from 1 to"),

@@ -21,7 +21,7 @@ from ..corpus import corpus_texts, token_windows
 from ..models import load_bsbr_model
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                       check_positions, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
+                       check_positions, check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
                        write_model_card)
 from .checkpoint import MANIFEST, has_checkpoint, read_manifest
 from .trainer import (DistillConfig, DistillInterrupted, check_same_run, check_work_left, distill, exact_reach,
@@ -145,6 +145,7 @@ def cmd_distill(args) -> int:
             run["student_config"] = _student_config(student_dir)
         check_same_run(saved, cfg, run, ckpt)
         check_work_left(saved, cfg, out)
+    check_recorded_source(student_dir, args.teacher, option="--teacher", force=args.force)
     # with --overwrite, the old run's checkpoint: not one this run may print a resume command for
     before = (ckpt / MANIFEST).read_bytes() if args.overwrite and (ckpt / MANIFEST).is_file() else None
     try:

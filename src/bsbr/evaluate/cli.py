@@ -11,8 +11,8 @@ from typing import Optional
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, integer
 from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_source, check_text_files, check_unique, read_config,
-                       read_metadata)
+                       check_positions, check_recorded_source, check_source, check_text_files, check_unique,
+                       read_config, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
@@ -217,6 +217,7 @@ def cmd_eval(args) -> int:
     if not (args.lm_eval_task_dir or args.passkey_only):
         _check_seq_len(args)
     _check_outputs(args)
+    check_recorded_source(args.model, args.reference, option="--reference", force=args.force)
 
     def check_reference(source_model):
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
