@@ -362,6 +362,20 @@ def check_positions(model, role: str, lengths: Iterable) -> None:
                             f"give at most {table:,}")
 
 
+def check_bsbr_positions(model_dir, option: str, lengths: Iterable) -> None:
+    """Refuse lengths ``(option, tokens)`` past the learned positions of a BSBR model converted with
+    ``--position-scheme absolute`` (read from its config.json, before loading): its table ends there."""
+    cfg = read_config(Path(model_dir) / "config.json", option)
+    table = cfg.get("max_position_embeddings")
+    if cfg.get("position_type") != "learned" or cfg.get("position_scheme") != "absolute" or not table:
+        return
+    for what, tokens in lengths:
+        if tokens > table:
+            raise UserError(f"{what} needs {tokens:,} positions, past the {table:,} learned positions of {option} "
+                            f"{model_dir} (converted with --position-scheme absolute): give at most {table:,}, or "
+                            "convert with --position-scheme wrap or clamp")
+
+
 def check_bsbr_dir(path, option: str) -> Path:
     """Refuse, before loading, a directory that is not a saved BSBR model (``bsbr convert`` / ``distill``)."""
     path = Path(os.path.expanduser(str(path)))

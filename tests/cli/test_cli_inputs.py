@@ -298,3 +298,26 @@ def test_distill_refuses_a_student_with_nan_weights(models, tmp_path, text, caps
     line = refused(capsys, ["distill", "--student", student, "--teacher", source, "--text-file", text, "--seq-len", "96",
                             "--max-windows", "2", "--steps", "1", "--force", "--output", tmp_path / "d"], "distill")
     assert "holds inf or nan before training" in line and not (tmp_path / "d").exists()
+
+
+def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    # --position-scheme absolute keeps GPT-2's table: generate and eval failed partway, naming no option
+    from model_sources import make_source
+    from word_tokenizer import build_word_tokenizer
+
+    src, conv = tmp_path / "gpt2", tmp_path / "conv"
+    make_source("gpt2").save_pretrained(src)  # 64 positions
+    build_word_tokenizer().save_pretrained(src)
+    assert main(["convert", str(src), str(conv), "--chunk-size", "8", "--position-scheme", "absolute"]) == 0
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a: pytest.fail("loaded the models"))
+    fix = "give at most 64, or convert with --position-scheme wrap or clamp"
+    line = refused(capsys, ["generate", conv, "--prompt", "def f", "--max-new-tokens", "100"], "generate", conv)
+    assert "--max-new-tokens 100 needs 102 positions" in line and fix in line
+    line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
+    assert "--passkey-lengths 200 needs 200 positions" in line and fix in line
+    text = tmp_path / "t.py"
+    text.write_text("x = 1\n" * 300)
+    line = refused(capsys, ["eval", conv, "--reference", src, "--text-file", text, "--seq-len", "100",
+                            "--no-passkey"], "eval")
+    assert "--seq-len needs 100 positions" in line and fix in line

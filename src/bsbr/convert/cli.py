@@ -153,14 +153,17 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..models import load_bsbr_model
-    from ..outputs import check_bsbr_dir, load_tokenizer_arg
+    from ..outputs import check_bsbr_dir, check_bsbr_positions, load_tokenizer_arg
 
     path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
-    model = load_bsbr_model(path)
     tok = load_tokenizer_arg(path, "MODEL_DIR")
     ids = tok(args.prompt, return_tensors="pt")
-    if ids["input_ids"].shape[1] == 0:
+    n = ids["input_ids"].shape[1]
+    if n == 0:
         raise UserError("--prompt gives no tokens: give some text to continue")
+    check_bsbr_positions(path, "MODEL_DIR", [(f"--prompt ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
+                                              n + args.max_new_tokens)])
+    model = load_bsbr_model(path)
     if len(tok) > model.config.vocab_size:
         raise UserError(f"MODEL_DIR {path}: its tokenizer has {len(tok)} tokens, the model only "
                         f"{model.config.vocab_size}: the tokenizer is not this model's")

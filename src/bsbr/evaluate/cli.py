@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, integer
 from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_positions, check_recorded_source, check_source, check_text_files, check_unique,
+                       check_bsbr_positions, check_positions, check_recorded_source, check_source, check_text_files, check_unique,
                        read_config, read_metadata)
 from ..results import write_json
 from .baselines import load_eval_tokenizer
@@ -234,6 +234,11 @@ def cmd_eval(args) -> int:
                        depths=args.passkey_depths or list(DEFAULT_DEPTHS), trials=args.passkey_trials,
                        seed=args.seed, max_new_tokens=args.passkey_new_tokens,
                        fillers=args.passkey_filler or list(DEFAULT_FILLERS))
+    # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its table
+    lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
+    if passkey is not None and not args.lm_eval_task_dir and set(args.passkey_models or ["bsbr"]) != {"source"}:
+        lengths += [(f"--passkey-lengths {n:,}", n) for n in passkey["lengths"]]
+    check_bsbr_positions(args.model, "MODEL", lengths)
     if passkey is not None:  # before any model is loaded
         tokenizer = load_eval_tokenizer(args.model, args.reference)
         check_prompt_lengths(tokenizer, "--passkey-lengths", **passkey)
