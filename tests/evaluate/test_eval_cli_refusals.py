@@ -277,3 +277,13 @@ def test_a_passkey_length_too_short_for_a_prompt_is_refused_before_any_model_run
     _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "500", "20"],
              "--passkey-lengths: length 20 is too short for a pass-key prompt")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_window_baseline_the_model_has_not_is_refused_before_loading(saved, tmp_path, capsys, no_loading,
+                                                                        word_tokenizer):
+    local = tmp_path / "local"
+    convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, local_chunks=1, sink_tokens=0,
+                    retrieval_blocks=0).save_pretrained(local)
+    word_tokenizer.save_pretrained(local)
+    _refused(capsys, ["eval", str(local), "--reference", str(saved / "ref"), "--passkey-only", *PASSKEY,
+                      "--passkey-models", "bsbr", "window"], "--passkey-models window:", "drop 'window'")

@@ -11,10 +11,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def has_wide_window(model) -> bool:
-    """Whether a BSBR model's exact window reaches past its own chunk (earlier chunks or sinks)."""
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "local_chunks", 1) > 1 or getattr(cfg, "sink_tokens", 0) > 0
+def has_wide_window(config: dict) -> bool:
+    """Whether a BSBR model's exact window reaches past its own chunk (earlier chunks or sinks), from its
+    config as a dict (``model.config.to_dict()`` or its config.json)."""
+    return config.get("local_chunks", 1) > 1 or config.get("sink_tokens", 0) > 0
 
 
 def local_baseline(reference, chunk_size: int, like=None, same_window: bool = False):
@@ -77,7 +77,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     if check_reference is not None:
         check_reference(source)
     models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
-    if has_wide_window(model):
+    if has_wide_window(model.config.to_dict()):
         models["window"] = local_baseline(source, chunk, like=model, same_window=True)
     config = dict(model_dir=str(model_dir), reference=source_label(reference), chunk_size=chunk,
                   local_chunks=getattr(model.config, "local_chunks", 1),

@@ -14,7 +14,7 @@ from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, 
                        check_bsbr_positions, check_positions, check_recorded_source, check_source, check_text_files, check_unique,
                        read_config, read_metadata)
 from ..results import write_json
-from .baselines import load_eval_tokenizer
+from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
 from .lm_eval_task import TASK_NAME
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
@@ -214,6 +214,10 @@ def cmd_eval(args) -> int:
     check_model_arg(args.reference, "--reference")
     check_text_files(args.text_file)
     _check_lists(args)
+    if "window" in (args.passkey_models or []) and not has_wide_window(read_config(Path(args.model) / "config.json",
+                                                                                   "MODEL")):
+        raise UserError(f"--passkey-models window: MODEL {args.model}'s exact window is its own chunk alone (no "
+                        "earlier chunk, no sinks), so there is no window baseline beside 'local': drop 'window'")
     if not (args.lm_eval_task_dir or args.passkey_only):
         _check_seq_len(args)
     _check_outputs(args)
