@@ -109,7 +109,8 @@ def test_window_scored_blocks_bad_values_are_refused_before_loading():
 
     assert opts()["window_scored_blocks"] == 0 and opts("--window-scored-blocks", "4")["window_scored_blocks"] == 4
     for argv, match in ((("--window-scored-blocks", "9"), "must be at most --retrieval-blocks"),
-                        (("--window-scored-blocks", "2", "--recall-tokens", "8"), "must be at most --retrieval-blocks"),
+                        (("--window-scored-blocks", "2", "--recall-tokens", "8"), "which the bounded mode"),
+                        (("--retrieval", "normalized", "--feature-map", "identity"), "needs the non-negative"),
                         (("--window-scored-blocks", "2", "--far-positions", "window"), "needs --far-positions hybrid")):
         with pytest.raises(UserError, match=match):
             check_conversion_options(opts(*argv))

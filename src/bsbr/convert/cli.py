@@ -78,6 +78,12 @@ def check_conversion_options(options: dict) -> None:
                         f"got {options['local_chunks']:,}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
+    if options.get("window_scored_blocks") and options.get("recall_tokens"):
+        raise UserError("--window-scored-blocks chooses among exact blocks, which the bounded mode (--recall-tokens) "
+                        "does not read: drop one of them")
+    if options.get("retrieval") == "normalized" and options.get("feature_map") == "identity":
+        raise UserError("--retrieval normalized needs the non-negative --feature-map hedgehog: give --feature-map "
+                        "hedgehog or --retrieval additive")
     if (options.get("window_scored_blocks") or 0) > (options.get("retrieval_blocks") or 0):
         raise UserError(f"--window-scored-blocks ({options['window_scored_blocks']}) must be at most --retrieval-blocks "
                         f"({options.get('retrieval_blocks') or 0})")
