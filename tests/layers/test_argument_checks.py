@@ -119,6 +119,17 @@ def test_good_biases_still_pass(name):
         assert (m.q_proj.bias is not None) == bias and (m.out_proj.bias is not None) == has_out
 
 
+@pytest.mark.parametrize("name", list(MULTIHEAD_LAYERS))
+def test_an_input_of_another_dtype_than_the_weights_is_one_clear_error(name):
+    layer = MULTIHEAD_LAYERS[name]()
+    with pytest.raises(TypeError, match=r"hidden_states are torch.float16, the layer's weights torch.float32"):
+        layer(torch.randn(2, 8, 16, dtype=torch.float16))
+    assert layer.double()(torch.randn(2, 8, 16, dtype=torch.float64)).dtype == torch.float64
+    if name != "deltanet":  # (its triangular solve has no bfloat16 CPU kernel)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: allowed
+            layer.float()(torch.randn(2, 8, 16, dtype=torch.bfloat16))
+
+
 def test_a_rotary_built_on_the_meta_device_skips_the_value_check():
     """Models are built on the meta device before their weights load: inv_freq's values cannot be read there."""
     with torch.device("meta"):

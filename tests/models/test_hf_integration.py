@@ -94,6 +94,22 @@ def test_out_of_range_input_ids_are_one_clear_error(model):
             model.model(ids)
 
 
+def test_bad_position_ids_are_one_clear_error():
+    from bsbr import convert_to_bsbr
+    from model_sources import make_source
+
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    for family in ("gpt2", "llama"):  # learned and rotary positions
+        m = convert_to_bsbr(make_source(family), chunk_size=4).eval()
+        for bad in (torch.arange(4)[None], torch.arange(3.0)[None], torch.arange(3)):
+            with pytest.raises(ValueError, match=r"position_ids must be an integer tensor of shape \(2, 3\) or \(1, 3\)"):
+                m(ids, position_ids=bad)
+        m(ids, position_ids=torch.arange(3)[None])  # one row for the batch, as transformers' models take it
+    with pytest.raises(ValueError, match="position_ids must be >= 0"):
+        m = convert_to_bsbr(make_source("gpt2"), chunk_size=4).eval()
+        m(ids, position_ids=torch.tensor([[-1, 0, 1]]))
+
+
 def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model):
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -59,7 +59,7 @@ class GatedAttentionUnit(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
+        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask, self.uv_proj.weight)
         u, v = F.silu(self.uv_proj(hidden_states)).chunk(2, dim=-1)  # (b, n, e) each
         z = F.silu(self.z_proj(hidden_states))  # (b, n, s)
         q = (z * self.qk_scale[0] + self.qk_offset[0]).unsqueeze(1)  # (b, 1, n, s)

@@ -49,9 +49,10 @@ def check_flag(name, value, none: bool = False) -> None:
         raise ValueError(f"{name} must be True or False{' (or None)' if none else ''}, got {shown(value)}")
 
 
-def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask) -> Optional[torch.Tensor]:
-    """Check a layer's input (batch, seq_len, hidden_dim); return its padding mask as in
-    :func:`mask_to_valid`."""
+def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
+                       weight: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Check a layer's input (batch, seq_len, hidden_dim), of ``weight``'s dtype unless autocast is on;
+    return its padding mask as in :func:`mask_to_valid`."""
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_dim:
@@ -60,6 +61,10 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask) -> Option
         )
     if not hidden_states.is_floating_point():
         raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+    if weight is not None and hidden_states.dtype != weight.dtype and \
+            not torch.is_autocast_enabled(hidden_states.device.type):
+        raise TypeError(f"hidden_states are {hidden_states.dtype}, the layer's weights {weight.dtype}: cast the input "
+                        f"or the layer (layer.to({hidden_states.dtype})), or run under torch.autocast")
     return mask_to_valid(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
 
 
@@ -77,6 +82,14 @@ def check_input_ids(input_ids, vocab_size: Optional[int] = None) -> None:
     if vocab_size is not None and input_ids.numel() and (
             int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size})")
+
+
+def check_position_ids(position_ids, batch: int, seq_len: int) -> None:
+    """Explicit positions: an integer tensor of shape (batch, seq_len) or (1, seq_len)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or \
+            position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must be an integer tensor of shape ({batch}, {seq_len}) or (1, {seq_len}), "
+                         f"got {getattr(position_ids, 'dtype', '')} {getattr(position_ids, 'shape', type(position_ids).__name__)}")
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:

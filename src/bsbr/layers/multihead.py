@@ -48,7 +48,7 @@ class MultiHeadBase(nn.Module):
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """Check the input and return (q, k, v, valid): the projections split into heads, q and k
         rotated when ``position_embeddings`` (rotary cos, sin) is given; ``valid`` the (b, n) mask or None."""
-        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask)
+        valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask, self.q_proj.weight)
         q, k, v = (self.heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if position_embeddings is not None:
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)

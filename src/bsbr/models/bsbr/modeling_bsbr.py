@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ...layers.bsbr_attention import BSBRAttention
-from ...layers.inputs import check_input_ids, mask_to_valid, token_positions
+from ...layers.inputs import check_input_ids, check_position_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding
 from ...ops.bsbr import BSBRState
@@ -302,9 +302,14 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             index = index + cache.n_seen[:, None]
         if position_ids is None:
             position_ids = index
+        else:
+            check_position_ids(position_ids, b, n)
         x = inputs_embeds
         if self.embed_positions is not None:
-            x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))
+            try:  # a negative position fails here (checking first would sync with the device)
+                x = x + self.embed_positions(_map_learned_positions(position_ids, self.config))
+            except IndexError:
+                raise ValueError("position_ids must be >= 0 (the model's positions are a learned table)") from None
         cos_sin = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         far = None
         if self.rotary is not None and self.config.far_positions != "absolute":
