@@ -28,10 +28,10 @@ def _demo(args, out: Path, final: Path) -> int:
     from .bench.converted import bench_converted, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
-    from .convert.converter import convert_to_bsbr, load_source, load_tokenizer
+    from .convert.converter import convert_to_bsbr, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
     from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
-    from .outputs import check_positions
+    from .outputs import check_positions, load_model_arg
 
     t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
@@ -42,7 +42,7 @@ def _demo(args, out: Path, final: Path) -> int:
     tokenizer = load_tokenizer(args.source)  # args.source is a path, a hub id or None
     if passkey is not None:
         check_prompt_lengths(tokenizer, "--seq-len", **passkey)
-    source = load_source(args.source).eval()
+    source = load_model_arg(args.source, "--source")
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
                     + [("--decode-contexts (plus 16 decode steps)", n + 16) for n in args.decode_contexts])
     model = convert_to_bsbr(source, chunk_size=args.chunk_size)

@@ -449,6 +449,10 @@ def load_tokenizer_arg(source, option: str):
     try:
         tok = load_tokenizer(source)
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
+        why = " ".join(str(e).split())[:200]
+        if source is not None and not Path(os.path.expanduser(str(source))).exists():  # a hub id, checked before
+            raise UserError(f"{option} {source} is no local path, and the hub could not provide it ({why}): check the "
+                            "name, or the network") from e
         if source is not None and Path(os.path.expanduser(str(source))).is_dir():
             from transformers import AutoConfig
 
@@ -457,7 +461,7 @@ def load_tokenizer_arg(source, option: str):
             except Exception as bad:
                 raise UserError(f"{option} {source}: config.json is not a valid model config "
                                 f"({' '.join(str(bad).split())[:200]})") from bad
-        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({' '.join(str(e).split())[:200]}): "
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({why}): "
                         f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")

@@ -321,3 +321,16 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     line = refused(capsys, ["eval", conv, "--reference", src, "--text-file", text, "--seq-len", "100",
                             "--no-passkey"], "eval")
     assert "--seq-len needs 100 positions" in line and fix in line
+
+
+def test_a_hub_id_the_hub_cannot_provide_is_not_blamed_on_the_tokenizer(tmp_path, capsys, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr("bsbr.convert.converter.load_tokenizer", offline)
+    monkeypatch.setattr("bsbr.convert.converter.load_source", offline)
+    line = refused(capsys, ["convert", "org/missing", tmp_path / "out"], "convert")
+    assert "SOURCE org/missing is no local path, and the hub could not provide it" in line and "tokenizer" not in line
+    line = refused(capsys, ["bench", "converted", "org/missing", "--seq-lens", "32", "--decode-contexts"],
+                   "bench converted")
+    assert "SOURCE org/missing is no local path, and the hub could not provide it" in line

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..outputs import UserError, check_model_arg, check_positions
+from ..outputs import UserError, check_model_arg, check_positions, load_model_arg
 from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times,
                      machine_info, measure_peak, median, write_outputs)
@@ -122,7 +122,7 @@ def speed_lines(result: Dict) -> List[str]:
 
 
 def cmd(args) -> int:
-    from ..convert.converter import convert_to_bsbr, load_source
+    from ..convert.converter import convert_to_bsbr
 
     check_unique(args, ("seq_lens", "decode_contexts"))
     if not args.decode_contexts and args.decode_steps is not None:
@@ -138,7 +138,7 @@ def cmd(args) -> int:
         source = gpt2_small_random(max(list(args.seq_lens) + list(args.decode_contexts)) + 64)
         title = "GPT-2-small shape (random weights)"
     else:
-        source = load_source(args.source).eval()
+        source = load_model_arg(args.source, "SOURCE")
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
                         [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])

@@ -73,7 +73,11 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     tokenizer = load_eval_tokenizer(model_dir, reference)
     chunk = int(model.config.chunk_size)
     logger.info("loading the reference %s", source_label(reference))
-    source = load_source(reference).eval()
+    try:
+        source = load_source(reference).eval()
+    except OSError as e:  # a missing file, or a hub id the hub cannot provide (offline)
+        raise ValueError(f"the reference (--reference) {source_label(reference)} could not be loaded: "
+                         f"{' '.join(str(e).split())[:200]}") from e
     if check_reference is not None:
         check_reference(source)
     models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
