@@ -334,3 +334,16 @@ def test_a_hub_id_the_hub_cannot_provide_is_not_blamed_on_the_tokenizer(tmp_path
     line = refused(capsys, ["bench", "converted", "org/missing", "--seq-lens", "32", "--decode-contexts"],
                    "bench converted")
     assert "SOURCE org/missing is no local path, and the hub could not provide it" in line
+
+
+def test_a_full_disk_while_saving_names_the_output_and_publishes_nothing(models, tmp_path, capsys, monkeypatch):
+    source, _, _ = models
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("bsbr.models.bsbr.modeling_bsbr.BSBRForCausalLM.save_pretrained", full)
+    out = tmp_path / "out"
+    line = refused(capsys, ["convert", source, out, "--chunk-size", "8"], "convert", source)
+    assert f"OUTPUT_DIR {out}: could not write the model" in line and "No space left on device" in line
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -220,3 +220,27 @@ def test_a_second_ctrl_c_prints_the_command_that_resumes_the_last_checkpoint(mod
     assert main([*args, "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr distill: interrupted"
     assert tree_hash(out) == before
+
+
+def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(models, text, tmp_path, capsys,
+                                                                           monkeypatch):
+    from bsbr.distill import trainer
+
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--steps", "4", "--checkpoint-every", "1")
+    save, calls = trainer.save_checkpoint, []
+
+    def fills_up(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return save(*a, **k)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", fills_up)
+    capsys.readouterr()
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"bsbr distill: error: [Errno 28] No space left on device; checkpoint {out / 'checkpoint'} "
+                           "holds step 2: once there is room, resume with: bsbr distill "), last
+    monkeypatch.undo()
+    assert main(last.split("resume with: ")[1].split()[1:]) == 0

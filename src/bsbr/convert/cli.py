@@ -135,11 +135,18 @@ def cmd_convert(args) -> int:
                    source_model_type=s["source_model_type"], params_source=s["params_source"],
                    params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
                    seconds=round(time.perf_counter() - t0, 1), **options)
-    with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / METADATA).write_text(json.dumps(summary, indent=2))
-        write_model_card(tmp)
+    from safetensors import SafetensorError
+
+    try:
+        with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / METADATA).write_text(json.dumps(summary, indent=2))
+            write_model_card(tmp)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota: nothing was published
+        why = " ".join(str(e).split())[:200]
+        raise OutputError(f"OUTPUT_DIR {out}: could not write the model ({why}); {out} is as it was: free some space "
+                          "or choose another OUTPUT_DIR") from e
     print(f"parameters: {s['params_source'] / 1e6:.2f}M -> {s['params_bsbr'] / 1e6:.2f}M "
           f"(+{s['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
     return 0

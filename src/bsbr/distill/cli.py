@@ -150,6 +150,12 @@ def cmd_distill(args) -> int:
     before = (ckpt / MANIFEST).read_bytes() if args.overwrite and (ckpt / MANIFEST).is_file() else None
     try:
         return _train(args, cfg, student_dir, out)
+    except OSError as e:  # a full disk or a quota while saving: say what the last checkpoint holds
+        step = _checkpoint_step(ckpt, before) if not dist.is_initialized() or dist.get_rank() == 0 else None
+        if step is None:
+            raise
+        raise UserError(f"{' '.join(str(e).split())[:200]}; checkpoint {ckpt} holds step {step}: once there is room, "
+                        f"resume with: {_resume_command(args)}") from e
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: after a step and its checkpoint, or at any other moment
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if isinstance(e, DistillInterrupted):
