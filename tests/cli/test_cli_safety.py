@@ -568,3 +568,10 @@ def test_staged_output_kept_when_the_target_appears_while_writing(tmp_path):
         with staged_dir(tmp_path / "other"):
             raise RuntimeError("failed half-way")
     assert not (tmp_path / "other").exists() and [p for p in tmp_path.iterdir() if "other" in p.name] == []
+
+
+def test_version(capsys):
+    import bsbr
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"bsbr {bsbr.__version__}"
