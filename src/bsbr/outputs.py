@@ -390,11 +390,13 @@ def check_bsbr_dir(path, option: str) -> Path:
     return path
 
 
-def check_text_files(files) -> None:
+def check_text_files(files, seq_len: Optional[int] = None) -> None:
     """Refuse --text-file values that are not regular UTF-8 text files (missing, a directory, a device
     or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
-    as replacement characters)."""
+    as replacement characters), and files too short together for one window of ``seq_len`` tokens
+    (a token takes at least one byte), before any model loads."""
     import codecs
+
 
     for f in files or []:
         p = Path(f)
@@ -416,6 +418,10 @@ def check_text_files(files) -> None:
                 if not block:
                     break
                 offset += len(block)
+    total = sum(Path(f).stat().st_size for f in files or [])
+    if files and seq_len is not None and total < seq_len:
+        raise UserError(f"--text-file: {total:,} bytes in all, fewer than the {seq_len:,} tokens of one window "
+                        "(--seq-len): give more text or a lower --seq-len")
 
 
 def load_model_arg(source, option: str):

@@ -347,3 +347,17 @@ def test_a_full_disk_while_saving_names_the_output_and_publishes_nothing(models,
     line = refused(capsys, ["convert", source, out, "--chunk-size", "8"], "convert", source)
     assert f"OUTPUT_DIR {out}: could not write the model" in line and "No space left on device" in line
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["eval", "distill"])
+def test_text_too_short_for_one_window_is_refused_before_loading(models, tmp_path, capsys, monkeypatch, command):
+    source, converted, _ = models
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded the source"))
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("x = 1\n" * 10)  # 60 bytes: fewer than 96 tokens whatever the tokenizer
+    argv = (["eval", converted, "--reference", source, "--no-passkey"] if command == "eval" else
+            ["distill", "--student", converted, "--teacher", source, "--steps", "1", "--output", tmp_path / "out"])
+    line = refused(capsys, [*argv, "--text-file", empty, short, "--seq-len", "96"], command, converted)
+    assert "--text-file: 60 bytes in all, fewer than the 96 tokens of one window (--seq-len)" in line

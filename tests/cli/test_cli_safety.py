@@ -224,7 +224,7 @@ def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
     assert "overlaps the --teacher" in line
     args = distill_args(models, text, tmp_path / "out", "--steps", "2")
     assert "not a BSBR one" in refused(capsys, [*args, "--student", source], "distill", source)
-    assert "not enough for one window" in refused(capsys, [*args, "--seq-len", "100000"], "distill")
+    assert "fewer than the 100,000 tokens of one window" in refused(capsys, [*args, "--seq-len", "100000"], "distill")
     assert not (tmp_path / "out").exists()
 
 

@@ -126,7 +126,7 @@ def cmd_distill(args) -> int:
     student_dir, out = Path(args.student), Path(args.output)
     check_bsbr_dir(student_dir, "--student")
     check_model_arg(args.teacher, "--teacher")
-    check_text_files(args.text_file)
+    check_text_files(args.text_file, args.seq_len)
     ckpt = out / "checkpoint"
     check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),
                      option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher),

@@ -212,7 +212,7 @@ def cmd_eval(args) -> int:
     check_bsbr_dir(args.model, "MODEL")
     read_metadata(args.model)  # where --reference is checked: refused now if broken
     check_model_arg(args.reference, "--reference")
-    check_text_files(args.text_file)
+    check_text_files(args.text_file, args.seq_len)
     _check_lists(args)
     if "window" in (args.passkey_models or []) and not has_wide_window(read_config(Path(args.model) / "config.json",
                                                                                    "MODEL")):
