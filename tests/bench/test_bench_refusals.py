@@ -126,6 +126,13 @@ def test_bench_quality_merge_refuses_rows_counted_twice(tmp_path, capsys, nothin
     assert not out.exists()
 
 
+def test_bench_quality_merge_names_the_settings_that_differ(tmp_path, capsys, nothing_runs):
+    a = _quality_result(tmp_path / "a.json", seed=0)
+    b = _quality_result(tmp_path / "b.json", models=("standard",), seed=1)
+    line = _refused(["bench", "quality", "--merge", a, b, "--json", str(tmp_path / "m.json")], capsys, "bench quality")
+    assert f"--merge {b} was run with a different configuration than {a} (seed 0 / 1)" in line
+
+
 @pytest.mark.parametrize("text, what", [("[1, 2]", "is not a 'bsbr bench quality' result"),
                                         ("{bad", "is not valid JSON"), ("", "is empty"), ("\n", "is empty"),
                                         ('{"benchmark": "quality", "config": {}, "results": 3}', "is a damaged")])

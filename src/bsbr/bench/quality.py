@@ -283,8 +283,10 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
     def same(c):
         return {k: v for k, v in c.items() if k not in ("models", "merged_from")}
     for path, part in zip(paths, parts):
-        if same(part["config"]) != same(parts[0]["config"]):
-            raise UserError(f"--merge {path} was run with a different configuration than {paths[0]}: "
+        a, b = same(part["config"]), same(parts[0]["config"])
+        if a != b:
+            diff = ", ".join(f"{k} {b.get(k)!r} / {a.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise UserError(f"--merge {path} was run with a different configuration than {paths[0]} ({diff}): "
                             f"merge only runs of the same configuration")
     where: Dict[str, str] = {}
     for path, part in zip(paths, parts):
