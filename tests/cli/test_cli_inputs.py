@@ -313,9 +313,9 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a: pytest.fail("loaded the models"))
     fix = "give at most 64, or convert with --position-scheme wrap or clamp"
     line = refused(capsys, ["generate", conv, "--prompt", "def f", "--max-new-tokens", "100"], "generate", conv)
-    assert "--max-new-tokens 100 needs 102 positions" in line and fix in line
+    assert "--max-new-tokens 100 needs 101 positions" in line and fix in line  # (the last token is not fed back)
     line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
-    assert "--passkey-lengths 200 needs 200 positions" in line and fix in line
+    assert "--passkey-lengths 200 needs 199 positions" in line and fix in line
     text = tmp_path / "t.py"
     text.write_text("x = 1\n" * 300)
     line = refused(capsys, ["eval", conv, "--reference", src, "--text-file", text, "--seq-len", "100",
@@ -360,4 +360,4 @@ def test_text_too_short_for_one_window_is_refused_before_loading(models, tmp_pat
     argv = (["eval", converted, "--reference", source, "--no-passkey"] if command == "eval" else
             ["distill", "--student", converted, "--teacher", source, "--steps", "1", "--output", tmp_path / "out"])
     line = refused(capsys, [*argv, "--text-file", empty, short, "--seq-len", "96"], command, converted)
-    assert "--text-file: 60 bytes in all, fewer than the 96 tokens of one window (--seq-len)" in line
+    assert "--text-file: 60 bytes in 2 file(s), fewer than the 96 tokens of one window (--seq-len" in line

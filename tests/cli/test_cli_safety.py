@@ -120,13 +120,16 @@ def test_a_bsbr_model_where_a_source_is_expected_is_refused_before_loading(model
     monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded a model"))
     argv = {"convert": ["convert", converted, tmp_path / "x"],
             "distill": ["distill", "--student", converted, "--teacher", converted, "--text-file", text, "--steps", "1",
-                        "--seq-len", "96", "--output", tmp_path / "x", "--force"],
+                        "--seq-len", "96", "--output", tmp_path / "x"],
             "eval": ["eval", converted, "--reference", converted, "--text-file", text, "--seq-len", "24", "--force"],
             "bench converted": ["bench", "converted", converted, "--seq-lens", "32", "--decode-contexts"],
             "demo": ["demo", "--source", converted, "--output", tmp_path / "x"]}[command]
     line = refused(capsys, argv, command, converted)
     assert f"{option} {converted} is already a BSBR model: give the model it was converted from" in line
     assert not (tmp_path / "x").exists()
+    if command == "distill":  # --force allows another BSBR model as the teacher, never the student itself
+        line = refused(capsys, [*argv, "--force"], command, converted)
+        assert f"--teacher {converted} is the --student: it would learn from itself" in line
 
 
 def test_distill_never_replaces_its_own_text_files(models, text, tmp_path, capsys):
@@ -575,3 +578,18 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"bsbr {bsbr.__version__}"
+
+
+def test_the_recorded_source_check_spares_the_lm_eval_task_and_the_bundled_file_by_path(models, tmp_path, capsys):
+    from bsbr.convert.defaults import default_source_path
+    from bsbr.outputs import check_recorded_source
+
+    _, converted, _ = models
+    # the lm-eval task needs the model's tokenizer only: no reference is loaded, so none is checked
+    assert main(["eval", str(converted), "--lm-eval-task-dir", str(tmp_path / "task"), "--passkey-lengths", "200",
+                 "--passkey-depths", "0.5", "--passkey-trials", "1"]) == 0
+    bundled = shutil.copytree(converted, tmp_path / "from-bundled")
+    meta = json.loads((bundled / "conversion.json").read_text())
+    meta["source"]["name"] = str(default_source_path())  # converted with the GGUF's path given explicitly
+    (bundled / "conversion.json").write_text(json.dumps(meta))
+    check_recorded_source(bundled, None, option="--reference")  # the default is that file: no refusal

@@ -143,3 +143,10 @@ def test_the_gated_attention_unit_bias_must_be_a_bool(bias):
     with pytest.raises(ValueError, match="bias must be True or False"):
         GatedAttentionUnit(16, query_key_dim=8, bias=bias)
     assert GatedAttentionUnit(16, query_key_dim=8, bias=False).out_proj.bias is None
+
+
+def test_a_dynamically_quantized_layer_still_runs():
+    # its Linear weights are methods (int8 kernels take float input): not compared with the input's dtype
+    layer = torch.ao.quantization.quantize_dynamic(BSBRAttention(16, 2, 4, dropout=0.0), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    assert layer(torch.randn(2, 8, 16)).shape == (2, 8, 16)

@@ -59,6 +59,7 @@ def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
         torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="past_key_values"):
             model(ids[:, -1:], past_key_values=cache, cache=cache)
+        model(ids, cache=None, past_key_values=None)  # both unset: no cache, no complaint
 
 
 def test_greedy_generate_equals_argmax_of_full_forward(model):

@@ -101,10 +101,13 @@ def test_bad_position_ids_are_one_clear_error():
     ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
     for family in ("gpt2", "llama"):  # learned and rotary positions
         m = convert_to_bsbr(make_source(family), chunk_size=4).eval()
-        for bad in (torch.arange(4)[None], torch.arange(3.0)[None], torch.arange(3)):
-            with pytest.raises(ValueError, match=r"position_ids must be an integer tensor of shape \(2, 3\) or \(1, 3\)"):
+        for bad in (torch.arange(4)[None], torch.arange(3.0)[None], torch.arange(6).view(2, 3, 1)):
+            with pytest.raises(ValueError, match=r"position_ids must be an integer tensor of shape \(2, 3\) or \(1, 3\) "
+                                                 r"or \(3,\)"):
                 m(ids, position_ids=bad)
-        m(ids, position_ids=torch.arange(3)[None])  # one row for the batch, as transformers' models take it
+        ref = m(ids).logits  # one row for the batch, or 1-D, as transformers' models take them
+        for good in (torch.arange(3)[None], torch.arange(3), torch.arange(3, dtype=torch.int32).expand(2, 3)):
+            torch.testing.assert_close(m(ids, position_ids=good).logits, ref)
     with pytest.raises(ValueError, match="position_ids must be >= 0"):
         m = convert_to_bsbr(make_source("gpt2"), chunk_size=4).eval()
         m(ids, position_ids=torch.tensor([[-1, 0, 1]]))

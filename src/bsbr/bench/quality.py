@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..outputs import UserError
-from ..numbers import SEED_RANGE, finite_number, integer
+from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from .common import (VOCAB, add_output_arguments, bench_parser, check_outputs,
                      check_unique, given, write_outputs)
 from .plots import plot_quality
@@ -332,7 +332,8 @@ def register(bench_sub) -> None:
     p.add_argument("--block", type=integer(), default=None,
                    help=f"BSBR chunk size = sliding window (default {TRAINING['block']})")
     for name in ("hidden", "layers", "heads", "ff_dim", "seq_len", "batch", "steps", "eval_windows", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=integer(*SEED_RANGE) if name == "seed" else integer(),
+        p.add_argument(f"--{name.replace('_', '-')}", type=integer(*SEED_RANGE) if name == "seed" else
+                       integer(1, MAX_COUNT) if name == "steps" else integer(),
                        default=None, help=f"default {TRAINING[name]}")
     p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {TRAINING['lr']}")
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")

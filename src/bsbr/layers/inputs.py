@@ -61,7 +61,8 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
         )
     if not hidden_states.is_floating_point():
         raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
-    if weight is not None and hidden_states.dtype != weight.dtype and \
+    # (a quantized layer's weight is a method or an integer tensor: its own kernels take the input)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and hidden_states.dtype != weight.dtype and \
             not torch.is_autocast_enabled(hidden_states.device.type):
         raise TypeError(f"hidden_states are {hidden_states.dtype}, the layer's weights {weight.dtype}: cast the input "
                         f"or the layer (layer.to({hidden_states.dtype})), or run under torch.autocast")
@@ -84,12 +85,17 @@ def check_input_ids(input_ids, vocab_size: Optional[int] = None) -> None:
         raise ValueError(f"input_ids must lie in [0, {vocab_size})")
 
 
-def check_position_ids(position_ids, batch: int, seq_len: int) -> None:
-    """Explicit positions: an integer tensor of shape (batch, seq_len) or (1, seq_len)."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or \
-            position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
-        raise ValueError(f"position_ids must be an integer tensor of shape ({batch}, {seq_len}) or (1, {seq_len}), "
-                         f"got {getattr(position_ids, 'dtype', '')} {getattr(position_ids, 'shape', type(position_ids).__name__)}")
+def check_position_ids(position_ids, batch: int, seq_len: int) -> torch.Tensor:
+    """Explicit positions: an integer tensor of shape (batch, seq_len), (1, seq_len) or (seq_len,);
+    returned with two dims."""
+    ok = isinstance(position_ids, torch.Tensor) and not position_ids.is_floating_point() and (
+        position_ids.shape == (seq_len,) or (position_ids.dim() == 2 and position_ids.shape[1] == seq_len
+                                             and position_ids.shape[0] in (1, batch)))
+    if not ok:
+        shapes = " or ".join(dict.fromkeys([f"({batch}, {seq_len})", f"(1, {seq_len})", f"({seq_len},)"]))
+        raise ValueError(f"position_ids must be an integer tensor of shape {shapes}, got "
+                         f"{getattr(position_ids, 'dtype', '')} {getattr(position_ids, 'shape', type(position_ids).__name__)}")
+    return position_ids.view(-1, seq_len)
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:

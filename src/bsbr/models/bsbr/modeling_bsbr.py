@@ -8,6 +8,7 @@ chunk's keys/values plus one state per completed chunk), never a KV cache of the
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,7 +19,6 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils.deprecation import deprecate_kwarg
 
 from ...layers.bsbr_attention import BSBRAttention
 from ...layers.inputs import check_input_ids, check_position_ids, mask_to_valid, token_positions
@@ -162,6 +162,19 @@ def refuse_pickled_weights(path: Path) -> None:
                       "safetensors (model.save_pretrained(DIR) does by default)")
 
 
+def _cache_argument(cache, kwargs: dict):
+    """``cache``, or the cache passed as ``past_key_values`` (its name before transformers 5.24, in much user
+    code; unread, it made a step a fresh forward of the new tokens alone), which is deprecated."""
+    old = kwargs.pop("past_key_values", None)
+    if old is None:
+        return cache
+    if cache is not None:
+        raise ValueError("the cache is given twice, as cache= and as past_key_values= (its name before transformers "
+                         "5.24): pass cache= only")
+    warnings.warn("past_key_values= is deprecated: pass the cache as cache=", FutureWarning, stacklevel=3)
+    return old
+
+
 def refuse_non_float_weights(path: Path) -> None:
     """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
     not floating point (an integer or bool tensor would be cast silently into a float parameter)."""
@@ -272,14 +285,13 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         self.norm = make_norm(config)
         self.post_init()
 
-    # the name before transformers 5.24, still what much user code passes (it fell into **kwargs, unread)
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, **kwargs):
         refuse_output_attentions(output_attentions)
+        cache = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -303,7 +315,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if position_ids is None:
             position_ids = index
         else:
-            check_position_ids(position_ids, b, n)
+            position_ids = check_position_ids(position_ids, b, n)
         x = inputs_embeds
         if self.embed_positions is not None:
             try:  # a negative position fails here (checking first would sync with the device)
@@ -373,8 +385,6 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    # the name before transformers 5.24, still what much user code passes (it fell into **kwargs, unread)
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
@@ -382,6 +392,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 return_dict: Optional[bool] = None, logits_to_keep=0, output_attentions: Optional[bool] = None,
                 **kwargs):
         refuse_output_attentions(output_attentions)
+        cache = _cache_argument(cache, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          return_dict=True)
