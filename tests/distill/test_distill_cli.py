@@ -26,7 +26,7 @@ def no_loading(monkeypatch):
     def loads(*a, **k):
         raise AssertionError("a model was loaded before the refusal")
 
-    monkeypatch.setattr(cli, "load_bsbr_model", loads)
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", loads)
     monkeypatch.setattr(cli, "load_model_arg", loads)
 
 
@@ -161,13 +161,13 @@ def test_resume_refuses_a_student_with_another_config(models, text, tmp_path, ca
     assert main(["convert", str(source), str(other), "--chunk-size", "8", "--sink-tokens", "2"]) == 0
     out = tmp_path / "out"
     assert main(distill_args(models, text, out, "--steps", "2")) == 0
-    import bsbr.distill.cli as cli
+    import bsbr.models
 
-    load = cli.load_bsbr_model
-    monkeypatch.setattr(cli, "load_bsbr_model", lambda *a: pytest.fail("loaded before the refusal"))
+    load = bsbr.models.load_bsbr_model
+    monkeypatch.setattr(bsbr.models, "load_bsbr_model", lambda *a: pytest.fail("loaded before the refusal"))
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "3", student=other), "--resume"], "distill", out)
     assert "other settings" in line and "the student's sink_tokens: checkpoint 4, now 2" in line, line
-    monkeypatch.setattr(cli, "load_bsbr_model", load)
+    monkeypatch.setattr(bsbr.models, "load_bsbr_model", load)
     # a checkpoint of an older bsbr records no student config: only the student's weights are checked
     manifest = out / "checkpoint" / "manifest.json"
     m = json.loads(manifest.read_text())
@@ -183,7 +183,7 @@ def test_resume_with_nothing_left_to_train_is_refused(models, text, tmp_path, ca
     assert main([*args, "--steps", "3"]) == 0
     import bsbr.distill.cli as cli
 
-    monkeypatch.setattr(cli, "load_bsbr_model", lambda *a: pytest.fail("loaded before the refusal"))
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", lambda *a: pytest.fail("loaded before the refusal"))
     monkeypatch.setattr(cli, "load_model_arg", lambda *a: pytest.fail("loaded before the refusal"))
     for steps in ("2", "3"):  # fewer steps than the checkpoint's; the finished run's own command
         line = refused(capsys, [*args, "--steps", steps, "--resume"], "distill", out)

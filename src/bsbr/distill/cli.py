@@ -14,18 +14,11 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from ..corpus import corpus_texts, token_windows
-from ..models import load_bsbr_model
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
                        check_positions, check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
                        write_model_card)
-from .checkpoint import MANIFEST, has_checkpoint, read_manifest
-from .trainer import (DistillConfig, DistillInterrupted, check_same_run, check_work_left, distill, exact_reach,
-                      student_record)
+# torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +30,8 @@ def _base_lr(args):
 
 def _plan(args):
     """The run's DistillConfig, checked before anything is loaded."""
+    from .trainer import DistillConfig
+
     if args.minutes is None and args.steps is None:
         raise UserError("nothing to train: give --minutes M (the usual) or --steps S")
     if args.resume and args.overwrite:
@@ -56,6 +51,8 @@ def _plan(args):
 def _check_new_pieces_matter(config, args) -> None:
     """Refuse ``--params new`` on windows so short that the new pieces cannot change the output: with
     exact blocks covering every chunk before each window, every token reads all earlier tokens exactly."""
+    from .trainer import exact_reach
+
     reach = exact_reach(config)
     if args.params == "new" and args.seq_len <= reach:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
@@ -85,6 +82,7 @@ def _settings(args) -> dict:
 def _student_config(student_dir: Path) -> dict:
     """:func:`~bsbr.distill.trainer.student_record` of the student's config.json, read without its weights."""
     from ..models.bsbr.configuration_bsbr import BSBRConfig
+    from .trainer import student_record
 
     try:
         return student_record(BSBRConfig.from_pretrained(student_dir))
@@ -122,6 +120,11 @@ def _stop_on_signal():
 
 
 def cmd_distill(args) -> int:
+    import torch.distributed as dist
+
+    from .checkpoint import MANIFEST, has_checkpoint, read_manifest
+    from .trainer import DistillInterrupted, check_same_run, check_work_left
+
     cfg = _plan(args)
     student_dir, out = Path(args.student), Path(args.output)
     check_bsbr_dir(student_dir, "--student")
@@ -179,6 +182,8 @@ def cmd_distill(args) -> int:
 def _checkpoint_step(ckpt: Path, before) -> Optional[int]:
     """The step of the complete checkpoint in ``ckpt``, or None when there is none or its manifest is still
     ``before`` (the bytes it held when this run started: another run's checkpoint)."""
+    from .checkpoint import MANIFEST, read_manifest
+
     try:
         if before is not None and (ckpt / MANIFEST).read_bytes() == before:
             return None
@@ -187,8 +192,16 @@ def _checkpoint_step(ckpt: Path, before) -> Optional[int]:
         return None
 
 
-def _train(args, cfg: DistillConfig, student_dir: Path, out: Path) -> int:
-    """Load the inputs, train and publish (the checks of :func:`cmd_distill` passed)."""
+def _train(args, cfg, student_dir: Path, out: Path) -> int:
+    """Load the inputs, train and publish (the checks of :func:`cmd_distill` passed); ``cfg`` the
+    :class:`~bsbr.distill.trainer.DistillConfig`."""
+    import torch
+    import torch.distributed as dist
+
+    from ..corpus import corpus_texts, token_windows
+    from ..models import load_bsbr_model
+    from .trainer import distill
+
     tokenizer = load_tokenizer_arg(student_dir, "--student")
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
