@@ -407,7 +407,6 @@ def check_text_files(files, seq_len: Optional[int] = None) -> None:
     (a token takes at least one byte), before any model loads."""
     import codecs
 
-
     for f in files or []:
         p = Path(f)
         if not p.is_file():

@@ -239,11 +239,11 @@ def cmd_eval(args) -> int:
                        depths=args.passkey_depths or list(DEFAULT_DEPTHS), trials=args.passkey_trials,
                        seed=args.seed, max_new_tokens=args.passkey_new_tokens,
                        fillers=args.passkey_filler or list(DEFAULT_FILLERS))
-    # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its table
+    # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its
+    # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
     if passkey is not None and not args.lm_eval_task_dir and set(args.passkey_models or ["bsbr"]) != {"source"}:
-        lengths += [(f"--passkey-lengths {n:,}", n - 1) for n in passkey["lengths"]]  # (the last answer token is
-        # never fed back)
+        lengths += [(f"--passkey-lengths {n:,}", n - 1) for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)
     if passkey is not None:  # before any model is loaded
         tokenizer = load_eval_tokenizer(args.model, args.reference)
