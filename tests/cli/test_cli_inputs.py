@@ -90,6 +90,15 @@ def test_hybrid_far_positions_with_the_bounded_mode_are_refused_before_loading(m
     assert not (tmp_path / "out").exists()
 
 
+def test_a_compression_factor_the_source_heads_do_not_fit_is_refused_before_loading(models, tmp_path, capsys,
+                                                                                    monkeypatch):
+    source, _, _ = models  # head_dim 8: hedgehog features 16
+    monkeypatch.setattr("bsbr.outputs.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["convert", source, tmp_path / "out", "--compression-factor", "5"], "convert", source)
+    assert "--compression-factor 5 does not fit SOURCE" in line and "feature dim (16: head_dim 8" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_options_cap_what_is_allocated_whole():
     with pytest.raises(ValueError, match="chunk_size must be at most"):
         BSBROptions(chunk_size=1 << 21)

@@ -117,7 +117,19 @@ def cmd_convert(args) -> int:
             raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
         raise
     from ..outputs import load_model_arg, load_tokenizer_arg
-    from .converter import convert_to_bsbr
+    from .converter import TransformerToBSBRConverter, convert_to_bsbr, load_source_config
+
+    if options["compression_factor"] is not None:  # it must fit the source's head size: checked on its config
+        try:
+            source_config = load_source_config(source)
+        except Exception:  # an unreadable source: loading it below says why
+            source_config = None
+        try:
+            if source_config is not None:
+                TransformerToBSBRConverter(**options).bsbr_config(source_config)
+        except ValueError as e:
+            raise UserError(f"--compression-factor {options['compression_factor']} does not fit SOURCE "
+                            f"{source or 'the bundled SmolLM2'}: {e}") from e
 
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work

@@ -132,6 +132,10 @@ class BSBRConfig(PretrainedConfig):
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
                                  f"({num_attention_heads}) when head_dim is not given")
             head_dim = hidden_size // num_attention_heads
+        features = 2 * head_dim if feature_map == "hedgehog" else head_dim  # a chunk state's feature dim
+        if compression_factor is not None and features % compression_factor:
+            raise ValueError(f"compression_factor ({compression_factor}) must divide the chunk states' feature dim "
+                             f"({features}: head_dim {head_dim}{' x 2 for hedgehog' if features > head_dim else ''})")
         if position_type == "rope" and rope_parameters is None:
             rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         self.vocab_size = vocab_size
