@@ -228,14 +228,6 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
     return times
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5, dtype=torch.float32, device: str = "cpu") -> float:
-    """This machine's dense matmul rate (GFLOP/s, median of ``repeats``) on ``size``-square
-    matrices: the practical ceiling the attention kernels are compared against."""
-    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-    t = median(interleaved_times({"matmul": lambda: a @ b}, repeats, warmup=1, device=device)["matmul"])
-    return 2.0 * size**3 / t / 1e9
-
-
 def machine_info(device: str = "cpu") -> Dict[str, object]:
     """What the numbers were measured on (recorded next to them)."""
     info = {
@@ -295,11 +287,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def bench_parser(bench_sub, name: str, doc: str):
     """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
     return bench_sub.add_parser(name, description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
-
-
-def add_shape_arguments(p, hidden: int, layers: int, heads: int, ff_dim: int) -> None:
-    for flag, default in (("--hidden", hidden), ("--layers", layers), ("--heads", heads), ("--ff-dim", ff_dim)):
-        p.add_argument(flag, type=integer(), default=default)
 
 
 def add_output_arguments(p, plot: str = "a plot") -> None:

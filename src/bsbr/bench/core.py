@@ -3,12 +3,13 @@ measured in the same run: how close the op comes to this machine's limit.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Dict, Sequence
 
 import torch
 
-from .common import DEFAULT_SEQ_LENS, interleaved_times, matmul_gflops, median, round_sig
+from .common import DEFAULT_SEQ_LENS, interleaved_times, median, round_sig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: i
     return out
 
 
+def matmul_gflops(size: int, repeats: int, device: str) -> float:
+    """This machine's dense matmul rate (GFLOP/s, median of ``repeats``) on ``size``-square
+    matrices: the practical ceiling the attention kernels are compared against."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    t = median(interleaved_times({"matmul": lambda: a @ b}, repeats, warmup=1, device=device)["matmul"])
+    return 2.0 * size**3 / t / 1e9
+
+
 def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_dim: int = 64,
                chunk_size: int = 128, repeats: int = 5, retrieval: str = "additive",
                retrieval_blocks: int = 0, matmul_size: int = 2048, seed: int = 0,
@@ -51,7 +60,7 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
     median of both, because a shared machine's speed drifts)."""
     from ..ops.bsbr import BSBROptions, chunk_bsbr_attention
 
-    peak_before = matmul_gflops(matmul_size, repeats, device=device)
+    peak_before = matmul_gflops(matmul_size, repeats, device)
     g = torch.Generator(device=device).manual_seed(seed)
     options = BSBROptions(chunk_size=chunk_size, retrieval=retrieval, retrieval_blocks=retrieval_blocks)
     rows = []
@@ -59,20 +68,17 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
         q, k, v, mq, mk = (torch.randn(1, heads, n, head_dim, generator=g, device=device) for _ in range(5))
         # normalized retrieval needs non-negative features
         fq, fk = [torch.nn.functional.elu(t) + 1 for t in (q, k)] if retrieval == "normalized" else (None, None)
-
-        def fn():
-            with torch.no_grad():
-                return chunk_bsbr_attention(q, k, v, mq, mk, options, fq=fq, fk=fk)[0]
-
-        t = median(interleaved_times({"op": fn}, repeats, warmup=1, device=device)["op"])
+        fn = functools.partial(chunk_bsbr_attention, q, k, v, mq, mk, options, fq=fq, fk=fk)
+        with torch.no_grad():
+            t = median(interleaved_times({"op": fn}, repeats, warmup=1, device=device)["op"])
         flops = bsbr_core_flops(n, chunk_size, heads, head_dim, retrieval_blocks=retrieval_blocks)
         rows.append({"seq_len": n, "time_ms": round_sig(t * 1e3), "gflop": round_sig(flops["total"] / 1e9),
                      "gflops_per_s": round_sig(flops["total"] / t / 1e9),
                      "flops_by_term": {k: round_sig(v) for k, v in flops.items()}})
         log.info("core @ %d: %.2f ms, %.3f GFLOP, %.1f GFLOP/s", n, t * 1e3, flops["total"] / 1e9,
                  flops["total"] / t / 1e9)
-        del q, k, v, mq, mk, fq, fk
-    peak_after = matmul_gflops(matmul_size, repeats, device=device)
+        del q, k, v, mq, mk, fq, fk, fn
+    peak_after = matmul_gflops(matmul_size, repeats, device)
     peak = median([peak_before, peak_after])
     for r in rows:
         r["fraction_of_matmul"] = round_sig(r["gflops_per_s"] / peak)

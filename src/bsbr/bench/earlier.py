@@ -16,7 +16,7 @@ from ..outputs import UserError
 EARLIER_MODULE_NAME = "bsbr_earlier_0_1_1"
 
 
-def check_wheel(path: str, option: str = "--earlier-wheel") -> None:
+def check_wheel(path: str) -> None:
     """Refuse, before anything runs, a path that is not the bsbr 0.1.1 wheel: missing, a directory, not a
     regular file, not a zip, or a zip without ``bsbr/bsbr.py``."""
     if not os.path.exists(path):
@@ -35,24 +35,23 @@ def check_wheel(path: str, option: str = "--earlier-wheel") -> None:
             what = "is not a wheel (zip) file"
         except OSError as e:
             what = f"cannot be read ({e.strerror or e})"
-    raise UserError(f"{option} {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl "
+    raise UserError(f"--earlier-wheel {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl "
                     f"(pip download bsbr==0.1.1 --no-deps)")
 
 
 def load_earlier_bsbr(wheel_path: str):
     """Import ``bsbr/bsbr.py`` of the bsbr 0.1.1 wheel (it needs only torch) as module
-    ``bsbr_earlier_0_1_1``, from a temporary extraction deleted right after the import."""
+    ``bsbr_earlier_0_1_1``, from a temporary extraction of that one file deleted right after the import."""
     if EARLIER_MODULE_NAME in sys.modules:
         return sys.modules[EARLIER_MODULE_NAME]
     with tempfile.TemporaryDirectory(prefix="bsbr-earlier-", ignore_cleanup_errors=True) as tmp:
         try:
             with zipfile.ZipFile(wheel_path) as zf:
-                zf.extractall(tmp)
+                src = zf.extract("bsbr/bsbr.py", tmp)
         except zipfile.BadZipFile as e:
             raise ValueError(f"{wheel_path} is not a wheel (zip) file: {e}") from e
-        src = os.path.join(tmp, "bsbr", "bsbr.py")
-        if not os.path.isfile(src):
-            raise ValueError(f"{wheel_path} has no bsbr/bsbr.py: not the bsbr 0.1.1 wheel")
+        except KeyError:
+            raise ValueError(f"{wheel_path} has no bsbr/bsbr.py: not the bsbr 0.1.1 wheel") from None
         spec = importlib.util.spec_from_file_location(EARLIER_MODULE_NAME, src)
         module = importlib.util.module_from_spec(spec)
         sys.modules[EARLIER_MODULE_NAME] = module

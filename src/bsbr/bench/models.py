@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..outputs import UserError
-from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, add_shape_arguments, bench_parser,
+from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, bench_parser,
                      check_outputs, check_unique, failure, forward_fn, interleaved_times, is_oom,
                      machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
 from .plots import plot_models
@@ -258,7 +258,8 @@ def register(bench_sub) -> None:
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
-    add_shape_arguments(p, hidden=256, layers=2, heads=4, ff_dim=1024)
+    for flag, default in (("--hidden", 256), ("--layers", 2), ("--heads", 4), ("--ff-dim", 1024)):
+        p.add_argument(flag, type=integer(), default=default)
     p.add_argument("--block", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
