@@ -450,7 +450,8 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
 
 
 @pytest.mark.parametrize("command,flag", [([], None), (["convert"], "--chunk-size"), (["generate"], "--prompt"),
-                                          (["demo"], "--seq-len"), (["distill"], "--student")])
+                                          (["demo"], "--seq-len"), (["distill"], "--student"),
+                                          (["eval"], "--passkey-lengths")])
 def test_help_is_fast_imports_no_torch_and_lists_exit_codes(command, flag):
     code = ("import sys, time; t = time.perf_counter(); from bsbr.cli import main\n"
             f"try: main({command + ['--help']!r})\nexcept SystemExit: pass\n"

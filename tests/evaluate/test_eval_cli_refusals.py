@@ -287,3 +287,12 @@ def test_a_window_baseline_the_model_has_not_is_refused_before_loading(saved, tm
     word_tokenizer.save_pretrained(local)
     _refused(capsys, ["eval", str(local), "--reference", str(saved / "ref"), "--passkey-only", *PASSKEY,
                       "--passkey-models", "bsbr", "window"], "--passkey-models window:", "drop 'window'")
+
+
+def test_a_missing_datasets_package_is_one_line(saved, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a: ({}, None, {}))
+    _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", "wikitext",
+                      "--no-passkey"], "--dataset needs the 'datasets' package: pip install datasets")

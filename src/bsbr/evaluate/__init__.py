@@ -1,11 +1,12 @@
 """Evaluation of converted models against their source and the chunk-local baseline: perplexity past
-the first chunk, next-token agreement, KL, hidden-state similarity, and pass-key retrieval."""
-from .baselines import local_baseline
-from .evaluate import evaluate, perplexity_past
-from .metrics import MetricAccumulator, gap_closed, position_buckets
-from .passkey import build_prompt, make_key, passkey_found, run_passkey
-from .report import summary_lines
-from .saved import evaluate_saved
+the first chunk, next-token agreement, KL, hidden-state similarity, and pass-key retrieval. The names
+load on first use (torch with them), so the command line's parser imports this package without torch."""
+from ..lazy import lazy_names
 
-__all__ = ["MetricAccumulator", "build_prompt", "evaluate", "evaluate_saved", "gap_closed", "local_baseline",
-           "make_key", "passkey_found", "perplexity_past", "position_buckets", "run_passkey", "summary_lines"]
+_EXPORTS = {"local_baseline": "baselines", "summary_lines": "report", "evaluate_saved": "saved",
+            **dict.fromkeys(("MetricAccumulator", "evaluate", "gap_closed", "perplexity_past", "position_buckets"),
+                            "metrics"),
+            **dict.fromkeys(("build_prompt", "make_key", "passkey_found", "run_passkey"), "passkey")}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, ("baselines", "cli", "filler", "lm_eval_task", "metrics",
+                                                       "passkey", "plots", "report", "saved"))

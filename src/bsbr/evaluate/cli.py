@@ -5,21 +5,19 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
-from ..outputs import (OutputError, UserError, check_bsbr_dir, check_model_arg, check_output_dir, check_output_files,
-                       check_bsbr_positions, check_positions, check_recorded_source, check_source, check_text_files, check_unique,
-                       read_config, read_metadata)
+from ..outputs import (OutputError, UserError, check_bsbr_dir, check_bsbr_positions, check_model_arg, check_output_dir,
+                       check_output_files, check_positions, check_recorded_source, check_source, check_text_files,
+                       check_unique, read_config, read_metadata)
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
-from .lm_eval_task import TASK_NAME
+from .lm_eval_task import TASK_NAME, write_lm_eval_task
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
 from .report import summary_lines
-from .saved import evaluate_saved, passkey_saved, write_together
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +143,6 @@ def _filler(text: str) -> str:
 
 
 def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
-    from .lm_eval_task import TASK_NAME, write_lm_eval_task
-
     yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
     longest = max(passkey["lengths"]) + passkey["max_new_tokens"]
     print(f"lm-eval task {TASK_NAME}: {yaml_path}")
@@ -214,8 +210,8 @@ def cmd_eval(args) -> int:
     check_model_arg(args.reference, "--reference")
     check_text_files(args.text_file, args.seq_len)
     _check_lists(args)
-    if "window" in (args.passkey_models or []) and not has_wide_window(read_config(Path(args.model) / "config.json",
-                                                                                   "MODEL")):
+    config = Path(args.model).expanduser() / "config.json"
+    if "window" in (args.passkey_models or []) and not has_wide_window(read_config(config, "MODEL")):
         raise UserError(f"--passkey-models window: MODEL {args.model}'s exact window is its own chunk alone (no "
                         "earlier chunk, no sinks), so there is no window baseline beside 'local': drop 'window'")
     if not (args.lm_eval_task_dir or args.passkey_only):
@@ -233,12 +229,10 @@ def cmd_eval(args) -> int:
             lengths += [("--passkey-lengths", n) for n in passkey["lengths"]]
         check_positions(source_model, "--reference", lengths)
 
-    passkey = None
-    if not args.no_passkey:
-        passkey = dict(lengths=args.passkey_lengths or list(DEFAULT_LENGTHS),
-                       depths=args.passkey_depths or list(DEFAULT_DEPTHS), trials=args.passkey_trials,
-                       seed=args.seed, max_new_tokens=args.passkey_new_tokens,
-                       fillers=args.passkey_filler or list(DEFAULT_FILLERS))
+    passkey = None if args.no_passkey else dict(
+        lengths=args.passkey_lengths or list(DEFAULT_LENGTHS), depths=args.passkey_depths or list(DEFAULT_DEPTHS),
+        trials=args.passkey_trials, seed=args.seed, max_new_tokens=args.passkey_new_tokens,
+        fillers=args.passkey_filler or list(DEFAULT_FILLERS))
     # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its
     # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
@@ -255,24 +249,20 @@ def cmd_eval(args) -> int:
             return _write_lm_eval_task(args, passkey, tokenizer)
     if passkey is not None and args.passkey_models:
         passkey["only"] = list(args.passkey_models)
+    from .saved import evaluate_saved, passkey_saved, write_together  # torch: here, not for the parser
+
     if args.passkey_only:
         result = passkey_saved(args.model, args.reference, passkey=passkey, progress=not args.no_progress,
                                check_reference=check_reference)
         lines = passkey_summary_lines(result["passkey"])
     else:
-        try:
-            result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
-                                    dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
-                                    text_column=args.text_column or "text", split=args.split or "heldout",
-                                    seq_len=args.seq_len,
-                                    max_windows=args.max_windows, stride=args.stride, buckets=args.buckets,
-                                    passkey=passkey, seed=args.seed, progress=not args.no_progress,
-                                    check_reference=check_reference)
-        except ImportError as e:  # an optional dependency (datasets): one line, not a traceback
-            if args.verbose:
-                raise
-            print(f"bsbr eval: error: {e}", file=sys.stderr)
-            return 2
+        # a missing optional dependency (datasets) is an ImportError: bsbr.cli.main makes it one line
+        result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
+                                dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
+                                text_column=args.text_column or "text", split=args.split or "heldout",
+                                seq_len=args.seq_len, max_windows=args.max_windows, stride=args.stride,
+                                buckets=args.buckets, passkey=passkey, seed=args.seed, progress=not args.no_progress,
+                                check_reference=check_reference)
         lines = summary_lines(result)
     for line in lines:
         print(line)

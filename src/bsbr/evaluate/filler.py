@@ -43,10 +43,6 @@ def split_sentences(text: str) -> List[str]:
             and MIN_WORDS <= len(s.split()) <= MAX_WORDS]
 
 
-def _dedupe(sentences) -> Tuple[str, ...]:
-    return tuple(dict.fromkeys(sentences))
-
-
 @lru_cache(maxsize=None)
 def license_sentences(root: str) -> Tuple[str, ...]:
     """Sentences of the licence texts under ``root`` (files in sorted order); empty if it is absent."""
@@ -59,7 +55,7 @@ def license_sentences(root: str) -> Tuple[str, ...]:
             sentences += split_sentences(f.read_text(encoding="utf-8", errors="replace"))
         except OSError as e:  # unreadable file: skip it, the others still make prose
             logger.debug("skipping %s: %s", f, e)
-    return _dedupe(sentences)
+    return tuple(dict.fromkeys(sentences))  # in order, each once
 
 
 @lru_cache(maxsize=None)
@@ -79,7 +75,7 @@ def docstring_sentences() -> Tuple[str, ...]:
             if (not attr.startswith("_") and getattr(obj, "__module__", None) == mod.__name__
                     and (inspect.isclass(obj) or inspect.isfunction(obj))):
                 sentences += split_sentences(inspect.getdoc(obj) or "")
-    return _dedupe(sentences)
+    return tuple(dict.fromkeys(sentences))  # in order, each once
 
 
 # the random generator's vocabulary: no digits, ordinary words a tokenizer splits into few tokens
@@ -186,7 +182,7 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
     except UnicodeDecodeError as e:
         raise ValueError(f"filler file {path} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") \
             from None
-    sentences = _dedupe(split_sentences(text))
+    sentences = tuple(dict.fromkeys(split_sentences(text)))
     if not sentences:
         raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
                          "capitalised, ending in . ! or ?, without digits)")

@@ -14,11 +14,12 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
-
-import torch
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from .filler import CLASSIC, DEFAULT_FILLERS, Filler, get_filler
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +137,16 @@ def passkey_found(generated: str, key: str) -> bool:
     return key in re.findall(r"\d+", generated) or key in spaced
 
 
-@torch.inference_mode()
 def greedy_continuation(model, input_ids: Sequence[int], max_new_tokens: int, pad_token_id: Optional[int]) -> List[int]:
     """The model's greedy continuation (new token ids only), via ``generate``: one prefill pass that
     keeps the last position's logits only (``logits_to_keep``), then cached decode steps."""
-    x = torch.tensor([list(input_ids)], dtype=torch.long)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                         do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
-    return out[0, x.shape[1]:].tolist()
+    import torch  # here, not above: the command line's parser imports this module (bsbr eval --help)
+
+    with torch.inference_mode():
+        x = torch.tensor([list(input_ids)], dtype=torch.long)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
+        return out[0, x.shape[1]:].tolist()
 
 
 def filler_sources(fillers: Sequence[Union[str, Filler]]) -> List[Filler]:
@@ -184,8 +187,7 @@ def check_prompt_lengths(tokenizer, option: str, lengths: Sequence[int], depths:
     are built (cheap where this can fail) and an error names ``option``, the flag that set the lengths.
     Takes a ``passkey`` dict of :func:`run_passkey`'s keyword arguments."""
     try:
-        for _ in grid_prompts(tokenizer, [min(lengths)], depths, trials, seed, max_new_tokens, fillers):
-            pass
+        list(grid_prompts(tokenizer, [min(lengths)], depths, trials, seed, max_new_tokens, fillers))
     except ValueError as e:
         raise ValueError(f"{option}: {e}") from None
 

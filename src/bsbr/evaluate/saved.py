@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Tuple
 from ..outputs import fsync, temp_dir
 from ..results import write_json
 from .baselines import load_saved_models
-from .evaluate import evaluate
+from .metrics import evaluate
 
 logger = logging.getLogger(__name__)
 
