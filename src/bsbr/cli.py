@@ -158,7 +158,7 @@ def _main(argv) -> int:
         if isinstance(e, KeyboardInterrupt):
             print(f"bsbr {name}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-        from .outputs import UserError
+        from .errors import UserError
 
         if isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \
                 type(e).__name__ == "SafetensorError":  # bad input, not a bug

@@ -8,11 +8,12 @@ from pathlib import Path
 
 
 def cmd_demo(args) -> int:
-    from .outputs import check_model_arg, check_output_dir, staged_dir
+    from .arguments import check_model_arg
+    from .outputs import check_output_dir, staged_dir
 
     final = Path(args.output)
     if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
-        from .outputs import UserError
+        from .errors import UserError
 
         raise UserError(f"--seq-len must be at least --chunk-size + 2 = {args.chunk_size + 2:,} so that some token "
                         f"past the first chunk has a target, got {args.seq_len:,}")
@@ -31,7 +32,7 @@ def _demo(args, out: Path, final: Path) -> int:
     from .convert.converter import convert_to_bsbr, load_tokenizer
     from .evaluate import evaluate_saved, summary_lines
     from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
-    from .outputs import check_positions, load_model_arg
+    from .arguments import check_positions, load_model_arg
 
     t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "

@@ -11,7 +11,7 @@ from bsbr.bench import attention as ba
 from bsbr.bench import common, earlier, layers, plots, scaling
 from bsbr.bench import core as bc
 from bsbr.cli import build_parser, main
-from bsbr.outputs import UserError
+from bsbr.errors import UserError
 
 TINY = dict(hidden=32, heads=2, chunk_size=32, repeats=1)
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import bsbr.cli
 from bsbr.cli import main
 from bsbr.ops import BSBROptions
-from bsbr.outputs import OutputError, check_output_files
+from bsbr.errors import OutputError
+from bsbr.outputs import check_output_files
 from cli_checks import refused
 
 
@@ -76,14 +77,14 @@ def test_broken_weights_and_fake_gguf_are_one_line(models, tmp_path, capsys):
 def test_conversion_values_that_cannot_work_are_refused_before_loading(models, tmp_path, capsys, monkeypatch,
                                                                         flag, value, expect):
     source, _, _ = models
-    monkeypatch.setattr("bsbr.outputs.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
     line = refused(capsys, ["convert", source, tmp_path / "out", flag, value], "convert", source)
     assert flag in line and expect in line
 
 
 def test_hybrid_far_positions_with_the_bounded_mode_are_refused_before_loading(models, tmp_path, capsys, monkeypatch):
     source, _, _ = models
-    monkeypatch.setattr("bsbr.outputs.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
     line = refused(capsys, ["convert", source, tmp_path / "out", "--recall-tokens", "8", "--far-positions", "hybrid"],
                    "convert", source)
     assert "--far-positions hybrid needs --recall-tokens 0" in line
@@ -93,7 +94,7 @@ def test_hybrid_far_positions_with_the_bounded_mode_are_refused_before_loading(m
 def test_a_compression_factor_the_source_heads_do_not_fit_is_refused_before_loading(models, tmp_path, capsys,
                                                                                     monkeypatch):
     source, _, _ = models  # head_dim 8: hedgehog features 16
-    monkeypatch.setattr("bsbr.outputs.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
     line = refused(capsys, ["convert", source, tmp_path / "out", "--compression-factor", "5"], "convert", source)
     assert "--compression-factor 5 does not fit SOURCE" in line and "feature dim (16: head_dim 8" in line
     assert not (tmp_path / "out").exists()

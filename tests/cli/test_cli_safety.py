@@ -106,7 +106,7 @@ def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, 
     assert json.loads((out / "config.json").read_text())["chunk_size"] == 16
     meta = json.loads((out / "conversion.json").read_text())
     assert meta["source"] == dict(name=str(source), model_type="llama",
-                                  fingerprint=bsbr.outputs.weights_fingerprint(load_source(source)))
+                                  fingerprint=bsbr.arguments.weights_fingerprint(load_source(source)))
     assert "import bsbr" in (out / "README.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
@@ -368,9 +368,9 @@ def test_sigterm_while_loading_is_an_interrupt(models, text, tmp_path, command):
     out = tmp_path / "out"
     argv = [str(a) for a in (distill_args(models, text, out, "--steps", "2") if command == "distill"
                              else ["convert", source, out, "--chunk-size", "8"])]
-    code = ("import os, signal, sys, time; import bsbr.outputs, bsbr.distill.cli\n"
+    code = ("import os, signal, sys, time; import bsbr.arguments, bsbr.distill.cli\n"
             "def term(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
-            "bsbr.outputs.load_tokenizer_arg = bsbr.distill.cli.load_tokenizer_arg = term\n"
+            "bsbr.arguments.load_tokenizer_arg = bsbr.distill.cli.load_tokenizer_arg = term\n"
             "from bsbr.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
@@ -433,12 +433,12 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
     assert "--chunk-size: must be an integer, got 'x'" in one_error_line(capsys.readouterr().err, "convert")
     assert main(["nosuch"]) == 2
     assert "invalid choice" in one_error_line(capsys.readouterr().err, "")
-    import bsbr.outputs
+    import bsbr.arguments
 
     def bug(*a, **k):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(bsbr.outputs, "check_model_arg", bug)
+    monkeypatch.setattr(bsbr.arguments, "check_model_arg", bug)
     _, converted, _ = models
     assert main(["convert", str(converted), "x"]) == 1
     line = one_error_line(capsys.readouterr().err, "convert")
@@ -557,7 +557,8 @@ def test_distill_refuses_windows_where_the_new_pieces_do_nothing(models, text, t
 def test_staged_output_kept_when_the_target_appears_while_writing(tmp_path):
     """A directory that appears at the target while a command writes is not replaced, and the complete
     result stays where the error says; a failure inside the block leaves nothing."""
-    from bsbr.outputs import OutputError, staged_dir
+    from bsbr.errors import OutputError
+    from bsbr.outputs import staged_dir
 
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="appeared while writing") as e:
@@ -583,7 +584,7 @@ def test_version(capsys):
 
 def test_the_recorded_source_check_spares_the_lm_eval_task_and_the_bundled_file_by_path(models, tmp_path, capsys):
     from bsbr.convert.defaults import default_source_path
-    from bsbr.outputs import check_recorded_source
+    from bsbr.arguments import check_recorded_source
 
     _, converted, _ = models
     # the lm-eval task needs the model's tokenizer only: no reference is loaded, so none is checked

@@ -78,7 +78,7 @@ def test_recall_tokens_flag():
 
     from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
     from bsbr.convert.defaults import DEFAULT_OPTIONS
-    from bsbr.outputs import UserError
+    from bsbr.errors import UserError
 
     p = argparse.ArgumentParser()
     add_conversion_arguments(p)
@@ -99,7 +99,7 @@ def test_window_scored_blocks_bad_values_are_refused_before_loading():
     import argparse
 
     from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
-    from bsbr.outputs import UserError
+    from bsbr.errors import UserError
 
     p = argparse.ArgumentParser()
     add_conversion_arguments(p)

@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 import torch
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
-from ..outputs import UserError
+from ..errors import UserError
 from .common import (add_output_arguments, bench_parser, check_device, check_outputs,
                      check_unique, given, machine_info, write_outputs)
 from .core import bench_core

@@ -27,9 +27,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import outputs
+from .. import arguments
+from ..errors import UserError
 from ..numbers import integer
-from ..outputs import UserError, check_output_files
+from ..outputs import check_output_files
 
 MAX_THREADS = 1024  # torch.set_num_threads overflows far above; no machine has more
 
@@ -246,9 +247,9 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
 
 
 def check_unique(args, names: Sequence[str]) -> None:
-    """Refuse a list option among ``names`` that names one value twice (:func:`bsbr.outputs.check_unique`)."""
+    """Refuse a list option among ``names`` that names one value twice (:func:`bsbr.arguments.check_unique`)."""
     for name in names:
-        outputs.check_unique(f"--{name.replace('_', '-')}", getattr(args, name))
+        arguments.check_unique(f"--{name.replace('_', '-')}", getattr(args, name))
 
 
 def given(args, names: Sequence[str]) -> Optional[str]:

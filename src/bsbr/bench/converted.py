@@ -13,7 +13,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..outputs import UserError, check_model_arg, check_positions, load_model_arg
+from ..arguments import check_model_arg, check_positions, load_model_arg
+from ..errors import UserError
 from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times,
                      machine_info, measure_peak, median, write_outputs)

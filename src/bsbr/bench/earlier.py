@@ -11,7 +11,7 @@ import sys
 import tempfile
 import zipfile
 
-from ..outputs import UserError
+from ..errors import UserError
 
 EARLIER_MODULE_NAME = "bsbr_earlier_0_1_1"
 

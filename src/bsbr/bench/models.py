@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
-from ..outputs import UserError
+from ..errors import UserError
 from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, bench_parser,
                      check_outputs, check_unique, failure, forward_fn, interleaved_times, is_oom,
                      machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)

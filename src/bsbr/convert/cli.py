@@ -69,7 +69,7 @@ def conversion_options(args) -> dict:
 
 def check_conversion_options(options: dict) -> None:
     """Refuse bad sizes before loading the source (the converter would, but only after loading it)."""
-    from ..outputs import UserError
+    from ..errors import UserError
 
     # each size is in range (the parser's types); the window is their product
     if options["local_chunks"] * options["chunk_size"] > MAX_TOKENS:
@@ -96,8 +96,9 @@ def check_conversion_options(options: dict) -> None:
 
 
 def cmd_convert(args) -> int:
-    from ..outputs import (METADATA, OutputError, UserError, check_model_arg, check_output_dir, read_config,
-                           source_record, staged_dir, write_model_card)
+    from ..arguments import METADATA, check_model_arg, read_config, source_record
+    from ..errors import OutputError, UserError
+    from ..outputs import check_output_dir, staged_dir, write_model_card
 
     source, out = args.source, Path(args.output_dir)
     options = conversion_options(args)
@@ -116,7 +117,7 @@ def cmd_convert(args) -> int:
         if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: the source forgotten
             raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
         raise
-    from ..outputs import load_model_arg, load_tokenizer_arg
+    from ..arguments import load_model_arg, load_tokenizer_arg
     from .converter import TransformerToBSBRConverter, convert_to_bsbr, load_source_config
 
     if options["compression_factor"] is not None:  # it must fit the source's head size: checked on its config
@@ -168,7 +169,7 @@ MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 ove
 
 
 def cmd_generate(args) -> int:
-    from ..outputs import UserError
+    from ..errors import UserError
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
@@ -178,7 +179,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..models import load_bsbr_model
-    from ..outputs import check_bsbr_dir, check_bsbr_positions, load_tokenizer_arg
+    from ..arguments import check_bsbr_dir, check_bsbr_positions, load_tokenizer_arg
 
     path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
     tok = load_tokenizer_arg(path, "MODEL_DIR")

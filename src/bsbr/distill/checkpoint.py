@@ -15,7 +15,8 @@ from typing import Dict
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..outputs import CheckpointError, atomic_write_text, file_record, fsync
+from ..errors import CheckpointError
+from ..outputs import atomic_write_text, file_record, fsync
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # the manifest layout this bsbr writes and reads

