@@ -110,6 +110,28 @@ def test_closed_gate_skips_the_states_without_changing_the_output(kw):
                 a.step(x[:, 40:], fast[1])
 
 
+@pytest.mark.parametrize("recall", [0, 5])
+def test_the_bounded_mode_runs_its_op_in_float32_under_half_precision(recall, monkeypatch):
+    # its cache is chosen by recall error, an order bfloat16 rounding scrambles; the exact modes stay in bf16
+    import bsbr.layers.bsbr_attention as module
+
+    kw = dict(retrieval="normalized", gate=0.5, local_chunks=2, sink_tokens=2, recall_tokens=recall)
+    a = layer(**kw)
+    half = BSBRAttention(24, 4, 8, dropout=0.0, **kw).to(torch.bfloat16).eval()
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in a.state_dict().items()})
+    spied, op = [], module.chunk_bsbr_attention
+    monkeypatch.setattr(module, "chunk_bsbr_attention", lambda q, *r, **k: spied.append(q.dtype) or op(q, *r, **k))
+    x = torch.randn(1, 64, 24, dtype=torch.float64)
+    out, state = half(x[:, :60].to(torch.bfloat16), output_state=True)
+    assert out.dtype == torch.bfloat16 and spied == [torch.float32 if recall else torch.bfloat16]
+    assert state.k_buf.dtype == spied[0]
+    step, _ = half.step(x[:, 60:].to(torch.bfloat16), state)  # the state continues in its own dtype
+    full = half(x.to(torch.bfloat16))
+    torch.testing.assert_close(torch.cat([out, step], 1), full, atol=2e-3, rtol=2e-2)  # bf16 rounding
+    ref = a(x).float()
+    assert (full.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
 def test_model_runs_any_length_and_pads():
     torch.manual_seed(0)
     m = BSBRModel(50, 32, 2, 4, 16, 64, dropout=0.0).eval()

@@ -135,3 +135,22 @@ def test_generate_past_the_sources_positions_with_the_default_length():
     gpt2.config.position_scheme = "absolute"
     with pytest.raises(ValueError, match="max_length"):
         gpt2.generate(torch.randint(3, VOCAB, (1, 70)), do_sample=False)
+
+
+@pytest.mark.parametrize("recall", [0, 5])
+def test_a_half_precision_model_continues_its_cache(recall):
+    # the bounded mode's op runs in float32 under bfloat16 (its states too), the exact modes' in bfloat16:
+    # the cache check must expect each one's dtype
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, gate_init=0.7, local_chunks=2, sink_tokens=3,
+                            retrieval_blocks=0 if recall else 2, far_positions="window",
+                            recall_tokens=recall).to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        out = model(ids[:, :30], use_cache=True)
+        assert out.cache.states[0].k_buf.dtype == (torch.float32 if recall else torch.bfloat16)
+        steps, cache = [out.logits.float()], out.cache
+        for t in range(30, 40):
+            out = model(ids[:, t:t + 1], cache=cache)
+            steps.append(out.logits.float())
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0.05, atol=0.1)  # bf16 rounding

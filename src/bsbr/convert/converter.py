@@ -22,7 +22,7 @@ from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
-from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
+from .families import FAMILIES, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class TransformerToBSBRConverter:
         sd = src.state_dict()
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)
             sd = {f"{family.base_prefix}.{k}": v for k, v in sd.items()}
-        for note in source_notes(src.config) if family is LLAMA_LIKE else ():
+        for note in source_notes(src.config):
             logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")

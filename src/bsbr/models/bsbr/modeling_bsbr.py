@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...layers.bsbr_attention import BSBRAttention
+from ...layers.bsbr_attention import BSBRAttention, op_dtype
 from ...layers.inputs import check_input_ids, check_position_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding
@@ -366,8 +366,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if not isinstance(cache, BSBRCache):
             raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got {type(cache).__name__}")
         n_layers = len(self.layers)
-        # the streaming op runs in float32 under autocast, so its states are float32 there
-        dtype = torch.float32 if torch.is_autocast_enabled(inputs_embeds.device.type) else inputs_embeds.dtype
+        dtype = op_dtype(inputs_embeds.dtype, inputs_embeds.device.type, self.layers[0].attn.options)  # the states'
         got = (len(cache.states), int(cache.n_seen.shape[0]) if cache.states else None,
                cache.states[0].k_buf.dtype if cache.states else None)
         if got != (n_layers, batch, dtype):
