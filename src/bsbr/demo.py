@@ -83,6 +83,7 @@ def _demo(args, out: Path, final: Path) -> int:
 
 
 def register(sub) -> None:
+    from .convert.defaults import DEFAULT_CHUNK_SIZE
     from .numbers import MAX_REPEATS, integer
 
     p = sub.add_parser("demo", help="convert the default model, evaluate it against the original, show speed")
@@ -90,7 +91,8 @@ def register(sub) -> None:
     p.add_argument("--output", default="outputs/demo", help="new or empty directory for the model, JSON and plots "
                                                            "(default outputs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (once the demo is done)")
-    p.add_argument("--chunk-size", type=integer(), default=256)
+    p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default: "
+                                                                                  "bsbr convert's, %(default)s)")
     p.add_argument("--seq-len", type=integer(), default=4096)
     p.add_argument("--max-windows", type=integer(), default=2)
     p.add_argument("--no-passkey", action="store_true")

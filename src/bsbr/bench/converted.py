@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..arguments import check_model_arg, check_positions, load_model_arg
+from ..convert.defaults import DEFAULT_CHUNK_SIZE
 from ..errors import UserError
 from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times,
@@ -157,7 +158,8 @@ def register(bench_sub) -> None:
     p = bench_sub.add_parser("converted")
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
-    p.add_argument("--chunk-size", type=integer(), default=256)
+    p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE,
+                   help="tokens per chunk (default: bsbr convert's, %(default)s)")
     p.add_argument("--gate-init", type=finite_number(), default=0.0,
                    help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
                         "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
