@@ -96,8 +96,17 @@ def test_a_compression_factor_the_source_heads_do_not_fit_is_refused_before_load
     source, _, _ = models  # head_dim 8: hedgehog features 16
     monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
     line = refused(capsys, ["convert", source, tmp_path / "out", "--compression-factor", "5"], "convert", source)
-    assert "--compression-factor 5 does not fit SOURCE" in line and "feature dim (16: head_dim 8" in line
+    assert "cannot be converted: compression_factor (5) must divide" in line
+    assert "feature dim (16: head_dim 8" in line
     assert not (tmp_path / "out").exists()
+    from model_sources import make_source
+
+    gpt2 = make_source("gpt2")  # an architecture the converter does not take, whatever the options
+    gpt2.config.scale_attn_by_inverse_layer_idx = True
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    line = refused(capsys, ["convert", tmp_path / "gpt2", tmp_path / "out", "--compression-factor", "2"], "convert",
+                   tmp_path / "gpt2")
+    assert "cannot be converted: GPT-2 sources with scale_attn_by_inverse_layer_idx=True are not supported" in line
 
 
 def test_options_cap_what_is_allocated_whole():

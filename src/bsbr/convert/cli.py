@@ -95,6 +95,24 @@ def check_conversion_options(options: dict) -> None:
                         "window positions (use --far-positions window or absolute)")
 
 
+def _check_source_config(source, options: dict) -> None:
+    """Refuse options a local source's architecture does not take (a --compression-factor that does not
+    divide its head size, an unsupported GPT-2 flag), from its config.json alone, before its weights load."""
+    from transformers import AutoConfig
+
+    from ..errors import UserError
+    from .converter import TransformerToBSBRConverter
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(str(source)).expanduser()))
+    except Exception:  # a config transformers cannot read: loading the model says why
+        return
+    try:
+        TransformerToBSBRConverter(**options).bsbr_config(config)
+    except ValueError as e:
+        raise UserError(f"SOURCE {source} cannot be converted: {e}") from e
+
+
 def cmd_convert(args) -> int:
     from ..arguments import METADATA, check_model_arg, read_config, source_record
     from ..errors import OutputError, UserError
@@ -104,13 +122,14 @@ def cmd_convert(args) -> int:
     options = conversion_options(args)
     check_conversion_options(options)
     check_model_arg(source, "SOURCE")
-    if source is not None and Path(str(source)).is_dir():
+    if source is not None and Path(str(source)).expanduser().is_dir():
         from .families import SUPPORTED_MODEL_TYPES
 
-        model_type = read_config(Path(str(source)) / "config.json", "SOURCE")["model_type"]
+        model_type = read_config(Path(str(source)).expanduser() / "config.json", "SOURCE")["model_type"]
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
+        _check_source_config(source, options)
     try:
         check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
     except OutputError as e:
@@ -118,19 +137,8 @@ def cmd_convert(args) -> int:
             raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
         raise
     from ..arguments import load_model_arg, load_tokenizer_arg
-    from .converter import TransformerToBSBRConverter, convert_to_bsbr, load_source_config
+    from .converter import convert_to_bsbr
 
-    if options["compression_factor"] is not None:  # it must fit the source's head size: checked on its config
-        try:
-            source_config = load_source_config(source)
-        except Exception:  # an unreadable source: loading it below says why
-            source_config = None
-        try:
-            if source_config is not None:
-                TransformerToBSBRConverter(**options).bsbr_config(source_config)
-        except ValueError as e:
-            raise UserError(f"--compression-factor {options['compression_factor']} does not fit SOURCE "
-                            f"{source or 'the bundled SmolLM2'}: {e}") from e
 
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work

@@ -22,7 +22,7 @@ from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
-from .families import FAMILIES, SUPPORTED_MODEL_TYPES, source_notes
+from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +50,6 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
     return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, use_safetensors=True)  # hub id
-
-
-def load_source_config(source):
-    """The config of :func:`load_source`'s source, without its weights (a GGUF file's is read from its
-    metadata: about 4 s for the bundled SmolLM2, against 23 s for the model)."""
-    from transformers import AutoConfig
-
-    if isinstance(source, PreTrainedModel):
-        return source.config
-    path = Path(default_source_path() if source is None else source)
-    if path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoConfig.from_pretrained(str(path))
 
 
 def load_tokenizer(source):
@@ -123,7 +110,7 @@ class TransformerToBSBRConverter:
         sd = src.state_dict()
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)
             sd = {f"{family.base_prefix}.{k}": v for k, v in sd.items()}
-        for note in source_notes(src.config):
+        for note in source_notes(src.config) if family is LLAMA_LIKE else ():
             logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")

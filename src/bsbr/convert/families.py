@@ -64,15 +64,11 @@ def _llama_like_config(c) -> dict:
 
 
 def source_notes(c) -> List[str]:
-    """What of a source a conversion cannot keep, one line each (logged as warnings): dropout (the
-    BSBR model has none, so training it in train mode does not regularise as the source's did), a
-    sliding window (BSBR reads its own window and retrieved blocks instead, so it equals the source
-    only on inputs within the source's window) and rotary scaling that changes with the input's length
-    (BSBR rotates by the frequencies the source uses up to ``max_position_embeddings``)."""
-    rates = {k: getattr(c, k, 0) or 0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")}
-    notes = [f"the source trains with dropout ({', '.join(f'{k}={v}' for k, v in rates.items() if v)}); the BSBR "
-             "model has none, so fine-tuning it in train mode does not regularise as the source did"] \
-        if any(rates.values()) else []
+    """What of a llama-like source's attention a conversion cannot keep, one line each (logged as
+    warnings): a sliding window (BSBR reads its own window and retrieved blocks instead, so it equals
+    the source only on inputs within the source's window) and rotary scaling that changes with the
+    input's length (BSBR rotates by the frequencies the source uses up to ``max_position_embeddings``)."""
+    notes = []
     window = getattr(c, "sliding_window", None)
     if window and (c.model_type != "qwen2" or getattr(c, "use_sliding_window", False)):
         notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
