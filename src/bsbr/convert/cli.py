@@ -139,7 +139,6 @@ def cmd_convert(args) -> int:
     from ..arguments import load_model_arg, load_tokenizer_arg
     from .converter import convert_to_bsbr
 
-
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work
     tok = load_tokenizer_arg(source, "SOURCE")
