@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bsbr.bench import attention as ba
-from bsbr.bench import common, earlier, layers, plots, scaling
+from bsbr.bench import common, earlier, layers, memory, plots, scaling
 from bsbr.bench import core as bc
 from bsbr.cli import build_parser, main
 from bsbr.errors import UserError
@@ -152,7 +152,7 @@ def test_loader_rejects_a_non_wheel(tmp_path):
 
 
 def test_measure_peak_sees_torch_allocations():
-    mem = common.measure_peak(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, returned so it counts
+    mem = memory.measure_peak(lambda: torch.ones(64 * 2**20 // 4))  # 64 MiB, returned so it counts
     if mem.extra_bytes is None:
         pytest.skip("no way to read RSS here")
     assert mem.extra_mb > 32  # tracemalloc would report ~0 for a torch tensor
@@ -162,8 +162,8 @@ def test_measure_peak_sees_torch_allocations():
 
 def test_measure_peak_falls_back_to_sampling_where_the_peak_cannot_be_reset(monkeypatch):
     """Where /proc/self/clear_refs cannot be written (containers, other kernels) RSS is sampled instead."""
-    monkeypatch.setattr(common, "_reset_hwm", lambda: False)
-    mem = common.measure_peak(lambda: torch.ones(64 * 2**20 // 4))
+    monkeypatch.setattr(memory, "_reset_hwm", lambda: False)
+    mem = memory.measure_peak(lambda: torch.ones(64 * 2**20 // 4))
     if mem.extra_bytes is None:
         pytest.skip("no way to read RSS here")
     assert mem.method == "statm-sampling-1ms" and mem.extra_mb > 32

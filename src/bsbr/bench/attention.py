@@ -9,7 +9,7 @@ Three measurements, all forward only (``torch.no_grad``), batch 1, eval mode, dr
 3. **Model scaling** (:mod:`bsbr.bench.scaling`, ``--model-scaling``): a 2-layer ``BSBRModel`` at
    8k to 64k tokens; its rows also give the whole process's peak RSS (``process_peak_mb``).
 
-``peak_mb`` is the extra peak RSS of one call in MiB (see :mod:`bsbr.bench.common`).
+``peak_mb`` is the extra peak RSS of one call in MiB (see :mod:`bsbr.bench.memory`).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..errors import UserError
-from .common import (add_output_arguments, bench_parser, check_device, check_outputs,
-                     check_unique, given, machine_info, write_outputs)
+from .common import (add_output_arguments, bench_parser, check_device, check_outputs, check_unique, given,
+                     machine_info, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
 from .layers import DEFAULT_SEQ_LENS, bench_attention

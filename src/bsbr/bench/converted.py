@@ -17,8 +17,9 @@ from ..arguments import check_model_arg, check_positions, load_model_arg
 from ..convert.defaults import DEFAULT_CHUNK_SIZE
 from ..errors import UserError
 from ..numbers import MAX_REPEATS, finite_number, integer
-from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times,
-                     machine_info, measure_peak, median, write_outputs)
+from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
+                     write_outputs)
+from .memory import measure_peak
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)

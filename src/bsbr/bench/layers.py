@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .common import (DEFAULT_SEQ_LENS, MiB, failure, forward_fn, interleaved_times, measure_peak, median,
-                     memory_refusal, new_row, release_free_memory, round_sig, time_call)
+from .common import DEFAULT_SEQ_LENS, failure, forward_fn, interleaved_times, median, new_row, round_sig, time_call
+from .memory import MiB, measure_peak, memory_refusal, release_free_memory
 from .earlier import earlier_bytes_estimate, load_earlier_bsbr
 
 log = logging.getLogger(__name__)

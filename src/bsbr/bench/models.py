@@ -3,8 +3,8 @@
 tokens: forward time, forward+backward ("train") time, extra peak memory of each, parameter count,
 and the fitted scaling exponent (slope of log time vs log n).
 
-Measured with :mod:`bsbr.bench.common`: batch 1, float32, eval mode, dropout 0, forward under
-``torch.no_grad``; the train step is the forward, a next-token cross-entropy and ``backward()``. At
+Measured with :mod:`bsbr.bench.common` and :mod:`bsbr.bench.memory`: batch 1, float32, eval mode,
+dropout 0, forward under ``torch.no_grad``; the train step is the forward, a next-token cross-entropy and ``backward()``. At
 each length a model's first call measures its extra peak RSS and is its warm-up, then ``--repeats``
 interleaved rounds give the medians. A model stops growing when its next call is predicted (from its
 own slope, at least linear, quadratic until two points exist) to pass ``--max-seconds`` or 70% of the
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..errors import UserError
-from .common import (DEFAULT_SEQ_LENS, VOCAB, MiB, add_output_arguments, bench_parser,
-                     check_outputs, check_unique, failure, forward_fn, interleaved_times, is_oom,
-                     machine_info, measure_peak, median, memory_refusal, release_free_memory, round_sig, write_outputs)
+from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, failure,
+                     forward_fn, interleaved_times, machine_info, median, round_sig, write_outputs)
+from .memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
 from .plots import plot_models
 
 log = logging.getLogger(__name__)

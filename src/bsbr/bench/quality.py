@@ -31,8 +31,7 @@ from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..errors import UserError
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from .common import (VOCAB, add_output_arguments, bench_parser, check_outputs,
-                     check_unique, given, write_outputs)
+from .common import VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, given, write_outputs
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import failure, forward_fn, measure_peak, median, new_row, release_free_memory, round_sig, time_call
+from .common import failure, forward_fn, median, new_row, round_sig, time_call
+from .memory import measure_peak, release_free_memory
 
 log = logging.getLogger(__name__)
 
