@@ -84,3 +84,10 @@ def test_bench_models_records_a_failure_with_an_empty_message(monkeypatch):
                                        repeats=1, train=False)
     (row,) = result["rows"]
     assert row["status"] == "failed" and row["reason"] == "fwd: MemoryError: "
+
+
+def test_merging_no_results_is_refused():
+    from bsbr.errors import UserError
+
+    with pytest.raises(UserError, match="at least one JSON file"):
+        bench_quality.merge_results([])

@@ -269,6 +269,8 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
     results concatenated, comparisons recomputed. Runs that differ in anything but the models are
     refused, since their losses would not be comparable; so is a file given twice, or a model found
     twice (its rows would count double)."""
+    if not paths:  # (the CLI's --merge needs one; the function is public)
+        raise UserError("--merge needs at least one JSON file")
     seen = {}
     for path in paths:
         real = os.path.realpath(os.path.expanduser(path))
