@@ -123,7 +123,7 @@ def test_beam_search_with_the_cache_equals_beam_search_without(model):
     assert torch.equal(out, again)
 
 
-def test_generate_past_the_sources_positions_with_the_default_length():
+def test_generate_past_the_sources_positions_with_the_default_length(monkeypatch):
     """transformers caps a default-length generate at max_position_embeddings; rope positions go on."""
     source = make_source("llama3-rope")  # 256 positions
     model = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2).eval()
@@ -135,6 +135,16 @@ def test_generate_past_the_sources_positions_with_the_default_length():
     gpt2.config.position_scheme = "absolute"
     with pytest.raises(ValueError, match="max_length"):
         gpt2.generate(torch.randint(3, VOCAB, (1, 70)), do_sample=False)
+    # nor does transformers warn ("you may observe exceptions") past the source's positions: its length
+    # criterion is given no position limit, except for learned absolute positions
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    seen, call = [], MaxLengthCriteria.__call__
+    monkeypatch.setattr(MaxLengthCriteria, "__call__",
+                        lambda self, *a, **k: seen.append(self.max_position_embeddings) or call(self, *a, **k))
+    model.generate(prompt, do_sample=False, max_new_tokens=2, eos_token_id=None, pad_token_id=0)
+    gpt2.generate(torch.randint(3, VOCAB, (1, 30)), do_sample=False, max_new_tokens=2, pad_token_id=0)
+    assert seen == [None, None, 64, 64]
 
 
 @pytest.mark.parametrize("recall", [0, 5])

@@ -407,14 +407,28 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return self._returned(out, return_dict)
 
+    def _positions_unbounded(self) -> bool:
+        """Whether positions go on past ``max_position_embeddings`` (rope, or learned positions that wrap
+        or clamp): only learned ``absolute`` positions end there."""
+        return self.config.position_type == "rope" or self.config.position_scheme != "absolute"
+
     def _prepare_generated_length(self, generation_config, has_default_max_length, *args, **kwargs):
         """transformers caps a generation of default length (20 new tokens) at ``max_position_embeddings``
-        and refuses a longer prompt; a BSBR model's positions go on past it (rope, or learned positions
-        that wrap or clamp), so only learned ``absolute`` positions keep that cap."""
-        unbounded = self.config.position_type == "rope" or self.config.position_scheme != "absolute"
-        if unbounded and has_default_max_length and generation_config.max_new_tokens is None:
+        and refuses a longer prompt; only a model whose positions end there keeps that cap."""
+        if self._positions_unbounded() and has_default_max_length and generation_config.max_new_tokens is None:
             generation_config.max_new_tokens = generation_config.max_length
         return super()._prepare_generated_length(generation_config, has_default_max_length, *args, **kwargs)
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        """transformers' length criterion warns once a generation passes ``max_position_embeddings``
+        ("you may observe exceptions, performance degradation"): not for positions that go on past it."""
+        from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for c in criteria if self._positions_unbounded() else ():
+            if isinstance(c, MaxLengthCriteria):
+                c.max_position_embeddings = None
+        return criteria
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
