@@ -95,7 +95,7 @@ def check_conversion_options(options: dict) -> None:
                         "window positions (use --far-positions window or absolute)")
 
 
-def _check_source_config(source, options: dict) -> None:
+def _check_source_config(source, path: Path, options: dict) -> None:
     """Refuse options a local source's architecture does not take (a --compression-factor that does not
     divide its head size, an unsupported GPT-2 flag), from its config.json alone, before its weights load."""
     from transformers import AutoConfig
@@ -104,7 +104,7 @@ def _check_source_config(source, options: dict) -> None:
     from .converter import TransformerToBSBRConverter
 
     try:
-        config = AutoConfig.from_pretrained(str(Path(str(source)).expanduser()))
+        config = AutoConfig.from_pretrained(str(path))
     except Exception:  # a config transformers cannot read: loading the model says why
         return
     try:
@@ -122,14 +122,15 @@ def cmd_convert(args) -> int:
     options = conversion_options(args)
     check_conversion_options(options)
     check_model_arg(source, "SOURCE")
-    if source is not None and Path(str(source)).expanduser().is_dir():
+    local = None if source is None else Path(str(source)).expanduser()
+    if local is not None and local.is_dir():
         from .families import SUPPORTED_MODEL_TYPES
 
-        model_type = read_config(Path(str(source)).expanduser() / "config.json", "SOURCE")["model_type"]
+        model_type = read_config(local / "config.json", "SOURCE")["model_type"]
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
-        _check_source_config(source, options)
+        _check_source_config(source, local, options)
     try:
         check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
     except OutputError as e:
