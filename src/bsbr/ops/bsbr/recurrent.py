@@ -162,6 +162,7 @@ def _step_masks(state, device):
     the window's ring slots (b, 1, 1, W), the sinks (b, 1, 1, S) and, while every candidate is read,
     the blocks' tokens; with blocks the candidate chunks (b, P), their largest count and the last
     chunk before each window; ``at``: the token's index (int) when every sequence is at the same one;
+    ``window_slots``: then, if the window's ring slots do not wrap, (first, end) to read unmasked;
     ``sinks_apart``: whether the sinks are a part of their own (not while every candidate is read and
     the sinks lie in chunk 0: that chunk is read, sinks included, exactly when they are outside the
     window, as the chunked form's dense far part does)."""
@@ -177,7 +178,11 @@ def _step_masks(state, device):
     tt = state.n_seen.view(b, 1)
     ring = tt - torch.remainder(tt - torch.arange(W, device=device).view(1, W), W)  # token in each slot
     m = dict(at=pos[0] if len(set(pos)) == 1 else None, sinks_apart=True,
-             not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W))
+             not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W), window_slots=None)
+    if m["at"] is not None:  # the window's slots, when they do not wrap round the ring: read just those
+        first, last = max(m["at"] // B - L + 1, 0) * B % W, m["at"] % W
+        if last >= first:
+            m["window_slots"] = (first, last + 1)
     # the sinks outside the window, as far keys (qr.kr) and, with own_position_chunks, at own positions
     js = torch.arange(S, device=device).view(1, S)
     sinks = sink_outside_window(tt, js, B, L)
@@ -218,7 +223,11 @@ def _step_masks(state, device):
 def _window_and_sinks(qg, qrg, state, m):
     """The window and the sinks outside it as parts of the exact softmax (see
     :func:`_softmax_of_parts`); ``m`` the step's masks."""
-    parts = [(qg, state.k_buf, state.v_buf, m["not_window"], True)]  # a token's window holds itself
+    if m["window_slots"] is None:
+        parts = [(qg, state.k_buf, state.v_buf, m["not_window"], True)]  # a token's window holds itself
+    else:  # every slot read: no mask
+        s0, s1 = m["window_slots"]
+        parts = [(qg, state.k_buf[:, :, s0:s1], state.v_buf[:, :, s0:s1], None, True)]
     if state.options.sink_tokens and m["sinks_apart"]:
         if m["sinks_far"]:
             parts.append((qrg, state.k_sink, state.v_sink, m["not_sinks"], m["sinks_ok"]))
@@ -236,7 +245,8 @@ def _softmax_of_parts(parts, scale):
     decode step at 1k context, window and earlier chunks read in place: 0.98x the time of writing
     their scores out; docs/findings.md, Speed)."""
     if all(len(p) == 5 and p[4] for p in parts) and fused_attention(*parts[0][:3]):
-        outs = [attention_lse(q, k, v, None, scale, _bias(masked, q.dtype)) for q, k, v, masked, _ in parts]
+        outs = [attention_lse(q, k, v, None, scale, None if masked is None else _bias(masked, q.dtype))
+                for q, k, v, masked, _ in parts]
         if len(outs) == 2:  # the weight of part 0 is sigmoid(lse_0 - lse_1)
             (o0, l0), (o1, l1) = outs
             return torch.lerp(o1, o0, torch.sigmoid(l0 - l1).unsqueeze(-1))
@@ -245,7 +255,8 @@ def _softmax_of_parts(parts, scale):
     for part in parts:
         if len(part) == 5:
             q, k, v, masked, _ = part
-            part = ((q @ k.transpose(-1, -2)).masked_fill_(masked, float("-inf")), v)
+            s_x = q @ k.transpose(-1, -2)
+            part = (s_x if masked is None else s_x.masked_fill_(masked, float("-inf")), v)
         scores.append(part[0])
         values.append(part[1])
     p = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)  # (b, hkv, g, keys)
