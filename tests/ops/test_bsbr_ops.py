@@ -612,6 +612,16 @@ def test_block_selection_is_causal_to_the_bit():
                       retrieval="normalized", gate=torch.tensor(0.7, dtype=DT), own_position_chunks=R)
 
 
+def test_a_crowded_block_is_causal_to_the_bit():
+    """Dozens of tokens select one chunk: a token's output must not depend on how many later tokens
+    read the same block (with dv != d the blocks are read by plain matmuls, whose result for one row
+    can depend on the row count)."""
+    x = with_far_keys(make_inputs(b=1, hq=1, hkv=1, n=61, d=4, dv=5))
+    x["kr"][0, 0, 4:8] += 3.0  # chunk 1's far keys stand out for queries along (1, 1, 1, 1)
+    x["qr"][0, 0, 8:] += 3.0
+    assert_causal(x, range(9, 61, 3), chunk_size=4, local_chunks=1, retrieval_blocks=1)
+
+
 @pytest.mark.parametrize("dv", [7, 4])
 def test_block_gradients_agree(dv):
     grads = []

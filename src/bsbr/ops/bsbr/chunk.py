@@ -19,9 +19,9 @@ from .masks import near, sink_outside_window
 from .options import BSBROptions
 from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
                         select_blocks, state_weights)
-from .softmax import attention_lse, masked_attention_lse, merge
+from .softmax import attention_lse, fused_attention, masked_attention_lse, merge
 from .recall import RecallCache, recall_update
-from .state import BSBRState, own_ring_chunks, refresh_retrieval
+from .state import BSBRState, own_ring_chunks, refresh_retrieval, window_tokens
 
 NEG_INF = float("-inf")
 TILE = 16
@@ -420,10 +420,13 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     start = 0
     for i, (gid, cnt) in enumerate(zip(uniq.tolist(), counts.tolist())):
         first = min(max(sinks - (gid % C) * B, 0), B)  # the sinks at the chunk's start
-        o_g, lse_g = attention_lse(q_g[i][None, None], k_g[gid][first:][None, None],
-                                   v_g[gid % n_ids][first:][None, None], None, scale)
-        groups.append((i, gid, start, cnt, o_g[0, 0, :cnt]))
-        lses.append(lse_g[0, 0, :cnt])
+        q_i, k_i, v_i = q_g[i][None, None], k_g[gid][first:][None, None], v_g[gid % n_ids][first:][None, None]
+        if not fused_attention(q_i, k_i, v_i):  # plain matmuls: TILE rows per product, whatever the group's size
+            q_i = q_i.view(-1, 1, TILE, d)
+            k_i, v_i = k_i.expand(q_i.shape[0], -1, -1, -1), v_i.expand(q_i.shape[0], -1, -1, -1)
+        o_g, lse_g = attention_lse(q_i, k_i, v_i, None, scale)
+        groups.append((i, gid, start, cnt, o_g.reshape(-1, dv)[:cnt]))
+        lses.append(lse_g.reshape(-1)[:cnt])
         start += cnt
 
     # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
@@ -488,14 +491,14 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
     b, S = a.batch, options.sink_tokens
     st = BSBRState.empty(a, options, k)
     st.n_seen = lengths.clone()
-    # the ring of the last W tokens: slot s holds token last - ((last - s) mod W); zeros before the start
+    # the window's buffer: the chunks up to the next token's, in order; empty slots are zeros
     W = options.window
-    last = (lengths - 1).view(b, 1)
-    idx = last - torch.remainder(last - torch.arange(W, device=k.device).view(1, W), W)  # (b, W)
+    idx = window_tokens(lengths.view(b, 1), options.chunk_size, options.local_chunks)  # (b, W)
+    held = ((idx >= 0) & (idx < lengths.view(b, 1))).view(b, 1, W, 1)
 
     def ring(x):
-        got = x.gather(2, idx.clamp(min=0).view(b, 1, W, 1).expand(-1, x.shape[1], -1, x.shape[-1]))
-        return got * (idx >= 0).view(b, 1, W, 1).to(x.dtype)
+        got = x.gather(2, idx.clamp(0, max(x.shape[2] - 1, 0)).view(b, 1, W, 1).expand(-1, x.shape[1], -1, x.shape[-1]))
+        return got * held.to(x.dtype)
 
     st.k_buf, st.v_buf = ring(k), ring(v)
     if S:

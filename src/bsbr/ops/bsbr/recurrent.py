@@ -18,7 +18,7 @@ from .options import BSBROptions
 from .softmax import attention_lse, fused_attention, merge
 from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale, select_blocks
 from .recall import cache_scores, recall_update
-from .state import BSBRState, ensure_capacity, own_ring_chunks, refresh_retrieval
+from .state import BSBRState, ensure_capacity, own_ring_chunks, refresh_retrieval, window_tokens
 
 
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
@@ -122,17 +122,29 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, qs, state: BSBRState, gate, meta_q, m
             _recall_complete_chunk(state, done)
         else:
             _complete_chunk(state, done, meta_q, meta_k)
+        _next_window(state, done)
     return o
 
 
+def _next_window(state: BSBRState, done: torch.Tensor) -> None:
+    """A chunk completed (for the sequences in ``done``): the window's buffer drops its oldest chunk
+    and frees the last B slots for the next one."""
+    B, b = state.options.chunk_size, done.shape[0]
+    for name in ("k_buf", "v_buf") + (("kr_ring", "fk_ring") if state.options.recall_tokens else ()):
+        buf = getattr(state, name)
+        moved = torch.cat([buf[:, :, B:], torch.zeros_like(buf[:, :, :B])], 2)
+        setattr(state, name, torch.where(done.view(b, 1, 1, 1), moved, buf))
+
+
 def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
-    """Store this token where later tokens read it: the window ring, the sinks, the current block.
+    """Store this token where later tokens read it: the window (its chunk is the last of the window's
+    buffer), the sinks, the current block.
     ``at``: its index when every sequence is at the same one (plain copies)."""
     opt = state.options
     t, W, S, B = state.n_seen, opt.window, opt.sink_tokens, opt.chunk_size
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
     fast = at is not None and inplace and valid is None  # int slots: plain copies
-    _write(state, at % W if fast else t % W, valid, ring, inplace)
+    _write(state, W - B + (at % B if fast else t % B), valid, ring, inplace)
     own = opt.own_position_chunks > 0  # far keys also kept at their own positions
     if S and not (fast and at >= S):
         first = t < S
@@ -159,10 +171,10 @@ def _bias(masked, dtype):
 def _step_masks(state, device):
     """What this step's token may read, a function of the options and positions only (so computed
     once per step for all layers): masks of what it may *not* read (filled with -inf in place) among
-    the window's ring slots (b, 1, 1, W), the sinks (b, 1, 1, S) and, while every candidate is read,
+    the window's slots (b, 1, 1, W), the sinks (b, 1, 1, S) and, while every candidate is read,
     the blocks' tokens; with blocks the candidate chunks (b, P), their largest count and the last
     chunk before each window; ``at``: the token's index (int) when every sequence is at the same one;
-    ``window_slots``: then, if the window's ring slots do not wrap, (first, end) to read unmasked;
+    ``window_slots``: then (first, end), the window's slots to read unmasked;
     ``sinks_apart``: whether the sinks are a part of their own (not while every candidate is read and
     the sinks lie in chunk 0: that chunk is read, sinks included, exactly when they are outside the
     window, as the chunked form's dense far part does)."""
@@ -176,13 +188,11 @@ def _step_masks(state, device):
     B, L, S, W, R = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window, opt.own_position_chunks
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
-    ring = tt - torch.remainder(tt - torch.arange(W, device=device).view(1, W), W)  # token in each slot
+    held = window_tokens(tt, B, L)  # the token in each slot of the window's buffer
     m = dict(at=pos[0] if len(set(pos)) == 1 else None, sinks_apart=True,
-             not_window=~exact_window(tt, ring, B, L, 0).view(b, 1, 1, W), window_slots=None)
-    if m["at"] is not None:  # the window's slots, when they do not wrap round the ring: read just those
-        first, last = max(m["at"] // B - L + 1, 0) * B % W, m["at"] % W
-        if last >= first:
-            m["window_slots"] = (first, last + 1)
+             not_window=~exact_window(tt, held, B, L, 0).view(b, 1, 1, W), window_slots=None)
+    if m["at"] is not None:  # every sequence's window is the same run of slots: read just those, unmasked
+        m["window_slots"] = (max(L - 1 - m["at"] // B, 0) * B, W - B + m["at"] % B + 1)
     # the sinks outside the window, as far keys (qr.kr) and, with own_position_chunks, at own positions
     js = torch.arange(S, device=device).view(1, S)
     sinks = sink_outside_window(tt, js, B, L)
@@ -209,11 +219,12 @@ def _step_masks(state, device):
                 read = read & (torch.arange(U * B, device=device) >= S)
             own_tok = (chunks[:U].repeat_interleave(B)[None, :] >= own_from[:, None])  # (b, U * B)
             lo, hi = min(m["own_lo"], U), min(m["own_hi"], U)
-            m["dense"] = []  # (far keys?, first chunk, end chunk, masked, every row reads)
+            m["dense"] = []  # (far keys?, first chunk, end chunk, masked (None: none), every row reads)
             for far, c0, c1, reads in ((True, 0, hi, read & ~own_tok), (False, lo, U, read & own_tok)):
                 reads = reads[:, c0 * B:c1 * B]
                 if c1 > c0 and bool(reads.any()):
-                    m["dense"].append((far, c0, c1, ~reads.view(b, 1, 1, -1), bool(reads.any(-1).all())))
+                    m["dense"].append((far, c0, c1, None if bool(reads.all()) else ~reads.view(b, 1, 1, -1),
+                                       bool(reads.any(-1).all())))
     _MASKS.clear()
     _BIAS.clear()
     _MASKS[key] = m
@@ -294,7 +305,7 @@ def _read_blocks(qg, qrg, qsg, fq, state, m, parts, num, den):
                 n_p = (p1 - p0) * B
                 parts.append((qx, kx[:, :, s0:s0 + p1 - p0].reshape(b, hkv, n_p, d),
                               state.v_past[:, :, p0:p1].reshape(b, hkv, n_p, -1),
-                              masked[..., (p0 - c0) * B:(p1 - c0) * B], every))
+                              None if masked is None else masked[..., (p0 - c0) * B:(p1 - c0) * B], every))
         if num is None:
             return num, den
         w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)
@@ -440,14 +451,10 @@ def _recall_complete_chunk(state: BSBRState, done: torch.Tensor) -> None:
     B, L, W = opt.chunk_size, opt.local_chunks, opt.window
     e = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the chunk leaving (n_seen: next token)
     pos = e[:, None] * B + torch.arange(B, device=e.device)[None, :]  # (b, B)
-    slot = pos.clamp(min=0) % W
-
-    def tokens(x):  # (b, hkv, W, d) -> (b, hkv, B, d) at the leaving chunk's slots
-        return x.gather(2, slot[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
-
-    real = pos >= 0
-    state.set_recall(recall_update(state.recall(), tokens(state.kr_ring), tokens(state.v_buf), tokens(state.fk_ring),
-                                   pos, real, real & (pos >= opt.sink_tokens), done & (e >= 0), opt.retrieval))
+    real = pos >= 0  # its tokens: the window buffer's first B slots
+    state.set_recall(recall_update(state.recall(), state.kr_ring[:, :, :B], state.v_buf[:, :, :B],
+                                   state.fk_ring[:, :, :B], pos, real, real & (pos >= opt.sink_tokens), done & (e >= 0),
+                                   opt.retrieval))
 
 
 def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> None:

@@ -20,7 +20,7 @@ class BSBRState:
 
     options: BSBROptions
     n_seen: torch.Tensor  # (b,) real tokens consumed per sequence
-    k_buf: torch.Tensor  # (b, hkv, W, d) keys of the last W tokens (token t in slot t % W)
+    k_buf: torch.Tensor  # (b, hkv, W, d) keys of the window's chunks in order, the current chunk last (window_tokens)
     v_buf: torch.Tensor  # (b, hkv, W, dv)
     k_sink: torch.Tensor  # (b, hkv, S, d) far keys of the sequence's first S tokens
     v_sink: torch.Tensor  # (b, hkv, S, dv)
@@ -120,6 +120,14 @@ class BSBRState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def window_tokens(t: torch.Tensor, chunk_size: int, local_chunks: int) -> torch.Tensor:
+    """t (b, 1), the index of a sequence's next token -> (b, W) the token each slot of its window's
+    buffer holds: the ``local_chunks`` chunks up to t's, in order (indices below 0 or from t on are
+    empty slots)."""
+    first = (torch.div(t, chunk_size, rounding_mode="floor") - local_chunks + 1) * chunk_size
+    return first + torch.arange(local_chunks * chunk_size, device=t.device)
 
 
 def refresh_retrieval(state: BSBRState, which: torch.Tensor) -> None:
