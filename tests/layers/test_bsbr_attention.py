@@ -78,6 +78,17 @@ def test_closed_gate_is_chunk_local_attention_and_can_open():
     assert a.retrieval_gate.grad is not None and a.retrieval_gate.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("gate", [0.0, 0.5])
+def test_a_layer_built_under_inference_mode_runs(gate):
+    x = torch.randn(1, 20, 24, dtype=torch.float64)
+    expect = layer(retrieval="normalized", gate=gate, retrieval_blocks=1, local_chunks=2)(x).detach()
+    with torch.inference_mode():  # its parameters are inference tensors, which keep no version counter
+        a = layer(retrieval="normalized", gate=gate, retrieval_blocks=1, local_chunks=2)
+        torch.testing.assert_close(a(x), expect, rtol=1e-12, atol=1e-12)
+        out, state = a.step(x[:, 12:], a(x[:, :12], output_state=True)[1])
+        torch.testing.assert_close(out, expect[:, 12:], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("kw", [dict(retrieval_blocks=1, local_chunks=2, sink_tokens=2), dict(recall_tokens=4), {}])
 def test_closed_gate_skips_the_states_without_changing_the_output(kw):
     # without gradients a closed gate is passed to the op as 0: no chunk state is read or kept (feature

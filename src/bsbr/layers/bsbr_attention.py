@@ -137,6 +137,8 @@ class BSBRAttention(MultiHeadBase):
             return None
         if torch.is_grad_enabled() and g.requires_grad:
             return self.gate_value()
+        if g.is_inference():  # built under torch.inference_mode: no version counter, so read it each call
+            return 0 if bool((g <= 0).all()) else self.gate_value()
         key = (g.data_ptr(), g._version)
         if getattr(self, "_closed_key", None) != key:
             self._closed, self._closed_key = bool((g <= 0).all()), key
