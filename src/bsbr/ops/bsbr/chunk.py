@@ -496,11 +496,11 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
     idx = window_tokens(lengths.view(b, 1), options.chunk_size, options.local_chunks)  # (b, W)
     held = ((idx >= 0) & (idx < lengths.view(b, 1))).view(b, 1, W, 1)
 
-    def ring(x):
+    def window(x):
         got = x.gather(2, idx.clamp(0, max(x.shape[2] - 1, 0)).view(b, 1, W, 1).expand(-1, x.shape[1], -1, x.shape[-1]))
         return got * held.to(x.dtype)
 
-    st.k_buf, st.v_buf = ring(k), ring(v)
+    st.k_buf, st.v_buf = window(k), window(v)
     if S:
         s_ = min(S, k.shape[2])
         first = (torch.arange(s_, device=k.device).view(1, 1, -1, 1) < lengths.view(b, 1, 1, 1)).to(k.dtype)
@@ -509,7 +509,7 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
         if options.own_position_chunks:
             st.k_sink_own[:, :, :s_] = k[:, :, :s_] * first
     if options.recall_tokens:
-        st.kr_ring, st.fk_ring = ring(kr), ring(fk)
+        st.kr_ring, st.fk_ring = window(kr), window(fk)
         st.set_recall(saved["cache"])
     else:
         _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved)

@@ -445,10 +445,10 @@ def _add_to_chunk(state, fk, v, mk, mq, inplace):
 
 
 def _recall_complete_chunk(state: BSBRState, done: torch.Tensor) -> None:
-    """A chunk completed: the chunk L chunks back (the ring's oldest) leaves the window and the recall
-    cache is updated from it, for the sequences in ``done`` that have one."""
+    """A chunk completed: the chunk L chunks back (the window buffer's oldest) leaves the window and
+    the recall cache is updated from it, for the sequences in ``done`` that have one."""
     opt = state.options
-    B, L, W = opt.chunk_size, opt.local_chunks, opt.window
+    B, L = opt.chunk_size, opt.local_chunks
     e = torch.div(state.n_seen, B, rounding_mode="floor") - L  # the chunk leaving (n_seen: next token)
     pos = e[:, None] * B + torch.arange(B, device=e.device)[None, :]  # (b, B)
     real = pos >= 0  # its tokens: the window buffer's first B slots
