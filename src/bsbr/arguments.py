@@ -230,7 +230,7 @@ def load_model_arg(source, option: str):
     except Exception as e:  # OSError: a missing or pickled file; SafetensorError: a broken one
         if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
             raise
-        why = " ".join(str(e).split())
+        why = " ".join(str(e).split()).removeprefix(f"{source}: ")  # (load_source's own refusals name it)
         if why.startswith("Unrecognized configuration class"):
             why = "transformers has no causal-LM model for its model type"
         elif type(e).__name__ == "SafetensorError":
@@ -253,7 +253,16 @@ def load_tokenizer_arg(source, option: str):
         if source is not None and not Path(os.path.expanduser(str(source))).exists():  # a hub id, checked before
             raise UserError(f"{option} {source} is no local path, and the hub could not provide it ({why}): check the "
                             "name, or the network") from e
-        if source is not None and Path(os.path.expanduser(str(source))).is_dir():
+        path = None if source is None else Path(os.path.expanduser(str(source)))
+        if path is not None and path.suffix == ".gguf" and path.is_file():
+            try:  # a file cut short (a download that stopped) fails here, before any tokenizer is read
+                from gguf import GGUFReader
+
+                GGUFReader(path)
+            except Exception as bad:
+                raise UserError(f"{option} {source}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); "
+                                "it may be cut short: download it again") from bad
+        if path is not None and path.is_dir():
             from transformers import AutoConfig
 
             try:  # the tokenizer reads config.json: a broken one is the model's fault, not the tokenizer's

@@ -69,6 +69,41 @@ def test_broken_weights_and_fake_gguf_are_one_line(models, tmp_path, capsys):
     assert "not a GGUF file" in refused(capsys, ["convert", fake, tmp_path / "out"], "convert", fake)
 
 
+@pytest.mark.parametrize("damage,expect", [
+    ("drop", "weights missing from its files (they would be random): model.layers.1.self_attn.k_proj.weight"),
+    ("shape", "weights do not fit its config.json (model.layers.1.self_attn.k_proj.weight has shape"),
+    ("nan", "weights hold nan or inf: model.layers.1.self_attn.k_proj.weight"),
+    ("hidden_act", "config.json names 'nope' where transformers knows no such value")])
+def test_a_source_that_would_load_with_random_or_broken_weights_is_refused(models, tmp_path, capsys, damage, expect):
+    from safetensors.torch import save_file
+
+    source, converted, _ = models
+    src = copy_source(source, tmp_path / "src")
+    weights, name = load_file(src / "model.safetensors"), "model.layers.1.self_attn.k_proj.weight"
+    if damage == "drop":
+        weights.pop(name)
+    elif damage == "shape":
+        weights[name] = weights[name][:-1].clone()
+    elif damage == "nan":
+        weights[name][0, 0] = float("nan")
+    else:
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "hidden_act": "nope"}))
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert line.startswith(f"bsbr convert: error: SOURCE {src}: could not load the model (") and expect in line
+    assert not (tmp_path / "out").exists()
+    line = refused(capsys, ["eval", converted, "--reference", src, "--no-passkey", "--force"], "eval", src)
+    assert "--reference" in line and expect in line
+
+
+def test_a_gguf_file_cut_short_is_named_not_blamed_on_the_tokenizer(tmp_path, capsys):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and version, then nothing
+    line = refused(capsys, ["convert", cut, tmp_path / "out"], "convert", cut)
+    assert "not a readable GGUF file" in line and "download it again" in line and "tokenizer" not in line
+
+
 @pytest.mark.parametrize("flag,value,expect", [("--gate-init", "nan", "finite"), ("--gate-init", "inf", "finite"),
                                                ("--chunk-size", str(10 ** 20), "from 1 to 1,048,576"),
                                                ("--local-chunks", str(10 ** 9), "from 1 to 1,048,576"),

@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: torch.dtype = torch.float32):
     """A transformers model from an instance, a local directory, a ``.gguf`` file, or a hub id
     (where the network allows). ``None`` means the default SmolLM2 model."""
-    from transformers import AutoModelForCausalLM
-
     if isinstance(source, PreTrainedModel):
         return source
     if source is None:
@@ -41,15 +39,43 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        return _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, use_safetensors=True)  # hub id
+    return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
+
+
+def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(*args, **kwargs)``, refusing (ValueError) what transformers
+    would load with random or broken weights: a weight missing from the files or of another shape than
+    config.json gives it, a value of config.json it cannot look up, a weight that is not finite."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(*args, ignore_mismatched_sizes=True,
+                                                            output_loading_info=True, **kwargs)
+    except KeyError as e:  # e.g. hidden_act or rope type: transformers looks the value up in a table
+        raise ValueError(f"{name}: config.json names {e} where transformers knows no such value") from e
+
+    def listed(keys):
+        keys = sorted(str(k) for k in keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    if info.get("missing_keys"):
+        raise ValueError(f"{name}: weights missing from its files (they would be random): "
+                         f"{listed(info['missing_keys'])}")
+    if info.get("mismatched_keys"):
+        key, found, expected = sorted(info["mismatched_keys"], key=str)[0][:3]
+        raise ValueError(f"{name}: its weights do not fit its config.json ({key} has shape {tuple(found)}, "
+                         f"config.json makes it {tuple(expected)}; {len(info['mismatched_keys'])} such)")
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{name}: weights hold nan or inf: {listed(bad)}")
+    return model
 
 
 def load_tokenizer(source):

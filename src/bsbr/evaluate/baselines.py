@@ -75,9 +75,9 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     logger.info("loading the reference %s", source_label(reference))
     try:
         source = load_source(reference).eval()
-    except OSError as e:  # a missing file, or a hub id the hub cannot provide (offline)
-        raise ValueError(f"the reference (--reference) {source_label(reference)} could not be loaded: "
-                         f"{' '.join(str(e).split())[:200]}") from e
+    except (OSError, ValueError) as e:  # a missing file, a hub id the hub cannot provide (offline), broken weights
+        why = " ".join(str(e).split()).removeprefix(f"{reference}: ")
+        raise ValueError(f"the reference (--reference) {source_label(reference)} could not be loaded: {why[:200]}") from e
     if check_reference is not None:
         check_reference(source)
     models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
