@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 
+from .errors import INTERRUPTED
+
 # name -> (help, module whose register(sub) defines it)
 COMMANDS = {
     "demo": ("convert the default model, evaluate it against the original, show speed", "bsbr.demo"),
@@ -111,18 +113,40 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _interrupt(signum, frame):
+    INTERRUPTED.set()  # remembered, should a library swallow the exception (bsbr.errors.check_not_interrupted)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
-    """Run ``bsbr ARGV``; returns the exit status. SIGTERM, while this runs, is a Ctrl-C: status 130 and one
-    line (a command may handle it itself meanwhile, as distill does during training)."""
-    sigterm = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if sigterm:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """Run ``bsbr ARGV``; returns the exit status. A Ctrl-C, or SIGTERM, while this runs is status 130 and
+    one line, and nothing is published after it, whatever it interrupted (a command may handle it itself
+    meanwhile, as distill does during training)."""
+    ours = []
+    if threading.current_thread() is threading.main_thread():
+        INTERRUPTED.clear()
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) == default:
+                signal.signal(sig, _interrupt)
+                ours.append((sig, default))
     try:
         return _main(argv)
     finally:
-        if sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, default in ours:
+            signal.signal(sig, default)
+
+
+def run() -> None:
+    """The console command: :func:`main`, then exit with its status. A Ctrl-C during the interpreter's
+    shutdown (a second or so after the command is done) no longer turns a finished command into 130."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _interrupted(name: str) -> int:
+    print(f"bsbr{' ' + name if name else ''}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _main(argv) -> int:
@@ -130,10 +154,13 @@ def _main(argv) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed as one line)
-        return int(e.code or 0)
+        return _interrupted("") if INTERRUPTED.is_set() else int(e.code or 0)
     except KeyboardInterrupt:  # Ctrl-C while a subcommand's parser imports its modules
-        print("bsbr: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted("")
+    except Exception:  # (an import interrupted midway can fail as another error)
+        if not INTERRUPTED.is_set():
+            raise
+        return _interrupted("")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     verbose = bool(getattr(args, "verbose", False))
     if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
@@ -143,21 +170,23 @@ def _main(argv) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # bsbr's progress at INFO; other libraries' only from WARNING on (torch logs cache statistics at exit)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("bsbr").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not getattr(args, "func", None):
         # no command, or a command with subcommands (bench) given none: its help, on stderr
         (parser.commands.choices[args.command] if args.command else parser).print_help(sys.stderr)
         return EXIT_USAGE
     name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)]))
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        return _interrupted(name) if INTERRUPTED.is_set() else code  # (an interrupt a library swallowed)
     except (KeyboardInterrupt, Exception) as e:  # the one error boundary
         if verbose:
             raise
-        if isinstance(e, KeyboardInterrupt):
-            print(f"bsbr {name}: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+        if isinstance(e, KeyboardInterrupt) or INTERRUPTED.is_set():  # (an import interrupted midway can
+            return _interrupted(name)  # fail as another error)
         from .errors import UserError
 
         if isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \
@@ -173,4 +202,4 @@ def _main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

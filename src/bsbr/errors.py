@@ -1,5 +1,16 @@
 """The one-line errors of the command line: a :class:`UserError` is printed as one line and exits with
-status 2; its kinds say what was refused."""
+status 2; its kinds say what was refused. And :data:`INTERRUPTED`, the Ctrl-C that stops a command."""
+import threading
+
+INTERRUPTED = threading.Event()  # set by the command line's Ctrl-C / SIGTERM handler (bsbr.cli.main)
+
+
+def check_not_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C came, even one a library swallowed (an interrupt raised inside
+    a ``__del__`` is only printed): called before an output is published, so an interrupted command
+    leaves nothing."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class UserError(Exception):

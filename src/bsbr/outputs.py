@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from .errors import OutputError
+from .errors import OutputError, check_not_interrupted
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 
@@ -159,6 +159,7 @@ def _remove_empty(folders) -> None:
 
 def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
     """Rename the complete directory ``tmp`` to ``out`` (same file system)."""
+    check_not_interrupted()
     old = None
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -197,6 +198,7 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        check_not_interrupted()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -241,6 +243,7 @@ def publish_files(staging, directory) -> None:
     ``config.json`` last and any old ``config.json`` removed first: until the last rename the directory
     holds no loadable model, after it the new one. ``staging`` is removed."""
     staging, directory = Path(staging), Path(directory)
+    check_not_interrupted()
     old_config = directory / "config.json"
     if old_config.exists():
         old_config.unlink()

@@ -379,6 +379,51 @@ def test_sigterm_while_loading_is_an_interrupt(models, text, tmp_path, command):
     assert not out.exists()
 
 
+def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_publishes(models, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """An interrupt raised inside a ``__del__`` (as one during an import can be) is only printed: the
+    command would run on and publish. The handler remembers it, and nothing is published after it."""
+    import bsbr.cli
+    import bsbr.convert.converter as converter
+
+    source, _, _ = models
+    convert = converter.TransformerToBSBRConverter.convert
+
+    def convert_then_swallow(self, src):
+        model = convert(self, src)
+        try:
+            bsbr.cli._interrupt(2, None)  # as the SIGINT handler does
+        except KeyboardInterrupt:
+            pass
+        return model
+
+    monkeypatch.setattr(converter.TransformerToBSBRConverter, "convert", convert_then_swallow)
+    out = tmp_path / "out"
+    assert main(["convert", str(source), str(out),
+                 "--chunk-size", "8"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr convert: interrupted"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_result_file_that_cannot_be_written_is_named(models, text, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import bsbr.evaluate.saved as saved
+
+    _, converted, _ = models
+    source = models[0]
+
+    def full(parent, prefix):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(saved, "temp_dir", full)
+    out = tmp_path / "results" / "r.json"
+    line = refused(capsys, ["eval", converted, "--reference", source, "--no-passkey", "--text-file", text,
+                            "--seq-len", "32", "--max-windows", "1", "--json", out], "eval", converted)
+    assert f"{out}: could not be written (No space left on device)" in line and "another path" in line
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanly(models, text, tmp_path, capsys):

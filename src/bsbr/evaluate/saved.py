@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
+from ..errors import UserError, check_not_interrupted
 from ..outputs import fsync, temp_dir
 from ..results import write_json
 from .baselines import load_saved_models
@@ -56,6 +57,7 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
     short final step. A write that fails (or an interruption) before that step leaves the old files
     untouched, and neither staging folders nor the folders made for them."""
     staging, staged, made = {}, [], []
+    path = None
     try:
         for path, write in files:
             path = Path(os.path.abspath(os.path.expanduser(str(path))))
@@ -65,12 +67,16 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
                 staging[path.parent] = temp_dir(path.parent, ".bsbr-eval.tmp-")
             write(staging[path.parent] / path.name)
             staged.append((staging[path.parent] / path.name, path))
-    except BaseException:
+        check_not_interrupted()
+    except BaseException as e:
         for folder in staging.values():
             shutil.rmtree(folder, ignore_errors=True)
         for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first, where empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(e, OSError) and path is not None:  # a full disk, a folder that takes no files
+            raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: free "
+                            "some space or choose another path") from e
         raise
     for tmp, path in staged:
         os.replace(tmp, path)
