@@ -80,7 +80,14 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     meta = read_metadata(model_dir)
     recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     want = recorded.get("fingerprint")
-    if not want:
+    if not want:  # the family, at least, is in config.json
+        config = Path(os.path.expanduser(str(model_dir))) / "config.json"
+        family = _json_object(config, str(config)).get("source_model_type") if config.is_file() else None
+        found = getattr(getattr(source_model, "config", None), "model_type", None)
+        if family and found and family != found and not force:
+            raise SourceMismatchError(f"{option} {source_label(source)} is a {found} model, but {model_dir} was "
+                                      f"converted from a {family} model: give that model as {option}, or pass "
+                                      "--force to use this one anyway")
         return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
     if weights_fingerprint(source_model) == want:
         return None

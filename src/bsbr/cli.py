@@ -6,6 +6,7 @@ or with ``-v`` the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -25,7 +26,7 @@ COMMANDS = {
     "eval": ("evaluate a converted model against its source and the chunk-local baseline", "bsbr.evaluate.cli"),
 }
 
-EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 1, 2, 130, 141
 
 EXIT_CODES = """exit status:
   0    done
@@ -34,7 +35,8 @@ EXIT_CODES = """exit status:
        (e.g. a non-empty output without --overwrite, a reference/teacher that is not the source
        without --force, a partial or mismatched checkpoint)
   130  interrupted (Ctrl-C / SIGTERM); bsbr distill first writes a checkpoint and prints the
-       command that resumes it"""
+       command that resumes it
+  141  the reader of the output went away (`bsbr generate ... | head`), quietly"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -187,6 +189,10 @@ def _main(argv) -> int:
             raise
         if isinstance(e, KeyboardInterrupt) or INTERRUPTED.is_set():  # (an import interrupted midway can
             return _interrupted(name)  # fail as another error)
+        if isinstance(e, BrokenPipeError):  # stdout's reader closed it: stop, and say nothing more to it
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_PIPE
         from .errors import UserError
 
         if isinstance(e, (UserError, ValueError, TypeError, OSError, ImportError)) or \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -58,6 +59,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                           f"staged in beside it needs 14 more: give a name of at most {NAME_MAX - 14} bytes")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
+    if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not _bsbr_output(out):
+        raise OutputError(f"{option} {path} holds files no bsbr command wrote (no BSBR model or checkpoint in it): "
+                          f"--overwrite replaces only a bsbr output; empty it yourself or choose another {option}")
     if (parent := unwritable_parent(out)) is not None:
         why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
@@ -100,6 +104,16 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             if out.suffix.lstrip(".").lower() not in formats:
                 raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
                                   f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def _bsbr_output(out: Path) -> bool:
+    """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
+    config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint."""
+    for config in (out / "config.json", out / "model" / "config.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads(config.read_text()).get("model_type") == "bsbr":
+                return True
+    return (out / "checkpoint").is_dir()
 
 
 def unwritable_parent(path: Path) -> Optional[Path]:

@@ -415,3 +415,36 @@ def test_text_too_short_for_one_window_is_refused_before_loading(models, tmp_pat
             ["distill", "--student", converted, "--teacher", source, "--steps", "1", "--output", tmp_path / "out"])
     line = refused(capsys, [*argv, "--text-file", empty, short, "--seq-len", "96"], command, converted)
     assert "--text-file: 60 bytes in 2 file(s), fewer than the 96 tokens of one window (--seq-len" in line
+
+
+def test_without_a_recorded_fingerprint_a_reference_of_another_family_is_refused(models, gpt2_models, tmp_path,
+                                                                                   text, capsys):
+    _, converted, _ = models
+    bare = tmp_path / "no-record"
+    shutil.copytree(converted, bare)
+    (bare / "conversion.json").unlink()  # config.json still says which family it came from
+    gpt2_source, _ = gpt2_models
+    args = ["eval", bare, "--reference", gpt2_source, "--no-passkey", "--text-file", text, "--seq-len", "32",
+            "--max-windows", "1"]
+    line = refused(capsys, args, "eval", bare)
+    assert "is a gpt2 model, but" in line and "converted from a llama model" in line and "--force" in line
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(models, capsys, monkeypatch):
+    import io
+    import sys
+
+    class ClosedPipe:  # stdout after `| head -c1` exited
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            raise io.UnsupportedOperation("no file descriptor here")
+
+    _, converted, _ = models
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "4"]) == 141
+    assert "error" not in capsys.readouterr().err

@@ -85,6 +85,21 @@ def test_convert_refuses_an_unwritable_output_before_loading(models, tmp_path, c
         ro.chmod(0o700)
 
 
+def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
+    source, converted, _ = models
+    home = tmp_path / "models"
+    shutil.copytree(converted, home / "conv")
+    (home / "notes.txt").write_text("mine")
+    line = refused(capsys, ["convert", source, home, "--overwrite", "--chunk-size", "8"], "convert", home)
+    assert "holds files no bsbr command wrote" in line and "--overwrite replaces only a bsbr output" in line
+    line = refused(capsys, ["demo", "--source", source, "--output", home, "--overwrite"], "demo", home)
+    assert "holds files no bsbr command wrote" in line
+    mine = shutil.copytree(converted, tmp_path / "mine")
+    (mine / "notes.txt").write_text("a note beside the model")  # a bsbr model, with a user's file: replaced
+    assert main(["convert", str(source), str(mine), "--overwrite", "--chunk-size", "16"]) == 0
+    assert json.loads((mine / "config.json").read_text())["chunk_size"] == 16 and not (mine / "notes.txt").exists()
+
+
 def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, capsys, monkeypatch):
     import bsbr.outputs
     from bsbr.convert.converter import load_source
