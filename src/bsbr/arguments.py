@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import SourceMismatchError, UserError
+
+logger = logging.getLogger(__name__)
 
 METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
 
@@ -142,6 +145,28 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     elif text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".gguf", "/")):  # not ORG/NAME
         raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
                         f"ORG/NAME, e.g. openai-community/gpt2)")
+    else:
+        _cache_only_if_the_hub_is_unreachable()
+
+
+def _cache_only_if_the_hub_is_unreachable() -> None:
+    """Before a hub model is loaded: with no connection to the hub, read hub models from the local cache
+    at once (huggingface_hub's offline mode) instead of retrying for about a minute; one that is not
+    cached is then refused in one line."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+        logger.info("the hub (%s) cannot be reached: hub models are read from the local cache only", constants.ENDPOINT)
 
 
 def read_config(config: Path, option: str) -> dict:
@@ -245,8 +270,18 @@ def load_model_arg(source, option: str):
         why = why if len(why) <= 300 else why[:300] + " ..."
         if local:
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
-        raise UserError(f"{option} {source} is no local path, and the hub could not provide it "
-                        f"({why[:200]}): check the path") from e
+        raise _not_on_the_hub(option, source, why) from e
+
+
+def _not_on_the_hub(option: str, source, why: str) -> UserError:
+    """The error for a hub id that could not be loaded."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return UserError(f"{option} {source} is no local path, and not in the local hub cache while the hub cannot "
+                         "be reached (offline): give a local model directory or .gguf file, or connect")
+    return UserError(f"{option} {source} is no local path, and the hub could not provide it ({why[:200]}): check the "
+                     "name, or the network")
 
 
 def load_tokenizer_arg(source, option: str):
@@ -258,8 +293,7 @@ def load_tokenizer_arg(source, option: str):
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer
         why = " ".join(str(e).split())[:200]
         if source is not None and not Path(os.path.expanduser(str(source))).exists():  # a hub id, checked before
-            raise UserError(f"{option} {source} is no local path, and the hub could not provide it ({why}): check the "
-                            "name, or the network") from e
+            raise _not_on_the_hub(option, source, why) from e
         path = None if source is None else Path(os.path.expanduser(str(source)))
         if path is not None and path.suffix == ".gguf" and path.is_file():
             try:  # a file cut short (a download that stopped) fails here, before any tokenizer is read

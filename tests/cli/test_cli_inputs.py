@@ -383,11 +383,31 @@ def test_a_hub_id_the_hub_cannot_provide_is_not_blamed_on_the_tokenizer(tmp_path
 
     monkeypatch.setattr("bsbr.convert.converter.load_tokenizer", offline)
     monkeypatch.setattr("bsbr.convert.converter.load_source", offline)
+    monkeypatch.setattr("bsbr.arguments._cache_only_if_the_hub_is_unreachable", lambda: None)  # (the hub is up)
     line = refused(capsys, ["convert", "org/missing", tmp_path / "out"], "convert")
     assert "SOURCE org/missing is no local path, and the hub could not provide it" in line and "tokenizer" not in line
     line = refused(capsys, ["bench", "converted", "org/missing", "--seq-lens", "32", "--decode-contexts"],
                    "bench converted")
     assert "SOURCE org/missing is no local path, and the hub could not provide it" in line
+
+
+def test_a_hub_id_with_no_connection_reads_the_cache_at_once(tmp_path, capsys, monkeypatch):
+    """No network: transformers would retry for about a minute before failing; the hub's offline mode
+    makes it read the local cache (where an uncached model fails at once)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def unreachable(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    line = refused(capsys, ["convert", "org/missing", tmp_path / "out"], "convert")
+    assert "not in the local hub cache while the hub cannot be reached (offline)" in line
+    assert constants.HF_HUB_OFFLINE
 
 
 def test_a_full_disk_while_saving_names_the_output_and_publishes_nothing(models, tmp_path, capsys, monkeypatch):
