@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,7 +41,12 @@ EXIT_CODES = """exit status:
 
 
 class Parser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line (exit status 2)."""
+    """An argparse parser whose usage errors are one line (exit status 2), and which reads a negative
+    number in exponent form (``--gate-init -1e39``) as a value, as argparse reads ``-0.5``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -105,6 +105,7 @@ def test_a_gguf_file_cut_short_is_named_not_blamed_on_the_tokenizer(tmp_path, ca
 
 
 @pytest.mark.parametrize("flag,value,expect", [("--gate-init", "nan", "finite"), ("--gate-init", "inf", "finite"),
+                                               ("--gate-init", "-1e39", "float32 holds"),  # (a value, not a flag)
                                                ("--chunk-size", str(10 ** 20), "from 1 to 1,048,576"),
                                                ("--local-chunks", str(10 ** 9), "from 1 to 1,048,576"),
                                                ("--sink-tokens", str(10 ** 9), "from 0 to 1,048,576"),

@@ -17,7 +17,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     from .defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
 
     def gate(text: str):
-        return None if text.lower() == "none" else finite_number()(text)
+        return None if text.lower() == "none" else finite_number(float32=True)(text)
 
     p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default %(default)s)")
     p.add_argument("--local-chunks", type=integer(), default=D["local_chunks"],
