@@ -158,8 +158,9 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                                                  "http_proxy", "ALL_PROXY", "all_proxy")):
+        return  # (through a proxy the direct connection below says nothing)
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()

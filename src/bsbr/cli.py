@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     finally:
         for sig, default in ours:
             signal.signal(sig, default)
+        if ours:  # this call's interrupt ends with it (later writes in the process, another thread's command)
+            INTERRUPTED.clear()
 
 
 def run() -> None:

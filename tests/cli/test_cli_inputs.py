@@ -399,13 +399,21 @@ def test_a_hub_id_with_no_connection_reads_the_cache_at_once(tmp_path, capsys, m
 
     from huggingface_hub import constants
 
+    from bsbr.arguments import check_model_arg
+
     def unreachable(*a, **k):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # through a proxy, a direct connection says nothing
+    check_model_arg("org/missing", "SOURCE")
+    assert not constants.HF_HUB_OFFLINE
+    monkeypatch.delenv("HTTPS_PROXY")
     line = refused(capsys, ["convert", "org/missing", tmp_path / "out"], "convert")
     assert "not in the local hub cache while the hub cannot be reached (offline)" in line
     assert constants.HF_HUB_OFFLINE

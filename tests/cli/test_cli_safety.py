@@ -418,6 +418,10 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_publishe
                  "--chunk-size", "8"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr convert: interrupted"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    from bsbr.results import write_json
+
+    write_json({"later": 1}, tmp_path / "later.json")  # the interrupt ended with its command
+    assert (tmp_path / "later.json").is_file()
 
 
 def test_a_result_file_that_cannot_be_written_is_named(models, text, tmp_path, capsys, monkeypatch):
