@@ -135,14 +135,18 @@ def test_one_chunk_is_causal_softmax_attention():
 
 @pytest.mark.parametrize("fn", [chunk_bsbr_attention, recurrent_bsbr_attention])
 @pytest.mark.parametrize("variant", ["additive", "normalized"])
-def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant):
+@pytest.mark.parametrize("dv,blocks", [(7, dict(chunk_size=8, retrieval_blocks=2)),
+                                       # every chunk read, the own-position ring one chunk long: a sequence
+                                       # ahead reads a ring slot the one behind does not (dv = d: fused parts)
+                                       (4, dict(chunk_size=2, retrieval_blocks=50, own_position_chunks=2))])
+def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant, dv, blocks):
     n = 30
-    x = make_inputs(b=3, hq=2, hkv=1, n=n, d=4, positive=True)
+    x = with_far_keys(make_inputs(b=3, hq=2, hkv=1, n=n, d=4, dv=dv, positive=True))
     valid = torch.ones(3, n, dtype=torch.bool)
     valid[0, :7] = False  # left padding
     valid[1, 19:] = False  # right padding
     valid[2, 3:5] = False  # holes
-    kw = dict(chunk_size=8, retrieval=variant, retrieval_blocks=2)
+    kw = dict(retrieval=variant, **blocks)
     o = call(fn, x, valid=valid, **kw)
     for b in range(3):
         alone = {k: t[b : b + 1][:, :, valid[b]] for k, t in x.items()}
@@ -610,6 +614,16 @@ def test_block_selection_is_causal_to_the_bit():
     for R in (0, 4):
         assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
                       retrieval="normalized", gate=torch.tensor(0.7, dtype=DT), own_position_chunks=R)
+
+
+@pytest.mark.parametrize("fn", [chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_a_sequence_of_padding_alone_outputs_zeros(fn):
+    x = with_far_keys(make_inputs(b=2, hq=2, hkv=1, n=30, d=4, dv=4, positive=True))
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1] = False
+    for kw in (dict(retrieval_blocks=50, own_position_chunks=8), dict(retrieval_blocks=2, sink_tokens=2)):
+        o = call(fn, x, valid=valid, chunk_size=2, local_chunks=3, retrieval="normalized", **kw)
+        assert torch.equal(o[1], torch.zeros_like(o[1])) and torch.isfinite(o[0]).all()
 
 
 def test_a_crowded_block_is_causal_to_the_bit():

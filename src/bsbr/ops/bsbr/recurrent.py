@@ -303,9 +303,11 @@ def _read_blocks(qg, qrg, qsg, fq, state, m, parts, num, den):
             qx, kx = (qrg, state.kr_past) if far else (qg, state.k_past)
             for p0, p1, s0 in pieces:  # chunks p0 .. p1 - 1, from slot s0 of kx
                 n_p = (p1 - p0) * B
+                piece = None if masked is None else masked[..., (p0 - c0) * B:(p1 - c0) * B]
+                if piece is not None and len(pieces) > 1:  # (sequences at other positions: a row may read
+                    every = bool((~piece).any(-1).all())  # nothing of one piece of the ring)
                 parts.append((qx, kx[:, :, s0:s0 + p1 - p0].reshape(b, hkv, n_p, d),
-                              state.v_past[:, :, p0:p1].reshape(b, hkv, n_p, -1),
-                              None if masked is None else masked[..., (p0 - c0) * B:(p1 - c0) * B], every))
+                              state.v_past[:, :, p0:p1].reshape(b, hkv, n_p, -1), piece, every))
         if num is None:
             return num, den
         w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)

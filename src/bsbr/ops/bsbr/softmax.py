@@ -48,12 +48,14 @@ def masked_attention_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor
 
 def merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """One softmax from parts (o_i (..., M, dv), lse_i (..., M)) over disjoint keys: weights
-    exp(lse_i - max) renormalised. A part with lse = -inf (no key for that row) has weight 0."""
+    exp(lse_i - max) renormalised. A part with lse = -inf (no key for that row) has weight 0; a row
+    no part has a key for (padding) gets 0."""
     if len(parts) == 1:
         return parts[0][0]
     lses = torch.stack([lse for _, lse in parts])
-    w = torch.exp(lses - lses.amax(0))
-    w = (w / w.sum(0)).unsqueeze(-1)
+    top = lses.amax(0)
+    w = torch.exp(lses - top.masked_fill(top == float("-inf"), 0.0))
+    w = (w / w.sum(0).clamp(min=torch.finfo(w.dtype).tiny)).unsqueeze(-1)
     o = parts[0][0] * w[0]
     for wi, (oi, _) in zip(w[1:], parts[1:]):
         o = o.addcmul_(oi, wi)
