@@ -219,12 +219,15 @@ def _step_masks(state, device):
                 read = read & (torch.arange(U * B, device=device) >= S)
             own_tok = (chunks[:U].repeat_interleave(B)[None, :] >= own_from[:, None])  # (b, U * B)
             lo, hi = min(m["own_lo"], U), min(m["own_hi"], U)
-            m["dense"] = []  # (far keys?, first chunk, end chunk, masked (None: none), every row reads)
+            # runs of chunks p0 .. p1 - 1 from slot s0 (of the far keys, or of the own-position ring: a
+            # row may read nothing of one of its runs): (far?, p0, p1, s0, masked (None: none), every row reads)
+            m["dense"] = []
             for far, c0, c1, reads in ((True, 0, hi, read & ~own_tok), (False, lo, U, read & own_tok)):
-                reads = reads[:, c0 * B:c1 * B]
-                if c1 > c0 and bool(reads.any()):
-                    m["dense"].append((far, c0, c1, None if bool(reads.all()) else ~reads.view(b, 1, 1, -1),
-                                       bool(reads.any(-1).all())))
+                for p0, p1, s0 in [(c0, c1, c0)] if far else _ring_pieces(c0, c1, own_ring_chunks(opt)):
+                    piece = reads[:, p0 * B:p1 * B]
+                    if bool(piece.any()):
+                        m["dense"].append((far, p0, p1, s0, None if bool(piece.all()) else ~piece.view(b, 1, 1, -1),
+                                           bool(piece.any(-1).all())))
     _MASKS.clear()
     _BIAS.clear()
     _MASKS[key] = m
@@ -298,16 +301,11 @@ def _read_blocks(qg, qrg, qsg, fq, state, m, parts, num, den):
         return num, den
     if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
         U = m["last"] + 1
-        for far, c0, c1, masked, every in m["dense"]:
-            pieces = [(c0, c1, c0)] if far else _ring_pieces(c0, c1, own_ring_chunks(opt))
+        for far, p0, p1, s0, masked, every in m["dense"]:  # chunks p0 .. p1 - 1, from slot s0
             qx, kx = (qrg, state.kr_past) if far else (qg, state.k_past)
-            for p0, p1, s0 in pieces:  # chunks p0 .. p1 - 1, from slot s0 of kx
-                n_p = (p1 - p0) * B
-                piece = None if masked is None else masked[..., (p0 - c0) * B:(p1 - c0) * B]
-                if piece is not None and len(pieces) > 1:  # (sequences at other positions: a row may read
-                    every = bool((~piece).any(-1).all())  # nothing of one piece of the ring)
-                parts.append((qx, kx[:, :, s0:s0 + p1 - p0].reshape(b, hkv, n_p, d),
-                              state.v_past[:, :, p0:p1].reshape(b, hkv, n_p, -1), piece, every))
+            n_p = (p1 - p0) * B
+            parts.append((qx, kx[:, :, s0:s0 + p1 - p0].reshape(b, hkv, n_p, d),
+                          state.v_past[:, :, p0:p1].reshape(b, hkv, n_p, -1), masked, every))
         if num is None:
             return num, den
         w = state.w_cur.view(b, hkv, g, -1)[..., :U] * candidate[:, :U].view(b, 1, 1, U)
