@@ -80,7 +80,7 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
         raise
     for tmp, path in staged:
         os.replace(tmp, path)
-        logger.info("wrote %s", path)
+        logger.debug("wrote %s", path)  # (the commands print where their results went)
     for parent, folder in staging.items():
         folder.rmdir()
         with contextlib.suppress(OSError):  # not every file system lets a directory be synced
