@@ -164,3 +164,39 @@ def test_a_half_precision_model_continues_its_cache(recall):
             out = model(ids[:, t:t + 1], cache=cache)
             steps.append(out.logits.float())
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0.05, atol=0.1)  # bf16 rounding
+
+
+@pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(retrieval_blocks=0), dict(recall_tokens=5)],
+                         ids=["blocks", "window", "recall"])
+def test_a_cache_continues_whatever_the_grad_mode_it_was_built_in(options):
+    # a fresh conversion's gate is closed but trainable: a prefill under autograd kept the chunk states
+    # (the gate could open), one without none, and a step in the other mode refused the cache
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, local_chunks=2, sink_tokens=3, **options)
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids).logits[:, -3:]
+    for prefill_grad in (True, False):
+        with torch.set_grad_enabled(prefill_grad):
+            cache = model(ids[:, :34], use_cache=True).cache
+        steps = []
+        for t, grad in zip(range(34, 37), (not prefill_grad, prefill_grad, not prefill_grad)):
+            with torch.set_grad_enabled(grad):
+                out = model(ids[:, t:t + 1], cache=cache)
+            cache = out.cache
+            steps.append(out.logits.detach())
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_built_under_inference_mode_continues_outside_it():
+    # its tensors are inference tensors, which cannot be written in place outside inference mode
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, local_chunks=2, sink_tokens=3, retrieval_blocks=2)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+    with torch.inference_mode():
+        cache = model(ids[:, :28], use_cache=True).cache
+    with torch.no_grad():
+        model(ids[:, 28:29], cache=cache)
+    with torch.inference_mode():  # and a cache continued outside goes on inside again
+        out = model(ids[:, 29:30], cache=cache)
+    torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)

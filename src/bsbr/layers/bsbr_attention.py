@@ -149,6 +149,11 @@ class BSBRAttention(MultiHeadBase):
         b, _, n, _ = q.shape
         gate = self._op_gate()
         read = not isinstance(gate, int)
+        state = kwargs.get("initial_state")
+        kept = state is not None and state.F_cur.shape[2] > 0  # a cache continued keeps its chunk states
+        if read and state is not None and not kept and self.retrieval_gate is not None \
+                and bool((self.retrieval_gate <= 0).all()):
+            gate, read = 0, False  # a cache built with the gate closed has none to read; closed, it reads nothing
         mq, mk = q, k  # meta inputs un-rotated: a mean of rotated vectors over a chunk would cancel out
         qr = kr = qs = None
         if far_position_embeddings is not None:  # far keys (sinks, blocks) at other positions than their own
@@ -159,8 +164,9 @@ class BSBRAttention(MultiHeadBase):
         if position_embeddings is not None:
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         # a closed gate reads no chunk state, so none is kept (nor its features computed), except by the
-        # recall mode, which chooses its cache with them
-        if read or self.options.recall_tokens:
+        # recall mode, which chooses its cache with them, and in a cache that keeps them (built where the
+        # gate could open: under autograd), so that it continues whether or not autograd is on
+        if read or kept or self.options.recall_tokens:
             fk = self.feature_k(k)
             fk = fk if self.compress is None else self.compress(fk)
         else:  # no chunk states, so features of size 0 (the op keeps empty states)

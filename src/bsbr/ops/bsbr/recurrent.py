@@ -44,6 +44,9 @@ def _start(state, options, a, like) -> BSBRState:
     if not isinstance(state, BSBRState):
         raise TypeError(f"the state must be None or a bsbr.ops.BSBRState, got {type(state).__name__}")
     state.check_continues(options, a, like.dtype)
+    if state.n_seen.is_inference() and not torch.is_inference_mode_enabled():
+        # built under torch.inference_mode, whose tensors cannot be written outside it: continue a copy
+        return BSBRState(options=state.options, **{n: t.clone() for n, t in state.tensors().items()})
     return state
 
 
