@@ -118,3 +118,12 @@ def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
             load(tmp_path)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_bsbr_model(tmp_path)
+
+
+def test_the_special_token_ids_are_declared_like_a_sources():
+    # fine-tuning code reads config.pad_token_id and tests it for None; the sources' configs declare all three
+    bare = BSBRConfig(**TINY)
+    assert (bare.pad_token_id, bare.bos_token_id, bare.eos_token_id) == (None, None, None)
+    given = BSBRConfig(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=[2, 3])
+    again = BSBRConfig.from_dict(given.to_dict())
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 1, [2, 3])

@@ -96,6 +96,9 @@ class BSBRConfig(PretrainedConfig):
         source_model_type: Optional[str] = None,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
+        pad_token_id: Optional[int] = None,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
         **kwargs,
     ):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
@@ -176,6 +179,8 @@ class BSBRConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.source_model_type = source_model_type
         self.use_cache = use_cache
+        # declared, as the sources' configs declare them (code reads config.pad_token_id and tests for None)
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         # checked once transformers has merged legacy keys (rope_theta, rope_scaling) into rope_parameters
         rope = self.rope_parameters
