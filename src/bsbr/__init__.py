@@ -11,38 +11,16 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .lazy import lazy_names
+
 __version__ = "0.2.0"
 
-_EXPORTS = {
-    "BSBRAttention": "bsbr.layers",
-    "BSBRConfig": "bsbr.models",
-    "BSBRForCausalLM": "bsbr.models",
-    "BSBRLayer": "bsbr.models",
-    "BSBRModel": "bsbr.models",
-    "TransformerToBSBRConverter": "bsbr.convert",
-    "convert_to_bsbr": "bsbr.convert",
-    "load_bsbr_model": "bsbr.models",
-}
-
+_EXPORTS = {"BSBRAttention": "layers", "BSBRConfig": "models", "BSBRForCausalLM": "models", "BSBRLayer": "models",
+            "BSBRModel": "models", "TransformerToBSBRConverter": "convert", "convert_to_bsbr": "convert",
+            "load_bsbr_model": "models"}
 __all__ = sorted([*_EXPORTS, "__version__"])
-
-
-_SUBPACKAGES = ("bench", "convert", "distill", "evaluate", "layers", "models", "ops")
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBPACKAGES:  # bsbr.models.X after a plain `import bsbr`
-        value = importlib.import_module(f"bsbr.{name}")
-    else:
-        raise AttributeError(f"module 'bsbr' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, ("bench", "convert", "distill", "evaluate", "layers", "models",
+                                                       "ops"))
 
 
 def _register_auto_classes() -> None:
