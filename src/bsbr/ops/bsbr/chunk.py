@@ -52,9 +52,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
 
     Returns ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
     """
-    fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    qs = qr if qs is None else qs
-    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, qs=qs)
+    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k)
     same_far = qr is q and kr is k  # far keys read at their own positions
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
     B, L, R = options.chunk_size, options.local_chunks, options.own_position_chunks

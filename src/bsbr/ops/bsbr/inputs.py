@@ -47,24 +47,24 @@ def _signature(args, token_dim):
     return tuple(sig)
 
 
-def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q=None, meta_k=None,
-                 token_dim: int = 4, qs=None) -> BSBRArgs:
-    """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)).
+def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim: int = 4):
+    """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)), the
+    optional inputs defaulted first (fq, qr: q; fk, kr: k; qs: qr). Returns ``(sizes, (fq, fk, qr, kr, qs))``.
     K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple.
     A signature seen before is not checked again."""
     if not isinstance(options, BSBROptions):
         raise TypeError(f"options must be a bsbr.ops.BSBROptions, got {type(options).__name__}")
+    fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     qs = qr if qs is None else qs
     key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k), token_dim)
-    seen = _CHECKED.get(key) if key is not None else None
-    if seen is not None:
-        return seen
-    a = _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim)
-    if key is not None:
-        if len(_CHECKED) >= 1024:
-            _CHECKED.clear()
-        _CHECKED[key] = a
-    return a
+    a = _CHECKED.get(key) if key is not None else None
+    if a is None:
+        a = _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim)
+        if key is not None:
+            if len(_CHECKED) >= 1024:
+                _CHECKED.clear()
+            _CHECKED[key] = a
+    return a, (fq, fk, qr, kr, qs)
 
 
 def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim) -> BSBRArgs:

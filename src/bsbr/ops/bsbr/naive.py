@@ -21,9 +21,7 @@ from .retrieval import GIST_FLOOR, apply_meta, combine, gate_per_head, select_bl
 def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None, qs=None,
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None):
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`; returns ``(o, None)``."""
-    fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    qs = qr if qs is None else qs
-    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, qs=qs)
+    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k)
     B, L, S, K = options.chunk_size, options.local_chunks, options.sink_tokens, options.retrieval_blocks
     J = options.window_scored_blocks
     g = a.q_heads // a.kv_heads

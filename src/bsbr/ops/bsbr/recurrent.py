@@ -27,9 +27,8 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
     state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``: the state passed
     in, advanced (created if None; its tensors written in place when autograd is off, replaced
     otherwise). To continue one prefix twice, fork it first: ``state.select(torch.arange(b))``."""
-    fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    qs = qr if qs is None else qs
-    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim=3, qs=qs)
+    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k,
+                                           token_dim=3)
     state = _start(state, options, a, q)
     if a.batch == 0:
         return q.new_zeros(0, a.q_heads, a.value_dim), state
@@ -435,16 +434,8 @@ def _recall_read(qrg, fq, state, parts, read):
 
 def _add_to_chunk(state, fk, v, mk, mq, inplace):
     """Running sums of the current chunk (inputs already zero for padding)."""
-    if inplace:
-        state.F_cur += fk.unsqueeze(-1) * v.unsqueeze(-2)
-        state.z_cur += fk
-        state.mk_sum += mk
-        state.mq_sum += mq
-    else:
-        state.F_cur = state.F_cur + fk.unsqueeze(-1) * v.unsqueeze(-2)
-        state.z_cur = state.z_cur + fk
-        state.mk_sum = state.mk_sum + mk
-        state.mq_sum = state.mq_sum + mq
+    for name, x in (("F_cur", fk.unsqueeze(-1) * v.unsqueeze(-2)), ("z_cur", fk), ("mk_sum", mk), ("mq_sum", mq)):
+        setattr(state, name, getattr(state, name).add_(x) if inplace else getattr(state, name) + x)
 
 
 def _recall_complete_chunk(state: BSBRState, done: torch.Tensor) -> None:
@@ -498,9 +489,7 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one), which is advanced as by :func:`bsbr_attention_step`.
     Returns ``(o, state)``."""
-    fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    qs = qr if qs is None else qs
-    a = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, qs=qs)
+    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k)
     state = _start(initial_state, options, a, q)
     outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr, qs)), state, gate, meta_q, meta_k,
                   None if valid is None else valid[:, i].bool()) for i in range(a.seq_len if a.batch else 0)]
