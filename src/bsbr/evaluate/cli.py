@@ -270,22 +270,20 @@ def cmd_eval(args) -> int:
         print(line)
     from .plots import plot_passkey_heatmap, plot_results
 
-    files = []  # all written together at the end: an error or interruption before leaves the old set
-    if args.json:
-        files.append((args.json, lambda p: write_json(result, p)))
+    files = []  # (path, writer, line): all written together at the end: an error or interruption before
+    if args.json:  # leaves the old set
+        files.append((args.json, lambda p: write_json(result, p), f"results: {args.json}"))
     if args.plot and not args.passkey_only:
-        files.append((args.plot, lambda p: plot_results(result, p)))
+        files.append((args.plot, lambda p: plot_results(result, p), f"plot: {args.plot}"))
     heatmap = _heatmap_path(args)
     if heatmap is not None and result.get("passkey"):
-        files.append((heatmap, lambda p: plot_passkey_heatmap(result["passkey"], p)))
-        files.append((heatmap.with_suffix(".json"), lambda p: write_json(result["passkey"], p)))
-    write_together(files)
-    if args.json:
-        print(f"results: {args.json}")
-    if args.plot and not args.passkey_only:
-        print(f"plot: {args.plot}")
-    if heatmap is not None and result.get("passkey"):
-        print(f"pass-key heat map: {heatmap} (data: {heatmap.with_suffix('.json')})")
+        files.append((heatmap, lambda p: plot_passkey_heatmap(result["passkey"], p),
+                      f"pass-key heat map: {heatmap} (data: {heatmap.with_suffix('.json')})"))
+        files.append((heatmap.with_suffix(".json"), lambda p: write_json(result["passkey"], p), None))
+    write_together([f[:2] for f in files])
+    for *_, line in files:
+        if line:
+            print(line)
     return 0
 
 
