@@ -59,9 +59,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                           f"staged in beside it needs 14 more: give a name of at most {NAME_MAX - 14} bytes")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
-    if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not _bsbr_output(out):
-        raise OutputError(f"{option} {path} holds files no bsbr command wrote (no BSBR model or checkpoint in it): "
-                          f"--overwrite replaces only a bsbr output; empty it yourself or choose another {option}")
+    if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
+        raise OutputError(f"{option} {path} holds files no bsbr command wrote (not only a BSBR model, its records or a "
+                          f"checkpoint): --overwrite replaces only a bsbr output; move them or choose another {option}")
     if (parent := unwritable_parent(out)) is not None:
         why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
@@ -106,14 +106,38 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                                   f"{', '.join('.' + f for f in sorted(formats))}")
 
 
-def _bsbr_output(out: Path) -> bool:
+# what a bsbr command writes at the top of its output: the model and tokenizer files save_pretrained writes,
+# the conversion and distillation records, demo's results, and the model/ and checkpoint/ folders
+_WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+            "conversion.json", "distill.json", "distill.png", "eval.json", "eval.png", "speed.json", "speed.png",
+            "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+            "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+            "chat_template.json"}
+
+
+def is_bsbr_output(out: Path) -> bool:
     """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
-    config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint."""
-    for config in (out / "config.json", out / "model" / "config.json"):
+    config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding
+    nothing but what bsbr writes there (a user's file beside them is not replaced with them)."""
+    def bsbr_config(config: Path) -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            if json.loads(config.read_text()).get("model_type") == "bsbr":
-                return True
-    return (out / "checkpoint").is_dir()
+            return json.loads(config.read_text()).get("model_type") == "bsbr"
+        return False
+
+    def written(entry: Path) -> bool:
+        if entry.is_symlink():
+            return False
+        if entry.is_dir():
+            if entry.name == "checkpoint":
+                return all(f.is_file() and not f.is_symlink() and (f.name == "manifest.json" or f.suffix == ".safetensors")
+                           for f in entry.iterdir())
+            return entry.name == "model" and is_bsbr_output(entry)
+        return entry.name in _WRITTEN or (entry.name.startswith("model-") and entry.name.endswith(".safetensors"))
+
+    ckpt = out / "checkpoint"  # (a first checkpoint interrupted before its manifest has data files alone)
+    marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
+        (ckpt.is_dir() and any(ckpt.iterdir()))
+    return marked and all(written(entry) for entry in out.iterdir())
 
 
 def unwritable_parent(path: Path) -> Optional[Path]:

@@ -95,9 +95,23 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     line = refused(capsys, ["demo", "--source", source, "--output", home, "--overwrite"], "demo", home)
     assert "holds files no bsbr command wrote" in line
     mine = shutil.copytree(converted, tmp_path / "mine")
-    (mine / "notes.txt").write_text("a note beside the model")  # a bsbr model, with a user's file: replaced
-    assert main(["convert", str(source), str(mine), "--overwrite", "--chunk-size", "16"]) == 0
-    assert json.loads((mine / "config.json").read_text())["chunk_size"] == 16 and not (mine / "notes.txt").exists()
+    (mine / "notes.txt").write_text("a note beside the model")  # a bsbr model, with a user's file: kept
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    (mine / "notes.txt").unlink()
+    (mine / "checkpoint").mkdir()  # a folder named like distill's, of other files
+    (mine / "checkpoint" / "my_weights.pt").write_text("w")
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    shutil.rmtree(mine / "checkpoint")
+    thesis = tmp_path / "thesis"  # a folder whose checkpoint/ or model/ only looks like bsbr's
+    (thesis / "checkpoint").mkdir(parents=True)
+    (thesis / "thesis.tex").write_text("mine")
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, thesis, "--overwrite"], "convert",
+                                                          thesis)
+    shutil.copytree(converted, thesis / "model")
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, thesis, "--overwrite"], "convert",
+                                                          thesis)
+    assert main(["convert", str(source), str(mine), "--overwrite", "--chunk-size", "16"]) == 0  # a bsbr model alone
+    assert json.loads((mine / "config.json").read_text())["chunk_size"] == 16
 
 
 def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, capsys, monkeypatch):

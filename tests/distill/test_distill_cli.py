@@ -110,7 +110,7 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     out = tmp_path / "out"
     assert main(distill_args(models, text, out, "--steps", "2", "--checkpoint-every", "1")) == 0
     written = set(model_files(out))  # what a run publishes
-    (out / "notes.txt").write_text("the old output's")  # a file the new model does not write
+    (out / "speed.json").write_text("{}")  # a file bsbr writes (demo) and the new run does not
     before = tree_hash(out)
     old_model = model_files(out)
     # the optimizer's step overflows float32 at once: refused (not an internal error), the old model kept
@@ -148,7 +148,7 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     assert set(model_files(out)) == written
     load_bsbr_model(out)
     # an --overwrite that finishes at once: nothing of the old output is left
-    (out / "notes.txt").write_text("the old output's")
+    (out / "speed.json").write_text("{}")
     assert main([*distill_args(models, text, out, "--steps", "2", "--seed", "2"), "--overwrite"]) == 0
     assert set(model_files(out)) == written
     assert json.loads((out / "distill.json").read_text())["config"]["seed"] == 2
@@ -244,3 +244,22 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
                            "holds step 2: once there is room, resume with: bsbr distill "), last
     monkeypatch.undo()
     assert main(last.split("resume with: ")[1].split()[1:]) == 0
+
+
+def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys):
+    # a folder with a checkpoint/ of the user's own, or a run's output with a user's file beside it
+    proj = tmp_path / "proj"
+    (proj / "checkpoint").mkdir(parents=True)
+    (proj / "checkpoint" / "my_weights.pt").write_text("w")
+    (proj / "important.txt").write_text("mine")
+    before = tree_hash(proj)
+    line = refused(capsys, [*distill_args(models, text, proj, "--steps", "1"), "--overwrite"], "distill", proj)
+    assert "holds files no bsbr command wrote" in line, line
+    assert tree_hash(proj) == before
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
+    (out / "important.txt").write_text("mine")
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "2", "--checkpoint-every", "1"), "--resume"],
+                   "distill", out)
+    assert "holds files no bsbr command wrote" in line and "move them" in line, line
+    assert (out / "important.txt").read_text() == "mine"

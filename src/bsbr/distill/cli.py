@@ -18,7 +18,7 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, check_bsbr_dir, check_model_arg, check_positions, check_recorded_source,
                          check_source, check_text_files, load_model_arg, load_tokenizer_arg)
 from ..errors import CheckpointError, UserError
-from ..outputs import check_output_dir, write_model_card
+from ..outputs import check_output_dir, is_bsbr_output, write_model_card
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -136,9 +136,13 @@ def cmd_distill(args) -> int:
                         "the model it was converted from")
     check_text_files(args.text_file, args.seq_len)
     ckpt = out / "checkpoint"
-    check_output_dir(out, overwrite=args.overwrite, allow_existing=args.resume or has_checkpoint(ckpt),
-                     option="--output", inputs=[("--student", student_dir), ("--teacher", args.teacher),
-                                                *[("--text-file", f) for f in args.text_file or []]])
+    check_output_dir(out, overwrite=args.overwrite, option="--output",
+                     allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
+                     inputs=[("--student", student_dir), ("--teacher", args.teacher),
+                             *[("--text-file", f) for f in args.text_file or []]])
+    if args.resume and has_checkpoint(ckpt) and not is_bsbr_output(out):
+        raise UserError(f"--output {out} holds files no bsbr command wrote beside the checkpoint: the resumed run's model "
+                        "replaces the directory; move them first")
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
