@@ -263,3 +263,27 @@ def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys)
                    "distill", out)
     assert "holds files no bsbr command wrote" in line and "move them" in line, line
     assert (out / "important.txt").read_text() == "mine"
+
+
+HAND_EDITS = [("files", []), ("progress.config", [1]), ("progress.run", "abc"), ("progress.log", None),
+              ("progress.step", -5), ("progress.step", "2"), ("progress.elapsed", -1e9), ("progress.elapsed", "x"),
+              ("files.weights.name", 5), ("files.weights.name", "../x.safetensors"), ("progress.optimizer_scalars", []),
+              ("progress.replaces", ["../../important.txt"]), ("progress", 3)]
+
+
+@pytest.mark.parametrize("key, value", HAND_EDITS, ids=[f"{k}={v!r}" for k, v in HAND_EDITS])
+def test_a_hand_edited_manifest_is_refused_in_one_line(models, text, tmp_path, capsys, key, value):
+    # it gave internal errors, or was trusted: a negative step trained more steps, a negative elapsed time
+    # reported minus millions of minutes
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
+    manifest = out / "checkpoint" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    *path, last = key.split(".")
+    node = m
+    for p in path:
+        node = node[p]
+    node[last] = value
+    manifest.write_text(json.dumps(m))
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
+    assert "manifest.json is not one bsbr distill wrote" in line and key.split(".")[-1] in line, line

@@ -8,6 +8,7 @@ the new one. A load checks every file against the manifest and refuses a partial
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from pathlib import Path
 from typing import Dict
@@ -63,10 +64,12 @@ def read_manifest(directory: Path) -> dict:
         raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); {START_OVER}")
     try:
         manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        manifest["progress"]["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); {START_OVER}") from e
+    why = _layout_error(manifest)
+    if why:
+        raise CheckpointError(f"checkpoint {path} is not one bsbr distill wrote ({why}); {START_OVER}")
+    files = manifest["files"]
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}: "
                               f"{START_OVER}")
@@ -79,6 +82,36 @@ def read_manifest(directory: Path) -> dict:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {f['name']} is {record['size']} bytes with "
                                   f"another hash than the {f['size']} bytes recorded; {START_OVER}")
     return manifest
+
+
+def _layout_error(manifest) -> str:
+    """What in a manifest's layout is not as :func:`save_checkpoint` writes it (a hand edit), or ''."""
+    def number(x, kind=(int, float)):
+        return isinstance(x, kind) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    files, progress = manifest.get("files"), manifest.get("progress")
+    if not isinstance(files, dict) or set(files) != {"weights", "optimizer"}:
+        return "files must name the weights and the optimizer"
+    for role, f in files.items():
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and Path(f["name"]).name == f["name"]
+                and f["name"] not in ("", ".", "..") and number(f.get("size"), int) and isinstance(f.get("sha256"), str)):
+            return f"files.{role} must have a file name, a size and a sha256"
+    if not isinstance(progress, dict):
+        return "progress must be an object"
+    if not number(progress.get("step"), int):
+        return "progress.step must be a whole number >= 0"
+    if not number(progress.get("elapsed")):
+        return "progress.elapsed must be seconds >= 0"
+    if not isinstance(progress.get("log"), list) or any(not isinstance(e, dict) for e in progress["log"]):
+        return "progress.log must be a list of objects"
+    for key, kind in (("config", dict), ("run", dict), ("optimizer_scalars", dict), ("replaces", list)):
+        if key in progress and not isinstance(progress[key], kind):
+            return f"progress.{key} must be a {'list' if kind is list else 'JSON object'}"
+    if any(not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in progress.get("replaces", [])):
+        return "progress.replaces must list file names in --output"
+    return ""
 
 
 def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
