@@ -27,6 +27,9 @@ def finite_number(float32: bool = False, positive: bool = False):
 
 
 MAX_TOKENS = 1 << 20  # the most tokens of one sequence, exact window, sink set or recall cache (each allocated whole)
+# the bounded mode's budget: choosing its tokens compares every pair of candidates (about M^2 numbers per K/V
+# head per chunk), so a budget of a million tried to allocate a terabyte at its first token; the default is 256
+MAX_RECALL_TOKENS = 4096
 MAX_COUNT = 10 ** 9  # optimizer steps, windows: more would run for years
 MAX_REPEATS = 1000  # timed repeats, pass-key trials: a median of more measures nothing new
 SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # what torch.manual_seed takes

@@ -180,3 +180,17 @@ def test_near_duplicates_leave_room_for_other_tokens():
     ref, o_c, o_r = (run(fn, x, options, gate=gate)[0] for fn in FORMS)
     torch.testing.assert_close(o_c, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(o_r, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_a_recall_budget_past_the_limit_is_refused_where_it_is_set(tmp_path, capsys):
+    # choosing the cache compares every pair of candidates: a budget of a million converted, then tried to
+    # allocate a terabyte at the model's first token
+    from bsbr.cli import main
+    from bsbr.numbers import MAX_RECALL_TOKENS
+
+    BSBROptions(4, recall_tokens=MAX_RECALL_TOKENS)
+    with pytest.raises(ValueError, match="recall_tokens must be at most 4,096"):
+        BSBROptions(4, recall_tokens=MAX_RECALL_TOKENS + 1)
+    assert main(["convert", "unused", str(tmp_path / "out"), "--recall-tokens", "1048576"]) == 2
+    assert "--recall-tokens: must be an integer from 0 to 4,096" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

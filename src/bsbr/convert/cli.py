@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..numbers import MAX_TOKENS, finite_number, integer
+from ..numbers import MAX_RECALL_TOKENS, MAX_TOKENS, finite_number, integer
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="earlier chunks each token reads exactly, chosen per token by its query against each "
                         f"chunk's keys (its largest q.k; default {D['retrieval_blocks']}, 0 with --recall-tokens; 0 = none). "
                         "Keeps every past token's key and value: the cache grows with the context")
-    p.add_argument("--recall-tokens", type=integer(0), default=D["recall_tokens"],
+    p.add_argument("--recall-tokens", type=integer(0, MAX_RECALL_TOKENS), default=D["recall_tokens"],
                    help="the bounded recall mode (default %(default)s = off; needs --retrieval-blocks 0): keep at "
                         "most M exact past tokens per layer and K/V head, those the linear state recalls worst "
                         "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "

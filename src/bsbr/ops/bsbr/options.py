@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...numbers import FLOAT32_MAX, MAX_TOKENS
+from ...numbers import FLOAT32_MAX, MAX_RECALL_TOKENS, MAX_TOKENS
 from ..checks import check_int
 
 VARIANTS = ("additive", "normalized")
@@ -70,7 +70,7 @@ class BSBROptions:
         check_int("local_chunks", self.local_chunks, 1, MAX_TOKENS // self.chunk_size)
         check_int("sink_tokens", self.sink_tokens, 0, MAX_TOKENS)
         check_int("retrieval_blocks", self.retrieval_blocks, 0)
-        check_int("recall_tokens", self.recall_tokens, 0, MAX_TOKENS)
+        check_int("recall_tokens", self.recall_tokens, 0, MAX_RECALL_TOKENS)
         if self.recall_tokens and self.retrieval_blocks:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
         check_int("own_position_chunks", self.own_position_chunks, 0, MAX_TOKENS)
