@@ -124,12 +124,18 @@ def is_bsbr_output(out: Path) -> bool:
             return json.loads(config.read_text()).get("model_type") == "bsbr"
         return False
 
+    def staged(entry: Path) -> bool:  # what a killed bsbr command leaves: .NAME.tmp-XXXX (a file or a folder)
+        return entry.name.startswith(".") and ".tmp-" in entry.name
+
     def written(entry: Path) -> bool:
         if entry.is_symlink():
             return False
+        if staged(entry):
+            return True
         if entry.is_dir():
             if entry.name == "checkpoint":
-                return all(f.is_file() and not f.is_symlink() and (f.name == "manifest.json" or f.suffix == ".safetensors")
+                return all(not f.is_symlink() and (staged(f) or f.is_file() and (f.name == "manifest.json" or
+                                                                               f.suffix == ".safetensors"))
                            for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
         return entry.name in _WRITTEN or (entry.name.startswith("model-") and entry.name.endswith(".safetensors"))

@@ -109,7 +109,7 @@ def test_a_gguf_file_cut_short_is_named_not_blamed_on_the_tokenizer(tmp_path, ca
                                                ("--chunk-size", str(10 ** 20), "from 1 to 1,048,576"),
                                                ("--local-chunks", str(10 ** 9), "from 1 to 1,048,576"),
                                                ("--sink-tokens", str(10 ** 9), "from 0 to 1,048,576"),
-                                               ("--recall-tokens", str(10 ** 9), "from 0 to 1,048,576")])
+                                               ("--recall-tokens", str(10 ** 9), "from 0 to 4,096")])
 def test_conversion_values_that_cannot_work_are_refused_before_loading(models, tmp_path, capsys, monkeypatch,
                                                                         flag, value, expect):
     source, _, _ = models
@@ -150,7 +150,7 @@ def test_options_cap_what_is_allocated_whole():
         BSBROptions(chunk_size=1 << 21)
     with pytest.raises(ValueError, match="local_chunks must be at most 4"):
         BSBROptions(chunk_size=1 << 18, local_chunks=5)
-    BSBROptions(chunk_size=1 << 18, local_chunks=4, sink_tokens=1 << 20, recall_tokens=1 << 20)
+    BSBROptions(chunk_size=1 << 18, local_chunks=4, sink_tokens=1 << 20, recall_tokens=1 << 12)
 
 
 def test_generate_refuses_an_infinite_temperature(models, capsys):
