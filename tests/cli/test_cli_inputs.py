@@ -219,6 +219,18 @@ def test_demo_checks_its_sizes_before_the_work(tmp_path, capsys, monkeypatch):
     for flag in ("--speed-lens", "--decode-contexts", "--repeats", "--seq-len"):
         line = refused(capsys, ["demo", "--output", tmp_path / "d", flag, "0"], "demo")
         assert flag in line
+    for flag in ("--speed-lens", "--decode-contexts"):  # one length twice was measured twice (bench refuses it)
+        line = refused(capsys, ["demo", "--output", tmp_path / "d", flag, "16", "16"], "demo")
+        assert flag in line and "twice" in line, line
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_names_its_source_when_it_has_no_tokenizer(tmp_path, capsys):
+    from model_sources import make_source
+
+    make_source("llama").save_pretrained(tmp_path / "src")  # weights and config, no tokenizer
+    line = refused(capsys, ["demo", "--source", tmp_path / "src", "--output", tmp_path / "d"], "demo")
+    assert "--source" in line and "no usable tokenizer" in line, line
     assert not (tmp_path / "d").exists()
 
 

@@ -296,3 +296,16 @@ def test_a_missing_datasets_package_is_one_line(saved, capsys, monkeypatch):
     monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a: ({}, None, {}))
     _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", "wikitext",
                       "--no-passkey"], "--dataset needs the 'datasets' package: pip install datasets")
+
+
+@pytest.mark.parametrize("name", [["x"], 5])
+def test_a_recorded_source_name_that_is_no_string_is_one_line(saved, tmp_path, capsys, no_loading, name):
+    # it was "expected str, bytes or os.PathLike object, not list" once --reference defaulted
+    model = tmp_path / "conv"
+    model.mkdir()
+    for p in (saved / "conv").iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    (model / "conversion.json").write_text(json.dumps({"source": {"name": name, "model_type": "llama"}}))
+    argv = ["eval", str(model), "--text-file", str(saved / "text.py"), "--seq-len", "40", "--max-windows", "1",
+            "--no-passkey", "--no-progress"]
+    _refused(capsys, argv, "conversion.json", "source.name", "--reference")
