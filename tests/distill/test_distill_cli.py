@@ -287,3 +287,16 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(models, text, tmp_path, c
     manifest.write_text(json.dumps(m))
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
     assert "manifest.json is not one bsbr distill wrote" in line and key.split(".")[-1] in line, line
+
+
+@pytest.mark.parametrize("params", ["new", "all"])
+def test_windows_within_the_exact_reach_are_refused_when_nothing_could_train(models, text, tmp_path, capsys, params):
+    # there the student is its teacher: the KL is 0 whatever --params trains (--params all published "kl 0.0")
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--steps", "1", "--params", params)
+    args[args.index("--seq-len") + 1] = "8"
+    line = refused(capsys, args, "distill", out)
+    assert "--seq-len 8" in line and "exactly" in line, line
+    assert not out.exists()
+    if params == "all":  # an LM term still trains
+        assert main([*args, "--lm-weight", "1"]) == 0

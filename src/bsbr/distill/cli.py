@@ -59,6 +59,11 @@ def _check_new_pieces_matter(config, args) -> None:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
                         f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
                         f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
+    if args.seq_len <= reach and not args.lm_weight:  # --params all/lora: the student is its teacher there
+        raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
+                        f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, where it equals its "
+                        f"teacher, so the KL to it is 0 and --params {args.params} learns nothing: use --seq-len > "
+                        f"{reach}, or give --lm-weight")
     if not (config.retrieval_blocks and config.retrieval == "normalized"):
         return
     own = config.own_position_chunks() * config.chunk_size
