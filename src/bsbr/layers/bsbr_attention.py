@@ -150,6 +150,7 @@ class BSBRAttention(MultiHeadBase):
         gate = self._op_gate()
         read = not isinstance(gate, int)
         state = kwargs.get("initial_state")
+        state = state if isinstance(state, BSBRState) else None  # (anything else is refused by the op)
         kept = state is not None and state.F_cur.shape[2] > 0  # a cache continued keeps its chunk states
         if read and state is not None and not kept and self.retrieval_gate is not None \
                 and bool((self.retrieval_gate <= 0).all()):
