@@ -66,13 +66,13 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); {START_OVER}") from e
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:  # (an older bsbr's layout differs)
+        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}: "
+                              f"{START_OVER}")
     why = _layout_error(manifest)
     if why:
         raise CheckpointError(f"checkpoint {path} is not one bsbr distill wrote ({why}); {START_OVER}")
     files = manifest["files"]
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {directory} has format {manifest.get('format')}, this bsbr reads {FORMAT}: "
-                              f"{START_OVER}")
     for role, f in files.items():
         p = directory / f["name"]
         if not p.is_file():
