@@ -227,13 +227,20 @@ def test_filler_that_is_a_directory_or_fifo_says_so(saved, tmp_path, capsys):
     ("--json", "r.json", "r.passkey.png", "not a figure\n"),          # the heat map beside --json
     ("--json", "r.json", "r.passkey.json", '{"lengths": [1]}\n'),
     ("--plot", "r.png", "r.passkey.json", "[1, 2]\n"),
+    ("--plot", "r.png", "r.passkey.png", "a user's PNG"),              # a real image, not eval's heat map
 ])
 def test_derived_files_replace_only_what_eval_wrote(saved, tmp_path, capsys, no_loading, option, name, derived,
                                                      content):
-    (tmp_path / derived).write_text(content)
+    if content == "a user's PNG":
+        from PIL import Image
+
+        Image.new("RGB", (4, 4)).save(tmp_path / derived)
+    else:
+        (tmp_path / derived).write_text(content)
+    before = (tmp_path / derived).read_bytes()
     _refused(capsys, _base(saved, *PASSKEY, option, str(tmp_path / name)), option, str(tmp_path / derived),
              "move it")
-    assert [p.name for p in tmp_path.iterdir()] == [derived] and (tmp_path / derived).read_text() == content
+    assert [p.name for p in tmp_path.iterdir()] == [derived] and (tmp_path / derived).read_bytes() == before
 
 
 def test_result_files_are_written_as_one_set(saved, tmp_path, capsys, monkeypatch):

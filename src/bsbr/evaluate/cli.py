@@ -89,13 +89,14 @@ def _check_task_dir(task_dir: Path, arg) -> None:
 
 
 def _is_passkey_output(path: Path) -> bool:
-    """Whether ``path`` is what bsbr eval writes as a derived file: a PNG file, or the pass-key data
-    (a :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
+    """Whether ``path`` is what bsbr eval writes as a derived file: its pass-key heat map (a PNG carrying
+    its title) or the pass-key data (a :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
     if not path.is_file():
         return False
     if path.suffix == ".png":
-        with open(path, "rb") as f:
-            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+        from .plots import is_heatmap_png
+
+        return is_heatmap_png(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -131,7 +132,7 @@ def _check_outputs(args) -> None:
     for what, path in derived:
         path = path.expanduser()
         if os.path.lexists(path) and not _is_passkey_output(path):
-            kind = "a PNG file" if path.suffix == ".png" else "a pass-key report of bsbr eval"
+            kind = f"a {'pass-key heat map' if path.suffix == '.png' else 'pass-key report'} of bsbr eval"
             raise OutputError(f"{beside[0]} {beside[1]} puts {what} at {path}, which exists and is not {kind}: "
                               f"move it, or choose another {beside[0]}")
 

@@ -61,6 +61,22 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     return path
 
 
+# the title a heat map written as PNG carries in its metadata: how a rerun knows the file beside --plot or
+# --json is one it may replace (a PNG of the user's is refused, not replaced)
+HEATMAP_TITLE = "bsbr eval: pass-key heat map"
+
+
+def is_heatmap_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG written by :func:`plot_passkey_heatmap`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Title") == HEATMAP_TITLE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
 def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
     """Write the heat maps of a :func:`~bsbr.evaluate.passkey.run_passkey` result to ``path``: one panel
     per model (rows = prompt length, columns = key depth, colour and number = accuracy), and a last one
@@ -96,7 +112,8 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
         ax.set_title("accuracy per filler", fontsize=9)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.suptitle(f"pass-key retrieval: {passkey['trials']} trials per cell, seed {passkey['seed']}", fontsize=10)
-    path = save_figure(fig, path, dpi=110, bbox_inches="tight")
+    png = Path(path).suffix.lower() == ".png"
+    path = save_figure(fig, path, dpi=110, bbox_inches="tight", metadata={"Title": HEATMAP_TITLE} if png else None)
     logger.debug("wrote %s", path)
     return path
 
