@@ -194,6 +194,45 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def output_lock(path, option: str, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``path`` while the block runs, so that a second command
+    writing there at the same time is refused at once instead of mixing its files with the first's. The
+    lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (released by the kernel if the process
+    dies; the file is removed when the block ends)."""
+    import fcntl
+
+    out = _resolved(path)
+    if unwritable_parent(out) is not None:  # nothing can be written there: the output checks say why
+        yield
+        return
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this call creates
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            _remove_empty(made)
+            raise OutputError(f"{option} {path} is being written by another {command} (it holds {lock}): wait for "
+                              f"it to finish, or choose another {option}") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the one there now
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        _remove_empty(made)
+
+
 def _remove_empty(folders) -> None:
     """Remove the folders a failed command created (deepest first), where they are still empty."""
     for p in folders:

@@ -300,3 +300,35 @@ def test_windows_within_the_exact_reach_are_refused_when_nothing_could_train(mod
     assert not out.exists()
     if params == "all":  # an LM term still trains
         assert main([*args, "--lm-weight", "1"]) == 0
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(models, text, tmp_path, capsys,
+                                                                               no_loading):
+    """Two runs into one --output at once mixed their checkpoints (both exit 0, the later publish won): the
+    second is refused at once, before loading, and the first's files are untouched."""
+    from bsbr.outputs import output_lock
+
+    out = tmp_path / "new" / "out"
+    with output_lock(out, "--output", "bsbr distill"):  # a run in progress (another process holds the same lock)
+        assert (tmp_path / "new" / ".out.lock").is_file()
+        line = refused(capsys, distill_args(models, text, out, "--steps", "1"), "distill", out)
+        assert "being written by another bsbr distill" in line and "choose another --output" in line, line
+    assert not (tmp_path / "new").exists()  # no lock file, no folder left
+
+
+def test_output_lock_is_exclusive_and_released(tmp_path):
+    from bsbr.errors import OutputError
+    from bsbr.outputs import output_lock
+
+    out = tmp_path / "out"
+    for _ in range(2):  # taken again once released
+        with output_lock(out, "--output", "x"):
+            with pytest.raises(OutputError, match="--output .* is being written by another x"):
+                with output_lock(out, "--output", "x"):
+                    pass
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):  # released when the block raises
+        with output_lock(out, "--output", "x"):
+            raise ValueError
+    with output_lock(out, "--output", "x"):
+        pass

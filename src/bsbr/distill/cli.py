@@ -18,7 +18,7 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, check_bsbr_dir, check_model_arg, check_positions, check_recorded_source,
                          check_source, check_text_files, load_model_arg, load_tokenizer_arg)
 from ..errors import CheckpointError, UserError
-from ..outputs import check_output_dir, is_bsbr_output, write_model_card
+from ..outputs import check_output_dir, is_bsbr_output, output_lock, write_model_card
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,6 @@ def _stop_on_signal():
 
 
 def cmd_distill(args) -> int:
-    import torch.distributed as dist
-
-    from .checkpoint import MANIFEST, has_checkpoint, read_manifest
-    from .trainer import DistillInterrupted, check_same_run, check_work_left
-
     cfg = _plan(args)
     student_dir, out = Path(args.student), Path(args.output)
     check_bsbr_dir(student_dir, "--student")
@@ -140,6 +135,18 @@ def cmd_distill(args) -> int:
         raise UserError(f"--teacher {args.teacher} is the --student: it would learn from itself (nothing); give "
                         "the model it was converted from")
     check_text_files(args.text_file, args.seq_len)
+    # one run per --output at a time (torchrun's other ranks write nothing there)
+    first_rank = os.environ.get("RANK", "0") == "0"
+    with output_lock(out, "--output", "bsbr distill") if first_rank else contextlib.nullcontext():
+        return _distill(args, cfg, student_dir, out)
+
+
+def _distill(args, cfg, student_dir: Path, out: Path) -> int:
+    import torch.distributed as dist
+
+    from .checkpoint import MANIFEST, has_checkpoint, read_manifest
+    from .trainer import DistillInterrupted, check_same_run, check_work_left
+
     ckpt = out / "checkpoint"
     check_output_dir(out, overwrite=args.overwrite, option="--output",
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
