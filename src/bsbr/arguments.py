@@ -173,6 +173,26 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
         logger.info("the hub (%s) cannot be reached: hub models are read from the local cache only", constants.ENDPOINT)
 
 
+def check_dataset(name: Optional[str], config: Optional[str], split: str, text_column: str) -> None:
+    """``--dataset``, before any model loads: it opens and its first row has a text (a one-line
+    :class:`UserError` otherwise). With no connection to the hub, only the local cache is read (at once,
+    not after a minute of retries)."""
+    if name is None:
+        return
+    _cache_only_if_the_hub_is_unreachable()
+    from .corpus import dataset_texts
+
+    try:
+        first = next(dataset_texts(name, config, split, text_column), None)
+    except ImportError as e:
+        raise UserError(f"--dataset {name}: {e}") from None
+    except (ValueError, OSError) as e:  # an unknown name, config, split or column; the network
+        raise UserError(f"--dataset: {' '.join(str(e).split())[:300]}") from None
+    if first is None:
+        raise UserError(f"--dataset {name} (split {split!r}) has no non-empty text in column {text_column!r}: give "
+                        "another split or --text-column")
+
+
 def read_config(config: Path, option: str) -> dict:
     """A model directory's config.json as a dict with a ``model_type``, or a one-line :class:`UserError`."""
     cfg = _json_object(config, f"{option} {config.parent}: config.json")

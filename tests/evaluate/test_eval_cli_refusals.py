@@ -316,3 +316,29 @@ def test_a_recorded_source_name_that_is_no_string_is_one_line(saved, tmp_path, c
     argv = ["eval", str(model), "--text-file", str(saved / "text.py"), "--seq-len", "40", "--max-windows", "1",
             "--no-passkey", "--no-progress"]
     _refused(capsys, argv, "conversion.json", "source.name", "--reference")
+
+
+def test_a_dataset_the_offline_hub_cannot_give_is_refused_at_once_before_loading(saved, tmp_path, capsys,
+                                                                                   no_loading, monkeypatch):
+    """With the hub unreachable, --dataset read only the cache after about a minute of retries, and only once
+    the models had loaded: now one line, before loading, without waiting."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test, as is the variable
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # nothing cached
+    t0 = time.perf_counter()
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", "someone/no-such-dataset",
+            "--seq-len", "40", "--no-passkey", "--no-progress"]
+    _refused(capsys, argv, "--dataset", "someone/no-such-dataset")
+    assert time.perf_counter() - t0 < 20

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from ..arguments import (METADATA, check_bsbr_dir, check_model_arg, check_positions, check_recorded_source,
-                         check_source, check_text_files, load_model_arg, load_tokenizer_arg)
+from ..arguments import (METADATA, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
+                         check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg)
 from ..errors import CheckpointError, UserError
 from ..outputs import check_output_dir, is_bsbr_output, output_lock, write_model_card
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
@@ -135,6 +135,7 @@ def cmd_distill(args) -> int:
         raise UserError(f"--teacher {args.teacher} is the --student: it would learn from itself (nothing); give "
                         "the model it was converted from")
     check_text_files(args.text_file, args.seq_len)
+    check_dataset(args.dataset, None, "train", "text")
     # one run per --output at a time (torchrun's other ranks write nothing there)
     first_rank = os.environ.get("RANK", "0") == "0"
     with output_lock(out, "--output", "bsbr distill") if first_rank else contextlib.nullcontext():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
-from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_model_arg, check_positions,
+from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg, check_positions,
                          check_recorded_source, check_source, check_text_files, check_unique, read_config,
                          read_metadata)
 from ..errors import OutputError, UserError
@@ -242,6 +242,8 @@ def cmd_eval(args) -> int:
     if passkey is not None and not args.lm_eval_task_dir and set(args.passkey_models or ["bsbr"]) != {"source"}:
         lengths += [(f"--passkey-lengths {n:,}", n - 1) for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)
+    if not (args.passkey_only or args.lm_eval_task_dir):
+        check_dataset(args.dataset, args.dataset_config, args.dataset_split or "test", args.text_column or "text")
     if passkey is not None:  # before any model is loaded
         tokenizer = load_eval_tokenizer(args.model, args.reference)
         try:
