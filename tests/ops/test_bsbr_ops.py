@@ -408,6 +408,7 @@ OWN_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_blocks
     (70, 8, 2, 2, 2, 10, 9, 4),  # dense, chunk 0 all sinks
     (33, 1, 2, 1, 2, 1, 4, 7),  # every token is a chunk
     (70, 8, 2, 1, 1, 2, 3, 100),  # every far key at its own position
+    (75, 8, 4, 2, 2, 3, 3, 6),  # L + K <= R: the first L + K chunks are one run of the window's buffer
 ]
 
 
@@ -542,6 +543,30 @@ def assert_forms_agree(x, kw):
         torch.testing.assert_close(call(fn, x, valid=valid, **kw), full, rtol=1e-10, atol=1e-10)
     for cut in sorted({0, 3, chunk, n // 2 + 1, n - 1}):
         torch.testing.assert_close(prefill_then_stream(x, valid, cut, **kw), full[:, :, cut:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("R", [6, 4])
+def test_the_window_buffer_holds_every_chunk_only_while_they_are_one_run(R):
+    """With L + K <= R the buffer holds every chunk so far while the context has at most L + K chunks (one
+    attention call per step), then the window's L again; otherwise always L. Streaming and a chunked
+    prefill agree on it."""
+    B, L, K = 8, 2, 3
+    x = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=60, d=4))
+    options = BSBROptions(B, local_chunks=L, retrieval_blocks=K, own_position_chunks=R)
+    names = ("q", "k", "v", "mq", "mk", "fq", "fk", "qr", "kr")
+    state, seen = None, []
+    for i in range(60):
+        step = {n: x[n][:, :, i:i + 1] for n in names}
+        _, state = recurrent_bsbr_attention(*(step[n] for n in names[:5]), options,
+                                            **{n: step[n] for n in names[5:]}, initial_state=state,
+                                            output_final_state=True)
+        _, pre = chunk_bsbr_attention(*(x[n][:, :, :i + 1] for n in names[:5]), options,
+                                      **{n: x[n][:, :, :i + 1] for n in names[5:]}, output_final_state=True)
+        assert pre.k_buf.shape == state.k_buf.shape
+        seen.append(state.k_buf.shape[2] // B)
+    c = [(i + 1) // B for i in range(60)]  # the chunk of the next token
+    want = [max(L, ci + 1) if ci < L + K else L for ci in c] if R >= L + K else [L] * 60
+    assert seen == want
 
 
 def test_block_scores_are_each_chunks_largest_logit_over_its_non_sink_keys():

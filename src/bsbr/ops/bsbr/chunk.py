@@ -21,7 +21,7 @@ from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_clos
                         select_blocks, state_weights)
 from .softmax import attention_lse, fused_attention, masked_attention_lse, merge
 from .recall import RecallCache, recall_update
-from .state import BSBRState, own_ring_chunks, refresh_retrieval, window_tokens
+from .state import BSBRState, buffer_chunks, own_ring_chunks, refresh_retrieval, window_tokens
 
 NEG_INF = float("-inf")
 TILE = 16
@@ -490,8 +490,9 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
     st = BSBRState.empty(a, options, k)
     st.n_seen = lengths.clone()
     # the window's buffer: the chunks up to the next token's, in order; empty slots are zeros
-    W = options.window
-    idx = window_tokens(lengths.view(b, 1), options.chunk_size, options.local_chunks)  # (b, W)
+    N = buffer_chunks(options, int(lengths.max()) // options.chunk_size if b else 0)
+    W = N * options.chunk_size
+    idx = window_tokens(lengths.view(b, 1), options.chunk_size, N)  # (b, W)
     held = ((idx >= 0) & (idx < lengths.view(b, 1))).view(b, 1, W, 1)
 
     def window(x):

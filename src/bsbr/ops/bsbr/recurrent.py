@@ -18,7 +18,7 @@ from .options import BSBROptions
 from .softmax import attention_lse, fused_attention, merge
 from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale, select_blocks
 from .recall import cache_scores, recall_update
-from .state import BSBRState, ensure_capacity, own_ring_chunks, refresh_retrieval, window_tokens
+from .state import BSBRState, buffer_chunks, ensure_capacity, own_ring_chunks, refresh_retrieval, window_tokens
 
 
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
@@ -129,13 +129,21 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, qs, state: BSBRState, gate, meta_q, m
 
 
 def _next_window(state: BSBRState, done: torch.Tensor) -> None:
-    """A chunk completed (for the sequences in ``done``): the window's buffer drops its oldest chunk
-    and frees the last B slots for the next one."""
+    """A chunk completed (for the sequences in ``done``): the window's buffer frees its last B slots
+    for the next one and keeps the :func:`buffer_chunks` chunks before it (zeros where there were none);
+    the other sequences keep their last chunks, so that each sequence's current chunk stays last."""
     B, b = state.options.chunk_size, done.shape[0]
+    N = buffer_chunks(state.options, int(state.n_seen.max()) // B)
+
+    def last(x, n):  # x's last n chunks, zeros in front where it holds fewer
+        keep = x[:, :, max(x.shape[2] - n * B, 0):]
+        return keep if keep.shape[2] == n * B else torch.cat([keep.new_zeros(*x.shape[:2], n * B - keep.shape[2],
+                                                                              x.shape[3]), keep], 2)
+
     for name in ("k_buf", "v_buf") + (("kr_ring", "fk_ring") if state.options.recall_tokens else ()):
         buf = getattr(state, name)
-        moved = torch.cat([buf[:, :, B:], torch.zeros_like(buf[:, :, :B])], 2)
-        setattr(state, name, torch.where(done.view(b, 1, 1, 1), moved, buf))
+        moved = torch.cat([last(buf, N - 1), buf.new_zeros(*buf.shape[:2], B, buf.shape[3])], 2)
+        setattr(state, name, torch.where(done.view(b, 1, 1, 1), moved, last(buf, N)))
 
 
 def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
@@ -143,7 +151,7 @@ def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
     buffer), the sinks, the current block.
     ``at``: its index when every sequence is at the same one (plain copies)."""
     opt = state.options
-    t, W, S, B = state.n_seen, opt.window, opt.sink_tokens, opt.chunk_size
+    t, W, S, B = state.n_seen, state.k_buf.shape[2], opt.sink_tokens, opt.chunk_size
     ring = [("k_buf", k), ("v_buf", v)] + ([("kr_ring", kr), ("fk_ring", fk)] if opt.recall_tokens else [])
     fast = at is not None and inplace and valid is None  # int slots: plain copies
     _write(state, W - B + (at % B if fast else t % B), valid, ring, inplace)
@@ -183,18 +191,19 @@ def _step_masks(state, device):
     opt = state.options
     P = state.kr_past.shape[2]
     pos = tuple(state.n_seen.tolist())
-    key = (opt, P, device, pos)
+    key = (opt, P, state.k_buf.shape[2], device, pos)
     m = _MASKS.get(key)
     if m is not None:
         return m
-    B, L, S, W, R = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.window, opt.own_position_chunks
+    B, L, S, R = opt.chunk_size, opt.local_chunks, opt.sink_tokens, opt.own_position_chunks
+    N = state.k_buf.shape[2] // B  # chunks in the window's buffer
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
-    held = window_tokens(tt, B, L)  # the token in each slot of the window's buffer
+    held = window_tokens(tt, B, N)  # the token in each slot of the window's buffer
     m = dict(at=pos[0] if len(set(pos)) == 1 else None, sinks_apart=True,
-             not_window=~exact_window(tt, held, B, L, 0).view(b, 1, 1, W), window_slots=None)
+             not_window=~exact_window(tt, held, B, L, 0).view(b, 1, 1, N * B), window_slots=None)
     if m["at"] is not None:  # every sequence's window is the same run of slots: read just those, unmasked
-        m["window_slots"] = (max(L - 1 - m["at"] // B, 0) * B, W - B + m["at"] % B + 1)
+        m["window_slots"] = (max(N - 1 - m["at"] // B, N - L) * B, N * B - B + m["at"] % B + 1)
     # the sinks outside the window, as far keys (qr.kr) and, with own_position_chunks, at own positions
     js = torch.arange(S, device=device).view(1, S)
     sinks = sink_outside_window(tt, js, B, L)
@@ -214,7 +223,13 @@ def _step_masks(state, device):
         own_from = last + L + 1 - R if R else torch.full_like(last, P + 1)
         m.update(own_from=own_from, own_lo=min(max(int(own_from.min()) if b else 0, 0), P),
                  own_hi=min(max(int(own_from.max()) if b else 0, 0), P))
-        if 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' tokens (sinks
+        if 0 < m["n_cand"] <= opt.retrieval_blocks and m["at"] is not None and N > m["at"] // B \
+                and not m["sinks_apart"]:
+            # every key up to the token is read, at its own position (L + K <= R), and lies in the buffer as
+            # one run (buffer_chunks): the window's part reads them all
+            m["window_slots"] = ((N - 1 - m["at"] // B) * B, m["window_slots"][1])
+            m["dense"] = []
+        elif 0 < m["n_cand"] <= opt.retrieval_blocks:  # every candidate is read: its chunks' tokens (sinks
             U = m["last"] + 1  # too, when they lie in chunk 0)
             read = candidate[:, :U].repeat_interleave(B, dim=1)
             if m["sinks_apart"]:
