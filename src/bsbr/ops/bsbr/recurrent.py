@@ -109,10 +109,15 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, qs, state: BSBRState, gate, meta_q, m
     if num is not None:
         o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
                     gate_per_head(gate, hq, q), opt.retrieval).squeeze(2)
+    # chunk states are kept unless their features have size 0 (a closed gate): then neither they nor the
+    # meta sums that weigh them are ever read
+    sums = not opt.recall_tokens and state.F_cur.shape[2] > 0
     if valid is not None:  # padding: output 0, state unchanged
         vm = valid.view(b, 1, 1).to(o.dtype)
-        o, fk, mk, mq = o * vm, fk * vm, mk * vm, mq * vm
-    if not opt.recall_tokens:
+        o = o * vm
+        if sums:
+            fk, mk, mq = fk * vm, mk * vm, mq * vm
+    if sums:
         _add_to_chunk(state, fk, v, mk, mq, inplace)
     state.n_seen = state.n_seen + (1 if valid is None else valid.long())
     if t_host is not None and valid is None and t_host % B != B - 1:
