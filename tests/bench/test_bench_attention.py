@@ -78,6 +78,11 @@ def test_skips_are_recorded():
     res = layers.bench_attention([64, 128], max_seconds=1e-9, **TINY)
     std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}
     assert std[128]["status"] == "skipped" and "predicted" in std[128]["reason"]
+    # a first length past the calibration length is predicted from one call there (a lone --seq-lens
+    # 1048576 ran for minutes, past Ctrl-C, inside one kernel call)
+    res = layers.bench_attention([4096], max_seconds=1e-9, **TINY)
+    std = [r for r in res["rows"] if r["model"] == "standard"]
+    assert std[0]["status"] == "skipped" and f"from {layers.CALIBRATION_LEN} tokens" in std[0]["reason"]
 
 
 def test_bench_core_and_flops():

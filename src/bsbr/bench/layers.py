@@ -2,8 +2,9 @@
 baseline :class:`~bsbr.layers.standard_attention.StandardAttention` (same projections) and optionally
 the ``bsbr==0.1.1`` layer (:mod:`bsbr.bench.earlier`), timed side by side. A quadratic baseline skips,
 with the reason recorded, a length that ``max_standard_len`` / ``max_earlier_len`` exclude or where
-its time or memory extrapolated from the previous length would pass ``max_seconds`` or 70% of the
-available memory (Linux kills rather than raises on over-commit); an out-of-memory error is recorded.
+its time or memory extrapolated from the previous length (or, for a first length past
+:data:`CALIBRATION_LEN`, from one call at that length) would pass ``max_seconds`` or 70% of the available
+memory (Linux kills rather than raises on over-commit); an out-of-memory error is recorded.
 """
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_le
     if last and last["peak_mb"]:
         need = max(need, last["peak_mb"] * MiB * scale)
     return memory_refusal(need)
+
+
+CALIBRATION_LEN = 1024  # a baseline's first length past this is predicted from one call at this length
+
+
+def _calibration(model, hidden: int, device: str) -> Optional[Dict[str, object]]:
+    """Time and extra memory of one call at :data:`CALIBRATION_LEN` tokens (after a warm-up call), as a
+    row :func:`_skip_reason` predicts from; None if it fails (the length is then tried as given)."""
+    fn = forward_fn(model, torch.randn(1, CALIBRATION_LEN, hidden, device=device))
+    try:
+        time_call(fn, device)
+        return dict(seq_len=CALIBRATION_LEN, time_ms=time_call(fn, device) * 1e3,
+                    peak_mb=measure_peak(fn, device).extra_mb)
+    except Exception:  # noqa: BLE001 - no prediction: the benchmark records what the real call does
+        return None
 
 
 def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 512, heads: int = 8,
@@ -69,6 +85,8 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
         for name, model in models.items():
             row = new_row(name, n)
             rows.append(row)
+            if name != "bsbr" and name not in last_ok and n > CALIBRATION_LEN:  # a first length past it: predict
+                last_ok[name] = _calibration(model, hidden, device)  # from a call at CALIBRATION_LEN tokens
             reason = None if name == "bsbr" else _skip_reason(
                 name, n, last_ok.get(name), max_len=max_len[name], max_seconds=max_seconds,
                 heads=heads, chunk_size=chunk_size, device=device)
