@@ -127,3 +127,33 @@ def test_the_special_token_ids_are_declared_like_a_sources():
     given = BSBRConfig(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=[2, 3])
     again = BSBRConfig.from_dict(given.to_dict())
     assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 1, [2, 3])
+
+
+@pytest.mark.parametrize("override", [dict(far_positions="bogus"), dict(chunk_size=0), dict(position_scheme="x"),
+                                      dict(local_chunks=-1)])
+def test_values_set_after_a_config_was_built_are_checked_when_the_model_is(tmp_path, override):
+    """from_pretrained(DIR, key=value) and a config attribute set by hand bypass BSBRConfig.__init__: a typo
+    silently switched far_positions to another mode, chunk_size=0 ended in a ZeroDivisionError."""
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    name = next(iter(override))
+    for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=name):
+            load(tmp_path, **override)
+    config = AutoConfig.from_pretrained(tmp_path)
+    setattr(config, name, override[name])
+    with pytest.raises(ValueError, match=name):
+        AutoModelForCausalLM.from_config(config)
+
+
+def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = sorted(k for k in weights if k.endswith("mlp.fc_in.weight"))[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for load in (AutoModelForCausalLM.from_pretrained, load_bsbr_model):
+        with pytest.raises(ValueError, match=f"nan or inf: {name}"):
+            load(tmp_path)
+    assert torch.isnan(BSBRForCausalLM.from_pretrained(tmp_path, strict=False).get_parameter(name)).any()

@@ -205,8 +205,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """transformers' ``from_pretrained`` (also what ``AutoModelForCausalLM`` calls), strict: a weight the
-        checkpoint lacks, one it has in excess, or one of another shape is an error, where transformers
-        would initialise it randomly with a warning. ``strict=False``: transformers' behaviour.
+        checkpoint lacks, one it has in excess, one of another shape or one holding nan/inf is an error,
+        where transformers would initialise it randomly with a warning (or load it). ``strict=False``:
+        transformers' behaviour.
 
         Weights load from safetensors only, as with :func:`bsbr.load_bsbr_model` (a ``.bin`` checkpoint is a
         pickle): ``use_safetensors`` defaults to True here; pass it explicitly to choose otherwise."""
@@ -236,6 +237,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; pass strict=False "
                              f"to allow it)")
+        bad = sorted(n for n, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all()))
+        if bad:  # (a diverged run's weights generate blanks or fail to sample)
+            raise ValueError(f"the BSBR checkpoint {where}: weights hold nan or inf: {', '.join(bad[:3])}"
+                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; strict=False loads them)")
         return (model, info) if want_info else model
 
     def _returned(self, out, return_dict: Optional[bool]):
@@ -274,6 +279,9 @@ def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tenso
 
 class BSBRBaseModel(BSBRPreTrainedModel):
     def __init__(self, config: BSBRConfig):
+        # its values checked as a new config's are: from_pretrained(DIR, chunk_size=0) and attributes set on
+        # a config after it was built bypass BSBRConfig.__init__'s checks
+        type(config)(**config.to_dict())
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = (
