@@ -100,10 +100,18 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 
-            formats = FigureCanvasBase.get_supported_filetypes()
+            formats = dict(FigureCanvasBase.get_supported_filetypes())
+            if not shutil.which(_tex_system()):  # .pgf needs a TeX system to lay out its text
+                formats.pop("pgf", None)
             if out.suffix.lstrip(".").lower() not in formats:
                 raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
                                   f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def _tex_system() -> str:
+    import matplotlib
+
+    return matplotlib.rcParams["pgf.texsystem"]
 
 
 # what a bsbr command writes at the top of its output: the model and tokenizer files save_pretrained writes,

@@ -263,6 +263,18 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
                        inputs=[("model", model)], plots=("--plot",))
 
 
+
+def test_a_pgf_plot_needs_a_tex_system(tmp_path, monkeypatch):
+    """matplotlib writes .pgf only with LaTeX: without one the command failed after its whole run."""
+    import bsbr.outputs as outputs
+
+    monkeypatch.setattr(outputs, "_tex_system", lambda: "no-such-tex-system")
+    with pytest.raises(OutputError, match="figure format"):
+        check_output_files([("--plot", tmp_path / "p.pgf")], plots=("--plot",))
+    monkeypatch.setattr(outputs, "_tex_system", lambda: "sh")  # one that is found
+    check_output_files([("--plot", tmp_path / "p.pgf")], plots=("--plot",))
+
+
 @pytest.fixture(scope="module")
 def gpt2_models(tmp_path_factory):
     """A GPT-2 source with 64 learned positions (and a tokenizer), and its conversion."""
@@ -364,7 +376,7 @@ def test_distill_refuses_a_student_with_nan_weights(models, tmp_path, text, caps
     save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
     line = refused(capsys, ["distill", "--student", student, "--teacher", source, "--text-file", text, "--seq-len", "96",
                             "--max-windows", "2", "--steps", "1", "--force", "--output", tmp_path / "d"], "distill")
-    assert "holds inf or nan before training" in line and not (tmp_path / "d").exists()
+    assert f"weights hold nan or inf: {name}" in line and not (tmp_path / "d").exists()
 
 
 def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_path, capsys, monkeypatch):

@@ -139,14 +139,15 @@ def check_outputs(args, inputs: Sequence = ()) -> None:
 
 
 def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
-    """Write ``result`` to ``args.json`` and ``plot(result, args.plot)`` where given, saying so."""
-    from ..results import write_json
+    """Write ``result`` to ``args.json`` and ``plot(result, args.plot)`` where given, as one set
+    (:func:`bsbr.results.write_together`: a plot that fails leaves no new JSON either), saying so."""
+    from ..results import write_json, write_together
 
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    files = [(args.json, lambda p: write_json(result, p))] if args.json else []
+    files += [(args.plot, lambda p: plot(result, p))] if args.plot else []
+    write_together(files)
+    for path, _ in files:
+        print(f"wrote {path}")
 
 
 def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -2,17 +2,12 @@
 alone (``--passkey-only``), both against the models :func:`~.baselines.load_saved_models` loads."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional
 
-from ..errors import UserError, check_not_interrupted
-from ..outputs import fsync, temp_dir
-from ..results import write_json
+from ..results import write_json, write_together
 from .baselines import load_saved_models
 from .metrics import evaluate
 
@@ -49,42 +44,6 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
         files.append((plot_path, lambda p: plot_results(result, p)))
     write_together(files)
     return result
-
-
-def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]) -> None:
-    """Write result files as one set: each ``(path, write)`` first has ``write(staged)`` write its file
-    in a staging folder beside ``path``; only when all are written are they renamed into place, in one
-    short final step. A write that fails (or an interruption) before that step leaves the old files
-    untouched, and neither staging folders nor the folders made for them."""
-    staging, staged, made = {}, [], []
-    path = None
-    try:
-        for path, write in files:
-            path = Path(os.path.abspath(os.path.expanduser(str(path))))
-            if path.parent not in staging:
-                made += [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                staging[path.parent] = temp_dir(path.parent, ".bsbr-eval.tmp-")
-            write(staging[path.parent] / path.name)
-            staged.append((staging[path.parent] / path.name, path))
-        check_not_interrupted()
-    except BaseException as e:
-        for folder in staging.values():
-            shutil.rmtree(folder, ignore_errors=True)
-        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first, where empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(e, OSError) and path is not None:  # a full disk, a folder that takes no files
-            raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: free "
-                            "some space or choose another path") from e
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-        logger.debug("wrote %s", path)  # (the commands print where their results went)
-    for parent, folder in staging.items():
-        folder.rmdir()
-        with contextlib.suppress(OSError):  # not every file system lets a directory be synced
-            fsync(parent)
 
 
 def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[dict] = None,
