@@ -236,3 +236,21 @@ def test_bench_refuses_an_option_it_would_ignore(command, argv, flag, what, tmp_
     out = tmp_path / "r.json"
     line = _refused(["bench", command, *COMMANDS[command], *argv, "--json", str(out)], capsys, f"bench {command}")
     assert f"{flag} {what}" in line and not out.exists()
+
+
+def test_a_plot_that_fails_leaves_no_new_json(tmp_path, monkeypatch, capsys):
+    """The JSON and the plot are one set: a plot that fails after the run leaves the old JSON as it was."""
+    (tmp_path / "r.json").write_text('{"old": 1}\n')
+
+    def broken(*a, **k):
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(bench_attention, "plot_rows", broken)
+    argv = ["bench", "attention", *COMMANDS["attention"], "--skip-core", "--threads", "1", "--json",
+            str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    assert main(argv) != 0
+    assert (tmp_path / "r.json").read_text() == '{"old": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "r.json").read_text()) != {"old": 1} and (tmp_path / "r.png").is_file()
