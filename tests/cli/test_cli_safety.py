@@ -175,6 +175,8 @@ def test_distill_never_replaces_its_own_text_files(models, text, tmp_path, capsy
 def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
     _, converted, _ = models
     assert "--prompt is empty" in refused(capsys, ["generate", converted, "--prompt", ""], "generate")
+    not_utf8 = os.fsdecode(b"\xff\xfe the")  # as argv carries bytes that are not UTF-8
+    assert "--prompt is not UTF-8" in refused(capsys, ["generate", converted, "--prompt", not_utf8], "generate")
     assert "--max-new-tokens" in refused(capsys, ["generate", converted, "--prompt", "x", "--max-new-tokens", "0"],
                                          "generate")
     assert "does not exist" in refused(capsys, ["generate", tmp_path / "none", "--prompt", "x"], "generate")

@@ -94,6 +94,17 @@ def test_out_of_range_input_ids_are_one_clear_error(model):
             model.model(ids)
 
 
+def test_ids_of_another_dtype_and_badly_shaped_embeddings_are_one_clear_error(model):
+    for bad in (torch.tensor([[3, 4]], dtype=torch.uint8), torch.tensor([[True, False]]), torch.tensor([[3.0]])):
+        with pytest.raises(ValueError, match="input_ids must be an int64"):
+            model(bad)
+    hidden = model.config.hidden_size
+    for bad in (torch.randn(2, 5, hidden - 1), torch.randn(5, hidden), torch.ones(1, 5, hidden, dtype=torch.long)):
+        with pytest.raises(ValueError, match=rf"inputs_embeds must be a float tensor of shape \(batch, seq_len, {hidden}\)"):
+            model(inputs_embeds=bad)
+    assert model(inputs_embeds=torch.randn(1, 5, hidden)).logits.shape == (1, 5, VOCAB)
+
+
 def test_bad_position_ids_are_one_clear_error():
     from bsbr import convert_to_bsbr
     from model_sources import make_source

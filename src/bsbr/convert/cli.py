@@ -181,6 +181,10 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
+    try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise UserError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (logits divided "
                         f"by less overflow float32), got {args.temperature}")

@@ -77,9 +77,10 @@ def check_dropout(dropout) -> float:
 
 def check_input_ids(input_ids, vocab_size: Optional[int] = None) -> None:
     """A language model's input: an integer tensor (batch, seq_len), of ids in [0, vocab_size) if given."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len), got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64) \
+            or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be an int64 (or int32) tensor of shape (batch, seq_len), got "
+                         f"{getattr(input_ids, 'dtype', '')} {getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if vocab_size is not None and input_ids.numel() and (
             int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size})")

@@ -308,6 +308,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 inputs_embeds = self.embed_tokens(input_ids)
             except IndexError:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size})") from None
+        elif not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point() \
+                or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must be a float tensor of shape (batch, seq_len, {self.config.hidden_size}), "
+                             f"got {getattr(inputs_embeds, 'dtype', '')} "
+                             f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
         b, n = inputs_embeds.shape[:2]
         if cache is not None:
             self._check_cache(cache, b, inputs_embeds)
