@@ -544,7 +544,7 @@ def _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved) -> None
     st.w_cur = st.w_cur.new_zeros(b, hq, C)
     if options.retrieval_blocks:
         krb, vb = kr.view(b, hkv, C, B, -1), v.view(b, hkv, C, B, -1)
-        st.kr_cur, st.v_cur = pick(krb), pick(vb)
+        st.kr_cur = pick(krb)
         st.kr_past = krb * done[..., None, None].to(kr.dtype)
         st.v_past = vb * done[..., None, None].to(v.dtype)
         ring = own_ring_chunks(options)
@@ -553,7 +553,7 @@ def _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved) -> None
             j = torch.arange(min(C, ring), device=k.device)[None, :]
             c_j = j + ring * torch.div(full[:, None] - 1 - j, ring, rounding_mode="floor")  # (b, slots)
             got = kb.gather(2, c_j.clamp(min=0).view(b, 1, -1, 1, 1).expand(-1, hkv, -1, B, kb.shape[-1]))
-            st.k_cur, st.k_past = pick(kb), got * (c_j >= 0).view(b, 1, -1, 1, 1).to(k.dtype)
+            st.k_past = got * (c_j >= 0).view(b, 1, -1, 1, 1).to(k.dtype)
     else:
         for name in ("kr_past", "v_past"):
             t = getattr(st, name)

@@ -165,9 +165,8 @@ def _write_token(state, k, v, kr, fk, valid, inplace, at=None):
         first = t < S
         _write(state, t.clamp(max=S - 1), first if valid is None else valid & first,
                [("k_sink", kr), ("v_sink", v)] + ([("k_sink_own", k)] if own else []), inplace)
-    if opt.retrieval_blocks:
-        _write(state, at % B if fast else t % B, valid, [("kr_cur", kr), ("v_cur", v)] + ([("k_cur", k)] if own else []),
-               inplace)
+    if opt.retrieval_blocks:  # (its keys at their own positions and its values are the window's last chunk)
+        _write(state, at % B if fast else t % B, valid, [("kr_cur", kr)], inplace)
 
 
 _MASKS: dict = {}  # the last step's masks: every layer of a model steps at the same positions
@@ -489,12 +488,12 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     put("h_past", apply_meta(meta_k, (state.mk_sum / B).unsqueeze(2)).squeeze(2))
     if opt.retrieval_blocks:
         put("kr_past", state.kr_cur)
-        put("v_past", state.v_cur)
+        put("v_past", state.v_buf[:, :, -B:])  # the window's last chunk is the one that completed
         ring = own_ring_chunks(opt)
         if ring:  # the own-position ring: chunk c in slot c mod ring
             Pk = state.k_past.shape[2]
             slot = ((torch.arange(Pk, device=c.device)[None, :] == (c % ring)[:, None]) & done[:, None])
-            state.k_past = torch.where(slot.view(b, 1, Pk, 1, 1), state.k_cur.unsqueeze(2), state.k_past)
+            state.k_past = torch.where(slot.view(b, 1, Pk, 1, 1), state.k_buf[:, :, -B:].unsqueeze(2), state.k_past)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
     state.F_cur = torch.where(d1.unsqueeze(-1), torch.zeros_like(state.F_cur), state.F_cur)

@@ -36,14 +36,14 @@ class BSBRState:
     S_cur: torch.Tensor  # (b, hq, df, dv) the weighted sum of those states
     zS_cur: torch.Tensor  # (b, hq, df)
     kr_cur: torch.Tensor  # (b, hkv, Bk, d) far keys of the current chunk (Bk = chunk_size with blocks, else 0)
-    v_cur: torch.Tensor  # (b, hkv, Bk, dv)
     kr_past: torch.Tensor  # (b, hkv, P, Bk, d) far keys of completed chunks
     v_past: torch.Tensor  # (b, hkv, P, Bk, dv)
     k_sink_own: torch.Tensor  # (b, hkv, So, d) the sinks' keys at their own positions (So = S with
     #                           own_position_chunks, else 0)
-    k_cur: torch.Tensor  # (b, hkv, Bo, d) the current chunk's keys (Bo = Bk with own_position_chunks, else 0)
     k_past: torch.Tensor  # (b, hkv, Pk, Bo, d) keys at their own positions of the last R - 1 completed chunks
-    #                       (R = own_position_chunks; no others are read so), chunk c in slot c mod (R - 1)
+    #                       (R = own_position_chunks; no others are read so), chunk c in slot c mod (R - 1);
+    #                       Bo = Bk with own_position_chunks, else 0. (The current chunk's own keys and values
+    #                       are the window buffer's last chunk.)
     kr_ring: torch.Tensor  # (b, hkv, Wr, d) far keys of the window's tokens (Wr = W with recall, else 0)
     fk_ring: torch.Tensor  # (b, hkv, Wr, df) their features
     recall_kr: torch.Tensor  # (b, hkv, M, d) the recall cache (see bsbr.ops.bsbr.recall.RecallCache)
@@ -78,8 +78,8 @@ class BSBRState:
             F_cur=z(b, hkv, df, dv), z_cur=z(b, hkv, df), mk_sum=z(b, hkv, a.meta_in), mq_sum=z(b, hq, a.meta_in),
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
             h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
-            kr_cur=z(b, hkv, Bk, d), v_cur=z(b, hkv, Bk, dv), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
-            k_sink_own=z(b, hkv, So, d), k_cur=z(b, hkv, Bo, d), k_past=z(b, hkv, 0, Bo, d),
+            kr_cur=z(b, hkv, Bk, d), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
+            k_sink_own=z(b, hkv, So, d), k_past=z(b, hkv, 0, Bo, d),
             kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
             **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
