@@ -443,7 +443,7 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_publishe
 def test_a_result_file_that_cannot_be_written_is_named(models, text, tmp_path, capsys, monkeypatch):
     import errno
 
-    import bsbr.evaluate.saved as saved
+    import bsbr.outputs as outputs
 
     _, converted, _ = models
     source = models[0]
@@ -451,7 +451,7 @@ def test_a_result_file_that_cannot_be_written_is_named(models, text, tmp_path, c
     def full(parent, prefix):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(saved, "temp_dir", full)
+    monkeypatch.setattr(outputs, "temp_dir", full)  # (bsbr.results.write_together stages with it)
     out = tmp_path / "results" / "r.json"
     line = refused(capsys, ["eval", converted, "--reference", source, "--no-passkey", "--text-file", text,
                             "--seq-len", "32", "--max-windows", "1", "--json", out], "eval", converted)
