@@ -92,5 +92,5 @@ class BSBROptions:
 
     @property
     def window(self) -> int:
-        """Tokens of the exact window's chunk part (the streaming cache's window buffer)."""
+        """Tokens of the exact window's chunk part (the last chunks of the streaming cache's window buffer)."""
         return self.local_chunks * self.chunk_size

@@ -203,9 +203,9 @@ def _step_masks(state, device):
     N = state.k_buf.shape[2] // B  # chunks in the window's buffer
     b = state.n_seen.shape[0]
     tt = state.n_seen.view(b, 1)
-    held = window_tokens(tt, B, N)  # the token in each slot of the window's buffer
+    held = window_tokens(tt, B, L)  # the token in each slot of the buffer's last L chunks (the window's)
     m = dict(at=pos[0] if len(set(pos)) == 1 else None, sinks_apart=True,
-             not_window=~exact_window(tt, held, B, L, 0).view(b, 1, 1, N * B), window_slots=None)
+             not_window=~exact_window(tt, held, B, L, 0).view(b, 1, 1, L * B), window_slots=None)
     if m["at"] is not None:  # every sequence's window is the same run of slots: read just those, unmasked
         m["window_slots"] = (max(N - 1 - m["at"] // B, N - L) * B, N * B - B + m["at"] % B + 1)
     # the sinks outside the window, as far keys (qr.kr) and, with own_position_chunks, at own positions
@@ -259,7 +259,8 @@ def _window_and_sinks(qg, qrg, state, m):
     """The window and the sinks outside it as parts of the exact softmax (see
     :func:`_softmax_of_parts`); ``m`` the step's masks."""
     if m["window_slots"] is None:
-        parts = [(qg, state.k_buf, state.v_buf, m["not_window"], True)]  # a token's window holds itself
+        W = state.options.window  # the buffer's last L chunks hold every sequence's window; a token's holds itself
+        parts = [(qg, state.k_buf[:, :, -W:], state.v_buf[:, :, -W:], m["not_window"], True)]
     else:  # every slot read: no mask
         s0, s1 = m["window_slots"]
         parts = [(qg, state.k_buf[:, :, s0:s1], state.v_buf[:, :, s0:s1], None, True)]
