@@ -211,8 +211,8 @@ def output_lock(path, option: str, command: str) -> Iterator[None]:
     import fcntl
 
     out = _resolved(path)
-    if unwritable_parent(out) is not None:  # nothing can be written there: the output checks say why
-        yield
+    if unwritable_parent(out) is not None or len(os.fsencode(out.name)) > NAME_MAX - len(".lock."):
+        yield  # nothing can be written there (or under that name): the output checks say why
         return
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this call creates
     out.parent.mkdir(parents=True, exist_ok=True)

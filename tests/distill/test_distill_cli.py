@@ -332,3 +332,5 @@ def test_output_lock_is_exclusive_and_released(tmp_path):
             raise ValueError
     with output_lock(out, "--output", "x"):
         pass
+    with output_lock(tmp_path / ("a" * 252), "--output", "x"):  # no lock file can be named so: the output checks
+        assert list(tmp_path.iterdir()) == []                     # refuse the name in their own words
