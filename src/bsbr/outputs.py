@@ -82,6 +82,8 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
     for option, path in outputs:
         if path is None:
             continue
+        if not str(path).strip():
+            raise OutputError(f"{option} is empty: give a file name")
         out = _resolved(path)
         real = _real(out)
         if real in seen:

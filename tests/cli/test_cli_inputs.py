@@ -255,6 +255,7 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
              ([("--json", text)], "would overwrite the text"),
              ([("--json", tmp_path)], "is a directory"),
              ([("--plot", tmp_path / "p.txt")], "figure format"),
+             ([("--json", "")], "--json is empty"),
              ([("--json", other / "x.json")], "cannot write in")]
     for outputs, expect in cases:
         with pytest.raises(OutputError, match=expect):
