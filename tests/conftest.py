@@ -9,3 +9,18 @@ import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline_mode_per_test(monkeypatch):
+    """A command that finds the hub unreachable switches its process to the hub's offline mode (the
+    variable and huggingface_hub's constant); tests run many commands in one process, so each test gets
+    them back as they were."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        monkeypatch.delenv("HF_HUB_OFFLINE")
