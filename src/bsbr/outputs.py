@@ -10,9 +10,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
-from .errors import OutputError, check_not_interrupted
+from .errors import OutputError, UserError, check_not_interrupted
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 
@@ -186,8 +186,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left (and
     is kept, complete, when ``path`` appeared while writing)."""
     out = _resolved(path)
-    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this call creates
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(out)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
@@ -216,8 +215,7 @@ def output_lock(path, option: str, command: str) -> Iterator[None]:
     if unwritable_parent(out) is not None or len(os.fsencode(out.name)) > NAME_MAX - len(".lock."):
         yield  # nothing can be written there (or under that name): the output checks say why
         return
-    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this call creates
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(out)
     lock = out.parent / f".{out.name}.lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -241,6 +239,45 @@ def output_lock(path, option: str, command: str) -> Iterator[None]:
             lock.unlink()
         os.close(fd)
         _remove_empty(made)
+
+
+def _make_parents(path: Path) -> list:
+    """Make ``path``'s folder; return the folders this made (deepest first), for :func:`_remove_empty`."""
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]) -> None:
+    """Write result files as one set: each ``(path, write)`` first has ``write(staged)`` write its file
+    in a staging folder beside ``path``; only when all are written are they renamed into place, in one
+    short final step. A write that fails (or an interruption) before that step leaves the old files
+    untouched, and neither staging folders nor the folders made for them."""
+    staging, staged, made = {}, [], []
+    path = None
+    try:
+        for path, write in files:
+            path = Path(os.path.abspath(os.path.expanduser(str(path))))
+            if path.parent not in staging:
+                made += _make_parents(path)
+                staging[path.parent] = temp_dir(path.parent, ".bsbr-results.tmp-")
+            write(staging[path.parent] / path.name)
+            staged.append((staging[path.parent] / path.name, path))
+        check_not_interrupted()
+    except BaseException as e:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        _remove_empty(sorted(made, key=lambda p: len(p.parts), reverse=True))
+        if isinstance(e, OSError) and path is not None:  # a full disk, a folder that takes no files
+            raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: free "
+                            "some space or choose another path") from e
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for parent, folder in staging.items():
+        folder.rmdir()
+        with contextlib.suppress(OSError):  # not every file system lets a directory be synced
+            fsync(parent)
 
 
 def _remove_empty(folders) -> None:

@@ -1,16 +1,10 @@
 """Result files: JSON (every command's numbers) and matplotlib figures (Agg backend: no display)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
-import shutil
 from pathlib import Path
-from typing import Callable, Sequence, Tuple
-
-logger = logging.getLogger(__name__)
 
 
 def _finite(obj):
@@ -22,45 +16,6 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]) -> None:
-    """Write result files as one set: each ``(path, write)`` first has ``write(staged)`` write its file
-    in a staging folder beside ``path``; only when all are written are they renamed into place, in one
-    short final step. A write that fails (or an interruption) before that step leaves the old files
-    untouched, and neither staging folders nor the folders made for them."""
-    from .errors import UserError, check_not_interrupted
-    from .outputs import fsync, temp_dir
-
-    staging, staged, made = {}, [], []
-    path = None
-    try:
-        for path, write in files:
-            path = Path(os.path.abspath(os.path.expanduser(str(path))))
-            if path.parent not in staging:
-                made += [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                staging[path.parent] = temp_dir(path.parent, ".bsbr-results.tmp-")
-            write(staging[path.parent] / path.name)
-            staged.append((staging[path.parent] / path.name, path))
-        check_not_interrupted()
-    except BaseException as e:
-        for folder in staging.values():
-            shutil.rmtree(folder, ignore_errors=True)
-        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first, where empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(e, OSError) and path is not None:  # a full disk, a folder that takes no files
-            raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: free "
-                            "some space or choose another path") from e
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-        logger.debug("wrote %s", path)  # (the commands print where their results went)
-    for parent, folder in staging.items():
-        folder.rmdir()
-        with contextlib.suppress(OSError):  # not every file system lets a directory be synced
-            fsync(parent)
 
 
 def write_json(result, path: str | os.PathLike) -> Path:

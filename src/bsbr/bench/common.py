@@ -141,7 +141,8 @@ def check_outputs(args, inputs: Sequence = ()) -> None:
 def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
     """Write ``result`` to ``args.json`` and ``plot(result, args.plot)`` where given, as one set
     (:func:`bsbr.results.write_together`: a plot that fails leaves no new JSON either), saying so."""
-    from ..results import write_json, write_together
+    from ..outputs import write_together
+    from ..results import write_json
 
     files = [(args.json, lambda p: write_json(result, p))] if args.json else []
     files += [(args.plot, lambda p: plot(result, p))] if args.plot else []

@@ -254,7 +254,7 @@ def cmd_eval(args) -> int:
             return _write_lm_eval_task(args, passkey, tokenizer)
     if passkey is not None and args.passkey_models:
         passkey["only"] = list(args.passkey_models)
-    from ..results import write_together
+    from ..outputs import write_together
     from .saved import evaluate_saved, passkey_saved  # torch: here, not for the parser
 
     if args.passkey_only:

@@ -7,7 +7,8 @@ import os
 import time
 from typing import Optional
 
-from ..results import write_json, write_together
+from ..outputs import write_together
+from ..results import write_json
 from .baselines import load_saved_models
 from .metrics import evaluate
 
