@@ -140,7 +140,7 @@ def check_outputs(args, inputs: Sequence = ()) -> None:
 
 def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
     """Write ``result`` to ``args.json`` and ``plot(result, args.plot)`` where given, as one set
-    (:func:`bsbr.results.write_together`: a plot that fails leaves no new JSON either), saying so."""
+    (:func:`bsbr.outputs.write_together`: a plot that fails leaves no new JSON either), saying so."""
     from ..outputs import write_together
     from ..results import write_json
 
