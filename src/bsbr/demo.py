@@ -28,6 +28,7 @@ def cmd_demo(args) -> int:
 def _demo(args, out: Path, final: Path) -> int:
     import torch
 
+    from .bench.common import DEFAULT_THREADS
     from .bench.converted import bench_converted, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
@@ -66,10 +67,15 @@ def _demo(args, out: Path, final: Path) -> int:
     result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
                             passkey=passkey, json_path=out / "eval.json", plot_path=out / "eval.png")
 
-    print("[3/3] speed: converted vs original, side by side ...", flush=True)
-    with torch.no_grad():
-        speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
-                                decode_contexts=args.decode_contexts, decode_steps=16)
+    print(f"[3/3] speed: converted vs original, side by side on {DEFAULT_THREADS} thread ...", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS)  # as `bsbr bench converted`: ratios that hold beside other jobs
+    try:
+        with torch.no_grad():
+            speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
+                                    decode_contexts=args.decode_contexts, decode_steps=16)
+    finally:
+        torch.set_num_threads(threads)
     write_json(speed, out / "speed.json")
     plot_converted(speed, out / "speed.png", args.source or "SmolLM2-135M")
 

@@ -254,3 +254,43 @@ def test_a_plot_that_fails_leaves_no_new_json(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     assert main(argv) == 0
     assert json.loads((tmp_path / "r.json").read_text()) != {"old": 1} and (tmp_path / "r.png").is_file()
+
+
+def _small_corpus(root):
+    """A --corpus with one train and one held-out file (the split is a hash of each path)."""
+    from bsbr.corpus import split_of
+
+    root.mkdir()
+    names = {split_of(f"m{i}.py"): f"m{i}.py" for i in range(40)}
+    for name in (names["train"], names["heldout"]):
+        (root / name).write_text("def f(x):\n    return x + 1\n" * 40)
+    return root, names["train"]
+
+
+def test_bench_quality_refuses_a_json_inside_its_corpus(tmp_path, capsys, nothing_runs):
+    root, train = _small_corpus(tmp_path / "corp")
+    before = tree_hash(root)
+    line = _refused(["bench", "quality", *COMMANDS["quality"], "--corpus", str(root), "--json", str(root / train)],
+                    capsys, "bench quality")
+    assert "--json" in line and "--corpus" in line and tree_hash(root) == before
+
+
+def test_bench_quality_refuses_a_seq_len_longer_than_its_corpus(tmp_path, monkeypatch, capsys):
+    def trains(*a, **k):
+        raise AssertionError("trained with windows that do not fit")
+
+    monkeypatch.setattr(bench_quality, "train_and_eval", trains)
+    root, _ = _small_corpus(tmp_path / "corp")
+    argv = ["bench", "quality", *COMMANDS["quality"], "--corpus", str(root), "--seq-len", "20000"]
+    line = _refused(argv, capsys, "bench quality")
+    assert "--seq-len 20,000 does not fit --corpus" in line and "give a --seq-len below 1,0" in line
+
+
+def test_bench_quality_refuses_a_diverged_run(tmp_path, capsys):
+    root, _ = _small_corpus(tmp_path / "corp")
+    out = tmp_path / "r.json"
+    argv = ["bench", "quality", *COMMANDS["quality"], "--seq-len", "32", "--models", "bsbr", "--corpus", str(root),
+            "--lr", "1e30", "--json", str(out)]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (after the training's progress bar)
+    assert "bsbr bench quality: error: bsbr diverged" in line and "give a smaller --lr" in line and not out.exists()

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Sequence
 
-import torch
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..errors import UserError
 from .common import (add_output_arguments, bench_parser, check_device, check_outputs, check_unique, given,
-                     machine_info, write_outputs)
+                     machine_info, set_threads, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
 from .layers import DEFAULT_SEQ_LENS, bench_attention
@@ -73,8 +72,7 @@ def run_attention(args: argparse.Namespace) -> int:
     heads = args.heads or (4 if args.model_scaling else 8)
     seq_lens = args.seq_lens or (DEFAULT_MODEL_SEQ_LENS if args.model_scaling else DEFAULT_SEQ_LENS)
     _validate(args, hidden, heads)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     shared = dict(chunk_size=args.chunk_size, repeats=args.repeats, retrieval=args.retrieval,
                   retrieval_blocks=args.retrieval_blocks, seed=args.seed, device=args.device)
     layers = args.layers or 2  # the defaults of the options of one mode (None: not given, see _validate)

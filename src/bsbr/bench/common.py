@@ -22,6 +22,7 @@ from ..numbers import integer
 from ..outputs import check_output_files
 from .memory import is_oom, memory_method, proc_field
 
+DEFAULT_THREADS = 1  # docs/findings.md, Speed: side-by-side ratios that hold on a shared machine
 MAX_THREADS = 1024  # torch.set_num_threads overflows far above; no machine has more
 
 VOCAB = 256  # the LM shells of bench models and bench quality read bytes
@@ -98,6 +99,11 @@ def given(args, names: Sequence[str]) -> Optional[str]:
     return None
 
 
+def set_threads(args) -> None:
+    """Run the benchmark on ``--threads`` torch threads (default :data:`DEFAULT_THREADS`)."""
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
+
+
 def check_device(device: str) -> None:
     """Refuse a ``--device`` the benchmarks cannot run on: ``cpu``, or ``cuda``/``cuda:N`` where CUDA has it."""
     try:
@@ -127,7 +133,9 @@ def bench_parser(bench_sub, name: str, doc: str):
 
 
 def add_output_arguments(p, plot: str = "a plot") -> None:
-    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=None,
+                   help=f"torch threads (default {DEFAULT_THREADS}: on a shared 2-core machine two threads made both models "
+                        "4-5x slower whenever another job held a core, and the ratio swung from 0.6x to 1.0x)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help=f"write {plot} here")
 

@@ -18,7 +18,7 @@ from ..convert.defaults import DEFAULT_CHUNK_SIZE
 from ..errors import UserError
 from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
-                     write_outputs)
+                     set_threads, write_outputs)
 from .memory import measure_peak
 from .plots import plot_converted
 
@@ -146,8 +146,7 @@ def cmd(args) -> int:
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
                         [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])
     converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=args.gate_init).eval()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
     result.update(model=title, gate_init=args.gate_init)
     print("\n".join(speed_lines(result)))

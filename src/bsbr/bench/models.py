@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..errors import UserError
 from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, failure,
-                     forward_fn, interleaved_times, machine_info, median, round_sig, write_outputs)
+                     forward_fn, interleaved_times, machine_info, median, round_sig, set_threads, write_outputs)
 from .memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
 from .plots import plot_models
 
@@ -241,8 +241,7 @@ def run_models(args: argparse.Namespace) -> int:
         raise UserError("--model-budget caps the train steps, which --no-train skips: drop one of them")
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
     check_outputs(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,
                           heads=args.heads, ff_dim=args.ff_dim, block=args.block, repeats=args.repeats,
                           max_seconds=args.max_seconds, model_budget=args.model_budget or 90.0,

@@ -31,7 +31,8 @@ from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..errors import UserError
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from .common import VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, given, write_outputs
+from .common import (VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, given, set_threads,
+                     write_outputs)
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,12 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
     train_data, eval_data, n_files = load_corpus(corpus)
     log.info("corpus: %d files, %.1f MB train, %.1f MB held out", n_files, train_data.numel() / 1e6,
              eval_data.numel() / 1e6)
+    shortest = min(train_data.numel(), eval_data.numel())
+    if seq_len + 1 >= shortest:  # a window is seq_len + 1 bytes, drawn from inside each split
+        where = f"--corpus {corpus}" if corpus is not None else "the standard library"
+        raise UserError(f"--seq-len {seq_len:,} does not fit {where}: its train and held-out splits hold "
+                        f"{train_data.numel():,} and {eval_data.numel():,} bytes; give a --seq-len below "
+                        f"{shortest - 1:,} or a larger --corpus")
     eval_batch = windows(eval_data, eval_windows, seq_len, torch.Generator().manual_seed(seed + 1))
     results = []
     for m in models:
@@ -172,6 +179,8 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
                            ff_dim=ff_dim, seq_len=seq_len, batch=batch, steps=steps, lr=lr, seed=seed,
                            progress=progress)
         log.info("%s: eval %.4f nats/byte, buckets %s (%.0f s)", m, r["eval_loss"], r["buckets"], r["train_seconds"])
+        if not math.isfinite(r["eval_loss"]):  # a diverged run measures nothing
+            raise UserError(f"{m} diverged (held-out loss {r['eval_loss']}): give a smaller --lr")
         results.append(r)
     config = dict(models=list(models), block=block, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim,
                   seq_len=seq_len, batch=batch, steps=steps, lr=lr, optimizer="AdamW(0.9, 0.95), wd 0.1, clip 1.0, "
@@ -312,12 +321,12 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} is not used with --merge (it joins results trained earlier, with their settings): "
                         f"drop {flag}")
     check_unique(args, ("models",))
-    check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()])
+    check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()] +
+                  ([("--corpus", args.corpus)] if args.corpus is not None else []))
     if args.merge:
         result = merge_results(args.merge)
     else:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        set_threads(args)
         result = run_quality(**{name: getattr(args, name) for name in TRAINING if getattr(args, name) is not None})
     print(format_table(result))
     write_outputs(result, args, plot_quality)
