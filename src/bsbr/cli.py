@@ -40,13 +40,26 @@ EXIT_CODES = """exit status:
   141  the reader of the output went away (`bsbr generate ... | head`), quietly"""
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store``, except that an option taking a list may not be given twice: argparse would
+    keep the last list and silently drop the first (``--text-file a --text-file b`` read only b)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.nargs in ("+", "*") and option_string and getattr(namespace, self.dest, None) is not self.default:
+            raise argparse.ArgumentError(self, f"given twice: give all its values after one {option_string}")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line (exit status 2), and which reads a negative
-    number in exponent form (``--gate-init -1e39``) as a value, as argparse reads ``-0.5``."""
+    """An argparse parser whose usage errors are one line (exit status 2), which refuses a list option
+    given twice, and which reads a negative number in exponent form (``--gate-init -1e39``) as a value,
+    as argparse reads ``-0.5``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+        for name in (None, "store"):
+            self.register("action", name, _StoreOnce)
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -502,3 +502,21 @@ def test_generate_into_a_closed_pipe_stops_quietly(models, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "4"]) == 141
     assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "m", "--passkey-lengths", "200", "--passkey-lengths", "300"], "--passkey-lengths"),
+    (["distill", "--student", "m", "--text-file", "a.txt", "--text-file", "b.txt"], "--text-file"),
+    (["bench", "quality", "--models", "bsbr", "--models", "standard"], "--models"),
+    (["bench", "converted", "--decode-contexts", "64", "--decode-contexts", "128"], "--decode-contexts"),
+    (["demo", "--speed-lens", "64", "--speed-lens", "128"], "--speed-lens"),
+])
+def test_a_list_option_given_twice_is_refused_not_cut_to_its_last_list(argv, flag, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {flag}: given twice: give all its values after one {flag}" in err
+
+
+def test_a_list_option_that_extends_takes_every_occurrence():
+    args = bsbr.cli.build_parser().parse_args(["eval", "m", "--passkey-filler", "classic", "--passkey-filler", "random"])
+    assert args.passkey_filler == ["classic", "random"]
