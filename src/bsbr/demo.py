@@ -3,13 +3,14 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 
 
 def cmd_demo(args) -> int:
     from .arguments import check_model_arg, check_unique
-    from .outputs import check_output_dir, staged_dir
+    from .outputs import check_output_dir, staged_dir, write_errors, write_failure
 
     final = Path(args.output)
     if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
@@ -21,8 +22,13 @@ def cmd_demo(args) -> int:
     check_unique("--decode-contexts", args.decode_contexts)
     check_model_arg(args.source, "--source")
     check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
-    with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
-        return _demo(args, out, final)
+    try:
+        with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
+            return _demo(args, out, final)
+    except write_errors() as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise write_failure("--output", final, e, "the demo's files") from e
 
 
 def _demo(args, out: Path, final: Path) -> int:
@@ -32,7 +38,9 @@ def _demo(args, out: Path, final: Path) -> int:
     from .bench.converted import bench_converted, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
+    from .convert.cli import save_conversion
     from .convert.converter import convert_to_bsbr
+    from .convert.defaults import resolve_options
     from .evaluate import evaluate_saved, summary_lines
     from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
     from .arguments import check_positions, load_model_arg, load_tokenizer_arg
@@ -52,10 +60,11 @@ def _demo(args, out: Path, final: Path) -> int:
     source = load_model_arg(args.source, "--source")
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
                     + [("--decode-contexts (plus 16 decode steps)", n + 16) for n in args.decode_contexts])
-    model = convert_to_bsbr(source, chunk_size=args.chunk_size)
+    options = dict(chunk_size=args.chunk_size, compression_factor=None, **resolve_options({}))
+    model = convert_to_bsbr(source, **options)
     model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir.mkdir()
+    save_conversion(model_dir, model, tokenizer, args.source, source, options, final / "model", time.perf_counter() - t0)
     conv = model.conversion_summary
     print(f"      parameters {conv['params_source'] / 1e6:.1f}M -> {conv['params_bsbr'] / 1e6:.1f}M "
           f"(+{conv['extra_params_pct']:.2f}%); saved to {final / 'model'} (at the end)", flush=True)

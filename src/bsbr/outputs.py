@@ -156,6 +156,23 @@ def is_bsbr_output(out: Path) -> bool:
     return marked and all(written(entry) for entry in out.iterdir())
 
 
+def write_errors() -> tuple:
+    """The exceptions a write that ran out of room raises: OSError, and safetensors' own error (its
+    writer reports a full disk as ``SafetensorError``, not as OSError)."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError
+
+
+def write_failure(option: str, path, error: BaseException, what: str, unchanged: bool = True) -> OutputError:
+    """The one-line error of a write that failed (a full disk, a quota) while writing ``what`` into the
+    output ``option`` ``path``; ``unchanged``: nothing was published there."""
+    why = " ".join(str(error).split())[:200]
+    kept = f"; {path} is as it was" if unchanged else ""
+    return OutputError(f"{option} {path}: could not write {what} ({why}){kept}: free some space or choose another "
+                       f"{option}")
+
+
 def unwritable_parent(path: Path) -> Optional[Path]:
     """The nearest existing directory above ``path`` when ``path`` cannot be made there (not a directory,
     or not writable); None when it can."""

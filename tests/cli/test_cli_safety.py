@@ -294,7 +294,8 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     assert "other settings" in line and "seq_len" in line
     other_text = tmp_path / "other.py"
     other_text.write_text(TEXT.replace("x", "y"))
-    line = refused(capsys, [*args, "--resume", "--steps", "5", "--text-file", other_text], "distill", out)
+    other_args = [str(other_text) if a == str(text) else a for a in args]
+    line = refused(capsys, [*other_args, "--resume", "--steps", "5"], "distill", out)
     assert "the training windows' tokens" in line
 
     ckpt = out / "checkpoint"

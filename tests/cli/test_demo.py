@@ -34,6 +34,10 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     assert [r["seq_len"] for r in speed["prefill"]] == [32] and [r["context"] for r in speed["decode"]] == [24]
     assert speed["prefill"][0]["bsbr_ms"] > 0 and speed["decode"][0]["bsbr_ms_per_token"] > 0
     assert json.loads((out / "model" / "config.json").read_text())["retrieval_blocks"] > 0
+    # recorded as `bsbr convert` records it, so eval and distill can check a --reference/--teacher against it
+    record, converted = (json.loads((d / "conversion.json").read_text()) for d in (out / "model", models[1]))
+    assert record["source"]["fingerprint"] == converted["source"]["fingerprint"] and record["chunk_size"] == 8
+    assert record["output_dir"] == str(out / "model") and (out / "model" / "README.md").is_file()
     before = tree_hash(out)
     assert main(args) == 2  # a second run does not replace the first without --overwrite
     assert "--overwrite" in one_error_line(capsys.readouterr().err, "demo")
@@ -59,3 +63,17 @@ def test_demo_refuses_a_passkey_prompt_that_cannot_fit_before_converting(models,
     line = refused(capsys, ["demo", "--source", source, "--output", tmp_path / "out", "--chunk-size", "8",
                             "--seq-len", "32"], "demo")
     assert "--seq-len: length 32 is too short for a pass-key prompt" in line and not (tmp_path / "out").exists()
+
+
+def test_demo_on_a_full_disk_names_its_output_and_leaves_nothing(models, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(self, *a, **k):  # safetensors' writer reports a full disk as its own error, not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("bsbr.models.bsbr.modeling_bsbr.BSBRForCausalLM.save_pretrained", full)
+    out = tmp_path / "demo"
+    line = refused(capsys, ["demo", "--source", models[0], "--output", out, "--chunk-size", "8", "--seq-len", "160",
+                            "--no-passkey"], "demo")
+    assert f"--output {out}: could not write the demo's files (Error while serializing" in line
+    assert "free some space or choose another --output" in line and not list(tmp_path.iterdir())

@@ -114,9 +114,9 @@ def _check_source_config(source, path: Path, options: dict) -> None:
 
 
 def cmd_convert(args) -> int:
-    from ..arguments import METADATA, check_model_arg, read_config, source_record
+    from ..arguments import check_model_arg, read_config
     from ..errors import OutputError, UserError
-    from ..outputs import check_output_dir, staged_dir, write_model_card
+    from ..outputs import check_output_dir, staged_dir, write_errors, write_failure
 
     source, out = args.source, Path(args.output_dir)
     options = conversion_options(args)
@@ -151,26 +151,34 @@ def cmd_convert(args) -> int:
                         f"the tokenizer is not this model's")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     model = convert_to_bsbr(src, **options)
-    s = model.conversion_summary
-    summary = dict(source=source_record(source, src), output_dir=str(out),  # source: name, type, weights fingerprint
-                   source_model_type=s["source_model_type"], params_source=s["params_source"],
-                   params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
-                   seconds=round(time.perf_counter() - t0, 1), **options)
-    from safetensors import SafetensorError
-
     try:
         with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / METADATA).write_text(json.dumps(summary, indent=2))
-            write_model_card(tmp)
-    except (OSError, SafetensorError) as e:  # a full disk, a quota: nothing was published
-        why = " ".join(str(e).split())[:200]
-        raise OutputError(f"OUTPUT_DIR {out}: could not write the model ({why}); {out} is as it was: free some space "
-                          "or choose another OUTPUT_DIR") from e
-    print(f"parameters: {s['params_source'] / 1e6:.2f}M -> {s['params_bsbr'] / 1e6:.2f}M "
-          f"(+{s['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
+            summary = save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
+    except write_errors() as e:  # a full disk, a quota: nothing was published
+        raise write_failure("OUTPUT_DIR", out, e, "the model") from e
+    print(f"parameters: {summary['params_source'] / 1e6:.2f}M -> {summary['params_bsbr'] / 1e6:.2f}M "
+          f"(+{summary['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
     return 0
+
+
+def save_conversion(directory: Path, model, tokenizer, source, source_model, options: dict, output_dir,
+                    seconds: float) -> dict:
+    """Write a converted model as ``bsbr convert`` does: its weights and config, the tokenizer, the
+    conversion record (``conversion.json``: the source by name, type and weights fingerprint, so later
+    commands can check a reference or teacher against it; the options) and a model card. Returns the record."""
+    from ..arguments import METADATA, source_record
+    from ..outputs import write_model_card
+
+    s = model.conversion_summary
+    record = dict(source=source_record(source, source_model), output_dir=str(output_dir),
+                  source_model_type=s["source_model_type"], params_source=s["params_source"],
+                  params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
+                  seconds=round(seconds, 1), **options)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / METADATA).write_text(json.dumps(record, indent=2))
+    write_model_card(directory)
+    return record
 
 
 MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 overflowed to inf)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
                          check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg)
 from ..errors import CheckpointError, UserError
-from ..outputs import check_output_dir, is_bsbr_output, output_lock, write_model_card
+from ..outputs import check_output_dir, is_bsbr_output, output_lock, write_errors, write_failure, write_model_card
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,10 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     before = (ckpt / MANIFEST).read_bytes() if args.overwrite and (ckpt / MANIFEST).is_file() else None
     try:
         return _train(args, cfg, student_dir, out)
-    except OSError as e:  # a full disk or a quota while saving: say what the last checkpoint holds
+    except write_errors() as e:  # a full disk or a quota while saving: say what the last checkpoint holds
         step = _checkpoint_step(ckpt, before) if not dist.is_initialized() or dist.get_rank() == 0 else None
+        if step is None and (not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise write_failure("--output", out, e, "the checkpoint", unchanged=False) from e
         if step is None:
             raise
         raise UserError(f"{' '.join(str(e).split())[:200]}; checkpoint {ckpt} holds step {step}: once there is room, "
