@@ -188,6 +188,15 @@ def _umask() -> int:
     return mask
 
 
+def shared_modes(root: Path) -> None:
+    """Give the weight files under ``root`` the mode any other written file gets (``0666`` less the umask):
+    safetensors writes its files owner-only (0600), so a model shared with a group could not be loaded."""
+    mode = 0o666 & ~_umask()
+    for path in Path(root).rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def temp_dir(parent: Path, prefix: str) -> Path:
     """A fresh directory in ``parent`` with the permissions ``mkdir`` would give (``mkdtemp`` gives
     0700, which would make a published model readable by its owner only)."""
@@ -212,6 +221,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         _remove_empty(made)
         raise
     try:
+        shared_modes(tmp)
         publish_dir(tmp, out, overwrite=overwrite)
     except BaseException as e:
         if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
@@ -390,6 +400,7 @@ def publish_files(staging, directory) -> None:
     ``config.json`` last and any old ``config.json`` removed first: until the last rename the directory
     holds no loadable model, after it the new one. ``staging`` is removed."""
     staging, directory = Path(staging), Path(directory)
+    shared_modes(staging)
     check_not_interrupted()
     old_config = directory / "config.json"
     if old_config.exists():

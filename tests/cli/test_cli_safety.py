@@ -613,16 +613,28 @@ def test_import_bsbr_alone_registers_the_auto_classes(models):
 
 def test_outputs_get_the_usual_permissions(tmp_path):
     """Staged directories and atomically written files end up as mkdir/open would make them, not 0700/0600."""
-    from bsbr.outputs import atomic_write_text, staged_dir
+    from safetensors.torch import save_file
+
+    from bsbr.distill.checkpoint import save_checkpoint
+    from bsbr.outputs import atomic_write_text, publish_files, staged_dir
 
     old = os.umask(0o022)
     try:
         with staged_dir(tmp_path / "out") as d:
             atomic_write_text(d / "a.json", "{}")
+            save_file({"w": torch.zeros(2)}, d / "model.safetensors")  # safetensors writes owner-only (0600)
+        (tmp_path / "stage").mkdir()
+        (tmp_path / "final").mkdir()
+        save_file({"w": torch.zeros(2)}, tmp_path / "stage" / "model.safetensors")
+        publish_files(tmp_path / "stage", tmp_path / "final")  # (distill's publish)
+        w = torch.nn.Parameter(torch.zeros(2))
+        save_checkpoint(tmp_path / "ckpt", {"w": w}, torch.optim.SGD([w], lr=0.1), {"step": 1})
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "out" / "a.json").stat().st_mode & 0o777 == 0o644
+    for f in [tmp_path / "out" / "a.json", tmp_path / "out" / "model.safetensors",
+              tmp_path / "final" / "model.safetensors", *(tmp_path / "ckpt").glob("*.safetensors")]:
+        assert f.stat().st_mode & 0o777 == 0o644, f
 
 
 def test_distill_refuses_windows_where_the_new_pieces_do_nothing(models, text, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..outputs import atomic_write_text, file_record, fsync
+from ..outputs import atomic_write_text, file_record, fsync, shared_modes
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # the manifest layout this bsbr writes and reads
@@ -37,6 +37,7 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     save_file(tensors, directory / names["optimizer"])
     files = {}
+    shared_modes(directory)
     for role, name in names.items():
         fsync(directory / name)
         files[role] = dict(name=name, **file_record(directory / name))
