@@ -36,6 +36,16 @@ def nothing_runs(monkeypatch):
         monkeypatch.setattr(module, name, runs)
 
 
+def _argv(command, *extra):
+    """``bsbr bench COMMAND`` with its smallest options, those ``extra`` gives replaced by ``extra``'s
+    (a list option may be given only once)."""
+    given, base, keep = {x for x in extra if x.startswith("--")}, [], True
+    for x in COMMANDS[command]:
+        keep = x not in given if x.startswith("--") else keep
+        base += [x] if keep else []
+    return ["bench", command, *base, *extra]
+
+
 def _refused(argv, capsys, command):
     assert main(argv) == 2
     return one_error_line(capsys.readouterr().err, command)
@@ -163,7 +173,7 @@ def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
 ])
 def test_bench_refuses_a_list_value_given_twice(command, flag, values, tmp_path, capsys, nothing_runs):
     out = tmp_path / "r.json"
-    argv = ["bench", command, *COMMANDS[command], flag, *values, "--json", str(out)]
+    argv = _argv(command, flag, *values, "--json", str(out))
     line = _refused(argv, capsys, f"bench {command}")
     assert f"{flag} {values[0]} is given twice: give each value once" in line and not out.exists()
 
@@ -234,7 +244,7 @@ def test_bench_quality_merge_refuses_the_training_options(option, tmp_path, caps
 ])
 def test_bench_refuses_an_option_it_would_ignore(command, argv, flag, what, tmp_path, capsys, nothing_runs):
     out = tmp_path / "r.json"
-    line = _refused(["bench", command, *COMMANDS[command], *argv, "--json", str(out)], capsys, f"bench {command}")
+    line = _refused(_argv(command, *argv, "--json", str(out)), capsys, f"bench {command}")
     assert f"{flag} {what}" in line and not out.exists()
 
 

@@ -174,7 +174,11 @@ def test_distill_never_replaces_its_own_text_files(models, text, tmp_path, capsy
 # ------------------------------------------------------------------------------------------ generate
 def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
     _, converted, _ = models
-    assert "--prompt is empty" in refused(capsys, ["generate", converted, "--prompt", ""], "generate")
+    for empty in ("", "  "):
+        assert "argument --prompt: is empty" in refused(capsys, ["generate", converted, "--prompt", empty], "generate")
+    # an empty path would be the current directory
+    assert "argument output_dir: is empty" in refused(capsys, ["convert", converted, ""], "convert")
+    assert "argument --output: is empty" in refused(capsys, ["demo", "--output", ""], "demo")
     not_utf8 = os.fsdecode(b"\xff\xfe the")  # as argv carries bytes that are not UTF-8
     assert "--prompt is not UTF-8" in refused(capsys, ["generate", converted, "--prompt", not_utf8], "generate")
     assert "--max-new-tokens" in refused(capsys, ["generate", converted, "--prompt", "x", "--max-new-tokens", "0"],

@@ -59,7 +59,9 @@ def _refused(capsys, argv, *words):
 
 
 def _base(saved, *extra):
-    return ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--text-file", str(saved / "text.py"),
+    """The command on the saved models; ``extra``'s --text-file replaces the default one (a list option is given once)."""
+    text = [] if "--text-file" in extra else ["--text-file", str(saved / "text.py")]
+    return ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), *text,
             "--seq-len", "40", "--max-windows", "1", "--no-progress", *extra]
 
 

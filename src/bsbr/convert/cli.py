@@ -187,8 +187,6 @@ MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 ove
 def cmd_generate(args) -> int:
     from ..errors import UserError
 
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty: give the text to continue")
     try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
