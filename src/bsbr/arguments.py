@@ -51,9 +51,12 @@ def source_label(source) -> str:
 
 
 def source_record(source, model) -> dict:
-    """What a converted model records of its source: name (as given), model type, weights fingerprint."""
-    return dict(name=source_label(source), model_type=getattr(model.config, "model_type", None),
-                fingerprint=weights_fingerprint(model))
+    """What a converted model records of its source: name (a local path made absolute, so that the
+    ``give --reference NAME`` of later commands holds from any directory; else the hub id), model type,
+    weights fingerprint."""
+    local = source is not None and Path(os.path.expanduser(str(source))).exists()
+    name = str(Path(os.path.expanduser(str(source))).resolve()) if local else source_label(source)
+    return dict(name=name, model_type=getattr(model.config, "model_type", None), fingerprint=weights_fingerprint(model))
 
 
 def read_metadata(model_dir) -> dict:

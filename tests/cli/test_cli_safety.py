@@ -138,6 +138,11 @@ def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, 
                                   fingerprint=bsbr.arguments.weights_fingerprint(load_source(source)))
     assert "import bsbr" in (out / "README.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    # a source named relative to the current directory is recorded absolute: later commands' "give
+    # --reference NAME" holds from any directory
+    monkeypatch.chdir(source.parent)
+    assert main(["convert", source.name, str(tmp_path / "rel"), "--chunk-size", "16"]) == 0
+    assert json.loads((tmp_path / "rel" / "conversion.json").read_text())["source"]["name"] == str(source.resolve())
 
 
 @pytest.mark.parametrize("command,option", [("convert", "SOURCE"), ("distill", "--teacher"), ("eval", "--reference"),
