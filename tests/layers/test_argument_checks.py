@@ -150,3 +150,27 @@ def test_a_dynamically_quantized_layer_still_runs():
     layer = torch.ao.quantization.quantize_dynamic(BSBRAttention(16, 2, 4, dropout=0.0), {torch.nn.Linear},
                                                    dtype=torch.qint8)
     assert layer(torch.randn(2, 8, 16)).shape == (2, 8, 16)
+
+
+def test_rotary_tables_of_the_wrong_form_are_named():
+    """Malformed position tables were unpacked along their batch dim (a silently wrong output) or failed
+    deep in the rotation with torch's size message."""
+    import torch
+
+    from bsbr import BSBRAttention
+
+    a = BSBRAttention(32, 4, 8, dropout=0.0)
+    x, cos, sin = torch.randn(2, 20, 32), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    assert a(x, position_embeddings=(cos[:1], sin[:1])).shape == (2, 20, 32)  # one table for the batch
+    cases = [(dict(position_embeddings=cos), TypeError, "position_embeddings must be a pair of (cos, sin) tensors"),
+             (dict(position_embeddings=(cos[:, :10], sin)), ValueError, "of shape (20, 8) or (2 or 1, 20, 8), got (2, 10, 8)"),
+             (dict(position_embeddings=(cos, sin, cos)), TypeError, "position_embeddings must be a pair"),
+             (dict(position_embeddings=(cos.double(), sin)), TypeError, "torch.float64, the layer's queries torch.float32"),
+             (dict(far_position_embeddings=(cos, sin)), TypeError, "far_position_embeddings[0] must be a pair"),
+             (dict(far_position_embeddings=((cos, sin),)), TypeError, "far_position_embeddings must be a tuple of 2 or 3")]
+    for kwargs, error, words in cases:
+        with pytest.raises(error) as e:
+            a(x, **kwargs)
+        assert words in str(e.value), (kwargs.keys(), str(e.value))
+    with pytest.raises(TypeError, match="position_embeddings must be a pair"):
+        a.step(x[:, :1], None, position_embeddings=cos[:, :1])

@@ -15,7 +15,7 @@ from torch import nn
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
-from .inputs import check_number, is_number
+from .inputs import check_number, check_rotary, is_number
 from .rotary import apply_rotary
 
 
@@ -147,6 +147,10 @@ class BSBRAttention(MultiHeadBase):
     def _run(self, op, hidden_states, attention_mask, position_embeddings, far_position_embeddings, **kwargs):
         q, k, v, valid = self.project(hidden_states, attention_mask)
         b, _, n, _ = q.shape
+        if position_embeddings is not None:
+            check_rotary("position_embeddings", position_embeddings, q)
+        if far_position_embeddings is not None:
+            check_rotary("far_position_embeddings", far_position_embeddings, q, pairs=(2, 3))
         gate = self._op_gate()
         read = not isinstance(gate, int)
         state = kwargs.get("initial_state")

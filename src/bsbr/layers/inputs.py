@@ -69,6 +69,37 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
     return mask_to_valid(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
 
 
+_ROTARY_CHECKED: dict = {}  # name -> (the last tables that passed, what they were checked against)
+
+
+def check_rotary(name: str, tables, like: torch.Tensor, pairs: tuple = (1,)) -> None:
+    """``tables``: one rotary ``(cos, sin)`` pair (``pairs == (1,)``), or a tuple of so many pairs, each
+    tensor of shape (seq_len, head_dim) or (batch or 1, seq_len, head_dim) of the dtype of ``like``, the
+    queries (batch, heads, seq_len, head_dim), unless autocast is on."""
+    key = (like.shape, like.dtype, pairs)
+    last = _ROTARY_CHECKED.get(name)
+    if last is not None and last[0] is tables and last[1] == key:  # a model's layers share a step's tables
+        return
+    batch, _, seq_len, head_dim = like.shape
+    shape = f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({batch} or 1, {seq_len}, {head_dim})"
+    many = pairs != (1,)
+    if many and not (isinstance(tables, (tuple, list)) and len(tables) in pairs):
+        raise TypeError(f"{name} must be a tuple of {' or '.join(map(str, pairs))} pairs of {shape}, got "
+                        f"{type(tables).__name__}{f' of {len(tables)}' if isinstance(tables, (tuple, list)) else ''}")
+    for i, pair in enumerate(tables if many else [tables]):
+        what = f"{name}[{i}]" if many else name
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+            raise TypeError(f"{what} must be a pair of {shape}, got {type(pair).__name__}")
+        for t in pair:
+            if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (seq_len, head_dim) or \
+                    (t.dim() == 3 and t.shape[0] not in (1, batch)) or not t.is_floating_point():
+                raise ValueError(f"{what} must be {shape}, got {tuple(t.shape)} {t.dtype}")
+            if t.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type):
+                raise TypeError(f"{what} are {t.dtype}, the layer's queries {like.dtype}: give the tables in "
+                                f"{like.dtype}")
+    _ROTARY_CHECKED[name] = (tables, key)
+
+
 def check_dropout(dropout) -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.checks import check_int
-from .inputs import check_dropout, check_flag, check_layer_inputs
+from .inputs import check_dropout, check_flag, check_layer_inputs, check_rotary
 from .rotary import apply_rotary
 
 
@@ -51,6 +51,7 @@ class MultiHeadBase(nn.Module):
         valid = check_layer_inputs(hidden_states, self.hidden_dim, attention_mask, self.q_proj.weight)
         q, k, v = (self.heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if position_embeddings is not None:
+            check_rotary("position_embeddings", position_embeddings, q)
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         return q, k, v, valid
 
