@@ -520,3 +520,21 @@ def test_a_list_option_given_twice_is_refused_not_cut_to_its_last_list(argv, fla
 def test_a_list_option_that_extends_takes_every_occurrence():
     args = bsbr.cli.build_parser().parse_args(["eval", "m", "--passkey-filler", "classic", "--passkey-filler", "random"])
     assert args.passkey_filler == ["classic", "random"]
+
+
+@pytest.mark.parametrize("family, argv, words", [
+    ("gpt2", ["--far-positions", "window"], "--far-positions places rotary positions, but SOURCE"),
+    ("gpt2", ["--window-scored-blocks", "2"], "--window-scored-blocks places rotary positions"),
+    ("llama", ["--position-scheme", "clamp"], "--position-scheme applies to learned positions (GPT-2)"),
+])
+def test_a_position_option_the_source_ignores_is_refused_before_loading(family, argv, words, tmp_path, capsys,
+                                                                         monkeypatch):
+    from model_sources import make_source
+    from word_tokenizer import build_word_tokenizer
+
+    make_source(family).save_pretrained(tmp_path / "src")
+    build_word_tokenizer().save_pretrained(tmp_path / "src")
+    monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["convert", tmp_path / "src", tmp_path / "out", "--chunk-size", "8", *argv], "convert",
+                   tmp_path / "src")
+    assert words in line and f"drop {argv[0]}" in line and not (tmp_path / "out").exists()

@@ -108,9 +108,26 @@ def _check_source_config(source, path: Path, options: dict) -> None:
     except Exception:  # a config transformers cannot read: loading the model says why
         return
     try:
-        TransformerToBSBRConverter(**options).bsbr_config(config)
+        return TransformerToBSBRConverter(**options).bsbr_config(config).position_type
     except ValueError as e:
         raise UserError(f"SOURCE {source} cannot be converted: {e}") from e
+
+
+def _check_position_options(args, source, position_type: str) -> None:
+    """Refuse a position option the source's kind of positions ignores (it would be recorded, doing nothing)."""
+    from ..errors import UserError
+    from .defaults import DEFAULT_OPTIONS
+
+    name = source or "the bundled SmolLM2"
+    if position_type == "learned":
+        given = "--far-positions" if args.far_positions is not None else \
+            "--window-scored-blocks" if args.window_scored_blocks else None
+        if given:
+            raise UserError(f"{given} places rotary positions, but SOURCE {name} has learned positions (GPT-2): "
+                            f"drop {given}")
+    elif args.position_scheme != DEFAULT_OPTIONS["position_scheme"]:
+        raise UserError(f"--position-scheme applies to learned positions (GPT-2), but SOURCE {name} has rotary "
+                        "positions: drop --position-scheme")
 
 
 def cmd_convert(args) -> int:
@@ -130,7 +147,9 @@ def cmd_convert(args) -> int:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
-        _check_source_config(source, local, options)
+        position_type = _check_source_config(source, local, options)
+        if position_type is not None:
+            _check_position_options(args, source, position_type)
     try:
         check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
     except OutputError as e:
@@ -151,6 +170,7 @@ def cmd_convert(args) -> int:
                         f"the tokenizer is not this model's")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     model = convert_to_bsbr(src, **options)
+    _check_position_options(args, source, model.config.position_type)
     try:
         with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
             summary = save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
