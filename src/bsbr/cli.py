@@ -196,6 +196,12 @@ def _main(argv) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():  # no bars in a log, or when asked
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # (read by transformers when it is imported)
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     # bsbr's progress at INFO; other libraries' only from WARNING on (torch logs cache statistics at exit)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

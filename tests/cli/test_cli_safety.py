@@ -697,3 +697,21 @@ def test_the_recorded_source_check_spares_the_lm_eval_task_and_the_bundled_file_
     meta["source"]["name"] = str(default_source_path())  # converted with the GGUF's path given explicitly
     (bundled / "conversion.json").write_text(json.dumps(meta))
     check_recorded_source(bundled, None, option="--reference")  # the default is that file: no refusal
+
+
+def test_a_failure_after_loading_is_one_line_on_a_redirected_stderr(models, tmp_path):
+    """No library progress bar on stderr that is not a terminal: a failure is the one error line."""
+    import subprocess
+
+    _, converted, _ = models
+    bad = tmp_path / "bad"
+    shutil.copytree(converted, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2}))
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    code = "import sys; from bsbr.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "generate", str(bad), "--prompt", "def"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("bsbr generate: error:"), r.stderr
