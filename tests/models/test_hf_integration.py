@@ -94,6 +94,16 @@ def test_out_of_range_input_ids_are_one_clear_error(model):
             model.model(ids)
 
 
+def test_bad_labels_are_one_clear_error(model):
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.isfinite(model(ids, labels=torch.tensor([[3, -100, 5, 6]])).loss)  # -100: ignored
+    for bad, words in ((ids[:, :2], r"labels must be an int64 tensor of shape \(1, 4\)"),
+                       (ids.float(), "labels must be an int64"), (ids + VOCAB, rf"labels must lie in \[0, {VOCAB}\)"),
+                       (ids - 7, "or be -100 .ignored., got -4")):
+        with pytest.raises(ValueError, match=words):
+            model(ids, labels=bad)
+
+
 def test_ids_of_another_dtype_and_badly_shaped_embeddings_are_one_clear_error(model):
     for bad in (torch.tensor([[3, 4]], dtype=torch.uint8), torch.tensor([[True, False]]), torch.tensor([[3.0]])):
         with pytest.raises(ValueError, match="input_ids must be an int64"):

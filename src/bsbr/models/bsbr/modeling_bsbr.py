@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...layers.bsbr_attention import BSBRAttention, op_dtype
-from ...layers.inputs import check_input_ids, check_position_ids, mask_to_valid, token_positions
+from ...layers.inputs import check_input_ids, check_labels, check_position_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding
 from ...ops.bsbr import BSBRState
@@ -416,6 +416,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            check_labels(labels, *logits.shape[:2], self.config.vocab_size)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return self._returned(out, return_dict)
