@@ -304,3 +304,19 @@ def test_bench_quality_refuses_a_diverged_run(tmp_path, capsys):
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # (after the training's progress bar)
     assert "bsbr bench quality: error: bsbr diverged" in line and "give a smaller --lr" in line and not out.exists()
+
+
+def test_benchmarks_run_on_one_thread_unless_told(monkeypatch):
+    """Side-by-side ratios at torch's default two threads swung with any other load on a 2-core machine
+    (docs/findings.md, Speed): one thread unless --threads says otherwise."""
+    import argparse
+
+    import torch
+
+    from bsbr.bench.common import set_threads
+
+    got = []
+    monkeypatch.setattr(torch, "set_num_threads", got.append)
+    set_threads(argparse.Namespace(threads=None))
+    set_threads(argparse.Namespace(threads=3))
+    assert got == [1, 3]

@@ -14,7 +14,15 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--source", str(source), "--output", str(out), "--chunk-size", "8", "--seq-len", "160",
             "--max-windows", "1", "--speed-lens", "32", "--decode-contexts", "24", "--repeats", "1"]
-    assert main(args) == 0
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(args) == 0
+        assert torch.get_num_threads() == 2  # the speed step's one thread is not left behind
+    finally:
+        torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert "=== summary ===" in text and "gap closed" in text and "decode at" in text
     for name in ("eval.json", "eval.png", "speed.json", "speed.png", "model/config.json", "model/model.safetensors"):
@@ -33,6 +41,7 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     speed = json.loads((out / "speed.json").read_text())
     assert [r["seq_len"] for r in speed["prefill"]] == [32] and [r["context"] for r in speed["decode"]] == [24]
     assert speed["prefill"][0]["bsbr_ms"] > 0 and speed["decode"][0]["bsbr_ms_per_token"] > 0
+    assert speed["machine"]["torch_threads"] == 1  # measured side by side on one thread
     assert json.loads((out / "model" / "config.json").read_text())["retrieval_blocks"] > 0
     # recorded as `bsbr convert` records it, so eval and distill can check a --reference/--teacher against it
     record, converted = (json.loads((d / "conversion.json").read_text()) for d in (out / "model", models[1]))
