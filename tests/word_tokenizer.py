@@ -2,7 +2,7 @@
 words, digits one by one, and a little Python, with ids below the tiny models' vocabulary (97)."""
 import re
 
-from bsbr.evaluate import passkey
+from bsbr.evaluate import filler, passkey
 
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 = the tiny llama's unk / bos / eos
 PYTHON = ["def", "return", "class", "import", "self", "x", "y", "if", "else", "for", "in", "(", ")", ":", "=", ",",
@@ -14,7 +14,7 @@ def build_word_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = []
-    for text in [passkey.INTRO, *passkey.FILLER, passkey.KEY_SENTENCE.format(key=""), passkey.QUESTION]:
+    for text in [passkey.INTRO, *filler.CLASSIC, passkey.KEY_SENTENCE.format(key=""), passkey.QUESTION]:
         words += re.findall(r"\w+|[^\w\s]+", text)
     words += [str(d) for d in range(10)] + PYTHON
     vocab = {w: i for i, w in enumerate(SPECIALS)}

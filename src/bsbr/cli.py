@@ -114,17 +114,13 @@ def add_lazy_commands(sub, commands: dict) -> None:
                        help="debug logging, and the traceback of an error")
 
 
-def _version() -> str:
+def build_parser() -> argparse.ArgumentParser:
     from . import __version__  # bsbr/__init__ is light: no torch
 
-    return __version__
-
-
-def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="bsbr", description="Block Sparse attention with Block Retrieval", epilog=EXIT_CODES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
-    parser.add_argument("--version", action="version", version=f"bsbr {_version()}")
+    parser.add_argument("--version", action="version", version=f"bsbr {__version__}")
     parser.commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LazyParser)
     add_lazy_commands(parser.commands, COMMANDS)
     return parser

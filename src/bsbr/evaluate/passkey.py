@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from .filler import CLASSIC, DEFAULT_FILLERS, Filler, get_filler
+from .filler import DEFAULT_FILLERS, Filler, get_filler
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. "
          "You will be asked for the pass key at the end.")
-FILLER = CLASSIC  # the classic filler's sentences
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)

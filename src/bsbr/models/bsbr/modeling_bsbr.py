@@ -211,16 +211,16 @@ class BSBRPreTrainedModel(PreTrainedModel):
 
         Weights load from safetensors only, as with :func:`bsbr.load_bsbr_model` (a ``.bin`` checkpoint is a
         pickle): ``use_safetensors`` defaults to True here; pass it explicitly to choose otherwise."""
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        local = Path(where, kwargs.get("subfolder") or "") if isinstance(where, (str, os.PathLike)) else None
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            if isinstance(where, (str, os.PathLike)):
-                refuse_pickled_weights(Path(where, kwargs.get("subfolder") or ""))
+            if local is not None:
+                refuse_pickled_weights(local)
         if not strict:
             return super().from_pretrained(*args, **kwargs)
-        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
-        if isinstance(where, (str, os.PathLike)):
-            refuse_non_float_weights(Path(where, kwargs.get("subfolder") or ""))
+        if local is not None:
+            refuse_non_float_weights(local)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
