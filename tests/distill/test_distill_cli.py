@@ -356,3 +356,14 @@ def test_a_full_disk_before_any_checkpoint_names_the_output(models, text, tmp_pa
     assert last.startswith(f"bsbr distill: error: --output {out}: could not write the checkpoint (Error while "
                            "serializing"), last
     assert last.endswith("free some space or choose another --output"), last
+
+
+def test_a_run_whose_updates_all_vanish_publishes_nothing(models, text, tmp_path, capsys):
+    """--lm-weight 1e38 overflows Adam's second moment, so every update is 0: the run trained nothing and
+    exited 0 with the student's own weights published."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(distill_args(models, text, out, "--steps", "2", "--lm-weight", "1e38")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 training steps changed no weight" in last and "--lm-weight or --lr" in last, last
+    assert not (out / "config.json").exists()

@@ -331,6 +331,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     if progress["step"] == 0:  # the time budget ran out before one step: nothing to save
         raise ValueError(f"no training step fits in minutes={cfg.minutes} (one step takes longer): give more "
                          "--minutes, or --steps")
+    if weights_fingerprint(student) == run["student"]:  # every update was 0: a model that is the student
+        raise ValueError(f"{progress['step']} training steps changed no weight (every update was 0, e.g. a loss so "
+                         f"large that the optimizer's moments overflow): nothing is published; give a smaller "
+                         "--lm-weight or --lr")
     progress["elapsed"] = time.monotonic() - t0
     if rank == 0:
         save(progress)
