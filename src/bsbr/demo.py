@@ -3,14 +3,13 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
-import errno
 import time
 from pathlib import Path
 
 
 def cmd_demo(args) -> int:
     from .arguments import check_model_arg, check_unique
-    from .outputs import check_output_dir, staged_dir, write_errors, write_failure
+    from .outputs import check_output_dir, out_of_room, staged_dir, write_errors, write_failure
 
     final = Path(args.output)
     if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
@@ -26,7 +25,7 @@ def cmd_demo(args) -> int:
         with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
             return _demo(args, out, final)
     except write_errors() as e:
-        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not out_of_room(e):
             raise
         raise write_failure("--output", final, e, "the demo's files") from e
 

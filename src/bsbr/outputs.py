@@ -4,6 +4,7 @@ in one rename (README.md, "What the commands refuse"). Nothing here imports torc
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -162,6 +163,12 @@ def write_errors() -> tuple:
     from safetensors import SafetensorError
 
     return OSError, SafetensorError
+
+
+def out_of_room(error: BaseException) -> bool:
+    """Whether ``error`` (one of :func:`write_errors`) says the disk or quota is full: safetensors' own
+    error (it reports a full disk so), or an OSError of ENOSPC/EDQUOT."""
+    return not isinstance(error, OSError) or error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_failure(option: str, path, error: BaseException, what: str, unchanged: bool = True) -> OutputError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import re
@@ -19,7 +18,8 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
                          check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg)
 from ..errors import CheckpointError, UserError
-from ..outputs import check_output_dir, is_bsbr_output, output_lock, write_errors, write_failure, write_model_card
+from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
+                       write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         return _train(args, cfg, student_dir, out)
     except write_errors() as e:  # a full disk or a quota while saving: say what the last checkpoint holds
         step = _checkpoint_step(ckpt, before) if not dist.is_initialized() or dist.get_rank() == 0 else None
-        if step is None and (not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        if step is None and out_of_room(e):
             raise write_failure("--output", out, e, "the checkpoint", unchanged=False) from e
         if step is None:
             raise
