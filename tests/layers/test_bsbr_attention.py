@@ -89,6 +89,23 @@ def test_a_layer_built_under_inference_mode_runs(gate):
         torch.testing.assert_close(out, expect[:, 12:], rtol=1e-10, atol=1e-10)
 
 
+def test_a_gate_written_through_data_is_seen_at_the_next_call():
+    # EMA and weight-averaging code writes parameters through .data, which bumps no version counter
+    a = layer(retrieval="normalized", gate=0.0, retrieval_blocks=1, local_chunks=2)
+    x = torch.randn(1, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        closed = a(x)
+        a.retrieval_gate.data.fill_(0.5)
+        opened = a(x)
+        a.retrieval_gate.data = torch.zeros_like(a.retrieval_gate)
+        torch.testing.assert_close(a(x), closed, rtol=0, atol=0)
+    assert not torch.allclose(opened, closed)
+    expect = layer(retrieval="normalized", gate=0.5, retrieval_blocks=1, local_chunks=2)
+    expect.load_state_dict({**a.state_dict(), "retrieval_gate": torch.full_like(a.retrieval_gate, 0.5)})
+    with torch.no_grad():
+        torch.testing.assert_close(opened, expect(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kw", [dict(retrieval_blocks=1, local_chunks=2, sink_tokens=2), dict(recall_tokens=4), {}])
 def test_closed_gate_skips_the_states_without_changing_the_output(kw):
     # without gradients a closed gate is passed to the op as 0: no chunk state is read or kept (feature
