@@ -71,6 +71,18 @@ def test_greedy_generate_equals_argmax_of_full_forward(model):
     assert torch.equal(full[:, 4:-1].argmax(-1), seq[:, 5:])
 
 
+def test_a_chunked_prefill_request_generates_as_one_prefill(model):
+    # transformers' prefill_chunk_size splits a long prompt to bound the n x n scores, which BSBR never forms:
+    # the prompt is read in one pass (it failed with "Cannot use prefill chunking without a cache")
+    prompt = torch.randint(0, VOCAB, (2, 29), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(prompt, **kw)
+        assert torch.equal(model.generate(prompt, prefill_chunk_size=8, **kw), plain)
+        cache = model(prompt[:, :10], use_cache=True).cache  # continuing a cache given by the caller, too
+        assert torch.equal(model.generate(prompt, cache=cache, prefill_chunk_size=8, **kw), plain)
+
+
 def test_left_padded_batch_generation_equals_each_prompt_alone(model):
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (3, 12, 7)]

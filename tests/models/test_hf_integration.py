@@ -5,10 +5,10 @@ import pytest
 import torch
 from model_sources import VOCAB, make_source
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM
 
 from bsbr import convert_to_bsbr
-from bsbr.models import BSBRBaseModel
+from bsbr.models import BSBRBaseModel, BSBRForCausalLM
 
 CHUNK = 4
 GEN = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -161,6 +161,27 @@ def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unexpected_keys.*extra.*dropped"):
         AutoModel.from_pretrained(tmp_path)
+
+
+def test_attn_implementation_eager_or_sdpa_loads_and_another_kernel_is_one_clear_error(tmp_path):
+    # scripts pass attn_implementation="sdpa" for any model; transformers refused it ("request support")
+    model = make("llama")
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+        for impl in ("eager", "sdpa"):
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
+            torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+    for impl in ("flash_attention_2", "flex_attention"):
+        with pytest.raises(ValueError, match=f"attn_implementation='{impl}': BSBR attention is its own op"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
+
+
+def test_loading_a_source_model_as_bsbr_says_to_convert_it(tmp_path):
+    make_source("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'llama' model, not a BSBR one: convert it first"):
+        BSBRForCausalLM.from_pretrained(tmp_path)
 
 
 def test_explicit_positions_do_not_move_the_far_chunks():

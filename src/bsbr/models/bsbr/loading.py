@@ -2,27 +2,20 @@
 random initialisation (which is what a plain ``from_pretrained`` does with a warning)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .modeling_bsbr import BSBRForCausalLM
+from .modeling_bsbr import BSBRForCausalLM, refuse_other_model_type
 
 
 def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BSBRForCausalLM:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
-    if model_type != "bsbr":
-        raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first "
-                         f"(bsbr convert {path} OUT, or bsbr.convert_to_bsbr)")
+    refuse_other_model_type(path)
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} has no .safetensors weights (pickled checkpoints are not loaded)")
     try:  # strict: BSBRPreTrainedModel.from_pretrained refuses missing, unexpected or mismatched weights

@@ -7,6 +7,8 @@ chunk's keys/values plus one state per completed chunk), never a KV cache of the
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import warnings
 from pathlib import Path
@@ -175,6 +177,18 @@ def _cache_argument(cache, kwargs: dict):
     return old
 
 
+def refuse_other_model_type(path: Path) -> None:
+    """Raise ValueError when the model directory ``path`` holds a source model (its config.json's
+    ``model_type`` is not "bsbr"): it is converted first, not loaded."""
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
+    if model_type != "bsbr":
+        raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first "
+                         f"(bsbr convert {path} OUT, or bsbr.convert_to_bsbr)")
+
+
 def refuse_non_float_weights(path: Path) -> None:
     """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
     not floating point (an integer or bool tensor would be cast silently into a float parameter)."""
@@ -202,6 +216,17 @@ class BSBRPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check: bool = False,
+                                              allow_all_kernels: bool = False) -> str:
+        """BSBR attention is one op of its own, whatever ``attn_implementation`` says (on CPU it runs PyTorch's
+        fused SDPA kernel where it can): "eager" and "sdpa", which scripts pass for any model, load it; another
+        kernel is refused in one line (transformers asked to request support for it on the model's hub page)."""
+        if attn_implementation in (None, "eager", "sdpa"):
+            return attn_implementation or "eager"
+        raise ValueError(f"attn_implementation={attn_implementation!r}: BSBR attention is its own op (the exact "
+                         "window and the retrieved blocks in one softmax), which that kernel cannot run: load the "
+                         "model without attn_implementation (or with 'eager' or 'sdpa')")
+
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """transformers' ``from_pretrained`` (also what ``AutoModelForCausalLM`` calls), strict: a weight the
@@ -213,6 +238,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
         pickle): ``use_safetensors`` defaults to True here; pass it explicitly to choose otherwise."""
         where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
         local = Path(where, kwargs.get("subfolder") or "") if isinstance(where, (str, os.PathLike)) else None
+        if local is not None and (local / "config.json").is_file() and kwargs.get("config") is None:
+            refuse_other_model_type(local)
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
             if local is not None:
@@ -443,6 +470,15 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             if isinstance(c, MaxLengthCriteria):
                 c.max_position_embeddings = None
         return criteria
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        """transformers' ``prefill_chunk_size`` splits a prompt into pieces read through the cache, to bound the
+        n x n scores, which BSBR never forms (its chunked form reads a prompt chunk by chunk): the prompt is read
+        in one pass, with the same result, where the pieces would have been stepped through token by token."""
+        if generation_config.prefill_chunk_size is not None:
+            generation_config = copy.copy(generation_config)
+            generation_config.prefill_chunk_size = None
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
