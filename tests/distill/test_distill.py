@@ -250,6 +250,15 @@ def test_torchrun_ranks_stop_together_on_a_time_budget(tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_trains_all_weights_on_windows_within_the_exact_reach(tmp_path):
+    """There the new pieces get no gradient: DDP without its unused-parameter search stopped with "Expected
+    to have finished reduction in the prior iteration"."""
+    _torchrun(tmp_path, "short")
+    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_equals_one_process_on_both_windows(tmp_path):
     _torchrun(tmp_path)
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")

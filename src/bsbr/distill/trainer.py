@@ -279,8 +279,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
                                       if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))
     # every trained parameter gets a gradient in every step (checked for new, all and lora, windows of one
-    # chunk or more), so DDP needs no find_unused_parameters search
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    # chunk or more) but the new pieces on a window within the exact reach, where they have no effect: only
+    # then does DDP search the graph for unused parameters
+    unused = min(len(w) for w in windows) <= reach
+    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=unused) if world > 1 else student
 
     def save(state: dict) -> None:
         save_checkpoint(ckpt_dir, params, opt, state)  # replaces any old checkpoint in one rename
