@@ -184,6 +184,30 @@ def test_loading_a_source_model_as_bsbr_says_to_convert_it(tmp_path):
         BSBRForCausalLM.from_pretrained(tmp_path)
 
 
+def test_activation_checkpointing_gives_the_same_gradients_and_builds_no_cache():
+    model = make("llama")
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(5))
+
+    def grads():
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain, expect = grads()
+    assert plain.cache is not None
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    out, got = grads()
+    assert out.cache is None and got.keys() == expect.keys()
+    for n in expect:
+        torch.testing.assert_close(got[n], expect[n], rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.warns(UserWarning, match="use_cache=True does not go with activation checkpointing"):
+        assert model(ids, use_cache=True).cache is None
+    model.eval()  # inference keeps its cache
+    assert model(ids).cache is not None
+
+
 def test_explicit_positions_do_not_move_the_far_chunks():
     """Far keys are rotated by their offset in their chunk, counted from the first real token: shifting
     every position by a constant (the near rotary is relative) leaves the logits as they are."""

@@ -377,6 +377,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 # the second block score's queries: every far key scores as if it lay just before the window
                 far = far + (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),)
 
+        if self.training and cache is None and self.layers and self.layers[0].gradient_checkpointing:
+            if use_cache:
+                warnings.warn("use_cache=True does not go with activation checkpointing (each layer runs again in the "
+                              "backward pass): no cache is returned", stacklevel=3)
+            use_cache = False  # as transformers' models do: a training forward builds no cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
         streaming = cache is not None
         states = []
