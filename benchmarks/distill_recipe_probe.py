@@ -3,8 +3,8 @@
 A short distillation probe on SmolLM2-135M (chunk 256, 2,048-token windows): end-to-end KL plus
 0.1 x LM loss, as these probes ran, on the new pieces; with BASE_LR > 0, on all weights, the source's
 own at BASE_LR. (``kl`` names the recipe, as in the recorded commands; attention transfer, the other
-mode, is retired.) ``key=value`` pairs are conversion options (e.g. ``retrieval_mass=1.0``,
-``compression_factor=4``; ``bf16=1`` turns on autocast). Prints perplexity on tokens past the first
+mode, is retired.) ``key=value`` pairs are conversion options (e.g. ``compression_factor=4``,
+``local_chunks=1``; ``bf16=1`` turns on autocast; ``retrieval_mass``, in the recorded commands, is retired). Prints perplexity on tokens past the first
 chunk of 4 windows from 40 files not trained on, for full attention, chunk-local attention and the
 distilled BSBR model.
 (The probes in docs/findings.md, "Ruled out".)

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from bsbr.ops import chunk_bsbr_attention
+from bsbr.ops import BSBROptions, chunk_bsbr_attention
 
 torch.set_num_threads(1)
 b, hq, hkv, n, d, B = 1, 9, 3, 2048, 64, 256
@@ -27,8 +27,8 @@ for L, S in ((1, 0), (2, 0), (2, 4)):
     for _ in range(3):
         x, fq, fk = inputs()
         t0 = time.perf_counter()
-        o, _ = chunk_bsbr_attention(*x, fq=fq, fk=fk, chunk_size=B, variant="normalized", gate=torch.tensor(0.5),
-                                    local_chunks=L, sink_tokens=S)
+        options = BSBROptions(chunk_size=B, retrieval="normalized", local_chunks=L, sink_tokens=S)
+        o, _ = chunk_bsbr_attention(*x, options, fq=fq, fk=fk, gate=torch.tensor(0.5))
         o.sum().backward()
         times.append(time.perf_counter() - t0)
     print(f"local_chunks={L} sink_tokens={S}: forward + backward {1e3 * sorted(times)[1]:.0f} ms")
