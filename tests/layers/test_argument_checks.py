@@ -41,6 +41,19 @@ def test_rotary_theta_must_be_a_finite_number_above_zero(theta):
         BSBRModel(50, 16, 1, 2, 4, 32, rope_theta=theta)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(hidden_dim=-1), "hidden_dim must be an int >= 1"), (dict(hidden_dim=16.0), "hidden_dim must be an int"),
+    (dict(hidden_dim=10, head_dim=5), "head_dim must be even for rotary positions, got 5"),
+    (dict(retrieval_blocks=1, local_chunks=2, own_position_chunks=3), "own_position_chunks: a BSBRLayer gives no far"),
+    (dict(retrieval_blocks=2, window_scored_blocks=1), "window_scored_blocks: a BSBRLayer gives no far"),
+])
+def test_native_model_arguments_are_named(kw, match):
+    # hidden_dim failed inside nn.Embedding; the far-position options were accepted and changed nothing
+    args = dict(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, chunk_size=4, ff_dim=32)
+    with pytest.raises(ValueError, match=match):
+        BSBRModel(**{**args, **kw})
+
+
 @pytest.mark.parametrize("inv_freq, exc", [
     ([1.0] * 4, TypeError), (torch.ones(4, dtype=torch.long), TypeError), (torch.ones(3), ValueError),
     (torch.ones(1, 4), ValueError), (torch.tensor([1.0, NAN, 1.0, 1.0]), ValueError),

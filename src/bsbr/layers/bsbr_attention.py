@@ -195,7 +195,8 @@ class BSBRAttention(MultiHeadBase):
     def step(self, hidden_states: torch.Tensor, state: Optional[BSBRState], attention_mask: Optional[torch.Tensor] = None,
              position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, far_position_embeddings=None):
         """Streaming decode: continue from ``state`` with the given tokens (b, T, hidden_dim), token by
-        token. Returns ((b, T, hidden_dim), new state)."""
+        token. Returns ((b, T, hidden_dim), the state): the state passed in, advanced (in place without
+        autograd), as a KV cache is; to continue one prefix twice, step a fork: ``state.select(torch.arange(b))``."""
         o, state = self._run(recurrent_bsbr_attention, hidden_states, attention_mask, position_embeddings,
                              far_position_embeddings, initial_state=state, output_final_state=True)
         return self.output(o), state

@@ -21,6 +21,10 @@ class BSBRLayer(nn.Module):
                  compression_factor: Optional[int] = None, **attention_kwargs):
         super().__init__()
         check_int("ff_dim", ff_dim)
+        for name in ("own_position_chunks", "window_scored_blocks"):
+            if attention_kwargs.get(name):  # (a converted model's layers place far keys; these have no such input)
+                raise ValueError(f"{name}: a BSBRLayer gives no far key positions, which this option needs (it "
+                                 "would change nothing): leave it 0")
         self.attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor,
                                        **attention_kwargs)
         self.layer_norm1 = nn.LayerNorm(hidden_dim)
@@ -44,6 +48,7 @@ class BSBRModel(nn.Module):
                  rope_theta: float = 10000.0, **attention_kwargs):
         super().__init__()
         check_int("vocab_size", vocab_size)
+        check_int("hidden_dim", hidden_dim)  # (before the embedding is built with it)
         check_int("num_layers", num_layers)
         check_number("rope_theta", rope_theta, 0, above=True)  # before any layer is built
         self.embedding = nn.Embedding(vocab_size, hidden_dim)
@@ -51,7 +56,11 @@ class BSBRModel(nn.Module):
             BSBRLayer(hidden_dim, num_heads, chunk_size, ff_dim, dropout, compression_factor, **attention_kwargs)
             for _ in range(num_layers)
         )
-        self.rotary = RotaryEmbedding(self.layers[0].attention.head_dim, theta=rope_theta)
+        head_dim = self.layers[0].attention.head_dim
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {head_dim} (hidden_dim // num_heads "
+                             "unless head_dim is given)")
+        self.rotary = RotaryEmbedding(head_dim, theta=rope_theta)
         self.layer_norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 

@@ -107,8 +107,8 @@ class BSBRState:
         call = (a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim)
         if built != call:
             raise ValueError(f"state holds (batch, query heads, K/V heads, head dim, value dim) = {built}, the call "
-                             f"has {call}: continue a state with the batch it was built for (beam search: "
-                             "BSBRCache.reorder_cache)")
+                             f"has {call}: continue a state with the batch it was built for (rows of it: "
+                             "state.select(rows); beam search: BSBRCache.reorder_cache)")
         if self.F_cur.shape[2] != a.feature_dim:
             raise ValueError(f"state keeps chunk states of feature size {self.F_cur.shape[2]}, the call has "
                              f"{a.feature_dim} (a state built while the chunk-state gate was closed keeps none): "
