@@ -123,7 +123,7 @@ _WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "model
             "conversion.json", "distill.json", "distill.png", "eval.json", "eval.png", "speed.json", "speed.png",
             "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
             "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-            "chat_template.json"}
+            "chat_template.json", "bsbr_auto.py"}
 
 
 def is_bsbr_output(out: Path) -> bool:

@@ -72,6 +72,33 @@ def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
     assert lm.max_length > max(s["doc"]["prompt_tokens"] for s in samples)
 
 
+@pytest.mark.slow
+def test_the_lm_eval_command_line_runs_the_task_on_a_bsbr_model(word_tokenizer, tmp_path):
+    """`lm_eval run --model hf` never imports bsbr: the saved model loads through its auto_map with
+    trust_remote_code=True."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    cli = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
+    assert cli, "lm_eval not found next to the interpreter"
+    model_dir, task_dir = tmp_path / "model", tmp_path / "task"
+    convert_to_bsbr(make_source("llama"), chunk_size=16).save_pretrained(model_dir)
+    word_tokenizer.save_pretrained(model_dir)
+    lm_eval_task.write_lm_eval_task(task_dir, word_tokenizer, lengths=[96], depths=[0.5], trials=2,
+                                    fillers=["classic"], max_new_tokens=4)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([cli, "run", "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
+                          "--device", "cpu", "--tasks", "bsbr_passkey", "--include_path", str(task_dir),
+                          "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results_*.json")]
+    assert len(results) == 1 and 0.0 <= results[0]["results"]["bsbr_passkey"]["passkey,none"] <= 1.0
+
+
 def test_metrics_aggregate_per_length_and_filler(word_tokenizer, tmp_path):
     """A stand-in LM that finds every key in the 96-token prompts and none in the 128-token ones:
     lm-eval's means per length, per filler and overall follow."""

@@ -208,6 +208,34 @@ def test_activation_checkpointing_gives_the_same_gradients_and_builds_no_cache()
     assert model(ids).cache is not None
 
 
+def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote_code(tmp_path):
+    # the lm_eval command line and pipeline scripts never import bsbr: config.json's auto_map names the
+    # bsbr_auto.py save_pretrained writes, which imports the installed package
+    import os
+    import subprocess
+    import sys
+
+    model = make("llama")
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "bsbr_auto.py").is_file()
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        save_file({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.safetensors")
+    code = ("import sys, torch\n"
+            "from safetensors.torch import load_file\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "ref = load_file(sys.argv[2])\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "with torch.no_grad():\n"
+            "    assert torch.equal(m(ref['ids']).logits, ref['logits'])\n"
+            "print(type(m).__name__, 'bsbr' in sys.modules)\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "ref.safetensors")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["BSBRForCausalLM", "True"]  # (bsbr imported by bsbr_auto.py alone)
+
+
 def test_explicit_positions_do_not_move_the_far_chunks():
     """Far keys are rotated by their offset in their chunk, counted from the first real token: shifting
     every position by a constant (the near rotary is relative) leaves the logits as they are."""

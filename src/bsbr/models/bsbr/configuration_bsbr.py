@@ -57,6 +57,17 @@ def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map
     _choice("position_scheme", position_scheme, POSITION_SCHEMES)
 
 
+# the module a saved model ships beside its weights (written by BSBRPreTrainedModel.save_pretrained): it imports
+# the installed bsbr, so that a process that never imports bsbr (the lm_eval command line, a pipeline script)
+# loads the model with transformers' Auto classes and trust_remote_code=True
+AUTO_MODULE = "bsbr_auto"
+AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.BSBRConfig", "AutoModel": f"{AUTO_MODULE}.BSBRBaseModel",
+            "AutoModelForCausalLM": f"{AUTO_MODULE}.BSBRForCausalLM"}
+AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transformers\' Auto classes: '
+             'config.json\'s auto_map names this file."""\n'
+             "from bsbr.models.bsbr import BSBRBaseModel, BSBRConfig, BSBRForCausalLM  # noqa: F401\n")
+
+
 class BSBRConfig(PretrainedConfig):
     model_type = "bsbr"
 
@@ -181,6 +192,7 @@ class BSBRConfig(PretrainedConfig):
         self.use_cache = use_cache
         # declared, as the sources' configs declare them (code reads config.pad_token_id and tests for None)
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         # checked once transformers has merged legacy keys (rope_theta, rope_scaling) into rope_parameters
         rope = self.rope_parameters

@@ -27,7 +27,7 @@ from ...layers.inputs import check_input_ids, check_labels, check_position_ids, 
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding
 from ...ops.bsbr import BSBRState
-from .configuration_bsbr import BSBRConfig
+from .configuration_bsbr import AUTO_CODE, AUTO_MODULE, BSBRConfig
 
 
 class BSBRRMSNorm(nn.Module):
@@ -269,6 +269,14 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError(f"the BSBR checkpoint {where}: weights hold nan or inf: {', '.join(bad[:3])}"
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; strict=False loads them)")
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, plus ``bsbr_auto.py``, which config.json's ``auto_map`` names: a
+        process that has not imported bsbr loads the model with ``trust_remote_code=True`` (that file imports
+        the installed bsbr; nothing else is executed)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            (Path(save_directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE)
 
     def _returned(self, out, return_dict: Optional[bool]):
         """``out``, or its tuple when ``return_dict`` (default: the config's) is False, as transformers' models do."""
