@@ -381,8 +381,8 @@ def file_record(path) -> dict:
 
 MODEL_CARD = """# A BSBR model
 
-Block Sparse attention with Block Retrieval (`pip install bsbr`). transformers does not know
-`model_type: "bsbr"` by itself: `import bsbr` first (it registers the model with the Auto classes), then
+Block Sparse attention with Block Retrieval (the `bsbr` package must be installed). After `import bsbr`,
+which registers the model with transformers' Auto classes:
 
 ```python
 import bsbr
@@ -390,9 +390,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(PATH)   # or bsbr.load_bsbr_model(PATH)
 ```
 
-Without `import bsbr`, transformers says it "does not recognize this architecture" and suggests upgrading
-transformers: upgrading does not help, importing bsbr does. `conversion.json` records the conversion's options
-and its source (name, model type, a fingerprint of its weights).
+Where bsbr is not imported (the `lm_eval` command line, a script written for any model), pass
+`trust_remote_code=True`: `bsbr_auto.py`, which config.json's `auto_map` names, imports the installed bsbr
+and nothing else. `conversion.json` records the conversion's options and its source (name, model type, a
+fingerprint of its weights).
 """
 
 
