@@ -243,8 +243,8 @@ def check_bsbr_dir(path, option: str) -> Path:
     return path
 
 
-def check_text_files(files, seq_len: Optional[int] = None) -> None:
-    """Refuse --text-file values that are not regular UTF-8 text files (missing, a directory, a device
+def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text-file") -> None:
+    """Refuse ``option``'s values that are not regular UTF-8 text files (missing, a directory, a device
     or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
     as replacement characters), and files too short together for one window of ``seq_len`` tokens
     (a token takes at least one byte), before any model loads."""
@@ -255,24 +255,24 @@ def check_text_files(files, seq_len: Optional[int] = None) -> None:
         if not p.is_file():
             what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
-            raise UserError(f"--text-file {f} {what}: give text files")
+            raise UserError(f"{option} {f} {what}: give text files")
         decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
         with open(p, "rb") as fh:
             while True:
                 block = fh.read(1 << 20)
                 if offset == 0 and b"\0" in block[:8192]:
-                    raise UserError(f"--text-file {f} looks binary (it holds NUL bytes): give text files")
+                    raise UserError(f"{option} {f} looks binary (it holds NUL bytes): give text files")
                 try:
                     decoder.decode(block, final=not block)
                 except UnicodeDecodeError as e:
-                    raise UserError(f"--text-file {f} is not UTF-8 text ({e.reason} at byte {offset + e.start:,}): "
+                    raise UserError(f"{option} {f} is not UTF-8 text ({e.reason} at byte {offset + e.start:,}): "
                                     "save it as UTF-8") from None
                 if not block:
                     break
                 offset += len(block)
     total = sum(Path(f).stat().st_size for f in files or [])
     if files and seq_len is not None and total + len(files) < seq_len:  # (each file ends with an EOS token)
-        raise UserError(f"--text-file: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "
+        raise UserError(f"{option}: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "
                         "one window (--seq-len; a token takes a byte at least, and each file adds an end-of-text "
                         "token): give more text or a lower --seq-len")
 

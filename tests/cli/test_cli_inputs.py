@@ -538,3 +538,75 @@ def test_a_position_option_the_source_ignores_is_refused_before_loading(family, 
     line = refused(capsys, ["convert", tmp_path / "src", tmp_path / "out", "--chunk-size", "8", *argv], "convert",
                    tmp_path / "src")
     assert words in line and f"drop {argv[0]}" in line and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ generate
+def _greedy(model_dir, ids, n):
+    from transformers import AutoTokenizer
+
+    from bsbr import load_bsbr_model
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), load_bsbr_model(model_dir)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_reads_a_long_prompt_from_a_file_or_stdin_and_prints_the_continuation(models, tmp_path, capsys,
+                                                                                         monkeypatch):
+    import io
+    import sys
+
+    from transformers import AutoTokenizer
+
+    _, converted, _ = models
+    text = " ".join(f"def f{i} ( x ) : return x" for i in range(40))  # several chunks of the tiny model
+    (tmp_path / "doc.txt").write_text(text)
+    ids = AutoTokenizer.from_pretrained(converted)(text, return_tensors="pt")
+    want = _greedy(converted, dict(ids), 5)
+    capsys.readouterr()
+    assert main(["generate", str(converted), "--prompt-file", str(tmp_path / "doc.txt"), "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    assert main(["generate", str(converted), "--prompt-file", "-", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
+def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    _, converted, _ = models
+    line = refused(capsys, ["generate", converted, "--prompt-file", tmp_path / "none.txt"], "generate")
+    assert "--prompt-file" in line and "does not exist" in line
+    (tmp_path / "bin").write_bytes(b"\0\1\2")
+    assert "--prompt-file" in refused(capsys, ["generate", converted, "--prompt-file", tmp_path / "bin"], "generate")
+    (tmp_path / "empty.txt").write_text("")
+    assert "--prompt-file gives no tokens" in refused(capsys, ["generate", converted, "--prompt-file",
+                                                               tmp_path / "empty.txt"], "generate")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
+    assert "standard input) is not UTF-8" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
+    assert "not allowed with argument" in refused(capsys, ["generate", converted, "--prompt", "x", "--prompt-file",
+                                                           tmp_path / "empty.txt"], "generate")
+    assert "one of the arguments --prompt --prompt-file is required" in refused(capsys, ["generate", converted],
+                                                                               "generate")
+    assert "has no chat template: drop --chat" in refused(capsys, ["generate", converted, "--prompt", "x", "--chat"],
+                                                          "generate")
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(models, tmp_path, capsys):
+    _, converted, _ = models
+    chat = copy_source(converted, tmp_path / "chat")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}" \
+                        "{% if add_generation_prompt %}assistant : {% endif %}"
+    tok.save_pretrained(chat)
+    ids = tok.apply_chat_template([{"role": "user", "content": "def f"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    want = _greedy(chat, {k: ids[k] for k in ("input_ids", "attention_mask")}, 4)
+    capsys.readouterr()
+    assert main(["generate", str(chat), "--prompt", "def f", "--chat", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()

@@ -204,13 +204,34 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
 MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 overflowed to inf)
 
 
+def _prompt_text(args) -> str:
+    """The prompt: ``--prompt``, or the UTF-8 text of ``--prompt-file`` (``-``: standard input)."""
+    import sys
+
+    from ..errors import UserError
+    from ..arguments import check_text_files
+
+    if args.prompt is not None:
+        text = args.prompt
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
+        return text
+    if args.prompt_file == "-":
+        try:
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {e.start:,}): "
+                            "give UTF-8 text") from None
+    check_text_files([args.prompt_file], option="--prompt-file")
+    return Path(args.prompt_file).read_text(encoding="utf-8")
+
+
 def cmd_generate(args) -> int:
     from ..errors import UserError
 
-    try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
+    prompt = _prompt_text(args)
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise UserError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (logits divided "
                         f"by less overflow float32), got {args.temperature}")
@@ -219,14 +240,22 @@ def cmd_generate(args) -> int:
     from ..models import load_bsbr_model
     from ..arguments import check_bsbr_dir, check_bsbr_positions, load_tokenizer_arg
 
+    what = "--prompt" if args.prompt is not None else "--prompt-file"
     path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
     tok = load_tokenizer_arg(path, "MODEL_DIR")
-    ids = tok(args.prompt, return_tensors="pt")
+    if args.chat:  # one user message in the model's chat template, the assistant's turn opened
+        if not getattr(tok, "chat_template", None):
+            raise UserError(f"--chat: the tokenizer in MODEL_DIR {path} has no chat template: drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
     n = ids["input_ids"].shape[1]
     if n == 0:
-        raise UserError("--prompt gives no tokens: give some text to continue")
+        raise UserError(f"{what} gives no tokens: give some text to continue")
     # the prompt and every new token but the last are fed to the model
-    check_bsbr_positions(path, "MODEL_DIR", [(f"--prompt ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
+    check_bsbr_positions(path, "MODEL_DIR", [(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
                                               n + args.max_new_tokens - 1)])
     model = load_bsbr_model(path)
     if len(tok) > model.config.vocab_size:
@@ -238,9 +267,10 @@ def cmd_generate(args) -> int:
                              temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
-    new = out[0, ids["input_ids"].shape[1]:]
-    print(tok.decode(out[0], skip_special_tokens=True))
-    logger.info("%d new tokens in %.2fs (%.1f tokens/s)", len(new), dt, len(new) / max(dt, 1e-9))
+    new = out[0, n:]
+    # a prompt given on the command line is printed with its continuation; a file's or a chat's is not
+    print(tok.decode(out[0] if args.prompt is not None and not args.chat else new, skip_special_tokens=True))
+    logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
 
 
@@ -257,7 +287,13 @@ def register(sub) -> None:
 
     g = sub.add_parser("generate", help="generate text with a converted model")
     g.add_argument("model_dir")
-    g.add_argument("--prompt", required=True)
+    given = g.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the text to continue; printed with its continuation")
+    given.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this UTF-8 file (- : standard "
+                                                             "input), as for a long document; only the continuation "
+                                                             "is printed")
+    g.add_argument("--chat", action="store_true", help="the prompt is one user message in the model's chat template "
+                                                       "(instruct models); only the reply is printed")
     g.add_argument("--max-new-tokens", type=integer(), default=64)
     g.add_argument("--temperature", type=finite_number(), default=0.0, help="0 = greedy")
     g.set_defaults(func=cmd_generate)
