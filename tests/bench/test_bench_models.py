@@ -51,11 +51,29 @@ def test_bench_quality_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert [r["model"] for r in result["results"]] == ["bsbr", "sliding_window"]
     assert list(result["results"][0]["buckets"]) == ["0-63", "64-79"]
-    assert result["comparison"][0]["bsbr_model"] == "bsbr"
+    c = result["comparison"][0]
+    assert c["bsbr_model"] == "bsbr" and c["chunk"] == c["positions_from"] == 16
+    # positions 16-79 exactly (the buckets are 0-63, 64-79: it compared positions 64-79 and said ">= 16")
+    assert c["bsbr_loss_past_chunk"] == result["results"][0]["loss_past"]["16"]
+    assert c["window_loss_past_chunk"] == result["results"][1]["loss_past"]["16"]
     merged = tmp_path / "merged.json"
     assert main(["bench", "quality", "--merge", str(out), "--json", str(merged)]) == 0
     assert len(json.loads(merged.read_text())["results"]) == 2  # the same file twice is refused (test_bench_refusals)
     assert bench_quality.buckets_for(512) == [(0, 64), (64, 128), (128, 256), (256, 512)]
+
+
+def test_quality_comparison_of_an_older_result_says_which_positions_it_covers():
+    # a result written before loss_past was recorded: the buckets from the chunk on, and the table says where
+    # they start
+    old = [dict(model=m, buckets={"0-63": 3.0, "64-127": v, "128-255": v}) for m, v in (("bsbr", 1.0),
+                                                                                    ("sliding_window", 2.0))]
+    (c,) = bench_quality.compare_to_window(old, 32)
+    assert (c["positions_from"], c["bsbr_loss_past_chunk"], c["window_loss_past_chunk"]) == (64, 1.0, 2.0)
+    table = bench_quality.format_table(dict(results=old, comparison=[c]))
+    assert "bsbr vs sliding_window on positions >= 64: 1.0000 vs 2.0000" in table
+    new = [dict(r, loss_past={"32": r["buckets"]["64-127"] + 0.5}) for r in old]
+    (c,) = bench_quality.compare_to_window(new, 32)
+    assert (c["positions_from"], c["bsbr_loss_past_chunk"], c["window_loss_past_chunk"]) == (32, 1.5, 2.5)
 
 
 def test_quality_is_deterministic_for_a_seed(tmp_path):

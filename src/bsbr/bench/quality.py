@@ -108,8 +108,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Tensor, eval_batch: torch.Tensor, *,
                    hidden: int, layers: int, heads: int, ff_dim: int, seq_len: int, batch: int, steps: int,
-                   lr: float, seed: int, progress: bool = True) -> Dict[str, object]:
-    """Train one model from scratch and return its per-position eval loss (and timing)."""
+                   lr: float, seed: int, progress: bool = True, past: Sequence[int] = ()) -> Dict[str, object]:
+    """Train one model from scratch and return its eval loss per position bucket, and over the positions
+    from each of ``past`` on (``loss_past``, what :func:`compare_to_window` compares), and timing."""
     from tqdm.auto import tqdm
 
     from ..models.shell import AttentionLM
@@ -151,7 +152,8 @@ def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Te
     return {"model": name, "attention": attention, "kwargs": kwargs, "params": model.num_parameters(),
             "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
             "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-            "eval_loss": round(per_pos.mean().item(), 4), "buckets": buckets}
+            "eval_loss": round(per_pos.mean().item(), 4), "buckets": buckets,
+            "loss_past": {str(c): round(per_pos[c:].mean().item(), 4) for c in sorted(set(past)) if c < seq_len}}
 
 
 def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidden: int = 128, layers: int = 2,
@@ -177,7 +179,7 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
         attention, kw = specs[m]
         r = train_and_eval(m, attention, kw, train_data, eval_batch, hidden=hidden, layers=layers, heads=heads,
                            ff_dim=ff_dim, seq_len=seq_len, batch=batch, steps=steps, lr=lr, seed=seed,
-                           progress=progress)
+                           progress=progress, past=[chunk for _, _, chunk in window_pairs(block)])
         log.info("%s: eval %.4f nats/byte, buckets %s (%.0f s)", m, r["eval_loss"], r["buckets"], r["train_seconds"])
         if not math.isfinite(r["eval_loss"]):  # a diverged run measures nothing
             raise UserError(f"{m} diverged (held-out loss {r['eval_loss']}): give a smaller --lr")
@@ -191,34 +193,44 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
             "comparison": compare_to_window(results, block)}
 
 
+def window_pairs(block: int) -> List[Tuple[str, str, int]]:
+    """(BSBR model, sliding-window model, chunk = window) pairs :func:`compare_to_window` compares."""
+    same_block = ("bsbr", "bsbr_normalized", "bsbr_gated", "bsbr_normalized_gated", "bsbr_blocks2", "bsbr_compressed4")
+    return [(m, "sliding_window", block) for m in same_block] + [
+        ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
+
+
 def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[Dict[str, object]]:
     """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
-    (negative difference: BSBR better)."""
+    (negative difference: BSBR better). ``positions_from``: the first position compared, the chunk size
+    (for results written before ``loss_past`` was recorded: the first bucket starting at or after it)."""
     by = {r["model"]: r for r in results}
-    same_block = ("bsbr", "bsbr_normalized", "bsbr_gated", "bsbr_normalized_gated", "bsbr_blocks2", "bsbr_compressed4")
-    pairs = [(m, "sliding_window", block) for m in same_block]
-    pairs += [("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
     out = []
-    for a, b, chunk in pairs:
+    for a, b, chunk in window_pairs(block):
         if a in by and b in by:
-            late_a, late_b = _late_loss(by[a], chunk), _late_loss(by[b], chunk)
-            out.append({"bsbr_model": a, "window_model": b, "chunk": chunk, "bsbr_loss_past_chunk": late_a,
-                        "window_loss_past_chunk": late_b, "difference": round(late_a - late_b, 4),
-                        "bsbr_better": late_a < late_b})
+            exact = all(str(chunk) in (by[m].get("loss_past") or {}) for m in (a, b))
+            (late_a, start), (late_b, _) = (_late_loss(by[m], chunk, exact) for m in (a, b))
+            out.append({"bsbr_model": a, "window_model": b, "chunk": chunk, "positions_from": start,
+                        "bsbr_loss_past_chunk": late_a, "window_loss_past_chunk": late_b,
+                        "difference": round(late_a - late_b, 4), "bsbr_better": late_a < late_b})
     return out
 
 
-def _late_loss(result: Dict[str, object], chunk: int) -> float:
-    """Mean loss over buckets starting at or after ``chunk`` (weighted by bucket width)."""
-    tot, w = 0.0, 0
+def _late_loss(result: Dict[str, object], chunk: int, exact: bool) -> Tuple[float, int]:
+    """Mean loss over the positions from ``chunk`` on, and the first position it covers: recorded exactly
+    (``loss_past``), or else over the buckets starting at or after ``chunk``, weighted by their width. A
+    loss JSON could not hold (None: NaN, the training diverged) gives NaN."""
+    if exact:
+        v = result["loss_past"][str(chunk)]
+        return (float("nan") if v is None else v), chunk
+    tot, w, start = 0.0, 0, None
     for key, v in result["buckets"].items():
         lo, hi = (int(x) for x in key.split("-"))
         if lo >= chunk:
-            if v is None:  # a loss JSON could not hold (NaN: the training diverged)
-                return float("nan")
-            tot += v * (hi - lo + 1)
-            w += hi - lo + 1
-    return round(tot / w, 4) if w else float("nan")
+            if v is None:
+                return float("nan"), lo
+            tot, w, start = tot + v * (hi - lo + 1), w + hi - lo + 1, lo if start is None else start
+    return (round(tot / w, 4) if w else float("nan")), (chunk if start is None else start)
 
 
 def format_table(result: Dict[str, object]) -> str:
@@ -229,7 +241,7 @@ def format_table(result: Dict[str, object]) -> str:
         lines.append(f"{r['model']:<20}" + _num(r.get("params"), ">9") + _num(r.get("train_seconds"), ">9.0f")
                      + _num(r.get("eval_loss"), ">8.3f") + "".join(_num(r["buckets"].get(k), ">10.3f") for k in keys))
     for c in result["comparison"]:
-        lines.append(f"{c['bsbr_model']} vs {c['window_model']} on positions >= {c['chunk']}: "
+        lines.append(f"{c['bsbr_model']} vs {c['window_model']} on positions >= {c.get('positions_from', c['chunk'])}: "
                      f"{_num(c['bsbr_loss_past_chunk'], '.4f')} vs {_num(c['window_loss_past_chunk'], '.4f')} "
                      f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, "
                      f"diff {_num(c['difference'], '+.4f')})")
@@ -266,6 +278,8 @@ def _read_result(path: str) -> Dict[str, object]:
         isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("buckets"), dict)
         and all(re.fullmatch(r"\d+-\d+", k) and (v is None or _is_number(v)) for k, v in r["buckets"].items())
         and all(r.get(k) is None or _is_number(r[k]) for k in ("params", "train_seconds", "eval_loss"))
+        and (r.get("loss_past") is None or isinstance(r["loss_past"], dict) and all(
+            re.fullmatch(r"\d+", k) and (v is None or _is_number(v)) for k, v in r["loss_past"].items()))
         for r in results)
     if not ok:
         raise UserError(f"--merge {path} is a damaged 'bsbr bench quality' result (its config or results are "
