@@ -47,6 +47,9 @@ def test_scorer():
     assert passkey.passkey_found(" 40721. Remember", "40721")
     assert passkey.passkey_found(" 4 0 7 2 1 .", "40721")
     assert not passkey.passkey_found(" 40712.", "40721")
+    assert not passkey.passkey_found(" 4 0 7 2 15", "40721")  # a longer number, spaced: 4 0 7 2 and 15
+    assert not passkey.passkey_found(" 94 0 7 2 1", "40721")
+    assert passkey.passkey_found("key:\n4 0 7 2 1\n", "40721")
     for other in (" 407215", " 9940721", " 4 0 7 2 1 6 8", "40,721"):  # longer numbers are other keys
         assert not passkey.passkey_found(other, "40721"), other
     assert passkey.passkey_found(" 12721 40721", "40721")
@@ -76,15 +79,20 @@ def test_run_passkey_scores_success_and_failure(word_tokenizer):
     assert r["models"]["right"]["accuracy"] == 1.0 and r["models"]["wrong"]["accuracy"] == 0.0
     assert len(r["models"]["right"]["cells"]) == 4 and len(r["samples"]) == 8
     assert all(c["trials"] == 2 for c in r["models"]["right"]["cells"])
-    # chunk 32: every key lies before the question's chunk
-    assert not any(s["key_in_last_chunk"] for s in r["samples"])
-    # chunk 64: at 120 tokens and depth 0.8 the key (from token 74 or 79) shares the last chunk (64-111)
+    # the flag: some of the key sentence (the key's second copy ends it) lies in the question's chunk. Chunk 32:
+    # at depth 0.8 the sentence (tokens 79-101 of 112, 118-140 of 151) ends in the last chunk, though it starts
+    # in the one before (the flag once looked at its start only)
+    def flags(r):
+        return [(s["length"], s["depth"], s["key_in_last_chunk"]) for s in r["samples"]]
+
+    assert flags(r) == [(120, 0.2, False), (120, 0.2, False), (120, 0.8, True), (120, 0.8, True),
+                        (160, 0.2, False), (160, 0.2, False), (160, 0.8, True), (160, 0.8, True)]
+    assert all((s["key_end"] - 1) // 32 == (s["prompt_tokens"] - 1) // 32 > s["key_start"] // 32
+               for s in r["samples"] if s["key_in_last_chunk"])
     r = passkey.run_passkey({"right": Oracle(word_tokenizer, True)}, word_tokenizer, lengths=[120, 160],
-                            depths=[0.2, 0.8], trials=2, chunk_size=64, progress=False)
-    assert [(s["length"], s["depth"], s["key_in_last_chunk"]) for s in r["samples"]] == [
-        (120, 0.2, False), (120, 0.2, False), (120, 0.8, True), (120, 0.8, True),
-        (160, 0.2, False), (160, 0.2, False), (160, 0.8, False), (160, 0.8, False)]
-    assert all(64 <= s["key_start"] <= s["prompt_tokens"] - 1 < 128 for s in r["samples"] if s["key_in_last_chunk"])
+                            depths=[0.2, 0.8], trials=2, chunk_size=128, progress=False)
+    assert flags(r) == [(120, 0.2, True), (120, 0.2, True), (120, 0.8, True), (120, 0.8, True),
+                        (160, 0.2, False), (160, 0.2, False), (160, 0.8, True), (160, 0.8, True)]
 
 
 def test_run_passkey_with_tiny_models(word_tokenizer):

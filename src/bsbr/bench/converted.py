@@ -1,7 +1,7 @@
 """``bsbr bench converted``: a converted BSBR model against its source, side by side in one run.
 
-Forward (prefill) time and extra peak memory at several lengths, and greedy decode time per token
-at several context lengths (source: its HF KV cache; BSBR: its BSBRCache of chunk states). Ratios
+Forward (prefill) time and extra peak memory (``*_peak_mb``: MiB, as every bench reports it) at several
+lengths, and greedy decode time per token at several context lengths (source: its HF KV cache; BSBR: its BSBRCache of chunk states). Ratios
 are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved repeats.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def speed_lines(result: Dict) -> List[str]:
     """The text table of a result: the thread count (ratios differ with it: docs/findings.md, Speed),
     prefill time and extra memory per length, decode time per token."""
     lines = [f"side by side on {result['machine']['torch_threads']} torch thread(s)",
-             f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MB':>8} {'bsbr MB':>8}"]
+             f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MiB':>8} {'bsbr MiB':>8}"]
     lines += [f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
               f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}" for r in result["prefill"]]
     lines += [f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "

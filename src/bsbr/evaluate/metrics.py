@@ -20,8 +20,9 @@ log-softmax at ``p``:
 
 * negative log-likelihood ``NLL_m = (1/|T|) sum_p -log q^m_p(y_p)``; perplexity ``PPL_m = exp(NLL_m)``;
 * gap closed ``G = (PPL_local - PPL_bsbr) / (PPL_local - PPL_source)``: 0 = no better than chunk-local,
-  1 = as good as full attention, < 0 = worse than chunk-local; undefined (None) when the two
-  bounds coincide (``|PPL_local - PPL_source| <= 1e-6 * PPL_source``);
+  1 = as good as full attention, < 0 = worse than chunk-local, > 1 = better than full attention (not
+  clamped); undefined (None) unless ``PPL_local - PPL_source > 1e-4 * PPL_source`` (the bounds equal up to
+  rounding, or in the wrong order, as on a random model);
 * gap closed by retrieval ``G_r = (PPL_window - PPL_bsbr) / (PPL_window - PPL_source)``: the same
   measure from the wider exact window (what retrieval adds on top of it), when ``window`` is present;
 * top-k agreement ``A_k = (1/|T|) sum_p [argmax q^source_p is among the k largest of q^m_p]``

@@ -131,8 +131,9 @@ def _fill(tokenizer, sentences: Iterable[str], budget: int) -> List[List[int]]:
 
 def passkey_found(generated: str, key: str) -> bool:
     """Whether ``key`` is one of the numbers in the generated text: a run of digits (``12345``) or of
-    digits one space apart (``1 2 3 4 5``). A longer number that contains it (``123456``) is not it."""
-    spaced = (re.sub(r"\s", "", m) for m in re.findall(r"\d(?:\s\d)+", generated))
+    digits one space apart (``1 2 3 4 5``). A longer number that contains it (``123456``, ``1 2 3 4 56``) is
+    not it."""
+    spaced = (re.sub(r"\s", "", m) for m in re.findall(r"(?<!\d)\d(?:\s\d)+(?!\d)", generated))
     return key in re.findall(r"\d+", generated) or key in spaced
 
 
@@ -233,8 +234,8 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
         filler = p.meta["filler"]
         sample = dict(length=p.target_length, prompt_tokens=p.length, depth=p.depth, trial=p.meta["trial"],
                       filler=filler, key=p.key, key_start=p.key_start, key_end=p.key_end, outputs={}, found={})
-        if chunk_size:
-            sample["key_in_last_chunk"] = p.key_start // chunk_size == (p.length - 1) // chunk_size
+        if chunk_size:  # some of the key sentence (its digits come twice) lies in the question's own chunk
+            sample["key_in_last_chunk"] = (p.key_end - 1) // chunk_size == (p.length - 1) // chunk_size
         for name, model in models.items():
             bar.set_description(f"passkey {name} L={p.target_length} depth={p.depth:g} {filler}")
             t0 = time.perf_counter()
