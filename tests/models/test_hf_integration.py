@@ -236,6 +236,29 @@ def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote
     assert out.stdout.split() == ["BSBRForCausalLM", "True"]  # (bsbr imported by bsbr_auto.py alone)
 
 
+def test_push_to_hub_uploads_the_auto_code(tmp_path, monkeypatch):
+    # the hub upload sends the files changed since the save began; nothing reaches the network here
+    import os
+    import types
+
+    import transformers.modeling_utils as mu
+    from transformers.utils.hub import PushToHubMixin
+
+    sent = []
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        sent.extend(f for f in os.listdir(working_dir) if f not in files_timestamps
+                    or os.path.getmtime(os.path.join(working_dir, f)) > files_timestamps[f])
+
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload)
+    monkeypatch.setattr(mu, "hf_api", lambda: types.SimpleNamespace(
+        create_repo=lambda repo_id, **k: types.SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(mu, "create_and_tag_model_card", lambda *a, **k: types.SimpleNamespace(
+        save=lambda path: open(path, "w").close()))
+    make("llama").save_pretrained(tmp_path / "m", push_to_hub=True, repo_id="someone/smol-bsbr")
+    assert {"bsbr_auto.py", "config.json", "model.safetensors"} <= set(sent)
+
+
 def test_explicit_positions_do_not_move_the_far_chunks():
     """Far keys are rotated by their offset in their chunk, counted from the first real token: shifting
     every position by a constant (the near rotary is relative) leaves the logits as they are."""

@@ -276,7 +276,17 @@ class BSBRPreTrainedModel(PreTrainedModel):
         the installed bsbr; nothing else is executed)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            (Path(save_directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE)
+            self._write_auto_code(save_directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """``push_to_hub`` (and ``save_pretrained(push_to_hub=True)``) uploads the files changed since the save
+        began: ``bsbr_auto.py`` is written just before, so that it goes too."""
+        self._write_auto_code(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    @staticmethod
+    def _write_auto_code(directory) -> None:
+        (Path(directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE)
 
     def _returned(self, out, return_dict: Optional[bool]):
         """``out``, or its tuple when ``return_dict`` (default: the config's) is False, as transformers' models do."""
