@@ -1,5 +1,6 @@
 """Bad sources, values and output paths, each through the real CLI (``main([...])`` in process) on tiny
 local models: one error line, exit status 2, refused before the work, nothing written."""
+import argparse
 import json
 import os
 import shutil
@@ -571,6 +572,14 @@ def test_generate_reads_a_long_prompt_from_a_file_or_stdin_and_prints_the_contin
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
     assert main(["generate", str(converted), "--prompt-file", "-", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() == want.strip()
+    # a Windows editor's file: a byte-order mark and CRLF, read as the same text, from a file or a pipe
+    from bsbr.convert.cli import _prompt_text
+
+    crlf = ("\ufeff" + text.replace(" def", "\r\ndef")).encode()
+    (tmp_path / "crlf.txt").write_bytes(crlf)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(crlf)))
+    for f in (str(tmp_path / "crlf.txt"), "-"):
+        assert _prompt_text(argparse.Namespace(prompt=None, prompt_file=f)) == text.replace(" def", "\ndef")
 
 
 def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):

@@ -228,6 +228,10 @@ def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
             "with torch.no_grad():\n"
             "    assert torch.equal(m(ref['ids']).logits, ref['logits'])\n"
+            "m.save_pretrained(sys.argv[1] + '-again')  # it tried to copy bsbr's own modules, and failed\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1] + '-again', trust_remote_code=True)\n"
+            "with torch.no_grad():\n"
+            "    assert torch.equal(m(ref['ids']).logits, ref['logits'])\n"
             "print(type(m).__name__, 'bsbr' in sys.modules)\n")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "ref.safetensors")],

@@ -219,13 +219,17 @@ def _prompt_text(args) -> str:
             raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
         return text
     if args.prompt_file == "-":
+        data = sys.stdin.buffer.read()
         try:
-            return sys.stdin.buffer.read().decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {e.start:,}): "
                             "give UTF-8 text") from None
-    check_text_files([args.prompt_file], option="--prompt-file")
-    return Path(args.prompt_file).read_text(encoding="utf-8")
+    else:
+        check_text_files([args.prompt_file], option="--prompt-file")
+        data = Path(args.prompt_file).read_bytes()
+    # the same text from a file or a pipe: no byte-order mark, newlines as \n
+    return data.decode("utf-8-sig").replace("\r\n", "\n")
 
 
 def cmd_generate(args) -> int:
@@ -253,7 +257,8 @@ def cmd_generate(args) -> int:
     ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
     n = ids["input_ids"].shape[1]
     if n == 0:
-        raise UserError(f"{what} gives no tokens: give some text to continue")
+        raise UserError(f"{what} gives no tokens{' in the chat template' if args.chat else ''}: give some text to "
+                        "continue")
     # the prompt and every new token but the last are fed to the model
     check_bsbr_positions(path, "MODEL_DIR", [(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
                                               n + args.max_new_tokens - 1)])

@@ -71,6 +71,12 @@ AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transfo
 class BSBRConfig(PretrainedConfig):
     model_type = "bsbr"
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing: a saved model's ``auto_map`` already names ``bsbr_auto.py``. (transformers calls this when it
+        loads the classes through that file, so that a later save copies their source; bsbr's modules import
+        their package by relative imports, which that copy cannot follow.)"""
+
     def __init__(
         self,
         vocab_size: int = 50257,

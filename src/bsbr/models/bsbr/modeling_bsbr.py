@@ -270,12 +270,16 @@ class BSBRPreTrainedModel(PreTrainedModel):
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; strict=False loads them)")
         return (model, info) if want_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Nothing, as :meth:`BSBRConfig.register_for_auto_class`: ``auto_map`` names ``bsbr_auto.py``."""
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """transformers' ``save_pretrained``, plus ``bsbr_auto.py``, which config.json's ``auto_map`` names: a
         process that has not imported bsbr loads the model with ``trust_remote_code=True`` (that file imports
         the installed bsbr; nothing else is executed)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
             self._write_auto_code(save_directory)
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
