@@ -218,18 +218,14 @@ def _prompt_text(args) -> str:
         except UnicodeEncodeError:
             raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
         return text
-    if args.prompt_file == "-":
-        data = sys.stdin.buffer.read()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {e.start:,}): "
-                            "give UTF-8 text") from None
-    else:
+    if args.prompt_file != "-":
         check_text_files([args.prompt_file], option="--prompt-file")
-        data = Path(args.prompt_file).read_bytes()
-    # the same text from a file or a pipe: no byte-order mark, newlines as \n
-    return data.decode("utf-8-sig").replace("\r\n", "\n")
+    data = Path(args.prompt_file).read_bytes() if args.prompt_file != "-" else sys.stdin.buffer.read()
+    try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:  # (a file's bytes were checked above)
+        raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {e.start:,}): "
+                        "give UTF-8 text") from None
 
 
 def cmd_generate(args) -> int:

@@ -136,7 +136,11 @@ class BSBRAttention(MultiHeadBase):
             return None
         if torch.is_grad_enabled() and g.requires_grad:
             return self.gate_value()
-        return 0 if float(g.max()) <= 0 else self.gate_value()
+        return 0 if self._gate_closed() else self.gate_value()
+
+    def _gate_closed(self) -> bool:
+        """Whether every head's gate is at or below 0 (no chunk state is read)."""
+        return float(self.retrieval_gate.max()) <= 0
 
     def _run(self, op, hidden_states, attention_mask, position_embeddings, far_position_embeddings, **kwargs):
         q, k, v, valid = self.project(hidden_states, attention_mask)
@@ -150,8 +154,7 @@ class BSBRAttention(MultiHeadBase):
         state = kwargs.get("initial_state")
         state = state if isinstance(state, BSBRState) else None  # (anything else is refused by the op)
         kept = state is not None and state.F_cur.shape[2] > 0  # a cache continued keeps its chunk states
-        if read and state is not None and not kept and self.retrieval_gate is not None \
-                and bool((self.retrieval_gate <= 0).all()):
+        if read and state is not None and not kept and self.retrieval_gate is not None and self._gate_closed():
             gate, read = 0, False  # a cache built with the gate closed has none to read; closed, it reads nothing
         mq, mk = q, k  # meta inputs un-rotated: a mean of rotated vectors over a chunk would cancel out
         qr = kr = qs = None
