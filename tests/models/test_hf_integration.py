@@ -145,6 +145,14 @@ def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model)
         for m in (model, model.model):
             with pytest.raises(ValueError, match="output_attentions"):
                 m(ids, output_attentions=True)
+    model.config.output_attentions = True  # set on the config (from_pretrained(d, output_attentions=True)): the same
+    try:
+        for m in (model, model.model):
+            with pytest.raises(ValueError, match="output_attentions"):
+                m(ids)
+            assert m(ids, output_attentions=False, use_cache=False) is not None
+    finally:
+        model.config.output_attentions = False
 
 
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):
@@ -206,6 +214,24 @@ def test_activation_checkpointing_gives_the_same_gradients_and_builds_no_cache()
         assert model(ids, use_cache=True).cache is None
     model.eval()  # inference keeps its cache
     assert model(ids).cache is not None
+
+
+def test_generate_in_train_mode_with_activation_checkpointing_keeps_its_cache():
+    # generate runs without gradients: nothing is replayed, so the cache is kept (as transformers' layers do);
+    # without it each step would see only its newest token
+    model = make("llama")
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(7))
+    model.eval()
+    expect = model.generate(ids, max_new_tokens=12, do_sample=False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "use_cache ... does not go with activation checkpointing"
+        got = model.generate(ids, max_new_tokens=12, do_sample=False)
+        with torch.no_grad():
+            assert model(ids, use_cache=True).cache is not None
+    assert torch.equal(got, expect)
 
 
 def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote_code(tmp_path):

@@ -151,8 +151,9 @@ class BSBRCache:
         return sum(s.nbytes() for s in self.states)
 
 
-def refuse_output_attentions(output_attentions) -> None:
-    if output_attentions:
+def refuse_output_attentions(output_attentions, config) -> None:
+    """``output_attentions`` (the argument, or the config's when it is None) is refused in one line."""
+    if config.output_attentions if output_attentions is None else output_attentions:
         raise ValueError("output_attentions=True is not supported: BSBR never forms the attention matrix")
 
 
@@ -347,7 +348,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, **kwargs):
-        refuse_output_attentions(output_attentions)
+        refuse_output_attentions(output_attentions, self.config)
         cache = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -399,11 +400,13 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 # the second block score's queries: every far key scores as if it lay just before the window
                 far = far + (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),)
 
-        if self.training and cache is None and self.layers and self.layers[0].gradient_checkpointing:
+        if self.training and torch.is_grad_enabled() and cache is None and self.layers \
+                and self.layers[0].gradient_checkpointing:
             if use_cache:
                 warnings.warn("use_cache=True does not go with activation checkpointing (each layer runs again in the "
                               "backward pass): no cache is returned", stacklevel=3)
-            use_cache = False  # as transformers' models do: a training forward builds no cache
+            use_cache = False  # as transformers' models do: a training forward builds no cache (without
+            # gradients, e.g. generate in train mode, nothing is replayed and the cache is kept)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         streaming = cache is not None
         states = []
@@ -457,11 +460,11 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 use_cache: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
                 return_dict: Optional[bool] = None, logits_to_keep=0, output_attentions: Optional[bool] = None,
                 **kwargs):
-        refuse_output_attentions(output_attentions)
+        refuse_output_attentions(output_attentions, self.config)
         cache = _cache_argument(cache, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         return_dict=True)
+                         return_dict=True, output_attentions=False)
         h = out.last_hidden_state
         if not isinstance(logits_to_keep, int):  # the positions to keep, as transformers' models take them
             h = h[:, logits_to_keep]
