@@ -1,4 +1,6 @@
 """Cached decoding = a full forward; left-padded batches = each prompt alone."""
+import copy
+
 import pytest
 import torch
 from model_sources import VOCAB, make_source
@@ -163,11 +165,12 @@ def test_generate_past_the_sources_positions_with_the_default_length(monkeypatch
 def test_a_half_precision_model_continues_its_cache(recall):
     # the bounded mode's op runs in float32 under bfloat16 (its states too), the exact modes' in bfloat16:
     # the cache check must expect each one's dtype
-    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, gate_init=0.7, local_chunks=2, sink_tokens=3,
-                            retrieval_blocks=0 if recall else 2, far_positions="window",
-                            recall_tokens=recall).to(torch.bfloat16)
+    exact = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, gate_init=0.7, local_chunks=2, sink_tokens=3,
+                            retrieval_blocks=0 if recall else 2, far_positions="window", recall_tokens=recall)
+    model = copy.deepcopy(exact).to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        ref = exact(ids).logits  # float32
         full = model(ids).logits.float()
         out = model(ids[:, :30], use_cache=True)
         assert out.cache.states[0].k_buf.dtype == (torch.float32 if recall else torch.bfloat16)
@@ -175,7 +178,10 @@ def test_a_half_precision_model_continues_its_cache(recall):
         for t in range(30, 40):
             out = model(ids[:, t:t + 1], cache=cache)
             steps.append(out.logits.float())
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0.05, atol=0.1)  # bf16 rounding
+    # bfloat16's rounding (its kernels differ by CPU): the cached decode is as far from the float32 model as
+    # the bfloat16 full forward is (0.150 and 0.150 on one machine, where the two differ by 0.135)
+    rounding = (full - ref).abs().max()
+    assert (torch.cat(steps, 1) - ref).abs().max() <= 1.5 * rounding + 0.02
 
 
 @pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(retrieval_blocks=0), dict(recall_tokens=5)],
