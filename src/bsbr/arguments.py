@@ -248,28 +248,19 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
     or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
     as replacement characters), and files too short together for one window of ``seq_len`` tokens
     (a token takes at least one byte), before any model loads."""
-    import codecs
-
     for f in files or []:
         p = Path(f)
         if not p.is_file():
             what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
             raise UserError(f"{option} {f} {what}: give text files")
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with open(p, "rb") as fh:
-            while True:
-                block = fh.read(1 << 20)
-                if offset == 0 and b"\0" in block[:8192]:
-                    raise UserError(f"{option} {f} looks binary (it holds NUL bytes): give text files")
-                try:
-                    decoder.decode(block, final=not block)
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{option} {f} is not UTF-8 text ({e.reason} at byte {offset + e.start:,}): "
-                                    "save it as UTF-8") from None
-                if not block:
-                    break
-                offset += len(block)
+        data = p.read_bytes()
+        if b"\0" in data[:8192]:
+            raise UserError(f"{option} {f} looks binary (it holds NUL bytes): give text files")
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{option} {f} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") from None
     total = sum(Path(f).stat().st_size for f in files or [])
     if files and seq_len is not None and total + len(files) < seq_len:  # (each file ends with an EOS token)
         raise UserError(f"{option}: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "

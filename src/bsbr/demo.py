@@ -52,10 +52,7 @@ def _demo(args, out: Path, final: Path) -> int:
                                                 max_new_tokens=8, fillers=list(DEFAULT_FILLERS))
     tokenizer = load_tokenizer_arg(args.source, "--source")  # args.source is a path, a hub id or None
     if passkey is not None:
-        try:
-            check_prompt_lengths(tokenizer, "--seq-len", **passkey)
-        except ValueError as e:
-            raise ValueError(f"{e}: give a longer --seq-len, or --no-passkey") from None
+        check_prompt_lengths(tokenizer, "--seq-len", "give a longer --seq-len, or --no-passkey", **passkey)
     source = load_model_arg(args.source, "--source")
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
                     + [("--decode-contexts (plus 16 decode steps)", n + 16) for n in args.decode_contexts])

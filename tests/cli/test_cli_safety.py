@@ -247,7 +247,7 @@ def test_the_bundled_default_is_refused_before_loading_for_a_model_of_another_so
     (["--steps", "-5"], "--steps: must be an integer from 1 to"),
     (["--steps", "0"], "--steps: must be an integer from 1 to"),
     ([], "nothing to train"),
-    (["--minutes", "0"], "--minutes must be > 0"),
+    (["--minutes", "0"], "--minutes must be a finite number > 0"),
     (["--steps", "3", "--checkpoint-every", "0"], "--checkpoint-every: must be an integer from 1 to"),
     (["--steps", "3", "--lr", "-1"], "argument --lr: '-1': give a number > 0"),
     (["--steps", "3", "--params", "all", "--base-lr", "0"], "argument --base-lr: '0': give a number > 0"),

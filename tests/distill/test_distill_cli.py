@@ -39,7 +39,7 @@ def no_loading(monkeypatch):
     (["--steps", "2", "--params", "all", "--base-lr", "nan"], "argument --base-lr: 'nan'"),
     (["--minutes", "nan"], "argument --minutes: 'nan': give a finite number"),
     (["--minutes", "inf"], "argument --minutes: 'inf'"),
-    (["--minutes", "-1"], "--minutes must be > 0"),
+    (["--minutes", "-1"], "--minutes must be a finite number > 0"),
     (["--steps", "2", "--seq-len", "0"], "--seq-len: must be an integer from 2 to"),
     (["--steps", "2", "--max-windows", "-1"], "--max-windows: must be an integer from 1 to"),
     (["--steps", "2", "--seed", str(2 ** 70)], "--seed: must be an integer from -9,223,372,036,854,775,808 to"),

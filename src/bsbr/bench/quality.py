@@ -31,6 +31,7 @@ from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..errors import UserError
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
+from ..ops.checks import is_number
 from .common import (VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, given, set_threads,
                      write_outputs)
 from .plots import plot_quality
@@ -253,10 +254,6 @@ def _num(x, fmt: str) -> str:
     return format(float("nan") if x is None else x, fmt)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _read_result(path: str) -> Dict[str, object]:
     """A ``bsbr bench quality --json`` result, or a :class:`UserError` naming ``path`` and what is wrong."""
     what = "give a file written by `bsbr bench quality --json`"
@@ -276,10 +273,10 @@ def _read_result(path: str) -> Dict[str, object]:
     config, results = part.get("config"), part.get("results")
     ok = isinstance(config, dict) and isinstance(config.get("block"), int) and isinstance(results, list) and all(
         isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("buckets"), dict)
-        and all(re.fullmatch(r"\d+-\d+", k) and (v is None or _is_number(v)) for k, v in r["buckets"].items())
-        and all(r.get(k) is None or _is_number(r[k]) for k in ("params", "train_seconds", "eval_loss"))
+        and all(re.fullmatch(r"\d+-\d+", k) and (v is None or is_number(v)) for k, v in r["buckets"].items())
+        and all(r.get(k) is None or is_number(r[k]) for k in ("params", "train_seconds", "eval_loss"))
         and (r.get("loss_past") is None or isinstance(r["loss_past"], dict) and all(
-            re.fullmatch(r"\d+", k) and (v is None or _is_number(v)) for k, v in r["loss_past"].items()))
+            re.fullmatch(r"\d+", k) and (v is None or is_number(v)) for k, v in r["loss_past"].items()))
         for r in results)
     if not ok:
         raise UserError(f"--merge {path} is a damaged 'bsbr bench quality' result (its config or results are "

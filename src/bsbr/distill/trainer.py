@@ -25,7 +25,7 @@ from ..convert.converter import is_new_parameter
 from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..outputs import publish_files, temp_dir
-from ..numbers import FLOAT32_MAX
+from ..ops.checks import check_int, check_number, is_number, shown
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -54,26 +54,17 @@ class DistillConfig:
             raise ValueError("give steps or minutes (the stopping rule)")
         if self.base_lr is not None and self.params == "new":
             raise ValueError("base_lr applies only to params all or lora")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be an int >= 1, got {self.checkpoint_every!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes must be > 0, got {self.minutes!r}")
+        if self.steps is not None:
+            check_int("steps", self.steps)
+        check_int("checkpoint_every", self.checkpoint_every)
+        if self.minutes is not None and not (is_number(self.minutes) and 0 < self.minutes < math.inf):
+            raise ValueError(f"minutes must be a finite number > 0, got {shown(self.minutes)}")
         if self.params not in PARAMS:
             raise ValueError(f"params must be one of {PARAMS}, got {self.params!r}")
-        for name in ("lr", "base_lr", "lm_weight", "minutes"):  # inf, nan, or more than float32 holds
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                          and (name == "minutes" or abs(value) <= FLOAT32_MAX)):
-                raise ValueError(f"{name} must be a finite number{'' if name == 'minutes' else ' float32 holds'}, "
-                                 f"got {value!r}")
-        for name in ("lr", "base_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        if not self.lm_weight >= 0:
-            raise ValueError(f"lm_weight must be >= 0, got {self.lm_weight!r}")
+        check_number("lr", self.lr, 0, above=True)
+        if self.base_lr is not None:
+            check_number("base_lr", self.base_lr, 0, above=True)
+        check_number("lm_weight", self.lm_weight, 0)
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses

@@ -246,10 +246,8 @@ def cmd_eval(args) -> int:
         check_dataset(args.dataset, args.dataset_config, args.dataset_split or "test", args.text_column or "text")
     if passkey is not None:  # before any model is loaded
         tokenizer = load_eval_tokenizer(args.model, args.reference)
-        try:
-            check_prompt_lengths(tokenizer, "--passkey-lengths", **passkey)
-        except ValueError as e:
-            raise UserError(f"{e}: give longer --passkey-lengths or fewer --passkey-new-tokens") from None
+        check_prompt_lengths(tokenizer, "--passkey-lengths", "give longer --passkey-lengths or fewer "
+                             "--passkey-new-tokens", **passkey)
         if args.lm_eval_task_dir:
             return _write_lm_eval_task(args, passkey, tokenizer)
     if passkey is not None and args.passkey_models:

@@ -181,15 +181,17 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
                 yield p
 
 
-def check_prompt_lengths(tokenizer, option: str, lengths: Sequence[int], depths: Sequence[float], trials: int,
-                         seed: int, max_new_tokens: int, fillers: Sequence[Union[str, Filler]], **_) -> None:
+def check_prompt_lengths(tokenizer, option: str, fix: str, lengths: Sequence[int], depths: Sequence[float],
+                         trials: int, seed: int, max_new_tokens: int, fillers: Sequence[Union[str, Filler]], **_) -> None:
     """Refuse, before any model runs, a grid whose shortest length leaves no room for filler: its prompts
-    are built (cheap where this can fail) and an error names ``option``, the flag that set the lengths.
-    Takes a ``passkey`` dict of :func:`run_passkey`'s keyword arguments."""
+    are built (cheap where this can fail) and a :class:`~bsbr.errors.UserError` names ``option``, the flag
+    that set the lengths, and ``fix``. Takes a ``passkey`` dict of :func:`run_passkey`'s keyword arguments."""
+    from ..errors import UserError
+
     try:
         list(grid_prompts(tokenizer, [min(lengths)], depths, trials, seed, max_new_tokens, fillers))
     except ValueError as e:
-        raise ValueError(f"{option}: {e}") from None
+        raise UserError(f"{option}: {e}: {fix}") from None
 
 
 def _rate(counts: Iterable[Sequence[int]]) -> dict:

@@ -15,7 +15,8 @@ from torch import nn
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
-from .inputs import check_number, check_rotary, is_number
+from ..ops.checks import check_number, is_number
+from .inputs import check_rotary
 from .rotary import apply_rotary
 
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..ops.checks import check_int
 from ..ops.gau import chunk_gau_attention
-from .inputs import check_dropout, check_flag, check_layer_inputs
+from ..ops.checks import check_flag
+from .inputs import check_dropout, check_layer_inputs
 from .rotary import apply_rotary
 
 

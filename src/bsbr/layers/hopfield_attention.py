@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ops.hopfield import chunk_hopfield_attention
 from .multihead import MultiHeadBase
-from ..ops.checks import check_int
+from ..ops.checks import check_int, check_number
 
 
 class HopfieldAttention(MultiHeadBase):
@@ -21,24 +21,18 @@ class HopfieldAttention(MultiHeadBase):
         hidden_dim, num_heads, dropout, head_dim, bias, out_bias: as in SlidingWindowAttention.
         num_steps: Hopfield updates (>= 1); the cost is num_steps causal attentions.
         beta: initial inverse temperature, default ``1/sqrt(head_dim)``.
-        learn_beta: make beta a trainable parameter (per head).
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, *, head_dim: Optional[int] = None,
                  bias: bool = True, out_bias: Optional[bool] = None, num_steps: int = 2,
-                 beta: Optional[float] = None, learn_beta: bool = True):
+                 beta: Optional[float] = None):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
         check_int("num_steps", num_steps)
         if beta is None:
             beta = self.head_dim ** -0.5
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
-            raise ValueError(f"beta must be None or a float > 0, got {beta!r}")
+        check_number("beta", beta, 0, above=True)
         self.num_steps = num_steps
-        log_beta = torch.full((num_heads,), math.log(beta))
-        if learn_beta:
-            self.log_beta = nn.Parameter(log_beta)
-        else:
-            self.register_buffer("log_beta", log_beta)
+        self.log_beta = nn.Parameter(torch.full((num_heads,), math.log(beta)))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:

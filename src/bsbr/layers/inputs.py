@@ -1,52 +1,11 @@
 """Input checks shared by every attention layer: a clear error naming the argument."""
 from __future__ import annotations
 
-import math
-import sys
 from typing import Optional
 
 import torch
 
-from ..numbers import FLOAT32_MAX
 from ..ops.checks import check_valid
-
-
-def shown(value) -> str:
-    """``repr(value)``, cut short (a huge int has thousands of digits, or cannot be printed at all)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return f"an int of more than {sys.get_int_max_str_digits()} digits"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def is_number(value) -> bool:
-    """A float or int (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_number(name, value, minimum: Optional[float] = None, *, above: bool = False, none: bool = False) -> None:
-    """``value``: a float or int (not a bool) finite in float32, ``>= minimum`` (``> minimum`` when ``above``);
-    ``none``: None is allowed too. Else a ValueError naming ``name``."""
-    if none and value is None:
-        return
-    ok = is_number(value)
-    try:  # held as float32: inf or beyond its range is refused
-        ok = ok and math.isfinite(float(value)) and abs(float(value)) <= FLOAT32_MAX
-    except OverflowError:  # an int beyond float range
-        ok = False
-    if ok and minimum is not None:
-        ok = value > minimum if above else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if above else '>='} {minimum}"
-        raise ValueError(f"{name} must be {'None or ' if none else ''}a finite number{bound} (within float32 range), "
-                         f"got {shown(value)}")
-
-
-def check_flag(name, value, none: bool = False) -> None:
-    """``value``: True or False (or None with ``none``); a truthy stand-in (1, "no") is refused."""
-    if not (isinstance(value, bool) or (none and value is None)):
-        raise ValueError(f"{name} must be True or False{' (or None)' if none else ''}, got {shown(value)}")
 
 
 def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..ops.checks import check_int
-from .inputs import check_dropout, check_flag, check_layer_inputs, check_rotary
+from ..ops.checks import check_flag
+from .inputs import check_dropout, check_layer_inputs, check_rotary
 from .rotary import apply_rotary
 
 

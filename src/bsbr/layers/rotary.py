@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.checks import check_int
-from .inputs import check_number
+from ..ops.checks import check_number
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

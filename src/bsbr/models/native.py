@@ -9,7 +9,8 @@ from torch import nn
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..ops.checks import check_int
-from ..layers.inputs import check_input_ids, check_number, token_positions
+from ..layers.inputs import check_input_ids, token_positions
+from ..ops.checks import check_number
 from ..layers.rotary import RotaryEmbedding
 
 

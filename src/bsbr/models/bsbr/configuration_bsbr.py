@@ -7,9 +7,8 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS
-from ...layers.inputs import check_flag, check_number
 from ...ops.bsbr import BSBROptions
-from ...ops.checks import check_int
+from ...ops.checks import check_flag, check_int, check_number
 
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:

@@ -5,20 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...numbers import FLOAT32_MAX, MAX_RECALL_TOKENS, MAX_TOKENS
-from ..checks import check_int
+from ...numbers import MAX_RECALL_TOKENS, MAX_TOKENS
+from ..checks import check_int, check_number
 
 VARIANTS = ("additive", "normalized")
-
-
-def _finite_positive(value) -> bool:
-    """A float or int (not a bool), > 0 and finite in float32 (inf, nan or 1e39 would poison every softmax)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return 0 < float(value) <= FLOAT32_MAX
-    except OverflowError:  # an int beyond float range
-        return False
 
 
 @dataclass(frozen=True)
@@ -86,9 +76,7 @@ class BSBROptions:
                              f"({self.retrieval_blocks}): it says how many of those blocks the second score chooses")
         if self.retrieval not in VARIANTS:
             raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
-        if self.scale is not None and not _finite_positive(self.scale):
-            shown = f"{self.scale!r}" if not isinstance(self.scale, int) or abs(self.scale) < 10 ** 40 else "a huge int"
-            raise ValueError(f"scale must be None or a positive float (finite, within float32 range), got {shown}")
+        check_number("scale", self.scale, 0, above=True, none=True)  # inf, nan or 1e39 would poison every softmax
 
     @property
     def window(self) -> int:
