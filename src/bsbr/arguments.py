@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import SourceMismatchError, UserError
+from .errors import SourceMismatchError, UserError, check_not_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def load_model_arg(source, option: str):
     check_model_arg(source, option)
     local = source is None or Path(os.path.expanduser(str(source))).exists()
     try:
-        return load_source(source).eval()
+        model = load_source(source).eval()
     except Exception as e:  # OSError: a missing or pickled file; SafetensorError: a broken one
         if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
             raise
@@ -289,6 +289,8 @@ def load_model_arg(source, option: str):
         if local:
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
+    check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
+    return model
 
 
 def _not_on_the_hub(option: str, source, why: str) -> UserError:

@@ -450,6 +450,47 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_publishe
     assert (tmp_path / "later.json").is_file()
 
 
+def test_a_ctrl_c_swallowed_while_loading_stops_distill_and_eval_before_their_work(models, text, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Swallowed while a model loads, the interrupt stops the command right after the load: distill trained
+    for minutes before (and then could not write its checkpoint), eval evaluated everything."""
+    import bsbr.cli
+    import bsbr.convert.converter as converter
+    import bsbr.distill.trainer as trainer
+    import bsbr.evaluate.metrics as metrics
+
+    load = converter.load_source
+
+    def load_then_swallow(source):
+        model = load(source)
+        try:
+            bsbr.cli._interrupt(2, None)  # as the SIGINT handler does
+        except KeyboardInterrupt:
+            pass
+        return model
+
+    went_on = []
+
+    def never(*a, **k):  # (an exception would end the command as interrupted too: record the call instead)
+        went_on.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(converter, "load_source", load_then_swallow)
+    real = trainer.distill  # (bsbr.distill.cli imports it when it runs)
+    monkeypatch.setattr(trainer, "distill", never)
+    out = tmp_path / "distilled"
+    assert main([str(a) for a in distill_args(models, text, out, "--steps", "2")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr distill: interrupted"
+    assert not out.exists() and not went_on
+    source, converted, _ = models
+    real = metrics.MetricAccumulator
+    monkeypatch.setattr(metrics, "MetricAccumulator", never)
+    assert main(["eval", str(converted), "--reference", str(source), "--no-passkey", "--text-file", str(text),
+                 "--seq-len", "32", "--max-windows", "1", "--json", str(tmp_path / "r.json")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr eval: interrupted"
+    assert not (tmp_path / "r.json").exists() and not went_on
+
+
 def test_a_result_file_that_cannot_be_written_is_named(models, text, tmp_path, capsys, monkeypatch):
     import errno
 

@@ -17,7 +17,7 @@ from typing import Optional
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
                          check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg)
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
                        write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
@@ -251,6 +251,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
             (directory / METADATA).write_text((student_dir / METADATA).read_text())
         write_model_card(directory)
 
+    check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training
     with _stop_on_signal() as stop:
         # --overwrite: the old checkpoint stays until this run's first checkpoint replaces it, the old model
         # until this run's model replaces it

@@ -45,6 +45,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import check_not_interrupted
+
 logger = logging.getLogger(__name__)
 
 REFERENCE = "source"
@@ -266,8 +268,10 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     for m in models.values():
         m.eval()
     n_win, seq_len = windows.shape
+    check_not_interrupted()  # (a Ctrl-C a library swallowed, here or while a model loaded)
     acc = MetricAccumulator(seq_len, chunk_size, models=list(models), scheme=buckets, ks=ks)
     for start in tqdm(range(0, n_win, batch_size), desc="eval windows", disable=not progress):
+        check_not_interrupted()  # (a Ctrl-C a library swallowed)
         ids = windows[start:start + batch_size]                            # (b, n)
         logits, hidden = {}, {}
         for name, m in models.items():

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from ..errors import check_not_interrupted
 from .filler import DEFAULT_FILLERS, Filler, get_filler
 
 if TYPE_CHECKING:
@@ -233,6 +234,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     samples = []
     bar = tqdm(total=len(prompts) * len(models), desc="passkey", disable=not progress)
     for p in prompts:
+        check_not_interrupted()  # (a Ctrl-C a library swallowed)
         filler = p.meta["filler"]
         sample = dict(length=p.target_length, prompt_tokens=p.length, depth=p.depth, trial=p.meta["trial"],
                       filler=filler, key=p.key, key_start=p.key_start, key_end=p.key_end, outputs={}, found={})
