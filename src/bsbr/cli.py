@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import logging
 import os
 import re
@@ -166,6 +167,36 @@ def run() -> None:
     sys.exit(code)
 
 
+class _ClosedPipeIgnored:
+    """stdout for a command that writes files: once its reader has gone (``| head``, ``| true``), what it
+    prints is dropped and the command goes on, so the files it was asked for are still written (``bsbr
+    generate``, whose printing is its work, stops instead: status 141)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _closed(self):
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _interrupted(name: str) -> int:
     print(f"bsbr{' ' + name if name else ''}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -207,6 +238,18 @@ def _main(argv) -> int:
         (parser.commands.choices[args.command] if args.command else parser).print_help(sys.stderr)
         return EXIT_USAGE
     name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)]))
+    stdout = sys.stdout
+    if args.command != "generate":
+        sys.stdout = _ClosedPipeIgnored(stdout)
+    try:
+        return _run_command(args, name, verbose)
+    finally:
+        if isinstance(sys.stdout, _ClosedPipeIgnored):
+            sys.stdout = stdout
+
+
+def _run_command(args, name: str, verbose: bool) -> int:
+    """The command, inside the one error boundary."""
     try:
         code = int(args.func(args) or 0)
         return _interrupted(name) if INTERRUPTED.is_set() else code  # (an interrupt a library swallowed)

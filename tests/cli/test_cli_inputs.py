@@ -505,6 +505,31 @@ def test_generate_into_a_closed_pipe_stops_quietly(models, capsys, monkeypatch):
     assert "error" not in capsys.readouterr().err
 
 
+def test_a_command_that_writes_files_still_writes_them_when_its_stdout_reader_has_gone(models, text, tmp_path,
+                                                                                      capsys, monkeypatch):
+    # `bsbr eval ... --json r.json | head -1`: the summary is dropped, the results are not
+    import io
+    import sys
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            raise io.UnsupportedOperation("no file descriptor here")
+
+    source, converted, _ = models
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = tmp_path / "r.json"
+    assert main(["eval", str(converted), "--reference", str(source), "--no-passkey", "--text-file", str(text),
+                 "--seq-len", "32", "--max-windows", "1", "--json", str(out)]) == 0
+    assert "perplexity" in out.read_text() and isinstance(sys.stdout, ClosedPipe)
+    assert "error" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["eval", "m", "--passkey-lengths", "200", "--passkey-lengths", "300"], "--passkey-lengths"),
     (["distill", "--student", "m", "--text-file", "a.txt", "--text-file", "b.txt"], "--text-file"),

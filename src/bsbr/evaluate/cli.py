@@ -268,8 +268,6 @@ def cmd_eval(args) -> int:
                                 buckets=args.buckets, passkey=passkey, seed=args.seed, progress=not args.no_progress,
                                 check_reference=check_reference)
         lines = summary_lines(result)
-    for line in lines:
-        print(line)
     from .plots import plot_passkey_heatmap, plot_results
 
     files = []  # (path, writer, line): all written together at the end: an error or interruption before
@@ -282,7 +280,9 @@ def cmd_eval(args) -> int:
         files.append((heatmap, lambda p: plot_passkey_heatmap(result["passkey"], p),
                       f"pass-key heat map: {heatmap} (data: {heatmap.with_suffix('.json')})"))
         files.append((heatmap.with_suffix(".json"), lambda p: write_json(result["passkey"], p), None))
-    write_together([f[:2] for f in files])
+    write_together([f[:2] for f in files])  # before anything is printed: a closed stdout (| head) loses no file
+    for line in lines:
+        print(line)
     for *_, line in files:
         if line:
             print(line)
