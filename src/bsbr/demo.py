@@ -9,7 +9,7 @@ from pathlib import Path
 
 def cmd_demo(args) -> int:
     from .arguments import check_model_arg, check_unique
-    from .outputs import check_output_dir, out_of_room, staged_dir, write_errors, write_failure
+    from .outputs import check_output_dir, out_of_room, output_lock, staged_dir, write_errors, write_failure
 
     final = Path(args.output)
     if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
@@ -22,7 +22,8 @@ def cmd_demo(args) -> int:
     check_model_arg(args.source, "--source")
     check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
     try:
-        with staged_dir(final, overwrite=args.overwrite) as out:  # everything lands in --output at the end, or nothing
+        # everything lands in --output at the end, or nothing; not while another bsbr command writes there
+        with output_lock(final, "--output", "bsbr command"), staged_dir(final, overwrite=args.overwrite) as out:
             return _demo(args, out, final)
     except write_errors() as e:
         if not out_of_room(e):

@@ -22,6 +22,19 @@ def distill_args(models, text, output, *extra):
 
 
 # ------------------------------------------------------------------------------------------- convert
+def test_convert_overwrite_refuses_a_directory_another_command_is_writing(models, tmp_path, capsys):
+    # a running distill holds its --output's lock: convert --overwrite replaced the directory under it
+    from bsbr.outputs import output_lock
+
+    source, _, _ = models
+    out = tmp_path / "busy"
+    assert main(["convert", str(source), str(out), "--chunk-size", "16"]) == 0
+    with output_lock(out, "--output", "bsbr distill"):
+        line = refused(capsys, ["convert", source, out, "--chunk-size", "8", "--overwrite"], "convert", out)
+    assert "is being written by another bsbr command" in line, line
+    assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0  # once it is done
+
+
 def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, capsys):
     _, converted, _ = models
     line = refused(capsys, ["convert", converted, "--chunk-size", "16"], "convert", converted)

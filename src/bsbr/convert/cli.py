@@ -133,7 +133,7 @@ def _check_position_options(args, source, position_type: str) -> None:
 def cmd_convert(args) -> int:
     from ..arguments import check_model_arg, read_config
     from ..errors import OutputError, UserError
-    from ..outputs import check_output_dir, staged_dir, write_errors, write_failure
+    from ..outputs import check_output_dir, output_lock, staged_dir, write_errors, write_failure
 
     source, out = args.source, Path(args.output_dir)
     options = conversion_options(args)
@@ -171,8 +171,8 @@ def cmd_convert(args) -> int:
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     model = convert_to_bsbr(src, **options)
     _check_position_options(args, source, model.config.position_type)
-    try:
-        with staged_dir(out, overwrite=args.overwrite) as tmp:  # all or nothing
+    try:  # all or nothing, and not while another bsbr command (a distill) writes there
+        with output_lock(out, "OUTPUT_DIR", "bsbr command"), staged_dir(out, overwrite=args.overwrite) as tmp:
             summary = save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
     except write_errors() as e:  # a full disk, a quota: nothing was published
         raise write_failure("OUTPUT_DIR", out, e, "the model") from e
