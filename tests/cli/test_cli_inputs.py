@@ -485,6 +485,19 @@ def test_without_a_recorded_fingerprint_a_reference_of_another_family_is_refused
     assert "is a gpt2 model, but" in line and "converted from a llama model" in line and "--force" in line
 
 
+def test_generate_refuses_a_prompt_past_the_token_cap_before_loading(models, capsys, monkeypatch):
+    # a 4.6 MB prompt file (1.2M tokens) ran out of memory after minutes, with no message
+    import bsbr.convert.cli as convert_cli
+    import bsbr.models
+
+    monkeypatch.setattr(convert_cli, "MAX_TOKENS", 12)
+    monkeypatch.setattr(bsbr.models, "load_bsbr_model", None)  # (never reached)
+    _, converted, _ = models
+    line = refused(capsys, ["generate", converted, "--prompt", "def " * 10, "--max-new-tokens", "4"], "generate",
+                   converted)
+    assert "--prompt (10 tokens) with --max-new-tokens 4 is longer than the 12 tokens" in line, line
+
+
 def test_generate_into_a_closed_pipe_stops_quietly(models, capsys, monkeypatch):
     import io
     import sys

@@ -255,6 +255,9 @@ def cmd_generate(args) -> int:
     if n == 0:
         raise UserError(f"{what} gives no tokens{' in the chat template' if args.chat else ''}: give some text to "
                         "continue")
+    if n + args.max_new_tokens - 1 > MAX_TOKENS:  # (every other length option has this cap)
+        raise UserError(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,} is longer than the "
+                        f"{MAX_TOKENS:,} tokens bsbr reads in one sequence: give a shorter prompt")
     # the prompt and every new token but the last are fed to the model
     check_bsbr_positions(path, "MODEL_DIR", [(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
                                               n + args.max_new_tokens - 1)])
