@@ -55,8 +55,9 @@ def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]]
     found = []
     for d, dirs, files in os.walk(root):
         dirs[:] = [x for x in dirs if x not in EXCLUDE_DIRS]
+        # regular files only: a FIFO would block the read, a dangling link fail it
         found += [(Path(d) / f).relative_to(root).as_posix() for f in files
-                  if f.endswith(".py") and not f.startswith("test_")]
+                  if f.endswith(".py") and not f.startswith("test_") and os.path.isfile(os.path.join(d, f))]
     return [root / rel for rel in sorted(found) if split == "all" or split_of(rel) == split]
 
 

@@ -124,6 +124,17 @@ def test_bench_quality_merge_refuses_to_overwrite_its_input(tmp_path, capsys, no
     assert tree_hash(tmp_path) == before
 
 
+def test_bench_quality_merge_refuses_a_fifo_or_a_directory(tmp_path, capsys, nothing_runs):
+    import os
+
+    os.mkfifo(tmp_path / "pipe")  # read, it would block for ever
+    (tmp_path / "d").mkdir()
+    for bad in (tmp_path / "pipe", tmp_path / "d"):
+        line = _refused(["bench", "quality", "--merge", str(bad), "--json", str(tmp_path / "m.json")], capsys,
+                        "bench quality")
+        assert f"--merge {bad} is not a regular file" in line
+
+
 def test_bench_quality_merge_refuses_rows_counted_twice(tmp_path, capsys, nothing_runs):
     a = _quality_result(tmp_path / "a.json")
     copy = _quality_result(tmp_path / "copy.json")

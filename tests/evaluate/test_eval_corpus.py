@@ -1,3 +1,4 @@
+import os
 import sysconfig
 
 import pytest
@@ -30,6 +31,8 @@ def test_split_of_a_small_tree(tmp_path):
     for name in ["a.py", "b.py", "pkg/c.py", "pkg/test_d.py", "test/e.py", "site-packages/f.py", "g.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x = 1\n")
+    os.mkfifo(tmp_path / "fifo.py")  # read, it would block the command for ever
+    (tmp_path / "dangling.py").symlink_to(tmp_path / "gone.py")
     every = [p.relative_to(tmp_path).as_posix() for p in corpus.stdlib_files("all", root=tmp_path)]
     assert every == ["a.py", "b.py", "pkg/c.py"]
     parts = corpus.stdlib_files("train", root=tmp_path) + corpus.stdlib_files("heldout", root=tmp_path)

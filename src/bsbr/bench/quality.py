@@ -257,6 +257,8 @@ def _num(x, fmt: str) -> str:
 def _read_result(path: str) -> Dict[str, object]:
     """A ``bsbr bench quality --json`` result, or a :class:`UserError` naming ``path`` and what is wrong."""
     what = "give a file written by `bsbr bench quality --json`"
+    if os.path.exists(path) and not os.path.isfile(path):  # a directory, or a FIFO, whose read would block
+        raise UserError(f"--merge {path} is not a regular file: {what}")
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
