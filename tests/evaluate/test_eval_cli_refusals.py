@@ -109,6 +109,15 @@ def test_lm_eval_task_dir_may_not_touch_inputs(saved, capsys, no_loading, where,
     assert _snapshot(saved) == before
 
 
+@pytest.mark.parametrize("extra", [["--reference", "src"], ["--force"]])
+def test_lm_eval_task_dir_refuses_a_reference_it_would_ignore(saved, tmp_path, capsys, no_loading, extra):
+    # the task is written with MODEL's own tokenizer (the one lm-eval loads): --reference was silently unused
+    task = tmp_path / "task"
+    _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY, *extra],
+             f"{extra[0]} would be ignored with --lm-eval-task-dir")
+    assert not task.exists()
+
+
 def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch, word_tokenizer):
     """A failure while building the prompts leaves no task directory; a rerun into an existing one
     replaces the task's files and leaves the others."""
@@ -131,7 +140,7 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
     task = tmp_path / "task"
     argv = ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), "--passkey-lengths", "96",
             "--passkey-depths", "0.2", "0.8", "--passkey-trials", "1"]
-    monkeypatch.setattr("bsbr.evaluate.cli.load_eval_tokenizer", lambda *a, **k: Failing())
+    monkeypatch.setattr("bsbr.evaluate.cli.load_tokenizer_arg", lambda *a, **k: Failing())
     _refused(capsys, argv, "decode failed")
     assert not task.exists() and not list(tmp_path.iterdir())
     monkeypatch.undo()

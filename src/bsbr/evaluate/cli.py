@@ -10,8 +10,8 @@ from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
 from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg, check_positions,
-                         check_recorded_source, check_source, check_text_files, check_unique, read_config,
-                         read_metadata)
+                         check_recorded_source, check_source, check_text_files, check_unique, load_tokenizer_arg,
+                         read_config, read_metadata)
 from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files
 from ..results import write_json
@@ -203,6 +203,10 @@ def cmd_eval(args) -> int:
                                 f"drop {option}, or run the evaluation separately")
         if args.no_passkey:
             raise UserError("--no-passkey with --lm-eval-task-dir: the task is the pass-key test; drop one")
+        for option, given in (("--reference", args.reference is not None), ("--force", args.force)):
+            if given:  # (lm-eval loads MODEL's own tokenizer; no reference model runs)
+                raise UserError(f"{option} would be ignored with --lm-eval-task-dir (the task is written with MODEL's "
+                                f"own tokenizer, the one lm-eval loads): drop {option}")
     if args.no_passkey and args.passkey_plot:
         raise UserError("--passkey-plot with --no-passkey: there is no pass-key test to plot; drop one")
     _refuse_ignored(args)
@@ -245,7 +249,8 @@ def cmd_eval(args) -> int:
     if not (args.passkey_only or args.lm_eval_task_dir):
         check_dataset(args.dataset, args.dataset_config, args.dataset_split or "test", args.text_column or "text")
     if passkey is not None:  # before any model is loaded
-        tokenizer = load_eval_tokenizer(args.model, args.reference)
+        tokenizer = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
+            load_eval_tokenizer(args.model, args.reference)
         check_prompt_lengths(tokenizer, "--passkey-lengths", "give longer --passkey-lengths or fewer "
                              "--passkey-new-tokens", **passkey)
         if args.lm_eval_task_dir:
