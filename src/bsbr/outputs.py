@@ -63,7 +63,8 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
         raise OutputError(f"{option} {path} holds files no bsbr command wrote (not only a BSBR model, its records or a "
                           f"checkpoint): --overwrite replaces only a bsbr output; move them or choose another {option}")
-    if (parent := unwritable_parent(out)) is not None:
+    written_into = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # (staged_dir writes in it)
+    if not written_into and (parent := unwritable_parent(out)) is not None:
         why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
@@ -217,10 +218,16 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; when the block finishes, rename it to ``path``
     (with ``overwrite``, the old ``path`` is moved aside first and removed after). If the block raises,
     or the process is killed, the target is untouched: only a ``.NAME.tmp-*`` directory can be left (and
-    is kept, complete, when ``path`` appeared while writing)."""
+    is kept, complete, when ``path`` appeared while writing).
+
+    An existing empty directory is written into, not replaced (a mount point cannot be replaced, the
+    current directory should not be, and its owner and mode are the user's): the temporary directory is
+    made inside it, and its entries are renamed into it at the end, a model's ``config.json`` last (a kill
+    during those renames can leave some of them, but no loadable model)."""
     out = _resolved(path)
-    made = _make_parents(out)
-    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
+    into = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    made = [] if into else _make_parents(out)
+    tmp = temp_dir(out, ".bsbr.tmp-") if into else temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
@@ -229,7 +236,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
     try:
         shared_modes(tmp)
-        publish_dir(tmp, out, overwrite=overwrite)
+        (_publish_into if into else publish_dir)(tmp, out, overwrite=overwrite)
     except BaseException as e:
         if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
             shutil.rmtree(tmp, ignore_errors=True)
@@ -336,6 +343,14 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
+
+
+def _publish_into(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
+    """Rename the entries of the complete directory ``tmp``, made inside the empty ``out``, into ``out``."""
+    check_not_interrupted()
+    if any(entry != tmp for entry in out.iterdir()):
+        raise OutputError(f"{out} gained files while writing: nothing written into it (the result is in {tmp})")
+    publish_files(tmp, out)  # (a model's config.json last: until then the folder holds no loadable model)
 
 
 def fsync(path) -> None:

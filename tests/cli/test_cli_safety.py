@@ -22,6 +22,27 @@ def distill_args(models, text, output, *extra):
 
 
 # ------------------------------------------------------------------------------------------- convert
+def test_convert_writes_into_an_existing_empty_directory_without_replacing_it(models, tmp_path, monkeypatch):
+    # a mount point (a container's volume) cannot be replaced: the whole conversion failed at its last step;
+    # the current directory was replaced under the shell; the folder's own mode was lost
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    out = tmp_path / "volume"
+    out.mkdir()
+    out.chmod(0o750)
+    inode = out.stat().st_ino
+    assert main(["convert", str(source), str(out), "--chunk-size", "8"]) == 0
+    assert out.stat().st_ino == inode and (out.stat().st_mode & 0o777) == 0o750
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    load_bsbr_model(out)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["convert", str(source), ".", "--chunk-size", "8"]) == 0
+    assert (Path(os.getcwd()) / "config.json").is_file() and here.samefile(os.getcwd())
+
+
 def test_convert_overwrite_refuses_a_directory_another_command_is_writing(models, tmp_path, capsys):
     # a running distill holds its --output's lock: convert --overwrite replaced the directory under it
     from bsbr.outputs import output_lock
