@@ -160,10 +160,12 @@ def main(argv=None) -> int:
 
 
 def run() -> None:
-    """The console command: :func:`main`, then exit with its status. A Ctrl-C during the interpreter's
-    shutdown (a second or so after the command is done) no longer turns a finished command into 130."""
+    """The console command: :func:`main`, then exit with its status. A Ctrl-C or SIGTERM during the
+    interpreter's shutdown (a second or so after the command is done) does not turn a finished command into
+    130 or 143."""
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
 
 
