@@ -254,7 +254,10 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
             what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
             raise UserError(f"{option} {f} {what}: give text files")
-        data = p.read_bytes()
+        try:
+            data = p.read_bytes()
+        except OSError as e:  # (permission denied)
+            raise UserError(f"{option} {f}: cannot read it ({e.strerror or e}): give a readable text file") from None
         if b"\0" in data[:8192]:
             raise UserError(f"{option} {f} looks binary (it holds NUL bytes): give text files")
         try:

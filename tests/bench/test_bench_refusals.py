@@ -135,6 +135,11 @@ def test_bench_quality_merge_refuses_a_fifo_or_a_directory(tmp_path, capsys, not
         assert f"--merge {bad} is not a regular file" in line
 
 
+def test_bench_converted_refuses_a_gate_float32_cannot_hold_before_loading(capsys, nothing_runs):
+    line = _refused(["bench", "converted", "--gate-init", "1e39"], capsys, "bench converted")
+    assert "--gate-init" in line
+
+
 def test_bench_quality_merge_refuses_rows_counted_twice(tmp_path, capsys, nothing_runs):
     a = _quality_result(tmp_path / "a.json")
     copy = _quality_result(tmp_path / "copy.json")

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,6 +315,23 @@ def test_text_files_that_are_devices_or_binary_are_refused(models, tmp_path, cap
     for f, expect in (("/dev/null", "not a regular file"), (binary, "looks binary")):
         line = refused(capsys, ["eval", converted, "--text-file", f, "--no-passkey"], "eval")
         assert expect in line
+
+
+def test_an_unreadable_text_file_is_named_with_its_option(models, tmp_path, capsys, monkeypatch):
+    # (as root, chmod 000 still reads: the read fails as it would for another user)
+    _, converted, _ = models
+    locked = tmp_path / "locked.txt"
+    locked.write_text("some text\n")
+    read = Path.read_bytes
+
+    def denied(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    line = refused(capsys, ["eval", converted, "--text-file", locked, "--no-passkey"], "eval")
+    assert f"--text-file {locked}: cannot read it (Permission denied)" in line
 
 
 def test_generate_refuses_a_tokenizer_larger_than_the_model(models, tmp_path, capsys):

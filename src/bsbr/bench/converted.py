@@ -160,7 +160,7 @@ def register(bench_sub) -> None:
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE,
                    help="tokens per chunk (default: bsbr convert's, %(default)s)")
-    p.add_argument("--gate-init", type=finite_number(), default=0.0,
+    p.add_argument("--gate-init", type=finite_number(float32=True), default=0.0,
                    help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
                         "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
     p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384])
