@@ -794,3 +794,50 @@ def test_a_sequence_shorter_than_its_chunk_computes_no_padding(monkeypatch, extr
     o.sum().backward()
     assert all(x[n].grad is not None for n in "qkv")
     assert all(torch.isfinite(t.grad).all() for t in x.values() if t.grad is not None)
+
+
+# ------------------------------------------------------------- inputs a direct caller may give (from a fuzz run)
+FORMS = (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_inputs_whose_last_dim_is_strided_give_the_same_outputs(name):
+    # PyTorch's fused CPU kernel read x[..., ::2] as if contiguous (chunked and streaming were off by up to 4)
+    g = torch.Generator().manual_seed(0)
+    x = {nm: torch.randn(1, 2, 9, 4, generator=g, dtype=DT) for nm in ("q", "k", "v", "mq", "mk")}
+    opt = BSBROptions(chunk_size=4, local_chunks=2)
+    ref = naive_bsbr_attention(*x.values(), opt)[0]
+    x[name] = torch.stack([x[name], -x[name]], -1)[..., 0]  # the same values, last-dim stride 2
+    assert x[name].stride(-1) == 2
+    for fn in FORMS:
+        torch.testing.assert_close(fn(*x.values(), opt)[0], ref, rtol=0, atol=1e-12, msg=fn.__name__)
+
+
+@pytest.mark.parametrize("gate", [None, torch.zeros(1, dtype=DT)])
+def test_features_of_size_zero_with_sparse_blocks_in_every_form(gate):
+    # (the chunked form failed to reshape 0 features when a token selected some of its earlier chunks)
+    g = torch.Generator().manual_seed(1)
+    q, k, v, mq, mk = (torch.randn(1, 1, 6, 2, generator=g, dtype=DT) for _ in range(5))
+    f0 = torch.zeros(1, 1, 6, 0, dtype=DT)
+    opt = BSBROptions(chunk_size=1, retrieval_blocks=1)
+    ref = naive_bsbr_attention(q, k, v, mq, mk, opt, fq=f0, fk=f0, gate=gate)[0]
+    for fn in FORMS[1:]:
+        torch.testing.assert_close(fn(q, k, v, mq, mk, opt, fq=f0, fk=f0, gate=gate)[0], ref, msg=fn.__name__)
+
+
+def test_large_finite_values_in_padding_reach_nothing():
+    # padding's q.k overflowed in the chunked form: NaN at padded outputs (NaN times 0) and in real tokens' gradients
+    g = torch.Generator().manual_seed(2)
+    x = [torch.randn(1, 1, 6, 2, generator=g, dtype=DT) for _ in range(5)]
+    valid = torch.tensor([[True, True, False, True, False, True]])
+    for t in x:
+        t[:, :, ~valid[0]] = 1e160
+    opt = BSBROptions(chunk_size=2, local_chunks=2)
+    ref = naive_bsbr_attention(*x, opt, valid=valid)[0]
+    for fn in FORMS:
+        inputs = [t.clone().requires_grad_() for t in x]
+        o = fn(*inputs, opt, valid=valid)[0]
+        assert torch.equal(o[:, :, ~valid[0]], torch.zeros_like(o[:, :, ~valid[0]]).abs()), fn.__name__
+        torch.testing.assert_close(o, ref, msg=fn.__name__)
+        o[:, :, valid[0]].sum().backward()
+        assert all(torch.isfinite(t.grad[:, :, valid[0]]).all() for t in inputs), fn.__name__

@@ -107,7 +107,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
 
 
 def _chunked_tokens(tensors, valid, B):
-    """Each sequence's real tokens moved to the front (with ``valid``), then zero-padded to whole chunks.
+    """Each sequence's real tokens moved to the front (with ``valid``), padding zeroed, then zero-padded to
+    whole chunks.
     Returns (tensors, order or None, lengths (b,))."""
     b, n = tensors[0].shape[0], tensors[0].shape[2]
     order = None
@@ -115,7 +116,10 @@ def _chunked_tokens(tensors, valid, B):
         valid = valid.bool()
         order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (b, n), stable
         lengths = valid.sum(1)
-        tensors = tuple(x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])) for x in tensors)
+        real = (torch.arange(n, device=valid.device)[None, :] < lengths[:, None]).view(b, 1, n, 1)
+        # padding's values zeroed (not only masked): large ones would overflow q.k into NaN, and NaN times 0 is NaN
+        tensors = tuple(torch.where(real, x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])),
+                                    0) for x in tensors)
     else:
         lengths = torch.full((b,), n, dtype=torch.long, device=tensors[0].device)
     pad = -n % B
@@ -411,7 +415,7 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     v_g = v_f.flatten(0, 1).unbind(0)  # (B, dv) per (sequence x head, chunk)
     state = w_sel is not None
     if state:
-        fq_g = fq.reshape(-1, fq.shape[-1]).index_select(0, q_row[at]).split(sizes)
+        fq_g = fq.flatten(0, -2).index_select(0, q_row[at]).split(sizes)  # (flatten: a feature size 0 too)
         F_g, z_g = F.flatten(0, 2).unbind(0), z.flatten(0, 2).unbind(0)
         w_p = w_sel.permute(0, 1, 3, 2, 4).reshape(-1)[pairs]
     groups, lses = [], []
