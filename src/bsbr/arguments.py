@@ -248,6 +248,7 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
     or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
     as replacement characters), and files too short together for one window of ``seq_len`` tokens
     (a token takes at least one byte), before any model loads."""
+    total = 0
     for f in files or []:
         p = Path(f)
         if not p.is_file():
@@ -264,7 +265,10 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
             data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{option} {f} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") from None
-    total = sum(Path(f).stat().st_size for f in files or [])
+        total += len(data) if data.strip() else 0  # (a file of whitespace alone is skipped when read)
+    if files and seq_len is not None and not total:  # (a corpus; a prompt of spaces is still a prompt)
+        raise UserError(f"{option}: {'the file holds' if len(files) == 1 else 'the files hold'} only whitespace: give "
+                        "some text")
     if files and seq_len is not None and total + len(files) < seq_len:  # (each file ends with an EOS token)
         raise UserError(f"{option}: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "
                         "one window (--seq-len; a token takes a byte at least, and each file adds an end-of-text "

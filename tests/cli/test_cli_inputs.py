@@ -317,6 +317,19 @@ def test_text_files_that_are_devices_or_binary_are_refused(models, tmp_path, cap
         assert expect in line
 
 
+def test_text_files_of_whitespace_alone_are_refused_before_loading(models, tmp_path, capsys, monkeypatch):
+    # (their bytes passed the size check; the corpus reader then skipped them, after both models had loaded)
+    import bsbr.convert.converter as converter
+
+    monkeypatch.setattr(converter, "load_source", None)
+    source, converted, _ = models
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\t" * 1000)
+    line = refused(capsys, ["eval", converted, "--reference", source, "--text-file", blank, "--no-passkey",
+                            "--seq-len", "32"], "eval")
+    assert "--text-file: the file holds only whitespace" in line
+
+
 def test_an_unreadable_text_file_is_named_with_its_option(models, tmp_path, capsys, monkeypatch):
     # (as root, chmod 000 still reads: the read fails as it would for another user)
     _, converted, _ = models
