@@ -351,5 +351,6 @@ def test_a_dataset_the_offline_hub_cannot_give_is_refused_at_once_before_loading
     t0 = time.perf_counter()
     argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", "someone/no-such-dataset",
             "--seq-len", "40", "--no-passkey", "--no-progress"]
-    _refused(capsys, argv, "--dataset", "someone/no-such-dataset")
+    _refused(capsys, argv, "--dataset", "someone/no-such-dataset", "connect to the hub, or give local files with "
+             "--text-file")
     assert time.perf_counter() - t0 < 20
