@@ -140,6 +140,11 @@ def test_bench_converted_refuses_a_gate_float32_cannot_hold_before_loading(capsy
     assert "--gate-init" in line
 
 
+def test_bench_models_names_hidden_and_heads_that_do_not_divide(capsys, nothing_runs):
+    line = _refused(["bench", "models", "--hidden", "15", "--heads", "2", "--seq-lens", "64"], capsys, "bench models")
+    assert "--hidden (15) must be divisible by --heads (2)" in line
+
+
 def test_bench_quality_merge_refuses_rows_counted_twice(tmp_path, capsys, nothing_runs):
     a = _quality_result(tmp_path / "a.json")
     copy = _quality_result(tmp_path / "copy.json")

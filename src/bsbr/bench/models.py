@@ -240,6 +240,8 @@ def run_models(args: argparse.Namespace) -> int:
     if args.no_train and args.model_budget is not None:
         raise UserError("--model-budget caps the train steps, which --no-train skips: drop one of them")
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
+    if args.hidden % args.heads:  # (before the models are built, with the flags' names)
+        raise UserError(f"--hidden ({args.hidden}) must be divisible by --heads ({args.heads})")
     check_outputs(args)
     set_threads(args)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,
