@@ -1,6 +1,11 @@
 """Usage: python benchmarks/chunk_size_sweep.py OUT.json
 
 Chunk-size sweep of the zero-shot conversion (gate closed = chunk-local attention) vs full attention."""
+import sys
+
+if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
+    sys.exit(print(__doc__))
+
 import json, sys
 from bsbr.convert import load_source, load_tokenizer, convert_to_bsbr
 from bsbr.corpus import stdlib_texts, token_windows

@@ -9,6 +9,11 @@ chunk of 4 windows from 40 files not trained on, for full attention, chunk-local
 distilled BSBR model.
 (The probes in docs/findings.md, "Ruled out".)
 """
+import sys
+
+if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
+    sys.exit(print(__doc__))
+
 import pathlib
 import random
 import sys

@@ -6,6 +6,11 @@ chunk-local pattern BSBR keeps (chunk 256), the chunk plus an exact "halo" of th
 last W tokens, a sliding window, and each of these with the sequence's first tokens kept visible
 ("attention sinks"). Tokens past the first chunk of 6 held-out 2,048-token windows.
 (The exact-window rows of docs/findings.md, "Ruled out".)"""
+import sys
+
+if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
+    sys.exit(print(__doc__))
+
 import json
 import sys
 

@@ -8,6 +8,11 @@ the state of every token, a one-shot approximation of the cache built chunk by c
     bsbr convert smol-r256 --retrieval-blocks 0 --recall-tokens 256
     OMP_NUM_THREADS=1 python benchmarks/recall_selection_probe.py smol-r256 0.5,0.9 out.json
 """
+import sys
+
+if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
+    sys.exit(print(__doc__))
+
 import json, math, sys, torch
 import bsbr.layers.bsbr_attention as ba
 from bsbr import load_bsbr_model

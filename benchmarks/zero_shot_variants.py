@@ -5,6 +5,11 @@ gate settings, on tokens past the first chunk (chunk 256) of held-out 2,048-toke
 docs/findings/zero_shot_variants.json also has two rows of options since retired (the elu feature map,
 top-k over chunk states), measured with this script at commit 6314032
 (``git show 6314032:benchmarks/zero_shot_variants.py``)."""
+import sys
+
+if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
+    sys.exit(print(__doc__))
+
 import json
 import sys
 

@@ -130,7 +130,7 @@ def register(bench_sub) -> None:
                    help="untimed calls per model and length before measuring (default 1)")
     p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive")
     p.add_argument("--retrieval-blocks", type=integer(0), default=0,
-                   help="earlier chunks each token attends to exactly, chosen by their largest q.k (default 0)")
+                   help="earlier chunks each token attends to exactly, chosen by their largest q.k")
     p.add_argument("--max-standard-len", type=integer(), default=None, help="longest length for standard attention")
     p.add_argument("--earlier-wheel", default=None, metavar="WHL",
                    help="the bsbr==0.1.1 wheel: also time its BSBRAttention side by side")

@@ -163,9 +163,11 @@ def register(bench_sub) -> None:
     p.add_argument("--gate-init", type=finite_number(float32=True), default=0.0,
                    help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
                         "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
-    p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768])
+    p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384],
+                   help="prefill lengths (default 1024 4096 16384)")
+    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768],
+                   help="contexts to decode from (default 1024 32768)")
     p.add_argument("--decode-steps", type=integer(), default=None, help="tokens generated per decode context (default 8)")
-    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3)
+    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="timed runs per prefill (default 3)")
     add_output_arguments(p, "the prefill and decode plot")
     p.set_defaults(func=cmd)

@@ -298,6 +298,6 @@ def register(sub) -> None:
                                                              "is printed")
     g.add_argument("--chat", action="store_true", help="the prompt is one user message in the model's chat template "
                                                        "(instruct models); only the reply is printed")
-    g.add_argument("--max-new-tokens", type=integer(), default=64)
-    g.add_argument("--temperature", type=finite_number(), default=0.0, help="0 = greedy")
+    g.add_argument("--max-new-tokens", type=integer(), default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=finite_number(), default=0.0, help="0 = greedy (default)")
     g.set_defaults(func=cmd_generate)
