@@ -533,19 +533,23 @@ def test_generate_refuses_a_prompt_past_the_token_cap_before_loading(models, cap
     assert "--prompt (10 tokens) with --max-new-tokens 4 is longer than the 12 tokens" in line, line
 
 
+class ClosedPipe:
+    """stdout after its reader (`| head -c1`) exited."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        import io
+
+        raise io.UnsupportedOperation("no file descriptor here")
+
+
 def test_generate_into_a_closed_pipe_stops_quietly(models, capsys, monkeypatch):
-    import io
     import sys
-
-    class ClosedPipe:  # stdout after `| head -c1` exited
-        def write(self, text):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self):
-            pass
-
-        def fileno(self):
-            raise io.UnsupportedOperation("no file descriptor here")
 
     _, converted, _ = models
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
@@ -556,18 +560,7 @@ def test_generate_into_a_closed_pipe_stops_quietly(models, capsys, monkeypatch):
 def test_a_command_that_writes_files_still_writes_them_when_its_stdout_reader_has_gone(models, text, tmp_path,
                                                                                       capsys, monkeypatch):
     # `bsbr eval ... --json r.json | head -1`: the summary is dropped, the results are not
-    import io
     import sys
-
-    class ClosedPipe:
-        def write(self, text):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self):
-            pass
-
-        def fileno(self):
-            raise io.UnsupportedOperation("no file descriptor here")
 
     source, converted, _ = models
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
