@@ -6,7 +6,7 @@ import sys
 if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
     sys.exit(print(__doc__))
 
-import json, sys
+import json
 from bsbr.convert import load_source, load_tokenizer, convert_to_bsbr
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past

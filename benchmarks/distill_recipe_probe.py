@@ -16,7 +16,6 @@ if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no pa
 
 import pathlib
 import random
-import sys
 import sysconfig
 import time
 

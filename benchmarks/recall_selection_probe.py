@@ -13,7 +13,7 @@ import sys
 if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
     sys.exit(print(__doc__))
 
-import json, math, sys, torch
+import json, math, torch
 import bsbr.layers.bsbr_attention as ba
 from bsbr import load_bsbr_model
 from bsbr.convert import load_tokenizer

@@ -11,7 +11,6 @@ if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no pa
     sys.exit(print(__doc__))
 
 import json
-import sys
 
 import torch
 
