@@ -362,14 +362,36 @@ def test_what_a_conversion_cannot_keep_is_logged(caplog):
               "sliding window of 16"),
              (LlamaForCausalLM(LlamaConfig(**kw, max_position_embeddings=64, rope_parameters=dict(
                  rope_type="dynamic", rope_theta=1e4, factor=4.0))), "'dynamic'"),
+             (Qwen2ForCausalLM(Qwen2Config(**{**kw, "num_hidden_layers": 2}, use_sliding_window=True,
+                                           sliding_window=16, max_window_layers=1)), "sliding window of 16"),
              (MistralForCausalLM(MistralConfig(**kw, sliding_window=None)), None),
-             (Qwen2ForCausalLM(Qwen2Config(**kw, sliding_window=16)), None)]  # use_sliding_window False
+             (Qwen2ForCausalLM(Qwen2Config(**kw, sliding_window=16)), None),  # use_sliding_window False
+             # every layer below max_window_layers: none slides, the conversion is exact
+             (Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+              None)]
     for src, expected in cases:
         caplog.clear()
         with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
             convert_to_bsbr(src, chunk_size=CHUNK)
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert (expected is None and not warned) or any(expected in w for w in warned), (src.config.model_type, warned)
+
+
+def test_default_rotary_frequencies_are_the_sources_to_the_bit():
+    """The default rope's frequencies are computed as the source computes them (float32): computed in
+    float64, a third of them differed by an ulp and the logits drifted with the position (1.6e-4 at
+    position 16,000 for a Qwen2 with rope_theta 1e6 and head_dim 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=32768)
+    for src in (Qwen2ForCausalLM(Qwen2Config(**kw, rope_theta=1e6)), LlamaForCausalLM(LlamaConfig(**kw, rope_theta=1e4))):
+        model = convert_to_bsbr(src.eval(), chunk_size=CHUNK, local_chunks=4, sink_tokens=0, retrieval_blocks=0)
+        assert torch.equal(model.model.rotary.inv_freq, src.model.rotary_emb.inv_freq), src.config.model_type
+        ids = torch.randint(0, VOCAB, (1, 4 * CHUNK), generator=torch.Generator().manual_seed(0))  # inside the window
+        pos = torch.arange(16000, 16000 + 4 * CHUNK)[None]
+        diff = (outputs(model, ids, position_ids=pos) - outputs(src, ids, position_ids=pos)).abs().max().item()
+        assert diff <= 1e-5, (src.config.model_type, diff)
 
 
 def test_the_source_generation_config_is_carried_over(tmp_path):

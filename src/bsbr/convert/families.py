@@ -70,7 +70,10 @@ def source_notes(c) -> List[str]:
     input's length (BSBR rotates by the frequencies the source uses up to ``max_position_embeddings``)."""
     notes = []
     window = getattr(c, "sliding_window", None)
-    if window and (c.model_type != "qwen2" or getattr(c, "use_sliding_window", False)):
+    layer_types = getattr(c, "layer_types", None)  # which layers slide, where the config says (Qwen2: those
+    slides = ("sliding_attention" in layer_types if layer_types  # from max_window_layers on)
+              else c.model_type != "qwen2" or getattr(c, "use_sliding_window", False))
+    if window and slides:
         notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
                      "BSBR model reads its own window and retrieved blocks instead, so it matches the source "
                      f"only on inputs of up to {window} tokens")

@@ -79,8 +79,9 @@ class RotaryEmbedding(nn.Module):
                                  f"got {tuple(inv_freq.shape)}")
             if not inv_freq.is_meta and not bool(torch.isfinite(inv_freq).all()):  # meta: built before loading
                 raise ValueError("inv_freq must hold only finite values")
-        if inv_freq is None:
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        if inv_freq is None:  # in float32, as the HuggingFace Llama family computes it: in float64 a third
+            # of the frequencies differed by an ulp, and a converted model's logits drifted with the position
+            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = float(attention_scaling)
 
