@@ -155,6 +155,20 @@ def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model)
         model.config.output_attentions = False
 
 
+def test_token_type_ids_are_refused_not_dropped():
+    """A GPT-2 source adds wte(token_type_ids) to its inputs (zeros too); dropping them silently gave
+    logits 5.1 away from the source's. None passes."""
+    src = make_source("gpt2").eval()
+    model = convert_to_bsbr(src, chunk_size=4).eval()
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(src(ids, token_type_ids=torch.zeros_like(ids)).logits, src(ids).logits)
+        for m in (model, model.model):
+            with pytest.raises(ValueError, match="token_type_ids is not supported"):
+                m(ids, token_type_ids=torch.zeros_like(ids))
+            assert m(ids, token_type_ids=None) is not None
+
+
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):
     model = make("llama")  # untied LM head: lm_head.weight is in the checkpoint
     model.save_pretrained(tmp_path)

@@ -157,6 +157,14 @@ def refuse_output_attentions(output_attentions, config) -> None:
         raise ValueError("output_attentions=True is not supported: BSBR never forms the attention matrix")
 
 
+def refuse_token_type_ids(kwargs) -> None:
+    """``token_type_ids`` (a GPT-2 source adds their token embeddings to its inputs) is refused in one
+    line: a BSBR model has no token types, and dropping them would give other logits than the source's."""
+    if kwargs.pop("token_type_ids", None) is not None:
+        raise ValueError("token_type_ids is not supported: a BSBR model has no token-type embeddings (a GPT-2 "
+                         "source adds them to its inputs); add them to inputs_embeds yourself or leave them out")
+
+
 def refuse_pickled_weights(path: Path) -> None:
     """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files: they are
     pickles, which bsbr never loads (even with torch's restricted unpickler)."""
@@ -349,6 +357,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, **kwargs):
         refuse_output_attentions(output_attentions, self.config)
+        refuse_token_type_ids(kwargs)
         cache = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -461,6 +470,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 return_dict: Optional[bool] = None, logits_to_keep=0, output_attentions: Optional[bool] = None,
                 **kwargs):
         refuse_output_attentions(output_attentions, self.config)
+        refuse_token_type_ids(kwargs)
         cache = _cache_argument(cache, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
