@@ -225,8 +225,13 @@ def _main(argv) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
-    if getattr(args, "no_progress", False) or not sys.stderr.isatty():  # no bars in a log, or when asked
+    no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # no bars in a log, or when asked
+    if no_bars:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # (read by transformers when it is imported)
+        if "huggingface_hub" in sys.modules:  # imported already: it read the variable then
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
         if "transformers" in sys.modules:
             from transformers.utils import logging as hf_logging
 
@@ -243,8 +248,11 @@ def _main(argv) -> int:
     stdout = sys.stdout
     if args.command != "generate":
         sys.stdout = _ClosedPipeIgnored(stdout)
+    from .progress import bars_off
+
     try:
-        return _run_command(args, name, verbose)
+        with bars_off(no_bars):
+            return _run_command(args, name, verbose)
     finally:
         if isinstance(sys.stdout, _ClosedPipeIgnored):
             sys.stdout = stdout

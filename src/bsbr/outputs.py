@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -38,7 +40,8 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     not be one of them, inside one, or contain one (even with ``overwrite``). ``allow_existing``: the
     caller continues what is there (``distill --resume``). Returns the absolute path."""
     out = _resolved(path)
-    if overwrite and _resolved(os.getcwd()).is_relative_to(out):
+    cwd = _resolved(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
+    if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))):
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
     real_out = _real(out)
@@ -59,6 +62,10 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         raise OutputError(f"{option} {path}: its last name is {name_bytes} bytes; the directory it is "
                           f"staged in beside it needs 14 more: give a name of at most {NAME_MAX - 14} bytes")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
+        left = sorted(e.name for e in out.iterdir())
+        if all(_staged_inside(name) for name in left):
+            raise OutputError(f"{option} {path} holds only {', '.join(left)}, left by a bsbr command that was killed "
+                              f"while writing there: pass --overwrite to replace it, or remove it")
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
     if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
         raise OutputError(f"{option} {path} holds files no bsbr command wrote (not only a BSBR model, its records or a "
@@ -101,6 +108,11 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                               "(the file is replaced, not written through)")
         if (parent := unwritable_parent(out)) is not None:
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
+        figure = option in plots or out.suffix.lower().lstrip(".") in _FIGURE_MAGIC
+        if out.is_file() and not _replaceable(out, figure):
+            kind = f"a {out.suffix.lstrip('.').upper() or 'figure'} image" if figure else "a JSON file"
+            raise OutputError(f"{option} {path} exists and is not {kind}, which is all it would be replaced by: "
+                              "move it, or choose another file")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 
@@ -110,6 +122,31 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             if out.suffix.lstrip(".").lower() not in formats:
                 raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
                                   f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+# how a figure file of each format matplotlib writes begins (svg: within its first KB)
+_FIGURE_MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF",), "eps": (b"%!PS", b"\xc5\xd0\xd3\xc6"),
+                 "ps": (b"%!PS",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",),
+                 "tif": (b"II*\x00", b"MM\x00*"), "tiff": (b"II*\x00", b"MM\x00*"), "webp": (b"RIFF",),
+                 "svgz": (b"\x1f\x8b",), "svg": (b"<svg",), "pgf": (b"%%",)}
+
+
+def _replaceable(path: Path, figure: bool) -> bool:
+    """Whether an existing result file may be replaced: empty, or of the kind the option writes (a JSON
+    document, or a figure of the format its suffix names), so a mistyped --json never replaces a model's
+    weights or a user's script."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+            if not head:
+                return True
+            if figure:
+                magic = _FIGURE_MAGIC.get(path.suffix.lower().lstrip("."), ())
+                return any(head.startswith(m) or (m == b"<svg" and m in head) for m in magic)
+            json.loads(head + f.read())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _tex_system() -> str:
@@ -139,6 +176,12 @@ def is_bsbr_output(out: Path) -> bool:
     def staged(entry: Path) -> bool:  # what a killed bsbr command leaves: .NAME.tmp-XXXX (a file or a folder)
         return entry.name.startswith(".") and ".tmp-" in entry.name
 
+    def bsbr_manifest(manifest: Path) -> bool:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            got = json.loads(manifest.read_text())
+            return isinstance(got.get("files"), dict) and "format" in got
+        return False
+
     def written(entry: Path) -> bool:
         if entry.is_symlink():
             return False
@@ -152,10 +195,42 @@ def is_bsbr_output(out: Path) -> bool:
             return entry.name == "model" and is_bsbr_output(entry)
         return entry.name in _WRITTEN or (entry.name.startswith("model-") and entry.name.endswith(".safetensors"))
 
-    ckpt = out / "checkpoint"  # (a first checkpoint interrupted before its manifest has data files alone)
+    entries = list(out.iterdir())
+    ckpt = out / "checkpoint"
+    # a distill checkpoint: its manifest, or data files alone with nothing else at the top (a first save
+    # interrupted before its manifest); or only the staging folder of a command killed while writing into
+    # the (then empty) directory
     marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
-        (ckpt.is_dir() and any(ckpt.iterdir()))
-    return marked and all(written(entry) for entry in out.iterdir())
+        bsbr_manifest(ckpt / "manifest.json") or \
+        (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or staged(e) for e in entries)) or \
+        (bool(entries) and all(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries))
+    return marked and all(written(entry) for entry in entries)
+
+
+def _staged_inside(name: str) -> bool:
+    """The name of the folder :func:`staged_dir` writes in inside an empty output directory."""
+    return name.startswith(".bsbr.tmp-")
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold a Ctrl-C or SIGTERM that comes while the block runs (the renames that publish an output)
+    until it ends, then deliver it: an interrupt leaves the old output or the new one, never neither. (A
+    handler swap, not a signal mask: the kernel may hand the signal to one of torch's threads.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # (a handler not set from Python reads as None and could not be restored: such a signal is not held)
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    pending = []
+    saved = [signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in held]
+    try:
+        yield
+    finally:
+        for sig, handler in zip(held, saved):
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
 
 
 def write_errors() -> tuple:
@@ -313,8 +388,9 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
             raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: free "
                             "some space or choose another path") from e
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    with signals_held():
+        for tmp, path in staged:
+            os.replace(tmp, path)
     for parent, folder in staging.items():
         folder.rmdir()
         with contextlib.suppress(OSError):  # not every file system lets a directory be synced
@@ -338,10 +414,20 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
         if not overwrite:
             raise OutputError(f"{out} appeared while writing: not replaced (the result is in {tmp})")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    published = False
+    try:
+        with signals_held():  # (an interrupt here is delivered after the two renames)
+            if old is not None:
+                os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+                published = True
+            finally:
+                if not published and old is not None and (old / out.name).exists():
+                    os.replace(old / out.name, out)  # the rename failed: the old output goes back
+    finally:
+        if old is not None and (published or not (old / out.name).exists()):
+            shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
 
 
@@ -426,13 +512,14 @@ def publish_files(staging, directory) -> None:
     shared_modes(staging)
     check_not_interrupted()
     old_config = directory / "config.json"
-    if old_config.exists():
-        old_config.unlink()
-        _fsync_dir(directory)
-    for name in sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "config.json", n)):
-        target = directory / name
-        if target.is_dir() and not (staging / name).is_dir():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
+    with signals_held():
+        if old_config.exists():
+            old_config.unlink()
+            _fsync_dir(directory)
+        for name in sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "config.json", n)):
+            target = directory / name
+            if target.is_dir() and not (staging / name).is_dir():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
     staging.rmdir()
     _fsync_dir(directory)

@@ -188,6 +188,27 @@ def test_json_outputs_that_are_not_regular_files_are_refused(models, tmp_path, c
     assert not (tmp_path / "o3").exists()
 
 
+def test_result_files_replace_only_files_of_their_kind(models, tmp_path, capsys):
+    # --json onto a model's weights or a user's script replaced them (the model was then unloadable)
+    source, converted, _ = models
+    base = ["bench", "converted", source, "--chunk-size", "8", "--seq-lens", "16", "--decode-contexts", "--repeats", "1"]
+    script = tmp_path / "analysis.py"
+    script.write_text("print('mine')\n")
+    assert "is not a JSON file" in refused(capsys, [*base, "--json", script], "bench converted", script)
+    weights = tmp_path / "conv"
+    shutil.copytree(converted, weights)
+    assert "is not a JSON file" in refused(capsys, [*base, "--json", weights / "model.safetensors"], "bench converted",
+                                           weights)
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    assert "is not a PNG image" in refused(capsys, [*base, "--plot", notes], "bench converted", notes)
+    (tmp_path / "old.json").write_text('{"an": "earlier result"}')  # an earlier result, and an empty file: replaced
+    (tmp_path / "empty.png").touch()
+    assert bsbr.cli.main([str(a) for a in [*base, "--json", tmp_path / "old.json", "--plot", tmp_path / "empty.png"]]) == 0
+    assert json.loads((tmp_path / "old.json").read_text()) != {"an": "earlier result"}
+    assert (tmp_path / "empty.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_eval_refuses_options_the_run_would_ignore(models, tmp_path, capsys):
     source, converted, _ = models
     base = ["eval", converted, "--reference", source, "--no-progress"]

@@ -148,6 +148,72 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     assert json.loads((mine / "config.json").read_text())["chunk_size"] == 16
 
 
+def test_overwrite_does_not_take_a_checkpoint_folder_for_bsbrs(models, tmp_path, capsys):
+    # a user's fine-tuned llama with checkpoint/step-1000.safetensors: any non-empty checkpoint/ marked the
+    # folder as bsbr's, and --overwrite replaced the weights, the config and the user's README.md
+    source, converted, _ = models
+    mine = shutil.copytree(source, tmp_path / "my_finetune")
+    (mine / "README.md").write_text("my notes")
+    (mine / "checkpoint").mkdir()
+    save_file({"w": torch.zeros(2)}, mine / "checkpoint" / "step-1000.safetensors")
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    # a distill output interrupted at its first save (data files alone) is still replaced
+    first = tmp_path / "first"
+    (first / "checkpoint").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, first / "checkpoint" / "student-0001.safetensors")
+    assert main(["convert", str(source), str(first), "--overwrite", "--chunk-size", "8"]) == 0
+    assert (first / "config.json").is_file() and not (first / "checkpoint").exists()
+
+
+def test_overwrite_refuses_the_current_directory_named_through_a_link(models, tmp_path, capsys, monkeypatch):
+    # cd link/proj: the shell's $PWD names the directory through the link; it was replaced under the shell
+    source, converted, _ = models
+    proj = shutil.copytree(converted, tmp_path / "real" / "proj")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(proj)
+    inode = proj.stat().st_ino
+    line = refused(capsys, ["convert", source, tmp_path / "link" / "proj", "--overwrite"], "convert", proj)
+    assert "current directory" in line and proj.stat().st_ino == inode
+
+
+def test_a_killed_conversions_staging_folder_is_named_and_replaceable(models, tmp_path, capsys):
+    # a SIGKILL while convert wrote into an empty OUTPUT_DIR leaves .bsbr.tmp-*/: no command could reuse
+    # the directory, and the message blamed the user's files
+    source, _, _ = models
+    out = tmp_path / "out"
+    (out / ".bsbr.tmp-abcd1234").mkdir(parents=True)
+    (out / ".bsbr.tmp-abcd1234" / "model.safetensors").write_bytes(b"partial")
+    line = refused(capsys, ["convert", source, out, "--chunk-size", "8"], "convert", out)
+    assert ".bsbr.tmp-abcd1234" in line and "killed" in line and "--overwrite" in line
+    assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_interrupt_while_an_output_is_renamed_into_place_leaves_old_or_new(tmp_path, monkeypatch):
+    # a Ctrl-C between moving the old output aside and renaming the new one in deleted the new one and
+    # left OUTPUT missing (the old only in a hidden .OUT.old-*)
+    import signal
+
+    import bsbr.outputs as outputs
+
+    out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "config.json").write_text(text)
+    replace, calls = os.replace, []
+
+    def interrupted_replace(a, b):
+        replace(a, b)
+        calls.append(b)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # right after the old output was moved aside
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
+        outputs.publish_dir(new, out, overwrite=True)
+    assert len(calls) == 2 and (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, capsys, monkeypatch):
     import bsbr.outputs
     from bsbr.convert.converter import load_source

@@ -204,6 +204,44 @@ def test_resume_with_nothing_left_to_train_is_refused(models, text, tmp_path, ca
     load_bsbr_model(out)
 
 
+def test_no_progress_bar_in_a_log(models, text, tmp_path, capsys):
+    # stderr not a terminal (a log file, CI): bsbr's own bars were still drawn, a line per update
+    capsys.readouterr()
+    assert main(distill_args(models, text, tmp_path / "out", "--steps", "3")) == 0
+    err = capsys.readouterr().err
+    assert "step/s" not in err and "distill:" not in err, err
+
+
+@needs_main_thread
+def test_a_ctrl_c_after_the_last_step_publishes_nothing(models, text, tmp_path, capsys, monkeypatch):
+    # while the model was written, after the last step: it published and exited 0, though the handler had
+    # said it would write a checkpoint and stop
+    import os
+    import time
+
+    from bsbr.distill import trainer
+
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--steps", "2", "--checkpoint-every", "1")
+    merge = trainer._merge_lora
+
+    def interrupted(student):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        return merge(student)
+
+    monkeypatch.setattr(trainer, "_merge_lora", interrupted)
+    capsys.readouterr()
+    assert main(args) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "before the model was published" in last and "resume with: " in last, last
+    assert not (out / "config.json").exists() and not list(out.glob(".final.tmp-*"))
+    monkeypatch.undo()
+    assert main(last.split("resume with: ")[1].split()[1:]) == 0  # the resume publishes the checkpoint
+    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [0, 1]
+    load_bsbr_model(out)
+
+
 @needs_main_thread
 def test_a_second_ctrl_c_prints_the_command_that_resumes_the_last_checkpoint(models, text, tmp_path, capsys,
                                                                             monkeypatch):

@@ -112,9 +112,8 @@ def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Te
                    lr: float, seed: int, progress: bool = True, past: Sequence[int] = ()) -> Dict[str, object]:
     """Train one model from scratch and return its eval loss per position bucket, and over the positions
     from each of ``past`` on (``loss_past``, what :func:`compare_to_window` compares), and timing."""
-    from tqdm.auto import tqdm
-
     from ..models.shell import AttentionLM
+    from ..progress import bar as progress_bar
 
     torch.manual_seed(seed)
     model = AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kwargs)
@@ -124,7 +123,7 @@ def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Te
     model.train()
     t0 = time.perf_counter()
     losses = []
-    bar = tqdm(range(steps), desc=f"train {name}", leave=False, disable=not progress)
+    bar = progress_bar(range(steps), desc=f"train {name}", leave=False, disable=not progress)
     for step in bar:
         xy = windows(train_data, batch, seq_len, gen)
         for g in opt.param_groups:

@@ -19,12 +19,12 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..convert.converter import is_new_parameter
 from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..outputs import publish_files, temp_dir
+from ..progress import bar as progress_bar
 from ..ops.checks import check_int, check_number, is_number, shown
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 
@@ -216,7 +216,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     holds: its checkpoint stays until this run's first checkpoint replaces it, its other files (the old
     model) until this run's model replaces them (an interrupted run's checkpoint records their names, so
     its resume removes them too). ``should_stop`` is
-    asked after every step: True writes a checkpoint and raises :class:`DistillInterrupted`. Weights that
+    asked after every step, and once more before the model is published: True writes a checkpoint and
+    raises :class:`DistillInterrupted` (so a Ctrl-C after the last step publishes nothing; the resume
+    publishes the checkpoint). Weights that
     turn inf or nan raise ValueError before they are saved."""
     cfg.validate()
     for role, model in (("student", student), ("teacher", teacher)):  # a broken model, not a learning rate
@@ -285,7 +287,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         flag = torch.tensor([float(out_of_time)])
         dist.all_reduce(flag)
         out_of_time = bool(flag.item() > 0)
-    bar = tqdm(disable=rank != 0, desc="distill", unit="step")
+    bar = progress_bar(disable=rank != 0, desc="distill", unit="step")
     try:  # the bar ends its line before any error is printed
         while not ((cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time):
             ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
@@ -329,9 +331,19 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                          f"large that the optimizer's moments overflow): nothing is published; give a smaller "
                          "--lm-weight or --lr")
     progress["elapsed"] = time.monotonic() - t0
+    stop = should_stop is not None and bool(should_stop())  # a Ctrl-C after the last step
+    if world > 1:
+        flag = torch.tensor([float(stop)])
+        dist.all_reduce(flag)
+        stop = bool(flag.item() > 0)
     if rank == 0:
         save(progress)
-        _publish(student, progress, output_dir, extra_files)
+    if stop:
+        if world > 1:
+            dist.barrier()
+        raise DistillInterrupted(f"interrupted after step {progress['step']}; checkpoint written to {ckpt_dir}")
+    if rank == 0:
+        _publish(student, progress, output_dir, extra_files, should_stop)
     return progress
 
 
@@ -365,10 +377,11 @@ def check_work_left(saved: dict, cfg: DistillConfig, output_dir: Path) -> None:
     raise CheckpointError(what)
 
 
-def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
+def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop=None) -> None:
     """Write the final model into a fresh directory beside ``output_dir``'s files, then move it in: the old
     ``config.json`` first goes, then the old files ``progress["replaces"]`` names that the new model does not
-    write, then the new files come, ``config.json`` last."""
+    write, then the new files come, ``config.json`` last. A ``should_stop`` that turns True while the model
+    is written raises :class:`DistillInterrupted` before anything is moved (the checkpoint is saved)."""
     from .plots import plot_progress
 
     student.requires_grad_(True)
@@ -386,6 +399,9 @@ def _publish(student, progress: dict, output_dir: Path, extra_files) -> None:
         plot_progress(progress, final / "distill.png")
         if extra_files is not None:
             extra_files(final)
+        if should_stop is not None and should_stop():
+            raise DistillInterrupted(f"interrupted after step {progress['step']}, before the model was published; "
+                                     f"checkpoint written to {output_dir / 'checkpoint'}")
         (output_dir / "config.json").unlink(missing_ok=True)
         for name in progress.get("replaces", ()):
             old = output_dir / name

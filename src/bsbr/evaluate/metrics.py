@@ -262,7 +262,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     if int(windows.max()) >= v or int(windows.min()) < 0:
         raise ValueError(f"windows hold token ids outside [0, {v}): wrong tokenizer?")
 
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
     t0 = time.perf_counter()
     for m in models.values():
@@ -270,7 +270,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     n_win, seq_len = windows.shape
     check_not_interrupted()  # (a Ctrl-C a library swallowed, here or while a model loaded)
     acc = MetricAccumulator(seq_len, chunk_size, models=list(models), scheme=buckets, ks=ks)
-    for start in tqdm(range(0, n_win, batch_size), desc="eval windows", disable=not progress):
+    for start in bar(range(0, n_win, batch_size), desc="eval windows", disable=not progress):
         check_not_interrupted()  # (a Ctrl-C a library swallowed)
         ids = windows[start:start + batch_size]                            # (b, n)
         logits, hidden = {}, {}

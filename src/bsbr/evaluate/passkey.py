@@ -216,7 +216,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     "by_filler": {filler: {"correct", "trials", "accuracy", "by_length": {length: accuracy}}},
     "seconds", "seconds_by_length"}}, "samples": [...]}``.
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     if only is not None:
         unknown = sorted(set(only) - set(models))
@@ -232,7 +232,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     by_filler = {m: {} for m in models}      # filler -> length -> [correct, n]
     seconds = {m: {} for m in models}        # length -> seconds
     samples = []
-    bar = tqdm(total=len(prompts) * len(models), desc="passkey", disable=not progress)
+    bar = progress_bar(total=len(prompts) * len(models), desc="passkey", disable=not progress)
     for p in prompts:
         check_not_interrupted()  # (a Ctrl-C a library swallowed)
         filler = p.meta["filler"]
