@@ -345,11 +345,11 @@ def test_distilling_exact_blocks_says_what_it_measured(caplog):
         with caplog.at_level("INFO", logger="bsbr.distill.cli"):
             _check_new_pieces_matter(config, args)
         assert ("check your own lengths with bsbr eval" in caplog.text) == warned, (blocks, caplog.text)
-    # hybrid positions (the default) read every far key at its own position on windows within half the
-    # source's range: the source itself, nothing to learn
+    # hybrid positions read every far key at its own position on windows within half the source's range:
+    # the source itself, nothing to learn
     source = make_source("llama")
     own = source.config.max_position_embeddings // 2
-    config = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2).config
+    config = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2, far_positions="hybrid").config
     assert config.far_positions == "hybrid" and config.own_position_chunks() * CHUNK == own
     for seq_len, warned in ((own, True), (own + CHUNK, False)):
         caplog.clear()

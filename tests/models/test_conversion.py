@@ -126,8 +126,8 @@ def test_window_scored_blocks_change_the_choice_past_the_own_position_chunks_onl
     src = make_source("llama")
     src.config.max_position_embeddings = 8 * CHUNK
     ids = torch.randint(0, VOCAB, (1, 8 * CHUNK), generator=torch.Generator().manual_seed(2))
-    one, two = (convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=2, sink_tokens=2, window_scored_blocks=j)
-                for j in (0, 1))
+    one, two = (convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=2, sink_tokens=2, far_positions=far,
+                                window_scored_blocks=j) for j, far in ((0, "hybrid"), (1, None)))  # (1 implies hybrid)
     assert two.model.layers[0].attn.window_scored_blocks == 1
     a, b = outputs(one, ids), outputs(two, ids)
     dense = slice(0, 4 * CHUNK)  # chunks 0 .. 3: at most 2 candidate chunks before the window

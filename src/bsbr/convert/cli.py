@@ -35,15 +35,16 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "
                         "per layer per K/V head plus the window), whatever the context length")
     p.add_argument("--far-positions", choices=["absolute", "window", "hybrid"], default=None,
-                   help="rotary positions of sinks and retrieved blocks: 'hybrid' (default) their own within half "
-                        "the source's max_position_embeddings, beyond as if in the oldest such chunk; 'window' just "
-                        "before the window (every distance short at any length; the default with --recall-tokens); "
+                   help="rotary positions of sinks and retrieved blocks: 'window' (default) just before the window "
+                        "(every distance short at any length); 'hybrid' their own within half the source's "
+                        "max_position_embeddings, beyond as if in the oldest such chunk (lower perplexity past 8k, "
+                        "but it missed 2 of 3 pass-keys at 16k on two held-out fillers that 'window' found); "
                         "'absolute' their own always (leaves the source's range past it)")
     p.add_argument("--window-scored-blocks", type=integer(0), default=D["window_scored_blocks"],
-                   help="with --far-positions hybrid: of the --retrieval-blocks, how many are chosen by a second score "
-                        "that reads every far key as if just before the window, where own-position scores favour the "
-                        "nearest chunks (default %(default)s; 4 of 8 finds needles a few thousand tokens back more "
-                        "often, at a second block-score pass: prefill 1.3x slower at 16k)")
+                   help="for --far-positions hybrid (implied): of the --retrieval-blocks, how many are chosen by a "
+                        "second score that reads every far key as if just before the window, where own-position scores "
+                        "favour the nearest chunks (default %(default)s; 4 of 8 finds needles a few thousand tokens "
+                        "back more often, at a second block-score pass: prefill 1.3x slower at 16k)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
     p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])
@@ -87,7 +88,7 @@ def check_conversion_options(options: dict) -> None:
     if (options.get("window_scored_blocks") or 0) > (options.get("retrieval_blocks") or 0):
         raise UserError(f"--window-scored-blocks ({options['window_scored_blocks']}) must be at most --retrieval-blocks "
                         f"({options.get('retrieval_blocks') or 0})")
-    if options.get("window_scored_blocks") and options.get("far_positions") != "hybrid":
+    if options.get("window_scored_blocks") and options.get("far_positions") not in (None, "hybrid"):
         raise UserError("--window-scored-blocks needs --far-positions hybrid (with the other rules the second score "
                         "is the first one); set it to 0")
     if options.get("recall_tokens") and options.get("far_positions") == "hybrid":
