@@ -131,6 +131,9 @@ _FIGURE_MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF",), "eps": (b"%!
                  "svgz": (b"\x1f\x8b",), "svg": (b"<svg",), "pgf": (b"%%",)}
 
 
+_JSON_READ = 1 << 26  # bytes of an existing JSON result read to check it parses (a larger one is not replaced)
+
+
 def _replaceable(path: Path, figure: bool) -> bool:
     """Whether an existing result file may be replaced: empty, or of the kind the option writes (a JSON
     document, or a figure of the format its suffix names), so a mistyped --json never replaces a model's
@@ -143,7 +146,9 @@ def _replaceable(path: Path, figure: bool) -> bool:
             if figure:
                 magic = _FIGURE_MAGIC.get(path.suffix.lower().lstrip("."), ())
                 return any(head.startswith(m) or (m == b"<svg" and m in head) for m in magic)
-            json.loads(head + f.read())
+            if not head.lstrip().startswith((b"{", b"[")):  # (not read whole: a model's weights could be GBs)
+                return False
+            json.loads(head + f.read(_JSON_READ))
     except (OSError, ValueError):
         return False
     return True
