@@ -70,8 +70,7 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
         raise OutputError(f"{option} {path} holds files no bsbr command wrote (not only a BSBR model, its records or a "
                           f"checkpoint): --overwrite replaces only a bsbr output; move them or choose another {option}")
-    written_into = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # (staged_dir writes in it)
-    if not written_into and (parent := unwritable_parent(out)) is not None:
+    if not _written_into(out) and (parent := unwritable_parent(out)) is not None:
         why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
@@ -212,9 +211,16 @@ def is_bsbr_output(out: Path) -> bool:
     return marked and all(written(entry) for entry in entries)
 
 
+STAGED_INSIDE = ".bsbr.tmp-"  # the prefix of the folder staged_dir writes in inside an empty output directory
+
+
 def _staged_inside(name: str) -> bool:
-    """The name of the folder :func:`staged_dir` writes in inside an empty output directory."""
-    return name.startswith(".bsbr.tmp-")
+    return name.startswith(STAGED_INSIDE)
+
+
+def _written_into(out: Path) -> bool:
+    """Whether :func:`staged_dir` writes into ``out`` (an existing empty directory) instead of beside it."""
+    return out.is_dir() and not out.is_symlink() and not any(out.iterdir())
 
 
 @contextlib.contextmanager
@@ -305,9 +311,9 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     made inside it, and its entries are renamed into it at the end, a model's ``config.json`` last (a kill
     during those renames can leave some of them, but no loadable model)."""
     out = _resolved(path)
-    into = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    into = _written_into(out)
     made = [] if into else _make_parents(out)
-    tmp = temp_dir(out, ".bsbr.tmp-") if into else temp_dir(out.parent, f".{out.name}.tmp-")
+    tmp = temp_dir(out, STAGED_INSIDE) if into else temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
