@@ -1,6 +1,5 @@
 """What each retrieval mode costs in time and memory: the source, the default conversion (exact
-blocks, K = 8), the same with J of the K blocks chosen by a second score (``scored``,
-``--window-scored-blocks``) and the bounded mode (256 recall tokens, no blocks), side by side in one process on
+blocks, K = 8) and the bounded mode (256 recall tokens, no blocks), side by side in one process on
 SmolLM2-135M: prefill time, decode ms per token with the models' steps alternating, and the cache's
 bytes per context token after the prefill.
 
@@ -8,10 +7,7 @@ bytes per context token after the prefill.
         --json docs/benchmarks/modes_speed_1k_8k.json
 
 ``--models exact bounded --decode-only`` times the conversions' decode alone (a 32k prefill of the
-three models takes most of an hour on one thread). What the second block score costs:
-
-    OMP_NUM_THREADS=1 python benchmarks/modes_speed.py --contexts 4096 4096 4096 16384 --models exact scored \
-        --json docs/benchmarks/prefill_window_scored.json
+three models takes most of an hour on one thread).
 """
 from __future__ import annotations
 
@@ -30,8 +26,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--recall-tokens", type=int, default=256)
-    ap.add_argument("--window-scored-blocks", type=int, default=4, help="J of the 'scored' model (default 4)")
-    ap.add_argument("--models", nargs="+", choices=["source", "exact", "scored", "bounded"],
+    ap.add_argument("--models", nargs="+", choices=["source", "exact", "bounded"],
                     default=["source", "exact", "bounded"])
     ap.add_argument("--decode-only", action="store_true", help="no timed prefill (the decode's own prefill is untimed)")
     ap.add_argument("--json", default=None)
@@ -39,7 +34,6 @@ def main() -> None:
     torch.set_num_threads(1)
     source = load_source(None).eval()
     build = {"source": lambda: source, "exact": lambda: convert_to_bsbr(source).eval(),
-             "scored": lambda: convert_to_bsbr(source, window_scored_blocks=args.window_scored_blocks).eval(),
              "bounded": lambda: convert_to_bsbr(source, retrieval_blocks=0, recall_tokens=args.recall_tokens).eval()}
     models = {name: build[name]() for name in args.models}
     g = torch.Generator().manual_seed(0)
@@ -59,8 +53,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(threads=1, torch=torch.__version__, decode_steps=args.decode_steps,
-                           window_scored_blocks=args.window_scored_blocks, rows=rows), f, indent=1)
+            json.dump(dict(threads=1, torch=torch.__version__, decode_steps=args.decode_steps, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ prompts = list(grid_prompts(tok, [16384], depths, 1, 0, 8, ["prose"]))
 caught = []
 orig = ba._run_op
 def grab(op, tensors, **kw):
-    q, k, v, mq, mk, fq, fk, qr, kr = tensors[:9]  # (qs, the tenth, is not used here)
+    q, k, v, mq, mk, fq, fk, qr, kr = tensors
     caught.append(dict(q=q[0].detach(), k=k[0].detach(), v=v[0].detach(), fk=fk[0].detach(), kr=kr[0].detach()))
     return orig(op, tensors, **kw)
 ba._run_op = grab

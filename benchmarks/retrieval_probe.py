@@ -6,9 +6,8 @@ sources (held-out standard-library code and licence prose).
     OMP_NUM_THREADS=2 python benchmarks/retrieval_probe.py --seq-len 8192 --windows 2 \
         --variants source window K2w K4w K8w K4a --json retrieval_8k.json
 
-Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a|h>[<j>]``: k exact blocks, far positions ``window``
-(w), ``absolute`` (a) or ``hybrid`` (h), j of them chosen by the second score (``window_scored_blocks``,
-hybrid only: ``K8h4``); ``R<m>``: the bounded mode, m recall tokens per layer and K/V head. Past the source's 8,192 positions only the BSBR variants run.
+Variant names: ``source``; ``window`` (K = 0); ``K<k><w|a|h>``: k exact blocks, far positions ``window``
+(w), ``absolute`` (a) or ``hybrid`` (h); ``R<m>``: the bounded mode, m recall tokens per layer and K/V head. Past the source's 8,192 positions only the BSBR variants run.
 Prints perplexity per source and the share of the window -> full gap each variant closes
 (``(ppl_window - ppl_variant) / (ppl_window - ppl_source)``) and the retrieved share of the context
 (K * chunk / seq_len).
@@ -46,12 +45,11 @@ def build(source, name: str, chunk: int):
     m = re.fullmatch(r"R(\d+)", name)
     if m:
         return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=0, recall_tokens=int(m.group(1))).eval()
-    m = re.fullmatch(r"K(\d+)([wah])(\d*)", name)
+    m = re.fullmatch(r"K(\d+)([wah])", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
     far = {"w": "window", "a": "absolute", "h": "hybrid"}[m.group(2)]
-    return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=int(m.group(1)), far_positions=far,
-                           window_scored_blocks=int(m.group(3) or 0)).eval()
+    return convert_to_bsbr(source, chunk_size=chunk, retrieval_blocks=int(m.group(1)), far_positions=far).eval()
 
 
 def main() -> None:

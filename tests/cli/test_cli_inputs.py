@@ -612,7 +612,6 @@ def test_a_list_option_that_extends_takes_every_occurrence():
 
 @pytest.mark.parametrize("family, argv, words", [
     ("gpt2", ["--far-positions", "window"], "--far-positions places rotary positions, but SOURCE"),
-    ("gpt2", ["--window-scored-blocks", "2"], "--window-scored-blocks places rotary positions"),
     ("llama", ["--position-scheme", "clamp"], "--position-scheme applies to learned positions (GPT-2)"),
 ])
 def test_a_position_option_the_source_ignores_is_refused_before_loading(family, argv, words, tmp_path, capsys,

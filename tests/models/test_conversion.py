@@ -95,7 +95,7 @@ def test_recall_tokens_flag():
         check_conversion_options(conversion_options(p.parse_args(["--recall-tokens", "8", "--far-positions", "hybrid"])))
 
 
-def test_window_scored_blocks_bad_values_are_refused_before_loading():
+def test_conflicting_conversion_options_are_refused_before_loading():
     import argparse
 
     from bsbr.convert.cli import add_conversion_arguments, check_conversion_options, conversion_options
@@ -103,36 +103,10 @@ def test_window_scored_blocks_bad_values_are_refused_before_loading():
 
     p = argparse.ArgumentParser()
     add_conversion_arguments(p)
-
-    def opts(*argv):
-        return conversion_options(p.parse_args(list(argv)))
-
-    assert opts()["window_scored_blocks"] == 0 and opts("--window-scored-blocks", "4")["window_scored_blocks"] == 4
-    for argv, match in ((("--window-scored-blocks", "9"), "must be at most --retrieval-blocks"),
-                        (("--window-scored-blocks", "2", "--recall-tokens", "8"), "which the bounded mode"),
-                        (("--retrieval", "normalized", "--feature-map", "identity"), "needs the non-negative"),
-                        (("--window-scored-blocks", "2", "--far-positions", "window"), "needs --far-positions hybrid")):
+    for argv, match in ((("--retrieval", "normalized", "--feature-map", "identity"), "needs the non-negative"),
+                        (("--recall-tokens", "8", "--retrieval-blocks", "2"), "are exclusive")):
         with pytest.raises(UserError, match=match):
-            check_conversion_options(opts(*argv))
-    with pytest.raises(ValueError, match="window_scored_blocks needs far_positions 'hybrid'"):
-        convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=2, far_positions="window",
-                        window_scored_blocks=1)
-
-
-def test_window_scored_blocks_change_the_choice_past_the_own_position_chunks_only():
-    """A hybrid conversion (a source of 8 chunks of positions) that chooses 1 of its 2 blocks by scores at
-    window positions: with every earlier chunk a candidate read anyway it is the same model; where it
-    selects, it reads other chunks than the one scoring every block by own-position scores."""
-    src = make_source("llama")
-    src.config.max_position_embeddings = 8 * CHUNK
-    ids = torch.randint(0, VOCAB, (1, 8 * CHUNK), generator=torch.Generator().manual_seed(2))
-    one, two = (convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=2, sink_tokens=2, far_positions=far,
-                                window_scored_blocks=j) for j, far in ((0, "hybrid"), (1, None)))  # (1 implies hybrid)
-    assert two.model.layers[0].attn.window_scored_blocks == 1
-    a, b = outputs(one, ids), outputs(two, ids)
-    dense = slice(0, 4 * CHUNK)  # chunks 0 .. 3: at most 2 candidate chunks before the window
-    torch.testing.assert_close(a[:, dense], b[:, dense], rtol=1e-5, atol=1e-5)
-    assert (a[:, 4 * CHUNK:] - b[:, 4 * CHUNK:]).abs().max() > 1e-3
+            check_conversion_options(conversion_options(p.parse_args(list(argv))))
 
 
 def test_far_positions_change_only_far_keys():

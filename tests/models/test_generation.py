@@ -11,27 +11,24 @@ from bsbr.models import BSBRCache
 CHUNK = 8
 
 
-@pytest.fixture(params=[("llama", 1, 0, 0, "absolute", 0, 0), ("gpt2", 1, 0, 0, "absolute", 0, 0),
-                        ("llama", 2, 3, 0, "window", 0, 0), ("llama", 2, 3, 2, "window", 0, 0),
-                        ("gpt2", 2, 1, 2, "absolute", 0, 0), ("llama", 2, 3, 0, "window", 5, 0),
-                        ("llama", 2, 3, 2, "hybrid", 0, 0), ("llama", 2, 3, 2, "hybrid", 0, 1)],
-                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks", "llama-recall", "llama-hybrid",
-                     "llama-hybrid-scored"])
+@pytest.fixture(params=[("llama", 1, 0, 0, "absolute", 0), ("gpt2", 1, 0, 0, "absolute", 0),
+                        ("llama", 2, 3, 0, "window", 0), ("llama", 2, 3, 2, "window", 0),
+                        ("gpt2", 2, 1, 2, "absolute", 0), ("llama", 2, 3, 0, "window", 5),
+                        ("llama", 2, 3, 2, "hybrid", 0)],
+                ids=["llama", "gpt2", "llama-window", "llama-blocks", "gpt2-blocks", "llama-recall", "llama-hybrid"])
 def model(request):
     # an open gate, so the chunk states matter in every chunk after the first; "window" attends
     # exactly to the previous chunk and the sinks (a ring buffer in the cache); "blocks" also reads
     # the 2 best earlier chunks exactly (their keys in the cache); "recall" keeps 5 exact past tokens
     # per K/V head and one state of the rest
     # "hybrid": a source of 6 chunks of positions (3 read at own positions), so blocks 2 chunks back keep
-    # their own positions and older ones read as if 2 chunks back; "scored": one of the 2 blocks chosen
-    # by scores at window positions
-    family, local_chunks, sinks, blocks, far, recall, scored = request.param
+    # their own positions and older ones read as if 2 chunks back
+    family, local_chunks, sinks, blocks, far, recall = request.param
     src = make_source(family)
     if far == "hybrid":
         src.config.max_position_embeddings = 6 * CHUNK
     return convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.7, local_chunks=local_chunks,
-                           sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far, recall_tokens=recall,
-                           window_scored_blocks=scored)
+                           sink_tokens=sinks, retrieval_blocks=blocks, far_positions=far, recall_tokens=recall)
 
 
 def test_prefill_then_steps_equal_full_forward_logits(model):

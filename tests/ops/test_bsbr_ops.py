@@ -28,7 +28,7 @@ def make_inputs(b=2, hq=4, hkv=2, n=65, d=6, dv=7, dm=5, df=None, positive=False
 
 
 OPTION_NAMES = ("chunk_size", "local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "retrieval",
-                "own_position_chunks", "window_scored_blocks", "scale")
+                "own_position_chunks", "scale")
 
 
 def split(kw):
@@ -428,62 +428,6 @@ def test_three_forms_agree_with_far_keys_at_own_positions(n, chunk, hq, hkv, L, 
                                              **{**kw, "own_position_chunks": 0}), rtol=1e-10, atol=1e-10)
     assert_forms_agree(x, kw)
     assert_gradients_agree(x, kw)
-
-
-SECOND_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_blocks, own_position_chunks, J)
-    (70, 8, 4, 2, 2, 3, 3, 3, 1),  # own positions one chunk past the window, 2 + 1 blocks
-    (70, 8, 2, 2, 2, 10, 3, 5, 2),  # sinks fill chunk 0 and part of chunk 1
-    (90, 8, 2, 1, 2, 1, 2, 0, 2),  # every block by the second score, every far key read as qr.kr
-    (41, 4, 3, 1, 3, 2, 50, 6, 4),  # more blocks than chunks: every candidate read, the split is moot
-    (33, 1, 2, 1, 2, 1, 4, 7, 2),  # every token is a chunk
-    (70, 8, 2, 1, 1, 2, 3, 100, 1),  # every far key within reach: the first score is q.k everywhere
-]
-
-
-@pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,R,J", SECOND_CASES)
-def test_three_forms_agree_with_blocks_chosen_by_a_second_score(n, chunk, hq, hkv, L, S, K, R, J):
-    """The last J of the K blocks are the best of the candidates left by the second score, qs.kr: the
-    three forms agree, padded, after a prefill and in gradients, and the choice changes the output."""
-    x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))
-    x["qs"] = torch.randn(x["q"].shape, generator=torch.Generator().manual_seed(11), dtype=DT)
-    kw = dict(chunk_size=chunk, local_chunks=L, sink_tokens=S, retrieval_blocks=K, retrieval="normalized",
-              gate=torch.linspace(0.2, 1.4, hq, dtype=DT), own_position_chunks=R, window_scored_blocks=J)
-    ref = call(naive_bsbr_attention, x, **kw)
-    dense = -(-n // chunk) - L <= K  # K covers every candidate: no score matters
-    if not dense:
-        assert not torch.allclose(ref, call(naive_bsbr_attention, x, **{**kw, "window_scored_blocks": 0}))
-    # qs = qr: the second score is the first wherever the first reads far keys (R = 0)
-    if R == 0:
-        same = call(naive_bsbr_attention, dict(x, qs=x["qr"]), **kw)
-        torch.testing.assert_close(same, call(naive_bsbr_attention, x, **{**kw, "window_scored_blocks": 0}),
-                                   rtol=1e-12, atol=1e-12)
-    assert_forms_agree(x, kw)
-    assert_gradients_agree(x, kw)
-
-
-def test_second_score_selection_is_causal_to_the_bit_and_finds_what_the_first_misses():
-    x = with_far_keys(make_inputs(b=1, hq=2, hkv=1, n=60, d=4, positive=True))
-    x["qs"] = torch.randn(x["q"].shape, generator=torch.Generator().manual_seed(5), dtype=DT)
-    assert_causal(x, (0, 7, 8, 20, 33, 59), chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2,
-                  retrieval="normalized", gate=torch.tensor(0.7, dtype=DT), own_position_chunks=4,
-                  window_scored_blocks=1)
-    # a needle that only qs sees: the first score ranks chunk 1 last, the second ranks it first
-    B = 8
-    y = with_far_keys(make_inputs(b=1, hq=1, hkv=1, n=64, d=4, seed=2))
-    y["qr"][0, 0, -1] = torch.tensor([-3.0, 0, 0, 0], dtype=DT)
-    y["kr"][0, 0, B + 3] = torch.tensor([0, 0, 0, 5.0], dtype=DT)
-    y["qs"] = torch.zeros_like(y["q"])
-    y["qs"][0, 0, -1] = torch.tensor([0, 0, 0, 3.0], dtype=DT)
-    y["v"][0, 0, B:2 * B] = 100.0
-    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
-        kw = dict(chunk_size=B, local_chunks=2, retrieval_blocks=1, gate=torch.zeros(1, dtype=DT))
-        assert call(fn, y, **kw)[0, 0, -1].max() < 50.0  # chunk 1 not read
-        assert call(fn, y, **kw, window_scored_blocks=1)[0, 0, -1].min() > 50.0  # read, and it dominates
-
-
-def test_window_scored_blocks_beyond_retrieval_blocks_is_refused():
-    with pytest.raises(ValueError, match=r"window_scored_blocks \(3\) must be at most retrieval_blocks \(2\)"):
-        BSBROptions(8, retrieval_blocks=2, window_scored_blocks=3)
 
 
 def test_own_position_keys_are_a_ring_of_r_minus_one_chunks():

@@ -40,11 +40,6 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "max_position_embeddings, beyond as if in the oldest such chunk (lower perplexity past 8k, "
                         "but it missed 2 of 3 pass-keys at 16k on two held-out fillers that 'window' found); "
                         "'absolute' their own always (leaves the source's range past it)")
-    p.add_argument("--window-scored-blocks", type=integer(0), default=D["window_scored_blocks"],
-                   help="for --far-positions hybrid (implied): of the --retrieval-blocks, how many are chosen by a "
-                        "second score that reads every far key as if just before the window, where own-position scores "
-                        "favour the nearest chunks (default %(default)s; 4 of 8 finds needles a few thousand tokens "
-                        "back more often, at a second block-score pass: prefill 1.3x slower at 16k)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
     p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])
@@ -79,18 +74,9 @@ def check_conversion_options(options: dict) -> None:
                         f"got {options['local_chunks']:,}")
     if options.get("recall_tokens") and options.get("retrieval_blocks"):
         raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
-    if options.get("window_scored_blocks") and options.get("recall_tokens"):
-        raise UserError("--window-scored-blocks chooses among exact blocks, which the bounded mode (--recall-tokens) "
-                        "does not read: drop one of them")
     if options.get("retrieval") == "normalized" and options.get("feature_map") == "identity":
         raise UserError("--retrieval normalized needs the non-negative --feature-map hedgehog: give --feature-map "
                         "hedgehog or --retrieval additive")
-    if (options.get("window_scored_blocks") or 0) > (options.get("retrieval_blocks") or 0):
-        raise UserError(f"--window-scored-blocks ({options['window_scored_blocks']}) must be at most --retrieval-blocks "
-                        f"({options.get('retrieval_blocks') or 0})")
-    if options.get("window_scored_blocks") and options.get("far_positions") not in (None, "hybrid"):
-        raise UserError("--window-scored-blocks needs --far-positions hybrid (with the other rules the second score "
-                        "is the first one); set it to 0")
     if options.get("recall_tokens") and options.get("far_positions") == "hybrid":
         raise UserError("--far-positions hybrid needs --recall-tokens 0: the bounded mode reads every far key at "
                         "window positions (use --far-positions window or absolute)")
@@ -121,11 +107,9 @@ def _check_position_options(args, source, position_type: str) -> None:
 
     name = source or "the bundled SmolLM2"
     if position_type == "learned":
-        given = "--far-positions" if args.far_positions is not None else \
-            "--window-scored-blocks" if args.window_scored_blocks else None
-        if given:
-            raise UserError(f"{given} places rotary positions, but SOURCE {name} has learned positions (GPT-2): "
-                            f"drop {given}")
+        if args.far_positions is not None:
+            raise UserError(f"--far-positions places rotary positions, but SOURCE {name} has learned positions (GPT-2): "
+                            "drop --far-positions")
     elif args.position_scheme != DEFAULT_OPTIONS["position_scheme"]:
         raise UserError(f"--position-scheme applies to learned positions (GPT-2), but SOURCE {name} has rotary "
                         "positions: drop --position-scheme")

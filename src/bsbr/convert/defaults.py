@@ -10,19 +10,18 @@ from pathlib import Path
 # full perplexity gap zero-shot at 8,192 tokens reading 25% of the context, and find the pass-key 9/9 at
 # 4k-32k on the tuning fillers and 3/3 at 16k on two held-out ones (vim's manual, Python's documentation).
 # 'hybrid' (own positions within half the source's range) closes 99.5% / 102% and is better past 8k, but
-# found those held-out keys 1/3 each, also reading every chunk: it is opt-in. window_scored_blocks 0 (it
-# needs 'hybrid'). The bounded mode (recall_tokens) reads every far key at window positions too.
+# found those held-out keys 1/3 each, also reading every chunk: it is opt-in. The bounded mode
+# (recall_tokens) reads every far key at window positions too.
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
-                       retrieval_blocks=8, recall_tokens=0, far_positions="window", window_scored_blocks=0,
+                       retrieval_blocks=8, recall_tokens=0, far_positions="window",
                        position_scheme="wrap")
 
 
 def resolve_options(options: dict) -> dict:
     """The conversion options with every default filled in, given the options a user set (a key absent
     or None for ``retrieval_blocks`` and ``far_positions``: their defaults depend on the others).
-    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0; ``window_scored_blocks > 0`` makes
-    ``far_positions`` default to ``"hybrid"``, the rule it needs."""
+    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
@@ -30,8 +29,6 @@ def resolve_options(options: dict) -> dict:
     got = {name: value for name, value in options.items() if name not in dependent or value is not None}
     if got.get("recall_tokens"):  # the bounded mode replaces the exact blocks
         got.setdefault("retrieval_blocks", 0)
-    if got.get("window_scored_blocks"):  # a second score for the own-position scores 'hybrid' gives
-        got.setdefault("far_positions", "hybrid")
     return {**DEFAULT_OPTIONS, **got}
 
 

@@ -33,16 +33,16 @@ def op_dtype(dtype: torch.dtype, device_type: str, options) -> torch.dtype:
 
 
 def _run_op(op, tensors, **kwargs):
-    """Call a BSBR op on (q, k, v, mq, mk, fq, fk, qr, kr, qs) (qs may be None) in :func:`op_dtype`,
+    """Call a BSBR op on (q, k, v, mq, mk, fq, fk, qr, kr) in :func:`op_dtype`,
     with autocast off; its output is cast back to the inputs' dtype, except under autocast."""
     device, dtype = tensors[0].device.type, tensors[0].dtype
     run, autocast = op_dtype(dtype, device, kwargs["options"]), torch.is_autocast_enabled(device)
     if run == dtype and not autocast:  # (under autocast the inputs' dtypes may differ)
-        q, k, v, mq, mk, fq, fk, qr, kr, qs = tensors
-        return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, qs=qs, **kwargs)
-    q, k, v, mq, mk, fq, fk, qr, kr, qs = (None if t is None else t.to(run) for t in tensors)
+        q, k, v, mq, mk, fq, fk, qr, kr = tensors
+        return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)
+    q, k, v, mq, mk, fq, fk, qr, kr = (t.to(run) for t in tensors)
     with torch.autocast(device, enabled=False):
-        o, state = op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, qs=qs, **kwargs)
+        o, state = op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)
     return (o if autocast else o.to(dtype)), state
 
 
@@ -69,8 +69,6 @@ class BSBRAttention(MultiHeadBase):
             streaming state has constant size (see :class:`bsbr.ops.BSBROptions`).
         own_position_chunks: far keys fewer than this many chunks back are read at their own positions,
             older ones at ``far_position_embeddings`` (see :class:`bsbr.ops.BSBROptions`); 0: all at those.
-        window_scored_blocks: how many of the ``retrieval_blocks`` are chosen by a second score, with
-            the queries at the third rotary of ``far_position_embeddings`` (see :class:`bsbr.ops.BSBROptions`).
 
     The meta projections are per-head d x d maps of the un-rotated q/k (identity-initialised, so a
     chunk's retrieval score starts as its mean query . mean key logit); the op applies them to chunk
@@ -85,13 +83,12 @@ class BSBRAttention(MultiHeadBase):
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
                  retrieval: str = "additive", feature_map: Optional[str] = None, gate: Optional[float] = None,
                  local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0,
-                 own_position_chunks: int = 0, window_scored_blocks: int = 0):
+                 own_position_chunks: int = 0):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias, num_kv_heads)
         head_dim, num_kv_heads = self.head_dim, self.num_kv_heads
         self.options = BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
                                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
-                                   own_position_chunks=own_position_chunks, retrieval=retrieval,
-                                   window_scored_blocks=window_scored_blocks)
+                                   own_position_chunks=own_position_chunks, retrieval=retrieval)
         if feature_map is None:  # only None means the default ("" or 0 is refused, not read as it)
             feature_map = "identity" if retrieval == "additive" else "hedgehog"
         if not isinstance(feature_map, str) or feature_map not in BSBR_FEATURE_MAPS:
@@ -118,7 +115,6 @@ class BSBRAttention(MultiHeadBase):
     retrieval_blocks = property(lambda self: self.options.retrieval_blocks)
     recall_tokens = property(lambda self: self.options.recall_tokens)
     own_position_chunks = property(lambda self: self.options.own_position_chunks)
-    window_scored_blocks = property(lambda self: self.options.window_scored_blocks)
     retrieval = property(lambda self: self.options.retrieval)
 
     def gate_value(self) -> Optional[torch.Tensor]:
@@ -149,7 +145,7 @@ class BSBRAttention(MultiHeadBase):
         if position_embeddings is not None:
             check_rotary("position_embeddings", position_embeddings, q)
         if far_position_embeddings is not None:
-            check_rotary("far_position_embeddings", far_position_embeddings, q, pairs=(2, 3))
+            check_rotary("far_position_embeddings", far_position_embeddings, q, pairs=2)
         gate = self._op_gate()
         read = not isinstance(gate, int)
         state = kwargs.get("initial_state")
@@ -158,12 +154,10 @@ class BSBRAttention(MultiHeadBase):
         if read and state is not None and not kept and self.retrieval_gate is not None and self._gate_closed():
             gate, read = 0, False  # a cache built with the gate closed has none to read; closed, it reads nothing
         mq, mk = q, k  # meta inputs un-rotated: a mean of rotated vectors over a chunk would cancel out
-        qr = kr = qs = None
+        qr = kr = None
         if far_position_embeddings is not None:  # far keys (sinks, blocks) at other positions than their own
             (cq, sq), (ck, sk) = far_position_embeddings[:2]
             qr, kr = apply_rotary(q, cq, sq), apply_rotary(k, ck, sk)
-            if len(far_position_embeddings) > 2 and self.options.window_scored_blocks:  # the second score's
-                qs = apply_rotary(q, *far_position_embeddings[2])  # queries
         if position_embeddings is not None:
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         # a closed gate reads no chunk state, so none is kept (nor its features computed), except by the
@@ -179,7 +173,7 @@ class BSBRAttention(MultiHeadBase):
             fq = fq if self.compress is None else self.compress(fq)
         else:  # a closed gate: the op never reads fq
             fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
-        tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr, qs)
+        tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr)
         meta_q, meta_k = (None if m is None else m.weight for m in (self.meta_r_proj, self.meta_h_proj))
         return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=meta_q, meta_k=meta_k,
                        **kwargs)
@@ -189,8 +183,7 @@ class BSBRAttention(MultiHeadBase):
                 far_position_embeddings=None):
         """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
         rotary (cos, sin) or None; far_position_embeddings ((cos, sin) of the far queries, (cos, sin) of
-        the far keys[, (cos, sin) of the second score's queries]) or None (far keys keep their own
-        positions). Returns (b, n, hidden_dim), and the streaming state if asked."""
+        the far keys) or None (far keys keep their own positions). Returns (b, n, hidden_dim), and the streaming state if asked."""
         o, state = self._run(chunk_bsbr_attention, hidden_states, attention_mask, position_embeddings,
                              far_position_embeddings, output_final_state=output_state)
         out = self.output(o)

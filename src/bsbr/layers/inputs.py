@@ -31,8 +31,8 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
 _ROTARY_CHECKED: dict = {}  # name -> (the last tables that passed, what they were checked against)
 
 
-def check_rotary(name: str, tables, like: torch.Tensor, pairs: tuple = (1,)) -> None:
-    """``tables``: one rotary ``(cos, sin)`` pair (``pairs == (1,)``), or a tuple of so many pairs, each
+def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
+    """``tables``: one rotary ``(cos, sin)`` pair (``pairs == 1``), or a tuple of so many pairs, each
     tensor of shape (seq_len, head_dim) or (batch or 1, seq_len, head_dim) of the dtype of ``like``, the
     queries (batch, heads, seq_len, head_dim), unless autocast is on."""
     key = (like.shape, like.dtype, pairs)
@@ -41,9 +41,9 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: tuple = (1,)) -> 
         return
     batch, _, seq_len, head_dim = like.shape
     shape = f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({batch} or 1, {seq_len}, {head_dim})"
-    many = pairs != (1,)
-    if many and not (isinstance(tables, (tuple, list)) and len(tables) in pairs):
-        raise TypeError(f"{name} must be a tuple of {' or '.join(map(str, pairs))} pairs of {shape}, got "
+    many = pairs != 1
+    if many and not (isinstance(tables, (tuple, list)) and len(tables) == pairs):
+        raise TypeError(f"{name} must be a tuple of {pairs} pairs of {shape}, got "
                         f"{type(tables).__name__}{f' of {len(tables)}' if isinstance(tables, (tuple, list)) else ''}")
     for i, pair in enumerate(tables if many else [tables]):
         what = f"{name}[{i}]" if many else name

@@ -22,10 +22,9 @@ class BSBRLayer(nn.Module):
                  compression_factor: Optional[int] = None, **attention_kwargs):
         super().__init__()
         check_int("ff_dim", ff_dim)
-        for name in ("own_position_chunks", "window_scored_blocks"):
-            if attention_kwargs.get(name):  # (a converted model's layers place far keys; these have no such input)
-                raise ValueError(f"{name}: a BSBRLayer gives no far key positions, which this option needs (it "
-                                 "would change nothing): leave it 0")
+        if attention_kwargs.get("own_position_chunks"):  # (a converted model's layers place far keys; these have none)
+            raise ValueError("own_position_chunks: a BSBRLayer gives no far key positions, which this option needs (it "
+                             "would change nothing): leave it 0")
         self.attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor,
                                        **attention_kwargs)
         self.layer_norm1 = nn.LayerNorm(hidden_dim)

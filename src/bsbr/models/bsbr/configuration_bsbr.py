@@ -33,15 +33,13 @@ def _choice(name, value, allowed):
 
 
 def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map, gate_init, local_chunks,
-                       sink_tokens, retrieval_blocks, recall_tokens, far_positions, position_scheme,
-                       window_scored_blocks=0) -> None:
+                       sink_tokens, retrieval_blocks, recall_tokens, far_positions, position_scheme) -> None:
     """The checks :class:`BSBRConfig` makes of its BSBR attention options (no architecture needed): the
     converter runs them before it loads a source."""
     if compression_factor is not None:
         check_int("compression_factor", compression_factor)
     BSBROptions(chunk_size=chunk_size, local_chunks=local_chunks, sink_tokens=sink_tokens,
-                retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens, retrieval=retrieval,
-                window_scored_blocks=window_scored_blocks)  # validates them
+                retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens, retrieval=retrieval)  # validates them
     _choice("feature_map", feature_map, BSBR_FEATURE_MAPS)
     if retrieval == "normalized" and feature_map == "identity":  # BSBRAttention's rule, checked up front
         raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
@@ -50,9 +48,6 @@ def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map
     if far_positions == "hybrid" and recall_tokens:
         raise ValueError("far_positions 'hybrid' needs recall_tokens 0: the bounded mode reads every far key at "
                          "one rule; use 'window' (or 'absolute' within the source's positions)")
-    if window_scored_blocks and far_positions != "hybrid":
-        raise ValueError(f"window_scored_blocks needs far_positions 'hybrid' (with {far_positions!r} the second "
-                         "score is the first one); set it to 0")
     _choice("position_scheme", position_scheme, POSITION_SCHEMES)
 
 
@@ -107,7 +102,6 @@ class BSBRConfig(PretrainedConfig):
         retrieval_blocks: int = 0,
         recall_tokens: int = 0,
         far_positions: str = "absolute",
-        window_scored_blocks: int = 0,
         initializer_range: float = 0.02,
         source_model_type: Optional[str] = None,
         tie_word_embeddings: bool = True,
@@ -128,8 +122,7 @@ class BSBRConfig(PretrainedConfig):
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, retrieval=retrieval,
                            feature_map=feature_map, gate_init=gate_init, local_chunks=local_chunks,
                            sink_tokens=sink_tokens, retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
-                           far_positions=far_positions, position_scheme=position_scheme,
-                           window_scored_blocks=window_scored_blocks)
+                           far_positions=far_positions, position_scheme=position_scheme)
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
@@ -189,9 +182,6 @@ class BSBRConfig(PretrainedConfig):
         # rest in one state (constant memory; exclusive with retrieval_blocks)
         self.recall_tokens = recall_tokens
         self.far_positions = far_positions
-        # of the retrieval_blocks, how many are chosen by scores with every far key as if just before the
-        # window (needs far_positions 'hybrid', whose own-position scores favour the nearest chunks)
-        self.window_scored_blocks = window_scored_blocks
         self.initializer_range = initializer_range
         self.source_model_type = source_model_type
         self.use_cache = use_cache
@@ -214,7 +204,6 @@ class BSBRConfig(PretrainedConfig):
             gate=self.gate_init, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
             retrieval_blocks=self.retrieval_blocks, recall_tokens=self.recall_tokens,
             own_position_chunks=self.own_position_chunks(),
-            window_scored_blocks=self.window_scored_blocks if self.own_position_chunks() else 0,
         )
 
     def own_position_chunks(self) -> int:

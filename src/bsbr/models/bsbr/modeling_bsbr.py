@@ -405,9 +405,6 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             offset = index % self.config.chunk_size
             far = (self.rotary(offset + self.config.far_shift_chunks() * self.config.chunk_size, x.dtype),
                    self.rotary(offset, x.dtype))
-            if self.config.window_scored_blocks and self.config.own_position_chunks():
-                # the second block score's queries: every far key scores as if it lay just before the window
-                far = far + (self.rotary(offset + self.config.local_chunks * self.config.chunk_size, x.dtype),)
 
         if self.training and torch.is_grad_enabled() and cache is None and self.layers \
                 and self.layers[0].gradient_checkpointing:

@@ -27,7 +27,7 @@ NEG_INF = float("-inf")
 TILE = 16
 
 
-def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None, qs=None,
+def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None,
                          output_final_state: bool = False):
     """Block Sparse attention with Block Retrieval (see :class:`bsbr.ops.BSBROptions` for what it computes).
@@ -43,8 +43,6 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         fq, fk: (b, hq, n, df), (b, hkv, n, df) features of the chunk states; default q, k.
         qr, kr: queries / keys as read outside the window (sinks and selected blocks), e.g. rotated
             at other positions; default q, k.
-        qs: (b, hq, n, d) the queries of the second block score (``qs . kr``, ``window_scored_blocks``);
-            default qr.
         gate: None (open) or a scalar / (hq,) tensor scaling the chunk-state term.
         valid: (b, n) padding mask, True for real tokens. Each sequence is processed on its own real
             tokens (chunk boundaries start at its first real token); padded positions output 0.
@@ -52,19 +50,17 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
 
     Returns ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
     """
-    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k)
+    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
     same_far = qr is q and kr is k  # far keys read at their own positions
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
     B, L, R = options.chunk_size, options.local_chunks, options.own_position_chunks
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
     if n == 0 or b == 0:
         return q.new_zeros(b, hq, n, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
-    extra = (qs,) if options.window_scored_blocks else ()
-    x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr) + extra, valid, B)
-    q, k, v, mq, mk, fq, fk, qr, kr = x[:9]
+    x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
+    q, k, v, mq, mk, fq, fk, qr, kr = x
     C = q.shape[2] // B
-    # the state keeps the far keys as given, for later tokens; the second score reads them too
-    state_options, state_kr, second = options, kr, (x[9], kr) if extra else None
+    state_options, state_kr = options, kr  # the state keeps the far keys as given, for later tokens
     if C <= R:  # every far key lies within reach: read at its own position, i.e. as the keys themselves
         qr, kr, options, same_far = q, k, dataclasses.replace(options, own_position_chunks=0), True
     tok_valid = torch.arange(C * B, device=q.device)[None, :] < lengths[:, None]  # (b, N)
@@ -91,8 +87,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             if not closed:
                 num, den = _read_states(fq, saved["F"], saved["z"], saved["w"], options.retrieval)
             if options.retrieval_blocks:
-                o_r, lse_r, num, den = _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale,
-                                                    second)
+                o_r, lse_r, num, den = _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
                 parts.append((o_r, lse_r))
 
     o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv) if causal \
@@ -210,14 +205,13 @@ def _read_states(fq, F, z, w, retrieval):
     return num, den
 
 
-def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale, second=None):
+def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     """Exact blocks when K selects among the chunks before a window: each token's top-K chunks, read in
     the same softmax; their states leave the chunk-state term (when it is read: ``num`` not None).
-    ``second``: (qs, far keys) of the second score when ``window_scored_blocks`` > 0.
     Returns the LSE part and the corrected num/den."""
     b, hkv, N = kr.shape[0], kr.shape[1], kr.shape[2]
     hq, B, L, R = qr.shape[1], options.chunk_size, options.local_chunks, options.own_position_chunks
-    K, J = options.retrieval_blocks, options.window_scored_blocks
+    K = options.retrieval_blocks
     g, C, dv = hq // hkv, N // B, v.shape[-1]
     t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
     keep = _keep(tok_valid, options)  # a sink is never part of a block
@@ -233,16 +227,7 @@ def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale
         split = min(max(c - R + 1, 0), P) if R else P  # chunks before it scored qr.kr, from it q.k
         _score_chunk(scores, qr, kr_b, c, 0, split, S)
         _score_chunk(scores, q, k_b, c, split, P, S)
-    sel = select_blocks(scores, candidate, K - J)  # (b, hkv, g, N, K')
-    if J:  # J more, the best of the other candidates by qs.kr
-        qs, ks = second
-        ks_b = _blocks(ks.detach().contiguous(), B)
-        scores.fill_(NEG_INF)
-        for c in range(L, C):
-            _score_chunk(scores, qs, ks_b, c, 0, c - L + 1, S)
-        taken = torch.zeros(sel.shape[:-1] + (C + 1,), dtype=torch.bool, device=sel.device)
-        taken.scatter_(-1, torch.where(sel >= 0, sel, C), True)
-        sel = torch.cat([sel, select_blocks(scores, candidate & ~taken[..., :C], J)], -1)
+    sel = select_blocks(scores, candidate, K)  # (b, hkv, g, N, K)
     w_sel = None
     if num is not None:
         w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)

@@ -47,29 +47,28 @@ def _signature(args, token_dim):
     return tuple(sig)
 
 
-def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim: int = 4):
+def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim: int = 4):
     """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)), the
-    optional inputs defaulted first (fq, qr: q; fk, kr: k; qs: qr). Returns ``(sizes, (fq, fk, qr, kr, qs))``.
+    optional inputs defaulted first (fq, qr: q; fk, kr: k). Returns ``(sizes, (fq, fk, qr, kr))``.
     K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple.
     A signature seen before is not checked again."""
     if not isinstance(options, BSBROptions):
         raise TypeError(f"options must be a bsbr.ops.BSBROptions, got {type(options).__name__}")
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
-    qs = qr if qs is None else qs
-    key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k), token_dim)
+    key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k), token_dim)
     a = _CHECKED.get(key) if key is not None else None
     if a is None:
-        a = _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim)
+        a = _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim)
         if key is not None:
             if len(_CHECKED) >= 1024:
                 _CHECKED.clear()
             _CHECKED[key] = a
-    return a, (fq, fk, qr, kr, qs)
+    return a, (fq, fk, qr, kr)
 
 
-def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k, token_dim) -> BSBRArgs:
+def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim) -> BSBRArgs:
     for name, x in (("q", q), ("k", k), ("v", v), ("mq", mq), ("mk", mk), ("fq", fq), ("fk", fk), ("qr", qr),
-                    ("kr", kr), ("qs", qs)):
+                    ("kr", kr)):
         check_tensor(name, x, token_dim)
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv = k.shape[1]
@@ -78,18 +77,18 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta
     tokens = tuple(q.shape[2:-1])
     for name, x in (("k", k), ("v", v), ("fk", fk), ("kr", kr), ("mk", mk)):
         _check_leading(name, x, (b, hkv) + tokens)
-    for name, x in (("fq", fq), ("qr", qr), ("qs", qs), ("mq", mq)):
+    for name, x in (("fq", fq), ("qr", qr), ("mq", mq)):
         _check_leading(name, x, (b, hq) + tokens)
-    for name, x in (("k", k), ("qr", qr), ("kr", kr), ("qs", qs)):
+    for name, x in (("k", k), ("qr", qr), ("kr", kr)):
         if x.shape[-1] != d:
             raise ValueError(f"{name} head dim ({x.shape[-1]}) must equal q's ({d})")
     if fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"fq and fk must share their last dim, got {fq.shape[-1]} and {fk.shape[-1]}")
     if mq.shape[-1] != mk.shape[-1]:
         raise ValueError(f"mq and mk must share their last dim, got {mq.shape[-1]} and {mk.shape[-1]}")
-    dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk, qr, kr, qs)}
+    dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk, qr, kr)}
     if len(dtypes) != 1:
-        raise TypeError(f"q, k, v, mq, mk, fq, fk, qr, kr, qs must share one dtype, got {sorted(map(str, dtypes))}")
+        raise TypeError(f"q, k, v, mq, mk, fq, fk, qr, kr must share one dtype, got {sorted(map(str, dtypes))}")
     dm_in = mq.shape[-1]
     outs = []
     for name, w, heads in (("meta_q", meta_q, hq), ("meta_k", meta_k, hkv)):

@@ -18,12 +18,11 @@ from .recall import DUPLICATE_COSINE
 from .retrieval import GIST_FLOOR, apply_meta, combine, gate_per_head, select_blocks, state_weights
 
 
-def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None, qs=None,
+def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None):
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`; returns ``(o, None)``."""
-    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k)
+    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
     B, L, S, K = options.chunk_size, options.local_chunks, options.sink_tokens, options.retrieval_blocks
-    J = options.window_scored_blocks
     g = a.q_heads // a.kv_heads
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
     gates = gate_per_head(gate, a.q_heads, q)
@@ -34,7 +33,7 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         if n == 0:
             continue
         # one sequence, real tokens only; K/V-side tensors repeated to the query heads
-        qb, fqb, qrb, qsb = (x[b][:, keep] for x in (q, fq, qr, qs))
+        qb, fqb, qrb = (x[b][:, keep] for x in (q, fq, qr))
         kb, vb, fkb, krb = (x[b][:, keep].repeat_interleave(g, dim=0) for x in (k, v, fk, kr))
         t = torch.arange(n, device=q.device)
         chunk = t // B
@@ -61,11 +60,8 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         s_far = torch.where(own, qb @ kb.transpose(-1, -2), qrb @ krb.transpose(-1, -2))  # (h, n, n)
         selected = torch.zeros(a.q_heads, n, C + 1, dtype=torch.bool, device=q.device)  # column C: "none"
         blocks = onehot.bool() & retrievable[None]  # (C, n): each chunk's keys that are not sinks
-        if K:  # each chunk's score: its largest q'.k' over those keys; K - J best, then J best of the rest
-            idx = select_blocks(_chunk_max(s_far, blocks), candidate, K - J)
-            selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
-        if J:  # by the second score, qs.kr
-            idx = select_blocks(_chunk_max(qsb @ krb.transpose(-1, -2), blocks), candidate & ~selected[..., :C], J)
+        if K:  # each chunk's score: its largest q'.k' over those keys; the K best
+            idx = select_blocks(_chunk_max(s_far, blocks), candidate, K)
             selected.scatter_(-1, torch.where(idx >= 0, idx, C), True)
         selected = selected[..., :C]
         far = sink | (selected[:, :, chunk] & retrievable[None, None, :] & ~win)  # (h, n, n)

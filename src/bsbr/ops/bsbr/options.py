@@ -33,13 +33,6 @@ class BSBROptions:
       fewer than ``R`` chunks before the query's are scored and read as ``q . k`` (their own positions),
       older ones as ``qr . kr`` (the positions the caller gives far keys). 0: every far key as ``qr . kr``;
       else more than ``L`` (a far key lies at least ``L`` chunks back). The bounded mode needs 0.
-    * ``window_scored_blocks`` ``J`` (at most ``K``): of the ``K`` blocks, the first ``K - J`` are the
-      best by the scores above and the last ``J`` the best of the remaining candidates by a second
-      score, the chunk's largest ``qs . kr`` (``qs``: queries the caller places for this ranking; a
-      converted model rotates its far queries so that every far key scores as if it lay just before
-      the window). Reading is unchanged. Why: own-position scores fall with distance, so the nearest
-      chunks take every slot and a needle a few thousand tokens back goes unread (docs/findings.md,
-      *Far positions*). 0: none.
     * ``scale``: softmax scale, default ``1/sqrt(head_dim)``.
 
     See ``docs/design.md`` for the whole definition (sections 3-5b).
@@ -52,7 +45,6 @@ class BSBROptions:
     retrieval: str = "additive"
     recall_tokens: int = 0
     own_position_chunks: int = 0
-    window_scored_blocks: int = 0
     scale: Optional[float] = None
 
     def __post_init__(self):
@@ -70,10 +62,6 @@ class BSBROptions:
         if self.recall_tokens and self.own_position_chunks:
             raise ValueError("own_position_chunks needs recall_tokens 0: the bounded mode reads every far key "
                              "at the far positions (qr, kr)")
-        check_int("window_scored_blocks", self.window_scored_blocks, 0)
-        if self.window_scored_blocks > self.retrieval_blocks:
-            raise ValueError(f"window_scored_blocks ({self.window_scored_blocks}) must be at most retrieval_blocks "
-                             f"({self.retrieval_blocks}): it says how many of those blocks the second score chooses")
         if self.retrieval not in VARIANTS:
             raise ValueError(f"retrieval must be one of {VARIANTS}, got {self.retrieval!r}")
         check_number("scale", self.scale, 0, above=True, none=True)  # inf, nan or 1e39 would poison every softmax

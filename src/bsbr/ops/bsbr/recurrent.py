@@ -22,18 +22,18 @@ from .state import BSBRState, buffer_chunks, ensure_capacity, own_ring_chunks, r
 
 
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
-                        qr=None, kr=None, qs=None, gate=None, meta_q=None, meta_k=None, valid=None):
+                        qr=None, kr=None, gate=None, meta_q=None, meta_k=None, valid=None):
     """One token per sequence: q (b, hq, d), k (b, hkv, d), ...; valid (b,) (False = padding: the
     state is left unchanged and the output is 0). Returns ``(o (b, hq, dv), state)``: the state passed
     in, advanced (created if None; its tensors written in place when autograd is off, replaced
     otherwise). To continue one prefix twice, fork it first: ``state.select(torch.arange(b))``."""
-    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k,
+    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
                                            token_dim=3)
     state = _start(state, options, a, q)
     if a.batch == 0:
         return q.new_zeros(0, a.q_heads, a.value_dim), state
     valid = None if valid is None else valid.bool()
-    return _step(q, k, v, mq, mk, fq, fk, qr, kr, qs, state, gate, meta_q, meta_k, valid), state
+    return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
 def _start(state, options, a, like) -> BSBRState:
@@ -79,7 +79,7 @@ def _write(state, slot, rows, named, inplace):
         setattr(state, name, torch.where(at.view(x.shape[0], 1, -1, 1), x.unsqueeze(2), buf))
 
 
-def _step(q, k, v, mq, mk, fq, fk, qr, kr, qs, state: BSBRState, gate, meta_q, meta_k, valid):
+def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_k, valid):
     """The step on checked inputs."""
     opt = state.options
     b, hq, d = q.shape
@@ -104,7 +104,7 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, qs, state: BSBRState, gate, meta_q, m
             num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
             den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
         if opt.retrieval_blocks and state.kr_past.shape[2]:
-            num, den = _read_blocks(qg, qrg, qs.view(qrg.shape), fq, state, m, parts, num, den)
+            num, den = _read_blocks(qg, qrg, fq, state, m, parts, num, den)
     o = _softmax_of_parts(parts, scale).reshape(b, hq, -1)
     if num is not None:
         o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
@@ -304,19 +304,17 @@ def _softmax_of_parts(parts, scale):
     return o
 
 
-def _read_blocks(qg, qrg, qsg, fq, state, m, parts, num, den):
+def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
     """Append the selected blocks to the softmax's ``parts``; return num/den without their chunk states.
 
     While K covers every candidate, chunks 0 .. last are read where they lie. Otherwise each query
     head reads its own K blocks: their q.k are taken from the score pass (read again from the keys
     under autograd, as block scores carry no gradient), and their values are summed, weighted by the
     probabilities, by one ``embedding_bag`` over the value cache, so no block is copied (gathering the
-    blocks first: a 32k decode step 206 against 178 ms, docs/findings.md, Speed). The last J
-    (``window_scored_blocks``) are chosen by the second score, qs.kr, among the candidates left."""
+    blocks first: a 32k decode step 206 against 178 ms, docs/findings.md, Speed)."""
     opt = state.options
     b, hkv, g, d = qrg.shape
     B, S, K, P = opt.chunk_size, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
-    J = opt.window_scored_blocks
     candidate, n_cand = m["candidate"], m["n_cand"]
     fqg = None if num is None else fq.view(b, hkv, g, -1)
     if n_cand == 0:
@@ -336,14 +334,8 @@ def _read_blocks(qg, qrg, qsg, fq, state, m, parts, num, den):
     else:
         span = m["last"] + 1  # chunks 0 .. last hold every candidate
         grad = torch.is_grad_enabled()
-        # (b, hkv, g, span), (b, hkv, g, span, B), the second scores (b, hkv, g, span) or None
-        bs, qk, bs2 = _scores(qg, qrg, qsg if J else None, state, span, m, keep=not grad)
-        cand = candidate[:, :span].view(b, 1, 1, span)
-        sel = select_blocks(bs, cand, K - J)  # (b, hkv, g, K), -1: none
-        if J:
-            taken = torch.zeros(sel.shape[:-1] + (span + 1,), dtype=torch.bool, device=sel.device)
-            taken.scatter_(-1, torch.where(sel >= 0, sel, span), True)
-            sel = torch.cat([sel, select_blocks(bs2, cand & ~taken[..., :span], J)], -1)
+        bs, qk = _scores(qg, qrg, state, span, m, keep=not grad)  # (b, hkv, g, span), (.., span, B) or None
+        sel = select_blocks(bs, candidate[:, :span].view(b, 1, 1, span), K)  # (b, hkv, g, K), -1: none
         at = sel.clamp(min=0)
         rows = (at + P * torch.arange(b * hkv, device=at.device).view(b, hkv, 1, 1)).reshape(-1)  # (b hkv P) rows
 
@@ -383,26 +375,18 @@ def _read_blocks(qg, qrg, qsg, fq, state, m, parts, num, den):
     return num, den
 
 
-def _scores(qg, qrg, qsg, state, span, m, keep):
+def _scores(qg, qrg, state, span, m, keep):
     """Block scores of chunks 0 .. span - 1 (:func:`block_scores`): qr.kr before a sequence's
-    ``own_from`` chunk, q.k from it; and with ``qsg`` the second scores, qs.kr, whose rows join the
-    far keys' matmul (the keys are read once). Returns (scores (b, hkv, g, span), every q.k
-    (.., span, B) or None, second scores (b, hkv, g, span) or None)."""
+    ``own_from`` chunk, q.k from it. Returns (scores (b, hkv, g, span), every q.k (.., span, B) or None)."""
     opt = state.options
     S, B = opt.sink_tokens, opt.chunk_size
-    g = qrg.shape[2]
     lo, hi = min(m["own_lo"], span), min(m["own_hi"], span)  # (span, span) without own_position_chunks
     def scores(q, keys, sinks):  # (scores, every q.k or None)
         got = block_scores(q, keys, sinks, keep=keep)
         return got if keep else (got, None)
 
-    got, second = [], None
-    if qsg is not None:
-        far, far_qk = scores(torch.cat([qrg, qsg], 2), state.kr_past[:, :, :span], S)
-        second = far[:, :, g:]
-        if hi:
-            got.append((far[:, :, :g, :hi], None if far_qk is None else far_qk[:, :, :g, :hi]))
-    elif hi:
+    got = []
+    if hi:
         got.append(scores(qrg, state.kr_past[:, :, :hi], S))
     if lo < span:  # from the ring, in runs of consecutive slots
         runs = [scores(qg, state.k_past[:, :, s0:s0 + p1 - p0], max(S - p0 * B, 0))
@@ -410,10 +394,10 @@ def _scores(qg, qrg, qsg, state, span, m, keep):
         got.append(runs[0] if len(runs) == 1 else
                    (torch.cat([x for x, _ in runs], -1), torch.cat([y for _, y in runs], -2) if keep else None))
     if len(got) == 1:
-        return got[0] + (second,)
+        return got[0]
     (far, far_qk), (own, own_qk) = got
     if lo == hi:
-        return torch.cat([far, own], -1), None if far_qk is None else torch.cat([far_qk, own_qk], -2), second
+        return torch.cat([far, own], -1), None if far_qk is None else torch.cat([far_qk, own_qk], -2)
     # chunks lo .. hi - 1 hold both: each sequence's own from its own_from
     b = qg.shape[0]
     at_own = (torch.arange(lo, hi, device=qg.device)[None, :] >= m["own_from"][:, None]).view(b, 1, 1, hi - lo)
@@ -424,7 +408,7 @@ def _scores(qg, qrg, qsg, state, span, m, keep):
         w = at_own if dim == -1 else at_own.unsqueeze(-1)
         return torch.cat([f_lo, torch.where(w, o_mid, f_mid), o_hi], dim)
 
-    return mix(far, own, -1), None if far_qk is None else mix(far_qk, own_qk, -2), second
+    return mix(far, own, -1), None if far_qk is None else mix(far_qk, own_qk, -2)
 
 
 def _ring_pieces(c0: int, c1: int, ring: int):
@@ -504,14 +488,14 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
 
 
 def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
-                             qs=None, gate=None, meta_q=None, meta_k=None, valid=None,
+                             gate=None, meta_q=None, meta_k=None, valid=None,
                              initial_state: Optional[BSBRState] = None, output_final_state: bool = False):
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one), which is advanced as by :func:`bsbr_attention_step`.
     Returns ``(o, state)``."""
-    a, (fq, fk, qr, kr, qs) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, qs, gate, valid, meta_q, meta_k)
+    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
     state = _start(initial_state, options, a, q)
-    outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr, qs)), state, gate, meta_q, meta_k,
+    outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
                   None if valid is None else valid[:, i].bool()) for i in range(a.seq_len if a.batch else 0)]
     o = (outs[0].unsqueeze(2) if len(outs) == 1 else torch.stack(outs, dim=2)) if outs else \
         q.new_zeros(a.batch, a.q_heads, a.seq_len, a.value_dim)
