@@ -74,8 +74,8 @@ def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_the_lm_eval_command_line_runs_the_task_on_a_bsbr_model(word_tokenizer, tmp_path):
-    """`lm_eval run --model hf` never imports bsbr: the saved model loads through its auto_map with
-    trust_remote_code=True."""
+    """`lm_eval --model hf` (the form every 0.4 release takes) never imports bsbr: the saved model loads
+    through its auto_map with trust_remote_code=True."""
     import os
     import shutil
     import subprocess
@@ -90,7 +90,7 @@ def test_the_lm_eval_command_line_runs_the_task_on_a_bsbr_model(word_tokenizer, 
     lm_eval_task.write_lm_eval_task(task_dir, word_tokenizer, lengths=[96], depths=[0.5], trials=2,
                                     fillers=["classic"], max_new_tokens=4)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([cli, "run", "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
+    out = subprocess.run([cli, "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
                           "--device", "cpu", "--tasks", "bsbr_passkey", "--include_path", str(task_dir),
                           "--output_path", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

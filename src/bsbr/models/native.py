@@ -34,6 +34,8 @@ class BSBRLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings=None) -> torch.Tensor:
+        """hidden_states (batch, seq_len, hidden_dim); attention_mask (batch, seq_len) of 1/0 or None;
+        position_embeddings the rotary (cos, sin) or None. Returns (batch, seq_len, hidden_dim)."""
         x = hidden_states
         x = x + self.attention(self.layer_norm1(x), attention_mask, position_embeddings)
         return x + self.ff(self.layer_norm2(x))
@@ -65,6 +67,8 @@ class BSBRModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (batch, seq_len); attention_mask (batch, seq_len) of 1/0 or None (padding: each
+        sequence is read on its own real tokens). Returns hidden states (batch, seq_len, hidden_dim)."""
         check_input_ids(input_ids, self.embedding.num_embeddings)
         cos_sin = self.rotary(token_positions(input_ids, attention_mask), self.embedding.weight.dtype)
         x = self.dropout(self.embedding(input_ids))

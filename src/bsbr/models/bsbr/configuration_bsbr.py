@@ -63,6 +63,12 @@ AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transfo
 
 
 class BSBRConfig(PretrainedConfig):
+    """A decoder LM with BSBR attention: the architecture of the converted source (the first group of
+    arguments) and the BSBR attention options (from ``chunk_size`` on; their meaning:
+    :class:`bsbr.ops.BSBROptions` and ``bsbr convert --help``). ``far_positions``: where retrieved keys
+    and sinks outside the window are read (``FAR_POSITIONS`` above). A bare config has GPT-2-small's
+    shape; converters fill in the source's and the conversion defaults (``bsbr.convert.defaults``)."""
+
     model_type = "bsbr"
 
     @classmethod

@@ -12,6 +12,8 @@ from .modeling_bsbr import BSBRForCausalLM, refuse_other_model_type
 
 
 def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BSBRForCausalLM:
+    """A saved BSBR model (a ``bsbr convert`` / ``save_pretrained`` directory) in eval mode, from its
+    safetensors weights only, strictly (a missing, unexpected or mismatched weight is refused)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")

@@ -452,6 +452,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
 
 
 class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
+    """A BSBR decoder with a language-modelling head: a HuggingFace causal LM (``generate``, the Auto
+    classes, ``save_pretrained``) whose generation cache is a :class:`BSBRCache`."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: BSBRConfig):
@@ -466,6 +469,10 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 use_cache: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
                 return_dict: Optional[bool] = None, logits_to_keep=0, output_attentions: Optional[bool] = None,
                 **kwargs):
+        """As a transformers causal LM's forward: logits (and the loss with ``labels``); ``cache`` (or
+        the deprecated ``past_key_values``) a :class:`BSBRCache` to continue, returned as ``.cache`` with ``use_cache``.
+        ``output_attentions`` and ``token_type_ids`` are refused (no attention matrix is built; a BSBR
+        model has no token-type embeddings)."""
         refuse_output_attentions(output_attentions, self.config)
         refuse_token_type_ids(kwargs)
         cache = _cache_argument(cache, kwargs)
