@@ -107,12 +107,18 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (once the demo is done)")
     p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default: "
                                                                                   "bsbr convert's, %(default)s)")
-    p.add_argument("--seq-len", type=integer(), default=4096)
-    p.add_argument("--max-windows", type=integer(), default=2)
-    p.add_argument("--no-passkey", action="store_true")
-    p.add_argument("--speed-lens", type=integer(), nargs="+", default=[1024, 4096])
+    p.add_argument("--seq-len", type=integer(), default=4096,
+                   help="tokens per evaluation window and pass-key prompt (default %(default)s)")
+    p.add_argument("--max-windows", type=integer(), default=2,
+                   help="held-out windows of the standard library scored (default %(default)s)")
+    p.add_argument("--no-passkey", action="store_true", help="skip the pass-key (6 prompts of --seq-len tokens "
+                                                              "each for the source, the window alone and BSBR)")
+    p.add_argument("--speed-lens", type=integer(), nargs="+", default=[1024, 4096],
+                   help="prefill lengths timed side by side (default %(default)s)")
     # a short context, and a long one within the source's 8,192 positions (with 16 decode steps), where BSBR's
-    # step is faster: 1.03x the source's time at 1k and 4k, 1.29x faster at 8,000 (docs/findings.md, Speed)
-    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 8000])
-    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3)
+    # step is faster (docs/findings.md, Speed)
+    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 8000],
+                   help="contexts to decode 16 tokens from, side by side (default %(default)s; none: no decode)")
+    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3,
+                   help="timed runs per prefill length (default %(default)s)")
     p.set_defaults(func=cmd_demo)

@@ -124,11 +124,12 @@ def register(bench_sub) -> None:
                         f"with --model-scaling {' '.join(map(str, DEFAULT_MODEL_SEQ_LENS))})")
     p.add_argument("--hidden", type=integer(), default=None, help="hidden size (default 512; model scaling 256)")
     p.add_argument("--heads", type=integer(), default=None, help="attention heads (default 8; model scaling 4)")
-    p.add_argument("--chunk-size", type=integer(), default=128)
+    p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size (default %(default)s)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=5, help="timed repeats per model and length (median)")
     p.add_argument("--warmup", type=integer(0, MAX_REPEATS), default=None,
                    help="untimed calls per model and length before measuring (default 1)")
-    p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive")
+    p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive",
+                   help="how BSBR's chunk states join the softmax (default %(default)s, the original BSBR's)")
     p.add_argument("--retrieval-blocks", type=integer(0), default=0,
                    help="earlier chunks each token attends to exactly, chosen by their largest q.k")
     p.add_argument("--max-standard-len", type=integer(), default=None, help="longest length for standard attention")
@@ -144,6 +145,6 @@ def register(bench_sub) -> None:
     p.add_argument("--ff-dim", type=integer(), default=None, help="model scaling: feed-forward size (default 1024)")
     p.add_argument("--vocab", type=integer(), default=None, help="model scaling: vocabulary size (default 1000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0)
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="random inputs and weights (default 0)")
     add_output_arguments(p, "a log-log plot")
     p.set_defaults(func=run_attention)

@@ -259,14 +259,15 @@ def register(bench_sub) -> None:
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
-    for flag, default in (("--hidden", 256), ("--layers", 2), ("--heads", 4), ("--ff-dim", 1024)):
-        p.add_argument(flag, type=integer(), default=default)
+    for flag, default, what in (("--hidden", 256, "hidden size"), ("--layers", 2, "layers"), ("--heads", 4, "attention heads"),
+                                ("--ff-dim", 1024, "feed-forward size")):
+        p.add_argument(flag, type=integer(), default=default, help=f"each model's {what} (default %(default)s)")
     p.add_argument("--block", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
     p.add_argument("--model-budget", type=finite_number(positive=True), default=None,
                    help="no more train steps for a model after this much measuring time (default 90)")
     p.add_argument("--no-train", action="store_true", help="forward only")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0)
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="random data and weights (default 0)")
     add_output_arguments(p, "a log-log plot")
     p.set_defaults(func=run_models)

@@ -42,7 +42,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "'absolute' their own always (leaves the source's range past it)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
-    p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"])
+    p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"],
+                   help="features of the chunk states (default %(default)s; --retrieval normalized needs hedgehog)")
     p.add_argument("--gate-init", type=gate, default=D["gate_init"],
                    help="initial chunk-state gate; 0 = closed (the source's attention over the exact keys until "
                         "trained), 'none' = no gate")

@@ -292,12 +292,14 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=integer(2), default=4096,
                    help="tokens per training window (default 4096: the default conversion reads every earlier "
                         "token exactly up to (2 + 8) x 256 = 2,560 tokens, where its new pieces have no effect)")
-    p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=2000)
+    p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=2000,
+                   help="at most this many training windows of --seq-len tokens (default %(default)s)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text-file", nargs="*", default=None, help="train on these text files")
     data.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0)
-    p.add_argument("--checkpoint-every", type=integer(1, MAX_COUNT), default=25)
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="data order and initialisation (default 0)")
+    p.add_argument("--checkpoint-every", type=integer(1, MAX_COUNT), default=25,
+                   help="steps between checkpoints in OUTPUT/checkpoint, which --resume continues (default %(default)s)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each layer in the backward pass instead of keeping its activations (default on: "
                         "a 4,096-token window of the default conversion peaked at 22 GB without it, 10 GB with, at "
