@@ -705,3 +705,16 @@ def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(mod
     capsys.readouterr()
     assert main(["generate", str(chat), "--prompt", "def f", "--chat", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == want.strip()
+
+
+@pytest.mark.parametrize("command", [["convert"], ["generate"], ["eval"], ["distill"], ["demo"], ["bench", "converted"],
+                                     ["bench", "attention"], ["bench", "models"], ["bench", "quality"]])
+def test_every_flag_has_a_help_line(command, capsys):
+    import re
+
+    assert bsbr.cli.main([*command, "--help"]) == 0
+    lines = capsys.readouterr().out.split("options:")[-1].splitlines()
+    bare = [line.strip() for i, line in enumerate(lines)  # a flag line with no text beside it or under it
+            if re.match(r"^  -\S", line) and "  " not in line.strip()
+            and not (i + 1 < len(lines) and lines[i + 1].startswith(" " * 16))]
+    assert not bare, bare
