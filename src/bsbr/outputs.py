@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 from .errors import OutputError, UserError, check_not_interrupted
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+logger = logging.getLogger(__name__)
 
 
 def _resolved(path) -> Path:
@@ -328,6 +331,12 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             _remove_empty(made)
         raise
+    # what a killed run into the same path left beside it (not removed: one may be a complete result kept
+    # when its path appeared while it was written)
+    left = sorted(p.name for p in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"))
+    if left:
+        logger.warning("%s: beside it lie %s, left by an earlier run that was killed; remove %s when not needed",
+                       out, ", ".join(left), "them" if len(left) > 1 else "it")
 
 
 @contextlib.contextmanager

@@ -323,7 +323,7 @@ def test_lengths_past_a_sources_learned_positions_are_refused(gpt2_models, tmp_p
     assert "--seq-len 100" in line and "64 learned positions" in line and not (tmp_path / "r.json").exists()
     line = refused(capsys, ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len",
                             "96", "--steps", "1", "--output", tmp_path / "d"], "distill", converted)
-    assert "--seq-len 96" in line and not (tmp_path / "d").exists()
+    assert "64 learned positions" in line and "no --seq-len" in line and not (tmp_path / "d").exists()
     line = refused(capsys, ["bench", "converted", source, "--chunk-size", "8", "--seq-lens", "32", "--decode-contexts",
                             "63", "--decode-steps", "2", "--repeats", "1"], "bench converted")
     assert "--decode-contexts" in line and "65" in line
@@ -718,3 +718,44 @@ def test_every_flag_has_a_help_line(command, capsys):
             if re.match(r"^  -\S", line) and "  " not in line.strip()
             and not (i + 1 < len(lines) and lines[i + 1].startswith(" " * 16))]
     assert not bare, bare
+
+
+def _edited_source(models, tmp_path, **config):
+    """A copy of the llama source with config.json's values changed."""
+    source, _, _ = models
+    d = tmp_path / "edited"
+    shutil.copytree(source, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **config}))
+    return d
+
+
+def test_convert_refuses_weights_its_config_has_no_place_for(models, tmp_path, capsys):
+    # config.json said 1 layer, the files held 2: layer 1 was dropped silently and a different model saved (exit 0)
+    d = _edited_source(models, tmp_path, num_hidden_layers=1)
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert f"SOURCE {d}" in line and "config.json has no place for" in line and "model.layers.1." in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_names_the_source_whose_weights_do_not_fit_its_family(models, tmp_path, capsys):
+    # llama weights under a qwen2 config.json: "the source has no weight ..." named neither SOURCE nor a fix
+    d = _edited_source(models, tmp_path, model_type="qwen2", architectures=["Qwen2ForCausalLM"], mlp_bias=True)
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert line.startswith(f"bsbr convert: error: SOURCE {d}"), line
+
+
+def test_eval_names_a_missing_filler_file_and_a_depth_that_is_not_a_number(models, tmp_path, capsys):
+    _, converted, _ = models
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", tmp_path / "nope.txt"], "eval")
+    assert "does not exist" in line and "nope.txt" in line, line
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-depths", "half"], "eval")
+    assert "--passkey-depths: must be a number in [0, 1], got 'half'" in line and "_depth" not in line, line
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_named_after_a_later_run(models, tmp_path, caplog):
+    source, _, _ = models
+    (tmp_path / ".out.tmp-killed").mkdir()
+    with caplog.at_level("WARNING", logger="bsbr.outputs"):
+        assert bsbr.cli.main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert ".out.tmp-killed" in caplog.text and (tmp_path / ".out.tmp-killed").is_dir()  # named, not removed

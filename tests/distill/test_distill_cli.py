@@ -3,6 +3,7 @@ tests/cli/conftest.py: options refused before anything loads, ``--overwrite`` th
 until the new run's model replaces it, ``--resume`` that refuses another student or a run with nothing left
 to train, and the resume command printed after a second Ctrl-C."""
 import json
+import shutil
 import signal
 import threading
 
@@ -405,3 +406,46 @@ def test_a_run_whose_updates_all_vanish_publishes_nothing(models, text, tmp_path
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "2 training steps changed no weight" in last and "--lm-weight or --lr" in last, last
     assert not (out / "config.json").exists()
+
+
+def test_a_run_whose_logits_diverge_on_finite_weights_publishes_nothing(models, text, tmp_path, capsys):
+    """--lr 1e30 leaves finite weights whose logits are nan: only a check of the weights let the run save a
+    model that was nan past its window (exit 0)."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(distill_args(models, text, out, "--steps", "2", "--lr", "1e30")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training diverged at step" in last and "not finite" in last and "lower the learning rate" in last, last
+    assert not (out / "config.json").exists()
+
+
+def test_a_teacher_that_is_not_the_source_is_named_so_before_its_positions(models, text, tmp_path, capsys):
+    # a GPT-2 teacher for a llama student was refused for its 64 positions, not for being another model
+    from model_sources import make_source
+
+    gpt2 = tmp_path / "gpt2"
+    make_source("gpt2").save_pretrained(gpt2)
+    source, _, _ = models
+    shutil.copy(source / "tokenizer.json", gpt2)
+    args = distill_args(models, text, tmp_path / "out", "--steps", "1")
+    args[args.index("--teacher") + 1] = str(gpt2)
+    line = refused(capsys, args, "distill")
+    assert "is not the model" in line and "positions" not in line, line
+
+
+def test_a_learned_position_source_within_the_students_reach_is_refused_once(models, text, tmp_path, capsys):
+    # a GPT-2 source of 64 positions, a student that reads 80 tokens exactly: --seq-len 64 asked for more than
+    # 80, --seq-len 96 for at most 64; the one refusal says that no --seq-len can work and what to change
+    from model_sources import make_source
+
+    src, conv = tmp_path / "gpt2", tmp_path / "conv"
+    make_source("gpt2").save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the source's tokenizer
+        if (models[0] / name).exists():
+            shutil.copy(models[0] / name, src)
+    assert main(["convert", str(src), str(conv), "--chunk-size", "8"]) == 0
+    for seq_len in ("64", "96"):
+        args = distill_args((src, conv, None), text, tmp_path / "out", "--steps", "1")
+        args[args.index("--seq-len") + 1] = seq_len
+        line = refused(capsys, args, "distill")
+        assert "64 learned positions" in line and "no --seq-len" in line and "--retrieval-blocks" in line, line

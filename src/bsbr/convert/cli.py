@@ -155,7 +155,10 @@ def cmd_convert(args) -> int:
         raise UserError(f"SOURCE {source}: its tokenizer has {len(tok)} tokens, its model only {vocab}: "
                         f"the tokenizer is not this model's")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
-    model = convert_to_bsbr(src, **options)
+    try:
+        model = convert_to_bsbr(src, **options)
+    except ValueError as e:  # the weights do not map onto its family's (a config.json that is not this model's)
+        raise UserError(f"SOURCE {source or 'the bundled SmolLM2'} cannot be converted: {e}") from e
     _check_position_options(args, source, model.config.position_type)
     try:  # all or nothing, and not while another bsbr command (a distill) writes there
         with output_lock(out, "OUTPUT_DIR", "bsbr command"), staged_dir(out, overwrite=args.overwrite) as tmp:

@@ -52,8 +52,9 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
 
 def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(*args, **kwargs)``, refusing (ValueError) what transformers
-    would load with random or broken weights: a weight missing from the files or of another shape than
-    config.json gives it, a value of config.json it cannot look up, a weight that is not finite."""
+    would load with random, dropped or broken weights: a weight missing from the files, one config.json
+    has no place for, or of another shape than config.json gives it; a value of config.json it cannot
+    look up; a weight that is not finite."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -68,6 +69,12 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     if info.get("missing_keys"):
         raise ValueError(f"{name}: weights missing from its files (they would be random): "
                          f"{listed(info['missing_keys'])}")
+    # weights config.json has no place for (more layers than it says, another family's modules) would be
+    # dropped silently; stray buffers of older checkpoints (GPT-2's attn.masked_bias) are not weights
+    extra = [k for k in info.get("unexpected_keys") or () if str(k).endswith(".weight")]
+    if extra:
+        raise ValueError(f"{name}: its files hold weights that config.json has no place for, which would be dropped "
+                         f"(is config.json this model's?): {listed(extra)}")
     if info.get("mismatched_keys"):
         key, found, expected = sorted(info["mismatched_keys"], key=str)[0][:3]
         raise ValueError(f"{name}: its weights do not fit its config.json ({key} has shape {tuple(found)}, "

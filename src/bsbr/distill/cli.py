@@ -56,6 +56,14 @@ def _check_new_pieces_matter(config, args) -> None:
     from .trainer import exact_reach
 
     reach = exact_reach(config)
+    table = config.max_position_embeddings if config.position_type == "learned" else None
+    if table is not None and table <= reach and (args.params == "new" or not args.lm_weight):
+        # the teacher (its source) cannot run past its learned positions, the student equals it up to its reach
+        raise UserError(f"this student reads every earlier token exactly up to (local_chunks + retrieval_blocks) x "
+                        f"chunk_size = {reach} tokens, and its source (the teacher) has {table} learned positions, so "
+                        f"no --seq-len both runs on the teacher and gives --params {args.params} anything to learn: "
+                        f"convert with fewer --retrieval-blocks or a smaller --chunk-size (that product below {table})"
+                        + ("" if args.params == "new" else ", or give --lm-weight"))
     if args.params == "new" and args.seq_len <= reach:
         raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
                         f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
@@ -236,7 +244,6 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     student = load_bsbr_model(student_dir)
     _check_new_pieces_matter(student.config, args)
     teacher = load_model_arg(args.teacher, "--teacher")
-    check_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])
     vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.config.vocab_size
     if vocab_t != vocab_s:
         raise UserError(f"--teacher {args.teacher or '(bundled SmolLM2)'} has a vocabulary of {vocab_t} tokens, the "
@@ -244,6 +251,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     note = check_source(student_dir, args.teacher, teacher, option="--teacher", force=args.force)
     if note:
         logger.warning(note)
+    check_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (once it is the student's source)
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)

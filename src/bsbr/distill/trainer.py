@@ -310,6 +310,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                 dist.all_reduce(shared)
                 stop, out_of_time = bool(shared[0] > 0), bool(shared[1] > 0)
                 entry.update(kl=float(shared[2]) / world, ce=float(shared[3]) / world)
+            if not (math.isfinite(entry["kl"]) and math.isfinite(entry["ce"])):  # the same on every rank
+                raise ValueError(f"training diverged at step {progress['step'] + 1}: the loss is {entry['kl']} "
+                                 f"(finite weights, non-finite logits): {LOWER_LR}")
             entry.update(step=progress["step"], seconds=round(time.monotonic() - t0, 2))
             progress["step"] += 1
             progress["log"].append(entry)
@@ -330,6 +333,11 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         raise ValueError(f"{progress['step']} training steps changed no weight (every update was 0, e.g. a loss so "
                          f"large that the optimizer's moments overflow): nothing is published; give a smaller "
                          "--lm-weight or --lr")
+    with torch.no_grad():  # the last update meets no loss in the loop: one forward checks it (same on every rank)
+        probe = student(windows[int(order[0])][None], use_cache=False).logits
+    if not bool(torch.isfinite(probe).all()):
+        raise ValueError(f"training diverged at step {progress['step']}: the trained model's logits are not finite "
+                         f"(its weights are): {LOWER_LR}")
     progress["elapsed"] = time.monotonic() - t0
     stop = should_stop is not None and bool(should_stop())  # a Ctrl-C after the last step
     if world > 1:

@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 def _depth(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"depth must lie in [0, 1], got {text}")
     return value

@@ -176,6 +176,9 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
         if path.exists():
             what = "a directory" if path.is_dir() else "not a regular file (a device or FIFO)"
             raise ValueError(f"filler {spec!r} is {what}: give a text file's path or one of {', '.join(FILLER_KINDS)}")
+        if spec.startswith("file:") or any(sep in spec for sep in ("/", "\\", ".")):  # a path, not a mistyped kind
+            raise ValueError(f"filler file {spec!r} does not exist: give an existing text file's path or one of "
+                             f"{', '.join(FILLER_KINDS)}")
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
     try:
         text = path.read_text(encoding="utf-8")
