@@ -116,6 +116,14 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
     if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
         raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
                                   f"converted from {name}: give {option} {name}")
+    if source is None and not force and not name:  # no record: config.json's vocabulary tells, before loading
+        from .convert.defaults import DEFAULT_SOURCE_VOCAB
+
+        vocab = read_config(Path(model_dir) / "config.json", option).get("vocab_size")
+        if isinstance(vocab, int) and vocab != DEFAULT_SOURCE_VOCAB:
+            raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2 (a vocabulary of "
+                                      f"{DEFAULT_SOURCE_VOCAB:,}), but {model_dir} has {vocab:,} tokens and no "
+                                      f"conversion.json naming its source: give {option}")
 
 
 def _is_default_source(name: str) -> bool:
@@ -288,6 +296,14 @@ def load_model_arg(source, option: str):
     try:
         model = load_source(source).eval()
     except Exception as e:  # OSError: a missing or pickled file; SafetensorError: a broken one
+        if isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # the sizes config.json gives
+            import re
+
+            asked = re.search(r"allocate (\d+) bytes", str(e))
+            asked = f" (one tensor of {int(asked.group(1)) / 1e9:,.1f} GB)" if asked else ""
+            raise UserError(f"{option} {source or '(the bundled SmolLM2)'}: out of memory building the model its "
+                            f"config.json describes{asked}: check its sizes (vocab_size, hidden_size, "
+                            "num_hidden_layers, positions)") from e
         if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
             raise
         why = " ".join(str(e).split()).removeprefix(f"{source}: ")  # (load_source's own refusals name it)

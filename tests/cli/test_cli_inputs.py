@@ -759,3 +759,25 @@ def test_a_staging_folder_left_by_a_killed_run_is_named_after_a_later_run(models
     with caplog.at_level("WARNING", logger="bsbr.outputs"):
         assert bsbr.cli.main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
     assert ".out.tmp-killed" in caplog.text and (tmp_path / ".out.tmp-killed").is_dir()  # named, not removed
+
+
+def test_a_source_config_too_large_for_memory_names_its_config(models, tmp_path, capsys):
+    # vocab_size 1e12: "out of memory ...: give shorter or fewer inputs" blamed the inputs, naming no file
+    d = _edited_source(models, tmp_path, vocab_size=10 ** 12)
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert f"SOURCE {d}: out of memory building the model its config.json describes" in line, line
+
+
+def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,
+                                                                                          capsys, monkeypatch):
+    # no conversion.json, no --reference: the bundled SmolLM2 loaded (~30 s), then "the models' vocabularies differ
+    # ... (is --reference the model ...)" although --reference was not given
+    import bsbr.arguments
+
+    _, converted, _ = models
+    d = tmp_path / "bare"
+    shutil.copytree(converted, d)
+    (d / "conversion.json").unlink()
+    monkeypatch.setattr(bsbr.arguments, "load_model_arg", lambda *a, **k: pytest.fail("loaded a model first"))
+    line = refused(capsys, ["eval", d, "--text-file", text, "--seq-len", "24", "--no-passkey"], "eval", d)
+    assert "--reference is not given" in line and "no conversion.json" in line, line

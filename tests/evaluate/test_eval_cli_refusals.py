@@ -290,7 +290,9 @@ def test_a_passkey_length_too_short_for_a_prompt_is_refused_before_any_model_run
         raise AssertionError("a model was loaded before the refusal")
 
     monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", loaded)
-    extra = {"full": ["--text-file", str(saved / "text.py"), "--seq-len", "40"], "passkey-only": ["--passkey-only"],
+    ref = ["--reference", str(saved / "ref")]
+    extra = {"full": [*ref, "--text-file", str(saved / "text.py"), "--seq-len", "40"],
+             "passkey-only": [*ref, "--passkey-only"],
              "lm-eval": ["--lm-eval-task-dir", str(tmp_path / "task")]}[mode]
     _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "500", "20"],
              "--passkey-lengths: length 20 is too short for a pass-key prompt")

@@ -38,6 +38,12 @@ def test_first_chunk_logits_match_the_source(pair, ids):
     assert (a[:, :256].argmax(-1) == b[:, :256].argmax(-1)).all()
 
 
+def test_the_recorded_vocabulary_of_the_bundled_model_is_its_own(pair):
+    from bsbr.convert.defaults import DEFAULT_SOURCE_VOCAB
+
+    assert pair[0].config.vocab_size == DEFAULT_SOURCE_VOCAB  # what eval/distill check a bare model against
+
+
 def test_extra_parameters_at_most_five_percent(pair):
     assert pair[1].conversion_summary["extra_params_pct"] <= 5.0
 

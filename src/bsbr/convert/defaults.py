@@ -13,6 +13,7 @@ from pathlib import Path
 # found those held-out keys 1/3 each, also reading every chunk: it is opt-in. The bounded mode
 # (recall_tokens) reads every far key at window positions too.
 DEFAULT_CHUNK_SIZE = 256
+DEFAULT_SOURCE_VOCAB = 49152  # the bundled SmolLM2's vocabulary (checked by tests/models/test_smollm2.py)
 DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.0, local_chunks=2, sink_tokens=4,
                        retrieval_blocks=8, recall_tokens=0, far_positions="window",
                        position_scheme="wrap")
