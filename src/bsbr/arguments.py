@@ -105,9 +105,11 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     raise SourceMismatchError(msg)
 
 
-def check_recorded_source(model_dir, source, *, option: str, force: bool = False) -> None:
+def check_recorded_source(model_dir, source, *, option: str, force: bool = False, compared: bool = True) -> None:
     """Refuse, before loading, to default ``option`` (``source`` None) to the bundled SmolLM2 for a model
-    whose conversion.json names another source: :func:`check_source` would refuse it only once loaded."""
+    whose conversion.json names another source: :func:`check_source` would refuse it only once loaded;
+    and, when the command compares the two models' outputs (``compared``), for a model with no record whose
+    config.json gives another vocabulary size."""
     recorded = read_metadata(model_dir).get("source")
     name = recorded.get("name") if isinstance(recorded, dict) else None
     if source is None and not force and name is not None and not isinstance(name, str):
@@ -116,14 +118,14 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
     if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
         raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
                                   f"converted from {name}: give {option} {name}")
-    if source is None and not force and not name:  # no record: config.json's vocabulary tells, before loading
+    if source is None and not force and not name and compared:  # no record: config.json's vocabulary tells
         from .convert.defaults import DEFAULT_SOURCE_VOCAB
 
-        vocab = read_config(Path(model_dir) / "config.json", option).get("vocab_size")
+        vocab = read_config(Path(os.path.expanduser(str(model_dir))) / "config.json", option).get("vocab_size")
         if isinstance(vocab, int) and vocab != DEFAULT_SOURCE_VOCAB:
             raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2 (a vocabulary of "
                                       f"{DEFAULT_SOURCE_VOCAB:,}), but {model_dir} has {vocab:,} tokens and no "
-                                      f"conversion.json naming its source: give {option}")
+                                      f"conversion.json naming its source: give {option} (or --force)")
 
 
 def _is_default_source(name: str) -> bool:

@@ -333,7 +333,8 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
     # what a killed run into the same path left beside it (not removed: one may be a complete result kept
     # when its path appeared while it was written)
-    left = sorted(p.name for p in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"))
+    prefix = f".{out.name}.tmp-"  # mkdtemp's suffix has no dot: ".out.tmp-v2.tmp-X" is another output's
+    left = sorted(p.name for p in out.parent.glob(f"{glob.escape(prefix)}*") if "." not in p.name[len(prefix):])
     if left:
         logger.warning("%s: beside it lie %s, left by an earlier run that was killed; remove %s when not needed",
                        out, ", ".join(left), "them" if len(left) > 1 else "it")

@@ -781,3 +781,16 @@ def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_t
     monkeypatch.setattr(bsbr.arguments, "load_model_arg", lambda *a, **k: pytest.fail("loaded a model first"))
     line = refused(capsys, ["eval", d, "--text-file", text, "--seq-len", "24", "--no-passkey"], "eval", d)
     assert "--reference is not given" in line and "no conversion.json" in line, line
+
+    class Loading(Exception):
+        pass
+
+    def loading(*a, **k):
+        raise Loading
+
+    # a pass-key run of the model alone compares nothing with the reference: not refused for its vocabulary
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", loading)
+    capsys.readouterr()
+    assert bsbr.cli.main(["eval", str(d), "--passkey-only", "--passkey-models", "bsbr", "--passkey-lengths", "96",
+                          "--passkey-depths", "0.5", "--passkey-trials", "1"]) == 1
+    assert "internal error Loading" in capsys.readouterr().err  # it went on to load the models

@@ -636,18 +636,24 @@ def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanl
         args = [str(a) for a in distill_args(models, text, out, *plan)]
         after_checkpoint = trial % 2 == 1
         pid = _fork_cli(args)
+        exited = None  # the child's wait status, once reaped
         try:
             if after_checkpoint:
                 deadline = time.monotonic() + 120
                 while not (out / "checkpoint" / "manifest.json").exists() and not (out / "config.json").exists():
                     assert time.monotonic() < deadline, "the child wrote no checkpoint in 120 s"
-                    if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                        pytest.fail(f"the child exited before its first checkpoint (trial {trial})")
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        exited = status
+                        break
                     time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, (0.6 if after_checkpoint else 1.2) * duration))
+            if exited is None:
+                time.sleep(rng.uniform(0.0, (0.6 if after_checkpoint else 1.2) * duration))
         finally:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
+            if exited is None:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+        assert exited is None, f"trial {trial}: the child exited ({exited}) before its first checkpoint"
         capsys.readouterr()
         code = main([*args, "--resume"])
         err = capsys.readouterr().err

@@ -157,3 +157,14 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=f"nan or inf: {name}"):
             load(tmp_path)
     assert torch.isnan(BSBRForCausalLM.from_pretrained(tmp_path, strict=False).get_parameter(name)).any()
+
+
+def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
+    # development versions wrote window_scored_blocks; it stayed on the config, unread, without a word
+    with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
+        config = BSBRConfig(retrieval_blocks=8, window_scored_blocks=2)
+    assert "window_scored_blocks, a retired option" in caplog.text
+    assert "window_scored_blocks" not in config.to_dict()
+    caplog.clear()
+    assert "window_scored_blocks" not in BSBRConfig(retrieval_blocks=8, window_scored_blocks=0).to_dict()
+    assert not caplog.text

@@ -143,7 +143,7 @@ def cmd_convert(args) -> int:
             raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
         raise
     from ..arguments import load_model_arg, load_tokenizer_arg
-    from .converter import convert_to_bsbr
+    from .converter import SourceWeightsError, convert_to_bsbr
 
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work
@@ -157,7 +157,7 @@ def cmd_convert(args) -> int:
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     try:
         model = convert_to_bsbr(src, **options)
-    except ValueError as e:  # the weights do not map onto its family's (a config.json that is not this model's)
+    except SourceWeightsError as e:  # a config.json that is not this model's
         raise UserError(f"SOURCE {source or 'the bundled SmolLM2'} cannot be converted: {e}") from e
     _check_position_options(args, source, model.config.position_type)
     try:  # all or nothing, and not while another bsbr command (a distill) writes there

@@ -26,6 +26,11 @@ from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
 
+class SourceWeightsError(ValueError):
+    """A source's weights do not map onto the BSBR model its config gives (a config.json that is not
+    this model's, another family's weights)."""
+
+
 def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: torch.dtype = torch.float32):
     """A transformers model from an instance, a local directory, a ``.gguf`` file, or a hub id
     (where the network allows). ``None`` means the default SmolLM2 model."""
@@ -146,7 +151,7 @@ class TransformerToBSBRConverter:
         for note in source_notes(src.config) if family is LLAMA_LIKE else ():
             logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
-            raise ValueError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
+            raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
         model = BSBRForCausalLM(config).float()
         if getattr(src, "generation_config", None) is not None:  # stop tokens, sampling defaults
             model.generation_config = copy.deepcopy(src.generation_config)
@@ -163,28 +168,28 @@ class TransformerToBSBRConverter:
             tied_head = tied and tkey == "lm_head.weight"
             if skey not in sd:
                 if tkey in target and not tied_head:
-                    raise ValueError(f"the source has no weight {skey!r} for {tkey!r} (config mismatch?)")
+                    raise SourceWeightsError(f"the source has no weight {skey!r} for {tkey!r} (config mismatch?)")
                 continue
             used.add(skey)
             if tied_head:
                 if not torch.equal(sd[skey], sd[family.embed_key]):
-                    raise ValueError("the source config ties word embeddings but its lm_head differs from them")
+                    raise SourceWeightsError("the source config ties word embeddings but its lm_head differs from them")
                 continue
             if tkey not in target:
-                raise ValueError(f"source weight {skey!r} has no place in the BSBR model ({tkey!r})")
+                raise SourceWeightsError(f"source weight {skey!r} has no place in the BSBR model ({tkey!r})")
             w = sd[skey] if fn is None else fn(sd[skey])
             if tuple(w.shape) != tuple(target[tkey].shape):
-                raise ValueError(f"shape mismatch for {tkey!r}: source {skey!r} gives {tuple(w.shape)}, "
+                raise SourceWeightsError(f"shape mismatch for {tkey!r}: source {skey!r} gives {tuple(w.shape)}, "
                                  f"BSBR expects {tuple(target[tkey].shape)}")
             filled[tkey] = w.detach().to(torch.float32).clone()
         # a bias like GPT-2's fused c_attn.bias is used by three rules: count by key
         unused = [k for k in sd if k not in used and not k.endswith(family.ignored_suffixes)]
         if unused:
-            raise ValueError(f"source weights with no place in the BSBR model: {unused[:8]}")
+            raise SourceWeightsError(f"source weights with no place in the BSBR model: {unused[:8]}")
         missing = [k for k in target
                    if k not in filled and not is_new_parameter(k) and not (tied and k == "lm_head.weight")]
         if missing:
-            raise ValueError(f"BSBR weights the source did not fill: {missing[:8]}")
+            raise SourceWeightsError(f"BSBR weights the source did not fill: {missing[:8]}")
         model.load_state_dict(filled, strict=False)  # every key of filled is the model's (checked above)
         if tied:
             model.tie_weights()

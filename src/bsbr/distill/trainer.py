@@ -31,7 +31,8 @@ from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_che
 logger = logging.getLogger(__name__)
 
 PARAMS = ("new", "all", "lora")
-LOWER_LR = "lower the learning rate (--lr, or --base-lr); nothing past the last checkpoint was saved"
+LOWER_LR = ("lower the learning rate (--lr, or --base-lr) and start over (--overwrite): nothing past the last "
+            "checkpoint was saved, and it may hold weights of the diverging steps")
 
 
 @dataclass
@@ -318,7 +319,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             progress["log"].append(entry)
             bar.update(1)
             bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
-            if rank == 0 and (stop or progress["step"] % cfg.checkpoint_every == 0):
+            last = (cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time
+            # (the last step's checkpoint is written after the trained model's logits are checked, below)
+            if rank == 0 and (stop or (progress["step"] % cfg.checkpoint_every == 0 and not last)):
                 save({**progress, "elapsed": time.monotonic() - t0})
             if stop:
                 if world > 1:

@@ -228,7 +228,8 @@ def cmd_eval(args) -> int:
         _check_seq_len(args)
     _check_outputs(args)
     if not args.lm_eval_task_dir:  # (the task needs only the model's tokenizer)
-        check_recorded_source(args.model, args.reference, option="--reference", force=args.force)
+        compared = not (args.passkey_only and set(args.passkey_models or ["source"]) <= {"bsbr"})
+        check_recorded_source(args.model, args.reference, option="--reference", force=args.force, compared=compared)
 
     def check_reference(source_model):
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)

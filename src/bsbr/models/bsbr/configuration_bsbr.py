@@ -2,6 +2,7 @@
 Qwen2): positions, norms, MLP, biases and embeddings are fields, not separate model classes."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from transformers import PretrainedConfig
@@ -9,6 +10,8 @@ from transformers import PretrainedConfig
 from ...layers.feature_maps import BSBR_FEATURE_MAPS
 from ...ops.bsbr import BSBROptions
 from ...ops.checks import check_flag, check_int, check_number
+
+logger = logging.getLogger(__name__)
 
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
@@ -193,6 +196,10 @@ class BSBRConfig(PretrainedConfig):
         self.use_cache = use_cache
         # declared, as the sources' configs declare them (code reads config.pad_token_id and tests for None)
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        if kwargs.pop("window_scored_blocks", 0):  # written by development versions before it was retired
+            logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
+                           "of the retrieval blocks): the model chooses all %s blocks by their own scores",
+                           retrieval_blocks)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         # checked once transformers has merged legacy keys (rope_theta, rope_scaling) into rope_parameters
