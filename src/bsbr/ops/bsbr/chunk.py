@@ -213,25 +213,26 @@ def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale
     hq, B, L, R = qr.shape[1], options.chunk_size, options.local_chunks, options.own_position_chunks
     K = options.retrieval_blocks
     g, C, dv = hq // hkv, N // B, v.shape[-1]
-    t, c_idx = torch.arange(N, device=qr.device), torch.arange(C, device=qr.device)
-    keep = _keep(tok_valid, options)  # a sink is never part of a block
-    candidate = (c_idx[None, :] <= (t // B)[:, None] - L) & keep.any(-1).view(b, 1, C)  # (b, N, C)
-    candidate = (candidate & tok_valid[:, :, None]).view(b, 1, 1, N, C)
-    # block scores of each query chunk against the chunks before its window only: (b, hkv, g, N, C)
-    # (no autograd graph: a choice passes no gradient)
-    scores = qr.new_full((b, hkv, g, N, C), NEG_INF)
+    t = torch.arange(N, device=qr.device)
+    holds = _keep(tok_valid, options).any(-1).view(b, 1, 1, 1, C)  # chunks with a token that is not a sink
+    real = tok_valid.view(b, 1, 1, N, 1)
+    # each query chunk's K best among the chunks before its window, chosen as soon as its scores exist, so
+    # that no (N, C) table is held (at 1M tokens that table alone was 150 GB); the scores carry no gradient
+    sel = torch.full((b, hkv, g, N, K), -1, dtype=torch.long, device=qr.device)  # -1: none
     k_b, kr_b = (_blocks(x.detach().contiguous(), B) for x in (k, kr))  # (b, hkv, C, B, d): the cache's layout
     S = options.sink_tokens
     for c in range(L, C):
-        P = c - L + 1
+        P, rows = c - L + 1, slice(c * B, (c + 1) * B)
         split = min(max(c - R + 1, 0), P) if R else P  # chunks before it scored qr.kr, from it q.k
+        scores = qr.new_empty(b, hkv, g, B, P)
         _score_chunk(scores, qr, kr_b, c, 0, split, S)
         _score_chunk(scores, q, k_b, c, split, P, S)
-    sel = select_blocks(scores, candidate, K)  # (b, hkv, g, N, K)
+        got = select_blocks(scores, holds[..., :P] & real[:, :, :, rows], K)
+        sel[:, :, :, rows, :got.shape[-1]] = got
     w_sel = None
-    if num is not None:
-        w_tok = saved["w"].gather(3, (t // B).view(1, 1, 1, N, 1).expand(b, hkv, g, N, C))  # (b, hkv, g, N, C)
-        w_sel = w_tok.gather(-1, sel.clamp(min=0)) * (sel >= 0)
+    if num is not None:  # each token's weights of its selected chunks: its chunk's row of w
+        at = sel.clamp(min=0).view(b, hkv, g, C, B * K)
+        w_sel = saved["w"].gather(-1, at).view(b, hkv, g, N, K) * (sel >= 0)
     own = None
     if R:  # the selected chunks fewer than R before the token's: read at their own positions
         own = ((t // B).view(1, 1, 1, N, 1) - sel < R) & (sel >= 0)
@@ -249,15 +250,15 @@ def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale
 
 def _score_chunk(scores, q, k_b, c, p0, p1, sinks):
     """Write the block scores of query chunk c's tokens against chunks p0 .. p1 - 1 into ``scores``
-    (b, hkv, g, N, C). q (b, hq, N, d), k_b (b, hkv, C, B, d) detached. A K/V head's g query heads are
-    the rows of one matmul: no key is copied per head."""
+    (b, hkv, g, B, P) at columns p0 .. p1 - 1. q (b, hq, N, d), k_b (b, hkv, C, B, d) detached. A K/V
+    head's g query heads are the rows of one matmul: no key is copied per head."""
     if p1 <= p0:
         return
-    b, hkv, g, _, C = scores.shape
-    B = k_b.shape[3]
+    b, hkv, g, B = scores.shape[:4]
+    C = k_b.shape[2]
     q_c = q.detach().view(b, hkv, g, C, B, -1)[:, :, :, c].reshape(b, hkv, g * B, -1)
     s_c = block_scores(q_c, k_b[:, :, p0:p1], max(sinks - p0 * B, 0))
-    scores[:, :, :, c * B:(c + 1) * B, p0:p1] = s_c.view(b, hkv, g, B, p1 - p0)
+    scores[..., p0:p1] = s_c.view(b, hkv, g, B, p1 - p0)
 
 
 def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
