@@ -32,8 +32,10 @@ log-softmax at ``p``:
 * on the final hidden state (the LM head's input) ``h``: mean cosine similarity
   ``cos(h^m_p, h^source_p)`` and mean squared error ``mean_d (h^m_{p,d} - h^source_{p,d})^2``.
 
-Only per-bucket sums (float64) are kept, never the logits (the vocabulary is ~49k), so memory is
-one window's logits regardless of how many windows are read.
+Only per-bucket sums (float64) are kept, never the logits (the vocabulary is ~49k): each model's
+logits are made from its final hidden states a block of positions at a time, so memory is the models'
+forwards and one block's logits, whatever the window's length (all four models' logits of one 8,192-token
+window took 13 GB).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 REFERENCE = "source"
 DEFAULT_KS = (1, 5, 10)
+POSITION_BLOCK = 1024  # positions whose logits are made and scored at once
 BUCKET_SCHEMES = ("chunk", "doubling")
 
 
@@ -147,12 +150,13 @@ class MetricAccumulator:
 
     @torch.no_grad()
     def update(self, targets: torch.Tensor, logits: Mapping[str, torch.Tensor],
-               hidden: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-        """Add one batch of windows.
+               hidden: Optional[Mapping[str, torch.Tensor]] = None, start: int = 0) -> None:
+        """Add one batch of windows, or one block of their positions.
 
         ``targets``: (b, n) the window's token ids (position ``p`` predicts ``targets[:, p+1]``);
-        ``logits[m]``: (b, n, V) for every model name; ``hidden[m]``: (b, n, D) final hidden states
-        for the source and any candidate (optional).
+        ``logits[m]``: (b, L, V) for every model name, positions ``start .. start + L - 1`` (a window is
+        counted once its last position is added); ``hidden[m]``: (b, L, D) final hidden states for the
+        source and any candidate (optional).
         """
         if targets.dim() != 2 or targets.shape[1] != self.seq_len:
             raise ValueError(f"targets must have shape (batch, {self.seq_len}), got {tuple(targets.shape)}")
@@ -160,15 +164,21 @@ class MetricAccumulator:
         if missing:
             raise ValueError(f"logits missing for models {missing}")
         b, n = targets.shape
-        vocab = logits[REFERENCE].shape[-1]
+        span, vocab = logits[REFERENCE].shape[1], logits[REFERENCE].shape[-1]
+        if not 0 <= start <= n - span:
+            raise ValueError(f"positions {start} .. {start + span - 1} lie outside the window of {n}")
         for m in self.models:
-            if tuple(logits[m].shape) != (b, n, vocab):
-                raise ValueError(f"logits[{m!r}] must have shape {(b, n, vocab)}, got {tuple(logits[m].shape)}")
-        pos = self._pos                                                    # (t,) scored positions
-        idx = self._bucket.repeat(b)                                       # (b*t,) bucket per scored token
+            if tuple(logits[m].shape) != (b, span, vocab):
+                raise ValueError(f"logits[{m!r}] must have shape {(b, span, vocab)}, got {tuple(logits[m].shape)}")
+        inside = (self._pos >= start) & (self._pos < start + span)
+        pos = self._pos[inside]                                            # (t,) scored positions here
+        idx = self._bucket[inside].repeat(b)                               # (b*t,) bucket per scored token
         y = targets[:, pos + 1]                                            # (b, t) next tokens
+        at = pos - start                                                   # their rows in the logits
+        if start + span == n:
+            self.windows += b
 
-        logp = {m: F.log_softmax(logits[m][:, pos].float(), dim=-1) for m in self.models}  # (b, t, V)
+        logp = {m: F.log_softmax(logits[m][:, at].float(), dim=-1) for m in self.models}  # (b, t, V)
         self.count.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
         for m in self.models:
             self._add(self.nll[m], -logp[m].gather(-1, y.unsqueeze(-1)).squeeze(-1), idx)
@@ -183,17 +193,16 @@ class MetricAccumulator:
         if hidden is not None:
             if REFERENCE not in hidden:
                 raise ValueError(f"hidden must include {REFERENCE!r} to compare against")
-            hs = hidden[REFERENCE][:, pos].float()                         # (b, t, D)
+            hs = hidden[REFERENCE][:, at].float()                          # (b, t, D)
             self.hidden_count.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
             for m in self.candidates:
                 if m not in hidden:
                     raise ValueError(f"hidden states missing for {m!r}")
-                hm = hidden[m][:, pos].float()
+                hm = hidden[m][:, at].float()
                 if hm.shape != hs.shape:
                     raise ValueError(f"hidden[{m!r}] has shape {tuple(hm.shape)}, the source's {tuple(hs.shape)}")
                 self._add(self.cos[m], F.cosine_similarity(hm, hs, dim=-1, eps=1e-12), idx)
                 self._add(self.mse[m], (hm - hs).pow(2).mean(-1), idx)
-        self.windows += b
 
     # ------------------------------------------------------------------ results
     @staticmethod
@@ -273,16 +282,20 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     for start in bar(range(0, n_win, batch_size), desc="eval windows", disable=not progress):
         check_not_interrupted()  # (a Ctrl-C a library swallowed)
         ids = windows[start:start + batch_size]                            # (b, n)
-        logits, hidden = {}, {}
+        hidden = {}
         for name, m in models.items():
-            out = m(input_ids=ids, use_cache=False, output_hidden_states=True)
+            out = m(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
             if out.hidden_states is None:
                 raise ValueError(f"{type(m).__name__} returned no hidden states with output_hidden_states=True")
             # hidden_states[-1] is the LM head's input (after the final norm) for HF models and BSBR alike
-            logits[name], hidden[name] = out.logits, out.hidden_states[-1]  # (b, n, V), (b, n, D)
+            hidden[name] = out.hidden_states[-1]                           # (b, n, D)
             del out  # frees the other layers' hidden states
-        acc.update(ids, logits, hidden)
-        del logits, hidden
+        for lo in range(0, seq_len, POSITION_BLOCK):  # the logits a block of positions at a time
+            block = {name: h[:, lo:lo + POSITION_BLOCK] for name, h in hidden.items()}
+            logits = {name: models[name].get_output_embeddings()(h) for name, h in block.items()}
+            acc.update(ids, logits, block, start=lo)
+            del logits
+        del hidden
         logger.debug("window %d/%d done", start + ids.shape[0], n_win)
     lm = acc.result()
     logger.info("perplexity past the first chunk: %s; gap closed %s",
