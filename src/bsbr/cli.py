@@ -162,7 +162,10 @@ def main(argv=None) -> int:
 def run() -> None:
     """The console command: :func:`main`, then exit with its status. A Ctrl-C or SIGTERM during the
     interpreter's shutdown (a second or so after the command is done) does not turn a finished command into
-    130 or 143."""
+    130 or 143. Into a log (stderr not a terminal) no library draws a progress bar either: tqdm reads
+    ``TQDM_DISABLE`` when it is imported (transformers' GGUF loader has no switch of its own)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

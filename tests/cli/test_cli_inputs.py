@@ -794,3 +794,22 @@ def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_t
     assert bsbr.cli.main(["eval", str(d), "--passkey-only", "--passkey-models", "bsbr", "--passkey-lengths", "96",
                           "--passkey-depths", "0.5", "--passkey-trials", "1"]) == 1
     assert "internal error Loading" in capsys.readouterr().err  # it went on to load the models
+
+
+def test_the_console_command_draws_no_library_progress_bar_into_a_log():
+    # transformers' GGUF loader drew "Converting and de-quantizing GGUF tensors" bars into every log of a
+    # command on the bundled model (its tqdm has no switch); a bar stands in for it here
+    import subprocess
+    import sys
+
+    code = ("import bsbr.cli as c\n"
+            "def main(*a, **k):\n"
+            "    from tqdm.auto import tqdm\n"
+            "    for _ in tqdm(range(3), desc='A-LIBRARY-BAR'): pass\n"
+            "    return 0\n"
+            "c.main = main\n"
+            "c.run()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
+    assert r.returncode == 0, r.stderr
+    assert "A-LIBRARY-BAR" not in r.stderr, r.stderr
