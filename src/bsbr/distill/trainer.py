@@ -290,7 +290,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         out_of_time = bool(flag.item() > 0)
     bar = progress_bar(disable=rank != 0, desc="distill", unit="step")
     try:  # the bar ends its line before any error is printed
-        while not ((cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time):
+        def finished() -> bool:  # the steps asked for are done, or the time budget ran out
+            return (cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time
+
+        while not finished():
             ids = windows[int(order[(progress["step"] * world + rank) % len(windows)])][None]
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -319,9 +322,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             progress["log"].append(entry)
             bar.update(1)
             bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
-            last = (cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time
             # (the last step's checkpoint is written after the trained model's logits are checked, below)
-            if rank == 0 and (stop or (progress["step"] % cfg.checkpoint_every == 0 and not last)):
+            if rank == 0 and (stop or (progress["step"] % cfg.checkpoint_every == 0 and not finished())):
                 save({**progress, "elapsed": time.monotonic() - t0})
             if stop:
                 if world > 1:
