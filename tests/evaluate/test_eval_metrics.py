@@ -155,6 +155,7 @@ def test_evaluate_scores_blocks_of_positions_as_the_whole_window(family, monkeyp
     from bsbr import convert_to_bsbr
     from bsbr.evaluate import metrics, perplexity_past
     from bsbr.evaluate.baselines import local_baseline
+    from bsbr.models import heads
 
     torch.manual_seed(0)
     src = make_source(family).eval()
@@ -162,7 +163,7 @@ def test_evaluate_scores_blocks_of_positions_as_the_whole_window(family, monkeyp
     local = local_baseline(src, 8, like=model)
     windows = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(1))
     whole = metrics.evaluate(model, src, None, windows, 8, local=local, progress=False)["language_modeling"]
-    monkeypatch.setattr(metrics, "POSITION_BLOCK", 7)
+    monkeypatch.setattr(heads, "POSITION_BLOCK", 7)
     blocks = metrics.evaluate(model, src, None, windows, 8, local=local, progress=False)["language_modeling"]
     for key in ("perplexity", "kl", "hidden_cosine"):
         for m, x in whole[key].items():

@@ -19,10 +19,12 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..convert.converter import is_new_parameter
 from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
+from ..models.heads import final_hidden_states, position_blocks
 from ..outputs import publish_files, temp_dir
 from ..progress import bar as progress_bar
 from ..ops.checks import check_int, check_number, is_number, shown
@@ -127,26 +129,47 @@ def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
     return {n: p for n, p in student.named_parameters() if is_new_parameter(n)}
 
 
-def end_to_end_loss(student, teacher_logits: torch.Tensor, input_ids: torch.Tensor, lm_weight: float):
+def end_to_end_loss(student, teacher, input_ids: torch.Tensor, lm_weight: float):
     """KL(teacher || student) of next-token distributions past the first chunk, plus lm_weight * CE.
-    ``student``: the model, or its DistributedDataParallel wrapper (whose forward averages gradients)."""
-    chunk = getattr(student, "module", student).config.chunk_size
-    start = chunk if input_ids.shape[1] > chunk else 0
-    logits = student(input_ids, use_cache=False).logits[:, start:-1].float()
-    t = F.log_softmax(teacher_logits[:, start:-1].float(), -1)
-    s = F.log_softmax(logits, -1)
-    kl = (t.exp() * (t - s)).sum(-1).mean()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, start + 1:].reshape(-1))
+    Returns (the loss, its KL and CE as floats). ``student``: the model, or its DistributedDataParallel
+    wrapper (whose forward averages gradients); ``teacher`` runs without gradients.
+
+    Logits exist a block of positions at a time (:mod:`bsbr.models.heads`), each block's made again in
+    the backward pass: both models' logits of a whole 4,096-token window, with their softmaxes and
+    gradients, were most of a step's 10 GB."""
+    model = getattr(student, "module", student)
+    n = input_ids.shape[1]
+    start = model.config.chunk_size if n > model.config.chunk_size else 0
+    with torch.no_grad():
+        teacher_h = final_hidden_states(teacher, input_ids)
+    student_h = final_hidden_states(student, input_ids)
+    s_head, t_head = model.get_output_embeddings(), teacher.get_output_embeddings()
+
+    def sums(h, th, targets):  # (KL, CE) summed over a block's positions
+        s = F.log_softmax(s_head(h).float(), -1)
+        with torch.no_grad():
+            t = F.log_softmax(t_head(th).float(), -1)
+        kl = (t.exp() * (t - s)).sum()
+        return torch.stack([kl, F.nll_loss(s.flatten(0, 1), targets.flatten(), reduction="sum")])
+
+    total = sum(checkpoint(sums, student_h[:, lo:hi], teacher_h[:, lo:hi], input_ids[:, lo + 1:hi + 1],
+                           use_reentrant=False) for lo, hi in position_blocks(start, n - 1))
+    kl, ce = total / (input_ids.shape[0] * (n - 1 - start))
     return kl + lm_weight * ce, float(kl.detach()), float(ce.detach())
 
 
 def _train_step(teacher, student, ids: torch.Tensor, cfg: DistillConfig) -> dict:
     """One step's forward and backward (gradients left in ``.grad``); returns the log entry."""
-    with torch.no_grad():
-        tlogits = teacher(ids, use_cache=False).logits
-    total, kl, ce = end_to_end_loss(student, tlogits, ids, cfg.lm_weight)
+    total, kl, ce = end_to_end_loss(student, teacher, ids, cfg.lm_weight)
     total.backward()
     return dict(kl=kl, ce=ce)
+
+
+def _logits_finite(model, ids: torch.Tensor) -> bool:
+    """Whether every logit of ``model`` on ``ids`` (b, n) is finite (no gradient), a block at a time."""
+    with torch.no_grad():
+        h, head = final_hidden_states(model, ids), getattr(model, "module", model).get_output_embeddings()
+        return all(bool(torch.isfinite(head(h[:, lo:hi])).all()) for lo, hi in position_blocks(0, ids.shape[1]))
 
 
 def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
@@ -338,9 +361,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         raise ValueError(f"{progress['step']} training steps changed no weight (every update was 0, e.g. a loss so "
                          f"large that the optimizer's moments overflow): nothing is published; give a smaller "
                          "--lm-weight or --lr")
-    with torch.no_grad():  # the last update meets no loss in the loop: one forward checks it (same on every rank)
-        probe = student(windows[int(order[0])][None], use_cache=False).logits
-    if not bool(torch.isfinite(probe).all()):
+    # the last update meets no loss in the loop: one forward checks it (the same on every rank)
+    if not _logits_finite(student, windows[int(order[0])][None]):
         raise ValueError(f"training diverged at step {progress['step']}: the trained model's logits are not finite "
                          f"(its weights are): {LOWER_LR}")
     progress["elapsed"] = time.monotonic() - t0

@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import check_not_interrupted
+from ..models.heads import final_hidden_states, position_blocks
 
 logger = logging.getLogger(__name__)
 
 REFERENCE = "source"
 DEFAULT_KS = (1, 5, 10)
-POSITION_BLOCK = 1024  # positions whose logits are made and scored at once
 BUCKET_SCHEMES = ("chunk", "doubling")
 
 
@@ -282,16 +282,9 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     for start in bar(range(0, n_win, batch_size), desc="eval windows", disable=not progress):
         check_not_interrupted()  # (a Ctrl-C a library swallowed)
         ids = windows[start:start + batch_size]                            # (b, n)
-        hidden = {}
-        for name, m in models.items():
-            out = m(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            if out.hidden_states is None:
-                raise ValueError(f"{type(m).__name__} returned no hidden states with output_hidden_states=True")
-            # hidden_states[-1] is the LM head's input (after the final norm) for HF models and BSBR alike
-            hidden[name] = out.hidden_states[-1]                           # (b, n, D)
-            del out  # frees the other layers' hidden states
-        for lo in range(0, seq_len, POSITION_BLOCK):  # the logits a block of positions at a time
-            block = {name: h[:, lo:lo + POSITION_BLOCK] for name, h in hidden.items()}
+        hidden = {name: final_hidden_states(m, ids) for name, m in models.items()}  # (b, n, D) each
+        for lo, hi in position_blocks(0, seq_len):  # the logits a block of positions at a time
+            block = {name: h[:, lo:hi] for name, h in hidden.items()}
             logits = {name: models[name].get_output_embeddings()(h) for name, h in block.items()}
             acc.update(ids, logits, block, start=lo)
             del logits
