@@ -215,3 +215,17 @@ def test_a_cache_built_under_inference_mode_continues_outside_it():
     with torch.inference_mode():  # and a cache continued outside goes on inside again
         out = model(ids[:, 29:30], cache=cache)
     torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_modes_that_cannot_run_say_which():
+    """generate(cache_implementation="paged") switches to transformers' continuous batching, which was
+    refused as an attn_implementation the user never passed; beam search continuing a given cache was
+    pointed at BSBRCache.reorder_cache, which generate gives no way to call."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK).eval()
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="continuous batching .* generate without cache_implementation"):
+        model.generate(ids, cache_implementation="paged", max_new_tokens=2, do_sample=False)
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    with pytest.raises(ValueError, match="num_beams or num_return_sequences > 1 cannot continue a given cache"):
+        model.generate(out.sequences, past_key_values=out.past_key_values, num_beams=2, max_new_tokens=2,
+                       do_sample=False, pad_token_id=0)

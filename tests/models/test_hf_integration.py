@@ -155,9 +155,10 @@ def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model)
         model.config.output_attentions = False
 
 
-def test_token_type_ids_are_refused_not_dropped():
+def test_token_type_ids_are_refused_where_the_source_reads_them():
     """A GPT-2 source adds wte(token_type_ids) to its inputs (zeros too); dropping them silently gave
-    logits 5.1 away from the source's. None passes."""
+    logits 5.1 away from the source's. None passes. The other sources ignore them, and so does their
+    conversion (a tokenizer's token_type_ids, passed on by model(**inputs), were refused)."""
     src = make_source("gpt2").eval()
     model = convert_to_bsbr(src, chunk_size=4).eval()
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -167,6 +168,34 @@ def test_token_type_ids_are_refused_not_dropped():
             with pytest.raises(ValueError, match="token_type_ids is not supported"):
                 m(ids, token_type_ids=torch.zeros_like(ids))
             assert m(ids, token_type_ids=None) is not None
+        for family in ("llama", "qwen2"):
+            src = make_source(family).eval()
+            model = convert_to_bsbr(src, chunk_size=4).eval()
+            types = torch.ones_like(ids)
+            torch.testing.assert_close(model(ids, token_type_ids=types).logits, src(ids, token_type_ids=types).logits,
+                                       rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,value", [("chunk_size", 2), ("local_chunks", 3), ("retrieval_blocks", 1),
+                                        ("far_positions", "hybrid"), ("max_position_embeddings", 16)])
+def test_a_config_value_changed_after_the_model_was_built_is_refused(tmp_path, name, value):
+    """Setting config.chunk_size on a built model moved its logits by 5.7, to a model that is neither
+    the old one nor one built with the new value (the layers keep theirs; the forward read the new);
+    retrieval_blocks changed nothing until a save and a reload. The forward now says so; a save writes
+    the edited config, and loading it builds that model."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    before = getattr(model.config, name)
+    setattr(model.config, name, value)
+    for m in (model, model.model):
+        with pytest.raises(ValueError, match=f"config.{name}|{name}"):
+            m(ids)
+    model.save_pretrained(tmp_path)
+    rebuilt = BSBRForCausalLM.from_pretrained(tmp_path).eval()
+    assert getattr(rebuilt.config, name) == value and rebuilt(ids).logits.isfinite().all()
+    setattr(model.config, name, before)  # set back, it runs; an initial value and the learned positions'
+    model.config.gate_init, model.config.position_scheme = 0.5, "clamp"  # scheme (read at every forward) may change
+    assert model(ids).logits.isfinite().all()
 
 
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):

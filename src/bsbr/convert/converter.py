@@ -205,5 +205,6 @@ class TransformerToBSBRConverter:
 def convert_to_bsbr(source=None, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None,
                     **options) -> BSBRForCausalLM:
     """Convert ``source`` (a transformers model, a local directory, a .gguf file, a hub id, or None
-    for the bundled SmolLM2-135M) to a :class:`BSBRForCausalLM`. See :class:`TransformerToBSBRConverter`."""
+    for the bundled SmolLM2-135M) to a float32 :class:`BSBRForCausalLM`, whatever the source's dtype. See
+    :class:`TransformerToBSBRConverter`."""
     return TransformerToBSBRConverter(chunk_size, compression_factor, **options).convert(source)

@@ -157,12 +157,24 @@ def refuse_output_attentions(output_attentions, config) -> None:
         raise ValueError("output_attentions=True is not supported: BSBR never forms the attention matrix")
 
 
-def refuse_token_type_ids(kwargs) -> None:
-    """``token_type_ids`` (a GPT-2 source adds their token embeddings to its inputs) is refused in one
-    line: a BSBR model has no token types, and dropping them would give other logits than the source's."""
-    if kwargs.pop("token_type_ids", None) is not None:
+def refuse_token_type_ids(kwargs, config) -> None:
+    """``token_type_ids``: dropped, as the Llama, Mistral and Qwen2 sources ignore them; refused in one line
+    for a model with learned positions (converted from GPT-2), whose source adds their token embeddings
+    to its inputs (dropping them would give other logits than the source's)."""
+    if kwargs.pop("token_type_ids", None) is not None and config.position_type == "learned":
         raise ValueError("token_type_ids is not supported: a BSBR model has no token-type embeddings (a GPT-2 "
                          "source adds them to its inputs); add them to inputs_embeds yourself or leave them out")
+
+
+def built_with(config) -> dict:
+    """What a model takes from its config when it is built, besides its weights' shapes: the attention
+    options its layers keep and the position rules its forward reads with them (``position_scheme``,
+    read at every forward, and ``gate_init``, an initial value, may change)."""
+    kwargs = config.attention_kwargs()
+    kwargs.pop("gate")
+    return dict(kwargs, chunk_size=config.chunk_size, far_positions=config.far_positions,
+                max_position_embeddings=config.max_position_embeddings, position_type=config.position_type,
+                rope_parameters=config.rope_parameters)
 
 
 def refuse_pickled_weights(path: Path) -> None:
@@ -232,6 +244,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
         kernel is refused in one line (transformers asked to request support for it on the model's hub page)."""
         if attn_implementation in (None, "eager", "sdpa"):
             return attn_implementation or "eager"
+        if str(attn_implementation).startswith("paged"):  # generate(cache_implementation="paged") asks for it
+            raise ValueError("continuous batching (cache_implementation='paged', generate_batch) runs transformers' "
+                             "paged attention, which BSBR attention (the window and the retrieved blocks in one "
+                             "softmax) cannot use: generate without cache_implementation")
         raise ValueError(f"attn_implementation={attn_implementation!r}: BSBR attention is its own op (the exact "
                          "window and the retrieved blocks in one softmax), which that kernel cannot run: load the "
                          "model without attn_implementation (or with 'eager' or 'sdpa')")
@@ -349,7 +365,20 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         self.rotary = make_rotary(config) if config.position_type == "rope" else None
         self.layers = nn.ModuleList(BSBRDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = make_norm(config)
+        self._built_with = built_with(config)
         self.post_init()
+
+    def _check_config_unchanged(self) -> None:
+        """A value :func:`built_with` names, changed on ``self.config`` after the model was built, is refused in
+        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new."""
+        now = built_with(self.config)
+        if now != self._built_with:
+            name = next(k for k in now if now[k] != self._built_with[k])
+            field = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
+                     "own_position_chunks": "far_positions or max_position_embeddings"}.get(name, name)
+            raise ValueError(f"config.{field} was changed after this model was built ({name} {self._built_with[name]!r} "
+                             f"-> {now[name]!r}), which its layers keep: set it back, or build a model from the edited "
+                             "config (model.save_pretrained(DIR), then from_pretrained(DIR))")
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
@@ -357,7 +386,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, **kwargs):
         refuse_output_attentions(output_attentions, self.config)
-        refuse_token_type_ids(kwargs)
+        refuse_token_type_ids(kwargs, self.config)
+        self._check_config_unchanged()
         cache = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -447,8 +477,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                cache.states[0].k_buf.dtype if cache.states else None)
         if got != (n_layers, batch, dtype):
             raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}: "
-                             "pass the cache this model returned for this batch (beam search: "
-                             "BSBRCache.reorder_cache), or start a new one (use_cache=True without cache=)")
+                             "pass the cache this model returned for this batch, or start a new one (use_cache=True "
+                             "without cache=); generate with num_beams or num_return_sequences > 1 cannot continue a "
+                             "given cache (pass the whole text as input_ids; in a loop of your own, "
+                             "BSBRCache.reorder_cache follows the beams)")
 
 
 class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
@@ -471,10 +503,15 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                 **kwargs):
         """As a transformers causal LM's forward: logits (and the loss with ``labels``); ``cache`` (or
         the deprecated ``past_key_values``) a :class:`BSBRCache` to continue, returned as ``.cache`` with ``use_cache``.
-        ``output_attentions`` and ``token_type_ids`` are refused (no attention matrix is built; a BSBR
-        model has no token-type embeddings)."""
+        ``output_attentions`` is refused (no attention matrix is built), as is ``token_type_ids`` for a
+        model converted from GPT-2 (which adds their embeddings to its inputs; the other sources ignore them).
+        ``position_ids`` (default: each token's index among its sequence's real tokens) place the rotary
+        or learned positions; the chunks, and so which keys are exact, count from a sequence's first real
+        token. Unlike rotary attention alone, a model that reads its chunk states (a distilled one) or a
+        recall cache is not invariant to adding a constant to every position: their features are taken of
+        rotated keys and queries."""
         refuse_output_attentions(output_attentions, self.config)
-        refuse_token_type_ids(kwargs)
+        refuse_token_type_ids(kwargs, self.config)
         cache = _cache_argument(cache, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
