@@ -343,6 +343,10 @@ def load_tokenizer_arg(source, option: str):
         if source is not None and not Path(os.path.expanduser(str(source))).exists():  # a hub id, checked before
             raise _not_on_the_hub(option, source, why) from e
         path = None if source is None else Path(os.path.expanduser(str(source)))
+        if "trust_remote_code" in str(e):  # transformers' words for a tokenizer or config that is code of its own
+            raise UserError(f"{option} {source}: its tokenizer or config is code of its own (an auto_map in "
+                            "tokenizer_config.json or config.json), which bsbr never runs: save a standard "
+                            "tokenizer beside the model (tokenizer.json)") from e
         if path is not None and path.suffix == ".gguf" and path.is_file():
             try:  # a file cut short (a download that stopped) fails here, before any tokenizer is read
                 from gguf import GGUFReader
@@ -355,7 +359,7 @@ def load_tokenizer_arg(source, option: str):
             from transformers import AutoConfig
 
             try:  # the tokenizer reads config.json: a broken one is the model's fault, not the tokenizer's
-                AutoConfig.from_pretrained(os.path.expanduser(str(source)))
+                AutoConfig.from_pretrained(os.path.expanduser(str(source)), trust_remote_code=False)
             except Exception as bad:
                 raise UserError(f"{option} {source}: config.json is not a valid model config "
                                 f"({' '.join(str(bad).split())[:200]})") from bad

@@ -8,12 +8,20 @@ import math
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a larger value is inf in float32
 
 
+def _plain(text: str) -> str:
+    """``text`` if it is written with ASCII characters and no ``_`` (Python's int() and float() also read
+    "1_6" as 16 and other scripts' digits, which a mistyped flag should not become); else ValueError."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return text
+
+
 def finite_number(float32: bool = False, positive: bool = False):
     """An argparse type: a finite float; with ``float32`` one float32 holds (no overflow to inf), with
     ``positive`` one > 0. A bad value is argparse's one-line usage error naming the flag."""
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = float(_plain(text))
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
         if not math.isfinite(value) or (float32 and abs(value) > FLOAT32_MAX):
@@ -41,7 +49,7 @@ def integer(low: int = 1, high: int = MAX_TOKENS):
     size or run until killed)."""
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(_plain(text))
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if not low <= value <= high:

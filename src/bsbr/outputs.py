@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -110,11 +110,6 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                               "(the file is replaced, not written through)")
         if (parent := unwritable_parent(out)) is not None:
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
-        figure = option in plots or out.suffix.lower().lstrip(".") in _FIGURE_MAGIC
-        if out.is_file() and not _replaceable(out, figure):
-            kind = f"a {out.suffix.lstrip('.').upper() or 'figure'} image" if figure else "a JSON file"
-            raise OutputError(f"{option} {path} exists and is not {kind}, which is all it would be replaced by: "
-                              "move it, or choose another file")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 
@@ -124,6 +119,11 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             if out.suffix.lstrip(".").lower() not in formats:
                 raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
                                   f"{', '.join('.' + f for f in sorted(formats))}")
+        figure = option in plots  # (else it writes JSON)
+        if out.is_file() and not _replaceable(out, figure):
+            kind = f"a {out.suffix.lstrip('.').upper() or 'figure'} image" if figure else "a JSON file"
+            raise OutputError(f"{option} {path} exists and is not {kind}, which is all it would be replaced by: "
+                              "move it, or choose another file")
 
 
 # how a figure file of each format matplotlib writes begins (svg: within its first KB)
@@ -171,6 +171,12 @@ _WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "model
             "chat_template.json", "bsbr_auto.py"}
 
 
+# what bsbr stages and leaves when killed: ".NAME.tmp-" (and ".NAME.old-": an output being replaced) and
+# tempfile's 8-character suffix; and the data files of a distill checkpoint (bsbr.distill.checkpoint's names)
+_STAGED = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
+_CHECKPOINT_DATA = re.compile(r"(trainable|optimizer)-\d{7,}-[0-9a-f]{8}\.safetensors")
+
+
 def is_bsbr_output(out: Path) -> bool:
     """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
     config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding
@@ -180,8 +186,8 @@ def is_bsbr_output(out: Path) -> bool:
             return json.loads(config.read_text()).get("model_type") == "bsbr"
         return False
 
-    def staged(entry: Path) -> bool:  # what a killed bsbr command leaves: .NAME.tmp-XXXX (a file or a folder)
-        return entry.name.startswith(".") and ".tmp-" in entry.name
+    def staged(entry: Path) -> bool:  # what a killed bsbr command leaves: .NAME.tmp-XXXXXXXX (a file or a folder)
+        return bool(_STAGED.fullmatch(entry.name))
 
     def bsbr_manifest(manifest: Path) -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -197,7 +203,7 @@ def is_bsbr_output(out: Path) -> bool:
         if entry.is_dir():
             if entry.name == "checkpoint":
                 return all(not f.is_symlink() and (staged(f) or f.is_file() and (f.name == "manifest.json" or
-                                                                               f.suffix == ".safetensors"))
+                                                                               _CHECKPOINT_DATA.fullmatch(f.name)))
                            for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
         return entry.name in _WRITTEN or (entry.name.startswith("model-") and entry.name.endswith(".safetensors"))
@@ -266,8 +272,8 @@ def write_failure(option: str, path, error: BaseException, what: str, unchanged:
     output ``option`` ``path``; ``unchanged``: nothing was published there."""
     why = " ".join(str(error).split())[:200]
     kept = f"; {path} is as it was" if unchanged else ""
-    return OutputError(f"{option} {path}: could not write {what} ({why}){kept}: free some space or choose another "
-                       f"{option}")
+    fix = "free some space or choose another" if out_of_room(error) else "choose another"
+    return OutputError(f"{option} {path}: could not write {what} ({why}){kept}: {fix} {option}")
 
 
 def unwritable_parent(path: Path) -> Optional[Path]:
@@ -333,8 +339,8 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
     # what a killed run into the same path left beside it (not removed: one may be a complete result kept
     # when its path appeared while it was written)
-    prefix = f".{out.name}.tmp-"  # mkdtemp's suffix has no dot: ".out.tmp-v2.tmp-X" is another output's
-    left = sorted(p.name for p in out.parent.glob(f"{glob.escape(prefix)}*") if "." not in p.name[len(prefix):])
+    left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and
+                  p.name.rsplit(".", 1)[0] == f".{out.name}")  # (".out.tmp-v2.tmp-X" is another output's)
     if left:
         logger.warning("%s: beside it lie %s, left by an earlier run that was killed; remove %s when not needed",
                        out, ", ".join(left), "them" if len(left) > 1 else "it")
@@ -406,8 +412,8 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
             shutil.rmtree(folder, ignore_errors=True)
         _remove_empty(sorted(made, key=lambda p: len(p.parts), reverse=True))
         if isinstance(e, OSError) and path is not None:  # a full disk, a folder that takes no files
-            raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: free "
-                            "some space or choose another path") from e
+            fix = "free some space or choose another path" if out_of_room(e) else "choose another path"
+            raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: {fix}") from e
         raise
     with signals_held():
         for tmp, path in staged:
@@ -436,8 +442,8 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
             raise OutputError(f"{out} appeared while writing: not replaced (the result is in {tmp})")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     published = False
-    try:
-        with signals_held():  # (an interrupt here is delivered after the two renames)
+    with signals_held():  # (an interrupt here is delivered after the renames and the old output's removal)
+        try:
             if old is not None:
                 os.replace(out, old / out.name)
             try:
@@ -446,9 +452,9 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
             finally:
                 if not published and old is not None and (old / out.name).exists():
                     os.replace(old / out.name, out)  # the rename failed: the old output goes back
-    finally:
-        if old is not None and (published or not (old / out.name).exists()):
-            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if old is not None and (published or not (old / out.name).exists()):
+                shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
 
 

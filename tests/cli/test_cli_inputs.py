@@ -111,7 +111,11 @@ def test_a_gguf_file_cut_short_is_named_not_blamed_on_the_tokenizer(tmp_path, ca
                                                ("--chunk-size", str(10 ** 20), "from 1 to 1,048,576"),
                                                ("--local-chunks", str(10 ** 9), "from 1 to 1,048,576"),
                                                ("--sink-tokens", str(10 ** 9), "from 0 to 1,048,576"),
-                                               ("--recall-tokens", str(10 ** 9), "from 0 to 4,096")])
+                                               ("--recall-tokens", str(10 ** 9), "from 0 to 4,096"),
+                                               # int() and float() read these as 16, 8 and 10.0
+                                               ("--chunk-size", "1_6", "must be an integer"),
+                                               ("--chunk-size", "\uff18", "must be an integer"),
+                                               ("--gate-init", "1_0", "invalid number")])
 def test_conversion_values_that_cannot_work_are_refused_before_loading(models, tmp_path, capsys, monkeypatch,
                                                                         flag, value, expect):
     source, _, _ = models
@@ -199,6 +203,12 @@ def test_result_files_replace_only_files_of_their_kind(models, tmp_path, capsys)
     shutil.copytree(converted, weights)
     assert "is not a JSON file" in refused(capsys, [*base, "--json", weights / "model.safetensors"], "bench converted",
                                            weights)
+    photo = tmp_path / "holiday.jpg"  # an image given to --json: it was replaced by JSON (exit 0)
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    assert "is not a JSON file" in refused(capsys, [*base, "--json", photo], "bench converted", photo)
+    mine = tmp_path / "mine.json"  # and JSON given to --plot: named as a format, not as "a JSON image"
+    mine.write_text("{}")
+    assert "name a figure format by its suffix" in refused(capsys, [*base, "--plot", mine], "bench converted", mine)
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
     assert "is not a PNG image" in refused(capsys, [*base, "--plot", notes], "bench converted", notes)
@@ -682,6 +692,8 @@ def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, c
                                                                tmp_path / "empty.txt"], "generate")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
     assert "standard input) is not UTF-8" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
+    monkeypatch.setattr(sys, "stdin", None)  # started with standard input closed (<&-): an internal error before
+    assert "standard input is closed" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
     assert "not allowed with argument" in refused(capsys, ["generate", converted, "--prompt", "x", "--prompt-file",
                                                            tmp_path / "empty.txt"], "generate")
     assert "one of the arguments --prompt --prompt-file is required" in refused(capsys, ["generate", converted],
@@ -755,10 +767,12 @@ def test_eval_names_a_missing_filler_file_and_a_depth_that_is_not_a_number(model
 
 def test_a_staging_folder_left_by_a_killed_run_is_named_after_a_later_run(models, tmp_path, caplog):
     source, _, _ = models
-    (tmp_path / ".out.tmp-killed").mkdir()
+    for name in (".out.tmp-kil1ed_x", ".out.old-kil1ed_y", ".out.tmp-mine"):  # (mkdtemp's names: 8 characters)
+        (tmp_path / name).mkdir()
     with caplog.at_level("WARNING", logger="bsbr.outputs"):
         assert bsbr.cli.main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
-    assert ".out.tmp-killed" in caplog.text and (tmp_path / ".out.tmp-killed").is_dir()  # named, not removed
+    assert ".out.old-kil1ed_y, .out.tmp-kil1ed_x, left" in caplog.text and ".out.tmp-mine" not in caplog.text
+    assert (tmp_path / ".out.tmp-kil1ed_x").is_dir() and (tmp_path / ".out.old-kil1ed_y").is_dir()  # named, not removed
 
 
 def test_a_source_config_too_large_for_memory_names_its_config(models, tmp_path, capsys):
@@ -813,3 +827,33 @@ def test_the_console_command_draws_no_library_progress_bar_into_a_log():
                        env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
     assert r.returncode == 0, r.stderr
     assert "A-LIBRARY-BAR" not in r.stderr, r.stderr
+
+
+def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatch):
+    """A tokenizer_config.json whose auto_map names a .py beside it: transformers asked "Do you wish to run
+    the custom code? [y/N]" in a terminal, and a yes ran it; the refusal (no terminal) blamed a missing
+    tokenizer. bsbr never asks, never runs it, and says what the folder holds."""
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    marker = tmp_path / "ran"
+    (src / "tokenization_custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass CustomTok(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="CustomTok", auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTok"]})
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # a user answering the prompt in a terminal
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "code of its own" in line and "never runs" in line and not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_generation_config_that_cannot_be_read_is_named(models, tmp_path, caplog):
+    # transformers loads such a source with default generation settings and says nothing; the conversion
+    # said it carried the source's over
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    (src / "generation_config.json").write_text("nope")
+    with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert "generation_config.json could not be read" in caplog.text and "not carried over" in caplog.text

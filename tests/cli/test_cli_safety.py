@@ -157,10 +157,20 @@ def test_overwrite_does_not_take_a_checkpoint_folder_for_bsbrs(models, tmp_path,
     (mine / "checkpoint").mkdir()
     save_file({"w": torch.zeros(2)}, mine / "checkpoint" / "step-1000.safetensors")
     assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
-    # a distill output interrupted at its first save (data files alone) is still replaced
+    # nor a folder holding only checkpoint/*.safetensors of other names (deleted as an interrupted first save),
+    # nor hidden names with ".tmp-" that are not bsbr's staging (".NAME.tmp-" and 8 characters)
+    only = tmp_path / "only"
+    (only / "checkpoint").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, only / "checkpoint" / "my-finetune.safetensors")
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, only, "--overwrite"], "convert", only)
+    kept = shutil.copytree(converted, tmp_path / "kept")
+    (kept / ".env.tmp-keep").write_text("SECRET=1")
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, kept, "--overwrite"], "convert", kept)
+    # a distill output interrupted at its first save (its data files alone) is still replaced
     first = tmp_path / "first"
     (first / "checkpoint").mkdir(parents=True)
-    save_file({"w": torch.zeros(2)}, first / "checkpoint" / "student-0001.safetensors")
+    save_file({"w": torch.zeros(2)}, first / "checkpoint" / "trainable-0000000-0123abcd.safetensors")
+    (first / "checkpoint" / ".manifest.json.tmp-k9_x2abc").write_text("{")
     assert main(["convert", str(source), str(first), "--overwrite", "--chunk-size", "8"]) == 0
     assert (first / "config.json").is_file() and not (first / "checkpoint").exists()
 
@@ -212,6 +222,29 @@ def test_an_interrupt_while_an_output_is_renamed_into_place_leaves_old_or_new(tm
     with pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
         outputs.publish_dir(new, out, overwrite=True)
     assert len(calls) == 2 and (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_an_interrupt_while_the_replaced_output_is_removed_leaves_no_copy(tmp_path, monkeypatch):
+    # a Ctrl-C while the old output (moved aside) was being deleted left a hidden .out.old-*/ holding part
+    # of it, never named: gigabytes of a real model
+    import signal
+
+    import bsbr.outputs as outputs
+
+    out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "config.json").write_text(text)
+    rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):  # delivered once the old copy is gone
+        outputs.publish_dir(new, out, overwrite=True)
+    assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """Distillation trains only the new pieces, reduces its loss, is deterministic, resumes exactly,
 and runs data-parallel under torchrun (DistributedDataParallel) with the weights of one process."""
+import json
 import os
 import shutil
 import subprocess
@@ -417,3 +418,39 @@ def test_bf16_warns_on_a_cpu_without_native_bfloat16(tmp_path, monkeypatch, capl
     teacher, student = fresh(0.1)
     distill(teacher, student, windows(n=1), tmp_path / "out", DistillConfig(steps=1, bf16=True))
     assert "no native bfloat16 matrix multiply" in caplog.text and "drop --bf16" in caplog.text
+
+
+def test_a_checkpoint_save_that_fails_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A full disk while a checkpoint was written left its first data file (no manifest): a --resume
+    refused it as partial, a new run refused the folder as not empty. The failed save's files and the
+    folders it made are removed; the previous checkpoint stays loadable."""
+    import errno
+
+    from bsbr.distill import checkpoint
+
+    params = {"w": torch.nn.Parameter(torch.ones(3))}
+    opt = torch.optim.AdamW(params.values(), lr=0.1)
+    params["w"].sum().backward()
+    opt.step()
+    save_file_, calls = checkpoint.save_file, []
+
+    def full_disk(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_file_(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    fresh_dir = tmp_path / "out" / "checkpoint"
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(fresh_dir, params, opt, dict(step=1))
+    assert not (tmp_path / "out").exists()  # nothing left of a first save
+    monkeypatch.setattr(checkpoint, "save_file", save_file_)
+    checkpoint.save_checkpoint(fresh_dir, params, opt, dict(step=1))
+    first = sorted(p.name for p in fresh_dir.iterdir())
+    calls.clear()
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(fresh_dir, params, opt, dict(step=2))
+    assert sorted(p.name for p in fresh_dir.iterdir()) == first
+    assert json.loads((fresh_dir / "manifest.json").read_text())["step"] == 1

@@ -34,6 +34,32 @@ def test_task_files(word_tokenizer, tmp_path):
         lm_eval_task.write_lm_eval_task(tmp_path, word_tokenizer, task="bsbr-passkey")
 
 
+def test_rewriting_a_task_is_all_or_nothing(word_tokenizer, tmp_path, monkeypatch):
+    """A Ctrl-C while a task folder was rewritten left the new prompts beside the old YAML (its lengths
+    and metrics): the files are now replaced together, or not at all."""
+    from pathlib import Path
+
+    task = tmp_path / "task"
+    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[96], trials=1, max_new_tokens=4)
+    before = {p.name: p.read_bytes() for p in task.iterdir()}
+    write_text, written = Path.write_text, []
+
+    def interrupted(self, *args, **kwargs):
+        written.append(self.name)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[160], trials=1, max_new_tokens=4)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in task.iterdir()} == before and len(written) == 2
+    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[160], trials=1, max_new_tokens=4)
+    assert "lengths: [160]" in (task / "bsbr_passkey.yaml").read_text() and sorted(before) == sorted(
+        p.name for p in task.iterdir())
+
+
 def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
     """lm-eval runs the task offline on a saved BSBR model (HFLM loads it via AutoModelForCausalLM
     once bsbr is imported) and reports the task's metric."""

@@ -92,7 +92,7 @@ def _check_source_config(source, path: Path, options: dict) -> None:
     from .converter import TransformerToBSBRConverter
 
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception:  # a config transformers cannot read: loading the model says why
         return
     try:
@@ -209,6 +209,8 @@ def _prompt_text(args) -> str:
         return text
     if args.prompt_file != "-":
         check_text_files([args.prompt_file], option="--prompt-file")
+    if args.prompt_file == "-" and sys.stdin is None:  # (started with standard input closed)
+        raise UserError("--prompt-file -: standard input is closed: pipe the prompt in, or give --prompt or a file")
     data = Path(args.prompt_file).read_bytes() if args.prompt_file != "-" else sys.stdin.buffer.read()
     try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n
         return data.decode("utf-8-sig").replace("\r\n", "\n")

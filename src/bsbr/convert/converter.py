@@ -49,7 +49,9 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
-        return _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
+        model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
+        _warn_unread_generation_config(path)
+        return model
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
     return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
@@ -64,7 +66,8 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(*args, ignore_mismatched_sizes=True,
-                                                            output_loading_info=True, **kwargs)
+                                                            output_loading_info=True, trust_remote_code=False,
+                                                            **kwargs)
     except KeyError as e:  # e.g. hidden_act or rope type: transformers looks the value up in a table
         raise ValueError(f"{name}: config.json names {e} where transformers knows no such value") from e
 
@@ -90,6 +93,20 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     return model
 
 
+def _warn_unread_generation_config(path: Path) -> None:
+    """transformers loads a model whose generation_config.json it cannot read with defaults from its
+    config.json, logging nothing: say so, as the conversion carries the source's generation settings over."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            GenerationConfig.from_pretrained(str(path))
+        except Exception as e:  # (any: transformers raises several kinds)
+            logger.warning("%s could not be read (%s): its generation settings (stop tokens, sampling) are not "
+                           "carried over; the defaults from config.json are", path / "generation_config.json",
+                           " ".join(str(e).split())[:160])
+
+
 def load_tokenizer(source):
     """The tokenizer matching :func:`load_source`'s source (None for a model instance)."""
     from transformers import AutoTokenizer
@@ -98,8 +115,8 @@ def load_tokenizer(source):
         return None
     path = Path(source) if source is not None else default_source_path()
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # (a model folder's code never runs)
 
 
 def is_new_parameter(name: str) -> bool:

@@ -7,6 +7,7 @@ the new one. A load checks every file against the manifest and refuses a partial
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import uuid
@@ -26,10 +27,30 @@ START_OVER = "start a new --output, or pass --overwrite to start over in this on
 
 def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     progress: dict) -> None:
+    """Write a checkpoint of ``params`` and ``optimizer`` into ``directory``; its manifest, written last in
+    one rename, is what makes it the checkpoint. A save that fails (a full disk) removes its own files
+    and the folders it made, so the previous checkpoint, or none, stays as it was."""
     directory = Path(directory)
+    made = [p for p in [directory, *directory.parents] if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     tag = f"{progress.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
     names = dict(weights=f"trainable-{tag}.safetensors", optimizer=f"optimizer-{tag}.safetensors")
+    try:
+        _write_checkpoint(directory, names, params, optimizer, progress)
+    except BaseException:
+        for name in names.values():
+            (directory / name).unlink(missing_ok=True)
+        for folder in made:  # (deepest first; only where still empty)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    keep = set(names.values()) | {MANIFEST}
+    for p in directory.iterdir():  # the previous checkpoint's files, and any a killed save left behind
+        if p.name not in keep and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _write_checkpoint(directory: Path, names: dict, params, optimizer, progress: dict) -> None:
     save_file({k: p.detach().contiguous() for k, p in params.items()}, directory / names["weights"])
     index = {id(p): k for k, p in params.items()}
     state = {f"{index[id(p)]}::{field}": v for p, st in optimizer.state.items() for field, v in st.items()}
@@ -44,10 +65,6 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     manifest = dict(format=FORMAT, step=progress.get("step"), files=files,
                     progress={**progress, "optimizer_scalars": scalars})
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
-    keep = {f["name"] for f in files.values()} | {MANIFEST}
-    for p in directory.iterdir():  # the previous checkpoint's files, and any a killed save left behind
-        if p.name not in keep and p.is_file():
-            p.unlink(missing_ok=True)
 
 
 def has_checkpoint(directory: Path) -> bool:

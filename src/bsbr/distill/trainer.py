@@ -48,8 +48,8 @@ class DistillConfig:
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
     checkpoint_every: int = 25
-    # recompute each decoder layer in the backward pass: a 4,096-token window of the default conversion peaked
-    # at 22 GB without, 10 GB with, for one more forward pass per step (docs/findings.md)
+    # recompute each decoder layer in the backward pass: a 4,096-token window of the default conversion peaks
+    # at 5.3 GB with it (without it, killed at 24 GB), for one more forward pass per step (docs/findings.md)
     activation_checkpointing: bool = True
 
     def validate(self) -> None:
@@ -136,7 +136,7 @@ def end_to_end_loss(student, teacher, input_ids: torch.Tensor, lm_weight: float)
 
     Logits exist a block of positions at a time (:mod:`bsbr.models.heads`), each block's made again in
     the backward pass: both models' logits of a whole 4,096-token window, with their softmaxes and
-    gradients, were most of a step's 10 GB."""
+    gradients, were 4 of a step's 9.4 GB (float32)."""
     model = getattr(student, "module", student)
     n = input_ids.shape[1]
     start = model.config.chunk_size if n > model.config.chunk_size else 0

@@ -44,7 +44,7 @@ def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
     from ..convert import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError) as e:
         logger.info("no tokenizer in %s (%s); using the reference's", model_dir, e)
     tokenizer = load_tokenizer(reference)

@@ -130,8 +130,10 @@ def _check_outputs(args) -> None:
             beside = ("--plot", args.plot) if args.plot else ("--json", args.json)
             derived.append(("the pass-key heat map", heatmap))
         derived.append(("the pass-key data", heatmap.with_suffix(".json")))
-    check_output_files(outputs + [(f"{what} (beside {beside[0]})", str(path)) for what, path in derived],
-                       inputs=inputs, plots=("--plot", "--passkey-plot"))
+    labels = [f"{what} (beside {beside[0]})" for what, _ in derived]
+    check_output_files(outputs + [(label, str(path)) for label, (_, path) in zip(labels, derived)], inputs=inputs,
+                       plots=("--plot", "--passkey-plot", *(label for label, (_, path) in zip(labels, derived)
+                                                            if path.suffix != ".json")))
     for what, path in derived:
         path = path.expanduser()
         if os.path.lexists(path) and not _is_passkey_output(path):

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence, Union
 
-from ..outputs import atomic_write_text, staged_dir
+from ..outputs import staged_dir, write_together
 from .filler import DEFAULT_FILLERS, Filler
 from .passkey import DEFAULT_DEPTHS, filler_sources, grid_prompts, passkey_found
 
@@ -96,9 +96,9 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
                                      depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
                                      fillers=json.dumps([f.name for f in sources])),
     }
-    if task_dir.is_dir():
-        for name, text in files.items():  # each file replaced in one rename: never half a file
-            atomic_write_text(task_dir / name, text)
+    if task_dir.is_dir():  # the files replaced together: never one task's data beside another's YAML
+        write_together([(task_dir / name, lambda path, text=text: path.write_text(text, encoding="utf-8"))
+                        for name, text in files.items()])
     elif task_dir.exists():
         raise ValueError(f"task_dir {task_dir} is a file, not a directory")
     else:  # a new directory appears whole, or not at all
