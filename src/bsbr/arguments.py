@@ -15,6 +15,9 @@ from .errors import SourceMismatchError, UserError, check_not_interrupted
 
 logger = logging.getLogger(__name__)
 
+# the attention options conversion.json records that config.json must still hold (gate_init is an initial value)
+RECORDED_OPTIONS = ("chunk_size", "compression_factor", "retrieval", "feature_map", "local_chunks", "sink_tokens",
+                    "retrieval_blocks", "recall_tokens", "far_positions", "position_scheme")
 METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
 
 
@@ -249,10 +252,23 @@ def check_bsbr_dir(path, option: str) -> Path:
     if not config.is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
-    model_type = read_config(config, option)["model_type"]
-    if model_type != "bsbr":
-        raise UserError(f"{option} {path} is a {model_type!r} model, not a BSBR one: convert it first "
+    values = read_config(config, option)
+    if values["model_type"] != "bsbr":
+        raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: convert it first "
                         f"(bsbr convert {path} NEW_DIR)")
+    recorded = read_metadata(path)
+    if any(key in recorded for key in RECORDED_OPTIONS):  # config.json edited (or a key lost) since the conversion
+        import inspect
+
+        from .models.bsbr.configuration_bsbr import BSBRConfig
+
+        defaults = {k: p.default for k, p in inspect.signature(BSBRConfig.__init__).parameters.items()}
+        for key in (k for k in RECORDED_OPTIONS if k in recorded):
+            value = values.get(key, defaults.get(key))
+            if value != recorded[key]:
+                logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model runs with %r", option, path,
+                               key, value, "" if key in values else " (its default: config.json has none)", METADATA,
+                               recorded[key], value)
     return path
 
 

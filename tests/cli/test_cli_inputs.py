@@ -857,3 +857,21 @@ def test_a_source_generation_config_that_cannot_be_read_is_named(models, tmp_pat
     with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
         assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
     assert "generation_config.json could not be read" in caplog.text and "not carried over" in caplog.text
+
+
+def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog):
+    # config.json without chunk_size ran at the default 256 (exit 0), conversion.json recording 8
+    _, converted, _ = models
+    model = shutil.copytree(converted, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("chunk_size")
+    cfg["sink_tokens"] = 3
+    (model / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="bsbr.arguments"):
+        assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
+    assert "config.json's chunk_size is 256 (its default: config.json has none), conversion.json records 8" in caplog.text
+    assert "config.json's sink_tokens is 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bsbr.arguments"):
+        assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
+    assert "records" not in caplog.text
