@@ -454,3 +454,23 @@ def test_a_checkpoint_save_that_fails_leaves_the_previous_one(tmp_path, monkeypa
         checkpoint.save_checkpoint(fresh_dir, params, opt, dict(step=2))
     assert sorted(p.name for p in fresh_dir.iterdir()) == first
     assert json.loads((fresh_dir / "manifest.json").read_text())["step"] == 1
+
+
+def test_a_window_with_nothing_past_its_first_chunk_is_scored_whole():
+    """A window of chunk_size + 1 tokens has no prediction past its first chunk: the loss divided by zero
+    (a ZeroDivisionError in distill with params all); it is scored at every position, as a shorter one is."""
+    teacher, student = fresh(0.3)
+    ids = windows(n=1, length=CHUNK + 1)[0][None]
+    _, kl_value, ce = end_to_end_loss(student, teacher, ids, 0.0)
+    with torch.no_grad():
+        s, t = (F.log_softmax(m(ids).logits[:, :-1], -1) for m in (student, teacher))
+    assert kl_value == pytest.approx(float((t.exp() * (t - s)).sum(-1).mean()), abs=1e-6)
+    assert ce == pytest.approx(float(F.nll_loss(s[0], ids[0, 1:])), rel=1e-5)
+    with pytest.raises(ValueError, match="nothing to predict"):
+        end_to_end_loss(student, teacher, ids[:, :1], 0.0)
+
+
+@pytest.mark.parametrize("field", ["bf16", "activation_checkpointing", "seed"])
+def test_distill_config_flags_must_be_of_their_type(field):
+    with pytest.raises(TypeError, match=field):  # "no" is truthy: activation_checkpointing="no" turned it on
+        DistillConfig(steps=1, **{field: "no"}).validate()

@@ -27,6 +27,11 @@ def test_gap_closed():
     # bounds in the wrong order or equal up to rounding: no gap (the ratio called a model worse than both 109%)
     assert gap_closed(229.19, 290.98, 285.93) is None
     assert gap_closed(10.0000002, 10.5, 10.0) is None
+    # numpy floats and 0-d tensors are numbers (they gave None, "no gap"); a bool is not
+    import numpy as np
+
+    assert gap_closed(np.float32(20.0), 15.0, 10.0) == gap_closed(torch.tensor(20.0), 15.0, 10.0) == 0.5
+    assert gap_closed(True, 0.5, 0.0) is None
 
 
 def test_rank_and_kl_by_hand():

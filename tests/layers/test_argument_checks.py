@@ -186,3 +186,33 @@ def test_rotary_tables_of_the_wrong_form_are_named():
         assert words in str(e.value), (kwargs.keys(), str(e.value))
     with pytest.raises(TypeError, match="position_embeddings must be a pair"):
         a.step(x[:, :1], None, position_embeddings=cos[:, :1])
+
+
+def test_rotary_tables_for_an_odd_head_dim_are_refused():
+    """Rotary positions rotate pairs of dimensions: with head_dim 9 and tables of width 9, the decode step
+    (one token, a rotation matrix) and the forward (rotate_half, halves of 5 and 4) disagreed by 1.68."""
+    attn = BSBRAttention(18, 2, 4, dropout=0.0).eval()
+    cos, sin = torch.ones(5, 9), torch.zeros(5, 9)
+    with pytest.raises(ValueError, match="head dim 9 is odd"):
+        attn(torch.randn(1, 5, 18), position_embeddings=(cos, sin))
+
+
+def test_the_layer_runs_on_the_meta_device_and_checks_output_state():
+    # (autocast has no meta device: the layer failed there with "unknown device type for autocast")
+    attn = BSBRAttention(16, 2, 4, dropout=0.0).to("meta")
+    assert attn(torch.empty(1, 9, 16, device="meta")).shape == (1, 9, 16)
+    with pytest.raises(TypeError, match="output_state must be True or False"):
+        BSBRAttention(16, 2, 4)(torch.randn(1, 3, 16), output_state="no")  # ("no" is truthy: it returned a tuple)
+
+
+def test_a_state_selects_rows_by_index_or_mask_and_names_a_bad_index():
+    attn = BSBRAttention(16, 2, 4, dropout=0.0).eval()
+    _, state = attn(torch.randn(3, 6, 16), output_state=True)
+    x = torch.randn(3, 1, 16)
+    rows = state.select(torch.tensor([True, False, True]))
+    torch.testing.assert_close(attn.step(x[[0, 2]], rows)[0], attn.step(x[[0, 2]], state.select([0, 2]))[0])
+    assert state.select([-1]).n_seen.shape == (1,)
+    for bad, match in (([3], "row indices in \\[0, 3\\)"), (torch.tensor([True]), "one entry per sequence"),
+                       ([0.5], "row indices")):
+        with pytest.raises(ValueError, match=match):
+            state.select(bad)

@@ -68,6 +68,11 @@ class DistillConfig:
         if self.base_lr is not None:
             check_number("base_lr", self.base_lr, 0, above=True)
         check_number("lm_weight", self.lm_weight, 0)
+        for name in ("bf16", "activation_checkpointing"):  # ("no" is truthy)
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
@@ -130,7 +135,8 @@ def new_parameters(student) -> Dict[str, torch.nn.Parameter]:
 
 
 def end_to_end_loss(student, teacher, input_ids: torch.Tensor, lm_weight: float):
-    """KL(teacher || student) of next-token distributions past the first chunk, plus lm_weight * CE.
+    """KL(teacher || student) of next-token distributions past the first chunk (of every position when
+    no token lies past it), plus lm_weight * CE.
     Returns (the loss, its KL and CE as floats). ``student``: the model, or its DistributedDataParallel
     wrapper (whose forward averages gradients); ``teacher`` runs without gradients.
 
@@ -139,7 +145,10 @@ def end_to_end_loss(student, teacher, input_ids: torch.Tensor, lm_weight: float)
     gradients, were 4 of a step's 9.4 GB (float32)."""
     model = getattr(student, "module", student)
     n = input_ids.shape[1]
-    start = model.config.chunk_size if n > model.config.chunk_size else 0
+    if n < 2:
+        raise ValueError(f"input_ids of {n} token(s) per window: nothing to predict (give windows of >= 2 tokens)")
+    # the predictions of tokens past the first chunk; all of them when there are none
+    start = model.config.chunk_size if n - 1 > model.config.chunk_size else 0
     with torch.no_grad():
         teacher_h = final_hidden_states(teacher, input_ids)
     student_h = final_hidden_states(student, input_ids)

@@ -87,7 +87,13 @@ def gap_closed(ppl_local: float, ppl_model: float, ppl_full: float, rel_eps: flo
     local one's, < 0 worse. None when there is no gap to close: the local bound is not above the full
     one by more than ``rel_eps * ppl_full`` (equal up to rounding, or in the wrong order, where the
     ratio would call a model worse than both bounds a success), or an input is not finite."""
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (ppl_local, ppl_model, ppl_full)):
+    if any(isinstance(x, bool) for x in (ppl_local, ppl_model, ppl_full)):
+        return None
+    try:  # numpy floats and 0-d tensors too
+        ppl_local, ppl_model, ppl_full = (float(x) for x in (ppl_local, ppl_model, ppl_full))
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if not all(math.isfinite(x) for x in (ppl_local, ppl_model, ppl_full)):
         return None
     denom = ppl_local - ppl_full
     if denom <= rel_eps * max(abs(ppl_full), 1e-12):

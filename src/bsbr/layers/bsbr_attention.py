@@ -27,16 +27,21 @@ def op_dtype(dtype: torch.dtype, device_type: str, options) -> torch.dtype:
     rounding scrambles: a tiny llama in bfloat16 had KL 0.194 to float32 with the op in bfloat16, 0.030
     in float32, the source's own 0.019; its cache stays small in float32 whatever the context);
     otherwise ``dtype``."""
-    if torch.is_autocast_enabled(device_type) or (dtype in (torch.float16, torch.bfloat16) and options.recall_tokens):
+    if _autocast(device_type) or (dtype in (torch.float16, torch.bfloat16) and options.recall_tokens):
         return torch.float32
     return dtype
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for the device type (never on ``meta``, which has no autocast to ask)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def _run_op(op, tensors, **kwargs):
     """Call a BSBR op on (q, k, v, mq, mk, fq, fk, qr, kr) in :func:`op_dtype`,
     with autocast off; its output is cast back to the inputs' dtype, except under autocast."""
     device, dtype = tensors[0].device.type, tensors[0].dtype
-    run, autocast = op_dtype(dtype, device, kwargs["options"]), torch.is_autocast_enabled(device)
+    run, autocast = op_dtype(dtype, device, kwargs["options"]), _autocast(device)
     if run == dtype and not autocast:  # (under autocast the inputs' dtypes may differ)
         q, k, v, mq, mk, fq, fk, qr, kr = tensors
         return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)
@@ -184,6 +189,8 @@ class BSBRAttention(MultiHeadBase):
         """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
         rotary (cos, sin) or None; far_position_embeddings ((cos, sin) of the far queries, (cos, sin) of
         the far keys) or None (far keys keep their own positions). Returns (b, n, hidden_dim), and the streaming state if asked."""
+        if not isinstance(output_state, bool):
+            raise TypeError(f"output_state must be True or False, got {output_state!r}")
         o, state = self._run(chunk_bsbr_attention, hidden_states, attention_mask, position_embeddings,
                              far_position_embeddings, output_final_state=output_state)
         out = self.output(o)

@@ -40,6 +40,9 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
     if last is not None and last[0] is tables and last[1] == key:  # a model's layers share a step's tables
         return
     batch, _, seq_len, head_dim = like.shape
+    if head_dim % 2:
+        raise ValueError(f"{name}: rotary positions rotate pairs of dimensions, and the head dim {head_dim} is odd: "
+                         "give an even head_dim, or no rotary tables")
     shape = f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({batch} or 1, {seq_len}, {head_dim})"
     many = pairs != 1
     if many and not (isinstance(tables, (tuple, list)) and len(tables) == pairs):

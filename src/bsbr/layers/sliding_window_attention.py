@@ -15,7 +15,9 @@ from ..ops.checks import check_int
 
 class SlidingWindowAttention(MultiHeadBase):
     """Args:
-        hidden_dim, num_heads, window_size: model width, heads, keys each token sees (itself included).
+        hidden_dim, num_heads, window_size: model width, heads, the last positions each token sees (itself
+            included). The window counts positions: padding inside a sequence takes part of it (left and right
+            padding do not change a sequence's output; the other layers skip padding wherever it lies).
         dropout: on the attention output before ``out_proj``.
         head_dim: default ``hidden_dim // num_heads``. bias / out_bias: projection biases.
     """

@@ -114,8 +114,19 @@ class BSBRState:
                              f"{a.feature_dim} (a state built while the chunk-state gate was closed keeps none): "
                              "start a new cache")
 
-    def select(self, index: torch.Tensor) -> "BSBRState":
-        """Reorder/select batch entries (beam search)."""
+    def select(self, index) -> "BSBRState":
+        """Reorder/select batch entries (beam search): ``index`` the rows' indices (ints, repeats allowed)
+        or a boolean mask over the batch."""
+        b = self.n_seen.shape[0]
+        index = torch.as_tensor(index, device=self.n_seen.device)
+        if index.dtype == torch.bool:
+            if index.shape != (b,):
+                raise ValueError(f"a boolean index must have one entry per sequence ({b}), got shape {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        if index.dim() != 1 or index.is_floating_point() or index.is_complex() or \
+                (index.numel() and not -b <= int(index.min()) <= int(index.max()) < b):
+            raise ValueError(f"index must be a 1-D tensor of row indices in [0, {b}) or a boolean mask, got {index!r}")
+        index = index % b if index.numel() else index.long()
         return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()})
 
     def nbytes(self) -> int:
