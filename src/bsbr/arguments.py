@@ -256,7 +256,10 @@ def check_bsbr_dir(path, option: str) -> Path:
     if values["model_type"] != "bsbr":
         raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: convert it first "
                         f"(bsbr convert {path} NEW_DIR)")
-    recorded = read_metadata(path)
+    try:
+        recorded = read_metadata(path)
+    except UserError:  # (the commands that read it say so; generate does not need it)
+        recorded = {}
     if any(key in recorded for key in RECORDED_OPTIONS):  # config.json edited (or a key lost) since the conversion
         import inspect
 

@@ -177,6 +177,11 @@ _STAGED = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
 _CHECKPOINT_DATA = re.compile(r"(trainable|optimizer)-\d{7,}-[0-9a-f]{8}\.safetensors")
 
 
+def left_by_a_kill(name: str) -> bool:
+    """Whether a file or folder name is one bsbr stages its outputs under (so one a killed command left)."""
+    return bool(_STAGED.fullmatch(name))
+
+
 def is_bsbr_output(out: Path) -> bool:
     """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
     config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding

@@ -875,3 +875,5 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
     with caplog.at_level("WARNING", logger="bsbr.arguments"):
         assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
     assert "records" not in caplog.text
+    (model / "conversion.json").write_text("{not json")  # generate needs no conversion record
+    assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0

@@ -356,3 +356,12 @@ def test_a_dataset_the_offline_hub_cannot_give_is_refused_at_once_before_loading
     _refused(capsys, argv, "--dataset", "someone/no-such-dataset", "connect to the hub, or give local files with "
              "--text-file")
     assert time.perf_counter() - t0 < 20
+
+
+def test_lm_eval_task_dir_names_a_killed_runs_leftover(saved, tmp_path, capsys, no_loading):
+    # a rewrite killed (SIGKILL) leaves its staging folder in the task folder: it was called a file
+    # "bsbr eval does not write there"
+    task = tmp_path / "task"
+    (task / ".bsbr-results.tmp-ab12cd34").mkdir(parents=True)
+    _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY],
+             "left by a bsbr command that was killed", "remove .bsbr-results.tmp-ab12cd34")

@@ -196,6 +196,9 @@ def test_a_config_value_changed_after_the_model_was_built_is_refused(tmp_path, n
     setattr(model.config, name, before)  # set back, it runs; an initial value and the learned positions'
     model.config.gate_init, model.config.position_scheme = 0.5, "clamp"  # scheme (read at every forward) may change
     assert model(ids).logits.isfinite().all()
+    model.config.rope_parameters["rope_theta"] = 10.0  # an edit in place, too
+    with pytest.raises(ValueError, match="rope_parameters"):
+        model(ids)
 
 
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):

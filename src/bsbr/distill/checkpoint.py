@@ -38,6 +38,8 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     try:
         _write_checkpoint(directory, names, params, optimizer, progress)
     except BaseException:
+        if _names_in_manifest(directory) >= set(names.values()):  # (interrupted after its manifest was renamed
+            raise  # into place: the save is complete)
         for name in names.values():
             (directory / name).unlink(missing_ok=True)
         for folder in made:  # (deepest first; only where still empty)
@@ -48,6 +50,13 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     for p in directory.iterdir():  # the previous checkpoint's files, and any a killed save left behind
         if p.name not in keep and p.is_file():
             p.unlink(missing_ok=True)
+
+
+def _names_in_manifest(directory: Path) -> set:
+    """The data files the manifest in ``directory`` names (none when it is missing or unreadable)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        return {f["name"] for f in json.loads((directory / MANIFEST).read_text())["files"].values()}
+    return set()
 
 
 def _write_checkpoint(directory: Path, names: dict, params, optimizer, progress: dict) -> None:

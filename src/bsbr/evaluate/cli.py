@@ -13,7 +13,7 @@ from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_dataset, ch
                          check_recorded_source, check_source, check_text_files, check_unique, load_tokenizer_arg,
                          read_config, read_metadata)
 from ..errors import OutputError, UserError
-from ..outputs import check_output_dir, check_output_files
+from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, filler_path, get_filler
@@ -86,6 +86,9 @@ def _check_task_dir(task_dir: Path, arg) -> None:
     for p in sorted(task_dir.iterdir()) if task_dir.is_dir() else ():
         ours = p.is_file() and p.name in TASK_FILES or p.name == "__pycache__" and p.is_dir() and all(
             q.name.startswith(f"{TASK_NAME}_utils.") and q.suffix == ".pyc" for q in p.iterdir())
+        if not ours and left_by_a_kill(p.name):
+            raise OutputError(f"--lm-eval-task-dir {arg} holds {p.name}, left by a bsbr command that was killed while "
+                              f"it wrote there: remove {p.name}")
         if not ours:
             raise OutputError(f"--lm-eval-task-dir {arg} holds {p.name}, which bsbr eval does not write there: "
                               f"give a new or empty directory, or move {p.name} away")

@@ -87,7 +87,7 @@ def gap_closed(ppl_local: float, ppl_model: float, ppl_full: float, rel_eps: flo
     local one's, < 0 worse. None when there is no gap to close: the local bound is not above the full
     one by more than ``rel_eps * ppl_full`` (equal up to rounding, or in the wrong order, where the
     ratio would call a model worse than both bounds a success), or an input is not finite."""
-    if any(isinstance(x, bool) for x in (ppl_local, ppl_model, ppl_full)):
+    if any(isinstance(x, (bool, str, bytes)) for x in (ppl_local, ppl_model, ppl_full)):
         return None
     try:  # numpy floats and 0-d tensors too
         ppl_local, ppl_model, ppl_full = (float(x) for x in (ppl_local, ppl_model, ppl_full))

@@ -174,7 +174,7 @@ def built_with(config) -> dict:
     kwargs.pop("gate")
     return dict(kwargs, chunk_size=config.chunk_size, far_positions=config.far_positions,
                 max_position_embeddings=config.max_position_embeddings, position_type=config.position_type,
-                rope_parameters=config.rope_parameters)
+                rope_parameters=copy.deepcopy(config.rope_parameters))
 
 
 def refuse_pickled_weights(path: Path) -> None:

@@ -119,6 +119,8 @@ class BSBRState:
         or a boolean mask over the batch."""
         b = self.n_seen.shape[0]
         index = torch.as_tensor(index, device=self.n_seen.device)
+        if index.numel() == 0 and index.dim() == 1:  # (torch.as_tensor([]) is float)
+            index = index.long()
         if index.dtype == torch.bool:
             if index.shape != (b,):
                 raise ValueError(f"a boolean index must have one entry per sequence ({b}), got shape {tuple(index.shape)}")
