@@ -287,12 +287,12 @@ class BSBRPreTrainedModel(PreTrainedModel):
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
-                             f"or mismatched weights would be random, unexpected ones dropped; pass strict=False "
-                             f"to allow it)")
+                             f"or mismatched weights would be random, unexpected ones dropped; from Python, "
+                             f"from_pretrained(..., strict=False) loads it anyway)")
         bad = sorted(n for n, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all()))
         if bad:  # (a diverged run's weights generate blanks or fail to sample)
             raise ValueError(f"the BSBR checkpoint {where}: weights hold nan or inf: {', '.join(bad[:3])}"
-                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; strict=False loads them)")
+                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; from Python, from_pretrained(..., strict=False) loads them)")
         return (model, info) if want_info else model
 
     @classmethod
