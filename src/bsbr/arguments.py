@@ -297,7 +297,7 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
             data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{option} {f} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") from None
-        total += len(data) if data.strip() else 0  # (a file of whitespace alone is skipped when read)
+        total += len(data) if data.strip() else 0  # (a file of whitespace alone adds no text, only its EOS)
     if files and seq_len is not None and not total:  # (a corpus; a prompt of spaces is still a prompt)
         raise UserError(f"{option}: {'the file holds' if len(files) == 1 else 'the files hold'} only whitespace: give "
                         "some text")

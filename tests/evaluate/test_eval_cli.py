@@ -140,6 +140,8 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys):
     # each token's best earlier chunks, which differs from the window alone
     lm = r["language_modeling"]
     assert (r["config"]["local_chunks"], r["config"]["sink_tokens"]) == (2, 4)
+    # the conversion's retrieval is recorded too (a hybrid run and a window run looked the same)
+    assert (r["config"]["retrieval_blocks"], r["config"]["recall_tokens"], r["config"]["far_positions"]) == (8, 0, "window")
     assert lm["gap_closed_by_retrieval"] != 0.0 and lm["gap_closed"] != 0.0
     assert set(r["passkey"]["models"]) == {"bsbr", "source", "local", "window"}
     assert len(r["passkey"]["models"]["bsbr"]["cells"]) == 4

@@ -226,6 +226,15 @@ def test_repeated_list_values_are_refused(saved, capsys, no_loading, extra, word
     _refused(capsys, _base(saved, *extra), *words)
 
 
+def test_two_filler_files_of_one_name_are_named_as_such(saved, tmp_path, capsys, no_loading):
+    # they were refused as "given twice": different texts, one key in the results
+    for folder, text in (("a", "The river runs past the old mill. "), ("b", "A small bird sang on the high wall. ")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "f.txt").write_text(text * 40)
+    _refused(capsys, _base(saved, "--passkey-filler", str(tmp_path / "a" / "f.txt"), str(tmp_path / "b" / "f.txt")),
+             "are two files of one name", "rename or copy one")
+
+
 def test_filler_that_is_a_directory_or_fifo_says_so(saved, tmp_path, capsys):
     _refused(capsys, _base(saved, "--passkey-filler", str(tmp_path)), "--passkey-filler", "is a directory")
     os.mkfifo(tmp_path / "fifo")

@@ -177,3 +177,22 @@ def test_evaluate_scores_blocks_of_positions_as_the_whole_window(family, monkeyp
     assert [b["tokens"] for b in blocks["buckets"]] == [b["tokens"] for b in whole["buckets"]]
     for name, m in (("bsbr", model), ("source", src), ("local", local)):
         assert whole["perplexity"][name] == pytest.approx(perplexity_past(m, windows, 8), rel=1e-5), name
+
+
+def test_a_perplexity_past_floats_range_is_infinite_not_an_error():
+    """A diverged model (mean NLL past 709 nats) made bsbr eval fail with OverflowError after all its work."""
+    from types import SimpleNamespace
+
+    from bsbr.evaluate import metrics
+
+    class Hot(torch.nn.Module):  # every logit but token 0's far below it: predicting token 1 costs 1,000 nats
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.full((*input_ids.shape, 3), -1000.0)
+            logits[..., 0] = 0.0
+            return SimpleNamespace(logits=logits)
+
+    assert metrics.perplexity_past(Hot(), torch.ones(1, 5, dtype=torch.long), 0) == float("inf")
+    acc = metrics.MetricAccumulator(6, 2, models=("bsbr", "source"))
+    logits = {m: Hot()(torch.ones(1, 6, dtype=torch.long)).logits for m in ("bsbr", "source")}
+    result = acc.update(torch.ones(1, 6, dtype=torch.long), logits) or acc.result()
+    assert result["perplexity"]["bsbr"] == float("inf") and result.get("gap_closed") is None

@@ -22,8 +22,8 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     gate (``gate_init=0``), which makes BSBR exactly chunk-local softmax attention. The other
     conversion options are copied from ``like`` (the evaluated model's config) where it has them,
     so positions past the source's table are assigned the same way. ``same_window=True`` also
-    copies ``like``'s exact window (``local_chunks``, ``sink_tokens``): the source restricted to
-    what the model sees exactly, so that only retrieval separates the two."""
+    copies ``like``'s exact window (``local_chunks``, ``sink_tokens``): the model's exact window alone
+    (its sinks read at the far positions the model reads them at), so that only retrieval separates the two."""
     from ..convert import convert_to_bsbr
 
     # chunk-local, whatever the converter's defaults; no exact blocks either way
@@ -84,7 +84,8 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     if has_wide_window(model.config.to_dict()):
         models["window"] = local_baseline(source, chunk, like=model, same_window=True)
     config = dict(model_dir=str(model_dir), reference=source_label(reference), chunk_size=chunk,
-                  local_chunks=getattr(model.config, "local_chunks", 1),
-                  sink_tokens=getattr(model.config, "sink_tokens", 0), torch=torch.__version__,
+                  **{k: getattr(model.config, k, None) for k in ("local_chunks", "sink_tokens", "retrieval_blocks",
+                                                                 "recall_tokens", "far_positions")},
+                  torch=torch.__version__,
                   threads=torch.get_num_threads(), machine=platform.machine())
     return models, tokenizer, config

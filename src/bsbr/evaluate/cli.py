@@ -69,6 +69,12 @@ def _check_seq_len(args) -> None:
 
 def _check_lists(args) -> None:
     """No list option repeats a value (a repeated length or depth would count its cells twice)."""
+    named = {}  # two files of one name: their results would share a key
+    for spec in args.passkey_filler or ():
+        path, name = filler_path(spec), get_filler(spec).name
+        if path is not None and os.path.realpath(named.setdefault(name, path)) != os.path.realpath(path):
+            raise UserError(f"--passkey-filler {spec} and {named[name]} are two files of one name, and the results "
+                            f"are kept by file name ({name}): rename or copy one of them")
     for option, values, key in (("--text-file", args.text_file, os.path.realpath),
                                 ("--passkey-lengths", args.passkey_lengths, int),
                                 ("--passkey-depths", args.passkey_depths, float),

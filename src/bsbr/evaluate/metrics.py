@@ -9,7 +9,9 @@ The models read the same windows of ``n`` tokens:
   closed: the lower bound, what a converted model gets for free);
 * ``bsbr``   -- the model under evaluation;
 * ``window`` -- (only for a model whose exact window is wider than its chunk: ``local_chunks > 1``
-  or ``sink_tokens > 0``) the source restricted to that exact window, BSBR's retrieval closed.
+  or ``sink_tokens > 0``) the model's exact window alone: the source converted with the model's options
+  and no retrieval (its sinks read where the model reads them: with ``far_positions`` other than
+  ``absolute``, just before the window, not at their own positions).
 
 Position ``p`` of a window predicts token ``p + 1`` (so ``p`` runs over ``0 .. n-2``). Inside the
 first chunk (``p < B``, ``B`` = chunk size) the models compute the same function exactly, so
@@ -55,6 +57,11 @@ logger = logging.getLogger(__name__)
 REFERENCE = "source"
 DEFAULT_KS = (1, 5, 10)
 BUCKET_SCHEMES = ("chunk", "doubling")
+
+
+def _perplexity(nll: float) -> float:
+    """exp(nll), infinite past float's range (a diverged model's mean NLL can pass 709 nats)."""
+    return math.exp(nll) if nll < 709.78 else math.inf
 
 
 def position_buckets(seq_len: int, chunk_size: int, scheme: str = "chunk") -> List[Tuple[int, int]]:
@@ -220,7 +227,7 @@ class MetricAccumulator:
         """Means over the buckets ``sel`` (a slice: all of them, or one)."""
         count = self.count[sel]
         nll = {m: self._mean(self.nll[m][sel], count) for m in self.models}
-        ppl = {m: (math.exp(v) if v is not None else None) for m, v in nll.items()}
+        ppl = {m: (_perplexity(v) if v is not None else None) for m, v in nll.items()}
         out = dict(tokens=int(count.sum()), nll=nll, perplexity=ppl,
                    agreement={m: {f"top{k}": self._mean(self.agree[m][k][sel], count) for k in self.ks}
                               for m in self.candidates},
@@ -333,4 +340,4 @@ def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
             count += w.numel() - start - 1
     if count == 0:
         raise ValueError("windows is empty")
-    return math.exp(total / count)
+    return _perplexity(total / count)

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 COLOURS = {"source": "tab:green", "local": "tab:red", "window": "tab:orange", "bsbr": "tab:blue"}
 LABELS = {"source": "source (full attention)", "local": "chunk-local baseline",
-          "window": "source in BSBR's exact window", "bsbr": "BSBR"}
+          "window": "BSBR's exact window alone", "bsbr": "BSBR"}
 
 
 def grouped_bars(ax, names, groups, value) -> None:
