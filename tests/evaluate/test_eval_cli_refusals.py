@@ -304,7 +304,7 @@ def test_a_passkey_length_too_short_for_a_prompt_is_refused_before_any_model_run
              "passkey-only": [*ref, "--passkey-only"],
              "lm-eval": ["--lm-eval-task-dir", str(tmp_path / "task")]}[mode]
     _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "500", "20"],
-             "--passkey-lengths: length 20 is too short for a pass-key prompt")
+             "--passkey-lengths: length 20 is too short for a pass-key prompt", "give a length above")
     assert not list(tmp_path.iterdir())
 
 
