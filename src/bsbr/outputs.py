@@ -191,9 +191,6 @@ def is_bsbr_output(out: Path) -> bool:
             return json.loads(config.read_text()).get("model_type") == "bsbr"
         return False
 
-    def staged(entry: Path) -> bool:  # what a killed bsbr command leaves: .NAME.tmp-XXXXXXXX (a file or a folder)
-        return bool(_STAGED.fullmatch(entry.name))
-
     def bsbr_manifest(manifest: Path) -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             got = json.loads(manifest.read_text())
@@ -203,11 +200,11 @@ def is_bsbr_output(out: Path) -> bool:
     def written(entry: Path) -> bool:
         if entry.is_symlink():
             return False
-        if staged(entry):
+        if left_by_a_kill(entry.name):
             return True
         if entry.is_dir():
             if entry.name == "checkpoint":
-                return all(not f.is_symlink() and (staged(f) or f.is_file() and (f.name == "manifest.json" or
+                return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (f.name == "manifest.json" or
                                                                                _CHECKPOINT_DATA.fullmatch(f.name)))
                            for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
@@ -220,7 +217,7 @@ def is_bsbr_output(out: Path) -> bool:
     # the (then empty) directory
     marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
         bsbr_manifest(ckpt / "manifest.json") or \
-        (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or staged(e) for e in entries)) or \
+        (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
         (bool(entries) and all(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries))
     return marked and all(written(entry) for entry in entries)
 

@@ -69,16 +69,17 @@ def _check_seq_len(args) -> None:
 
 def _check_lists(args) -> None:
     """No list option repeats a value (a repeated length or depth would count its cells twice)."""
+    names = {spec: get_filler(spec).name for spec in args.passkey_filler or ()}  # (each file read once)
     named = {}  # two files of one name: their results would share a key
-    for spec in args.passkey_filler or ():
-        path, name = filler_path(spec), get_filler(spec).name
+    for spec, name in names.items():
+        path = filler_path(spec)
         if path is not None and os.path.realpath(named.setdefault(name, path)) != os.path.realpath(path):
             raise UserError(f"--passkey-filler {spec} and {named[name]} are two files of one name, and the results "
                             f"are kept by file name ({name}): rename or copy one of them")
     for option, values, key in (("--text-file", args.text_file, os.path.realpath),
                                 ("--passkey-lengths", args.passkey_lengths, int),
                                 ("--passkey-depths", args.passkey_depths, float),
-                                ("--passkey-filler", args.passkey_filler, lambda f: get_filler(f).name),
+                                ("--passkey-filler", args.passkey_filler, names.__getitem__),
                                 ("--passkey-models", args.passkey_models, str)):
         check_unique(option, values, key)
 
@@ -139,10 +140,10 @@ def _check_outputs(args) -> None:
             beside = ("--plot", args.plot) if args.plot else ("--json", args.json)
             derived.append(("the pass-key heat map", heatmap))
         derived.append(("the pass-key data", heatmap.with_suffix(".json")))
-    labels = [f"{what} (beside {beside[0]})" for what, _ in derived]
-    check_output_files(outputs + [(label, str(path)) for label, (_, path) in zip(labels, derived)], inputs=inputs,
-                       plots=("--plot", "--passkey-plot", *(label for label, (_, path) in zip(labels, derived)
-                                                            if path.suffix != ".json")))
+    labelled = [(f"{what} (beside {beside[0]})", path) for what, path in derived]
+    figures = [label for label, path in labelled if path.suffix != ".json"]
+    check_output_files(outputs + [(label, str(path)) for label, path in labelled], inputs=inputs,
+                       plots=("--plot", "--passkey-plot", *figures))
     for what, path in derived:
         path = path.expanduser()
         if os.path.lexists(path) and not _is_passkey_output(path):

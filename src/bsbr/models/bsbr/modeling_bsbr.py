@@ -174,7 +174,7 @@ def built_with(config) -> dict:
     kwargs.pop("gate")
     return dict(kwargs, chunk_size=config.chunk_size, far_positions=config.far_positions,
                 max_position_embeddings=config.max_position_embeddings, position_type=config.position_type,
-                rope_parameters=copy.deepcopy(config.rope_parameters))
+                rope_parameters=config.rope_parameters)
 
 
 def refuse_pickled_weights(path: Path) -> None:
@@ -365,7 +365,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         self.rotary = make_rotary(config) if config.position_type == "rope" else None
         self.layers = nn.ModuleList(BSBRDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = make_norm(config)
-        self._built_with = built_with(config)
+        self._built_with = copy.deepcopy(built_with(config))  # (a copy: an edit of rope_parameters in place shows)
         self.post_init()
 
     def _check_config_unchanged(self) -> None:
