@@ -68,6 +68,16 @@ def test_bench_attention_tiny(tmp_path, fake_wheel):
     assert "bsbr ms" in ba.format_table(res["rows"])
 
 
+def test_attention_targets_judged_only_at_their_shape():
+    ratios = [{"baseline": "standard", "seq_len": 1024, "time_ratio": 1.3, "memory_ratio": 2.0}]
+    default = dict(hidden=512, heads=8, chunk_size=128, retrieval="additive", retrieval_blocks=0)
+    judged = layers.attention_targets(ratios, default)
+    assert [t["met"] for t in judged] == [None, True, None, None]
+    for other in (dict(hidden=256), dict(chunk_size=64), dict(retrieval_blocks=4)):
+        unjudged = layers.attention_targets(ratios, {**default, **other})
+        assert unjudged[1]["value"] == 1.3 and all(t["met"] is None for t in unjudged)
+
+
 def test_skips_are_recorded():
     res = layers.bench_attention([64, 128], max_standard_len=64, **TINY)
     std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}

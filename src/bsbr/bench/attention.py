@@ -23,7 +23,7 @@ from .common import (add_output_arguments, bench_parser, check_device, check_out
                      machine_info, set_threads, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
-from .layers import DEFAULT_SEQ_LENS, bench_attention
+from .layers import DEFAULT_SEQ_LENS, TARGET_SHAPE, bench_attention
 from .plots import plot_rows
 from .scaling import DEFAULT_MODEL_SEQ_LENS, bench_model_scaling
 
@@ -103,8 +103,10 @@ def run_attention(args: argparse.Namespace) -> int:
             print(f"  {r['baseline']}/bsbr @ {r['seq_len']:>6}: time x{r['time_ratio']}, extra memory x{r['memory_ratio']}")
         title = (f"attention forward, hidden {hidden}, {heads} heads, chunk {args.chunk_size} "
                  f"({threads} threads, {args.device})")
+    shape = "" if args.model_scaling else ", ".join(f"{k} {v}" for k, v in TARGET_SHAPE.items())
     for t in result["targets"]:
-        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        unjudged = "not measured" if t["value"] is None else f"not judged (set for {shape})"
+        met = {True: "MET", False: "NOT MET", None: unjudged}[t["met"]]
         print(f"  {t['target']}: {t['value']} -> {met}")
     if "core" in result:
         core = result["core"]
