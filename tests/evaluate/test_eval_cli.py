@@ -8,6 +8,7 @@ from model_sources import make_source
 from bsbr.cli import main
 from bsbr.convert import convert_to_bsbr
 from bsbr.evaluate import evaluate, local_baseline
+from bsbr.evaluate.report import summary_lines
 
 CHUNK = 8
 PYTHON_TEXT = ("def f ( x ) :\n    return x + y\n\nclass x :\n    def y ( self ) :\n        print ( x , y )\n"
@@ -53,6 +54,8 @@ def test_evaluate_tiny_model(tiny):
     assert _finite(r)
     assert lm["tokens"] == 3 * (5 * CHUNK - 1 - CHUNK)  # first chunk (and the last position) excluded
     assert [(b["start"], b["end"]) for b in lm["buckets"]] == [(8, 16), (16, 24), (24, 32), (32, 39)]
+    printed = "\n".join(summary_lines(r))  # the report names each bucket's first and last position
+    assert all(f" {lo}-{hi} " in printed for lo, hi in [(8, 15), (16, 23), (24, 31), (32, 38)]), printed
     assert lm["agreement"]["bsbr"]["top1"] <= lm["agreement"]["bsbr"]["top5"] <= lm["agreement"]["bsbr"]["top10"]
     assert lm["kl"]["bsbr"] > 0 and lm["kl"]["local"] > 0 and -1 <= lm["hidden_cosine"]["bsbr"] <= 1
     # the final hidden states differ from the source's (the embeddings, the same in every model, would not)

@@ -33,7 +33,7 @@ def summary_lines(result: dict) -> Iterable[str]:
     yield "perplexity per position bucket:"
     yield f"  {'positions':<13} " + " ".join(f"{n:>9}" for n in names) + f" {'gap':>8}"
     for b in lm["buckets"]:
-        yield (f"  {b['start']:>5}-{b['end']:<7} " + " ".join(f"{fmt(b['perplexity'][n]):>9}" for n in names)
+        yield (f"  {b['start']:>5}-{b['end'] - 1:<7} " + " ".join(f"{fmt(b['perplexity'][n]):>9}" for n in names)
                + f" {percent(b.get('gap_closed'), 1, '-'):>8}")
     if result.get("passkey"):
         yield from passkey_summary_lines(result["passkey"])
