@@ -59,6 +59,16 @@ def test_file_filler_and_errors(tmp_path):
         filler.get_filler(str(tmp_path))
 
 
+def test_a_file_named_like_a_kind(tmp_path, monkeypatch, caplog):
+    """'random' names the built-in kind even where a file of that name lies here; the log says how to
+    read the file instead, and file:random reads it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "random").write_text("The river ran past the old mill at dawn.\n")
+    assert filler.get_filler("random").name == "random"
+    assert "file:random" in caplog.text
+    assert filler.get_filler("file:random").name == "file:random"
+
+
 def test_split_sentences():
     got = filler.split_sentences("Hello there my friend. See 3 cats now. what a day it is. "
                                  "A <tag> here is bad. Visit https://x.org please now. Fine, it is done!")
