@@ -180,21 +180,22 @@ def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
 _PERPLEXITY_OPTIONS = ("text_file", "dataset", "seq_len", "max_windows", "stride", "buckets", "split")
 _PASSKEY_OPTIONS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_filler", "passkey_new_tokens",
                     "passkey_models")
+_TASK_IGNORES = ("passkey_models", "json", "plot", "passkey_plot", "reference", "force", "no_passkey")
 _DEFAULTS: dict = {}
 
 
 def _refuse_ignored(args) -> None:
     """Refuse an option the run would ignore: pass-key options with --no-passkey, perplexity options
-    with --passkey-only or --lm-eval-task-dir (which writes the task and exits), --passkey-models with
-    --lm-eval-task-dir (the task runs whatever model lm-eval loads)."""
+    with --passkey-only or --lm-eval-task-dir (which writes the task and exits), the models and outputs of
+    an evaluation with --lm-eval-task-dir (the task runs whatever model lm-eval loads)."""
     skips = []
     if args.no_passkey:
-        skips.append(("--no-passkey", _PASSKEY_OPTIONS))
+        skips.append(("--no-passkey", _PASSKEY_OPTIONS + ("passkey_plot", "passkey_only")))
     for flag, on in (("--passkey-only", args.passkey_only), ("--lm-eval-task-dir", args.lm_eval_task_dir)):
         if on:
             skips.append((flag, _PERPLEXITY_OPTIONS))
-    if args.lm_eval_task_dir:
-        skips.append(("--lm-eval-task-dir", ("passkey_models",)))
+    if args.lm_eval_task_dir:  # it writes the task (with MODEL's own tokenizer, which lm-eval loads) and exits
+        skips.append(("--lm-eval-task-dir", _TASK_IGNORES))
     for flag, names in skips:
         for name in names:
             if getattr(args, name) != _DEFAULTS[name]:
@@ -202,8 +203,6 @@ def _refuse_ignored(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    if args.passkey_only and args.no_passkey:
-        raise UserError("--passkey-only and --no-passkey exclude each other: give one")
     for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
                           ("--text-column", args.text_column)):
         if value is not None and not args.dataset:
@@ -211,19 +210,6 @@ def cmd_eval(args) -> int:
     if (args.text_file or args.dataset) and args.split:
         raise UserError(f"--split {args.split} chooses from the default corpus, not from --text-file or --dataset: "
                         "drop one")
-    if args.lm_eval_task_dir:
-        for option, value in (("--json", args.json), ("--plot", args.plot), ("--passkey-plot", args.passkey_plot)):
-            if value:
-                raise UserError(f"{option} is not written with --lm-eval-task-dir (it writes the task and exits): "
-                                f"drop {option}, or run the evaluation separately")
-        if args.no_passkey:
-            raise UserError("--no-passkey with --lm-eval-task-dir: the task is the pass-key test; drop one")
-        for option, given in (("--reference", args.reference is not None), ("--force", args.force)):
-            if given:  # (lm-eval loads MODEL's own tokenizer; no reference model runs)
-                raise UserError(f"{option} would be ignored with --lm-eval-task-dir (the task is written with MODEL's "
-                                f"own tokenizer, the one lm-eval loads): drop {option}")
-    if args.no_passkey and args.passkey_plot:
-        raise UserError("--passkey-plot with --no-passkey: there is no pass-key test to plot; drop one")
     _refuse_ignored(args)
     if args.passkey_only and args.plot and args.passkey_plot:
         raise UserError("--plot and --passkey-plot both name the heat map with --passkey-only: give one")
@@ -365,4 +351,5 @@ def register(sub) -> None:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="write the plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
-    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS)
+    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS + _TASK_IGNORES
+                     + ("passkey_plot", "passkey_only"))
