@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -32,6 +33,13 @@ def check_unique(option: str, values, key=None) -> None:
             same = "" if first == value else f" (as {first}" + ("" if k == first else f", both {k}") + ")"
             raise UserError(f"{option} {value} is given twice{same}: give each value once")
         seen[k] = value
+
+
+def as_flags(text: str, names) -> str:
+    """``text`` with each of ``names`` (an option's field name, e.g. ``local_chunks``) written as its flag
+    (``--local-chunks``)."""
+    return re.sub(r"(?<!-)\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
 def weights_fingerprint(model) -> str:

@@ -28,7 +28,7 @@ BAD_CONFIGS = [
     ("attention_bias", dict(attention_bias="no")), ("attention_out_bias", dict(attention_out_bias=1)),
     ("mlp_bias", dict(mlp_bias="no")), ("tie_word_embeddings", dict(tie_word_embeddings="no")),
     ("use_cache", dict(use_cache="no")),
-    ("feature_map 'hedgehog'", dict(retrieval="normalized", feature_map="identity")),
+    ("feature_map hedgehog", dict(retrieval="normalized", feature_map="identity")),
 ]
 
 
@@ -66,7 +66,7 @@ BAD_OPTIONS = [
     ("compression_factor", dict(compression_factor=0)), ("compression_factor", dict(compression_factor=-2)),
     ("compression_factor", dict(compression_factor=2.5)), ("compression_factor", dict(compression_factor="2")),
     ("gate_init", dict(gate_init="a")), ("gate_init", dict(gate_init=10**400)), ("gate_init", dict(gate_init=NAN)),
-    ("feature_map 'hedgehog'", dict(retrieval="normalized", feature_map="identity")),
+    ("feature_map hedgehog", dict(retrieval="normalized", feature_map="identity")),
 ]
 
 
@@ -91,7 +91,7 @@ def test_normalized_with_identity_is_refused_up_front_with_the_layers_message(mo
     with pytest.raises(ValueError) as layer_error:
         BSBRAttention(16, 2, 4, retrieval="normalized", feature_map="identity")
     message = str(layer_error.value)
-    assert message == "retrieval='normalized' needs the non-negative feature_map 'hedgehog'"
+    assert message == "retrieval normalized needs the non-negative feature_map hedgehog: give feature_map hedgehog, or retrieval additive"
     for build in (lambda: BSBRConfig(**TINY, retrieval="normalized", feature_map="identity"),
                   lambda: TransformerToBSBRConverter(retrieval="normalized", feature_map="identity"),
                   lambda: TransformerToBSBRConverter(feature_map="identity")):  # the converter's default is normalized

@@ -65,22 +65,16 @@ def conversion_options(args) -> dict:
 
 
 def check_conversion_options(options: dict) -> None:
-    """Refuse bad sizes before loading the source (the converter would, but only after loading it)."""
+    """Refuse bad options before loading the source (the converter would, but only after loading it),
+    naming them as flags."""
+    from ..arguments import as_flags
     from ..errors import UserError
+    from ..models.bsbr.configuration_bsbr import check_bsbr_options
 
-    # each size is in range (the parser's types); the window is their product
-    if options["local_chunks"] * options["chunk_size"] > MAX_TOKENS:
-        raise UserError(f"--local-chunks must be at most {MAX_TOKENS // options['chunk_size']:,} with --chunk-size "
-                        f"{options['chunk_size']:,} (a window holds at most {MAX_TOKENS:,} tokens), "
-                        f"got {options['local_chunks']:,}")
-    if options.get("recall_tokens") and options.get("retrieval_blocks"):
-        raise UserError("--recall-tokens and --retrieval-blocks are exclusive: set one of them to 0")
-    if options.get("retrieval") == "normalized" and options.get("feature_map") == "identity":
-        raise UserError("--retrieval normalized needs the non-negative --feature-map hedgehog: give --feature-map "
-                        "hedgehog or --retrieval additive")
-    if options.get("recall_tokens") and options.get("far_positions") == "hybrid":
-        raise UserError("--far-positions hybrid needs --recall-tokens 0: the bounded mode reads every far key at "
-                        "window positions (use --far-positions window or absolute)")
+    try:
+        check_bsbr_options(**options)
+    except ValueError as e:
+        raise UserError(as_flags(str(e), options)) from e
 
 
 def _check_source_config(source, path: Path, options: dict) -> None:

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import shlex
 import signal
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from ..arguments import (METADATA, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
+from ..arguments import (METADATA, as_flags, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
                          check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg)
 from ..errors import CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
@@ -45,8 +44,8 @@ def _plan(args):
         cfg.base_lr = _base_lr(args)
         cfg.validate()
     except ValueError as e:
-        raise UserError(re.sub(r"(?<!-)\b(base_lr|lm_weight|checkpoint_every|steps|minutes|params|lr)\b",
-                               lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from e
+        raise UserError(as_flags(str(e), ("base_lr", "lm_weight", "checkpoint_every", "steps", "minutes", "params",
+                                          "lr"))) from e
     return cfg
 
 

@@ -99,7 +99,7 @@ class BSBRAttention(MultiHeadBase):
         if not isinstance(feature_map, str) or feature_map not in BSBR_FEATURE_MAPS:
             raise ValueError(f"feature_map must be None or one of {BSBR_FEATURE_MAPS}, got {feature_map!r}")
         if retrieval == "normalized" and feature_map == "identity":
-            raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
+            raise ValueError("retrieval normalized needs the non-negative feature_map hedgehog: give feature_map hedgehog, or retrieval additive")
         if gate is not None and not is_number(gate):
             raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
         check_number("gate", gate, none=True)  # the config's gate_init rule: finite in float32 (no nan/inf)

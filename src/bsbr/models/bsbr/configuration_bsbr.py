@@ -45,12 +45,12 @@ def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map
                 retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens, retrieval=retrieval)  # validates them
     _choice("feature_map", feature_map, BSBR_FEATURE_MAPS)
     if retrieval == "normalized" and feature_map == "identity":  # BSBRAttention's rule, checked up front
-        raise ValueError("retrieval='normalized' needs the non-negative feature_map 'hedgehog'")
+        raise ValueError("retrieval normalized needs the non-negative feature_map hedgehog: give feature_map hedgehog, or retrieval additive")
     check_number("gate_init", gate_init, none=True)
     _choice("far_positions", far_positions, FAR_POSITIONS)
     if far_positions == "hybrid" and recall_tokens:
-        raise ValueError("far_positions 'hybrid' needs recall_tokens 0: the bounded mode reads every far key at "
-                         "one rule; use 'window' (or 'absolute' within the source's positions)")
+        raise ValueError("far_positions hybrid needs recall_tokens 0: the bounded mode reads every far key at "
+                         "window positions (use far_positions window, or absolute within the source's positions)")
     _choice("position_scheme", position_scheme, POSITION_SCHEMES)
 
 

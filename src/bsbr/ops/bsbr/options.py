@@ -49,7 +49,10 @@ class BSBROptions:
 
     def __post_init__(self):
         check_int("chunk_size", self.chunk_size, 1, MAX_TOKENS)
-        check_int("local_chunks", self.local_chunks, 1, MAX_TOKENS // self.chunk_size)
+        check_int("local_chunks", self.local_chunks, 1)
+        if self.local_chunks * self.chunk_size > MAX_TOKENS:
+            raise ValueError(f"local_chunks must be at most {MAX_TOKENS // self.chunk_size:,} with chunk_size "
+                             f"{self.chunk_size:,} (a window holds at most {MAX_TOKENS:,} tokens), got {self.local_chunks:,}")
         check_int("sink_tokens", self.sink_tokens, 0, MAX_TOKENS)
         check_int("retrieval_blocks", self.retrieval_blocks, 0)
         check_int("recall_tokens", self.recall_tokens, 0, MAX_RECALL_TOKENS)
