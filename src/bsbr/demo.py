@@ -42,6 +42,7 @@ def _demo(args, out: Path, final: Path) -> int:
     from .convert.converter import convert_to_bsbr
     from .convert.defaults import resolve_options
     from .evaluate import evaluate_saved, summary_lines
+    from .evaluate.plots import plot_results
     from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
     from .arguments import check_positions, load_model_arg, load_tokenizer_arg
 
@@ -71,7 +72,9 @@ def _demo(args, out: Path, final: Path) -> int:
     if passkey is not None:
         passkey["only"] = ["source", "window", "bsbr"]
     result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
-                            passkey=passkey, json_path=out / "eval.json", plot_path=out / "eval.png")
+                            passkey=passkey)
+    write_json(result, out / "eval.json")
+    plot_results(result, out / "eval.png")
 
     print(f"[3/3] speed: converted vs original, side by side on {DEFAULT_THREADS} thread ...", flush=True)
     threads = torch.get_num_threads()

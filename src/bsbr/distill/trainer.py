@@ -315,11 +315,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
-    out_of_time = budget is not None and time.monotonic() - t0 >= budget
-    if world > 1:  # every rank starts the loop alike (see below)
-        flag = torch.tensor([float(out_of_time)])
-        dist.all_reduce(flag)
-        out_of_time = bool(flag.item() > 0)
+    out_of_time = _any_rank(budget is not None and time.monotonic() - t0 >= budget, world)  # every rank starts alike
     bar = progress_bar(disable=rank != 0, desc="distill", unit="step")
     try:  # the bar ends its line before any error is printed
         def finished() -> bool:  # the steps asked for are done, or the time budget ran out
@@ -375,11 +371,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         raise ValueError(f"training diverged at step {progress['step']}: the trained model's logits are not finite "
                          f"(its weights are): {LOWER_LR}")
     progress["elapsed"] = time.monotonic() - t0
-    stop = should_stop is not None and bool(should_stop())  # a Ctrl-C after the last step
-    if world > 1:
-        flag = torch.tensor([float(stop)])
-        dist.all_reduce(flag)
-        stop = bool(flag.item() > 0)
+    stop = _any_rank(should_stop is not None and bool(should_stop()), world)  # a Ctrl-C after the last step
     if rank == 0:
         save(progress)
     if stop:
@@ -458,6 +450,15 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _check_finite(params: Dict[str, torch.nn.Parameter], step: int) -> None:

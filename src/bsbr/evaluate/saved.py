@@ -7,8 +7,6 @@ import os
 import time
 from typing import Optional
 
-from ..outputs import write_together
-from ..results import write_json
 from .baselines import load_saved_models
 from .metrics import evaluate
 
@@ -19,10 +17,8 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
                    dataset_split: str = "test", text_column: str = "text", split: str = "heldout",
                    seq_len: int = 2048, max_windows: int = 16, stride: Optional[int] = None,
                    buckets: str = "chunk", passkey: Optional[dict] = None, seed: int = 0,
-                   json_path: Optional[os.PathLike] = None, plot_path: Optional[os.PathLike] = None,
                    progress: bool = True, check_reference=None) -> dict:
-    """``bsbr eval``: load, evaluate, and write the JSON / PNG (when paths are given, as one set:
-    :func:`write_together`).
+    """``bsbr eval``: load and evaluate.
 
     ``reference`` (what the model was converted from) and ``check_reference``: as in
     :func:`~bsbr.evaluate.baselines.load_saved_models`.
@@ -36,14 +32,6 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
     result["config"].update(config, corpus=corpus_info, stride=stride or seq_len)
-    files = []
-    if json_path:
-        files.append((json_path, lambda p: write_json(result, p)))
-    if plot_path:
-        from .plots import plot_results
-
-        files.append((plot_path, lambda p: plot_results(result, p)))
-    write_together(files)
     return result
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.checks import check_int
-from ..ops.checks import check_number
+from ..ops.checks import check_int, check_number
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

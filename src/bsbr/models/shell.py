@@ -78,8 +78,6 @@ class AttentionLM(nn.Module):
         check_int("num_heads", num_heads)
         ff_dim = 4 * hidden_dim if ff_dim is None else ff_dim
         check_int("ff_dim", ff_dim)
-        self.attention_name = attention
-        self.attention_kwargs = attention_kwargs
         self.embedding = nn.Embedding(vocab_size, hidden_dim)
         self.layers = nn.ModuleList(
             Block(build_attention(attention, hidden_dim, num_heads, dropout, **attention_kwargs),
