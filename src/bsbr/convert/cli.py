@@ -30,7 +30,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         f"chunk's keys (its largest q.k; default {D['retrieval_blocks']}, 0 with --recall-tokens; 0 = none). "
                         "Keeps every past token's key and value: the cache grows with the context")
     p.add_argument("--recall-tokens", type=integer(0, MAX_RECALL_TOKENS), default=D["recall_tokens"],
-                   help="the bounded recall mode (default %(default)s = off; needs --retrieval-blocks 0): keep at "
+                   help="the bounded recall mode (default %(default)s = off; sets --retrieval-blocks to 0 unless given): keep at "
                         "most M exact past tokens per layer and K/V head, those the linear state recalls worst "
                         "(near-duplicate values last), and the rest in one state; the cache stays constant (M tokens "
                         "per layer per K/V head plus the window), whatever the context length")

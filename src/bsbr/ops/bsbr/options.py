@@ -23,7 +23,7 @@ class BSBROptions:
       of the ``K`` chunks before its window that score highest against its query (per head; the score
       is the chunk's largest ``q . k`` over its keys that are not sinks). 0: none.
     * ``retrieval``: how the chunk states of the earlier chunks it did not select join the exact
-      softmax: ``"additive"`` (``o = softmax part + g q.S``) or ``"normalized"`` (one denominator:
+      softmax: ``"additive"`` (``o = softmax part + g fq.S``) or ``"normalized"`` (one denominator:
       ``o = (softmax part + g fq.S) / (1 + g fq.z)``; needs non-negative features).
     * ``recall_tokens`` ``M``: the bounded recall mode (LoLA-style; 0: off; exclusive with
       ``retrieval_blocks``): per K/V head a cache of at most ``M`` exact tokens that have left the
