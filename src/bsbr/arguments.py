@@ -22,6 +22,11 @@ RECORDED_OPTIONS = ("chunk_size", "compression_factor", "retrieval", "feature_ma
 METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
 
 
+def same_file(path) -> str:
+    """What makes two spellings of a path one file (``~``, ``./``, links): a key for :func:`check_unique`."""
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
 def check_unique(option: str, values, key=None) -> None:
     """Refuse a list option that names one value twice (``key``: what makes two values the same; its rows
     would be measured and counted twice)."""

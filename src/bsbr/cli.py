@@ -56,10 +56,12 @@ class _StoreOnce(argparse._StoreAction):
 
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line (exit status 2), which refuses a list option
-    given twice, and which reads a negative number in exponent form (``--gate-init -1e39``) as a value,
-    as argparse reads ``-0.5``."""
+    given twice, which reads a negative number in exponent form (``--gate-init -1e39``) as a value,
+    as argparse reads ``-0.5``, and which takes options by their whole names only (an abbreviation such
+    as ``--overw`` would be echoed into printed commands, and change meaning when an option is added)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
         for name in (None, "store"):
@@ -207,10 +209,35 @@ def _interrupted(name: str) -> int:
     return EXIT_INTERRUPTED
 
 
+# the options naming files or directories (a hub id never starts with ~)
+PATH_OPTIONS = ("source", "model", "model_dir", "output_dir", "output", "student", "teacher", "reference", "text_file",
+                "json", "plot", "passkey_plot", "lm_eval_task_dir", "prompt_file", "earlier_wheel", "corpus", "merge",
+                "passkey_filler")
+
+
+def _expand_home(args) -> None:
+    """``~`` at the start of a path option, expanded once for every check and write (``--output=~/x`` and
+    a quoted ``"~/x"`` reach the command unexpanded; checking one folder and writing another lost files)."""
+    def expand(value):
+        if isinstance(value, str) and value.startswith(("~", "file:~")):
+            return ("file:" if value.startswith("file:") else "") + os.path.expanduser(value.removeprefix("file:"))
+        return value
+
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, name, [expand(v) for v in value] if isinstance(value, list) else expand(value))
+
+
 def _main(argv) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the (sub)command they were given to, as its other usage errors are
+            command = parser
+            while getattr(command, "commands", None) and getattr(args, command.commands.dest, None):
+                command = command.commands.choices[getattr(args, command.commands.dest)]
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed as one line)
         return _interrupted("") if INTERRUPTED.is_set() else int(e.code or 0)
     except KeyboardInterrupt:  # Ctrl-C while a subcommand's parser imports its modules
@@ -220,6 +247,7 @@ def _main(argv) -> int:
             raise
         return _interrupted("")
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    _expand_home(args)
     verbose = bool(getattr(args, "verbose", False))
     if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
         # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them

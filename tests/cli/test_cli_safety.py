@@ -906,3 +906,21 @@ def test_a_failure_after_loading_is_one_line_on_a_redirected_stderr(models, tmp_
                        text=True, env=env, timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("bsbr generate: error:"), r.stderr
+
+
+def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_write(models, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # `--json=~/x` and a quoted "~/x" reach bsbr unexpanded: SOURCE failed as a hub id, --prompt-file "did not
+    # exist", and distill checked ~/dist but wrote ./~/dist
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir(), here.mkdir()
+    shutil.copytree(models[0], home / "src")
+    (home / "p.txt").write_text("The grass is green .")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    assert main(["convert", "~/src", "~/conv", "--chunk-size", "8"]) == 0
+    assert main(["generate", "~/conv", "--prompt-file=~/p.txt", "--max-new-tokens", "2"]) == 0
+    assert main(["bench", "attention", "--seq-lens", "64", "--hidden", "32", "--heads", "2", "--chunk-size", "32",
+                 "--repeats", "1", "--skip-core", "--json=~/b.json"]) == 0
+    assert (home / "conv" / "config.json").is_file() and (home / "b.json").is_file()
+    assert not any(here.iterdir())

@@ -449,3 +449,43 @@ def test_a_learned_position_source_within_the_students_reach_is_refused_once(mod
         args[args.index("--seq-len") + 1] = seq_len
         line = refused(capsys, args, "distill")
         assert "64 learned positions" in line and "no --seq-len" in line and "--retrieval-blocks" in line, line
+
+
+def test_an_output_with_a_literal_tilde_is_checked_and_written_at_home(models, text, tmp_path, capsys, monkeypatch):
+    # `--output=~/dist` reaches bsbr unexpanded: the checks looked at ~/dist, the run wrote ./~/dist, and
+    # --overwrite then deleted a user's file there
+    home, here = tmp_path / "home", tmp_path / "here"
+    (here / "~" / "dist").mkdir(parents=True)
+    (here / "~" / "dist" / "notes.txt").write_text("mine")
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    assert main(distill_args(models, text, "~/dist", "--steps", "1")) == 0
+    assert (home / "dist" / "config.json").is_file()
+    assert sorted(p.name for p in (here / "~" / "dist").iterdir()) == ["notes.txt"]
+    assert main([*distill_args(models, text, "~/dist", "--steps", "1"), "--overwrite"]) == 0
+    assert (here / "~" / "dist" / "notes.txt").read_text() == "mine"
+
+
+def test_the_resume_command_of_a_data_parallel_run_is_a_torchrun_command(monkeypatch):
+    from argparse import Namespace
+
+    from bsbr.distill.cli import _resume_command
+
+    args = Namespace(argv=["distill", "--student", "s", "--output", "o", "--overwrite"])
+    assert _resume_command(args) == "bsbr distill --student s --output o --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _resume_command(args) == "torchrun --nproc_per_node 2 -m bsbr.cli distill --student s --output o --resume"
+
+
+def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp_path, capsys, no_loading):
+    # an abbreviated --overw was echoed into the printed resume command, which then was refused
+    line = refused(capsys, [*distill_args(models, text, tmp_path / "out", "--steps", "1"), "--overw"], "distill",
+                   models[1])
+    assert "unrecognized arguments: --overw" in line, line
+    args = distill_args(models, text, tmp_path / "out", "--steps", "1")
+    i = args.index("--text-file")
+    args[i + 1:i + 2] = [str(text), str(text.parent / "." / text.name)]  # one file, two spellings: trained twice
+    line = refused(capsys, args, "distill", models[1])
+    assert "is given twice" in line, line
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,8 @@ from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, as_flags, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
-                         check_recorded_source, check_source, check_text_files, load_model_arg, load_tokenizer_arg)
+                         check_recorded_source, check_source, check_text_files, check_unique, load_model_arg,
+                         load_tokenizer_arg, same_file)
 from ..errors import CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
                        write_model_card)
@@ -106,10 +107,14 @@ def _student_config(student_dir: Path) -> dict:
 
 
 def _resume_command(args) -> str:
+    """The command that continues this run: its arguments without --overwrite, with --resume, under
+    torchrun with as many processes when it runs data parallel (a checkpoint resumes at its world size)."""
     argv = [a for a in getattr(args, "argv", None) or [] if a != "--overwrite"]
     if "--resume" not in argv:
         argv.append("--resume")
-    return "bsbr " + " ".join(shlex.quote(a) for a in argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    start = f"torchrun --nproc_per_node {world} -m bsbr.cli " if world > 1 else "bsbr "
+    return start + " ".join(shlex.quote(a) for a in argv)
 
 
 @contextlib.contextmanager
@@ -135,13 +140,15 @@ def _stop_on_signal():
 
 def cmd_distill(args) -> int:
     cfg = _plan(args)
-    student_dir, out = Path(args.student), Path(args.output)
+    # expanded once (`--output=~/x` reaches us unexpanded): every check and every write uses these paths
+    student_dir, out = (Path(os.path.abspath(os.path.expanduser(p))) for p in (args.student, args.output))
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
     if args.teacher is not None and Path(os.path.expanduser(str(args.teacher))).resolve() == student_dir.resolve():
         raise UserError(f"--teacher {args.teacher} is the --student: it would learn from itself (nothing); give "
                         "the model it was converted from")
+    check_unique("--text-file", args.text_file, key=same_file)  # (one file twice would be trained on twice)
     check_text_files(args.text_file, args.seq_len)
     check_dataset(args.dataset, None, "train", "text")
     # one run per --output at a time (torchrun's other ranks write nothing there)
@@ -267,7 +274,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     if not dist.is_initialized() or dist.get_rank() == 0:
         last = progress["log"][-1] if progress["log"] else {}
         print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
-              f"saved to {args.output}")
+              f"saved to {out}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -11,7 +11,7 @@ from typing import Optional
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
 from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg, check_positions,
                          check_recorded_source, check_source, check_text_files, check_unique, load_tokenizer_arg,
-                         read_config, read_metadata)
+                         read_config, read_metadata, same_file)
 from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
@@ -76,7 +76,7 @@ def _check_lists(args) -> None:
         if path is not None and os.path.realpath(named.setdefault(name, path)) != os.path.realpath(path):
             raise UserError(f"--passkey-filler {spec} and {named[name]} are two files of one name, and the results "
                             f"are kept by file name ({name}): rename or copy one of them")
-    for option, values, key in (("--text-file", args.text_file, os.path.realpath),
+    for option, values, key in (("--text-file", args.text_file, same_file),
                                 ("--passkey-lengths", args.passkey_lengths, int),
                                 ("--passkey-depths", args.passkey_depths, float),
                                 ("--passkey-filler", args.passkey_filler, names.__getitem__),
