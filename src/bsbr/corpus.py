@@ -131,7 +131,7 @@ def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Op
 
     Documents are tokenized without special tokens and concatenated with the tokenizer's EOS token
     after each one (as in packed pretraining): the stream is
-    ``doc_0, EOS, doc_1, EOS, ...`` (documents with no tokens are skipped). Window ``i`` is ``stream[i*stride : i*stride + seq_len]``;
+    ``doc_0, EOS, doc_1, EOS, ...``. Window ``i`` is ``stream[i*stride : i*stride + seq_len]``;
     ``stride`` defaults to ``seq_len`` (non-overlapping). Only full windows are returned, at most
     ``max_windows`` (None = all), and documents are read only until enough tokens are buffered,
     so a large corpus is never tokenized in full. Deterministic given the texts' order.
@@ -153,10 +153,7 @@ def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Op
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"texts must yield str, got {type(text).__name__}")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:  # an empty or whitespace-only document adds nothing, not a lone EOS
-            continue
-        buffer.extend(ids)
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         buffer.append(eos)
         while start + seq_len <= len(buffer):
             out.append(buffer[start:start + seq_len])
