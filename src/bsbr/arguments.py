@@ -22,6 +22,14 @@ RECORDED_OPTIONS = ("chunk_size", "compression_factor", "retrieval", "feature_ma
 METADATA = "conversion.json"  # beside a converted model's config.json: options, parameter counts, source
 
 
+def expand_home(value):
+    """A path option's value with a leading ``~`` (or ``file:~``, a filler file) expanded; anything else
+    as given. ``--output=~/x`` and a quoted "~/x" reach a command unexpanded."""
+    if isinstance(value, str) and value.startswith(("~", "file:~")):
+        return ("file:" if value.startswith("file:") else "") + os.path.expanduser(value.removeprefix("file:"))
+    return value
+
+
 def same_file(path) -> str:
     """What makes two spellings of a path one file (``~``, ``./``, links): a key for :func:`check_unique`."""
     return os.path.realpath(os.path.expanduser(str(path)))

@@ -209,19 +209,17 @@ def _interrupted(name: str) -> int:
     return EXIT_INTERRUPTED
 
 
-# the options naming files or directories (a hub id never starts with ~)
+# the options naming files or directories (a hub id never starts with ~; --passkey-filler's type expands its
+# value while parsing, as it reads the file then)
 PATH_OPTIONS = ("source", "model", "model_dir", "output_dir", "output", "student", "teacher", "reference", "text_file",
                 "json", "plot", "passkey_plot", "lm_eval_task_dir", "prompt_file", "earlier_wheel", "corpus", "merge",
-                "passkey_filler")
+                "dataset")
 
 
 def _expand_home(args) -> None:
     """``~`` at the start of a path option, expanded once for every check and write (``--output=~/x`` and
     a quoted ``"~/x"`` reach the command unexpanded; checking one folder and writing another lost files)."""
-    def expand(value):
-        if isinstance(value, str) and value.startswith(("~", "file:~")):
-            return ("file:" if value.startswith("file:") else "") + os.path.expanduser(value.removeprefix("file:"))
-        return value
+    from .arguments import expand_home as expand
 
     for name in PATH_OPTIONS:
         value = getattr(args, name, None)

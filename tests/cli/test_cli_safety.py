@@ -924,3 +924,7 @@ def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_wri
                  "--repeats", "1", "--skip-core", "--json=~/b.json"]) == 0
     assert (home / "conv" / "config.json").is_file() and (home / "b.json").is_file()
     assert not any(here.iterdir())
+    from bsbr.evaluate.cli import _filler  # a filler file is read while the arguments are parsed
+
+    (home / "f.txt").write_text("The river ran past the old mill at dawn.\n")
+    assert _filler("file:~/f.txt") == f"file:{home / 'f.txt'}" and _filler("~/f.txt") == str(home / "f.txt")

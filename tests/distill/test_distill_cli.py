@@ -476,6 +476,9 @@ def test_the_resume_command_of_a_data_parallel_run_is_a_torchrun_command(monkeyp
     assert _resume_command(args) == "bsbr distill --student s --output o --resume"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _resume_command(args) == "torchrun --nproc_per_node 2 -m bsbr.cli distill --student s --output o --resume"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _resume_command(args).startswith("torchrun --nnodes 2 --nproc_per_node 4 (this run's --rdzv options) -m ")
 
 
 def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp_path, capsys, no_loading):

@@ -113,7 +113,13 @@ def _resume_command(args) -> str:
     if "--resume" not in argv:
         argv.append("--resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    start = f"torchrun --nproc_per_node {world} -m bsbr.cli " if world > 1 else "bsbr "
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world <= 1:
+        start = "bsbr "
+    elif local >= world:
+        start = f"torchrun --nproc_per_node {world} -m bsbr.cli "
+    else:  # several nodes: each starts its part, with the rendezvous options this run was given
+        start = f"torchrun --nnodes {world // local} --nproc_per_node {local} (this run's --rdzv options) -m bsbr.cli "
     return start + " ".join(shlex.quote(a) for a in argv)
 
 

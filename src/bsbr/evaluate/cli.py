@@ -10,13 +10,13 @@ from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
 from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg, check_positions,
-                         check_recorded_source, check_source, check_text_files, check_unique, load_tokenizer_arg,
-                         read_config, read_metadata, same_file)
+                         check_recorded_source, check_source, check_text_files, check_unique, expand_home,
+                         load_tokenizer_arg, read_config, read_metadata, same_file)
 from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
-from .filler import DEFAULT_FILLERS, filler_path, get_filler
+from .filler import DEFAULT_FILLERS, FILLER_KINDS, filler_path, get_filler
 from .lm_eval_task import TASK_NAME, write_lm_eval_task
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
 from .report import summary_lines
@@ -68,7 +68,12 @@ def _check_seq_len(args) -> None:
 
 
 def _check_lists(args) -> None:
-    """No list option repeats a value (a repeated length or depth would count its cells twice)."""
+    """No list option repeats a value (a repeated length or depth would count its cells twice). A filler
+    kind given by name that is also a file or folder here is named once (the kind is used)."""
+    for spec in dict.fromkeys(args.passkey_filler or ()):
+        if spec in FILLER_KINDS and os.path.lexists(spec):
+            logger.warning("--passkey-filler %s is the built-in kind; %s here is not read (give file:%s for the file)",
+                           spec, os.path.join(".", spec), spec)
     names = {spec: get_filler(spec).name for spec in args.passkey_filler or ()}  # (each file read once)
     named = {}  # two files of one name: their results would share a key
     for spec, name in names.items():
@@ -153,6 +158,7 @@ def _check_outputs(args) -> None:
 
 
 def _filler(text: str) -> str:
+    text = expand_home(text)  # (the file is read here, while parsing)
     try:
         get_filler(text)
     except ValueError as e:
@@ -180,7 +186,7 @@ def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
 _PERPLEXITY_OPTIONS = ("text_file", "dataset", "seq_len", "max_windows", "stride", "buckets", "split")
 _PASSKEY_OPTIONS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_filler", "passkey_new_tokens",
                     "passkey_models")
-_TASK_IGNORES = ("passkey_models", "json", "plot", "passkey_plot", "reference", "force", "no_passkey")
+_TASK_IGNORES = ("passkey_models", "json", "plot", "passkey_plot", "reference", "force", "passkey_only")
 _DEFAULTS: dict = {}
 
 
@@ -188,9 +194,13 @@ def _refuse_ignored(args) -> None:
     """Refuse an option the run would ignore: pass-key options with --no-passkey, perplexity options
     with --passkey-only or --lm-eval-task-dir (which writes the task and exits), the models and outputs of
     an evaluation with --lm-eval-task-dir (the task runs whatever model lm-eval loads)."""
+    if args.no_passkey and (args.passkey_only or args.lm_eval_task_dir):  # (not an option ignored: two runs)
+        raise UserError(f"--no-passkey and {'--passkey-only' if args.passkey_only else '--lm-eval-task-dir'} "
+                        "exclude each other (the one skips the pass-key test, the other runs or writes only it): "
+                        "give one")
     skips = []
     if args.no_passkey:
-        skips.append(("--no-passkey", _PASSKEY_OPTIONS + ("passkey_plot", "passkey_only")))
+        skips.append(("--no-passkey", _PASSKEY_OPTIONS + ("passkey_plot",)))
     for flag, on in (("--passkey-only", args.passkey_only), ("--lm-eval-task-dir", args.lm_eval_task_dir)):
         if on:
             skips.append((flag, _PERPLEXITY_OPTIONS))
@@ -199,7 +209,9 @@ def _refuse_ignored(args) -> None:
     for flag, names in skips:
         for name in names:
             if getattr(args, name) != _DEFAULTS[name]:
-                raise UserError(f"--{name.replace('_', '-')} would be ignored with {flag}: drop one")
+                why = " (it writes the task, with MODEL's own tokenizer, and exits: evaluate separately)" \
+                    if flag == "--lm-eval-task-dir" else ""
+                raise UserError(f"--{name.replace('_', '-')} would be ignored with {flag}{why}: drop one")
 
 
 def cmd_eval(args) -> int:
@@ -352,5 +364,4 @@ def register(sub) -> None:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="write the plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
-    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS + _TASK_IGNORES
-                     + ("passkey_plot", "passkey_only"))
+    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS + _TASK_IGNORES)

@@ -158,9 +158,6 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
         return spec
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a filler is a kind ({', '.join(FILLER_KINDS)}) or a text file, got {spec!r}")
-    if spec in FILLER_KINDS and Path(spec).exists():
-        logger.warning("filler %r is the built-in kind; the file %s here is not read (give file:%s for it)",
-                       spec, spec, spec)
     if spec == "classic":
         return CyclingFiller("classic", CLASSIC, "classic pass-key sentences", offset=False)
     if spec == "random":
