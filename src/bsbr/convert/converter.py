@@ -143,6 +143,17 @@ class TransformerToBSBRConverter:
         # bad options are refused here, before a source is loaded, by the checks BSBRConfig makes of them
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, **self.options)
 
+    # the earlier converter's methods, which returned a BSBRModel (hidden states) of a GPT-2 model or layer
+    EARLIER_METHODS = ("convert_gpt2_model_to_bsbr", "convert_pretrained_model", "convert_gpt2_layer_to_bsbr",
+                       "convert_gpt2_attention_to_bsbr")
+
+    def __getattr__(self, name):
+        if name in TransformerToBSBRConverter.EARLIER_METHODS:
+            raise AttributeError(f"{name} is the earlier converter's method: convert(source) converts a whole model "
+                                 "(GPT-2, Llama, Mistral, Qwen2) to a BSBRForCausalLM (logits; .model gives the "
+                                 "hidden states); see README, 'Coming from bsbr 0.1.1'")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def bsbr_config(self, source_config) -> BSBRConfig:
         """The converted model's config for a source's config: the source's architecture with these
         options (so an option that does not fit it is refused before any weight is loaded)."""

@@ -24,6 +24,9 @@ def resolve_options(options: dict) -> dict:
     or None for ``retrieval_blocks`` and ``far_positions``: their defaults depend on the others).
     ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
+    if "model_name_or_path" in unknown:  # the earlier converter's name for it
+        raise TypeError("model_name_or_path is the earlier converter's argument: give the model as the first "
+                        "argument, source (a model, a directory, a .gguf file or a hub id)")
     if unknown:
         raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
     dependent = ("retrieval_blocks", "far_positions")

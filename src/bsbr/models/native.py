@@ -66,6 +66,16 @@ class BSBRModel(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """As :meth:`torch.nn.Module.load_state_dict`; a checkpoint of the earlier library's ``BSBRModel``
+        (bsbr 0.1.1: sinusoidal ``pos_encoding``, whole-width meta maps) is refused by name: its layers
+        compute something else (see README, "Coming from bsbr 0.1.1")."""
+        if any(str(k).startswith("pos_encoding.") for k in state_dict):
+            raise ValueError("this is a checkpoint of the earlier library's BSBRModel (bsbr 0.1.1: sinusoidal "
+                             "positions, whole-width meta maps, a non-causal chunk mask): its weights do not fit "
+                             "this BSBRModel (causal, rotary positions, per-head maps); train the model anew")
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (batch, seq_len); attention_mask (batch, seq_len) of 1/0 or None (padding: each
         sequence is read on its own real tokens). Returns hidden states (batch, seq_len, hidden_dim)."""
