@@ -56,7 +56,8 @@ class BSBRAttention(MultiHeadBase):
 
     A bare ``BSBRAttention(hidden_dim, num_heads, chunk_size)`` builds the plain BSBR pattern: each
     token attends exactly to its own chunk and reads every earlier chunk through its state
-    (``retrieval="additive"``: ``softmax part + q.S``), no sinks, no exact blocks.
+    (``retrieval="additive"``: ``softmax part + q.S``), no sinks, no exact blocks. The arguments are bsbr
+    0.1.1's, but that layer was not causal (README, "Coming from bsbr 0.1.1").
 
     Args:
         hidden_dim, num_heads, chunk_size, dropout, compression_factor: ``compression_factor`` shrinks

@@ -43,7 +43,8 @@ class BSBRLayer(nn.Module):
 
 class BSBRModel(nn.Module):
     """Token embedding, ``num_layers`` BSBR layers and a final LayerNorm; returns hidden states
-    (batch, seq_len, hidden_dim) for any sequence length."""
+    (batch, seq_len, hidden_dim) for any sequence length. bsbr 0.1.1's arguments, with rotary positions
+    and causal layers (README, "Coming from bsbr 0.1.1")."""
 
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, chunk_size: int,
                  ff_dim: int, dropout: float = 0.1, compression_factor: Optional[int] = None,
