@@ -253,16 +253,18 @@ def check_positions(model, role: str, lengths: Iterable) -> None:
 
 
 def check_bsbr_positions(model_dir, option: str, lengths: Iterable) -> None:
-    """Refuse lengths ``(option, tokens)`` past the learned positions of a BSBR model converted with
-    ``--position-scheme absolute`` (read from its config.json, before loading): its table ends there."""
+    """Refuse lengths ``(option, tokens)`` or ``(option, tokens, fix)`` past the learned positions of a BSBR
+    model converted with ``--position-scheme absolute`` (read from its config.json, before loading): its
+    table ends there. ``fix(table)``: what to give instead (default: at most ``table``)."""
     cfg = read_config(Path(model_dir) / "config.json", option)
     table = cfg.get("max_position_embeddings")
     if cfg.get("position_type") != "learned" or cfg.get("position_scheme") != "absolute" or not table:
         return
-    for what, tokens in lengths:
+    for what, tokens, *fix in lengths:
         if tokens > table:
+            give = fix[0](table) if fix else f"give at most {table:,}"
             raise UserError(f"{what} needs {tokens:,} positions, past the {table:,} learned positions of {option} "
-                            f"{model_dir} (converted with --position-scheme absolute): give at most {table:,}, or "
+                            f"{model_dir} (converted with --position-scheme absolute): {give}, or "
                             "convert with --position-scheme wrap or clamp")
 
 

@@ -460,7 +460,8 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a: pytest.fail("loaded the models"))
     fix = "give at most 64, or convert with --position-scheme wrap or clamp"
     line = refused(capsys, ["generate", conv, "--prompt", "def f", "--max-new-tokens", "100"], "generate", conv)
-    assert "--max-new-tokens 100 needs 101 positions" in line and fix in line  # (the last token is not fed back)
+    assert "--max-new-tokens 100 needs 101 positions" in line  # (the last token is not fed back)
+    assert "give --max-new-tokens at most 63, or convert with --position-scheme wrap or clamp" in line, line
     line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
     assert "--passkey-lengths 200 needs 199 positions" in line and fix in line
     text = tmp_path / "t.py"

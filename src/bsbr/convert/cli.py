@@ -244,8 +244,10 @@ def cmd_generate(args) -> int:
         raise UserError(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,} is longer than the "
                         f"{MAX_TOKENS:,} tokens bsbr reads in one sequence: give a shorter prompt")
     # the prompt and every new token but the last are fed to the model
+    fix = (lambda table: f"give --max-new-tokens at most {table - n + 1:,}" if n <= table
+           else f"give a prompt of at most {table:,} tokens")
     check_bsbr_positions(path, "MODEL_DIR", [(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
-                                              n + args.max_new_tokens - 1)])
+                                              n + args.max_new_tokens - 1, fix)])
     model = load_bsbr_model(path)
     if len(tok) > model.config.vocab_size:
         raise UserError(f"MODEL_DIR {path}: its tokenizer has {len(tok)} tokens, the model only "

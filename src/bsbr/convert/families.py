@@ -75,8 +75,9 @@ def source_notes(c) -> List[str]:
               else c.model_type != "qwen2" or getattr(c, "use_sliding_window", False))
     if window and slides:
         notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
-                     "BSBR model reads its own window and retrieved blocks instead, so it matches the source "
-                     f"only on inputs of up to {window} tokens")
+                     "BSBR model reads its own window and retrieved blocks instead: it can match the source only "
+                     f"on inputs of up to {window} tokens, and only where it reads every earlier token exactly "
+                     "at its own position (--far-positions absolute, enough --retrieval-blocks)")
     rope = getattr(c, "rope_parameters", None) or {}
     kind = rope.get("rope_type")
     if kind == "dynamic":

@@ -346,7 +346,9 @@ def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tenso
         return pos
     if config.position_scheme == "clamp":
         return pos.clamp(max=n_pos - 1)
-    # wrap: chunk-aligned, so a chunk never straddles the wrap point and keeps contiguous positions
+    # wrap: past the table, a position repeats the one a whole number of chunks earlier (the period is the
+    # table rounded down to whole chunks; when chunk_size divides the table, no chunk straddles the wrap
+    # point, otherwise the chunk holding position n_pos jumps back within itself)
     period = (n_pos // config.chunk_size) * config.chunk_size or n_pos
     return torch.where(pos < n_pos, pos, pos % period)
 
