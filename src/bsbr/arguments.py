@@ -242,14 +242,16 @@ def read_config(config: Path, option: str) -> dict:
 
 
 def check_positions(model, role: str, lengths: Iterable) -> None:
-    """Refuse lengths ``(option, tokens)`` that a source with learned positions (GPT-2's
-    ``n_positions``) cannot run: its position table ends there (rotary positions do not)."""
+    """Refuse lengths ``(option, tokens)`` or ``(option, tokens, fix)`` that a source with learned positions
+    (GPT-2's ``n_positions``) cannot run: its position table ends there (rotary positions do not).
+    ``fix(table)``: what to give instead (default: at most ``table``)."""
     config = getattr(model, "config", None)
     table = getattr(config, "n_positions", None) if getattr(config, "model_type", None) == "gpt2" else None
-    for option, tokens in lengths:
+    for option, tokens, *fix in lengths:
         if table is not None and tokens > table:
+            give = fix[0](table) if fix else f"give at most {table:,}"
             raise UserError(f"{option} {tokens:,} is longer than the {role}'s {table:,} learned positions (n_positions): "
-                            f"give at most {table:,}")
+                            f"{give}")
 
 
 def check_bsbr_positions(model_dir, option: str, lengths: Iterable) -> None:

@@ -331,6 +331,10 @@ def test_lengths_past_a_sources_learned_positions_are_refused(gpt2_models, tmp_p
     line = refused(capsys, ["eval", converted, "--reference", source, "--text-file", text, "--seq-len", "100",
                             "--no-passkey", "--json", tmp_path / "r.json"], "eval", converted)
     assert "--seq-len 100" in line and "64 learned positions" in line and not (tmp_path / "r.json").exists()
+    assert "--passkey-only --passkey-models bsbr window" in line, line  # what measures longer contexts
+    line = refused(capsys, ["eval", converted, "--reference", source, "--passkey-only", "--passkey-lengths", "100"],
+                   "eval", converted)
+    assert "leave the source out: --passkey-models bsbr window" in line, line
     line = refused(capsys, ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len",
                             "96", "--steps", "1", "--output", tmp_path / "d"], "distill", converted)
     assert "64 learned positions" in line and "no --seq-len" in line and not (tmp_path / "d").exists()

@@ -245,9 +245,13 @@ def cmd_eval(args) -> int:
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
         if note:
             logger.warning(note)
-        lengths = [] if args.passkey_only else [("--seq-len", args.seq_len)]
+        lengths = [] if args.passkey_only else [
+            ("--seq-len", args.seq_len, lambda table: f"give at most {table:,} (perplexity is compared with the "
+                                                      "reference's), or measure longer contexts by pass-key alone: "
+                                                      "--passkey-only --passkey-models bsbr window")]
         if passkey is not None and (not args.passkey_models or "source" in args.passkey_models):
-            lengths += [("--passkey-lengths", n) for n in passkey["lengths"]]
+            lengths += [("--passkey-lengths", n, lambda table: f"give at most {table:,}, or leave the source out: "
+                                                                 "--passkey-models bsbr window") for n in passkey["lengths"]]
         check_positions(source_model, "--reference", lengths)
 
     passkey = None if args.no_passkey else dict(
