@@ -146,8 +146,7 @@ def _stop_on_signal():
 
 def cmd_distill(args) -> int:
     cfg = _plan(args)
-    # expanded once (`--output=~/x` reaches us unexpanded): every check and every write uses these paths
-    student_dir, out = (Path(os.path.abspath(os.path.expanduser(p))) for p in (args.student, args.output))
+    student_dir, out = Path(args.student), Path(args.output)  # (a leading ~ is expanded by bsbr.cli)
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
