@@ -279,7 +279,7 @@ def _softmax_of_parts(parts, scale):
     or a function of the probabilities (the selected blocks). Key/value parts only, each reading a
     key in every row: each part is one fused attention with its log-sum-exp, merged by them (SmolLM2's
     decode step at 1k context, window and earlier chunks read in place: 0.98x the time of writing
-    their scores out; docs/findings.md, Speed)."""
+    their scores out; CHANGELOG.md, How the measurements got here)."""
     if all(len(p) == 5 and p[4] for p in parts) and fused_attention(*parts[0][:3]):
         outs = [attention_lse(q, k, v, None, scale, None if masked is None else _bias(masked, q.dtype))
                 for q, k, v, masked, _ in parts]
