@@ -785,3 +785,36 @@ def test_large_finite_values_in_padding_reach_nothing():
         torch.testing.assert_close(o, ref, msg=fn.__name__)
         o[:, :, valid[0]].sum().backward()
         assert all(torch.isfinite(t.grad[:, :, valid[0]]).all() for t in inputs), fn.__name__
+
+
+@pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_normalized_with_an_open_gate_needs_the_features_given(fn):
+    # the default features are q and k, signed: the shared denominator 1 + g fq.z could reach 0 and the
+    # output grow past every value (|o| 148 against |v| 3 before this was refused)
+    x = make_inputs(n=20)
+    opt = BSBROptions(chunk_size=4, retrieval="normalized")
+    base = {n: x[n] for n in ("q", "k", "v", "mq", "mk")}
+    for gate in (None, torch.tensor(0.5, dtype=DT)):
+        for missing in ("fq", "fk"):
+            given = {n: x[n] for n in ("fq", "fk") if n != missing}
+            with pytest.raises(ValueError, match="retrieval 'normalized' .* pass fq and fk"):
+                fn(*base.values(), opt, gate=gate, **given)
+    o, _ = fn(*base.values(), opt, gate=0)  # a closed gate reads no feature
+    assert torch.isfinite(o).all()
+
+
+def test_a_python_float_gate_is_refused_naming_what_is_taken():
+    x = make_inputs(n=8)
+    with pytest.raises(TypeError, match=r"gate must be None, 0 \(closed\), a 0-dim tensor or a tensor of shape \(4,\)"):
+        chunk_bsbr_attention(*(x[n] for n in ("q", "k", "v", "mq", "mk")), BSBROptions(chunk_size=4), gate=0.5)
+
+
+def test_the_reference_recall_mode_does_not_warn_under_autograd():
+    import warnings
+    x = make_inputs(n=24, positive=True, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, _ = naive_bsbr_attention(*(x[n] for n in ("q", "k", "v", "mq", "mk")),
+                                    BSBROptions(chunk_size=4, recall_tokens=3, retrieval="normalized"),
+                                    fq=x["fq"], fk=x["fk"])
+    o.sum().backward()

@@ -40,10 +40,12 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             chunk c - 1)`` (a chunk's meta-query comes from the chunk before, which all its tokens
             have seen). ``meta_q`` (hq, dm, dm'), ``meta_k`` (hkv, dm, dm'): per-head maps; None = identity.
         options: :class:`bsbr.ops.BSBROptions`.
-        fq, fk: (b, hq, n, df), (b, hkv, n, df) features of the chunk states; default q, k.
+        fq, fk: (b, hq, n, df), (b, hkv, n, df) features of the chunk states; default q, k (signed: with
+            ``retrieval="normalized"`` and an open gate, pass non-negative ones).
         qr, kr: queries / keys as read outside the window (sinks and selected blocks), e.g. rotated
             at other positions; default q, k.
-        gate: None (open) or a scalar / (hq,) tensor scaling the chunk-state term.
+        gate: None (open), 0 (closed: the states are not read) or a 0-dim / (hq,) tensor scaling the
+            chunk-state term.
         valid: (b, n) padding mask, True for real tokens. Each sequence is processed on its own real
             tokens (chunk boundaries start at its first real token); padded positions output 0.
         output_final_state: also return the :class:`BSBRState` to continue with the streaming form.

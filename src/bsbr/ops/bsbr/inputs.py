@@ -54,6 +54,9 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
     A signature seen before is not checked again."""
     if not isinstance(options, BSBROptions):
         raise TypeError(f"options must be a bsbr.ops.BSBROptions, got {type(options).__name__}")
+    if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
+        raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
+                         "fq and fk (e.g. hedgehog feature maps of q and k); their default, q and k, is signed")
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k), token_dim)
     a = _CHECKED.get(key) if key is not None else None
@@ -104,7 +107,7 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
         raise ValueError(f"meta_q and meta_k must map to one size, got {outs[0]} and {outs[1]}")
     if gate is not None and not gate_closed(gate):
         if not isinstance(gate, torch.Tensor):
-            raise TypeError(f"gate must be None, 0 (closed) or a tensor of shape ({hq},), got {gate!r}")
+            raise TypeError(f"gate must be None, 0 (closed), a 0-dim tensor or a tensor of shape ({hq},), got {gate!r}")
         if gate.dim() > 1 or gate.numel() not in (1, hq):
             raise ValueError(f"gate must be a scalar or have shape ({hq},), got {tuple(gate.shape)}")
     n = q.shape[2] if token_dim == 4 else 1

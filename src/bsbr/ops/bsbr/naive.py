@@ -121,7 +121,7 @@ def _recall_sets(fk, v, n, options: BSBROptions) -> torch.Tensor:
                 err[j] = float((pred - v[h, j]).norm().detach())
                 err[j] = float("inf") if math.isnan(err[j]) else err[j]
             ranked = sorted(err, key=lambda j: (-err[j], -j))  # the first M not duplicating one ranked before,
-            dup = [any(float(v[h, i] @ v[h, j] / (v[h, i].norm() * v[h, j].norm())) > DUPLICATE_COSINE  # then
+            dup = [any(float((v[h, i] @ v[h, j] / (v[h, i].norm() * v[h, j].norm())).detach()) > DUPLICATE_COSINE  # then
                        for i in ranked[:a]) for a, j in enumerate(ranked)]  # the duplicates
             cache = ([j for j, d in zip(ranked, dup) if not d] + [j for j, d in zip(ranked, dup) if d])[:M]
             out[h, c, cache] = True
