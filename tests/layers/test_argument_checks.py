@@ -201,6 +201,14 @@ def test_the_layer_runs_on_the_meta_device_and_checks_output_state():
     # (autocast has no meta device: the layer failed there with "unknown device type for autocast")
     attn = BSBRAttention(16, 2, 4, dropout=0.0).to("meta")
     assert attn(torch.empty(1, 9, 16, device="meta")).shape == (1, 9, 16)
+    for kw in (dict(gate=0.5, retrieval="normalized", local_chunks=2), dict(recall_tokens=3, sink_tokens=2)):
+        with torch.no_grad():  # (an open gate's check read the gate's value: "item() ... on meta tensors")
+            assert BSBRAttention(16, 2, 4, **kw).to("meta")(torch.empty(1, 9, 16, device="meta")).shape == (1, 9, 16)
+    from bsbr import BSBRModel
+    model = BSBRModel(40, 16, 2, 4, 4, 32, dropout=0.0).to("meta")  # (its id range check read the ids)
+    assert model(torch.zeros(1, 9, dtype=torch.long, device="meta")).shape == (1, 9, 16)
+    with pytest.raises(NotImplementedError, match="the meta device holds shapes, not values: exact blocks"):
+        BSBRAttention(16, 2, 4, retrieval_blocks=2).to("meta")(torch.empty(1, 9, 16, device="meta"))
     with pytest.raises(TypeError, match="output_state must be True or False"):
         BSBRAttention(16, 2, 4)(torch.randn(1, 3, 16), output_state="no")  # ("no" is truthy: it returned a tuple)
 

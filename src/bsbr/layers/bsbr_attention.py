@@ -142,8 +142,9 @@ class BSBRAttention(MultiHeadBase):
         return 0 if self._gate_closed() else self.gate_value()
 
     def _gate_closed(self) -> bool:
-        """Whether every head's gate is at or below 0 (no chunk state is read)."""
-        return float(self.retrieval_gate.max()) <= 0
+        """Whether every head's gate is at or below 0 (no chunk state is read); on the meta device, which
+        holds no values, an open gate (the shapes of every term)."""
+        return not self.retrieval_gate.is_meta and float(self.retrieval_gate.max()) <= 0
 
     def _run(self, op, hidden_states, attention_mask, position_embeddings, far_position_embeddings, **kwargs):
         q, k, v, valid = self.project(hidden_states, attention_mask)

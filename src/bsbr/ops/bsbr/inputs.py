@@ -57,6 +57,9 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
     if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
         raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
                          "fq and fk (e.g. hedgehog feature maps of q and k); their default, q and k, is signed")
+    if q.is_meta and (options.retrieval_blocks or token_dim == 3):
+        raise NotImplementedError("the meta device holds shapes, not values: exact blocks (chosen by their scores) "
+                                  "and the streaming step run on a real device")
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
     key = _signature((q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k), token_dim)
     a = _CHECKED.get(key) if key is not None else None
