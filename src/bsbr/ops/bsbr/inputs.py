@@ -57,7 +57,7 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
     if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
         raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
                          "fq and fk (e.g. hedgehog feature maps of q and k); their default, q and k, is signed")
-    if q.is_meta and (options.retrieval_blocks or token_dim == 3):
+    if getattr(q, "is_meta", False) and (options.retrieval_blocks or token_dim == 3):  # (q is checked below)
         raise NotImplementedError("the meta device holds shapes, not values: exact blocks (chosen by their scores) "
                                   "and the streaming step run on a real device")
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))
