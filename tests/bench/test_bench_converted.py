@@ -24,7 +24,7 @@ def test_bench_converted_reports_speed_and_cache_bytes():
     only_window = bench_converted(source, window, seq_lens=[], decode_contexts=[120], decode_steps=1)["decode"][0]
     assert only_window["bsbr_cache_bytes_per_token"] < long["bsbr_cache_bytes_per_token"]
     lines = speed_lines(res)
-    assert len(lines) == 1 + 1 + 1 + 2 and lines[0] == f"side by side on {torch.get_num_threads()} torch thread(s)"
+    assert len(lines) == 1 + 1 + 1 + 2 and lines[0].startswith(f"side by side on {torch.get_num_threads()} torch thread(s)")
 
 
 def test_cache_bytes_counts_each_storage_once():
@@ -63,3 +63,85 @@ def test_bench_converted_refuses_bad_sizes_before_loading(flag, value, capsys, m
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"argument {flag}: must be an integer from 1 to" in err and err.endswith(
         f"got {value} (see 'bsbr bench converted --help')")
+
+
+def _llama_pair():
+    source = make_source("llama")
+    return source, convert_to_bsbr(source, chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2).eval()
+
+
+def test_prefill_keeps_only_the_last_logits_and_says_so():
+    """The prefill rows timed every position's full-vocabulary logits, which generate's prefill does not compute
+    (3 GiB per SmolLM2 model at 16k); the result and the table say which logits were computed."""
+    source, blocks = _llama_pair()
+    lengths = []
+    for m in (source, blocks):
+        m.register_forward_hook(lambda mod, args, out: lengths.append(out.logits.shape[1]))
+    res = bench_converted(source, blocks, seq_lens=[24], repeats=1)
+    assert lengths and set(lengths) == {1}
+    assert "logits_to_keep=1" in res["config"]["prefill_logits"] and "logits_to_keep=1" in speed_lines(res)[0]
+
+
+def test_decode_has_one_untimed_step_per_model(monkeypatch):
+    """The first (cold) step of the one-token path was timed: the context's last token is fed as an untimed
+    step first, so the timed steps need no more positions than before."""
+    import bsbr.bench.converted as converted
+
+    source, blocks = _llama_pair()
+    calls = {"source": 0, "bsbr": 0}
+    for name, m in (("source", source), ("bsbr", blocks)):
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    medians = []
+    real = converted.median
+    monkeypatch.setattr(converted, "median", lambda xs: medians.append(len(xs)) or real(xs))
+    positions = []
+    source.register_forward_hook(lambda mod, args, kwargs, out: positions.append(
+        kwargs["attention_mask"].shape[1] if "attention_mask" in kwargs else args[0].shape[1]), with_kwargs=True)
+    converted._decode({"source": source, "bsbr": blocks}, torch.randint(0, 50, (1, 40)), steps=3)
+    assert calls == {"source": 1 + 1 + 3, "bsbr": 1 + 1 + 3} and medians == [3, 3]  # prefill, warm-up, timed
+    assert positions == [39, 40, 41, 42, 43]  # the context's 40 tokens, then the 3 timed steps
+
+
+def test_unknown_peak_memory_prints_as_a_dash():
+    """No way to read memory here (JSON null) is not a measured 0 MiB."""
+    res = dict(machine=dict(torch_threads=1), decode=[], prefill=[dict(
+        seq_len=32, source_ms=4.0, bsbr_ms=8.0, speedup=0.5, source_peak_mb=None, bsbr_peak_mb=3.2)])
+    assert speed_lines(res)[2].split()[-2:] == ["-", "3"]
+
+
+def test_bench_converted_json_records_its_config(tmp_path):
+    import json
+
+    from bsbr.cli import main
+
+    source, _ = _llama_pair()
+    source.save_pretrained(tmp_path / "src")
+    out = tmp_path / "r.json"
+    assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
+                 "--decode-contexts", "24", "--decode-steps", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "converted" and res["machine"]["torch_threads"] >= 1
+    assert {k: res["config"][k] for k in ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size")} == \
+        dict(seq_lens=[16], decode_contexts=[24], decode_steps=2, repeats=1, chunk_size=8)
+
+
+def test_gpt2_small_random_has_positions_for_every_decode_step(monkeypatch, capsys):
+    """The position table was the longest length + 64, whatever --decode-steps: 70 steps from an 8-token context
+    ran past it (IndexError). A tiny GPT-2 stands in for the GPT-2-small-shaped one; its table holds exactly
+    what the decode needs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import bsbr.bench.converted as converted
+    from bsbr.cli import main
+
+    tables = []
+
+    def tiny_gpt2(n_positions):
+        tables.append(n_positions)
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=n_positions)).eval()
+
+    monkeypatch.setattr(converted, "gpt2_small_random", tiny_gpt2)
+    assert main(["bench", "converted", "--gpt2-small-random", "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
+                 "--decode-contexts", "8", "--decode-steps", "70"]) == 0
+    assert tables == [8 + 70]  # the context and the decode steps

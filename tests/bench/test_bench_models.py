@@ -109,3 +109,67 @@ def test_merging_no_results_is_refused():
 
     with pytest.raises(UserError, match="at least one JSON file"):
         bench_quality.merge_results([])
+
+
+def test_bench_models_targets_judged_only_for_their_shell():
+    ratios = [{"model": "bsbr", "seq_len": n, "forward_speedup": s, "train_speedup": None}
+              for n, s in ((4096, 1.5), (16384, 6.0))]
+    default = dict(hidden=256, layers=2, heads=4, ff_dim=1024, block=128)
+    assert [t["met"] for t in bench_models.check_targets(ratios, default)] == [True, True]
+    for other in (dict(hidden=32), dict(layers=1), dict(heads=2), dict(ff_dim=64), dict(block=16)):
+        unjudged = bench_models.check_targets(ratios, {**default, **other})
+        assert unjudged[1]["measured"] == 6.0 and all(t["met"] is None for t in unjudged)
+    table = bench_models.format_table(dict(rows=[], exponents={}, targets=bench_models.check_targets(
+        ratios, {**default, "hidden": 32})))
+    assert table.count("met=None (not judged (set for hidden 256, layers 2, heads 4, ff_dim 1024, block 128))") == 2
+
+
+def test_bench_models_predicts_a_first_length_past_the_calibration_length():
+    """--seq-lens 16384 alone ran standard attention far past --max-seconds: a first length past
+    CALIBRATION_LEN is predicted from calls at that length, as bench attention does."""
+    result = bench_models.bench_models(seq_lens=[4096], models=["standard"], hidden=32, heads=2, ff_dim=64, block=16,
+                                       repeats=1, max_seconds=1e-9)
+    (row,) = result["rows"]
+    assert row["status"] == "skipped" and "forward predicted" in row["reason"] and row["time_ms"] is None
+
+
+def test_bench_models_warm_up_includes_a_train_step(monkeypatch):
+    """The first model's first train step (its train_peak_mb) carried autograd's one-time allocations: the
+    warm-up before any measurement runs a train step of each model too."""
+    events = []
+    real_train, real_peak = bench_models._train_fn, bench_models.measure_peak
+
+    def train_fn(model, ids):
+        fn = real_train(model, ids)
+        return lambda: events.append("train") or fn()
+
+    monkeypatch.setattr(bench_models, "_train_fn", train_fn)
+    monkeypatch.setattr(bench_models, "measure_peak", lambda fn: events.append("peak") or real_peak(fn))
+    bench_models.bench_models(seq_lens=[64], models=["standard", "linear"], hidden=32, heads=2, ff_dim=64, block=16,
+                              repeats=1)
+    assert events[:2] == ["train", "train"] and events.index("peak") == 2  # one untimed train step per model first
+
+
+def test_bench_quality_leaves_out_pairs_whose_chunk_is_the_whole_window():
+    """At --seq-len 128 the bsbr_chunk128 pair is two full-attention models (NaN comparison, printed 'BSBR NOT
+    better, diff +nan'): it is left out; a NaN loss prints n/a."""
+    results = [dict(model=m, buckets={"0-63": 3.0, "64-127": 2.0}, loss_past={"32": 2.0, "128": None})
+               for m in ("bsbr_chunk32", "sliding_window_32", "bsbr_chunk128", "sliding_window_128")]
+    comparison = bench_quality.compare_to_window(results, 64, 128)
+    assert [c["chunk"] for c in comparison] == [32]
+    (nan,) = [c for c in bench_quality.compare_to_window(results, 64) if c["chunk"] == 128]
+    assert nan["bsbr_better"] is None
+    line = bench_quality.format_table(dict(results=results, comparison=[nan])).splitlines()[-1]
+    assert line == "bsbr_chunk128 vs sliding_window_128 on positions >= 128: n/a vs n/a (n/a, diff n/a)"
+
+
+def test_bench_quality_records_the_machine(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"m{i}.py").write_text(f"x{i} = {i}\n" * 40)
+    result = bench_quality.run_quality(["bsbr"], block=8, hidden=16, layers=1, heads=2, ff_dim=16, seq_len=32, batch=1,
+                                       steps=1, eval_windows=1, corpus=str(corpus), progress=False)
+    import torch
+
+    assert result["machine"]["torch_threads"] == torch.get_num_threads() and result["machine"]["cpu_count"]

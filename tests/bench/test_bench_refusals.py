@@ -320,8 +320,8 @@ def test_bench_quality_refuses_a_seq_len_longer_than_its_corpus(tmp_path, monkey
 def test_bench_quality_refuses_a_diverged_run(tmp_path, capsys):
     root, _ = _small_corpus(tmp_path / "corp")
     out = tmp_path / "r.json"
-    argv = ["bench", "quality", *COMMANDS["quality"], "--seq-len", "32", "--models", "bsbr", "--corpus", str(root),
-            "--lr", "1e30", "--json", str(out)]
+    argv = ["bench", "quality", *COMMANDS["quality"], "--seq-len", "32", "--block", "16", "--models", "bsbr",
+            "--corpus", str(root), "--lr", "1e30", "--json", str(out)]
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # (after the training's progress bar)
     assert "bsbr bench quality: error: bsbr diverged" in line and "give a smaller --lr" in line and not out.exists()
@@ -341,3 +341,32 @@ def test_benchmarks_run_on_one_thread_unless_told(monkeypatch):
     set_threads(argparse.Namespace(threads=None))
     set_threads(argparse.Namespace(threads=3))
     assert got == [1, 3]
+
+
+@pytest.mark.parametrize("command", ["models", "quality"])
+@pytest.mark.parametrize("hidden, heads, what", [("12", "4", "--hidden (12) / --heads (4) gives a head size of 3, "
+                                                               "which must be even"),
+                                                 ("10", "3", "--hidden (10) must be divisible by --heads (3)")])
+def test_bench_names_hidden_and_heads_that_give_no_head_size(command, hidden, heads, what, capsys, nothing_runs):
+    line = _refused(_argv(command, "--hidden", hidden, "--heads", heads), capsys, f"bench {command}")
+    assert what in line
+
+
+def test_bench_quality_refuses_a_block_as_long_as_the_window(capsys, nothing_runs):
+    line = _refused(_argv("quality", "--seq-len", "64", "--block", "64"), capsys, "bench quality")
+    assert "--block 64 must be below --seq-len 64" in line
+    line = _refused(_argv("quality", "--seq-len", "32"), capsys, "bench quality")  # the default --block, 64
+    assert "--block 64 must be below --seq-len 32" in line
+
+
+def test_bench_quality_merge_refuses_a_result_without_models(tmp_path, capsys, nothing_runs):
+    empty = _quality_result(tmp_path / "empty.json", models=())
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    line = _refused(["bench", "quality", "--merge", empty, "--json", str(out), "--plot", str(png)], capsys,
+                    "bench quality")
+    assert f"--merge {empty} holds no model results" in line and not out.exists() and not png.exists()
+
+
+def test_bench_converted_refuses_a_chunk_size_past_the_window_cap_before_loading(capsys, nothing_runs):
+    line = _refused(_argv("converted", "--chunk-size", "524289"), capsys, "bench converted")
+    assert "--chunk-size 524,289 must be at most 524,288" in line and "local_chunks" not in line

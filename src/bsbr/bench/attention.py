@@ -25,7 +25,7 @@ from .core import bench_core
 from .earlier import check_wheel
 from .layers import DEFAULT_SEQ_LENS, TARGET_SHAPE, bench_attention
 from .plots import plot_rows
-from .scaling import DEFAULT_MODEL_SEQ_LENS, bench_model_scaling
+from .scaling import DEFAULT_MODEL_SEQ_LENS, TARGET_MODEL_SHAPE, bench_model_scaling
 
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
@@ -76,15 +76,16 @@ def run_attention(args: argparse.Namespace) -> int:
     shared = dict(chunk_size=args.chunk_size, repeats=args.repeats, retrieval=args.retrieval,
                   retrieval_blocks=args.retrieval_blocks, seed=args.seed, device=args.device)
     layers = args.layers or 2  # the defaults of the options of one mode (None: not given, see _validate)
+    warmup = 1 if args.warmup is None else args.warmup
     if args.model_scaling:
         result = bench_model_scaling(seq_lens, hidden=hidden, heads=heads, ff_dim=args.ff_dim or 1024,
                                      num_layers=layers, vocab_size=args.vocab or 1000, **shared)
     else:
-        result = bench_attention(seq_lens, hidden=hidden, heads=heads, warmup=1 if args.warmup is None else args.warmup,
+        result = bench_attention(seq_lens, hidden=hidden, heads=heads, warmup=warmup,
                                  max_standard_len=args.max_standard_len, earlier_wheel=args.earlier_wheel,
                                  max_earlier_len=args.max_earlier_len, max_seconds=args.max_seconds or 30.0, **shared)
         if not args.skip_core:
-            result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, **shared)
+            result["core"] = bench_core(seq_lens, heads=heads, head_dim=hidden // heads, warmup=warmup, **shared)
     result["machine"] = machine_info(args.device)
     threads = result["machine"]["torch_threads"]
     print(format_table(result["rows"]))
@@ -103,7 +104,7 @@ def run_attention(args: argparse.Namespace) -> int:
             print(f"  {r['baseline']}/bsbr @ {r['seq_len']:>6}: time x{r['time_ratio']}, extra memory x{r['memory_ratio']}")
         title = (f"attention forward, hidden {hidden}, {heads} heads, chunk {args.chunk_size} "
                  f"({threads} threads, {args.device})")
-    shape = "" if args.model_scaling else ", ".join(f"{k} {v}" for k, v in TARGET_SHAPE.items())
+    shape = ", ".join(f"{k} {v}" for k, v in (TARGET_MODEL_SHAPE if args.model_scaling else TARGET_SHAPE).items())
     for t in result["targets"]:
         unjudged = "not measured" if t["value"] is None else f"not judged (set for {shape})"
         met = {True: "MET", False: "NOT MET", None: unjudged}[t["met"]]
@@ -129,7 +130,8 @@ def register(bench_sub) -> None:
     p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size (default %(default)s)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=5, help="timed repeats per model and length (median)")
     p.add_argument("--warmup", type=integer(0, MAX_REPEATS), default=None,
-                   help="untimed calls per model and length before measuring (default 1)")
+                   help="untimed calls per model and length before measuring (default 1; a model's first length "
+                        "gets at least one, so that the process's one-time allocations are not measured)")
     p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive",
                    help="how BSBR's chunk states join the softmax (default %(default)s, the original BSBR's)")
     p.add_argument("--retrieval-blocks", type=integer(0), default=0,

@@ -34,11 +34,11 @@ def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
     """Wall time of one call in seconds (synchronising the GPU around it; the output is freed after)."""
     cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the benchmarked device (cuda:N), not the current one
     t0 = time.perf_counter()
     out = fn()  # noqa: F841 - kept until the clock stops: freeing it is not part of the call
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -79,7 +79,7 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "memory_method": memory_method(device),
     }
     if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
@@ -118,6 +118,16 @@ def check_device(device: str) -> None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def check_head_size(hidden: int, heads: int) -> None:
+    """Refuse, before the models are built, a ``--hidden``/``--heads`` pair whose head size is not a whole
+    even number (the shells' rotary positions rotate pairs of a head's dimensions)."""
+    if hidden % heads:
+        raise UserError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
+    if (hidden // heads) % 2:
+        raise UserError(f"--hidden ({hidden}) / --heads ({heads}) gives a head size of {hidden // heads}, which must "
+                        f"be even (rotary positions): give another --hidden or --heads")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -1,7 +1,9 @@
 """``bsbr bench converted``: a converted BSBR model against its source, side by side in one run.
 
 Forward (prefill) time and extra peak memory (``*_peak_mb``: MiB, as every bench reports it) at several
-lengths, and greedy decode time per token at several context lengths (source: its HF KV cache; BSBR: its BSBRCache of chunk states). Ratios
+lengths, keeping the last position's logits only, as ``generate``'s prefill does (``prefill_logits`` in the
+JSON's config; runs before it was recorded computed every position's), and greedy decode time per token (after
+an untimed first step) at several context lengths (source: its HF KV cache; BSBR: its BSBRCache of chunk states). Ratios
 are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved repeats.
 """
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..arguments import check_model_arg, check_positions, load_model_arg
-from ..convert.defaults import DEFAULT_CHUNK_SIZE
+from ..convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
 from ..errors import UserError
-from ..numbers import MAX_REPEATS, finite_number, integer
+from ..numbers import MAX_REPEATS, MAX_TOKENS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
                      set_threads, write_outputs)
 from .memory import measure_peak
@@ -57,14 +59,20 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
     """Greedy decode after prefilling ``ids`` with the cache on, the models' steps alternating (their
     order flipped every step, so load on a shared machine falls on both alike). The prefill keeps the
     last position's logits only, as ``generate`` does (a 32k prompt's full logits are 6.4 GB per
-    SmolLM2 model). Returns per model (median ms per generated token, the cache's bytes per context
-    token after the prefill)."""
+    SmolLM2 model). The context's last token is fed as an untimed first decode step (the one-token path's
+    first call is slower than the next ones), so the timed steps start from the whole context, at the positions
+    they would have without it (a one-token context has no token to spare: no warm-up step). Returns per model
+    (median ms per generated token, the cache's bytes per context token, the whole context in the cache)."""
     out, mask, times, per_token = {}, {}, {name: [] for name in models}, {}
+    n = ids.shape[1]
+    prefill, warm = (ids[:, :-1], ids[:, -1:]) if n > 1 else (ids, None)
     with torch.no_grad():
         for name, model in models.items():
-            out[name] = model(ids, use_cache=True, logits_to_keep=1)
-            per_token[name] = cache_bytes(out[name].cache) / ids.shape[1]
-            mask[name] = torch.ones(1, ids.shape[1], dtype=torch.long)
+            out[name] = model(prefill, use_cache=True, logits_to_keep=1)
+            mask[name] = torch.ones(1, n, dtype=torch.long)
+            if warm is not None:  # the untimed warm-up step
+                out[name] = model(warm, cache=out[name].cache, attention_mask=mask[name], use_cache=True)
+            per_token[name] = cache_bytes(out[name].cache) / n
         names = list(models)
         for i in range(steps):
             for name in (names if i % 2 == 0 else names[::-1]):
@@ -76,6 +84,9 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
     return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
 
 
+PREFILL_LOGITS = "last position only (logits_to_keep=1, as generate's prefill)"
+
+
 def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3,
                     decode_contexts: Sequence[int] = (), decode_steps: int = 8, seed: int = 0) -> Dict:
     vocab = converted.config.vocab_size
@@ -84,7 +95,8 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
     models = {"source": source, "bsbr": converted}
     for n in seq_lens:
         ids = torch.randint(0, vocab, (1, n), generator=g)
-        fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
+        # the last position's logits only, as generate's prefill computes them
+        fns = {name: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for name, m in models.items()}
         with torch.no_grad():
             times = interleaved_times(fns, repeats=repeats, warmup=1)
             mem = {name: measure_peak(fn) for name, fn in fns.items()}
@@ -106,17 +118,24 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
         logger.info("decode at %6d context: source %.1f ms/token, bsbr %.1f ms/token; cache %.0f / %.0f bytes per "
                     "token", n, row["source_ms_per_token"], row["bsbr_ms_per_token"],
                     row["source_cache_bytes_per_token"], row["bsbr_cache_bytes_per_token"])
-    return dict(prefill=rows, decode=decode, machine=machine_info(), repeats=repeats,
-                chunk_size=converted.config.chunk_size)
+    config = dict(seq_lens=list(seq_lens), decode_contexts=list(decode_contexts), decode_steps=decode_steps,
+                  repeats=repeats, chunk_size=converted.config.chunk_size, seed=seed, prefill_logits=PREFILL_LOGITS,
+                  decode_warmup_steps=1)
+    return dict(benchmark="converted", config=config, prefill=rows, decode=decode, machine=machine_info(),
+                repeats=repeats, chunk_size=converted.config.chunk_size)
 
 
 def speed_lines(result: Dict) -> List[str]:
     """The text table of a result: the thread count (ratios differ with it: docs/findings.md, Speed),
     prefill time and extra memory per length, decode time per token."""
-    lines = [f"side by side on {result['machine']['torch_threads']} torch thread(s)",
+    def mib(x):  # unknown (no way to read memory here): "-", not a measured 0
+        return "-" if x is None else f"{x:.0f}"
+
+    logits = result.get("config", {}).get("prefill_logits", "every position (a run before they were recorded)")
+    lines = [f"side by side on {result['machine']['torch_threads']} torch thread(s); prefill logits: {logits}",
              f"{'tokens':>8} {'source ms':>10} {'bsbr ms':>10} {'speed-up':>9} {'src MiB':>8} {'bsbr MiB':>8}"]
     lines += [f"{r['seq_len']:>8} {r['source_ms']:>10.0f} {r['bsbr_ms']:>10.0f} {r['speedup']:>8.2f}x "
-              f"{r['source_peak_mb'] or 0:>8.0f} {r['bsbr_peak_mb'] or 0:>8.0f}" for r in result["prefill"]]
+              f"{mib(r['source_peak_mb']):>8} {mib(r['bsbr_peak_mb']):>8}" for r in result["prefill"]]
     lines += [f"decode at {r['context']:>6} context: source {r['source_ms_per_token']:.1f} ms/token, "
               f"bsbr {r['bsbr_ms_per_token']:.1f} ms/token; cache bytes per context token: source "
               f"{r['source_cache_bytes_per_token']:.0f}, bsbr {r['bsbr_cache_bytes_per_token']:.0f}"
@@ -132,13 +151,18 @@ def cmd(args) -> int:
         raise UserError("--decode-steps applies to --decode-contexts, given none: give --decode-contexts N ..., "
                         "or drop --decode-steps")
     decode_steps = args.decode_steps or 8
+    window_chunks = DEFAULT_OPTIONS["local_chunks"]  # the conversion's window: that many chunks, at most MAX_TOKENS
+    if args.chunk_size * window_chunks > MAX_TOKENS:
+        raise UserError(f"--chunk-size {args.chunk_size:,} must be at most {MAX_TOKENS // window_chunks:,} (the "
+                        f"conversion's window is {window_chunks} chunks of at most {MAX_TOKENS:,} tokens in all)")
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
     check_model_arg(args.source, "SOURCE")
     local = args.source is not None and os.path.exists(os.path.expanduser(args.source))  # not a hub id
     check_outputs(args, inputs=[("SOURCE", args.source)] if local else ())
     if args.gpt2_small_random:
-        source = gpt2_small_random(max(list(args.seq_lens) + list(args.decode_contexts)) + 64)
+        # positions for every prefill and every decode: the context and --decode-steps
+        source = gpt2_small_random(max([*args.seq_lens, *(n + decode_steps for n in args.decode_contexts)]))
         title = "GPT-2-small shape (random weights)"
     else:
         source = load_model_arg(args.source, "SOURCE")
@@ -149,6 +173,7 @@ def cmd(args) -> int:
     set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
     result.update(model=title, gate_init=args.gate_init)
+    result["config"].update(model=title, gate_init=args.gate_init)
     print("\n".join(speed_lines(result)))
     write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
     return 0
@@ -167,7 +192,8 @@ def register(bench_sub) -> None:
                    help="prefill lengths (default 1024 4096 16384)")
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768],
                    help="contexts to decode from (default 1024 32768)")
-    p.add_argument("--decode-steps", type=integer(), default=None, help="tokens generated per decode context (default 8)")
+    p.add_argument("--decode-steps", type=integer(), default=None,
+                   help="tokens generated per decode context, each step timed (default 8)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="timed runs per prefill (default 3)")
     add_output_arguments(p, "the prefill and decode plot")
     p.set_defaults(func=cmd)

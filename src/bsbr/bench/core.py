@@ -43,24 +43,24 @@ def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: i
     return out
 
 
-def matmul_gflops(size: int, repeats: int, device: str) -> float:
-    """This machine's dense matmul rate (GFLOP/s, median of ``repeats``) on ``size``-square
-    matrices: the practical ceiling the attention kernels are compared against."""
+def matmul_gflops(size: int, repeats: int, device: str, warmup: int = 1) -> float:
+    """This machine's dense matmul rate (GFLOP/s, median of ``repeats`` after ``warmup`` untimed calls) on
+    ``size``-square matrices: the practical ceiling the attention kernels are compared against."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    t = median(interleaved_times({"matmul": lambda: a @ b}, repeats, warmup=1, device=device)["matmul"])
+    t = median(interleaved_times({"matmul": lambda: a @ b}, repeats, warmup=warmup, device=device)["matmul"])
     return 2.0 * size**3 / t / 1e9
 
 
 def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_dim: int = 64,
-               chunk_size: int = 128, repeats: int = 5, retrieval: str = "additive",
+               chunk_size: int = 128, repeats: int = 5, warmup: int = 1, retrieval: str = "additive",
                retrieval_blocks: int = 0, matmul_size: int = 2048, seed: int = 0,
                device: str = "cpu") -> Dict[str, object]:
-    """The op alone on random (1, h, n, d) tensors: median time, cost-model FLOPs, achieved GFLOP/s,
-    and this machine's dense matmul GFLOP/s measured in the same run (before and after the op runs,
-    median of both, because a shared machine's speed drifts)."""
+    """The op alone on random (1, h, n, d) tensors: median time (after ``warmup`` untimed calls), cost-model
+    FLOPs, achieved GFLOP/s, and this machine's dense matmul GFLOP/s measured in the same run (before and
+    after the op runs, median of both, because a shared machine's speed drifts)."""
     from ..ops.bsbr import BSBROptions, chunk_bsbr_attention
 
-    peak_before = matmul_gflops(matmul_size, repeats, device)
+    peak_before = matmul_gflops(matmul_size, repeats, device, warmup)
     g = torch.Generator(device=device).manual_seed(seed)
     options = BSBROptions(chunk_size=chunk_size, retrieval=retrieval, retrieval_blocks=retrieval_blocks)
     rows = []
@@ -70,7 +70,7 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
         fq, fk = [torch.nn.functional.elu(t) + 1 for t in (q, k)] if retrieval == "normalized" else (None, None)
         fn = functools.partial(chunk_bsbr_attention, q, k, v, mq, mk, options, fq=fq, fk=fk)
         with torch.no_grad():
-            t = median(interleaved_times({"op": fn}, repeats, warmup=1, device=device)["op"])
+            t = median(interleaved_times({"op": fn}, repeats, warmup=warmup, device=device)["op"])
         flops = bsbr_core_flops(n, chunk_size, heads, head_dim, retrieval_blocks=retrieval_blocks)
         rows.append({"seq_len": n, "time_ms": round_sig(t * 1e3), "gflop": round_sig(flops["total"] / 1e9),
                      "gflops_per_s": round_sig(flops["total"] / t / 1e9),
@@ -78,11 +78,11 @@ def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_
         log.info("core @ %d: %.2f ms, %.3f GFLOP, %.1f GFLOP/s", n, t * 1e3, flops["total"] / 1e9,
                  flops["total"] / t / 1e9)
         del q, k, v, mq, mk, fq, fk, fn
-    peak_after = matmul_gflops(matmul_size, repeats, device)
+    peak_after = matmul_gflops(matmul_size, repeats, device, warmup)
     peak = median([peak_before, peak_after])
     for r in rows:
         r["fraction_of_matmul"] = round_sig(r["gflops_per_s"] / peak)
     return {"matmul_size": matmul_size, "matmul_gflops_per_s": round_sig(peak),
             "matmul_gflops_per_s_before_after": [round_sig(peak_before), round_sig(peak_after)],
-            "heads": heads, "head_dim": head_dim, "chunk_size": chunk_size, "retrieval": retrieval,
+            "heads": heads, "head_dim": head_dim, "chunk_size": chunk_size, "warmup": warmup, "retrieval": retrieval,
             "retrieval_blocks": retrieval_blocks, "rows": rows}

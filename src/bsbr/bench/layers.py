@@ -41,16 +41,21 @@ def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_le
 CALIBRATION_LEN = 1024  # a baseline's first length past this is predicted from one call at this length
 
 
-def _calibration(model, hidden: int, device: str) -> Optional[Dict[str, object]]:
-    """Time and extra memory of one call at :data:`CALIBRATION_LEN` tokens (after a warm-up call), as a
-    row :func:`_skip_reason` predicts from; None if it fails (the length is then tried as given)."""
-    fn = forward_fn(model, torch.randn(1, CALIBRATION_LEN, hidden, device=device))
+def calibrate(fn: Callable[[], object], device: str = "cpu") -> Optional[Dict[str, object]]:
+    """Time and extra memory of one call of ``fn`` (a call at :data:`CALIBRATION_LEN` tokens; after a
+    warm-up call), as a row a prediction starts from; None if it fails (the length is then tried as given)."""
     try:
         time_call(fn, device)
         return dict(seq_len=CALIBRATION_LEN, time_ms=time_call(fn, device) * 1e3,
                     peak_mb=measure_peak(fn, device).extra_mb)
     except Exception:  # noqa: BLE001 - no prediction: the benchmark records what the real call does
         return None
+
+
+def _calibration(model, hidden: int, device: str) -> Optional[Dict[str, object]]:
+    """:func:`calibrate` a layer's forward at :data:`CALIBRATION_LEN` tokens, as a row :func:`_skip_reason`
+    predicts from."""
+    return calibrate(forward_fn(model, torch.randn(1, CALIBRATION_LEN, hidden, device=device)), device)
 
 
 def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 512, heads: int = 8,
@@ -78,6 +83,7 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
     max_len = {"standard": max_standard_len, "earlier": max_earlier_len}
     rows: List[Dict[str, object]] = []
     last_ok: Dict[str, Dict[str, object]] = {}
+    warmed = set()  # models called once already: a model's first call is untimed, whatever --warmup
     for n in seq_lens:
         x = torch.randn(1, n, hidden, device=device)
         fns: Dict[str, Callable[[], object]] = {}
@@ -85,8 +91,9 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
         for name, model in models.items():
             row = new_row(name, n)
             rows.append(row)
-            if name != "bsbr" and name not in last_ok and n > CALIBRATION_LEN:  # a first length past it: predict
-                last_ok[name] = _calibration(model, hidden, device)  # from a call at CALIBRATION_LEN tokens
+            if name != "bsbr" and name not in last_ok and CALIBRATION_LEN < n <= (max_len[name] or n):
+                # a first length past it, within the model's --max-*-len: predicted from a call at CALIBRATION_LEN
+                last_ok[name] = _calibration(model, hidden, device)
             reason = None if name == "bsbr" else _skip_reason(
                 name, n, last_ok.get(name), max_len=max_len[name], max_seconds=max_seconds,
                 heads=heads, chunk_size=chunk_size, device=device)
@@ -95,9 +102,10 @@ def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 51
                 log.info("%s @ %d: skipped (%s)", name, n, reason)
                 continue
             fn = forward_fn(model, x)
-            try:  # warm-up first (one-time allocations of kernels, thread pools), then memory
-                for _ in range(warmup):
-                    time_call(fn, device)
+            try:  # warm-up first (one-time allocations of kernels, thread pools), then memory; at a model's
+                for _ in range(warmup or int(name not in warmed)):  # first length at least one call, so that
+                    time_call(fn, device)  # the process's one-time allocations are not charged to its memory
+                warmed.add(name)
                 row["peak_mb"] = round_sig(measure_peak(fn, device).extra_mb)
             except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
                 row.update(failure(e))

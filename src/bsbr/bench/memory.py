@@ -133,15 +133,15 @@ class PeakMemory:
 def measure_peak(fn: Callable[[], object], device: str = "cpu") -> PeakMemory:
     """Run ``fn()`` once and return its extra peak memory (see the module docstring for how).
     The result of ``fn`` is dropped only after the peak is read, so the output counts."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.startswith("cuda"):  # the counters of the benchmarked device (cuda:N), not the current one
+        torch.cuda.synchronize(device)
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
         del out
         return PeakMemory(peak - before, peak, "cuda-max-memory-allocated")
     release_free_memory()

@@ -7,7 +7,8 @@ Measured with :mod:`bsbr.bench.common` and :mod:`bsbr.bench.memory`: batch 1, fl
 dropout 0, forward under ``torch.no_grad``; the train step is the forward, a next-token cross-entropy and ``backward()``. At
 each length a model's first call measures its extra peak RSS and is its warm-up, then ``--repeats``
 interleaved rounds give the medians. A model stops growing when its next call is predicted (from its
-own slope, at least linear, quadratic until two points exist) to pass ``--max-seconds`` or 70% of the
+own slope, at least linear, quadratic until two points exist; a first length past
+:data:`~bsbr.bench.layers.CALIBRATION_LEN` from calls at that length) to pass ``--max-seconds`` or 70% of the
 available memory. Train steps are capped the same way on their own and also stop once the model's
 measuring time passes ``--model-budget``, so a row may have a forward time but no train time; the
 reason is recorded in the row.
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..errors import UserError
-from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, failure,
-                     forward_fn, interleaved_times, machine_info, median, round_sig, set_threads, write_outputs)
+from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs,
+                     check_unique, failure, forward_fn, interleaved_times, machine_info, median, round_sig, set_threads,
+                     write_outputs)
+from .layers import CALIBRATION_LEN, calibrate
 from .memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
 from .plots import plot_models
 
@@ -88,6 +91,15 @@ def _predict(history: List[Tuple[int, float]], n: int) -> Optional[float]:
     return v1 * (n / n1) ** slope
 
 
+def _calibrate(history: Dict[str, list], kind: str, fn: Callable[[], object]) -> None:
+    """Start a model's empty ``kind`` ("fwd" or "train") time and memory histories with a call of ``fn`` at
+    :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens (:func:`~bsbr.bench.layers.calibrate`; nothing if it fails)."""
+    row = calibrate(fn)
+    if row is not None:
+        history[kind].append((CALIBRATION_LEN, row["time_ms"] / 1e3))
+        history[kind + "_mem"].append((CALIBRATION_LEN, row["peak_mb"] or 0.0))
+
+
 def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[int, float]],
           spent: float, max_seconds: float, budget: Optional[float]) -> Optional[str]:
     """Why a call must not run (None: run it). ``budget`` (train steps only) caps a model's total time."""
@@ -123,9 +135,15 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
     spent = {m: 0.0 for m in models}
     stopped: Dict[str, str] = {}
     rows: List[Dict[str, object]] = []
-    warm = torch.randint(0, VOCAB, (1, min(seq_lens, default=1)), generator=torch.Generator().manual_seed(seed))
-    for m in models:  # one untimed call each first: the process's one-time allocations (thread pools, kernel
-        forward_fn(built[m], warm)()  # set-up) were charged to whichever model was measured first
+    # one untimed call each first (and a train step, when measured): the process's one-time allocations (thread
+    # pools, kernel set-up, autograd's) were charged to whichever model was measured first; at most
+    # CALIBRATION_LEN tokens, a length no prediction guards
+    warm = torch.randint(0, VOCAB, (1, min([*seq_lens, CALIBRATION_LEN])), generator=torch.Generator().manual_seed(seed))
+    for m in models:
+        forward_fn(built[m], warm)()
+        if train:
+            _train_fn(built[m], warm)()
+    calibration_ids = torch.randint(0, VOCAB, (1, CALIBRATION_LEN), generator=torch.Generator().manual_seed(seed))
     for n in seq_lens:
         ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed + n))
         fns_of: Dict[str, Dict[str, Callable]] = {"fwd": {}, "train": {}}  # kind -> model -> call
@@ -135,6 +153,9 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                    "train_peak_mb": None, "params": params[m], "status": "ok", "reason": None}
             rows.append(row)
             h = hist[m]
+            first = not h["fwd"]  # a first length past CALIBRATION_LEN: predicted from calls there
+            if first and m not in stopped and n > CALIBRATION_LEN:
+                _calibrate(h, "fwd", forward_fn(built[m], calibration_ids))
             reason = stopped.get(m) or _skip("forward", n, h["fwd"], h["fwd_mem"], spent[m], max_seconds, None)
             if reason:
                 stopped[m] = reason
@@ -144,6 +165,8 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
             row_of[m] = row
             kinds = [("fwd", forward_fn(built[m], ids), "peak_mb")]
             if train:
+                if first and n > CALIBRATION_LEN:
+                    _calibrate(h, "train", _train_fn(built[m], calibration_ids))
                 tr = _skip("train", n, h["train"], h["train_mem"], spent[m], max_seconds, model_budget)
                 if tr:
                     row["reason"] = tr
@@ -188,7 +211,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                   model_budget=model_budget, batch=1, dtype="float32", seed=seed,
                   specs={m: specs[m] for m in models})
     return {"benchmark": "models", "config": config, "machine": machine_info(), "rows": rows,
-            "exponents": exponents, "ratios": ratios, "targets": check_targets(ratios)}
+            "exponents": exponents, "ratios": ratios, "targets": check_targets(ratios, config)}
 
 
 def speed_ratios(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
@@ -208,15 +231,21 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round_sig(a / b) if a and b else None
 
 
-def check_targets(ratios: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The speed targets: BSBR forward faster than standard from 4k tokens on, >= 5x at 16k."""
+TARGET_SHAPE = dict(hidden=256, layers=2, heads=4, ff_dim=1024, block=128)  # the shell the targets were set for
+
+
+def check_targets(ratios: Sequence[Dict[str, object]], config: Dict[str, object]) -> List[Dict[str, object]]:
+    """The speed targets: BSBR forward faster than standard from 4k tokens on, >= 5x at 16k; each with what
+    was measured and whether it is met (None: not measured, or measured with a shell other than
+    :data:`TARGET_SHAPE`, the one they were set for)."""
     bs = {r["seq_len"]: r["forward_speedup"] for r in ratios if r["model"] == "bsbr"}
     from_4k = {n: s for n, s in bs.items() if n >= 4096 and s is not None}
+    judged = all(config[k] == v for k, v in TARGET_SHAPE.items())
     return [
-        {"target": "bsbr forward faster than standard at every length >= 4096",
-         "measured": from_4k, "met": (all(s > 1.0 for s in from_4k.values()) if from_4k else None)},
+        {"target": "bsbr forward faster than standard at every length >= 4096", "measured": from_4k,
+         "met": all(s > 1.0 for s in from_4k.values()) if from_4k and judged else None},
         {"target": "bsbr forward >= 5x faster than standard at 16384", "measured": bs.get(16384),
-         "met": None if bs.get(16384) is None else bs[16384] >= 5.0},
+         "met": None if bs.get(16384) is None or not judged else bs[16384] >= 5.0},
     ]
 
 
@@ -233,7 +262,11 @@ def format_table(result: Dict[str, object]) -> str:
     lines += ["", "scaling exponents (slope of log time vs log n): " + ", ".join(
         f"{m} fwd {e['forward']['exponent'] if e['forward'] else '-'} / train {e['train']['exponent'] if e['train'] else '-'}"
         for m, e in result["exponents"].items())]
-    lines += [f"target: {t['target']}: measured {t['measured']} -> met={t['met']}" for t in result["targets"]]
+    shape = ", ".join(f"{k} {v}" for k, v in TARGET_SHAPE.items())
+    for t in result["targets"]:
+        unjudged = "not measured" if t["measured"] in (None, {}) else f"not judged (set for {shape})"
+        lines.append(f"target: {t['target']}: measured {t['measured']} -> met={t['met']}"
+                     + ("" if t["met"] is not None else f" ({unjudged})"))
     return "\n".join(lines)
 
 
@@ -243,8 +276,7 @@ def run_models(args: argparse.Namespace) -> int:
     if args.no_train and args.model_budget is not None:
         raise UserError("--model-budget caps the train steps, which --no-train skips: drop one of them")
     seq_lens = args.seq_lens or list(DEFAULT_SEQ_LENS)
-    if args.hidden % args.heads:  # (before the models are built, with the flags' names)
-        raise UserError(f"--hidden ({args.hidden}) must be divisible by --heads ({args.heads})")
+    check_head_size(args.hidden, args.heads)  # (before the models are built, with the flags' names)
     check_outputs(args)
     set_threads(args)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,

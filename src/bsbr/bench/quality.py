@@ -32,8 +32,8 @@ from ..evaluate.metrics import bucket_spans
 from ..errors import UserError
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..ops.checks import is_number
-from .common import (VOCAB, add_output_arguments, bench_parser, check_outputs, check_unique, given, set_threads,
-                     write_outputs)
+from .common import (VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs, check_unique, given,
+                     machine_info, set_threads, write_outputs)
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,8 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
                   "warmup 5% + cosine to 10%", tokens_per_model=steps * batch * seq_len, eval_windows=eval_windows,
                   seed=seed, corpus=corpus or str(stdlib_root()), corpus_files=n_files,
                   train_bytes=train_data.numel(), eval_bytes=eval_data.numel())
-    return {"benchmark": "quality", "config": config, "results": results,
-            "comparison": compare_to_window(results, block)}
+    return {"benchmark": "quality", "config": config, "machine": machine_info(), "results": results,
+            "comparison": compare_to_window(results, block, seq_len)}
 
 
 def window_pairs(block: int) -> List[Tuple[str, str, int]]:
@@ -200,19 +200,23 @@ def window_pairs(block: int) -> List[Tuple[str, str, int]]:
         ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
 
 
-def compare_to_window(results: Sequence[Dict[str, object]], block: int) -> List[Dict[str, object]]:
+def compare_to_window(results: Sequence[Dict[str, object]], block: int,
+                      seq_len: Optional[int] = None) -> List[Dict[str, object]]:
     """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
-    (negative difference: BSBR better). ``positions_from``: the first position compared, the chunk size
-    (for results written before ``loss_past`` was recorded: the first bucket starting at or after it)."""
+    (negative difference: BSBR better; ``bsbr_better`` None where a loss is NaN). ``positions_from``: the
+    first position compared, the chunk size (for results written before ``loss_past`` was recorded: the
+    first bucket starting at or after it). A pair whose chunk is at least ``seq_len`` is left out: both
+    models are full attention there, with no position past the chunk to compare."""
     by = {r["model"]: r for r in results}
     out = []
     for a, b, chunk in window_pairs(block):
-        if a in by and b in by:
+        if a in by and b in by and (seq_len is None or chunk < seq_len):
             exact = all(str(chunk) in (by[m].get("loss_past") or {}) for m in (a, b))
             (late_a, start), (late_b, _) = (_late_loss(by[m], chunk, exact) for m in (a, b))
             out.append({"bsbr_model": a, "window_model": b, "chunk": chunk, "positions_from": start,
                         "bsbr_loss_past_chunk": late_a, "window_loss_past_chunk": late_b,
-                        "difference": round(late_a - late_b, 4), "bsbr_better": late_a < late_b})
+                        "difference": round(late_a - late_b, 4),
+                        "bsbr_better": None if math.isnan(late_a - late_b) else late_a < late_b})
     return out
 
 
@@ -243,14 +247,17 @@ def format_table(result: Dict[str, object]) -> str:
     for c in result["comparison"]:
         lines.append(f"{c['bsbr_model']} vs {c['window_model']} on positions >= {c.get('positions_from', c['chunk'])}: "
                      f"{_num(c['bsbr_loss_past_chunk'], '.4f')} vs {_num(c['window_loss_past_chunk'], '.4f')} "
-                     f"({'BSBR better' if c['bsbr_better'] else 'BSBR NOT better'}, "
+                     f"({({True: 'BSBR better', False: 'BSBR NOT better'}).get(c['bsbr_better'], 'n/a')}, "
                      f"diff {_num(c['difference'], '+.4f')})")
     return "\n".join(lines)
 
 
 def _num(x, fmt: str) -> str:
-    """``x`` formatted with ``fmt``; None (JSON's null: a NaN loss, or a value the file lacks) as ``nan``."""
-    return format(float("nan") if x is None else x, fmt)
+    """``x`` formatted with ``fmt``; None (JSON's null: a NaN loss, or a value the file lacks) and NaN as
+    ``n/a``, in ``fmt``'s width."""
+    if x is None or x != x:
+        return format("n/a", re.match(r"[<>^]?\d*", fmt).group())
+    return format(x, fmt)
 
 
 def _read_result(path: str) -> Dict[str, object]:
@@ -282,6 +289,8 @@ def _read_result(path: str) -> Dict[str, object]:
     if not ok:
         raise UserError(f"--merge {path} is a damaged 'bsbr bench quality' result (its config or results are "
                         f"missing or malformed): {what}")
+    if not results:  # nothing to merge or to plot
+        raise UserError(f"--merge {path} holds no model results: {what} that trained at least one model")
     return part
 
 
@@ -319,7 +328,7 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
     results = [r for part in parts for r in part["results"]]
     config = dict(parts[0]["config"], models=[r["model"] for r in results], merged_from=list(paths))
     return {"benchmark": "quality", "config": config, "results": results,
-            "comparison": compare_to_window(results, config["block"])}
+            "comparison": compare_to_window(results, config["block"], config.get("seq_len"))}
 
 
 # run_quality's options and their defaults: on the command line None is not given (its default), so that
@@ -333,6 +342,12 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} is not used with --merge (it joins results trained earlier, with their settings): "
                         f"drop {flag}")
     check_unique(args, ("models",))
+    if not args.merge:  # (before the models are built, with the flags' names)
+        check_head_size(args.hidden or TRAINING["hidden"], args.heads or TRAINING["heads"])
+        block, seq_len = args.block or TRAINING["block"], args.seq_len or TRAINING["seq_len"]
+        if block >= seq_len:
+            raise UserError(f"--block {block} must be below --seq-len {seq_len} (a sliding window or chunk that "
+                            f"long is full attention, nothing to compare): give a smaller --block or a longer --seq-len")
     check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()] +
                   ([("--corpus", args.corpus)] if args.corpus is not None else []))
     if args.merge:

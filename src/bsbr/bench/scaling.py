@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_SEQ_LENS = (8192, 16384, 32768, 65536)
 TARGET_MODEL_TIME_RATIO = 10.0  # t(64k) / t(8k) of the 2-layer model
 TARGET_MODEL_PEAK_MB = 3 * 1024.0  # process peak RSS at 64k tokens, MiB
+# the lengths and model the targets were set for: elsewhere they are reported, not judged
+TARGET_MODEL_SHAPE = dict(shortest=8192, longest=65536, hidden=256, heads=4, chunk_size=128, ff_dim=1024,
+                          num_layers=2, vocab_size=1000, retrieval="additive", retrieval_blocks=0)
 
 
 def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden: int = 256, heads: int = 4,
@@ -55,11 +58,12 @@ def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden
     config = dict(seq_lens=list(seq_lens), hidden=hidden, heads=heads, chunk_size=chunk_size, ff_dim=ff_dim,
                   num_layers=num_layers, vocab_size=vocab_size, repeats=repeats, retrieval=retrieval,
                   retrieval_blocks=retrieval_blocks, batch=1, dtype="float32", seed=seed)
+    judged = all(dict(config, shortest=lo, longest=hi)[k] == v for k, v in TARGET_MODEL_SHAPE.items())
     targets = [
-        {"target": f"t({hi})/t({lo}) <= {TARGET_MODEL_TIME_RATIO:g}", "value": t_ratio,
-         "goal": TARGET_MODEL_TIME_RATIO, "met": None if t_ratio is None else t_ratio <= TARGET_MODEL_TIME_RATIO},
+        {"target": f"t({hi})/t({lo}) <= {TARGET_MODEL_TIME_RATIO:g}", "value": t_ratio, "goal": TARGET_MODEL_TIME_RATIO,
+         "met": None if t_ratio is None or not judged else t_ratio <= TARGET_MODEL_TIME_RATIO},
         {"target": f"process peak RSS at {hi} < {TARGET_MODEL_PEAK_MB:g} MiB", "value": peak_hi,
-         "goal": TARGET_MODEL_PEAK_MB, "met": None if peak_hi is None else peak_hi < TARGET_MODEL_PEAK_MB},
+         "goal": TARGET_MODEL_PEAK_MB, "met": None if peak_hi is None or not judged else peak_hi < TARGET_MODEL_PEAK_MB},
     ]
     return {"benchmark": "model_scaling", "config": config, "rows": rows,
             "ratios": {"time_ratio_longest_shortest": t_ratio, "linear_would_be": hi / lo},
