@@ -1,7 +1,8 @@
 """What each retrieval mode costs in time and memory: the source, the default conversion (exact
 blocks, K = 8) and the bounded mode (256 recall tokens, no blocks), side by side in one process on
-SmolLM2-135M: prefill time, decode ms per token with the models' steps alternating, and the cache's
-bytes per context token after the prefill.
+SmolLM2-135M: prefill time (the last position's logits, as ``generate``'s prefill; results written before
+2026-12-04, without ``prefill_logits``, computed every position's), decode ms per token with the models'
+steps alternating, and the cache's bytes per context token.
 
     OMP_NUM_THREADS=1 python benchmarks/modes_speed.py --contexts 1024 8192 --decode-steps 16 \
         --json docs/benchmarks/modes_speed_1k_8k.json
@@ -42,7 +43,7 @@ def main() -> None:
         ids = torch.randint(0, source.config.vocab_size, (1, n), generator=g)
         prefill = {}
         if not args.decode_only:
-            fns = {name: (lambda m=m: m(ids, use_cache=False)) for name, m in models.items()}
+            fns = {name: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for name, m in models.items()}
             with torch.no_grad():
                 prefill = {name: median(t) for name, t in interleaved_times(fns, repeats=1, warmup=0).items()}
         decode = _decode(models, ids, args.decode_steps)
@@ -53,7 +54,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(threads=1, torch=torch.__version__, decode_steps=args.decode_steps, rows=rows), f, indent=1)
+            json.dump(dict(threads=1, torch=torch.__version__, decode_steps=args.decode_steps, prefill_logits="last",
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
