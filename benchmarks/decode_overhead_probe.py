@@ -6,7 +6,7 @@ Prints the median ms per token of each and their ratios to the source.
 
     OMP_NUM_THREADS=1 python benchmarks/decode_overhead_probe.py --context 1024 --steps 80
 
-The context must lie where every earlier chunk is read (at most (L + K) chunks, more than L).
+The context and its steps must lie where every earlier chunk is read (from L to L + K chunks).
 """
 from __future__ import annotations
 
@@ -46,10 +46,9 @@ def main() -> None:
     source = load_source(None).eval()
     model = convert_to_bsbr(source).eval()
     opt = model.model.layers[0].attn.options
-    chunks = args.context // opt.chunk_size
-    if not opt.local_chunks <= chunks < opt.local_chunks + opt.retrieval_blocks:
-        ap.error(f"--context must leave every earlier chunk read: {opt.local_chunks * opt.chunk_size} to "
-                 f"{(opt.local_chunks + opt.retrieval_blocks) * opt.chunk_size - args.steps - 1} tokens")
+    lo, hi = opt.local_chunks * opt.chunk_size, (opt.local_chunks + opt.retrieval_blocks) * opt.chunk_size
+    if not lo <= args.context <= hi - args.steps:  # every step reads every earlier chunk
+        ap.error(f"--context must leave every earlier chunk read through its --steps: {lo} to {hi - args.steps} tokens")
     op = layer.recurrent_bsbr_attention
     ids = torch.randint(0, source.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
     times = {"source": [], "bsbr": [], "attention calls only": []}

@@ -133,6 +133,18 @@ def test_bench_models_predicts_a_first_length_past_the_calibration_length():
     assert row["status"] == "skipped" and "forward predicted" in row["reason"] and row["time_ms"] is None
 
 
+def test_bench_models_predicts_a_first_length_from_the_models_own_slope(monkeypatch):
+    """One calibration point made the prediction quadratic for every model: a linear model's 16k forward,
+    predicted 256x its 1k time, was skipped though it runs in 16x. Calls at half CALIBRATION_LEN and at all of
+    it give the slope (here exactly linear: 1 and 2 ms, so 32 ms at 16k, within --max-seconds 0.2)."""
+    times = iter([1.0, 2.0])
+    monkeypatch.setattr(bench_models, "calibrate", lambda fn: dict(time_ms=next(times), peak_mb=0.0))
+    result = bench_models.bench_models(seq_lens=[16384], models=["linear"], hidden=32, heads=2, ff_dim=32, block=64,
+                                       layers=1, repeats=1, max_seconds=0.2, train=False)
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["time_ms"] is not None, row["reason"]
+
+
 def test_bench_models_warm_up_includes_a_train_step(monkeypatch):
     """The first model's first train step (its train_peak_mb) carried autograd's one-time allocations: the
     warm-up before any measurement runs a train step of each model too."""

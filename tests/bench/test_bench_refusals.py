@@ -352,11 +352,28 @@ def test_bench_names_hidden_and_heads_that_give_no_head_size(command, hidden, he
     assert what in line
 
 
-def test_bench_quality_refuses_a_block_as_long_as_the_window(capsys, nothing_runs):
-    line = _refused(_argv("quality", "--seq-len", "64", "--block", "64"), capsys, "bench quality")
-    assert "--block 64 must be below --seq-len 64" in line
-    line = _refused(_argv("quality", "--seq-len", "32"), capsys, "bench quality")  # the default --block, 64
-    assert "--block 64 must be below --seq-len 32" in line
+def test_bench_attention_model_scaling_names_hidden_and_heads_that_give_an_odd_head_size(capsys, nothing_runs):
+    line = _refused(_argv("attention", "--model-scaling", "--hidden", "12", "--heads", "4"), capsys, "bench attention")
+    assert "--hidden (12) / --heads (4) gives a head size of 3, which must be even" in line
+
+
+def test_bench_quality_refuses_a_compared_pair_as_long_as_the_window(capsys, nothing_runs):
+    # both models of such a pair are full attention: the run printed "BSBR NOT better, diff +nan" and exited 0
+    line = _refused(_argv("quality", "--models", "bsbr", "sliding_window", "--seq-len", "64", "--block", "64"), capsys,
+                    "bench quality")
+    assert "bsbr and sliding_window read chunks of 64 tokens, at least --seq-len 64" in line
+    assert "give a smaller --block or a longer --seq-len" in line
+    line = _refused(_argv("quality", "--models", "bsbr_chunk128", "sliding_window_128", "--seq-len", "128",
+                          "--block", "32"), capsys, "bench quality")  # a fixed pair: --block does not help
+    assert "bsbr_chunk128 and sliding_window_128 read chunks of 128 tokens" in line and "a --seq-len above 128" in line
+
+
+def test_bench_quality_runs_a_pair_shorter_than_the_window_whatever_block(monkeypatch, capsys):
+    # the models compared do not use --block: the default block 64 at --seq-len 64 must not refuse them
+    ran = []
+    monkeypatch.setattr(bench_quality, "run_quality", lambda **kw: ran.append(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
+    main(_argv("quality", "--models", "bsbr_chunk32", "sliding_window_32", "--seq-len", "64"))  # (stopped there)
+    assert ran and ran[0]["models"] == ["bsbr_chunk32", "sliding_window_32"]
 
 
 def test_bench_quality_merge_refuses_a_result_without_models(tmp_path, capsys, nothing_runs):

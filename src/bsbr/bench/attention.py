@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 
 from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
 from ..errors import UserError
-from .common import (add_output_arguments, bench_parser, check_device, check_outputs, check_unique, given,
+from .common import (add_output_arguments, bench_parser, check_device, check_head_size, check_outputs, check_unique, given,
                      machine_info, set_threads, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
@@ -58,7 +58,9 @@ def _validate(args: argparse.Namespace, hidden: int, heads: int) -> None:
     if args.max_earlier_len is not None and not args.earlier_wheel:
         raise UserError("--max-earlier-len applies to --earlier-wheel only: give --earlier-wheel WHL, "
                         "or drop --max-earlier-len")
-    if hidden % heads:
+    if args.model_scaling:  # a BSBRModel: rotary positions, so an even head size
+        check_head_size(hidden, heads)
+    elif hidden % heads:
         raise ValueError(f"--hidden ({hidden}) must be divisible by --heads ({heads})")
     if args.earlier_wheel is not None:
         check_wheel(args.earlier_wheel)

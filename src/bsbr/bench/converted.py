@@ -62,7 +62,8 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
     SmolLM2 model). The context's last token is fed as an untimed first decode step (the one-token path's
     first call is slower than the next ones), so the timed steps start from the whole context, at the positions
     they would have without it (a one-token context has no token to spare: no warm-up step). Returns per model
-    (median ms per generated token, the cache's bytes per context token, the whole context in the cache)."""
+    (median ms per generated token, the cache's bytes per context token, the whole context in the cache: at a
+    context one past a chunk boundary a prefill of all of it would hold up to one chunk's arrays more)."""
     out, mask, times, per_token = {}, {}, {name: [] for name in models}, {}
     n = ids.shape[1]
     prefill, warm = (ids[:, :-1], ids[:, -1:]) if n > 1 else (ids, None)

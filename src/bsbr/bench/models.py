@@ -91,13 +91,16 @@ def _predict(history: List[Tuple[int, float]], n: int) -> Optional[float]:
     return v1 * (n / n1) ** slope
 
 
-def _calibrate(history: Dict[str, list], kind: str, fn: Callable[[], object]) -> None:
-    """Start a model's empty ``kind`` ("fwd" or "train") time and memory histories with a call of ``fn`` at
-    :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens (:func:`~bsbr.bench.layers.calibrate`; nothing if it fails)."""
-    row = calibrate(fn)
-    if row is not None:
-        history[kind].append((CALIBRATION_LEN, row["time_ms"] / 1e3))
-        history[kind + "_mem"].append((CALIBRATION_LEN, row["peak_mb"] or 0.0))
+def _calibrate(history: Dict[str, list], kind: str, fns: Dict[int, Callable[[], object]]) -> None:
+    """Start a model's empty ``kind`` ("fwd" or "train") time and memory histories with a call of each
+    ``fns[n]`` (a call at n tokens: half :data:`~bsbr.bench.layers.CALIBRATION_LEN` and all of it, so that the
+    prediction follows the model's own slope, not the quadratic one a single point assumes;
+    :func:`~bsbr.bench.layers.calibrate`; a failed call adds nothing)."""
+    for n, fn in sorted(fns.items()):
+        row = calibrate(fn)
+        if row is not None:
+            history[kind].append((n, row["time_ms"] / 1e3))
+            history[kind + "_mem"].append((n, row["peak_mb"] or 0.0))
 
 
 def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[int, float]],
@@ -143,7 +146,8 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
         forward_fn(built[m], warm)()
         if train:
             _train_fn(built[m], warm)()
-    calibration_ids = torch.randint(0, VOCAB, (1, CALIBRATION_LEN), generator=torch.Generator().manual_seed(seed))
+    calibration_ids = {n: torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+                       for n in (CALIBRATION_LEN // 2, CALIBRATION_LEN)}
     for n in seq_lens:
         ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed + n))
         fns_of: Dict[str, Dict[str, Callable]] = {"fwd": {}, "train": {}}  # kind -> model -> call
@@ -155,7 +159,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
             h = hist[m]
             first = not h["fwd"]  # a first length past CALIBRATION_LEN: predicted from calls there
             if first and m not in stopped and n > CALIBRATION_LEN:
-                _calibrate(h, "fwd", forward_fn(built[m], calibration_ids))
+                _calibrate(h, "fwd", {c: forward_fn(built[m], x) for c, x in calibration_ids.items()})
             reason = stopped.get(m) or _skip("forward", n, h["fwd"], h["fwd_mem"], spent[m], max_seconds, None)
             if reason:
                 stopped[m] = reason
@@ -166,7 +170,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
             kinds = [("fwd", forward_fn(built[m], ids), "peak_mb")]
             if train:
                 if first and n > CALIBRATION_LEN:
-                    _calibrate(h, "train", _train_fn(built[m], calibration_ids))
+                    _calibrate(h, "train", {c: _train_fn(built[m], x) for c, x in calibration_ids.items()})
                 tr = _skip("train", n, h["train"], h["train_mem"], spent[m], max_seconds, model_budget)
                 if tr:
                     row["reason"] = tr

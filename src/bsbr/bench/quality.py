@@ -345,9 +345,13 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     if not args.merge:  # (before the models are built, with the flags' names)
         check_head_size(args.hidden or TRAINING["hidden"], args.heads or TRAINING["heads"])
         block, seq_len = args.block or TRAINING["block"], args.seq_len or TRAINING["seq_len"]
-        if block >= seq_len:
-            raise UserError(f"--block {block} must be below --seq-len {seq_len} (a sliding window or chunk that "
-                            f"long is full attention, nothing to compare): give a smaller --block or a longer --seq-len")
+        models = args.models or TRAINING["models"]
+        for a, b, chunk in window_pairs(block):  # a compared pair as long as the window is two full attentions
+            if a in models and b in models and chunk >= seq_len:
+                fix = "a smaller --block or a longer --seq-len" if chunk == block and b == "sliding_window" else \
+                    f"a --seq-len above {chunk}"
+                raise UserError(f"{a} and {b} read chunks of {chunk} tokens, at least --seq-len {seq_len}: both are "
+                                f"full attention there, nothing to compare: give {fix}")
     check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()] +
                   ([("--corpus", args.corpus)] if args.corpus is not None else []))
     if args.merge:
