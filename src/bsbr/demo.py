@@ -85,8 +85,9 @@ def _demo(args, out: Path, final: Path) -> int:
                                     decode_contexts=args.decode_contexts, decode_steps=16)
     finally:
         torch.set_num_threads(threads)
+    speed["config"].update(model=args.source or "SmolLM2-135M", gate_init=model.config.gate_init)  # as bench converted
     write_json(speed, out / "speed.json")
-    plot_converted(speed, out / "speed.png", args.source or "SmolLM2-135M")
+    plot_converted(speed, out / "speed.png", speed["config"]["model"])
 
     print("\n=== summary ===")
     print("\n".join([*summary_lines(result), *speed_lines(speed)]))

@@ -122,8 +122,7 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
     config = dict(seq_lens=list(seq_lens), decode_contexts=list(decode_contexts), decode_steps=decode_steps,
                   repeats=repeats, chunk_size=converted.config.chunk_size, seed=seed, prefill_logits=PREFILL_LOGITS,
                   decode_warmup_steps=1)
-    return dict(benchmark="converted", config=config, prefill=rows, decode=decode, machine=machine_info(),
-                repeats=repeats, chunk_size=converted.config.chunk_size)
+    return dict(benchmark="converted", config=config, prefill=rows, decode=decode, machine=machine_info())
 
 
 def speed_lines(result: Dict) -> List[str]:
@@ -173,7 +172,6 @@ def cmd(args) -> int:
     converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=args.gate_init).eval()
     set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
-    result.update(model=title, gate_init=args.gate_init)
     result["config"].update(model=title, gate_init=args.gate_init)
     print("\n".join(speed_lines(result)))
     write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
