@@ -51,12 +51,14 @@ def _refused(argv, capsys, command):
     return one_error_line(capsys.readouterr().err, command)
 
 
-def _quality_result(path, models=("bsbr",), **config):
+def _quality_result(path, models=("bsbr",), machine=None, **config):
     """A small 'bsbr bench quality' result file, as --json writes it."""
     config = dict(models=list(models), block=16, hidden=16, layers=1, heads=2, seq_len=64, **config)
     results = [{"model": m, "attention": m, "kwargs": {}, "params": 10, "train_seconds": 0.0, "eval_seconds": 0.0,
                 "final_train_loss": 5.0, "eval_loss": 5.0, "buckets": {"0-63": 5.0}} for m in models]
-    path.write_text(json.dumps({"benchmark": "quality", "config": config, "results": results, "comparison": []}))
+    machine = machine or {"cpu": "test cpu", "torch": "2.13"}
+    path.write_text(json.dumps({"benchmark": "quality", "config": config, "machine": machine, "results": results,
+                                "comparison": []}))
     return str(path)
 
 
@@ -185,6 +187,15 @@ def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
     merged = json.loads(out.read_text())
     assert [r["model"] for r in merged["results"]] == ["bsbr", "sliding_window"]
     assert merged["config"]["merged_from"] == [a, b] and len(merged["comparison"]) == 1
+    assert merged["machine"] == {"cpu": "test cpu", "torch": "2.13"}  # both ran on it
+
+
+def test_bench_quality_merge_keeps_each_runs_machine(tmp_path):
+    a = _quality_result(tmp_path / "a.json", models=("bsbr",), machine={"cpu": "one"})
+    b = _quality_result(tmp_path / "b.json", models=("sliding_window",), machine={"cpu": "two"})
+    out = tmp_path / "m.json"
+    assert main(["bench", "quality", "--merge", a, b, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["machine"] == [{"cpu": "one"}, {"cpu": "two"}]
 
 
 @pytest.mark.parametrize("command, flag, values", [
