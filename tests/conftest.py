@@ -24,3 +24,16 @@ def _hub_offline_mode_per_test(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
     if not os.environ.get("HF_HUB_OFFLINE"):
         monkeypatch.delenv("HF_HUB_OFFLINE")
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_are_restored():
+    """A command run in-process must leave the process's SIGINT / SIGTERM handlers as it found them: a test
+    that leaves them changed fails itself, not a later test that needs a Ctrl-C delivered."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    after = {sig: signal.getsignal(sig) for sig in before}
+    changed = [f"{sig.name}: {before[sig]!r} -> {after[sig]!r}" for sig in before if after[sig] != before[sig]]
+    assert not changed, "signal handlers left changed: " + "; ".join(changed)

@@ -1,6 +1,7 @@
 """The issue-13 cases, each run through the real CLI (``main([...])`` in process, a subprocess where the
 process itself matters) on tiny local models: the exit status, the one-line message, and that no
 file changed that the command was not asked to write."""
+import contextlib
 import json
 import os
 import shutil
@@ -199,6 +200,19 @@ def test_a_killed_conversions_staging_folder_is_named_and_replaceable(models, tm
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+@contextlib.contextmanager
+def _ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt inside the block, as in an interactive process, whatever handler the test
+    process had (a worker process can start with SIGINT ignored)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_an_interrupt_while_an_output_is_renamed_into_place_leaves_old_or_new(tmp_path, monkeypatch):
     # a Ctrl-C between moving the old output aside and renaming the new one in deleted the new one and
     # left OUTPUT missing (the old only in a hidden .OUT.old-*)
@@ -219,7 +233,7 @@ def test_an_interrupt_while_an_output_is_renamed_into_place_leaves_old_or_new(tm
             signal.raise_signal(signal.SIGINT)  # right after the old output was moved aside
 
     monkeypatch.setattr(outputs.os, "replace", interrupted_replace)
-    with pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
+    with _ctrl_c_raises(), pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
         outputs.publish_dir(new, out, overwrite=True)
     assert len(calls) == 2 and (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
@@ -242,7 +256,7 @@ def test_an_interrupt_while_the_replaced_output_is_removed_leaves_no_copy(tmp_pa
         rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(outputs.shutil, "rmtree", interrupted_rmtree)
-    with pytest.raises(KeyboardInterrupt):  # delivered once the old copy is gone
+    with _ctrl_c_raises(), pytest.raises(KeyboardInterrupt):  # delivered once the old copy is gone
         outputs.publish_dir(new, out, overwrite=True)
     assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
