@@ -55,6 +55,7 @@ def _check_rows(rows, models, seq_lens):
         assert all(t > 0 for t in r["times_ms"])
 
 
+@pytest.mark.slow
 def test_bench_attention_tiny(tmp_path, fake_wheel):
     res = layers.bench_attention([64, 128], earlier_wheel=fake_wheel, **TINY)
     _check_rows(res["rows"], ["bsbr", "standard", "earlier"], [64, 128])
@@ -78,6 +79,7 @@ def test_attention_targets_judged_only_at_their_shape():
         assert unjudged[1]["value"] == 1.3 and all(t["met"] is None for t in unjudged)
 
 
+@pytest.mark.slow
 def test_skips_are_recorded():
     res = layers.bench_attention([64, 128], max_standard_len=64, **TINY)
     std = {r["seq_len"]: r for r in res["rows"] if r["model"] == "standard"}
@@ -123,6 +125,7 @@ def test_model_scaling_tiny():
     assert all(t["value"] is not None and t["met"] is None for t in res["targets"])
 
 
+@pytest.mark.slow
 def test_cli_runs_and_writes(tmp_path, fake_wheel, capsys):
     out, png = tmp_path / "a.json", tmp_path / "a.png"
     rc = main(["bench", "attention", "--seq-lens", "64", "128", "--hidden", "32", "--heads", "2",

@@ -11,6 +11,7 @@ from bsbr.cli import main
 ROW_KEYS = {"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "params"}
 
 
+@pytest.mark.slow
 def test_bench_models_cli_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "m.json", tmp_path / "m.png"
     rc = main(["bench", "models", "--seq-lens", "64", "--repeats", "1", "--hidden", "32", "--heads", "2",

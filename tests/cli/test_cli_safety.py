@@ -433,6 +433,7 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
     assert main([str(a) for a in [*args, "--teacher", other, "--force"]]) == 0
 
 
+@pytest.mark.slow
 def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, capsys):
     out = tmp_path / "out"
     args = [str(a) for a in distill_args(models, text, out, "--steps", "3", "--checkpoint-every", "1")]
@@ -548,6 +549,7 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(models, text,
 
 
 @pytest.mark.parametrize("command", ["convert", "distill"])
+@pytest.mark.slow
 def test_sigterm_while_loading_is_an_interrupt(models, text, tmp_path, command):
     """SIGTERM before distill trains (or in any other command) exits 130 with one line, as Ctrl-C does."""
     import subprocess
@@ -904,6 +906,7 @@ def test_the_recorded_source_check_spares_the_lm_eval_task_and_the_bundled_file_
     check_recorded_source(bundled, None, option="--reference")  # the default is that file: no refusal
 
 
+@pytest.mark.slow
 def test_a_failure_after_loading_is_one_line_on_a_redirected_stderr(models, tmp_path):
     """No library progress bar on stderr that is not a terminal: a failure is the one error line."""
     import subprocess

@@ -263,6 +263,7 @@ def test_derived_files_replace_only_what_eval_wrote(saved, tmp_path, capsys, no_
     assert [p.name for p in tmp_path.iterdir()] == [derived] and (tmp_path / derived).read_bytes() == before
 
 
+@pytest.mark.slow
 def test_result_files_are_written_as_one_set(saved, tmp_path, capsys, monkeypatch):
     """A run that fails or is interrupted while drawing the heat map (the last figure) leaves the
     previous run's four files as they were, and no temporaries or new folders; a rerun replaces them."""

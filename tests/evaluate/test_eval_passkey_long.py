@@ -15,7 +15,8 @@ def biggest_allocation(fn):
     return out, max(e.cpu_memory_usage for e in prof.events())
 
 
-@pytest.mark.parametrize("which,length", [("bsbr", 8192), pytest.param("bsbr", 32768, marks=pytest.mark.slow),
+@pytest.mark.parametrize("which,length", [pytest.param("bsbr", 8192, marks=pytest.mark.slow),
+                                          pytest.param("bsbr", 32768, marks=pytest.mark.slow),
                                           ("source", 8192)])
 def test_long_prompt_builds_no_length_squared_tensor(word_tokenizer, which, length):
     src = make_source("llama")

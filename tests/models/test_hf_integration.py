@@ -280,6 +280,7 @@ def test_generate_in_train_mode_with_activation_checkpointing_keeps_its_cache():
     assert torch.equal(got, expect)
 
 
+@pytest.mark.slow
 def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote_code(tmp_path):
     # the lm_eval command line and pipeline scripts never import bsbr: config.json's auto_map names the
     # bsbr_auto.py save_pretrained writes, which imports the installed package

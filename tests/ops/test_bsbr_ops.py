@@ -50,7 +50,8 @@ CASES = [
     (64, 64, 2, 2, 8, None, "additive", None, None),
     (65, 64, 2, 2, 8, None, "normalized", None, None),
     (1000, 64, 2, 1, 6, None, "additive", None, None),
-    (1000, 64, 4, 2, 6, 3, "normalized", 3, "per_head"),  # compressed features, blocks, grouped K/V
+    pytest.param(1000, 64, 4, 2, 6, 3, "normalized", 3, "per_head",  # compressed features, blocks, grouped K/V
+                 marks=pytest.mark.slow),
     (37, 8, 3, 1, 5, 2, "additive", 2, "scalar"),
     (37, 8, 6, 3, 10, 10, "normalized", None, "per_head"),
     (100, 1, 2, 2, 3, None, "normalized", 4, None),  # chunk size 1: every token is a chunk
@@ -370,7 +371,8 @@ BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_bloc
     (70, 8, 2, 2, 2, 10, 2, "normalized"),  # sinks fill chunk 0 and part of chunk 1
     (41, 4, 3, 1, 3, 2, 50, "additive"),  # more blocks than there are chunks
     (33, 1, 2, 1, 2, 1, 4, "normalized"),  # every token is a chunk
-    (300, 64, 2, 1, 1, 3, 2, "normalized"),  # four 16-token pieces per chunk, sinks in the first
+    pytest.param(300, 64, 2, 1, 1, 3, 2, "normalized",  # four 16-token pieces per chunk, sinks in the first
+                 marks=pytest.mark.slow),
     (70, 8, 2, 2, 2, 10, 9, "normalized"),  # K covers every earlier chunk (read densely); chunk 0 all sinks
 ]
 

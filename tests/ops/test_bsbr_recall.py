@@ -111,6 +111,7 @@ def test_streaming_continues_a_chunked_prefill():
         torch.testing.assert_close(torch.cat([o1, o2], 2), full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_streaming_state_is_constant_over_10k_steps():
     options = BSBROptions(4, recall_tokens=3, retrieval="normalized")
     steps, hq, hkv, d = 10_000, 2, 1, 4
