@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # name -> (help, module whose register(bench_sub) defines it)
 BENCH_COMMANDS = {
-    "attention": ("BSBR vs standard (and the earlier) attention: time and peak memory vs length", "bsbr.bench.attention"),
+    "attention": ("BSBR vs standard attention (and bsbr 0.1.1's, with --earlier-wheel): time and peak memory vs length", "bsbr.bench.attention"),
     "models": ("every attention in one LM shell: time, train time, memory vs length", "bsbr.bench.models"),
     "converted": ("a converted model vs its source: prefill and decode speed", "bsbr.bench.converted"),
     "quality": ("train each attention in one small LM shell; eval loss by position", "bsbr.bench.quality"),

@@ -2,8 +2,8 @@
 
 Forward (prefill) time and extra peak memory (``*_peak_mb``: MiB, as every bench reports it) at several
 lengths, keeping the last position's logits only, as ``generate``'s prefill does (``prefill_logits`` in the
-JSON's config; runs before it was recorded computed every position's), and greedy decode time per token (after
-an untimed first step) at several context lengths (source: its HF KV cache; BSBR: its BSBRCache of chunk states). Ratios
+JSON's config says which logits were kept), and greedy decode time per token (after
+an untimed first step) at several context lengths (source: its HF KV cache; BSBR: its BSBRCache). Ratios
 are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved repeats.
 """
 from __future__ import annotations

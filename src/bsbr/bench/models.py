@@ -8,7 +8,7 @@ dropout 0, forward under ``torch.no_grad``; the train step is the forward, a nex
 each length a model's first call measures its extra peak RSS and is its warm-up, then ``--repeats``
 interleaved rounds give the medians. A model stops growing when its next call is predicted (from its
 own slope, at least linear, quadratic until two points exist; a first length past
-:data:`~bsbr.bench.layers.CALIBRATION_LEN` from calls at that length) to pass ``--max-seconds`` or 70% of the
+:data:`~bsbr.bench.layers.CALIBRATION_LEN` from calls at half that length and at it: its own slope) to pass ``--max-seconds`` or 70% of the
 available memory. Train steps are capped the same way on their own and also stop once the model's
 measuring time passes ``--model-budget``, so a row may have a forward time but no train time; the
 reason is recorded in the row.
@@ -139,7 +139,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
     stopped: Dict[str, str] = {}
     rows: List[Dict[str, object]] = []
     # one untimed call each first (and a train step, when measured): the process's one-time allocations (thread
-    # pools, kernel set-up, autograd's) were charged to whichever model was measured first; at most
+    # pools, kernel set-up, autograd's) would be charged to whichever model is measured first; at most
     # CALIBRATION_LEN tokens, a length no prediction guards
     warm = torch.randint(0, VOCAB, (1, min([*seq_lens, CALIBRATION_LEN])), generator=torch.Generator().manual_seed(seed))
     for m in models:

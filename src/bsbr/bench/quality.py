@@ -204,7 +204,7 @@ def compare_to_window(results: Sequence[Dict[str, object]], block: int,
                       seq_len: Optional[int] = None) -> List[Dict[str, object]]:
     """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
     (negative difference: BSBR better; ``bsbr_better`` None where a loss is NaN). ``positions_from``: the
-    first position compared, the chunk size (for results written before ``loss_past`` was recorded: the
+    first position compared, the chunk size (for results without ``loss_past``: the
     first bucket starting at or after it). A pair whose chunk is at least ``seq_len`` is left out: both
     models are full attention there, with no position past the chunk to compare."""
     by = {r["model"]: r for r in results}

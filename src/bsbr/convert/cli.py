@@ -46,14 +46,16 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="features of the chunk states (default %(default)s; --retrieval normalized needs hedgehog)")
     p.add_argument("--gate-init", type=gate, default=D["gate_init"],
                    help="initial chunk-state gate; 0 = closed (the source's attention over the exact keys until "
-                        "trained), 'none' = no gate")
+                        "trained; default), 'none' = no gate")
     def compression(text: str):
         return None if text.lower() in ("none", "0") else integer()(text)
 
     p.add_argument("--compression-factor", type=compression, default=None, metavar="N",
                    help="shrink each chunk state's feature dim by this factor (default: none)")
     p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
-                   default=D["position_scheme"], help="learned positions past the source's table")
+                   default=D["position_scheme"],
+                   help="learned positions (GPT-2) past the source's table: wrap (default) restarts them at a multiple "
+                        "of the chunk size, clamp keeps the last one, absolute refuses longer inputs")
 
 
 def conversion_options(args) -> dict:
@@ -277,7 +279,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text with a converted model")
-    g.add_argument("model_dir")
+    g.add_argument("model_dir", help="a BSBR model directory (bsbr convert's or distill's output)")
     given = g.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="the text to continue; printed with its continuation")
     given.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this UTF-8 file (- : standard "

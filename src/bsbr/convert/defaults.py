@@ -20,9 +20,9 @@ DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init
 
 
 def resolve_options(options: dict) -> dict:
-    """The conversion options with every default filled in, given the options a user set (a key absent
-    or None for ``retrieval_blocks`` and ``far_positions``: their defaults depend on the others).
-    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0."""
+    """The conversion options with every default filled in, given the options a user set (None for
+    ``retrieval_blocks`` or ``far_positions`` takes the default, as an absent key does).
+    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0 (else 8)."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if "model_name_or_path" in unknown:  # the earlier converter's name for it
         raise TypeError("model_name_or_path is the earlier converter's argument: give the model as the first "

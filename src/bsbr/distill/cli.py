@@ -314,7 +314,7 @@ def register(sub) -> None:
     p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=2000,
                    help="at most this many training windows of --seq-len tokens (default %(default)s)")
     data = p.add_mutually_exclusive_group()
-    data.add_argument("--text-file", nargs="*", default=None, help="train on these text files")
+    data.add_argument("--text-file", nargs="*", default=None, metavar="F", help="train on these text files (at least one)")
     data.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
     p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="data order and initialisation (default 0)")
     p.add_argument("--checkpoint-every", type=integer(1, MAX_COUNT), default=25,

@@ -1,4 +1,4 @@
-"""Evaluation of converted models against their source and the chunk-local baseline: perplexity past
+"""Evaluation of converted models against their source, the chunk-local baseline and their exact window alone: perplexity past
 the first chunk, next-token agreement, KL, hidden-state similarity, and pass-key retrieval. The names
 load on first use (torch with them), so the command line's parser imports this package without torch."""
 from ..lazy import lazy_names

@@ -18,8 +18,8 @@ def has_wide_window(config: dict) -> bool:
 
 
 def local_baseline(reference, chunk_size: int, like=None, same_window: bool = False):
-    """The chunk-local baseline: ``reference`` converted with ``chunk_size`` and a closed retrieval
-    gate (``gate_init=0``), which makes BSBR exactly chunk-local softmax attention. The other
+    """The chunk-local baseline: ``reference`` converted with ``chunk_size``, a one-chunk window, no sinks,
+    no exact blocks and a closed gate (``gate_init=0``): exactly chunk-local softmax attention. The other
     conversion options are copied from ``like`` (the evaluated model's config) where it has them,
     so positions past the source's table are assigned the same way. ``same_window=True`` also
     copies ``like``'s exact window (``local_chunks``, ``sink_tokens``): the model's exact window alone

@@ -337,7 +337,7 @@ def register(sub) -> None:
                    help="tokens between window starts (default: seq-len); below seq-len windows overlap and a "
                         "token is scored once per window holding it")
     p.add_argument("--buckets", choices=["chunk", "doubling"], default="chunk",
-                   help="position buckets: one per chunk, or doubling ranges [B,2B),[2B,4B),...")
+                   help="position buckets: one per chunk (default), or doubling ranges [B,2B),[2B,4B),...")
     p.add_argument("--passkey-lengths", type=integer(), nargs="+", default=None, metavar="N",
                    help="pass-key prompt lengths in tokens, e.g. 16384 32768 (default 1024 2048 4096 8192)")
     p.add_argument("--passkey-depths", type=_depth, nargs="+", default=None, metavar="D",
@@ -361,7 +361,7 @@ def register(sub) -> None:
                    help="write the pass-key prompts (--passkey-* options, this model's tokenizer) as the offline "
                         "lm-eval task bsbr_passkey into DIR, print how to run it, and exit")
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key test")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="pass-key keys and default corpus order")
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="pass-key keys and default corpus order (default 0)")
     p.add_argument("--force", action="store_true",
                    help="use a --reference whose weights are not those the model was converted from")
     p.add_argument("--json", metavar="OUT", default=None, help="write all results here")

@@ -5,8 +5,8 @@ number probes compare (:func:`perplexity_past`).
 The models read the same windows of ``n`` tokens:
 
 * ``source`` -- the pretrained model with full causal attention (the upper bound);
-* ``local``  -- the source restricted to chunk-local attention (BSBR with its retrieval gate
-  closed: the lower bound, what a converted model gets for free);
+* ``local``  -- the source restricted to chunk-local attention (the source converted with a one-chunk
+  window, no sinks, no exact blocks and a closed gate: the lower bound);
 * ``bsbr``   -- the model under evaluation;
 * ``window`` -- (only for a model whose exact window is wider than its chunk: ``local_chunks > 1``
   or ``sink_tokens > 0``) the model's exact window alone: the source converted with the model's options

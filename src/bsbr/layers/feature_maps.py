@@ -1,8 +1,8 @@
 """Feature maps phi for the chunk states, and the optional state compression.
 
 The chunk-state term reads ``phi(q) . sum_j phi(k_j) v_j^T``. ``identity`` is the plain q/k (additive
-variant); ``elu`` (elu + 1, linear attention's classic map) and ``hedgehog`` are non-negative, as the
-normalized variant's shared denominator needs; ``hedgehog`` is trainable: phi(x) = [softmax(x W),
+variant); ``hedgehog`` is non-negative, as the normalized variant's shared denominator needs (``elu``,
+elu + 1, is :class:`~bsbr.layers.LinearAttention`'s map, not taken by BSBR); ``hedgehog`` is trainable: phi(x) = [softmax(x W),
 softmax(-x W)] per head with W initialised to the identity (Zhang et al., 2024).
 """
 from __future__ import annotations

@@ -196,7 +196,7 @@ class BSBRConfig(PretrainedConfig):
         self.use_cache = use_cache
         # declared, as the sources' configs declare them (code reads config.pad_token_id and tests for None)
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-        if kwargs.pop("window_scored_blocks", 0):  # written by development versions before it was retired
+        if kwargs.pop("window_scored_blocks", 0):  # a retired option some saved configs hold
             logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
                            "of the retrieval blocks): the model chooses all %s blocks by their own scores",
                            retrieval_blocks)

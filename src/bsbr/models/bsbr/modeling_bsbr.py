@@ -2,8 +2,9 @@
 PreTrainedModel -> base model -> ForCausalLM.
 
 One implementation hosts every supported family; the config says which positions, norm, MLP and
-biases to use. Generation keeps a :class:`BSBRCache` of per-layer streaming states (the current
-chunk's keys/values plus one state per completed chunk), never a KV cache of the whole context.
+biases to use. Generation keeps a :class:`BSBRCache` of per-layer streaming states (docs/design.md,
+section 8): with exact blocks every key and value, like a KV cache; with ``recall_tokens`` a cache of fixed
+size; chunk states only once the gate is open.
 """
 from __future__ import annotations
 

@@ -219,7 +219,7 @@ def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale
     holds = _keep(tok_valid, options).any(-1).view(b, 1, 1, 1, C)  # chunks with a token that is not a sink
     real = tok_valid.view(b, 1, 1, N, 1)
     # each query chunk's K best among the chunks before its window, chosen as soon as its scores exist, so
-    # that no (N, C) table is held (at 1M tokens that table alone was 150 GB); the scores carry no gradient
+    # that no (N, C) table is held (at 1M tokens that table alone would be 150 GB); the scores carry no gradient
     sel = torch.full((b, hkv, g, N, K), -1, dtype=torch.long, device=qr.device)  # -1: none
     k_b, kr_b = (_blocks(x.detach().contiguous(), B) for x in (k, kr))  # (b, hkv, C, B, d): the cache's layout
     S = options.sink_tokens

@@ -53,7 +53,7 @@ def gist_scale(total: torch.Tensor, picked: torch.Tensor, unread: torch.Tensor) 
     nothing). The share is floored at ``GIST_FLOOR``.
 
     Why: the unselected chunks' share grows with the context (about 94% at 32k against at most 43%
-    on 4k training windows), so without it a distilled model's gist grew heavier past its training
+    on 4k training windows), so without it a distilled model's gist would grow heavier past its training
     length (docs/findings.md)."""
     return torch.where(unread, 1.0 / (total - picked).clamp(min=GIST_FLOOR), torch.zeros_like(total))
 

@@ -28,7 +28,7 @@ def attention_lse(q, k, v, allowed: Optional[torch.Tensor], scale: float,
     if bias is None and allowed is not None:
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     if fused_attention(q, k, v):
-        # the kernel reads the last dim as contiguous whatever its stride (x[..., ::2] gave wrong outputs)
+        # the kernel reads the last dim as contiguous whatever its stride (a strided x[..., ::2] gives wrong outputs)
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         o, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return o, lse.to(o.dtype)
