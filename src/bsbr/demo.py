@@ -9,6 +9,7 @@ from pathlib import Path
 
 def cmd_demo(args) -> int:
     from .arguments import check_model_arg, check_unique
+    from .convert.cli import check_default_window
     from .outputs import check_output_dir, out_of_room, output_lock, staged_dir, write_errors, write_failure
 
     final = Path(args.output)
@@ -17,6 +18,7 @@ def cmd_demo(args) -> int:
 
         raise UserError(f"--seq-len must be at least --chunk-size + 2 = {args.chunk_size + 2:,} so that some token "
                         f"past the first chunk has a target, got {args.seq_len:,}")
+    check_default_window(args.chunk_size)
     check_unique("--speed-lens", args.speed_lens)
     check_unique("--decode-contexts", args.decode_contexts)
     check_model_arg(args.source, "--source")

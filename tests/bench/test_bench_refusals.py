@@ -395,6 +395,14 @@ def test_bench_quality_merge_refuses_a_result_without_models(tmp_path, capsys, n
     assert f"--merge {empty} holds no model results" in line and not out.exists() and not png.exists()
 
 
+def test_bench_converted_takes_gate_init_as_convert_does(monkeypatch):
+    # the same type as `bsbr convert --gate-init`: 'none' (no gate) was refused as "invalid number"
+    seen = []
+    monkeypatch.setattr(bench_converted, "cmd", lambda args: seen.append(args.gate_init) or 0)
+    assert main(_argv("converted", "--gate-init", "none")) == 0 and main(_argv("converted")) == 0
+    assert seen == [None, 0.0]
+
+
 def test_bench_converted_refuses_a_chunk_size_past_the_window_cap_before_loading(capsys, nothing_runs):
     line = _refused(_argv("converted", "--chunk-size", "524289"), capsys, "bench converted")
     assert "--chunk-size 524,289 must be at most 524,288" in line and "local_chunks" not in line

@@ -138,8 +138,11 @@ def test_a_compression_factor_the_source_heads_do_not_fit_is_refused_before_load
     source, _, _ = models  # head_dim 8: hedgehog features 16
     monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
     line = refused(capsys, ["convert", source, tmp_path / "out", "--compression-factor", "5"], "convert", source)
-    assert "cannot be converted: compression_factor (5) must divide" in line
+    assert "cannot be converted: --compression-factor (5) must divide" in line
     assert "feature dim (16: head_dim 8" in line
+    # 0 is no factor, as the config and the layer say (it was read as 'none' here alone)
+    line = refused(capsys, ["convert", source, tmp_path / "out", "--compression-factor", "0"], "convert")
+    assert "argument --compression-factor: must be an integer from 1" in line, line
     assert not (tmp_path / "out").exists()
     from model_sources import make_source
 
@@ -259,6 +262,10 @@ def test_demo_checks_its_sizes_before_the_work(tmp_path, capsys, monkeypatch):
     for flag in ("--speed-lens", "--decode-contexts"):  # one length twice was measured twice (bench refuses it)
         line = refused(capsys, ["demo", "--output", tmp_path / "d", flag, "16", "16"], "demo")
         assert flag in line and "twice" in line, line
+    # a chunk whose default window passes the token cap, named by the demo's own flag (it has no --local-chunks)
+    line = refused(capsys, ["demo", "--output", tmp_path / "d", "--chunk-size", "524289", "--seq-len", "600000"],
+                   "demo")
+    assert "--chunk-size 524,289 must be at most 524,288" in line and "local" not in line, line
     assert not (tmp_path / "d").exists()
 
 

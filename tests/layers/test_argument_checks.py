@@ -20,17 +20,17 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.mark.parametrize("gate", [NAN, INF, -INF, 1e39, 10**400])
 def test_a_non_finite_gate_is_refused(gate):
-    with pytest.raises(ValueError, match="gate must be None or a finite number"):
-        BSBRAttention(16, 2, 4, gate=gate)
+    with pytest.raises(ValueError, match="gate_init must be None or a finite number"):
+        BSBRAttention(16, 2, 4, gate_init=gate)
 
 
 def test_good_gates_still_pass_and_a_non_number_is_still_a_type_error():
     for gate in (None, 0, 0.0, 0.5, -1.0, 2):
-        a = BSBRAttention(16, 2, 4, dropout=0.0, gate=gate)
+        a = BSBRAttention(16, 2, 4, dropout=0.0, gate_init=gate)
         assert not a(torch.randn(1, 9, 16)).isnan().any()
     for gate in ("open", True):
-        with pytest.raises(TypeError, match="gate"):
-            BSBRAttention(16, 2, 4, gate=gate)
+        with pytest.raises(TypeError, match="gate_init"):
+            BSBRAttention(16, 2, 4, gate_init=gate)
 
 
 @pytest.mark.parametrize("theta", [-1.0, 0, 0.0, True, None, NAN, INF, "10000", 1e39])
@@ -201,7 +201,7 @@ def test_the_layer_runs_on_the_meta_device_and_checks_output_state():
     # (autocast has no meta device: the layer failed there with "unknown device type for autocast")
     attn = BSBRAttention(16, 2, 4, dropout=0.0).to("meta")
     assert attn(torch.empty(1, 9, 16, device="meta")).shape == (1, 9, 16)
-    for kw in (dict(gate=0.5, retrieval="normalized", local_chunks=2), dict(recall_tokens=3, sink_tokens=2)):
+    for kw in (dict(gate_init=0.5, retrieval="normalized", local_chunks=2), dict(recall_tokens=3, sink_tokens=2)):
         with torch.no_grad():  # (an open gate's check read the gate's value: "item() ... on meta tensors")
             assert BSBRAttention(16, 2, 4, **kw).to("meta")(torch.empty(1, 9, 16, device="meta")).shape == (1, 9, 16)
     from bsbr import BSBRModel

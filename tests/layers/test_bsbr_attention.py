@@ -6,12 +6,12 @@ from bsbr.layers import RotaryEmbedding, StandardAttention
 
 VARIANTS = [
     dict(),  # the plain pattern: own chunk + every earlier chunk's state, additive
-    dict(retrieval="normalized", feature_map="hedgehog", gate=0.5, num_kv_heads=2),
+    dict(retrieval="normalized", feature_map="hedgehog", gate_init=0.5, num_kv_heads=2),
     dict(retrieval="normalized", compression_factor=2, retrieval_blocks=2),
-    dict(retrieval="additive", compression_factor=3, gate=1.0, num_kv_heads=1),
-    dict(retrieval="normalized", gate=0.5, num_kv_heads=2, local_chunks=2, sink_tokens=3, retrieval_blocks=1),
-    dict(retrieval="normalized", gate=0.5, num_kv_heads=2, local_chunks=2, sink_tokens=2, recall_tokens=5),
-    dict(retrieval="additive", gate=0.3, recall_tokens=3),
+    dict(retrieval="additive", compression_factor=3, gate_init=1.0, num_kv_heads=1),
+    dict(retrieval="normalized", gate_init=0.5, num_kv_heads=2, local_chunks=2, sink_tokens=3, retrieval_blocks=1),
+    dict(retrieval="normalized", gate_init=0.5, num_kv_heads=2, local_chunks=2, sink_tokens=2, recall_tokens=5),
+    dict(retrieval="additive", gate_init=0.3, recall_tokens=3),
 ]
 
 
@@ -68,7 +68,7 @@ def test_one_chunk_equals_standard_attention_with_same_projections():
 
 
 def test_closed_gate_is_chunk_local_attention_and_can_open():
-    a = layer(retrieval="normalized", gate=0.0)
+    a = layer(retrieval="normalized", gate_init=0.0)
     x = torch.randn(1, 24, 24, dtype=torch.float64)
     out = a(x)
     # chunk-local attention: each chunk alone
@@ -81,9 +81,9 @@ def test_closed_gate_is_chunk_local_attention_and_can_open():
 @pytest.mark.parametrize("gate", [0.0, 0.5])
 def test_a_layer_built_under_inference_mode_runs(gate):
     x = torch.randn(1, 20, 24, dtype=torch.float64)
-    expect = layer(retrieval="normalized", gate=gate, retrieval_blocks=1, local_chunks=2)(x).detach()
+    expect = layer(retrieval="normalized", gate_init=gate, retrieval_blocks=1, local_chunks=2)(x).detach()
     with torch.inference_mode():  # its parameters are inference tensors, which keep no version counter
-        a = layer(retrieval="normalized", gate=gate, retrieval_blocks=1, local_chunks=2)
+        a = layer(retrieval="normalized", gate_init=gate, retrieval_blocks=1, local_chunks=2)
         torch.testing.assert_close(a(x), expect, rtol=1e-12, atol=1e-12)
         out, state = a.step(x[:, 12:], a(x[:, :12], output_state=True)[1])
         torch.testing.assert_close(out, expect[:, 12:], rtol=1e-10, atol=1e-10)
@@ -91,7 +91,7 @@ def test_a_layer_built_under_inference_mode_runs(gate):
 
 def test_a_gate_written_through_data_is_seen_at_the_next_call():
     # EMA and weight-averaging code writes parameters through .data, which bumps no version counter
-    a = layer(retrieval="normalized", gate=0.0, retrieval_blocks=1, local_chunks=2)
+    a = layer(retrieval="normalized", gate_init=0.0, retrieval_blocks=1, local_chunks=2)
     x = torch.randn(1, 40, 24, dtype=torch.float64)
     with torch.no_grad():
         closed = a(x)
@@ -100,7 +100,7 @@ def test_a_gate_written_through_data_is_seen_at_the_next_call():
         a.retrieval_gate.data = torch.zeros_like(a.retrieval_gate)
         torch.testing.assert_close(a(x), closed, rtol=0, atol=0)
     assert not torch.allclose(opened, closed)
-    expect = layer(retrieval="normalized", gate=0.5, retrieval_blocks=1, local_chunks=2)
+    expect = layer(retrieval="normalized", gate_init=0.5, retrieval_blocks=1, local_chunks=2)
     expect.load_state_dict({**a.state_dict(), "retrieval_gate": torch.full_like(a.retrieval_gate, 0.5)})
     with torch.no_grad():
         torch.testing.assert_close(opened, expect(x), rtol=1e-12, atol=1e-12)
@@ -111,7 +111,7 @@ def test_closed_gate_skips_the_states_without_changing_the_output(kw):
     # without gradients a closed gate is passed to the op as 0: no chunk state is read or kept (feature
     # size 0), except by the recall mode, which chooses its cache with them; with gradients it goes as a
     # tensor and the states are read; both must give the same output (and recall state)
-    a = layer(retrieval="normalized", gate=0.0, num_kv_heads=2, **kw)
+    a = layer(retrieval="normalized", gate_init=0.0, num_kv_heads=2, **kw)
     x = torch.randn(2, 45, 24, dtype=torch.float64)
     with torch.no_grad():
         fast = a(x, output_state=True)
@@ -143,7 +143,7 @@ def test_the_bounded_mode_runs_its_op_in_float32_under_half_precision(recall, mo
     # its cache is chosen by recall error, an order bfloat16 rounding scrambles; the exact modes stay in bf16
     import bsbr.layers.bsbr_attention as module
 
-    kw = dict(retrieval="normalized", gate=0.5, local_chunks=2, sink_tokens=2, recall_tokens=recall)
+    kw = dict(retrieval="normalized", gate_init=0.5, local_chunks=2, sink_tokens=2, recall_tokens=recall)
     a = layer(**kw)
     half = BSBRAttention(24, 4, 8, dropout=0.0, **kw).to(torch.bfloat16).eval()
     half.load_state_dict({k: v.to(torch.bfloat16) for k, v in a.state_dict().items()})
@@ -197,7 +197,7 @@ def test_bsbr_layer_gradients_flow():
         (dict(feature_map="relu"), ValueError),
         (dict(feature_map="elu"), ValueError),  # linear attention's map; measured worse for BSBR
         (dict(dropout=1.5), ValueError),
-        (dict(gate="open"), TypeError),
+        (dict(gate_init="open"), TypeError),
         (dict(local_chunks=0), ValueError),
         (dict(sink_tokens=-1), ValueError),
         (dict(sink_tokens=1.5), ValueError),

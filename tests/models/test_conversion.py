@@ -323,6 +323,14 @@ def test_convert_flags_follow_the_options_object():
     opts = conversion_options(p.parse_args([]))
     assert opts.pop("chunk_size") == DEFAULT_CHUNK_SIZE and opts.pop("compression_factor") is None
     assert opts == DEFAULT_OPTIONS
+    # the choices (written out so that `bsbr --help` imports neither torch nor transformers) are the library's
+    from bsbr.layers.feature_maps import BSBR_FEATURE_MAPS
+    from bsbr.models.bsbr.configuration_bsbr import FAR_POSITIONS, POSITION_SCHEMES
+    from bsbr.ops.bsbr.options import VARIANTS
+
+    choices = {a.dest: set(a.choices) for a in p._actions if a.choices}
+    assert choices == {"far_positions": set(FAR_POSITIONS), "retrieval": set(VARIANTS),
+                       "feature_map": set(BSBR_FEATURE_MAPS), "position_scheme": set(POSITION_SCHEMES)}
 
 
 def test_what_a_conversion_cannot_keep_is_logged(caplog):

@@ -16,9 +16,10 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..arguments import check_model_arg, check_positions, load_model_arg
+from ..convert.cli import check_default_window, gate_value
 from ..convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
 from ..errors import UserError
-from ..numbers import MAX_REPEATS, MAX_TOKENS, finite_number, integer
+from ..numbers import MAX_REPEATS, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
                      set_threads, write_outputs)
 from .memory import measure_peak
@@ -151,10 +152,7 @@ def cmd(args) -> int:
         raise UserError("--decode-steps applies to --decode-contexts, given none: give --decode-contexts N ..., "
                         "or drop --decode-steps")
     decode_steps = args.decode_steps or 8
-    window_chunks = DEFAULT_OPTIONS["local_chunks"]  # the conversion's window: that many chunks, at most MAX_TOKENS
-    if args.chunk_size * window_chunks > MAX_TOKENS:
-        raise UserError(f"--chunk-size {args.chunk_size:,} must be at most {MAX_TOKENS // window_chunks:,} (the "
-                        f"conversion's window is {window_chunks} chunks of at most {MAX_TOKENS:,} tokens in all)")
+    check_default_window(args.chunk_size)
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
     check_model_arg(args.source, "SOURCE")
@@ -184,9 +182,9 @@ def register(bench_sub) -> None:
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
     p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE,
                    help="tokens per chunk (default: bsbr convert's, %(default)s)")
-    p.add_argument("--gate-init", type=finite_number(float32=True), default=0.0,
+    p.add_argument("--gate-init", type=gate_value, default=DEFAULT_OPTIONS["gate_init"],
                    help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
-                        "or kept), > 0 as after distillation opened it (they are read; default %(default)s)")
+                        "or kept; default), > 0 as after distillation opened it (they are read), 'none' = no gate")
     p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384],
                    help="prefill lengths (default 1024 4096 16384)")
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768],

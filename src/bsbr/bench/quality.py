@@ -49,9 +49,9 @@ def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
         "bsbr_blocks2": ("bsbr", {"chunk_size": block, "retrieval_blocks": 2}),
         "bsbr_compressed4": ("bsbr", {"chunk_size": block, "compression_factor": 4}),
         # retrieval gate per head starting closed: the model starts as chunk-local attention
-        "bsbr_gated": ("bsbr", {"chunk_size": block, "gate": 0.0}),
+        "bsbr_gated": ("bsbr", {"chunk_size": block, "gate_init": 0.0}),
         "bsbr_normalized_gated": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog",
-                                           "gate": 0.0}),
+                                           "gate_init": 0.0}),
         "linear": ("linear", {"chunk_size": block}),
         "deltanet": ("deltanet", {"chunk_size": block}),
         "hopfield": ("hopfield", {"num_steps": 2}),

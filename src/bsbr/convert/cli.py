@@ -12,12 +12,26 @@ from ..numbers import MAX_RECALL_TOKENS, MAX_TOKENS, finite_number, integer
 logger = logging.getLogger(__name__)
 
 
+def gate_value(text: str):
+    """``--gate-init``'s type, in every command that takes it: a float32-finite number, or ``none`` (no gate)."""
+    return None if text.lower() == "none" else finite_number(float32=True)(text)
+
+
+def check_default_window(chunk_size: int) -> None:
+    """For commands that convert with the default window and have no ``--local-chunks`` (``demo``, ``bench
+    converted``): refuse, before loading, a ``--chunk-size`` whose window would pass ``MAX_TOKENS``."""
+    from ..errors import UserError
+    from .defaults import DEFAULT_OPTIONS
+
+    chunks = DEFAULT_OPTIONS["local_chunks"]
+    if chunk_size * chunks > MAX_TOKENS:
+        raise UserError(f"--chunk-size {chunk_size:,} must be at most {MAX_TOKENS // chunks:,} (the conversion's "
+                        f"window is {chunks} chunks of at most {MAX_TOKENS:,} tokens in all)")
+
+
 def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     """The conversion options, shared by every command that converts; defaults from the converter."""
     from .defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS as D
-
-    def gate(text: str):
-        return None if text.lower() == "none" else finite_number(float32=True)(text)
 
     p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE, help="tokens per chunk (default %(default)s)")
     p.add_argument("--local-chunks", type=integer(), default=D["local_chunks"],
@@ -44,14 +58,15 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
     p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"],
                    help="features of the chunk states (default %(default)s; --retrieval normalized needs hedgehog)")
-    p.add_argument("--gate-init", type=gate, default=D["gate_init"],
+    p.add_argument("--gate-init", type=gate_value, default=D["gate_init"],
                    help="initial chunk-state gate; 0 = closed (the source's attention over the exact keys until "
                         "trained; default), 'none' = no gate")
     def compression(text: str):
-        return None if text.lower() in ("none", "0") else integer()(text)
+        return None if text.lower() == "none" else integer()(text)
 
     p.add_argument("--compression-factor", type=compression, default=None, metavar="N",
-                   help="shrink each chunk state's feature dim by this factor (default: none)")
+                   help="shrink each chunk state's feature dim by this factor, which must divide it (default: "
+                        "none, as 'none' gives)")
     p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
                    default=D["position_scheme"],
                    help="learned positions (GPT-2) past the source's table: wrap (default) restarts them at a multiple "
@@ -84,6 +99,7 @@ def _check_source_config(source, path: Path, options: dict) -> None:
     divide its head size, an unsupported GPT-2 flag), from its config.json alone, before its weights load."""
     from transformers import AutoConfig
 
+    from ..arguments import as_flags
     from ..errors import UserError
     from .converter import TransformerToBSBRConverter
 
@@ -94,7 +110,7 @@ def _check_source_config(source, path: Path, options: dict) -> None:
     try:
         return TransformerToBSBRConverter(**options).bsbr_config(config).position_type
     except ValueError as e:
-        raise UserError(f"SOURCE {source} cannot be converted: {e}") from e
+        raise UserError(f"SOURCE {source} cannot be converted: {as_flags(str(e), options)}") from e
 
 
 def _check_position_options(args, source, position_type: str) -> None:

@@ -56,8 +56,10 @@ class BSBRAttention(MultiHeadBase):
 
     A bare ``BSBRAttention(hidden_dim, num_heads, chunk_size)`` builds the plain BSBR pattern: each
     token attends exactly to its own chunk and reads every earlier chunk through its state
-    (``retrieval="additive"``: ``softmax part + q.S``), no sinks, no exact blocks. The arguments are bsbr
-    0.1.1's, but that layer was not causal (README, "Coming from bsbr 0.1.1").
+    (``retrieval="additive"``: ``softmax part + q.S``), no sinks, no exact blocks: the form for models
+    trained from scratch. The arguments are bsbr 0.1.1's, but that layer was not causal (README, "Coming
+    from bsbr 0.1.1"). ``bsbr convert`` builds, for pretrained models, ``local_chunks=2, sink_tokens=4,
+    retrieval_blocks=8, retrieval="normalized", gate_init=0.0`` (README, "Retrieval forms").
 
     Args:
         hidden_dim, num_heads, chunk_size, dropout, compression_factor: ``compression_factor`` shrinks
@@ -67,8 +69,9 @@ class BSBRAttention(MultiHeadBase):
         bias / out_bias: biases of the q/k/v and output projections.
         retrieval: ``"additive"`` or ``"normalized"`` (one denominator; needs a non-negative feature map).
         feature_map: ``"identity"`` or ``"hedgehog"``; default identity for additive, hedgehog for normalized.
-        gate: None (no gate) or the initial value of a per-head gate on the chunk-state term. A gate
-            starting at 0 makes the layer exactly softmax attention over its exact keys until trained.
+        gate_init: None (no gate) or the initial value of a per-head gate on the chunk-state term
+            (``retrieval_gate``). A gate starting at 0 makes the layer exactly softmax attention over its
+            exact keys until trained.
         local_chunks, sink_tokens, retrieval_blocks: the exact keys, see :class:`bsbr.ops.BSBROptions`.
         recall_tokens: the bounded recall mode (0: off; exclusive with ``retrieval_blocks``): a cache of
             at most this many exact tokens per K/V head, the rest of the past in one state, so the
@@ -87,7 +90,7 @@ class BSBRAttention(MultiHeadBase):
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1,
                  compression_factor: Optional[int] = None, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
-                 retrieval: str = "additive", feature_map: Optional[str] = None, gate: Optional[float] = None,
+                 retrieval: str = "additive", feature_map: Optional[str] = None, gate_init: Optional[float] = None,
                  local_chunks: int = 1, sink_tokens: int = 0, retrieval_blocks: int = 0, recall_tokens: int = 0,
                  own_position_chunks: int = 0):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias, num_kv_heads)
@@ -101,9 +104,9 @@ class BSBRAttention(MultiHeadBase):
             raise ValueError(f"feature_map must be None or one of {BSBR_FEATURE_MAPS}, got {feature_map!r}")
         if retrieval == "normalized" and feature_map == "identity":
             raise ValueError("retrieval normalized needs the non-negative feature_map hedgehog: give feature_map hedgehog, or retrieval additive")
-        if gate is not None and not is_number(gate):
-            raise TypeError(f"gate must be None or a float (its initial value), got {type(gate).__name__}")
-        check_number("gate", gate, none=True)  # the config's gate_init rule: finite in float32 (no nan/inf)
+        if gate_init is not None and not is_number(gate_init):
+            raise TypeError(f"gate_init must be None or a float, got {type(gate_init).__name__}")
+        check_number("gate_init", gate_init, none=True)  # the config's rule: finite in float32 (no nan/inf)
         self.compression_factor = compression_factor
         # the chunk states' meta maps (the recall mode reads no per-chunk states, so has none)
         self.meta_r_proj = None if recall_tokens else HeadwiseLinear(num_heads, head_dim, head_dim)
@@ -112,7 +115,7 @@ class BSBRAttention(MultiHeadBase):
         self.feature_k = FeatureMap(feature_map, num_kv_heads, head_dim)
         self.compress = (None if compression_factor is None
                          else StateCompression(self.feature_q.out_dim, compression_factor, self.feature_q.nonnegative))
-        self.retrieval_gate = None if gate is None else nn.Parameter(torch.full((num_heads,), float(gate)))
+        self.retrieval_gate = None if gate_init is None else nn.Parameter(torch.full((num_heads,), float(gate_init)))
 
     # the options, readable as attributes
     chunk_size = property(lambda self: self.options.chunk_size)

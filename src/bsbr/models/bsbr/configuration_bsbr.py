@@ -214,7 +214,7 @@ class BSBRConfig(PretrainedConfig):
         return dict(
             num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, bias=self.attention_bias,
             out_bias=self.attention_out_bias, retrieval=self.retrieval, feature_map=self.feature_map,
-            gate=self.gate_init, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
+            gate_init=self.gate_init, local_chunks=self.local_chunks, sink_tokens=self.sink_tokens,
             retrieval_blocks=self.retrieval_blocks, recall_tokens=self.recall_tokens,
             own_position_chunks=self.own_position_chunks(),
         )

@@ -172,7 +172,7 @@ def built_with(config) -> dict:
     options its layers keep and the position rules its forward reads with them (``position_scheme``,
     read at every forward, and ``gate_init``, an initial value, may change)."""
     kwargs = config.attention_kwargs()
-    kwargs.pop("gate")
+    kwargs.pop("gate_init")
     return dict(kwargs, chunk_size=config.chunk_size, far_positions=config.far_positions,
                 max_position_embeddings=config.max_position_embeddings, position_type=config.position_type,
                 rope_parameters=config.rope_parameters)
