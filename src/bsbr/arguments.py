@@ -291,6 +291,8 @@ def check_bsbr_dir(path, option: str) -> Path:
         from .models.bsbr.configuration_bsbr import BSBRConfig
 
         defaults = {k: p.default for k, p in inspect.signature(BSBRConfig.__init__).parameters.items()}
+        if defaults["retrieval_blocks"] is None:  # (the config's rule for it)
+            defaults["retrieval_blocks"] = 0 if values.get("recall_tokens") else 8
         for key in (k for k in RECORDED_OPTIONS if k in recorded):
             value = values.get(key, defaults.get(key))
             if value != recorded[key]:

@@ -329,6 +329,14 @@ def test_convert_flags_follow_the_options_object():
     from bsbr.ops.bsbr.options import VARIANTS
 
     choices = {a.dest: set(a.choices) for a in p._actions if a.choices}
+    # and a bare BSBRConfig has the same attention options (one set of defaults)
+    from bsbr.models import BSBRConfig
+
+    bare = BSBRConfig().to_dict()
+    assert {k: bare[k] for k in DEFAULT_OPTIONS} == DEFAULT_OPTIONS and bare["chunk_size"] == DEFAULT_CHUNK_SIZE
+    from bsbr.convert.defaults import resolve_options
+
+    assert BSBRConfig(recall_tokens=4).retrieval_blocks == resolve_options({"recall_tokens": 4})["retrieval_blocks"] == 0
     assert choices == {"far_positions": set(FAR_POSITIONS), "retrieval": set(VARIANTS),
                        "feature_map": set(BSBR_FEATURE_MAPS), "position_scheme": set(POSITION_SCHEMES)}
 

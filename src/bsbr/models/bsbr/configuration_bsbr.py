@@ -70,7 +70,8 @@ class BSBRConfig(PretrainedConfig):
     arguments) and the BSBR attention options (from ``chunk_size`` on; their meaning:
     :class:`bsbr.ops.BSBROptions` and ``bsbr convert --help``). ``far_positions``: where retrieved keys
     and sinks outside the window are read (``FAR_POSITIONS`` above). A bare config has GPT-2-small's
-    shape; converters fill in the source's and the conversion defaults (``bsbr.convert.defaults``)."""
+    shape and ``bsbr convert``'s attention options (``bsbr.convert.defaults``; ``retrieval_blocks=None``
+    is 8, or 0 with ``recall_tokens``); converters fill in the source's architecture."""
 
     model_type = "bsbr"
 
@@ -106,11 +107,11 @@ class BSBRConfig(PretrainedConfig):
         retrieval: str = "normalized",
         feature_map: str = "hedgehog",
         gate_init: Optional[float] = 0.0,
-        local_chunks: int = 1,
-        sink_tokens: int = 0,
-        retrieval_blocks: int = 0,
+        local_chunks: int = 2,
+        sink_tokens: int = 4,
+        retrieval_blocks: Optional[int] = None,
         recall_tokens: int = 0,
-        far_positions: str = "absolute",
+        far_positions: str = "window",
         initializer_range: float = 0.02,
         source_model_type: Optional[str] = None,
         tie_word_embeddings: bool = True,
@@ -128,6 +129,8 @@ class BSBRConfig(PretrainedConfig):
         for name, value in (("num_key_value_heads", num_key_value_heads), ("head_dim", head_dim)):  # None allowed
             if value is not None:
                 check_int(name, value)
+        if retrieval_blocks is None:  # (convert's rule: the bounded mode replaces the exact blocks)
+            retrieval_blocks = 0 if recall_tokens else 8
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, retrieval=retrieval,
                            feature_map=feature_map, gate_init=gate_init, local_chunks=local_chunks,
                            sink_tokens=sink_tokens, retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
