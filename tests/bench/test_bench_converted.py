@@ -118,11 +118,13 @@ def test_bench_converted_json_records_its_config(tmp_path):
     source.save_pretrained(tmp_path / "src")
     out = tmp_path / "r.json"
     assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
-                 "--decode-contexts", "24", "--decode-steps", "2", "--json", str(out)]) == 0
+                 "--decode-contexts", "24", "1", "--decode-steps", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["benchmark"] == "converted" and res["machine"]["torch_threads"] >= 1
     assert {k: res["config"][k] for k in ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size")} == \
-        dict(seq_lens=[16], decode_contexts=[24], decode_steps=2, repeats=1, chunk_size=8)
+        dict(seq_lens=[16], decode_contexts=[24, 1], decode_steps=2, repeats=1, chunk_size=8)
+    # each decode row says whether its first step was an untimed warm-up (a one-token context has no token to spare)
+    assert [(r["context"], r["warmup_steps"]) for r in res["decode"]] == [(24, 1), (1, 0)]
 
 
 def test_gpt2_small_random_has_positions_for_every_decode_step(monkeypatch, capsys):
