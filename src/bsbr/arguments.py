@@ -288,13 +288,13 @@ def check_bsbr_dir(path, option: str) -> Path:
     if any(key in recorded for key in RECORDED_OPTIONS):  # config.json edited (or a key lost) since the conversion
         import inspect
 
-        from .models.bsbr.configuration_bsbr import BSBRConfig
+        from .models.bsbr.configuration_bsbr import BSBRConfig, default_retrieval_blocks
 
         defaults = {k: p.default for k, p in inspect.signature(BSBRConfig.__init__).parameters.items()}
-        if defaults["retrieval_blocks"] is None:  # (the config's rule for it)
-            defaults["retrieval_blocks"] = 0 if values.get("recall_tokens") else 8
         for key in (k for k in RECORDED_OPTIONS if k in recorded):
             value = values.get(key, defaults.get(key))
+            if key == "retrieval_blocks" and value is None:  # (absent or null: the config's rule for it)
+                value = default_retrieval_blocks(values.get("recall_tokens"))
             if value != recorded[key]:
                 logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model runs with %r", option, path,
                                key, value, "" if key in values else " (its default: config.json has none)", METADATA,

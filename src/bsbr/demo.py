@@ -13,12 +13,12 @@ def cmd_demo(args) -> int:
     from .outputs import check_output_dir, out_of_room, output_lock, staged_dir, write_errors, write_failure
 
     final = Path(args.output)
+    check_default_window(args.chunk_size)
     if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
         from .errors import UserError
 
         raise UserError(f"--seq-len must be at least --chunk-size + 2 = {args.chunk_size + 2:,} so that some token "
                         f"past the first chunk has a target, got {args.seq_len:,}")
-    check_default_window(args.chunk_size)
     check_unique("--speed-lens", args.speed_lens)
     check_unique("--decode-contexts", args.decode_contexts)
     check_model_arg(args.source, "--source")

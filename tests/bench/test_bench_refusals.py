@@ -196,6 +196,10 @@ def test_bench_quality_merge_keeps_each_runs_machine(tmp_path):
     out = tmp_path / "m.json"
     assert main(["bench", "quality", "--merge", a, b, "--json", str(out)]) == 0
     assert json.loads(out.read_text())["machine"] == [{"cpu": "one"}, {"cpu": "two"}]
+    old = tmp_path / "old.json"  # a result written before the machine was recorded: unknown, not the other's
+    old.write_text(json.dumps({k: v for k, v in json.loads(open(a).read()).items() if k != "machine"}))
+    assert main(["bench", "quality", "--merge", str(old), b, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["machine"] == [None, {"cpu": "two"}]
 
 
 @pytest.mark.parametrize("command, flag, values", [

@@ -263,8 +263,7 @@ def test_demo_checks_its_sizes_before_the_work(tmp_path, capsys, monkeypatch):
         line = refused(capsys, ["demo", "--output", tmp_path / "d", flag, "16", "16"], "demo")
         assert flag in line and "twice" in line, line
     # a chunk whose default window passes the token cap, named by the demo's own flag (it has no --local-chunks)
-    line = refused(capsys, ["demo", "--output", tmp_path / "d", "--chunk-size", "524289", "--seq-len", "600000"],
-                   "demo")
+    line = refused(capsys, ["demo", "--output", tmp_path / "d", "--chunk-size", "524289"], "demo")  # (before --seq-len's)
     assert "--chunk-size 524,289 must be at most 524,288" in line and "local" not in line, line
     assert not (tmp_path / "d").exists()
 
@@ -877,7 +876,7 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
     model = shutil.copytree(converted, tmp_path / "m")
     cfg = json.loads((model / "config.json").read_text())
     cfg.pop("chunk_size")
-    cfg.pop("retrieval_blocks")  # the config's default, 8, is what the conversion recorded: nothing to say
+    cfg["retrieval_blocks"] = None  # null (as absent): the config's default, 8, is what the conversion recorded
     cfg["sink_tokens"] = 3
     (model / "config.json").write_text(json.dumps(cfg))
     with caplog.at_level("WARNING", logger="bsbr.arguments"):

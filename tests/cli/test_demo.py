@@ -9,7 +9,6 @@ from cli_checks import one_error_line, refused, tree_hash
 from bsbr.cli import main
 
 
-@pytest.mark.slow
 def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     source, _, _ = models
     out = tmp_path / "demo"

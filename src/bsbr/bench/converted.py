@@ -3,7 +3,7 @@
 Forward (prefill) time and extra peak memory (``*_peak_mb``: MiB, as every bench reports it) at several
 lengths, keeping the last position's logits only, as ``generate``'s prefill does (``prefill_logits`` in the
 JSON's config says which logits were kept), and greedy decode time per token (after
-an untimed first step) at several context lengths (source: its HF KV cache; BSBR: its BSBRCache). Ratios
+an untimed first step where the context has a token to spare) at several context lengths (source: its HF KV cache; BSBR: its BSBRCache). Ratios
 are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved repeats.
 """
 from __future__ import annotations

@@ -327,8 +327,8 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
             where[r["model"]] = path
     results = [r for part in parts for r in part["results"]]
     config = dict(parts[0]["config"], models=[r["model"] for r in results], merged_from=list(paths))
-    machines = [m for m in (part.get("machine") for part in parts) if m is not None]
-    machine = machines[0] if machines and all(m == machines[0] for m in machines) else machines or None
+    machines = [part.get("machine") for part in parts]  # one per part, in --merge's order; None: not recorded
+    machine = machines[0] if all(m == machines[0] for m in machines) else machines
     return {"benchmark": "quality", "config": config, "machine": machine, "results": results,
             "comparison": compare_to_window(results, config["block"], config.get("seq_len"))}
 

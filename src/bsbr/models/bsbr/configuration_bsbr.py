@@ -35,6 +35,12 @@ def _choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def default_retrieval_blocks(recall_tokens) -> int:
+    """``retrieval_blocks`` when none is given: 8, or 0 with ``recall_tokens`` (the bounded mode replaces the
+    exact blocks); ``bsbr.convert.defaults.resolve_options`` applies the same rule (a test holds them equal)."""
+    return 0 if recall_tokens else 8
+
+
 def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map, gate_init, local_chunks,
                        sink_tokens, retrieval_blocks, recall_tokens, far_positions, position_scheme) -> None:
     """The checks :class:`BSBRConfig` makes of its BSBR attention options (no architecture needed): the
@@ -129,8 +135,8 @@ class BSBRConfig(PretrainedConfig):
         for name, value in (("num_key_value_heads", num_key_value_heads), ("head_dim", head_dim)):  # None allowed
             if value is not None:
                 check_int(name, value)
-        if retrieval_blocks is None:  # (convert's rule: the bounded mode replaces the exact blocks)
-            retrieval_blocks = 0 if recall_tokens else 8
+        if retrieval_blocks is None:
+            retrieval_blocks = default_retrieval_blocks(recall_tokens)
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, retrieval=retrieval,
                            feature_map=feature_map, gate_init=gate_init, local_chunks=local_chunks,
                            sink_tokens=sink_tokens, retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,

@@ -3,8 +3,8 @@ PreTrainedModel -> base model -> ForCausalLM.
 
 One implementation hosts every supported family; the config says which positions, norm, MLP and
 biases to use. Generation keeps a :class:`BSBRCache` of per-layer streaming states (docs/design.md,
-section 8): with exact blocks every key and value, like a KV cache; with ``recall_tokens`` a cache of fixed
-size; chunk states only once the gate is open.
+section 8): with exact blocks every key and value, like a KV cache, and per-chunk states only with an open
+gate or none; with ``recall_tokens`` a cache of fixed size (the window, the kept tokens and one state).
 """
 from __future__ import annotations
 
