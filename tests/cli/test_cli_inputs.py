@@ -877,13 +877,14 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
     cfg = json.loads((model / "config.json").read_text())
     cfg.pop("chunk_size")
     cfg["retrieval_blocks"] = None  # null (as absent): the config's default, 8, is what the conversion recorded
+    cfg.pop("feature_map")  # so is hedgehog, the normalized form's
     cfg["sink_tokens"] = 3
     (model / "config.json").write_text(json.dumps(cfg))
     with caplog.at_level("WARNING", logger="bsbr.arguments"):
         assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
     assert "config.json's chunk_size is 256 (its default: config.json has none), conversion.json records 8" in caplog.text
     assert "config.json's sink_tokens is 3" in caplog.text
-    assert "retrieval_blocks" not in caplog.text
+    assert "retrieval_blocks" not in caplog.text and "feature_map" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.arguments"):
         assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "2"]) == 0

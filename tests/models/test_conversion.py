@@ -337,6 +337,13 @@ def test_convert_flags_follow_the_options_object():
     from bsbr.convert.defaults import resolve_options
 
     assert BSBRConfig(recall_tokens=4).retrieval_blocks == resolve_options({"recall_tokens": 4})["retrieval_blocks"] == 0
+    # the additive form's features: identity in the layer, the config and convert alike (convert gave hedgehog)
+    from bsbr.layers import BSBRAttention
+
+    additive = resolve_options({"retrieval": "additive"})["feature_map"]
+    assert additive == BSBRConfig(retrieval="additive").feature_map == "identity"
+    assert BSBRAttention(16, 2, 4, retrieval="additive").feature_q.kind == additive
+    assert conversion_options(p.parse_args(["--retrieval", "additive"]))["feature_map"] == "identity"
     assert choices == {"far_positions": set(FAR_POSITIONS), "retrieval": set(VARIANTS),
                        "feature_map": set(BSBR_FEATURE_MAPS), "position_scheme": set(POSITION_SCHEMES)}
 

@@ -56,8 +56,9 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
                         "'absolute' their own always (leaves the source's range past it)")
     p.add_argument("--retrieval", choices=["additive", "normalized"], default=D["retrieval"],
                    help="how the chunk states of unselected chunks join the softmax (default %(default)s)")
-    p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=D["feature_map"],
-                   help="features of the chunk states (default %(default)s; --retrieval normalized needs hedgehog)")
+    p.add_argument("--feature-map", choices=["identity", "hedgehog"], default=None,
+                   help=f"features of the chunk states (default {D['feature_map']}; identity with --retrieval additive; "
+                        "--retrieval normalized needs hedgehog)")
     p.add_argument("--gate-init", type=gate_value, default=D["gate_init"],
                    help="initial chunk-state gate; 0 = closed (the source's attention over the exact keys until "
                         "trained; default), 'none' = no gate")

@@ -21,18 +21,21 @@ DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init
 
 def resolve_options(options: dict) -> dict:
     """The conversion options with every default filled in, given the options a user set (None for
-    ``retrieval_blocks`` or ``far_positions`` takes the default, as an absent key does).
-    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0 (else 8)."""
+    ``retrieval_blocks``, ``far_positions`` or ``feature_map`` takes the default, as an absent key does).
+    ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0 (else 8); ``retrieval="additive"`` makes
+    ``feature_map`` default to identity (else hedgehog)."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if "model_name_or_path" in unknown:  # the earlier converter's name for it
         raise TypeError("model_name_or_path is the earlier converter's argument: give the model as the first "
                         "argument, source (a model, a directory, a .gguf file or a hub id)")
     if unknown:
         raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
-    dependent = ("retrieval_blocks", "far_positions")
+    dependent = ("retrieval_blocks", "far_positions", "feature_map")
     got = {name: value for name, value in options.items() if name not in dependent or value is not None}
     if got.get("recall_tokens"):  # the bounded mode replaces the exact blocks
         got.setdefault("retrieval_blocks", 0)
+    if got.get("retrieval") == "additive":  # (layers.feature_maps.default_feature_map)
+        got.setdefault("feature_map", "identity")
     return {**DEFAULT_OPTIONS, **got}
 
 

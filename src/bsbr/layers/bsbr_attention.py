@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
-from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression
+from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression, default_feature_map
 from ..ops.checks import check_number, is_number
 from .inputs import check_rotary
 from .rotary import apply_rotary
@@ -99,7 +99,7 @@ class BSBRAttention(MultiHeadBase):
                                    retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
                                    own_position_chunks=own_position_chunks, retrieval=retrieval)
         if feature_map is None:  # only None means the default ("" or 0 is refused, not read as it)
-            feature_map = "identity" if retrieval == "additive" else "hedgehog"
+            feature_map = default_feature_map(retrieval)
         if not isinstance(feature_map, str) or feature_map not in BSBR_FEATURE_MAPS:
             raise ValueError(f"feature_map must be None or one of {BSBR_FEATURE_MAPS}, got {feature_map!r}")
         if retrieval == "normalized" and feature_map == "identity":

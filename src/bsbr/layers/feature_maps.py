@@ -17,6 +17,13 @@ FEATURE_MAPS = ("identity", "elu", "hedgehog")
 BSBR_FEATURE_MAPS = ("identity", "hedgehog")  # elu + 1 measured worse for BSBR in both regimes; linear attention keeps it
 
 
+def default_feature_map(retrieval: str) -> str:
+    """BSBR's feature map when none is given: ``identity`` for the additive form, ``hedgehog`` for the
+    normalized one (its shared denominator needs non-negative features). The layer, the config and
+    ``bsbr convert`` apply it (``bsbr.convert.defaults`` holds a copy, torch-free; a test holds them equal)."""
+    return "identity" if retrieval == "additive" else "hedgehog"
+
+
 class HeadwiseLinear(nn.Module):
     """A separate (d_in x d_out) matrix per head, applied to (b, h, n, d_in); identity-initialised
     when square."""

@@ -7,7 +7,7 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
-from ...layers.feature_maps import BSBR_FEATURE_MAPS
+from ...layers.feature_maps import BSBR_FEATURE_MAPS, default_feature_map
 from ...ops.bsbr import BSBROptions
 from ...ops.checks import check_flag, check_int, check_number
 
@@ -77,7 +77,8 @@ class BSBRConfig(PretrainedConfig):
     :class:`bsbr.ops.BSBROptions` and ``bsbr convert --help``). ``far_positions``: where retrieved keys
     and sinks outside the window are read (``FAR_POSITIONS`` above). A bare config has GPT-2-small's
     shape and ``bsbr convert``'s attention options (``bsbr.convert.defaults``; ``retrieval_blocks=None``
-    is 8, or 0 with ``recall_tokens``); converters fill in the source's architecture."""
+    is 8, or 0 with ``recall_tokens``; ``feature_map=None`` is hedgehog, or identity with the additive
+    form); converters fill in the source's architecture."""
 
     model_type = "bsbr"
 
@@ -111,7 +112,7 @@ class BSBRConfig(PretrainedConfig):
         chunk_size: int = 256,
         compression_factor: Optional[int] = None,
         retrieval: str = "normalized",
-        feature_map: str = "hedgehog",
+        feature_map: Optional[str] = None,
         gate_init: Optional[float] = 0.0,
         local_chunks: int = 2,
         sink_tokens: int = 4,
@@ -137,6 +138,8 @@ class BSBRConfig(PretrainedConfig):
                 check_int(name, value)
         if retrieval_blocks is None:
             retrieval_blocks = default_retrieval_blocks(recall_tokens)
+        if feature_map is None:
+            feature_map = default_feature_map(retrieval)
         check_bsbr_options(chunk_size=chunk_size, compression_factor=compression_factor, retrieval=retrieval,
                            feature_map=feature_map, gate_init=gate_init, local_chunks=local_chunks,
                            sink_tokens=sink_tokens, retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
