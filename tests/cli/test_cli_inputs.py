@@ -634,6 +634,7 @@ def test_a_list_option_that_extends_takes_every_occurrence():
 @pytest.mark.parametrize("family, argv, words", [
     ("gpt2", ["--far-positions", "window"], "--far-positions places rotary positions, but SOURCE"),
     ("llama", ["--position-scheme", "clamp"], "--position-scheme applies to learned positions (GPT-2)"),
+    ("llama", ["--position-scheme", "wrap"], "--position-scheme applies to learned positions (GPT-2)"),  # (its default)
 ])
 def test_a_position_option_the_source_ignores_is_refused_before_loading(family, argv, words, tmp_path, capsys,
                                                                          monkeypatch):

@@ -68,9 +68,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression-factor", type=compression, default=None, metavar="N",
                    help="shrink each chunk state's feature dim by this factor, which must divide it (default: "
                         "none, as 'none' gives)")
-    p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"],
-                   default=D["position_scheme"],
-                   help="learned positions (GPT-2) past the source's table: wrap (default) restarts them at a multiple "
+    p.add_argument("--position-scheme", choices=["wrap", "clamp", "absolute"], default=None,
+                   help=f"learned positions (GPT-2) past the source's table: {D['position_scheme']} (default) restarts them at a multiple "
                         "of the chunk size, clamp keeps the last one, absolute refuses longer inputs")
 
 
@@ -117,14 +116,13 @@ def _check_source_config(source, path: Path, options: dict) -> None:
 def _check_position_options(args, source, position_type: str) -> None:
     """Refuse a position option the source's kind of positions ignores (it would be recorded, doing nothing)."""
     from ..errors import UserError
-    from .defaults import DEFAULT_OPTIONS
 
     name = source or "the bundled SmolLM2"
     if position_type == "learned":
         if args.far_positions is not None:
             raise UserError(f"--far-positions places rotary positions, but SOURCE {name} has learned positions (GPT-2): "
                             "drop --far-positions")
-    elif args.position_scheme != DEFAULT_OPTIONS["position_scheme"]:
+    elif args.position_scheme is not None:  # (given, even as its default)
         raise UserError(f"--position-scheme applies to learned positions (GPT-2), but SOURCE {name} has rotary "
                         "positions: drop --position-scheme")
 

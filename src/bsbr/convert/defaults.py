@@ -21,7 +21,8 @@ DEFAULT_OPTIONS = dict(retrieval="normalized", feature_map="hedgehog", gate_init
 
 def resolve_options(options: dict) -> dict:
     """The conversion options with every default filled in, given the options a user set (None for
-    ``retrieval_blocks``, ``far_positions`` or ``feature_map`` takes the default, as an absent key does).
+    ``retrieval_blocks``, ``far_positions``, ``feature_map`` or ``position_scheme`` takes the default, as an
+    absent key does: their flags default to None, so that a command can tell an option given from one not).
     ``recall_tokens > 0`` makes ``retrieval_blocks`` default to 0 (else 8); ``retrieval="additive"`` makes
     ``feature_map`` default to identity (else hedgehog)."""
     unknown = set(options) - set(DEFAULT_OPTIONS)
@@ -30,7 +31,7 @@ def resolve_options(options: dict) -> dict:
                         "argument, source (a model, a directory, a .gguf file or a hub id)")
     if unknown:
         raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
-    dependent = ("retrieval_blocks", "far_positions", "feature_map")
+    dependent = ("retrieval_blocks", "far_positions", "feature_map", "position_scheme")
     got = {name: value for name, value in options.items() if name not in dependent or value is not None}
     if got.get("recall_tokens"):  # the bounded mode replaces the exact blocks
         got.setdefault("retrieval_blocks", 0)
