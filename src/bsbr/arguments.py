@@ -286,18 +286,11 @@ def check_bsbr_dir(path, option: str) -> Path:
     except UserError:  # (the commands that read it say so; generate does not need it)
         recorded = {}
     if any(key in recorded for key in RECORDED_OPTIONS):  # config.json edited (or a key lost) since the conversion
-        import inspect
+        from .models.bsbr.configuration_bsbr import missing_defaults
 
-        from .layers.feature_maps import default_feature_map
-        from .models.bsbr.configuration_bsbr import BSBRConfig, default_retrieval_blocks
-
-        defaults = {k: p.default for k, p in inspect.signature(BSBRConfig.__init__).parameters.items()}
-        derived = dict(retrieval_blocks=lambda: default_retrieval_blocks(values.get("recall_tokens")),
-                       feature_map=lambda: default_feature_map(values.get("retrieval", defaults["retrieval"])))
+        filled = {**values, **missing_defaults(values)}
         for key in (k for k in RECORDED_OPTIONS if k in recorded):
-            value = values.get(key, defaults.get(key))
-            if value is None and key in derived:  # (absent or null: the config's rule for it)
-                value = derived[key]()
+            value = filled.get(key)
             if value != recorded[key]:
                 logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model runs with %r", option, path,
                                key, value, "" if key in values else " (its default: config.json has none)", METADATA,

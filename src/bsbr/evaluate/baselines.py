@@ -14,13 +14,10 @@ logger = logging.getLogger(__name__)
 def has_wide_window(config: dict) -> bool:
     """Whether a BSBR model's exact window reaches past its own chunk (earlier chunks or sinks), from its
     config as a dict (``model.config.to_dict()`` or its config.json; a key it lacks takes BSBRConfig's default)."""
-    import inspect
+    from ..models.bsbr.configuration_bsbr import missing_defaults
 
-    from ..models.bsbr.configuration_bsbr import BSBRConfig
-
-    defaults = inspect.signature(BSBRConfig.__init__).parameters
-    local, sinks = (config.get(k, defaults[k].default) for k in ("local_chunks", "sink_tokens"))
-    return local > 1 or sinks > 0
+    filled = {**config, **missing_defaults(config)}
+    return filled["local_chunks"] > 1 or filled["sink_tokens"] > 0
 
 
 def local_baseline(reference, chunk_size: int, like=None, same_window: bool = False):

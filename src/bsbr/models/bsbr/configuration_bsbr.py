@@ -248,3 +248,17 @@ class BSBRConfig(PretrainedConfig):
         length when no chunk is)."""
         reach = self.own_position_chunks()
         return reach - 1 if reach else self.local_chunks
+
+
+def missing_defaults(values: dict) -> dict:
+    """What a config built from ``values`` (a config.json's dict, keys possibly lost) takes for each
+    argument ``values`` lacks, or holds as null where null means "the default" (``retrieval_blocks``,
+    ``feature_map``: their rules read ``values``)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(BSBRConfig.__init__).parameters.items()
+                if p.default is not p.empty}
+    derived = dict(retrieval_blocks=default_retrieval_blocks(values.get("recall_tokens")),
+                   feature_map=default_feature_map(values.get("retrieval", defaults["retrieval"])))
+    return {k: derived[k] if k in derived else v for k, v in defaults.items()
+            if k not in values or (k in derived and values[k] is None)}
