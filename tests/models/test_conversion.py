@@ -329,6 +329,8 @@ def test_convert_flags_follow_the_options_object():
     from bsbr.ops.bsbr.options import VARIANTS
 
     choices = {a.dest: set(a.choices) for a in p._actions if a.choices}
+    assert choices == {"far_positions": set(FAR_POSITIONS), "retrieval": set(VARIANTS),
+                       "feature_map": set(BSBR_FEATURE_MAPS), "position_scheme": set(POSITION_SCHEMES)}
     # and a bare BSBRConfig has the same attention options (one set of defaults)
     from bsbr.models import BSBRConfig
 
@@ -344,8 +346,6 @@ def test_convert_flags_follow_the_options_object():
     assert additive == BSBRConfig(retrieval="additive").feature_map == "identity"
     assert BSBRAttention(16, 2, 4, retrieval="additive").feature_q.kind == additive
     assert conversion_options(p.parse_args(["--retrieval", "additive"]))["feature_map"] == "identity"
-    assert choices == {"far_positions": set(FAR_POSITIONS), "retrieval": set(VARIANTS),
-                       "feature_map": set(BSBR_FEATURE_MAPS), "position_scheme": set(POSITION_SCHEMES)}
 
 
 def test_what_a_conversion_cannot_keep_is_logged(caplog):
