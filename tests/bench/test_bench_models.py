@@ -15,7 +15,7 @@ ROW_KEYS = {"model", "seq_len", "time_ms", "train_time_ms", "peak_mb", "params"}
 def test_bench_models_cli_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "m.json", tmp_path / "m.png"
     rc = main(["bench", "models", "--seq-lens", "64", "--repeats", "1", "--hidden", "32", "--heads", "2",
-               "--ff-dim", "64", "--block", "16", "--json", str(out), "--plot", str(png)])
+               "--ff-dim", "64", "--chunk-size", "16", "--json", str(out), "--plot", str(png)])
     assert rc == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -46,7 +46,7 @@ def test_bench_quality_tiny(tmp_path):
         (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
     out = tmp_path / "q.json"
     rc = main(["bench", "quality", "--corpus", str(corpus), "--models", "bsbr", "sliding_window", "--steps", "2",
-               "--batch", "2", "--seq-len", "80", "--hidden", "16", "--heads", "2", "--ff-dim", "32", "--block", "16",
+               "--batch", "2", "--seq-len", "80", "--hidden", "16", "--heads", "2", "--ff-dim", "32", "--chunk-size", "16",
                "--eval-windows", "2", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -82,7 +82,7 @@ def test_quality_is_deterministic_for_a_seed(tmp_path):
     corpus.mkdir()
     for i in range(10):
         (corpus / f"m{i}.py").write_text(f"class C{i}:\n    x = {i * 7}\n" * 30)
-    kw = dict(block=8, hidden=16, layers=1, heads=2, ff_dim=32, seq_len=40, batch=2, steps=3, eval_windows=2,
+    kw = dict(chunk_size=8, hidden=16, layers=1, heads=2, ff_dim=32, seq_len=40, batch=2, steps=3, eval_windows=2,
               seed=3, corpus=str(corpus), progress=False)
     a = bench_quality.run_quality(["bsbr_gated", "deltanet"], **kw)
     b = bench_quality.run_quality(["bsbr_gated", "deltanet"], **kw)
@@ -99,7 +99,7 @@ def test_bench_models_records_a_failure_with_an_empty_message(monkeypatch):
         raise MemoryError()
 
     monkeypatch.setattr(bench_models, "measure_peak", no_memory)
-    result = bench_models.bench_models(seq_lens=[64], models=["standard"], hidden=32, heads=2, ff_dim=64, block=16,
+    result = bench_models.bench_models(seq_lens=[64], models=["standard"], hidden=32, heads=2, ff_dim=64, chunk_size=16,
                                        repeats=1, train=False)
     (row,) = result["rows"]
     assert row["status"] == "failed" and row["reason"] == "fwd: MemoryError: "
@@ -115,20 +115,20 @@ def test_merging_no_results_is_refused():
 def test_bench_models_targets_judged_only_for_their_shell():
     ratios = [{"model": "bsbr", "seq_len": n, "forward_speedup": s, "train_speedup": None}
               for n, s in ((4096, 1.5), (16384, 6.0))]
-    default = dict(hidden=256, layers=2, heads=4, ff_dim=1024, block=128)
+    default = dict(hidden=256, layers=2, heads=4, ff_dim=1024, chunk_size=128)
     assert [t["met"] for t in bench_models.check_targets(ratios, default)] == [True, True]
-    for other in (dict(hidden=32), dict(layers=1), dict(heads=2), dict(ff_dim=64), dict(block=16)):
+    for other in (dict(hidden=32), dict(layers=1), dict(heads=2), dict(ff_dim=64), dict(chunk_size=16)):
         unjudged = bench_models.check_targets(ratios, {**default, **other})
         assert unjudged[1]["measured"] == 6.0 and all(t["met"] is None for t in unjudged)
     table = bench_models.format_table(dict(rows=[], exponents={}, targets=bench_models.check_targets(
         ratios, {**default, "hidden": 32})))
-    assert table.count("met=None (not judged (set for hidden 256, layers 2, heads 4, ff_dim 1024, block 128))") == 2
+    assert table.count("met=None (not judged (set for hidden 256, layers 2, heads 4, ff_dim 1024, chunk_size 128))") == 2
 
 
 def test_bench_models_predicts_a_first_length_past_the_calibration_length():
     """--seq-lens 16384 alone ran standard attention far past --max-seconds: a first length past
     CALIBRATION_LEN is predicted from calls at that length, as bench attention does."""
-    result = bench_models.bench_models(seq_lens=[4096], models=["standard"], hidden=32, heads=2, ff_dim=64, block=16,
+    result = bench_models.bench_models(seq_lens=[4096], models=["standard"], hidden=32, heads=2, ff_dim=64, chunk_size=16,
                                        repeats=1, max_seconds=1e-9)
     (row,) = result["rows"]
     assert row["status"] == "skipped" and "forward predicted" in row["reason"] and row["time_ms"] is None
@@ -140,7 +140,7 @@ def test_bench_models_predicts_a_first_length_from_the_models_own_slope(monkeypa
     it give the slope (here exactly linear: 1 and 2 ms, so 32 ms at 16k, within --max-seconds 0.2)."""
     times = iter([1.0, 2.0])
     monkeypatch.setattr(bench_models, "calibrate", lambda fn: dict(time_ms=next(times), peak_mb=0.0))
-    result = bench_models.bench_models(seq_lens=[16384], models=["linear"], hidden=32, heads=2, ff_dim=32, block=64,
+    result = bench_models.bench_models(seq_lens=[16384], models=["linear"], hidden=32, heads=2, ff_dim=32, chunk_size=64,
                                        layers=1, repeats=1, max_seconds=0.2, train=False)
     (row,) = result["rows"]
     assert row["status"] == "ok" and row["time_ms"] is not None, row["reason"]
@@ -158,7 +158,7 @@ def test_bench_models_warm_up_includes_a_train_step(monkeypatch):
 
     monkeypatch.setattr(bench_models, "_train_fn", train_fn)
     monkeypatch.setattr(bench_models, "measure_peak", lambda fn: events.append("peak") or real_peak(fn))
-    bench_models.bench_models(seq_lens=[64], models=["standard", "linear"], hidden=32, heads=2, ff_dim=64, block=16,
+    bench_models.bench_models(seq_lens=[64], models=["standard", "linear"], hidden=32, heads=2, ff_dim=64, chunk_size=16,
                               repeats=1)
     assert events[:2] == ["train", "train"] and events.index("peak") == 2  # one untimed train step per model first
 
@@ -181,7 +181,7 @@ def test_bench_quality_records_the_machine(tmp_path):
     corpus.mkdir()
     for i in range(10):
         (corpus / f"m{i}.py").write_text(f"x{i} = {i}\n" * 40)
-    result = bench_quality.run_quality(["bsbr"], block=8, hidden=16, layers=1, heads=2, ff_dim=16, seq_len=32, batch=1,
+    result = bench_quality.run_quality(["bsbr"], chunk_size=8, hidden=16, layers=1, heads=2, ff_dim=16, seq_len=32, batch=1,
                                        steps=1, eval_windows=1, corpus=str(corpus), progress=False)
     import torch
 

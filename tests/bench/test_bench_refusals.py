@@ -1,6 +1,7 @@
 """What every ``bsbr bench`` subcommand refuses, and when: a bad ``--json``/``--plot``, a bad option value or
 a bad input is one line (exit 2) naming the argument, before the benchmark runs, with nothing written."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,7 @@ def _refused(argv, capsys, command):
 
 def _quality_result(path, models=("bsbr",), machine=None, **config):
     """A small 'bsbr bench quality' result file, as --json writes it."""
-    config = dict(models=list(models), block=16, hidden=16, layers=1, heads=2, seq_len=64, **config)
+    config = dict(models=list(models), chunk_size=16, hidden=16, layers=1, heads=2, seq_len=64, **config)
     results = [{"model": m, "attention": m, "kwargs": {}, "params": 10, "train_seconds": 0.0, "eval_seconds": 0.0,
                 "final_train_loss": 5.0, "eval_loss": 5.0, "buckets": {"0-63": 5.0}} for m in models]
     machine = machine or {"cpu": "test cpu", "torch": "2.13"}
@@ -188,6 +189,18 @@ def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
     assert [r["model"] for r in merged["results"]] == ["bsbr", "sliding_window"]
     assert merged["config"]["merged_from"] == [a, b] and len(merged["comparison"]) == 1
     assert merged["machine"] == {"cpu": "test cpu", "torch": "2.13"}  # both ran on it
+
+
+def test_bench_quality_merges_results_bsbr_0_2_0_wrote(tmp_path, capsys):
+    """bsbr 0.2.0 named the chunk size "block" in its results (the stored study's runs): they still merge."""
+    stored = Path(__file__).resolve().parents[2] / "docs" / "scaling"
+    a, c = str(stored / "quality_a.json"), str(stored / "quality_c.json")
+    assert "block" in json.loads(Path(a).read_text())["config"]
+    out = tmp_path / "m.json"
+    assert main(["bench", "quality", "--merge", a, c, "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["config"]["chunk_size"] == 64 and "block" not in merged["config"]
+    assert len(merged["results"]) == 7 and merged["comparison"]
 
 
 def test_bench_quality_merge_keeps_each_runs_machine(tmp_path):
@@ -335,7 +348,7 @@ def test_bench_quality_refuses_a_seq_len_longer_than_its_corpus(tmp_path, monkey
 def test_bench_quality_refuses_a_diverged_run(tmp_path, capsys):
     root, _ = _small_corpus(tmp_path / "corp")
     out = tmp_path / "r.json"
-    argv = ["bench", "quality", *COMMANDS["quality"], "--seq-len", "32", "--block", "16", "--models", "bsbr",
+    argv = ["bench", "quality", *COMMANDS["quality"], "--seq-len", "32", "--chunk-size", "16", "--models", "bsbr",
             "--corpus", str(root), "--lr", "1e30", "--json", str(out)]
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # (after the training's progress bar)
@@ -374,17 +387,17 @@ def test_bench_attention_model_scaling_names_hidden_and_heads_that_give_an_odd_h
 
 def test_bench_quality_refuses_a_compared_pair_as_long_as_the_window(capsys, nothing_runs):
     # both models of such a pair are full attention: the run printed "BSBR NOT better, diff +nan" and exited 0
-    line = _refused(_argv("quality", "--models", "bsbr", "sliding_window", "--seq-len", "64", "--block", "64"), capsys,
+    line = _refused(_argv("quality", "--models", "bsbr", "sliding_window", "--seq-len", "64", "--chunk-size", "64"), capsys,
                     "bench quality")
     assert "bsbr and sliding_window read chunks of 64 tokens, at least --seq-len 64" in line
-    assert "give a smaller --block or a longer --seq-len" in line
+    assert "give a smaller --chunk-size or a longer --seq-len" in line
     line = _refused(_argv("quality", "--models", "bsbr_chunk128", "sliding_window_128", "--seq-len", "128",
-                          "--block", "32"), capsys, "bench quality")  # a fixed pair: --block does not help
+                          "--chunk-size", "32"), capsys, "bench quality")  # a fixed pair: --chunk-size does not help
     assert "bsbr_chunk128 and sliding_window_128 read chunks of 128 tokens" in line and "a --seq-len above 128" in line
 
 
 def test_bench_quality_runs_a_pair_shorter_than_the_window_whatever_block(monkeypatch, capsys):
-    # the models compared do not use --block: the default block 64 at --seq-len 64 must not refuse them
+    # the models compared do not use --chunk-size: the default chunk 64 at --seq-len 64 must not refuse them
     ran = []
     monkeypatch.setattr(bench_quality, "run_quality", lambda **kw: ran.append(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
     main(_argv("quality", "--models", "bsbr_chunk32", "sliding_window_32", "--seq-len", "64"))  # (stopped there)

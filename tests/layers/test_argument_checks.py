@@ -89,6 +89,13 @@ def test_good_scales_still_pass():
         assert BSBROptions(chunk_size=4, scale=scale).scale == scale
 
 
+def test_bsbr_options_retrieval_blocks_has_the_flags_cap():
+    """bsbr convert --retrieval-blocks stops at 1,048,576 (a sequence's most tokens); so does the options object."""
+    assert BSBROptions(chunk_size=4, retrieval_blocks=1 << 20).retrieval_blocks == 1 << 20
+    with pytest.raises(ValueError, match="retrieval_blocks must be at most 1,048,576, got 1,048,577"):
+        BSBROptions(chunk_size=4, retrieval_blocks=(1 << 20) + 1)
+
+
 @pytest.mark.parametrize("feature_map", ["", 0, False, [], "Hedgehog"])
 def test_only_none_means_the_default_feature_map(feature_map):
     for retrieval in ("additive", "normalized"):

@@ -37,16 +37,16 @@ from .plots import plot_models
 log = logging.getLogger(__name__)
 
 
-def model_specs(block: int = 128) -> Dict[str, Tuple[str, dict]]:
-    """Benchmarked models: name -> (attention of the shell, its kwargs). ``block`` is BSBR's chunk and
+def model_specs(chunk_size: int = 128) -> Dict[str, Tuple[str, dict]]:
+    """Benchmarked models: name -> (attention of the shell, its kwargs). ``chunk_size`` is BSBR's chunk and
     the sliding window (equal, so the window baseline is BSBR without retrieval)."""
     return {
         "standard": ("standard", {}),
-        "bsbr": ("bsbr", {"chunk_size": block}),
-        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog"}),
-        "bsbr_blocks4": ("bsbr", {"chunk_size": block, "retrieval_blocks": 4}),
-        "sliding_window": ("sliding_window", {"window_size": block}),
-        "linear": ("linear", {"chunk_size": block}),
+        "bsbr": ("bsbr", {"chunk_size": chunk_size}),
+        "bsbr_normalized": ("bsbr", {"chunk_size": chunk_size, "retrieval": "normalized", "feature_map": "hedgehog"}),
+        "bsbr_blocks4": ("bsbr", {"chunk_size": chunk_size, "retrieval_blocks": 4}),
+        "sliding_window": ("sliding_window", {"window_size": chunk_size}),
+        "linear": ("linear", {"chunk_size": chunk_size}),
         "deltanet": ("deltanet", {"chunk_size": 64}),
         "hopfield": ("hopfield", {"num_steps": 2}),
         "gau": ("gau", {"query_key_dim": 128}),
@@ -117,14 +117,14 @@ def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[i
 
 
 def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[str] = DEFAULT_MODELS, *,
-                 hidden: int = 256, layers: int = 2, heads: int = 4, ff_dim: int = 1024, block: int = 128,
+                 hidden: int = 256, layers: int = 2, heads: int = 4, ff_dim: int = 1024, chunk_size: int = 128,
                  repeats: int = 3, max_seconds: float = 15.0, model_budget: float = 90.0, train: bool = True,
                  seed: int = 0) -> Dict[str, object]:
     """Measure every model at every length it fits (see the module docstring). Returns
     ``{"benchmark": "models", "config", "machine", "rows", "exponents", "ratios", "targets"}``."""
     from ..models.shell import AttentionLM
 
-    specs = model_specs(block)
+    specs = model_specs(chunk_size)
     unknown = [m for m in models if m not in specs]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; choose from {sorted(specs)}")
@@ -211,7 +211,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                      for kind, key in (("forward", "time_ms"), ("train", "train_time_ms"))} for m in models}
     ratios = speed_ratios(rows)
     config = dict(seq_lens=list(seq_lens), models=list(models), hidden=hidden, layers=layers, heads=heads,
-                  ff_dim=ff_dim, block=block, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
+                  ff_dim=ff_dim, chunk_size=chunk_size, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
                   model_budget=model_budget, batch=1, dtype="float32", seed=seed,
                   specs={m: specs[m] for m in models})
     return {"benchmark": "models", "config": config, "machine": machine_info(), "rows": rows,
@@ -235,7 +235,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round_sig(a / b) if a and b else None
 
 
-TARGET_SHAPE = dict(hidden=256, layers=2, heads=4, ff_dim=1024, block=128)  # the shell the targets were set for
+TARGET_SHAPE = dict(hidden=256, layers=2, heads=4, ff_dim=1024, chunk_size=128)  # the shell the targets were set for
 
 
 def check_targets(ratios: Sequence[Dict[str, object]], config: Dict[str, object]) -> List[Dict[str, object]]:
@@ -284,7 +284,7 @@ def run_models(args: argparse.Namespace) -> int:
     check_outputs(args)
     set_threads(args)
     result = bench_models(seq_lens, args.models or DEFAULT_MODELS, hidden=args.hidden, layers=args.layers,
-                          heads=args.heads, ff_dim=args.ff_dim, block=args.block, repeats=args.repeats,
+                          heads=args.heads, ff_dim=args.ff_dim, chunk_size=args.chunk_size, repeats=args.repeats,
                           max_seconds=args.max_seconds, model_budget=args.model_budget or 90.0,
                           train=not args.no_train, seed=args.seed)
     print(format_table(result))
@@ -301,7 +301,7 @@ def register(bench_sub) -> None:
     for flag, default, what in (("--hidden", 256, "hidden size"), ("--layers", 2, "layers"), ("--heads", 4, "attention heads"),
                                 ("--ff-dim", 1024, "feed-forward size")):
         p.add_argument(flag, type=integer(), default=default, help=f"each model's {what} (default %(default)s)")
-    p.add_argument("--block", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
+    p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
     p.add_argument("--model-budget", type=finite_number(positive=True), default=None,

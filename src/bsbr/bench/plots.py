@@ -47,7 +47,7 @@ def plot_models(result: Dict[str, object], path: str) -> None:
     _loglog(axes, result["rows"], panels, label, legend_fontsize=7)
     c = result["config"]
     fig.suptitle(f"AttentionLM shell: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
-                 f"chunk/window {c['block']}, batch 1, CPU float32")
+                 f"chunk/window {c['chunk_size']}, batch 1, CPU float32")
     save_figure(fig, path, dpi=110)
 
 
@@ -67,7 +67,7 @@ def plot_quality(result: Dict[str, object], path: str) -> None:
     ax.set_ylabel("held-out loss (nats/byte)")
     c = result["config"]
     ax.set_title(f"equal training ({c['steps']} steps x {c['batch']} x {c['seq_len']} bytes), "
-                 f"{c['layers']} layers, hidden {c['hidden']}, chunk/window {c['block']}")
+                 f"{c['layers']} layers, hidden {c['hidden']}, chunk/window {c['chunk_size']}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path, dpi=110)

@@ -4,7 +4,7 @@ Every model is the same :class:`~bsbr.models.shell.AttentionLM` (default 2 layer
 4 heads, ff 512, byte vocabulary) with only the attention swapped, trained for the same steps on the
 same batches (same tokens, same order, same seed) with AdamW, then evaluated on held-out text:
 mean next-token loss (nats/byte) in position buckets 0-63, 64-127, 128-255, 256-511, ... of each
-evaluation window. A model that uses context beyond its local block should lose less in the late
+evaluation window. A model that uses context beyond its local chunk should lose less in the late
 buckets than the sliding window whose window equals BSBR's chunk size.
 
 Default corpus: the Python standard library's own ``.py`` sources, read as bytes (nothing is
@@ -39,21 +39,21 @@ from .plots import plot_quality
 log = logging.getLogger(__name__)
 
 
-def quality_specs(block: int = 64) -> Dict[str, Tuple[str, dict]]:
-    """Trained models: name -> (attention, kwargs). ``block`` is BSBR's chunk = the sliding window."""
+def quality_specs(chunk_size: int = 64) -> Dict[str, Tuple[str, dict]]:
+    """Trained models: name -> (attention, kwargs). ``chunk_size`` is BSBR's chunk = the sliding window."""
     return {
         "standard": ("standard", {}),
-        "sliding_window": ("sliding_window", {"window_size": block}),
-        "bsbr": ("bsbr", {"chunk_size": block}),
-        "bsbr_normalized": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog"}),
-        "bsbr_blocks2": ("bsbr", {"chunk_size": block, "retrieval_blocks": 2}),
-        "bsbr_compressed4": ("bsbr", {"chunk_size": block, "compression_factor": 4}),
+        "sliding_window": ("sliding_window", {"window_size": chunk_size}),
+        "bsbr": ("bsbr", {"chunk_size": chunk_size}),
+        "bsbr_normalized": ("bsbr", {"chunk_size": chunk_size, "retrieval": "normalized", "feature_map": "hedgehog"}),
+        "bsbr_blocks2": ("bsbr", {"chunk_size": chunk_size, "retrieval_blocks": 2}),
+        "bsbr_compressed4": ("bsbr", {"chunk_size": chunk_size, "compression_factor": 4}),
         # retrieval gate per head starting closed: the model starts as chunk-local attention
-        "bsbr_gated": ("bsbr", {"chunk_size": block, "gate_init": 0.0}),
-        "bsbr_normalized_gated": ("bsbr", {"chunk_size": block, "retrieval": "normalized", "feature_map": "hedgehog",
+        "bsbr_gated": ("bsbr", {"chunk_size": chunk_size, "gate_init": 0.0}),
+        "bsbr_normalized_gated": ("bsbr", {"chunk_size": chunk_size, "retrieval": "normalized", "feature_map": "hedgehog",
                                            "gate_init": 0.0}),
-        "linear": ("linear", {"chunk_size": block}),
-        "deltanet": ("deltanet", {"chunk_size": block}),
+        "linear": ("linear", {"chunk_size": chunk_size}),
+        "deltanet": ("deltanet", {"chunk_size": chunk_size}),
         "hopfield": ("hopfield", {"num_steps": 2}),
         "gau": ("gau", {"query_key_dim": 64}),
         "bsbr_chunk32": ("bsbr", {"chunk_size": 32}),
@@ -156,11 +156,11 @@ def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Te
             "loss_past": {str(c): round(per_pos[c:].mean().item(), 4) for c in sorted(set(past)) if c < seq_len}}
 
 
-def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidden: int = 128, layers: int = 2,
+def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, chunk_size: int = 64, hidden: int = 128, layers: int = 2,
                 heads: int = 4, ff_dim: int = 512, seq_len: int = 512, batch: int = 8, steps: int = 300,
                 lr: float = 2e-3, eval_windows: int = 64, seed: int = 0, corpus: Optional[str] = None,
                 progress: bool = True) -> Dict[str, object]:
-    specs = quality_specs(block)
+    specs = quality_specs(chunk_size)
     unknown = [m for m in models if m not in specs]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; choose from {sorted(specs)}")
@@ -179,28 +179,28 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, block: int = 64, hidd
         attention, kw = specs[m]
         r = train_and_eval(m, attention, kw, train_data, eval_batch, hidden=hidden, layers=layers, heads=heads,
                            ff_dim=ff_dim, seq_len=seq_len, batch=batch, steps=steps, lr=lr, seed=seed,
-                           progress=progress, past=[chunk for _, _, chunk in window_pairs(block)])
+                           progress=progress, past=[chunk for _, _, chunk in window_pairs(chunk_size)])
         log.info("%s: eval %.4f nats/byte, buckets %s (%.0f s)", m, r["eval_loss"], r["buckets"], r["train_seconds"])
         if not math.isfinite(r["eval_loss"]):  # a diverged run measures nothing
             raise UserError(f"{m} diverged (held-out loss {r['eval_loss']}): give a smaller --lr")
         results.append(r)
-    config = dict(models=list(models), block=block, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim,
+    config = dict(models=list(models), chunk_size=chunk_size, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim,
                   seq_len=seq_len, batch=batch, steps=steps, lr=lr, optimizer="AdamW(0.9, 0.95), wd 0.1, clip 1.0, "
                   "warmup 5% + cosine to 10%", tokens_per_model=steps * batch * seq_len, eval_windows=eval_windows,
                   seed=seed, corpus=corpus or str(stdlib_root()), corpus_files=n_files,
                   train_bytes=train_data.numel(), eval_bytes=eval_data.numel())
     return {"benchmark": "quality", "config": config, "machine": machine_info(), "results": results,
-            "comparison": compare_to_window(results, block, seq_len)}
+            "comparison": compare_to_window(results, chunk_size, seq_len)}
 
 
-def window_pairs(block: int) -> List[Tuple[str, str, int]]:
+def window_pairs(chunk_size: int) -> List[Tuple[str, str, int]]:
     """(BSBR model, sliding-window model, chunk = window) pairs :func:`compare_to_window` compares."""
     same_block = ("bsbr", "bsbr_normalized", "bsbr_gated", "bsbr_normalized_gated", "bsbr_blocks2", "bsbr_compressed4")
-    return [(m, "sliding_window", block) for m in same_block] + [
+    return [(m, "sliding_window", chunk_size) for m in same_block] + [
         ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
 
 
-def compare_to_window(results: Sequence[Dict[str, object]], block: int,
+def compare_to_window(results: Sequence[Dict[str, object]], chunk_size: int,
                       seq_len: Optional[int] = None) -> List[Dict[str, object]]:
     """BSBR's loss on positions past the first chunk vs the sliding window with window = chunk size
     (negative difference: BSBR better; ``bsbr_better`` None where a loss is NaN). ``positions_from``: the
@@ -209,7 +209,7 @@ def compare_to_window(results: Sequence[Dict[str, object]], block: int,
     models are full attention there, with no position past the chunk to compare."""
     by = {r["model"]: r for r in results}
     out = []
-    for a, b, chunk in window_pairs(block):
+    for a, b, chunk in window_pairs(chunk_size):
         if a in by and b in by and (seq_len is None or chunk < seq_len):
             exact = all(str(chunk) in (by[m].get("loss_past") or {}) for m in (a, b))
             (late_a, start), (late_b, _) = (_late_loss(by[m], chunk, exact) for m in (a, b))
@@ -279,7 +279,9 @@ def _read_result(path: str) -> Dict[str, object]:
     if not isinstance(part, dict) or part.get("benchmark") != "quality":
         raise UserError(f"--merge {path} is not a 'bsbr bench quality' result: {what}")
     config, results = part.get("config"), part.get("results")
-    ok = isinstance(config, dict) and isinstance(config.get("block"), int) and isinstance(results, list) and all(
+    if isinstance(config, dict) and "block" in config and "chunk_size" not in config:
+        config["chunk_size"] = config.pop("block")  # bsbr 0.2.0 wrote the chunk size as "block"
+    ok = isinstance(config, dict) and isinstance(config.get("chunk_size"), int) and isinstance(results, list) and all(
         isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("buckets"), dict)
         and all(re.fullmatch(r"\d+-\d+", k) and (v is None or is_number(v)) for k, v in r["buckets"].items())
         and all(r.get(k) is None or is_number(r[k]) for k in ("params", "train_seconds", "eval_loss"))
@@ -330,7 +332,7 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
     machines = [part.get("machine") for part in parts]  # one per part, in --merge's order; None: not recorded
     machine = machines[0] if all(m == machines[0] for m in machines) else machines
     return {"benchmark": "quality", "config": config, "machine": machine, "results": results,
-            "comparison": compare_to_window(results, config["block"], config.get("seq_len"))}
+            "comparison": compare_to_window(results, config["chunk_size"], config.get("seq_len"))}
 
 
 # run_quality's options and their defaults: on the command line None is not given (its default), so that
@@ -346,11 +348,11 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     check_unique(args, ("models",))
     if not args.merge:  # (before the models are built, with the flags' names)
         check_head_size(args.hidden or TRAINING["hidden"], args.heads or TRAINING["heads"])
-        block, seq_len = args.block or TRAINING["block"], args.seq_len or TRAINING["seq_len"]
+        chunk_size, seq_len = args.chunk_size or TRAINING["chunk_size"], args.seq_len or TRAINING["seq_len"]
         models = args.models or TRAINING["models"]
-        for a, b, chunk in window_pairs(block):  # a compared pair as long as the window is two full attentions
+        for a, b, chunk in window_pairs(chunk_size):  # a compared pair as long as the window is two full attentions
             if a in models and b in models and chunk >= seq_len:
-                fix = "a smaller --block or a longer --seq-len" if chunk == block and b == "sliding_window" else \
+                fix = "a smaller --chunk-size or a longer --seq-len" if chunk == chunk_size and b == "sliding_window" else \
                     f"a --seq-len above {chunk}"
                 raise UserError(f"{a} and {b} read chunks of {chunk} tokens, at least --seq-len {seq_len}: both are "
                                 f"full attention there, nothing to compare: give {fix}")
@@ -370,8 +372,8 @@ def register(bench_sub) -> None:
     p = bench_parser(bench_sub, "quality", __doc__)
     p.add_argument("--models", nargs="+", default=None,
                    help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")
-    p.add_argument("--block", type=integer(), default=None,
-                   help=f"BSBR chunk size = sliding window (default {TRAINING['block']})")
+    p.add_argument("--chunk-size", type=integer(), default=None,
+                   help=f"BSBR chunk size = sliding window (default {TRAINING['chunk_size']})")
     for name in ("hidden", "layers", "heads", "ff_dim", "seq_len", "batch", "steps", "eval_windows", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=integer(*SEED_RANGE) if name == "seed" else
                        integer(1, MAX_COUNT) if name == "steps" else integer(),

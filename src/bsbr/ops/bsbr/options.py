@@ -54,7 +54,7 @@ class BSBROptions:
             raise ValueError(f"local_chunks must be at most {MAX_TOKENS // self.chunk_size:,} with chunk_size "
                              f"{self.chunk_size:,} (a window holds at most {MAX_TOKENS:,} tokens), got {self.local_chunks:,}")
         check_int("sink_tokens", self.sink_tokens, 0, MAX_TOKENS)
-        check_int("retrieval_blocks", self.retrieval_blocks, 0)
+        check_int("retrieval_blocks", self.retrieval_blocks, 0, MAX_TOKENS)  # (a sequence holds fewer chunks)
         check_int("recall_tokens", self.recall_tokens, 0, MAX_RECALL_TOKENS)
         if self.recall_tokens and self.retrieval_blocks:
             raise ValueError("recall_tokens and retrieval_blocks are exclusive: set one of them to 0")
