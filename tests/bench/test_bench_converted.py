@@ -147,3 +147,32 @@ def test_gpt2_small_random_has_positions_for_every_decode_step(monkeypatch, caps
     assert main(["bench", "converted", "--gpt2-small-random", "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
                  "--decode-contexts", "8", "--decode-steps", "70"]) == 0
     assert tables == [8 + 70]  # the context and the decode steps
+
+
+def test_bench_converted_times_the_conversion_its_flags_describe(tmp_path, monkeypatch):
+    """`bench converted` takes `bsbr convert`'s flags: the bounded mode is measured with `--recall-tokens`,
+    and the JSON records the conversion's options."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bsbr.bench import converted
+    from bsbr.cli import main
+
+    built = []
+
+    def tiny_gpt2(n_positions):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=n_positions)).eval()
+
+    real = converted.bench_converted
+    monkeypatch.setattr(converted, "gpt2_small_random", tiny_gpt2)
+    monkeypatch.setattr(converted, "bench_converted", lambda source, bsbr, *a: built.append(bsbr) or real(source, bsbr, *a))
+    out = tmp_path / "r.json"
+    assert main(["bench", "converted", "--gpt2-small-random", "--chunk-size", "8", "--recall-tokens", "4",
+                 "--seq-lens", "16", "--repeats", "1", "--decode-contexts", "40", "--decode-steps", "2",
+                 "--json", str(out)]) == 0
+    (model,) = built
+    assert (model.config.recall_tokens, model.config.retrieval_blocks, model.config.chunk_size) == (4, 0, 8)
+    conversion = json.loads(out.read_text())["config"]["conversion"]
+    assert conversion["recall_tokens"] == 4 and conversion["retrieval_blocks"] == 0 and conversion["chunk_size"] == 8

@@ -422,4 +422,15 @@ def test_bench_converted_takes_gate_init_as_convert_does(monkeypatch):
 
 def test_bench_converted_refuses_a_chunk_size_past_the_window_cap_before_loading(capsys, nothing_runs):
     line = _refused(_argv("converted", "--chunk-size", "524289"), capsys, "bench converted")
-    assert "--chunk-size 524,289 must be at most 524,288" in line and "local_chunks" not in line
+    assert "--local-chunks must be at most 1 with --chunk-size 524,289" in line and "local_chunks" not in line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--recall-tokens", "4", "--retrieval-blocks", "2"), "--recall-tokens and --retrieval-blocks are exclusive"),
+    (("--far-positions", "window"), "--far-positions places rotary positions, but the --gpt2-small-random source "
+                                    "has learned positions"),
+    (("--retrieval", "normalized", "--feature-map", "identity"), "--feature-map"),
+])
+def test_bench_converted_refuses_conversion_flags_as_convert_does_before_loading(extra, message, capsys, nothing_runs):
+    line = _refused(_argv("converted", *extra), capsys, "bench converted")
+    assert message in line

@@ -16,8 +16,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..arguments import check_model_arg, check_positions, load_model_arg
-from ..convert.cli import check_default_window, gate_value
-from ..convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
+from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_position_options,
+                           conversion_options)
 from ..errors import UserError
 from ..numbers import MAX_REPEATS, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
@@ -151,7 +151,8 @@ def cmd(args) -> int:
         raise UserError("--decode-steps applies to --decode-contexts, given none: give --decode-contexts N ..., "
                         "or drop --decode-steps")
     decode_steps = args.decode_steps or 8
-    check_default_window(args.chunk_size)
+    options = conversion_options(args)
+    check_conversion_options(options)
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
     check_model_arg(args.source, "SOURCE")
@@ -159,6 +160,7 @@ def cmd(args) -> int:
     check_outputs(args, inputs=[("SOURCE", args.source)] if local else ())
     if args.gpt2_small_random:
         # positions for every prefill and every decode: the context and --decode-steps
+        check_position_options(args, "the --gpt2-small-random source", "learned")
         source = gpt2_small_random(max([*args.seq_lens, *(n + decode_steps for n in args.decode_contexts)]))
         title = "GPT-2-small shape (random weights)"
     else:
@@ -166,10 +168,11 @@ def cmd(args) -> int:
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
                         [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])
-    converted = convert_to_bsbr(source, chunk_size=args.chunk_size, gate_init=args.gate_init).eval()
+    converted = convert_to_bsbr(source, **options).eval()
+    check_position_options(args, f"SOURCE {args.source or 'the bundled SmolLM2'}", converted.config.position_type)
     set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
-    result["config"].update(model=title, gate_init=args.gate_init)
+    result["config"].update(model=title, conversion=options)
     print("\n".join(speed_lines(result)))
     write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
     return 0
@@ -179,11 +182,7 @@ def register(bench_sub) -> None:
     p = bench_sub.add_parser("converted")
     p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
     p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
-    p.add_argument("--chunk-size", type=integer(), default=DEFAULT_CHUNK_SIZE,
-                   help="tokens per chunk (default: bsbr convert's, %(default)s)")
-    p.add_argument("--gate-init", type=gate_value, default=DEFAULT_OPTIONS["gate_init"],
-                   help="chunk-state gate of the conversion: 0 as `bsbr convert` makes it (no chunk state is read "
-                        "or kept; default), > 0 as after distillation opened it (they are read), 'none' = no gate")
+    add_conversion_arguments(p)  # the conversion timed: bsbr convert's flags and defaults
     p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384],
                    help="prefill lengths (default 1024 4096 16384)")
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768],

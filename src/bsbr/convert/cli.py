@@ -113,17 +113,17 @@ def _check_source_config(source, path: Path, options: dict) -> None:
         raise UserError(f"SOURCE {source} cannot be converted: {as_flags(str(e), options)}") from e
 
 
-def _check_position_options(args, source, position_type: str) -> None:
-    """Refuse a position option the source's kind of positions ignores (it would be recorded, doing nothing)."""
+def check_position_options(args, name: str, position_type: str) -> None:
+    """Refuse a position option the source's kind of positions ignores (it would be recorded, doing nothing);
+    ``name`` names the source ("SOURCE DIR")."""
     from ..errors import UserError
 
-    name = source or "the bundled SmolLM2"
     if position_type == "learned":
         if args.far_positions is not None:
-            raise UserError(f"--far-positions places rotary positions, but SOURCE {name} has learned positions (GPT-2): "
+            raise UserError(f"--far-positions places rotary positions, but {name} has learned positions (GPT-2): "
                             "drop --far-positions")
     elif args.position_scheme is not None:  # (given, even as its default)
-        raise UserError(f"--position-scheme applies to learned positions (GPT-2), but SOURCE {name} has rotary "
+        raise UserError(f"--position-scheme applies to learned positions (GPT-2), but {name} has rotary "
                         "positions: drop --position-scheme")
 
 
@@ -146,7 +146,7 @@ def cmd_convert(args) -> int:
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
         position_type = _check_source_config(source, local, options)
         if position_type is not None:
-            _check_position_options(args, source, position_type)
+            check_position_options(args, f"SOURCE {source}", position_type)
     try:
         check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
     except OutputError as e:
@@ -170,7 +170,7 @@ def cmd_convert(args) -> int:
         model = convert_to_bsbr(src, **options)
     except SourceWeightsError as e:  # a config.json that is not this model's
         raise UserError(f"SOURCE {source or 'the bundled SmolLM2'} cannot be converted: {e}") from e
-    _check_position_options(args, source, model.config.position_type)
+    check_position_options(args, f"SOURCE {source or 'the bundled SmolLM2'}", model.config.position_type)
     try:  # all or nothing, and not while another bsbr command (a distill) writes there
         with output_lock(out, "OUTPUT_DIR", "bsbr command"), staged_dir(out, overwrite=args.overwrite) as tmp:
             summary = save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
