@@ -195,6 +195,14 @@ def test_json_outputs_that_are_not_regular_files_are_refused(models, tmp_path, c
     assert not (tmp_path / "o3").exists()
 
 
+def test_bench_converted_names_a_compression_factor_the_source_heads_do_not_fit(models, capsys):
+    """As `bsbr convert` does: the source and the flag in one line (it named the config field)."""
+    source, _, _ = models  # head_dim 8: hedgehog features 16
+    line = refused(capsys, ["bench", "converted", source, "--chunk-size", "8", "--compression-factor", "5",
+                            "--seq-lens", "16", "--decode-contexts", "--repeats", "1"], "bench converted", source)
+    assert f"SOURCE {source} cannot be converted: --compression-factor (5) must divide" in line, line
+
+
 def test_result_files_replace_only_files_of_their_kind(models, tmp_path, capsys):
     # --json onto a model's weights or a user's script replaced them (the model was then unloadable)
     source, converted, _ = models

@@ -17,7 +17,7 @@ import torch
 
 from ..arguments import check_model_arg, check_positions, load_model_arg
 from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_position_options,
-                           conversion_options)
+                           conversion_options, convert_source)
 from ..errors import UserError
 from ..numbers import MAX_REPEATS, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
@@ -144,8 +144,6 @@ def speed_lines(result: Dict) -> List[str]:
 
 
 def cmd(args) -> int:
-    from ..convert.converter import convert_to_bsbr
-
     check_unique(args, ("seq_lens", "decode_contexts"))
     if not args.decode_contexts and args.decode_steps is not None:
         raise UserError("--decode-steps applies to --decode-contexts, given none: give --decode-contexts N ..., "
@@ -160,7 +158,7 @@ def cmd(args) -> int:
     check_outputs(args, inputs=[("SOURCE", args.source)] if local else ())
     if args.gpt2_small_random:
         # positions for every prefill and every decode: the context and --decode-steps
-        check_position_options(args, "the --gpt2-small-random source", "learned")
+        check_position_options(args, "the --gpt2-small-random source", "learned")  # (before building it)
         source = gpt2_small_random(max([*args.seq_lens, *(n + decode_steps for n in args.decode_contexts)]))
         title = "GPT-2-small shape (random weights)"
     else:
@@ -168,8 +166,9 @@ def cmd(args) -> int:
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
                         [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])
-    converted = convert_to_bsbr(source, **options).eval()
-    check_position_options(args, f"SOURCE {args.source or 'the bundled SmolLM2'}", converted.config.position_type)
+    name = "the --gpt2-small-random source" if args.gpt2_small_random else f"SOURCE {args.source or 'the bundled SmolLM2'}"
+    converted = convert_source(source, options, name).eval()
+    check_position_options(args, name, converted.config.position_type)
     set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
     result["config"].update(model=title, conversion=options)

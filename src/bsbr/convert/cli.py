@@ -113,6 +113,20 @@ def _check_source_config(source, path: Path, options: dict) -> None:
         raise UserError(f"SOURCE {source} cannot be converted: {as_flags(str(e), options)}") from e
 
 
+def convert_source(source_model, options: dict, name: str):
+    """``convert_to_bsbr(source_model, **options)``, a refusal as one line naming the source (``name``,
+    "SOURCE DIR") and the options as flags: weights its config.json has no place for, or a
+    ``--compression-factor`` its heads do not fit (a local folder's config.json is checked before loading)."""
+    from ..arguments import as_flags
+    from ..errors import UserError
+    from .converter import convert_to_bsbr
+
+    try:
+        return convert_to_bsbr(source_model, **options)
+    except ValueError as e:
+        raise UserError(f"{name} cannot be converted: {as_flags(str(e), options)}") from e
+
+
 def check_position_options(args, name: str, position_type: str) -> None:
     """Refuse a position option the source's kind of positions ignores (it would be recorded, doing nothing);
     ``name`` names the source ("SOURCE DIR")."""
@@ -154,7 +168,6 @@ def cmd_convert(args) -> int:
             raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
         raise
     from ..arguments import load_model_arg, load_tokenizer_arg
-    from .converter import SourceWeightsError, convert_to_bsbr
 
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work
@@ -166,11 +179,9 @@ def cmd_convert(args) -> int:
         raise UserError(f"SOURCE {source}: its tokenizer has {len(tok)} tokens, its model only {vocab}: "
                         f"the tokenizer is not this model's")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
-    try:
-        model = convert_to_bsbr(src, **options)
-    except SourceWeightsError as e:  # a config.json that is not this model's
-        raise UserError(f"SOURCE {source or 'the bundled SmolLM2'} cannot be converted: {e}") from e
-    check_position_options(args, f"SOURCE {source or 'the bundled SmolLM2'}", model.config.position_type)
+    name = f"SOURCE {source or 'the bundled SmolLM2'}"
+    model = convert_source(src, options, name)
+    check_position_options(args, name, model.config.position_type)
     try:  # all or nothing, and not while another bsbr command (a distill) writes there
         with output_lock(out, "OUTPUT_DIR", "bsbr command"), staged_dir(out, overwrite=args.overwrite) as tmp:
             summary = save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
