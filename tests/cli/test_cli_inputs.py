@@ -195,9 +195,13 @@ def test_json_outputs_that_are_not_regular_files_are_refused(models, tmp_path, c
     assert not (tmp_path / "o3").exists()
 
 
-def test_bench_converted_names_a_compression_factor_the_source_heads_do_not_fit(models, capsys):
-    """As `bsbr convert` does: the source and the flag in one line (it named the config field)."""
+def test_bench_converted_refuses_what_the_source_does_not_take_before_loading(models, capsys, monkeypatch):
+    """As `bsbr convert` does, from the source's config.json: the source and the flag in one line."""
     source, _, _ = models  # head_dim 8: hedgehog features 16
+    monkeypatch.setattr("bsbr.bench.converted.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["bench", "converted", source, "--chunk-size", "8", "--position-scheme", "clamp",
+                            "--seq-lens", "16", "--decode-contexts", "--repeats", "1"], "bench converted", source)
+    assert f"--position-scheme applies to learned positions (GPT-2), but SOURCE {source} has rotary" in line, line
     line = refused(capsys, ["bench", "converted", source, "--chunk-size", "8", "--compression-factor", "5",
                             "--seq-lens", "16", "--decode-contexts", "--repeats", "1"], "bench converted", source)
     assert f"SOURCE {source} cannot be converted: --compression-factor (5) must divide" in line, line

@@ -16,8 +16,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..arguments import check_model_arg, check_positions, load_model_arg
-from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_position_options,
-                           conversion_options, convert_source)
+from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
+                           check_position_options, conversion_options, convert_source)
 from ..errors import UserError
 from ..numbers import MAX_REPEATS, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
@@ -162,6 +162,7 @@ def cmd(args) -> int:
         source = gpt2_small_random(max([*args.seq_lens, *(n + decode_steps for n in args.decode_contexts)]))
         title = "GPT-2-small shape (random weights)"
     else:
+        check_local_source(args, args.source, options)  # (as bsbr convert, before loading)
         source = load_model_arg(args.source, "SOURCE")
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +

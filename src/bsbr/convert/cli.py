@@ -141,8 +141,27 @@ def check_position_options(args, name: str, position_type: str) -> None:
                         "positions: drop --position-scheme")
 
 
+def check_local_source(args, source, options: dict) -> None:
+    """Before loading: a local folder's config.json names a family bsbr converts and fits the options
+    (a ``--compression-factor`` its heads take, position flags its kind of positions reads)."""
+    from ..arguments import read_config
+    from ..errors import UserError
+    from .families import SUPPORTED_MODEL_TYPES
+
+    local = None if source is None else Path(str(source)).expanduser()
+    if local is None or not local.is_dir():
+        return
+    model_type = read_config(local / "config.json", "SOURCE")["model_type"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
+    position_type = _check_source_config(source, local, options)
+    if position_type is not None:
+        check_position_options(args, f"SOURCE {source}", position_type)
+
+
 def cmd_convert(args) -> int:
-    from ..arguments import check_model_arg, read_config
+    from ..arguments import check_model_arg
     from ..errors import OutputError, UserError
     from ..outputs import check_output_dir, output_lock, staged_dir, write_errors, write_failure
 
@@ -150,17 +169,7 @@ def cmd_convert(args) -> int:
     options = conversion_options(args)
     check_conversion_options(options)
     check_model_arg(source, "SOURCE")
-    local = None if source is None else Path(str(source)).expanduser()
-    if local is not None and local.is_dir():
-        from .families import SUPPORTED_MODEL_TYPES
-
-        model_type = read_config(local / "config.json", "SOURCE")["model_type"]
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"SOURCE {source} is a {model_type!r} model: bsbr converts "
-                            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs")
-        position_type = _check_source_config(source, local, options)
-        if position_type is not None:
-            check_position_options(args, f"SOURCE {source}", position_type)
+    check_local_source(args, source, options)
     try:
         check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
     except OutputError as e:
