@@ -167,7 +167,8 @@ def cmd(args) -> int:
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
                         [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])
-    name = "the --gpt2-small-random source" if args.gpt2_small_random else f"SOURCE {args.source or 'the bundled SmolLM2'}"
+    name = ("the --gpt2-small-random source" if args.gpt2_small_random
+            else f"SOURCE {args.source or 'the bundled SmolLM2'}")
     converted = convert_source(source, options, name).eval()
     check_position_options(args, name, converted.config.position_type)
     set_threads(args)

@@ -50,8 +50,8 @@ def quality_specs(chunk_size: int = 64) -> Dict[str, Tuple[str, dict]]:
         "bsbr_compressed4": ("bsbr", {"chunk_size": chunk_size, "compression_factor": 4}),
         # retrieval gate per head starting closed: the model starts as chunk-local attention
         "bsbr_gated": ("bsbr", {"chunk_size": chunk_size, "gate_init": 0.0}),
-        "bsbr_normalized_gated": ("bsbr", {"chunk_size": chunk_size, "retrieval": "normalized", "feature_map": "hedgehog",
-                                           "gate_init": 0.0}),
+        "bsbr_normalized_gated": ("bsbr", {"chunk_size": chunk_size, "retrieval": "normalized",
+                                           "feature_map": "hedgehog", "gate_init": 0.0}),
         "linear": ("linear", {"chunk_size": chunk_size}),
         "deltanet": ("deltanet", {"chunk_size": chunk_size}),
         "hopfield": ("hopfield", {"num_steps": 2}),
@@ -352,8 +352,8 @@ def run_quality_cli(args: argparse.Namespace) -> int:
         models = args.models or TRAINING["models"]
         for a, b, chunk in window_pairs(chunk_size):  # a compared pair as long as the window is two full attentions
             if a in models and b in models and chunk >= seq_len:
-                fix = "a smaller --chunk-size or a longer --seq-len" if chunk == chunk_size and b == "sliding_window" else \
-                    f"a --seq-len above {chunk}"
+                fix = ("a smaller --chunk-size or a longer --seq-len" if chunk == chunk_size and b == "sliding_window"
+                       else f"a --seq-len above {chunk}")
                 raise UserError(f"{a} and {b} read chunks of {chunk} tokens, at least --seq-len {seq_len}: both are "
                                 f"full attention there, nothing to compare: give {fix}")
     check_outputs(args, inputs=[("--merge input", path) for path in args.merge or ()] +

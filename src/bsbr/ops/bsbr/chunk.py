@@ -207,7 +207,7 @@ def _read_states(fq, F, z, w, retrieval):
     return num, den
 
 
-@torch.compiler.disable  # a Python loop over chunks: traced, it recompiles at every length (tests/models/test_compile.py)
+@torch.compiler.disable  # a Python loop over chunks: traced, it recompiles per length (tests/models/test_compile.py)
 def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     """Exact blocks when K selects among the chunks before a window: each token's top-K chunks, read in
     the same softmax; their states leave the chunk-state term (when it is read: ``num`` not None).
