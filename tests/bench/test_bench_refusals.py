@@ -429,7 +429,8 @@ def test_bench_converted_refuses_a_chunk_size_past_the_window_cap_before_loading
     (("--recall-tokens", "4", "--retrieval-blocks", "2"), "--recall-tokens and --retrieval-blocks are exclusive"),
     (("--far-positions", "window"), "--far-positions places rotary positions, but the --gpt2-small-random source "
                                     "has learned positions"),
-    (("--retrieval", "normalized", "--feature-map", "identity"), "--feature-map"),
+    (("--retrieval", "normalized", "--feature-map", "identity"),
+     "--retrieval normalized needs the non-negative --feature-map hedgehog"),
 ])
 def test_bench_converted_refuses_conversion_flags_as_convert_does_before_loading(extra, message, capsys, nothing_runs):
     line = _refused(_argv("converted", *extra), capsys, "bench converted")
