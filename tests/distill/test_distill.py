@@ -358,15 +358,16 @@ def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):
     # with K blocks covering every earlier chunk of a window, the new pieces cannot change the output
     teacher = make_source("llama")
     student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1)  # local 2 + 8 blocks: exact up to 80 tokens
-    ws = [torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    with pytest.raises(ValueError, match="exactly up to 80"):
+    # (a window's last token is only a target: 81 tokens train on the logits of tokens 0-79)
+    ws = [torch.randint(0, 97, (81,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(ValueError, match="windows of 82 tokens or more can"):
         distill(teacher, student, ws, tmp_path / "out", DistillConfig(steps=1))
     assert not (tmp_path / "out").exists()
     # the same without blocks: the window alone (2 chunks) and the bounded mode read 16 tokens exactly
     for options in (dict(retrieval_blocks=0), dict(recall_tokens=4)):
         student = convert_to_bsbr(teacher, chunk_size=8, gate_init=0.1, **options)
-        short = [w[:16] for w in ws]
-        with pytest.raises(ValueError, match="exactly up to 16"):
+        short = [w[:17] for w in ws]
+        with pytest.raises(ValueError, match="windows of 18 tokens or more can"):
             distill(teacher, student, short, tmp_path / "out", DistillConfig(steps=1))
         # indeed nothing to learn there: float32 rounding only (1.7e-8 with transformers 5.24); one chunk
         # further, where the new pieces are read, the KL is 1e-2 to 1e-1
@@ -381,21 +382,22 @@ def test_distilling_exact_blocks_says_what_it_measured(caplog):
     args = SimpleNamespace(params="new", seq_len=4096)
     for blocks, warned in ((8, True), (0, False)):
         caplog.clear()
-        config = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=blocks,
-                                 far_positions="window").config
+        student = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=blocks,
+                                  far_positions="window")
         with caplog.at_level("INFO", logger="bsbr.distill.cli"):
-            _check_new_pieces_matter(config, args)
+            _check_new_pieces_matter(student, args)
         assert ("check your own lengths with bsbr eval" in caplog.text) == warned, (blocks, caplog.text)
     # hybrid positions read every far key at its own position on windows within half the source's range:
     # the source itself, nothing to learn
     source = make_source("llama")
     own = source.config.max_position_embeddings // 2
-    config = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2, far_positions="hybrid").config
+    student = convert_to_bsbr(source, chunk_size=CHUNK, retrieval_blocks=2, far_positions="hybrid")
+    config = student.config
     assert config.far_positions == "hybrid" and config.own_position_chunks() * CHUNK == own
     for seq_len, warned in ((own, True), (own + CHUNK, False)):
         caplog.clear()
         with caplog.at_level("INFO", logger="bsbr.distill.cli"):
-            _check_new_pieces_matter(config, SimpleNamespace(params="new", seq_len=seq_len))
+            _check_new_pieces_matter(student, SimpleNamespace(params="new", seq_len=seq_len))
         assert ("the zero-shot conversion is the one to use" in caplog.text) == warned, (seq_len, caplog.text)
         assert ("check your own lengths with bsbr eval" in caplog.text) != warned, (seq_len, caplog.text)
 
@@ -494,3 +496,50 @@ def test_an_interrupt_after_a_checkpoints_manifest_is_in_place_keeps_that_checkp
         checkpoint.save_checkpoint(tmp_path, params, opt, dict(step=2))
     named = {f["name"] for f in json.loads((tmp_path / "manifest.json").read_text())["files"].values()}
     assert all((tmp_path / n).is_file() and "-0000002-" in n for n in named)
+
+
+def _first_change(a, b):
+    """The first position whose logits differ (None: none)."""
+    d = (a - b).abs().amax(-1)[0]
+    changed = (d > 1e-4).nonzero()
+    return int(changed[0]) if len(changed) else None
+
+
+@pytest.mark.parametrize("family, options", [
+    ("llama", dict(chunk_size=4)),  # the default: 8 blocks, window positions, 4 sinks
+    ("llama", dict(chunk_size=4, retrieval_blocks=2, far_positions="absolute")),
+    ("llama", dict(chunk_size=2, sink_tokens=5, retrieval_blocks=3, far_positions="absolute")),  # chunks of sinks
+    ("llama", dict(chunk_size=4, recall_tokens=6, far_positions="absolute")),
+    ("llama", dict(chunk_size=4, recall_tokens=6, sink_tokens=0, far_positions="absolute")),
+    ("llama-small-positions", dict(chunk_size=2, retrieval_blocks=8, far_positions="hybrid")),
+    ("gpt2", dict(chunk_size=4, local_chunks=1, retrieval_blocks=3)),
+    ("gpt2", dict(chunk_size=3, recall_tokens=7, sink_tokens=0)),
+])
+def test_the_reaches_are_where_the_logits_first_change(family, options):
+    """exact_reach: where the new pieces first change the logits; teacher_reach: where the student first
+    differs from its teacher (closed and open gate). distill refused windows past them by one token too few
+    (the last token is only a target) and counted neither a recall cache's size nor window positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bsbr.distill.trainer import exact_reach, gate_open, teacher_reach
+    from model_sources import randomize
+
+    if family == "llama-small-positions":  # hybrid reads 8 chunks of 2 at their own positions (32 / 2 / 2)
+        torch.manual_seed(0)
+        teacher = randomize(LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=32)))
+    else:
+        teacher = make_source(family)
+    ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
+    student = convert_to_bsbr(teacher, **options).eval()
+    assert not gate_open(student)
+    with torch.no_grad():
+        t, s = teacher(ids).logits, student(ids).logits
+        assert _first_change(t, s) == teacher_reach(student.config, False)
+        for p in new_parameters(student).values():  # open the gate, change the maps
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+        assert gate_open(student)
+        s_new = student(ids).logits
+    assert _first_change(s, s_new) == exact_reach(student.config)
+    assert _first_change(t, s_new) == teacher_reach(student.config, True)

@@ -339,10 +339,39 @@ def test_windows_within_the_exact_reach_are_refused_when_nothing_could_train(mod
     args = distill_args(models, text, out, "--steps", "1", "--params", params)
     args[args.index("--seq-len") + 1] = "8"
     line = refused(capsys, args, "distill", out)
-    assert "--seq-len 8" in line and "exactly" in line, line
+    assert "--seq-len 8" in line and "is only a target" in line, line
     assert not out.exists()
     if params == "all":  # an LM term still trains
         assert main([*args, "--lm-weight", "1"]) == 0
+
+
+def test_params_new_needs_a_window_whose_logits_reach_past_the_blocks(models, text, tmp_path, capsys):
+    """The student (chunk 8, 2 + 8 chunks read exactly) reads its new pieces from token 80 on; a window's last
+    token is only a target, so 81 tokens gave a zero gradient: the run was spent, then refused as having
+    changed no weight."""
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--steps", "1", "--params", "new")
+    args[args.index("--seq-len") + 1] = "81"
+    line = refused(capsys, args, "distill", out)
+    assert "--seq-len 81" in line and "from token 80 on" in line and "--seq-len 82 or more" in line, line
+    args[args.index("--seq-len") + 1] = "82"
+    assert main(args) == 0
+
+
+def test_params_all_trains_where_window_positions_differ_from_the_teacher(models, text, tmp_path, capsys):
+    """With window far positions the student differs from its teacher from chunk 3 (token 24) on, long before
+    its blocks run out (token 80): --params all on 40-token windows was refused as learning nothing."""
+    out = tmp_path / "out"
+    args = distill_args(models, text, out, "--steps", "1", "--params", "all")
+    args[args.index("--seq-len") + 1] = "40"
+    assert main(args) == 0
+    log = json.loads((out / "distill.json").read_text())
+    assert log["log"][0]["kl"] > 1e-4  # a real loss, not rounding
+    out2 = tmp_path / "out2"
+    args = distill_args(models, text, out2, "--steps", "1", "--params", "all")
+    args[args.index("--seq-len") + 1] = "25"  # logits of tokens 0-23: the teacher's
+    line = refused(capsys, args, "distill", out2)
+    assert "up to token 24" in line and "--seq-len 26 or more" in line, line
 
 
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(models, text, tmp_path, capsys,

@@ -50,29 +50,29 @@ def _plan(args):
     return cfg
 
 
-def _check_new_pieces_matter(config, args) -> None:
-    """Refuse ``--params new`` on windows so short that the new pieces cannot change the output: with
-    exact blocks covering every chunk before each window, every token reads all earlier tokens exactly."""
-    from .trainer import exact_reach
+def _check_new_pieces_matter(student, args) -> None:
+    """Refuse windows so short that what ``--params`` trains cannot learn from the KL to the teacher: where
+    the student equals its teacher (and, for ``--params new``, before its new pieces are read), each
+    window's loss is 0 up to rounding, which Adam would follow as if it were a gradient."""
+    from .trainer import shortest_window
 
-    reach = exact_reach(config)
+    config = student.config
+    need = shortest_window(student, args.params)
+    why = ("the pieces --params new trains (chunk states, gates, maps) can improve this student only from token "
+           f"{need - 2} on" if args.params == "new" else
+           f"this student's logits are its teacher's up to token {need - 2}, so the KL to it is 0 there and "
+           f"--params {args.params} learns nothing")
     table = config.max_position_embeddings if config.position_type == "learned" else None
-    if table is not None and table <= reach and (args.params == "new" or not args.lm_weight):
-        # the teacher (its source) cannot run past its learned positions, the student equals it up to its reach
-        raise UserError(f"this student reads every earlier token exactly up to (local_chunks + retrieval_blocks) x "
-                        f"chunk_size = {reach} tokens, and its source (the teacher) has {table} learned positions, so "
-                        f"no --seq-len both runs on the teacher and gives --params {args.params} anything to learn: "
-                        f"convert with fewer --retrieval-blocks or a smaller --chunk-size (that product below {table})"
-                        + ("" if args.params == "new" else ", or give --lm-weight"))
-    if args.params == "new" and args.seq_len <= reach:
-        raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
-                        f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, so the pieces "
-                        f"--params new trains have no effect there: use --seq-len > {reach}, or --params all")
-    if args.seq_len <= reach and not args.lm_weight:  # --params all/lora: the student is its teacher there
-        raise UserError(f"--seq-len {args.seq_len}: this student reads every earlier token exactly up to "
-                        f"(local_chunks + retrieval_blocks) x chunk_size = {reach} tokens, where it equals its "
-                        f"teacher, so the KL to it is 0 and --params {args.params} learns nothing: use --seq-len > "
-                        f"{reach}, or give --lm-weight")
+    if table is not None and table < need and (args.params == "new" or not args.lm_weight):
+        # the teacher (its source) cannot run past its learned positions
+        raise UserError(f"{why}, and a window's last token is only a target, so a window needs {need} tokens, but "
+                        f"the source (the teacher) has {table} learned positions: no --seq-len works; convert with "
+                        "fewer --retrieval-blocks or a smaller --chunk-size" + ("" if args.params == "new" else
+                                                                                ", or give --lm-weight"))
+    if args.seq_len < need and (args.params == "new" or not args.lm_weight):
+        raise UserError(f"--seq-len {args.seq_len}: {why}, and a window's last token is only a target: use "
+                        f"--seq-len {need} or more" + (", or --params all" if args.params == "new" else
+                                                        ", or give --lm-weight"))
     if not (config.retrieval_blocks and config.retrieval == "normalized"):
         return
     own = config.own_position_chunks() * config.chunk_size
@@ -253,7 +253,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
     student = load_bsbr_model(student_dir)
-    _check_new_pieces_matter(student.config, args)
+    _check_new_pieces_matter(student, args)
     teacher = load_model_arg(args.teacher, "--teacher")
     vocab_t, vocab_s = teacher.get_output_embeddings().weight.shape[0], student.config.vocab_size
     if vocab_t != vocab_s:

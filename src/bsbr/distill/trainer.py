@@ -228,11 +228,60 @@ def _native_bf16() -> bool:
 
 
 def exact_reach(config) -> int:
-    """Tokens up to which a BSBR model reads every earlier token exactly: ``(local_chunks +
-    retrieval_blocks) x chunk_size`` (no chunk has left a token's window and blocks before that). On
-    windows no longer than that, the pieces ``params="new"`` trains (chunk states, gates, maps, the
-    recall mode's state) cannot change the output."""
-    return (config.local_chunks + getattr(config, "retrieval_blocks", 0)) * config.chunk_size
+    """Tokens up to which the pieces ``params="new"`` trains (chunk states, gates, maps) cannot change a
+    BSBR model's output: every token that has left a token's window is still read exactly, so the states
+    hold nothing (a chunk's state holds its sinks too). With blocks, while every chunk before the window is
+    one of the ``retrieval_blocks`` (and none of them is sinks alone): ``(local_chunks + retrieval_blocks) x
+    chunk_size``, or ``local_chunks x chunk_size`` when ``sink_tokens >= chunk_size``; in the bounded mode,
+    without sinks, while the tokens before the window fit in the ``recall_tokens`` slots: ``(local_chunks +
+    recall_tokens // chunk_size) x chunk_size``, and with sinks ``local_chunks x chunk_size`` (the sinks join
+    the state). A window of ``n`` tokens trains on the logits of its first ``n - 1`` (the last token is only
+    a target), so it needs ``n >= reach + 2``."""
+    B, S, L = config.chunk_size, config.sink_tokens, config.local_chunks
+    recall = getattr(config, "recall_tokens", 0)
+    if recall:
+        return L * B if S else (L + recall // B) * B
+    return L * B if S >= B else (L + getattr(config, "retrieval_blocks", 0)) * B
+
+
+def teacher_reach(config, gate_open: bool) -> int:
+    """Tokens up to which a BSBR model's logits are its source's (the teacher's), so that the KL to the
+    teacher is 0 there whatever is trained. An open gate (``gate_open``) reads the chunk states from
+    :func:`exact_reach` on; a closed one reads none, and the model first leaves a token unread where more
+    chunks holding a non-sink token lie before the window than ``retrieval_blocks``: ``(local_chunks +
+    retrieval_blocks + sink_tokens // chunk_size) x chunk_size``, or, in the bounded mode, where their
+    non-sink tokens no longer fit in the slots: ``(local_chunks + (recall_tokens + sink_tokens) //
+    chunk_size) x chunk_size``. Within that, every far key must be read at its own distance: learned
+    positions and ``far_positions='absolute'`` do, ``'hybrid'`` within its own-position chunks, and
+    ``'window'`` (like ``'hybrid'`` without such chunks) only for the chunk just before the window, so up
+    to ``(local_chunks + 1) x chunk_size`` tokens."""
+    B, S, L = config.chunk_size, config.sink_tokens, config.local_chunks
+    recall = getattr(config, "recall_tokens", 0)
+    if gate_open:
+        reach = exact_reach(config)
+    elif recall:
+        reach = (L + (recall + S) // B) * B
+    else:
+        reach = (L + getattr(config, "retrieval_blocks", 0) + S // B) * B
+    if getattr(config, "position_type", "learned") != "rope" or config.far_positions == "absolute":
+        return reach
+    own = config.own_position_chunks()
+    return min(reach, (own if own else L + 1) * B)
+
+
+def gate_open(student) -> bool:
+    """Whether any layer of ``student`` reads its chunk states (a gate above 0)."""
+    return any(float(p.detach().max()) > 0 for n, p in student.named_parameters() if n.endswith("retrieval_gate"))
+
+
+def shortest_window(student, params: str) -> int:
+    """The fewest tokens a window needs for ``params`` to learn anything from the KL to the teacher: its
+    logits (all but the last token's) must reach a token where the student is not its teacher, and for
+    ``params="new"`` one where the new pieces are read (:func:`exact_reach`, :func:`teacher_reach`)."""
+    start = teacher_reach(student.config, gate_open(student))
+    if params == "new":
+        start = max(start, exact_reach(student.config))
+    return start + 2
 
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
@@ -263,10 +312,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         raise ValueError("resume continues the checkpoint, overwrite replaces it: give one of them")
     if len(windows) == 0:
         raise ValueError("no training windows")
-    reach, longest = exact_reach(student.config), max(len(w) for w in windows)
-    if cfg.params == "new" and longest <= reach:
-        raise ValueError(f"params='new' on windows of at most {longest} tokens: this student reads every earlier "
-                         f"token exactly up to {reach}, so the new pieces have no effect there")
+    longest = max(len(w) for w in windows)
+    if cfg.params == "new" and longest < shortest_window(student, "new"):
+        raise ValueError(f"params='new' on windows of at most {longest} tokens: the new pieces cannot improve this "
+                         f"student there (windows of {shortest_window(student, 'new')} tokens or more can)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if cfg.bf16 and not _native_bf16():
         # an AVX2-only CPU multiplies bfloat16 matrices in a fallback loop: 1.1 against 53 GFLOP/s in float32
@@ -307,7 +356,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     # every trained parameter gets a gradient in every step (checked for new, all and lora, windows of one
     # chunk or more) but the new pieces on a window within the exact reach, where they have no effect: only
     # then does DDP search the graph for unused parameters
-    unused = min(len(w) for w in windows) <= reach
+    unused = min(len(w) for w in windows) <= exact_reach(student.config) + 1
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=unused) if world > 1 else student
 
     def save(state: dict) -> None:
