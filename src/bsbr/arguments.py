@@ -4,6 +4,7 @@ from, lengths past a position table, text that is not UTF-8) and loaded with one
 here imports torch at module level."""
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -298,6 +299,31 @@ def check_bsbr_dir(path, option: str) -> Path:
     return path
 
 
+def _read_text_file(p: Path, name, option: str) -> tuple:
+    """Read the file ``p`` through once, a block at a time (a large file is never held whole): its size in
+    bytes and whether it holds anything but whitespace; a :class:`UserError` naming ``option`` when it
+    cannot be read, looks binary (a NUL byte in the first 8 KB) or is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size, text = 0, False
+    try:
+        with open(p, "rb") as fh:
+            while True:
+                block = fh.read(1 << 20)
+                if size == 0 and b"\0" in block[:8192]:
+                    raise UserError(f"{option} {name} looks binary (it holds NUL bytes): give text files")
+                held = len(decoder.getstate()[0])  # the last block's bytes of an unfinished character
+                try:
+                    text = bool(decoder.decode(block, final=not block).strip()) or text
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{option} {name} is not UTF-8 text ({e.reason} at byte {size - held + e.start:,})"
+                                    ": save it as UTF-8") from None
+                if not block:
+                    return size, text
+                size += len(block)
+    except OSError as e:  # (permission denied)
+        raise UserError(f"{option} {name}: cannot read it ({e.strerror or e}): give a readable text file") from None
+
+
 def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text-file") -> None:
     """Refuse ``option``'s values that are not regular UTF-8 text files (missing, a directory, a device
     or FIFO, binary: a NUL byte in the first 8 KB, or bytes UTF-8 cannot decode, which would be read
@@ -310,17 +336,8 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
             what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
             raise UserError(f"{option} {f} {what}: give text files")
-        try:
-            data = p.read_bytes()
-        except OSError as e:  # (permission denied)
-            raise UserError(f"{option} {f}: cannot read it ({e.strerror or e}): give a readable text file") from None
-        if b"\0" in data[:8192]:
-            raise UserError(f"{option} {f} looks binary (it holds NUL bytes): give text files")
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{option} {f} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") from None
-        total += len(data) if data.strip() else 0  # (a file of whitespace alone adds no text, only its EOS)
+        size, text = _read_text_file(p, f, option)
+        total += size if text else 0  # (a file of whitespace alone adds no text, only its EOS)
     if files and seq_len is not None and not total:  # (a corpus; a prompt of spaces is still a prompt)
         raise UserError(f"{option}: {'the file holds' if len(files) == 1 else 'the files hold'} only whitespace: give "
                         "some text")

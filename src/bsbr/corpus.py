@@ -10,6 +10,7 @@ split into ``"train"`` (``bsbr distill``, ``bsbr bench quality``) and ``"heldout
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import sysconfig
@@ -68,9 +69,42 @@ def mixed_order(paths: Sequence[Path], seed: int = 0) -> List[Path]:
     return sorted(paths, key=lambda p: _unit_hash(f"{seed}:{Path(p).as_posix()}"))
 
 
-def read_texts(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[str]:
-    """Each file's text, read lazily (UTF-8; undecodable bytes replaced, never an error)."""
-    return (Path(p).read_text(encoding="utf-8", errors="replace") for p in paths)
+PIECE_CHARS = 1 << 20  # a document is tokenized a piece of about this many characters at a time
+
+
+def _file_pieces(path) -> Iterator[str]:
+    """The text of one file, read a piece at a time: pieces of about :data:`PIECE_CHARS` characters that
+    end at a line end (UTF-8; undecodable bytes replaced, never an error)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        carry = ""
+        while True:
+            block = f.read(PIECE_CHARS)
+            if not block:
+                break
+            text = carry + block
+            cut = text.rfind("\n") + 1 or len(text) if len(text) >= PIECE_CHARS else 0
+            carry, text = text[cut:], text[:cut]
+            if text:
+                yield text
+        if carry:
+            yield carry
+
+
+def _str_pieces(text: str) -> Iterator[str]:
+    """A string in pieces of about :data:`PIECE_CHARS` characters ending at a line end (one piece when it is
+    shorter)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = text.rfind("\n", start, start + PIECE_CHARS) + 1 or start + PIECE_CHARS
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def read_texts(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[Iterator[str]]:
+    """Each file as a document read lazily, a piece at a time (see :func:`token_windows`), so that a large
+    file is never held or tokenized whole."""
+    return (_file_pieces(p) for p in paths)
 
 
 def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[str]:
@@ -125,12 +159,14 @@ def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Op
     return stdlib_texts(split, seed=seed), dict(kind="stdlib", split=split, seed=seed, root=str(stdlib_root()))
 
 
-def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Optional[int],
+def token_windows(tokenizer, texts: Iterable[Union[str, Iterable[str]]], seq_len: int, max_windows: Optional[int],
                   stride: Optional[int] = None) -> torch.Tensor:
     """Fixed-length windows of token ids, shape ``(num_windows, seq_len)``.
 
-    Documents are tokenized without special tokens and concatenated with the tokenizer's EOS token
-    after each one (as in packed pretraining): the stream is
+    Documents (each a string, or an iterable of its pieces, as :func:`read_texts` gives a file) are
+    tokenized without special tokens, a piece of about :data:`PIECE_CHARS` characters at a time (a longer
+    string is cut at line ends; the tokens at a cut may differ from the whole string's), and concatenated
+    with the tokenizer's EOS token after each one (as in packed pretraining): the stream is
     ``doc_0, EOS, doc_1, EOS, ...``. Window ``i`` is ``stream[i*stride : i*stride + seq_len]``;
     ``stride`` defaults to ``seq_len`` (non-overlapping). Only full windows are returned, at most
     ``max_windows`` (None = all), and documents are read only until enough tokens are buffered,
@@ -150,20 +186,21 @@ def token_windows(tokenizer, texts: Iterable[str], seq_len: int, max_windows: Op
     buffer: List[int] = []
     start = 0  # where the next window starts in ``buffer``
     out: List[List[int]] = []
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"texts must yield str, got {type(text).__name__}")
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        buffer.append(eos)
-        while start + seq_len <= len(buffer):
-            out.append(buffer[start:start + seq_len])
-            start += stride
-            if max_windows is not None and len(out) >= max_windows:
-                return torch.tensor(out, dtype=torch.long)
-        # drop what no later window can use, so memory stays O(seq_len + one document)
-        dropped = min(start, len(buffer))
-        del buffer[:dropped]
-        start -= dropped
+    for doc in texts:
+        pieces = _str_pieces(doc) if isinstance(doc, str) else doc
+        for i, piece in enumerate(itertools.chain(pieces, [None])):
+            if piece is not None and not isinstance(piece, str):
+                raise TypeError(f"texts must yield str or iterables of str, got {type(piece).__name__}")
+            buffer.extend([eos] if piece is None else tokenizer(piece, add_special_tokens=False)["input_ids"])
+            while start + seq_len <= len(buffer):
+                out.append(buffer[start:start + seq_len])
+                start += stride
+                if max_windows is not None and len(out) >= max_windows:
+                    return torch.tensor(out, dtype=torch.long)
+            # drop what no later window can use, so memory stays O(seq_len + one piece)
+            dropped = min(start, len(buffer))
+            del buffer[:dropped]
+            start -= dropped
     if not out:
         raise ValueError(f"the corpus has only {len(buffer)} tokens: not enough for one window of {seq_len}; "
                          "lower --seq-len or give more text")

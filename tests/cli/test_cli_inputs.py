@@ -370,6 +370,21 @@ def test_text_files_that_are_devices_or_binary_are_refused(models, tmp_path, cap
         assert expect in line
 
 
+def test_a_text_file_is_checked_a_block_at_a_time_to_its_end(models, tmp_path, capsys):
+    """The check read each file whole (with the corpus reader, a 487 MB file took all memory); read in blocks,
+    it still finds a byte that is not UTF-8 past the first block, at its offset, even inside a character
+    that straddles two blocks."""
+    _, converted, _ = models
+    bad = tmp_path / "bad.txt"
+    head = ("é" * ((1 << 19) - 1) + "a").encode()  # 1 MiB - 1 bytes, then the first byte of "ü" ends the block
+    bad.write_bytes(head + "ü".encode()[:1] + b"x")  # ... and the next one begins with "x": cut short
+    line = refused(capsys, ["eval", converted, "--text-file", bad, "--no-passkey"], "eval")
+    assert f"is not UTF-8 text (invalid continuation byte at byte {len(head):,})" in line, line
+    bad.write_bytes(("é" * (1 << 19)).encode() + b"ok \xff")
+    line = refused(capsys, ["eval", converted, "--text-file", bad, "--no-passkey"], "eval")
+    assert f"at byte {(1 << 20) + 3:,})" in line, line
+
+
 def test_text_files_of_whitespace_alone_are_refused_before_loading(models, tmp_path, capsys, monkeypatch):
     # (their bytes passed the size check; the corpus reader then skipped them, after both models had loaded)
     import bsbr.convert.converter as converter
@@ -388,14 +403,14 @@ def test_an_unreadable_text_file_is_named_with_its_option(models, tmp_path, caps
     _, converted, _ = models
     locked = tmp_path / "locked.txt"
     locked.write_text("some text\n")
-    read = Path.read_bytes
+    import bsbr.arguments
 
-    def denied(self):
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return read(self)
+    def denied(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(bsbr.arguments, "open", denied, raising=False)
     line = refused(capsys, ["eval", converted, "--text-file", locked, "--no-passkey"], "eval")
     assert f"--text-file {locked}: cannot read it (Permission denied)" in line
 

@@ -69,6 +69,38 @@ def test_token_windows_shapes_eos_and_determinism():
     assert g[2].tolist() == stream[12:16]
 
 
+class CountingTokenizer(CharTokenizer):
+    """CharTokenizer that records the length of every string it is asked to tokenize."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, add_special_tokens=False):
+        self.calls.append(len(text))
+        return super().__call__(text, add_special_tokens)
+
+
+def test_a_large_document_is_read_and_tokenized_a_piece_at_a_time(tmp_path, monkeypatch):
+    """A 487 MB --text-file was read whole and tokenized as one string to make 2 windows of 96 tokens: killed
+    for memory at 19.9 GB. Now a piece at a time (line ends kept, CRLF read as LF, as before), and no
+    further than the windows need."""
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 100)
+    lines = [f"line {i} " + "x" * (i % 37) + ("\r\n" if i % 3 else "\n") for i in range(400)]
+    path = tmp_path / "big.txt"
+    path.write_bytes("".join(lines).encode() + "no newline at the end".encode())
+    whole = path.read_text(encoding="utf-8")
+    pieces = list(next(corpus.read_texts([path])))
+    assert "".join(pieces) == whole and "\r" not in whole
+    assert all(len(p) <= 2 * 100 for p in pieces) and all(p.endswith("\n") for p in pieces[:-1])
+    tok = CountingTokenizer()
+    assert torch.equal(corpus.token_windows(tok, corpus.read_texts([path]), 8, 3),
+                       corpus.token_windows(CharTokenizer(), [whole], 8, 3))
+    assert sum(tok.calls) <= 200  # two pieces at most for 24 tokens, not the whole file
+    tok = CountingTokenizer()  # a long string (a dataset row) is cut the same way
+    w = corpus.token_windows(tok, [whole, "abc"], 8, None)
+    assert max(tok.calls) <= 100 and torch.equal(w, corpus.token_windows(CharTokenizer(), [whole, "abc"], 8, None))
+
+
 def test_token_windows_errors():
     with pytest.raises(ValueError, match="seq_len"):
         corpus.token_windows(CharTokenizer(), ["abc"], 1, 1)
