@@ -266,14 +266,17 @@ def _main(argv) -> int:
 
             hf_logging.disable_progress_bar()
     # bsbr's progress at INFO; other libraries' only from WARNING on (torch logs cache statistics at exit)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("bsbr").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # under torchrun, the processes past the first say only what goes wrong, and say which process they are
+    rank = _rank(args)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") + ": %(message)s")
+    logging.getLogger("bsbr").setLevel(logging.DEBUG if verbose else logging.INFO if not rank else logging.WARNING)
     if not getattr(args, "func", None):
         # no command, or a command with subcommands (bench) given none: its help, on stderr
         (parser.commands.choices[args.command] if args.command else parser).print_help(sys.stderr)
         return EXIT_USAGE
-    name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)]))
+    name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)])) + (f" (rank {rank})" if rank
+                                                                                          else "")
     stdout = sys.stdout
     if args.command != "generate":
         sys.stdout = _ClosedPipeIgnored(stdout)
@@ -285,6 +288,13 @@ def _main(argv) -> int:
     finally:
         if isinstance(sys.stdout, _ClosedPipeIgnored):
             sys.stdout = stdout
+
+
+def _rank(args) -> int:
+    """This process's rank in a data-parallel ``bsbr distill`` under torchrun (0 otherwise)."""
+    if args.command != "distill" or int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        return 0
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _run_command(args, name: str, verbose: bool) -> int:

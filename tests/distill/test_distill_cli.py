@@ -521,3 +521,40 @@ def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp
     line = refused(capsys, args, "distill", models[1])
     assert "is given twice" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_under_torchrun_leaves_the_other_saying_how_to_resume(models, text, tmp_path):
+    """kill -9 of one process: the other printed "internal error RuntimeError: [...gloo...] Connection closed
+    by peer (... report it)" though its checkpoint resumed correctly; each process also printed every log line."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "out"
+    argv = distill_args(models, text, out, "--steps", "100000", "--checkpoint-every", "1")
+    argv[argv.index("--seq-len") + 1] = "88"
+    run = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "bsbr.cli", *argv],
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint" / "manifest.json").is_file():
+            assert run.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [p for p in children if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+        assert len(rank1) == 1, children
+        os.kill(int(rank1[0]), signal.SIGKILL)
+        _, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    lines = [x for x in err.splitlines() if x.startswith("bsbr distill")]
+    # (torchrun also sends the survivor SIGTERM: it may stop there, after its checkpoint, as on Ctrl-C)
+    assert any(x.startswith(("bsbr distill: error: another process of this run stopped", "bsbr distill: interrupted"))
+               and "holds step" in x and "resume with: torchrun --nproc_per_node 2 -m bsbr.cli distill" in x
+               for x in lines), err
+    assert "internal error" not in err and "(rank 1)" not in err.replace("(rank 1): error", ""), err
+    assert err.count("training windows of 88 tokens") == 1, err  # rank 0's log alone

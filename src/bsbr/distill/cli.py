@@ -203,6 +203,13 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
             raise
         raise UserError(f"{' '.join(str(e).split())[:200]}; checkpoint {ckpt} holds step {step}: once there is room, "
                         f"resume with: {_resume_command(args)}") from e
+    except RuntimeError as e:  # under torchrun: another process of the run died, and its connection with it
+        if not _peer_failed(e):
+            raise
+        step = _checkpoint_step(ckpt, before)
+        raise UserError(f"another process of this run stopped ({' '.join(str(e).split())[:120]}); "
+                        + (f"checkpoint {ckpt} holds step {step}: resume with: {_resume_command(args)}"
+                           if step is not None else "no checkpoint was written: run the command again")) from e
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: after a step and its checkpoint, or at any other moment
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if isinstance(e, DistillInterrupted):
@@ -217,6 +224,16 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         return 130
+
+
+def _peer_failed(error: RuntimeError) -> bool:
+    """Whether ``error`` is the process group losing another process of a data-parallel run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
+        s in str(error) for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def _checkpoint_step(ckpt: Path, before) -> Optional[int]:
