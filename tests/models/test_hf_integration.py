@@ -57,6 +57,30 @@ def test_generate_continues_a_returned_cache(model):
     assert torch.equal(out, ref[:, -9:])
 
 
+def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
+    """Only the new tokens, more of them than the cache had read: transformers took them for the whole text and
+    dropped as many as the cache held, silently. The cache's last ids tell the two apart."""
+    ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, **GEN)
+    ref = model.generate(ids, **kw)[:, -6:]
+    for held in (3, 10, 15, 20):
+        with torch.no_grad():
+            cache = model(ids[:, :held], use_cache=True).cache
+        assert torch.equal(model.generate(ids[:, held:], cache=cache, **kw)[:, -6:], ref), held  # new tokens only
+        with torch.no_grad():
+            cache = model(ids[:, :held], use_cache=True).cache
+        assert torch.equal(model.generate(ids, cache=cache, **kw)[:, -6:], ref), held  # the whole text
+    with torch.no_grad():
+        cache = model(ids[:, :10], use_cache=True).cache
+    mixed = torch.cat([ids[:1], torch.cat([ids[1:, 10:], ids[1:, :10]], 1)])  # row 0 whole, row 1 new tokens
+    with pytest.raises(ValueError, match="in some rows and not in others"):
+        model.generate(mixed, cache=cache, **kw)
+    with torch.no_grad():  # a cache built from embeddings knows no ids: the whole text, as transformers reads it
+        cache = model(inputs_embeds=model.get_input_embeddings()(ids[:, :10]), use_cache=True).cache
+    assert cache.last_ids is None
+    assert torch.equal(model.generate(ids, cache=cache, **kw)[:, -6:], ref)
+
+
 def test_generate_from_inputs_embeds_equals_from_ids(model):
     ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)

@@ -117,18 +117,45 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
         return x + self.mlp(self.mlp_norm(x)), state
 
 
+TAIL_IDS = 8  # input ids a cache remembers, to tell the whole text from new tokens alone
+
+
 class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
     holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
     transformers' caches are; to continue one prefix twice, continue a copy:
-    ``BSBRCache([s.select(torch.arange(batch)) for s in cache.states], cache.n_positions)``."""
+    ``BSBRCache([s.select(torch.arange(batch)) for s in cache.states], cache.n_positions, cache.last_ids)``.
+    ``last_ids``: the last :data:`TAIL_IDS` input ids it consumed (None: not known), by which ``generate``
+    tells the whole text from the new tokens alone."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, states: List[BSBRState], n_positions: int = 0):
+    def __init__(self, states: List[BSBRState], n_positions: int = 0, last_ids: Optional[torch.Tensor] = None):
         self.states = states
         self.n_positions = n_positions  # input positions consumed, padding included
+        self.last_ids = last_ids
+
+    def consumed(self, input_ids: Optional[torch.Tensor], n: int) -> None:
+        """Count ``n`` more input positions, whose ids are ``input_ids`` (None: inputs_embeds, not known)."""
+        known = self.last_ids if self.last_ids is not None or self.n_positions == 0 else None
+        ids = None if input_ids is None else input_ids if known is None else torch.cat([known, input_ids], 1)
+        self.last_ids = None if ids is None or (known is None and self.n_positions and n < TAIL_IDS) \
+            else ids[:, -TAIL_IDS:]
+        self.n_positions += n
+
+    def new_tokens_only(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids``, longer than what the cache consumed, holds only new tokens (True) rather than
+        the cache's text and new tokens (False, as transformers passes it): by the ids at the cache's last
+        positions. False when they are not known (a cache built from inputs_embeds) or the input is shorter."""
+        n, tail = self.n_positions, self.last_ids
+        if tail is None or input_ids.shape[1] <= n:
+            return False
+        same = (input_ids[:, n - tail.shape[1]:n] == tail.to(input_ids.device)).all(-1)
+        if bool(same.all()) or not bool(same.any()):
+            return not bool(same.any())
+        raise ValueError("input_ids continue the cache's text in some rows and not in others: pass the whole text "
+                         "(the tokens the cache read, then the new ones) in every row, or only the new tokens")
 
     @property
     def n_seen(self) -> torch.Tensor:
@@ -147,6 +174,8 @@ class BSBRCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.states = [s.select(beam_idx) for s in self.states]
+        if self.last_ids is not None:
+            self.last_ids = self.last_ids[beam_idx.to(self.last_ids.device)]
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
@@ -463,9 +492,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             hidden[-1] = x
         new_cache = None
         if streaming:  # the cache passed in is advanced and returned, as transformers' caches are
-            cache.states, cache.n_positions, new_cache = states, cache.n_positions + n, cache
+            cache.states, new_cache = states, cache
+            cache.consumed(input_ids, n)
         elif use_cache:
-            new_cache = BSBRCache(states, n)
+            new_cache = BSBRCache(states)
+            new_cache.consumed(input_ids, n)
         out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
                                       hidden_states=tuple(hidden) if hidden else None)
         return self._returned(out, return_dict)
@@ -567,9 +598,11 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
-        if next_sequence_length is not None and next_sequence_length <= 0:
-            # transformers' prefill asks to drop the cache's length from an input no longer than it: the input
-            # holds only the new tokens (passed without the whole mask), so none is dropped
+        if next_sequence_length is not None and cache is not None and input_ids is not None and \
+                (next_sequence_length <= 0 or cache.new_tokens_only(input_ids)):
+            # transformers' prefill drops the cache's length from the input: right for the whole text, but an
+            # input no longer than the cache, or one whose ids at the cache's last positions are not the ones it
+            # read, holds only the new tokens (passed without the whole mask), so none is dropped
             next_sequence_length = None
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, cache=cache,
                                                      attention_mask=attention_mask, inputs_embeds=inputs_embeds,
