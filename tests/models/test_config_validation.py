@@ -168,3 +168,23 @@ def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog)
     caplog.clear()
     assert "window_scored_blocks" not in BSBRConfig(retrieval_blocks=8, window_scored_blocks=0).to_dict()
     assert not caplog.text
+
+
+def test_legacy_rope_keys_are_read_not_dropped(tmp_path):
+    """A top-level rope_theta (code or a config.json written for older transformers) was dropped for the
+    default 10,000: the model loaded without a word and its logits moved by up to 6."""
+    from model_sources import make_source
+
+    assert BSBRConfig(position_type="rope", rope_theta=500.0).rope_parameters == {"rope_type": "default",
+                                                                                  "rope_theta": 500.0}
+    assert BSBRConfig(position_type="rope", rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0}
+                      ).rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}
+    model = convert_to_bsbr(make_source("llama"), chunk_size=16)  # rope_theta 500
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -169,8 +169,15 @@ class BSBRConfig(PretrainedConfig):
         if compression_factor is not None and features % compression_factor:
             raise ValueError(f"compression_factor ({compression_factor}) must divide the chunk states' feature dim "
                              f"({features}: head_dim {head_dim}{' x 2 for hedgehog' if features > head_dim else ''})")
+        # the legacy keys (a config.json or code written for older transformers): rope_parameters's parts
+        theta, scaling = kwargs.pop("rope_theta", None), kwargs.pop("rope_scaling", None)
         if position_type == "rope" and rope_parameters is None:
-            rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+            rope_parameters = dict(scaling or {})
+            rope_parameters["rope_type"] = rope_parameters.pop("type", rope_parameters.get("rope_type", "default"))
+            rope_parameters.setdefault("rope_theta", 10000.0 if theta is None else theta)
+        elif theta is not None or scaling is not None:
+            logger.warning("rope_theta / rope_scaling are ignored: %s", "rope_parameters is given"
+                           if rope_parameters is not None else f"position_type is {position_type!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -214,7 +221,6 @@ class BSBRConfig(PretrainedConfig):
                            retrieval_blocks)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        # checked once transformers has merged legacy keys (rope_theta, rope_scaling) into rope_parameters
         rope = self.rope_parameters
         if rope is not None and not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be None or a dict, got {type(rope).__name__}")
