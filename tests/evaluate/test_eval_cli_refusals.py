@@ -375,3 +375,33 @@ def test_lm_eval_task_dir_names_a_killed_runs_leftover(saved, tmp_path, capsys, 
     (task / ".bsbr-results.tmp-ab12cd34").mkdir(parents=True)
     _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY],
              "left by a bsbr command that was killed", "remove .bsbr-results.tmp-ab12cd34")
+
+
+def test_lm_eval_task_dir_refuses_a_model_its_command_could_not_run(saved, tmp_path, capsys):
+    """The task path loaded only the tokenizer: it wrote the task and printed a command (exit 0) for a model
+    with pickled weights alone, a config.json the model refuses, or lengths past an absolute position table."""
+    import shutil
+
+    from bsbr.convert import convert_to_bsbr
+
+    def copy(name):
+        shutil.copytree(saved / "conv", tmp_path / name)
+        return tmp_path / name
+
+    pickled = copy("pickled")
+    for f in pickled.glob("*.safetensors"):
+        f.rename(f.with_name("pytorch_model.bin"))
+    broken = copy("broken")
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "chunk_size": -4}))
+    table = tmp_path / "table"
+    convert_to_bsbr(make_source("gpt2"), chunk_size=8, position_scheme="absolute").save_pretrained(table)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (saved / "conv" / name).exists():
+            shutil.copy(saved / "conv" / name, table)
+    for model, words in ((pickled, ["no .safetensors weights"]), (broken, ["chunk_size", "convert it again"]),
+                         (table, ["--passkey-lengths 96 needs 95 positions", "64 learned positions"])):
+        task = tmp_path / f"task_{model.name}"
+        _refused(capsys, ["eval", str(model), "--lm-eval-task-dir", str(task), *PASSKEY], *words)
+        assert not task.exists()
+    assert main(["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task"), *PASSKEY]) == 0

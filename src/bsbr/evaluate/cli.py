@@ -166,6 +166,22 @@ def _filler(text: str) -> str:
     return text
 
 
+def _check_loadable(model) -> None:
+    """Refuse, without loading its weights, a saved BSBR model whose config.json holds values the model
+    refuses, or which has no safetensors weights (pickled checkpoints are never loaded)."""
+    from ..models.bsbr.configuration_bsbr import BSBRConfig
+
+    path = Path(os.path.expanduser(str(model)))
+    try:
+        BSBRConfig.from_pretrained(path)
+    except (ValueError, TypeError, OSError) as e:
+        raise UserError(f"MODEL {model}: its config.json does not make a model ({' '.join(str(e).split())[:200]}): "
+                        "convert it again") from None
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"MODEL {model} has no .safetensors weights (pickled checkpoints are never loaded): save it "
+                        "with save_pretrained, or convert it again")
+
+
 def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
     yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
     longest = max(passkey["lengths"]) + passkey["max_new_tokens"]
@@ -261,9 +277,11 @@ def cmd_eval(args) -> int:
     # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its
     # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
-    if passkey is not None and not args.lm_eval_task_dir and set(args.passkey_models or ["bsbr"]) != {"source"}:
+    if passkey is not None and (args.lm_eval_task_dir or set(args.passkey_models or ["bsbr"]) != {"source"}):
         lengths += [(f"--passkey-lengths {n:,}", n - 1) for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)
+    if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
+        _check_loadable(args.model)
     if not (args.passkey_only or args.lm_eval_task_dir):
         check_dataset(args.dataset, args.dataset_config, args.dataset_split or "test", args.text_column or "text")
     if passkey is not None:  # before any model is loaded
