@@ -155,3 +155,28 @@ def test_metrics_aggregate_per_length_and_filler(word_tokenizer, tmp_path):
     res = out["results"]["bsbr_passkey"]
     assert (res["passkey_len96,none"], res["passkey_len128,none"]) == (1.0, 0.0)
     assert res["passkey,none"] == res["passkey_classic,none"] == res["passkey_random,none"] == 0.5
+
+
+@pytest.mark.parametrize("bad, words", [(dict(max_new_tokens=0), "max_new_tokens"),
+                                        (dict(max_new_tokens=-1), "max_new_tokens"),
+                                        (dict(lengths=[96, 96]), "lengths holds a value twice"),
+                                        (dict(depths=[0.5, 0.5]), "depths holds a value twice")])
+def test_the_task_refuses_what_the_command_refuses(word_tokenizer, tmp_path, bad, words):
+    # the Python API wrote max_gen_toks 0 or -1 (a key that can never be found) and the same document twice
+    kw = {**dict(lengths=[96], depths=[0.5], trials=1, fillers=["classic"]), **bad}
+    with pytest.raises(ValueError, match=words):
+        lm_eval_task.write_lm_eval_task(tmp_path / "task", word_tokenizer, **kw)
+    assert not (tmp_path / "task").exists()
+
+
+def test_the_task_prompts_are_the_tokens_bsbr_eval_reads(word_tokenizer, tmp_path):
+    """Decoded with its special tokens skipped, a prompt lost the <unk> tokens of its filler (the word
+    tokenizer's random filler: 295 tokens in bsbr eval, 130 through lm-eval)."""
+    lm_eval_task.write_lm_eval_task(tmp_path / "task", word_tokenizer, lengths=[300], depths=[0.5], trials=2,
+                                    fillers=["classic", "random"], max_new_tokens=4)
+    rows = [json.loads(line) for line in (tmp_path / "task" / "bsbr_passkey.jsonl").read_text().splitlines()]
+    prompts = list(passkey.grid_prompts(word_tokenizer, [300], [0.5], 2, 0, 4, ["classic", "random"]))
+    assert any(word_tokenizer.unk_token_id in p.input_ids for p in prompts)  # the case this checks
+    for r, p in zip(rows, prompts):
+        assert word_tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] == list(p.input_ids)
+        assert r["prompt_tokens"] == p.length

@@ -6,6 +6,7 @@ How to run it with lm-eval's ``HFLM``, and its ``max_length`` and BOS caveats: d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Sequence, Union
 from ..outputs import staged_dir, write_together
 from .filler import DEFAULT_FILLERS, Filler
 from .passkey import DEFAULT_DEPTHS, filler_sources, grid_prompts, passkey_found
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "bsbr_passkey"
 METRIC = "passkey"
@@ -68,6 +71,19 @@ def process_results(doc: dict, results: Sequence[str]) -> dict:
     return {METRIC: hit, **{name: hit for name in metric_names(doc["length"], doc["filler"])}}
 
 
+def _without_bos(tokenizer, ids) -> list:
+    """``ids`` without a leading BOS token (lm-eval adds the model's own when it encodes a prompt)."""
+    ids = list(ids)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ids[1:] if ids and bos is not None and ids[0] == bos else ids
+
+
+def _prompt_text(tokenizer, ids) -> str:
+    """A prompt's text for the task: its tokens without a leading BOS, special tokens kept (an ``<unk>`` the
+    filler held is one: skipped, the prompt lost it, and lm-eval read fewer tokens than bsbr eval)."""
+    return tokenizer.decode(_without_bos(tokenizer, ids), skip_special_tokens=False)
+
+
 def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_TASK_LENGTHS,
                        depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0,
                        fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, max_new_tokens: int = 8,
@@ -78,10 +94,16 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     if not task.isidentifier():
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
     sources = filler_sources(fillers)
-    rows = [json.dumps(dict(prompt=tokenizer.decode(p.input_ids, skip_special_tokens=True), key=p.key,
-                            length=p.target_length, depth=p.depth, trial=p.meta["trial"], filler=p.meta["filler"],
-                            prompt_tokens=p.length)) + "\n"
-            for p in grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources)]
+    prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
+    texts = [_prompt_text(tokenizer, p.input_ids) for p in prompts]
+    changed = sum(tokenizer(t, add_special_tokens=False)["input_ids"] != _without_bos(tokenizer, p.input_ids)
+                  for t, p in zip(texts, prompts))
+    if changed:
+        logger.warning("%d of %d pass-key prompts read back as other tokens through this tokenizer's text: lm-eval "
+                       "may score them differently from bsbr eval", changed, len(prompts))
+    rows = [json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth, trial=p.meta["trial"],
+                            filler=p.meta["filler"], prompt_tokens=p.length)) + "\n"
+            for text, p in zip(texts, prompts)]
     task_dir = Path(task_dir).expanduser()
     data = task_dir.resolve() / f"{task}.jsonl"  # where it will be: the YAML names it
     names = [METRIC] + [metric_names(L, "")[0] for L in lengths] + [metric_names(0, f.name)[1] for f in sources]

@@ -172,6 +172,11 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
         raise ValueError(f"trials must be a positive int, got {trials!r}")
     if not lengths or not depths:
         raise ValueError("lengths and depths must be non-empty")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int (room for the answer), got {max_new_tokens!r}")
+    for name, values in (("lengths", list(map(int, lengths))), ("depths", list(map(float, depths)))):
+        if len(set(values)) < len(values):  # the same prompts twice, counted twice
+            raise ValueError(f"{name} holds a value twice: {values}")
     sources = filler_sources(fillers)
     for length in map(int, lengths):
         for depth in map(float, depths):
