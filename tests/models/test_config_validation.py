@@ -118,6 +118,10 @@ def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
             load(tmp_path)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_bsbr_model(tmp_path)
+    # asked for by name, the pickle was loaded (through torch's restricted unpickler), as the docs say it never is
+    for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="use_safetensors=False"):
+            load(tmp_path, use_safetensors=False)
 
 
 def test_the_special_token_ids_are_declared_like_a_sources():

@@ -290,15 +290,17 @@ class BSBRPreTrainedModel(PreTrainedModel):
         transformers' behaviour.
 
         Weights load from safetensors only, as with :func:`bsbr.load_bsbr_model` (a ``.bin`` checkpoint is a
-        pickle): ``use_safetensors`` defaults to True here; pass it explicitly to choose otherwise."""
+        pickle, never loaded, even through torch's restricted unpickler): ``use_safetensors=False`` is refused."""
         where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
         local = Path(where, kwargs.get("subfolder") or "") if isinstance(where, (str, os.PathLike)) else None
         if local is not None and (local / "config.json").is_file() and kwargs.get("config") is None:
             refuse_other_model_type(local)
-        if kwargs.get("use_safetensors") is None:
-            kwargs["use_safetensors"] = True
-            if local is not None:
-                refuse_pickled_weights(local)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("use_safetensors=False: a BSBR model loads from safetensors only (a .bin checkpoint is "
+                             "a pickle); save it with save_pretrained, which writes safetensors")
+        kwargs["use_safetensors"] = True
+        if local is not None:
+            refuse_pickled_weights(local)
         if not strict:
             return super().from_pretrained(*args, **kwargs)
         if local is not None:
