@@ -558,3 +558,36 @@ def test_a_process_that_dies_under_torchrun_leaves_the_other_saying_how_to_resum
                for x in lines), err
     assert "internal error" not in err and "(rank 1)" not in err.replace("(rank 1): error", ""), err
     assert err.count("training windows of 88 tokens") == 1, err  # rank 0's log alone
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_before_loading(models, text, tmp_path, capsys,
+                                                                              monkeypatch):
+    """It was refused only after both models loaded and the text was tokenized, without saying how to resume."""
+    import bsbr.distill.cli as cli
+
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", None)  # a model loaded first: TypeError, not the refusal
+    monkeypatch.setattr(cli, "load_model_arg", None)
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
+    assert "written by a run of 1 process(es), this one has 2" in line and "without torchrun" in line, line
+
+
+def test_a_rotary_teacher_run_past_its_positions_is_named(models, text, tmp_path, caplog):
+    # GPT-2's learned table is refused; a rotary teacher ran past its max_position_embeddings without a word
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model_sources import VOCAB, randomize
+
+    src, conv = tmp_path / "src", tmp_path / "conv"
+    randomize(LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                           bos_token_id=1, eos_token_id=2))).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (models[0] / name).exists():
+            shutil.copy(models[0] / name, src)
+    assert main(["convert", str(src), str(conv), "--chunk-size", "8", "--retrieval-blocks", "1"]) == 0
+    with caplog.at_level("WARNING", logger="bsbr.distill.cli"):
+        assert main(distill_args((src, conv, None), text, tmp_path / "out", "--steps", "1")) == 0
+    assert "--seq-len 96 runs the teacher past its 64 positions" in caplog.text, caplog.text

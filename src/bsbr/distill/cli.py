@@ -188,6 +188,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         run = _settings(args)
         if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: the trainer warns)
             run["student_config"] = _student_config(student_dir)
+        run["world_size"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
         check_same_run(saved, cfg, run, ckpt)
         check_work_left(saved, cfg, out)
     check_recorded_source(student_dir, args.teacher, option="--teacher", force=args.force)
@@ -280,6 +281,11 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     if note:
         logger.warning(note)
     check_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (once it is the student's source)
+    rotary_table = getattr(teacher.config, "max_position_embeddings", None)
+    if getattr(teacher.config, "model_type", None) != "gpt2" and rotary_table and args.seq_len > rotary_table:
+        logger.warning("--seq-len %d runs the teacher past its %d positions (max_position_embeddings), where its "
+                       "own predictions degrade, and the student learns to imitate them there", args.seq_len,
+                       rotary_table)
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)

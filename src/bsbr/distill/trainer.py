@@ -104,6 +104,11 @@ def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) 
     run's settings, fingerprints and student config; any subset of them) and the config (but
     :data:`RESUMABLE_CHANGES`). ``saved``: the checkpoint's progress."""
     old_run, old_cfg = saved.get("run") or {}, saved.get("config") or {}
+    was, now = old_run.get("world_size"), run.get("world_size")
+    if was is not None and now is not None and was != now:  # the data order follows the number of processes
+        how = "in one process, without torchrun" if was == 1 else f"under torchrun --nproc_per_node {was}"
+        raise CheckpointError(f"checkpoint {directory} was written by a run of {was} process(es), this one has {now}: "
+                              f"resume it {how}, or start a new --output")
     diffs = []
     for k, v in run.items():
         old = old_run.get(k)
@@ -317,6 +322,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         raise ValueError(f"params='new' on windows of at most {longest} tokens: the new pieces cannot improve this "
                          f"student there (windows of {shortest_window(student, 'new')} tokens or more can)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if len(windows) < world and rank == 0:
+        logger.warning("%d training windows for %d processes: some processes train on the same window in each step "
+                       "(give more text or a larger --max-windows)", len(windows), world)
     if cfg.bf16 and not _native_bf16():
         # an AVX2-only CPU multiplies bfloat16 matrices in a fallback loop: 1.1 against 53 GFLOP/s in float32
         # (576 x 1536 weights, 1,024 rows, one thread)
