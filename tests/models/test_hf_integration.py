@@ -400,3 +400,12 @@ def test_logits_to_keep_as_positions_and_hidden_states_from_the_config():
         torch.testing.assert_close(kept, full[:, [0, 5, 12]])
         model.config.output_hidden_states = True
         assert len(model(ids).hidden_states) == model.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("option", ["prompt_lookup_num_tokens", "assistant_model"])
+def test_assisted_generation_is_refused_in_words(model, option):
+    # transformers said only "Assisted decoding requires a cache"
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    value = 3 if option == "prompt_lookup_num_tokens" else model
+    with pytest.raises(ValueError, match=f"{option}: assisted generation is not supported"):
+        model.generate(ids, max_new_tokens=3, **{option: value}, **GEN)
