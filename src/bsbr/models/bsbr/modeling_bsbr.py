@@ -570,18 +570,18 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         or clamp): only learned ``absolute`` positions end there."""
         return self.config.position_type == "rope" or self.config.position_scheme != "absolute"
 
-    def generate(self, *args, **kwargs):
-        """transformers' ``generate``; assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``,
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        """transformers' check of the mode; assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``,
         ``assistant_early_exit``) is refused in words: it rolls the cache back to drop rejected tokens, which a
         BSBR cache, like every stateful model's, cannot do (transformers said "Assisted decoding requires a cache")."""
-        config = kwargs.get("generation_config") or self.generation_config
-        asked = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-                 if kwargs.get(name) is not None or getattr(config, name, None) is not None]
-        if asked:
-            raise ValueError(f"{asked[0]}: assisted generation is not supported by BSBR models: it drops rejected "
+        if "ASSISTED" in getattr(generation_mode, "name", str(generation_mode)).upper():
+            asked = next((name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+                          if generation_mode_kwargs.get(name) is not None
+                          or getattr(generation_config, name, None) is not None), "assisted generation")
+            raise ValueError(f"{asked}: assisted generation is not supported by BSBR models: it drops rejected "
                              "tokens by rolling the cache back, which a BSBR cache (chunk states, a recall cache) "
                              "cannot do; generate without it")
-        return super().generate(*args, **kwargs)
+        return super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
     def _prepare_generated_length(self, generation_config, has_default_max_length, *args, **kwargs):
         """transformers caps a generation of default length (20 new tokens) at ``max_position_embeddings``
