@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
 #   absolute: refuse longer inputs; clamp: every later token gets the last position;
-#   wrap: chunk-aligned wrap-around, positions restart at a multiple of chunk_size inside the table
+#   wrap: every position inside the table is its own; past it, position p takes p mod the table rounded down
+#   to whole chunks (chunk-aligned when chunk_size divides the table, as 256 divides GPT-2's 1,024)
 POSITION_SCHEMES = ("absolute", "clamp", "wrap")
 NORM_TYPES = ("layernorm", "rmsnorm")
 MLP_TYPES = ("standard", "gated")
