@@ -292,9 +292,12 @@ def _main(argv) -> int:
 
 def _rank(args) -> int:
     """This process's rank in a data-parallel ``bsbr distill`` under torchrun (0 otherwise)."""
-    if args.command != "distill" or int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+    try:
+        if args.command != "distill" or int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+            return 0
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:  # (not torchrun's: torch.distributed refuses them in the command, in one line)
         return 0
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _run_command(args, name: str, verbose: bool) -> int:

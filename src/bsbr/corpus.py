@@ -9,6 +9,7 @@ split into ``"train"`` (``bsbr distill``, ``bsbr bench quality``) and ``"heldout
 """
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import itertools
 import logging
@@ -107,7 +108,7 @@ def read_texts(paths: Iterable[Union[str, os.PathLike]]) -> Iterator[Iterator[st
     return (_file_pieces(p) for p in paths)
 
 
-def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[str]:
+def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[Iterator[str]]:
     """The default corpus: the texts of :func:`stdlib_files` in :func:`mixed_order`."""
     files = stdlib_files(split)
     if not files:
@@ -187,6 +188,8 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterable[str]]], seq_len
     start = 0  # where the next window starts in ``buffer``
     out: List[List[int]] = []
     for doc in texts:
+        if not isinstance(doc, (str, collections.abc.Iterator)):  # (a dict or list: read as its keys or items)
+            raise TypeError(f"texts must yield str or iterators of str pieces, got {type(doc).__name__}")
         pieces = _str_pieces(doc) if isinstance(doc, str) else doc
         for i, piece in enumerate(itertools.chain(pieces, [None])):
             if piece is not None and not isinstance(piece, str):

@@ -543,3 +543,18 @@ def test_the_reaches_are_where_the_logits_first_change(family, options):
         s_new = student(ids).logits
     assert _first_change(s, s_new) == exact_reach(student.config)
     assert _first_change(t, s_new) == teacher_reach(student.config, True)
+
+
+def test_a_student_without_a_gate_reads_its_states_from_the_exact_reach():
+    """gate_init=None builds no gate, so the states are always read: the window rule took it for a closed gate
+    and refused windows that train (sinks filling chunks, absolute positions: 22 tokens asked for, 10 enough)."""
+    from bsbr.distill.trainer import exact_reach, gate_open, shortest_window, teacher_reach
+
+    teacher = make_source("llama")
+    student = convert_to_bsbr(teacher, chunk_size=4, sink_tokens=8, retrieval_blocks=1, far_positions="absolute",
+                              gate_init=None).eval()
+    assert gate_open(student)
+    ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _first_change(teacher(ids).logits, student(ids).logits) == teacher_reach(student.config, True) == 8
+    assert exact_reach(student.config) == 8 and shortest_window(student, "new") == shortest_window(student, "all") == 10

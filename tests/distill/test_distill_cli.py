@@ -591,3 +591,13 @@ def test_a_rotary_teacher_run_past_its_positions_is_named(models, text, tmp_path
     with caplog.at_level("WARNING", logger="bsbr.distill.cli"):
         assert main(distill_args((src, conv, None), text, tmp_path / "out", "--steps", "1")) == 0
     assert "--seq-len 96 runs the teacher past its 64 positions" in caplog.text, caplog.text
+
+
+def test_a_rank_that_is_not_a_number_is_one_line(models, text, tmp_path, capsys, monkeypatch):
+    # the rank-aware logging read RANK before the error boundary: a traceback
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "first")
+    capsys.readouterr()
+    assert main(distill_args(models, text, tmp_path / "out", "--steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("bsbr distill: error:") == 1, err

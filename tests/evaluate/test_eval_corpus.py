@@ -114,6 +114,9 @@ def test_token_windows_errors():
 
     with pytest.raises(ValueError, match="eos"):
         corpus.token_windows(NoEos(), ["abc"], 2, 1)
+    # a row of a dataset passed whole (a dict) was read as its keys: the word "text"
+    with pytest.raises(TypeError, match="got dict"):
+        corpus.token_windows(CharTokenizer(), [{"text": "abc def"}], 2, 1)
 
 
 def test_stdlib_texts_windows_with_a_real_tokenizer(word_tokenizer):

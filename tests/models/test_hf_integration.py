@@ -59,7 +59,7 @@ def test_generate_continues_a_returned_cache(model):
 
 def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
     """Only the new tokens, more of them than the cache had read: transformers took them for the whole text and
-    dropped as many as the cache held, silently. The cache's last ids tell the two apart."""
+    dropped as many as the cache held, silently. A hash of the ids the cache read tells the two apart."""
     ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(5))
     kw = dict(max_new_tokens=6, **GEN)
     ref = model.generate(ids, **kw)[:, -6:]
@@ -72,12 +72,28 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
         assert torch.equal(model.generate(ids, cache=cache, **kw)[:, -6:], ref), held  # the whole text
     with torch.no_grad():
         cache = model(ids[:, :10], use_cache=True).cache
-    mixed = torch.cat([ids[:1], torch.cat([ids[1:, 10:], ids[1:, :10]], 1)])  # row 0 whole, row 1 new tokens
-    with pytest.raises(ValueError, match="in some rows and not in others"):
-        model.generate(mixed, cache=cache, **kw)
+    # new tokens that repeat the cache's last ids where a whole text would hold them (only the whole text read
+    # can tell): a cache of 4 random tokens then 8 fives, then 20 fives, or in a batch beside a random row
+    text = torch.cat([ids[:, :4], torch.full((2, 28), 5)], 1)
+    ref_text = model.generate(text, **kw)[:, -6:]
+    for rows in (torch.tensor([0]), torch.tensor([0, 1])):
+        with torch.no_grad():
+            cache = model(text[rows, :12], use_cache=True).cache
+        assert torch.equal(model.generate(text[rows, 12:], cache=cache, **kw)[:, -6:], ref_text[rows])
+    with torch.no_grad():  # a batch of an ambiguous row (its new tokens begin with its cached text) and a plain one
+        cache = model(torch.stack([torch.full((12,), 5), ids[1, :12]]), use_cache=True).cache
+    new = torch.stack([torch.full((18,), 5), ids[1, 12:30]])
+    whole = torch.cat([torch.stack([torch.full((12,), 5), ids[1, :12]]), new], 1)
+    assert torch.equal(model.generate(new, cache=cache, **kw)[:, -6:], model.generate(whole, **kw)[:, -6:])
+    with torch.no_grad():  # a fork of some rows, reordered, continued with the whole text or the new tokens
+        cache = model(ids[:, :10], use_cache=True).cache
+    for rows in (torch.tensor([1, 0]), torch.tensor([1])):
+        ref_rows = model.generate(ids[rows], **kw)[:, -6:]
+        assert torch.equal(model.generate(ids[rows], cache=cache.select(rows), **kw)[:, -6:], ref_rows)
+        assert torch.equal(model.generate(ids[rows, 10:], cache=cache.select(rows), **kw)[:, -6:], ref_rows)
     with torch.no_grad():  # a cache built from embeddings knows no ids: the whole text, as transformers reads it
         cache = model(inputs_embeds=model.get_input_embeddings()(ids[:, :10]), use_cache=True).cache
-    assert cache.last_ids is None
+    assert cache.digest is None
     assert torch.equal(model.generate(ids, cache=cache, **kw)[:, -6:], ref)
 
 
@@ -373,14 +389,12 @@ def test_explicit_positions_do_not_move_the_far_chunks():
 
 
 def test_a_forward_advances_the_cache_it_is_given_and_a_copy_forks_it():
-    from bsbr.models.bsbr.modeling_bsbr import BSBRCache
-
     model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, sink_tokens=1, retrieval_blocks=1)
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model(ids[:, :9]).cache
-        fork = BSBRCache([s.select(torch.arange(2)) for s in cache.states], cache.n_positions)
-        swapped = BSBRCache([s.select(torch.tensor([1, 0])) for s in cache.states], cache.n_positions)
+        fork = cache.select(torch.arange(2))
+        swapped = cache.select(torch.tensor([1, 0]))
         out = model(ids[:, 9:], cache=cache)
         assert out.cache is cache and cache.n_positions == 11 and cache.get_seq_length() == 11
         again = model(ids[:, 9:], cache=fork)

@@ -275,8 +275,10 @@ def teacher_reach(config, gate_open: bool) -> int:
 
 
 def gate_open(student) -> bool:
-    """Whether any layer of ``student`` reads its chunk states (a gate above 0)."""
-    return any(float(p.detach().max()) > 0 for n, p in student.named_parameters() if n.endswith("retrieval_gate"))
+    """Whether any layer of ``student`` reads its chunk states: a gate above 0, or no gate at all
+    (``gate_init=None``: the states are always read)."""
+    gates = [p for n, p in student.named_parameters() if n.endswith("retrieval_gate")]
+    return not gates or any(float(p.detach().max()) > 0 for p in gates)
 
 
 def shortest_window(student, params: str) -> int:

@@ -117,45 +117,56 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
         return x + self.mlp(self.mlp_norm(x)), state
 
 
-TAIL_IDS = 8  # input ids a cache remembers, to tell the whole text from new tokens alone
+_DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
+_POWERS = [1]  # _DIGEST_BASE ** j % _DIGEST_MOD, grown as needed
+
+
+def text_digest(ids: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(b,) hash of each row of ``ids`` (b, k), appended to texts whose hashes are ``prev`` (b,)."""
+    k = ids.shape[1]
+    while len(_POWERS) <= k:
+        _POWERS.append(_POWERS[-1] * _DIGEST_BASE % _DIGEST_MOD)
+    powers = torch.tensor(_POWERS[:k + 1], dtype=torch.long, device=ids.device)
+    h = ((ids.long() % _DIGEST_MOD) * powers[:k].flip(0) % _DIGEST_MOD).sum(-1) % _DIGEST_MOD
+    return h if prev is None else (prev.to(ids.device) * powers[k] + h) % _DIGEST_MOD
 
 
 class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
     holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
-    transformers' caches are; to continue one prefix twice, continue a copy:
-    ``BSBRCache([s.select(torch.arange(batch)) for s in cache.states], cache.n_positions, cache.last_ids)``.
-    ``last_ids``: the last :data:`TAIL_IDS` input ids it consumed (None: not known), by which ``generate``
-    tells the whole text from the new tokens alone."""
+    transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
+    ``digest``: a hash of each row's input ids so far (None: not known, some came as inputs_embeds), by
+    which ``generate`` tells the whole text from the new tokens alone."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, states: List[BSBRState], n_positions: int = 0, last_ids: Optional[torch.Tensor] = None):
+    def __init__(self, states: List[BSBRState], n_positions: int = 0, digest: Optional[torch.Tensor] = None):
         self.states = states
         self.n_positions = n_positions  # input positions consumed, padding included
-        self.last_ids = last_ids
+        self.digest = digest
+
+    def select(self, index: torch.Tensor) -> "BSBRCache":
+        """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
+        left as it is."""
+        return BSBRCache([s.select(index) for s in self.states], self.n_positions,
+                         None if self.digest is None else self.digest[index.to(self.digest.device)])
 
     def consumed(self, input_ids: Optional[torch.Tensor], n: int) -> None:
         """Count ``n`` more input positions, whose ids are ``input_ids`` (None: inputs_embeds, not known)."""
-        known = self.last_ids if self.last_ids is not None or self.n_positions == 0 else None
-        ids = None if input_ids is None else input_ids if known is None else torch.cat([known, input_ids], 1)
-        self.last_ids = None if ids is None or (known is None and self.n_positions and n < TAIL_IDS) \
-            else ids[:, -TAIL_IDS:]
+        known = self.n_positions == 0 or self.digest is not None
+        self.digest = text_digest(input_ids, self.digest) if known and input_ids is not None else None
         self.n_positions += n
 
     def new_tokens_only(self, input_ids: torch.Tensor) -> bool:
         """Whether ``input_ids``, longer than what the cache consumed, holds only new tokens (True) rather than
-        the cache's text and new tokens (False, as transformers passes it): by the ids at the cache's last
-        positions. False when they are not known (a cache built from inputs_embeds) or the input is shorter."""
-        n, tail = self.n_positions, self.last_ids
-        if tail is None or input_ids.shape[1] <= n:
+        the cache's text and new tokens (False, transformers' convention): the whole text begins, in every
+        row, with the ids the cache read. An input of new tokens that begins so is read as the whole text (no
+        rule can tell them apart). False when those ids are not known or the input is no longer."""
+        n = self.n_positions
+        if self.digest is None or input_ids.shape[1] <= n:
             return False
-        same = (input_ids[:, n - tail.shape[1]:n] == tail.to(input_ids.device)).all(-1)
-        if bool(same.all()) or not bool(same.any()):
-            return not bool(same.any())
-        raise ValueError("input_ids continue the cache's text in some rows and not in others: pass the whole text "
-                         "(the tokens the cache read, then the new ones) in every row, or only the new tokens")
+        return not bool((text_digest(input_ids[:, :n]) == self.digest.to(input_ids.device)).all())
 
     @property
     def n_seen(self) -> torch.Tensor:
@@ -173,9 +184,8 @@ class BSBRCache:
         return self.n_positions
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.states = [s.select(beam_idx) for s in self.states]
-        if self.last_ids is not None:
-            self.last_ids = self.last_ids[beam_idx.to(self.last_ids.device)]
+        fork = self.select(beam_idx)
+        self.states, self.digest = fork.states, fork.digest
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
