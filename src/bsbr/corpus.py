@@ -160,11 +160,11 @@ def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Op
     return stdlib_texts(split, seed=seed), dict(kind="stdlib", split=split, seed=seed, root=str(stdlib_root()))
 
 
-def token_windows(tokenizer, texts: Iterable[Union[str, Iterable[str]]], seq_len: int, max_windows: Optional[int],
+def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len: int, max_windows: Optional[int],
                   stride: Optional[int] = None) -> torch.Tensor:
     """Fixed-length windows of token ids, shape ``(num_windows, seq_len)``.
 
-    Documents (each a string, or an iterable of its pieces, as :func:`read_texts` gives a file) are
+    Documents (each a string, or an iterator of its pieces, as :func:`read_texts` gives a file) are
     tokenized without special tokens, a piece of about :data:`PIECE_CHARS` characters at a time (a longer
     string is cut at line ends; the tokens at a cut may differ from the whole string's), and concatenated
     with the tokenizer's EOS token after each one (as in packed pretraining): the stream is
@@ -191,9 +191,9 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterable[str]]], seq_len
         if not isinstance(doc, (str, collections.abc.Iterator)):  # (a dict or list: read as its keys or items)
             raise TypeError(f"texts must yield str or iterators of str pieces, got {type(doc).__name__}")
         pieces = _str_pieces(doc) if isinstance(doc, str) else doc
-        for i, piece in enumerate(itertools.chain(pieces, [None])):
+        for piece in itertools.chain(pieces, [None]):  # None: the document's end
             if piece is not None and not isinstance(piece, str):
-                raise TypeError(f"texts must yield str or iterables of str, got {type(piece).__name__}")
+                raise TypeError(f"a document's pieces must be str, got {type(piece).__name__}")
             buffer.extend([eos] if piece is None else tokenizer(piece, add_special_tokens=False)["input_ids"])
             while start + seq_len <= len(buffer):
                 out.append(buffer[start:start + seq_len])

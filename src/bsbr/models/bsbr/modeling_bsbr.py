@@ -623,11 +623,11 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
-        if next_sequence_length is not None and cache is not None and input_ids is not None and \
-                (next_sequence_length <= 0 or cache.new_tokens_only(input_ids)):
+        if next_sequence_length is not None and (next_sequence_length <= 0 or (
+                cache is not None and input_ids is not None and cache.new_tokens_only(input_ids))):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
-            # input no longer than the cache, or one whose ids at the cache's last positions are not the ones it
-            # read, holds only the new tokens (passed without the whole mask), so none is dropped
+            # input no longer than the cache, or one that does not begin with the ids the cache read, holds only
+            # the new tokens (passed without the whole mask), so none is dropped
             next_sequence_length = None
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, cache=cache,
                                                      attention_mask=attention_mask, inputs_embeds=inputs_embeds,
