@@ -15,9 +15,9 @@ from .lazy import lazy_names
 
 __version__ = "0.2.0"
 
-_EXPORTS = {"BSBRAttention": "layers", "BSBRConfig": "models", "BSBRForCausalLM": "models", "BSBRLayer": "models",
+_EXPORTS = {"BSBRAttention": "layers", "BSBRCache": "models", "BSBRConfig": "models", "BSBRForCausalLM": "models", "BSBRLayer": "models",
             "BSBRModel": "models", "TransformerToBSBRConverter": "convert", "convert_to_bsbr": "convert",
-            "load_bsbr_model": "models"}
+            "BSBROptions": "ops", "load_bsbr_model": "models"}
 __all__ = sorted([*_EXPORTS, "__version__"])
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS, ("bench", "convert", "distill", "evaluate", "layers", "models",
                                                        "ops"))

@@ -125,6 +125,28 @@ def test_a_cache_of_another_batch_layer_count_or_dtype_is_refused(model):
             model.double()(ids[:, :1], cache=cache)
 
 
+def test_generate_refuses_a_foreign_cache_or_one_of_another_batch_in_one_line(model):
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(3))
+    for key in ("cache", "past_key_values"):
+        with pytest.raises(TypeError, match="cache must be a BSBRCache"):
+            model.generate(ids, max_new_tokens=2, **{key: DynamicCache()}, **GEN)
+    with torch.no_grad():
+        cache = model(ids[:2, :6], use_cache=True).cache
+    with pytest.raises(ValueError, match="cache holds .*batch"):
+        model.generate(ids, cache=cache, max_new_tokens=2, **GEN)
+
+
+def test_the_cache_and_the_options_object_are_importable_from_the_package():
+    import bsbr
+    from bsbr.models import BSBRCache
+    from bsbr.ops import BSBROptions
+
+    assert (bsbr.BSBRCache, bsbr.BSBROptions) == (BSBRCache, BSBROptions)
+    assert {"BSBRCache", "BSBROptions"} <= set(bsbr.__all__)
+
+
 def test_out_of_range_input_ids_are_one_clear_error(model):
     for bad in (VOCAB, -1):
         ids = torch.tensor([[3, 4, bad]])

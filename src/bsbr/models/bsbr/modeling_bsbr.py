@@ -164,8 +164,8 @@ class BSBRCache:
         row, with the ids the cache read. An input of new tokens that begins so is read as the whole text (no
         rule can tell them apart). False when those ids are not known or the input is no longer."""
         n = self.n_positions
-        if self.digest is None or input_ids.shape[1] <= n:
-            return False
+        if self.digest is None or input_ids.shape[1] <= n or input_ids.shape[0] != self.digest.shape[0]:
+            return False  # (another batch: forward refuses the cache)
         return not bool((text_digest(input_ids[:, :n]) == self.digest.to(input_ids.device)).all())
 
     @property
@@ -624,7 +624,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                                       inputs_embeds=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
         if next_sequence_length is not None and (next_sequence_length <= 0 or (
-                cache is not None and input_ids is not None and cache.new_tokens_only(input_ids))):
+                isinstance(cache, BSBRCache) and input_ids is not None and cache.new_tokens_only(input_ids))):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
             # input no longer than the cache, or one that does not begin with the ids the cache read, holds only
             # the new tokens (passed without the whole mask), so none is dropped
