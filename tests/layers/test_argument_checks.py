@@ -204,6 +204,29 @@ def test_rotary_tables_for_an_odd_head_dim_are_refused():
         attn(torch.randn(1, 5, 18), position_embeddings=(cos, sin))
 
 
+@pytest.mark.parametrize("build", ["native", "shell"])
+def test_a_model_built_on_the_meta_device_then_loaded_equals_the_eager_one(build):
+    # inv_freq is in no checkpoint: after to_empty() it held garbage, and load_state_dict reported every key
+    # matched while the outputs were off by ~1
+    from bsbr import BSBRModel
+    from bsbr.models import AttentionLM
+
+    def make():
+        if build == "native":
+            return BSBRModel(50, 32, 1, 4, 4, 64, dropout=0.0)
+        return AttentionLM(vocab_size=50, hidden_dim=32, num_layers=1, num_heads=4, attention="bsbr", chunk_size=4)
+
+    torch.manual_seed(0)
+    eager = make().eval()
+    with torch.device("meta"):
+        lazy = make()
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lazy.eval()(ids), eager(ids), rtol=0, atol=0)
+
+
 def test_the_layer_runs_on_the_meta_device_and_checks_output_state():
     # (autocast has no meta device: the layer failed there with "unknown device type for autocast")
     attn = BSBRAttention(16, 2, 4, dropout=0.0).to("meta")
@@ -216,6 +239,11 @@ def test_the_layer_runs_on_the_meta_device_and_checks_output_state():
     assert model(torch.zeros(1, 9, dtype=torch.long, device="meta")).shape == (1, 9, 16)
     with pytest.raises(NotImplementedError, match="the meta device holds shapes, not values: exact blocks"):
         BSBRAttention(16, 2, 4, retrieval_blocks=2).to("meta")(torch.empty(1, 9, 16, device="meta"))
+    x = torch.empty(2, 10, 16, device="meta")  # a streaming state holds values: step and output_state refused too
+    with pytest.raises(NotImplementedError, match="the meta device holds shapes, not values"):
+        attn.step(x[:, :1], None)
+    with pytest.raises(NotImplementedError, match="the meta device holds shapes, not values"):
+        attn(x, output_state=True)
     with pytest.raises(TypeError, match="output_state must be True or False"):
         BSBRAttention(16, 2, 4)(torch.randn(1, 3, 16), output_state="no")  # ("no" is truthy: it returned a tuple)
 

@@ -241,19 +241,26 @@ def test_prefill_state_is_contiguous(kw):
 
 
 @pytest.mark.parametrize("batch,table_dims", [(1, 2), (1, 3), (3, 3)])
-def test_one_token_rotation_matrix_equals_the_elementwise_rotation(batch, table_dims):
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_one_token_rotation_matrix_equals_the_elementwise_rotation(batch, table_dims, grad_off):
     # a decode step rotates one token per sequence by one matmul with a cached matrix; it must equal
-    # x * cos + rotate_half(x) * sin, for every table shape, and follow a table changed in place
+    # x * cos + rotate_half(x) * sin, for every table shape, and follow a table changed in place (inference
+    # tensors have no version counter: the matrix was reused after a refill and rotated by the old position)
     from bsbr.layers.rotary import apply_rotary, rotate_half
 
     rot = RotaryEmbedding(8)
     pos = torch.tensor([[5]]) if table_dims == 2 else torch.arange(batch).view(batch, 1) * 1000 + 7
-    cos, sin = rot(pos[0] if table_dims == 2 else pos, torch.float64)
     x = torch.randn(batch, 3, 1, 8, dtype=torch.float64)
-    c, s = (cos[None].clone(), sin[None].clone()) if table_dims == 2 else (cos.clone(), sin.clone())
-    want = x * c[:, None] + rotate_half(x) * s[:, None]
-    with torch.no_grad():
+    with grad_off():
+        cos, sin = rot(pos[0] if table_dims == 2 else pos, torch.float64)
+        c, s = (cos[None].clone(), sin[None].clone()) if table_dims == 2 else (cos.clone(), sin.clone())
+        want = x * c[:, None] + rotate_half(x) * s[:, None]
         torch.testing.assert_close(apply_rotary(x, cos, sin), want, rtol=1e-12, atol=1e-12)
         cos.mul_(-1.0)  # the same table object, changed in place: the matrix is rebuilt
         torch.testing.assert_close(apply_rotary(x, cos, sin), -x * c[:, None] + rotate_half(x) * s[:, None],
+                                   rtol=1e-12, atol=1e-12)
+        c2, s2 = rot(pos[0] + 3 if table_dims == 2 else pos + 3, torch.float64)
+        cos.copy_(c2), sin.copy_(s2)  # refilled with another position, as a decode loop reusing its buffers
+        c2, s2 = (c2[None], s2[None]) if table_dims == 2 else (c2, s2)
+        torch.testing.assert_close(apply_rotary(x, cos, sin), x * c2[:, None] + rotate_half(x) * s2[:, None],
                                    rtol=1e-12, atol=1e-12)

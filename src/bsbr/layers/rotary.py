@@ -12,21 +12,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-_MATRICES: list = []  # [(cos, sin, versions, M)]: the last one-token tables as matrices, shared by every
+_MATRICES: list = []  # [(cos, sin, key, M)]: the last one-token tables as matrices, shared by every
 _KEEP = 4  # layer of a decode step (a step uses up to three tables: positions, far queries, far keys)
 
 
-def _versions(*tables):
-    return tuple(None if t.is_inference() else t._version for t in tables)
+def _table_key(cos, sin):
+    """What tells a table refilled in place from its cached state: the in-place version counter, or, for
+    inference tensors (which have none), a copy of the values (a one-token table is a few hundred bytes)."""
+    if cos.is_inference() or sin.is_inference():
+        return cos.clone(), sin.clone()
+    return cos._version, sin._version
+
+
+def _same_key(a, b) -> bool:
+    if isinstance(a[0], torch.Tensor):
+        return isinstance(b[0], torch.Tensor) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    return a == b
 
 
 def _rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """(b', d, d) M with ``x @ M = x * cos + rotate_half(x) * sin`` for one position per sequence
     (cos/sin with one row per sequence), built once per table object (held, so its identity stays
-    unique) and in-place version."""
-    versions = _versions(cos, sin)
-    for c_, s_, v_, M in _MATRICES:
-        if c_ is cos and s_ is sin and v_ == versions:
+    unique) and contents (:func:`_table_key`)."""
+    key = _table_key(cos, sin)
+    for c_, s_, k_, M in _MATRICES:
+        if c_ is cos and s_ is sin and _same_key(k_, key):
             return M
     d = cos.shape[-1]
     c, s = cos.reshape(-1, d), sin.reshape(-1, d)
@@ -35,7 +45,7 @@ def _rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     J[h + d // 2, h] = -1.0
     J[h, h + d // 2] = 1.0
     M = torch.diag_embed(c) + J * s[:, None, :]
-    _MATRICES[:] = _MATRICES[-(_KEEP - 1):] + [(cos, sin, versions, M)]
+    _MATRICES[:] = _MATRICES[-(_KEEP - 1):] + [(cos, sin, key, M)]
     return M
 
 
@@ -51,6 +61,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def _restore_inv_freq(module, *args, **kwargs) -> None:
+    if module.inv_freq_values is not None:
+        with torch.no_grad():
+            module.inv_freq.copy_(module.inv_freq_values)
 
 
 class RotaryEmbedding(nn.Module):
@@ -80,8 +96,13 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError("inv_freq must hold only finite values")
         if inv_freq is None:  # in float32, as the HuggingFace Llama family computes it: in float64 a third
             # of the frequencies differed by an ulp, and a converted model's logits drifted with the position
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            # (on the CPU even under a meta device context: the values are what load_state_dict restores)
+            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # not in any checkpoint (non-persistent), so a model built on the meta device and given real memory by
+        # to_empty() holds garbage here: load_state_dict restores it from this copy
+        self.inv_freq_values = None if inv_freq.is_meta else inv_freq.detach().float().cpu().clone()
+        self.register_load_state_dict_pre_hook(_restore_inv_freq)
         self.attention_scaling = float(attention_scaling)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):

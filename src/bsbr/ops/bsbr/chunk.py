@@ -52,7 +52,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
 
     Returns ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
     """
-    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
+    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
+                                       streams=output_final_state)
     same_far = qr is q and kr is k  # far keys read at their own positions
     b, hq, hkv, n = a.batch, a.q_heads, a.kv_heads, a.seq_len
     B, L, R = options.chunk_size, options.local_chunks, options.own_position_chunks

@@ -47,9 +47,11 @@ def _signature(args, token_dim):
     return tuple(sig)
 
 
-def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim: int = 4):
+def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, token_dim: int = 4,
+                 streams: bool = False):
     """Check a sequence call (``token_dim=4``: tensors (b, h, n, d)) or a step call (3: (b, h, d)), the
-    optional inputs defaulted first (fq, qr: q; fk, kr: k). Returns ``(sizes, (fq, fk, qr, kr))``.
+    optional inputs defaulted first (fq, qr: q; fk, kr: k); ``streams``: the call reads or writes a
+    streaming state (which the meta device cannot). Returns ``(sizes, (fq, fk, qr, kr))``.
     K/V-side tensors (k, v, mk, fk, kr) have ``hkv`` heads, query-side ones ``hq``, a multiple.
     A signature seen before is not checked again."""
     if not isinstance(options, BSBROptions):
@@ -57,7 +59,7 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
     if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
         raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
                          "fq and fk (e.g. hedgehog feature maps of q and k); their default, q and k, is signed")
-    if getattr(q, "is_meta", False) and (options.retrieval_blocks or token_dim == 3):  # (q is checked below)
+    if getattr(q, "is_meta", False) and (options.retrieval_blocks or token_dim == 3 or streams):  # (q is checked below)
         raise NotImplementedError("the meta device holds shapes, not values: exact blocks (chosen by their scores) "
                                   "and the streaming step run on a real device")
     fq, fk, qr, kr = (x if y is None else y for x, y in ((q, fq), (k, fk), (q, qr), (k, kr)))

@@ -493,7 +493,8 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one), which is advanced as by :func:`bsbr_attention_step`.
     Returns ``(o, state)``."""
-    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k)
+    a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
+                                       streams=True)
     state = _start(initial_state, options, a, q)
     outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
                   None if valid is None else valid[:, i].bool()) for i in range(a.seq_len if a.batch else 0)]
