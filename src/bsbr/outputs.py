@@ -113,7 +113,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 
-            formats = dict(FigureCanvasBase.get_supported_filetypes())
+            formats = {f: d for f, d in FigureCanvasBase.get_supported_filetypes().items() if f in _FIGURE_MAGIC}
             if not shutil.which(_tex_system()):  # .pgf needs a TeX system to lay out its text
                 formats.pop("pgf", None)
             if out.suffix.lstrip(".").lower() not in formats:
@@ -126,11 +126,14 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                               "move it, or choose another file")
 
 
-# how a figure file of each format matplotlib writes begins (svg: within its first KB)
+# how a figure file of each format matplotlib writes begins (svg: within its first KB; avif: from byte 4).
+# Only these formats are accepted: a rerun must recognise its own earlier plot (matplotlib's raw RGBA dumps,
+# .raw and .rgba, begin with nothing to recognise)
 _FIGURE_MAGIC = {"png": (b"\x89PNG\r\n\x1a\n",), "pdf": (b"%PDF",), "eps": (b"%!PS", b"\xc5\xd0\xd3\xc6"),
                  "ps": (b"%!PS",), "jpg": (b"\xff\xd8\xff",), "jpeg": (b"\xff\xd8\xff",),
                  "tif": (b"II*\x00", b"MM\x00*"), "tiff": (b"II*\x00", b"MM\x00*"), "webp": (b"RIFF",),
-                 "svgz": (b"\x1f\x8b",), "svg": (b"<svg",), "pgf": (b"%%",)}
+                 "svgz": (b"\x1f\x8b",), "svg": (b"<svg",), "pgf": (b"%%",), "gif": (b"GIF87a", b"GIF89a"),
+                 "avif": (b"ftypavif",)}
 
 
 _JSON_READ = 1 << 26  # bytes of an existing JSON result read to check it parses (a larger one is not replaced)
@@ -147,7 +150,8 @@ def _replaceable(path: Path, figure: bool) -> bool:
                 return True
             if figure:
                 magic = _FIGURE_MAGIC.get(path.suffix.lower().lstrip("."), ())
-                return any(head.startswith(m) or (m == b"<svg" and m in head) for m in magic)
+                return any(head.startswith(m) or (m == b"<svg" and m in head) or (m == b"ftypavif" and head[4:12] == m)
+                           for m in magic)
             if not head.lstrip().startswith((b"{", b"[")):  # (not read whole: a model's weights could be GBs)
                 return False
             json.loads(head + f.read(_JSON_READ))

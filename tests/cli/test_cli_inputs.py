@@ -320,6 +320,37 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
 
 
 
+def test_every_accepted_figure_format_can_be_replaced_by_a_rerun(tmp_path):
+    # a .gif or .avif plot was written once, then a rerun refused to replace it ("is not a GIF image"); raw
+    # RGBA dumps (.raw, .rgba) begin with nothing to recognise, so they are not accepted
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from bsbr.outputs import _tex_system
+    from bsbr.results import save_figure
+
+    accepted = []
+    for fmt in sorted(FigureCanvasBase.get_supported_filetypes()):
+        path = tmp_path / f"p.{fmt}"
+        try:
+            check_output_files([("--plot", path)], plots=("--plot",))
+        except OutputError as e:
+            assert fmt in ("raw", "rgba") or (fmt == "pgf" and not shutil.which(_tex_system())), e
+            continue
+        fig = plt.figure()
+        plt.plot([0, 1])
+        save_figure(fig, path)
+        plt.close(fig)
+        check_output_files([("--plot", path)], plots=("--plot",))  # its own earlier plot: replaceable
+        accepted.append(fmt)
+    assert {"png", "pdf", "svg", "gif", "avif"} <= set(accepted)
+
+
 def test_a_pgf_plot_needs_a_tex_system(tmp_path, monkeypatch):
     """matplotlib writes .pgf only with LaTeX: without one the command failed after its whole run."""
     import bsbr.outputs as outputs
@@ -687,6 +718,19 @@ def _greedy(model_dir, ids, n):
         out = model.generate(**ids, max_new_tokens=n, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_past_the_longest_sequence_says_how_many_new_tokens_fit(models, capsys):
+    # (it said "give a shorter prompt" to a prompt of 2 tokens asking for a million new ones)
+    import re
+
+    from bsbr.numbers import MAX_TOKENS
+
+    _, converted, _ = models
+    line = refused(capsys, ["generate", converted, "--prompt", "the grass", "--max-new-tokens", MAX_TOKENS],
+                   "generate")
+    n = int(re.search(r"\((\d+) tokens\)", line).group(1))
+    assert line.endswith(f"give --max-new-tokens at most {MAX_TOKENS - n + 1:,}"), line
 
 
 def test_generate_reads_a_long_prompt_from_a_file_or_stdin_and_prints_the_continuation(models, tmp_path, capsys,

@@ -57,6 +57,26 @@ def test_convert_overwrite_refuses_a_directory_another_command_is_writing(models
     assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0  # once it is done
 
 
+def test_convert_takes_its_output_lock_before_loading_the_source(models, tmp_path, capsys, monkeypatch):
+    # the lock was taken only to save: a second convert into the same OUTPUT_DIR did all its work, then failed
+    # (leaving a staging folder of the model's size) or, with --overwrite, replaced the first one's result
+    import bsbr.arguments
+    from bsbr.outputs import output_lock
+
+    source, _, _ = models
+    out = tmp_path / "fresh"
+
+    def never(*a, **k):
+        raise AssertionError("the source was loaded while another command held the output")
+
+    monkeypatch.setattr(bsbr.arguments, "load_model_arg", never)
+    monkeypatch.setattr(bsbr.arguments, "load_tokenizer_arg", never)
+    with output_lock(out, "OUTPUT_DIR", "bsbr command"):
+        line = refused(capsys, ["convert", source, out, "--chunk-size", "8"], "convert", out)
+    assert "is being written by another bsbr command" in line, line
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, capsys):
     _, converted, _ = models
     line = refused(capsys, ["convert", converted, "--chunk-size", "16"], "convert", converted)

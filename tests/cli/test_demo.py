@@ -30,6 +30,7 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["passkey"]["models"]) == {"source", "window", "bsbr"}
     assert (ev["config"]["seq_len"], ev["config"]["windows"], ev["config"]["chunk_size"]) == (160, 1, 8)
+    assert ev["config"]["model_dir"] == str(out / "model")  # (it named the staging folder, gone by then)
     lm = ev["language_modeling"]
     assert set(lm["perplexity"]) == {"source", "local", "window", "bsbr"}
     assert lm["tokens"] == 160 - 8 - 1  # the tokens predicted past the first chunk

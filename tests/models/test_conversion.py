@@ -254,6 +254,27 @@ def test_gpt2_runs_past_its_position_table():
         outputs(model, ids)
 
 
+@pytest.mark.parametrize("family, option, value", [("gpt2", "far_positions", "hybrid"),
+                                                    ("llama", "position_scheme", "absolute")])
+def test_a_position_option_the_source_never_reads_is_logged(family, option, value, caplog):
+    # (`bsbr convert` refuses it; in Python a sweep of options over families goes on, told)
+    src = make_source(family)
+    with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
+        convert_to_bsbr(src, chunk_size=CHUNK, **{option: value})
+    assert f"{option}={value!r} does nothing for a {family} source" in caplog.text
+
+
+def test_a_model_folder_named_like_a_gguf_file_converts(tmp_path):
+    src = make_source("llama")
+    src.save_pretrained(tmp_path / "model.gguf")
+    ids = torch.randint(0, VOCAB, (1, 2 * CHUNK))
+    torch.testing.assert_close(outputs(convert_to_bsbr(tmp_path / "model.gguf", chunk_size=CHUNK), ids),
+                               outputs(convert_to_bsbr(src, chunk_size=CHUNK), ids), rtol=0, atol=0)
+
+
 def test_learned_positions_past_the_table_wrap_chunk_aligned_or_clamp():
     from bsbr.models.bsbr.modeling_bsbr import _map_learned_positions
 

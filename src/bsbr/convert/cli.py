@@ -162,8 +162,8 @@ def check_local_source(args, source, options: dict) -> None:
 
 def cmd_convert(args) -> int:
     from ..arguments import check_model_arg
-    from ..errors import OutputError, UserError
-    from ..outputs import check_output_dir, output_lock, staged_dir, write_errors, write_failure
+    from ..errors import OutputError
+    from ..outputs import check_output_dir, output_lock
 
     source, out = args.source, Path(args.output_dir)
     options = conversion_options(args)
@@ -176,7 +176,17 @@ def cmd_convert(args) -> int:
         if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: the source forgotten
             raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
         raise
+    with output_lock(out, "OUTPUT_DIR", "bsbr command"):  # from the start: a second command is refused at once
+        summary = _convert_and_save(args, source, out, options)
+    print(f"parameters: {summary['params_source'] / 1e6:.2f}M -> {summary['params_bsbr'] / 1e6:.2f}M "
+          f"(+{summary['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
+    return 0
+
+
+def _convert_and_save(args, source, out: Path, options: dict) -> dict:
     from ..arguments import load_model_arg, load_tokenizer_arg
+    from ..errors import UserError
+    from ..outputs import staged_dir, write_errors, write_failure
 
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work
@@ -191,14 +201,11 @@ def cmd_convert(args) -> int:
     name = f"SOURCE {source or 'the bundled SmolLM2'}"
     model = convert_source(src, options, name)
     check_position_options(args, name, model.config.position_type)
-    try:  # all or nothing, and not while another bsbr command (a distill) writes there
-        with output_lock(out, "OUTPUT_DIR", "bsbr command"), staged_dir(out, overwrite=args.overwrite) as tmp:
-            summary = save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
+    try:  # all or nothing
+        with staged_dir(out, overwrite=args.overwrite) as tmp:
+            return save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
     except write_errors() as e:  # a full disk, a quota: nothing was published
         raise write_failure("OUTPUT_DIR", out, e, "the model") from e
-    print(f"parameters: {summary['params_source'] / 1e6:.2f}M -> {summary['params_bsbr'] / 1e6:.2f}M "
-          f"(+{summary['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
-    return 0
 
 
 def save_conversion(directory: Path, model, tokenizer, source, source_model, options: dict, output_dir,
@@ -277,12 +284,12 @@ def cmd_generate(args) -> int:
     if n == 0:
         raise UserError(f"{what} gives no tokens{' in the chat template' if args.chat else ''}: give some text to "
                         "continue")
-    if n + args.max_new_tokens - 1 > MAX_TOKENS:  # (every other length option has this cap)
-        raise UserError(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,} is longer than the "
-                        f"{MAX_TOKENS:,} tokens bsbr reads in one sequence: give a shorter prompt")
     # the prompt and every new token but the last are fed to the model
     fix = (lambda table: f"give --max-new-tokens at most {table - n + 1:,}" if n <= table
            else f"give a prompt of at most {table:,} tokens")
+    if n + args.max_new_tokens - 1 > MAX_TOKENS:  # (every other length option has this cap)
+        raise UserError(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,} is longer than the "
+                        f"{MAX_TOKENS:,} tokens bsbr reads in one sequence: {fix(MAX_TOKENS)}")
     check_bsbr_positions(path, "MODEL_DIR", [(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
                                               n + args.max_new_tokens - 1, fix)])
     model = load_bsbr_model(path)

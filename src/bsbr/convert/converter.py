@@ -21,7 +21,7 @@ from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
-from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
+from .defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a transformers model, a path or a hub id, got {type(source).__name__}")
     path = Path(source)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():  # (a model folder may be named x.gguf)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -114,7 +114,7 @@ def load_tokenizer(source):
     if isinstance(source, PreTrainedModel):
         return None
     path = Path(source) if source is not None else default_source_path()
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # (a model folder's code never runs)
 
@@ -172,6 +172,14 @@ class TransformerToBSBRConverter:
         src = load_source(source)
         config = self.bsbr_config(src.config)
         mt = config.source_model_type
+        # an option the source's kind of positions never reads is recorded, doing nothing (the command line
+        # refuses it; here a sweep of options over families is not stopped, but told)
+        unread = ("far_positions" if config.position_type == "learned" else "position_scheme")
+        if self.options[unread] != DEFAULT_OPTIONS[unread]:
+            logger.warning("%s=%r does nothing for a %s source (%s positions): %s", unread, self.options[unread], mt,
+                           "learned" if config.position_type == "learned" else "rotary",
+                           "far_positions places rotary positions" if unread == "far_positions"
+                           else "position_scheme applies to learned positions (GPT-2)")
         family = FAMILIES[mt]
         sd = src.state_dict()
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)
