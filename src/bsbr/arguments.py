@@ -227,8 +227,10 @@ def check_dataset(name: Optional[str], config: Optional[str], split: str, text_c
     except (ValueError, OSError) as e:  # an unknown name, config, split or column; the network
         from huggingface_hub import constants
 
-        fix = (": connect to the hub, or give local files with --text-file" if constants.HF_HUB_OFFLINE else "")
-        raise UserError(f"--dataset: {' '.join(str(e).split())[:300]}{fix}") from None
+        why = " ".join(str(e).split())
+        unreachable = constants.HF_HUB_OFFLINE and ("Couldn't reach" in why or "OfflineModeIsEnabled" in why)
+        fix = ": connect to the hub, or give local files with --text-file" if unreachable else ""
+        raise UserError(f"--dataset: {why[:300]}{fix}") from None
     if first is None:
         raise UserError(f"--dataset {name} (split {split!r}) has no non-empty text in column {text_column!r}: give "
                         "another split or --text-column")

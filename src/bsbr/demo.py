@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+DECODE_STEPS = 16  # tokens decoded per context in the speed step
+
 
 def cmd_demo(args) -> int:
     from .arguments import check_model_arg, check_unique
@@ -59,7 +61,9 @@ def _demo(args, out: Path, final: Path) -> int:
         check_prompt_lengths(tokenizer, "--seq-len", "give a longer --seq-len, or --no-passkey", **passkey)
     source = load_model_arg(args.source, "--source")
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
-                    + [("--decode-contexts (plus 16 decode steps)", n + 16) for n in args.decode_contexts])
+                    + [(f"--decode-contexts (plus {DECODE_STEPS} decode steps)", n + DECODE_STEPS,
+                        lambda table: f"give --decode-contexts at most {table - DECODE_STEPS:,}")
+                       for n in args.decode_contexts])
     options = dict(chunk_size=args.chunk_size, compression_factor=None, **resolve_options({}))
     model = convert_to_bsbr(source, **options)
     model_dir = out / "model"
@@ -85,7 +89,7 @@ def _demo(args, out: Path, final: Path) -> int:
     try:
         with torch.no_grad():
             speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
-                                    decode_contexts=args.decode_contexts, decode_steps=16)
+                                    decode_contexts=args.decode_contexts, decode_steps=DECODE_STEPS)
     finally:
         torch.set_num_threads(threads)
     speed["config"].update(model=args.source or "SmolLM2-135M", gate_init=model.config.gate_init)  # as bench converted
@@ -125,7 +129,8 @@ def register(sub) -> None:
     # a short context, and a long one within the source's 8,192 positions (with 16 decode steps), where BSBR's
     # step is faster (docs/findings.md, Speed)
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 8000],
-                   help="contexts to decode 16 tokens from, side by side (default %(default)s; none: no decode)")
+                   help=f"contexts to decode {DECODE_STEPS} tokens from, side by side (default %(default)s; none: "
+                        "no decode)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3,
                    help="timed runs per prefill length (default %(default)s)")
     p.set_defaults(func=cmd_demo)

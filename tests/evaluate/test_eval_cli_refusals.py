@@ -368,6 +368,23 @@ def test_a_dataset_the_offline_hub_cannot_give_is_refused_at_once_before_loading
     assert time.perf_counter() - t0 < 20
 
 
+@pytest.mark.parametrize("extra, words", [(["--text-column", "nope"], "has no column 'nope'"),
+                                          (["--dataset-split", "train"], "Bad split: train")])
+def test_a_local_dataset_error_offline_gives_no_network_advice(saved, tmp_path, capsys, no_loading, monkeypatch,
+                                                                extra, words):
+    # every --dataset error while offline ended with "connect to the hub", a wrong column or split too
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "test.csv").write_text("text\nhello world\nfoo bar\n")
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(data), "--seq-len", "40",
+            "--no-passkey", "--no-progress", *extra]
+    line = _refused(capsys, argv, "--dataset", words)
+    assert "connect to the hub" not in line, line
+
+
 def test_lm_eval_task_dir_names_a_killed_runs_leftover(saved, tmp_path, capsys, no_loading):
     # a rewrite killed (SIGKILL) leaves its staging folder in the task folder: it was called a file
     # "bsbr eval does not write there"
@@ -400,7 +417,8 @@ def test_lm_eval_task_dir_refuses_a_model_its_command_could_not_run(saved, tmp_p
         if (saved / "conv" / name).exists():
             shutil.copy(saved / "conv" / name, table)
     for model, words in ((pickled, ["no .safetensors weights"]), (broken, ["chunk_size", "convert it again"]),
-                         (table, ["--passkey-lengths 96 needs 95 positions", "64 learned positions"])):
+                         (table, ["--passkey-lengths 96 needs 95 positions", "64 learned positions",
+                                   "give at most 65,"])):  # (a prompt of n tokens needs n - 1 positions)
         task = tmp_path / f"task_{model.name}"
         _refused(capsys, ["eval", str(model), "--lm-eval-task-dir", str(task), *PASSKEY], *words)
         assert not task.exists()

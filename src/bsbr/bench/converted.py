@@ -166,7 +166,9 @@ def cmd(args) -> int:
         source = load_model_arg(args.source, "SOURCE")
         title = args.source or "SmolLM2-135M"
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
-                        [("--decode-contexts (plus --decode-steps)", n + decode_steps) for n in args.decode_contexts])
+                        [("--decode-contexts (plus --decode-steps)", n + decode_steps,
+                          lambda table: f"give --decode-contexts at most {table - decode_steps:,}")
+                         for n in args.decode_contexts])
     name = ("the --gpt2-small-random source" if args.gpt2_small_random
             else f"SOURCE {args.source or 'the bundled SmolLM2'}")
     converted = convert_source(source, options, name).eval()

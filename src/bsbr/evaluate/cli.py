@@ -278,7 +278,8 @@ def cmd_eval(args) -> int:
     # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
     if passkey is not None and (args.lm_eval_task_dir or set(args.passkey_models or ["bsbr"]) != {"source"}):
-        lengths += [(f"--passkey-lengths {n:,}", n - 1) for n in passkey["lengths"]]
+        lengths += [(f"--passkey-lengths {n:,}", n - 1, lambda table: f"give at most {table + 1:,}")
+                    for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)
     if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
         _check_loadable(args.model)
@@ -369,7 +370,8 @@ def register(sub) -> None:
     p.add_argument("--passkey-new-tokens", type=integer(), default=8, help="greedy tokens generated (default 8)")
     p.add_argument("--passkey-plot", metavar="OUT.png", default=None,
                    help="write the pass-key heat map (length x depth per model, accuracy per filler) here, with "
-                        "OUT.json beside it (default: beside --plot or --json as NAME.passkey.png)")
+                        "OUT.json beside it (default: beside --plot or --json as NAME.passkey.png; with "
+                        "--passkey-only, --plot itself, its data at PLOT.json)")
     p.add_argument("--passkey-models", nargs="+", choices=["source", "local", "window", "bsbr"], default=None,
                    metavar="NAME", help="run the pass-key test on these only (source, local, window, bsbr; default "
                                         "all; window exists for models whose exact window passes their chunk)")
@@ -383,7 +385,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="use a --reference whose weights are not those the model was converted from")
     p.add_argument("--json", metavar="OUT", default=None, help="write all results here")
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="write the plots here")
+    p.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="write the plots here (with --passkey-only: the pass-key heat map, its data at OUT.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS + _TASK_IGNORES)
