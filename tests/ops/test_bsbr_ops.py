@@ -358,6 +358,26 @@ def test_bad_window_options_raise(kw):
 
 
 # ---------------------------------------------------------------- exact block retrieval
+@pytest.mark.parametrize("extra", [dict(retrieval_blocks=3, sink_tokens=2, retrieval="normalized", gate="open"),
+                                   dict(recall_tokens=4, local_chunks=1), dict(sink_tokens=9)])
+def test_an_input_shorter_than_a_chunk_costs_what_its_length_does(extra):
+    # (it was padded to a whole chunk: a 3-token forward with chunk 524,288 took 2 s and 1.3 GB)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    extra = dict(extra)
+    gate = extra.pop("gate", None)
+    x = with_far_keys(make_inputs(b=2, hq=4, hkv=2, n=5, d=8, positive=True))
+    valid = torch.tensor([[True] * 5, [False, True, True, False, True]])
+    kw = dict(extra, valid=valid, **({} if gate else {"gate": torch.zeros((), dtype=DT)}))
+    flops = {}
+    for chunk in (8, 1 << 16):
+        with FlopCounterMode(display=False) as counter:
+            o = call(chunk_bsbr_attention, x, chunk_size=chunk, **kw)
+        flops[chunk] = counter.get_total_flops()
+        torch.testing.assert_close(o, call(naive_bsbr_attention, x, chunk_size=chunk, **kw), rtol=1e-10, atol=1e-10)
+    assert flops[1 << 16] <= flops[8], flops
+
+
 def with_far_keys(x, seed=7):
     """Add far-key queries/keys (qr, kr) that differ from q/k, as rotary positions past the window make them."""
     g = torch.Generator().manual_seed(seed)

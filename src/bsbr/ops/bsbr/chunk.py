@@ -60,6 +60,10 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     scale = 1.0 / math.sqrt(a.head_dim) if options.scale is None else options.scale
     if n == 0 or b == 0:
         return q.new_zeros(b, hq, n, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
+    if n < B and not output_final_state:  # one chunk, partial: every token reads the others in its window alone,
+        # so a chunk of n tokens gives the same outputs without padding n to B (which cost O(B) time and memory)
+        options = dataclasses.replace(options, chunk_size=n)
+        B = n
     x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
     q, k, v, mq, mk, fq, fk, qr, kr = x
     C = q.shape[2] // B
