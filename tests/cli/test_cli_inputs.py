@@ -693,6 +693,8 @@ def test_a_list_option_that_extends_takes_every_occurrence():
     ("gpt2", ["--far-positions", "window"], "--far-positions places rotary positions, but SOURCE"),
     ("llama", ["--position-scheme", "clamp"], "--position-scheme applies to learned positions (GPT-2)"),
     ("llama", ["--position-scheme", "wrap"], "--position-scheme applies to learned positions (GPT-2)"),  # (its default)
+    ("llama", ["--far-positions", "hybrid", "--sink-tokens", "0", "--retrieval-blocks", "0"],  # no far key
+     "--far-positions places the sinks, retrieved blocks and recall cache, but this conversion has none"),
 ])
 def test_a_position_option_the_source_ignores_is_refused_before_loading(family, argv, words, tmp_path, capsys,
                                                                          monkeypatch):

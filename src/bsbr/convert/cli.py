@@ -139,6 +139,11 @@ def check_position_options(args, name: str, position_type: str) -> None:
     elif args.position_scheme is not None:  # (given, even as its default)
         raise UserError(f"--position-scheme applies to learned positions (GPT-2), but {name} has rotary "
                         "positions: drop --position-scheme")
+    elif args.far_positions is not None:
+        options = conversion_options(args)
+        if not (options["sink_tokens"] or options["retrieval_blocks"] or options["recall_tokens"]):
+            raise UserError("--far-positions places the sinks, retrieved blocks and recall cache, but this conversion "
+                            "has none (--sink-tokens 0, --retrieval-blocks 0, no --recall-tokens): drop --far-positions")
 
 
 def check_local_source(args, source, options: dict) -> None:
