@@ -15,7 +15,7 @@ windows = token_windows(tok, stdlib_texts("heldout"), 2048, 3)
 out = {}
 full = perplexity_past(src, windows, 512)
 for B in (64, 128, 256, 512):
-    m = convert_to_bsbr(src, chunk_size=B, local_chunks=1, sink_tokens=0)
+    m = convert_to_bsbr(src, chunk_size=B, local_chunks=1, sink_tokens=0, retrieval_blocks=0)
     out[B] = dict(local_ppl_past_512=perplexity_past(m, windows, 512), extra_params_pct=m.conversion_summary["extra_params_pct"])
     print(B, out[B], flush=True)
 res = dict(full_ppl_past_512=full, chunk_sizes=out, windows=len(windows), seq_len=2048,

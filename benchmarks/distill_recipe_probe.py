@@ -17,6 +17,7 @@ if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no pa
 import pathlib
 import random
 import sysconfig
+import tempfile
 import time
 
 import torch
@@ -60,8 +61,9 @@ def windows(fs, k):
 
 
 train, held = windows(files[:150], 200), windows(files[-40:], 4)
-# measured before the exact window grew past one chunk: chunk-local unless the options say otherwise
-PLAIN = dict(local_chunks=1, sink_tokens=0)
+# measured before the exact window grew past one chunk and before exact blocks: chunk-local unless the options
+# say otherwise
+PLAIN = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0)
 student = convert_to_bsbr(src, chunk_size=B, **{**PLAIN, **options})
 local = convert_to_bsbr(src, chunk_size=B, **PLAIN)
 
@@ -75,6 +77,6 @@ print("full", pf, "local", pl, flush=True)
 cfg = DistillConfig(steps=steps, lr=lr, checkpoint_every=10**6, bf16=bf16, lm_weight=0.1,
                     **(dict(params="all", base_lr=base_lr) if base_lr > 0 else {}))
 t = time.time()
-distill(src, student, train, f"/tmp/probe_{mode}", cfg)
+distill(src, student, train, f"{tempfile.mkdtemp()}/probe_{mode}", cfg)  # (a fresh folder: a rerun is no resume)
 pb = ppl(student)
 print(f"{mode} base_lr={base_lr} bf16={bf16} {options}: {steps} steps in {time.time() - t:.0f}s; bsbr {pb:.3f}; gap closed {(pl - pb) / (pl - pf):.3f}")

@@ -78,6 +78,10 @@ def main() -> None:
     torch.set_num_threads(1)
     source, tokenizer = load_source(None), load_tokenizer(None)
     model = convert_to_bsbr(source).eval()
+    c = model.config
+    shortest = (c.local_chunks + c.retrieval_blocks) * c.chunk_size + 1  # a token with more candidates than blocks
+    if args.seq_len < shortest:
+        ap.error(f"--seq-len must be at least {shortest:,}: below it every chunk is read, so nothing is pruned")
     op = attention_layer.chunk_bsbr_attention
     out = {"seq_len": args.seq_len, "queries": args.queries, "read": {}}
     for kind in args.source:

@@ -43,14 +43,22 @@ def main() -> None:
         ap.error(f"{args.model} retrieves no blocks (retrieval_blocks 0)")
     prompt = [p for p in grid_prompts(load_tokenizer(None), [args.length], [args.depth], args.trial + 1,
                                       args.seed, 8, DEFAULT_FILLERS) if p.meta["trial"] == args.trial][0]
-    n, R = len(prompt.input_ids), args.rows
+    n = len(prompt.input_ids)
+    last = (n - 1) // B  # the chunk of the answering token
+    R = min(args.rows, n - last * B)  # rows kept: the last ones, within that chunk
+    L = model.config.local_chunks
     key_chunks = sorted({(prompt.key_start + i) // B for i in range(KEY_TOKENS)})
     ranks, select = [], chunk_op.select_blocks
 
-    def spy(scores, candidate, k):  # scores (b, hkv, g, N, C): the needle's rank per head and row
-        s = rank_scores(scores[..., n - R:n, :]).masked_fill(~candidate[..., n - R:n, :], float("-inf"))
-        best = s[..., key_chunks].amax(-1, keepdim=True)
-        ranks.append((s > best).sum(-1)[0].reshape(-1, R).tolist())  # (heads, rows); 0 = the best
+    def spy(scores, candidate, k):
+        # the op selects one query chunk at a time: scores (b, hkv, g, B, P) for chunk P + L - 1, whose
+        # candidates are the P chunks before its window; keep the last chunk's, once per layer
+        if scores.shape[-1] + L - 1 == last:
+            rows = slice(n - R - last * B, n - last * B)
+            cand = candidate.expand(scores.shape)[..., rows, :]
+            s = rank_scores(scores[..., rows, :]).masked_fill(~cand, float("-inf"))
+            best = s[..., key_chunks].amax(-1, keepdim=True)
+            ranks.append((s > best).sum(-1)[0].reshape(-1, R).tolist())  # (heads, rows); 0 = the best
         return select(scores, candidate, k)
 
     chunk_op.select_blocks = spy

@@ -18,6 +18,8 @@ import bsbr.layers.bsbr_attention as ba
 from bsbr import load_bsbr_model
 from bsbr.convert import load_tokenizer
 from bsbr.evaluate.passkey import grid_prompts
+if len(sys.argv) != 4:  # (checked first: the output path was read after all the prompts had run)
+    sys.exit("usage: python benchmarks/recall_selection_probe.py MODEL_DIR DEPTHS OUT.json")
 torch.set_num_threads(1)
 M, B, S = 256, 256, 4
 model = load_bsbr_model(sys.argv[1]).eval()

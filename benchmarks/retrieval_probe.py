@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["source", "window", "K2w", "K4w", "K8w", "K4a"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    bad = [v for v in args.variants if v not in ("source", "window") and not re.fullmatch(r"R\d+|K\d+[wah]", v)]
+    if bad:  # (refused before hours of the earlier variants, not when its turn comes)
+        ap.error(f"unknown variants {bad}: source, window, R<m> or K<k>{{w,a,h}}")
     source = load_source(None).eval()
     tok = load_tokenizer(None)
     too_long = args.seq_len > source.config.max_position_embeddings

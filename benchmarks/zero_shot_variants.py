@@ -35,8 +35,9 @@ variants = {
 }
 out = {}
 for name, opts in variants.items():
-    # these variants were measured with the one-chunk exact window (local_chunks=1, no sinks)
-    m = src if opts is None else convert_to_bsbr(src, chunk_size=256, local_chunks=1, sink_tokens=0, **opts)
+    # these variants were measured with the one-chunk exact window (local_chunks=1, no sinks, no blocks)
+    m = src if opts is None else convert_to_bsbr(src, chunk_size=256, local_chunks=1, sink_tokens=0,
+                                                 retrieval_blocks=0, **opts)
     out[name] = ppl(m)
     print(f"{name:<48} ppl {out[name]:.3f}", flush=True)
 json.dump(dict(windows=len(windows), seq_len=2048, chunk_size=256, ppl_past_first_chunk=out),
