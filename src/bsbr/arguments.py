@@ -163,6 +163,26 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
+_WARNED: set = set()
+
+
+def _warn_ignored_code(path: Path, option: str) -> None:
+    """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
+    runs (a class transformers does not have is refused when it loads); say that the built-in one is used."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):  # (a broken file is refused where it is read)
+            continue
+        refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
+                for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
+        code = sorted({r.split(".")[0] + ".py" for r in refs if (path / (r.split(".")[0] + ".py")).is_file()})
+        if code and (path.resolve(), name) not in _WARNED:  # (a path is checked again when it loads)
+            _WARNED.add((path.resolve(), name))
+            logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
+                           "built-in classes for it are used instead", option, path, name, ", ".join(code))
+
+
 def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     """Refuse, before loading anything, a model argument that names a local path which does not exist or
     is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only
@@ -175,6 +195,7 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
+        _warn_ignored_code(path, option)
         if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
             raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
                             f"(its conversion.json names it)")
@@ -349,12 +370,13 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
                         "token): give more text or a lower --seq-len")
 
 
-def load_model_arg(source, option: str):
+def load_model_arg(source, option: str, bsbr_ok: bool = False):
     """:func:`bsbr.convert.load_source` for a command-line argument: a local path that does not exist, or a
-    hub id that cannot be fetched, is one :class:`UserError` naming the argument."""
+    hub id that cannot be fetched, is one :class:`UserError` naming the argument (``bsbr_ok``: as
+    :func:`check_model_arg`)."""
     from .convert.converter import load_source
 
-    check_model_arg(source, option)
+    check_model_arg(source, option, bsbr_ok)
     local = source is None or Path(os.path.expanduser(str(source))).exists()
     try:
         model = load_source(source).eval()

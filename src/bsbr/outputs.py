@@ -120,6 +120,9 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                 raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
                                   f"{', '.join('.' + f for f in sorted(formats))}")
         figure = option in plots  # (else it writes JSON)
+        if out.is_file() and out.name in _MODEL_FILES and _holds_model(out.parent):  # JSON, but the model's own
+            raise OutputError(f"{option} {path} is a file of the model in {out.parent} (which would no longer load): "
+                              "choose another file")
         if out.is_file() and not _replaceable(out, figure):
             kind = f"a {out.suffix.lstrip('.').upper() or 'figure'} image" if figure else "a JSON file"
             raise OutputError(f"{option} {path} exists and is not {kind}, which is all it would be replaced by: "
@@ -158,6 +161,16 @@ def _replaceable(path: Path, figure: bool) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+# the files of a saved model that are JSON (so a result's --json could replace them), and its records
+_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                "chat_template.json", "conversion.json", "distill.json"}
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def _tex_system() -> str:
@@ -364,8 +377,14 @@ def output_lock(path, option: str, command: str) -> Iterator[None]:
     if unwritable_parent(out) is not None or len(os.fsencode(out.name)) > NAME_MAX - len(".lock."):
         yield  # nothing can be written there (or under that name): the output checks say why
         return
-    made = _make_parents(out)
     lock = out.parent / f".{out.name}.lock"
+    try:  # (a folder that looks writable but is not, as /proc: made or opened, it fails here)
+        made = _make_parents(out)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OutputError(f"{option} {path}: cannot write in {out.parent} ({e.strerror}): choose another "
+                          f"{option}") from None
+    os.close(fd)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:

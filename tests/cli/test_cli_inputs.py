@@ -218,6 +218,9 @@ def test_result_files_replace_only_files_of_their_kind(models, tmp_path, capsys)
     shutil.copytree(converted, weights)
     assert "is not a JSON file" in refused(capsys, [*base, "--json", weights / "model.safetensors"], "bench converted",
                                            weights)
+    for name in ("config.json", "tokenizer_config.json"):  # JSON, but a model's: it would no longer load
+        assert "is a file of the model in" in refused(capsys, [*base, "--json", weights / name], "bench converted",
+                                                      weights)
     photo = tmp_path / "holiday.jpg"  # an image given to --json: it was replaced by JSON (exit 0)
     photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
     assert "is not a JSON file" in refused(capsys, [*base, "--json", photo], "bench converted", photo)
@@ -242,8 +245,9 @@ def test_eval_refuses_options_the_run_would_ignore(models, tmp_path, capsys):
                         (["--passkey-only"], ["--buckets", "doubling"]), (["--passkey-only"], ["--split", "train"]),
                         (["--passkey-only"], ["--dataset", "x/y"]),
                         (["--lm-eval-task-dir", tmp_path / "task"], ["--seq-len", "64"]),
-                        (["--lm-eval-task-dir", tmp_path / "task"], ["--passkey-models", "bsbr"])):
-        args = [*base, *skip, *extra]
+                        (["--lm-eval-task-dir", tmp_path / "task"], ["--passkey-models", "bsbr"]),
+                        (["--no-passkey", "--text-file", Path(__file__)], ["--seed", "3"])):  # (it orders the
+        args = [*base, *skip, *extra]  # default corpus and makes pass-key keys: with a text file, nothing)
         if skip[0] == "--lm-eval-task-dir":  # (which refuses --reference itself)
             args.remove("--reference")
             args.remove(source)
@@ -931,6 +935,22 @@ def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatc
     line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
     assert "code of its own" in line and "never runs" in line and not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_warning(models, tmp_path, caplog):
+    # a config.json auto_map naming a .py beside a built-in model type: the built-in class was converted, silently
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    marker = tmp_path / "ran"
+    (src / "mymodel.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "mymodel.MyModel"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "code of its own" in r.getMessage()]
+    assert len(warned) == 1 and "mymodel.py" in warned[0] and "never runs" in warned[0], warned
+    assert not marker.exists()
 
 
 def test_a_source_generation_config_that_cannot_be_read_is_named(models, tmp_path, caplog):

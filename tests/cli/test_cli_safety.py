@@ -77,6 +77,15 @@ def test_convert_takes_its_output_lock_before_loading_the_source(models, tmp_pat
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_where_nothing_can_be_made_is_named(models, capsys):
+    # /proc looks writable to the checks, but nothing can be made there: the error was "/proc/.x.lock: No such
+    # file or directory", naming neither the option nor what to do
+    source, _, _ = models
+    line = refused(capsys, ["convert", source, "/proc/bsbr-no-such-output", "--chunk-size", "8"], "convert")
+    assert "OUTPUT_DIR /proc/bsbr-no-such-output: cannot write in /proc" in line and "choose another" in line, line
+
+
 def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, capsys):
     _, converted, _ = models
     line = refused(capsys, ["convert", converted, "--chunk-size", "16"], "convert", converted)
@@ -451,6 +460,10 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
     assert "vocabulary of 120 tokens" in refused(capsys, [*args, "--teacher", wide], "distill", converted)
     assert not (tmp_path / "out").exists()
     assert main([str(a) for a in [*args, "--teacher", other, "--force"]]) == 0
+    # another BSBR model as the teacher, with --force: accepted up front, then refused once the student loaded
+    assert main(["convert", str(other), str(tmp_path / "other-bsbr"), "--chunk-size", "8"]) == 0
+    args = distill_args(models, text, tmp_path / "out2", "--steps", "2")
+    assert main([str(a) for a in [*args, "--teacher", tmp_path / "other-bsbr", "--force"]]) == 0
 
 
 @pytest.mark.slow

@@ -50,6 +50,14 @@ class _FixedLM(torch.nn.Module):
         return self.head
 
 
+def test_a_student_that_is_not_a_conversion_is_refused_by_type(tmp_path):
+    # (an AttributeError: 'LlamaConfig' object has no attribute 'chunk_size')
+    with pytest.raises(TypeError, match="student must be a converted BSBRForCausalLM"):
+        distill(make_source("llama"), make_source("llama"), [torch.randint(3, VOCAB, (96,))], tmp_path / "out",
+                DistillConfig(steps=1))
+    assert not (tmp_path / "out").exists()
+
+
 def test_end_to_end_loss_by_hand():
     """KL(teacher || student) and the LM term on one position past the first chunk, computed by hand."""
     import math

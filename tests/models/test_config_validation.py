@@ -163,6 +163,21 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
     assert torch.isnan(BSBRForCausalLM.from_pretrained(tmp_path, strict=False).get_parameter(name)).any()
 
 
+def test_strict_false_loads_a_weight_of_another_shape_as_the_refusal_says(tmp_path):
+    # the refusal said "from_pretrained(..., strict=False) loads it anyway"; transformers then refused it
+    from safetensors.torch import load_file, save_file
+
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = sorted(k for k in weights if k.endswith("mlp.fc_in.weight"))[0]
+    weights[name] = torch.zeros(3, 3)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="strict=False\\) loads it anyway"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, strict=False)
+    assert model.get_parameter(name).shape != (3, 3)  # the config's shape, initialised
+
+
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
     # development versions wrote window_scored_blocks; it stayed on the config, unread, without a word
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):

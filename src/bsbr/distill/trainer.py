@@ -310,6 +310,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     publishes the checkpoint). Weights that
     turn inf or nan raise ValueError before they are saved."""
     cfg.validate()
+    if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
+        raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
+                        f"{type(student).__name__}")
     for role, model in (("student", student), ("teacher", teacher)):  # a broken model, not a learning rate
         bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:

@@ -222,6 +222,8 @@ def _refuse_ignored(args) -> None:
             skips.append((flag, _PERPLEXITY_OPTIONS))
     if args.lm_eval_task_dir:  # it writes the task (with MODEL's own tokenizer, which lm-eval loads) and exits
         skips.append(("--lm-eval-task-dir", _TASK_IGNORES))
+    if args.no_passkey and (args.text_file or args.dataset):  # the seed orders the default corpus and makes keys
+        skips.append((f"--no-passkey and {'--text-file' if args.text_file else '--dataset'}", ("seed",)))
     for flag, names in skips:
         for name in names:
             if getattr(args, name) != _DEFAULTS[name]:
@@ -389,4 +391,5 @@ def register(sub) -> None:
                    help="write the plots here (with --passkey-only: the pass-key heat map, its data at OUT.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
-    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS + _TASK_IGNORES)
+    _DEFAULTS.update((name, p.get_default(name)) for name in _PERPLEXITY_OPTIONS + _PASSKEY_OPTIONS + _TASK_IGNORES
+                     + ("seed",))

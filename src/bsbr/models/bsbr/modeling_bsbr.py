@@ -297,7 +297,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         """transformers' ``from_pretrained`` (also what ``AutoModelForCausalLM`` calls), strict: a weight the
         checkpoint lacks, one it has in excess, one of another shape or one holding nan/inf is an error,
         where transformers would initialise it randomly with a warning (or load it). ``strict=False``:
-        transformers' behaviour.
+        transformers' behaviour, weights of another shape included (initialised randomly, with its warning).
 
         Weights load from safetensors only, as with :func:`bsbr.load_bsbr_model` (a ``.bin`` checkpoint is a
         pickle, never loaded, even through torch's restricted unpickler): ``use_safetensors=False`` is refused."""
@@ -311,7 +311,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         if local is not None:
             refuse_pickled_weights(local)
-        if not strict:
+        if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
+            kwargs.setdefault("ignore_mismatched_sizes", True)
             return super().from_pretrained(*args, **kwargs)
         if local is not None:
             refuse_non_float_weights(local)
