@@ -168,7 +168,13 @@ _WARNED: set = set()
 
 def _warn_ignored_code(path: Path, option: str) -> None:
     """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
-    runs (a class transformers does not have is refused when it loads); say that the built-in one is used."""
+    runs (a class transformers does not have is refused when it loads); say that the built-in one is used. (A
+    saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself: no warning.)"""
+    try:
+        if json.loads((path / "config.json").read_text()).get("model_type") == "bsbr":
+            return
+    except (OSError, ValueError, AttributeError):
+        return
     for name in ("config.json", "tokenizer_config.json"):
         try:
             auto_map = json.loads((path / name).read_text()).get("auto_map") or {}

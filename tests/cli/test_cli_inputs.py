@@ -951,6 +951,10 @@ def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_wa
     warned = [r.getMessage() for r in caplog.records if "code of its own" in r.getMessage()]
     assert len(warned) == 1 and "mymodel.py" in warned[0] and "never runs" in warned[0], warned
     assert not marker.exists()
+    caplog.clear()  # a saved BSBR model names its own bsbr_auto.py, which is the model bsbr runs: no warning
+    with caplog.at_level("WARNING"):
+        assert main(["convert", str(tmp_path / "out"), str(tmp_path / "again")]) == 2
+    assert not [r for r in caplog.records if "code of its own" in r.getMessage()]
 
 
 def test_a_source_generation_config_that_cannot_be_read_is_named(models, tmp_path, caplog):

@@ -204,27 +204,39 @@ def test_rotary_tables_for_an_odd_head_dim_are_refused():
         attn(torch.randn(1, 5, 18), position_embeddings=(cos, sin))
 
 
-@pytest.mark.parametrize("build", ["native", "shell"])
+@pytest.mark.parametrize("build", ["native", "shell", "converted-llama3-rope"])
 def test_a_model_built_on_the_meta_device_then_loaded_equals_the_eager_one(build):
     # inv_freq is in no checkpoint: after to_empty() it held garbage, and load_state_dict reported every key
     # matched while the outputs were off by ~1
     from bsbr import BSBRModel
     from bsbr.models import AttentionLM
 
+    converted = None
+    if build.startswith("converted"):  # (a scaled rope type's frequencies come from transformers' init functions)
+        from model_sources import make_source
+
+        from bsbr import convert_to_bsbr
+        from bsbr.models import BSBRForCausalLM
+
+        converted = convert_to_bsbr(make_source("llama3-rope"), chunk_size=4)
+
     def make():
         if build == "native":
             return BSBRModel(50, 32, 1, 4, 4, 64, dropout=0.0)
+        if converted is not None:
+            return BSBRForCausalLM(converted.config)
         return AttentionLM(vocab_size=50, hidden_dim=32, num_layers=1, num_heads=4, attention="bsbr", chunk_size=4)
 
     torch.manual_seed(0)
-    eager = make().eval()
+    eager = make().eval() if converted is None else converted
     with torch.device("meta"):
         lazy = make()
     lazy = lazy.to_empty(device="cpu")
     lazy.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 50, (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(lazy.eval()(ids), eager(ids), rtol=0, atol=0)
+        out = (lambda m: m(ids).logits) if converted is not None else (lambda m: m(ids))
+        torch.testing.assert_close(out(lazy.eval()), out(eager), rtol=0, atol=0)
 
 
 def test_the_layer_runs_on_the_meta_device_and_checks_output_state():

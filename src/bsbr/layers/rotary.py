@@ -12,31 +12,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-_MATRICES: list = []  # [(cos, sin, key, M)]: the last one-token tables as matrices, shared by every
+_MATRICES: list = []  # [(cos, sin, versions, M)]: the last one-token tables as matrices, shared by every
 _KEEP = 4  # layer of a decode step (a step uses up to three tables: positions, far queries, far keys)
-
-
-def _table_key(cos, sin):
-    """What tells a table refilled in place from its cached state: the in-place version counter, or, for
-    inference tensors (which have none), a copy of the values (a one-token table is a few hundred bytes)."""
-    if cos.is_inference() or sin.is_inference():
-        return cos.clone(), sin.clone()
-    return cos._version, sin._version
-
-
-def _same_key(a, b) -> bool:
-    if isinstance(a[0], torch.Tensor):
-        return isinstance(b[0], torch.Tensor) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    return a == b
 
 
 def _rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """(b', d, d) M with ``x @ M = x * cos + rotate_half(x) * sin`` for one position per sequence
     (cos/sin with one row per sequence), built once per table object (held, so its identity stays
-    unique) and contents (:func:`_table_key`)."""
-    key = _table_key(cos, sin)
-    for c_, s_, k_, M in _MATRICES:
-        if c_ is cos and s_ is sin and _same_key(k_, key):
+    unique) and in-place version."""
+    versions = (cos._version, sin._version)
+    for c_, s_, v_, M in _MATRICES:
+        if c_ is cos and s_ is sin and v_ == versions:
             return M
     d = cos.shape[-1]
     c, s = cos.reshape(-1, d), sin.reshape(-1, d)
@@ -45,15 +31,17 @@ def _rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     J[h + d // 2, h] = -1.0
     J[h, h + d // 2] = 1.0
     M = torch.diag_embed(c) + J * s[:, None, :]
-    _MATRICES[:] = _MATRICES[-(_KEEP - 1):] + [(cos, sin, key, M)]
+    _MATRICES[:] = _MATRICES[-(_KEEP - 1):] + [(cos, sin, versions, M)]
     return M
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (b, h, n, d); cos/sin: (b, n, d) or (n, d). One token per sequence (a decode step) is one
-    matmul with the table's rotation matrix, shared by every layer, instead of five elementwise ops."""
+    matmul with the table's rotation matrix, shared by every layer, instead of five elementwise ops (not
+    for inference tensors: they have no version counter to tell a table refilled in place, and comparing
+    values would wait on the device each call)."""
     b, heads, n, d = x.shape
-    if n == 1 and not torch.is_grad_enabled():
+    if n == 1 and not torch.is_grad_enabled() and not (cos.is_inference() or sin.is_inference()):
         M = _rotation_matrix(cos, sin)
         if M.shape[0] == 1:
             return (x.reshape(b * heads, d) @ M[0]).view(b, heads, 1, d)
@@ -73,7 +61,10 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables computed on the fly for any position: no table caps the length.
 
     ``inv_freq`` may be given (e.g. from a source model's rope scaling); otherwise the default
-    ``theta ** (-2i/d)``. ``attention_scaling`` multiplies cos/sin (used by some rope types).
+    ``theta ** (-2i/d)``. It is a buffer in no checkpoint: ``load_state_dict`` sets it back to these values (a
+    model built on the meta device holds garbage there after ``to_empty()``), so frequencies are changed by
+    building the module with them, not by writing into the buffer. ``attention_scaling`` multiplies cos/sin
+    (used by some rope types).
     """
 
     def __init__(self, dim: int, theta: float = 10000.0, inv_freq: torch.Tensor | None = None,

@@ -63,7 +63,8 @@ def make_rotary(config: BSBRConfig) -> RotaryEmbedding:
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_parameters['rope_type'] must be 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}, "
                          f"got {rope_type!r}")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    with torch.device("cpu"):  # values even when the model is built on the meta device (load_state_dict restores
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)  # them after to_empty)
     return RotaryEmbedding(config.head_dim, inv_freq=inv_freq, attention_scaling=scaling)
 
 
