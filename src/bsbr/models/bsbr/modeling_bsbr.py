@@ -153,6 +153,7 @@ class BSBRCache:
         return BSBRCache([s.select(index) for s in self.states], self.n_positions,
                          None if self.digest is None else self.digest[index.to(self.digest.device)])
 
+    @torch.compiler.disable  # bookkeeping on a Python int: traced, it recompiled at every new length
     def consumed(self, input_ids: Optional[torch.Tensor], n: int) -> None:
         """Count ``n`` more input positions, whose ids are ``input_ids`` (None: inputs_embeds, not known)."""
         known = self.n_positions == 0 or self.digest is not None

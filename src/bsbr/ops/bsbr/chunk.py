@@ -27,6 +27,7 @@ NEG_INF = float("-inf")
 TILE = 16
 
 
+@torch.compiler.disable  # Python branches and loops on the chunk count: traced, it recompiled at every new count
 def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None,
                          output_final_state: bool = False):
@@ -212,7 +213,6 @@ def _read_states(fq, F, z, w, retrieval):
     return num, den
 
 
-@torch.compiler.disable  # a Python loop over chunks: traced, it recompiles per length (tests/models/test_compile.py)
 def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale):
     """Exact blocks when K selects among the chunks before a window: each token's top-K chunks, read in
     the same softmax; their states leave the chunk-state term (when it is read: ``num`` not None).
@@ -269,7 +269,6 @@ def _score_chunk(scores, q, k_b, c, p0, p1, sinks):
     scores[..., p0:p1] = s_c.view(b, hkv, g, B, p1 - p0)
 
 
-@torch.compiler.disable  # (as _block_terms)
 def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
     """The far part when K covers every chunk before each window (contexts up to L + K chunks): chunk
     c's queries against every key of chunks 0 .. c - L, sinks included: as qr.kr up to chunk c - R,
