@@ -77,7 +77,7 @@ def source_notes(c) -> List[str]:
         notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
                      "BSBR model reads its own window and retrieved blocks instead: it can match the source only "
                      f"on inputs of up to {window} tokens, and only where it reads every earlier token exactly "
-                     "at its own position (--far-positions absolute, enough --retrieval-blocks)")
+                     "at its own position (--far-positions absolute, enough --retrieval-blocks or --recall-tokens)")
     rope = getattr(c, "rope_parameters", None) or {}
     kind = rope.get("rope_type")
     if kind == "dynamic":
