@@ -428,15 +428,17 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
     # weight exp(lse_pair - lse) into its row (in group order: a row's sum depends on its own pairs only)
     rows_out = b * hkv * N * g
-    lse = qr.new_full((rows_out,), NEG_INF)
+    # in float32 whatever the inputs: a half-precision lse rounds by up to ~1 at large logits, and the pair
+    # weights exp(lse_pair - lse) then summed to e^(+-1), not 1 (outputs outside the values' range)
+    lse = qr.new_full((rows_out,), NEG_INF, dtype=torch.float32)
     o = qr.new_zeros(rows_out, dv)
     num = qr.new_zeros(rows_out, dv) if state else None
     den = qr.new_zeros(rows_out) if state else None
     if lses:
-        lse_pairs = torch.cat(lses)
+        lse_pairs = torch.cat(lses).float()
         m = lse.detach().scatter_reduce(0, th, lse_pairs.detach(), "amax", include_self=False)  # largest part per row
-        lse = m + torch.log(qr.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th])))
-        w_pairs = torch.exp(lse_pairs - lse[th])
+        lse = m + torch.log(lse.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th])))
+        w_pairs = torch.exp(lse_pairs - lse[th]).to(o.dtype)
         w_pairs = w_pairs.split(counts.tolist())
         w_p = w_p.split(counts.tolist()) if state else None
         for i, gid, start, cnt, o_g in groups:
@@ -445,7 +447,7 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
             if state:
                 num.index_add_(0, rows_g, w_p[i][:, None] * (fq_g[i] @ F_g[gid % n_ids])[:cnt])
                 den.index_add_(0, rows_g, w_p[i] * (fq_g[i] @ z_g[gid % n_ids])[:cnt])
-    o, lse = o.view(b, hkv, N, g, dv), lse.view(b, hkv, N, g)
+    o, lse = o.view(b, hkv, N, g, dv), lse.to(qr.dtype).view(b, hkv, N, g)
     if state:
         num, den = num.view(b, hkv, N, g, dv).transpose(2, 3), den.view(b, hkv, N, g).transpose(2, 3)
     return o.transpose(2, 3), lse.transpose(2, 3), num, den
