@@ -428,14 +428,14 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
     # weight exp(lse_pair - lse) into its row (in group order: a row's sum depends on its own pairs only)
     rows_out = b * hkv * N * g
-    # in float32 whatever the inputs: a half-precision lse rounds by up to ~1 at large logits, and the pair
-    # weights exp(lse_pair - lse) then summed to e^(+-1), not 1 (outputs outside the values' range)
-    lse = qr.new_full((rows_out,), NEG_INF, dtype=torch.float32)
+    # in float32 at least: a half-precision lse rounds by up to ~1 at large logits, and the pair weights
+    # exp(lse_pair - lse) then summed to e^(+-1), not 1 (outputs outside the values' range)
+    lse = qr.new_full((rows_out,), NEG_INF, dtype=torch.promote_types(qr.dtype, torch.float32))
     o = qr.new_zeros(rows_out, dv)
     num = qr.new_zeros(rows_out, dv) if state else None
     den = qr.new_zeros(rows_out) if state else None
     if lses:
-        lse_pairs = torch.cat(lses).float()
+        lse_pairs = torch.cat(lses).to(lse.dtype)
         m = lse.detach().scatter_reduce(0, th, lse_pairs.detach(), "amax", include_self=False)  # largest part per row
         lse = m + torch.log(lse.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th])))
         w_pairs = torch.exp(lse_pairs - lse[th]).to(o.dtype)
