@@ -378,8 +378,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BSBRRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
-            # a non-persistent buffer: from_pretrained builds the model on the meta device, so recompute it
-            init.copy_(module.inv_freq, make_rotary(self.config).inv_freq)
+            # a non-persistent buffer: from_pretrained builds the model on the meta device, so refill it from the
+            # values make_rotary computed on the CPU
+            init.copy_(module.inv_freq, module.inv_freq_values)
 
 
 def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tensor:
