@@ -29,6 +29,7 @@ BAD_CONFIGS = [
     ("mlp_bias", dict(mlp_bias="no")), ("tie_word_embeddings", dict(tie_word_embeddings="no")),
     ("use_cache", dict(use_cache="no")),
     ("feature_map hedgehog", dict(retrieval="normalized", feature_map="identity")),
+    ("head_dim must be even", dict(position_type="rope", head_dim=9)),  # (learned positions take one: below)
 ]
 
 
@@ -43,6 +44,22 @@ def test_good_values_still_pass():
                dict(attention_out_bias=None), dict(position_type="rope"),
                dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 500})):
         BSBRConfig(**{**TINY, **ok})
+
+
+def test_learned_positions_take_an_odd_head_size_rotary_ones_do_not(tmp_path):
+    # transformers fills in default rotary parameters and its check of them refused head_dim 9 with an
+    # internal error, though GPT-2's learned positions read none: a GPT-2 of that shape did not convert
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=36, n_head=4, n_layer=1, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)).eval()
+    model = convert_to_bsbr(src, chunk_size=8, retrieval_blocks=8)
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, src(ids).logits, rtol=1e-4, atol=1e-4)
+    assert model.config.head_dim == 9 and model.config.rope_parameters is None
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.head_dim == 9
 
 
 @pytest.mark.parametrize("key, value", [("norm_eps", NAN), ("initializer_range", -1.0), ("gate_init", INF),

@@ -256,15 +256,24 @@ def test_gpt2_runs_past_its_position_table():
 
 @pytest.mark.parametrize("family, option, value", [("gpt2", "far_positions", "hybrid"),
                                                     ("llama", "position_scheme", "absolute")])
-def test_a_position_option_the_source_never_reads_is_logged(family, option, value, caplog):
-    # (`bsbr convert` refuses it; in Python a sweep of options over families goes on, told)
+def test_a_position_option_the_model_never_reads_is_logged(family, option, value, caplog, tmp_path):
+    # (`bsbr convert` refuses it; in Python a sweep of options over families goes on, told, and so does a
+    # from_pretrained override, which was silent)
+    from transformers import AutoModelForCausalLM
+
     src = make_source(family)
-    with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
-        convert_to_bsbr(src, chunk_size=CHUNK)
+    logger = "bsbr.models.bsbr.configuration_bsbr"
+    with caplog.at_level("WARNING", logger=logger):
+        convert_to_bsbr(src, chunk_size=CHUNK).save_pretrained(tmp_path)
+        AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
-        convert_to_bsbr(src, chunk_size=CHUNK, **{option: value})
-    assert f"{option}={value!r} does nothing for a {family} source" in caplog.text
+    kind = "learned" if family == "gpt2" else "rope"
+    for make in (lambda: convert_to_bsbr(src, chunk_size=CHUNK, **{option: value}),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path, **{option: value})):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=logger):
+            make()
+        assert f"{option}={value!r} does nothing for a model with {kind} positions" in caplog.text
 
 
 def test_a_model_folder_named_like_a_gguf_file_converts(tmp_path):

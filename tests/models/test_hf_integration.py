@@ -445,3 +445,12 @@ def test_assisted_generation_is_refused_in_words(model, option):
     value = 3 if option == "prompt_lookup_num_tokens" else model
     with pytest.raises(ValueError, match=f"{option}: assisted generation is not supported"):
         model.generate(ids, max_new_tokens=3, **{option: value}, **GEN)
+
+
+def test_a_bsbr_model_as_another_models_draft_is_refused_in_words(model):
+    # as assistant_model of a source's generate it ran until the first rejected draft token, then raised
+    # "'BSBRCache' object has no attribute 'crop'"
+    src = make_source("qwen2")
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="a BSBR model cannot be the draft model of assisted generation"):
+        src.generate(ids, assistant_model=convert_to_bsbr(src, chunk_size=8), max_new_tokens=30, **GEN)

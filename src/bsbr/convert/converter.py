@@ -172,12 +172,6 @@ class TransformerToBSBRConverter:
         src = load_source(source)
         config = self.bsbr_config(src.config)
         mt = config.source_model_type
-        # an option the source's kind of positions never reads is recorded, doing nothing (the command line
-        # refuses it; here a sweep of options over families is not stopped, but told)
-        unread, why = (("far_positions", "it places rotary positions") if config.position_type == "learned"
-                       else ("position_scheme", "it applies to learned positions (GPT-2)"))
-        if self.options[unread] != DEFAULT_OPTIONS[unread]:
-            logger.warning("%s=%r does nothing for a %s source: %s", unread, self.options[unread], mt, why)
         family = FAMILIES[mt]
         sd = src.state_dict()
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)

@@ -29,6 +29,9 @@ MLP_TYPES = ("standard", "gated")
 #           chunks back (every distance inside half the source's range); an older key reads as if it lay
 #           in the oldest of those chunks, R - 1 back, at its offset in its own chunk
 FAR_POSITIONS = ("absolute", "window", "hybrid")
+# per position_type, the position option it never reads: (name, default, what the option does)
+UNREAD_POSITION_OPTION = {"learned": ("far_positions", "window", "it places rotary positions"),
+                          "rope": ("position_scheme", "wrap", "it applies to learned positions (GPT-2)")}
 
 
 def _choice(name, value, allowed):
@@ -166,6 +169,8 @@ class BSBRConfig(PretrainedConfig):
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads "
                                  f"({num_attention_heads}) when head_dim is not given")
             head_dim = hidden_size // num_attention_heads
+        if position_type == "rope" and head_dim % 2:
+            raise ValueError(f"rotary positions turn pairs of a head's dims: head_dim must be even, got {head_dim}")
         features = 2 * head_dim if feature_map == "hedgehog" else head_dim  # a chunk state's feature dim
         if compression_factor is not None and features % compression_factor:
             raise ValueError(f"compression_factor ({compression_factor}) must divide the chunk states' feature dim "
@@ -220,6 +225,12 @@ class BSBRConfig(PretrainedConfig):
             logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
                            "of the retrieval blocks): the model chooses all %s blocks by their own scores",
                            retrieval_blocks)
+        # an option this kind of positions never reads is recorded, doing nothing (the command line refuses
+        # it; in Python a sweep of options over families, or a from_pretrained override, is not stopped, but told)
+        unread, default, why = UNREAD_POSITION_OPTION[position_type]
+        value = far_positions if unread == "far_positions" else position_scheme
+        if value != default:
+            logger.warning("%s=%r does nothing for a model with %s positions: %s", unread, value, position_type, why)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         rope = self.rope_parameters
@@ -227,6 +238,11 @@ class BSBRConfig(PretrainedConfig):
             raise ValueError(f"rope_parameters must be None or a dict, got {type(rope).__name__}")
         if rope and "rope_theta" in rope:
             check_number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
+
+    def convert_rope_params_to_dict(self, **kwargs) -> dict:
+        """transformers' rotary parameters filled in with defaults, for rotary positions only: learned ones
+        read none, and transformers' check of a default it would fill in refuses an odd head size."""
+        return super().convert_rope_params_to_dict(**kwargs) if self.position_type == "rope" else kwargs
 
     def attention_kwargs(self) -> dict:
         """Keyword arguments of :class:`bsbr.layers.BSBRAttention` for this config."""

@@ -586,8 +586,13 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         """transformers' check of the mode; assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``,
-        ``assistant_early_exit``) is refused in words: it rolls the cache back to drop rejected tokens, which a
-        BSBR cache, like every stateful model's, cannot do (transformers said "Assisted decoding requires a cache")."""
+        ``assistant_early_exit``), and this model as another model's draft, is refused in words: it rolls the cache
+        back to drop rejected tokens, which a BSBR cache, like every stateful model's, cannot do (transformers said
+        "Assisted decoding requires a cache"; as a draft, the first rejected token raised an AttributeError)."""
+        if getattr(generation_config, "is_assistant", False):  # this model drafts for another's assisted generation
+            raise ValueError("assistant_model: a BSBR model cannot be the draft model of assisted generation: the "
+                             "main model rolls the draft's cache back to drop rejected tokens, which a BSBR cache "
+                             "cannot do; generate without it")
         if "ASSISTED" in getattr(generation_mode, "name", str(generation_mode)).upper():
             asked = next((name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
                           if generation_mode_kwargs.get(name) is not None
