@@ -238,6 +238,27 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
         logger.info("the hub (%s) cannot be reached: hub models are read from the local cache only", constants.ENDPOINT)
 
 
+def add_dataset_arguments(parser, data, default_split: str) -> None:
+    """``--dataset`` (in ``data``, the group it shares with --text-file) and the options that choose from it;
+    :func:`dataset_options` reads them."""
+    data.add_argument("--dataset", metavar="NAME", help="a HuggingFace dataset: a hub name (needs network) or a "
+                                                       "local folder of data files (needs `pip install datasets`)")
+    parser.add_argument("--dataset-config", default=None, help="the --dataset's configuration")
+    parser.add_argument("--dataset-split", default=None, help=f"the --dataset's split (default {default_split})")
+    parser.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")
+
+
+def dataset_options(args, default_split: str) -> dict:
+    """The keyword arguments of :func:`bsbr.corpus.corpus_texts` that choose from ``--dataset``, defaults
+    filled in; each given without --dataset is refused (it would do nothing)."""
+    for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
+                          ("--text-column", args.text_column)):
+        if value is not None and not args.dataset:
+            raise UserError(f"{option} {value} applies to --dataset only: give --dataset NAME, or drop {option}")
+    return dict(dataset_config=args.dataset_config, dataset_split=args.dataset_split or default_split,
+                text_column=args.text_column or "text")
+
+
 def check_dataset(name: Optional[str], config: Optional[str], split: str, text_column: str) -> None:
     """``--dataset``, before any model loads: it opens and its first row has a text (a one-line
     :class:`UserError` otherwise). With no connection to the hub, only the local cache is read (at once,
@@ -328,18 +349,29 @@ def check_bsbr_dir(path, option: str) -> Path:
     return path
 
 
+def not_utf8(head: bytes) -> Optional[str]:
+    """Why a file whose first bytes are ``head`` is no UTF-8 text, when they show it (a UTF-16 or UTF-32
+    byte-order mark, a NUL byte), as the end of a sentence naming it; else None."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # (UTF-32's begin so too)
+        return "is UTF-16 or UTF-32 text (it begins with that byte-order mark): save it as UTF-8"
+    if b"\0" in head[:8192]:
+        return "looks binary (it holds NUL bytes, as UTF-16 text does too): give UTF-8 text"
+    return None
+
+
 def _read_text_file(p: Path, name, option: str) -> tuple:
     """Read the file ``p`` through once, a block at a time (a large file is never held whole): its size in
     bytes and whether it holds anything but whitespace; a :class:`UserError` naming ``option`` when it
-    cannot be read, looks binary (a NUL byte in the first 8 KB) or is not UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    cannot be read, is not UTF-8 (:func:`not_utf8`, or bytes UTF-8 cannot decode). A UTF-8 byte-order mark
+    is no text (the corpus drops it)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
     size, text = 0, False
     try:
         with open(p, "rb") as fh:
             while True:
                 block = fh.read(1 << 20)
-                if size == 0 and b"\0" in block[:8192]:
-                    raise UserError(f"{option} {name} looks binary (it holds NUL bytes): give text files")
+                if size == 0 and (why := not_utf8(block)):
+                    raise UserError(f"{option} {name} {why}")
                 held = len(decoder.getstate()[0])  # the last block's bytes of an unfinished character
                 try:
                     text = bool(decoder.decode(block, final=not block).strip()) or text

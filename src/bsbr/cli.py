@@ -254,6 +254,12 @@ def _main(argv) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+    if not verbose and "DATASETS_VERBOSITY" not in os.environ:
+        # datasets logs a data file it cannot parse as an error of its own before raising: the raise is the
+        # command's one-line error; -v shows the log
+        os.environ["DATASETS_VERBOSITY"] = "critical"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
     no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # no bars in a log, or when asked
     if no_bars:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # (read by transformers when it is imported)

@@ -75,8 +75,8 @@ PIECE_CHARS = 1 << 20  # a document is tokenized a piece of about this many char
 
 def _file_pieces(path) -> Iterator[str]:
     """The text of one file, read a piece at a time: pieces of about :data:`PIECE_CHARS` characters that
-    end at a line end (UTF-8; undecodable bytes replaced, never an error)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    end at a line end (UTF-8 without a leading byte-order mark; undecodable bytes replaced, never an error)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         carry = ""
         while True:
             block = f.read(PIECE_CHARS)
@@ -128,7 +128,8 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # network, unknown name, unknown config/split: all user-facing
-        raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {e}") from e
+        why = str(e) or ("its data files hold no rows" if isinstance(e, StopIteration) else type(e).__name__)
+        raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {why}") from e
 
     def rows():
         for row in ds:

@@ -400,7 +400,14 @@ def test_text_files_that_are_devices_or_binary_are_refused(models, tmp_path, cap
     _, converted, _ = models
     binary = tmp_path / "elf.txt"
     binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" * 100)
-    for f, expect in (("/dev/null", "not a regular file"), (binary, "looks binary")):
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("def f ( x ) : return x\n" * 50, encoding="utf-16")  # (a byte-order mark first)
+    utf16_le = tmp_path / "utf16_le.txt"
+    utf16_le.write_text("def f ( x ) : return x\n" * 50, encoding="utf-16-le")
+    # a UTF-16 file with a byte-order mark was refused as "looks binary"
+    for f, expect in (("/dev/null", "not a regular file"), (binary, "looks binary"),
+                      (utf16, "is UTF-16 or UTF-32 text (it begins with that byte-order mark): save it as UTF-8"),
+                      (utf16_le, "looks binary (it holds NUL bytes, as UTF-16 text does too)")):
         line = refused(capsys, ["eval", converted, "--text-file", f, "--no-passkey"], "eval")
         assert expect in line
 

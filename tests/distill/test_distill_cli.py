@@ -601,3 +601,30 @@ def test_a_rank_that_is_not_a_number_is_one_line(models, text, tmp_path, capsys,
     assert main(distill_args(models, text, tmp_path / "out", "--steps", "1")) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("bsbr distill: error:") == 1, err
+
+
+def test_a_local_dataset_trains_with_evals_dataset_options_and_is_an_input(models, text, tmp_path, capsys):
+    # distill's --dataset error said "pick one with --text-column", an option distill did not have (nor
+    # --dataset-split: a dataset without a train split could not be used); and an --output inside the
+    # dataset's folder was not refused
+    from cli_checks import TEXT
+
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "valid.jsonl").write_text("".join(json.dumps({"content": TEXT}) + "\n" for _ in range(3)))
+    args = distill_args(models, text, tmp_path / "out", "--steps", "1")
+    i = args.index("--text-file")
+    args[i:i + 2] = ["--dataset", str(data)]
+    line = refused(capsys, args, "distill", data)
+    assert "Bad split: train" in line, line
+    args += ["--dataset-split", "validation"]
+    line = refused(capsys, args, "distill", data)
+    assert "has no column 'text'" in line and "--text-column" in line, line
+    args += ["--text-column", "content"]
+    out = args.index("--output") + 1
+    assert "overlaps the --dataset" in refused(capsys, [*args[:out], str(data / "out"), *args[out + 1:]], "distill",
+                                               data)
+    assert main(args) == 0
+    load_bsbr_model(tmp_path / "out")
+    with_text = distill_args(models, text, tmp_path / "out2", "--steps", "1", "--text-column", "content")
+    assert "--text-column content applies to --dataset only" in refused(capsys, with_text, "distill")

@@ -423,3 +423,43 @@ def test_lm_eval_task_dir_refuses_a_model_its_command_could_not_run(saved, tmp_p
         _refused(capsys, ["eval", str(model), "--lm-eval-task-dir", str(task), *PASSKEY], *words)
         assert not task.exists()
     assert main(["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task"), *PASSKEY]) == 0
+
+
+def test_json_onto_a_local_datasets_own_file_is_refused(saved, tmp_path, capsys, no_loading):
+    # the dataset's data file was replaced by the results (exit 0): a local --dataset is an input too
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "test.json").write_text(json.dumps([{"text": "def f ( x ) : return x + y\n" * 30}] * 4))
+    before = _snapshot(data)
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(data), "--seq-len", "40",
+            "--no-passkey", "--no-progress", "--json", str(data / "test.json")]
+    _refused(capsys, argv, "--json", "--dataset")
+    assert _snapshot(data) == before
+
+
+def test_fillers_whose_lm_eval_metrics_would_be_one_are_refused(saved, tmp_path, capsys, no_loading):
+    # my-text.txt and my_text.txt both gave the metric passkey_file_my_text_txt: lm-eval averaged them as one
+    for name, text in (("my-text.txt", "The river runs past the old mill. "), ("my_text.txt", "A bird sang on the wall. ")):
+        (tmp_path / name).write_text(text * 40)
+    _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task"), *PASSKEY[:-4],
+                      "--passkey-filler", str(tmp_path / "my-text.txt"), str(tmp_path / "my_text.txt")],
+             "--passkey-filler", "would share the lm-eval metric passkey_file_my_text_txt", "rename one")
+    assert not (tmp_path / "task").exists()
+
+
+def test_an_empty_local_dataset_says_why(saved, tmp_path, capsys, no_loading):
+    # datasets raises a bare StopIteration: the line ended at "(config None, split 'test'):"
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "test.jsonl").write_text("")
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(tmp_path / "ds"),
+            "--seq-len", "40", "--no-passkey", "--no-progress"]
+    _refused(capsys, argv, "--dataset", "its data files hold no rows")
+
+
+def test_a_local_dataset_that_does_not_parse_is_one_line(saved, tmp_path, capsys, no_loading):
+    # datasets logged "Failed to load JSON from file ..." on a line of its own before the command's error
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "test.jsonl").write_text('{"text": "a b c"}\n{"text": "a b\n')
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(tmp_path / "ds"),
+            "--seq-len", "40", "--no-passkey", "--no-progress"]
+    _refused(capsys, argv, "--dataset")

@@ -138,3 +138,13 @@ def test_dataset_without_the_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install datasets"):
         corpus.dataset_texts("wikitext")
+
+
+def test_a_utf8_byte_order_mark_is_not_read_as_text(tmp_path, word_tokenizer):
+    # it was three tokens of junk at the start of the file, scored and trained on
+    text = "def f ( x ) : return x\n" * 20
+    (tmp_path / "plain.py").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.py").write_text(text, encoding="utf-8-sig")
+    windows = [corpus.token_windows(word_tokenizer, corpus.read_texts([tmp_path / name]), 16, None)
+               for name in ("plain.py", "bom.py")]
+    assert torch.equal(windows[0], windows[1])

@@ -57,6 +57,13 @@ def test_file_filler_and_errors(tmp_path):
         filler.get_filler("lorem")
     with pytest.raises(ValueError, match="is a directory"):
         filler.get_filler(str(tmp_path))
+    # a UTF-8 byte-order mark hid the first sentence's capital (a one-sentence file had "no usable sentences");
+    # a UTF-16 file without one was read as NUL-laced text with no sentences
+    (tmp_path / "bom.txt").write_text("Once upon a time there was a fox.\n", encoding="utf-8-sig")
+    assert first(filler.get_filler(str(tmp_path / "bom.txt")), SEED, 1) == ["Once upon a time there was a fox."]
+    (tmp_path / "utf16.txt").write_text("Once upon a time there was a fox.\n", encoding="utf-16-le")
+    with pytest.raises(ValueError, match="holds NUL bytes, as UTF-16 text does too"):
+        filler.get_filler(str(tmp_path / "utf16.txt"))
 
 
 def test_a_file_named_like_a_kind(tmp_path, monkeypatch, caplog):
@@ -68,7 +75,7 @@ def test_a_file_named_like_a_kind(tmp_path, monkeypatch, caplog):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "random").write_text("The river ran past the old mill at dawn.\n")
-    lists = dict(text_file=None, passkey_lengths=None, passkey_depths=None, passkey_models=None)
+    lists = dict(text_file=None, passkey_lengths=None, passkey_depths=None, passkey_models=None, lm_eval_task_dir=None)
     _check_lists(Namespace(passkey_filler=None, **lists))
     assert not caplog.text
     _check_lists(Namespace(passkey_filler=["random", "classic"], **lists))

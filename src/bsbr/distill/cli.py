@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from ..arguments import (METADATA, as_flags, check_bsbr_dir, check_dataset, check_model_arg, check_positions,
-                         check_recorded_source, check_source, check_text_files, check_unique, load_model_arg,
-                         load_tokenizer_arg, same_file)
+from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_model_arg,
+                         check_positions, check_recorded_source, check_source, check_text_files, check_unique,
+                         dataset_options, load_model_arg, load_tokenizer_arg, same_file)
 from ..errors import CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
                        write_model_card)
@@ -91,7 +91,8 @@ def _check_new_pieces_matter(student, args) -> None:
 def _settings(args) -> dict:
     """The run's settings a resume must repeat (the windows' tokens are compared too, so the text files
     are recorded by content, not by path)."""
-    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset)
+    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset,
+                **(dataset_options(args, "train") if args.dataset else {}))
 
 
 def _student_config(student_dir: Path) -> dict:
@@ -155,7 +156,8 @@ def cmd_distill(args) -> int:
                         "the model it was converted from")
     check_unique("--text-file", args.text_file, key=same_file)  # (one file twice would be trained on twice)
     check_text_files(args.text_file, args.seq_len)
-    check_dataset(args.dataset, None, "train", "text")
+    dataset = dataset_options(args, "train")
+    check_dataset(args.dataset, dataset["dataset_config"], dataset["dataset_split"], dataset["text_column"])
     # one run per --output at a time (torchrun's other ranks write nothing there)
     first_rank = os.environ.get("RANK", "0") == "0"
     with output_lock(out, "--output", "bsbr distill") if first_rank else contextlib.nullcontext():
@@ -169,9 +171,10 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     from .trainer import DistillInterrupted, check_same_run, check_work_left
 
     ckpt = out / "checkpoint"
+    local_dataset = args.dataset if args.dataset and os.path.exists(os.path.expanduser(args.dataset)) else None
     check_output_dir(out, overwrite=args.overwrite, option="--output",
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
-                     inputs=[("--student", student_dir), ("--teacher", args.teacher),
+                     inputs=[("--student", student_dir), ("--teacher", args.teacher), ("--dataset", local_dataset),
                              *[("--text-file", f) for f in args.text_file or []]])
     if args.resume and has_checkpoint(ckpt) and not is_bsbr_output(out):
         raise UserError(f"--output {out} holds files no bsbr command wrote beside the checkpoint: the resumed run's model "
@@ -266,8 +269,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         dist.init_process_group("gloo")
     torch.manual_seed(args.seed)
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
-    texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, dataset_split="train", split="train",
-                            seed=args.seed)
+    texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),
+                            split="train", seed=args.seed)
     windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
     student = load_bsbr_model(student_dir)
@@ -338,7 +341,7 @@ def register(sub) -> None:
                    help="at most this many training windows of --seq-len tokens (default %(default)s)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text-file", nargs="*", default=None, metavar="F", help="train on these text files (at least one)")
-    data.add_argument("--dataset", default=None, help="a HuggingFace dataset name (needs network)")
+    add_dataset_arguments(p, data, "train")
     p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="data order and initialisation (default 0)")
     p.add_argument("--checkpoint-every", type=integer(1, MAX_COUNT), default=25,
                    help="steps between checkpoints in OUTPUT/checkpoint, which --resume continues (default %(default)s)")

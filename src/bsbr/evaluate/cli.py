@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
-from ..arguments import (check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg, check_positions,
-                         check_recorded_source, check_source, check_text_files, check_unique, expand_home,
-                         load_tokenizer_arg, read_config, read_metadata, same_file)
+from ..arguments import (add_dataset_arguments, check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg,
+                         check_positions, check_recorded_source, check_source, check_text_files, check_unique,
+                         dataset_options, expand_home, load_tokenizer_arg, read_config, read_metadata, same_file)
 from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import DEFAULT_FILLERS, FILLER_KINDS, filler_path, get_filler
-from .lm_eval_task import TASK_NAME, write_lm_eval_task
+from .lm_eval_task import TASK_NAME, check_filler_metrics, write_lm_eval_task
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
 from .report import summary_lines
 
@@ -48,11 +48,12 @@ def _heatmap_path(args) -> Optional[Path]:
 
 
 def _inputs(args) -> list:
-    """``(label, path)`` of what the command reads from disk: the model, a local reference, the text
-    files and the filler files (outputs may not be, or lie inside, any of them)."""
+    """``(label, path)`` of what the command reads from disk: the model, a local reference or dataset, the
+    text files and the filler files (outputs may not be, or lie inside, any of them)."""
     inputs = [("MODEL", args.model)]
-    if args.reference is not None and Path(args.reference).expanduser().exists():
-        inputs.append(("--reference", Path(args.reference).expanduser()))
+    for option, value in (("--reference", args.reference), ("--dataset", args.dataset)):
+        if value is not None and Path(value).expanduser().exists():
+            inputs.append((option, Path(value).expanduser()))
     inputs += [("--text-file", f) for f in args.text_file or []]
     inputs += [("--passkey-filler", f) for f in map(filler_path, args.passkey_filler or []) if f and f.is_file()]
     return inputs
@@ -81,6 +82,11 @@ def _check_lists(args) -> None:
         if path is not None and os.path.realpath(named.setdefault(name, path)) != os.path.realpath(path):
             raise UserError(f"--passkey-filler {spec} and {named[name]} are two files of one name, and the results "
                             f"are kept by file name ({name}): rename or copy one of them")
+    if args.lm_eval_task_dir:
+        try:
+            check_filler_metrics(names.values())
+        except ValueError as e:
+            raise UserError(f"--passkey-filler: {e}") from None
     for option, values, key in (("--text-file", args.text_file, same_file),
                                 ("--passkey-lengths", args.passkey_lengths, int),
                                 ("--passkey-depths", args.passkey_depths, float),
@@ -233,10 +239,7 @@ def _refuse_ignored(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    for option, value in (("--dataset-config", args.dataset_config), ("--dataset-split", args.dataset_split),
-                          ("--text-column", args.text_column)):
-        if value is not None and not args.dataset:
-            raise UserError(f"{option} {value} applies to --dataset only: give --dataset NAME, or drop {option}")
+    dataset = dataset_options(args, "test")
     if (args.text_file or args.dataset) and args.split:
         raise UserError(f"--split {args.split} chooses from the default corpus, not from --text-file or --dataset: "
                         "drop one")
@@ -286,7 +289,7 @@ def cmd_eval(args) -> int:
     if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
         _check_loadable(args.model)
     if not (args.passkey_only or args.lm_eval_task_dir):
-        check_dataset(args.dataset, args.dataset_config, args.dataset_split or "test", args.text_column or "text")
+        check_dataset(args.dataset, dataset["dataset_config"], dataset["dataset_split"], dataset["text_column"])
     if passkey is not None:  # before any model is loaded
         tokenizer = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
             load_eval_tokenizer(args.model, args.reference)
@@ -306,8 +309,7 @@ def cmd_eval(args) -> int:
     else:
         # a missing optional dependency (datasets) is an ImportError: bsbr.cli.main makes it one line
         result = evaluate_saved(args.model, args.reference, text_files=args.text_file, dataset=args.dataset,
-                                dataset_config=args.dataset_config, dataset_split=args.dataset_split or "test",
-                                text_column=args.text_column or "text", split=args.split or "heldout",
+                                **dataset, split=args.split or "heldout",
                                 seq_len=args.seq_len, max_windows=args.max_windows, stride=args.stride,
                                 buckets=args.buckets, passkey=passkey, seed=args.seed, progress=not args.no_progress,
                                 check_reference=check_reference)
@@ -345,11 +347,7 @@ def register(sub) -> None:
                         "(default: the bundled SmolLM2-135M-Instruct)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text-file", nargs="+", metavar="F", help="evaluate on these local text files")
-    data.add_argument("--dataset", metavar="NAME", help="a HuggingFace dataset (needs `pip install datasets` "
-                                                       "and network)")
-    p.add_argument("--dataset-config", default=None, help="the --dataset's configuration")
-    p.add_argument("--dataset-split", default=None, help="the --dataset's split (default test)")
-    p.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")
+    add_dataset_arguments(p, data, "test")
     p.add_argument("--split", choices=["heldout", "train"], default=None,
                    help="default corpus split (the standard library's .py files; default heldout)")
     p.add_argument("--seq-len", type=integer(), default=2048, help="tokens per window (default 2048)")

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+from ..arguments import not_utf8
+
 logger = logging.getLogger(__name__)
 
 CLASSIC = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -52,7 +54,7 @@ def license_sentences(root: str) -> Tuple[str, ...]:
     sentences = []
     for f in sorted(p for p in path.iterdir() if p.is_file() and not p.is_symlink()):
         try:
-            sentences += split_sentences(f.read_text(encoding="utf-8", errors="replace"))
+            sentences += split_sentences(f.read_text(encoding="utf-8-sig", errors="replace"))
         except OSError as e:  # unreadable file: skip it, the others still make prose
             logger.debug("skipping %s: %s", f, e)
     return tuple(dict.fromkeys(sentences))  # in order, each once
@@ -180,8 +182,12 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
             raise ValueError(f"filler file {spec!r} does not exist: give an existing text file's path or one of "
                              f"{', '.join(FILLER_KINDS)}")
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
+    with open(path, "rb") as f:
+        why = not_utf8(f.read(8192))
+    if why:
+        raise ValueError(f"filler file {path} {why}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"filler file {path} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") \
             from None

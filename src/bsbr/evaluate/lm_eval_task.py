@@ -49,8 +49,9 @@ metric_list:
 """
 
 _UTILS = '''\
-"""The bsbr_passkey metric (written by bsbr.evaluate.lm_eval_task): whether the key's digits appear
-in the model's output once whitespace is removed."""
+"""The bsbr_passkey metric (written by bsbr.evaluate.lm_eval_task): whether the model's output holds the
+key as bsbr eval finds it (bsbr.evaluate.passkey.passkey_found: its digits as one number, or one space
+apart)."""
 from bsbr.evaluate.lm_eval_task import process_results  # noqa: F401
 '''
 
@@ -61,9 +62,20 @@ def metric_names(length: int, filler: str) -> tuple:
     return f"{METRIC}_len{int(length)}", f"{METRIC}_{re.sub(r'[^0-9A-Za-z_]', '_', filler)}"
 
 
+def check_filler_metrics(names: Sequence[str]) -> None:
+    """Refuse fillers whose per-filler metric names are one (lm-eval would average them together): a ValueError
+    naming both."""
+    seen: dict = {}
+    for name in dict.fromkeys(names):
+        metric = metric_names(0, name)[1]
+        if seen.setdefault(metric, name) != name:
+            raise ValueError(f"fillers {seen[metric]} and {name} would share the lm-eval metric {metric}, which "
+                             "would average them together: rename one of them")
+
+
 def process_results(doc: dict, results: Sequence[str]) -> dict:
-    """lm-eval's per-document scorer: ``passkey`` is 1.0 when ``doc["key"]`` appears in the first
-    generated text (whitespace removed), else 0.0; the same value is also reported under the
+    """lm-eval's per-document scorer: ``passkey`` is 1.0 when the first generated text holds ``doc["key"]``
+    as :func:`~bsbr.evaluate.passkey.passkey_found` finds it (as ``bsbr eval`` scores it), else 0.0; the same value is also reported under the
     document's length and filler (:func:`metric_names`), so lm-eval averages each of them too, over
     the documents that have it (lm-eval warns that the metrics count different documents: that is
     this breakdown, and matters only if the task is put in a size-weighted group)."""
@@ -94,6 +106,7 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     if not task.isidentifier():
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
     sources = filler_sources(fillers)
+    check_filler_metrics([f.name for f in sources])
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
     texts = [_prompt_text(tokenizer, p.input_ids) for p in prompts]
     changed = sum(tokenizer(t, add_special_tokens=False)["input_ids"] != _without_bos(tokenizer, p.input_ids)
