@@ -152,9 +152,15 @@ def main(argv=None) -> int:
             if signal.getsignal(sig) == default:
                 signal.signal(sig, _interrupt)
                 ours.append((sig, default))
+    stderr = sys.stderr
+    if stderr is None:  # started with stderr closed (2>&-): what the command says goes nowhere
+        sys.stderr = open(os.devnull, "w")
     try:
         return _main(argv)
     finally:
+        if stderr is None:
+            sys.stderr.close()
+            sys.stderr = None
         for sig, default in ours:
             signal.signal(sig, default)
         if ours:  # this call's interrupt ends with it (later writes in the process, another thread's command)
@@ -166,7 +172,7 @@ def run() -> None:
     interpreter's shutdown (a second or so after the command is done) does not turn a finished command into
     130 or 143. Into a log (stderr not a terminal) no library draws a progress bar either: tqdm reads
     ``TQDM_DISABLE`` when it is imported (transformers' GGUF loader has no switch of its own)."""
-    if not sys.stderr.isatty():
+    if sys.stderr is None or not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -175,12 +181,13 @@ def run() -> None:
 
 
 class _ClosedPipeIgnored:
-    """stdout for a command that writes files: once its reader has gone (``| head``, ``| true``), what it
-    prints is dropped and the command goes on, so the files it was asked for are still written (``bsbr
-    generate``, whose printing is its work, stops instead: status 141)."""
+    """stdout for a command that writes files: once it cannot be written (its reader has gone: ``| head``,
+    ``| true``; a full device; closed from the start: ``>&-``), what the command prints is dropped and it goes
+    on, so the files it was asked for are still written (``bsbr generate``, whose printing is its work, stops
+    instead: status 141, or refuses to start)."""
 
     def __init__(self, stream):
-        self._stream = stream
+        self._stream = open(os.devnull, "w") if stream is None else stream
 
     def _closed(self):
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
@@ -190,14 +197,14 @@ class _ClosedPipeIgnored:
     def write(self, text):
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError:
             self._closed()
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._closed()
 
     def __getattr__(self, name):
@@ -284,6 +291,10 @@ def _main(argv) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)])) + (f" (rank {rank})" if rank
                                                                                           else "")
     stdout = sys.stdout
+    if stdout is None and args.command == "generate":  # started with stdout closed (>&-): its text would go nowhere
+        print("bsbr generate: error: stdout is closed, and the generated text is written there: give it a file "
+              "or a pipe", file=sys.stderr)
+        return EXIT_USAGE
     if args.command != "generate":
         sys.stdout = _ClosedPipeIgnored(stdout)
     from .progress import bars_off

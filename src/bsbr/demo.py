@@ -27,15 +27,19 @@ def cmd_demo(args) -> int:
     check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
     try:
         # everything lands in --output at the end, or nothing; not while another bsbr command writes there
+        t0 = time.perf_counter()
         with output_lock(final, "--output", "bsbr command"), staged_dir(final, overwrite=args.overwrite) as out:
-            return _demo(args, out, final)
+            _demo(args, out, final, t0)
     except write_errors() as e:
         if not out_of_room(e):
             raise
         raise write_failure("--output", final, e, "the demo's files") from e
+    print(f"\nwrote {final}/eval.json, eval.png, speed.json, speed.png, model/ in {time.perf_counter() - t0:.0f}s")
+    return 0
 
 
-def _demo(args, out: Path, final: Path) -> int:
+def _demo(args, out: Path, final: Path, t0: float) -> None:
+    """The demo's work, its files written into ``out`` (published at ``final`` once it returns)."""
     import torch
 
     from .bench.common import DEFAULT_THREADS
@@ -50,7 +54,6 @@ def _demo(args, out: Path, final: Path) -> int:
     from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
     from .arguments import check_positions, load_model_arg, load_tokenizer_arg
 
-    t0 = time.perf_counter()
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
     # one pass-key length, where the 8 default blocks cover half of the chunks before the window
@@ -98,13 +101,11 @@ def _demo(args, out: Path, final: Path) -> int:
 
     print("\n=== summary ===")
     print("\n".join([*summary_lines(result), *speed_lines(speed)]))
-    print(f"\nwrote {final}/eval.json, eval.png, speed.json, speed.png, model/ in {time.perf_counter() - t0:.0f}s")
     cfg = model.config
     print(f"Each token reads exactly its window (own chunk + {cfg.local_chunks - 1} before it + the first "
           f"{cfg.sink_tokens} tokens: the source restricted to it is the 'window' row) and the "
           f"{cfg.retrieval_blocks} earlier chunks its query scores highest; the chunk states' gates start closed and "
           "`bsbr distill` opens them (see docs/findings.md).")
-    return 0
 
 
 def register(sub) -> None:

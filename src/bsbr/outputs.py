@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 from .errors import OutputError, UserError, check_not_interrupted
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+STAGED_EXTRA = len(".tmp-12345678.")  # bytes a name gains as the temporary file or folder an output is staged in
 logger = logging.getLogger(__name__)
 
 
@@ -58,12 +59,16 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     if out.is_symlink():
         raise OutputError(f"{option} {path} is a symbolic link: give the directory itself (the output is "
                           "renamed into place, which would replace the link)")
+    if overwrite and not allow_existing and out.is_dir() and os.path.ismount(out) and _leftovers_inside(out) is None:
+        raise OutputError(f"{option} {path} is a mount point, which --overwrite cannot replace (an output is renamed "
+                          f"into place): empty it, or choose another {option}")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
     name_bytes = len(os.fsencode(out.name))
-    if name_bytes > NAME_MAX - len(".tmp-12345678."):
-        raise OutputError(f"{option} {path}: its last name is {name_bytes} bytes; the directory it is "
-                          f"staged in beside it needs 14 more: give a name of at most {NAME_MAX - 14} bytes")
+    if name_bytes > NAME_MAX - STAGED_EXTRA:
+        raise OutputError(f"{option} {path}: its last name is {name_bytes} bytes; the directory it is staged in "
+                          f"beside it needs {STAGED_EXTRA} more: give a name of at most {NAME_MAX - STAGED_EXTRA} "
+                          "bytes")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         left = sorted(e.name for e in out.iterdir())
         if all(_staged_inside(name) for name in left):
@@ -110,6 +115,11 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                               "(the file is replaced, not written through)")
         if (parent := unwritable_parent(out)) is not None:
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
+        name_bytes = len(os.fsencode(out.name))
+        if name_bytes > NAME_MAX - STAGED_EXTRA:  # (atomic_write_text's temporary file beside it)
+            raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
+                              f"beside it needs {STAGED_EXTRA} more: give a name of at most {NAME_MAX - STAGED_EXTRA} "
+                              "bytes")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 
@@ -230,12 +240,12 @@ def is_bsbr_output(out: Path) -> bool:
     entries = list(out.iterdir())
     ckpt = out / "checkpoint"
     # a distill checkpoint: its manifest, or data files alone with nothing else at the top (a first save
-    # interrupted before its manifest); or only the staging folder of a command killed while writing into
-    # the (then empty) directory
+    # interrupted before its manifest); or the staging folder of a command killed while writing into the
+    # (then empty) directory, alone or beside the files it had moved in
     marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
-        (bool(entries) and all(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries))
+        any(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries)
     return marked and all(written(entry) for entry in entries)
 
 
@@ -246,9 +256,17 @@ def _staged_inside(name: str) -> bool:
     return name.startswith(STAGED_INSIDE)
 
 
+def _leftovers_inside(out: Path) -> list:
+    """The staging folders killed runs left inside the directory ``out``, when it holds nothing else (else
+    None)."""
+    entries = list(out.iterdir())
+    return entries if all(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries) else None
+
+
 def _written_into(out: Path) -> bool:
-    """Whether :func:`staged_dir` writes into ``out`` (an existing empty directory) instead of beside it."""
-    return out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    """Whether :func:`staged_dir` writes into ``out`` (an existing directory, empty or holding only what
+    killed runs left inside it: :func:`_leftovers_inside`) instead of beside it."""
+    return out.is_dir() and not out.is_symlink() and _leftovers_inside(out) is not None
 
 
 @contextlib.contextmanager
@@ -340,6 +358,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     during those renames can leave some of them, but no loadable model)."""
     out = _resolved(path)
     into = _written_into(out)
+    left = _leftovers_inside(out) if into else []
     made = [] if into else _make_parents(out)
     tmp = temp_dir(out, STAGED_INSIDE) if into else temp_dir(out.parent, f".{out.name}.tmp-")
     try:
@@ -350,7 +369,10 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
     try:
         shared_modes(tmp)
-        (_publish_into if into else publish_dir)(tmp, out, overwrite=overwrite)
+        if into:
+            _publish_into(tmp, out, left)
+        else:
+            publish_dir(tmp, out, overwrite=overwrite)
     except BaseException as e:
         if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
             shutil.rmtree(tmp, ignore_errors=True)
@@ -457,37 +479,70 @@ def _remove_empty(folders) -> None:
 
 
 def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
-    """Rename the complete directory ``tmp`` to ``out`` (same file system)."""
+    """Rename the complete directory ``tmp`` to ``out`` (same file system). An old ``out`` (``overwrite``) is
+    swapped with it in one step where the system can (Linux), else moved aside first."""
     check_not_interrupted()
-    old = None
+    replace = False
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     elif out.exists():
         if not overwrite:
             raise OutputError(f"{out} appeared while writing: not replaced (the result is in {tmp})")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    published = False
+        replace = True
     with signals_held():  # (an interrupt here is delivered after the renames and the old output's removal)
-        try:
-            if old is not None:
-                os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-                published = True
-            finally:
-                if not published and old is not None and (old / out.name).exists():
-                    os.replace(old / out.name, out)  # the rename failed: the old output goes back
-        finally:
-            if old is not None and (published or not (old / out.name).exists()):
-                shutil.rmtree(old, ignore_errors=True)
+        if replace and _exchange(tmp, out):  # the new output in place, the old one at tmp
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _rename_over(tmp, out, replace)
     _fsync_dir(out.parent)
 
 
-def _publish_into(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
-    """Rename the entries of the complete directory ``tmp``, made inside the empty ``out``, into ``out``."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``), so that a
+    kill leaves one or the other at each; False where the system or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _rename_over(tmp: Path, out: Path, replace: bool) -> None:
+    """Rename ``tmp`` to ``out``, an old ``out`` (``replace``) moved aside first and removed after (a kill
+    between the two renames leaves it at ``.NAME.old-*/NAME``)."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if replace else None
+    published = False
+    try:
+        if old is not None:
+            os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+            published = True
+        finally:
+            if not published and old is not None and (old / out.name).exists():
+                os.replace(old / out.name, out)  # the rename failed: the old output goes back
+    finally:
+        if old is not None and (published or not (old / out.name).exists()):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_into(tmp: Path, out: Path, left: Sequence[Path] = ()) -> None:
+    """Rename the entries of the complete directory ``tmp``, made inside ``out``, into ``out``, which held
+    nothing but ``left``: what killed runs left there (:func:`_leftovers_inside`), removed first."""
     check_not_interrupted()
-    if any(entry != tmp for entry in out.iterdir()):
+    if any(entry != tmp and entry not in left for entry in out.iterdir()):
         raise OutputError(f"{out} gained files while writing: nothing written into it (the result is in {tmp})")
+    for entry in left:
+        shutil.rmtree(entry, ignore_errors=True)
     publish_files(tmp, out)  # (a model's config.json last: until then the folder holds no loadable model)
 
 

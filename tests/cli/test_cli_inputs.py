@@ -16,7 +16,7 @@ from bsbr.cli import main
 from bsbr.ops import BSBROptions
 from bsbr.errors import OutputError
 from bsbr.outputs import check_output_files
-from cli_checks import refused
+from cli_checks import one_error_line, refused
 
 
 
@@ -682,6 +682,38 @@ def test_a_command_that_writes_files_still_writes_them_when_its_stdout_reader_ha
     assert "error" not in capsys.readouterr().err
 
 
+class FullDevice(ClosedPipe):
+    """stdout on a full device (`> /dev/full`)."""
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("stdout", [None, FullDevice()], ids=["closed", "full"])
+def test_a_command_that_writes_files_writes_them_whatever_its_stdout(models, tmp_path, capsys, monkeypatch, stdout):
+    # `bsbr convert SRC OUT >&-` was an internal error (rc 1) having written nothing; `> /dev/full` an error after
+    # the whole run; and `bsbr generate >&-` exited 0 having written its text nowhere
+    import sys
+
+    source, converted, _ = models
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and "error" not in capsys.readouterr().err
+    if stdout is None:
+        assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "4"]) == 2
+        assert "stdout is closed" in one_error_line(capsys.readouterr().err, "generate")
+
+
+def test_a_command_started_with_stderr_closed_runs(models, tmp_path, monkeypatch):
+    # `bsbr convert SRC OUT 2>&-` failed at once on sys.stderr.isatty(), saying nothing (rc 1)
+    import sys
+
+    source, _, _ = models
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and sys.stderr is None
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["eval", "m", "--passkey-lengths", "200", "--passkey-lengths", "300"], "--passkey-lengths"),
     (["distill", "--student", "m", "--text-file", "a.txt", "--text-file", "b.txt"], "--text-file"),
@@ -996,3 +1028,17 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
     assert "records" not in caplog.text
     (model / "conversion.json").write_text("{not json")  # generate needs no conversion record
     assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
+
+
+def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(tmp_path):
+    # a 242-255 byte name passed the checks, and the run failed at its end: the file is written through a
+    # temporary one beside it, 14 bytes longer
+    from bsbr.outputs import NAME_MAX, STAGED_EXTRA, atomic_write_text
+
+    longest = tmp_path / ("n" * (NAME_MAX - STAGED_EXTRA - 5) + ".json")
+    check_output_files([("--json", longest)])
+    atomic_write_text(longest, "{}")  # (it can be written)
+    too_long = tmp_path / ("n" * (NAME_MAX - STAGED_EXTRA - 4) + ".json")
+    with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a name of "
+                                          f"at most {NAME_MAX - STAGED_EXTRA} bytes"):
+        check_output_files([("--json", too_long)])

@@ -44,6 +44,58 @@ def test_convert_writes_into_an_existing_empty_directory_without_replacing_it(mo
     assert (Path(os.getcwd()) / "config.json").is_file() and here.samefile(os.getcwd())
 
 
+def test_a_folder_a_killed_run_left_its_staging_in_is_written_into_with_overwrite(models, tmp_path, capsys):
+    # the advice ("pass --overwrite") replaced the folder (its mode and owner lost; a mount point failed after the
+    # whole conversion); a kill while its files were being moved in left bsbr's own files, then called foreign
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    out = tmp_path / "volume"
+    (out / ".bsbr.tmp-ab12cd34").mkdir(parents=True)
+    out.chmod(0o750)
+    inode = out.stat().st_ino
+    assert "left by a bsbr command that was killed" in refused(capsys, ["convert", source, out, "--chunk-size", "8"],
+                                                               "convert", out)
+    assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
+    assert out.stat().st_ino == inode and (out.stat().st_mode & 0o777) == 0o750
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    load_bsbr_model(out)
+    (out / "config.json").unlink()  # killed midway through moving a conversion's files in
+    (out / ".bsbr.tmp-ef56gh78").mkdir()
+    assert main(["convert", str(source), str(out), "--chunk-size", "16", "--overwrite"]) == 0
+    assert load_bsbr_model(out).config.chunk_size == 16
+
+
+def test_overwrite_swaps_the_old_output_for_the_new_in_one_step(models, tmp_path, monkeypatch):
+    # the old output was moved aside, then the new one moved in: a kill between the two renames left neither
+    import bsbr.outputs as outputs
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    out = tmp_path / "out"
+    assert main(["convert", str(source), str(out), "--chunk-size", "8"]) == 0
+
+    def no_rename(*args):
+        raise AssertionError("published by two renames")
+
+    monkeypatch.setattr(outputs.os, "replace", no_rename)
+    assert main(["convert", str(source), str(out), "--chunk-size", "16", "--overwrite"]) == 0
+    assert load_bsbr_model(out).config.chunk_size == 16 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_of_a_mount_point_is_refused_before_the_work(models, tmp_path, capsys, monkeypatch):
+    # a mount point cannot be renamed: the conversion (or the whole demo) ran, then failed with EBUSY
+    import bsbr.outputs as outputs
+
+    source, _, _ = models
+    out = tmp_path / "volume"
+    assert main(["convert", str(source), str(out), "--chunk-size", "8"]) == 0
+    real = os.path.ismount
+    monkeypatch.setattr(outputs.os.path, "ismount", lambda p: Path(p) == out or real(p))
+    line = refused(capsys, ["convert", source, out, "--chunk-size", "16", "--overwrite"], "convert", out)
+    assert "is a mount point, which --overwrite cannot replace" in line and "empty it" in line, line
+
+
 def test_convert_overwrite_refuses_a_directory_another_command_is_writing(models, tmp_path, capsys):
     # a running distill holds its --output's lock: convert --overwrite replaced the directory under it
     from bsbr.outputs import output_lock
@@ -262,6 +314,7 @@ def test_an_interrupt_while_an_output_is_renamed_into_place_leaves_old_or_new(tm
             signal.raise_signal(signal.SIGINT)  # right after the old output was moved aside
 
     monkeypatch.setattr(outputs.os, "replace", interrupted_replace)
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)  # (where no one-step swap exists: two renames)
     with _ctrl_c_raises(), pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
         outputs.publish_dir(new, out, overwrite=True)
     assert len(calls) == 2 and (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
