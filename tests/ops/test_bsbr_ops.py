@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr.ops import BSBROptions, chunk_bsbr_attention, naive_bsbr_attention, recurrent_bsbr_attention
+from bsbr.ops import (BSBROptions, bsbr_attention_step, chunk_bsbr_attention, naive_bsbr_attention,
+                      recurrent_bsbr_attention)
 
 DT = torch.float64
 
@@ -219,6 +220,12 @@ def test_empty_sequence():
         ({"kr": torch.zeros(2, 4, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # kr heads
         ({}, dict(chunk_size=4, meta_q=torch.zeros(4, 5, 3, dtype=DT)), ValueError),  # meta map input size
         ({}, dict(chunk_size=4, meta_q="linear"), TypeError),
+        # a head or meta size of 0: a division by zero (head) or nan, the forms disagreeing (meta)
+        ({n: torch.zeros(2, 4 if n == "q" else 2, 9, 0, dtype=DT) for n in ("q", "k")}, dict(chunk_size=4), ValueError),
+        ({n: torch.zeros(2, 4 if n == "mq" else 2, 9, 0, dtype=DT) for n in ("mq", "mk")}, dict(chunk_size=4),
+         ValueError),
+        ({}, dict(chunk_size=4, meta_q=torch.zeros(4, 5, 0, dtype=DT), meta_k=torch.zeros(2, 5, 0, dtype=DT)),
+         ValueError),
     ],
 )
 def test_bad_inputs_raise(change, kw, exc):
@@ -346,6 +353,28 @@ def test_window_state_holds_the_window_and_refuses_other_sizes():
         with pytest.raises(ValueError, match=r"state holds \(batch, query heads"):
             recurrent_bsbr_attention(other["q"], other["k"], other["v"], other["mq"], other["mk"],
                                      BSBROptions(32, local_chunks=2, sink_tokens=4), initial_state=st)
+
+
+def test_a_state_refuses_meta_inputs_of_another_size_and_is_left_as_it_was():
+    # a step with other meta sizes added its token to the chunk state, then failed in torch: a retry with the
+    # right inputs counted that token twice (outputs off by up to 3.4)
+    x = make_inputs(b=1, hq=2, hkv=1, n=8, d=3, dm=3)
+    opts = BSBROptions(2)
+    want = naive_bsbr_attention(*(x[n] for n in ("q", "k", "v", "mq", "mk")), opts, fq=x["fq"], fk=x["fk"])[0]
+    with torch.no_grad():
+        _, st = chunk_bsbr_attention(*(x[n][:, :, :3] for n in ("q", "k", "v", "mq", "mk")), opts,
+                                     fq=x["fq"][:, :, :3], fk=x["fk"][:, :, :3], output_final_state=True)
+        before = {n: t.clone() for n, t in st.tensors().items()}
+        for mq, mk, maps in ((x["mq"][:, :, 3, :2], x["mk"][:, :, 3, :2], {}),
+                             (x["mq"][:, :, 3], x["mk"][:, :, 3], dict(meta_q=torch.ones(2, 3, 2, dtype=DT),
+                                                                     meta_k=torch.ones(1, 3, 2, dtype=DT)))):
+            with pytest.raises(ValueError, match="state holds meta vectors of size 3 mapped to 3"):
+                bsbr_attention_step(x["q"][:, :, 3], x["k"][:, :, 3], x["v"][:, :, 3], mq, mk, st, opts,
+                                    fq=x["fq"][:, :, 3], fk=x["fk"][:, :, 3], **maps)
+        assert all(torch.equal(t, before[n]) for n, t in st.tensors().items())
+        o, _ = recurrent_bsbr_attention(*(x[n][:, :, 3:] for n in ("q", "k", "v", "mq", "mk")), opts,
+                                        fq=x["fq"][:, :, 3:], fk=x["fk"][:, :, 3:], initial_state=st)
+    torch.testing.assert_close(o, want[:, :, 3:])
 
 
 @pytest.mark.parametrize("kw", [dict(local_chunks=0), dict(local_chunks=1.5), dict(local_chunks=True),

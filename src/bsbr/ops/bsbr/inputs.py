@@ -79,6 +79,8 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
                     ("kr", kr)):
         check_tensor(name, x, token_dim)
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    if d < 1:
+        raise ValueError("q, k, qr and kr need a head dim of at least 1, got 0")
     hkv = k.shape[1]
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
@@ -110,6 +112,8 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
         outs.append(w.shape[2])
     if outs[0] != outs[1]:
         raise ValueError(f"meta_q and meta_k must map to one size, got {outs[0]} and {outs[1]}")
+    if min(dm_in, outs[0]) < 1:  # (a chunk's retrieval score divides by the square root of the meta size)
+        raise ValueError(f"mq, mk and the meta maps' outputs need a size of at least 1, got {dm_in} and {outs[0]}")
     if gate is not None and not gate_closed(gate):
         if not isinstance(gate, torch.Tensor):
             raise TypeError(f"gate must be None, 0 (closed), a 0-dim tensor or a tensor of shape ({hq},), got {gate!r}")

@@ -109,6 +109,11 @@ class BSBRState:
             raise ValueError(f"state holds (batch, query heads, K/V heads, head dim, value dim) = {built}, the call "
                              f"has {call}: continue a state with the batch it was built for (rows of it: "
                              "state.select(rows); beam search: BSBRCache.reorder_cache)")
+        meta = (self.mk_sum.shape[-1], self.h_past.shape[-1])
+        if meta != (a.meta_in, a.meta_dim):
+            raise ValueError(f"state holds meta vectors of size {meta[0]} mapped to {meta[1]}, the call has "
+                             f"{a.meta_in} mapped to {a.meta_dim}: continue a state with the meta inputs and maps it "
+                             "was built with")
         if self.F_cur.shape[2] != a.feature_dim:
             raise ValueError(f"state keeps chunk states of feature size {self.F_cur.shape[2]}, the call has "
                              f"{a.feature_dim} (a state built while the chunk-state gate was closed keeps none): "
