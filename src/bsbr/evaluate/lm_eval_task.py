@@ -75,8 +75,9 @@ def check_filler_metrics(names: Sequence[str]) -> None:
 
 def process_results(doc: dict, results: Sequence[str]) -> dict:
     """lm-eval's per-document scorer: ``passkey`` is 1.0 when the first generated text holds ``doc["key"]``
-    as :func:`~bsbr.evaluate.passkey.passkey_found` finds it (as ``bsbr eval`` scores it), else 0.0; the same value is also reported under the
-    document's length and filler (:func:`metric_names`), so lm-eval averages each of them too, over
+    as :func:`~bsbr.evaluate.passkey.passkey_found` finds it (as ``bsbr eval`` scores it), else 0.0; the same
+    value is also reported under the document's length and filler (:func:`metric_names`), so lm-eval averages
+    each of them too, over
     the documents that have it (lm-eval warns that the metrics count different documents: that is
     this breakdown, and matters only if the task is put in a size-weighted group)."""
     hit = float(passkey_found(results[0], str(doc["key"])))
