@@ -107,13 +107,34 @@ def test_bench_core_and_flops():
     assert f["standard_causal"] / f["total"] > 20  # the cost model's point: far fewer FLOPs at 16k
     blocks = bc.bsbr_core_flops(16384, 128, 8, 64, retrieval_blocks=4)
     assert blocks["block_attention"] > 0 == f["block_attention"] and blocks["total"] > f["total"]
-    # by hand: 256 tokens, chunk 128 (C = 2), d = 64, one head; a multiply-add counts 2
+    # by hand, a multiply-add counting 2. 256 tokens, chunk 128 (C = 2), d = 64, one head, K = 1 covering the one
+    # chunk before the second's window: the op is one causal attention (the model charged K blocks to every
+    # token, and every earlier key's score, beside it: 2.6x the op's work at 1,024 tokens, K = 8)
     small = bc.bsbr_core_flops(256, 128, 1, 64, retrieval_blocks=1)
-    assert small == dict(within_chunk=2 * 256 * 128 * 64,  # the causal half of q.k and p.v
-                         chunk_states=2 * 256 * 64 * 64, retrieval_weights=2 * 2 * 2 * 64,
-                         retrieved_states=2 * 2 * 2 * 64 * 64, read_out=2 * 256 * 64 * 64,
-                         block_scores=256 * 256 * 64, block_attention=2 * 2 * 256 * 1 * 128 * 64,
-                         total=21_004_800, standard_causal=2 * 256 * 256 * 64)
+    assert small == dict(exact_window=2 * 256 * 256 * 64, chunk_states=2 * 256 * 64 * 64,
+                         retrieval_weights=2 * 2 * 2 * 64, retrieved_states=0, read_out=0, block_scores=0,
+                         block_attention=0, total=10_486_272, standard_causal=2 * 256 * 256 * 64)
+    # 512 tokens (C = 4), K = 1: chunk c scores its c earlier chunks (B x cB q.k) and reads min(1, c) of them
+    sparse = bc.bsbr_core_flops(512, 128, 1, 64, retrieval_blocks=1)
+    assert sparse["exact_window"] == 2 * 512 * 128 * 64  # the causal half of each chunk's q.k and p.v
+    assert sparse["block_scores"] == 2 * 128 * (0 + 1 + 2 + 3) * 128 * 64
+    assert sparse["block_attention"] == 4 * 128 * (0 + 1 + 1 + 1) * 128 * 64
+    assert sparse["read_out"] == 2 * 512 * 64 * 64 and sparse["retrieved_states"] == 2 * 4 * 4 * 64 * 64
+
+
+def test_the_cost_model_follows_the_ops_dense_path():
+    # at 1,024 tokens, chunk 128, K = 8 the op makes one causal attention call and no block scores
+    import bsbr.ops.bsbr.chunk as chunk
+
+    calls = []
+    scores = chunk.block_scores
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunk, "block_scores", lambda *a, **k: (calls.append(1), scores(*a, **k))[1])
+        q, k, v = (torch.randn(1, 2, 1024, 16) for _ in range(3))
+        chunk.chunk_bsbr_attention(q, k, v, q, k, chunk.BSBROptions(chunk_size=128, retrieval_blocks=8))
+        assert not calls and bc.bsbr_core_flops(1024, 128, 2, 16, retrieval_blocks=8)["block_scores"] == 0
+        chunk.chunk_bsbr_attention(q, k, v, q, k, chunk.BSBROptions(chunk_size=128, retrieval_blocks=4))
+        assert calls and bc.bsbr_core_flops(1024, 128, 2, 16, retrieval_blocks=4)["block_scores"] > 0
 
 
 def test_model_scaling_tiny():

@@ -16,26 +16,30 @@ log = logging.getLogger(__name__)
 
 def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: int = 1,
                     retrieval_blocks: int = 0) -> Dict[str, float]:
-    """Matmul FLOPs of :func:`bsbr.ops.chunk_bsbr_attention` with its own chunk as the exact window
-    (d = dv = df = dm = head_dim), by term.
+    """Matmul FLOPs of :func:`bsbr.ops.chunk_bsbr_attention` as :func:`bench_core` calls it (its own chunk
+    as the exact window, no sinks, an open gate, d = dv = df = dm = head_dim), by term, following the op's
+    paths.
 
-    A multiply-add counts 2. The within-chunk term counts the causal half of the B x B blocks
-    (``q k^T`` and ``p v``: 2 * n*B*d * 2 / 2), the work a causal kernel must do; the op computes
-    the retrieval weights and retrieved states as dense C x C products. With ``retrieval_blocks`` K,
-    every token scores each earlier chunk by its largest ``q.k`` (one ``q.k`` per earlier key: 2 *
-    n*n/2*d) and attends to K blocks of B tokens exactly (2 * 2*n*K*B*d)."""
+    A multiply-add counts 2. The exact window counts the causal half of the B x B blocks (``q k^T`` and
+    ``p v``: 2 * n*B*d * 2 / 2), the work a causal kernel must do; the op computes the retrieval weights
+    and retrieved states as dense C x C products. With ``retrieval_blocks`` K: while K covers every
+    chunk before each window (C - 1 <= K) the op is one causal attention over the whole input (2 * n*n*d,
+    no blocks, no state read-out); otherwise a token of chunk c scores each of its c earlier chunks by its
+    largest ``q.k`` (one ``q.k`` per earlier key) and attends to min(K, c) of them exactly (2 * 2*B*d
+    per block)."""
     B, d = chunk_size, head_dim
     n_pad = -(-n // B) * B
     C = n_pad // B
-    K = min(retrieval_blocks, C)
+    K = retrieval_blocks
+    dense = K > 0 and C - 1 <= K
     per_head = {
-        "within_chunk": 2.0 * n_pad * B * d,
+        "exact_window": 2.0 * n * n * d if dense else 2.0 * n_pad * B * d,
         "chunk_states": 2.0 * n_pad * d * d,
         "retrieval_weights": 2.0 * C * C * d,
-        "retrieved_states": 2.0 * C * C * d * d,
-        "read_out": 2.0 * n_pad * d * d,
-        "block_scores": 1.0 * n_pad * n_pad * d if K else 0.0,
-        "block_attention": 4.0 * n_pad * K * B * d,
+        "retrieved_states": 0.0 if dense else 2.0 * C * C * d * d,
+        "read_out": 0.0 if dense else 2.0 * n_pad * d * d,
+        "block_scores": 0.0 if dense or not K else sum(2.0 * B * c * B * d for c in range(C)),
+        "block_attention": 0.0 if dense else sum(4.0 * B * min(K, c) * B * d for c in range(C)),
     }
     out = {k: v * heads * batch for k, v in per_head.items()}
     out["total"] = sum(out.values())
