@@ -135,6 +135,10 @@ def test_the_cost_model_follows_the_ops_dense_path():
         assert not calls and bc.bsbr_core_flops(1024, 128, 2, 16, retrieval_blocks=8)["block_scores"] == 0
         chunk.chunk_bsbr_attention(q, k, v, q, k, chunk.BSBROptions(chunk_size=128, retrieval_blocks=4))
         assert calls and bc.bsbr_core_flops(1024, 128, 2, 16, retrieval_blocks=4)["block_scores"] > 0
+    # the dense path attends over the input padded to whole chunks; an input shorter than a chunk runs as one
+    # chunk of its own length (32 and 128 tokens at chunk 128 were charged alike)
+    assert bc.bsbr_core_flops(1025, 128, 1, 16, retrieval_blocks=8)["exact_window"] == 2 * 1152 * 1152 * 16
+    assert bc.bsbr_core_flops(32, 128, 1, 16) == bc.bsbr_core_flops(32, 32, 1, 16)
 
 
 def test_model_scaling_tiny():

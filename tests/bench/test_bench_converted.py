@@ -125,6 +125,10 @@ def test_bench_converted_json_records_its_config(tmp_path):
         dict(seq_lens=[16], decode_contexts=[24, 1], decode_steps=2, repeats=1, chunk_size=8)
     # each decode row says whether its first step was an untimed warm-up (a one-token context has no token to spare)
     assert [(r["context"], r["warmup_steps"]) for r in res["decode"]] == [(24, 1), (1, 0)]
+    # no decode contexts: no decode steps (it recorded the default 8, never used)
+    assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
+                 "--decode-contexts", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["decode_steps"] is None
 
 
 def test_gpt2_small_random_has_positions_for_every_decode_step(monkeypatch, capsys):

@@ -28,6 +28,18 @@ def test_bench_models_cli_writes_json_and_plot(tmp_path):
     assert set(result["exponents"]) == set(bench_models.DEFAULT_MODELS)
 
 
+def test_bench_models_without_train_steps_records_so(tmp_path, recwarn):
+    # --no-train recorded model_budget 90 (a budget for steps that never ran) and no train flag, and its plot
+    # drew an empty train panel (matplotlib: "No artists with labels found to put in legend")
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    assert main(["bench", "models", "--seq-lens", "64", "--repeats", "1", "--hidden", "32", "--heads", "2",
+                 "--ff-dim", "64", "--chunk-size", "16", "--models", "standard", "bsbr", "--no-train",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    config = json.loads(out.read_text())["config"]
+    assert config["train"] is False and config["model_budget"] is None
+    assert not [w for w in recwarn if "No artists" in str(w.message)]
+
+
 def test_bench_models_rejects_unknown_model(capsys):
     assert main(["bench", "models", "--seq-lens", "64", "--models", "flash"]) == 2
     assert "unknown" in capsys.readouterr().err

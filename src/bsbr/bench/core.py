@@ -23,17 +23,17 @@ def bsbr_core_flops(n: int, chunk_size: int, heads: int, head_dim: int, batch: i
     A multiply-add counts 2. The exact window counts the causal half of the B x B blocks (``q k^T`` and
     ``p v``: 2 * n*B*d * 2 / 2), the work a causal kernel must do; the op computes the retrieval weights
     and retrieved states as dense C x C products. With ``retrieval_blocks`` K: while K covers every
-    chunk before each window (C - 1 <= K) the op is one causal attention over the whole input (2 * n*n*d,
-    no blocks, no state read-out); otherwise a token of chunk c scores each of its c earlier chunks by its
+    chunk before each window (C - 1 <= K) the op is one causal attention over the whole input, padded to
+    whole chunks (2 * n_pad*n_pad*d, no blocks, no state read-out); otherwise a token of chunk c scores each of its c earlier chunks by its
     largest ``q.k`` (one ``q.k`` per earlier key) and attends to min(K, c) of them exactly (2 * 2*B*d
     per block)."""
-    B, d = chunk_size, head_dim
+    B, d = min(chunk_size, n), head_dim  # (an input shorter than a chunk runs as one chunk of its own length)
     n_pad = -(-n // B) * B
     C = n_pad // B
     K = retrieval_blocks
     dense = K > 0 and C - 1 <= K
     per_head = {
-        "exact_window": 2.0 * n * n * d if dense else 2.0 * n_pad * B * d,
+        "exact_window": 2.0 * n_pad * n_pad * d if dense else 2.0 * n_pad * B * d,
         "chunk_states": 2.0 * n_pad * d * d,
         "retrieval_weights": 2.0 * C * C * d,
         "retrieved_states": 0.0 if dense else 2.0 * C * C * d * d,

@@ -36,7 +36,8 @@ def check_wheel(path: str) -> None:
         except OSError as e:
             what = f"cannot be read ({e.strerror or e})"
     raise UserError(f"--earlier-wheel {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl "
-                    f"(pip download bsbr==0.1.1 --no-deps)")
+                    f"(pip download bsbr==0.1.1 --no-deps --only-binary=:all: --python-version 3.12: the wheel "
+                    "declares Python 3.12; its one module also runs on 3.11)")
 
 
 def load_earlier_bsbr(wheel_path: str):

@@ -28,7 +28,7 @@ def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_le
         return f"seq_len > --max-{name}-len {max_len}"
     scale = (n / last["seq_len"]) ** 2 if last else None
     if last and last["time_ms"] and last["time_ms"] / 1e3 * scale > max_seconds:
-        return (f"predicted {last['time_ms'] / 1e3 * scale:.0f} s per call (quadratic from "
+        return (f"predicted {last['time_ms'] / 1e3 * scale:.3g} s per call (quadratic from "
                 f"{last['seq_len']} tokens) > --max-seconds {max_seconds:g}")
     if device != "cpu":
         return None

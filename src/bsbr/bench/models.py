@@ -110,7 +110,7 @@ def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[i
         return f"{kind}: model's measuring time {spent:.0f} s passed --model-budget {budget:g} s"
     t = _predict(times, n)
     if t is not None and t > max_seconds:
-        return f"{kind} predicted {t:.0f} s per call > --max-seconds {max_seconds:g}"
+        return f"{kind} predicted {t:.3g} s per call > --max-seconds {max_seconds:g}"
     m = _predict(peaks, n)
     reason = memory_refusal(None if m is None else m * MiB)
     return reason and f"{kind} {reason}"
@@ -212,7 +212,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
     ratios = speed_ratios(rows)
     config = dict(seq_lens=list(seq_lens), models=list(models), hidden=hidden, layers=layers, heads=heads,
                   ff_dim=ff_dim, chunk_size=chunk_size, vocab=VOCAB, repeats=repeats, max_seconds=max_seconds,
-                  model_budget=model_budget, batch=1, dtype="float32", seed=seed,
+                  train=train, model_budget=model_budget if train else None, batch=1, dtype="float32", seed=seed,
                   specs={m: specs[m] for m in models})
     return {"benchmark": "models", "config": config, "machine": machine_info(), "rows": rows,
             "exponents": exponents, "ratios": ratios, "targets": check_targets(ratios, config)}

@@ -41,9 +41,11 @@ def plot_models(result: Dict[str, object], path: str) -> None:
         e = result["exponents"].get(model, {}).get(fits.get(key))
         return f"{model} (n^{e['exponent']:.2f})" if e else model
 
-    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4.8))
-    panels = (("time_ms", "forward time (ms, median)"), ("train_time_ms", "forward+backward time (ms, median)"),
-              ("peak_mb", "forward extra peak memory (MiB)"))
+    panels = [("time_ms", "forward time (ms, median)"), ("train_time_ms", "forward+backward time (ms, median)"),
+              ("peak_mb", "forward extra peak memory (MiB)")]
+    if not any(r.get("train_time_ms") for r in result["rows"]):  # (--no-train: no panel of nothing)
+        del panels[1]
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.8))
     _loglog(axes, result["rows"], panels, label, legend_fontsize=7)
     c = result["config"]
     fig.suptitle(f"AttentionLM shell: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
