@@ -459,6 +459,25 @@ def test_closed_gate_equals_a_zero_gate(extra):
                                    rtol=1e-10, atol=1e-10)
 
 
+def test_a_closed_gate_prefill_with_a_state_builds_no_chunk_weight_table(monkeypatch):
+    # the chunk-to-chunk weights (a C x C table per query head) were built for the state and never read: a
+    # fresh conversion's prefill with use_cache=True took 1.1 GB more at 131k tokens of chunk 16, and time
+    # growing with the square of the length
+    import bsbr.ops.bsbr.chunk as chunk
+
+    x = make_inputs(b=1, hq=2, hkv=1, n=40, d=4, df=3, positive=True)
+    args = [x[n] for n in ("q", "k", "v", "mq", "mk")]
+    opt = BSBROptions(chunk_size=4, local_chunks=2, sink_tokens=2, retrieval="normalized")
+    o_ref, st_ref = chunk_bsbr_attention(*args, opt, fq=x["fq"], fk=x["fk"], gate=0, output_final_state=True)
+
+    def refused(*a, **k):
+        raise AssertionError("chunk weights built under a closed gate")
+
+    monkeypatch.setattr(chunk, "state_weights", refused)
+    o, st = chunk_bsbr_attention(*args, opt, fq=x["fq"], fk=x["fk"], gate=0, output_final_state=True)
+    assert torch.equal(o, o_ref) and all(torch.equal(t, st_ref.tensors()[n]) for n, t in st.tensors().items())
+
+
 @pytest.mark.parametrize("n,chunk,hq,hkv,L,S,K,variant", BLOCK_CASES)
 def test_three_forms_agree_with_exact_blocks(n, chunk, hq, hkv, L, S, K, variant):
     x = with_far_keys(make_inputs(b=2, hq=hq, hkv=hkv, n=n, d=4, df=3, positive=True))

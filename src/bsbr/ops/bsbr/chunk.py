@@ -85,7 +85,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         parts.append(part)
     else:
         # the chunk states: read unless the gate is closed, kept for the streaming state
-        saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k) if not closed or output_final_state else {}
+        saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k, weights=not closed) \
+            if not closed or output_final_state else {}
         if dense:
             if not causal:
                 parts.append(_all_earlier_blocks(q, k, qr, kr, v, None if valid is None else tok_valid, options, scale))
@@ -159,9 +160,10 @@ def _sink_part(q, k, qr, kr, v, tok_valid, options, scale):
     return o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)
 
 
-def _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k):
-    """The chunk states and what reading them needs: F (b, hkv, C, df, dv), z, meta-keys/queries and
-    the state weights w (b, hkv, g, C, C)."""
+def _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k, weights: bool = True):
+    """The chunk states and what reading them needs: F (b, hkv, C, df, dv), z, meta-keys/queries and, with
+    ``weights`` (only an open gate reads them: a C x C table, 384 MiB a layer at 64k tokens of chunk 16), the
+    state weights w (b, hkv, g, C, C)."""
     b, hkv, N = fk.shape[0], fk.shape[1], fk.shape[2]
     hq, B, L = mq.shape[1], options.chunk_size, options.local_chunks
     g, C = hq // hkv, N // B
@@ -175,11 +177,12 @@ def _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k):
     h_meta = apply_meta(meta_k, (_blocks(mk, B) * m).sum(-2) / counts)  # (b, hkv, C, dm)
     mean_q = apply_meta(meta_q, (_blocks(mq, B) * m).sum(-2) / counts)  # (b, hq, C, dm)
     r_meta = F_.pad(mean_q[:, :, :-1], (0, 0, 1, 0))  # r_c = mean_q[c-1]
-    # state weights over the chunks before each chunk's window: w (b, hkv, g, C, C)
-    c_idx = torch.arange(C, device=fk.device)
-    w = state_weights(r_meta.view(b, hkv, g, C, -1), h_meta.unsqueeze(2), c_idx[None, :] <= c_idx[:, None] - L,
-                      options)
-    return dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m, w=w)
+    saved = dict(F=F, z=z, h_meta=h_meta, mean_q=mean_q, m=m)
+    if weights:  # state weights over the chunks before each chunk's window: w (b, hkv, g, C, C)
+        c_idx = torch.arange(C, device=fk.device)
+        saved["w"] = state_weights(r_meta.view(b, hkv, g, C, -1), h_meta.unsqueeze(2),
+                                   c_idx[None, :] <= c_idx[:, None] - L, options)
+    return saved
 
 
 def _keep(tok_valid, options):
