@@ -373,11 +373,13 @@ def _read_text_file(p: Path, name, option: str) -> tuple:
                 if size == 0 and (why := not_utf8(block)):
                     raise UserError(f"{option} {name} {why}")
                 held = len(decoder.getstate()[0])  # the last block's bytes of an unfinished character
+                bom = len(codecs.BOM_UTF8) if size == 0 and block.startswith(codecs.BOM_UTF8) else 0  # (not decoded)
                 try:
                     text = bool(decoder.decode(block, final=not block).strip()) or text
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{option} {name} is not UTF-8 text ({e.reason} at byte {size - held + e.start:,})"
-                                    ": save it as UTF-8") from None
+                    at = size - held + e.start + bom
+                    raise UserError(f"{option} {name} is not UTF-8 text ({e.reason} at byte {at:,}): save it as "
+                                    "UTF-8") from None
                 if not block:
                     return size, text
                 size += len(block)

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+from typing import Optional
 
 from .errors import INTERRUPTED
 
@@ -188,6 +189,7 @@ class _ClosedPipeIgnored:
 
     def __init__(self, stream):
         self._stream = open(os.devnull, "w") if stream is None else stream
+        self.failed: Optional[OSError] = None  # a write that failed otherwise than by a closed pipe (a full disk)
 
     def _closed(self):
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
@@ -197,15 +199,21 @@ class _ClosedPipeIgnored:
     def write(self, text):
         try:
             return self._stream.write(text)
-        except OSError:
-            self._closed()
+        except OSError as e:
+            self._lost(e)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except OSError:
-            self._closed()
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, error: OSError) -> None:
+        """What cannot be printed is dropped; a failure other than a closed pipe is kept, to be reported."""
+        if not isinstance(error, BrokenPipeError):
+            self.failed = self.failed or error
+        self._closed()
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -301,7 +309,13 @@ def _main(argv) -> int:
 
     try:
         with bars_off(no_bars):
-            return _run_command(args, name, verbose)
+            code = _run_command(args, name, verbose)
+        failed = getattr(sys.stdout, "failed", None)
+        if failed is not None and code == 0:  # what it printed is lost (its files, if any, are written)
+            print(f"bsbr {name}: error: stdout: {failed.strerror or failed}: what the command printed is lost (the "
+                  "files it was asked for were written)", file=sys.stderr)
+            return EXIT_USAGE
+        return code
     finally:
         if isinstance(sys.stdout, _ClosedPipeIgnored):
             sys.stdout = stdout

@@ -37,12 +37,14 @@ def _overlap(a: Path, b: Path) -> bool:
 
 
 def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), option: str = "OUTPUT",
-                     allow_existing: bool = False) -> Path:
+                     allow_existing: bool = False, renamed: bool = True) -> Path:
     """Check, before any expensive work, that ``path`` may be written as an output directory.
 
     ``inputs``: ``(label, path)`` pairs the command reads (a source or student directory); the output may
     not be one of them, inside one, or contain one (even with ``overwrite``). ``allow_existing``: the
-    caller continues what is there (``distill --resume``). Returns the absolute path."""
+    caller continues what is there (``distill --resume``); ``renamed``: the output is renamed into place
+    (:func:`staged_dir`), which a mount point holding one cannot be (``distill`` publishes into its output).
+    Returns the absolute path."""
     out = _resolved(path)
     cwd = _resolved(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
     if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))):
@@ -59,8 +61,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     if out.is_symlink():
         raise OutputError(f"{option} {path} is a symbolic link: give the directory itself (the output is "
                           "renamed into place, which would replace the link)")
-    if overwrite and not allow_existing and out.is_dir() and os.path.ismount(out) and _leftovers_inside(out) is None:
-        raise OutputError(f"{option} {path} is a mount point, which --overwrite cannot replace (an output is renamed "
+    if renamed and not allow_existing and out.is_dir() and os.path.ismount(out) and _leftovers_inside(out) is None:
+        raise OutputError(f"{option} {path} is a mount point holding files, which "
+                          f"{'--overwrite' if overwrite else 'a bsbr command'} cannot replace (an output is renamed "
                           f"into place): empty it, or choose another {option}")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {path} is a file, not a directory: choose another {option}")
@@ -116,7 +119,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         if (parent := unwritable_parent(out)) is not None:
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
         name_bytes = len(os.fsencode(out.name))
-        if name_bytes > NAME_MAX - STAGED_EXTRA:  # (atomic_write_text's temporary file beside it)
+        if option not in plots and name_bytes > NAME_MAX - STAGED_EXTRA:  # (atomic_write_text's file beside it)
             raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
                               f"beside it needs {STAGED_EXTRA} more: give a name of at most {NAME_MAX - STAGED_EXTRA} "
                               "bytes")
@@ -241,11 +244,12 @@ def is_bsbr_output(out: Path) -> bool:
     ckpt = out / "checkpoint"
     # a distill checkpoint: its manifest, or data files alone with nothing else at the top (a first save
     # interrupted before its manifest); or the staging folder of a command killed while writing into the
-    # (then empty) directory, alone or beside the files it had moved in
+    # (then empty) directory, alone or beside the files it had moved in (config.json, moved last, not among them)
     marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
-        any(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries)
+        (any(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries) and
+         not (out / "config.json").exists())
     return marked and all(written(entry) for entry in entries)
 
 
@@ -491,7 +495,10 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
         replace = True
     with signals_held():  # (an interrupt here is delivered after the renames and the old output's removal)
         if replace and _exchange(tmp, out):  # the new output in place, the old one at tmp
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # (the output had become a file meanwhile)
+                tmp.unlink()
         else:
             _rename_over(tmp, out, replace)
     _fsync_dir(out.parent)

@@ -697,8 +697,14 @@ def test_a_command_that_writes_files_writes_them_whatever_its_stdout(models, tmp
 
     source, converted, _ = models
     monkeypatch.setattr(sys, "stdout", stdout)
-    assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
-    assert (tmp_path / "out" / "config.json").is_file() and "error" not in capsys.readouterr().err
+    rc = main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"])
+    assert (tmp_path / "out" / "config.json").is_file()
+    err = capsys.readouterr().err
+    if stdout is None:  # closed by the caller: nothing to report
+        assert rc == 0 and "error" not in err
+    else:  # what it printed is lost: said, after the files are written (eval or bench without --json lost all)
+        assert rc == 2 and "stdout: No space left on device: what the command printed is lost" in \
+            one_error_line(err, "convert")
     if stdout is None:
         assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "4"]) == 2
         assert "stdout is closed" in one_error_line(capsys.readouterr().err, "generate")
@@ -1030,6 +1036,14 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
     assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
 
 
+def test_a_bad_byte_after_a_byte_order_mark_is_named_at_its_offset(models, tmp_path, capsys):
+    _, converted, _ = models
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + b"x" * 120 + b"\xff")
+    assert "invalid start byte at byte 123" in refused(capsys, ["eval", converted, "--text-file", f, "--no-passkey"],
+                                                       "eval")
+
+
 def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(tmp_path):
     # a 242-255 byte name passed the checks, and the run failed at its end: the file is written through a
     # temporary one beside it, 14 bytes longer
@@ -1042,3 +1056,4 @@ def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(t
     with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a name of "
                                           f"at most {NAME_MAX - STAGED_EXTRA} bytes"):
         check_output_files([("--json", too_long)])
+    check_output_files([("--plot", tmp_path / ("p" * 246 + ".png"))], plots=("--plot",))  # (staged under its own name)

@@ -66,6 +66,28 @@ def test_a_folder_a_killed_run_left_its_staging_in_is_written_into_with_overwrit
     assert load_bsbr_model(out).config.chunk_size == 16
 
 
+def test_a_stray_staging_folder_does_not_make_a_users_model_a_bsbr_output(models, tmp_path, capsys):
+    # one .bsbr.tmp-* folder marked the whole directory as bsbr's: --overwrite replaced a user's own model
+    source, _, _ = models
+    out = tmp_path / "mine"
+    shutil.copytree(source, out)
+    (out / "README.md").write_text("my notes\n")
+    (out / ".bsbr.tmp-abcd1234").mkdir()
+    line = refused(capsys, ["convert", source, out, "--chunk-size", "8", "--overwrite"], "convert", out)
+    assert "holds files no bsbr command wrote" in line, line
+
+
+def test_a_publish_that_finds_a_file_in_its_place_leaves_nothing_beside_it(tmp_path):
+    import bsbr.outputs as outputs
+
+    out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
+    out.write_text("a file, appeared meanwhile")
+    new.mkdir()
+    (new / "config.json").write_text("new")
+    outputs.publish_dir(new, out, overwrite=True)
+    assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_overwrite_swaps_the_old_output_for_the_new_in_one_step(models, tmp_path, monkeypatch):
     # the old output was moved aside, then the new one moved in: a kill between the two renames left neither
     import bsbr.outputs as outputs
@@ -93,7 +115,14 @@ def test_overwrite_of_a_mount_point_is_refused_before_the_work(models, tmp_path,
     real = os.path.ismount
     monkeypatch.setattr(outputs.os.path, "ismount", lambda p: Path(p) == out or real(p))
     line = refused(capsys, ["convert", source, out, "--chunk-size", "16", "--overwrite"], "convert", out)
-    assert "is a mount point, which --overwrite cannot replace" in line and "empty it" in line, line
+    assert "is a mount point holding files, which --overwrite cannot replace" in line and "empty it" in line, line
+    # without --overwrite it was "not empty: pass --overwrite", which then said "empty it"
+    line = refused(capsys, ["convert", source, out, "--chunk-size", "16"], "convert", out)
+    assert "is a mount point holding files" in line and "empty it" in line, line
+    # distill publishes into its --output in place: its --overwrite of a mount point is no refusal
+    from bsbr.outputs import check_output_dir
+
+    check_output_dir(out, overwrite=True, option="--output", renamed=False)
 
 
 def test_convert_overwrite_refuses_a_directory_another_command_is_writing(models, tmp_path, capsys):

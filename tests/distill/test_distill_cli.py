@@ -628,3 +628,17 @@ def test_a_local_dataset_trains_with_evals_dataset_options_and_is_an_input(model
     load_bsbr_model(tmp_path / "out")
     with_text = distill_args(models, text, tmp_path / "out2", "--steps", "1", "--text-column", "content")
     assert "--text-column content applies to --dataset only" in refused(capsys, with_text, "distill")
+
+
+def test_a_dataset_runs_settings_record_only_options_off_their_defaults():
+    # a checkpoint of a --dataset run made before --dataset-split/--text-column existed recorded neither: once
+    # they were recorded with their defaults, no command could resume it
+    from argparse import Namespace
+
+    from bsbr.distill.cli import _settings
+
+    base = dict(seq_len=96, max_windows=2, dataset="ds", dataset_config=None, dataset_split=None, text_column=None)
+    assert _settings(Namespace(**base)) == dict(seq_len=96, max_windows=2, dataset="ds")
+    assert _settings(Namespace(**{**base, "dataset_split": "train", "text_column": "text"})) == \
+        dict(seq_len=96, max_windows=2, dataset="ds")  # (the defaults, given)
+    assert _settings(Namespace(**{**base, "text_column": "content"}))["text_column"] == "content"

@@ -91,8 +91,10 @@ def _check_new_pieces_matter(student, args) -> None:
 def _settings(args) -> dict:
     """The run's settings a resume must repeat (the windows' tokens are compared too, so the text files
     are recorded by content, not by path)."""
-    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset,
-                **(dataset_options(args, "train") if args.dataset else {}))
+    chosen = dataset_options(args, "train") if args.dataset else {}
+    defaults = dict(dataset_config=None, dataset_split="train", text_column="text")  # (a run before these options
+    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset,  # recorded none of them)
+                **{name: value for name, value in chosen.items() if value != defaults[name]})
 
 
 def _student_config(student_dir: Path) -> dict:
@@ -172,7 +174,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
 
     ckpt = out / "checkpoint"
     local_dataset = args.dataset if args.dataset and os.path.exists(os.path.expanduser(args.dataset)) else None
-    check_output_dir(out, overwrite=args.overwrite, option="--output",
+    check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
                      inputs=[("--student", student_dir), ("--teacher", args.teacher), ("--dataset", local_dataset),
                              *[("--text-file", f) for f in args.text_file or []]])

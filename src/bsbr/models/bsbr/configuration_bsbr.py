@@ -225,12 +225,6 @@ class BSBRConfig(PretrainedConfig):
             logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
                            "of the retrieval blocks): the model chooses all %s blocks by their own scores",
                            retrieval_blocks)
-        # an option this kind of positions never reads is recorded, doing nothing (the command line refuses
-        # it; in Python a sweep of options over families, or a from_pretrained override, is not stopped, but told)
-        unread, default, why = UNREAD_POSITION_OPTION[position_type]
-        value = far_positions if unread == "far_positions" else position_scheme
-        if value != default:
-            logger.warning("%s=%r does nothing for a model with %s positions: %s", unread, value, position_type, why)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         rope = self.rope_parameters
@@ -243,6 +237,16 @@ class BSBRConfig(PretrainedConfig):
         """transformers' rotary parameters filled in with defaults, for rotary positions only: learned ones
         read none, and transformers' check of a default it would fill in refuses an odd head size."""
         return super().convert_rope_params_to_dict(**kwargs) if self.position_type == "rope" else kwargs
+
+    def warn_unread_position_option(self) -> None:
+        """Log the position option this kind of positions never reads, when it is set off its default: recorded,
+        it does nothing (the command line refuses it; in Python a sweep of options over families, or a
+        ``from_pretrained`` override, is not stopped, but told). The model calls it once when it is built."""
+        unread, default, why = UNREAD_POSITION_OPTION[self.position_type]
+        value = getattr(self, unread)
+        if value != default:
+            logger.warning("%s=%r does nothing for a model with %s positions: %s", unread, value, self.position_type,
+                           why)
 
     def attention_kwargs(self) -> dict:
         """Keyword arguments of :class:`bsbr.layers.BSBRAttention` for this config."""

@@ -415,6 +415,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         # its values checked as a new config's are: from_pretrained(DIR, chunk_size=0) and attributes set on
         # a config after it was built bypass BSBRConfig.__init__'s checks
         type(config)(**config.to_dict())
+        config.warn_unread_position_option()  # (here, once: from_pretrained sets its overrides after construction)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = (
