@@ -47,7 +47,8 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     Returns the absolute path."""
     out = _resolved(path)
     cwd = _resolved(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
-    if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))):
+    if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))) and not (
+            _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
     real_out = _real(out)
@@ -207,6 +208,11 @@ _STAGED = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
 _CHECKPOINT_DATA = re.compile(r"(trainable|optimizer)-\d{7,}-[0-9a-f]{8}\.safetensors")
 
 
+def _written_name(name: str) -> bool:
+    """Whether a file of this name is one bsbr writes at the top of an output (:data:`_WRITTEN`, weight shards)."""
+    return name in _WRITTEN or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def left_by_a_kill(name: str) -> bool:
     """Whether a file or folder name is one bsbr stages its outputs under (so one a killed command left)."""
     return bool(_STAGED.fullmatch(name))
@@ -238,7 +244,7 @@ def is_bsbr_output(out: Path) -> bool:
                                                                                _CHECKPOINT_DATA.fullmatch(f.name)))
                            for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
-        return entry.name in _WRITTEN or (entry.name.startswith("model-") and entry.name.endswith(".safetensors"))
+        return _written_name(entry.name)
 
     entries = list(out.iterdir())
     ckpt = out / "checkpoint"
@@ -261,10 +267,16 @@ def _staged_inside(name: str) -> bool:
 
 
 def _leftovers_inside(out: Path) -> list:
-    """The staging folders killed runs left inside the directory ``out``, when it holds nothing else (else
-    None)."""
+    """What killed runs left inside the directory ``out`` while writing into it, when it holds nothing else
+    (else None): their staging folders, and beside one the files it had moved in (``config.json``, moved
+    last, not among them)."""
     entries = list(out.iterdir())
-    return entries if all(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries) else None
+    staged = [e for e in entries if _staged_inside(e.name) and e.is_dir() and not e.is_symlink()]
+    if len(staged) == len(entries):
+        return entries
+    moved_in = staged and not (out / "config.json").exists() and all(
+        e in staged or (e.is_file() and not e.is_symlink() and _written_name(e.name)) for e in entries)
+    return entries if moved_in else None
 
 
 def _written_into(out: Path) -> bool:
@@ -453,6 +465,10 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
         for path, write in files:
             path = Path(os.path.abspath(os.path.expanduser(str(path))))
             if path.parent not in staging:
+                left = sorted(p.name for p in path.parent.glob(".bsbr-results.tmp-*")) if path.parent.is_dir() else []
+                if left:  # (not removed: another command may be writing its results there now)
+                    logger.warning("%s: %s left by an earlier run that was killed while writing its results; remove "
+                                   "%s when not needed", path.parent, ", ".join(left), "them" if len(left) > 1 else "it")
                 made += _make_parents(path)
                 staging[path.parent] = temp_dir(path.parent, ".bsbr-results.tmp-")
             write(staging[path.parent] / path.name)
@@ -549,7 +565,10 @@ def _publish_into(tmp: Path, out: Path, left: Sequence[Path] = ()) -> None:
     if any(entry != tmp and entry not in left for entry in out.iterdir()):
         raise OutputError(f"{out} gained files while writing: nothing written into it (the result is in {tmp})")
     for entry in left:
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink()
     publish_files(tmp, out)  # (a model's config.json last: until then the folder holds no loadable model)
 
 

@@ -60,10 +60,38 @@ def test_a_folder_a_killed_run_left_its_staging_in_is_written_into_with_overwrit
     assert out.stat().st_ino == inode and (out.stat().st_mode & 0o777) == 0o750
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     load_bsbr_model(out)
-    (out / "config.json").unlink()  # killed midway through moving a conversion's files in
-    (out / ".bsbr.tmp-ef56gh78").mkdir()
+    (out / "config.json").unlink()  # killed midway through moving a conversion's files in: taken over, the
+    (out / ".bsbr.tmp-ef56gh78").mkdir()  # folder written into (it was replaced: its mode and inode lost)
     assert main(["convert", str(source), str(out), "--chunk-size", "16", "--overwrite"]) == 0
     assert load_bsbr_model(out).config.chunk_size == 16
+    assert out.stat().st_ino == inode and (out.stat().st_mode & 0o777) == 0o750
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_killed_write_into_the_current_directory_is_taken_over_with_overwrite(models, tmp_path, capsys,
+                                                                                 monkeypatch):
+    # "pass --overwrite" was then refused: "is (or contains) the current directory"
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    here = tmp_path / "here"
+    (here / ".bsbr.tmp-ab12cd34").mkdir(parents=True)
+    (here / "README.md").write_text("moved in before the kill\n")
+    monkeypatch.chdir(here)
+    assert "pass --overwrite" in refused(capsys, ["convert", source, ".", "--chunk-size", "8"], "convert", here)
+    assert main(["convert", str(source), ".", "--chunk-size", "8", "--overwrite"]) == 0
+    load_bsbr_model(here)
+    assert not [p for p in here.iterdir() if p.name.startswith(".")]
+
+
+def test_results_staging_a_killed_eval_left_is_named(tmp_path, caplog):
+    # a SIGKILL while eval wrote its results left .bsbr-results.tmp-* beside them, never named
+    from bsbr.outputs import write_together
+
+    (tmp_path / ".bsbr-results.tmp-ab12cd34").mkdir()
+    with caplog.at_level("WARNING", logger="bsbr.outputs"):
+        write_together([(tmp_path / "r.json", lambda p: p.write_text("{}"))])
+    assert ".bsbr-results.tmp-ab12cd34 left by an earlier run that was killed" in caplog.text
 
 
 def test_a_stray_staging_folder_does_not_make_a_users_model_a_bsbr_output(models, tmp_path, capsys):
