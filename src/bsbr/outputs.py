@@ -249,13 +249,11 @@ def is_bsbr_output(out: Path) -> bool:
     entries = list(out.iterdir())
     ckpt = out / "checkpoint"
     # a distill checkpoint: its manifest, or data files alone with nothing else at the top (a first save
-    # interrupted before its manifest); or the staging folder of a command killed while writing into the
-    # (then empty) directory, alone or beside the files it had moved in (config.json, moved last, not among them)
+    # interrupted before its manifest); or what a command killed while writing into the directory left
     marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
-        (any(_staged_inside(e.name) and e.is_dir() and not e.is_symlink() for e in entries) and
-         not (out / "config.json").exists())
+        _leftovers_inside(out) is not None
     return marked and all(written(entry) for entry in entries)
 
 
