@@ -92,8 +92,10 @@ def _settings(args) -> dict:
     """The run's settings a resume must repeat (the windows' tokens are compared too, so the text files
     are recorded by content, not by path)."""
     chosen = dataset_options(args, "train") if args.dataset else {}
-    defaults = dict(dataset_config=None, dataset_split="train", text_column="text")  # (a run before these options
-    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset,  # recorded none of them)
+    # only values off their defaults (a run before these options recorded none of them)
+    defaults = dataset_options(argparse.Namespace(dataset=args.dataset, dataset_config=None, dataset_split=None,
+                                                  text_column=None), "train")
+    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset,
                 **{name: value for name, value in chosen.items() if value != defaults[name]})
 
 
