@@ -259,8 +259,8 @@ def dataset_options(args, default_split: str) -> dict:
                 text_column=args.text_column or "text")
 
 
-def check_dataset(name: Optional[str], config: Optional[str], split: str, text_column: str) -> None:
-    """``--dataset``, before any model loads: it opens and its first row has a text (a one-line
+def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_split: str, text_column: str) -> None:
+    """``--dataset`` with :func:`dataset_options`' choices, before any model loads: it opens and its first row has a text (a one-line
     :class:`UserError` otherwise). With no connection to the hub, only the local cache is read (at once,
     not after a minute of retries)."""
     if name is None:
@@ -269,7 +269,7 @@ def check_dataset(name: Optional[str], config: Optional[str], split: str, text_c
     from .corpus import dataset_texts
 
     try:
-        first = next(dataset_texts(name, config, split, text_column), None)
+        first = next(dataset_texts(name, dataset_config, dataset_split, text_column), None)
     except ImportError as e:
         raise UserError(f"--dataset {name}: {e}") from None
     except (ValueError, OSError) as e:  # an unknown name, config, split or column; the network
@@ -280,7 +280,7 @@ def check_dataset(name: Optional[str], config: Optional[str], split: str, text_c
         fix = ": connect to the hub, or give local files with --text-file" if unreachable else ""
         raise UserError(f"--dataset: {why[:300]}{fix}") from None
     if first is None:
-        raise UserError(f"--dataset {name} (split {split!r}) has no non-empty text in column {text_column!r}: give "
+        raise UserError(f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column {text_column!r}: give "
                         "another split or --text-column")
 
 

@@ -21,7 +21,7 @@ from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
-from .defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS, default_source_path, resolve_options
+from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 class TransformerToBSBRConverter:
     """Converts a pretrained decoder LM to :class:`BSBRForCausalLM` (the earlier library's name).
 
-    ``options``: the keys of :data:`DEFAULT_OPTIONS` (see :class:`bsbr.models.BSBRConfig`), defaults
+    ``options``: the keys of :data:`bsbr.convert.DEFAULT_OPTIONS` (see :class:`bsbr.models.BSBRConfig`), defaults
     filled in by :func:`resolve_options`. ``gate_init=None`` means no gate.
     """
 

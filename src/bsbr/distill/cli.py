@@ -161,7 +161,7 @@ def cmd_distill(args) -> int:
     check_unique("--text-file", args.text_file, key=same_file)  # (one file twice would be trained on twice)
     check_text_files(args.text_file, args.seq_len)
     dataset = dataset_options(args, "train")
-    check_dataset(args.dataset, dataset["dataset_config"], dataset["dataset_split"], dataset["text_column"])
+    check_dataset(args.dataset, **dataset)
     # one run per --output at a time (torchrun's other ranks write nothing there)
     first_rank = os.environ.get("RANK", "0") == "0"
     with output_lock(out, "--output", "bsbr distill") if first_rank else contextlib.nullcontext():

@@ -289,7 +289,7 @@ def cmd_eval(args) -> int:
     if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
         _check_loadable(args.model)
     if not (args.passkey_only or args.lm_eval_task_dir):
-        check_dataset(args.dataset, dataset["dataset_config"], dataset["dataset_split"], dataset["text_column"])
+        check_dataset(args.dataset, **dataset)
     if passkey is not None:  # before any model is loaded
         tokenizer = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
             load_eval_tokenizer(args.model, args.reference)
