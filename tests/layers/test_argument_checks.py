@@ -144,9 +144,8 @@ def test_an_input_of_another_dtype_than_the_weights_is_one_clear_error(name):
     with pytest.raises(TypeError, match=r"hidden_states are torch.float16, the layer's weights torch.float32"):
         layer(torch.randn(2, 8, 16, dtype=torch.float16))
     assert layer.double()(torch.randn(2, 8, 16, dtype=torch.float64)).dtype == torch.float64
-    if name != "deltanet":  # (its triangular solve has no bfloat16 CPU kernel)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: allowed
-            layer.float()(torch.randn(2, 8, 16, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: allowed
+        layer.float()(torch.randn(2, 8, 16, dtype=torch.bfloat16))
 
 
 def test_a_rotary_built_on_the_meta_device_skips_the_value_check():
@@ -271,3 +270,73 @@ def test_a_state_selects_rows_by_index_or_mask_and_names_a_bad_index():
                        ([0.5], "row indices")):
         with pytest.raises(ValueError, match=match):
             state.select(bad)
+
+
+def test_the_gated_attention_unit_runs_under_autocast_and_names_bad_rotary_tables():
+    # its q and k came out float32 beside a bfloat16 v under autocast (a dtype error deep in the op), and
+    # malformed tables failed inside the rotation
+    from bsbr.models import AttentionLM
+
+    lm = AttentionLM(vocab_size=50, hidden_dim=32, num_layers=1, num_heads=2, attention="gau", query_key_dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lm(torch.randint(0, 50, (2, 9))).shape == (2, 9, 50)
+    layer = lm.layers[0].attention
+    x = torch.randn(1, 9, 32)
+    cos, sin = RotaryEmbedding(16)(torch.arange(9))
+    for tables, match in (((cos[:5], sin[:5]), r"must be \(cos, sin\) tensors of shape \(9, 16\)"),
+                          (cos, "must be a pair of"), ((cos.double(), sin.double()), "give the tables in torch.float32")):
+        with pytest.raises((ValueError, TypeError), match=f"position_embeddings {match}|position_embeddings are"):
+            layer(x, None, tables)
+
+
+def test_deltanet_runs_in_half_precision_and_continues_an_inference_mode_state_under_autograd():
+    # CPU has no half-precision triangular solve: the chunked form failed inside torch
+    layer = DeltaNet(16, 2, chunk_size=4)
+    x = torch.randn(1, 9, 16)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = layer.to(dtype)(x.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(layer(x)).all()
+    with torch.inference_mode():
+        _, state = layer.step(x[:, :5])
+    out, _ = layer.step(x[:, 5:], state)
+    out.sum().backward()
+    assert layer.q_proj.weight.grad is not None
+
+
+def test_deltanet_states_of_the_wrong_form_are_named_as_its_state():
+    layer = DeltaNet(16, 2).eval()
+    x = torch.randn(2, 5, 16)
+    _, state = layer.step(x)
+    with pytest.raises(TypeError, match=r"initial_state must be None or the state tensor \(b, h, d, dv\)"):
+        layer.step(x[:, :1], (state, "junk"))
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(2, 2, 8, 8\), got \(1, 2, 8, 8\)"):
+        layer.step(x[:, :1], state[:1])
+
+
+@pytest.mark.parametrize("normalize", ["no", "False", 1, None])
+def test_linear_attention_normalize_must_be_a_bool(normalize):
+    # bool("no") silently meant True
+    with pytest.raises(ValueError, match="normalize must be True or False"):
+        LinearAttention(16, 2, normalize=normalize)
+
+
+def test_the_attention_shell_refuses_far_position_options_it_cannot_use():
+    from bsbr.models import AttentionLM
+
+    with pytest.raises(ValueError, match="own_position_chunks: AttentionLM gives no far key positions"):
+        AttentionLM(20, 16, 2, 2, attention="bsbr", chunk_size=2, retrieval_blocks=1, own_position_chunks=2)
+
+
+def test_a_trainable_gate_steps_without_a_scalar_conversion_warning():
+    import warnings
+
+    attn = BSBRAttention(16, 2, 4, retrieval="normalized", gate_init=0.0, retrieval_blocks=1)
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        _, state = attn(x[:, :6], output_state=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn.step(x[:, 6:], state)

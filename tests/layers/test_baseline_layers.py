@@ -106,8 +106,8 @@ def test_layer_bad_arguments():
         m([[0.0] * HIDDEN])
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         m(torch.randn(2, 5, HIDDEN, dtype=DT), torch.ones(2, 4))
-    with pytest.raises(ValueError, match="query_key_dim"):
-        layer("gau")(torch.randn(1, 5, HIDDEN, dtype=DT), None, rope(5, dim=4))
+    with pytest.raises(ValueError, match=r"position_embeddings must be \(cos, sin\) tensors of shape \(5, "):
+        layer("gau")(torch.randn(1, 5, HIDDEN, dtype=DT), None, rope(5, dim=4))  # (its head dim: query_key_dim)
 
 
 def lm(name, seed=0):

@@ -51,6 +51,14 @@ def _run_op(op, tensors, **kwargs):
     return (o if autocast else o.to(dtype)), state
 
 
+def refuse_own_position_chunks(owner: str, attention_kwargs: dict) -> None:
+    """``own_position_chunks`` reads far keys at positions a converted model's layers pass in; a native
+    stack (``owner``) passes none, so there it would change nothing: refused."""
+    if attention_kwargs.get("own_position_chunks"):
+        raise ValueError(f"own_position_chunks: {owner} gives no far key positions, which this option needs (it "
+                         "would change nothing): leave it 0")
+
+
 class BSBRAttention(MultiHeadBase):
     """Block Sparse attention with Block Retrieval.
 
@@ -147,7 +155,7 @@ class BSBRAttention(MultiHeadBase):
     def _gate_closed(self) -> bool:
         """Whether every head's gate is at or below 0 (no chunk state is read); on the meta device, which
         holds no values, an open gate (the shapes of every term)."""
-        return not self.retrieval_gate.is_meta and float(self.retrieval_gate.max()) <= 0
+        return not self.retrieval_gate.is_meta and float(self.retrieval_gate.detach().max()) <= 0
 
     def _run(self, op, hidden_states, attention_mask, position_embeddings, far_position_embeddings, **kwargs):
         q, k, v, valid = self.project(hidden_states, attention_mask)

@@ -19,7 +19,7 @@ from torch import nn
 from ..ops.checks import check_int
 from ..ops.gau import chunk_gau_attention
 from ..ops.checks import check_flag
-from .inputs import check_dropout, check_layer_inputs
+from .inputs import check_dropout, check_layer_inputs, check_rotary
 from .rotary import apply_rotary
 
 
@@ -66,10 +66,8 @@ class GatedAttentionUnit(nn.Module):
         q = (z * self.qk_scale[0] + self.qk_offset[0]).unsqueeze(1)  # (b, 1, n, s)
         k = (z * self.qk_scale[1] + self.qk_offset[1]).unsqueeze(1)
         if position_embeddings is not None:
-            cos, sin = position_embeddings
-            if cos.shape[-1] != self.query_key_dim:
-                raise ValueError(f"position_embeddings must have dim query_key_dim={self.query_key_dim}, "
-                                 f"got {cos.shape[-1]}")
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            check_rotary("position_embeddings", position_embeddings, q)
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # (under autocast v is half precision; the scale, offset and tables not)
         o, _ = chunk_gau_attention(q, k, v.unsqueeze(1), valid=valid, block_size=self.block_size)  # (b, 1, n, e)
         return self.out_proj(self.dropout_layer(u * o.squeeze(1)))

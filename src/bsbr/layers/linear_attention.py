@@ -14,7 +14,7 @@ import torch
 
 from ..ops.linear_attn import chunk_linear_attention, recurrent_linear_attention
 from .multihead import MultiHeadBase
-from ..ops.checks import check_int, zero_padded
+from ..ops.checks import check_flag, check_int, zero_padded
 from .feature_maps import FeatureMap
 
 
@@ -31,10 +31,11 @@ class LinearAttention(MultiHeadBase):
                  bias: bool = True, out_bias: Optional[bool] = None, feature_map: str = "elu",
                  normalize: bool = True, chunk_size: int = 64):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)
+        check_flag("normalize", normalize)
         if normalize and feature_map == "identity":
             raise ValueError("normalize=True needs a non-negative feature_map ('elu' or 'hedgehog')")
         check_int("chunk_size", chunk_size)
-        self.normalize, self.chunk_size = bool(normalize), chunk_size
+        self.normalize, self.chunk_size = normalize, chunk_size
         self.feature_q = FeatureMap(feature_map, num_heads, self.head_dim)
         self.feature_k = FeatureMap(feature_map, num_heads, self.head_dim)
 

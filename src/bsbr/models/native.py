@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers.bsbr_attention import BSBRAttention
+from ..layers.bsbr_attention import BSBRAttention, refuse_own_position_chunks
 from ..ops.checks import check_int
 from ..layers.inputs import check_input_ids, token_positions
 from ..ops.checks import check_number
@@ -22,9 +22,7 @@ class BSBRLayer(nn.Module):
                  compression_factor: Optional[int] = None, **attention_kwargs):
         super().__init__()
         check_int("ff_dim", ff_dim)
-        if attention_kwargs.get("own_position_chunks"):  # (a converted model's layers place far keys; these have none)
-            raise ValueError("own_position_chunks: a BSBRLayer gives no far key positions, which this option needs (it "
-                             "would change nothing): leave it 0")
+        refuse_own_position_chunks("a BSBRLayer", attention_kwargs)
         self.attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor,
                                        **attention_kwargs)
         self.layer_norm1 = nn.LayerNorm(hidden_dim)

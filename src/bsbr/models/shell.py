@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers.bsbr_attention import BSBRAttention
+from ..layers.bsbr_attention import BSBRAttention, refuse_own_position_chunks
 from ..ops.checks import check_int
 from ..layers.deltanet import DeltaNet
 from ..layers.gau import GatedAttentionUnit
@@ -37,6 +37,8 @@ def build_attention(attention: str, hidden_dim: int, num_heads: int, dropout: fl
     if attention in REQUIRED and REQUIRED[attention][0] not in kwargs:
         name, meaning = REQUIRED[attention]
         raise ValueError(f"attention={attention!r} needs {name}=... ({meaning})")
+    if attention == "bsbr":
+        refuse_own_position_chunks("AttentionLM", kwargs)
     if attention == "gau":
         return GatedAttentionUnit(hidden_dim, dropout=dropout, **kwargs)  # one head by definition
     return LAYERS[attention](hidden_dim, num_heads, dropout=dropout, **kwargs)

@@ -105,6 +105,13 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
 
+def check_state_matrix(name: str, S, b: int, h: int, d: int, dv: int) -> None:
+    """A recurrent state's matrix S: a (b, h, d, dv) tensor."""
+    check_tensor(name, S, 4)
+    if tuple(S.shape) != (b, h, d, dv):
+        raise ValueError(f"{name} must have shape {(b, h, d, dv)}, got {tuple(S.shape)}")
+
+
 def check_state(state, b: int, h: int, d: int, dv: int, like: torch.Tensor, with_norm: bool):
     """An initial state (S, z): S (b, h, d, dv), z (b, h, d) (z only for normalized linear attention).
     None becomes zeros."""
@@ -114,9 +121,7 @@ def check_state(state, b: int, h: int, d: int, dv: int, like: torch.Tensor, with
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError("initial_state must be None or a tuple (S, z) as returned with output_final_state=True")
     S, z = state
-    check_tensor("initial_state[0]", S, 4)
-    if tuple(S.shape) != (b, h, d, dv):
-        raise ValueError(f"initial_state[0] must have shape {(b, h, d, dv)}, got {tuple(S.shape)}")
+    check_state_matrix("initial_state[0]", S, b, h, d, dv)
     if with_norm:
         if z is None:
             raise ValueError("initial_state[1] (the key sum z) is needed when normalize=True")

@@ -112,11 +112,11 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     # chunk states are kept unless their features have size 0 (a closed gate): then neither they nor the
     # meta sums that weigh them are ever read
     sums = not opt.recall_tokens and state.F_cur.shape[2] > 0
-    if valid is not None:  # padding: output 0, state unchanged
-        vm = valid.view(b, 1, 1).to(o.dtype)
-        o = o * vm
+    if valid is not None:  # padding: output 0, state unchanged (replaced, not multiplied: 0 * NaN is NaN)
+        keep = valid.view(b, 1, 1)
+        o = o.masked_fill(~keep, 0)
         if sums:
-            fk, mk, mq = fk * vm, mk * vm, mq * vm
+            fk, v, mk, mq = (x.masked_fill(~keep, 0) for x in (fk, v, mk, mq))
     if sums:
         _add_to_chunk(state, fk, v, mk, mq, inplace)
     state.n_seen = state.n_seen + (1 if valid is None else valid.long())

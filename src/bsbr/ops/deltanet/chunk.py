@@ -58,7 +58,9 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     A = (bb * (kb @ kb.transpose(-1, -2))).masked_fill(~strict, 0.0)  # (b, h, C, B, B)
     A = A + torch.eye(B, dtype=q.dtype, device=q.device)
     rhs = torch.cat([bb * kb, bb * vb], dim=-1)  # (b, h, C, B, d + dv)
-    WU = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    # (in float32 at least: CPU has no half-precision triangular solve)
+    solve = torch.promote_types(A.dtype, torch.float32)
+    WU = torch.linalg.solve_triangular(A.to(solve), rhs.to(solve), upper=False, unitriangular=True).to(rhs.dtype)
     W, U0 = WU[..., :d], WU[..., d:]
     causal = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
     QK = (qb @ kb.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (b, h, C, B, B)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_qkv, check_scale, check_state, check_tensor
+from ..checks import check_qkv, check_scale, check_state_matrix, check_tensor
 
 
 def check_delta_inputs(q, k, v, beta, scale, initial_state):
@@ -24,8 +24,14 @@ def check_delta_inputs(q, k, v, beta, scale, initial_state):
     if beta.dtype != q.dtype:
         raise TypeError(f"beta must have the dtype of q ({q.dtype}), got {beta.dtype}")
     scale = check_scale(scale, d)
-    state = (initial_state, None) if isinstance(initial_state, torch.Tensor) else initial_state
-    return (b, h, n, d, dv), scale, check_state(state, b, h, d, dv, q, with_norm=False)[0]
+    if initial_state is None:
+        return (b, h, n, d, dv), scale, q.new_zeros(b, h, d, dv)
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError("initial_state must be None or the state tensor (b, h, d, dv) returned with "
+                        f"output_final_state=True, got {type(initial_state).__name__}")
+    check_state_matrix("initial_state", initial_state, b, h, d, dv)
+    S = initial_state.to(q.dtype)  # (a copy of a state made under inference_mode can be continued under autograd)
+    return (b, h, n, d, dv), scale, S.clone() if S.is_inference() and not torch.is_inference_mode_enabled() else S
 
 
 def naive_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
