@@ -340,3 +340,14 @@ def test_a_trainable_gate_steps_without_a_scalar_conversion_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attn.step(x[:, 6:], state)
+
+
+def test_a_state_is_continued_only_by_streaming():
+    attn = BSBRAttention(16, 2, 4, dropout=0.0).eval()
+    x = torch.randn(1, 9, 16)
+    full, state = attn(x[:, :5], output_state=True)
+    with pytest.raises(ValueError, match="state: a streaming state is continued with streaming=True"):
+        attn(x[:, 5:], state=state)
+    with pytest.raises(TypeError, match="streaming must be True or False"):
+        attn(x, streaming="no")
+    torch.testing.assert_close(attn(x[:, 5:], streaming=True, state=state)[0], attn(x)[:, 5:])

@@ -454,3 +454,23 @@ def test_a_bsbr_model_as_another_models_draft_is_refused_in_words(model):
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="a BSBR model cannot be the draft model of assisted generation"):
         src.generate(ids, assistant_model=convert_to_bsbr(src, chunk_size=8), max_new_tokens=30, **GEN)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gate_init=0.0), dict(retrieval_blocks=0, recall_tokens=6)])
+def test_weights_offloaded_by_accelerate_give_the_same_logits_and_tokens(kw, tmp_path):
+    # the gate is read in the streaming step and the meta maps' weights by the op, neither through a call
+    # of its module, which is where accelerate puts an offloaded weight in place: both were on the meta device
+    accelerate = pytest.importorskip("accelerate")
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+    model = make("llama", **kw)
+    with torch.no_grad():
+        logits, tokens = model(ids).logits, model.generate(ids, max_new_tokens=9, **GEN)
+    model.save_pretrained(tmp_path / "m")
+    accelerate.cpu_offload(model, execution_device="cpu")
+    from_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map="auto", max_memory={"cpu": "60KB"},
+                                                     offload_folder=str(tmp_path / "offload")).eval()
+    assert "disk" in from_disk.hf_device_map.values()
+    for offloaded in (model, from_disk):
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded(ids).logits, logits, rtol=0, atol=0)
+            assert torch.equal(offloaded.generate(ids, max_new_tokens=9, **GEN), tokens)

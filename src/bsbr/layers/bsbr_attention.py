@@ -192,18 +192,28 @@ class BSBRAttention(MultiHeadBase):
         else:  # a closed gate: the op never reads fq
             fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
         tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr)
-        meta_q, meta_k = (None if m is None else m.weight for m in (self.meta_r_proj, self.meta_h_proj))
+        meta_q, meta_k = (None if m is None else m() for m in (self.meta_r_proj, self.meta_h_proj))
         return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=meta_q, meta_k=meta_k,
                        **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, output_state: bool = False,
-                far_position_embeddings=None):
+                far_position_embeddings=None, streaming: bool = False, state: Optional[BSBRState] = None):
         """hidden_states (b, n, hidden_dim); attention_mask (b, n) of 1/0; position_embeddings the
         rotary (cos, sin) or None; far_position_embeddings ((cos, sin) of the far queries, (cos, sin) of
-        the far keys) or None (far keys keep their own positions). Returns (b, n, hidden_dim), and the streaming state if asked."""
-        if not isinstance(output_state, bool):
-            raise TypeError(f"output_state must be True or False, got {output_state!r}")
+        the far keys) or None (far keys keep their own positions). Returns (b, n, hidden_dim), and the
+        streaming state if asked. ``streaming``: token by token from ``state`` (None: the start), and the
+        state is returned, as :meth:`step` does (which calls this, so that hooks on the module's call run:
+        accelerate's offloading places the gate's weights there)."""
+        for name, flag in (("output_state", output_state), ("streaming", streaming)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if streaming:
+            o, state = self._run(recurrent_bsbr_attention, hidden_states, attention_mask, position_embeddings,
+                                 far_position_embeddings, initial_state=state, output_final_state=True)
+            return self.output(o), state
+        if state is not None:
+            raise ValueError("state: a streaming state is continued with streaming=True (or step)")
         o, state = self._run(chunk_bsbr_attention, hidden_states, attention_mask, position_embeddings,
                              far_position_embeddings, output_final_state=output_state)
         out = self.output(o)
@@ -214,6 +224,5 @@ class BSBRAttention(MultiHeadBase):
         """Streaming decode: continue from ``state`` with the given tokens (b, T, hidden_dim), token by
         token. Returns ((b, T, hidden_dim), the state): the state passed in, advanced (in place without
         autograd), as a KV cache is; to continue one prefix twice, step a fork: ``state.select(torch.arange(b))``."""
-        o, state = self._run(recurrent_bsbr_attention, hidden_states, attention_mask, position_embeddings,
-                             far_position_embeddings, initial_state=state, output_final_state=True)
-        return self.output(o), state
+        return self(hidden_states, attention_mask, position_embeddings, far_position_embeddings=far_position_embeddings,
+                    streaming=True, state=state)

@@ -7,6 +7,8 @@ softmax(-x W)] per head with W initialised to the identity (Zhang et al., 2024).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +38,10 @@ class HeadwiseLinear(nn.Module):
     def initial_weight(heads: int, d_in: int, d_out: int) -> torch.Tensor:
         return torch.eye(d_in, d_out).repeat(heads, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bhnd,hde->bhne", x, self.weight)
+    def forward(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (b, h, n, d_in) -> (b, h, n, d_out); with no x, the weight itself (called rather than read
+        where the op takes the weight, so that hooks on the call run: accelerate's offloading places it)."""
+        return self.weight if x is None else torch.einsum("bhnd,hde->bhne", x, self.weight)
 
 
 class FeatureMap(nn.Module):

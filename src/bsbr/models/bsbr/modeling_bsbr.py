@@ -107,11 +107,9 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, valid, position_embeddings, far_position_embeddings=None, state: Optional[BSBRState] = None,
                 streaming: bool = False, output_state: bool = False):
         h = self.attn_norm(x)
-        if streaming:
-            a, state = self.attn.step(h, state, valid, position_embeddings, far_position_embeddings)
-        elif output_state:
-            a, state = self.attn(h, valid, position_embeddings, output_state=True,
-                                 far_position_embeddings=far_position_embeddings)
+        if streaming or output_state:
+            a, state = self.attn(h, valid, position_embeddings, output_state=output_state,
+                                 far_position_embeddings=far_position_embeddings, streaming=streaming, state=state)
         else:
             a = self.attn(h, valid, position_embeddings, far_position_embeddings=far_position_embeddings)
         x = x + a
