@@ -560,6 +560,30 @@ def test_a_process_that_dies_under_torchrun_leaves_the_other_saying_how_to_resum
     assert err.count("training windows of 88 tokens") == 1, err  # rank 0's log alone
 
 
+@pytest.mark.slow
+def test_an_output_locked_by_another_run_stops_every_process_under_torchrun(models, text, tmp_path):
+    """Rank 0 alone takes the output's lock: when it refused, rank 1 waited for it in the process group until
+    torchrun killed it (SIGKILL, 30 s later)."""
+    import os
+    import subprocess
+    import sys
+
+    from bsbr.outputs import output_lock
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "out"
+    with output_lock(out, "--output", "bsbr distill"):  # another run writing it
+        run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29542", "-m", "bsbr.cli",
+                              *distill_args(models, text, out, "--steps", "1")], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    assert "is being written by another bsbr distill" in run.stderr, run.stderr
+    assert "another process of this run refused to start" in run.stderr, run.stderr
+    assert "SIGKILL" not in run.stderr and "forcefully exiting" not in run.stderr, run.stderr
+    assert 'src/bsbr/' not in run.stderr and 'site-packages/bsbr/' not in run.stderr, run.stderr  # (torchrun's own
+    # report of a failed process is a traceback of torchrun)
+
+
 def test_a_resume_with_another_number_of_processes_is_refused_before_loading(models, text, tmp_path, capsys,
                                                                               monkeypatch):
     """It was refused only after both models loaded and the text was tokenized, without saying how to resume."""
@@ -568,6 +592,7 @@ def test_a_resume_with_another_number_of_processes_is_refused_before_loading(mod
     out = tmp_path / "out"
     assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "_start_together", lambda refusal: None)  # (one process: no group to join)
     monkeypatch.setattr("bsbr.models.load_bsbr_model", None)  # a model loaded first: TypeError, not the refusal
     monkeypatch.setattr(cli, "load_model_arg", None)
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
@@ -626,6 +651,10 @@ def test_a_local_dataset_trains_with_evals_dataset_options_and_is_an_input(model
                                                data)
     assert main(args) == 0
     load_bsbr_model(tmp_path / "out")
+    # its resume with the folder spelled another way (compared by the windows' tokens, as text files are)
+    more = [*args, "--resume"]
+    more[more.index("--dataset") + 1], more[more.index("--steps") + 1] = f"{data}/", "2"
+    assert main(more) == 0, capsys.readouterr().err
     with_text = distill_args(models, text, tmp_path / "out2", "--steps", "1", "--text-column", "content")
     assert "--text-column content applies to --dataset only" in refused(capsys, with_text, "distill")
 

@@ -88,14 +88,21 @@ def _check_new_pieces_matter(student, args) -> None:
                 "16k-32k; check your own lengths with bsbr eval (docs/findings.md, Distillation of the default)")
 
 
+def _local_dataset(args) -> Optional[str]:
+    """``--dataset`` when it names a local folder or file (an input), else None."""
+    return args.dataset if args.dataset and os.path.exists(os.path.expanduser(args.dataset)) else None
+
+
 def _settings(args) -> dict:
-    """The run's settings a resume must repeat (the windows' tokens are compared too, so the text files
-    are recorded by content, not by path)."""
+    """The run's settings a resume must repeat. The windows' tokens are compared too, so text files and a
+    local --dataset are recorded by content, not by path (which may be spelled another way); a hub
+    --dataset by its name, so that another one is refused before anything loads."""
     chosen = dataset_options(args, "train") if args.dataset else {}
     # only values off their defaults (a run before these options recorded none of them)
     defaults = dataset_options(argparse.Namespace(dataset=args.dataset, dataset_config=None, dataset_split=None,
                                                   text_column=None), "train")
-    return dict(seq_len=args.seq_len, max_windows=args.max_windows, dataset=args.dataset,
+    named = {} if _local_dataset(args) else dict(dataset=args.dataset)
+    return dict(seq_len=args.seq_len, max_windows=args.max_windows, **named,
                 **{name: value for name, value in chosen.items() if value != defaults[name]})
 
 
@@ -162,10 +169,46 @@ def cmd_distill(args) -> int:
     check_text_files(args.text_file, args.seq_len)
     dataset = dataset_options(args, "train")
     check_dataset(args.dataset, **dataset)
-    # one run per --output at a time (torchrun's other ranks write nothing there)
-    first_rank = os.environ.get("RANK", "0") == "0"
-    with output_lock(out, "--output", "bsbr distill") if first_rank else contextlib.nullcontext():
-        return _distill(args, cfg, student_dir, out)
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)
+            try:
+                held.enter_context(output_lock(out, "--output", "bsbr distill"))
+            except UserError as e:
+                refusal = e
+        _start_together(refusal)
+        try:
+            return _distill(args, cfg, student_dir, out)
+        finally:
+            _leave_process_group()
+
+
+def _start_together(refusal: Optional[UserError]) -> None:
+    """Under torchrun, join the process group, and stop every process when one refused to start
+    (``refusal``; rank 0's output lock): the others would wait for it in the group until torchrun kills them."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.is_initialized():
+        refused = torch.tensor([refusal is not None], dtype=torch.int32)
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        if refused.item():
+            _leave_process_group()
+            refusal = refusal or UserError("another process of this run refused to start (its message says why)")
+    if refusal is not None:
+        raise refusal
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except RuntimeError as e:  # (a group whose other process died: what stopped the run is the error to show)
+            logger.debug("leaving the process group: %s", e)
 
 
 def _distill(args, cfg, student_dir: Path, out: Path) -> int:
@@ -175,7 +218,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     from .trainer import DistillInterrupted, check_same_run, check_work_left
 
     ckpt = out / "checkpoint"
-    local_dataset = args.dataset if args.dataset and os.path.exists(os.path.expanduser(args.dataset)) else None
+    local_dataset = _local_dataset(args)
     check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
                      inputs=[("--student", student_dir), ("--teacher", args.teacher), ("--dataset", local_dataset),
@@ -229,8 +272,6 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
             line = f"interrupted; checkpoint {ckpt} holds step {step}"
         if rank0:
             print(f"bsbr distill: {line}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
         return 130
 
 
@@ -268,9 +309,6 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     from .trainer import distill
 
     tokenizer = load_tokenizer_arg(student_dir, "--student")
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
     torch.manual_seed(args.seed)
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
     texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),
@@ -312,7 +350,6 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
               f"saved to {out}")
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
     return 0
 
 
