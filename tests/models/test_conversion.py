@@ -395,13 +395,34 @@ def test_what_a_conversion_cannot_keep_is_logged(caplog):
              (Qwen2ForCausalLM(Qwen2Config(**kw, sliding_window=16)), None),  # use_sliding_window False
              # every layer below max_window_layers: none slides, the conversion is exact
              (Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=True, sliding_window=16, max_window_layers=1)),
-              None)]
+              None),
+             # Mistral's code slides in every layer whatever layer_types says; Llama's never slides
+             (MistralForCausalLM(MistralConfig(**kw, sliding_window=16, layer_types=["full_attention"])),
+              "sliding window of 16"),
+             (LlamaForCausalLM(LlamaConfig(**kw, sliding_window=16)), None)]
     for src, expected in cases:
         caplog.clear()
         with caplog.at_level("WARNING", logger="bsbr.convert.converter"):
             convert_to_bsbr(src, chunk_size=CHUNK)
         warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert (expected is None and not warned) or any(expected in w for w in warned), (src.config.model_type, warned)
+
+
+def test_bias_fields_a_familys_code_never_reads_convert_exactly():
+    # Mistral's and Qwen2's code hard-code their biases: a config carrying attention_bias / mlp_bias was
+    # refused ("the source has no weight ...gate_proj.bias"); Llama's reads them
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2)
+    ids = torch.randint(0, VOCAB, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(0))
+    for make, config in ((MistralForCausalLM, MistralConfig(**kw, sliding_window=None, mlp_bias=True, attention_bias=True)),
+                         (Qwen2ForCausalLM, Qwen2Config(**kw, mlp_bias=True, attention_bias=True)),
+                         (LlamaForCausalLM, LlamaConfig(**kw, mlp_bias=True, attention_bias=True))):
+        torch.manual_seed(0)
+        src = make(config).eval()
+        model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=3)
+        torch.testing.assert_close(outputs(model, ids), outputs(src, ids), rtol=0, atol=1e-5)
 
 
 def test_default_rotary_frequencies_are_the_sources_to_the_bit():

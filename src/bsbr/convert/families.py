@@ -49,8 +49,11 @@ def _llama_like_config(c) -> dict:
     rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 10000.0)}
     if getattr(c, "partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ValueError("sources with partial_rotary_factor != 1 are not supported")
-    qkv_bias = bool(getattr(c, "attention_bias", False)) or c.model_type == "qwen2"
-    out_bias = bool(getattr(c, "attention_bias", False)) if c.model_type != "qwen2" else False
+    # biases as each family's model code builds them: Llama's from its config, Qwen2's q/k/v always, Mistral
+    # none (its config may carry attention_bias / mlp_bias, which its code never reads)
+    llama = c.model_type == "llama"
+    qkv_bias = llama and bool(getattr(c, "attention_bias", False)) or c.model_type == "qwen2"
+    out_bias = llama and bool(getattr(c, "attention_bias", False))
     return dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -58,7 +61,7 @@ def _llama_like_config(c) -> dict:
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         hidden_act=c.hidden_act, mlp_type="gated", norm_type="rmsnorm", norm_eps=c.rms_norm_eps,
         position_type="rope", max_position_embeddings=c.max_position_embeddings, rope_parameters=dict(rope),
-        attention_bias=qkv_bias, attention_out_bias=out_bias, mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        attention_bias=qkv_bias, attention_out_bias=out_bias, mlp_bias=llama and bool(getattr(c, "mlp_bias", False)),
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
     )
 
@@ -70,9 +73,11 @@ def source_notes(c) -> List[str]:
     input's length (BSBR rotates by the frequencies the source uses up to ``max_position_embeddings``)."""
     notes = []
     window = getattr(c, "sliding_window", None)
-    layer_types = getattr(c, "layer_types", None)  # which layers slide, where the config says (Qwen2: those
-    slides = ("sliding_attention" in layer_types if layer_types  # from max_window_layers on)
-              else c.model_type != "qwen2" or getattr(c, "use_sliding_window", False))
+    # as each family's model code reads it: Mistral slides in every layer, Qwen2 in the layers its layer_types
+    # name (from max_window_layers on), Llama never (its config may carry the fields all the same)
+    layer_types = getattr(c, "layer_types", None)
+    slides = c.model_type == "mistral" or c.model_type == "qwen2" and (
+        "sliding_attention" in layer_types if layer_types else getattr(c, "use_sliding_window", False))
     if window and slides:
         notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
                      "BSBR model reads its own window and retrieved blocks instead: it can match the source only "
