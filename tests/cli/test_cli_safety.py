@@ -421,7 +421,9 @@ def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, 
     assert json.loads((out / "config.json").read_text())["chunk_size"] == 16
     meta = json.loads((out / "conversion.json").read_text())
     assert meta["source"] == dict(name=str(source), model_type="llama",
-                                  fingerprint=bsbr.arguments.weights_fingerprint(load_source(source)))
+                                  fingerprint=bsbr.arguments.weights_fingerprint(load_source(source)),
+                                  architecture=bsbr.arguments.architecture(load_source(source)))
+    assert meta["source"]["architecture"]["hidden_act"] == "silu"
     assert "import bsbr" in (out / "README.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["out"]
     # a source named relative to the current directory is recorded absolute: later commands' "give
@@ -511,6 +513,27 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
     assert "not a BSBR one" in refused(capsys, ["eval", source, "--reference", source], "eval")
     assert main([str(a) for a in [*base, "--reference", other, "--force", "--json", tmp_path / "r.json"]]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["config"]["windows"] == 1
+
+
+def test_a_reference_or_teacher_with_the_same_weights_but_another_architecture_is_refused(models, text, tmp_path,
+                                                                                        capsys):
+    # only the weights were fingerprinted: the source's weights under another activation and rotary base (a
+    # different model: other perplexities, another KL) passed as the reference and the teacher
+    import shutil
+
+    source, converted, _ = models
+    edited = tmp_path / "edited"
+    shutil.copytree(source, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["hidden_act"] = "relu"
+    (edited / "config.json").write_text(json.dumps(config))
+    line = refused(capsys, ["eval", converted, "--reference", edited, "--text-file", text, "--seq-len", "24",
+                            "--max-windows", "1", "--no-passkey", "--no-progress"], "eval", converted)
+    assert "is not the model" in line and "its config differs: hidden_act" in line and "--force" in line, line
+    line = refused(capsys, ["distill", "--student", converted, "--teacher", edited, "--text-file", text, "--seq-len",
+                            "96", "--steps", "1", "--output", tmp_path / "out"], "distill", converted)
+    assert "its config differs: hidden_act" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["eval", "distill"])
