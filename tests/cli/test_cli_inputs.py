@@ -541,6 +541,10 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     line = refused(capsys, ["generate", conv, "--prompt", "def f", "--max-new-tokens", "100"], "generate", conv)
     assert "--max-new-tokens 100 needs 101 positions" in line  # (the last token is not fed back)
     assert "give --max-new-tokens at most 63, or convert with --position-scheme wrap or clamp" in line, line
+    long = tmp_path / "long.txt"  # a prompt past the table: the prompt that fits beside the new tokens (it said 64)
+    long.write_text(" ".join(["def"] * 80))
+    line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "10"], "generate", conv)
+    assert "give a prompt of at most 55 tokens" in line, line
     line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
     assert "--passkey-lengths 200 needs 199 positions" in line and fix.replace("64", "65") in line, line
     text = tmp_path / "t.py"
@@ -822,8 +826,8 @@ def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, c
     (tmp_path / "bin").write_bytes(b"\0\1\2")
     assert "--prompt-file" in refused(capsys, ["generate", converted, "--prompt-file", tmp_path / "bin"], "generate")
     (tmp_path / "empty.txt").write_text("")
-    assert "--prompt-file gives no tokens" in refused(capsys, ["generate", converted, "--prompt-file",
-                                                               tmp_path / "empty.txt"], "generate")
+    assert "--prompt-file gives no text" in refused(capsys, ["generate", converted, "--prompt-file",
+                                                             tmp_path / "empty.txt"], "generate")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
     assert "standard input) is not UTF-8" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
     monkeypatch.setattr(sys, "stdin", None)  # started with standard input closed (<&-): an internal error before
@@ -851,6 +855,62 @@ def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(mod
     capsys.readouterr()
     assert main(["generate", str(chat), "--prompt", "def f", "--chat", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == want.strip()
+
+
+def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unusable_generation_config(
+        models, tmp_path, capsys):
+    # an empty message in a chat template (or a tokenizer's BOS alone) was generated from, exit 0; a template
+    # that fails to render was an internal error; generation_config.json was ignored when unreadable and failed
+    # deep in generate() (ZeroDivisionError, exit 1) when it held values generate() refuses
+    _, converted, _ = models
+    chat = copy_source(converted, tmp_path / "chat")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant : "
+    tok.save_pretrained(chat)
+    for text in ("", "  \n"):  # (an empty or blank --prompt is refused by its parser)
+        (tmp_path / "empty.txt").write_text(text)
+        line = refused(capsys, ["generate", chat, "--prompt-file", tmp_path / "empty.txt", "--chat"], "generate")
+        assert "--prompt-file gives no text" in line, line
+    tok.chat_template = "{{ raise_exception('a system message is required') }}"
+    tok.save_pretrained(chat)
+    line = refused(capsys, ["generate", chat, "--prompt", "def", "--chat"], "generate")
+    assert "the chat template in MODEL_DIR" in line and "a system message is required" in line and "drop --chat" in line
+    for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": '):
+        (chat / "generation_config.json").write_text(bad)
+        line = refused(capsys, ["generate", chat, "--prompt", "def"], "generate")
+        assert "generation_config.json cannot be used" in line and "fix or delete it" in line, (bad, line)
+
+
+def test_generate_prints_the_prompt_as_given_and_samples_with_the_models_settings(models, tmp_path, capsys):
+    # the printed prompt was the tokenizer's round trip (a word it does not know vanished); sampling dropped the
+    # model's own top_k / top_p, so --temperature T was not what generate(do_sample=True, temperature=T) gives
+    _, converted, _ = models
+    assert main(["generate", str(converted), "--prompt", "def qqqzzz", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def qqqzzz")
+    sampled = copy_source(converted, tmp_path / "sampled")
+    (sampled / "generation_config.json").write_text(json.dumps(dict(do_sample=True, top_k=2, top_p=0.5)))
+    from transformers import AutoTokenizer
+
+    from bsbr import load_bsbr_model
+
+    tok, model = AutoTokenizer.from_pretrained(sampled), load_bsbr_model(sampled)
+    ids = tok("def f", return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=True, temperature=1.5,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    torch.manual_seed(0)
+    assert main(["generate", str(sampled), "--prompt-file", _write(tmp_path / "p.txt", "def f"), "--temperature",
+                 "1.5", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == tok.decode(out[0, ids["input_ids"].shape[1]:],
+                                                         skip_special_tokens=True).strip()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
 
 
 @pytest.mark.parametrize("command", [["convert"], ["generate"], ["eval"], ["distill"], ["demo"], ["bench", "converted"],

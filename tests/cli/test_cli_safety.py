@@ -486,7 +486,7 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out.strip()
-    # what it prints: the prompt and its greedy continuation of 5 tokens, as generate gives them
+    # what it prints: the prompt as given and its greedy continuation of 5 tokens, as generate gives them
     from transformers import AutoTokenizer
 
     from bsbr import load_bsbr_model
@@ -497,7 +497,8 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
     prompt = tok.decode(ids["input_ids"][0], skip_special_tokens=True)
-    assert printed == tok.decode(out[0], skip_special_tokens=True) and printed.startswith(prompt) and printed != prompt
+    whole = tok.decode(out[0], skip_special_tokens=True)
+    assert printed == "def f" + whole[len(prompt):] and whole.startswith(prompt) and whole != prompt
 
 
 # ---------------------------------------------------------------------------------------------- eval

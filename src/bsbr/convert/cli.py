@@ -262,10 +262,36 @@ def _prompt_text(args) -> str:
                         "give UTF-8 text") from None
 
 
+def _check_generation_config(path: Path) -> None:
+    """MODEL_DIR's ``generation_config.json``, if any, must load and hold values generate() takes: transformers
+    reads an unreadable one as defaults without a word, and fails deep in generate() on a wrong one."""
+    from transformers import GenerationConfig
+
+    from ..errors import UserError
+
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return
+    try:
+        config = GenerationConfig.from_pretrained(str(path))
+        config.validate()  # (raises on values generate() refuses; minor issues are only logged)
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {config.eos_token_id!r}")
+        if config.num_beams is not None and not (isinstance(config.num_beams, int) and config.num_beams >= 1):
+            raise ValueError(f"num_beams must be an int >= 1, got {config.num_beams!r}")
+    except Exception as e:  # (any: transformers raises several kinds)
+        raise UserError(f"MODEL_DIR {path}: {file.name} cannot be used ({' '.join(str(e).split())[:200]}): fix or "
+                        "delete it") from None
+
+
 def cmd_generate(args) -> int:
     from ..errors import UserError
 
     prompt = _prompt_text(args)
+    what = "--prompt" if args.prompt is not None else "--prompt-file"
+    if not prompt.strip():  # (a chat template or a tokenizer's BOS would still give tokens to generate from)
+        raise UserError(f"{what} gives no text: give some text to continue")
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise UserError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (logits divided "
                         f"by less overflow float32), got {args.temperature}")
@@ -274,14 +300,20 @@ def cmd_generate(args) -> int:
     from ..models import load_bsbr_model
     from ..arguments import check_bsbr_dir, check_bsbr_positions, load_tokenizer_arg
 
-    what = "--prompt" if args.prompt is not None else "--prompt-file"
     path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
+    _check_generation_config(path)
     tok = load_tokenizer_arg(path, "MODEL_DIR")
     if args.chat:  # one user message in the model's chat template, the assistant's turn opened
         if not getattr(tok, "chat_template", None):
             raise UserError(f"--chat: the tokenizer in MODEL_DIR {path} has no chat template: drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+        except TemplateError as e:
+            raise UserError(f"--chat: the chat template in MODEL_DIR {path} fails ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}): fix it, or drop --chat") from None
     else:
         ids = tok(prompt, return_tensors="pt")
     ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
@@ -290,8 +322,12 @@ def cmd_generate(args) -> int:
         raise UserError(f"{what} gives no tokens{' in the chat template' if args.chat else ''}: give some text to "
                         "continue")
     # the prompt and every new token but the last are fed to the model
-    fix = (lambda table: f"give --max-new-tokens at most {table - n + 1:,}" if n <= table
-           else f"give a prompt of at most {table:,} tokens")
+    def fix(table: int) -> str:
+        if n <= table:
+            return f"give --max-new-tokens at most {table - n + 1:,}"
+        if args.max_new_tokens <= table:
+            return f"give a prompt of at most {table - args.max_new_tokens + 1:,} tokens"
+        return f"give a shorter prompt and --max-new-tokens at most {table:,}"
     if n + args.max_new_tokens - 1 > MAX_TOKENS:  # (every other length option has this cap)
         raise UserError(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,} is longer than the "
                         f"{MAX_TOKENS:,} tokens bsbr reads in one sequence: {fix(MAX_TOKENS)}")
@@ -301,15 +337,21 @@ def cmd_generate(args) -> int:
     if len(tok) > model.config.vocab_size:
         raise UserError(f"MODEL_DIR {path}: its tokenizer has {len(tok)} tokens, the model only "
                         f"{model.config.vocab_size}: the tokenizer is not this model's")
+    # greedy, or sampling at --temperature with the model's own settings (top-k, top-p), as generate() samples
+    how = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
     new = out[0, n:]
-    # a prompt given on the command line is printed with its continuation; a file's or a chat's is not
-    print(tok.decode(out[0] if args.prompt is not None and not args.chat else new, skip_special_tokens=True))
+    text = tok.decode(new, skip_special_tokens=True)
+    if args.prompt is not None and not args.chat:  # a command line's prompt is printed as given, then its
+        # continuation as the whole text decodes it (a piece decoded alone may lose its leading space)
+        whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
+        text = args.prompt + whole[len(head):] if whole.startswith(head) else whole
+    print(text)
     logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
 
@@ -335,5 +377,7 @@ def register(sub) -> None:
     g.add_argument("--chat", action="store_true", help="the prompt is one user message in the model's chat template "
                                                        "(instruct models); only the reply is printed")
     g.add_argument("--max-new-tokens", type=integer(), default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=finite_number(), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--temperature", type=finite_number(), default=0.0,
+                   help="0 = greedy (default); above 0, sampling at this temperature with the model's own "
+                        "generation settings (top-k, top-p), as generate() samples")
     g.set_defaults(func=cmd_generate)
