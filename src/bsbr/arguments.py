@@ -494,10 +494,16 @@ def load_tokenizer_arg(source, option: str):
             try:  # a file cut short (a download that stopped) fails here, before any tokenizer is read
                 from gguf import GGUFReader
 
-                GGUFReader(path)
+                field = GGUFReader(path).fields.get("general.architecture")
             except Exception as bad:
                 raise UserError(f"{option} {source}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); "
                                 "it may be cut short: download it again") from bad
+            from .convert.families import SUPPORTED_MODEL_TYPES
+
+            arch = None if field is None else bytes(field.parts[field.data[0]]).decode(errors="replace")
+            if arch and arch not in SUPPORTED_MODEL_TYPES:  # (transformers' words: a tokenizer it cannot read)
+                raise UserError(f"{option} {source} is a {arch!r} model: bsbr converts "
+                                f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs") from e
         if path is not None and path.is_dir():
             from transformers import AutoConfig
 

