@@ -192,7 +192,11 @@ class BSBRAttention(MultiHeadBase):
         else:  # a closed gate: the op never reads fq
             fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
         tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr)
-        meta_q, meta_k = (None if m is None else m() for m in (self.meta_r_proj, self.meta_h_proj))
+        # the maps' weights (the op takes weights, not modules), read unless they are not where q is:
+        # accelerate's offloading keeps them on the meta device (or another) until their module is called
+        mr, mh = self.meta_r_proj, self.meta_h_proj
+        meta_q = None if mr is None else mr.weight if mr.weight.device == q.device else mr()
+        meta_k = None if mh is None else mh.weight if mh.weight.device == q.device else mh()
         return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=meta_q, meta_k=meta_k,
                        **kwargs)
 
@@ -205,9 +209,10 @@ class BSBRAttention(MultiHeadBase):
         streaming state if asked. ``streaming``: token by token from ``state`` (None: the start), and the
         state is returned, as :meth:`step` does (which calls this, so that hooks on the module's call run:
         accelerate's offloading places the gate's weights there)."""
-        for name, flag in (("output_state", output_state), ("streaming", streaming)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if output_state.__class__ is not bool or streaming.__class__ is not bool:  # (no call: every decode step)
+            name, flag = ("output_state", output_state) if output_state.__class__ is not bool else \
+                ("streaming", streaming)
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
         if streaming:
             o, state = self._run(recurrent_bsbr_attention, hidden_states, attention_mask, position_embeddings,
                                  far_position_embeddings, initial_state=state, output_final_state=True)

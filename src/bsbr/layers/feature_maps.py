@@ -39,8 +39,8 @@ class HeadwiseLinear(nn.Module):
         return torch.eye(d_in, d_out).repeat(heads, 1, 1)
 
     def forward(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (b, h, n, d_in) -> (b, h, n, d_out); with no x, the weight itself (called rather than read
-        where the op takes the weight, so that hooks on the call run: accelerate's offloading places it)."""
+        """x (b, h, n, d_in) -> (b, h, n, d_out); with no x, the weight itself, as hooks on the call place it
+        (accelerate's offloading)."""
         return self.weight if x is None else torch.einsum("bhnd,hde->bhne", x, self.weight)
 
 
