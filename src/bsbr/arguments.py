@@ -8,6 +8,7 @@ import codecs
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -77,15 +78,28 @@ def source_label(source) -> str:
 
 def architecture(model) -> Optional[dict]:
     """What a model's forward takes from its config besides its weights (activation, norms, rotary
-    parameters, ...): the architecture a conversion carries over, as JSON would hold it; None for a model
-    no family converts."""
-    from .convert.families import FAMILIES
+    parameters, a sliding window, ...): the architecture a conversion carries over and the window it
+    cannot, as JSON would hold it; None for a model no family converts."""
+    from .convert.families import FAMILIES, sliding_window
 
-    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    config = getattr(model, "config", None)
+    family = FAMILIES.get(getattr(config, "model_type", None))
     try:
-        return None if family is None else json.loads(json.dumps(family.config(model.config)))
+        if family is None:
+            return None
+        window, layers = sliding_window(config)
+        return json.loads(json.dumps({**family.config(config), "sliding_window": window, "sliding_layers": layers}))
     except (ValueError, TypeError):  # a config no conversion takes
         return None
+
+
+def _differs(a, b) -> bool:
+    """Whether two recorded config values differ, numbers beyond float32's rounding (a GGUF file holds its
+    floats in float32: 1e-5 reads back as 9.99999975e-06)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) != set(b) or any(_differs(a[k], b[k]) for k in a)
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return not math.isclose(a, b, rel_tol=1e-6) if numbers else a != b
 
 
 def source_record(source, model) -> dict:
@@ -136,8 +150,8 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
                                       "--force to use this one anyway")
         return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
     was, now = recorded.get("architecture"), architecture(source_model)
-    fields = sorted(k for k in set(was) | set(now or {}) if was.get(k) != (now or {}).get(k)) \
-        if isinstance(was, dict) else []  # (a conversion.json of an earlier bsbr records no architecture)
+    # the fields recorded (a conversion.json of an earlier bsbr records none, or fewer)
+    fields = sorted(k for k in was if _differs(was[k], (now or {}).get(k))) if isinstance(was, dict) else []
     if weights_fingerprint(source_model) == want and not fields:
         return None
     why = f"its config differs: {', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}" if fields else \

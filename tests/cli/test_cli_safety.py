@@ -537,6 +537,32 @@ def test_a_reference_or_teacher_with_the_same_weights_but_another_architecture_i
     assert not (tmp_path / "out").exists()
 
 
+def test_provenance_takes_float32_rounding_and_compares_the_sliding_window(tmp_path):
+    # a GGUF file holds its floats in float32 (1e-5 reads back as 9.99999975e-06): the same model from a GGUF
+    # and from its folder was refused; a reference without the source's sliding window passed
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from bsbr.arguments import METADATA, check_source, source_record
+    from bsbr.errors import SourceMismatchError
+
+    kw = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    source = MistralForCausalLM(MistralConfig(**kw, sliding_window=16))
+    (tmp_path / METADATA).write_text(json.dumps(dict(source=source_record("src", source))))
+
+    def like(**changed):
+        other = MistralForCausalLM(MistralConfig(**{**kw, "sliding_window": 16, **changed}))
+        other.load_state_dict(source.state_dict())
+        return other
+
+    assert check_source(tmp_path, "src.gguf", like(rms_norm_eps=float(torch.tensor(1e-5))), option="--reference") is None
+    with pytest.raises(SourceMismatchError, match="its config differs: sliding_layers, sliding_window"):
+        check_source(tmp_path, "other", like(sliding_window=None), option="--reference")
+    with pytest.raises(SourceMismatchError, match="its config differs: norm_eps"):
+        check_source(tmp_path, "other", like(rms_norm_eps=1e-6), option="--reference")
+
+
 @pytest.mark.parametrize("command", ["eval", "distill"])
 def test_the_bundled_default_is_refused_before_loading_for_a_model_of_another_source(models, text, tmp_path, capsys,
                                                                                    monkeypatch, command):

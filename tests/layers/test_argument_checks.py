@@ -144,8 +144,9 @@ def test_an_input_of_another_dtype_than_the_weights_is_one_clear_error(name):
     with pytest.raises(TypeError, match=r"hidden_states are torch.float16, the layer's weights torch.float32"):
         layer(torch.randn(2, 8, 16, dtype=torch.float16))
     assert layer.double()(torch.randn(2, 8, 16, dtype=torch.float64)).dtype == torch.float64
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: allowed
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op: allowed, with rotary tables too
         layer.float()(torch.randn(2, 8, 16, dtype=torch.bfloat16))
+        layer(torch.randn(2, 8, 16), None, RotaryEmbedding(layer.head_dim)(torch.arange(8)))
 
 
 def test_a_rotary_built_on_the_meta_device_skips_the_value_check():

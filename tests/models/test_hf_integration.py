@@ -321,7 +321,11 @@ def test_activation_checkpointing_gives_the_same_gradients_and_builds_no_cache()
     with pytest.warns(UserWarning, match="use_cache=True does not go with activation checkpointing"):
         assert model(ids, use_cache=True).cache is None
     model.eval()  # inference keeps its cache
-    assert model(ids).cache is not None
+    cache = model(ids).cache
+    assert cache is not None
+    model.train()  # a cache continued there: the replay started from the state the first run advanced (CheckpointError)
+    with pytest.raises(ValueError, match="cache: a training forward under activation checkpointing"):
+        model(ids[:, :3], cache=cache)
 
 
 def test_generate_in_train_mode_with_activation_checkpointing_keeps_its_cache():

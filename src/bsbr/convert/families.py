@@ -66,19 +66,32 @@ def _llama_like_config(c) -> dict:
     )
 
 
+def sliding_window(c) -> Tuple[Optional[int], List[int]]:
+    """The sliding window a source's model code applies and the layers it applies in, ``(None, [])`` for
+    none: Mistral slides in every layer, Qwen2 in the layers its layer_types name (from max_window_layers
+    on), Llama and GPT-2 never (a config may carry the fields all the same)."""
+    window = getattr(c, "sliding_window", None)
+    if not window or c.model_type not in ("mistral", "qwen2"):
+        return None, []
+    n = c.num_hidden_layers
+    if c.model_type == "mistral":
+        return window, list(range(n))
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types:
+        layers = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    else:
+        layers = list(range(n)) if getattr(c, "use_sliding_window", False) else []
+    return (window, layers) if layers else (None, [])
+
+
 def source_notes(c) -> List[str]:
     """What of a llama-like source's attention a conversion cannot keep, one line each (logged as
     warnings): a sliding window (BSBR reads its own window and retrieved blocks instead, so it equals
     the source only on inputs within the source's window) and rotary scaling that changes with the
     input's length (BSBR rotates by the frequencies the source uses up to ``max_position_embeddings``)."""
     notes = []
-    window = getattr(c, "sliding_window", None)
-    # as each family's model code reads it: Mistral slides in every layer, Qwen2 in the layers its layer_types
-    # name (from max_window_layers on), Llama never (its config may carry the fields all the same)
-    layer_types = getattr(c, "layer_types", None)
-    slides = c.model_type == "mistral" or c.model_type == "qwen2" and (
-        "sliding_attention" in layer_types if layer_types else getattr(c, "use_sliding_window", False))
-    if window and slides:
+    window, _ = sliding_window(c)
+    if window:
         notes.append(f"the source attends within a sliding window of {window} tokens (sliding_window); the "
                      "BSBR model reads its own window and retrieved blocks instead: it can match the source only "
                      f"on inputs of up to {window} tokens, and only where it reads every earlier token exactly "

@@ -54,6 +54,7 @@ class MultiHeadBase(nn.Module):
         if position_embeddings is not None:
             check_rotary("position_embeddings", position_embeddings, q)
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+            q, k = q.to(v.dtype), k.to(v.dtype)  # (under autocast v is half precision, the tables not)
         return q, k, v, valid
 
     def output(self, o: torch.Tensor) -> torch.Tensor:  # (b, h, n, dv) -> (b, n, hidden)

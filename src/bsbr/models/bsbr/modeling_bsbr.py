@@ -494,8 +494,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             far = (self.rotary(offset + self.config.far_shift_chunks() * self.config.chunk_size, x.dtype),
                    self.rotary(offset, x.dtype))
 
-        if self.training and torch.is_grad_enabled() and cache is None and self.layers \
-                and self.layers[0].gradient_checkpointing:
+        if self.training and torch.is_grad_enabled() and self.layers and self.layers[0].gradient_checkpointing:
+            if cache is not None:  # (the replay would start from the state the first run advanced in place)
+                raise ValueError("cache: a training forward under activation checkpointing runs each layer again in "
+                                 "the backward pass, which cannot continue a cache: continue it in eval mode or under "
+                                 "torch.no_grad(), or call activation_checkpointing_disable() first")
             if use_cache:
                 warnings.warn("use_cache=True does not go with activation checkpointing (each layer runs again in the "
                               "backward pass): no cache is returned", stacklevel=3)
