@@ -51,14 +51,15 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     from .convert.defaults import resolve_options
     from .evaluate import evaluate_saved, summary_lines
     from .evaluate.plots import plot_results
-    from .evaluate.passkey import DEFAULT_FILLERS, check_prompt_lengths
+    from .evaluate.filler import default_fillers
+    from .evaluate.passkey import check_prompt_lengths
     from .arguments import check_positions, load_model_arg, load_tokenizer_arg
 
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
     # one pass-key length, where the 8 default blocks cover half of the chunks before the window
     passkey = None if args.no_passkey else dict(lengths=[args.seq_len], depths=[0.1, 0.5, 0.9], trials=2, seed=0,
-                                                max_new_tokens=8, fillers=list(DEFAULT_FILLERS))
+                                                max_new_tokens=8, fillers=default_fillers(2))
     tokenizer = load_tokenizer_arg(args.source, "--source")  # args.source is a path, a hub id or None
     if passkey is not None:
         check_prompt_lengths(tokenizer, "--seq-len", "give a longer --seq-len, or --no-passkey", **passkey)

@@ -135,7 +135,7 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["eval", str(conv), "--reference", str(ref), "--text-file", str(text), "--seq-len", "40",
                "--max-windows", "2", "--passkey-lengths", "96", "128", "--passkey-depths", "0.1", "0.9",
-               "--passkey-trials", "1", "--passkey-new-tokens", "4", "--json", str(out_json), "--plot", str(out_png),
+               "--passkey-trials", "1", "--passkey-new-tokens", "5", "--json", str(out_json), "--plot", str(out_png),
                "--no-progress"])
     assert rc == 0
     r = json.loads(out_json.read_text())

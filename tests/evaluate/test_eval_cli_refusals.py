@@ -18,7 +18,7 @@ from bsbr.ops.bsbr.options import MAX_TOKENS
 CHUNK = 16
 STORY = "The fox ran over the hill. It was a bright and windy day in the valley.\n"
 PASSKEY = ["--passkey-lengths", "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-filler", "classic",
-           "--passkey-new-tokens", "2"]
+           "--passkey-new-tokens", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -463,3 +463,29 @@ def test_a_local_dataset_that_does_not_parse_is_one_line(saved, tmp_path, capsys
     argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(tmp_path / "ds"),
             "--seq-len", "40", "--no-passkey", "--no-progress"]
     _refused(capsys, argv, "--dataset")
+
+
+def test_a_passkey_grid_that_could_not_be_read_whole_is_refused_before_loading(saved, capsys, monkeypatch):
+    # fewer trials than fillers: the last filler was never read, yet listed in the JSON and drawn as 0% in the plot;
+    # fewer new tokens than the key's answer takes: every cell 0%, exit 0
+    grid = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only", "--passkey-lengths", "96",
+            "--passkey-depths", "0.5"]
+    story = str(saved / "story.txt")
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a, **k: pytest.fail("loaded the models"))
+    _refused(capsys, [*grid, "--passkey-trials", "1", "--passkey-filler", "classic", story],
+             "--passkey-trials 1 runs fewer trials than there are fillers (2)", "story.txt would never be read")
+    _refused(capsys, [*grid, "--passkey-trials", "1", "--passkey-new-tokens", "3"],
+             "--passkey-new-tokens 3 is fewer than the 5 tokens a key's answer", "give --passkey-new-tokens 5")
+
+
+def test_passkey_lengths_past_a_learned_position_reference_are_refused_before_loading(saved, tmp_path, capsys,
+                                                                                       monkeypatch, word_tokenizer):
+    # they were refused only once the BSBR model and the reference had loaded
+    gpt2 = make_source("gpt2")  # 64 positions
+    gpt2.save_pretrained(tmp_path / "ref")
+    convert_to_bsbr(gpt2, chunk_size=CHUNK).save_pretrained(tmp_path / "conv")  # (wrap: runs past the table)
+    word_tokenizer.save_pretrained(tmp_path / "conv")
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a, **k: pytest.fail("loaded the models"))
+    _refused(capsys, ["eval", str(tmp_path / "conv"), "--reference", str(tmp_path / "ref"), "--passkey-only",
+                      "--passkey-lengths", "128", "--passkey-depths", "0.5", "--passkey-trials", "1"],
+             "--passkey-lengths 128 is longer than the --reference's 64 learned positions")

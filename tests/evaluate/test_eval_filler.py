@@ -152,11 +152,12 @@ def test_run_passkey_rotates_fillers_and_reports_each(word_tokenizer, tmp_path):
     assert [line.split()[:2] for line in lines[i + 2:i + 5]] == [["classic", "1.00"], ["random", "1.00"],
                                                                ["file:mine.txt", "1.00"]]
     assert lines[-1].startswith("  seconds: echo")
-    # two trials per cell reach two of the three fillers: the table lists only those
+    # two trials per cell would reach two of the three fillers: the third was listed, never read (a 0 in the plot)
+    with pytest.raises(ValueError, match=r"trials \(2\) are fewer than the fillers \(3\): file:mine.txt would never"):
+        passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[120], depths=[0.5], trials=2,
+                            fillers=fillers, progress=False)
     r2 = passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[120], depths=[0.5], trials=2,
-                             fillers=fillers, progress=False)
-    lines = list(passkey.passkey_summary_lines(r2))
-    i = lines.index("pass-key accuracy per filler (trials):")
-    assert [line.split()[0] for line in lines[i + 2:-1]] == ["classic", "random"]
+                             progress=False)  # the default fillers: as many as the trials read
+    assert [f["name"] for f in r2["fillers"]] == ["classic", "prose"]
     with pytest.raises(ValueError, match="distinct"):
         passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, fillers=["random", "random"])

@@ -10,10 +10,10 @@ from bsbr.evaluate import lm_eval_task, passkey
 
 def test_task_files(word_tokenizer, tmp_path):
     y = lm_eval_task.write_lm_eval_task(tmp_path / "task", word_tokenizer, lengths=[96, 160], depths=[0.2, 0.8],
-                                        trials=2, fillers=["classic", "random"], max_new_tokens=4)
+                                        trials=2, fillers=["classic", "random"], max_new_tokens=5)
     assert y == tmp_path / "task" / "bsbr_passkey.yaml"
     text = y.read_text()
-    assert "output_type: generate_until" in text and "dataset_path: json" in text and "max_gen_toks: 4" in text
+    assert "output_type: generate_until" in text and "dataset_path: json" in text and "max_gen_toks: 5" in text
     assert str((tmp_path / "task" / "bsbr_passkey.jsonl").resolve()) in text
     rows = [json.loads(line) for line in (tmp_path / "task" / "bsbr_passkey.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 2
@@ -40,7 +40,7 @@ def test_rewriting_a_task_is_all_or_nothing(word_tokenizer, tmp_path, monkeypatc
     from pathlib import Path
 
     task = tmp_path / "task"
-    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[96], trials=1, max_new_tokens=4)
+    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[96], trials=1, max_new_tokens=5)
     before = {p.name: p.read_bytes() for p in task.iterdir()}
     write_text, written = Path.write_text, []
 
@@ -52,10 +52,10 @@ def test_rewriting_a_task_is_all_or_nothing(word_tokenizer, tmp_path, monkeypatc
 
     monkeypatch.setattr(Path, "write_text", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[160], trials=1, max_new_tokens=4)
+        lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[160], trials=1, max_new_tokens=5)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in task.iterdir()} == before and len(written) == 2
-    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[160], trials=1, max_new_tokens=4)
+    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[160], trials=1, max_new_tokens=5)
     assert "lengths: [160]" in (task / "bsbr_passkey.yaml").read_text() and sorted(before) == sorted(
         p.name for p in task.iterdir())
 
@@ -72,7 +72,7 @@ def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
     word_tokenizer.save_pretrained(model_dir)
     task_dir = tmp_path / "task"
     lm_eval_task.write_lm_eval_task(task_dir, word_tokenizer, lengths=[96, 128], depths=[0.5], trials=2,
-                                    fillers=["classic", "random"], max_new_tokens=4)
+                                    fillers=["classic", "random"], max_new_tokens=5)
     from bsbr import BSBRForCausalLM
 
     lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=1)
@@ -94,7 +94,7 @@ def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
     assert len(samples) == 4 and all(s["passkey"] in (0.0, 1.0) for s in samples)
     assert {s["doc"]["filler"] for s in samples} == {"classic", "random"}
     # the whole prompt reached the model (HFLM cuts from the left only past its max_length)
-    assert all(s["arguments"][0][0] == s["doc"]["prompt"] and len(s["resps"][0][0].split()) <= 4 for s in samples)
+    assert all(s["arguments"][0][0] == s["doc"]["prompt"] and len(s["resps"][0][0].split()) <= 5 for s in samples)
     assert lm.max_length > max(s["doc"]["prompt_tokens"] for s in samples)
 
 
@@ -114,7 +114,7 @@ def test_the_lm_eval_command_line_runs_the_task_on_a_bsbr_model(word_tokenizer, 
     convert_to_bsbr(make_source("llama"), chunk_size=16).save_pretrained(model_dir)
     word_tokenizer.save_pretrained(model_dir)
     lm_eval_task.write_lm_eval_task(task_dir, word_tokenizer, lengths=[96], depths=[0.5], trials=2,
-                                    fillers=["classic"], max_new_tokens=4)
+                                    fillers=["classic"], max_new_tokens=5)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([cli, "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
                           "--device", "cpu", "--tasks", "bsbr_passkey", "--include_path", str(task_dir),
@@ -149,7 +149,7 @@ def test_metrics_aggregate_per_length_and_filler(word_tokenizer, tmp_path):
             raise NotImplementedError
 
     lm_eval_task.write_lm_eval_task(tmp_path, word_tokenizer, lengths=[96, 128], depths=[0.3, 0.7], trials=2,
-                                    fillers=["classic", "random"], max_new_tokens=4)
+                                    fillers=["classic", "random"], max_new_tokens=5)
     out = lm_eval.simple_evaluate(model=Reader(), tasks=["bsbr_passkey"], bootstrap_iters=0,
                                   task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     res = out["results"]["bsbr_passkey"]
@@ -173,9 +173,9 @@ def test_the_task_prompts_are_the_tokens_bsbr_eval_reads(word_tokenizer, tmp_pat
     """Decoded with its special tokens skipped, a prompt lost the <unk> tokens of its filler (the word
     tokenizer's random filler: 295 tokens in bsbr eval, 130 through lm-eval)."""
     lm_eval_task.write_lm_eval_task(tmp_path / "task", word_tokenizer, lengths=[300], depths=[0.5], trials=2,
-                                    fillers=["classic", "random"], max_new_tokens=4)
+                                    fillers=["classic", "random"], max_new_tokens=5)
     rows = [json.loads(line) for line in (tmp_path / "task" / "bsbr_passkey.jsonl").read_text().splitlines()]
-    prompts = list(passkey.grid_prompts(word_tokenizer, [300], [0.5], 2, 0, 4, ["classic", "random"]))
+    prompts = list(passkey.grid_prompts(word_tokenizer, [300], [0.5], 2, 0, 5, ["classic", "random"]))
     assert any(word_tokenizer.unk_token_id in p.input_ids for p in prompts)  # the case this checks
     for r, p in zip(rows, prompts):
         assert word_tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] == list(p.input_ids)

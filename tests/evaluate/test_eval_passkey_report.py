@@ -50,7 +50,7 @@ def test_passkey_only_cli(saved, tmp_path, capsys):
     rc = main(["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only",
                "--passkey-lengths", "96", "128", "--passkey-depths", "0.1", "0.9", "--passkey-trials", "2",
                "--passkey-filler", "classic", "--passkey-filler", str(saved / "story.txt"),
-               "--passkey-new-tokens", "4", "--json", str(out), "--no-progress"])
+               "--passkey-new-tokens", "5", "--json", str(out), "--no-progress"])
     assert rc == 0
     r = json.loads(out.read_text())
     assert "language_modeling" not in r and r["config"]["chunk_size"] == 16
@@ -71,12 +71,12 @@ def test_full_eval_writes_the_heatmap_beside_the_plot(saved, tmp_path):
     text.write_text("The grass is green . The sky is blue .\n" * 40)
     rc = main(["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--text-file", str(text),
                "--seq-len", "40", "--max-windows", "1", "--passkey-lengths", "96", "--passkey-depths", "0.5",
-               "--passkey-trials", "1", "--passkey-new-tokens", "4", "--plot", str(tmp_path / "e.png"),
+               "--passkey-trials", "1", "--passkey-new-tokens", "5", "--plot", str(tmp_path / "e.png"),
                "--no-progress"])
     assert rc == 0
     assert (tmp_path / "e.png").read_bytes()[:8] == PNG and (tmp_path / "e.passkey.png").read_bytes()[:8] == PNG
     pk = json.loads((tmp_path / "e.passkey.json").read_text())
-    assert [f["name"] for f in pk["fillers"]] == ["classic", "prose", "random"] and pk["trials"] == 1
+    assert [f["name"] for f in pk["fillers"]] == ["classic"] and pk["trials"] == 1  # (the default fillers one trial reads)
 
 
 def test_lm_eval_task_dir_cli(saved, tmp_path, capsys):
@@ -92,7 +92,7 @@ def test_lm_eval_task_dir_cli(saved, tmp_path, capsys):
 def test_passkey_models_restricts_the_run(saved, tmp_path):
     out = tmp_path / "pk.json"
     args = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only", "--passkey-lengths",
-            "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens", "2", "--no-progress"]
+            "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens", "5", "--no-progress"]
     assert main(args + ["--passkey-models", "bsbr", "source", "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())["passkey"]["models"]) == {"bsbr", "source"}
     # a window baseline the model has not: tests/evaluate/test_eval_cli_refusals.py

@@ -16,7 +16,7 @@ from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
-from .filler import DEFAULT_FILLERS, FILLER_KINDS, filler_path, get_filler
+from .filler import FILLER_KINDS, default_fillers, filler_path, get_filler
 from .lm_eval_task import TASK_NAME, check_filler_metrics, write_lm_eval_task
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
 from .report import summary_lines
@@ -262,10 +262,7 @@ def cmd_eval(args) -> int:
         compared = not (args.passkey_only and set(args.passkey_models or ["source"]) <= {"bsbr"})
         check_recorded_source(args.model, args.reference, option="--reference", force=args.force, compared=compared)
 
-    def check_reference(source_model):
-        note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
-        if note:
-            logger.warning(note)
+    def reference_lengths():  # what the reference runs, for its positions (GPT-2's table)
         lengths = [] if args.passkey_only else [
             ("--seq-len", args.seq_len, lambda table: f"give at most {table:,} (perplexity is compared with the "
                                                       "reference's), or measure longer contexts by pass-key alone: "
@@ -273,12 +270,23 @@ def cmd_eval(args) -> int:
         if passkey is not None and (not args.passkey_models or "source" in args.passkey_models):
             lengths += [("--passkey-lengths", n, lambda table: f"give at most {table:,}, or leave the source out: "
                                                                  "--passkey-models bsbr window") for n in passkey["lengths"]]
-        check_positions(source_model, "--reference", lengths)
+        return lengths
+
+    def check_reference(source_model):
+        note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
+        if note:
+            logger.warning(note)
+        check_positions(source_model, "--reference", reference_lengths())
 
     passkey = None if args.no_passkey else dict(
         lengths=args.passkey_lengths or list(DEFAULT_LENGTHS), depths=args.passkey_depths or list(DEFAULT_DEPTHS),
         trials=args.passkey_trials, seed=args.seed, max_new_tokens=args.passkey_new_tokens,
-        fillers=args.passkey_filler or list(DEFAULT_FILLERS))
+        fillers=args.passkey_filler or default_fillers(args.passkey_trials))
+    if passkey is not None and passkey["trials"] < len(passkey["fillers"]):  # trial t reads filler t mod F
+        unread = ", ".join(map(str, passkey["fillers"][passkey["trials"]:]))
+        raise UserError(f"--passkey-trials {passkey['trials']} runs fewer trials than there are fillers "
+                        f"({len(passkey['fillers'])}): {unread} would never be read: give --passkey-trials "
+                        f"{len(passkey['fillers'])} (a multiple of it weighs every filler alike), or fewer fillers")
     # a model converted with --position-scheme absolute (and the baselines converted like it) stops at its
     # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
@@ -286,6 +294,12 @@ def cmd_eval(args) -> int:
         lengths += [(f"--passkey-lengths {n:,}", n - 1, lambda table: f"give at most {table + 1:,}")
                     for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)
+    reference = Path(expand_home(args.reference)) if args.reference is not None else None
+    if reference is not None and (reference / "config.json").is_file() and not args.lm_eval_task_dir:
+        from types import SimpleNamespace  # (a local reference's positions, from its config.json, before loading)
+
+        check_positions(SimpleNamespace(config=SimpleNamespace(**read_config(reference / "config.json", "--reference"))),
+                        "--reference", reference_lengths())
     if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
         _check_loadable(args.model)
     if not (args.passkey_only or args.lm_eval_task_dir):

@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 CLASSIC = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 FILLER_KINDS = ("classic", "prose", "docstrings", "random")
 DEFAULT_FILLERS = ("classic", "prose", "random")
+
+
+def default_fillers(trials: int) -> list:
+    """The default fillers a grid of ``trials`` trials per cell reads (trial t reads filler t mod F): the first
+    ``trials`` of :data:`DEFAULT_FILLERS`, so that none is named that no trial reads."""
+    return list(DEFAULT_FILLERS[:max(trials, 1)])
 LICENSES_DIR = Path("/usr/share/common-licenses")
 # a fixed list, so the docstring text depends only on the Python version
 DOCSTRING_MODULES = (

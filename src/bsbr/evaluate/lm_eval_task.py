@@ -10,10 +10,10 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ..outputs import staged_dir, write_together
-from .filler import DEFAULT_FILLERS, Filler
+from .filler import Filler, default_fillers
 from .passkey import DEFAULT_DEPTHS, filler_sources, grid_prompts, passkey_found
 
 logger = logging.getLogger(__name__)
@@ -99,14 +99,14 @@ def _prompt_text(tokenizer, ids) -> str:
 
 def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_TASK_LENGTHS,
                        depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0,
-                       fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, max_new_tokens: int = 8,
+                       fillers: Optional[Sequence[Union[str, Filler]]] = None, max_new_tokens: int = 8,
                        task: str = TASK_NAME) -> Path:
     """Write the task (``{task}.yaml``, ``{task}.jsonl``, ``{task}_utils.py``) into ``task_dir`` and
     return the YAML's path. The prompts are :func:`~bsbr.evaluate.passkey.grid_prompts`'s; each JSONL
     row holds ``prompt`` (text), ``key``, ``length``, ``depth``, ``trial``, ``filler`` and ``prompt_tokens``."""
     if not task.isidentifier():
         raise ValueError(f"task must be a Python identifier (it names the utils module), got {task!r}")
-    sources = filler_sources(fillers)
+    sources = filler_sources(default_fillers(trials) if fillers is None else fillers)
     check_filler_metrics([f.name for f in sources])
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
     texts = [_prompt_text(tokenizer, p.input_ids) for p in prompts]

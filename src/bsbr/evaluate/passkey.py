@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ..errors import check_not_interrupted
-from .filler import DEFAULT_FILLERS, Filler, get_filler
+from .filler import Filler, default_fillers, get_filler
 
 if TYPE_CHECKING:
     import torch
@@ -178,6 +178,13 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
         if len(set(values)) < len(values):  # the same prompts twice, counted twice
             raise ValueError(f"{name} holds a value twice: {values}")
     sources = filler_sources(fillers)
+    if trials < len(sources):  # trial t reads filler t mod F
+        raise ValueError(f"trials ({trials}) are fewer than the fillers ({len(sources)}): "
+                         f"{', '.join(s.name for s in sources[trials:])} would never be read")
+    need = answer_tokens(tokenizer, lengths, depths, trials, seed)
+    if max_new_tokens < need:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) is fewer than the {need} tokens a key's answer (a space "
+                         "and five digits) takes: no answer could be found")
     for length in map(int, lengths):
         for depth in map(float, depths):
             for trial in range(trials):
@@ -188,13 +195,24 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
                 yield p
 
 
+def answer_tokens(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int) -> int:
+    """The most tokens the answer to a grid's prompt (a space and its key) takes."""
+    return max(len(_ids(tokenizer, " " + make_key(seed, int(n), float(d), t)))
+               for n in lengths for d in depths for t in range(trials))
+
+
 def check_prompt_lengths(tokenizer, option: str, fix: str, lengths: Sequence[int], depths: Sequence[float],
                          trials: int, seed: int, max_new_tokens: int, fillers: Sequence[Union[str, Filler]], **_) -> None:
-    """Refuse, before any model runs, a grid whose shortest length leaves no room for filler: its prompts
-    are built (cheap where this can fail) and a :class:`~bsbr.errors.UserError` names ``option``, the flag
-    that set the lengths, and ``fix``. Takes a ``passkey`` dict of :func:`run_passkey`'s keyword arguments."""
+    """Refuse, before any model runs, a grid whose answers do not fit ``--passkey-new-tokens`` or whose
+    shortest length leaves no room for filler: its prompts are built (cheap where this can fail) and a
+    :class:`~bsbr.errors.UserError` names ``option``, the flag that set the lengths, and ``fix``. Takes a
+    ``passkey`` dict of :func:`run_passkey`'s keyword arguments."""
     from ..errors import UserError
 
+    need = answer_tokens(tokenizer, lengths, depths, trials, seed)
+    if max_new_tokens < need:
+        raise UserError(f"--passkey-new-tokens {max_new_tokens} is fewer than the {need} tokens a key's answer (a space "
+                        f"and five digits) takes with this tokenizer: give --passkey-new-tokens {need} or more")
     try:
         list(grid_prompts(tokenizer, [min(lengths)], depths, trials, seed, max_new_tokens, fillers))
     except ValueError as e:
@@ -210,7 +228,7 @@ def _rate(counts: Iterable[Sequence[int]]) -> dict:
 def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
                 depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
                 chunk_size: Optional[int] = None, progress: bool = True,
-                fillers: Sequence[Union[str, Filler]] = DEFAULT_FILLERS, only: Optional[Sequence[str]] = None) -> dict:
+                fillers: Optional[Sequence[Union[str, Filler]]] = None, only: Optional[Sequence[str]] = None) -> dict:
     """Accuracy of each model per (length, depth) cell and per filler, and every trial's output, on
     the prompts of :func:`grid_prompts` (``trials`` a multiple of the number of fillers gives each
     filler the same weight in every cell). ``chunk_size`` (optional) records whether each key lies
@@ -231,7 +249,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
         models = {n: m for n, m in models.items() if n in set(only)}
     if not models:
         raise ValueError("models must name at least one model")
-    sources = filler_sources(fillers)
+    sources = filler_sources(default_fillers(trials) if fillers is None else fillers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
     cells = {m: {} for m in models}          # (length, depth) -> [correct, n]
