@@ -195,3 +195,25 @@ def test_a_recall_budget_past_the_limit_is_refused_where_it_is_set(tmp_path, cap
     assert main(["convert", "unused", str(tmp_path / "out"), "--recall-tokens", "1048576"]) == 2
     assert "--recall-tokens: must be an integer from 0 to 4,096" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prefill_without_autograd_keeps_one_cache_not_one_per_chunk():
+    # every chunk's copy of the M-slot cache was stacked into one (b, hkv, C, M, d) array: at 64k tokens, chunk
+    # 16, M = 256 and head dim 32, 1.74 GB for one small layer (241 MB now)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    b, h, n, d, B, M = 1, 1, 2048, 4, 8, 64
+    x = [torch.randn(b, h, n, d, dtype=DT) for _ in range(5)]
+    with torch.no_grad(), Largest():
+        chunk_bsbr_attention(*x, BSBROptions(chunk_size=B, local_chunks=2, recall_tokens=M), gate=0)
+    assert Largest.numel < (n // B) * M * d // 4, Largest.numel  # (the input itself: n * d)

@@ -303,43 +303,51 @@ def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
 
 def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed):
     """The bounded recall mode: the cache built chunk by chunk (chunk e leaves the window at the start
-    of chunk e + L), each chunk's queries against the cache as it stood at its start (an LSE part), and
-    their read-out of the state of the other left-window tokens. Returns ((o, lse), num, den,
-    {"cache": the final cache})."""
+    of chunk e + L), each chunk's queries against the cache as it stands at its start (an LSE part), and
+    their read-out of the state of the other left-window tokens. Each chunk reads its cache as soon as it
+    is built, so without autograd one cache is alive at a time (stacking every chunk's copy took memory
+    C·M·(d + dv + df)). Returns ((o, lse), num, den, {"cache": the final cache})."""
     b, hkv, N, d = kr.shape
     hq, B, L, S, M = qr.shape[1], options.chunk_size, options.local_chunks, options.sink_tokens, options.recall_tokens
     g, C, dv, df = hq // hkv, N // B, v.shape[-1], fk.shape[-1]
     kr_c, v_c, fk_c = _blocks(kr, B), _blocks(v, B), _blocks(fk, B)
+    qr_c = qr.view(b, hkv, g, C, B, d).transpose(2, 3).reshape(b * hkv, C, g * B, d)
+    fq_c = None if closed else fq.view(b, hkv, g, C, B, df).transpose(2, 3).reshape(b, hkv, C, g * B, df)
     full = torch.div(lengths, B, rounding_mode="floor")  # completed chunks per sequence
     cache = RecallCache.empty(b, hkv, M, d, dv, df, kr)
-    at_start = [cache] * min(L, C)  # the cache at the start of each chunk
+    parts = []  # per chunk: o (b, hkv, g*B, dv), lse (b, hkv, g*B) and, with an open gate, num and den
+
+    def read(c):  # chunk c's queries against the cache as it stands; an empty cache gets no weight (its
+        # zero keys are read only to keep the kernel's rows finite)
+        filled = cache.on.any(-1)  # (b, hkv)
+        allowed = (cache.on | ~filled.unsqueeze(-1)).view(b * hkv, 1, 1, M)
+        o, lse = attention_lse(qr_c[:, c:c + 1], cache.kr.reshape(-1, 1, M, d), cache.v.reshape(-1, 1, M, dv),
+                               allowed, scale)
+        part = [o.view(b, hkv, g * B, dv) * filled.view(b, hkv, 1, 1).to(o.dtype),
+                lse.view(b, hkv, g * B).masked_fill(~filled.unsqueeze(-1), NEG_INF)]
+        if not closed:  # (a closed gate: the state is kept in the cache but not read)
+            part.append(fq_c[:, :, c] @ cache.F)
+            part.append((fq_c[:, :, c] @ cache.z.unsqueeze(-1))[..., 0] if options.retrieval == "normalized" else None)
+        parts.append(part)
+
+    for c in range(min(L, C)):  # the first chunks: nothing has left the window yet
+        read(c)
     for e in range(max(C - L + 1, 0)):
         pos = e * B + torch.arange(B, device=kr.device)
         real = tok_valid[:, e * B:(e + 1) * B]
         cache = recall_update(cache, kr_c[:, :, e], v_c[:, :, e], fk_c[:, :, e], pos.expand(b, B), real,
                               real & (pos >= S), e <= full - L, options.retrieval)
         if e + L < C:
-            at_start.append(cache)
-    snap = RecallCache(*(torch.stack(x, dim=2) for x in zip(*at_start)))  # each (b, hkv, C, ...)
-    qr_c = qr.view(b, hkv, g, C, B, d).transpose(2, 3).reshape(b * hkv * C, 1, g * B, d)
-    # one fused softmax per (sequence, K/V head, chunk) over its cache's filled slots; an empty cache
-    # (the first chunks) gets no weight (its zero keys are read only to keep the kernel's rows finite)
-    filled = snap.on.any(-1)  # (b, hkv, C)
-    allowed = (snap.on | ~filled.unsqueeze(-1)).view(b * hkv * C, 1, 1, M)
-    o, lse = attention_lse(qr_c, snap.kr.reshape(-1, 1, M, d), snap.v.reshape(-1, 1, M, dv), allowed, scale)
-    o = o.view(b, hkv, C, g * B, dv) * filled.view(b, hkv, C, 1, 1).to(o.dtype)
-    lse = lse.view(b, hkv, C, g * B).masked_fill(~filled.unsqueeze(-1), NEG_INF)
+            read(e + L)
 
-    def unfold(x):  # (b, hkv, C, g*B, ...) -> (b, hq, N, ...)
+    def unfold(i):  # the chunks' i-th parts, (b, hkv, g*B, ...) each -> (b, hq, N, ...)
+        x = torch.stack([p[i] for p in parts], dim=2)
         x = x.view(b, hkv, C, g, B, *x.shape[4:]).transpose(2, 3)
         return x.reshape(b, hq, N, *x.shape[5:])
 
-    if closed:  # the state is kept in the cache but not read
-        return (unfold(o), unfold(lse)), None, None, dict(cache=cache)
-    fq_c = fq.view(b, hkv, g, C, B, df).transpose(2, 3).reshape(b, hkv, C, g * B, df)
-    num = unfold(fq_c @ snap.F)
-    den = unfold((fq_c @ snap.z.unsqueeze(-1))[..., 0]) if options.retrieval == "normalized" else None
-    return (unfold(o), unfold(lse)), num, den, dict(cache=cache)
+    num = None if closed else unfold(2)
+    den = None if closed or options.retrieval != "normalized" else unfold(3)
+    return (unfold(0), unfold(1)), num, den, dict(cache=cache)
 
 
 def _window_parts(q, k, v, b, hkv, g, C, B, L, scale, n):
