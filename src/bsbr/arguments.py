@@ -327,13 +327,14 @@ def read_config(config: Path, option: str) -> dict:
 
 
 def check_positions(model, role: str, lengths: Iterable) -> None:
-    """Refuse lengths ``(option, tokens)`` or ``(option, tokens, fix)`` that a source with learned positions
-    (GPT-2's ``n_positions``) cannot run: its position table ends there (rotary positions do not).
-    ``fix(table)``: what to give instead (default: at most ``table``)."""
+    """Refuse lengths ``(option, tokens)``, ``(option, tokens, fix)`` or ``(option, tokens, fix, positions)``
+    that a source with learned positions (GPT-2's ``n_positions``) cannot run: its position table ends there
+    (rotary positions do not). ``fix(table)``: what to give instead (default: at most ``table``);
+    ``positions``: those the length needs (default ``tokens``; a pass-key prompt's last token is never fed back)."""
     config = getattr(model, "config", None)
     table = getattr(config, "n_positions", None) if getattr(config, "model_type", None) == "gpt2" else None
     for option, tokens, *fix in lengths:
-        if table is not None and tokens > table:
+        if table is not None and (fix[1] if len(fix) > 1 else tokens) > table:
             give = fix[0](table) if fix else f"give at most {table:,}"
             raise UserError(f"{option} {tokens:,} is longer than the {role}'s {table:,} learned positions (n_positions): "
                             f"{give}")

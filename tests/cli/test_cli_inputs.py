@@ -902,11 +902,15 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
         (tmp_path / "empty.txt").write_text(text)
         line = refused(capsys, ["generate", chat, "--prompt-file", tmp_path / "empty.txt", "--chat"], "generate")
         assert "--prompt-file gives no text" in line, line
-    tok.chat_template = "{{ raise_exception('a system message is required') }}"
-    tok.save_pretrained(chat)
-    line = refused(capsys, ["generate", chat, "--prompt", "def", "--chat"], "generate")
-    assert "the chat template in MODEL_DIR" in line and "a system message is required" in line and "drop --chat" in line
-    for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": '):
+    for template, words in (("{{ raise_exception('a system message is required') }}", "a system message is required"),
+                            ("{{ messages[0]['content'] }}{{ 1 / 0 }}", "division by zero")):
+        tok.chat_template = template
+        tok.save_pretrained(chat)
+        line = refused(capsys, ["generate", chat, "--prompt", "def", "--chat"], "generate")
+        assert "the chat template in MODEL_DIR" in line and words in line and "drop --chat" in line, line
+    (chat / "generation_config.json").write_text('{"return_dict_in_generate": true}')  # (what bsbr reads is its own)
+    assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
+    for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}'):
         (chat / "generation_config.json").write_text(bad)
         line = refused(capsys, ["generate", chat, "--prompt", "def"], "generate")
         assert "generation_config.json cannot be used" in line and "fix or delete it" in line, (bad, line)

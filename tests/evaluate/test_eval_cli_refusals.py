@@ -481,11 +481,22 @@ def test_a_passkey_grid_that_could_not_be_read_whole_is_refused_before_loading(s
 def test_passkey_lengths_past_a_learned_position_reference_are_refused_before_loading(saved, tmp_path, capsys,
                                                                                        monkeypatch, word_tokenizer):
     # they were refused only once the BSBR model and the reference had loaded
-    gpt2 = make_source("gpt2")  # 64 positions
+    from transformers import GPT2LMHeadModel
+
+    config = make_source("gpt2").config
+    config.n_positions = 128
+    gpt2 = GPT2LMHeadModel(config)
     gpt2.save_pretrained(tmp_path / "ref")
     convert_to_bsbr(gpt2, chunk_size=CHUNK).save_pretrained(tmp_path / "conv")  # (wrap: runs past the table)
     word_tokenizer.save_pretrained(tmp_path / "conv")
-    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a, **k: pytest.fail("loaded the models"))
-    _refused(capsys, ["eval", str(tmp_path / "conv"), "--reference", str(tmp_path / "ref"), "--passkey-only",
-                      "--passkey-lengths", "128", "--passkey-depths", "0.5", "--passkey-trials", "1"],
-             "--passkey-lengths 128 is longer than the --reference's 64 learned positions")
+    from bsbr.errors import UserError
+
+    def loaded(*a, **k):
+        raise UserError("loading now")
+
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", loaded)
+    grid = ["eval", str(tmp_path / "conv"), "--reference", str(tmp_path / "ref"), "--passkey-only", "--passkey-depths",
+            "0.5", "--passkey-trials", "1", "--passkey-lengths"]
+    _refused(capsys, [*grid, "130"], "--passkey-lengths 130 is longer than the --reference's 128 learned positions",
+             "give at most 129 (a prompt of n tokens needs n - 1 positions)")
+    _refused(capsys, [*grid, "129"], "loading now")  # (its last token is never fed back: 128 positions)

@@ -294,6 +294,11 @@ def _check_generation_config(path: Path) -> None:
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {config.eos_token_id!r}")
         if config.num_beams is not None and not (isinstance(config.num_beams, int) and config.num_beams >= 1):
             raise ValueError(f"num_beams must be an int >= 1, got {config.num_beams!r}")
+        # modes transformers' generate() no longer runs itself (custom_generate code), which bsbr never loads
+        for name, off in (("num_beam_groups", (None, 1)), ("diversity_penalty", (None, 0.0)), ("dola_layers", (None,)),
+                          ("low_memory", (None, False))):
+            if getattr(config, name, None) not in off:
+                raise ValueError(f"{name} {getattr(config, name)!r} asks for a decoding mode bsbr generate does not run")
     except Exception as e:  # (any: transformers raises several kinds)
         raise UserError(f"MODEL_DIR {path}: {file.name} cannot be used ({' '.join(str(e).split())[:200]}): fix or "
                         "delete it") from None
@@ -320,12 +325,10 @@ def cmd_generate(args) -> int:
     if args.chat:  # one user message in the model's chat template, the assistant's turn opened
         if not getattr(tok, "chat_template", None):
             raise UserError(f"--chat: the tokenizer in MODEL_DIR {path} has no chat template: drop --chat")
-        from jinja2 import TemplateError
-
         try:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           return_tensors="pt", return_dict=True)
-        except TemplateError as e:
+        except Exception as e:  # (a template is code: jinja2's errors, or any its expressions raise)
             raise UserError(f"--chat: the chat template in MODEL_DIR {path} fails ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:160]}): fix it, or drop --chat") from None
     else:
@@ -356,7 +359,8 @@ def cmd_generate(args) -> int:
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how,
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,
+                             return_dict_in_generate=False,  # (whatever generation_config.json says)
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
     new = out[0, n:]

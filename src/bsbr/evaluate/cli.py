@@ -268,8 +268,9 @@ def cmd_eval(args) -> int:
                                                       "reference's), or measure longer contexts by pass-key alone: "
                                                       "--passkey-only --passkey-models bsbr window")]
         if passkey is not None and (not args.passkey_models or "source" in args.passkey_models):
-            lengths += [("--passkey-lengths", n, lambda table: f"give at most {table:,}, or leave the source out: "
-                                                                 "--passkey-models bsbr window") for n in passkey["lengths"]]
+            lengths += [("--passkey-lengths", n, lambda table: f"give at most {table + 1:,} (a prompt of n tokens "
+                         "needs n - 1 positions), or leave the source out: --passkey-models bsbr window", n - 1)
+                        for n in passkey["lengths"]]
         return lengths
 
     def check_reference(source_model):
