@@ -294,8 +294,8 @@ def dataset_options(args, default_split: str) -> dict:
 
 
 def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_split: str, text_column: str) -> None:
-    """``--dataset`` with :func:`dataset_options`' choices, before any model loads: it opens and its first row has a text (a one-line
-    :class:`UserError` otherwise). With no connection to the hub, only the local cache is read (at once,
+    """``--dataset`` with :func:`dataset_options`' choices, before any model loads: it opens and its first
+    row has a text (a one-line :class:`UserError` otherwise). With no connection to the hub, only the local cache is read (at once,
     not after a minute of retries)."""
     if name is None:
         return
@@ -314,8 +314,8 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         fix = ": connect to the hub, or give local files with --text-file" if unreachable else ""
         raise UserError(f"--dataset: {why[:300]}{fix}") from None
     if first is None:
-        raise UserError(f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column {text_column!r}: give "
-                        "another split or --text-column")
+        raise UserError(f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column "
+                        f"{text_column!r}: give another split or --text-column")
 
 
 def read_config(config: Path, option: str) -> dict:

@@ -298,7 +298,8 @@ def _check_generation_config(path: Path) -> None:
         for name, off in (("num_beam_groups", (None, 1)), ("diversity_penalty", (None, 0.0)), ("dola_layers", (None,)),
                           ("low_memory", (None, False))):
             if getattr(config, name, None) not in off:
-                raise ValueError(f"{name} {getattr(config, name)!r} asks for a decoding mode bsbr generate does not run")
+                raise ValueError(f"{name} {getattr(config, name)!r} asks for a decoding mode bsbr generate does "
+                                 "not run")
     except Exception as e:  # (any: transformers raises several kinds)
         raise UserError(f"MODEL_DIR {path}: {file.name} cannot be used ({' '.join(str(e).split())[:200]}): fix or "
                         "delete it") from None
@@ -364,12 +365,12 @@ def cmd_generate(args) -> int:
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
     new = out[0, n:]
-    text = tok.decode(new, skip_special_tokens=True)
     if args.prompt is not None and not args.chat:  # a command line's prompt is printed as given, then its
         # continuation as the whole text decodes it (a piece decoded alone may lose its leading space)
         whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
-        text = args.prompt + whole[len(head):] if whole.startswith(head) else whole
-    print(text)
+        print(args.prompt + whole[len(head):] if whole.startswith(head) else whole)
+    else:  # a file's or a chat's prompt: the continuation alone
+        print(tok.decode(new, skip_special_tokens=True))
     logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
 

@@ -299,8 +299,8 @@ def cmd_eval(args) -> int:
     if reference is not None and (reference / "config.json").is_file() and not args.lm_eval_task_dir:
         from types import SimpleNamespace  # (a local reference's positions, from its config.json, before loading)
 
-        check_positions(SimpleNamespace(config=SimpleNamespace(**read_config(reference / "config.json", "--reference"))),
-                        "--reference", reference_lengths())
+        reference_config = SimpleNamespace(**read_config(reference / "config.json", "--reference"))
+        check_positions(SimpleNamespace(config=reference_config), "--reference", reference_lengths())
     if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
         _check_loadable(args.model)
     if not (args.passkey_only or args.lm_eval_task_dir):

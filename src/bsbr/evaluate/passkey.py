@@ -181,10 +181,7 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
     if trials < len(sources):  # trial t reads filler t mod F
         raise ValueError(f"trials ({trials}) are fewer than the fillers ({len(sources)}): "
                          f"{', '.join(s.name for s in sources[trials:])} would never be read")
-    need = answer_tokens(tokenizer, lengths, depths, trials, seed)
-    if max_new_tokens < need:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) is fewer than the {need} tokens a key's answer (a space "
-                         "and five digits) takes: no answer could be found")
+    check_answer_room(tokenizer, lengths, depths, trials, seed, max_new_tokens)
     for length in map(int, lengths):
         for depth in map(float, depths):
             for trial in range(trials):
@@ -195,10 +192,15 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
                 yield p
 
 
-def answer_tokens(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int) -> int:
-    """The most tokens the answer to a grid's prompt (a space and its key) takes."""
-    return max(len(_ids(tokenizer, " " + make_key(seed, int(n), float(d), t)))
+def check_answer_room(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
+                      max_new_tokens: int, name: str = "max_new_tokens") -> None:
+    """A ValueError when ``max_new_tokens`` (the option ``name``) is fewer than the tokens some answer of the
+    grid (a space and its key) takes: no answer could be found."""
+    need = max(len(_ids(tokenizer, " " + make_key(seed, int(n), float(d), t)))
                for n in lengths for d in depths for t in range(trials))
+    if max_new_tokens < need:
+        raise ValueError(f"{name} {max_new_tokens} is fewer than the {need} tokens a key's answer (a space and five "
+                         f"digits) takes with this tokenizer: give {name} {need} or more")
 
 
 def check_prompt_lengths(tokenizer, option: str, fix: str, lengths: Sequence[int], depths: Sequence[float],
@@ -209,10 +211,10 @@ def check_prompt_lengths(tokenizer, option: str, fix: str, lengths: Sequence[int
     ``passkey`` dict of :func:`run_passkey`'s keyword arguments."""
     from ..errors import UserError
 
-    need = answer_tokens(tokenizer, lengths, depths, trials, seed)
-    if max_new_tokens < need:
-        raise UserError(f"--passkey-new-tokens {max_new_tokens} is fewer than the {need} tokens a key's answer (a space "
-                        f"and five digits) takes with this tokenizer: give --passkey-new-tokens {need} or more")
+    try:
+        check_answer_room(tokenizer, lengths, depths, trials, seed, max_new_tokens, "--passkey-new-tokens")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     try:
         list(grid_prompts(tokenizer, [min(lengths)], depths, trials, seed, max_new_tokens, fillers))
     except ValueError as e:

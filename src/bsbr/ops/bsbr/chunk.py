@@ -305,8 +305,8 @@ def _recall_terms(qr, kr, v, fq, fk, tok_valid, lengths, options, scale, closed)
     """The bounded recall mode: the cache built chunk by chunk (chunk e leaves the window at the start
     of chunk e + L), each chunk's queries against the cache as it stands at its start (an LSE part), and
     their read-out of the state of the other left-window tokens. Each chunk reads its cache as soon as it
-    is built, so without autograd one cache is alive at a time (stacking every chunk's copy took memory
-    C·M·(d + dv + df)). Returns ((o, lse), num, den, {"cache": the final cache})."""
+    is built, so without autograd one cache is alive at a time, not a copy per chunk (C·M·(d + dv + df)).
+    Returns ((o, lse), num, den, {"cache": the final cache})."""
     b, hkv, N, d = kr.shape
     hq, B, L, S, M = qr.shape[1], options.chunk_size, options.local_chunks, options.sink_tokens, options.recall_tokens
     g, C, dv, df = hq // hkv, N // B, v.shape[-1], fk.shape[-1]
