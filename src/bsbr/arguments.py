@@ -275,8 +275,9 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
 def add_dataset_arguments(parser, data, default_split: str) -> None:
     """``--dataset`` (in ``data``, the group it shares with --text-file) and the options that choose from it;
     :func:`dataset_options` reads them."""
-    data.add_argument("--dataset", metavar="NAME", help="a HuggingFace dataset: a hub name (needs network) or a "
-                                                       "local folder of data files (needs `pip install datasets`)")
+    data.add_argument("--dataset", metavar="NAME", help="a HuggingFace dataset (needs `pip install datasets`): a hub "
+                                                       "name (needs network), a local folder of data files or one "
+                                                       "data file (split train); .txt files are one document each")
     parser.add_argument("--dataset-config", default=None, help="the --dataset's configuration")
     parser.add_argument("--dataset-split", default=None, help=f"the --dataset's split (default {default_split})")
     parser.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")

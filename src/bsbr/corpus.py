@@ -117,16 +117,36 @@ def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[Iterator[str
     return read_texts(mixed_order(files, seed))
 
 
+def _dataset_builder(datasets, name: str, config: Optional[str]):
+    """The builder of ``name``: a hub dataset, a local folder of data files, or one local data file (read
+    by its folder's builder, as its one split ``train``). Plain-text files are read one document per file,
+    as ``--text-file`` reads them (the ``text`` builder's default is one row per line: it drops the blank
+    lines and newlines of code and prose)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        where = dict(path=str(path.resolve().parent), data_files=path.name)
+    elif path.is_dir():
+        where = dict(path=str(path.resolve()))
+    elif name.startswith((".", "/", "~")):  # spelled as a path: not a hub name
+        raise ValueError("no such folder or file")
+    else:
+        where = dict(path=name)
+    builder = datasets.load_dataset_builder(name=config, **where)
+    if builder.name == "text":
+        builder = datasets.load_dataset_builder(name=config, sample_by="document", **where)
+    return builder
+
+
 def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                   text_column: str = "text") -> Iterator[str]:
-    """Texts from a HuggingFace dataset (an optional dependency), streamed: only the rows read are
-    fetched. Empty rows are skipped."""
+    """Texts from a HuggingFace dataset (an optional dependency; see :func:`_dataset_builder` for what
+    ``name`` may be), streamed: only the rows read are fetched. Empty rows are skipped."""
     try:
         import datasets
     except ImportError as e:
         raise ImportError("--dataset needs the 'datasets' package: pip install datasets") from e
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        ds = _dataset_builder(datasets, name, config).as_streaming_dataset(split=split)
     except Exception as e:  # network, unknown name, unknown config/split: all user-facing
         why = str(e) or ("its data files hold no rows" if isinstance(e, StopIteration) else type(e).__name__)
         raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {why}") from e
@@ -147,17 +167,20 @@ def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Op
                  dataset_config: Optional[str] = None, dataset_split: str = "test", text_column: str = "text",
                  split: str = "heldout", seed: int = 0):
     """(texts iterator, description): local files, a HuggingFace dataset, or the default corpus's
-    ``split`` of the standard library's sources."""
+    ``split`` of the standard library's sources; the description names local paths absolute, so that a
+    record of it can be rerun from anywhere."""
     if text_files and dataset:
         raise ValueError("give either text files or a dataset, not both")
     if text_files:
         missing = [str(f) for f in text_files if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"text file not found: {', '.join(missing)}")
-        return read_texts(text_files), dict(kind="text_files", files=[str(f) for f in text_files])
+        return read_texts(text_files), dict(kind="text_files", files=[str(Path(f).resolve()) for f in text_files])
     if dataset:
+        local = Path(dataset).expanduser()
         return (dataset_texts(dataset, dataset_config, dataset_split, text_column),
-                dict(kind="dataset", name=dataset, config=dataset_config, split=dataset_split, text_column=text_column))
+                dict(kind="dataset", name=str(local.resolve()) if local.exists() else dataset, config=dataset_config,
+                     split=dataset_split, text_column=text_column))
     return stdlib_texts(split, seed=seed), dict(kind="stdlib", split=split, seed=seed, root=str(stdlib_root()))
 
 

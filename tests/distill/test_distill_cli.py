@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 from cli_checks import refused, tree_hash
@@ -115,6 +116,8 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     out = tmp_path / "out"
     assert main(distill_args(models, text, out, "--steps", "2", "--checkpoint-every", "1")) == 0
     written = set(model_files(out))  # what a run publishes
+    assert json.loads((out / "distill.json").read_text())["data"] == dict(kind="text_files",
+                                                                          files=[str(Path(text).resolve())])
     (out / "speed.json").write_text("{}")  # a file bsbr writes (demo) and the new run does not
     before = tree_hash(out)
     old_model = model_files(out)
@@ -655,6 +658,9 @@ def test_a_local_dataset_trains_with_evals_dataset_options_and_is_an_input(model
     more = [*args, "--resume"]
     more[more.index("--dataset") + 1], more[more.index("--steps") + 1] = f"{data}/", "2"
     assert main(more) == 0, capsys.readouterr().err
+    # distill.json says what it trained on, as eval's JSON does (it recorded nothing of a local dataset)
+    assert json.loads((tmp_path / "out" / "distill.json").read_text())["data"] == dict(
+        kind="dataset", name=str(data.resolve()), config=None, split="validation", text_column="content")
     with_text = distill_args(models, text, tmp_path / "out2", "--steps", "1", "--text-column", "content")
     assert "--text-column content applies to --dataset only" in refused(capsys, with_text, "distill")
 

@@ -148,3 +148,29 @@ def test_a_utf8_byte_order_mark_is_not_read_as_text(tmp_path, word_tokenizer):
     windows = [corpus.token_windows(word_tokenizer, corpus.read_texts([tmp_path / name]), 16, None)
                for name in ("plain.py", "bom.py")]
     assert torch.equal(windows[0], windows[1])
+
+
+def test_local_dataset_text_files_are_documents_and_a_data_file_or_path_is_local(tmp_path):
+    pytest.importorskip("datasets")
+    text = "def x(y):\n\n    return y\n"
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(text)  # the text builder's default: one row per line, blanks dropped
+    assert list(corpus.dataset_texts(str(tmp_path / "texts"), split="train")) == [text]
+    (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n{"text": "c"}\n')  # one file: read as its one split
+    assert list(corpus.dataset_texts(str(tmp_path / "d.jsonl"), split="train")) == ["a b", "c"]
+    assert list(corpus.dataset_texts(str(tmp_path / "texts" / "a.txt"), split="train")) == [text]
+    with pytest.raises(ValueError, match="no such folder or file"):  # not sent to the hub as a name
+        corpus.dataset_texts(str(tmp_path / "gone"))
+    with pytest.raises(ValueError, match="no such folder or file"):
+        corpus.dataset_texts("./gone")
+
+
+def test_the_corpus_description_names_local_inputs_by_absolute_path(tmp_path, monkeypatch):
+    # eval's JSON and distill.json record it: a relative path named nothing once read from elsewhere
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("x")
+    assert corpus.corpus_texts(text_files=["a.txt"])[1] == dict(kind="text_files", files=[str(tmp_path / "a.txt")])
+    pytest.importorskip("datasets")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "test.jsonl").write_text('{"text": "a"}\n')
+    assert corpus.corpus_texts(dataset="ds")[1]["name"] == str(tmp_path / "ds")

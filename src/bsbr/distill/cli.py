@@ -311,7 +311,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     tokenizer = load_tokenizer_arg(student_dir, "--student")
     torch.manual_seed(args.seed)
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
-    texts, _ = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),
+    texts, data = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),
                             split="train", seed=args.seed)
     windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
@@ -343,7 +343,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         # --overwrite: the old checkpoint stays until this run's first checkpoint replaces it, the old model
         # until this run's model replaces it
         progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
-                           should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite)
+                           data=data, should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite)
     if not dist.is_initialized() or dist.get_rank() == 0:
         last = progress["log"][-1] if progress["log"] else {}
         print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "

@@ -292,8 +292,8 @@ def shortest_window(student, params: str) -> int:
 
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
-            resume: bool = False, settings: Optional[dict] = None, should_stop: Optional[Callable[[], bool]] = None,
-            extra_files: Optional[Callable[[Path], None]] = None, overwrite: bool = False) -> dict:
+            resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
+            should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None, overwrite: bool = False) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
     ``windows`` (1-D LongTensors), checkpointing to ``output_dir/checkpoint``; rank 0 then moves the final
     model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
@@ -301,7 +301,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     A checkpoint is continued only with ``resume``, only if written with the same weights, windows,
     ``settings``, student config and config (except :data:`RESUMABLE_CHANGES`), and only if ``cfg`` leaves
-    steps or time to train (:func:`check_work_left`). ``overwrite`` starts over whatever ``output_dir``
+    steps or time to train (:func:`check_work_left`). ``data``: where the windows came from, recorded in
+    ``distill.json`` (a resume compares the windows' tokens, not this). ``overwrite`` starts over whatever ``output_dir``
     holds: its checkpoint stays until this run's first checkpoint replaces it, its other files (the old
     model) until this run's model replaces them (an interrupted run's checkpoint records their names, so
     its resume removes them too). ``should_stop`` is
@@ -363,6 +364,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         logger.info("resumed from %s at step %d", ckpt_dir, progress["step"])
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
+    progress["data"] = data
     if overwrite and output_dir.is_dir():  # the old output's files, replaced when this run's model is published
         progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
                                       if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))
