@@ -39,9 +39,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: (b, h, n, d); cos/sin: (b, n, d) or (n, d). One token per sequence (a decode step) is one
     matmul with the table's rotation matrix, shared by every layer, instead of five elementwise ops (not
     for inference tensors: they have no version counter to tell a table refilled in place, and comparing
-    values would wait on the device each call)."""
+    values would wait on the device each call; nor under ``torch.compile``, which fuses the elementwise ops and
+    would trace the matrix lookup once, then reuse a matrix of old positions)."""
     b, heads, n, d = x.shape
-    if n == 1 and not torch.is_grad_enabled() and not (cos.is_inference() or sin.is_inference()):
+    if (n == 1 and not torch.is_grad_enabled() and not (cos.is_inference() or sin.is_inference())
+            and not torch.compiler.is_compiling()):
         M = _rotation_matrix(cos, sin)
         if M.shape[0] == 1:
             return (x.reshape(b * heads, d) @ M[0]).view(b, heads, 1, d)
