@@ -137,6 +137,10 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         if out.is_file() and out.name in _MODEL_FILES and _holds_model(out.parent):  # JSON, but the model's own
             raise OutputError(f"{option} {path} is a file of the model in {out.parent} (which would no longer load): "
                               "choose another file")
+        if out.is_file() and out.name == "manifest.json" and any(_CHECKPOINT_DATA.fullmatch(p.name)
+                                                                 for p in out.parent.iterdir()):
+            raise OutputError(f"{option} {path} is the manifest of the distill checkpoint in {out.parent} (which "
+                              "could no longer be resumed): choose another file")
         if out.is_file() and not _replaceable(out, figure):
             kind = f"a {out.suffix.lstrip('.').upper() or 'figure'} image" if figure else "a JSON file"
             raise OutputError(f"{option} {path} exists and is not {kind}, which is all it would be replaced by: "

@@ -69,9 +69,15 @@ def test_bench_quality_tiny(tmp_path):
     # positions 16-79 exactly (the buckets are 0-63, 64-79: it compared positions 64-79 and said ">= 16")
     assert c["bsbr_loss_past_chunk"] == result["results"][0]["loss_past"]["16"]
     assert c["window_loss_past_chunk"] == result["results"][1]["loss_past"]["16"]
+    assert result["config"]["corpus"] == str(corpus.resolve())  # the same folder spelled another way merges
+    assert result["machine"]["bsbr"] and result["machine"]["transformers"]  # what ran, beside where
+    other = tmp_path / "q2.json"
+    assert main(["bench", "quality", "--corpus", f"{corpus}/./", "--models", "standard", "--steps", "2",
+                 "--batch", "2", "--seq-len", "80", "--hidden", "16", "--heads", "2", "--ff-dim", "32", "--chunk-size",
+                 "16", "--eval-windows", "2", "--json", str(other)]) == 0
     merged = tmp_path / "merged.json"
-    assert main(["bench", "quality", "--merge", str(out), "--json", str(merged)]) == 0
-    assert len(json.loads(merged.read_text())["results"]) == 2  # the same file twice is refused (test_bench_refusals)
+    assert main(["bench", "quality", "--merge", str(out), str(other), "--json", str(merged)]) == 0
+    assert len(json.loads(merged.read_text())["results"]) == 3  # the same file twice is refused (test_bench_refusals)
     assert bench_quality.buckets_for(512) == [(0, 64), (64, 128), (128, 256), (256, 512)]
 
 

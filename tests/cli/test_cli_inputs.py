@@ -221,6 +221,12 @@ def test_result_files_replace_only_files_of_their_kind(models, tmp_path, capsys)
     for name in ("config.json", "tokenizer_config.json"):  # JSON, but a model's: it would no longer load
         assert "is a file of the model in" in refused(capsys, [*base, "--json", weights / name], "bench converted",
                                                       weights)
+    ckpt = tmp_path / "distilled" / "checkpoint"  # a distill checkpoint's manifest: it could not be resumed
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text('{"format": 1, "files": {}, "step": 5}')
+    (ckpt / "trainable-0000005-abcdef12.safetensors").write_bytes(b"x")
+    assert "is the manifest of the distill checkpoint in" in refused(capsys, [*base, "--json", ckpt / "manifest.json"],
+                                                                     "bench converted", ckpt)
     photo = tmp_path / "holiday.jpg"  # an image given to --json: it was replaced by JSON (exit 0)
     photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
     assert "is not a JSON file" in refused(capsys, [*base, "--json", photo], "bench converted", photo)

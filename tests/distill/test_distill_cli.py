@@ -44,7 +44,7 @@ def no_loading(monkeypatch):
     (["--minutes", "-1"], "--minutes must be a finite number > 0"),
     (["--steps", "2", "--seq-len", "0"], "--seq-len: must be an integer from 2 to"),
     (["--steps", "2", "--max-windows", "-1"], "--max-windows: must be an integer from 1 to"),
-    (["--steps", "2", "--seed", str(2 ** 70)], "--seed: must be an integer from -9,223,372,036,854,775,808 to"),
+    (["--steps", "2", "--seed", str(2 ** 70)], "--seed: must be an integer from 0 to 4,294,967,295"),
     (["--steps", "2", "--text-file"], "--text-file needs at least one file"),
 ])
 def test_bad_values_are_refused_before_loading(models, text, tmp_path, capsys, no_loading, extra, message):

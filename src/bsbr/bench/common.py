@@ -7,6 +7,7 @@ model ran during it; running the models side by side in every repeat, in a rotat
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import os
 import platform
@@ -16,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import arguments
+from .. import __version__, arguments
 from ..errors import UserError
 from ..numbers import integer
 from ..outputs import check_output_files
@@ -66,6 +67,13 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
     return times
 
 
+def _version_of(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info(device: str = "cpu") -> Dict[str, object]:
     """What the numbers were measured on (recorded next to them)."""
     info = {
@@ -73,7 +81,9 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "bsbr": __version__,
         "torch": torch.__version__,
+        "transformers": _version_of("transformers"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "memory_method": memory_method(device),

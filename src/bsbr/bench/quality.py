@@ -164,6 +164,16 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, chunk_size: int = 64,
     unknown = [m for m in models if m not in specs]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; choose from {sorted(specs)}")
+    from ..models.shell import AttentionLM
+
+    for m in models:  # each built once without weights, so that a setting one cannot take stops before any trains
+        attention, kw = specs[m]
+        try:
+            with torch.device("meta"):
+                AttentionLM(VOCAB, hidden, layers, heads, attention=attention, ff_dim=ff_dim, **kw)
+        except ValueError as e:
+            raise UserError(f"--models {m} cannot be built with --hidden {hidden} and --heads {heads} ({e}): give "
+                            f"another --hidden or --heads, or drop {m}") from None
     train_data, eval_data, n_files = load_corpus(corpus)
     log.info("corpus: %d files, %.1f MB train, %.1f MB held out", n_files, train_data.numel() / 1e6,
              eval_data.numel() / 1e6)
@@ -187,7 +197,7 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, chunk_size: int = 64,
     config = dict(models=list(models), chunk_size=chunk_size, hidden=hidden, layers=layers, heads=heads, ff_dim=ff_dim,
                   seq_len=seq_len, batch=batch, steps=steps, lr=lr, optimizer="AdamW(0.9, 0.95), wd 0.1, clip 1.0, "
                   "warmup 5% + cosine to 10%", tokens_per_model=steps * batch * seq_len, eval_windows=eval_windows,
-                  seed=seed, corpus=corpus or str(stdlib_root()), corpus_files=n_files,
+                  seed=seed, corpus=os.path.realpath(corpus) if corpus else str(stdlib_root()), corpus_files=n_files,
                   train_bytes=train_data.numel(), eval_bytes=eval_data.numel())
     return {"benchmark": "quality", "config": config, "machine": machine_info(), "results": results,
             "comparison": compare_to_window(results, chunk_size, seq_len)}
