@@ -369,7 +369,7 @@ def register(sub) -> None:
     p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=16, help="windows to evaluate (default 16)")
     p.add_argument("--stride", type=integer(), default=None,
                    help="tokens between window starts (default: seq-len); below seq-len windows overlap and a "
-                        "token is scored once per window holding it")
+                        "token is scored once per window holding it past that window's first chunk")
     p.add_argument("--buckets", choices=["chunk", "doubling"], default="chunk",
                    help="position buckets: one per chunk (default), or doubling ranges [B,2B),[2B,4B),...")
     p.add_argument("--passkey-lengths", type=integer(), nargs="+", default=None, metavar="N",
