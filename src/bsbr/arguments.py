@@ -277,7 +277,8 @@ def add_dataset_arguments(parser, data, default_split: str) -> None:
     :func:`dataset_options` reads them."""
     data.add_argument("--dataset", metavar="NAME", help="a HuggingFace dataset (needs `pip install datasets`): a hub "
                                                        "name (needs network), a local folder of data files or one "
-                                                       "data file (split train); .txt files are one document each")
+                                                       "data file (its one split: train); .txt files are one document "
+                                                       "each")
     parser.add_argument("--dataset-config", default=None, help="the --dataset's configuration")
     parser.add_argument("--dataset-split", default=None, help=f"the --dataset's split (default {default_split})")
     parser.add_argument("--text-column", default=None, help="the --dataset's text column (default text)")

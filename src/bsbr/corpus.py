@@ -137,6 +137,21 @@ def _dataset_builder(datasets, name: str, config: Optional[str]):
     return builder
 
 
+def only_split(name: str, config: Optional[str] = None) -> Optional[str]:
+    """The one split of a local dataset that has one (a data file, or a folder whose file names name no
+    split: ``train``); None for a hub name, several splits, or a dataset that does not open (the caller's
+    check names why)."""
+    if not Path(name).expanduser().exists():
+        return None
+    try:
+        import datasets
+
+        splits = list(_dataset_builder(datasets, name, config).config.data_files or ())
+    except Exception:  # reported by the check that opens it
+        return None
+    return splits[0] if len(splits) == 1 else None
+
+
 def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                   text_column: str = "text") -> Iterator[str]:
     """Texts from a HuggingFace dataset (an optional dependency; see :func:`_dataset_builder` for what

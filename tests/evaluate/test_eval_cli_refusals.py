@@ -500,3 +500,16 @@ def test_passkey_lengths_past_a_learned_position_reference_are_refused_before_lo
     _refused(capsys, [*grid, "130"], "--passkey-lengths 130 is longer than the --reference's 128 learned positions",
              "give at most 129 (a prompt of n tokens needs n - 1 positions)")
     _refused(capsys, [*grid, "129"], "loading now")  # (its last token is never fed back: 128 positions)
+
+
+def test_a_local_data_file_evaluates_its_one_split_without_dataset_split(saved, tmp_path, capsys):
+    # a data file, or a folder of files naming no split, holds only "train": eval's default "test" refused it
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n"
+                            for line in (saved / "text.py").read_text().splitlines(keepends=True)))
+    out = tmp_path / "e.json"
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(data), "--seq-len", "40",
+            "--max-windows", "1", "--no-passkey", "--no-progress", "--json", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    corpus = json.loads(out.read_text())["config"]["corpus"]
+    assert corpus["split"] == "train" and corpus["name"] == str(data.resolve()), corpus

@@ -149,6 +149,18 @@ def test_an_input_of_another_dtype_than_the_weights_is_one_clear_error(name):
         layer(torch.randn(2, 8, 16), None, RotaryEmbedding(layer.head_dim)(torch.arange(8)))
 
 
+def test_tables_that_passed_under_autocast_are_checked_again_without_it():
+    # float32 tables beside bfloat16 queries pass under autocast; the same tables outside it failed deep in
+    # the op ("q, k, v, ... must share one dtype") instead of naming the tables
+    layer = MULTIHEAD_LAYERS["bsbr"]().to(torch.bfloat16)
+    x = torch.randn(1, 8, 16, dtype=torch.bfloat16)
+    tables = RotaryEmbedding(layer.head_dim)(torch.arange(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x, None, tables)
+    with pytest.raises(TypeError, match="position_embeddings are torch.float32, the layer's queries torch.bfloat16"):
+        layer(x, None, tables)
+
+
 def test_a_rotary_built_on_the_meta_device_skips_the_value_check():
     """Models are built on the meta device before their weights load: inv_freq's values cannot be read there."""
     with torch.device("meta"):

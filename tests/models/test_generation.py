@@ -217,6 +217,19 @@ def test_a_cache_built_under_inference_mode_continues_outside_it():
     torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(recall_tokens=8, retrieval_blocks=0)])
+def test_a_step_under_autograd_after_an_inference_mode_step_at_the_same_position(options):
+    # the step's masks, made once per position for every layer, were handed from an inference-mode step to a
+    # later step under autograd: "Inference tensors cannot be saved for backward"
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, **options)
+    ids = torch.randint(3, VOCAB, (1, 21), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # e.g. an evaluation
+        model(ids[:, 20:], cache=model(ids[:, :20], use_cache=True).cache)
+    out = model(ids[:, 20:], cache=model(ids[:, :20], use_cache=True).cache)
+    out.logits.sum().backward()
+    torch.testing.assert_close(out.logits[:, -1], model(ids).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_generate_modes_that_cannot_run_say_which():
     """generate(cache_implementation="paged") switches to transformers' continuous batching, which was
     refused as an attn_implementation the user never passed; beam search continuing a given cache was

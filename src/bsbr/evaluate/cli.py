@@ -240,6 +240,10 @@ def _refuse_ignored(args) -> None:
 
 def cmd_eval(args) -> int:
     dataset = dataset_options(args, "test")
+    if args.dataset and args.dataset_split is None:  # a local file, or folder of unnamed files, holds one split
+        from ..corpus import only_split
+
+        dataset["dataset_split"] = only_split(args.dataset, args.dataset_config) or "test"
     if (args.text_file or args.dataset) and args.split:
         raise UserError(f"--split {args.split} chooses from the default corpus, not from --text-file or --dataset: "
                         "drop one")
@@ -362,7 +366,7 @@ def register(sub) -> None:
                         "(default: the bundled SmolLM2-135M-Instruct)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text-file", nargs="+", metavar="F", help="evaluate on these local text files")
-    add_dataset_arguments(p, data, "test")
+    add_dataset_arguments(p, data, "test, or a local dataset's one split")
     p.add_argument("--split", choices=["heldout", "train"], default=None,
                    help="default corpus split (the standard library's .py files; default heldout)")
     p.add_argument("--seq-len", type=integer(), default=2048, help="tokens per window (default 2048)")

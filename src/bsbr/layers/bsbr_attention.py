@@ -228,6 +228,9 @@ class BSBRAttention(MultiHeadBase):
              position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, far_position_embeddings=None):
         """Streaming decode: continue from ``state`` with the given tokens (b, T, hidden_dim), token by
         token. Returns ((b, T, hidden_dim), the state): the state passed in, advanced (in place without
-        autograd), as a KV cache is; to continue one prefix twice, step a fork: ``state.select(torch.arange(b))``."""
+        autograd), as a KV cache is; to continue one prefix twice, step a fork: ``state.select(torch.arange(b))``.
+        One-token rotary tables are turned into a rotation matrix once per tensor and in-place change: tables
+        refilled where autograd cannot see it (through ``.data`` or a NumPy view) keep their old rotation, so
+        refill them with ``copy_`` or pass new tensors."""
         return self(hidden_states, attention_mask, position_embeddings, far_position_embeddings=far_position_embeddings,
                     streaming=True, state=state)

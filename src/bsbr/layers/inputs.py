@@ -35,7 +35,8 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
     """``tables``: one rotary ``(cos, sin)`` pair (``pairs == 1``), or a tuple of so many pairs, each
     tensor of shape (seq_len, head_dim) or (batch or 1, seq_len, head_dim) of the dtype of ``like``, the
     queries (batch, heads, seq_len, head_dim), unless autocast is on."""
-    key = (like.shape, like.dtype, pairs)
+    autocast = not like.is_meta and torch.is_autocast_enabled(like.device.type)  # (then any dtype; none on meta)
+    key = (like.shape, like.dtype, pairs, autocast)
     last = _ROTARY_CHECKED.get(name)
     if last is not None and last[0] is tables and last[1] == key:  # a model's layers share a step's tables
         return
@@ -56,7 +57,7 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
             if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (seq_len, head_dim) or \
                     (t.dim() == 3 and t.shape[0] not in (1, batch)) or not t.is_floating_point():
                 raise ValueError(f"{what} must be {shape}, got {tuple(t.shape)} {t.dtype}")
-            if t.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type):
+            if t.dtype != like.dtype and not autocast:
                 raise TypeError(f"{what} are {t.dtype}, the layer's queries {like.dtype}: give the tables in "
                                 f"{like.dtype}")
     _ROTARY_CHECKED[name] = (tables, key)

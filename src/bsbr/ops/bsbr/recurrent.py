@@ -21,6 +21,9 @@ from .recall import cache_scores, recall_update
 from .state import BSBRState, buffer_chunks, ensure_capacity, own_ring_chunks, refresh_retrieval, window_tokens
 
 
+# (both forms run eagerly inside a compiled model: traced, the step's Python ints (positions) recompiled it
+# at every token until dynamo's limit, and dynamic shapes failed on the state's options check)
+@torch.compiler.disable
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
                         qr=None, kr=None, gate=None, meta_q=None, meta_k=None, valid=None):
     """One token per sequence: q (b, hq, d), k (b, hkv, d), ...; valid (b,) (False = padding: the
@@ -195,7 +198,8 @@ def _step_masks(state, device):
     opt = state.options
     P = state.kr_past.shape[2]
     pos = tuple(state.n_seen.tolist())
-    key = (opt, P, state.k_buf.shape[2], device, pos)
+    # (masks made under inference mode are inference tensors, which a step under autograd cannot save)
+    key = (opt, P, state.k_buf.shape[2], device, pos, torch.is_inference_mode_enabled())
     m = _MASKS.get(key)
     if m is not None:
         return m
@@ -487,6 +491,7 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     refresh_retrieval(state, done)
 
 
+@torch.compiler.disable
 def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                              gate=None, meta_q=None, meta_k=None, valid=None,
                              initial_state: Optional[BSBRState] = None, output_final_state: bool = False):
