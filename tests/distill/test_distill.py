@@ -58,6 +58,29 @@ def test_a_student_that_is_not_a_conversion_is_refused_by_type(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp_path):
+    # windows of floats, of ids past the vocabulary or of lists failed deep in the first step; an output_dir
+    # holding a user's files had them replaced (the CLI checked, the library did not), and a file as
+    # output_dir failed at the first checkpoint
+    teacher, student = fresh()
+    ws = windows(2, 96)
+    for bad, error, words in (([w.float() for w in ws], TypeError, r"windows\[0\] must be a 1-D int64 tensor"),
+                              ([w.tolist() for w in ws], TypeError, "windows.0. must be"),
+                              ([ws[0], ws[1] + VOCAB], ValueError, r"windows\[1\] holds ids outside")):
+        with pytest.raises(error, match=words):
+            distill(teacher, student, bad, tmp_path / "out", DistillConfig(steps=1))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="holds files, which the model would replace"):
+        distill(teacher, student, ws, mine, DistillConfig(steps=1))
+    assert (mine / "config.json").read_text() == '{"mine": 1}' and len(list(mine.iterdir())) == 1
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        distill(teacher, student, ws, tmp_path / "a_file", DistillConfig(steps=1))
+    assert not (tmp_path / "out").exists()
+
+
 def test_end_to_end_loss_by_hand():
     """KL(teacher || student) and the LM term on one position past the first chunk, computed by hand."""
     import math

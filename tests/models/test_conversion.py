@@ -462,3 +462,10 @@ def test_the_source_generation_config_is_carried_over(tmp_path):
         assert got.tolist() == want.tolist()
         stops += want.shape[1] < 46
     assert stops  # some prompt stopped early on a stop token
+
+
+def test_a_source_on_the_meta_device_is_refused_in_one_line():
+    # (built with init_empty_weights, or offloaded): a 36-line load_state_dict error
+    with pytest.raises(ValueError, match="is on the meta device, with no values to copy") as e:
+        convert_to_bsbr(make_source("llama").to("meta"), chunk_size=8)
+    assert "\n" not in str(e.value)

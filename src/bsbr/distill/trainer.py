@@ -323,6 +323,20 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         raise ValueError("resume continues the checkpoint, overwrite replaces it: give one of them")
     if len(windows) == 0:
         raise ValueError("no training windows")
+    vocab = student.config.vocab_size
+    for i, w in enumerate(windows):  # (else an index error deep in the first step)
+        if not (isinstance(w, torch.Tensor) and w.dim() == 1 and w.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"windows[{i}] must be a 1-D int64 tensor of token ids, got "
+                            f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+        if len(w) and not 0 <= int(w.min()) <= int(w.max()) < vocab:
+            raise ValueError(f"windows[{i}] holds ids outside the student's vocabulary [0, {vocab})")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is not a directory")
+    if not (resume or overwrite) and output_dir.is_dir() and any(
+            p.name != "checkpoint" and not p.name.startswith(".final.tmp-") for p in output_dir.iterdir()):
+        raise ValueError(f"output_dir {output_dir} holds files, which the model would replace: give a new or empty "
+                         "directory, or overwrite=True")
     longest = max(len(w) for w in windows)
     if cfg.params == "new" and longest < shortest_window(student, "new"):
         raise ValueError(f"params='new' on windows of at most {longest} tokens: the new pieces cannot improve this "
@@ -336,7 +350,6 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         # (576 x 1536 weights, 1,024 rows, one thread)
         logger.warning("bf16: this CPU has no native bfloat16 matrix multiply (%s), so bf16 training is many times "
                        "slower than float32 here: drop --bf16", torch.backends.cpu.get_cpu_capability())
-    output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoint"
     run = dict(**(settings or {}), windows=_windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
                student=weights_fingerprint(student), student_config=student_record(student.config), world_size=world)

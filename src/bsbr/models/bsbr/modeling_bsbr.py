@@ -159,6 +159,7 @@ class BSBRCache:
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
         left as it is."""
+        index = torch.as_tensor(index)  # (a list of rows, too)
         return BSBRCache([s.select(index) for s in self.states], self.n_positions,
                          None if self.digest is None else self.digest[index.to(self.digest.device)])
 
@@ -219,13 +220,14 @@ def refuse_token_type_ids(kwargs, config) -> None:
 
 def built_with(config) -> dict:
     """What a model takes from its config when it is built, besides its weights' shapes: the attention
-    options its layers keep and the position rules its forward reads with them (``position_scheme``,
-    read at every forward, and ``gate_init``, an initial value, may change)."""
+    options its layers keep, the position rules its forward reads with them, and the activation and norm
+    epsilon its MLPs and norms keep (``position_scheme``, read at every forward, and ``gate_init``, an
+    initial value, may change)."""
     kwargs = config.attention_kwargs()
     kwargs.pop("gate_init")
     return dict(kwargs, chunk_size=config.chunk_size, far_positions=config.far_positions,
                 max_position_embeddings=config.max_position_embeddings, position_type=config.position_type,
-                rope_parameters=config.rope_parameters)
+                rope_parameters=config.rope_parameters, hidden_act=config.hidden_act, norm_eps=config.norm_eps)
 
 
 def refuse_pickled_weights(path: Path) -> None:
@@ -239,6 +241,8 @@ def refuse_pickled_weights(path: Path) -> None:
 def _cache_argument(cache, kwargs: dict):
     """``cache``, or the cache passed as ``past_key_values`` (its name before transformers 5.24, in much user
     code; unread, it made a step a fresh forward of the new tokens alone), which is deprecated."""
+    if "past_key_value" in kwargs:  # (a layer's argument in transformers: here ignored, the step was a fresh forward)
+        raise ValueError("past_key_value= is not an argument of this model: pass the cache as cache=")
     old = kwargs.pop("past_key_values", None)
     if old is None:
         return cache
