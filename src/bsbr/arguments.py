@@ -320,6 +320,18 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
                         f"{text_column!r}: give another split or --text-column")
 
 
+def check_tokenizer_fits(tok, vocab: int, what: str) -> None:
+    """Refuse a tokenizer with more tokens, or a token id (an EOS or BOS added at id 120 of a 97-token
+    model, say) past the model's ``vocab`` embeddings: its text would index outside them."""
+    if len(tok) > vocab:
+        raise UserError(f"{what}: its tokenizer has {len(tok)} tokens, its model only {vocab}: the tokenizer is not "
+                        "this model's")
+    top, name = max(((i, t) for t, i in tok.get_vocab().items()), default=(-1, None))
+    if top >= vocab:
+        raise UserError(f"{what}: its tokenizer's token {name!r} has id {top}, its model only {vocab} embeddings: the "
+                        "tokenizer is not this model's")
+
+
 def read_config(config: Path, option: str) -> dict:
     """A model directory's config.json as a dict with a ``model_type``, or a one-line :class:`UserError`."""
     cfg = _json_object(config, f"{option} {config.parent}: config.json")

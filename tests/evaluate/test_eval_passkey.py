@@ -34,6 +34,52 @@ def test_prompt_holds_the_key_at_the_requested_depth(word_tokenizer, depth):
         assert p.key_end == p.length - question
 
 
+def _tokenizer(words, post_processor, normalizer=None, pre_tokenizer=None, decoder=None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    for w in ["<unk>", "<s>", "</s>", *words]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.Whitespace()
+    if normalizer is not None:
+        tok.normalizer, tok.decoder = normalizer, decoder
+    tok.post_processor = post_processor
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_prompts_of_tokenizers_that_append_an_eos_or_prepend_their_own_space():
+    """A tokenizer that appends EOS (a Llama tokenizer saved with add_eos_token) put an EOS after the
+    intro, mid-prompt; one that prepends its own space (SentencePiece's legacy mode, Llama 2's and
+    Mistral v0.1's) put a lone space token before every sentence (16 of 119 tokens, the text
+    double-spaced)."""
+    import re
+
+    from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+    from bsbr.evaluate import filler
+
+    texts = [passkey.INTRO, *filler.CLASSIC, passkey.KEY_SENTENCE.format(key="40721"), passkey.QUESTION]
+    words = [w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)]
+    eos = _tokenizer(words, processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1),
+                                                                                                ("</s>", 2)]))
+    p = passkey.build_prompt(eos, 128, 0.5, "40721")
+    intro = eos(passkey.INTRO, add_special_tokens=False)["input_ids"]
+    assert p.input_ids[:1 + len(intro)] == [1, *intro] and 2 not in p.input_ids
+    spaced = ["▁"] + ["▁" + w for t in texts for w in t.split()]
+    legacy = _tokenizer(spaced, processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)]),
+                        normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]),
+                        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+                        decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]))
+    lone = legacy.convert_tokens_to_ids("▁")
+    assert legacy(" The sky", add_special_tokens=False)["input_ids"][0] == lone  # (what the tokenizer does)
+    p = passkey.build_prompt(legacy, 128, 0.5, "40721")
+    assert lone not in p.input_ids and p.input_ids[0] == 1
+    text = legacy.decode(p.input_ids, skip_special_tokens=True)
+    assert "  " not in text and legacy(text)["input_ids"] == p.input_ids  # running text, read back the same
+
+
 def test_prompt_errors(word_tokenizer):
     with pytest.raises(ValueError, match="too short"):
         passkey.build_prompt(word_tokenizer, 40, 0.5, "12345")

@@ -203,8 +203,7 @@ def cmd_convert(args) -> int:
 
 
 def _convert_and_save(args, source, out: Path, options: dict) -> dict:
-    from ..arguments import load_model_arg, load_tokenizer_arg
-    from ..errors import UserError
+    from ..arguments import check_tokenizer_fits, load_model_arg, load_tokenizer_arg
     from ..outputs import staged_dir, write_errors, write_failure
 
     t0 = time.perf_counter()
@@ -212,10 +211,7 @@ def _convert_and_save(args, source, out: Path, options: dict) -> dict:
     tok = load_tokenizer_arg(source, "SOURCE")
     print(f"loading {source or 'the bundled SmolLM2-135M-Instruct (GGUF)'} ...", flush=True)
     src = load_model_arg(source, "SOURCE")
-    vocab = src.get_input_embeddings().weight.shape[0]
-    if len(tok) > vocab:
-        raise UserError(f"SOURCE {source}: its tokenizer has {len(tok)} tokens, its model only {vocab}: "
-                        f"the tokenizer is not this model's")
+    check_tokenizer_fits(tok, src.get_input_embeddings().weight.shape[0], f"SOURCE {source}")
     print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
     name = f"SOURCE {source or 'the bundled SmolLM2'}"
     model = convert_source(src, options, name)
@@ -318,7 +314,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..models import load_bsbr_model
-    from ..arguments import check_bsbr_dir, check_bsbr_positions, load_tokenizer_arg
+    from ..arguments import check_bsbr_dir, check_bsbr_positions, check_tokenizer_fits, load_tokenizer_arg
 
     path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
     _check_generation_config(path)
@@ -352,9 +348,7 @@ def cmd_generate(args) -> int:
     check_bsbr_positions(path, "MODEL_DIR", [(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,}",
                                               n + args.max_new_tokens - 1, fix)])
     model = load_bsbr_model(path)
-    if len(tok) > model.config.vocab_size:
-        raise UserError(f"MODEL_DIR {path}: its tokenizer has {len(tok)} tokens, the model only "
-                        f"{model.config.vocab_size}: the tokenizer is not this model's")
+    check_tokenizer_fits(tok, model.config.vocab_size, f"MODEL_DIR {path}")
     # greedy, or sampling at --temperature with the model's own settings (top-k, top-p), as generate() samples
     how = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -329,7 +329,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             raise TypeError(f"windows[{i}] must be a 1-D int64 tensor of token ids, got "
                             f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
         if len(w) and not 0 <= int(w.min()) <= int(w.max()) < vocab:
-            raise ValueError(f"windows[{i}] holds ids outside the student's vocabulary [0, {vocab})")
+            raise ValueError(f"windows[{i}] holds ids outside the student's vocabulary [0, {vocab}): wrong tokenizer?")
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir} is not a directory")

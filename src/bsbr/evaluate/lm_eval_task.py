@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from ..outputs import staged_dir, write_together
 from .filler import Filler, default_fillers
-from .passkey import DEFAULT_DEPTHS, filler_sources, grid_prompts, passkey_found
+from .passkey import DEFAULT_DEPTHS, _leading_specials, filler_sources, grid_prompts, passkey_found
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     if changed:
         logger.warning("%d of %d pass-key prompts read back as other tokens through this tokenizer's text: lm-eval "
                        "may score them differently from bsbr eval", changed, len(prompts))
+    appended = len(tokenizer("x")["input_ids"]) - len(_leading_specials(tokenizer)) - len(tokenizer(
+        "x", add_special_tokens=False)["input_ids"])
+    if appended > 0:  # (as a Llama tokenizer saved with add_eos_token=True)
+        logger.warning("this tokenizer appends %d special token(s) to every text it encodes: lm-eval's HFLM adds them "
+                       "after each prompt, bsbr eval does not, so their answers may differ", appended)
     rows = [json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth, trial=p.meta["trial"],
                             filler=p.meta["filler"], prompt_tokens=p.length)) + "\n"
             for text, p in zip(texts, prompts)]

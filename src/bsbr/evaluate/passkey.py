@@ -14,7 +14,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ..errors import check_not_interrupted
 from .filler import Filler, default_fillers, get_filler
@@ -61,6 +61,28 @@ def _ids(tokenizer, text: str, special: bool = False) -> List[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _leading_specials(tokenizer) -> List[int]:
+    """The special tokens the tokenizer puts before a text (a BOS), without those it appends (an EOS
+    after the intro would end the text mid-prompt)."""
+    full, plain = _ids(tokenizer, "x", special=True), _ids(tokenizer, "x")
+    return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
+
+
+def _running_text(tokenizer) -> Callable[[str], List[int]]:
+    """The ids of a piece that continues running text: `` " " + piece``, less the lone space token a
+    tokenizer that prepends its own space puts first (SentencePiece's legacy mode, as Llama 2's and
+    Mistral v0.1's: `` " The"`` is ``▁``, ``▁The``, where running text has ``▁The`` alone)."""
+    alone, before = _ids(tokenizer, " x"), _ids(tokenizer, "a")
+    within = _ids(tokenizer, "a x")[len(before):]
+    extra = alone[0] if len(alone) == len(within) + 1 and alone[1:] == within else None
+
+    def encode(piece: str) -> List[int]:
+        ids = _ids(tokenizer, " " + piece)
+        return ids[1:] if extra is not None and ids[:1] == [extra] else ids
+
+    return encode
+
+
 def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: int = 0,
                  filler: Union[str, Filler] = "classic", filler_seed: str = "") -> PasskeyPrompt:
     """A prompt of at most ``length - answer_tokens`` tokens (filler is whole sentences, so it may
@@ -73,8 +95,9 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     :class:`~bsbr.evaluate.filler.Filler`; ``filler_seed`` picks where its text starts.
 
     Pieces are tokenized separately and concatenated as ids (each piece after the intro starts
-    with a space, as it would in running text); the intro gets the tokenizer's usual special tokens
-    (e.g. BOS). The key's token span is therefore exact, not estimated from characters.
+    with a space, as it would in running text: :func:`_running_text`); the intro gets the special
+    tokens the tokenizer puts before a text (e.g. BOS), none it appends. The key's token span is
+    therefore exact, not estimated from characters.
     """
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive int, got {length!r}")
@@ -83,11 +106,12 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     if not (isinstance(key, str) and key.isdigit()):
         raise ValueError(f"key must be a string of digits, got {key!r}")
     source = get_filler(filler)
-    intro = _ids(tokenizer, INTRO, special=True)
-    key_ids = _ids(tokenizer, " " + KEY_SENTENCE.format(key=key))
-    question = _ids(tokenizer, " " + QUESTION)
+    intro = _leading_specials(tokenizer) + _ids(tokenizer, INTRO)
+    encode = _running_text(tokenizer)
+    key_ids = encode(KEY_SENTENCE.format(key=key))
+    question = encode(QUESTION)
     budget = length - answer_tokens - len(intro) - len(key_ids) - len(question)
-    sentences = _fill(tokenizer, source.sentences(filler_seed), budget)
+    sentences = _fill(encode, source.sentences(filler_seed), budget)
     if not sentences:
         raise ValueError(f"length {length} is too short for a pass-key prompt: the instruction, key and question "
                          f"and the {answer_tokens} answer tokens alone take {length - budget} "
@@ -105,8 +129,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
                          target_length=length, meta=dict(filler=source.name))
 
 
-def _fill(tokenizer, sentences: Iterable[str], budget: int) -> List[List[int]]:
-    """Token ids of whole sentences from ``sentences``, in order, skipping any that does not fit
+def _fill(encode: Callable[[str], List[int]], sentences: Iterable[str], budget: int) -> List[List[int]]:
+    """Token ids (``encode``'s) of whole sentences from ``sentences``, in order, skipping any that does not fit
     the space left (so long prose sentences still fill closely), until ``budget`` tokens are used or
     :data:`MAX_MISSES` sentences in a row did not fit."""
     out: List[List[int]] = []
@@ -117,7 +141,7 @@ def _fill(tokenizer, sentences: Iterable[str], budget: int) -> List[List[int]]:
     for s in sentences:
         ids = cache.get(s)
         if ids is None:
-            ids = cache[s] = _ids(tokenizer, " " + s)
+            ids = cache[s] = encode(s)
         if 0 < len(ids) <= budget - used:
             out.append(ids)
             used += len(ids)
