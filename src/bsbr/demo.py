@@ -24,12 +24,14 @@ def cmd_demo(args) -> int:
     check_unique("--speed-lens", args.speed_lens)
     check_unique("--decode-contexts", args.decode_contexts)
     check_model_arg(args.source, "--source")
-    check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
     try:
-        # everything lands in --output at the end, or nothing; not while another bsbr command writes there
+        # everything lands in --output at the end, or nothing; not while another bsbr command writes there (the
+        # lock first: its staging folder is not a leftover of a killed run)
         t0 = time.perf_counter()
-        with output_lock(final, "--output", "bsbr command"), staged_dir(final, overwrite=args.overwrite) as out:
-            _demo(args, out, final, t0)
+        with output_lock(final, "--output", "bsbr command"):
+            check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
+            with staged_dir(final, overwrite=args.overwrite) as out:
+                _demo(args, out, final, t0)
     except write_errors() as e:
         if not out_of_room(e):
             raise

@@ -248,6 +248,10 @@ def is_bsbr_output(out: Path) -> bool:
                                                                                _CHECKPOINT_DATA.fullmatch(f.name)))
                            for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
+        if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                return entry.read_text(encoding="utf-8") == MODEL_CARD
+            return False
         return _written_name(entry.name)
 
     entries = list(out.iterdir())
@@ -410,10 +414,23 @@ def output_lock(path, option: str, command: str) -> Iterator[None]:
     """Hold an exclusive lock on the output ``path`` while the block runs, so that a second command
     writing there at the same time is refused at once instead of mixing its files with the first's. The
     lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (released by the kernel if the process
-    dies; the file is removed when the block ends)."""
+    dies; the file is removed when the block ends), or, where nothing can be made beside it, on the folder
+    ``path`` itself (then written into, never replaced by a rename)."""
     import fcntl
 
     out = _resolved(path)
+    busy = f"{option} {path} is being written by another {command}"
+    if unwritable_parent(out) is not None and out.is_dir() and not out.is_symlink():
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(f"{busy}: wait for it to finish, or choose another {option}") from None
+            yield
+        finally:
+            os.close(fd)
+        return
     if unwritable_parent(out) is not None or len(os.fsencode(out.name)) > NAME_MAX - len(".lock."):
         yield  # nothing can be written there (or under that name): the output checks say why
         return
@@ -432,8 +449,7 @@ def output_lock(path, option: str, command: str) -> Iterator[None]:
         except BlockingIOError:
             os.close(fd)
             _remove_empty(made)
-            raise OutputError(f"{option} {path} is being written by another {command} (it holds {lock}): wait for "
-                              f"it to finish, or choose another {option}") from None
+            raise OutputError(f"{busy} (it holds {lock}): wait for it to finish, or choose another {option}") from None
         try:  # the holder before us may have removed the file after we opened it: lock the one there now
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
                 break

@@ -72,11 +72,12 @@ def test_a_killed_write_into_the_current_directory_is_taken_over_with_overwrite(
                                                                                  monkeypatch):
     # "pass --overwrite" was then refused: "is (or contains) the current directory"
     from bsbr.models import load_bsbr_model
+    from bsbr.outputs import MODEL_CARD
 
     source, _, _ = models
     here = tmp_path / "here"
     (here / ".bsbr.tmp-ab12cd34").mkdir(parents=True)
-    (here / "README.md").write_text("moved in before the kill\n")
+    (here / "README.md").write_text(MODEL_CARD)  # moved in before the kill
     monkeypatch.chdir(here)
     assert "pass --overwrite" in refused(capsys, ["convert", source, ".", "--chunk-size", "8"], "convert", here)
     assert main(["convert", str(source), ".", "--chunk-size", "8", "--overwrite"]) == 0
@@ -186,6 +187,38 @@ def test_convert_takes_its_output_lock_before_loading_the_source(models, tmp_pat
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_running_commands_staging_folder_is_not_called_a_killed_runs_leftover(models, tmp_path, capsys):
+    # the output checks ran before the lock: a second convert into an existing folder said the first one's
+    # staging folder was "left by a bsbr command that was killed" and advised --overwrite or removing it
+    from bsbr.outputs import output_lock
+
+    source, _, _ = models
+    out = tmp_path / "empty"
+    (out / ".bsbr.tmp-abcd1234").mkdir(parents=True)  # what a running convert stages its model in
+    with output_lock(out, "OUTPUT_DIR", "bsbr command"):
+        for extra in ([], ["--overwrite"]):
+            line = refused(capsys, ["convert", source, out, "--chunk-size", "8", *extra], "convert", out)
+            assert "is being written by another bsbr command" in line, line
+
+
+def test_the_lock_of_a_folder_in_a_parent_nothing_can_be_made_in_is_the_folder_itself(tmp_path, monkeypatch):
+    # an empty folder of one's own in a read-only parent (/data/alice): no lock file could be made beside it,
+    # and two commands wrote into it at once, both exiting 0 with their files mixed
+    import bsbr.outputs as outputs
+    from bsbr.errors import OutputError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    monkeypatch.setattr(outputs, "unwritable_parent", lambda path: path.parent)  # (root may write anywhere)
+    with outputs.output_lock(out, "--output", "bsbr distill"):
+        with pytest.raises(OutputError, match="--output .*mine is being written by another bsbr distill"):
+            with outputs.output_lock(out, "--output", "bsbr distill"):
+                pass
+    with outputs.output_lock(out, "--output", "bsbr distill"):  # released
+        pass
+    assert list(tmp_path.iterdir()) == [out] and not list(out.iterdir())
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_an_output_where_nothing_can_be_made_is_named(models, capsys):
     # /proc looks writable to the checks, but nothing can be made there: the error was "/proc/.x.lock: No such
@@ -276,6 +309,10 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     (mine / "notes.txt").write_text("a note beside the model")  # a bsbr model, with a user's file: kept
     assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
     (mine / "notes.txt").unlink()
+    card = (mine / "README.md").read_text()
+    (mine / "README.md").write_text(card + "\nMy results on our data.\n")  # an edited model card: the user's
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    (mine / "README.md").write_text(card)
     (mine / "checkpoint").mkdir()  # a folder named like distill's, of other files
     (mine / "checkpoint" / "my_weights.pt").write_text("w")
     assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)

@@ -189,13 +189,16 @@ def cmd_convert(args) -> int:
     check_conversion_options(options)
     check_model_arg(source, "SOURCE")
     check_local_source(args, source, options)
-    try:
-        check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
-    except OutputError as e:
-        if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: the source forgotten
-            raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} NEW_DIR`?)") from e
-        raise
-    with output_lock(out, "OUTPUT_DIR", "bsbr command"):  # from the start: a second command is refused at once
+    # the lock from the start: a second command is refused at once (and its staging folder is not called a
+    # leftover of a killed run)
+    with output_lock(out, "OUTPUT_DIR", "bsbr command"):
+        try:
+            check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
+        except OutputError as e:
+            if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: source forgotten
+                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} "
+                                  "NEW_DIR`?)") from e
+            raise
         summary = _convert_and_save(args, source, out, options)
     print(f"parameters: {summary['params_source'] / 1e6:.2f}M -> {summary['params_bsbr'] / 1e6:.2f}M "
           f"(+{summary['extra_params_pct']:.2f}%), {summary['seconds']}s; saved to {out}")
