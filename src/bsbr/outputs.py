@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -134,6 +135,9 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
                 raise OutputError(f"{option} {path}: name a figure format by its suffix, one of "
                                   f"{', '.join('.' + f for f in sorted(formats))}")
         figure = option in plots  # (else it writes JSON)
+        if out.is_file() and _owned_by_another_in_a_sticky_folder(out):
+            raise OutputError(f"{option} {path} is another user's file in a folder where only its owner may replace "
+                              "it (sticky, as /tmp): choose another file")
         if out.is_file() and out.name in _MODEL_FILES and _holds_model(out.parent):  # JSON, but the model's own
             raise OutputError(f"{option} {path} is a file of the model in {out.parent} (which would no longer load): "
                               "choose another file")
@@ -185,6 +189,11 @@ def _replaceable(path: Path, figure: bool) -> bool:
 _MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
                 "chat_template.json", "conversion.json", "distill.json"}
+
+
+def _owned_by_another_in_a_sticky_folder(path: Path) -> bool:
+    folder, uid = os.stat(path.parent), os.geteuid()
+    return bool(folder.st_mode & stat.S_ISVTX) and uid != 0 and uid not in (folder.st_uid, os.stat(path).st_uid)
 
 
 def _holds_model(folder: Path) -> bool:
@@ -476,7 +485,8 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
     """Write result files as one set: each ``(path, write)`` first has ``write(staged)`` write its file
     in a staging folder beside ``path``; only when all are written are they renamed into place, in one
     short final step. A write that fails (or an interruption) before that step leaves the old files
-    untouched, and neither staging folders nor the folders made for them."""
+    untouched, and neither staging folders nor the folders made for them; a rename that fails in that step
+    puts back the files renamed before it."""
     staging, staged, made = {}, [], []
     path = None
     try:
@@ -500,11 +510,29 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
             fix = "free some space or choose another path" if out_of_room(e) else "choose another path"
             raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: {fix}") from e
         raise
-    with signals_held():
-        for tmp, path in staged:
-            os.replace(tmp, path)
+    done = []  # (path, its old file kept in the staging folder, or None)
+    try:
+        with signals_held():
+            for tmp, path in staged:
+                old = None
+                if path.exists():  # kept until every file is in place, to put back if one cannot be
+                    old = tmp.with_name(f".old-{tmp.name}")
+                    try:
+                        os.link(path, old)
+                    except OSError:  # (a file system without hard links)
+                        shutil.copy2(path, old)
+                os.replace(tmp, path)
+                done.append((path, old))
+    except OSError as e:  # (a file another user owns in a sticky folder: renaming over it is not permitted)
+        for done_path, old in reversed(done):
+            with contextlib.suppress(OSError):
+                os.replace(old, done_path) if old is not None else done_path.unlink()
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(f"{path}: could not be replaced ({e.strerror or e}); the result files are as they were: "
+                        "choose another path") from e
     for parent, folder in staging.items():
-        folder.rmdir()
+        shutil.rmtree(folder)  # (now only the old files)
         with contextlib.suppress(OSError):  # not every file system lets a directory be synced
             fsync(parent)
 

@@ -95,6 +95,43 @@ def test_results_staging_a_killed_eval_left_is_named(tmp_path, caplog):
     assert ".bsbr-results.tmp-ab12cd34 left by an earlier run that was killed" in caplog.text
 
 
+def test_a_result_file_that_cannot_be_replaced_leaves_the_set_as_it_was(tmp_path, monkeypatch):
+    # a file another user owns in a sticky folder cannot be renamed over: the first file was replaced, the
+    # second not, and the staging folder was left behind
+    import bsbr.outputs as outputs
+    from bsbr.errors import OutputError, UserError
+
+    (tmp_path / "r.json").write_text("old json")
+    (tmp_path / "r.png").write_text("old png")
+    real = os.replace
+
+    def refuse_the_plot(src, dst):
+        if Path(dst).name == "r.png":
+            raise PermissionError(1, "Operation not permitted")
+        real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", refuse_the_plot)
+    with pytest.raises(UserError, match="r.png: could not be replaced .*the result files are as they were"):
+        outputs.write_together([(tmp_path / "r.json", lambda p: p.write_text("new json")),
+                                (tmp_path / "r.png", lambda p: p.write_text("new png"))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
+    assert (tmp_path / "r.json").read_text() == "old json" and (tmp_path / "r.png").read_text() == "old png"
+    monkeypatch.undo()
+    # and such a file is refused before the work, as the other files no result may replace
+    sticky = tmp_path / "shared"
+    sticky.mkdir(mode=0o1777)
+    sticky.chmod(0o1777)
+    (sticky / "r.png").write_text("theirs")
+    monkeypatch.setattr(outputs.os, "geteuid", lambda: os.stat(sticky).st_uid + 1)  # neither its nor the folder's owner
+    with pytest.raises(OutputError, match="is another user.s file in a folder where only its owner may replace it"):
+        outputs.check_output_files([("--json", str(sticky / "r.png"))])
+    monkeypatch.undo()
+    outputs.write_together([(tmp_path / "r.json", lambda p: p.write_text("new json")),
+                            (tmp_path / "r.png", lambda p: p.write_text("new png"))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png", "shared"]
+    assert (tmp_path / "r.png").read_text() == "new png"
+
+
 def test_a_stray_staging_folder_does_not_make_a_users_model_a_bsbr_output(models, tmp_path, capsys):
     # one .bsbr.tmp-* folder marked the whole directory as bsbr's: --overwrite replaced a user's own model
     source, _, _ = models
