@@ -196,3 +196,14 @@ def test_a_perplexity_past_floats_range_is_infinite_not_an_error():
     logits = {m: Hot()(torch.ones(1, 6, dtype=torch.long)).logits for m in ("bsbr", "source")}
     result = acc.update(torch.ones(1, 6, dtype=torch.long), logits) or acc.result()
     assert result["perplexity"]["bsbr"] == float("inf") and result.get("gap_closed") is None
+
+
+@pytest.mark.parametrize("option", [dict(chunk_size=True), dict(batch_size=True), dict(chunk_size=0)])
+def test_evaluate_refuses_a_bool_for_a_count(option):
+    # True was taken as 1
+    from bsbr.evaluate import metrics
+
+    args = dict(chunk_size=8, batch_size=1) | option
+    with pytest.raises(ValueError, match=f"{next(iter(option))} must be an int >= 1"):
+        metrics.evaluate(None, None, None, torch.zeros(1, 20, dtype=torch.long), args["chunk_size"],
+                         batch_size=args["batch_size"], progress=False)

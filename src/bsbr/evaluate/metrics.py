@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ..errors import check_not_interrupted
 from ..models.heads import final_hidden_states, position_blocks
+from ..ops.checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def position_buckets(seq_len: int, chunk_size: int, scheme: str = "chunk") -> Li
     """Half-open ranges ``[lo, hi)`` of the scored positions ``B <= p <= seq_len - 2``: :func:`bucket_spans`
     from ``B`` to ``seq_len - 1`` (the last position has no target in the window); ``"doubling"`` gives few
     buckets for very long windows."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size)
     if not isinstance(seq_len, int) or seq_len < chunk_size + 2:
         raise ValueError(f"seq_len must be at least chunk_size + 2 = {chunk_size + 2} so that some token past "
                          f"the first chunk has a target, got {seq_len!r}")
@@ -267,13 +267,11 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
                          f"{getattr(windows, 'shape', type(windows).__name__)}")
     if windows.shape[0] < 1:
         raise ValueError("windows is empty")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size)
     model_chunk = getattr(getattr(model, "config", None), "chunk_size", None)
     if model_chunk is not None and model_chunk != chunk_size:
         logger.warning("chunk_size=%d differs from the model's config.chunk_size=%d", chunk_size, model_chunk)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     models = {n: m for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window))
               if m is not None}
     vocab = {n: m.get_output_embeddings().weight.shape[0] for n, m in models.items()}
