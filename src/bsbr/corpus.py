@@ -117,11 +117,9 @@ def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[Iterator[str
     return read_texts(mixed_order(files, seed))
 
 
-def _dataset_builder(datasets, name: str, config: Optional[str]):
+def _dataset_builder(datasets, name: str, config: Optional[str], **options):
     """The builder of ``name``: a hub dataset, a local folder of data files, or one local data file (read
-    by its folder's builder, as its one split ``train``). Plain-text files are read one document per file,
-    as ``--text-file`` reads them (the ``text`` builder's default is one row per line: it drops the blank
-    lines and newlines of code and prose)."""
+    by its folder's builder, as its one split ``train``)."""
     path = Path(name).expanduser()
     if path.is_file():
         where = dict(path=str(path.resolve().parent), data_files=path.name)
@@ -131,10 +129,18 @@ def _dataset_builder(datasets, name: str, config: Optional[str]):
         raise ValueError("no such folder or file")
     else:
         where = dict(path=name)
-    builder = datasets.load_dataset_builder(name=config, **where)
-    if builder.name == "text":
-        builder = datasets.load_dataset_builder(name=config, sample_by="document", **where)
-    return builder
+    return datasets.load_dataset_builder(name=config, **where, **options)
+
+
+def _text_files(builder, split: str) -> Optional[List[str]]:
+    """The local files of ``split`` (``a+b``: both) when ``builder`` reads plain text, else None."""
+    if builder.name != "text":
+        return None
+    files = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
+    if any(part not in files for part in split.split("+")):
+        raise ValueError(f"Bad split: {split}. Available splits: {sorted(files)}")
+    chosen = [f for part in split.split("+") for f in files[part]]
+    return chosen if all("://" not in f for f in chosen) else None
 
 
 def only_split(name: str, config: Optional[str] = None) -> Optional[str]:
@@ -153,18 +159,30 @@ def only_split(name: str, config: Optional[str] = None) -> Optional[str]:
 
 
 def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
-                  text_column: str = "text") -> Iterator[str]:
+                  text_column: str = "text") -> Iterator[Union[str, Iterator[str]]]:
     """Texts from a HuggingFace dataset (an optional dependency; see :func:`_dataset_builder` for what
-    ``name`` may be), streamed: only the rows read are fetched. Empty rows are skipped."""
+    ``name`` may be), streamed: only the rows read are fetched. Empty rows are skipped. Plain-text files
+    are read one document per file, as ``--text-file`` reads them (the ``text`` builder's default is one
+    row per line, which drops the blank lines and newlines of code and prose); local ones a piece at a
+    time, as :func:`read_texts` does (whole, a file of over 2 GB did not fit one row)."""
     try:
         import datasets
     except ImportError as e:
         raise ImportError("--dataset needs the 'datasets' package: pip install datasets") from e
     try:
-        ds = _dataset_builder(datasets, name, config).as_streaming_dataset(split=split)
+        builder = _dataset_builder(datasets, name, config)
+        files = _text_files(builder, split)
+        if files is None and builder.name == "text":  # (a hub dataset's text files: whole documents)
+            builder = _dataset_builder(datasets, name, config, sample_by="document")
+        ds = None if files is not None else builder.as_streaming_dataset(split=split)
     except Exception as e:  # network, unknown name, unknown config/split: all user-facing
         why = str(e) or ("its data files hold no rows" if isinstance(e, StopIteration) else type(e).__name__)
         raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {why}") from e
+    if files is not None:
+        if text_column != "text":
+            raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: ['text']); "
+                             "pick one with --text-column")
+        return (_file_pieces(f) for f in files if os.path.getsize(f) > 0)
 
     def rows():
         for row in ds:

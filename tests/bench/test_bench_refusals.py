@@ -191,6 +191,15 @@ def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
     assert merged["machine"] == {"cpu": "test cpu", "torch": "2.13"}  # both ran on it
 
 
+def test_bench_quality_merges_a_corpus_recorded_relative_with_its_real_path(tmp_path, capsys, monkeypatch):
+    # a result recorded its corpus as given (relative); one of this version, by real path: they did not merge
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qc").mkdir()
+    a = _quality_result(tmp_path / "a.json", models=("bsbr",), corpus="qc")
+    b = _quality_result(tmp_path / "b.json", models=("sliding_window",), corpus=str(tmp_path / "qc"))
+    assert main(["bench", "quality", "--merge", a, b, "--json", str(tmp_path / "m.json")]) == 0, capsys.readouterr().err
+
+
 def test_bench_quality_merges_results_bsbr_0_2_0_wrote(tmp_path, capsys):
     """bsbr 0.2.0 named the chunk size "block" in its results (the stored study's runs): they still merge."""
     stored = Path(__file__).resolve().parents[2] / "docs" / "scaling"

@@ -150,15 +150,26 @@ def test_a_utf8_byte_order_mark_is_not_read_as_text(tmp_path, word_tokenizer):
     assert torch.equal(windows[0], windows[1])
 
 
-def test_local_dataset_text_files_are_documents_and_a_data_file_or_path_is_local(tmp_path):
+def test_local_dataset_text_files_are_documents_and_a_data_file_or_path_is_local(tmp_path, monkeypatch):
     pytest.importorskip("datasets")
+
+    def read(name, split="train"):
+        return [d if isinstance(d, str) else "".join(d) for d in corpus.dataset_texts(str(name), split=split)]
+
     text = "def x(y):\n\n    return y\n"
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text(text)  # the text builder's default: one row per line, blanks dropped
-    assert list(corpus.dataset_texts(str(tmp_path / "texts"), split="train")) == [text]
+    (tmp_path / "texts" / "empty.txt").write_text("")
+    assert read(tmp_path / "texts") == [text]
     (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n{"text": "c"}\n')  # one file: read as its one split
-    assert list(corpus.dataset_texts(str(tmp_path / "d.jsonl"), split="train")) == ["a b", "c"]
-    assert list(corpus.dataset_texts(str(tmp_path / "texts" / "a.txt"), split="train")) == [text]
+    assert read(tmp_path / "d.jsonl") == ["a b", "c"]
+    assert read(tmp_path / "texts" / "a.txt") == [text]
+    # a piece at a time, as --text-file reads (whole, a file of over 2 GB failed: one Arrow string)
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 8)
+    doc = next(corpus.dataset_texts(str(tmp_path / "texts"), split="train"))
+    assert not isinstance(doc, str) and all(len(piece) <= 16 for piece in doc)
+    with pytest.raises(ValueError, match="Bad split: test. Available splits: .'train'."):
+        corpus.dataset_texts(str(tmp_path / "texts"), split="test")
     with pytest.raises(ValueError, match="no such folder or file"):  # not sent to the hub as a name
         corpus.dataset_texts(str(tmp_path / "gone"))
     with pytest.raises(ValueError, match="no such folder or file"):

@@ -321,8 +321,9 @@ def merge_results(paths: Sequence[str]) -> Dict[str, object]:
         seen[real] = path
     parts = [_read_result(path) for path in paths]
 
-    def same(c):
-        return {k: v for k, v in c.items() if k not in ("models", "merged_from")}
+    def same(c):  # (a corpus by real path: bsbr 0.2.0 recorded it as given, maybe relative to where it ran)
+        return {k: os.path.realpath(v) if k == "corpus" and isinstance(v, str) else v for k, v in c.items()
+                if k not in ("models", "merged_from")}
     for path, part in zip(paths, parts):
         a, b = same(part["config"]), same(parts[0]["config"])
         if a != b:
