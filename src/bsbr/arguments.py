@@ -354,6 +354,20 @@ def check_positions(model, role: str, lengths: Iterable) -> None:
                             f"{give}")
 
 
+def warn_past_rotary_positions(model, role: str, lengths: Iterable) -> None:
+    """Warn of lengths ``(option, tokens, ...)`` that run a rotary source past its ``max_position_embeddings``
+    (it runs there, unlike a learned table, but its own predictions degrade: what it is compared with, or
+    teaches, there is no longer the source at its best)."""
+    config = getattr(model, "config", None)
+    table = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "model_type", None) == "gpt2" or not table:
+        return
+    for option, tokens, *_ in lengths:
+        if tokens > table:
+            logger.warning("%s %s runs the %s past its %s positions (max_position_embeddings), where its own "
+                           "predictions degrade", option, f"{tokens:,}", role.lstrip("-"), f"{table:,}")
+
+
 def check_bsbr_positions(model_dir, option: str, lengths: Iterable) -> None:
     """Refuse lengths ``(option, tokens)`` or ``(option, tokens, fix)`` past the learned positions of a BSBR
     model converted with ``--position-scheme absolute`` (read from its config.json, before loading): its

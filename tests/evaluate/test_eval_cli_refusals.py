@@ -513,3 +513,16 @@ def test_a_local_data_file_evaluates_its_one_split_without_dataset_split(saved, 
     assert main(argv) == 0, capsys.readouterr().err
     corpus = json.loads(out.read_text())["config"]["corpus"]
     assert corpus["split"] == "train" and corpus["name"] == str(data.resolve()), corpus
+
+
+def test_a_rotary_reference_run_past_its_positions_is_named(saved, tmp_path, caplog):
+    # distill warned of it; eval printed the source's perplexity (and the gap closed) as an upper bound
+    # without a word
+    text = tmp_path / "long.py"
+    text.write_text("def f ( x ) :\n    return x + y\n" * 300)
+    table = json.loads((saved / "ref" / "config.json").read_text())["max_position_embeddings"]
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--text-file", str(text), "--seq-len",
+            str(table + 16), "--max-windows", "1", "--no-passkey", "--no-progress"]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert f"--seq-len {table + 16:,} runs the reference past its {table:,} positions" in caplog.text, caplog.text

@@ -16,7 +16,8 @@ from typing import Optional
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_model_arg,
                          check_positions, check_recorded_source, check_source, check_text_files, check_unique,
-                         dataset_options, load_model_arg, load_tokenizer_arg, same_file)
+                         dataset_options, load_model_arg, load_tokenizer_arg, same_file,
+                         warn_past_rotary_positions)
 from ..errors import CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
                        write_model_card)
@@ -326,11 +327,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     if note:
         logger.warning(note)
     check_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (once it is the student's source)
-    rotary_table = getattr(teacher.config, "max_position_embeddings", None)
-    if getattr(teacher.config, "model_type", None) != "gpt2" and rotary_table and args.seq_len > rotary_table:
-        logger.warning("--seq-len %d runs the teacher past its %d positions (max_position_embeddings), where its "
-                       "own predictions degrade, and the student learns to imitate them there", args.seq_len,
-                       rotary_table)
+    warn_past_rotary_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (the student imitates it)
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)

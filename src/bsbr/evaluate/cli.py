@@ -11,7 +11,8 @@ from typing import Optional
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
 from ..arguments import (add_dataset_arguments, check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg,
                          check_positions, check_recorded_source, check_source, check_text_files, check_unique,
-                         dataset_options, expand_home, load_tokenizer_arg, read_config, read_metadata, same_file)
+                         dataset_options, expand_home, load_tokenizer_arg, read_config, read_metadata, same_file,
+                         warn_past_rotary_positions)
 from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
@@ -282,6 +283,8 @@ def cmd_eval(args) -> int:
         if note:
             logger.warning(note)
         check_positions(source_model, "--reference", reference_lengths())
+        if not args.passkey_only:  # its perplexity is then no upper bound (pass-key lengths past it are the point)
+            warn_past_rotary_positions(source_model, "--reference", [("--seq-len", args.seq_len)])
 
     passkey = None if args.no_passkey else dict(
         lengths=args.passkey_lengths or list(DEFAULT_LENGTHS), depths=args.passkey_depths or list(DEFAULT_DEPTHS),
