@@ -155,7 +155,7 @@ def only_split(name: str, config: Optional[str] = None) -> Optional[str]:
         splits = list(_dataset_builder(datasets, name, config).config.data_files or ())
     except Exception:  # reported by the check that opens it
         return None
-    return splits[0] if len(splits) == 1 else None
+    return str(splits[0]) if len(splits) == 1 else None  # (a NamedSplit: neither JSON nor a str to parse)
 
 
 def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",

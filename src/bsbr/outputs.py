@@ -81,8 +81,12 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                               f"while writing there: pass --overwrite to replace it, or remove it")
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
     if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
-        raise OutputError(f"{option} {path} holds files no bsbr command wrote (not only a BSBR model, its records or a "
-                          f"checkpoint): --overwrite replaces only a bsbr output; move them or choose another {option}")
+        card = out / "README.md"
+        edited = " (its README.md is not the model card bsbr writes: edited?)" if card.is_file() and not \
+            _is_model_card(card) else ""
+        raise OutputError(f"{option} {path} holds files no bsbr command wrote{edited} (not only a BSBR model, its "
+                          f"records or a checkpoint): --overwrite replaces only a bsbr output; move them or choose "
+                          f"another {option}")
     if not _written_into(out) and (parent := unwritable_parent(out)) is not None:
         why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
@@ -226,6 +230,19 @@ def _written_name(name: str) -> bool:
     return name in _WRITTEN or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
+# SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03), which --overwrite also replaces
+_EARLIER_CARDS = {"0306ce1d1899582c5d13ca55cb7d4a667e42f31f1f3621d5f678b3d2fbc6b198"}
+
+
+def _is_model_card(path: Path) -> bool:
+    """Whether ``path`` holds a model card bsbr wrote, as it wrote it (edited, it is the user's)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text == MODEL_CARD or hashlib.sha256(text.encode()).hexdigest() in _EARLIER_CARDS
+
+
 def left_by_a_kill(name: str) -> bool:
     """Whether a file or folder name is one bsbr stages its outputs under (so one a killed command left)."""
     return bool(_STAGED.fullmatch(name))
@@ -258,9 +275,7 @@ def is_bsbr_output(out: Path) -> bool:
                            for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
         if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
-            with contextlib.suppress(OSError, UnicodeDecodeError):
-                return entry.read_text(encoding="utf-8") == MODEL_CARD
-            return False
+            return _is_model_card(entry)
         return _written_name(entry.name)
 
     entries = list(out.iterdir())

@@ -14,6 +14,7 @@ import torch
 from cli_checks import TEXT, SRC, one_error_line, refused, tree_hash
 from safetensors.torch import load_file, save_file
 
+import bsbr.outputs
 from bsbr.cli import main
 
 def distill_args(models, text, output, *extra):
@@ -348,7 +349,11 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     (mine / "notes.txt").unlink()
     card = (mine / "README.md").read_text()
     (mine / "README.md").write_text(card + "\nMy results on our data.\n")  # an edited model card: the user's
-    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    line = refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    assert "holds files no bsbr command wrote (its README.md is not the model card bsbr writes: edited?)" in line
+    # the card an earlier bsbr wrote is bsbr's (its outputs were refused)
+    shutil.copy(Path(__file__).parent / "data" / "model_card_before_2026-12-03.md", mine / "README.md")
+    assert bsbr.outputs.is_bsbr_output(mine)
     (mine / "README.md").write_text(card)
     (mine / "checkpoint").mkdir()  # a folder named like distill's, of other files
     (mine / "checkpoint" / "my_weights.pt").write_text("w")

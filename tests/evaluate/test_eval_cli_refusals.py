@@ -513,6 +513,13 @@ def test_a_local_data_file_evaluates_its_one_split_without_dataset_split(saved, 
     assert main(argv) == 0, capsys.readouterr().err
     corpus = json.loads(out.read_text())["config"]["corpus"]
     assert corpus["split"] == "train" and corpus["name"] == str(data.resolve()), corpus
+    # a folder of files naming no split: its split was a NamedSplit (not JSON, not a str), and eval failed
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text((saved / "text.py").read_text())
+    argv[argv.index("--dataset") + 1] = str(folder)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["config"]["corpus"]["split"] == "train"
 
 
 def test_a_rotary_reference_run_past_its_positions_is_named(saved, tmp_path, caplog):
