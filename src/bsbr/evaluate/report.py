@@ -28,8 +28,8 @@ def summary_lines(result: dict) -> Iterable[str]:
     yield f"gap closed (ppl_local - ppl_bsbr) / (ppl_local - ppl_source): {gap}"
     if "gap_closed_by_retrieval" in lm:
         yield (f"  of which retrieval (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
-               f"{percent(lm['gap_closed_by_retrieval'], 2, 'undefined')} (window = the model's exact window "
-               f"alone, no retrieval: {cfg.get('local_chunks', 1)} chunk(s) + {cfg.get('sink_tokens', 0)} sink tokens)")
+               f"{percent(lm['gap_closed_by_retrieval'], 2, 'undefined')} (window = the source's weights in the "
+               f"model's exact window alone, no retrieval: {cfg.get('local_chunks', 1)} chunk(s) + {cfg.get('sink_tokens', 0)} sink tokens)")
     yield "perplexity per position bucket:"
     yield f"  {'positions':<13} " + " ".join(f"{n:>9}" for n in names) + f" {'gap':>8}"
     for b in lm["buckets"]:
