@@ -177,7 +177,8 @@ class TransformerToBSBRConverter:
         meta = next((k for k, v in sd.items() if v.is_meta), None)
         if meta is not None:  # (built with init_empty_weights, or offloaded by accelerate: nothing to copy)
             raise SourceWeightsError(f"the source's weight {meta!r} is on the meta device, with no values to copy: "
-                                     "load the source with its weights (no device_map offloading, no init_empty_weights)")
+                                     "load the source with its weights (no device_map offloading, no "
+                                     "init_empty_weights)")
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)
             sd = {f"{family.base_prefix}.{k}": v for k, v in sd.items()}
         for note in source_notes(src.config) if family is LLAMA_LIKE else ():

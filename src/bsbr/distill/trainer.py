@@ -293,7 +293,8 @@ def shortest_window(student, params: str) -> int:
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
             resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
-            should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None, overwrite: bool = False) -> dict:
+            should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
+            overwrite: bool = False) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
     ``windows`` (1-D LongTensors), checkpointing to ``output_dir/checkpoint``; rank 0 then moves the final
     model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
@@ -302,8 +303,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     A checkpoint is continued only with ``resume``, only if written with the same weights, windows,
     ``settings``, student config and config (except :data:`RESUMABLE_CHANGES`), and only if ``cfg`` leaves
     steps or time to train (:func:`check_work_left`). ``data``: where the windows came from, recorded in
-    ``distill.json`` (a resume compares the windows' tokens, not this). ``overwrite`` starts over whatever ``output_dir``
-    holds: its checkpoint stays until this run's first checkpoint replaces it, its other files (the old
+    ``distill.json`` (a resume compares the windows' tokens, not this). ``overwrite`` starts over whatever
+    ``output_dir`` holds: its checkpoint stays until this run's first checkpoint replaces it, its other files (the old
     model) until this run's model replaces them (an interrupted run's checkpoint records their names, so
     its resume removes them too). ``should_stop`` is
     asked after every step, and once more before the model is published: True writes a checkpoint and

@@ -360,8 +360,8 @@ def cmd_eval(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a converted model against its source, chunk-local attention and its window alone",
                        description="Perplexity past the first chunk (BSBR vs the source with full attention vs the "
-                                   "source restricted to chunk-local attention vs the source in the model's exact window "
-                                   "alone, no retrieval), gap closed, next-token agreement, "
+                                   "source restricted to chunk-local attention vs the source in the model's exact "
+                                   "window alone, no retrieval), gap closed, next-token agreement, "
                                    "KL, hidden-state similarity, and pass-key retrieval.")
     p.add_argument("model", help="a converted model directory (from `bsbr convert` or distillation)")
     p.add_argument("--reference", default=None,

@@ -29,7 +29,8 @@ def summary_lines(result: dict) -> Iterable[str]:
     if "gap_closed_by_retrieval" in lm:
         yield (f"  of which retrieval (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
                f"{percent(lm['gap_closed_by_retrieval'], 2, 'undefined')} (window = the source's weights in the "
-               f"model's exact window alone, no retrieval: {cfg.get('local_chunks', 1)} chunk(s) + {cfg.get('sink_tokens', 0)} sink tokens)")
+               f"model's exact window alone, no retrieval: {cfg.get('local_chunks', 1)} chunk(s) + "
+               f"{cfg.get('sink_tokens', 0)} sink tokens)")
     yield "perplexity per position bucket:"
     yield f"  {'positions':<13} " + " ".join(f"{n:>9}" for n in names) + f" {'gap':>8}"
     for b in lm["buckets"]:
