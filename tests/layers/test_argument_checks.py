@@ -364,3 +364,36 @@ def test_a_state_is_continued_only_by_streaming():
     with pytest.raises(TypeError, match="streaming must be True or False"):
         attn(x, streaming="no")
     torch.testing.assert_close(attn(x[:, 5:], streaming=True, state=state)[0], attn(x)[:, 5:])
+
+
+def test_models_built_under_a_device_context_run_there():
+    """The rotary frequencies were pinned to the CPU while every weight followed a ``torch.device``
+    context, so the first forward failed ("Tensor on device cpu is not on the expected device meta")."""
+    from bsbr.models import AttentionLM
+
+    with torch.device("meta"):
+        native = BSBRModel(vocab_size=50, hidden_dim=32, num_layers=1, num_heads=4, chunk_size=4, ff_dim=64)
+        shell = AttentionLM(50, 32, 1, 4, attention="bsbr", chunk_size=4)
+    ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
+    assert native(ids).shape == (1, 5, 32) and shell(ids).shape == (1, 5, 50)
+
+
+def test_numbers_of_another_library_are_named_with_the_fix():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got np.int64\(4\) \(a numpy.int64: "
+                                         r"pass int\(x\)\)"):
+        BSBRAttention(16, 2, np.int64(4))
+    with pytest.raises(ValueError, match=r"pass float\(x\)"):
+        BSBROptions(4, scale=np.float32(0.5))
+    assert BSBRAttention(16, 2, 4, dropout=np.float32(0.25)).dropout == 0.25  # dropout is read as a float
+
+
+@pytest.mark.parametrize("attention", ["linear", "deltanet"])
+def test_attentions_without_positions_take_any_head_size(attention):
+    """AttentionLM built a rotary for every attention and refused an odd head size with a message about
+    rotary dims, for layers that use no positions."""
+    from bsbr.models import AttentionLM
+
+    model = AttentionLM(40, 15, 1, 3, attention=attention)
+    assert model.rotary is None and model(torch.randint(0, 40, (2, 7))).shape == (2, 7, 40)

@@ -26,6 +26,8 @@ class DeltaNet(MultiHeadBase):
         chunk_size: tokens per chunk of the chunkwise algorithm (speed knob; results do not depend on it).
     """
 
+    rotary_dim = 0  # no rotary positions (AttentionLM builds none for it)
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, *, head_dim: Optional[int] = None,
                  bias: bool = True, out_bias: Optional[bool] = None, chunk_size: int = 64):
         super().__init__(hidden_dim, num_heads, dropout, head_dim, bias, out_bias)

@@ -1,6 +1,7 @@
 """Input checks shared by every attention layer: a clear error naming the argument."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -64,7 +65,7 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
 
 
 def check_dropout(dropout) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     return float(dropout)
 

@@ -27,6 +27,8 @@ class LinearAttention(MultiHeadBase):
         chunk_size: tokens per chunk of the chunked form (speed knob; results do not depend on it).
     """
 
+    rotary_dim = 0  # no rotary positions (AttentionLM builds none for it)
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, *, head_dim: Optional[int] = None,
                  bias: bool = True, out_bias: Optional[bool] = None, feature_map: str = "elu",
                  normalize: bool = True, chunk_size: int = 64):

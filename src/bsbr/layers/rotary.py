@@ -91,7 +91,10 @@ class RotaryEmbedding(nn.Module):
             # of the frequencies differed by an ulp, and a converted model's logits drifted with the position
             # (on the CPU even under a meta device context: the values are what load_state_dict restores)
             inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        here = torch.empty(0).device  # the device context's (torch.device(...), set_default_device), as for
+        # parameters; on the meta device the values stay on the CPU: load_state_dict restores them
+        self.register_buffer("inv_freq", inv_freq.float() if inv_freq.is_meta or here.type == "meta"
+                             else inv_freq.float().to(here), persistent=False)
         # not in any checkpoint (non-persistent), so a model built on the meta device and given real memory by
         # to_empty() holds garbage here: load_state_dict restores it from this copy
         self.inv_freq_values = None if inv_freq.is_meta else inv_freq.detach().float().cpu().clone()
@@ -101,6 +104,6 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32):
         """position_ids: (b, n) or (n,) -> cos, sin of shape (b, n, dim) / (n, dim)."""
         # float32 like the HuggingFace Llama-family rotary, so converted models reproduce it exactly
-        freqs = position_ids.float()[..., None] * self.inv_freq.float()
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device).float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)

@@ -2,7 +2,7 @@
 
 Token embedding -> ``num_layers`` pre-norm blocks (x + attn(ln(x)), then x + mlp(ln(x))) -> final
 LayerNorm -> LM head (tied to the embedding). Rotary positions are computed on the fly for any length
-(layers that use no positions ignore them). This is the shell of ``bsbr bench models`` and
+(not for layers that use none: linear attention, DeltaNet). This is the shell of ``bsbr bench models`` and
 ``bsbr bench quality``: same width, depth, MLP and head for every attention, so differences in speed
 and loss are the attention's.
 """
@@ -87,8 +87,8 @@ class AttentionLM(nn.Module):
             for _ in range(num_layers)
         )
         att = self.layers[0].attention
-        rotary_dim = getattr(att, "rotary_dim", None) or att.head_dim
-        self.rotary = RotaryEmbedding(rotary_dim, theta=rope_theta)
+        rotary_dim = att.rotary_dim if hasattr(att, "rotary_dim") else att.head_dim  # 0: the layer uses no positions
+        self.rotary = RotaryEmbedding(rotary_dim, theta=rope_theta) if rotary_dim else None
         self.norm = nn.LayerNorm(hidden_dim)
         self.lm_head = nn.Linear(hidden_dim, vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied: the head adds no parameters
@@ -101,7 +101,8 @@ class AttentionLM(nn.Module):
         """input_ids (b, n) integers in [0, vocab_size); attention_mask (b, n) of 1/0 or None.
         Returns logits (b, n, vocab_size)."""
         check_input_ids(input_ids, self.embedding.num_embeddings)
-        cos_sin = self.rotary(token_positions(input_ids, attention_mask), self.embedding.weight.dtype)
+        cos_sin = None if self.rotary is None else self.rotary(token_positions(input_ids, attention_mask),
+                                                               self.embedding.weight.dtype)
         x = self.embedding(input_ids)
         for layer in self.layers:
             x = layer(x, attention_mask, cos_sin)

@@ -4,6 +4,7 @@ out (batch, heads, seq_len, dim)."""
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Optional, Tuple
 
@@ -41,7 +42,7 @@ def check_number(name, value, minimum: Optional[float] = None, *, above: bool = 
     if not ok:
         bound = "" if minimum is None else f" {'>' if above else '>='} {minimum}"
         raise ValueError(f"{name} must be {'None or ' if none else ''}a finite number{bound} (within float32 range), "
-                         f"got {shown(value)}")
+                         f"got {shown(value)}{_python_type_hint(value, 'float')}")
 
 
 def check_flag(name, value, none: bool = False) -> None:
@@ -59,9 +60,17 @@ def check_tensor(name: str, x, ndim: int) -> None:
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
 
 
+def _python_type_hint(value, kind: str) -> str:
+    """' (a numpy.int64: pass int(x))' for a number of another library's type, else ''."""
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
+        return f" (a {type(value).__module__}.{type(value).__name__}: pass {kind}(x))"
+    return ""
+
+
 def check_int(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an int >= {minimum}, got {shown(value)}"
+                         f"{_python_type_hint(value, 'int')}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be at most {maximum:,}, got {value:,}")
 
