@@ -57,6 +57,32 @@ def test_generate_continues_a_returned_cache(model):
     assert torch.equal(out, ref[:, -9:])
 
 
+@pytest.mark.parametrize("mode", [dict(retrieval_blocks=2), dict(retrieval_blocks=0, recall_tokens=3)])
+def test_a_mask_may_not_turn_tokens_the_cache_read_into_padding(mode):
+    """Continuing a batch whose row 0 ended early, with the pads generate fed after its end masked out, gave that
+    row silently wrong tokens: the mask over the cached tokens was dropped, and the cache still counted the pads."""
+    model = make("llama", **mode)
+    ids, mask = left_padded()
+    o = model.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True, **GEN)
+    seq = o.sequences
+    turn = torch.cat([seq, torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(1))], 1)
+    turn_mask = torch.cat([mask, torch.ones_like(turn[:, 6:])], 1)
+    turn_mask[0, 9:15] = 0  # row 0's tokens after its "end of text", read by the cache as real
+    with pytest.raises(ValueError, match=r"attention_mask marks as padding 5 token\(s\) that the cache read as real "
+                                         r"\(row 0"):
+        model.generate(turn, attention_mask=turn_mask, cache=o.cache, max_new_tokens=4, **GEN)
+    turn_mask[0, 9:15] = 1  # the mask the cache was built with: continues
+    out = model.generate(turn, attention_mask=turn_mask, cache=o.cache, max_new_tokens=4, **GEN)
+    assert torch.equal(out, model.generate(turn, attention_mask=turn_mask, max_new_tokens=4, **GEN))
+
+
+def test_generate_refuses_position_ids_it_cannot_follow(model):
+    """generate dropped position_ids silently (the cache's counters place new tokens); the forward takes them."""
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="position_ids: generate places each token by the cache's"):
+        model.generate(ids, position_ids=torch.arange(9)[None] + 5, max_new_tokens=3, **GEN)
+
+
 def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
     """Only the new tokens, more of them than the cache had read: transformers took them for the whole text and
     dropped as many as the cache held, silently. A hash of the ids the cache read tells the two apart."""

@@ -412,6 +412,18 @@ def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tenso
     return torch.where(pos < n_pos, pos, pos % period)
 
 
+def _refuse_forgotten_tokens(cached_mask: torch.Tensor, cache: BSBRCache) -> None:
+    """A mask over the tokens a cache has read may not mark as padding tokens it read as real (pads that
+    ``generate`` fed after a row's end of text, masked in the next turn): a cache cannot forget them, and its
+    chunks, positions and states would silently still count them."""
+    short = cache.n_seen - (cached_mask != 0).sum(-1).to(cache.n_seen.device)
+    if bool((short > 0).any()):
+        row = int((short > 0).nonzero()[0, 0])
+        raise ValueError(f"attention_mask marks as padding {int(short[row])} token(s) that the cache read as real "
+                         f"(row {row}; e.g. pads generated after a row's end of text): a cache cannot forget tokens; "
+                         "generate from the whole text without cache=, or keep the mask the cache was built with")
+
+
 class BSBRBaseModel(BSBRPreTrainedModel):
     def __init__(self, config: BSBRConfig):
         # its values checked as a new config's are: from_pretrained(DIR, chunk_size=0) and attributes set on
@@ -468,6 +480,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if cache is not None:
             self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
+            if attention_mask.dim() == 2 and attention_mask.shape[0] == b and cache.states:  # (else refused below)
+                _refuse_forgotten_tokens(attention_mask[:, :-n], cache)
             attention_mask = attention_mask[:, -n:]  # generate passes the whole mask; keep the new tokens'
         valid = mask_to_valid(attention_mask, b, n)
         if valid is not None and bool(valid.all()):
@@ -600,6 +614,16 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         """Whether positions go on past ``max_position_embeddings`` (rope, or learned positions that wrap
         or clamp): only learned ``absolute`` positions end there."""
         return self.config.position_type == "rope" or self.config.position_scheme != "absolute"
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``; ``position_ids`` are refused: a BSBR cache places each new token by its
+        sequence's own counter (a forward with ``position_ids=`` and ``cache=`` takes any positions)."""
+        drafting = getattr(kwargs.get("generation_config"), "is_assistant", False)  # refused in words below
+        if kwargs.get("position_ids") is not None and not drafting:
+            raise ValueError("position_ids: generate places each token by the cache's per-sequence counter and "
+                             "cannot follow given positions; call the model with position_ids= and cache= step by "
+                             "step instead")
+        return super().generate(*args, **kwargs)
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         """transformers' check of the mode; assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``,
