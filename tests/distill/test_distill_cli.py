@@ -507,10 +507,26 @@ def test_the_resume_command_of_a_data_parallel_run_is_a_torchrun_command(monkeyp
     args = Namespace(argv=["distill", "--student", "s", "--output", "o", "--overwrite"])
     assert _resume_command(args) == "bsbr distill --student s --output o --resume"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _resume_command(args) == "torchrun --nproc_per_node 2 -m bsbr.cli distill --student s --output o --resume"
+    assert _resume_command(args) == ("torchrun --shutdown-timeout 900 --nproc_per_node 2 -m bsbr.cli distill --student s "
+                                     "--output o --resume")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert _resume_command(args).startswith("torchrun --nnodes 2 --nproc_per_node 4 (this run's --rdzv options) -m ")
+    assert _resume_command(args).startswith("torchrun --shutdown-timeout 900 --nnodes 2 --nproc_per_node 4 (this run's "
+                                            "--rdzv options) -m ")
+
+
+def test_a_ctrl_c_under_torchrun_says_how_long_torchrun_waits(monkeypatch, caplog):
+    """torchrun kills its workers 30 s after passing on a Ctrl-C, inside a real model's step: the checkpoint the
+    message promised was never written. The message and the resume command say how to give a step time."""
+    import os
+
+    from bsbr.distill.cli import _stop_on_signal
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with _stop_on_signal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+    assert "finishing the current step" in caplog.text and "--shutdown-timeout 900" in caplog.text, caplog.text
 
 
 def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp_path, capsys, no_loading):
@@ -557,7 +573,8 @@ def test_a_process_that_dies_under_torchrun_leaves_the_other_saying_how_to_resum
     lines = [x for x in err.splitlines() if x.startswith("bsbr distill")]
     # (torchrun also sends the survivor SIGTERM: it may stop there, after its checkpoint, as on Ctrl-C)
     assert any(x.startswith(("bsbr distill: error: another process of this run stopped", "bsbr distill: interrupted"))
-               and "holds step" in x and "resume with: torchrun --nproc_per_node 2 -m bsbr.cli distill" in x
+               and "holds step" in x
+               and "resume with: torchrun --shutdown-timeout 900 --nproc_per_node 2 -m bsbr.cli distill" in x
                for x in lines), err
     assert "internal error" not in err and "(rank 1)" not in err.replace("(rank 1): error", ""), err
     assert err.count("training windows of 88 tokens") == 1, err  # rank 0's log alone

@@ -507,3 +507,12 @@ def test_weights_offloaded_by_accelerate_give_the_same_logits_and_tokens(kw, tmp
         with torch.no_grad():
             torch.testing.assert_close(offloaded(ids).logits, logits, rtol=0, atol=0)
             assert torch.equal(offloaded.generate(ids, max_new_tokens=9, **GEN), tokens)
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    """A saved model whose config.json is missing (a save cut short while its files were replaced) loaded as a
+    default 768-wide model and failed on meta tensors after a table of mismatched weights."""
+    make("llama").save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="is not a saved BSBR model directory \\(no config.json\\)"):
+        BSBRForCausalLM.from_pretrained(tmp_path / "m")

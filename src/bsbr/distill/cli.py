@@ -119,6 +119,13 @@ def _student_config(student_dir: Path) -> dict:
             from e
 
 
+# torchrun passes a Ctrl-C on to its workers and kills them 30 s later (its default --shutdown-timeout): less
+# than a step of a real model (110-230 s for SmolLM2 at 4,096 tokens on 2 cores, docs/findings.md)
+SHUTDOWN_TIMEOUT = 900
+TORCHRUN_GRACE = (f"; torchrun kills its workers 30 s after a Ctrl-C unless started with --shutdown-timeout longer than "
+                  f"a step (e.g. torchrun --shutdown-timeout {SHUTDOWN_TIMEOUT})")
+
+
 def _resume_command(args) -> str:
     """The command that continues this run: its arguments without --overwrite, with --resume, under
     torchrun with as many processes when it runs data parallel (a checkpoint resumes at its world size)."""
@@ -130,9 +137,10 @@ def _resume_command(args) -> str:
     if world <= 1:
         start = "bsbr "
     elif local >= world:
-        start = f"torchrun --nproc_per_node {world} -m bsbr.cli "
+        start = f"torchrun --shutdown-timeout {SHUTDOWN_TIMEOUT} --nproc_per_node {world} -m bsbr.cli "
     else:  # several nodes: each starts its part, with the rendezvous options this run was given
-        start = f"torchrun --nnodes {world // local} --nproc_per_node {local} (this run's --rdzv options) -m bsbr.cli "
+        start = (f"torchrun --shutdown-timeout {SHUTDOWN_TIMEOUT} --nnodes {world // local} --nproc_per_node {local} "
+                 "(this run's --rdzv options) -m bsbr.cli ")
     return start + " ".join(shlex.quote(a) for a in argv)
 
 
@@ -144,8 +152,8 @@ def _stop_on_signal():
 
     def handle(signum, frame):
         stop.set()
-        logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)",
-                       signal.Signals(signum).name)
+        logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)%s",
+                       signal.Signals(signum).name, TORCHRUN_GRACE if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     main_thread = threading.current_thread() is threading.main_thread()

@@ -318,7 +318,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
         pickle, never loaded, even through torch's restricted unpickler): ``use_safetensors=False`` is refused."""
         where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
         local = Path(where, kwargs.get("subfolder") or "") if isinstance(where, (str, os.PathLike)) else None
-        if local is not None and (local / "config.json").is_file() and kwargs.get("config") is None:
+        if local is not None and local.is_dir() and kwargs.get("config") is None:
+            if not (local / "config.json").is_file():  # (transformers built a default config, then failed on meta
+                # tensors after a table of mismatched weights)
+                raise FileNotFoundError(f"{local} is not a saved BSBR model directory (no config.json)")
             refuse_other_model_type(local)
         if kwargs.get("use_safetensors") is False:
             raise ValueError("use_safetensors=False: a BSBR model loads from safetensors only (a .bin checkpoint is "
