@@ -102,14 +102,18 @@ def _differs(a, b) -> bool:
     return not math.isclose(a, b, rel_tol=1e-6) if numbers else a != b
 
 
-def source_record(source, model) -> dict:
-    """What a converted model records of its source: name (a local path made absolute, so that the
-    ``give --reference NAME`` of later commands holds from any directory; else the hub id), model type,
-    weights fingerprint and :func:`architecture`."""
+def source_name(source) -> str:
+    """A source as records name it: a local path made absolute (so that it holds from any directory, as in
+    the ``give --reference NAME`` of later commands), else the hub id, or the bundled model's label."""
     local = source is not None and Path(os.path.expanduser(str(source))).exists()
-    name = str(Path(os.path.expanduser(str(source))).resolve()) if local else source_label(source)
-    return dict(name=name, model_type=getattr(model.config, "model_type", None), fingerprint=weights_fingerprint(model),
-                architecture=architecture(model))
+    return str(Path(os.path.expanduser(str(source))).resolve()) if local else source_label(source)
+
+
+def source_record(source, model) -> dict:
+    """What a converted model records of its source: :func:`source_name`, model type, weights fingerprint and
+    :func:`architecture`."""
+    return dict(name=source_name(source), model_type=getattr(model.config, "model_type", None),
+                fingerprint=weights_fingerprint(model), architecture=architecture(model))
 
 
 def read_metadata(model_dir) -> dict:

@@ -109,7 +109,7 @@ def test_unknown_peak_memory_prints_as_a_dash():
     assert speed_lines(res)[2].split()[-2:] == ["-", "3"]
 
 
-def test_bench_converted_json_records_its_config(tmp_path):
+def test_bench_converted_json_records_its_config(tmp_path, monkeypatch):
     import json
 
     from bsbr.cli import main
@@ -117,9 +117,11 @@ def test_bench_converted_json_records_its_config(tmp_path):
     source, _ = _llama_pair()
     source.save_pretrained(tmp_path / "src")
     out = tmp_path / "r.json"
-    assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "converted", "src", "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
                  "--decode-contexts", "24", "1", "--decode-steps", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
+    assert res["config"]["model"] == str(tmp_path / "src")  # a local source by absolute path (it was "src")
     assert res["benchmark"] == "converted" and res["machine"]["torch_threads"] >= 1
     assert {k: res["config"][k] for k in ("seq_lens", "decode_contexts", "decode_steps", "repeats", "chunk_size")} == \
         dict(seq_lens=[16], decode_contexts=[24, 1], decode_steps=2, repeats=1, chunk_size=8)

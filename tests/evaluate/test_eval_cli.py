@@ -123,7 +123,7 @@ def test_evaluate_bad_inputs(tiny):
         evaluate(model, src, None, torch.zeros(1, CHUNK, dtype=torch.long), CHUNK, progress=False)
 
 
-def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys):
+def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     src, _, _ = tiny
     ref, conv = tmp_path / "ref", tmp_path / "conv"
     src.save_pretrained(ref)
@@ -133,13 +133,15 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys):
     text = tmp_path / "code.py"
     text.write_text(PYTHON_TEXT)
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["eval", str(conv), "--reference", str(ref), "--text-file", str(text), "--seq-len", "40",
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", str(conv), "--reference", "ref", "--text-file", str(text), "--seq-len", "40",
                "--max-windows", "2", "--passkey-lengths", "96", "128", "--passkey-depths", "0.1", "0.9",
                "--passkey-trials", "1", "--passkey-new-tokens", "5", "--json", str(out_json), "--plot", str(out_png),
                "--no-progress"])
     assert rc == 0
     r = json.loads(out_json.read_text())
     assert r["config"]["chunk_size"] == CHUNK and r["config"]["windows"] == 2
+    assert r["config"]["reference"] == str(ref)  # a local reference by absolute path, as the model and corpus
     # zero-shot conversion, gate closed: the source over the default exact window (2 chunks + sinks) and
     # each token's best earlier chunks, which differs from the window alone
     lm = r["language_modeling"]

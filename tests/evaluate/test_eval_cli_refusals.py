@@ -145,7 +145,8 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
     assert not task.exists() and not list(tmp_path.iterdir())
     monkeypatch.undo()
     task.mkdir()
-    (task / "bsbr_passkey.jsonl").write_text("old")  # what a previous run (and lm-eval's import) left
+    row = dict.fromkeys(("prompt", "key", "length", "depth", "trial", "filler", "prompt_tokens"), 0)
+    (task / "bsbr_passkey.jsonl").write_text(json.dumps(row) + "\n")  # what a previous run (and lm-eval's import) left
     (task / "__pycache__").mkdir()
     (task / "__pycache__" / "bsbr_passkey_utils.cpython-312.pyc").write_bytes(b"pyc")
     assert main(argv) == 0
@@ -160,10 +161,26 @@ def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, n
     task = tmp_path / "task"
     (task / mine).parent.mkdir(parents=True)
     (task / mine).write_text("mine")
-    (task / "bsbr_passkey.yaml").write_text("old")
+    (task / "bsbr_passkey.yaml").write_text("# pass-key retrieval, written by bsbr.evaluate.lm_eval_task."
+                                            "write_lm_eval_task (offline: a local JSONL file)\ntask: old\n")
     before = _snapshot(task)
     _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY],
              "--lm-eval-task-dir", mine.split("/")[0], "move")
+    assert _snapshot(task) == before
+
+
+@pytest.mark.parametrize("name", ["bsbr_passkey.yaml", "bsbr_passkey_utils.py", "bsbr_passkey.jsonl"])
+def test_a_users_file_with_a_task_files_name_is_not_replaced(saved, tmp_path, capsys, no_loading, name):
+    """A file of the task's names was replaced whatever it held (notes, an edited metric), with exit 0."""
+    task = tmp_path / "task"
+    argv = ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY]
+    assert main(argv) == 0 and main(argv) == 0  # bsbr's own task is replaced
+    capsys.readouterr()
+    text = (task / name).read_text()
+    (task / name).write_text(text.replace("process_results", "my_results") if name.endswith(".py")
+                             else "my own notes, not a task\n")
+    before = _snapshot(task)
+    _refused(capsys, argv, "--lm-eval-task-dir", name, "not the task bsbr eval wrote there", "move")
     assert _snapshot(task) == before
 
 

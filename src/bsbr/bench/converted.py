@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..arguments import check_model_arg, check_positions, load_model_arg
+from ..arguments import check_model_arg, check_positions, load_model_arg, source_name
 from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
                            check_position_options, conversion_options, convert_source)
 from ..errors import UserError
@@ -176,7 +176,7 @@ def cmd(args) -> int:
     check_position_options(args, name, converted.config.position_type)
     set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
-    result["config"].update(model=title, conversion=options)
+    result["config"].update(model=source_name(args.source) if local else title, conversion=options)
     print("\n".join(speed_lines(result)))
     write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
     return 0

@@ -68,7 +68,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
 
     from ..convert import load_source
     from ..models import load_bsbr_model
-    from ..arguments import source_label
+    from ..arguments import source_label, source_name
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
@@ -86,7 +86,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
     if has_wide_window(model.config.to_dict()):
         models["window"] = local_baseline(source, chunk, like=model, same_window=True)
-    config = dict(model_dir=str(Path(model_dir).resolve()), reference=source_label(reference), chunk_size=chunk,
+    config = dict(model_dir=str(Path(model_dir).resolve()), reference=source_name(reference), chunk_size=chunk,
                   **{k: getattr(model.config, k, None) for k in ("local_chunks", "sink_tokens", "retrieval_blocks",
                                                                  "recall_tokens", "far_positions")},
                   torch=torch.__version__,

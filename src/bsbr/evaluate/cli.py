@@ -18,7 +18,7 @@ from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import FILLER_KINDS, default_fillers, filler_path, get_filler
-from .lm_eval_task import TASK_NAME, check_filler_metrics, write_lm_eval_task
+from .lm_eval_task import TASK_NAME, check_filler_metrics, is_task_file, write_lm_eval_task
 from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
 from .report import summary_lines
 
@@ -103,8 +103,12 @@ def _check_task_dir(task_dir: Path, arg) -> None:
     """--lm-eval-task-dir may hold only what a previous --lm-eval-task-dir wrote (:data:`TASK_FILES`, and
     the ``__pycache__`` of the utils module that lm-eval imports)."""
     for p in sorted(task_dir.iterdir()) if task_dir.is_dir() else ():
-        ours = p.is_file() and p.name in TASK_FILES or p.name == "__pycache__" and p.is_dir() and all(
-            q.name.startswith(f"{TASK_NAME}_utils.") and q.suffix == ".pyc" for q in p.iterdir())
+        ours = p.is_file() and p.name in TASK_FILES and is_task_file(p) or (
+            p.name == "__pycache__" and p.is_dir()
+            and all(q.name.startswith(f"{TASK_NAME}_utils.") and q.suffix == ".pyc" for q in p.iterdir()))
+        if not ours and p.name in TASK_FILES:  # (a file of the task's name that is not the task's, or was edited)
+            raise OutputError(f"--lm-eval-task-dir {arg} holds {p.name}, which is not the task bsbr eval wrote there "
+                              f"(or was edited since): give a new or empty directory, or move {p.name} away")
         if not ours and left_by_a_kill(p.name):
             raise OutputError(f"--lm-eval-task-dir {arg} holds {p.name}, left by a bsbr command that was killed while "
                               f"it wrote there: remove {p.name}")

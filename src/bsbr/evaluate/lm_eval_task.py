@@ -97,6 +97,26 @@ def _prompt_text(tokenizer, ids) -> str:
     return tokenizer.decode(_without_bos(tokenizer, ids), skip_special_tokens=False)
 
 
+ROW_KEYS = ("prompt", "key", "length", "depth", "trial", "filler", "prompt_tokens")
+
+
+def is_task_file(path: Path, task: str = TASK_NAME) -> bool:
+    """Whether ``path`` is a file :func:`write_lm_eval_task` wrote for ``task``, unedited where it holds code or
+    settings: the YAML by its first line, the utils module whole, the data by its first row's keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.name == f"{task}.yaml":
+                return f.readline() == _YAML.splitlines(keepends=True)[0]
+            if path.name == f"{task}_utils.py":
+                return f.read(len(_UTILS) + 1) == _UTILS
+            if path.name == f"{task}.jsonl":
+                row = json.loads(f.readline())
+                return isinstance(row, dict) and set(row) == set(ROW_KEYS)
+    except (OSError, ValueError):  # (unreadable, not text, not JSON)
+        return False
+    return False
+
+
 def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_TASK_LENGTHS,
                        depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0,
                        fillers: Optional[Sequence[Union[str, Filler]]] = None, max_new_tokens: int = 8,
@@ -120,8 +140,8 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     if appended > 0:  # (as a Llama tokenizer saved with add_eos_token=True)
         logger.warning("this tokenizer appends %d special token(s) to every text it encodes: lm-eval's HFLM adds them "
                        "after each prompt, bsbr eval does not, so their answers may differ", appended)
-    rows = [json.dumps(dict(prompt=text, key=p.key, length=p.target_length, depth=p.depth, trial=p.meta["trial"],
-                            filler=p.meta["filler"], prompt_tokens=p.length)) + "\n"
+    rows = [json.dumps(dict(zip(ROW_KEYS, (text, p.key, p.target_length, p.depth, p.meta["trial"], p.meta["filler"],
+                                           p.length)))) + "\n"
             for text, p in zip(texts, prompts)]
     task_dir = Path(task_dir).expanduser()
     data = task_dir.resolve() / f"{task}.jsonl"  # where it will be: the YAML names it
