@@ -550,3 +550,17 @@ def test_a_rotary_reference_run_past_its_positions_is_named(saved, tmp_path, cap
     with caplog.at_level("WARNING"):
         assert main(argv) == 0
     assert f"--seq-len {table + 16:,} runs the reference past its {table:,} positions" in caplog.text, caplog.text
+
+
+def test_a_task_written_by_an_earlier_version_is_still_the_tasks(tmp_path):
+    """Earlier versions wrote another docstring in the utils module and rows without every key: still bsbr's."""
+    from bsbr.evaluate.lm_eval_task import is_task_file
+
+    utils, data = tmp_path / "bsbr_passkey_utils.py", tmp_path / "bsbr_passkey.jsonl"
+    utils.write_text('"""The bsbr_passkey metric (written by bsbr.evaluate.lm_eval_task): whether the key\'s digits '
+                     'appear\nin the model\'s output once whitespace is removed."""\n'
+                     'from bsbr.evaluate.lm_eval_task import process_results  # noqa: F401\n')
+    data.write_text(json.dumps(dict(prompt="p", key="1", length=9, depth=0.5, trial=0)) + "\n")
+    assert is_task_file(utils) and is_task_file(data)
+    data.write_text(json.dumps(dict(prompt="p", key="1", mine=True)) + "\n")
+    assert not is_task_file(data)

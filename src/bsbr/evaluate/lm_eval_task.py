@@ -5,6 +5,7 @@ How to run it with lm-eval's ``HFLM``, and its ``max_length`` and BOS caveats: d
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -101,18 +102,22 @@ ROW_KEYS = ("prompt", "key", "length", "depth", "trial", "filler", "prompt_token
 
 
 def is_task_file(path: Path, task: str = TASK_NAME) -> bool:
-    """Whether ``path`` is a file :func:`write_lm_eval_task` wrote for ``task``, unedited where it holds code or
-    settings: the YAML by its first line, the utils module whole, the data by its first row's keys."""
+    """Whether ``path`` is a file :func:`write_lm_eval_task` wrote for ``task`` (this version or an earlier
+    one): the YAML by its first line, the utils module by its first line and its one import (an edited metric is
+    not), the data by its first row's keys."""
     try:
         with open(path, encoding="utf-8") as f:
             if path.name == f"{task}.yaml":
                 return f.readline() == _YAML.splitlines(keepends=True)[0]
             if path.name == f"{task}_utils.py":
-                return f.read(len(_UTILS) + 1) == _UTILS
+                text = f.read(4096)
+                body = ast.parse(text).body
+                return (text.startswith(_UTILS.split(":")[0]) and len(body) == 2
+                        and ast.unparse(body[1]) == _UTILS.splitlines()[-1].split("  #")[0])
             if path.name == f"{task}.jsonl":
                 row = json.loads(f.readline())
-                return isinstance(row, dict) and set(row) == set(ROW_KEYS)
-    except (OSError, ValueError):  # (unreadable, not text, not JSON)
+                return isinstance(row, dict) and {"prompt", "key"} <= set(row) <= set(ROW_KEYS)
+    except (OSError, ValueError, SyntaxError):  # (unreadable, not text, not JSON, not Python)
         return False
     return False
 
