@@ -507,8 +507,8 @@ def test_the_resume_command_of_a_data_parallel_run_is_a_torchrun_command(monkeyp
     args = Namespace(argv=["distill", "--student", "s", "--output", "o", "--overwrite"])
     assert _resume_command(args) == "bsbr distill --student s --output o --resume"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _resume_command(args) == ("torchrun --shutdown-timeout 900 --nproc_per_node 2 -m bsbr.cli distill --student s "
-                                     "--output o --resume")
+    assert _resume_command(args) == ("torchrun --shutdown-timeout 900 --nproc_per_node 2 -m bsbr.cli distill "
+                                     "--student s --output o --resume")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert _resume_command(args).startswith("torchrun --shutdown-timeout 900 --nnodes 2 --nproc_per_node 4 (this run's "

@@ -122,8 +122,8 @@ def _student_config(student_dir: Path) -> dict:
 # torchrun passes a Ctrl-C on to its workers and kills them 30 s later (its default --shutdown-timeout): less
 # than a step of a real model (110-230 s for SmolLM2 at 4,096 tokens on 2 cores, docs/findings.md)
 SHUTDOWN_TIMEOUT = 900
-TORCHRUN_GRACE = (f"; torchrun kills its workers 30 s after a Ctrl-C unless started with --shutdown-timeout longer than "
-                  f"a step (e.g. torchrun --shutdown-timeout {SHUTDOWN_TIMEOUT})")
+TORCHRUN_GRACE = ("; torchrun kills its workers 30 s after a Ctrl-C unless started with --shutdown-timeout longer "
+                  f"than a step (e.g. torchrun --shutdown-timeout {SHUTDOWN_TIMEOUT})")
 
 
 def _resume_command(args) -> str:
@@ -153,7 +153,8 @@ def _stop_on_signal():
     def handle(signum, frame):
         stop.set()
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)%s",
-                       signal.Signals(signum).name, TORCHRUN_GRACE if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+                       signal.Signals(signum).name,
+                       TORCHRUN_GRACE if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     main_thread = threading.current_thread() is threading.main_thread()
