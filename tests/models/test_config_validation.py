@@ -14,7 +14,7 @@ TINY = dict(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_laye
 NAN, INF = float("nan"), float("inf")
 
 BAD_CONFIGS = [
-    ("norm_eps", dict(norm_eps=NAN)), ("norm_eps", dict(norm_eps=0.0)), ("norm_eps", dict(norm_eps=-1e-5)),
+    ("norm_eps", dict(norm_eps=NAN)), ("norm_eps", dict(norm_eps=-1e-5)),
     ("norm_eps", dict(norm_eps="1e-5")),
     ("rope_theta", dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 0.0})),
     ("rope_theta", dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": -1.0})),
@@ -44,6 +44,31 @@ def test_good_values_still_pass():
                dict(attention_out_bias=None), dict(position_type="rope"),
                dict(position_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 500})):
         BSBRConfig(**{**TINY, **ok})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_source_whose_norms_have_no_epsilon_converts_exactly(family):
+    """norm_eps 0 was refused, though transformers runs such a source and BSBR's norms compute the same."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    src = (LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                                        num_attention_heads=2, rms_norm_eps=0.0)) if family == "llama" else
+           GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=16, n_layer=1, n_head=2, layer_norm_epsilon=0.0))).eval()
+    model = convert_to_bsbr(src, chunk_size=8, retrieval_blocks=8, far_positions="absolute")  # (every key where it is)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, src(ids).logits, rtol=1e-5, atol=1e-5)
+    assert model.config.norm_eps == 0.0
+
+
+def test_hybrid_positions_of_a_source_with_a_huge_range_read_every_chunk_at_its_own_position():
+    """max_position_embeddings of 10**8 at chunk 8 made own_position_chunks 6,250,000, past the op's limit:
+    refused with a message about an option the user never set."""
+    config = BSBRConfig(**{**TINY, "max_position_embeddings": 10**8, "position_type": "rope", "local_chunks": 2,
+                           "far_positions": "hybrid"})
+    assert config.own_position_chunks() == 2**20
+    BSBRForCausalLM(config)
 
 
 def test_learned_positions_take_an_odd_head_size_rotary_ones_do_not(tmp_path):

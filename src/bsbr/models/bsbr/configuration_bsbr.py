@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS, default_feature_map
 from ...ops.bsbr import BSBROptions
+from ...numbers import MAX_TOKENS
 from ...ops.checks import check_flag, check_int, check_number
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class BSBRConfig(PretrainedConfig):
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
-        check_number("norm_eps", norm_eps, 0, above=True)
+        check_number("norm_eps", norm_eps, 0)  # (0 as a source may have it: norms without an epsilon)
         check_number("initializer_range", initializer_range, 0)
         for name, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias),
                             ("tie_word_embeddings", tie_word_embeddings), ("use_cache", use_cache)):
@@ -263,10 +264,11 @@ class BSBRConfig(PretrainedConfig):
         whose every key lies within half of ``max_position_embeddings`` of a query (0 when that is no
         more than the window); else 0. Half: SmolLM2 (8,192 positions) finds a pass-key at 4,096 tokens
         9/9 and at 8,192 6/9; with the whole range, keys read about 8,000 tokens back were missed
-        (docs/findings.md)."""
+        (docs/findings.md). At most the op's limit, ``MAX_TOKENS`` chunks: more than a sequence of its
+        ``MAX_TOKENS`` tokens holds, so a larger range changes nothing."""
         if self.far_positions != "hybrid" or self.position_type != "rope":
             return 0
-        reach = self.max_position_embeddings // 2 // self.chunk_size
+        reach = min(self.max_position_embeddings // 2 // self.chunk_size, MAX_TOKENS)
         return reach if reach > self.local_chunks else 0
 
     def far_shift_chunks(self) -> int:
