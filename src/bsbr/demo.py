@@ -55,7 +55,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     from .evaluate.plots import plot_results
     from .evaluate.filler import default_fillers
     from .evaluate.passkey import check_prompt_lengths
-    from .arguments import check_positions, load_model_arg, load_tokenizer_arg
+    from .arguments import check_positions, load_model_arg, load_tokenizer_arg, source_name
 
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
@@ -98,9 +98,10 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
                                     decode_contexts=args.decode_contexts, decode_steps=DECODE_STEPS)
     finally:
         torch.set_num_threads(threads)
-    speed["config"].update(model=args.source or "SmolLM2-135M", gate_init=model.config.gate_init)  # as bench converted
+    title = args.source or "SmolLM2-135M"  # (a local source by absolute path in the JSON, as bench converted)
+    speed["config"].update(model=source_name(args.source) if args.source else title, gate_init=model.config.gate_init)
     write_json(speed, out / "speed.json")
-    plot_converted(speed, out / "speed.png", speed["config"]["model"])
+    plot_converted(speed, out / "speed.png", title)
 
     print("\n=== summary ===")
     print("\n".join([*summary_lines(result), *speed_lines(speed)]))

@@ -9,10 +9,11 @@ from cli_checks import one_error_line, refused, tree_hash
 from bsbr.cli import main
 
 
-def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
+def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch):
     source, _, _ = models
     out = tmp_path / "demo"
-    args = ["demo", "--source", str(source), "--output", str(out), "--chunk-size", "8", "--seq-len", "160",
+    monkeypatch.chdir(source.parent)  # (a relative --source)
+    args = ["demo", "--source", source.name, "--output", str(out), "--chunk-size", "8", "--seq-len", "160",
             "--max-windows", "1", "--speed-lens", "32", "--decode-contexts", "24", "--repeats", "1"]
     import torch
 
@@ -44,6 +45,7 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys):
     assert [r["seq_len"] for r in speed["prefill"]] == [32] and [r["context"] for r in speed["decode"]] == [24]
     assert speed["prefill"][0]["bsbr_ms"] > 0 and speed["decode"][0]["bsbr_ms_per_token"] > 0
     assert speed["machine"]["torch_threads"] == 1  # measured side by side on one thread
+    assert speed["config"]["model"] == str(source.resolve())  # a local source by absolute path, as typed it was not
     assert json.loads((out / "model" / "config.json").read_text())["retrieval_blocks"] > 0
     # recorded as `bsbr convert` records it, so eval and distill can check a --reference/--teacher against it
     record, converted = (json.loads((d / "conversion.json").read_text()) for d in (out / "model", models[1]))

@@ -387,6 +387,22 @@ def test_numbers_of_another_library_are_named_with_the_fix():
     with pytest.raises(ValueError, match=r"pass float\(x\)"):
         BSBROptions(4, scale=np.float32(0.5))
     assert BSBRAttention(16, 2, 4, dropout=np.float32(0.25)).dropout == 0.25  # dropout is read as a float
+    with pytest.raises(ValueError) as e:  # the hint only where following it would help
+        BSBRAttention(16, 2, np.int64(0))
+    assert "pass int" not in str(e.value)
+
+
+def test_a_dropout_of_any_real_type_trains():
+    """check_dropout took a Fraction, but the models gave it to nn.Dropout unconverted: a TypeError in training."""
+    from fractions import Fraction
+
+    from bsbr.models import AttentionLM
+
+    ids = torch.randint(0, 50, (2, 12))
+    for model in (AttentionLM(50, 32, 1, 4, attention="bsbr", chunk_size=4, dropout=Fraction(1, 10)),
+                  AttentionLM(50, 32, 1, 4, attention="gau", dropout=Fraction(1, 10)),
+                  BSBRModel(50, 32, 1, 4, 4, 64, dropout=Fraction(1, 10))):
+        assert model.train()(ids).shape[:2] == (2, 12)
 
 
 @pytest.mark.parametrize("attention", ["linear", "deltanet"])

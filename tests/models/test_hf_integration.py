@@ -76,6 +76,21 @@ def test_a_mask_may_not_turn_tokens_the_cache_read_into_padding(mode):
     assert torch.equal(out, model.generate(turn, attention_mask=turn_mask, max_new_tokens=4, **GEN))
 
 
+def test_new_tokens_with_their_own_padded_mask_continue_a_cache(model):
+    """The check above refused a continuation by new tokens alone, left-padded, with their own mask (generate
+    then extends that mask, which covers only the tokens since): it compared it with everything the cache read."""
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    o = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, **GEN)
+    message = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    new = torch.cat([o.sequences[:, -1:], message], 1)
+    new_mask = torch.ones_like(new)
+    new[0, :2], new_mask[0, :2] = 0, 0  # row 0's message is shorter
+    whole = torch.cat([o.sequences[:, :-1], new], 1)
+    whole_mask = torch.cat([torch.ones_like(o.sequences[:, :-1]), new_mask], 1)
+    out = model.generate(new, attention_mask=new_mask, cache=o.cache, max_new_tokens=4, **GEN)
+    assert torch.equal(out[:, -4:], model.generate(whole, attention_mask=whole_mask, max_new_tokens=4, **GEN)[:, -4:])
+
+
 def test_generate_refuses_position_ids_it_cannot_follow(model):
     """generate dropped position_ids silently (the cache's counters place new tokens); the forward takes them."""
     ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))

@@ -27,6 +27,7 @@ class BSBRLayer(nn.Module):
                                        **attention_kwargs)
         self.layer_norm1 = nn.LayerNorm(hidden_dim)
         self.layer_norm2 = nn.LayerNorm(hidden_dim)
+        dropout = self.attention.dropout  # (checked there, as a float)
         self.ff = nn.Sequential(nn.Linear(hidden_dim, ff_dim), nn.GELU(), nn.Dropout(dropout),
                                 nn.Linear(ff_dim, hidden_dim), nn.Dropout(dropout))
 
@@ -63,7 +64,7 @@ class BSBRModel(nn.Module):
                              "unless head_dim is given)")
         self.rotary = RotaryEmbedding(head_dim, theta=rope_theta)
         self.layer_norm = nn.LayerNorm(hidden_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(self.layers[0].attention.dropout)  # (checked there, as a float)
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         """As :meth:`torch.nn.Module.load_state_dict`; a checkpoint of the earlier library's ``BSBRModel``

@@ -19,7 +19,7 @@ from ..layers.deltanet import DeltaNet
 from ..layers.gau import GatedAttentionUnit
 from ..layers.hopfield_attention import HopfieldAttention
 from ..layers.linear_attention import LinearAttention
-from ..layers.inputs import check_input_ids, token_positions
+from ..layers.inputs import check_dropout, check_input_ids, token_positions
 from ..layers.rotary import RotaryEmbedding
 from ..layers.sliding_window_attention import SlidingWindowAttention
 from ..layers.standard_attention import StandardAttention
@@ -83,7 +83,7 @@ class AttentionLM(nn.Module):
         self.embedding = nn.Embedding(vocab_size, hidden_dim)
         self.layers = nn.ModuleList(
             Block(build_attention(attention, hidden_dim, num_heads, dropout, **attention_kwargs),
-                  hidden_dim, ff_dim, dropout)
+                  hidden_dim, ff_dim, check_dropout(dropout))
             for _ in range(num_layers)
         )
         att = self.layers[0].attention

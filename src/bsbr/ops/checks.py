@@ -42,7 +42,8 @@ def check_number(name, value, minimum: Optional[float] = None, *, above: bool = 
     if not ok:
         bound = "" if minimum is None else f" {'>' if above else '>='} {minimum}"
         raise ValueError(f"{name} must be {'None or ' if none else ''}a finite number{bound} (within float32 range), "
-                         f"got {shown(value)}{_python_type_hint(value, 'float')}")
+                         f"got {shown(value)}"
+                         f"{_python_type_hint(value, float, lambda x: check_number(name, x, minimum, above=above))}")
 
 
 def check_flag(name, value, none: bool = False) -> None:
@@ -60,17 +61,22 @@ def check_tensor(name: str, x, ndim: int) -> None:
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
 
 
-def _python_type_hint(value, kind: str) -> str:
-    """' (a numpy.int64: pass int(x))' for a number of another library's type, else ''."""
-    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
-        return f" (a {type(value).__module__}.{type(value).__name__}: pass {kind}(x))"
-    return ""
+def _python_type_hint(value, kind: type, check) -> str:
+    """' (a numpy.int64: pass int(x))' for a number of another library's type that ``check`` accepts as
+    ``kind(value)``, else ''."""
+    if not isinstance(value, numbers.Number) or isinstance(value, (bool, int, float)):
+        return ""
+    try:
+        check(kind(value))
+    except (TypeError, ValueError, OverflowError):  # (not one once converted either)
+        return ""
+    return f" (a {type(value).__module__}.{type(value).__name__}: pass {kind.__name__}(x))"
 
 
 def check_int(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {shown(value)}"
-                         f"{_python_type_hint(value, 'int')}")
+                         f"{_python_type_hint(value, int, lambda x: check_int(name, x, minimum, maximum))}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be at most {maximum:,}, got {value:,}")
 

@@ -483,7 +483,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if cache is not None:
             self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
-            if attention_mask.dim() == 2 and attention_mask.shape[0] == b and cache.states:  # (else refused below)
+            # a mask over every position the cache read (not one begun with a later call's new tokens)
+            if attention_mask.dim() == 2 and attention_mask.shape == (b, cache.n_positions + n) and cache.states:
                 _refuse_forgotten_tokens(attention_mask[:, :-n], cache)
             attention_mask = attention_mask[:, -n:]  # generate passes the whole mask; keep the new tokens'
         valid = mask_to_valid(attention_mask, b, n)
