@@ -264,3 +264,16 @@ def test_one_token_rotation_matrix_equals_the_elementwise_rotation(batch, table_
         c2, s2 = (c2[None], s2[None]) if table_dims == 2 else (c2, s2)
         torch.testing.assert_close(apply_rotary(x, cos, sin), x * c2[:, None] + rotate_half(x) * s2[:, None],
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_a_step_advances_the_state_it_is_given_after_inference_mode():
+    """Continued outside torch.inference_mode, the step returned an advanced copy and left the state passed in
+    behind, though the docs say it returns the state passed in, advanced."""
+    torch.manual_seed(0)
+    layer = BSBRAttention(32, 4, 4, dropout=0.0, sink_tokens=2, retrieval_blocks=1).eval()
+    x = torch.randn(1, 12, 32)
+    with torch.inference_mode():
+        _, state = layer(x[:, :8], output_state=True)
+    with torch.no_grad():
+        _, advanced = layer.step(x[:, 8:9], state)
+    assert advanced is state and state.n_seen.tolist() == [9]

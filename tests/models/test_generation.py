@@ -261,3 +261,37 @@ def test_the_text_digest_is_the_polynomial_hash_of_the_ids_at_every_length():
         prev = torch.tensor([3, 123_456_789])
         assert text_digest(ids).tolist() == [by_hand(r) for r in ids.tolist()]
         assert text_digest(ids, prev).tolist() == [by_hand(r, p) for r, p in zip(ids.tolist(), prev.tolist())]
+
+
+@pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(recall_tokens=8, retrieval_blocks=0)])
+def test_steps_without_autograd_keep_the_backward_of_earlier_steps_with_it(options):
+    """Steps without autograd write the cache in place, into tensors that earlier steps under autograd had
+    saved for their backward: "modified by an inplace operation" (the HF source's cache allows it)."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, sink_tokens=2, **options).eval()
+    ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids[:, :20], use_cache=True).cache
+    loss = sum(model(ids[:, t:t + 1], cache=cache).logits.logsumexp(-1).mean() for t in range(20, 23))
+    with torch.no_grad():
+        for t in range(23, 26):
+            model(ids[:, t:t + 1], cache=cache)
+        full = model(ids[:, :27]).logits[:, -1]
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    with torch.no_grad():  # and the cache went on as a full forward does
+        torch.testing.assert_close(model(ids[:, 26:27], cache=cache).logits[:, -1], full, rtol=1e-4, atol=1e-4)
+
+
+def test_steps_under_autocast_round_as_the_full_forward_whatever_the_grad_mode():
+    """A one-token step without autograd rotated q and k by one matmul, which autocast ran in bfloat16, where
+    the elementwise rotation (full forward, inference mode) keeps float32: up to 0.5 apart on logits of ~6,
+    and greedy tokens that changed with the grad mode."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, sink_tokens=2,
+                            retrieval_blocks=2).eval()
+    ids = torch.randint(3, VOCAB, (2, 34), generator=torch.Generator().manual_seed(0))
+
+    def decode(mode):
+        with mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            cache = model(ids[:, :22], use_cache=True).cache
+            return torch.stack([model(ids[:, t:t + 1], cache=cache).logits[:, 0].float() for t in range(22, 34)], 1)
+    assert torch.equal(decode(torch.no_grad), decode(torch.inference_mode))

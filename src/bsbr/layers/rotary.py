@@ -40,10 +40,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     matmul with the table's rotation matrix, shared by every layer, instead of five elementwise ops (not
     for inference tensors: they have no version counter to tell a table refilled in place, and comparing
     values would wait on the device each call; nor under ``torch.compile``, which fuses the elementwise ops and
-    would trace the matrix lookup once, then reuse a matrix of old positions)."""
+    would trace the matrix lookup once, then reuse a matrix of old positions; nor under autocast, where the
+    matmul would round to half precision what the elementwise ops keep in the tables' float32)."""
     b, heads, n, d = x.shape
     if (n == 1 and not torch.is_grad_enabled() and not (cos.is_inference() or sin.is_inference())
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)):
         M = _rotation_matrix(cos, sin)
         if M.shape[0] == 1:
             return (x.reshape(b * heads, d) @ M[0]).view(b, heads, 1, d)

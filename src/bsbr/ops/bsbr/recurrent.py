@@ -40,15 +40,24 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
 
 
 def _start(state, options, a, like) -> BSBRState:
-    """The state a call continues: ``state`` checked against the call, or a new one."""
+    """The state a call continues: ``state`` checked against the call, or a new one. Its tensors are
+    replaced by copies (in the same object) where writing them in place, as a step without autograd does,
+    would fail: tensors of ``torch.inference_mode`` outside it, and tensors an earlier step with autograd
+    may have saved for its backward."""
     if state is None:
-        return BSBRState.empty(a, options, like)
-    if not isinstance(state, BSBRState):
+        state = BSBRState.empty(a, options, like)
+    elif not isinstance(state, BSBRState):
         raise TypeError(f"the state must be None or a bsbr.ops.BSBRState, got {type(state).__name__}")
-    state.check_continues(options, a, like.dtype)
-    if state.n_seen.is_inference() and not torch.is_inference_mode_enabled():
-        # built under torch.inference_mode, whose tensors cannot be written outside it: continue a copy
-        return BSBRState(options=state.options, **{n: t.clone() for n, t in state.tensors().items()})
+    else:
+        state.check_continues(options, a, like.dtype)
+    copy = state.n_seen.is_inference() and not torch.is_inference_mode_enabled()
+    if torch.is_grad_enabled():
+        state.grad_history = True
+    elif state.grad_history:
+        copy, state.grad_history = True, False
+    if copy:
+        for name, t in state.tensors().items():
+            setattr(state, name, t.clone())
     return state
 
 

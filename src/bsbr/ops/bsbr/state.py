@@ -53,6 +53,7 @@ class BSBRState:
     recall_on: torch.Tensor  # (b, hkv, M) bool
     recall_F: torch.Tensor  # (b, hkv, df, dv) state of the left-window tokens outside the cache (df = 0 off)
     recall_z: torch.Tensor  # (b, hkv, df)
+    grad_history: bool = False  # whether a step with autograd on has run since the tensors were last copied
 
     PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past")
 
@@ -92,7 +93,7 @@ class BSBRState:
             setattr(self, f"recall_{name}", x)
 
     def tensors(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("options", "grad_history")}
 
     def check_continues(self, options: BSBROptions, a: BSBRArgs, dtype: torch.dtype) -> None:
         """A state continues only a call with the options, sizes, dtype and chunk-state features it was
