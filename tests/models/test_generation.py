@@ -295,3 +295,30 @@ def test_steps_under_autocast_round_as_the_full_forward_whatever_the_grad_mode()
             cache = model(ids[:, :22], use_cache=True).cache
             return torch.stack([model(ids[:, t:t + 1], cache=cache).logits[:, 0].float() for t in range(22, 34)], 1)
     assert torch.equal(decode(torch.no_grad), decode(torch.inference_mode))
+
+
+@pytest.mark.parametrize("options", [dict(retrieval_blocks=2), dict(recall_tokens=8, retrieval_blocks=0)])
+def test_a_prompt_under_autograd_then_steps_without_it_give_the_gradients_of_a_stepped_prompt(options):
+    """The prompt's one forward under autograd left its cache's tensors in its graph; steps without autograd
+    wrote into them in place, and a later step's backward went through the overwritten values (gradients 0.1-0.5
+    off). Only steps had marked their state for a copy."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, sink_tokens=2, **options).eval()
+    ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+
+    def grads(stepwise):
+        model.zero_grad()
+        if stepwise:
+            cache = model(ids[:, :1], use_cache=True).cache
+            for t in range(1, 18):
+                model(ids[:, t:t + 1], cache=cache)
+        else:
+            cache = model(ids[:, :18], use_cache=True).cache
+        with torch.no_grad():
+            for t in range(18, 21):
+                model(ids[:, t:t + 1], cache=cache)
+        model(ids[:, 21:22], cache=cache).logits.logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    by_steps, at_once = grads(True), grads(False)
+    assert by_steps.keys() == at_once.keys()
+    for name, g in by_steps.items():
+        torch.testing.assert_close(at_once[name], g, rtol=1e-4, atol=1e-4)

@@ -44,7 +44,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     matmul would round to half precision what the elementwise ops keep in the tables' float32)."""
     b, heads, n, d = x.shape
     if (n == 1 and not torch.is_grad_enabled() and not (cos.is_inference() or sin.is_inference())
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)):
+            and not torch.compiler.is_compiling()
+            and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))):  # (meta has none)
         M = _rotation_matrix(cos, sin)
         if M.shape[0] == 1:
             return (x.reshape(b * heads, d) @ M[0]).view(b, heads, 1, d)

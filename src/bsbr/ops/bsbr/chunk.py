@@ -525,6 +525,7 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
         _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved)
     for name, t in st.tensors().items():  # decoding reshapes these arrays every step: no copies then
         setattr(st, name, t.contiguous())
+    st.grad_history = torch.is_grad_enabled()  # (its tensors may be saved for the prompt's backward)
     return st
 
 
