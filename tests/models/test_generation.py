@@ -322,3 +322,40 @@ def test_a_prompt_under_autograd_then_steps_without_it_give_the_gradients_of_a_s
     assert by_steps.keys() == at_once.keys()
     for name, g in by_steps.items():
         torch.testing.assert_close(at_once[name], g, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fork_under_autograd_gives_the_gradients_of_the_cache_it_came_from():
+    """A cache forked under autograd (select, beam reorder) was not marked for a copy, so steps without autograd
+    wrote into tensors still tied to the prompt's graph: the sinks' gradients flowed back to the prompt."""
+    torch.manual_seed(0)
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, sink_tokens=2,
+                            retrieval_blocks=2).eval().double()
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def grad(fork):
+        model.zero_grad()
+        cache = model(ids[:, :13], use_cache=True).cache
+        if fork:
+            cache = cache.select(torch.arange(2))
+        with torch.no_grad():
+            for t in range(13, 19):
+                model(ids[:, t:t + 1], cache=cache)
+        model(ids[:, 19:20], cache=cache).logits.logsumexp(-1).mean().backward()
+        return model.model.embed_tokens.weight.grad.clone()
+    torch.testing.assert_close(grad(True), grad(False), rtol=1e-12, atol=1e-12)
+
+
+def test_a_frozen_model_under_autograd_copies_no_cache():
+    """Steps of a model that needs no gradient record no graph: the cache is written in place, never copied."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, local_chunks=2, retrieval_blocks=2).eval()
+    model.requires_grad_(False)
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    cache = model(ids[:, :12], use_cache=True).cache
+    for t in range(12, 20):
+        grad = t % 2 == 0
+        buffers = [s.k_buf for s in cache.states]
+        with torch.set_grad_enabled(grad):
+            model(ids[:, t:t + 1], cache=cache)
+        if not grad and t % 4 != 3:  # a step without autograd that completes no chunk: written in place
+            assert all(s.k_buf is k for s, k in zip(cache.states, buffers))
+    assert not any(s.grad_history for s in cache.states)

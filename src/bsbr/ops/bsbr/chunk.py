@@ -21,7 +21,7 @@ from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_clos
                         select_blocks, state_weights)
 from .softmax import attention_lse, fused_attention, masked_attention_lse, merge
 from .recall import RecallCache, recall_update
-from .state import BSBRState, buffer_chunks, own_ring_chunks, refresh_retrieval, window_tokens
+from .state import BSBRState, buffer_chunks, own_ring_chunks, refresh_retrieval, tracked, window_tokens
 
 NEG_INF = float("-inf")
 TILE = 16
@@ -105,6 +105,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         o = combine(o, num, den, gate_per_head(gate, hq, q), options.retrieval)
     o = (o if valid is None else o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]  # padding outputs 0
     state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved) if output_final_state else None
+    if state is not None:  # its tensors may be saved for this call's backward, or tied to its graph
+        state.grad_history = tracked((q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))
     if order is not None:  # back to the original (padded) positions
         o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
     return o, state
@@ -525,7 +527,6 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
         _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved)
     for name, t in st.tensors().items():  # decoding reshapes these arrays every step: no copies then
         setattr(st, name, t.contiguous())
-    st.grad_history = torch.is_grad_enabled()  # (its tensors may be saved for the prompt's backward)
     return st
 
 

@@ -18,7 +18,8 @@ from .options import BSBROptions
 from .softmax import attention_lse, fused_attention, merge
 from .retrieval import apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale, select_blocks
 from .recall import cache_scores, recall_update
-from .state import BSBRState, buffer_chunks, ensure_capacity, own_ring_chunks, refresh_retrieval, window_tokens
+from .state import (BSBRState, buffer_chunks, ensure_capacity, own_ring_chunks, refresh_retrieval, tracked,
+                    window_tokens)
 
 
 # (both forms run eagerly inside a compiled model: traced, the step's Python ints (positions) recompiled it
@@ -32,18 +33,18 @@ def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BS
     otherwise). To continue one prefix twice, fork it first: ``state.select(torch.arange(b))``."""
     a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
                                            token_dim=3)
-    state = _start(state, options, a, q)
+    state = _start(state, options, a, q, (q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))
     if a.batch == 0:
         return q.new_zeros(0, a.q_heads, a.value_dim), state
     valid = None if valid is None else valid.bool()
     return _step(q, k, v, mq, mk, fq, fk, qr, kr, state, gate, meta_q, meta_k, valid), state
 
 
-def _start(state, options, a, like) -> BSBRState:
+def _start(state, options, a, like, inputs) -> BSBRState:
     """The state a call continues: ``state`` checked against the call, or a new one. Its tensors are
     replaced by copies (in the same object) where writing them in place, as a step without autograd does,
-    would fail: tensors of ``torch.inference_mode`` outside it, and tensors an earlier step with autograd
-    may have saved for its backward."""
+    would fail: tensors of ``torch.inference_mode`` outside it, and tensors that an earlier call with autograd
+    (on ``inputs`` of which one needed a gradient) may have saved for its backward or tied to its graph."""
     if state is None:
         state = BSBRState.empty(a, options, like)
     elif not isinstance(state, BSBRState):
@@ -52,7 +53,7 @@ def _start(state, options, a, like) -> BSBRState:
         state.check_continues(options, a, like.dtype)
     copy = state.n_seen.is_inference() and not torch.is_inference_mode_enabled()
     if torch.is_grad_enabled():
-        state.grad_history = True
+        state.grad_history = state.grad_history or tracked(inputs)
     elif state.grad_history:
         copy, state.grad_history = True, False
     if copy:
@@ -509,7 +510,7 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
     Returns ``(o, state)``."""
     a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
                                        streams=True)
-    state = _start(initial_state, options, a, q)
+    state = _start(initial_state, options, a, q, (q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))
     outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
                   None if valid is None else valid[:, i].bool()) for i in range(a.seq_len if a.batch else 0)]
     o = (outs[0].unsqueeze(2) if len(outs) == 1 else torch.stack(outs, dim=2)) if outs else \

@@ -11,6 +11,12 @@ from .recall import RecallCache
 from .retrieval import state_weights
 
 
+def tracked(inputs) -> bool:
+    """Whether a call on ``inputs`` records a graph: autograd is on and one of them needs a gradient (its
+    state's tensors may then be saved for its backward: :attr:`BSBRState.grad_history`)."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
+
+
 @dataclass
 class BSBRState:
     """Streaming state of one BSBR attention for a batch; each sequence has its own position. What
@@ -135,7 +141,8 @@ class BSBRState:
                 (index.numel() and not -b <= int(index.min()) <= int(index.max()) < b):
             raise ValueError(f"index must be a 1-D tensor of row indices in [0, {b}) or a boolean mask, got {index!r}")
         index = index % b if index.numel() else index.long()
-        return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()})
+        return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()},
+                         grad_history=self.grad_history and torch.is_grad_enabled())  # (tied to the graph still)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
