@@ -17,7 +17,7 @@ from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression, default_feature_map
 from ..ops.checks import check_number, is_number
 from .inputs import check_rotary
-from .rotary import apply_rotary
+from .rotary import apply_rotary, autocast_on
 
 
 def op_dtype(dtype: torch.dtype, device_type: str, options) -> torch.dtype:
@@ -27,21 +27,16 @@ def op_dtype(dtype: torch.dtype, device_type: str, options) -> torch.dtype:
     rounding scrambles: a tiny llama in bfloat16 had KL 0.194 to float32 with the op in bfloat16, 0.030
     in float32, the source's own 0.019; its cache stays small in float32 whatever the context);
     otherwise ``dtype``."""
-    if _autocast(device_type) or (dtype in (torch.float16, torch.bfloat16) and options.recall_tokens):
+    if autocast_on(device_type) or (dtype in (torch.float16, torch.bfloat16) and options.recall_tokens):
         return torch.float32
     return dtype
-
-
-def _autocast(device_type: str) -> bool:
-    """Whether autocast is on for the device type (never on ``meta``, which has no autocast to ask)."""
-    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def _run_op(op, tensors, **kwargs):
     """Call a BSBR op on (q, k, v, mq, mk, fq, fk, qr, kr) in :func:`op_dtype`,
     with autocast off; its output is cast back to the inputs' dtype, except under autocast."""
     device, dtype = tensors[0].device.type, tensors[0].dtype
-    run, autocast = op_dtype(dtype, device, kwargs["options"]), _autocast(device)
+    run, autocast = op_dtype(dtype, device, kwargs["options"]), autocast_on(device)
     if run == dtype and not autocast:  # (under autocast the inputs' dtypes may differ)
         q, k, v, mq, mk, fq, fk, qr, kr = tensors
         return op(q, k, v, mq, mk, fq=fq, fk=fk, qr=qr, kr=kr, **kwargs)

@@ -35,6 +35,11 @@ def _rotation_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return M
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for the device type (never on ``meta``, which has no autocast to ask)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (b, h, n, d); cos/sin: (b, n, d) or (n, d). One token per sequence (a decode step) is one
     matmul with the table's rotation matrix, shared by every layer, instead of five elementwise ops (not
@@ -44,8 +49,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     matmul would round to half precision what the elementwise ops keep in the tables' float32)."""
     b, heads, n, d = x.shape
     if (n == 1 and not torch.is_grad_enabled() and not (cos.is_inference() or sin.is_inference())
-            and not torch.compiler.is_compiling()
-            and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))):  # (meta has none)
+            and not torch.compiler.is_compiling() and not autocast_on(x.device.type)):
         M = _rotation_matrix(cos, sin)
         if M.shape[0] == 1:
             return (x.reshape(b * heads, d) @ M[0]).view(b, heads, 1, d)

@@ -59,7 +59,7 @@ class BSBRState:
     recall_on: torch.Tensor  # (b, hkv, M) bool
     recall_F: torch.Tensor  # (b, hkv, df, dv) state of the left-window tokens outside the cache (df = 0 off)
     recall_z: torch.Tensor  # (b, hkv, df)
-    grad_history: bool = False  # whether a step with autograd on has run since the tensors were last copied
+    grad_history: bool = False  # whether a call that recorded a graph (tracked) made or wrote these tensors
 
     PER_CHUNK = ("F_past", "z_past", "h_past", "w_cur", "kr_past", "v_past")
 
