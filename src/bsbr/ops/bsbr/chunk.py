@@ -36,10 +36,10 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     Args:
         q: (b, hq, n, d) queries; k: (b, hkv, n, d) keys, v: (b, hkv, n, dv) values; positions already
             applied; ``hq`` a multiple of ``hkv`` (grouped K/V heads).
-        mq: (b, hq, n, dm), mk: (b, hkv, n, dm) per-token meta-queries / meta-keys; the op reduces
-            them to one per chunk: ``h_c = meta_k(mean mk over chunk c)``, ``r_c = meta_q(mean mq over
-            chunk c - 1)`` (a chunk's meta-query comes from the chunk before, which all its tokens
-            have seen). ``meta_q`` (hq, dm, dm'), ``meta_k`` (hkv, dm, dm'): per-head maps; None = identity.
+        mq: (b, hq, n, dm), mk: (b, hkv, n, dm) per-token meta-queries / meta-keys; the op reduces them to one
+            per chunk: ``h_c = meta_k(mean mk over chunk c)``, ``r_c = meta_q(mean mq over chunk c - 1)`` (a
+            chunk's meta-query comes from the chunk before, which all its tokens have seen). ``meta_q`` (hq, dm,
+            dm'), ``meta_k`` (hkv, dm, dm'): per-head maps; None = identity.
         options: :class:`bsbr.ops.BSBROptions`.
         fq, fk: (b, hq, n, df), (b, hkv, n, df) features of the chunk states; default q, k (signed: with
             ``retrieval="normalized"`` and an open gate, pass non-negative ones).
@@ -47,12 +47,11 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
             at other positions; default q, k.
         gate: None (open), 0 (closed: the states are not read) or a 0-dim / (hq,) tensor scaling the
             chunk-state term.
-        valid: (b, n) padding mask, True for real tokens. Each sequence is processed on its own real
-            tokens (chunk boundaries start at its first real token); padded positions output 0.
+        valid: (b, n) padding mask, True for real tokens. Each sequence is processed on its own real tokens
+            (chunk boundaries start at its first real token); padded positions output 0.
         output_final_state: also return the :class:`BSBRState` to continue with the streaming form.
 
-    Returns ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``.
-    """
+    Returns ``(o, state)``: o (b, hq, n, dv); state None unless ``output_final_state``."""
     a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
                                        streams=output_final_state)
     same_far = qr is q and kr is k  # far keys read at their own positions
@@ -104,9 +103,8 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     if num is not None:
         o = combine(o, num, den, gate_per_head(gate, hq, q), options.retrieval)
     o = (o if valid is None else o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]  # padding outputs 0
-    state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved) if output_final_state else None
-    if state is not None:  # its tensors may be saved for this call's backward, or tied to its graph
-        state.grad_history = tracked((q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))
+    state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved, tracked(
+        (q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))) if output_final_state else None
     if order is not None:  # back to the original (padded) positions
         o = torch.zeros_like(o).scatter(2, order[:, None, :, None].expand_as(o), o)
     return o, state
@@ -497,7 +495,7 @@ def _pair_groups(sel, own, C):
     return pairs, ids, th, q_row, uniq, counts, at
 
 
-def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
+def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved, graph: bool) -> BSBRState:
     """The streaming state after the last real token of each sequence."""
     b, S = a.batch, options.sink_tokens
     st = BSBRState.empty(a, options, k)
@@ -527,6 +525,7 @@ def _final_state(a, options, k, v, kr, fk, mk, mq, lengths, saved) -> BSBRState:
         _chunk_state_final(st, a, options, k, kr, v, mk, mq, lengths, saved)
     for name, t in st.tensors().items():  # decoding reshapes these arrays every step: no copies then
         setattr(st, name, t.contiguous())
+    st.grad_history = graph  # (a call that recorded a graph may have saved these tensors for its backward)
     return st
 
 
