@@ -305,7 +305,9 @@ def _torchrun(out, *mode):
     assert torchrun, "torchrun not found next to the interpreter"
     tests_dir = str(Path(__file__).parents[1])
     worker = str(Path(__file__).with_name("ddp_worker.py"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tmp = Path(f"{out}_tmp")  # (torchrun leaves a torchelastic_* folder in TMPDIR)
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", worker, str(out), tests_dir, *mode],
                    check=True, env=env, timeout=600)
 
