@@ -81,15 +81,17 @@ def check_input_ids(input_ids, vocab_size: Optional[int] = None) -> None:
         raise ValueError(f"input_ids must lie in [0, {vocab_size})")
 
 
-def check_labels(labels, batch: int, seq_len: int, vocab_size: int) -> None:
+def check_labels(labels, batch: int, seq_len: int, vocab_size: int, ignore_index: int = -100) -> None:
     """A causal LM's targets: an int64 tensor (batch, seq_len) of the scored positions, ids in
-    [0, vocab_size) or -100 (ignored); the loss shifts them itself."""
+    [0, vocab_size) or ``ignore_index`` (the loss's argument, -100 by default: not scored); the loss
+    shifts them itself."""
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (batch, seq_len):
         raise ValueError(f"labels must be an int64 tensor of shape ({batch}, {seq_len}) like the logits, got "
                          f"{getattr(labels, 'dtype', '')} {getattr(labels, 'shape', type(labels).__name__)}")
-    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {vocab_size}) or be -100 (ignored), got {int(labels[bad][0])}")
+        raise ValueError(f"labels must lie in [0, {vocab_size}) or be {ignore_index} (ignore_index: not scored), "
+                         f"got {int(labels[bad][0])}")
 
 
 def check_position_ids(position_ids, batch: int, seq_len: int) -> torch.Tensor:

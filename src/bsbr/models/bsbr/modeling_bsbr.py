@@ -555,7 +555,12 @@ class BSBRBaseModel(BSBRPreTrainedModel):
     def _check_cache(self, cache, batch: int, inputs_embeds: torch.Tensor) -> None:
         """A cache continues only this model's layers, for the batch and dtype it was built with."""
         if not isinstance(cache, BSBRCache):
-            raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got {type(cache).__name__}")
+            from transformers.cache_utils import Cache
+
+            hint = (": a cache of keys and values made elsewhere (e.g. peft's prefix tuning) cannot be read by BSBR "
+                    "layers (LoRA and prompt tuning can)" if isinstance(cache, Cache) else "")
+            raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got "
+                            f"{type(cache).__name__}{hint}")
         n_layers = len(self.layers)
         dtype = op_dtype(inputs_embeds.dtype, inputs_embeds.device.type, self.layers[0].attn.options)  # the states'
         got = (len(cache.states), int(cache.n_seen.shape[0]) if cache.states else None,
@@ -609,7 +614,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            check_labels(labels, *logits.shape[:2], self.config.vocab_size)
+            check_labels(labels, *logits.shape[:2], self.config.vocab_size, kwargs.get("ignore_index", -100))
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return self._returned(out, return_dict)
