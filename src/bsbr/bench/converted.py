@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..arguments import check_model_arg, check_positions, load_model_arg, source_name
+from ..arguments import check_default_model, check_model_arg, check_positions, load_model_arg, source_name
 from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
                            check_position_options, conversion_options, convert_source)
 from ..errors import UserError
@@ -155,6 +155,8 @@ def cmd(args) -> int:
     if args.gpt2_small_random and args.source is not None:
         raise UserError(f"SOURCE {args.source} and --gpt2-small-random both name the source: give one of them")
     check_model_arg(args.source, "SOURCE")
+    if not args.gpt2_small_random:
+        check_default_model(args.source, "SOURCE")
     local = args.source is not None and os.path.exists(os.path.expanduser(args.source))  # not a hub id
     check_outputs(args, inputs=[("SOURCE", args.source)] if local else ())
     if args.gpt2_small_random:

@@ -180,7 +180,7 @@ def check_local_source(args, source, options: dict) -> None:
 
 
 def cmd_convert(args) -> int:
-    from ..arguments import check_model_arg
+    from ..arguments import check_default_model, check_model_arg
     from ..errors import OutputError
     from ..outputs import check_output_dir, output_lock
 
@@ -188,6 +188,7 @@ def cmd_convert(args) -> int:
     options = conversion_options(args)
     check_conversion_options(options)
     check_model_arg(source, "SOURCE")
+    check_default_model(source, "SOURCE")
     check_local_source(args, source, options)
     # the lock from the start: a second command is refused at once (and its staging folder is not called a
     # leftover of a killed run)

