@@ -39,6 +39,7 @@ def fake_wheel(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("bsbr/__init__.py", "from bsbr.bsbr import BSBRAttention\n")
         zf.writestr("bsbr/bsbr.py", FAKE_EARLIER)
+        zf.writestr("bsbr-0.1.1.dist-info/METADATA", "Name: bsbr\nVersion: 0.1.1\n")
     yield str(path)
     import sys
 

@@ -246,7 +246,9 @@ def test_bench_refuses_a_seed_torch_cannot_take(command, seed, capsys, nothing_r
 
 @pytest.mark.parametrize("case, what", [("dir", "is a directory, not a wheel file"), ("missing", "does not exist"),
                                         ("text", "is not a wheel (zip) file"),
-                                        ("zip", "has no bsbr/bsbr.py: it is not the bsbr 0.1.1 wheel")])
+                                        ("zip", "has no bsbr/bsbr.py: it is not the bsbr 0.1.1 wheel"),
+                                        ("this version's",
+                                         "is not the bsbr 0.1.1 wheel (it holds bsbr-0.2.0.dist-info)")])
 def test_bench_attention_names_a_bad_earlier_wheel(case, what, tmp_path, capsys, nothing_runs):
     import zipfile
 
@@ -258,6 +260,10 @@ def test_bench_attention_names_a_bad_earlier_wheel(case, what, tmp_path, capsys,
     elif case == "zip":
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("other/x.py", "")
+    elif case != "missing":  # this library's own wheel has a bsbr/bsbr.py too (a shim that failed to load alone)
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("bsbr/bsbr.py", "from .layers import BSBRAttention\n")
+            zf.writestr("bsbr-0.2.0.dist-info/METADATA", "")
     line = _refused(["bench", "attention", *COMMANDS["attention"], "--earlier-wheel", str(path)], capsys,
                     "bench attention")
     assert f"--earlier-wheel {path} {what}: give the file bsbr-0.1.1-py3-none-any.whl" in line

@@ -18,7 +18,8 @@ EARLIER_MODULE_NAME = "bsbr_earlier_0_1_1"
 
 def check_wheel(path: str) -> None:
     """Refuse, before anything runs, a path that is not the bsbr 0.1.1 wheel: missing, a directory, not a
-    regular file, not a zip, or a zip without ``bsbr/bsbr.py``."""
+    regular file, not a zip, a zip without ``bsbr/bsbr.py``, or another version's wheel (this one's has a
+    ``bsbr/bsbr.py`` too)."""
     if not os.path.exists(path):
         what = "does not exist"
     elif os.path.isdir(path):
@@ -28,9 +29,14 @@ def check_wheel(path: str) -> None:
     else:
         try:
             with zipfile.ZipFile(path) as zf:
-                if "bsbr/bsbr.py" in zf.namelist():
-                    return
-            what = "has no bsbr/bsbr.py: it is not the bsbr 0.1.1 wheel"
+                names = zf.namelist()
+            if "bsbr/bsbr.py" not in names:
+                what = "has no bsbr/bsbr.py: it is not the bsbr 0.1.1 wheel"
+            elif "bsbr-0.1.1.dist-info/METADATA" in names:
+                return
+            else:
+                other = sorted({n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")})
+                what = f"is not the bsbr 0.1.1 wheel (it holds {', '.join(other) or 'no .dist-info'})"
         except zipfile.BadZipFile:
             what = "is not a wheel (zip) file"
         except OSError as e:
