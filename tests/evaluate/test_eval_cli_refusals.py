@@ -158,11 +158,13 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
 @pytest.mark.parametrize("mine", ["notes.txt", "bsbr_passkey_notes.txt", "__pycache__/other.pyc", "sub/x"])
 def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, no_loading, mine):
     """Only a directory that is missing, empty, or holds a previous task's files is written into."""
+    from bsbr.evaluate.lm_eval_task import write_lm_eval_task
+    from word_tokenizer import build_word_tokenizer
+
     task = tmp_path / "task"
-    (task / mine).parent.mkdir(parents=True)
+    write_lm_eval_task(task, build_word_tokenizer(), lengths=[256], trials=1)  # a previous task
+    (task / mine).parent.mkdir(parents=True, exist_ok=True)
     (task / mine).write_text("mine")
-    (task / "bsbr_passkey.yaml").write_text("# pass-key retrieval, written by bsbr.evaluate.lm_eval_task."
-                                            "write_lm_eval_task (offline: a local JSONL file)\ntask: old\n")
     before = _snapshot(task)
     _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY],
              "--lm-eval-task-dir", mine.split("/")[0], "move")
@@ -564,3 +566,30 @@ def test_a_task_written_by_an_earlier_version_is_still_the_tasks(tmp_path):
     assert is_task_file(utils) and is_task_file(data)
     data.write_text(json.dumps(dict(prompt="p", key="1", mine=True)) + "\n")
     assert not is_task_file(data)
+
+
+def test_an_edited_task_yaml_or_utils_module_is_not_replaced(tmp_path):
+    """Only the YAML's first line and the utils module's syntax were compared: an edited generation length,
+    an added note or a comment in the metric module were replaced by a rerun, exit 0."""
+    from bsbr.evaluate.lm_eval_task import _UTILS, _YAML, is_task_file, write_lm_eval_task
+    from word_tokenizer import build_word_tokenizer
+
+    yaml = write_lm_eval_task(tmp_path / "task", build_word_tokenizer(), lengths=[256], trials=1)
+    utils = yaml.with_name("bsbr_passkey_utils.py")
+    assert is_task_file(yaml) and is_task_file(utils)
+    text = yaml.read_text()
+    for edited in (text.replace("max_gen_toks: 8", "max_gen_toks: 16"), text + "# my note\n",
+                   text.replace("  do_sample: false\n", "")):
+        yaml.write_text(edited)
+        assert not is_task_file(yaml), edited
+    # written before the YAML carried its digest: the template's lines, any values
+    old = _YAML.format(task="bsbr_passkey", data='"/x/bsbr_passkey.jsonl"', max_new_tokens=8,
+                       utils="bsbr_passkey_utils", metrics="  - metric: passkey\n    aggregation: mean\n"
+                       "    higher_is_better: true\n", lengths="[64]", depths="[0.5]", trials=1, seed=0,
+                       fillers='["a"]')
+    yaml.write_text(old)
+    assert is_task_file(yaml)
+    yaml.write_text(old + "# my note\n")
+    assert not is_task_file(yaml)
+    utils.write_text(_UTILS + "# my comment\n")
+    assert not is_task_file(utils)

@@ -5,11 +5,12 @@ How to run it with lm-eval's ``HFLM``, and its ``max_length`` and BOS caveats: d
 """
 from __future__ import annotations
 
-import ast
+import hashlib
 import json
 import logging
 import os
 import re
+import string
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -101,23 +102,44 @@ def _prompt_text(tokenizer, ids) -> str:
 ROW_KEYS = ("prompt", "key", "length", "depth", "trial", "filler", "prompt_tokens")
 
 
+_DIGEST = "# sha256 of the lines above: "  # the YAML's last line: any edit of the task shows
+_EARLIER_UTILS_SHA256 = "5d44233ed7939300ffb33478ee7677b87df0cb379e60f6b9ce4c5c3e2fad1d24"  # (another docstring)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _yaml_pattern(template: str) -> re.Pattern:
+    """What ``template.format`` writes, whatever its values (one line each; the metric list as written)."""
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out.append(re.escape(literal))
+        if field == "metrics":
+            out.append(r"(?:  - metric: \w+\n    aggregation: mean\n    higher_is_better: true\n)+")
+        elif field is not None:
+            out.append(r"[^\n]*")
+    return re.compile("".join(out))
+
+
 def is_task_file(path: Path, task: str = TASK_NAME) -> bool:
-    """Whether ``path`` is a file :func:`write_lm_eval_task` wrote for ``task`` (this version or an earlier
-    one): the YAML by its first line, the utils module by its first line and its one import (an edited metric is
-    not), the data by its first row's keys."""
+    """Whether ``path`` is a file :func:`write_lm_eval_task` wrote for ``task``, unedited: the YAML by the
+    digest on its last line (one written before that line: by its lines, any values), the utils module by its
+    text (this version's or the earlier one), the data by its first row's keys."""
     try:
         with open(path, encoding="utf-8") as f:
             if path.name == f"{task}.yaml":
-                return f.readline() == _YAML.splitlines(keepends=True)[0]
+                lines = f.read(1 << 20).splitlines(keepends=True)
+                if lines and lines[-1].startswith(_DIGEST):
+                    return lines[-1] == f"{_DIGEST}{_sha256(''.join(lines[:-1]))}\n"
+                return _yaml_pattern(_YAML).fullmatch("".join(lines)) is not None
             if path.name == f"{task}_utils.py":
                 text = f.read(4096)
-                body = ast.parse(text).body
-                return (text.startswith(_UTILS.split(":")[0]) and len(body) == 2
-                        and ast.unparse(body[1]) == _UTILS.splitlines()[-1].split("  #")[0])
+                return text == _UTILS or _sha256(text) == _EARLIER_UTILS_SHA256
             if path.name == f"{task}.jsonl":
                 row = json.loads(f.readline())
                 return isinstance(row, dict) and {"prompt", "key"} <= set(row) <= set(ROW_KEYS)
-    except (OSError, ValueError, SyntaxError):  # (unreadable, not text, not JSON, not Python)
+    except (OSError, ValueError):  # (unreadable, not text, not JSON)
         return False
     return False
 
@@ -156,12 +178,12 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     files = {  # the YAML last: it is what lm-eval looks for
         f"{task}.jsonl": "".join(rows),
         f"{task}_utils.py": _UTILS,
-        f"{task}.yaml": _YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
-                                     utils=f"{task}_utils", metrics=metrics,
-                                     lengths=json.dumps([int(x) for x in lengths]),
-                                     depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
-                                     fillers=json.dumps([f.name for f in sources])),
     }
+    yaml = _YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
+                        utils=f"{task}_utils", metrics=metrics, lengths=json.dumps([int(x) for x in lengths]),
+                        depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
+                        fillers=json.dumps([f.name for f in sources]))
+    files[f"{task}.yaml"] = f"{yaml}{_DIGEST}{_sha256(yaml)}\n"
     if task_dir.is_dir():  # the files replaced together: never one task's data beside another's YAML
         write_together([(task_dir / name, lambda path, text=text: path.write_text(text, encoding="utf-8"))
                         for name, text in files.items()])
