@@ -207,11 +207,15 @@ _WARNED: set = set()
 def _warn_ignored_code(path: Path, option: str) -> None:
     """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
     runs (a class transformers does not have is refused when it loads); say that the built-in one is used. (A
-    saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself: no warning.)"""
+    saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a model type transformers
+    has no classes for is refused where it loads: no warning.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     try:
-        if json.loads((path / "config.json").read_text()).get("model_type") == "bsbr":
-            return
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
+        return
+    if model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
         return
     for name in ("config.json", "tokenizer_config.json"):
         try:

@@ -1107,6 +1107,12 @@ def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_wa
     with caplog.at_level("WARNING"):
         assert main(["convert", str(tmp_path / "out"), str(tmp_path / "again")]) == 2
     assert not [r for r in caplog.records if "code of its own" in r.getMessage()]
+    caplog.clear()  # a model type transformers has no class for: refused, without a warning that a built-in one is used
+    custom = shutil.copytree(src, tmp_path / "custom")  # (a path is warned of once)
+    (custom / "config.json").write_text(json.dumps({**cfg, "model_type": "mycustom"}))
+    with caplog.at_level("WARNING"):
+        assert main(["convert", str(custom), str(tmp_path / "third")]) == 2
+    assert not [r for r in caplog.records if "code of its own" in r.getMessage()]
 
 
 def test_a_source_generation_config_that_cannot_be_read_is_named(models, tmp_path, caplog):
