@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from typing import Optional
 
 from .errors import INTERRUPTED
@@ -337,8 +338,8 @@ def _run_command(args, name: str, verbose: bool) -> int:
         code = int(args.func(args) or 0)
         return _interrupted(name) if INTERRUPTED.is_set() else code  # (an interrupt a library swallowed)
     except (KeyboardInterrupt, Exception) as e:  # the one error boundary
-        if verbose:
-            raise
+        if verbose and not isinstance(e, (KeyboardInterrupt, BrokenPipeError)):  # the traceback, then the same
+            traceback.print_exc()  # line and exit status as without -v
         if isinstance(e, KeyboardInterrupt) or INTERRUPTED.is_set():  # (an import interrupted midway can
             return _interrupted(name)  # fail as another error)
         if isinstance(e, BrokenPipeError):  # stdout's reader closed it: stop, and say nothing more to it

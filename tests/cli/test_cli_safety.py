@@ -1000,7 +1000,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanl
 
 
 # ------------------------------------------------------------------------------- the error boundary
-def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypatch):
+def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypatch, tmp_path):
     assert main(["convert"]) == 2
     one_error_line(capsys.readouterr().err, "convert")
     assert main(["convert", "a", "b", "--chunk-size", "x"]) == 2
@@ -1017,10 +1017,14 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
     assert main(["convert", str(converted), "x"]) == 1
     line = one_error_line(capsys.readouterr().err, "convert")
     assert "internal error KeyError" in line and "-v" in line
-    with pytest.raises(KeyError):
-        main(["convert", str(converted), "x", "-v"])  # -v: the traceback (also after the command)
-    with pytest.raises(KeyError):
-        main(["-v", "convert", str(converted), "x"])
+    for argv in (["convert", str(converted), "x", "-v"], ["-v", "convert", str(converted), "x"]):
+        assert main(argv) == 1  # -v: the traceback too (also after the command), the exit status kept
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "KeyError: 'a bug'" in err and "bsbr convert: error: internal error" in err
+    monkeypatch.undo()  # refused input keeps its status 2 under -v (it was 1, "a bug")
+    assert main(["-v", "generate", str(tmp_path / "nonexistent"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("bsbr generate: error: MODEL"), err
 
 
 @pytest.mark.parametrize("command,flag", [([], None), (["convert"], "--chunk-size"), (["generate"], "--prompt"),
