@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -1227,3 +1228,17 @@ def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_wri
 
     (home / "f.txt").write_text("The river ran past the old mill at dawn.\n")
     assert _filler("file:~/f.txt") == f"file:{home / 'f.txt'}" and _filler("~/f.txt") == str(home / "f.txt")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_generate_into_a_full_disk_names_stdout(models):
+    """The generated text's write error was "[Errno 28] No space left on device", naming nothing."""
+    _, converted, _ = models
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "bsbr.cli", "generate", str(converted), "--prompt", "def f",
+                               "--max-new-tokens", "2"], stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = one_error_line(proc.stderr, "generate")
+    assert line.startswith("bsbr generate: error: stdout: No space left on device: the generated text"), line

@@ -366,9 +366,16 @@ def cmd_generate(args) -> int:
     if args.prompt is not None and not args.chat:  # a command line's prompt is printed as given, then its
         # continuation as the whole text decodes it (a piece decoded alone may lose its leading space)
         whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
-        print(args.prompt + whole[len(head):] if whole.startswith(head) else whole)
+        text = args.prompt + whole[len(head):] if whole.startswith(head) else whole
     else:  # a file's or a chat's prompt: the continuation alone
-        print(tok.decode(new, skip_special_tokens=True))
+        text = tok.decode(new, skip_special_tokens=True)
+    try:
+        print(text, flush=True)  # (flushed here: a full disk is named now, not at exit)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise UserError(f"stdout: {e.strerror or e}: the generated text could not be written there: give a file "
+                        "with room, or a pipe") from e
     logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
 
