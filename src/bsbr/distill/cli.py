@@ -18,7 +18,7 @@ from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_d
                          check_model_arg, check_positions, check_recorded_source, check_source, check_text_files,
                          check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
                          warn_past_rotary_positions)
-from ..errors import CheckpointError, UserError, check_not_interrupted
+from ..errors import INTERRUPTED, CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
                        write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
@@ -357,6 +357,9 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
               f"saved to {out}")
     if dist.is_initialized():
         dist.barrier()
+    if stop.is_set():  # the signal came while the model was moved in: it is complete; the command was interrupted
+        logger.warning("the model was already being published when the signal came: %s holds it, complete", out)
+        INTERRUPTED.set()
     return 0
 
 
