@@ -65,6 +65,13 @@ def test_evaluate_tiny_model(tiny):
     assert ppl["local"] > ppl["source"]
     assert lm["gap_closed"] == pytest.approx((ppl["local"] - ppl["bsbr"]) / (ppl["local"] - ppl["source"]))
 
+    model.train()  # a model evaluated between training steps is given back in its modes (it was left in eval mode)
+    model.model.layers[0].eval()
+    evaluate(model, src, None, windows[:1], CHUNK, progress=False)
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+    assert not src.training
+    model.eval()
+
     # the closed-gate model *is* the baseline: gap closed 0 exactly
     closed = evaluate(local, src, None, windows, CHUNK, local=local, progress=False)["language_modeling"]
     assert closed["gap_closed"] == 0.0 and closed["kl"]["bsbr"] == closed["kl"]["local"]
@@ -183,3 +190,21 @@ def test_perplexity_past_is_the_cross_entropy_of_the_scored_tokens_only():
         perplexity_past(src, windows, 29)
     with pytest.raises(ValueError, match="1-D integer tensor"):
         perplexity_past(src, [windows.float()[0]], 0)
+
+
+def test_perplexity_and_passkey_run_in_eval_mode_and_give_the_models_back(tiny):
+    """perplexity_past and run_passkey ran a model in train mode with its dropout on."""
+    from bsbr.evaluate import perplexity_past
+    from bsbr.evaluate.passkey import run_passkey
+    from word_tokenizer import build_word_tokenizer
+
+    src, model, _ = tiny
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    windows = torch.randint(3, 97, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(4))
+    model.train()
+    perplexity_past(model, windows, CHUNK)
+    run_passkey({"bsbr": model}, build_word_tokenizer(), lengths=[256], depths=[0.5], trials=1, max_new_tokens=5,
+                progress=False)
+    assert seen and not any(seen) and model.training
+    model.eval()

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from ..errors import check_not_interrupted
 from ..models.heads import final_hidden_states, position_blocks
 from ..ops.checks import check_int
+from .modes import in_eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ class MetricAccumulator:
 
 
 @torch.no_grad()
+@in_eval_mode
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
              buckets: str = "chunk", ks: Sequence[int] = DEFAULT_KS, passkey: Optional[dict] = None,
              batch_size: int = 1, progress: bool = True, window=None) -> dict:
@@ -285,8 +287,6 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     from ..progress import bar
 
     t0 = time.perf_counter()
-    for m in models.values():
-        m.eval()
     n_win, seq_len = windows.shape
     check_not_interrupted()  # (a Ctrl-C a library swallowed, here or while a model loaded)
     acc = MetricAccumulator(seq_len, chunk_size, models=list(models), scheme=buckets, ks=ks)
@@ -317,6 +317,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     return result
 
 
+@in_eval_mode
 def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
     """Perplexity of ``model`` on the tokens at positions ``> start`` of each window, predicted from
     the logits at positions ``>= start`` (no cache, no gradient). ``windows``: a (num_windows,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optio
 
 from ..errors import check_not_interrupted
 from .filler import Filler, default_fillers, get_filler
+from .modes import in_eval_mode
 
 if TYPE_CHECKING:
     import torch
@@ -251,6 +252,7 @@ def _rate(counts: Iterable[Sequence[int]]) -> dict:
     return dict(correct=correct, trials=trials, accuracy=correct / trials)
 
 
+@in_eval_mode
 def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
                 depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
                 chunk_size: Optional[int] = None, progress: bool = True,
