@@ -1155,6 +1155,10 @@ def test_a_bad_byte_after_a_byte_order_mark_is_named_at_its_offset(models, tmp_p
     f.write_bytes(b"\xef\xbb\xbf" + b"x" * 120 + b"\xff")
     assert "invalid start byte at byte 123" in refused(capsys, ["eval", converted, "--text-file", f, "--no-passkey"],
                                                        "eval")
+    filler = tmp_path / "filler.txt"  # (a pass-key filler file named the byte 3 too early)
+    filler.write_bytes(b"\xef\xbb\xbf" + b"The cat sat on the mat today. " * 4 + b"\xff")
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", filler], "eval")
+    assert "invalid start byte at byte 123" in line, line
 
 
 def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(tmp_path):

@@ -5,6 +5,7 @@ picks where a :class:`Filler`'s text starts: trials see different stretches of i
 """
 from __future__ import annotations
 
+import codecs
 import importlib
 import inspect
 import logging
@@ -192,10 +193,12 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
         why = not_utf8(f.read(8192))
     if why:
         raise ValueError(f"filler file {path} {why}")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"filler file {path} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") \
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # (the offset in the file: a byte-order mark is not decoded)
+        at = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        raise ValueError(f"filler file {path} is not UTF-8 text ({e.reason} at byte {at:,}): save it as UTF-8") \
             from None
     sentences = tuple(dict.fromkeys(split_sentences(text)))
     if not sentences:
