@@ -274,7 +274,7 @@ def _main(argv) -> int:
         # datasets logs a data file it cannot parse as an error of its own before raising: the raise is the
         # command's one-line error; -v shows the log
         os.environ["DATASETS_VERBOSITY"] = "critical"
-        if "datasets" in sys.modules:
+        if sys.modules.get("datasets") is not None:  # (None: its import blocked)
             sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
     no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # no bars in a log, or when asked
     if no_bars:

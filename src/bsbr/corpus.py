@@ -185,15 +185,49 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
         return (_file_pieces(f) for f in files if os.path.getsize(f) > 0)
 
     def rows():
-        for row in ds:
-            if text_column not in row:
-                raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "
-                                 "pick one with --text-column")
-            text = row[text_column]
-            if isinstance(text, str) and text.strip():
+        skipped = 0
+        try:
+            for i, row in enumerate(ds):
+                if text_column not in row:
+                    raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "
+                                     "pick one with --text-column")
+                text = row[text_column]
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} is a {type(text).__name__}, not "
+                                     "text: pick a column of text with --text-column")
+                if text is None or not text.strip():
+                    if not skipped:
+                        logger.warning("dataset %r: row %d has no text in column %r: rows without text are skipped",
+                                       name, i, text_column)
+                    skipped += 1
+                    continue
                 yield text
+        except UnicodeDecodeError as e:
+            raise ValueError(f"dataset {name!r} is not UTF-8 text ({e.reason}): save it as UTF-8") from None
 
     return rows()
+
+
+def local_dataset_files(name: str, config: Optional[str] = None, split: str = "test"):
+    """For a local ``--dataset`` (a data file or a folder): ``(read, unread, plain)``, the files its split
+    reads, the folder's files no split reads (datasets reads one format per folder; a dataset card and
+    ``save_to_disk``'s records aside) and whether the read ones are plain text; ``([], [], False)`` for a
+    hub name."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return [], [], False
+    import datasets
+
+    builder = _dataset_builder(datasets, name, config)
+    files = {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
+    read = [f for part in split.split("+") for f in files.get(part, ())]
+    if not path.is_dir():
+        return read, [], builder.name == "text"
+    every, root = {str(f) for fs in files.values() for f in fs}, path.resolve()
+    skip = {"README.md", "state.json", "dataset_info.json"}
+    unread = sorted(str(f) for f in root.rglob("*") if f.is_file() and str(f) not in every and f.name not in skip
+                    and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    return read, unread, builder.name == "text"
 
 
 def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Optional[str] = None,

@@ -484,6 +484,45 @@ def test_a_local_dataset_that_does_not_parse_is_one_line(saved, tmp_path, capsys
     _refused(capsys, argv, "--dataset")
 
 
+def test_local_dataset_text_files_are_checked_as_text_files_and_bad_rows_named(saved, tmp_path, capsys, no_loading,
+                                                                            caplog):
+    """--dataset read a UTF-16 or Latin-1 .txt as replacement characters (--text-file refuses them), dropped rows
+    whose text was not a string, and left a folder's files of another format unread, all with exit 0."""
+    text = (saved / "text.py").read_text()
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--seq-len", "40", "--no-passkey",
+            "--no-progress", "--dataset"]
+    (tmp_path / "u16").mkdir()
+    (tmp_path / "u16" / "a.txt").write_bytes(text.encode("utf-16"))
+    _refused(capsys, [*argv, str(tmp_path / "u16")], "--dataset", "a.txt is UTF-16", "save it as UTF-8")
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / "a.txt").write_bytes(text.encode() + b"caf\xe9\n")
+    _refused(capsys, [*argv, str(tmp_path / "latin")], "--dataset", "a.txt is not UTF-8 text", "save it as UTF-8")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": [text]}) + "\n")
+    from bsbr.corpus import dataset_texts
+
+    with pytest.raises(ValueError, match="row 1's 'text' is a list, not text: pick a column of text with --text-column"):
+        list(dataset_texts(str(rows), split="train"))
+    rows.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"other": 1}) + "\n")
+    with caplog.at_level("WARNING"):
+        assert len(list(dataset_texts(str(rows), split="train"))) == 1
+    assert "row 1 has no text in column 'text': rows without text are skipped" in caplog.text
+    latin = tmp_path / "late.csv"  # a bad byte past the first row: the error named neither the file nor the option
+    latin.write_bytes(b"text\n" + b"".join(b'"row %d"\n' % i for i in range(20000)) + b'"caf\xe9"\n')
+    with pytest.raises(ValueError, match="dataset .*late.csv.* is not UTF-8 text"):
+        list(dataset_texts(str(latin), split="train"))
+    from bsbr.arguments import check_dataset
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text)
+    (folder / "b.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_dataset(str(folder), None, "train", "text")
+    assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl): a.txt" in caplog.text
+
+
 def test_a_passkey_grid_that_could_not_be_read_whole_is_refused_before_loading(saved, capsys, monkeypatch):
     # fewer trials than fillers: the last filler was never read, yet listed in the JSON and drawn as 0% in the plot;
     # fewer new tokens than the key's answer takes: every cell 0%, exit 0
