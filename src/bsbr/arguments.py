@@ -32,9 +32,15 @@ def expand_home(value):
     return value
 
 
-def same_file(path) -> str:
-    """What makes two spellings of a path one file (``~``, ``./``, links): a key for :func:`check_unique`."""
-    return os.path.realpath(os.path.expanduser(str(path)))
+def same_file(path):
+    """What makes two spellings of a path one file (``~``, ``./``, symbolic and hard links): a key for
+    :func:`check_unique` (an existing file's device and inode, else its real path)."""
+    real = os.path.realpath(os.path.expanduser(str(path)))
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real
+    return st.st_dev, st.st_ino
 
 
 def check_unique(option: str, values, key=None) -> None:
@@ -45,7 +51,8 @@ def check_unique(option: str, values, key=None) -> None:
         k = value if key is None else key(value)
         if k in seen:
             first = seen[k]
-            same = "" if first == value else f" (as {first}" + ("" if k == first else f", both {k}") + ")"
+            same = "" if first == value else f" (as {first}" + ("" if k == first or not isinstance(k, str)
+                                                                 else f", both {k}") + ")"
             raise UserError(f"{option} {value} is given twice{same}: give each value once")
         seen[k] = value
 

@@ -245,6 +245,13 @@ def test_repeated_list_values_are_refused(saved, capsys, no_loading, extra, word
     _refused(capsys, _base(saved, *extra), *words)
 
 
+def test_a_text_file_and_its_hard_link_are_one_file(saved, tmp_path, capsys, no_loading):
+    # the text was evaluated twice: only symbolic links and other spellings were caught
+    os.link(saved / "text.py", tmp_path / "hard.py")
+    _refused(capsys, _base(saved, "--text-file", str(saved / "text.py"), str(tmp_path / "hard.py")),
+             "--text-file", "hard.py is given twice (as ", "text.py)")
+
+
 def test_two_filler_files_of_one_name_are_named_as_such(saved, tmp_path, capsys, no_loading):
     # they were refused as "given twice": different texts, one key in the results
     for folder, text in (("a", "The river runs past the old mill. "), ("b", "A small bird sang on the high wall. ")):
