@@ -117,6 +117,9 @@ def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[Iterator[str
     return read_texts(mixed_order(files, seed))
 
 
+DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")  # a name ending so is a file
+
+
 def _dataset_builder(datasets, name: str, config: Optional[str], **options):
     """The builder of ``name``: a hub dataset, a local folder of data files, or one local data file (read
     by its folder's builder, as its one split ``train``)."""
@@ -125,7 +128,7 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
         where = dict(path=str(path.resolve().parent), data_files=path.name)
     elif path.is_dir():
         where = dict(path=str(path.resolve()))
-    elif name.startswith((".", "/", "~")):  # spelled as a path: not a hub name
+    elif name.startswith((".", "/", "~")) or name.endswith(DATA_SUFFIXES):  # spelled as a path: not a hub name
         raise ValueError("no such folder or file")
     else:
         where = dict(path=name)

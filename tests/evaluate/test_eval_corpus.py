@@ -174,6 +174,8 @@ def test_local_dataset_text_files_are_documents_and_a_data_file_or_path_is_local
         corpus.dataset_texts(str(tmp_path / "gone"))
     with pytest.raises(ValueError, match="no such folder or file"):
         corpus.dataset_texts("./gone")
+    with pytest.raises(ValueError, match="no such folder or file"):  # a data file's name (it got hub advice)
+        corpus.dataset_texts("ds/gone.jsonl")
 
 
 def test_the_corpus_description_names_local_inputs_by_absolute_path(tmp_path, monkeypatch):
