@@ -222,8 +222,8 @@ def _warn_ignored_code(path: Path, option: str) -> None:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return
-    if model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
-        return
+    if not isinstance(model_type, str) or model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
+        return  # (a model_type that is no string is refused where config.json is read)
     for name in ("config.json", "tokenizer_config.json"):
         try:
             auto_map = json.loads((path / name).read_text()).get("auto_map") or {}

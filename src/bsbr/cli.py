@@ -355,7 +355,8 @@ def _run_command(args, name: str, verbose: bool) -> int:
             what, code = f"out of memory ({_one_line(e)[:160]}): give shorter or fewer inputs", EXIT_USAGE
         else:
             what, code = (f"internal error {type(e).__name__}: {_one_line(e)} "
-                          "(rerun with -v for the traceback and report it)"), EXIT_INTERNAL
+                          + ("(report it with the traceback above)" if verbose
+                             else "(rerun with -v for the traceback and report it)")), EXIT_INTERNAL
         print(f"bsbr {name}: error: {what}", file=sys.stderr)
         return code
 

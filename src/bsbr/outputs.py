@@ -375,7 +375,10 @@ def unwritable_parent(path: Path) -> Optional[Path]:
     except OSError:
         return parent
     os.close(fd)
-    os.unlink(probe)
+    try:
+        os.unlink(probe)
+    except OSError:  # (an append-only folder: a file can be made, not removed)
+        return parent
     return None
 
 

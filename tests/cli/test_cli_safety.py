@@ -1022,6 +1022,7 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
         assert main(argv) == 1  # -v: the traceback too (also after the command), the exit status kept
         err = capsys.readouterr().err
         assert "Traceback" in err and "KeyError: 'a bug'" in err and "bsbr convert: error: internal error" in err
+        assert "(report it with the traceback above)" in err and "rerun with -v" not in err, err
     monkeypatch.undo()  # refused input keeps its status 2 under -v (it was 1, "a bug")
     assert main(["-v", "generate", str(tmp_path / "nonexistent"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import time
@@ -374,8 +375,9 @@ def cmd_generate(args) -> int:
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             raise
-        raise UserError(f"stdout: {e.strerror or e}: the generated text could not be written there: give a file "
-                        "with room, or a pipe") from e
+        room = " with room" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise UserError(f"stdout: {e.strerror or e}: the generated text could not be written there: give a file"
+                        f"{room} or a pipe") from e
     logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
 

@@ -172,7 +172,6 @@ def cmd_distill(args) -> int:
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
-    check_default_model(args.teacher, "--teacher")
     if args.teacher is not None and Path(os.path.expanduser(str(args.teacher))).resolve() == student_dir.resolve():
         raise UserError(f"--teacher {args.teacher} is the --student: it would learn from itself (nothing); give "
                         "the model it was converted from")
@@ -253,6 +252,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         check_same_run(saved, cfg, run, ckpt)
         check_work_left(saved, cfg, out)
     check_recorded_source(student_dir, args.teacher, option="--teacher", force=args.force)
+    check_default_model(args.teacher, "--teacher")  # (after: a student of another source names it instead)
     # with --overwrite, the old run's checkpoint: not one this run may print a resume command for
     before = (ckpt / MANIFEST).read_bytes() if args.overwrite and (ckpt / MANIFEST).is_file() else None
     try:
