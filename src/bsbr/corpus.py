@@ -63,11 +63,13 @@ def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]]
     return [root / rel for rel in sorted(found) if split == "all" or split_of(rel) == split]
 
 
-def mixed_order(paths: Sequence[Path], seed: int = 0) -> List[Path]:
+def mixed_order(paths: Sequence[Path], seed: int = 0, root: Optional[Union[str, os.PathLike]] = None) -> List[Path]:
     """``paths`` in a deterministic, seed-dependent shuffled order (sorted by a hash of the seed and
-    the file name), so the first few windows sample many modules instead of the alphabetical start
-    (``__future__``, ``_aix_support``, ...)."""
-    return sorted(paths, key=lambda p: _unit_hash(f"{seed}:{Path(p).as_posix()}"))
+    each path relative to ``root``, so that the order is the same wherever the files lie), so the first few
+    windows sample many modules instead of the alphabetical start (``__future__``, ``_aix_support``, ...)."""
+    def key(p):
+        return _unit_hash(f"{seed}:{(Path(p).relative_to(root) if root is not None else Path(p)).as_posix()}")
+    return sorted(paths, key=key)
 
 
 PIECE_CHARS = 1 << 20  # a document is tokenized a piece of about this many characters at a time
@@ -114,7 +116,7 @@ def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[Iterator[str
     if not files:
         raise ValueError(f"no standard-library .py files in split {split!r} under {stdlib_root()}")
     logger.info("corpus: %d standard-library files in split %r", len(files), split)
-    return read_texts(mixed_order(files, seed))
+    return read_texts(mixed_order(files, seed, root=stdlib_root()))
 
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")  # a name ending so is a file

@@ -27,6 +27,22 @@ def test_split_is_stable_across_processes_and_versions():
     assert [corpus.split_of(p) for p in ("os.py", "typing.py", "json/decoder.py")] == ["train"] * 3
 
 
+def test_the_default_corpus_order_is_the_same_wherever_python_is_installed(tmp_path, monkeypatch):
+    """The order hashed each file's absolute path: the same files, seed and Python under another prefix
+    (/usr/lib against /opt/python) gave other windows, and other eval numbers."""
+    names = [f"m{i}.py" for i in range(12)] + ["pkg/a.py", "pkg/b.py"]
+    orders = []
+    for prefix in ("usr/lib/python3.11", "opt/python/lib/python3.11"):
+        root = tmp_path / prefix
+        for i, name in enumerate(names):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(f"x = {i}\n")
+        monkeypatch.setattr(corpus, "stdlib_root", lambda root=root: root)
+        orders.append(["".join(piece for piece in doc) for doc in corpus.stdlib_texts("all", seed=3)])
+    assert orders[0] == orders[1]
+    assert orders[0] != sorted(orders[0])  # (mixed, not alphabetical)
+
+
 def test_split_of_a_small_tree(tmp_path):
     for name in ["a.py", "b.py", "pkg/c.py", "pkg/test_d.py", "test/e.py", "site-packages/f.py", "g.txt"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
