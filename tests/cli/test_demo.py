@@ -36,7 +36,7 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch)
     assert set(lm["perplexity"]) == {"source", "local", "window", "bsbr"}
     assert lm["tokens"] == 160 - 8 - 1  # the tokens predicted past the first chunk
     summary = text.split("=== summary ===")[1]
-    assert any(line.split()[:2] == ["bsbr", f"{lm['perplexity']['bsbr']:.2f}"] for line in summary.splitlines())
+    assert any(line.split()[:2] == ["bsbr", f"{lm['perplexity']['bsbr']:.4g}"] for line in summary.splitlines())
     # within its window (2 chunks of 8 tokens) the conversion is the source: equal per-bucket NLL (past it
     # the default reads far keys just before the window)
     exact = [bk for bk in lm["buckets"] if bk["end"] <= 16]

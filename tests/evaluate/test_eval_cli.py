@@ -155,6 +155,14 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     assert (r["config"]["local_chunks"], r["config"]["sink_tokens"]) == (2, 4)
     # the conversion's retrieval is recorded too (a hybrid run and a window run looked the same)
     assert (r["config"]["retrieval_blocks"], r["config"]["recall_tokens"], r["config"]["far_positions"]) == (8, 0, "window")
+    # and what else tells two models, or two installs, apart (two conversions with other options, or a model and
+    # its distilled copy, recorded one config)
+    from bsbr import __version__, load_bsbr_model
+    from bsbr.arguments import weights_fingerprint
+
+    assert (r["config"]["retrieval"], r["config"]["feature_map"], r["config"]["bsbr"]) == \
+        ("normalized", "hedgehog", __version__)
+    assert r["config"]["weights"] == weights_fingerprint(load_bsbr_model(conv)) and r["config"]["transformers"]
     assert lm["gap_closed_by_retrieval"] != 0.0 and lm["gap_closed"] != 0.0
     assert set(r["passkey"]["models"]) == {"bsbr", "source", "local", "window"}
     assert len(r["passkey"]["models"]["bsbr"]["cells"]) == 4

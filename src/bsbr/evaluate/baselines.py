@@ -68,7 +68,10 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
 
     from ..convert import load_source
     from ..models import load_bsbr_model
-    from ..arguments import source_label, source_name
+    import transformers
+
+    from .. import __version__
+    from ..arguments import source_label, source_name, weights_fingerprint
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
@@ -86,9 +89,11 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
     if has_wide_window(model.config.to_dict()):
         models["window"] = local_baseline(source, chunk, like=model, same_window=True)
+    # what identifies the run: the model's attention options and weights, the software, the machine
+    options = ("local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "far_positions", "retrieval",
+               "feature_map", "compression_factor", "position_scheme")
     config = dict(model_dir=str(Path(model_dir).resolve()), reference=source_name(reference), chunk_size=chunk,
-                  **{k: getattr(model.config, k, None) for k in ("local_chunks", "sink_tokens", "retrieval_blocks",
-                                                                 "recall_tokens", "far_positions")},
-                  torch=torch.__version__,
-                  threads=torch.get_num_threads(), machine=platform.machine())
+                  **{k: getattr(model.config, k, None) for k in options}, weights=weights_fingerprint(model),
+                  bsbr=__version__, torch=torch.__version__, transformers=transformers.__version__,
+                  python=platform.python_version(), threads=torch.get_num_threads(), machine=platform.machine())
     return models, tokenizer, config
