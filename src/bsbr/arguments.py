@@ -357,6 +357,20 @@ def check_tokenizer_fits(tok, vocab: int, what: str) -> None:
                         "tokenizer is not this model's")
 
 
+def check_model_tokenizer(tok, model_dir, option: str, windows: bool = True) -> None:
+    """The tokenizer a command reads ``option``'s model ``model_dir`` with (None: the bundled model): refused,
+    before the work, when it has ids past the model's embeddings or, for ``windows`` of text (documents joined
+    by EOS tokens), no EOS token."""
+    what = f"{option} {source_label(model_dir)}"
+    if model_dir is not None and (Path(os.path.expanduser(str(model_dir))) / "config.json").is_file():
+        vocab = read_config(Path(os.path.expanduser(str(model_dir))) / "config.json", option).get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool):
+            check_tokenizer_fits(tok, vocab, what)
+    if windows and tok.eos_token_id is None:
+        raise UserError(f"{what}: its tokenizer has no EOS token, which separates the documents of the text windows: "
+                        "set eos_token in its tokenizer_config.json")
+
+
 def read_config(config: Path, option: str) -> dict:
     """A model directory's config.json as a dict with a ``model_type``, or a one-line :class:`UserError`."""
     cfg = _json_object(config, f"{option} {config.parent}: config.json")

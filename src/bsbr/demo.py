@@ -56,7 +56,8 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     from .evaluate.plots import plot_results
     from .evaluate.filler import default_fillers
     from .evaluate.passkey import check_prompt_lengths
-    from .arguments import check_positions, load_model_arg, load_tokenizer_arg, source_name
+    from .arguments import (check_model_tokenizer, check_positions, load_model_arg, load_tokenizer_arg,
+                            source_name)
 
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
@@ -64,6 +65,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     passkey = None if args.no_passkey else dict(lengths=[args.seq_len], depths=[0.1, 0.5, 0.9], trials=2, seed=0,
                                                 max_new_tokens=8, fillers=default_fillers(2))
     tokenizer = load_tokenizer_arg(args.source, "--source")  # args.source is a path, a hub id or None
+    check_model_tokenizer(tokenizer, args.source, "--source")
     if passkey is not None:
         check_prompt_lengths(tokenizer, "--seq-len", "give a longer --seq-len, or --no-passkey", **passkey)
     source = load_model_arg(args.source, "--source")

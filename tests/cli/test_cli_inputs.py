@@ -1215,3 +1215,39 @@ def test_a_result_file_where_nothing_can_be_made_is_refused_before_the_work(mode
     line = refused(capsys, ["eval", converted, "--reference", source, "--no-passkey", "--json", "/proc/x.json"],
                    "eval")
     assert "--json /proc/x.json: cannot write in /proc" in line, line
+
+
+def test_a_tokenizer_without_eos_or_past_the_model_is_refused_before_the_work(models, tmp_path, capsys, text,
+                                                                              monkeypatch):
+    """eval and distill refused a tokenizer without EOS after loading the models, naming no argument (demo after
+    converting); a tokenizer past the model's embeddings failed late ("input_ids must lie in [0, 97)"), and
+    eval --lm-eval-task-dir wrote a task the model could not run, exit 0."""
+    from word_tokenizer import build_word_tokenizer
+
+    source, converted, _ = models
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("bsbr.distill.cli.load_bsbr_model", lambda *a, **k: pytest.fail("a model was loaded"),
+                        raising=False)
+    no_eos = tmp_path / "no_eos"
+    shutil.copytree(converted, no_eos)
+    tok = build_word_tokenizer()
+    tok.eos_token = None
+    tok.save_pretrained(no_eos)
+    for argv, command, option in (
+            (["eval", no_eos, "--reference", source, "--text-file", text, "--seq-len", "64", "--no-passkey"], "eval",
+             "MODEL"),
+            (["distill", "--student", no_eos, "--teacher", source, "--text-file", text, "--seq-len", "96", "--steps",
+              "1", "--output", tmp_path / "o"], "distill", "--student")):
+        line = refused(capsys, argv, command)
+        assert f"{option} {no_eos}: its tokenizer has no EOS token" in line and "eos_token" in line, line
+    wide = tmp_path / "wide"
+    shutil.copytree(converted, wide)
+    tok = build_word_tokenizer()
+    tok.add_tokens([f"qq{i}" for i in range(30)])
+    tok.save_pretrained(wide)
+    for argv in (["eval", wide, "--reference", source, "--text-file", text, "--seq-len", "64", "--no-passkey"],
+                 ["eval", wide, "--passkey-lengths", "200", "--passkey-trials", "1", "--lm-eval-task-dir",
+                  tmp_path / "task"]):
+        line = refused(capsys, argv, "eval")
+        assert f"MODEL {wide}: its tokenizer has" in line and "not this model's" in line, line
+    assert not (tmp_path / "task").exists() and not (tmp_path / "o").exists()

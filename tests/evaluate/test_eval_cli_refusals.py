@@ -131,6 +131,9 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
         def __call__(self, *args, **kwargs):
             return word_tokenizer(*args, **kwargs)
 
+        def __len__(self):
+            return len(word_tokenizer)
+
         def decode(self, *args, **kwargs):
             self.calls += 1
             if self.calls > 1:

@@ -15,8 +15,8 @@ from typing import Optional
 
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_default_model,
-                         check_model_arg, check_positions, check_recorded_source, check_source, check_text_files,
-                         check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
+                         check_model_arg, check_model_tokenizer, check_positions, check_recorded_source, check_source,
+                         check_text_files, check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
                          warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
@@ -320,6 +320,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     from .trainer import distill
 
     tokenizer = load_tokenizer_arg(student_dir, "--student")
+    check_model_tokenizer(tokenizer, student_dir, "--student")
     torch.manual_seed(args.seed)
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
     texts, data = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),

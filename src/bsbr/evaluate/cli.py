@@ -10,9 +10,9 @@ from typing import Optional
 
 from ..numbers import MAX_COUNT, MAX_REPEATS, SEED_RANGE, integer
 from ..arguments import (add_dataset_arguments, check_bsbr_dir, check_bsbr_positions, check_dataset, check_model_arg,
-                         check_positions, check_recorded_source, check_source, check_text_files, check_unique,
-                         dataset_options, expand_home, load_tokenizer_arg, read_config, read_metadata, same_file,
-                         warn_past_rotary_positions)
+                         check_model_tokenizer, check_positions, check_recorded_source, check_source, check_text_files,
+                         check_unique, dataset_options, expand_home, load_tokenizer_arg, read_config, read_metadata,
+                         same_file, warn_past_rotary_positions)
 from ..errors import OutputError, UserError
 from ..outputs import check_output_dir, check_output_files, left_by_a_kill
 from ..results import write_json
@@ -316,9 +316,11 @@ def cmd_eval(args) -> int:
         _check_loadable(args.model)
     if not (args.passkey_only or args.lm_eval_task_dir):
         check_dataset(args.dataset, **dataset)
-    if passkey is not None:  # before any model is loaded
-        tokenizer = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
-            load_eval_tokenizer(args.model, args.reference)
+    # the tokenizer, before any model is loaded
+    tokenizer = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
+        load_eval_tokenizer(args.model, args.reference)
+    check_model_tokenizer(tokenizer, args.model, "MODEL", windows=not (args.passkey_only or args.lm_eval_task_dir))
+    if passkey is not None:
         check_prompt_lengths(tokenizer, "--passkey-lengths", "give longer --passkey-lengths or fewer "
                              "--passkey-new-tokens", **passkey)
         if args.lm_eval_task_dir:
