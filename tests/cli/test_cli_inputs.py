@@ -1251,3 +1251,28 @@ def test_a_tokenizer_without_eos_or_past_the_model_is_refused_before_the_work(mo
         line = refused(capsys, argv, "eval")
         assert f"MODEL {wide}: its tokenizer has" in line and "not this model's" in line, line
     assert not (tmp_path / "task").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_prompt_files_continuation_keeps_its_leading_space_with_a_metaspace_tokenizer(tmp_path, capsys):
+    """A SentencePiece-style tokenizer (Llama 2, Mistral) drops the first piece's space when the continuation is
+    decoded alone: --prompt-file printed "go.next" where --prompt printed "go. next"."""
+    from model_sources import VOCAB, make_source
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(VOCAB - 3)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"\u2581{w}": i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    make_source("llama").save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "conv"), "--chunk-size", "8"]) == 0
+    prompt = " ".join(words[:20])
+    (tmp_path / "p.txt").write_text(prompt)
+    capsys.readouterr()
+    outs = []
+    for given in (["--prompt", prompt], ["--prompt-file", str(tmp_path / "p.txt")]):
+        assert main(["generate", str(tmp_path / "conv"), *given, "--max-new-tokens", "3"]) == 0
+        outs.append(capsys.readouterr().out.removesuffix("\n"))
+    assert outs[0].startswith(prompt + " ") and outs[1] == outs[0][len(prompt):], outs

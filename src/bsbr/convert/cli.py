@@ -364,12 +364,15 @@ def cmd_generate(args) -> int:
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     dt = time.perf_counter() - t0
     new = out[0, n:]
-    if args.prompt is not None and not args.chat:  # a command line's prompt is printed as given, then its
-        # continuation as the whole text decodes it (a piece decoded alone may lose its leading space)
-        whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
-        text = args.prompt + whole[len(head):] if whole.startswith(head) else whole
-    else:  # a file's or a chat's prompt: the continuation alone
+    if args.chat:  # the reply alone
         text = tok.decode(new, skip_special_tokens=True)
+    else:  # the continuation as the whole text decodes it (a piece decoded alone may lose its leading space),
+        # after a command line's prompt as given (a file's prompt is not printed)
+        whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
+        if whole.startswith(head):
+            text = (args.prompt or "") + whole[len(head):]
+        else:
+            text = whole if args.prompt is not None else tok.decode(new, skip_special_tokens=True)
     try:
         print(text, flush=True)  # (flushed here: a full disk is named now, not at exit)
     except OSError as e:
