@@ -1276,3 +1276,16 @@ def test_a_prompt_files_continuation_keeps_its_leading_space_with_a_metaspace_to
         assert main(["generate", str(tmp_path / "conv"), *given, "--max-new-tokens", "3"]) == 0
         outs.append(capsys.readouterr().out.removesuffix("\n"))
     assert outs[0].startswith(prompt + " ") and outs[1] == outs[0][len(prompt):], outs
+
+
+def test_generate_samples_the_same_text_with_the_same_seed(models, capsys):
+    """Sampled text could not be reproduced from the command line (no seed)."""
+    _, converted, _ = models
+    argv = ["generate", str(converted), "--prompt", "def f", "--max-new-tokens", "12", "--temperature", "1.5"]
+    texts = []
+    for seed in ("7", "7", "8"):
+        assert main([*argv, "--seed", seed]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2]
+    line = refused(capsys, ["generate", converted, "--prompt", "x", "--seed", "7"], "generate")
+    assert "--seed seeds the sampling, and --temperature 0 is greedy" in line, line

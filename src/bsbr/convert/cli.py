@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..numbers import MAX_RECALL_TOKENS, MAX_TOKENS, finite_number, integer
+from ..numbers import MAX_RECALL_TOKENS, MAX_TOKENS, SEED_RANGE, finite_number, integer
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +316,9 @@ def cmd_generate(args) -> int:
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
         raise UserError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (logits divided "
                         f"by less overflow float32), got {args.temperature}")
+    if args.seed is not None and args.temperature == 0:
+        raise UserError("--seed seeds the sampling, and --temperature 0 is greedy (no sampling): give --temperature "
+                        "above 0, or drop --seed")
     import torch
 
     from ..models import load_bsbr_model
@@ -357,6 +360,8 @@ def cmd_generate(args) -> int:
     # greedy, or sampling at --temperature with the model's own settings (top-k, top-p), as generate() samples
     how = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,
@@ -409,4 +414,7 @@ def register(sub) -> None:
     g.add_argument("--temperature", type=finite_number(), default=0.0,
                    help="0 = greedy (default); above 0, sampling at this temperature with the model's own "
                         "generation settings (top-k, top-p), as generate() samples")
+    g.add_argument("--seed", type=integer(*SEED_RANGE), default=None,
+                   help="the sampling's seed: the same seed, model and prompt give the same text (default: none, "
+                        "each run samples anew)")
     g.set_defaults(func=cmd_generate)
