@@ -120,6 +120,7 @@ def stdlib_texts(split: str = "heldout", seed: int = 0) -> Iterator[Iterator[str
 
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")  # a name ending so is a file
+COMPRESSED = (".gz", ".bz2", ".zst", ".xz", ".lz4", ".zip")
 
 
 def _dataset_builder(datasets, name: str, config: Optional[str], **options):
@@ -145,7 +146,8 @@ def _text_files(builder, split: str) -> Optional[List[str]]:
     if any(part not in files for part in split.split("+")):
         raise ValueError(f"Bad split: {split}. Available splits: {sorted(files)}")
     chosen = [f for part in split.split("+") for f in files[part]]
-    return chosen if all("://" not in f for f in chosen) else None
+    # (compressed files: read through the builder, which decompresses them; opened here, their bytes were text)
+    return chosen if all("://" not in f and not f.endswith(COMPRESSED) for f in chosen) else None
 
 
 def only_split(name: str, config: Optional[str] = None) -> Optional[str]:
@@ -213,11 +215,18 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
     return rows()
 
 
+def _is_data_file(name: str) -> bool:
+    """Whether a file of this name holds data of a format datasets reads (:data:`DATA_SUFFIXES`, compressed or not)."""
+    for c in COMPRESSED:
+        name = name.removesuffix(c)
+    return name.endswith(DATA_SUFFIXES)
+
+
 def local_dataset_files(name: str, config: Optional[str] = None, split: str = "test"):
     """For a local ``--dataset`` (a data file or a folder): ``(read, unread, plain)``, the files its split
-    reads, the folder's files no split reads (datasets reads one format per folder; a dataset card and
-    ``save_to_disk``'s records aside) and whether the read ones are plain text; ``([], [], False)`` for a
-    hub name."""
+    reads, the folder's data files (by :data:`DATA_SUFFIXES`) no split reads (datasets reads one format per
+    folder; ``save_to_disk``'s records aside) and whether the read ones are uncompressed plain text;
+    ``([], [], False)`` for a hub name."""
     path = Path(name).expanduser()
     if not path.exists():
         return [], [], False
@@ -226,13 +235,14 @@ def local_dataset_files(name: str, config: Optional[str] = None, split: str = "t
     builder = _dataset_builder(datasets, name, config)
     files = {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
     read = [f for part in split.split("+") for f in files.get(part, ())]
+    plain = builder.name == "text" and not any(f.endswith(COMPRESSED) for f in read)
     if not path.is_dir():
-        return read, [], builder.name == "text"
+        return read, [], plain
     every, root = {str(f) for fs in files.values() for f in fs}, path.resolve()
-    skip = {"README.md", "state.json", "dataset_info.json"}
+    skip = {"state.json", "dataset_info.json", "dataset_dict.json", "dataset_infos.json"}
     unread = sorted(str(f) for f in root.rglob("*") if f.is_file() and str(f) not in every and f.name not in skip
-                    and not any(part.startswith(".") for part in f.relative_to(root).parts))
-    return read, unread, builder.name == "text"
+                    and _is_data_file(f.name) and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    return read, unread, plain
 
 
 def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Optional[str] = None,

@@ -533,6 +533,33 @@ def test_local_dataset_text_files_are_checked_as_text_files_and_bad_rows_named(s
     assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl): a.txt" in caplog.text
 
 
+def test_compressed_text_files_and_saved_dataset_dicts_are_read_without_false_warnings(tmp_path, caplog):
+    """A folder's .txt.gz was read as its gzip bytes; a save_to_disk DatasetDict's dataset_dict.json and a
+    downloaded repo's LICENSE were named as files of another format."""
+    import gzip
+
+    import datasets
+    from bsbr.arguments import check_dataset
+    from bsbr.corpus import dataset_texts
+
+    text = "def f(x):\n    return x + 1\n" * 30
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "a.txt.gz", "wt") as f:
+        f.write(text)
+    rows = [{"text": text}] * 2
+    datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s in ("train", "test")}).save_to_disk(tmp_path / "dd")
+    (tmp_path / "hf").mkdir()
+    for name in ("train", "test"):
+        (tmp_path / "hf" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "hf" / "LICENSE").write_text("MIT\n")
+    with caplog.at_level("WARNING"):
+        for name, split in (("gz", "train"), ("dd", "train"), ("hf", "test")):
+            check_dataset(str(tmp_path / name), None, split, "text")
+            docs = [d if isinstance(d, str) else "".join(d) for d in dataset_texts(str(tmp_path / name), split=split)]
+            assert docs and all(d == text for d in docs), (name, docs[:1])
+    assert "not read" not in caplog.text, caplog.text
+
+
 def test_a_passkey_grid_that_could_not_be_read_whole_is_refused_before_loading(saved, capsys, monkeypatch):
     # fewer trials than fillers: the last filler was never read, yet listed in the JSON and drawn as 0% in the plot;
     # fewer new tokens than the key's answer takes: every cell 0%, exit 0
