@@ -333,14 +333,15 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
     if first is None:
         raise UserError(f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column "
                         f"{text_column!r}: give another split or --text-column")
-    from .corpus import local_dataset_files
+    from .corpus import COMPRESSED, data_suffix, local_dataset_files
 
     read, unread, plain = local_dataset_files(name, dataset_config, dataset_split)
-    for f in read if plain else ():  # (read as --text-file reads them: refused where it refuses them)
-        _read_text_file(Path(f), f, "--dataset")
+    for f in read if plain else ():  # (read as --text-file reads them: refused where it refuses them; compressed
+        if not f.endswith(COMPRESSED):  # ones are checked row by row as they are read)
+            _read_text_file(Path(f), f, "--dataset")
     if unread:
         logger.warning("--dataset %s: %d file(s) are not read (datasets reads one format per folder: here %s): %s",
-                       name, len(unread), ", ".join(sorted({Path(f).suffix or Path(f).name for f in read})),
+                       name, len(unread), ", ".join(sorted({data_suffix(Path(f).name) for f in read})),
                        ", ".join(os.path.relpath(f, Path(name).expanduser().resolve()) for f in unread[:5])
                        + (", ..." if len(unread) > 5 else ""))
 

@@ -202,6 +202,9 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                 if text is not None and not isinstance(text, str):
                     raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} is a {type(text).__name__}, not "
                                      "text: pick a column of text with --text-column")
+                if text is not None and "\0" in text[:8192]:
+                    raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} holds NUL characters (binary, or "
+                                     "UTF-16 text): give UTF-8 text")
                 if text is None or not text.strip():
                     if not skipped:
                         logger.warning("dataset %r: row %d has no text in column %r: rows without text are skipped",
@@ -215,18 +218,18 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
     return rows()
 
 
-def _is_data_file(name: str) -> bool:
-    """Whether a file of this name holds data of a format datasets reads (:data:`DATA_SUFFIXES`, compressed or not)."""
+def data_suffix(name: str) -> str:
+    """A file name's format suffix, under a compression suffix (``a.jsonl.gz``: ``.jsonl``)."""
     for c in COMPRESSED:
         name = name.removesuffix(c)
-    return name.endswith(DATA_SUFFIXES)
+    return Path(name).suffix or name
 
 
 def local_dataset_files(name: str, config: Optional[str] = None, split: str = "test"):
     """For a local ``--dataset`` (a data file or a folder): ``(read, unread, plain)``, the files its split
-    reads, the folder's data files (by :data:`DATA_SUFFIXES`) no split reads (datasets reads one format per
-    folder; ``save_to_disk``'s records aside) and whether the read ones are uncompressed plain text;
-    ``([], [], False)`` for a hub name."""
+    reads, the folder's files no split reads (datasets reads one format per folder; a card, a licence and
+    ``save_to_disk``'s records aside) and whether the read ones are plain text; ``([], [], False)`` for a hub
+    name."""
     path = Path(name).expanduser()
     if not path.exists():
         return [], [], False
@@ -235,13 +238,14 @@ def local_dataset_files(name: str, config: Optional[str] = None, split: str = "t
     builder = _dataset_builder(datasets, name, config)
     files = {str(k): [str(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
     read = [f for part in split.split("+") for f in files.get(part, ())]
-    plain = builder.name == "text" and not any(f.endswith(COMPRESSED) for f in read)
+    plain = builder.name == "text"
     if not path.is_dir():
         return read, [], plain
     every, root = {str(f) for fs in files.values() for f in fs}, path.resolve()
-    skip = {"state.json", "dataset_info.json", "dataset_dict.json", "dataset_infos.json"}
-    unread = sorted(str(f) for f in root.rglob("*") if f.is_file() and str(f) not in every and f.name not in skip
-                    and _is_data_file(f.name) and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    records = {"state.json", "dataset_info.json", "dataset_dict.json", "dataset_infos.json"}
+    unread = sorted(str(f) for f in root.rglob("*") if f.is_file() and str(f) not in every and f.name not in records
+                    and not f.name.upper().startswith(("README", "LICENSE", "LICENCE", "COPYING"))
+                    and not any(part.startswith(".") for part in f.relative_to(root).parts))
     return read, unread, plain
 
 

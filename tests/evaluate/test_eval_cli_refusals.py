@@ -558,6 +558,19 @@ def test_compressed_text_files_and_saved_dataset_dicts_are_read_without_false_wa
             docs = [d if isinstance(d, str) else "".join(d) for d in dataset_texts(str(tmp_path / name), split=split)]
             assert docs and all(d == text for d in docs), (name, docs[:1])
     assert "not read" not in caplog.text, caplog.text
+    # a UTF-16 .txt beside a compressed one was no longer checked; UTF-16 inside a .gz was read as text
+    (tmp_path / "gz" / "b.txt").write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(Exception, match="b.txt looks binary"):
+        check_dataset(str(tmp_path / "gz"), None, "train", "text")
+    (tmp_path / "u16gz").mkdir()
+    with gzip.open(tmp_path / "u16gz" / "a.txt.gz", "wb") as f:
+        f.write(text.encode("utf-16-le"))
+    with pytest.raises(ValueError, match="holds NUL characters .binary, or UTF-16 text.: give UTF-8 text"):
+        list(dataset_texts(str(tmp_path / "u16gz"), split="train"))
+    (tmp_path / "hf" / "s1.py").write_text(text)  # files of another format, not only data formats, are named
+    with caplog.at_level("WARNING"):
+        check_dataset(str(tmp_path / "hf"), None, "test", "text")
+    assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl): s1.py" in caplog.text
 
 
 def test_a_passkey_grid_that_could_not_be_read_whole_is_refused_before_loading(saved, capsys, monkeypatch):

@@ -360,10 +360,10 @@ def cmd_generate(args) -> int:
     # greedy, or sampling at --temperature with the model's own settings (top-k, top-p), as generate() samples
     how = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # (--seed leaves the caller's generator as it was)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,
                              return_dict_in_generate=False,  # (whatever generation_config.json says)
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
