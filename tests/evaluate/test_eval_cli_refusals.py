@@ -255,6 +255,13 @@ def test_a_text_file_and_its_hard_link_are_one_file(saved, tmp_path, capsys, no_
              "--text-file", "hard.py is given twice (as ", "text.py)")
 
 
+def test_a_filler_file_and_a_link_to_it_are_one_filler(saved, tmp_path, capsys, no_loading):
+    # they ran as two fillers of one text (keyed by file name)
+    (tmp_path / "link.txt").symlink_to(saved / "story.txt")
+    _refused(capsys, _base(saved, "--passkey-filler", str(saved / "story.txt"), str(tmp_path / "link.txt")),
+             "--passkey-filler", "link.txt is given twice (as ", "story.txt)")
+
+
 def test_two_filler_files_of_one_name_are_named_as_such(saved, tmp_path, capsys, no_loading):
     # they were refused as "given twice": different texts, one key in the results
     for folder, text in (("a", "The river runs past the old mill. "), ("b", "A small bird sang on the high wall. ")):

@@ -88,10 +88,14 @@ def _check_lists(args) -> None:
             check_filler_metrics(names.values())
         except ValueError as e:
             raise UserError(f"--passkey-filler: {e}") from None
+    def filler_key(spec):  # a file by what makes two spellings one file (links too), a kind by its name
+        path = filler_path(spec)
+        return same_file(path) if path is not None and path.is_file() else names[spec]
+
     for option, values, key in (("--text-file", args.text_file, same_file),
                                 ("--passkey-lengths", args.passkey_lengths, int),
                                 ("--passkey-depths", args.passkey_depths, float),
-                                ("--passkey-filler", args.passkey_filler, names.__getitem__),
+                                ("--passkey-filler", args.passkey_filler, filler_key),
                                 ("--passkey-models", args.passkey_models, str)):
         check_unique(option, values, key)
 
