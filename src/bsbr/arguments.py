@@ -329,6 +329,8 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         why = " ".join(str(e).split())
         unreachable = constants.HF_HUB_OFFLINE and ("Couldn't reach" in why or "OfflineModeIsEnabled" in why)
         fix = ": connect to the hub, or give local files with --text-file" if unreachable else ""
+        if "Compression type" in why and "not supported" in why:  # (fsspec's words for a missing codec package)
+            fix = ": install its package (.zst: pip install zstandard; .lz4: pip install lz4), or decompress it"
         raise UserError(f"--dataset: {why[:300]}{fix}") from None
     if first is None:
         raise UserError(f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column "

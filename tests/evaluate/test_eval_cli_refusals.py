@@ -4,6 +4,7 @@ derived from an option that bsbr eval did not write, plot names without a figure
 --lm-eval-task-dir, flags it would ignore, repeated list values, a broken conversion.json, a --seq-len
 shorter than the model's chunk allows, pass-key lengths past the token cap. Its result files are written
 as one set, or not at all."""
+import importlib.util
 import json
 import os
 
@@ -13,6 +14,7 @@ from model_sources import make_source
 
 from bsbr.cli import main
 from bsbr.convert import convert_to_bsbr
+from bsbr.errors import UserError
 from bsbr.ops.bsbr.options import MAX_TOKENS
 
 CHUNK = 16
@@ -253,6 +255,16 @@ def test_a_text_file_and_its_hard_link_are_one_file(saved, tmp_path, capsys, no_
     os.link(saved / "text.py", tmp_path / "hard.py")
     _refused(capsys, _base(saved, "--text-file", str(saved / "text.py"), str(tmp_path / "hard.py")),
              "--text-file", "hard.py is given twice (as ", "text.py)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zstandard") is not None, reason="zstandard is installed")
+def test_a_compressed_dataset_whose_codec_is_missing_says_what_to_install(tmp_path):
+    from bsbr.arguments import check_dataset
+
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "a.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 20)
+    with pytest.raises(UserError, match="not supported: install its package .*pip install zstandard.*decompress it"):
+        check_dataset(str(tmp_path / "zst"), None, "train", "text")
 
 
 def test_a_filler_file_and_a_link_to_it_are_one_filler(saved, tmp_path, capsys, no_loading):
