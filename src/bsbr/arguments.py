@@ -365,8 +365,9 @@ def check_model_tokenizer(tok, model_dir, option: str, windows: bool = True) -> 
     before the work, when it has ids past the model's embeddings or, for ``windows`` of text (documents joined
     by EOS tokens), no EOS token."""
     what = f"{option} {source_label(model_dir)}"
-    if model_dir is not None and (Path(os.path.expanduser(str(model_dir))) / "config.json").is_file():
-        vocab = read_config(Path(os.path.expanduser(str(model_dir))) / "config.json", option).get("vocab_size")
+    config = None if model_dir is None else Path(os.path.expanduser(str(model_dir))) / "config.json"
+    if config is not None and config.is_file():
+        vocab = read_config(config, option).get("vocab_size")
         if isinstance(vocab, int) and not isinstance(vocab, bool):
             check_tokenizer_fits(tok, vocab, what)
     if windows and tok.eos_token_id is None:
