@@ -1,6 +1,8 @@
 """The HF models behave as transformers models do: generate continues a returned cache, takes
 inputs_embeds, a wrong cache or id is one clear error, return_dict=False gives a tuple, AutoModel
 loads a causal LM's checkpoint."""
+import copy
+
 import pytest
 import torch
 from model_sources import VOCAB, make_source
@@ -216,6 +218,20 @@ def test_ids_of_another_dtype_and_badly_shaped_embeddings_are_one_clear_error(mo
         with pytest.raises(ValueError, match=rf"inputs_embeds must be a float tensor of shape \(batch, seq_len, {hidden}\)"):
             model(inputs_embeds=bad)
     assert model(inputs_embeds=torch.randn(1, 5, hidden)).logits.shape == (1, 5, VOCAB)
+    # embeddings of another dtype than the weights: named as such (a rotary model blamed its position tables, GPT-2 ran)
+    with pytest.raises(ValueError, match="inputs_embeds are torch.bfloat16, the model's weights torch.float32"):
+        model(inputs_embeds=torch.randn(1, 5, hidden, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes by design
+        assert model(inputs_embeds=torch.randn(1, 5, hidden, dtype=torch.bfloat16)).logits.shape == (1, 5, VOCAB)
+
+
+def test_a_cache_continued_across_autocast_says_so(model):
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    cache = half(ids, use_cache=True).cache
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="under torch.autocast the op "
+                                                                    "and its cache run in float32"):
+        half(ids[:, :1], cache=cache)
 
 
 def test_bad_position_ids_are_one_clear_error():

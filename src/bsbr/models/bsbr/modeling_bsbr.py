@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ...layers.bsbr_attention import BSBRAttention, op_dtype
 from ...layers.inputs import check_input_ids, check_labels, check_position_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
-from ...layers.rotary import RotaryEmbedding
+from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
 from .configuration_bsbr import AUTO_CODE, AUTO_MODULE, BSBRConfig
 
@@ -479,6 +479,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             raise ValueError(f"inputs_embeds must be a float tensor of shape (batch, seq_len, {self.config.hidden_size}), "
                              f"got {getattr(inputs_embeds, 'dtype', '')} "
                              f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
+        elif inputs_embeds.dtype != self.embed_tokens.weight.dtype and not autocast_on(inputs_embeds.device.type):
+            raise ValueError(f"inputs_embeds are {inputs_embeds.dtype}, the model's weights "
+                             f"{self.embed_tokens.weight.dtype}: cast one to the other (or run under torch.autocast)")
         b, n = inputs_embeds.shape[:2]
         if cache is not None:
             self._check_cache(cache, b, inputs_embeds)
@@ -566,7 +569,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         got = (len(cache.states), int(cache.n_seen.shape[0]) if cache.states else None,
                cache.states[0].k_buf.dtype if cache.states else None)
         if got != (n_layers, batch, dtype):
-            raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}: "
+            amp = (" (under torch.autocast the op and its cache run in float32: build and continue a cache on the "
+                   "same side of autocast)" if got[2] is not None and got[2] != dtype else "")
+            raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}{amp}: "
                              "pass the cache this model returned for this batch, or start a new one (use_cache=True "
                              "without cache=); generate with num_beams or num_return_sequences > 1 cannot continue a "
                              "given cache (pass the whole text as input_ids; in a loop of your own, "
