@@ -140,6 +140,33 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
     assert torch.equal(model.generate(ids, cache=cache, **kw)[:, -6:], ref)
 
 
+def test_a_left_padded_cache_continues_with_the_whole_text_under_other_pad_ids(model):
+    """The cache's hash covered the ids under padding: the whole text passed again with other ids there (a
+    history rebuilt with another pad id) was taken for new tokens alone and read a second time, every row
+    wrong. Padded positions now hash alike whatever id lies under them."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :6], ids[0, :6] = 0, 7  # row 0 left-padded with id 7
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True, **GEN)
+    text = torch.cat([out.sequences, torch.randint(3, VOCAB, (2, 3), generator=g)], 1)  # the next user turn
+    text_mask = torch.cat([mask, torch.ones(2, 7, dtype=torch.long)], 1)
+    ref = model.generate(text, attention_mask=text_mask, max_new_tokens=5, **GEN)[:, -5:]
+    repadded = text.clone()
+    repadded[0, :6] = 0
+    got = model.generate(repadded, attention_mask=text_mask, cache=out.cache, max_new_tokens=5, **GEN)[:, -5:]
+    assert torch.equal(got, ref)
+
+
+def test_a_cache_with_use_cache_false_is_refused(model):
+    """generate(use_cache=False) with a cache fed it the whole text at every step (wrong tokens, exit 0)."""
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="cache= with use_cache=False"):
+        model.generate(ids, cache=cache, use_cache=False, max_new_tokens=2, **GEN)
+
+
 def test_generate_from_inputs_embeds_equals_from_ids(model):
     ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)

@@ -134,9 +134,14 @@ def _descending_powers(k: int, device) -> torch.Tensor:
     return have[have.shape[0] - k:]
 
 
-def text_digest(ids: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(b,) hash of each row of ``ids`` (b, k), appended to texts whose hashes are ``prev`` (b,)."""
+def text_digest(ids: torch.Tensor, prev: Optional[torch.Tensor] = None, real: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """(b,) hash of each row of ``ids`` (b, k), appended to texts whose hashes are ``prev`` (b,). ``real`` (b, k)
+    bool, or None when all are: a padded position hashes as one id whatever id lies under it (the text is the
+    same with another pad id)."""
     k = ids.shape[1]
+    if real is not None:
+        ids = torch.where(real, ids, -1)
     h = ((ids.long() % _DIGEST_MOD) * _descending_powers(k, ids.device) % _DIGEST_MOD).sum(-1) % _DIGEST_MOD
     return h if prev is None else (prev.to(ids.device) * pow(_DIGEST_BASE, k, _DIGEST_MOD) + h) % _DIGEST_MOD
 
@@ -145,8 +150,9 @@ class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
     holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
     transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
-    ``digest``: a hash of each row's input ids so far (None: not known, some came as inputs_embeds), by
-    which ``generate`` tells the whole text from the new tokens alone."""
+    ``digest``: (b, 2) hashes of each row's input ids so far, as given and with padded positions alike
+    (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole text from the new
+    tokens alone."""
 
     is_compileable = False
     is_croppable = False
@@ -164,21 +170,30 @@ class BSBRCache:
                          None if self.digest is None else self.digest[index.to(self.digest.device)])
 
     @torch.compiler.disable  # bookkeeping on a Python int: traced, it recompiled at every new length
-    def consumed(self, input_ids: Optional[torch.Tensor], n: int) -> None:
-        """Count ``n`` more input positions, whose ids are ``input_ids`` (None: inputs_embeds, not known)."""
-        known = self.n_positions == 0 or self.digest is not None
-        self.digest = text_digest(input_ids, self.digest) if known and input_ids is not None else None
+    def consumed(self, input_ids: Optional[torch.Tensor], n: int, real: Optional[torch.Tensor] = None) -> None:
+        """Count ``n`` more input positions, whose ids are ``input_ids`` (None: inputs_embeds, not known) and
+        whose real tokens are ``real`` (b, n) bool (None: all)."""
+        if input_ids is None or (self.n_positions and self.digest is None):
+            self.digest = None
+        else:
+            prev = (None, None) if self.digest is None else self.digest.unbind(-1)
+            self.digest = torch.stack([text_digest(input_ids, prev[0]), text_digest(input_ids, prev[1], real)], -1)
         self.n_positions += n
 
-    def new_tokens_only(self, input_ids: torch.Tensor) -> bool:
+    def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> bool:
         """Whether ``input_ids``, longer than what the cache consumed, holds only new tokens (True) rather than
         the cache's text and new tokens (False, transformers' convention): the whole text begins, in every
-        row, with the ids the cache read. An input of new tokens that begins so is read as the whole text (no
-        rule can tell them apart). False when those ids are not known or the input is no longer."""
+        row, with the ids the cache read (ids under padding in ``attention_mask``, a mask over the whole
+        text, may differ). An input of new tokens that begins so is read as the whole text (no rule can tell
+        them apart). False when those ids are not known or the input is no longer."""
         n = self.n_positions
         if self.digest is None or input_ids.shape[1] <= n or input_ids.shape[0] != self.digest.shape[0]:
             return False  # (another batch: forward refuses the cache)
-        return not bool((text_digest(input_ids[:, :n]) == self.digest.to(input_ids.device)).all())
+        digest, head = self.digest.to(input_ids.device), input_ids[:, :n]
+        same = text_digest(head) == digest[:, 0]  # the ids as the cache read them
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape:
+            same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
+        return not bool(same.all())
 
     @property
     def n_seen(self) -> torch.Tensor:
@@ -484,6 +499,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                              f"{self.embed_tokens.weight.dtype}: cast one to the other (or run under torch.autocast)")
         b, n = inputs_embeds.shape[:2]
         if cache is not None:
+            if use_cache is False:  # generate(use_cache=False) passes the whole text at every step
+                raise ValueError("cache= with use_cache=False: a given cache is always read and advanced, and "
+                                 "generate(use_cache=False) would feed it the whole text at every step: leave out one "
+                                 "of them")
             self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             # a mask over every position the cache read (not one begun with a later call's new tokens)
@@ -547,10 +566,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         new_cache = None
         if streaming:  # the cache passed in is advanced and returned, as transformers' caches are
             cache.states, new_cache = states, cache
-            cache.consumed(input_ids, n)
+            cache.consumed(input_ids, n, valid)
         elif use_cache:
             new_cache = BSBRCache(states)
-            new_cache.consumed(input_ids, n)
+            new_cache.consumed(input_ids, n, valid)
         out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
                                       hidden_states=tuple(hidden) if hidden else None)
         return self._returned(out, return_dict)
@@ -688,7 +707,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                                       inputs_embeds=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
         if next_sequence_length is not None and (next_sequence_length <= 0 or (
-                isinstance(cache, BSBRCache) and input_ids is not None and cache.new_tokens_only(input_ids))):
+                isinstance(cache, BSBRCache) and input_ids is not None and cache.new_tokens_only(input_ids, attention_mask))):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
             # input no longer than the cache, or one that does not begin with the ids the cache read, holds only
             # the new tokens (passed without the whole mask), so none is dropped
