@@ -110,6 +110,8 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             continue
         if not str(path).strip():
             raise OutputError(f"{option} is empty: give a file name")
+        if str(path) == "-":  # (as --prompt-file - reads stdin, a reader may take it for stdout)
+            raise OutputError(f"{option} -: results are written to a file, not to standard output: give a file name")
         out = _resolved(path)
         real = _real(out)
         if real in seen:

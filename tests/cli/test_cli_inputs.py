@@ -321,6 +321,7 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
              ([("--json", tmp_path)], "is a directory"),
              ([("--plot", tmp_path / "p.txt")], "figure format"),
              ([("--json", "")], "--json is empty"),
+             ([("--json", "-")], "--json -: results are written to a file, not to standard output"),
              ([("--json", other / "x.json")], "cannot write in")]
     for outputs, expect in cases:
         with pytest.raises(OutputError, match=expect):
@@ -328,6 +329,14 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
     check_output_files([("--json", tmp_path / "new" / "r.json"), ("--plot", tmp_path / "r.png"), ("--x", None)],
                        inputs=[("model", model)], plots=("--plot",))
 
+
+
+def test_a_dash_for_a_result_file_is_refused_not_written_as_a_file_named_dash(tmp_path, monkeypatch, capsys):
+    # bsbr eval --json - wrote files named "-", "-.passkey.png" and "-.passkey.json" (exit 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "attention", "--json", "-"]) == 2
+    assert "--json -: results are written to a file, not to standard output" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_accepted_figure_format_can_be_replaced_by_a_rerun(tmp_path):

@@ -161,3 +161,21 @@ def test_run_passkey_rotates_fillers_and_reports_each(word_tokenizer, tmp_path):
     assert [f["name"] for f in r2["fillers"]] == ["classic", "prose"]
     with pytest.raises(ValueError, match="distinct"):
         passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, fillers=["random", "random"])
+
+
+def test_a_filler_file_too_short_for_its_prompts_is_warned_of_and_recorded_by_absolute_path(
+        word_tokenizer, tmp_path, monkeypatch, caplog):
+    """A user's filler file of two usable sentences was cycled to fill every prompt, silently, and its JSON
+    origin was the path as typed (from another folder, the record named no file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("My own text has sentences like this one. And here is another sentence of mine.")
+    long_text = " ".join(f"Sentence number {w} of a long and varied text goes here." for w in
+                         itertools.islice(itertools.product("abcdefghij", repeat=2), 100)).replace("'", "")
+    (tmp_path / "long.txt").write_text(long_text.replace("(", "").replace(")", "").replace(",", ""))
+    for name, warned in (("mine.txt", True), ("long.txt", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bsbr"):
+            r = passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[200], depths=[0.5],
+                                    trials=1, fillers=[name], progress=False)
+        assert r["fillers"][0]["origin"] == str(tmp_path / name)
+        assert ("filler " + str(tmp_path / "mine.txt") + " has 2 usable sentences" in caplog.text) is warned, name

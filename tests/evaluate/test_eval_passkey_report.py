@@ -98,6 +98,19 @@ def test_passkey_models_restricts_the_run(saved, tmp_path):
     # a window baseline the model has not: tests/evaluate/test_eval_cli_refusals.py
 
 
+def test_a_passkey_run_of_the_model_alone_loads_no_reference(saved, tmp_path, monkeypatch):
+    # the reference was loaded and both baselines converted (three models in memory, never run)
+    import bsbr.evaluate.baselines as baselines
+
+    monkeypatch.setattr(baselines, "local_baseline", lambda *a, **k: pytest.fail("a baseline was converted"))
+    monkeypatch.setattr("bsbr.convert.load_source", lambda *a, **k: pytest.fail("the reference was loaded"))
+    out = tmp_path / "pk.json"
+    assert main(["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only", "--passkey-lengths",
+                 "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens", "5", "--no-progress",
+                 "--passkey-models", "bsbr", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["passkey"]["models"]) == {"bsbr"}
+
+
 def test_bad_flags(saved, capsys):
     assert main(["eval", str(saved / "conv"), "--passkey-filler", "lorem"]) == 2
     assert "unknown filler" in capsys.readouterr().err

@@ -56,14 +56,15 @@ def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
     return tokenizer
 
 
-def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=None):
+def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=None, only=None):
     """``(models, tokenizer, config)`` for the saved BSBR model in ``model_dir``: ``models`` holds it
     (``"bsbr"``), its ``reference`` (``"source"``: a directory, ``.gguf`` file, hub id, or None for the
     bundled SmolLM2-135M-Instruct), the chunk-local baseline (``"local"``) and, for a model whose exact
     window reaches past its own chunk, the source restricted to that window (``"window"``). The
     tokenizer is :func:`load_eval_tokenizer`'s; ``config`` what a result records of the run.
     ``check_reference(source_model)``, if given, runs right after the reference is loaded (``bsbr
-    eval`` refuses there a reference that is not the model's source)."""
+    eval`` refuses there a reference that is not the model's source). ``only``: the names of the models to
+    build (None: all); the reference is not loaded when none of them needs it."""
     import torch
 
     from ..convert import load_source
@@ -78,17 +79,25 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     model = load_bsbr_model(model_dir).eval()
     tokenizer = load_eval_tokenizer(model_dir, reference)
     chunk = int(model.config.chunk_size)
-    logger.info("loading the reference %s", source_label(reference))
-    try:
-        source = load_source(reference).eval()
-    except (OSError, ValueError) as e:  # a missing file, a hub id the hub cannot provide (offline), broken weights
-        why = " ".join(str(e).split()).removeprefix(f"{reference}: ")
-        raise ValueError(f"the reference (--reference) {source_label(reference)} could not be loaded: {why[:200]}") from e
-    if check_reference is not None:
-        check_reference(source)
-    models = {"bsbr": model, "source": source, "local": local_baseline(source, chunk, like=model)}
-    if has_wide_window(model.config.to_dict()):
-        models["window"] = local_baseline(source, chunk, like=model, same_window=True)
+    wanted = {"bsbr", "source", "local", *(["window"] if has_wide_window(model.config.to_dict()) else [])}
+    wanted &= set(wanted if only is None else only)
+    models = {"bsbr": model} if "bsbr" in wanted else {}
+    if wanted - {"bsbr"}:
+        logger.info("loading the reference %s", source_label(reference))
+        try:
+            source = load_source(reference).eval()
+        except (OSError, ValueError) as e:  # a missing file, a hub id the hub cannot provide (offline), broken weights
+            why = " ".join(str(e).split()).removeprefix(f"{reference}: ")
+            raise ValueError(f"the reference (--reference) {source_label(reference)} could not be loaded: "
+                             f"{why[:200]}") from e
+        if check_reference is not None:
+            check_reference(source)
+        if "source" in wanted:
+            models["source"] = source
+        if "local" in wanted:
+            models["local"] = local_baseline(source, chunk, like=model)
+        if "window" in wanted:
+            models["window"] = local_baseline(source, chunk, like=model, same_window=True)
     # what identifies the run: the model's attention options and weights, the software, the machine
     options = ("local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "far_positions", "retrieval",
                "feature_map", "compression_factor", "position_scheme")

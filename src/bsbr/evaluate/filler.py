@@ -204,4 +204,4 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
     if not sentences:
         raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
                          "capitalised, ending in . ! or ?, without digits)")
-    return CyclingFiller(f"file:{path.name}", sentences, str(path))
+    return CyclingFiller(f"file:{path.name}", sentences, str(path.resolve()))  # (a record rerun from anywhere)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ..errors import check_not_interrupted
-from .filler import Filler, default_fillers, get_filler
+from .filler import MAX_WORDS, MIN_WORDS, Filler, default_fillers, get_filler
 from .modes import in_eval_mode
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     ids = intro + before + key_ids + after + question
     start = len(intro) + len(before)
     return PasskeyPrompt(input_ids=ids, key=key, key_start=start, key_end=start + len(key_ids), depth=depth,
-                         target_length=length, meta=dict(filler=source.name))
+                         target_length=length, meta=dict(filler=source.name, filler_sentences=len(sentences)))
 
 
 def _fill(encode: Callable[[str], List[int]], sentences: Iterable[str], budget: int) -> List[List[int]]:
@@ -252,6 +252,17 @@ def _rate(counts: Iterable[Sequence[int]]) -> dict:
     return dict(correct=correct, trials=trials, accuracy=correct / trials)
 
 
+def _warn_repeated_files(sources: Sequence[Filler], prompts: Sequence[PasskeyPrompt]) -> None:
+    """Warn of a filler file whose usable sentences are too few to fill a prompt without repeating them."""
+    for source in sources:
+        distinct = source.describe().get("sentences")
+        used = max((p.meta["filler_sentences"] for p in prompts if p.meta["filler"] == source.name), default=0)
+        if source.name.startswith("file:") and distinct and used > distinct:
+            logger.warning("filler %s has %d usable sentences (%d-%d words, capitalised, ending in . ! or ?, without "
+                           "digits): the longest prompts read each about %.0f times; a longer text gives a test less "
+                           "like the repeated classic filler", source.origin, distinct, MIN_WORDS, MAX_WORDS, used / distinct)
+
+
 @in_eval_mode
 def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
                 depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0, max_new_tokens: int = 8,
@@ -280,6 +291,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     sources = filler_sources(default_fillers(trials) if fillers is None else fillers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
+    _warn_repeated_files(sources, prompts)
     cells = {m: {} for m in models}          # (length, depth) -> [correct, n]
     by_filler = {m: {} for m in models}      # filler -> length -> [correct, n]
     seconds = {m: {} for m in models}        # length -> seconds

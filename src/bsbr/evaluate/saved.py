@@ -43,6 +43,6 @@ def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[d
     from .passkey import run_passkey
 
     t0 = time.perf_counter()
-    models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
+    models, tokenizer, config = load_saved_models(model_dir, reference, check_reference, (passkey or {}).get("only"))
     result = run_passkey(models, tokenizer, chunk_size=config["chunk_size"], progress=progress, **(passkey or {}))
     return dict(config=config, passkey=result, seconds=round(time.perf_counter() - t0, 1))
