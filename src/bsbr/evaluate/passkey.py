@@ -260,7 +260,8 @@ def _warn_repeated_files(sources: Sequence[Filler], prompts: Sequence[PasskeyPro
         if source.name.startswith("file:") and distinct and used > distinct:
             logger.warning("filler %s has %d usable sentences (%d-%d words, capitalised, ending in . ! or ?, without "
                            "digits): the longest prompts read each about %.0f times; a longer text gives a test less "
-                           "like the repeated classic filler", source.origin, distinct, MIN_WORDS, MAX_WORDS, used / distinct)
+                           "like the repeated classic filler", source.origin, distinct, MIN_WORDS, MAX_WORDS,
+                           used / distinct)
 
 
 @in_eval_mode
