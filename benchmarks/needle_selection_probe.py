@@ -41,7 +41,8 @@ def main() -> None:
     K, B = model.config.retrieval_blocks, model.config.chunk_size
     if not K:
         ap.error(f"{args.model} retrieves no blocks (retrieval_blocks 0)")
-    prompt = [p for p in grid_prompts(load_tokenizer(None), [args.length], [args.depth], args.trial + 1,
+    prompt = [p for p in grid_prompts(load_tokenizer(None), [args.length], [args.depth],
+                                      max(args.trial + 1, len(DEFAULT_FILLERS)),
                                       args.seed, 8, DEFAULT_FILLERS) if p.meta["trial"] == args.trial][0]
     n = len(prompt.input_ids)
     last = (n - 1) // B  # the chunk of the answering token

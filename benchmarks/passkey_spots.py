@@ -32,7 +32,8 @@ def main() -> None:
     model = load_bsbr_model(args.model).eval()
     tok = load_tokenizer(None)
     rows = []
-    for p in grid_prompts(tok, [args.length], [args.depth], max(args.trials) + 1, args.seed, 8, DEFAULT_FILLERS):
+    trials = max(max(args.trials) + 1, len(DEFAULT_FILLERS))  # (the grid reads every filler; trial t is the same)
+    for p in grid_prompts(tok, [args.length], [args.depth], trials, args.seed, 8, DEFAULT_FILLERS):
         if p.meta["trial"] not in args.trials:
             continue
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ thread, gate closed or open; run each case in its own process, since the peak is
 import sys, time, resource, torch
 from bsbr.ops import chunk_bsbr_attention, BSBROptions
 torch.set_num_threads(1)
+if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+    sys.exit(print(__doc__))
 if len(sys.argv) < 2 or not sys.argv[1].isdigit():
     sys.exit(__doc__)
 N = int(sys.argv[1]); gate_open = len(sys.argv) > 2 and sys.argv[2] == "open"
