@@ -263,36 +263,103 @@ def _main(argv) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _expand_home(args)
     verbose = bool(getattr(args, "verbose", False))
-    if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
-        # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them
-        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-        if "transformers" in sys.modules:  # imported already (a subcommand's parser): it read the variable then
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-    if not verbose and "DATASETS_VERBOSITY" not in os.environ:
-        # datasets logs a data file it cannot parse as an error of its own before raising: the raise is the
-        # command's one-line error; -v shows the log
-        os.environ["DATASETS_VERBOSITY"] = "critical"
-        if sys.modules.get("datasets") is not None:  # (None: its import blocked)
-            sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
     no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # no bars in a log, or when asked
-    if no_bars:
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # (read by transformers when it is imported)
-        if "huggingface_hub" in sys.modules:  # imported already: it read the variable then
-            from huggingface_hub.utils import disable_progress_bars
+    with _command_settings(verbose, no_bars, _rank(args)):
+        return _run_main(parser, args, verbose, no_bars)
+
+
+_ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY")
+
+
+@contextlib.contextmanager
+def _command_settings(verbose: bool, no_bars: bool, rank: int):
+    """Logging, the libraries' verbosity and their progress bars as a command wants them, for this call only:
+    a program calling :func:`main` gets its own back (its root handlers and levels, the environment, transformers'
+    and the hub's settings), and a later call logs to the stderr of its own time."""
+    root, ours = logging.getLogger(), logging.getLogger("bsbr")
+    saved = dict(env={k: os.environ.get(k) for k in _ENV}, root_level=root.level, ours_level=ours.level,
+                 libraries=_library_settings())
+    handler = None
+    try:
+        if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
+            # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them
+            os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+            if "transformers" in sys.modules:  # imported already (a subcommand's parser): it read the variable then
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.set_verbosity_error()
+        if not verbose and "DATASETS_VERBOSITY" not in os.environ:
+            # datasets logs a data file it cannot parse as an error of its own before raising: the raise is the
+            # command's one-line error; -v shows the log
+            os.environ["DATASETS_VERBOSITY"] = "critical"
+            if sys.modules.get("datasets") is not None:  # (None: its import blocked)
+                sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
+        if no_bars:
+            from huggingface_hub.utils import disable_progress_bars  # (transformers, imported later, follows it)
 
             disable_progress_bars()
-        if "transformers" in sys.modules:
-            from transformers.utils import logging as hf_logging
+            if "transformers" in sys.modules:
+                from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-    # bsbr's progress at INFO; other libraries' only from WARNING on (torch logs cache statistics at exit)
-    # under torchrun, the processes past the first say only what goes wrong, and say which process they are
+                hf_logging.disable_progress_bar()
+        # bsbr's progress at INFO; other libraries' only from WARNING on (torch logs cache statistics at exit)
+        # under torchrun, the processes past the first say only what goes wrong, and say which process they are
+        if not root.handlers:  # (as logging.basicConfig: a program's own handlers are kept, none added)
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") +
+                                                   ": %(message)s", datefmt="%H:%M:%S"))
+            root.addHandler(handler)
+            root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        ours.setLevel(logging.DEBUG if verbose else logging.INFO if not rank else logging.WARNING)
+        yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(saved["root_level"])
+        ours.setLevel(saved["ours_level"])
+        for k, v in saved["env"].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _restore_library_settings(saved["libraries"])
+
+
+def _library_settings() -> dict:
+    """transformers', datasets' and the hub's verbosity and progress-bar switches, for those imported (None for
+    one imported later: its defaults, from the environment as it is restored)."""
+    got = {}
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        got["transformers"] = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    if sys.modules.get("datasets") is not None:
+        got["datasets"] = sys.modules["datasets"].logging.get_verbosity()
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    got["huggingface_hub"] = are_progress_bars_disabled()
+    return got
+
+
+def _restore_library_settings(saved: dict) -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled() != saved["huggingface_hub"]:
+        (disable_progress_bars if saved["huggingface_hub"] else enable_progress_bars)()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        level, bars = saved.get("transformers", (None, not saved["huggingface_hub"]))
+        hf_logging.set_verbosity(hf_logging._get_default_logging_level() if level is None else level)
+        if hf_logging.is_progress_bar_enabled() != bars:
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    if sys.modules.get("datasets") is not None:
+        level = saved.get("datasets")
+        sys.modules["datasets"].logging.set_verbosity(logging.WARNING if level is None else level)
+
+
+def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
     rank = _rank(args)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, datefmt="%H:%M:%S",
-                        format="%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") + ": %(message)s")
-    logging.getLogger("bsbr").setLevel(logging.DEBUG if verbose else logging.INFO if not rank else logging.WARNING)
     if not getattr(args, "func", None):
         # no command, or a command with subcommands (bench) given none: its help, on stderr
         (parser.commands.choices[args.command] if args.command else parser).print_help(sys.stderr)

@@ -1209,6 +1209,38 @@ def test_a_failure_after_loading_is_one_line_on_a_redirected_stderr(models, tmp_
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("bsbr generate: error:"), r.stderr
 
 
+def test_main_called_in_process_keeps_the_programs_logging_and_library_settings(models, tmp_path):
+    """main() left a root handler bound to the first call's stderr (a later call logged there, or to a closed
+    stream), the bsbr logger at INFO, TRANSFORMERS_VERBOSITY=error in the environment, and transformers' warnings
+    and the hub's progress bars off, for the rest of the program."""
+    import subprocess
+
+    _, converted, _ = models
+    code = f"""
+import contextlib, io, json, logging, os
+from bsbr.cli import main
+from huggingface_hub.utils import are_progress_bars_disabled
+argv = ["generate", {str(converted)!r}, "--prompt", "the key is", "--max-new-tokens", "3"]
+streams = [io.StringIO(), io.StringIO()]
+for s in streams:
+    with contextlib.redirect_stderr(s), contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+streams[0].close()
+from transformers.utils import logging as hf_logging
+logging.getLogger("bsbr").warning("after")  # (a closed first stream would print a logging error)
+print(json.dumps(dict(second="new tokens" in streams[1].getvalue(), handlers=len(logging.getLogger().handlers),
+                      level=logging.getLogger("bsbr").level, env=os.environ.get("TRANSFORMERS_VERBOSITY"),
+                      verbosity=hf_logging.get_verbosity(), bars=not are_progress_bars_disabled())))
+"""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "DATASETS_VERBOSITY"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == dict(second=True, handlers=0, level=0, env=None, verbosity=30, bars=True)
+    assert "Logging error" not in r.stderr and "after" in r.stderr
+
+
 def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_write(models, tmp_path, monkeypatch,
                                                                                   capsys):
     # `--json=~/x` and a quoted "~/x" reach bsbr unexpanded: SOURCE failed as a hub id, --prompt-file "did not
