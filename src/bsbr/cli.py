@@ -275,10 +275,12 @@ _ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY")
 def _command_settings(verbose: bool, no_bars: bool, rank: int):
     """Logging, the libraries' verbosity and their progress bars as a command wants them, for this call only:
     a program calling :func:`main` gets its own back (its root handlers and levels, the environment, transformers'
-    and the hub's settings), and a later call logs to the stderr of its own time."""
+    and the hub's settings, torch's generator and threads), and a later call logs to the stderr of its own time."""
     root, ours = logging.getLogger(), logging.getLogger("bsbr")
+    torch = sys.modules.get("torch")  # a program that has not imported torch has no generator or threads to keep
     saved = dict(env={k: os.environ.get(k) for k in _ENV}, root_level=root.level, ours_level=ours.level,
-                 libraries=_library_settings())
+                 libraries=_library_settings(),
+                 torch=(torch.get_rng_state(), torch.get_num_threads()) if torch is not None else None)
     handler = None
     try:
         if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
@@ -323,6 +325,9 @@ def _command_settings(verbose: bool, no_bars: bool, rank: int):
             else:
                 os.environ[k] = v
         _restore_library_settings(saved["libraries"])
+        if saved["torch"] is not None:  # (the commands seed torch's generator and set its threads)
+            torch.set_rng_state(saved["torch"][0])
+            torch.set_num_threads(saved["torch"][1])
 
 
 def _library_settings() -> dict:

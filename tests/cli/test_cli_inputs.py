@@ -331,6 +331,27 @@ def test_result_files_are_checked_against_each_other_and_the_inputs(tmp_path):
 
 
 
+def test_a_command_called_in_process_keeps_the_callers_generator_and_threads(models, tmp_path):
+    # bench seeded torch's global generator and set its threads for the rest of the program; distill reseeded it
+    import torch
+
+    source, converted, _ = models
+    text = tmp_path / "t.txt"
+    text.write_text("the grass is green . the sky is blue .\n" * 200)
+    for argv in (["bench", "converted", source, "--chunk-size", "8", "--seq-lens", "16", "--decode-contexts",
+                  "--repeats", "1", "--threads", "1"],
+                 ["distill", "--teacher", source, "--student", converted, "--output", tmp_path / "d", "--steps", "1",
+                  "--seq-len", "96", "--text-file", text]):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
+        assert main([str(a) for a in argv]) == 0
+        assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads + 1, argv[:2]
+        torch.set_num_threads(threads)
+
+
 def test_a_dash_for_a_result_file_is_refused_not_written_as_a_file_named_dash(tmp_path, monkeypatch, capsys):
     # bsbr eval --json - wrote files named "-", "-.passkey.png" and "-.passkey.json" (exit 0)
     monkeypatch.chdir(tmp_path)

@@ -142,6 +142,26 @@ def test_trains_only_new_pieces_and_lowers_the_kl(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)
 
 
+@pytest.mark.parametrize("params", ["new", "lora"])
+def test_the_models_are_given_back_as_they_came(tmp_path, params):
+    """distill() left the caller's teacher frozen and in eval mode, and the student with the input-gradient hook of
+    activation checkpointing (one more per call), so a frozen student still built an autograd graph."""
+    if params == "lora":
+        pytest.importorskip("peft")
+    teacher, student = fresh(0.1)
+    teacher.train()
+    student.train()
+    student.model.layers[0].mlp.requires_grad_(False)
+    grads = {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)}
+    for i in range(2):
+        distill(teacher, student, windows(2), tmp_path / str(i), DistillConfig(steps=1, params=params))
+        assert teacher.training and student.training
+        assert {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)} == grads
+        assert not student.model.embed_tokens._forward_hooks and not student.is_activation_checkpointing
+    student.requires_grad_(False)
+    assert not student(windows(1)[0][None]).logits.requires_grad
+
+
 def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):
     ws = windows()
     cfg = dict(lr=1e-2, checkpoint_every=2)

@@ -310,7 +310,33 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     asked after every step, and once more before the model is published: True writes a checkpoint and
     raises :class:`DistillInterrupted` (so a Ctrl-C after the last step publishes nothing; the resume
     publishes the checkpoint). Weights that
-    turn inf or nan raise ValueError before they are saved."""
+    turn inf or nan raise ValueError before they are saved.
+
+    Both models are given back as they came: their train/eval modes and which parameters require gradients (the
+    student's weights trained), and the student without the activation checkpointing and input-gradient hook
+    training used."""
+    modes = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in (teacher, student)
+             if isinstance(m, torch.nn.Module)]
+    hooks = list(getattr(student, "_require_grads_hooks", None) or [])
+    try:
+        return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
+                        should_stop=should_stop, extra_files=extra_files, overwrite=overwrite)
+    finally:
+        if getattr(student, "is_activation_checkpointing", False):
+            student.activation_checkpointing_disable()
+        if not hooks and getattr(student, "_require_grads_hooks", None):  # (activation checkpointing's)
+            student.disable_input_require_grads()
+        for model, training, grads in modes:
+            model.train(training)
+            for p, g in zip(model.parameters(), grads):
+                p.requires_grad_(g)
+
+
+def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
+             resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
+             should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
+             overwrite: bool = False) -> dict:
+    """:func:`distill`, leaving the models' modes to it."""
     cfg.validate()
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
         raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
