@@ -29,20 +29,19 @@ def write_json(result, path: str | os.PathLike) -> Path:
     return path
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend, imported only when a figure is drawn."""
-    import matplotlib
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squeeze: bool = True):
+    """``(figure, axes)`` as ``matplotlib.pyplot.subplots`` makes them, without pyplot: the figure is saved by the
+    backend its file's format names, so the program's own matplotlib backend and its pyplot figures are left
+    as they are (matplotlib imported only when a figure is drawn)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
-    """Lay out ``fig``, write it to ``path`` (making its folder; one rename, so never half a file), close it."""
-    import matplotlib.pyplot as plt
-
+    """Lay out ``fig`` (from :func:`subplots`), write it to ``path`` (making its folder; one rename, so never half a
+    file)."""
     if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
         fig.tight_layout()
     path = Path(path)
@@ -52,6 +51,5 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) 
         fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path

@@ -365,14 +365,10 @@ def test_every_accepted_figure_format_can_be_replaced_by_a_rerun(tmp_path):
     # RGBA dumps (.raw, .rgba) begin with nothing to recognise, so they are not accepted
     import shutil
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.backend_bases import FigureCanvasBase
 
     from bsbr.outputs import _tex_system
-    from bsbr.results import save_figure
+    from bsbr.results import save_figure, subplots
 
     accepted = []
     for fmt in sorted(FigureCanvasBase.get_supported_filetypes()):
@@ -382,10 +378,9 @@ def test_every_accepted_figure_format_can_be_replaced_by_a_rerun(tmp_path):
         except OutputError as e:
             assert fmt in ("raw", "rgba") or (fmt == "pgf" and not shutil.which(_tex_system())), e
             continue
-        fig = plt.figure()
-        plt.plot([0, 1])
+        fig, ax = subplots()
+        ax.plot([0, 1])
         save_figure(fig, path)
-        plt.close(fig)
         check_output_files([("--plot", path)], plots=("--plot",))  # its own earlier plot: replaceable
         accepted.append(fmt)
     assert {"png", "pdf", "svg", "gif", "avif"} <= set(accepted)

@@ -115,3 +115,23 @@ def test_bad_flags(saved, capsys):
     assert main(["eval", str(saved / "conv"), "--passkey-filler", "lorem"]) == 2
     assert "unknown filler" in capsys.readouterr().err
     assert main(["eval", str(saved / "conv"), "--passkey-only", "--no-passkey"]) == 2
+
+
+def test_writing_a_figure_leaves_the_programs_matplotlib_backend_and_figures_alone(tmp_path):
+    # every plot switched the process to Agg (force=True): a notebook's later plt.show() showed nothing
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+mine = plt.figure()
+from bsbr.distill.plots import plot_progress
+plot_progress({{"log": [{{"step": 0, "kl": 0.5, "ce": 5.0, "lr": 1e-3, "elapsed": 1.0, "seconds": 1.0}}], "step": 1,
+               "elapsed": 1.0}}, {str(tmp_path / "p.png")!r})
+print(matplotlib.get_backend(), plt.get_fignums() == [mine.number])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["svg", "True"] and (tmp_path / "p.png").read_bytes()[:8] == PNG

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
-from ..results import pyplot, save_figure
+from ..results import save_figure, subplots
 
 
 def _loglog(axes, rows: Sequence[Dict[str, object]], panels, label=None, legend_fontsize=None) -> None:
@@ -26,7 +26,7 @@ def _loglog(axes, rows: Sequence[Dict[str, object]], panels, label=None, legend_
 
 def plot_rows(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
     """Log-log time and extra peak memory vs sequence length, one line per model."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = subplots(1, 2, figsize=(11, 4.2))
     _loglog(axes, rows, (("time_ms", "forward time (ms, median)"), ("peak_mb", "extra peak memory (MiB)")))
     fig.suptitle(title)
     save_figure(fig, path)
@@ -45,7 +45,7 @@ def plot_models(result: Dict[str, object], path: str) -> None:
               ("peak_mb", "forward extra peak memory (MiB)")]
     if not any(r.get("train_time_ms") for r in result["rows"]):  # (--no-train: no panel of nothing)
         del panels[1]
-    fig, axes = pyplot().subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.8))
+    fig, axes = subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.8))
     _loglog(axes, result["rows"], panels, label, legend_fontsize=7)
     c = result["config"]
     fig.suptitle(f"AttentionLM shell: {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, "
@@ -55,9 +55,10 @@ def plot_models(result: Dict[str, object], path: str) -> None:
 
 def plot_quality(result: Dict[str, object], path: str) -> None:
     """Held-out loss per position bucket, one line per trained model (BSBR variants dashed)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colors = plt.cm.tab20.colors  # 20 distinct colours: the default cycle repeats after 10 models
+    import matplotlib
+
+    fig, ax = subplots(figsize=(9, 5))
+    colors = matplotlib.colormaps["tab20"].colors  # 20 distinct colours: the default cycle repeats after 10 models
     for i, r in enumerate(result["results"]):
         keys = list(r["buckets"])
         style = "--" if r["model"].startswith("bsbr") else "-"  # BSBR variants dashed
@@ -77,7 +78,7 @@ def plot_quality(result: Dict[str, object], path: str) -> None:
 
 def plot_converted(result: Dict, path, title: str) -> None:
     """Prefill time against length and decode time per token against context, source beside BSBR."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     rows = result["prefill"]
     for name in ("source", "bsbr"):
         axes[0].loglog([r["seq_len"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)

@@ -1,10 +1,11 @@
-"""The training curve of a distillation run (matplotlib, Agg backend: no display needed)."""
+"""The training curve of a distillation run (matplotlib without pyplot: no display needed, the program's backend
+untouched)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ..results import pyplot, save_figure
+from ..results import save_figure, subplots
 
 
 def plot_progress(progress: dict, path: os.PathLike, smooth: int = 10) -> Path:
@@ -12,7 +13,7 @@ def plot_progress(progress: dict, path: os.PathLike, smooth: int = 10) -> Path:
     against wall-clock minutes. Returns the path."""
     log = progress.get("log", [])
     t = [e["seconds"] / 60 for e in log]
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     for ax, (key, label) in zip(axes, (("kl", "KL(teacher || student)"), ("ce", "LM loss"))):
         y = [e[key] for e in log]
         last = [y[max(0, i - smooth + 1): i + 1] for i in range(len(y))]

@@ -1,12 +1,12 @@
-"""Figures for an evaluation result (matplotlib, Agg backend: no display needed): perplexity per
-position bucket with pass-key bars (``--plot``), and the pass-key heat map."""
+"""Figures for an evaluation result (matplotlib without pyplot: no display needed, the program's backend
+untouched): perplexity per position bucket with pass-key bars (``--plot``), and the pass-key heat map."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
 
-from ..results import pyplot, save_figure
+from ..results import save_figure, subplots
 from .passkey import MODEL_ORDER, accuracy_grid, model_order
 from .report import percent
 
@@ -32,7 +32,7 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
     as grouped bars. Returns the written path."""
     passkey = result.get("passkey")
     ncols = 2 if passkey else 1
-    fig, axes = pyplot().subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
+    fig, axes = subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
     ax = axes[0, 0]
     lm = result["language_modeling"]
     x = [(b["start"] + b["end"]) / 2 for b in lm["buckets"]]
@@ -88,7 +88,7 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
     n_panels = len(names) + (1 if fillers else 0)
     lengths, depths = passkey["lengths"], passkey["depths"]
     size = (n_panels * (0.7 * len(depths) + 2.2) + 0.6, 0.45 * len(lengths) + 2.0)
-    fig, axes = pyplot().subplots(1, n_panels, figsize=size, squeeze=False, layout="constrained")
+    fig, axes = subplots(1, n_panels, figsize=size, squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes[0], names):
         grid = np.array(accuracy_grid(passkey, name), dtype=float)  # None (no trials) becomes NaN
