@@ -158,12 +158,15 @@ def test_a_left_padded_cache_continues_with_the_whole_text_under_other_pad_ids(m
     assert torch.equal(got, ref)
 
 
-def test_a_cache_with_use_cache_false_is_refused(model):
-    """generate(use_cache=False) with a cache fed it the whole text at every step (wrong tokens, exit 0)."""
+def test_generate_with_a_cache_and_use_cache_false_is_refused(model):
+    """generate(use_cache=False) with a cache fed it the whole text at every step (wrong tokens, exit 0); a forward
+    of one's own with both continues the cache, as the sources' do."""
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
-        cache = model(ids, use_cache=True).cache
-    with pytest.raises(ValueError, match="cache= with use_cache=False"):
+        cache = model(ids[:, :4], use_cache=True).cache
+        out = model(ids[:, 4:], cache=cache, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out, model(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"generate\(cache=..., use_cache=False\)"):
         model.generate(ids, cache=cache, use_cache=False, max_new_tokens=2, **GEN)
 
 
@@ -245,11 +248,18 @@ def test_ids_of_another_dtype_and_badly_shaped_embeddings_are_one_clear_error(mo
         with pytest.raises(ValueError, match=rf"inputs_embeds must be a float tensor of shape \(batch, seq_len, {hidden}\)"):
             model(inputs_embeds=bad)
     assert model(inputs_embeds=torch.randn(1, 5, hidden)).logits.shape == (1, 5, VOCAB)
-    # embeddings of another dtype than the weights: named as such (a rotary model blamed its position tables, GPT-2 ran)
-    with pytest.raises(ValueError, match="inputs_embeds are torch.bfloat16, the model's weights torch.float32"):
-        model(inputs_embeds=torch.randn(1, 5, hidden, dtype=torch.bfloat16))
+    # half-precision embeddings of a float32 model run as the sources run them (a rotary model blamed its position
+    # tables); wider ones than the weights are named
+    ids = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(0))
+    embeds = model.get_input_embeddings()(ids)
+    ref = model(ids).logits
+    for half in (torch.bfloat16, torch.float16):
+        out = model(inputs_embeds=embeds.to(half)).logits
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1, half
+    with pytest.raises(ValueError, match="inputs_embeds are torch.float64, the model's weights torch.float32: cast"):
+        model(inputs_embeds=embeds.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes by design
-        assert model(inputs_embeds=torch.randn(1, 5, hidden, dtype=torch.bfloat16)).logits.shape == (1, 5, VOCAB)
+        assert model(inputs_embeds=embeds.bfloat16()).logits.shape == (1, 13, VOCAB)
 
 
 def test_a_cache_continued_across_autocast_says_so(model):
@@ -259,6 +269,9 @@ def test_a_cache_continued_across_autocast_says_so(model):
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="under torch.autocast the op "
                                                                     "and its cache run in float32"):
         half(ids[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="cache holds") as refused:  # no autocast anywhere: not named
+        half.double()(ids[:, :1], cache=cache)
+    assert "autocast" not in str(refused.value)
 
 
 def test_bad_position_ids_are_one_clear_error():

@@ -191,7 +191,8 @@ class BSBRCache:
             return False  # (another batch: forward refuses the cache)
         digest, head = self.digest.to(input_ids.device), input_ids[:, :n]
         same = text_digest(head) == digest[:, 0]  # the ids as the cache read them
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape:
+        masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
+        if masked and not bool(same.all()):
             same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
         return not bool(same.all())
 
@@ -495,14 +496,13 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                              f"got {getattr(inputs_embeds, 'dtype', '')} "
                              f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
         elif inputs_embeds.dtype != self.embed_tokens.weight.dtype and not autocast_on(inputs_embeds.device.type):
-            raise ValueError(f"inputs_embeds are {inputs_embeds.dtype}, the model's weights "
-                             f"{self.embed_tokens.weight.dtype}: cast one to the other (or run under torch.autocast)")
+            weights = self.embed_tokens.weight.dtype
+            if torch.finfo(inputs_embeds.dtype).bits >= torch.finfo(weights).bits:  # (a narrowing cast is the user's)
+                raise ValueError(f"inputs_embeds are {inputs_embeds.dtype}, the model's weights {weights}: cast them "
+                                 f"to {weights}")
+            inputs_embeds = inputs_embeds.to(weights)  # half-precision embeddings of a float32 model, as the sources
         b, n = inputs_embeds.shape[:2]
         if cache is not None:
-            if use_cache is False:  # generate(use_cache=False) passes the whole text at every step
-                raise ValueError("cache= with use_cache=False: a given cache is always read and advanced, and "
-                                 "generate(use_cache=False) would feed it the whole text at every step: leave out one "
-                                 "of them")
             self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             # a mask over every position the cache read (not one begun with a later call's new tokens)
@@ -589,8 +589,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                cache.states[0].k_buf.dtype if cache.states else None)
         if got != (n_layers, batch, dtype):
             amp = (" (under torch.autocast the op and its cache run in float32: build and continue a cache on the "
-                   "same side of autocast)" if got[2] is not None and got[2] != dtype else "")
-            raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}{amp}: "
+                   "same side of autocast)" if got[2] is not None and got[2] != dtype and (
+                       autocast_on(inputs_embeds.device.type) or (got[2] == torch.float32 and dtype in (
+                           torch.float16, torch.bfloat16))) else "")  # (a cache built under autocast)
+            raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}"
+                             f"{amp}: "
                              "pass the cache this model returned for this batch, or start a new one (use_cache=True "
                              "without cache=); generate with num_beams or num_return_sequences > 1 cannot continue a "
                              "given cache (pass the whole text as input_ids; in a loop of your own, "
@@ -706,6 +709,9 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
         kwargs.pop("position_ids", None)  # positions come from the cache's per-sequence counters
+        if cache is not None and kwargs.get("use_cache") is False:  # (a forward of one's own may pass both)
+            raise ValueError("generate(cache=..., use_cache=False): without a cache generate passes the whole text at "
+                             "every step, and a given cache is always read and advanced: leave out one of them")
         if next_sequence_length is not None and (next_sequence_length <= 0 or (
                 isinstance(cache, BSBRCache) and input_ids is not None and cache.new_tokens_only(input_ids, attention_mask))):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
