@@ -162,6 +162,14 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
     assert not student(windows(1)[0][None]).logits.requires_grad
 
 
+def test_the_progress_bar_can_be_turned_off(tmp_path, capsys):
+    # distill() had no progress argument (evaluate and run_passkey have one): a program's log got its bar
+    teacher, student = fresh()
+    for i, shown in enumerate((False, True)):
+        distill(teacher, student, windows(1), tmp_path / str(i), DistillConfig(steps=1), progress=shown)
+        assert ("distill" in capsys.readouterr().err) is shown
+
+
 def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):
     ws = windows()
     cfg = dict(lr=1e-2, checkpoint_every=2)

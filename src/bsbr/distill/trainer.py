@@ -294,7 +294,7 @@ def shortest_window(student, params: str) -> int:
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
             resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
             should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, progress: bool = True) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
     ``windows`` (1-D LongTensors), checkpointing to ``output_dir/checkpoint``; rank 0 then moves the final
     model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
@@ -310,7 +310,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     asked after every step, and once more before the model is published: True writes a checkpoint and
     raises :class:`DistillInterrupted` (so a Ctrl-C after the last step publishes nothing; the resume
     publishes the checkpoint). Weights that
-    turn inf or nan raise ValueError before they are saved.
+    turn inf or nan raise ValueError before they are saved. ``progress``: a progress bar on rank 0.
 
     Both models are given back as they came: their train/eval modes and which parameters require gradients (the
     student's weights trained), and the student without the activation checkpointing and input-gradient hook
@@ -320,7 +320,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
     try:
         return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
-                        should_stop=should_stop, extra_files=extra_files, overwrite=overwrite)
+                        should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress)
     finally:
         if getattr(student, "is_activation_checkpointing", False):
             student.activation_checkpointing_disable()
@@ -335,7 +335,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
              resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
              should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, bar_on: bool = True) -> dict:
     """:func:`distill`, leaving the models' modes to it."""
     cfg.validate()
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
@@ -420,7 +420,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
     out_of_time = _any_rank(budget is not None and time.monotonic() - t0 >= budget, world)  # every rank starts alike
-    bar = progress_bar(disable=rank != 0, desc="distill", unit="step")
+    bar = progress_bar(disable=rank != 0 or not bar_on, desc="distill", unit="step")
     try:  # the bar ends its line before any error is printed
         def finished() -> bool:  # the steps asked for are done, or the time budget ran out
             return (cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time
