@@ -52,8 +52,9 @@ def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
     with torch.no_grad():
         full = model(ids).logits[:, -1]
         cache = model(ids[:, :-1], use_cache=True).past_key_values
-        with pytest.warns(FutureWarning, match="past_key_values"):  # and says that the name is deprecated
+        with pytest.warns(FutureWarning, match="past_key_values") as said:  # and says that the name is deprecated,
             out = model(ids[:, -1:], past_key_values=cache)
+        assert said[0].filename == __file__  # at the caller's line (it named torch's module.py)
         assert out.past_key_values is cache and int(cache.n_seen[0]) == 30
         torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="past_key_values"):

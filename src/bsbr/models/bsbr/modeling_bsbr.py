@@ -219,6 +219,20 @@ class BSBRCache:
         return sum(s.nbytes() for s in self.states)
 
 
+def warn_caller(message: str, category=UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside bsbr, torch and transformers (the user's line,
+    not ``nn.Module``'s call machinery, so a filter on the user's module matches)."""
+    import sys
+
+    import transformers
+
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, transformers, sys.modules["bsbr"]))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def refuse_output_attentions(output_attentions, config) -> None:
     """``output_attentions`` (the argument, or the config's when it is None) is refused in one line."""
     if config.output_attentions if output_attentions is None else output_attentions:
@@ -265,7 +279,7 @@ def _cache_argument(cache, kwargs: dict):
     if cache is not None:
         raise ValueError("the cache is given twice, as cache= and as past_key_values= (its name before transformers "
                          "5.24): pass cache= only")
-    warnings.warn("past_key_values= is deprecated: pass the cache as cache=", FutureWarning, stacklevel=3)
+    warn_caller("past_key_values= is deprecated: pass the cache as cache=", FutureWarning)
     return old
 
 
@@ -544,8 +558,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                                  "the backward pass, which cannot continue a cache: continue it in eval mode or under "
                                  "torch.no_grad(), or call activation_checkpointing_disable() first")
             if use_cache:
-                warnings.warn("use_cache=True does not go with activation checkpointing (each layer runs again in the "
-                              "backward pass): no cache is returned", stacklevel=3)
+                warn_caller("use_cache=True does not go with activation checkpointing (each layer runs again in the "
+                            "backward pass): no cache is returned")
             use_cache = False  # as transformers' models do: a training forward builds no cache (without
             # gradients, e.g. generate in train mode, nothing is replayed and the cache is kept)
         use_cache = self.config.use_cache if use_cache is None else use_cache
