@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numbers
-import weakref
 from typing import Optional
 
 import torch
@@ -30,16 +29,14 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
     return mask_to_valid(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
 
 
-_ROTARY_CHECKED: dict = {}  # name -> (weak references to the last tables that passed, what they were checked against)
+_ROTARY_CHECKED: dict = {}  # name -> (the last tables that passed, what they were checked against)
 
 
-def _table_tensors(tables, many: bool):
-    """The tensors of ``tables`` in order, or None when they are not pairs of tensors."""
-    try:
-        flat = [t for pair in (tables if many else [tables]) for t in pair]
-    except TypeError:
-        return None
-    return flat if all(isinstance(t, torch.Tensor) for t in flat) else None
+def forget_checked_tables() -> None:
+    """Drop the tables :func:`check_rotary` remembers (a model's forward, once its layers have read them: a
+    freed model's last tables are not kept alive). Not while compiling, where the checks are traced."""
+    if not torch.compiler.is_compiling():
+        _ROTARY_CHECKED.clear()
 
 
 def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
@@ -49,9 +46,7 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
     autocast = not like.is_meta and torch.is_autocast_enabled(like.device.type)  # (then any dtype; none on meta)
     key = (like.shape, like.dtype, pairs, autocast)
     last = _ROTARY_CHECKED.get(name)
-    flat = _table_tensors(tables, pairs != 1)
-    if last is not None and last[1] == key and flat is not None and len(flat) == len(last[0]) and all(
-            ref() is t for ref, t in zip(last[0], flat)):  # a model's layers share a step's tables
+    if last is not None and last[0] is tables and last[1] == key:  # a model's layers share a step's tables
         return
     batch, _, seq_len, head_dim = like.shape
     if head_dim % 2:
@@ -73,7 +68,7 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
             if t.dtype != like.dtype and not autocast:
                 raise TypeError(f"{what} are {t.dtype}, the layer's queries {like.dtype}: give the tables in "
                                 f"{like.dtype}")
-    _ROTARY_CHECKED[name] = ([weakref.ref(t) for t in flat], key)  # (weak: a freed model's tables are not kept)
+    _ROTARY_CHECKED[name] = (tables, key)
 
 
 def check_dropout(dropout) -> float:
