@@ -160,6 +160,16 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
         assert not student.model.embed_tokens._forward_hooks and not student.is_activation_checkpointing
     student.requires_grad_(False)
     assert not student(windows(1)[0][None]).logits.requires_grad
+    # interrupted (lora's adapters in place then: restored by order, the flags went to other parameters)
+    student.requires_grad_(True)
+    student.model.layers[1].requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    from bsbr.distill.trainer import DistillInterrupted
+
+    with pytest.raises(DistillInterrupted):
+        distill(teacher, student, windows(2), tmp_path / "stopped", DistillConfig(steps=5, params=params),
+                should_stop=lambda: True)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
 
 
 def test_the_progress_bar_can_be_turned_off(tmp_path, capsys):
@@ -167,7 +177,8 @@ def test_the_progress_bar_can_be_turned_off(tmp_path, capsys):
     teacher, student = fresh()
     for i, shown in enumerate((False, True)):
         distill(teacher, student, windows(1), tmp_path / str(i), DistillConfig(steps=1), progress=shown)
-        assert ("distill" in capsys.readouterr().err) is shown
+        err = capsys.readouterr().err
+        assert ("distill" in err) is shown and ("Writing model shards" in err) is shown  # (save_pretrained's bar)
 
 
 def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):

@@ -315,7 +315,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     Both models are given back as they came: their train/eval modes and which parameters require gradients (the
     student's weights trained), and the student without the activation checkpointing and input-gradient hook
     training used."""
-    modes = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in (teacher, student)
+    modes = [(m, m.training, {p: p.requires_grad for p in m.parameters()}) for m in (teacher, student)
              if isinstance(m, torch.nn.Module)]
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
     try:
@@ -326,9 +326,11 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             student.activation_checkpointing_disable()
         if not hooks and getattr(student, "_require_grads_hooks", None):  # (activation checkpointing's)
             student.disable_input_require_grads()
+        if isinstance(student, torch.nn.Module):  # an interrupted lora run: its adapters folded in, as a finished
+            _merge_lora(student)  # run's are (the checkpoint holds them too)
         for model, training, grads in modes:
             model.train(training)
-            for p, g in zip(model.parameters(), grads):
+            for p, g in grads.items():  # (by parameter: adapters put in and taken out shift the order)
                 p.requires_grad_(g)
 
 
@@ -483,7 +485,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             dist.barrier()
         raise DistillInterrupted(f"interrupted after step {progress['step']}; checkpoint written to {ckpt_dir}")
     if rank == 0:
-        _publish(student, progress, output_dir, extra_files, should_stop)
+        _publish(student, progress, output_dir, extra_files, should_stop, bar_on)
     return progress
 
 
@@ -517,11 +519,13 @@ def check_work_left(saved: dict, cfg: DistillConfig, output_dir: Path) -> None:
     raise CheckpointError(what)
 
 
-def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop=None) -> None:
+def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop=None, bar_on: bool = True) -> None:
     """Write the final model into a fresh directory beside ``output_dir``'s files, then move it in: the old
     ``config.json`` first goes, then the old files ``progress["replaces"]`` names that the new model does not
     write, then the new files come, ``config.json`` last. A ``should_stop`` that turns True while the model
     is written raises :class:`DistillInterrupted` before anything is moved (the checkpoint is saved)."""
+    from transformers.utils import logging as hf_logging
+
     from .plots import plot_progress
 
     student.requires_grad_(True)
@@ -532,8 +536,15 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
     final = temp_dir(output_dir, ".final.tmp-")
+    bars = hf_logging.is_progress_bar_enabled()
+    if not bar_on:  # (save_pretrained's own "Writing model shards")
+        hf_logging.disable_progress_bar()
     try:
-        student.save_pretrained(final)
+        try:
+            student.save_pretrained(final)
+        finally:
+            if bars and not bar_on:
+                hf_logging.enable_progress_bar()
         (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
                                                        indent=1))
         plot_progress(progress, final / "distill.png")
