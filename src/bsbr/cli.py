@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from typing import Optional
 
 from .errors import INTERRUPTED
@@ -271,17 +272,37 @@ def _main(argv) -> int:
 _ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY")
 
 
+_SETTINGS_LOCK = threading.Lock()
+_SETTINGS = dict(depth=0, saved=None)  # main() calls running now (threads), and what the first found
+
+
 @contextlib.contextmanager
 def _command_settings(verbose: bool, no_bars: bool, rank: int):
     """Logging, the libraries' verbosity and their progress bars as a command wants them, for this call only:
-    a program calling :func:`main` gets its own back (its root handlers and levels, the environment, transformers'
-    and the hub's settings, torch's generator and threads), and a later call logs to the stderr of its own time."""
+    a program calling :func:`main` gets its own back (its root handlers and levels, the environment, transformers',
+    datasets' and the hub's settings, torch's generator and threads), and a later call logs to the stderr of its
+    own time. Calls running at once in threads share the first one's settings until the last one ends."""
+    with _SETTINGS_LOCK:
+        if _SETTINGS["depth"] == 0:
+            _SETTINGS["saved"] = _apply_settings(verbose, no_bars, rank)
+        _SETTINGS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _SETTINGS_LOCK:
+            _SETTINGS["depth"] -= 1
+            if _SETTINGS["depth"] == 0:
+                _restore_settings(_SETTINGS.pop("saved"))
+                _SETTINGS["saved"] = None
+
+
+def _apply_settings(verbose: bool, no_bars: bool, rank: int) -> dict:
+    """Set what :func:`_command_settings` scopes; returns what :func:`_restore_settings` puts back."""
     root, ours = logging.getLogger(), logging.getLogger("bsbr")
     torch = sys.modules.get("torch")  # a program that has not imported torch has no generator or threads to keep
     saved = dict(env={k: os.environ.get(k) for k in _ENV}, root_level=root.level, ours_level=ours.level,
-                 libraries=_library_settings(),
+                 libraries=_library_settings(), handler=None,
                  torch=(torch.get_rng_state(), torch.get_num_threads()) if torch is not None else None)
-    handler = None
     try:
         if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
             # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them
@@ -296,7 +317,7 @@ def _command_settings(verbose: bool, no_bars: bool, rank: int):
             os.environ["DATASETS_VERBOSITY"] = "critical"
             if sys.modules.get("datasets") is not None:  # (None: its import blocked)
                 sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
-        if no_bars:
+        if no_bars and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:  # (the variable, set, rules the hub)
             from huggingface_hub.utils import disable_progress_bars  # (transformers, imported later, follows it)
 
             disable_progress_bars()
@@ -307,60 +328,80 @@ def _command_settings(verbose: bool, no_bars: bool, rank: int):
         # bsbr's progress at INFO; other libraries' only from WARNING on (torch logs cache statistics at exit)
         # under torchrun, the processes past the first say only what goes wrong, and say which process they are
         if not root.handlers:  # (as logging.basicConfig: a program's own handlers are kept, none added)
-            handler = logging.StreamHandler(sys.stderr)
+            handler = saved["handler"] = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") +
                                                    ": %(message)s", datefmt="%H:%M:%S"))
             root.addHandler(handler)
             root.setLevel(logging.DEBUG if verbose else logging.WARNING)
         ours.setLevel(logging.DEBUG if verbose else logging.INFO if not rank else logging.WARNING)
-        yield
-    finally:
-        if handler is not None:
-            root.removeHandler(handler)
-        root.setLevel(saved["root_level"])
-        ours.setLevel(saved["ours_level"])
-        for k, v in saved["env"].items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _restore_library_settings(saved["libraries"])
-        if saved["torch"] is not None:  # (the commands seed torch's generator and set its threads)
-            torch.set_rng_state(saved["torch"][0])
-            torch.set_num_threads(saved["torch"][1])
+    except BaseException:
+        _restore_settings(saved)
+        raise
+    return saved
+
+
+def _restore_settings(saved: dict) -> None:
+    root = logging.getLogger()
+    if saved["handler"] is not None:
+        root.removeHandler(saved["handler"])
+    root.setLevel(saved["root_level"])
+    logging.getLogger("bsbr").setLevel(saved["ours_level"])
+    for k, v in saved["env"].items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _restore_library_settings(saved["libraries"])
+    torch = sys.modules.get("torch")
+    if saved["torch"] is not None:  # (the commands seed torch's generator and set its threads)
+        torch.set_rng_state(saved["torch"][0])
+        torch.set_num_threads(saved["torch"][1])
+
+
+def _hub_bar_states() -> dict:
+    """huggingface_hub's progress-bar switches (global and per group), which its functions can only clear."""
+    from huggingface_hub.utils import _tqdm
+
+    return _tqdm.progress_bar_states
 
 
 def _library_settings() -> dict:
     """transformers', datasets' and the hub's verbosity and progress-bar switches, for those imported (None for
     one imported later: its defaults, from the environment as it is restored)."""
-    got = {}
+    got = dict(huggingface_hub=dict(_hub_bar_states()))
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         got["transformers"] = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     if sys.modules.get("datasets") is not None:
         got["datasets"] = sys.modules["datasets"].logging.get_verbosity()
-    from huggingface_hub.utils import are_progress_bars_disabled
-
-    got["huggingface_hub"] = are_progress_bars_disabled()
     return got
 
 
 def _restore_library_settings(saved: dict) -> None:
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled
 
-    if are_progress_bars_disabled() != saved["huggingface_hub"]:
-        (disable_progress_bars if saved["huggingface_hub"] else enable_progress_bars)()
+    def hub_states() -> None:
+        states = _hub_bar_states()
+        states.clear()
+        states.update(saved["huggingface_hub"])
+
+    hub_states()
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        level, bars = saved.get("transformers", (None, not saved["huggingface_hub"]))
+        level, bars = saved.get("transformers", (None, not are_progress_bars_disabled()))
         hf_logging.set_verbosity(hf_logging._get_default_logging_level() if level is None else level)
         if hf_logging.is_progress_bar_enabled() != bars:
-            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            with warnings.catch_warnings():  # (the hub warns when its variable rules)
+                warnings.simplefilter("ignore")
+                (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            hub_states()  # (transformers' switch sets the hub's too)
     if sys.modules.get("datasets") is not None:
+        from datasets.utils import logging as ds_logging
+
         level = saved.get("datasets")
-        sys.modules["datasets"].logging.set_verbosity(logging.WARNING if level is None else level)
+        ds_logging.set_verbosity(ds_logging._get_default_logging_level() if level is None else level)
 
 
 def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:

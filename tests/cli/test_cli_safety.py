@@ -1241,6 +1241,45 @@ print(json.dumps(dict(second="new tokens" in streams[1].getvalue(), handlers=len
     assert "Logging error" not in r.stderr and "after" in r.stderr
 
 
+def test_main_calls_in_threads_each_log_and_the_last_gives_the_settings_back(models, tmp_path):
+    """Two main() calls at once in threads: the first to end removed the handler the other logged to, and the other
+    restored the first one's settings. Also kept: a hub progress-bar switch of a group, and DATASETS_VERBOSITY."""
+    import subprocess
+
+    _, converted, _ = models
+    code = f"""
+import contextlib, io, json, logging, os, sys, threading, time
+import datasets, transformers
+from bsbr.cli import main
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+import bsbr.convert.cli
+disable_progress_bars("huggingface_hub.http_get")
+def run(n):
+    assert main(["generate", {str(converted)!r}, "--prompt", "the key is", "--max-new-tokens", str(n)]) == 0
+with contextlib.redirect_stdout(io.StringIO()):
+    threads = [threading.Thread(target=run, args=(n,)) for n in (2, 300)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+print(json.dumps(dict(handlers=len(logging.getLogger().handlers), level=logging.getLogger("bsbr").level,
+                      env=os.environ.get("TRANSFORMERS_VERBOSITY"), group=are_progress_bars_disabled(
+                          "huggingface_hub.http_get"), datasets=datasets.logging.get_verbosity())))
+"""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "DATASETS_VERBOSITY": "error"}
+    for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == dict(handlers=0, level=0, env=None, group=True, datasets=40)
+    assert r.stderr.count("new tokens in") == 2, r.stderr  # each call's log line
+    r = subprocess.run([sys.executable, "-m", "bsbr.cli", "generate", str(converted), "--prompt", "the key is",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": "0"})  # (the variable rules the hub: no warning)
+    assert r.returncode == 0 and "Cannot disable progress bars" not in r.stderr, r.stderr
+
+
 def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_write(models, tmp_path, monkeypatch,
                                                                                   capsys):
     # `--json=~/x` and a quoted "~/x" reach bsbr unexpanded: SOURCE failed as a hub id, --prompt-file "did not
