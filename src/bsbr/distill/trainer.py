@@ -326,8 +326,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             student.activation_checkpointing_disable()
         if not hooks and getattr(student, "_require_grads_hooks", None):  # (activation checkpointing's)
             student.disable_input_require_grads()
-        if isinstance(student, torch.nn.Module):  # an interrupted lora run: its adapters folded in, as a finished
-            _merge_lora(student)  # run's are (the checkpoint holds them too)
+        if isinstance(student, torch.nn.Module) and any(hasattr(m, "base_layer") for m in student.modules()):
+            _merge_lora(student)  # an interrupted lora run: its adapters folded in, as a finished run's are
         for model, training, grads in modes:
             model.train(training)
             for p, g in grads.items():  # (by parameter: adapters put in and taken out shift the order)
