@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 _OFF = [False]
@@ -24,3 +25,25 @@ def bar(*args, disable: bool = False, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(*args, disable=disable or _OFF[0], **kwargs)
+
+
+@contextlib.contextmanager
+def library_bars_off(off: bool = True) -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars off while the block runs (if ``off``; not against a set
+    ``HF_HUB_DISABLE_PROGRESS_BARS``, which rules the hub), then exactly as they were, the hub's switches per
+    group included (its own functions can only clear them)."""
+    if not off or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
+        yield
+        return
+    from huggingface_hub.utils import _tqdm
+    from transformers.utils import logging as hf_logging
+
+    states, bars = dict(_tqdm.progress_bar_states), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        _tqdm.progress_bar_states.clear()
+        _tqdm.progress_bar_states.update(states)

@@ -172,13 +172,30 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
     assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
 
 
+def test_a_refused_run_leaves_the_callers_own_adapters_in_place(tmp_path):
+    peft = pytest.importorskip("peft")
+    teacher, student = fresh()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["q_proj"]), student)
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds files"):
+        distill(teacher, student, windows(1), tmp_path, DistillConfig(steps=1))
+    assert sum(hasattr(m, "base_layer") for m in student.modules()) == 2  # (they were merged and removed)
+
+
 def test_the_progress_bar_can_be_turned_off(tmp_path, capsys):
     # distill() had no progress argument (evaluate and run_passkey have one): a program's log got its bar
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     teacher, student = fresh()
-    for i, shown in enumerate((False, True)):
-        distill(teacher, student, windows(1), tmp_path / str(i), DistillConfig(steps=1), progress=shown)
-        err = capsys.readouterr().err
-        assert ("distill" in err) is shown and ("Writing model shards" in err) is shown  # (save_pretrained's bar)
+    disable_progress_bars("huggingface_hub.http_get")  # a program's own switch of one group of the hub's bars
+    try:
+        for i, shown in enumerate((False, True)):
+            distill(teacher, student, windows(1), tmp_path / str(i), DistillConfig(steps=1), progress=shown)
+            err = capsys.readouterr().err
+            assert ("distill" in err) is shown and ("Writing model shards" in err) is shown  # (save_pretrained's)
+            assert are_progress_bars_disabled("huggingface_hub.http_get") and not are_progress_bars_disabled()
+    finally:
+        enable_progress_bars()
 
 
 def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):

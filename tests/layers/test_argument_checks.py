@@ -229,6 +229,16 @@ def test_a_freed_models_rotary_tables_are_not_kept_alive():
     assert held and all(r() is None for r in held)
 
 
+def test_a_list_of_tables_refilled_in_place_is_checked_again():
+    # the check remembered the container: a list refilled with (1, 8) tables broadcast them over 20 positions
+    a = BSBRAttention(32, 4, 8, dropout=0.0)
+    x, tables = torch.randn(1, 20, 32), [torch.ones(20, 8), torch.zeros(20, 8)]
+    a(x, position_embeddings=tables)
+    tables[0], tables[1] = torch.ones(1, 8), torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"position_embeddings must be .* got \(1, 8\)"):
+        a(x, position_embeddings=tables)
+
+
 def test_rotary_tables_for_an_odd_head_dim_are_refused():
     """Rotary positions rotate pairs of dimensions: with head_dim 9 and tables of width 9, the decode step
     (one token, a rotation matrix) and the forward (rotate_half, halves of 5 and 4) disagreed by 1.68."""

@@ -199,8 +199,13 @@ def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
 def _merge_lora(student) -> None:
     """Fold LoRA adapters into their base linear layers and put the plain layers back, so the
     saved model is an ordinary BSBR checkpoint."""
+    _fold_adapters(student)
+
+
+def _fold_adapters(student, skip=frozenset()) -> None:
+    """:func:`_merge_lora`, leaving the adapter modules whose ids are in ``skip``."""
     for name, module in list(student.named_modules()):
-        if hasattr(module, "base_layer") and hasattr(module, "merge"):
+        if hasattr(module, "base_layer") and hasattr(module, "merge") and id(module) not in skip:
             module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(student.get_submodule(parent_name), child, module.base_layer)
@@ -318,6 +323,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     modes = [(m, m.training, {p: p.requires_grad for p in m.parameters()}) for m in (teacher, student)
              if isinstance(m, torch.nn.Module)]
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
+    theirs = {id(m) for m in student.modules() if hasattr(m, "base_layer")} if isinstance(student, torch.nn.Module) \
+        else set()  # adapters the caller put on the student
     try:
         return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
                         should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress)
@@ -326,8 +333,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             student.activation_checkpointing_disable()
         if not hooks and getattr(student, "_require_grads_hooks", None):  # (activation checkpointing's)
             student.disable_input_require_grads()
-        if isinstance(student, torch.nn.Module) and any(hasattr(m, "base_layer") for m in student.modules()):
-            _merge_lora(student)  # an interrupted lora run: its adapters folded in, as a finished run's are
+        if isinstance(student, torch.nn.Module):  # an interrupted lora run: its adapters folded in, as a
+            _fold_adapters(student, skip=theirs)  # finished run's are
         for model, training, grads in modes:
             model.train(training)
             for p, g in grads.items():  # (by parameter: adapters put in and taken out shift the order)
@@ -524,8 +531,7 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     ``config.json`` first goes, then the old files ``progress["replaces"]`` names that the new model does not
     write, then the new files come, ``config.json`` last. A ``should_stop`` that turns True while the model
     is written raises :class:`DistillInterrupted` before anything is moved (the checkpoint is saved)."""
-    from transformers.utils import logging as hf_logging
-
+    from ..progress import library_bars_off
     from .plots import plot_progress
 
     student.requires_grad_(True)
@@ -536,15 +542,9 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
     final = temp_dir(output_dir, ".final.tmp-")
-    bars = hf_logging.is_progress_bar_enabled()
-    if not bar_on:  # (save_pretrained's own "Writing model shards")
-        hf_logging.disable_progress_bar()
     try:
-        try:
+        with library_bars_off(not bar_on):  # (save_pretrained's own "Writing model shards")
             student.save_pretrained(final)
-        finally:
-            if bars and not bar_on:
-                hf_logging.enable_progress_bar()
         (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
                                                        indent=1))
         plot_progress(progress, final / "distill.png")

@@ -32,6 +32,11 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
 _ROTARY_CHECKED: dict = {}  # name -> (the last tables that passed, what they were checked against)
 
 
+def _immutable(tables, many: bool) -> bool:
+    """Whether ``tables`` is tuples all the way to its tensors."""
+    return type(tables) is tuple and (not many or all(type(pair) is tuple for pair in tables))
+
+
 def forget_checked_tables() -> None:
     """Drop the tables :func:`check_rotary` remembers (a model's forward, once its layers have read them: a
     freed model's last tables are not kept alive). Not while compiling, where the checks are traced."""
@@ -46,8 +51,8 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
     autocast = not like.is_meta and torch.is_autocast_enabled(like.device.type)  # (then any dtype; none on meta)
     key = (like.shape, like.dtype, pairs, autocast)
     last = _ROTARY_CHECKED.get(name)
-    if last is not None and last[0] is tables and last[1] == key:  # a model's layers share a step's tables
-        return
+    if last is not None and last[0] is tables and last[1] == key and _immutable(tables, pairs != 1):
+        return  # a model's layers share a step's tables (a list refilled in place is checked again)
     batch, _, seq_len, head_dim = like.shape
     if head_dim % 2:
         raise ValueError(f"{name}: rotary positions rotate pairs of dimensions, and the head dim {head_dim} is odd: "
