@@ -259,8 +259,8 @@ def _warn_repeated_files(sources: Sequence[Filler], prompts: Sequence[PasskeyPro
         used = max((p.meta["filler_sentences"] for p in prompts if p.meta["filler"] == source.name), default=0)
         if source.name.startswith("file:") and distinct and used > distinct:
             logger.warning("filler %s has %d usable sentences (%d-%d words, capitalised, ending in . ! or ?, without "
-                           "digits): the longest prompts read each %.1f times on average; a longer text gives a test less "
-                           "like the repeated classic filler", source.origin, distinct, MIN_WORDS, MAX_WORDS,
+                           "digits): the longest prompts read each %.1f times on average; a longer text gives a test "
+                           "less like the repeated classic filler", source.origin, distinct, MIN_WORDS, MAX_WORDS,
                            used / distinct)
 
 

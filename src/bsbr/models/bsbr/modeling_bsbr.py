@@ -729,7 +729,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("generate(cache=..., use_cache=False): without a cache generate passes the whole text at "
                              "every step, and a given cache is always read and advanced: leave out one of them")
         if next_sequence_length is not None and (next_sequence_length <= 0 or (
-                isinstance(cache, BSBRCache) and input_ids is not None and cache.new_tokens_only(input_ids, attention_mask))):
+                isinstance(cache, BSBRCache) and input_ids is not None and
+                cache.new_tokens_only(input_ids, attention_mask))):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
             # input no longer than the cache, or one that does not begin with the ids the cache read, holds only
             # the new tokens (passed without the whole mask), so none is dropped
