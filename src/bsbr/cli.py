@@ -358,17 +358,12 @@ def _restore_settings(saved: dict) -> None:
         torch.set_num_threads(saved["torch"][1])
 
 
-def _hub_bar_states() -> dict:
-    """huggingface_hub's progress-bar switches (global and per group), which its functions can only clear."""
-    from huggingface_hub.utils import _tqdm
-
-    return _tqdm.progress_bar_states
-
-
 def _library_settings() -> dict:
     """transformers', datasets' and the hub's verbosity and progress-bar switches, for those imported (None for
     one imported later: its defaults, from the environment as it is restored)."""
-    got = dict(huggingface_hub=dict(_hub_bar_states()))
+    from .progress import hub_bar_states
+
+    got = dict(huggingface_hub=dict(hub_bar_states()))
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -381,8 +376,10 @@ def _library_settings() -> dict:
 def _restore_library_settings(saved: dict) -> None:
     from huggingface_hub.utils import are_progress_bars_disabled
 
+    from .progress import hub_bar_states
+
     def hub_states() -> None:
-        states = _hub_bar_states()
+        states = hub_bar_states()
         states.clear()
         states.update(saved["huggingface_hub"])
 

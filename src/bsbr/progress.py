@@ -35,15 +35,21 @@ def library_bars_off(off: bool = True) -> Iterator[None]:
     if not off or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
         yield
         return
-    from huggingface_hub.utils import _tqdm
     from transformers.utils import logging as hf_logging
 
-    states, bars = dict(_tqdm.progress_bar_states), hf_logging.is_progress_bar_enabled()
+    states, bars = dict(hub_bar_states()), hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-        _tqdm.progress_bar_states.clear()
-        _tqdm.progress_bar_states.update(states)
+        hub_bar_states().clear()
+        hub_bar_states().update(states)
+
+
+def hub_bar_states() -> dict:
+    """huggingface_hub's progress-bar switches (global and per group), which its functions can only clear."""
+    from huggingface_hub.utils import _tqdm
+
+    return _tqdm.progress_bar_states
