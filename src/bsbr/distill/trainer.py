@@ -534,10 +534,8 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     from ..progress import library_bars_off
     from .plots import plot_progress
 
-    student.requires_grad_(True)
-    if student.is_activation_checkpointing:
+    if student.is_activation_checkpointing:  # (the modes and flags: distill() gives them back)
         student.activation_checkpointing_disable()
-    student.eval()
     _merge_lora(student)
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
