@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import bsbr.cli
 from bsbr.cli import main
@@ -38,6 +38,25 @@ def test_weights_only_as_pickle_are_never_loaded(models, tmp_path, capsys, monke
     assert "pickles" in line and "safetensors" in line and not loads and not (tmp_path / "out").exists()
     line = refused(capsys, ["eval", converted, "--reference", src, "--no-passkey"], "eval", src)
     assert "pickles" in line and not loads
+
+
+def test_pickles_named_by_a_safetensors_index_are_never_loaded(models, tmp_path, capsys, monkeypatch):
+    source, converted, _ = models
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    for name, folder in (("source", source), ("converted", converted)):
+        d = copy_source(folder, tmp_path / name, skip=("model.safetensors",))
+        weights = load_file(folder / "model.safetensors")
+        torch.save(weights, d / "weights.pt")
+        if name == "converted":  # (a BSBR folder without a .safetensors file was refused already)
+            save_file({"x": torch.zeros(1)}, d / "stray.safetensors")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {},
+                                                                   "weight_map": dict.fromkeys(weights, "weights.pt")}))
+    src, bsbr_dir = tmp_path / "source", tmp_path / "converted"
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "not safetensors" in line and not loads and not (tmp_path / "out").exists()
+    line = refused(capsys, ["generate", bsbr_dir, "--prompt", "the"], "generate", bsbr_dir)
+    assert "not safetensors" in line and not loads
 
 
 @pytest.mark.parametrize("config,expect", [("{not json", "not valid JSON"), ("[1, 2]", "JSON list"),

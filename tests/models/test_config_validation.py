@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bsbr import BSBRConfig, BSBRForCausalLM, TransformerToBSBRConverter, convert_to_bsbr, load_bsbr_model
@@ -164,6 +165,29 @@ def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
     for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match="use_safetensors=False"):
             load(tmp_path, use_safetensors=False)
+
+
+def test_a_safetensors_index_naming_pickles_is_refused(tmp_path, monkeypatch):
+    """transformers loads the files a model.safetensors.index.json names, with torch.load when they are not
+    safetensors: a pickle renamed .pt (with a stray .safetensors beside it) loaded silently."""
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    save_file({"x": torch.zeros(1)}, tmp_path / "stray.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: "weights.pt" for k in model.state_dict()}}))
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained,
+                 lambda p: BSBRForCausalLM.from_pretrained(p, strict=False)):
+        with pytest.raises(OSError, match="model.safetensors.index.json names weight files that are not safetensors"):
+            load(tmp_path)
+    with pytest.raises(ValueError, match="names weight files that are not safetensors"):
+        load_bsbr_model(tmp_path)
 
 
 def test_the_special_token_ids_are_declared_like_a_sources():

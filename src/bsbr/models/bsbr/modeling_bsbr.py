@@ -262,11 +262,23 @@ def built_with(config) -> dict:
 
 
 def refuse_pickled_weights(path: Path) -> None:
-    """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files: they are
-    pickles, which bsbr never loads (even with torch's restricted unpickler)."""
+    """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files, or has a
+    safetensors index naming files of another kind: they are pickles, which bsbr never loads (even with
+    torch's restricted unpickler)."""
     if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise OSError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): save them as "
                       "safetensors (model.save_pretrained(DIR) does by default)")
+    # a safetensors index naming other files: transformers loads those with torch.load (a pickle)
+    for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # (not an index transformers can read: it refuses it)
+        other = sorted({str(f) for f in shards if not str(f).endswith(".safetensors")})
+        if other:
+            raise OSError(f"{index} names weight files that are not safetensors ({', '.join(other[:3])}: pickles, "
+                          "which bsbr never loads): save the weights as safetensors (model.save_pretrained(DIR) "
+                          "does by default)")
 
 
 def _cache_argument(cache, kwargs: dict):
