@@ -182,3 +182,21 @@ def test_bench_converted_times_the_conversion_its_flags_describe(tmp_path, monke
     assert (model.config.recall_tokens, model.config.retrieval_blocks, model.config.chunk_size) == (4, 0, 8)
     conversion = json.loads(out.read_text())["config"]["conversion"]
     assert conversion["recall_tokens"] == 4 and conversion["retrieval_blocks"] == 0 and conversion["chunk_size"] == 8
+
+
+def test_models_whose_config_returns_tuples_are_scored_and_timed():
+    """A converted model's config.json edited to "return_dict": false made eval, distill and bench converted
+    fail on tuples with an internal error (a source's fails inside transformers' own forward)."""
+    from bsbr.evaluate import perplexity_past
+    from bsbr.models.heads import final_hidden_states
+
+    source = make_source("llama")
+    converted = convert_to_bsbr(source, chunk_size=8, local_chunks=2, sink_tokens=2).eval()
+    ids = torch.randint(0, source.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = final_hidden_states(converted, ids), perplexity_past(converted, [ids[0]], 4)
+        converted.config.return_dict = False
+        assert torch.equal(final_hidden_states(converted, ids), want[0])
+        assert perplexity_past(converted, [ids[0]], 4) == want[1]
+    res = bench_converted(source, converted, seq_lens=[16], repeats=1, decode_contexts=[12], decode_steps=1)
+    assert res["decode"][0]["bsbr_ms_per_token"] > 0

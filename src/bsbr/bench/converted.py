@@ -70,10 +70,11 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
     prefill, warm = (ids[:, :-1], ids[:, -1:]) if n > 1 else (ids, None)
     with torch.no_grad():
         for name, model in models.items():
-            out[name] = model(prefill, use_cache=True, logits_to_keep=1)
+            out[name] = model(prefill, use_cache=True, logits_to_keep=1, return_dict=True)
             mask[name] = torch.ones(1, n, dtype=torch.long)
             if warm is not None:  # the untimed warm-up step
-                out[name] = model(warm, cache=out[name].cache, attention_mask=mask[name], use_cache=True)
+                out[name] = model(warm, cache=out[name].cache, attention_mask=mask[name], use_cache=True,
+                                  return_dict=True)
             per_token[name] = cache_bytes(out[name].cache) / n
         names = list(models)
         for i in range(steps):
@@ -81,7 +82,8 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
                 tok = out[name].logits[:, -1:].argmax(-1)
                 mask[name] = torch.cat([mask[name], mask[name][:, :1]], 1)
                 t0 = time.perf_counter()
-                out[name] = models[name](tok, cache=out[name].cache, attention_mask=mask[name], use_cache=True)
+                out[name] = models[name](tok, cache=out[name].cache, attention_mask=mask[name], use_cache=True,
+                                         return_dict=True)
                 times[name].append(time.perf_counter() - t0)
     return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
 

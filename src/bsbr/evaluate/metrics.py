@@ -334,7 +334,8 @@ def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
                                  f"{getattr(w, 'shape', type(w).__name__)}")
             if w.numel() < start + 2:
                 raise ValueError(f"a window of {w.numel()} tokens has no tokens past start={start}")
-            logits = model(input_ids=w[None], use_cache=False, **forward_kwargs).logits[0, start:-1].float()
+            logits = model(input_ids=w[None], use_cache=False, return_dict=True,
+                           **forward_kwargs).logits[0, start:-1].float()
             total += torch.nn.functional.cross_entropy(logits, w[start + 1:], reduction="sum").item()
             count += w.numel() - start - 1
     if count == 0:
