@@ -118,6 +118,24 @@ def test_a_source_that_would_load_with_random_or_broken_weights_is_refused(model
     assert "--reference" in line and expect in line
 
 
+def test_eval_names_a_config_dtype_torch_lacks_and_reads_past_an_unreadable_tokenizer(models, tmp_path, capsys,
+                                                                                       text):
+    """config.json's dtype "bf16" and a tokenizer.json of an unknown format ended bsbr eval in an internal error
+    (exit 1); generate and distill refused the first in one line."""
+    source, converted, _ = models
+    bad = copy_source(converted, tmp_path / "dtype")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "dtype": "bf16"}))
+    run = ["--reference", source, "--text-file", text, "--seq-len", "40", "--max-windows", "1", "--no-passkey",
+           "--no-progress", "--json", tmp_path / "r.json"]
+    line = refused(capsys, ["eval", bad, *run], "eval", bad)
+    assert "config.json" in line and "bf16" in line and not (tmp_path / "r.json").exists()
+    tok = copy_source(converted, tmp_path / "tokenizer")
+    (tok / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": 5}))
+    assert main([str(a) for a in ["eval", tok, *run]]) == 0  # the reference's tokenizer, as when none is saved
+    assert json.loads((tmp_path / "r.json").read_text())["language_modeling"]
+
+
 def test_a_gguf_file_cut_short_is_named_not_blamed_on_the_tokenizer(tmp_path, capsys):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and version, then nothing

@@ -48,8 +48,8 @@ def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        logger.info("no tokenizer in %s (%s); using the reference's", model_dir, e)
+    except Exception as e:  # (missing, or unreadable: tokenizers raises its own kind for a newer format)
+        logger.info("no usable tokenizer in %s (%s); using the reference's", model_dir, e)
     tokenizer = load_tokenizer(reference)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer and the reference gives none")

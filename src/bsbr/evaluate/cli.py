@@ -189,7 +189,7 @@ def _check_loadable(model) -> None:
     path = Path(os.path.expanduser(str(model)))
     try:
         BSBRConfig.from_pretrained(path)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, AttributeError) as e:  # (AttributeError: a dtype torch lacks)
         raise UserError(f"MODEL {model}: its config.json does not make a model ({' '.join(str(e).split())[:200]}): "
                         "convert it again") from None
     if not any(path.glob("*.safetensors")):
@@ -316,8 +316,7 @@ def cmd_eval(args) -> int:
 
         reference_config = SimpleNamespace(**read_config(reference / "config.json", "--reference"))
         check_positions(SimpleNamespace(config=reference_config), "--reference", reference_lengths())
-    if args.lm_eval_task_dir:  # the task's command loads the model: refuse now one it could not load
-        _check_loadable(args.model)
+    _check_loadable(args.model)  # (and the task's command loads it: refused now, not there)
     if not (args.passkey_only or args.lm_eval_task_dir):
         check_dataset(args.dataset, **dataset)
     # the tokenizer, before any model is loaded
