@@ -35,7 +35,7 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     check_int("chunk_size", chunk_size)
     check_eps(eps)
     S0, z0 = check_state(initial_state, b, h, d, dv, q, normalize)
-    B = chunk_size
+    B = max(1, min(chunk_size, n))  # (a chunk longer than the sequence: padding only)
     C = max(1, -(-n // B))
     tail = C * B - n
     # zero padding: a zero key adds nothing to any state, a zero query's row is cut off below

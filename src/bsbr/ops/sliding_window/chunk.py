@@ -32,9 +32,9 @@ def chunk_sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     check_int("window_size", window_size)
     valid = check_valid(valid, b, n)
     scale = check_scale(scale, d)
-    w = window_size
     if n == 0:
         return q.new_zeros(b, h, 0, dv), None
+    w = min(window_size, n)  # (a window of n reaches every earlier position already: blocks of n, not of window_size)
     C = -(-n // w)
     tail = C * w - n
 
