@@ -1,6 +1,7 @@
 """``bsbr demo`` (the README's main command) end to end on a tiny local llama: exit status, every
 output file, the summary, and no overwrite of a non-empty --output."""
 import json
+import os
 
 import pytest
 
@@ -12,8 +13,8 @@ from bsbr.cli import main
 def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch):
     source, _, _ = models
     out = tmp_path / "demo"
-    monkeypatch.chdir(source.parent)  # (a relative --source)
-    args = ["demo", "--source", source.name, "--output", str(out), "--chunk-size", "8", "--seq-len", "160",
+    monkeypatch.chdir(source.parent)  # (a relative --source and --output)
+    args = ["demo", "--source", source.name, "--output", os.path.relpath(out), "--chunk-size", "8", "--seq-len", "160",
             "--max-windows", "1", "--speed-lens", "32", "--decode-contexts", "24", "--repeats", "1"]
     import torch
 
@@ -31,7 +32,8 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch)
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["passkey"]["models"]) == {"source", "window", "bsbr"}
     assert (ev["config"]["seq_len"], ev["config"]["windows"], ev["config"]["chunk_size"]) == (160, 1, 8)
-    assert ev["config"]["model_dir"] == str(out / "model")  # (it named the staging folder, gone by then)
+    # (it named the staging folder, gone by then, and then a path relative to where the demo ran)
+    assert ev["config"]["model_dir"] == str(out.resolve() / "model")
     lm = ev["language_modeling"]
     assert set(lm["perplexity"]) == {"source", "local", "window", "bsbr"}
     assert lm["tokens"] == 160 - 8 - 1  # the tokens predicted past the first chunk
@@ -50,7 +52,7 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch)
     # recorded as `bsbr convert` records it, so eval and distill can check a --reference/--teacher against it
     record, converted = (json.loads((d / "conversion.json").read_text()) for d in (out / "model", models[1]))
     assert record["source"]["fingerprint"] == converted["source"]["fingerprint"] and record["chunk_size"] == 8
-    assert record["output_dir"] == str(out / "model") and (out / "model" / "README.md").is_file()
+    assert record["output_dir"] == str(out.resolve() / "model") and (out / "model" / "README.md").is_file()
     before = tree_hash(out)
     assert main(args) == 2  # a second run does not replace the first without --overwrite
     assert "--overwrite" in one_error_line(capsys.readouterr().err, "demo")

@@ -95,6 +95,8 @@ def run_attention(args: argparse.Namespace) -> int:
         for r in result["rows"]:
             if r["status"] == "ok":
                 print(f"  {r['seq_len']:>6} tokens: process peak RSS {r['process_peak_mb']:.0f} MiB")
+            else:
+                print(f"  {r['seq_len']:>6} tokens: {r['status']}: {r.get('reason')}")
         print(f"t(longest)/t(shortest) = {result['ratios']['time_ratio_longest_shortest']} "
               f"(linear: {result['ratios']['linear_would_be']:g})")
         title = f"{layers}-layer BSBRModel forward (hidden {hidden}, chunk {args.chunk_size}, {threads} threads)"

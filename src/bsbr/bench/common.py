@@ -56,6 +56,8 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names = list(fns)
+    if not names:  # (nothing could be timed at this length)
+        return {}
     for name in names:
         for _ in range(warmup):
             time_call(fns[name], device)

@@ -237,7 +237,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     from ..outputs import write_model_card
 
     s = model.conversion_summary
-    record = dict(source=source_record(source, source_model), output_dir=str(output_dir),
+    record = dict(source=source_record(source, source_model), output_dir=str(Path(output_dir).resolve()),
                   source_model_type=s["source_model_type"], params_source=s["params_source"],
                   params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
                   seconds=round(seconds, 1), **options)
