@@ -284,3 +284,10 @@ def test_no_calibration_call_past_a_baselines_length_cap(monkeypatch):
     res = layers.bench_attention([2048], max_standard_len=512, **TINY)
     std = [r for r in res["rows"] if r["model"] == "standard"]
     assert calibrated == [] and std[0]["status"] == "skipped" and "max-standard-len" in std[0]["reason"]
+
+
+def test_nothing_to_time_at_a_length_is_no_error():
+    # every model failed or was skipped at a length: a ZeroDivisionError, logged as a failed side-by-side timing
+    from bsbr.bench.common import interleaved_times
+
+    assert interleaved_times({}, repeats=3) == {}
