@@ -679,7 +679,7 @@ def test_a_task_written_by_an_earlier_version_is_still_the_tasks(tmp_path):
 def test_an_edited_task_yaml_or_utils_module_is_not_replaced(tmp_path):
     """Only the YAML's first line and the utils module's syntax were compared: an edited generation length,
     an added note or a comment in the metric module were replaced by a rerun, exit 0."""
-    from bsbr.evaluate.lm_eval_task import _UTILS, _YAML, is_task_file, write_lm_eval_task
+    from bsbr.evaluate.lm_eval_task import _UTILS, _YAML, _ZERO_SHOT, is_task_file, write_lm_eval_task
     from word_tokenizer import build_word_tokenizer
 
     yaml = write_lm_eval_task(tmp_path / "task", build_word_tokenizer(), lengths=[256], trials=1)
@@ -690,8 +690,8 @@ def test_an_edited_task_yaml_or_utils_module_is_not_replaced(tmp_path):
                    text.replace("  do_sample: false\n", "")):
         yaml.write_text(edited)
         assert not is_task_file(yaml), edited
-    # written before the YAML carried its digest: the template's lines, any values
-    old = _YAML.format(task="bsbr_passkey", data='"/x/bsbr_passkey.jsonl"', max_new_tokens=8,
+    # written before the YAML carried its digest (and num_fewshot): the template's lines, any values
+    old = _YAML.replace(_ZERO_SHOT, "").format(task="bsbr_passkey", data='"/x/bsbr_passkey.jsonl"', max_new_tokens=8,
                        utils="bsbr_passkey_utils", metrics="  - metric: passkey\n    aggregation: mean\n"
                        "    higher_is_better: true\n", lengths="[64]", depths="[0.5]", trials=1, seed=0,
                        fillers='["a"]')

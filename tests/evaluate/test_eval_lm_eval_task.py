@@ -180,3 +180,32 @@ def test_the_task_prompts_are_the_tokens_bsbr_eval_reads(word_tokenizer, tmp_pat
     for r, p in zip(rows, prompts):
         assert word_tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] == list(p.input_ids)
         assert r["prompt_tokens"] == p.length
+
+
+def test_the_task_stays_zero_shot_whatever_num_fewshot_asks(word_tokenizer, tmp_path):
+    """lm-eval's num_fewshot (often passed for every task of a run) put other pass-key prompts, their keys
+    as answers, before each prompt: another test, reported under the same metrics."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    seen = []
+
+    class Reader(LM):
+        def generate_until(self, requests):
+            seen.extend(r.args[0] for r in requests)
+            return [" 00000"] * len(requests)
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    lm_eval_task.write_lm_eval_task(tmp_path, word_tokenizer, lengths=[96], depths=[0.3, 0.7], trials=2,
+                                    fillers=["classic", "random"], max_new_tokens=5)
+    assert lm_eval_task.is_task_file(tmp_path / "bsbr_passkey.yaml")
+    lm_eval.simple_evaluate(model=Reader(), tasks=["bsbr_passkey"], bootstrap_iters=0, num_fewshot=2,
+                            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    rows = [json.loads(line)["prompt"] for line in (tmp_path / "bsbr_passkey.jsonl").read_text().splitlines()]
+    assert sorted(seen) == sorted(rows)

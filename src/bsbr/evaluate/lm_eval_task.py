@@ -24,6 +24,7 @@ TASK_NAME = "bsbr_passkey"
 METRIC = "passkey"
 DEFAULT_TASK_LENGTHS = (1024, 2048, 4096)
 
+_ZERO_SHOT = "num_fewshot: 0\n"  # (lm-eval's num_fewshot would put other prompts and their keys before each one)
 _YAML = """\
 # pass-key retrieval, written by bsbr.evaluate.lm_eval_task.write_lm_eval_task (offline: a local JSONL file)
 task: {task}
@@ -32,6 +33,7 @@ dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+num_fewshot: 0
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{key}}}}"
@@ -132,7 +134,7 @@ def is_task_file(path: Path, task: str = TASK_NAME) -> bool:
                 lines = f.read(1 << 20).splitlines(keepends=True)
                 if lines and lines[-1].startswith(_DIGEST):
                     return lines[-1] == f"{_DIGEST}{_sha256(''.join(lines[:-1]))}\n"
-                return _yaml_pattern(_YAML).fullmatch("".join(lines)) is not None
+                return _yaml_pattern(_YAML.replace(_ZERO_SHOT, "")).fullmatch("".join(lines)) is not None
             if path.name == f"{task}_utils.py":
                 text = f.read(4096)
                 return text == _UTILS or _sha256(text) == _EARLIER_UTILS_SHA256
