@@ -310,10 +310,12 @@ def dataset_options(args, default_split: str) -> dict:
                 text_column=args.text_column or "text")
 
 
-def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_split: str, text_column: str) -> None:
+def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_split: str, text_column: str,
+                  seq_len: Optional[int] = None) -> None:
     """``--dataset`` with :func:`dataset_options`' choices, before any model loads: it opens and its first
-    row has a text (a one-line :class:`UserError` otherwise). With no connection to the hub, only the local cache is read (at once,
-    not after a minute of retries)."""
+    row has a text (a one-line :class:`UserError` otherwise); local text files are refused as
+    :func:`check_text_files` refuses them (whitespace alone, too short for one window of ``seq_len``). With no
+    connection to the hub, only the local cache is read (at once, not after a minute of retries)."""
     if name is None:
         return
     _cache_only_if_the_hub_is_unreachable()
@@ -332,15 +334,27 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         if "Compression type" in why and "not supported" in why:  # (fsspec's words for a missing codec package)
             fix = ": install its package (.zst: pip install zstandard; .lz4: pip install lz4), or decompress it"
         raise UserError(f"--dataset: {why[:300]}{fix}") from None
-    if first is None:
-        raise UserError(f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column "
-                        f"{text_column!r}: give another split or --text-column")
     from .corpus import COMPRESSED, data_suffix, local_dataset_files
 
     read, unread, plain = local_dataset_files(name, dataset_config, dataset_split)
+    files = "the file holds" if len(read) == 1 else "its files hold"
+    if first is None:
+        raise UserError(f"--dataset {name}: {files} no text: give some text" if plain else
+                        f"--dataset {name} (split {dataset_split!r}) has no non-empty text in column "
+                        f"{text_column!r}: give another split or --text-column")
+    total, sized = 0, plain
     for f in read if plain else ():  # (read as --text-file reads them: refused where it refuses them; compressed
-        if not f.endswith(COMPRESSED):  # ones are checked row by row as they are read)
-            _read_text_file(Path(f), f, "--dataset")
+        if f.endswith(COMPRESSED):  # ones are checked row by row as they are read)
+            sized = False
+            continue
+        size, text = _read_text_file(Path(f), f, "--dataset")
+        total += size if text else 0
+    if sized and read and not total:
+        raise UserError(f"--dataset {name}: {files} only whitespace: give some text")
+    if sized and seq_len is not None and total + len(read) < seq_len:  # (each file ends with an EOS token)
+        raise UserError(f"--dataset {name}: {total:,} bytes in {len(read)} file(s), fewer than the {seq_len:,} "
+                        "tokens of one window (--seq-len; a token takes a byte at least, and each file adds an "
+                        "end-of-text token): give more text or a lower --seq-len")
     if unread:
         logger.warning("--dataset %s: %d file(s) are not read (datasets reads one format per folder: here %s): %s",
                        name, len(unread), ", ".join(sorted({data_suffix(Path(f).name) for f in read})),

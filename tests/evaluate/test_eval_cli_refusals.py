@@ -504,6 +504,27 @@ def test_an_empty_local_dataset_says_why(saved, tmp_path, capsys, no_loading):
     _refused(capsys, argv, "--dataset", "its data files hold no rows")
 
 
+def test_local_dataset_text_files_of_whitespace_or_too_short_are_refused_as_text_files_are(saved, tmp_path, capsys,
+                                                                                           no_loading):
+    """A .txt of whitespace alone was evaluated (2 windows of blanks, exit 0); one shorter than a window was
+    refused only once both models had loaded, naming neither the option nor the file; an empty one was told to
+    give --text-column, which a text file does not take."""
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--seq-len", "300", "--no-passkey",
+            "--no-progress", "--dataset"]
+    (tmp_path / "ws.txt").write_text("    \n\t\t\n" * 3000)
+    _refused(capsys, [*argv, str(tmp_path / "ws.txt")], "--dataset", "ws.txt: the file holds only whitespace")
+    (tmp_path / "short.txt").write_text("def f(x): pass\n")
+    _refused(capsys, [*argv, str(tmp_path / "short.txt")], "--dataset", "short.txt: 15 bytes in 1 file(s), fewer "
+             "than the 300 tokens of one window")
+    (tmp_path / "empty.txt").write_text("")
+    line = _refused(capsys, [*argv, str(tmp_path / "empty.txt")], "--dataset", "empty.txt: the file holds no text")
+    assert "--text-column" not in line
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "a.txt").write_text("  \n")
+    (tmp_path / "both" / "b.txt").write_text("\n\n")
+    _refused(capsys, [*argv, str(tmp_path / "both")], "--dataset", "its files hold only whitespace")
+
+
 def test_a_local_dataset_that_does_not_parse_is_one_line(saved, tmp_path, capsys, no_loading):
     # datasets logged "Failed to load JSON from file ..." on a line of its own before the command's error
     (tmp_path / "ds").mkdir()

@@ -178,7 +178,7 @@ def cmd_distill(args) -> int:
     check_unique("--text-file", args.text_file, key=same_file)  # (one file twice would be trained on twice)
     check_text_files(args.text_file, args.seq_len)
     dataset = dataset_options(args, "train")
-    check_dataset(args.dataset, **dataset)
+    check_dataset(args.dataset, **dataset, seq_len=args.seq_len)
     with contextlib.ExitStack() as held:
         refusal = None
         if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)

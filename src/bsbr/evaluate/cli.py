@@ -318,7 +318,7 @@ def cmd_eval(args) -> int:
         check_positions(SimpleNamespace(config=reference_config), "--reference", reference_lengths())
     _check_loadable(args.model)  # (and the task's command loads it: refused now, not there)
     if not (args.passkey_only or args.lm_eval_task_dir):
-        check_dataset(args.dataset, **dataset)
+        check_dataset(args.dataset, **dataset, seq_len=args.seq_len)
     # the tokenizer, before any model is loaded
     tokenizer = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
         load_eval_tokenizer(args.model, args.reference)
