@@ -131,6 +131,8 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
         where = dict(path=str(path.resolve().parent), data_files=path.name)
     elif path.is_dir():
         where = dict(path=str(path.resolve()))
+    elif path.exists():
+        raise ValueError("not a regular file (a device or FIFO): give data files")
     elif name.startswith((".", "/", "~")) or name.endswith(DATA_SUFFIXES):  # spelled as a path: not a hub name
         raise ValueError("no such folder or file")
     else:
@@ -191,29 +193,42 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                              "pick one with --text-column")
         return (_file_pieces(f) for f in files if os.path.getsize(f) > 0)
 
-    def rows():
-        skipped = 0
+    def read(it, i):  # row i; what reading it raised (a parser's error, mid-file) as an error naming the dataset
         try:
-            for i, row in enumerate(ds):
-                if text_column not in row:
-                    raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "
-                                     "pick one with --text-column")
-                text = row[text_column]
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} is a {type(text).__name__}, not "
-                                     "text: pick a column of text with --text-column")
-                if text is not None and "\0" in text[:8192]:
-                    raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} holds NUL characters (binary, or "
-                                     "UTF-16 text): give UTF-8 text")
-                if text is None or not text.strip():
-                    if not skipped:
-                        logger.warning("dataset %r: row %d has no text in column %r: rows without text are skipped",
-                                       name, i, text_column)
-                    skipped += 1
-                    continue
-                yield text
+            return next(it)
         except UnicodeDecodeError as e:
             raise ValueError(f"dataset {name!r} is not UTF-8 text ({e.reason}): save it as UTF-8") from None
+        except (StopIteration, ImportError):
+            raise
+        except Exception as e:  # (pyarrow's and pandas' own kinds)
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise ValueError(f"dataset {name!r}: reading row {i:,} failed ({why}): give UTF-8 JSON Lines, CSV or "
+                             "Parquet") from None
+
+    def rows():
+        skipped, it = 0, iter(ds)
+        for i in itertools.count():
+            try:
+                row = read(it, i)
+            except StopIteration:
+                return
+            if text_column not in row:
+                raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "
+                                 "pick one with --text-column")
+            text = row[text_column]
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} is a {type(text).__name__}, not "
+                                 "text: pick a column of text with --text-column")
+            if text is not None and "\0" in text[:8192]:
+                raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} holds NUL characters (binary, or "
+                                 "UTF-16 text): give UTF-8 text")
+            if text is None or not text.strip():
+                if not skipped:
+                    logger.warning("dataset %r: row %d has no text in column %r: rows without text are skipped",
+                                   name, i, text_column)
+                skipped += 1
+                continue
+            yield text
 
     return rows()
 

@@ -525,6 +525,24 @@ def test_local_dataset_text_files_of_whitespace_or_too_short_are_refused_as_text
     _refused(capsys, [*argv, str(tmp_path / "both")], "--dataset", "its files hold only whitespace")
 
 
+def test_a_local_dataset_that_fails_while_its_rows_are_read_is_named(tmp_path):
+    """pyarrow's and pandas' errors while rows were read named neither the file nor what to give (mid-file: in the
+    middle of an evaluation); a FIFO or device was reported missing, or looked up on the hub."""
+    import os
+
+    from bsbr.corpus import dataset_texts
+
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "a b c"}\n'.encode("utf-16"))
+    (tmp_path / "empty.csv").write_text("")
+    for f in ("u16.jsonl", "empty.csv"):
+        with pytest.raises(ValueError, match=f"dataset '.*{f}': reading row 0 failed .*: give UTF-8 JSON Lines, CSV"):
+            list(dataset_texts(str(tmp_path / f), split="train"))
+    os.mkfifo(tmp_path / "fifo")
+    for name in (str(tmp_path / "fifo"), "/dev/null"):
+        with pytest.raises(ValueError, match="not a regular file \\(a device or FIFO\\): give data files"):
+            list(dataset_texts(name, split="train"))
+
+
 def test_a_local_dataset_that_does_not_parse_is_one_line(saved, tmp_path, capsys, no_loading):
     # datasets logged "Failed to load JSON from file ..." on a line of its own before the command's error
     (tmp_path / "ds").mkdir()
