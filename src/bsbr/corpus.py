@@ -202,6 +202,8 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
             raise
         except Exception as e:  # (pyarrow's and pandas' own kinds)
             why = " ".join(str(e).split())[:200] or type(e).__name__
+            if "Compression type" in why:  # (a codec's package missing: check_dataset says which to install)
+                raise ValueError(f"dataset {name!r}: {why}") from None
             raise ValueError(f"dataset {name!r}: reading row {i:,} failed ({why}): give UTF-8 JSON Lines, CSV or "
                              "Parquet") from None
 
