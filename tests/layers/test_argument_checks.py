@@ -229,6 +229,22 @@ def test_a_freed_models_rotary_tables_are_not_kept_alive():
     assert held and all(r() is None for r in held)
 
 
+def test_native_models_keep_no_rotary_tables_either():
+    """BSBRModel and the benchmarks' AttentionLM left their last tables behind (16.8 MB after a (8, 4096) forward
+    of a small BSBRModel). (Under torch.compile a model's last tables stay until its next forward: dropping them
+    while compiling, or not keeping them, made the compiled model recompile at every new length.)"""
+    from bsbr import BSBRModel
+    from bsbr.layers import inputs
+    from bsbr.models.shell import AttentionLM
+
+    ids = torch.randint(0, 50, (2, 24))
+    for model in (BSBRModel(vocab_size=50, hidden_dim=32, num_layers=2, num_heads=4, chunk_size=8, ff_dim=64),
+                  AttentionLM(50, 32, 2, 4, attention="bsbr", chunk_size=8)):
+        with torch.no_grad():
+            model(ids)
+        assert inputs._ROTARY_CHECKED == {}, type(model).__name__
+
+
 def test_a_list_of_tables_refilled_in_place_is_checked_again():
     # the check remembered the container: a list refilled with (1, 8) tables broadcast them over 20 positions
     a = BSBRAttention(32, 4, 8, dropout=0.0)
