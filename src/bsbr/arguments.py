@@ -456,16 +456,20 @@ def check_bsbr_dir(path, option: str) -> Path:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)
         recorded = {}
-    if any(key in recorded for key in RECORDED_OPTIONS):  # config.json edited (or a key lost) since the conversion
+    source = recorded.get("source") if isinstance(recorded.get("source"), dict) else {}
+    arch = source.get("architecture") if isinstance(source.get("architecture"), dict) else {}
+    # config.json edited (or a key lost) since the conversion: its options, and the source's architecture
+    expected = {**arch, **{k: recorded[k] for k in RECORDED_OPTIONS if k in recorded}}
+    if expected:
         from .models.bsbr.configuration_bsbr import missing_defaults
 
         filled = {**values, **missing_defaults(values)}
-        for key in (k for k in RECORDED_OPTIONS if k in recorded):
+        for key, want in expected.items():
             value = filled.get(key)
-            if value != recorded[key]:
+            if key in filled and _differs(value, want):  # (the record's keys no config field holds: not compared)
                 logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model runs with %r", option, path,
                                key, value, "" if key in values else " (its default: config.json has none)", METADATA,
-                               recorded[key], value)
+                               want, value)
     return path
 
 

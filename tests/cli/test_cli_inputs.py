@@ -1202,11 +1202,17 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
     cfg["retrieval_blocks"] = None  # null (as absent): the config's default, 8, is what the conversion recorded
     cfg.pop("feature_map")  # so is hedgehog, the normalized form's
     cfg["sink_tokens"] = 3
+    # and the source's architecture: SmolLM2 without rope_parameters ran at rope_theta 10,000, not 100,000
+    # (perplexity 25.2 -> 31.1), with norm_eps 0.5 it printed garbage, both silently
+    rope = cfg.pop("rope_parameters")
+    cfg["norm_eps"] = 0.5
     (model / "config.json").write_text(json.dumps(cfg))
     with caplog.at_level("WARNING", logger="bsbr.arguments"):
         assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
     assert "config.json's chunk_size is 256 (its default: config.json has none), conversion.json records 8" in caplog.text
     assert "config.json's sink_tokens is 3" in caplog.text
+    assert f"config.json's rope_parameters is None (its default: config.json has none), conversion.json records {rope}" \
+        in caplog.text and "config.json's norm_eps is 0.5," in caplog.text
     assert "retrieval_blocks" not in caplog.text and "feature_map" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.arguments"):
