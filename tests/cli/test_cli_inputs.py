@@ -978,7 +978,11 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
         assert "the chat template in MODEL_DIR" in line and words in line and "drop --chat" in line, line
     (chat / "generation_config.json").write_text('{"return_dict_in_generate": true}')  # (what bsbr reads is its own)
     assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
-    for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}'):
+    vocab = json.loads((chat / "config.json").read_text())["vocab_size"]
+    # (a token id past the vocabulary: an IndexError deep in generate, or an eos that never stops it)
+    for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}',
+                f'{{"forced_eos_token_id": {vocab}}}', f'{{"eos_token_id": [1, {vocab + 5000}]}}',
+                '{"pad_token_id": -1}', f'{{"suppress_tokens": [{vocab}]}}'):
         (chat / "generation_config.json").write_text(bad)
         line = refused(capsys, ["generate", chat, "--prompt", "def"], "generate")
         assert "generation_config.json cannot be used" in line and "fix or delete it" in line, (bad, line)

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 from ..numbers import MAX_RECALL_TOKENS, MAX_TOKENS, SEED_RANGE, finite_number, integer
 
@@ -277,9 +278,14 @@ def _prompt_text(args) -> str:
                         "give UTF-8 text") from None
 
 
-def _check_generation_config(path: Path) -> None:
-    """MODEL_DIR's ``generation_config.json``, if any, must load and hold values generate() takes: transformers
-    reads an unreadable one as defaults without a word, and fails deep in generate() on a wrong one."""
+_TOKEN_FIELDS = ("eos_token_id", "bos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id",
+                 "suppress_tokens", "begin_suppress_tokens")  # generation_config.json's token ids (or lists of them)
+
+
+def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
+    """MODEL_DIR's ``generation_config.json``, if any, must load and hold values generate() takes (token ids
+    below ``vocab``, the model's): transformers reads an unreadable one as defaults without a word, and fails deep
+    in generate() on a wrong one."""
     from transformers import GenerationConfig
 
     from ..errors import UserError
@@ -287,12 +293,18 @@ def _check_generation_config(path: Path) -> None:
     file = path / "generation_config.json"
     if not file.is_file():
         return
+    if not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0):
+        vocab = None  # (a bad vocab_size is refused where the model loads)
     try:
         config = GenerationConfig.from_pretrained(str(path))
         config.validate()  # (raises on values generate() refuses; minor issues are only logged)
-        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
-            raise ValueError(f"eos_token_id must be a token id or a list of them, got {config.eos_token_id!r}")
+        for name in _TOKEN_FIELDS:
+            value = getattr(config, name, None)
+            ids = value if isinstance(value, list) else [value]
+            if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (vocab or i + 1)
+                       for i in ids):
+                raise ValueError(f"{name} must be a token id{'' if vocab is None else f' below {vocab:,} (the vocabulary)'}"
+                                 f" or a list of them, got {value!r}")
         if config.num_beams is not None and not (isinstance(config.num_beams, int) and config.num_beams >= 1):
             raise ValueError(f"num_beams must be an int >= 1, got {config.num_beams!r}")
         # modes transformers' generate() no longer runs itself (custom_generate code), which bsbr never loads
@@ -322,10 +334,10 @@ def cmd_generate(args) -> int:
     import torch
 
     from ..models import load_bsbr_model
-    from ..arguments import check_bsbr_dir, check_bsbr_positions, check_tokenizer_fits, load_tokenizer_arg
+    from ..arguments import check_bsbr_dir, check_bsbr_positions, check_tokenizer_fits, load_tokenizer_arg, read_config
 
     path = check_bsbr_dir(args.model_dir, "MODEL_DIR")
-    _check_generation_config(path)
+    _check_generation_config(path, read_config(path / "config.json", "MODEL_DIR").get("vocab_size"))
     tok = load_tokenizer_arg(path, "MODEL_DIR")
     if args.chat:  # one user message in the model's chat template, the assistant's turn opened
         if not getattr(tok, "chat_template", None):
