@@ -19,6 +19,7 @@ import torch
 
 import bsbr.layers.bsbr_attention as layer
 from bsbr.convert import convert_to_bsbr, load_source
+from bsbr.convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
 from bsbr.ops.bsbr.softmax import attention_lse
 
 
@@ -43,12 +44,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    source = load_source(None).eval()
-    model = convert_to_bsbr(source).eval()
-    opt = model.model.layers[0].attn.options
-    lo, hi = opt.local_chunks * opt.chunk_size, (opt.local_chunks + opt.retrieval_blocks) * opt.chunk_size
+    B, opt = DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS  # (the conversion below: checked before a minute of loading)
+    lo, hi = opt["local_chunks"] * B, (opt["local_chunks"] + opt["retrieval_blocks"]) * B
     if not lo <= args.context <= hi - args.steps:  # every step reads every earlier chunk
         ap.error(f"--context must leave every earlier chunk read through its --steps: {lo} to {hi - args.steps} tokens")
+    source = load_source(None).eval()
+    model = convert_to_bsbr(source).eval()
     op = layer.recurrent_bsbr_attention
     ids = torch.randint(0, source.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
     times = {"source": [], "bsbr": [], "attention calls only": []}
