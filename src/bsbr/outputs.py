@@ -37,6 +37,20 @@ def _overlap(a: Path, b: Path) -> bool:
     return a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
+    """An :class:`OutputError` when the output ``path`` is one of ``inputs`` (``(label, path)`` pairs, path
+    None when not given), inside one, or contains one."""
+    out = _resolved(path)
+    real_out = _real(out)
+    for label, src in inputs:
+        if src is None:
+            continue
+        s = _resolved(src)
+        if (_overlap(out, s) or _overlap(real_out, _real(s))) and (s.exists() or out == s):
+            raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
+                              f"choose another {option}")
+
+
 def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), option: str = "OUTPUT",
                      allow_existing: bool = False, renamed: bool = True) -> Path:
     """Check, before any expensive work, that ``path`` may be written as an output directory.
@@ -52,14 +66,7 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
             _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
-    real_out = _real(out)
-    for label, src in inputs:
-        if src is None:
-            continue
-        s = _resolved(src)
-        if (_overlap(out, s) or _overlap(real_out, _real(s))) and (s.exists() or out == s):
-            raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
-                              f"choose another {option}")
+    refuse_input_overlap(path, inputs, option)
     if out.is_symlink():
         raise OutputError(f"{option} {path} is a symbolic link: give the directory itself (the output is "
                           "renamed into place, which would replace the link)")
@@ -450,14 +457,16 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def output_lock(path, option: str, command: str) -> Iterator[None]:
+def output_lock(path, option: str, command: str, inputs: Iterable = ()) -> Iterator[None]:
     """Hold an exclusive lock on the output ``path`` while the block runs, so that a second command
     writing there at the same time is refused at once instead of mixing its files with the first's. The
     lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (released by the kernel if the process
     dies; the file is removed when the block ends), or, where nothing can be made beside it, on the folder
-    ``path`` itself (then written into, never replaced by a rename)."""
+    ``path`` itself (then written into, never replaced by a rename). An output overlapping one of the
+    command's ``inputs`` (:func:`refuse_input_overlap`) is refused first: nothing is written into an input."""
     import fcntl
 
+    refuse_input_overlap(path, inputs, option)
     out = _resolved(path)
     busy = f"{option} {path} is being written by another {command}"
     if unwritable_parent(out) is not None and out.is_dir() and not out.is_symlink():

@@ -679,6 +679,19 @@ def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_inside_an_input_is_refused_before_anything_is_made_there(models, text, tmp_path, capsys):
+    """The output lock made the output's missing folders and its lock file inside the input (then removed them),
+    before the overlap was refused: the input was written into."""
+    source, converted, _ = models
+    for argv, command, inp in ((["convert", source, source / "new" / "x"], "convert", source),
+                               (distill_args(models, text, converted / "new" / "x", "--steps", "2"), "distill",
+                                converted),
+                               (["demo", "--source", source, "--output", source / "new" / "x"], "demo", source)):
+        before = inp.stat().st_mtime_ns
+        assert "overlaps the" in refused(capsys, argv, command, inp)
+        assert not (inp / "new").exists() and inp.stat().st_mtime_ns == before, command
+
+
 def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
     source, converted, _ = models
     line = refused(capsys, distill_args(models, text, converted, "--steps", "2", "--overwrite"), "distill",

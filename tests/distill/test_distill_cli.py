@@ -463,7 +463,7 @@ def test_a_run_whose_updates_all_vanish_publishes_nothing(models, text, tmp_path
     capsys.readouterr()
     assert main(distill_args(models, text, out, "--steps", "2", "--lm-weight", "1e38")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "2 training steps changed no weight" in last and "--lm-weight or --lr" in last, last
+    assert "2 training steps changed no weight" in last and "--lr and start over (--overwrite)" in last, last
     assert not (out / "config.json").exists()
 
 
@@ -721,3 +721,17 @@ def test_a_dataset_runs_settings_record_only_options_off_their_defaults():
     assert _settings(Namespace(**{**base, "dataset_split": "train", "text_column": "text"})) == \
         dict(seq_len=96, max_windows=2, dataset="ds")  # (the defaults, given)
     assert _settings(Namespace(**{**base, "text_column": "content"}))["text_column"] == "content"
+
+
+def test_lora_without_peft_is_refused_before_loading_and_named_as_the_flag(models, text, tmp_path, capsys,
+                                                                           monkeypatch):
+    # refused after the corpus was read and both models loaded, as "params='lora' needs peft"
+    import sys
+
+    import bsbr.distill.cli
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    monkeypatch.setattr(bsbr.distill.cli, "_distill", lambda *a, **k: pytest.fail("the run started"))
+    line = refused(capsys, distill_args(models, text, tmp_path / "out", "--steps", "2", "--params", "lora"),
+                   "distill", models[1])
+    assert "--params lora needs peft: pip install peft" in line and not (tmp_path / "out").exists()

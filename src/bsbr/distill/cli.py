@@ -41,6 +41,11 @@ def _plan(args):
         raise UserError("--resume continues the checkpoint in --output, --overwrite replaces it: give one of them")
     if args.text_file is not None and not args.text_file:
         raise UserError("--text-file needs at least one file (without --text-file: the standard library's sources)")
+    if args.params == "lora":
+        try:  # (its adapters are made once the models are loaded: refused now, not then)
+            import peft  # noqa: F401
+        except ImportError:
+            raise UserError("--params lora needs peft: pip install peft (or bsbr[lora])") from None
     try:  # the config's field names are the options' names
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
         cfg.base_lr = _base_lr(args)
@@ -183,7 +188,7 @@ def cmd_distill(args) -> int:
         refusal = None
         if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)
             try:
-                held.enter_context(output_lock(out, "--output", "bsbr distill"))
+                held.enter_context(output_lock(out, "--output", "bsbr distill", inputs=_inputs(args, student_dir)))
             except UserError as e:
                 refusal = e
         _start_together(refusal)
@@ -191,6 +196,12 @@ def cmd_distill(args) -> int:
             return _distill(args, cfg, student_dir, out)
         finally:
             _leave_process_group()
+
+
+def _inputs(args, student_dir: Path) -> list:
+    """The run's inputs as (option, path) pairs: what --output may not overlap."""
+    return [("--student", student_dir), ("--teacher", args.teacher), ("--dataset", _local_dataset(args)),
+            *[("--text-file", f) for f in args.text_file or []]]
 
 
 def _start_together(refusal: Optional[UserError]) -> None:
@@ -228,11 +239,9 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     from .trainer import DistillInterrupted, check_same_run, check_work_left
 
     ckpt = out / "checkpoint"
-    local_dataset = _local_dataset(args)
     check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
-                     inputs=[("--student", student_dir), ("--teacher", args.teacher), ("--dataset", local_dataset),
-                             *[("--text-file", f) for f in args.text_file or []]])
+                     inputs=_inputs(args, student_dir))
     if args.resume and has_checkpoint(ckpt) and not is_bsbr_output(out):
         raise UserError(f"--output {out} holds files no bsbr command wrote beside the checkpoint: the resumed run's model "
                         "replaces the directory; move them first")

@@ -478,7 +478,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if weights_fingerprint(student) == run["student"]:  # every update was 0: a model that is the student
         raise ValueError(f"{progress['step']} training steps changed no weight (every update was 0, e.g. a loss so "
                          f"large that the optimizer's moments overflow): nothing is published; give a smaller "
-                         "--lm-weight or --lr")
+                         "--lm-weight or --lr and start over (--overwrite)")
     # the last update meets no loss in the loop: one forward checks it (the same on every rank)
     if not _logits_finite(student, windows[int(order[0])][None]):
         raise ValueError(f"training diverged at step {progress['step']}: the trained model's logits are not finite "
