@@ -193,7 +193,7 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
                              "pick one with --text-column")
         return (_file_pieces(f) for f in files if os.path.getsize(f) > 0)
 
-    def read(it, i):  # row i; what reading it raised (a parser's error, mid-file) as an error naming the dataset
+    def read(it, i):  # the row after i rows; a parser's error (mid-file: it reads a block at once) naming the dataset
         try:
             return next(it)
         except UnicodeDecodeError as e:
@@ -204,8 +204,8 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
             why = " ".join(str(e).split())[:200] or type(e).__name__
             if "Compression type" in why:  # (a codec's package missing: check_dataset says which to install)
                 raise ValueError(f"dataset {name!r}: {why}") from None
-            raise ValueError(f"dataset {name!r}: reading row {i:,} failed ({why}): give UTF-8 JSON Lines, CSV or "
-                             "Parquet") from None
+            raise ValueError(f"dataset {name!r}: reading its rows failed after {i:,} ({why}): give UTF-8 JSON Lines, "
+                             "CSV or Parquet") from None
 
     def rows():
         skipped, it = 0, iter(ds)

@@ -979,6 +979,9 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
     (chat / "generation_config.json").write_text('{"return_dict_in_generate": true}')  # (what bsbr reads is its own)
     assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
     vocab = json.loads((chat / "config.json").read_text())["vocab_size"]
+    # a pad or bos id past the vocabulary (an added [PAD], carried over by convert) is never read by one prompt
+    (chat / "generation_config.json").write_text(json.dumps({"pad_token_id": vocab, "bos_token_id": vocab + 1}))
+    assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
     # (a token id past the vocabulary: an IndexError deep in generate, or an eos that never stops it)
     for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}',
                 f'{{"forced_eos_token_id": {vocab}}}', f'{{"eos_token_id": [1, {vocab + 5000}]}}',

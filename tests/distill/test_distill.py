@@ -42,7 +42,7 @@ class _FixedLM(torch.nn.Module):
         super().__init__()
         self.logp, self.config, self.head = logp, SimpleNamespace(chunk_size=chunk_size), torch.nn.Identity()
 
-    def forward(self, input_ids, use_cache=False, output_hidden_states=False, logits_to_keep=0, return_dict=True):
+    def forward(self, input_ids, use_cache=False, output_hidden_states=False, logits_to_keep=0):
         h = self.logp.expand(input_ids.shape[0], input_ids.shape[1], 2)
         return SimpleNamespace(logits=h[:, -logits_to_keep:], hidden_states=(h,))
 

@@ -186,7 +186,7 @@ def test_a_perplexity_past_floats_range_is_infinite_not_an_error():
     from bsbr.evaluate import metrics
 
     class Hot(torch.nn.Module):  # every logit but token 0's far below it: predicting token 1 costs 1,000 nats
-        def forward(self, input_ids, use_cache=False, return_dict=True):
+        def forward(self, input_ids, use_cache=False):
             logits = torch.full((*input_ids.shape, 3), -1000.0)
             logits[..., 0] = 0.0
             return SimpleNamespace(logits=logits)

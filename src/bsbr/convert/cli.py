@@ -278,8 +278,10 @@ def _prompt_text(args) -> str:
                         "give UTF-8 text") from None
 
 
-_TOKEN_FIELDS = ("eos_token_id", "bos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id",
-                 "suppress_tokens", "begin_suppress_tokens")  # generation_config.json's token ids (or lists of them)
+# generation_config.json's token ids (or lists of them) that generate() reads from one prompt: below the vocabulary
+# (an eos past it never stops generation, a forced one is an IndexError); pad and bos, never read here, only >= 0
+_TOKEN_FIELDS = ("eos_token_id", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                 "begin_suppress_tokens")
 
 
 def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
@@ -298,12 +300,12 @@ def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
     try:
         config = GenerationConfig.from_pretrained(str(path))
         config.validate()  # (raises on values generate() refuses; minor issues are only logged)
-        for name in _TOKEN_FIELDS:
-            value = getattr(config, name, None)
+        for name in (*_TOKEN_FIELDS, "pad_token_id", "bos_token_id"):
+            value, top = getattr(config, name, None), vocab if name in _TOKEN_FIELDS else None
             ids = value if isinstance(value, list) else [value]
-            if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (vocab or i + 1)
+            if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (top or i + 1)
                        for i in ids):
-                raise ValueError(f"{name} must be a token id{'' if vocab is None else f' below {vocab:,} (the vocabulary)'}"
+                raise ValueError(f"{name} must be a token id{'' if top is None else f' below {top:,} (the vocabulary)'}"
                                  f" or a list of them, got {value!r}")
         if config.num_beams is not None and not (isinstance(config.num_beams, int) and config.num_beams >= 1):
             raise ValueError(f"num_beams must be an int >= 1, got {config.num_beams!r}")

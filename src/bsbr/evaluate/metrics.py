@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import check_not_interrupted
-from ..models.heads import final_hidden_states, position_blocks
+from ..models.heads import final_hidden_states, output_object, position_blocks
 from ..ops.checks import check_int
 from .modes import in_eval_mode
 
@@ -334,7 +334,7 @@ def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
                                  f"{getattr(w, 'shape', type(w).__name__)}")
             if w.numel() < start + 2:
                 raise ValueError(f"a window of {w.numel()} tokens has no tokens past start={start}")
-            logits = model(input_ids=w[None], use_cache=False, return_dict=True,
+            logits = model(input_ids=w[None], use_cache=False, **output_object(model),
                            **forward_kwargs).logits[0, start:-1].float()
             total += torch.nn.functional.cross_entropy(logits, w[start + 1:], reduction="sum").item()
             count += w.numel() - start - 1

@@ -11,11 +11,18 @@ import torch
 POSITION_BLOCK = 1024  # positions whose logits exist at once
 
 
+def output_object(model) -> dict:
+    """``return_dict=True`` for an HF model whose config asks for tuples (an edited config.json), else nothing
+    (a model of one's own need not take the argument)."""
+    config = getattr(getattr(model, "module", model), "config", None)  # (DistributedDataParallel: its module's)
+    return dict(return_dict=True) if getattr(config, "return_dict", True) is False else {}
+
+
 def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     """(b, n, D): the input of ``model``'s LM head (after the final norm; HF models and BSBR alike) for
     ``input_ids`` (b, n), no cache; the model's own logits are made for the last position only."""
     out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1,
-                return_dict=True)  # (whatever the config's return_dict)
+                **output_object(model))
     if out.hidden_states is None:
         raise ValueError(f"{type(model).__name__} returned no hidden states with output_hidden_states=True")
     return out.hidden_states[-1]
