@@ -88,7 +88,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
         passkey["only"] = ["source", "window", "bsbr"]
     result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
                             passkey=passkey)
-    result["config"]["model_dir"] = str(final.resolve() / "model")  # where it lies once published, not the staging folder
+    result["config"]["model_dir"] = str(final.resolve() / "model")  # where it lies once published (not staged)
     write_json(result, out / "eval.json")
     plot_results(result, out / "eval.png")
 

@@ -1218,8 +1218,8 @@ def test_a_config_edited_since_the_conversion_is_named(models, tmp_path, caplog)
         assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "2"]) == 0
     assert "config.json's chunk_size is 256 (its default: config.json has none), conversion.json records 8" in caplog.text
     assert "config.json's sink_tokens is 3" in caplog.text
-    assert f"config.json's rope_parameters is None (its default: config.json has none), conversion.json records {rope}" \
-        in caplog.text and "config.json's norm_eps is 0.5," in caplog.text
+    assert f"config.json's rope_parameters is None (its default: config.json has none), conversion.json " \
+        f"records {rope}" in caplog.text and "config.json's norm_eps is 0.5," in caplog.text
     assert "retrieval_blocks" not in caplog.text and "feature_map" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.arguments"):
