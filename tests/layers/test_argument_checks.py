@@ -463,3 +463,12 @@ def test_attentions_without_positions_take_any_head_size(attention):
 
     model = AttentionLM(40, 15, 1, 3, attention=attention)
     assert model.rotary is None and model(torch.randint(0, 40, (2, 7))).shape == (2, 7, 40)
+
+
+def test_a_gate_holding_nan_is_refused_not_read_as_open():
+    # nan <= 0 is False: the gate read as open and every output was nan, without a word
+    a = BSBRAttention(32, 4, 4, dropout=0.0, gate_init=0.0).eval()
+    with torch.no_grad():
+        a.retrieval_gate[1] = float("nan")
+        with pytest.raises(ValueError, match="retrieval_gate holds nan"):
+            a(torch.randn(1, 12, 32))

@@ -906,3 +906,24 @@ def test_the_reference_recall_mode_does_not_warn_under_autograd():
                                     BSBROptions(chunk_size=4, recall_tokens=3, retrieval="normalized"),
                                     fq=x["fq"], fk=x["fk"])
     o.sum().backward()
+
+
+def test_zero_heads_no_value_dim_other_devices_and_truthy_flags_are_named():
+    """Zero query heads killed the process in the fused kernel (Fatal Python error); a value dim of 0 failed
+    in the chunked form alone; a tensor on another device got torch's words, naming no argument;
+    output_final_state="no" returned a state."""
+    from bsbr.ops import BSBROptions, chunk_bsbr_attention, recurrent_bsbr_attention
+
+    opt = BSBROptions(chunk_size=3, local_chunks=2)
+    q, k, v = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 3)
+    for op in (chunk_bsbr_attention, recurrent_bsbr_attention):
+        with pytest.raises(ValueError, match="q needs at least one head"):
+            op(q[:, :0], k, v, q[:, :0], k, opt)
+        with pytest.raises(ValueError, match="v needs a value dim of at least 1"):
+            op(q, k, v[..., :0], q, k, opt)
+        with pytest.raises(ValueError, match=r"on q's device \(cpu\), got k on meta"):
+            op(q, k.to("meta"), v, q, k, opt)
+        with pytest.raises(ValueError, match=r"valid on meta"):
+            op(q, k, v, q, k, opt, valid=torch.ones(1, 7, dtype=torch.bool, device="meta"))
+        with pytest.raises(ValueError, match="output_final_state must be True or False"):
+            op(q, k, v, q, k, opt, output_final_state="no")

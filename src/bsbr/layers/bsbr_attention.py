@@ -149,8 +149,15 @@ class BSBRAttention(MultiHeadBase):
 
     def _gate_closed(self) -> bool:
         """Whether every head's gate is at or below 0 (no chunk state is read); on the meta device, which
-        holds no values, an open gate (the shapes of every term)."""
-        return not self.retrieval_gate.is_meta and float(self.retrieval_gate.detach().max()) <= 0
+        holds no values, an open gate (the shapes of every term). A gate holding nan (a diverged update) is
+        refused: it read as open and made every output nan."""
+        if self.retrieval_gate.is_meta:
+            return False
+        top = float(self.retrieval_gate.detach().max())
+        if top != top:
+            raise ValueError("retrieval_gate holds nan (a diverged update?): load weights that do not, or set it "
+                             "(e.g. layer.retrieval_gate.data.zero_() closes it)")
+        return top <= 0
 
     def _run(self, op, hidden_states, attention_mask, position_embeddings, far_position_embeddings, **kwargs):
         q, k, v, valid = self.project(hidden_states, attention_mask)

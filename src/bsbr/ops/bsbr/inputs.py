@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_tensor
+from ..checks import check_flag, check_tensor
 from .options import BSBROptions
 from .retrieval import gate_closed
 
@@ -56,6 +56,7 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
     A signature seen before is not checked again."""
     if not isinstance(options, BSBROptions):
         raise TypeError(f"options must be a bsbr.ops.BSBROptions, got {type(options).__name__}")
+    check_flag("output_final_state", streams)  # (the chunked form's, which it passes as streams)
     if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
         raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
                          "fq and fk (e.g. hedgehog feature maps of q and k); their default, q and k, is signed")
@@ -82,6 +83,10 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
     if d < 1:
         raise ValueError("q, k, qr and kr need a head dim of at least 1, got 0")
     hkv = k.shape[1]
+    if hq < 1:  # (the fused CPU kernel kills the process on zero heads)
+        raise ValueError("q needs at least one head, got 0")
+    if v.shape[-1] < 1:
+        raise ValueError("v needs a value dim of at least 1, got 0")
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     tokens = tuple(q.shape[2:-1])
@@ -99,6 +104,11 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
     dtypes = {x.dtype for x in (q, k, v, mq, mk, fq, fk, qr, kr)}
     if len(dtypes) != 1:
         raise TypeError(f"q, k, v, mq, mk, fq, fk, qr, kr must share one dtype, got {sorted(map(str, dtypes))}")
+    named = dict(k=k, v=v, mq=mq, mk=mk, fq=fq, fk=fk, qr=qr, kr=kr, gate=gate, valid=valid, meta_q=meta_q,
+                 meta_k=meta_k)
+    away = [f"{name} on {x.device}" for name, x in named.items() if isinstance(x, torch.Tensor) and x.device != q.device]
+    if away:
+        raise ValueError(f"every tensor must be on q's device ({q.device}), got {', '.join(away)}")
     dm_in = mq.shape[-1]
     outs = []
     for name, w, heads in (("meta_q", meta_q, hq), ("meta_k", meta_k, hkv)):

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_flag
 from .inputs import check_inputs
 from .masks import exact_window, near, sink_outside_window
 from .options import BSBROptions
@@ -508,6 +509,7 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
     """Same arguments and meaning as :func:`bsbr.ops.chunk_bsbr_attention`, computed token by token
     from ``initial_state`` (or an empty one), which is advanced as by :func:`bsbr_attention_step`.
     Returns ``(o, state)``."""
+    check_flag("output_final_state", output_final_state)
     a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
                                        streams=True)
     state = _start(initial_state, options, a, q, (q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))
