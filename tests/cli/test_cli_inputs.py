@@ -970,6 +970,11 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
         (tmp_path / "empty.txt").write_text(text)
         line = refused(capsys, ["generate", chat, "--prompt-file", tmp_path / "empty.txt", "--chat"], "generate")
         assert "--prompt-file gives no text" in line, line
+    # a template that renders nothing (a typo in its field name) was blamed on the prompt
+    tok.chat_template = "{{ messages[0].contnt }}"
+    tok.save_pretrained(chat)
+    line = refused(capsys, ["generate", chat, "--prompt", "def", "--chat"], "generate")
+    assert "the chat template in MODEL_DIR" in line and "renders no tokens" in line and "drop --chat" in line, line
     for template, words in (("{{ raise_exception('a system message is required') }}", "a system message is required"),
                             ("{{ messages[0]['content'] }}{{ 1 / 0 }}", "division by zero")):
         tok.chat_template = template
@@ -981,6 +986,9 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
     vocab = json.loads((chat / "config.json").read_text())["vocab_size"]
     # a pad or bos id past the vocabulary (an added [PAD], carried over by convert) is never read by one prompt
     (chat / "generation_config.json").write_text(json.dumps({"pad_token_id": vocab, "bos_token_id": vocab + 1}))
+    assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
+    # several sequences asked for: transformers refused them under greedy (its words, naming no file)
+    (chat / "generation_config.json").write_text(json.dumps({"num_return_sequences": 2, "do_sample": True}))
     assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
     # (a token id past the vocabulary: an IndexError deep in generate, or an eos that never stops it)
     for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}',

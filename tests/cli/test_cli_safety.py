@@ -1223,6 +1223,25 @@ def test_a_failure_after_loading_is_one_line_on_a_redirected_stderr(models, tmp_
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("bsbr generate: error:"), r.stderr
 
 
+def test_generate_names_a_stdout_that_cannot_encode_the_text_and_reads_a_utf8_prompt_in_any_locale(models):
+    """An ASCII stdout gave the codec's words after the whole generation ("'ascii' codec can't encode ..."); under
+    a locale that is not UTF-8 a UTF-8 --prompt was refused as "not UTF-8"."""
+    import subprocess
+
+    _, converted, _ = models
+    code = "import sys; from bsbr.cli import main; sys.exit(main(sys.argv[1:]))"
+    base = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-c", code, "generate", str(converted), "--prompt", "the key \u00fc is",
+            "--max-new-tokens", "2"]
+    r = subprocess.run(argv, capture_output=True, text=True, env={**base, "PYTHONIOENCODING": "ascii"}, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "tokens/s" not in line]
+    assert r.returncode == 2 and lines == [lines[-1]] and "stdout: its encoding (ascii)" in lines[-1] \
+        and "PYTHONIOENCODING=utf-8" in lines[-1], r.stderr
+    r = subprocess.run(argv, capture_output=True, env={**base, "LC_ALL": "C", "PYTHONUTF8": "0",
+                                                       "PYTHONIOENCODING": "utf-8"}, timeout=120)
+    assert r.returncode == 0 and r.stdout.decode().startswith("the key \u00fc is"), r.stderr
+
+
 def test_main_called_in_process_keeps_the_programs_logging_and_library_settings(models, tmp_path):
     """main() left a root handler bound to the first call's stderr (a later call logged there, or to a closed
     stream), the bsbr logger at INFO, TRANSFORMERS_VERBOSITY=error in the environment, and transformers' warnings

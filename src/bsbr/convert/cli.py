@@ -254,6 +254,7 @@ MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 ove
 
 def _prompt_text(args) -> str:
     """The prompt: ``--prompt``, or the UTF-8 text of ``--prompt-file`` (``-``: standard input)."""
+    import os
     import sys
 
     from ..errors import UserError
@@ -264,7 +265,10 @@ def _prompt_text(args) -> str:
         try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
+            try:  # (a locale that is not UTF-8 decodes argv by its own codec: the bytes may still be UTF-8)
+                return os.fsencode(text).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
         return text
     if args.prompt_file != "-":
         check_text_files([args.prompt_file], option="--prompt-file")
@@ -354,9 +358,11 @@ def cmd_generate(args) -> int:
         ids = tok(prompt, return_tensors="pt")
     ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
     n = ids["input_ids"].shape[1]
+    if n == 0 and args.chat:  # (the prompt has text: the template dropped it)
+        raise UserError(f"the chat template in MODEL_DIR {path} renders no tokens for the {what} message: fix the "
+                        "template, or drop --chat")
     if n == 0:
-        raise UserError(f"{what} gives no tokens{' in the chat template' if args.chat else ''}: give some text to "
-                        "continue")
+        raise UserError(f"{what} gives no tokens: give some text to continue")
     # the prompt and every new token but the last are fed to the model
     def fix(table: int) -> str:
         if n <= table:
@@ -374,6 +380,7 @@ def cmd_generate(args) -> int:
     # greedy, or sampling at --temperature with the model's own settings (top-k, top-p), as generate() samples
     how = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    how.update(num_return_sequences=1)  # (one text is printed, whatever generation_config.json says)
     t0 = time.perf_counter()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # (--seed leaves the caller's generator as it was)
         if args.seed is not None:
@@ -389,11 +396,16 @@ def cmd_generate(args) -> int:
         # after a command line's prompt as given (a file's prompt is not printed)
         whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
         if whole.startswith(head):
-            text = (args.prompt or "") + whole[len(head):]
+            text = (prompt if args.prompt is not None else "") + whole[len(head):]
         else:
             text = whole if args.prompt is not None else tok.decode(new, skip_special_tokens=True)
     try:
         print(text, flush=True)  # (flushed here: a full disk is named now, not at exit)
+    except UnicodeEncodeError:
+        import sys
+
+        raise UserError(f"stdout: its encoding ({sys.stdout.encoding}) cannot write the generated text: set "
+                        "PYTHONIOENCODING=utf-8 (or a UTF-8 locale)") from None
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             raise
