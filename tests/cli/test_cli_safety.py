@@ -559,6 +559,8 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
     assert "argument --output: is empty" in refused(capsys, ["demo", "--output", ""], "demo")
     not_utf8 = os.fsdecode(b"\xff\xfe the")  # as argv carries bytes that are not UTF-8
     assert "--prompt is not UTF-8" in refused(capsys, ["generate", converted, "--prompt", not_utf8], "generate")
+    # a lone surrogate argv never holds (a caller's own string): the same refusal, not the codec's words
+    assert "--prompt is not UTF-8" in refused(capsys, ["generate", converted, "--prompt", "d\ud83df"], "generate")
     assert "--max-new-tokens" in refused(capsys, ["generate", converted, "--prompt", "x", "--max-new-tokens", "0"],
                                          "generate")
     assert "does not exist" in refused(capsys, ["generate", tmp_path / "none", "--prompt", "x"], "generate")
@@ -1238,8 +1240,8 @@ def test_generate_names_a_stdout_that_cannot_encode_the_text_and_reads_a_utf8_pr
     assert r.returncode == 2 and lines == [lines[-1]] and "stdout: its encoding (ascii)" in lines[-1] \
         and "PYTHONIOENCODING=utf-8" in lines[-1], r.stderr
     r = subprocess.run(argv, capture_output=True, env={**base, "LC_ALL": "C", "PYTHONUTF8": "0",
-                                                       "PYTHONIOENCODING": "utf-8"}, timeout=120)
-    assert r.returncode == 0 and r.stdout.decode().startswith("the key \u00fc is"), r.stderr
+                                                       "PYTHONCOERCECLOCALE": "0"}, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("the key \u00fc is".encode()), r.stderr  # (the bytes given)
 
 
 def test_main_called_in_process_keeps_the_programs_logging_and_library_settings(models, tmp_path):

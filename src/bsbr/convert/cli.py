@@ -267,7 +267,7 @@ def _prompt_text(args) -> str:
         except UnicodeEncodeError:
             try:  # (a locale that is not UTF-8 decodes argv by its own codec: the bytes may still be UTF-8)
                 return os.fsencode(text).decode("utf-8")
-            except UnicodeDecodeError:
+            except (UnicodeEncodeError, UnicodeDecodeError):
                 raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
         return text
     if args.prompt_file != "-":
@@ -302,7 +302,7 @@ def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
     if not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0):
         vocab = None  # (a bad vocab_size is refused where the model loads)
     try:
-        config = GenerationConfig.from_pretrained(str(path))
+        config = GenerationConfig.from_pretrained(str(path))  # (one transformers' loading refuses, too)
         config.validate()  # (raises on values generate() refuses; minor issues are only logged)
         for name in (*_TOKEN_FIELDS, "pad_token_id", "bos_token_id"):
             value, top = getattr(config, name, None), vocab if name in _TOKEN_FIELDS else None
@@ -396,7 +396,7 @@ def cmd_generate(args) -> int:
         # after a command line's prompt as given (a file's prompt is not printed)
         whole, head = (tok.decode(x, skip_special_tokens=True) for x in (out[0], out[0, :n]))
         if whole.startswith(head):
-            text = (prompt if args.prompt is not None else "") + whole[len(head):]
+            text = (args.prompt or "") + whole[len(head):]  # (as given: a locale's stdout writes its bytes back)
         else:
             text = whole if args.prompt is not None else tok.decode(new, skip_special_tokens=True)
     try:
