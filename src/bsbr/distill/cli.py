@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import shlex
@@ -43,7 +44,7 @@ def _plan(args):
         raise UserError("--text-file needs at least one file (without --text-file: the standard library's sources)")
     if args.params == "lora":
         try:  # (its adapters are made once the models are loaded: refused now, not then)
-            import peft  # noqa: F401
+            importlib.import_module("peft")
         except ImportError:
             raise UserError("--params lora needs peft: pip install peft (or bsbr[lora])") from None
     try:  # the config's field names are the options' names

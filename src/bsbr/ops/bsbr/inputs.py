@@ -106,7 +106,8 @@ def _check_inputs(q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k, 
         raise TypeError(f"q, k, v, mq, mk, fq, fk, qr, kr must share one dtype, got {sorted(map(str, dtypes))}")
     named = dict(k=k, v=v, mq=mq, mk=mk, fq=fq, fk=fk, qr=qr, kr=kr, gate=gate, valid=valid, meta_q=meta_q,
                  meta_k=meta_k)
-    away = [f"{name} on {x.device}" for name, x in named.items() if isinstance(x, torch.Tensor) and x.device != q.device]
+    away = [f"{name} on {x.device}" for name, x in named.items()
+            if isinstance(x, torch.Tensor) and x.device != q.device]
     if away:
         raise ValueError(f"every tensor must be on q's device ({q.device}), got {', '.join(away)}")
     dm_in = mq.shape[-1]
