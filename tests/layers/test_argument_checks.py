@@ -472,3 +472,10 @@ def test_a_gate_holding_nan_is_refused_not_read_as_open():
         a.retrieval_gate[1] = float("nan")
         with pytest.raises(ValueError, match="retrieval_gate holds nan"):
             a(torch.randn(1, 12, 32))
+
+
+def test_a_01_mask_on_the_meta_device_runs_as_a_bool_one_does():
+    # the mask's 0/1 check read values the meta device does not hold (Tensor.item() on meta)
+    a = BSBRAttention(32, 4, 4).to("meta")
+    x = torch.randn(2, 9, 32, device="meta")
+    assert a(x, attention_mask=torch.ones(2, 9, dtype=torch.long, device="meta")).shape == (2, 9, 32)

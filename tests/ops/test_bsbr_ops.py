@@ -927,3 +927,13 @@ def test_zero_heads_no_value_dim_other_devices_and_truthy_flags_are_named():
             op(q, k, v, q, k, opt, valid=torch.ones(1, 7, dtype=torch.bool, device="meta"))
         with pytest.raises(ValueError, match="output_final_state must be True or False"):
             op(q, k, v, q, k, opt, output_final_state="no")
+
+
+def test_a_state_forks_on_any_integer_index():
+    # a uint8 or int16 index reached index_select, which takes int64 or int32 only
+    from bsbr.ops import BSBROptions, chunk_bsbr_attention
+
+    q = torch.randn(2, 2, 7, 4)
+    _, state = chunk_bsbr_attention(q, q, q, q, q, BSBROptions(chunk_size=3), output_final_state=True)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert state.select(torch.tensor([1, 0], dtype=dtype)).n_seen.tolist() == [7, 7]

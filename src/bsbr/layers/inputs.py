@@ -131,8 +131,8 @@ def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tenso
 def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
     """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
     valid = check_valid(attention_mask, batch, seq_len, name="attention_mask")
-    if valid is not None and attention_mask.dtype != torch.bool and not bool(
-            ((attention_mask == 0) | (attention_mask == 1)).all()):
+    if valid is not None and attention_mask.dtype != torch.bool and not attention_mask.is_meta and not bool(
+            ((attention_mask == 0) | (attention_mask == 1)).all()):  # (the meta device holds no values to check)
         raise ValueError("attention_mask must hold only 1 (real token) and 0 (padding)")
     return valid
 

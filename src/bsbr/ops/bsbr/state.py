@@ -140,7 +140,7 @@ class BSBRState:
         if index.dim() != 1 or index.is_floating_point() or index.is_complex() or \
                 (index.numel() and not -b <= int(index.min()) <= int(index.max()) < b):
             raise ValueError(f"index must be a 1-D tensor of row indices in [0, {b}) or a boolean mask, got {index!r}")
-        index = index % b if index.numel() else index.long()
+        index = (index % b).long() if index.numel() else index.long()  # (index_select takes int64 or int32)
         return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()},
                          grad_history=self.grad_history and torch.is_grad_enabled())  # (tied to the graph still)
 
