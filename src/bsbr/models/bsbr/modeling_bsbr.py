@@ -236,7 +236,10 @@ def warn_caller(message: str, category=UserWarning) -> None:
 
 def refuse_output_attentions(output_attentions, config) -> None:
     """``output_attentions`` (the argument, or the config's when it is None) is refused in one line."""
-    if config.output_attentions if output_attentions is None else output_attentions:
+    if output_attentions is None and config.output_attentions:
+        raise ValueError("output_attentions is true in the model's config (config.json): BSBR never forms the "
+                         "attention matrix; set it to false")
+    if output_attentions:
         raise ValueError("output_attentions=True is not supported: BSBR never forms the attention matrix")
 
 
