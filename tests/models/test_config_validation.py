@@ -145,20 +145,24 @@ def test_normalized_with_identity_is_refused_up_front_with_the_layers_message(mo
     TransformerToBSBRConverter(retrieval="additive", feature_map="identity")
 
 
-def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
-    model = BSBRForCausalLM(BSBRConfig(**TINY))
-    model.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-
+def _refused_without_unpickling(path, monkeypatch, match):
+    """Every from_pretrained path refuses the folder with an OSError matching ``match``, torch.load never called."""
     def no_unpickling(*a, **k):
         raise AssertionError("torch.load was called")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
     for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained,
                  lambda p: BSBRForCausalLM.from_pretrained(p, strict=False)):
-        with pytest.raises(OSError, match="pickle"):
-            load(tmp_path)
+        with pytest.raises(OSError, match=match):
+            load(path)
+
+
+def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    _refused_without_unpickling(tmp_path, monkeypatch, "pickle")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_bsbr_model(tmp_path)
     # asked for by name, the pickle was loaded (through torch's restricted unpickler), as the docs say it never is
@@ -177,15 +181,8 @@ def test_a_safetensors_index_naming_pickles_is_refused(tmp_path, monkeypatch):
     save_file({"x": torch.zeros(1)}, tmp_path / "stray.safetensors")
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": {k: "weights.pt" for k in model.state_dict()}}))
-
-    def no_unpickling(*a, **k):
-        raise AssertionError("torch.load was called")
-
-    monkeypatch.setattr(torch, "load", no_unpickling)
-    for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained,
-                 lambda p: BSBRForCausalLM.from_pretrained(p, strict=False)):
-        with pytest.raises(OSError, match="model.safetensors.index.json names weight files that are not safetensors"):
-            load(tmp_path)
+    _refused_without_unpickling(tmp_path, monkeypatch,
+                                "model.safetensors.index.json names weight files that are not safetensors")
     with pytest.raises(ValueError, match="names weight files that are not safetensors"):
         load_bsbr_model(tmp_path)
 
