@@ -302,7 +302,7 @@ def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
     if not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0):
         vocab = None  # (a bad vocab_size is refused where the model loads)
     try:
-        config = GenerationConfig.from_pretrained(str(path))  # (one transformers' loading refuses, too)
+        config = GenerationConfig.from_pretrained(str(path))  # (raises on some values itself)
         config.validate()  # (raises on values generate() refuses; minor issues are only logged)
         for name in (*_TOKEN_FIELDS, "pad_token_id", "bos_token_id"):
             value, top = getattr(config, name, None), vocab if name in _TOKEN_FIELDS else None
