@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..numbers import MAX_REPEATS, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
                      set_threads, write_outputs)
+from ..models.heads import output_object
 from .memory import measure_peak
 from .plots import plot_converted
 
@@ -70,11 +71,11 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
     prefill, warm = (ids[:, :-1], ids[:, -1:]) if n > 1 else (ids, None)
     with torch.no_grad():
         for name, model in models.items():
-            out[name] = model(prefill, use_cache=True, logits_to_keep=1, return_dict=True)
+            out[name] = model(prefill, use_cache=True, logits_to_keep=1, **output_object(model))
             mask[name] = torch.ones(1, n, dtype=torch.long)
             if warm is not None:  # the untimed warm-up step
                 out[name] = model(warm, cache=out[name].cache, attention_mask=mask[name], use_cache=True,
-                                  return_dict=True)
+                                  **output_object(model))
             per_token[name] = cache_bytes(out[name].cache) / n
         names = list(models)
         for i in range(steps):
@@ -83,7 +84,7 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
                 mask[name] = torch.cat([mask[name], mask[name][:, :1]], 1)
                 t0 = time.perf_counter()
                 out[name] = models[name](tok, cache=out[name].cache, attention_mask=mask[name], use_cache=True,
-                                         return_dict=True)
+                                         **output_object(models[name]))
                 times[name].append(time.perf_counter() - t0)
     return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
 

@@ -7,6 +7,7 @@ a streaming ``step()``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -154,7 +155,7 @@ class BSBRAttention(MultiHeadBase):
         if self.retrieval_gate.is_meta:
             return False
         top = float(self.retrieval_gate.detach().max())
-        if top != top:
+        if math.isnan(top):
             raise ValueError("retrieval_gate holds nan (a diverged update?): load weights that do not, or set it "
                              "(e.g. layer.retrieval_gate.data.zero_() closes it)")
         return top <= 0
