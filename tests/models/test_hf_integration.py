@@ -198,6 +198,21 @@ def test_a_cache_of_another_batch_layer_count_or_dtype_is_refused(model):
             model.double()(ids[:, :1], cache=cache)
 
 
+def test_a_cache_of_a_model_built_with_other_position_rules_is_refused():
+    # far positions leave the states' shapes as they are: only the options the cache records tell the models apart
+    src = make_source("llama")
+    a, b = (convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=2, far_positions=far).eval()
+            for far in ("window", "absolute"))
+    ids = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = a(ids[:, :29], use_cache=True).cache
+        with pytest.raises(ValueError, match="cache was made by a model with far_positions 'window', this model "
+                                             "has 'absolute'"):
+            b(ids[:, 29:], cache=cache)
+        b_cache = b(ids[:, :29], use_cache=True).cache.select(torch.arange(1))  # (a copy records them too)
+        assert torch.allclose(b(ids[:, 29:], cache=b_cache).logits[0, -1], b(ids).logits[0, -1], atol=1e-4)
+
+
 def test_generate_refuses_a_foreign_cache_or_one_of_another_batch_in_one_line(model):
     from transformers import DynamicCache
 

@@ -153,22 +153,25 @@ class BSBRCache:
     transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
     ``digest``: (b, 2) hashes of each row's input ids so far, as given and with padded positions alike
     (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole text from the new
-    tokens alone."""
+    tokens alone. ``built_with``: the :func:`built_with` options of the model that made it (None: not known), so
+    that a model built otherwise refuses it."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, states: List[BSBRState], n_positions: int = 0, digest: Optional[torch.Tensor] = None):
+    def __init__(self, states: List[BSBRState], n_positions: int = 0, digest: Optional[torch.Tensor] = None,
+                 built_with: Optional[dict] = None):
         self.states = states
         self.n_positions = n_positions  # input positions consumed, padding included
         self.digest = digest
+        self.built_with = built_with
 
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
         left as it is."""
         index = torch.as_tensor(index)  # (a list of rows, too)
         return BSBRCache([s.select(index) for s in self.states], self.n_positions,
-                         None if self.digest is None else self.digest[index.to(self.digest.device)])
+                         None if self.digest is None else self.digest[index.to(self.digest.device)], self.built_with)
 
     @torch.compiler.disable  # bookkeeping on a Python int: traced, it recompiled at every new length
     def consumed(self, input_ids: Optional[torch.Tensor], n: int, real: Optional[torch.Tensor] = None) -> None:
@@ -599,14 +602,14 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             cache.states, new_cache = states, cache
             cache.consumed(input_ids, n, valid)
         elif use_cache:
-            new_cache = BSBRCache(states)
+            new_cache = BSBRCache(states, built_with=self._built_with)
             new_cache.consumed(input_ids, n, valid)
         out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
                                       hidden_states=tuple(hidden) if hidden else None)
         return self._returned(out, return_dict)
 
     def _check_cache(self, cache, batch: int, inputs_embeds: torch.Tensor) -> None:
-        """A cache continues only this model's layers, for the batch and dtype it was built with."""
+        """A cache continues only a model built with the same options, for the batch and dtype it was built with."""
         if not isinstance(cache, BSBRCache):
             from transformers.cache_utils import Cache
 
@@ -614,6 +617,12 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                     "layers (LoRA and prompt tuning can)" if isinstance(cache, Cache) else "")
             raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got "
                             f"{type(cache).__name__}{hint}")
+        if cache.built_with is not None and cache.built_with is not self._built_with and (
+                cache.built_with != self._built_with):  # (options the states do not show, e.g. far positions)
+            name = next((k for k in self._built_with if cache.built_with.get(k) != self._built_with[k]), "options")
+            raise ValueError(f"cache was made by a model with {name} {cache.built_with.get(name)!r}, this model has "
+                             f"{self._built_with.get(name)!r}: pass the cache this model returned, or start a new one "
+                             "(use_cache=True without cache=)")
         n_layers = len(self.layers)
         dtype = op_dtype(inputs_embeds.dtype, inputs_embeds.device.type, self.layers[0].attn.options)  # the states'
         got = (len(cache.states), int(cache.n_seen.shape[0]) if cache.states else None,
