@@ -289,6 +289,10 @@ def test_eval_refuses_options_the_run_would_ignore(models, tmp_path, capsys):
                         (["--passkey-only"], ["--dataset", "x/y"]),
                         (["--lm-eval-task-dir", tmp_path / "task"], ["--seq-len", "64"]),
                         (["--lm-eval-task-dir", tmp_path / "task"], ["--passkey-models", "bsbr"]),
+                        (["--passkey-only"], ["--seq-len", "2048"]), (["--passkey-only"], ["--buckets", "chunk"]),
+                        (["--passkey-only"], ["--max-windows", "16"]), (["--no-passkey"], ["--passkey-trials", "3"]),
+                        (["--no-passkey"], ["--passkey-new-tokens", "8"]),  # (given at the value they default to)
+                        (["--no-passkey", "--text-file", Path(__file__)], ["--seed", "0"]),
                         (["--no-passkey", "--text-file", Path(__file__)], ["--seed", "3"])):  # (it orders the
         args = [*base, *skip, *extra]  # default corpus and makes pass-key keys: with a text file, nothing)
         if skip[0] == "--lm-eval-task-dir":  # (which refuses --reference itself)

@@ -213,12 +213,14 @@ def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
 
 
 # options of one part of the evaluation: given to a run that skips that part, they would be ignored,
-# so they are refused (their defaults are read from the parser when it is built)
+# so they are refused (their defaults are read from the parser when it is built: None or False, so one
+# given at the value it would default to is refused too; _FILLED holds those values, set once checked)
 _PERPLEXITY_OPTIONS = ("text_file", "dataset", "seq_len", "max_windows", "stride", "buckets", "split")
 _PASSKEY_OPTIONS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_filler", "passkey_new_tokens",
                     "passkey_models")
 _TASK_IGNORES = ("passkey_models", "json", "plot", "passkey_plot", "reference", "force", "passkey_only")
 _DEFAULTS: dict = {}
+_FILLED = dict(seq_len=2048, max_windows=16, buckets="chunk", passkey_trials=3, passkey_new_tokens=8, seed=0)
 
 
 def _refuse_ignored(args) -> None:
@@ -245,6 +247,9 @@ def _refuse_ignored(args) -> None:
                 why = " (it writes the task, with MODEL's own tokenizer, and exits: evaluate separately)" \
                     if flag == "--lm-eval-task-dir" else ""
                 raise UserError(f"--{name.replace('_', '-')} would be ignored with {flag}{why}: drop one")
+    for name, value in _FILLED.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def cmd_eval(args) -> int:
@@ -381,24 +386,24 @@ def register(sub) -> None:
     add_dataset_arguments(p, data, "test, or a local dataset's one split")
     p.add_argument("--split", choices=["heldout", "train"], default=None,
                    help="default corpus split (the standard library's .py files; default heldout)")
-    p.add_argument("--seq-len", type=integer(), default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=16, help="windows to evaluate (default 16)")
+    p.add_argument("--seq-len", type=integer(), default=None, help="tokens per window (default 2048)")
+    p.add_argument("--max-windows", type=integer(1, MAX_COUNT), default=None, help="windows to evaluate (default 16)")
     p.add_argument("--stride", type=integer(), default=None,
                    help="tokens between window starts (default: seq-len); below seq-len windows overlap and a "
                         "token is scored once per window holding it past that window's first chunk")
-    p.add_argument("--buckets", choices=["chunk", "doubling"], default="chunk",
+    p.add_argument("--buckets", choices=["chunk", "doubling"], default=None,
                    help="position buckets: one per chunk (default), or doubling ranges [B,2B),[2B,4B),...")
     p.add_argument("--passkey-lengths", type=integer(), nargs="+", default=None, metavar="N",
                    help="pass-key prompt lengths in tokens, e.g. 16384 32768 (default 1024 2048 4096 8192)")
     p.add_argument("--passkey-depths", type=_depth, nargs="+", default=None, metavar="D",
                    help="relative depths of the key (default 0.1 0.3 0.5 0.7 0.9)")
-    p.add_argument("--passkey-trials", type=integer(1, MAX_REPEATS), default=3,
+    p.add_argument("--passkey-trials", type=integer(1, MAX_REPEATS), default=None,
                    help="keys per (length, depth) cell; trial t uses filler t mod the number of fillers (default 3)")
     p.add_argument("--passkey-filler", type=_filler, action="extend", nargs="+", default=None, metavar="KIND|FILE",
                    help="filler text, repeatable: classic (the repeated grass/sky sentences), prose (licence texts "
                         "in /usr/share/common-licenses, else standard-library docstrings), docstrings, random "
                         "(seeded random sentences), or a text file's path (default: classic prose random)")
-    p.add_argument("--passkey-new-tokens", type=integer(), default=8, help="greedy tokens generated (default 8)")
+    p.add_argument("--passkey-new-tokens", type=integer(), default=None, help="greedy tokens generated (default 8)")
     p.add_argument("--passkey-plot", metavar="OUT.png", default=None,
                    help="write the pass-key heat map (length x depth per model, accuracy per filler) here, with "
                         "OUT.json beside it (default: beside --plot or --json as NAME.passkey.png; with "
@@ -412,7 +417,7 @@ def register(sub) -> None:
                    help="write the pass-key prompts (--passkey-* options, this model's tokenizer) as the offline "
                         "lm-eval task bsbr_passkey into DIR, print how to run it, and exit")
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key test")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="pass-key keys and default corpus order (default 0)")
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=None, help="pass-key keys and default corpus order (default 0)")
     p.add_argument("--force", action="store_true",
                    help="use a --reference whose weights are not those the model was converted from")
     p.add_argument("--json", metavar="OUT", default=None, help="write all results here")
