@@ -29,7 +29,7 @@ def cmd_demo(args) -> int:
         # everything lands in --output at the end, or nothing; not while another bsbr command writes there (the
         # lock first: its staging folder is not a leftover of a killed run)
         t0 = time.perf_counter()
-        with output_lock(final, "--output", "bsbr command", inputs=[("--source", args.source)]):
+        with output_lock(final, "--output", inputs=[("--source", args.source)]):
             check_output_dir(final, overwrite=args.overwrite, inputs=[("--source", args.source)], option="--output")
             with staged_dir(final, overwrite=args.overwrite) as out:
                 _demo(args, out, final, t0)

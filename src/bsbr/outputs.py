@@ -457,7 +457,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def output_lock(path, option: str, command: str, inputs: Iterable = ()) -> Iterator[None]:
+def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     """Hold an exclusive lock on the output ``path`` while the block runs, so that a second command
     writing there at the same time is refused at once instead of mixing its files with the first's. The
     lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (released by the kernel if the process
@@ -468,7 +468,7 @@ def output_lock(path, option: str, command: str, inputs: Iterable = ()) -> Itera
 
     refuse_input_overlap(path, inputs, option)
     out = _resolved(path)
-    busy = f"{option} {path} is being written by another {command}"
+    busy = f"{option} {path} is being written by another bsbr command"  # (which one, the lock cannot tell)
     if unwritable_parent(out) is not None and out.is_dir() and not out.is_symlink():
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -200,7 +200,7 @@ def test_convert_overwrite_refuses_a_directory_another_command_is_writing(models
     source, _, _ = models
     out = tmp_path / "busy"
     assert main(["convert", str(source), str(out), "--chunk-size", "16"]) == 0
-    with output_lock(out, "--output", "bsbr distill"):
+    with output_lock(out, "--output"):
         line = refused(capsys, ["convert", source, out, "--chunk-size", "8", "--overwrite"], "convert", out)
     assert "is being written by another bsbr command" in line, line
     assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0  # once it is done
@@ -220,7 +220,7 @@ def test_convert_takes_its_output_lock_before_loading_the_source(models, tmp_pat
 
     monkeypatch.setattr(bsbr.arguments, "load_model_arg", never)
     monkeypatch.setattr(bsbr.arguments, "load_tokenizer_arg", never)
-    with output_lock(out, "OUTPUT_DIR", "bsbr command"):
+    with output_lock(out, "OUTPUT_DIR"):
         line = refused(capsys, ["convert", source, out, "--chunk-size", "8"], "convert", out)
     assert "is being written by another bsbr command" in line, line
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -234,7 +234,7 @@ def test_a_running_commands_staging_folder_is_not_called_a_killed_runs_leftover(
     source, _, _ = models
     out = tmp_path / "empty"
     (out / ".bsbr.tmp-abcd1234").mkdir(parents=True)  # what a running convert stages its model in
-    with output_lock(out, "OUTPUT_DIR", "bsbr command"):
+    with output_lock(out, "OUTPUT_DIR"):
         for extra in ([], ["--overwrite"]):
             line = refused(capsys, ["convert", source, out, "--chunk-size", "8", *extra], "convert", out)
             assert "is being written by another bsbr command" in line, line
@@ -249,11 +249,11 @@ def test_the_lock_of_a_folder_in_a_parent_nothing_can_be_made_in_is_the_folder_i
     out = tmp_path / "mine"
     out.mkdir()
     monkeypatch.setattr(outputs, "unwritable_parent", lambda path: path.parent)  # (root may write anywhere)
-    with outputs.output_lock(out, "--output", "bsbr distill"):
-        with pytest.raises(OutputError, match="--output .*mine is being written by another bsbr distill"):
-            with outputs.output_lock(out, "--output", "bsbr distill"):
+    with outputs.output_lock(out, "--output"):
+        with pytest.raises(OutputError, match="--output .*mine is being written by another bsbr command"):
+            with outputs.output_lock(out, "--output"):
                 pass
-    with outputs.output_lock(out, "--output", "bsbr distill"):  # released
+    with outputs.output_lock(out, "--output"):  # released
         pass
     assert list(tmp_path.iterdir()) == [out] and not list(out.iterdir())
 

@@ -411,10 +411,10 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(mod
     from bsbr.outputs import output_lock
 
     out = tmp_path / "new" / "out"
-    with output_lock(out, "--output", "bsbr distill"):  # a run in progress (another process holds the same lock)
+    with output_lock(out, "--output"):  # a run in progress (another process holds the same lock)
         assert (tmp_path / "new" / ".out.lock").is_file()
         line = refused(capsys, distill_args(models, text, out, "--steps", "1"), "distill", out)
-        assert "being written by another bsbr distill" in line and "choose another --output" in line, line
+        assert "being written by another bsbr command" in line and "choose another --output" in line, line
     assert not (tmp_path / "new").exists()  # no lock file, no folder left
 
 
@@ -424,17 +424,17 @@ def test_output_lock_is_exclusive_and_released(tmp_path):
 
     out = tmp_path / "out"
     for _ in range(2):  # taken again once released
-        with output_lock(out, "--output", "x"):
-            with pytest.raises(OutputError, match="--output .* is being written by another x"):
-                with output_lock(out, "--output", "x"):
+        with output_lock(out, "--output"):
+            with pytest.raises(OutputError, match="--output .* is being written by another bsbr command"):
+                with output_lock(out, "--output"):
                     pass
         assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError):  # released when the block raises
-        with output_lock(out, "--output", "x"):
+        with output_lock(out, "--output"):
             raise ValueError
-    with output_lock(out, "--output", "x"):
+    with output_lock(out, "--output"):
         pass
-    with output_lock(tmp_path / ("a" * 252), "--output", "x"):  # no lock file can be named so: the output checks
+    with output_lock(tmp_path / ("a" * 252), "--output"):  # no lock file can be named so: the output checks
         assert list(tmp_path.iterdir()) == []                     # refuse the name in their own words
 
 
@@ -619,12 +619,12 @@ def test_an_output_locked_by_another_run_stops_every_process_under_torchrun(mode
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "out"
-    with output_lock(out, "--output", "bsbr distill"):  # another run writing it
+    with output_lock(out, "--output"):  # another run writing it
         run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29542", "-m", "bsbr.cli",
                               *distill_args(models, text, out, "--steps", "1")], capture_output=True, text=True,
                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert run.returncode != 0
-    assert "is being written by another bsbr distill" in run.stderr, run.stderr
+    assert "is being written by another bsbr command" in run.stderr, run.stderr
     assert "another process of this run refused to start" in run.stderr, run.stderr
     assert "SIGKILL" not in run.stderr and "forcefully exiting" not in run.stderr, run.stderr
     assert 'src/bsbr/' not in run.stderr and 'site-packages/bsbr/' not in run.stderr, run.stderr  # (torchrun's own

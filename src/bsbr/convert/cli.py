@@ -194,7 +194,7 @@ def cmd_convert(args) -> int:
     check_local_source(args, source, options)
     # the lock from the start: a second command is refused at once (and its staging folder is not called a
     # leftover of a killed run)
-    with output_lock(out, "OUTPUT_DIR", "bsbr command", inputs=[("SOURCE", source)]):
+    with output_lock(out, "OUTPUT_DIR", inputs=[("SOURCE", source)]):
         try:
             check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
         except OutputError as e:

@@ -189,7 +189,7 @@ def cmd_distill(args) -> int:
         refusal = None
         if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)
             try:
-                held.enter_context(output_lock(out, "--output", "bsbr distill", inputs=_inputs(args, student_dir)))
+                held.enter_context(output_lock(out, "--output", inputs=_inputs(args, student_dir)))
             except UserError as e:
                 refusal = e
         _start_together(refusal)
