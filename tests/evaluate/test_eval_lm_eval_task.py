@@ -182,18 +182,19 @@ def test_the_task_prompts_are_the_tokens_bsbr_eval_reads(word_tokenizer, tmp_pat
         assert r["prompt_tokens"] == p.length
 
 
-def test_the_task_stays_zero_shot_whatever_num_fewshot_asks(word_tokenizer, tmp_path):
+def test_the_task_stays_zero_shot_and_greedy_whatever_lm_eval_or_the_model_asks(word_tokenizer, tmp_path):
     """lm-eval's num_fewshot (often passed for every task of a run) put other pass-key prompts, their keys
     as answers, before each prompt: another test, reported under the same metrics."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
 
-    seen = []
+    seen, kwargs = [], []
 
     class Reader(LM):
         def generate_until(self, requests):
             seen.extend(r.args[0] for r in requests)
+            kwargs.extend(r.args[1] for r in requests)
             return [" 00000"] * len(requests)
 
         def loglikelihood(self, requests):
@@ -209,3 +210,5 @@ def test_the_task_stays_zero_shot_whatever_num_fewshot_asks(word_tokenizer, tmp_
                             task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     rows = [json.loads(line)["prompt"] for line in (tmp_path / "bsbr_passkey.jsonl").read_text().splitlines()]
     assert sorted(seen) == sorted(rows)
+    # plain greedy decoding as bsbr eval's, whatever the model's generation_config.json sets
+    assert all(k.items() >= passkey.GREEDY.items() for k in kwargs), kwargs[0]

@@ -141,6 +141,18 @@ def test_run_passkey_scores_success_and_failure(word_tokenizer):
                         (160, 0.2, False), (160, 0.2, False), (160, 0.8, True), (160, 0.8, True)]
 
 
+def test_greedy_continuation_is_plain_greedy_whatever_the_models_generation_config_sets():
+    # a source's repetition penalty or no-repeat n-grams, carried over by a conversion, hit the key's digits
+    model = convert_to_bsbr(make_source("llama"), chunk_size=16).eval()
+    model.generation_config.update(no_repeat_ngram_size=1, repetition_penalty=50.0, eos_token_id=None)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    want = ids
+    with torch.no_grad():
+        for _ in range(6):
+            want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], 1)
+    assert passkey.greedy_continuation(model, ids[0].tolist(), 6, 0) == want[0, 40:].tolist()
+
+
 def test_run_passkey_with_tiny_models(word_tokenizer):
     src = make_source("llama")
     bsbr = convert_to_bsbr(src, chunk_size=16)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 from ..outputs import staged_dir, write_together
 from .filler import Filler, default_fillers
-from .passkey import DEFAULT_DEPTHS, _leading_specials, filler_sources, grid_prompts, passkey_found
+from .passkey import DEFAULT_DEPTHS, GREEDY, _leading_specials, filler_sources, grid_prompts, passkey_found
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ generation_kwargs:
   until: []
   max_gen_toks: {max_new_tokens}
   do_sample: false
-process_results: !function {utils}.process_results
+{greedy}process_results: !function {utils}.process_results
 metric_list:
 {metrics}metadata:
   version: 1.0
@@ -51,6 +51,10 @@ metric_list:
   seed: {seed}
   fillers: {fillers}
 """
+
+# the rest of passkey.GREEDY (lm-eval passes do_sample false itself and sets the temperature): plain greedy
+# decoding, whatever the model's generation_config.json sets
+_GREEDY_YAML = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in GREEDY.items() if k != "do_sample")
 
 _UTILS = '''\
 """The bsbr_passkey metric (written by bsbr.evaluate.lm_eval_task): whether the model's output holds the
@@ -134,7 +138,8 @@ def is_task_file(path: Path, task: str = TASK_NAME) -> bool:
                 lines = f.read(1 << 20).splitlines(keepends=True)
                 if lines and lines[-1].startswith(_DIGEST):
                     return lines[-1] == f"{_DIGEST}{_sha256(''.join(lines[:-1]))}\n"
-                return _yaml_pattern(_YAML.replace(_ZERO_SHOT, "")).fullmatch("".join(lines)) is not None
+                return _yaml_pattern(_YAML.replace(_ZERO_SHOT, "").replace("{greedy}", "")).fullmatch(
+                    "".join(lines)) is not None
             if path.name == f"{task}_utils.py":
                 text = f.read(4096)
                 return text == _UTILS or _sha256(text) == _EARLIER_UTILS_SHA256
@@ -181,7 +186,7 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
         f"{task}.jsonl": "".join(rows),
         f"{task}_utils.py": _UTILS,
     }
-    yaml = _YAML.format(task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
+    yaml = _YAML.format(greedy=_GREEDY_YAML, task=task, data=json.dumps(str(data)), max_new_tokens=int(max_new_tokens),
                         utils=f"{task}_utils", metrics=metrics, lengths=json.dumps([int(x) for x in lengths]),
                         depths=json.dumps([float(d) for d in depths]), trials=trials, seed=int(seed),
                         fillers=json.dumps([f.name for f in sources]))

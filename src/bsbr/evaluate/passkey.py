@@ -164,15 +164,26 @@ def passkey_found(generated: str, key: str) -> bool:
     return key in re.findall(r"\d+", generated) or key in spaced
 
 
+# Plain greedy decoding, whatever the model's generation_config.json sets: generate takes every option not
+# passed from it, and a source's repetition penalty or no-repeat n-grams (which a conversion carries over)
+# hit the key's digits, which the prompt holds twice (SmolLM2 with repetition_penalty 1.1: 14 of 18 keys
+# found, against 18). Its stop ids are kept. The lm-eval task passes the same.
+GREEDY = dict(do_sample=False, num_beams=1, top_p=None, top_k=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+              bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, min_length=0,
+              min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+              exponential_decay_length_penalty=None, guidance_scale=None, watermarking_config=None, stop_strings=None,
+              max_time=None, num_return_sequences=1)
+
+
 def greedy_continuation(model, input_ids: Sequence[int], max_new_tokens: int, pad_token_id: Optional[int]) -> List[int]:
-    """The model's greedy continuation (new token ids only), via ``generate``: one prefill pass that
-    keeps the last position's logits only (``logits_to_keep``), then cached decode steps."""
+    """The model's greedy continuation (new token ids only), via ``generate`` with :data:`GREEDY`: one
+    prefill pass that keeps the last position's logits only (``logits_to_keep``), then cached decode steps."""
     import torch  # here, not above: the command line's parser imports this module (bsbr eval --help)
 
     with torch.inference_mode():
         x = torch.tensor([list(input_ids)], dtype=torch.long)
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_token_id)
+                             temperature=None, pad_token_id=pad_token_id, **GREEDY)
         return out[0, x.shape[1]:].tolist()
 
 
