@@ -89,14 +89,35 @@ def test_prompt_errors(word_tokenizer):
         passkey.build_prompt(word_tokenizer, 200, 0.5, "12a45")
 
 
+def test_where_a_filler_starts_never_makes_a_length_too_short(word_tokenizer):
+    # one short sentence among 200 long ones: filling gave up after 64 misses in a row, so a length was too short
+    # or not by where the seed started the filler (and a grid's check of its shortest length passed the rest)
+    from bsbr.evaluate.filler import CyclingFiller
+
+    filler = CyclingFiller("mixed", ["The sky is blue."] + [" ".join(["grass"] * 60) + f" {i}." for i in range(200)],
+                           "a test")
+
+    def fits(length, seed):
+        try:
+            return bool(passkey.build_prompt(word_tokenizer, length, 0.5, "12345", filler=filler, filler_seed=seed))
+        except ValueError as e:
+            assert "too short" in str(e)
+            return False
+
+    shortest = next(n for n in range(40, 120) if fits(n, "0"))
+    assert all(fits(shortest + extra, str(seed)) for seed in range(12) for extra in (0, 5, 20))
+    assert not any(fits(shortest - 1, str(seed)) for seed in range(12))
+
+
 def test_scorer():
     assert passkey.passkey_found(" 40721. Remember", "40721")
     assert passkey.passkey_found(" 4 0 7 2 1 .", "40721")
     assert not passkey.passkey_found(" 40712.", "40721")
     assert not passkey.passkey_found(" 4 0 7 2 15", "40721")  # a longer number, spaced: 4 0 7 2 and 15
     assert not passkey.passkey_found(" 94 0 7 2 1", "40721")
-    assert passkey.passkey_found("key:\n4 0 7 2 1\n", "40721")
-    for other in (" 407215", " 9940721", " 4 0 7 2 1 6 8", "40,721"):  # longer numbers are other keys
+    assert passkey.passkey_found("key:\n4 0 7 2 1\n", "40721") and passkey.passkey_found("is 40721.\n", "40721")
+    for other in (" 407215", " 9940721", " 4 0 7 2 1 6 8", "40,721", " 40721.5", " 0.40721", " 4 0 7 2 1.5",
+                  "\n4\n0\n7\n2\n1", " 4  0 7 2 1"):  # longer numbers are other keys; digits one space apart
         assert not passkey.passkey_found(other, "40721"), other
     assert passkey.passkey_found(" 12721 40721", "40721")
     assert not passkey.passkey_found("", "40721")

@@ -32,6 +32,7 @@ QUESTION = "What is the pass key? The pass key is"
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 MAX_MISSES = 64  # consecutive filler sentences too long for the space left before filling stops
+MAX_SCAN = 4096  # sentences read for the first that fits (a filler's sentences, round again if fewer)
 MODEL_ORDER = ("source", "local", "window", "bsbr")
 
 
@@ -133,7 +134,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
 def _fill(encode: Callable[[str], List[int]], sentences: Iterable[str], budget: int) -> List[List[int]]:
     """Token ids (``encode``'s) of whole sentences from ``sentences``, in order, skipping any that does not fit
     the space left (so long prose sentences still fill closely), until ``budget`` tokens are used or
-    :data:`MAX_MISSES` sentences in a row did not fit."""
+    :data:`MAX_MISSES` sentences in a row did not fit. The first sentence that fits is looked for through
+    :data:`MAX_SCAN` sentences: where a filler file starts never makes a length too short."""
     out: List[List[int]] = []
     cache: Dict[str, List[int]] = {}
     used, misses = 0, 0
@@ -151,17 +153,17 @@ def _fill(encode: Callable[[str], List[int]], sentences: Iterable[str], budget: 
                 break
         else:
             misses += 1
-            if misses >= MAX_MISSES:
+            if misses >= (MAX_MISSES if out else MAX_SCAN):
                 break
     return out
 
 
 def passkey_found(generated: str, key: str) -> bool:
     """Whether ``key`` is one of the numbers in the generated text: a run of digits (``12345``) or of
-    digits one space apart (``1 2 3 4 5``). A longer number that contains it (``123456``, ``1 2 3 4 56``) is
-    not it."""
-    spaced = (re.sub(r"\s", "", m) for m in re.findall(r"(?<!\d)\d(?:\s\d)+(?!\d)", generated))
-    return key in re.findall(r"\d+", generated) or key in spaced
+    digits one space apart (``1 2 3 4 5``). A longer number that contains it (``123456``, ``1 2 3 4 56``,
+    ``12345.6``, ``0.12345``) is not it."""
+    spaced = (m.replace(" ", "") for m in re.findall(r"(?<![\d.])\d(?: \d)+(?![\d]|\.\d)", generated))
+    return key in re.findall(r"(?<![\d.])\d+(?:\.\d+)*", generated) or key in spaced
 
 
 # Plain greedy decoding, whatever the model's generation_config.json sets: generate takes every option not
