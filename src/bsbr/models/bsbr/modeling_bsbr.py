@@ -118,6 +118,7 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
+_RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is refused (fewer: by chance)
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -151,9 +152,9 @@ class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
     holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
     transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
-    ``digest``: (b, 2) hashes of each row's input ids so far, as given and with padded positions alike
-    (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole text from the new
-    tokens alone. ``built_with``: the :func:`built_with` options of the model that made it (None: not known), so
+    ``digest``: (b, 3) hashes of each row's input ids so far, as given, with padded positions alike, and as
+    given but the last (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole
+    text from the new tokens alone. ``built_with``: the :func:`built_with` options of the model that made it (None: not known), so
     that a model built otherwise refuses it."""
 
     is_compileable = False
@@ -181,7 +182,8 @@ class BSBRCache:
             self.digest = None
         else:
             prev = (None, None) if self.digest is None else self.digest.unbind(-1)
-            self.digest = torch.stack([text_digest(input_ids, prev[0]), text_digest(input_ids, prev[1], real)], -1)
+            self.digest = torch.stack([text_digest(input_ids, prev[0]), text_digest(input_ids, prev[1], real),
+                                       text_digest(input_ids[:, :-1], prev[0])], -1)
         self.n_positions += n
 
     def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> bool:
@@ -198,6 +200,11 @@ class BSBRCache:
         masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
         if masked and not bool(same.all()):
             same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
+        if not bool(same.all()) and n > _RETOKENIZED_MIN and bool(
+                ((text_digest(head[:, :-1]) == digest[:, 2]) & ~same).any()):
+            raise ValueError("input_ids begin with the text the cache read but for its last token (tokenized as "
+                             "one text, the cached text's end merged with what follows, e.g. a trailing space): "
+                             "pass the new tokens alone, or the cache's own ids followed by them")
         return not bool(same.all())
 
     @property
