@@ -215,6 +215,10 @@ def test_a_cache_of_a_model_built_with_other_position_rules_is_refused():
         with pytest.raises(ValueError, match="cache was made by a model with far_positions 'window', this model "
                                              "has 'absolute'"):
             b(ids[:, 29:], cache=cache)
+        c = convert_to_bsbr(src, chunk_size=CHUNK, retrieval_blocks=2, compression_factor=2, gate_init=0.5).eval()
+        with pytest.raises(ValueError, match="cache was made by a model with compression_factor None, this model "
+                                             "has 2"):  # (the states' check blamed a closed gate)
+            c(ids[:, 29:], cache=cache)
         b_cache = b(ids[:, :29], use_cache=True).cache.select(torch.arange(1))  # (a copy records them too)
         assert torch.allclose(b(ids[:, 29:], cache=b_cache).logits[0, -1], b(ids).logits[0, -1], atol=1e-4)
 

@@ -269,7 +269,8 @@ def built_with(config) -> dict:
     initial value, may change)."""
     kwargs = config.attention_kwargs()
     kwargs.pop("gate_init")
-    return dict(kwargs, chunk_size=config.chunk_size, far_positions=config.far_positions,
+    return dict(kwargs, num_attention_heads=config.num_attention_heads, compression_factor=config.compression_factor,
+                chunk_size=config.chunk_size, far_positions=config.far_positions,
                 max_position_embeddings=config.max_position_embeddings, position_type=config.position_type,
                 rope_parameters=config.rope_parameters, hidden_act=config.hidden_act, norm_eps=config.norm_eps)
 
