@@ -45,6 +45,17 @@ def no_loading(monkeypatch):
     monkeypatch.setattr("bsbr.evaluate.cli.load_eval_tokenizer", loaded)
 
 
+def test_a_corpus_too_small_for_one_window_is_refused_before_any_model_loads(saved, tmp_path, capsys, monkeypatch):
+    # enough bytes for the file check, too few tokens: refused after loading the model and its reference twice
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", loaded)
+    (tmp_path / "one_word.txt").write_text("a" * 200 + "\n")
+    _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--no-passkey", "--seq-len", "40",
+                      "--text-file", str(tmp_path / "one_word.txt")], "the corpus has only", "one window of 40")
+
+
 def _snapshot(root):
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

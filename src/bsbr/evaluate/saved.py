@@ -7,7 +7,7 @@ import os
 import time
 from typing import Optional
 
-from .baselines import load_saved_models
+from .baselines import load_eval_tokenizer, load_saved_models
 from .metrics import evaluate
 
 logger = logging.getLogger(__name__)
@@ -25,9 +25,10 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
     """
     from ..corpus import corpus_texts, token_windows
 
-    models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
+    # the windows before any model is loaded: a corpus too small for one is refused at once
     texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
-    windows = token_windows(tokenizer, texts, seq_len, max_windows, stride)  # (k, seq_len)
+    windows = token_windows(load_eval_tokenizer(model_dir, reference), texts, seq_len, max_windows, stride)
+    models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
     logger.info("%d windows of %d tokens, chunk size %d", windows.shape[0], seq_len, config["chunk_size"])
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
