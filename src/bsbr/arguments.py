@@ -319,7 +319,21 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
     if name is None:
         return
     _cache_only_if_the_hub_is_unreachable()
-    from .corpus import dataset_texts
+    from .corpus import data_suffix, dataset_texts, local_dataset_files
+
+    try:
+        _, unread, _, splits = local_dataset_files(name, dataset_config)
+    except Exception:  # (reported below, by the check that opens it)
+        unread, splits = [], {}
+    formats = {data_suffix(Path(f).name) for fs in splits.values() for f in fs}
+    unnamed = [os.path.relpath(f, Path(name).expanduser().resolve()) for f in unread
+               if data_suffix(Path(f).name) in formats]
+    card = Path(name).expanduser() / "README.md"
+    if unnamed and not (card.is_file() and "\nconfigs:" in card.read_text(errors="replace")):  # (not another config's)
+        named = ", ".join(f"{os.path.basename(f)}: {s!r}" for s, fs in sorted(splits.items()) for f in fs[:2])
+        raise UserError(f"--dataset {name}: datasets names splits after file names ({named}) and so reads none of "
+                        f"{', '.join(unnamed[:5])}{', ...' if len(unnamed) > 5 else ''}: rename the files so that "
+                        "each names its split (train*, test*) or none does, or give them with --text-file")
 
     try:
         first = next(dataset_texts(name, dataset_config, dataset_split, text_column), None)
@@ -334,9 +348,9 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         if "Compression type" in why and "not supported" in why:  # (fsspec's words for a missing codec package)
             fix = ": install its package (.zst: pip install zstandard; .lz4: pip install lz4), or decompress it"
         raise UserError(f"--dataset: {why[:300]}{fix}") from None
-    from .corpus import COMPRESSED, data_suffix, local_dataset_files
+    from .corpus import COMPRESSED
 
-    read, unread, plain = local_dataset_files(name, dataset_config, dataset_split)
+    read, unread, plain, _ = local_dataset_files(name, dataset_config, dataset_split)
     files = "the file holds" if len(read) == 1 else "its files hold"
     if first is None:
         raise UserError(f"--dataset {name}: {files} no text: give some text" if plain else
@@ -356,7 +370,8 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
                         "tokens of one window (--seq-len; a token takes a byte at least, and each file adds an "
                         "end-of-text token): give more text or a lower --seq-len")
     if unread:
-        logger.warning("--dataset %s: %d file(s) are not read (datasets reads one format per folder: here %s): %s",
+        logger.warning("--dataset %s: %d file(s) are not read (datasets reads one format per folder: here %s; "
+                       "and of a dataset card's configs, the one chosen): %s",
                        name, len(unread), ", ".join(sorted({data_suffix(Path(f).name) for f in read})),
                        ", ".join(os.path.relpath(f, Path(name).expanduser().resolve()) for f in unread[:5])
                        + (", ..." if len(unread) > 5 else ""))

@@ -243,13 +243,13 @@ def data_suffix(name: str) -> str:
 
 
 def local_dataset_files(name: str, config: Optional[str] = None, split: str = "test"):
-    """For a local ``--dataset`` (a data file or a folder): ``(read, unread, plain)``, the files its split
-    reads, the folder's files no split reads (datasets reads one format per folder; a card, a licence and
-    ``save_to_disk``'s records aside) and whether the read ones are plain text; ``([], [], False)`` for a hub
-    name."""
+    """For a local ``--dataset`` (a data file or a folder): ``(read, unread, plain, splits)``, the files its split
+    reads, the folder's files no split reads (datasets reads one format per folder, and names splits after file
+    names; a card, a licence and ``save_to_disk``'s records aside), whether the read ones are plain text, and
+    each split's files; ``([], [], False, {})`` for a hub name."""
     path = Path(name).expanduser()
     if not path.exists():
-        return [], [], False
+        return [], [], False, {}
     import datasets
 
     builder = _dataset_builder(datasets, name, config)
@@ -257,13 +257,13 @@ def local_dataset_files(name: str, config: Optional[str] = None, split: str = "t
     read = [f for part in split.split("+") for f in files.get(part, ())]
     plain = builder.name == "text"
     if not path.is_dir():
-        return read, [], plain
+        return read, [], plain, files
     every, root = {str(f) for fs in files.values() for f in fs}, path.resolve()
     records = {"state.json", "dataset_info.json", "dataset_dict.json", "dataset_infos.json"}
     unread = sorted(str(f) for f in root.rglob("*") if f.is_file() and str(f) not in every and f.name not in records
                     and not f.name.upper().startswith(("README", "LICENSE", "LICENCE", "COPYING"))
                     and not any(part.startswith(".") for part in f.relative_to(root).parts))
-    return read, unread, plain
+    return read, unread, plain, files
 
 
 def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Optional[str] = None,

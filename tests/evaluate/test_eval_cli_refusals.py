@@ -599,7 +599,35 @@ def test_local_dataset_text_files_are_checked_as_text_files_and_bad_rows_named(s
     caplog.clear()
     with caplog.at_level("WARNING"):
         check_dataset(str(folder), None, "train", "text")
-    assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl): a.txt" in caplog.text
+    assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl;" in caplog.text
+    assert "the one chosen): a.txt" in caplog.text
+
+
+def test_a_folder_whose_one_file_names_a_split_is_refused(tmp_path, caplog):
+    """datasets names splits after file names: beside test_results.txt, notes.txt and story.txt were read by no
+    split, eval read the one file (warning that the others were of another format) and distill found no train."""
+    from bsbr.arguments import check_dataset
+    from bsbr.errors import UserError
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("notes", "story", "test_results"):
+        (folder / f"{name}.txt").write_text("The fox ran over the hill. " * 20)
+    for split in ("test", "train"):
+        with pytest.raises(UserError, match=r"names splits after file names \(test_results.txt: 'test'\) and so reads "
+                                            "none of notes.txt, story.txt: rename the files"):
+            check_dataset(str(folder), None, split, "text")
+    (folder / "test_results.txt").rename(folder / "results.txt")  # no file names a split: one split of all three
+    check_dataset(str(folder), None, "train", "text")
+    # a dataset card's configs: the other config's files are that config's, not misnamed
+    for config in ("en", "fr"):
+        (folder / config).mkdir()
+        (folder / config / "train.txt").write_text(f"{config} text. " * 40)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files: en/*.txt\n"
+                                      "- config_name: fr\n  data_files: fr/*.txt\n---\n")
+    with caplog.at_level("WARNING"):
+        check_dataset(str(folder), "en", "train", "text")
+    assert "the one chosen): fr/train.txt" in caplog.text, caplog.text
 
 
 def test_compressed_text_files_and_saved_dataset_dicts_are_read_without_false_warnings(tmp_path, caplog):
@@ -639,7 +667,8 @@ def test_compressed_text_files_and_saved_dataset_dicts_are_read_without_false_wa
     (tmp_path / "hf" / "s1.py").write_text(text)  # files of another format, not only data formats, are named
     with caplog.at_level("WARNING"):
         check_dataset(str(tmp_path / "hf"), None, "test", "text")
-    assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl): s1.py" in caplog.text
+    assert "1 file(s) are not read (datasets reads one format per folder: here .jsonl;" in caplog.text
+    assert "the one chosen): s1.py" in caplog.text
 
 
 def test_a_passkey_grid_that_could_not_be_read_whole_is_refused_before_loading(saved, capsys, monkeypatch):
