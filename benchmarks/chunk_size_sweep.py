@@ -1,15 +1,15 @@
 """Usage: python benchmarks/chunk_size_sweep.py OUT.json
 
 Chunk-size sweep of the zero-shot conversion (gate closed = chunk-local attention) vs full attention."""
-import sys
+from script_args import output_only
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
-    sys.exit(print(__doc__))
+OUT = output_only(__doc__, "chunk_size_sweep.json")  # (checked before the model loads)
 
 import json
 from bsbr.convert import load_source, load_tokenizer, convert_to_bsbr
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past
+from bsbr.results import write_json
 tok = load_tokenizer(None); src = load_source(None).eval()
 windows = token_windows(tok, stdlib_texts("heldout"), 2048, 3)
 out = {}
@@ -21,4 +21,4 @@ for B in (64, 128, 256, 512):
 res = dict(full_ppl_past_512=full, chunk_sizes=out, windows=len(windows), seq_len=2048,
            note="tokens at positions >= 512 of each window, so every chunk size is scored on the same tokens")
 print(json.dumps(res, indent=1))
-json.dump(res, open(sys.argv[1] if len(sys.argv) > 1 else "chunk_size_sweep.json", "w"), indent=1)
+write_json(res, OUT)

@@ -8,20 +8,23 @@ machine load. Prints the median ms per token at each context and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from bsbr.convert import convert_to_bsbr, load_source
+from bsbr.numbers import MAX_COUNT, integer
+from bsbr.results import write_json
+from script_args import check_args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", type=int, nargs=2, default=[1024, 32768], metavar=("SHORT", "LONG"))
-    ap.add_argument("--rounds", type=int, default=20, help="decode steps per context")
+    ap.add_argument("--contexts", type=integer(1), nargs=2, default=[1024, 32768], metavar=("SHORT", "LONG"))
+    ap.add_argument("--rounds", type=integer(1, MAX_COUNT), default=20, help="decode steps per context")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["contexts"])
     model = convert_to_bsbr(load_source(None)).eval()
     g = torch.Generator().manual_seed(0)
     out, times, prefill = {}, {n: [] for n in args.contexts}, {}
@@ -44,8 +47,7 @@ def main() -> None:
                   median_ms=med, ratio=med[long_] / med[short])
     print(f"median ms/token: {short}: {med[short]:.1f}, {long_}: {med[long_]:.1f}; ratio {result['ratio']:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

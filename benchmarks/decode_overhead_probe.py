@@ -11,7 +11,6 @@ The context and its steps must lie where every earlier chunk is read (from L to 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -20,7 +19,10 @@ import torch
 import bsbr.layers.bsbr_attention as layer
 from bsbr.convert import convert_to_bsbr, load_source
 from bsbr.convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
+from bsbr.numbers import integer
+from bsbr.results import write_json
 from bsbr.ops.bsbr.softmax import attention_lse
+from script_args import check_args
 
 
 def attention_calls_only(q, k, v, mq, mk, options, *, qr=None, initial_state=None, **_):
@@ -40,10 +42,11 @@ def attention_calls_only(q, k, v, mq, mk, options, *, qr=None, initial_state=Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--context", type=integer(1), default=1024)
+    ap.add_argument("--steps", type=integer(1), default=80)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args)
     B, opt = DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS  # (the conversion below: checked before a minute of loading)
     lo, hi = opt["local_chunks"] * B, (opt["local_chunks"] + opt["retrieval_blocks"]) * B
     if not lo <= args.context <= hi - args.steps:  # every step reads every earlier chunk
@@ -68,8 +71,7 @@ def main() -> None:
                   ratio_to_source={name: m / med["source"] for name, m in med.items()})
     print(", ".join(f"{name} {m:.1f} ms ({m / med['source']:.3f}x)" for name, m in med.items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

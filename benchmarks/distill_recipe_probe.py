@@ -9,10 +9,30 @@ chunk of 4 windows from 40 files not trained on, for full attention, chunk-local
 distilled BSBR model.
 (The probes in docs/findings.md, "Ruled out".)
 """
-import sys
+import argparse
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
-    sys.exit(print(__doc__))
+from bsbr.convert.defaults import DEFAULT_OPTIONS
+from bsbr.numbers import MAX_COUNT, finite_number, integer
+
+OPTION_KEYS = (*DEFAULT_OPTIONS, "compression_factor", "bf16")
+
+
+def option(text):
+    """An argparse type: ``key=value``, the key a conversion option or bf16."""
+    if "=" not in text or text.split("=")[0] not in OPTION_KEYS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give key=value, the key one of {', '.join(OPTION_KEYS)}")
+    return text
+
+
+usage, _, description = __doc__.partition("\n\n")
+ap = argparse.ArgumentParser(usage=usage.removeprefix("Usage: "), description=description,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("mode", choices=["kl"], help="the recipe (attention transfer is retired)")
+ap.add_argument("steps", type=integer(1, MAX_COUNT))
+ap.add_argument("lr", type=finite_number(positive=True))
+ap.add_argument("base_lr", type=finite_number(), nargs="?", default=0.0)
+ap.add_argument("options", type=option, nargs="*", default=[], metavar="key=value")
+args = ap.parse_args()  # (before a minute of loading)
 
 import pathlib
 import random
@@ -26,9 +46,7 @@ from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.distill import DistillConfig, distill
 from bsbr.evaluate import perplexity_past
 
-mode, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-assert mode == "kl", "the only probe left is kl (attention transfer is retired)"
-base_lr = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+mode, steps, lr, base_lr = args.mode, args.steps, args.lr, args.base_lr
 
 
 def _value(text):
@@ -40,8 +58,8 @@ def _value(text):
     return text
 
 
-options = {k: _value(v) for k, v in (a.split("=") for a in sys.argv[5:]) if k != "bf16"}
-bf16 = "bf16=1" in sys.argv[5:]
+options = {k: _value(v) for k, v in (a.split("=", 1) for a in args.options) if k != "bf16"}
+bf16 = "bf16=1" in args.options
 torch.manual_seed(0)
 tok, src = load_tokenizer(None), load_source(None).eval()
 B, N = 256, 2048

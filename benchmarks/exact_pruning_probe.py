@@ -21,7 +21,6 @@ largest chunk score over the candidate chunks (entirely before the window). Boun
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
@@ -29,8 +28,12 @@ import torch
 
 import bsbr.layers.bsbr_attention as attention_layer
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
+from bsbr.convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
 from bsbr.corpus import token_windows
-from retrieval_probe import texts_of
+from bsbr.numbers import integer
+from bsbr.results import write_json
+from retrieval_probe import SOURCES, texts_of
+from script_args import check_args
 
 PIECES = (8, 16, 32, 64)
 RANKS = (8, 16, 32)
@@ -70,18 +73,19 @@ def probe_call(op, stats, queries):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--source", nargs="+", default=["code", "prose"])
-    ap.add_argument("--queries", type=int, default=8, help="last tokens of the window probed")
+    ap.add_argument("--seq-len", type=integer(1), default=8192)
+    ap.add_argument("--source", nargs="+", choices=SOURCES, default=list(SOURCES))
+    ap.add_argument("--queries", type=integer(1), default=8, help="last tokens of the window probed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["source"])
+    opt = DEFAULT_OPTIONS  # (the conversion below: checked before loading it)
+    shortest = (opt["local_chunks"] + opt["retrieval_blocks"]) * DEFAULT_CHUNK_SIZE + 1  # more candidates than blocks
+    if args.seq_len < shortest:
+        ap.error(f"--seq-len must be at least {shortest:,}: below it every chunk is read, so nothing is pruned")
     torch.set_num_threads(1)
     source, tokenizer = load_source(None), load_tokenizer(None)
     model = convert_to_bsbr(source).eval()
-    c = model.config
-    shortest = (c.local_chunks + c.retrieval_blocks) * c.chunk_size + 1  # a token with more candidates than blocks
-    if args.seq_len < shortest:
-        ap.error(f"--seq-len must be at least {shortest:,}: below it every chunk is read, so nothing is pruned")
     op = attention_layer.chunk_bsbr_attention
     out = {"seq_len": args.seq_len, "queries": args.queries, "read": {}}
     for kind in args.source:
@@ -95,8 +99,7 @@ def main() -> None:
         print(kind, f"({time.time() - t0:.0f} s):",
               ", ".join(f"{name} {share:.3f}" for name, share in out["read"][kind].items()), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(out, args.json)
 
 
 if __name__ == "__main__":

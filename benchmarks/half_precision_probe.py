@@ -20,6 +20,10 @@ import torch
 
 import bsbr.layers.bsbr_attention as layer_module
 from bsbr.convert.converter import convert_to_bsbr, load_source, load_tokenizer
+from bsbr.convert.defaults import DEFAULT_CHUNK_SIZE
+from bsbr.numbers import integer
+from bsbr.results import write_json
+from script_args import check_args
 
 VARIANTS = {"default": {}, "bounded": dict(recall_tokens=256)}
 
@@ -40,10 +44,12 @@ def agreement(ref: torch.Tensor, got: torch.Tensor, skip: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--seq-len", type=integer(DEFAULT_CHUNK_SIZE + 1), default=8192,
+                    help="tokens (past the first chunk, which is not compared)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["variants"])
     src = load_source(None).eval()
     ids = text_ids(load_tokenizer(None), args.seq_len)
     rule = layer_module.op_dtype
@@ -67,8 +73,7 @@ def main() -> None:
             out[name] = row
             print(name, row, flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,16 @@ last W tokens, a sliding window, and each of these with the sequence's first tok
 (The exact-window rows of docs/findings.md, "Ruled out".)"""
 import sys
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
-    sys.exit(print(__doc__))
+from script_args import output_only
 
-import json
+OUT = output_only(__doc__, "local_window_variants.json")  # (checked before the model loads)
 
 import torch
 
 from bsbr.convert import load_source, load_tokenizer
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past
+from bsbr.results import write_json
 
 N, B = 2048, 256
 tok, src = load_tokenizer(None), load_source(None).eval()
@@ -39,6 +39,5 @@ for name, allowed in patterns.items():
     mask = torch.zeros(N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
     out[name] = perplexity_past(src, windows, B, attention_mask=mask)
     print(f"{name:<36} ppl {out[name]:.3f}", flush=True)
-json.dump(dict(windows=len(windows), seq_len=N, chunk_size=B, ppl_past_first_chunk=out,
-               command="python benchmarks/local_window_variants.py " + " ".join(sys.argv[1:])),
-          open(sys.argv[1] if len(sys.argv) > 1 else "local_window_variants.json", "w"), indent=1)
+write_json(dict(windows=len(windows), seq_len=N, chunk_size=B, ppl_past_first_chunk=out,
+                command="python benchmarks/local_window_variants.py " + " ".join(sys.argv[1:])), OUT)

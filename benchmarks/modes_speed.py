@@ -20,18 +20,22 @@ import torch
 from bsbr.bench.common import interleaved_times, median
 from bsbr.bench.converted import _decode
 from bsbr.convert import convert_to_bsbr, load_source
+from bsbr.numbers import MAX_RECALL_TOKENS, integer
+from bsbr.results import write_json
+from script_args import check_args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
-    ap.add_argument("--decode-steps", type=int, default=16)
-    ap.add_argument("--recall-tokens", type=int, default=256)
+    ap.add_argument("--contexts", type=integer(1), nargs="+", default=[1024, 8192])
+    ap.add_argument("--decode-steps", type=integer(1), default=16)
+    ap.add_argument("--recall-tokens", type=integer(1, MAX_RECALL_TOKENS), default=256)
     ap.add_argument("--models", nargs="+", choices=["source", "exact", "bounded"],
                     default=["source", "exact", "bounded"])
     ap.add_argument("--decode-only", action="store_true", help="no timed prefill (the decode's own prefill is untimed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["contexts", "models"])
     torch.set_num_threads(1)
     source = load_source(None).eval()
     build = {"source": lambda: source, "exact": lambda: convert_to_bsbr(source).eval(),
@@ -53,9 +57,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(threads=1, torch=torch.__version__, decode_steps=args.decode_steps, prefill_logits="last",
-                           rows=rows), f, indent=1)
+        write_json(dict(threads=1, torch=torch.__version__, models=args.models, decode_steps=args.decode_steps,
+                        recall_tokens=args.recall_tokens, prefill_logits="last", rows=rows), args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Prints and writes the share of triples whose needle is in the top 8 and top 16, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
@@ -29,7 +28,10 @@ import torch
 import bsbr.layers.bsbr_attention as attention_layer
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.evaluate.passkey import grid_prompts
+from bsbr.numbers import MAX_REPEATS, integer
 from bsbr.ops.bsbr.retrieval import block_scores
+from bsbr.results import write_json
+from script_args import check_args, filler_spec
 
 PIECES = (4, 8, 16, 32, 256)
 
@@ -93,14 +95,15 @@ def ranks(prompt, got, B, L, sinks, min_mass):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--length", type=integer(1), default=16384)
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 0.9])
-    ap.add_argument("--fillers", nargs="+", default=["prose", "random"])
-    ap.add_argument("--trials", type=int, default=1, help="prompts per (depth, filler)")
-    ap.add_argument("--rows", type=int, default=24, help="query tokens at the end of the prompt")
+    ap.add_argument("--fillers", type=filler_spec, nargs="+", default=["prose", "random"])
+    ap.add_argument("--trials", type=integer(1, MAX_REPEATS), default=1, help="prompts per (depth, filler)")
+    ap.add_argument("--rows", type=integer(1), default=24, help="query tokens at the end of the prompt")
     ap.add_argument("--min-mass", type=float, default=0.1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["depths", "fillers"])
     torch.set_num_threads(1)
     source, tok = load_source(None).eval(), load_tokenizer(None)
     model = convert_to_bsbr(source).eval()
@@ -118,8 +121,7 @@ def main() -> None:
     for name, s in summary.items():
         print(f"{name:9s} top-8 {s['top8']:.2f}  top-16 {s['top16']:.2f}  median rank {s['median_rank']:.0f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), summary=summary), f, indent=1)
+        write_json(dict(args=vars(args), summary=summary), args.json)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,32 @@ from pathlib import Path
 
 import torch
 
-from bsbr.convert import load_tokenizer
+from bsbr.evaluate.baselines import load_eval_tokenizer
 from bsbr.evaluate.filler import DEFAULT_FILLERS
 from bsbr.evaluate.passkey import greedy_continuation, grid_prompts, passkey_found
 from bsbr.models import load_bsbr_model
+from bsbr.numbers import MAX_REPEATS, integer
+from bsbr.results import write_json
+from script_args import check_args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a converted model directory")
-    ap.add_argument("--length", type=int, required=True)
+    ap.add_argument("--length", type=integer(1), required=True)
     ap.add_argument("--depth", type=float, required=True)
-    ap.add_argument("--trials", type=int, nargs="+", default=[0], help="trial indices of the cell (default 0)")
+    ap.add_argument("--trials", type=integer(0, MAX_REPEATS - 1), nargs="+", default=[0],
+                    help="trial indices of the cell (default 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append the results to this JSON list")
     args = ap.parse_args()
+    check_args(ap, args, inputs=[("model", args.model)])
+    path = Path(args.json) if args.json else None
+    old = json.loads(path.read_text()) if path is not None and path.exists() else []
+    if not isinstance(old, list):  # (read before the run: the results are appended to it)
+        ap.error(f"--json {args.json} holds no JSON list to append to: choose another file")
     model = load_bsbr_model(args.model).eval()
-    tok = load_tokenizer(None)
+    tok = load_eval_tokenizer(args.model)  # the model's own (a tokenizer saved beside it), else SmolLM2's
     rows = []
     trials = max(max(args.trials) + 1, len(DEFAULT_FILLERS))  # (the grid reads every filler; trial t is the same)
     for p in grid_prompts(tok, [args.length], [args.depth], trials, args.seed, 8, DEFAULT_FILLERS):
@@ -44,10 +53,8 @@ def main() -> None:
                    found=passkey_found(text, p.key), seconds=round(time.perf_counter() - t0, 1))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if args.json:
-        path = Path(args.json)
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(old + rows, indent=1))
+    if path is not None:
+        write_json(old + rows, path)
 
 
 if __name__ == "__main__":

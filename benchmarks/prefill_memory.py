@@ -9,7 +9,8 @@ from bsbr.ops import chunk_bsbr_attention, BSBROptions
 torch.set_num_threads(1)
 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
     sys.exit(print(__doc__))
-if len(sys.argv) < 2 or not sys.argv[1].isdigit():
+if len(sys.argv) not in (2, 3) or not (sys.argv[1].isascii() and sys.argv[1].isdigit() and int(sys.argv[1]) > 0) \
+        or sys.argv[2:] not in ([], ["open"]):  # (a mistyped "open" ran the closed gate)
     sys.exit(__doc__)
 N = int(sys.argv[1]); gate_open = len(sys.argv) > 2 and sys.argv[2] == "open"
 g = torch.Generator().manual_seed(0)

@@ -12,15 +12,16 @@ import torch
 
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.corpus import token_windows
-from retrieval_probe import texts_of
+from bsbr.numbers import MAX_RECALL_TOKENS, integer
+from retrieval_probe import SOURCES, texts_of
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, default=16384)
-    ap.add_argument("--source", choices=["code", "prose"], default="prose")
-    ap.add_argument("--recall-tokens", type=int, default=256)
-    ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--seq-len", type=integer(1), default=16384)
+    ap.add_argument("--source", choices=SOURCES, default="prose")
+    ap.add_argument("--recall-tokens", type=integer(1, MAX_RECALL_TOKENS), default=256)
+    ap.add_argument("--top", type=integer(1), default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok = load_tokenizer(None)

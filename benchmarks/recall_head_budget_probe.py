@@ -13,7 +13,6 @@ slots inside a cache of max(BIG, SMALL) slots (so memory is not what a built mod
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -21,6 +20,9 @@ import torch
 import bsbr.ops.bsbr.recall as recall
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.evaluate.passkey import greedy_continuation, grid_prompts, passkey_found
+from bsbr.numbers import MAX_RECALL_TOKENS, finite_number, integer
+from bsbr.results import write_json
+from script_args import check_args, filler_spec
 
 
 def induction_scores(model, n: int = 200, repeats: int = 4) -> torch.Tensor:
@@ -39,14 +41,27 @@ def induction_scores(model, n: int = 200, repeats: int = 4) -> torch.Tensor:
     return (total / repeats).view(-1, hkv, hq // hkv).amax(-1)
 
 
+def variant(text: str) -> str:
+    """An argparse type: a uniform budget M, or T:BIG:SMALL (each budget a count of recall tokens)."""
+    parts = text.split(":")
+    if len(parts) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a budget M or T:BIG:SMALL")
+    if len(parts) == 3:
+        finite_number()(parts[0])
+    for m in parts[1:] or parts:
+        integer(1, MAX_RECALL_TOKENS)(m)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--fillers", nargs="+", default=["prose"])
+    ap.add_argument("--length", type=integer(1), default=8192)
+    ap.add_argument("--fillers", type=filler_spec, nargs="+", default=["prose"])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    ap.add_argument("--variants", nargs="+", default=["256", "0.1:2048:256", "0.1:1024:170"])
+    ap.add_argument("--variants", type=variant, nargs="+", default=["256", "0.1:2048:256", "0.1:1024:170"])
     ap.add_argument("--json")
     args = ap.parse_args()
+    check_args(ap, args, unique=["fillers", "depths", "variants"])
     torch.set_num_threads(1)
     tok = load_tokenizer(None)
     source = load_source(None).eval()
@@ -87,8 +102,7 @@ def main() -> None:
             found=sum(r["found"] for r in rows), prompts=rows)
         print(f"{var}: {result['variants'][var]['found']}/{len(rows)}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

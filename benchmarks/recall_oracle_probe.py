@@ -16,12 +16,17 @@ end of the prompt.
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
 import bsbr.ops.bsbr.recall as recall
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.evaluate.passkey import greedy_continuation, grid_prompts, passkey_found
+from bsbr.numbers import MAX_RECALL_TOKENS, integer
+from script_args import check_args, filler_spec
+
+FORCES = ("none", "digits", "digits+space", "space", "sentence")
 
 
 def layer_set(text: str, n: int):
@@ -31,15 +36,25 @@ def layer_set(text: str, n: int):
     return set(range(int(lo), int(hi or lo) + 1))
 
 
+def layer_range(text: str) -> str:
+    """An argparse type: ``all``, a layer or a range of layers such as 0-14."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", text, re.ASCII)
+    if text != "all" and not (m and int(m[1]) <= int(m[2] or m[1])):
+        raise argparse.ArgumentTypeError(f"{text!r}: give all, a layer (3) or a range of layers (0-14)")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--filler", default="prose")
+    ap.add_argument("--length", type=integer(1), default=8192)
+    ap.add_argument("--filler", type=filler_spec, default="prose")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5])
-    ap.add_argument("--force", nargs="+", default=["none", "digits", "digits+space", "sentence"])
-    ap.add_argument("--layers", nargs="+", default=["all"], help="layer ranges such as 0-14 (default all)")
-    ap.add_argument("--recall-tokens", type=int, default=256)
+    ap.add_argument("--force", nargs="+", choices=FORCES, default=["none", "digits", "digits+space", "sentence"])
+    ap.add_argument("--layers", type=layer_range, nargs="+", default=["all"],
+                    help="layer ranges such as 0-14 (default all)")
+    ap.add_argument("--recall-tokens", type=integer(1, MAX_RECALL_TOKENS), default=256)
     args = ap.parse_args()
+    check_args(ap, args, unique=["depths", "force", "layers"], outputs=[])
     torch.set_num_threads(1)
     tok = load_tokenizer(None)
     model = convert_to_bsbr(load_source(None).eval(), retrieval_blocks=0, recall_tokens=args.recall_tokens).eval()

@@ -8,24 +8,34 @@ the state of every token, a one-shot approximation of the cache built chunk by c
     bsbr convert smol-r256 --retrieval-blocks 0 --recall-tokens 256
     OMP_NUM_THREADS=1 python benchmarks/recall_selection_probe.py smol-r256 0.5,0.9 out.json
 """
-import sys
+import argparse
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
-    sys.exit(print(__doc__))
+from script_args import check_args
+
+
+def depth_list(text):
+    return [float(x) for x in text.split(",")]
+
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("model", metavar="MODEL_DIR")
+ap.add_argument("depths", type=depth_list, metavar="DEPTHS", help="pass-key depths, comma-separated")
+ap.add_argument("out", metavar="OUT.json")
+args = ap.parse_args()
+# (checked first: the output path was read after all the prompts had run)
+check_args(ap, args, outputs=[("OUT.json", args.out)], inputs=[("MODEL_DIR", args.model)])
 
 import json, math, torch
 import bsbr.layers.bsbr_attention as ba
 from bsbr import load_bsbr_model
-from bsbr.convert import load_tokenizer
+from bsbr.evaluate.baselines import load_eval_tokenizer
 from bsbr.evaluate.passkey import grid_prompts
-if len(sys.argv) != 4:  # (checked first: the output path was read after all the prompts had run)
-    sys.exit("usage: python benchmarks/recall_selection_probe.py MODEL_DIR DEPTHS OUT.json")
+from bsbr.results import write_json
 torch.set_num_threads(1)
 M, B, S = 256, 256, 4
-model = load_bsbr_model(sys.argv[1]).eval()
-tok = load_tokenizer(None)
-depths = [float(x) for x in sys.argv[2].split(",")]
-prompts = list(grid_prompts(tok, [16384], depths, 1, 0, 8, ["prose"]))
+model = load_bsbr_model(args.model).eval()
+tok = load_eval_tokenizer(args.model)
+prompts = list(grid_prompts(tok, [16384], args.depths, 1, 0, 8, ["prose"]))
 caught = []
 orig = ba._run_op
 def grab(op, tensors, **kw):
@@ -76,4 +86,4 @@ for p in prompts:
     out[f"{p.depth}"] = dict(digits=len(digits), pairs=pairs, all_digits_kept=({c: r[0] for c, r in res.items()}),
                              any_digit_kept={c: r[1] for c, r in res.items()})
     print(p.depth, json.dumps(out[f"{p.depth}"]), flush=True)
-json.dump(out, open(sys.argv[3], "w"), indent=1)
+write_json(out, args.out)

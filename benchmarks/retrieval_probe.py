@@ -15,7 +15,6 @@ Prints perplexity per source and the share of the window -> full gap each varian
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
@@ -26,6 +25,11 @@ from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past
 from bsbr.evaluate.filler import LICENSES_DIR
+from bsbr.numbers import integer
+from bsbr.results import write_json
+from script_args import check_args
+
+SOURCES = ("code", "prose")  # the texts of texts_of
 
 
 def texts_of(kind: str):
@@ -54,13 +58,14 @@ def build(source, name: str, chunk: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--windows", type=int, default=2, help="windows per text source")
-    ap.add_argument("--chunk-size", type=int, default=256)
-    ap.add_argument("--sources", nargs="+", default=["code", "prose"])
+    ap.add_argument("--seq-len", type=integer(1), default=8192)
+    ap.add_argument("--windows", type=integer(1), default=2, help="windows per text source")
+    ap.add_argument("--chunk-size", type=integer(1), default=256)
+    ap.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
     ap.add_argument("--variants", nargs="+", default=["source", "window", "K2w", "K4w", "K8w", "K4a"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["sources", "variants"])
     bad = [v for v in args.variants if v not in ("source", "window") and not re.fullmatch(r"R\d+|K\d+[wah]", v)]
     if bad:  # (refused before hours of the earlier variants, not when its turn comes)
         ap.error(f"unknown variants {bad}: source, window, R<m> or K<k>{{w,a,h}}")
@@ -94,7 +99,7 @@ def main() -> None:
             k = re.match(r"K(\d+)", name)  # exact blocks: K chunks of the context; recall: a fixed budget
             print(line + (f", retrieved {100 * int(k.group(1)) * args.chunk_size / args.seq_len:.1f}%" if k else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,22 @@ Selection only: the selected blocks are read at far positions (the conversion's 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 import bsbr.layers.bsbr_attention as layer_mod
 import bsbr.ops.bsbr.chunk as chunk_mod
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
+from bsbr.convert.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS
 from bsbr.corpus import token_windows
 from bsbr.evaluate import perplexity_past
-from retrieval_probe import texts_of
+from bsbr.numbers import integer
+from bsbr.results import write_json
+from retrieval_probe import SOURCES, texts_of
+from script_args import check_args
 
 STASH: dict = {}
 STATS = defaultdict(lambda: defaultdict(list))  # layer -> name -> per-chunk means
@@ -79,11 +81,17 @@ def scoring(router_scores, options, select: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--select", choices=["router", "oracle"], required=True)
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--windows", type=int, default=2)
-    ap.add_argument("--sources", nargs="+", default=["code", "prose"])
+    ap.add_argument("--seq-len", type=integer(1), default=8192)
+    ap.add_argument("--windows", type=integer(1), default=2)
+    ap.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_args(ap, args, unique=["sources"])
+    B, opt = DEFAULT_CHUNK_SIZE, DEFAULT_OPTIONS  # (the conversion below: checked before loading it)
+    shortest = (opt["local_chunks"] + opt["retrieval_blocks"] + 1) * B  # a chunk with more candidates than blocks
+    if args.seq_len % B or args.seq_len < shortest:  # (the oracle views the queries chunk by chunk)
+        ap.error(f"--seq-len must be a multiple of the default conversion's chunk size, {B}, from {shortest:,} (a "
+                 "chunk with more candidates than blocks)")
     source = load_source(None).eval()
     if args.seq_len > source.config.max_position_embeddings:
         raise SystemExit("--seq-len must lie inside the source's positions (the oracle reads them)")
@@ -109,7 +117,7 @@ def main() -> None:
               f"recall router {mean['recall_router']:.3f}, oracle {mean['recall_oracle']:.3f} "
               f"({result['seconds'][kind]:.0f} s)", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

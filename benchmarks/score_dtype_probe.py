@@ -13,10 +13,13 @@ which chunks a token picks).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+
+from bsbr.numbers import MAX_REPEATS, integer
+from bsbr.results import write_json
+from script_args import check_args
 
 
 def per_layer_ms(score, keys, rounds: int) -> float:
@@ -32,11 +35,12 @@ def per_layer_ms(score, keys, rounds: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--contexts", type=integer(1), nargs="+", default=[16384, 32768])
+    p.add_argument("--layers", type=integer(1), default=30)
+    p.add_argument("--rounds", type=integer(1, MAX_REPEATS), default=15)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    check_args(p, args, unique=["contexts"])
     torch.set_num_threads(1)
     hkv, g, d = 3, 3, 64
     q = torch.randn(hkv, g, d)
@@ -60,8 +64,7 @@ def main() -> None:
         rows.append(row)
         del f32, bf16, int8
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=vars(args), rows=rows), f, indent=1)
+        write_json(dict(config=vars(args), rows=rows), args.json)
 
 
 if __name__ == "__main__":

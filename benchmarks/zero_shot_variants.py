@@ -5,18 +5,16 @@ gate settings, on tokens past the first chunk (chunk 256) of held-out 2,048-toke
 docs/findings/zero_shot_variants.json also has two rows of options since retired (the elu feature map,
 top-k over chunk states), measured with this script at commit 6314032
 (``git show 6314032:benchmarks/zero_shot_variants.py``)."""
-import sys
+from script_args import output_only
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
-    sys.exit(print(__doc__))
-
-import json
+OUT = output_only(__doc__, "zero_shot_variants.json")  # (checked before the model loads)
 
 import torch
 
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
 from bsbr.corpus import stdlib_texts, token_windows
 from bsbr.evaluate import perplexity_past
+from bsbr.results import write_json
 
 torch.set_num_threads(1)
 tok, src = load_tokenizer(None), load_source(None).eval()
@@ -40,5 +38,4 @@ for name, opts in variants.items():
                                                  retrieval_blocks=0, **opts)
     out[name] = ppl(m)
     print(f"{name:<48} ppl {out[name]:.3f}", flush=True)
-json.dump(dict(windows=len(windows), seq_len=2048, chunk_size=256, ppl_past_first_chunk=out),
-          open(sys.argv[1] if len(sys.argv) > 1 else "zero_shot_variants.json", "w"), indent=1)
+write_json(dict(windows=len(windows), seq_len=2048, chunk_size=256, ppl_past_first_chunk=out), OUT)

@@ -1,0 +1,30 @@
+"""The research scripts in benchmarks/ refuse bad arguments in one line, before a model loads (a run of
+minutes ended in a traceback, wrote a file named --json, or replaced a Python file with JSON)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, words", [
+    (["zero_shot_variants.py", "--json", "out.json"], "unrecognized arguments: --json"),
+    (["decode_context_ratio.py", "--contexts", "16", "32", "--rounds", "0"], "argument --rounds: must be an integer"),
+    (["modes_speed.py", "--contexts", "16", "16"], "--contexts 16 is given twice"),
+    (["router_oracle_probe.py", "--select", "router", "--seq-len", "3000"], "--seq-len"),
+    (["score_dtype_probe.py", "--json", "script.py"], "--json"),
+    (["passkey_spots.py", "model", "--length", "100", "--depth", "0.5", "--json", "notlist.json"],
+     "holds no JSON list to append to"),
+])
+def test_a_script_refuses_a_bad_argument_before_loading(tmp_path, argv, words):
+    (tmp_path / "notlist.json").write_text('{"a": 1}')
+    (tmp_path / "script.py").write_text("print('mine')\n")
+    run = subprocess.run([sys.executable, str(SCRIPTS / argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert words in last and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert (tmp_path / "script.py").read_text() == "print('mine')\n" and not (tmp_path / "out.json").exists()
