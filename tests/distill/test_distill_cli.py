@@ -185,6 +185,20 @@ def test_resume_refuses_a_student_with_another_config(models, text, tmp_path, ca
     assert len(json.loads((out / "distill.json").read_text())["log"]) == 3
 
 
+def test_resume_on_other_text_is_refused_before_loading(models, text, tmp_path, capsys, monkeypatch):
+    # text files and local datasets are known by their tokens alone: other text was refused after both models loaded
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "2")) == 0
+    other = tmp_path / "other.txt"
+    other.write_text(Path(text).read_text().replace("x", "y"))
+    import bsbr.distill.cli as cli
+
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", lambda *a: pytest.fail("loaded before the refusal"))
+    monkeypatch.setattr(cli, "load_model_arg", lambda *a: pytest.fail("loaded before the refusal"))
+    line = refused(capsys, [*distill_args(models, other, out, "--steps", "3"), "--resume"], "distill", out)
+    assert "the training windows' tokens: checkpoint 'sha256:" in line, line
+
+
 def test_resume_with_nothing_left_to_train_is_refused(models, text, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     args = distill_args(models, text, out, "--checkpoint-every", "1")

@@ -253,7 +253,8 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it, --overwrite to "
                               f"start over, or choose another --output")
     if args.resume and has_checkpoint(ckpt):
-        # a partial or corrupt checkpoint, or one of another run (student, settings), is refused before loading
+        # a partial or corrupt checkpoint, or one of another run (student, settings; the windows' text in _train),
+        # is refused before loading
         saved = read_manifest(ckpt)["progress"]
         run = _settings(args)
         if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: the trainer warns)
@@ -327,7 +328,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
 
     from ..corpus import corpus_texts, token_windows
     from ..models import load_bsbr_model
-    from .trainer import distill
+    from .checkpoint import has_checkpoint, read_manifest
+    from .trainer import check_same_run, distill, windows_fingerprint
 
     tokenizer = load_tokenizer_arg(student_dir, "--student")
     check_model_tokenizer(tokenizer, student_dir, "--student")
@@ -337,6 +339,9 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
                             split="train", seed=args.seed)
     windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
+    if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
+        check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
+                       dict(windows=windows_fingerprint(windows)), out / "checkpoint")
     student = load_bsbr_model(student_dir)
     _check_new_pieces_matter(student, args)
     teacher = load_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)  # (checked as cmd_distill did)

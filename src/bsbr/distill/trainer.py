@@ -83,7 +83,7 @@ class DistillInterrupted(KeyboardInterrupt):
     """A stop request (Ctrl-C, SIGTERM) honoured after a step, once its checkpoint is written."""
 
 
-def _windows_fingerprint(windows) -> str:
+def windows_fingerprint(windows) -> str:
     h = hashlib.sha256()
     for w in windows:
         h.update(str(tuple(w.shape)).encode())
@@ -387,7 +387,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
         logger.warning("bf16: this CPU has no native bfloat16 matrix multiply (%s), so bf16 training is many times "
                        "slower than float32 here: drop --bf16", torch.backends.cpu.get_cpu_capability())
     ckpt_dir = output_dir / "checkpoint"
-    run = dict(**(settings or {}), windows=_windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
+    run = dict(**(settings or {}), windows=windows_fingerprint(windows), teacher=weights_fingerprint(teacher),
                student=weights_fingerprint(student), student_config=student_record(student.config), world_size=world)
     teacher.eval()
     student.eval()  # no dropout anywhere: deterministic, resumable
