@@ -183,6 +183,8 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
         files = _text_files(builder, split)
         if files is None and builder.name == "text":  # (a hub dataset's text files: whole documents)
             builder = _dataset_builder(datasets, name, config, sample_by="document")
+        elif builder.name == "csv":  # a cell reading NA, null or nan is that text, not a missing value (pandas')
+            builder = _dataset_builder(datasets, name, config, keep_default_na=False)
         ds = None if files is not None else builder.as_streaming_dataset(split=split)
     except Exception as e:  # network, unknown name, unknown config/split: all user-facing
         why = str(e) or ("its data files hold no rows" if isinstance(e, StopIteration) else type(e).__name__)
@@ -213,6 +215,9 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
             try:
                 row = read(it, i)
             except StopIteration:
+                if skipped > 1:
+                    logger.warning("dataset %r: %d rows without text in column %r were skipped", name, skipped,
+                                   text_column)
                 return
             if text_column not in row:
                 raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {sorted(row)}); "

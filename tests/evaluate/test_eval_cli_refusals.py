@@ -630,6 +630,30 @@ def test_a_folder_whose_one_file_names_a_split_is_refused(tmp_path, caplog):
     assert "the one chosen): fr/train.txt" in caplog.text, caplog.text
 
 
+def test_csv_cells_reading_na_are_text_and_skipped_rows_are_counted(tmp_path, caplog):
+    # pandas read NA, null and nan as missing values: dropped as rows without text, of which only the first was named
+    from bsbr.corpus import dataset_texts
+
+    (tmp_path / "a.csv").write_text('text\nNA\nnull\nhello world\n""\n" "\nnan\n')
+    with caplog.at_level("WARNING"):
+        assert list(dataset_texts(str(tmp_path / "a.csv"), split="train")) == ["NA", "null", "hello world", "nan"]
+    assert "2 rows without text in column 'text' were skipped" in caplog.text, caplog.text
+
+
+def test_a_dataset_of_no_data_format_is_refused_by_name(tmp_path):
+    # Markdown went to datasets' task builder ("No task.toml or instruction.md files found"), a .zip named its folder
+    from bsbr.arguments import check_dataset
+    from bsbr.errors import UserError
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("# Notes\n\nThe fox ran over the hill.\n" * 20)
+    (tmp_path / "one.md").write_text("The fox ran over the hill.\n" * 20)
+    (tmp_path / "a.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    for name, words in (("notes", "holds no data file"), ("one.md", "is not a data file"), ("a.zip", "is not a")):
+        with pytest.raises(UserError, match=f"--dataset .*{name}: {words} .*: give text files with --text-file"):
+            check_dataset(str(tmp_path / name), None, "train", "text")
+
+
 def test_compressed_text_files_and_saved_dataset_dicts_are_read_without_false_warnings(tmp_path, caplog):
     """A folder's .txt.gz was read as its gzip bytes; a save_to_disk DatasetDict's dataset_dict.json and a
     downloaded repo's LICENSE were named as files of another format."""
