@@ -183,6 +183,15 @@ def run() -> None:
     sys.exit(code)
 
 
+def _to_devnull(fd: int) -> None:
+    """Point ``fd`` at /dev/null (what is still written to a closed pipe goes nowhere)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)  # (kept, one descriptor leaked per command in a process that runs many)
+
+
 class _ClosedPipeIgnored:
     """stdout for a command that writes files: once it cannot be written (its reader has gone: ``| head``,
     ``| true``; a full device; closed from the start: ``>&-``), what the command prints is dropped and it goes
@@ -195,7 +204,7 @@ class _ClosedPipeIgnored:
 
     def _closed(self):
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            _to_devnull(self._stream.fileno())
         self._stream = open(os.devnull, "w")
 
     def write(self, text):
@@ -454,7 +463,7 @@ def _run_command(args, name: str, verbose: bool) -> int:
             return _interrupted(name)  # fail as another error)
         if isinstance(e, BrokenPipeError):  # stdout's reader closed it: stop, and say nothing more to it
             with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                _to_devnull(sys.stdout.fileno())
             return EXIT_PIPE
         from .errors import UserError
 

@@ -1,6 +1,7 @@
 """Bad sources, values and output paths, each through the real CLI (``main([...])`` in process) on tiny
 local models: one error line, exit status 2, refused before the work, nothing written."""
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -756,6 +757,30 @@ def test_a_command_that_writes_files_still_writes_them_when_its_stdout_reader_ha
                  "--seq-len", "32", "--max-windows", "1", "--json", str(out)]) == 0
     assert "perplexity" in out.read_text() and isinstance(sys.stdout, ClosedPipe)
     assert "error" not in capsys.readouterr().err
+
+
+def test_commands_into_a_closed_pipe_leave_no_descriptor_open(models, tmp_path, monkeypatch):
+    # each call pointed stdout at a new /dev/null descriptor and kept it: a process running commands ran out
+    import sys
+
+    source, converted, _ = models
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    counts = []
+    for i in range(3):
+        r, w = os.pipe()
+        os.close(r)  # (the reader has gone, as after `| head`)
+        with open(w, "w", buffering=1) as stdout:
+            monkeypatch.setattr(sys, "stdout", stdout)
+            assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "4"]) == 141
+            assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8", "--overwrite"]) == 0
+            monkeypatch.undo()
+            with contextlib.suppress(OSError):
+                stdout.close()
+        counts.append(open_fds())
+    assert counts[0] == counts[-1], counts
 
 
 class FullDevice(ClosedPipe):
