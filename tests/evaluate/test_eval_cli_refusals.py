@@ -795,7 +795,8 @@ def test_an_edited_task_yaml_or_utils_module_is_not_replaced(tmp_path):
         assert not is_task_file(yaml), edited
     # written before the YAML carried its digest (and num_fewshot and the greedy options): the template's lines,
     # any values
-    old = _YAML.replace(_ZERO_SHOT, "").format(greedy="", task="bsbr_passkey", data='"/x/bsbr_passkey.jsonl"', max_new_tokens=8,
+    old = _YAML.replace(_ZERO_SHOT, "").format(greedy="", task="bsbr_passkey", data='"/x/bsbr_passkey.jsonl"',
+                                               max_new_tokens=8,
                        utils="bsbr_passkey_utils", metrics="  - metric: passkey\n    aggregation: mean\n"
                        "    higher_is_better: true\n", lengths="[64]", depths="[0.5]", trials=1, seed=0,
                        fillers='["a"]')

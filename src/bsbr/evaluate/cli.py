@@ -417,7 +417,8 @@ def register(sub) -> None:
                    help="write the pass-key prompts (--passkey-* options, this model's tokenizer) as the offline "
                         "lm-eval task bsbr_passkey into DIR, print how to run it, and exit")
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key test")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=None, help="pass-key keys and default corpus order (default 0)")
+    p.add_argument("--seed", type=integer(*SEED_RANGE), default=None,
+                   help="pass-key keys and default corpus order (default 0)")
     p.add_argument("--force", action="store_true",
                    help="use a --reference whose weights are not those the model was converted from")
     p.add_argument("--json", metavar="OUT", default=None, help="write all results here")

@@ -154,8 +154,8 @@ class BSBRCache:
     transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
     ``digest``: (b, 3) hashes of each row's input ids so far, as given, with padded positions alike, and as
     given but the last (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole
-    text from the new tokens alone. ``built_with``: the :func:`built_with` options of the model that made it (None: not known), so
-    that a model built otherwise refuses it."""
+    text from the new tokens alone. ``built_with``: the :func:`built_with` options of the model that made it
+    (None: not known), so that a model built otherwise refuses it."""
 
     is_compileable = False
     is_croppable = False
