@@ -223,6 +223,38 @@ def test_a_cache_of_a_model_built_with_other_position_rules_is_refused():
         assert torch.allclose(b(ids[:, 29:], cache=b_cache).logits[0, -1], b(ids).logits[0, -1], atol=1e-4)
 
 
+@pytest.mark.parametrize("family, opts", [("gpt2", {}), ("llama", {}), ("qwen2", dict(recall_tokens=3,
+                                                                                     retrieval_blocks=0))])
+def test_rows_packing_several_sequences_read_each_alone_as_the_source_does(family, opts):
+    """transformers' DataCollatorWithFlattening packs a batch into one row, position_ids restarting at each
+    sequence, no mask: the chunks counted from the row's start, so each sequence read the ones before it."""
+    from transformers import DataCollatorWithFlattening
+
+    src = make_source(family).eval()
+    model = make(family, gate_init=0.0, **opts)  # (closed: the source's attention over the exact keys)
+    gen = torch.Generator().manual_seed(6)
+    feats = [{"input_ids": torch.randint(3, VOCAB, (k,), generator=gen).tolist()} for k in (10, 7, 13, 1, 9)]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    with torch.no_grad():
+        out = model(**packed, output_hidden_states=True)
+        alone = torch.cat([model(torch.tensor([f["input_ids"]])).logits for f in feats], 1)
+        assert torch.allclose(out.logits, alone, atol=1e-5)
+        assert len(out.hidden_states) == model.config.num_hidden_layers + 1 and out.cache is None
+        if family == "gpt2":  # (the source itself: its window and blocks cover these, at their own positions)
+            source_alone = torch.cat([src(torch.tensor([f["input_ids"]])).logits for f in feats], 1)
+            assert torch.allclose(out.logits, source_alone, atol=1e-4)
+        # two rows of 17 tokens: sequences of 10 and 7, and of 13, 1 and the first 3 of 9 (its prefix alone)
+        rows = [DataCollatorWithFlattening()(feats[:2]), DataCollatorWithFlattening()([*feats[2:4], {
+            "input_ids": feats[4]["input_ids"][:3]}])]
+        both = model(torch.cat([r["input_ids"] for r in rows]), position_ids=torch.cat([r["position_ids"] for r in rows]))
+        assert torch.allclose(both.logits.flatten(0, 1), alone[0, :34], atol=1e-5)
+    with pytest.raises(ValueError, match="use_cache=True: these rows pack several sequences"):
+        model(**packed, use_cache=True)
+    model.train()  # gradients reach the weights through the unpacking
+    model(**packed).loss.backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
 def test_generate_refuses_a_foreign_cache_or_one_of_another_batch_in_one_line(model):
     from transformers import DynamicCache
 

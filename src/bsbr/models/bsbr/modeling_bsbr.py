@@ -262,6 +262,16 @@ def refuse_token_type_ids(kwargs, config) -> None:
                          "source adds them to its inputs); add them to inputs_embeds yourself or leave them out")
 
 
+def packed_segments(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """(b, n) the index of each token's sequence within its row, where a row packs several (a position that does
+    not follow the one before by 1 starts a sequence, as transformers reads rows without a mask, e.g. from its
+    ``DataCollatorWithFlattening``); None when every row holds one."""
+    segment = (torch.diff(position_ids, dim=-1) != 1).long().cumsum(-1)
+    if not bool(segment[:, -1:].any()):
+        return None
+    return torch.cat([segment.new_zeros(segment.shape[0], 1), segment], -1)
+
+
 def built_with(config) -> dict:
     """What a model takes from its config when it is built, besides its weights' shapes: the attention
     options its layers keep, the position rules its forward reads with them, and the activation and norm
@@ -543,6 +553,12 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                                  f"to {weights}")
             inputs_embeds = inputs_embeds.to(weights)  # half-precision embeddings of a float32 model, as the sources
         b, n = inputs_embeds.shape[:2]
+        if cache is None and attention_mask is None and position_ids is not None:
+            position_ids = check_position_ids(position_ids, b, n).expand(b, n)
+            segment = packed_segments(position_ids)
+            if segment is not None:
+                return self._packed_forward(inputs_embeds, position_ids, segment, use_cache, output_hidden_states,
+                                            return_dict)
         if cache is not None:
             self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
@@ -615,6 +631,35 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=x, cache=new_cache,
                                       hidden_states=tuple(hidden) if hidden else None)
         return self._returned(out, return_dict)
+
+    def _packed_forward(self, inputs_embeds, position_ids, segment, use_cache, output_hidden_states, return_dict):
+        """Rows that pack several sequences (``segment``, :func:`packed_segments`) run as a right-padded batch of
+        those sequences, each alone, and are packed back: as transformers' models read such rows without a cache
+        (a BSBR row is one sequence: its chunks count from the row's first token). No cache is built."""
+        if use_cache:
+            raise ValueError("use_cache=True: these rows pack several sequences (position_ids restart within a row, "
+                             "with no attention_mask), and a cache continues one sequence per row: pass "
+                             "use_cache=False, or one sequence per row")
+        b, n = position_ids.shape
+        first = torch.ones_like(segment, dtype=torch.bool)
+        first[:, 1:] = segment[:, 1:] != segment[:, :-1]
+        seq = (first.flatten().long().cumsum(0) - 1).view(b, n)  # each token's sequence, over all rows
+        start = torch.arange(n, device=segment.device).expand(b, n).masked_fill(~first, 0).cummax(1).values
+        offset = torch.arange(n, device=segment.device) - start  # each token's index in its sequence
+        rows, cols = seq.flatten(), offset.flatten()
+        shape = (int(seq.max()) + 1, int(offset.max()) + 1)
+        embeds = inputs_embeds.new_zeros(shape + inputs_embeds.shape[2:])
+        embeds[rows, cols] = inputs_embeds.flatten(0, 1)
+        positions = position_ids.new_zeros(shape)
+        positions[rows, cols] = position_ids.flatten()
+        mask = torch.zeros(shape, dtype=torch.long, device=segment.device)
+        mask[rows, cols] = 1
+        out = self(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                   output_hidden_states=output_hidden_states, return_dict=True)
+        hidden = out.hidden_states and tuple(h[rows, cols].view(b, n, -1) for h in out.hidden_states)
+        packed = BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state[rows, cols].view(b, n, -1),
+                                         hidden_states=hidden)
+        return self._returned(packed, return_dict)
 
     def _check_cache(self, cache, batch: int, inputs_embeds: torch.Tensor) -> None:
         """A cache continues only a model built with the same options, for the batch and dtype it was built with."""
