@@ -246,7 +246,8 @@ def test_rows_packing_several_sequences_read_each_alone_as_the_source_does(famil
         # two rows of 17 tokens: sequences of 10 and 7, and of 13, 1 and the first 3 of 9 (its prefix alone)
         rows = [DataCollatorWithFlattening()(feats[:2]), DataCollatorWithFlattening()([*feats[2:4], {
             "input_ids": feats[4]["input_ids"][:3]}])]
-        both = model(torch.cat([r["input_ids"] for r in rows]), position_ids=torch.cat([r["position_ids"] for r in rows]))
+        both = model(torch.cat([r["input_ids"] for r in rows]),
+                     position_ids=torch.cat([r["position_ids"] for r in rows]))
         assert torch.allclose(both.logits.flatten(0, 1), alone[0, :34], atol=1e-5)
     with pytest.raises(ValueError, match="use_cache=True: these rows pack several sequences"):
         model(**packed, use_cache=True)
