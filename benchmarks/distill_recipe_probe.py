@@ -30,9 +30,15 @@ ap = argparse.ArgumentParser(usage=usage.removeprefix("Usage: "), description=de
 ap.add_argument("mode", choices=["kl"], help="the recipe (attention transfer is retired)")
 ap.add_argument("steps", type=integer(1, MAX_COUNT))
 ap.add_argument("lr", type=finite_number(positive=True))
-ap.add_argument("base_lr", type=finite_number(), nargs="?", default=0.0)
-ap.add_argument("options", type=option, nargs="*", default=[], metavar="key=value")
+ap.add_argument("rest", nargs="*", metavar="[BASE_LR] key=value", help="the source's own learning rate (default 0: "
+                "new pieces only), then conversion options")
 args = ap.parse_args()  # (before a minute of loading)
+try:  # BASE_LR, where the first of the rest is no key=value
+    head = [] if not args.rest or "=" in args.rest[0] else args.rest[:1]
+    args.base_lr = finite_number()(head[0]) if head else 0.0
+    args.options = [option(text) for text in args.rest[len(head):]]
+except argparse.ArgumentTypeError as e:
+    ap.error(str(e))
 
 import pathlib
 import random

@@ -319,14 +319,14 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
     if name is None:
         return
     _cache_only_if_the_hub_is_unreachable()
-    from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files
+    from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files, rows_file
 
-    # other files (Markdown, a .zip) met datasets' words for other builders ("No task.toml or instruction.md")
+    # files datasets reads as no rows (Markdown goes to its task builder: "No task.toml or instruction.md files")
     path = Path(name).expanduser()
-    if path.is_file() and data_suffix(path.name) not in DATA_SUFFIXES or path.is_dir() and not any(
-            data_suffix(f.name) in DATA_SUFFIXES for f in path.rglob("*") if f.is_file()):
+    if path.is_file() and not rows_file(path.name) or path.is_dir() and not any(
+            rows_file(f.name) for f in path.rglob("*") if f.is_file()):
         raise UserError(f"--dataset {name}: {'holds no' if path.is_dir() else 'is not a'} data file datasets reads "
-                        f"({', '.join(DATA_SUFFIXES)}, compressed or not): give text files with --text-file")
+                        f"as rows ({', '.join(DATA_SUFFIXES)}, compressed or not): give text files with --text-file")
 
     try:
         _, unread, _, splits = local_dataset_files(name, dataset_config)

@@ -240,6 +240,15 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
     return rows()
 
 
+def rows_file(name: str) -> bool:
+    """Whether datasets reads a file so named as rows: a format of a builder other than its task builder
+    (``harbor``: ``.md``, ``.toml``), compressed or not, or an archive (``.zip``, read inside)."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    builder = _EXTENSION_TO_MODULE.get(data_suffix(name).lower(), ("harbor",))[0]
+    return name.lower().endswith(".zip") or builder != "harbor"
+
+
 def data_suffix(name: str) -> str:
     """A file name's format suffix, under a compression suffix (``a.jsonl.gz``: ``.jsonl``)."""
     for c in COMPRESSED:

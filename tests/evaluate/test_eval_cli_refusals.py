@@ -641,17 +641,24 @@ def test_csv_cells_reading_na_are_text_and_skipped_rows_are_counted(tmp_path, ca
 
 
 def test_a_dataset_of_no_data_format_is_refused_by_name(tmp_path):
-    # Markdown went to datasets' task builder ("No task.toml or instruction.md files found"), a .zip named its folder
+    # Markdown went to datasets' task builder ("No task.toml or instruction.md files found")
+    import zipfile
+
     from bsbr.arguments import check_dataset
     from bsbr.errors import UserError
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.md").write_text("# Notes\n\nThe fox ran over the hill.\n" * 20)
     (tmp_path / "one.md").write_text("The fox ran over the hill.\n" * 20)
-    (tmp_path / "a.zip").write_bytes(b"PK\x05\x06" + bytes(18))
-    for name, words in (("notes", "holds no data file"), ("one.md", "is not a data file"), ("a.zip", "is not a")):
+    for name, words in (("notes", "holds no data file"), ("one.md", "is not a data file")):
         with pytest.raises(UserError, match=f"--dataset .*{name}: {words} .*: give text files with --text-file"):
             check_dataset(str(tmp_path / name), None, "train", "text")
+    row = json.dumps({"text": "The fox ran over the hill. " * 10}) + "\n"  # formats datasets reads: still read
+    (tmp_path / "rows.ndjson").write_text(row)
+    with zipfile.ZipFile(tmp_path / "rows.zip", "w") as z:
+        z.writestr("a.jsonl", row)
+    for name in ("rows.ndjson", "rows.zip"):
+        check_dataset(str(tmp_path / name), None, "train", "text")
 
 
 def test_compressed_text_files_and_saved_dataset_dicts_are_read_without_false_warnings(tmp_path, caplog):

@@ -165,7 +165,8 @@ def test_run_passkey_scores_success_and_failure(word_tokenizer):
 def test_greedy_continuation_is_plain_greedy_whatever_the_models_generation_config_sets():
     # a source's repetition penalty or no-repeat n-grams, carried over by a conversion, hit the key's digits
     model = convert_to_bsbr(make_source("llama"), chunk_size=16).eval()
-    model.generation_config.update(no_repeat_ngram_size=1, repetition_penalty=50.0, eos_token_id=None)
+    model.generation_config.update(no_repeat_ngram_size=1, repetition_penalty=50.0, eos_token_id=None,
+                                   prompt_lookup_num_tokens=3)
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     want = ids
     with torch.no_grad():

@@ -2,6 +2,7 @@
 inputs_embeds, a wrong cache or id is one clear error, return_dict=False gives a tuple, AutoModel
 loads a causal LM's checkpoint."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -135,11 +136,14 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
         assert torch.equal(model.generate(ids[rows], cache=cache.select(rows), **kw)[:, -6:], ref_rows)
         assert torch.equal(model.generate(ids[rows, 10:], cache=cache.select(rows), **kw)[:, -6:], ref_rows)
     with torch.no_grad():  # the whole text tokenized again, its last cached token merged with what follows (HF's
-        cache = model(ids[:, :10], use_cache=True).cache  # recipe of a cached prompt ending in a space): refused
-    retokenized = ids.clone()  # (read as new tokens, it put the prompt twice before them)
+        cache = model(ids[:, :10], use_cache=True).cache  # recipe of a cached prompt ending in a space): warned of
+    retokenized = ids.clone()  # (read as new tokens, it put the prompt twice before them, silently)
     retokenized[1, 9] = (ids[1, 9] + 1 - 3) % (VOCAB - 3) + 3
-    with pytest.raises(ValueError, match="begin with the text the cache read but for its last token"):
-        model.generate(retokenized, cache=cache, **kw)
+    with pytest.warns(UserWarning, match="begin with the text the cache read but for its last token"):
+        model.generate(retokenized, cache=copy.deepcopy(cache), **kw)
+    with warnings.catch_warnings():  # new tokens in one row beside such a row: new tokens, without a word
+        warnings.simplefilter("error")
+        model.generate(torch.stack([retokenized[0, 3:], retokenized[1, :27]]), cache=cache, **kw)
     with torch.no_grad():  # a cache built from embeddings knows no ids: the whole text, as transformers reads it
         cache = model(inputs_embeds=model.get_input_embeddings()(ids[:, :10]), use_cache=True).cache
     assert cache.digest is None

@@ -118,7 +118,7 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
-_RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is refused (fewer: by chance)
+_RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -200,11 +200,13 @@ class BSBRCache:
         masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
         if masked and not bool(same.all()):
             same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
-        if not bool(same.all()) and n > _RETOKENIZED_MIN and bool(
-                ((text_digest(head[:, :-1]) == digest[:, 2]) & ~same).any()):
-            raise ValueError("input_ids begin with the text the cache read but for its last token (tokenized as "
-                             "one text, the cached text's end merged with what follows, e.g. a trailing space): "
-                             "pass the new tokens alone, or the cache's own ids followed by them")
+        if not bool(same.all()) and n > _RETOKENIZED_MIN:
+            retokenized = (text_digest(head[:, :-1]) == digest[:, 2]) & ~same
+            if bool(retokenized.any()) and bool((same | retokenized).all()):  # (new tokens may begin so too)
+                warn_caller("input_ids begin with the text the cache read but for its last token, so they are read "
+                            "as new tokens; if they are the whole text tokenized again (the cached text's end merged "
+                            "with what follows, e.g. a trailing space), the cached text is read twice: pass the new "
+                            "tokens alone, or the cache's own ids followed by them")
         return not bool(same.all())
 
     @property
