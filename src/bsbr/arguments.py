@@ -323,10 +323,11 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
 
     # files datasets reads as no rows (Markdown goes to its task builder: "No task.toml or instruction.md files")
     path = Path(name).expanduser()
-    if path.is_file() and not rows_file(path.name) or path.is_dir() and not any(
-            rows_file(f.name) for f in path.rglob("*") if f.is_file()):
+    if path.is_file() and not rows_file(path) or path.is_dir() and not any(
+            rows_file(f) for f in path.rglob("*") if f.is_file()):
         raise UserError(f"--dataset {name}: {'holds no' if path.is_dir() else 'is not a'} data file datasets reads "
-                        f"as rows ({', '.join(DATA_SUFFIXES)}, compressed or not): give text files with --text-file")
+                        f"as rows of text ({', '.join(DATA_SUFFIXES)}, .ndjson, .tar, compressed or in a .zip): give "
+                        "text files with --text-file")
 
     try:
         _, unread, _, splits = local_dataset_files(name, dataset_config)

@@ -240,13 +240,24 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
     return rows()
 
 
-def rows_file(name: str) -> bool:
-    """Whether datasets reads a file so named as rows: a format of a builder other than its task builder
-    (``harbor``: ``.md``, ``.toml``), compressed or not, or an archive (``.zip``, read inside)."""
+ROW_BUILDERS = ("json", "csv", "text", "parquet", "arrow", "webdataset")  # datasets' builders of text rows
+
+
+def rows_file(path: Path) -> bool:
+    """Whether datasets reads the file ``path`` as rows that may hold text: a format of one of
+    :data:`ROW_BUILDERS` (by its own table of suffixes: ``.ndjson`` and ``.tar`` too), compressed or not, or a
+    ``.zip`` holding such files (Markdown goes to its task builder, ``.xml`` and images to others)."""
+    import zipfile
+
     from datasets.packaged_modules import _EXTENSION_TO_MODULE
 
-    builder = _EXTENSION_TO_MODULE.get(data_suffix(name).lower(), ("harbor",))[0]
-    return name.lower().endswith(".zip") or builder != "harbor"
+    if path.name.lower().endswith(".zip"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return any(rows_file(Path(member)) for member in z.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return _EXTENSION_TO_MODULE.get(data_suffix(path.name).lower(), ("",))[0] in ROW_BUILDERS
 
 
 def data_suffix(name: str) -> str:

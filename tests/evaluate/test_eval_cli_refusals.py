@@ -650,7 +650,11 @@ def test_a_dataset_of_no_data_format_is_refused_by_name(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.md").write_text("# Notes\n\nThe fox ran over the hill.\n" * 20)
     (tmp_path / "one.md").write_text("The fox ran over the hill.\n" * 20)
-    for name, words in (("notes", "holds no data file"), ("one.md", "is not a data file")):
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as z:  # (and XML, whose builder reads no local file)
+        z.writestr("inner.md", "# Notes\n")
+    (tmp_path / "k.xml").write_text("<a>The fox ran over the hill.</a>\n")
+    for name, words in (("notes", "holds no data file"), ("one.md", "is not a data file"),
+                        ("notes.zip", "is not a data file"), ("k.xml", "is not a data file")):
         with pytest.raises(UserError, match=f"--dataset .*{name}: {words} .*: give text files with --text-file"):
             check_dataset(str(tmp_path / name), None, "train", "text")
     row = json.dumps({"text": "The fox ran over the hill. " * 10}) + "\n"  # formats datasets reads: still read

@@ -138,9 +138,12 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
     with torch.no_grad():  # the whole text tokenized again, its last cached token merged with what follows (HF's
         cache = model(ids[:, :10], use_cache=True).cache  # recipe of a cached prompt ending in a space): warned of
     retokenized = ids.clone()  # (read as new tokens, it put the prompt twice before them, silently)
-    retokenized[1, 9] = (ids[1, 9] + 1 - 3) % (VOCAB - 3) + 3
+    retokenized[:, 9] = (ids[:, 9] + 1 - 3) % (VOCAB - 3) + 3
     with pytest.warns(UserWarning, match="begin with the text the cache read but for its last token"):
         model.generate(retokenized, cache=copy.deepcopy(cache), **kw)
+    with pytest.raises(ValueError, match="some rows begin with the text the cache read, others with it but for its "
+                                         "last token"):  # (a whole text beside one tokenized again: not new tokens)
+        model.generate(torch.stack([ids[0], retokenized[1]]), cache=copy.deepcopy(cache), **kw)
     with warnings.catch_warnings():  # new tokens in one row beside such a row: new tokens, without a word
         warnings.simplefilter("error")
         model.generate(torch.stack([retokenized[0, 3:], retokenized[1, :27]]), cache=cache, **kw)
@@ -258,6 +261,8 @@ def test_rows_packing_several_sequences_read_each_alone_as_the_source_does(famil
     model.train()  # gradients reach the weights through the unpacking
     model(**packed).loss.backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+    model.gradient_checkpointing_enable()  # (which builds no cache, asked or not: as the unpacked forward)
+    assert model(**packed, use_cache=True).cache is None
 
 
 def test_generate_refuses_a_foreign_cache_or_one_of_another_batch_in_one_line(model):

@@ -202,7 +202,11 @@ class BSBRCache:
             same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
         if not bool(same.all()) and n > _RETOKENIZED_MIN:
             retokenized = (text_digest(head[:, :-1]) == digest[:, 2]) & ~same
-            if bool(retokenized.any()) and bool((same | retokenized).all()):  # (new tokens may begin so too)
+            if bool(retokenized.any()) and bool(same.any()) and bool((same | retokenized).all()):
+                raise ValueError("input_ids: some rows begin with the text the cache read, others with it but for its "
+                                 "last token (the whole text tokenized again, the cached text's end merged with what "
+                                 "follows?): pass the new tokens alone, or the cache's own ids followed by them")
+            if bool(retokenized.all()):  # (new tokens may begin so too: warned of)
                 warn_caller("input_ids begin with the text the cache read but for its last token, so they are read "
                             "as new tokens; if they are the whole text tokenized again (the cached text's end merged "
                             "with what follows, e.g. a trailing space), the cached text is read twice: pass the new "
@@ -638,7 +642,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         """Rows that pack several sequences (``segment``, :func:`packed_segments`) run as a right-padded batch of
         those sequences, each alone, and are packed back: as transformers' models read such rows without a cache
         (a BSBR row is one sequence: its chunks count from the row's first token). No cache is built."""
-        if use_cache:
+        checkpointed = self.training and torch.is_grad_enabled() and self.layers and \
+            self.layers[0].gradient_checkpointing
+        if use_cache and not checkpointed:  # (under activation checkpointing no cache is built anyway)
             raise ValueError("use_cache=True: these rows pack several sequences (position_ids restart within a row, "
                              "with no attention_mask), and a cache continues one sequence per row: pass "
                              "use_cache=False, or one sequence per row")
