@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -249,6 +251,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     return record
 
 
+_SEEDED = threading.Lock()  # a seeded generation holds the process's generator (bsbr.cli.main in threads)
 MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 overflowed to inf)
 
 
@@ -382,7 +385,9 @@ def cmd_generate(args) -> int:
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     how.update(num_return_sequences=1)  # (one text is printed, whatever generation_config.json says)
     t0 = time.perf_counter()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # (--seed leaves the caller's generator as it was)
+    # (--seed leaves the caller's generator as it was; seeded runs in threads one at a time: they share it)
+    with _SEEDED if args.seed is not None else contextlib.nullcontext(), torch.no_grad(), \
+            torch.random.fork_rng(devices=[]):
         if args.seed is not None:
             torch.manual_seed(args.seed)
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,

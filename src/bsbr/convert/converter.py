@@ -64,10 +64,13 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     look up; a weight that is not finite."""
     from transformers import AutoModelForCausalLM
 
+    from ..models.bsbr.modeling_bsbr import LOADING
+
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(*args, ignore_mismatched_sizes=True,
-                                                            output_loading_info=True, trust_remote_code=False,
-                                                            **kwargs)
+        with LOADING:  # (one load at a time: see LOADING)
+            model, info = AutoModelForCausalLM.from_pretrained(*args, ignore_mismatched_sizes=True,
+                                                                output_loading_info=True, trust_remote_code=False,
+                                                                **kwargs)
     except KeyError as e:  # e.g. hidden_act or rope type: transformers looks the value up in a table
         raise ValueError(f"{name}: config.json names {e} where transformers knows no such value") from e
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -116,6 +117,11 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), state
 
+
+# held around every from_pretrained bsbr makes: transformers swaps PreTrainedModel.tie_weights for a no-op while
+# it loads and puts back what it found, so two loads in threads left tying off for the process (every later
+# tied model then lacked its lm_head)
+LOADING = threading.RLock()
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
 _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
@@ -404,12 +410,14 @@ class BSBRPreTrainedModel(PreTrainedModel):
             refuse_pickled_weights(local)
         if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
             kwargs.setdefault("ignore_mismatched_sizes", True)
-            return super().from_pretrained(*args, **kwargs)
+            with LOADING:
+                return super().from_pretrained(*args, **kwargs)
         if local is not None:
             refuse_non_float_weights(local)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        with LOADING:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if not hasattr(model, "lm_head"):  # a base model loaded from a causal LM's checkpoint drops its head
             info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith("lm_head.")]
         def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)

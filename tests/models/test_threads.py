@@ -1,0 +1,60 @@
+"""A server's threads load models and generate with a seed at once: transformers' loading swaps a global (two
+loads left weight tying off for the process), and a seed sets the process's generator."""
+import io
+import sys
+import threading
+
+import torch
+from model_sources import make_source
+from word_tokenizer import build_word_tokenizer
+
+from bsbr import convert_to_bsbr
+from bsbr.cli import main
+from bsbr.models import load_bsbr_model
+
+
+def run_in_threads(fn, n=4):
+    errors = []
+
+    def guarded(i):
+        try:
+            fn(i)
+        except Exception as e:  # (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,), name=f"t{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_loads_and_seeded_generation_in_threads_are_each_as_alone(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    tying = PreTrainedModel.tie_weights
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")  # (tied embeddings)
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_bsbr_model(tmp_path / "m")(ids).logits
+    with torch.no_grad():
+        run_in_threads(lambda i: [torch.testing.assert_close(load_bsbr_model(tmp_path / "m")(ids).logits, want)
+                                  for _ in range(4)])
+    assert PreTrainedModel.tie_weights is tying
+
+    printed = {}
+
+    class PerThread(io.TextIOBase):  # (each thread's stdout apart)
+        def write(self, text):
+            printed.setdefault(threading.current_thread().name, []).append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stdout", PerThread())
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "def f", "--temperature", "1", "--seed", "7",
+            "--max-new-tokens", "12"]
+    run_in_threads(lambda i: main(argv), n=1)
+    alone = "".join(printed.pop("t0"))
+    run_in_threads(lambda i: [main(argv) for _ in range(3)])
+    assert all("".join(texts) == alone * 3 for texts in printed.values()), (alone, printed)
