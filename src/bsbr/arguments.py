@@ -490,9 +490,9 @@ def check_bsbr_dir(path, option: str) -> Path:
         for key, want in expected.items():
             value = filled.get(key)
             if key in filled and _differs(value, want):  # (the record's keys no config field holds: not compared)
-                logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model runs with %r", option, path,
-                               key, value, "" if key in values else " (its default: config.json has none)", METADATA,
-                               want, value)
+                logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model reads config.json's",
+                               option, path, key, value, "" if key in values else " (its default: config.json has "
+                               "none)", METADATA, want)
     return path
 
 

@@ -270,3 +270,18 @@ def test_legacy_rope_keys_are_read_not_dropped(tmp_path):
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_the_saved_folder_says_which_bsbr_wrote_it_and_a_newer_one_is_warned_of(tmp_path, caplog):
+    # a folder written by a newer bsbr ran on an older one with the options it added dropped, without a word
+    from model_sources import make_source
+
+    import bsbr
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["bsbr_version"] == bsbr.__version__
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, bsbr_version="99.0")))
+    with caplog.at_level("WARNING"):
+        load_bsbr_model(tmp_path)
+    assert caplog.text.count(f"saved by bsbr 99.0, and this is bsbr {bsbr.__version__}: options added") == 1

@@ -239,8 +239,11 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     from ..arguments import METADATA, source_record
     from ..outputs import write_model_card
 
+    from .. import __version__
+
     s = model.conversion_summary
-    record = dict(source=source_record(source, source_model), output_dir=str(Path(output_dir).resolve()),
+    record = dict(bsbr_version=__version__, source=source_record(source, source_model),
+                  output_dir=str(Path(output_dir).resolve()),
                   source_model_type=s["source_model_type"], params_source=s["params_source"],
                   params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
                   seconds=round(seconds, 1), **options)

@@ -14,6 +14,25 @@ from ...ops.checks import check_flag, check_int, check_number
 
 logger = logging.getLogger(__name__)
 
+
+_WARNED_VERSIONS: set = set()
+
+
+def _warn_if_newer(saved: Optional[str]) -> None:
+    """Warn of a config saved by a newer bsbr than this one (its new options are not read)."""
+    from packaging.version import InvalidVersion, Version
+
+    from ... import __version__
+
+    try:
+        newer = saved is not None and Version(str(saved)) > Version(__version__)
+    except InvalidVersion:
+        newer = False
+    if newer and saved not in _WARNED_VERSIONS:  # (once: a model builds its config twice)
+        _WARNED_VERSIONS.add(saved)
+        logger.warning("this config was saved by bsbr %s, and this is bsbr %s: options added since are not read "
+                       "(upgrade bsbr: pip install -U bsbr)", saved, __version__)
+
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
 #   absolute: refuse longer inputs; clamp: every later token gets the last position;
@@ -222,6 +241,10 @@ class BSBRConfig(PretrainedConfig):
         self.use_cache = use_cache
         # declared, as the sources' configs declare them (code reads config.pad_token_id and tests for None)
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        # the bsbr that saved the config (BSBRPreTrainedModel.save_pretrained sets it): a newer one's options
+        # may be ones this bsbr does not read
+        self.bsbr_version = kwargs.pop("bsbr_version", None)
+        _warn_if_newer(self.bsbr_version)
         if kwargs.pop("window_scored_blocks", 0):  # a retired option some saved configs hold
             logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
                            "of the retrieval blocks): the model chooses all %s blocks by their own scores",

@@ -445,6 +445,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         """transformers' ``save_pretrained``, plus ``bsbr_auto.py``, which config.json's ``auto_map`` names: a
         process that has not imported bsbr loads the model with ``trust_remote_code=True`` (that file imports
         the installed bsbr; nothing else is executed)."""
+        from ... import __version__
+
+        self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
             self._write_auto_code(save_directory)
