@@ -330,9 +330,10 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
                         "text files with --text-file")
 
     try:
-        _, unread, _, splits = local_dataset_files(name, dataset_config)
+        listed = local_dataset_files(name, dataset_config, dataset_split)
     except Exception:  # (reported below, by the check that opens it)
-        unread, splits = [], {}
+        listed = None
+    _, unread, _, splits = listed or ([], [], False, {})
     formats = {data_suffix(Path(f).name) for fs in splits.values() for f in fs}
     unnamed = [os.path.relpath(f, Path(name).expanduser().resolve()) for f in unread
                if data_suffix(Path(f).name) in formats]
@@ -358,7 +359,7 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         raise UserError(f"--dataset: {why[:300]}{fix}") from None
     from .corpus import COMPRESSED
 
-    read, unread, plain, _ = local_dataset_files(name, dataset_config, dataset_split)
+    read, unread, plain, _ = listed or local_dataset_files(name, dataset_config, dataset_split)
     files = "the file holds" if len(read) == 1 else "its files hold"
     if first is None:
         raise UserError(f"--dataset {name}: {files} no text: give some text" if plain else
