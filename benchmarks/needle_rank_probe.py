@@ -83,6 +83,8 @@ def ranks(prompt, got, B, L, sinks, min_mass):
     P = (n - 1) // B - L + 1  # chunks before the last token's window
     needle = sorted({prompt.key_start // B, (prompt.key_end - 1) // B})
     out = {}
+    if needle[-1] >= P:  # the needle lies in the last token's window: nothing to retrieve
+        return out
     for qr, kr in got:
         g = qr.shape[0] // kr.shape[0]
         for h in range(qr.shape[0]):
@@ -113,9 +115,13 @@ def main() -> None:
         for prompt in grid_prompts(tok, [args.length], args.depths, args.trials, 0, 8, [filler]):
             r = ranks(prompt, capture(model, prompt.input_ids, args.rows), cfg.chunk_size, cfg.local_chunks,
                       cfg.sink_tokens, args.min_mass)
-            print(filler, prompt.depth, "triples", len(r.get("max", [])), flush=True)
+            print(filler, prompt.depth, "triples", len(r.get("max", [])),
+                  "" if r else "(needle in the window: skipped)", flush=True)
             for name, v in r.items():
                 all_ranks.setdefault(name, []).extend(v)
+    if not all_ranks:
+        raise SystemExit("needle_rank_probe.py: no needle lay before the window: "
+                         "use a longer --length or smaller --depths")
     summary = {name: dict(top8=sum(x < 8 for x in v) / len(v), top16=sum(x < 16 for x in v) / len(v),
                           median_rank=statistics.median(v), triples=len(v)) for name, v in all_ranks.items()}
     for name, s in summary.items():
