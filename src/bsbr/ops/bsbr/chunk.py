@@ -19,7 +19,7 @@ from .masks import near, sink_outside_window
 from .options import BSBROptions
 from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
                         select_blocks, state_weights)
-from .softmax import attention_lse, fused_attention, masked_attention_lse, merge
+from .softmax import attention_lse, fused_attention, lse_dtype, masked_attention_lse, merge
 from .recall import RecallCache, recall_update
 from .state import BSBRState, buffer_chunks, own_ring_chunks, refresh_retrieval, tracked, window_tokens
 
@@ -153,9 +153,9 @@ def _sink_part(q, k, qr, kr, v, tok_valid, options, scale):
     ok = sink_outside_window(t[:, None], j[None, :], B, options.local_chunks)
     ok = ok & tok_valid[:, None, j]  # (b, N, S)
     own = near(t[:, None], j[None, :], B, R) if R else None  # (N, S): sinks at their own positions
-    g_ = (b, hkv, hq // hkv, N, -1)
-    s = _far_scores(q.view(g_), k[:, :, : j.numel()].unsqueeze(2), qr.view(g_), kr[:, :, : j.numel()].unsqueeze(2),
-                    own) * scale
+    g_, up = (b, hkv, hq // hkv, N, -1), lse_dtype(q.dtype)  # scores in float32 at least, as the fused kernel's
+    s = _far_scores(q.view(g_).to(up), k[:, :, : j.numel()].unsqueeze(2).to(up), qr.view(g_).to(up),
+                    kr[:, :, : j.numel()].unsqueeze(2).to(up), own) * scale
     o_s, lse_s = masked_attention_lse(s, ok.view(b, 1, 1, N, -1), v[:, :, : j.numel()].unsqueeze(2))
     return o_s.reshape(b, hq, N, -1), lse_s.reshape(b, hq, N)
 
@@ -282,7 +282,7 @@ def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
     hq, dv, C = qr.shape[1], v.shape[-1], N // B
     g = hq // hkv
     o = qr.new_zeros(b, hkv, g, N, dv)
-    lse = qr.new_full((b, hkv, g, N), NEG_INF)
+    lse = qr.new_full((b, hkv, g, N), NEG_INF, dtype=lse_dtype(qr.dtype))
     for c in range(L, C):
         W, rows = (c - L + 1) * B, slice(c * B, (c + 1) * B)
         split = min(max(c - R + 1, 0), c - L + 1) * B if R else W  # keys before it: qr.kr; from it: q.k
@@ -439,9 +439,8 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
     # weight exp(lse_pair - lse) into its row (in group order: a row's sum depends on its own pairs only)
     rows_out = b * hkv * N * g
-    # in float32 at least: a half-precision lse rounds by up to ~1 at large logits, and the pair weights
-    # exp(lse_pair - lse) then summed to e^(+-1), not 1 (outputs outside the values' range)
-    lse = qr.new_full((rows_out,), NEG_INF, dtype=torch.promote_types(qr.dtype, torch.float32))
+    # (in lse_dtype: with half-precision lses the pair weights exp(lse_pair - lse) summed to e^(+-1), not 1)
+    lse = qr.new_full((rows_out,), NEG_INF, dtype=lse_dtype(qr.dtype))
     o = qr.new_zeros(rows_out, dv)
     num = qr.new_zeros(rows_out, dv) if state else None
     den = qr.new_zeros(rows_out) if state else None

@@ -300,7 +300,7 @@ def _softmax_of_parts(parts, scale):
                 for q, k, v, masked, _ in parts]
         if len(outs) == 2:  # the weight of part 0 is sigmoid(lse_0 - lse_1)
             (o0, l0), (o1, l1) = outs
-            return torch.lerp(o1, o0, torch.sigmoid(l0 - l1).unsqueeze(-1))
+            return torch.lerp(o1.to(l0.dtype), o0.to(l0.dtype), torch.sigmoid(l0 - l1).unsqueeze(-1)).to(o0.dtype)
         return merge(outs)
     scores, values = [], []
     for part in parts:
