@@ -160,6 +160,16 @@ def test_the_bounded_mode_runs_its_op_in_float32_under_half_precision(recall, mo
     assert (full.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
 
 
+def test_float16_chunk_states_keep_float32_range_over_long_contexts():
+    # the states' running sums passed float16's 65,504 past ~65k tokens of like keys: outputs were nan
+    torch.manual_seed(0)
+    a = BSBRAttention(16, 1, 256, retrieval="normalized", gate_init=1.0).eval()
+    x = torch.randn(1, 1, 16).expand(1, 70000, 16) * 8
+    with torch.no_grad():
+        ref, half = a(x), a.half()(x.half())
+    assert half.dtype == torch.float16 and (half.float() - ref).abs().max().item() < 0.01
+
+
 def test_model_runs_any_length_and_pads():
     torch.manual_seed(0)
     m = BSBRModel(50, 32, 2, 4, 16, 64, dropout=0.0).eval()

@@ -23,12 +23,12 @@ from .rotary import apply_rotary, autocast_on
 
 def op_dtype(dtype: torch.dtype, device_type: str, options) -> torch.dtype:
     """The dtype the op, and so its streaming state, runs in for inputs of ``dtype``: float32 under
-    mixed precision (autocast; its running sums and shared denominator need the range), and for the
-    bounded mode on half precision (it keeps the tokens its state recalls worst, an order bfloat16
-    rounding scrambles: a tiny llama in bfloat16 had KL 0.194 to float32 with the op in bfloat16, 0.030
-    in float32, the source's own 0.019; its cache stays small in float32 whatever the context);
-    otherwise ``dtype``."""
-    if autocast_on(device_type) or (dtype in (torch.float16, torch.bfloat16) and options.recall_tokens):
+    mixed precision (autocast; its running sums and shared denominator need the range), for float16
+    (the same range: a tiny llama with an open gate gave inf from token 91,680 in float16), and for the
+    bounded mode in bfloat16 (it keeps the tokens its state recalls worst, an order bfloat16 rounding
+    scrambles: a tiny llama had KL 0.194 to float32 with the op in bfloat16, 0.030 in float32, the
+    source's own 0.019; its cache stays small in float32 whatever the context); otherwise ``dtype``."""
+    if autocast_on(device_type) or dtype == torch.float16 or (dtype == torch.bfloat16 and options.recall_tokens):
         return torch.float32
     return dtype
 
