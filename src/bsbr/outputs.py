@@ -284,6 +284,8 @@ def is_bsbr_output(out: Path) -> bool:
                 return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (f.name == "manifest.json" or
                                                                                _CHECKPOINT_DATA.fullmatch(f.name)))
                            for f in entry.iterdir())
+            if entry.name == "additional_chat_templates":  # a tokenizer's named chat templates, as saved
+                return all(f.is_file() and not f.is_symlink() and f.suffix == ".jinja" for f in entry.iterdir())
             return entry.name == "model" and is_bsbr_output(entry)
         if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
             return _is_model_card(entry)
@@ -737,7 +739,7 @@ def publish_files(staging, directory) -> None:
             _fsync_dir(directory)
         for name in sorted((p.name for p in staging.iterdir()), key=lambda n: (n == "config.json", n)):
             target = directory / name
-            if target.is_dir() and not (staging / name).is_dir():
+            if target.is_dir() and not target.is_symlink():  # (a folder is replaced whole, as a file is)
                 shutil.rmtree(target)
             os.replace(staging / name, target)
     staging.rmdir()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from cli_checks import TEXT, SRC, one_error_line, refused, tree_hash
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 import bsbr.outputs
 from bsbr.cli import main
@@ -370,6 +371,28 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
                                                           thesis)
     assert main(["convert", str(source), str(mine), "--overwrite", "--chunk-size", "16"]) == 0  # a bsbr model alone
     assert json.loads((mine / "config.json").read_text())["chunk_size"] == 16
+
+
+def test_overwrite_replaces_a_model_whose_tokenizer_has_named_chat_templates(models, tmp_path, capsys, text):
+    # transformers saves a tokenizer's named templates in additional_chat_templates/: bsbr's own output was
+    # refused as holding files of the user's, and distill's second publish failed on the folder
+    source = shutil.copytree(models[0], tmp_path / "source")
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.chat_template = {"default": "{{ messages[0]['content'] }}", "tool_use": "{{ tools }}"}
+    tok.save_pretrained(source)
+    out = tmp_path / "out"
+    assert main(["convert", str(source), str(out), "--chunk-size", "8"]) == 0
+    assert (out / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert main(["convert", str(source), str(out), "--chunk-size", "16", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["chunk_size"] == 16
+    run = ["distill", "--student", out, "--teacher", source, "--text-file", text, "--seq-len", "96",
+           "--max-windows", "4", "--output", tmp_path / "dd", "--checkpoint-every", "1", "--params", "all"]
+    assert main([str(a) for a in run + ["--steps", "1"]]) == 0
+    assert main([str(a) for a in run + ["--steps", "2", "--resume"]]) == 0
+    assert json.loads((tmp_path / "dd" / "distill.json").read_text())["step"] == 2
+    (out / "additional_chat_templates" / "notes.txt").write_text("mine")
+    line = refused(capsys, ["convert", source, out, "--overwrite"], "convert", out)
+    assert "holds files no bsbr command wrote" in line
 
 
 def test_overwrite_does_not_take_a_checkpoint_folder_for_bsbrs(models, tmp_path, capsys):
