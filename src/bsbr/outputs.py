@@ -234,6 +234,7 @@ _WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "model
 # tempfile's 8-character suffix; and the data files of a distill checkpoint (bsbr.distill.checkpoint's names)
 _STAGED = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
 _CHECKPOINT_DATA = re.compile(r"(trainable|optimizer)-\d{7,}-[0-9a-f]{8}\.safetensors")
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' save_file writes through one (a kill leaves it)
 
 
 def _written_name(name: str) -> bool:
@@ -281,8 +282,8 @@ def is_bsbr_output(out: Path) -> bool:
             return True
         if entry.is_dir():
             if entry.name == "checkpoint":
-                return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (f.name == "manifest.json" or
-                                                                               _CHECKPOINT_DATA.fullmatch(f.name)))
+                return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
+                    f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name) or _SAFETENSORS_TMP.fullmatch(f.name)))
                            for f in entry.iterdir())
             if entry.name == "additional_chat_templates":  # a tokenizer's named chat templates, as saved
                 return all(f.is_file() and not f.is_symlink() and f.suffix == ".jinja" for f in entry.iterdir())

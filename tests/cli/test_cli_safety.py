@@ -799,6 +799,22 @@ def test_distill_resume_into_a_directory_without_a_checkpoint_refuses(models, te
                                             "distill", out)
 
 
+def test_distill_resumes_or_overwrites_past_the_temporary_file_a_killed_checkpoint_save_left(models, text, tmp_path):
+    # safetensors writes a file through checkpoint/.tmpXXXXXX: after a kill -9 there, --resume and --overwrite
+    # both refused the output as holding files no bsbr command wrote
+    out = tmp_path / "out"
+    def run(*extra):
+        return main([str(a) for a in distill_args(models, text, out, "--params", "all", *extra)])
+
+    assert run("--steps", "1", "--checkpoint-every", "1") == 0
+    (out / "checkpoint" / ".tmpQ1w2E3").write_bytes(b"half a tensor")
+    assert run("--steps", "2", "--checkpoint-every", "1", "--resume") == 0
+    assert json.loads((out / "distill.json").read_text())["step"] == 2
+    assert not (out / "checkpoint" / ".tmpQ1w2E3").exists()  # the next save removes it
+    (out / "checkpoint" / ".tmpQ1w2E3").write_bytes(b"half a tensor")
+    assert run("--steps", "1", "--overwrite") == 0
+
+
 def _fork_cli(argv, quiet=True):
     """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
     pid = os.fork()
