@@ -524,12 +524,15 @@ def _make_parents(path: Path) -> list:
     return made
 
 
-def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]) -> None:
+def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]],
+                   figures: Optional[Iterable[os.PathLike]] = None) -> None:
     """Write result files as one set: each ``(path, write)`` first has ``write(staged)`` write its file
     in a staging folder beside ``path``; only when all are written are they renamed into place, in one
     short final step. A write that fails (or an interruption) before that step leaves the old files
     untouched, and neither staging folders nor the folders made for them; a rename that fails in that step
-    puts back the files renamed before it."""
+    puts back the files renamed before it. With ``figures`` (the paths among them that are plots; the
+    others are JSON), an existing file is checked again before that step as :func:`check_output_files`
+    checked it before the work: one of another kind put there meanwhile is not replaced."""
     staging, staged, made = {}, [], []
     path = None
     try:
@@ -553,6 +556,15 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
             fix = "free some space or choose another path" if out_of_room(e) else "choose another path"
             raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: {fix}") from e
         raise
+    plots = None if figures is None else {Path(os.path.abspath(os.path.expanduser(str(p)))) for p in figures
+                                              if p is not None}
+    changed = [] if plots is None else [path for _, path in staged if path.is_symlink() or path.exists() and not (
+        path.is_file() and _replaceable(path, path in plots))]
+    if changed:  # (checked again: a file may have been put there while the results were computed)
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(f"{changed[0]} became a file no bsbr command wrote while the results were computed: not "
+                        "replaced, no result file was written: move it, or choose another path")
     done = []  # (path, its old file kept in the staging folder, or None)
     try:
         with signals_held():
@@ -597,6 +609,9 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
     elif out.exists():
         if not overwrite:
             raise OutputError(f"{out} appeared while writing: not replaced (the result is in {tmp})")
+        if out.is_symlink() or not out.is_dir() or not is_bsbr_output(out):  # (checked again: it may have changed)
+            raise OutputError(f"{out} gained files no bsbr command wrote while writing: not replaced (the result is in "
+                              f"{tmp})")
         replace = True
     with signals_held():  # (an interrupt here is delivered after the renames and the old output's removal)
         if replace and _exchange(tmp, out):  # the new output in place, the old one at tmp

@@ -98,14 +98,34 @@ def test_results_staging_a_killed_eval_left_is_named(tmp_path, caplog):
     assert ".bsbr-results.tmp-ab12cd34 left by an earlier run that was killed" in caplog.text
 
 
+OLD_MODEL = '{"model_type": "bsbr"}'  # a bsbr model's config.json, which --overwrite replaces
+OLD_JSON, OLD_PNG = '{"old": 1}', b"\x89PNG\r\n\x1a\nold"  # results of the kinds the options write
+
+
+def test_a_result_file_another_program_put_there_meanwhile_is_not_replaced(tmp_path):
+    # the result files were checked only before the work: a script saved as r.json meanwhile was replaced
+    import bsbr.outputs as outputs
+    from bsbr.errors import UserError
+
+    def write_json(p):
+        (tmp_path / "r.json").write_text("#!/bin/sh\necho mine\n")  # (while the results are computed)
+        p.write_text("{}")
+
+    with pytest.raises(UserError, match="r.json became a file no bsbr command wrote while the results were computed"):
+        outputs.write_together([(tmp_path / "r.json", write_json), (tmp_path / "r.png", lambda p: p.write_text("x"))],
+                               figures=[tmp_path / "r.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert (tmp_path / "r.json").read_text().startswith("#!/bin/sh")
+
+
 def test_a_result_file_that_cannot_be_replaced_leaves_the_set_as_it_was(tmp_path, monkeypatch):
     # a file another user owns in a sticky folder cannot be renamed over: the first file was replaced, the
     # second not, and the staging folder was left behind
     import bsbr.outputs as outputs
     from bsbr.errors import OutputError, UserError
 
-    (tmp_path / "r.json").write_text("old json")
-    (tmp_path / "r.png").write_text("old png")
+    (tmp_path / "r.json").write_text(OLD_JSON)
+    (tmp_path / "r.png").write_bytes(OLD_PNG)
     real = os.replace
 
     def refuse_the_plot(src, dst):
@@ -118,13 +138,13 @@ def test_a_result_file_that_cannot_be_replaced_leaves_the_set_as_it_was(tmp_path
         outputs.write_together([(tmp_path / "r.json", lambda p: p.write_text("new json")),
                                 (tmp_path / "r.png", lambda p: p.write_text("new png"))])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
-    assert (tmp_path / "r.json").read_text() == "old json" and (tmp_path / "r.png").read_text() == "old png"
+    assert (tmp_path / "r.json").read_text() == OLD_JSON and (tmp_path / "r.png").read_bytes() == OLD_PNG
     monkeypatch.undo()
     # and such a file is refused before the work, as the other files no result may replace
     sticky = tmp_path / "shared"
     sticky.mkdir(mode=0o1777)
     sticky.chmod(0o1777)
-    (sticky / "r.png").write_text("theirs")
+    (sticky / "r.png").write_bytes(OLD_PNG)
     monkeypatch.setattr(outputs.os, "geteuid", lambda: os.stat(sticky).st_uid + 1)  # neither its nor the folder's owner
     with pytest.raises(OutputError, match="is another user.s file in a folder where only its owner may replace it"):
         outputs.check_output_files([("--json", str(sticky / "r.png"))])
@@ -146,15 +166,19 @@ def test_a_stray_staging_folder_does_not_make_a_users_model_a_bsbr_output(models
     assert "holds files no bsbr command wrote" in line, line
 
 
-def test_a_publish_that_finds_a_file_in_its_place_leaves_nothing_beside_it(tmp_path):
+def test_a_publish_that_finds_a_file_in_its_place_keeps_it(tmp_path):
+    # --overwrite replaced a file a user saved at the output's path while the command ran
     import bsbr.outputs as outputs
+    from bsbr.errors import OutputError
 
     out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
     out.write_text("a file, appeared meanwhile")
     new.mkdir()
     (new / "config.json").write_text("new")
-    outputs.publish_dir(new, out, overwrite=True)
-    assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+    with pytest.raises(OutputError, match="gained files no bsbr command wrote while writing: not replaced .the result "
+                                          "is in .*.out.tmp-1"):
+        outputs.publish_dir(new, out, overwrite=True)
+    assert out.read_text() == "a file, appeared meanwhile" and (new / "config.json").read_text() == "new"
 
 
 def test_overwrite_swaps_the_old_output_for_the_new_in_one_step(models, tmp_path, monkeypatch):
@@ -395,6 +419,24 @@ def test_overwrite_replaces_a_model_whose_tokenizer_has_named_chat_templates(mod
     assert "holds files no bsbr command wrote" in line
 
 
+def test_overwrite_keeps_a_file_added_to_the_output_while_writing(models, tmp_path, capsys, monkeypatch):
+    # the output was checked only before the work: a note saved into it meanwhile was deleted with the old model
+    source, converted, _ = models
+    out = shutil.copytree(converted, tmp_path / "out")
+    before = tree_hash(out)
+    real = bsbr.outputs.shared_modes
+
+    def and_a_note(root):  # (runs on the complete result, right before it is published)
+        (out / "notes.txt").write_text("mine")
+        real(root)
+
+    monkeypatch.setattr(bsbr.outputs, "shared_modes", and_a_note)
+    line = refused(capsys, ["convert", source, out, "--overwrite", "--chunk-size", "16"], "convert")
+    assert "gained files no bsbr command wrote while writing: not replaced (the result is in" in line
+    (out / "notes.txt").unlink()
+    assert tree_hash(out) == before
+
+
 def test_overwrite_does_not_take_a_checkpoint_folder_for_bsbrs(models, tmp_path, capsys):
     # a user's fine-tuned llama with checkpoint/step-1000.safetensors: any non-empty checkpoint/ marked the
     # folder as bsbr's, and --overwrite replaced the weights, the config and the user's README.md
@@ -467,7 +509,7 @@ def test_an_interrupt_while_an_output_is_renamed_into_place_leaves_old_or_new(tm
     import bsbr.outputs as outputs
 
     out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
-    for d, text in ((out, "old"), (new, "new")):
+    for d, text in ((out, OLD_MODEL), (new, "new")):
         d.mkdir()
         (d / "config.json").write_text(text)
     replace, calls = os.replace, []
@@ -493,7 +535,7 @@ def test_an_interrupt_while_the_replaced_output_is_removed_leaves_no_copy(tmp_pa
     import bsbr.outputs as outputs
 
     out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
-    for d, text in ((out, "old"), (new, "new")):
+    for d, text in ((out, OLD_MODEL), (new, "new")):
         d.mkdir()
         (d / "config.json").write_text(text)
     rmtree = shutil.rmtree

@@ -179,7 +179,7 @@ def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
 
     files = [(args.json, lambda p: write_json(result, p))] if args.json else []
     files += [(args.plot, lambda p: plot(result, p))] if args.plot else []
-    write_together(files)
+    write_together(files, figures=[args.plot])
     for path, _ in files:
         print(f"wrote {path}")
 

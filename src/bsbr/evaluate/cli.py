@@ -362,7 +362,8 @@ def cmd_eval(args) -> int:
         files.append((heatmap, lambda p: plot_passkey_heatmap(result["passkey"], p),
                       f"pass-key heat map: {heatmap} (data: {heatmap.with_suffix('.json')})"))
         files.append((heatmap.with_suffix(".json"), lambda p: write_json(result["passkey"], p), None))
-    write_together([f[:2] for f in files])  # before anything is printed: a closed stdout (| head) loses no file
+    # before anything is printed: a closed stdout (| head) loses no file
+    write_together([f[:2] for f in files], figures=[args.plot, heatmap])
     for line in lines:
         print(line)
     for *_, line in files:
