@@ -857,6 +857,27 @@ def test_distill_resumes_or_overwrites_past_the_temporary_file_a_killed_checkpoi
     assert run("--steps", "1", "--overwrite") == 0
 
 
+def test_distill_writes_the_conversion_record_of_the_student_it_loaded(models, text, tmp_path, monkeypatch):
+    # conversion.json was read from --student when the model was published: a student folder converted again
+    # meanwhile (another source) gave the distilled model that source's record, and eval --reference took it
+    import bsbr.distill.trainer as trainer
+
+    source, converted, _ = models
+    student, out = shutil.copytree(converted, tmp_path / "student"), tmp_path / "out"
+    record = (student / "conversion.json").read_text()
+    real = trainer.distill
+
+    def converted_again_meanwhile(*args, **kwargs):
+        (student / "conversion.json").write_text('{"source": "another"}')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "distill", converted_again_meanwhile)
+    assert main([str(a) for a in ["distill", "--student", student, "--teacher", source, "--text-file", text,
+                                  "--seq-len", "96", "--max-windows", "4", "--output", out, "--steps", "1",
+                                  "--params", "all"]]) == 0
+    assert (out / "conversion.json").read_text() == record
+
+
 def _fork_cli(argv, quiet=True):
     """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
     pid = os.fork()

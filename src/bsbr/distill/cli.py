@@ -342,6 +342,9 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
         check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
                        dict(windows=windows_fingerprint(windows)), out / "checkpoint")
+    # the record of the source it was converted from, for eval --reference: read with the student (the folder
+    # may be replaced while it trains)
+    record = (student_dir / METADATA).read_text() if (student_dir / METADATA).is_file() else None
     student = load_bsbr_model(student_dir)
     _check_new_pieces_matter(student, args)
     teacher = load_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)  # (checked as cmd_distill did)
@@ -357,8 +360,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
-        if (student_dir / METADATA).is_file():  # the source it was converted from, for eval --reference
-            (directory / METADATA).write_text((student_dir / METADATA).read_text())
+        if record is not None:
+            (directory / METADATA).write_text(record)
         write_model_card(directory)
 
     check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training
