@@ -3,6 +3,7 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -34,11 +35,20 @@ def cmd_demo(args) -> int:
             with staged_dir(final, overwrite=args.overwrite) as out:
                 _demo(args, out, final, t0)
     except write_errors() as e:
-        if not out_of_room(e):
+        if not (out_of_room(e) or _in_output(getattr(e, "filename", None), final)):
             raise
         raise write_failure("--output", final, e, "the demo's files") from e
     print(f"\nwrote {final}/eval.json, eval.png, speed.json, speed.png, model/ in {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+def _in_output(path, final: Path) -> bool:
+    """Whether ``path`` (an error's file name) is ``final`` or in it, or the folder the demo stages it in."""
+    if not path:
+        return False
+    p, top = Path(os.path.abspath(path)), Path(os.path.abspath(final))
+    return p.is_relative_to(top) or (p.is_relative_to(top.parent) and p != top.parent
+                                     and p.relative_to(top.parent).parts[0].startswith(f".{top.name}."))
 
 
 def _demo(args, out: Path, final: Path, t0: float) -> None:

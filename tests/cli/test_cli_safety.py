@@ -1054,6 +1054,39 @@ def test_a_result_file_that_cannot_be_written_is_named(models, text, tmp_path, c
     assert not (tmp_path / "results").exists()
 
 
+def test_a_task_folder_or_demo_output_that_cannot_be_written_is_named(models, tmp_path, capsys, monkeypatch):
+    # a full disk under a new --lm-eval-task-dir gave "error: [Errno 28] No space left on device", and a demo whose
+    # output could not be renamed into place named only its staging folder
+    import errno
+
+    import bsbr.outputs as outputs
+
+    source, converted, _ = models
+    real = outputs.temp_dir
+
+    def full(parent, prefix):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "temp_dir", full)
+    task = tmp_path / "task"
+    line = refused(capsys, ["eval", converted, "--lm-eval-task-dir", task, "--passkey-lengths", "96",
+                            "--passkey-depths", "0.5", "--passkey-trials", "1"], "eval", converted)
+    assert line.endswith(f"--lm-eval-task-dir {task}: could not write the task ([Errno 28] No space left on device); "
+                         f"{task} is as it was: free some space or choose another --lm-eval-task-dir")
+    monkeypatch.setattr(outputs, "temp_dir", real)
+
+    def not_permitted(tmp, out, overwrite=False):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(tmp), None, str(out))
+
+    monkeypatch.setattr(outputs, "publish_dir", not_permitted)
+    out = tmp_path / "demo"
+    line = refused(capsys, ["demo", "--source", source, "--output", out, "--chunk-size", "8", "--seq-len", "64",
+                            "--max-windows", "1", "--no-passkey", "--speed-lens", "16", "--decode-contexts",
+                            "--repeats", "1"], "demo", source)
+    assert line.startswith(f"bsbr demo: error: --output {out}: could not write the demo's files (") and \
+        line.endswith("choose another --output")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanly(models, text, tmp_path, capsys):
