@@ -270,12 +270,15 @@ def _main(argv) -> int:
         if not INTERRUPTED.is_set():
             raise
         return _interrupted("")
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    _expand_home(args)
-    verbose = bool(getattr(args, "verbose", False))
-    no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # no bars in a log, or when asked
-    with _command_settings(verbose, no_bars, _rank(args)):
-        return _run_main(parser, args, verbose, no_bars)
+    try:
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        _expand_home(args)
+        verbose = bool(getattr(args, "verbose", False))
+        no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # none in a log, or when asked
+        with _command_settings(verbose, no_bars, _rank(args)):
+            return _run_main(parser, args, verbose, no_bars)
+    except KeyboardInterrupt:  # Ctrl-C while the command's settings are made or given back (its run handles its own)
+        return _interrupted(" ".join(filter(None, [args.command, getattr(args, "bench_command", None)])))
 
 
 _ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY")

@@ -878,6 +878,20 @@ def test_distill_writes_the_conversion_record_of_the_student_it_loaded(models, t
     assert (out / "conversion.json").read_text() == record
 
 
+@pytest.mark.parametrize("where", ["_expand_home", "_apply_settings"])
+def test_a_ctrl_c_as_the_command_starts_is_one_line(models, tmp_path, capsys, monkeypatch, where):
+    # a Ctrl-C 0.1 s in (between parsing and the command's own handling) printed a traceback
+    import bsbr.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bsbr.cli, where, interrupted)
+    capsys.readouterr()
+    assert main(["convert", str(models[0]), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "bsbr convert: interrupted\n" and not (tmp_path / "out").exists()
+
+
 def _fork_cli(argv, quiet=True):
     """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
     pid = os.fork()
