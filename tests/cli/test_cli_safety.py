@@ -892,6 +892,17 @@ def test_a_ctrl_c_as_the_command_starts_is_one_line(models, tmp_path, capsys, mo
     assert capsys.readouterr().err == "bsbr convert: interrupted\n" and not (tmp_path / "out").exists()
 
 
+def test_distill_writes_the_output_it_checked_when_its_path_runs_through_a_link(models, text, tmp_path):
+    # --output W/link/../out was checked and locked as W/out but written through the link (to W/models/out):
+    # the first checkpoint failed with "No such file or directory" after the training steps
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models" / "student")
+    out = f"{tmp_path}/link/../out"
+    assert main([str(a) for a in distill_args(models, text, out, "--steps", "1", "--params", "all",
+                                              "--checkpoint-every", "1")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "models" / "out").exists()
+
+
 def _fork_cli(argv, quiet=True):
     """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
     pid = os.fork()

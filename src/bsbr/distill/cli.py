@@ -174,7 +174,8 @@ def _stop_on_signal():
 
 def cmd_distill(args) -> int:
     cfg = _plan(args)
-    student_dir, out = Path(args.student), Path(args.output)  # (a leading ~ is expanded by bsbr.cli)
+    # (a leading ~ is expanded by bsbr.cli; ".." taken as the checks and the lock take it, not through a link)
+    student_dir, out = Path(args.student), Path(os.path.normpath(args.output))
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
