@@ -63,11 +63,12 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     from .convert.converter import convert_to_bsbr
     from .convert.defaults import resolve_options
     from .evaluate import evaluate_saved, summary_lines
+    from .evaluate.saved import eval_windows
     from .evaluate.plots import plot_results
     from .evaluate.filler import default_fillers
     from .evaluate.passkey import check_prompt_lengths
     from .arguments import (check_model_tokenizer, check_positions, load_model_arg, load_tokenizer_arg,
-                            source_name)
+                            source_name, warn_past_rotary_positions)
 
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
@@ -78,11 +79,14 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     check_model_tokenizer(tokenizer, args.source, "--source")
     if passkey is not None:
         check_prompt_lengths(tokenizer, "--seq-len", "give a longer --seq-len, or --no-passkey", **passkey)
+    # the evaluation's windows before loading: a corpus too small for one is refused at once
+    windows = eval_windows(tokenizer, seq_len=args.seq_len, max_windows=args.max_windows)
     source = load_model_arg(args.source, "--source")
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
                     + [(f"--decode-contexts (plus {DECODE_STEPS} decode steps)", n + DECODE_STEPS,
                         lambda table: f"give --decode-contexts at most {table - DECODE_STEPS:,}")
                        for n in args.decode_contexts])
+    warn_past_rotary_positions(source, "--source", [("--seq-len", args.seq_len)])  # (its perplexity: no bound there)
     options = dict(chunk_size=args.chunk_size, compression_factor=None, **resolve_options({}))
     model = convert_to_bsbr(source, **options)
     model_dir = out / "model"
@@ -97,7 +101,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     if passkey is not None:
         passkey["only"] = ["source", "window", "bsbr"]
     result = evaluate_saved(model_dir, args.source, seq_len=args.seq_len, max_windows=args.max_windows,
-                            passkey=passkey)
+                            passkey=passkey, windows=windows)
     result["config"]["model_dir"] = str(final.resolve() / "model")  # where it lies once published (not staged)
     write_json(result, out / "eval.json")
     plot_results(result, out / "eval.png")

@@ -200,3 +200,16 @@ def test_models_whose_config_returns_tuples_are_scored_and_timed():
         assert perplexity_past(converted, [ids[0]], 4) == want[1]
     res = bench_converted(source, converted, seq_lens=[16], repeats=1, decode_contexts=[12], decode_steps=1)
     assert res["decode"][0]["bsbr_ms_per_token"] > 0
+
+
+def test_the_speed_plot_draws_its_lines_in_length_order(tmp_path, monkeypatch):
+    # the points were joined in the order the lengths were given: --seq-lens 64 16 32 drew a zigzag
+    import bsbr.bench.plots as plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: drawn.update(
+        {i: [list(line.get_xdata()) for line in ax.get_lines()] for i, ax in enumerate(fig.axes)}))
+    result = dict(prefill=[dict(seq_len=n, source_ms=n, bsbr_ms=n) for n in (64, 16, 32)],
+                  decode=[dict(context=n, source_ms_per_token=1, bsbr_ms_per_token=1) for n in (40, 10)])
+    plots.plot_converted(result, tmp_path / "s.png", "tiny")
+    assert drawn == {0: [[16, 32, 64]] * 2, 1: [[10, 40]] * 2}

@@ -80,6 +80,30 @@ def test_demo_refuses_a_passkey_prompt_that_cannot_fit_before_converting(models,
     assert "--seq-len: length 32 is too short for a pass-key prompt" in line and not (tmp_path / "out").exists()
 
 
+def test_demo_refuses_a_corpus_too_small_for_one_window_before_loading(models, tmp_path, capsys, monkeypatch):
+    # the windows were built only after the conversion (41 s on SmolLM2 before the refusal)
+    source, _, _ = models
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded the source"))
+    line = refused(capsys, ["demo", "--source", source, "--output", tmp_path / "out", "--chunk-size", "8",
+                            "--seq-len", "1048576", "--no-passkey"], "demo")
+    assert "not enough for one window of 1048576" in line and not (tmp_path / "out").exists()
+
+
+def test_demo_warns_of_a_seq_len_past_the_sources_rotary_positions(models, tmp_path, capsys, monkeypatch, caplog):
+    # eval warns that the source's perplexity degrades there; the demo compared against it without a word
+    source, _, _ = models
+    positions = json.loads((source / "config.json").read_text())["max_position_embeddings"]
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bsbr.convert.converter.convert_to_bsbr", stop)
+    with caplog.at_level("WARNING"):
+        assert main([str(a) for a in ["demo", "--source", source, "--output", tmp_path / "out", "--chunk-size", "8",
+                                      "--seq-len", positions + 8, "--no-passkey", "--max-windows", "1"]]) == 130
+    assert f"--seq-len {positions + 8:,} runs the source past its {positions:,} positions" in caplog.text
+
+
 def test_demo_on_a_full_disk_names_its_output_and_leaves_nothing(models, tmp_path, capsys, monkeypatch):
     from safetensors import SafetensorError
 

@@ -79,12 +79,12 @@ def plot_quality(result: Dict[str, object], path: str) -> None:
 def plot_converted(result: Dict, path, title: str) -> None:
     """Prefill time against length and decode time per token against context, source beside BSBR."""
     fig, axes = subplots(1, 2, figsize=(10, 4))
-    rows = result["prefill"]
+    rows = sorted(result["prefill"], key=lambda r: r["seq_len"])  # (lines drawn in length order, as given or not)
     for name in ("source", "bsbr"):
         axes[0].loglog([r["seq_len"] for r in rows], [r[f"{name}_ms"] for r in rows], "o-", label=name)
     axes[0].set(xlabel="tokens", ylabel="forward ms (median)", title=f"prefill: {title}")
     axes[0].legend()
-    dec = result["decode"]
+    dec = sorted(result["decode"], key=lambda r: r["context"])
     if dec:
         for name in ("source", "bsbr"):
             axes[1].plot([r["context"] for r in dec], [r[f"{name}_ms_per_token"] for r in dec], "o-", label=name)

@@ -17,23 +17,34 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
                    dataset_split: str = "test", text_column: str = "text", split: str = "heldout",
                    seq_len: int = 2048, max_windows: int = 16, stride: Optional[int] = None,
                    buckets: str = "chunk", passkey: Optional[dict] = None, seed: int = 0,
-                   progress: bool = True, check_reference=None) -> dict:
+                   progress: bool = True, check_reference=None, windows: Optional[tuple] = None) -> dict:
     """``bsbr eval``: load and evaluate.
 
     ``reference`` (what the model was converted from) and ``check_reference``: as in
-    :func:`~bsbr.evaluate.baselines.load_saved_models`.
+    :func:`~bsbr.evaluate.baselines.load_saved_models`; ``windows``: what :func:`eval_windows` gave for
+    these options, when already built.
     """
-    from ..corpus import corpus_texts, token_windows
-
     # the windows before any model is loaded: a corpus too small for one is refused at once
-    texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
-    windows = token_windows(load_eval_tokenizer(model_dir, reference), texts, seq_len, max_windows, stride)
+    windows, corpus_info = windows or eval_windows(
+        load_eval_tokenizer(model_dir, reference), text_files=text_files, dataset=dataset,
+        dataset_config=dataset_config, dataset_split=dataset_split, text_column=text_column, split=split,
+        seq_len=seq_len, max_windows=max_windows, stride=stride, seed=seed)
     models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
     logger.info("%d windows of %d tokens, chunk size %d", windows.shape[0], seq_len, config["chunk_size"])
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
     result["config"].update(config, corpus=corpus_info, stride=stride or seq_len)
     return result
+
+
+def eval_windows(tokenizer, *, text_files=None, dataset=None, dataset_config=None, dataset_split: str = "test",
+                 text_column: str = "text", split: str = "heldout", seq_len: int = 2048, max_windows: int = 16,
+                 stride: Optional[int] = None, seed: int = 0) -> tuple:
+    """The evaluation's windows of token ids (:func:`~bsbr.corpus.token_windows`) and the record of their corpus."""
+    from ..corpus import corpus_texts, token_windows
+
+    texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
+    return token_windows(tokenizer, texts, seq_len, max_windows, stride), corpus_info
 
 
 def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[dict] = None,
