@@ -22,6 +22,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+def leading_specials(tokenizer) -> List[int]:
+    """The special tokens the tokenizer puts before a text (a BOS), without those it appends (an EOS):
+    what a prompt the model continues begins with."""
+    full, plain = (list(tokenizer("x", add_special_tokens=special)["input_ids"]) for special in (True, False))
+    return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
+
+
 SPLITS = ("train", "heldout", "all")
 HELDOUT_FRACTION = 0.1
 # directories never read: test suites (they are code *about* the library, full of fixtures and

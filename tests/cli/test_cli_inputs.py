@@ -901,6 +901,29 @@ def _greedy(model_dir, ids, n):
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def test_generate_continues_the_prompt_without_the_eos_its_tokenizer_appends(models, tmp_path, capsys):
+    # a tokenizer whose post-processor appends </s> (as one saved with add_eos_token=True): the prompt ended in
+    # end-of-text and the model began a new document instead of continuing it
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    _, converted, _ = models
+    eos = copy_source(converted, tmp_path / "eos")
+    tok = AutoTokenizer.from_pretrained(eos)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    tok.save_pretrained(eos)
+    tok = AutoTokenizer.from_pretrained(eos)
+    assert tok("def f")["input_ids"][-1] == tok.eos_token_id  # (what this test is about)
+    ids = torch.tensor([tok("def f")["input_ids"][:-1]])  # <s> def f
+    want = _greedy(eos, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), 6)
+    assert want != _greedy(eos, dict(input_ids=torch.tensor([tok("def f")["input_ids"]]),
+                                     attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.int64)), 6)
+    capsys.readouterr()
+    assert main(["generate", str(eos), "--prompt", "def f", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == f"def f {want.strip()}"  # (the prompt, as given, then the continuation)
+
+
 def test_generate_past_the_longest_sequence_says_how_many_new_tokens_fit(models, capsys):
     # (it said "give a shorter prompt" to a prompt of 2 tokens asking for a million new ones)
     import re

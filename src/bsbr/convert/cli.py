@@ -360,8 +360,13 @@ def cmd_generate(args) -> int:
         except Exception as e:  # (a template is code: jinja2's errors, or any its expressions raise)
             raise UserError(f"--chat: the chat template in MODEL_DIR {path} fails ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:160]}): fix it, or drop --chat") from None
-    else:
-        ids = tok(prompt, return_tensors="pt")
+    else:  # the text after the specials the tokenizer puts first (a BOS), not those it appends (an EOS would end
+        # the text before its continuation)
+        from ..corpus import leading_specials
+
+        prompt_ids = leading_specials(tok) + list(tok(prompt, add_special_tokens=False)["input_ids"])
+        ids = dict(input_ids=torch.tensor([prompt_ids]),
+                   attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.int64))
     ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
     n = ids["input_ids"].shape[1]
     if n == 0 and args.chat:  # (the prompt has text: the template dropped it)

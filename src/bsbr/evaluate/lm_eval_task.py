@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 from ..outputs import staged_dir, write_together
 from .filler import Filler, default_fillers
-from .passkey import DEFAULT_DEPTHS, GREEDY, _leading_specials, filler_sources, grid_prompts, passkey_found
+from .passkey import DEFAULT_DEPTHS, GREEDY, filler_sources, grid_prompts, passkey_found
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     if changed:
         logger.warning("%d of %d pass-key prompts read back as other tokens through this tokenizer's text: lm-eval "
                        "may score them differently from bsbr eval", changed, len(prompts))
-    appended = len(tokenizer("x")["input_ids"]) - len(_leading_specials(tokenizer)) - len(tokenizer(
+    from ..corpus import leading_specials  # (torch: not for the parser)
+
+    appended = len(tokenizer("x")["input_ids"]) - len(leading_specials(tokenizer)) - len(tokenizer(
         "x", add_special_tokens=False)["input_ids"])
     if appended > 0:  # (as a Llama tokenizer saved with add_eos_token=True)
         logger.warning("this tokenizer appends %d special token(s) to every text it encodes: lm-eval's HFLM adds them "

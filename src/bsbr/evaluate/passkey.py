@@ -63,13 +63,6 @@ def _ids(tokenizer, text: str, special: bool = False) -> List[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _leading_specials(tokenizer) -> List[int]:
-    """The special tokens the tokenizer puts before a text (a BOS), without those it appends (an EOS
-    after the intro would end the text mid-prompt)."""
-    full, plain = _ids(tokenizer, "x", special=True), _ids(tokenizer, "x")
-    return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
-
-
 def _running_text(tokenizer) -> Callable[[str], List[int]]:
     """The ids of a piece that continues running text: `` " " + piece``, less the lone space token a
     tokenizer that prepends its own space puts first (SentencePiece's legacy mode, as Llama 2's and
@@ -107,8 +100,10 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
         raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
     if not (isinstance(key, str) and key.isdigit()):
         raise ValueError(f"key must be a string of digits, got {key!r}")
+    from ..corpus import leading_specials  # (torch: not for the parser)
+
     source = get_filler(filler)
-    intro = _leading_specials(tokenizer) + _ids(tokenizer, INTRO)
+    intro = leading_specials(tokenizer) + _ids(tokenizer, INTRO)  # (an EOS after it would end the text mid-prompt)
     encode = _running_text(tokenizer)
     key_ids = encode(KEY_SENTENCE.format(key=key))
     question = encode(QUESTION)
