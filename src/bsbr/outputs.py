@@ -237,6 +237,12 @@ _CHECKPOINT_DATA = re.compile(r"(trainable|optimizer)-\d{7,}-[0-9a-f]{8}\.safete
 _SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' save_file writes through one (a kill leaves it)
 
 
+def _chat_templates(entry: Path) -> bool:
+    """Whether ``entry`` is the folder a tokenizer's ``save_pretrained`` writes its named chat templates in."""
+    return entry.name == "additional_chat_templates" and entry.is_dir() and not entry.is_symlink() and all(
+        f.is_file() and not f.is_symlink() and f.suffix == ".jinja" for f in entry.iterdir())
+
+
 def _written_name(name: str) -> bool:
     """Whether a file of this name is one bsbr writes at the top of an output (:data:`_WRITTEN`, weight shards)."""
     return name in _WRITTEN or (name.startswith("model-") and name.endswith(".safetensors"))
@@ -285,9 +291,7 @@ def is_bsbr_output(out: Path) -> bool:
                 return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
                     f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name) or _SAFETENSORS_TMP.fullmatch(f.name)))
                            for f in entry.iterdir())
-            if entry.name == "additional_chat_templates":  # a tokenizer's named chat templates, as saved
-                return all(f.is_file() and not f.is_symlink() and f.suffix == ".jinja" for f in entry.iterdir())
-            return entry.name == "model" and is_bsbr_output(entry)
+            return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
         if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
             return _is_model_card(entry)
         return _written_name(entry.name)
@@ -319,7 +323,8 @@ def _leftovers_inside(out: Path) -> list:
     if len(staged) == len(entries):
         return entries
     moved_in = staged and not (out / "config.json").exists() and all(
-        e in staged or (e.is_file() and not e.is_symlink() and _written_name(e.name)) for e in entries)
+        e in staged or (e.is_file() and not e.is_symlink() and _written_name(e.name)) or _chat_templates(e)
+        for e in entries)
     return entries if moved_in else None
 
 

@@ -69,6 +69,12 @@ def test_a_folder_a_killed_run_left_its_staging_in_is_written_into_with_overwrit
     assert load_bsbr_model(out).config.chunk_size == 16
     assert out.stat().st_ino == inode and (out.stat().st_mode & 0o777) == 0o750
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    (out / "config.json").unlink()  # the same, with a tokenizer's named chat templates moved in (a folder)
+    (out / "additional_chat_templates").mkdir()
+    (out / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    (out / ".bsbr.tmp-ij90kl12").mkdir()
+    assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
+    assert load_bsbr_model(out).config.chunk_size == 8 and not (out / "additional_chat_templates").exists()
 
 
 def test_a_killed_write_into_the_current_directory_is_taken_over_with_overwrite(models, tmp_path, capsys,

@@ -440,6 +440,19 @@ def test_bfloat16_window_parts_are_as_close_as_one_softmax(window):
         assert err < 0.03, (fn.__name__, err)
 
 
+def test_half_precision_parts_are_merged_by_float32_log_sum_exps(monkeypatch):
+    # the selected blocks' lse was cast back to bfloat16 before the merge (its 99th-percentile error 0.019, 0.0093
+    # in float32)
+    import bsbr.ops.bsbr.chunk as chunk
+
+    merged, merge = [], chunk.merge
+    monkeypatch.setattr(chunk, "merge", lambda parts: merged.append([lse.dtype for _, lse in parts]) or merge(parts))
+    g = torch.Generator().manual_seed(0)
+    q, k, v, mq, mk = (torch.randn(1, 2, 256, d, generator=g).bfloat16() for d in (16, 16, 16, 4, 4))
+    o = chunk_bsbr_attention(q, k, v, mq, mk, BSBROptions(32, sink_tokens=2, retrieval_blocks=2), gate=0)[0]
+    assert o.dtype == torch.bfloat16 and merged == [[torch.float32] * 3]  # the window, the sinks, the blocks
+
+
 def with_far_keys(x, seed=7):
     """Add far-key queries/keys (qr, kr) that differ from q/k, as rotary positions past the window make them."""
     g = torch.Generator().manual_seed(seed)

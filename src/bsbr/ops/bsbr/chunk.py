@@ -457,7 +457,7 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
             if state:
                 num.index_add_(0, rows_g, w_p[i][:, None] * (fq_g[i] @ F_g[gid % n_ids])[:cnt])
                 den.index_add_(0, rows_g, w_p[i] * (fq_g[i] @ z_g[gid % n_ids])[:cnt])
-    o, lse = o.view(b, hkv, N, g, dv), lse.to(qr.dtype).view(b, hkv, N, g)
+    o, lse = o.view(b, hkv, N, g, dv), lse.view(b, hkv, N, g)
     if state:
         num, den = num.view(b, hkv, N, g, dv).transpose(2, 3), den.view(b, hkv, N, g).transpose(2, 3)
     return o.transpose(2, 3), lse.transpose(2, 3), num, den
