@@ -647,3 +647,25 @@ def test_a_student_without_a_gate_reads_its_states_from_the_exact_reach():
     with torch.no_grad():
         assert _first_change(teacher(ids).logits, student(ids).logits) == teacher_reach(student.config, True) == 8
     assert exact_reach(student.config) == 8 and shortest_window(student, "new") == shortest_window(student, "all") == 10
+
+
+def test_processes_that_find_the_checkpoint_at_different_steps_are_refused_together(tmp_path, monkeypatch):
+    # on several nodes with an --output on each node's own disk, one process resumed at step 2 and another
+    # started fresh: their collectives stopped matching and the run hung until killed
+    import types
+
+    import torch.distributed as dist
+
+    import bsbr.distill.trainer as trainer
+    from bsbr.errors import CheckpointError
+
+    def another_at_step_3(t, op=None):  # what the max over a process at step 3 gives
+        t.copy_(torch.maximum(t, torch.tensor([3, -3])))
+
+    monkeypatch.setattr(trainer, "dist", types.SimpleNamespace(
+        is_available=lambda: True, is_initialized=lambda: True, get_rank=lambda: 0, get_world_size=lambda: 2,
+        ReduceOp=dist.ReduceOp, all_reduce=another_at_step_3))
+    teacher, student = fresh()
+    with pytest.raises(CheckpointError, match="found .*checkpoint at different steps .0 to 3.: give an --output on "
+                                              "storage every node shares"):
+        distill(teacher, student, windows(2, 96), tmp_path / "out", DistillConfig(steps=1))

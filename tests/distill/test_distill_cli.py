@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -568,6 +569,33 @@ def test_a_ctrl_c_under_torchrun_says_how_long_torchrun_waits(monkeypatch, caplo
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.wait(5)
     assert "finishing the current step" in caplog.text and "--shutdown-timeout 900" in caplog.text, caplog.text
+
+
+def test_a_second_signal_of_either_kind_stops_at_once(monkeypatch):
+    # torchrun passes a second Ctrl-C on as SIGTERM: it only repeated "finishing the current step", and a third
+    # left the workers running without their launcher
+    import os
+
+    from bsbr.distill.cli import _stop_on_signal
+
+    for first, second in ((signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)):
+        with _stop_on_signal() as stop, pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), first)
+            assert stop.wait(5)
+            os.kill(os.getpid(), second)
+            time.sleep(5)
+
+
+def test_a_refused_input_goes_through_the_process_group(models, text, tmp_path, capsys, monkeypatch):
+    # the inputs were checked before joining the group: on several nodes, the process missing a --text-file
+    # stopped and the others waited for it in the group until killed
+    import bsbr.distill.cli as cli
+
+    told = []
+    monkeypatch.setattr(cli, "_start_together", lambda refusal: told.append(refusal) or (_ for _ in ()).throw(refusal))
+    line = refused(capsys, distill_args(models, tmp_path / "missing.txt", tmp_path / "out", "--steps", "1"),
+                   "distill")
+    assert "does not exist" in line and len(told) == 1 and "does not exist" in str(told[0])
 
 
 def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp_path, capsys, no_loading):

@@ -153,15 +153,17 @@ def _resume_command(args) -> str:
 @contextlib.contextmanager
 def _stop_on_signal():
     """While active: the first SIGINT / SIGTERM sets the event it yields, asking the run to stop after its
-    current step (and write a checkpoint); a second SIGINT stops at once."""
+    current step (and write a checkpoint); a second one stops at once (torchrun passes a second Ctrl-C on as
+    SIGTERM)."""
     stop = threading.Event()
 
     def handle(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
         stop.set()
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)%s",
                        signal.Signals(signum).name,
                        TORCHRUN_GRACE if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM) if main_thread}
@@ -176,6 +178,22 @@ def cmd_distill(args) -> int:
     cfg = _plan(args)
     # (a leading ~ is expanded by bsbr.cli; ".." taken as the checks and the lock take it, not through a link)
     student_dir, out = Path(args.student), Path(os.path.normpath(args.output))
+    with contextlib.ExitStack() as held:
+        refusal = None
+        try:  # (under torchrun each process checks what it reads: on several nodes, each its own disk)
+            _check_inputs(args, student_dir)
+            if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)
+                held.enter_context(output_lock(out, "--output", inputs=_inputs(args, student_dir)))
+        except UserError as e:
+            refusal = e
+        _start_together(refusal)
+        try:
+            return _distill(args, cfg, student_dir, out)
+        finally:
+            _leave_process_group()
+
+
+def _check_inputs(args, student_dir: Path) -> None:
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
@@ -184,20 +202,7 @@ def cmd_distill(args) -> int:
                         "the model it was converted from")
     check_unique("--text-file", args.text_file, key=same_file)  # (one file twice would be trained on twice)
     check_text_files(args.text_file, args.seq_len)
-    dataset = dataset_options(args, "train")
-    check_dataset(args.dataset, **dataset, seq_len=args.seq_len)
-    with contextlib.ExitStack() as held:
-        refusal = None
-        if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)
-            try:
-                held.enter_context(output_lock(out, "--output", inputs=_inputs(args, student_dir)))
-            except UserError as e:
-                refusal = e
-        _start_together(refusal)
-        try:
-            return _distill(args, cfg, student_dir, out)
-        finally:
-            _leave_process_group()
+    check_dataset(args.dataset, **dataset_options(args, "train"), seq_len=args.seq_len)
 
 
 def _inputs(args, student_dir: Path) -> list:
@@ -208,7 +213,8 @@ def _inputs(args, student_dir: Path) -> list:
 
 def _start_together(refusal: Optional[UserError]) -> None:
     """Under torchrun, join the process group, and stop every process when one refused to start
-    (``refusal``; rank 0's output lock): the others would wait for it in the group until torchrun kills them."""
+    (``refusal``: its inputs, or rank 0's output lock): the others would wait for it in the group until torchrun
+    kills them."""
     import torch
     import torch.distributed as dist
 

@@ -413,6 +413,12 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
         logger.info("resumed from %s at step %d", ckpt_dir, progress["step"])
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
+    if world > 1:  # every process continues the same checkpoint (an --output each node sees on its own disk: not)
+        seen = torch.tensor([progress["step"], -progress["step"]])
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0] != -seen[1]:
+            raise CheckpointError(f"the processes of this run found {ckpt_dir} at different steps ({-int(seen[1])} to "
+                                  f"{int(seen[0])}): give an --output on storage every node shares")
     progress["data"] = data
     if overwrite and output_dir.is_dir():  # the old output's files, replaced when this run's model is published
         progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
