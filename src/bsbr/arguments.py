@@ -111,9 +111,10 @@ def _differs(a, b) -> bool:
 
 def source_name(source) -> str:
     """A source as records name it: a local path made absolute (so that it holds from any directory, as in
-    the ``give --reference NAME`` of later commands), else the hub id, or the bundled model's label."""
+    the ``give --reference NAME`` of later commands; links not followed: a hub cache's ``.gguf`` is a link to a
+    blob without the suffix), else the hub id, or the bundled model's label."""
     local = source is not None and Path(os.path.expanduser(str(source))).exists()
-    return str(Path(os.path.expanduser(str(source))).resolve()) if local else source_label(source)
+    return os.path.abspath(os.path.expanduser(str(source))) if local else source_label(source)
 
 
 def source_record(source, model) -> dict:

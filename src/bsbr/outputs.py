@@ -49,6 +49,9 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
         if (_overlap(out, s) or _overlap(real_out, _real(s))) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
+        if s.is_dir() and any(_real(e.path).is_relative_to(real_out) for e in os.scandir(s) if e.is_symlink()):
+            raise OutputError(f"{option} {path} holds files the {label} {src} links to: the {label} would be "
+                              f"overwritten; choose another {option}")
 
 
 def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), option: str = "OUTPUT",

@@ -909,6 +909,20 @@ def test_distill_writes_the_output_it_checked_when_its_path_runs_through_a_link(
     assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "models" / "out").exists()
 
 
+def test_distill_refuses_an_output_a_students_links_point_into(models, text, tmp_path, capsys):
+    # a student made of links (cp -rs) into --output: distill --overwrite replaced the files they point to
+    _, converted, _ = models
+    target = shutil.copytree(converted, tmp_path / "target")
+    links = tmp_path / "links"
+    links.mkdir()
+    for f in target.iterdir():
+        (links / f.name).symlink_to(f)
+    args = distill_args(models, text, target, "--steps", "1", "--overwrite")
+    args[args.index("--student") + 1] = links
+    line = refused(capsys, args, "distill", target)
+    assert f"--output {target} holds files the --student {links} links to" in line
+
+
 def _fork_cli(argv, quiet=True):
     """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
     pid = os.fork()

@@ -817,3 +817,32 @@ def test_an_edited_task_yaml_or_utils_module_is_not_replaced(tmp_path):
     assert not is_task_file(yaml)
     utils.write_text(_UTILS + "# my comment\n")
     assert not is_task_file(utils)
+
+
+def test_a_linked_data_file_and_a_compressed_text_with_a_byte_order_mark_are_read_as_their_text(tmp_path):
+    # a data file reached through a link (as a hub cache's snapshots are) was looked up by the link's name in its
+    # target's folder: "Unable to find"; a .txt.gz kept its UTF-8 byte-order mark as three characters of text
+    import gzip
+
+    from bsbr.corpus import dataset_texts
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "77aa").write_text("text\nhello world\nthe fox\n")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "data.csv").symlink_to(tmp_path / "blobs" / "77aa")
+    assert list(dataset_texts(str(tmp_path / "snap" / "data.csv"), split="train")) == ["hello world", "the fox"]
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "a.txt.gz", "wb") as f:
+        f.write("\ufeffdef f(x):\n    return x\n".encode("utf-8"))
+    docs = ["".join(d) if not isinstance(d, str) else d for d in dataset_texts(str(tmp_path / "gz"), split="train")]
+    assert docs == ["def f(x):\n    return x\n"]
+
+
+def test_a_gguf_source_reached_through_a_link_is_recorded_by_the_path_given(tmp_path):
+    # the record followed the link to the hub cache's blob (no .gguf suffix), which --reference then refused
+    from bsbr.arguments import source_name
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "9f8e").write_bytes(b"GGUF" + bytes(8))
+    (tmp_path / "smol.gguf").symlink_to(tmp_path / "blobs" / "9f8e")
+    assert source_name(tmp_path / "smol.gguf") == str(tmp_path / "smol.gguf")
