@@ -963,6 +963,9 @@ def test_generate_reads_a_long_prompt_from_a_file_or_stdin_and_prints_the_contin
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(crlf)))
     for f in (str(tmp_path / "crlf.txt"), "-"):
         assert _prompt_text(argparse.Namespace(prompt=None, prompt_file=f)) == text.replace(" def", "\ndef")
+    (tmp_path / "cr.txt").write_bytes(text.replace(" def", "\rdef").encode())  # (old Mac line ends, as eval reads them)
+    assert _prompt_text(argparse.Namespace(prompt=None, prompt_file=str(tmp_path / "cr.txt"))) == \
+        text.replace(" def", "\ndef")
 
 
 def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):
@@ -977,8 +980,12 @@ def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, c
     (tmp_path / "empty.txt").write_text("")
     assert "--prompt-file gives no text" in refused(capsys, ["generate", converted, "--prompt-file",
                                                              tmp_path / "empty.txt"], "generate")
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
-    assert "standard input) is not UTF-8" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
+    # piped text is checked as a file's is (UTF-16 without a byte-order mark was read, NULs between the letters)
+    for data, words in ((b"\xff\xfe", "standard input) is UTF-16 or UTF-32 text"),
+                        ("def f".encode("utf-16-le"), "standard input) looks binary"),
+                        (b"def \xff", "standard input) is not UTF-8")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        assert words in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
     monkeypatch.setattr(sys, "stdin", None)  # started with standard input closed (<&-): an internal error before
     assert "standard input is closed" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
     assert "not allowed with argument" in refused(capsys, ["generate", converted, "--prompt", "x", "--prompt-file",

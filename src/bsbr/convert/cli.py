@@ -264,7 +264,7 @@ def _prompt_text(args) -> str:
     import sys
 
     from ..errors import UserError
-    from ..arguments import check_text_files
+    from ..arguments import check_text_files, not_utf8
 
     if args.prompt is not None:
         text = args.prompt
@@ -281,8 +281,11 @@ def _prompt_text(args) -> str:
     if args.prompt_file == "-" and sys.stdin is None:  # (started with standard input closed)
         raise UserError("--prompt-file -: standard input is closed: pipe the prompt in, or give --prompt or a file")
     data = Path(args.prompt_file).read_bytes() if args.prompt_file != "-" else sys.stdin.buffer.read()
-    try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n
-        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    why = not_utf8(data) if args.prompt_file == "-" else None  # (a file's bytes were checked above)
+    if why:
+        raise UserError(f"--prompt-file - (standard input) {why}")
+    try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n (as the corpus reads text)
+        return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:  # (a file's bytes were checked above)
         raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {e.start:,}): "
                         "give UTF-8 text") from None
