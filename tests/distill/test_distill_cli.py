@@ -571,7 +571,7 @@ def test_a_ctrl_c_under_torchrun_says_how_long_torchrun_waits(monkeypatch, caplo
     assert "finishing the current step" in caplog.text and "--shutdown-timeout 900" in caplog.text, caplog.text
 
 
-def test_a_second_signal_of_either_kind_stops_at_once(monkeypatch):
+def test_a_ctrl_c_after_a_first_signal_stops_at_once_and_a_repeated_sigterm_does_not(monkeypatch):
     # torchrun passes a second Ctrl-C on as SIGTERM: it only repeated "finishing the current step", and a third
     # left the workers running without their launcher
     import os
@@ -584,6 +584,11 @@ def test_a_second_signal_of_either_kind_stops_at_once(monkeypatch):
             assert stop.wait(5)
             os.kill(os.getpid(), second)
             time.sleep(5)
+    with _stop_on_signal() as stop:  # a job manager's SIGTERM, then torchrun's copy of it: one request
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
 
 
 def test_a_refused_input_goes_through_the_process_group(models, text, tmp_path, capsys, monkeypatch):

@@ -153,13 +153,15 @@ def _resume_command(args) -> str:
 @contextlib.contextmanager
 def _stop_on_signal():
     """While active: the first SIGINT / SIGTERM sets the event it yields, asking the run to stop after its
-    current step (and write a checkpoint); a second one stops at once (torchrun passes a second Ctrl-C on as
-    SIGTERM)."""
-    stop = threading.Event()
+    current step (and write a checkpoint); a Ctrl-C after it stops at once, as does a SIGTERM after a Ctrl-C
+    (torchrun passes a second Ctrl-C on so). A SIGTERM after a SIGTERM does not: a job manager (SLURM's
+    scancel, systemd) signals every process of the job, and torchrun passes its own copy on to its workers."""
+    stop, first = threading.Event(), []
 
     def handle(signum, frame):
-        if stop.is_set():
+        if stop.is_set() and signal.SIGINT in (signum, first[0]):
             raise KeyboardInterrupt
+        first.append(signum)
         stop.set()
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)%s",
                        signal.Signals(signum).name,
