@@ -130,6 +130,9 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         for label, src in sources:
             if real.is_relative_to(src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
+        if len(os.fsencode(out.name)) > NAME_MAX:  # (else is_dir() raises "File name too long")
+            raise OutputError(f"{option} {path}: its name is {len(os.fsencode(out.name))} bytes, more than a file "
+                              f"name may be ({NAME_MAX}): give a shorter name")
         if out.is_dir() or str(path).endswith(("/", os.sep)):
             raise OutputError(f"{option} {path} is a directory: give a file name")
         if out.is_symlink() or (out.exists() and not out.is_file()):  # a device (/dev/null), a pipe, a link

@@ -846,3 +846,10 @@ def test_a_gguf_source_reached_through_a_link_is_recorded_by_the_path_given(tmp_
     (tmp_path / "blobs" / "9f8e").write_bytes(b"GGUF" + bytes(8))
     (tmp_path / "smol.gguf").symlink_to(tmp_path / "blobs" / "9f8e")
     assert source_name(tmp_path / "smol.gguf") == str(tmp_path / "smol.gguf")
+
+
+def test_a_plot_whose_heat_map_name_is_too_long_is_refused_by_name(saved, tmp_path, capsys, no_loading):
+    # a 249-byte --plot makes NAME.passkey.png too long: "error: ...passkey.png: File name too long"
+    plot = tmp_path / ("p" * 245 + ".png")
+    _refused(capsys, _base(saved, *PASSKEY, "--plot", str(plot)), "the pass-key heat map (beside --plot)",
+             "more than a file name may be (255): give a shorter name")
