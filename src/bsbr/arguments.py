@@ -111,10 +111,13 @@ def _differs(a, b) -> bool:
 
 def source_name(source) -> str:
     """A source as records name it: a local path made absolute (so that it holds from any directory, as in
-    the ``give --reference NAME`` of later commands; links not followed: a hub cache's ``.gguf`` is a link to a
-    blob without the suffix), else the hub id, or the bundled model's label."""
+    the ``give --reference NAME`` of later commands; its folder's links followed, not its own: a hub cache's
+    ``.gguf`` is a link to a blob without the suffix), else the hub id, or the bundled model's label."""
     local = source is not None and Path(os.path.expanduser(str(source))).exists()
-    return os.path.abspath(os.path.expanduser(str(source))) if local else source_label(source)
+    if not local:
+        return source_label(source)
+    path = Path(os.path.expanduser(str(source)))
+    return str(path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve())
 
 
 def source_record(source, model) -> dict:

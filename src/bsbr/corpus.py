@@ -135,7 +135,7 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
     by its folder's builder, as its one split ``train``)."""
     path = Path(name).expanduser()
     if path.is_file():
-        where = dict(path=os.path.dirname(os.path.abspath(path)), data_files=path.name)  # (a link: its own name)
+        where = dict(path=str(path.parent.resolve()), data_files=path.name)  # (a link: by its own name)
     elif path.is_dir():
         where = dict(path=str(path.resolve()))
     elif path.exists():
@@ -233,7 +233,8 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} is a {type(text).__name__}, not "
                                  "text: pick a column of text with --text-column")
-            text = None if text is None else text.removeprefix("\ufeff")  # (a compressed file's byte-order mark)
+            if text is not None and builder.name == "text":  # a whole file: a compressed one's byte-order mark
+                text = text.removeprefix("\ufeff")
             if text is not None and "\0" in text[:8192]:
                 raise ValueError(f"dataset {name!r}: row {i:,}'s {text_column!r} holds NUL characters (binary, or "
                                  "UTF-16 text): give UTF-8 text")

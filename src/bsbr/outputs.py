@@ -37,6 +37,23 @@ def _overlap(a: Path, b: Path) -> bool:
     return a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _links_into(folder: Path, target: Path) -> bool:
+    """Whether a link at the top of ``folder`` points into ``target`` (an unreadable folder: the input's own
+    check says so)."""
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        return any(_real(e.path).is_relative_to(target) for e in entries if e.is_symlink())
+    return False
+
+
+def _check_name_lengths(out: Path, path, option: str) -> None:
+    """An :class:`OutputError` when a name in the path is longer than a file name may be (else the file
+    system's bare "File name too long" comes from the first look at it)."""
+    for part in out.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise OutputError(f"{option} {path}: its name {part[:24]}... is {len(os.fsencode(part))} bytes, more "
+                              f"than a file name may be ({NAME_MAX}): give a shorter name")
+
+
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
     """An :class:`OutputError` when the output ``path`` is one of ``inputs`` (``(label, path)`` pairs, path
     None when not given), inside one, or contains one."""
@@ -49,7 +66,7 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
         if (_overlap(out, s) or _overlap(real_out, _real(s))) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
-        if s.is_dir() and any(_real(e.path).is_relative_to(real_out) for e in os.scandir(s) if e.is_symlink()):
+        if s.is_dir() and _links_into(s, real_out):
             raise OutputError(f"{option} {path} holds files the {label} {src} links to: the {label} would be "
                               f"overwritten; choose another {option}")
 
@@ -64,6 +81,7 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     (:func:`staged_dir`), which a mount point holding one cannot be (``distill`` publishes into its output).
     Returns the absolute path."""
     out = _resolved(path)
+    _check_name_lengths(out, path, option)
     cwd = _resolved(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
     if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))) and not (
             _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
@@ -130,9 +148,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         for label, src in sources:
             if real.is_relative_to(src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
-        if len(os.fsencode(out.name)) > NAME_MAX:  # (else is_dir() raises "File name too long")
-            raise OutputError(f"{option} {path}: its name is {len(os.fsencode(out.name))} bytes, more than a file "
-                              f"name may be ({NAME_MAX}): give a shorter name")
+        _check_name_lengths(out, path, option)
         if out.is_dir() or str(path).endswith(("/", os.sep)):
             raise OutputError(f"{option} {path} is a directory: give a file name")
         if out.is_symlink() or (out.exists() and not out.is_file()):  # a device (/dev/null), a pipe, a link
@@ -480,6 +496,7 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     command's ``inputs`` (:func:`refuse_input_overlap`) is refused first: nothing is written into an input."""
     import fcntl
 
+    _check_name_lengths(_resolved(path), path, option)
     refuse_input_overlap(path, inputs, option)
     out = _resolved(path)
     busy = f"{option} {path} is being written by another bsbr command"  # (which one, the lock cannot tell)

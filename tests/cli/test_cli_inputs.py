@@ -983,7 +983,8 @@ def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, c
     # piped text is checked as a file's is (UTF-16 without a byte-order mark was read, NULs between the letters)
     for data, words in ((b"\xff\xfe", "standard input) is UTF-16 or UTF-32 text"),
                         ("def f".encode("utf-16-le"), "standard input) looks binary"),
-                        (b"def \xff", "standard input) is not UTF-8")):
+                        (b"def \xff", "standard input) is not UTF-8"),
+                        (b"\xef\xbb\xbfab\xffcd", "at byte 5")):  # (counted from the byte-order mark, as a file's)
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
         assert words in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
     monkeypatch.setattr(sys, "stdin", None)  # started with standard input closed (<&-): an internal error before

@@ -923,6 +923,18 @@ def test_distill_refuses_an_output_a_students_links_point_into(models, text, tmp
     assert f"--output {target} holds files the --student {links} links to" in line
 
 
+def test_an_output_name_longer_than_a_file_name_may_be_is_refused_by_its_option(models, text, tmp_path, capsys):
+    # "bsbr convert: error: /tmp/.../aaaa...: File name too long", from the first look at the path
+    source, converted, _ = models
+    long = tmp_path / ("a" * 256)
+    assert "OUTPUT_DIR" in refused(capsys, ["convert", source, long / "m"], "convert")
+    line = refused(capsys, distill_args(models, text, long, "--steps", "1"), "distill")
+    assert line.startswith(f"bsbr distill: error: --output {long}: its name aaaa")
+    assert "more than a file name may be" in line
+    assert "--json" in refused(capsys, ["eval", converted, "--no-passkey", "--text-file", text, "--json",
+                                        long / "r.json"], "eval")
+
+
 def _fork_cli(argv, quiet=True):
     """Run ``main(argv)`` in a forked child (no interpreter start); returns its pid."""
     pid = os.fork()

@@ -831,6 +831,9 @@ def test_a_linked_data_file_and_a_compressed_text_with_a_byte_order_mark_are_rea
     (tmp_path / "snap").mkdir()
     (tmp_path / "snap" / "data.csv").symlink_to(tmp_path / "blobs" / "77aa")
     assert list(dataset_texts(str(tmp_path / "snap" / "data.csv"), split="train")) == ["hello world", "the fox"]
+    (tmp_path / "link").symlink_to(tmp_path / "blobs")  # ".." after a linked folder: the folder above its target
+    (tmp_path / "rows.jsonl").write_text('{"text": "first"}\n{"text": "\\ufeffsecond"}\n')
+    assert list(dataset_texts(str(tmp_path / "link" / ".." / "rows.jsonl"), split="train")) == ["first", "\ufeffsecond"]
     (tmp_path / "gz").mkdir()
     with gzip.open(tmp_path / "gz" / "a.txt.gz", "wb") as f:
         f.write("\ufeffdef f(x):\n    return x\n".encode("utf-8"))
@@ -846,6 +849,11 @@ def test_a_gguf_source_reached_through_a_link_is_recorded_by_the_path_given(tmp_
     (tmp_path / "blobs" / "9f8e").write_bytes(b"GGUF" + bytes(8))
     (tmp_path / "smol.gguf").symlink_to(tmp_path / "blobs" / "9f8e")
     assert source_name(tmp_path / "smol.gguf") == str(tmp_path / "smol.gguf")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "snap")  # ".." after a linked folder is the folder above its target
+    assert source_name(f"{tmp_path}/link/../smol.gguf") == str(tmp_path / "smol.gguf")
+    (tmp_path / "snap" / "smol.gguf").symlink_to(tmp_path / "blobs" / "9f8e")
+    assert source_name(f"{tmp_path}/link/smol.gguf") == str(tmp_path / "snap" / "smol.gguf")
 
 
 def test_a_plot_whose_heat_map_name_is_too_long_is_refused_by_name(saved, tmp_path, capsys, no_loading):

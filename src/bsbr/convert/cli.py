@@ -287,7 +287,8 @@ def _prompt_text(args) -> str:
     try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n (as the corpus reads text)
         return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:  # (a file's bytes were checked above)
-        raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {e.start:,}): "
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # (counted after the byte-order mark)
+        raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {at:,}): "
                         "give UTF-8 text") from None
 
 
