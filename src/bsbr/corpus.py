@@ -22,6 +22,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+
 def leading_specials(tokenizer) -> List[int]:
     """The special tokens the tokenizer puts before a text (a BOS), without those it appends (an EOS):
     what a prompt the model continues begins with."""
