@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 from .errors import OutputError, UserError, check_not_interrupted
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+PATH_MAX = 4096  # bytes in a path, its terminating NUL included (Linux)
 STAGED_EXTRA = len(".tmp-12345678.")  # bytes a name gains as the temporary file or folder an output is staged in
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ def _resolved(path) -> Path:
 
 
 def _real(path) -> Path:
-    return Path(os.path.realpath(_resolved(path)))
+    """The file ``path`` names, as the system reads it: links followed before ``..`` (``abspath`` first would
+    take ``link/..`` for the folder the link is in)."""
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -52,6 +55,9 @@ def _check_name_lengths(out: Path, path, option: str) -> None:
         if len(os.fsencode(part)) > NAME_MAX:
             raise OutputError(f"{option} {path}: its name {part[:24]}... is {len(os.fsencode(part))} bytes, more "
                               f"than a file name may be ({NAME_MAX}): give a shorter name")
+    if len(os.fsencode(str(out))) >= PATH_MAX:
+        raise OutputError(f"{option} {str(path)[:48]}...: the path is {len(os.fsencode(str(out))):,} bytes, more than "
+                          f"a path may be ({PATH_MAX - 1:,}): give a shorter path")
 
 
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
@@ -63,7 +69,7 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
         if src is None:
             continue
         s = _resolved(src)
-        if (_overlap(out, s) or _overlap(real_out, _real(s))) and (s.exists() or out == s):
+        if (_overlap(out, s) or _overlap(real_out, _real(src))) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
         if s.is_dir() and _links_into(s, real_out):

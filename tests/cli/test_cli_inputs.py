@@ -987,6 +987,9 @@ def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, c
                         (b"\xef\xbb\xbfab\xffcd", "at byte 5")):  # (counted from the byte-order mark, as a file's)
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
         assert words in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
+    (tmp_path / "cut.txt").write_bytes(b"\xef\xbb")  # a cut byte-order mark: named as the file, not stdin
+    line = refused(capsys, ["generate", converted, "--prompt-file", tmp_path / "cut.txt"], "generate")
+    assert f"--prompt-file {tmp_path / 'cut.txt'} is not UTF-8 text" in line
     monkeypatch.setattr(sys, "stdin", None)  # started with standard input closed (<&-): an internal error before
     assert "standard input is closed" in refused(capsys, ["generate", converted, "--prompt-file", "-"], "generate")
     assert "not allowed with argument" in refused(capsys, ["generate", converted, "--prompt", "x", "--prompt-file",

@@ -933,6 +933,22 @@ def test_an_output_name_longer_than_a_file_name_may_be_is_refused_by_its_option(
     assert "more than a file name may be" in line
     assert "--json" in refused(capsys, ["eval", converted, "--no-passkey", "--text-file", text, "--json",
                                         long / "r.json"], "eval")
+    deep = tmp_path.joinpath(*["d" * 250] * 17)  # each name fits, the path does not (4,096 bytes)
+    assert "OUTPUT_DIR" in refused(capsys, ["convert", source, deep], "convert")
+
+
+def test_an_output_is_checked_against_an_input_read_through_a_link_and_dotdot(models, text, tmp_path, capsys):
+    # --dataset link/../data.jsonl is read through the link (the folder above its target), but the output
+    # check took ".." against the link's name: --json of that file replaced the dataset with the results
+    _, converted, _ = models
+    (tmp_path / "real" / "snap").mkdir(parents=True)
+    (tmp_path / "real" / "ds").mkdir()
+    data = tmp_path / "real" / "ds" / "data.jsonl"
+    data.write_text(json.dumps({"text": TEXT}) + "\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "snap")
+    line = refused(capsys, ["eval", converted, "--no-passkey", "--dataset", f"{tmp_path}/link/../ds/data.jsonl",
+                            "--dataset-split", "train", "--seq-len", "32", "--json", data], "eval", data)
+    assert "would overwrite the --dataset" in line
 
 
 def _fork_cli(argv, quiet=True):

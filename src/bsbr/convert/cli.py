@@ -286,9 +286,10 @@ def _prompt_text(args) -> str:
         raise UserError(f"--prompt-file - (standard input) {why}")
     try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n (as the corpus reads text)
         return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError as e:  # (a file's bytes were checked above)
+    except UnicodeDecodeError as e:
         at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # (counted after the byte-order mark)
-        raise UserError(f"--prompt-file - (standard input) is not UTF-8 text ({e.reason} at byte {at:,}): "
+        name = "- (standard input)" if args.prompt_file == "-" else args.prompt_file  # (a file: a cut byte-order mark)
+        raise UserError(f"--prompt-file {name} is not UTF-8 text ({e.reason} at byte {at:,}): "
                         "give UTF-8 text") from None
 
 
