@@ -317,8 +317,8 @@ def is_bsbr_output(out: Path) -> bool:
         if entry.is_dir():
             if entry.name == "checkpoint":
                 return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
-                    f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name) or _SAFETENSORS_TMP.fullmatch(f.name)))
-                           for f in entry.iterdir())
+                    f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
+                    or _SAFETENSORS_TMP.fullmatch(f.name))) for f in entry.iterdir())
             return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
         if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
             return _is_model_card(entry)
