@@ -10,6 +10,7 @@ split into ``"train"`` (``bsbr distill``, ``bsbr bench quality``) and ``"heldout
 from __future__ import annotations
 
 import collections.abc
+import glob
 import hashlib
 import itertools
 import logging
@@ -136,7 +137,8 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
     by its folder's builder, as its one split ``train``)."""
     path = Path(name).expanduser()
     if path.is_file():
-        where = dict(path=str(path.parent.resolve()), data_files=path.name)  # (a link: by its own name)
+        # (a link: by its own name; datasets reads a name as a pattern: data[1].jsonl would match data1.jsonl)
+        where = dict(path=str(path.parent.resolve()), data_files=glob.escape(path.name))
     elif path.is_dir():
         where = dict(path=str(path.resolve()))
     elif path.exists():

@@ -834,6 +834,8 @@ def test_a_linked_data_file_and_a_compressed_text_with_a_byte_order_mark_are_rea
     (tmp_path / "link").symlink_to(tmp_path / "blobs")  # ".." after a linked folder: the folder above its target
     (tmp_path / "rows.jsonl").write_text('{"text": "first"}\n{"text": "\\ufeffsecond"}\n')
     assert list(dataset_texts(str(tmp_path / "link" / ".." / "rows.jsonl"), split="train")) == ["first", "\ufeffsecond"]
+    (tmp_path / "rows[1].jsonl").write_text('{"text": "bracketed"}\n')  # (a name datasets would read as a pattern)
+    assert list(dataset_texts(str(tmp_path / "rows[1].jsonl"), split="train")) == ["bracketed"]
     (tmp_path / "gz").mkdir()
     with gzip.open(tmp_path / "gz" / "a.txt.gz", "wb") as f:
         f.write("\ufeffdef f(x):\n    return x\n".encode("utf-8"))
