@@ -502,9 +502,9 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     command's ``inputs`` (:func:`refuse_input_overlap`) is refused first: nothing is written into an input."""
     import fcntl
 
-    _check_name_lengths(_resolved(path), path, option)
-    refuse_input_overlap(path, inputs, option)
     out = _resolved(path)
+    _check_name_lengths(out, path, option)
+    refuse_input_overlap(path, inputs, option)
     busy = f"{option} {path} is being written by another bsbr command"  # (which one, the lock cannot tell)
     if unwritable_parent(out) is not None and out.is_dir() and not out.is_symlink():
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
@@ -571,7 +571,7 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
     path = None
     try:
         for path, write in files:
-            path = Path(os.path.abspath(os.path.expanduser(str(path))))
+            path = _resolved(path)
             if path.parent not in staging:
                 left = sorted(p.name for p in path.parent.glob(".bsbr-results.tmp-*")) if path.parent.is_dir() else []
                 if left:  # (not removed: another command may be writing its results there now)
@@ -590,8 +590,7 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
             fix = "free some space or choose another path" if out_of_room(e) else "choose another path"
             raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: {fix}") from e
         raise
-    plots = None if figures is None else {Path(os.path.abspath(os.path.expanduser(str(p)))) for p in figures
-                                              if p is not None}
+    plots = None if figures is None else {_resolved(p) for p in figures if p is not None}
     changed = [] if plots is None else [path for _, path in staged if path.is_symlink() or path.exists() and not (
         path.is_file() and _replaceable(path, path in plots))]
     if changed:  # (checked again: a file may have been put there while the results were computed)

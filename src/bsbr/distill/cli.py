@@ -196,6 +196,7 @@ def cmd_distill(args) -> int:
 
 
 def _check_inputs(args, student_dir: Path) -> None:
+    """Refuse, before any loading, a --student, --teacher, --text-file or --dataset this run cannot read."""
     check_bsbr_dir(student_dir, "--student")
     # a BSBR teacher (another conversion, distilled) only with --force, and never the student itself
     check_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)
