@@ -26,8 +26,14 @@ STAGED_EXTRA = len(".tmp-12345678.")  # bytes a name gains as the temporary file
 logger = logging.getLogger(__name__)
 
 
-def _resolved(path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
+def resolved_path(path) -> Path:
+    """The absolute path at which the system makes or finds ``path``: its folder's links followed before
+    ``..``, as the system reads ``link/../out`` (``abspath`` would take it for ``out`` beside the link), the
+    last name kept as given (an output that is itself a link is seen as one)."""
+    p = Path(os.getcwd(), os.path.expanduser(str(path)))
+    if p.name in ("", ".."):  # (a root, or a path ending in ..)
+        return Path(os.path.realpath(p))
+    return Path(os.path.realpath(p.parent), p.name)
 
 
 def _real(path) -> Path:
@@ -63,12 +69,12 @@ def _check_name_lengths(out: Path, path, option: str) -> None:
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
     """An :class:`OutputError` when the output ``path`` is one of ``inputs`` (``(label, path)`` pairs, path
     None when not given), inside one, or contains one."""
-    out = _resolved(path)
+    out = resolved_path(path)
     real_out = _real(out)
     for label, src in inputs:
         if src is None:
             continue
-        s = _resolved(src)
+        s = resolved_path(src)
         if (_overlap(out, s) or _overlap(real_out, _real(src))) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
@@ -86,9 +92,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     caller continues what is there (``distill --resume``); ``renamed``: the output is renamed into place
     (:func:`staged_dir`), which a mount point holding one cannot be (``distill`` publishes into its output).
     Returns the absolute path."""
-    out = _resolved(path)
+    out = resolved_path(path)
     _check_name_lengths(out, path, option)
-    cwd = _resolved(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
+    cwd = resolved_path(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
     if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))) and not (
             _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
@@ -146,7 +152,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} is empty: give a file name")
         if str(path) == "-":  # (as --prompt-file - reads stdin, a reader may take it for stdout)
             raise OutputError(f"{option} -: results are written to a file, not to standard output: give a file name")
-        out = _resolved(path)
+        out = resolved_path(path)
         real = _real(out)
         if real in seen:
             raise OutputError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
@@ -461,7 +467,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     current directory should not be, and its owner and mode are the user's): the temporary directory is
     made inside it, and its entries are renamed into it at the end, a model's ``config.json`` last (a kill
     during those renames can leave some of them, but no loadable model)."""
-    out = _resolved(path)
+    out = resolved_path(path)
     into = _written_into(out)
     left = _leftovers_inside(out) if into else []
     made = [] if into else _make_parents(out)
@@ -502,7 +508,7 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     command's ``inputs`` (:func:`refuse_input_overlap`) is refused first: nothing is written into an input."""
     import fcntl
 
-    out = _resolved(path)
+    out = resolved_path(path)
     _check_name_lengths(out, path, option)
     refuse_input_overlap(path, inputs, option)
     busy = f"{option} {path} is being written by another bsbr command"  # (which one, the lock cannot tell)
@@ -571,7 +577,7 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
     path = None
     try:
         for path, write in files:
-            path = _resolved(path)
+            path = resolved_path(path)
             if path.parent not in staging:
                 left = sorted(p.name for p in path.parent.glob(".bsbr-results.tmp-*")) if path.parent.is_dir() else []
                 if left:  # (not removed: another command may be writing its results there now)
@@ -590,7 +596,7 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
             fix = "free some space or choose another path" if out_of_room(e) else "choose another path"
             raise UserError(f"{path}: could not be written ({e.strerror or e}); no result file was written: {fix}") from e
         raise
-    plots = None if figures is None else {_resolved(p) for p in figures if p is not None}
+    plots = None if figures is None else {resolved_path(p) for p in figures if p is not None}
     changed = [] if plots is None else [path for _, path in staged if path.is_symlink() or path.exists() and not (
         path.is_file() and _replaceable(path, path in plots))]
     if changed:  # (checked again: a file may have been put there while the results were computed)
@@ -725,7 +731,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and one rename: a reader (or a crash) sees the
     old content or the new, never a mix."""
-    path = Path(path)
+    path = resolved_path(path)  # (tempfile would take a folder's link/.. for the folder beside the link)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp gives 0600)

@@ -898,15 +898,25 @@ def test_a_ctrl_c_as_the_command_starts_is_one_line(models, tmp_path, capsys, mo
     assert capsys.readouterr().err == "bsbr convert: interrupted\n" and not (tmp_path / "out").exists()
 
 
-def test_distill_writes_the_output_it_checked_when_its_path_runs_through_a_link(models, text, tmp_path):
-    # --output W/link/../out was checked and locked as W/out but written through the link (to W/models/out):
-    # the first checkpoint failed with "No such file or directory" after the training steps
+def test_outputs_whose_path_runs_through_a_link_and_dotdot_are_written_where_the_system_finds_them(
+        models, text, tmp_path, capsys):
+    # W/link/../out is W/models/out to the system (the link's folder's parent), as bsbr's readers take it;
+    # the outputs took it for W/out: convert said "saved to W/link/../out" and generate then found no model
+    # there; distill once checked W/out and wrote through the link (its first checkpoint failed)
+    source, _, _ = models
     (tmp_path / "models" / "student").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "models" / "student")
     out = f"{tmp_path}/link/../out"
-    assert main([str(a) for a in distill_args(models, text, out, "--steps", "1", "--params", "all",
+    assert main(["convert", str(source), out, "--chunk-size", "8"]) == 0
+    assert (tmp_path / "models" / "out" / "config.json").is_file() and not (tmp_path / "out").exists()
+    assert main(["generate", out, "--prompt", "the", "--max-new-tokens", "1"]) == 0
+    assert main(["eval", out, "--reference", str(source), "--no-passkey", "--text-file", str(text), "--seq-len", "32",
+                 "--max-windows", "1", "--json", f"{tmp_path}/link/../r.json"]) == 0
+    assert json.loads((tmp_path / "models" / "r.json").read_text()) and not (tmp_path / "r.json").exists()
+    distilled = f"{tmp_path}/link/../distilled"
+    assert main([str(a) for a in distill_args(models, text, distilled, "--steps", "1", "--params", "all",
                                               "--checkpoint-every", "1")]) == 0
-    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "models" / "out").exists()
+    assert (tmp_path / "models" / "distilled" / "config.json").is_file() and not (tmp_path / "distilled").exists()
 
 
 def test_distill_refuses_an_output_a_students_links_point_into(models, text, tmp_path, capsys):

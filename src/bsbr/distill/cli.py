@@ -20,8 +20,8 @@ from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_d
                          check_text_files, check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
                          warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, UserError, check_not_interrupted
-from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, write_errors, write_failure,
-                       write_model_card)
+from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, resolved_path, write_errors,
+                       write_failure, write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def _stop_on_signal():
 
 def cmd_distill(args) -> int:
     cfg = _plan(args)
-    # (a leading ~ is expanded by bsbr.cli; ".." taken as the checks and the lock take it, not through a link)
-    student_dir, out = Path(args.student), Path(os.path.normpath(args.output))
+    student_dir, out = Path(args.student), resolved_path(args.output)  # (where the system finds link/../out)
     with contextlib.ExitStack() as held:
         refusal = None
         try:  # (under torchrun each process checks what it reads: on several nodes, each its own disk)
