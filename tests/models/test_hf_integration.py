@@ -147,6 +147,11 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
     with warnings.catch_warnings():  # new tokens in one row beside such a row: new tokens, without a word
         warnings.simplefilter("error")
         model.generate(torch.stack([retokenized[0, 3:], retokenized[1, :27]]), cache=cache, **kw)
+    with torch.no_grad():  # the cached text alone again (HF's prompt-reuse recipe with no new text): it was read
+        cache = model(ids[:, :10], use_cache=True).cache  # a second time, silently
+    with pytest.raises(ValueError, match="input_ids are the text the cache has read, nothing after it"):
+        model.generate(ids[:, :10], cache=cache, **kw)
+    assert torch.equal(model.generate(ids[:, 10:], cache=cache, **kw)[:, -6:], ref)  # (the cache is as it was)
     with torch.no_grad():  # a cache built from embeddings knows no ids: the whole text, as transformers reads it
         cache = model(inputs_embeds=model.get_input_embeddings()(ids[:, :10]), use_cache=True).cache
     assert cache.digest is None

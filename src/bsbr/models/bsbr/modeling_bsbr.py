@@ -197,10 +197,17 @@ class BSBRCache:
         the cache's text and new tokens (False, transformers' convention): the whole text begins, in every
         row, with the ids the cache read (ids under padding in ``attention_mask``, a mask over the whole
         text, may differ). An input of new tokens that begins so is read as the whole text (no rule can tell
-        them apart). False when those ids are not known or the input is no longer."""
+        them apart). False when those ids are not known or the input is no longer; an input that is exactly the
+        text the cache read is refused (nothing new to read)."""
         n = self.n_positions
-        if self.digest is None or input_ids.shape[1] <= n or input_ids.shape[0] != self.digest.shape[0]:
+        if self.digest is None or input_ids.shape[1] < n or input_ids.shape[0] != self.digest.shape[0]:
             return False  # (another batch: forward refuses the cache)
+        if input_ids.shape[1] == n:
+            if bool((text_digest(input_ids) == self.digest[:, 0].to(input_ids.device)).all()):
+                raise ValueError("input_ids are the text the cache has read, nothing after it (a cache keeps no "
+                                 "logits to continue from): build the cache on all but the text's last token, or "
+                                 "pass only new tokens")
+            return False
         digest, head = self.digest.to(input_ids.device), input_ids[:, :n]
         same = text_digest(head) == digest[:, 0]  # the ids as the cache read them
         masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
@@ -824,9 +831,9 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         if cache is not None and kwargs.get("use_cache") is False:  # (a forward of one's own may pass both)
             raise ValueError("generate(cache=..., use_cache=False): without a cache generate passes the whole text at "
                              "every step, and a given cache is always read and advanced: leave out one of them")
-        if next_sequence_length is not None and (next_sequence_length <= 0 or (
-                isinstance(cache, BSBRCache) and input_ids is not None and
-                cache.new_tokens_only(input_ids, attention_mask))):
+        if next_sequence_length is not None and (isinstance(cache, BSBRCache) and input_ids is not None and
+                                                 cache.new_tokens_only(input_ids, attention_mask)
+                                                 or next_sequence_length <= 0):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
             # input no longer than the cache, or one that does not begin with the ids the cache read, holds only
             # the new tokens (passed without the whole mask), so none is dropped
