@@ -121,11 +121,16 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                               f"while writing there: pass --overwrite to replace it, or remove it")
         raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
     if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
+        if busy := [e.name for e in out.iterdir() if _LOCK.fullmatch(e.name) and lock_held(e)]:
+            raise OutputError(f"{option} {path} holds {busy[0]}, the lock of a bsbr command writing inside it now: "
+                              f"wait for it to finish, or choose another {option}")
         card = out / "README.md"
         edited = " (its README.md is not the model card bsbr writes: edited?)" if card.is_file() and not \
             _is_model_card(card) else ""
-        raise OutputError(f"{option} {path} holds files no bsbr command wrote{edited} (not only a BSBR model, its "
-                          f"records or a checkpoint): --overwrite replaces only a bsbr output; move them or choose "
+        names = not_written(out)
+        named = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names and not edited else ""
+        raise OutputError(f"{option} {path} holds files no bsbr command wrote{named}{edited}, not only a BSBR model, "
+                          f"its records or a checkpoint: --overwrite replaces only a bsbr output; move them or choose "
                           f"another {option}")
     if not _written_into(out) and (parent := unwritable_parent(out)) is not None:
         why = ("it is a file, not a directory" if not parent.is_dir() else "permission denied"
@@ -300,6 +305,28 @@ def left_by_a_kill(name: str) -> bool:
     return bool(_STAGED.fullmatch(name))
 
 
+def _written_entry(entry: Path) -> bool:
+    """Whether an entry at the top of an output is one a bsbr command writes there (:func:`is_bsbr_output`)."""
+    if entry.is_symlink():
+        return False
+    if left_by_a_kill(entry.name) or _idle_lock(entry):
+        return True
+    if entry.is_dir():
+        if entry.name == "checkpoint":
+            return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
+                f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
+                or _SAFETENSORS_TMP.fullmatch(f.name))) for f in entry.iterdir())
+        return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
+    if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
+        return _is_model_card(entry)
+    return _written_name(entry.name)
+
+
+def not_written(out: Path) -> list:
+    """The names of the entries at the top of the directory ``out`` that no bsbr command writes there."""
+    return sorted(e.name for e in out.iterdir() if not _written_entry(e))
+
+
 def is_bsbr_output(out: Path) -> bool:
     """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
     config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding
@@ -315,21 +342,6 @@ def is_bsbr_output(out: Path) -> bool:
             return isinstance(got.get("files"), dict) and "format" in got
         return False
 
-    def written(entry: Path) -> bool:
-        if entry.is_symlink():
-            return False
-        if left_by_a_kill(entry.name):
-            return True
-        if entry.is_dir():
-            if entry.name == "checkpoint":
-                return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
-                    f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
-                    or _SAFETENSORS_TMP.fullmatch(f.name))) for f in entry.iterdir())
-            return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
-        if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
-            return _is_model_card(entry)
-        return _written_name(entry.name)
-
     entries = list(out.iterdir())
     ckpt = out / "checkpoint"
     # a distill checkpoint: its manifest, or data files alone with nothing else at the top (a first save
@@ -338,7 +350,42 @@ def is_bsbr_output(out: Path) -> bool:
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
         _leftovers_inside(out) is not None
-    return marked and all(written(entry) for entry in entries)
+    return marked and not not_written(out)
+
+
+_LOCK = re.compile(r"\..+\.lock")  # output_lock's file beside an output (inside this one: an output within it)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether ``path``, an :func:`output_lock` file or a staging folder, is held by a running command."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _hold(folder: Path) -> int:
+    """A descriptor holding an exclusive lock on ``folder`` (a staging folder in use) until it is closed:
+    :func:`lock_held` then tells it from one a killed command left."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _idle_lock(entry: Path) -> bool:
+    """An :func:`output_lock` file no running command holds (a killed one's, left behind)."""
+    return bool(_LOCK.fullmatch(entry.name)) and entry.is_file() and entry.stat().st_size == 0 and not lock_held(entry)
 
 
 STAGED_INSIDE = ".bsbr.tmp-"  # the prefix of the folder staged_dir writes in inside an empty output directory
@@ -472,6 +519,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     left = _leftovers_inside(out) if into else []
     made = [] if into else _make_parents(out)
     tmp = temp_dir(out, STAGED_INSIDE) if into else temp_dir(out.parent, f".{out.name}.tmp-")
+    held = _hold(tmp)  # (so that another command does not take it for a killed run's)
     try:
         yield tmp
     except BaseException:
@@ -489,9 +537,11 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             _remove_empty(made)
         raise
+    finally:
+        os.close(held)
     # what a killed run into the same path left beside it (not removed: one may be a complete result kept
     # when its path appeared while it was written)
-    left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and
+    left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and not lock_held(p) and
                   p.name.rsplit(".", 1)[0] == f".{out.name}")  # (".out.tmp-v2.tmp-X" is another output's)
     if left:
         logger.warning("%s: beside it lie %s, left by an earlier run that was killed; remove %s when not needed",
@@ -527,15 +577,20 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
         yield  # nothing can be written there (or under that name): the output checks say why
         return
     lock = out.parent / f".{out.name}.lock"
+    # (opened read-only: flock needs no more, and another user's lock file, 0644 as a killed run left it, opens)
     try:  # (a folder that looks writable but is not, as /proc: made or opened, it fails here)
         made = _make_parents(out)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as e:
+        if lock.exists():
+            raise OutputError(f"{option} {path}: its lock file {lock} cannot be opened ({e.strerror}): another "
+                              f"user's bsbr command made it; remove it if none is running, or choose another "
+                              f"{option}") from None
         raise OutputError(f"{option} {path}: cannot write in {out.parent} ({e.strerror}): choose another "
                           f"{option}") from None
     os.close(fd)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -573,18 +628,29 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
     puts back the files renamed before it. With ``figures`` (the paths among them that are plots; the
     others are JSON), an existing file is checked again before that step as :func:`check_output_files`
     checked it before the work: one of another kind put there meanwhile is not replaced."""
+    held = []  # a lock on each staging folder while it is in use
+    try:
+        _write_together(files, figures, held)
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _write_together(files, figures, held: list) -> None:
     staging, staged, made = {}, [], []
     path = None
     try:
         for path, write in files:
             path = resolved_path(path)
             if path.parent not in staging:
-                left = sorted(p.name for p in path.parent.glob(".bsbr-results.tmp-*")) if path.parent.is_dir() else []
-                if left:  # (not removed: another command may be writing its results there now)
+                left = sorted(p.name for p in path.parent.glob(".bsbr-results.tmp-*") if not lock_held(p)) \
+                    if path.parent.is_dir() else []
+                if left:  # (not removed: one may hold results its command could not put in place, as it said)
                     logger.warning("%s: %s left by an earlier run that was killed while writing its results; remove "
                                    "%s when not needed", path.parent, ", ".join(left), "them" if len(left) > 1 else "it")
                 made += _make_parents(path)
                 staging[path.parent] = temp_dir(path.parent, ".bsbr-results.tmp-")
+                held.append(_hold(staging[path.parent]))  # (another command's warning above skips it)
             write(staging[path.parent] / path.name)
             staged.append((staging[path.parent] / path.name, path))
         check_not_interrupted()
@@ -654,6 +720,10 @@ def publish_dir(tmp: Path, out: Path, *, overwrite: bool = False) -> None:
         replace = True
     with signals_held():  # (an interrupt here is delivered after the renames and the old output's removal)
         if replace and _exchange(tmp, out):  # the new output in place, the old one at tmp
+            if tmp.is_dir() and not tmp.is_symlink() and not is_bsbr_output(tmp):  # (a file put in it at the last
+                _exchange(tmp, out)  # moment: the old output goes back, with it)
+                raise OutputError(f"{out} gained files no bsbr command wrote while writing: not replaced (the result "
+                                  f"is in {tmp})")
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:  # (the output had become a file meanwhile)

@@ -104,6 +104,26 @@ def test_results_staging_a_killed_eval_left_is_named(tmp_path, caplog):
     assert ".bsbr-results.tmp-ab12cd34 left by an earlier run that was killed" in caplog.text
 
 
+def test_a_running_commands_staging_folders_are_not_called_a_killed_runs(tmp_path, caplog):
+    # two evals writing results into one folder at once: each warned of the other's live staging folder as left
+    # by a killed run, and told the user to remove it (which would break that run); so did staged outputs
+    from bsbr.errors import OutputError
+    from bsbr.outputs import staged_dir, write_together
+
+    caplog.set_level("WARNING", logger="bsbr.outputs")
+    write_together([(tmp_path / "a.json", lambda p: (write_together([(tmp_path / "b.json", lambda q: q.write_text(
+        "{}"))]), p.write_text("{}")))])
+    with pytest.raises(OutputError, match="appeared while writing"):  # (the inner one published m2 first)
+        with staged_dir(tmp_path / "m2") as outer:
+            with staged_dir(tmp_path / "m2") as inner:
+                (inner / "config.json").write_text("{}")
+    assert outer.name not in caplog.text and ".bsbr-results.tmp-" not in caplog.text
+    (tmp_path / ".m3.tmp-abcd1234").mkdir()  # a killed run's, named
+    with staged_dir(tmp_path / "m3"):
+        pass
+    assert "beside it lie .m3.tmp-abcd1234, left by an earlier run that was killed" in caplog.text
+
+
 OLD_MODEL = '{"model_type": "bsbr"}'  # a bsbr model's config.json, which --overwrite replaces
 OLD_JSON, OLD_PNG = '{"old": 1}', b"\x89PNG\r\n\x1a\nold"  # results of the kinds the options write
 
@@ -185,6 +205,30 @@ def test_a_publish_that_finds_a_file_in_its_place_keeps_it(tmp_path):
                                           "is in .*.out.tmp-1"):
         outputs.publish_dir(new, out, overwrite=True)
     assert out.read_text() == "a file, appeared meanwhile" and (new / "config.json").read_text() == "new"
+
+
+def test_a_file_put_in_the_old_output_as_it_is_swapped_out_stays(tmp_path, monkeypatch):
+    # a note saved in the old output between the last check and the swap was deleted with the old output
+    import bsbr.outputs as outputs
+    from bsbr.errors import OutputError
+
+    out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "bsbr", "v": text}))
+    exchange = outputs._exchange
+
+    def late(a, b):
+        if not (b / "notes.txt").exists() and (b / "config.json").read_text().endswith('"old"}'):
+            (b / "notes.txt").write_text("mine")
+        return exchange(a, b)
+
+    monkeypatch.setattr(outputs, "_exchange", late)
+    with pytest.raises(OutputError, match="gained files no bsbr command wrote while writing: not replaced .the result "
+                                          "is in .*.out.tmp-1"):
+        outputs.publish_dir(new, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["v"] == "old"
+    assert json.loads((new / "config.json").read_text())["v"] == "new"
 
 
 def test_overwrite_swaps_the_old_output_for_the_new_in_one_step(models, tmp_path, monkeypatch):
@@ -289,6 +333,39 @@ def test_the_lock_of_a_folder_in_a_parent_nothing_can_be_made_in_is_the_folder_i
     assert list(tmp_path.iterdir()) == [out] and not list(out.iterdir())
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root, to act as another user")
+def test_another_users_lock_file_left_by_a_killed_run_does_not_block_a_shared_folder():
+    # a run killed in a shared folder (mode 777) leaves .NAME.lock at 0644: opened for writing, another user's
+    # every later command was refused with "cannot write in FOLDER (Permission denied)", a folder it may write in
+    import tempfile
+
+    from bsbr.outputs import output_lock
+
+    shared = Path(tempfile.mkdtemp(prefix="bsbr-shared-"))  # (pytest's own folders are closed to other users)
+    try:
+        shared.chmod(0o777)
+        (shared / ".out.lock").touch(mode=0o644)
+        with output_lock(shared / "first", "OUTPUT_DIR"):  # (imports what the lock needs before the fork)
+            pass
+        pid = os.fork()
+        if pid == 0:  # the child, as "nobody"
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with output_lock(shared / "out", "OUTPUT_DIR"):
+                    (shared / "out").mkdir()
+                code = 0
+            except BaseException as e:
+                print(e)
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert (shared / "out").is_dir()
+    finally:
+        shutil.rmtree(shared)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_an_output_where_nothing_can_be_made_is_named(models, capsys):
     # /proc looks writable to the checks, but nothing can be made there: the error was "/proc/.x.lock: No such
@@ -364,6 +441,27 @@ def test_convert_refuses_an_unwritable_output_before_loading(models, tmp_path, c
         assert "permission denied" in refused(capsys, ["convert", source, ro / "out"], "convert", ro)
     finally:
         ro.chmod(0o700)
+
+
+def test_overwrite_takes_a_killed_runs_lock_inside_an_output_for_bsbrs_and_names_a_users_files(models, tmp_path,
+                                                                                               capsys):
+    # `convert SRC out/v2` killed leaves out/.v2.lock: `convert SRC out --overwrite` then said out "holds files
+    # no bsbr command wrote", naming none (the lock file, hidden from ls, was the one)
+    from bsbr.outputs import output_lock
+
+    source, converted, _ = models
+    out = shutil.copytree(converted, tmp_path / "out")
+    (out / ".v2.lock").touch()
+    with output_lock(out / "v2", "OUTPUT_DIR"):  # a command writing out/v2 now
+        line = refused(capsys, ["convert", source, out, "--overwrite", "--chunk-size", "8"], "convert", out)
+        assert "holds .v2.lock, the lock of a bsbr command writing inside it now: wait for it" in line, line
+    (out / ".v2.lock").touch()  # (removed as the lock was released: left by a kill, it stays)
+    (out / "notes.txt").write_text("mine")
+    line = refused(capsys, ["convert", source, out, "--overwrite", "--chunk-size", "8"], "convert", out)
+    assert "holds files no bsbr command wrote (notes.txt), not only a BSBR model" in line, line
+    (out / "notes.txt").unlink()
+    assert main(["convert", str(source), str(out), "--overwrite", "--chunk-size", "8"]) == 0
+    assert not (out / ".v2.lock").exists()
 
 
 def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):

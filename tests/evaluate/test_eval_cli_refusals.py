@@ -171,6 +171,18 @@ def test_lm_eval_task_dir_is_written_whole(saved, tmp_path, capsys, monkeypatch,
     assert len([json.loads(x) for x in (task / "bsbr_passkey.jsonl").read_text().splitlines()]) == 2
 
 
+def test_lm_eval_task_dir_is_locked_while_a_task_is_written_there(saved, tmp_path, capsys):
+    # two evals writing one new task folder at once: the second warned of the first's live staging folder as "left
+    # by an earlier run that was killed ... remove it", and the first then failed with "tk appeared while writing"
+    from bsbr.outputs import output_lock
+
+    task = tmp_path / "task"
+    with output_lock(task, "--lm-eval-task-dir"):
+        _refused(capsys, ["eval", str(saved / "conv"), "--lm-eval-task-dir", str(task), *PASSKEY],
+                 f"--lm-eval-task-dir {task} is being written by another bsbr command")
+    assert not task.exists()
+
+
 @pytest.mark.parametrize("mine", ["notes.txt", "bsbr_passkey_notes.txt", "__pycache__/other.pyc", "sub/x"])
 def test_lm_eval_task_dir_with_other_files_is_refused(saved, tmp_path, capsys, no_loading, mine):
     """Only a directory that is missing, empty, or holds a previous task's files is written into."""

@@ -198,10 +198,11 @@ def _check_loadable(model) -> None:
 
 
 def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
-    from ..outputs import write_failure
+    from ..outputs import output_lock, write_failure
 
     try:
-        yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
+        with output_lock(args.lm_eval_task_dir, "--lm-eval-task-dir"):  # (one command writes a task there at a time)
+            yaml_path = write_lm_eval_task(args.lm_eval_task_dir, tokenizer, **passkey)
     except OSError as e:  # a full disk, a folder that takes no files (a new folder: nothing was published)
         raise write_failure("--lm-eval-task-dir", args.lm_eval_task_dir, e, "the task") from e
     longest = max(passkey["lengths"]) + passkey["max_new_tokens"]
