@@ -1017,6 +1017,37 @@ def test_outputs_whose_path_runs_through_a_link_and_dotdot_are_written_where_the
     assert (tmp_path / "models" / "distilled" / "config.json").is_file() and not (tmp_path / "distilled").exists()
 
 
+def test_a_model_replaced_while_it_is_read_is_refused(models, text, tmp_path, capsys, monkeypatch):
+    # eval read the model's weights, then (after loading the reference) its conversion.json: a convert
+    # --overwrite in between gave one conversion's perplexity under the other's record, exit 0; generate read a
+    # config and weights of two models and called the checkpoint corrupt
+    import bsbr.convert
+    from bsbr.models import BSBRForCausalLM
+
+    source, converted, other = models
+    out, newer = tmp_path / "out", tmp_path / "newer"  # other's conversion, replaced by source's
+    assert main(["convert", str(other), str(out), "--chunk-size", "8", "--compression-factor", "2"]) == 0
+    shutil.copytree(converted, newer)
+
+    def swap():
+        os.rename(out, tmp_path / "older")
+        os.rename(newer, out)
+
+    load_source = bsbr.convert.load_source
+    monkeypatch.setattr(bsbr.convert, "load_source", lambda *a, **k: (swap(), load_source(*a, **k))[1])
+    line = refused(capsys, ["eval", out, "--reference", source, "--no-passkey", "--text-file", text, "--seq-len",
+                            "32", "--max-windows", "1"], "eval")
+    assert f"{out} was replaced while it was read" in line, line
+    monkeypatch.undo()
+    os.rename(out, newer)
+    os.rename(tmp_path / "older", out)
+    from_pretrained = BSBRForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(BSBRForCausalLM, "from_pretrained", classmethod(
+        lambda cls, *a, **k: (model := from_pretrained(cls, *a, **k), swap())[0]))
+    line = refused(capsys, ["generate", out, "--prompt", "the", "--max-new-tokens", "1"], "generate")
+    assert f"{out} was replaced while it was read" in line, line
+
+
 def test_distill_refuses_an_output_a_students_links_point_into(models, text, tmp_path, capsys):
     # a student made of links (cp -rs) into --output: distill --overwrite replaced the files they point to
     _, converted, _ = models

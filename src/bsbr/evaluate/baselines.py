@@ -69,6 +69,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
 
     from ..convert import load_source
     from ..models import load_bsbr_model
+    from ..models.bsbr.loading import check_unchanged, folder_identity
     import transformers
 
     from .. import __version__
@@ -76,6 +77,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
+    before = folder_identity(model_dir)  # (its records are read after the reference loads: from the same model)
     model = load_bsbr_model(model_dir).eval()
     tokenizer = load_eval_tokenizer(model_dir, reference)
     chunk = int(model.config.chunk_size)
@@ -98,6 +100,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
             models["local"] = local_baseline(source, chunk, like=model)
         if "window" in wanted:
             models["window"] = local_baseline(source, chunk, like=model, same_window=True)
+    check_unchanged(model_dir, before)
     # what identifies the run: the model's attention options and weights, the software, the machine
     options = ("local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "far_positions", "retrieval",
                "feature_map", "compression_factor", "position_scheme")

@@ -11,10 +11,34 @@ from safetensors import SafetensorError
 from .modeling_bsbr import BSBRForCausalLM, refuse_other_model_type
 
 
+def folder_identity(path: os.PathLike) -> tuple:
+    """What changes when a saved model's folder is replaced (``--overwrite`` renames a new folder into place)
+    or published into (``distill`` renames a new config.json in last): the folder's and its config.json's
+    inodes (None where missing)."""
+    def inode(p):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    return inode(path), inode(Path(path) / "config.json")
+
+
+def check_unchanged(path: os.PathLike, before: tuple) -> None:
+    """Refuse a model folder replaced since :func:`folder_identity` gave ``before``: its files were read from
+    two models."""
+    if folder_identity(path) != before:
+        raise ValueError(f"{path} was replaced while it was read (a bsbr convert --overwrite or distill writing "
+                         "there?): run again once that has finished")
+
+
 def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BSBRForCausalLM:
     """A saved BSBR model (a ``bsbr convert`` / ``save_pretrained`` directory) in eval mode, from its
-    safetensors weights only, strictly (a missing, unexpected or mismatched weight is refused)."""
+    safetensors weights only, strictly (a missing, unexpected or mismatched weight is refused); a folder
+    replaced while it was read is refused too."""
     path = Path(path)
+    before = folder_identity(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")
     refuse_other_model_type(path)
@@ -23,5 +47,7 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
     try:  # strict: BSBRPreTrainedModel.from_pretrained refuses missing, unexpected or mismatched weights
         model = BSBRForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        check_unchanged(path, before)  # (a config and weights of two models disagree: that is the error to name)
         raise ValueError(f"could not load the BSBR checkpoint in {path}: {e}") from e
+    check_unchanged(path, before)
     return model.eval()
