@@ -662,4 +662,7 @@ def load_tokenizer_arg(source, option: str):
                         f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
+    # transformers' built-in class was loaded; an auto_map saved with it would have trust_remote_code=True (which
+    # a BSBR model's config asks of lm_eval) fetch and run the source's tokenizer code
+    tok.init_kwargs.pop("auto_map", None)
     return tok

@@ -1233,6 +1233,23 @@ def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sources_tokenizer_auto_map_is_not_carried_into_the_output(models, text, tmp_path):
+    # the source's tokenizer_config.json auto_map (here a hub repo's code) was saved with the conversion and its
+    # distillation: AutoTokenizer with trust_remote_code=True, as lm_eval loads a BSBR model, fetched and ran it
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "someorg/somerepo--tok.SomeTokenizer"]}
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert "auto_map" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    (tmp_path / "out" / "tokenizer_config.json").write_text(json.dumps({**json.loads(
+        (tmp_path / "out" / "tokenizer_config.json").read_text()), "auto_map": cfg["auto_map"]}))
+    assert main(["distill", "--student", str(tmp_path / "out"), "--teacher", str(src), "--text-file", str(text),
+                 "--seq-len", "96", "--max-windows", "2", "--steps", "1", "--output", str(tmp_path / "d")]) == 0
+    assert "auto_map" not in json.loads((tmp_path / "d" / "tokenizer_config.json").read_text())
+
+
 def test_code_a_source_folder_names_beside_a_built_in_class_is_ignored_with_a_warning(models, tmp_path, caplog, capsys):
     # a config.json auto_map naming a .py beside a built-in model type: the built-in class was converted, silently
     source, _, _ = models
