@@ -106,7 +106,12 @@ def _differs(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return set(a) != set(b) or any(_differs(a[k], b[k]) for k in a)
     numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-    return not math.isclose(a, b, rel_tol=1e-6) if numbers else a != b
+    if numbers and isinstance(a, int) and isinstance(b, int):  # (exactly: an int past a float's range overflows)
+        return a != b
+    try:
+        return not math.isclose(a, b, rel_tol=1e-6) if numbers else a != b
+    except OverflowError:  # an int past a float's range beside a float: no size a model has
+        return True
 
 
 def source_name(source) -> str:
@@ -140,8 +145,8 @@ def _json_object(path: Path, what: str, fix: str = "") -> dict:
     """The JSON object in ``path``, or a one-line :class:`UserError` ``{what} is not valid JSON ...{fix}``."""
     try:
         obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what} is not valid JSON ({' '.join(str(e).split())}){fix}") from e
+    except (OSError, ValueError, RecursionError) as e:  # (arrays nested past Python's stack: RecursionError)
+        raise UserError(f"{what} is not valid JSON ({' '.join(str(e).split())[:200]}){fix}") from e
     if not isinstance(obj, dict):
         raise UserError(f"{what} holds a JSON {type(obj).__name__}, not an object{fix}")
     return obj
@@ -224,14 +229,14 @@ def _warn_ignored_code(path: Path, option: str) -> None:
 
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return
     if not isinstance(model_type, str) or model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
         return  # (a model_type that is no string is refused where config.json is read)
     for name in ("config.json", "tokenizer_config.json"):
         try:
             auto_map = json.loads((path / name).read_text()).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):  # (a broken file is refused where it is read)
+        except (OSError, ValueError, AttributeError, RecursionError):  # (a broken file is refused where it is read)
             continue
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
                 for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]

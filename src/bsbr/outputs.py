@@ -234,7 +234,7 @@ def _replaceable(path: Path, figure: bool) -> bool:
             if not head.lstrip().startswith((b"{", b"[")):  # (not read whole: a model's weights could be GBs)
                 return False
             json.loads(head + f.read(_JSON_READ))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return True
 
@@ -332,12 +332,12 @@ def is_bsbr_output(out: Path) -> bool:
     config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding
     nothing but what bsbr writes there (a user's file beside them is not replaced with them)."""
     def bsbr_config(config: Path) -> bool:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
             return json.loads(config.read_text()).get("model_type") == "bsbr"
         return False
 
     def bsbr_manifest(manifest: Path) -> bool:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
             got = json.loads(manifest.read_text())
             return isinstance(got.get("files"), dict) and "format" in got
         return False

@@ -1458,3 +1458,34 @@ def test_generate_samples_the_same_text_with_the_same_seed(models, capsys):
     assert torch.initial_seed() == 123  # (the caller's generator is left as it was)
     line = refused(capsys, ["generate", converted, "--prompt", "x", "--seed", "7"], "generate")
     assert "--seed seeds the sampling, and --temperature 0 is greedy" in line, line
+
+
+def test_records_with_numbers_past_a_floats_range_or_arrays_nested_past_the_stack_are_one_line(models, text, tmp_path,
+                                                                                               capsys):
+    # an int too large for a float in conversion.json ended in "internal error OverflowError"; arrays nested
+    # 100,000 deep (in conversion.json, config.json or a checkpoint's manifest) in "internal error RecursionError"
+    source, converted, _ = models
+    out = shutil.copytree(converted, tmp_path / "big")
+    record = json.loads((out / "conversion.json").read_text())
+    record["source"]["architecture"]["vocab_size"] = 10 ** 400
+    (out / "conversion.json").write_text(json.dumps(record))
+    generate = ["generate", out, "--prompt", "the", "--max-new-tokens", "1"]
+    assert main([str(a) for a in generate]) == 0  # (generate reads no source: the record's numbers are not used)
+    line = refused(capsys, ["eval", out, "--reference", source, "--no-passkey", "--text-file", text, "--seq-len", "32"],
+                   "eval")
+    assert "is not the model" in line, line
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, argv in (("conversion.json", ["eval", "--reference", source, "--no-passkey", "--text-file", text]),
+                       ("config.json", ["generate", "--prompt", "the"])):
+        nested = shutil.copytree(converted, tmp_path / name)
+        (nested / name).write_text(deep)
+        line = refused(capsys, [argv[0], nested, *argv[1:]], argv[0])
+        assert f"{name} is not valid JSON (maximum recursion depth exceeded" in line, line
+    ckpt = tmp_path / "run"
+    assert main([str(a) for a in ["distill", "--student", converted, "--teacher", source, "--text-file", text,
+                                  "--seq-len", "96", "--max-windows", "2", "--steps", "2", "--checkpoint-every", "1",
+                                  "--output", ckpt]]) == 0
+    (ckpt / "checkpoint" / "manifest.json").write_text(deep)
+    line = refused(capsys, ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len",
+                            "96", "--max-windows", "2", "--steps", "3", "--output", ckpt, "--resume"], "distill")
+    assert "unreadable" in line or "not valid JSON" in line, line

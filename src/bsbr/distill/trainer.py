@@ -507,7 +507,7 @@ def published(saved: dict, output_dir: Path) -> bool:
     and a distill.json with the same log)."""
     try:
         record = json.loads((Path(output_dir) / "distill.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return (Path(output_dir) / "config.json").is_file() and isinstance(record, dict) \
         and record.get("log") == saved.get("log")

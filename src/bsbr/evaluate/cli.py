@@ -132,7 +132,7 @@ def _is_passkey_output(path: Path) -> bool:
         return is_heatmap_png(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and {"lengths", "depths", "trials", "fillers", "models", "samples"} <= data.keys()
 

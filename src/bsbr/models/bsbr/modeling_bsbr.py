@@ -315,7 +315,7 @@ def refuse_pickled_weights(path: Path) -> None:
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
         try:
             shards = json.loads(index.read_text())["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # (not an index transformers can read: it refuses it)
         other = sorted({str(f) for f in shards if not str(f).endswith(".safetensors")})
         if other:
@@ -344,7 +344,7 @@ def refuse_other_model_type(path: Path) -> None:
     ``model_type`` is not "bsbr"): it is converted first, not loaded."""
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
     if model_type != "bsbr":
         raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first "
