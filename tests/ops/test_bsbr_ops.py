@@ -88,6 +88,26 @@ def test_recurrent_long_sequence_small_chunk(grad):
                                    rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("own", [0, 3])
+def test_a_step_that_completes_a_chunk_writes_the_stored_chunks_in_place_without_autograd(own):
+    # docs/design.md, section 8: without autograd a step writes the cache in place; a completing step copied every
+    # stored chunk's state, keys and values (285 ms of a step at 32k context, chunk 16)
+    x = make_inputs(b=2, hq=2, hkv=1, n=40, d=4, df=4, positive=True)
+    options = BSBROptions(chunk_size=8, retrieval="normalized", retrieval_blocks=2, own_position_chunks=own)
+    with torch.no_grad():
+        _, state = chunk_bsbr_attention(x["q"], x["k"], x["v"], x["mq"], x["mk"], options, fq=x["fq"], fk=x["fk"],
+                                        gate=torch.tensor(0.5, dtype=DT), output_final_state=True)
+        step = {name: x[name][:, :, :1] for name in ("q", "k", "v", "mq", "mk", "fq", "fk")}
+        for _ in range(16):  # tokens 40..55: the last completes chunk 6 (chunk 5's grew the arrays to 10 chunks)
+            before = {name: t.data_ptr() for name, t in state.tensors().items()}
+            _, state = bsbr_attention_step(*(step[n][:, :, 0] for n in ("q", "k", "v", "mq", "mk")), state, options,
+                                           fq=step["fq"][:, :, 0], fk=step["fk"][:, :, 0],
+                                           gate=torch.tensor(0.5, dtype=DT))
+    assert state.n_seen.tolist() == [56, 56] and state.F_past.shape[2] == 10
+    names = ["F_past", "z_past", "h_past", "kr_past", "v_past"] + (["k_past"] if own else [])
+    assert {n: state.tensors()[n].data_ptr() == before[n] for n in names} == dict.fromkeys(names, True)
+
+
 # dv == d: the CPU forms' fused kernel (used without autograd) returns a log-sum-exp with no gradient
 @pytest.mark.parametrize("dv", [7, 5])
 @pytest.mark.parametrize("variant,top_k", [("additive", None), ("normalized", 2)])

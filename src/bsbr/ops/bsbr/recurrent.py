@@ -478,10 +478,15 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     ensure_capacity(state, int(c[done].max()) + 1)
     P = state.F_past.shape[2]
     at = ((torch.arange(P, device=c.device)[None, :] == c[:, None]) & done[:, None]).view(b, 1, P)
+    r = None if torch.is_grad_enabled() else done.nonzero()[:, 0]  # without autograd: written in place (a copy
+    # of every stored chunk per completed chunk took 285 of a 32k step's ms at chunk 16)
 
-    def put(name, x):  # x (b, h, ...) into state.name (b, h, P, ...) at chunk c for done sequences
+    def put(name, x, slot=c, where=at):  # x (b, h, ...) into state.name (b, h, P, ...) at chunk slot, done rows
         past = getattr(state, name)
-        setattr(state, name, torch.where(at.view(b, 1, P, *([1] * (past.dim() - 3))), x.unsqueeze(2), past))
+        if r is not None:
+            past[r, :, slot[r]] = x[r]
+            return
+        setattr(state, name, torch.where(where.view(b, 1, -1, *([1] * (past.dim() - 3))), x.unsqueeze(2), past))
 
     put("F_past", state.F_cur)
     put("z_past", state.z_cur)
@@ -493,7 +498,7 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
         if ring:  # the own-position ring: chunk c in slot c mod ring
             Pk = state.k_past.shape[2]
             slot = ((torch.arange(Pk, device=c.device)[None, :] == (c % ring)[:, None]) & done[:, None])
-            state.k_past = torch.where(slot.view(b, 1, Pk, 1, 1), state.k_buf[:, :, -B:].unsqueeze(2), state.k_past)
+            put("k_past", state.k_buf[:, :, -B:], c % ring, slot)
     d1 = done.view(b, 1, 1)
     state.r_cur = torch.where(d1, apply_meta(meta_q, (state.mq_sum / B).unsqueeze(2)).squeeze(2), state.r_cur)
     state.F_cur = torch.where(d1.unsqueeze(-1), torch.zeros_like(state.F_cur), state.F_cur)
