@@ -6,8 +6,10 @@ median of 3, for the one-chunk exact window and the wider ones (docs/findings.md
 and distillation"). Times are for comparing the rows of one run, not across machines."""
 import sys
 
-if {"-h", "--help"} & set(sys.argv[1:]):  # (its arguments are positional: no parser)
+if {"-h", "--help"} & set(sys.argv[1:]):  # (it takes no arguments: no parser)
     sys.exit(print(__doc__))
+if sys.argv[1:]:  # (an option it does not have, e.g. --json, was ignored after the whole run)
+    sys.exit(__doc__)
 
 import time
 

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    check_args(ap, args, inputs=[("model", args.model)])
+    check_args(ap, args, inputs=[("model", args.model)], models=[("model", args.model)])
     model = load_bsbr_model(args.model).eval()
     K, B = model.config.retrieval_blocks, model.config.chunk_size
     if not K:

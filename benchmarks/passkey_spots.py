@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append the results to this JSON list")
     args = ap.parse_args()
-    check_args(ap, args, inputs=[("model", args.model)])
+    check_args(ap, args, inputs=[("model", args.model)], models=[("model", args.model)])
     path = Path(args.json) if args.json else None
     old = json.loads(path.read_text()) if path is not None and path.exists() else []
     if not isinstance(old, list):  # (read before the run: the results are appended to it)

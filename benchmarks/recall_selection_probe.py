@@ -23,7 +23,8 @@ ap.add_argument("depths", type=depth_list, metavar="DEPTHS", help="pass-key dept
 ap.add_argument("out", metavar="OUT.json")
 args = ap.parse_args()
 # (checked first: the output path was read after all the prompts had run)
-check_args(ap, args, outputs=[("OUT.json", args.out)], inputs=[("MODEL_DIR", args.model)])
+check_args(ap, args, outputs=[("OUT.json", args.out)], inputs=[("MODEL_DIR", args.model)],
+           models=[("MODEL_DIR", args.model)])
 
 import json, math, torch
 import bsbr.layers.bsbr_attention as ba

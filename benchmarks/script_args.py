@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from bsbr.arguments import check_unique
+from bsbr.arguments import check_bsbr_dir, check_unique
 from bsbr.errors import UserError
 from bsbr.evaluate.filler import FILLER_KINDS, filler_path
 from bsbr.outputs import check_output_files
 
 
-def check_args(ap: argparse.ArgumentParser, args, unique=(), outputs=None, inputs=()) -> None:
+def check_args(ap: argparse.ArgumentParser, args, unique=(), outputs=None, inputs=(), models=()) -> None:
     """Refuse a ``--json`` (or the ``(label, path)`` pairs ``outputs``) that may not be written, as the ``bsbr
     bench`` commands check theirs (:func:`bsbr.outputs.check_output_files`: a missing folder, a directory, a
-    file that is not JSON, a file inside one of the ``(label, path)`` pairs ``inputs``), and a value given twice
-    to one of the list options ``unique``."""
+    file that is not JSON, a file inside one of the ``(label, path)`` pairs ``inputs``), a value given twice
+    to one of the list options ``unique``, and a ``(label, path)`` of ``models`` that is no saved BSBR model."""
     try:
+        for label, path in models:
+            check_bsbr_dir(path, label)
         check_output_files([("--json", args.json)] if outputs is None else outputs, inputs=inputs)
         for name in unique:
             check_unique(f"--{name.replace('_', '-')}", getattr(args, name))

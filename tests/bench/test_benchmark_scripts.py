@@ -13,13 +13,17 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.mark.parametrize("argv, words", [
     (["zero_shot_variants.py", "--json", "out.json"], "unrecognized arguments: --json"),
     (["decode_context_ratio.py", "--contexts", "16", "32", "--rounds", "0"], "argument --rounds: must be an integer"),
-    (["modes_speed.py", "--contexts", "16", "16"], "--contexts 16 is given twice"),
+    (["modes_speed.py", "--models", "exact", "exact"], "--models exact is given twice"),
     (["router_oracle_probe.py", "--select", "router", "--seq-len", "3000"], "--seq-len"),
     (["score_dtype_probe.py", "--json", "script.py"], "--json"),
     (["passkey_spots.py", "model", "--length", "100", "--depth", "0.5", "--json", "notlist.json"],
      "holds no JSON list to append to"),
+    (["needle_selection_probe.py", "missing", "--length", "100", "--depth", "0.5"], "model missing does not exist"),
+    (["recall_selection_probe.py", "missing", "0.5", "out.json"], "MODEL_DIR missing does not exist"),
 ])
 def test_a_script_refuses_a_bad_argument_before_loading(tmp_path, argv, words):
+    (tmp_path / "model").mkdir()  # (what the checks read of a saved BSBR model)
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "bsbr"}')
     (tmp_path / "notlist.json").write_text('{"a": 1}')
     (tmp_path / "script.py").write_text("print('mine')\n")
     run = subprocess.run([sys.executable, str(SCRIPTS / argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
