@@ -591,13 +591,17 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
     try:
         model = load_source(source).eval()
     except Exception as e:  # OSError: a missing or pickled file; SafetensorError: a broken one
-        if isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # the sizes config.json gives
+        text = str(e)
+        if isinstance(e, MemoryError) or any(w in text for w in ("can't allocate memory", "Storage size calculation "
+                                                                 "overflowed", "argument 'size'")):  # (config sizes)
             import re
 
-            asked = re.search(r"allocate (\d+) bytes", str(e))
-            asked = f" (one tensor of {int(asked.group(1)) / 1e9:,.1f} GB)" if asked else ""
+            asked = re.search(r"allocate (\d+) bytes", text)
+            asked = f" (one tensor of {int(asked.group(1)) / 1e9:,.1f} GB)" if asked else \
+                "" if isinstance(e, MemoryError) or "memory" in text else " (a size past what a tensor can hold)"
+            what = "file" if str(source).endswith(".gguf") else "config.json"
             raise UserError(f"{option} {source or '(the bundled SmolLM2)'}: out of memory building the model its "
-                            f"config.json describes{asked}: check its sizes (vocab_size, hidden_size, "
+                            f"{what} describes{asked}: check its sizes (vocab_size, hidden_size, "
                             "num_hidden_layers, positions)") from e
         if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
             raise

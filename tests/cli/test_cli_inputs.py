@@ -1165,6 +1165,17 @@ def test_a_source_config_too_large_for_memory_names_its_config(models, tmp_path,
     d = _edited_source(models, tmp_path, vocab_size=10 ** 12)
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert f"SOURCE {d}: out of memory building the model its config.json describes" in line, line
+    # sizes past what a tensor holds: "internal error RuntimeError: Storage size calculation overflowed" (2**62), 2 KB
+    # of torch's C++ stack (10**40); eval's --reference skipped these checks (and named neither file nor option)
+    _, converted, _ = models
+    for vocab in (2 ** 62, 10 ** 40):
+        d = _edited_source(models, tmp_path / str(vocab), vocab_size=vocab)
+        line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+        assert line.endswith("out of memory building the model its config.json describes (a size past what a tensor "
+                             "can hold): check its sizes (vocab_size, hidden_size, num_hidden_layers, positions)"), line
+        line = refused(capsys, ["eval", converted, "--reference", d, "--force", "--no-passkey", "--seq-len", "32"],
+                       "eval", d)
+        assert f"--reference {d}: out of memory building the model its config.json describes" in line, line
 
 
 def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,

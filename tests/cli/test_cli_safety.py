@@ -1021,7 +1021,7 @@ def test_a_model_replaced_while_it_is_read_is_refused(models, text, tmp_path, ca
     # eval read the model's weights, then (after loading the reference) its conversion.json: a convert
     # --overwrite in between gave one conversion's perplexity under the other's record, exit 0; generate read a
     # config and weights of two models and called the checkpoint corrupt
-    import bsbr.convert
+    import bsbr.convert.converter
     from bsbr.models import BSBRForCausalLM
 
     source, converted, other = models
@@ -1030,11 +1030,12 @@ def test_a_model_replaced_while_it_is_read_is_refused(models, text, tmp_path, ca
     shutil.copytree(converted, newer)
 
     def swap():
-        os.rename(out, tmp_path / "older")
-        os.rename(newer, out)
+        if newer.exists():
+            os.rename(out, tmp_path / "older")
+            os.rename(newer, out)
 
-    load_source = bsbr.convert.load_source
-    monkeypatch.setattr(bsbr.convert, "load_source", lambda *a, **k: (swap(), load_source(*a, **k))[1])
+    load_source = bsbr.convert.converter.load_source
+    monkeypatch.setattr(bsbr.convert.converter, "load_source", lambda *a, **k: (swap(), load_source(*a, **k))[1])
     line = refused(capsys, ["eval", out, "--reference", source, "--no-passkey", "--text-file", text, "--seq-len",
                             "32", "--max-windows", "1"], "eval")
     assert f"{out} was replaced while it was read" in line, line

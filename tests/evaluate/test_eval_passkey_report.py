@@ -103,7 +103,7 @@ def test_a_passkey_run_of_the_model_alone_loads_no_reference(saved, tmp_path, mo
     import bsbr.evaluate.baselines as baselines
 
     monkeypatch.setattr(baselines, "local_baseline", lambda *a, **k: pytest.fail("a baseline was converted"))
-    monkeypatch.setattr("bsbr.convert.load_source", lambda *a, **k: pytest.fail("the reference was loaded"))
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a, **k: pytest.fail("the reference was loaded"))
     out = tmp_path / "pk.json"
     assert main(["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--passkey-only", "--passkey-lengths",
                  "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens", "5", "--no-progress",

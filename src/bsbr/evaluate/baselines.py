@@ -67,13 +67,12 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     build (None: all); the reference is not loaded when none of them needs it."""
     import torch
 
-    from ..convert import load_source
     from ..models import load_bsbr_model
     from ..models.bsbr.loading import check_unchanged, folder_identity
     import transformers
 
     from .. import __version__
-    from ..arguments import source_label, source_name, weights_fingerprint
+    from ..arguments import load_model_arg, source_label, source_name, weights_fingerprint
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
@@ -86,12 +85,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     models = {"bsbr": model} if "bsbr" in wanted else {}
     if wanted - {"bsbr"}:
         logger.info("loading the reference %s", source_label(reference))
-        try:
-            source = load_source(reference).eval()
-        except (OSError, ValueError) as e:  # a missing file, a hub id the hub cannot provide (offline), broken weights
-            why = " ".join(str(e).split()).removeprefix(f"{reference}: ")
-            raise ValueError(f"the reference (--reference) {source_label(reference)} could not be loaded: "
-                             f"{why[:200]}") from e
+        source = load_model_arg(reference, "--reference")  # (refused as convert refuses its SOURCE)
         if check_reference is not None:
             check_reference(source)
         if "source" in wanted:
