@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from cli_checks import refused, tree_hash
 
 from bsbr import load_bsbr_model
@@ -356,7 +357,7 @@ def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys)
 HAND_EDITS = [("files", []), ("progress.config", [1]), ("progress.run", "abc"), ("progress.log", None),
               ("progress.step", -5), ("progress.step", "2"), ("progress.elapsed", -1e9), ("progress.elapsed", "x"),
               ("files.weights.name", 5), ("files.weights.name", "../x.safetensors"), ("progress.optimizer_scalars", []),
-              ("progress.replaces", ["../../important.txt"]), ("progress", 3)]
+              ("progress.replaces", ["../../important.txt"]), ("progress", 3), ("progress.log", [{"kl": "x"}])]
 
 
 @pytest.mark.parametrize("key, value", HAND_EDITS, ids=[f"{k}={v!r}" for k, v in HAND_EDITS])
@@ -375,6 +376,48 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(models, text, tmp_path, c
     manifest.write_text(json.dumps(m))
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
     assert "manifest.json is not one bsbr distill wrote" in line and key.split(".")[-1] in line, line
+
+
+TENSOR_EDITS = ["exp_avg shape", "exp_avg_sq gone", "exp_avg int", "step of 5", "step a string", "nan weight",
+                "int weight"]
+
+
+@pytest.mark.parametrize("edit", TENSOR_EDITS)
+def test_a_checkpoint_with_tensors_distill_does_not_write_is_refused_in_one_line(models, text, tmp_path, capsys, edit):
+    # its files' hashes updated to match: an optimizer moment of another shape, missing or of integers, or a step
+    # count of 5 numbers or a string, ended in internal errors; a nan weight was called a diverged run ("lower the
+    # learning rate"), an int32 one was cast silently
+    from safetensors.torch import load_file, save_file
+
+    from bsbr.outputs import file_record
+
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
+    ckpt = out / "checkpoint"
+    m = json.loads((ckpt / "manifest.json").read_text())
+    role = "weights" if "weight" in edit else "optimizer"
+    path = ckpt / m["files"][role]["name"]
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if role == "weights" or k.endswith("::exp_avg"))[0]
+    name = key.split("::")[0]
+    if edit == "exp_avg shape":
+        tensors[key] = torch.zeros(3)
+    elif edit == "exp_avg_sq gone":
+        del tensors[f"{name}::exp_avg_sq"]
+    elif edit in ("exp_avg int", "int weight"):
+        tensors[key] = tensors[key].to(torch.int32)
+    elif edit == "step of 5":
+        tensors[f"{name}::step"] = torch.ones(5)
+    elif edit == "nan weight":
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+    if edit == "step a string":
+        m["progress"]["optimizer_scalars"] = {f"{name}::step": "many"}
+        tensors.pop(f"{name}::step", None)
+    save_file(tensors, path)
+    m["files"][role].update(file_record(path))
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
+    assert "is not one bsbr distill wrote" in line, line
 
 
 @pytest.mark.parametrize("params", ["new", "all"])

@@ -131,8 +131,9 @@ def _layout_error(manifest) -> str:
         return "progress.step must be a whole number >= 0"
     if not number(progress.get("elapsed")):
         return "progress.elapsed must be seconds >= 0"
-    if not isinstance(progress.get("log"), list) or any(not isinstance(e, dict) for e in progress["log"]):
-        return "progress.log must be a list of objects"
+    if not isinstance(progress.get("log"), list) or any(not isinstance(e, dict) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in e.values()) for e in progress["log"]):
+        return "progress.log must be a list of objects of numbers"
     for key, kind in (("config", dict), ("run", dict), ("optimizer_scalars", dict), ("replaces", list)):
         if key in progress and not isinstance(progress[key], kind):
             return f"progress.{key} must be a {'list' if kind is list else 'JSON object'}"
@@ -158,6 +159,7 @@ def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
         if weights[k].shape != p.shape:
             raise CheckpointError(f"checkpoint {directory}: {k} has shape {tuple(weights[k].shape)}, "
                                   f"the student's is {tuple(p.shape)}")
+    _check_state(directory, weights, moments, manifest["progress"].get("optimizer_scalars", {}), params)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(weights[k])
@@ -169,3 +171,30 @@ def load_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
         if name in params:
             optimizer.state[params[name]][field] = value
     return progress
+
+
+def _check_state(directory: Path, weights: dict, moments: dict, scalars: dict, params: dict) -> None:
+    """A :class:`CheckpointError` for tensors :func:`save_checkpoint` does not write: weights that are not finite
+    floats of the student's shapes, and optimizer state that is not each trained tensor's moments (finite floats
+    of its shape, the same fields for each) with a step count >= 0 (a hand edit or another program's file)."""
+    def bad(why):
+        return CheckpointError(f"checkpoint {directory} is not one bsbr distill wrote ({why}); {START_OVER}")
+
+    for k, w in weights.items():
+        if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+            raise bad(f"{k} is not finite floating-point numbers")
+    fields = {}
+    for key, value in {**moments, **scalars}.items():
+        name, _, field = key.partition("::")
+        if name not in params:
+            raise bad(f"optimizer state {key!r} belongs to no trained parameter")
+        fields.setdefault(name, set()).add(field)
+        if field == "step":
+            step = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0:
+                raise bad(f"{key} is not a step count >= 0")
+        elif not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == params[name].shape
+                  and bool(torch.isfinite(value).all())):
+            raise bad(f"{key} is not finite floating-point numbers of {name}'s shape {tuple(params[name].shape)}")
+    if len({frozenset(f) for f in fields.values()}) > 1:  # (a parameter no gradient reached has none)
+        raise bad("its optimizer state does not hold the same moments for every trained parameter")
