@@ -1178,6 +1178,18 @@ def test_a_source_config_too_large_for_memory_names_its_config(models, tmp_path,
         assert f"--reference {d}: out of memory building the model its config.json describes" in line, line
 
 
+def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_building_them(models, tmp_path, capsys,
+                                                                                            monkeypatch):
+    # num_hidden_layers 3,000 on the 2-layer source: every layer was built (38 s, 770 MB) before the missing weights
+    # were refused; 200,000 ran past 5 minutes
+    from transformers import AutoModelForCausalLM
+
+    d = _edited_source(models, tmp_path, num_hidden_layers=3000)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the layers were built"))
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert "config.json gives 3,000 layers (num_hidden_layers), its weights hold 2" in line, line
+
+
 def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,
                                                                                           capsys, monkeypatch):
     # no conversion.json, no --reference: the bundled SmolLM2 loaded (~30 s), then "the models' vocabularies differ

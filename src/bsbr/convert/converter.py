@@ -8,13 +8,16 @@ until distillation opens it.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from ..layers.bsbr_attention import BSBRAttention
@@ -49,12 +52,34 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
+        _refuse_more_layers_than_weights(path)
         model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
         _warn_unread_generation_config(path)
         return model
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
     return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's weights: model.layers.N., transformer.h.N.
+
+
+def _refuse_more_layers_than_weights(path: Path) -> None:
+    """A ValueError when a source folder's config.json gives more layers than its safetensors weights hold (read
+    from their headers): transformers would build every layer first (3,000: minutes and gigabytes) and only then
+    find their weights missing."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        stated = config.get("num_hidden_layers", config.get("n_layer"))
+        held = set()
+        for file in path.glob("*.safetensors"):
+            with safe_open(file, "pt") as f:
+                held |= {int(m.group(1)) for name in f.keys() if (m := _LAYER_INDEX.search(name))}
+    except Exception:  # (unreadable files are refused, by name, where they are loaded)
+        return
+    if isinstance(stated, int) and not isinstance(stated, bool) and held and stated > max(held) + 1:
+        raise ValueError(f"{path}: config.json gives {stated:,} layers (num_hidden_layers), its weights hold "
+                         f"{max(held) + 1}: restore the config.json saved with these weights")
 
 
 def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
