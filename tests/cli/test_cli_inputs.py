@@ -1188,6 +1188,15 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the layers were built"))
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert "config.json gives 3,000 layers (num_hidden_layers), its weights hold 2" in line, line
+    # integer weights (a quantized or edited source) were cast into the float model silently, exit 0
+    from safetensors.torch import load_file, save_file
+
+    d = _edited_source(models, tmp_path / "int", num_hidden_layers=2)
+    weights = load_file(d / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name].to(torch.int32)}, d / "model.safetensors")
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert f"weight {name} is I32, not floating point (a quantized or edited checkpoint?)" in line, line
 
 
 def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
-from ..models.bsbr.modeling_bsbr import refuse_pickled_weights
+from ..models.bsbr.modeling_bsbr import refuse_non_float_weights, refuse_pickled_weights
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
@@ -52,6 +52,7 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
+        refuse_non_float_weights(path)  # (cast silently into the float model)
         _refuse_more_layers_than_weights(path)
         model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
         _warn_unread_generation_config(path)

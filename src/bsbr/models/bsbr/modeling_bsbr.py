@@ -361,8 +361,8 @@ def refuse_non_float_weights(path: Path) -> None:
             for name in st.keys():
                 dtype = st.get_slice(name).get_dtype()
                 if not dtype.startswith(("F", "BF")):
-                    raise ValueError(f"{f}: weight {name} is {dtype}, not floating point: this is not a BSBR "
-                                     "checkpoint as save_pretrained writes it")
+                    raise ValueError(f"{f}: weight {name} is {dtype}, not floating point (a quantized or edited "
+                                     "checkpoint?): bsbr loads the float weights save_pretrained writes")
 
 
 class BSBRPreTrainedModel(PreTrainedModel):
