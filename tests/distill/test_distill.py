@@ -79,6 +79,24 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
     with pytest.raises(ValueError, match="is not a directory"):
         distill(teacher, student, ws, tmp_path / "a_file", DistillConfig(steps=1))
     assert not (tmp_path / "out").exists()
+    # overwrite=True replaced every entry of output_dir, a user's folders and files with the old model
+    (mine / "data").mkdir()
+    with pytest.raises(ValueError, match=r"holds files no bsbr command wrote \(data, ...\): overwrite=True "
+                                         "replaces only a bsbr output"):
+        distill(teacher, student, ws, mine, DistillConfig(steps=1), overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "data"]
+    # a teacher of another vocabulary, or none, or a dict for cfg, failed inside the first step
+    other = make_source("llama")
+    other.resize_token_embeddings(VOCAB + 5)
+    for bad_teacher, bad_cfg, error, words in ((None, DistillConfig(steps=1), TypeError, "teacher must be a causal LM"),
+                                               (teacher, dict(steps=1), TypeError, "cfg must be a DistillConfig")):
+        with pytest.raises(error, match=words):
+            distill(bad_teacher, student, ws, tmp_path / "out", bad_cfg)
+    with pytest.raises(ValueError, match="the teacher's vocabulary"):
+        distill(other, student, ws, tmp_path / "out", DistillConfig(steps=1))
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        DistillConfig(steps=1, seed=2 ** 70).validate()
+    assert not (tmp_path / "out").exists()
 
 
 def test_end_to_end_loss_by_hand():

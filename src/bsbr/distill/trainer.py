@@ -25,7 +25,7 @@ from ..convert.converter import is_new_parameter
 from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..models.heads import final_hidden_states, position_blocks
-from ..outputs import publish_files, temp_dir
+from ..outputs import is_bsbr_output, not_written, publish_files, temp_dir
 from ..progress import bar as progress_bar
 from ..ops.checks import check_int, check_number, is_number, shown
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
@@ -73,6 +73,8 @@ class DistillConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not -2 ** 63 <= self.seed < 2 ** 64:  # (what torch's generators take)
+            raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed}")
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
@@ -346,10 +348,21 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
              should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
              overwrite: bool = False, bar_on: bool = True) -> dict:
     """:func:`distill`, leaving the models' modes to it."""
+    if not isinstance(cfg, DistillConfig):
+        raise TypeError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
     cfg.validate()
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
         raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
                         f"{type(student).__name__}")
+    head = teacher.get_output_embeddings() if isinstance(teacher, torch.nn.Module) and hasattr(
+        teacher, "get_output_embeddings") else None
+    if head is None:
+        raise TypeError(f"teacher must be a causal LM (a transformers model with an LM head), got "
+                        f"{type(teacher).__name__}")
+    rows = getattr(getattr(head, "weight", None), "shape", (student.config.vocab_size,))[0]
+    if rows != student.config.vocab_size:  # (the KL compares their logits)
+        raise ValueError(f"the teacher's vocabulary ({rows} tokens) is not the student's ({student.config.vocab_size}):"
+                         " give the model the student was converted from")
     for role, model in (("student", student), ("teacher", teacher)):  # a broken model, not a learning rate
         bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:
@@ -373,6 +386,11 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             p.name != "checkpoint" and not p.name.startswith(".final.tmp-") for p in output_dir.iterdir()):
         raise ValueError(f"output_dir {output_dir} holds files, which the model would replace: give a new or empty "
                          "directory, or overwrite=True")
+    if overwrite and output_dir.is_dir() and any(output_dir.iterdir()) and not is_bsbr_output(output_dir):
+        mine = "".join(f" ({name}, ...)" for name in not_written(output_dir)[:1])
+        raise ValueError(f"output_dir {output_dir} holds files no bsbr command wrote{mine}: overwrite=True replaces "
+                         "only a bsbr output (a BSBR model, its records or a checkpoint); move them or choose another "
+                         "output_dir")
     longest = max(len(w) for w in windows)
     if cfg.params == "new" and longest < shortest_window(student, "new"):
         raise ValueError(f"params='new' on windows of at most {longest} tokens: the new pieces cannot improve this "
