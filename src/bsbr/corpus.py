@@ -309,6 +309,8 @@ def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Op
     """(texts iterator, description): local files, a HuggingFace dataset, or the default corpus's
     ``split`` of the standard library's sources; the description names local paths absolute, so that a
     record of it can be rerun from anywhere."""
+    if isinstance(text_files, (str, os.PathLike)):  # (a string was read as one file per character)
+        raise TypeError(f"text_files must be a list of paths, got one path: give [{str(text_files)!r}]")
     if text_files and dataset:
         raise ValueError("give either text files or a dataset, not both")
     if text_files:

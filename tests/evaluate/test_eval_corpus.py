@@ -199,6 +199,8 @@ def test_the_corpus_description_names_local_inputs_by_absolute_path(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.txt").write_text("x")
     assert corpus.corpus_texts(text_files=["a.txt"])[1] == dict(kind="text_files", files=[str(tmp_path / "a.txt")])
+    with pytest.raises(TypeError, match=r"text_files must be a list of paths, got one path: give \['a.txt'\]"):
+        corpus.corpus_texts(text_files="a.txt")  # ("text file not found: a, ., t, x, t")
     pytest.importorskip("datasets")
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "test.jsonl").write_text('{"text": "a"}\n')

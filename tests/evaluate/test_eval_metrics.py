@@ -32,6 +32,9 @@ def test_gap_closed():
 
     assert gap_closed(np.float32(20.0), 15.0, 10.0) == gap_closed(torch.tensor(20.0), 15.0, 10.0) == 0.5
     assert gap_closed(True, 0.5, 0.0) is None
+    for bad in (-1, float("nan"), "a"):  # (a ZeroDivisionError, or a bare TypeError)
+        with pytest.raises(ValueError, match="rel_eps"):
+            gap_closed(6, 8, 6, rel_eps=bad)
 
 
 def test_rank_and_kl_by_hand():

@@ -87,6 +87,22 @@ def test_prompt_errors(word_tokenizer):
         passkey.build_prompt(word_tokenizer, 200, 1.5, "12345")
     with pytest.raises(ValueError, match="key"):
         passkey.build_prompt(word_tokenizer, 200, 0.5, "12a45")
+    # a negative answer_tokens made a prompt longer than length; a depth of "0.5" or None a bare TypeError
+    for bad, words in ((dict(answer_tokens=-50), "answer_tokens must be an int >= 0"),
+                       (dict(answer_tokens=True), "answer_tokens must be an int >= 0"),
+                       (dict(depth="0.5"), "depth must be a number in"), (dict(depth=None), "depth must be a number")):
+        args = dict(length=120, depth=0.5, key="12345", **{k: v for k, v in bad.items() if k == "answer_tokens"})
+        args.update({k: v for k, v in bad.items() if k == "depth"})
+        with pytest.raises(ValueError, match=words):
+            passkey.build_prompt(word_tokenizer, **args)
+    # trials=True, a length of 120.9 (read as 120) and only="bsbr" (read as its letters) ran
+    oracle = {"right": Oracle(word_tokenizer, True)}
+    for bad, error, words in ((dict(trials=True), ValueError, "trials must be a positive int"),
+                              (dict(lengths=[120.9]), ValueError, "lengths must be ints"),
+                              (dict(only="right"), TypeError, "only must be a list of model names")):
+        kw = {**dict(lengths=[120], depths=[0.5], trials=1, chunk_size=32, progress=False), **bad}
+        with pytest.raises(error, match=words):
+            passkey.run_passkey(oracle, word_tokenizer, **kw)
 
 
 def test_where_a_filler_starts_never_makes_a_length_too_short(word_tokenizer):

@@ -165,6 +165,10 @@ def test_pickled_checkpoints_are_never_loaded(tmp_path, monkeypatch):
     _refused_without_unpickling(tmp_path, monkeypatch, "pickle")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_bsbr_model(tmp_path)
+    with pytest.raises(TypeError, match="path must be a model directory's path, got NoneType"):
+        load_bsbr_model(None)  # (pathlib's "expected str, bytes or os.PathLike object")
+    with pytest.raises(FileNotFoundError, match="is a file, not a saved BSBR model directory"):
+        load_bsbr_model(tmp_path / "config.json")  # (it said "no config.json")
     # asked for by name, the pickle was loaded (through torch's restricted unpickler), as the docs say it never is
     for load in (AutoModelForCausalLM.from_pretrained, BSBRForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match="use_safetensors=False"):

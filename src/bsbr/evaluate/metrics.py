@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..errors import check_not_interrupted
 from ..models.heads import final_hidden_states, output_object, position_blocks
-from ..ops.checks import check_int
+from ..ops.checks import check_int, check_number
 from .modes import in_eval_mode
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def gap_closed(ppl_local: float, ppl_model: float, ppl_full: float, rel_eps: flo
     local one's, < 0 worse. None when there is no gap to close: the local bound is not above the full
     one by more than ``rel_eps * ppl_full`` (equal up to rounding, or in the wrong order, where the
     ratio would call a model worse than both bounds a success), or an input is not finite."""
+    check_number("rel_eps", rel_eps, 0)
     if any(isinstance(x, (bool, str, bytes)) for x in (ppl_local, ppl_model, ppl_full)):
         return None
     try:  # numpy floats and 0-d tensors too
@@ -138,7 +139,7 @@ class MetricAccumulator:
             raise ValueError(f"models must include {REFERENCE!r}, got {list(models)}")
         if len(set(models)) != len(models):
             raise ValueError(f"models must be distinct names, got {list(models)}")
-        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
             raise ValueError(f"ks must be positive ints, got {ks!r}")
         self.seq_len, self.scheme = seq_len, scheme
         self.buckets = position_buckets(seq_len, chunk_size, scheme)
@@ -281,6 +282,9 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
         raise ValueError(f"the models' vocabularies differ: {vocab} (is --reference the model this was converted "
                          "from?)")
     v = next(iter(vocab.values()))
+    if windows.numel() == 0:
+        raise ValueError(f"windows hold no tokens (shape {tuple(windows.shape)}): give windows of chunk_size + 2 "
+                         "tokens or more")
     if int(windows.max()) >= v or int(windows.min()) < 0:
         raise ValueError(f"windows hold token ids outside [0, {v}): wrong tokenizer?")
 

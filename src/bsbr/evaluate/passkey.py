@@ -94,10 +94,12 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     tokens the tokenizer puts before a text (e.g. BOS), none it appends. The key's token span is
     therefore exact, not estimated from characters.
     """
-    if not isinstance(length, int) or length < 1:
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ValueError(f"length must be a positive int, got {length!r}")
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
+    if not (isinstance(depth, (int, float)) and not isinstance(depth, bool) and 0.0 <= depth <= 1.0):
+        raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
+    if not isinstance(answer_tokens, int) or isinstance(answer_tokens, bool) or answer_tokens < 0:
+        raise ValueError(f"answer_tokens must be an int >= 0, got {answer_tokens!r}")
     if not (isinstance(key, str) and key.isdigit()):
         raise ValueError(f"key must be a string of digits, got {key!r}")
     from ..corpus import leading_specials  # (torch: not for the parser)
@@ -202,10 +204,12 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
     cell has the key :func:`make_key` (seed, length, depth, t), filler ``fillers[t % len(fillers)]``
     starting at a point seeded by the same four, and ``max_new_tokens`` tokens of room for the
     answer; ``meta`` holds ``trial`` and ``filler``. ``bsbr eval`` and the lm-eval task share them."""
-    if not isinstance(trials, int) or trials < 1:
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
     if not lengths or not depths:
         raise ValueError("lengths and depths must be non-empty")
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in lengths):  # (120.9 was read as 120)
+        raise ValueError(f"lengths must be ints, got {list(lengths)}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int (room for the answer), got {max_new_tokens!r}")
     for name, values in (("lengths", list(map(int, lengths))), ("depths", list(map(float, depths)))):
@@ -291,6 +295,8 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     """
     from ..progress import bar as progress_bar
 
+    if isinstance(only, str):  # (read as its letters)
+        raise TypeError(f"only must be a list of model names, got the string {only!r}: give [{only!r}]")
     if only is not None:
         unknown = sorted(set(only) - set(models))
         if unknown:

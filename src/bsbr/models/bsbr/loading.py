@@ -37,8 +37,12 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
     """A saved BSBR model (a ``bsbr convert`` / ``save_pretrained`` directory) in eval mode, from its
     safetensors weights only, strictly (a missing, unexpected or mismatched weight is refused); a folder
     replaced while it was read is refused too."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a model directory's path, got {type(path).__name__}")
     path = Path(path)
     before = folder_identity(path)
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file, not a saved BSBR model directory: give the folder holding it")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")
     refuse_other_model_type(path)
