@@ -3,7 +3,6 @@ against the original on the default corpus, measure speed side by side, print a 
 write JSON and plots."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -44,9 +43,11 @@ def cmd_demo(args) -> int:
 
 def _in_output(path, final: Path) -> bool:
     """Whether ``path`` (an error's file name) is ``final`` or in it, or the folder the demo stages it in."""
+    from .outputs import resolved_path
+
     if not path:
         return False
-    p, top = Path(os.path.abspath(path)), Path(os.path.abspath(final))
+    p, top = resolved_path(path), resolved_path(final)  # (as the output's folder was made: links before ..)
     return p.is_relative_to(top) or (p.is_relative_to(top.parent) and p != top.parent
                                      and p.relative_to(top.parent).parts[0].startswith(f".{top.name}."))
 

@@ -56,7 +56,13 @@ def _links_into(folder: Path, target: Path) -> bool:
 
 def _check_name_lengths(out: Path, path, option: str) -> None:
     """An :class:`OutputError` when a name in the path is longer than a file name may be (else the file
-    system's bare "File name too long" comes from the first look at it)."""
+    system's bare "File name too long" comes from the first look at it), or when a ``..`` in it follows a folder
+    that does not exist (the system cannot follow it, so a reader would not find what was written)."""
+    given = Path(os.path.expanduser(str(path))).parts
+    for i in (i for i, part in enumerate(given) if part == ".." and i):
+        if not Path(*given[:i]).is_dir():
+            raise OutputError(f"{option} {path}: {Path(*given[:i])} is no folder, so the .. after it cannot be "
+                              "followed: give the path without it")
     for part in out.parts:
         if len(os.fsencode(part)) > NAME_MAX:
             raise OutputError(f"{option} {path}: its name {part[:24]}... is {len(os.fsencode(part))} bytes, more "
@@ -349,7 +355,8 @@ def is_bsbr_output(out: Path) -> bool:
     marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
-        _leftovers_inside(out) is not None
+        _leftovers_inside(out) is not None or \
+        (entries and all(left_by_a_kill(e.name) or _idle_lock(e) for e in entries))  # (killed runs within it)
     return marked and not not_written(out)
 
 
@@ -379,7 +386,8 @@ def _hold(folder: Path) -> int:
     import fcntl
 
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    with contextlib.suppress(OSError):  # (NFS locks exclusively only what is open for writing: then unheld)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
@@ -521,22 +529,23 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = temp_dir(out, STAGED_INSIDE) if into else temp_dir(out.parent, f".{out.name}.tmp-")
     held = _hold(tmp)  # (so that another command does not take it for a killed run's)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(made)
-        raise
-    try:
-        shared_modes(tmp)
-        if into:
-            _publish_into(tmp, out, left)
-        else:
-            publish_dir(tmp, out, overwrite=overwrite)
-    except BaseException as e:
-        if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
+        try:
+            yield tmp
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             _remove_empty(made)
-        raise
+            raise
+        try:
+            shared_modes(tmp)
+            if into:
+                _publish_into(tmp, out, left)
+            else:
+                publish_dir(tmp, out, overwrite=overwrite)
+        except BaseException as e:
+            if not isinstance(e, OutputError):  # ``path`` appeared meanwhile: the complete result stays in tmp
+                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_empty(made)
+            raise
     finally:
         os.close(held)
     # what a killed run into the same path left beside it (not removed: one may be a complete result kept
@@ -577,10 +586,9 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
         yield  # nothing can be written there (or under that name): the output checks say why
         return
     lock = out.parent / f".{out.name}.lock"
-    # (opened read-only: flock needs no more, and another user's lock file, 0644 as a killed run left it, opens)
     try:  # (a folder that looks writable but is not, as /proc: made or opened, it fails here)
         made = _make_parents(out)
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+        fd = _open_lock(lock)
     except OSError as e:
         if lock.exists():
             raise OutputError(f"{option} {path}: its lock file {lock} cannot be opened ({e.strerror}): another "
@@ -590,7 +598,7 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
                           f"{option}") from None
     os.close(fd)
     while True:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -610,6 +618,15 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
             lock.unlink()
         os.close(fd)
         _remove_empty(made)
+
+
+def _open_lock(lock: Path) -> int:
+    """The lock file, made if missing, open for writing (an exclusive lock over NFS needs it), or read-only where
+    it is another user's (0644, as a killed run left it in a shared folder: flock needs no more elsewhere)."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(lock, os.O_RDONLY)
 
 
 def _make_parents(path: Path) -> list:

@@ -1697,3 +1697,50 @@ def test_generate_into_a_full_disk_names_stdout(models):
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = one_error_line(proc.stderr, "generate")
     assert line.startswith("bsbr generate: error: stdout: No space left on device: the generated text"), line
+
+
+def test_staging_folders_and_their_locks_are_released_when_the_work_fails(tmp_path):
+    # staged_dir kept the descriptor holding its staging folder's lock when the block raised: one per failure
+    from bsbr.outputs import staged_dir
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    before = open_fds()
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            with staged_dir(tmp_path / "out"):
+                raise RuntimeError
+    assert open_fds() == before and not list(tmp_path.iterdir())
+
+
+def test_outputs_with_dotdot_after_a_missing_folder_or_only_killed_runs_leftovers(models, tmp_path, capsys,
+                                                                                  monkeypatch):
+    # m1/m2/../out with m2 missing was written to m1/out, where the system finds nothing (m2 does not exist); a
+    # folder holding only what a killed run inside it left was "not empty: pass --overwrite", then with --overwrite
+    # "holds files no bsbr command wrote", naming none
+    source, _, _ = models
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, ["convert", source, "m1/m2/../out", "--chunk-size", "8"], "convert")
+    assert "OUTPUT_DIR m1/m2/../out: m1/m2 is no folder, so the .. after it cannot be followed" in line, line
+    assert not (tmp_path / "m1").exists()
+    (tmp_path / "left" / ".sub.tmp-abcd1234").mkdir(parents=True)
+    (tmp_path / "left" / ".sub.lock").touch()
+    assert "pass --overwrite" in refused(capsys, ["convert", source, "left", "--chunk-size", "8"], "convert")
+    assert main(["convert", str(source), "left", "--chunk-size", "8", "--overwrite"]) == 0
+    assert (tmp_path / "left" / "config.json").is_file() and not (tmp_path / "left" / ".sub.lock").exists()
+
+
+def test_the_printed_lm_eval_command_names_the_folders_written_through_a_link_and_dotdot(models, tmp_path, capsys):
+    _, converted, _ = models
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "real" / "sub")
+    shutil.copytree(converted, tmp_path / "real" / "cv")
+    assert main(["eval", f"{tmp_path}/lnk/../cv", "--lm-eval-task-dir", f"{tmp_path}/lnk/../tasks", "--passkey-lengths",
+                 "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-filler", "classic",
+                 "--passkey-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"pretrained={str(tmp_path / 'real' / 'cv')!r}" in out and \
+        f"include_path={str(tmp_path / 'real' / 'tasks')!r}" in out, out

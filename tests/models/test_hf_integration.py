@@ -151,6 +151,14 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
         cache = model(ids[:, :10], use_cache=True).cache  # a second time, silently
     with pytest.raises(ValueError, match="input_ids are the text the cache has read, nothing after it"):
         model.generate(ids[:, :10], cache=cache, **kw)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():  # the same text under padding, whatever ids lie there
+        padded = model(ids[:, :10], attention_mask=mask, use_cache=True).cache
+    other = ids[:, :10].clone()
+    other[1, :3] = 4
+    with pytest.raises(ValueError, match="input_ids are the text the cache has read, nothing after it"):
+        model.generate(other, attention_mask=mask, cache=padded, **kw)
     assert torch.equal(model.generate(ids[:, 10:], cache=cache, **kw)[:, -6:], ref)  # (the cache is as it was)
     with torch.no_grad():  # a cache built from embeddings knows no ids: the whole text, as transformers reads it
         cache = model(inputs_embeds=model.get_input_embeddings()(ids[:, :10]), use_cache=True).cache

@@ -198,7 +198,7 @@ def _check_loadable(model) -> None:
 
 
 def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
-    from ..outputs import output_lock, write_failure
+    from ..outputs import output_lock, resolved_path, write_failure
 
     try:
         with output_lock(args.lm_eval_task_dir, "--lm-eval-task-dir"):  # (one command writes a task there at a time)
@@ -211,9 +211,9 @@ def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
           f"  import bsbr, lm_eval\n"
           f"  from lm_eval.models.huggingface import HFLM\n"
           f"  from lm_eval.tasks import TaskManager\n"
-          f"  out = lm_eval.simple_evaluate(model=HFLM(pretrained={os.path.abspath(args.model)!r}, device='cpu', "
+          f"  out = lm_eval.simple_evaluate(model=HFLM(pretrained={os.path.realpath(args.model)!r}, device='cpu', "
           f"backend='causal', max_length={longest}), tasks=[{TASK_NAME!r}], "
-          f"task_manager=TaskManager(include_path={os.path.abspath(args.lm_eval_task_dir)!r}))\n"
+          f"task_manager=TaskManager(include_path={str(resolved_path(args.lm_eval_task_dir))!r}))\n"
           f"  print(out['results'][{TASK_NAME!r}])")
     return 0
 

@@ -203,10 +203,15 @@ class BSBRCache:
         if self.digest is None or input_ids.shape[1] < n or input_ids.shape[0] != self.digest.shape[0]:
             return False  # (another batch: forward refuses the cache)
         if input_ids.shape[1] == n:
-            if bool((text_digest(input_ids) == self.digest[:, 0].to(input_ids.device)).all()):
+            digest = self.digest.to(input_ids.device)
+            same = text_digest(input_ids) == digest[:, 0]
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape:
+                same |= text_digest(input_ids, real=attention_mask != 0) == digest[:, 1]  # (other ids under padding)
+            if bool(same.all()):
                 raise ValueError("input_ids are the text the cache has read, nothing after it (a cache keeps no "
-                                 "logits to continue from): build the cache on all but the text's last token, or "
-                                 "pass only new tokens")
+                                 "logits to continue from; new tokens that repeat the cached text cannot be told from "
+                                 "it): build the cache on all but the text's last token, or read such new tokens with "
+                                 "a forward call (model(input_ids=..., cache=cache)) before generate")
             return False
         digest, head = self.digest.to(input_ids.device), input_ids[:, :n]
         same = text_digest(head) == digest[:, 0]  # the ids as the cache read them
