@@ -128,6 +128,10 @@ def test_streaming_state_is_constant_over_many_steps(steps):
     assert len(sizes) == 1, "the streaming state changed size"
     assert int(state.n_seen) == steps and bool(state.recall_on.all()) and bool(torch.isfinite(o).all())
     assert state.F_past.shape[2] == 0  # no per-chunk arrays
+    # nor the running sums of the current chunk's state and what it reads from the others (kept at full size,
+    # never written or read: 12 of SmolLM2's 98 MB bounded cache)
+    assert [state.tensors()[n].numel() for n in ("F_cur", "z_cur", "S_cur", "zS_cur")] == [0] * 4
+    assert state.feature_size == 4
 
 
 def test_needle_is_kept_and_found():

@@ -171,7 +171,7 @@ class BSBRAttention(MultiHeadBase):
         read = not isinstance(gate, int)
         state = kwargs.get("initial_state")
         state = state if isinstance(state, BSBRState) else None  # (anything else is refused by the op)
-        kept = state is not None and state.F_cur.shape[2] > 0  # a cache continued keeps its chunk states
+        kept = state is not None and state.feature_size > 0  # a cache continued keeps its chunk states
         if read and state is not None and not kept and self.retrieval_gate is not None and self._gate_closed():
             gate, read = 0, False  # a cache built with the gate closed has none to read; closed, it reads nothing
         mq, mk = q, k  # meta inputs un-rotated: a mean of rotated vectors over a chunk would cancel out

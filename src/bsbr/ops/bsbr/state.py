@@ -77,19 +77,25 @@ class BSBRState:
         Bo, So = (Bk, options.sink_tokens) if options.own_position_chunks else (0, 0)
         M = options.recall_tokens
         Wr, dfr = (options.window, df) if M else (0, 0)
+        dfc = 0 if M else df  # (the bounded mode keeps one state, in its recall cache, and no per-chunk sums)
         cache = RecallCache.empty(b, hkv, M, d, dv, dfr, like)
         return cls(
             options=options, n_seen=torch.zeros(b, dtype=torch.long, device=like.device),
             k_buf=z(b, hkv, options.window, d), v_buf=z(b, hkv, options.window, dv),
             k_sink=z(b, hkv, options.sink_tokens, d), v_sink=z(b, hkv, options.sink_tokens, dv),
-            F_cur=z(b, hkv, df, dv), z_cur=z(b, hkv, df), mk_sum=z(b, hkv, a.meta_in), mq_sum=z(b, hq, a.meta_in),
+            F_cur=z(b, hkv, dfc, dv), z_cur=z(b, hkv, dfc), mk_sum=z(b, hkv, a.meta_in), mq_sum=z(b, hq, a.meta_in),
             r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
-            h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, df, dv), zS_cur=z(b, hq, df),
+            h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, dfc, dv), zS_cur=z(b, hq, dfc),
             kr_cur=z(b, hkv, Bk, d), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
             k_sink_own=z(b, hkv, So, d), k_past=z(b, hkv, 0, Bo, d),
             kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
             **{f"recall_{name}": x for name, x in zip(RecallCache._fields, cache)},
         )
+
+    @property
+    def feature_size(self) -> int:
+        """The feature size of the chunk states it keeps (0: none, as a state built with the gate closed)."""
+        return (self.recall_F if self.options.recall_tokens else self.F_cur).shape[2]
 
     def recall(self) -> RecallCache:
         return RecallCache(*(getattr(self, f"recall_{name}") for name in RecallCache._fields))
@@ -121,8 +127,8 @@ class BSBRState:
             raise ValueError(f"state holds meta vectors of size {meta[0]} mapped to {meta[1]}, the call has "
                              f"{a.meta_in} mapped to {a.meta_dim}: continue a state with the meta inputs and maps it "
                              "was built with")
-        if self.F_cur.shape[2] != a.feature_dim:
-            raise ValueError(f"state keeps chunk states of feature size {self.F_cur.shape[2]}, the call has "
+        if self.feature_size != a.feature_dim:
+            raise ValueError(f"state keeps chunk states of feature size {self.feature_size}, the call has "
                              f"{a.feature_dim} (a state built while the chunk-state gate was closed keeps none): "
                              "start a new cache")
 
