@@ -315,8 +315,10 @@ def _written_entry(entry: Path) -> bool:
     """Whether an entry at the top of an output is one a bsbr command writes there (:func:`is_bsbr_output`)."""
     if entry.is_symlink():
         return False
-    if left_by_a_kill(entry.name) or _idle_lock(entry):
+    if _idle_lock(entry):
         return True
+    if left_by_a_kill(entry.name):  # (a user's .notes.old-20240115 backup matches the name too: looked into)
+        return entry.is_file() or not lock_held(entry) and _bsbr_files_only(entry)
     if entry.is_dir():
         if entry.name == "checkpoint":
             return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
@@ -326,6 +328,13 @@ def _written_entry(entry: Path) -> bool:
     if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
         return _is_model_card(entry)
     return _written_name(entry.name)
+
+
+def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
+    """Whether everything in ``folder`` (a killed run's staging folder: a partial model, a demo's files, an old
+    output moved aside) is something bsbr writes, a few folders deep."""
+    return depth > 0 and all(_written_entry(e) or e.is_dir() and not e.is_symlink() and _bsbr_files_only(e, depth - 1)
+                             for e in folder.iterdir())
 
 
 def not_written(out: Path) -> list:
@@ -356,7 +365,8 @@ def is_bsbr_output(out: Path) -> bool:
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
         _leftovers_inside(out) is not None or \
-        (entries and all(left_by_a_kill(e.name) or _idle_lock(e) for e in entries))  # (killed runs within it)
+        (entries and all(_idle_lock(e) or left_by_a_kill(e.name) and not (e / "config.json").exists()
+                         for e in entries))  # (killed runs' partial outputs within it; a complete one is kept)
     return marked and not not_written(out)
 
 

@@ -1188,6 +1188,7 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the layers were built"))
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert "config.json gives 3,000 layers (num_hidden_layers), its weights hold 2" in line, line
+    monkeypatch.undo()
     # integer weights (a quantized or edited source) were cast into the float model silently, exit 0
     from safetensors.torch import load_file, save_file
 
@@ -1197,6 +1198,28 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     save_file({**weights, name: weights[name].to(torch.int32)}, d / "model.safetensors")
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert f"weight {name} is I32, not floating point (a quantized or edited checkpoint?)" in line, line
+    # float8 weights (a scaled quantization) loaded as garbage; a quantization_config was not looked at
+    w = weights[name]
+    save_file({**weights, name: w.to(torch.float8_e4m3fn)}, d / "model.safetensors")
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert f"weight {name} is F8_E4M3, not floating point" in line, line
+    save_file(weights, d / "model.safetensors")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert "config.json holds a quantization_config (fp8): bsbr converts float weights" in line, line
+    # what transformers does not load is not looked at: GPT-2's old uint8 mask buffers, another .safetensors file
+    from model_sources import make_source
+    from word_tokenizer import build_word_tokenizer
+
+    g = tmp_path / "g2"
+    make_source("gpt2").save_pretrained(g)
+    build_word_tokenizer().save_pretrained(g)
+    sd = load_file(g / "model.safetensors")
+    sd.update({f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 64, 64, dtype=torch.uint8).tril() for i in range(2)})
+    save_file(sd, g / "model.safetensors", metadata={"format": "pt"})
+    save_file({"ids": torch.arange(10)}, g / "tokens.safetensors")
+    assert main(["convert", str(g), str(tmp_path / "g2out"), "--chunk-size", "8"]) == 0
 
 
 def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,

@@ -1744,3 +1744,18 @@ def test_the_printed_lm_eval_command_names_the_folders_written_through_a_link_an
     out = capsys.readouterr().out
     assert f"pretrained={str(tmp_path / 'real' / 'cv')!r}" in out and \
         f"include_path={str(tmp_path / 'real' / 'tasks')!r}" in out, out
+
+
+def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path, capsys):
+    # .thesis.old-20240115 (a user's dated backup) matches the name bsbr stages under: --overwrite replaced the
+    # folder holding it, and a bsbr output holding it, with the backup inside
+    source, converted, _ = models
+    for where in (tmp_path / "bk", shutil.copytree(converted, tmp_path / "model")):
+        (where / ".thesis.old-20240115").mkdir(parents=True)
+        (where / ".thesis.old-20240115" / "thesis.tex").write_text("precious")
+        line = refused(capsys, ["convert", source, where, "--chunk-size", "8", "--overwrite"], "convert", where)
+        assert "holds files no bsbr command wrote" in line, line
+        assert (where / ".thesis.old-20240115" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "bk" / ".thesis.old-20240115" / "thesis.tex").unlink()
+    (tmp_path / "bk" / ".thesis.old-20240115" / "model.safetensors").write_bytes(b"")  # a killed run's partial model
+    assert main(["convert", str(source), str(tmp_path / "bk"), "--chunk-size", "8", "--overwrite"]) == 0

@@ -95,6 +95,10 @@ def test_prompt_errors(word_tokenizer):
         args.update({k: v for k, v in bad.items() if k == "depth"})
         with pytest.raises(ValueError, match=words):
             passkey.build_prompt(word_tokenizer, **args)
+    import numpy as np  # numpy's numbers are numbers (the checks above refused them for a while)
+
+    assert passkey.build_prompt(word_tokenizer, np.int64(120), np.float32(0.5), "12345", np.int64(5)).input_ids == \
+        passkey.build_prompt(word_tokenizer, 120, 0.5, "12345", 5).input_ids
     # trials=True, a length of 120.9 (read as 120) and only="bsbr" (read as its letters) ran
     oracle = {"right": Oracle(word_tokenizer, True)}
     for bad, error, words in ((dict(trials=True), ValueError, "trials must be a positive int"),
@@ -103,6 +107,9 @@ def test_prompt_errors(word_tokenizer):
         kw = {**dict(lengths=[120], depths=[0.5], trials=1, chunk_size=32, progress=False), **bad}
         with pytest.raises(error, match=words):
             passkey.run_passkey(oracle, word_tokenizer, **kw)
+    r = passkey.run_passkey(oracle, word_tokenizer, lengths=np.array([120]), depths=np.array([0.5]), trials=np.int64(1),
+                            chunk_size=32, progress=False)
+    assert r["lengths"] == [120] and r["models"]["right"]["accuracy"] == 1.0
 
 
 def test_where_a_filler_starts_never_makes_a_length_too_short(word_tokenizer):

@@ -52,9 +52,9 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
-        refuse_non_float_weights(path)  # (cast silently into the float model)
-        _refuse_more_layers_than_weights(path)
+        _refuse_weights_it_cannot_convert(path)
         model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
+        refuse_non_float_weights(path, model.state_dict())  # (what it loaded was cast into the float model)
         _warn_unread_generation_config(path)
         return model
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
@@ -65,13 +65,23 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's weights: model.layers.N., transformer.h.N.
 
 
-def _refuse_more_layers_than_weights(path: Path) -> None:
-    """A ValueError when a source folder's config.json gives more layers than its safetensors weights hold (read
+def _refuse_weights_it_cannot_convert(path: Path) -> None:
+    """A ValueError when a source folder's config.json says its weights are quantized (transformers would
+    dequantize some kinds silently, or need a GPU), or gives more layers than its safetensors weights hold (read
     from their headers): transformers would build every layer first (3,000: minutes and gigabytes) and only then
     find their weights missing."""
     try:
         config = json.loads((path / "config.json").read_text())
-        stated = config.get("num_hidden_layers", config.get("n_layer"))
+        quantized = config.get("quantization_config")
+    except Exception:  # (an unreadable config.json is refused, by name, where it is loaded)
+        return
+    if quantized:
+        kind = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        raise ValueError(f"{path}: config.json holds a quantization_config ({kind or 'quantized weights'}): bsbr "
+                         "converts float weights: give the model before quantization")
+    try:
+        key = "num_hidden_layers" if "num_hidden_layers" in config else "n_layer"
+        stated = config.get(key)
         held = set()
         for file in path.glob("*.safetensors"):
             with safe_open(file, "pt") as f:
@@ -79,7 +89,7 @@ def _refuse_more_layers_than_weights(path: Path) -> None:
     except Exception:  # (unreadable files are refused, by name, where they are loaded)
         return
     if isinstance(stated, int) and not isinstance(stated, bool) and held and stated > max(held) + 1:
-        raise ValueError(f"{path}: config.json gives {stated:,} layers (num_hidden_layers), its weights hold "
+        raise ValueError(f"{path}: config.json gives {stated:,} layers ({key}), its weights hold "
                          f"{max(held) + 1}: restore the config.json saved with these weights")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import random
 import re
 import time
@@ -94,12 +95,13 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     tokens the tokenizer puts before a text (e.g. BOS), none it appends. The key's token span is
     therefore exact, not estimated from characters.
     """
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+    if not _whole(length) or length < 1:
         raise ValueError(f"length must be a positive int, got {length!r}")
-    if not (isinstance(depth, (int, float)) and not isinstance(depth, bool) and 0.0 <= depth <= 1.0):
+    if not (isinstance(depth, numbers.Real) and not isinstance(depth, bool) and 0.0 <= depth <= 1.0):
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
-    if not isinstance(answer_tokens, int) or isinstance(answer_tokens, bool) or answer_tokens < 0:
+    if not _whole(answer_tokens) or answer_tokens < 0:
         raise ValueError(f"answer_tokens must be an int >= 0, got {answer_tokens!r}")
+    length, answer_tokens = int(length), int(answer_tokens)
     if not (isinstance(key, str) and key.isdigit()):
         raise ValueError(f"key must be a string of digits, got {key!r}")
     from ..corpus import leading_specials  # (torch: not for the parser)
@@ -198,18 +200,24 @@ def filler_sources(fillers: Sequence[Union[str, Filler]]) -> List[Filler]:
     return sources
 
 
+def _whole(x) -> bool:
+    """An int of any kind (numpy's too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
                  max_new_tokens: int, fillers: Sequence[Union[str, Filler]]) -> Iterable[PasskeyPrompt]:
     """The prompts of a pass-key grid, in order (length, then depth, then trial): trial ``t`` of a
     cell has the key :func:`make_key` (seed, length, depth, t), filler ``fillers[t % len(fillers)]``
     starting at a point seeded by the same four, and ``max_new_tokens`` tokens of room for the
     answer; ``meta`` holds ``trial`` and ``filler``. ``bsbr eval`` and the lm-eval task share them."""
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+    if not _whole(trials) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
-    if not lengths or not depths:
+    if len(lengths) == 0 or len(depths) == 0:
         raise ValueError("lengths and depths must be non-empty")
-    if any(not isinstance(n, int) or isinstance(n, bool) for n in lengths):  # (120.9 was read as 120)
+    if any(not _whole(n) for n in lengths):  # (120.9 was read as 120)
         raise ValueError(f"lengths must be ints, got {list(lengths)}")
+    lengths, trials = [int(n) for n in lengths], int(trials)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int (room for the answer), got {max_new_tokens!r}")
     for name, values in (("lengths", list(map(int, lengths))), ("depths", list(map(float, depths)))):

@@ -8,6 +8,7 @@ gate or none; with ``recall_tokens`` a cache of fixed size (the window, the kept
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -356,16 +357,23 @@ def refuse_other_model_type(path: Path) -> None:
                          f"(bsbr convert {path} OUT, or bsbr.convert_to_bsbr)")
 
 
-def refuse_non_float_weights(path: Path) -> None:
+def refuse_non_float_weights(path: Path, names=None) -> None:
     """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
-    not floating point (an integer or bool tensor would be cast silently into a float parameter)."""
+    not floating point, or is float8 (an integer, bool or scaled float8 tensor would be cast silently into a
+    float parameter). ``names``: only these weights (those a model loaded), from the files it reads."""
     from safetensors import safe_open
 
-    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    index = path / "model.safetensors.index.json"
+    if names is not None:  # (as transformers reads them: the index's shards, else model.safetensors)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = files if index.is_file() else [f for f in files if f.name == "model.safetensors"]
+    for f in files:
         with safe_open(str(f), "pt") as st:
-            for name in st.keys():
+            for name in st.keys() if names is None else set(st.keys()) & set(names):
                 dtype = st.get_slice(name).get_dtype()
-                if not dtype.startswith(("F", "BF")):
+                if not dtype.startswith(("F", "BF")) or dtype.startswith("F8"):
                     raise ValueError(f"{f}: weight {name} is {dtype}, not floating point (a quantized or edited "
                                      "checkpoint?): bsbr loads the float weights save_pretrained writes")
 
