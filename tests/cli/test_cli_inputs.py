@@ -1220,6 +1220,12 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     save_file(sd, g / "model.safetensors", metadata={"format": "pt"})
     save_file({"ids": torch.arange(10)}, g / "tokens.safetensors")
     assert main(["convert", str(g), str(tmp_path / "g2out"), "--chunk-size", "8"]) == 0
+    # an older file's names, without the base model's prefix (h.0... for transformer.h.0...), are looked at too
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    sd["h.0.attn.c_attn.weight"] = sd["h.0.attn.c_attn.weight"].to(torch.int32)
+    save_file(sd, g / "model.safetensors", metadata={"format": "pt"})
+    line = refused(capsys, ["convert", g, tmp_path / "g3out", "--chunk-size", "8"], "convert", g)
+    assert "weight h.0.attn.c_attn.weight is I32, not floating point" in line, line
 
 
 def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,

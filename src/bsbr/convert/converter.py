@@ -54,7 +54,9 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         refuse_pickled_weights(path)
         _refuse_weights_it_cannot_convert(path)
         model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
-        refuse_non_float_weights(path, model.state_dict())  # (what it loaded was cast into the float model)
+        loaded = set(model.state_dict())  # (what it loaded was cast into the float model; older files name the
+        prefix = f"{model.base_model_prefix}."  # base model's weights without its prefix, as GPT-2's h.0...)
+        refuse_non_float_weights(path, loaded | {n.removeprefix(prefix) for n in loaded})
         _warn_unread_generation_config(path)
         return model
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
