@@ -318,7 +318,9 @@ def _written_entry(entry: Path) -> bool:
     if _idle_lock(entry):
         return True
     if left_by_a_kill(entry.name):  # (a user's .notes.old-20240115 backup matches the name too: looked into)
-        return entry.is_file() or not lock_held(entry) and _bsbr_files_only(entry)
+        staged = re.fullmatch(r"\.(.+)\.tmp-[a-z0-9_]{8}", entry.name)  # (atomic_write_text's file of a record)
+        return bool(staged and _written_name(staged.group(1))) if entry.is_file() else \
+            not lock_held(entry) and _bsbr_files_only(entry)
     if entry.is_dir():
         if entry.name == "checkpoint":
             return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
@@ -333,8 +335,11 @@ def _written_entry(entry: Path) -> bool:
 def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
     """Whether everything in ``folder`` (a killed run's staging folder: a partial model, a demo's files, an old
     output moved aside) is something bsbr writes, a few folders deep."""
-    return depth > 0 and all(_written_entry(e) or e.is_dir() and not e.is_symlink() and _bsbr_files_only(e, depth - 1)
-                             for e in folder.iterdir())
+    def mine(e):  # (safetensors' file of weights being saved; write_together's old result kept to put back)
+        return e.is_file() and not e.is_symlink() and (_SAFETENSORS_TMP.fullmatch(e.name) or e.name.startswith(".old-"))
+
+    return depth > 0 and all(_written_entry(e) or mine(e) or e.is_dir() and not e.is_symlink() and
+                             _bsbr_files_only(e, depth - 1) for e in folder.iterdir())
 
 
 def not_written(out: Path) -> list:

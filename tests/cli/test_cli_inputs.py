@@ -1226,6 +1226,11 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     save_file(sd, g / "model.safetensors", metadata={"format": "pt"})
     line = refused(capsys, ["convert", g, tmp_path / "g3out", "--chunk-size", "8"], "convert", g)
     assert "weight h.0.attn.c_attn.weight is I32, not floating point" in line, line
+    # transformers reads model.safetensors, not an index beside it: so does the check
+    (g / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": "old.safetensors"}}))
+    save_file({"wte.weight": torch.zeros(3, dtype=torch.int32)}, g / "old.safetensors")
+    line = refused(capsys, ["convert", g, tmp_path / "g3out", "--chunk-size", "8"], "convert", g)
+    assert "weight h.0.attn.c_attn.weight is I32, not floating point" in line, line
 
 
 def test_eval_without_reference_or_record_checks_the_vocabulary_before_loading_the_default(models, tmp_path, text,

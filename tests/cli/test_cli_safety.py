@@ -1759,3 +1759,13 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
     (tmp_path / "bk" / ".thesis.old-20240115" / "thesis.tex").unlink()
     (tmp_path / "bk" / ".thesis.old-20240115" / "model.safetensors").write_bytes(b"")  # a killed run's partial model
     assert main(["convert", str(source), str(tmp_path / "bk"), "--chunk-size", "8", "--overwrite"]) == 0
+    (tmp_path / "bk" / ".notes.old-20240115").write_text("mine")  # a file named so: only a record's temporary
+    line = refused(capsys, ["convert", source, tmp_path / "bk", "--chunk-size", "8", "--overwrite"], "convert")
+    assert "holds files no bsbr command wrote (.notes.old-20240115)" in line, line
+    (tmp_path / "bk" / ".notes.old-20240115").unlink()
+    # killed as safetensors saved the weights (through a .tmpXXXXXX file) into an empty folder's staging folder:
+    # "pass --overwrite", then --overwrite refused the folder
+    (tmp_path / "empty" / ".bsbr.tmp-abcd1234" / "model").mkdir(parents=True)
+    (tmp_path / "empty" / ".bsbr.tmp-abcd1234" / "model" / ".tmpK2koCl").write_bytes(b"")
+    (tmp_path / "empty" / ".bsbr.tmp-abcd1234" / ".old-eval.json").write_text("{}")
+    assert main(["convert", str(source), str(tmp_path / "empty"), "--chunk-size", "8", "--overwrite"]) == 0

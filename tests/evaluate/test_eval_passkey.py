@@ -108,8 +108,11 @@ def test_prompt_errors(word_tokenizer):
         with pytest.raises(error, match=words):
             passkey.run_passkey(oracle, word_tokenizer, **kw)
     r = passkey.run_passkey(oracle, word_tokenizer, lengths=np.array([120]), depths=np.array([0.5]), trials=np.int64(1),
-                            chunk_size=32, progress=False)
+                            seed=np.int64(0), max_new_tokens=np.int64(8), chunk_size=32, progress=False)
     assert r["lengths"] == [120] and r["models"]["right"]["accuracy"] == 1.0
+    import json
+
+    assert json.loads(json.dumps({k: r[k] for k in ("lengths", "depths", "trials", "seed", "max_new_tokens")}))
 
 
 def test_where_a_filler_starts_never_makes_a_length_too_short(word_tokenizer):

@@ -77,7 +77,7 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
         quantized = config.get("quantization_config")
     except Exception:  # (an unreadable config.json is refused, by name, where it is loaded)
         return
-    if quantized:
+    if quantized is not None:  # (an empty one too: transformers then fails without naming the folder)
         kind = quantized.get("quant_method") if isinstance(quantized, dict) else None
         raise ValueError(f"{path}: config.json holds a quantization_config ({kind or 'quantized weights'}): bsbr "
                          "converts float weights: give the model before quantization")

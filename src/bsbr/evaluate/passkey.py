@@ -213,12 +213,14 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
     answer; ``meta`` holds ``trial`` and ``filler``. ``bsbr eval`` and the lm-eval task share them."""
     if not _whole(trials) or trials < 1:
         raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if not _whole(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if len(lengths) == 0 or len(depths) == 0:
         raise ValueError("lengths and depths must be non-empty")
     if any(not _whole(n) for n in lengths):  # (120.9 was read as 120)
         raise ValueError(f"lengths must be ints, got {list(lengths)}")
     lengths, trials = [int(n) for n in lengths], int(trials)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not _whole(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int (room for the answer), got {max_new_tokens!r}")
     for name, values in (("lengths", list(map(int, lengths))), ("depths", list(map(float, depths)))):
         if len(set(values)) < len(values):  # the same prompts twice, counted twice
@@ -356,9 +358,9 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
         results[name] = dict(**_rate(cells[name].values()), cells=cell_list, by_filler=per_filler,
                              seconds=round(sum(seconds[name].values()), 2),
                              seconds_by_length={str(L): round(t, 2) for L, t in seconds[name].items()})
-    return dict(lengths=[int(x) for x in lengths], depths=[float(d) for d in depths], trials=trials, seed=seed,
-                max_new_tokens=max_new_tokens, fillers=[f.describe() for f in sources], models=results,
-                samples=samples)
+    return dict(lengths=[int(x) for x in lengths], depths=[float(d) for d in depths], trials=int(trials),
+                seed=int(seed), max_new_tokens=int(max_new_tokens), fillers=[f.describe() for f in sources],
+                models=results, samples=samples)
 
 
 def model_order(passkey: dict) -> list:

@@ -365,10 +365,11 @@ def refuse_non_float_weights(path: Path, names=None) -> None:
 
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     index = path / "model.safetensors.index.json"
-    if names is not None:  # (as transformers reads them: the index's shards, else model.safetensors)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        files = files if index.is_file() else [f for f in files if f.name == "model.safetensors"]
+    if names is not None:  # (as transformers reads them: model.safetensors, else the index's shards)
+        files = [f for f in files if f.name == "model.safetensors"]
+        if not files and index.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
     for f in files:
         with safe_open(str(f), "pt") as st:
             for name in st.keys() if names is None else set(st.keys()) & set(names):
