@@ -1765,7 +1765,20 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
     (tmp_path / "bk" / ".notes.old-20240115").unlink()
     # killed as safetensors saved the weights (through a .tmpXXXXXX file) into an empty folder's staging folder:
     # "pass --overwrite", then --overwrite refused the folder
-    (tmp_path / "empty" / ".bsbr.tmp-abcd1234" / "model").mkdir(parents=True)
-    (tmp_path / "empty" / ".bsbr.tmp-abcd1234" / "model" / ".tmpK2koCl").write_bytes(b"")
-    (tmp_path / "empty" / ".bsbr.tmp-abcd1234" / ".old-eval.json").write_text("{}")
+    staged = tmp_path / "empty" / ".bsbr.tmp-abcd1234"
+    (staged / "model").mkdir(parents=True)
+    (staged / "model" / "config.json").write_text("{}")  # (save_pretrained writes it before the weights)
+    (staged / "model" / ".tmpK2koCl").write_bytes(b"")
+    (staged / ".eval.tmp.png").write_bytes(b"")  # killed as the demo's plot was saved
+    results = tmp_path / "empty" / ".bsbr-results.tmp-abcd1234"  # killed as eval's results were put in place
+    results.mkdir()
+    (results / ".old-r.json").write_text("{}")
     assert main(["convert", str(source), str(tmp_path / "empty"), "--chunk-size", "8", "--overwrite"]) == 0
+    # and a user's folder named so, of files named as bsbr's temporary ones, is not
+    backup = tmp_path / "empty" / ".backup.old-20240115"
+    backup.mkdir()
+    for name in (".old-thesis.tex", ".tmpthesis", ".thesis.tmp.tex"):
+        (backup / name).write_text("my thesis")
+        line = refused(capsys, ["convert", source, tmp_path / "empty", "--chunk-size", "8", "--overwrite"], "convert")
+        assert "holds files no bsbr command wrote (.backup.old-20240115)" in line, line
+        (backup / name).unlink()
