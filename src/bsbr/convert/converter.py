@@ -64,7 +64,7 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's weights: model.layers.N., transformer.h.N.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's: model.layers.N., transformer.h.N.
 
 
 def _refuse_weights_it_cannot_convert(path: Path) -> None:
