@@ -335,15 +335,15 @@ def _written_entry(entry: Path) -> bool:
 def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
     """Whether everything in ``folder`` (a killed run's staging folder: a partial model, a demo's files, an old
     output moved aside) is something bsbr writes, a few folders deep."""
-    results = folder.name.startswith(".bsbr-results.tmp-")  # (write_together's: any result file's name)
+    results = folder.name.startswith(".bsbr-results.tmp-")  # (write_together's: result files of any name, their
+    # plots being saved and the old results it keeps to put back)
 
-    def mine(e):  # a file bsbr writes through, or keeps, while it writes: safetensors' weights being saved (beside
-        # the config.json save_pretrained writes first), a plot being saved, write_together's old result kept
+    def mine(e):  # a file bsbr writes through while it writes: safetensors' weights being saved (beside the
+        # config.json save_pretrained writes first), a plot being saved
         plot = re.fullmatch(r"\.(.+)\.tmp(\.\w+)", e.name)
         return e.is_file() and not e.is_symlink() and (
-            _SAFETENSORS_TMP.fullmatch(e.name) and (folder / "config.json").is_file()
-            or plot is not None and (results or _written_name(plot.group(1) + plot.group(2)))
-            or results and e.name.startswith(".old-"))
+            results or _SAFETENSORS_TMP.fullmatch(e.name) and (folder / "config.json").is_file()
+            or plot is not None and _written_name(plot.group(1) + plot.group(2)))
 
     return depth > 0 and all(_written_entry(e) or mine(e) or e.is_dir() and not e.is_symlink() and
                              _bsbr_files_only(e, depth - 1) for e in folder.iterdir())

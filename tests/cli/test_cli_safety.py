@@ -1773,6 +1773,7 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
     results = tmp_path / "empty" / ".bsbr-results.tmp-abcd1234"  # killed as eval's results were put in place
     results.mkdir()
     (results / ".old-r.json").write_text("{}")
+    (results / "r.json").write_text("{}")
     assert main(["convert", str(source), str(tmp_path / "empty"), "--chunk-size", "8", "--overwrite"]) == 0
     # and a user's folder named so, of files named as bsbr's temporary ones, is not
     backup = tmp_path / "empty" / ".backup.old-20240115"
