@@ -134,6 +134,11 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         edited = " (its README.md is not the model card bsbr writes: edited?)" if card.is_file() and not \
             _is_model_card(card) else ""
         names = not_written(out)
+        if not names and not edited:  # (all bsbr's, but no model, checkpoint or demo output: results alone)
+            held = sorted(e.name for e in out.iterdir())
+            raise OutputError(f"{option} {path} holds no BSBR model, checkpoint or demo output (only "
+                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): --overwrite replaces only "
+                              f"a bsbr output; remove them or choose another {option}")
         named = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names and not edited else ""
         raise OutputError(f"{option} {path} holds files no bsbr command wrote{named}{edited}, not only a BSBR model, "
                           f"its records or a checkpoint: --overwrite replaces only a bsbr output; move them or choose "
@@ -323,9 +328,9 @@ def _written_entry(entry: Path) -> bool:
             not lock_held(entry) and _bsbr_files_only(entry)
     if entry.is_dir():
         if entry.name == "checkpoint":
-            return all(not f.is_symlink() and (left_by_a_kill(f.name) or f.is_file() and (
-                f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
-                or _SAFETENSORS_TMP.fullmatch(f.name))) for f in entry.iterdir())
+            return all(not f.is_symlink() and f.is_file() and (  # (a checkpoint holds files only)
+                left_by_a_kill(f.name) or f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
+                or _SAFETENSORS_TMP.fullmatch(f.name)) for f in entry.iterdir())
         return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
     if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
         return _is_model_card(entry)
@@ -345,8 +350,16 @@ def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
             results or _SAFETENSORS_TMP.fullmatch(e.name) and (folder / "config.json").is_file()
             or plot is not None and _written_name(plot.group(1) + plot.group(2)))
 
+    if (folder / "config.json").is_file() and not _bsbr_config(folder / "config.json"):  # (a backup of a model)
+        return False
     return depth > 0 and all(_written_entry(e) or mine(e) or e.is_dir() and not e.is_symlink() and
                              _bsbr_files_only(e, depth - 1) for e in folder.iterdir())
+
+
+def _bsbr_config(config: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
+        return json.loads(config.read_text()).get("model_type") == "bsbr"
+    return False
 
 
 def not_written(out: Path) -> list:
@@ -358,11 +371,6 @@ def is_bsbr_output(out: Path) -> bool:
     """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
     config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding
     nothing but what bsbr writes there (a user's file beside them is not replaced with them)."""
-    def bsbr_config(config: Path) -> bool:
-        with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
-            return json.loads(config.read_text()).get("model_type") == "bsbr"
-        return False
-
     def bsbr_manifest(manifest: Path) -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
             got = json.loads(manifest.read_text())
@@ -373,7 +381,7 @@ def is_bsbr_output(out: Path) -> bool:
     ckpt = out / "checkpoint"
     # a distill checkpoint: its manifest, or data files alone with nothing else at the top (a first save
     # interrupted before its manifest); or what a command killed while writing into the directory left
-    marked = bsbr_config(out / "config.json") or bsbr_config(out / "model" / "config.json") or \
+    marked = _bsbr_config(out / "config.json") or _bsbr_config(out / "model" / "config.json") or \
         bsbr_manifest(ckpt / "manifest.json") or \
         (ckpt.is_dir() and any(ckpt.iterdir()) and all(e == ckpt or left_by_a_kill(e.name) for e in entries)) or \
         _leftovers_inside(out) is not None or \

@@ -1767,7 +1767,7 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
     # "pass --overwrite", then --overwrite refused the folder
     staged = tmp_path / "empty" / ".bsbr.tmp-abcd1234"
     (staged / "model").mkdir(parents=True)
-    (staged / "model" / "config.json").write_text("{}")  # (save_pretrained writes it before the weights)
+    (staged / "model" / "config.json").write_text('{"model_type": "bsbr"}')  # (written before the weights)
     (staged / "model" / ".tmpK2koCl").write_bytes(b"")
     (staged / ".eval.tmp.png").write_bytes(b"")  # killed as the demo's plot was saved
     results = tmp_path / "empty" / ".bsbr-results.tmp-abcd1234"  # killed as eval's results were put in place
@@ -1775,6 +1775,22 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
     (results / ".old-r.json").write_text("{}")
     (results / "r.json").write_text("{}")
     assert main(["convert", str(source), str(tmp_path / "empty"), "--chunk-size", "8", "--overwrite"]) == 0
+    # a user's backup of a model (of another type) in a folder named so, a user's folder in checkpoint/, and a
+    # folder of results alone (refused with a message that named no file)
+    for where, files in ((".mymodel.old-20240101", {"config.json": '{"model_type": "llama"}'}),
+                         ("checkpoint/.notes.old-20240101", {"secret.txt": "secret"})):
+        shutil.rmtree(tmp_path / "empty")
+        shutil.copytree(converted, tmp_path / "empty")
+        (tmp_path / "empty" / where).mkdir(parents=True)
+        for name, text in files.items():
+            (tmp_path / "empty" / where / name).write_text(text)
+        refused(capsys, ["convert", source, tmp_path / "empty", "--chunk-size", "8", "--overwrite"], "convert")
+        assert (tmp_path / "empty" / where).is_dir()
+    shutil.rmtree(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "eval.json").write_text("{}")
+    line = refused(capsys, ["convert", source, tmp_path / "empty", "--chunk-size", "8", "--overwrite"], "convert")
+    assert "holds no BSBR model, checkpoint or demo output (only eval.json)" in line, line
     # and a user's folder named so, of files named as bsbr's temporary ones, is not
     backup = tmp_path / "empty" / ".backup.old-20240115"
     backup.mkdir()
