@@ -54,7 +54,7 @@ def _links_into(folder: Path, target: Path) -> bool:
     return False
 
 
-def _check_name_lengths(out: Path, path, option: str) -> None:
+def _check_path_names(out: Path, path, option: str) -> None:
     """An :class:`OutputError` when a name in the path is longer than a file name may be (else the file
     system's bare "File name too long" comes from the first look at it), or when a ``..`` in it follows a folder
     that does not exist (the system cannot follow it, so a reader would not find what was written)."""
@@ -99,7 +99,7 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     (:func:`staged_dir`), which a mount point holding one cannot be (``distill`` publishes into its output).
     Returns the absolute path."""
     out = resolved_path(path)
-    _check_name_lengths(out, path, option)
+    _check_path_names(out, path, option)
     cwd = resolved_path(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
     if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))) and not (
             _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
@@ -176,7 +176,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         for label, src in sources:
             if real.is_relative_to(src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
-        _check_name_lengths(out, path, option)
+        _check_path_names(out, path, option)
         if out.is_dir() or str(path).endswith(("/", os.sep)):
             raise OutputError(f"{option} {path} is a directory: give a file name")
         if out.is_symlink() or (out.exists() and not out.is_file()):  # a device (/dev/null), a pipe, a link
@@ -598,7 +598,7 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     import fcntl
 
     out = resolved_path(path)
-    _check_name_lengths(out, path, option)
+    _check_path_names(out, path, option)
     refuse_input_overlap(path, inputs, option)
     busy = f"{option} {path} is being written by another bsbr command"  # (which one, the lock cannot tell)
     if unwritable_parent(out) is not None and out.is_dir() and not out.is_symlink():
