@@ -212,3 +212,19 @@ def test_the_task_stays_zero_shot_and_greedy_whatever_lm_eval_or_the_model_asks(
     assert sorted(seen) == sorted(rows)
     # plain greedy decoding as bsbr eval's, whatever the model's generation_config.json sets
     assert all(k.items() >= passkey.GREEDY.items() for k in kwargs), kwargs[0]
+
+
+def test_the_task_writer_defaults_are_bsbr_eval_s_pass_key_defaults():
+    """One default grid per concept: the Python task writer, run_passkey and `bsbr eval`'s filled options agree."""
+    import inspect
+
+    from bsbr.evaluate import cli, passkey
+
+    task = inspect.signature(lm_eval_task.write_lm_eval_task).parameters
+    run = inspect.signature(passkey.run_passkey).parameters
+    cli_defaults = dict(lengths=passkey.DEFAULT_LENGTHS, depths=passkey.DEFAULT_DEPTHS,
+                        trials=cli._FILLED["passkey_trials"], max_new_tokens=cli._FILLED["passkey_new_tokens"],
+                        seed=cli._FILLED["seed"])
+    for name, value in cli_defaults.items():
+        assert task[name].default == value, name
+        assert run[name].default == value, name

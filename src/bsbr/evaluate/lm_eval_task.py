@@ -16,13 +16,12 @@ from typing import Optional, Sequence, Union
 
 from ..outputs import staged_dir, write_together
 from .filler import Filler, default_fillers
-from .passkey import DEFAULT_DEPTHS, GREEDY, filler_sources, grid_prompts, passkey_found
+from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, GREEDY, filler_sources, grid_prompts, passkey_found
 
 logger = logging.getLogger(__name__)
 
 TASK_NAME = "bsbr_passkey"
 METRIC = "passkey"
-DEFAULT_TASK_LENGTHS = (1024, 2048, 4096)
 
 _ZERO_SHOT = "num_fewshot: 0\n"  # (lm-eval's num_fewshot would put other prompts and their keys before each one)
 _YAML = """\
@@ -151,7 +150,7 @@ def is_task_file(path: Path, task: str = TASK_NAME) -> bool:
     return False
 
 
-def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_TASK_LENGTHS,
+def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Sequence[int] = DEFAULT_LENGTHS,
                        depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 3, seed: int = 0,
                        fillers: Optional[Sequence[Union[str, Filler]]] = None, max_new_tokens: int = 8,
                        task: str = TASK_NAME) -> Path:
