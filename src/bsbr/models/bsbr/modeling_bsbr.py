@@ -375,8 +375,9 @@ def refuse_non_float_weights(path: Path, names=None) -> None:
             for name in st.keys() if names is None else set(st.keys()) & set(names):
                 dtype = st.get_slice(name).get_dtype()
                 if not dtype.startswith(("F", "BF")) or dtype.startswith("F8"):
-                    raise ValueError(f"{f}: weight {name} is {dtype}, not floating point (a quantized or edited "
-                                     "checkpoint?): bsbr loads the float weights save_pretrained writes")
+                    kind = "float8, a scaled format" if dtype.startswith("F8") else "not floating point"
+                    raise ValueError(f"{f}: weight {name} is {dtype}, {kind} (a quantized or edited checkpoint?): "
+                                     "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
 class BSBRPreTrainedModel(PreTrainedModel):
