@@ -6,7 +6,7 @@ import torch
 from model_sources import VOCAB, make_source
 
 from bsbr import convert_to_bsbr
-from bsbr.models import BSBRCache
+from bsbr.models import BSBRCache, BSBRForCausalLM
 
 CHUNK = 8
 
@@ -231,7 +231,7 @@ def test_a_step_under_autograd_after_an_inference_mode_step_at_the_same_position
     torch.testing.assert_close(out.logits[:, -1], model(ids).logits[:, -1], rtol=1e-4, atol=1e-4)
 
 
-def test_generate_modes_that_cannot_run_say_which():
+def test_generate_modes_that_cannot_run_say_which(tmp_path):
     """generate(cache_implementation="paged") switches to transformers' continuous batching, which was
     refused as an attn_implementation the user never passed; beam search continuing a given cache was
     pointed at BSBRCache.reorder_cache, which generate gives no way to call."""
@@ -239,6 +239,14 @@ def test_generate_modes_that_cannot_run_say_which():
     ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="continuous batching .* generate without cache_implementation"):
         model.generate(ids, cache_implementation="paged", max_new_tokens=2, do_sample=False)
+    # loaded with "sdpa", which transformers keeps for continuous batching: generate returned the prompt and
+    # generate_batch a failed request, the reason in a log line only
+    model.save_pretrained(tmp_path)
+    sdpa = BSBRForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    with pytest.raises(ValueError, match="continuous batching .* generate without cache_implementation"):
+        sdpa.generate(ids, cache_implementation="paged", max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="continuous batching .* generate without cache_implementation"):
+        sdpa.generate_batch([ids[0].tolist()], generation_config=model.generation_config)
     out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     with pytest.raises(ValueError, match="num_beams or num_return_sequences > 1 cannot continue a given cache"):
         model.generate(out.sequences, past_key_values=out.past_key_values, num_beams=2, max_new_tokens=2,

@@ -380,6 +380,11 @@ def refuse_non_float_weights(path: Path, names=None) -> None:
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
+_NO_CONTINUOUS_BATCHING = ("continuous batching (cache_implementation='paged', generate_batch) runs transformers' "
+                           "paged attention and cache, which BSBR attention (the window and the retrieved blocks in "
+                           "one softmax, a BSBRCache) cannot use: generate without cache_implementation")
+
+
 class BSBRPreTrainedModel(PreTrainedModel):
     config_class = BSBRConfig
     config: BSBRConfig
@@ -400,10 +405,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
         kernel is refused in one line (transformers asked to request support for it on the model's hub page)."""
         if attn_implementation in (None, "eager", "sdpa"):
             return attn_implementation or "eager"
-        if str(attn_implementation).startswith("paged"):  # generate(cache_implementation="paged") asks for it
-            raise ValueError("continuous batching (cache_implementation='paged', generate_batch) runs transformers' "
-                             "paged attention, which BSBR attention (the window and the retrieved blocks in one "
-                             "softmax) cannot use: generate without cache_implementation")
+        if str(attn_implementation).startswith("paged"):  # continuous batching asks for it (from eager)
+            raise ValueError(_NO_CONTINUOUS_BATCHING)
         raise ValueError(f"attn_implementation={attn_implementation!r}: BSBR attention is its own op (the exact "
                          "window and the retrieved blocks in one softmax), which that kernel cannot run: load the "
                          "model without attn_implementation (or with 'eager' or 'sdpa')")
@@ -794,6 +797,12 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                              "cannot follow given positions; call the model with position_ids= and cache= step by "
                              "step instead")
         return super().generate(*args, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused in one line: continuous batching (``generate_batch``, ``generate(cache_implementation="paged")``,
+        which both come here) pages a KV cache that a BSBR model cannot use. Loaded with "sdpa", which transformers
+        keeps for it, every request failed with the reason in a log line only, and ``generate`` returned the prompt."""
+        raise ValueError(_NO_CONTINUOUS_BATCHING)
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         """transformers' check of the mode; assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``,
