@@ -350,8 +350,8 @@ def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
             results or _SAFETENSORS_TMP.fullmatch(e.name) and (folder / "config.json").is_file()
             or plot is not None and _written_name(plot.group(1) + plot.group(2)))
 
-    if (folder / "config.json").is_file() and not _bsbr_config(folder / "config.json"):  # (a backup of a model)
-        return False
+    if _other_config(folder / "config.json"):  # (a backup of another model; an empty or cut-off config.json is
+        return False  # save_pretrained's, killed while it wrote it)
     return depth > 0 and all(_written_entry(e) or mine(e) or e.is_dir() and not e.is_symlink() and
                              _bsbr_files_only(e, depth - 1) for e in folder.iterdir())
 
@@ -360,6 +360,36 @@ def _bsbr_config(config: Path) -> bool:
     with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
         return json.loads(config.read_text()).get("model_type") == "bsbr"
     return False
+
+
+def _other_config(config: Path) -> bool:
+    """Whether ``config`` is a whole JSON object that is not a BSBR model's config."""
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        got = json.loads(config.read_text())
+        return not isinstance(got, dict) or got.get("model_type") != "bsbr"
+    return False
+
+
+def _unfinished(folder: Path) -> bool:
+    """Whether ``folder``, a killed run's staging folder beside an output, holds only what bsbr writes and no
+    whole model (at its top, or in ``model/`` as bsbr demo writes it): weights cut short or still in
+    safetensors' temporary file, or none yet. A whole one may be a result kept when its path appeared."""
+    from safetensors import safe_open
+
+    def whole(model: Path) -> bool:
+        weights = sorted(model.glob("*.safetensors"))
+        if not _bsbr_config(model / "config.json") or not weights or any(
+                _SAFETENSORS_TMP.fullmatch(f.name) for f in model.iterdir()):
+            return False
+        try:
+            for f in weights:
+                with safe_open(str(f), "pt"):  # (a file cut short fails its header's check)
+                    pass
+        except Exception:  # (safetensors' own error type)
+            return False
+        return True
+
+    return _bsbr_files_only(folder) and not whole(folder) and not whole(folder / "model")
 
 
 def not_written(out: Path) -> list:
@@ -578,10 +608,15 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
             raise
     finally:
         os.close(held)
-    # what a killed run into the same path left beside it (not removed: one may be a complete result kept
-    # when its path appeared while it was written)
+    # what a killed run into the same path left beside it: removed where it holds no whole model (a kill while
+    # it was written; up to a model's size each), else kept (a result kept when its path appeared while it was
+    # written, or an old output being moved aside)
     left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and not lock_held(p) and
                   p.name.rsplit(".", 1)[0] == f".{out.name}")  # (".out.tmp-v2.tmp-X" is another output's)
+    for name in [n for n in left if n.rsplit(".", 1)[1].startswith("tmp-") and _unfinished(out.parent / n)]:
+        shutil.rmtree(out.parent / name, ignore_errors=True)
+        logger.info("%s: removed %s, an unfinished output an earlier run left when it was killed", out, name)
+        left.remove(name)
     if left:
         logger.warning("%s: beside it lie %s, left by an earlier run that was killed; remove %s when not needed",
                        out, ", ".join(left), "them" if len(left) > 1 else "it")

@@ -77,6 +77,51 @@ def test_a_folder_a_killed_run_left_its_staging_in_is_written_into_with_overwrit
     assert load_bsbr_model(out).config.chunk_size == 8 and not (out / "additional_chat_templates").exists()
 
 
+@pytest.mark.parametrize("config", ["", '{"model_type": "bs'])
+def test_a_write_into_an_empty_folder_killed_while_its_config_was_written_is_taken_over(models, tmp_path, capsys,
+                                                                                      config):
+    # save_pretrained killed while it wrote config.json in the staging folder: the rerun said "pass --overwrite",
+    # which then called that folder the user's files ("holds files no bsbr command wrote")
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    out = tmp_path / "out"
+    (out / ".bsbr.tmp-zmpv3sll").mkdir(parents=True)
+    (out / ".bsbr.tmp-zmpv3sll" / "config.json").write_text(config)
+    assert "pass --overwrite" in refused(capsys, ["convert", source, out, "--chunk-size", "8"], "convert", out)
+    assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
+    load_bsbr_model(out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    (out / ".bsbr.tmp-zmpv3sll").mkdir()  # a whole config.json of another model: a backup, the user's
+    (out / ".bsbr.tmp-zmpv3sll" / "config.json").write_text('{"model_type": "llama"}')
+    assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, out, "--chunk-size", "8",
+                                                                   "--overwrite"], "convert", out)
+
+
+def test_a_killed_conversion_s_unfinished_output_beside_it_is_removed_by_the_next_one(models, tmp_path, caplog):
+    # a SIGKILL while convert wrote .out.tmp-*/ beside the output left up to a model's size there; every later
+    # run warned of it and none removed it (each further kill added one)
+    import shutil
+
+    source, _, _ = models
+    out = tmp_path / "out"
+    assert main(["convert", str(source), str(out), "--chunk-size", "8"]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    cut, pending, whole, old, user = (tmp_path / f".out.{n}" for n in (
+        "tmp-cut12345", "tmp-pend1234", "tmp-whole123", "old-abcd1234", "tmp-user1234"))
+    for d in (cut, pending, whole, old):
+        shutil.copytree(out, d)
+    (cut / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # cut short
+    (pending / "model.safetensors").rename(pending / ".tmpab12CD")  # still in safetensors' temporary file
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")  # a folder named like staging holding a user's file
+    with caplog.at_level("WARNING", logger="bsbr.outputs"):
+        assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
+    assert not cut.exists() and not pending.exists()
+    assert whole.is_dir() and old.is_dir() and (user / "notes.txt").read_text() == "mine"
+    assert f"beside it lie {old.name}, {user.name}, {whole.name}, left by an earlier run" in caplog.text
+
+
 def test_a_killed_write_into_the_current_directory_is_taken_over_with_overwrite(models, tmp_path, capsys,
                                                                                  monkeypatch):
     # "pass --overwrite" was then refused: "is (or contains) the current directory"
@@ -118,10 +163,10 @@ def test_a_running_commands_staging_folders_are_not_called_a_killed_runs(tmp_pat
             with staged_dir(tmp_path / "m2") as inner:
                 (inner / "config.json").write_text("{}")
     assert outer.name not in caplog.text and ".bsbr-results.tmp-" not in caplog.text
-    (tmp_path / ".m3.tmp-abcd1234").mkdir()  # a killed run's, named
+    (tmp_path / ".m3.old-abcd1234").mkdir()  # a killed run's, named
     with staged_dir(tmp_path / "m3"):
         pass
-    assert "beside it lie .m3.tmp-abcd1234, left by an earlier run that was killed" in caplog.text
+    assert "beside it lie .m3.old-abcd1234, left by an earlier run that was killed" in caplog.text
 
 
 OLD_MODEL = '{"model_type": "bsbr"}'  # a bsbr model's config.json, which --overwrite replaces
