@@ -389,7 +389,9 @@ def _unfinished(folder: Path) -> bool:
             return False
         return True
 
-    return _bsbr_files_only(folder) and not whole(folder) and not whole(folder / "model")
+    with contextlib.suppress(OSError):  # (a folder it cannot read, or one removed meanwhile: kept)
+        return _bsbr_files_only(folder) and not whole(folder) and not whole(folder / "model")
+    return False
 
 
 def not_written(out: Path) -> list:
@@ -613,7 +615,8 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     # written, or an old output being moved aside)
     left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and not lock_held(p) and
                   p.name.rsplit(".", 1)[0] == f".{out.name}")  # (".out.tmp-v2.tmp-X" is another output's)
-    for name in [n for n in left if n.rsplit(".", 1)[1].startswith("tmp-") and _unfinished(out.parent / n)]:
+    for name in [n for n in left if n.rsplit(".", 1)[1].startswith("tmp-") and not (out.parent / n).is_symlink()
+                 and (out.parent / n).is_dir() and _unfinished(out.parent / n)]:
         shutil.rmtree(out.parent / name, ignore_errors=True)
         logger.info("%s: removed %s, an unfinished output an earlier run left when it was killed", out, name)
         left.remove(name)
