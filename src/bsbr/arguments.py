@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -484,7 +485,7 @@ def check_bsbr_dir(path, option: str) -> Path:
     values = read_config(config, option)
     if values["model_type"] != "bsbr":
         raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: convert it first "
-                        f"(bsbr convert {path} NEW_DIR)")
+                        f"(bsbr convert {shlex.quote(str(path))} NEW_DIR)")
     try:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)

@@ -257,6 +257,9 @@ def _main(argv) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        if getattr(args, "command", None) == "convert" and args.source is None and len(extra) == 1 \
+                and not extra[0].startswith("-"):  # `convert SOURCE --opt X OUT`: argparse read SOURCE as OUTPUT_DIR
+            args.source, args.output_dir, extra = args.output_dir, extra[0], []
         if extra:  # named by the (sub)command they were given to, as its other usage errors are
             command = parser
             while getattr(command, "commands", None) and getattr(args, command.commands.dest, None):

@@ -1556,3 +1556,26 @@ def test_records_with_numbers_past_a_floats_range_or_arrays_nested_past_the_stac
     line = refused(capsys, ["distill", "--student", converted, "--teacher", source, "--text-file", text, "--seq-len",
                             "96", "--max-windows", "2", "--steps", "3", "--output", ckpt, "--resume"], "distill")
     assert "unreadable" in line or "not valid JSON" in line, line
+
+
+def test_convert_reads_options_between_source_and_output(models, tmp_path):
+    # `bsbr convert SRC --chunk-size 16 OUT`: argparse read SRC as OUTPUT_DIR and refused OUT as "unrecognized"
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    assert main(["convert", str(source), "--chunk-size", "16", str(tmp_path / "out")]) == 0
+    assert load_bsbr_model(tmp_path / "out").config.chunk_size == 16
+
+
+def test_suggested_commands_quote_their_paths(models, tmp_path, capsys):
+    # "convert it first (bsbr convert my src NEW_DIR)": pasted, it converted `my` into `src`
+    import shlex
+
+    source, converted, _ = models
+    spaced = copy_source(source, tmp_path / "my src")
+    line = refused(capsys, ["generate", spaced, "--prompt", "x"], "generate", spaced)
+    assert f"(bsbr convert {shlex.quote(str(spaced))} NEW_DIR)" in line, line
+    model = tmp_path / "my model"
+    shutil.copytree(converted, model)
+    line = refused(capsys, ["convert", model, "--chunk-size", "16"], "convert", model)
+    assert f"did you mean `bsbr convert {shlex.quote(str(model))} NEW_DIR`?" in line, line

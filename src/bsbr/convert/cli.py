@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -201,7 +202,7 @@ def cmd_convert(args) -> int:
             check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
         except OutputError as e:
             if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: source forgotten
-                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {out} "
+                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {shlex.quote(str(out))} "
                                   "NEW_DIR`?)") from e
             raise
         summary = _convert_and_save(args, source, out, options)

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import threading
 import warnings
 from pathlib import Path
@@ -354,7 +355,7 @@ def refuse_other_model_type(path: Path) -> None:
         raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
     if model_type != "bsbr":
         raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first "
-                         f"(bsbr convert {path} OUT, or bsbr.convert_to_bsbr)")
+                         f"(bsbr convert {shlex.quote(str(path))} OUT, or bsbr.convert_to_bsbr)")
 
 
 def refuse_non_float_weights(path: Path, names=None) -> None:
