@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from statistics import median
 
 import torch
 
@@ -41,7 +42,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 out[n] = model(tok, cache=out[n].cache, use_cache=True)
                 times[n].append(1000.0 * (time.perf_counter() - t0))
-    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    med = {n: median(v) for n, v in times.items()}
     short, long_ = args.contexts
     result = dict(threads=torch.get_num_threads(), torch=torch.__version__, prefill_s=prefill, ms_per_token=times,
                   median_ms=med, ratio=med[long_] / med[short])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from statistics import median
 
 import torch
 
@@ -30,7 +31,7 @@ def per_layer_ms(score, keys, rounds: int) -> float:
         for k in keys:
             score(k)
         times.append((time.perf_counter() - t0) / len(keys) * 1e3)
-    return sorted(times[1:])[rounds // 2]
+    return median(times[1:])
 
 
 def main() -> None:
