@@ -480,7 +480,8 @@ def check_bsbr_dir(path, option: str) -> Path:
     path = Path(os.path.expanduser(str(path)))
     config = path / "config.json"
     if not config.is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
+        what = "does not exist" if not path.exists() else "is a file, not a directory" if not path.is_dir() \
+            else "has no config.json"
         raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
     values = read_config(config, option)
     if values["model_type"] != "bsbr":

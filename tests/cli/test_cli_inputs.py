@@ -1579,3 +1579,12 @@ def test_suggested_commands_quote_their_paths(models, tmp_path, capsys):
     shutil.copytree(converted, model)
     line = refused(capsys, ["convert", model, "--chunk-size", "16"], "convert", model)
     assert f"did you mean `bsbr convert {shlex.quote(str(model))} NEW_DIR`?" in line, line
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval", "--no-passkey"]])
+def test_a_file_given_as_a_model_folder_is_called_a_file(tmp_path, capsys, command):
+    # "MODEL_DIR afile has no config.json" (convert said "is a file, not a directory")
+    f = tmp_path / "afile"
+    f.write_text("x")
+    line = refused(capsys, [command[0], f, *command[1:]], command[0], f)
+    assert f"{f} is a file, not a directory: give a directory made by `bsbr convert`" in line, line
