@@ -730,12 +730,7 @@ def _write_together(files, figures, held: list) -> None:
             if path.parent not in staging:
                 left = sorted(p.name for p in path.parent.glob(".bsbr-results.tmp-*") if not lock_held(p)) \
                     if path.parent.is_dir() else []
-                for name in list(left):  # killed before its renames: only results never put in place, removed;
-                    # killed during them: it holds old results (".old-*") to put back by hand, so it is named
-                    if _results_unpublished(path.parent / name):
-                        shutil.rmtree(path.parent / name, ignore_errors=True)
-                        left.remove(name)
-                if left:
+                if left:  # (not removed: one may hold results its command could not put in place, as it said)
                     logger.warning("%s: %s left by an earlier run that was killed while writing its results; remove "
                                    "%s when not needed", path.parent, ", ".join(left), "them" if len(left) > 1 else "it")
                 made += _make_parents(path)
@@ -785,14 +780,6 @@ def _write_together(files, figures, held: list) -> None:
         shutil.rmtree(folder)  # (now only the old files)
         with contextlib.suppress(OSError):  # not every file system lets a directory be synced
             fsync(parent)
-
-
-def _results_unpublished(folder: Path) -> bool:
-    """Whether ``folder``, a killed run's results staging folder, holds no old result it moved aside."""
-    with contextlib.suppress(OSError):
-        return folder.is_dir() and not folder.is_symlink() and not any(
-            e.name.startswith(".old-") for e in folder.iterdir())
-    return False
 
 
 def _remove_empty(folders) -> None:
