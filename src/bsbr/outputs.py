@@ -350,8 +350,10 @@ def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
             results or _SAFETENSORS_TMP.fullmatch(e.name) and (folder / "config.json").is_file()
             or plot is not None and _written_name(plot.group(1) + plot.group(2)))
 
-    if _other_config(folder / "config.json"):  # (a backup of another model; an empty or cut-off config.json is
-        return False  # save_pretrained's, killed while it wrote it)
+    config = folder / "config.json"
+    if config.exists() and not _bsbr_config(config) and (_other_config(config) or any(  # (a backup of a model)
+            f.suffix == ".safetensors" or _SAFETENSORS_TMP.fullmatch(f.name) for f in folder.iterdir())):
+        return False  # (an empty or cut-off config.json with no weights yet: save_pretrained's, killed writing it)
     return depth > 0 and all(_written_entry(e) or mine(e) or e.is_dir() and not e.is_symlink() and
                              _bsbr_files_only(e, depth - 1) for e in folder.iterdir())
 
@@ -613,10 +615,13 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     # what a killed run into the same path left beside it: removed where it holds no whole model (a kill while
     # it was written; up to a model's size each), else kept (a result kept when its path appeared while it was
     # written, or an old output being moved aside)
-    left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and not lock_held(p) and
-                  p.name.rsplit(".", 1)[0] == f".{out.name}")  # (".out.tmp-v2.tmp-X" is another output's)
-    for name in [n for n in left if n.rsplit(".", 1)[1].startswith("tmp-") and not (out.parent / n).is_symlink()
-                 and (out.parent / n).is_dir() and _unfinished(out.parent / n)]:
+    left = []
+    with contextlib.suppress(OSError):  # (a folder that can be written but not listed: the output is published)
+        left = sorted(p.name for p in out.parent.iterdir() if _STAGED.fullmatch(p.name) and not lock_held(p) and
+                      p.name.rsplit(".", 1)[0] == f".{out.name}")  # (".out.tmp-v2.tmp-X" is another output's)
+    for name in [n for n in left if n.rsplit(".", 1)[1].startswith("tmp-") and not n.startswith(".bsbr-results.")
+                 and not (out.parent / n).is_symlink() and (out.parent / n).is_dir() and _unfinished(out.parent / n)]:
+        # (write_together's results staging, whose name an output named bsbr-results shares, is never removed)
         shutil.rmtree(out.parent / name, ignore_errors=True)
         logger.info("%s: removed %s, an unfinished output an earlier run left when it was killed", out, name)
         left.remove(name)

@@ -1203,7 +1203,7 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     w = weights[name]
     save_file({**weights, name: w.to(torch.float8_e4m3fn)}, d / "model.safetensors")
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
-    assert f"weight {name} is F8_E4M3, float8, a scaled format" in line, line
+    assert f"weight {name} is F8_E4M3, a scaled float format" in line, line
     save_file(weights, d / "model.safetensors")
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))

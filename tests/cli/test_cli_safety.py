@@ -98,6 +98,39 @@ def test_a_write_into_an_empty_folder_killed_while_its_config_was_written_is_tak
                                                                    "--overwrite"], "convert", out)
 
 
+def test_a_killed_eval_s_results_staging_is_kept_by_an_output_named_bsbr_results(models, tmp_path, caplog):
+    # write_together stages results in .bsbr-results.tmp-*, the name an output named bsbr-results stages under:
+    # a conversion there removed a killed eval's folder holding the old results to put back
+    source, _, _ = models
+    results = tmp_path / ".bsbr-results.tmp-tx22vjrk"
+    results.mkdir()
+    (results / ".old-r.json").write_text('{"old": 1}')
+    with caplog.at_level("WARNING", logger="bsbr.outputs"):
+        assert main(["convert", str(source), str(tmp_path / "bsbr-results"), "--chunk-size", "8"]) == 0
+    assert (results / ".old-r.json").read_text() == '{"old": 1}' and results.name in caplog.text
+
+
+def test_a_folder_that_can_be_written_but_not_listed_gets_its_output(models, tmp_path, monkeypatch):
+    # (a /scratch-like parent, mode 0711 or 1733) listing it for a killed run's leftovers, after the publish, failed:
+    # "could not write the model ...; OUTPUT_DIR is as it was", with the model in place
+    import bsbr.outputs as outputs
+    from bsbr.models import load_bsbr_model
+
+    source, _, _ = models
+    out = tmp_path / "out"
+    listing = Path.iterdir
+
+    def unlistable(self):
+        if self == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(outputs.Path, "iterdir", unlistable)
+    assert main(["convert", str(source), str(out), "--chunk-size", "8"]) == 0
+    monkeypatch.undo()
+    load_bsbr_model(out)
+
+
 def test_a_killed_conversion_s_unfinished_output_beside_it_is_removed_by_the_next_one(models, tmp_path, caplog):
     # a SIGKILL while convert wrote .out.tmp-*/ beside the output left up to a model's size there; every later
     # run warned of it and none removed it (each further kill added one)
@@ -1488,19 +1521,22 @@ def test_auto_classes_load_strictly(models, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(broken, strict=False) is not None  # transformers' way, if asked
 
 
-@pytest.mark.parametrize("change", ["shape", "int32"])
+@pytest.mark.parametrize("change", ["shape", "int32", "float4"])
 def test_a_weight_of_another_shape_or_dtype_is_refused_by_name(models, tmp_path, capsys, change):
+    # (float4, as float8 a scaled format, passed the float check: "shape '[97, 96]' is invalid for input of size")
     _, converted, _ = models
     broken = tmp_path / "broken"
     shutil.copytree(converted, broken)
     weights = load_file(broken / "model.safetensors")
     name = next(k for k in weights if k.endswith("q_proj.weight"))
     w = weights[name]
-    weights[name] = torch.zeros(w.shape[0] + 1, w.shape[1]) if change == "shape" else w.to(torch.int32)
+    weights[name] = torch.zeros(w.shape[0] + 1, w.shape[1]) if change == "shape" else w.to(torch.int32) \
+        if change == "int32" else torch.zeros(w.shape[0], w.shape[1] // 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     line = refused(capsys, ["generate", broken, "--prompt", "x"], "generate", broken)
-    expect = f"{name} (checkpoint ({w.shape[0] + 1}, {w.shape[1]}), config {tuple(w.shape)})" if change == "shape" \
-        else f"weight {name} is I32, not floating point"
+    expect = {"shape": f"{name} (checkpoint ({w.shape[0] + 1}, {w.shape[1]}), config {tuple(w.shape)})",
+              "int32": f"weight {name} is I32, not floating point",
+              "float4": f"weight {name} is F4, a scaled float format"}[change]
     assert expect in line, line
 
 
@@ -1822,7 +1858,9 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
     assert main(["convert", str(source), str(tmp_path / "empty"), "--chunk-size", "8", "--overwrite"]) == 0
     # a user's backup of a model (of another type) in a folder named so, a user's folder in checkpoint/, and a
     # folder of results alone (refused with a message that named no file)
+    # (also one whose config.json was edited by hand and no longer parses, beside its weights)
     for where, files in ((".mymodel.old-20240101", {"config.json": '{"model_type": "llama"}'}),
+                         (".llama.old-20240115", {"config.json": '{"model_type": "llama",}', "model.safetensors": "w"}),
                          ("checkpoint/.notes.old-20240101", {"secret.txt": "secret"})):
         shutil.rmtree(tmp_path / "empty")
         shutil.copytree(converted, tmp_path / "empty")

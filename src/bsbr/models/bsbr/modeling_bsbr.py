@@ -360,7 +360,7 @@ def refuse_other_model_type(path: Path) -> None:
 
 def refuse_non_float_weights(path: Path, names=None) -> None:
     """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
-    not floating point, or is float8 (an integer, bool or scaled float8 tensor would be cast silently into a
+    not float16/32/64 or bfloat16 (an integer, bool or scaled float8/float4 tensor would be cast silently into a
     float parameter). ``names``: only these weights (those a model loaded), from the files it reads."""
     from safetensors import safe_open
 
@@ -375,8 +375,8 @@ def refuse_non_float_weights(path: Path, names=None) -> None:
         with safe_open(str(f), "pt") as st:
             for name in st.keys() if names is None else set(st.keys()) & set(names):
                 dtype = st.get_slice(name).get_dtype()
-                if not dtype.startswith(("F", "BF")) or dtype.startswith("F8"):
-                    kind = "float8, a scaled format" if dtype.startswith("F8") else "not floating point"
+                if dtype not in ("F16", "F32", "F64", "BF16"):
+                    kind = "a scaled float format" if dtype.startswith("F") else "not floating point"
                     raise ValueError(f"{f}: weight {name} is {dtype}, {kind} (a quantized or edited checkpoint?): "
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
