@@ -11,11 +11,10 @@ import logging
 import math
 import os
 import re
-import shlex
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import SourceMismatchError, UserError, check_not_interrupted
+from .errors import SourceMismatchError, UserError, check_not_interrupted, command_path
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +485,7 @@ def check_bsbr_dir(path, option: str) -> Path:
     values = read_config(config, option)
     if values["model_type"] != "bsbr":
         raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: convert it first "
-                        f"(bsbr convert {shlex.quote(str(path))} NEW_DIR)")
+                        f"(bsbr convert {command_path(path)} NEW_DIR)")
     try:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)

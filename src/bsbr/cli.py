@@ -253,13 +253,22 @@ def _expand_home(args) -> None:
             setattr(args, name, [expand(v) for v in value] if isinstance(value, list) else expand(value))
 
 
+def _convert_intermixed(parser, args, argv):
+    """``bsbr convert SOURCE --opt X OUTPUT_DIR``: argparse fills the two positionals from their first run (SOURCE
+    is optional), so it reads SOURCE as OUTPUT_DIR and OUTPUT_DIR as unrecognized; parsed again, options first,
+    then the positionals together (``parse_known_intermixed_args``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next(i for i, a in enumerate(argv) if a == "convert")  # (only -v and --version come before the command)
+    top = {k: v for k, v in vars(args).items() if k in ("command", "verbose")}
+    return parser.commands.choices["convert"].parse_known_intermixed_args(argv[at + 1:], argparse.Namespace(**top))
+
+
 def _main(argv) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        if getattr(args, "command", None) == "convert" and args.source is None and len(extra) == 1 \
-                and not extra[0].startswith("-"):  # `convert SOURCE --opt X OUT`: argparse read SOURCE as OUTPUT_DIR
-            args.source, args.output_dir, extra = args.output_dir, extra[0], []
+        if getattr(args, "command", None) == "convert" and args.source is None and extra:
+            args, extra = _convert_intermixed(parser, args, argv)
         if extra:  # named by the (sub)command they were given to, as its other usage errors are
             command = parser
             while getattr(command, "commands", None) and getattr(args, command.commands.dest, None):

@@ -1,5 +1,6 @@
 """The one-line errors of the command line: a :class:`UserError` is printed as one line and exits with
 status 2; its kinds say what was refused. And :data:`INTERRUPTED`, the Ctrl-C that stops a command."""
+import shlex
 import threading
 
 INTERRUPTED = threading.Event()  # set by the command line's Ctrl-C / SIGTERM handler (bsbr.cli.main)
@@ -27,3 +28,10 @@ class SourceMismatchError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is partial, corrupt, or was written by a run with other settings."""
+
+
+def command_path(path) -> str:
+    """``path`` as a command a message suggests should write it: quoted for the shell, and read as a path, not
+    an option, when it starts with ``-``."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)

@@ -125,8 +125,10 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         if all(_staged_inside(name) for name in left):
             raise OutputError(f"{option} {path} holds only {', '.join(left)}, left by a bsbr command that was killed "
                               f"while writing there: pass --overwrite to replace it, or remove it")
-        raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another {option}")
-    if overwrite and not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
+        if is_bsbr_output(out):  # (else the refusal --overwrite would meet, below: it was advised, then refused)
+            raise OutputError(f"{option} {path} is not empty: pass --overwrite to replace it, or choose another "
+                              f"{option}")
+    if not allow_existing and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
         if busy := [e.name for e in out.iterdir() if _LOCK.fullmatch(e.name) and lock_held(e)]:
             raise OutputError(f"{option} {path} holds {busy[0]}, the lock of a bsbr command writing inside it now: "
                               f"wait for it to finish, or choose another {option}")
@@ -374,25 +376,20 @@ def _other_config(config: Path) -> bool:
 
 def _unfinished(folder: Path) -> bool:
     """Whether ``folder``, a killed run's staging folder beside an output, holds only what bsbr writes and no
-    whole model (at its top, or in ``model/`` as bsbr demo writes it): weights cut short or still in
-    safetensors' temporary file, or none yet. A whole one may be a result kept when its path appeared."""
+    intact weights file at any depth: weights cut short or still in safetensors' temporary file, or none yet.
+    One holding intact weights is kept: a whole result kept when its path appeared, or a user's backup."""
     from safetensors import safe_open
 
-    def whole(model: Path) -> bool:
-        weights = sorted(model.glob("*.safetensors"))
-        if not _bsbr_config(model / "config.json") or not weights or any(
-                _SAFETENSORS_TMP.fullmatch(f.name) for f in model.iterdir()):
-            return False
+    def intact(f: Path) -> bool:
         try:
-            for f in weights:
-                with safe_open(str(f), "pt"):  # (a file cut short fails its header's check)
-                    pass
+            with safe_open(str(f), "pt"):  # (a file cut short fails its header's check)
+                return True
         except Exception:  # (safetensors' own error type)
             return False
-        return True
 
     with contextlib.suppress(OSError):  # (a folder it cannot read, or one removed meanwhile: kept)
-        return _bsbr_files_only(folder) and not whole(folder) and not whole(folder / "model")
+        return _bsbr_files_only(folder) and not any(
+            intact(f) for f in folder.rglob("*.safetensors") if f.is_file() and not f.is_symlink())
     return False
 
 
@@ -623,8 +620,9 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
                  and not (out.parent / n).is_symlink() and (out.parent / n).is_dir() and _unfinished(out.parent / n)]:
         # (write_together's results staging, whose name an output named bsbr-results shares, is never removed)
         shutil.rmtree(out.parent / name, ignore_errors=True)
-        logger.info("%s: removed %s, an unfinished output an earlier run left when it was killed", out, name)
-        left.remove(name)
+        if not (out.parent / name).exists():  # (else, as another user's in a shared folder, it is named below)
+            logger.info("%s: removed %s, an unfinished output an earlier run left when it was killed", out, name)
+            left.remove(name)
     if left:
         logger.warning("%s: beside it lie %s, left by an earlier run that was killed; remove %s when not needed",
                        out, ", ".join(left), "them" if len(left) > 1 else "it")

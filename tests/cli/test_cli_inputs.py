@@ -1558,16 +1558,28 @@ def test_records_with_numbers_past_a_floats_range_or_arrays_nested_past_the_stac
     assert "unreadable" in line or "not valid JSON" in line, line
 
 
-def test_convert_reads_options_between_source_and_output(models, tmp_path):
+def test_convert_reads_options_between_source_and_output(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     # `bsbr convert SRC --chunk-size 16 OUT`: argparse read SRC as OUTPUT_DIR and refused OUT as "unrecognized"
     from bsbr.models import load_bsbr_model
 
     source, _, _ = models
     assert main(["convert", str(source), "--chunk-size", "16", str(tmp_path / "out")]) == 0
     assert load_bsbr_model(tmp_path / "out").config.chunk_size == 16
+    assert main(["convert", str(source), "--chunk-size", "16", "--", str(tmp_path / "out2")]) == 0
+    load_bsbr_model(tmp_path / "out2")
+    # read again, the output keeps its checks (an empty one was written into the current directory), and only a
+    # real stray argument is named
+    for blank in ("", "  "):
+        line = refused(capsys, ["convert", source, "--chunk-size", "16", blank], "convert", source)
+        assert "argument output_dir: is empty: give a value" in line, line
+    line = refused(capsys, ["convert", source, "--overwrite", tmp_path / "o3", "--chunk-size", "8", "--local-chunk",
+                            "2"], "convert", source)
+    assert line.startswith("bsbr convert: error: unrecognized arguments: --local-chunk 2 ("), line
+    assert not (tmp_path / "o3").exists()
 
 
-def test_suggested_commands_quote_their_paths(models, tmp_path, capsys):
+def test_suggested_commands_quote_their_paths(models, tmp_path, capsys, monkeypatch):
     # "convert it first (bsbr convert my src NEW_DIR)": pasted, it converted `my` into `src`
     import shlex
 
@@ -1579,6 +1591,19 @@ def test_suggested_commands_quote_their_paths(models, tmp_path, capsys):
     shutil.copytree(converted, model)
     line = refused(capsys, ["convert", model, "--chunk-size", "16"], "convert", model)
     assert f"did you mean `bsbr convert {shlex.quote(str(model))} NEW_DIR`?" in line, line
+    # a relative path starting with "-" is written as ./-src (pasted, "-src" read as an option)
+    monkeypatch.chdir(tmp_path)
+    dashed = spaced.rename(tmp_path / "-src")
+    line = refused(capsys, ["generate", "--prompt", "x", "--", "-src"], "generate", dashed)
+    assert "(bsbr convert ./-src NEW_DIR)" in line, line
+
+
+def test_convert_to_bsbr_calls_a_file_a_file(tmp_path):
+    from bsbr import convert_to_bsbr
+
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="afile.txt is a file, not a model directory or a .gguf file"):
+        convert_to_bsbr(tmp_path / "afile.txt")
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval", "--no-passkey"]])

@@ -148,11 +148,27 @@ def test_a_killed_conversion_s_unfinished_output_beside_it_is_removed_by_the_nex
     (pending / "model.safetensors").rename(pending / ".tmpab12CD")  # still in safetensors' temporary file
     user.mkdir()
     (user / "notes.txt").write_text("mine")  # a folder named like staging holding a user's file
+    # a user's dated backups of weights alone, at the top or deeper, no config.json beside them (were removed)
+    backup, nested = (tmp_path / f".out.tmp-2024011{d}" for d in (5, 6))
+    backup.mkdir()
+    (backup / "model.safetensors").write_bytes(weights)
+    (nested / "old").mkdir(parents=True)
+    (nested / "old" / "model.safetensors").write_bytes(weights)
     with caplog.at_level("WARNING", logger="bsbr.outputs"):
         assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
     assert not cut.exists() and not pending.exists()
     assert whole.is_dir() and old.is_dir() and (user / "notes.txt").read_text() == "mine"
-    assert f"beside it lie {old.name}, {user.name}, {whole.name}, left by an earlier run" in caplog.text
+    assert (backup / "model.safetensors").read_bytes() == weights == (nested / "old" / "model.safetensors").read_bytes()
+    assert (f"beside it lie {old.name}, {backup.name}, {nested.name}, {user.name}, {whole.name}, left by an earlier "
+            "run") in caplog.text
+    # one it cannot remove (another user's, in a shared folder) is named, not said to be removed
+    cut.mkdir()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bsbr.outputs"), \
+            pytest.MonkeyPatch.context() as m:
+        m.setattr(shutil, "rmtree", lambda *a, **k: None)
+        assert main(["convert", str(source), str(out), "--chunk-size", "8", "--overwrite"]) == 0
+    assert cut.is_dir() and "removed" not in caplog.text and cut.name in caplog.text
 
 
 def test_a_killed_write_into_the_current_directory_is_taken_over_with_overwrite(models, tmp_path, capsys,

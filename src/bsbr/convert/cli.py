@@ -6,7 +6,6 @@ import contextlib
 import errno
 import json
 import logging
-import shlex
 import threading
 import time
 from pathlib import Path
@@ -186,7 +185,7 @@ def check_local_source(args, source, options: dict) -> None:
 
 def cmd_convert(args) -> int:
     from ..arguments import check_default_model, check_model_arg
-    from ..errors import OutputError
+    from ..errors import OutputError, command_path
     from ..outputs import check_output_dir, output_lock
 
     source, out = args.source, Path(args.output_dir)
@@ -202,7 +201,7 @@ def cmd_convert(args) -> int:
             check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
         except OutputError as e:
             if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: source forgotten
-                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {shlex.quote(str(out))} "
+                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {command_path(out)} "
                                   "NEW_DIR`?)") from e
             raise
         summary = _convert_and_save(args, source, out, options)

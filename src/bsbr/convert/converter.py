@@ -50,7 +50,8 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+            raise FileNotFoundError(f"{path} is a file, not a model directory or a .gguf file" if path.is_file()
+                                    else f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
         _refuse_weights_it_cannot_convert(path)
         model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import json
 import os
-import shlex
 import threading
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ...errors import command_path
 from ...layers.bsbr_attention import BSBRAttention, op_dtype
 from ...layers.inputs import (check_input_ids, check_labels, check_position_ids, forget_checked_tables, mask_to_valid,
                               token_positions)
@@ -355,7 +355,7 @@ def refuse_other_model_type(path: Path) -> None:
         raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
     if model_type != "bsbr":
         raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first "
-                         f"(bsbr convert {shlex.quote(str(path))} OUT, or bsbr.convert_to_bsbr)")
+                         f"(bsbr convert {command_path(path)} OUT, or bsbr.convert_to_bsbr)")
 
 
 def refuse_non_float_weights(path: Path, names=None) -> None:
