@@ -196,7 +196,7 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
                                   f"got {name!r}: give {option}, or restore the file as bsbr convert wrote it")
     if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
         raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
-                                  f"converted from {name}: give {option} {name}")
+                                  f"converted from {name}: give {option} {command_path(name)}")
     if source is None and not force and not name and compared:  # no record: config.json's vocabulary tells
         from .convert.defaults import DEFAULT_SOURCE_VOCAB
 
@@ -484,8 +484,11 @@ def check_bsbr_dir(path, option: str) -> Path:
         raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
     values = read_config(config, option)
     if values["model_type"] != "bsbr":
-        raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: convert it first "
-                        f"(bsbr convert {command_path(path)} NEW_DIR)")
+        from .convert.families import SUPPORTED_MODEL_TYPES
+
+        fix = f"convert it first (bsbr convert {command_path(path)} NEW_DIR)" if values["model_type"] in \
+            SUPPORTED_MODEL_TYPES else f"bsbr converts {', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs"
+        raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: {fix}")
     try:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)

@@ -89,6 +89,12 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
                               f"overwritten; choose another {option}")
 
 
+def holds_cwd(out: Path) -> bool:
+    """Whether the output directory ``out`` (resolved) is or contains the current directory."""
+    cwd = resolved_path(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
+    return cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))
+
+
 def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), option: str = "OUTPUT",
                      allow_existing: bool = False, renamed: bool = True) -> Path:
     """Check, before any expensive work, that ``path`` may be written as an output directory.
@@ -101,7 +107,7 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     out = resolved_path(path)
     _check_path_names(out, path, option)
     cwd = resolved_path(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
-    if overwrite and (cwd.is_relative_to(out) or _real(cwd).is_relative_to(_real(out))) and not (
+    if overwrite and holds_cwd(out) and not (
             _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
@@ -120,6 +126,10 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         raise OutputError(f"{option} {path}: its last name is {name_bytes} bytes; the directory it is staged in "
                           f"beside it needs {STAGED_EXTRA} more: give a name of at most {NAME_MAX - STAGED_EXTRA} "
                           "bytes")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing) and holds_cwd(out) and not (
+            _real(out) == _real(cwd) and _written_into(out)):  # (advised --overwrite, which refused it)
+        raise OutputError(f"{option} {path} is not empty and is (or contains) the current directory, which "
+                          f"--overwrite would replace: choose another {option}")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         left = sorted(e.name for e in out.iterdir())
         if all(_staged_inside(name) for name in left):
@@ -136,6 +146,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         edited = " (its README.md is not the model card bsbr writes: edited?)" if card.is_file() and not \
             _is_model_card(card) else ""
         names = not_written(out)
+        if not names and not edited and _other_config(out / "config.json"):  # (another model, its files named as
+            raise OutputError(f"{option} {path} holds another model than a BSBR one (its config.json), which bsbr "
+                              f"never replaces: choose another {option}")  # bsbr names its own: not results alone)
         if not names and not edited:  # (all bsbr's, but no model, checkpoint or demo output: results alone)
             held = sorted(e.name for e in out.iterdir())
             raise OutputError(f"{option} {path} holds no BSBR model, checkpoint or demo output (only "

@@ -1588,7 +1588,7 @@ def test_suggested_commands_quote_their_paths(models, tmp_path, capsys, monkeypa
     line = refused(capsys, ["generate", spaced, "--prompt", "x"], "generate", spaced)
     assert f"(bsbr convert {shlex.quote(str(spaced))} NEW_DIR)" in line, line
     model = tmp_path / "my model"
-    shutil.copytree(converted, model)
+    shutil.copytree(source, model)
     line = refused(capsys, ["convert", model, "--chunk-size", "16"], "convert", model)
     assert f"did you mean `bsbr convert {shlex.quote(str(model))} NEW_DIR`?" in line, line
     # a relative path starting with "-" is written as ./-src (pasted, "-src" read as an option)
@@ -1613,3 +1613,26 @@ def test_a_file_given_as_a_model_folder_is_called_a_file(tmp_path, capsys, comma
     f.write_text("x")
     line = refused(capsys, [command[0], f, *command[1:]], command[0], f)
     assert f"{f} is a file, not a directory: give a directory made by `bsbr convert`" in line, line
+
+
+def test_advice_is_never_refused_when_followed(models, tmp_path, capsys, monkeypatch):
+    # a converted model in the current directory: "pass --overwrite", then "is (or contains) the current directory"
+    import shlex
+
+    source, converted, _ = models
+    here = tmp_path / "here"
+    shutil.copytree(converted, here)
+    monkeypatch.chdir(here)
+    line = refused(capsys, ["convert", source, ".", "--chunk-size", "8"], "convert", here)
+    assert "is not empty and is (or contains) the current directory, which --overwrite would replace" in line, line
+    # a model of a family bsbr does not convert was told "convert it first"
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert"}')
+    line = refused(capsys, ["generate", bert, "--prompt", "x"], "generate", bert)
+    assert "is a 'bert' model, not a BSBR one: bsbr converts gpt2, llama, mistral, qwen2 decoder LMs" in line, line
+    # the --reference a message tells to give, quoted
+    spaced = copy_source(source, tmp_path / "my src")
+    assert main(["convert", str(spaced), str(tmp_path / "conv"), "--chunk-size", "8"]) == 0
+    line = refused(capsys, ["eval", tmp_path / "conv", "--no-passkey"], "eval", spaced)
+    assert f"give --reference {shlex.quote(str(spaced))}" in line, line

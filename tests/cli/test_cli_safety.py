@@ -470,9 +470,15 @@ def test_an_output_where_nothing_can_be_made_is_named(models, capsys):
 
 
 def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, capsys):
-    _, converted, _ = models
+    source, converted, _ = models
     line = refused(capsys, ["convert", converted, "--chunk-size", "16"], "convert", converted)
-    assert "is not empty" in line and "--overwrite" in line and "did you mean" in line
+    # (a BSBR model: `bsbr convert MODEL NEW_DIR` would be refused, so it is not suggested)
+    assert "is not empty" in line and "--overwrite" in line and "did you mean" not in line
+    line = refused(capsys, ["convert", source, "--chunk-size", "16"], "convert", source)
+    # (the user's pretrained model: was told to "remove them", as if its files were results)
+    assert f"OUTPUT_DIR {source} holds another model than a BSBR one (its config.json), which bsbr never replaces: " \
+        f"choose another OUTPUT_DIR (OUTPUT_DIR {source} holds a model: did you mean `bsbr convert {source} " \
+        "NEW_DIR`?)" in line, line
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "around", "symlink"])

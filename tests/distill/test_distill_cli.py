@@ -352,6 +352,20 @@ def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys)
                    "distill", out)
     assert "holds files no bsbr command wrote" in line and "move them" in line, line
     assert (out / "important.txt").read_text() == "mine"
+    # with neither flag it advised --resume or --overwrite, each then refused for the user's file
+    line = refused(capsys, distill_args(models, text, out, "--steps", "2"), "distill", out)
+    assert "holds a checkpoint and files no bsbr command wrote (important.txt): move them, then pass --resume" in line
+    assert "--overwrite" not in line, line
+
+
+def test_a_checkpoint_in_the_current_directory_is_not_advised_to_be_overwritten(models, text, tmp_path, capsys,
+                                                                                  monkeypatch):
+    # "pass --resume to continue it, --overwrite to start over": --overwrite then refused the current directory
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
+    monkeypatch.chdir(out)
+    line = refused(capsys, distill_args(models, text, ".", "--steps", "2"), "distill", out)
+    assert "holds a checkpoint: pass --resume to continue it, or choose another --output" in line, line
 
 
 HAND_EDITS = [("files", []), ("progress.config", [1]), ("progress.run", "abc"), ("progress.log", None),

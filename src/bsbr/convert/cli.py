@@ -200,7 +200,7 @@ def cmd_convert(args) -> int:
         try:
             check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
         except OutputError as e:
-            if source is None and (out / "config.json").is_file():  # `bsbr convert victim ...`: source forgotten
+            if source is None and _convertible(out):  # `bsbr convert victim ...`: source forgotten
                 raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {command_path(out)} "
                                   "NEW_DIR`?)") from e
             raise
@@ -432,6 +432,16 @@ def cmd_generate(args) -> int:
                         f"{room} or a pipe") from e
     logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
+
+
+def _convertible(path: Path) -> bool:
+    """Whether the directory ``path`` holds a model ``bsbr convert`` converts (its config.json names a family it
+    supports)."""
+    from .families import SUPPORTED_MODEL_TYPES
+
+    with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
+        return json.loads((path / "config.json").read_text()).get("model_type") in SUPPORTED_MODEL_TYPES
+    return False
 
 
 def register(sub) -> None:

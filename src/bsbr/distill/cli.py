@@ -19,9 +19,9 @@ from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_d
                          check_model_arg, check_model_tokenizer, check_positions, check_recorded_source, check_source,
                          check_text_files, check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
                          warn_past_rotary_positions)
-from ..errors import INTERRUPTED, CheckpointError, UserError, check_not_interrupted
-from ..outputs import (check_output_dir, is_bsbr_output, out_of_room, output_lock, resolved_path, write_errors,
-                       write_failure, write_model_card)
+from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
+from ..outputs import (check_output_dir, holds_cwd, is_bsbr_output, not_written, out_of_room, output_lock,
+                       resolved_path, write_errors, write_failure, write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -259,8 +259,13 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
     if not args.resume and not args.overwrite and has_checkpoint(ckpt):
-        raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it, --overwrite to "
-                              f"start over, or choose another --output")
+        if not is_bsbr_output(out):  # (--resume and --overwrite would both refuse the user's files beside it)
+            names = ", ".join(not_written(out)[:3])
+            raise OutputError(f"--output {out} holds a checkpoint and files no bsbr command wrote ({names}): move "
+                              f"them, then pass --resume to continue it, or choose another --output")
+        restart = "" if holds_cwd(out) else ", --overwrite to start over"  # (which would replace the cwd: refused)
+        raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it{restart}, or "
+                              f"choose another --output")
     if args.resume and has_checkpoint(ckpt):
         # a partial or corrupt checkpoint, or one of another run (student, settings; the windows' text in _train),
         # is refused before loading

@@ -354,8 +354,8 @@ def refuse_other_model_type(path: Path) -> None:
     except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
     if model_type != "bsbr":
-        raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first "
-                         f"(bsbr convert {command_path(path)} OUT, or bsbr.convert_to_bsbr)")
+        raise ValueError(f"{path} holds a {model_type!r} model, not a BSBR one: convert it first if bsbr converts "
+                         f"its family (bsbr convert {command_path(path)} OUT, or bsbr.convert_to_bsbr)")
 
 
 def refuse_non_float_weights(path: Path, names=None) -> None:
