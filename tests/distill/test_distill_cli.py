@@ -354,8 +354,18 @@ def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys)
     assert (out / "important.txt").read_text() == "mine"
     # with neither flag it advised --resume or --overwrite, each then refused for the user's file
     line = refused(capsys, distill_args(models, text, out, "--steps", "2"), "distill", out)
-    assert "holds a checkpoint and files no bsbr command wrote (important.txt): move them, then pass --resume" in line
-    assert "--overwrite" not in line, line
+    assert "holds a checkpoint and files no bsbr command wrote (important.txt): move them out, then pass --resume" \
+        in line and "--overwrite" not in line, line
+    # a file inside checkpoint/ is named there (the whole checkpoint was named, and moving it left nothing to resume)
+    (out / "important.txt").rename(out / "checkpoint" / "NOTES.txt")
+    line = refused(capsys, distill_args(models, text, out, "--steps", "2"), "distill", out)
+    assert "files no bsbr command wrote (checkpoint/NOTES.txt): move them out, then pass --resume" in line, line
+    # a user's own checkpoint/ folder beside a model is not called a checkpoint to resume
+    for f in (out / "checkpoint").iterdir():
+        if f.name != "NOTES.txt":
+            f.unlink()
+    line = refused(capsys, distill_args(models, text, out, "--steps", "2"), "distill", out)
+    assert "holds files no bsbr command wrote (checkpoint/NOTES.txt): move them, or choose another" in line, line
 
 
 def test_a_checkpoint_in_the_current_directory_is_not_advised_to_be_overwritten(models, text, tmp_path, capsys,
@@ -366,6 +376,9 @@ def test_a_checkpoint_in_the_current_directory_is_not_advised_to_be_overwritten(
     monkeypatch.chdir(out)
     line = refused(capsys, distill_args(models, text, ".", "--steps", "2"), "distill", out)
     assert "holds a checkpoint: pass --resume to continue it, or choose another --output" in line, line
+    (out / "checkpoint" / "manifest.json").unlink()  # a first save killed before its manifest: "partial"
+    line = refused(capsys, [*distill_args(models, text, ".", "--steps", "2"), "--resume"], "distill", out)
+    assert "is partial" in line and "start a new --output" in line and "--overwrite" not in line, line
 
 
 HAND_EDITS = [("files", []), ("progress.config", [1]), ("progress.run", "abc"), ("progress.log", None),

@@ -20,7 +20,7 @@ from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_d
                          check_text_files, check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
                          warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
-from ..outputs import (check_output_dir, holds_cwd, is_bsbr_output, not_written, out_of_room, output_lock,
+from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
                        resolved_path, write_errors, write_failure, write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
@@ -245,7 +245,7 @@ def _leave_process_group() -> None:
 def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     import torch.distributed as dist
 
-    from .checkpoint import MANIFEST, has_checkpoint, read_manifest
+    from .checkpoint import MANIFEST, START_OVER, has_checkpoint, read_manifest
     from .trainer import DistillInterrupted, check_same_run, check_work_left
 
     ckpt = out / "checkpoint"
@@ -260,21 +260,30 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
                               f"the run to continue, or an empty one")
     if not args.resume and not args.overwrite and has_checkpoint(ckpt):
         if not is_bsbr_output(out):  # (--resume and --overwrite would both refuse the user's files beside it)
-            names = ", ".join(not_written(out)[:3])
+            strays, mine = checkpoint_strays(out)
+            names = ", ".join(strays[:3]) + (", ..." if len(strays) > 3 else "")
+            if not mine:  # (a user's own checkpoint/ folder: nothing of distill's to resume)
+                raise OutputError(f"--output {out} holds files no bsbr command wrote ({names}): move them, or "
+                                  f"choose another --output")
             raise OutputError(f"--output {out} holds a checkpoint and files no bsbr command wrote ({names}): move "
-                              f"them, then pass --resume to continue it, or choose another --output")
+                              f"them out, then pass --resume to continue it, or choose another --output")
         restart = "" if holds_cwd(out) else ", --overwrite to start over"  # (which would replace the cwd: refused)
         raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it{restart}, or "
                               f"choose another --output")
     if args.resume and has_checkpoint(ckpt):
         # a partial or corrupt checkpoint, or one of another run (student, settings; the windows' text in _train),
         # is refused before loading
-        saved = read_manifest(ckpt)["progress"]
-        run = _settings(args)
-        if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: the trainer warns)
-            run["student_config"] = _student_config(student_dir)
-        run["world_size"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        check_same_run(saved, cfg, run, ckpt)
+        try:
+            saved = read_manifest(ckpt)["progress"]
+            run = _settings(args)
+            if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: trainer warns)
+                run["student_config"] = _student_config(student_dir)
+            run["world_size"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            check_same_run(saved, cfg, run, ckpt)
+        except CheckpointError as e:  # (--overwrite, which it advises, refuses an output holding the cwd)
+            if not holds_cwd(out) or START_OVER not in str(e):
+                raise
+            raise CheckpointError(str(e).replace(START_OVER, "start a new --output")) from e
         check_work_left(saved, cfg, out)
     check_recorded_source(student_dir, args.teacher, option="--teacher", force=args.force)
     check_default_model(args.teacher, "--teacher")  # (after: a student of another source names it instead)
