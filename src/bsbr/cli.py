@@ -54,6 +54,8 @@ class _StoreOnce(argparse._StoreAction):
             raise argparse.ArgumentError(self, f"given twice: give all its values after one {option_string}")
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             raise argparse.ArgumentError(self, "is empty: give a value")
+        if self.nargs in (None, "?") and isinstance(values, list):  # (argparse 3.11 turns a second `--` into [])
+            raise argparse.ArgumentError(self, f"got {' '.join(values) or 'a second --'}: give one value")
         super().__call__(parser, namespace, values, option_string)
 
 

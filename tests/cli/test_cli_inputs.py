@@ -1636,3 +1636,10 @@ def test_advice_is_never_refused_when_followed(models, tmp_path, capsys, monkeyp
     assert main(["convert", str(spaced), str(tmp_path / "conv"), "--chunk-size", "8"]) == 0
     line = refused(capsys, ["eval", tmp_path / "conv", "--no-passkey"], "eval", spaced)
     assert f"give --reference {shlex.quote(str(spaced))}" in line, line
+
+
+@pytest.mark.parametrize("argv", [["convert", "--", "--"], ["convert", "src", "--", "--"]])
+def test_a_second_double_dash_is_a_usage_error(capsys, argv):
+    # "expected str, bytes or os.PathLike object, not list": argparse 3.11 turns a second -- into [] for OUTPUT_DIR
+    line = refused(capsys, argv, "convert")
+    assert "argument output_dir: got a second --: give one value" in line, line
