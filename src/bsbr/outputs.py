@@ -107,8 +107,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
     out = resolved_path(path)
     _check_path_names(out, path, option)
     cwd = resolved_path(os.getcwd())  # (the real path: a shell's $PWD may name it through a link)
-    if overwrite and holds_cwd(out) and not (
-            _real(out) == _real(cwd) and _written_into(out)):  # (a killed run's leftovers here are taken over)
+    # replacing it would replace the current directory (a killed run's leftovers in it are taken over instead)
+    replaces_cwd = holds_cwd(out) and not (_real(out) == _real(cwd) and _written_into(out))
+    if overwrite and replaces_cwd:
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
     refuse_input_overlap(path, inputs, option)
@@ -126,10 +127,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         raise OutputError(f"{option} {path}: its last name is {name_bytes} bytes; the directory it is staged in "
                           f"beside it needs {STAGED_EXTRA} more: give a name of at most {NAME_MAX - STAGED_EXTRA} "
                           "bytes")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing) and holds_cwd(out) and not (
-            _real(out) == _real(cwd) and _written_into(out)):  # (advised --overwrite, which refused it)
-        raise OutputError(f"{option} {path} is not empty and is (or contains) the current directory, which "
-                          f"--overwrite would replace: choose another {option}")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing) and replaces_cwd:  # (no advice
+        raise OutputError(f"{option} {path} is not empty and is (or contains) the current directory, which "  # that
+                          f"--overwrite would replace: choose another {option}")  # the check above then refuses)
     if out.is_dir() and any(out.iterdir()) and not (overwrite or allow_existing):
         left = sorted(e.name for e in out.iterdir())
         if all(_staged_inside(name) for name in left):
@@ -640,7 +640,7 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
             raise
     finally:
         os.close(held)
-    # what a killed run into the same path left beside it: removed where it holds no whole model (a kill while
+    # what a killed run into the same path left beside it: removed where it holds no intact weights (a kill while
     # it was written; up to a model's size each), else kept (a result kept when its path appeared while it was
     # written, or an old output being moved aside)
     left = []
