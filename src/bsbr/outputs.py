@@ -371,18 +371,29 @@ def _bsbr_files_only(folder: Path, depth: int = 3) -> bool:
                              _bsbr_files_only(e, depth - 1) for e in folder.iterdir())
 
 
+_UNREADABLE = object()
+
+
+def _config_json(config: Path):
+    """``config`` parsed as JSON, or :data:`_UNREADABLE` (missing, unreadable, cut off)."""
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        return json.loads(config.read_text())
+    return _UNREADABLE
+
+
+def config_model_type(config: Path):
+    """The ``model_type`` a config.json names, or None (none, or not a JSON object)."""
+    got = _config_json(config)
+    return got.get("model_type") if isinstance(got, dict) else None
+
+
 def _bsbr_config(config: Path) -> bool:
-    with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
-        return json.loads(config.read_text()).get("model_type") == "bsbr"
-    return False
+    return config_model_type(config) == "bsbr"
 
 
 def _other_config(config: Path) -> bool:
-    """Whether ``config`` is a whole JSON object that is not a BSBR model's config."""
-    with contextlib.suppress(OSError, ValueError, RecursionError):
-        got = json.loads(config.read_text())
-        return not isinstance(got, dict) or got.get("model_type") != "bsbr"
-    return False
+    """Whether ``config`` is whole JSON that is not a BSBR model's config."""
+    return _config_json(config) is not _UNREADABLE and not _bsbr_config(config)
 
 
 def _unfinished(folder: Path) -> bool:

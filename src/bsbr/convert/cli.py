@@ -186,7 +186,8 @@ def check_local_source(args, source, options: dict) -> None:
 def cmd_convert(args) -> int:
     from ..arguments import check_default_model, check_model_arg
     from ..errors import OutputError, command_path
-    from ..outputs import check_output_dir, output_lock
+    from ..outputs import check_output_dir, config_model_type, output_lock
+    from .families import SUPPORTED_MODEL_TYPES
 
     source, out = args.source, Path(args.output_dir)
     options = conversion_options(args)
@@ -200,9 +201,10 @@ def cmd_convert(args) -> int:
         try:
             check_output_dir(out, overwrite=args.overwrite, inputs=[("SOURCE", source)], option="OUTPUT_DIR")
         except OutputError as e:
-            if source is None and _convertible(out):  # `bsbr convert victim ...`: source forgotten
-                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert {command_path(out)} "
-                                  "NEW_DIR`?)") from e
+            # `bsbr convert victim ...`, SOURCE forgotten: suggested for a model it converts (not a BSBR one)
+            if source is None and config_model_type(out / "config.json") in SUPPORTED_MODEL_TYPES:
+                raise OutputError(f"{e} (OUTPUT_DIR {out} holds a model: did you mean `bsbr convert "
+                                  f"{command_path(out)} NEW_DIR`?)") from e
             raise
         summary = _convert_and_save(args, source, out, options)
     print(f"parameters: {summary['params_source'] / 1e6:.2f}M -> {summary['params_bsbr'] / 1e6:.2f}M "
@@ -432,16 +434,6 @@ def cmd_generate(args) -> int:
                         f"{room} or a pipe") from e
     logger.info("%d prompt tokens, %d new tokens in %.2fs (%.1f tokens/s)", n, len(new), dt, len(new) / max(dt, 1e-9))
     return 0
-
-
-def _convertible(path: Path) -> bool:
-    """Whether the directory ``path`` holds a model ``bsbr convert`` converts (its config.json names a family it
-    supports)."""
-    from .families import SUPPORTED_MODEL_TYPES
-
-    with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
-        return json.loads((path / "config.json").read_text()).get("model_type") in SUPPORTED_MODEL_TYPES
-    return False
 
 
 def register(sub) -> None:
