@@ -19,7 +19,7 @@ from .masks import near, sink_outside_window
 from .options import BSBROptions
 from .retrieval import (GIST_FLOOR, apply_meta, block_scores, combine, gate_closed, gate_per_head, gist_scale,
                         select_blocks, state_weights)
-from .softmax import attention_lse, fused_attention, lse_dtype, masked_attention_lse, merge
+from .softmax import attention_lse, fused_attention, masked_attention_lse, merge, sum_dtype
 from .recall import RecallCache, recall_update
 from .state import BSBRState, buffer_chunks, own_ring_chunks, refresh_retrieval, tracked, window_tokens
 
@@ -101,7 +101,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
     o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv) if causal \
         else merge(parts)
     if num is not None:
-        o = combine(o, num, den, gate_per_head(gate, hq, q), options.retrieval)
+        o = combine(o, num, den, gate_per_head(gate, hq, num), options.retrieval).to(q.dtype)  # (num: sum_dtype)
     o = (o if valid is None else o * tok_valid.view(b, 1, -1, 1).to(o.dtype))[:, :, :n]  # padding outputs 0
     state = _final_state(a, state_options, k, v, state_kr, fk, mk, mq, lengths, saved, tracked(
         (q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))) if output_final_state else None
@@ -153,7 +153,7 @@ def _sink_part(q, k, qr, kr, v, tok_valid, options, scale):
     ok = sink_outside_window(t[:, None], j[None, :], B, options.local_chunks)
     ok = ok & tok_valid[:, None, j]  # (b, N, S)
     own = near(t[:, None], j[None, :], B, R) if R else None  # (N, S): sinks at their own positions
-    g_, up = (b, hkv, hq // hkv, N, -1), lse_dtype(q.dtype)  # scores in float32 at least, as the fused kernel's
+    g_, up = (b, hkv, hq // hkv, N, -1), sum_dtype(q.dtype)  # scores in float32 at least, as the fused kernel's
     s = _far_scores(q.view(g_).to(up), k[:, :, : j.numel()].unsqueeze(2).to(up), qr.view(g_).to(up),
                     kr[:, :, : j.numel()].unsqueeze(2).to(up), own) * scale
     o_s, lse_s = masked_attention_lse(s, ok.view(b, 1, 1, N, -1), v[:, :, : j.numel()].unsqueeze(2))
@@ -167,10 +167,12 @@ def _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k, weights: bo
     b, hkv, N = fk.shape[0], fk.shape[1], fk.shape[2]
     hq, B, L = mq.shape[1], options.chunk_size, options.local_chunks
     g, C = hq // hkv, N // B
-    # chunk states from real tokens: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk
-    m = tok_valid.view(b, 1, C, B, 1).to(fk.dtype)
+    # chunk states from real tokens: F_c = fk_c^T v_c (b, hkv, C, df, dv), z_c = sum fk; in sum_dtype, as the
+    # meta means
+    up = sum_dtype(fk.dtype)
+    m = tok_valid.view(b, 1, C, B, 1).to(up)
     fk_c = _blocks(fk, B) * m
-    F = fk_c.transpose(-1, -2) @ _blocks(v, B)
+    F = fk_c.transpose(-1, -2) @ _blocks(v, B).to(up)
     z = fk_c.sum(-2)
     # meta-keys (mean over the chunk) and meta-queries (mean over the previous chunk)
     counts = m.sum(-2).clamp(min=1.0)  # (b, 1, C, 1)
@@ -204,13 +206,14 @@ def _sink_chunks_gist(fq, saved, tok_valid, options):
 
 def _read_states(fq, F, z, w, retrieval):
     """Every token's read-out of the chunk states with its chunk's weights: fq (b, hq, N, df), F (b, hkv,
-    C, df, dv), z (b, hkv, C, df), w (b, hkv, g, C, C) -> num (b, hq, N, dv), den (b, hq, N) or None."""
+    C, df, dv), z (b, hkv, C, df), w (b, hkv, g, C, C) -> num (b, hq, N, dv), den (b, hq, N) or None, in
+    F's dtype."""
     b, hkv, C, df, dv = F.shape
     hq, N = fq.shape[1], fq.shape[2]
     g = hq // hkv
     S_ = (w @ F.view(b, hkv, 1, C, df * dv)).view(b, hkv, g, C, df, dv)
     zS = w @ z.view(b, hkv, 1, C, df)  # (b, hkv, g, C, df)
-    fq_c = fq.view(b, hkv, g, C, N // C, df)
+    fq_c = fq.view(b, hkv, g, C, N // C, df).to(F.dtype)
     num = (fq_c @ S_).view(b, hq, N, dv)
     den = (fq_c @ zS.unsqueeze(-1)).view(b, hq, N) if retrieval == "normalized" else None
     return num, den
@@ -282,7 +285,7 @@ def _all_earlier_blocks(q, k, qr, kr, v, readable, options, scale):
     hq, dv, C = qr.shape[1], v.shape[-1], N // B
     g = hq // hkv
     o = qr.new_zeros(b, hkv, g, N, dv)
-    lse = qr.new_full((b, hkv, g, N), NEG_INF, dtype=lse_dtype(qr.dtype))
+    lse = qr.new_full((b, hkv, g, N), NEG_INF, dtype=sum_dtype(qr.dtype))
     for c in range(L, C):
         W, rows = (c - L + 1) * B, slice(c * B, (c + 1) * B)
         split = min(max(c - R + 1, 0), c - L + 1) * B if R else W  # keys before it: qr.kr; from it: q.k
@@ -422,7 +425,7 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     v_g = v_f.flatten(0, 1).unbind(0)  # (B, dv) per (sequence x head, chunk)
     state = w_sel is not None
     if state:
-        fq_g = fq.flatten(0, -2).index_select(0, q_row[at]).split(sizes)  # (flatten: a feature size 0 too)
+        fq_g = fq.flatten(0, -2).index_select(0, q_row[at]).to(F.dtype).split(sizes)  # (flatten: a feature size 0 too)
         F_g, z_g = F.flatten(0, 2).unbind(0), z.flatten(0, 2).unbind(0)
         w_p = w_sel.permute(0, 1, 3, 2, 4).reshape(-1)[pairs]
     groups, lses = [], []
@@ -441,11 +444,11 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     # one softmax over a token's blocks: lse per (token, head), then each pair's output added with its
     # weight exp(lse_pair - lse) into its row (in group order: a row's sum depends on its own pairs only)
     rows_out = b * hkv * N * g
-    # (in lse_dtype: with half-precision lses the pair weights exp(lse_pair - lse) summed to e^(+-1), not 1)
-    lse = qr.new_full((rows_out,), NEG_INF, dtype=lse_dtype(qr.dtype))
+    # (in sum_dtype: with half-precision lses the pair weights exp(lse_pair - lse) summed to e^(+-1), not 1)
+    lse = qr.new_full((rows_out,), NEG_INF, dtype=sum_dtype(qr.dtype))
     o = qr.new_zeros(rows_out, dv)
-    num = qr.new_zeros(rows_out, dv) if state else None
-    den = qr.new_zeros(rows_out) if state else None
+    num = F.new_zeros(rows_out, dv) if state else None  # (F in sum_dtype)
+    den = F.new_zeros(rows_out) if state else None
     if lses:
         lse_pairs = torch.cat(lses).to(lse.dtype)
         m = lse.detach().scatter_reduce(0, th, lse_pairs.detach(), "amax", include_self=False)  # largest part per row

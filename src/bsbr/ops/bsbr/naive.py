@@ -16,6 +16,7 @@ from .masks import exact_window, near
 from .options import BSBROptions
 from .recall import DUPLICATE_COSINE
 from .retrieval import GIST_FLOOR, apply_meta, combine, gate_per_head, select_blocks, state_weights
+from .softmax import sum_dtype
 
 
 def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
@@ -66,9 +67,10 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         selected = selected[..., :C]
         far = sink | (selected[:, :, chunk] & retrievable[None, None, :] & ~win)  # (h, n, n)
         A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale, own)
-        # 2. chunk states F_c = sum_{j in c} fk_j v_j^T, z_c = sum_{j in c} fk_j
-        F = torch.einsum("cj,hjf,hjv->hcfv", onehot, fkb, vb)
-        z = torch.einsum("cj,hjf->hcf", onehot, fkb)
+        # 2. chunk states F_c = sum_{j in c} fk_j v_j^T, z_c = sum_{j in c} fk_j, in sum_dtype (as their weights)
+        up = sum_dtype(q.dtype)
+        F = torch.einsum("cj,hjf,hjv->hcfv", onehot.to(up), fkb.to(up), vb.to(up))
+        z = torch.einsum("cj,hjf->hcf", onehot.to(up), fkb.to(up))
         # 3. meta-keys h_c = mean of mk over chunk c; meta-queries r_c = mean of mq over chunk c-1
         counts = onehot.sum(1)[:, None]
         h_meta = apply_meta(meta_k, (onehot @ mk[b][:, keep] / counts)[None])[0].repeat_interleave(g, dim=0)
@@ -81,9 +83,9 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         w_tok = w[:, chunk] * ~selected  # (h, n, C)
         if K:  # the gist: renormalised over the chunks a token does not read exactly
             w_tok = w_tok / w_tok.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)
-        num = torch.einsum("htf,htc,hcfv->htv", fqb, w_tok, F)
-        den = torch.einsum("htf,htc,hcf->ht", fqb, w_tok, z) if options.retrieval == "normalized" else None
-        out[b][:, keep] = combine(A, num, den, gates, options.retrieval)
+        num = torch.einsum("htf,htc,hcfv->htv", fqb.to(up), w_tok, F)
+        den = torch.einsum("htf,htc,hcf->ht", fqb.to(up), w_tok, z) if options.retrieval == "normalized" else None
+        out[b][:, keep] = combine(A, num, den, gates.to(up), options.retrieval).to(q.dtype)
     return out, None
 
 

@@ -114,7 +114,8 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     if opt.recall_tokens:
         num, den = _recall_read(qrg, fq, state, parts, read)
     else:
-        if read:
+        if read:  # (in sum_dtype, as the state's sums)
+            fq = fq.to(state.S_cur.dtype)
             num = torch.einsum("bhf,bhfv->bhv", fq, state.S_cur)
             den = torch.einsum("bhf,bhf->bh", fq, state.zS_cur) if opt.retrieval == "normalized" else None
         if opt.retrieval_blocks and state.kr_past.shape[2]:
@@ -122,7 +123,7 @@ def _step(q, k, v, mq, mk, fq, fk, qr, kr, state: BSBRState, gate, meta_q, meta_
     o = _softmax_of_parts(parts, scale).reshape(b, hq, -1)
     if num is not None:
         o = combine(o.unsqueeze(2), num.unsqueeze(2), None if den is None else den.unsqueeze(2),
-                    gate_per_head(gate, hq, q), opt.retrieval).squeeze(2)
+                    gate_per_head(gate, hq, num), opt.retrieval).squeeze(2).to(q.dtype)
     # chunk states are kept unless their features have size 0 (a closed gate): then neither they nor the
     # meta sums that weigh them are ever read
     sums = not opt.recall_tokens and state.F_cur.shape[2] > 0
@@ -453,7 +454,9 @@ def _recall_read(qrg, fq, state, parts, read):
 
 def _add_to_chunk(state, fk, v, mk, mq, inplace):
     """Running sums of the current chunk (inputs already zero for padding)."""
-    for name, x in (("F_cur", fk.unsqueeze(-1) * v.unsqueeze(-2)), ("z_cur", fk), ("mk_sum", mk), ("mq_sum", mq)):
+    fk = fk.to(state.F_cur.dtype)  # (sum_dtype)
+    for name, x in (("F_cur", fk.unsqueeze(-1) * v.to(fk.dtype).unsqueeze(-2)), ("z_cur", fk), ("mk_sum", mk),
+                    ("mq_sum", mq)):
         setattr(state, name, getattr(state, name).add_(x) if inplace else getattr(state, name) + x)
 
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .softmax import sum_dtype
+
 
 def apply_meta(weight: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """A per-head meta map on chunk means: x (b, h, C, dm_in) @ weight (h, dm_in, dm); identity if None."""
@@ -31,9 +33,11 @@ def state_weights(r: torch.Tensor, h: torch.Tensor, allowed: torch.Tensor, optio
 
     r: (..., R, dm) meta-queries; h: (..., P, dm) meta-keys (leading dims broadcast); allowed:
     (..., R, P) bool, which pairs may be read (c' before c's window). Rows with nothing allowed are 0.
-    w = softmax over the allowed chunks, times their number for ``normalized`` without exact blocks.
+    w = softmax over the allowed chunks, times their number for ``normalized`` without exact blocks;
+    in :func:`sum_dtype`.
     """
-    scores = (r @ h.transpose(-1, -2)) / math.sqrt(r.shape[-1])
+    up = sum_dtype(r.dtype)
+    scores = (r.to(up) @ h.to(up).transpose(-1, -2)) / math.sqrt(r.shape[-1])
     allowed = allowed.expand_as(scores)
     any_allowed = allowed.any(-1, keepdim=True)
     alpha = torch.softmax(scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_allowed, 0.0), dim=-1) * allowed

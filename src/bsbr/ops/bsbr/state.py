@@ -9,6 +9,7 @@ from .inputs import BSBRArgs
 from .options import BSBROptions
 from .recall import RecallCache
 from .retrieval import state_weights
+from .softmax import sum_dtype
 
 
 def tracked(inputs) -> bool:
@@ -21,7 +22,10 @@ def tracked(inputs) -> bool:
 class BSBRState:
     """Streaming state of one BSBR attention for a batch; each sequence has its own position. What
     it holds, per option, is docs/design.md, section 8; the fields below say each array's shape.
-    Chunk states have feature size 0 (so are empty) when the layer's chunk-state gate is closed.
+    Chunk states have feature size 0 (so are empty) when the layer's chunk-state gate is closed. The
+    chunk states, meta vectors and state weights (``F_*``, ``z_*``, ``mk_sum``, ``mq_sum``, ``r_cur``,
+    ``h_past``, ``w_cur``, ``S_cur``, ``zS_cur``) are kept in :func:`sum_dtype` (float32 for bfloat16
+    inputs), the keys and values in the inputs' dtype.
     """
 
     options: BSBROptions
@@ -72,6 +76,9 @@ class BSBRState:
         def z(*s):
             return torch.zeros(*s, dtype=like.dtype, device=like.device)
 
+        def zs(*s):  # a sum's
+            return torch.zeros(*s, dtype=sum_dtype(like.dtype), device=like.device)
+
         b, hq, hkv, d, dv, df = a.batch, a.q_heads, a.kv_heads, a.head_dim, a.value_dim, a.feature_dim
         Bk = options.chunk_size if options.retrieval_blocks else 0
         Bo, So = (Bk, options.sink_tokens) if options.own_position_chunks else (0, 0)
@@ -83,9 +90,9 @@ class BSBRState:
             options=options, n_seen=torch.zeros(b, dtype=torch.long, device=like.device),
             k_buf=z(b, hkv, options.window, d), v_buf=z(b, hkv, options.window, dv),
             k_sink=z(b, hkv, options.sink_tokens, d), v_sink=z(b, hkv, options.sink_tokens, dv),
-            F_cur=z(b, hkv, dfc, dv), z_cur=z(b, hkv, dfc), mk_sum=z(b, hkv, a.meta_in), mq_sum=z(b, hq, a.meta_in),
-            r_cur=z(b, hq, a.meta_dim), F_past=z(b, hkv, 0, df, dv), z_past=z(b, hkv, 0, df),
-            h_past=z(b, hkv, 0, a.meta_dim), w_cur=z(b, hq, 0), S_cur=z(b, hq, dfc, dv), zS_cur=z(b, hq, dfc),
+            F_cur=zs(b, hkv, dfc, dv), z_cur=zs(b, hkv, dfc), mk_sum=zs(b, hkv, a.meta_in), mq_sum=zs(b, hq, a.meta_in),
+            r_cur=zs(b, hq, a.meta_dim), F_past=zs(b, hkv, 0, df, dv), z_past=zs(b, hkv, 0, df),
+            h_past=zs(b, hkv, 0, a.meta_dim), w_cur=zs(b, hq, 0), S_cur=zs(b, hq, dfc, dv), zS_cur=zs(b, hq, dfc),
             kr_cur=z(b, hkv, Bk, d), kr_past=z(b, hkv, 0, Bk, d), v_past=z(b, hkv, 0, Bk, dv),
             k_sink_own=z(b, hkv, So, d), k_past=z(b, hkv, 0, Bo, d),
             kr_ring=z(b, hkv, Wr, d), fk_ring=z(b, hkv, Wr, df),
