@@ -507,6 +507,19 @@ def test_bfloat16_gist_is_as_close_as_the_reference(retrieval, blocks):
         err = (o.double() - ref).abs().max().item() / size
         assert err < 0.02, (name, err)  # (0.002 to 0.008 measured)
     assert state.S_cur.dtype == state.F_past.dtype == torch.float32 and state.k_buf.dtype == torch.bfloat16
+    # and the gradient of fq, whose read-outs the gist subtracts (the chunked and reference forms cast fq per
+    # read-out, so its gradients were summed in bfloat16: 0.04 to 0.32 and 0.18 to 0.22 of the largest gradient
+    # away)
+    grads = {}
+    for fn, dtype in ((naive_bsbr_attention, torch.float64), (naive_bsbr_attention, torch.bfloat16),
+                      (chunk_bsbr_attention, torch.bfloat16), (recurrent_bsbr_attention, torch.bfloat16)):
+        y = dict({name: t.to(dtype) for name, t in x.items()}, fq=x["fq"].to(dtype).detach().requires_grad_())
+        call(fn, y, **kw).sum().backward()
+        grads[fn.__name__, dtype] = y["fq"].grad.double()
+    ref = grads.pop((naive_bsbr_attention.__name__, torch.float64))
+    for name, grad in grads.items():
+        err = (grad - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 0.03, (name, err)  # (0.002 to 0.005 measured)
 
 
 def with_far_keys(x, seed=7):

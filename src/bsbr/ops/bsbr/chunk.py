@@ -62,8 +62,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         return q.new_zeros(b, hq, n, a.value_dim), (BSBRState.empty(a, options, q) if output_final_state else None)
     if n < B and not output_final_state:  # one chunk, partial: every token reads the others in its window alone,
         # so a chunk of n tokens gives the same outputs without padding n to B (which cost O(B) time and memory)
-        options = dataclasses.replace(options, chunk_size=n)
-        B = n
+        options, B = dataclasses.replace(options, chunk_size=n), n
     x, order, lengths = _chunked_tokens((q, k, v, mq, mk, fq, fk, qr, kr), valid, B)
     q, k, v, mq, mk, fq, fk, qr, kr = x
     C = q.shape[2] // B
@@ -84,6 +83,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         parts.append(part)
     else:
         # the chunk states: read unless the gate is closed, kept for the streaming state
+        fq = fq.to(sum_dtype(fq.dtype))  # (cast once: the gist's read-outs cancel, and so do their gradients)
         saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k, weights=not closed) \
             if not closed or output_final_state else {}
         if dense:
@@ -206,14 +206,14 @@ def _sink_chunks_gist(fq, saved, tok_valid, options):
 
 def _read_states(fq, F, z, w, retrieval):
     """Every token's read-out of the chunk states with its chunk's weights: fq (b, hq, N, df), F (b, hkv,
-    C, df, dv), z (b, hkv, C, df), w (b, hkv, g, C, C) -> num (b, hq, N, dv), den (b, hq, N) or None, in
-    F's dtype."""
+    C, df, dv), z (b, hkv, C, df), w (b, hkv, g, C, C), all in sum_dtype -> num (b, hq, N, dv), den (b, hq, N)
+    or None."""
     b, hkv, C, df, dv = F.shape
     hq, N = fq.shape[1], fq.shape[2]
     g = hq // hkv
     S_ = (w @ F.view(b, hkv, 1, C, df * dv)).view(b, hkv, g, C, df, dv)
     zS = w @ z.view(b, hkv, 1, C, df)  # (b, hkv, g, C, df)
-    fq_c = fq.view(b, hkv, g, C, N // C, df).to(F.dtype)
+    fq_c = fq.view(b, hkv, g, C, N // C, df)
     num = (fq_c @ S_).view(b, hq, N, dv)
     den = (fq_c @ zS.unsqueeze(-1)).view(b, hq, N) if retrieval == "normalized" else None
     return num, den
@@ -425,7 +425,7 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     v_g = v_f.flatten(0, 1).unbind(0)  # (B, dv) per (sequence x head, chunk)
     state = w_sel is not None
     if state:
-        fq_g = fq.flatten(0, -2).index_select(0, q_row[at]).to(F.dtype).split(sizes)  # (flatten: a feature size 0 too)
+        fq_g = fq.flatten(0, -2).index_select(0, q_row[at]).split(sizes)  # (flatten: a feature size 0 too)
         F_g, z_g = F.flatten(0, 2).unbind(0), z.flatten(0, 2).unbind(0)
         w_p = w_sel.permute(0, 1, 3, 2, 4).reshape(-1)[pairs]
     groups, lses = [], []

@@ -83,8 +83,9 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         w_tok = w[:, chunk] * ~selected  # (h, n, C)
         if K:  # the gist: renormalised over the chunks a token does not read exactly
             w_tok = w_tok / w_tok.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)
-        num = torch.einsum("htf,htc,hcfv->htv", fqb.to(up), w_tok, F)
-        den = torch.einsum("htf,htc,hcf->ht", fqb.to(up), w_tok, z) if options.retrieval == "normalized" else None
+        fqu = fqb.to(up)  # (cast once: the gradients of num and den, which cancel, are then summed in sum_dtype)
+        num = torch.einsum("htf,htc,hcfv->htv", fqu, w_tok, F)
+        den = torch.einsum("htf,htc,hcf->ht", fqu, w_tok, z) if options.retrieval == "normalized" else None
         out[b][:, keep] = combine(A, num, den, gates.to(up), options.retrieval).to(q.dtype)
     return out, None
 
