@@ -351,7 +351,11 @@ def test_a_cache_continued_across_autocast_says_so(model):
         half(ids[:, :1], cache=cache)
     with pytest.raises(ValueError, match="cache holds") as refused:  # no autocast anywhere: not named
         half.double()(ids[:, :1], cache=cache)
-    assert "autocast" not in str(refused.value)
+    assert "autocast" not in str(refused.value) and "cast the model before the prefill)" in str(refused.value)
+    # a float32 cache continued by the model cast to bfloat16 was told only about autocast
+    cache = model(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match=r"cast the model before the prefill; one built under torch.autocast"):
+        copy.deepcopy(model).to(torch.bfloat16)(ids[:, :1], cache=cache)
 
 
 def test_bad_position_ids_are_one_clear_error():
