@@ -1066,6 +1066,30 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
         assert "generation_config.json cannot be used" in line and "fix or delete it" in line, (bad, line)
 
 
+def test_generate_greedy_is_plain_greedy_and_bad_decoding_settings_name_the_file(models, tmp_path, capsys):
+    # --temperature 0 ("greedy") ran beam search or penalised decoding where generation_config.json asked for it,
+    # and a penalty or top-k transformers refuses only inside generate() was reported in its words, no file named
+    _, converted, _ = models
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    plain = _greedy(converted, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), 8)
+    beams = copy_source(converted, tmp_path / "beams")
+    settings = json.loads((beams / "generation_config.json").read_text()) \
+        if (beams / "generation_config.json").is_file() else {}
+    (beams / "generation_config.json").write_text(json.dumps(dict(settings, num_beams=3, repetition_penalty=1.5)))
+    assert _greedy(beams, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), 8) != plain  # (what it is about)
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(beams).decode(ids[0])
+    capsys.readouterr()
+    assert main(["generate", str(beams), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip().endswith(plain.strip())
+    for bad in (dict(repetition_penalty=0), dict(top_k=-3, do_sample=True)):
+        (beams / "generation_config.json").write_text(json.dumps(dict(settings, **bad)))
+        line = refused(capsys, ["generate", beams, "--prompt", prompt, "--temperature", "0.7", "--seed", "1"],
+                       "generate")
+        assert f"MODEL_DIR {beams}: generation_config.json cannot be used" in line and "fix or delete it" in line, line
+
+
 def test_generate_prints_the_prompt_as_given_and_samples_with_the_models_settings(models, tmp_path, capsys):
     # the printed prompt was the tokenizer's round trip (a word it does not know vanished); sampling dropped the
     # model's own top_k / top_p, so --temperature T was not what generate(do_sample=True, temperature=T) gives

@@ -337,6 +337,14 @@ def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
                         "delete it") from None
 
 
+def _raised_by_generation(e: BaseException) -> bool:
+    """Whether ``e`` was raised by transformers' generation code (its decoding settings), not by the model."""
+    tb, where = e.__traceback__, ""
+    while tb is not None:
+        where, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return Path(where).parent.name == "generation" and Path(where).parent.parent.name == "transformers"
+
+
 def cmd_generate(args) -> int:
     from ..errors import UserError
 
@@ -395,19 +403,27 @@ def cmd_generate(args) -> int:
                                               n + args.max_new_tokens - 1, fix)])
     model = load_bsbr_model(path)
     check_tokenizer_fits(tok, model.config.vocab_size, f"MODEL_DIR {path}")
-    # greedy, or sampling at --temperature with the model's own settings (top-k, top-p), as generate() samples
-    how = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    how.update(num_return_sequences=1)  # (one text is printed, whatever generation_config.json says)
+    from ..evaluate.passkey import GREEDY
+
+    # plain greedy (generation_config.json's beams and penalties left out), or sampling at --temperature with the
+    # model's own settings (top-k, top-p, penalties) as generate() samples; one beam and one text either way
+    how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1) \
+        if args.temperature > 0 else dict(GREEDY, temperature=None)
     t0 = time.perf_counter()
     # (--seed leaves the caller's generator as it was; seeded runs in threads one at a time: they share it)
     with _SEEDED if args.seed is not None else contextlib.nullcontext(), torch.no_grad(), \
             torch.random.fork_rng(devices=[]):
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,
-                             return_dict_in_generate=False,  # (whatever generation_config.json says)
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        try:
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,
+                                 return_dict_in_generate=False,  # (whatever generation_config.json says)
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        except (ValueError, TypeError) as e:  # a value of generation_config.json's that transformers checks only here
+            if not ((path / "generation_config.json").is_file() and _raised_by_generation(e)):
+                raise
+            why = " ".join(str(e).split())[:200]
+            raise UserError(f"MODEL_DIR {path}: generation_config.json cannot be used ({why}): fix or delete it") from None
     dt = time.perf_counter() - t0
     new = out[0, n:]
     if args.chat:  # the reply alone
@@ -458,8 +474,9 @@ def register(sub) -> None:
                                                        "(instruct models); only the reply is printed")
     g.add_argument("--max-new-tokens", type=integer(), default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=finite_number(), default=0.0,
-                   help="0 = greedy (default); above 0, sampling at this temperature with the model's own "
-                        "generation settings (top-k, top-p), as generate() samples")
+                   help="0 = greedy (default: the likeliest token each step; generation_config.json's beams and "
+                        "penalties are not applied); above 0, sampling at this temperature with the model's own "
+                        "generation settings (top-k, top-p, penalties), as generate() samples")
     g.add_argument("--seed", type=integer(*SEED_RANGE), default=None,
                    help="the sampling's seed: the same seed, model and prompt give the same text (default: none, "
                         "each run samples anew)")
