@@ -423,7 +423,8 @@ def cmd_generate(args) -> int:
             if not ((path / "generation_config.json").is_file() and _raised_by_generation(e)):
                 raise
             why = " ".join(str(e).split())[:200]
-            raise UserError(f"MODEL_DIR {path}: generation_config.json cannot be used ({why}): fix or delete it") from None
+            raise UserError(f"MODEL_DIR {path}: generation_config.json cannot be used ({why}): fix or delete "
+                            "it") from None
     dt = time.perf_counter() - t0
     new = out[0, n:]
     if args.chat:  # the reply alone
