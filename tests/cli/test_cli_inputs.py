@@ -192,6 +192,22 @@ def test_a_compression_factor_the_source_heads_do_not_fit_is_refused_before_load
     assert "cannot be converted: GPT-2 sources with scale_attn_by_inverse_layer_idx=True are not supported" in line
 
 
+@pytest.mark.parametrize("field", ["head_dim", "num_key_value_heads"])
+def test_a_source_config_field_of_zero_is_refused_by_name(field, models, tmp_path, capsys):
+    # a 0 was read as "not given" (``or``): the check saw hidden_size // heads and passed, and transformers then
+    # failed deep in building the model ("internal error ZeroDivisionError")
+    from model_sources import make_source
+
+    make_source("llama").save_pretrained(tmp_path / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the source's tokenizer
+        if (models[0] / name).exists():
+            shutil.copy(models[0] / name, tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps(dict(config, **{field: 0})))
+    line = refused(capsys, ["convert", tmp_path / "src", tmp_path / "out"], "convert")
+    assert f"cannot be converted: {field} must be an int >= 1, got 0" in line, line
+
+
 def test_options_cap_what_is_allocated_whole():
     with pytest.raises(ValueError, match="chunk_size must be at most"):
         BSBROptions(chunk_size=1 << 21)

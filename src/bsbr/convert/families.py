@@ -45,6 +45,13 @@ def _gpt2_config(c) -> dict:
     )
 
 
+def _given(c, name: str, default):
+    """The config's ``name``, or ``default()`` where it has none (None): a 0 is given, and refused by the BSBR
+    config's checks (``or`` read it as none, and the model was built with the other value)."""
+    value = getattr(c, name, None)
+    return default() if value is None else value
+
+
 def _llama_like_config(c) -> dict:
     rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(c, "rope_theta", 10000.0)}
     if getattr(c, "partial_rotary_factor", 1.0) not in (None, 1.0):
@@ -57,8 +64,8 @@ def _llama_like_config(c) -> dict:
     return dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        num_key_value_heads=_given(c, "num_key_value_heads", lambda: c.num_attention_heads),
+        head_dim=_given(c, "head_dim", lambda: c.hidden_size // c.num_attention_heads),
         hidden_act=c.hidden_act, mlp_type="gated", norm_type="rmsnorm", norm_eps=c.rms_norm_eps,
         position_type="rope", max_position_embeddings=c.max_position_embeddings, rope_parameters=dict(rope),
         attention_bias=qkv_bias, attention_out_bias=out_bias, mlp_bias=llama and bool(getattr(c, "mlp_bias", False)),
