@@ -54,7 +54,11 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
                                     else f"{path} is not a model directory (no config.json)")
         refuse_pickled_weights(path)
         _refuse_weights_it_cannot_convert(path)
-        model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
+        try:
+            model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
+        except Exception:  # a float4 weight fails inside transformers on a shape: a weight that is no float is why
+            refuse_non_float_weights(path)
+            raise
         loaded = set(model.state_dict())  # (what it loaded was cast into the float model; older files name the
         prefix = f"{model.base_model_prefix}."  # base model's weights without its prefix, as GPT-2's h.0...)
         refuse_non_float_weights(path, loaded | {n.removeprefix(prefix) for n in loaded})
