@@ -608,6 +608,8 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
                             f"{what} describes{asked}: check its sizes (vocab_size, hidden_size, "
                             "num_hidden_layers, positions)") from e
         if not isinstance(e, (OSError, ValueError)) and type(e).__name__ != "SafetensorError":
+            if local:  # a file or config transformers fails on in its own words (a validation error, a division)
+                _refuse_broken_source(source, option, e, model=True)
             raise
         why = " ".join(str(e).split()).removeprefix(f"{source}: ")  # (load_source's own refusals name it)
         if why.startswith("Unrecognized configuration class"):
@@ -633,6 +635,43 @@ def _not_on_the_hub(option: str, source, why: str) -> UserError:
                      "name, or the network")
 
 
+def _refuse_broken_source(source, option: str, e: Exception, model: bool = False) -> None:
+    """Where loading the local ``source`` (or its tokenizer) raised ``e``: a :class:`UserError` naming ``option``
+    when its GGUF file cannot be read or is of a family bsbr does not convert, or its config.json is not a valid
+    model config (transformers' checks; with ``model``, also the sizes bsbr checks of a family it converts);
+    else nothing."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.suffix == ".gguf" and path.is_file():
+        try:  # a file cut short (a download that stopped) fails here
+            from gguf import GGUFReader
+
+            field = GGUFReader(path).fields.get("general.architecture")
+        except Exception as bad:
+            raise UserError(f"{option} {source}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); "
+                            "it may be cut short: download it again") from bad
+        from .convert.families import SUPPORTED_MODEL_TYPES
+
+        arch = None if field is None else bytes(field.parts[field.data[0]]).decode(errors="replace")
+        if arch and arch not in SUPPORTED_MODEL_TYPES:  # (transformers' words: a tokenizer it cannot read)
+            raise UserError(f"{option} {source} is a {arch!r} model: bsbr converts "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs") from e
+    if not path.is_dir():
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        if model:
+            from .convert.converter import TransformerToBSBRConverter
+            from .convert.families import SUPPORTED_MODEL_TYPES
+
+            if config.model_type in SUPPORTED_MODEL_TYPES:  # (its sizes, as convert checks them)
+                TransformerToBSBRConverter().bsbr_config(config)
+    except Exception as bad:
+        raise UserError(f"{option} {source}: config.json is not a valid model config "
+                        f"({' '.join(str(bad).split())[:200]})") from bad
+
+
 def load_tokenizer_arg(source, option: str):
     """The tokenizer of a model argument, or a :class:`UserError` that says which argument lacks one."""
     from .convert.converter import load_tokenizer
@@ -644,33 +683,12 @@ def load_tokenizer_arg(source, option: str):
         why = " ".join(str(e).split())[:200]
         if source is not None and not Path(os.path.expanduser(str(source))).exists():  # a hub id, checked before
             raise _not_on_the_hub(option, source, why) from e
-        path = None if source is None else Path(os.path.expanduser(str(source)))
         if "trust_remote_code" in str(e):  # transformers' words for a tokenizer or config that is code of its own
             raise UserError(f"{option} {source}: its tokenizer or config is code of its own (an auto_map in "
                             "tokenizer_config.json or config.json), which bsbr never runs: save a standard "
                             "tokenizer beside the model (tokenizer.json)") from e
-        if path is not None and path.suffix == ".gguf" and path.is_file():
-            try:  # a file cut short (a download that stopped) fails here, before any tokenizer is read
-                from gguf import GGUFReader
-
-                field = GGUFReader(path).fields.get("general.architecture")
-            except Exception as bad:
-                raise UserError(f"{option} {source}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); "
-                                "it may be cut short: download it again") from bad
-            from .convert.families import SUPPORTED_MODEL_TYPES
-
-            arch = None if field is None else bytes(field.parts[field.data[0]]).decode(errors="replace")
-            if arch and arch not in SUPPORTED_MODEL_TYPES:  # (transformers' words: a tokenizer it cannot read)
-                raise UserError(f"{option} {source} is a {arch!r} model: bsbr converts "
-                                f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs") from e
-        if path is not None and path.is_dir():
-            from transformers import AutoConfig
-
-            try:  # the tokenizer reads config.json: a broken one is the model's fault, not the tokenizer's
-                AutoConfig.from_pretrained(os.path.expanduser(str(source)), trust_remote_code=False)
-            except Exception as bad:
-                raise UserError(f"{option} {source}: config.json is not a valid model config "
-                                f"({' '.join(str(bad).split())[:200]})") from bad
+        if source is not None:  # the tokenizer reads config.json: a broken one is the model's fault, not its
+            _refuse_broken_source(source, option, e)
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({why}): "
                         f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
     if tok is None or isinstance(tok, bool):

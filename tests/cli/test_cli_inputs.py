@@ -208,6 +208,29 @@ def test_a_source_config_field_of_zero_is_refused_by_name(field, models, tmp_pat
     assert f"cannot be converted: {field} must be an int >= 1, got 0" in line, line
 
 
+@pytest.mark.parametrize("broken", [dict(hidden_size=50), dict(num_attention_heads=0), dict(intermediate_size=-5),
+                                    "cut.gguf"], ids=["heads", "zero-heads", "negative", "gguf"])
+def test_a_broken_reference_is_refused_in_one_line_as_convert_refuses_it(broken, models, text, tmp_path, capsys):
+    # eval --reference (as distill --teacher and bench converted SOURCE) ended in "internal error" on a config.json
+    # transformers' own checks refuse or a GGUF file cut short: convert loads the tokenizer first, which said why
+    from bsbr.convert.defaults import default_source_path
+
+    source, converted, _ = models
+    if isinstance(broken, dict):
+        ref = copy_source(source, tmp_path / "ref")
+        config = json.loads((ref / "config.json").read_text())
+        (ref / "config.json").write_text(json.dumps(dict(config, **broken)))
+        why = "config.json is not a valid model config"
+    else:
+        ref = tmp_path / broken
+        with open(default_source_path(), "rb") as f:
+            ref.write_bytes(f.read(2000))
+        why = "not a readable GGUF file"
+    line = refused(capsys, ["eval", converted, "--reference", ref, "--force", "--no-passkey", "--text-file", text,
+                            "--seq-len", "64"], "eval")
+    assert f"--reference {ref}: {why}" in line, line
+
+
 def test_options_cap_what_is_allocated_whole():
     with pytest.raises(ValueError, match="chunk_size must be at most"):
         BSBROptions(chunk_size=1 << 21)
