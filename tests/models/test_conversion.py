@@ -1,5 +1,6 @@
 """Conversion copies every weight: inside one chunk a converted model *is* its source."""
 import json
+import re
 
 import pytest
 import torch
@@ -462,6 +463,35 @@ def test_the_source_generation_config_is_carried_over(tmp_path):
         assert got.tolist() == want.tolist()
         stops += want.shape[1] < 46
     assert stops  # some prompt stopped early on a stop token
+
+
+def test_a_source_of_no_float_weights_nan_or_adapters_is_refused_in_one_line():
+    # (a dynamically quantized source or a module's extra state: "'torch.dtype' object has no attribute 'is_meta'";
+    # nan in an instance converted and saved a checkpoint its own loader refused; peft adapters: "config mismatch?")
+    import peft
+
+    quantized = torch.ao.quantization.quantize_dynamic(make_source("llama"), {torch.nn.Linear}, dtype=torch.qint8)
+
+    class Tagged(torch.nn.Module):
+        def get_extra_state(self):
+            return {"note": 1}
+
+        def set_extra_state(self, state):
+            pass
+    tagged = make_source("llama")
+    tagged.tag = Tagged()
+    nan = make_source("llama")
+    with torch.no_grad():
+        nan.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    lora = peft.get_peft_model(make_source("llama"), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"],
+                                                                     r=2))
+    for source, words in ((quantized, "which is no float weight (a quantized module"), (tagged, "'tag._extra_state'"),
+                          (nan, "'model.layers.0.self_attn.q_proj.weight' holds nan or inf"),
+                          (lora.base_model.model, "the source carries peft adapters"),
+                          (lora, "source is a peft model: merge its adapters")):
+        with pytest.raises((ValueError, TypeError), match=re.escape(words)) as e:
+            convert_to_bsbr(source, chunk_size=8)
+        assert "\n" not in str(e.value)
 
 
 def test_a_source_on_the_meta_device_is_refused_in_one_line():

@@ -41,6 +41,9 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         return source
     if source is None:
         source = default_source_path()
+    if hasattr(source, "merge_and_unload"):  # a peft model (its base model is the transformers one)
+        raise TypeError("source is a peft model: merge its adapters (source.merge_and_unload()), then convert the "
+                        "model that returns")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a transformers model, a path or a hub id, got {type(source).__name__}")
     path = Path(source)
@@ -220,6 +223,14 @@ class TransformerToBSBRConverter:
         mt = config.source_model_type
         family = FAMILIES[mt]
         sd = src.state_dict()
+        odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor) or v.is_quantized), None)
+        if odd is not None:  # (torch's dynamic quantization keeps packed params; a module's extra state, a dict)
+            raise SourceWeightsError(f"the source's state holds {odd!r}, which is no float weight (a quantized module "
+                                     "or a module's extra state): convert the float model")
+        adapter = next((k for k in sd if ".lora_" in k or ".base_layer." in k), None)
+        if adapter is not None:
+            raise SourceWeightsError(f"the source carries peft adapters ({adapter!r}): merge them into it "
+                                     "(merge_and_unload()), then convert the model that returns")
         meta = next((k for k, v in sd.items() if v.is_meta), None)
         if meta is not None:  # (built with init_empty_weights, or offloaded by accelerate: nothing to copy)
             raise SourceWeightsError(f"the source's weight {meta!r} is on the meta device, with no values to copy: "
@@ -260,6 +271,9 @@ class TransformerToBSBRConverter:
             if tuple(w.shape) != tuple(target[tkey].shape):
                 raise SourceWeightsError(f"shape mismatch for {tkey!r}: source {skey!r} gives {tuple(w.shape)}, "
                                  f"BSBR expects {tuple(target[tkey].shape)}")
+            if not bool(torch.isfinite(w).all()):  # (a loaded source is checked as it loads; an instance here)
+                raise SourceWeightsError(f"the source's weight {skey!r} holds nan or inf: the converted model would "
+                                         "too, and its checkpoint would not load")
             filled[tkey] = w.detach().to(torch.float32).clone()
         # a bias like GPT-2's fused c_attn.bias is used by three rules: count by key
         unused = [k for k in sd if k not in used and not k.endswith(family.ignored_suffixes)]
