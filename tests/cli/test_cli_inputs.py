@@ -1274,6 +1274,14 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert f"weight {four} is F4, a scaled float format" in line, line
     save_file(weights, d / "model.safetensors")
+    # a load that failed for its own reason was blamed on an integer file beside the weights, which is never read
+    save_file({"step": torch.tensor([3])}, d / "training_state.safetensors")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert "do not fit its config.json" in line and "training_state" not in line, line
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "training_state.safetensors").unlink()
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)

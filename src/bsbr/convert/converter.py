@@ -59,8 +59,13 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         _refuse_weights_it_cannot_convert(path)
         try:
             model = _load_complete(str(path), str(path), dtype=dtype, use_safetensors=True)
-        except Exception:  # a float4 weight fails inside transformers on a shape: a weight that is no float is why
-            refuse_non_float_weights(path)
+        except Exception as e:  # a float4 weight fails inside transformers on a shape: name it
+            try:
+                refuse_non_float_weights(path, scaled_only=True)
+            except ValueError as scaled:
+                raise scaled from e
+            except Exception:  # (a file it cannot read: the load's own error says more)
+                pass
             raise
         loaded = set(model.state_dict())  # (what it loaded was cast into the float model; older files name the
         prefix = f"{model.base_model_prefix}."  # base model's weights without its prefix, as GPT-2's h.0...)

@@ -358,15 +358,16 @@ def refuse_other_model_type(path: Path) -> None:
                          f"its family (bsbr convert {command_path(path)} OUT, or bsbr.convert_to_bsbr)")
 
 
-def refuse_non_float_weights(path: Path, names=None) -> None:
+def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False) -> None:
     """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
     not float16/32/64 or bfloat16 (an integer, bool or scaled float8/float4 tensor would be cast silently into a
-    float parameter). ``names``: only these weights (those a model loaded), from the files it reads."""
+    float parameter). ``names``: only these weights (those a model loaded), from the files it reads;
+    ``scaled_only``: only scaled float weights (float4 fails to load at all), from the files it reads."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     index = path / "model.safetensors.index.json"
-    if names is not None:  # (as transformers reads them: model.safetensors, else the index's shards)
+    if names is not None or scaled_only:  # (as transformers reads them: model.safetensors, else the index's shards)
         files = [f for f in files if f.name == "model.safetensors"]
         if not files and index.is_file():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -375,7 +376,7 @@ def refuse_non_float_weights(path: Path, names=None) -> None:
         with safe_open(str(f), "pt") as st:
             for name in st.keys() if names is None else set(st.keys()) & set(names):
                 dtype = st.get_slice(name).get_dtype()
-                if dtype not in ("F16", "F32", "F64", "BF16"):
+                if dtype not in ("F16", "F32", "F64", "BF16") and (dtype.startswith("F") or not scaled_only):
                     kind = "a scaled float format" if dtype.startswith("F") else "not floating point"
                     raise ValueError(f"{f}: weight {name} is {dtype}, {kind} (a quantized or edited checkpoint?): "
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
