@@ -1114,8 +1114,10 @@ def test_generate_greedy_is_plain_greedy_and_bad_decoding_settings_name_the_file
     beams = copy_source(converted, tmp_path / "beams")
     settings = json.loads((beams / "generation_config.json").read_text()) \
         if (beams / "generation_config.json").is_file() else {}
-    (beams / "generation_config.json").write_text(json.dumps(dict(settings, num_beams=3, repetition_penalty=1.5)))
+    asked = dict(settings, num_beams=3, repetition_penalty=1.5, encoder_repetition_penalty=3.0)
+    (beams / "generation_config.json").write_text(json.dumps(asked))
     assert _greedy(beams, dict(input_ids=ids, attention_mask=torch.ones_like(ids)), 8) != plain  # (what it is about)
+    (beams / "generation_config.json").write_text(json.dumps(dict(asked, token_healing=True)))  # (needs a pad id)
     from transformers import AutoTokenizer
 
     prompt = AutoTokenizer.from_pretrained(beams).decode(ids[0])

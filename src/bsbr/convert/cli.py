@@ -406,8 +406,9 @@ def cmd_generate(args) -> int:
     from ..evaluate.passkey import GREEDY
 
     # plain greedy (generation_config.json's beams and penalties left out), or sampling at --temperature with the
-    # model's own settings (top-k, top-p, penalties) as generate() samples; one beam and one text either way
-    how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1) \
+    # model's own settings (top-k, top-p, penalties) as generate() samples; one beam and one text either way, and
+    # the prompt continued as given (token healing would rewrite its last tokens)
+    how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1, token_healing=False) \
         if args.temperature > 0 else dict(GREEDY, temperature=None)
     t0 = time.perf_counter()
     # (--seed leaves the caller's generator as it was; seeded runs in threads one at a time: they share it)

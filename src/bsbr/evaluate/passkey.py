@@ -174,7 +174,8 @@ GREEDY = dict(do_sample=False, num_beams=1, top_p=None, top_k=None, repetition_p
               min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
               exponential_decay_length_penalty=None, guidance_scale=None, watermarking_config=None, stop_strings=None,
               max_time=None, num_return_sequences=1, prompt_lookup_num_tokens=None, assistant_early_exit=None,
-              dola_layers=None, penalty_alpha=None)
+              dola_layers=None, penalty_alpha=None, encoder_repetition_penalty=1.0, encoder_no_repeat_ngram_size=0,
+              token_healing=False)  # (the encoder_ ones read a decoder-only model's prompt as its encoder input)
 
 
 def greedy_continuation(model, input_ids: Sequence[int], max_new_tokens: int, pad_token_id: Optional[int]) -> List[int]:
