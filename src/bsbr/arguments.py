@@ -637,9 +637,9 @@ def _not_on_the_hub(option: str, source, why: str) -> UserError:
 
 def _refuse_broken_source(source, option: str, e: Exception, model: bool = False) -> None:
     """Where loading the local ``source`` (or its tokenizer) raised ``e``: a :class:`UserError` naming ``option``
-    when its GGUF file cannot be read or is of a family bsbr does not convert, or its config.json is not a valid
-    model config (transformers' checks; with ``model``, also the sizes bsbr checks of a family it converts);
-    else nothing."""
+    when its GGUF file cannot be read or is of a family bsbr does not convert, or its config (config.json, a
+    GGUF file's metadata) is not a valid model config (transformers' checks; with ``model``, also the sizes bsbr
+    checks of a family it converts); else nothing."""
     path = Path(os.path.expanduser(str(source)))
     if path.suffix == ".gguf" and path.is_file():
         try:  # a file cut short (a download that stopped) fails here
@@ -655,12 +655,14 @@ def _refuse_broken_source(source, option: str, e: Exception, model: bool = False
         if arch and arch not in SUPPORTED_MODEL_TYPES:  # (transformers' words: a tokenizer it cannot read)
             raise UserError(f"{option} {source} is a {arch!r} model: bsbr converts "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs") from e
-    if not path.is_dir():
+    elif not path.is_dir():
         return
     from transformers import AutoConfig
 
+    gguf = path.suffix == ".gguf" and path.is_file()
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name) if gguf else \
+            AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         if model:
             from .convert.converter import TransformerToBSBRConverter
             from .convert.families import SUPPORTED_MODEL_TYPES
@@ -668,8 +670,8 @@ def _refuse_broken_source(source, option: str, e: Exception, model: bool = False
             if config.model_type in SUPPORTED_MODEL_TYPES:  # (its sizes, as convert checks them)
                 TransformerToBSBRConverter().bsbr_config(config)
     except Exception as bad:
-        raise UserError(f"{option} {source}: config.json is not a valid model config "
-                        f"({' '.join(str(bad).split())[:200]})") from bad
+        raise UserError(f"{option} {source}: {'its metadata is' if gguf else 'config.json is'} not a valid model "
+                        f"config ({' '.join(str(bad).split())[:200]})") from bad
 
 
 def load_tokenizer_arg(source, option: str):

@@ -208,8 +208,33 @@ def test_a_source_config_field_of_zero_is_refused_by_name(field, models, tmp_pat
     assert f"cannot be converted: {field} must be an int >= 1, got 0" in line, line
 
 
+def _gguf_with(path, **changes):
+    """The bundled GGUF's metadata (no tensors) with ``changes`` (keys without the architecture's prefix)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from bsbr.convert.defaults import default_source_path
+
+    r = GGUFReader(default_source_path())
+    arch = bytes(r.fields["general.architecture"].parts[r.fields["general.architecture"].data[0]]).decode()
+    w = GGUFWriter(str(path), arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind, sub = f.types[0], f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+
+        def value(i, t):
+            return bytes(f.parts[i]).decode() if t == GGUFValueType.STRING else f.parts[i].tolist()[0]
+        val = [value(i, sub) for i in f.data] if sub is not None else value(f.data[0], kind)
+        w.add_key_value(name, changes.get(name.removeprefix(f"{arch}."), val), kind, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 @pytest.mark.parametrize("broken", [dict(hidden_size=50), dict(num_attention_heads=0), dict(intermediate_size=-5),
-                                    "cut.gguf"], ids=["heads", "zero-heads", "negative", "gguf"])
+                                    "cut.gguf", pytest.param("kv0.gguf", marks=pytest.mark.slow)],  # (12 s)
+                         ids=["heads", "zero-heads", "negative", "gguf", "gguf-kv0"])
 def test_a_broken_reference_is_refused_in_one_line_as_convert_refuses_it(broken, models, text, tmp_path, capsys):
     # eval --reference (as distill --teacher and bench converted SOURCE) ended in "internal error" on a config.json
     # transformers' own checks refuse or a GGUF file cut short: convert loads the tokenizer first, which said why
@@ -221,11 +246,15 @@ def test_a_broken_reference_is_refused_in_one_line_as_convert_refuses_it(broken,
         config = json.loads((ref / "config.json").read_text())
         (ref / "config.json").write_text(json.dumps(dict(config, **broken)))
         why = "config.json is not a valid model config"
-    else:
+    elif broken == "cut.gguf":
         ref = tmp_path / broken
         with open(default_source_path(), "rb") as f:
             ref.write_bytes(f.read(2000))
         why = "not a readable GGUF file"
+    else:  # a readable GGUF whose metadata gives 0 K/V heads: a division by zero building the model
+        ref = tmp_path / broken
+        _gguf_with(ref, **{"attention.head_count_kv": 0})
+        why = "its metadata is not a valid model config (num_key_value_heads must be an int >= 1, got 0)"
     line = refused(capsys, ["eval", converted, "--reference", ref, "--force", "--no-passkey", "--text-file", text,
                             "--seq-len", "64"], "eval")
     assert f"--reference {ref}: {why}" in line, line
