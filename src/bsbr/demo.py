@@ -60,8 +60,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     from .bench.converted import bench_converted, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
-    from .convert.cli import save_conversion
-    from .convert.converter import convert_to_bsbr
+    from .convert.cli import convert_source, save_conversion
     from .convert.defaults import resolve_options
     from .evaluate import evaluate_saved, summary_lines
     from .evaluate.saved import eval_windows
@@ -69,7 +68,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     from .evaluate.filler import default_fillers
     from .evaluate.passkey import check_prompt_lengths
     from .arguments import (check_model_tokenizer, check_positions, load_model_arg, load_tokenizer_arg,
-                            source_name, warn_past_rotary_positions)
+                            source_label, source_name, warn_past_rotary_positions)
 
     print(f"[1/3] converting {args.source or 'SmolLM2-135M-Instruct (bundled GGUF)'} "
           f"to BSBR (chunk {args.chunk_size}) ...", flush=True)
@@ -89,7 +88,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
                        for n in args.decode_contexts])
     warn_past_rotary_positions(source, "--source", [("--seq-len", args.seq_len)])  # (its perplexity: no bound there)
     options = dict(chunk_size=args.chunk_size, compression_factor=None, **resolve_options({}))
-    model = convert_to_bsbr(source, **options)
+    model = convert_source(source, options, f"--source {source_label(args.source)}")
     model_dir = out / "model"
     model_dir.mkdir()
     save_conversion(model_dir, model, tokenizer, args.source, source, options, final / "model", time.perf_counter() - t0)

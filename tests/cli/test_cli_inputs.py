@@ -409,6 +409,17 @@ def test_demo_names_its_source_when_it_has_no_tokenizer(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_names_its_source_when_the_converter_refuses_it(models, tmp_path, capsys):
+    # (it said "max_position_embeddings must be an int >= 1, got 0", naming neither --source nor the folder)
+    src = copy_source(models[0], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=0)))
+    line = refused(capsys, ["demo", "--source", src, "--output", tmp_path / "d", "--chunk-size", "8", "--seq-len", "64",
+                            "--max-windows", "1", "--no-passkey"], "demo")
+    assert f"--source {src} cannot be converted: max_position_embeddings must be" in line, line
+    assert not (tmp_path / "d").exists()
+
+
 def test_ctrl_c_while_the_parser_is_built_is_one_line(capsys, monkeypatch):
     def interrupted():
         raise KeyboardInterrupt
