@@ -240,3 +240,8 @@ def test_a_window_or_chunk_longer_than_the_sequence_costs_the_sequence_only():
     o, _ = chunk_linear_attention(q.exp(), k.exp(), v, chunk_size=huge)
     ref = naive_linear_attention(q.exp(), k.exp(), v)
     torch.testing.assert_close(o, ref[0] if isinstance(ref, tuple) else ref)
+    # (the delta rule padded to the chunk too: 3.3 GB for 10 tokens at chunk 8,192)
+    beta = torch.rand(2, 2, 12, generator=g, dtype=torch.float64)
+    o, _ = chunk_delta_rule(q, F.normalize(k, dim=-1), v, beta, chunk_size=huge)
+    ref = naive_delta_rule(q, F.normalize(k, dim=-1), v, beta)
+    torch.testing.assert_close(o, ref[0] if isinstance(ref, tuple) else ref)

@@ -44,7 +44,7 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     """
     (b, h, n, d, dv), scale, S = check_delta_inputs(q, k, v, beta, scale, initial_state)
     check_int("chunk_size", chunk_size)
-    B = chunk_size
+    B = max(1, min(chunk_size, n))  # (a chunk longer than the sequence: padding only, O(B^2) of it)
     C = max(1, -(-n // B))
     tail = C * B - n
     # padded tokens have k = 0 and beta = 0: they write nothing; their outputs are cut off
