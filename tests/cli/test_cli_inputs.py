@@ -420,6 +420,17 @@ def test_demo_names_its_source_when_the_converter_refuses_it(models, tmp_path, c
     assert not (tmp_path / "d").exists()
 
 
+def test_eval_names_a_reference_the_converter_refuses(models, text, tmp_path, capsys):
+    # (the chunk-local baselines are conversions of the reference: it said "max_position_embeddings must be an
+    # int >= 1, got 0", naming neither --reference nor the folder)
+    ref = copy_source(models[0], tmp_path / "ref")
+    config = json.loads((ref / "config.json").read_text())
+    (ref / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=0)))
+    line = refused(capsys, ["eval", models[1], "--reference", ref, "--force", "--no-passkey", "--text-file", text,
+                            "--seq-len", "64", "--max-windows", "1"], "eval")
+    assert f"--reference {ref} cannot be converted: max_position_embeddings must be" in line, line
+
+
 def test_ctrl_c_while_the_parser_is_built_is_one_line(capsys, monkeypatch):
     def interrupted():
         raise KeyboardInterrupt

@@ -485,7 +485,14 @@ def test_a_source_of_no_float_weights_nan_or_adapters_is_refused_in_one_line():
         nan.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
     lora = peft.get_peft_model(make_source("llama"), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"],
                                                                      r=2))
+    low = {}
+    for dtype in (torch.float8_e4m3fn, torch.int8):  # (float8: "isfinite not implemented"; int8 converted silently)
+        low[dtype] = make_source("llama")
+        q = low[dtype].model.layers[0].self_attn.q_proj
+        q.weight = torch.nn.Parameter(q.weight.data.to(dtype), requires_grad=False)
     for source, words in ((quantized, "which is no float weight (a quantized module"), (tagged, "'tag._extra_state'"),
+                          (low[torch.float8_e4m3fn], "q_proj.weight' is torch.float8_e4m3fn, not a float"),
+                          (low[torch.int8], "q_proj.weight' is torch.int8, not a float"),
                           (nan, "'model.layers.0.self_attn.q_proj.weight' holds nan or inf"),
                           (lora.base_model.model, "the source carries peft adapters"),
                           (lora, "source is a peft model: merge its adapters")):

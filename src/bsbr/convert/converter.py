@@ -272,6 +272,9 @@ class TransformerToBSBRConverter:
                 continue
             if tkey not in target:
                 raise SourceWeightsError(f"source weight {skey!r} has no place in the BSBR model ({tkey!r})")
+            if sd[skey].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise SourceWeightsError(f"the source's weight {skey!r} is {sd[skey].dtype}, not a float the converter "
+                                         "copies (a quantized or scaled float weight): convert the float model")
             w = sd[skey] if fn is None else fn(sd[skey])
             if tuple(w.shape) != tuple(target[tkey].shape):
                 raise SourceWeightsError(f"shape mismatch for {tkey!r}: source {skey!r} gives {tuple(w.shape)}, "

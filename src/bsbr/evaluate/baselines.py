@@ -73,6 +73,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
 
     from .. import __version__
     from ..arguments import load_model_arg, source_label, source_name, weights_fingerprint
+    from ..errors import UserError
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
@@ -90,10 +91,12 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
             check_reference(source)
         if "source" in wanted:
             models["source"] = source
-        if "local" in wanted:
-            models["local"] = local_baseline(source, chunk, like=model)
-        if "window" in wanted:
-            models["window"] = local_baseline(source, chunk, like=model, same_window=True)
+        for name, same_window in (("local", False), ("window", True)):
+            if name in wanted:
+                try:
+                    models[name] = local_baseline(source, chunk, like=model, same_window=same_window)
+                except ValueError as e:  # (a config the converter refuses: named as convert names its SOURCE)
+                    raise UserError(f"--reference {source_label(reference)} cannot be converted: {e}") from e
     check_unchanged(model_dir, before)
     # what identifies the run: the model's attention options and weights, the software, the machine
     options = ("local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "far_positions", "retrieval",
