@@ -83,7 +83,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         parts.append(part)
     else:
         # the chunk states: read unless the gate is closed, kept for the streaming state
-        fq = fq.to(sum_dtype(fq.dtype))  # (cast once: the gist's read-outs cancel, and so do their gradients)
+        fq = fq if closed else fq.to(sum_dtype(fq.dtype))  # (once: the gist's read-outs, and gradients, cancel)
         saved = _chunk_states(mq, mk, fk, v, tok_valid, options, meta_q, meta_k, weights=not closed) \
             if not closed or output_final_state else {}
         if dense:
