@@ -727,12 +727,15 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         got = (len(cache.states), int(cache.n_seen.shape[0]) if cache.states else None,
                cache.states[0].k_buf.dtype if cache.states else None)
         if got != (n_layers, batch, dtype):
-            amp = "" if got[2] is None or got[2] == dtype else (
-                " (under torch.autocast the op and its cache run in float32: build and continue a cache on the same "
-                "side of autocast)" if autocast_on(inputs_embeds.device.type) else
-                " (a cache continues in the dtype it was built in: cast the model before the prefill" + (
-                    "; one built under torch.autocast, where the op and its cache run in float32, continues under it)"
-                    if got[2] == torch.float32 and dtype in (torch.float16, torch.bfloat16) else ")"))
+            amp = ""  # why the dtypes differ
+            if got[2] is not None and got[2] != dtype and autocast_on(inputs_embeds.device.type):
+                amp = (" (under torch.autocast the op and its cache run in float32: build and continue a cache on the "
+                       "same side of autocast)")
+            elif got[2] is not None and got[2] != dtype:
+                built_under_autocast = got[2] == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+                amp = (" (a cache continues in the dtype it was built in: cast the model before the prefill" +
+                       ("; one built under torch.autocast, where the op and its cache run in float32, continues under "
+                        "it)" if built_under_autocast else ")"))
             raise ValueError(f"cache holds (layers, batch, dtype) = {got}, this call has {(n_layers, batch, dtype)}"
                              f"{amp}: "
                              "pass the cache this model returned for this batch, or start a new one (use_cache=True "

@@ -69,8 +69,9 @@ def naive_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
         A = _exact_softmax(qb, kb, qrb, krb, vb, win, far, scale, own)
         # 2. chunk states F_c = sum_{j in c} fk_j v_j^T, z_c = sum_{j in c} fk_j, in sum_dtype (as their weights)
         up = sum_dtype(q.dtype)
-        F = torch.einsum("cj,hjf,hjv->hcfv", onehot.to(up), fkb.to(up), vb.to(up))
-        z = torch.einsum("cj,hjf->hcf", onehot.to(up), fkb.to(up))
+        one_up, fk_up = onehot.to(up), fkb.to(up)
+        F = torch.einsum("cj,hjf,hjv->hcfv", one_up, fk_up, vb.to(up))
+        z = torch.einsum("cj,hjf->hcf", one_up, fk_up)
         # 3. meta-keys h_c = mean of mk over chunk c; meta-queries r_c = mean of mq over chunk c-1
         counts = onehot.sum(1)[:, None]
         h_meta = apply_meta(meta_k, (onehot @ mk[b][:, keep] / counts)[None])[0].repeat_interleave(g, dim=0)
