@@ -207,42 +207,58 @@ def test_rotary_tables_of_the_wrong_form_are_named():
         a.step(x[:, :1], None, position_embeddings=cos[:, :1])
 
 
-def test_a_freed_models_rotary_tables_are_not_kept_alive():
-    """The check kept the last tables that passed, so a freed model's forward at 32k tokens pinned 48 MiB."""
+def _freed_after(forward, tables_of):
+    """Whether the rotary tables one ``forward()`` made are freed once it returns."""
     import gc
     import weakref
 
+    held = []
+    tables_of(lambda out: held.append(weakref.ref(out[0])))
+    with torch.no_grad():
+        forward()
+    gc.collect()
+    return bool(held) and all(r() is None for r in held)
+
+
+def test_a_freed_models_rotary_tables_are_not_kept_alive():
+    """The check kept the last tables that passed, so a freed model's forward at 32k tokens pinned 48 MiB."""
     from model_sources import make_source
 
     from bsbr import convert_to_bsbr
-    from bsbr.layers import inputs
 
     model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
-    with torch.no_grad():
-        model(torch.tensor([[3, 4, 5, 6, 7, 8]]))
-    assert inputs._ROTARY_CHECKED == {}
-    held = []
-    model.model.rotary.register_forward_hook(lambda m, a, out: held.append(weakref.ref(out[0])))
-    with torch.no_grad():
-        model(torch.tensor([[3, 4, 5, 6, 7, 8]]))
-    gc.collect()
-    assert held and all(r() is None for r in held)
+    assert _freed_after(lambda: model(torch.tensor([[3, 4, 5, 6, 7, 8]])),
+                        lambda f: model.model.rotary.register_forward_hook(lambda m, a, out: f(out)))
 
 
 def test_native_models_keep_no_rotary_tables_either():
     """BSBRModel and the benchmarks' AttentionLM left their last tables behind (16.8 MB after a (8, 4096) forward
-    of a small BSBRModel). (Under torch.compile a model's last tables stay until its next forward: dropping them
-    while compiling, or not keeping them, made the compiled model recompile at every new length.)"""
+    of a small BSBRModel)."""
     from bsbr import BSBRModel
-    from bsbr.layers import inputs
     from bsbr.models.shell import AttentionLM
 
     ids = torch.randint(0, 50, (2, 24))
     for model in (BSBRModel(vocab_size=50, hidden_dim=32, num_layers=2, num_heads=4, chunk_size=8, ff_dim=64),
                   AttentionLM(50, 32, 2, 4, attention="bsbr", chunk_size=8)):
-        with torch.no_grad():
-            model(ids)
-        assert inputs._ROTARY_CHECKED == {}, type(model).__name__
+        assert _freed_after(lambda: model(ids), lambda f: model.rotary.register_forward_hook(lambda m, a, out: f(out))), \
+            type(model).__name__
+
+
+def test_a_stack_of_bare_layers_keeps_no_rotary_tables():
+    """A user's own stack of BSBRAttention layers: the check held its last tables until the next call (270 MB at
+    (8, 32k, 128))."""
+    import gc
+    import weakref
+
+    a = BSBRAttention(32, 4, 8, dropout=0.0)
+    x = torch.randn(2, 20, 32)
+    cos, sin = torch.randn(20, 8), torch.randn(20, 8)
+    a(x, position_embeddings=(cos, sin))
+    a(x, position_embeddings=(cos, sin))  # (the second call takes the checked path)
+    refs = [weakref.ref(cos), weakref.ref(sin)]
+    del cos, sin
+    gc.collect()
+    assert all(r() is None for r in refs)
 
 
 def test_a_list_of_tables_refilled_in_place_is_checked_again():

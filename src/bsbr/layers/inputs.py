@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Optional
 
 import torch
@@ -29,19 +30,12 @@ def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
     return mask_to_valid(attention_mask, hidden_states.shape[0], hidden_states.shape[1])
 
 
-_ROTARY_CHECKED: dict = {}  # name -> (the last tables that passed, what they were checked against)
+_ROTARY_CHECKED: dict = {}  # name -> (id of the last tables that passed, weak references to their tensors, key)
 
 
 def _immutable(tables, many: bool) -> bool:
     """Whether ``tables`` is tuples all the way to its tensors."""
     return type(tables) is tuple and (not many or all(type(pair) is tuple for pair in tables))
-
-
-def forget_checked_tables() -> None:
-    """Drop the tables :func:`check_rotary` remembers (a model's forward, once its layers have read them: a
-    freed model's last tables are not kept alive). Not while compiling, where the checks are traced."""
-    if not torch.compiler.is_compiling():
-        _ROTARY_CHECKED.clear()
 
 
 def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
@@ -50,30 +44,42 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
     queries (batch, heads, seq_len, head_dim), unless autocast is on."""
     autocast = not like.is_meta and torch.is_autocast_enabled(like.device.type)  # (then any dtype; none on meta)
     key = (like.shape, like.dtype, pairs, autocast)
-    last = _ROTARY_CHECKED.get(name)
-    if last is not None and last[0] is tables and last[1] == key and _immutable(tables, pairs != 1):
+    compiling = torch.compiler.is_compiling()  # (traced once per graph: no memory of earlier calls there)
+    last = None if compiling else _ROTARY_CHECKED.get(name)
+    if last is not None and last[0] == id(tables) and last[2] == key and _immutable(tables, pairs != 1) and \
+            _same(last[1], _tensors(tables, pairs != 1)):
         return  # a model's layers share a step's tables (a list refilled in place is checked again)
     batch, _, seq_len, head_dim = like.shape
     if head_dim % 2:
         raise ValueError(f"{name}: rotary positions rotate pairs of dimensions, and the head dim {head_dim} is odd: "
                          "give an even head_dim, or no rotary tables")
-    shape = f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({batch} or 1, {seq_len}, {head_dim})"
+    def shape():  # (formatted only to raise: a compiled model's sizes stay symbolic)
+        return f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({batch} or 1, {seq_len}, {head_dim})"
     many = pairs != 1
     if many and not (isinstance(tables, (tuple, list)) and len(tables) == pairs):
-        raise TypeError(f"{name} must be a tuple of {pairs} pairs of {shape}, got "
+        raise TypeError(f"{name} must be a tuple of {pairs} pairs of {shape()}, got "
                         f"{type(tables).__name__}{f' of {len(tables)}' if isinstance(tables, (tuple, list)) else ''}")
     for i, pair in enumerate(tables if many else [tables]):
         what = f"{name}[{i}]" if many else name
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
-            raise TypeError(f"{what} must be a pair of {shape}, got {type(pair).__name__}")
+            raise TypeError(f"{what} must be a pair of {shape()}, got {type(pair).__name__}")
         for t in pair:
             if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != (seq_len, head_dim) or \
                     (t.dim() == 3 and t.shape[0] not in (1, batch)) or not t.is_floating_point():
-                raise ValueError(f"{what} must be {shape}, got {tuple(t.shape)} {t.dtype}")
+                raise ValueError(f"{what} must be {shape()}, got {tuple(t.shape)} {t.dtype}")
             if t.dtype != like.dtype and not autocast:
                 raise TypeError(f"{what} are {t.dtype}, the layer's queries {like.dtype}: give the tables in "
                                 f"{like.dtype}")
-    _ROTARY_CHECKED[name] = (tables, key)
+    if not compiling:  # (weakly: a stack of bare layers does not keep its last tables alive)
+        _ROTARY_CHECKED[name] = (id(tables), [weakref.ref(t) for t in _tensors(tables, many)], key)
+
+
+def _same(refs, tensors) -> bool:
+    return len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
+
+
+def _tensors(tables, many: bool) -> list:
+    return [t for pair in (tables if many else [tables]) for t in pair]
 
 
 def check_dropout(dropout) -> float:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..layers.bsbr_attention import BSBRAttention, refuse_own_position_chunks
 from ..ops.checks import check_int
-from ..layers.inputs import check_input_ids, forget_checked_tables, token_positions
+from ..layers.inputs import check_input_ids, token_positions
 from ..ops.checks import check_number
 from ..layers.rotary import RotaryEmbedding
 
@@ -82,9 +82,6 @@ class BSBRModel(nn.Module):
         check_input_ids(input_ids, self.embedding.num_embeddings)
         cos_sin = self.rotary(token_positions(input_ids, attention_mask), self.embedding.weight.dtype)
         x = self.dropout(self.embedding(input_ids))
-        try:
-            for layer in self.layers:
-                x = layer(x, attention_mask, cos_sin)
-        finally:  # (the tables the layers checked are not kept alive)
-            forget_checked_tables()
+        for layer in self.layers:
+            x = layer(x, attention_mask, cos_sin)
         return self.layer_norm(x)

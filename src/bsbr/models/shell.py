@@ -19,7 +19,7 @@ from ..layers.deltanet import DeltaNet
 from ..layers.gau import GatedAttentionUnit
 from ..layers.hopfield_attention import HopfieldAttention
 from ..layers.linear_attention import LinearAttention
-from ..layers.inputs import check_dropout, check_input_ids, forget_checked_tables, token_positions
+from ..layers.inputs import check_dropout, check_input_ids, token_positions
 from ..layers.rotary import RotaryEmbedding
 from ..layers.sliding_window_attention import SlidingWindowAttention
 from ..layers.standard_attention import StandardAttention
@@ -104,9 +104,6 @@ class AttentionLM(nn.Module):
         cos_sin = None if self.rotary is None else self.rotary(token_positions(input_ids, attention_mask),
                                                                self.embedding.weight.dtype)
         x = self.embedding(input_ids)
-        try:
-            for layer in self.layers:
-                x = layer(x, attention_mask, cos_sin)
-        finally:  # (the tables the layers checked are not kept alive)
-            forget_checked_tables()
+        for layer in self.layers:
+            x = layer(x, attention_mask, cos_sin)
         return self.lm_head(self.norm(x))

@@ -27,8 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...errors import command_path
 from ...layers.bsbr_attention import BSBRAttention, op_dtype
-from ...layers.inputs import (check_input_ids, check_labels, check_position_ids, forget_checked_tables, mask_to_valid,
-                              token_positions)
+from ...layers.inputs import check_input_ids, check_labels, check_position_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
@@ -661,7 +660,6 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             states.append(st)
             if output_hidden_states:
                 hidden.append(x)
-        forget_checked_tables()
         x = self.norm(x)
         if output_hidden_states:
             hidden[-1] = x
