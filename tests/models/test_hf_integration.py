@@ -128,7 +128,15 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
         cache = model(torch.stack([torch.full((12,), 5), ids[1, :12]]), use_cache=True).cache
     new = torch.stack([torch.full((18,), 5), ids[1, 12:30]])
     whole = torch.cat([torch.stack([torch.full((12,), 5), ids[1, :12]]), new], 1)
-    assert torch.equal(model.generate(new, cache=cache, **kw)[:, -6:], model.generate(whole, **kw)[:, -6:])
+    with pytest.warns(UserWarning, match=r"rows \[0\] begin with the text the cache read, rows \[1\] do not"):
+        assert torch.equal(model.generate(new, cache=cache, **kw)[:, -6:], model.generate(whole, **kw)[:, -6:])
+    with torch.no_grad():  # whole texts, one row's edited (or a beam search's cache, which follows its last beams):
+        cache = model(ids[:, :10], use_cache=True).cache  # every row read as new tokens, silently
+    edited = ids.clone()
+    edited[1, 4] = (ids[1, 4] + 1 - 3) % (VOCAB - 3) + 3
+    with pytest.warns(UserWarning, match=r"rows \[0\] begin with the text the cache read, rows \[1\] do not, so "
+                                         "every row is read as new tokens"):
+        model.generate(edited, cache=cache, **kw)
     with torch.no_grad():  # a fork of some rows, reordered, continued with the whole text or the new tokens
         cache = model(ids[:, :10], use_cache=True).cache
     for rows in (torch.tensor([1, 0]), torch.tensor([1])):

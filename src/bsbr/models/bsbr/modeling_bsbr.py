@@ -230,6 +230,12 @@ class BSBRCache:
                             "as new tokens; if they are the whole text tokenized again (the cached text's end merged "
                             "with what follows, e.g. a trailing space), the cached text is read twice: pass the new "
                             "tokens alone, or the cache's own ids followed by them")
+        if bool(same.any()) and not bool(same.all()):
+            warn_caller(f"input_ids: rows {same.nonzero().flatten().tolist()} begin with the text the cache read, rows "
+                        f"{(~same).nonzero().flatten().tolist()} do not, so every row is read as new tokens; if they "
+                        "are whole texts, the cache's rows do not follow them (a beam search's returned cache follows "
+                        "its last beams, not its sequences) and each row reads its text twice: pass the new tokens "
+                        "alone, or generate without cache=")
         return not bool(same.all())
 
     @property
