@@ -163,6 +163,7 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     assert (r["config"]["retrieval"], r["config"]["feature_map"], r["config"]["bsbr"]) == \
         ("normalized", "hedgehog", __version__)
     assert r["config"]["weights"] == weights_fingerprint(load_bsbr_model(conv)) and r["config"]["transformers"]
+    assert r["config"]["dtype"] == "float32"  # (HFLM runs the saved dtype unless told: the lm-eval snippet says so)
     assert lm["gap_closed_by_retrieval"] != 0.0 and lm["gap_closed"] != 0.0
     assert set(r["passkey"]["models"]) == {"bsbr", "source", "local", "window"}
     assert len(r["passkey"]["models"]["bsbr"]["cells"]) == 4

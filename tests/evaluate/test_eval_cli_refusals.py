@@ -263,6 +263,7 @@ def test_passkey_lengths_past_the_token_cap_are_refused(saved, tmp_path, capsys,
 @pytest.mark.parametrize("extra,words", [
     (["--passkey-lengths", "96", "128", "96"], ["--passkey-lengths 96 is given twice"]),
     (["--passkey-depths", "0.5", "0.50"], ["--passkey-depths 0.5 is given twice"]),
+    (["--passkey-depths", "0", "-0"], ["--passkey-depths 0", "is given twice"]),  # (-0 was a depth of its own)
     (["--passkey-models", "bsbr", "source", "bsbr"], ["--passkey-models bsbr is given twice"]),
     (["--passkey-filler", "classic", "--passkey-filler", "classic"], ["--passkey-filler classic is given twice"]),
     (["--passkey-filler", "STORY", "file:STORY"], ["--passkey-filler file:", "is given twice", "story.txt"]),

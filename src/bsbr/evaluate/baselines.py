@@ -103,6 +103,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
                "feature_map", "compression_factor", "position_scheme")
     config = dict(model_dir=str(Path(model_dir).resolve()), reference=source_name(reference), chunk_size=chunk,
                   **{k: getattr(model.config, k, None) for k in options}, weights=weights_fingerprint(model),
+                  dtype=str(model.dtype).removeprefix("torch."),
                   bsbr=__version__, torch=torch.__version__, transformers=transformers.__version__,
                   python=platform.python_version(), threads=torch.get_num_threads(), machine=platform.machine())
     return models, tokenizer, config

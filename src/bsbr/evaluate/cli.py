@@ -32,7 +32,7 @@ def _depth(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"depth must lie in [0, 1], got {text}")
-    return value
+    return value + 0.0  # (-0 is depth 0)
 
 
 def _heatmap_path(args) -> Optional[Path]:
@@ -212,7 +212,7 @@ def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
           f"  from lm_eval.models.huggingface import HFLM\n"
           f"  from lm_eval.tasks import TaskManager\n"
           f"  out = lm_eval.simple_evaluate(model=HFLM(pretrained={os.path.realpath(args.model)!r}, device='cpu', "
-          f"backend='causal', max_length={longest}), tasks=[{TASK_NAME!r}], "
+          f"backend='causal', dtype='float32', max_length={longest}), tasks=[{TASK_NAME!r}], "
           f"task_manager=TaskManager(include_path={str(resolved_path(args.lm_eval_task_dir))!r}))\n"
           f"  print(out['results'][{TASK_NAME!r}])")
     return 0

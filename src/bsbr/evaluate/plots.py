@@ -99,7 +99,7 @@ def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
                         color="black" if 0.25 < a < 0.85 else "white")
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=8)
-        ax.set(xlabel="key depth", ylabel="prompt tokens")
+        ax.set(xlabel="key depth", ylabel="length (tokens)")
         ax.set_title(f"{LABELS.get(name, name)}\naccuracy {passkey['models'][name]['accuracy']:.2f}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=list(axes[0][:len(names)]), fraction=0.02, pad=0.02)
