@@ -343,7 +343,7 @@ def _written_entry(entry: Path) -> bool:
             not lock_held(entry) and _bsbr_files_only(entry)
     if entry.is_dir():
         if entry.name == "checkpoint":
-            return all(_checkpoint_file(f) for f in entry.iterdir())
+            return all(checkpoint_file(f) for f in entry.iterdir())
         return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
     if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
         return _is_model_card(entry)
@@ -420,7 +420,7 @@ def not_written(out: Path) -> list:
     return sorted(e.name for e in out.iterdir() if not _written_entry(e))
 
 
-def _checkpoint_file(f: Path) -> bool:
+def checkpoint_file(f: Path) -> bool:
     """Whether ``f``, in a distill output's ``checkpoint/``, is a file bsbr writes there (it holds files only)."""
     return not f.is_symlink() and f.is_file() and bool(
         left_by_a_kill(f.name) or f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
@@ -433,10 +433,10 @@ def checkpoint_strays(out: Path) -> Tuple[list, bool]:
     names, ckpt = [], out / "checkpoint"
     for name in not_written(out):
         if name == ckpt.name and ckpt.is_dir() and not ckpt.is_symlink():
-            names += sorted(f"{ckpt.name}/{f.name}" for f in ckpt.iterdir() if not _checkpoint_file(f))
+            names += sorted(f"{ckpt.name}/{f.name}" for f in ckpt.iterdir() if not checkpoint_file(f))
         else:
             names.append(name)
-    mine = ckpt.is_dir() and not ckpt.is_symlink() and any(_checkpoint_file(f) for f in ckpt.iterdir())
+    mine = ckpt.is_dir() and not ckpt.is_symlink() and any(checkpoint_file(f) for f in ckpt.iterdir())
     return names, mine
 
 

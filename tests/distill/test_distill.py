@@ -58,15 +58,26 @@ def test_a_student_that_is_not_a_conversion_is_refused_by_type(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_int32_windows_train_as_int64_ones(tmp_path):
+    # token arrays kept as int32 passed the checks, then failed in the loss ("expected target dtype to be Long")
+    teacher, student = fresh()
+    ws = windows(2, 48)
+    distill(teacher, student, [w.int() for w in ws], tmp_path / "a", DistillConfig(steps=2), progress=False)
+    teacher, again = fresh()
+    distill(teacher, again, ws, tmp_path / "b", DistillConfig(steps=2), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(student.state_dict().values(), again.state_dict().values()))
+
+
 def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp_path):
     # windows of floats, of ids past the vocabulary or of lists failed deep in the first step; an output_dir
     # holding a user's files had them replaced (the CLI checked, the library did not), and a file as
     # output_dir failed at the first checkpoint
     teacher, student = fresh()
     ws = windows(2, 96)
-    for bad, error, words in (([w.float() for w in ws], TypeError, r"windows\[0\] must be a 1-D int64 tensor"),
+    for bad, error, words in (([w.float() for w in ws], TypeError, r"windows\[0\] must be a 1-D int64 \(or int32\) tensor"),
                               ([w.tolist() for w in ws], TypeError, "windows.0. must be"),
-                              ([ws[0], ws[1] + VOCAB], ValueError, r"windows\[1\] holds ids outside")):
+                              ([ws[0], ws[1] + VOCAB], ValueError, r"windows\[1\] holds ids outside"),
+                              ([ws[0], ws[1][:1]], ValueError, r"windows\[1\] holds 1 token\(s\): a window needs 2")):
         with pytest.raises(error, match=words):
             distill(teacher, student, bad, tmp_path / "out", DistillConfig(steps=1))
     mine = tmp_path / "mine"

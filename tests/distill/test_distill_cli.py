@@ -376,7 +376,7 @@ def test_a_checkpoint_in_the_current_directory_is_not_advised_to_be_overwritten(
     monkeypatch.chdir(out)
     line = refused(capsys, distill_args(models, text, ".", "--steps", "2"), "distill", out)
     assert "holds a checkpoint: pass --resume to continue it, or choose another --output" in line, line
-    (out / "checkpoint" / "manifest.json").unlink()  # a first save killed before its manifest: "partial"
+    next((out / "checkpoint").glob("optimizer-*")).unlink()  # a data file lost: "partial"
     line = refused(capsys, [*distill_args(models, text, ".", "--steps", "2"), "--resume"], "distill", out)
     assert "is partial" in line and "start a new --output" in line and "--overwrite" not in line, line
 
@@ -852,3 +852,29 @@ def test_lora_without_peft_is_refused_before_loading_and_named_as_the_flag(model
     line = refused(capsys, distill_args(models, text, tmp_path / "out", "--steps", "2", "--params", "lora"),
                    "distill", models[1])
     assert "--params lora needs peft: pip install peft" in line and not (tmp_path / "out").exists()
+
+
+def test_a_first_save_killed_before_its_manifest_is_no_checkpoint(models, text, tmp_path, capsys, caplog):
+    # a kill -9 between the first save's data files and its manifest: "holds a checkpoint: pass --resume", and
+    # --resume then refused it as partial (only --overwrite got out). There is no checkpoint yet: --resume starts
+    # fresh (as in an empty --output), --overwrite too, and the first save removes the killed one's files
+    import logging
+
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1")) == 0
+    model = {f.name for f in out.iterdir() if f.is_file()}
+    killed = {f.name: f.read_bytes() for f in (out / "checkpoint").iterdir() if f.name != "manifest.json"}
+    for flag in ("--resume", "--overwrite"):
+        shutil.rmtree(out)
+        (out / "checkpoint").mkdir(parents=True)  # what the killed run had written: the first save's data files
+        for name, data in killed.items():
+            (out / "checkpoint" / name).write_bytes(data)
+        line = refused(capsys, distill_args(models, text, out, "--steps", "1"), "distill", out)
+        assert "is not empty: pass --overwrite" in line and "--resume" not in line, line
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bsbr"):
+            assert main([*distill_args(models, text, out, "--steps", "1", "--checkpoint-every", "1"), flag]) == 0
+        assert ("starting fresh" in caplog.text) == (flag == "--resume")
+        assert {f.name for f in out.iterdir() if f.is_file()} == model
+        left = {f.name for f in (out / "checkpoint").iterdir()}
+        assert "manifest.json" in left and not left & killed.keys() and len(left) == 3, left

@@ -3,7 +3,7 @@ rest in ``manifest.json`` (step, run settings, loss log, each data file's size a
 
 A save writes and fsyncs new data files (names unique to the save), replaces ``manifest.json`` in one
 rename, then removes the files it does not name: a kill at any moment leaves the previous checkpoint or
-the new one. A load checks every file against the manifest and refuses a partial or corrupt checkpoint.
+the new one (or, during the first save, no checkpoint: data files the next save removes). A load checks every file against the manifest and refuses a partial or corrupt checkpoint.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..outputs import atomic_write_text, file_record, fsync, shared_modes
+from ..outputs import atomic_write_text, checkpoint_file, file_record, fsync, shared_modes
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # the manifest layout this bsbr writes and reads
@@ -77,9 +77,10 @@ def _write_checkpoint(directory: Path, names: dict, params, optimizer, progress:
 
 
 def has_checkpoint(directory: Path) -> bool:
-    """Whether ``directory`` holds anything of a checkpoint (complete or not)."""
+    """Whether ``directory`` holds a checkpoint, complete or not: anything but what a first save killed
+    before its manifest leaves (its data files: no checkpoint yet, and the next save removes them)."""
     directory = Path(directory)
-    return directory.is_dir() and any(directory.iterdir())
+    return directory.is_dir() and any(p.name == MANIFEST or not checkpoint_file(p) for p in directory.iterdir())
 
 
 def read_manifest(directory: Path) -> dict:

@@ -166,7 +166,7 @@ def end_to_end_loss(student, teacher, input_ids: torch.Tensor, lm_weight: float)
         with torch.no_grad():
             t = F.log_softmax(t_head(th).float(), -1)
         kl = (t.exp() * (t - s)).sum()
-        return torch.stack([kl, F.nll_loss(s.flatten(0, 1), targets.flatten(), reduction="sum")])
+        return torch.stack([kl, F.nll_loss(s.flatten(0, 1), targets.flatten().long(), reduction="sum")])
 
     total = sum(checkpoint(sums, student_h[:, lo:hi], teacher_h[:, lo:hi], input_ids[:, lo + 1:hi + 1],
                            use_reentrant=False) for lo, hi in position_blocks(start, n - 1))
@@ -375,9 +375,11 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     vocab = student.config.vocab_size
     for i, w in enumerate(windows):  # (else an index error deep in the first step)
         if not (isinstance(w, torch.Tensor) and w.dim() == 1 and w.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"windows[{i}] must be a 1-D int64 tensor of token ids, got "
+            raise TypeError(f"windows[{i}] must be a 1-D int64 (or int32) tensor of token ids, got "
                             f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
-        if len(w) and not 0 <= int(w.min()) <= int(w.max()) < vocab:
+        if len(w) < 2:
+            raise ValueError(f"windows[{i}] holds {len(w)} token(s): a window needs 2 or more (nothing to predict)")
+        if not 0 <= int(w.min()) <= int(w.max()) < vocab:
             raise ValueError(f"windows[{i}] holds ids outside the student's vocabulary [0, {vocab}): wrong tokenizer?")
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
