@@ -85,6 +85,12 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
     (mine / "config.json").write_text('{"mine": 1}')
     with pytest.raises(ValueError, match="holds files, which the model would replace"):
         distill(teacher, student, ws, mine, DistillConfig(steps=1))
+    for ckpt in (False, True):  # resume=True with no checkpoint (or an empty folder) replaced them
+        if ckpt:
+            (mine / "checkpoint").mkdir()
+        with pytest.raises(ValueError, match="holds files no bsbr command wrote.*resume=True replaces only"):
+            distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True)
+    (mine / "checkpoint").rmdir()
     assert (mine / "config.json").read_text() == '{"mine": 1}' and len(list(mine.iterdir())) == 1
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):

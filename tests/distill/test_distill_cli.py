@@ -878,3 +878,18 @@ def test_a_first_save_killed_before_its_manifest_is_no_checkpoint(models, text, 
         assert {f.name for f in out.iterdir() if f.is_file()} == model
         left = {f.name for f in (out / "checkpoint").iterdir()}
         assert "manifest.json" in left and not left & killed.keys() and len(left) == 3, left
+    # a user's file beside such a folder (or an empty one) is refused, as beside a checkpoint: --resume replaced it
+    for name in killed:
+        (out / "checkpoint" / name).write_bytes(killed[name])
+    (out / "checkpoint" / "manifest.json").unlink()
+    for f in out.iterdir():
+        if f.is_file():
+            f.unlink()
+    (out / "README.md").write_text("mine")
+    for keep in (True, False):
+        if not keep:
+            shutil.rmtree(out / "checkpoint")
+            (out / "checkpoint").mkdir()
+        line = refused(capsys, [*distill_args(models, text, out, "--steps", "1"), "--resume"], "distill", out)
+        assert "holds files no bsbr command wrote beside the checkpoint" in line, line
+        assert (out / "README.md").read_text() == "mine"

@@ -215,3 +215,12 @@ def test_prompt_leaves_room_for_the_answer(word_tokenizer):
     when the length is a multiple of the chunk size."""
     p = passkey.build_prompt(word_tokenizer, 400, 0.5, "40721", answer_tokens=8)
     assert 400 - 8 - 8 <= p.length <= 400 - 8
+
+
+def test_depth_minus_zero_is_depth_zero(word_tokenizer):
+    # -0.0 gave another key, another filler and a "-0" column (only the CLI's parser mapped it to 0)
+    from bsbr.evaluate.passkey import grid_prompts
+
+    zero, minus = (list(grid_prompts(word_tokenizer, [200], [d], 1, 0, 8, ["random"])) for d in (0.0, -0.0))
+    assert [(p.input_ids, p.key) for p in zero] == [(p.input_ids, p.key) for p in minus]
+    assert [str(p.depth) for p in minus] == ["0.0"]

@@ -368,3 +368,23 @@ def test_a_frozen_model_under_autograd_copies_no_cache():
         if not grad and t % 4 != 3:  # a step without autograd that completes no chunk: written in place
             assert all(s.k_buf is k for s, k in zip(cache.states, buffers))
     assert not any(s.grad_history for s in cache.states)
+
+
+def test_a_beam_searchs_returned_cache_is_not_continued():
+    """Its rows follow the last step's beams, not the sequences it returns (sorted by score): continued with the
+    whole text, rows were read as new tokens (or as "tokenized again"), silently wrong."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK).eval()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(28))
+    out = model.generate(ids, num_beams=2, num_return_sequences=2, max_new_tokens=6, return_dict_in_generate=True,
+                         **kw)
+    whole = torch.cat([out.sequences, torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
+    for cache in (out.cache, out.cache.select(torch.tensor([1, 0]))):
+        with pytest.raises(ValueError, match="a beam search's returned cache follows its last beams"):
+            model.generate(whole, cache=cache, max_new_tokens=4, **kw)
+    # a greedy generation's cache is continued as before
+    out = model.generate(ids, max_new_tokens=6, return_dict_in_generate=True, **kw)
+    whole = torch.cat([out.sequences, torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))], 1)
+    mask = torch.ones_like(whole)  # (a generated id may be the pad id)
+    assert torch.equal(model.generate(whole, attention_mask=mask, cache=out.cache, max_new_tokens=4, **kw),
+                       model.generate(whole, attention_mask=mask, max_new_tokens=4, **kw))

@@ -252,12 +252,12 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
                      inputs=_inputs(args, student_dir))
-    if args.resume and has_checkpoint(ckpt) and not is_bsbr_output(out):
-        raise UserError(f"--output {out} holds files no bsbr command wrote beside the checkpoint: the resumed run's model "
-                        "replaces the directory; move them first")
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
+    if args.resume and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
+        raise UserError(f"--output {out} holds files no bsbr command wrote beside the checkpoint: the resumed run's "
+                        "model replaces the directory; move them first")
     if not args.resume and not args.overwrite and has_checkpoint(ckpt):
         if not is_bsbr_output(out):  # (--resume and --overwrite would both refuse the user's files beside it)
             strays, mine = checkpoint_strays(out)

@@ -388,10 +388,11 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             p.name != "checkpoint" and not p.name.startswith(".final.tmp-") for p in output_dir.iterdir()):
         raise ValueError(f"output_dir {output_dir} holds files, which the model would replace: give a new or empty "
                          "directory, or overwrite=True")
-    if overwrite and output_dir.is_dir() and any(output_dir.iterdir()) and not is_bsbr_output(output_dir):
+    if (overwrite or resume) and output_dir.is_dir() and any(output_dir.iterdir()) and not is_bsbr_output(output_dir):
         mine = "".join(f" ({name}, ...)" for name in not_written(output_dir)[:1])
-        raise ValueError(f"output_dir {output_dir} holds files no bsbr command wrote{mine}: overwrite=True replaces "
-                         "only a bsbr output (a BSBR model, its records or a checkpoint); move them or choose another "
+        flag = "overwrite" if overwrite else "resume"
+        raise ValueError(f"output_dir {output_dir} holds files no bsbr command wrote{mine}: {flag}=True replaces only "
+                         "a bsbr output (a BSBR model, its records or a checkpoint); move them or choose another "
                          "output_dir")
     longest = max(len(w) for w in windows)
     if cfg.params == "new" and longest < shortest_window(student, "new"):

@@ -220,7 +220,7 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
         raise ValueError("lengths and depths must be non-empty")
     if any(not _whole(n) for n in lengths):  # (120.9 was read as 120)
         raise ValueError(f"lengths must be ints, got {list(lengths)}")
-    lengths, trials = [int(n) for n in lengths], int(trials)
+    lengths, trials, depths = [int(n) for n in lengths], int(trials), [float(d) + 0.0 for d in depths]  # (-0 is 0)
     if not _whole(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int (room for the answer), got {max_new_tokens!r}")
     for name, values in (("lengths", list(map(int, lengths))), ("depths", list(map(float, depths)))):

@@ -173,13 +173,16 @@ class BSBRCache:
         self.n_positions = n_positions  # input positions consumed, padding included
         self.digest = digest
         self.built_with = built_with
+        self.beams = False  # its rows follow a beam search's beams (reorder_cache), not the sequences it returned
 
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
         left as it is."""
         index = torch.as_tensor(index)  # (a list of rows, too)
-        return BSBRCache([s.select(index) for s in self.states], self.n_positions,
+        fork = BSBRCache([s.select(index) for s in self.states], self.n_positions,
                          None if self.digest is None else self.digest[index.to(self.digest.device)], self.built_with)
+        fork.beams = getattr(self, "beams", False)
+        return fork
 
     @torch.compiler.disable  # bookkeeping on a Python int: traced, it recompiled at every new length
     def consumed(self, input_ids: Optional[torch.Tensor], n: int, real: Optional[torch.Tensor] = None) -> None:
@@ -233,9 +236,8 @@ class BSBRCache:
         if bool(same.any()) and not bool(same.all()):
             warn_caller(f"input_ids: rows {same.nonzero().flatten().tolist()} begin with the text the cache read, rows "
                         f"{(~same).nonzero().flatten().tolist()} do not, so every row is read as new tokens; if they "
-                        "are whole texts, the cache's rows do not follow them (a beam search's returned cache follows "
-                        "its last beams, not its sequences) and each row reads its text twice: pass the new tokens "
-                        "alone, or generate without cache=")
+                        "are whole texts, the cache's rows do not follow them (a row edited?) and each row reads its "
+                        "text twice: pass the new tokens alone, or generate without cache=")
         return not bool(same.all())
 
     @property
@@ -255,7 +257,7 @@ class BSBRCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         fork = self.select(beam_idx)
-        self.states, self.digest = fork.states, fork.digest
+        self.states, self.digest, self.beams = fork.states, fork.digest, True
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
@@ -807,6 +809,11 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("position_ids: generate places each token by the cache's per-sequence counter and "
                              "cannot follow given positions; call the model with position_ids= and cache= step by "
                              "step instead")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if getattr(cache, "beams", False):
+            raise ValueError("cache: a beam search's returned cache follows its last beams, not the sequences it "
+                             "returned (sorted by score; finished ones left the beams): generate without cache=, or "
+                             "continue the cache of a greedy or sampled generation")
         return super().generate(*args, **kwargs)
 
     def init_continuous_batching(self, *args, **kwargs):
