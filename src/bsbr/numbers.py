@@ -38,6 +38,10 @@ MAX_TOKENS = 1 << 20  # the most tokens of one sequence, exact window, sink set 
 # the bounded mode's budget: choosing its tokens compares every pair of candidates (about M^2 numbers per K/V
 # head per chunk), so a budget of a million tried to allocate a terabyte at its first token; the default is 256
 MAX_RECALL_TOKENS = 4096
+# the benchmarks' model sizes: at a width of 16,384 one square float32 projection is 1 GB (a width of 40,000,
+# accepted as a token count, took 6.7 GB and 14 s to fail, naming no flag)
+MAX_WIDTH = 1 << 14
+MAX_LAYERS = 256
 MAX_COUNT = 10 ** 9  # optimizer steps, windows: more would run for years
 MAX_REPEATS = 1000  # timed repeats, pass-key trials: a median of more measures nothing new
 SEED_RANGE = (0, 2 ** 32 - 1)  # torch's CPU generator keeps a seed's low 32 bits: others would repeat a run

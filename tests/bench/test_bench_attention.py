@@ -291,3 +291,16 @@ def test_nothing_to_time_at_a_length_is_no_error():
     from bsbr.bench.common import interleaved_times
 
     assert interleaved_times({}, repeats=3) == {}
+
+
+@pytest.mark.parametrize("args", [["attention", "--hidden", "40000"], ["attention", "--model-scaling", "--ff-dim", "40000"],
+                                  ["attention", "--model-scaling", "--layers", "5000"], ["models", "--hidden", "40000"],
+                                  ["models", "--layers", "5000"], ["quality", "--hidden", "40000"],
+                                  ["quality", "--heads", "40000"]])
+def test_model_sizes_past_what_fits_are_refused_at_parse_time(args, capsys):
+    # --hidden 40000 was read as a token count (up to 1M): 6.7 GB and 14 s, then "give shorter or fewer inputs"
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{args[-2]}: must be an integer from 1 to" in err and args[-1] in err, err

@@ -245,6 +245,21 @@ def test_strict_false_loads_a_weight_of_another_shape_as_the_refusal_says(tmp_pa
     assert model.get_parameter(name).shape != (3, 3)  # the config's shape, initialised
 
 
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 5000), ("vocab_size", 10**9), ("hidden_size", 10**6)])
+def test_a_hand_edited_size_is_refused_before_the_model_is_built(tmp_path, monkeypatch, field, value):
+    # 30 layers edited to 300 built 300 layers (4.3 GB, 11 s) before the strict check named the missing weights;
+    # a vocabulary of 10^9 asked for 192 GB ("could not load ...: can't allocate memory")
+    import json
+
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    monkeypatch.setattr(BSBRForCausalLM, "__init__", lambda *a, **k: pytest.fail("the model was built"))
+    for load in (AutoModelForCausalLM.from_pretrained, load_bsbr_model):
+        with pytest.raises(ValueError, match=f"config.json: {field} is {value}, its weights"):
+            load(tmp_path)
+
+
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
     # development versions wrote window_scored_blocks; it stayed on the config, unread, without a word
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..numbers import MAX_REPEATS, SEED_RANGE, finite_number, integer
+from ..numbers import MAX_LAYERS, MAX_REPEATS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..errors import UserError
 from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs,
                      check_unique, failure, forward_fn, interleaved_times, machine_info, median, round_sig, set_threads,
@@ -300,7 +300,8 @@ def register(bench_sub) -> None:
                    help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
     for flag, default, what in (("--hidden", 256, "hidden size"), ("--layers", 2, "layers"), ("--heads", 4, "attention heads"),
                                 ("--ff-dim", 1024, "feed-forward size")):
-        p.add_argument(flag, type=integer(), default=default, help=f"each model's {what} (default %(default)s)")
+        p.add_argument(flag, type=integer(1, MAX_LAYERS if flag == "--layers" else MAX_WIDTH), default=default,
+                       help=f"each model's {what} (default %(default)s)")
     p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="interleaved timed rounds per length (median)")
     p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..errors import UserError
-from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
+from ..numbers import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..ops.checks import is_number
 from .common import (VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs, check_unique, given,
                      machine_info, set_threads, write_outputs)
@@ -387,7 +387,8 @@ def register(bench_sub) -> None:
                    help=f"BSBR chunk size = sliding window (default {TRAINING['chunk_size']})")
     for name in ("hidden", "layers", "heads", "ff_dim", "seq_len", "batch", "steps", "eval_windows", "seed"):
         p.add_argument(f"--{name.replace('_', '-')}", type=integer(*SEED_RANGE) if name == "seed" else
-                       integer(1, MAX_COUNT) if name == "steps" else integer(),
+                       integer(1, MAX_COUNT) if name == "steps" else integer(1, MAX_LAYERS) if name == "layers" else
+                       integer(1, MAX_WIDTH) if name in ("hidden", "heads", "ff_dim") else integer(),
                        default=None, help=f"default {TRAINING[name]}")
     p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {TRAINING['lr']}")
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -389,6 +390,38 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False) 
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
+def refuse_sizes_past_the_weights(path: Path) -> None:
+    """Raise ValueError, before a model is built, when ``path``'s config.json asks for more layers than its
+    ``.safetensors`` weights hold, or an embedding of another shape (a hand edit of 30 layers to 300 built 300
+    layers, 4.3 GB and 11 s, before the strict check named the missing weights; a vocabulary of 10^9 asked for
+    192 GB)."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # (transformers names an unreadable config)
+    if not isinstance(config, dict):
+        return
+    layers, embedding = 0, None
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+                layers = max(layers, int(found.group(1)) + 1) if found else layers
+                if name.endswith("embed_tokens.weight"):
+                    embedding = tuple(st.get_slice(name).get_shape())
+    wanted = config.get("num_hidden_layers")
+    if layers and isinstance(wanted, int) and wanted > layers:
+        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {wanted}, its weights hold {layers} layers: "
+                         "give the config the model was saved with")
+    if embedding is not None and len(embedding) == 2:
+        for field, size in (("vocab_size", embedding[0]), ("hidden_size", embedding[1])):
+            if isinstance(config.get(field), int) and config[field] != size:
+                raise ValueError(f"{path / 'config.json'}: {field} is {config[field]}, its weights' embedding "
+                                 f"{tuple(embedding)}: give the config the model was saved with")
+
+
 _NO_CONTINUOUS_BATCHING = ("continuous batching (cache_implementation='paged', generate_batch) runs transformers' "
                            "paged attention and cache, which BSBR attention (the window and the retrieved blocks in "
                            "one softmax, a BSBRCache) cannot use: generate without cache_implementation")
@@ -448,6 +481,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
                 return super().from_pretrained(*args, **kwargs)
         if local is not None:
             refuse_non_float_weights(local)
+            refuse_sizes_past_the_weights(local)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
         with LOADING:
