@@ -293,7 +293,8 @@ def test_nothing_to_time_at_a_length_is_no_error():
     assert interleaved_times({}, repeats=3) == {}
 
 
-@pytest.mark.parametrize("args", [["attention", "--hidden", "40000"], ["attention", "--model-scaling", "--ff-dim", "40000"],
+@pytest.mark.parametrize("args", [["attention", "--hidden", "40000"],
+                                  ["attention", "--model-scaling", "--ff-dim", "40000"],
                                   ["attention", "--model-scaling", "--layers", "5000"], ["models", "--hidden", "40000"],
                                   ["models", "--layers", "5000"], ["quality", "--hidden", "40000"],
                                   ["quality", "--heads", "40000"]])

@@ -129,8 +129,10 @@ def register(bench_sub) -> None:
     p.add_argument("--seq-lens", type=integer(), nargs="+", default=None,
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))}; "
                         f"with --model-scaling {' '.join(map(str, DEFAULT_MODEL_SEQ_LENS))})")
-    p.add_argument("--hidden", type=integer(1, MAX_WIDTH), default=None, help="hidden size (default 512; model scaling 256)")
-    p.add_argument("--heads", type=integer(1, MAX_WIDTH), default=None, help="attention heads (default 8; model scaling 4)")
+    p.add_argument("--hidden", type=integer(1, MAX_WIDTH), default=None,
+                   help="hidden size (default 512; model scaling 256)")
+    p.add_argument("--heads", type=integer(1, MAX_WIDTH), default=None,
+                   help="attention heads (default 8; model scaling 4)")
     p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size (default %(default)s)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=5, help="timed repeats per model and length (median)")
     p.add_argument("--warmup", type=integer(0, MAX_REPEATS), default=None,
@@ -150,7 +152,8 @@ def register(bench_sub) -> None:
     p.add_argument("--model-scaling", action="store_true",
                    help="instead: a BSBRModel (default 2 layers, hidden 256, 4 heads, ff 1024) at 8k-64k tokens")
     p.add_argument("--layers", type=integer(1, MAX_LAYERS), default=None, help="model scaling: layers (default 2)")
-    p.add_argument("--ff-dim", type=integer(1, MAX_WIDTH), default=None, help="model scaling: feed-forward size (default 1024)")
+    p.add_argument("--ff-dim", type=integer(1, MAX_WIDTH), default=None,
+                   help="model scaling: feed-forward size (default 1024)")
     p.add_argument("--vocab", type=integer(), default=None, help="model scaling: vocabulary size (default 1000)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="random inputs and weights (default 0)")
