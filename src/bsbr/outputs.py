@@ -440,6 +440,18 @@ def checkpoint_strays(out: Path) -> Tuple[list, bool]:
     return names, mine
 
 
+def resume_strays(out: Path) -> Optional[list]:
+    """What a resumed distill run's model, published over the directory ``out``, would replace that no bsbr
+    command wrote: their names (``checkpoint/NAME`` inside its checkpoint folder; [] for a file of a name bsbr
+    writes that is no BSBR model's), or None when there is none (nothing but an empty checkpoint folder, as a
+    first save killed at once leaves, or a bsbr output)."""
+    ckpt = out / "checkpoint"
+    empty = ckpt.is_dir() and not ckpt.is_symlink() and not any(ckpt.iterdir())
+    if not any(e != ckpt or not empty for e in out.iterdir()) or is_bsbr_output(out):
+        return None
+    return checkpoint_strays(out)[0]
+
+
 def is_bsbr_output(out: Path) -> bool:
     """Whether the directory is one a bsbr command wrote, which --overwrite may replace: a BSBR model (its
     config.json says so; at the top, or in model/ as bsbr demo writes it) or a distill checkpoint, holding

@@ -90,7 +90,11 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
             (mine / "checkpoint").mkdir()
         with pytest.raises(ValueError, match="holds files no bsbr command wrote.*resume=True replaces only"):
             distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True)
-    (mine / "checkpoint").rmdir()
+    (mine / "config.json").rename(tmp_path / "config.json")  # an empty checkpoint folder alone: started fresh
+    distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True, progress=False)
+    shutil.rmtree(mine)
+    mine.mkdir()
+    (tmp_path / "config.json").rename(mine / "config.json")
     assert (mine / "config.json").read_text() == '{"mine": 1}' and len(list(mine.iterdir())) == 1
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):

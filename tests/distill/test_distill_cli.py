@@ -891,5 +891,7 @@ def test_a_first_save_killed_before_its_manifest_is_no_checkpoint(models, text, 
             shutil.rmtree(out / "checkpoint")
             (out / "checkpoint").mkdir()
         line = refused(capsys, [*distill_args(models, text, out, "--steps", "1"), "--resume"], "distill", out)
-        assert "holds files no bsbr command wrote beside the checkpoint" in line, line
+        assert "holds files no bsbr command wrote (README.md): the resumed run's model" in line, line
         assert (out / "README.md").read_text() == "mine"
+    (out / "README.md").unlink()  # an empty checkpoint folder alone (a first save killed at once): started fresh
+    assert main([*distill_args(models, text, out, "--steps", "1"), "--resume"]) == 0

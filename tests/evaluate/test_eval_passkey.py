@@ -224,3 +224,6 @@ def test_depth_minus_zero_is_depth_zero(word_tokenizer):
     zero, minus = (list(grid_prompts(word_tokenizer, [200], [d], 1, 0, 8, ["random"])) for d in (0.0, -0.0))
     assert [(p.input_ids, p.key) for p in zero] == [(p.input_ids, p.key) for p in minus]
     assert [str(p.depth) for p in minus] == ["0.0"]
+    r = passkey.run_passkey({"right": Oracle(word_tokenizer, True)}, word_tokenizer, lengths=[200], depths=[-0.0],
+                            trials=1, progress=False)
+    assert [str(d) for d in r["depths"]] == ["0.0"] and "right@0 " in " ".join(passkey.passkey_summary_lines(r))

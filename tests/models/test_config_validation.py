@@ -256,8 +256,14 @@ def test_a_hand_edited_size_is_refused_before_the_model_is_built(tmp_path, monke
     (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
     monkeypatch.setattr(BSBRForCausalLM, "__init__", lambda *a, **k: pytest.fail("the model was built"))
     for load in (AutoModelForCausalLM.from_pretrained, load_bsbr_model):
-        with pytest.raises(ValueError, match=f"config.json: {field} is {value}, its weights"):
+        with pytest.raises(ValueError, match=f"config.json: {field} is {value}, the weights"):
             load(tmp_path)
+    # the config from_pretrained is given (not the file's), and its keyword arguments, are the ones checked
+    monkeypatch.undo()
+    assert BSBRForCausalLM.from_pretrained(tmp_path, config=BSBRConfig(**TINY)).config.vocab_size == TINY["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"from_pretrained's {field}: {field} is {value}, the weights"):
+        BSBRForCausalLM.from_pretrained(tmp_path, **{field: value})
 
 
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):

@@ -388,3 +388,19 @@ def test_a_beam_searchs_returned_cache_is_not_continued():
     mask = torch.ones_like(whole)  # (a generated id may be the pad id)
     assert torch.equal(model.generate(whole, attention_mask=mask, cache=out.cache, max_new_tokens=4, **kw),
                        model.generate(whole, attention_mask=mask, max_new_tokens=4, **kw))
+
+
+def test_a_cache_reordered_by_hand_is_continued():
+    # reorder_cache marked a cache as a beam search's for good: generate then refused it (the refusals of a
+    # mismatched batch advise calling it in a loop of one's own)
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK).eval()
+    kw = dict(eos_token_id=None, pad_token_id=0, do_sample=False, max_new_tokens=4)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([1, 0])
+    text = torch.cat([ids[idx], ids[idx][:, :3]], 1)
+    mask = torch.ones_like(text)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    cache.reorder_cache(idx)
+    assert torch.equal(model.generate(text, attention_mask=mask, cache=cache, **kw),
+                       model.generate(text, attention_mask=mask, **kw))

@@ -21,7 +21,7 @@ from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_d
                          warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
-                       resolved_path, write_errors, write_failure, write_model_card)
+                       resolved_path, resume_strays, write_errors, write_failure, write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -255,9 +255,11 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
-    if args.resume and out.is_dir() and any(out.iterdir()) and not is_bsbr_output(out):
-        raise UserError(f"--output {out} holds files no bsbr command wrote beside the checkpoint: the resumed run's "
-                        "model replaces the directory; move them first")
+    strays = resume_strays(out) if args.resume and out.is_dir() else None
+    if strays is not None:
+        names = f" ({', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''})" if strays else ""
+        raise UserError(f"--output {out} holds files no bsbr command wrote{names}: the resumed run's model replaces "
+                        "the directory; move them first")
     if not args.resume and not args.overwrite and has_checkpoint(ckpt):
         if not is_bsbr_output(out):  # (--resume and --overwrite would both refuse the user's files beside it)
             strays, mine = checkpoint_strays(out)

@@ -25,7 +25,7 @@ from ..convert.converter import is_new_parameter
 from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..models.heads import final_hidden_states, position_blocks
-from ..outputs import is_bsbr_output, not_written, publish_files, temp_dir
+from ..outputs import is_bsbr_output, not_written, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
 from ..ops.checks import check_int, check_number, is_number, shown
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
@@ -388,7 +388,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             p.name != "checkpoint" and not p.name.startswith(".final.tmp-") for p in output_dir.iterdir()):
         raise ValueError(f"output_dir {output_dir} holds files, which the model would replace: give a new or empty "
                          "directory, or overwrite=True")
-    if (overwrite or resume) and output_dir.is_dir() and any(output_dir.iterdir()) and not is_bsbr_output(output_dir):
+    if output_dir.is_dir() and (overwrite and any(output_dir.iterdir()) and not is_bsbr_output(output_dir)
+                                or resume and resume_strays(output_dir) is not None):
         mine = "".join(f" ({name}, ...)" for name in not_written(output_dir)[:1])
         flag = "overwrite" if overwrite else "resume"
         raise ValueError(f"output_dir {output_dir} holds files no bsbr command wrote{mine}: {flag}=True replaces only "

@@ -359,7 +359,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
         results[name] = dict(**_rate(cells[name].values()), cells=cell_list, by_filler=per_filler,
                              seconds=round(sum(seconds[name].values()), 2),
                              seconds_by_length={str(L): round(t, 2) for L, t in seconds[name].items()})
-    return dict(lengths=[int(x) for x in lengths], depths=[float(d) for d in depths], trials=int(trials),
+    return dict(lengths=[int(x) for x in lengths], depths=[float(d) + 0.0 for d in depths], trials=int(trials),
                 seed=int(seed), max_new_tokens=int(max_new_tokens), fillers=[f.describe() for f in sources],
                 models=results, samples=samples)
 

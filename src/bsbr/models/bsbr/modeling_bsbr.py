@@ -20,9 +20,10 @@ from typing import List, Optional
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -174,7 +175,7 @@ class BSBRCache:
         self.n_positions = n_positions  # input positions consumed, padding included
         self.digest = digest
         self.built_with = built_with
-        self.beams = False  # its rows follow a beam search's beams (reorder_cache), not the sequences it returned
+        self.beams = False  # a beam search returned it: its rows follow its last beams, not the sequences
 
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
@@ -258,7 +259,7 @@ class BSBRCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         fork = self.select(beam_idx)
-        self.states, self.digest, self.beams = fork.states, fork.digest, True
+        self.states, self.digest = fork.states, fork.digest
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
@@ -390,19 +391,28 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False) 
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
-def refuse_sizes_past_the_weights(path: Path) -> None:
-    """Raise ValueError, before a model is built, when ``path``'s config.json asks for more layers than its
-    ``.safetensors`` weights hold, or an embedding of another shape (a hand edit of 30 layers to 300 built 300
-    layers, 4.3 GB and 11 s, before the strict check named the missing weights; a vocabulary of 10^9 asked for
-    192 GB)."""
+_SIZES = ("num_hidden_layers", "vocab_size", "hidden_size")
+
+
+def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[dict] = None) -> None:
+    """Raise ValueError, before a model is built, when the config it is built from (``given``, a config object,
+    else ``path``'s config.json, with ``overrides``: from_pretrained's keyword arguments) asks for more layers
+    than ``path``'s ``.safetensors`` weights hold, or an embedding of another shape (a hand edit of 30 layers to
+    300 built 300 layers, 4.3 GB and 11 s, before the strict check named the missing weights; a vocabulary of
+    10^9 asked for 192 GB)."""
     from safetensors import safe_open
 
     try:
-        config = json.loads((path / "config.json").read_text())
+        saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError, RecursionError):
-        return  # (transformers names an unreadable config)
-    if not isinstance(config, dict):
-        return
+        saved = None  # (transformers names an unreadable config)
+    saved = saved if isinstance(saved, dict) else {}
+    config = {**(given.to_dict() if given is not None else saved), **(overrides or {})}
+
+    def where(field):  # the config.json, unless the value came from from_pretrained's arguments
+        return f"from_pretrained's {field}" if field in (overrides or {}) else \
+            f"{path / 'config.json'}" if saved.get(field) == config[field] else "from_pretrained's config"
+
     layers, embedding = 0, None
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
@@ -413,12 +423,12 @@ def refuse_sizes_past_the_weights(path: Path) -> None:
                     embedding = tuple(st.get_slice(name).get_shape())
     wanted = config.get("num_hidden_layers")
     if layers and isinstance(wanted, int) and wanted > layers:
-        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {wanted}, its weights hold {layers} layers: "
-                         "give the config the model was saved with")
+        raise ValueError(f"{where('num_hidden_layers')}: num_hidden_layers is {wanted}, the weights hold {layers} "
+                         "layers: give the config the model was saved with")
     if embedding is not None and len(embedding) == 2:
         for field, size in (("vocab_size", embedding[0]), ("hidden_size", embedding[1])):
             if isinstance(config.get(field), int) and config[field] != size:
-                raise ValueError(f"{path / 'config.json'}: {field} is {config[field]}, its weights' embedding "
+                raise ValueError(f"{where(field)}: {field} is {config[field]}, the weights' embedding "
                                  f"{tuple(embedding)}: give the config the model was saved with")
 
 
@@ -481,7 +491,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
                 return super().from_pretrained(*args, **kwargs)
         if local is not None:
             refuse_non_float_weights(local)
-            refuse_sizes_past_the_weights(local)
+            given = kwargs.get("config")
+            if given is None or isinstance(given, PretrainedConfig):  # (a config named by a path: not read here)
+                refuse_sizes_past_the_weights(local, given, {k: kwargs[k] for k in _SIZES if k in kwargs})
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
         with LOADING:
@@ -848,7 +860,10 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("cache: a beam search's returned cache follows its last beams, not the sequences it "
                              "returned (sorted by score; finished ones left the beams): generate without cache=, or "
                              "continue the cache of a greedy or sampled generation")
-        return super().generate(*args, **kwargs)
+        out = super().generate(*args, **kwargs)
+        if isinstance(out, GenerateBeamDecoderOnlyOutput) and isinstance(getattr(out, "cache", None), BSBRCache):
+            out.cache.beams = True
+        return out
 
     def init_continuous_batching(self, *args, **kwargs):
         """Refused in one line: continuous batching (``generate_batch``, ``generate(cache_implementation="paged")``,
