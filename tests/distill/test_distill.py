@@ -74,7 +74,8 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
     # output_dir failed at the first checkpoint
     teacher, student = fresh()
     ws = windows(2, 96)
-    for bad, error, words in (([w.float() for w in ws], TypeError, r"windows\[0\] must be a 1-D int64 \(or int32\) tensor"),
+    for bad, error, words in (([w.float() for w in ws], TypeError,
+                               r"windows\[0\] must be a 1-D int64 \(or int32\) tensor"),
                               ([w.tolist() for w in ws], TypeError, "windows.0. must be"),
                               ([ws[0], ws[1] + VOCAB], ValueError, r"windows\[1\] holds ids outside"),
                               ([ws[0], ws[1][:1]], ValueError, r"windows\[1\] holds 1 token\(s\): a window needs 2")):

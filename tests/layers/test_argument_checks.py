@@ -240,8 +240,8 @@ def test_native_models_keep_no_rotary_tables_either():
     ids = torch.randint(0, 50, (2, 24))
     for model in (BSBRModel(vocab_size=50, hidden_dim=32, num_layers=2, num_heads=4, chunk_size=8, ff_dim=64),
                   AttentionLM(50, 32, 2, 4, attention="bsbr", chunk_size=8)):
-        assert _freed_after(lambda: model(ids), lambda f: model.rotary.register_forward_hook(lambda m, a, out: f(out))), \
-            type(model).__name__
+        hook = model.rotary.register_forward_hook
+        assert _freed_after(lambda: model(ids), lambda f: hook(lambda m, a, out: f(out))), type(model).__name__
 
 
 def test_a_stack_of_bare_layers_keeps_no_rotary_tables():

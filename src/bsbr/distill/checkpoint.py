@@ -3,7 +3,8 @@ rest in ``manifest.json`` (step, run settings, loss log, each data file's size a
 
 A save writes and fsyncs new data files (names unique to the save), replaces ``manifest.json`` in one
 rename, then removes the files it does not name: a kill at any moment leaves the previous checkpoint or
-the new one (or, during the first save, no checkpoint: data files the next save removes). A load checks every file against the manifest and refuses a partial or corrupt checkpoint.
+the new one (or, during the first save, no checkpoint: data files the next save removes). A load checks
+every file against the manifest and refuses a partial or corrupt checkpoint.
 """
 from __future__ import annotations
 
