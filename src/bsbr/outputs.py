@@ -442,14 +442,15 @@ def checkpoint_strays(out: Path) -> Tuple[list, bool]:
 
 def resume_strays(out: Path) -> Optional[list]:
     """What a resumed distill run's model, published over the directory ``out``, would replace that no bsbr
-    command wrote: their names (``checkpoint/NAME`` inside its checkpoint folder; [] for a file of a name bsbr
-    writes that is no BSBR model's), or None when there is none (nothing but an empty checkpoint folder, as a
-    first save killed at once leaves, or a bsbr output)."""
+    command wrote: their names (``checkpoint/NAME`` inside its checkpoint folder; for files of the names bsbr
+    writes, beside no BSBR model: the entries at the top), or None when there is none (nothing but an empty
+    checkpoint folder, as a first save killed at once leaves, or a bsbr output)."""
     ckpt = out / "checkpoint"
     empty = ckpt.is_dir() and not ckpt.is_symlink() and not any(ckpt.iterdir())
-    if not any(e != ckpt or not empty for e in out.iterdir()) or is_bsbr_output(out):
+    entries = sorted(e.name for e in out.iterdir() if e != ckpt or not empty)
+    if not entries or is_bsbr_output(out):
         return None
-    return checkpoint_strays(out)[0]
+    return checkpoint_strays(out)[0] or [e for e in entries if e != ckpt.name] or entries
 
 
 def is_bsbr_output(out: Path) -> bool:

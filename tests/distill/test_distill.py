@@ -89,7 +89,7 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
     for ckpt in (False, True):  # resume=True with no checkpoint (or an empty folder) replaced them
         if ckpt:
             (mine / "checkpoint").mkdir()
-        with pytest.raises(ValueError, match="holds files no bsbr command wrote.*resume=True replaces only"):
+        with pytest.raises(ValueError, match=r"holds files no bsbr command wrote \(config.json, ...\): resume=True "):
             distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True)
     (mine / "config.json").rename(tmp_path / "config.json")  # an empty checkpoint folder alone: started fresh
     distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True, progress=False)

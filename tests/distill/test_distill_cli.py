@@ -893,5 +893,8 @@ def test_a_first_save_killed_before_its_manifest_is_no_checkpoint(models, text, 
         line = refused(capsys, [*distill_args(models, text, out, "--steps", "1"), "--resume"], "distill", out)
         assert "holds files no bsbr command wrote (README.md): the resumed run's model" in line, line
         assert (out / "README.md").read_text() == "mine"
-    (out / "README.md").unlink()  # an empty checkpoint folder alone (a first save killed at once): started fresh
+    (out / "README.md").rename(out / "tokenizer.json")  # a name bsbr writes, beside no BSBR model: named too
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "1"), "--resume"], "distill", out)
+    assert "holds files no bsbr command wrote (tokenizer.json): the resumed run's model" in line, line
+    (out / "tokenizer.json").unlink()  # an empty checkpoint folder alone (a first save killed at once): started fresh
     assert main([*distill_args(models, text, out, "--steps", "1"), "--resume"]) == 0

@@ -380,7 +380,7 @@ def test_a_beam_searchs_returned_cache_is_not_continued():
                          **kw)
     whole = torch.cat([out.sequences, torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
     for cache in (out.cache, out.cache.select(torch.tensor([1, 0]))):
-        with pytest.raises(ValueError, match="a beam search's returned cache follows its last beams"):
+        with pytest.raises(ValueError, match="a beam search left this cache following its last beams"):
             model.generate(whole, cache=cache, max_new_tokens=4, **kw)
     # a greedy generation's cache is continued as before
     out = model.generate(ids, max_new_tokens=6, return_dict_in_generate=True, **kw)
@@ -404,3 +404,18 @@ def test_a_cache_reordered_by_hand_is_continued():
     cache.reorder_cache(idx)
     assert torch.equal(model.generate(text, attention_mask=mask, cache=cache, **kw),
                        model.generate(text, attention_mask=mask, **kw))
+
+
+def test_a_cache_a_beam_search_continued_in_place_is_not_continued_again():
+    # a cache given to a beam search that returns a tensor is reordered to its last beams in place: continued
+    # afterwards, a row read another beam's text, silently
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK).eval()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids[:, :-1].repeat(2, 1), use_cache=True).cache  # one row per beam
+    seq = model.generate(ids, cache=cache, num_beams=2, num_return_sequences=2, max_new_tokens=6, **kw)
+    new = torch.cat([seq[:, -1:], torch.tensor([[5, 6, 7]] * 2)], 1)
+    for given in (dict(cache=cache), dict(cache=None, past_key_values=cache)):
+        with pytest.raises(ValueError, match="a beam search left this cache following its last beams"):
+            model.generate(new, max_new_tokens=4, **given, **kw)

@@ -388,9 +388,10 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             p.name != "checkpoint" and not p.name.startswith(".final.tmp-") for p in output_dir.iterdir()):
         raise ValueError(f"output_dir {output_dir} holds files, which the model would replace: give a new or empty "
                          "directory, or overwrite=True")
-    if output_dir.is_dir() and (overwrite and any(output_dir.iterdir()) and not is_bsbr_output(output_dir)
-                                or resume and resume_strays(output_dir) is not None):
-        mine = "".join(f" ({name}, ...)" for name in not_written(output_dir)[:1])
+    strays = resume_strays(output_dir) if resume and output_dir.is_dir() else None
+    if strays is not None or output_dir.is_dir() and overwrite and any(output_dir.iterdir()) and \
+            not is_bsbr_output(output_dir):
+        mine = "".join(f" ({name}, ...)" for name in (not_written(output_dir) if strays is None else strays)[:1])
         flag = "overwrite" if overwrite else "resume"
         raise ValueError(f"output_dir {output_dir} holds files no bsbr command wrote{mine}: {flag}=True replaces only "
                          "a bsbr output (a BSBR model, its records or a checkpoint); move them or choose another "

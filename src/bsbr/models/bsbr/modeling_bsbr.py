@@ -23,7 +23,6 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -175,7 +174,7 @@ class BSBRCache:
         self.n_positions = n_positions  # input positions consumed, padding included
         self.digest = digest
         self.built_with = built_with
-        self.beams = False  # a beam search returned it: its rows follow its last beams, not the sequences
+        self.beams = False  # a beam search left it: its rows follow its last beams, not the sequences
 
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
@@ -411,7 +410,8 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
 
     def where(field):  # the config.json, unless the value came from from_pretrained's arguments
         return f"from_pretrained's {field}" if field in (overrides or {}) else \
-            f"{path / 'config.json'}" if saved.get(field) == config[field] else "from_pretrained's config"
+            f"{path / 'config.json'}" if saved.get(field) == config[field] else \
+            "the config from_pretrained was given (or built from its keyword arguments)"
 
     layers, embedding = 0, None
     for f in sorted(path.glob("*.safetensors")):
@@ -855,14 +855,20 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("position_ids: generate places each token by the cache's per-sequence counter and "
                              "cannot follow given positions; call the model with position_ids= and cache= step by "
                              "step instead")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if getattr(cache, "beams", False):
-            raise ValueError("cache: a beam search's returned cache follows its last beams, not the sequences it "
+        cache = kwargs.get("cache")
+        if getattr(kwargs.get("past_key_values") if cache is None else cache, "beams", False):
+            raise ValueError("cache: a beam search left this cache following its last beams, not the sequences it "
                              "returned (sorted by score; finished ones left the beams): generate without cache=, or "
                              "continue the cache of a greedy or sampled generation")
-        out = super().generate(*args, **kwargs)
-        if isinstance(out, GenerateBeamDecoderOnlyOutput) and isinstance(getattr(out, "cache", None), BSBRCache):
-            out.cache.beams = True
+        return super().generate(*args, **kwargs)
+
+    def _beam_search(self, *args, **model_kwargs):
+        """transformers' beam search (and beam sampling); the cache it leaves, given or handed back, is marked
+        (``BSBRCache.beams``): its rows follow the last beams, not the sequences returned."""
+        out = super()._beam_search(*args, **model_kwargs)
+        for cache in (model_kwargs.get("cache"), model_kwargs.get("past_key_values"), getattr(out, "cache", None)):
+            if isinstance(cache, BSBRCache):
+                cache.beams = True
         return out
 
     def init_continuous_batching(self, *args, **kwargs):
