@@ -213,3 +213,40 @@ def test_the_speed_plot_draws_its_lines_in_length_order(tmp_path, monkeypatch):
                   decode=[dict(context=n, source_ms_per_token=1, bsbr_ms_per_token=1) for n in (40, 10)])
     plots.plot_converted(result, tmp_path / "s.png", "tiny")
     assert drawn == {0: [[16, 32, 64]] * 2, 1: [[10, 40]] * 2}
+
+
+def test_bench_converted_refuses_a_context_predicted_to_run_for_hours(tmp_path, monkeypatch, capsys):
+    """A typo's context (a digit too many) started hours of the source's full-attention prefill before any
+    message: it is refused from one 1,024-token prefill's time, before the conversion, and nothing is written."""
+    from bsbr.cli import main
+
+    source, _ = _llama_pair()
+    source.save_pretrained(tmp_path / "src")
+    out = tmp_path / "r.json"
+    assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "16", "--repeats",
+                 "1", "--decode-contexts", "1048576", "--max-seconds", "1", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after save_pretrained's progress bar)
+    assert err.startswith("bsbr bench converted: error: --decode-contexts 1048576: the source's prefill is predicted "
+                          "to take ") and err.endswith("> --max-seconds 1: give a shorter length, or a larger "
+                                                      "--max-seconds")
+    assert not out.exists()
+
+
+def test_bench_converted_refuses_a_context_whose_caches_would_not_fit(tmp_path, monkeypatch, capsys):
+    """Both models' caches at a decode context count toward the memory a length needs (the source's cache bytes
+    per token, measured, twice); a prefill length needs less."""
+    import bsbr.bench.converted as converted
+    from bsbr.cli import main
+
+    source, _ = _llama_pair()
+    source.save_pretrained(tmp_path / "src")
+    needs = []
+    monkeypatch.setattr(converted, "memory_refusal",
+                        lambda need: needs.append(need) or ("would need too much" if len(needs) == 2 else None))
+    assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "4096",
+                 "--repeats", "1", "--decode-contexts", "4096"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "bsbr bench converted: error: --decode-contexts 4096: the two models would need too much: "
+        "give a shorter length")
+    per_token = cache_bytes(source(torch.zeros(1, 8, dtype=torch.long), use_cache=True).cache) / 8
+    assert needs[1] - needs[0] == pytest.approx(2 * per_token * 4096)

@@ -19,11 +19,12 @@ from ..arguments import check_default_model, check_model_arg, check_positions, l
 from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
                            check_position_options, conversion_options, convert_source)
 from ..errors import UserError
-from ..numbers import MAX_REPEATS, integer
+from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
                      set_threads, write_outputs)
 from ..models.heads import output_object
-from .memory import measure_peak
+from .layers import CALIBRATION_LEN
+from .memory import MiB, measure_peak, memory_refusal
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,48 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
                                          **output_object(models[name]))
                 times[name].append(time.perf_counter() - t0)
     return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
+
+
+MAX_SECONDS = 7200.0  # per prefill: the default run's longest (the source at 32k, ~11 min predicted) passes, 10x not
+
+
+def prefill_macs(model, n: int) -> float:
+    """Multiply-adds of a causal prefill of ``n`` tokens: each weight outside the embeddings once per token, and
+    for each of the n^2/2 query-key pairs a product with the key and one with the value in every layer's heads."""
+    return n * model.num_parameters(exclude_embeddings=True) + n * n * model.config.num_hidden_layers * \
+        model.config.hidden_size
+
+
+def refuse_long_runs(source, seq_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float) -> None:
+    """Refuse, before any timed call, a length whose source prefill is predicted to pass ``max_seconds`` (one
+    prefill of :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens, scaled by :func:`prefill_macs`) or not to fit in
+    memory (that prefill's peak, linear in the length; at a decode context both models' caches too, BSBR's taken
+    as the source's: 1.0-1.6x it, docs/findings.md): a typo's context must not start hours of the source's
+    attention or an out-of-memory kill. Lengths up to the calibration's run unchecked."""
+    asked = [("--seq-lens", n) for n in seq_lens] + [("--decode-contexts", n) for n in decode_contexts]
+    if max((n for _, n in asked), default=0) <= CALIBRATION_LEN:
+        return
+    ids = torch.zeros(1, CALIBRATION_LEN, dtype=torch.long)
+
+    def prefill():
+        return source(ids, use_cache=True, logits_to_keep=1, **output_object(source))
+
+    with torch.no_grad():
+        peak = (measure_peak(prefill).extra_mb or 0.0) * MiB  # (the warm-up call)
+        t0 = time.perf_counter()
+        cache = prefill().cache
+        seconds = time.perf_counter() - t0
+    cache_per_token = cache_bytes(cache) / CALIBRATION_LEN
+    for flag, n in asked:
+        predicted = seconds * prefill_macs(source, n) / prefill_macs(source, CALIBRATION_LEN)
+        if predicted > max_seconds:
+            raise UserError(f"{flag} {n}: the source's prefill is predicted to take {predicted / 60:,.0f} minutes "
+                            f"(one of {CALIBRATION_LEN} tokens took {seconds:.1f} s) > --max-seconds {max_seconds:g}: "
+                            "give a shorter length, or a larger --max-seconds")
+        need = peak * n / CALIBRATION_LEN + (2 * cache_per_token * n if flag == "--decode-contexts" else 0)
+        reason = memory_refusal(need)
+        if reason:
+            raise UserError(f"{flag} {n}: the two models {reason}: give a shorter length")
 
 
 PREFILL_LOGITS = "last position only (logits_to_keep=1, as generate's prefill)"
@@ -177,9 +220,10 @@ def cmd(args) -> int:
                          for n in args.decode_contexts])
     name = ("the --gpt2-small-random source" if args.gpt2_small_random
             else f"SOURCE {args.source or 'the bundled SmolLM2'}")
+    set_threads(args)
+    refuse_long_runs(source, args.seq_lens, args.decode_contexts, args.max_seconds)  # (before converting)
     converted = convert_source(source, options, name).eval()
     check_position_options(args, name, converted.config.position_type)
-    set_threads(args)
     result = bench_converted(source, converted, args.seq_lens, args.repeats, args.decode_contexts, decode_steps)
     result["config"].update(model=source_name(args.source) if local else title, conversion=options)
     print("\n".join(speed_lines(result)))
@@ -199,5 +243,8 @@ def register(bench_sub) -> None:
     p.add_argument("--decode-steps", type=integer(), default=None,
                    help="tokens generated per decode context, each step timed (default 8)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="timed runs per prefill (default 3)")
+    p.add_argument("--max-seconds", type=finite_number(positive=True), default=MAX_SECONDS,
+                   help=f"refuse lengths whose source prefill is predicted (from one of {CALIBRATION_LEN:,} tokens) "
+                        f"to take longer (default {MAX_SECONDS:g})")
     add_output_arguments(p, "the prefill and decode plot")
     p.set_defaults(func=cmd)
