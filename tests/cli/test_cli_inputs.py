@@ -1140,6 +1140,9 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
     # a pad or bos id past the vocabulary (an added [PAD], carried over by convert) is never read by one prompt
     (chat / "generation_config.json").write_text(json.dumps({"pad_token_id": vocab, "bos_token_id": vocab + 1}))
     assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
+    # nor a negative one (early Llama checkpoints ship pad -1, and convert carries it over: it was refused)
+    (chat / "generation_config.json").write_text(json.dumps({"pad_token_id": -1, "bos_token_id": -1}))
+    assert main(["generate", str(chat), "--prompt", "def", "--max-new-tokens", "2"]) == 0
     # several sequences asked for: transformers refused them under greedy (its words, naming no file)
     # (without do_sample the file is one transformers refuses to load a model with: refused below)
     (chat / "generation_config.json").write_text(json.dumps({"num_return_sequences": 2, "do_sample": True}))
@@ -1150,7 +1153,7 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
     for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}',
                 '{"num_return_sequences": 2}',
                 f'{{"forced_eos_token_id": {vocab}}}', f'{{"eos_token_id": [1, {vocab + 5000}]}}',
-                '{"pad_token_id": -1}', f'{{"suppress_tokens": [{vocab}]}}'):
+                '{"pad_token_id": 1.5}', f'{{"suppress_tokens": [{vocab}]}}'):
         (chat / "generation_config.json").write_text(bad)
         line = refused(capsys, ["generate", chat, "--prompt", "def"], "generate")
         assert "generation_config.json cannot be used" in line and "fix or delete it" in line, (bad, line)

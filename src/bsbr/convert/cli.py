@@ -296,7 +296,8 @@ def _prompt_text(args) -> str:
 
 
 # generation_config.json's token ids (or lists of them) that generate() reads from one prompt: below the vocabulary
-# (an eos past it never stops generation, a forced one is an IndexError); pad and bos, never read here, only >= 0
+# (an eos past it never stops generation, a forced one is an IndexError); pad and bos, never read here, only ints
+# (early Llama checkpoints ship pad -1, which transformers takes)
 _TOKEN_FIELDS = ("eos_token_id", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
                  "begin_suppress_tokens")
 
@@ -320,7 +321,7 @@ def _check_generation_config(path: Path, vocab: Optional[int] = None) -> None:
         for name in (*_TOKEN_FIELDS, "pad_token_id", "bos_token_id"):
             value, top = getattr(config, name, None), vocab if name in _TOKEN_FIELDS else None
             ids = value if isinstance(value, list) else [value]
-            if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (top or i + 1)
+            if not all(i is None or isinstance(i, int) and not isinstance(i, bool) and (top is None or 0 <= i < top)
                        for i in ids):
                 raise ValueError(f"{name} must be a token id{'' if top is None else f' below {top:,} (the vocabulary)'}"
                                  f" or a list of them, got {value!r}")
