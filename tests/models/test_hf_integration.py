@@ -174,6 +174,44 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
     assert torch.equal(model.generate(ids, cache=cache, **kw)[:, -6:], ref)
 
 
+def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
+    """A chat template's next turn tokenizes the model's reply again, some of its tokens split or merged
+    otherwise: the whole text no longer begins with the cache's ids anywhere but in its first ones, was read as
+    new tokens, the cached text twice, without a word. Texts that begin with the cache's first 4, 8, 16, ... ids
+    but not with all of them are warned of; new tokens are not, nor a batch where some row does not begin so (new
+    tokens, as the others then are)."""
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=3, **GEN)
+    with torch.no_grad():
+        cache = model(ids[:, :30], use_cache=True).cache
+
+    def edit(at):
+        out = ids.clone()
+        for r, a in enumerate(at):
+            out[r, a] = (ids[r, a] + 1 - 3) % (VOCAB - 3) + 3
+        return out
+
+    for at, longest in (((5, 27), 4), ((14, 20), 8), ((20, 28), 16)):
+        with pytest.warns(UserWarning, match=rf"input_ids begin with the first {longest} ids the cache read but not "
+                                             "with all 30, so they are read as new tokens"):
+            model.generate(edit(at), cache=copy.deepcopy(cache), **kw)
+    with warnings.catch_warnings():  # one row edited at its first id: new tokens, as the other row then is
+        warnings.simplefilter("error")
+        model.generate(edit((0, 14)), cache=copy.deepcopy(cache), **kw)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():  # left padding: other ids under it are the same text
+        padded = model(ids[:, :30], attention_mask=mask, use_cache=True).cache
+    again = edit((20, 20))
+    again[1, :6] = 4
+    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 ids"):
+        model.generate(again, attention_mask=torch.cat([mask, torch.ones(2, 10, dtype=torch.long)], 1),
+                       cache=padded, **kw)
+    with warnings.catch_warnings():  # new tokens alone: no warning
+        warnings.simplefilter("error")
+        assert torch.equal(model.generate(ids[:, 30:], cache=cache, **kw), model.generate(ids, **kw)[:, 30:])
+
+
 def test_a_left_padded_cache_continues_with_the_whole_text_under_other_pad_ids(model):
     """The cache's hash covered the ids under padding: the whole text passed again with other ids there (a
     history rebuilt with another pad id) was taken for new tokens alone and read a second time, every row

@@ -127,6 +127,9 @@ LOADING = threading.RLock()
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
 _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
+# a text beginning with a cache's first 4, 8, 16, ... ids but not with all of them is warned of: the hashes of those
+# prefixes (up to MAX_TOKENS ids) are kept beside the whole text's
+_PREFIX_LENGTHS = tuple(4 << j for j in range(19))
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -160,10 +163,12 @@ class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
     holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
     transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
-    ``digest``: (b, 3) hashes of each row's input ids so far, as given, with padded positions alike, and as
-    given but the last (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole
-    text from the new tokens alone. ``built_with``: the :func:`built_with` options of the model that made it
-    (None: not known), so that a model built otherwise refuses it."""
+    ``digest``: (b, 3 + len(_PREFIX_LENGTHS)) hashes of each row's input ids so far, as given, with padded
+    positions alike, as given but the last, and of its first :data:`_PREFIX_LENGTHS` ids with padded positions
+    alike (those past the ids so far: not yet hashed) (None: not known, some came as inputs_embeds), by which
+    ``generate`` tells the whole text from the new tokens alone.
+    ``built_with``: the :func:`built_with` options of the model that made it (None: not known), so that a model
+    built otherwise refuses it."""
 
     is_compileable = False
     is_croppable = False
@@ -192,9 +197,15 @@ class BSBRCache:
         if input_ids is None or (self.n_positions and self.digest is None):
             self.digest = None
         else:
-            prev = (None, None) if self.digest is None else self.digest.unbind(-1)
+            prev = [None] * (3 + len(_PREFIX_LENGTHS)) if self.digest is None else list(self.digest.unbind(-1))
+            for j, length in enumerate(_PREFIX_LENGTHS):  # the prefixes this input completes
+                k = length - self.n_positions
+                if 0 < k <= input_ids.shape[1]:
+                    prev[3 + j] = text_digest(input_ids[:, :k], prev[1], None if real is None else real[:, :k])
+            zero = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             self.digest = torch.stack([text_digest(input_ids, prev[0]), text_digest(input_ids, prev[1], real),
-                                       text_digest(input_ids[:, :-1], prev[0])], -1)
+                                       text_digest(input_ids[:, :-1], prev[0]),
+                                       *(zero if h is None else h.to(zero.device) for h in prev[3:])], -1)
         self.n_positions += n
 
     def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> bool:
@@ -234,12 +245,30 @@ class BSBRCache:
                             "as new tokens; if they are the whole text tokenized again (the cached text's end merged "
                             "with what follows, e.g. a trailing space), the cached text is read twice: pass the new "
                             "tokens alone, or the cache's own ids followed by them")
+            elif not bool(same.any()):  # a token inside the text split or merged otherwise (a chat template's reply)
+                self._warn_of_a_shared_beginning(head, attention_mask[:, :n] != 0 if masked else None)
         if bool(same.any()) and not bool(same.all()):
             warn_caller(f"input_ids: rows {same.nonzero().flatten().tolist()} begin with the text the cache read, rows "
                         f"{(~same).nonzero().flatten().tolist()} do not, so every row is read as new tokens; if they "
                         "are whole texts, the cache's rows do not follow them (a row edited?) and each row reads its "
                         "text twice: pass the new tokens alone, or generate without cache=")
         return not bool(same.all())
+
+    def _warn_of_a_shared_beginning(self, head: torch.Tensor, real: Optional[torch.Tensor]) -> None:
+        """Warn when every row of ``head`` (b, n), the input's first n ids (n: the ids the cache read), begins with
+        the cache's first 4, 8, 16, ... ids though not with all n: more likely the whole text tokenized again than
+        new tokens (a row that does not is new tokens, and so are the others)."""
+        n, longest = head.shape[1], 0
+        for j, length in enumerate(_PREFIX_LENGTHS):
+            if length >= n or not bool((text_digest(head[:, :length], real=None if real is None else real[:, :length])
+                                        == self.digest[:, 3 + j].to(head.device)).all()):
+                break
+            longest = length
+        if longest:
+            warn_caller(f"input_ids begin with the first {longest} ids the cache read but not with all {n}, so they "
+                        "are read as new tokens; if they are the whole text tokenized again (a reply's tokens split or "
+                        "merged otherwise by a chat template), the cached text is read twice: pass the new tokens "
+                        "alone, or the cache's own ids followed by them")
 
     @property
     def n_seen(self) -> torch.Tensor:
