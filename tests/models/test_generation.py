@@ -60,6 +60,13 @@ def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
         with pytest.raises(ValueError, match="past_key_values"):
             model(ids[:, -1:], past_key_values=cache, cache=cache)
         model(ids, cache=None, past_key_values=None)  # both unset: no cache, no complaint
+    # generate too: transformers' own warning named bsbr's generate as the line (a filter on the caller's missed it)
+    kw = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    first = model.generate(ids[:, :20], **kw)
+    with pytest.warns(FutureWarning, match="past_key_values= is deprecated: pass the cache as cache=") as said:
+        old = model.generate(ids[:, 23:], past_key_values=copy.deepcopy(first.cache), **kw)
+    assert [w.filename for w in said if w.category is FutureWarning] == [__file__]
+    assert torch.equal(old.sequences, model.generate(ids[:, 23:], cache=first.cache, **kw).sequences)
 
 
 def test_greedy_generate_equals_argmax_of_full_forward(model):

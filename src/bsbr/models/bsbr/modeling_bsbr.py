@@ -794,7 +794,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             from transformers.cache_utils import Cache
 
             hint = (": a cache of keys and values made elsewhere (e.g. peft's prefix tuning) cannot be read by BSBR "
-                    "layers (LoRA and prompt tuning can)" if isinstance(cache, Cache) else "")
+                    "layers (LoRA can, and prompt tuning generating with use_cache=False: README)" if isinstance(cache, Cache) else "")
             raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got "
                             f"{type(cache).__name__}{hint}")
         if cache.built_with is not None and cache.built_with is not self._built_with and (
@@ -878,14 +878,17 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate``; ``position_ids`` are refused: a BSBR cache places each new token by its
-        sequence's own counter (a forward with ``position_ids=`` and ``cache=`` takes any positions)."""
+        sequence's own counter (a forward with ``position_ids=`` and ``cache=`` takes any positions). The cache
+        passed as the deprecated ``past_key_values`` is warned of at the caller's line."""
         drafting = getattr(kwargs.get("generation_config"), "is_assistant", False)  # refused in words below
         if kwargs.get("position_ids") is not None and not drafting:
             raise ValueError("position_ids: generate places each token by the cache's per-sequence counter and "
                              "cannot follow given positions; call the model with position_ids= and cache= step by "
                              "step instead")
+        if kwargs.get("past_key_values") is not None:  # (renamed here: transformers' warning named bsbr's line)
+            kwargs["cache"] = _cache_argument(kwargs.get("cache"), kwargs)
         cache = kwargs.get("cache")
-        if getattr(kwargs.get("past_key_values") if cache is None else cache, "beams", False):
+        if getattr(cache, "beams", False):
             raise ValueError("cache: a beam search left this cache following its last beams, not the sequences it "
                              "returned (sorted by score; finished ones left the beams): generate without cache=, or "
                              "continue the cache of a greedy or sampled generation")
