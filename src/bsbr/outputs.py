@@ -292,7 +292,8 @@ _WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "model
             "conversion.json", "distill.json", "distill.png", "eval.json", "eval.png", "speed.json", "speed.png",
             "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
             "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-            "chat_template.json", "bsbr_auto.py"}
+            "chat_template.json"}
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the weight shards save_pretrained writes
 
 
 # what bsbr stages and leaves when killed: ".NAME.tmp-" (and ".NAME.old-": an output being replaced) and
@@ -310,11 +311,19 @@ def _chat_templates(entry: Path) -> bool:
 
 def _written_name(name: str) -> bool:
     """Whether a file of this name is one bsbr writes at the top of an output (:data:`_WRITTEN`, weight shards)."""
-    return name in _WRITTEN or (name.startswith("model-") and name.endswith(".safetensors"))
+    return name in _WRITTEN or bool(_SHARD.fullmatch(name))
 
 
 # SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03), which --overwrite also replaces
 _EARLIER_CARDS = {"0306ce1d1899582c5d13ca55cb7d4a667e42f31f1f3621d5f678b3d2fbc6b198"}
+
+
+def _holds(path: Path, text: str) -> bool:
+    """Whether ``path`` holds ``text`` exactly."""
+    try:
+        return path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _is_model_card(path: Path) -> bool:
@@ -347,6 +356,10 @@ def _written_entry(entry: Path) -> bool:
         return _chat_templates(entry) or entry.name == "model" and is_bsbr_output(entry)
     if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
         return _is_model_card(entry)
+    if entry.name == "bsbr_auto.py":  # the same: the module config.json's auto_map names, as bsbr writes it
+        from .models.bsbr.configuration_bsbr import AUTO_CODE
+
+        return _holds(entry, AUTO_CODE)
     return _written_name(entry.name)
 
 
@@ -528,7 +541,7 @@ def _leftovers_inside(out: Path) -> list:
     if len(staged) == len(entries):
         return entries
     moved_in = staged and not (out / "config.json").exists() and all(
-        e in staged or (e.is_file() and not e.is_symlink() and _written_name(e.name)) or _chat_templates(e)
+        e in staged or (e.is_file() and not e.is_symlink() and _written_entry(e)) or _chat_templates(e)
         for e in entries)
     return entries if moved_in else None
 

@@ -585,6 +585,17 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     shutil.copy(Path(__file__).parent / "data" / "model_card_before_2026-12-03.md", mine / "README.md")
     assert bsbr.outputs.is_bsbr_output(mine)
     (mine / "README.md").write_text(card)
+    # a backup of the weights named like a shard (model-*.safetensors), the auto_map module edited: the user's
+    shutil.copy(mine / "model.safetensors", mine / "model-before-distill.safetensors")
+    line = refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    assert "holds files no bsbr command wrote" in line and "model-before-distill.safetensors" in line, line
+    (mine / "model-before-distill.safetensors").unlink()
+    auto = (mine / "bsbr_auto.py").read_text()
+    (mine / "bsbr_auto.py").write_text(auto + "import my_plugin\n")
+    line = refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
+    assert "holds files no bsbr command wrote" in line and "bsbr_auto.py" in line, line
+    (mine / "bsbr_auto.py").write_text(auto)
+    assert bsbr.outputs.is_bsbr_output(mine)
     (mine / "checkpoint").mkdir()  # a folder named like distill's, of other files
     (mine / "checkpoint" / "my_weights.pt").write_text("w")
     assert "holds files no bsbr command wrote" in refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)

@@ -228,6 +228,49 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=f"nan or inf: {name}"):
             load(tmp_path)
     assert torch.isnan(BSBRForCausalLM.from_pretrained(tmp_path, strict=False).get_parameter(name)).any()
+    # offloaded to disk by accelerate, a weight is on the meta device after loading: it was not checked
+    pytest.importorskip("accelerate")
+    with pytest.raises(ValueError, match=f"nan or inf: {name}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+
+
+def test_only_the_weight_files_transformers_loads_are_read(tmp_path, monkeypatch):
+    """Another .safetensors file beside the model (a user's token cache) made the strict checks refuse it; a
+    file path was loaded with torch.load (a .bin pickle unpickled, config.json "unpickled")."""
+    from safetensors.torch import save_file
+
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    model.save_pretrained(tmp_path / "m")
+    save_file({"ids": torch.arange(10)}, tmp_path / "m" / "token_cache.safetensors")
+    for load in (AutoModelForCausalLM.from_pretrained, load_bsbr_model):
+        load(tmp_path / "m")
+    torch.save(model.state_dict(), tmp_path / "weights.bin")
+
+    def unpickled(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", unpickled)
+    for path in (tmp_path / "weights.bin", tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors"):
+        with pytest.raises(OSError, match="is a file, not a model folder: give the folder save_pretrained wrote"):
+            BSBRForCausalLM.from_pretrained(path, config=model.config)
+        with pytest.raises(OSError):  # (transformers' Auto class refuses a file path before it)
+            AutoModelForCausalLM.from_pretrained(path, config=model.config)
+
+
+def test_a_save_in_the_other_layout_removes_the_earlier_saves_file(tmp_path):
+    """A sharded save over a single-file one left model.safetensors, which transformers loads first: the old
+    weights, silently (and a single-file save over a sharded one left its index)."""
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for shard in ("4KB", None, "4KB"):
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)
+            want = model(ids).logits
+        model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+        assert (tmp_path / "model.safetensors").is_file() != bool(shard)
+        assert (tmp_path / "model.safetensors.index.json").is_file() == bool(shard)
+        with torch.no_grad():
+            torch.testing.assert_close(BSBRForCausalLM.from_pretrained(tmp_path)(ids).logits, want)
 
 
 def test_strict_false_loads_a_weight_of_another_shape_as_the_refusal_says(tmp_path):

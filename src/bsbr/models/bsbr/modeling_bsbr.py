@@ -351,7 +351,11 @@ def built_with(config) -> dict:
 def refuse_pickled_weights(path: Path) -> None:
     """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files, or has a
     safetensors index naming files of another kind: they are pickles, which bsbr never loads (even with
-    torch's restricted unpickler)."""
+    torch's restricted unpickler), or when ``path`` is a file (transformers loads a file named as the model with
+    torch.load, whatever its kind)."""
+    if path.exists() and not path.is_dir():
+        raise OSError(f"{path} is a file, not a model folder: give the folder save_pretrained wrote (its config.json "
+                      "and model.safetensors); bsbr never loads weights by a file's path (a .bin is a pickle)")
     if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise OSError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): save them as "
                       "safetensors (model.save_pretrained(DIR) does by default)")
@@ -395,21 +399,29 @@ def refuse_other_model_type(path: Path) -> None:
                          f"its family (bsbr convert {command_path(path)} OUT, or bsbr.convert_to_bsbr)")
 
 
-def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False) -> None:
-    """Raise ValueError when a ``.safetensors`` file in the model directory ``path`` holds a weight that is
-    not float16/32/64 or bfloat16 (an integer, bool or scaled float8/float4 tensor would be cast silently into a
-    float parameter). ``names``: only these weights (those a model loaded), from the files it reads;
-    ``scaled_only``: only scaled float weights (float4 fails to load at all), from the files it reads."""
+def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
+    """The safetensors files of the model directory ``path`` that transformers loads: ``model.safetensors``, else
+    the shards ``model.safetensors.index.json`` names (those that exist; ``variant``: ``model.VARIANT.safetensors``
+    and ``model.safetensors.index.VARIANT.json``). Other ``.safetensors`` files beside them are not the model's."""
+    single = path / (f"model.{variant}.safetensors" if variant else "model.safetensors")
+    if single.is_file():
+        return [single]
+    index = path / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return [f for f in sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+                if f.is_file()]  # (a missing shard: transformers names it)
+    return []
+
+
+def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, variant: Optional[str] = None
+                             ) -> None:
+    """Raise ValueError when the model directory ``path``'s weight files (:func:`weight_files`) hold a weight
+    that is not float16/32/64 or bfloat16 (an integer, bool or scaled float8/float4 tensor would be cast silently
+    into a float parameter). ``names``: only these weights (those a model loaded); ``scaled_only``: only scaled
+    float weights (float4 fails to load at all)."""
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    index = path / "model.safetensors.index.json"
-    if names is not None or scaled_only:  # (as transformers reads them: model.safetensors, else the index's shards)
-        files = [f for f in files if f.name == "model.safetensors"]
-        if not files and index.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    for f in files:
+    for f in weight_files(path, variant) if path.is_dir() else ():
         with safe_open(str(f), "pt") as st:
             for name in st.keys() if names is None else set(st.keys()) & set(names):
                 dtype = st.get_slice(name).get_dtype()
@@ -422,7 +434,28 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False) 
 _SIZES = ("num_hidden_layers", "vocab_size", "hidden_size")
 
 
-def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[dict] = None) -> None:
+def nonfinite_weights(path: Path, names, variant: Optional[str] = None) -> List[str]:
+    """The weights among ``names`` that hold nan or inf in the model directory ``path``'s weight files, read one at
+    a time (a model offloaded to disk holds none of them in memory)."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in weight_files(path, variant):
+        with safe_open(str(f), "pt") as st:
+            bad += [n for n in sorted(set(st.keys()) & set(names)) if not bool(torch.isfinite(st.get_tensor(n)).all())]
+    return sorted(bad)
+
+
+def _identity(path: Path):
+    """(inode, size, mtime) of a file, or None: a file rewritten since has another."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+    return None
+
+
+def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[dict] = None,
+                                  variant: Optional[str] = None) -> None:
     """Raise ValueError, before a model is built, when the config it is built from (``given``, a config object,
     else ``path``'s config.json, with ``overrides``: from_pretrained's keyword arguments) asks for more layers
     than ``path``'s ``.safetensors`` weights hold, or an embedding of another shape (a hand edit of 30 layers to
@@ -443,7 +476,7 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
             "the config from_pretrained was given (or built from its keyword arguments)"
 
     layers, embedding = 0, None
-    for f in sorted(path.glob("*.safetensors")):
+    for f in weight_files(path, variant):
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
@@ -518,11 +551,12 @@ class BSBRPreTrainedModel(PreTrainedModel):
             kwargs.setdefault("ignore_mismatched_sizes", True)
             with LOADING:
                 return super().from_pretrained(*args, **kwargs)
+        variant = kwargs.get("variant")
         if local is not None:
-            refuse_non_float_weights(local)
+            refuse_non_float_weights(local, variant=variant)
             given = kwargs.get("config")
             if given is None or isinstance(given, PretrainedConfig):  # (a config named by a path: not read here)
-                refuse_sizes_past_the_weights(local, given, {k: kwargs[k] for k in _SIZES if k in kwargs})
+                refuse_sizes_past_the_weights(local, given, {k: kwargs[k] for k in _SIZES if k in kwargs}, variant)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
         with LOADING:
@@ -541,6 +575,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
                              f"from_pretrained(..., strict=False) loads it anyway)")
         bad = sorted(n for n, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all()))
+        offloaded = {n for n, p in model.named_parameters() if p.is_meta}  # (device_map's disk: read from the files)
+        if offloaded and local is not None:
+            bad += nonfinite_weights(local, offloaded, variant)
         if bad:  # (a diverged run's weights generate blanks or fail to sample)
             raise ValueError(f"the BSBR checkpoint {where}: weights hold nan or inf: {', '.join(bad[:3])}"
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; from Python, from_pretrained(..., strict=False) loads them)")
@@ -557,9 +594,20 @@ class BSBRPreTrainedModel(PreTrainedModel):
         from ... import __version__
 
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
+        variant = kwargs.get("variant")
+        layouts = [Path(save_directory) / (f"model.{variant}.safetensors" if variant else "model.safetensors"),
+                   Path(save_directory) / (f"model.safetensors.index.{variant}.json" if variant else
+                                           "model.safetensors.index.json")]
+        before = [_identity(f) for f in layouts]
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
             self._write_auto_code(save_directory)
+            after = [_identity(f) for f in layouts]
+            if all(after) and after != before:  # the other layout's file, left from an earlier save (transformers
+                # leaves it, and loads model.safetensors first: the old weights, silently)
+                stale = [f for f, b, a in zip(layouts, before, after) if a == b]
+                for f in stale[:1]:
+                    f.unlink()
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         """``push_to_hub`` (and ``save_pretrained(push_to_hub=True)``) uploads the files changed since the save
