@@ -57,7 +57,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     import torch
 
     from .bench.common import DEFAULT_THREADS
-    from .bench.converted import bench_converted, speed_lines
+    from .bench.converted import MAX_SECONDS, bench_converted, refuse_long_runs, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
     from .convert.cli import convert_source, save_conversion
@@ -87,6 +87,13 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
                         lambda table: f"give --decode-contexts at most {table - DECODE_STEPS:,}")
                        for n in args.decode_contexts])
     warn_past_rotary_positions(source, "--source", [("--seq-len", args.seq_len)])  # (its perplexity: no bound there)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS)  # (predicted at the speed step's thread count)
+    try:  # a typo's length must not start hours of the source's attention after the conversion and evaluation
+        refuse_long_runs(source, args.speed_lens, args.decode_contexts, MAX_SECONDS, prefill_flag="--speed-lens",
+                         budget_flag=None)
+    finally:
+        torch.set_num_threads(threads)
     options = dict(chunk_size=args.chunk_size, compression_factor=None, **resolve_options({}))
     model = convert_source(source, options, f"--source {source_label(args.source)}")
     model_dir = out / "model"

@@ -89,6 +89,23 @@ def test_demo_refuses_a_corpus_too_small_for_one_window_before_loading(models, t
     assert "not enough for one window of 1048576" in line and not (tmp_path / "out").exists()
 
 
+def test_demo_refuses_a_speed_length_predicted_to_run_for_hours_before_converting(models, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A typo in --speed-lens or --decode-contexts started hours of the source's prefill after the conversion
+    and the evaluation; it is refused from one 1,024-token prefill of the source (the limit lowered here, the
+    tiny source being fast), before converting, and nothing is written."""
+    source, _, _ = models
+    monkeypatch.setattr("bsbr.bench.converted.MAX_SECONDS", 1e-9)
+    monkeypatch.setattr("bsbr.convert.cli.convert_source", lambda *a: pytest.fail("converted the source"))
+    for flag, lengths in (("--speed-lens", ["--speed-lens", "2048", "--decode-contexts"]),
+                          ("--decode-contexts", ["--speed-lens", "64", "--decode-contexts", "2048"])):
+        line = refused(capsys, ["demo", "--source", source, "--output", tmp_path / "out", "--chunk-size", "8",
+                                "--seq-len", "64", "--no-passkey", *lengths], "demo")
+        assert line.startswith(f"bsbr demo: error: {flag} 2048: the source's prefill is predicted to take ") and \
+            line.endswith("> 1e-09 s: give a shorter length"), line
+        assert not (tmp_path / "out").exists()
+
+
 def test_demo_warns_of_a_seq_len_past_the_sources_rotary_positions(models, tmp_path, capsys, monkeypatch, caplog):
     # eval warns that the source's perplexity degrades there; the demo compared against it without a word
     source, _, _ = models

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -100,13 +100,15 @@ def prefill_macs(model, n: int) -> float:
         model.config.hidden_size
 
 
-def refuse_long_runs(source, seq_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float) -> None:
+def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float, *,
+                     prefill_flag: str = "--seq-lens", budget_flag: Optional[str] = "--max-seconds") -> None:
     """Refuse, before any timed call, a length whose source prefill is predicted to pass ``max_seconds`` (one
     prefill of :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens, scaled by :func:`prefill_macs`) or not to fit in
     memory (that prefill's peak, linear in the length; at a decode context both models' caches too, BSBR's taken
     as the source's: 1.0-1.6x it, docs/findings.md): a typo's context must not start hours of the source's
-    attention or an out-of-memory kill. Lengths up to the calibration's run unchecked."""
-    asked = [("--seq-lens", n) for n in seq_lens] + [("--decode-contexts", n) for n in decode_contexts]
+    attention or an out-of-memory kill. Lengths up to the calibration's run unchecked. The flags name the lengths
+    (``prefill_flag``, ``--decode-contexts``) and the limit (``budget_flag``; None: a fixed limit) in a refusal."""
+    asked = [(prefill_flag, n) for n in prefill_lens] + [("--decode-contexts", n) for n in decode_contexts]
     if max((n for _, n in asked), default=0) <= CALIBRATION_LEN:
         return
     ids = torch.zeros(1, CALIBRATION_LEN, dtype=torch.long)
@@ -121,11 +123,15 @@ def refuse_long_runs(source, seq_lens: Sequence[int], decode_contexts: Sequence[
         seconds = time.perf_counter() - t0
     cache_per_token = cache_bytes(cache) / CALIBRATION_LEN
     for flag, n in asked:
+        if n <= CALIBRATION_LEN:
+            continue
         predicted = seconds * prefill_macs(source, n) / prefill_macs(source, CALIBRATION_LEN)
         if predicted > max_seconds:
-            raise UserError(f"{flag} {n}: the source's prefill is predicted to take {predicted / 60:,.0f} minutes "
-                            f"(one of {CALIBRATION_LEN} tokens took {seconds:.1f} s) > --max-seconds {max_seconds:g}: "
-                            "give a shorter length, or a larger --max-seconds")
+            limit = f"{budget_flag} {max_seconds:g}" if budget_flag else f"{max_seconds:g} s"
+            raise UserError(f"{flag} {n}: the source's prefill is predicted to take "
+                            f"{f'{predicted / 60:,.0f} minutes' if predicted >= 60 else f'{predicted:.2g} s'} "
+                            f"(one of {CALIBRATION_LEN} tokens took {seconds:.1f} s) > {limit}: give a shorter length"
+                            + (f", or a larger {budget_flag}" if budget_flag else ""))
         need = peak * n / CALIBRATION_LEN + (2 * cache_per_token * n if flag == "--decode-contexts" else 0)
         reason = memory_refusal(need)
         if reason:
