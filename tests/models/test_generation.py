@@ -1,5 +1,6 @@
 """Cached decoding = a full forward; left-padded batches = each prompt alone."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -67,6 +68,15 @@ def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
         old = model.generate(ids[:, 23:], past_key_values=copy.deepcopy(first.cache), **kw)
     assert [w.filename for w in said if w.category is FutureWarning] == [__file__]
     assert torch.equal(old.sequences, model.generate(ids[:, 23:], cache=first.cache, **kw).sequences)
+    with warnings.catch_warnings():  # None is unset (a chat loop's first turn): no warning, from either name
+        warnings.simplefilter("error")
+        model.generate(ids[:, :20], past_key_values=None, **kw)
+        model.generate(ids[:, 23:], past_key_values=None, cache=copy.deepcopy(first.cache), **kw)
+    peft = pytest.importorskip("peft")  # through a PeftModel's generate: still the caller's line
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(FutureWarning, match="past_key_values= is deprecated") as said:
+        wrapped.generate(input_ids=ids[:, 23:], past_key_values=copy.deepcopy(first.cache), **kw)
+    assert [w.filename for w in said if w.category is FutureWarning] == [__file__]
 
 
 def test_greedy_generate_equals_argmax_of_full_forward(model):

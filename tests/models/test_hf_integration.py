@@ -192,8 +192,8 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
         return out
 
     for at, longest in (((5, 27), 4), ((14, 20), 8), ((20, 28), 16)):
-        with pytest.warns(UserWarning, match=rf"input_ids begin with the first {longest} ids the cache read but not "
-                                             "with all 30, so they are read as new tokens"):
+        with pytest.warns(UserWarning, match=rf"input_ids begin with the first {longest} tokens the cache read but "
+                                             "not with all of them, so they are read as new tokens"):
             model.generate(edit(at), cache=copy.deepcopy(cache), **kw)
     with warnings.catch_warnings():  # one row edited at its first id: new tokens, as the other row then is
         warnings.simplefilter("error")
@@ -202,14 +202,42 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
     mask[1, :6] = 0
     with torch.no_grad():  # left padding: other ids under it are the same text
         padded = model(ids[:, :30], attention_mask=mask, use_cache=True).cache
-    again = edit((20, 20))
+    again = edit((20, 26))  # (row 1: its 21st real token)
     again[1, :6] = 4
-    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 ids"):
+    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 tokens"):
         model.generate(again, attention_mask=torch.cat([mask, torch.ones(2, 10, dtype=torch.long)], 1),
-                       cache=padded, **kw)
+                       cache=copy.deepcopy(padded), **kw)
+    # the next turn padded otherwise (its rows' lengths changed): the real tokens are compared, not positions
+    repadded, remask = torch.zeros(2, 44, dtype=torch.long), torch.ones(2, 44, dtype=torch.long)
+    repadded[0, 4:], remask[0, :4] = again[0], 0
+    repadded[1, 10:], remask[1, :10] = again[1, 6:], 0
+    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 tokens"):
+        model.generate(repadded, attention_mask=remask, cache=copy.deepcopy(padded), **kw)
     with warnings.catch_warnings():  # new tokens alone: no warning
         warnings.simplefilter("error")
         assert torch.equal(model.generate(ids[:, 30:], cache=cache, **kw), model.generate(ids, **kw)[:, 30:])
+
+
+def test_the_prefix_hashes_are_those_of_the_real_tokens_however_they_came():
+    """The cache's hashes of each row's first 4, 8, 16, ... real tokens, built chunk by chunk under any padding,
+    are those of the row's real tokens hashed at once (the sum of id times base ** index)."""
+    from bsbr.models.bsbr.modeling_bsbr import _DIGEST_BASE, _DIGEST_MOD, _PREFIX_LENGTHS, BSBRCache
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        n = int(torch.randint(1, 80, (1,), generator=g))
+        ids = torch.randint(0, 10**9, (3, n), generator=g)
+        real = torch.rand(3, n, generator=g) > 0.3
+        cache, at = BSBRCache([]), 0
+        while at < n:
+            step = int(torch.randint(1, 9, (1,), generator=g))
+            cache.consumed(ids[:, at:at + step], min(step, n - at), real[:, at:at + step])
+            at += step
+        for row in range(3):
+            tokens = ids[row][real[row]].tolist()
+            want = [sum(t * pow(_DIGEST_BASE, i, _DIGEST_MOD) for i, t in enumerate(tokens[:length])) % _DIGEST_MOD
+                    for length in _PREFIX_LENGTHS]
+            assert cache.digest[row, 4:].tolist() == want and int(cache.digest[row, 3]) == len(tokens), trial
 
 
 def test_a_left_padded_cache_continues_with_the_whole_text_under_other_pad_ids(model):

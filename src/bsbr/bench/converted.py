@@ -130,7 +130,7 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
             limit = f"{budget_flag} {max_seconds:g}" if budget_flag else f"{max_seconds:g} s"
             raise UserError(f"{flag} {n}: the source's prefill is predicted to take "
                             f"{f'{predicted / 60:,.0f} minutes' if predicted >= 60 else f'{predicted:.2g} s'} "
-                            f"(one of {CALIBRATION_LEN} tokens took {seconds:.1f} s) > {limit}: give a shorter length"
+                            f"(one of {CALIBRATION_LEN} tokens took {seconds:.2g} s) > {limit}: give a shorter length"
                             + (f", or a larger {budget_flag}" if budget_flag else ""))
         need = peak * n / CALIBRATION_LEN + (2 * cache_per_token * n if flag == "--decode-contexts" else 0)
         reason = memory_refusal(need)

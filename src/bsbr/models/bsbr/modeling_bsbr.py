@@ -127,9 +127,10 @@ LOADING = threading.RLock()
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
 _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
-# a text beginning with a cache's first 4, 8, 16, ... ids but not with all of them is warned of: the hashes of those
-# prefixes (up to MAX_TOKENS ids) are kept beside the whole text's
+# a text beginning with a cache's first 4, 8, 16, ... real tokens but not with all of them is warned of: the hashes
+# of those prefixes (up to 2^20 tokens) are kept beside the whole text's
 _PREFIX_LENGTHS = tuple(4 << j for j in range(19))
+_ASCENDING: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = 0 .. N - 1, grown by doubling
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -145,6 +146,42 @@ def _descending_powers(k: int, device) -> torch.Tensor:
             p[j] = p[j + 1] * _DIGEST_BASE % _DIGEST_MOD
         _POWERS[device] = have = torch.tensor(p, dtype=torch.long, device=device)
     return have[have.shape[0] - k:]
+
+
+def _ascending_powers(k: int, device) -> torch.Tensor:
+    """base ** 0 .. base ** (k - 1) (mod), on ``device``."""
+    have = _ASCENDING.get(device)
+    if have is None or have.shape[0] < k:
+        n = max(k, 2 * (0 if have is None else have.shape[0]), 1024)
+        p = [1] * n
+        for j in range(1, n):
+            p[j] = p[j - 1] * _DIGEST_BASE % _DIGEST_MOD
+        _ASCENDING[device] = have = torch.tensor(p, dtype=torch.long, device=device)
+    return have[:k]
+
+
+def prefix_digests(ids: torch.Tensor, real: Optional[torch.Tensor] = None, before: Optional[torch.Tensor] = None,
+                   prev: Optional[torch.Tensor] = None, seen: int = 0) -> torch.Tensor:
+    """(b, len(_PREFIX_LENGTHS)) hashes of each row's first L real tokens, for each L of :data:`_PREFIX_LENGTHS`
+    (the sum of token i's id times base ** i, over its real tokens i < L; fewer than L so far: those so far):
+    after ``ids`` (b, k), whose real tokens are ``real`` (b, k) bool (None: all), follow ``before`` (b,) real
+    tokens whose hashes are ``prev`` (None: none); ``seen`` >= every ``before`` (positions read: no host sync).
+    Padding counts nowhere: a text padded otherwise hashes alike."""
+    b, k = ids.shape
+    real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.bool()
+    before = torch.zeros(b, dtype=torch.long, device=ids.device) if before is None else before.to(ids.device)
+    top = _PREFIX_LENGTHS[-1]
+    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # each row's real tokens first, in order
+    count = real.sum(1)
+    pos = before[:, None] + torch.arange(k, device=ids.device)  # each (compacted) token's index among the real ones
+    used = (pos < top) & (torch.arange(k, device=ids.device) < count[:, None])
+    powers = _ascending_powers(max(1, min(top, seen + k)), ids.device)
+    terms = (ids.gather(1, order).long() % _DIGEST_MOD) * powers[pos.clamp(max=powers.shape[0] - 1)] % _DIGEST_MOD
+    sums = torch.cat([terms.new_zeros(b, 1), (terms * used).cumsum(1)], 1)  # (sums stay below 2^51)
+    lengths = torch.tensor(_PREFIX_LENGTHS, device=ids.device)
+    taken = (lengths[None] - before[:, None]).clamp(min=0).minimum(count[:, None])  # (b, J) tokens each prefix takes
+    new = sums.gather(1, taken)
+    return new % _DIGEST_MOD if prev is None else (prev.to(ids.device) + new) % _DIGEST_MOD
 
 
 def text_digest(ids: torch.Tensor, prev: Optional[torch.Tensor] = None, real: Optional[torch.Tensor] = None
@@ -163,10 +200,10 @@ class BSBRCache:
     """Per-layer streaming states for generation, one :class:`bsbr.ops.BSBRState` per layer (what it
     holds: docs/design.md, section 8). A forward with ``cache=`` advances it and returns it, as
     transformers' caches are; to continue one prefix twice, continue a copy: ``cache.select(torch.arange(b))``.
-    ``digest``: (b, 3 + len(_PREFIX_LENGTHS)) hashes of each row's input ids so far, as given, with padded
-    positions alike, as given but the last, and of its first :data:`_PREFIX_LENGTHS` ids with padded positions
-    alike (those past the ids so far: not yet hashed) (None: not known, some came as inputs_embeds), by which
-    ``generate`` tells the whole text from the new tokens alone.
+    ``digest``: (b, 4 + len(_PREFIX_LENGTHS)) hashes of each row's input ids so far, as given, with padded
+    positions alike, and as given but the last, its count of real tokens, and the :func:`prefix_digests` of its
+    real tokens (None: not known, some came as inputs_embeds), by which ``generate`` tells the whole text from
+    the new tokens alone.
     ``built_with``: the :func:`built_with` options of the model that made it (None: not known), so that a model
     built otherwise refuses it."""
 
@@ -197,15 +234,15 @@ class BSBRCache:
         if input_ids is None or (self.n_positions and self.digest is None):
             self.digest = None
         else:
-            prev = [None] * (3 + len(_PREFIX_LENGTHS)) if self.digest is None else list(self.digest.unbind(-1))
-            for j, length in enumerate(_PREFIX_LENGTHS):  # the prefixes this input completes
-                k = length - self.n_positions
-                if 0 < k <= input_ids.shape[1]:
-                    prev[3 + j] = text_digest(input_ids[:, :k], prev[1], None if real is None else real[:, :k])
-            zero = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-            self.digest = torch.stack([text_digest(input_ids, prev[0]), text_digest(input_ids, prev[1], real),
-                                       text_digest(input_ids[:, :-1], prev[0]),
-                                       *(zero if h is None else h.to(zero.device) for h in prev[3:])], -1)
+            prev = [None] * 4 if self.digest is None else list(self.digest[:, :4].unbind(-1))
+            count = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long) if real is None \
+                else real.sum(1).long()
+            prefixes = prefix_digests(input_ids, real, prev[3], None if self.digest is None else self.digest[:, 4:],
+                                      self.n_positions)
+            whole = [text_digest(input_ids, prev[0]), text_digest(input_ids, prev[1], real),
+                     text_digest(input_ids[:, :-1], prev[0]),
+                     count if prev[3] is None else prev[3].to(count.device) + count]
+            self.digest = torch.cat([torch.stack(whole, -1), prefixes], -1)
         self.n_positions += n
 
     def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> bool:
@@ -246,7 +283,7 @@ class BSBRCache:
                             "with what follows, e.g. a trailing space), the cached text is read twice: pass the new "
                             "tokens alone, or the cache's own ids followed by them")
             elif not bool(same.any()):  # a token inside the text split or merged otherwise (a chat template's reply)
-                self._warn_of_a_shared_beginning(head, attention_mask[:, :n] != 0 if masked else None)
+                self._warn_of_a_shared_beginning(input_ids, attention_mask != 0 if masked else None)
         if bool(same.any()) and not bool(same.all()):
             warn_caller(f"input_ids: rows {same.nonzero().flatten().tolist()} begin with the text the cache read, rows "
                         f"{(~same).nonzero().flatten().tolist()} do not, so every row is read as new tokens; if they "
@@ -254,21 +291,20 @@ class BSBRCache:
                         "text twice: pass the new tokens alone, or generate without cache=")
         return not bool(same.all())
 
-    def _warn_of_a_shared_beginning(self, head: torch.Tensor, real: Optional[torch.Tensor]) -> None:
-        """Warn when every row of ``head`` (b, n), the input's first n ids (n: the ids the cache read), begins with
-        the cache's first 4, 8, 16, ... ids though not with all n: more likely the whole text tokenized again than
-        new tokens (a row that does not is new tokens, and so are the others)."""
-        n, longest = head.shape[1], 0
-        for j, length in enumerate(_PREFIX_LENGTHS):
-            if length >= n or not bool((text_digest(head[:, :length], real=None if real is None else real[:, :length])
-                                        == self.digest[:, 3 + j].to(head.device)).all()):
-                break
-            longest = length
-        if longest:
-            warn_caller(f"input_ids begin with the first {longest} ids the cache read but not with all {n}, so they "
-                        "are read as new tokens; if they are the whole text tokenized again (a reply's tokens split or "
-                        "merged otherwise by a chat template), the cached text is read twice: pass the new tokens "
-                        "alone, or the cache's own ids followed by them")
+    def _warn_of_a_shared_beginning(self, input_ids: torch.Tensor, real: Optional[torch.Tensor]) -> None:
+        """Warn when every row of ``input_ids`` (real tokens ``real``, None: all) begins with the cache's first 4,
+        8, 16, ... real tokens though not with all it read (padded otherwise or not): more likely the whole text
+        tokenized again than new tokens (a row that does not is new tokens, and so are the others)."""
+        digest = self.digest.to(input_ids.device)
+        lengths = torch.tensor(_PREFIX_LENGTHS, device=input_ids.device)
+        same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] < digest[:, 3:4])  # (b, J)
+        shared = same.all(0).long().cumprod(0)  # the lengths every row shares, and every shorter one
+        if bool(shared.any()):
+            longest = _PREFIX_LENGTHS[int(shared.sum()) - 1]
+            warn_caller(f"input_ids begin with the first {longest} tokens the cache read but not with all of them, so "
+                        "they are read as new tokens; if they are the whole text tokenized again (a reply's tokens "
+                        "split or merged otherwise by a chat template), the cached text is read twice: pass the new "
+                        "tokens alone, or the cache's own ids followed by them")
 
     @property
     def n_seen(self) -> torch.Tensor:
@@ -294,13 +330,14 @@ class BSBRCache:
 
 
 def warn_caller(message: str, category=UserWarning) -> None:
-    """``warnings.warn`` attributed to the first caller outside bsbr, torch and transformers (the user's line,
+    """``warnings.warn`` attributed to the first caller outside bsbr, torch, transformers and peft (the user's line,
     not ``nn.Module``'s call machinery, so a filter on the user's module matches)."""
     import sys
 
     import transformers
 
-    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, transformers, sys.modules["bsbr"]))
+    wrappers = [sys.modules[m] for m in ("peft", "accelerate") if m in sys.modules]  # (a PeftModel's generate)
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, transformers, sys.modules["bsbr"], *wrappers))
     level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
@@ -933,7 +970,7 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("position_ids: generate places each token by the cache's per-sequence counter and "
                              "cannot follow given positions; call the model with position_ids= and cache= step by "
                              "step instead")
-        if kwargs.get("past_key_values") is not None:  # (renamed here: transformers' warning named bsbr's line)
+        if "past_key_values" in kwargs:  # (renamed here: transformers' warning named bsbr's line; None is unset)
             kwargs["cache"] = _cache_argument(kwargs.get("cache"), kwargs)
         cache = kwargs.get("cache")
         if getattr(cache, "beams", False):
