@@ -131,6 +131,7 @@ _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its l
 # of those prefixes (up to 2^20 tokens) are kept beside the whole text's
 _PREFIX_LENGTHS = tuple(4 << j for j in range(19))
 _ASCENDING: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = 0 .. N - 1, grown by doubling
+_LENGTHS: dict = {}  # device -> _PREFIX_LENGTHS as a tensor
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -171,16 +172,14 @@ def prefix_digests(ids: torch.Tensor, real: Optional[torch.Tensor] = None, befor
     real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.bool()
     before = torch.zeros(b, dtype=torch.long, device=ids.device) if before is None else before.to(ids.device)
     top = _PREFIX_LENGTHS[-1]
-    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # each row's real tokens first, in order
-    count = real.sum(1)
-    pos = before[:, None] + torch.arange(k, device=ids.device)  # each (compacted) token's index among the real ones
-    used = (pos < top) & (torch.arange(k, device=ids.device) < count[:, None])
+    index = before[:, None] + real.long().cumsum(1) - 1  # each real token's index among its row's real tokens
     powers = _ascending_powers(max(1, min(top, seen + k)), ids.device)
-    terms = (ids.gather(1, order).long() % _DIGEST_MOD) * powers[pos.clamp(max=powers.shape[0] - 1)] % _DIGEST_MOD
-    sums = torch.cat([terms.new_zeros(b, 1), (terms * used).cumsum(1)], 1)  # (sums stay below 2^51)
-    lengths = torch.tensor(_PREFIX_LENGTHS, device=ids.device)
-    taken = (lengths[None] - before[:, None]).clamp(min=0).minimum(count[:, None])  # (b, J) tokens each prefix takes
-    new = sums.gather(1, taken)
+    terms = (ids.long() % _DIGEST_MOD) * powers[index.clamp(0, powers.shape[0] - 1)] % _DIGEST_MOD
+    terms = terms * (real & (index < top))
+    lengths = _LENGTHS.get(ids.device)
+    if lengths is None:
+        lengths = _LENGTHS[ids.device] = torch.tensor(_PREFIX_LENGTHS, device=ids.device)
+    new = (terms[:, :, None] * (index[:, :, None] < lengths)).sum(1)  # (b, J): the terms of each prefix (< 2^51)
     return new % _DIGEST_MOD if prev is None else (prev.to(ids.device) + new) % _DIGEST_MOD
 
 
