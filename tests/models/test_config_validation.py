@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bsbr import BSBRConfig, BSBRForCausalLM, TransformerToBSBRConverter, convert_to_bsbr, load_bsbr_model
+from bsbr.models import BSBRBaseModel
 from bsbr.convert import converter
 
 TINY = dict(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -232,6 +233,8 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
     pytest.importorskip("accelerate")
     with pytest.raises(ValueError, match=f"nan or inf: {name}"):
         AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "disk"}, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match=f"nan or inf: {name.removeprefix('model.')}"):  # (its names lack model.)
+        BSBRBaseModel.from_pretrained(tmp_path, device_map={"": "disk"}, offload_folder=str(tmp_path / "off2"))
 
 
 def test_only_the_weight_files_transformers_loads_are_read(tmp_path, monkeypatch):
@@ -255,6 +258,19 @@ def test_only_the_weight_files_transformers_loads_are_read(tmp_path, monkeypatch
             BSBRForCausalLM.from_pretrained(path, config=model.config)
         with pytest.raises(OSError):  # (transformers' Auto class refuses a file path before it)
             AutoModelForCausalLM.from_pretrained(path, config=model.config)
+
+
+def test_a_missing_shard_is_named_not_blamed_on_the_config(tmp_path):
+    """With the last shards missing (a partial copy), the layer count check read the shards left and blamed
+    config.json's num_hidden_layers; transformers names the missing file."""
+    BSBRForCausalLM(BSBRConfig(**dict(TINY, num_hidden_layers=3))).save_pretrained(tmp_path, max_shard_size="4KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    gone = sorted({f for name, f in index.items() if ".layers.2." in name})  # (the shards of the last layer)
+    assert gone and len(gone) < len(set(index.values()))
+    for shard in gone:
+        (tmp_path / shard).unlink()
+    with pytest.raises(Exception, match="|".join(gone)):
+        load_bsbr_model(tmp_path)
 
 
 def test_a_save_in_the_other_layout_removes_the_earlier_saves_file(tmp_path):

@@ -192,8 +192,8 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
         return out
 
     for at, longest in (((5, 27), 4), ((14, 20), 8), ((20, 28), 16)):
-        with pytest.warns(UserWarning, match=rf"input_ids begin with the first {longest} tokens the cache read but "
-                                             "not with all of them, so they are read as new tokens"):
+        with pytest.warns(UserWarning, match=rf"input_ids begin with the first {longest} real tokens the cache read, "
+                                             "yet not as the text it read .*, so they are read as new tokens"):
             model.generate(edit(at), cache=copy.deepcopy(cache), **kw)
     with warnings.catch_warnings():  # one row edited at its first id: new tokens, as the other row then is
         warnings.simplefilter("error")
@@ -204,15 +204,23 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
         padded = model(ids[:, :30], attention_mask=mask, use_cache=True).cache
     again = edit((20, 26))  # (row 1: its 21st real token)
     again[1, :6] = 4
-    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 tokens"):
+    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 real tokens"):
         model.generate(again, attention_mask=torch.cat([mask, torch.ones(2, 10, dtype=torch.long)], 1),
                        cache=copy.deepcopy(padded), **kw)
     # the next turn padded otherwise (its rows' lengths changed): the real tokens are compared, not positions
     repadded, remask = torch.zeros(2, 44, dtype=torch.long), torch.ones(2, 44, dtype=torch.long)
     repadded[0, 4:], remask[0, :4] = again[0], 0
     repadded[1, 10:], remask[1, :10] = again[1, 6:], 0
-    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 tokens"):
+    with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 real tokens"):
         model.generate(repadded, attention_mask=remask, cache=copy.deepcopy(padded), **kw)
+    # an earlier text edited or retried, shorter than what the cache read or as long: the cache read past it
+    for text, longest in ((ids[:, :24], 16), (ids[:, :12], 8), (edit((24, 24))[:, :30], 16)):
+        with pytest.warns(UserWarning, match=rf"the first {longest} real tokens the cache read, yet not as the text "
+                                             r"it read .* continue a copy of the cache made before"):
+            model.generate(text, cache=copy.deepcopy(cache), **kw)
+    with warnings.catch_warnings():  # a next turn rendered alone, opening with the header the text opened with
+        warnings.simplefilter("error")
+        model.generate(torch.cat([ids[:, :4], ids[:, 30:]], 1), cache=copy.deepcopy(cache), **kw)
     with warnings.catch_warnings():  # new tokens alone: no warning
         warnings.simplefilter("error")
         assert torch.equal(model.generate(ids[:, 30:], cache=cache, **kw), model.generate(ids, **kw)[:, 30:])

@@ -100,6 +100,11 @@ def prefill_macs(model, n: int) -> float:
         model.config.hidden_size
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:,.0f} s" if seconds < 120 else \
+        f"{seconds / 60:,.0f} minutes"
+
+
 def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float, *,
                      prefill_flag: str = "--seq-lens", budget_flag: Optional[str] = "--max-seconds") -> None:
     """Refuse, before any timed call, a length whose source prefill is predicted to pass ``max_seconds`` (one
@@ -128,9 +133,9 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
         predicted = seconds * prefill_macs(source, n) / prefill_macs(source, CALIBRATION_LEN)
         if predicted > max_seconds:
             limit = f"{budget_flag} {max_seconds:g}" if budget_flag else f"{max_seconds:g} s"
-            raise UserError(f"{flag} {n}: the source's prefill is predicted to take "
-                            f"{f'{predicted / 60:,.0f} minutes' if predicted >= 60 else f'{predicted:.2g} s'} "
-                            f"(one of {CALIBRATION_LEN} tokens took {seconds:.2g} s) > {limit}: give a shorter length"
+            raise UserError(f"{flag} {n}: the source's prefill is predicted to take {_duration(predicted)} "
+                            f"(one of {CALIBRATION_LEN} tokens took {_duration(seconds)}) > {limit}: give a shorter "
+                            "length"
                             + (f", or a larger {budget_flag}" if budget_flag else ""))
         need = peak * n / CALIBRATION_LEN + (2 * cache_per_token * n if flag == "--decode-contexts" else 0)
         reason = memory_refusal(need)

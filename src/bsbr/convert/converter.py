@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
-from ..models.bsbr.modeling_bsbr import refuse_non_float_weights, refuse_pickled_weights
+from ..models.bsbr.modeling_bsbr import refuse_non_float_weights, refuse_pickled_weights, weight_files
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
@@ -97,8 +97,10 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
     try:
         key = "num_hidden_layers" if "num_hidden_layers" in config else "n_layer"
         stated = config.get(key)
-        held = set()
-        for file in path.glob("*.safetensors"):
+        held, files = set(), weight_files(path)
+        if not all(f.is_file() for f in files):  # (a shard missing: transformers names it, not the config)
+            return
+        for file in files:
             with safe_open(file, "pt") as f:
                 held |= {int(m.group(1)) for name in f.keys() if (m := _LAYER_INDEX.search(name))}
     except Exception:  # (unreadable files are refused, by name, where they are loaded)

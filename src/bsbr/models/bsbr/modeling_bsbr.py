@@ -244,16 +244,24 @@ class BSBRCache:
             self.digest = torch.cat([torch.stack(whole, -1), prefixes], -1)
         self.n_positions += n
 
-    def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> bool:
+    def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                        first: bool = True) -> bool:
         """Whether ``input_ids``, longer than what the cache consumed, holds only new tokens (True) rather than
         the cache's text and new tokens (False, transformers' convention): the whole text begins, in every
         row, with the ids the cache read (ids under padding in ``attention_mask``, a mask over the whole
         text, may differ). An input of new tokens that begins so is read as the whole text (no rule can tell
         them apart). False when those ids are not known or the input is no longer; an input that is exactly the
-        text the cache read is refused (nothing new to read)."""
+        text the cache read is refused (nothing new to read), one that begins with its first tokens but not all
+        warned of (:meth:`_warn_of_a_shared_beginning`; one no longer only when ``first``: generate's prefill, not
+        a decode step, whose running text of new tokens is shorter than the cache)."""
         n = self.n_positions
-        if self.digest is None or input_ids.shape[1] < n or input_ids.shape[0] != self.digest.shape[0]:
+        if self.digest is None or input_ids.shape[0] != self.digest.shape[0]:
             return False  # (another batch: forward refuses the cache)
+        masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
+        if input_ids.shape[1] < n:  # new tokens, unless an earlier text edited or retried (the cache read past it)
+            if first and n > _RETOKENIZED_MIN:
+                self._warn_of_a_shared_beginning(input_ids, attention_mask != 0 if masked else None)
+            return False
         if input_ids.shape[1] == n:
             digest = self.digest.to(input_ids.device)
             same = text_digest(input_ids) == digest[:, 0]
@@ -264,10 +272,11 @@ class BSBRCache:
                                  "logits to continue from; new tokens that repeat the cached text cannot be told from "
                                  "it): build the cache on all but the text's last token, or read such new tokens with "
                                  "a forward call (model(input_ids=..., cache=cache)) before generate")
+            if first and n > _RETOKENIZED_MIN:
+                self._warn_of_a_shared_beginning(input_ids, attention_mask != 0 if masked else None)
             return False
         digest, head = self.digest.to(input_ids.device), input_ids[:, :n]
         same = text_digest(head) == digest[:, 0]  # the ids as the cache read them
-        masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
         if masked and not bool(same.all()):
             same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
         if not bool(same.all()) and n > _RETOKENIZED_MIN:
@@ -291,19 +300,26 @@ class BSBRCache:
         return not bool(same.all())
 
     def _warn_of_a_shared_beginning(self, input_ids: torch.Tensor, real: Optional[torch.Tensor]) -> None:
-        """Warn when every row of ``input_ids`` (real tokens ``real``, None: all) begins with the cache's first 4,
-        8, 16, ... real tokens though not with all it read (padded otherwise or not): more likely the whole text
-        tokenized again than new tokens (a row that does not is new tokens, and so are the others)."""
+        """Warn when every row of ``input_ids`` (real tokens ``real``, None: all), which do not go on with all the
+        cache read, begins with its first 4, 8, 16, ... real tokens (padded otherwise or not): more likely the whole
+        text tokenized again, or an earlier text edited or retried, than new tokens (a row that does not begin so
+        is new tokens, and so are the others)."""
         digest = self.digest.to(input_ids.device)
         lengths = torch.tensor(_PREFIX_LENGTHS, device=input_ids.device)
-        same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] < digest[:, 3:4])  # (b, J)
+        count = torch.full_like(digest[:, 3], input_ids.shape[1]) if real is None else real.sum(1)
+        same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] < digest[:, 3:4]) & \
+            (lengths[None] <= count[:, None])  # (b, J)
         shared = same.all(0).long().cumprod(0)  # the lengths every row shares, and every shorter one
-        if bool(shared.any()):
-            longest = _PREFIX_LENGTHS[int(shared.sum()) - 1]
-            warn_caller(f"input_ids begin with the first {longest} tokens the cache read but not with all of them, so "
-                        "they are read as new tokens; if they are the whole text tokenized again (a reply's tokens "
-                        "split or merged otherwise by a chat template), the cached text is read twice: pass the new "
-                        "tokens alone, or the cache's own ids followed by them")
+        longest = _PREFIX_LENGTHS[int(shared.sum()) - 1] if bool(shared.any()) else 0
+        if longest and (input_ids.shape[1] > self.n_positions or bool((2 * longest >= count).all())):
+            # (an input no longer than the cache: only where that beginning is most of it, not a next turn
+            # rendered alone that opens with the template's header, as the conversation did)
+            warn_caller(f"input_ids begin with the first {longest} real tokens the cache read, yet not as the text it "
+                        "read (its ids at its positions), so they are read as new tokens; if they are the whole text "
+                        "tokenized again (a reply's tokens split or merged by a chat template), padded otherwise or "
+                        "edited, or an earlier text retried, the cache has read other text: pass the new tokens alone "
+                        "or the cache's own ids followed by them, continue a copy of the cache made before "
+                        "(cache.select(range(batch))), or generate without cache=")
 
     @property
     def n_seen(self) -> torch.Tensor:
@@ -444,9 +460,8 @@ def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
         return [single]
     index = path / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json")
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return [f for f in sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-                if f.is_file()]  # (a missing shard: transformers names it)
-    return []
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})  # (some may be
+    return []  # missing: transformers names them)
 
 
 def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, variant: Optional[str] = None
@@ -458,6 +473,8 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, 
     from safetensors import safe_open
 
     for f in weight_files(path, variant) if path.is_dir() else ():
+        if not f.is_file():
+            continue
         with safe_open(str(f), "pt") as st:
             for name in st.keys() if names is None else set(st.keys()) & set(names):
                 dtype = st.get_slice(name).get_dtype()
@@ -470,15 +487,21 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, 
 _SIZES = ("num_hidden_layers", "vocab_size", "hidden_size")
 
 
-def nonfinite_weights(path: Path, names, variant: Optional[str] = None) -> List[str]:
-    """The weights among ``names`` that hold nan or inf in the model directory ``path``'s weight files, read one at
-    a time (a model offloaded to disk holds none of them in memory)."""
-    from safetensors import safe_open
-
-    bad = []
-    for f in weight_files(path, variant):
-        with safe_open(str(f), "pt") as st:
-            bad += [n for n in sorted(set(st.keys()) & set(names)) if not bool(torch.isfinite(st.get_tensor(n)).all())]
+def offloaded_nonfinite(model) -> List[str]:
+    """The parameters accelerate offloaded (on the meta device, their values in its hooks' weights maps) that
+    hold nan or inf, read one at a time."""
+    bad, seen = [], set()
+    for name, module in model.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        for pname, p in module.named_parameters():
+            if p.is_meta and id(p) not in seen:
+                with contextlib.suppress(KeyError, OSError, ValueError):
+                    value = weights[pname]
+                    seen.add(id(p))
+                    if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                        bad.append(f"{name}.{pname}" if name else pname)
     return sorted(bad)
 
 
@@ -512,7 +535,10 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
             "the config from_pretrained was given (or built from its keyword arguments)"
 
     layers, embedding = 0, None
-    for f in weight_files(path, variant):
+    files = weight_files(path, variant)
+    if not all(f.is_file() for f in files):  # (a shard missing: transformers names it, not the config)
+        return
+    for f in files:
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
@@ -611,9 +637,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
                              f"from_pretrained(..., strict=False) loads it anyway)")
         bad = sorted(n for n, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all()))
-        offloaded = {n for n, p in model.named_parameters() if p.is_meta}  # (device_map's disk: read from the files)
-        if offloaded and local is not None:
-            bad += nonfinite_weights(local, offloaded, variant)
+        bad += offloaded_nonfinite(model)  # (device_map's disk or cpu offload: none of them in memory)
         if bad:  # (a diverged run's weights generate blanks or fail to sample)
             raise ValueError(f"the BSBR checkpoint {where}: weights hold nan or inf: {', '.join(bad[:3])}"
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; from Python, from_pretrained(..., strict=False) loads them)")
@@ -1045,7 +1069,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("generate(cache=..., use_cache=False): without a cache generate passes the whole text at "
                              "every step, and a given cache is always read and advanced: leave out one of them")
         if next_sequence_length is not None and (isinstance(cache, BSBRCache) and input_ids is not None and
-                                                 cache.new_tokens_only(input_ids, attention_mask)
+                                                 cache.new_tokens_only(input_ids, attention_mask,
+                                                                       bool(kwargs.get("is_first_iteration")))
                                                  or next_sequence_length <= 0):
             # transformers' prefill drops the cache's length from the input: right for the whole text, but an
             # input no longer than the cache, or one that does not begin with the ids the cache read, holds only
