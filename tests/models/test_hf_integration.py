@@ -214,13 +214,22 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
     with pytest.warns(UserWarning, match=r"input_ids begin with the first 16 real tokens"):
         model.generate(repadded, attention_mask=remask, cache=copy.deepcopy(padded), **kw)
     # an earlier text edited or retried, shorter than what the cache read or as long: the cache read past it
-    for text, longest in ((ids[:, :24], 16), (ids[:, :12], 8), (edit((24, 24))[:, :30], 16)):
+    for text, longest in ((ids[:, :24], 16), (ids[:, :17], 16), (edit((24, 24))[:, :30], 16)):
         with pytest.warns(UserWarning, match=rf"the first {longest} real tokens the cache read, yet not as the text "
                                              r"it read .* continue a copy of the cache made before"):
             model.generate(text, cache=copy.deepcopy(cache), **kw)
-    with warnings.catch_warnings():  # a next turn rendered alone, opening with the header the text opened with
-        warnings.simplefilter("error")
+    with warnings.catch_warnings():  # a next turn rendered alone, opening with the header (or the first words)
+        warnings.simplefilter("error")  # the text opened with: fewer than 16 tokens shared
         model.generate(torch.cat([ids[:, :4], ids[:, 30:]], 1), cache=copy.deepcopy(cache), **kw)
+        model.generate(torch.cat([ids[:, :12], ids[:, 30:34]], 1), cache=copy.deepcopy(cache), **kw)
+    mixed = ids[:, :24].clone()  # a batch of prompts of 24 and 18 real tokens retried: each row shares its own
+    mixed[1, :6], short = 0, torch.ones(2, 24, dtype=torch.long)
+    short[1, :6] = 0
+    with torch.no_grad():
+        read = model(torch.cat([mixed, ids[:, 24:30]], 1), attention_mask=torch.cat([short, torch.ones(2, 6,
+                     dtype=torch.long)], 1), use_cache=True).cache
+    with pytest.warns(UserWarning, match=r"the first 16 real tokens the cache read"):
+        model.generate(mixed, attention_mask=short, cache=read, **kw)
     with warnings.catch_warnings():  # new tokens alone: no warning
         warnings.simplefilter("error")
         assert torch.equal(model.generate(ids[:, 30:], cache=cache, **kw), model.generate(ids, **kw)[:, 30:])

@@ -102,7 +102,7 @@ def prefill_macs(model, n: int) -> float:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:,.0f} s" if seconds < 120 else \
-        f"{seconds / 60:,.0f} minutes"
+        f"{seconds:,.0f} s ({seconds / 60:,.1f} minutes)"
 
 
 def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float, *,

@@ -132,6 +132,7 @@ _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its l
 _PREFIX_LENGTHS = tuple(4 << j for j in range(19))
 _ASCENDING: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = 0 .. N - 1, grown by doubling
 _LENGTHS: dict = {}  # device -> _PREFIX_LENGTHS as a tensor
+_SHORTER_SHARED = 16  # an input no longer than the cache is warned of when every row shares this many tokens or more
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -301,19 +302,21 @@ class BSBRCache:
 
     def _warn_of_a_shared_beginning(self, input_ids: torch.Tensor, real: Optional[torch.Tensor]) -> None:
         """Warn when every row of ``input_ids`` (real tokens ``real``, None: all), which do not go on with all the
-        cache read, begins with its first 4, 8, 16, ... real tokens (padded otherwise or not): more likely the whole
-        text tokenized again, or an earlier text edited or retried, than new tokens (a row that does not begin so
-        is new tokens, and so are the others)."""
+        cache read, begins with its first 4, 8, 16, ... real tokens (padded otherwise or not; an input no longer
+        than the cache: with at least :data:`_SHORTER_SHARED`): more likely the whole text tokenized again, or an
+        earlier text edited or retried, than new tokens (a row that does not begin so is new tokens, and so are the
+        others)."""
         digest = self.digest.to(input_ids.device)
         lengths = torch.tensor(_PREFIX_LENGTHS, device=input_ids.device)
         count = torch.full_like(digest[:, 3], input_ids.shape[1]) if real is None else real.sum(1)
         same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] < digest[:, 3:4]) & \
             (lengths[None] <= count[:, None])  # (b, J)
-        shared = same.all(0).long().cumprod(0)  # the lengths every row shares, and every shorter one
-        longest = _PREFIX_LENGTHS[int(shared.sum()) - 1] if bool(shared.any()) else 0
-        if longest and (input_ids.shape[1] > self.n_positions or bool((2 * longest >= count).all())):
-            # (an input no longer than the cache: only where that beginning is most of it, not a next turn
-            # rendered alone that opens with the template's header, as the conversation did)
+        shared = same.long().cumprod(1).sum(1)  # per row: how many of the lengths it shares, from the shortest
+        # an input no longer than the cache: only a shared beginning of _SHORTER_SHARED tokens or more (a next turn
+        # rendered alone may open with the template's header, or the text's first words, as the conversation did)
+        least = _PREFIX_LENGTHS.index(_SHORTER_SHARED) + 1 if input_ids.shape[1] <= self.n_positions else 1
+        if bool((shared >= least).all()):
+            longest = _PREFIX_LENGTHS[int(shared.min()) - 1]
             warn_caller(f"input_ids begin with the first {longest} real tokens the cache read, yet not as the text it "
                         "read (its ids at its positions), so they are read as new tokens; if they are the whole text "
                         "tokenized again (a reply's tokens split or merged by a chat template), padded otherwise or "
@@ -453,8 +456,9 @@ def refuse_other_model_type(path: Path) -> None:
 
 def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
     """The safetensors files of the model directory ``path`` that transformers loads: ``model.safetensors``, else
-    the shards ``model.safetensors.index.json`` names (those that exist; ``variant``: ``model.VARIANT.safetensors``
-    and ``model.safetensors.index.VARIANT.json``). Other ``.safetensors`` files beside them are not the model's."""
+    the shards ``model.safetensors.index.json`` names (some may be missing; ``variant``:
+    ``model.VARIANT.safetensors`` and ``model.safetensors.index.VARIANT.json``). Other ``.safetensors`` files beside
+    them are not the model's."""
     single = path / (f"model.{variant}.safetensors" if variant else "model.safetensors")
     if single.is_file():
         return [single]
