@@ -1090,7 +1090,7 @@ def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, c
                                                           "generate")
 
 
-def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(models, tmp_path, capsys):
+def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(models, tmp_path, capsys, monkeypatch):
     _, converted, _ = models
     chat = copy_source(converted, tmp_path / "chat")
     from transformers import AutoTokenizer
@@ -1105,6 +1105,18 @@ def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(mod
     capsys.readouterr()
     assert main(["generate", str(chat), "--prompt", "def f", "--chat", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == want.strip()
+    # a prompt file's final newline ends the file, not the message (it was the message's last character)
+    messages, render = [], type(tok).apply_chat_template
+
+    def recorded(self, conversation, *args, **kwargs):
+        messages.append(conversation[0]["content"])
+        return render(self, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", recorded)
+    (tmp_path / "prompt.txt").write_text("def f\n\n")
+    assert main(["generate", str(chat), "--prompt-file", str(tmp_path / "prompt.txt"), "--chat",
+                 "--max-new-tokens", "4"]) == 0
+    assert messages == ["def f\n"]  # (one newline: the file's last)
 
 
 def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unusable_generation_config(

@@ -370,6 +370,8 @@ def cmd_generate(args) -> int:
     if args.chat:  # one user message in the model's chat template, the assistant's turn opened
         if not getattr(tok, "chat_template", None):
             raise UserError(f"--chat: the tokenizer in MODEL_DIR {path} has no chat template: drop --chat")
+        if args.prompt is None:  # a file's (or a pipe's) final newline ends the file, not the message
+            prompt = prompt.removesuffix("\n")
         try:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           return_tensors="pt", return_dict=True)
