@@ -250,3 +250,11 @@ def test_bench_converted_refuses_a_context_whose_caches_would_not_fit(tmp_path, 
         "give a shorter length")
     per_token = cache_bytes(source(torch.zeros(1, 8, dtype=torch.long), use_cache=True).cache) / 8
     assert needs[1] - needs[0] == pytest.approx(2 * per_token * 4096)
+
+
+def test_a_refused_prediction_never_reads_as_the_limit():
+    """Rounded to whole seconds, a prediction of 5.04 s refused at --max-seconds 5 read "5 s > 5"."""
+    from bsbr.bench.converted import _duration
+
+    assert [_duration(x) for x in (0.00033, 5.04, 9.96, 119.7, 150.0, 97_320.0)] == [
+        "0.1 s", "5.1 s", "10.0 s", "119.7 s", "150 s (2.5 minutes)", "97,320 s (1,622.0 minutes)"]

@@ -191,7 +191,7 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
             out[r, a] = (ids[r, a] + 1 - 3) % (VOCAB - 3) + 3
         return out
 
-    for at, longest in (((5, 27), 4), ((14, 20), 8), ((20, 28), 16)):
+    for at, longest in (((20, 28), 16), ((26, 28), 16)):
         with pytest.warns(UserWarning, match=rf"input_ids begin with the first {longest} real tokens the cache read, "
                                              "yet not as the text it read .*, so they are read as new tokens"):
             model.generate(edit(at), cache=copy.deepcopy(cache), **kw)
@@ -230,6 +230,14 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
                      dtype=torch.long)], 1), use_cache=True).cache
     with pytest.warns(UserWarning, match=r"the first 16 real tokens the cache read"):
         model.generate(mixed, attention_mask=short, cache=read, **kw)
+    whole = ids[:, :24].clone()  # a row that is all of its 16 cached tokens, beside a row edited: both shared
+    whole[1, :8], held = 0, torch.ones(2, 24, dtype=torch.long)
+    held[1, :8] = 0
+    with torch.no_grad():
+        read = model(whole, attention_mask=held, use_cache=True).cache
+    whole[0, 20] = (whole[0, 20] + 1 - 3) % (VOCAB - 3) + 3
+    with pytest.warns(UserWarning, match=r"the first 16 real tokens the cache read"):
+        model.generate(whole, attention_mask=held, cache=read, **kw)
     with warnings.catch_warnings():  # new tokens alone: no warning
         warnings.simplefilter("error")
         assert torch.equal(model.generate(ids[:, 30:], cache=cache, **kw), model.generate(ids, **kw)[:, 30:])

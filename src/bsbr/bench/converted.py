@@ -9,6 +9,7 @@ are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -101,8 +102,8 @@ def prefill_macs(model, n: int) -> float:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:,.0f} s" if seconds < 120 else \
-        f"{seconds:,.0f} s ({seconds / 60:,.1f} minutes)"
+    up = math.ceil(seconds * 10) / 10  # (rounded up: a prediction just past the limit never reads as the limit)
+    return f"{up:,.1f} s" if up < 120 else f"{math.ceil(seconds):,} s ({seconds / 60:,.1f} minutes)"
 
 
 def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float, *,
@@ -132,7 +133,7 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
             continue
         predicted = seconds * prefill_macs(source, n) / prefill_macs(source, CALIBRATION_LEN)
         if predicted > max_seconds:
-            limit = f"{budget_flag} {max_seconds:g}" if budget_flag else f"{max_seconds:g} s"
+            limit = f"{budget_flag} {max_seconds:,.10g}" if budget_flag else f"{max_seconds:,.10g} s"
             raise UserError(f"{flag} {n}: the source's prefill is predicted to take {_duration(predicted)} "
                             f"(one of {CALIBRATION_LEN} tokens took {_duration(seconds)}) > {limit}: give a shorter "
                             "length"

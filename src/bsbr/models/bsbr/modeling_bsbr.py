@@ -132,7 +132,7 @@ _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its l
 _PREFIX_LENGTHS = tuple(4 << j for j in range(19))
 _ASCENDING: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = 0 .. N - 1, grown by doubling
 _LENGTHS: dict = {}  # device -> _PREFIX_LENGTHS as a tensor
-_SHORTER_SHARED = 16  # an input no longer than the cache is warned of when every row shares this many tokens or more
+_SHARED_TOKENS = 16  # an input is warned of when every row shares this many of the cache's first tokens or more
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -302,27 +302,26 @@ class BSBRCache:
 
     def _warn_of_a_shared_beginning(self, input_ids: torch.Tensor, real: Optional[torch.Tensor]) -> None:
         """Warn when every row of ``input_ids`` (real tokens ``real``, None: all), which do not go on with all the
-        cache read, begins with its first 4, 8, 16, ... real tokens (padded otherwise or not; an input no longer
-        than the cache: with at least :data:`_SHORTER_SHARED`): more likely the whole text tokenized again, or an
-        earlier text edited or retried, than new tokens (a row that does not begin so is new tokens, and so are the
-        others)."""
+        cache read, begins with at least its first :data:`_SHARED_TOKENS` real tokens (padded otherwise or not):
+        more likely the whole text tokenized again, or an earlier text edited or retried, than new tokens (a row
+        that does not begin so is new tokens, and so are the others)."""
         digest = self.digest.to(input_ids.device)
         lengths = torch.tensor(_PREFIX_LENGTHS, device=input_ids.device)
         count = torch.full_like(digest[:, 3], input_ids.shape[1]) if real is None else real.sum(1)
-        same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] < digest[:, 3:4]) & \
+        same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] <= digest[:, 3:4]) & \
             (lengths[None] <= count[:, None])  # (b, J)
         shared = same.long().cumprod(1).sum(1)  # per row: how many of the lengths it shares, from the shortest
-        # an input no longer than the cache: only a shared beginning of _SHORTER_SHARED tokens or more (a next turn
-        # rendered alone may open with the template's header, or the text's first words, as the conversation did)
-        least = _PREFIX_LENGTHS.index(_SHORTER_SHARED) + 1 if input_ids.shape[1] <= self.n_positions else 1
-        if bool((shared >= least).all()):
+        # only a shared beginning of _SHARED_TOKENS or more (new tokens, such as a next turn rendered alone, may open
+        # with a template's header, or the text's first words, as the conversation did)
+        if bool((shared >= _PREFIX_LENGTHS.index(_SHARED_TOKENS) + 1).all()):
             longest = _PREFIX_LENGTHS[int(shared.min()) - 1]
             warn_caller(f"input_ids begin with the first {longest} real tokens the cache read, yet not as the text it "
                         "read (its ids at its positions), so they are read as new tokens; if they are the whole text "
                         "tokenized again (a reply's tokens split or merged by a chat template), padded otherwise or "
-                        "edited, or an earlier text retried, the cache has read other text: pass the new tokens alone "
-                        "or the cache's own ids followed by them, continue a copy of the cache made before "
-                        "(cache.select(range(batch))), or generate without cache=")
+                        "edited, or an earlier text retried, the cache has read other text (a next turn rendered "
+                        "alone by a template that opens every text with the same system turn reads it again): pass "
+                        "the new tokens alone or the cache's own ids followed by them, continue a copy of the cache "
+                        "made before (cache.select(range(batch))), or generate without cache=")
 
     @property
     def n_seen(self) -> torch.Tensor:
