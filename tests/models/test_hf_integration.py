@@ -177,9 +177,9 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
 def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
     """A chat template's next turn tokenizes the model's reply again, some of its tokens split or merged
     otherwise: the whole text no longer begins with the cache's ids anywhere but in its first ones, was read as
-    new tokens, the cached text twice, without a word. Texts that begin with the cache's first 4, 8, 16, ... ids
-    but not with all of them are warned of; new tokens are not, nor a batch where some row does not begin so (new
-    tokens, as the others then are)."""
+    new tokens, the cached text twice, without a word. Texts that begin with the cache's first 16, 32, 64, ... real
+    tokens but not with all of them are warned of; new tokens are not, nor a batch where some row does not begin so
+    (new tokens, as the others then are)."""
     ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
     kw = dict(max_new_tokens=3, **GEN)
     with torch.no_grad():
@@ -244,7 +244,7 @@ def test_generate_warns_of_a_whole_text_tokenized_again_inside(model):
 
 
 def test_the_prefix_hashes_are_those_of_the_real_tokens_however_they_came():
-    """The cache's hashes of each row's first 4, 8, 16, ... real tokens, built chunk by chunk under any padding,
+    """The cache's hashes of each row's first 16, 32, 64, ... real tokens, built chunk by chunk under any padding,
     are those of the row's real tokens hashed at once (the sum of id times base ** index)."""
     from bsbr.models.bsbr.modeling_bsbr import _DIGEST_BASE, _DIGEST_MOD, _PREFIX_LENGTHS, BSBRCache
 

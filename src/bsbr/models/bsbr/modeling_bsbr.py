@@ -127,12 +127,12 @@ LOADING = threading.RLock()
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
 _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
-# a text beginning with a cache's first 4, 8, 16, ... real tokens but not with all of them is warned of: the hashes
-# of those prefixes (up to 2^20 tokens) are kept beside the whole text's
-_PREFIX_LENGTHS = tuple(4 << j for j in range(19))
+# a text whose every row begins with a cache's first 16, 32, 64, ... real tokens (fewer: new tokens may open so,
+# with a template's header or the text's first words) but not with all of them is warned of: the hashes of those
+# prefixes (up to 2^20 tokens) are kept beside the whole text's
+_PREFIX_LENGTHS = tuple(16 << j for j in range(17))
 _ASCENDING: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = 0 .. N - 1, grown by doubling
 _LENGTHS: dict = {}  # device -> _PREFIX_LENGTHS as a tensor
-_SHARED_TOKENS = 16  # an input is warned of when every row shares this many of the cache's first tokens or more
 _POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
 
 
@@ -302,7 +302,7 @@ class BSBRCache:
 
     def _warn_of_a_shared_beginning(self, input_ids: torch.Tensor, real: Optional[torch.Tensor]) -> None:
         """Warn when every row of ``input_ids`` (real tokens ``real``, None: all), which do not go on with all the
-        cache read, begins with at least its first :data:`_SHARED_TOKENS` real tokens (padded otherwise or not):
+        cache read, begins with at least its first ``_PREFIX_LENGTHS[0]`` real tokens (padded otherwise or not):
         more likely the whole text tokenized again, or an earlier text edited or retried, than new tokens (a row
         that does not begin so is new tokens, and so are the others)."""
         digest = self.digest.to(input_ids.device)
@@ -311,9 +311,7 @@ class BSBRCache:
         same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] <= digest[:, 3:4]) & \
             (lengths[None] <= count[:, None])  # (b, J)
         shared = same.long().cumprod(1).sum(1)  # per row: how many of the lengths it shares, from the shortest
-        # only a shared beginning of _SHARED_TOKENS or more (new tokens, such as a next turn rendered alone, may open
-        # with a template's header, or the text's first words, as the conversation did)
-        if bool((shared >= _PREFIX_LENGTHS.index(_SHARED_TOKENS) + 1).all()):
+        if bool((shared > 0).all()):
             longest = _PREFIX_LENGTHS[int(shared.min()) - 1]
             warn_caller(f"input_ids begin with the first {longest} real tokens the cache read, yet not as the text it "
                         "read (its ids at its positions), so they are read as new tokens; if they are the whole text "
