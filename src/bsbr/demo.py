@@ -56,7 +56,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     """The demo's work, its files written into ``out`` (published at ``final`` once it returns)."""
     import torch
 
-    from .bench.common import DEFAULT_THREADS
+    from .bench.common import DEFAULT_THREADS, torch_threads
     from .bench.converted import MAX_SECONDS, bench_converted, refuse_long_runs, speed_lines
     from .bench.plots import plot_converted
     from .results import write_json
@@ -87,13 +87,10 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
                         lambda table: f"give --decode-contexts at most {table - DECODE_STEPS:,}")
                        for n in args.decode_contexts])
     warn_past_rotary_positions(source, "--source", [("--seq-len", args.seq_len)])  # (its perplexity: no bound there)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(DEFAULT_THREADS)  # (predicted at the speed step's thread count)
-    try:  # a typo's length must not start hours of the source's attention after the conversion and evaluation
+    with torch_threads(DEFAULT_THREADS):  # (predicted at the speed step's thread count) a typo's length must not
+        # start hours of the source's attention after the conversion and evaluation
         refuse_long_runs(source, args.speed_lens, args.decode_contexts, MAX_SECONDS, prefill_flag="--speed-lens",
                          budget_flag=None)
-    finally:
-        torch.set_num_threads(threads)
     options = dict(chunk_size=args.chunk_size, compression_factor=None, **resolve_options({}))
     model = convert_source(source, options, f"--source {source_label(args.source)}")
     model_dir = out / "model"
@@ -114,14 +111,10 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     plot_results(result, out / "eval.png")
 
     print(f"[3/3] speed: converted vs original, side by side on {DEFAULT_THREADS} thread ...", flush=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(DEFAULT_THREADS)  # as `bsbr bench converted`: ratios that hold beside other jobs
-    try:
-        with torch.no_grad():
-            speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
-                                    decode_contexts=args.decode_contexts, decode_steps=DECODE_STEPS)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(DEFAULT_THREADS), torch.no_grad():  # as `bsbr bench converted`: ratios that hold beside
+        # other jobs
+        speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
+                                decode_contexts=args.decode_contexts, decode_steps=DECODE_STEPS)
     title = args.source or "SmolLM2-135M"  # (a local source by absolute path in the JSON, as bench converted)
     speed["config"].update(model=source_name(args.source) if args.source else title, gate_init=model.config.gate_init)
     write_json(speed, out / "speed.json")

@@ -7,6 +7,7 @@ model ran during it; running the models side by side in every repeat, in a rotat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import math
 import os
@@ -114,6 +115,17 @@ def given(args, names: Sequence[str]) -> Optional[str]:
 def set_threads(args) -> None:
     """Run the benchmark on ``--threads`` torch threads (default :data:`DEFAULT_THREADS`)."""
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block on ``n`` torch threads, then put the count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_device(device: str) -> None:

@@ -16,7 +16,7 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -162,6 +162,13 @@ def _ascending_powers(k: int, device) -> torch.Tensor:
     return have[:k]
 
 
+def _prefix_lengths(device) -> torch.Tensor:
+    """:data:`_PREFIX_LENGTHS` as a tensor on ``device`` (made once)."""
+    if device not in _LENGTHS:
+        _LENGTHS[device] = torch.tensor(_PREFIX_LENGTHS, device=device)
+    return _LENGTHS[device]
+
+
 def prefix_digests(ids: torch.Tensor, real: Optional[torch.Tensor] = None, before: Optional[torch.Tensor] = None,
                    prev: Optional[torch.Tensor] = None, seen: int = 0) -> torch.Tensor:
     """(b, len(_PREFIX_LENGTHS)) hashes of each row's first L real tokens, for each L of :data:`_PREFIX_LENGTHS`
@@ -177,9 +184,7 @@ def prefix_digests(ids: torch.Tensor, real: Optional[torch.Tensor] = None, befor
     powers = _ascending_powers(max(1, min(top, seen + k)), ids.device)
     terms = (ids.long() % _DIGEST_MOD) * powers[index.clamp(0, powers.shape[0] - 1)] % _DIGEST_MOD
     terms = terms * (real & (index < top))
-    lengths = _LENGTHS.get(ids.device)
-    if lengths is None:
-        lengths = _LENGTHS[ids.device] = torch.tensor(_PREFIX_LENGTHS, device=ids.device)
+    lengths = _prefix_lengths(ids.device)
     new = (terms[:, :, None] * (index[:, :, None] < lengths)).sum(1)  # (b, J): the terms of each prefix (< 2^51)
     return new % _DIGEST_MOD if prev is None else (prev.to(ids.device) + new) % _DIGEST_MOD
 
@@ -259,27 +264,28 @@ class BSBRCache:
         if self.digest is None or input_ids.shape[0] != self.digest.shape[0]:
             return False  # (another batch: forward refuses the cache)
         masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
+        real = attention_mask != 0 if masked else None
         if input_ids.shape[1] < n:  # new tokens, unless an earlier text edited or retried (the cache read past it)
-            if first and n > _RETOKENIZED_MIN:
-                self._warn_of_a_shared_beginning(input_ids, attention_mask != 0 if masked else None)
+            if first:
+                self._warn_of_a_shared_beginning(input_ids, real)
             return False
         if input_ids.shape[1] == n:
             digest = self.digest.to(input_ids.device)
             same = text_digest(input_ids) == digest[:, 0]
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape:
-                same |= text_digest(input_ids, real=attention_mask != 0) == digest[:, 1]  # (other ids under padding)
+            if masked:
+                same |= text_digest(input_ids, real=real) == digest[:, 1]  # (other ids under padding)
             if bool(same.all()):
                 raise ValueError("input_ids are the text the cache has read, nothing after it (a cache keeps no "
                                  "logits to continue from; new tokens that repeat the cached text cannot be told from "
                                  "it): build the cache on all but the text's last token, or read such new tokens with "
                                  "a forward call (model(input_ids=..., cache=cache)) before generate")
-            if first and n > _RETOKENIZED_MIN:
-                self._warn_of_a_shared_beginning(input_ids, attention_mask != 0 if masked else None)
+            if first:
+                self._warn_of_a_shared_beginning(input_ids, real)
             return False
         digest, head = self.digest.to(input_ids.device), input_ids[:, :n]
         same = text_digest(head) == digest[:, 0]  # the ids as the cache read them
         if masked and not bool(same.all()):
-            same |= text_digest(head, real=attention_mask[:, :n] != 0) == digest[:, 1]  # other ids under padding
+            same |= text_digest(head, real=real[:, :n]) == digest[:, 1]  # other ids under padding
         if not bool(same.all()) and n > _RETOKENIZED_MIN:
             retokenized = (text_digest(head[:, :-1]) == digest[:, 2]) & ~same
             if bool(retokenized.any()) and bool(same.any()) and bool((same | retokenized).all()):
@@ -292,7 +298,7 @@ class BSBRCache:
                             "with what follows, e.g. a trailing space), the cached text is read twice: pass the new "
                             "tokens alone, or the cache's own ids followed by them")
             elif not bool(same.any()):  # a token inside the text split or merged otherwise (a chat template's reply)
-                self._warn_of_a_shared_beginning(input_ids, attention_mask != 0 if masked else None)
+                self._warn_of_a_shared_beginning(input_ids, real)
         if bool(same.any()) and not bool(same.all()):
             warn_caller(f"input_ids: rows {same.nonzero().flatten().tolist()} begin with the text the cache read, rows "
                         f"{(~same).nonzero().flatten().tolist()} do not, so every row is read as new tokens; if they "
@@ -306,7 +312,7 @@ class BSBRCache:
         more likely the whole text tokenized again, or an earlier text edited or retried, than new tokens (a row
         that does not begin so is new tokens, and so are the others)."""
         digest = self.digest.to(input_ids.device)
-        lengths = torch.tensor(_PREFIX_LENGTHS, device=input_ids.device)
+        lengths = _prefix_lengths(input_ids.device)
         count = torch.full_like(digest[:, 3], input_ids.shape[1]) if real is None else real.sum(1)
         same = (prefix_digests(input_ids, real) == digest[:, 4:]) & (lengths[None] <= digest[:, 3:4]) & \
             (lengths[None] <= count[:, None])  # (b, J)
@@ -451,15 +457,20 @@ def refuse_other_model_type(path: Path) -> None:
                          f"its family (bsbr convert {command_path(path)} OUT, or bsbr.convert_to_bsbr)")
 
 
+def _layouts(path: Path, variant: Optional[str] = None) -> Tuple[Path, Path]:
+    """The single weight file and the shard index save_pretrained writes in ``path`` (of a ``variant``)."""
+    return (path / (f"model.{variant}.safetensors" if variant else "model.safetensors"),
+            path / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"))
+
+
 def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
     """The safetensors files of the model directory ``path`` that transformers loads: ``model.safetensors``, else
     the shards ``model.safetensors.index.json`` names (some may be missing; ``variant``:
     ``model.VARIANT.safetensors`` and ``model.safetensors.index.VARIANT.json``). Other ``.safetensors`` files beside
     them are not the model's."""
-    single = path / (f"model.{variant}.safetensors" if variant else "model.safetensors")
+    single, index = _layouts(path, variant)
     if single.is_file():
         return [single]
-    index = path / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json")
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})  # (some may be
     return []  # missing: transformers names them)
@@ -655,10 +666,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         from ... import __version__
 
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
-        variant = kwargs.get("variant")
-        layouts = [Path(save_directory) / (f"model.{variant}.safetensors" if variant else "model.safetensors"),
-                   Path(save_directory) / (f"model.safetensors.index.{variant}.json" if variant else
-                                           "model.safetensors.index.json")]
+        layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
@@ -666,9 +674,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
             after = [_identity(f) for f in layouts]
             if all(after) and after != before:  # the other layout's file, left from an earlier save (transformers
                 # leaves it, and loads model.safetensors first: the old weights, silently)
-                stale = [f for f, b, a in zip(layouts, before, after) if a == b]
-                for f in stale[:1]:
-                    f.unlink()
+                for f, b, a in zip(layouts, before, after):
+                    if a == b:  # (unchanged by this save: at most one, as after != before)
+                        f.unlink()
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         """``push_to_hub`` (and ``save_pretrained(push_to_hub=True)``) uploads the files changed since the save
