@@ -11,19 +11,17 @@ import copy
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
-from ..models.bsbr.modeling_bsbr import refuse_non_float_weights, refuse_pickled_weights, weight_files
+from ..models.bsbr.modeling_bsbr import refuse_non_float_weights, refuse_pickled_weights, weights_held
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
@@ -77,9 +75,6 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's: model.layers.N., transformer.h.N.
-
-
 def _refuse_weights_it_cannot_convert(path: Path) -> None:
     """A ValueError when a source folder's config.json says its weights are quantized (transformers would
     dequantize some kinds silently, or need a GPU), or gives more layers than its safetensors weights hold (read
@@ -97,17 +92,12 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
     try:
         key = "num_hidden_layers" if "num_hidden_layers" in config else "n_layer"
         stated = config.get(key)
-        held, files = set(), weight_files(path)
-        if not all(f.is_file() for f in files):  # (a shard missing: transformers names it, not the config)
-            return
-        for file in files:
-            with safe_open(file, "pt") as f:
-                held |= {int(m.group(1)) for name in f.keys() if (m := _LAYER_INDEX.search(name))}
+        held = weights_held(path)  # (None: a shard missing, which transformers names, not the config)
     except Exception:  # (unreadable files are refused, by name, where they are loaded)
         return
-    if isinstance(stated, int) and not isinstance(stated, bool) and held and stated > max(held) + 1:
+    if isinstance(stated, int) and not isinstance(stated, bool) and held and held[0] and stated > held[0]:
         raise ValueError(f"{path}: config.json gives {stated:,} layers ({key}), its weights hold "
-                         f"{max(held) + 1}: restore the config.json saved with these weights")
+                         f"{held[0]}: restore the config.json saved with these weights")
 
 
 def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:

@@ -525,6 +525,29 @@ def _identity(path: Path):
     return None
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's: model.layers.N., transformer.h.N.
+
+
+def weights_held(path: Path, variant: Optional[str] = None) -> Optional[Tuple[int, Optional[tuple]]]:
+    """What the model directory ``path``'s weight files (:func:`weight_files`) hold, read from their headers: the
+    number of decoder layers (0 if no weight names one) and the shape of ``embed_tokens.weight`` (None if absent);
+    None when one of the files is missing."""
+    from safetensors import safe_open
+
+    files = weight_files(path, variant)
+    if not all(f.is_file() for f in files):
+        return None
+    layers, embedding = 0, None
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if found := _LAYER_INDEX.search(name):
+                    layers = max(layers, int(found.group(1)) + 1)
+                if name.endswith("embed_tokens.weight"):
+                    embedding = tuple(st.get_slice(name).get_shape())
+    return layers, embedding
+
+
 def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[dict] = None,
                                   variant: Optional[str] = None) -> None:
     """Raise ValueError, before a model is built, when the config it is built from (``given``, a config object,
@@ -532,8 +555,6 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
     than ``path``'s ``.safetensors`` weights hold, or an embedding of another shape (a hand edit of 30 layers to
     300 built 300 layers, 4.3 GB and 11 s, before the strict check named the missing weights; a vocabulary of
     10^9 asked for 192 GB)."""
-    from safetensors import safe_open
-
     try:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError, RecursionError):
@@ -546,17 +567,9 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
             f"{path / 'config.json'}" if saved.get(field) == config[field] else \
             "the config from_pretrained was given (or built from its keyword arguments)"
 
-    layers, embedding = 0, None
-    files = weight_files(path, variant)
-    if not all(f.is_file() for f in files):  # (a shard missing: transformers names it, not the config)
+    if (held := weights_held(path, variant)) is None:  # (a shard missing: transformers names it, not the config)
         return
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-                layers = max(layers, int(found.group(1)) + 1) if found else layers
-                if name.endswith("embed_tokens.weight"):
-                    embedding = tuple(st.get_slice(name).get_shape())
+    layers, embedding = held
     wanted = config.get("num_hidden_layers")
     if layers and isinstance(wanted, int) and wanted > layers:
         raise ValueError(f"{where('num_hidden_layers')}: num_hidden_layers is {wanted}, the weights hold {layers} "
