@@ -45,13 +45,16 @@ EXIT_CODES = """exit status:
 
 
 class _StoreOnce(argparse._StoreAction):
-    """argparse's ``store``, except that an option taking a list may not be given twice (argparse would
-    keep the last list and silently drop the first: ``--text-file a --text-file b`` read only b), and no
-    value may be the empty string (``Path("")`` is the current directory)."""
+    """argparse's ``store``, except that an option taking a list, or naming a data source (``--dataset``), may
+    not be given twice (argparse would keep the last value and silently drop the first: ``--text-file a
+    --text-file b`` read only b), and no value may be the empty string (``Path("")`` is the current directory)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if self.nargs in ("+", "*") and option_string and getattr(namespace, self.dest, None) is not self.default:
-            raise argparse.ArgumentError(self, f"given twice: give all its values after one {option_string}")
+        if (self.nargs in ("+", "*") or self.dest == "dataset") and option_string \
+                and getattr(namespace, self.dest, None) is not self.default:
+            raise argparse.ArgumentError(self, "given twice: one dataset is read (put its files in one folder)"
+                                         if self.dest == "dataset" else
+                                         f"given twice: give all its values after one {option_string}")
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             raise argparse.ArgumentError(self, "is empty: give a value")
         if self.nargs in (None, "?") and isinstance(values, list):  # (argparse 3.11 turns a second `--` into [])

@@ -137,14 +137,18 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
     by its folder's builder, as its one split ``train``)."""
     path = Path(name).expanduser()
     if path.is_file():
-        # (a link: by its own name; datasets reads a name as a pattern: data[1].jsonl would match data1.jsonl)
-        where = dict(path=str(path.parent.resolve()), data_files=glob.escape(path.name))
+        # (a link: by its own name; datasets reads a path as a pattern: data[1].jsonl would match data1.jsonl, and
+        # a file in gl[1]/ one in gl1/)
+        where = dict(path=str(path.parent.resolve()), data_files=glob.escape(str(path.parent.resolve() / path.name)))
     elif path.is_dir():
+        if any(c in str(path.resolve()) for c in "*?["):
+            raise ValueError("a folder whose path holds *, ? or [ (datasets reads it as a pattern, which may match "
+                             "another folder): rename it, or give one of its data files")
         where = dict(path=str(path.resolve()))
     elif path.exists():
         raise ValueError("not a regular file (a device or FIFO): give data files")
-    elif name.startswith((".", "/", "~")) or name.endswith(DATA_SUFFIXES):  # spelled as a path: not a hub name
-        raise ValueError("no such folder or file")
+    elif name.startswith((".", "/", "~")) or name.lower().endswith(DATA_SUFFIXES + COMPRESSED + (".ndjson", ".tar")):
+        raise ValueError("no such folder or file")  # (spelled as a path: not a hub name)
     else:
         where = dict(path=name)
     return datasets.load_dataset_builder(name=config, **where, **options)

@@ -924,6 +924,14 @@ def test_a_list_option_given_twice_is_refused_not_cut_to_its_last_list(argv, fla
     assert len(err.splitlines()) == 1 and f"argument {flag}: given twice: give all its values after one {flag}" in err
 
 
+def test_a_second_dataset_is_refused_not_dropped(capsys):
+    # --dataset a --dataset b read only b, exit 0 (as a list option given twice did)
+    for command in (["eval", "m"], ["distill", "--student", "m"]):
+        assert main(command + ["--dataset", "a.csv", "--dataset", "b.csv"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "argument --dataset: given twice: one dataset is read" in err, err
+
+
 def test_a_list_option_that_extends_takes_every_occurrence():
     args = bsbr.cli.build_parser().parse_args(["eval", "m", "--passkey-filler", "classic", "--passkey-filler", "random"])
     assert args.passkey_filler == ["classic", "random"]

@@ -172,6 +172,47 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     assert "gap closed" in printed and "pass-key accuracy" in printed
 
 
+def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_path, word_tokenizer, caplog):
+    # distill and eval of the user's own text (--text-file, a local --dataset of one split) read the same windows:
+    # the figures looked held out, and nothing said otherwise
+    from bsbr.corpus import corpus_texts
+
+    src, _, _ = tiny
+    ref, conv = tmp_path / "ref", tmp_path / "conv"
+    src.save_pretrained(ref)
+    convert_to_bsbr(src, chunk_size=CHUNK).save_pretrained(conv)
+    word_tokenizer.save_pretrained(conv)
+    trained, other = tmp_path / "code.py", tmp_path / "other.py"
+    trained.write_text(PYTHON_TEXT)
+    other.write_text(PYTHON_TEXT.replace("x", "y"))
+    (conv / "distill.json").write_text(json.dumps(dict(data=corpus_texts(text_files=[trained])[1])))
+    for text, warned in ((trained, True), (other, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["eval", str(conv), "--reference", str(ref), "--text-file", str(text), "--seq-len", "40",
+                         "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
+        assert (f"MODEL {conv} was distilled on --text-file {text} (its distill.json): its perplexity here is on "
+                "text it was trained on, not held out" in caplog.text) is warned, caplog.text
+    # a local dataset's split, and the default corpus's split, are the same data when the records match
+    from argparse import Namespace
+
+    from bsbr.evaluate.cli import _distilled_on
+
+    pytest.importorskip("datasets")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "data.jsonl").write_text('{"text": "a b"}\n')
+    (conv / "distill.json").write_text(json.dumps(dict(data=corpus_texts(dataset=str(tmp_path / "ds"),
+                                                                         dataset_split="train")[1])))
+    args = Namespace(model=str(conv), text_file=None, dataset=str(tmp_path / "ds"), split=None)
+    assert _distilled_on(args, dict(dataset_split="train", dataset_config=None)) == \
+        f"--dataset {tmp_path / 'ds'} (split train)"
+    assert _distilled_on(args, dict(dataset_split="test", dataset_config=None)) is None
+    (conv / "distill.json").write_text(json.dumps(dict(data=corpus_texts(split="train")[1])))
+    args = Namespace(model=str(conv), text_file=None, dataset=None, split="train")
+    assert _distilled_on(args, {}) == "the default corpus's train split"
+    assert _distilled_on(Namespace(**{**vars(args), "split": None}), {}) is None  # (eval's default: heldout)
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -192,6 +192,17 @@ def test_local_dataset_text_files_are_documents_and_a_data_file_or_path_is_local
         corpus.dataset_texts("./gone")
     with pytest.raises(ValueError, match="no such folder or file"):  # a data file's name (it got hub advice)
         corpus.dataset_texts("ds/gone.jsonl")
+    for name in ("gone.jsonl.gz", "data/gone.ndjson"):  # (compressed, or datasets' other suffixes: hub advice too)
+        with pytest.raises(ValueError, match="no such folder or file"):
+            corpus.dataset_texts(name)
+    # datasets reads a path as a pattern: a file in gl[1]/ was read from gl1/, silently; the folder is refused
+    (tmp_path / "gl[1]").mkdir()
+    (tmp_path / "gl1").mkdir()
+    (tmp_path / "gl[1]" / "d.jsonl").write_text('{"text": "mine"}\n')
+    (tmp_path / "gl1" / "d.jsonl").write_text('{"text": "another"}\n')
+    assert read(tmp_path / "gl[1]" / "d.jsonl") == ["mine"]
+    with pytest.raises(ValueError, match=r"a folder whose path holds \*, \? or \[ .* rename it, or give one of its"):
+        read(tmp_path / "gl[1]")
 
 
 def test_the_corpus_description_names_local_inputs_by_absolute_path(tmp_path, monkeypatch):

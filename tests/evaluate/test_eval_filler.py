@@ -53,6 +53,9 @@ def test_file_filler_and_errors(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ValueError, match="no usable sentences"):
         filler.get_filler(str(empty))
+    empty.write_text("The pass key is hidden in this text.\n")  # a rule the message did not name
+    with pytest.raises(ValueError, match="no usable sentences .* or the words 'pass key'"):
+        filler.get_filler(str(empty))
     with pytest.raises(ValueError, match="unknown filler"):
         filler.get_filler("lorem")
     with pytest.raises(ValueError, match="is a directory"):

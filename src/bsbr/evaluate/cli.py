@@ -229,6 +229,29 @@ _DEFAULTS: dict = {}
 _FILLED = dict(seq_len=2048, max_windows=16, buckets="chunk", passkey_trials=3, passkey_new_tokens=8, seed=0)
 
 
+def _distilled_on(args, dataset: dict) -> Optional[str]:
+    """What of this evaluation's text MODEL was distilled on (the data its distill.json records), said as
+    the options that name it; None when that is nothing, or MODEL was not distilled."""
+    try:
+        data = json.loads((Path(args.model).expanduser() / "distill.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    data = data if isinstance(data, dict) else {}
+    if args.text_file:
+        trained = set(data.get("files") or ()) if data.get("kind") == "text_files" else set()
+        both = [str(f) for f in args.text_file if str(Path(f).resolve()) in trained]
+        return f"--text-file {' '.join(both)}" if both else None
+    if args.dataset:
+        local = Path(args.dataset).expanduser()
+        same = data.get("kind") == "dataset" and data.get("split") == dataset["dataset_split"] and \
+            data.get("name") == (str(local.resolve()) if local.exists() else args.dataset) and \
+            data.get("config") == dataset["dataset_config"]
+        return f"--dataset {args.dataset} (split {dataset['dataset_split']})" if same else None
+    split = args.split or "heldout"
+    same = data.get("kind") == "stdlib" and data.get("split") == split
+    return f"the default corpus's {split} split" if same else None
+
+
 def _refuse_ignored(args) -> None:
     """Refuse an option the run would ignore: pass-key options with --no-passkey, perplexity options
     with --passkey-only or --lm-eval-task-dir (which writes the task and exits), the models and outputs of
@@ -268,6 +291,9 @@ def cmd_eval(args) -> int:
         raise UserError(f"--split {args.split} chooses from the default corpus, not from --text-file or --dataset: "
                         "drop one")
     _refuse_ignored(args)
+    if not (args.passkey_only or args.lm_eval_task_dir) and (trained := _distilled_on(args, dataset)):
+        logger.warning("MODEL %s was distilled on %s (its distill.json): its perplexity here is on text it was "
+                       "trained on, not held out", args.model, trained)
     if args.passkey_only and args.plot and args.passkey_plot:
         raise UserError("--plot and --passkey-plot both name the heat map with --passkey-only: give one")
     check_bsbr_dir(args.model, "MODEL")

@@ -203,5 +203,6 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
     sentences = tuple(dict.fromkeys(split_sentences(text)))
     if not sentences:
         raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
-                         "capitalised, ending in . ! or ?, without digits)")
+                         "capitalised, ending in . ! or ?, without digits, markup characters, web addresses or "
+                         "the words 'pass key')")
     return CyclingFiller(f"file:{path.name}", sentences, str(path.resolve()))  # (a record rerun from anywhere)
