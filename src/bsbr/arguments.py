@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -327,6 +328,10 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
     connection to the hub, only the local cache is read (at once, not after a minute of retries)."""
     if name is None:
         return
+    try:
+        importlib.import_module("datasets")
+    except ImportError:  # (a local path's checks import it first)
+        raise UserError(f"--dataset {name}: needs the 'datasets' package: pip install datasets") from None
     _cache_only_if_the_hub_is_unreachable()
     from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files, rows_file
 

@@ -391,13 +391,16 @@ def test_a_window_baseline_the_model_has_not_is_refused_before_loading(saved, tm
                       "--passkey-models", "bsbr", "window"], "--passkey-models window:", "drop 'window'")
 
 
-def test_a_missing_datasets_package_is_one_line(saved, capsys, monkeypatch):
+def test_a_missing_datasets_package_is_one_line(saved, capsys, monkeypatch, tmp_path):
+    # a local data file's checks imported it first: "No module named 'datasets'"
     import sys
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     monkeypatch.setattr("bsbr.evaluate.saved.load_saved_models", lambda *a: ({}, None, {}))
-    _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", "wikitext",
-                      "--no-passkey"], "--dataset needs the 'datasets' package: pip install datasets")
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c"}\n')
+    for name in ("wikitext", str(tmp_path / "d.jsonl")):
+        _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", name,
+                          "--no-passkey"], f"--dataset {name}: needs the 'datasets' package: pip install datasets")
 
 
 @pytest.mark.parametrize("name", [["x"], 5])
