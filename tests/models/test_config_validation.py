@@ -325,6 +325,21 @@ def test_a_hand_edited_size_is_refused_before_the_model_is_built(tmp_path, monke
         BSBRForCausalLM.from_pretrained(tmp_path, **{field: value})
 
 
+def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplog):
+    # BSBRModel's names were kept as unread attributes: BSBRConfig(hidden_dim=128, num_layers=2, ...) built the
+    # defaults' 12 layers of 768 (89M parameters), and dropout=0.1 a model without dropout, without a word
+    with pytest.raises(ValueError, match="^hidden_dim, num_layers: BSBRModel's names, not BSBRConfig fields: give "
+                                         "hidden_size, num_hidden_layers$"):
+        BSBRConfig(hidden_dim=128, num_layers=2)
+    with pytest.raises(ValueError, match="^ff_dim: BSBRModel's name, not a BSBRConfig field: give intermediate_size$"):
+        BSBRConfig(ff_dim=512)
+    with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
+        BSBRConfig(attention_dropout=0.0)
+        assert not caplog.text
+        BSBRConfig(dropout=0.1, resid_pdrop=0.2)
+    assert "dropout=0.1, resid_pdrop=0.2: bsbr's HF models have no dropout" in caplog.text
+
+
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
     # development versions wrote window_scored_blocks; it stayed on the config, unread, without a word
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):

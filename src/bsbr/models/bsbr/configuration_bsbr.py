@@ -88,6 +88,24 @@ def check_bsbr_options(*, chunk_size, compression_factor, retrieval, feature_map
 # the installed bsbr, so that a process that never imports bsbr (the lm_eval command line, a pipeline script)
 # loads the model with transformers' Auto classes and trust_remote_code=True
 AUTO_MODULE = "bsbr_auto"
+# BSBRModel's argument names, which transformers would keep as unread attributes (a model of the defaults' size)
+_NATIVE_NAMES = {"hidden_dim": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "ff_dim": "intermediate_size", "num_kv_heads": "num_key_value_heads"}
+
+
+def _refuse_native_names(kwargs: dict) -> None:
+    """A ValueError for a :class:`BSBRModel` argument name given to :class:`BSBRConfig`; a warning for a non-zero
+    dropout, which its models do not have (both were kept as attributes nothing reads)."""
+    given = [name for name in _NATIVE_NAMES if name in kwargs]
+    if given:
+        names = "'s name, not a BSBRConfig field" if len(given) == 1 else "'s names, not BSBRConfig fields"
+        raise ValueError(f"{', '.join(given)}: BSBRModel{names}: give {', '.join(_NATIVE_NAMES[n] for n in given)}")
+    dropout = {k: v for k, v in kwargs.items() if ("dropout" in k or k.endswith("pdrop")) and v}
+    if dropout:
+        logger.warning("BSBRConfig: %s: bsbr's HF models have no dropout, so this is not read",
+                       ", ".join(f"{k}={v}" for k, v in dropout.items()))
+
+
 AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.BSBRConfig", "AutoModel": f"{AUTO_MODULE}.BSBRBaseModel",
             "AutoModelForCausalLM": f"{AUTO_MODULE}.BSBRForCausalLM"}
 AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transformers\' Auto classes: '
@@ -249,6 +267,7 @@ class BSBRConfig(PretrainedConfig):
             logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
                            "of the retrieval blocks): the model chooses all %s blocks by their own scores",
                            retrieval_blocks)
+        _refuse_native_names(kwargs)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         rope = self.rope_parameters
