@@ -46,6 +46,24 @@ def test_prefill_then_steps_equal_full_forward_logits(model):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_a_mask_of_a_length_set_aside_in_advance_is_read_from_its_start(model):
+    # a manual loop's mask of the final length (ones so far, zeros for the slots to come): its last entries were
+    # read, all zeros, so every new token was taken for padding (logits off by 6, no error)
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 45, dtype=torch.long)
+    with torch.no_grad():
+        full = model(ids).logits
+        mask[:, :11] = 1
+        out = model(ids[:, :11], attention_mask=mask[:, :11], use_cache=True)  # (no cache: n entries)
+        steps, cache = [out.logits], out.cache
+        for t in range(11, 37, 3):
+            mask[:, t:t + 3] = 1
+            out = model(ids[:, t:t + 3], attention_mask=mask, cache=cache)
+            steps.append(out.logits)
+            cache = out.cache
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
     # transformers before 5.24 called it past_key_values, and so does much user code: unread, it gave a
     # fresh forward of the new token alone
@@ -218,6 +236,24 @@ def test_a_cache_continues_whatever_the_grad_mode_it_was_built_in(options):
             cache = out.cache
             steps.append(out.logits.detach())
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_closed_gate_that_gets_no_gradient_from_a_cache_without_states_is_warned_of():
+    # a prompt cached without autograd keeps no chunk states; the continuation under autograd gave the gate no
+    # gradient (a full forward gives it one), so training on continuations never opened it, without a word
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, local_chunks=2, sink_tokens=3, retrieval_blocks=2)
+    ids = torch.randint(0, VOCAB, (1, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model(ids[:, :30], use_cache=True).cache
+    with pytest.warns(UserWarning, match="built without autograd, so it keeps no chunk states: the closed "
+                                         "retrieval_gate gets no gradient"):
+        model(ids[:, 30:], cache=cache).logits.sum().backward()
+    assert all(layer.attn.retrieval_gate.grad is None for layer in model.model.layers)
+    with warnings.catch_warnings():  # (a cache built under autograd keeps them: no warning, and a gradient)
+        warnings.simplefilter("error")
+        cache = model(ids[:, :30], use_cache=True).cache
+        model(ids[:, 30:], cache=cache).logits.sum().backward()
+    assert any(bool(layer.attn.retrieval_gate.grad.abs().sum() > 0) for layer in model.model.layers)
 
 
 def test_a_cache_built_under_inference_mode_continues_outside_it():

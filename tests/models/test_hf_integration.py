@@ -381,8 +381,13 @@ def test_generate_refuses_a_foreign_cache_or_one_of_another_batch_in_one_line(mo
     from transformers import DynamicCache
 
     ids = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(3))
+    prefix = DynamicCache()  # (peft's prefix tuning passes its virtual tokens' keys and values so)
+    prefix.update(torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8), 0)
     for key in ("cache", "past_key_values"):
         with pytest.raises(TypeError, match="cache must be a BSBRCache .*got DynamicCache: .*prefix tuning"):
+            model.generate(ids, max_new_tokens=2, **{key: prefix}, **GEN)
+        # an empty one, as manual loops begin (the hint was prefix tuning's)
+        with pytest.raises(TypeError, match="got DynamicCache: to start one, leave cache= out and pass use_cache="):
             model.generate(ids, max_new_tokens=2, **{key: DynamicCache()}, **GEN)
     with torch.no_grad():
         cache = model(ids[:2, :6], use_cache=True).cache

@@ -581,6 +581,14 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
                                  f"{tuple(embedding)}: give the config the model was saved with")
 
 
+def _empty(cache) -> bool:
+    """Whether a transformers cache holds no token (as DynamicCache() does, which manual loops begin with)."""
+    try:
+        return not cache.get_seq_length()
+    except Exception:  # (a cache class of its own: not known to be empty)
+        return False
+
+
 _NO_CONTINUOUS_BATCHING = ("continuous batching (cache_implementation='paged', generate_batch) runs transformers' "
                            "paged attention and cache, which BSBR attention (the window and the retrieved blocks in "
                            "one softmax, a BSBRCache) cannot use: generate without cache_implementation")
@@ -818,6 +826,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if cache is not None:
             self._check_cache(cache, b, inputs_embeds)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
+            if attention_mask.dim() == 2 and attention_mask.shape[-1] > cache.n_positions + n:
+                # a mask of a length set aside in advance: its first positions, as transformers reads it
+                attention_mask = attention_mask[:, :cache.n_positions + n]
             # a mask over every position the cache read (not one begun with a later call's new tokens)
             if attention_mask.dim() == 2 and attention_mask.shape == (b, cache.n_positions + n) and cache.states:
                 _refuse_forgotten_tokens(attention_mask[:, :-n], cache)
@@ -923,8 +934,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if not isinstance(cache, BSBRCache):
             from transformers.cache_utils import Cache
 
-            hint = (": a cache of keys and values made elsewhere (e.g. peft's prefix tuning) cannot be read by BSBR "
-                    "layers (LoRA can, and prompt tuning generating with use_cache=False: README)" if isinstance(cache, Cache) else "")
+            hint = "" if not isinstance(cache, Cache) else \
+                ": to start one, leave cache= out and pass use_cache=True (the output's .cache continues)" \
+                if _empty(cache) else \
+                (": a cache of keys and values made elsewhere (e.g. peft's prefix tuning) cannot be read by BSBR "
+                 "layers (LoRA can, and prompt tuning generating with use_cache=False: README)")
             raise TypeError(f"cache must be a BSBRCache (as returned with use_cache=True), got "
                             f"{type(cache).__name__}{hint}")
         if cache.built_with is not None and cache.built_with is not self._built_with and (
