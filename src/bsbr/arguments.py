@@ -259,7 +259,10 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     path = Path(os.path.expanduser(text))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{option} {text} is a directory without config.json: not a model directory")
+            shadows = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(".")  # (a hub id's shape)
+            raise UserError(f"{option} {text} is a directory without config.json: not a model directory"
+                            + (" (a local folder of that name is read before the hub model: run from another "
+                               "directory to load the hub's)" if shadows else ""))
         _warn_ignored_code(path, option)
         if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
             raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
@@ -564,7 +567,8 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
         if not p.is_file():
             what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
-            raise UserError(f"{option} {f} {what}: give text files")
+            raise UserError(f"{option} {f} {what}: " + ("give a text file, or - to read standard input"
+                                                         if option == "--prompt-file" else "give text files"))
         size, text = _read_text_file(p, f, option)
         total += size if text else 0  # (a file of whitespace alone adds no text, only its EOS)
     if files and seq_len is not None and not total:  # (a corpus; a prompt of spaces is still a prompt)

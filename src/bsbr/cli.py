@@ -218,6 +218,9 @@ class _ClosedPipeIgnored:
         except OSError as e:
             self._lost(e)
             return len(text)
+        except UnicodeEncodeError as e:  # a file's name its encoding lacks (PYTHONIOENCODING=ascii): escaped
+            self.write(text.encode(e.encoding, "backslashreplace").decode(e.encoding))
+            return len(text)
 
     def flush(self):
         try:

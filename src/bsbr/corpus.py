@@ -202,6 +202,10 @@ def dataset_texts(name: str, config: Optional[str] = None, split: str = "test",
         ds = None if files is not None else builder.as_streaming_dataset(split=split)
     except Exception as e:  # network, unknown name, unknown config/split: all user-facing
         why = str(e) or ("its data files hold no rows" if isinstance(e, StopIteration) else type(e).__name__)
+        cache, failed = Path(os.path.abspath(datasets.config.HF_DATASETS_CACHE)), getattr(e, "filename", None)
+        if isinstance(e, OSError) and failed and (cache.is_relative_to(os.path.abspath(failed))
+                                                  or Path(os.path.abspath(failed)).is_relative_to(cache)):
+            why += f" (datasets' cache, {cache}: set HF_DATASETS_CACHE to a writable folder)"
         raise ValueError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {why}") from e
     if files is not None:
         if text_column != "text":

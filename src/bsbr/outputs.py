@@ -159,8 +159,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                           f"its records or a checkpoint: --overwrite replaces only a bsbr output; move them or choose "
                           f"another {option}")
     if not _written_into(out) and (parent := unwritable_parent(out)) is not None:
-        why = ("it is a file, not a directory" if not parent.is_dir() else "permission denied"
-               if not os.access(parent, os.W_OK | os.X_OK) else "nothing can be made there")
+        why = ("it is a file, not a directory" if not parent.is_dir() else "a read-only file system"
+               if _read_only(parent) else "permission denied" if not os.access(parent, os.W_OK | os.X_OK)
+               else "nothing can be made there")
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why}): choose another {option}")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {path}: directory is not writable")
@@ -594,6 +595,13 @@ def write_failure(option: str, path, error: BaseException, what: str, unchanged:
     kept = f"; {path} is as it was" if unchanged else ""
     fix = "free some space or choose another" if out_of_room(error) else "choose another"
     return OutputError(f"{option} {path}: could not write {what} ({why}){kept}: {fix} {option}")
+
+
+def _read_only(directory: Path) -> bool:
+    """Whether ``directory`` lies on a file system mounted read-only."""
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    return False
 
 
 def unwritable_parent(path: Path) -> Optional[Path]:

@@ -880,17 +880,28 @@ class FullDevice(ClosedPipe):
         raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("stdout", [None, FullDevice()], ids=["closed", "full"])
+@pytest.mark.parametrize("stdout", [None, FullDevice(), "ascii"], ids=["closed", "full", "ascii"])
 def test_a_command_that_writes_files_writes_them_whatever_its_stdout(models, tmp_path, capsys, monkeypatch, stdout):
     # `bsbr convert SRC OUT >&-` was an internal error (rc 1) having written nothing; `> /dev/full` an error after
-    # the whole run; and `bsbr generate >&-` exited 0 having written its text nowhere
+    # the whole run; and `bsbr generate >&-` exited 0 having written its text nowhere; a stdout whose encoding
+    # lacks a character of the output's name (PYTHONIOENCODING=ascii) made a finished command "error: 'ascii'
+    # codec can't encode character", exit 2
+    import io
     import sys
 
     source, converted, _ = models
+    ascii_only = stdout == "ascii"
+    if ascii_only:
+        stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
     monkeypatch.setattr(sys, "stdout", stdout)
-    rc = main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"])
-    assert (tmp_path / "out" / "config.json").is_file()
+    out = tmp_path / ("out\u00e9" if ascii_only else "out")
+    rc = main(["convert", str(source), str(out), "--chunk-size", "8"])
+    assert (out / "config.json").is_file()
     err = capsys.readouterr().err
+    if ascii_only:
+        stdout.flush()
+        assert rc == 0 and "error" not in err and "out\\xe9" in stdout.buffer.getvalue().decode(), err
+        return
     if stdout is None:  # closed by the caller: nothing to report
         assert rc == 0 and "error" not in err
     else:  # what it printed is lost: said, after the files are written (eval or bench without --json lost all)
@@ -1064,6 +1075,24 @@ def test_generate_reads_a_long_prompt_from_a_file_or_stdin_and_prints_the_contin
     (tmp_path / "cr.txt").write_bytes(text.replace(" def", "\rdef").encode())  # (old Mac line ends, as eval reads them)
     assert _prompt_text(argparse.Namespace(prompt=None, prompt_file=str(tmp_path / "cr.txt"))) == \
         text.replace(" def", "\ndef")
+    # a pipe by its name (/dev/stdin, <(...)) is read as "-" is: it was refused as "a device or FIFO: give text files"
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "pipe")
+
+    def feed(data):
+        with open(tmp_path / "pipe", "wb") as w:
+            w.write(data)
+    for data, prompt in ((text.encode(), text), (b"def \xff", None)):
+        threading.Thread(target=feed, args=(data,), daemon=True).start()
+        if prompt is None:  # (checked as standard input is)
+            line = refused(capsys, ["generate", converted, "--prompt-file", tmp_path / "pipe"], "generate")
+            assert f"--prompt-file {tmp_path / 'pipe'} is not UTF-8" in line, line
+        else:
+            assert _prompt_text(argparse.Namespace(prompt=None, prompt_file=str(tmp_path / "pipe"))) == prompt
+    line = refused(capsys, ["generate", converted, "--prompt-file", "/dev/zero"], "generate")
+    assert line.endswith("is not a regular file (a device or FIFO): give a text file, or - to read standard input")
 
 
 def test_generate_prompt_file_and_chat_refusals_are_one_line(models, tmp_path, capsys, monkeypatch):
@@ -1796,3 +1825,15 @@ def test_a_second_double_dash_is_a_usage_error(capsys, argv):
     # "expected str, bytes or os.PathLike object, not list": argparse 3.11 turns a second -- into [] for OUTPUT_DIR
     line = refused(capsys, argv, "convert")
     assert "argument output_dir: got a second --: give one value" in line, line
+
+
+def test_a_folder_without_a_model_that_shadows_a_hub_id_says_so(tmp_path, capsys, monkeypatch):
+    # `bsbr convert org/tiny` run where an unrelated ./org/tiny folder lies: refused without a word of the hub
+    # model it hid (from another directory the same command converts it)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "tiny").mkdir(parents=True)
+    (tmp_path / "plain").mkdir()
+    line = refused(capsys, ["convert", "org/tiny", "out"], "convert")
+    assert line.endswith("SOURCE org/tiny is a directory without config.json: not a model directory (a local folder "
+                         "of that name is read before the hub model: run from another directory to load the hub's)")
+    assert refused(capsys, ["convert", "./plain", "out"], "convert").endswith("not a model directory")

@@ -469,6 +469,19 @@ def test_an_output_where_nothing_can_be_made_is_named(models, capsys):
     assert "OUTPUT_DIR /proc/bsbr-no-such-output: cannot write in /proc" in line and "choose another" in line, line
 
 
+def test_an_output_on_a_read_only_file_system_is_named_so(models, tmp_path, capsys, monkeypatch):
+    # a read-only mount was reported as "permission denied" (os.access says only that it cannot write)
+    import types
+
+    source, _, _ = models
+    statvfs = os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == tmp_path else True)
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY) if Path(p) == tmp_path
+                        else statvfs(p))
+    line = refused(capsys, ["convert", source, tmp_path / "out", "--chunk-size", "8"], "convert")
+    assert line.endswith(f"cannot write in {tmp_path} (a read-only file system): choose another OUTPUT_DIR"), line
+
+
 def test_convert_with_the_source_forgotten_refuses_to_replace_the_model(models, capsys):
     source, converted, _ = models
     line = refused(capsys, ["convert", converted, "--chunk-size", "16"], "convert", converted)

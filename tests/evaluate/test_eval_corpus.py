@@ -1,5 +1,6 @@
 import os
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,13 @@ def test_the_corpus_description_names_local_inputs_by_absolute_path(tmp_path, mo
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "test.jsonl").write_text('{"text": "a"}\n')
     assert corpus.corpus_texts(dataset="ds")[1]["name"] == str(tmp_path / "ds")
+
+
+def test_an_unwritable_datasets_cache_is_named_not_the_users_file(tmp_path, monkeypatch):
+    # "could not load dataset 'd.jsonl' ...: [Errno 2] No such file or directory: '/proc/xx'": the file was fine
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n')
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path("/proc/bsbr-none/datasets"))
+    with pytest.raises(ValueError, match=r"\(datasets' cache, /proc/bsbr-none/datasets: set HF_DATASETS_CACHE to a "
+                                         r"writable folder\)"):
+        next(corpus.dataset_texts(str(tmp_path / "d.jsonl"), split="train"))

@@ -260,9 +260,20 @@ _SEEDED = threading.Lock()  # a seeded generation holds the process's generator 
 MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 overflowed to inf)
 
 
-def _prompt_text(args) -> str:
-    """The prompt: ``--prompt``, or the UTF-8 text of ``--prompt-file`` (``-``: standard input)."""
+def _mode(path) -> int:
+    """``path``'s file mode (0 if it cannot be read)."""
     import os
+
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return 0
+
+
+def _prompt_text(args) -> str:
+    """The prompt: ``--prompt``, or the UTF-8 text of ``--prompt-file`` (``-``: standard input; a pipe)."""
+    import os
+    import stat
     import sys
 
     from ..errors import UserError
@@ -278,14 +289,16 @@ def _prompt_text(args) -> str:
             except (UnicodeEncodeError, UnicodeDecodeError):
                 raise UserError("--prompt is not UTF-8 text: give the prompt in UTF-8") from None
         return text
-    if args.prompt_file != "-":
+    # a pipe (/dev/stdin, <(...)) is read once, as "-" reads standard input
+    piped = args.prompt_file == "-" or stat.S_ISFIFO(_mode(args.prompt_file))
+    if not piped:
         check_text_files([args.prompt_file], option="--prompt-file")
     if args.prompt_file == "-" and sys.stdin is None:  # (started with standard input closed)
         raise UserError("--prompt-file -: standard input is closed: pipe the prompt in, or give --prompt or a file")
     data = Path(args.prompt_file).read_bytes() if args.prompt_file != "-" else sys.stdin.buffer.read()
-    why = not_utf8(data) if args.prompt_file == "-" else None  # (a file's bytes were checked above)
+    why = not_utf8(data) if piped else None  # (a file's bytes were checked above)
     if why:
-        raise UserError(f"--prompt-file - (standard input) {why}")
+        raise UserError(f"--prompt-file {'- (standard input)' if args.prompt_file == '-' else args.prompt_file} {why}")
     try:  # the same text from a file or a pipe: no byte-order mark, newlines as \n (as the corpus reads text)
         return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
