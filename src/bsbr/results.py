@@ -7,6 +7,19 @@ import os
 from pathlib import Path
 
 
+def software() -> dict:
+    """The software, torch's thread count and the machine a result was computed with (recorded beside it)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return dict(bsbr=__version__, torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(), threads=torch.get_num_threads(), machine=platform.machine())
+
+
 def _finite(obj):
     """JSON has no NaN or infinity: write them as null (a reader sees 'undefined', not a parse error)."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -61,7 +61,7 @@ def test_passkey_only_cli(saved, tmp_path, capsys):
                for m in pk["models"].values())
     heat = tmp_path / "pk.passkey.png"
     assert heat.read_bytes()[:8] == PNG
-    assert json.loads(heat.with_suffix(".json").read_text()) == pk
+    assert json.loads(heat.with_suffix(".json").read_text()) == dict(config=r["config"], **pk)  # (the run's record)
     printed = capsys.readouterr().out
     assert "pass-key accuracy per filler" in printed and f"pass-key heat map: {heat}" in printed
 
@@ -77,6 +77,9 @@ def test_full_eval_writes_the_heatmap_beside_the_plot(saved, tmp_path):
     assert (tmp_path / "e.png").read_bytes()[:8] == PNG and (tmp_path / "e.passkey.png").read_bytes()[:8] == PNG
     pk = json.loads((tmp_path / "e.passkey.json").read_text())
     assert [f["name"] for f in pk["fillers"]] == ["classic"] and pk["trials"] == 1  # (the default fillers one trial reads)
+    # written without --json, it names what it measured (two conversions' heat maps could not be told apart)
+    assert pk["config"]["model_dir"] == str((saved / "conv").resolve()) and pk["config"]["weights"] and \
+        pk["config"]["retrieval_blocks"] is not None and pk["config"]["bsbr"]
 
 
 def test_lm_eval_task_dir_cli(saved, tmp_path, capsys):

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -18,7 +19,7 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_default_model,
                          check_model_arg, check_model_tokenizer, check_positions, check_recorded_source, check_source,
                          check_text_files, check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
-                         warn_past_rotary_positions)
+                         source_name, warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
                        resolved_path, resume_strays, write_errors, write_failure, write_model_card)
@@ -385,8 +386,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
 
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
-        if record is not None:
-            (directory / METADATA).write_text(record)
+        if record is not None:  # the student's, naming the folder it now lies in
+            (directory / METADATA).write_text(_moved_record(record, out))
         write_model_card(directory)
 
     check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training
@@ -394,7 +395,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         # --overwrite: the old checkpoint stays until this run's first checkpoint replaces it, the old model
         # until this run's model replaces it
         progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
-                           data=data, should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite)
+                           data=data, should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite,
+                           models=dict(teacher=source_name(args.teacher), student=str(student_dir.resolve())))
     if not dist.is_initialized() or dist.get_rank() == 0:
         last = progress["log"][-1] if progress["log"] else {}
         print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
@@ -405,6 +407,18 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         logger.warning("the model was already being published when the signal came: %s holds it, complete", out)
         INTERRUPTED.set()
     return 0
+
+
+def _moved_record(record: str, out: Path) -> str:
+    """The student's conversion record as the distilled model's: its ``output_dir`` this folder, and a note that
+    the weights were distilled since (distill.json); an unreadable record as it was."""
+    try:
+        fields = json.loads(record)
+    except ValueError:
+        return record
+    if not isinstance(fields, dict):
+        return record
+    return json.dumps({**fields, "output_dir": str(out.resolve()), "distilled": "distill.json"}, indent=2)
 
 
 def register(sub) -> None:

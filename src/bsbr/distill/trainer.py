@@ -27,6 +27,7 @@ from ..errors import CheckpointError
 from ..models.heads import final_hidden_states, position_blocks
 from ..outputs import is_bsbr_output, not_written, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
+from ..results import software
 from ..ops.checks import check_int, check_number, is_number, shown
 from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 
@@ -301,7 +302,7 @@ def shortest_window(student, params: str) -> int:
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
             resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
             should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
+            overwrite: bool = False, progress: bool = True, models: Optional[dict] = None) -> dict:
     """Train ``student`` (a converted BSBRForCausalLM) to imitate ``teacher`` (its source) on token
     ``windows`` (1-D LongTensors), checkpointing to ``output_dir/checkpoint``; rank 0 then moves the final
     model (``save_pretrained``, ``distill.json``, ``distill.png``, what ``extra_files(dir)`` writes) into
@@ -310,7 +311,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     A checkpoint is continued only with ``resume``, only if written with the same weights, windows,
     ``settings``, student config and config (except :data:`RESUMABLE_CHANGES`), and only if ``cfg`` leaves
     steps or time to train (:func:`check_work_left`). ``data``: where the windows came from, recorded in
-    ``distill.json`` (a resume compares the windows' tokens, not this). ``overwrite`` starts over whatever
+    ``distill.json`` (a resume compares the windows' tokens, not this), as are ``models`` (the teacher's and the
+    student's names) and the software and thread count of the run that published it. ``overwrite`` starts over whatever
     ``output_dir`` holds: its checkpoint stays until this run's first checkpoint replaces it, its other files (the old
     model) until this run's model replaces them (an interrupted run's checkpoint records their names, so
     its resume removes them too). ``should_stop`` is
@@ -329,7 +331,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         else set()  # adapters the caller put on the student
     try:
         return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
-                        should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress)
+                        should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress,
+                        models=models)
     finally:
         if getattr(student, "is_activation_checkpointing", False):
             student.activation_checkpointing_disable()
@@ -346,7 +349,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
              resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
              should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
-             overwrite: bool = False, bar_on: bool = True) -> dict:
+             overwrite: bool = False, bar_on: bool = True, models: Optional[dict] = None) -> dict:
     """:func:`distill`, leaving the models' modes to it."""
     if not isinstance(cfg, DistillConfig):
         raise TypeError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
@@ -442,7 +445,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
         if seen[0] != -seen[1]:
             raise CheckpointError(f"the processes of this run found {ckpt_dir} at different steps ({-int(seen[1])} to "
                                   f"{int(seen[0])}): give an --output on storage every node shares")
-    progress["data"] = data
+    progress.update(data=data, models=models, software=software())  # (this run's: not compared by a resume)
     if overwrite and output_dir.is_dir():  # the old output's files, replaced when this run's model is published
         progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
                                       if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -65,15 +64,11 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     ``check_reference(source_model)``, if given, runs right after the reference is loaded (``bsbr
     eval`` refuses there a reference that is not the model's source). ``only``: the names of the models to
     build (None: all); the reference is not loaded when none of them needs it."""
-    import torch
-
     from ..models import load_bsbr_model
     from ..models.bsbr.loading import check_unchanged, folder_identity
-    import transformers
-
-    from .. import __version__
     from ..arguments import load_model_arg, source_label, source_name, weights_fingerprint
     from ..errors import UserError
+    from ..results import software
 
     model_dir = Path(model_dir)
     logger.info("loading %s", model_dir)
@@ -103,7 +98,5 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
                "feature_map", "compression_factor", "position_scheme")
     config = dict(model_dir=str(Path(model_dir).resolve()), reference=source_name(reference), chunk_size=chunk,
                   **{k: getattr(model.config, k, None) for k in options}, weights=weights_fingerprint(model),
-                  dtype=str(model.dtype).removeprefix("torch."),
-                  bsbr=__version__, torch=torch.__version__, transformers=transformers.__version__,
-                  python=platform.python_version(), threads=torch.get_num_threads(), machine=platform.machine())
+                  dtype=str(model.dtype).removeprefix("torch."), **software())
     return models, tokenizer, config

@@ -393,7 +393,9 @@ def cmd_eval(args) -> int:
     if heatmap is not None and result.get("passkey"):
         files.append((heatmap, lambda p: plot_passkey_heatmap(result["passkey"], p),
                       f"pass-key heat map: {heatmap} (data: {heatmap.with_suffix('.json')})"))
-        files.append((heatmap.with_suffix(".json"), lambda p: write_json(result["passkey"], p), None))
+        # (with the run's record: the data of two models' heat maps, written without --json, told apart)
+        files.append((heatmap.with_suffix(".json"), lambda p: write_json(dict(config=result["config"],
+                                                                              **result["passkey"]), p), None))
     # before anything is printed: a closed stdout (| head) loses no file
     write_together([f[:2] for f in files], figures=[args.plot, heatmap])
     for line in lines:
