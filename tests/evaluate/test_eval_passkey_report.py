@@ -82,7 +82,9 @@ def test_full_eval_writes_the_heatmap_beside_the_plot(saved, tmp_path):
         pk["config"]["retrieval_blocks"] is not None and pk["config"]["bsbr"]
 
 
-def test_lm_eval_task_dir_cli(saved, tmp_path, capsys):
+def test_lm_eval_task_dir_cli(saved, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
     rc = main(["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task"), "--passkey-lengths", "96",
                "--passkey-depths", "0.5", "--passkey-trials", "3"])
     assert rc == 0
@@ -91,6 +93,13 @@ def test_lm_eval_task_dir_cli(saved, tmp_path, capsys):
     assert (tmp_path / "task" / "bsbr_passkey.yaml").is_file()
     out = capsys.readouterr().out
     assert "simple_evaluate" in out and "dtype='float32'" in out  # (as bsbr eval runs it, whatever dtype was saved)
+    assert "pip install" not in out
+    # without lm-eval the printed snippet's import fails: said, with what to install
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    assert main(["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task2"), "--passkey-lengths", "96",
+                 "--passkey-depths", "0.5", "--passkey-trials", "3"]) == 0
+    assert "(lm-eval is not installed here: pip install 'bsbr[eval]')" in capsys.readouterr().out
 
 
 def test_passkey_models_restricts_the_run(saved, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -215,6 +216,8 @@ def _write_lm_eval_task(args, passkey: dict, tokenizer) -> int:
           f"backend='causal', dtype='float32', max_length={longest}), tasks=[{TASK_NAME!r}], "
           f"task_manager=TaskManager(include_path={str(resolved_path(args.lm_eval_task_dir))!r}))\n"
           f"  print(out['results'][{TASK_NAME!r}])")
+    if importlib.util.find_spec("lm_eval") is None:  # (the snippet's import would fail)
+        print("(lm-eval is not installed here: pip install 'bsbr[eval]')")
     return 0
 
 
