@@ -248,6 +248,12 @@ def _warn_ignored_code(path: Path, option: str) -> None:
                            "built-in classes for it are used instead", option, path, name, ", ".join(code))
 
 
+def _first_bytes(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of the file ``path`` (not the whole file read)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     """Refuse, before loading anything, a model argument that names a local path which does not exist or
     is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only
@@ -259,7 +265,8 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     path = Path(os.path.expanduser(text))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            shadows = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(".")  # (a hub id's shape)
+            shadows = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(".") and \
+                not text.endswith(".gguf")  # (a hub id's shape; a name ending so is a local path)
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory"
                             + (" (a local folder of that name is read before the hub model: run from another "
                                "directory to load the hub's)" if shadows else ""))
@@ -270,7 +277,7 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     elif path.exists():
         if path.is_file() and path.suffix != ".gguf":
             raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
-        if path.stat().st_size < 8 or path.read_bytes()[:4] != b"GGUF":
+        if path.stat().st_size < 8 or _first_bytes(path, 4) != b"GGUF":
             raise UserError(f"{option} {text} is not a GGUF file (it does not start with the GGUF magic bytes)")
     elif text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".gguf", "/")):  # not ORG/NAME
         raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
@@ -626,6 +633,8 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
         elif type(e).__name__ == "SafetensorError":
             why = f"its .safetensors weights are unreadable, truncated or empty: {why}"
         why = why if len(why) <= 300 else why[:300] + " ..."
+        if local and why.startswith("not a readable GGUF file"):  # (load_source's words for a file cut short)
+            raise UserError(f"{option} {source_label(source)}: {why}") from e
         if local:
             raise UserError(f"{option} {source_label(source)}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
@@ -700,8 +709,11 @@ def load_tokenizer_arg(source, option: str):
                             "tokenizer beside the model (tokenizer.json)") from e
         if source is not None:  # the tokenizer reads config.json: a broken one is the model's fault, not its
             _refuse_broken_source(source, option, e)
-        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({why}): "
-                        f"save the model's tokenizer beside it (tokenizer.save_pretrained)") from e
+        gguf = source is not None and str(source).endswith(".gguf") and Path(os.path.expanduser(str(source))).is_file()
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer ({why}): " + (
+            "a .gguf source's tokenizer is read from the file alone: give a model folder (config.json, weights and "
+            "tokenizer files) instead" if gguf else "save the model's tokenizer beside it (tokenizer.save_pretrained)")
+        ) from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
     # transformers' built-in class was loaded; an auto_map saved with it would have trust_remote_code=True (which

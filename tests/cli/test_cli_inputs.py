@@ -208,8 +208,31 @@ def test_a_source_config_field_of_zero_is_refused_by_name(field, models, tmp_pat
     assert f"cannot be converted: {field} must be an int >= 1, got 0" in line, line
 
 
-def _gguf_with(path, **changes):
-    """The bundled GGUF's metadata (no tensors) with ``changes`` (keys without the architecture's prefix)."""
+def test_a_gguf_file_cut_short_is_named_by_the_python_api_too(tmp_path):
+    # convert_to_bsbr raised struct.error ("unpack_from requires a buffer of at least ...") or "cannot mmap an empty
+    # file", naming neither the file nor that it was cut short
+    from bsbr import convert_to_bsbr
+
+    for name, data in (("cut.gguf", b"GGUF\x03\x00\x00\x00"), ("empty.gguf", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: not a readable GGUF file .*download it again$"):
+            convert_to_bsbr(str(tmp_path / name))
+
+
+def test_a_gguf_file_without_a_tokenizer_says_where_one_is_read(tmp_path, capsys):
+    # the advice was to save a tokenizer beside the file, which a .gguf source never reads
+    from bsbr.arguments import load_tokenizer_arg
+    from bsbr.errors import UserError
+
+    _gguf_with(tmp_path / "m.gguf", drop="tokenizer.")
+    with pytest.raises(UserError, match="has no usable tokenizer .*: a .gguf source's tokenizer is read from the file "
+                                        "alone: give a model folder"):
+        load_tokenizer_arg(str(tmp_path / "m.gguf"), "SOURCE")
+
+
+def _gguf_with(path, drop=None, **changes):
+    """The bundled GGUF's metadata (no tensors) with ``changes`` (keys without the architecture's prefix), without
+    the keys that begin with ``drop``."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     from bsbr.convert.defaults import default_source_path
@@ -218,7 +241,7 @@ def _gguf_with(path, **changes):
     arch = bytes(r.fields["general.architecture"].parts[r.fields["general.architecture"].data[0]]).decode()
     w = GGUFWriter(str(path), arch)
     for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name == "general.architecture" or drop and name.startswith(drop):
             continue
         kind, sub = f.types[0], f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
 
@@ -1837,3 +1860,16 @@ def test_a_folder_without_a_model_that_shadows_a_hub_id_says_so(tmp_path, capsys
     assert line.endswith("SOURCE org/tiny is a directory without config.json: not a model directory (a local folder "
                          "of that name is read before the hub model: run from another directory to load the hub's)")
     assert refused(capsys, ["convert", "./plain", "out"], "convert").endswith("not a model directory")
+    (tmp_path / "odd" / "m.gguf").mkdir(parents=True)  # (a name ending so is a local path, never a hub id)
+    assert refused(capsys, ["convert", "odd/m.gguf", "out"], "convert").endswith("not a model directory")
+
+
+def test_the_gguf_magic_is_read_without_reading_the_whole_file(tmp_path, monkeypatch):
+    # the 4-byte check read the whole file (a 2 GB GGUF: 6 s and 2 GB of memory before loading it)
+    from bsbr.arguments import check_model_arg
+    from bsbr.errors import UserError
+
+    (tmp_path / "m.gguf").write_bytes(b"NOPE" + bytes(100))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read the whole of {self}"))
+    with pytest.raises(UserError, match="m.gguf"):
+        check_model_arg(str(tmp_path / "m.gguf"), "SOURCE")

@@ -48,7 +48,17 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if path.suffix == ".gguf" and not path.is_dir():  # (a model folder may be named x.gguf)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
+        try:
+            return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
+        except Exception as e:  # a file cut short fails inside transformers on a buffer or a shape: name it
+            try:
+                from gguf import GGUFReader
+
+                GGUFReader(path)
+            except Exception as bad:
+                raise ValueError(f"{path}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); it may be "
+                                 "cut short: download it again") from e
+            raise
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a file, not a model directory or a .gguf file" if path.is_file()
