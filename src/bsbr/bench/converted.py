@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..arguments import check_default_model, check_model_arg, check_positions, load_model_arg, source_name
+from ..arguments import (check_default_model, check_model_arg, check_positions, load_model_arg, source_label,
+                         source_name)
 from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
                            check_position_options, conversion_options, convert_source)
 from ..errors import UserError
@@ -225,7 +226,7 @@ def cmd(args) -> int:
     else:
         check_local_source(args, args.source, options)  # (as bsbr convert, before loading)
         source = load_model_arg(args.source, "SOURCE")
-        title = args.source or "SmolLM2-135M"
+        title = source_label(args.source)  # (the bundled model by the name convert records)
         check_positions(source, "SOURCE", [("--seq-lens", n) for n in args.seq_lens] +
                         [("--decode-contexts (plus --decode-steps)", n + decode_steps,
                           lambda table: f"give --decode-contexts at most {table - decode_steps:,}")
