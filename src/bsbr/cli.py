@@ -185,7 +185,15 @@ def run() -> None:
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _STDOUT_LOST.is_set():  # (the exit's flush of what could not be written goes nowhere, quietly)
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            _to_devnull(sys.stdout.fileno())
     sys.exit(code)
+
+
+# a write to stdout failed (its reader went away, a full disk): the console command's exit points it at /dev/null;
+# a program that called main() keeps its own descriptor
+_STDOUT_LOST = threading.Event()
 
 
 def _to_devnull(fd: int) -> None:
@@ -208,8 +216,7 @@ class _ClosedPipeIgnored:
         self.failed: Optional[OSError] = None  # a write that failed otherwise than by a closed pipe (a full disk)
 
     def _closed(self):
-        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-            _to_devnull(self._stream.fileno())
+        _STDOUT_LOST.set()
         self._stream = open(os.devnull, "w")
 
     def write(self, text):
@@ -301,7 +308,7 @@ def _main(argv) -> int:
         return _interrupted(" ".join(filter(None, [args.command, getattr(args, "bench_command", None)])))
 
 
-_ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY")
+_ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_OFFLINE")
 
 
 _SETTINGS_LOCK = threading.Lock()
@@ -395,7 +402,8 @@ def _library_settings() -> dict:
     one imported later: its defaults, from the environment as it is restored)."""
     from .progress import hub_bar_states
 
-    got = dict(huggingface_hub=dict(hub_bar_states()))
+    hub = sys.modules.get("huggingface_hub.constants")  # (offline while a command finds the hub unreachable)
+    got = dict(huggingface_hub=dict(hub_bar_states()), offline=None if hub is None else hub.HF_HUB_OFFLINE)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -416,6 +424,11 @@ def _restore_library_settings(saved: dict) -> None:
         states.update(saved["huggingface_hub"])
 
     hub_states()
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:  # (imported during the command: the value it reads from the environment, as restored)
+        value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+        hub.HF_HUB_OFFLINE = saved["offline"] if saved["offline"] is not None else \
+            value is not None and value.upper() in getattr(hub, "ENV_VARS_TRUE_VALUES", {"1", "ON", "YES", "TRUE"})
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -485,8 +498,7 @@ def _run_command(args, name: str, verbose: bool) -> int:
         if isinstance(e, KeyboardInterrupt) or INTERRUPTED.is_set():  # (an import interrupted midway can
             return _interrupted(name)  # fail as another error)
         if isinstance(e, BrokenPipeError):  # stdout's reader closed it: stop, and say nothing more to it
-            with contextlib.suppress(OSError, ValueError):
-                _to_devnull(sys.stdout.fileno())
+            _STDOUT_LOST.set()
             return EXIT_PIPE
         from .errors import UserError
 

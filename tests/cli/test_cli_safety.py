@@ -1834,6 +1834,20 @@ def test_generate_into_a_full_disk_names_stdout(models):
     assert line.startswith("bsbr generate: error: stdout: No space left on device: the generated text"), line
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_program_calling_main_keeps_its_stdout_descriptor_after_a_failed_write(models, tmp_path):
+    # a full disk under stdout pointed the host's descriptor 1 at /dev/null for good: its later output was lost
+    source, _, _ = models
+    code = ("import os, sys; from bsbr.cli import main; "
+            f"rc = main(['convert', {str(source)!r}, {str(tmp_path / 'out')!r}, '--chunk-size', '8']); "
+            "sys.stderr.write(f'rc={rc} fd1={os.readlink(\"/proc/self/fd/1\")}')")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=120)
+    assert proc.stderr.strip().endswith("rc=2 fd1=/dev/full"), proc.stderr[-2000:]
+
+
 def test_staging_folders_and_their_locks_are_released_when_the_work_fails(tmp_path):
     # staged_dir kept the descriptor holding its staging folder's lock when the block raised: one per failure
     from bsbr.outputs import staged_dir
