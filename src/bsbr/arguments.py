@@ -268,8 +268,8 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
             shadows = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(".") and \
                 not text.endswith(".gguf")  # (a hub id's shape; a name ending so is a local path)
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory"
-                            + (" (a local folder of that name is read before the hub model: run from another "
-                               "directory to load the hub's)" if shadows else ""))
+                            + (f" (if you meant the hub model {text}: a local folder of that name is read first; "
+                               "run from another directory)" if shadows else ""))
         _warn_ignored_code(path, option)
         if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
             raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "

@@ -1858,8 +1858,8 @@ def test_a_folder_without_a_model_that_shadows_a_hub_id_says_so(tmp_path, capsys
     (tmp_path / "org" / "tiny").mkdir(parents=True)
     (tmp_path / "plain").mkdir()
     line = refused(capsys, ["convert", "org/tiny", "out"], "convert")
-    assert line.endswith("SOURCE org/tiny is a directory without config.json: not a model directory (a local folder "
-                         "of that name is read before the hub model: run from another directory to load the hub's)")
+    assert line.endswith("SOURCE org/tiny is a directory without config.json: not a model directory (if you meant the "
+                         "hub model org/tiny: a local folder of that name is read first; run from another directory)")
     assert refused(capsys, ["convert", "./plain", "out"], "convert").endswith("not a model directory")
     (tmp_path / "odd" / "m.gguf").mkdir(parents=True)  # (a name ending so is a local path, never a hub id)
     assert refused(capsys, ["convert", "odd/m.gguf", "out"], "convert").endswith("not a model directory")

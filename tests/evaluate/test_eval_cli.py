@@ -211,6 +211,8 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
     args = Namespace(model=str(conv), text_file=None, dataset=None, split="train")
     assert _distilled_on(args, {}) == "the default corpus's train split"
     assert _distilled_on(Namespace(**{**vars(args), "split": None}), {}) is None  # (eval's default: heldout)
+    (conv / "distill.json").write_text(json.dumps(dict(data=dict(kind="text_files", files=5))))  # (edited by hand)
+    assert _distilled_on(Namespace(model=str(conv), text_file=[str(trained)], dataset=None, split=None), {}) is None
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -325,17 +325,31 @@ def test_a_hand_edited_size_is_refused_before_the_model_is_built(tmp_path, monke
         BSBRForCausalLM.from_pretrained(tmp_path, **{field: value})
 
 
-def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplog):
+def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplog, tmp_path, monkeypatch):
     # BSBRModel's names were kept as unread attributes: BSBRConfig(hidden_dim=128, num_layers=2, ...) built the
     # defaults' 12 layers of 768 (89M parameters), and dropout=0.1 a model without dropout, without a word
-    with pytest.raises(ValueError, match="^hidden_dim, num_layers: BSBRModel's names, not BSBRConfig fields: give "
-                                         "hidden_size, num_hidden_layers$"):
+    import json
+
+    import bsbr.models.bsbr.configuration_bsbr as configuration
+
+    with pytest.raises(ValueError, match=r"^hidden_dim 128, num_layers 2: BSBRModel's names, not BSBRConfig fields: "
+                                         r"give hidden_size, num_hidden_layers \(the config has hidden_size 768, "
+                                         r"num_hidden_layers 12\)$"):
         BSBRConfig(hidden_dim=128, num_layers=2)
-    with pytest.raises(ValueError, match="^ff_dim: BSBRModel's name, not a BSBRConfig field: give intermediate_size$"):
+    with pytest.raises(ValueError, match="^ff_dim 512: BSBRModel's name, not a BSBRConfig field: give intermediate_size"):
         BSBRConfig(ff_dim=512)
+    # a config saved with them beside the fields they name (the values agree) loads, and drops them
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "hidden_dim": saved["hidden_size"], "dropout": 0.1}))
+    monkeypatch.setattr(configuration, "_WARNED_DROPOUT", set())
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path)
         BSBRConfig(attention_dropout=0.0)
-        assert not caplog.text
+    assert "hidden_dim" not in model.config.to_dict() and "dropout" not in model.config.to_dict()
+    assert caplog.text.count("dropout=0.1: bsbr's HF models have no dropout") == 1, caplog.text  # (once, not per build)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         BSBRConfig(dropout=0.1, resid_pdrop=0.2)
     assert "dropout=0.1, resid_pdrop=0.2: bsbr's HF models have no dropout" in caplog.text
 

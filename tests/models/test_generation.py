@@ -54,7 +54,7 @@ def test_a_mask_of_a_length_set_aside_in_advance_is_read_from_its_start(model):
     with torch.no_grad():
         full = model(ids).logits
         mask[:, :11] = 1
-        out = model(ids[:, :11], attention_mask=mask[:, :11], use_cache=True)  # (no cache: n entries)
+        out = model(ids[:, :11], attention_mask=mask, use_cache=True)  # (the first call too: it was refused)
         steps, cache = [out.logits], out.cache
         for t in range(11, 37, 3):
             mask[:, t:t + 3] = 1
@@ -62,6 +62,8 @@ def test_a_mask_of_a_length_set_aside_in_advance_is_read_from_its_start(model):
             steps.append(out.logits)
             cache = out.cache
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):  # (a longer mask that is not zeros there)
+        model(ids[:, :11], attention_mask=torch.ones(2, 12, dtype=torch.long))
 
 
 def test_the_cache_under_its_old_name_past_key_values_is_continued(model):
@@ -245,6 +247,10 @@ def test_a_closed_gate_that_gets_no_gradient_from_a_cache_without_states_is_warn
     ids = torch.randint(0, VOCAB, (1, 37), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         cache = model(ids[:, :30], use_cache=True).cache
+    with warnings.catch_warnings():  # (in eval mode, scoring a continuation with gradients on is inference)
+        warnings.simplefilter("error")
+        model.eval()(ids[:, 30:], cache=copy.deepcopy(cache))
+    model.train()
     with pytest.warns(UserWarning, match="built without autograd, so it keeps no chunk states: the closed "
                                          "retrieval_gate gets no gradient"):
         model(ids[:, 30:], cache=cache).logits.sum().backward()

@@ -240,6 +240,14 @@ def _distilled_on(args, dataset: dict) -> Optional[str]:
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
     data = data if isinstance(data, dict) else {}
+    try:  # (a hand-edited record is read as far as it makes sense)
+        return _read_alike(args, dataset, data)
+    except (TypeError, AttributeError):
+        return None
+
+
+def _read_alike(args, dataset: dict, data: dict) -> Optional[str]:
+    """:func:`_distilled_on` for the record ``data``."""
     if args.text_file:
         trained = set(data.get("files") or ()) if data.get("kind") == "text_files" else set()
         both = [str(f) for f in args.text_file if str(Path(f).resolve()) in trained]

@@ -174,7 +174,7 @@ class BSBRAttention(MultiHeadBase):
         state = state if isinstance(state, BSBRState) else None  # (anything else is refused by the op)
         kept = state is not None and state.feature_size > 0  # a cache continued keeps its chunk states
         if read and state is not None and not kept and self.retrieval_gate is not None and self._gate_closed():
-            if torch.is_grad_enabled() and self.retrieval_gate.requires_grad:  # (once per place, as warnings are)
+            if self.training and torch.is_grad_enabled() and self.retrieval_gate.requires_grad:  # (once per place)
                 warnings.warn("the cache continued here was built without autograd, so it keeps no chunk states: "
                               "the closed retrieval_gate gets no gradient from these tokens (build the cache under "
                               "autograd to train the gate)", stacklevel=2)

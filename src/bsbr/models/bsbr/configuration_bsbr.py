@@ -93,17 +93,26 @@ _NATIVE_NAMES = {"hidden_dim": "hidden_size", "num_layers": "num_hidden_layers",
                  "ff_dim": "intermediate_size", "num_kv_heads": "num_key_value_heads"}
 
 
-def _refuse_native_names(kwargs: dict) -> None:
-    """A ValueError for a :class:`BSBRModel` argument name given to :class:`BSBRConfig`; a warning for a non-zero
-    dropout, which its models do not have (both were kept as attributes nothing reads)."""
-    given = [name for name in _NATIVE_NAMES if name in kwargs]
-    if given:
-        names = "'s name, not a BSBRConfig field" if len(given) == 1 else "'s names, not BSBRConfig fields"
-        raise ValueError(f"{', '.join(given)}: BSBRModel{names}: give {', '.join(_NATIVE_NAMES[n] for n in given)}")
-    dropout = {k: v for k, v in kwargs.items() if ("dropout" in k or k.endswith("pdrop")) and v}
-    if dropout:
-        logger.warning("BSBRConfig: %s: bsbr's HF models have no dropout, so this is not read",
-                       ", ".join(f"{k}={v}" for k, v in dropout.items()))
+def _refuse_native_names(config, kwargs: dict) -> None:
+    """Take out of ``kwargs`` what transformers would keep as attributes nothing reads: :class:`BSBRModel`'s
+    argument names (a ValueError where one disagrees with the field ``config`` has, a config built from them
+    alone; dropped, as a config saved with them holds them) and dropout options, warned of once where non-zero
+    (the models have no dropout)."""
+    given = {name: kwargs.pop(name) for name in _NATIVE_NAMES if name in kwargs}
+    wrong = [name for name, value in given.items() if value != getattr(config, _NATIVE_NAMES[name])]
+    if wrong:
+        raise ValueError(", ".join(f"{n} {given[n]!r}" for n in wrong) + ": BSBRModel's "
+                         + ("name, not a BSBRConfig field" if len(wrong) == 1 else "names, not BSBRConfig fields")
+                         + f": give {', '.join(_NATIVE_NAMES[n] for n in wrong)} (the config has "
+                         + ", ".join(f"{_NATIVE_NAMES[n]} {getattr(config, _NATIVE_NAMES[n])!r}" for n in wrong) + ")")
+    dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if "dropout" in k or k.endswith("pdrop")]}
+    said = ", ".join(f"{k}={v}" for k, v in dropout.items() if v)
+    if said and said not in _WARNED_DROPOUT:
+        _WARNED_DROPOUT.add(said)
+        logger.warning("BSBRConfig: %s: bsbr's HF models have no dropout, so this is not read", said)
+
+
+_WARNED_DROPOUT: set = set()
 
 
 AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.BSBRConfig", "AutoModel": f"{AUTO_MODULE}.BSBRBaseModel",
@@ -267,7 +276,7 @@ class BSBRConfig(PretrainedConfig):
             logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
                            "of the retrieval blocks): the model chooses all %s blocks by their own scores",
                            retrieval_blocks)
-        _refuse_native_names(kwargs)
+        _refuse_native_names(self, kwargs)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         rope = self.rope_parameters
