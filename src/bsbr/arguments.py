@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -286,6 +287,9 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
         _cache_only_if_the_hub_is_unreachable()
 
 
+_PROBED_OFFLINE = threading.Event()  # offline because the hub could not be reached (not the user's variable)
+
+
 def _cache_only_if_the_hub_is_unreachable() -> None:
     """Before a hub model is loaded: with no connection to the hub, read hub models from the local cache
     at once (huggingface_hub's offline mode) instead of retrying for about a minute; one that is not
@@ -295,6 +299,7 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
 
     from huggingface_hub import constants
 
+    _PROBED_OFFLINE.clear()
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
                                                                   "http_proxy", "ALL_PROXY", "all_proxy")):
         return  # (through a proxy the direct connection below says nothing)
@@ -304,6 +309,7 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
     except OSError:
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
+        _PROBED_OFFLINE.set()
         logger.info("the hub (%s) cannot be reached: hub models are read from the local cache only", constants.ENDPOINT)
 
 
@@ -646,6 +652,10 @@ def _not_on_the_hub(option: str, source, why: str) -> UserError:
     """The error for a hub id that could not be loaded."""
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE and not _PROBED_OFFLINE.is_set():  # (the user's HF_HUB_OFFLINE or TRANSFORMERS_...)
+        variable = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+        return UserError(f"{option} {source} is no local path, and not in the local hub cache, all the hub may read "
+                         f"with {variable} set: give a local model directory or .gguf file, or unset {variable}")
     if constants.HF_HUB_OFFLINE:
         return UserError(f"{option} {source} is no local path, and not in the local hub cache while the hub cannot "
                          "be reached (offline): give a local model directory or .gguf file, or connect")
@@ -665,8 +675,9 @@ def _refuse_broken_source(source, option: str, e: Exception, model: bool = False
 
             field = GGUFReader(path).fields.get("general.architecture")
         except Exception as bad:
-            raise UserError(f"{option} {source}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); "
-                            "it may be cut short: download it again") from bad
+            from .convert.converter import unreadable_gguf
+
+            raise UserError(f"{option} {source}: {unreadable_gguf(bad)}") from bad
         from .convert.families import SUPPORTED_MODEL_TYPES
 
         arch = None if field is None else bytes(field.parts[field.data[0]]).decode(errors="replace")

@@ -459,6 +459,10 @@ def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
         print("bsbr generate: error: stdout is closed, and the generated text is written there: give it a file "
               "or a pipe", file=sys.stderr)
         return EXIT_USAGE
+    if stdout is None and not _writes_files(args):  # (its results are printed, and nowhere else)
+        print(f"bsbr {name}: error: stdout is closed, and the results are printed there alone: give it a file or a "
+              "pipe, or --json", file=sys.stderr)
+        return EXIT_USAGE
     if args.command != "generate":
         sys.stdout = _ClosedPipeIgnored(stdout)
     from .progress import bars_off
@@ -468,13 +472,20 @@ def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
             code = _run_command(args, name, verbose)
         failed = getattr(sys.stdout, "failed", None)
         if failed is not None and code == 0:  # what it printed is lost (its files, if any, are written)
-            print(f"bsbr {name}: error: stdout: {failed.strerror or failed}: what the command printed is lost (the "
-                  "files it was asked for were written)", file=sys.stderr)
+            print(f"bsbr {name}: error: stdout: {failed.strerror or failed}: what the command printed is lost"
+                  + (" (the files it was asked for were written)" if _writes_files(args) else ""), file=sys.stderr)
             return EXIT_USAGE
         return code
     finally:
         if isinstance(sys.stdout, _ClosedPipeIgnored):
             sys.stdout = stdout
+
+
+def _writes_files(args) -> bool:
+    """Whether the command was asked to write files (a model, a checkpoint, --json, a plot, a task), not only to
+    print its results."""
+    return args.command in ("convert", "distill", "demo") or any(
+        getattr(args, name, None) for name in ("json", "plot", "passkey_plot", "lm_eval_task_dir"))
 
 
 def _rank(args) -> int:

@@ -215,7 +215,9 @@ def test_a_gguf_file_cut_short_is_named_by_the_python_api_too(tmp_path):
 
     for name, data in (("cut.gguf", b"GGUF\x03\x00\x00\x00"), ("empty.gguf", b"")):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ValueError, match=f"^{tmp_path / name}: not a readable GGUF file .*download it again$"):
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: not a readable GGUF file .*: cut short \\(download "
+                                             r"it again\), or of a GGUF version the installed gguf package does not "
+                                             r"read \(pip install -U gguf\)$"):
             convert_to_bsbr(str(tmp_path / name))
 
 
@@ -780,6 +782,12 @@ def test_a_hub_id_with_no_connection_reads_the_cache_at_once(tmp_path, capsys, m
     assert "not in the local hub cache while the hub cannot be reached (offline)" in line
     # for that call only: a program that called main() stayed offline, whatever the network did later
     assert not constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "0"
+    # offline by the user's own variable: named, not blamed on the network (no connection was tried)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    line = refused(capsys, ["convert", "org/missing", tmp_path / "out"], "convert")
+    assert line.endswith("not in the local hub cache, all the hub may read with HF_HUB_OFFLINE set: give a local model "
+                         "directory or .gguf file, or unset HF_HUB_OFFLINE"), line
 
 
 def test_a_full_disk_while_saving_names_the_output_and_publishes_nothing(models, tmp_path, capsys, monkeypatch):
@@ -934,6 +942,25 @@ def test_a_command_that_writes_files_writes_them_whatever_its_stdout(models, tmp
     if stdout is None:
         assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "4"]) == 2
         assert "stdout is closed" in one_error_line(capsys.readouterr().err, "generate")
+
+
+def test_a_command_that_only_prints_its_results_names_a_lost_stdout(models, tmp_path, capsys, monkeypatch):
+    # eval or bench without --json into a closed stdout ran and exited 0 having written its results nowhere; into a
+    # full disk it said "the files it was asked for were written", none asked for
+    import sys
+
+    source, converted, _ = models
+    (tmp_path / "t.txt").write_text("def f ( x ) : return x\n" * 40)
+    argv = ["eval", str(converted), "--reference", str(source), "--text-file", str(tmp_path / "t.txt"), "--seq-len",
+            "24", "--max-windows", "1", "--no-passkey"]
+    monkeypatch.setattr(sys, "stdout", None)
+    assert "stdout is closed, and the results are printed there alone" in refused(capsys, argv, "eval")
+    monkeypatch.setattr(sys, "stdout", FullDevice())
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "eval")
+    assert line.endswith("stdout: No space left on device: what the command printed is lost"), line
+    monkeypatch.setattr(sys, "stdout", None)  # (with --json its results are written there)
+    assert main(argv + ["--json", str(tmp_path / "r.json")]) == 0 and (tmp_path / "r.json").is_file()
 
 
 def test_a_command_started_with_stderr_closed_runs(models, tmp_path, monkeypatch):

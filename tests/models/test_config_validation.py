@@ -338,15 +338,18 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
         BSBRConfig(hidden_dim=128, num_layers=2)
     with pytest.raises(ValueError, match="^ff_dim 512: BSBRModel's name, not a BSBRConfig field: give intermediate_size"):
         BSBRConfig(ff_dim=512)
-    # a config saved with them beside the fields they name (the values agree) loads, and drops them
+    # a config saved with them beside the fields they name loads, and drops them (an earlier bsbr saved them, unread,
+    # beside the fields the weights were built with: they disagree)
     BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**saved, "hidden_dim": saved["hidden_size"], "dropout": 0.1}))
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "hidden_dim": 128, "dropout": 0.1}))
     monkeypatch.setattr(configuration, "_WARNED_DROPOUT", set())
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path)
         BSBRConfig(attention_dropout=0.0)
     assert "hidden_dim" not in model.config.to_dict() and "dropout" not in model.config.to_dict()
+    assert f"config: hidden_dim=128: BSBRModel's names, which an earlier bsbr saved unread: dropped (the model has " \
+        f"hidden_size={TINY['hidden_size']})" in caplog.text
     assert caplog.text.count("dropout=0.1: bsbr's HF models have no dropout") == 1, caplog.text  # (once, not per build)
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):

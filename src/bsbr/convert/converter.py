@@ -56,8 +56,7 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
 
                 GGUFReader(path)
             except Exception as bad:
-                raise ValueError(f"{path}: not a readable GGUF file ({' '.join(str(bad).split())[:160]}); it may be "
-                                 "cut short: download it again") from e
+                raise ValueError(f"{path}: {unreadable_gguf(bad)}") from e
             raise
     if path.exists():
         if not (path / "config.json").is_file():
@@ -83,6 +82,12 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
     return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
+
+
+def unreadable_gguf(error: Exception) -> str:
+    """Why a GGUF file the gguf package fails on with ``error`` cannot be read, and what to do."""
+    return (f"not a readable GGUF file ({' '.join(str(error).split())[:160]}): cut short (download it again), or of "
+            "a GGUF version the installed gguf package does not read (pip install -U gguf)")
 
 
 def _refuse_weights_it_cannot_convert(path: Path) -> None:

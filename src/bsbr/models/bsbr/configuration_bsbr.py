@@ -285,6 +285,18 @@ class BSBRConfig(PretrainedConfig):
         if rope and "rope_theta" in rope:
             check_number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' ``from_dict``, except that BSBRModel's argument names a saved config holds (an earlier
+        bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning."""
+        stray = [name for name in _NATIVE_NAMES if name in config_dict]
+        if stray:
+            logger.warning("config: %s: BSBRModel's names, which an earlier bsbr saved unread: dropped (the model "
+                           "has %s)", ", ".join(f"{n}={config_dict[n]!r}" for n in stray),
+                           ", ".join(f"{_NATIVE_NAMES[n]}={config_dict.get(_NATIVE_NAMES[n])!r}" for n in stray))
+            config_dict = {k: v for k, v in config_dict.items() if k not in _NATIVE_NAMES}
+        return super().from_dict(config_dict, **kwargs)
+
     def convert_rope_params_to_dict(self, **kwargs) -> dict:
         """transformers' rotary parameters filled in with defaults, for rotary positions only: learned ones
         read none, and transformers' check of a default it would fill in refuses an odd head size."""
