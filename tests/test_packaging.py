@@ -18,7 +18,8 @@ def _declared():
 
     def names(requirements):
         return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("-", "_") for r in requirements}
-    return names(project["dependencies"]), names(r for extra in project["optional-dependencies"].values() for r in extra)
+    extras = project["optional-dependencies"].values()
+    return names(project["dependencies"]), names(r for extra in extras for r in extra)
 
 
 def test_every_package_the_code_imports_is_declared():

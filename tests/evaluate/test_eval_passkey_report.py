@@ -96,7 +96,8 @@ def test_lm_eval_task_dir_cli(saved, tmp_path, capsys, monkeypatch):
     assert "pip install" not in out
     # without lm-eval the printed snippet's import fails: said, with what to install
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
     assert main(["eval", str(saved / "conv"), "--lm-eval-task-dir", str(tmp_path / "task2"), "--passkey-lengths", "96",
                  "--passkey-depths", "0.5", "--passkey-trials", "3"]) == 0
     assert "(lm-eval is not installed here: pip install 'bsbr[eval]')" in capsys.readouterr().out

@@ -336,7 +336,8 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
                                          r"give hidden_size, num_hidden_layers \(the config has hidden_size 768, "
                                          r"num_hidden_layers 12\)$"):
         BSBRConfig(hidden_dim=128, num_layers=2)
-    with pytest.raises(ValueError, match="^ff_dim 512: BSBRModel's name, not a BSBRConfig field: give intermediate_size"):
+    with pytest.raises(ValueError, match="^ff_dim 512: BSBRModel's name, not a BSBRConfig field: give "
+                                         "intermediate_size"):
         BSBRConfig(ff_dim=512)
     # a config saved with them beside the fields they name loads, and drops them (an earlier bsbr saved them, unread,
     # beside the fields the weights were built with: they disagree)
