@@ -287,7 +287,9 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
         _cache_only_if_the_hub_is_unreachable()
 
 
-_PROBED_OFFLINE = threading.Event()  # offline because the hub could not be reached (not the user's variable)
+# offline because the hub could not be reached (not by the user's variable): cleared as main() gives the process's
+# settings back
+_PROBED_OFFLINE = threading.Event()
 
 
 def _cache_only_if_the_hub_is_unreachable() -> None:
@@ -299,7 +301,6 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
 
     from huggingface_hub import constants
 
-    _PROBED_OFFLINE.clear()
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
                                                                   "http_proxy", "ALL_PROXY", "all_proxy")):
         return  # (through a proxy the direct connection below says nothing)

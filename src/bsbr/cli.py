@@ -424,6 +424,8 @@ def _restore_library_settings(saved: dict) -> None:
         states.update(saved["huggingface_hub"])
 
     hub_states()
+    if sys.modules.get("bsbr.arguments") is not None:  # (the offline mode its probe set ends here)
+        sys.modules["bsbr.arguments"]._PROBED_OFFLINE.clear()
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:  # (imported during the command: the value it reads from the environment, as restored)
         value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")

@@ -782,6 +782,9 @@ def test_a_hub_id_with_no_connection_reads_the_cache_at_once(tmp_path, capsys, m
     assert "not in the local hub cache while the hub cannot be reached (offline)" in line
     # for that call only: a program that called main() stayed offline, whatever the network did later
     assert not constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "0"
+    # a command that checks the id twice (its arguments, then its load) still blames the network it probed
+    line = refused(capsys, ["bench", "converted", "org/missing", "--seq-lens", "16"], "bench converted")
+    assert "not in the local hub cache while the hub cannot be reached (offline)" in line, line
     # offline by the user's own variable: named, not blamed on the network (no connection was tried)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

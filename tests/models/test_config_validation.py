@@ -352,6 +352,9 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
     assert f"config: hidden_dim=128: BSBRModel's names, which an earlier bsbr saved unread: dropped (the model has " \
         f"hidden_size={TINY['hidden_size']})" in caplog.text
     assert caplog.text.count("dropout=0.1: bsbr's HF models have no dropout") == 1, caplog.text  # (once, not per build)
+    # without the field it names, the value is not dropped for the default: refused, as by the constructor
+    with pytest.raises(ValueError, match="hidden_dim 48: BSBRModel's name"):
+        BSBRConfig.from_dict({k: v for k, v in saved.items() if k != "hidden_size"} | {"hidden_dim": 48})
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         BSBRConfig(dropout=0.1, resid_pdrop=0.2)

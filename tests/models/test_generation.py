@@ -65,6 +65,8 @@ def test_a_mask_of_a_length_set_aside_in_advance_is_read_from_its_start(model):
     with torch.no_grad():  # (a mask of ones for the slots to come too, as the source reads it)
         torch.testing.assert_close(model(ids[:, :11], attention_mask=torch.ones(2, 30, dtype=torch.long)).logits,
                                    full[:, :11], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):  # (no cache kept: no loop; as the source)
+        model(ids[:, :11], attention_mask=torch.ones(2, 30, dtype=torch.long), use_cache=False)
 
 
 def test_the_cache_under_its_old_name_past_key_values_is_continued(model):

@@ -289,7 +289,7 @@ class BSBRConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict, **kwargs):
         """transformers' ``from_dict``, except that BSBRModel's argument names a saved config holds (an earlier
         bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning."""
-        stray = [name for name in _NATIVE_NAMES if name in config_dict]
+        stray = [name for name in _NATIVE_NAMES if name in config_dict and _NATIVE_NAMES[name] in config_dict]
         if stray:
             logger.warning("config: %s: BSBRModel's names, which an earlier bsbr saved unread: dropped (the model "
                            "has %s)", ", ".join(f"{n}={config_dict[n]!r}" for n in stray),

@@ -827,8 +827,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             self._check_cache(cache, b, inputs_embeds)
         read = n + (cache.n_positions if cache is not None else 0)  # the positions a mask covers
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        if mask is not None and mask.shape[-1] > read:  # (a manual loop's mask of its final length)
-            attention_mask = mask[:, :read]  # its first positions, as transformers reads it
+        if mask is not None and mask.shape[-1] > read and (cache is not None or (
+                self.config.use_cache if use_cache is None else use_cache)):  # (a manual loop's, of its final length)
+            attention_mask = mask[:, :read]  # its first positions, as transformers reads it where a cache is kept
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             # a mask over every position the cache read (not one begun with a later call's new tokens)
             if attention_mask.dim() == 2 and attention_mask.shape == (b, cache.n_positions + n) and cache.states:
