@@ -79,6 +79,42 @@ def test_a_mask_may_not_turn_tokens_the_cache_read_into_padding(mode):
     assert torch.equal(out, model.generate(turn, attention_mask=turn_mask, max_new_tokens=4, **GEN))
 
 
+def test_a_mask_may_not_turn_pads_the_cache_skipped_into_real_tokens():
+    """A step whose mask marked as real the pads the cache had skipped ran silently with the cache's own view
+    (logits 3.3 off what the same mask gives without a cache); the reverse was refused."""
+    model = make("llama")
+    ids, mask = left_padded()
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        new = torch.tensor([[5], [7]])
+        with pytest.raises(ValueError, match=r"attention_mask marks as real 2 token\(s\) that the cache read as "
+                                             r"padding \(row 0\): a cache cannot read tokens it skipped; generate"):
+            model(new, attention_mask=torch.ones(2, 7, dtype=torch.long), cache=cache)
+        whole = torch.cat([mask, torch.ones_like(new)], 1)  # the mask the cache was built with: continues
+        torch.testing.assert_close(model(new, attention_mask=whole, cache=cache).logits,
+                                   model(torch.cat([ids, new], 1), attention_mask=whole).logits[:, -1:])
+
+
+def test_a_step_without_new_tokens_takes_the_whole_mask():
+    """A cache step of no tokens given the mask the cache was built with was refused as marking 4 real tokens as
+    padding: the mask's new part was sliced as [:, -0:], the whole mask."""
+    model = make("llama")
+    ids, mask = left_padded()
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        assert model(ids[:, :0], attention_mask=mask, cache=cache).logits.shape == (2, 0, VOCAB)
+
+
+def test_a_4d_mask_is_refused_saying_why(model):
+    """The sources take a custom 4-D mask; BSBR said only that the shape was wrong."""
+    ids, _ = left_padded()
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None].expand(2, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"attention_mask must be a padding mask of shape \(2, 6\) \(1 real token, "
+                                         r"0 padding\), got \(2, 1, 6, 6\): a BSBR model's window and retrieved "
+                                         r"blocks decide what each token reads, so it takes no 3-D or 4-D"):
+        model(ids, attention_mask=causal)
+
+
 def test_new_tokens_with_their_own_padded_mask_continue_a_cache(model):
     """The check above refused a continuation by new tokens alone, left-padded, with their own mask (generate
     then extends that mask, which covers only the tokens since): it compared it with everything the cache read."""
@@ -469,7 +505,8 @@ def test_bad_position_ids_are_one_clear_error():
     ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
     for family in ("gpt2", "llama"):  # learned and rotary positions
         m = convert_to_bsbr(make_source(family), chunk_size=4).eval()
-        for bad in (torch.arange(4)[None], torch.arange(3.0)[None], torch.arange(6).view(2, 3, 1)):
+        for bad in (torch.arange(4)[None], torch.arange(3.0)[None], torch.arange(6).view(2, 3, 1),
+                    torch.ones(1, 3, dtype=torch.bool)):  # (bool: every learned position read as 1)
             with pytest.raises(ValueError, match=r"position_ids must be an integer tensor of shape \(2, 3\) or \(1, 3\) "
                                                  r"or \(3,\)"):
                 m(ids, position_ids=bad)

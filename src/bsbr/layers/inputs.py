@@ -115,7 +115,8 @@ def check_labels(labels, batch: int, seq_len: int, vocab_size: int, ignore_index
 def check_position_ids(position_ids, batch: int, seq_len: int) -> torch.Tensor:
     """Explicit positions: an integer tensor of shape (batch, seq_len), (1, seq_len) or (seq_len,);
     returned with two dims."""
-    ok = isinstance(position_ids, torch.Tensor) and not position_ids.is_floating_point() and (
+    ok = isinstance(position_ids, torch.Tensor) and not position_ids.is_floating_point() and not \
+        position_ids.is_complex() and position_ids.dtype != torch.bool and (
         position_ids.shape == (seq_len,) or (position_ids.dim() == 2 and position_ids.shape[1] == seq_len
                                              and position_ids.shape[0] in (1, batch)))
     if not ok:
@@ -136,6 +137,10 @@ def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tenso
 
 def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
     """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a padding mask of shape ({batch}, {seq_len}) (1 real token, 0 "
+                         f"padding), got {tuple(attention_mask.shape)}: a BSBR model's window and retrieved blocks "
+                         "decide what each token reads, so it takes no 3-D or 4-D attention mask")
     valid = check_valid(attention_mask, batch, seq_len, name="attention_mask")
     if valid is not None and attention_mask.dtype != torch.bool and not attention_mask.is_meta and not bool(
             ((attention_mask == 0) | (attention_mask == 1)).all()):  # (the meta device holds no values to check)

@@ -747,15 +747,19 @@ def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tenso
 
 
 def _refuse_forgotten_tokens(cached_mask: torch.Tensor, cache: BSBRCache) -> None:
-    """A mask over the tokens a cache has read may not mark as padding tokens it read as real (pads that
-    ``generate`` fed after a row's end of text, masked in the next turn): a cache cannot forget them, and its
-    chunks, positions and states would silently still count them."""
+    """A mask over the tokens a cache has read must count as real the tokens it read as real: it may not
+    mark as padding tokens it read (pads that ``generate`` fed after a row's end of text, masked in the next
+    turn): a cache cannot forget them, and its chunks, positions and states would silently still count them;
+    nor mark as real the pads it skipped, which it can no longer read."""
     short = cache.n_seen - (cached_mask != 0).sum(-1).to(cache.n_seen.device)
-    if bool((short > 0).any()):
-        row = int((short > 0).nonzero()[0, 0])
-        raise ValueError(f"attention_mask marks as padding {int(short[row])} token(s) that the cache read as real "
-                         f"(row {row}; e.g. pads generated after a row's end of text): a cache cannot forget tokens; "
-                         "generate from the whole text without cache=, or keep the mask the cache was built with")
+    if bool((short != 0).any()):
+        row = int((short != 0).nonzero()[0, 0])
+        told = (f"padding {int(short[row])} token(s) that the cache read as real (row {row}; e.g. pads generated "
+                "after a row's end of text): a cache cannot forget tokens" if short[row] > 0 else
+                f"real {-int(short[row])} token(s) that the cache read as padding (row {row}): a cache cannot read "
+                "tokens it skipped")
+        raise ValueError(f"attention_mask marks as {told}; generate from the whole text without cache=, or keep "
+                         "the mask the cache was built with")
 
 
 class BSBRBaseModel(BSBRPreTrainedModel):
@@ -832,9 +836,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             attention_mask = mask[:, :read]  # its first positions, as transformers reads it where a cache is kept
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             # a mask over every position the cache read (not one begun with a later call's new tokens)
+            cached = attention_mask.shape[-1] - n  # (slices by length: [:, -0:] is the whole mask)
             if attention_mask.dim() == 2 and attention_mask.shape == (b, cache.n_positions + n) and cache.states:
-                _refuse_forgotten_tokens(attention_mask[:, :-n], cache)
-            attention_mask = attention_mask[:, -n:]  # generate passes the whole mask; keep the new tokens'
+                _refuse_forgotten_tokens(attention_mask[:, :cached], cache)
+            attention_mask = attention_mask[:, cached:]  # generate passes the whole mask; keep the new tokens'
         valid = mask_to_valid(attention_mask, b, n)
         if valid is not None and bool(valid.all()):
             valid = None
@@ -993,7 +998,9 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         the deprecated ``past_key_values``) a :class:`BSBRCache` to continue, returned as ``.cache`` with ``use_cache``.
         ``output_attentions`` is refused (no attention matrix is built), as is ``token_type_ids`` for a
         model converted from GPT-2 (which adds their embeddings to its inputs; the other sources ignore them).
-        ``position_ids`` (default: each token's index among its sequence's real tokens) place the rotary
+        ``attention_mask`` is a (batch, seq_len) padding mask; padding anywhere in a row is removed.
+        ``position_ids`` (default: each token's index among its sequence's real tokens, as the sources'
+        ``generate`` places them; their forward keeps ``0 .. n-1`` under padding) place the rotary
         or learned positions; the chunks, and so which keys are exact, count from a sequence's first real
         token. Unlike rotary attention alone, a model that reads its chunk states (a distilled one) or a
         recall cache is not invariant to adding a constant to every position: their features are taken of
