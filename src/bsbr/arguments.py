@@ -162,19 +162,22 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     meta = read_metadata(model_dir)
     recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     want = recorded.get("fingerprint")
+    config = Path(os.path.expanduser(str(model_dir))) / "config.json"
+    config = _json_object(config, str(config)) if config.is_file() else {}
     if not want:  # the family, at least, is in config.json
-        config = Path(os.path.expanduser(str(model_dir))) / "config.json"
-        family = _json_object(config, str(config)).get("source_model_type") if config.is_file() else None
+        family = config.get("source_model_type")
         found = getattr(getattr(source_model, "config", None), "model_type", None)
         if family and found and family != found and not force:
             raise SourceMismatchError(f"{option} {source_label(source)} is a {found} model, but {model_dir} was "
                                       f"converted from a {family} model: give that model as {option}, or pass "
                                       "--force to use this one anyway")
+        _check_vocabulary(model_dir, config, source, source_model, option, its_source=False)
         return f"{model_dir} records no source fingerprint ({METADATA}); {option} {source_label(source)} is not checked"
     was, now = recorded.get("architecture"), architecture(source_model)
     # the fields recorded (a conversion.json of an earlier bsbr records none, or fewer)
     fields = sorted(k for k in was if _differs(was[k], (now or {}).get(k))) if isinstance(was, dict) else []
     if weights_fingerprint(source_model) == want and not fields:
+        _check_vocabulary(model_dir, config, source, source_model, option, its_source=True)
         return None
     why = f"its config differs: {', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}" if fields else \
         "weights fingerprint differs"
@@ -182,8 +185,25 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
            f"({recorded.get('name')}, {recorded.get('model_type')}; {why}): "
            f"give that model as {option}, or pass --force to use this one anyway")
     if force:
+        _check_vocabulary(model_dir, config, source, source_model, option, its_source=False)
         return "--force: " + msg
     raise SourceMismatchError(msg)
+
+
+def _check_vocabulary(model_dir, config: dict, source, source_model, option: str, its_source: bool) -> None:
+    """The two models are compared token by token: refuse a reference/teacher whose vocabulary is not the
+    converted model's (config.json's ``vocab_size``), naming the likely cause (``its_source``: it is the
+    model it was converted from, so the converted model's embeddings were resized since)."""
+    vocab = config.get("vocab_size")
+    head = source_model.get_output_embeddings() if hasattr(source_model, "get_output_embeddings") else None
+    rows = getattr(getattr(head, "weight", None), "shape", (None,))[0]
+    if not isinstance(vocab, int) or rows is None or rows == vocab:
+        return
+    why = (f", the model it was converted from: {model_dir}'s embeddings were resized since "
+           "(resize_token_embeddings)" if its_source else f": give the model {model_dir} was converted from, or, if "
+           "its embeddings were resized since (resize_token_embeddings), one with its vocabulary")
+    raise UserError(f"{model_dir} has a vocabulary of {vocab:,} tokens, {option} {source_label(source)} {rows:,}"
+                    f"{why}; the two are compared token by token")
 
 
 def check_recorded_source(model_dir, source, *, option: str, force: bool = False, compared: bool = True) -> None:

@@ -1904,3 +1904,30 @@ def test_the_gguf_magic_is_read_without_reading_the_whole_file(tmp_path, monkeyp
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read the whole of {self}"))
     with pytest.raises(UserError, match="m.gguf"):
         check_model_arg(str(tmp_path / "m.gguf"), "SOURCE")
+
+
+def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(models, tmp_path, text, capsys):
+    """After resize_token_embeddings, eval --reference SOURCE and distill --teacher SOURCE told the user to give
+    the model it was converted from, which they had."""
+    from transformers import AutoTokenizer
+
+    from bsbr.models import BSBRForCausalLM
+
+    source, converted, _ = models
+    grown = tmp_path / "grown"
+    model = BSBRForCausalLM.from_pretrained(converted)
+    model.resize_token_embeddings(model.config.vocab_size + 7)
+    model.save_pretrained(grown)
+    AutoTokenizer.from_pretrained(converted).save_pretrained(grown)
+    shutil.copy(converted / "conversion.json", grown)  # (its record: the source's fingerprint)
+    vocab = model.config.vocab_size
+    told = (f"{grown} has a vocabulary of {vocab} tokens, {{}} {source} {vocab - 7}, the model it was converted "
+            f"from: {grown}'s embeddings were resized since (resize_token_embeddings); the two are compared token "
+            "by token")
+    line = refused(capsys, ["eval", grown, "--reference", source, "--text-file", text, "--seq-len", "24",
+                            "--no-passkey"], "eval", grown)
+    assert line.endswith(told.format("--reference")), line
+    line = refused(capsys, ["distill", "--student", grown, "--teacher", source, "--output", tmp_path / "d",
+                            "--steps", "1", "--seq-len", "90", "--text-file", text], "distill", grown)
+    assert line.endswith(told.format("--teacher")), line
+    assert not (tmp_path / "d").exists()

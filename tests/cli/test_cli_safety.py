@@ -1010,7 +1010,9 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
     wide = tmp_path / "wide-vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                  num_attention_heads=6, num_key_value_heads=2)).save_pretrained(wide)
-    assert "vocabulary of 120 tokens" in refused(capsys, [*args, "--teacher", wide], "distill", converted)
+    assert "is not the model" in refused(capsys, [*args, "--teacher", wide], "distill", converted)
+    line = refused(capsys, [*args, "--teacher", wide, "--force"], "distill", converted)  # (no force compares them)
+    assert f"{converted} has a vocabulary of 97 tokens, --teacher {wide} 120: give the model" in line, line
     assert not (tmp_path / "out").exists()
     assert main([str(a) for a in [*args, "--teacher", other, "--force"]]) == 0
     # another BSBR model as the teacher, with --force: accepted up front, then refused once the student loaded

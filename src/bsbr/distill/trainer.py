@@ -365,7 +365,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     rows = getattr(getattr(head, "weight", None), "shape", (student.config.vocab_size,))[0]
     if rows != student.config.vocab_size:  # (the KL compares their logits)
         raise ValueError(f"the teacher's vocabulary ({rows} tokens) is not the student's ({student.config.vocab_size}):"
-                         " give the model the student was converted from")
+                         " give the model the student was converted from (a student whose embeddings were resized "
+                         "since needs a teacher with its vocabulary)")
     for role, model in (("student", student), ("teacher", teacher)):  # a broken model, not a learning rate
         bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:

@@ -279,8 +279,8 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
               if m is not None}
     vocab = {n: m.get_output_embeddings().weight.shape[0] for n, m in models.items()}
     if len(set(vocab.values())) != 1:
-        raise ValueError(f"the models' vocabularies differ: {vocab} (is --reference the model this was converted "
-                         "from?)")
+        raise ValueError(f"the models' vocabularies differ: {vocab} (give the source the model was converted "
+                         "from; a model whose embeddings were resized since needs a source with its vocabulary)")
     v = next(iter(vocab.values()))
     if windows.numel() == 0:
         raise ValueError(f"windows hold no tokens (shape {tuple(windows.shape)}): give windows of chunk_size + 2 "
