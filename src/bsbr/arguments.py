@@ -312,10 +312,10 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
 _PROBED_OFFLINE = threading.Event()
 
 
-def _cache_only_if_the_hub_is_unreachable() -> None:
+def _cache_only_if_the_hub_is_unreachable(say: bool = True) -> None:
     """Before a hub model is loaded: with no connection to the hub, read hub models from the local cache
     at once (huggingface_hub's offline mode) instead of retrying for about a minute; one that is not
-    cached is then refused in one line."""
+    cached is then refused in one line. ``say``: log it (not before a local dataset, which needs no hub)."""
     import socket
     from urllib.parse import urlparse
 
@@ -331,7 +331,8 @@ def _cache_only_if_the_hub_is_unreachable() -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
         _PROBED_OFFLINE.set()
-        logger.info("the hub (%s) cannot be reached: hub models are read from the local cache only", constants.ENDPOINT)
+        logger.log(logging.INFO if say else logging.DEBUG, "the hub (%s) cannot be reached: hub models are read "
+                   "from the local cache only", constants.ENDPOINT)
 
 
 def add_dataset_arguments(parser, data, default_split: str) -> None:
@@ -369,7 +370,7 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         importlib.import_module("datasets")
     except ImportError:  # (a local path's checks import it first)
         raise UserError(f"--dataset {name}: needs the 'datasets' package: pip install datasets") from None
-    _cache_only_if_the_hub_is_unreachable()
+    _cache_only_if_the_hub_is_unreachable(say=not Path(name).expanduser().exists())
     from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files, rows_file
 
     # files datasets reads as no rows (Markdown goes to its task builder: "No task.toml or instruction.md files")
@@ -531,6 +532,9 @@ def check_bsbr_dir(path, option: str) -> Path:
         fix = f"convert it first (bsbr convert {command_path(path)} NEW_DIR)" if values["model_type"] in \
             SUPPORTED_MODEL_TYPES else f"bsbr converts {', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs"
         raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: {fix}")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{option} {path} has no .safetensors weights (pickled checkpoints are never loaded): save it "
+                        "with save_pretrained, or convert it again")
     try:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)

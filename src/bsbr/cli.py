@@ -45,16 +45,18 @@ EXIT_CODES = """exit status:
 
 
 class _StoreOnce(argparse._StoreAction):
-    """argparse's ``store``, except that an option taking a list, or naming a data source (``--dataset``), may
-    not be given twice (argparse would keep the last value and silently drop the first: ``--text-file a
-    --text-file b`` read only b), and no value may be the empty string (``Path("")`` is the current directory)."""
+    """argparse's ``store``, except that an option may not be given twice (argparse would keep the last value
+    and silently drop the first: ``--text-file a --text-file b`` read only b, ``--prompt a --prompt b``
+    answered b alone), and no value may be the empty string (``Path("")`` is the current directory)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if (self.nargs in ("+", "*") or self.dest == "dataset") and option_string \
-                and getattr(namespace, self.dest, None) is not self.default:
+        given = getattr(parser, "given", set())  # (Parser's: the options of the command line it parses)
+        if option_string and self.dest in given:
             raise argparse.ArgumentError(self, "given twice: one dataset is read (put its files in one folder)"
                                          if self.dest == "dataset" else
-                                         f"given twice: give all its values after one {option_string}")
+                                         f"given twice: give all its values after one {option_string}"
+                                         if self.nargs in ("+", "*") else "given twice: give it once")
+        given.add(self.dest)
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             raise argparse.ArgumentError(self, "is empty: give a value")
         if self.nargs in (None, "?") and isinstance(values, list):  # (argparse 3.11 turns a second `--` into [])
@@ -74,6 +76,10 @@ class Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
         for name in (None, "store"):
             self.register("action", name, _StoreOnce)
+
+    def _parse_known_args(self, *args, **kwargs):
+        self.given = set()  # the destinations of the options given so far (_StoreOnce)
+        return super()._parse_known_args(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

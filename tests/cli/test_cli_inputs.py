@@ -997,6 +997,19 @@ def test_a_second_dataset_is_refused_not_dropped(capsys):
         assert len(err.splitlines()) == 1 and "argument --dataset: given twice: one dataset is read" in err, err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "m", "--prompt", "def x", "--prompt", "class y"], "--prompt"),  # answered "class y" alone
+    (["convert", "s", "o", "--chunk-size", "128", "--chunk-size", "16"], "--chunk-size"),  # (128 is cached by
+    (["convert", "s", "o", "--chunk-size", "16", "--chunk-size", "128"], "--chunk-size"),  # Python: `is` it)
+    (["eval", "m", "--json", "a.json", "--json", "b.json"], "--json"),
+    (["distill", "--student", "m", "--output", "a", "--output", "b"], "--output"),
+])
+def test_an_option_given_twice_is_refused_not_cut_to_its_last_value(argv, flag, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {flag}: given twice: give it once" in err, err
+
+
 def test_a_list_option_that_extends_takes_every_occurrence():
     args = bsbr.cli.build_parser().parse_args(["eval", "m", "--passkey-filler", "classic", "--passkey-filler", "random"])
     assert args.passkey_filler == ["classic", "random"]
@@ -1930,4 +1943,26 @@ def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(mod
     line = refused(capsys, ["distill", "--student", grown, "--teacher", source, "--output", tmp_path / "d",
                             "--steps", "1", "--seq-len", "90", "--text-file", text], "distill", grown)
     assert line.endswith(told.format("--teacher")), line
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_model_folder_without_or_with_broken_weights_is_one_line_naming_the_option(models, tmp_path, text, capsys):
+    """generate and distill said only "DIR has no .safetensors weights (pickled checkpoints are not loaded)", and
+    for a broken file passed safetensors' own words on ("Error while deserializing header: header too large")."""
+    _, converted, _ = models
+    bare, broken = tmp_path / "bare", tmp_path / "broken"
+    shutil.copytree(converted, bare)
+    (bare / "model.safetensors").unlink()
+    shutil.copytree(converted, broken)
+    (broken / "model.safetensors").write_text("garbage\n")
+    for argv, option in ((["generate", bare, "--prompt", "def x"], "MODEL_DIR"),
+                         (["distill", "--student", bare, "--output", tmp_path / "d", "--text-file", text, "--steps", "1"],
+                          "--student")):
+        line = refused(capsys, argv, argv[0], bare)
+        assert line.endswith(f"{option} {bare} has no .safetensors weights (pickled checkpoints are never loaded): save "
+                             "it with save_pretrained, or convert it again"), line
+    line = refused(capsys, ["generate", broken, "--prompt", "def x"], "generate", broken)
+    assert line.endswith(f"{broken}: its .safetensors weights are unreadable, truncated or empty (safetensors: Error "
+                         "while deserializing header: header too large): convert it again, or save it with "
+                         "save_pretrained"), line
     assert not (tmp_path / "d").exists()

@@ -25,6 +25,20 @@ def distill_args(models, text, output, *extra):
             "--max-windows", "4", "--output", output, *extra]
 
 
+def override(args, *extra):
+    """``args`` with the options in ``extra`` set: a value replaces the one ``args`` gives (an option given twice
+    is refused), a new option is appended."""
+    args, extra = list(args), list(extra)
+    while extra:
+        flag = extra.pop(0)
+        has_value = extra and not str(extra[0]).startswith("--")
+        if has_value and flag in args:
+            args[args.index(flag) + 1] = extra.pop(0)
+        else:
+            args += [flag, extra.pop(0)] if has_value else [flag]
+    return args
+
+
 # ------------------------------------------------------------------------------------------- convert
 def test_convert_writes_into_an_existing_empty_directory_without_replacing_it(models, tmp_path, monkeypatch):
     # a mount point (a container's volume) cannot be replaced: the whole conversion failed at its last step;
@@ -995,8 +1009,8 @@ def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
     line = refused(capsys, distill_args(models, text, source / "out", "--steps", "2"), "distill", source)
     assert "overlaps the --teacher" in line
     args = distill_args(models, text, tmp_path / "out", "--steps", "2")
-    assert "not a BSBR one" in refused(capsys, [*args, "--student", source], "distill", source)
-    assert "fewer than the 100,000 tokens of one window" in refused(capsys, [*args, "--seq-len", "100000"], "distill")
+    assert "not a BSBR one" in refused(capsys, override(args, "--student", source), "distill", source)
+    assert "fewer than the 100,000 tokens of one window" in refused(capsys, override(args, "--seq-len", "100000"), "distill")
     assert not (tmp_path / "out").exists()
 
 
@@ -1005,20 +1019,20 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
 
     source, converted, other = models
     args = distill_args(models, text, tmp_path / "out", "--steps", "2")
-    line = refused(capsys, [*args, "--teacher", other], "distill", converted, other)
+    line = refused(capsys, override(args, "--teacher", other), "distill", converted, other)
     assert "is not the model" in line and "--force" in line
     wide = tmp_path / "wide-vocab"
     LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                  num_attention_heads=6, num_key_value_heads=2)).save_pretrained(wide)
-    assert "is not the model" in refused(capsys, [*args, "--teacher", wide], "distill", converted)
-    line = refused(capsys, [*args, "--teacher", wide, "--force"], "distill", converted)  # (no force compares them)
+    assert "is not the model" in refused(capsys, override(args, "--teacher", wide), "distill", converted)
+    line = refused(capsys, override(args, "--teacher", wide, "--force"), "distill", converted)  # (no force compares them)
     assert f"{converted} has a vocabulary of 97 tokens, --teacher {wide} 120: give the model" in line, line
     assert not (tmp_path / "out").exists()
-    assert main([str(a) for a in [*args, "--teacher", other, "--force"]]) == 0
+    assert main([str(a) for a in override(args, "--teacher", other, "--force")]) == 0
     # another BSBR model as the teacher, with --force: accepted up front, then refused once the student loaded
     assert main(["convert", str(other), str(tmp_path / "other-bsbr"), "--chunk-size", "8"]) == 0
     args = distill_args(models, text, tmp_path / "out2", "--steps", "2")
-    assert main([str(a) for a in [*args, "--teacher", tmp_path / "other-bsbr", "--force"]]) == 0
+    assert main([str(a) for a in override(args, "--teacher", tmp_path / "other-bsbr", "--force")]) == 0
 
 
 @pytest.mark.slow
@@ -1039,29 +1053,29 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
     assert manifest["progress"]["run"]["seq_len"] == 96 and manifest["progress"]["config"]["lr"] == 3e-3
 
-    line = refused(capsys, [*args, "--steps", "5"], "distill", out)  # a rerun without --resume
+    line = refused(capsys, override(args, "--steps", "5"), "distill", out)  # a rerun without --resume
     assert "holds a checkpoint" in line and "--resume" in line and "--overwrite" in line
-    line = refused(capsys, [*args, "--resume", "--lr", "1e-3"], "distill", out)
+    line = refused(capsys, override(args, "--resume", "--lr", "1e-3"), "distill", out)
     assert "other settings" in line and "lr: checkpoint 0.003, now 0.001" in line
-    line = refused(capsys, [*args, "--resume", "--seq-len", "104"], "distill", out)
+    line = refused(capsys, override(args, "--resume", "--seq-len", "104"), "distill", out)
     assert "other settings" in line and "seq_len" in line
     other_text = tmp_path / "other.py"
     other_text.write_text(TEXT.replace("x", "y"))
     other_args = [str(other_text) if a == str(text) else a for a in args]
-    line = refused(capsys, [*other_args, "--resume", "--steps", "5"], "distill", out)
+    line = refused(capsys, override(other_args, "--resume", "--steps", "5"), "distill", out)
     assert "the training windows' tokens" in line
 
     ckpt = out / "checkpoint"
     data = ckpt / manifest["files"]["weights"]["name"]
     good = data.read_bytes()
     data.write_bytes(good[: len(good) // 2])  # truncated
-    assert "is corrupt" in refused(capsys, [*args, "--resume"], "distill", out)
+    assert "is corrupt" in refused(capsys, override(args, "--resume"), "distill", out)
     data.unlink()  # missing
-    assert "is partial" in refused(capsys, [*args, "--resume"], "distill", out)
+    assert "is partial" in refused(capsys, override(args, "--resume"), "distill", out)
     data.write_bytes(good)
-    assert main([*args, "--resume", "--steps", "5"]) == 0  # more steps: allowed
+    assert main(override(args, "--resume", "--steps", "5")) == 0  # more steps: allowed
     assert json.loads((ckpt / "manifest.json").read_text())["step"] == 5
-    assert main([*args, "--overwrite"]) == 0  # start over: 3 steps again
+    assert main(override(args, "--overwrite")) == 0  # start over: 3 steps again
     assert json.loads((ckpt / "manifest.json").read_text())["step"] == 3
     # the distilled model keeps its source's record: eval --reference checks it as for the conversion
     source, converted, other = models
@@ -1479,7 +1493,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_weights_or_refuses_cleanl
                 os.waitpid(pid, 0)
         assert exited is None, f"trial {trial}: the child exited ({exited}) before its first checkpoint"
         capsys.readouterr()
-        code = main([*args, "--resume"])
+        code = main(override(args, "--resume"))
         err = capsys.readouterr().err
         if code == 0:
             _assert_same(_final_weights(out), expected)

@@ -233,7 +233,7 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         load_bsbr_model(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="could not load"):
+    with pytest.raises(ValueError, match="its .safetensors weights are unreadable, truncated or empty"):
         load_bsbr_model(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_bsbr_model(tmp_path / "missing")
@@ -311,6 +311,9 @@ def test_errors():
         convert_to_bsbr(src, chunk_size=CHUNK, compression_factor=7)
     with pytest.raises(TypeError, match="unknown conversion options"):
         TransformerToBSBRConverter(chunk_size=8, colour="blue")
+    with pytest.raises(TypeError, match=r"unknown conversion options \['chunk_sise'\]; accepted: \['chunk_size', "
+                                        r"'compression_factor', 'far_positions'"):  # (the two arguments were left out)
+        convert_to_bsbr(src, chunk_sise=8)
     for bad in (dict(chunk_size=0), dict(local_chunks=0), dict(sink_tokens=-1), dict(retrieval_blocks=-1),
                 dict(recall_tokens=8, retrieval_blocks=2), dict(retrieval="magic")):
         with pytest.raises(ValueError):  # refused before any source is loaded

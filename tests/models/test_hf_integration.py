@@ -586,6 +586,23 @@ def test_a_config_value_changed_after_the_model_was_built_is_refused(tmp_path, n
         model(ids)
 
 
+@pytest.mark.parametrize("name,value", [("num_attention_heads", 3), ("num_key_value_heads", 1),
+                                        ("attention_bias", False), ("compression_factor", 2)])
+def test_a_config_value_that_shapes_the_weights_changed_after_the_model_was_built_is_not_saved(tmp_path, name, value):
+    """The refusal above told the user to save and reload for these too: the save wrote weights of the old shapes
+    under the edited config, which from_pretrained then refused."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=r"was changed after this model was built \(.*\), which its layers keep: set "
+                                         r"it back, or build a new, untrained model from the edited config "
+                                         r"\(BSBRForCausalLM\(config\)\): these weights do not fit it"):
+        model(torch.tensor([[3, 4]]))
+    for m in (model, model.model):
+        with pytest.raises(ValueError, match="these weights do not fit it"):
+            m.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
+
+
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):
     model = make("llama")  # untied LM head: lm_head.weight is in the checkpoint
     model.save_pretrained(tmp_path)

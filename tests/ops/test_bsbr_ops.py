@@ -365,8 +365,11 @@ def test_window_state_holds_the_window_and_refuses_other_sizes():
     assert st.k_buf.shape[2] == 64 and st.k_sink.shape[2] == 4  # two chunks and the sinks, not the context
     assert st.F_past.shape[2] == 8
     step = {k: t[:, :, :1] for k, t in x.items()}
-    for sizes in (dict(local_chunks=1, sink_tokens=4), dict(local_chunks=2, sink_tokens=0)):
-        with pytest.raises(ValueError, match="state was built with"):
+    for sizes, built in ((dict(local_chunks=1, sink_tokens=4), "local_chunks=2"), (dict(local_chunks=2, sink_tokens=0),
+                                                                                 "sink_tokens=4")):
+        # (it said "state was built with BSBROptions(...), got BSBROptions(...)": which field, and what to do?)
+        with pytest.raises(ValueError, match=rf"state was built with other options \({built}; this call's: BSBROptions"
+                                             r".*\): continue a state with the layer \(options\) that built it, or pass"):
             recurrent_bsbr_attention(step["q"], step["k"], step["v"], step["mq"], step["mk"],
                                      BSBROptions(32, **sizes), initial_state=st)
     for other in (make_inputs(b=3, hq=2, hkv=2, n=1, d=4), make_inputs(b=1, hq=4, hkv=2, n=1, d=4),

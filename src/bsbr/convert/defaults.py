@@ -30,7 +30,8 @@ def resolve_options(options: dict) -> dict:
         raise TypeError("model_name_or_path is the earlier converter's argument: give the model as the first "
                         "argument, source (a model, a directory, a .gguf file or a hub id)")
     if unknown:
-        raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {sorted(DEFAULT_OPTIONS)}")
+        accepted = sorted([*DEFAULT_OPTIONS, "chunk_size", "compression_factor"])  # (those two are arguments)
+        raise TypeError(f"unknown conversion options {sorted(unknown)}; accepted: {accepted}")
     dependent = ("retrieval_blocks", "far_positions", "feature_map", "position_scheme")
     got = {name: value for name, value in options.items() if name not in dependent or value is not None}
     if got.get("recall_tokens"):  # the bounded mode replaces the exact blocks

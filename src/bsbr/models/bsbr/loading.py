@@ -52,6 +52,10 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
         model = BSBRForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         check_unchanged(path, before)  # (a config and weights of two models disagree: that is the error to name)
+        if isinstance(e, SafetensorError):  # (a file cut short, empty, or not safetensors at all)
+            raise ValueError(f"{path}: its .safetensors weights are unreadable, truncated or empty (safetensors: "
+                             f"{' '.join(str(e).split())[:120]}): convert it again, or save it with save_pretrained"
+                             ) from e
         raise ValueError(f"could not load the BSBR checkpoint in {path}: {e}") from e
     check_unchanged(path, before)
     return model.eval()

@@ -686,6 +686,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         the installed bsbr; nothing else is executed)."""
         from ... import __version__
 
+        base = getattr(self, "model", self)
+        if isinstance(base, BSBRBaseModel):  # (a config edited where it shapes the weights: a save that never loads)
+            base._check_config_unchanged(weights_only=True)
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
         layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
@@ -780,17 +783,25 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         self._built_with = copy.deepcopy(built_with(config))  # (a copy: an edit of rope_parameters in place shows)
         self.post_init()
 
-    def _check_config_unchanged(self) -> None:
+    # the values of built_with that shape the weights: a model built from a config edited there does not load them
+    WEIGHT_FIELDS = ("num_kv_heads", "head_dim", "bias", "out_bias", "num_attention_heads", "compression_factor",
+                     "feature_map", "position_type")
+
+    def _check_config_unchanged(self, weights_only: bool = False) -> None:
         """A value :func:`built_with` names, changed on ``self.config`` after the model was built, is refused in
-        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new."""
+        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new
+        (``weights_only``: only values that shape the weights, which a saved model could not load)."""
         now = built_with(self.config)
-        if now != self._built_with:
-            name = next(k for k in now if now[k] != self._built_with[k])
+        changed = [k for k in now if now[k] != self._built_with[k] and (k in self.WEIGHT_FIELDS or not weights_only)]
+        if changed:
+            name = next((k for k in changed if k in self.WEIGHT_FIELDS), changed[0])
             field = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
                      "own_position_chunks": "far_positions or max_position_embeddings"}.get(name, name)
+            fix = ("build a new, untrained model from the edited config (BSBRForCausalLM(config)): these weights do "
+                   "not fit it" if name in self.WEIGHT_FIELDS else
+                   "build a model from the edited config (model.save_pretrained(DIR), then from_pretrained(DIR))")
             raise ValueError(f"config.{field} was changed after this model was built ({name} {self._built_with[name]!r} "
-                             f"-> {now[name]!r}), which its layers keep: set it back, or build a model from the edited "
-                             "config (model.save_pretrained(DIR), then from_pretrained(DIR))")
+                             f"-> {now[name]!r}), which its layers keep: set it back, or {fix}")
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,

@@ -118,7 +118,10 @@ class BSBRState:
         """A state continues only a call with the options, sizes, dtype and chunk-state features it was
         built with."""
         if options != self.options:
-            raise ValueError(f"state was built with {self.options}, got {options}")
+            diff = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(options)
+                             if getattr(options, f.name) != getattr(self.options, f.name))
+            raise ValueError(f"state was built with other options ({diff}; this call's: {options}): continue a "
+                             "state with the layer (options) that built it, or pass None to start one")
         if dtype != self.k_buf.dtype:
             raise TypeError(f"state holds {self.k_buf.dtype} tensors, the call has {dtype}: continue a state in the "
                             "dtype it was built in (cast the model before the prefill)")
