@@ -151,8 +151,8 @@ def register(sub) -> None:
     # a short context, and a long one within the source's 8,192 positions (with 16 decode steps), where BSBR's
     # step is faster (docs/findings.md, Speed)
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 8000],
-                   help=f"contexts to decode {DECODE_STEPS} tokens from, side by side (default %(default)s; none: "
-                        "no decode)")
+                   help=f"contexts to decode {DECODE_STEPS} tokens from, side by side (default 1024 8000; the flag "
+                        "with no values: no decode)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3,
                    help="timed runs per prefill length (default %(default)s)")
     p.set_defaults(func=cmd_demo)

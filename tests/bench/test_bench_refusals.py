@@ -358,7 +358,7 @@ def test_bench_quality_refuses_a_seq_len_longer_than_its_corpus(tmp_path, monkey
 
     monkeypatch.setattr(bench_quality, "train_and_eval", trains)
     root, _ = _small_corpus(tmp_path / "corp")
-    argv = ["bench", "quality", *COMMANDS["quality"], "--corpus", str(root), "--seq-len", "20000"]
+    argv = _argv("quality", "--corpus", str(root), "--seq-len", "20000")
     line = _refused(argv, capsys, "bench quality")
     assert "--seq-len 20,000 does not fit --corpus" in line and "give a --seq-len below 1,0" in line
 
@@ -366,8 +366,8 @@ def test_bench_quality_refuses_a_seq_len_longer_than_its_corpus(tmp_path, monkey
 def test_bench_quality_refuses_a_diverged_run(tmp_path, capsys):
     root, _ = _small_corpus(tmp_path / "corp")
     out = tmp_path / "r.json"
-    argv = ["bench", "quality", *COMMANDS["quality"], "--seq-len", "32", "--chunk-size", "16", "--models", "bsbr",
-            "--corpus", str(root), "--lr", "1e30", "--json", str(out)]
+    argv = _argv("quality", "--seq-len", "32", "--chunk-size", "16", "--models", "bsbr", "--corpus", str(root),
+                 "--lr", "1e30", "--json", str(out))
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # (after the training's progress bar)
     assert "bsbr bench quality: error: bsbr diverged" in line and "give a smaller --lr" in line and not out.exists()

@@ -172,6 +172,25 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     assert "gap closed" in printed and "pass-key accuracy" in printed
 
 
+def test_eval_warns_when_its_windows_end_before_an_open_gate_is_read(tiny, tmp_path, word_tokenizer, caplog):
+    """eval's default windows (2,048 tokens) end before a distilled default conversion reads its chunk states
+    (2,560 tokens): the distilled model's figures were the fresh conversion's to the digit, without a word."""
+    src, _, _ = tiny
+    ref, conv = tmp_path / "ref", tmp_path / "conv"
+    src.save_pretrained(ref)
+    for gate, seq_len, warned in ((0.3, 81, True), (0.3, 82, False), (0.0, 40, False)):
+        convert_to_bsbr(src, chunk_size=CHUNK, gate_init=gate).save_pretrained(conv)  # (reach (2 + 8) x 8 = 80)
+        word_tokenizer.save_pretrained(conv)
+        (tmp_path / "text.py").write_text(PYTHON_TEXT * 3)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["eval", str(conv), "--reference", str(ref), "--text-file", str(tmp_path / "text.py"),
+                         "--seq-len", str(seq_len), "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
+        assert (f"{conv} reads its chunk states (its gate is open) only from token 80 on, past every window of "
+                f"{seq_len} tokens here: its figures are those of its exact window and blocks alone; give windows of "
+                "82 tokens or more (--seq-len)" in caplog.text) is warned, (gate, seq_len, caplog.text)
+
+
 def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_path, word_tokenizer, caplog):
     # distill and eval of the user's own text (--text-file, a local --dataset of one split) read the same windows:
     # the figures looked held out, and nothing said otherwise

@@ -509,3 +509,14 @@ def test_a_source_on_the_meta_device_is_refused_in_one_line():
     with pytest.raises(ValueError, match="is on the meta device, with no values to copy") as e:
         convert_to_bsbr(make_source("llama").to("meta"), chunk_size=8)
     assert "\n" not in str(e.value)
+
+
+def test_hybrid_positions_that_would_read_as_window_are_refused():
+    """With 2,048 positions and chunks of 512, half the range in whole chunks reaches no further than the window:
+    'hybrid' was recorded and built, and computed exactly what 'window' does (logits equal), without a word."""
+    src = make_source("llama")  # 2,048 positions
+    with pytest.raises(ValueError, match=r"far_positions 'hybrid' reads far keys at their own positions within half "
+                                         r"the source's positions \(1,024 tokens\), whole chunks of 512 of which reach "
+                                         r"no further than the window \(1,024 tokens\): it would be 'window' here"):
+        convert_to_bsbr(src, chunk_size=512, far_positions="hybrid")
+    assert convert_to_bsbr(src, chunk_size=256, far_positions="hybrid").config.own_position_chunks() == 4

@@ -252,7 +252,7 @@ def register(bench_sub) -> None:
     p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384],
                    help="prefill lengths (default 1024 4096 16384)")
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768],
-                   help="contexts to decode from (default 1024 32768)")
+                   help="contexts to decode from (default 1024 32768; the flag with no values: no decode)")
     p.add_argument("--decode-steps", type=integer(), default=None,
                    help="tokens generated per decode context, each step timed (default 8)")
     p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="timed runs per prefill (default 3)")

@@ -224,9 +224,16 @@ class TransformerToBSBRConverter:
         if mt not in FAMILIES:
             raise ValueError(f"unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         special = {k: getattr(source_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        return BSBRConfig(**FAMILIES[mt].config(source_config), chunk_size=self.chunk_size,
-                          compression_factor=self.compression_factor, source_model_type=mt, **self.options,
-                          **{k: v for k, v in special.items() if v is not None})
+        config = BSBRConfig(**FAMILIES[mt].config(source_config), chunk_size=self.chunk_size,
+                            compression_factor=self.compression_factor, source_model_type=mt, **self.options,
+                            **{k: v for k, v in special.items() if v is not None})
+        if config.far_positions == "hybrid" and config.position_type == "rope" and not config.own_position_chunks():
+            half, window = config.max_position_embeddings // 2, config.local_chunks * config.chunk_size
+            raise ValueError(f"far_positions 'hybrid' reads far keys at their own positions within half the source's "
+                             f"positions ({half:,} tokens), whole chunks of {config.chunk_size:,} of which reach no "
+                             f"further than the window ({window:,} tokens): it would be 'window' here: give a smaller "
+                             "chunk_size, or far_positions 'window'")
+        return config
 
     def convert(self, source) -> BSBRForCausalLM:
         t0 = time.perf_counter()

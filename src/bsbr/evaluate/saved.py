@@ -7,6 +7,7 @@ import os
 import time
 from typing import Optional
 
+from ..models.bsbr.reach import exact_reach, gate_open
 from .baselines import load_eval_tokenizer, load_saved_models
 from .metrics import evaluate
 
@@ -31,6 +32,11 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
         seq_len=seq_len, max_windows=max_windows, stride=stride, seed=seed)
     models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
     logger.info("%d windows of %d tokens, chunk size %d", windows.shape[0], seq_len, config["chunk_size"])
+    reach = exact_reach(models["bsbr"].config)
+    if seq_len < reach + 2 and gate_open(models["bsbr"]):  # (the last position's logits predict nothing)
+        logger.warning("%s reads its chunk states (its gate is open) only from token %d on, past every window of %d "
+                       "tokens here: its figures are those of its exact window and blocks alone; give windows of %d "
+                       "tokens or more (--seq-len) to measure what they add", model_dir, reach, seq_len, reach + 2)
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
     result["config"].update(config, corpus=corpus_info, stride=stride or seq_len)
