@@ -97,7 +97,9 @@ def main() -> None:
             if "source" in ppl:
                 line += f", gap closed {100 * (ppl['window'] - value) / (ppl['window'] - ppl['source']):.1f}%"
             k = re.match(r"K(\d+)", name)  # exact blocks: K chunks of the context; recall: a fixed budget
-            print(line + (f", retrieved {100 * int(k.group(1)) * args.chunk_size / args.seq_len:.1f}%" if k else ""))
+            # (at most the chunks before the last token's window of 2 chunks: all of them past that)
+            read = min(int(k.group(1)), max(args.seq_len // args.chunk_size - 2, 0)) * args.chunk_size if k else 0
+            print(line + (f", retrieved {100 * read / args.seq_len:.1f}%" if k else ""))
     if args.json:
         write_json(result, args.json)
 

@@ -64,6 +64,17 @@ class _StoreOnce(argparse._StoreAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+class _OnOffOnce(argparse.BooleanOptionalAction):
+    """argparse's ``--x/--no-x`` pair, except that the two may not both be given (the later one won silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "given", set())
+        if option_string and self.dest in given:
+            raise argparse.ArgumentError(self, "given twice: give one of its forms once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line (exit status 2), which refuses a list option
     given twice, which reads a negative number in exponent form (``--gate-init -1e39``) as a value,
@@ -76,6 +87,11 @@ class Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
         for name in (None, "store"):
             self.register("action", name, _StoreOnce)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("action") is argparse.BooleanOptionalAction:
+            kwargs["action"] = _OnOffOnce
+        return super().add_argument(*args, **kwargs)
 
     def _parse_known_args(self, *args, **kwargs):
         self.given = set()  # the destinations of the options given so far (_StoreOnce)

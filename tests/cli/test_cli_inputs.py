@@ -1966,3 +1966,12 @@ def test_a_model_folder_without_or_with_broken_weights_is_one_line_naming_the_op
                          "while deserializing header: header too large): convert it again, or save it with "
                          "save_pretrained"), line
     assert not (tmp_path / "d").exists()
+
+
+def test_both_forms_of_an_on_off_flag_are_refused(capsys):
+    # --no-activation-checkpointing --activation-checkpointing trained with it, exit 0: the later one won silently
+    assert main(["distill", "--student", "m", "--output", "o", "--no-activation-checkpointing",
+                 "--activation-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "argument --activation-checkpointing/--no-activation-checkpointing: given " \
+        "twice: give one of its forms once" in err, err
