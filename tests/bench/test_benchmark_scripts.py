@@ -24,6 +24,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 def test_a_script_refuses_a_bad_argument_before_loading(tmp_path, argv, words):
     (tmp_path / "model").mkdir()  # (what the checks read of a saved BSBR model)
     (tmp_path / "model" / "config.json").write_text('{"model_type": "bsbr"}')
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")  # (its weights are there: checked by name)
     (tmp_path / "notlist.json").write_text('{"a": 1}')
     (tmp_path / "script.py").write_text("print('mine')\n")
     run = subprocess.run([sys.executable, str(SCRIPTS / argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
