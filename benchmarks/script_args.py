@@ -3,6 +3,7 @@ refusal argparse's one-line usage error (exit status 2)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from bsbr.arguments import check_bsbr_dir, check_unique
 from bsbr.errors import UserError
@@ -41,3 +42,7 @@ def filler_spec(spec: str) -> str:
     if spec not in FILLER_KINDS and not filler_path(spec).is_file():
         raise argparse.ArgumentTypeError(f"{spec!r}: give one of {', '.join(FILLER_KINDS)} or a text file's path")
     return spec
+
+
+if __name__ == "__main__":  # (a module the scripts import, beside them)
+    sys.exit("script_args.py holds the argument checks the benchmark scripts share: run one of those scripts")
