@@ -34,6 +34,15 @@ def tiny():
     return src, model, local_baseline(src, CHUNK, like=model)
 
 
+def test_a_saved_hybrid_model_that_reads_as_window_gets_its_baselines():
+    """A model saved with far_positions 'hybrid' where no chunk lies within its reach (as the converter built it
+    before it refused that) could not be evaluated: its window baseline was refused as a conversion option."""
+    src = make_source("llama")  # 2,048 positions: at chunk 512, half of them reach no further than the window
+    model = convert_to_bsbr(src, chunk_size=512)
+    model.config.far_positions = "hybrid"  # (what an earlier bsbr wrote to config.json)
+    assert local_baseline(src, 512, like=model, same_window=True).config.far_positions == "window"
+
+
 def test_local_baseline_is_chunk_local(tiny):
     """Chunk c of the baseline's logits = the source run on chunk c alone (rotary positions are relative)."""
     src, _, local = tiny
@@ -187,8 +196,16 @@ def test_eval_warns_when_its_windows_end_before_an_open_gate_is_read(tiny, tmp_p
             assert main(["eval", str(conv), "--reference", str(ref), "--text-file", str(tmp_path / "text.py"),
                          "--seq-len", str(seq_len), "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
         assert (f"{conv} reads its chunk states (its gate is open) only from token 80 on, past every window of "
-                f"{seq_len} tokens here: its figures are those of its exact window and blocks alone; give windows of "
-                "82 tokens or more (--seq-len)" in caplog.text) is warned, (gate, seq_len, caplog.text)
+                f"{seq_len} tokens here: its perplexity figures are those of its exact window and blocks alone; give "
+                "windows of 82 tokens or more (--seq-len)" in caplog.text) is warned, (gate, seq_len, caplog.text)
+    convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3).save_pretrained(conv)
+    caplog.clear()  # pass-key prompts alone: those that end before token 80 are named (they were not)
+    with caplog.at_level("WARNING"):
+        assert main(["eval", str(conv), "--reference", str(ref), "--passkey-only", "--passkey-models", "bsbr",
+                     "--passkey-lengths", "80", "200", "--passkey-depths", "0.5", "--passkey-trials", "1",
+                     "--passkey-new-tokens", "5", "--no-progress"]) == 0
+    assert f"{conv} reads its chunk states (its gate is open) only from token 80 on: its pass-key prompts of 80 " \
+        "tokens end before that" in caplog.text, caplog.text
 
 
 def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_path, word_tokenizer, caplog):

@@ -111,8 +111,13 @@ def test_a_4d_mask_is_refused_saying_why(model):
     causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None].expand(2, 1, 6, 6)
     with pytest.raises(ValueError, match=r"attention_mask must be a padding mask of shape \(2, 6\) \(1 real token, "
                                          r"0 padding\), got \(2, 1, 6, 6\): a BSBR model's window and retrieved "
-                                         r"blocks decide what each token reads, so it takes no 3-D or 4-D"):
+                                         r"blocks decide what each token reads, so it takes no other mask"):
         model(ids, attention_mask=causal)
+    with torch.no_grad():  # a step after a prefill: the shape given, not a slice of it (it said (2, 0, 1, 7))
+        cache = model(ids, use_cache=True).cache
+        with pytest.raises(ValueError, match=r"attention_mask must be a padding mask of shape \(2, 7\) .*, got "
+                                             r"\(2, 1, 1, 7\)"):
+            model(ids[:, :1], attention_mask=torch.ones(2, 1, 1, 7), cache=cache)
 
 
 def test_new_tokens_with_their_own_padded_mask_continue_a_cache(model):
@@ -601,6 +606,21 @@ def test_a_config_value_that_shapes_the_weights_changed_after_the_model_was_buil
         with pytest.raises(ValueError, match="these weights do not fit it"):
             m.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
+
+
+@pytest.mark.parametrize("edit", [dict(gate_init=None), dict(retrieval_blocks=0, recall_tokens=8)])
+def test_a_config_edit_that_adds_or_drops_weights_is_not_saved(tmp_path, edit):
+    """A gate_init of None (no gate weights) or the bounded mode (no meta maps) set on a built model was saved,
+    and from_pretrained then refused the folder (unexpected keys)."""
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    for name, value in edit.items():
+        setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=r"(does not build|do not fit it) .*(retrieval_gate|meta_h_proj)"):
+        model.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
+    model.config.update(dict(gate_init=0.0, retrieval_blocks=8, recall_tokens=0))  # set back: saved and loaded
+    model.save_pretrained(tmp_path / "kept")
+    BSBRForCausalLM.from_pretrained(tmp_path / "kept")
 
 
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):

@@ -232,7 +232,7 @@ class TransformerToBSBRConverter:
             raise ValueError(f"far_positions 'hybrid' reads far keys at their own positions within half the source's "
                              f"positions ({half:,} tokens), whole chunks of {config.chunk_size:,} of which reach no "
                              f"further than the window ({window:,} tokens): it would be 'window' here: give a smaller "
-                             "chunk_size, or far_positions 'window'")
+                             "chunk_size or fewer local_chunks, or far_positions 'window'")
         return config
 
     def convert(self, source) -> BSBRForCausalLM:

@@ -32,8 +32,11 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     opts = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0, gate_init=0.0)
     cfg = getattr(like, "config", None)
     if cfg is not None and getattr(cfg, "model_type", None) == "bsbr":
+        # ('hybrid' with no chunk within its reach computes what 'window' does: a model saved so before the
+        # converter refused it is compared as that)
+        far = "window" if cfg.far_positions == "hybrid" and not cfg.own_position_chunks() else cfg.far_positions
         opts.update(compression_factor=cfg.compression_factor, retrieval=cfg.retrieval, feature_map=cfg.feature_map,
-                    far_positions=cfg.far_positions, position_scheme=cfg.position_scheme)
+                    far_positions=far, position_scheme=cfg.position_scheme)
     if same_window and cfg is not None:
         opts.update(local_chunks=cfg.local_chunks, sink_tokens=cfg.sink_tokens)
     return convert_to_bsbr(reference, chunk_size=chunk_size, **opts)

@@ -32,11 +32,7 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
         seq_len=seq_len, max_windows=max_windows, stride=stride, seed=seed)
     models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
     logger.info("%d windows of %d tokens, chunk size %d", windows.shape[0], seq_len, config["chunk_size"])
-    reach = exact_reach(models["bsbr"].config)
-    if seq_len < reach + 2 and gate_open(models["bsbr"]):  # (the last position's logits predict nothing)
-        logger.warning("%s reads its chunk states (its gate is open) only from token %d on, past every window of %d "
-                       "tokens here: its figures are those of its exact window and blocks alone; give windows of %d "
-                       "tokens or more (--seq-len) to measure what they add", model_dir, reach, seq_len, reach + 2)
+    _warn_unread_states(models["bsbr"], model_dir, seq_len, passkey)
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
     result["config"].update(config, corpus=corpus_info, stride=stride or seq_len)
@@ -62,5 +58,25 @@ def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[d
 
     t0 = time.perf_counter()
     models, tokenizer, config = load_saved_models(model_dir, reference, check_reference, (passkey or {}).get("only"))
+    if "bsbr" in models:
+        _warn_unread_states(models["bsbr"], model_dir, None, passkey)
     result = run_passkey(models, tokenizer, chunk_size=config["chunk_size"], progress=progress, **(passkey or {}))
     return dict(config=config, passkey=result, seconds=round(time.perf_counter() - t0, 1))
+
+
+def _warn_unread_states(model, model_dir, seq_len: Optional[int], passkey: Optional[dict]) -> None:
+    """Warn when a model that reads its chunk states (an open gate) reads them only past every perplexity
+    window (``seq_len``; its last position's logits predict nothing) or past pass-key prompts: what they add is
+    not measured there."""
+    if not gate_open(model):
+        return
+    reach = exact_reach(model.config)
+    if seq_len is not None and seq_len < reach + 2:
+        logger.warning("%s reads its chunk states (its gate is open) only from token %d on, past every window of %d "
+                       "tokens here: its perplexity figures are those of its exact window and blocks alone; give "
+                       "windows of %d tokens or more (--seq-len) to measure what they add", model_dir, reach, seq_len,
+                       reach + 2)
+    short = sorted(n for n in (passkey or {}).get("lengths", ()) if n <= reach)
+    if short:
+        logger.warning("%s reads its chunk states (its gate is open) only from token %d on: its pass-key prompts of "
+                       "%s tokens end before that", model_dir, reach, ", ".join(f"{n:,}" for n in short))

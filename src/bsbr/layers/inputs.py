@@ -140,7 +140,7 @@ def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Te
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be a padding mask of shape ({batch}, {seq_len}) (1 real token, 0 "
                          f"padding), got {tuple(attention_mask.shape)}: a BSBR model's window and retrieved blocks "
-                         "decide what each token reads, so it takes no 3-D or 4-D attention mask")
+                         "decide what each token reads, so it takes no other mask (no 3-D or 4-D attention mask)")
     valid = check_valid(attention_mask, batch, seq_len, name="attention_mask")
     if valid is not None and attention_mask.dtype != torch.bool and not attention_mask.is_meta and not bool(
             ((attention_mask == 0) | (attention_mask == 1)).all()):  # (the meta device holds no values to check)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import threading
@@ -783,25 +784,53 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         self._built_with = copy.deepcopy(built_with(config))  # (a copy: an edit of rope_parameters in place shows)
         self.post_init()
 
-    # the values of built_with that shape the weights: a model built from a config edited there does not load them
-    WEIGHT_FIELDS = ("num_kv_heads", "head_dim", "bias", "out_bias", "num_attention_heads", "compression_factor",
-                     "feature_map", "position_type")
-
     def _check_config_unchanged(self, weights_only: bool = False) -> None:
         """A value :func:`built_with` names, changed on ``self.config`` after the model was built, is refused in
-        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new
-        (``weights_only``: only values that shape the weights, which a saved model could not load)."""
+        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new.
+        ``weights_only``: refuse only a config that would not build these weights (names and shapes), which a
+        saved model could not load (``gate_init`` None against a value, the bounded mode against blocks, heads)."""
         now = built_with(self.config)
-        changed = [k for k in now if now[k] != self._built_with[k] and (k in self.WEIGHT_FIELDS or not weights_only)]
-        if changed:
-            name = next((k for k in changed if k in self.WEIGHT_FIELDS), changed[0])
-            field = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
-                     "own_position_chunks": "far_positions or max_position_embeddings"}.get(name, name)
-            fix = ("build a new, untrained model from the edited config (BSBRForCausalLM(config)): these weights do "
-                   "not fit it" if name in self.WEIGHT_FIELDS else
-                   "build a model from the edited config (model.save_pretrained(DIR), then from_pretrained(DIR))")
-            raise ValueError(f"config.{field} was changed after this model was built ({name} {self._built_with[name]!r} "
-                             f"-> {now[name]!r}), which its layers keep: set it back, or {fix}")
+        changed = [k for k in now if now[k] != self._built_with[k]]
+        if weights_only or changed:
+            unfit = self._unfit_weight()
+            if changed and (unfit or not weights_only):
+                name = changed[0]
+                field = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias",
+                         "out_bias": "attention_out_bias",
+                         "own_position_chunks": "far_positions or max_position_embeddings"}.get(name, name)
+                fix = (f"build a new, untrained model from the edited config (BSBRForCausalLM(config)): these weights "
+                       f"do not fit it ({unfit})" if unfit else
+                       "build a model from the edited config (model.save_pretrained(DIR), then from_pretrained(DIR))")
+                raise ValueError(f"config.{field} was changed after this model was built ({name} "
+                                 f"{self._built_with[name]!r} -> {now[name]!r}), which its layers keep: set it back, "
+                                 f"or {fix}")
+            if unfit:
+                raise ValueError(f"this model's config was changed after it was built so that it does not build these "
+                                 f"weights ({unfit}; e.g. gate_init None against a value): set it back, or build a new, "
+                                 "untrained model from the edited config (BSBRForCausalLM(config))")
+
+    def _unfit_weight(self) -> Optional[str]:
+        """The first weight this model holds that its config, as it is now, would not build (missing, unexpected
+        or of another shape), said as such; None when every one fits (or peft adapters are injected: their
+        names are not the model's)."""
+        have = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if any(".base_layer." in k or "lora_" in k for k in have):
+            return None
+        quiet, level = logging.getLogger("bsbr"), logging.getLogger("bsbr").level
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet.setLevel(logging.ERROR)  # (the config's notes were logged when this model was built)
+            try:
+                want = {k: tuple(v.shape) for k, v in BSBRBaseModel(self.config).state_dict().items()}
+            except (ValueError, TypeError) as e:  # (an edit the config's own checks refuse)
+                return f"it builds no model: {' '.join(str(e).split())[:200]}"
+            finally:
+                quiet.setLevel(level)
+        for k in sorted(set(have) | set(want)):
+            if have.get(k) != want.get(k):
+                return (f"{k} {'is not built' if k not in want else 'is missing' if k not in have else 'has shape'}"
+                        f"{f' {have[k]}, the config builds {want[k]}' if k in have and k in want else ''}")
+        return None
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[BSBRCache] = None,
@@ -832,6 +861,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                                  f"to {weights}")
             inputs_embeds = inputs_embeds.to(weights)  # half-precision embeddings of a float32 model, as the sources
         b, n = inputs_embeds.shape[:2]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:  # (refused before it is sliced)
+            mask_to_valid(attention_mask, b, n + (cache.n_positions if cache is not None else 0))
         if cache is None and attention_mask is None and position_ids is not None:
             position_ids = check_position_ids(position_ids, b, n).expand(b, n)
             segment = packed_segments(position_ids)
