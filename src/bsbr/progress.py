@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator
 
-_OFF = [False]
+_OFF = threading.local()  # .off: in this thread (a command's --no-progress silences no other thread's bars)
 
 
 @contextlib.contextmanager
 def bars_off(off: bool = True) -> Iterator[None]:
-    """While the block runs, :func:`bar` shows nothing (if ``off``)."""
-    saved = _OFF[0]
-    _OFF[0] = saved or off
+    """While the block runs, :func:`bar` shows nothing in this thread (if ``off``)."""
+    saved = getattr(_OFF, "off", False)
+    _OFF.off = saved or off
     try:
         yield
     finally:
-        _OFF[0] = saved
+        _OFF.off = saved
 
 
 def bar(*args, disable: bool = False, **kwargs):
-    """``tqdm.auto.tqdm(*args, **kwargs)``, disabled also inside :func:`bars_off`."""
+    """``tqdm.auto.tqdm(*args, **kwargs)``, disabled also inside :func:`bars_off` (in this thread)."""
     from tqdm.auto import tqdm
 
-    return tqdm(*args, disable=disable or _OFF[0], **kwargs)
+    return tqdm(*args, disable=disable or getattr(_OFF, "off", False), **kwargs)
 
 
 @contextlib.contextmanager

@@ -238,6 +238,32 @@ def test_the_progress_bar_can_be_turned_off(tmp_path, capsys):
         enable_progress_bars()
 
 
+def test_a_command_without_bars_silences_no_other_threads_bars():
+    # a command run with --no-progress in one thread (a program's, or a test's) turned every thread's bars off while
+    # it ran: the test above failed now and then beside another test's command
+    import threading
+
+    from bsbr.progress import bar, bars_off
+
+    entered, done = threading.Event(), threading.Event()
+
+    def quiet_command():
+        with bars_off():
+            entered.set()
+            done.wait(10)
+
+    t = threading.Thread(target=quiet_command)
+    t.start()
+    try:
+        assert entered.wait(10)
+        assert not bar(range(1)).disable
+        with bars_off():
+            assert bar(range(1)).disable
+    finally:
+        done.set()
+        t.join()
+
+
 def test_deterministic_and_resume_reaches_the_same_weights(tmp_path):
     ws = windows()
     cfg = dict(lr=1e-2, checkpoint_every=2)

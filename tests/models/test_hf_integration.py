@@ -598,12 +598,12 @@ def test_a_config_value_that_shapes_the_weights_changed_after_the_model_was_buil
     under the edited config, which from_pretrained then refused."""
     model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
     setattr(model.config, name, value)
-    with pytest.raises(ValueError, match=r"was changed after this model was built \(.*\), which its layers keep: set "
-                                         r"it back, or build a new, untrained model from the edited config "
-                                         r"\(BSBRForCausalLM\(config\)\): these weights do not fit it"):
+    told = (r"this model holds weights its config does not build \(.*; changed since it was built: " + name +
+            r"\): set the config back, or build a new, untrained model from the edited config \(BSBRForCausalLM")
+    with pytest.raises(ValueError, match=told):
         model(torch.tensor([[3, 4]]))
     for m in (model, model.model):
-        with pytest.raises(ValueError, match="these weights do not fit it"):
+        with pytest.raises(ValueError, match=told):
             m.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
 
@@ -615,12 +615,37 @@ def test_a_config_edit_that_adds_or_drops_weights_is_not_saved(tmp_path, edit):
     model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
     for name, value in edit.items():
         setattr(model.config, name, value)
-    with pytest.raises(ValueError, match=r"(does not build|do not fit it) .*(retrieval_gate|meta_h_proj)"):
+    with pytest.raises(ValueError, match=r"does not build \(layers.0.attn.(retrieval_gate|meta_h_proj.weight) is not"):
         model.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
     model.config.update(dict(gate_init=0.0, retrieval_blocks=8, recall_tokens=0))  # set back: saved and loaded
     model.save_pretrained(tmp_path / "kept")
     BSBRForCausalLM.from_pretrained(tmp_path / "kept")
+
+
+def test_the_save_check_changes_no_logger_and_names_no_harmless_edit(tmp_path):
+    """The check set the bsbr logger to ERROR and back around its meta-device build: saves from several threads
+    left it at ERROR for good. With a harmless and a breaking edit, it blamed the harmless one."""
+    import logging
+    import threading
+
+    models = [convert_to_bsbr(make_source("llama"), chunk_size=4) for _ in range(3)]
+    levels = {name: logging.getLogger(name).level for name in ("bsbr", "bsbr.models.bsbr.configuration_bsbr")}
+    threads = [threading.Thread(target=lambda m=m, i=i: [m.save_pretrained(tmp_path / f"{i}-{j}") for j in range(3)])
+               for i, m in enumerate(models)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    model = models[0]
+    model.config.chunk_size, model.config.gate_init = 16, None  # (chunk_size alone saves and loads)
+    with pytest.raises(ValueError, match=r"this model holds weights its config does not build \(layers.0.attn."
+                                         r"retrieval_gate is not built; changed since it was built: chunk_size\)"):
+        model.save_pretrained(tmp_path / "edited")
+    # a caller's own weights (DeepSpeed ZeRO-3 passes the gathered ones; its parameters are empty): not checked
+    model.config.chunk_size, model.config.gate_init = 4, 0.0
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
 
 
 def test_automodel_loads_an_untied_causal_lm_checkpoint(tmp_path):

@@ -32,7 +32,8 @@ def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, d
         seq_len=seq_len, max_windows=max_windows, stride=stride, seed=seed)
     models, tokenizer, config = load_saved_models(model_dir, reference, check_reference)
     logger.info("%d windows of %d tokens, chunk size %d", windows.shape[0], seq_len, config["chunk_size"])
-    _warn_unread_states(models["bsbr"], model_dir, seq_len, passkey)
+    read = passkey if passkey is not None and "bsbr" in passkey.get("only", ["bsbr"]) else None
+    _warn_unread_states(models["bsbr"], model_dir, seq_len, read)
     result = evaluate(models["bsbr"], models["source"], tokenizer, windows, config["chunk_size"], local=models["local"],
                       buckets=buckets, passkey=passkey, progress=progress, window=models.get("window"))
     result["config"].update(config, corpus=corpus_info, stride=stride or seq_len)
@@ -72,11 +73,11 @@ def _warn_unread_states(model, model_dir, seq_len: Optional[int], passkey: Optio
         return
     reach = exact_reach(model.config)
     if seq_len is not None and seq_len < reach + 2:
-        logger.warning("%s reads its chunk states (its gate is open) only from token %d on, past every window of %d "
-                       "tokens here: its perplexity figures are those of its exact window and blocks alone; give "
-                       "windows of %d tokens or more (--seq-len) to measure what they add", model_dir, reach, seq_len,
-                       reach + 2)
+        logger.warning("%s reads its chunk states (its gate is open, or it has none) only from token %d on, past "
+                       "every window of %d tokens here: its perplexity figures are those of its exact window and "
+                       "blocks alone; give windows of %d tokens or more (--seq-len) to measure what they add",
+                       model_dir, reach, seq_len, reach + 2)
     short = sorted(n for n in (passkey or {}).get("lengths", ()) if n <= reach)
     if short:
-        logger.warning("%s reads its chunk states (its gate is open) only from token %d on: its pass-key prompts of "
-                       "%s tokens end before that", model_dir, reach, ", ".join(f"{n:,}" for n in short))
+        logger.warning("%s reads its chunk states (its gate is open, or it has none) only from token %d on: its "
+                       "pass-key prompts of %s tokens end before that", model_dir, reach, ", ".join(f"{n:,}" for n in short))

@@ -2,8 +2,10 @@
 Qwen2): positions, norms, MLP, biases and embeddings are fields, not separate model classes."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 from transformers import PretrainedConfig
 
@@ -13,6 +15,20 @@ from ...numbers import MAX_TOKENS
 from ...ops.checks import check_flag, check_int, check_number
 
 logger = logging.getLogger(__name__)
+_NOTES = threading.local()  # .off: this thread builds a config only to compare weights (notes_off)
+logger.addFilter(lambda record: not getattr(_NOTES, "off", False))
+
+
+@contextlib.contextmanager
+def notes_off() -> Iterator[None]:
+    """While the block runs, configs built in this thread log no notes (a model built on the meta device only to
+    compare its weights' names and shapes; other threads' notes are kept)."""
+    saved = getattr(_NOTES, "off", False)
+    _NOTES.off = True
+    try:
+        yield
+    finally:
+        _NOTES.off = saved
 
 
 _WARNED_VERSIONS: set = set()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import os
 import re
 import threading
@@ -33,7 +32,7 @@ from ...layers.inputs import check_input_ids, check_labels, check_position_ids, 
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
-from .configuration_bsbr import AUTO_CODE, AUTO_MODULE, BSBRConfig
+from .configuration_bsbr import AUTO_CODE, AUTO_MODULE, BSBRConfig, notes_off
 
 
 class BSBRRMSNorm(nn.Module):
@@ -688,8 +687,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         from ... import __version__
 
         base = getattr(self, "model", self)
-        if isinstance(base, BSBRBaseModel):  # (a config edited where it shapes the weights: a save that never loads)
-            base._check_config_unchanged(weights_only=True)
+        given = kwargs.get("state_dict", args[0] if args else None)  # (a caller's own weights: DeepSpeed's, a subset)
+        if isinstance(base, BSBRBaseModel) and given is None:  # a config edited so that it builds other weights:
+            base._check_config_unchanged(weights_only=True)  # a save that never loads
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
         layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
@@ -786,46 +786,37 @@ class BSBRBaseModel(BSBRPreTrainedModel):
 
     def _check_config_unchanged(self, weights_only: bool = False) -> None:
         """A value :func:`built_with` names, changed on ``self.config`` after the model was built, is refused in
-        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new.
-        ``weights_only``: refuse only a config that would not build these weights (names and shapes), which a
-        saved model could not load (``gate_init`` None against a value, the bounded mode against blocks, heads)."""
+        one line: the layers keep the old one while the forward and ``save_pretrained`` would read the new; and
+        weights the config as it is now would not build (names and shapes: ``gate_init`` None against a value,
+        the bounded mode against blocks, heads), which a saved model could not load. ``weights_only``: only
+        those."""
         now = built_with(self.config)
         changed = [k for k in now if now[k] != self._built_with[k]]
-        if weights_only or changed:
-            unfit = self._unfit_weight()
-            if changed and (unfit or not weights_only):
-                name = changed[0]
-                field = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias",
-                         "out_bias": "attention_out_bias",
-                         "own_position_chunks": "far_positions or max_position_embeddings"}.get(name, name)
-                fix = (f"build a new, untrained model from the edited config (BSBRForCausalLM(config)): these weights "
-                       f"do not fit it ({unfit})" if unfit else
-                       "build a model from the edited config (model.save_pretrained(DIR), then from_pretrained(DIR))")
-                raise ValueError(f"config.{field} was changed after this model was built ({name} "
-                                 f"{self._built_with[name]!r} -> {now[name]!r}), which its layers keep: set it back, "
-                                 f"or {fix}")
-            if unfit:
-                raise ValueError(f"this model's config was changed after it was built so that it does not build these "
-                                 f"weights ({unfit}; e.g. gate_init None against a value): set it back, or build a new, "
-                                 "untrained model from the edited config (BSBRForCausalLM(config))")
+        fields = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
+                  "own_position_chunks": "far_positions or max_position_embeddings"}  # (config names of built_with's)
+        unfit = self._unfit_weight() if weights_only or changed else None
+        if unfit:
+            edits = f"; changed since it was built: {', '.join(fields.get(k, k) for k in changed)}" if changed else ""
+            raise ValueError(f"this model holds weights its config does not build ({unfit}{edits}): set the config "
+                             "back, or build a new, untrained model from the edited config (BSBRForCausalLM(config))")
+        if changed and not weights_only:
+            name = changed[0]
+            raise ValueError(f"config.{fields.get(name, name)} was changed after this model was built ({name} {self._built_with[name]!r} "
+                             f"-> {now[name]!r}), which its layers keep: set it back, or build a model from the edited "
+                             "config (model.save_pretrained(DIR), then from_pretrained(DIR))")
 
     def _unfit_weight(self) -> Optional[str]:
-        """The first weight this model holds that its config, as it is now, would not build (missing, unexpected
-        or of another shape), said as such; None when every one fits (or peft adapters are injected: their
-        names are not the model's)."""
-        have = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        """The first parameter this model holds that its config, as it is now, would not build (missing,
+        unexpected or of another shape; a DeepSpeed ZeRO-3 parameter by its ``ds_shape``), said as such; None
+        when every one fits (or peft adapters are injected: their names are not the model's)."""
+        have = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in self.named_parameters()}
         if any(".base_layer." in k or "lora_" in k for k in have):
             return None
-        quiet, level = logging.getLogger("bsbr"), logging.getLogger("bsbr").level
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quiet.setLevel(logging.ERROR)  # (the config's notes were logged when this model was built)
+        with torch.device("meta"), notes_off():  # (the config's notes were logged when this model was built)
             try:
-                want = {k: tuple(v.shape) for k, v in BSBRBaseModel(self.config).state_dict().items()}
+                want = {k: tuple(p.shape) for k, p in BSBRBaseModel(self.config).named_parameters()}
             except (ValueError, TypeError) as e:  # (an edit the config's own checks refuse)
                 return f"it builds no model: {' '.join(str(e).split())[:200]}"
-            finally:
-                quiet.setLevel(level)
         for k in sorted(set(have) | set(want)):
             if have.get(k) != want.get(k):
                 return (f"{k} {'is not built' if k not in want else 'is missing' if k not in have else 'has shape'}"
