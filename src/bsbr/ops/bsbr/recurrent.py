@@ -336,8 +336,7 @@ def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
     fqg = None if num is None else fq.view(b, hkv, g, -1)
     if n_cand == 0:
         return num, den
-    if n_cand <= K:  # every candidate is selected: chunks 0 .. U - 1 where they lie
-        U = m["last"] + 1
+    if n_cand <= K:  # every candidate is selected: chunks 0 .. last where they lie
         for far, p0, p1, s0, masked, every in m["dense"]:  # chunks p0 .. p1 - 1, from slot s0
             qx, kx = (qrg, state.kr_past) if far else (qg, state.k_past)
             n_p = (p1 - p0) * B
