@@ -76,10 +76,11 @@ class _OnOffOnce(argparse.BooleanOptionalAction):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line (exit status 2), which refuses a list option
-    given twice, which reads a negative number in exponent form (``--gate-init -1e39``) as a value,
-    as argparse reads ``-0.5``, and which takes options by their whole names only (an abbreviation such
-    as ``--overw`` would be echoed into printed commands, and change meaning when an option is added)."""
+    """An argparse parser whose usage errors are one line (exit status 2), which refuses an option that
+    takes a value, or both forms of an on/off flag, given twice, which reads a negative number in exponent
+    form (``--gate-init -1e39``) as a value, as argparse reads ``-0.5``, and which takes options by their
+    whole names only (an abbreviation such as ``--overw`` would be echoed into printed commands, and change
+    meaning when an option is added)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
