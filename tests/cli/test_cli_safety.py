@@ -1010,7 +1010,8 @@ def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
     assert "overlaps the --teacher" in line
     args = distill_args(models, text, tmp_path / "out", "--steps", "2")
     assert "not a BSBR one" in refused(capsys, override(args, "--student", source), "distill", source)
-    assert "fewer than the 100,000 tokens of one window" in refused(capsys, override(args, "--seq-len", "100000"), "distill")
+    line = refused(capsys, override(args, "--seq-len", "100000"), "distill")
+    assert "fewer than the 100,000 tokens of one window" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -1025,7 +1026,8 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
     LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                  num_attention_heads=6, num_key_value_heads=2)).save_pretrained(wide)
     assert "is not the model" in refused(capsys, override(args, "--teacher", wide), "distill", converted)
-    line = refused(capsys, override(args, "--teacher", wide, "--force"), "distill", converted)  # (no force compares them)
+    # (no --force compares them)
+    line = refused(capsys, override(args, "--teacher", wide, "--force"), "distill", converted)
     assert f"{converted} has a vocabulary of 97 tokens, --teacher {wide} 120: give the model" in line, line
     assert not (tmp_path / "out").exists()
     assert main([str(a) for a in override(args, "--teacher", other, "--force")]) == 0

@@ -197,7 +197,8 @@ def test_eval_warns_when_its_windows_end_before_an_open_gate_is_read(tiny, tmp_p
                          "--seq-len", str(seq_len), "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
         assert (f"{conv} reads its chunk states (its gate is open, or it has none) only from token 80 on, past every "
                 f"window of {seq_len} tokens here: its perplexity figures are those of its exact window and blocks "
-                "alone; give windows of 82 tokens or more (--seq-len)" in caplog.text) is warned, (gate, seq_len, caplog.text)
+                "alone; give windows of 82 tokens or more (--seq-len)" in caplog.text) is warned, \
+            (gate, seq_len, caplog.text)
     convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3).save_pretrained(conv)
     caplog.clear()  # pass-key prompts alone: those that end before token 80 are named (they were not)
     with caplog.at_level("WARNING"):

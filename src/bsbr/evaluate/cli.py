@@ -445,8 +445,8 @@ def register(sub) -> None:
     p.add_argument("--passkey-filler", type=_filler, action="extend", nargs="+", default=None, metavar="KIND|FILE",
                    help="filler text, repeatable: classic (the repeated grass/sky sentences), prose (licence texts "
                         "in /usr/share/common-licenses, else standard-library docstrings), docstrings, random "
-                        "(seeded random sentences), or a text file's path (default: the first --passkey-trials of classic "
-                        "prose random)")
+                        "(seeded random sentences), or a text file's path (default: the first --passkey-trials of "
+                        "classic prose random)")
     p.add_argument("--passkey-new-tokens", type=integer(), default=None, help="greedy tokens generated (default 8)")
     p.add_argument("--passkey-plot", metavar="OUT.png", default=None,
                    help="write the pass-key heat map (length x depth per model, accuracy per filler) here, with "

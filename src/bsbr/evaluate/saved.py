@@ -80,4 +80,5 @@ def _warn_unread_states(model, model_dir, seq_len: Optional[int], passkey: Optio
     short = sorted(n for n in (passkey or {}).get("lengths", ()) if n <= reach)
     if short:
         logger.warning("%s reads its chunk states (its gate is open, or it has none) only from token %d on: its "
-                       "pass-key prompts of %s tokens end before that", model_dir, reach, ", ".join(f"{n:,}" for n in short))
+                       "pass-key prompts of %s tokens end before that", model_dir, reach,
+                       ", ".join(f"{n:,}" for n in short))

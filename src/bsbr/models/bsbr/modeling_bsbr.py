@@ -801,9 +801,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                              "back, or build a new, untrained model from the edited config (BSBRForCausalLM(config))")
         if changed and not weights_only:
             name = changed[0]
-            raise ValueError(f"config.{fields.get(name, name)} was changed after this model was built ({name} {self._built_with[name]!r} "
-                             f"-> {now[name]!r}), which its layers keep: set it back, or build a model from the edited "
-                             "config (model.save_pretrained(DIR), then from_pretrained(DIR))")
+            raise ValueError(f"config.{fields.get(name, name)} was changed after this model was built ({name} "
+                             f"{self._built_with[name]!r} -> {now[name]!r}), which its layers keep: set it back, or "
+                             "build a model from the edited config (model.save_pretrained(DIR), then from_pretrained(DIR))")
 
     def _unfit_weight(self) -> Optional[str]:
         """The first parameter this model holds that its config, as it is now, would not build (missing,
