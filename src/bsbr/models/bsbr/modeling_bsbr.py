@@ -803,7 +803,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             name = changed[0]
             raise ValueError(f"config.{fields.get(name, name)} was changed after this model was built ({name} "
                              f"{self._built_with[name]!r} -> {now[name]!r}), which its layers keep: set it back, or "
-                             "build a model from the edited config (model.save_pretrained(DIR), then from_pretrained(DIR))")
+                             "build a model from the edited config (model.save_pretrained(DIR), then "
+                             "from_pretrained(DIR))")
 
     def _unfit_weight(self) -> Optional[str]:
         """The first parameter this model holds that its config, as it is now, would not build (missing,
