@@ -334,6 +334,9 @@ def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
     B, S, K, P = opt.chunk_size, opt.sink_tokens, opt.retrieval_blocks, state.kr_past.shape[2]
     candidate, n_cand = m["candidate"], m["n_cand"]
     fqg = None if num is None else fq.view(b, hkv, g, -1)
+    # the chunks before the window, whose states the token may read (b,); none read with the gate closed
+    n_allowed = None if num is None else \
+        (torch.div(state.n_seen, B, rounding_mode="floor") - opt.local_chunks + 1).clamp(min=0)
     if n_cand == 0:
         return num, den
     if n_cand <= K:  # every candidate is selected: chunks 0 .. last where they lie
@@ -347,9 +350,8 @@ def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
         # what is left unread are the chunks of sinks alone: their gist read directly, renormalised, as the
         # chunked form's (subtracting every candidate from the read-out of all chunks cancelled float32 digits:
         # steps 1e-4 to 2e-3 off the forward)
-        n_allowed = (torch.div(state.n_seen, B, rounding_mode="floor") - opt.local_chunks + 1).view(b, 1)
         chunks = torch.arange(P, device=candidate.device)
-        rest = state.w_cur.view(b, hkv, g, P) * ((chunks < n_allowed) & ~candidate).view(b, 1, 1, P)
+        rest = state.w_cur.view(b, hkv, g, P) * ((chunks < n_allowed.view(b, 1)) & ~candidate).view(b, 1, 1, P)
         rest = rest / rest.sum(-1, keepdim=True).clamp(min=GIST_FLOOR)
         num = torch.einsum("bkgu,bkgf,bkufv->bkgv", rest, fqg, state.F_past).reshape(num.shape)
         if den is not None:
@@ -389,7 +391,6 @@ def _read_blocks(qg, qrg, fq, state, m, parts, num, den):
         F_sel, z_sel = picked(state.F_past), picked(state.z_past)
         n_sel = (sel >= 0).sum(-1)
     # the selected chunks leave the chunk-state term; the rest is renormalised (gist_scale)
-    n_allowed = (torch.div(state.n_seen, B, rounding_mode="floor") - opt.local_chunks + 1).clamp(min=0)
     sc = gist_scale(state.w_cur.view(b, hkv, g, -1).sum(-1), w.sum(-1), n_allowed.view(b, 1, 1) > n_sel)
     num = num - torch.einsum("bkgu,bkgf,bkgufv->bkgv", w, fqg, F_sel.expand(b, hkv, g, *F_sel.shape[3:])).reshape(num.shape)
     num = num * sc.reshape(b, hkv * g, 1)
