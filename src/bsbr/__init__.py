@@ -13,7 +13,7 @@ import sys
 
 from .lazy import lazy_names
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 _EXPORTS = {"BSBRAttention": "layers", "BSBRCache": "models", "BSBRConfig": "models", "BSBRForCausalLM": "models", "BSBRLayer": "models",
             "BSBRModel": "models", "TransformerToBSBRConverter": "convert", "convert_to_bsbr": "convert",

@@ -197,6 +197,25 @@ def test_resume_refuses_a_student_with_another_config(models, text, tmp_path, ca
     assert len(json.loads((out / "distill.json").read_text())["log"]) == 3
 
 
+def test_resume_compares_what_an_older_checkpoint_records(models, text, tmp_path, capsys):
+    # an older bsbr recorded fewer of the student's options (a resume was refused, blaming the ones it did not
+    # record), or one this bsbr retired (the refusal said to resume with the same settings, which cannot be given)
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "2")) == 0
+    manifest = out / "checkpoint" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "recall_tokens"):
+        del m["progress"]["run"]["student_config"][name]
+    manifest.write_text(json.dumps(m))
+    assert main([*distill_args(models, text, out, "--steps", "3"), "--resume"]) == 0
+    m = json.loads(manifest.read_text())
+    m["progress"]["run"]["student_config"]["window_scored_blocks"] = 2
+    manifest.write_text(json.dumps(m))
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "4"), "--resume"], "distill", out)
+    assert "records the student's window_scored_blocks=2: an option an earlier bsbr had" in line, line
+    assert "new --output" in line and "same settings" not in line, line
+
+
 def test_resume_on_other_text_is_refused_before_loading(models, text, tmp_path, capsys, monkeypatch):
     # text files and local datasets are known by their tokens alone: other text was refused after both models loaded
     out = tmp_path / "out"

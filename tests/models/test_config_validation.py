@@ -405,3 +405,76 @@ def test_the_saved_folder_says_which_bsbr_wrote_it_and_a_newer_one_is_warned_of(
     with caplog.at_level("WARNING"):
         load_bsbr_model(tmp_path)
     assert caplog.text.count(f"saved by bsbr 99.0, and this is bsbr {bsbr.__version__}: options added") == 1
+
+
+def _as_saved_before_versions(folder, drop=(), **extra):
+    """config.json of ``folder`` as an earlier bsbr wrote it: no bsbr_version or auto_map, ``drop`` lost."""
+    config = json.loads((folder / "config.json").read_text())
+    for name in ("bsbr_version", "auto_map", *drop):
+        config.pop(name)
+    (folder / "config.json").write_text(json.dumps(dict(config, **extra)))
+
+
+def test_a_bsbr_0_2_0_folder_loads_with_the_window_it_was_built_with(tmp_path):
+    # bsbr 0.2.0 saved no window keys (chunk-local attention + chunk states): they took this bsbr's defaults
+    # (2 chunks, 4 sinks, 8 blocks) and the logits changed silently; its meta keys were kept as unread attributes
+    from model_sources import make_source
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8, local_chunks=1, sink_tokens=0, retrieval_blocks=0,
+                            gate_init=0.5)
+    model.save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path, drop=("local_chunks", "sink_tokens", "retrieval_blocks", "far_positions",
+                                              "recall_tokens"),
+                              meta="shared", meta_dim=None, meta_init="qk", retrieval_top_k=None)
+    loaded = load_bsbr_model(tmp_path)
+    assert (loaded.config.local_chunks, loaded.config.sink_tokens, loaded.config.retrieval_blocks) == (1, 0, 0)
+    assert not hasattr(loaded.config, "meta_init") and not hasattr(loaded.config, "retrieval_top_k")
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("retired", [dict(retrieval_top_k=2), dict(meta="linear"), dict(meta_dim=4),
+                                     dict(feature_map="elu")])
+def test_options_an_earlier_bsbr_had_are_refused_by_name(tmp_path, retired):
+    from model_sources import make_source
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path, **retired)
+    (name, value), = retired.items()
+    with pytest.raises(ValueError, match=f"config.json sets {name}={value!r}: an option of an earlier bsbr .* "
+                                         "convert the source again"):
+        load_bsbr_model(tmp_path)
+
+
+def test_a_folder_saved_when_blocks_were_scored_otherwise_is_warned_of(tmp_path, caplog):
+    from model_sources import make_source
+
+    from bsbr.models.bsbr import configuration_bsbr
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path, drop=("recall_tokens",))  # (2026-11-29/30: no recall_tokens yet)
+    configuration_bsbr._WARNED.clear()
+    with caplog.at_level("WARNING"):
+        load_bsbr_model(tmp_path)
+    assert caplog.text.count("scored retrieval blocks by bounds of their keys (retired)") == 1
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path / "now")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_bsbr_model(tmp_path / "now")
+    assert "retrieval blocks" not in caplog.text
+
+
+def test_weights_an_earlier_bsbr_built_are_refused_as_its(tmp_path):
+    # (the refusal offered strict=False, which loads a model that computes something else)
+    from model_sources import make_source
+    from safetensors.torch import load_file
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.attn.meta_h_proj.weight"] = torch.zeros(4, 4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="saved by an earlier bsbr .*convert the source again") as e:
+        load_bsbr_model(tmp_path)
+    assert "strict=False" not in str(e.value)

@@ -119,8 +119,15 @@ def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) 
         if k == "student_config" and old is None:  # a checkpoint of an older bsbr
             logger.warning("checkpoint %s records no student config (an older bsbr wrote it): only the student's "
                            "weights are checked", directory)
-        elif isinstance(old, dict) and isinstance(v, dict):
-            diffs += [(f"{k}.{n}", old.get(n), v.get(n)) for n in sorted(set(old) | set(v)) if old.get(n) != v.get(n)]
+        elif isinstance(old, dict) and isinstance(v, dict):  # (what the checkpoint records: a later bsbr records
+            gone = {n: x for n, x in old.items() if n not in v and x not in (None, 0)}  # more, or retired some)
+            if gone:
+                whose = "the student's" if k == "student_config" else f"{k}'s"
+                raise CheckpointError(f"checkpoint {directory} records {whose} "
+                                      + ", ".join(f"{n}={x!r}" for n, x in gone.items())
+                                      + ": an option an earlier bsbr had and this one does not compute; start a "
+                                      "new --output")
+            diffs += [(f"{k}.{n}", old[n], v[n]) for n in sorted(old) if n in v and old[n] != v[n]]
         elif old != v:
             diffs.append((k, old, v))
     diffs += [(k, old_cfg.get(k), v) for k, v in asdict(cfg).items()

@@ -31,7 +31,15 @@ def notes_off() -> Iterator[None]:
         _NOTES.off = saved
 
 
-_WARNED_VERSIONS: set = set()
+_WARNED: set = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """Log a warning once per process (a model builds its config more than once, a command loads it again)."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning(text)
 
 
 def _warn_if_newer(saved: Optional[str]) -> None:
@@ -44,10 +52,51 @@ def _warn_if_newer(saved: Optional[str]) -> None:
         newer = saved is not None and Version(str(saved)) > Version(__version__)
     except InvalidVersion:
         newer = False
-    if newer and saved not in _WARNED_VERSIONS:  # (once: a model builds its config twice)
-        _WARNED_VERSIONS.add(saved)
-        logger.warning("this config was saved by bsbr %s, and this is bsbr %s: options added since are not read "
-                       "(upgrade bsbr: pip install -U bsbr)", saved, __version__)
+    if newer:
+        _warn_once("this config was saved by bsbr %s, and this is bsbr %s: options added since are not read "
+                   "(upgrade bsbr: pip install -U bsbr)", saved, __version__)
+
+
+# A config.json without "bsbr_version" was saved before bsbr recorded it (2026-12-05). Its keys tell its era:
+# without local_chunks it is bsbr 0.2.0's (chunk-local attention + chunk states: the window below, which
+# reproduces its logits); the options bsbr 0.2.0 had and this one does not compute are refused by name.
+SAVED_WITHOUT_WINDOW = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0)
+# bsbr 0.2.0's options this one no longer has: the values that compute what this bsbr computes (None: any value,
+# an initialisation the saved weights replace); feature_map 'elu' is refused alike
+_RETIRED = {"retrieval_top_k": (None,), "meta": ("shared",), "meta_dim": (None,), "meta_init": None}
+
+
+def _saved_config(config_dict: dict) -> dict:
+    """``config_dict`` (a config.json's) as this bsbr reads it: the retired options taken out (a ValueError
+    where one was set to what this bsbr does not compute); for a config saved before bsbr recorded its
+    version, the window of bsbr 0.2.0 where it has none, and a warning where its retrieval blocks were
+    scored otherwise then (the op's changes up to 2026-12-01, CHANGELOG)."""
+    retired = {k: config_dict[k] for k in _RETIRED if k in config_dict}
+    wrong = {k: v for k, v in retired.items() if _RETIRED[k] is not None and v not in _RETIRED[k]}
+    if config_dict.get("feature_map") == "elu":
+        wrong["feature_map"] = "elu"
+    if wrong:
+        said = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+        raise ValueError(f"config.json sets {said}: an option of an earlier bsbr that this bsbr does not compute "
+                         "(retired: docs/findings.md, 'Ruled out'): convert the source again with bsbr convert")
+    config_dict = {k: v for k, v in config_dict.items() if k not in retired}
+    if "bsbr_version" in config_dict or config_dict.get("model_type", "bsbr") != "bsbr":
+        return config_dict
+    if not any(k in config_dict for k in SAVED_WITHOUT_WINDOW):
+        logger.info("config.json: saved by bsbr 0.2.0 (no exact window recorded): read with its window, the "
+                    "token's own chunk alone")
+        return {**config_dict, **SAVED_WITHOUT_WINDOW}
+    filled = {**config_dict, **missing_defaults(config_dict)}
+    if filled["retrieval_blocks"] and "auto_map" not in config_dict:  # (auto_map: saved since 2026-12-03)
+        if "recall_tokens" not in config_dict:  # (2026-11-29/30: blocks scored by bounds of their keys)
+            _warn_once("config.json: saved by a bsbr of 2026-11-29 or 11-30, which scored retrieval blocks by "
+                       "bounds of their keys (retired): this model's outputs differ from the ones it gave then; "
+                       "convert the source again with bsbr convert (and distill again if it was distilled)")
+        else:
+            _warn_once("config.json records no bsbr_version (saved before 2026-12-05): a model with retrieval "
+                       "blocks saved before 2026-12-02 picks near-tied blocks otherwise now, so its outputs may "
+                       "differ slightly from the ones it gave then; convert the source again to be sure")
+    return config_dict
 
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
@@ -289,9 +338,9 @@ class BSBRConfig(PretrainedConfig):
         self.bsbr_version = kwargs.pop("bsbr_version", None)
         _warn_if_newer(self.bsbr_version)
         if kwargs.pop("window_scored_blocks", 0):  # a retired option some saved configs hold
-            logger.warning("this config sets window_scored_blocks, a retired option (a second block score for some "
-                           "of the retrieval blocks): the model chooses all %s blocks by their own scores",
-                           retrieval_blocks)
+            _warn_once("this config sets window_scored_blocks, a retired option (a second block score for some "
+                       "of the retrieval blocks): the model chooses all %s blocks by their own scores",
+                       retrieval_blocks)
         _refuse_native_names(self, kwargs)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -304,7 +353,10 @@ class BSBRConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """transformers' ``from_dict``, except that BSBRModel's argument names a saved config holds (an earlier
-        bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning."""
+        bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning, and
+        a config an earlier bsbr saved is read as that bsbr computed it, or refused or warned of where this
+        bsbr cannot (:func:`_saved_config`)."""
+        config_dict = _saved_config(config_dict)
         stray = [name for name in _NATIVE_NAMES if name in config_dict and _NATIVE_NAMES[name] in config_dict]
         if stray:
             logger.warning("config: %s: BSBRModel's names, which an earlier bsbr saved unread: dropped (the model "
@@ -368,5 +420,7 @@ def missing_defaults(values: dict) -> dict:
                 if p.default is not p.empty}
     derived = dict(retrieval_blocks=default_retrieval_blocks(values.get("recall_tokens")),
                    feature_map=default_feature_map(values.get("retrieval", defaults["retrieval"])))
+    if "bsbr_version" not in values and not any(k in values for k in SAVED_WITHOUT_WINDOW):
+        derived.update(SAVED_WITHOUT_WINDOW)  # (bsbr 0.2.0's config.json: _saved_config)
     return {k: derived[k] if k in derived else v for k, v in defaults.items()
             if k not in values or (k in derived and values[k] is None)}

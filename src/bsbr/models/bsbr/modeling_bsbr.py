@@ -665,6 +665,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
 
         problems = {k: sorted(map(named, v))[:8] for k, v in info.items()
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems and getattr(model.config, "bsbr_version", None) is None:  # (config.json records none)
+            raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
+                             "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
+                             "build: convert the source again with bsbr convert")
         if problems:
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
