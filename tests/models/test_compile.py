@@ -54,3 +54,34 @@ def test_compiled_cached_decode_steps_equal_the_full_forward(family, options):
                                                rtol=1e-4, atol=1e-4)
         finally:
             torch._dynamo.reset()
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids, use_cache=False, return_dict=False)[0]
+
+
+def test_torch_jit_trace_is_refused_in_one_line():
+    # a trace froze the chunks each token reads: a trace at 100 tokens gave logits 7 off at 137, and GPT-2
+    # conversions failed inside torch (enable_gqa given a traced tensor)
+    for family in ("llama", "gpt2"):
+        model = convert_to_bsbr(make_source(family), chunk_size=16).eval()
+        with pytest.raises(RuntimeError, match="torch.jit.trace cannot record BSBR attention: the chunks a token "
+                                               "reads follow the input's length"):
+            torch.jit.trace(_Logits(model), (torch.randint(3, 97, (1, 100)),), check_trace=False)
+
+
+def test_torch_export_at_one_length_equals_eager_and_block_selection_is_refused():
+    model = convert_to_bsbr(make_source("llama"), chunk_size=16).eval()  # 2 chunks + 8 blocks: up to 160 tokens
+    exported = torch.export.export(_Logits(model), (torch.randint(3, 97, (2, 100)),)).module()
+    ids = torch.randint(3, 97, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids), _Logits(model)(ids), rtol=0, atol=1e-5)
+    # past them the chunks read are chosen by value (torch's own error named a guard on a data-dependent symbol)
+    with pytest.raises(NotImplementedError, match="torch.export cannot record exact block retrieval past the "
+                                                  "window: .* export the bounded mode"):
+        torch.export.export(_Logits(model), (torch.randint(3, 97, (1, 240)),))

@@ -98,7 +98,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
                 o_r, lse_r, num, den = _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
                 parts.append((o_r, lse_r))
 
-    o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv) if causal \
+    o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=bool(hq != hkv)) if causal \
         else merge(parts)
     if num is not None:
         o = combine(o, num, den, gate_per_head(gate, hq, num), options.retrieval).to(q.dtype)  # (num: sum_dtype)
@@ -232,6 +232,10 @@ def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale
     real = tok_valid.view(b, 1, 1, N, 1)
     # each query chunk's K best among the chunks before its window, chosen as soon as its scores exist, so
     # that no (N, C) table is held (at 1M tokens that table alone would be 150 GB); the scores carry no gradient
+    if torch.compiler.is_exporting():  # (a graph of fixed shapes; which blocks are read is known only from values)
+        raise NotImplementedError("torch.export cannot record exact block retrieval past the window: which chunks "
+                                  "a token reads follows the scores; export the bounded mode (recall_tokens), or "
+                                  "inputs of at most local_chunks + retrieval_blocks chunks")
     sel = torch.full((b, hkv, g, N, K), -1, dtype=torch.long, device=qr.device)  # -1: none
     k_b, kr_b = (_blocks(x.detach().contiguous(), B) for x in (k, kr))  # (b, hkv, C, B, d): the cache's layout
     S = options.sink_tokens
