@@ -1362,6 +1362,31 @@ def test_convert_refuses_weights_its_config_has_no_place_for(models, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_biases_its_config_says_the_model_has_none_of(models, tmp_path, capsys):
+    # a Llama checkpoint with attention biases under "attention_bias": false (or a Qwen2 one named llama):
+    # only unexpected .weight keys were refused, so the biases were dropped (logits 0.8 off, exit 0)
+    d = _edited_source(models, tmp_path, attention_bias=False)  # (the tiny source has attention biases)
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert "config.json has no place for" in line and "model.layers.0.self_attn.q_proj.bias" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_reads_past_the_stray_buffers_of_older_checkpoints(tmp_path):
+    from model_sources import make_source
+
+    from bsbr.convert.converter import _STRAY_BUFFER
+
+    source = make_source("gpt2")
+    source.save_pretrained(tmp_path / "gpt2")
+    weights = load_file(tmp_path / "gpt2" / "model.safetensors")
+    weights.update({"transformer.h.0.attn.bias": torch.ones(1, 1, 4, 4), "transformer.h.0.attn.masked_bias":
+                    torch.tensor(-1e4)})
+    save_file(weights, tmp_path / "gpt2" / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert _STRAY_BUFFER.search("model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert not _STRAY_BUFFER.search("transformer.h.0.attn.c_attn.bias")
+
+
 def test_convert_names_the_source_whose_weights_do_not_fit_its_family(models, tmp_path, capsys, monkeypatch):
     # "the source has no weight ..." named neither SOURCE nor a fix (a family rule that expects a weight the
     # source lacks; its real case was a qwen2 config's mlp_bias, which Qwen2's code ignores)

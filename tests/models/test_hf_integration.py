@@ -345,6 +345,24 @@ def test_generate_from_inputs_embeds_equals_from_ids(model):
     assert torch.equal(a, b[:, 13:])
 
 
+def test_ids_after_a_cache_of_embeddings_are_read_as_the_whole_text_with_a_warning(model):
+    # a cache that read inputs_embeds has no ids to compare: more new ids than it read had their first ones
+    # skipped, silently (other tokens than the same ids through a cache of ids)
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(7))
+    new = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(8))
+    whole = torch.cat([ids, new], 1)
+    with torch.no_grad():
+        cache = model(inputs_embeds=model.get_input_embeddings()(ids), use_cache=True).cache
+    with pytest.warns(UserWarning, match="this cache read inputs_embeds, whose ids it cannot compare, so input_ids "
+                                         "are read as the whole text: its first 5 tokens"):
+        a = model.generate(whole, cache=cache, max_new_tokens=4, **GEN)
+    assert torch.equal(a, model.generate(whole, max_new_tokens=4, **GEN))
+    with torch.no_grad():  # new tokens alone, as the warning says: all but the last through the forward
+        cache = model(inputs_embeds=model.get_input_embeddings()(ids), use_cache=True).cache
+        model(new[:, :-1], cache=cache, use_cache=True)
+    assert torch.equal(model.generate(new[:, -1:], cache=cache, max_new_tokens=4, **GEN)[:, -4:], a[:, -4:])
+
+
 def test_a_cache_of_another_batch_layer_count_or_dtype_is_refused(model):
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -615,12 +633,31 @@ def test_a_config_edit_that_adds_or_drops_weights_is_not_saved(tmp_path, edit):
     model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
     for name, value in edit.items():
         setattr(model.config, name, value)
-    with pytest.raises(ValueError, match=r"does not build \(layers.0.attn.(retrieval_gate|meta_h_proj.weight) is not"):
+    with pytest.raises(ValueError, match=r"(does not build|config builds) \(layers.0.attn.(retrieval_gate|meta_h_proj.weight) is not"):
         model.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
     model.config.update(dict(gate_init=0.0, retrieval_blocks=8, recall_tokens=0))  # set back: saved and loaded
     model.save_pretrained(tmp_path / "kept")
     BSBRForCausalLM.from_pretrained(tmp_path / "kept")
+
+
+def test_a_quantized_or_pruned_model_is_not_saved_and_told_why(tmp_path):
+    # the refusal said the model held weights its config does not build, and to set back a config never edited
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"weights are not the ones its config builds \(.* is missing\): its config "
+                                         r"was edited or its modules replaced \(quantized, pruned\)"):
+        quantized.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    pruned = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    pruned.model.layers = pruned.model.layers[:1]
+    with pytest.raises(ValueError, match="set config.num_hidden_layers to match"):
+        pruned.save_pretrained(tmp_path / "p")
+    pruned.config.num_hidden_layers = 1  # as told: saved, and loaded as it computes
+    pruned.save_pretrained(tmp_path / "p")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(BSBRForCausalLM.from_pretrained(tmp_path / "p")(ids).logits, pruned(ids).logits)
 
 
 def test_the_save_check_changes_no_logger_and_names_no_harmless_edit(tmp_path):

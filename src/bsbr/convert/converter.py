@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -115,6 +116,9 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
                          f"{held[0]}: restore the config.json saved with these weights")
 
 
+_STRAY_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$|(^|\.)rotary_emb\.inv_freq$")
+
+
 def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(*args, **kwargs)``, refusing (ValueError) what transformers
     would load with random, dropped or broken weights: a weight missing from the files, one config.json
@@ -139,8 +143,9 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
         raise ValueError(f"{name}: weights missing from its files (they would be random): "
                          f"{listed(info['missing_keys'])}")
     # weights config.json has no place for (more layers than it says, another family's modules) would be
-    # dropped silently; stray buffers of older checkpoints (GPT-2's attn.masked_bias) are not weights
-    extra = [k for k in info.get("unexpected_keys") or () if str(k).endswith(".weight")]
+    # dropped silently (a bias config.json says the model has none of too); stray buffers of older checkpoints
+    # (GPT-2's attn.bias / attn.masked_bias masks, rotary inv_freq) are not weights
+    extra = [k for k in info.get("unexpected_keys") or () if not _STRAY_BUFFER.search(str(k))]
     if extra:
         raise ValueError(f"{name}: its files hold weights that config.json has no place for, which would be dropped "
                          f"(is config.json this model's?): {listed(extra)}")

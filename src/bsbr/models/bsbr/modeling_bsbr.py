@@ -261,6 +261,11 @@ class BSBRCache:
         warned of (:meth:`_warn_of_a_shared_beginning`; one no longer only when ``first``: generate's prefill, not
         a decode step, whose running text of new tokens is shorter than the cache)."""
         n = self.n_positions
+        if self.digest is None and first and n and input_ids.shape[1] > n:  # (ids unknown: the cache read embeddings)
+            warn_caller(f"this cache read inputs_embeds, whose ids it cannot compare, so input_ids are read as the "
+                        f"whole text: its first {n} tokens stand for what the cache read and are skipped; to read "
+                        "new tokens alone, read all but their last with model(input_ids=..., cache=cache), then "
+                        "generate from the last")
         if self.digest is None or input_ids.shape[0] != self.digest.shape[0]:
             return False  # (another batch: forward refuses the cache)
         masked = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
@@ -799,10 +804,15 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         fields = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
                   "own_position_chunks": "far_positions or max_position_embeddings"}  # (config names of built_with's)
         unfit = self._unfit_weight() if weights_only or changed else None
-        if unfit:
-            edits = f"; changed since it was built: {', '.join(fields.get(k, k) for k in changed)}" if changed else ""
-            raise ValueError(f"this model holds weights its config does not build ({unfit}{edits}): set the config "
-                             "back, or build a new, untrained model from the edited config (BSBRForCausalLM(config))")
+        if unfit and changed:
+            raise ValueError(f"this model holds weights its config does not build ({unfit}; changed since it was "
+                             f"built: {', '.join(fields.get(k, k) for k in changed)}): set the config back, or build "
+                             "a new, untrained model from the edited config (BSBRForCausalLM(config))")
+        if unfit:  # (a config field the layers do not keep was edited, or modules were replaced: quantized, pruned)
+            raise ValueError(f"this model's weights are not the ones its config builds ({unfit}): its config was "
+                             "edited or its modules replaced (quantized, pruned) since it was built, and a folder "
+                             "saved so would not load: set the config back or build a new model from it "
+                             "(BSBRForCausalLM(config)); after pruning layers, set config.num_hidden_layers to match")
         if changed and not weights_only:
             name = changed[0]
             raise ValueError(f"config.{fields.get(name, name)} was changed after this model was built ({name} "
