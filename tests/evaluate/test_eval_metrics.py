@@ -46,6 +46,11 @@ def test_rank_and_kl_by_hand():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert kl_divergence(p, q).item() == pytest.approx(expected)
     assert kl_divergence(p, p).item() == 0.0
+    # one distribution's log-probabilities rounded two ways (float32 from float32 or float64 logits): the
+    # rounding summed to -2e-7, which a report printed as a negative KL
+    x = torch.randn(64, 500, generator=torch.Generator().manual_seed(0)) * 5
+    kl = kl_divergence(torch.log_softmax(x, -1), torch.log_softmax(x.double(), -1).float())
+    assert (kl >= 0).all() and kl.max() < 1e-6
 
 
 def _window(seed=0):

@@ -437,7 +437,9 @@ def register(sub) -> None:
     p.add_argument("--buckets", choices=["chunk", "doubling"], default=None,
                    help="position buckets: one per chunk (default), or doubling ranges [B,2B),[2B,4B),...")
     p.add_argument("--passkey-lengths", type=integer(), nargs="+", default=None, metavar="N",
-                   help="pass-key prompt lengths in tokens, e.g. 16384 32768 (default 1024 2048 4096 8192)")
+                   help="pass-key lengths in tokens, prompt and answer together: a prompt is at most N minus "
+                        "--passkey-new-tokens tokens (whole filler sentences: a few fewer), e.g. 16384 32768 "
+                        "(default 1024 2048 4096 8192)")
     p.add_argument("--passkey-depths", type=_depth, nargs="+", default=None, metavar="D",
                    help="relative depths of the key (default 0.1 0.3 0.5 0.7 0.9)")
     p.add_argument("--passkey-trials", type=integer(1, MAX_REPEATS), default=None,

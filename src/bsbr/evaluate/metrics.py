@@ -121,8 +121,9 @@ def reference_rank(logits: torch.Tensor, reference_logits: torch.Tensor) -> torc
 
 
 def kl_divergence(reference_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``KL(reference || model)`` per position from log-probabilities (..., V) -> (...), in nats."""
-    return (reference_logp.exp() * (reference_logp - logp)).sum(-1)
+    """``KL(reference || model)`` per position from log-probabilities (..., V) -> (...), in nats; at least 0 (two
+    equal distributions' float32 rounding summed to -2e-8, which a report printed as a negative KL)."""
+    return (reference_logp.exp() * (reference_logp - logp)).sum(-1).clamp(min=0)
 
 
 class MetricAccumulator:

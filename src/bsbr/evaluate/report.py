@@ -27,7 +27,7 @@ def summary_lines(result: dict) -> Iterable[str]:
     gap = percent(lm.get("gap_closed"), 2, "undefined")
     yield f"gap closed (ppl_local - ppl_bsbr) / (ppl_local - ppl_source): {gap}"
     if "gap_closed_by_retrieval" in lm:
-        yield (f"  of which retrieval (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
+        yield (f"  retrieval, of the gap the window alone leaves (ppl_window - ppl_bsbr) / (ppl_window - ppl_source): "
                f"{percent(lm['gap_closed_by_retrieval'], 2, 'undefined')} (window = the source's weights in the "
                f"model's exact window alone, no retrieval: {cfg.get('local_chunks', 1)} chunk(s) + "
                f"{cfg.get('sink_tokens', 0)} sink tokens)")
