@@ -520,3 +520,24 @@ def test_hybrid_positions_that_would_read_as_window_are_refused():
                                          r"no further than the window \(1,024 tokens\): it would be 'window' here"):
         convert_to_bsbr(src, chunk_size=512, far_positions="hybrid")
     assert convert_to_bsbr(src, chunk_size=256, far_positions="hybrid").config.own_position_chunks() == 4
+
+
+@pytest.mark.parametrize("edit, named", [
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), "rotary frequencies"),
+    (dict(rms_norm_eps=0.5), "epsilon 1e-06, its config 0.5")])
+def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, named):
+    # the source's modules keep what they were built with (its logits do not change), the conversion followed the
+    # edited config: logits 5-6 off, silently (a rope scaling set on a loaded model to extend its context)
+    src = make_source("llama")
+    src.config.rms_norm_eps = 1e-6  # (as built)
+    for name, value in edit.items():
+        setattr(src.config, name, value)
+    with pytest.raises(ValueError, match=f"the source's .*{named}.*: was its config edited after the model was built"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_a_half_precision_source_converts():  # (its rotary frequencies are rounded, not edited)
+    src = make_source("llama").to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, CHUNK))
+    torch.testing.assert_close(outputs(convert_to_bsbr(src, chunk_size=CHUNK).to(torch.bfloat16), ids),
+                               outputs(src, ids), rtol=0.05, atol=0.05)

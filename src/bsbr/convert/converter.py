@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -267,6 +268,7 @@ class TransformerToBSBRConverter:
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
         model = BSBRForCausalLM(config).float()
+        _check_built_as_configured(src, model)
         if getattr(src, "generation_config", None) is not None:  # stop tokens, sampling defaults
             model.generation_config = copy.deepcopy(src.generation_config)
             model.generation_config._from_model_config = False  # kept as given, not rebuilt from the config
@@ -320,6 +322,28 @@ class TransformerToBSBRConverter:
         logger.info("converted %s (%d layers): %.2fM -> %.2fM parameters (+%.2f%%) in %.1fs", mt,
                     config.num_hidden_layers, before / 1e6, after / 1e6, s["extra_params_pct"], s["seconds"])
         return model.eval()
+
+
+def _check_built_as_configured(src, model) -> None:
+    """A :class:`SourceWeightsError` where the source's modules keep other values than its config now gives, which
+    the BSBR model is built from: its norms' epsilon, its rotary frequencies and scaling (the config edited after
+    the model was built, e.g. ``rope_parameters`` set to extend the context: the source computes as before)."""
+    said = "was its config edited after the model was built? Convert a model built from the config (save it, "
+    said += "then convert the folder), or set the config back"
+    eps = model.config.norm_eps
+    for name, m in src.named_modules():
+        have = getattr(m, "variance_epsilon", getattr(m, "eps", None)) if "norm" in type(m).__name__.lower() else None
+        if isinstance(have, float) and not math.isclose(have, eps, rel_tol=1e-6, abs_tol=1e-12):
+            raise SourceWeightsError(f"the source's {name} has epsilon {have:g}, its config {eps:g}: {said}")
+    rotary, ours = getattr(getattr(src, "model", src), "rotary_emb", None), model.model.rotary
+    freqs = getattr(rotary, "original_inv_freq", getattr(rotary, "inv_freq", None))
+    if isinstance(freqs, torch.Tensor) and ours is not None and not freqs.is_meta and (
+            freqs.shape != ours.inv_freq.shape or not torch.allclose(  # (a half-precision source's are rounded)
+                freqs.float().cpu(), ours.inv_freq.cpu(), rtol=max(1e-5, torch.finfo(freqs.dtype).eps), atol=0)
+            or not math.isclose(float(getattr(rotary, "attention_scaling", 1.0)), ours.attention_scaling,
+                                rel_tol=1e-6)):
+        raise SourceWeightsError(f"the source's rotary frequencies or scaling are not the ones its config's "
+                                 f"rope_parameters give: {said}")
 
 
 def convert_to_bsbr(source=None, chunk_size: int = DEFAULT_CHUNK_SIZE, compression_factor: Optional[int] = None,
