@@ -106,9 +106,10 @@ def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path
     src, _, local = tiny
     wide = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=2, sink_tokens=2, retrieval_blocks=0)
     assert has_wide_window(wide.config.to_dict()) and not has_wide_window(local.config.to_dict())
-    # keys absent from a config.json that records its bsbr: the config's defaults; from one that records none:
-    # bsbr 0.2.0's, whose window was the token's own chunk
-    assert has_wide_window({"bsbr_version": "0.3.0"}) and not has_wide_window({})
+    # keys absent: the config's defaults, but in a config.json an earlier bsbr saved without recording its version
+    # (bsbr 0.2.0's, whose window was the token's own chunk)
+    assert has_wide_window({}) and has_wide_window({"bsbr_version": "0.3.0", "transformers_version": "5.0.0"})
+    assert not has_wide_window({"transformers_version": "4.57.0"})
     assert not has_wide_window({"local_chunks": 1, "sink_tokens": 0})
     window = local_baseline(src, CHUNK, like=wide, same_window=True)
     assert (window.config.local_chunks, window.config.sink_tokens, window.config.gate_init) == (2, 2, 0.0)

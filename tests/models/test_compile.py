@@ -85,3 +85,28 @@ def test_torch_export_at_one_length_equals_eager_and_block_selection_is_refused(
     with pytest.raises(NotImplementedError, match="torch.export cannot record exact block retrieval past the "
                                                   "window: .* export the bounded mode"):
         torch.export.export(_Logits(model), (torch.randint(3, 97, (1, 240)),))
+
+
+def test_torch_export_of_a_mask_or_of_several_lengths_is_refused_in_one_line():
+    model = convert_to_bsbr(make_source("llama"), chunk_size=16, recall_tokens=8).eval()  # (exports at any length)
+    ids = torch.randint(3, 97, (1, 40))
+
+    class Masked(_Logits):
+        def forward(self, ids, mask):
+            return self.model(ids, attention_mask=mask, use_cache=False, return_dict=False)[0]
+
+    with pytest.raises(NotImplementedError, match="torch.export cannot record an attention_mask of a BSBR model"):
+        torch.export.export(Masked(model), (ids, torch.ones_like(ids)))
+    with pytest.raises(NotImplementedError, match="torch.export records BSBR attention at one length"):
+        torch.export.export(_Logits(model), (ids,), dynamic_shapes=({1: torch.export.Dim("n", min=2, max=500)},))
+
+
+def test_a_torch_without_is_exporting_is_not_exporting(monkeypatch):
+    # torch.compiler.is_exporting came after torch 2.5, which pyproject allows: a forward past the window that
+    # called it failed with an AttributeError
+    import types
+
+    from bsbr.ops import checks
+
+    monkeypatch.setattr(checks, "torch", types.SimpleNamespace(compiler=types.SimpleNamespace()))
+    assert checks.exporting() is False

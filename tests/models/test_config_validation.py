@@ -478,3 +478,39 @@ def test_weights_an_earlier_bsbr_built_are_refused_as_its(tmp_path):
     with pytest.raises(ValueError, match="saved by an earlier bsbr .*convert the source again") as e:
         load_bsbr_model(tmp_path)
     assert "strict=False" not in str(e.value)
+
+
+def test_a_dict_that_no_save_wrote_builds_the_config_its_keywords_do():
+    # (only a config.json save_pretrained wrote, which records transformers_version, is read as an earlier bsbr's)
+    kw = dict(TINY, position_type="rope", gate_init=0.5)
+    for config in (BSBRConfig.from_dict(kw), AutoConfig.for_model("bsbr", **kw)):
+        assert config.to_dict() == BSBRConfig(**kw).to_dict()
+        assert (config.local_chunks, config.sink_tokens, config.retrieval_blocks) == (2, 4, 8)
+
+
+def test_each_window_option_an_earlier_save_lacks_is_read_as_it_computed_then(tmp_path):
+    # a save of 2026-11-28 had local_chunks and sink_tokens, not yet retrieval_blocks: it took 8 (logits 5-10 off)
+    from model_sources import make_source
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8, retrieval_blocks=0)
+    model.save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path, drop=("retrieval_blocks", "recall_tokens"))
+    loaded = load_bsbr_model(tmp_path)
+    assert (loaded.config.local_chunks, loaded.config.sink_tokens, loaded.config.retrieval_blocks) == (2, 4, 0)
+    ids = torch.randint(3, 97, (1, 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_save_that_names_its_block_router_bounds_is_warned_of_as_such(tmp_path, caplog):
+    from model_sources import make_source
+
+    from bsbr.models.bsbr import configuration_bsbr
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path, block_router="bounds")  # (2026-11-30: recall_tokens recorded already)
+    configuration_bsbr._WARNED.clear()
+    with caplog.at_level("WARNING"):
+        loaded = load_bsbr_model(tmp_path)
+    assert "scored retrieval blocks by bounds of their keys (retired)" in caplog.text
+    assert not hasattr(loaded.config, "block_router")

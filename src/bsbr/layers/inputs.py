@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.checks import check_valid
+from ..ops.checks import check_valid, exporting
 
 
 def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
@@ -141,6 +141,9 @@ def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Te
         raise ValueError(f"attention_mask must be a padding mask of shape ({batch}, {seq_len}) (1 real token, 0 "
                          f"padding), got {tuple(attention_mask.shape)}: a BSBR model's window and retrieved blocks "
                          "decide what each token reads, so it takes no other mask (no 3-D or 4-D attention mask)")
+    if attention_mask is not None and exporting():
+        raise NotImplementedError("torch.export cannot record an attention_mask of a BSBR model: its padding is "
+                                  "removed by value (the real tokens renumbered); export without one")
     valid = check_valid(attention_mask, batch, seq_len, name="attention_mask")
     if valid is not None and attention_mask.dtype != torch.bool and not attention_mask.is_meta and not bool(
             ((attention_mask == 0) | (attention_mask == 1)).all()):  # (the meta device holds no values to check)

@@ -13,6 +13,13 @@ import torch
 from ..numbers import FLOAT32_MAX
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is recording the call (False on a torch without ``torch.compiler.is_exporting``,
+    which came after 2.5)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def shown(value) -> str:
     """``repr(value)``, cut short (a huge int has thousands of digits, or cannot be printed at all)."""
     try:

@@ -57,19 +57,27 @@ def _warn_if_newer(saved: Optional[str]) -> None:
                    "(upgrade bsbr: pip install -U bsbr)", saved, __version__)
 
 
-# A config.json without "bsbr_version" was saved before bsbr recorded it (2026-12-05). Its keys tell its era:
-# without local_chunks it is bsbr 0.2.0's (chunk-local attention + chunk states: the window below, which
-# reproduces its logits); the options bsbr 0.2.0 had and this one does not compute are refused by name.
+# A config.json that save_pretrained wrote (it records transformers_version) without "bsbr_version" was saved
+# before bsbr recorded it (2026-12-05). Its keys tell its era: a window option it lacks was not yet there (bsbr
+# 0.2.0 had none: chunk-local attention + chunk states; retrieval_blocks came on 2026-11-29) and takes the value
+# that computes what it computed then; the options earlier bsbrs had and this one does not compute are refused
+# by name.
 SAVED_WITHOUT_WINDOW = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0)
-# bsbr 0.2.0's options this one no longer has: the values that compute what this bsbr computes (None: any value,
-# an initialisation the saved weights replace); feature_map 'elu' is refused alike
-_RETIRED = {"retrieval_top_k": (None,), "meta": ("shared",), "meta_dim": (None,), "meta_init": None}
+# options this bsbr no longer has: the values that compute what it computes (None: any value, an initialisation
+# the saved weights replace, or a choice warned of below); feature_map 'elu' is refused alike
+_RETIRED = {"retrieval_top_k": (None,), "meta": ("shared",), "meta_dim": (None,), "meta_init": None,
+            "block_router": None}
+
+
+def saved_before_versions(config_dict: dict) -> bool:
+    """Whether ``config_dict`` is a config.json an earlier bsbr saved without recording its version."""
+    return "bsbr_version" not in config_dict and "transformers_version" in config_dict
 
 
 def _saved_config(config_dict: dict) -> dict:
     """``config_dict`` (a config.json's) as this bsbr reads it: the retired options taken out (a ValueError
     where one was set to what this bsbr does not compute); for a config saved before bsbr recorded its
-    version, the window of bsbr 0.2.0 where it has none, and a warning where its retrieval blocks were
+    version, each window option it lacks as it computed then, and a warning where its retrieval blocks were
     scored otherwise then (the op's changes up to 2026-12-01, CHANGELOG)."""
     retired = {k: config_dict[k] for k in _RETIRED if k in config_dict}
     wrong = {k: v for k, v in retired.items() if _RETIRED[k] is not None and v not in _RETIRED[k]}
@@ -79,24 +87,28 @@ def _saved_config(config_dict: dict) -> dict:
         said = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
         raise ValueError(f"config.json sets {said}: an option of an earlier bsbr that this bsbr does not compute "
                          "(retired: docs/findings.md, 'Ruled out'): convert the source again with bsbr convert")
+    router = config_dict.get("block_router")
     config_dict = {k: v for k, v in config_dict.items() if k not in retired}
-    if "bsbr_version" in config_dict or config_dict.get("model_type", "bsbr") != "bsbr":
+    if not saved_before_versions(config_dict) or config_dict.get("model_type", "bsbr") != "bsbr":
         return config_dict
-    if not any(k in config_dict for k in SAVED_WITHOUT_WINDOW):
-        logger.info("config.json: saved by bsbr 0.2.0 (no exact window recorded): read with its window, the "
-                    "token's own chunk alone")
-        return {**config_dict, **SAVED_WITHOUT_WINDOW}
-    filled = {**config_dict, **missing_defaults(config_dict)}
-    if filled["retrieval_blocks"] and "auto_map" not in config_dict:  # (auto_map: saved since 2026-12-03)
-        if "recall_tokens" not in config_dict:  # (2026-11-29/30: blocks scored by bounds of their keys)
+    lacking = {k: v for k, v in SAVED_WITHOUT_WINDOW.items() if k not in config_dict}
+    if lacking:
+        logger.info("config.json: saved by an earlier bsbr without %s: read as it computed then (%s)",
+                    ", ".join(lacking), ", ".join(f"{k}={v}" for k, v in lacking.items()))
+        config_dict = {**config_dict, **lacking}
+    blocks = {**config_dict, **missing_defaults(config_dict)}["retrieval_blocks"]
+    if blocks and "auto_map" not in config_dict:  # (auto_map: saved since 2026-12-03)
+        if "recall_tokens" not in config_dict or router == "bounds":  # (blocks scored by bounds of their keys)
             _warn_once("config.json: saved by a bsbr of 2026-11-29 or 11-30, which scored retrieval blocks by "
                        "bounds of their keys (retired): this model's outputs differ from the ones it gave then; "
                        "convert the source again with bsbr convert (and distill again if it was distilled)")
         else:
             _warn_once("config.json records no bsbr_version (saved before 2026-12-05): a model with retrieval "
-                       "blocks saved before 2026-12-02 picks near-tied blocks otherwise now, so its outputs may "
-                       "differ slightly from the ones it gave then; convert the source again to be sure")
+                       "blocks saved before 2026-11-30 scored them by bounds of their keys (its outputs now differ "
+                       "by whole logits), one saved before 2026-12-02 picks near-tied blocks otherwise (0.01-0.6); "
+                       "convert the source again to be sure")
     return config_dict
+
 
 POSITION_TYPES = ("learned", "rope")
 # how learned (GPT-2-style) positions continue past max_position_embeddings:
@@ -420,7 +432,7 @@ def missing_defaults(values: dict) -> dict:
                 if p.default is not p.empty}
     derived = dict(retrieval_blocks=default_retrieval_blocks(values.get("recall_tokens")),
                    feature_map=default_feature_map(values.get("retrieval", defaults["retrieval"])))
-    if "bsbr_version" not in values and not any(k in values for k in SAVED_WITHOUT_WINDOW):
-        derived.update(SAVED_WITHOUT_WINDOW)  # (bsbr 0.2.0's config.json: _saved_config)
+    if saved_before_versions(values):  # (a window option an earlier bsbr's config.json lacks: _saved_config)
+        derived.update(SAVED_WITHOUT_WINDOW)
     return {k: derived[k] if k in derived else v for k, v in defaults.items()
             if k not in values or (k in derived and values[k] is None)}

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F_
 
+from ..checks import exporting
 from .inputs import check_inputs
 from .masks import near, sink_outside_window
 from .options import BSBROptions
@@ -232,7 +233,7 @@ def _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale
     real = tok_valid.view(b, 1, 1, N, 1)
     # each query chunk's K best among the chunks before its window, chosen as soon as its scores exist, so
     # that no (N, C) table is held (at 1M tokens that table alone would be 150 GB); the scores carry no gradient
-    if torch.compiler.is_exporting():  # (a graph of fixed shapes; which blocks are read is known only from values)
+    if exporting():  # (a graph of fixed shapes; which blocks are read is known only from values)
         raise NotImplementedError("torch.export cannot record exact block retrieval past the window: which chunks "
                                   "a token reads follows the scores; export the bounded mode (recall_tokens), or "
                                   "inputs of at most local_chunks + retrieval_blocks chunks")
