@@ -541,3 +541,11 @@ def test_a_half_precision_source_converts():  # (its rotary frequencies are roun
     ids = torch.randint(0, VOCAB, (1, CHUNK))
     torch.testing.assert_close(outputs(convert_to_bsbr(src, chunk_size=CHUNK).to(torch.bfloat16), ids),
                                outputs(src, ids), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("family, name", [("llama", "rms_norm_eps"), ("gpt2", "layer_norm_epsilon")])
+def test_a_bad_source_value_is_named_as_the_source_names_it(family, name):
+    src = make_source(family)
+    setattr(src.config, name, -1.0)  # (refused as BSBRConfig's norm_eps, a name the source's config does not have)
+    with pytest.raises(ValueError, match=f"norm_eps must be a finite number >= 0.* \\(the source config's {name}\\)"):
+        convert_to_bsbr(src, chunk_size=CHUNK)

@@ -230,9 +230,16 @@ class TransformerToBSBRConverter:
         if mt not in FAMILIES:
             raise ValueError(f"unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         special = {k: getattr(source_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        config = BSBRConfig(**FAMILIES[mt].config(source_config), chunk_size=self.chunk_size,
-                            compression_factor=self.compression_factor, source_model_type=mt, **self.options,
-                            **{k: v for k, v in special.items() if v is not None})
+        try:
+            config = BSBRConfig(**FAMILIES[mt].config(source_config), chunk_size=self.chunk_size,
+                                compression_factor=self.compression_factor, source_model_type=mt, **self.options,
+                                **{k: v for k, v in special.items() if v is not None})
+        except ValueError as e:  # (a value of the source's config, named as the source names it)
+            names = FAMILIES[mt].source_names
+            ours = next((k for k in names if str(e).startswith((f"{k} ", f"{k}:"))), None)
+            if ours is None:
+                raise
+            raise ValueError(f"{e} (the source config's {names[ours]})") from e
         if config.far_positions == "hybrid" and config.position_type == "rope" and not config.own_position_chunks():
             half, window = config.max_position_embeddings // 2, config.local_chunks * config.chunk_size
             raise ValueError(f"far_positions 'hybrid' reads far keys at their own positions within half the source's "

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -29,6 +29,8 @@ class Family:
     embed_key: str  # source key of the token embedding (what a tied lm_head must equal)
     # source keys that are not weights (buffers) and are knowingly not carried over
     ignored_suffixes: Tuple[str, ...] = ()
+    # the source config's names of BSBRConfig fields that it names otherwise (an error about one names both)
+    source_names: Dict[str, str] = field(default_factory=dict)
 
 
 def _gpt2_config(c) -> dict:
@@ -144,6 +146,9 @@ GPT2 = Family(
     layer_prefix="transformer.h.{i}.",
     embed_key="transformer.wte.weight",
     ignored_suffixes=("attn.bias", "attn.masked_bias"),
+    source_names=dict(hidden_size="n_embd", intermediate_size="n_inner", num_hidden_layers="n_layer",
+                      num_attention_heads="n_head", hidden_act="activation_function", norm_eps="layer_norm_epsilon",
+                      max_position_embeddings="n_positions"),
 )
 
 LLAMA_LIKE = Family(
@@ -166,6 +171,7 @@ LLAMA_LIKE = Family(
     layer_prefix="model.layers.{i}.",
     embed_key="model.embed_tokens.weight",
     ignored_suffixes=("rotary_emb.inv_freq",),
+    source_names=dict(norm_eps="rms_norm_eps"),
 )
 
 FAMILIES: Dict[str, Family] = {t: f for f in (GPT2, LLAMA_LIKE) for t in f.model_types}
