@@ -378,7 +378,8 @@ def test_a_passkey_length_too_short_for_a_prompt_is_refused_before_any_model_run
              "passkey-only": [*ref, "--passkey-only"],
              "lm-eval": ["--lm-eval-task-dir", str(tmp_path / "task")]}[mode]
     _refused(capsys, ["eval", str(saved / "conv"), *extra, "--passkey-lengths", "500", "20"],
-             "--passkey-lengths: length 20 is too short for a pass-key prompt", "give a length above")
+             "--passkey-lengths: length 20 is too short for a pass-key prompt",
+             "(a length above 72 by at least one sentence's tokens has): give longer --passkey-lengths")  # (one "give")
     assert not list(tmp_path.iterdir())
 
 

@@ -42,16 +42,27 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     return convert_to_bsbr(reference, chunk_size=chunk_size, **opts)
 
 
+_TOLD: set = set()
+
+
 def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
     """The tokenizer saved next to the model, else the reference's (None: the bundled SmolLM2)."""
     from transformers import AutoTokenizer
 
     from ..convert import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except Exception as e:  # (missing, or unreadable: tokenizers raises its own kind for a newer format)
-        logger.info("no usable tokenizer in %s (%s); using the reference's", model_dir, e)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(model_dir) / f).is_file() for f in files):  # (save_pretrained writes the model alone)
+        why = "it has no tokenizer files"
+    else:
+        try:
+            return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        except Exception as e:  # (unreadable: tokenizers raises its own kind for a newer format)
+            why = f"its tokenizer does not load: {' '.join(str(e).split())}"
+    said = f"{model_dir}: {why}; using the reference's"
+    if said not in _TOLD:  # (eval loads it for its checks, its models and its pass-key prompts)
+        _TOLD.add(said)
+        logger.info("%s", said)
     tokenizer = load_tokenizer(reference)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer and the reference gives none")

@@ -116,8 +116,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     if not sentences:
         raise ValueError(f"length {length} is too short for a pass-key prompt: the instruction, key and question "
                          f"and the {answer_tokens} answer tokens alone take {length - budget} "
-                         f"tokens, leaving no room for one {source.name!r} filler sentence: give a length above "
-                         f"{length - budget} by at least one sentence's tokens")
+                         f"tokens, leaving no room for one {source.name!r} filler sentence (a length above "
+                         f"{length - budget} by at least one sentence's tokens has)")
     # insert at the sentence boundary nearest the requested depth
     target = depth * length - len(intro)
     boundaries = [0, *itertools.accumulate(len(s) for s in sentences)]
