@@ -308,3 +308,16 @@ def test_perplexity_and_passkey_run_in_eval_mode_and_give_the_models_back(tiny):
                 progress=False)
     assert seen and not any(seen) and model.training
     model.eval()
+
+
+def test_a_folder_without_a_tokenizer_is_said_to_have_none_once(tmp_path, word_tokenizer, caplog):
+    # it logged tokenizers' advice to install sentencepiece, once per load (three per bsbr eval run)
+    from bsbr.evaluate.baselines import load_eval_tokenizer
+
+    ref = tmp_path / "ref"
+    word_tokenizer.save_pretrained(ref)
+    with caplog.at_level("INFO", logger="bsbr.evaluate.baselines"):
+        for _ in range(3):
+            assert load_eval_tokenizer(tmp_path / "model", ref) is not None
+    assert caplog.text.count("has no tokenizer files; using the reference's") == 1, caplog.text
+    assert "sentencepiece" not in caplog.text
