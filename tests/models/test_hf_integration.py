@@ -633,7 +633,8 @@ def test_a_config_edit_that_adds_or_drops_weights_is_not_saved(tmp_path, edit):
     model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
     for name, value in edit.items():
         setattr(model.config, name, value)
-    with pytest.raises(ValueError, match=r"(does not build|config builds) \(layers.0.attn.(retrieval_gate|meta_h_proj.weight) is not"):
+    told = r"(does not build|config builds) \(layers.0.attn.(retrieval_gate|meta_h_proj.weight) is not"
+    with pytest.raises(ValueError, match=told):
         model.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
     model.config.update(dict(gate_init=0.0, retrieval_blocks=8, recall_tokens=0))  # set back: saved and loaded
