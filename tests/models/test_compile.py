@@ -97,7 +97,7 @@ def test_torch_export_of_a_mask_or_of_several_lengths_is_refused_in_one_line():
 
     with pytest.raises(NotImplementedError, match="torch.export cannot record an attention_mask of a BSBR model"):
         torch.export.export(Masked(model), (ids, torch.ones_like(ids)))
-    with pytest.raises(NotImplementedError, match="torch.export records BSBR attention at one length"):
+    with pytest.raises(NotImplementedError, match="torch.export records BSBR attention at one batch size and length"):
         torch.export.export(_Logits(model), (ids,), dynamic_shapes=({1: torch.export.Dim("n", min=2, max=500)},))
 
 
@@ -110,3 +110,16 @@ def test_a_torch_without_is_exporting_is_not_exporting(monkeypatch):
 
     monkeypatch.setattr(checks, "torch", types.SimpleNamespace(compiler=types.SimpleNamespace()))
     assert checks.exporting() is False
+
+
+def test_torch_export_of_the_model_itself_records_its_logits_and_refuses_a_cache_or_labels():
+    # the plain call (use_cache defaults to True) failed with torch's data-dependent guard error, as did labels
+    model = convert_to_bsbr(make_source("llama"), chunk_size=16).eval()
+    ids = torch.randint(3, 97, (1, 40))
+    exported = torch.export.export(model, (ids,)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    for kwargs, told in ((dict(use_cache=True), "without a cache or position_ids"),
+                         (dict(labels=ids), "cannot record a BSBR model's loss")):
+        with pytest.raises(NotImplementedError, match=told):
+            torch.export.export(model, (ids,), kwargs)

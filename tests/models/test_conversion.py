@@ -524,7 +524,8 @@ def test_hybrid_positions_that_would_read_as_window_are_refused():
 
 @pytest.mark.parametrize("edit, named", [
     (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), "rotary frequencies"),
-    (dict(rms_norm_eps=0.5), "epsilon 1e-06, its config 0.5")])
+    (dict(rms_norm_eps=0.5), "epsilon 1e-06, its config 0.5"),
+    (dict(hidden_act="gelu"), "MLP computes SiLUActivation, its config's activation 'gelu'")])
 def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, named):
     # the source's modules keep what they were built with (its logits do not change), the conversion followed the
     # edited config: logits 5-6 off, silently (a rope scaling set on a loaded model to extend its context)
@@ -536,11 +537,19 @@ def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, na
         convert_to_bsbr(src, chunk_size=CHUNK)
 
 
-def test_a_half_precision_source_converts():  # (its rotary frequencies are rounded, not edited)
-    src = make_source("llama").to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_source_converts(dtype):  # (its rotary frequencies are rounded, not edited)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = make_source("llama").to(dtype)
     ids = torch.randint(0, VOCAB, (1, CHUNK))
-    torch.testing.assert_close(outputs(convert_to_bsbr(src, chunk_size=CHUNK).to(torch.bfloat16), ids),
+    torch.testing.assert_close(outputs(convert_to_bsbr(src, chunk_size=CHUNK).to(dtype), ids),
                                outputs(src, ids), rtol=0.05, atol=0.05)
+    # SmolLM2's head size and rotary base: its lowest frequencies are subnormal in float16 (a relative error of
+    # 1.7e-3 was refused as an edited config)
+    smol_like = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    convert_to_bsbr(LlamaForCausalLM(smol_like).to(dtype), chunk_size=CHUNK)
 
 
 @pytest.mark.parametrize("family, name", [("llama", "rms_norm_eps"), ("gpt2", "layer_norm_epsilon")])
@@ -548,4 +557,14 @@ def test_a_bad_source_value_is_named_as_the_source_names_it(family, name):
     src = make_source(family)
     setattr(src.config, name, -1.0)  # (refused as BSBRConfig's norm_eps, a name the source's config does not have)
     with pytest.raises(ValueError, match=f"norm_eps must be a finite number >= 0.* \\(the source config's {name}\\)"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_a_bad_source_value_names_every_source_field_it_reads():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, n_positions=64))
+    src.config.n_head = 5  # (48 is not a multiple: the message named n_embd alone)
+    with pytest.raises(ValueError, match=r"hidden_size \(48\) must be divisible by num_attention_heads \(5\).*"
+                                         r"\(the source config's n_embd, n_head\)"):
         convert_to_bsbr(src, chunk_size=CHUNK)

@@ -7,6 +7,7 @@ until distillation opens it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -230,16 +231,10 @@ class TransformerToBSBRConverter:
         if mt not in FAMILIES:
             raise ValueError(f"unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         special = {k: getattr(source_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        try:
+        with _named_as_the_source(mt):
             config = BSBRConfig(**FAMILIES[mt].config(source_config), chunk_size=self.chunk_size,
                                 compression_factor=self.compression_factor, source_model_type=mt, **self.options,
                                 **{k: v for k, v in special.items() if v is not None})
-        except ValueError as e:  # (a value of the source's config, named as the source names it)
-            names = FAMILIES[mt].source_names
-            ours = next((k for k in names if str(e).startswith((f"{k} ", f"{k}:"))), None)
-            if ours is None:
-                raise
-            raise ValueError(f"{e} (the source config's {names[ours]})") from e
         if config.far_positions == "hybrid" and config.position_type == "rope" and not config.own_position_chunks():
             half, window = config.max_position_embeddings // 2, config.local_chunks * config.chunk_size
             raise ValueError(f"far_positions 'hybrid' reads far keys at their own positions within half the source's "
@@ -274,7 +269,8 @@ class TransformerToBSBRConverter:
             logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
-        model = BSBRForCausalLM(config).float()
+        with _named_as_the_source(mt):
+            model = BSBRForCausalLM(config).float()
         _check_built_as_configured(src, model)
         if getattr(src, "generation_config", None) is not None:  # stop tokens, sampling defaults
             model.generation_config = copy.deepcopy(src.generation_config)
@@ -331,6 +327,19 @@ class TransformerToBSBRConverter:
         return model.eval()
 
 
+@contextlib.contextmanager
+def _named_as_the_source(model_type: str):
+    """A ValueError about BSBRConfig fields the source's config names otherwise says the source's names too."""
+    try:
+        yield
+    except ValueError as e:
+        names = FAMILIES[model_type].source_names
+        said = [v for k, v in names.items() if re.search(rf"\b{k}\b", str(e))]
+        if not said:
+            raise
+        raise ValueError(f"{e} (the source config's {', '.join(said)})") from e
+
+
 def _check_built_as_configured(src, model) -> None:
     """A :class:`SourceWeightsError` where the source's modules keep other values than its config now gives, which
     the BSBR model is built from: its norms' epsilon, its rotary frequencies and scaling (the config edited after
@@ -342,11 +351,18 @@ def _check_built_as_configured(src, model) -> None:
         have = getattr(m, "variance_epsilon", getattr(m, "eps", None)) if "norm" in type(m).__name__.lower() else None
         if isinstance(have, float) and not math.isclose(have, eps, rel_tol=1e-6, abs_tol=1e-12):
             raise SourceWeightsError(f"the source's {name} has epsilon {have:g}, its config {eps:g}: {said}")
+    from transformers.activations import ACT2FN
+
+    act = next((getattr(m, "act_fn", getattr(m, "act", None)) for name, m in src.named_modules()
+                if name.endswith("mlp")), None)
+    if isinstance(act, torch.nn.Module) and type(act) is not type(ACT2FN[model.config.hidden_act]):
+        raise SourceWeightsError(f"the source's MLP computes {type(act).__name__}, its config's activation "
+                                 f"{model.config.hidden_act!r}: {said}")
     rotary, ours = getattr(getattr(src, "model", src), "rotary_emb", None), model.model.rotary
     freqs = getattr(rotary, "original_inv_freq", getattr(rotary, "inv_freq", None))
     if isinstance(freqs, torch.Tensor) and ours is not None and not freqs.is_meta and (
-            freqs.shape != ours.inv_freq.shape or not torch.allclose(  # (a half-precision source's are rounded)
-                freqs.float().cpu(), ours.inv_freq.cpu(), rtol=max(1e-5, torch.finfo(freqs.dtype).eps), atol=0)
+            freqs.shape != ours.inv_freq.shape or not torch.allclose(  # (a half-precision source's are rounded,
+                freqs.float().cpu(), ours.inv_freq.to(freqs.dtype).float().cpu(), rtol=1e-5, atol=0)  # subnormal too)
             or not math.isclose(float(getattr(rotary, "attention_scaling", 1.0)), ours.attention_scaling,
                                 rel_tol=1e-6)):
         raise SourceWeightsError(f"the source's rotary frequencies or scaling are not the ones its config's "

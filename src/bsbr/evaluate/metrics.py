@@ -121,9 +121,14 @@ def reference_rank(logits: torch.Tensor, reference_logits: torch.Tensor) -> torc
 
 
 def kl_divergence(reference_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``KL(reference || model)`` per position from log-probabilities (..., V) -> (...), in nats; at least 0 (two
-    equal distributions' float32 rounding summed to -2e-8, which a report printed as a negative KL)."""
-    return (reference_logp.exp() * (reference_logp - logp)).sum(-1).clamp(min=0)
+    """``KL(reference || model)`` per position from log-probabilities (..., V) -> (...), in nats (two equal
+    distributions' float32 rounding may sum to about -2e-8: :class:`MetricAccumulator` reports a mean below 0 as 0)."""
+    return (reference_logp.exp() * (reference_logp - logp)).sum(-1)
+
+
+def _at_least_0(kl: Optional[float]) -> Optional[float]:
+    """A mean KL, which rounding of equal distributions can put a hair below 0 (a report printed -1.7e-8)."""
+    return None if kl is None else max(kl, 0.0)
 
 
 class MetricAccumulator:
@@ -234,7 +239,7 @@ class MetricAccumulator:
         out = dict(tokens=int(count.sum()), nll=nll, perplexity=ppl,
                    agreement={m: {f"top{k}": self._mean(self.agree[m][k][sel], count) for k in self.ks}
                               for m in self.candidates},
-                   kl={m: self._mean(self.kl[m][sel], count) for m in self.candidates})
+                   kl={m: _at_least_0(self._mean(self.kl[m][sel], count)) for m in self.candidates})
         for key, lower in (("gap_closed", "local"), ("gap_closed_by_retrieval", "window")):
             if "bsbr" in ppl and lower in ppl and None not in (ppl["bsbr"], ppl[lower], ppl[REFERENCE]):
                 out[key] = gap_closed(ppl[lower], ppl["bsbr"], ppl[REFERENCE])

@@ -32,6 +32,7 @@ from ...layers.inputs import check_input_ids, check_labels, check_position_ids, 
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
+from ...ops.checks import exporting
 from .configuration_bsbr import AUTO_CODE, AUTO_MODULE, BSBRConfig, notes_off
 
 
@@ -867,6 +868,11 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                                  f"to {weights}")
             inputs_embeds = inputs_embeds.to(weights)  # half-precision embeddings of a float32 model, as the sources
         b, n = inputs_embeds.shape[:2]
+        if exporting():  # (torch.export: tensors in, tensors out, no branch on values)
+            if use_cache or position_ids is not None or cache is not None:
+                raise NotImplementedError("torch.export records a BSBR model's forward of input_ids alone, without "
+                                          "a cache or position_ids (read by value): export with use_cache=False")
+            use_cache = False
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:  # (refused before it is sliced)
             mask_to_valid(attention_mask, b, n + (cache.n_positions if cache is not None else 0))
         if cache is None and attention_mask is None and position_ids is not None:
@@ -1067,6 +1073,9 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if exporting():
+                raise NotImplementedError("torch.export cannot record a BSBR model's loss (its labels are checked by "
+                                          "value): export the logits, and compute the loss from them")
             check_labels(labels, *logits.shape[:2], self.config.vocab_size, kwargs.get("ignore_index", -100))
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)

@@ -61,8 +61,8 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
                            "input's length, which a trace would freeze (wrong outputs at other lengths); use "
                            "torch.compile, or torch.export at one length")
     if isinstance(q, torch.Tensor) and not all(isinstance(n, int) for n in q.shape):  # (torch.export's symbolic sizes)
-        raise NotImplementedError("torch.export records BSBR attention at one length (no dynamic_shapes): the "
-                                  "chunks a token reads follow the input's length")
+        raise NotImplementedError("torch.export records BSBR attention at one batch size and length (no "
+                                  "dynamic_shapes): the chunks a token reads follow the input's length")
     check_flag("output_final_state", streams)  # (the chunked form's, which it passes as streams)
     if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
         raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
