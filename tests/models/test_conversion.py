@@ -525,7 +525,7 @@ def test_hybrid_positions_that_would_read_as_window_are_refused():
 @pytest.mark.parametrize("edit, named", [
     (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), "rotary frequencies"),
     (dict(rms_norm_eps=0.5), "epsilon 1e-06, its config 0.5"),
-    (dict(hidden_act="gelu"), "MLP computes SiLUActivation, its config's activation 'gelu'")])
+    (dict(hidden_act="gelu"), "mlp computes another activation than its config's 'gelu'")])
 def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, named):
     # the source's modules keep what they were built with (its logits do not change), the conversion followed the
     # edited config: logits 5-6 off, silently (a rope scaling set on a loaded model to extend its context)
@@ -567,4 +567,17 @@ def test_a_bad_source_value_names_every_source_field_it_reads():
     src.config.n_head = 5  # (48 is not a multiple: the message named n_embd alone)
     with pytest.raises(ValueError, match=r"hidden_size \(48\) must be divisible by num_attention_heads \(5\).*"
                                          r"\(the source config's n_embd, n_head\)"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_an_activation_is_compared_by_what_it_computes_in_every_layer():
+    # an nn.SiLU in place of transformers' SiLUActivation (the same function) was refused as an edited config,
+    # and a layer past the first with another activation converted silently (logits 0.6 off)
+    src = make_source("llama")
+    src.model.layers[0].mlp.act_fn = torch.nn.SiLU()
+    src.config.hidden_act = "swish"  # (silu under another name)
+    convert_to_bsbr(src, chunk_size=CHUNK)
+    src.model.layers[-1].mlp.act_fn = torch.nn.ReLU()
+    with pytest.raises(ValueError, match=r"the source's model.layers.1.mlp computes another activation than its "
+                                         r"config's 'swish' \(edited, or the module replaced"):
         convert_to_bsbr(src, chunk_size=CHUNK)

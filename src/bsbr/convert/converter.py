@@ -353,11 +353,14 @@ def _check_built_as_configured(src, model) -> None:
             raise SourceWeightsError(f"the source's {name} has epsilon {have:g}, its config {eps:g}: {said}")
     from transformers.activations import ACT2FN
 
-    act = next((getattr(m, "act_fn", getattr(m, "act", None)) for name, m in src.named_modules()
-                if name.endswith("mlp")), None)
-    if isinstance(act, torch.nn.Module) and type(act) is not type(ACT2FN[model.config.hidden_act]):
-        raise SourceWeightsError(f"the source's MLP computes {type(act).__name__}, its config's activation "
-                                 f"{model.config.hidden_act!r}: {said}")
+    probe = torch.linspace(-6.0, 6.0, 257)  # (what an activation computes, not its class: nn.SiLU is 'silu' too)
+    want = ACT2FN[model.config.hidden_act](probe)
+    for name, m in src.named_modules():
+        act = getattr(m, "act_fn", getattr(m, "act", None)) if name.endswith("mlp") else None
+        if isinstance(act, torch.nn.Module) and not torch.allclose(act(probe).float(), want, rtol=0, atol=1e-5):
+            raise SourceWeightsError(f"the source's {name} computes another activation than its config's "
+                                     f"{model.config.hidden_act!r} (edited, or the module replaced, after the model "
+                                     f"was built?): {said}")
     rotary, ours = getattr(getattr(src, "model", src), "rotary_emb", None), model.model.rotary
     freqs = getattr(rotary, "original_inv_freq", getattr(rotary, "inv_freq", None))
     if isinstance(freqs, torch.Tensor) and ours is not None and not freqs.is_meta and (

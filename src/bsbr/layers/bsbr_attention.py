@@ -17,7 +17,7 @@ from torch import nn
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression, default_feature_map
-from ..ops.checks import check_number, is_number
+from ..ops.checks import check_number, exporting, is_number
 from .inputs import check_rotary
 from .rotary import apply_rotary, autocast_on
 
@@ -145,7 +145,7 @@ class BSBRAttention(MultiHeadBase):
         g = self.retrieval_gate
         if g is None:
             return None
-        if torch.is_grad_enabled() and g.requires_grad:
+        if torch.is_grad_enabled() and g.requires_grad or exporting():  # (an export records no value read)
             return self.gate_value()
         return 0 if self._gate_closed() else self.gate_value()
 

@@ -869,9 +869,12 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             inputs_embeds = inputs_embeds.to(weights)  # half-precision embeddings of a float32 model, as the sources
         b, n = inputs_embeds.shape[:2]
         if exporting():  # (torch.export: tensors in, tensors out, no branch on values)
-            if use_cache or position_ids is not None or cache is not None:
-                raise NotImplementedError("torch.export records a BSBR model's forward of input_ids alone, without "
-                                          "a cache or position_ids (read by value): export with use_cache=False")
+            if position_ids is not None:
+                raise NotImplementedError("torch.export cannot record position_ids of a BSBR model (read by value, "
+                                          "as packed sequences): export without them")
+            if use_cache or cache is not None:
+                raise NotImplementedError("torch.export cannot record a BSBR model's cache (built and read by "
+                                          "value): export with use_cache=False and no cache")
             use_cache = False
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:  # (refused before it is sliced)
             mask_to_valid(attention_mask, b, n + (cache.n_positions if cache is not None else 0))
