@@ -574,9 +574,14 @@ def test_an_activation_is_compared_by_what_it_computes_in_every_layer():
     # an nn.SiLU in place of transformers' SiLUActivation (the same function) was refused as an edited config,
     # and a layer past the first with another activation converted silently (logits 0.6 off)
     src = make_source("llama")
-    src.model.layers[0].mlp.act_fn = torch.nn.SiLU()
+    src.model.layers[0].mlp.act_fn = torch.nn.SiLU(inplace=True)  # (in place: the probe is each layer's own)
     src.config.hidden_act = "swish"  # (silu under another name)
     convert_to_bsbr(src, chunk_size=CHUNK)
+    prelu = make_source("llama")  # an activation with weights: refused where they find no place, in any dtype
+    prelu.config.hidden_act = "prelu"
+    prelu = type(prelu)(prelu.config).to(torch.float16)
+    with pytest.raises(ValueError, match="source weights with no place in the BSBR model: .*act_fn.weight"):
+        convert_to_bsbr(prelu, chunk_size=CHUNK)
     src.model.layers[-1].mlp.act_fn = torch.nn.ReLU()
     with pytest.raises(ValueError, match=r"the source's model.layers.1.mlp computes another activation than its "
                                          r"config's 'swish' \(edited, or the module replaced"):

@@ -355,9 +355,10 @@ def _check_built_as_configured(src, model) -> None:
 
     probe = torch.linspace(-6.0, 6.0, 257)  # (what an activation computes, not its class: nn.SiLU is 'silu' too)
     want = ACT2FN[model.config.hidden_act](probe)
-    for name, m in src.named_modules():
+    for name, m in src.named_modules():  # (one with weights of its own is refused where its weights find no place)
         act = getattr(m, "act_fn", getattr(m, "act", None)) if name.endswith("mlp") else None
-        if isinstance(act, torch.nn.Module) and not torch.allclose(act(probe).float(), want, rtol=0, atol=1e-5):
+        if isinstance(act, torch.nn.Module) and not act.state_dict() and not torch.allclose(
+                act(probe.clone()).float(), want, rtol=0, atol=1e-5):  # (a copy: an in-place one writes into it)
             raise SourceWeightsError(f"the source's {name} computes another activation than its config's "
                                      f"{model.config.hidden_act!r} (edited, or the module replaced, after the model "
                                      f"was built?): {said}")
