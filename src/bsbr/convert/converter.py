@@ -341,27 +341,30 @@ def _named_as_the_source(model_type: str):
 
 
 def _check_built_as_configured(src, model) -> None:
-    """A :class:`SourceWeightsError` where the source's modules keep other values than its config now gives, which
-    the BSBR model is built from: its norms' epsilon, its rotary frequencies and scaling (the config edited after
-    the model was built, e.g. ``rope_parameters`` set to extend the context: the source computes as before)."""
+    """A :class:`SourceWeightsError` where the source's modules compute otherwise than its config now says, which
+    the BSBR model is built from: its norms' epsilon, each layer's activation (what it computes on a probe, not its
+    class: an ``nn.SiLU`` is 'silu'), its rotary frequencies (as its dtype rounds them) and scaling (the config
+    edited after the model was built, e.g. ``rope_parameters`` set to extend the context: the source computes as
+    before)."""
+    from transformers.activations import ACT2FN
+
     said = "was its config edited after the model was built? Convert a model built from the config (save it, "
     said += "then convert the folder), or set the config back"
-    eps = model.config.norm_eps
+    eps, act_name = model.config.norm_eps, model.config.hidden_act
+    probe = torch.linspace(-6.0, 6.0, 257)
+    want = ACT2FN[act_name](probe)
     for name, m in src.named_modules():
         have = getattr(m, "variance_epsilon", getattr(m, "eps", None)) if "norm" in type(m).__name__.lower() else None
         if isinstance(have, float) and not math.isclose(have, eps, rel_tol=1e-6, abs_tol=1e-12):
             raise SourceWeightsError(f"the source's {name} has epsilon {have:g}, its config {eps:g}: {said}")
-    from transformers.activations import ACT2FN
-
-    probe = torch.linspace(-6.0, 6.0, 257)  # (what an activation computes, not its class: nn.SiLU is 'silu' too)
-    want = ACT2FN[model.config.hidden_act](probe)
-    for name, m in src.named_modules():  # (one with weights of its own is refused where its weights find no place)
         act = getattr(m, "act_fn", getattr(m, "act", None)) if name.endswith("mlp") else None
+        # (one with weights of its own is refused where they find no place; a copy of the probe: an in-place
+        # activation writes into it)
         if isinstance(act, torch.nn.Module) and not act.state_dict() and not torch.allclose(
-                act(probe.clone()).float(), want, rtol=0, atol=1e-5):  # (a copy: an in-place one writes into it)
+                act(probe.clone()).float(), want, rtol=0, atol=1e-5):
             raise SourceWeightsError(f"the source's {name} computes another activation than its config's "
-                                     f"{model.config.hidden_act!r} (edited, or the module replaced, after the model "
-                                     f"was built?): {said}")
+                                     f"{act_name!r} (edited, or the module replaced, after the model was built?): "
+                                     f"{said}")
     rotary, ours = getattr(getattr(src, "model", src), "rotary_emb", None), model.model.rotary
     freqs = getattr(rotary, "original_inv_freq", getattr(rotary, "inv_freq", None))
     if isinstance(freqs, torch.Tensor) and ours is not None and not freqs.is_meta and (
