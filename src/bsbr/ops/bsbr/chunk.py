@@ -99,7 +99,7 @@ def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=N
                 o_r, lse_r, num, den = _block_terms(q, k, qr, fq, kr, v, num, den, saved, tok_valid, options, scale)
                 parts.append((o_r, lse_r))
 
-    o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=bool(hq != hkv)) if causal \
+    o = F_.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv) if causal \
         else merge(parts)
     if num is not None:
         o = combine(o, num, den, gate_per_head(gate, hq, num), options.retrieval).to(q.dtype)  # (num: sum_dtype)
