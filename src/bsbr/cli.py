@@ -325,13 +325,36 @@ def _main(argv) -> int:
         _expand_home(args)
         verbose = bool(getattr(args, "verbose", False))
         no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # none in a log, or when asked
-        with _command_settings(verbose, no_bars, _rank(args)):
+        with _command_settings(verbose, no_bars, _rank(args)), _generator_kept(args):
             return _run_main(parser, args, verbose, no_bars)
     except KeyboardInterrupt:  # Ctrl-C while the command's settings are made or given back (its run handles its own)
         return _interrupted(" ".join(filter(None, [args.command, getattr(args, "bench_command", None)])))
 
 
 _ENV = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_OFFLINE")
+
+
+_SEEDED = threading.Lock()  # commands that seed torch's generator, run in threads, take turns: they share it
+
+
+@contextlib.contextmanager
+def _generator_kept(args):
+    """A command that seeds torch's generator (distill, bench, demo, generate --seed) gives the caller's back
+    when it ends (a fresh one's if the caller had not imported torch), one such call at a time. Any other leaves
+    the generator alone: unseeded sampling moves it on as ``generate`` does, and a call never takes back the
+    draws other threads made meanwhile."""
+    if args.command not in ("distill", "bench", "demo") and getattr(args, "seed", None) is None:
+        yield
+        return
+    with _SEEDED:
+        torch = sys.modules.get("torch")  # (not imported here: refusals before the command's import stay quick)
+        state = torch.get_rng_state() if torch is not None else None
+        try:
+            yield
+        finally:
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_rng_state(state if state is not None else torch.Generator().get_state())
 
 
 _SETTINGS_LOCK = threading.Lock()
@@ -342,7 +365,7 @@ _SETTINGS = dict(depth=0, saved=None)  # main() calls running now (threads), and
 def _command_settings(verbose: bool, no_bars: bool, rank: int):
     """Logging, the libraries' verbosity and their progress bars as a command wants them, for this call only:
     a program calling :func:`main` gets its own back (its root handlers and levels, the environment, transformers',
-    datasets' and the hub's settings, torch's generator and threads), and a later call logs to the stderr of its
+    datasets' and the hub's settings, torch's threads), and a later call logs to the stderr of its
     own time. Calls running at once in threads share the first one's settings until the last one ends."""
     with _SETTINGS_LOCK:
         if _SETTINGS["depth"] == 0:
@@ -361,10 +384,10 @@ def _command_settings(verbose: bool, no_bars: bool, rank: int):
 def _apply_settings(verbose: bool, no_bars: bool, rank: int) -> dict:
     """Set what :func:`_command_settings` scopes; returns what :func:`_restore_settings` puts back."""
     root, ours = logging.getLogger(), logging.getLogger("bsbr")
-    torch = sys.modules.get("torch")  # a program that has not imported torch has no generator or threads to keep
+    torch = sys.modules.get("torch")  # a program that has not imported torch has no threads setting to keep
     saved = dict(env={k: os.environ.get(k) for k in _ENV}, root_level=root.level, ours_level=ours.level,
                  libraries=_library_settings(), handler=None,
-                 torch=(torch.get_rng_state(), torch.get_num_threads()) if torch is not None else None)
+                 threads=torch.get_num_threads() if torch is not None else None)
     try:
         if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
             # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them
@@ -415,9 +438,8 @@ def _restore_settings(saved: dict) -> None:
             os.environ[k] = v
     _restore_library_settings(saved["libraries"])
     torch = sys.modules.get("torch")
-    if saved["torch"] is not None:  # (the commands seed torch's generator and set its threads)
-        torch.set_rng_state(saved["torch"][0])
-        torch.set_num_threads(saved["torch"][1])
+    if saved["threads"] is not None:  # (the commands set torch's threads)
+        torch.set_num_threads(saved["threads"])
 
 
 def _library_settings() -> dict:

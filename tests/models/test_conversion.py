@@ -586,3 +586,28 @@ def test_an_activation_is_compared_by_what_it_computes_in_every_layer():
     with pytest.raises(ValueError, match=r"the source's model.layers.1.mlp computes another activation than its "
                                          r"config's 'swish' \(edited, or the module replaced"):
         convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_a_source_converts_under_a_float64_default_dtype():
+    # the activation probe followed the default dtype and was compared with a float32 one (a bare RuntimeError)
+    source = make_source("llama")
+    want = convert_to_bsbr(source, chunk_size=4)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = convert_to_bsbr(source, chunk_size=4)
+    finally:
+        torch.set_default_dtype(before)
+    ids = torch.randint(3, 90, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits)
+
+
+@pytest.mark.parametrize("options, n", [(dict(), 61), (dict(retrieval_blocks=0, recall_tokens=8), 30)])
+def test_training_runs_under_anomaly_detection(options, n):
+    # rows with no key (log-sum-exp and log of nothing) gave NaN inside backward, which anomaly mode raises
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4, **options).train()
+    ids = torch.randint(3, 90, (1, n), generator=torch.Generator().manual_seed(1))
+    with torch.autograd.set_detect_anomaly(True):
+        model(ids).logits.sum().backward()
+    assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters())

@@ -58,3 +58,38 @@ def test_loads_and_seeded_generation_in_threads_are_each_as_alone(tmp_path, monk
     alone = "".join(printed.pop("t0"))
     run_in_threads(lambda i: [main(argv) for _ in range(3)])
     assert all("".join(texts) == alone * 3 for texts in printed.values()), (alone, printed)
+
+
+def test_an_unseeded_or_greedy_call_of_main_leaves_the_process_generator_to_move_on(tmp_path, monkeypatch):
+    # main gave back the generator it found: unseeded sampling repeated one text call after call, and a greedy call
+    # rewound the draws another thread made meanwhile
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "12"]
+    torch.manual_seed(0)
+    for _ in range(3):
+        main(argv + ["--temperature", "1"])
+    texts = sys.stdout.getvalue().splitlines()
+    assert len(texts) == 3 and len(set(texts)) > 1, texts
+    before = torch.get_rng_state()
+    main(argv + ["--temperature", "1"])
+    assert not torch.equal(torch.get_rng_state(), before)  # (it drew from the process's generator, as generate does)
+    torch.manual_seed(0)
+    drawn = torch.rand(1)
+    torch.manual_seed(0)
+    main(argv)  # greedy: draws nothing
+    torch.rand(1)  # (another thread's draw, once the call is over: the call must not take it back)
+    assert not torch.equal(torch.rand(1), drawn)
+
+
+def test_a_seeding_command_gives_the_caller_its_generator_back(tmp_path, monkeypatch):
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    main(["generate", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "4", "--temperature", "1",
+          "--seed", "7"])
+    torch.testing.assert_close(torch.rand(4), want)

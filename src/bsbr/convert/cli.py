@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -256,7 +254,6 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     return record
 
 
-_SEEDED = threading.Lock()  # a seeded generation holds the process's generator (bsbr.cli.main in threads)
 MIN_TEMPERATURE = 1e-6  # logits / temperature stay finite in float32 (1e-39 overflowed to inf)
 
 
@@ -427,9 +424,7 @@ def cmd_generate(args) -> int:
     how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1, token_healing=False) \
         if args.temperature > 0 else dict(GREEDY, temperature=None)
     t0 = time.perf_counter()
-    # (--seed leaves the caller's generator as it was; seeded runs in threads one at a time: they share it)
-    with _SEEDED if args.seed is not None else contextlib.nullcontext(), torch.no_grad(), \
-            torch.random.fork_rng(devices=[]):
+    with torch.no_grad():  # (bsbr.cli.main gives a seeded run's caller its generator back)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         try:

@@ -351,7 +351,7 @@ def _check_built_as_configured(src, model) -> None:
     said = "was its config edited after the model was built? Convert a model built from the config (save it, "
     said += "then convert the folder), or set the config back"
     eps, act_name = model.config.norm_eps, model.config.hidden_act
-    probe = torch.linspace(-6.0, 6.0, 257)
+    probe = torch.linspace(-6.0, 6.0, 257, dtype=torch.float32)
     want = ACT2FN[act_name](probe)
     for name, m in src.named_modules():
         have = getattr(m, "variance_epsilon", getattr(m, "eps", None)) if "norm" in type(m).__name__.lower() else None

@@ -457,7 +457,9 @@ def _selected_blocks(queries, fq, keys, v_c, F, z, sel, own, w_sel, sinks, scale
     if lses:
         lse_pairs = torch.cat(lses).to(lse.dtype)
         m = lse.detach().scatter_reduce(0, th, lse_pairs.detach(), "amax", include_self=False)  # largest part per row
-        lse = m + torch.log(lse.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th])))
+        # (a row with no pair sums to 0: its log taken at the smallest normal, still -inf, keeps backward finite)
+        total = lse.new_zeros(rows_out).index_add_(0, th, torch.exp(lse_pairs - m[th]))
+        lse = m + torch.log(total.clamp(min=torch.finfo(total.dtype).tiny))
         w_pairs = torch.exp(lse_pairs - lse[th]).to(o.dtype)
         w_pairs = w_pairs.split(counts.tolist())
         w_p = w_p.split(counts.tolist()) if state else None

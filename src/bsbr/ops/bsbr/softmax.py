@@ -53,9 +53,11 @@ def masked_attention_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor
     """Softmax over scores ``s`` (..., M, W) where ``allowed``; rows with nothing allowed give o = 0 and
     lse = -inf. Returns o (..., M, dv), lse (..., M) in :func:`sum_dtype`."""
     s = s.masked_fill(~allowed, float("-inf")).to(sum_dtype(s.dtype))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
-    return p.to(v.dtype) @ v, lse
+    empty = torch.isneginf(s).all(-1, keepdim=True)
+    # (an empty row's log-sum-exp taken of zeros, then set: of -infs, its backward is NaN, which anomaly mode raises)
+    lse = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    p = torch.exp(s - lse)
+    return p.to(v.dtype) @ v, lse.masked_fill(empty, float("-inf")).squeeze(-1)
 
 
 def merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
