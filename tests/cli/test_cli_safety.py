@@ -1060,7 +1060,7 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     line = refused(capsys, override(args, "--resume", "--lr", "1e-3"), "distill", out)
     assert "other settings" in line and "lr: checkpoint 0.003, now 0.001" in line
     line = refused(capsys, override(args, "--resume", "--seq-len", "104"), "distill", out)
-    assert "other settings" in line and "seq_len" in line
+    assert "other settings" in line and "--seq-len: checkpoint 96, now 104" in line
     other_text = tmp_path / "other.py"
     other_text.write_text(TEXT.replace("x", "y"))
     other_args = [str(other_text) if a == str(text) else a for a in args]

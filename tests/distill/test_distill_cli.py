@@ -175,6 +175,16 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     load_bsbr_model(out)
 
 
+def test_resume_names_every_changed_option_as_its_flag(models, text, tmp_path, capsys):
+    # four were named (as field names), the rest only at the next try
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "2")) == 0
+    changed = ["--lr", "0.01", "--seed", "3", "--lm-weight", "0.5", "--bf16", "--params", "all", "--base-lr", "1e-4"]
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "4"), "--resume", *changed], "distill", out)
+    for flag in ("--lr", "--seed", "--lm-weight", "--bf16", "--params", "--base-lr"):
+        assert f"{flag}: checkpoint" in line, (flag, line)
+
+
 def test_resume_refuses_a_student_with_another_config(models, text, tmp_path, capsys, monkeypatch):
     source, converted, _ = models
     other = tmp_path / "other-student"  # the same source and chunk size, 2 sink tokens instead of 4
@@ -713,6 +723,31 @@ def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp
     line = refused(capsys, args, "distill", models[1])
     assert "is given twice" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_torchruns_sigterm_while_a_survivor_reads_its_checkpoint_still_names_the_step(models, text, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """torchrun follows one process's death by SIGTERM to the others: arriving while the survivor read its
+    checkpoint (hashing a real model's files takes seconds), it printed a bare "interrupted"."""
+    import os
+
+    import bsbr.distill.cli as distill_cli
+
+    def lost_a_peer(*args):
+        raise RuntimeError("[gloo] Connection closed by peer")
+
+    def step(ckpt, before):
+        os.kill(os.getpid(), signal.SIGTERM)  # (torchrun's, while the checkpoint is read)
+        time.sleep(0.05)
+        return 3
+
+    monkeypatch.setattr(distill_cli, "_train", lost_a_peer)
+    monkeypatch.setattr(distill_cli, "_peer_failed", lambda e: True)
+    monkeypatch.setattr(distill_cli, "_checkpoint_step", step)
+    code = main(distill_args(models, text, tmp_path / "out", "--steps", "2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "another process of this run stopped" in err and "holds step 3" in err, (code, err)
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler), "handler left behind"
 
 
 @pytest.mark.slow

@@ -189,10 +189,13 @@ def cmd_distill(args) -> int:
         except UserError as e:
             refusal = e
         _start_together(refusal)
+        sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
             return _distill(args, cfg, student_dir, out)
         finally:
             _leave_process_group()
+            if sigterm is not None:  # (a survivor of a lost process ignored torchrun's SIGTERM: see _distill)
+                signal.signal(signal.SIGTERM, sigterm)
 
 
 def _check_inputs(args, student_dir: Path) -> None:
@@ -282,7 +285,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
             if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: trainer warns)
                 run["student_config"] = _student_config(student_dir)
             run["world_size"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            check_same_run(saved, cfg, run, ckpt)
+            check_same_run(saved, cfg, run, ckpt, flags=True)
         except CheckpointError as e:  # (--overwrite, which it advises, refuses an output holding the cwd)
             if not holds_cwd(out) or START_OVER not in str(e):
                 raise
@@ -305,6 +308,10 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     except RuntimeError as e:  # under torchrun: another process of the run died, and its connection with it
         if not _peer_failed(e):
             raise
+        if threading.current_thread() is threading.main_thread():
+            # torchrun follows a process's death by SIGTERM to the others: this one says where the run stands
+            # (reading the checkpoint hashes its files: seconds for a real model, where SIGTERM cut it short)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         step = _checkpoint_step(ckpt, before)
         raise UserError(f"another process of this run stopped ({' '.join(str(e).split())[:120]}); "
                         + (f"checkpoint {ckpt} holds step {step}: resume with: {_resume_command(args)}"
@@ -367,7 +374,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
     if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
         check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
-                       dict(windows=windows_fingerprint(windows)), out / "checkpoint")
+                       dict(windows=windows_fingerprint(windows)), out / "checkpoint", flags=True)
     # the record of the source it was converted from, for eval --reference: read with the student (the folder
     # may be replaced while it trains)
     record = (student_dir / METADATA).read_text() if (student_dir / METADATA).is_file() else None
@@ -393,12 +400,12 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
                            data=data, should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite,
                            models=dict(teacher=source_name(args.teacher), student=str(student_dir.resolve())))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        last = progress["log"][-1] if progress["log"] else {}
-        print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
-              f"saved to {out}")
-    if dist.is_initialized():
-        dist.barrier()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            last = progress["log"][-1] if progress["log"] else {}
+            print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
+                  f"saved to {out}")
+        if dist.is_initialized():  # (a signal while waiting here for rank 0's publishing: said below, as one then)
+            dist.barrier()
     if stop.is_set():  # the signal came while the model was moved in: it is complete; the command was interrupted
         logger.warning("the model was already being published when the signal came: %s holds it, complete", out)
         INTERRUPTED.set()

@@ -103,10 +103,11 @@ def student_record(config) -> dict:
     return json.loads(json.dumps({n: getattr(config, n, None) for n in names}, default=str))
 
 
-def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) -> None:
+def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path, flags: bool = False) -> None:
     """Refuse to resume a checkpoint written with other settings than this run's: those in ``run`` (the
     run's settings, fingerprints and student config; any subset of them) and the config (but
-    :data:`RESUMABLE_CHANGES`). ``saved``: the checkpoint's progress."""
+    :data:`RESUMABLE_CHANGES`), naming every one that differs (as ``bsbr distill``'s flag with ``flags``).
+    ``saved``: the checkpoint's progress."""
     old_run, old_cfg = saved.get("run") or {}, saved.get("config") or {}
     was, now = old_run.get("world_size"), run.get("world_size")
     if was is not None and now is not None and was != now:  # the data order follows the number of processes
@@ -138,9 +139,11 @@ def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path) 
                      student="the student's initial weights")
 
         def label(k):
-            return "the student's " + k.split(".", 1)[1] if k.startswith("student_config.") else names.get(k, k)
+            if k.startswith("student_config."):
+                return "the student's " + k.split(".", 1)[1]
+            return names.get(k, "--" + k.replace("_", "-") if flags else k)
 
-        shown = "; ".join(f"{label(k)}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs[:4])
+        shown = "; ".join(f"{label(k)}: checkpoint {short(a)!r}, now {short(b)!r}" for k, a, b in diffs)
         raise CheckpointError(f"checkpoint {directory} was written by a run with other settings ({shown}): resume "
                               f"with the same settings, or start a new --output")
 
