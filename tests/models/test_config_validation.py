@@ -226,8 +226,9 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
     weights[name][0, 0] = float("nan")
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     for load in (AutoModelForCausalLM.from_pretrained, load_bsbr_model):
-        with pytest.raises(ValueError, match=f"nan or inf: {name}"):
+        with pytest.raises(ValueError, match=f"nan or inf: {name}") as e:
             load(tmp_path)
+        assert str(e.value).count(str(tmp_path)) == 1, str(e.value)  # (load_bsbr_model named the folder twice)
     assert torch.isnan(BSBRForCausalLM.from_pretrained(tmp_path, strict=False).get_parameter(name)).any()
     # offloaded to disk by accelerate, a weight is on the meta device after loading: it was not checked
     pytest.importorskip("accelerate")
@@ -514,3 +515,15 @@ def test_a_save_that_names_its_block_router_bounds_is_warned_of_as_such(tmp_path
         loaded = load_bsbr_model(tmp_path)
     assert "scored retrieval blocks by bounds of their keys (retired)" in caplog.text
     assert not hasattr(loaded.config, "block_router")
+
+
+def test_a_none_set_on_a_config_builds_what_a_new_config_resolves_it_to():
+    # the constructor resolves None (retrieval_blocks: 8, or 0 with recall_tokens; head_dim from the sizes); set
+    # on a config afterwards (update, from_pretrained's overrides) it was refused by the layers, as "dim"
+    want = BSBRConfig(**{**TINY, "recall_tokens": 16, "retrieval_blocks": None})
+    config = BSBRConfig(**TINY)
+    config.update({"recall_tokens": 16, "retrieval_blocks": None, "head_dim": None})
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.config.retrieval_blocks == want.retrieval_blocks == 0
+    assert model.config.head_dim == want.head_dim
+    assert sorted(model.state_dict()) == sorted(AutoModelForCausalLM.from_config(want).state_dict())

@@ -802,6 +802,23 @@ def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote
     assert out.stdout.split() == ["BSBRForCausalLM", "True"]  # (bsbr imported by bsbr_auto.py alone)
 
 
+def test_a_config_saved_alone_reads_with_trust_remote_code_in_a_process_that_never_imports_bsbr(tmp_path):
+    # its auto_map named a bsbr_auto.py only the model's save_pretrained wrote
+    import os
+    import subprocess
+    import sys
+
+    make("llama").config.save_pretrained(tmp_path / "c")
+    code = ("import sys\nfrom transformers import AutoConfig\n"
+            "c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "print(type(c).__name__, c.chunk_size)\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["BSBRConfig", str(CHUNK)]
+
+
 def test_push_to_hub_uploads_the_auto_code(tmp_path, monkeypatch):
     # the hub upload sends the files changed since the save began; nothing reaches the network here
     import os

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+from pathlib import Path
 from typing import Iterator, Optional
 
 from transformers import PretrainedConfig
@@ -199,6 +201,11 @@ AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transfo
              "from bsbr.models.bsbr import BSBRBaseModel, BSBRConfig, BSBRForCausalLM  # noqa: F401\n")
 
 
+def write_auto_code(directory) -> None:
+    """``bsbr_auto.py`` in ``directory``, beside the config.json whose ``auto_map`` names it."""
+    (Path(directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE)
+
+
 class BSBRConfig(PretrainedConfig):
     """A decoder LM with BSBR attention: the architecture of the converted source (the first group of
     arguments) and the BSBR attention options (from ``chunk_size`` on; their meaning:
@@ -215,6 +222,18 @@ class BSBRConfig(PretrainedConfig):
         """Nothing: a saved model's ``auto_map`` already names ``bsbr_auto.py``. (transformers calls this when it
         loads the classes through that file, so that a later save copies their source; bsbr's modules import
         their package by relative imports, which that copy cannot follow.)"""
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' ``save_pretrained``, plus the ``bsbr_auto.py`` that ``auto_map`` names: a process that
+        has not imported bsbr reads the folder with ``trust_remote_code=True``."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if os.path.isdir(save_directory):
+            write_auto_code(save_directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """``push_to_hub`` uploads the files changed since the save began: ``bsbr_auto.py`` goes too."""
+        write_auto_code(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     def __init__(
         self,

@@ -56,6 +56,8 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
             raise ValueError(f"{path}: its .safetensors weights are unreadable, truncated or empty (safetensors: "
                              f"{' '.join(str(e).split())[:120]}): convert it again, or save it with save_pretrained"
                              ) from e
-        raise ValueError(f"could not load the BSBR checkpoint in {path}: {e}") from e
+        said = str(e)  # (from_pretrained's own refusals name the folder already)
+        raise ValueError(said if said.startswith("the BSBR checkpoint ") else
+                         f"could not load the BSBR checkpoint in {path}: {said}") from e
     check_unchanged(path, before)
     return model.eval()

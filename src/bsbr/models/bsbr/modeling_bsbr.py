@@ -33,7 +33,7 @@ from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
 from ...ops.checks import exporting
-from .configuration_bsbr import AUTO_CODE, AUTO_MODULE, BSBRConfig, notes_off
+from .configuration_bsbr import BSBRConfig, notes_off, write_auto_code
 
 
 class BSBRRMSNorm(nn.Module):
@@ -719,9 +719,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         self._write_auto_code(working_dir)
         return super()._upload_modified_files(working_dir, *args, **kwargs)
 
-    @staticmethod
-    def _write_auto_code(directory) -> None:
-        (Path(directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE)
+    _write_auto_code = staticmethod(write_auto_code)
 
     def _returned(self, out, return_dict: Optional[bool]):
         """``out``, or its tuple when ``return_dict`` (default: the config's) is False, as transformers' models do."""
@@ -780,7 +778,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
     def __init__(self, config: BSBRConfig):
         # its values checked as a new config's are: from_pretrained(DIR, chunk_size=0) and attributes set on
         # a config after it was built bypass BSBRConfig.__init__'s checks
-        type(config)(**config.to_dict())
+        checked = type(config)(**config.to_dict())
+        for name, value in checked.to_dict().items():  # a None set since (update, from_pretrained's overrides) takes
+            if getattr(config, name, value) is None and value is not None:  # the value a new config resolves it to
+                setattr(config, name, value)
         config.warn_unread_position_option()  # (here, once: from_pretrained sets its overrides after construction)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
