@@ -183,6 +183,9 @@ def main(argv=None) -> int:
             if signal.getsignal(sig) == default:
                 signal.signal(sig, _interrupt)
                 ours.append((sig, default))
+    hook = sys.unraisablehook
+    if ours:  # a Ctrl-C inside a finalizer is only printed, as a traceback: INTERRUPTED keeps it, said in one line
+        sys.unraisablehook = lambda u: None if issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
     stderr = sys.stderr
     if stderr is None:  # started with stderr closed (2>&-): what the command says goes nowhere
         sys.stderr = open(os.devnull, "w")
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
         if stderr is None:
             sys.stderr.close()
             sys.stderr = None
+        sys.unraisablehook = hook
         for sig, default in ours:
             signal.signal(sig, default)
         if ours:  # this call's interrupt ends with it (later writes in the process, another thread's command)

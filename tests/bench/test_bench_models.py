@@ -204,3 +204,36 @@ def test_bench_quality_records_the_machine(tmp_path):
     import torch
 
     assert result["machine"]["torch_threads"] == torch.get_num_threads() and result["machine"]["cpu_count"]
+
+
+def test_a_ctrl_c_inside_a_finalizer_stops_bench_quality_in_one_line(tmp_path, monkeypatch, capsys):
+    # Python only prints an interrupt raised in a __del__ (regex's, 2 of 34 real Ctrl-Cs): the run trained every
+    # step, then threw its result away, after a traceback
+    import os
+    import signal
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    drawn = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # (the user's Ctrl-C, while a finalizer runs)
+
+    def windows(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == 1:
+            Finalized()  # (collected at once)
+        return real(*args, **kwargs)
+
+    real = bench_quality.windows
+    monkeypatch.setattr(bench_quality, "windows", windows)
+    out = tmp_path / "q.json"
+    rc = main(["bench", "quality", "--corpus", str(corpus), "--models", "bsbr", "--steps", "200", "--batch", "1",
+               "--seq-len", "32", "--hidden", "16", "--heads", "2", "--ff-dim", "16", "--chunk-size", "8",
+               "--eval-windows", "1", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 130 and len(drawn) <= 2 and not out.exists(), (rc, len(drawn))
+    assert err.strip() == "bsbr bench quality: interrupted", err

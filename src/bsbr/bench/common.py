@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import __version__, arguments
-from ..errors import UserError
+from ..errors import UserError, check_not_interrupted
 from ..numbers import integer
 from ..outputs import check_output_files
 from .memory import is_oom, memory_method, proc_field
@@ -34,6 +34,7 @@ DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 # ----------------------------------------------------------------------------------------- timing
 def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
     """Wall time of one call in seconds (synchronising the GPU around it; the output is freed after)."""
+    check_not_interrupted()  # (a Ctrl-C a library swallowed: every benchmark's timings pass here)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize(device)  # the benchmarked device (cuda:N), not the current one

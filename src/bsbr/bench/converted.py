@@ -20,7 +20,7 @@ from ..arguments import (check_default_model, check_model_arg, check_positions, 
                          source_name)
 from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
                            check_position_options, conversion_options, convert_source)
-from ..errors import UserError
+from ..errors import UserError, check_not_interrupted
 from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
                      set_threads, write_outputs)
@@ -82,6 +82,7 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
             per_token[name] = cache_bytes(out[name].cache) / n
         names = list(models)
         for i in range(steps):
+            check_not_interrupted()  # (a Ctrl-C a library swallowed)
             for name in (names if i % 2 == 0 else names[::-1]):
                 tok = out[name].logits[:, -1:].argmax(-1)
                 mask[name] = torch.cat([mask[name], mask[name][:, :1]], 1)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from ..errors import UserError
+from ..errors import UserError, check_not_interrupted
 from ..numbers import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..ops.checks import is_number
 from .common import (VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs, check_unique, given,
@@ -125,6 +125,7 @@ def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Te
     losses = []
     bar = progress_bar(range(steps), desc=f"train {name}", leave=False, disable=not progress)
     for step in bar:
+        check_not_interrupted()  # (a Ctrl-C a library swallowed: in a finalizer, Python only prints it)
         xy = windows(train_data, batch, seq_len, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
