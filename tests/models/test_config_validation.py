@@ -426,17 +426,17 @@ def test_a_bsbr_0_2_0_folder_loads_with_the_window_it_was_built_with(tmp_path):
     model.save_pretrained(tmp_path)
     _as_saved_before_versions(tmp_path, drop=("local_chunks", "sink_tokens", "retrieval_blocks", "far_positions",
                                               "recall_tokens"),
-                              meta="shared", meta_dim=None, meta_init="qk", retrieval_top_k=None)
+                              meta="shared", meta_dim=None, meta_init="qk", retrieval_top_k=None, retrieval_mass=None)
     loaded = load_bsbr_model(tmp_path)
     assert (loaded.config.local_chunks, loaded.config.sink_tokens, loaded.config.retrieval_blocks) == (1, 0, 0)
-    assert not hasattr(loaded.config, "meta_init") and not hasattr(loaded.config, "retrieval_top_k")
+    assert not any(hasattr(loaded.config, k) for k in ("meta_init", "retrieval_top_k", "retrieval_mass"))
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("retired", [dict(retrieval_top_k=2), dict(meta="linear"), dict(meta_dim=4),
-                                     dict(feature_map="elu")])
+                                     dict(feature_map="elu"), dict(retrieval_mass=1.0)])
 def test_options_an_earlier_bsbr_had_are_refused_by_name(tmp_path, retired):
     from model_sources import make_source
 
@@ -493,11 +493,13 @@ def test_each_window_option_an_earlier_save_lacks_is_read_as_it_computed_then(tm
     # a save of 2026-11-28 had local_chunks and sink_tokens, not yet retrieval_blocks: it took 8 (logits 5-10 off)
     from model_sources import make_source
 
-    model = convert_to_bsbr(make_source("llama"), chunk_size=8, retrieval_blocks=0)
+    # nor far_positions: its sinks were read at their own positions (window took them to the window's: 7.45 off)
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8, retrieval_blocks=0, far_positions="absolute")
     model.save_pretrained(tmp_path)
-    _as_saved_before_versions(tmp_path, drop=("retrieval_blocks", "recall_tokens"))
+    _as_saved_before_versions(tmp_path, drop=("retrieval_blocks", "recall_tokens", "far_positions"))
     loaded = load_bsbr_model(tmp_path)
     assert (loaded.config.local_chunks, loaded.config.sink_tokens, loaded.config.retrieval_blocks) == (2, 4, 0)
+    assert loaded.config.far_positions == "absolute"
     ids = torch.randint(3, 97, (1, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -65,10 +65,19 @@ def _warn_if_newer(saved: Optional[str]) -> None:
 # that computes what it computed then; the options earlier bsbrs had and this one does not compute are refused
 # by name.
 SAVED_WITHOUT_WINDOW = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0)
+SAVED_FAR_POSITIONS = "absolute"  # rotary keys read outside the window before far_positions (2026-11-29)
+
+
+def _saved_without(values: dict) -> dict:
+    """What an earlier bsbr computed for each window option a config.json it saved lacks."""
+    lacking = {k: v for k, v in SAVED_WITHOUT_WINDOW.items() if k not in values}
+    if "far_positions" not in values and values.get("position_type") == "rope":  # (unread with learned positions)
+        lacking["far_positions"] = SAVED_FAR_POSITIONS
+    return lacking
 # options this bsbr no longer has: the values that compute what it computes (None: any value, an initialisation
 # the saved weights replace, or a choice warned of below); feature_map 'elu' is refused alike
 _RETIRED = {"retrieval_top_k": (None,), "meta": ("shared",), "meta_dim": (None,), "meta_init": None,
-            "block_router": None}
+            "block_router": None, "retrieval_mass": (None,)}
 
 
 def saved_before_versions(config_dict: dict) -> bool:
@@ -93,7 +102,7 @@ def _saved_config(config_dict: dict) -> dict:
     config_dict = {k: v for k, v in config_dict.items() if k not in retired}
     if not saved_before_versions(config_dict) or config_dict.get("model_type", "bsbr") != "bsbr":
         return config_dict
-    lacking = {k: v for k, v in SAVED_WITHOUT_WINDOW.items() if k not in config_dict}
+    lacking = _saved_without(config_dict)
     if lacking:
         logger.info("config.json: saved by an earlier bsbr without %s: read as it computed then (%s)",
                     ", ".join(lacking), ", ".join(f"{k}={v}" for k, v in lacking.items()))
@@ -452,6 +461,6 @@ def missing_defaults(values: dict) -> dict:
     derived = dict(retrieval_blocks=default_retrieval_blocks(values.get("recall_tokens")),
                    feature_map=default_feature_map(values.get("retrieval", defaults["retrieval"])))
     if saved_before_versions(values):  # (a window option an earlier bsbr's config.json lacks: _saved_config)
-        derived.update(SAVED_WITHOUT_WINDOW)
+        derived.update(_saved_without(values))
     return {k: derived[k] if k in derived else v for k, v in defaults.items()
             if k not in values or (k in derived and values[k] is None)}
