@@ -143,6 +143,12 @@ def read_metadata(model_dir) -> dict:
     return _json_object(p, str(p), ": restore it, delete it (the source is then not checked) or convert again")
 
 
+def recorded_source(meta: dict) -> dict:
+    """The source a conversion.json (``meta``) records, as a dict: bsbr 0.2.0 to 2026-11-28 wrote its name alone."""
+    source = meta.get("source")
+    return {"name": source} if isinstance(source, str) else source if isinstance(source, dict) else {}
+
+
 def _json_object(path: Path, what: str, fix: str = "") -> dict:
     """The JSON object in ``path``, or a one-line :class:`UserError` ``{what} is not valid JSON ...{fix}``."""
     try:
@@ -159,8 +165,7 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     ``model_dir`` when its weights or its :func:`architecture` (where recorded) differ from those the model
     was converted from, unless ``force``. Returns a warning text (forced, or nothing recorded), or None when
     they match."""
-    meta = read_metadata(model_dir)
-    recorded = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    recorded = recorded_source(read_metadata(model_dir))
     want = recorded.get("fingerprint")
     config = Path(os.path.expanduser(str(model_dir))) / "config.json"
     config = _json_object(config, str(config)) if config.is_file() else {}
@@ -211,8 +216,7 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
     whose conversion.json names another source: :func:`check_source` would refuse it only once loaded;
     and, when the command compares the two models' outputs (``compared``), for a model with no record whose
     config.json gives another vocabulary size."""
-    recorded = read_metadata(model_dir).get("source")
-    name = recorded.get("name") if isinstance(recorded, dict) else None
+    name = recorded_source(read_metadata(model_dir)).get("name")
     if source is None and not force and name is not None and not isinstance(name, str):
         raise SourceMismatchError(f"{model_dir}/conversion.json: source.name must be the source's path or hub id, "
                                   f"got {name!r}: give {option}, or restore the file as bsbr convert wrote it")
@@ -539,7 +543,7 @@ def check_bsbr_dir(path, option: str) -> Path:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)
         recorded = {}
-    source = recorded.get("source") if isinstance(recorded.get("source"), dict) else {}
+    source = recorded_source(recorded)
     arch = source.get("architecture") if isinstance(source.get("architecture"), dict) else {}
     # config.json edited (or a key lost) since the conversion: its options, and the source's architecture
     expected = {**arch, **{k: recorded[k] for k in RECORDED_OPTIONS if k in recorded}}

@@ -972,6 +972,18 @@ def test_the_bundled_default_is_refused_before_loading_for_a_model_of_another_so
     assert not (tmp_path / "out").exists()
 
 
+def test_a_source_recorded_by_name_alone_is_read_as_the_source(models, text, tmp_path, capsys, monkeypatch):
+    # bsbr 0.2.0 to 2026-11-28 wrote conversion.json's source as its name alone: read as naming none
+    source, converted, _ = models
+    old = tmp_path / "old"
+    shutil.copytree(converted, old)
+    meta = json.loads((old / "conversion.json").read_text())
+    (old / "conversion.json").write_text(json.dumps({**meta, "source": str(source)}))
+    monkeypatch.setattr("bsbr.convert.converter.load_source", lambda *a: pytest.fail("loaded a model"))
+    line = refused(capsys, ["eval", old, "--text-file", text, "--seq-len", "24", "--no-passkey"], "eval", old)
+    assert line.endswith(f"{old} was converted from {source}: give --reference {source}"), line
+
+
 # ------------------------------------------------------------------------------------------- distill
 @pytest.mark.parametrize("extra, message", [
     (["--steps", "-5"], "--steps: must be an integer from 1 to"),
