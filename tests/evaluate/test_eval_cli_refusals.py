@@ -335,6 +335,23 @@ def test_derived_files_replace_only_what_eval_wrote(saved, tmp_path, capsys, no_
     assert [p.name for p in tmp_path.iterdir()] == [derived] and (tmp_path / derived).read_bytes() == before
 
 
+def test_a_heat_map_an_earlier_bsbr_wrote_is_known_by_the_data_beside_it(tmp_path):
+    # heat maps written before 2026-12-02 carry no title: a rerun refused them as "not a pass-key heat map"
+    from PIL import Image
+
+    from bsbr.evaluate.cli import _is_passkey_output
+
+    png, data = tmp_path / "e.passkey.png", tmp_path / "e.passkey.json"
+    Image.new("RGB", (4, 4)).save(png)
+    assert not _is_passkey_output(png)  # (a user's PNG, alone)
+    data.write_text(json.dumps({k: [] for k in ("lengths", "depths", "trials", "fillers", "models", "samples")}))
+    assert _is_passkey_output(png)
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.passkey.gif")
+    (tmp_path / "x.passkey.png").write_bytes((tmp_path / "x.passkey.gif").read_bytes())  # (a GIF named .png)
+    (tmp_path / "x.passkey.json").write_text(data.read_text())
+    assert not _is_passkey_output(tmp_path / "x.passkey.png")
+
+
 @pytest.mark.slow
 def test_result_files_are_written_as_one_set(saved, tmp_path, capsys, monkeypatch):
     """A run that fails or is interrupted while drawing the heat map (the last figure) leaves the

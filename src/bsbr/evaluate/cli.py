@@ -124,13 +124,15 @@ def _check_task_dir(task_dir: Path, arg) -> None:
 
 def _is_passkey_output(path: Path) -> bool:
     """Whether ``path`` is what bsbr eval writes as a derived file: its pass-key heat map (a PNG carrying
-    its title) or the pass-key data (a :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
+    its title; an earlier bsbr's carries none, and is known by the pass-key data beside it) or the pass-key
+    data (a :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
     if not path.is_file():
         return False
     if path.suffix == ".png":
-        from .plots import is_heatmap_png
+        from .plots import HEATMAP_TITLE, png_title
 
-        return is_heatmap_png(path)
+        title = png_title(path)
+        return title == HEATMAP_TITLE or title == "" and _is_passkey_output(path.with_suffix(".json"))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

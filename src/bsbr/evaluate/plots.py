@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..results import save_figure, subplots
 from .passkey import MODEL_ORDER, accuracy_grid, model_order
@@ -66,15 +67,16 @@ def plot_results(result: dict, path: os.PathLike) -> Path:
 HEATMAP_TITLE = "bsbr eval: pass-key heat map"
 
 
-def is_heatmap_png(path: Path) -> bool:
-    """Whether ``path`` is a PNG written by :func:`plot_passkey_heatmap`."""
+def png_title(path: Path) -> Optional[str]:
+    """The title the PNG at ``path`` carries ("" for none; :func:`plot_passkey_heatmap` writes
+    ``HEATMAP_TITLE``), or None when it is no PNG."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get("Title") == HEATMAP_TITLE
+            return image.text.get("Title", "") if image.format == "PNG" else None
     except (OSError, UnidentifiedImageError, ValueError):
-        return False
+        return None
 
 
 def plot_passkey_heatmap(passkey: dict, path: os.PathLike) -> Path:
