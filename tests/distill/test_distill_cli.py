@@ -175,6 +175,26 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     load_bsbr_model(out)
 
 
+def test_a_checkpoint_of_an_earlier_bsbr_is_named_as_such_and_replaced_by_overwrite(models, text, tmp_path, capsys):
+    # before 2026-11-29 distill's checkpoint was progress.json, trainable.safetensors and optimizer.safetensors:
+    # --resume and --overwrite both called them "files no bsbr command wrote", a dead end
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "2")) == 0
+    ckpt = out / "checkpoint"
+    for f in ckpt.iterdir():
+        f.unlink()
+    for name in ("progress.json", "trainable.safetensors", "optimizer.safetensors"):
+        (ckpt / name).write_text("{}")
+    before = tree_hash(out)
+    for extra in (["--resume"], []):
+        line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), *extra], "distill", out)
+        assert "was written by an earlier bsbr (before 2026-11-29" in line and "--overwrite" in line, line
+        assert tree_hash(out) == before
+    assert main([*distill_args(models, text, out, "--steps", "2"), "--overwrite"]) == 0
+    assert (ckpt / "manifest.json").is_file() and not (ckpt / "progress.json").exists()
+    load_bsbr_model(out)
+
+
 def test_resume_names_every_changed_option_as_its_flag(models, text, tmp_path, capsys):
     # four were named (as field names), the rest only at the next try
     out = tmp_path / "out"

@@ -24,6 +24,18 @@ from ..outputs import atomic_write_text, checkpoint_file, file_record, fsync, sh
 MANIFEST = "manifest.json"
 FORMAT = 3  # the manifest layout this bsbr writes and reads
 START_OVER = "start a new --output, or pass --overwrite to start over in this one"
+EARLIER = "progress.json"  # (with trainable.safetensors, optimizer.safetensors, no manifest: before 2026-11-29)
+
+
+def earlier_layout(directory: Path) -> bool:
+    """Whether ``directory`` holds a checkpoint of bsbr distill before 2026-11-29 (no manifest), which this bsbr
+    cannot continue: the recipe it trained by was retired."""
+    return (Path(directory) / EARLIER).is_file() and not (Path(directory) / MANIFEST).is_file()
+
+
+def earlier_layout_error(directory: Path, start_over: str = START_OVER) -> CheckpointError:
+    return CheckpointError(f"checkpoint {directory} was written by an earlier bsbr (before 2026-11-29: {EARLIER}, no "
+                           f"{MANIFEST}), whose runs this bsbr cannot continue: {start_over}")
 
 
 def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -81,13 +93,16 @@ def has_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a checkpoint, complete or not: anything but what a first save killed
     before its manifest leaves (its data files: no checkpoint yet, and the next save removes them)."""
     directory = Path(directory)
-    return directory.is_dir() and any(p.name == MANIFEST or not checkpoint_file(p) for p in directory.iterdir())
+    return directory.is_dir() and any(p.name in (MANIFEST, EARLIER) or not checkpoint_file(p)
+                                      for p in directory.iterdir())
 
 
 def read_manifest(directory: Path) -> dict:
     """The manifest of the checkpoint in ``directory``, with every file checked (exists, size, SHA-256)."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if earlier_layout(directory):
+        raise earlier_layout_error(directory)
     if not path.is_file():
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
         raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); {START_OVER}")

@@ -249,7 +249,7 @@ def _leave_process_group() -> None:
 def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     import torch.distributed as dist
 
-    from .checkpoint import MANIFEST, START_OVER, has_checkpoint, read_manifest
+    from .checkpoint import MANIFEST, START_OVER, earlier_layout, earlier_layout_error, has_checkpoint, read_manifest
     from .trainer import DistillInterrupted, check_same_run, check_work_left
 
     ckpt = out / "checkpoint"
@@ -273,6 +273,8 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
                                   f"choose another --output")
             raise OutputError(f"--output {out} holds a checkpoint and files no bsbr command wrote ({names}): move "
                               f"them out, then pass --resume to continue it, or choose another --output")
+        if earlier_layout(ckpt):
+            raise earlier_layout_error(ckpt, "pass --overwrite to start over, or choose another --output")
         restart = "" if holds_cwd(out) else ", --overwrite to start over"  # (which would replace the cwd: refused)
         raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it{restart}, or "
                               f"choose another --output")
