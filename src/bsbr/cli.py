@@ -185,7 +185,8 @@ def main(argv=None) -> int:
                 ours.append((sig, default))
     hook = sys.unraisablehook
     if ours:  # a Ctrl-C inside a finalizer is only printed, as a traceback: INTERRUPTED keeps it, said in one line
-        sys.unraisablehook = lambda u: None if issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
+        sys.unraisablehook = lambda u: None if issubclass(u.exc_type, KeyboardInterrupt) and INTERRUPTED.is_set() \
+            else hook(u)
     stderr = sys.stderr
     if stderr is None:  # started with stderr closed (2>&-): what the command says goes nowhere
         sys.stderr = open(os.devnull, "w")
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
         if stderr is None:
             sys.stderr.close()
             sys.stderr = None
-        sys.unraisablehook = hook
+        if ours:
+            sys.unraisablehook = hook
         for sig, default in ours:
             signal.signal(sig, default)
         if ours:  # this call's interrupt ends with it (later writes in the process, another thread's command)
@@ -344,10 +346,10 @@ _SEEDED = threading.Lock()  # commands that seed torch's generator, run in threa
 @contextlib.contextmanager
 def _generator_kept(args):
     """A command that seeds torch's generator (distill, bench, demo, generate --seed) gives the caller's back
-    when it ends (a fresh one's if the caller had not imported torch), one such call at a time. Any other leaves
-    the generator alone: unseeded sampling moves it on as ``generate`` does, and a call never takes back the
-    draws other threads made meanwhile."""
-    if args.command not in ("distill", "bench", "demo") and getattr(args, "seed", None) is None:
+    when it ends (seeded at random, as an import does, if the caller had not imported torch), one such call at a
+    time. Any other leaves the generator alone: unseeded sampling moves it on as ``generate`` does, and a call
+    never takes back the draws other threads made meanwhile (``eval --seed`` seeds its own generators)."""
+    if args.command not in ("distill", "bench", "demo") and not (args.command == "generate" and args.seed is not None):
         yield
         return
     with _SEEDED:
@@ -358,7 +360,10 @@ def _generator_kept(args):
         finally:
             torch = sys.modules.get("torch")
             if torch is not None:
-                torch.set_rng_state(state if state is not None else torch.Generator().get_state())
+                if state is not None:
+                    torch.set_rng_state(state)
+                else:  # (torch seeds its generator at random when imported)
+                    torch.seed()
 
 
 _SETTINGS_LOCK = threading.Lock()

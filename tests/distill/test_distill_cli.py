@@ -745,6 +745,20 @@ def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_signal_once_training_is_over_says_so(caplog):
+    # rank 1, waiting for rank 0 to publish the model, said it would finish its step and write a checkpoint
+    import os
+
+    from bsbr.distill.cli import _stop_on_signal
+
+    with caplog.at_level("WARNING"), _stop_on_signal() as stop:
+        stop.trained = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert stop.is_set() and "training is over; stopping once the model is published" in caplog.text
+    assert "checkpoint" not in caplog.text
+
+
 def test_torchruns_sigterm_while_a_survivor_reads_its_checkpoint_still_names_the_step(models, text, tmp_path,
                                                                                      monkeypatch, capsys):
     """torchrun follows one process's death by SIGTERM to the others: arriving while the survivor read its

@@ -529,3 +529,14 @@ def test_a_none_set_on_a_config_builds_what_a_new_config_resolves_it_to():
     assert model.config.retrieval_blocks == want.retrieval_blocks == 0
     assert model.config.head_dim == want.head_dim
     assert sorted(model.state_dict()) == sorted(AutoModelForCausalLM.from_config(want).state_dict())
+
+
+def test_rope_parameters_set_to_none_after_the_config_was_built_is_refused(tmp_path):
+    # from_pretrained(DIR, rope_scaling=None) took a new config's rotary default (theta 10000 for the saved 500):
+    # logits 5 off, silently
+    from model_sources import make_source
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    for override in ("rope_parameters", "rope_scaling"):
+        with pytest.raises(ValueError, match="rope_parameters was set to None after the config was built"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, **{override: None})

@@ -93,3 +93,55 @@ def test_a_seeding_command_gives_the_caller_its_generator_back(tmp_path, monkeyp
     main(["generate", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "4", "--temperature", "1",
           "--seed", "7"])
     torch.testing.assert_close(torch.rand(4), want)
+
+
+def test_only_commands_that_seed_give_the_generator_back():
+    # eval --seed seeds its own generators: handing torch's back rewound the draws other threads made meanwhile
+    import argparse
+
+    from bsbr.cli import _generator_kept
+
+    for command, seed, kept in (("eval", 3, False), ("generate", None, False), ("generate", 3, True),
+                                ("bench", None, True)):
+        before = torch.get_rng_state()
+        with _generator_kept(argparse.Namespace(command=command, seed=seed)):
+            torch.rand(3)
+        assert torch.equal(torch.get_rng_state(), before) == kept, command
+
+
+def test_a_seeded_call_in_a_program_without_torch_leaves_a_generator_seeded_at_random(tmp_path):
+    # it was given a fresh Generator's state (torch's fixed default seed): every run's later sampling was the same
+    import subprocess
+
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    code = ("import sys\nfrom bsbr.cli import main\nassert 'torch' not in sys.modules\n"
+            "argv = ['generate', sys.argv[1], '--prompt', 'def f', '--max-new-tokens', '2', '--temperature', '1']\n"
+            "assert main(argv + ['--seed', '7']) == 0\n"
+            "import torch\nprint(repr(torch.rand(1).item()))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) != torch.rand(1, generator=torch.Generator()).item()
+
+
+def test_a_call_of_main_in_a_thread_leaves_the_unraisable_hook_as_it_finds_it_at_its_end(tmp_path, monkeypatch):
+    # a call in a thread (which installs nothing) put back the hook it found at its start: a main-thread call's,
+    # after that call had ended
+    import bsbr.models
+
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    meanwhile = lambda u: None  # noqa: E731 - (as the main thread's call, ending meanwhile, sets it back)
+    load = bsbr.models.load_bsbr_model
+
+    def loading(*args, **kwargs):
+        sys.unraisablehook = meanwhile
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(bsbr.models, "load_bsbr_model", loading)
+    run_in_threads(lambda i: main(["generate", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "2"]),
+                   n=1)
+    assert sys.unraisablehook is meanwhile

@@ -164,6 +164,9 @@ def _stop_on_signal():
             raise KeyboardInterrupt
         first.append(signum)
         stop.set()
+        if getattr(stop, "trained", False):  # (set once training is over: the model is published, or being so)
+            logger.warning("%s: training is over; stopping once the model is published", signal.Signals(signum).name)
+            return
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)%s",
                        signal.Signals(signum).name,
                        TORCHRUN_GRACE if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
@@ -402,6 +405,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         progress = distill(teacher, student, windows, out, cfg, resume=args.resume, settings=_settings(args),
                            data=data, should_stop=stop.is_set, extra_files=extra_files, overwrite=args.overwrite,
                            models=dict(teacher=source_name(args.teacher), student=str(student_dir.resolve())))
+        stop.trained = True
         if not dist.is_initialized() or dist.get_rank() == 0:
             last = progress["log"][-1] if progress["log"] else {}
             print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "

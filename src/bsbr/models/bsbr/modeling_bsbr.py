@@ -774,14 +774,22 @@ def _refuse_forgotten_tokens(cached_mask: torch.Tensor, cache: BSBRCache) -> Non
                          "the mask the cache was built with")
 
 
+# the config fields whose None a new config resolves from the others (a default that depends on them)
+_RESOLVED = ("retrieval_blocks", "feature_map", "head_dim", "num_key_value_heads", "attention_out_bias")
+
+
 class BSBRBaseModel(BSBRPreTrainedModel):
     def __init__(self, config: BSBRConfig):
         # its values checked as a new config's are: from_pretrained(DIR, chunk_size=0) and attributes set on
         # a config after it was built bypass BSBRConfig.__init__'s checks
         checked = type(config)(**config.to_dict())
-        for name, value in checked.to_dict().items():  # a None set since (update, from_pretrained's overrides) takes
-            if getattr(config, name, value) is None and value is not None:  # the value a new config resolves it to
-                setattr(config, name, value)
+        for name in _RESOLVED:  # a None set since (update, from_pretrained's overrides): what a new config makes of it
+            if getattr(config, name, None) is None:
+                setattr(config, name, getattr(checked, name))
+        if config.position_type == "rope" and config.rope_parameters is None:  # (a new config's default: theta 1e4)
+            raise ValueError("config.rope_parameters was set to None after the config was built (from_pretrained("
+                             "..., rope_scaling=None)?): the saved rotary frequencies (rope_theta) would be lost; "
+                             "leave it out, or give the whole dict")
         config.warn_unread_position_option()  # (here, once: from_pretrained sets its overrides after construction)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
