@@ -152,7 +152,7 @@ def recorded_source(meta: dict) -> dict:
 def _json_object(path: Path, what: str, fix: str = "") -> dict:
     """The JSON object in ``path``, or a one-line :class:`UserError` ``{what} is not valid JSON ...{fix}``."""
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # (arrays nested past Python's stack: RecursionError)
         raise UserError(f"{what} is not valid JSON ({' '.join(str(e).split())[:200]}){fix}") from e
     if not isinstance(obj, dict):
@@ -254,14 +254,14 @@ def _warn_ignored_code(path: Path, option: str) -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError, RecursionError):
         return
     if not isinstance(model_type, str) or model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
         return  # (a model_type that is no string is refused where config.json is read)
     for name in ("config.json", "tokenizer_config.json"):
         try:
-            auto_map = json.loads((path / name).read_text()).get("auto_map") or {}
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
         except (OSError, ValueError, AttributeError, RecursionError):  # (a broken file is refused where it is read)
             continue
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())

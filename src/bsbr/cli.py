@@ -331,7 +331,7 @@ def _main(argv) -> int:
         _expand_home(args)
         verbose = bool(getattr(args, "verbose", False))
         no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # none in a log, or when asked
-        with _command_settings(verbose, no_bars, _rank(args)), _generator_kept(args):
+        with _command_settings(verbose, no_bars, _rank(args)), _generator_kept(args), _grad_as_in_a_process():
             return _run_main(parser, args, verbose, no_bars)
     except KeyboardInterrupt:  # Ctrl-C while the command's settings are made or given back (its run handles its own)
         return _interrupted(" ".join(filter(None, [args.command, getattr(args, "bench_command", None)])))
@@ -364,6 +364,19 @@ def _generator_kept(args):
                     torch.set_rng_state(state)
                 else:  # (torch seeds its generator at random when imported)
                     torch.seed()
+
+
+@contextlib.contextmanager
+def _grad_as_in_a_process():
+    """Autograd as a new process has it (enabled, not in inference mode), in this thread, for the call: the
+    commands choose where they need none, and distill and bench train (under a caller's torch.no_grad() or
+    inference_mode() they failed). Nothing to set where the caller has not imported torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 _SETTINGS_LOCK = threading.Lock()

@@ -393,7 +393,7 @@ _UNREADABLE = object()
 def _config_json(config: Path):
     """``config`` parsed as JSON, or :data:`_UNREADABLE` (missing, unreadable, cut off)."""
     with contextlib.suppress(OSError, ValueError, RecursionError):
-        return json.loads(config.read_text())
+        return json.loads(config.read_text(encoding="utf-8"))
     return _UNREADABLE
 
 
@@ -475,7 +475,7 @@ def is_bsbr_output(out: Path) -> bool:
     nothing but what bsbr writes there (a user's file beside them is not replaced with them)."""
     def bsbr_manifest(manifest: Path) -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
-            got = json.loads(manifest.read_text())
+            got = json.loads(manifest.read_text(encoding="utf-8"))
             return isinstance(got.get("files"), dict) and "format" in got
         return False
 
@@ -971,7 +971,7 @@ def atomic_write_text(path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp gives 0600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -1013,7 +1013,7 @@ fingerprint of its weights).
 def write_model_card(directory) -> None:
     card = Path(directory) / "README.md"
     if not card.exists():
-        card.write_text(MODEL_CARD)
+        card.write_text(MODEL_CARD, encoding="utf-8")
 
 
 def publish_files(staging, directory) -> None:

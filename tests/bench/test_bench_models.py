@@ -237,3 +237,34 @@ def test_a_ctrl_c_inside_a_finalizer_stops_bench_quality_in_one_line(tmp_path, m
     err = capsys.readouterr().err
     assert rc == 130 and len(drawn) <= 2 and not out.exists(), (rc, len(drawn))
     assert err.strip() == "bsbr bench quality: interrupted", err
+
+
+def test_bench_training_runs_whatever_the_callers_grad_mode(tmp_path):
+    import torch
+
+    from bsbr.models.shell import AttentionLM
+
+    attention, kwargs = bench_models.model_specs(8)["bsbr"]
+    model = AttentionLM(256, 16, 1, 2, attention=attention, ff_dim=32, **kwargs)
+    with torch.no_grad():  # (bench models' train timing)
+        bench_models._train_fn(model, torch.randint(0, 256, (1, 24)))()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    with torch.no_grad():  # (bench quality under a notebook's torch.set_grad_enabled(False): an internal error)
+        assert main(["bench", "quality", "--corpus", str(corpus), "--models", "bsbr", "--steps", "2", "--batch", "1",
+                     "--seq-len", "32", "--hidden", "16", "--heads", "2", "--ff-dim", "16", "--chunk-size", "8",
+                     "--eval-windows", "1"]) == 0
+
+
+def test_bench_help_runs_without_docstrings():
+    # python -OO strips the module docstrings its descriptions were cut from: bench attention/models/quality --help
+    # ended in a traceback
+    import subprocess
+    import sys
+
+    for name in ("attention", "models", "quality"):
+        run = subprocess.run([sys.executable, "-OO", "-m", "bsbr.cli", "bench", name, "--help"], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0 and "usage: bsbr bench" in run.stdout, run.stderr[-1000:]

@@ -2000,3 +2000,24 @@ def test_both_forms_of_an_on_off_flag_are_refused(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "argument --activation-checkpointing/--no-activation-checkpointing: given " \
         "twice: give one of its forms once" in err, err
+
+
+def test_json_files_are_read_as_utf8_whatever_the_locale(models, tmp_path):
+    # under LC_ALL=C (no UTF-8 mode) a config.json holding a non-ASCII name, which transformers reads, was
+    # "not valid JSON ('ascii' codec can't decode ...)"
+    import subprocess
+    import sys
+
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "\u00e9quipe/mod\u00e8le"},
+                                                ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "bsbr.cli", "convert", str(src), str(tmp_path / "out"),
+                          "--chunk-size", "8"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "bsbr.cli", "generate", str(tmp_path / "out"), "--prompt", "the",
+                          "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -58,6 +58,17 @@ def test_a_student_that_is_not_a_conversion_is_refused_by_type(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_distill_trains_under_no_grad_and_refuses_weights_made_in_inference_mode(tmp_path):
+    teacher, student = fresh()
+    with torch.no_grad():  # (a notebook's torch.set_grad_enabled(False): backward of no graph)
+        distill(teacher, student, windows(2, 48), tmp_path / "a", DistillConfig(steps=2), progress=False)
+    with torch.inference_mode():
+        teacher, student = fresh()
+    with pytest.raises(ValueError, match="loaded under torch.inference_mode"):
+        distill(teacher, student, windows(2, 48), tmp_path / "b", DistillConfig(steps=2), progress=False)
+    assert not (tmp_path / "b").exists()
+
+
 def test_int32_windows_train_as_int64_ones(tmp_path):
     # token arrays kept as int32 passed the checks, then failed in the loss ("expected target dtype to be Long")
     teacher, student = fresh()

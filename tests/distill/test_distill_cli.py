@@ -745,6 +745,16 @@ def test_options_are_taken_by_whole_names_and_a_text_file_once(models, text, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_distill_trains_whatever_the_callers_grad_mode(models, text, tmp_path):
+    # a notebook's torch.set_grad_enabled(False) made distill an "internal error" (backward of no graph)
+    with torch.no_grad():
+        assert main(distill_args(models, text, tmp_path / "out", "--steps", "2")) == 0
+    with torch.inference_mode():
+        assert main(distill_args(models, text, tmp_path / "out2", "--steps", "2")) == 0
+    trained, converted = load_bsbr_model(tmp_path / "out").state_dict(), load_bsbr_model(models[1]).state_dict()
+    assert any(not torch.equal(trained[k], converted[k]) for k in converted)
+
+
 def test_a_signal_once_training_is_over_says_so(caplog):
     # rank 1, waiting for rank 0 to publish the model, said it would finish its step and write a checkpoint
     import os

@@ -167,7 +167,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def bench_parser(bench_sub, name: str, doc: str):
     """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
-    return bench_sub.add_parser(name, description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
+    return bench_sub.add_parser(name, description=doc.split("\n\n")[0] if doc else None,  # (python -OO: no docs)
+                                formatter_class=_HelpFormatter)
 
 
 def add_output_arguments(p, plot: str = "a plot") -> None:

@@ -57,6 +57,7 @@ DEFAULT_MODELS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "h
 
 
 def _train_fn(model, ids) -> Callable[[], None]:
+    @torch.enable_grad()  # (whatever the caller's grad mode)
     def fn():
         logits = model(ids)
         loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])

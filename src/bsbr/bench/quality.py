@@ -107,6 +107,8 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * f)))
 
 
+@torch.inference_mode(False)  # (it trains whatever the caller's grad mode; its eval runs under no_grad)
+@torch.enable_grad()
 def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Tensor, eval_batch: torch.Tensor, *,
                    hidden: int, layers: int, heads: int, ff_dim: int, seq_len: int, batch: int, steps: int,
                    lr: float, seed: int, progress: bool = True, past: Sequence[int] = ()) -> Dict[str, object]:
@@ -277,7 +279,7 @@ def _read_result(path: str) -> Dict[str, object]:
     if os.path.exists(path) and not os.path.isfile(path):  # a directory, or a FIFO, whose read would block
         raise UserError(f"--merge {path} is not a regular file: {what}")
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(f"--merge {path}: cannot read it ({why}): {what}") from e

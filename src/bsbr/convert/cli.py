@@ -249,7 +249,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
                   seconds=round(seconds, 1), **options)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    (directory / METADATA).write_text(json.dumps(record, indent=2))
+    (directory / METADATA).write_text(json.dumps(record, indent=2), encoding="utf-8")
     write_model_card(directory)
     return record
 

@@ -99,7 +99,7 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
     from their headers): transformers would build every layer first (3,000: minutes and gigabytes) and only then
     find their weights missing."""
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         quantized = config.get("quantization_config")
     except Exception:  # (an unreadable config.json is refused, by name, where it is loaded)
         return

@@ -68,7 +68,7 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
 def _names_in_manifest(directory: Path) -> set:
     """The data files the manifest in ``directory`` names (none when it is missing or unreadable)."""
     with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, RecursionError):
-        return {f["name"] for f in json.loads((directory / MANIFEST).read_text())["files"].values()}
+        return {f["name"] for f in json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["files"].values()}
     return set()
 
 
@@ -107,7 +107,7 @@ def read_manifest(directory: Path) -> dict:
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
         raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); {START_OVER}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); {START_OVER}") from e
     if isinstance(manifest, dict) and manifest.get("format") != FORMAT:  # (an older bsbr's layout differs)

@@ -382,7 +382,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
                        dict(windows=windows_fingerprint(windows)), out / "checkpoint", flags=True)
     # the record of the source it was converted from, for eval --reference: read with the student (the folder
     # may be replaced while it trains)
-    record = (student_dir / METADATA).read_text() if (student_dir / METADATA).is_file() else None
+    record = (student_dir / METADATA).read_text(encoding="utf-8") if (student_dir / METADATA).is_file() else None
     student = load_bsbr_model(student_dir)
     _check_new_pieces_matter(student, args)
     teacher = load_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)  # (checked as cmd_distill did)
@@ -395,7 +395,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     def extra_files(directory: Path) -> None:
         tokenizer.save_pretrained(directory)
         if record is not None:  # the student's, naming the folder it now lies in
-            (directory / METADATA).write_text(_moved_record(record, out))
+            (directory / METADATA).write_text(_moved_record(record, out), encoding="utf-8")
         write_model_card(directory)
 
     check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training

@@ -310,16 +310,20 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     Both models are given back as they came: their train/eval modes and which parameters require gradients (the
     student's weights trained), and the student without the activation checkpointing and input-gradient hook
-    training used."""
+    training used. It trains with autograd on whatever the caller's grad mode."""
+    if any(p.is_inference() for m in (student, teacher) if isinstance(m, torch.nn.Module) for p in m.parameters()):
+        raise ValueError("the student or the teacher was loaded under torch.inference_mode(), whose weights cannot be "
+                         "trained through: load them outside it")
     modes = [(m, m.training, {p: p.requires_grad for p in m.parameters()}) for m in (teacher, student)
              if isinstance(m, torch.nn.Module)]
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
     theirs = {id(m) for m in student.modules() if hasattr(m, "base_layer")} if isinstance(student, torch.nn.Module) \
         else set()  # adapters the caller put on the student
-    try:
-        return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
-                        should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress,
-                        models=models)
+    try:  # (autograd on, whatever the caller's mode: a notebook's torch.set_grad_enabled(False), inference_mode)
+        with torch.inference_mode(False), torch.enable_grad():
+            return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
+                            should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress,
+                            models=models)
     finally:
         if getattr(student, "is_activation_checkpointing", False):
             student.activation_checkpointing_disable()
@@ -520,7 +524,7 @@ def published(saved: dict, output_dir: Path) -> bool:
     """Whether ``output_dir`` holds the model of the checkpoint whose progress is ``saved`` (its config.json,
     and a distill.json with the same log)."""
     try:
-        record = json.loads((Path(output_dir) / "distill.json").read_text())
+        record = json.loads((Path(output_dir) / "distill.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
     return (Path(output_dir) / "config.json").is_file() and isinstance(record, dict) \
@@ -564,7 +568,7 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
         with library_bars_off(not bar_on):  # (save_pretrained's own "Writing model shards")
             student.save_pretrained(final)
         (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
-                                                       indent=1))
+                                                       indent=1), encoding="utf-8")
         plot_progress(progress, final / "distill.png")
         if extra_files is not None:
             extra_files(final)

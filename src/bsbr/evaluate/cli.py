@@ -235,7 +235,7 @@ def _distilled_on(args, dataset: dict) -> Optional[str]:
     """What of this evaluation's text MODEL was distilled on (the data its distill.json records), said as
     the options that name it; None when that is nothing, or MODEL was not distilled."""
     try:
-        data = json.loads((Path(args.model).expanduser() / "distill.json").read_text()).get("data")
+        data = json.loads((Path(args.model).expanduser() / "distill.json").read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
     data = data if isinstance(data, dict) else {}

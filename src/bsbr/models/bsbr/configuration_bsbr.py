@@ -212,7 +212,7 @@ AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transfo
 
 def write_auto_code(directory) -> None:
     """``bsbr_auto.py`` in ``directory``, beside the config.json whose ``auto_map`` names it."""
-    (Path(directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE)
+    (Path(directory) / f"{AUTO_MODULE}.py").write_text(AUTO_CODE, encoding="utf-8")
 
 
 class BSBRConfig(PretrainedConfig):

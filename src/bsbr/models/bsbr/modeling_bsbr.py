@@ -426,7 +426,7 @@ def refuse_pickled_weights(path: Path) -> None:
     # a safetensors index naming other files: transformers loads those with torch.load (a pickle)
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
         try:
-            shards = json.loads(index.read_text())["weight_map"].values()
+            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # (not an index transformers can read: it refuses it)
         other = sorted({str(f) for f in shards if not str(f).endswith(".safetensors")})
@@ -455,7 +455,7 @@ def refuse_other_model_type(path: Path) -> None:
     """Raise ValueError when the model directory ``path`` holds a source model (its config.json's
     ``model_type`` is not "bsbr"): it is converted first, not loaded."""
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}/config.json is not a JSON object: {e}") from e
     if model_type != "bsbr":
@@ -478,8 +478,9 @@ def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
     if single.is_file():
         return [single]
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})  # (some may be
-    return []  # missing: transformers names them)
+        # (some may be missing: transformers names them)
+        return sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    return []
 
 
 def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, variant: Optional[str] = None
@@ -562,7 +563,7 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
     300 built 300 layers, 4.3 GB and 11 s, before the strict check named the missing weights; a vocabulary of
     10^9 asked for 192 GB)."""
     try:
-        saved = json.loads((path / "config.json").read_text())
+        saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         saved = None  # (transformers names an unreadable config)
     saved = saved if isinstance(saved, dict) else {}
