@@ -346,15 +346,19 @@ _SEEDED = threading.Lock()  # commands that seed torch's generator, run in threa
 @contextlib.contextmanager
 def _generator_kept(args):
     """A command that seeds torch's generator (distill, bench, demo, generate --seed) gives the caller's back
-    when it ends (seeded at random, as an import does, if the caller had not imported torch), one such call at a
-    time. Any other leaves the generator alone: unseeded sampling moves it on as ``generate`` does, and a call
-    never takes back the draws other threads made meanwhile (``eval --seed`` seeds its own generators)."""
-    if args.command not in ("distill", "bench", "demo") and not (args.command == "generate" and args.seed is not None):
-        yield
+    when it ends (seeded at random, as an import does, if the caller had not imported torch; CUDA's too), one
+    such call at a time. Any other leaves the generator alone: unseeded sampling moves it on as ``generate``
+    does (taking its turn: its draws between a seeded call's would change that one's text), and a call never
+    takes back the draws other threads made meanwhile (``eval --seed`` seeds its own generators)."""
+    generate = args.command == "generate"
+    if args.command not in ("distill", "bench", "demo") and not (generate and args.seed is not None):
+        with _SEEDED if generate and args.temperature > 0 else contextlib.nullcontext():
+            yield
         return
     with _SEEDED:
         torch = sys.modules.get("torch")  # (not imported here: refusals before the command's import stay quick)
         state = torch.get_rng_state() if torch is not None else None
+        cuda = torch.cuda.get_rng_state_all() if torch is not None and torch.cuda.is_initialized() else None
         try:
             yield
         finally:
@@ -364,6 +368,10 @@ def _generator_kept(args):
                     torch.set_rng_state(state)
                 else:  # (torch seeds its generator at random when imported)
                     torch.seed()
+                if cuda is not None:
+                    torch.cuda.set_rng_state_all(cuda)
+                elif state is not None:  # (a random seed queued until CUDA starts, in place of the command's)
+                    torch.cuda.manual_seed_all(torch.Generator().seed())
 
 
 @contextlib.contextmanager

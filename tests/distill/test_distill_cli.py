@@ -755,6 +755,24 @@ def test_distill_trains_whatever_the_callers_grad_mode(models, text, tmp_path):
     assert any(not torch.equal(trained[k], converted[k]) for k in converted)
 
 
+def test_a_ctrl_c_once_the_model_is_published_says_it_is_complete(models, text, tmp_path, monkeypatch, capsys):
+    # it printed a resume command, which then said the checkpoint was already at its last step
+    import bsbr.distill.trainer as trainer
+
+    real = trainer.distill
+
+    def then_ctrl_c(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "distill", then_ctrl_c)
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "2")) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; {out} holds the distilled model, complete" in err and "resume with" not in err, err
+    load_bsbr_model(out)
+
+
 def test_a_signal_once_training_is_over_says_so(caplog):
     # rank 1, waiting for rank 0 to publish the model, said it would finish its step and write a checkpoint
     import os

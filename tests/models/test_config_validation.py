@@ -538,5 +538,5 @@ def test_rope_parameters_set_to_none_after_the_config_was_built_is_refused(tmp_p
 
     convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
     for override in ("rope_parameters", "rope_scaling"):
-        with pytest.raises(ValueError, match="rope_parameters was set to None after the config was built"):
+        with pytest.raises(ValueError, match="rope_parameters is None on a rotary model"):
             AutoModelForCausalLM.from_pretrained(tmp_path, **{override: None})

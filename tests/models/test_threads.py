@@ -104,7 +104,7 @@ def test_only_commands_that_seed_give_the_generator_back():
     for command, seed, kept in (("eval", 3, False), ("generate", None, False), ("generate", 3, True),
                                 ("bench", None, True)):
         before = torch.get_rng_state()
-        with _generator_kept(argparse.Namespace(command=command, seed=seed)):
+        with _generator_kept(argparse.Namespace(command=command, seed=seed, temperature=1.0)):
             torch.rand(3)
         assert torch.equal(torch.get_rng_state(), before) == kept, command
 
@@ -145,3 +145,39 @@ def test_a_call_of_main_in_a_thread_leaves_the_unraisable_hook_as_it_finds_it_at
     run_in_threads(lambda i: main(["generate", str(tmp_path / "m"), "--prompt", "def f", "--max-new-tokens", "2"]),
                    n=1)
     assert sys.unraisablehook is meanwhile
+
+
+def test_a_seeded_generation_is_the_same_while_other_threads_sample_unseeded(tmp_path, monkeypatch):
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    printed = {}
+
+    class PerThread(io.TextIOBase):
+        def write(self, text):
+            printed.setdefault(threading.current_thread().name, []).append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stdout", PerThread())
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "def f", "--temperature", "1", "--max-new-tokens", "24"]
+    run_in_threads(lambda i: main(argv + ["--seed", "7"]), n=1)
+    alone = "".join(printed.pop("t0"))
+    run_in_threads(lambda i: [main(argv + (["--seed", "7"] if i == 0 else [])) for _ in range(3)], n=3)
+    assert "".join(printed["t0"]) == alone * 3
+
+
+def test_a_seeding_command_leaves_no_seed_of_its_own_queued_for_cuda(tmp_path, monkeypatch):
+    # CUDA's generators, seeded lazily when CUDA starts, were left the command's seed
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    if tracker is None or not hasattr(tracker, "get_calls"):
+        import pytest
+
+        pytest.skip("this torch queues CUDA seeds otherwise")
+    convert_to_bsbr(make_source("gpt2"), chunk_size=4).save_pretrained(tmp_path / "m")
+    build_word_tokenizer().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    main(["generate", str(tmp_path / "m"), "--prompt", "def f", "--temperature", "1", "--seed", "7",
+          "--max-new-tokens", "2"])
+    queued = tracker.get_calls()[1]  # (the seed every device's generator takes when CUDA starts)
+    seeds = [c.cell_contents for c in (queued[0].__closure__ or ()) if isinstance(c.cell_contents, int)] \
+        if queued else []
+    assert 7 not in seeds, seeds

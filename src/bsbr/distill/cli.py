@@ -253,7 +253,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     import torch.distributed as dist
 
     from .checkpoint import MANIFEST, START_OVER, earlier_layout, earlier_layout_error, has_checkpoint, read_manifest
-    from .trainer import DistillInterrupted, check_same_run, check_work_left
+    from .trainer import DistillInterrupted, check_same_run, check_work_left, published
 
     ckpt = out / "checkpoint"
     check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
@@ -329,6 +329,10 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
             step = _checkpoint_step(ckpt, before) if rank0 else None
             if step is None:
                 raise
+            if published(read_manifest(ckpt)["progress"], out):  # (a signal after the model was moved in)
+                print(f"bsbr distill: interrupted; {out} holds the distilled model, complete", file=sys.stderr,
+                      flush=True)
+                return 130
             line = f"interrupted; checkpoint {ckpt} holds step {step}"
         if rank0:
             print(f"bsbr distill: {line}; resume with: {_resume_command(args)}", file=sys.stderr, flush=True)
