@@ -301,8 +301,19 @@ _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the weight shards s
 # tempfile's 8-character suffix; and the data files of a distill checkpoint (bsbr.distill.checkpoint's names)
 _STAGED = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
 _CHECKPOINT_DATA = re.compile(r"(trainable|optimizer)-\d{7,}-[0-9a-f]{8}\.safetensors")
-# (distill's checkpoint files before 2026-11-29, beside no manifest: see bsbr.distill.checkpoint.EARLIER)
-_EARLIER_CHECKPOINT = frozenset({"progress.json", "trainable.safetensors", "optimizer.safetensors"})
+_EARLIER_CHECKPOINT = ("progress.json", "trainable.safetensors", "optimizer.safetensors")
+
+
+def earlier_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds the whole checkpoint of a bsbr distill before 2026-11-29: its three files, the
+    progress with that recipe's fields (its ``stage``)."""
+    if not all((folder / name).is_file() and not (folder / name).is_symlink() for name in _EARLIER_CHECKPOINT):
+        return False
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+        return isinstance(progress, dict) and {"step", "log", "config", "stage"} <= progress.keys()
+    return False
+
 _SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' save_file writes through one (a kill leaves it)
 
 
@@ -440,7 +451,7 @@ def checkpoint_file(f: Path) -> bool:
     """Whether ``f``, in a distill output's ``checkpoint/``, is a file bsbr writes there (it holds files only)."""
     return not f.is_symlink() and f.is_file() and bool(
         left_by_a_kill(f.name) or f.name == "manifest.json" or _CHECKPOINT_DATA.fullmatch(f.name)
-        or _SAFETENSORS_TMP.fullmatch(f.name) or f.name in _EARLIER_CHECKPOINT)
+        or _SAFETENSORS_TMP.fullmatch(f.name) or f.name in _EARLIER_CHECKPOINT and earlier_checkpoint(f.parent))
 
 
 def checkpoint_strays(out: Path) -> Tuple[list, bool]:

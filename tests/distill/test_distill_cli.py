@@ -183,13 +183,25 @@ def test_a_checkpoint_of_an_earlier_bsbr_is_named_as_such_and_replaced_by_overwr
     ckpt = out / "checkpoint"
     for f in ckpt.iterdir():
         f.unlink()
-    for name in ("progress.json", "trainable.safetensors", "optimizer.safetensors"):
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
         (ckpt / name).write_text("{}")
+    # a user's files of these names are not taken for it (--overwrite, bsbr convert --overwrite deleted them)
+    (ckpt / "progress.json").write_text('{"epoch": 3}')
+    before = tree_hash(out)
+    for extra in (["--resume"], [], ["--overwrite"]):
+        line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), *extra], "distill", out)
+        assert "files no bsbr command wrote" in line, line
+        assert tree_hash(out) == before
+    (ckpt / "progress.json").write_text(json.dumps(dict(step=2, log=[], config={}, stage=2, elapsed=1.0)))
+    (out / "notes.txt").write_text("mine")
     before = tree_hash(out)
     for extra in (["--resume"], []):
         line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), *extra], "distill", out)
         assert "was written by an earlier bsbr (before 2026-11-29" in line and "--overwrite" in line, line
         assert tree_hash(out) == before
+    assert "files no bsbr command wrote (notes.txt)" in refused(
+        capsys, [*distill_args(models, text, out, "--steps", "3"), "--overwrite"], "distill", out)
+    (out / "notes.txt").unlink()
     assert main([*distill_args(models, text, out, "--steps", "2"), "--overwrite"]) == 0
     assert (ckpt / "manifest.json").is_file() and not (ckpt / "progress.json").exists()
     load_bsbr_model(out)

@@ -346,6 +346,10 @@ def test_a_heat_map_an_earlier_bsbr_wrote_is_known_by_the_data_beside_it(tmp_pat
     assert not _is_passkey_output(png)  # (a user's PNG, alone)
     data.write_text(json.dumps({k: [] for k in ("lengths", "depths", "trials", "fillers", "models", "samples")}))
     assert _is_passkey_output(png)
+    # beside this bsbr's data (it records its run's config, and its heat map carries a title): a user's PNG
+    data.write_text(json.dumps({k: [] for k in ("lengths", "depths", "trials", "fillers", "models", "samples",
+                                                "config")}))
+    assert _is_passkey_output(data) and not _is_passkey_output(png)
     Image.new("RGB", (4, 4)).save(tmp_path / "x.passkey.gif")
     (tmp_path / "x.passkey.png").write_bytes((tmp_path / "x.passkey.gif").read_bytes())  # (a GIF named .png)
     (tmp_path / "x.passkey.json").write_text(data.read_text())

@@ -540,3 +540,12 @@ def test_rope_parameters_set_to_none_after_the_config_was_built_is_refused(tmp_p
     for override in ("rope_parameters", "rope_scaling"):
         with pytest.raises(ValueError, match="rope_parameters is None on a rotary model"):
             AutoModelForCausalLM.from_pretrained(tmp_path, **{override: None})
+
+
+@pytest.mark.parametrize("retired", [dict(retrieval_top_k=2), dict(retrieval_mass=1.0), dict(meta="linear")])
+def test_options_an_earlier_bsbr_had_are_refused_by_name_when_given_in_python(retired):
+    # kept unread: the model built and saved, then its folder was refused on loading ("convert the source again")
+    (name, value), = retired.items()
+    with pytest.raises(ValueError, match=f"BSBRConfig\\({name}={value!r}\\): an option of an earlier bsbr"):
+        BSBRConfig(**TINY, **retired)
+    assert not hasattr(BSBRConfig(**TINY, retrieval_mass=None), "retrieval_mass")

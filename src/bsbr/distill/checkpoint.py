@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..outputs import atomic_write_text, checkpoint_file, file_record, fsync, shared_modes
+from ..outputs import atomic_write_text, checkpoint_file, earlier_checkpoint, file_record, fsync, shared_modes
 
 MANIFEST = "manifest.json"
 FORMAT = 3  # the manifest layout this bsbr writes and reads
@@ -30,7 +30,7 @@ EARLIER = "progress.json"  # (with trainable.safetensors, optimizer.safetensors,
 def earlier_layout(directory: Path) -> bool:
     """Whether ``directory`` holds a checkpoint of bsbr distill before 2026-11-29 (no manifest), which this bsbr
     cannot continue: the recipe it trained by was retired."""
-    return (Path(directory) / EARLIER).is_file() and not (Path(directory) / MANIFEST).is_file()
+    return earlier_checkpoint(Path(directory)) and not (Path(directory) / MANIFEST).exists()
 
 
 def earlier_layout_error(directory: Path, start_over: str = START_OVER) -> CheckpointError:
@@ -93,8 +93,8 @@ def has_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a checkpoint, complete or not: anything but what a first save killed
     before its manifest leaves (its data files: no checkpoint yet, and the next save removes them)."""
     directory = Path(directory)
-    return directory.is_dir() and any(p.name in (MANIFEST, EARLIER) or not checkpoint_file(p)
-                                      for p in directory.iterdir())
+    return directory.is_dir() and (earlier_layout(directory) or any(p.name == MANIFEST or not checkpoint_file(p)
+                                                                    for p in directory.iterdir()))
 
 
 def read_manifest(directory: Path) -> dict:

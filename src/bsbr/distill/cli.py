@@ -259,6 +259,8 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
                      inputs=_inputs(args, student_dir))
+    if earlier_layout(ckpt) and not args.overwrite:  # (to be replaced, not resumed: whatever lies beside it)
+        raise earlier_layout_error(ckpt, "pass --overwrite to start over, or choose another --output")
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")
@@ -276,8 +278,6 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
                                   f"choose another --output")
             raise OutputError(f"--output {out} holds a checkpoint and files no bsbr command wrote ({names}): move "
                               f"them out, then pass --resume to continue it, or choose another --output")
-        if earlier_layout(ckpt):
-            raise earlier_layout_error(ckpt, "pass --overwrite to start over, or choose another --output")
         restart = "" if holds_cwd(out) else ", --overwrite to start over"  # (which would replace the cwd: refused)
         raise CheckpointError(f"--output {out} holds a checkpoint: pass --resume to continue it{restart}, or "
                               f"choose another --output")

@@ -30,7 +30,8 @@ from ..outputs import is_bsbr_output, not_written, publish_files, resume_strays,
 from ..progress import bar as progress_bar
 from ..results import software
 from ..ops.checks import check_int, check_number, is_number, shown
-from .checkpoint import has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from .checkpoint import (earlier_layout, earlier_layout_error, has_checkpoint, load_checkpoint, read_manifest,
+                         save_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +419,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     progress = dict(step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world, run=run)
     params, opt = _trainable(student, cfg)
     if has_checkpoint(ckpt_dir) and not overwrite:
+        if earlier_layout(ckpt_dir):
+            raise earlier_layout_error(ckpt_dir)
         if not resume:
             raise CheckpointError(f"{ckpt_dir} holds a checkpoint: pass --resume to continue it, --overwrite to "
                                   f"start over, or choose another --output")

@@ -124,20 +124,29 @@ def _check_task_dir(task_dir: Path, arg) -> None:
 
 def _is_passkey_output(path: Path) -> bool:
     """Whether ``path`` is what bsbr eval writes as a derived file: its pass-key heat map (a PNG carrying
-    its title; an earlier bsbr's carries none, and is known by the pass-key data beside it) or the pass-key
-    data (a :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
-    if not path.is_file():
-        return False
+    its title; an earlier bsbr's, before 2026-12-02, carries none, and is known by that bsbr's pass-key data
+    beside it, which records no run ``config``) or the pass-key data (a
+    :func:`~bsbr.evaluate.passkey.run_passkey` result as JSON)."""
     if path.suffix == ".png":
         from .plots import HEATMAP_TITLE, png_title
 
-        title = png_title(path)
-        return title == HEATMAP_TITLE or title == "" and _is_passkey_output(path.with_suffix(".json"))
+        title = path.is_file() and png_title(path)
+        return title == HEATMAP_TITLE or title == "" and _passkey_data(path.with_suffix(".json")) == "earlier"
+    return _passkey_data(path) is not None
+
+
+def _passkey_data(path: Path) -> Optional[str]:
+    """Whether ``path`` holds pass-key data bsbr eval wrote: "earlier" where it records no run ``config`` (an
+    earlier bsbr's), "yes", or None."""
+    if not path.is_file():
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and {"lengths", "depths", "trials", "fillers", "models", "samples"} <= data.keys()
+        return None
+    if not (isinstance(data, dict) and {"lengths", "depths", "trials", "fillers", "models", "samples"} <= data.keys()):
+        return None
+    return "yes" if "config" in data else "earlier"
 
 
 def _check_outputs(args) -> None:

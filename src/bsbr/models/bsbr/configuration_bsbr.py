@@ -85,19 +85,26 @@ def saved_before_versions(config_dict: dict) -> bool:
     return "bsbr_version" not in config_dict and "transformers_version" in config_dict
 
 
+def _retired(values: dict, given: str, fix: str = "") -> dict:
+    """The retired options ``values`` holds, or a ValueError where one is set to what this bsbr does not
+    compute (``given``, formatted with them, and ``fix`` frame the message)."""
+    retired = {k: values[k] for k in _RETIRED if k in values}
+    wrong = {k: v for k, v in retired.items() if _RETIRED[k] is not None and v not in _RETIRED[k]}
+    if values.get("feature_map") == "elu":
+        wrong["feature_map"] = "elu"
+    if wrong:
+        said = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+        raise ValueError(f"{given.format(said)}: an option of an earlier bsbr that this bsbr does not compute "
+                         f"(retired: docs/findings.md, 'Ruled out'){fix}")
+    return retired
+
+
 def _saved_config(config_dict: dict) -> dict:
     """``config_dict`` (a config.json's) as this bsbr reads it: the retired options taken out (a ValueError
     where one was set to what this bsbr does not compute); for a config saved before bsbr recorded its
     version, each window option it lacks as it computed then, and a warning where its retrieval blocks were
     scored otherwise then (the op's changes up to 2026-12-01, CHANGELOG)."""
-    retired = {k: config_dict[k] for k in _RETIRED if k in config_dict}
-    wrong = {k: v for k, v in retired.items() if _RETIRED[k] is not None and v not in _RETIRED[k]}
-    if config_dict.get("feature_map") == "elu":
-        wrong["feature_map"] = "elu"
-    if wrong:
-        said = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
-        raise ValueError(f"config.json sets {said}: an option of an earlier bsbr that this bsbr does not compute "
-                         "(retired: docs/findings.md, 'Ruled out'): convert the source again with bsbr convert")
+    retired = _retired(config_dict, "config.json sets {}", ": convert the source again with bsbr convert")
     router = config_dict.get("block_router")
     config_dict = {k: v for k, v in config_dict.items() if k not in retired}
     if not saved_before_versions(config_dict) or config_dict.get("model_type", "bsbr") != "bsbr":
@@ -382,6 +389,8 @@ class BSBRConfig(PretrainedConfig):
                        "of the retrieval blocks): the model chooses all %s blocks by their own scores",
                        retrieval_blocks)
         _refuse_native_names(self, kwargs)
+        for name in _retired(kwargs, "BSBRConfig({})"):  # (from_dict takes them out of a saved config first)
+            kwargs.pop(name)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         rope = self.rope_parameters
