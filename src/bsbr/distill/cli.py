@@ -326,10 +326,12 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         if isinstance(e, DistillInterrupted):
             line = str(e)
         else:
-            step = _checkpoint_step(ckpt, before) if rank0 else None
+            step, done = _checkpoint_step(ckpt, before) if rank0 else None, False
             if step is None:
                 raise
-            if published(read_manifest(ckpt)["progress"], out):  # (a signal after the model was moved in)
+            with contextlib.suppress(OSError, CheckpointError):  # (read a moment ago; unreadable now: not said)
+                done = published(read_manifest(ckpt)["progress"], out)  # (a signal after the model was moved in)
+            if done:
                 print(f"bsbr distill: interrupted; {out} holds the distilled model, complete", file=sys.stderr,
                       flush=True)
                 return 130
