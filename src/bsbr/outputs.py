@@ -145,7 +145,7 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         card = out / "README.md"
         edited = " (its README.md is not the model card bsbr writes: edited?)" if card.is_file() and not \
             _is_model_card(card) else ""
-        names = not_written(out)
+        names = checkpoint_strays(out)[0]  # (inside a checkpoint folder: by their names there)
         if not names and not edited and _other_config(out / "config.json"):  # (another model, its files named as
             raise OutputError(f"{option} {path} holds another model than a BSBR one (its config.json), which bsbr "
                               f"never replaces: choose another {option}")  # bsbr names its own: not results alone)

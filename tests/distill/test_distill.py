@@ -64,6 +64,12 @@ def test_distill_trains_under_no_grad_and_refuses_weights_made_in_inference_mode
         distill(teacher, student, windows(2, 48), tmp_path / "a", DistillConfig(steps=2), progress=False)
     with torch.inference_mode():
         teacher, student = fresh()
+    teacher, student = fresh()
+    with torch.inference_mode():  # (a notebook cell's windows)
+        ws = windows(2, 48)
+    distill(teacher, student, ws, tmp_path / "c", DistillConfig(steps=2), progress=False)
+    with torch.inference_mode():
+        teacher, student = fresh()
     with pytest.raises(ValueError, match="loaded under torch.inference_mode"):
         distill(teacher, student, windows(2, 48), tmp_path / "b", DistillConfig(steps=2), progress=False)
     assert not (tmp_path / "b").exists()

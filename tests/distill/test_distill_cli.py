@@ -193,15 +193,16 @@ def test_a_checkpoint_of_an_earlier_bsbr_is_named_as_such_and_replaced_by_overwr
         assert "files no bsbr command wrote" in line, line
         assert tree_hash(out) == before
     (ckpt / "progress.json").write_text(json.dumps(dict(step=2, log=[], config={}, stage=2, elapsed=1.0)))
-    (out / "notes.txt").write_text("mine")
+    (ckpt / "notes.txt").write_text("mine")  # (named, so that --overwrite, which refuses it, is not advised alone)
     before = tree_hash(out)
     for extra in (["--resume"], []):
         line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), *extra], "distill", out)
-        assert "was written by an earlier bsbr (before 2026-11-29" in line and "--overwrite" in line, line
+        assert "was written by an earlier bsbr (before 2026-11-29" in line, line
+        assert "move checkpoint/notes.txt out, then pass --overwrite" in line, line
         assert tree_hash(out) == before
-    assert "files no bsbr command wrote (notes.txt)" in refused(
+    assert "files no bsbr command wrote (checkpoint/notes.txt)" in refused(
         capsys, [*distill_args(models, text, out, "--steps", "3"), "--overwrite"], "distill", out)
-    (out / "notes.txt").unlink()
+    (ckpt / "notes.txt").unlink()
     assert main([*distill_args(models, text, out, "--steps", "2"), "--overwrite"]) == 0
     assert (ckpt / "manifest.json").is_file() and not (ckpt / "progress.json").exists()
     load_bsbr_model(out)

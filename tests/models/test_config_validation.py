@@ -549,3 +549,12 @@ def test_options_an_earlier_bsbr_had_are_refused_by_name_when_given_in_python(re
     with pytest.raises(ValueError, match=f"BSBRConfig\\({name}={value!r}\\): an option of an earlier bsbr"):
         BSBRConfig(**TINY, **retired)
     assert not hasattr(BSBRConfig(**TINY, retrieval_mass=None), "retrieval_mass")
+
+
+def test_a_retired_option_set_on_a_config_is_refused_when_it_is_saved(tmp_path):
+    # config.update put it there, the save succeeded, and the folder was refused on loading
+    config = BSBRConfig(**TINY)
+    config.update({"retrieval_top_k": 3})
+    with pytest.raises(ValueError, match="this config sets retrieval_top_k=3: an option of an earlier bsbr"):
+        config.save_pretrained(tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -117,6 +117,7 @@ def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[i
     return reason and f"{kind} {reason}"
 
 
+@torch.inference_mode(False)  # (its models train: built as normal tensors whatever the caller's mode)
 def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[str] = DEFAULT_MODELS, *,
                  hidden: int = 256, layers: int = 2, heads: int = 4, ff_dim: int = 1024, chunk_size: int = 128,
                  repeats: int = 3, max_seconds: float = 15.0, model_budget: float = 90.0, train: bool = True,

@@ -322,6 +322,7 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         else set()  # adapters the caller put on the student
     try:  # (autograd on, whatever the caller's mode: a notebook's torch.set_grad_enabled(False), inference_mode)
         with torch.inference_mode(False), torch.enable_grad():
+            windows = [w.clone() if isinstance(w, torch.Tensor) and w.is_inference() else w for w in windows]
             return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
                             should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress,
                             models=models)

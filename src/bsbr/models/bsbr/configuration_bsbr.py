@@ -241,7 +241,9 @@ class BSBRConfig(PretrainedConfig):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' ``save_pretrained``, plus the ``bsbr_auto.py`` that ``auto_map`` names: a process that
-        has not imported bsbr reads the folder with ``trust_remote_code=True``."""
+        has not imported bsbr reads the folder with ``trust_remote_code=True``. A retired option set on it since
+        it was built (``update``) is refused by name: the folder saved would not load."""
+        _retired(self.__dict__, "this config sets {}", ": delete it from the config (delattr) before saving")
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         if os.path.isdir(save_directory):
             write_auto_code(save_directory)
