@@ -2021,3 +2021,13 @@ def test_json_files_are_read_as_utf8_whatever_the_locale(models, tmp_path):
     run = subprocess.run([sys.executable, "-m", "bsbr.cli", "generate", str(tmp_path / "out"), "--prompt", "the",
                           "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_a_safetensors_index_that_is_no_regular_file_is_refused_not_read(models, tmp_path, capsys):
+    # a FIFO of that name made every load wait forever; a link to /dev/urandom read until memory ran out
+    _, converted, _ = models
+    folder = tmp_path / "m"
+    shutil.copytree(converted, folder)
+    os.mkfifo(folder / "model.safetensors.index.json")
+    line = refused(capsys, ["generate", folder, "--prompt", "the", "--max-new-tokens", "1"], "generate", folder)
+    assert "model.safetensors.index.json is not a safetensors index (not a regular file)" in line, line

@@ -75,6 +75,25 @@ def test_distill_trains_under_no_grad_and_refuses_weights_made_in_inference_mode
     assert not (tmp_path / "b").exists()
 
 
+def test_an_earlier_bsbrs_checkpoint_is_named_first_by_the_library_too(tmp_path):
+    # resume=True said to move a file beside it, then refused the checkpoint as an earlier bsbr's
+    import json
+
+    from bsbr.errors import CheckpointError
+
+    teacher, student = fresh()
+    ckpt = tmp_path / "out" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "progress.json").write_text(json.dumps(dict(step=2, log=[], config={}, stage=2)))
+    for name in ("trainable.safetensors", "optimizer.safetensors", "notes.txt"):
+        (ckpt / name).write_text("{}")
+    for resume in (True, False):
+        with pytest.raises(CheckpointError, match="was written by an earlier bsbr"):
+            distill(teacher, student, windows(2, 48), tmp_path / "out", DistillConfig(steps=1), resume=resume)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt", "optimizer.safetensors", "progress.json",
+                                                      "trainable.safetensors"]
+
+
 def test_int32_windows_train_as_int64_ones(tmp_path):
     # token arrays kept as int32 passed the checks, then failed in the loss ("expected target dtype to be Long")
     teacher, student = fresh()
@@ -106,7 +125,7 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
     for ckpt in (False, True):  # resume=True with no checkpoint (or an empty folder) replaced them
         if ckpt:
             (mine / "checkpoint").mkdir()
-        with pytest.raises(ValueError, match=r"holds files no bsbr command wrote \(config.json, ...\): resume=True "):
+        with pytest.raises(ValueError, match=r"holds files no bsbr command wrote \(config.json\): resume=True "):
             distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True)
     (mine / "config.json").rename(tmp_path / "config.json")  # an empty checkpoint folder alone: started fresh
     distill(teacher, student, ws, mine, DistillConfig(steps=1), resume=True, progress=False)
@@ -120,7 +139,7 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
     assert not (tmp_path / "out").exists()
     # overwrite=True replaced every entry of output_dir, a user's folders and files with the old model
     (mine / "data").mkdir()
-    with pytest.raises(ValueError, match=r"holds files no bsbr command wrote \(data, ...\): overwrite=True "
+    with pytest.raises(ValueError, match=r"holds files no bsbr command wrote \(data\): overwrite=True "
                                          "replaces only a bsbr output"):
         distill(teacher, student, ws, mine, DistillConfig(steps=1), overwrite=True)
     assert sorted(p.name for p in mine.iterdir()) == ["config.json", "data"]

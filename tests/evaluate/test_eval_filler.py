@@ -182,3 +182,24 @@ def test_a_filler_file_too_short_for_its_prompts_is_warned_of_and_recorded_by_ab
                                     trials=1, fillers=[name], progress=False)
         assert r["fillers"][0]["origin"] == str(tmp_path / name)
         assert ("filler " + str(tmp_path / "mine.txt") + " has 2 usable sentences" in caplog.text) is warned, name
+
+
+def test_a_filler_file_that_cannot_be_read_or_is_huge_is_refused_in_one_line(tmp_path, monkeypatch):
+    # an unreadable file was a PermissionError traceback, a 50 GB one was read whole (MemoryError), and a name
+    # holding a newline printed the error on two lines
+    huge = tmp_path / "huge\nname.txt"
+    huge.write_text("The grass is green and the sky is blue today.\n" * 20)
+    with open(huge, "r+b") as f:
+        f.truncate(filler.FILLER_MAX + 1)  # (sparse)
+    with pytest.raises(ValueError, match="over 64 MB") as e:
+        filler.get_filler(str(huge))
+    assert "\n" not in str(e.value)
+    small = tmp_path / "small.txt"
+    small.write_text("The grass is green and the sky is blue today.\n" * 20)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(small), "read_bytes", denied)
+    with pytest.raises(ValueError, match="small.txt: cannot read it \\(Permission denied\\): give a readable"):
+        filler.get_filler(str(small))

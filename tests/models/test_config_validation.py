@@ -558,3 +558,16 @@ def test_a_retired_option_set_on_a_config_is_refused_when_it_is_saved(tmp_path):
     with pytest.raises(ValueError, match="this config sets retrieval_top_k=3: an option of an earlier bsbr"):
         config.save_pretrained(tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_retired_value_of_a_current_option_is_refused_on_saving_with_advice_that_keeps_it(tmp_path):
+    config = BSBRConfig(**TINY, retrieval="additive", feature_map="hedgehog")
+    config.update({"feature_map": "elu"})
+    with pytest.raises(ValueError, match="feature_map: hedgehog or identity") as e:
+        config.save_pretrained(tmp_path / "c")
+    assert "feature_map='elu'" in str(e.value)
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    model.config.update({"retrieval_top_k": 3})
+    with pytest.raises(ValueError, match="retrieval_top_k=3"):  # (before transformers makes the folder)
+        model.save_pretrained(tmp_path / "m", state_dict=model.state_dict())
+    assert not (tmp_path / "m").exists()

@@ -262,7 +262,8 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     if earlier_layout(ckpt) and not args.overwrite:  # (to be replaced, not resumed)
         strays = checkpoint_strays(out)[0]  # (a user's files beside it: --overwrite would refuse them)
         move = f"move {', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''} out, then " if strays else ""
-        raise earlier_layout_error(ckpt, f"{move}pass --overwrite to start over, or choose another --output")
+        raise earlier_layout_error(ckpt, "choose another --output" if holds_cwd(out) else  # (--overwrite: refused)
+                                   f"{move}pass --overwrite to start over, or choose another --output")
     if args.resume and out.is_dir() and any(out.iterdir()) and not ckpt.is_dir():
         raise CheckpointError(f"--resume: --output {out} holds no checkpoint (no {ckpt.name}/): give the --output of "
                               f"the run to continue, or an empty one")

@@ -26,7 +26,7 @@ from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..models.bsbr.reach import exact_reach, gate_open
 from ..models.heads import final_hidden_states, position_blocks
-from ..outputs import is_bsbr_output, not_written, publish_files, resume_strays, temp_dir
+from ..outputs import checkpoint_strays, is_bsbr_output, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
 from ..results import software
 from ..ops.checks import check_int, check_number, is_number, shown
@@ -385,10 +385,14 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             p.name != "checkpoint" and not p.name.startswith(".final.tmp-") for p in output_dir.iterdir()):
         raise ValueError(f"output_dir {output_dir} holds files, which the model would replace: give a new or empty "
                          "directory, or overwrite=True")
+    if earlier_layout(output_dir / "checkpoint") and not overwrite:  # (named first: --resume cannot continue it)
+        raise earlier_layout_error(output_dir / "checkpoint", "give overwrite=True to start over (moving out any file "
+                                   "of yours beside it first), or another output_dir")
     strays = resume_strays(output_dir) if resume and output_dir.is_dir() else None
     if strays is not None or output_dir.is_dir() and overwrite and any(output_dir.iterdir()) and \
             not is_bsbr_output(output_dir):
-        mine = "".join(f" ({name}, ...)" for name in (not_written(output_dir) if strays is None else strays)[:1])
+        names = checkpoint_strays(output_dir)[0] if strays is None else strays
+        mine = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
         flag = "overwrite" if overwrite else "resume"
         raise ValueError(f"output_dir {output_dir} holds files no bsbr command wrote{mine}: {flag}=True replaces only "
                          "a bsbr output (a BSBR model, its records or a checkpoint); move them or choose another "

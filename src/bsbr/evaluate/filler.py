@@ -181,6 +181,18 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
         logger.info("no licence texts in %s; prose filler falls back to the standard library's docstrings", root)
         return CyclingFiller("prose", docstring_sentences(), "standard library docstrings (no licence texts)")
     path = filler_path(spec)
+    try:
+        return _file_filler(spec, path)
+    except OSError as e:  # (unreadable, or a folder on the way without search permission)
+        raise ValueError(f"filler file {' '.join(str(path).split())}: cannot read it ({e.strerror or e}): give a "
+                         "readable text file") from None
+
+
+FILLER_MAX = 1 << 26  # bytes a filler file may hold: it is read whole (a book is a few MB)
+
+
+def _file_filler(spec: str, path: Path) -> "CyclingFiller":
+    shown = " ".join(str(path).split())  # (one line, whatever the name holds)
     if not path.is_file():
         if path.exists():
             what = "a directory" if path.is_dir() else "not a regular file (a device or FIFO)"
@@ -189,20 +201,23 @@ def get_filler(spec: Union[str, Filler], licenses_dir: Optional[Union[str, Path]
             raise ValueError(f"filler file {spec!r} does not exist: give an existing text file's path or one of "
                              f"{', '.join(FILLER_KINDS)}")
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
+    if path.stat().st_size > FILLER_MAX:
+        raise ValueError(f"filler file {shown} holds {path.stat().st_size:,} bytes, over {FILLER_MAX >> 20} MB (it is "
+                         "read whole): give a smaller text")
     with open(path, "rb") as f:
         why = not_utf8(f.read(8192))
     if why:
-        raise ValueError(f"filler file {path} {why}")
+        raise ValueError(f"filler file {shown} {why}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:  # (the offset in the file: a byte-order mark is not decoded)
         at = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
-        raise ValueError(f"filler file {path} is not UTF-8 text ({e.reason} at byte {at:,}): save it as UTF-8") \
+        raise ValueError(f"filler file {shown} is not UTF-8 text ({e.reason} at byte {at:,}): save it as UTF-8") \
             from None
     sentences = tuple(dict.fromkeys(split_sentences(text)))
     if not sentences:
-        raise ValueError(f"filler file {path} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
+        raise ValueError(f"filler file {shown} has no usable sentences ({MIN_WORDS}-{MAX_WORDS} words, "
                          "capitalised, ending in . ! or ?, without digits, markup characters, web addresses or "
                          "the words 'pass key')")
     return CyclingFiller(f"file:{path.name}", sentences, str(path.resolve()))  # (a record rerun from anywhere)

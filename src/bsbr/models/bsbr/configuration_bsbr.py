@@ -243,10 +243,16 @@ class BSBRConfig(PretrainedConfig):
         """transformers' ``save_pretrained``, plus the ``bsbr_auto.py`` that ``auto_map`` names: a process that
         has not imported bsbr reads the folder with ``trust_remote_code=True``. A retired option set on it since
         it was built (``update``) is refused by name: the folder saved would not load."""
-        _retired(self.__dict__, "this config sets {}", ": delete it from the config (delattr) before saving")
+        self.refuse_retired()
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         if os.path.isdir(save_directory):
             write_auto_code(save_directory)
+
+    def refuse_retired(self) -> None:
+        """A ValueError naming a retired option set on this config since it was built (``update``, an attribute):
+        a folder saved with it would not load."""
+        _retired(self.__dict__, "this config sets {}", ": set it back before saving (feature_map: hedgehog or "
+                 "identity; another option: delattr)")
 
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         """``push_to_hub`` uploads the files changed since the save began: ``bsbr_auto.py`` goes too."""

@@ -412,6 +412,9 @@ def built_with(config) -> dict:
                 rope_parameters=config.rope_parameters, hidden_act=config.hidden_act, norm_eps=config.norm_eps)
 
 
+INDEX_MAX = 1 << 28  # bytes: a safetensors index names each weight once (a few MB for the largest models)
+
+
 def refuse_pickled_weights(path: Path) -> None:
     """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files, or has a
     safetensors index naming files of another kind: they are pickles, which bsbr never loads (even with
@@ -425,6 +428,10 @@ def refuse_pickled_weights(path: Path) -> None:
                       "safetensors (model.save_pretrained(DIR) does by default)")
     # a safetensors index naming other files: transformers loads those with torch.load (a pickle)
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
+        if not index.is_file() or index.stat().st_size > INDEX_MAX:  # (a FIFO would block, a device never end)
+            why = "not a regular file" if not index.is_file() else f"over {INDEX_MAX >> 20} MB"
+            raise OSError(f"{index} is not a safetensors index ({why}): remove it, or put back the one save_pretrained "
+                          "wrote")
         try:
             shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -477,6 +484,8 @@ def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
     single, index = _layouts(path, variant)
     if single.is_file():
         return [single]
+    if not index.is_file() or index.stat().st_size > INDEX_MAX:  # (refuse_pickled_weights names it)
+        return []
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         # (some may be missing: transformers names them)
         return sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
@@ -701,6 +710,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         given = kwargs.get("state_dict", args[0] if args else None)  # (a caller's own weights: DeepSpeed's, a subset)
         if isinstance(base, BSBRBaseModel) and given is None:  # a config edited so that it builds other weights:
             base._check_config_unchanged(weights_only=True)  # a save that never loads
+        self.config.refuse_retired()  # (before transformers makes the folder)
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
         layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
