@@ -52,6 +52,12 @@ def split_of(relative_path: str) -> str:
     return "heldout" if _unit_hash(Path(relative_path).as_posix()) < HELDOUT_FRACTION else "train"
 
 
+def _unreadable(error: OSError) -> None:
+    """``os.walk``'s ``onerror``: a folder inside a corpus it cannot list (it would skip its files silently)."""
+    raise OSError(error.errno, f"{error.strerror} (a folder inside the corpus, whose files would be left out): make "
+                  "it readable, or give a folder without it", error.filename)
+
+
 def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]] = None) -> List[Path]:
     """The standard library's ``.py`` files in ``split`` (``"train"``, ``"heldout"`` or ``"all"``),
     sorted by relative path (deterministic on every machine with the same Python). Test suites,
@@ -64,7 +70,7 @@ def stdlib_files(split: str = "heldout", root: Optional[Union[str, os.PathLike]]
     if not root.is_dir():
         raise FileNotFoundError(f"corpus directory not found: {root}")
     found = []
-    for d, dirs, files in os.walk(root):
+    for d, dirs, files in os.walk(root, onerror=_unreadable):
         dirs[:] = [x for x in dirs if x not in EXCLUDE_DIRS]
         # regular files only: a FIFO would block the read, a dangling link fail it
         found += [(Path(d) / f).relative_to(root).as_posix() for f in files
@@ -295,6 +301,8 @@ def local_dataset_files(name: str, config: Optional[str] = None, split: str = "t
     path = Path(name).expanduser()
     if not path.exists():
         return [], [], False, {}
+    for _ in os.walk(path, onerror=_unreadable) if path.is_dir() else ():  # (datasets' glob skips what it cannot list)
+        pass
     import datasets
 
     builder = _dataset_builder(datasets, name, config)

@@ -227,3 +227,23 @@ def test_an_unwritable_datasets_cache_is_named_not_the_users_file(tmp_path, monk
     with pytest.raises(ValueError, match=r"\(datasets' cache, /proc/bsbr-none/datasets: set HF_DATASETS_CACHE to a "
                                          r"writable folder\)"):
         next(corpus.dataset_texts(str(tmp_path / "d.jsonl"), split="train"))
+
+
+def test_a_folder_inside_a_corpus_that_cannot_be_listed_is_refused_not_skipped(tmp_path, monkeypatch):
+    # os.walk and datasets' glob skip a folder they cannot list: bench quality reported 30 of 60 files, exit 0
+    for folder in (tmp_path, tmp_path / "sub"):
+        folder.mkdir(exist_ok=True)
+        for i in range(3):
+            (folder / f"m{i}.py").write_text(f"x = {i}\n")
+    scandir = os.scandir
+
+    def denied(path="."):  # (as a folder without read permission; root would read it anyway)
+        if Path(path).name == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    for call in (lambda: corpus.stdlib_files("all", root=tmp_path), lambda: corpus.local_dataset_files(str(tmp_path))):
+        with pytest.raises(OSError, match="a folder inside the corpus, whose files would be left out") as e:
+            call()
+        assert e.value.filename == str(tmp_path / "sub")
