@@ -455,12 +455,15 @@ def checkpoint_file(f: Path) -> bool:
 
 
 def checkpoint_strays(out: Path) -> Tuple[list, bool]:
-    """What no bsbr command wrote in the distill output ``out``, a ``checkpoint/`` folder's entries named inside
-    it (``checkpoint/NAME``), and whether ``checkpoint/`` holds any file distill writes there."""
-    names, ckpt = [], out / "checkpoint"
+    """What no bsbr command wrote in the output ``out``, the entries of a distill ``checkpoint/`` folder and of a
+    demo's ``model/`` named inside them (``checkpoint/NAME``), and whether ``checkpoint/`` holds any file distill
+    writes there."""
+    names, ckpt, model = [], out / "checkpoint", out / "model"
     for name in not_written(out):
         if name == ckpt.name and ckpt.is_dir() and not ckpt.is_symlink():
             names += sorted(f"{ckpt.name}/{f.name}" for f in ckpt.iterdir() if not checkpoint_file(f))
+        elif name == model.name and model.is_dir() and not model.is_symlink() and _bsbr_config(model / "config.json"):
+            names += [f"{model.name}/{n}" for n in not_written(model)] or [name]
         else:
             names.append(name)
     mine = ckpt.is_dir() and not ckpt.is_symlink() and any(checkpoint_file(f) for f in ckpt.iterdir())

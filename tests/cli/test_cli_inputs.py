@@ -2031,3 +2031,15 @@ def test_a_safetensors_index_that_is_no_regular_file_is_refused_not_read(models,
     os.mkfifo(folder / "model.safetensors.index.json")
     line = refused(capsys, ["generate", folder, "--prompt", "the", "--max-new-tokens", "1"], "generate", folder)
     assert "model.safetensors.index.json is not a safetensors index (not a regular file)" in line, line
+
+
+def test_a_users_file_inside_a_demo_outputs_model_folder_is_named_by_its_path(tmp_path):
+    # --overwrite's refusal named "(model)", demo's own folder
+    from bsbr.outputs import check_output_dir
+
+    out = tmp_path / "demo"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text(json.dumps({"model_type": "bsbr"}))
+    (out / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"holds files no bsbr command wrote \(model/notes.txt\)"):
+        check_output_dir(out, overwrite=True, option="OUTPUT")
