@@ -424,8 +424,6 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     progress = dict(step=0, elapsed=0.0, log=[], config=asdict(cfg), world_size=world, run=run)
     params, opt = _trainable(student, cfg)
     if has_checkpoint(ckpt_dir) and not overwrite:
-        if earlier_layout(ckpt_dir):
-            raise earlier_layout_error(ckpt_dir)
         if not resume:
             raise CheckpointError(f"{ckpt_dir} holds a checkpoint: pass --resume to continue it, --overwrite to "
                                   f"start over, or choose another --output")

@@ -415,6 +415,13 @@ def built_with(config) -> dict:
 INDEX_MAX = 1 << 28  # bytes: a safetensors index names each weight once (a few MB for the largest models)
 
 
+def _not_an_index(index: Path) -> Optional[str]:
+    """Why ``index`` cannot be a safetensors index to read (a FIFO would block, a device never end), or None."""
+    if not index.is_file():
+        return "not a regular file"
+    return f"over {INDEX_MAX >> 20} MB" if index.stat().st_size > INDEX_MAX else None
+
+
 def refuse_pickled_weights(path: Path) -> None:
     """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files, or has a
     safetensors index naming files of another kind: they are pickles, which bsbr never loads (even with
@@ -428,8 +435,8 @@ def refuse_pickled_weights(path: Path) -> None:
                       "safetensors (model.save_pretrained(DIR) does by default)")
     # a safetensors index naming other files: transformers loads those with torch.load (a pickle)
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
-        if not index.is_file() or index.stat().st_size > INDEX_MAX:  # (a FIFO would block, a device never end)
-            why = "not a regular file" if not index.is_file() else f"over {INDEX_MAX >> 20} MB"
+        why = _not_an_index(index)
+        if why:
             raise OSError(f"{index} is not a safetensors index ({why}): remove it, or put back the one save_pretrained "
                           "wrote")
         try:
@@ -484,7 +491,7 @@ def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
     single, index = _layouts(path, variant)
     if single.is_file():
         return [single]
-    if not index.is_file() or index.stat().st_size > INDEX_MAX:  # (refuse_pickled_weights names it)
+    if _not_an_index(index):  # (refuse_pickled_weights names it)
         return []
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         # (some may be missing: transformers names them)
@@ -716,7 +723,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         before = [_identity(f) for f in layouts]
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
-            self._write_auto_code(save_directory)
+            write_auto_code(save_directory)
             after = [_identity(f) for f in layouts]
             if all(after) and after != before:  # the other layout's file, left from an earlier save (transformers
                 # leaves it, and loads model.safetensors first: the old weights, silently)
@@ -727,10 +734,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         """``push_to_hub`` (and ``save_pretrained(push_to_hub=True)``) uploads the files changed since the save
         began: ``bsbr_auto.py`` is written just before, so that it goes too."""
-        self._write_auto_code(working_dir)
+        write_auto_code(working_dir)
         return super()._upload_modified_files(working_dir, *args, **kwargs)
-
-    _write_auto_code = staticmethod(write_auto_code)
 
     def _returned(self, out, return_dict: Optional[bool]):
         """``out``, or its tuple when ``return_dict`` (default: the config's) is False, as transformers' models do."""
