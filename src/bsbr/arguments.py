@@ -5,6 +5,7 @@ here imports torch at module level."""
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import importlib
 import json
@@ -279,6 +280,21 @@ def _first_bytes(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
+def absent(path) -> str:
+    """Why ``path`` cannot be found, for an error message: "does not exist", or a loop of links, a link to
+    nothing, a folder on the way that may not be entered."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        if e.errno == errno.EACCES:
+            return "cannot be reached (permission denied on a folder on its way)"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    return "does not exist"
+
+
 def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     """Refuse, before loading anything, a model argument that names a local path which does not exist or
     is not a source model (a directory with config.json of a non-BSBR model, or a .gguf file). Only
@@ -289,6 +305,8 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
     text = str(source)
     path = Path(os.path.expanduser(text))
     if path.is_dir():
+        if (path / "config.json").exists() and not (path / "config.json").is_file():
+            raise UserError(f"{option} {text} holds a config.json that is not a file: not a model directory")
         if not (path / "config.json").is_file():
             shadows = re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith(".") and \
                 not text.endswith(".gguf")  # (a hub id's shape; a name ending so is a local path)
@@ -304,6 +322,8 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
             raise UserError(f"{option} {text} is a file, not a model directory or a .gguf file")
         if path.stat().st_size < 8 or _first_bytes(path, 4) != b"GGUF":
             raise UserError(f"{option} {text} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    elif os.path.lexists(path) or absent(path) != "does not exist":  # (a local path, which cannot be read)
+        raise UserError(f"{option} {text} {absent(path)}: give a model directory or a .gguf file")
     elif text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".gguf", "/")):  # not ORG/NAME
         raise UserError(f"{option} {text} does not exist (no such file or directory; a hub model is named "
                         f"ORG/NAME, e.g. openai-community/gpt2)")
@@ -526,8 +546,8 @@ def check_bsbr_dir(path, option: str) -> Path:
     path = Path(os.path.expanduser(str(path)))
     config = path / "config.json"
     if not config.is_file():
-        what = "does not exist" if not path.exists() else "is a file, not a directory" if not path.is_dir() \
-            else "has no config.json"
+        what = absent(path) if not path.exists() else "is a file, not a directory" if not path.is_dir() \
+            else "has no config.json" if not config.exists() else "holds a config.json that is not a file"
         raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
     values = read_config(config, option)
     if values["model_type"] != "bsbr":
@@ -607,7 +627,7 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
     for f in files or []:
         p = Path(f)
         if not p.is_file():
-            what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir()
+            what = (absent(p) if not p.exists() else "is a directory" if p.is_dir()
                     else "is not a regular file (a device or FIFO)")
             raise UserError(f"{option} {f} {what}: " + ("give a text file, or - to read standard input"
                                                          if option == "--prompt-file" else "give text files"))

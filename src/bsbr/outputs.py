@@ -46,6 +46,25 @@ def _overlap(a: Path, b: Path) -> bool:
     return a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _entry(p: Path):
+    """What the system finds at ``p``, whatever name reaches it: a folder by its identity (a bind mount shows
+    one folder under two paths), anything else by its folder's identity and its name (None: not there)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(p)
+        if stat.S_ISDIR(st.st_mode):
+            return "folder", st.st_dev, st.st_ino
+    with contextlib.suppress(OSError):
+        st = os.stat(p.parent)
+        return "name", st.st_dev, st.st_ino, p.name
+    return None
+
+
+def _within(a: Path, b: Path) -> bool:
+    """Whether the real path ``a`` is ``b`` or lies inside it, reached through another name (a bind mount):
+    realpath cannot see that."""
+    return (entry := _entry(b)) is not None and entry in map(_entry, (a, *a.parents))
+
+
 def _links_into(folder: Path, target: Path) -> bool:
     """Whether a link at the top of ``folder`` points into ``target`` (an unreadable folder: the input's own
     check says so)."""
@@ -81,7 +100,9 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
         if src is None:
             continue
         s = resolved_path(src)
-        if (_overlap(out, s) or _overlap(real_out, _real(src))) and (s.exists() or out == s):
+        real_src = _real(src)
+        overlap = _overlap(real_out, real_src) or _within(real_out, real_src) or _within(real_src, real_out)
+        if (_overlap(out, s) or overlap) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
         if s.is_dir() and _links_into(s, real_out):
@@ -186,11 +207,12 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} -: results are written to a file, not to standard output: give a file name")
         out = resolved_path(path)
         real = _real(out)
-        if real in seen:
-            raise OutputError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
-        seen[real] = option
+        keys = {real, _entry(real)} - {None}  # (one file may be reached by two names: a bind mount)
+        if (same := next((seen[k] for k in keys if k in seen), None)) is not None:
+            raise OutputError(f"{option} {path} is also given to {same}: give each output its own file")
+        seen.update(dict.fromkeys(keys, option))
         for label, src in sources:
-            if real.is_relative_to(src):
+            if real.is_relative_to(src) or _within(real, src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
         _check_path_names(out, path, option)
         if out.is_dir() or str(path).endswith(("/", os.sep)):

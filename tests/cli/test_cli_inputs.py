@@ -2043,3 +2043,26 @@ def test_a_users_file_inside_a_demo_outputs_model_folder_is_named_by_its_path(tm
     (out / "model" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match=r"holds files no bsbr command wrote \(model/notes.txt\)"):
         check_output_dir(out, overwrite=True, option="OUTPUT")
+
+
+def test_a_path_that_cannot_be_reached_is_named_for_what_it_is(models, tmp_path, capsys, monkeypatch):
+    """A loop of links, a link to nothing and a config.json that is a folder were each said not to exist (or
+    to have no config.json); a link to nothing shaped like ORG/NAME was looked up on the hub."""
+    source, converted, _ = models
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").symlink_to("gone")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert "SOURCE loop is a loop of symbolic links" in refused(capsys, ["convert", "loop", "out"], "convert")
+    line = refused(capsys, ["convert", "org/name", "out"], "convert")
+    assert "SOURCE org/name is a symbolic link to gone, which does not exist" in line
+    assert "SOURCE m holds a config.json that is not a file" in refused(capsys, ["convert", "m", "out"], "convert")
+    assert "MODEL_DIR loop is a loop of symbolic links" in refused(capsys, ["generate", "loop", "--prompt", "a"],
+                                                                  "generate")
+    assert "MODEL_DIR m holds a config.json that is not a file" in refused(capsys, ["generate", "m", "--prompt", "a"],
+                                                                          "generate")
+    line = refused(capsys, ["eval", converted, "--text-file", "loop"], "eval")
+    assert "--text-file loop is a loop of symbolic links" in line
+    assert not (tmp_path / "out").exists()

@@ -1980,3 +1980,35 @@ def test_overwrite_looks_into_folders_named_like_a_killed_runs(models, tmp_path,
         line = refused(capsys, ["convert", source, tmp_path / "empty", "--chunk-size", "8", "--overwrite"], "convert")
         assert "holds files no bsbr command wrote (.backup.old-20240115)" in line, line
         (backup / name).unlink()
+
+
+@contextlib.contextmanager
+def bind_mount(folder: Path, at: Path):
+    """``folder`` also reached as ``at`` (a bind mount; skips where this user may not mount)."""
+    at.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", folder, at], capture_output=True).returncode:
+        pytest.skip("needs a bind mount (root)")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", at], check=True)
+
+
+def test_an_input_reached_through_a_bind_mount_is_not_overwritten(models, tmp_path, capsys):
+    """A bind mount shows one folder under two paths, which their real paths do not reveal: eval's --json
+    named the --text-file through one and replaced it with its results."""
+    source, converted, _ = models
+    data = tmp_path / "data"
+    data.mkdir()
+    text = data / "story.json"  # (a JSON file, which --json would replace as its own results)
+    text.write_text(json.dumps({"text": TEXT}))
+    before = text.read_text()
+    with bind_mount(data, tmp_path / "again") as again:
+        line = refused(capsys, ["eval", converted, "--reference", source, "--text-file", text, "--seq-len", "32",
+                                "--max-windows", "1", "--no-passkey", "--json", again / "story.json"],
+                       "eval")
+        assert f"would overwrite the --text-file {text}" in line and text.read_text() == before
+        (tmp_path / "src-again").mkdir()
+        with bind_mount(source, tmp_path / "src-again" / "m"):
+            line = refused(capsys, ["convert", source, tmp_path / "src-again" / "m" / "x"], "convert", source)
+            assert "overlaps the SOURCE" in line and not (source / "x").exists()
