@@ -448,12 +448,8 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
             continue
         size, text = _read_text_file(Path(f), f, "--dataset")
         total += size if text else 0
-    if sized and read and not total:
-        raise UserError(f"--dataset {name}: {files} only whitespace: give some text")
-    if sized and seq_len is not None and total + len(read) < seq_len:  # (each file ends with an EOS token)
-        raise UserError(f"--dataset {name}: {total:,} bytes in {len(read)} file(s), fewer than the {seq_len:,} "
-                        "tokens of one window (--seq-len; a token takes a byte at least, and each file adds an "
-                        "end-of-text token): give more text or a lower --seq-len")
+    if sized and read:
+        _check_enough_text(f"--dataset {name}", files, total, len(read), seq_len)
     if unread:
         logger.warning("--dataset %s: %d file(s) are not read (datasets reads one format per folder: here %s; "
                        "and of a dataset card's configs, the one chosen): %s",
@@ -633,13 +629,20 @@ def check_text_files(files, seq_len: Optional[int] = None, option: str = "--text
                                                          if option == "--prompt-file" else "give text files"))
         size, text = _read_text_file(p, f, option)
         total += size if text else 0  # (a file of whitespace alone adds no text, only its EOS)
-    if files and seq_len is not None and not total:  # (a corpus; a prompt of spaces is still a prompt)
-        raise UserError(f"{option}: {'the file holds' if len(files) == 1 else 'the files hold'} only whitespace: give "
-                        "some text")
-    if files and seq_len is not None and total + len(files) < seq_len:  # (each file ends with an EOS token)
-        raise UserError(f"{option}: {total:,} bytes in {len(files)} file(s), fewer than the {seq_len:,} tokens of "
-                        "one window (--seq-len; a token takes a byte at least, and each file adds an end-of-text "
-                        "token): give more text or a lower --seq-len")
+    if files and seq_len is not None:  # (a corpus; a prompt of spaces is still a prompt)
+        _check_enough_text(option, "the file holds" if len(files) == 1 else "the files hold", total, len(files),
+                           seq_len)
+
+
+def _check_enough_text(what: str, holds: str, total: int, n_files: int, seq_len: Optional[int]) -> None:
+    """Refuse files of ``total`` bytes of text but whitespace (``holds``: their wording), or too few bytes for
+    one window of ``seq_len`` tokens (None: any)."""
+    if not total:
+        raise UserError(f"{what}: {holds} only whitespace: give some text")
+    if seq_len is not None and total + n_files < seq_len:  # (each file ends with an EOS token)
+        raise UserError(f"{what}: {total:,} bytes in {n_files} file(s), fewer than the {seq_len:,} tokens of one "
+                        "window (--seq-len; a token takes a byte at least, and each file adds an end-of-text token): "
+                        "give more text or a lower --seq-len")
 
 
 def check_default_model(source, option: str) -> None:

@@ -101,8 +101,6 @@ def read_manifest(directory: Path) -> dict:
     """The manifest of the checkpoint in ``directory``, with every file checked (exists, size, SHA-256)."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if earlier_layout(directory):
-        raise earlier_layout_error(directory)
     if not path.is_file():
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
         raise CheckpointError(f"checkpoint {directory} is partial: no {MANIFEST} (found {present[:4]}); {START_OVER}")

@@ -134,25 +134,12 @@ _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its l
 _PREFIX_LENGTHS = tuple(16 << j for j in range(17))
 _ASCENDING: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = 0 .. N - 1, grown by doubling
 _LENGTHS: dict = {}  # device -> _PREFIX_LENGTHS as a tensor
-_POWERS: dict = {}  # device -> _DIGEST_BASE ** j % _DIGEST_MOD for j = N - 1 .. 0 (descending), grown by doubling
-
-
-def _descending_powers(k: int, device) -> torch.Tensor:
-    """The last ``k`` of the cached descending powers: base ** (k - 1) .. base ** 0 (mod), on ``device``. Kept
-    as a tensor: ``generate`` hashes the whole text at each step, and building the powers from a Python list
-    took 10 ms at 128k tokens (0.7 ms from the tensor)."""
-    have = _POWERS.get(device)
-    if have is None or have.shape[0] < k:
-        n = max(k, 2 * (0 if have is None else have.shape[0]), 1024)
-        p = [1] * n
-        for j in range(n - 2, -1, -1):
-            p[j] = p[j + 1] * _DIGEST_BASE % _DIGEST_MOD
-        _POWERS[device] = have = torch.tensor(p, dtype=torch.long, device=device)
-    return have[have.shape[0] - k:]
 
 
 def _ascending_powers(k: int, device) -> torch.Tensor:
-    """base ** 0 .. base ** (k - 1) (mod), on ``device``."""
+    """base ** 0 .. base ** (k - 1) (mod), on ``device``. Kept as a tensor: ``generate`` hashes the whole text
+    at each step, and building the powers from a Python list took 10 ms at 128k tokens (0.7 ms from the
+    tensor)."""
     have = _ASCENDING.get(device)
     if have is None or have.shape[0] < k:
         n = max(k, 2 * (0 if have is None else have.shape[0]), 1024)
@@ -198,7 +185,7 @@ def text_digest(ids: torch.Tensor, prev: Optional[torch.Tensor] = None, real: Op
     k = ids.shape[1]
     if real is not None:
         ids = torch.where(real, ids, -1)
-    h = ((ids.long() % _DIGEST_MOD) * _descending_powers(k, ids.device) % _DIGEST_MOD).sum(-1) % _DIGEST_MOD
+    h = ((ids.long() % _DIGEST_MOD) * _ascending_powers(k, ids.device).flip(0) % _DIGEST_MOD).sum(-1) % _DIGEST_MOD
     return h if prev is None else (prev.to(ids.device) * pow(_DIGEST_BASE, k, _DIGEST_MOD) + h) % _DIGEST_MOD
 
 
