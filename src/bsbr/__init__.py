@@ -8,8 +8,10 @@ is already imported, else right after transformers is imported — so that after
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import threading
 
 from .lazy import lazy_names
 
@@ -29,27 +31,28 @@ def _register_auto_classes() -> None:
 
 class _AfterTransformersImport:
     """A ``sys.meta_path`` finder that lets the regular finders find ``transformers`` and registers the
-    BSBR Auto classes once that module has executed; it removes itself on first use."""
+    BSBR Auto classes once that module has executed; it removes itself then (a spec only asked for, as a
+    check that transformers is installed does, leaves it in place)."""
+
+    _searching = threading.local()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or getattr(self._searching, "on", False):
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find else None
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        exec_module = getattr(loader, "exec_module", None)
+        self._searching.on = True  # (the finders asked below may ask the meta path again)
+        try:
+            spec = next((s for f in sys.meta_path if f is not self and getattr(f, "find_spec", None)
+                         for s in [f.find_spec(fullname, path, target)] if s is not None), None)
+        finally:
+            self._searching.on = False
+        exec_module = getattr(getattr(spec, "loader", None), "exec_module", None)
         if exec_module is None:
             return spec
 
         def exec_then_register(module):
             exec_module(module)
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
             try:
                 _register_auto_classes()
             except Exception as e:  # never break the user's `import transformers`
@@ -57,7 +60,7 @@ class _AfterTransformersImport:
 
                 warnings.warn(f"bsbr could not register its model with transformers' Auto classes: {e}")
 
-        loader.exec_module = exec_then_register
+        spec.loader.exec_module = exec_then_register
         return spec
 
 

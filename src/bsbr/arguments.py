@@ -394,8 +394,9 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         importlib.import_module("datasets")
     except ImportError:  # (a local path's checks import it first)
         raise UserError(f"--dataset {name}: needs the 'datasets' package: pip install datasets") from None
-    _cache_only_if_the_hub_is_unreachable(say=not Path(name).expanduser().exists())
-    from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files, rows_file
+    from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files, rows_file, spelled_as_a_path
+
+    _cache_only_if_the_hub_is_unreachable(say=not (Path(name).expanduser().exists() or spelled_as_a_path(name)))
 
     # files datasets reads as no rows (Markdown goes to its task builder: "No task.toml or instruction.md files")
     path = Path(name).expanduser()

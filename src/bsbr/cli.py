@@ -237,12 +237,14 @@ def _to_devnull(fd: int) -> None:
 class _ClosedPipeIgnored:
     """stdout for a command that writes files: once it cannot be written (its reader has gone: ``| head``,
     ``| true``; a full device; closed from the start: ``>&-``), what the command prints is dropped and it goes
-    on, so the files it was asked for are still written (``bsbr generate``, whose printing is its work, stops
-    instead: status 141, or refuses to start)."""
+    on, so the files it was asked for are still written. ``stop``: its printing is its work (results asked for
+    no file): it stops instead, status 141 when the reader went away, else one line naming stdout
+    (``bsbr generate`` is not wrapped: the same)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, stop: bool = False):
         self._stream = open(os.devnull, "w") if stream is None else stream
         self.failed: Optional[OSError] = None  # a write that failed otherwise than by a closed pipe (a full disk)
+        self.stop = stop
 
     def _closed(self):
         _STDOUT_LOST.set()
@@ -269,6 +271,11 @@ class _ClosedPipeIgnored:
         if not isinstance(error, BrokenPipeError):
             self.failed = self.failed or error
         self._closed()
+        if self.stop:
+            from .errors import UserError
+
+            raise error if self.failed is None else UserError(f"stdout: {error.strerror or error}: what the command "
+                                                              "printed is lost")
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -541,7 +548,7 @@ def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
               "pipe, or --json", file=sys.stderr)
         return EXIT_USAGE
     if args.command != "generate":
-        sys.stdout = _ClosedPipeIgnored(stdout)
+        sys.stdout = _ClosedPipeIgnored(stdout, stop=not _writes_files(args))
     from .progress import bars_off
 
     try:
@@ -579,6 +586,8 @@ def _run_command(args, name: str, verbose: bool) -> int:
     """The command, inside the one error boundary."""
     try:
         code = int(args.func(args) or 0)
+        if sys.stdout is not None:  # (what it printed, delivered or named here: not lost at exit)
+            sys.stdout.flush()
         return _interrupted(name) if INTERRUPTED.is_set() else code  # (an interrupt a library swallowed)
     except (KeyboardInterrupt, Exception) as e:  # the one error boundary
         if verbose and not isinstance(e, (KeyboardInterrupt, BrokenPipeError)):  # the traceback, then the same

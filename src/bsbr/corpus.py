@@ -138,6 +138,12 @@ DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow"
 COMPRESSED = (".gz", ".bz2", ".zst", ".xz", ".lz4", ".zip")
 
 
+def spelled_as_a_path(name: str) -> bool:
+    """Whether a ``--dataset`` name is spelled as a local path (``./``, ``/``, ``~``, a data file's suffix),
+    never a hub dataset's."""
+    return name.startswith((".", "/", "~")) or name.lower().endswith(DATA_SUFFIXES + COMPRESSED + (".ndjson", ".tar"))
+
+
 def _dataset_builder(datasets, name: str, config: Optional[str], **options):
     """The builder of ``name``: a hub dataset, a local folder of data files, or one local data file (read
     by its folder's builder, as its one split ``train``)."""
@@ -153,8 +159,8 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
         where = dict(path=str(path.resolve()))
     elif path.exists():
         raise ValueError("not a regular file (a device or FIFO): give data files")
-    elif name.startswith((".", "/", "~")) or name.lower().endswith(DATA_SUFFIXES + COMPRESSED + (".ndjson", ".tar")):
-        raise ValueError("no such folder or file")  # (spelled as a path: not a hub name)
+    elif spelled_as_a_path(name):
+        raise ValueError("no such folder or file")
     else:
         where = dict(path=name)
     return datasets.load_dataset_builder(name=config, **where, **options)

@@ -3,6 +3,7 @@ local models: one error line, exit status 2, refused before the work, nothing wr
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -793,6 +794,31 @@ def test_a_hub_id_with_no_connection_reads_the_cache_at_once(tmp_path, capsys, m
                          "directory or .gguf file, or unset HF_HUB_OFFLINE"), line
 
 
+def test_a_dataset_spelled_as_a_path_that_does_not_exist_says_nothing_of_the_hub(models, tmp_path, capsys,
+                                                                                 monkeypatch, caplog):
+    # `--dataset /nonexistent/data.jsonl` first said "the hub cannot be reached": no hub name is spelled so
+    import socket
+
+    from huggingface_hub import constants
+
+    def unreachable(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    source, converted, _ = models
+    capsys.readouterr()
+    for name in (str(tmp_path / "gone" / "data.jsonl"), "./gone", "gone.jsonl"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bsbr"):
+            assert main(["eval", str(converted), "--reference", str(source), "--no-passkey", "--dataset", name]) == 2
+        assert "no such folder or file" in capsys.readouterr().err
+        assert not [r for r in caplog.records if r.levelno >= logging.INFO and "hub" in r.getMessage()]
+
+
 def test_a_full_disk_while_saving_names_the_output_and_publishes_nothing(models, tmp_path, capsys, monkeypatch):
     source, _, _ = models
 
@@ -964,6 +990,34 @@ def test_a_command_that_only_prints_its_results_names_a_lost_stdout(models, tmp_
     assert line.endswith("stdout: No space left on device: what the command printed is lost"), line
     monkeypatch.setattr(sys, "stdout", None)  # (with --json its results are written there)
     assert main(argv + ["--json", str(tmp_path / "r.json")]) == 0 and (tmp_path / "r.json").is_file()
+
+
+def test_a_command_that_only_prints_its_results_stops_when_its_reader_has_gone(models, tmp_path, capsys, monkeypatch):
+    # `bsbr eval ... | true` (no --json) ran to the end and exited 0, every result lost; `generate` gave 141
+    import sys
+
+    source, converted, _ = models
+    (tmp_path / "t.txt").write_text("def f ( x ) : return x\n" * 40)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["eval", str(converted), "--reference", str(source), "--text-file", str(tmp_path / "t.txt"),
+                 "--seq-len", "24", "--max-windows", "1", "--no-passkey"]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
+def test_convert_prints_only_its_result_on_stdout(models, tmp_path, capsys):
+    # `summary=$(bsbr convert SRC OUT)` caught "loading SRC ..." and "converting (llama, 2 layers) ..." too
+    source, _, _ = models
+    assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("parameters: ") and out[0].endswith(f"saved to {tmp_path / 'out'}")
+
+
+def test_python_dash_m_bsbr_is_the_command():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bsbr", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("bsbr "), proc.stderr
 
 
 def test_a_command_started_with_stderr_closed_runs(models, tmp_path, monkeypatch):

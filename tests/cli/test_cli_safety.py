@@ -1000,6 +1000,26 @@ def test_distill_refuses_a_plan_that_trains_nothing(models, text, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("variable, value", [("WORLD_SIZE", "abc"), ("WORLD_SIZE", "0"), ("LOCAL_WORLD_SIZE", "x")])
+def test_distill_names_a_torchrun_variable_that_is_no_number(models, text, tmp_path, capsys, monkeypatch, variable,
+                                                             value):
+    # "error: invalid literal for int() with base 10: 'abc'"; a bad LOCAL_WORLD_SIZE on one process turned a
+    # SIGTERM's checkpoint and resume line into that error, exit 2
+    monkeypatch.setenv(variable, value)
+    if variable == "LOCAL_WORLD_SIZE":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    line = refused(capsys, distill_args(models, text, tmp_path / "out", "--steps", "1"), "distill", models[1])
+    assert f"the environment variable {variable}={value!r} is not a number of processes" in line
+    assert not (tmp_path / "out").exists()
+    from argparse import Namespace
+
+    from bsbr.distill.cli import _resume_command
+
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")  # (read only for several processes)
+    assert _resume_command(Namespace(argv=["distill", "--output", "o"])) == "bsbr distill --output o --resume"
+
+
 def test_an_output_inside_an_input_is_refused_before_anything_is_made_there(models, text, tmp_path, capsys):
     """The output lock made the output's missing folders and its lock file inside the input (then removed them),
     before the overlap was refused: the input was written into."""
@@ -1625,16 +1645,21 @@ def test_a_weight_of_another_shape_or_dtype_is_refused_by_name(models, tmp_path,
 
 
 @pytest.mark.slow
-def test_import_bsbr_alone_registers_the_auto_classes(models):
+@pytest.mark.parametrize("between", ["", "import importlib.util; importlib.util.find_spec('transformers')\n"],
+                         ids=["import", "find_spec"])
+def test_import_bsbr_alone_registers_the_auto_classes(models, between):
     _, converted, _ = models
-    # a fresh interpreter: `import bsbr` is light and still registers the model with the Auto classes
-    code = ("import sys, bsbr; assert 'torch' not in sys.modules\n"
+    # a fresh interpreter: `import bsbr` is light and still registers the model with the Auto classes; a library's
+    # check that transformers is installed (find_spec, as accelerate's is_transformers_available) in between
+    # took the registration away: trust_remote_code asked for
+    code = ("import sys, bsbr; assert 'torch' not in sys.modules\n" + between +
             "from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(converted)!r}); print(type(m).__name__)")
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                       stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and r.stdout.strip().endswith("BSBRForCausalLM"), r.stderr[-2000:]
 
 

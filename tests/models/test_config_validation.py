@@ -1,6 +1,7 @@
 """Bad config values and conversion options are refused at construction with a ValueError naming the
 argument, and loading never unpickles a checkpoint."""
 import json
+import logging
 
 import pytest
 import torch
@@ -433,6 +434,37 @@ def test_a_bsbr_0_2_0_folder_loads_with_the_window_it_was_built_with(tmp_path):
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_rope_parameters_without_rope_theta_given_after_the_config_was_built_are_refused(tmp_path):
+    # from_pretrained(DIR, rope_parameters={"rope_type": "default"}) read theta 10000 for the saved 500 (logits 6.6
+    # off, silently); with a linear scaling, a bare TypeError. A new config without it takes transformers' default.
+    from model_sources import make_source
+
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
+    for rope in ({"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0}):
+        with pytest.raises(ValueError, match="rope_parameters has no rope_theta on a rotary model"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, rope_parameters=rope)
+        config = BSBRConfig(**{**TINY, "position_type": "rope"}, rope_parameters=rope)
+        assert config.rope_parameters == {**rope, "rope_theta": 10000.0} and "rope_theta" not in rope
+        AutoModelForCausalLM.from_config(config)
+
+
+def test_hybrid_positions_that_compute_as_window_are_told_when_a_model_is_built(tmp_path, caplog):
+    # the converter refuses them; given to from_pretrained (or saved by an earlier bsbr) they ran as 'window' and
+    # were saved as 'hybrid' without a word
+    from model_sources import make_source
+
+    convert_to_bsbr(make_source("llama"), chunk_size=512).save_pretrained(tmp_path)  # (2,048 positions)
+    with caplog.at_level(logging.WARNING, logger="bsbr"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, far_positions="hybrid")
+    assert model.config.own_position_chunks() == 0
+    assert sum("far_positions 'hybrid' reads far keys" in r.getMessage() and "it would be 'window' here" in
+               r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bsbr"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any("hybrid" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("retired", [dict(retrieval_top_k=2), dict(meta="linear"), dict(meta_dim=4),

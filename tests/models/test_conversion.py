@@ -577,10 +577,11 @@ def test_an_activation_is_compared_by_what_it_computes_in_every_layer():
     src.model.layers[0].mlp.act_fn = torch.nn.SiLU(inplace=True)  # (in place: the probe is each layer's own)
     src.config.hidden_act = "swish"  # (silu under another name)
     convert_to_bsbr(src, chunk_size=CHUNK)
-    prelu = make_source("llama")  # an activation with weights: refused where they find no place, in any dtype
-    prelu.config.hidden_act = "prelu"
+    prelu = make_source("llama")  # an activation with weights: refused by name, in any dtype (its weight was named
+    prelu.config.hidden_act = "prelu"  # as one with no place in the BSBR model)
     prelu = type(prelu)(prelu.config).to(torch.float16)
-    with pytest.raises(ValueError, match="source weights with no place in the BSBR model: .*act_fn.weight"):
+    with pytest.raises(ValueError, match=r"the source's activation 'prelu' has learned weights \(model.layers.0.mlp: "
+                                         r"weight\), which BSBR's MLP does not carry"):
         convert_to_bsbr(prelu, chunk_size=CHUNK)
     src.model.layers[-1].mlp.act_fn = torch.nn.ReLU()
     with pytest.raises(ValueError, match=r"the source's model.layers.1.mlp computes another activation than its "
@@ -611,3 +612,4 @@ def test_training_runs_under_anomaly_detection(options, n):
     with torch.autograd.set_detect_anomaly(True):
         model(ids).logits.sum().backward()
     assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters())
+

@@ -217,10 +217,10 @@ def _convert_and_save(args, source, out: Path, options: dict) -> dict:
     t0 = time.perf_counter()
     # the tokenizer first: it is cheap, and a source without one is refused before any work
     tok = load_tokenizer_arg(source, "SOURCE")
-    print(f"loading {source or 'the bundled SmolLM2-135M-Instruct (GGUF)'} ...", flush=True)
+    logger.info("loading %s", source or "the bundled SmolLM2-135M-Instruct (GGUF)")  # (progress: stderr)
     src = load_model_arg(source, "SOURCE")
     check_tokenizer_fits(tok, src.get_input_embeddings().weight.shape[0], f"SOURCE {source}")
-    print(f"converting ({src.config.model_type}, {src.config.num_hidden_layers} layers) ...", flush=True)
+    logger.info("converting (%s, %d layers)", src.config.model_type, src.config.num_hidden_layers)
     name = f"SOURCE {source or 'the bundled SmolLM2'}"
     model = convert_source(src, options, name)
     check_position_options(args, name, model.config.position_type)

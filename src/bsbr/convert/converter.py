@@ -235,12 +235,8 @@ class TransformerToBSBRConverter:
             config = BSBRConfig(**FAMILIES[mt].config(source_config), chunk_size=self.chunk_size,
                                 compression_factor=self.compression_factor, source_model_type=mt, **self.options,
                                 **{k: v for k, v in special.items() if v is not None})
-        if config.far_positions == "hybrid" and config.position_type == "rope" and not config.own_position_chunks():
-            half, window = config.max_position_embeddings // 2, config.local_chunks * config.chunk_size
-            raise ValueError(f"far_positions 'hybrid' reads far keys at their own positions within half the source's "
-                             f"positions ({half:,} tokens), whole chunks of {config.chunk_size:,} of which reach no "
-                             f"further than the window ({window:,} tokens): it would be 'window' here: give a smaller "
-                             "chunk_size or fewer local_chunks, or far_positions 'window'")
+        if (hybrid_as_window := config.hybrid_as_window()) is not None:
+            raise ValueError(hybrid_as_window)
         return config
 
     def convert(self, source) -> BSBRForCausalLM:
@@ -358,9 +354,12 @@ def _check_built_as_configured(src, model) -> None:
         if isinstance(have, float) and not math.isclose(have, eps, rel_tol=1e-6, abs_tol=1e-12):
             raise SourceWeightsError(f"the source's {name} has epsilon {have:g}, its config {eps:g}: {said}")
         act = getattr(m, "act_fn", getattr(m, "act", None)) if name.endswith("mlp") else None
-        # (one with weights of its own is refused where they find no place; a copy of the probe: an in-place
-        # activation writes into it)
-        if isinstance(act, torch.nn.Module) and not act.state_dict() and not torch.allclose(
+        if isinstance(act, torch.nn.Module) and act.state_dict():
+            raise SourceWeightsError(f"the source's activation {act_name!r} has learned weights ({name}: "
+                                     f"{', '.join(act.state_dict())}), which BSBR's MLP does not carry: bsbr converts "
+                                     "models whose activation has none")
+        # (a copy of the probe: an in-place activation writes into it)
+        if isinstance(act, torch.nn.Module) and not torch.allclose(
                 act(probe.clone()).float(), want, rtol=0, atol=1e-5):
             raise SourceWeightsError(f"the source's {name} computes another activation than its config's "
                                      f"{act_name!r} (edited, or the module replaced, after the model was built?): "

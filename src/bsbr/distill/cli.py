@@ -139,8 +139,8 @@ def _resume_command(args) -> str:
     argv = [a for a in getattr(args, "argv", None) or [] if a != "--overwrite"]
     if "--resume" not in argv:
         argv.append("--resume")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    world = processes("WORLD_SIZE", 1)
+    local = processes("LOCAL_WORLD_SIZE", world) if world > 1 else 1
     if world <= 1:
         start = "bsbr "
     elif local >= world:
@@ -169,7 +169,7 @@ def _stop_on_signal():
             return
         logger.warning("%s: finishing the current step, then writing a checkpoint (Ctrl-C again stops at once)%s",
                        signal.Signals(signum).name,
-                       TORCHRUN_GRACE if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+                       TORCHRUN_GRACE if processes("WORLD_SIZE", 1) > 1 else "")
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM) if main_thread}
@@ -180,7 +180,21 @@ def _stop_on_signal():
             signal.signal(sig, handler)
 
 
+def processes(name: str, default: int) -> int:
+    """torchrun's count of processes in the variable ``name`` (unset or empty: ``default``); a
+    :class:`UserError` naming a value that is none."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"the environment variable {name}={text!r} is not a number of processes: unset it, or start "
+                        "the run with torchrun")
+    return int(text)
+
+
 def cmd_distill(args) -> int:
+    if processes("WORLD_SIZE", 1) > 1:  # (read again later, where a bad value could no longer be told in one line)
+        processes("LOCAL_WORLD_SIZE", 1)
     cfg = _plan(args)
     student_dir, out = Path(args.student), resolved_path(args.output)  # (where the system finds link/../out)
     with contextlib.ExitStack() as held:
@@ -227,7 +241,7 @@ def _start_together(refusal: Optional[UserError]) -> None:
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if processes("WORLD_SIZE", 1) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     if dist.is_initialized():
         refused = torch.tensor([refusal is not None], dtype=torch.int32)
@@ -292,7 +306,7 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
             run = _settings(args)
             if (saved.get("run") or {}).get("student_config") is not None:  # (an older checkpoint: trainer warns)
                 run["student_config"] = _student_config(student_dir)
-            run["world_size"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            run["world_size"] = processes("WORLD_SIZE", 1)
             check_same_run(saved, cfg, run, ckpt, flags=True)
         except CheckpointError as e:  # (--overwrite, which it advises, refuses an output holding the cwd)
             if not holds_cwd(out) or START_OVER not in str(e):

@@ -351,6 +351,8 @@ class BSBRConfig(PretrainedConfig):
         elif theta is not None or scaling is not None:
             logger.warning("rope_theta / rope_scaling are ignored: %s", "rope_parameters is given"
                            if rope_parameters is not None else f"position_type is {position_type!r}")
+        if position_type == "rope" and isinstance(rope_parameters, dict) and "rope_theta" not in rope_parameters:
+            rope_parameters = {**rope_parameters, "rope_theta": 10000.0}  # (transformers' default)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -436,6 +438,18 @@ class BSBRConfig(PretrainedConfig):
         if value != default:
             logger.warning("%s=%r does nothing for a model with %s positions: %s", unread, value, self.position_type,
                            why)
+        if (hybrid_as_window := self.hybrid_as_window()) is not None:
+            logger.warning("%s", hybrid_as_window)
+
+    def hybrid_as_window(self) -> Optional[str]:
+        """Why ``far_positions='hybrid'`` computes as ``'window'`` with this config (None: it does not)."""
+        if self.far_positions != "hybrid" or self.position_type != "rope" or self.own_position_chunks():
+            return None
+        half, window = self.max_position_embeddings // 2, self.local_chunks * self.chunk_size
+        return (f"far_positions 'hybrid' reads far keys at their own positions within half the source's positions "
+                f"({half:,} tokens), whole chunks of {self.chunk_size:,} of which reach no further than the window "
+                f"({window:,} tokens): it would be 'window' here: give a smaller chunk_size or fewer local_chunks, "
+                "or far_positions 'window'")
 
     def attention_kwargs(self) -> dict:
         """Keyword arguments of :class:`bsbr.layers.BSBRAttention` for this config."""

@@ -789,11 +789,13 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         for name in _RESOLVED:  # a None set since (update, from_pretrained's overrides): what a new config makes of it
             if getattr(config, name, None) is None:
                 setattr(config, name, getattr(checked, name))
-        if config.position_type == "rope" and config.rope_parameters is None:  # (a new config's default: theta 1e4)
-            raise ValueError("config.rope_parameters is None on a rotary model (set after the config was built: "
-                             "from_pretrained(..., rope_scaling=None), or position_type changed to 'rope'): a saved "
-                             "model's rotary frequencies (rope_theta) would be lost; leave it as saved, or give the "
-                             "whole dict (rope_type, rope_theta)")
+        rope = config.rope_parameters
+        if config.position_type == "rope" and (rope is None or isinstance(rope, dict) and "rope_theta" not in rope):
+            raise ValueError(f"config.rope_parameters {'is None' if rope is None else 'has no rope_theta'} on a "
+                             "rotary model (set after the config was built: from_pretrained(..., rope_parameters=... "
+                             "or rope_scaling=None), or position_type changed to 'rope'): a saved model's rotary "
+                             "frequencies (rope_theta) would be lost; leave it as saved, or give the whole dict "
+                             "(rope_type, rope_theta)")
         config.warn_unread_position_option()  # (here, once: from_pretrained sets its overrides after construction)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
