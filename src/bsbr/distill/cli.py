@@ -186,7 +186,7 @@ def processes(name: str, default: int) -> int:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UserError(f"the environment variable {name}={text!r} is not a number of processes: unset it, or start "
                         "the run with torchrun")
     return int(text)
