@@ -5,7 +5,6 @@ here imports torch at module level."""
 from __future__ import annotations
 
 import codecs
-import errno
 import hashlib
 import importlib
 import json
@@ -17,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import SourceMismatchError, UserError, check_not_interrupted, command_path
+from .errors import SourceMismatchError, UserError, absent, check_not_interrupted, command_path
 
 logger = logging.getLogger(__name__)
 
@@ -278,21 +277,6 @@ def _first_bytes(path: Path, n: int) -> bytes:
     """The first ``n`` bytes of the file ``path`` (not the whole file read)."""
     with open(path, "rb") as f:
         return f.read(n)
-
-
-def absent(path) -> str:
-    """Why ``path`` cannot be found, for an error message: "does not exist", or a loop of links, a link to
-    nothing, a folder on the way that may not be entered."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "is a loop of symbolic links"
-        if e.errno == errno.EACCES:
-            return "cannot be reached (permission denied on a folder on its way)"
-        if os.path.islink(path):
-            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
-    return "does not exist"
 
 
 def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:

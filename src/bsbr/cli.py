@@ -262,7 +262,8 @@ class _ClosedPipeIgnored:
 
     def flush(self):
         try:
-            self._stream.flush()
+            if callable(flush := getattr(self._stream, "flush", None)):
+                flush()
         except OSError as e:
             self._lost(e)
 
@@ -586,8 +587,8 @@ def _run_command(args, name: str, verbose: bool) -> int:
     """The command, inside the one error boundary."""
     try:
         code = int(args.func(args) or 0)
-        if sys.stdout is not None:  # (what it printed, delivered or named here: not lost at exit)
-            sys.stdout.flush()
+        if callable(flush := getattr(sys.stdout, "flush", None)):  # (what it printed, delivered or named here: not
+            flush()  # lost at exit; a caller's stdout may have no flush)
         return _interrupted(name) if INTERRUPTED.is_set() else code  # (an interrupt a library swallowed)
     except (KeyboardInterrupt, Exception) as e:  # the one error boundary
         if verbose and not isinstance(e, (KeyboardInterrupt, BrokenPipeError)):  # the traceback, then the same

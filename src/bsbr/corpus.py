@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from .errors import absent
+
 logger = logging.getLogger(__name__)
 
 
@@ -139,9 +141,10 @@ COMPRESSED = (".gz", ".bz2", ".zst", ".xz", ".lz4", ".zip")
 
 
 def spelled_as_a_path(name: str) -> bool:
-    """Whether a ``--dataset`` name is spelled as a local path (``./``, ``/``, ``~``, a data file's suffix),
-    never a hub dataset's."""
-    return name.startswith((".", "/", "~")) or name.lower().endswith(DATA_SUFFIXES + COMPRESSED + (".ndjson", ".tar"))
+    """Whether a ``--dataset`` name is spelled as a local path (``./``, ``/``, ``~``, a data file's suffix), never
+    a hub dataset's, or names a link here (even one to nothing)."""
+    return name.startswith((".", "/", "~")) or name.lower().endswith(DATA_SUFFIXES + COMPRESSED + (".ndjson", ".tar")) \
+        or os.path.lexists(os.path.expanduser(name))
 
 
 def _dataset_builder(datasets, name: str, config: Optional[str], **options):
@@ -159,6 +162,8 @@ def _dataset_builder(datasets, name: str, config: Optional[str], **options):
         where = dict(path=str(path.resolve()))
     elif path.exists():
         raise ValueError("not a regular file (a device or FIFO): give data files")
+    elif os.path.lexists(path):  # (a link to nothing, or a loop of links)
+        raise ValueError(f"it {absent(path)}")
     elif spelled_as_a_path(name):
         raise ValueError("no such folder or file")
     else:

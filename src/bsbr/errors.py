@@ -1,5 +1,7 @@
 """The one-line errors of the command line: a :class:`UserError` is printed as one line and exits with
 status 2; its kinds say what was refused. And :data:`INTERRUPTED`, the Ctrl-C that stops a command."""
+import errno
+import os
 import shlex
 import threading
 
@@ -35,3 +37,16 @@ def command_path(path) -> str:
     an option, when it starts with ``-``."""
     text = str(path)
     return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
+def absent(path) -> str:
+    """Why ``path`` cannot be found, for an error message: "does not exist", or a loop of links, or a link
+    (through links) to nothing."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.path.realpath(path)}, which does not exist"
+    return "does not exist"

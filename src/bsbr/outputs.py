@@ -46,23 +46,37 @@ def _overlap(a: Path, b: Path) -> bool:
     return a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def _entry(p: Path):
-    """What the system finds at ``p``, whatever name reaches it: a folder by its identity (a bind mount shows
-    one folder under two paths), anything else by its folder's identity and its name (None: not there)."""
-    with contextlib.suppress(OSError):
-        st = os.stat(p)
-        if stat.S_ISDIR(st.st_mode):
-            return "folder", st.st_dev, st.st_ino
-    with contextlib.suppress(OSError):
-        st = os.stat(p.parent)
-        return "name", st.st_dev, st.st_ino, p.name
+def _mounts() -> list:
+    """(mount point, device, root of the mount within its file system) of each mount, deepest first, from
+    /proc/self/mountinfo (none where there is none: not Linux)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+
+    def unescape(field):  # (a space, tab, newline or backslash in a path is written as an octal escape)
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+    rows = [(Path(unescape(f[4])), f[2], Path(unescape(f[3]))) for f in (line.split() for line in lines) if len(f) > 4]
+    return sorted(reversed(rows), key=lambda row: -len(row[0].parts))  # (of two at one point, the later shows)
+
+
+def _in_file_system(p: Path, mounts: list):
+    """The real path ``p`` as (device, path within its file system): one folder reached through two mounts (a bind
+    mount) is one pair (None without mount information)."""
+    for point, device, root in mounts:
+        if p.is_relative_to(point):
+            return device, root / p.relative_to(point)
     return None
 
 
 def _within(a: Path, b: Path) -> bool:
-    """Whether the real path ``a`` is ``b`` or lies inside it, reached through another name (a bind mount):
-    realpath cannot see that."""
-    return (entry := _entry(b)) is not None and entry in map(_entry, (a, *a.parents))
+    """Whether the real path ``a`` is ``b`` or lies inside it, through any mount that shows a folder of them
+    under another path (a bind mount): realpath cannot see that."""
+    mounts = _mounts()
+    in_a, in_b = _in_file_system(a, mounts), _in_file_system(b, mounts)
+    return in_a is not None and in_b is not None and in_a[0] == in_b[0] and in_a[1].is_relative_to(in_b[1])
 
 
 def _links_into(folder: Path, target: Path) -> bool:
@@ -196,7 +210,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
     pairs the command reads (files or directories). An output may not be another output, an input or
     a file inside an input directory, nor a directory; its folder must be makeable; an option in
     ``plots`` needs a file suffix matplotlib writes (.png, .pdf, .svg, ...)."""
-    seen = {}
+    seen, mounts = {}, _mounts()
     sources = [(label, _real(src)) for label, src in inputs if src is not None]
     for option, path in outputs:
         if path is None:
@@ -207,10 +221,10 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} -: results are written to a file, not to standard output: give a file name")
         out = resolved_path(path)
         real = _real(out)
-        keys = {real, _entry(real)} - {None}  # (one file may be reached by two names: a bind mount)
-        if (same := next((seen[k] for k in keys if k in seen), None)) is not None:
-            raise OutputError(f"{option} {path} is also given to {same}: give each output its own file")
-        seen.update(dict.fromkeys(keys, option))
+        key = _in_file_system(real, mounts) or real  # (one file may be reached by two names: a bind mount)
+        if key in seen:
+            raise OutputError(f"{option} {path} is also given to {seen[key]}: give each output its own file")
+        seen[key] = option
         for label, src in sources:
             if real.is_relative_to(src) or _within(real, src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")

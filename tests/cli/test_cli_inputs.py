@@ -1012,6 +1012,29 @@ def test_convert_prints_only_its_result_on_stdout(models, tmp_path, capsys):
     assert len(out) == 1 and out[0].startswith("parameters: ") and out[0].endswith(f"saved to {tmp_path / 'out'}")
 
 
+def test_a_callers_stdout_without_flush_is_written_to(models, tmp_path, capsys, monkeypatch):
+    # main() flushed stdout after each command: a write-only object print() accepts made an internal error
+    import sys
+
+    class WriteOnly:
+        def __init__(self):
+            self.parts = []
+
+        def write(self, text):
+            self.parts.append(text)
+            return len(text)
+
+    source, converted, _ = models
+    (tmp_path / "t.txt").write_text("def f ( x ) : return x\n" * 40)
+    for argv in (["generate", str(converted), "--prompt", "def", "--max-new-tokens", "2"],
+                 ["eval", str(converted), "--reference", str(source), "--text-file", str(tmp_path / "t.txt"),
+                  "--seq-len", "24", "--max-windows", "1", "--no-passkey"]):
+        out = WriteOnly()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(argv) == 0, capsys.readouterr().err
+        assert "".join(out.parts).strip()
+
+
 def test_python_dash_m_bsbr_is_the_command():
     import subprocess
     import sys
@@ -2111,7 +2134,7 @@ def test_a_path_that_cannot_be_reached_is_named_for_what_it_is(models, tmp_path,
     monkeypatch.chdir(tmp_path)
     assert "SOURCE loop is a loop of symbolic links" in refused(capsys, ["convert", "loop", "out"], "convert")
     line = refused(capsys, ["convert", "org/name", "out"], "convert")
-    assert "SOURCE org/name is a symbolic link to gone, which does not exist" in line
+    assert f"SOURCE org/name is a symbolic link to {tmp_path / 'org' / 'gone'}, which does not exist" in line
     assert "SOURCE m holds a config.json that is not a file" in refused(capsys, ["convert", "m", "out"], "convert")
     assert "MODEL_DIR loop is a loop of symbolic links" in refused(capsys, ["generate", "loop", "--prompt", "a"],
                                                                   "generate")
@@ -2119,4 +2142,11 @@ def test_a_path_that_cannot_be_reached_is_named_for_what_it_is(models, tmp_path,
                                                                           "generate")
     line = refused(capsys, ["eval", converted, "--text-file", "loop"], "eval")
     assert "--text-file loop is a loop of symbolic links" in line
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", "loop"], "eval")
+    assert "filler file 'loop' is a loop of symbolic links" in line  # (it was an unknown filler kind)
+    (tmp_path / "dang2").symlink_to("org/name")  # (a link to a link to nothing: named by the missing end)
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", "dang2"], "eval")
+    assert f"filler file 'dang2' is a symbolic link to {tmp_path / 'org' / 'gone'}, which does not exist" in line
+    line = refused(capsys, ["eval", converted, "--reference", source, "--no-passkey", "--dataset", "loop"], "eval")
+    assert "it is a loop of symbolic links" in line and "hub" not in line.lower()  # (it was looked up on the hub)
     assert not (tmp_path / "out").exists()

@@ -2037,3 +2037,9 @@ def test_an_input_reached_through_a_bind_mount_is_not_overwritten(models, tmp_pa
         with bind_mount(source, tmp_path / "src-again" / "m"):
             line = refused(capsys, ["convert", source, tmp_path / "src-again" / "m" / "x"], "convert", source)
             assert "overlaps the SOURCE" in line and not (source / "x").exists()
+    copy = tmp_path / "src2"  # a folder inside the input, shown elsewhere: its ancestors there are not the input's
+    shutil.copytree(source, copy)
+    (copy / "extra").mkdir()
+    with bind_mount(copy / "extra", tmp_path / "view") as view:
+        line = refused(capsys, ["convert", copy, view / "out", "--chunk-size", "8"], "convert", copy)
+        assert "overlaps the SOURCE" in line and not (copy / "extra" / "out").exists()

@@ -218,6 +218,35 @@ def test_values_set_after_a_config_was_built_are_checked_when_the_model_is(tmp_p
         AutoModelForCausalLM.from_config(config)
 
 
+@pytest.mark.parametrize("scheme", ["Clamp", "clamp ", None])
+def test_a_position_scheme_set_on_a_built_model_is_checked_at_its_forward(scheme):
+    # read at every forward, it was never checked there: a misspelling ran as 'wrap', without a word
+    from model_sources import make_source
+
+    model = convert_to_bsbr(make_source("gpt2"), chunk_size=8)
+    ids = torch.randint(3, 90, (1, model.config.max_position_embeddings + 8))
+    model.config.position_scheme = scheme
+    with pytest.raises(ValueError, match=f"config.position_scheme must be one of .*, got {scheme!r}"):
+        model(ids)
+
+
+@pytest.mark.parametrize("field", ["retrieval_blocks", "feature_map", "head_dim"])
+def test_none_set_on_a_built_models_config_is_what_a_new_config_makes_of_it(field):
+    # None means the default; set after the model was built, its forward called it a change ("8 -> None") while
+    # save_pretrained took it and the folder loaded as built
+    from model_sources import make_source
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4)
+    ids = torch.randint(3, 90, (1, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.config.update({field: None})
+        assert torch.equal(model(ids).logits, want)
+    model.config.update({"retrieval_blocks": 3})  # (a real change is still one)
+    with pytest.raises(ValueError, match="config.retrieval_blocks was changed after this model was built"):
+        model(ids)
+
+
 def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
-from ..errors import UserError, check_not_interrupted
+from ..errors import UserError, absent, check_not_interrupted
 from ..numbers import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..ops.checks import is_number
 from .common import (VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs, check_unique, given,
@@ -74,7 +74,7 @@ def load_corpus(root: Optional[str] = None):
     directory, or lacks either split, is a one-line :class:`UserError`."""
     fix = "give a directory of .py files (or leave out --corpus: the standard library)"
     if root is not None and not os.path.isdir(root):
-        what = ("does not exist" if not os.path.exists(root) else "is a file, not a directory" if os.path.isfile(root)
+        what = (absent(root) if not os.path.exists(root) else "is a file, not a directory" if os.path.isfile(root)
                 else "is not a directory")
         raise UserError(f"--corpus {root} {what}: {fix}")
     split = {s: stdlib_files(s, root=root) for s in ("train", "heldout")}

@@ -448,11 +448,13 @@ def cmd_generate(args) -> int:
             text = (args.prompt or "") + whole[len(head):]  # (as given: a locale's stdout writes its bytes back)
         else:
             text = whole if args.prompt is not None else tok.decode(new, skip_special_tokens=True)
-    try:
-        print(text, flush=True)  # (flushed here: a full disk is named now, not at exit)
-    except UnicodeEncodeError:
-        import sys
+    import sys
 
+    try:
+        print(text)
+        if callable(flush := getattr(sys.stdout, "flush", None)):  # (here: a full disk is named now, not at exit;
+            flush()  # a caller's stdout may have no flush)
+    except UnicodeEncodeError:
         raise UserError(f"stdout: its encoding ({sys.stdout.encoding}) cannot write the generated text: set "
                         "PYTHONIOENCODING=utf-8 (or a UTF-8 locale)") from None
     except OSError as e:

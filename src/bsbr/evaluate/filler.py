@@ -9,6 +9,7 @@ import codecs
 import importlib
 import inspect
 import logging
+import os
 import random
 import re
 from functools import lru_cache
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..arguments import not_utf8
+from ..errors import absent
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +199,9 @@ def _file_filler(spec: str, path: Path) -> "CyclingFiller":
         if path.exists():
             what = "a directory" if path.is_dir() else "not a regular file (a device or FIFO)"
             raise ValueError(f"filler {spec!r} is {what}: give a text file's path or one of {', '.join(FILLER_KINDS)}")
-        if spec.startswith("file:") or any(sep in spec for sep in ("/", "\\", ".")):  # a path, not a mistyped kind
-            raise ValueError(f"filler file {spec!r} does not exist: give an existing text file's path or one of "
-                             f"{', '.join(FILLER_KINDS)}")
+        if spec.startswith("file:") or any(sep in spec for sep in ("/", "\\", ".")) or os.path.lexists(path):
+            raise ValueError(f"filler file {spec!r} {absent(path)}: give an existing text file's path or one of "
+                             f"{', '.join(FILLER_KINDS)}")  # (a path, or a link: not a mistyped kind)
         raise ValueError(f"unknown filler {spec!r}: use one of {', '.join(FILLER_KINDS)} or a text file's path")
     if path.stat().st_size > FILLER_MAX:
         raise ValueError(f"filler file {shown} holds {path.stat().st_size:,} bytes, over {FILLER_MAX >> 20} MB (it is "

@@ -33,7 +33,7 @@ from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
 from ...ops.checks import exporting
-from .configuration_bsbr import BSBRConfig, notes_off, write_auto_code
+from .configuration_bsbr import POSITION_SCHEMES, BSBRConfig, notes_off, write_auto_code
 
 
 class BSBRRMSNorm(nn.Module):
@@ -754,6 +754,8 @@ def _map_learned_positions(pos: torch.Tensor, config: BSBRConfig) -> torch.Tenso
         return pos
     if config.position_scheme == "clamp":
         return pos.clamp(max=n_pos - 1)
+    if config.position_scheme != "wrap":  # (set by hand after the config was built: read here at every forward)
+        raise ValueError(f"config.position_scheme must be one of {POSITION_SCHEMES}, got {config.position_scheme!r}")
     # wrap: past the table, a position repeats the one a whole number of chunks earlier (the period is the
     # table rounded down to whole chunks; when chunk_size divides the table, no chunk straddles the wrap
     # point, otherwise the chunk holding position n_pos jumps back within itself)
@@ -817,6 +819,10 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         those."""
         now = built_with(self.config)
         changed = [k for k in now if now[k] != self._built_with[k]]
+        if changed and any(getattr(self.config, name, None) is None for name in _RESOLVED):
+            with contextlib.suppress(ValueError, TypeError), notes_off():  # (None: what a new config makes of it)
+                now = built_with(type(self.config)(**self.config.to_dict()))
+                changed = [k for k in now if now[k] != self._built_with[k]]
         fields = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
                   "own_position_chunks": "far_positions or max_position_embeddings"}  # (config names of built_with's)
         unfit = self._unfit_weight() if weights_only or changed else None
