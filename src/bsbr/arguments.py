@@ -680,6 +680,8 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
             raise UserError(f"{option} {source_label(source)}: {why}") from e
         if local:
             raise UserError(f"{option} {source_label(source)}: could not load the model ({why})") from e
+        if type(e).__name__ == "PickledWeightsError":  # (a hub model's weights as pickles: refused, not missing)
+            raise UserError(f"{option} {source}: {why}") from e
         raise _not_on_the_hub(option, source, why) from e
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
@@ -764,6 +766,12 @@ def load_tokenizer_arg(source, option: str):
         ) from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
+    specials = len(getattr(tok, "added_tokens_decoder", None) or {})
+    if len(tok.get_vocab()) <= specials:  # (its vocabulary files missing: transformers builds one of no words)
+        files = ", ".join(getattr(tok, "vocab_files_names", {}).values())
+        raise UserError(f"{option} {source_label(source)} has no usable tokenizer: it holds its {specials} special "
+                        f"tokens and no others (are its vocabulary files missing? {files or 'tokenizer.json'}): save "
+                        "the model's tokenizer beside it (tokenizer.save_pretrained)")
     # transformers' built-in class was loaded; an auto_map saved with it would have trust_remote_code=True (which
     # a BSBR model's config asks of lm_eval) fetch and run the source's tokenizer code
     tok.init_kwargs.pop("auto_map", None)

@@ -539,7 +539,8 @@ def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
         return EXIT_USAGE
     name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)])) + (f" (rank {rank})" if rank
                                                                                           else "")
-    stdout = sys.stdout
+    caller = sys.stdout
+    stdout = None if getattr(caller, "closed", False) is True else caller  # (a caller's closed file: as >&-)
     if stdout is None and args.command == "generate":  # started with stdout closed (>&-): its text would go nowhere
         print("bsbr generate: error: stdout is closed, and the generated text is written there: give it a file "
               "or a pipe", file=sys.stderr)
@@ -563,7 +564,7 @@ def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
         return code
     finally:
         if isinstance(sys.stdout, _ClosedPipeIgnored):
-            sys.stdout = stdout
+            sys.stdout = caller
 
 
 def _writes_files(args) -> bool:

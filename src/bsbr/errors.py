@@ -40,13 +40,15 @@ def command_path(path) -> str:
 
 
 def absent(path) -> str:
-    """Why ``path`` cannot be found, for an error message: "does not exist", or a loop of links, or a link
-    (through links) to nothing."""
+    """Why ``path`` cannot be found, for an error message (on one line): "does not exist", or a loop of links, a
+    link (through links) to nothing, a folder on its way that may not be entered."""
     try:
         os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "is a loop of symbolic links"
+        if e.errno == errno.EACCES:
+            return "cannot be reached (permission denied on a folder on its way)"
         if os.path.islink(path):
-            return f"is a symbolic link to {os.path.realpath(path)}, which does not exist"
+            return f"is a symbolic link to {' '.join(os.path.realpath(path).split())}, which does not exist"
     return "does not exist"

@@ -47,8 +47,9 @@ def _overlap(a: Path, b: Path) -> bool:
 
 
 def _mounts() -> list:
-    """(mount point, device, root of the mount within its file system) of each mount, deepest first, from
-    /proc/self/mountinfo (none where there is none: not Linux)."""
+    """(mount point, device, root of the mount within its file system) of each mount that can be reached, deepest
+    first, from /proc/self/mountinfo (none where there is none: not Linux). A mount another was mounted over, and
+    every mount inside it, is hidden."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
@@ -58,8 +59,20 @@ def _mounts() -> list:
     def unescape(field):  # (a space, tab, newline or backslash in a path is written as an octal escape)
         return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
-    rows = [(Path(unescape(f[4])), f[2], Path(unescape(f[3]))) for f in (line.split() for line in lines) if len(f) > 4]
-    return sorted(reversed(rows), key=lambda row: -len(row[0].parts))  # (of two at one point, the later shows)
+    rows = {f[0]: (f[1], Path(unescape(f[4])), f[2], Path(unescape(f[3])))
+            for f in (line.split() for line in lines) if len(f) > 4}
+    covered = {parent for parent, point, *_ in rows.values() if parent in rows and rows[parent][1] == point}
+
+    def hidden(mount_id, depth=0):  # (depth: no cycle in a table read while it changes)
+        if mount_id in covered:
+            return True
+        parent, point = rows[mount_id][:2]
+        while parent in rows and rows[parent][1] == point and depth < len(rows):  # (the mounts it covers)
+            parent, depth = rows[parent][0], depth + 1
+        return parent in rows and depth < len(rows) and hidden(parent, depth + 1)
+
+    shown = [row[1:] for mount_id, row in rows.items() if not hidden(mount_id)]
+    return sorted(shown, key=lambda row: -len(row[0].parts))
 
 
 def _in_file_system(p: Path, mounts: list):
@@ -71,10 +84,9 @@ def _in_file_system(p: Path, mounts: list):
     return None
 
 
-def _within(a: Path, b: Path) -> bool:
-    """Whether the real path ``a`` is ``b`` or lies inside it, through any mount that shows a folder of them
-    under another path (a bind mount): realpath cannot see that."""
-    mounts = _mounts()
+def _within(a: Path, b: Path, mounts: list) -> bool:
+    """Whether the real path ``a`` is ``b`` or lies inside it, through any of ``mounts`` (:func:`_mounts`) that
+    shows a folder of them under another path (a bind mount): realpath cannot see that."""
     in_a, in_b = _in_file_system(a, mounts), _in_file_system(b, mounts)
     return in_a is not None and in_b is not None and in_a[0] == in_b[0] and in_a[1].is_relative_to(in_b[1])
 
@@ -109,13 +121,14 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
     """An :class:`OutputError` when the output ``path`` is one of ``inputs`` (``(label, path)`` pairs, path
     None when not given), inside one, or contains one."""
     out = resolved_path(path)
-    real_out = _real(out)
+    real_out, mounts = _real(out), _mounts()
     for label, src in inputs:
         if src is None:
             continue
         s = resolved_path(src)
         real_src = _real(src)
-        overlap = _overlap(real_out, real_src) or _within(real_out, real_src) or _within(real_src, real_out)
+        overlap = _overlap(real_out, real_src) or _within(real_out, real_src, mounts) or _within(real_src, real_out,
+                                                                                                mounts)
         if (_overlap(out, s) or overlap) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
@@ -226,7 +239,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} {path} is also given to {seen[key]}: give each output its own file")
         seen[key] = option
         for label, src in sources:
-            if real.is_relative_to(src) or _within(real, src):
+            if real.is_relative_to(src) or _within(real, src, mounts):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
         _check_path_names(out, path, option)
         if out.is_dir() or str(path).endswith(("/", os.sep)):

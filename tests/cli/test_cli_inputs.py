@@ -42,6 +42,59 @@ def test_weights_only_as_pickle_are_never_loaded(models, tmp_path, capsys, monke
     assert "pickles" in line and not loads
 
 
+def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_path, capsys, monkeypatch):
+    # a hub id (from the local cache) whose model.safetensors.index.json names a .bin was loaded with torch.load:
+    # only a local folder's index was read first
+    from transformers.utils import hub
+
+    import bsbr.models.bsbr.modeling_bsbr as modeling
+    from bsbr import BSBRForCausalLM
+
+    source, converted, _ = models
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    for name, folder in (("source", source), ("converted", converted)):
+        d = copy_source(folder, tmp_path / name, skip=("model.safetensors",))
+        torch.save(load_file(folder / "model.safetensors"), d / "pytorch_model-00001-of-00001.bin")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(
+            load_file(folder / "model.safetensors"), "pytorch_model-00001-of-00001.bin")}))
+    snapshots = {"me/src": tmp_path / "source", "me/bsbr": tmp_path / "converted"}
+    monkeypatch.setattr(hub, "cached_file", lambda repo, name, **k: str(snapshots[repo] / name))
+    from bsbr.convert import load_source
+
+    with pytest.raises(modeling.PickledWeightsError, match="pickles, which bsbr never loads"):
+        load_source("me/src")
+    with pytest.raises(modeling.PickledWeightsError, match="pickles, which bsbr never loads"):
+        BSBRForCausalLM.from_pretrained("me/bsbr")
+    assert not loads
+
+
+@pytest.mark.parametrize("index, why", [({"metadata": {}}, "no weight_map"), ({"weight_map": []}, "its weight_map is no "
+                                        "table"), ('{"weight_map": {"model.', "Unterminated string")])
+def test_a_safetensors_index_that_is_none_is_named(models, tmp_path, capsys, index, why):
+    # an index without weight_map blamed config.json, one whose weight_map was a list was an internal error
+    source, converted, _ = models
+    for folder in (source, converted):
+        d = copy_source(folder, tmp_path / folder.name)
+        (d / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    line = refused(capsys, ["convert", tmp_path / source.name, tmp_path / "out", "--chunk-size", "8"], "convert")
+    assert f"model.safetensors.index.json is not a safetensors index ({why}" in line, line
+    line = refused(capsys, ["generate", tmp_path / converted.name, "--prompt", "the"], "generate")
+    assert f"model.safetensors.index.json is not a safetensors index ({why}" in line, line
+
+
+def test_a_tokenizer_without_its_vocabulary_is_refused(models, tmp_path, capsys):
+    # a source whose tokenizer files were not downloaded (tokenizer_config.json naming LlamaTokenizer alone): a
+    # tokenizer of 3 special tokens was saved, which encodes every text to nothing
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "notok", skip=("tokenizer.json",))
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert")
+    assert "has no usable tokenizer: it holds its" in line and "special tokens and no others" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_pickles_named_by_a_safetensors_index_are_never_loaded(models, tmp_path, capsys, monkeypatch):
     source, converted, _ = models
     loads = []
@@ -1035,6 +1088,42 @@ def test_a_callers_stdout_without_flush_is_written_to(models, tmp_path, capsys, 
         assert "".join(out.parts).strip()
 
 
+def test_greedy_generate_keeps_the_models_stop_strings(models, tmp_path, monkeypatch):
+    # generation_config.json's stop_strings stop the source's greedy generate() and a sampled bsbr generate, but
+    # the greedy command ran past them (its plain greedy set them to None)
+    from bsbr import BSBRForCausalLM
+
+    _, converted, _ = models
+    model = copy_source(converted, tmp_path / "m")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "stop_strings": ["cat"], "max_time": 60.0}))
+    asked = []
+    generate = BSBRForCausalLM.generate
+
+    def recorded(self, *args, **kwargs):
+        asked.append(dict(kwargs))
+        return generate(self, *args, **{**kwargs, "stop_strings": None})  # (the word tokenizer cannot stop so)
+
+    monkeypatch.setattr(BSBRForCausalLM, "generate", recorded)
+    assert main(["generate", str(model), "--prompt", "the", "--max-new-tokens", "3"]) == 0
+    assert asked[0]["stop_strings"] == ["cat"] and asked[0]["max_time"] == 60.0 and not asked[0]["do_sample"]
+
+
+def test_a_callers_closed_stdout_is_as_a_closed_descriptor(models, tmp_path, capsys, monkeypatch):
+    # a closed file as sys.stdout: the command ran, then failed with "I/O operation on closed file"
+    import io
+    import sys
+
+    source, converted, _ = models
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    line = refused(capsys, ["generate", str(converted), "--prompt", "def"], "generate")
+    assert "stdout is closed" in line
+    assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and sys.stdout is closed
+
+
 def test_python_dash_m_bsbr_is_the_command():
     import subprocess
     import sys
@@ -1453,8 +1542,11 @@ def test_convert_reads_past_the_stray_buffers_of_older_checkpoints(tmp_path):
 
     from bsbr.convert.converter import _STRAY_BUFFER
 
+    from word_tokenizer import build_word_tokenizer
+
     source = make_source("gpt2")
     source.save_pretrained(tmp_path / "gpt2")
+    build_word_tokenizer().save_pretrained(tmp_path / "gpt2")  # (without one, a tokenizer of no words was made)
     weights = load_file(tmp_path / "gpt2" / "model.safetensors")
     weights.update({"transformer.h.0.attn.bias": torch.ones(1, 1, 4, 4), "transformer.h.0.attn.masked_bias":
                     torch.tensor(-1e4)})
@@ -2142,6 +2234,9 @@ def test_a_path_that_cannot_be_reached_is_named_for_what_it_is(models, tmp_path,
                                                                           "generate")
     line = refused(capsys, ["eval", converted, "--text-file", "loop"], "eval")
     assert "--text-file loop is a loop of symbolic links" in line
+    (tmp_path / "nl").symlink_to("gone\nrm -rf x")  # (a target with a newline: still one line)
+    line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", "nl"], "eval")
+    assert f"filler file 'nl' is a symbolic link to {tmp_path / 'gone'} rm -rf x, which does not exist" in line
     line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", "loop"], "eval")
     assert "filler file 'loop' is a loop of symbolic links" in line  # (it was an unknown filler kind)
     (tmp_path / "dang2").symlink_to("org/name")  # (a link to a link to nothing: named by the missing end)

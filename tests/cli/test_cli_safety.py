@@ -2043,3 +2043,32 @@ def test_an_input_reached_through_a_bind_mount_is_not_overwritten(models, tmp_pa
     with bind_mount(copy / "extra", tmp_path / "view") as view:
         line = refused(capsys, ["convert", copy, view / "out", "--chunk-size", "8"], "convert", copy)
         assert "overlaps the SOURCE" in line and not (copy / "extra" / "out").exists()
+
+
+def test_a_mount_hidden_by_a_later_one_is_not_read_as_where_a_path_lies(tmp_path):
+    """mountinfo keeps a mount another was mounted over: X/b read through it (an unrelated folder) hid that X/b
+    is now the input's own b/, so an output there overwrote the input."""
+    from bsbr.errors import OutputError
+    from bsbr.outputs import check_output_files
+
+    if os.geteuid() != 0:
+        pytest.skip("needs mounts (root)")
+    inp, other, x = tmp_path / "input", tmp_path / "unrelated", tmp_path / "X"
+    (inp / "b").mkdir(parents=True)
+    (inp / "b" / "keep.json").write_text("{}")
+    other.mkdir()
+    x.mkdir()
+    done = []
+    try:
+        for args, at in ((["-t", "tmpfs", "tmpfs"], x), (["--bind", other], x / "b"), (["--bind", inp], x)):
+            if at == x / "b":
+                at.mkdir()
+            if subprocess.run(["mount", *map(str, args), str(at)], capture_output=True).returncode:
+                pytest.skip("mount failed")
+            done.append(at)
+        with pytest.raises(OutputError, match="would overwrite the --text-file"):
+            check_output_files([("--json", x / "b" / "keep.json")], inputs=[("--text-file", inp)])
+        check_output_files([("--json", tmp_path / "r.json")], inputs=[("--text-file", inp)])
+    finally:
+        for at in reversed(done):
+            subprocess.run(["umount", str(at)], check=True)

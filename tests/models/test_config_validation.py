@@ -242,6 +242,7 @@ def test_none_set_on_a_built_models_config_is_what_a_new_config_makes_of_it(fiel
         want = model(ids).logits
         model.config.update({field: None})
         assert torch.equal(model(ids).logits, want)
+    assert getattr(model.config, field) is not None  # (as a new config resolves it: distill read the None)
     model.config.update({"retrieval_blocks": 3})  # (a real change is still one)
     with pytest.raises(ValueError, match="config.retrieval_blocks was changed after this model was built"):
         model(ids)

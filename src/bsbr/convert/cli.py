@@ -418,11 +418,13 @@ def cmd_generate(args) -> int:
     check_tokenizer_fits(tok, model.config.vocab_size, f"MODEL_DIR {path}")
     from ..evaluate.passkey import GREEDY
 
-    # plain greedy (generation_config.json's beams and penalties left out), or sampling at --temperature with the
-    # model's own settings (top-k, top-p, penalties) as generate() samples; one beam and one text either way, and
-    # the prompt continued as given (token healing would rewrite its last tokens)
+    # plain greedy (generation_config.json's beams and penalties left out, its stop strings and time limit kept),
+    # or sampling at --temperature with the model's own settings (top-k, top-p, penalties) as generate() samples;
+    # one beam and one text either way, and the prompt continued as given (token healing would rewrite its last
+    # tokens)
+    stops = {k: getattr(model.generation_config, k, None) for k in ("stop_strings", "max_time")}
     how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1, token_healing=False) \
-        if args.temperature > 0 else dict(GREEDY, temperature=None)
+        if args.temperature > 0 else dict(GREEDY, temperature=None, **stops)
     t0 = time.perf_counter()
     with torch.no_grad():  # (bsbr.cli.main gives a seeded run's caller its generator back)
         if args.seed is not None:
@@ -490,7 +492,7 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=integer(), default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=finite_number(), default=0.0,
                    help="0 = greedy (default: the likeliest token each step; generation_config.json's beams and "
-                        "penalties are not applied); above 0, sampling at this temperature with the model's own "
+                        "penalties are not applied, its stop strings are); above 0, sampling at this temperature with the model's own "
                         "generation settings (top-k, top-p, penalties), as generate() samples")
     g.add_argument("--seed", type=integer(*SEED_RANGE), default=None,
                    help="the sampling's seed: the same seed, model and prompt give the same text (default: none, "

@@ -24,7 +24,8 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
-from ..models.bsbr.modeling_bsbr import refuse_non_float_weights, refuse_pickled_weights, weights_held
+from ..models.bsbr.modeling_bsbr import (refuse_non_float_weights, refuse_pickled_hub_weights, refuse_pickled_weights,
+                                          weights_held)
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
 
@@ -84,7 +85,8 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         return model
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
-    return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)  # hub id
+    refuse_pickled_hub_weights(str(source))  # hub id
+    return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)
 
 
 def unreadable_gguf(error: Exception) -> str:

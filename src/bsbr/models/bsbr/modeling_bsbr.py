@@ -409,32 +409,52 @@ def _not_an_index(index: Path) -> Optional[str]:
     return f"over {INDEX_MAX >> 20} MB" if index.stat().st_size > INDEX_MAX else None
 
 
+class PickledWeightsError(OSError):
+    """Weights a model would load with torch.load (pickles), refused."""
+
+
 def refuse_pickled_weights(path: Path) -> None:
     """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files, or has a
-    safetensors index naming files of another kind: they are pickles, which bsbr never loads (even with
-    torch's restricted unpickler), or when ``path`` is a file (transformers loads a file named as the model with
-    torch.load, whatever its kind)."""
+    safetensors index naming files of another kind (:class:`PickledWeightsError`): they are pickles, which bsbr
+    never loads (even with torch's restricted unpickler); or an index that is none; or when ``path`` is a file
+    (transformers loads a file named as the model with torch.load, whatever its kind)."""
     if path.exists() and not path.is_dir():
         raise OSError(f"{path} is a file, not a model folder: give the folder save_pretrained wrote (its config.json "
                       "and model.safetensors); bsbr never loads weights by a file's path (a .bin is a pickle)")
     if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-        raise OSError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): save them as "
-                      "safetensors (model.save_pretrained(DIR) does by default)")
+        raise PickledWeightsError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): "
+                                  "save them as safetensors (model.save_pretrained(DIR) does by default)")
     # a safetensors index naming other files: transformers loads those with torch.load (a pickle)
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
         why = _not_an_index(index)
+        try:
+            shards = None if why else json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not why and not (isinstance(shards, dict) and all(isinstance(f, str) for f in shards.values())):
+                why = "its weight_map is no table of weight names to file names"
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            why = "no weight_map" if isinstance(e, (KeyError, TypeError)) else " ".join(str(e).split())[:120]
         if why:
             raise OSError(f"{index} is not a safetensors index ({why}): remove it, or put back the one save_pretrained "
                           "wrote")
-        try:
-            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            continue  # (not an index transformers can read: it refuses it)
-        other = sorted({str(f) for f in shards if not str(f).endswith(".safetensors")})
+        other = sorted({f for f in shards.values() if not f.endswith(".safetensors")})
         if other:
-            raise OSError(f"{index} names weight files that are not safetensors ({', '.join(other[:3])}: pickles, "
-                          "which bsbr never loads): save the weights as safetensors (model.save_pretrained(DIR) "
-                          "does by default)")
+            raise PickledWeightsError(f"{index} names weight files that are not safetensors ({', '.join(other[:3])}: "
+                                      "pickles, which bsbr never loads): save the weights as safetensors "
+                                      "(model.save_pretrained(DIR) does by default)")
+
+
+def refuse_pickled_hub_weights(repo_id: str, **hub_options) -> None:
+    """:func:`refuse_pickled_weights` for a hub model, before it loads: its safetensors index (from the local
+    cache, or fetched), where it has one, may name only safetensors files (transformers loads others with
+    torch.load). ``hub_options``: ``revision``, ``subfolder``, ``token``, ... as ``from_pretrained`` takes them."""
+    from transformers.utils.hub import cached_file
+
+    options = {k: v for k, v in hub_options.items() if k in ("revision", "subfolder", "token", "cache_dir",
+                                                              "local_files_only", "proxies")}
+    index = cached_file(repo_id, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False, **options)
+    if index is not None:
+        refuse_pickled_weights(Path(index).parent)
 
 
 def _cache_argument(cache, kwargs: dict):
@@ -650,8 +670,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError("use_safetensors=False: a BSBR model loads from safetensors only (a .bin checkpoint is "
                              "a pickle); save it with save_pretrained, which writes safetensors")
         kwargs["use_safetensors"] = True
-        if local is not None:
+        if local is not None and local.exists():
             refuse_pickled_weights(local)
+        elif isinstance(where, str) and kwargs.get("config") is None:  # a hub id
+            refuse_pickled_hub_weights(where, **kwargs)
         if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
             kwargs.setdefault("ignore_mismatched_sizes", True)
             with LOADING:
@@ -820,9 +842,13 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         now = built_with(self.config)
         changed = [k for k in now if now[k] != self._built_with[k]]
         if changed and any(getattr(self.config, name, None) is None for name in _RESOLVED):
-            with contextlib.suppress(ValueError, TypeError), notes_off():  # (None: what a new config makes of it)
-                now = built_with(type(self.config)(**self.config.to_dict()))
+            with contextlib.suppress(ValueError, TypeError), notes_off():  # (None: what a new config makes of it,
+                resolved = type(self.config)(**self.config.to_dict())  # set on the config, as __init__ does)
+                now = built_with(resolved)
                 changed = [k for k in now if now[k] != self._built_with[k]]
+                if not changed:
+                    for name in (n for n in _RESOLVED if getattr(self.config, n, None) is None):
+                        setattr(self.config, name, getattr(resolved, name))
         fields = {"num_kv_heads": "num_key_value_heads", "bias": "attention_bias", "out_bias": "attention_out_bias",
                   "own_position_chunks": "far_positions or max_position_embeddings"}  # (config names of built_with's)
         unfit = self._unfit_weight() if weights_only or changed else None
