@@ -69,8 +69,9 @@ def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_pa
     assert not loads
 
 
-@pytest.mark.parametrize("index, why", [({"metadata": {}}, "no weight_map"), ({"weight_map": []}, "its weight_map is no "
-                                        "table"), ('{"weight_map": {"model.', "Unterminated string")])
+@pytest.mark.parametrize("index, why", [({"metadata": {}}, "no weight_map"),
+                                        ({"weight_map": []}, "its weight_map is no table"),
+                                        ('{"weight_map": {"model.', "Unterminated string")])
 def test_a_safetensors_index_that_is_none_is_named(models, tmp_path, capsys, index, why):
     # an index without weight_map blamed config.json, one whose weight_map was a list was an internal error
     source, converted, _ = models

@@ -492,8 +492,8 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=integer(), default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=finite_number(), default=0.0,
                    help="0 = greedy (default: the likeliest token each step; generation_config.json's beams and "
-                        "penalties are not applied, its stop strings are); above 0, sampling at this temperature with the model's own "
-                        "generation settings (top-k, top-p, penalties), as generate() samples")
+                        "penalties are not applied, its stop strings are); above 0, sampling at this temperature "
+                        "with the model's own generation settings (top-k, top-p, penalties), as generate() samples")
     g.add_argument("--seed", type=integer(*SEED_RANGE), default=None,
                    help="the sampling's seed: the same seed, model and prompt give the same text (default: none, "
                         "each run samples anew)")
