@@ -766,7 +766,8 @@ def load_tokenizer_arg(source, option: str):
         ) from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
-    specials = len(getattr(tok, "added_tokens_decoder", None) or {})
+    added = (getattr(tok, "added_tokens_decoder", None) or {}).values()
+    specials = sum(bool(getattr(t, "special", True)) for t in added)
     if len(tok.get_vocab()) <= specials:  # (its vocabulary files missing: transformers builds one of no words)
         files = ", ".join(getattr(tok, "vocab_files_names", {}).values())
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: it holds its {specials} special "

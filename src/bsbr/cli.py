@@ -540,7 +540,11 @@ def _run_main(parser, args, verbose: bool, no_bars: bool) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)])) + (f" (rank {rank})" if rank
                                                                                           else "")
     caller = sys.stdout
-    stdout = None if getattr(caller, "closed", False) is True else caller  # (a caller's closed file: as >&-)
+    try:
+        closed = getattr(caller, "closed", False) is True
+    except Exception:  # (a caller's own stream, whose closed property fails)
+        closed = False
+    stdout = None if closed else caller  # (a caller's closed file: as >&-)
     if stdout is None and args.command == "generate":  # started with stdout closed (>&-): its text would go nowhere
         print("bsbr generate: error: stdout is closed, and the generated text is written there: give it a file "
               "or a pipe", file=sys.stderr)

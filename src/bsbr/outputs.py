@@ -59,9 +59,13 @@ def _mounts() -> list:
     def unescape(field):  # (a space, tab, newline or backslash in a path is written as an octal escape)
         return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
-    rows = {f[0]: (f[1], Path(unescape(f[4])), f[2], Path(unescape(f[3])))
-            for f in (line.split() for line in lines) if len(f) > 4}
+    rows = {f[0]: (f[1] if f[1] != f[0] else None, Path(unescape(f[4])), f[2], Path(unescape(f[3])))
+            for f in (line.split() for line in lines) if len(f) > 4}  # (the top of the tree may be its own parent)
+    # covered: a mount with another mounted at its point (a child there), or at a folder above its point (a sibling
+    # mounted later over that folder)
     covered = {parent for parent, point, *_ in rows.values() if parent in rows and rows[parent][1] == point}
+    covered |= {m for m, (parent, point, *_) in rows.items() for n, (other, above, *_) in rows.items()
+                if n != m and other == parent and point != above and point.is_relative_to(above)}
 
     def hidden(mount_id, depth=0):  # (depth: no cycle in a table read while it changes)
         if mount_id in covered:
@@ -87,8 +91,12 @@ def _in_file_system(p: Path, mounts: list):
 def _within(a: Path, b: Path, mounts: list) -> bool:
     """Whether the real path ``a`` is ``b`` or lies inside it, through any of ``mounts`` (:func:`_mounts`) that
     shows a folder of them under another path (a bind mount): realpath cannot see that."""
-    in_a, in_b = _in_file_system(a, mounts), _in_file_system(b, mounts)
-    return in_a is not None and in_b is not None and in_a[0] == in_b[0] and in_a[1].is_relative_to(in_b[1])
+    in_a = _in_file_system(a, mounts)
+    if in_a is None:
+        return False
+    # what ``b`` shows: its own place, and the places mounted inside it
+    shown = [_in_file_system(b, mounts)] + [(device, root) for point, device, root in mounts if point.is_relative_to(b)]
+    return any(place is not None and in_a[0] == place[0] and in_a[1].is_relative_to(place[1]) for place in shown)
 
 
 def _links_into(folder: Path, target: Path) -> bool:

@@ -56,27 +56,39 @@ def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_pa
     for name, folder in (("source", source), ("converted", converted)):
         d = copy_source(folder, tmp_path / name, skip=("model.safetensors",))
         torch.save(load_file(folder / "model.safetensors"), d / "pytorch_model-00001-of-00001.bin")
-        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(
             load_file(folder / "model.safetensors"), "pytorch_model-00001-of-00001.bin")}))
     snapshots = {"me/src": tmp_path / "source", "me/bsbr": tmp_path / "converted"}
     monkeypatch.setattr(hub, "cached_file", lambda repo, name, **k: str(snapshots[repo] / name))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (no network: what transformers asks first fails at once)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from bsbr.convert import load_source
 
-    with pytest.raises(modeling.PickledWeightsError, match="pickles, which bsbr never loads"):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(modeling.PickledWeightsError, match="names weight files that are not safetensors"):
         load_source("me/src")
-    with pytest.raises(modeling.PickledWeightsError, match="pickles, which bsbr never loads"):
+    with pytest.raises(modeling.PickledWeightsError, match="names weight files that are not safetensors"):
         BSBRForCausalLM.from_pretrained("me/bsbr")
+    with pytest.raises(modeling.PickledWeightsError, match="names weight files that are not safetensors"):
+        AutoModelForCausalLM.from_pretrained("me/bsbr", config=BSBRForCausalLM.config_class.from_pretrained(
+            tmp_path / "converted"))  # (Auto classes pass a config: the check was skipped)
     assert not loads
 
 
 @pytest.mark.parametrize("index, why", [({"metadata": {}}, "no weight_map"),
-                                        ({"weight_map": []}, "its weight_map is no table"),
+                                        ({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}},
+                                         "no metadata"),
+                                        ({"metadata": {}, "weight_map": []}, "its weight_map is no table"),
                                         ('{"weight_map": {"model.', "Unterminated string")])
 def test_a_safetensors_index_that_is_none_is_named(models, tmp_path, capsys, index, why):
     # an index without weight_map blamed config.json, one whose weight_map was a list was an internal error
     source, converted, _ = models
-    for folder in (source, converted):
-        d = copy_source(folder, tmp_path / folder.name)
+    for folder in (source, converted):  # (sharded: transformers reads the index, as it does not beside a
+        d = copy_source(folder, tmp_path / folder.name, skip=("model.safetensors",))  # model.safetensors)
+        shutil.copy(folder / "model.safetensors", d / "model-00001-of-00001.safetensors")
         (d / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
     line = refused(capsys, ["convert", tmp_path / source.name, tmp_path / "out", "--chunk-size", "8"], "convert")
     assert f"model.safetensors.index.json is not a safetensors index ({why}" in line, line
@@ -1089,25 +1101,33 @@ def test_a_callers_stdout_without_flush_is_written_to(models, tmp_path, capsys, 
         assert "".join(out.parts).strip()
 
 
-def test_greedy_generate_keeps_the_models_stop_strings(models, tmp_path, monkeypatch):
+def test_greedy_generate_keeps_the_models_stop_strings(models, tmp_path, monkeypatch, caplog):
     # generation_config.json's stop_strings stop the source's greedy generate() and a sampled bsbr generate, but
-    # the greedy command ran past them (its plain greedy set them to None)
+    # the greedy command ran past them (its plain greedy set them to None); where the tokenizer cannot stop on
+    # them (this word tokenizer), a warning, and the text as before
+    from transformers.generation import stopping_criteria
+
     from bsbr import BSBRForCausalLM
 
     _, converted, _ = models
     model = copy_source(converted, tmp_path / "m")
     config = json.loads((model / "generation_config.json").read_text())
-    (model / "generation_config.json").write_text(json.dumps({**config, "stop_strings": ["cat"], "max_time": 60.0}))
+    (model / "generation_config.json").write_text(json.dumps({**config, "stop_strings": ["cat"]}))
     asked = []
     generate = BSBRForCausalLM.generate
 
     def recorded(self, *args, **kwargs):
         asked.append(dict(kwargs))
-        return generate(self, *args, **{**kwargs, "stop_strings": None})  # (the word tokenizer cannot stop so)
+        return generate(self, *args, **{**kwargs, "stop_strings": None})
 
     monkeypatch.setattr(BSBRForCausalLM, "generate", recorded)
-    assert main(["generate", str(model), "--prompt", "the", "--max-new-tokens", "3"]) == 0
-    assert asked[0]["stop_strings"] == ["cat"] and asked[0]["max_time"] == 60.0 and not asked[0]["do_sample"]
+    argv = ["generate", str(model), "--prompt", "the", "--max-new-tokens", "3"]
+    with caplog.at_level(logging.WARNING, logger="bsbr"):
+        assert main(argv) == 0
+    assert asked[-1]["stop_strings"] is None and "stop_strings are not applied" in caplog.text
+    monkeypatch.setattr(stopping_criteria, "StopStringCriteria", lambda tok, stops: None)  # (a tokenizer that can)
+    assert main(argv) == 0
+    assert asked[-1]["stop_strings"] == ["cat"] and not asked[-1]["do_sample"]
 
 
 def test_a_callers_closed_stdout_is_as_a_closed_descriptor(models, tmp_path, capsys, monkeypatch):

@@ -2047,7 +2047,8 @@ def test_an_input_reached_through_a_bind_mount_is_not_overwritten(models, tmp_pa
 
 def test_a_mount_hidden_by_a_later_one_is_not_read_as_where_a_path_lies(tmp_path):
     """mountinfo keeps a mount another was mounted over: X/b read through it (an unrelated folder) hid that X/b
-    is now the input's own b/, so an output there overwrote the input."""
+    is now the input's own b/, so an output there overwrote the input; and a folder bound inside the input was
+    not seen as part of it."""
     from bsbr.errors import OutputError
     from bsbr.outputs import check_output_files
 
@@ -2072,3 +2073,14 @@ def test_a_mount_hidden_by_a_later_one_is_not_read_as_where_a_path_lies(tmp_path
     finally:
         for at in reversed(done):
             subprocess.run(["umount", str(at)], check=True)
+    # a folder from elsewhere shown inside the input: writing there writes into what the input shows
+    inp2, elsewhere = tmp_path / "input2", tmp_path / "elsewhere"
+    (inp2 / "b").mkdir(parents=True)
+    elsewhere.mkdir()
+    if subprocess.run(["mount", "--bind", str(elsewhere), str(inp2 / "b")], capture_output=True).returncode:
+        pytest.skip("mount failed")
+    try:
+        with pytest.raises(OutputError, match="would overwrite the --text-file"):
+            check_output_files([("--json", elsewhere / "keep.json")], inputs=[("--text-file", inp2)])
+    finally:
+        subprocess.run(["umount", str(inp2 / "b")], check=True)

@@ -356,6 +356,23 @@ def _raised_by_generation(e: BaseException) -> bool:
     return Path(where).parent.name == "generation" and Path(where).parent.parent.name == "transformers"
 
 
+def _stop_strings(model, tok, path):
+    """generation_config.json's stop strings where this tokenizer can stop on them (transformers cannot for every
+    kind of tokenizer: then a warning, and none)."""
+    stops = getattr(model.generation_config, "stop_strings", None)
+    if not stops:
+        return None
+    try:
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        StopStringCriteria(tok, stops)
+    except Exception as e:
+        logger.warning("MODEL_DIR %s: generation_config.json's stop_strings are not applied: its tokenizer cannot stop "
+                       "on them (%s)", path, " ".join(str(e).split())[:120])
+        return None
+    return stops
+
+
 def cmd_generate(args) -> int:
     from ..errors import UserError
 
@@ -418,13 +435,11 @@ def cmd_generate(args) -> int:
     check_tokenizer_fits(tok, model.config.vocab_size, f"MODEL_DIR {path}")
     from ..evaluate.passkey import GREEDY
 
-    # plain greedy (generation_config.json's beams and penalties left out, its stop strings and time limit kept),
-    # or sampling at --temperature with the model's own settings (top-k, top-p, penalties) as generate() samples;
-    # one beam and one text either way, and the prompt continued as given (token healing would rewrite its last
-    # tokens)
-    stops = {k: getattr(model.generation_config, k, None) for k in ("stop_strings", "max_time")}
+    # plain greedy (generation_config.json's beams and penalties left out, its stop strings kept), or sampling at
+    # --temperature with the model's own settings (top-k, top-p, penalties) as generate() samples; one beam and one
+    # text either way, and the prompt continued as given (token healing would rewrite its last tokens)
     how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1, token_healing=False) \
-        if args.temperature > 0 else dict(GREEDY, temperature=None, **stops)
+        if args.temperature > 0 else dict(GREEDY, temperature=None, stop_strings=_stop_strings(model, tok, path))
     t0 = time.perf_counter()
     with torch.no_grad():  # (bsbr.cli.main gives a seeded run's caller its generator back)
         if args.seed is not None:

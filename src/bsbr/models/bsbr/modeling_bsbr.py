@@ -424,37 +424,50 @@ def refuse_pickled_weights(path: Path) -> None:
     if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise PickledWeightsError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): "
                                   "save them as safetensors (model.save_pretrained(DIR) does by default)")
-    # a safetensors index naming other files: transformers loads those with torch.load (a pickle)
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
-        why = _not_an_index(index)
+        refuse_pickled_index(index, read=not (path / "model.safetensors").is_file())
+
+
+def refuse_pickled_index(index: Path, read: bool = True) -> None:
+    """Raise :class:`PickledWeightsError` when ``index`` names weight files other than safetensors (transformers
+    loads those with torch.load: a pickle); and OSError when it is no regular file, or is not a safetensors index
+    transformers can read where it is ``read`` (beside a model.safetensors, transformers reads that file and leaves
+    the index alone)."""
+    why = _not_an_index(index)
+    if why is None:
         try:
-            shards = None if why else json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not why and not (isinstance(shards, dict) and all(isinstance(f, str) for f in shards.values())):
-                why = "its weight_map is no table of weight names to file names"
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            why = "no weight_map" if isinstance(e, (KeyError, TypeError)) else " ".join(str(e).split())[:120]
-        if why:
-            raise OSError(f"{index} is not a safetensors index ({why}): remove it, or put back the one save_pretrained "
-                          "wrote")
-        other = sorted({f for f in shards.values() if not f.endswith(".safetensors")})
-        if other:
-            raise PickledWeightsError(f"{index} names weight files that are not safetensors ({', '.join(other[:3])}: "
-                                      "pickles, which bsbr never loads): save the weights as safetensors "
-                                      "(model.save_pretrained(DIR) does by default)")
+            table = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            table, why = None, " ".join(str(e).split())[:120]
+    shards = table.get("weight_map") if why is None and isinstance(table, dict) else None
+    names = isinstance(shards, dict) and all(isinstance(f, str) for f in shards.values())
+    if why is None and not (names and "metadata" in table):
+        why = "no metadata" if names else "no weight_map" if shards is None else \
+            "its weight_map is no table of weight names to file names"
+    if why and (read or _not_an_index(index)):
+        raise OSError(f"{index} is not a safetensors index ({why}): remove it, or put back the one save_pretrained "
+                      "wrote")
+    if not names:
+        return
+    other = sorted({f for f in shards.values() if not f.endswith(".safetensors")})
+    if other:
+        raise PickledWeightsError(f"{index} names weight files that are not safetensors ({', '.join(other[:3])}: "
+                                  "pickles, which bsbr never loads): save the weights as safetensors "
+                                  "(model.save_pretrained(DIR) does by default)")
 
 
 def refuse_pickled_hub_weights(repo_id: str, **hub_options) -> None:
-    """:func:`refuse_pickled_weights` for a hub model, before it loads: its safetensors index (from the local
-    cache, or fetched), where it has one, may name only safetensors files (transformers loads others with
-    torch.load). ``hub_options``: ``revision``, ``subfolder``, ``token``, ... as ``from_pretrained`` takes them."""
+    """:func:`refuse_pickled_index` for a hub model, before it loads: its safetensors index (from the local cache,
+    or fetched as transformers would fetch it: a hub that cannot be reached fails here, once), where it has one.
+    ``hub_options``: ``revision``, ``subfolder``, ``token``, ... as ``from_pretrained`` takes them."""
     from transformers.utils.hub import cached_file
 
     options = {k: v for k, v in hub_options.items() if k in ("revision", "subfolder", "token", "cache_dir",
                                                               "local_files_only", "proxies")}
     index = cached_file(repo_id, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
-                        _raise_exceptions_for_connection_errors=False, **options)
+                        **options)
     if index is not None:
-        refuse_pickled_weights(Path(index).parent)
+        refuse_pickled_index(Path(index))
 
 
 def _cache_argument(cache, kwargs: dict):
@@ -672,7 +685,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         if local is not None and local.exists():
             refuse_pickled_weights(local)
-        elif isinstance(where, str) and kwargs.get("config") is None:  # a hub id
+        elif isinstance(where, str) and where:  # a hub id
             refuse_pickled_hub_weights(where, **kwargs)
         if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
             kwargs.setdefault("ignore_mismatched_sizes", True)
