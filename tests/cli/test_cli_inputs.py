@@ -45,8 +45,6 @@ def test_weights_only_as_pickle_are_never_loaded(models, tmp_path, capsys, monke
 def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_path, capsys, monkeypatch):
     # a hub id (from the local cache) whose model.safetensors.index.json names a .bin was loaded with torch.load:
     # only a local folder's index was read first
-    from transformers.utils import hub
-
     import bsbr.models.bsbr.modeling_bsbr as modeling
     from bsbr import BSBRForCausalLM
 
@@ -59,7 +57,9 @@ def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_pa
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(
             load_file(folder / "model.safetensors"), "pytorch_model-00001-of-00001.bin")}))
     snapshots = {"me/src": tmp_path / "source", "me/bsbr": tmp_path / "converted"}
-    monkeypatch.setattr(hub, "cached_file", lambda repo, name, **k: str(snapshots[repo] / name))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: str(snapshots[repo] / name))
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (no network: what transformers asks first fails at once)
@@ -76,10 +76,21 @@ def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_pa
         AutoModelForCausalLM.from_pretrained("me/bsbr", config=BSBRForCausalLM.config_class.from_pretrained(
             tmp_path / "converted"))  # (Auto classes pass a config: the check was skipped)
     assert not loads
+    # a hub that cannot be reached, for a model not in the cache: one OSError, not a second round of retries
+
+    def unreachable(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(OSError, match="me/src: the hub cannot be reached, and no copy of it is in the local cache"):
+        load_source("me/src")
 
 
 @pytest.mark.parametrize("index, why", [({"metadata": {}}, "no weight_map"),
                                         ({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}},
+                                         "no metadata"),
+                                        ({"metadata": None, "weight_map": {"lm_head.weight": "m.safetensors"}},
                                          "no metadata"),
                                         ({"metadata": {}, "weight_map": []}, "its weight_map is no table"),
                                         ('{"weight_map": {"model.', "Unterminated string")])

@@ -441,7 +441,7 @@ def refuse_pickled_index(index: Path, read: bool = True) -> None:
             table, why = None, " ".join(str(e).split())[:120]
     shards = table.get("weight_map") if why is None and isinstance(table, dict) else None
     names = isinstance(shards, dict) and all(isinstance(f, str) for f in shards.values())
-    if why is None and not (names and "metadata" in table):
+    if why is None and not (names and isinstance(table.get("metadata"), dict)):
         why = "no metadata" if names else "no weight_map" if shards is None else \
             "its weight_map is no table of weight names to file names"
     if why and (read or _not_an_index(index)):
@@ -457,17 +457,25 @@ def refuse_pickled_index(index: Path, read: bool = True) -> None:
 
 
 def refuse_pickled_hub_weights(repo_id: str, **hub_options) -> None:
-    """:func:`refuse_pickled_index` for a hub model, before it loads: its safetensors index (from the local cache,
-    or fetched as transformers would fetch it: a hub that cannot be reached fails here, once), where it has one.
-    ``hub_options``: ``revision``, ``subfolder``, ``token``, ... as ``from_pretrained`` takes them."""
-    from transformers.utils.hub import cached_file
+    """:func:`refuse_pickled_index` for a hub model, before it loads: its safetensors index, where it has one
+    (from the local cache, or fetched as transformers would fetch it). A hub that cannot be reached, for a model
+    not in the cache, is an OSError here, once (transformers would retry on every file). ``hub_options``:
+    ``revision``, ``subfolder``, ``token``, ... as ``from_pretrained`` takes them."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
-    options = {k: v for k, v in hub_options.items() if k in ("revision", "subfolder", "token", "cache_dir",
-                                                              "local_files_only", "proxies")}
-    index = cached_file(repo_id, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
-                        **options)
-    if index is not None:
-        refuse_pickled_index(Path(index))
+    options = {k: hub_options[k] for k in ("revision", "subfolder", "token", "cache_dir", "local_files_only")
+               if hub_options.get(k) is not None}
+    try:
+        index = hf_hub_download(repo_id, "model.safetensors.index.json", **options)
+    except LocalEntryNotFoundError as e:  # (not cached, and the hub not asked or not reached)
+        if constants.HF_HUB_OFFLINE or options.get("local_files_only"):
+            return  # (the load names what the cache lacks)
+        raise OSError(f"{repo_id}: the hub cannot be reached, and no copy of it is in the local cache "
+                      f"({' '.join(str(e).split())[:160]}): check the network, or give a local model folder") from e
+    except (EntryNotFoundError, HFValidationError, HfHubHTTPError, ValueError):
+        return  # (no index: one model.safetensors; a name or repository the load then names)
+    refuse_pickled_index(Path(index))
 
 
 def _cache_argument(cache, kwargs: dict):
