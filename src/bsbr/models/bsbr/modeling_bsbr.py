@@ -433,7 +433,7 @@ def refuse_pickled_index(index: Path, read: bool = True) -> None:
     loads those with torch.load: a pickle); and OSError when it is no regular file, or is not a safetensors index
     transformers can read where it is ``read`` (beside a model.safetensors, transformers reads that file and leaves
     the index alone)."""
-    why = _not_an_index(index)
+    why = irregular = _not_an_index(index)
     if why is None:
         try:
             table = json.loads(index.read_text(encoding="utf-8"))
@@ -444,7 +444,7 @@ def refuse_pickled_index(index: Path, read: bool = True) -> None:
     if why is None and not (names and isinstance(table.get("metadata"), dict)):
         why = "no metadata" if names else "no weight_map" if shards is None else \
             "its weight_map is no table of weight names to file names"
-    if why and (read or _not_an_index(index)):
+    if why and (read or irregular):
         raise OSError(f"{index} is not a safetensors index ({why}): remove it, or put back the one save_pretrained "
                       "wrote")
     if not names:
