@@ -534,7 +534,9 @@ def test_bad_position_ids_are_one_clear_error():
                                                  r"or \(3,\)"):
                 m(ids, position_ids=bad)
         ref = m(ids).logits  # one row for the batch, or 1-D, as transformers' models take them
-        for good in (torch.arange(3)[None], torch.arange(3), torch.arange(3, dtype=torch.int32).expand(2, 3)):
+        # (int16 and uint8: GPT-2's position table lookup raised a bare RuntimeError)
+        for good in (torch.arange(3)[None], torch.arange(3), torch.arange(3, dtype=torch.int32).expand(2, 3),
+                     torch.arange(3, dtype=torch.int16), torch.arange(3, dtype=torch.uint8)[None]):
             torch.testing.assert_close(m(ids, position_ids=good).logits, ref)
     with pytest.raises(ValueError, match="position_ids must be >= 0"):
         m = convert_to_bsbr(make_source("gpt2"), chunk_size=4).eval()

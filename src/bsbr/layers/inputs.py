@@ -114,7 +114,7 @@ def check_labels(labels, batch: int, seq_len: int, vocab_size: int, ignore_index
 
 def check_position_ids(position_ids, batch: int, seq_len: int) -> torch.Tensor:
     """Explicit positions: an integer tensor of shape (batch, seq_len), (1, seq_len) or (seq_len,);
-    returned with two dims."""
+    returned with two dims, as int64 (a learned position table's lookup takes no narrower ints)."""
     ok = isinstance(position_ids, torch.Tensor) and not position_ids.is_floating_point() and not \
         position_ids.is_complex() and position_ids.dtype != torch.bool and (
         position_ids.shape == (seq_len,) or (position_ids.dim() == 2 and position_ids.shape[1] == seq_len
@@ -123,7 +123,7 @@ def check_position_ids(position_ids, batch: int, seq_len: int) -> torch.Tensor:
         shapes = " or ".join(dict.fromkeys([f"({batch}, {seq_len})", f"(1, {seq_len})", f"({seq_len},)"]))
         raise ValueError(f"position_ids must be an integer tensor of shape {shapes}, got "
                          f"{getattr(position_ids, 'dtype', '')} {getattr(position_ids, 'shape', type(position_ids).__name__)}")
-    return position_ids.view(-1, seq_len)
+    return position_ids.view(-1, seq_len).long()
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
