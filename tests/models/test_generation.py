@@ -481,3 +481,36 @@ def test_a_cache_a_beam_search_continued_in_place_is_not_continued_again():
     for given in (dict(cache=cache), dict(cache=None, past_key_values=cache)):
         with pytest.raises(ValueError, match="a beam search left this cache following its last beams"):
             model.generate(new, max_new_tokens=4, **given, **kw)
+
+
+def test_a_mask_that_fits_neither_the_input_nor_the_cache_and_input_is_refused():
+    # the whole text with a mask of the new tokens alone: transformers read every id as new, so the cached text
+    # was read a second time (34 positions for a 21-token text), silently
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=3)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(19))
+    out = model.generate(ids, return_dict_in_generate=True, **{**kw, "max_new_tokens": 5})
+    whole = torch.cat([out.sequences, torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(2))], 1)
+    for columns in (5, 30):
+        with pytest.raises(ValueError, match=f"attention_mask has {columns} columns, the input 18 tokens and the "
+                                             "cache 13 positions: give a mask over the input .18. or over the cache"):
+            model.generate(whole, attention_mask=torch.ones(2, columns, dtype=torch.long), cache=out.cache, **kw)
+    assert out.cache.n_positions == 13  # (refused before anything was read)
+    expected = model.generate(whole, attention_mask=torch.ones_like(whole), **kw)
+    new = whole[:, 13:]  # the cache's positions and the new tokens: the other length a mask may have
+    got = model.generate(new, attention_mask=torch.ones(2, 18, dtype=torch.long), cache=copy.deepcopy(out.cache), **kw)
+    assert torch.equal(got[:, -3:], expected[:, -3:])
+    assert torch.equal(model.generate(whole, attention_mask=torch.ones_like(whole), cache=out.cache, **kw), expected)
+
+
+def test_a_cache_of_another_kind_is_refused_before_a_4d_mask_is_read():
+    # generate(cache=StaticCache(...)) (transformers makes the mask 4-D for it): AttributeError 'n_positions'
+    from transformers import StaticCache
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="cache must be a BSBRCache .*got StaticCache"):
+        model.generate(ids, cache=StaticCache(config=model.config, max_cache_len=32), max_new_tokens=2,
+                       do_sample=False)
+    with pytest.raises(TypeError, match="cache must be a BSBRCache .*got tuple"):
+        model(ids, cache=((torch.zeros(1), torch.zeros(1)),), attention_mask=torch.ones(1, 1, 9, 9))

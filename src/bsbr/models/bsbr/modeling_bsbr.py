@@ -493,6 +493,28 @@ def _cache_argument(cache, kwargs: dict):
     return old
 
 
+def _generate_input(args, kwargs):
+    """The text ``generate`` was given: ``inputs_embeds``, else the ids (first argument, ``inputs`` or ``input_ids``)."""
+    for x in (kwargs.get("inputs_embeds"), args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids")):
+        if isinstance(x, torch.Tensor):
+            return x
+    return None
+
+
+def _check_mask_length(mask, text, cached: int) -> None:
+    """A 2-D ``attention_mask`` given with a cache covers the input (the whole text, or new tokens alone) or the
+    cache's positions and the input: another length cannot say which tokens the cache has read (transformers
+    then reads the whole input as new, so a whole text's cached part was read twice)."""
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(text, torch.Tensor) and text.dim() >= 2
+            and cached):
+        return
+    n = text.shape[1]
+    if mask.shape[-1] not in (n, cached + n):
+        raise ValueError(f"attention_mask has {mask.shape[-1]:,} columns, the input {n:,} tokens and the cache "
+                         f"{cached:,} positions: give a mask over the input ({n:,}) or over the cache's positions "
+                         f"and the input ({cached + n:,})")
+
+
 def refuse_other_model_type(path: Path) -> None:
     """Raise ValueError when the model directory ``path`` holds a source model (its config.json's
     ``model_type`` is not "bsbr"): it is converted first, not loaded."""
@@ -944,6 +966,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 raise NotImplementedError("torch.export cannot record a BSBR model's cache (built and read by "
                                           "value): export with use_cache=False and no cache")
             use_cache = False
+        if cache is not None:  # (before a 4-D mask is measured against it: a StaticCache's is not)
+            self._check_cache(cache, b, inputs_embeds)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:  # (refused before it is sliced)
             mask_to_valid(attention_mask, b, n + (cache.n_positions if cache is not None else 0))
         if cache is None and attention_mask is None and position_ids is not None:
@@ -952,8 +976,6 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             if segment is not None:
                 return self._packed_forward(inputs_embeds, position_ids, segment, use_cache, output_hidden_states,
                                             return_dict)
-        if cache is not None:
-            self._check_cache(cache, b, inputs_embeds)
         read = n + (cache.n_positions if cache is not None else 0)  # the positions a mask covers
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if mask is not None and mask.shape[-1] > read and (cache is not None or (
@@ -1173,6 +1195,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
             raise ValueError("cache: a beam search left this cache following its last beams, not the sequences it "
                              "returned (sorted by score; finished ones left the beams): generate without cache=, or "
                              "continue the cache of a greedy or sampled generation")
+        if isinstance(cache, BSBRCache):
+            _check_mask_length(kwargs.get("attention_mask"), _generate_input(args, kwargs), cache.n_positions)
         return super().generate(*args, **kwargs)
 
     def _beam_search(self, *args, **model_kwargs):
