@@ -56,6 +56,25 @@ def test_compiled_cached_decode_steps_equal_the_full_forward(family, options):
             torch._dynamo.reset()
 
 
+def test_fullgraph_is_refused_with_the_reason():
+    # dynamo stopped at a host read of the gate ("Could not guard on data-dependent expression") or of the mask,
+    # or advised "Remove the `torch.compiler.disable` call"
+    import torch._dynamo
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad(), pytest.raises(Exception, match="a BSBR model compiles with graph breaks: .* so "
+                                                                   "compile it without fullgraph=True"):
+                torch.compile(model, fullgraph=True, backend="eager")(ids, **kwargs)
+        finally:
+            torch._dynamo.reset()
+
+
 class _Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

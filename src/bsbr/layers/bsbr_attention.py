@@ -17,7 +17,7 @@ from torch import nn
 from ..ops.bsbr import BSBROptions, BSBRState, chunk_bsbr_attention, recurrent_bsbr_attention
 from .multihead import MultiHeadBase
 from .feature_maps import BSBR_FEATURE_MAPS, FeatureMap, HeadwiseLinear, StateCompression, default_feature_map
-from ..ops.checks import check_number, exporting, is_number
+from ..ops.checks import check_number, eager, exporting, is_number
 from .inputs import check_rotary
 from .rotary import apply_rotary, autocast_on
 
@@ -149,6 +149,7 @@ class BSBRAttention(MultiHeadBase):
             return self.gate_value()
         return 0 if self._gate_closed() else self.gate_value()
 
+    @eager  # (a host read of the gate)
     def _gate_closed(self) -> bool:
         """Whether every head's gate is at or below 0 (no chunk state is read); on the meta device, which
         holds no values, an open gate (the shapes of every term). A gate holding nan (a diverged update) is

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.checks import check_valid, exporting
+from ..ops.checks import check_valid, eager, exporting
 
 
 def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
@@ -135,6 +135,7 @@ def token_positions(input_ids: torch.Tensor, attention_mask=None) -> torch.Tenso
     return torch.arange(n, device=input_ids.device)[None].expand(b, -1)
 
 
+@eager  # (a host read of the mask's values)
 def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Tensor]:
     """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:

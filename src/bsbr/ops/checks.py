@@ -13,6 +13,15 @@ import torch
 from ..numbers import FLOAT32_MAX
 
 
+EAGER = ("a BSBR model compiles with graph breaks: its chunked op, block selection and cache bookkeeping run "
+         "eagerly, so compile it without fullgraph=True")
+
+
+def eager(fn):
+    """``fn`` run eagerly inside a compiled model (a graph break), saying why where ``fullgraph=True`` refuses it."""
+    return torch.compiler.disable(fn, reason=EAGER)
+
+
 def exporting() -> bool:
     """Whether ``torch.export`` is recording the call (False on a torch without ``torch.compiler.is_exporting``,
     which came after 2.5)."""

@@ -32,7 +32,7 @@ from ...layers.inputs import check_input_ids, check_labels, check_position_ids, 
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
-from ...ops.checks import exporting
+from ...ops.checks import eager, exporting
 from .configuration_bsbr import POSITION_SCHEMES, BSBRConfig, notes_off, write_auto_code
 
 
@@ -220,7 +220,7 @@ class BSBRCache:
         fork.beams = getattr(self, "beams", False)
         return fork
 
-    @torch.compiler.disable  # bookkeeping on a Python int: traced, it recompiled at every new length
+    @eager  # bookkeeping on a Python int: traced, it recompiled at every new length
     def consumed(self, input_ids: Optional[torch.Tensor], n: int, real: Optional[torch.Tensor] = None) -> None:
         """Count ``n`` more input positions, whose ids are ``input_ids`` (None: inputs_embeds, not known) and
         whose real tokens are ``real`` (b, n) bool (None: all)."""

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F_
 
-from ..checks import exporting
+from ..checks import eager, exporting
 from .inputs import check_inputs
 from .masks import near, sink_outside_window
 from .options import BSBROptions
@@ -28,7 +28,7 @@ NEG_INF = float("-inf")
 TILE = 16
 
 
-@torch.compiler.disable  # Python branches and loops on the chunk count: traced, it recompiled at every new count
+@eager  # Python branches and loops on the chunk count: traced, it recompiled at every new count
 def chunk_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                          gate: Optional[torch.Tensor] = None, meta_q=None, meta_k=None, valid=None,
                          output_final_state: bool = False):

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_flag
+from ..checks import check_flag, eager
 from .inputs import check_inputs
 from .masks import exact_window, near, sink_outside_window
 from .options import BSBROptions
@@ -26,7 +26,7 @@ from .state import (BSBRState, buffer_chunks, ensure_capacity, own_ring_chunks, 
 
 # (both forms run eagerly inside a compiled model: traced, the step's Python ints (positions) recompiled it
 # at every token until dynamo's limit, and dynamic shapes failed on the state's options check)
-@torch.compiler.disable
+@eager
 def bsbr_attention_step(q, k, v, mq, mk, state: Optional[BSBRState], options: BSBROptions, *, fq=None, fk=None,
                         qr=None, kr=None, gate=None, meta_q=None, meta_k=None, valid=None):
     """One token per sequence: q (b, hq, d), k (b, hkv, d), ...; valid (b,) (False = padding: the
@@ -519,7 +519,7 @@ def _complete_chunk(state: BSBRState, done: torch.Tensor, meta_q, meta_k) -> Non
     refresh_retrieval(state, done)
 
 
-@torch.compiler.disable
+@eager
 def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, fk=None, qr=None, kr=None,
                              gate=None, meta_q=None, meta_k=None, valid=None,
                              initial_state: Optional[BSBRState] = None, output_final_state: bool = False):
