@@ -689,9 +689,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
             return attn_implementation or "eager"
         if str(attn_implementation).startswith("paged"):  # continuous batching asks for it (from eager)
             raise ValueError(_NO_CONTINUOUS_BATCHING)
-        raise ValueError(f"attn_implementation={attn_implementation!r}: a BSBR model takes 'eager' or 'sdpa' (both run "
-                         "BSBR attention, its own op: the exact window and the retrieved blocks in one softmax; no "
-                         "other kernel can): load the model without attn_implementation or with one of those")
+        raise ValueError(f"attn_implementation={attn_implementation!r}: a BSBR model takes 'eager' or 'sdpa' (both "
+                         "run BSBR attention, its own op: the exact window and the retrieved blocks in one softmax; "
+                         "no other kernel can): load the model without attn_implementation or with one of those")
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
