@@ -318,18 +318,21 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
 # offline because the hub could not be reached (not by the user's variable): cleared as main() gives the process's
 # settings back
 _PROBED_OFFLINE = threading.Event()
+# set while a command of bsbr.cli.main runs: only then may the process be switched to the hub's offline mode (main()
+# switches it back; a library call, e.g. evaluate_saved, left every later hub load of its caller offline)
+IN_COMMAND = threading.Event()
 
 
 def _cache_only_if_the_hub_is_unreachable(say: bool = True) -> None:
-    """Before a hub model is loaded: with no connection to the hub, read hub models from the local cache
-    at once (huggingface_hub's offline mode) instead of retrying for about a minute; one that is not
+    """Before a hub model is loaded by a command: with no connection to the hub, read hub models from the local
+    cache at once (huggingface_hub's offline mode) instead of retrying for about a minute; one that is not
     cached is then refused in one line. ``say``: log it (not before a local dataset, which needs no hub)."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+    if not IN_COMMAND.is_set() or constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
                                                                   "http_proxy", "ALL_PROXY", "all_proxy")):
         return  # (through a proxy the direct connection below says nothing)
     url = urlparse(constants.ENDPOINT)

@@ -427,6 +427,7 @@ def _apply_settings(verbose: bool, no_bars: bool, rank: int) -> dict:
                  libraries=_library_settings(), handler=None,
                  threads=torch.get_num_threads() if torch is not None else None)
     try:
+        importlib.import_module("bsbr.arguments").IN_COMMAND.set()
         if not verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
             # transformers' multi-line warnings (a load report before a refused checkpoint): -v shows them
             os.environ["TRANSFORMERS_VERBOSITY"] = "error"
@@ -508,6 +509,7 @@ def _restore_library_settings(saved: dict) -> None:
 
     hub_states()
     if sys.modules.get("bsbr.arguments") is not None:  # (the offline mode its probe set ends here)
+        sys.modules["bsbr.arguments"].IN_COMMAND.clear()
         sys.modules["bsbr.arguments"]._PROBED_OFFLINE.clear()
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:  # (imported during the command: the value it reads from the environment, as restored)

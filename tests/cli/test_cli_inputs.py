@@ -856,6 +856,10 @@ def test_a_hub_id_with_no_connection_reads_the_cache_at_once(tmp_path, capsys, m
     check_model_arg("org/missing", "SOURCE")
     assert not constants.HF_HUB_OFFLINE
     monkeypatch.delenv("HTTPS_PROXY")
+    # outside a command (evaluate_saved loads its reference so), the probe is not made: the caller's process stayed
+    # offline, each of its later hub loads reading the cache only
+    check_model_arg("org/missing", "SOURCE")
+    assert not constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "0"
     line = refused(capsys, ["convert", "org/missing", tmp_path / "out"], "convert")
     assert "not in the local hub cache while the hub cannot be reached (offline)" in line
     # for that call only: a program that called main() stayed offline, whatever the network did later
