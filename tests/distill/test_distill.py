@@ -227,13 +227,28 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
     teacher, student = fresh(0.1)
     teacher.train()
     student.train()
+    student.model.embed_tokens.eval()  # (submodules in the other mode came back in their model's)
+    teacher.lm_head.train(False)
     student.model.layers[0].mlp.requires_grad_(False)
     grads = {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)}
-    for i in range(2):
+    modes = {m: [s.training for s in m.modules()] for m in (teacher, student)}
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        rng = torch.random.get_rng_state()
         distill(teacher, student, windows(2), tmp_path / str(i), DistillConfig(steps=1, params=params))
-        assert teacher.training and student.training
+        assert torch.equal(torch.random.get_rng_state(), rng)  # (lora's adapters were drawn from the caller's RNG)
+        assert {m: [s.training for s in m.modules()] for m in (teacher, student)} == modes
         assert {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)} == grads
         assert not student.model.embed_tokens._forward_hooks and not student.is_activation_checkpointing
+        assert not hasattr(student, "peft_config")  # (lora's, left after its adapters were folded in)
+    trained = []  # the same cfg.seed trains the same weights whatever the caller's RNG
+    for global_seed in (1, 2):
+        _, fresh_student = fresh(0.1)
+        torch.manual_seed(global_seed)
+        distill(teacher, fresh_student, windows(2), tmp_path / f"seed{global_seed}", DistillConfig(steps=1,
+                                                                                                  params=params))
+        trained.append(fresh_student.state_dict())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
     student.requires_grad_(False)
     assert not student(windows(1)[0][None]).logits.requires_grad
     # interrupted (lora's adapters in place then: restored by order, the flags went to other parameters)

@@ -201,13 +201,16 @@ def _logits_finite(model, ids: torch.Tensor) -> bool:
         return all(bool(torch.isfinite(head(h[:, lo:hi])).all()) for lo, hi in position_blocks(0, ids.shape[1]))
 
 
-def _lora_parameters(student) -> Dict[str, torch.nn.Parameter]:
+def _lora_parameters(student, seed: int) -> Dict[str, torch.nn.Parameter]:
+    """LoRA adapters on the student's attention projections, initialised from ``seed`` (not the caller's RNG)."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise ValueError("params='lora' needs peft: pip install peft (or bsbr[lora])") from e
-    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
-                            student)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                "out_proj"]), student)
     return {n: p for n, p in student.named_parameters() if "lora_" in n}
 
 
@@ -234,7 +237,7 @@ def _trainable(student, cfg: DistillConfig):
     elif cfg.params == "all":
         params = dict(student.named_parameters())
     else:  # the new pieces start from scratch, so they train beside the adapters
-        params = {**new, **_lora_parameters(student)}
+        params = {**new, **_lora_parameters(student, cfg.seed)}
     keep = {id(p) for p in params.values()}
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
@@ -315,8 +318,9 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     if any(p.is_inference() for m in (student, teacher) if isinstance(m, torch.nn.Module) for p in m.parameters()):
         raise ValueError("the student or the teacher was loaded under torch.inference_mode(), whose weights cannot be "
                          "trained through: load them outside it")
-    modes = [(m, m.training, {p: p.requires_grad for p in m.parameters()}) for m in (teacher, student)
-             if isinstance(m, torch.nn.Module)]
+    modes = [([(sub, sub.training) for sub in m.modules()], {p: p.requires_grad for p in m.parameters()})
+             for m in (teacher, student) if isinstance(m, torch.nn.Module)]  # (each submodule's mode: one may differ)
+    peft_config = hasattr(student, "peft_config")  # (set by a lora run's adapters, left after they are folded in)
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
     theirs = {id(m) for m in student.modules() if hasattr(m, "base_layer")} if isinstance(student, torch.nn.Module) \
         else set()  # adapters the caller put on the student
@@ -333,8 +337,11 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             student.disable_input_require_grads()
         if isinstance(student, torch.nn.Module):  # an interrupted lora run: its adapters folded in, as a
             _fold_adapters(student, skip=theirs)  # finished run's are
-        for model, training, grads in modes:
-            model.train(training)
+        if not peft_config and hasattr(student, "peft_config"):
+            del student.peft_config
+        for submodules, grads in modes:
+            for sub, training in submodules:
+                sub.training = training
             for p, g in grads.items():  # (by parameter: adapters put in and taken out shift the order)
                 p.requires_grad_(g)
 
