@@ -305,3 +305,30 @@ def test_model_sizes_past_what_fits_are_refused_at_parse_time(args, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"{args[-2]}: must be an integer from 1 to" in err and args[-1] in err, err
+
+
+
+def test_the_benchmark_functions_give_the_callers_random_stream_back(tmp_path):
+    # each seeded torch's global generator (or drew from it) for its weights and inputs: a program's next draws
+    # after a benchmark were the same whatever its own seed
+    from bsbr.bench import models as bm
+    from bsbr.bench import quality as bq
+    from bsbr.bench.converted import gpt2_small_random
+
+    for i in range(10):
+        (tmp_path / f"m{i}.py").write_text(f"x{i} = {i}\n" * 40)
+    calls = {"bench_attention": lambda: layers.bench_attention([64], **TINY),
+             "bench_core": lambda: bc.bench_core([64], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64),
+             "bench_model_scaling": lambda: scaling.bench_model_scaling([64], hidden=32, heads=2, chunk_size=32,
+                                                                        ff_dim=64, vocab_size=50, repeats=1),
+             "bench_models": lambda: bm.bench_models(seq_lens=[64], models=["standard"], hidden=32, heads=2, ff_dim=64,
+                                                     chunk_size=16, repeats=1, train=False),
+             "run_quality": lambda: bq.run_quality(["bsbr"], chunk_size=8, hidden=16, layers=1, heads=2, ff_dim=16,
+                                                   seq_len=32, batch=1, steps=1, eval_windows=1, corpus=str(tmp_path),
+                                                   progress=False),
+             "gpt2_small_random": lambda: gpt2_small_random(64)}
+    for name, call in calls.items():
+        torch.manual_seed(11)
+        state = torch.random.get_rng_state()
+        call()
+        assert torch.equal(torch.random.get_rng_state(), state), name

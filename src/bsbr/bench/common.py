@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import math
 import os
@@ -43,6 +44,16 @@ def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def own_rng(fn):
+    """``fn``, which seeds torch's generators (its weights and inputs repeat from its ``seed``), with the
+    caller's generators given back after it: a program calling a benchmark keeps its own random stream."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def median(xs: Sequence[float]) -> float:

@@ -23,7 +23,7 @@ from ..convert.cli import (add_conversion_arguments, check_conversion_options, c
 from ..errors import UserError, check_not_interrupted
 from ..numbers import MAX_REPEATS, finite_number, integer
 from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
-                     set_threads, write_outputs)
+                     own_rng, set_threads, write_outputs)
 from ..models.heads import output_object
 from .layers import CALIBRATION_LEN
 from .memory import MiB, measure_peak, memory_refusal
@@ -32,6 +32,7 @@ from .plots import plot_converted
 logger = logging.getLogger(__name__)
 
 
+@own_rng
 def gpt2_small_random(n_positions: int = 8192):
     """A GPT-2-small-shaped model with random weights (no download), with a position table long
     enough to run the source itself at every benchmarked length."""

@@ -9,7 +9,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import DEFAULT_SEQ_LENS, interleaved_times, median, round_sig
+from .common import DEFAULT_SEQ_LENS, interleaved_times, median, own_rng, round_sig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def matmul_gflops(size: int, repeats: int, device: str, warmup: int = 1) -> floa
     return 2.0 * size**3 / t / 1e9
 
 
+@own_rng
 def bench_core(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, heads: int = 8, head_dim: int = 64,
                chunk_size: int = 128, repeats: int = 5, warmup: int = 1, retrieval: str = "additive",
                retrieval_blocks: int = 0, matmul_size: int = 2048, seed: int = 0,

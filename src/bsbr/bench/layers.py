@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .common import DEFAULT_SEQ_LENS, failure, forward_fn, interleaved_times, median, new_row, round_sig, time_call
+from .common import (DEFAULT_SEQ_LENS, failure, forward_fn, interleaved_times, median, new_row, own_rng, round_sig,
+                     time_call)
 from .memory import MiB, measure_peak, memory_refusal, release_free_memory
 from .earlier import earlier_bytes_estimate, load_earlier_bsbr
 
@@ -58,6 +59,7 @@ def _calibration(model, hidden: int, device: str) -> Optional[Dict[str, object]]
     return calibrate(forward_fn(model, torch.randn(1, CALIBRATION_LEN, hidden, device=device)), device)
 
 
+@own_rng
 def bench_attention(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, hidden: int = 512, heads: int = 8,
                     chunk_size: int = 128, repeats: int = 5, warmup: int = 1, retrieval: str = "additive",
                     retrieval_blocks: int = 0, max_standard_len: Optional[int] = None,

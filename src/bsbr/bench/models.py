@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from ..numbers import MAX_LAYERS, MAX_REPEATS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..errors import UserError
 from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs,
-                     check_unique, failure, forward_fn, interleaved_times, machine_info, median, round_sig, set_threads,
-                     write_outputs)
+                     check_unique, failure, forward_fn, interleaved_times, machine_info, median, own_rng, round_sig,
+                     set_threads, write_outputs)
 from .layers import CALIBRATION_LEN, calibrate
 from .memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
 from .plots import plot_models
@@ -117,6 +117,7 @@ def _skip(kind: str, n: int, times: List[Tuple[int, float]], peaks: List[Tuple[i
     return reason and f"{kind} {reason}"
 
 
+@own_rng
 @torch.inference_mode(False)  # (its models train: built as normal tensors whatever the caller's mode)
 def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[str] = DEFAULT_MODELS, *,
                  hidden: int = 256, layers: int = 2, heads: int = 4, ff_dim: int = 1024, chunk_size: int = 128,

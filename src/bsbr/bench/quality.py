@@ -33,7 +33,7 @@ from ..errors import UserError, absent, check_not_interrupted
 from ..numbers import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..ops.checks import is_number
 from .common import (VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs, check_unique, given,
-                     machine_info, set_threads, write_outputs)
+                     machine_info, own_rng, set_threads, write_outputs)
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def train_and_eval(name: str, attention: str, kwargs: dict, train_data: torch.Te
             "loss_past": {str(c): round(per_pos[c:].mean().item(), 4) for c in sorted(set(past)) if c < seq_len}}
 
 
+@own_rng
 def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, chunk_size: int = 64, hidden: int = 128, layers: int = 2,
                 heads: int = 4, ff_dim: int = 512, seq_len: int = 512, batch: int = 8, steps: int = 300,
                 lr: float = 2e-3, eval_windows: int = 64, seed: int = 0, corpus: Optional[str] = None,

@@ -9,7 +9,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import failure, forward_fn, median, new_row, round_sig, time_call
+from .common import failure, forward_fn, median, new_row, own_rng, round_sig, time_call
 from .memory import measure_peak, release_free_memory
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ TARGET_MODEL_SHAPE = dict(shortest=8192, longest=65536, hidden=256, heads=4, chu
                           num_layers=2, vocab_size=1000, retrieval="additive", retrieval_blocks=0)
 
 
+@own_rng
 def bench_model_scaling(seq_lens: Sequence[int] = DEFAULT_MODEL_SEQ_LENS, hidden: int = 256, heads: int = 4,
                         chunk_size: int = 128, ff_dim: int = 1024, num_layers: int = 2, vocab_size: int = 1000,
                         repeats: int = 3, retrieval: str = "additive", retrieval_blocks: int = 0,
