@@ -699,6 +699,15 @@ def unwritable_parent(path: Path) -> Optional[Path]:
 
 
 def _umask() -> int:
+    """The process's umask, read from /proc (setting it to read it, the only other way, leaves it 0 for a moment
+    for every thread: files other threads create then are writable by all)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

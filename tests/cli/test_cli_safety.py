@@ -1671,7 +1671,13 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     from bsbr.outputs import atomic_write_text, publish_files, staged_dir
 
     old = os.umask(0o022)
+    umask = os.umask
+
+    def set_for_every_thread(mask):  # reading the umask by setting it left it 0 for a moment, process-wide
+        raise AssertionError("os.umask called")  # (another thread's new files were writable by all)
+
     try:
+        os.umask = set_for_every_thread
         with staged_dir(tmp_path / "out") as d:
             atomic_write_text(d / "a.json", "{}")
             save_file({"w": torch.zeros(2)}, d / "model.safetensors")  # safetensors writes owner-only (0600)
@@ -1682,6 +1688,7 @@ def test_outputs_get_the_usual_permissions(tmp_path):
         w = torch.nn.Parameter(torch.zeros(2))
         save_checkpoint(tmp_path / "ckpt", {"w": w}, torch.optim.SGD([w], lr=0.1), {"step": 1})
     finally:
+        os.umask = umask
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     for f in [tmp_path / "out" / "a.json", tmp_path / "out" / "model.safetensors",

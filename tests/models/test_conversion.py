@@ -157,6 +157,20 @@ def test_a_skipped_weight_would_be_caught():
     assert (outputs(model, ids) - outputs(src, ids)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_conversion_leaves_the_callers_random_stream_alone(family):
+    # the model was built with random initial weights (all overwritten): the caller's generator moved on
+    src = make_source(family)
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        state = torch.random.get_rng_state()
+        models.append(convert_to_bsbr(src, chunk_size=CHUNK, gate_init=0.3))
+        assert torch.equal(torch.random.get_rng_state(), state)
+    a, b = (m.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # (no weight depends on the generator)
+
+
 def test_converted_weights_are_copies():
     src = make_source("llama")
     before = {k: v.clone() for k, v in src.state_dict().items()}

@@ -267,8 +267,8 @@ class TransformerToBSBRConverter:
             logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
-        with _named_as_the_source(mt):
-            model = BSBRForCausalLM(config).float()
+        with _named_as_the_source(mt), torch.random.fork_rng(devices=[]):  # (the random initial weights are all
+            model = BSBRForCausalLM(config).float()  # overwritten: the caller's generator is left as it was)
         _check_built_as_configured(src, model)
         if getattr(src, "generation_config", None) is not None:  # stop tokens, sampling defaults
             model.generation_config = copy.deepcopy(src.generation_config)
