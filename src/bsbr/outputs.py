@@ -655,6 +655,24 @@ def write_errors() -> tuple:
     return OSError, SafetensorError
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tokenizer(tokenizer, directory) -> None:
+    """``tokenizer.save_pretrained(directory)``. The tokenizers library's writer reports a failed write (a full
+    disk) as a bare Exception naming "os error N": it is raised as the OSError it is, which every command's
+    handling of a failed write knows (it was an internal error)."""
+    try:
+        tokenizer.save_pretrained(directory)
+    except OSError:
+        raise
+    except Exception as e:
+        code = _OS_ERROR.search(str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(directory)) from e
+
+
 def out_of_room(error: BaseException) -> bool:
     """Whether ``error`` (one of :func:`write_errors`) says the disk or quota is full: safetensors' own
     error (it reports a full disk so), or an OSError of ENOSPC/EDQUOT."""

@@ -792,6 +792,20 @@ def test_an_interrupt_while_the_replaced_output_is_removed_leaves_no_copy(tmp_pa
     assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_a_tokenizer_that_cannot_be_written_is_a_failed_write(models, tmp_path, capsys, monkeypatch):
+    # the tokenizers library reports a full disk as a bare Exception: "internal error ... report it", status 1
+    import transformers
+
+    def full(self, *a, **k):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full)
+    out = tmp_path / "out"
+    line = refused(capsys, ["convert", models[0], out, "--chunk-size", "16"], "convert")
+    assert f"OUTPUT_DIR {out}: could not write" in line and "No space left on device" in line, line
+    assert "free some space or choose another OUTPUT_DIR" in line and not out.exists()
+
+
 def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, capsys, monkeypatch):
     import bsbr.outputs
     from bsbr.convert.converter import load_source

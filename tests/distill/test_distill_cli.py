@@ -390,21 +390,35 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
     out = tmp_path / "out"
     args = distill_args(models, text, out, "--steps", "4", "--checkpoint-every", "1")
     save, calls = trainer.save_checkpoint, []
+    failure = dict(at=3, error=OSError(28, "No space left on device"))
 
     def fills_up(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
+        if len(calls) == failure["at"]:
+            raise failure["error"]
         return save(*a, **k)
 
     monkeypatch.setattr(trainer, "save_checkpoint", fills_up)
     capsys.readouterr()
     assert main(args) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"bsbr distill: error: [Errno 28] No space left on device; checkpoint {out / 'checkpoint'} "
-                           "holds step 2: once there is room, resume with: bsbr distill "), last
+    resume = capsys.readouterr().err.strip().splitlines()[-1]
+    assert resume.startswith(f"bsbr distill: error: --output {out}: could not write the checkpoint ([Errno 28] No "
+                             f"space left on device); checkpoint {out / 'checkpoint'} holds step 2: once there is room, "
+                             "resume with: bsbr distill "), resume
+    # refused for another reason (a permission): not "once there is room"; a first checkpoint: named in one line
+    # (the permission's was a bare "OUT: Permission denied")
+    for at, error, end in ((3, PermissionError(13, "Permission denied"), None),
+                           (1, PermissionError(13, "Permission denied"), "choose another --output"),
+                           (1, OSError(28, "No space left on device"), "free some space or choose another --output")):
+        calls.clear()
+        failure.update(at=at, error=error)
+        assert main([*map(str, args), "--overwrite"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"bsbr distill: error: --output {out}: could not write the checkpoint ("), last
+        assert last.endswith(end) if end else \
+            "holds step 2: once it can be written (a permission, a read-only disk?), resume with:" in last, last
     monkeypatch.undo()
-    assert main(last.split("resume with: ")[1].split()[1:]) == 0
+    assert main(resume.split("resume with: ")[1].split()[1:]) == 0
 
 
 def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys):

@@ -237,7 +237,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     conversion record (``conversion.json``: the source by name, type and weights fingerprint, so later
     commands can check a reference or teacher against it; the options) and a model card. Returns the record."""
     from ..arguments import METADATA, source_record
-    from ..outputs import write_model_card
+    from ..outputs import save_tokenizer, write_model_card
 
     from .. import __version__
 
@@ -248,7 +248,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
                   params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
                   seconds=round(seconds, 1), **options)
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
     (directory / METADATA).write_text(json.dumps(record, indent=2), encoding="utf-8")
     write_model_card(directory)
     return record

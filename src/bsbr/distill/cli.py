@@ -22,7 +22,7 @@ from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_d
                          source_name, warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
-                       resolved_path, resume_strays, write_errors, write_failure, write_model_card)
+                       resolved_path, resume_strays, save_tokenizer, write_errors, write_failure, write_model_card)
 # torch, the trainer and the models load inside the commands, so `bsbr distill --help` starts without them
 
 logger = logging.getLogger(__name__)
@@ -321,12 +321,11 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         return _train(args, cfg, student_dir, out)
     except write_errors() as e:  # a full disk or a quota while saving: say what the last checkpoint holds
         step = _checkpoint_step(ckpt, before) if not dist.is_initialized() or dist.get_rank() == 0 else None
-        if step is None and out_of_room(e):
-            raise write_failure("--output", out, e, "the checkpoint", unchanged=False) from e
         if step is None:
-            raise
-        raise UserError(f"{' '.join(str(e).split())[:200]}; checkpoint {ckpt} holds step {step}: once there is room, "
-                        f"resume with: {_resume_command(args)}") from e
+            raise write_failure("--output", out, e, "the checkpoint", unchanged=False) from e
+        fix = "once there is room" if out_of_room(e) else "once it can be written (a permission, a read-only disk?)"
+        raise UserError(f"--output {out}: could not write the checkpoint ({' '.join(str(e).split())[:200]}); "
+                        f"checkpoint {ckpt} holds step {step}: {fix}, resume with: {_resume_command(args)}") from e
     except RuntimeError as e:  # under torchrun: another process of the run died, and its connection with it
         if not _peer_failed(e):
             raise
@@ -416,7 +415,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     warn_past_rotary_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (the student imitates it)
 
     def extra_files(directory: Path) -> None:
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
         if record is not None:  # the student's, naming the folder it now lies in
             (directory / METADATA).write_text(_moved_record(record, out), encoding="utf-8")
         write_model_card(directory)
