@@ -662,6 +662,20 @@ def test_a_checkpoint_save_that_fails_leaves_the_previous_one(tmp_path, monkeypa
         checkpoint.save_checkpoint(fresh_dir, params, opt, dict(step=2))
     assert sorted(p.name for p in fresh_dir.iterdir()) == first
     assert json.loads((fresh_dir / "manifest.json").read_text())["step"] == 1
+    # the checkpoint folder itself cannot be made (no inode left) after its parent was: the parent was left
+    monkeypatch.setattr(checkpoint, "save_file", save_file_)
+    mkdir = Path.mkdir
+
+    def no_inode_left(self, *a, **k):
+        if self.name == "checkpoint":
+            mkdir(self.parent, parents=True, exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", no_inode_left)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(tmp_path / "new" / "checkpoint", params, opt, dict(step=1))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_window_with_nothing_past_its_first_chunk_is_scored_whole():

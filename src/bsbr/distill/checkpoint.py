@@ -45,10 +45,10 @@ def save_checkpoint(directory: Path, params: Dict[str, torch.nn.Parameter], opti
     and the folders it made, so the previous checkpoint, or none, stays as it was."""
     directory = Path(directory)
     made = [p for p in [directory, *directory.parents] if not p.exists()]
-    directory.mkdir(parents=True, exist_ok=True)
     tag = f"{progress.get('step', 0):07d}-{uuid.uuid4().hex[:8]}"
     names = dict(weights=f"trainable-{tag}.safetensors", optimizer=f"optimizer-{tag}.safetensors")
     try:
+        directory.mkdir(parents=True, exist_ok=True)  # (inside: the folders made before one failed are removed)
         _write_checkpoint(directory, names, params, optimizer, progress)
     except BaseException:
         if _names_in_manifest(directory) >= set(names.values()):  # (interrupted after its manifest was renamed
