@@ -220,7 +220,9 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
                else "nothing can be made there")
         raise OutputError(f"{option} {path}: cannot write in {parent} ({why}): choose another {option}")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: directory is not writable")
+        why = "a read-only file system" if _read_only(out) else "permission denied"
+        raise OutputError(f"{option} {path}: directory is not writable ({why}): choose another {option}, or make it "
+                          "writable")
     return out
 
 

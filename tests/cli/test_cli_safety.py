@@ -792,6 +792,17 @@ def test_an_interrupt_while_the_replaced_output_is_removed_leaves_no_copy(tmp_pa
     assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_an_empty_output_folder_that_cannot_be_written_says_why(models, tmp_path, capsys, monkeypatch):
+    # "OUTPUT_DIR X: directory is not writable", without why or what to do
+    out = tmp_path / "out"
+    out.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != out and access(p, mode, **k))
+    line = refused(capsys, ["convert", models[0], out, "--chunk-size", "16"], "convert")
+    assert line.endswith(f"OUTPUT_DIR {out}: directory is not writable (permission denied): choose another "
+                         "OUTPUT_DIR, or make it writable"), line
+
+
 def test_a_tokenizer_that_cannot_be_written_is_a_failed_write(models, tmp_path, capsys, monkeypatch):
     # the tokenizers library reports a full disk as a bare Exception: "internal error ... report it", status 1
     import transformers
