@@ -235,6 +235,26 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(outputs(loaded.eval(), ids), outputs(model, ids), rtol=0, atol=0)
 
 
+def test_a_save_that_fails_puts_the_replaced_configs_back(tmp_path, monkeypatch):
+    # transformers writes config.json before the weights: a full disk left the new config beside the old weights,
+    # which loaded silently (a model of other options with the old weights)
+    import transformers.modeling_utils
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK)
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    other = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=1, gate_init=0.5)
+    other.generation_config.max_new_tokens = 7
+    with pytest.raises(OSError, match="No space left on device"):
+        other.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):
     src = make_source("gpt2")
     model = convert_to_bsbr(src, chunk_size=CHUNK)

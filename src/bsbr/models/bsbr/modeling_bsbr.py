@@ -762,7 +762,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """transformers' ``save_pretrained``, plus ``bsbr_auto.py``, which config.json's ``auto_map`` names: a
         process that has not imported bsbr loads the model with ``trust_remote_code=True`` (that file imports
-        the installed bsbr; nothing else is executed)."""
+        the installed bsbr; nothing else is executed). A save that fails (a full disk) puts back the configs it
+        replaced: transformers writes them before the weights, and the new config beside the old weights loaded
+        silently."""
         from ... import __version__
 
         base = getattr(self, "model", self)
@@ -773,7 +775,15 @@ class BSBRPreTrainedModel(PreTrainedModel):
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
         layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        configs = [Path(save_directory, name) for name in ("config.json", "generation_config.json")]
+        kept = {f: f.read_bytes() for f in configs if is_main_process and f.is_file() and not f.is_symlink()}
+        try:
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        except BaseException:
+            for f, data in kept.items():
+                with contextlib.suppress(OSError):
+                    f.write_bytes(data)
+            raise
         if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
             write_auto_code(save_directory)
             after = [_identity(f) for f in layouts]
