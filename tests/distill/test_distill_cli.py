@@ -417,6 +417,17 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
         assert last.startswith(f"bsbr distill: error: --output {out}: could not write the checkpoint ("), last
         assert last.endswith(end) if end else \
             "holds step 2: once it can be written (a permission, a read-only disk?), resume with:" in last, last
+    # the final model, not a checkpoint, cannot be written: named so (the checkpoint of step 4 was)
+    failure.update(at=0)
+
+    def tokenizer_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("bsbr.distill.cli.save_tokenizer", tokenizer_full)
+    assert main([*map(str, args), "--overwrite"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"bsbr distill: error: --output {out}: could not write the model ([Errno 28] No space "
+                           f"left on device); checkpoint {out / 'checkpoint'} holds step 4: once there is room"), last
     monkeypatch.undo()
     assert main(resume.split("resume with: ")[1].split()[1:]) == 0
 

@@ -75,6 +75,20 @@ def test_fullgraph_is_refused_with_the_reason():
             torch._dynamo.reset()
 
 
+def test_the_eager_parts_build_on_a_torch_whose_disable_takes_no_reason(monkeypatch):
+    # torch 2.5-2.7 (pyproject allows them): disable(fn=None, recursive=True); reason= failed every import of the models
+    from bsbr.ops.checks import eager
+
+    seen = []
+
+    def disable(fn=None, recursive=True):
+        seen.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch.compiler, "disable", disable)
+    assert eager(len)("abc") == 3 and seen == [len]
+
+
 class _Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

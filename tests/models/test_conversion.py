@@ -253,6 +253,12 @@ def test_a_save_that_fails_puts_the_replaced_configs_back(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left on device"):
         other.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / "mine.json").write_bytes(before["config.json"])  # a config.json that is a link: written through it
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").symlink_to("mine.json")
+    with pytest.raises(OSError, match="No space left on device"):
+        other.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_symlink() and (tmp_path / "mine.json").read_bytes() == before["config.json"]
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):

@@ -321,10 +321,11 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         return _train(args, cfg, student_dir, out)
     except write_errors() as e:  # a full disk or a quota while saving: say what the last checkpoint holds
         step = _checkpoint_step(ckpt, before) if not dist.is_initialized() or dist.get_rank() == 0 else None
+        what = getattr(e, "bsbr_writing", "the checkpoint")  # (the model: the final publish)
         if step is None:
-            raise write_failure("--output", out, e, "the checkpoint", unchanged=False) from e
+            raise write_failure("--output", out, e, what, unchanged=False) from e
         fix = "once there is room" if out_of_room(e) else "once it can be written (a permission, a read-only disk?)"
-        raise UserError(f"--output {out}: could not write the checkpoint ({' '.join(str(e).split())[:200]}); "
+        raise UserError(f"--output {out}: could not write {what} ({' '.join(str(e).split())[:200]}); "
                         f"checkpoint {ckpt} holds step {step}: {fix}, resume with: {_resume_command(args)}") from e
     except RuntimeError as e:  # under torchrun: another process of the run died, and its connection with it
         if not _peer_failed(e):

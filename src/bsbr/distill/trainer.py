@@ -597,8 +597,9 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
                 else:
                     old.unlink(missing_ok=True)
         publish_files(final, output_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(final, ignore_errors=True)
+        e.bsbr_writing = "the model"  # (what a failed write's message names: not the checkpoint, saved before)
         raise
 
 

@@ -3,6 +3,7 @@ baseline ops (sliding window, linear attention, DeltaNet, Hopfield, GAU) all tak
 out (batch, heads, seq_len, dim)."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
@@ -18,8 +19,11 @@ EAGER = ("a BSBR model compiles with graph breaks: its chunked op, block selecti
 
 
 def eager(fn):
-    """``fn`` run eagerly inside a compiled model (a graph break), saying why where ``fullgraph=True`` refuses it."""
-    return torch.compiler.disable(fn, reason=EAGER)
+    """``fn`` run eagerly inside a compiled model (a graph break), saying why where ``fullgraph=True`` refuses it
+    (on a torch that takes a reason: 2.8 on)."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return torch.compiler.disable(fn, reason=EAGER)
+    return torch.compiler.disable(fn)
 
 
 def exporting() -> bool:

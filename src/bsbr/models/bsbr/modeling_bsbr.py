@@ -776,7 +776,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
         configs = [Path(save_directory, name) for name in ("config.json", "generation_config.json")]
-        kept = {f: f.read_bytes() for f in configs if is_main_process and f.is_file() and not f.is_symlink()}
+        kept = {f: f.read_bytes() for f in configs if is_main_process and f.is_file()}  # (through a link, as written)
         try:
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         except BaseException:
