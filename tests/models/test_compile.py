@@ -76,7 +76,8 @@ def test_fullgraph_is_refused_with_the_reason():
 
 
 def test_the_eager_parts_build_on_a_torch_whose_disable_takes_no_reason(monkeypatch):
-    # torch 2.5-2.7 (pyproject allows them): disable(fn=None, recursive=True); reason= failed every import of the models
+    # torch 2.5-2.7 (pyproject allows them): disable(fn=None, recursive=True); reason= failed every import of
+    # the models
     from bsbr.ops.checks import eager
 
     seen = []
