@@ -4,7 +4,8 @@ A short distillation probe on SmolLM2-135M (chunk 256, 2,048-token windows): end
 0.1 x LM loss, as these probes ran, on the new pieces; with BASE_LR > 0, on all weights, the source's
 own at BASE_LR. (``kl`` names the recipe, as in the recorded commands; attention transfer, the other
 mode, is retired.) ``key=value`` pairs are conversion options (e.g. ``compression_factor=4``,
-``local_chunks=1``; ``bf16=1`` turns on autocast; ``retrieval_mass``, in the recorded commands, is retired). Prints perplexity on tokens past the first
+``local_chunks=1``; ``bf16=1`` turns on autocast, ``bf16=0`` leaves it off; ``retrieval_mass``, ``meta`` and
+``meta_init``, in the recorded commands, are retired). Prints perplexity on tokens past the first
 chunk of 4 windows from 40 files not trained on, for full attention, chunk-local attention and the
 distilled BSBR model.
 (The probes in docs/findings.md, "Ruled out".)
@@ -18,9 +19,11 @@ OPTION_KEYS = (*DEFAULT_OPTIONS, "compression_factor", "bf16")
 
 
 def option(text):
-    """An argparse type: ``key=value``, the key a conversion option or bf16."""
+    """An argparse type: ``key=value``, the key a conversion option or bf16 (0 or 1)."""
     if "=" not in text or text.split("=")[0] not in OPTION_KEYS:
         raise argparse.ArgumentTypeError(f"{text!r}: give key=value, the key one of {', '.join(OPTION_KEYS)}")
+    if text.startswith("bf16=") and text not in ("bf16=0", "bf16=1"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give bf16=0 or bf16=1")
     return text
 
 
@@ -39,6 +42,9 @@ try:  # BASE_LR, where the first of the rest is no key=value
     args.options = [option(text) for text in args.rest[len(head):]]
 except argparse.ArgumentTypeError as e:
     ap.error(str(e))
+keys = [text.split("=")[0] for text in args.options]
+if len(set(keys)) < len(keys):
+    ap.error(f"{next(k for k in keys if keys.count(k) > 1)} is given twice: give each option once")
 
 import pathlib
 import random
@@ -101,6 +107,7 @@ print("full", pf, "local", pl, flush=True)
 cfg = DistillConfig(steps=steps, lr=lr, checkpoint_every=10**6, bf16=bf16, lm_weight=0.1,
                     **(dict(params="all", base_lr=base_lr) if base_lr > 0 else {}))
 t = time.time()
-distill(src, student, train, f"{tempfile.mkdtemp()}/probe_{mode}", cfg)  # (a fresh folder: a rerun is no resume)
+with tempfile.TemporaryDirectory() as scratch:  # (a fresh folder: a rerun is no resume; the saved model goes after)
+    distill(src, student, train, f"{scratch}/probe_{mode}", cfg)
 pb = ppl(student)
 print(f"{mode} base_lr={base_lr} bf16={bf16} {options}: {steps} steps in {time.time() - t:.0f}s; bsbr {pb:.3f}; gap closed {(pl - pb) / (pl - pf):.3f}")

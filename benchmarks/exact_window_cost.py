@@ -1,7 +1,8 @@
 """Usage: python benchmarks/exact_window_cost.py
 
 Forward + backward time of one chunked BSBR attention op at SmolLM2-135M's shapes (9 query / 3 K/V
-heads, head dim 64, 2,048 tokens, chunk 256, normalized retrieval with an open gate), 1 thread,
+heads, head dim 64, 2,048 tokens, chunk 256, normalized retrieval with an open gate; features of size
+64, where SmolLM2's Hedgehog map gives 128), 1 thread,
 median of 3, for the one-chunk exact window and the wider ones (docs/findings.md, "The exact window,
 and distillation"). Times are for comparing the rows of one run, not across machines."""
 import sys

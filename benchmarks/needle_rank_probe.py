@@ -27,11 +27,12 @@ import torch
 
 import bsbr.layers.bsbr_attention as attention_layer
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
-from bsbr.evaluate.passkey import grid_prompts
+
 from bsbr.numbers import MAX_REPEATS, integer
 from bsbr.ops.bsbr.retrieval import block_scores
 from bsbr.results import write_json
-from script_args import check_args, filler_spec
+from bsbr.evaluate.cli import needle_depth
+from script_args import check_args, filler_spec, prompts
 
 PIECES = (4, 8, 16, 32, 256)
 
@@ -98,7 +99,7 @@ def ranks(prompt, got, B, L, sinks, min_mass):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=integer(1), default=16384)
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 0.9])
+    ap.add_argument("--depths", type=needle_depth, nargs="+", default=[0.5, 0.9])
     ap.add_argument("--fillers", type=filler_spec, nargs="+", default=["prose", "random"])
     ap.add_argument("--trials", type=integer(1, MAX_REPEATS), default=1, help="prompts per (depth, filler)")
     ap.add_argument("--rows", type=integer(1), default=24, help="query tokens at the end of the prompt")
@@ -112,7 +113,7 @@ def main() -> None:
     cfg = model.config
     all_ranks = {}
     for filler in args.fillers:
-        for prompt in grid_prompts(tok, [args.length], args.depths, args.trials, 0, 8, [filler]):
+        for prompt in prompts(ap, tok, [args.length], args.depths, args.trials, 0, 8, [filler]):
             r = ranks(prompt, capture(model, prompt.input_ids, args.rows), cfg.chunk_size, cfg.local_chunks,
                       cfg.sink_tokens, args.min_mass)
             print(filler, prompt.depth, "triples", len(r.get("max", [])),

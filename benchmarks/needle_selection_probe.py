@@ -20,11 +20,12 @@ import torch
 import bsbr.ops.bsbr.chunk as chunk_op
 from bsbr.evaluate.baselines import load_eval_tokenizer
 from bsbr.evaluate.filler import DEFAULT_FILLERS
-from bsbr.evaluate.passkey import grid_prompts
+
 from bsbr.models import load_bsbr_model
 from bsbr.numbers import MAX_REPEATS, integer
 from bsbr.ops.bsbr.retrieval import rank_scores
-from script_args import check_args
+from bsbr.evaluate.cli import needle_depth
+from script_args import check_args, prompts
 
 KEY_TOKENS = 24  # the key sentence's first tokens ("The pass key is 12345. Remember it.")
 
@@ -33,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a converted model directory (exact blocks)")
     ap.add_argument("--length", type=integer(1), required=True)
-    ap.add_argument("--depth", type=float, required=True)
+    ap.add_argument("--depth", type=needle_depth, required=True)
     ap.add_argument("--trial", type=integer(0, MAX_REPEATS - 1), default=0,
                     help="trial index of the cell (filler trial mod 3)")
     ap.add_argument("--rows", type=integer(1), default=8, help="last prompt tokens whose ranks are kept")
@@ -45,7 +46,7 @@ def main() -> None:
     K, B = model.config.retrieval_blocks, model.config.chunk_size
     if not K:
         ap.error(f"{args.model} retrieves no blocks (retrieval_blocks 0)")
-    prompt = [p for p in grid_prompts(load_eval_tokenizer(args.model), [args.length], [args.depth],
+    prompt = [p for p in prompts(ap, load_eval_tokenizer(args.model), [args.length], [args.depth],
                                       max(args.trial + 1, len(DEFAULT_FILLERS)),
                                       args.seed, 8, DEFAULT_FILLERS) if p.meta["trial"] == args.trial][0]
     n = len(prompt.input_ids)

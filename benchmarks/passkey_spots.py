@@ -16,18 +16,19 @@ import torch
 
 from bsbr.evaluate.baselines import load_eval_tokenizer
 from bsbr.evaluate.filler import DEFAULT_FILLERS
-from bsbr.evaluate.passkey import greedy_continuation, grid_prompts, passkey_found
+from bsbr.evaluate.passkey import greedy_continuation, passkey_found
 from bsbr.models import load_bsbr_model
 from bsbr.numbers import MAX_REPEATS, integer
 from bsbr.results import write_json
-from script_args import check_args
+from bsbr.evaluate.cli import needle_depth
+from script_args import check_args, prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a converted model directory")
     ap.add_argument("--length", type=integer(1), required=True)
-    ap.add_argument("--depth", type=float, required=True)
+    ap.add_argument("--depth", type=needle_depth, required=True)
     ap.add_argument("--trials", type=integer(0, MAX_REPEATS - 1), nargs="+", default=[0],
                     help="trial indices of the cell (default 0)")
     ap.add_argument("--seed", type=int, default=0)
@@ -42,7 +43,7 @@ def main() -> None:
     tok = load_eval_tokenizer(args.model)  # the model's own (a tokenizer saved beside it), else SmolLM2's
     rows = []
     trials = max(max(args.trials) + 1, len(DEFAULT_FILLERS))  # (the grid reads every filler; trial t is the same)
-    for p in grid_prompts(tok, [args.length], [args.depth], trials, args.seed, 8, DEFAULT_FILLERS):
+    for p in prompts(ap, tok, [args.length], [args.depth], trials, args.seed, 8, DEFAULT_FILLERS):
         if p.meta["trial"] not in args.trials:
             continue
         t0 = time.perf_counter()

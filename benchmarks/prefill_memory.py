@@ -1,6 +1,8 @@
 """Peak memory and time of one chunked BSBR op call (the prefill form) at a long length, SmolLM2's shapes (9 query
 heads, 3 K/V heads, head size 64), the default's options (chunk 256, window 2 chunks + 4 sinks, 8 blocks), one
-thread, gate closed or open; run each case in its own process, since the peak is the process's:
+thread, gate closed or open; features of size 16 (SmolLM2's Hedgehog map gives 128, so the open gate's
+chunk states here are an eighth of a converted SmolLM2's); run each case in its own process, since the peak is
+the process's:
 
     OMP_NUM_THREADS=1 python benchmarks/prefill_memory.py 65536 [open]
 """

@@ -19,10 +19,11 @@ import torch
 
 import bsbr.ops.bsbr.recall as recall
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
-from bsbr.evaluate.passkey import greedy_continuation, grid_prompts, passkey_found
+from bsbr.evaluate.passkey import greedy_continuation, passkey_found
 from bsbr.numbers import MAX_RECALL_TOKENS, finite_number, integer
 from bsbr.results import write_json
-from script_args import check_args, filler_spec
+from bsbr.evaluate.cli import needle_depth
+from script_args import check_args, filler_spec, prompts
 
 
 def induction_scores(model, n: int = 200, repeats: int = 4) -> torch.Tensor:
@@ -57,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=integer(1), default=8192)
     ap.add_argument("--fillers", type=filler_spec, nargs="+", default=["prose"])
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--depths", type=needle_depth, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--variants", type=variant, nargs="+", default=["256", "0.1:2048:256", "0.1:1024:170"])
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
         return idx, on
 
     recall.keep_largest = capped
-    prompts = [p for f in args.fillers for p in grid_prompts(tok, [args.length], args.depths, 1, 0, 8, [f])]
+    grid = [p for f in args.fillers for p in prompts(ap, tok, [args.length], args.depths, 1, 0, 8, [f])]
     result = dict(length=args.length, induction_scores=scores.tolist(), variants={})
     for var in args.variants:
         if ":" in var:
@@ -90,7 +91,7 @@ def main() -> None:
         for i, layer in enumerate(model.model.layers):
             layer.register_forward_pre_hook(lambda mod, a, i=i: now.__setitem__("layer", i))
         rows = []
-        for p in prompts:
+        for p in grid:
             t0 = time.time()
             text = tok.decode(greedy_continuation(model, p.input_ids, 8, tok.eos_token_id))
             rows.append(dict(filler=p.meta.get("filler"), depth=p.depth, key=p.key, answer=text,

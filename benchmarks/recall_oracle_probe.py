@@ -22,9 +22,10 @@ import torch
 
 import bsbr.ops.bsbr.recall as recall
 from bsbr.convert import convert_to_bsbr, load_source, load_tokenizer
-from bsbr.evaluate.passkey import greedy_continuation, grid_prompts, passkey_found
+from bsbr.evaluate.passkey import greedy_continuation, passkey_found
 from bsbr.numbers import MAX_RECALL_TOKENS, integer
-from script_args import check_args, filler_spec
+from bsbr.evaluate.cli import needle_depth
+from script_args import check_args, filler_spec, prompts
 
 FORCES = ("none", "digits", "digits+space", "space", "sentence")
 
@@ -48,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=integer(1), default=8192)
     ap.add_argument("--filler", type=filler_spec, default="prose")
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--depths", type=needle_depth, nargs="+", default=[0.5])
     ap.add_argument("--force", nargs="+", choices=FORCES, default=["none", "digits", "digits+space", "sentence"])
     ap.add_argument("--layers", type=layer_range, nargs="+", default=["all"],
                     help="layer ranges such as 0-14 (default all)")
@@ -59,6 +60,9 @@ def main() -> None:
     tok = load_tokenizer(None)
     model = convert_to_bsbr(load_source(None).eval(), retrieval_blocks=0, recall_tokens=args.recall_tokens).eval()
     n_layers = len(model.model.layers)
+    past = [text for text in args.layers if text != "all" and max(layer_set(text, n_layers)) >= n_layers]
+    if past:  # (forced nothing, reported as if it had)
+        ap.error(f"--layers {past[0]}: the model has layers 0-{n_layers - 1}")
     now = dict(layer=0, forced=None, layers=set(), held={})
     keep_largest = recall.keep_largest
 
@@ -72,7 +76,7 @@ def main() -> None:
     recall.keep_largest = forcing
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda mod, a, i=i: now.__setitem__("layer", i))
-    for p in grid_prompts(tok, [args.length], args.depths, 1, 0, 8, [args.filler]):
+    for p in prompts(ap, tok, [args.length], args.depths, 1, 0, 8, [args.filler]):
         span = list(range(p.key_start, p.key_end))
         digits = [i for i in span if tok.decode([p.input_ids[i]]).strip().isdigit()]
         chosen = dict(none=[], digits=digits, sentence=span, space=sorted(set(i - 1 for i in digits) - set(digits)),

@@ -10,11 +10,12 @@ the state of every token, a one-shot approximation of the cache built chunk by c
 """
 import argparse
 
-from script_args import check_args
+from bsbr.evaluate.cli import needle_depth
+from script_args import check_args, prompts
 
 
 def depth_list(text):
-    return [float(x) for x in text.split(",")]
+    return [needle_depth(x) for x in text.split(",")]
 
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,13 +31,12 @@ import json, math, torch
 import bsbr.layers.bsbr_attention as ba
 from bsbr import load_bsbr_model
 from bsbr.evaluate.baselines import load_eval_tokenizer
-from bsbr.evaluate.passkey import grid_prompts
 from bsbr.results import write_json
 torch.set_num_threads(1)
 M, B, S = 256, 256, 4
 model = load_bsbr_model(args.model).eval()
 tok = load_eval_tokenizer(args.model)
-prompts = list(grid_prompts(tok, [16384], args.depths, 1, 0, 8, ["prose"]))
+grid = prompts(ap, tok, [16384], args.depths, 1, 0, 8, ["prose"])
 caught = []
 orig = ba._run_op
 def grab(op, tensors, **kw):
@@ -45,7 +45,7 @@ def grab(op, tensors, **kw):
     return orig(op, tensors, **kw)
 ba._run_op = grab
 out = {}
-for p in prompts:
+for p in grid:
     caught.clear()
     ids = torch.tensor([p.input_ids])
     with torch.inference_mode():

@@ -37,6 +37,17 @@ def output_only(doc: str, default: str) -> str:
     return args.out
 
 
+def prompts(ap: argparse.ArgumentParser, *args, **kwargs) -> list:
+    """The prompts of :func:`bsbr.evaluate.passkey.grid_prompts` (same arguments); a grid they cannot be built for
+    (a length too short for a needle and filler) is argparse's one-line error, not a traceback."""
+    from bsbr.evaluate.passkey import grid_prompts
+
+    try:
+        return list(grid_prompts(*args, **kwargs))
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def filler_spec(spec: str) -> str:
     """An argparse type: a pass-key filler, a kind (:data:`bsbr.evaluate.filler.FILLER_KINDS`) or a text file."""
     if spec not in FILLER_KINDS and not filler_path(spec).is_file():

@@ -20,6 +20,12 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
      "holds no JSON list to append to"),
     (["needle_selection_probe.py", "missing", "--length", "100", "--depth", "0.5"], "model missing does not exist"),
     (["recall_selection_probe.py", "missing", "0.5", "out.json"], "MODEL_DIR missing does not exist"),
+    (["passkey_spots.py", "model", "--length", "100", "--depth", "1.5"], "depth must lie in [0, 1], got 1.5"),
+    (["recall_oracle_probe.py", "--length", "600", "--depths", "1.5"], "depth must lie in [0, 1], got 1.5"),
+    (["needle_rank_probe.py", "--depths", "-0.1"], "depth must lie in [0, 1], got -0.1"),
+    (["recall_head_budget_probe.py", "--depths", "2"], "depth must lie in [0, 1], got 2"),
+    (["needle_selection_probe.py", "model", "--length", "100", "--depth", "x"], "must be a number in [0, 1]"),
+    (["recall_selection_probe.py", "model", "0.5,1.5", "out.json"], "depth must lie in [0, 1], got 1.5"),
 ])
 def test_a_script_refuses_a_bad_argument_before_loading(tmp_path, argv, words):
     (tmp_path / "model").mkdir()  # (what the checks read of a saved BSBR model)

@@ -1612,7 +1612,7 @@ def test_eval_names_a_missing_filler_file_and_a_depth_that_is_not_a_number(model
     line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-filler", tmp_path / "nope.txt"], "eval")
     assert "does not exist" in line and "nope.txt" in line, line
     line = refused(capsys, ["eval", converted, "--passkey-only", "--passkey-depths", "half"], "eval")
-    assert "--passkey-depths: must be a number in [0, 1], got 'half'" in line and "_depth" not in line, line
+    assert "--passkey-depths: must be a number in [0, 1], got 'half'" in line and "needle_depth" not in line, line
 
 
 def test_a_staging_folder_left_by_a_killed_run_is_named_after_a_later_run(models, tmp_path, caplog):

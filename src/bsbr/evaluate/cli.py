@@ -26,7 +26,8 @@ from .report import summary_lines
 logger = logging.getLogger(__name__)
 
 
-def _depth(text: str) -> float:
+def needle_depth(text: str) -> float:
+    """An argparse type: a pass-key needle's depth, a number in [0, 1]."""
     try:
         value = float(text)
     except ValueError:
@@ -451,7 +452,7 @@ def register(sub) -> None:
                    help="pass-key lengths in tokens, prompt and answer together: a prompt is at most N minus "
                         "--passkey-new-tokens tokens (whole filler sentences: a few fewer), e.g. 16384 32768 "
                         "(default 1024 2048 4096 8192)")
-    p.add_argument("--passkey-depths", type=_depth, nargs="+", default=None, metavar="D",
+    p.add_argument("--passkey-depths", type=needle_depth, nargs="+", default=None, metavar="D",
                    help="relative depths of the key (default 0.1 0.3 0.5 0.7 0.9)")
     p.add_argument("--passkey-trials", type=integer(1, MAX_REPEATS), default=None,
                    help="keys per (length, depth) cell; trial t uses filler t mod the number of fillers (default 3)")
