@@ -221,8 +221,11 @@ def check_recorded_source(model_dir, source, *, option: str, force: bool = False
         raise SourceMismatchError(f"{model_dir}/conversion.json: source.name must be the source's path or hub id, "
                                   f"got {name!r}: give {option}, or restore the file as bsbr convert wrote it")
     if source is None and not force and name and name != source_label(None) and not _is_default_source(name):
+        gone = os.path.isabs(os.path.expanduser(name)) and not os.path.lexists(os.path.expanduser(name))
         raise SourceMismatchError(f"{option} is not given, so it would be the bundled SmolLM2, but {model_dir} was "
-                                  f"converted from {name}: give {option} {command_path(name)}")
+                                  f"converted from {name}" + (f", which is no longer there: give {option} with the "
+                                                             "source's new path" if gone else
+                                                             f": give {option} {command_path(name)}"))
     if source is None and not force and not name and compared:  # no record: config.json's vocabulary tells
         from .convert.defaults import DEFAULT_SOURCE_VOCAB
 

@@ -792,6 +792,22 @@ def test_an_interrupt_while_the_replaced_output_is_removed_leaves_no_copy(tmp_pa
     assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_an_output_through_a_link_to_nothing_is_refused(models, text, tmp_path, capsys, monkeypatch):
+    # a link to a disk not mounted: its folders were made on the disk below (exit 0, the results hidden once it is
+    # mounted); a loop of links got past eval's check and failed after the evaluation
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").symlink_to(tmp_path / "mnt" / "ext" / "outputs")
+    (tmp_path / "loopy").symlink_to("loopy")
+    line = refused(capsys, ["convert", models[0], "outputs/m1", "--chunk-size", "16"], "convert")
+    assert line.endswith(f"OUTPUT_DIR outputs/m1: outputs is a symbolic link to {tmp_path / 'mnt/ext/outputs'}, "
+                         "which does not exist: mend the link (a disk not mounted?), or choose another OUTPUT_DIR"), line
+    line = refused(capsys, ["eval", models[1], "--reference", models[0], "--text-file", text, "--json",
+                            "loopy/x/e.json"], "eval")
+    assert line.endswith("--json loopy/x/e.json: loopy is a loop of symbolic links: mend the link (a disk not "
+                         "mounted?), or choose another --json"), line
+    assert not (tmp_path / "mnt").exists()
+
+
 def test_an_empty_output_folder_that_cannot_be_written_says_why(models, tmp_path, capsys, monkeypatch):
     # "OUTPUT_DIR X: directory is not writable", without why or what to do
     out = tmp_path / "out"

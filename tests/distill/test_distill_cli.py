@@ -1062,3 +1062,27 @@ def test_a_first_save_killed_before_its_manifest_is_no_checkpoint(models, text, 
     assert "holds files no bsbr command wrote (tokenizer.json): the resumed run's model" in line, line
     (out / "tokenizer.json").unlink()  # an empty checkpoint folder alone (a first save killed at once): started fresh
     assert main([*distill_args(models, text, out, "--steps", "1"), "--resume"]) == 0
+
+
+def test_resume_into_an_output_that_does_not_exist_is_refused(models, text, tmp_path, capsys, no_loading):
+    # the printed resume line after the run's folder was moved: it trained from step 0 into a new folder, exit 0
+    line = refused(capsys, [*distill_args(models, text, tmp_path / "moved", "--steps", "2"), "--resume"], "distill")
+    assert line.endswith(f"--resume: --output {tmp_path / 'moved'} does not exist, so there is no run to continue: "
+                         "give the --output of the run (moved? its new path), or leave out --resume to start one"), line
+    assert not (tmp_path / "moved").exists()
+
+
+def test_a_distilled_model_records_the_sources_path_it_was_found_at(models, text, tmp_path, capsys):
+    # a source moved since the conversion: the distilled model kept the old path, and eval advised giving it
+    source, converted, _ = models
+    moved = shutil.copytree(source, tmp_path / "source_moved")
+    student = shutil.copytree(converted, tmp_path / "student")
+    record = json.loads((student / "conversion.json").read_text())
+    record["source"]["name"] = str(tmp_path / "gone")  # (what the record says after `mv`)
+    (student / "conversion.json").write_text(json.dumps(record))
+    line = refused(capsys, ["eval", student, "--text-file", text, "--seq-len", "96"], "eval")
+    assert line.endswith(f"converted from {tmp_path / 'gone'}, which is no longer there: give --reference with the "
+                         "source's new path"), line
+    out = tmp_path / "out"
+    assert main(distill_args((moved, student, None), text, out, "--steps", "1")) == 0
+    assert json.loads((out / "conversion.json").read_text())["source"]["name"] == str(moved)

@@ -270,6 +270,9 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
     from .trainer import DistillInterrupted, check_same_run, check_work_left, published
 
     ckpt = out / "checkpoint"
+    if args.resume and not os.path.lexists(out):  # (the printed resume line, the folder since moved: it started over)
+        raise CheckpointError(f"--resume: --output {out} does not exist, so there is no run to continue: give the "
+                              "--output of the run (moved? its new path), or leave out --resume to start one")
     check_output_dir(out, overwrite=args.overwrite, option="--output", renamed=False,
                      allow_existing=args.resume or has_checkpoint(ckpt) and not args.overwrite,
                      inputs=_inputs(args, student_dir))
@@ -418,7 +421,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     def extra_files(directory: Path) -> None:
         save_tokenizer(tokenizer, directory)
         if record is not None:  # the student's, naming the folder it now lies in
-            (directory / METADATA).write_text(_moved_record(record, out), encoding="utf-8")
+            (directory / METADATA).write_text(_moved_record(record, out, None if note or args.teacher is None else
+                                                            source_name(args.teacher)), encoding="utf-8")
         write_model_card(directory)
 
     check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training
@@ -441,15 +445,18 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     return 0
 
 
-def _moved_record(record: str, out: Path) -> str:
-    """The student's conversion record as the distilled model's: its ``output_dir`` this folder, and a note that
-    the weights were distilled since (distill.json); an unreadable record as it was."""
+def _moved_record(record: str, out: Path, source: Optional[str] = None) -> str:
+    """The student's conversion record as the distilled model's: its ``output_dir`` this folder, a note that
+    the weights were distilled since (distill.json), and the source named ``source`` where given (the teacher,
+    found to be the recorded source: the path it has now); an unreadable record as it was."""
     try:
         fields = json.loads(record)
     except ValueError:
         return record
     if not isinstance(fields, dict):
         return record
+    if source is not None and isinstance(fields.get("source"), dict):
+        fields["source"] = {**fields["source"], "name": source}
     return json.dumps({**fields, "output_dir": str(out.resolve()), "distilled": "distill.json"}, indent=2)
 
 
