@@ -47,13 +47,16 @@ def main() -> None:
     if not K:
         ap.error(f"{args.model} retrieves no blocks (retrieval_blocks 0)")
     prompt = [p for p in prompts(ap, load_eval_tokenizer(args.model), [args.length], [args.depth],
-                                      max(args.trial + 1, len(DEFAULT_FILLERS)),
-                                      args.seed, 8, DEFAULT_FILLERS) if p.meta["trial"] == args.trial][0]
+                                 max(args.trial + 1, len(DEFAULT_FILLERS)),
+                                 args.seed, 8, DEFAULT_FILLERS) if p.meta["trial"] == args.trial][0]
     n = len(prompt.input_ids)
     last = (n - 1) // B  # the chunk of the answering token
     R = min(args.rows, n - last * B)  # rows kept: the last ones, within that chunk
     L = model.config.local_chunks
     key_chunks = sorted({(prompt.key_start + i) // B for i in range(KEY_TOKENS)})
+    if key_chunks[-1] > last - L:  # (an IndexError after the forward)
+        ap.error(f"--depth {args.depth}: the key lies in chunk {key_chunks[-1]}, within the last token's exact window "
+                 f"(chunks {last - L + 1}-{last}), where no block is selected: give a smaller --depth")
     ranks, select = [], chunk_op.select_blocks
 
     def spy(scores, candidate, k):

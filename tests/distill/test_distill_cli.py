@@ -389,6 +389,8 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
 
     out = tmp_path / "out"
     args = distill_args(models, text, out, "--steps", "4", "--checkpoint-every", "1")
+    from bsbr.distill.cli import load_model_arg
+
     save, calls = trainer.save_checkpoint, []
     failure = dict(at=3, error=OSError(28, "No space left on device"))
 
@@ -423,6 +425,13 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
     def tokenizer_full(*a, **k):
         raise OSError(28, "No space left on device")
 
+    # an error of reading (the teacher's weights on a failing disk) is not a failed write: told as it is
+    monkeypatch.setattr("bsbr.distill.cli.load_model_arg", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(116, "Stale file handle", "/nfs/teacher/model.safetensors")))
+    assert main([*map(str, args), "--overwrite"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "bsbr distill: error: /nfs/teacher/model.safetensors: Stale file handle", last
+    monkeypatch.setattr("bsbr.distill.cli.load_model_arg", load_model_arg)
     monkeypatch.setattr("bsbr.distill.cli.save_tokenizer", tokenizer_full)
     assert main([*map(str, args), "--overwrite"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -259,6 +259,24 @@ def test_a_save_that_fails_puts_the_replaced_configs_back(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left on device"):
         other.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").is_symlink() and (tmp_path / "mine.json").read_bytes() == before["config.json"]
+    # shards: two replaced, two old when the disk filled: that mix loaded silently under the old config
+    from safetensors.torch import save_file as real
+
+    sharded, calls = tmp_path / "sharded", []
+
+    def third_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+    model.save_pretrained(sharded, max_shard_size="60KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 3
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", third_fails)
+    with pytest.raises(OSError, match="No space left on device") as failed:
+        other.save_pretrained(sharded, max_shard_size="60KB")
+    assert not (sharded / "config.json").exists() and "its config.json was removed" in str(failed.value.__notes__)
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import functools
 import importlib.metadata
+import inspect
 import math
 import os
 import platform
@@ -49,9 +50,13 @@ def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
 def own_rng(fn):
     """``fn``, which seeds torch's generators (its weights and inputs repeat from its ``seed``), with the
     caller's generators given back after it: a program calling a benchmark keeps its own random stream."""
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.random.fork_rng():
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        device = torch.device(bound.get("device", "cpu"))  # (its own GPU only: every GPU's would warn, and start them)
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             return fn(*args, **kwargs)
     return wrapper
 

@@ -324,7 +324,9 @@ def _distill(args, cfg, student_dir: Path, out: Path) -> int:
         return _train(args, cfg, student_dir, out)
     except write_errors() as e:  # a full disk or a quota while saving: say what the last checkpoint holds
         step = _checkpoint_step(ckpt, before) if not dist.is_initialized() or dist.get_rank() == 0 else None
-        what = getattr(e, "bsbr_writing", "the checkpoint")  # (the model: the final publish)
+        what = getattr(e, "bsbr_writing", None)  # (set by the trainer's writes: the checkpoint, the model)
+        if what is None:  # (an error of reading: the teacher's weights, the text)
+            raise
         if step is None:
             raise write_failure("--output", out, e, what, unchanged=False) from e
         fix = "once there is room" if out_of_room(e) else "once it can be written (a permission, a read-only disk?)"

@@ -5,6 +5,7 @@ windows and :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU) av
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -461,7 +462,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=unused) if world > 1 else student
 
     def save(state: dict) -> None:
-        save_checkpoint(ckpt_dir, params, opt, state)  # replaces any old checkpoint in one rename
+        with writing("the checkpoint"):
+            save_checkpoint(ckpt_dir, params, opt, state)  # replaces any old checkpoint in one rename
 
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
@@ -599,8 +601,25 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
         publish_files(final, output_dir)
     except BaseException as e:
         shutil.rmtree(final, ignore_errors=True)
-        e.bsbr_writing = "the model"  # (what a failed write's message names: not the checkpoint, saved before)
+        _tag(e, "the model")
         raise
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Mark an error raised inside as a failed write of ``what`` (``error.bsbr_writing``): the command's message
+    names it, and an error of reading (a teacher's weights on a failing disk) is not taken for one."""
+    try:
+        yield
+    except BaseException as e:
+        _tag(e, what)
+        raise
+
+
+def _tag(error: BaseException, what: str) -> None:
+    with contextlib.suppress(Exception):  # (an exception class that takes no attributes keeps its own message)
+        if getattr(error, "bsbr_writing", None) is None:
+            error.bsbr_writing = what
 
 
 def _any_rank(flag: bool, world: int) -> bool:

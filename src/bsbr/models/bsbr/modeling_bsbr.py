@@ -777,12 +777,20 @@ class BSBRPreTrainedModel(PreTrainedModel):
         before = [_identity(f) for f in layouts]
         configs = [Path(save_directory, name) for name in ("config.json", "generation_config.json")]
         kept = {f: f.read_bytes() for f in configs if is_main_process and f.is_file()}  # (through a link, as written)
+        weights = {f: _identity(f) for f in Path(save_directory).glob("*.safetensors*")} if kept else {}
         try:
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        except BaseException:
-            for f, data in kept.items():
+        except BaseException as e:
+            now = {f: _identity(f) for f in Path(save_directory).glob("*.safetensors*")}
+            if now == weights:  # the old weights as they were: their configs back
+                for f, data in kept.items():
+                    with contextlib.suppress(OSError):
+                        f.write_bytes(data)
+            elif kept:  # some old shards replaced, some not: no config, so that the mix never loads
                 with contextlib.suppress(OSError):
-                    f.write_bytes(data)
+                    configs[0].unlink()
+                e.add_note(f"{save_directory} holds a part of the new weights and a part of the old: its config.json "
+                           "was removed so that it does not load; save again")
             raise
         if is_main_process and os.path.isdir(save_directory):  # (a file: transformers logged why it saved nothing)
             write_auto_code(save_directory)
