@@ -501,7 +501,7 @@ def register(sub) -> None:
                         "it, one was killed at 24 GB. It costs one more forward pass per step)")
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint in OUTPUT/checkpoint (same settings; more --steps or --minutes than "
-                        "it has done)")
+                        "it has done); OUTPUT must exist (an empty one starts fresh)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a non-empty --output: its checkpoint stays until this run's first checkpoint "
                         "replaces it, its model and other files until this run's model replaces them")
