@@ -111,13 +111,15 @@ def _check_path_names(out: Path, path, option: str) -> None:
     """An :class:`OutputError` when a name in the path is longer than a file name may be (else the file
     system's bare "File name too long" comes from the first look at it), when a ``..`` in it follows a folder
     that does not exist (the system cannot follow it, so a reader would not find what was written), or when the
-    nearest of it and its folders that exists is a link that leads nowhere or a loop of links (a disk not mounted:
-    the folders it names were made on the disk below, and the results hidden once it is mounted)."""
-    nearest = next(q for q in (Path(os.path.expanduser(str(path))), *Path(os.path.expanduser(str(path))).parents)
-                   if os.path.lexists(q))
-    if nearest.is_symlink() and not nearest.exists():
+    nearest folder above it that exists is a link that leads nowhere or a loop of links (a disk not mounted: the
+    folders it names were made on the disk below, and the results hidden once it is mounted). (The output itself as
+    a link is the caller's to refuse: a link is never written through.)"""
+    nearest = next(q for q in Path(os.path.expanduser(str(path))).parents if os.path.lexists(q))
+    try:
+        os.stat(nearest)
+    except OSError:
         raise OutputError(f"{option} {path}: {nearest} {absent(nearest)}: mend the link (a disk not mounted?), or "
-                          f"choose another {option}")
+                          f"choose another {option}") from None
     given = Path(os.path.expanduser(str(path))).parts
     for i in (i for i, part in enumerate(given) if part == ".." and i):
         if not Path(*given[:i]).is_dir():

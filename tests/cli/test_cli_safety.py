@@ -806,6 +806,11 @@ def test_an_output_through_a_link_to_nothing_is_refused(models, text, tmp_path, 
     assert line.endswith("--json loopy/x/e.json: loopy is a loop of symbolic links: mend the link (a disk not "
                          "mounted?), or choose another --json"), line
     assert not (tmp_path / "mnt").exists()
+    # the output itself a link to nothing: a link is never an output (mending it met that refusal next)
+    (tmp_path / "e.json").symlink_to(tmp_path / "target.json")
+    line = refused(capsys, ["eval", models[1], "--reference", models[0], "--text-file", text, "--json", "e.json"],
+                   "eval")
+    assert "--json e.json is not a regular file (a link, device or pipe)" in line, line
 
 
 def test_an_empty_output_folder_that_cannot_be_written_says_why(models, tmp_path, capsys, monkeypatch):

@@ -432,6 +432,16 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == "bsbr distill: error: /nfs/teacher/model.safetensors: Stale file handle", last
     monkeypatch.setattr("bsbr.distill.cli.load_model_arg", load_model_arg)
+    # the folder the model is staged in cannot be made: the model, with the resume line (it was a bare line)
+    real_temp_dir = trainer.temp_dir
+    monkeypatch.setattr(trainer, "temp_dir", lambda parent, prefix: (_ for _ in ()).throw(
+        OSError(28, "No space left on device", str(parent / prefix))) if prefix == ".final.tmp-" else
+        real_temp_dir(parent, prefix))
+    assert main([*map(str, args), "--overwrite"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"bsbr distill: error: --output {out}: could not write the model (") and \
+        "holds step 4: once there is room, resume with:" in last, last
+    monkeypatch.setattr(trainer, "temp_dir", real_temp_dir)
     monkeypatch.setattr("bsbr.distill.cli.save_tokenizer", tokenizer_full)
     assert main([*map(str, args), "--overwrite"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -277,6 +277,15 @@ def test_a_save_that_fails_puts_the_replaced_configs_back(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left on device") as failed:
         other.save_pretrained(sharded, max_shard_size="60KB")
     assert not (sharded / "config.json").exists() and "its config.json was removed" in str(failed.value.__notes__)
+    # a sharded save over a single file that fails before any old file is touched: the old model as it was (its
+    # config.json was removed too), without the new shards
+    single = tmp_path / "single"
+    model.save_pretrained(single)
+    kept = {p.name: p.read_bytes() for p in single.iterdir()}
+    calls.clear()
+    with pytest.raises(OSError, match="No space left on device"):
+        other.save_pretrained(single, max_shard_size="60KB")
+    assert {p.name: p.read_bytes() for p in single.iterdir()} == kept
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import functools
 import importlib.metadata
-import inspect
 import math
 import os
 import platform
@@ -50,13 +49,10 @@ def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
 def own_rng(fn):
     """``fn``, which seeds torch's generators (its weights and inputs repeat from its ``seed``), with the
     caller's generators given back after it: a program calling a benchmark keeps its own random stream."""
-    signature = inspect.signature(fn)
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        device = torch.device(bound.get("device", "cpu"))  # (its own GPU only: every GPU's would warn, and start them)
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        # every GPU's generator too (torch.manual_seed seeds them all), named: fork_rng() warns with several
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
             return fn(*args, **kwargs)
     return wrapper
 

@@ -578,7 +578,8 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     _merge_lora(student)
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
-    final = temp_dir(output_dir, ".final.tmp-")
+    with writing("the model"):
+        final = temp_dir(output_dir, ".final.tmp-")
     try:
         with library_bars_off(not bar_on):  # (save_pretrained's own "Writing model shards")
             student.save_pretrained(final)

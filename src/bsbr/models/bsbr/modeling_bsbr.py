@@ -777,15 +777,20 @@ class BSBRPreTrainedModel(PreTrainedModel):
         before = [_identity(f) for f in layouts]
         configs = [Path(save_directory, name) for name in ("config.json", "generation_config.json")]
         kept = {f: f.read_bytes() for f in configs if is_main_process and f.is_file()}  # (through a link, as written)
-        weights = {f: _identity(f) for f in Path(save_directory).glob("*.safetensors*")} if kept else {}
+        weights = {f: _identity(f) for f in Path(save_directory).glob("*.safetensors*")}
         try:
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         except BaseException as e:
             now = {f: _identity(f) for f in Path(save_directory).glob("*.safetensors*")}
-            if now == weights:  # the old weights as they were: their configs back
-                for f, data in kept.items():
+            if not is_main_process:  # (the main process writes the configs, and puts them back)
+                raise
+            if all(now.get(f) == ident for f, ident in weights.items()):  # the old weights as they were: their
+                for f, data in kept.items():  # configs back, and the new files written so far gone
                     with contextlib.suppress(OSError):
                         f.write_bytes(data)
+                for f in [*(now.keys() - weights.keys()), *(f for f in configs if f not in kept)]:
+                    with contextlib.suppress(OSError):
+                        f.unlink()
             elif kept:  # some old shards replaced, some not: no config, so that the mix never loads
                 with contextlib.suppress(OSError):
                     configs[0].unlink()
