@@ -114,12 +114,13 @@ def _check_path_names(out: Path, path, option: str) -> None:
     nearest folder above it that exists is a link that leads nowhere or a loop of links (a disk not mounted: the
     folders it names were made on the disk below, and the results hidden once it is mounted). (The output itself as
     a link is the caller's to refuse: a link is never written through.)"""
-    nearest = next(q for q in Path(os.path.expanduser(str(path))).parents if os.path.lexists(q))
+    nearest = next((q for q in Path(os.path.expanduser(str(path))).parents if os.path.lexists(q)), None)
     try:
-        os.stat(nearest)
+        if nearest is not None:
+            os.stat(nearest)
     except OSError:
-        raise OutputError(f"{option} {path}: {nearest} {absent(nearest)}: mend the link (a disk not mounted?), or "
-                          f"choose another {option}") from None
+        mend = "mend the link (a disk not mounted?), or " if nearest.is_symlink() else ""
+        raise OutputError(f"{option} {path}: {nearest} {absent(nearest)}: {mend}choose another {option}") from None
     given = Path(os.path.expanduser(str(path))).parts
     for i in (i for i, part in enumerate(given) if part == ".." and i):
         if not Path(*given[:i]).is_dir():
