@@ -335,8 +335,9 @@ def _cache_only_if_the_hub_is_unreachable(say: bool = True) -> None:
 
     from huggingface_hub import constants
 
-    if not IN_COMMAND.is_set() or constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
-                                                                  "http_proxy", "ALL_PROXY", "all_proxy")):
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                              "all_proxy"))
+    if not IN_COMMAND.is_set() or constants.HF_HUB_OFFLINE or proxied:
         return  # (through a proxy the direct connection below says nothing)
     url = urlparse(constants.ENDPOINT)
     try:

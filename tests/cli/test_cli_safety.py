@@ -800,7 +800,8 @@ def test_an_output_through_a_link_to_nothing_is_refused(models, text, tmp_path, 
     (tmp_path / "loopy").symlink_to("loopy")
     line = refused(capsys, ["convert", models[0], "outputs/m1", "--chunk-size", "16"], "convert")
     assert line.endswith(f"OUTPUT_DIR outputs/m1: outputs is a symbolic link to {tmp_path / 'mnt/ext/outputs'}, "
-                         "which does not exist: mend the link (a disk not mounted?), or choose another OUTPUT_DIR"), line
+                         "which does not exist: mend the link (a disk not mounted?), or choose another "
+                         "OUTPUT_DIR"), line
     line = refused(capsys, ["eval", models[1], "--reference", models[0], "--text-file", text, "--json",
                             "loopy/x/e.json"], "eval")
     assert line.endswith("--json loopy/x/e.json: loopy is a loop of symbolic links: mend the link (a disk not "

@@ -405,8 +405,8 @@ def test_a_full_disk_names_the_last_checkpoint_and_the_command_that_resumes(mode
     assert main(args) == 2
     resume = capsys.readouterr().err.strip().splitlines()[-1]
     assert resume.startswith(f"bsbr distill: error: --output {out}: could not write the checkpoint ([Errno 28] No "
-                             f"space left on device); checkpoint {out / 'checkpoint'} holds step 2: once there is room, "
-                             "resume with: bsbr distill "), resume
+                             f"space left on device); checkpoint {out / 'checkpoint'} holds step 2: once there is "
+                             "room, resume with: bsbr distill "), resume
     # refused for another reason (a permission): not "once there is room"; a first checkpoint: named in one line
     # (the permission's was a bare "OUT: Permission denied")
     for at, error, end in ((3, PermissionError(13, "Permission denied"), None),
@@ -1087,7 +1087,8 @@ def test_resume_into_an_output_that_does_not_exist_is_refused(models, text, tmp_
     # the printed resume line after the run's folder was moved: it trained from step 0 into a new folder, exit 0
     line = refused(capsys, [*distill_args(models, text, tmp_path / "moved", "--steps", "2"), "--resume"], "distill")
     assert line.endswith(f"--resume: --output {tmp_path / 'moved'} does not exist, so there is no run to continue: "
-                         "give the --output of the run (moved? its new path), or leave out --resume to start one"), line
+                         "give the --output of the run (moved? its new path), or leave out --resume to start "
+                         "one"), line
     assert not (tmp_path / "moved").exists()
 
 

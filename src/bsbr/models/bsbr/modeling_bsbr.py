@@ -494,7 +494,8 @@ def _cache_argument(cache, kwargs: dict):
 
 
 def _generate_input(args, kwargs):
-    """The text ``generate`` was given: ``inputs_embeds``, else the ids (first argument, ``inputs`` or ``input_ids``)."""
+    """The text ``generate`` was given: ``inputs_embeds``, else the ids (first argument, ``inputs`` or
+    ``input_ids``)."""
     for x in (kwargs.get("inputs_embeds"), args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids")):
         if isinstance(x, torch.Tensor):
             return x
