@@ -806,6 +806,9 @@ def test_an_output_through_a_link_to_nothing_is_refused(models, text, tmp_path, 
                             "loopy/x/e.json"], "eval")
     assert line.endswith("--json loopy/x/e.json: loopy is a loop of symbolic links: mend the link (a disk not "
                          "mounted?), or choose another --json"), line
+    line = refused(capsys, ["distill", "--student", models[1], "--teacher", models[0], "--text-file", text,
+                            "--seq-len", "96", "--steps", "1", "--output", "outputs/d"], "distill")
+    assert "--output outputs/d: outputs is a symbolic link to" in line, line
     assert not (tmp_path / "mnt").exists()
     # the output itself a link to nothing: a link is never an output (mending it met that refusal next)
     (tmp_path / "e.json").symlink_to(tmp_path / "target.json")

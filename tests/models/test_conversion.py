@@ -286,6 +286,15 @@ def test_a_save_that_fails_puts_the_replaced_configs_back(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left on device"):
         other.save_pretrained(single, max_shard_size="60KB")
     assert {p.name: p.read_bytes() for p in single.iterdir()} == kept
+    # a fresh folder whose config.json is the user's link to a file not there yet: the link kept, nothing left
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "config.json").symlink_to(tmp_path / "shared_config.json")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        other.save_pretrained(fresh)
+    assert [p.name for p in fresh.iterdir()] == ["config.json"] and (fresh / "config.json").is_symlink()
+    assert not (tmp_path / "shared_config.json").exists()  # (bsbr_auto.py, the configs: removed)
 
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):

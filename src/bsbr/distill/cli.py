@@ -202,7 +202,8 @@ def cmd_distill(args) -> int:
         try:  # (under torchrun each process checks what it reads: on several nodes, each its own disk)
             _check_inputs(args, student_dir)
             if os.environ.get("RANK", "0") == "0":  # one run per --output at a time (other ranks write nothing there)
-                held.enter_context(output_lock(out, "--output", inputs=_inputs(args, student_dir)))
+                # (the path as given: a link to nothing on its way is refused, which its resolved path hides)
+                held.enter_context(output_lock(args.output, "--output", inputs=_inputs(args, student_dir)))
         except UserError as e:
             refusal = e
         _start_together(refusal)

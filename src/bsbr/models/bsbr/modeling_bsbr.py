@@ -776,8 +776,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
         self.config.bsbr_version = __version__  # (config.json says which bsbr wrote it)
         layouts = _layouts(Path(save_directory), kwargs.get("variant"))
         before = [_identity(f) for f in layouts]
-        configs = [Path(save_directory, name) for name in ("config.json", "generation_config.json")]
+        configs = [Path(save_directory, name) for name in ("config.json", "generation_config.json", "bsbr_auto.py")]
         kept = {f: f.read_bytes() for f in configs if is_main_process and f.is_file()}  # (through a link, as written)
+        existed = {f for f in configs if os.path.lexists(f)}  # (a link to nothing: kept, and what is written
+        # through it removed)
         weights = {f: _identity(f) for f in Path(save_directory).glob("*.safetensors*")}
         try:
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
@@ -789,7 +791,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
                 for f, data in kept.items():  # configs back, and the new files written so far gone
                     with contextlib.suppress(OSError):
                         f.write_bytes(data)
-                for f in [*(now.keys() - weights.keys()), *(f for f in configs if f not in kept)]:
+                made = [*(now.keys() - weights.keys()), *(f for f in configs if f not in existed),
+                        *(Path(os.path.realpath(f)) for f in existed - kept.keys())]
+                for f in made:
                     with contextlib.suppress(OSError):
                         f.unlink()
             elif kept:  # some old shards replaced, some not: no config, so that the mix never loads
