@@ -763,9 +763,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """transformers' ``save_pretrained``, plus ``bsbr_auto.py``, which config.json's ``auto_map`` names: a
         process that has not imported bsbr loads the model with ``trust_remote_code=True`` (that file imports
-        the installed bsbr; nothing else is executed). A save that fails (a full disk) puts back the configs it
-        replaced: transformers writes them before the weights, and the new config beside the old weights loaded
-        silently."""
+        the installed bsbr; nothing else is executed). A save that fails (a full disk) before any old weight file
+        changed puts the folder back as it was (transformers writes the configs before the weights: the new config
+        beside the old weights loaded silently); one that had replaced some old shards removes config.json, so
+        that the mix does not load."""
         from ... import __version__
 
         base = getattr(self, "model", self)
