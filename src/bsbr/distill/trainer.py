@@ -578,32 +578,31 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
     _merge_lora(student)
     for stale in output_dir.glob(".final.tmp-*"):  # what a killed run left
         shutil.rmtree(stale, ignore_errors=True)
-    with writing("the model"):
+    with writing("the model"):  # (what a failed write names: the model, not the checkpoint, saved before)
         final = temp_dir(output_dir, ".final.tmp-")
-    try:
-        with library_bars_off(not bar_on):  # (save_pretrained's own "Writing model shards")
-            student.save_pretrained(final)
-        (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
-                                                       indent=1), encoding="utf-8")
-        plot_progress(progress, final / "distill.png")
-        if extra_files is not None:
-            extra_files(final)
-        if should_stop is not None and should_stop():
-            raise DistillInterrupted(f"interrupted after step {progress['step']}, before the model was published; "
-                                     f"checkpoint written to {output_dir / 'checkpoint'}")
-        (output_dir / "config.json").unlink(missing_ok=True)
-        for name in progress.get("replaces", ()):
-            old = output_dir / name
-            if not (final / name).exists():
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old)
-                else:
-                    old.unlink(missing_ok=True)
-        publish_files(final, output_dir)
-    except BaseException as e:
-        shutil.rmtree(final, ignore_errors=True)
-        _tag(e, "the model")
-        raise
+        try:
+            with library_bars_off(not bar_on):  # (save_pretrained's own "Writing model shards")
+                student.save_pretrained(final)
+            (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
+                                                           indent=1), encoding="utf-8")
+            plot_progress(progress, final / "distill.png")
+            if extra_files is not None:
+                extra_files(final)
+            if should_stop is not None and should_stop():
+                raise DistillInterrupted(f"interrupted after step {progress['step']}, before the model was published; "
+                                         f"checkpoint written to {output_dir / 'checkpoint'}")
+            (output_dir / "config.json").unlink(missing_ok=True)
+            for name in progress.get("replaces", ()):
+                old = output_dir / name
+                if not (final / name).exists():
+                    if old.is_dir() and not old.is_symlink():
+                        shutil.rmtree(old)
+                    else:
+                        old.unlink(missing_ok=True)
+            publish_files(final, output_dir)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -613,14 +612,10 @@ def writing(what: str):
     try:
         yield
     except BaseException as e:
-        _tag(e, what)
+        with contextlib.suppress(Exception):  # (an exception class that takes no attributes keeps its own message)
+            if getattr(e, "bsbr_writing", None) is None:
+                e.bsbr_writing = what
         raise
-
-
-def _tag(error: BaseException, what: str) -> None:
-    with contextlib.suppress(Exception):  # (an exception class that takes no attributes keeps its own message)
-        if getattr(error, "bsbr_writing", None) is None:
-            error.bsbr_writing = what
 
 
 def _any_rank(flag: bool, world: int) -> bool:
