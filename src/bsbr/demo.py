@@ -56,8 +56,9 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     """The demo's work, its files written into ``out`` (published at ``final`` once it returns)."""
     import torch
 
-    from .bench.common import DEFAULT_THREADS, torch_threads
-    from .bench.converted import MAX_SECONDS, bench_converted, refuse_long_runs, speed_lines
+    from .bench.common import torch_threads
+    from .bench.converted import bench_converted, refuse_long_runs, speed_lines
+    from .bench.defaults import DEFAULT_THREADS, MAX_SECONDS
     from .bench.plots import plot_converted
     from .results import write_json
     from .convert.cli import convert_source, save_conversion

@@ -1626,7 +1626,10 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
 
 @pytest.mark.parametrize("command,flag", [([], None), (["convert"], "--chunk-size"), (["generate"], "--prompt"),
                                           (["demo"], "--seq-len"), (["distill"], "--student"),
-                                          (["eval"], "--passkey-lengths")])
+                                          (["eval"], "--passkey-lengths"), (["bench", "attention"], "--earlier-wheel"),
+                                          (["bench", "models"], "--model-budget"),
+                                          (["bench", "converted"], "--decode-contexts"),
+                                          (["bench", "quality"], "--merge")])
 def test_help_is_fast_imports_no_torch_and_lists_exit_codes(command, flag):
     code = ("import sys, time; t = time.perf_counter(); from bsbr.cli import main\n"
             f"try: main({command + ['--help']!r})\nexcept SystemExit: pass\n"
@@ -1657,6 +1660,16 @@ def test_bench_subcommands_are_registered_in_one_place():
     assert set(bench.commands.choices) == set(BENCH_COMMANDS) == {"attention", "models", "converted", "quality"}
     args = parser.parse_args(["bench", "quality", "--steps", "3"])
     assert args.steps == 3 and callable(args.func)
+
+
+def test_bench_help_defaults_are_the_benchmarks():
+    """``bsbr bench NAME --help`` reads its defaults from bsbr.bench.defaults (no torch): they are the ones
+    the benchmarks run with."""
+    from bsbr.bench import defaults, models, quality
+
+    assert set(models.model_specs()) == set(defaults.SHELL_MODELS) >= set(defaults.DEFAULT_SHELL_MODELS)
+    assert set(quality.quality_specs()) == set(defaults.QUALITY_MODELS) >= set(defaults.DEFAULT_QUALITY_MODELS)
+    assert quality.TRAINING == defaults.QUALITY_TRAINING
 
 
 # ------------------------------------------------------------------------------- loading strictly

@@ -95,7 +95,7 @@ def test_demo_refuses_a_speed_length_predicted_to_run_for_hours_before_convertin
     and the evaluation; it is refused from one 1,024-token prefill of the source (the limit lowered here, the
     tiny source being fast), before converting, and nothing is written."""
     source, _, _ = models
-    monkeypatch.setattr("bsbr.bench.converted.MAX_SECONDS", 1e-9)
+    monkeypatch.setattr("bsbr.bench.defaults.MAX_SECONDS", 1e-9)
     monkeypatch.setattr("bsbr.convert.cli.convert_source", lambda *a: pytest.fail("converted the source"))
     for flag, lengths in (("--speed-lens", ["--speed-lens", "2048", "--decode-contexts"]),
                           ("--decode-contexts", ["--speed-lens", "64", "--decode-contexts", "2048"])):

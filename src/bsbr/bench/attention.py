@@ -17,15 +17,15 @@ import argparse
 from typing import Dict, Sequence
 
 
-from ..numbers import MAX_LAYERS, MAX_REPEATS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..errors import UserError
-from .common import (add_output_arguments, bench_parser, check_device, check_head_size, check_outputs, check_unique, given,
+from .common import (check_device, check_head_size, check_outputs, check_unique, given,
                      machine_info, set_threads, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
-from .layers import DEFAULT_SEQ_LENS, TARGET_SHAPE, bench_attention
+from .defaults import DEFAULT_MODEL_SEQ_LENS, DEFAULT_SEQ_LENS
+from .layers import TARGET_SHAPE, bench_attention
 from .plots import plot_rows
-from .scaling import DEFAULT_MODEL_SEQ_LENS, TARGET_MODEL_SHAPE, bench_model_scaling
+from .scaling import TARGET_MODEL_SHAPE, bench_model_scaling
 
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
@@ -122,40 +122,3 @@ def run_attention(args: argparse.Namespace) -> int:
                   f"{r['fraction_of_matmul']:>10.1%}")
     write_outputs(result, args, lambda r, path: plot_rows(r["rows"], path, title))
     return 0
-
-
-def register(bench_sub) -> None:
-    p = bench_parser(bench_sub, "attention", __doc__)
-    p.add_argument("--seq-lens", type=integer(), nargs="+", default=None,
-                   help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))}; "
-                        f"with --model-scaling {' '.join(map(str, DEFAULT_MODEL_SEQ_LENS))})")
-    p.add_argument("--hidden", type=integer(1, MAX_WIDTH), default=None,
-                   help="hidden size (default 512; model scaling 256)")
-    p.add_argument("--heads", type=integer(1, MAX_WIDTH), default=None,
-                   help="attention heads (default 8; model scaling 4)")
-    p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size (default %(default)s)")
-    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=5, help="timed repeats per model and length (median)")
-    p.add_argument("--warmup", type=integer(0, MAX_REPEATS), default=None,
-                   help="untimed calls per model and length before measuring (default 1; a model's first length "
-                        "gets at least one, so that the process's one-time allocations are not measured)")
-    p.add_argument("--retrieval", choices=("additive", "normalized"), default="additive",
-                   help="how BSBR's chunk states join the softmax (default %(default)s, the original BSBR's)")
-    p.add_argument("--retrieval-blocks", type=integer(0), default=0,
-                   help="earlier chunks each token attends to exactly, chosen by their largest q.k")
-    p.add_argument("--max-standard-len", type=integer(), default=None, help="longest length for standard attention")
-    p.add_argument("--earlier-wheel", default=None, metavar="WHL",
-                   help="the bsbr==0.1.1 wheel: also time its BSBRAttention side by side")
-    p.add_argument("--max-earlier-len", type=integer(), default=None, help="longest length for the bsbr 0.1.1 layer")
-    p.add_argument("--max-seconds", type=finite_number(positive=True), default=None,
-                   help="skip a baseline whose call is predicted (quadratically) to take longer (default 30)")
-    p.add_argument("--skip-core", action="store_true", help="skip the op-alone vs matmul FLOPs measurement")
-    p.add_argument("--model-scaling", action="store_true",
-                   help="instead: a BSBRModel (default 2 layers, hidden 256, 4 heads, ff 1024) at 8k-64k tokens")
-    p.add_argument("--layers", type=integer(1, MAX_LAYERS), default=None, help="model scaling: layers (default 2)")
-    p.add_argument("--ff-dim", type=integer(1, MAX_WIDTH), default=None,
-                   help="model scaling: feed-forward size (default 1024)")
-    p.add_argument("--vocab", type=integer(), default=None, help="model scaling: vocabulary size (default 1000)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="random inputs and weights (default 0)")
-    add_output_arguments(p, "a log-log plot")
-    p.set_defaults(func=run_attention)

@@ -1,13 +1,12 @@
-"""``bsbr bench ...``: every benchmark subcommand is listed here, in :data:`BENCH_COMMANDS`; its module
-(imported only when that benchmark is chosen) adds the arguments with ``register(bench_sub)``."""
+"""``bsbr bench ...``: every benchmark subcommand is listed here, in :data:`BENCH_COMMANDS`;
+:mod:`bsbr.bench.parsers` adds the chosen one's arguments, and its module is imported when it runs."""
 from __future__ import annotations
 
-# name -> (help, module whose register(bench_sub) defines it)
 BENCH_COMMANDS = {
-    "attention": ("BSBR vs standard attention (and bsbr 0.1.1's, with --earlier-wheel): time and peak memory vs length", "bsbr.bench.attention"),
-    "models": ("every attention in one LM shell: time, train time, memory vs length", "bsbr.bench.models"),
-    "converted": ("a converted model vs its source: prefill and decode speed", "bsbr.bench.converted"),
-    "quality": ("train each attention in one small LM shell; eval loss by position", "bsbr.bench.quality"),
+    "attention": "BSBR vs standard attention (and bsbr 0.1.1's, with --earlier-wheel): time and peak memory vs length",
+    "models": "every attention in one LM shell: time, train time, memory vs length",
+    "converted": "a converted model vs its source: prefill and decode speed",
+    "quality": "train each attention in one small LM shell; eval loss by position",
 }
 
 
@@ -16,4 +15,4 @@ def register(sub) -> None:
 
     p = sub.add_parser("bench", help="benchmarks: speed and memory, side by side, JSON + PNG")
     p.commands = p.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=LazyParser)
-    add_lazy_commands(p.commands, BENCH_COMMANDS)
+    add_lazy_commands(p.commands, {name: (text, "bsbr.bench.parsers") for name, text in BENCH_COMMANDS.items()})

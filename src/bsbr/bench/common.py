@@ -6,7 +6,6 @@ model ran during it; running the models side by side in every repeat, in a rotat
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import importlib.metadata
@@ -21,15 +20,11 @@ import torch
 
 from .. import __version__, arguments
 from ..errors import UserError, check_not_interrupted
-from ..numbers import integer
 from ..outputs import check_output_files
+from .defaults import DEFAULT_THREADS
 from .memory import is_oom, memory_method, proc_field
 
-DEFAULT_THREADS = 1  # docs/findings.md, Speed: side-by-side ratios that hold on a shared machine
-MAX_THREADS = 1024  # torch.set_num_threads overflows far above; no machine has more
-
 VOCAB = 256  # the LM shells of bench models and bench quality read bytes
-DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -165,30 +160,6 @@ def check_head_size(hidden: int, heads: int) -> None:
     if (hidden // heads) % 2:
         raise UserError(f"--hidden ({hidden}) / --heads ({heads}) gives a head size of {hidden // heads}, which must "
                         f"be even (rotary positions): give another --hidden or --heads")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's help ends with its default, unless that is None or the help already names it (then the
-    help says it, see :func:`given`)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def bench_parser(bench_sub, name: str, doc: str):
-    """The parser of ``bsbr bench NAME``, described by the first paragraph of its module's ``doc``."""
-    return bench_sub.add_parser(name, description=doc.split("\n\n")[0] if doc else None,  # (python -OO: no docs)
-                                formatter_class=_HelpFormatter)
-
-
-def add_output_arguments(p, plot: str = "a plot") -> None:
-    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=None,
-                   help=f"torch threads (default {DEFAULT_THREADS}: on a shared 2-core machine two threads made both models "
-                        "4-5x slower whenever another job held a core, and the ratio swung from 0.6x to 1.0x)")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help=f"write {plot} here")
 
 
 def check_outputs(args, inputs: Sequence = ()) -> None:

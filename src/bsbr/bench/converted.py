@@ -18,14 +18,13 @@ import torch
 
 from ..arguments import (check_default_model, check_model_arg, check_positions, load_model_arg, source_label,
                          source_name)
-from ..convert.cli import (add_conversion_arguments, check_conversion_options, check_local_source,
+from ..convert.cli import (check_conversion_options, check_local_source,
                            check_position_options, conversion_options, convert_source)
 from ..errors import UserError, check_not_interrupted
-from ..numbers import MAX_REPEATS, finite_number, integer
-from .common import (add_output_arguments, check_outputs, check_unique, interleaved_times, machine_info, median,
+from .common import (check_outputs, check_unique, interleaved_times, machine_info, median,
                      own_rng, set_threads, write_outputs)
 from ..models.heads import output_object
-from .layers import CALIBRATION_LEN
+from .defaults import CALIBRATION_LEN
 from .memory import MiB, measure_peak, memory_refusal
 from .plots import plot_converted
 
@@ -92,9 +91,6 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
                                          **output_object(models[name]))
                 times[name].append(time.perf_counter() - t0)
     return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
-
-
-MAX_SECONDS = 7200.0  # per prefill: the default run's longest (the source at 32k, ~11 min predicted) passes, 10x not
 
 
 def prefill_macs(model, n: int) -> float:
@@ -244,22 +240,3 @@ def cmd(args) -> int:
     print("\n".join(speed_lines(result)))
     write_outputs(result, args, lambda r, path: plot_converted(r, path, title))
     return 0
-
-
-def register(bench_sub) -> None:
-    p = bench_sub.add_parser("converted")
-    p.add_argument("source", nargs="?", default=None, help="source model (default: the bundled SmolLM2)")
-    p.add_argument("--gpt2-small-random", action="store_true", help="use a random GPT-2-small-shaped source")
-    add_conversion_arguments(p)  # the conversion timed: bsbr convert's flags and defaults
-    p.add_argument("--seq-lens", type=integer(), nargs="+", default=[1024, 4096, 16384],
-                   help="prefill lengths (default 1024 4096 16384)")
-    p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 32768],
-                   help="contexts to decode from (default 1024 32768; the flag with no values: no decode)")
-    p.add_argument("--decode-steps", type=integer(), default=None,
-                   help="tokens generated per decode context, each step timed (default 8)")
-    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="timed runs per prefill (default 3)")
-    p.add_argument("--max-seconds", type=finite_number(positive=True), default=MAX_SECONDS,
-                   help=f"refuse lengths whose source prefill is predicted (from one of {CALIBRATION_LEN:,} tokens) "
-                        f"to take longer (default {MAX_SECONDS:g})")
-    add_output_arguments(p, "the prefill and decode plot")
-    p.set_defaults(func=cmd)

@@ -9,7 +9,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from .common import DEFAULT_SEQ_LENS, interleaved_times, median, own_rng, round_sig
+from .common import interleaved_times, median, own_rng, round_sig
+from .defaults import DEFAULT_SEQ_LENS
 
 log = logging.getLogger(__name__)
 

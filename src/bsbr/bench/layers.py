@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .common import (DEFAULT_SEQ_LENS, failure, forward_fn, interleaved_times, median, new_row, own_rng, round_sig,
-                     time_call)
+from .common import failure, forward_fn, interleaved_times, median, new_row, own_rng, round_sig, time_call
+from .defaults import CALIBRATION_LEN, DEFAULT_SEQ_LENS
 from .memory import MiB, measure_peak, memory_refusal, release_free_memory
 from .earlier import earlier_bytes_estimate, load_earlier_bsbr
 
@@ -37,9 +37,6 @@ def _skip_reason(name: str, n: int, last: Optional[Dict[str, object]], *, max_le
     if last and last["peak_mb"]:
         need = max(need, last["peak_mb"] * MiB * scale)
     return memory_refusal(need)
-
-
-CALIBRATION_LEN = 1024  # a baseline's first length past this is predicted from one call at this length
 
 
 def calibrate(fn: Callable[[], object], device: str = "cpu") -> Optional[Dict[str, object]]:

@@ -15,22 +15,22 @@ reason is recorded in the row.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import statistics
 import time
+import argparse
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..numbers import MAX_LAYERS, MAX_REPEATS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..errors import UserError
-from .common import (DEFAULT_SEQ_LENS, VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs,
+from .common import (VOCAB, check_head_size, check_outputs,
                      check_unique, failure, forward_fn, interleaved_times, machine_info, median, own_rng, round_sig,
                      set_threads, write_outputs)
-from .layers import CALIBRATION_LEN, calibrate
+from .defaults import CALIBRATION_LEN, DEFAULT_SEQ_LENS, DEFAULT_SHELL_MODELS as DEFAULT_MODELS
+from .layers import calibrate
 from .memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
 from .plots import plot_models
 
@@ -51,9 +51,6 @@ def model_specs(chunk_size: int = 128) -> Dict[str, Tuple[str, dict]]:
         "hopfield": ("hopfield", {"num_steps": 2}),
         "gau": ("gau", {"query_key_dim": 128}),
     }
-
-
-DEFAULT_MODELS = ("standard", "bsbr", "sliding_window", "linear", "deltanet", "hopfield", "gau")
 
 
 def _train_fn(model, ids) -> Callable[[], None]:
@@ -293,24 +290,3 @@ def run_models(args: argparse.Namespace) -> int:
     print(format_table(result))
     write_outputs(result, args, plot_models)
     return 0
-
-
-def register(bench_sub) -> None:
-    p = bench_parser(bench_sub, "models", __doc__)
-    p.add_argument("--seq-lens", type=integer(2), nargs="+", default=None,
-                   help=f"sequence lengths (default {' '.join(map(str, DEFAULT_SEQ_LENS))})")
-    p.add_argument("--models", nargs="+", default=None,
-                   help=f"models (default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(model_specs()) - set(DEFAULT_MODELS)))})")
-    for flag, default, what in (("--hidden", 256, "hidden size"), ("--layers", 2, "layers"), ("--heads", 4, "attention heads"),
-                                ("--ff-dim", 1024, "feed-forward size")):
-        p.add_argument(flag, type=integer(1, MAX_LAYERS if flag == "--layers" else MAX_WIDTH), default=default,
-                       help=f"each model's {what} (default %(default)s)")
-    p.add_argument("--chunk-size", type=integer(), default=128, help="BSBR chunk size = sliding window = linear chunk")
-    p.add_argument("--repeats", type=integer(1, MAX_REPEATS), default=3, help="interleaved timed rounds per length (median)")
-    p.add_argument("--max-seconds", type=finite_number(positive=True), default=15.0, help="skip calls predicted to take longer")
-    p.add_argument("--model-budget", type=finite_number(positive=True), default=None,
-                   help="no more train steps for a model after this much measuring time (default 90)")
-    p.add_argument("--no-train", action="store_true", help="forward only")
-    p.add_argument("--seed", type=integer(*SEED_RANGE), default=0, help="random data and weights (default 0)")
-    add_output_arguments(p, "a log-log plot")
-    p.set_defaults(func=run_models)

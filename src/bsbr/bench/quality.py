@@ -13,7 +13,6 @@ downloaded and no tokenizer is needed), split into train and held-out files by
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import logging
@@ -22,6 +21,7 @@ import os
 import re
 import time
 from pathlib import Path
+import argparse
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from ..corpus import stdlib_files, stdlib_root
 from ..evaluate.metrics import bucket_spans
 from ..errors import UserError, absent, check_not_interrupted
-from ..numbers import MAX_COUNT, MAX_LAYERS, MAX_WIDTH, SEED_RANGE, finite_number, integer
 from ..ops.checks import is_number
-from .common import (VOCAB, add_output_arguments, bench_parser, check_head_size, check_outputs, check_unique, given,
+from .common import (VOCAB, check_head_size, check_outputs, check_unique, given,
                      machine_info, own_rng, set_threads, write_outputs)
+from .defaults import DEFAULT_QUALITY_MODELS as DEFAULT_MODELS
 from .plots import plot_quality
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ def quality_specs(chunk_size: int = 64) -> Dict[str, Tuple[str, dict]]:
         "bsbr_chunk128": ("bsbr", {"chunk_size": 128}),
         "sliding_window_128": ("sliding_window", {"window_size": 128}),
     }
-
-
-DEFAULT_MODELS = ("standard", "sliding_window", "bsbr", "bsbr_normalized", "bsbr_blocks2", "bsbr_compressed4",
-                  "linear", "deltanet", "hopfield", "gau")
 
 
 # ------------------------------------------------------------------------------- data
@@ -381,22 +377,3 @@ def run_quality_cli(args: argparse.Namespace) -> int:
     print(format_table(result))
     write_outputs(result, args, plot_quality)
     return 0
-
-
-def register(bench_sub) -> None:
-    p = bench_parser(bench_sub, "quality", __doc__)
-    p.add_argument("--models", nargs="+", default=None,
-                   help=f"default {' '.join(DEFAULT_MODELS)}; also {' '.join(sorted(set(quality_specs()) - set(DEFAULT_MODELS)))}")
-    p.add_argument("--chunk-size", type=integer(), default=None,
-                   help=f"BSBR chunk size = sliding window (default {TRAINING['chunk_size']})")
-    for name in ("hidden", "layers", "heads", "ff_dim", "seq_len", "batch", "steps", "eval_windows", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=integer(*SEED_RANGE) if name == "seed" else
-                       integer(1, MAX_COUNT) if name == "steps" else integer(1, MAX_LAYERS) if name == "layers" else
-                       integer(1, MAX_WIDTH) if name in ("hidden", "heads", "ff_dim") else integer(),
-                       default=None, help=f"default {TRAINING[name]}")
-    p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {TRAINING['lr']}")
-    p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
-    add_output_arguments(p, "the loss-by-position plot")
-    p.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
-                   help="instead of training: merge results of runs with the same configuration")
-    p.set_defaults(func=run_quality_cli)

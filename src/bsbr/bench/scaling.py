@@ -10,11 +10,11 @@ from typing import Dict, Sequence
 import torch
 
 from .common import failure, forward_fn, median, new_row, own_rng, round_sig, time_call
+from .defaults import DEFAULT_MODEL_SEQ_LENS
 from .memory import measure_peak, release_free_memory
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_SEQ_LENS = (8192, 16384, 32768, 65536)
 TARGET_MODEL_TIME_RATIO = 10.0  # t(64k) / t(8k) of the 2-layer model
 TARGET_MODEL_PEAK_MB = 3 * 1024.0  # process peak RSS at 64k tokens, MiB
 # the lengths and model the targets were set for: elsewhere they are reported, not judged
