@@ -179,9 +179,10 @@ def check_output_dir(path, *, overwrite: bool = False, inputs: Iterable = (), op
         raise OutputError(f"{option} {path} is (or contains) the current directory: --overwrite would replace it; "
                           f"choose another {option}")
     refuse_input_overlap(path, inputs, option)
-    if out.is_symlink():
-        raise OutputError(f"{option} {path} is a symbolic link: give the directory itself (the output is "
-                          "renamed into place, which would replace the link)")
+    if out.is_symlink():  # (distill, which writes into its output, refuses one as the others do: one rule)
+        why = " (the output is renamed into place, which would replace the link)" if renamed else ""
+        raise OutputError(f"{option} {path} is a symbolic link to {os.readlink(out)}: give the directory "
+                          f"itself{why}")
     if renamed and not allow_existing and out.is_dir() and os.path.ismount(out) and _leftovers_inside(out) is None:
         raise OutputError(f"{option} {path} is a mount point holding files, which "
                           f"{'--overwrite' if overwrite else 'a bsbr command'} cannot replace (an output is renamed "

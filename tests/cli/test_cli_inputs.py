@@ -476,13 +476,18 @@ def test_eval_refuses_options_the_run_would_ignore(models, tmp_path, capsys):
 
 
 def test_output_dirs_that_are_links_or_under_a_file_are_refused(models, tmp_path, capsys):
-    source, _, _ = models
+    source, converted, _ = models
     (tmp_path / "empty").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for out in ("link", "dangling"):
         line = refused(capsys, ["convert", source, tmp_path / out], "convert", source)
-        assert "symbolic link" in line
+        assert f"is a symbolic link to {tmp_path}" in line and "renamed into place" in line, line
+    # distill writes into its output (nothing renamed into place): it refuses a link without that reason
+    line = refused(capsys, ["distill", "--teacher", source, "--student", converted, "--output", tmp_path / "link",
+                            "--steps", "1", "--seq-len", "96"], "distill", source)
+    assert line.endswith(f"--output {tmp_path / 'link'} is a symbolic link to {tmp_path / 'empty'}: give the "
+                         "directory itself"), line
     afile = tmp_path / "afile"
     afile.write_text("keep")
     assert "it is a file" in refused(capsys, ["convert", source, afile / "out"], "convert", afile)

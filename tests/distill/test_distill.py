@@ -470,6 +470,9 @@ def test_bad_config():
     teacher, student = fresh()
     with pytest.raises(ValueError, match="no training windows"):
         distill(teacher, student, [], "/tmp/unused", DistillConfig(steps=1))
+    for given in (None, 7, "some text"):  # (None: "'NoneType' object is not iterable", naming nothing)
+        with pytest.raises(TypeError, match="windows must be a sequence of 1-D tensors of token ids, got"):
+            distill(teacher, student, given, "/tmp/unused", DistillConfig(steps=1))
 
 
 def _torchrun(out, *mode):

@@ -135,6 +135,30 @@ def test_torch_export_of_a_mask_or_of_several_lengths_is_refused_in_one_line():
         torch.export.export(_Logits(model), (ids,), dynamic_shapes=({1: torch.export.Dim("n", min=2, max=500)},))
 
 
+def test_torch_export_of_the_native_model_and_of_a_layer_s_state():
+    # BSBRModel read its ids' range by value (torch's 17-line data-dependent guard error at every length); a
+    # layer asked for its streaming state failed the same way, deep in the chunked op
+    from bsbr import BSBRAttention, BSBRModel
+
+    torch.manual_seed(0)
+    model = BSBRModel(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, chunk_size=16, ff_dim=64).eval()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(model, (ids,)).module()(ids), model(ids), rtol=0, atol=1e-5)
+    attn = BSBRAttention(hidden_dim=32, num_heads=4, chunk_size=16).eval()
+
+    class WithState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, output_state=True)[0]
+
+    with pytest.raises(NotImplementedError, match="torch.export cannot record BSBR attention's streaming state"):
+        torch.export.export(WithState(), (torch.randn(1, 40, 32),))
+
+
 def test_a_torch_without_is_exporting_is_not_exporting(monkeypatch):
     # torch.compiler.is_exporting came after torch 2.5, which pyproject allows: a forward past the window that
     # called it failed with an AttributeError

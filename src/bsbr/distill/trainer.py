@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -327,6 +327,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
         else set()  # adapters the caller put on the student
     try:  # (autograd on, whatever the caller's mode: a notebook's torch.set_grad_enabled(False), inference_mode)
         with torch.inference_mode(False), torch.enable_grad():
+            if isinstance(windows, (str, bytes)) or not isinstance(windows, Iterable):
+                raise TypeError(f"windows must be a sequence of 1-D tensors of token ids, got {type(windows).__name__}")
             windows = [w.clone() if isinstance(w, torch.Tensor) and w.is_inference() else w for w in windows]
             return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
                             should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress,

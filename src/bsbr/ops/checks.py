@@ -15,7 +15,7 @@ from ..numbers import FLOAT32_MAX
 
 
 EAGER = ("a BSBR model compiles with graph breaks: its chunked op, block selection and cache bookkeeping run "
-         "eagerly, so compile it without fullgraph=True")
+         "eagerly, so compile it without fullgraph=True (and torch.export it with strict=False, its default)")
 
 
 def eager(fn):

@@ -1010,6 +1010,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if mask is not None and mask.shape[-1] > read and (cache is not None or (
                 self.config.use_cache if use_cache is None else use_cache)):  # (a manual loop's, of its final length)
             attention_mask = mask[:, :read]  # its first positions, as transformers reads it where a cache is kept
+        if cache is not None:  # (a mask between the input's length and that cannot say which columns are new)
+            _check_mask_length(attention_mask, inputs_embeds, cache.n_positions)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             # a mask over every position the cache read (not one begun with a later call's new tokens)
             cached = attention_mask.shape[-1] - n  # (slices by length: [:, -0:] is the whole mask)

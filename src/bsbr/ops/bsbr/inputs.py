@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_flag, check_tensor
+from ..checks import check_flag, check_tensor, exporting
 from .options import BSBROptions
 from .retrieval import gate_closed
 
@@ -64,6 +64,9 @@ def check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, 
         raise NotImplementedError("torch.export records BSBR attention at one batch size and length (no "
                                   "dynamic_shapes): the chunks a token reads follow the input's length")
     check_flag("output_final_state", streams)  # (the chunked form's, which it passes as streams)
+    if streams and exporting():
+        raise NotImplementedError("torch.export cannot record BSBR attention's streaming state (built and read by "
+                                  "value): export without output_state, streaming or a state")
     if options.retrieval == "normalized" and (fq is None or fk is None) and not gate_closed(gate):
         raise ValueError("retrieval 'normalized' divides by 1 + g fq.z, so it needs non-negative features: pass "
                          "fq and fk (e.g. hedgehog feature maps of q and k); their default, q and k, is signed")
