@@ -456,7 +456,7 @@ def _apply_settings(verbose: bool, no_bars: bool, rank: int) -> dict:
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") +
                                                    ": %(message)s", datefmt="%H:%M:%S"))
             root.addHandler(handler)
-            root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+            root.setLevel(logging.WARNING)  # (-v too: matplotlib alone logged 2,118 font lines for one plot)
         ours.setLevel(logging.DEBUG if verbose else logging.INFO if not rank else logging.WARNING)
     except BaseException:
         _restore_settings(saved)

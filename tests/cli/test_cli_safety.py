@@ -1923,6 +1923,17 @@ print(json.dumps(dict(handlers=len(logging.getLogger().handlers), level=logging.
     assert r.returncode == 0 and "Cannot disable progress bars" not in r.stderr, r.stderr
 
 
+def test_verbose_is_bsbr_s_debug_log_not_every_library_s(tmp_path):
+    # -v set the root logger to DEBUG: one plot logged 2,118 matplotlib font lines around bsbr's two
+    import subprocess
+
+    code = ("import logging; from bsbr.cli import _apply_settings; _apply_settings(True, True, 0)\n"
+            "print([logging.getLogger(n).isEnabledFor(logging.DEBUG) for n in ('bsbr.x', 'matplotlib.font_manager')])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": SRC})
+    assert r.stdout.strip() == "[True, False]", r.stderr
+
+
 def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_write(models, tmp_path, monkeypatch,
                                                                                   capsys):
     # `--json=~/x` and a quoted "~/x" reach bsbr unexpanded: SOURCE failed as a hub id, --prompt-file "did not

@@ -1,6 +1,7 @@
 """Bad config values and conversion options are refused at construction with a ValueError naming the
 argument, and loading never unpickles a checkpoint."""
 import json
+import re
 import logging
 
 import pytest
@@ -303,6 +304,26 @@ def test_a_missing_shard_is_named_not_blamed_on_the_config(tmp_path):
         (tmp_path / shard).unlink()
     with pytest.raises(Exception, match="|".join(gone)):
         load_bsbr_model(tmp_path)
+
+
+def test_a_config_json_edit_of_another_size_is_refused_before_the_model_is_built(tmp_path):
+    """Edits of intermediate_size or head_dim built the edited model in full before the strict check named the
+    weights (intermediate_size 2,000,000: 2.7 GB for a 0.05M-parameter model); now its shapes are compared, on the
+    meta device, with the weights' headers."""
+    from transformers import AutoModelForCausalLM
+
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for field, value, weight in (("intermediate_size", 10**7, "mlp"), ("head_dim", 10**6, "q_proj")):
+        (tmp_path / "config.json").write_text(json.dumps(dict(saved, **{field: value})))
+        for load in (BSBRForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: it builds "
+                                                 rf"model\.layers\.0\.\S*{weight}\S* of shape .*, the weights hold "
+                                                 r".*: give the config the model was saved with"):
+                load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="the config from_pretrained was given .* it builds model.layers.0.mlp"):
+        BSBRForCausalLM.from_pretrained(tmp_path, intermediate_size=10**7)
 
 
 def test_a_save_in_the_other_layout_removes_the_earlier_saves_file(tmp_path):
@@ -620,6 +641,20 @@ def test_a_retired_option_set_on_a_config_is_refused_when_it_is_saved(tmp_path):
     with pytest.raises(ValueError, match="this config sets retrieval_top_k=3: an option of an earlier bsbr"):
         config.save_pretrained(tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_config_its_own_checks_refuse_is_not_saved(tmp_path):
+    # AutoConfig.from_pretrained(DIR, recall_tokens=16) (retrieval_blocks kept) or update() skip __init__'s checks:
+    # the save wrote a config.json that bsbr then refused to load
+    from transformers import AutoConfig
+
+    BSBRConfig(**TINY, retrieval_blocks=2).save_pretrained(tmp_path / "c")
+    before = (tmp_path / "c" / "config.json").read_bytes()
+    for edit in (dict(recall_tokens=16), dict(chunk_size="x"), dict(far_positions="hybird")):
+        config = AutoConfig.from_pretrained(tmp_path / "c", **edit)
+        with pytest.raises(ValueError, match=r"^this config would not load once saved \(.+\): set it right before "):
+            config.save_pretrained(tmp_path / "c")
+        assert (tmp_path / "c" / "config.json").read_bytes() == before
 
 
 def test_a_retired_value_of_a_current_option_is_refused_on_saving_with_advice_that_keeps_it(tmp_path):

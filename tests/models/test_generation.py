@@ -503,22 +503,6 @@ def test_a_mask_that_fits_neither_the_input_nor_the_cache_and_input_is_refused()
     assert torch.equal(model.generate(whole, attention_mask=torch.ones_like(whole), cache=out.cache, **kw), expected)
 
 
-def test_forward_refuses_a_mask_longer_than_the_input_and_shorter_than_the_cache_and_input():
-    # 3 new tokens after 10 cached with a 7-column mask: its last 3 columns were read as the new tokens', silently
-    model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
-    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        cache = model(ids[:, :10], use_cache=True).cache
-        with pytest.raises(ValueError, match="attention_mask has 7 columns, the input 3 tokens and the cache 10"):
-            model(ids[:, 10:], attention_mask=torch.ones(2, 7, dtype=torch.long), cache=cache)
-        assert cache.n_positions == 10  # (refused before anything was read)
-        expected = model(ids).logits[:, 10:]
-        for columns in (3, 13, 20):  # the new tokens', every position's, a manual loop's of its final length
-            got = model(ids[:, 10:], attention_mask=torch.ones(2, columns, dtype=torch.long),
-                        cache=copy.deepcopy(cache)).logits
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_a_cache_of_another_kind_is_refused_before_a_4d_mask_is_read():
     # generate(cache=StaticCache(...)) (transformers makes the mask 4-D for it): AttributeError 'n_positions'
     from transformers import StaticCache

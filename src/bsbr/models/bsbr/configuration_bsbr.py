@@ -39,7 +39,7 @@ _WARNED: set = set()
 def _warn_once(message: str, *args) -> None:
     """Log a warning once per process (a model builds its config more than once, a command loads it again)."""
     text = message % args
-    if text not in _WARNED:
+    if text not in _WARNED and not getattr(_NOTES, "off", False):  # (a note kept back is not said yet)
         _WARNED.add(text)
         logger.warning(text)
 
@@ -242,8 +242,15 @@ class BSBRConfig(PretrainedConfig):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' ``save_pretrained``, plus the ``bsbr_auto.py`` that ``auto_map`` names: a process that
         has not imported bsbr reads the folder with ``trust_remote_code=True``. A retired option set on it since
-        it was built (``update``) is refused by name: the folder saved would not load."""
+        it was built (``update``) is refused by name, as is a value its checks refuse (set by ``update``, an
+        attribute or ``from_pretrained``'s keyword arguments): the folder saved would not load."""
         self.refuse_retired()
+        try:
+            with notes_off():
+                type(self)(**self.to_dict())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"this config would not load once saved ({' '.join(str(e).split())}): set it right "
+                             "before saving") from None
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         if os.path.isdir(save_directory):
             write_auto_code(save_directory)

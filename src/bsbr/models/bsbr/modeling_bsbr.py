@@ -12,11 +12,12 @@ import contextlib
 import copy
 import json
 import os
+import math
 import re
 import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -570,7 +571,7 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, 
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
-_SIZES = ("num_hidden_layers", "vocab_size", "hidden_size")
+_SIZES = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim")  # from_pretrained(**those)
 
 
 def offloaded_nonfinite(model) -> List[str]:
@@ -602,33 +603,58 @@ def _identity(path: Path):
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # a decoder layer's: model.layers.N., transformer.h.N.
 
 
-def weights_held(path: Path, variant: Optional[str] = None) -> Optional[Tuple[int, Optional[tuple]]]:
-    """What the model directory ``path``'s weight files (:func:`weight_files`) hold, read from their headers: the
-    number of decoder layers (0 if no weight names one) and the shape of ``embed_tokens.weight`` (None if absent);
-    None when one of the files is missing."""
+def weight_shapes(path: Path, variant: Optional[str] = None) -> Optional[Dict[str, tuple]]:
+    """The shape of each weight the model directory ``path``'s weight files (:func:`weight_files`) hold, read from
+    their headers; None when one of the files is missing."""
     from safetensors import safe_open
 
     files = weight_files(path, variant)
     if not all(f.is_file() for f in files):
         return None
-    layers, embedding = 0, None
+    shapes = {}
     for f in files:
         with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                if found := _LAYER_INDEX.search(name):
-                    layers = max(layers, int(found.group(1)) + 1)
-                if name.endswith("embed_tokens.weight"):
-                    embedding = tuple(st.get_slice(name).get_shape())
-    return layers, embedding
+            shapes.update((name, tuple(st.get_slice(name).get_shape())) for name in st.keys())
+    return shapes
+
+
+def weights_held(path: Path, variant: Optional[str] = None) -> Optional[Tuple[int, Optional[tuple]]]:
+    """The number of decoder layers the model directory ``path``'s weights hold (0 if no weight names one) and the
+    shape of ``embed_tokens.weight`` (None if absent); None when one of the files is missing."""
+    if (shapes := weight_shapes(path, variant)) is None:
+        return None
+    layers = max((int(found.group(1)) + 1 for name in shapes if (found := _LAYER_INDEX.search(name))), default=0)
+    return layers, next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
+
+
+def _first_unfit_shape(config: dict, shapes: Dict[str, tuple]) -> Optional[str]:
+    """The first weight the model ``config`` builds (on the meta device: nothing allocated) whose shape is not the
+    one ``shapes`` holds, said as such, when the config builds over twice the weights' elements (and 2^24 more):
+    a smaller misfit is named by the load's own check, which tells an earlier bsbr's weights apart. None when
+    none is, or when the config builds no model (its own checks name the value when it is built)."""
+    try:
+        with torch.device("meta"), notes_off():
+            built = BSBRForCausalLM(BSBRConfig(**config))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if sum(p.numel() for p in built.parameters()) <= 2 * held + (1 << 24):
+        return None
+    for name, p in built.named_parameters():
+        have = shapes.get(name, shapes.get(name.removeprefix("model.")))
+        if have is not None and have != tuple(p.shape):
+            return f"it builds {name} of shape {tuple(p.shape)}, the weights hold {have}"
+    return None
 
 
 def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[dict] = None,
                                   variant: Optional[str] = None) -> None:
     """Raise ValueError, before a model is built, when the config it is built from (``given``, a config object,
     else ``path``'s config.json, with ``overrides``: from_pretrained's keyword arguments) asks for more layers
-    than ``path``'s ``.safetensors`` weights hold, or an embedding of another shape (a hand edit of 30 layers to
-    300 built 300 layers, 4.3 GB and 11 s, before the strict check named the missing weights; a vocabulary of
-    10^9 asked for 192 GB)."""
+    than ``path``'s ``.safetensors`` weights hold, an embedding of another shape, or any weight of another shape
+    (a hand edit of 30 layers to 300 built 300 layers, 4.3 GB and 11 s, before the strict check named the missing
+    weights; a vocabulary of 10^9 asked for 192 GB; an intermediate_size of 2,000,000 took 2.7 GB for a tiny
+    model)."""
     try:
         saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -641,9 +667,9 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
             f"{path / 'config.json'}" if saved.get(field) == config[field] else \
             "the config from_pretrained was given (or built from its keyword arguments)"
 
-    if (held := weights_held(path, variant)) is None:  # (a shard missing: transformers names it, not the config)
+    if (shapes := weight_shapes(path, variant)) is None:  # (a shard missing: transformers names it, not the config)
         return
-    layers, embedding = held
+    layers, embedding = weights_held(path, variant)
     wanted = config.get("num_hidden_layers")
     if layers and isinstance(wanted, int) and wanted > layers:
         raise ValueError(f"{where('num_hidden_layers')}: num_hidden_layers is {wanted}, the weights hold {layers} "
@@ -653,6 +679,10 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
             if isinstance(config.get(field), int) and config[field] != size:
                 raise ValueError(f"{where(field)}: {field} is {config[field]}, the weights' embedding "
                                  f"{tuple(embedding)}: give the config the model was saved with")
+    if unfit := _first_unfit_shape(config, shapes):  # (another size edited: intermediate_size, head_dim, ...)
+        named = f"{path / 'config.json'}" if saved and all(config.get(k) == v for k, v in saved.items() if k in config) \
+            else "the config from_pretrained was given (or built from its keyword arguments)"
+        raise ValueError(f"{named}: {unfit}: give the config the model was saved with")
 
 
 def _empty(cache) -> bool:
@@ -1010,8 +1040,6 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if mask is not None and mask.shape[-1] > read and (cache is not None or (
                 self.config.use_cache if use_cache is None else use_cache)):  # (a manual loop's, of its final length)
             attention_mask = mask[:, :read]  # its first positions, as transformers reads it where a cache is kept
-        if cache is not None:  # (a mask between the input's length and that cannot say which columns are new)
-            _check_mask_length(attention_mask, inputs_embeds, cache.n_positions)
         if cache is not None and attention_mask is not None and attention_mask.shape[-1] > n:
             # a mask over every position the cache read (not one begun with a later call's new tokens)
             cached = attention_mask.shape[-1] - n  # (slices by length: [:, -0:] is the whole mask)
