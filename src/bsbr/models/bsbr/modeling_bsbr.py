@@ -571,7 +571,8 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, 
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
-_SIZES = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim")  # from_pretrained(**those)
+# from_pretrained's keyword arguments read by refuse_sizes_past_the_weights
+_SIZES = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim")
 
 
 def offloaded_nonfinite(model) -> List[str]:
@@ -680,8 +681,9 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
                 raise ValueError(f"{where(field)}: {field} is {config[field]}, the weights' embedding "
                                  f"{tuple(embedding)}: give the config the model was saved with")
     if unfit := _first_unfit_shape(config, shapes):  # (another size edited: intermediate_size, head_dim, ...)
-        named = f"{path / 'config.json'}" if saved and all(config.get(k) == v for k, v in saved.items() if k in config) \
-            else "the config from_pretrained was given (or built from its keyword arguments)"
+        from_file = saved and all(config.get(k) == v for k, v in saved.items() if k in config)
+        named = f"{path / 'config.json'}" if from_file else \
+            "the config from_pretrained was given (or built from its keyword arguments)"
         raise ValueError(f"{named}: {unfit}: give the config the model was saved with")
 
 
