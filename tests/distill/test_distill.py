@@ -400,6 +400,25 @@ def test_all_weights_with_their_own_learning_rate(tmp_path):
     assert 0 < max(m for k, m in moved.items() if k not in new) < 1e-5
 
 
+def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_path):
+    """A PeftModel student trained, then its save wrote the adapters alone (no config.json: the new pieces lost); a
+    student loaded from a folder that also holds an adapter trained, then failed at publishing."""
+    peft = pytest.importorskip("peft")
+    teacher, student = fresh(0.1)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(TypeError, match=r"student is a peft model: merge its adapters \(student.merge_and_unload"):
+        distill(teacher, peft.get_peft_model(student, config), windows(), tmp_path / "a", DistillConfig(steps=1))
+    _, student = fresh(0.1)
+    student.save_pretrained(tmp_path / "s")
+    peft.get_peft_model(student, config).save_pretrained(tmp_path / "s")  # adapter_config.json beside the model
+    loaded = load_bsbr_model(tmp_path / "s")
+    if not getattr(loaded, "_hf_peft_config_loaded", False):
+        pytest.skip("this transformers does not load the adapter with the model")
+    with pytest.raises(ValueError, match="the student carries a peft adapter transformers loaded with it"):
+        distill(teacher, loaded, windows(), tmp_path / "b", DistillConfig(steps=1))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_lora_trains_adapters_and_new_pieces_then_merges_into_a_plain_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     from bsbr.distill import trainer

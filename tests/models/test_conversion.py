@@ -580,6 +580,23 @@ def test_a_source_of_no_float_weights_nan_or_adapters_is_refused_in_one_line():
         assert "\n" not in str(e.value)
 
 
+def test_peft_on_the_meta_maps_by_target_parameters_changes_the_forward():
+    # the maps' weights were read off the modules: peft's wrapper (its delta added when the module is called) was
+    # never called, so the adapter changed nothing until merged
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    for target in ("meta_r_proj.weight", "meta_h_proj.weight"):
+        model = convert_to_bsbr(make_source("llama"), chunk_size=4, retrieval_blocks=1, gate_init=0.5).eval()
+        with torch.no_grad():
+            base = model(ids).logits
+            torch.manual_seed(0)
+            adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_parameters=[target],
+                                                                 init_lora_weights=False)).eval()
+            wrapped = adapted(input_ids=ids).logits
+            assert (wrapped - base).abs().max() > 1e-3
+            torch.testing.assert_close(adapted.merge_and_unload()(ids).logits, wrapped, rtol=1e-5, atol=1e-5)
+
+
 def test_a_source_on_the_meta_device_is_refused_in_one_line():
     # (built with init_empty_weights, or offloaded): a 36-line load_state_dict error
     with pytest.raises(ValueError, match="is on the meta device, with no values to copy") as e:

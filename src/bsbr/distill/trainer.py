@@ -315,7 +315,10 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
 
     Both models are given back as they came: their train/eval modes and which parameters require gradients (the
     student's weights trained), and the student without the activation checkpointing and input-gradient hook
-    training used. It trains with autograd on whatever the caller's grad mode."""
+    training used; adapters the caller injected (peft's ``inject_adapter_in_model``) are folded into its weights once
+    the model is published (the saved model is an ordinary checkpoint), kept if the run stops before. A peft model
+    (``get_peft_model``) or a student with an adapter transformers loaded is refused: merge it first. It trains with
+    autograd on whatever the caller's grad mode."""
     if any(p.is_inference() for m in (student, teacher) if isinstance(m, torch.nn.Module) for p in m.parameters()):
         raise ValueError("the student or the teacher was loaded under torch.inference_mode(), whose weights cannot be "
                          "trained through: load them outside it")
@@ -357,6 +360,13 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if not isinstance(cfg, DistillConfig):
         raise TypeError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if hasattr(student, "merge_and_unload"):  # (its save_pretrained writes the adapters alone: no model published)
+        raise TypeError("student is a peft model: merge its adapters (student.merge_and_unload()), then distill the "
+                        "model that returns")
+    if getattr(student, "_hf_peft_config_loaded", False):  # (its save would write the adapter, not the model)
+        raise ValueError("the student carries a peft adapter transformers loaded with it (an adapter_config.json in "
+                         "its folder): merge it in (peft's merge_and_unload(), then save_pretrained) or remove it, "
+                         "then distill that model")
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
         raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
                         f"{type(student).__name__}")

@@ -201,11 +201,11 @@ class BSBRAttention(MultiHeadBase):
         else:  # a closed gate: the op never reads fq
             fq = fk.new_zeros(()).expand(b, self.num_heads, n, fk.shape[-1])
         tensors = (q, k, v, mq, mk, fq, fk, q if qr is None else qr, k if kr is None else kr)
-        # the maps' weights (the op takes weights, not modules), read unless they are not where q is:
-        # accelerate's offloading keeps them on the meta device (or another) until their module is called
-        mr, mh = self.meta_r_proj, self.meta_h_proj
-        meta_q = None if mr is None else mr.weight if mr.weight.device == q.device else mr()
-        meta_k = None if mh is None else mh.weight if mh.weight.device == q.device else mh()
+        # the maps' weights (the op takes weights, not modules), read unless they are not where q is (accelerate's
+        # offloading keeps them on the meta device, or another, until their module is called) or the module was
+        # wrapped (peft's target_parameters adds its delta when it is called)
+        meta_q, meta_k = (None if m is None else m.weight if type(m) is HeadwiseLinear and m.weight.device == q.device
+                          else m(None) for m in (self.meta_r_proj, self.meta_h_proj))
         return _run_op(op, tensors, valid=valid, options=self.options, gate=gate, meta_q=meta_q, meta_k=meta_k,
                        **kwargs)
 
