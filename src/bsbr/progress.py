@@ -49,6 +49,25 @@ def library_bars_off(off: bool = True) -> Iterator[None]:
         hub_bar_states().update(states)
 
 
+@contextlib.contextmanager
+def gguf_bar_follows() -> Iterator[None]:
+    """transformers' GGUF loader draws its bar with tqdm whatever transformers' switch says: inside
+    :func:`bars_off` (this thread) it draws none either."""
+    if not getattr(_OFF, "off", False):
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    drawn = gguf.tqdm
+    gguf.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = drawn
+
+
 def hub_bar_states() -> dict:
     """huggingface_hub's progress-bar switches (global and per group), which its functions can only clear."""
     from huggingface_hub.utils import _tqdm

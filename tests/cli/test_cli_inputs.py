@@ -215,6 +215,29 @@ def test_eval_names_a_config_dtype_torch_lacks_and_reads_past_an_unreadable_toke
     assert json.loads((tmp_path / "r.json").read_text())["language_modeling"]
 
 
+def test_no_progress_silences_the_gguf_loader_s_bar_too(tmp_path, monkeypatch):
+    # transformers' GGUF loader draws its bar with tqdm whatever its switch says: --no-progress (or a log, from a
+    # program calling main) still showed "Converting and de-quantizing GGUF tensors" being drawn
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from bsbr.convert import converter
+    from bsbr.progress import bars_off
+
+    shown = []
+
+    def load(*args, **kwargs):
+        shown.append(not gguf.tqdm(range(2)).disable)
+        raise RuntimeError("loaded")
+
+    monkeypatch.setattr(converter, "_load_complete", load)
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for off in (True, False):
+        with bars_off(off), pytest.raises(Exception):
+            converter.load_source(str(tmp_path / "m.gguf"))
+    assert shown == [False, True]
+
+
 def test_a_gguf_file_cut_short_is_named_not_blamed_on_the_tokenizer(tmp_path, capsys):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and version, then nothing

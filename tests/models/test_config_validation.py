@@ -643,6 +643,31 @@ def test_a_retired_option_set_on_a_config_is_refused_when_it_is_saved(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("edit,told", [
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0}), "Missing required keys in `rope_parameters`"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": "4"}), r"rope_parameters\['factor'\] must be a finite"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 0}), r"rope_parameters\['factor'\] must be a finite"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "beta_fast": None}), r"rope_parameters\['beta_fast'\] must be a finite"),
+    (dict(eos_token_id="2"), "eos_token_id must be a token id .an int., a list of them or null, got '2'"),
+    (dict(pad_token_id=[1, "x"]), "pad_token_id must be a token id"),
+    (dict(bos_token_id=True), "bos_token_id must be a token id")])
+def test_rope_parameters_and_token_ids_of_the_wrong_kind_are_named(edit, told):
+    # a rope_type's missing key was a KeyError (bsbr eval: "internal error"); a factor of "4" failed in the rope
+    # init naming nothing ("'<=' not supported"), one of 0 as "inv_freq must hold only finite values"; an
+    # eos_token_id of "2" failed inside generate ("new(): invalid data type 'str'")
+    with pytest.raises(ValueError, match=told):
+        BSBRConfig(**{**TINY, **edit})
+
+
+def test_rope_scaling_and_token_ids_sources_hold_are_kept():
+    for rope in ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale_all_dim": 0},
+                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192, "rope_theta": 500000.0}):
+        assert BSBRConfig(**TINY, rope_parameters=rope).rope_parameters["factor"] == rope["factor"]
+    assert BSBRConfig(**TINY, eos_token_id=[1, 2], pad_token_id=-1).eos_token_id == [1, 2]
+
+
 def test_a_config_its_own_checks_refuse_is_not_saved(tmp_path):
     # AutoConfig.from_pretrained(DIR, recall_tokens=16) (retrieval_blocks kept) or update() skip __init__'s checks:
     # the save wrote a config.json that bsbr then refused to load

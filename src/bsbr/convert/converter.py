@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
+from ..progress import gguf_bar_follows
 from ..models.bsbr.modeling_bsbr import (refuse_non_float_weights, refuse_pickled_hub_weights, refuse_pickled_weights,
                                           weights_held)
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
@@ -53,7 +54,8 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         try:
-            return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
+            with gguf_bar_follows():  # (--no-progress, or a log)
+                return _load_complete(str(path), str(path.parent), gguf_file=path.name, dtype=dtype)
         except Exception as e:  # a file cut short fails inside transformers on a buffer or a shape: name it
             try:
                 from gguf import GGUFReader

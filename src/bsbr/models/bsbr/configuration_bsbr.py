@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 from ...layers.feature_maps import BSBR_FEATURE_MAPS, default_feature_map
 from ...ops.bsbr import BSBROptions
 from ...numbers import MAX_TOKENS
-from ...ops.checks import check_flag, check_int, check_number
+from ...ops.checks import check_flag, check_int, check_number, shown
 
 logger = logging.getLogger(__name__)
 _NOTES = threading.local()  # .off: this thread builds a config only to compare weights (notes_off)
@@ -33,6 +33,9 @@ def notes_off() -> Iterator[None]:
         _NOTES.off = saved
 
 
+# rope_parameters' numbers past rope_theta (linear, dynamic, yarn, llama3, longrope scaling): > 0, yarn's mscales >= 0
+_ROPE_NUMBERS = {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
+                 "high_freq_factor", "partial_rotary_factor", "original_max_position_embeddings"}
 _WARNED: set = set()
 
 
@@ -396,6 +399,11 @@ class BSBRConfig(PretrainedConfig):
         self.source_model_type = source_model_type
         self.use_cache = use_cache
         # declared, as the sources' configs declare them (code reads config.pad_token_id and tests for None)
+        for name, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
+                            ("eos_token_id", eos_token_id)):  # (a "2" failed inside generate, naming nothing)
+            if value is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in (
+                    value if isinstance(value, list) and value else [value])):
+                raise ValueError(f"{name} must be a token id (an int), a list of them or null, got {shown(value)}")
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
         # the bsbr that saved the config (BSBRPreTrainedModel.save_pretrained sets it): a newer one's options
         # may be ones this bsbr does not read
@@ -409,12 +417,17 @@ class BSBRConfig(PretrainedConfig):
         for name in _retired(kwargs, "BSBRConfig({})"):  # (from_dict takes them out of a saved config first)
             kwargs.pop(name)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        try:
+            super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        except KeyError as e:  # (transformers' check of rope_parameters: a key its rope_type needs is missing)
+            raise ValueError(f"{e.args[0] if e.args else e}: give the source's rope_parameters") from None
         rope = self.rope_parameters
         if rope is not None and not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be None or a dict, got {type(rope).__name__}")
         if rope and "rope_theta" in rope:
             check_number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
+        for key in _ROPE_NUMBERS & set(rope or ()):  # (transformers only logs a factor of another type: "4" and 0
+            check_number(f"rope_parameters[{key!r}]", rope[key], 0, above="mscale" not in key)  # failed later)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
