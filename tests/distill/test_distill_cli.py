@@ -3,6 +3,7 @@ tests/cli/conftest.py: options refused before anything loads, ``--overwrite`` th
 until the new run's model replaces it, ``--resume`` that refuses another student or a run with nothing left
 to train, and the resume command printed after a second Ctrl-C."""
 import json
+import re
 import shutil
 import signal
 import threading
@@ -300,8 +301,11 @@ def test_no_progress_bar_in_a_log(models, text, tmp_path, capsys):
     # stderr not a terminal (a log file, CI): bsbr's own bars were still drawn, a line per update
     capsys.readouterr()
     assert main(distill_args(models, text, tmp_path / "out", "--steps", "3")) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "step/s" not in err and "distill:" not in err, err
+    # the summary named the last step's log entry, whose step counts from 0 ("distilled 3 steps ... 'step': 2")
+    assert re.fullmatch(rf"distilled 3 steps in \d+\.\d min \(last step: kl [0-9.e-]+, ce [0-9.e-]+\); saved to "
+                        rf"{re.escape(str(tmp_path / 'out'))}\n", out), out
 
 
 @needs_main_thread

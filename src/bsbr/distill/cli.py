@@ -437,9 +437,10 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
                            models=dict(teacher=source_name(args.teacher), student=str(student_dir.resolve())))
         stop.trained = True
         if not dist.is_initialized() or dist.get_rank() == 0:
-            last = progress["log"][-1] if progress["log"] else {}
-            print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min; last: {last}; "
-                  f"saved to {out}")
+            last = progress["log"][-1] if progress["log"] else {}  # (its step counts from 0, as distill.json's)
+            losses = ", ".join(f"{k} {last[k]:.4g}" for k in ("kl", "ce") if isinstance(last.get(k), float))
+            print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min"
+                  f"{f' (last step: {losses})' if losses else ''}; saved to {out}")
         if dist.is_initialized():  # (a signal while waiting here for rank 0's publishing: said below, as one then)
             dist.barrier()
     if stop.is_set():  # the signal came while the model was moved in: it is complete; the command was interrupted

@@ -480,7 +480,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     budget = None if cfg.minutes is None else cfg.minutes * 60.0
     t0 = time.monotonic() - progress["elapsed"]
     out_of_time = _any_rank(budget is not None and time.monotonic() - t0 >= budget, world)  # every rank starts alike
-    bar = progress_bar(disable=rank != 0 or not bar_on, desc="distill", unit="step")
+    bar = progress_bar(disable=rank != 0 or not bar_on, desc="distill", unit="step", total=cfg.steps,
+                       initial=progress["step"])  # (a resume's bar starts where its checkpoint is)
     try:  # the bar ends its line before any error is printed
         def finished() -> bool:  # the steps asked for are done, or the time budget ran out
             return (cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time
