@@ -496,6 +496,10 @@ def test_rope_parameters_without_rope_theta_given_after_the_config_was_built_are
     for rope in ({"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0}):
         with pytest.raises(ValueError, match="rope_parameters has no rope_theta on a rotary model"):
             AutoModelForCausalLM.from_pretrained(tmp_path, rope_parameters=rope)
+        # the legacy name: transformers fills in rope_theta None, which the check read as given ("must be a finite
+        # number > 0, got None")
+        with pytest.raises(ValueError, match="rope_parameters has no rope_theta on a rotary model"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, rope_scaling=dict(rope))  # (transformers edits it)
         config = BSBRConfig(**{**TINY, "position_type": "rope"}, rope_parameters=rope)
         assert config.rope_parameters == {**rope, "rope_theta": 10000.0} and "rope_theta" not in rope
         AutoModelForCausalLM.from_config(config)

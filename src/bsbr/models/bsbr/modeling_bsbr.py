@@ -913,17 +913,18 @@ class BSBRBaseModel(BSBRPreTrainedModel):
     def __init__(self, config: BSBRConfig):
         # its values checked as a new config's are: from_pretrained(DIR, chunk_size=0) and attributes set on
         # a config after it was built bypass BSBRConfig.__init__'s checks
-        checked = type(config)(**config.to_dict())
-        for name in _RESOLVED:  # a None set since (update, from_pretrained's overrides): what a new config makes of it
-            if getattr(config, name, None) is None:
-                setattr(config, name, getattr(checked, name))
-        rope = config.rope_parameters
-        if config.position_type == "rope" and (rope is None or isinstance(rope, dict) and "rope_theta" not in rope):
+        rope = config.rope_parameters  # (transformers fills in rope_theta None for a rope_scaling given later)
+        if config.position_type == "rope" and (rope is None or isinstance(rope, dict) and rope.get("rope_theta") is
+                                               None):
             raise ValueError(f"config.rope_parameters {'is None' if rope is None else 'has no rope_theta'} on a "
                              "rotary model (set after the config was built: from_pretrained(..., rope_parameters=... "
                              "or rope_scaling=None), or position_type changed to 'rope'): a saved model's rotary "
                              "frequencies (rope_theta) would be lost; leave it as saved, or give the whole dict "
                              "(rope_type, rope_theta)")
+        checked = type(config)(**config.to_dict())
+        for name in _RESOLVED:  # a None set since (update, from_pretrained's overrides): what a new config makes of it
+            if getattr(config, name, None) is None:
+                setattr(config, name, getattr(checked, name))
         config.warn_unread_position_option()  # (here, once: from_pretrained sets its overrides after construction)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
