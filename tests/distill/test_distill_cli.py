@@ -607,6 +607,20 @@ def test_params_all_trains_where_window_positions_differ_from_the_teacher(models
     args[args.index("--seq-len") + 1] = "25"  # logits of tokens 0-23: the teacher's
     line = refused(capsys, args, "distill", out2)
     assert "up to token 24" in line and "--seq-len 26 or more" in line, line
+    # a student whose own weights were trained since (a merged LoRA) differs from its teacher from token 0: the
+    # refusal said its logits were the teacher's
+    from bsbr import load_bsbr_model
+
+    tuned = load_bsbr_model(models[1])
+    with torch.no_grad():
+        tuned.model.layers[0].attn.q_proj.weight.mul_(1.5)
+    tuned.save_pretrained(tmp_path / "tuned")
+    shutil.copy(models[1] / "tokenizer.json", tmp_path / "tuned")
+    shutil.copy(models[1] / "tokenizer_config.json", tmp_path / "tuned")
+    args = distill_args(models, text, tmp_path / "out3", "--steps", "1", "--params", "all", student=tmp_path / "tuned")
+    args[args.index("--seq-len") + 1] = "25"
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out3" / "distill.json").read_text())["log"][0]["kl"] > 1e-4
 
 
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(models, text, tmp_path, capsys,

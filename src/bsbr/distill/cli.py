@@ -58,10 +58,12 @@ def _plan(args):
     return cfg
 
 
-def _check_new_pieces_matter(student, args) -> None:
+def _check_new_pieces_matter(student, args, teacher=None, window=None) -> None:
     """Refuse windows so short that what ``--params`` trains cannot learn from the KL to the teacher: where
     the student equals its teacher (and, for ``--params new``, before its new pieces are read), each
-    window's loss is 0 up to rounding, which Adam would follow as if it were a gradient."""
+    window's loss is 0 up to rounding, which Adam would follow as if it were a gradient. ``--params all`` or
+    ``lora`` is checked once the ``teacher`` is loaded: a student whose own weights were trained since its
+    conversion (a merged LoRA) differs from it on the first ``window``, and may train there."""
     from .trainer import shortest_window
 
     config = student.config
@@ -71,13 +73,16 @@ def _check_new_pieces_matter(student, args) -> None:
            f"this student's logits are its teacher's up to token {need - 2}, so the KL to it is 0 there and "
            f"--params {args.params} learns nothing")
     table = config.max_position_embeddings if config.position_type == "learned" else None
-    if table is not None and table < need and (args.params == "new" or not args.lm_weight):
+    refuse = args.params == "new" or not args.lm_weight
+    if refuse and args.params != "new" and min(args.seq_len, table or need) < need:
+        refuse = not _differs(student, teacher, window)
+    if table is not None and table < need and refuse:
         # the teacher (its source) cannot run past its learned positions
         raise UserError(f"{why}, and a window's last token is only a target, so a window needs {need} tokens, but "
                         f"the source (the teacher) has {table} learned positions: no --seq-len works; convert with "
                         "fewer --retrieval-blocks or a smaller --chunk-size" + ("" if args.params == "new" else
                                                                                 ", or give --lm-weight"))
-    if args.seq_len < need and (args.params == "new" or not args.lm_weight):
+    if args.seq_len < need and refuse:
         raise UserError(f"--seq-len {args.seq_len}: {why}, and a window's last token is only a target: use "
                         f"--seq-len {need} or more" + (", or --params all" if args.params == "new" else
                                                         ", or give --lm-weight"))
@@ -94,6 +99,17 @@ def _check_new_pieces_matter(student, args) -> None:
     logger.info("distilling a model with exact blocks opens its chunk states: on SmolLM2 (window far positions), 12 "
                 "steps on 4,096-token windows gained 1-5 points of the window's gap at 8k and 1.5-3% of perplexity at "
                 "16k-32k; check your own lengths with bsbr eval (docs/findings.md, Distillation of the default)")
+
+
+def _differs(student, teacher, window) -> bool:
+    """Whether ``student``'s log-probabilities of ``window``'s targets (each token's next: the last token is only a
+    target) differ from ``teacher``'s past rounding."""
+    import torch
+
+    with torch.no_grad():
+        got, want = (m(window[None, :-1].to(m.device)).logits.float().log_softmax(-1).cpu()
+                     for m in (student, teacher))
+    return bool((got - want).abs().max() > 1e-4)
 
 
 def _local_dataset(args) -> Optional[str]:
@@ -413,13 +429,16 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     # may be replaced while it trains)
     record = (student_dir / METADATA).read_text(encoding="utf-8") if (student_dir / METADATA).is_file() else None
     student = load_bsbr_model(student_dir)
-    _check_new_pieces_matter(student, args)
+    if args.params == "new":  # (before the teacher loads; the others compare the two models)
+        _check_new_pieces_matter(student, args)
     teacher = load_model_arg(args.teacher, "--teacher", bsbr_ok=args.force)  # (checked as cmd_distill did)
     note = check_source(student_dir, args.teacher, teacher, option="--teacher", force=args.force)
     if note:
         logger.warning(note)
     check_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (once it is the student's source)
     warn_past_rotary_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (the student imitates it)
+    if args.params != "new":
+        _check_new_pieces_matter(student, args, teacher, windows[0])
 
     def extra_files(directory: Path) -> None:
         save_tokenizer(tokenizer, directory)
