@@ -545,9 +545,10 @@ def check_bsbr_dir(path, option: str) -> Path:
         fix = f"convert it first (bsbr convert {command_path(path)} NEW_DIR)" if values["model_type"] in \
             SUPPORTED_MODEL_TYPES else f"bsbr converts {', '.join(SUPPORTED_MODEL_TYPES)} decoder LMs"
         raise UserError(f"{option} {path} is a {values['model_type']!r} model, not a BSBR one: {fix}")
-    if not any(path.glob("*.safetensors")):
-        raise UserError(f"{option} {path} has no .safetensors weights (pickled checkpoints are never loaded): save it "
-                        "with save_pretrained, or convert it again")
+    from .models.bsbr.modeling_bsbr import missing_weights
+
+    if (missing := missing_weights(path)) is not None:
+        raise UserError(f"{option} {path} {missing}")
     try:
         recorded = read_metadata(path)
     except UserError:  # (the commands that read it say so; generate does not need it)

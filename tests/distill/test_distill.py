@@ -400,7 +400,7 @@ def test_all_weights_with_their_own_learning_rate(tmp_path):
     assert 0 < max(m for k, m in moved.items() if k not in new) < 1e-5
 
 
-def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_path):
+def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_path, caplog):
     """A PeftModel student trained, then its save wrote the adapters alone (no config.json: the new pieces lost); a
     student loaded from a folder that also holds an adapter trained, then failed at publishing."""
     peft = pytest.importorskip("peft")
@@ -411,12 +411,20 @@ def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_
     _, student = fresh(0.1)
     student.save_pretrained(tmp_path / "s")
     peft.get_peft_model(student, config).save_pretrained(tmp_path / "s")  # adapter_config.json beside the model
-    loaded = load_bsbr_model(tmp_path / "s")
+    with caplog.at_level("WARNING"):
+        loaded = load_bsbr_model(tmp_path / "s")
     if not getattr(loaded, "_hf_peft_config_loaded", False):
         pytest.skip("this transformers does not load the adapter with the model")
+    assert "holds a peft adapter (adapter_config.json), which transformers applied" in caplog.text  # (eval, generate)
     with pytest.raises(ValueError, match="the student carries a peft adapter transformers loaded with it"):
         distill(teacher, loaded, windows(), tmp_path / "b", DistillConfig(steps=1))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # params='lora' made its own adapters the active ones: the caller's were dropped when they were folded in
+    _, student = fresh(0.1)
+    peft.inject_adapter_in_model(config, student, adapter_name="mine")
+    with pytest.raises(ValueError, match="params='lora' on a student that already carries adapters"):
+        distill(teacher, student, windows(), tmp_path / "c", DistillConfig(steps=1, params="lora"))
+    assert sorted({n.split(".")[-2] for n, _ in student.named_parameters() if "lora_" in n}) == ["mine"]
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_lora_trains_adapters_and_new_pieces_then_merges_into_a_plain_checkpoint(tmp_path, monkeypatch):

@@ -321,9 +321,50 @@ def test_a_config_json_edit_of_another_size_is_refused_before_the_model_is_built
                                                  rf"model\.layers\.0\.\S*{weight}\S* of shape .*, the weights hold "
                                                  r".*: give the config the model was saved with"):
                 load(tmp_path)
+    # written by another transformers (its version recorded): the edit was blamed on from_pretrained's arguments
+    (tmp_path / "config.json").write_text(json.dumps(dict(saved, intermediate_size=10**7, transformers_version="4.0")))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: it builds"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="the config from_pretrained was given .* it builds model.layers.0.mlp"):
         BSBRForCausalLM.from_pretrained(tmp_path, intermediate_size=10**7)
+    # any field of the config given as a keyword (only five sizes were read: a 2.2 GB build, then a load report)
+    with pytest.raises(ValueError, match="the config from_pretrained was given .* it builds model.layers.0.attn."):
+        BSBRForCausalLM.from_pretrained(tmp_path, num_attention_heads=10**6, num_key_value_heads=2)
+    # sizes no model has: 10^19 failed in torch's allocator with a C++ frame dump, a head_dim of 2^31 took 13 GB
+    for field, value in (("intermediate_size", 10**19), ("head_dim", 2**31)):
+        with pytest.raises(ValueError, match=f"{field} must be at most 16,777,216"):
+            BSBRConfig(**dict(TINY, **{field: value}))
+
+
+def test_a_folder_holding_a_variant_or_other_weights_alone_is_named_as_such(tmp_path):
+    # a save_pretrained(DIR, variant="fp16") folder passed the "any .safetensors" check, then failed in transformers
+    # ("no file named model.safetensors"), with nothing to do
+    model = BSBRForCausalLM(BSBRConfig(**TINY))
+    model.save_pretrained(tmp_path / "v", variant="fp16")
+    with pytest.raises(FileNotFoundError, match=r"holds the weights of a save_pretrained variant "
+                                                r"\(model.fp16.safetensors\), not model.safetensors: save it without"):
+        load_bsbr_model(tmp_path / "v")
+    BSBRForCausalLM.from_pretrained(tmp_path / "v", variant="fp16")  # (as the message says)
+    (tmp_path / "v" / "model.fp16.safetensors").rename(tmp_path / "v" / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"has no model.safetensors \(adapter_model.safetensors is not the "
+                                                r"model's\): save it with save_pretrained"):
+        load_bsbr_model(tmp_path / "v")
+
+
+def test_a_subfolder_is_named_in_the_refusals(tmp_path):
+    # a mistyped subfolder of a local folder was read as a hub id (23 s of retries, then "the hub cannot be
+    # reached"); a broken checkpoint in a subfolder was named by its root
+    from safetensors.torch import load_file, save_file
+
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(tmp_path / 'mm'))} does not exist .subfolder 'mm'"):
+        BSBRForCausalLM.from_pretrained(str(tmp_path), subfolder="mm")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights.pop(sorted(weights)[0])
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"the BSBR checkpoint {re.escape(str(tmp_path / 'm'))} does not match"):
+        BSBRForCausalLM.from_pretrained(str(tmp_path), subfolder="m")
 
 
 def test_a_save_in_the_other_layout_removes_the_earlier_saves_file(tmp_path):

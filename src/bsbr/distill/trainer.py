@@ -367,6 +367,11 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
         raise ValueError("the student carries a peft adapter transformers loaded with it (an adapter_config.json in "
                          "its folder): merge it in (peft's merge_and_unload(), then save_pretrained) or remove it, "
                          "then distill that model")
+    if cfg.params == "lora" and any(hasattr(m, "base_layer") for m in student.modules()):
+        # (lora's own adapters become the active ones: the caller's were dropped when they were folded in)
+        raise ValueError("params='lora' on a student that already carries adapters: fold them into its weights first "
+                         "(merge() on each adapter layer, as a peft model's merge_and_unload() does), or train with "
+                         "params='new' or 'all'")
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
         raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
                         f"{type(student).__name__}")

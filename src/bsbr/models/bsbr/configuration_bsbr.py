@@ -33,6 +33,11 @@ def notes_off() -> Iterator[None]:
         _NOTES.off = saved
 
 
+# the largest intermediate_size, head count or head_dim a config may give (10^19 failed in torch's allocator with a
+# C++ frame dump; a head_dim of 2^31 made its rotary frequencies on the CPU: 13 GB), far above any model's; the
+# other sizes are compared with the weights before a model is built (refuse_sizes_past_the_weights), and a rotary
+# model's max_position_embeddings allocates nothing (10^8 is a source's "no limit")
+MAX_SIZE = 1 << 24
 # rope_parameters' numbers past rope_theta (linear, dynamic, yarn, llama3, longrope scaling): > 0, yarn's mscales >= 0
 _ROPE_NUMBERS = {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
                  "high_freq_factor", "partial_rotary_factor", "original_max_position_embeddings"}
@@ -313,10 +318,10 @@ class BSBRConfig(PretrainedConfig):
                             ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
                             ("num_attention_heads", num_attention_heads),
                             ("max_position_embeddings", max_position_embeddings)):
-            check_int(name, value)
+            check_int(name, value, maximum=MAX_SIZE if name in ("intermediate_size", "num_attention_heads") else None)
         for name, value in (("num_key_value_heads", num_key_value_heads), ("head_dim", head_dim)):  # None allowed
             if value is not None:
-                check_int(name, value)
+                check_int(name, value, maximum=MAX_SIZE)
         if retrieval_blocks is None:
             retrieval_blocks = default_retrieval_blocks(recall_tokens)
         if feature_map is None:

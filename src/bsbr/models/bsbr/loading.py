@@ -2,13 +2,14 @@
 random initialisation (which is what a plain ``from_pretrained`` does with a warning)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from .modeling_bsbr import BSBRForCausalLM, refuse_other_model_type
+from .modeling_bsbr import BSBRForCausalLM, missing_weights, refuse_other_model_type
 
 
 def folder_identity(path: os.PathLike) -> tuple:
@@ -46,8 +47,8 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")
     refuse_other_model_type(path)
-    if not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path} has no .safetensors weights (pickled checkpoints are not loaded)")
+    if (missing := missing_weights(path)) is not None:
+        raise FileNotFoundError(f"{path} {missing}")
     try:  # strict: BSBRPreTrainedModel.from_pretrained refuses missing, unexpected or mismatched weights
         model = BSBRForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
@@ -60,4 +61,7 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
         raise ValueError(said if said.startswith("the BSBR checkpoint ") else
                          f"could not load the BSBR checkpoint in {path}: {said}") from e
     check_unchanged(path, before)
+    if getattr(model, "_hf_peft_config_loaded", False):  # (transformers applies one it finds beside the weights)
+        logging.getLogger(__name__).warning("%s holds a peft adapter (adapter_config.json), which transformers "
+                                            "applied: the model read is the adapted one", path)
     return model.eval()

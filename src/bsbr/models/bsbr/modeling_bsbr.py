@@ -535,6 +535,22 @@ def _layouts(path: Path, variant: Optional[str] = None) -> Tuple[Path, Path]:
             path / (f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"))
 
 
+def missing_weights(path: Path) -> Optional[str]:
+    """Why the model directory ``path`` holds no weights bsbr loads (``model.safetensors`` or a shard index), said
+    with what to do; None when it holds them."""
+    if any(p.exists() for p in _layouts(path)):
+        return None
+    variants = sorted(p.name for pattern in ("model.*.safetensors", "model.safetensors.index.*.json")
+                      for p in path.glob(pattern))
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    if variants:
+        return (f"holds the weights of a save_pretrained variant ({variants[0]}), not model.safetensors: save it "
+                "without variant= (from Python, from_pretrained(DIR, variant=...) loads it)")
+    return (f"has no model.safetensors ({', '.join(others[:3])} {'is' if len(others) == 1 else 'are'} not the model's)"
+            if others else "has no .safetensors weights (pickled checkpoints are never loaded)") + \
+        ": save it with save_pretrained, or convert it again"
+
+
 def weight_files(path: Path, variant: Optional[str] = None) -> List[Path]:
     """The safetensors files of the model directory ``path`` that transformers loads: ``model.safetensors``, else
     the shards ``model.safetensors.index.json`` names (some may be missing; ``variant``:
@@ -571,7 +587,7 @@ def refuse_non_float_weights(path: Path, names=None, scaled_only: bool = False, 
                                      "bsbr loads the float32/float16/bfloat16 weights save_pretrained writes")
 
 
-# from_pretrained's keyword arguments read by refuse_sizes_past_the_weights
+# sizes refuse_sizes_past_the_weights reads from from_pretrained's keyword arguments (with the config.json's fields)
 _SIZES = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "head_dim")
 
 
@@ -661,7 +677,8 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
     except (OSError, ValueError, RecursionError):
         saved = None  # (transformers names an unreadable config)
     saved = saved if isinstance(saved, dict) else {}
-    config = {**(given.to_dict() if given is not None else saved), **(overrides or {})}
+    overrides = {k: v for k, v in (overrides or {}).items() if k in saved or k in _SIZES}  # (the config's fields)
+    config = {**(given.to_dict() if given is not None else saved), **overrides}
 
     def where(field):  # the config.json, unless the value came from from_pretrained's arguments
         return f"from_pretrained's {field}" if field in (overrides or {}) else \
@@ -681,7 +698,8 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
                 raise ValueError(f"{where(field)}: {field} is {config[field]}, the weights' embedding "
                                  f"{tuple(embedding)}: give the config the model was saved with")
     if unfit := _first_unfit_shape(config, shapes):  # (another size edited: intermediate_size, head_dim, ...)
-        from_file = saved and all(config.get(k) == v for k, v in saved.items() if k in config)
+        from_file = saved and all(config.get(k) == v for k, v in saved.items() if k in config and k not in
+                                  ("transformers_version", "bsbr_version", "_name_or_path", "auto_map"))
         named = f"{path / 'config.json'}" if from_file else \
             "the config from_pretrained was given (or built from its keyword arguments)"
         raise ValueError(f"{named}: {unfit}: give the config the model was saved with")
@@ -748,6 +766,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         if local is not None and local.exists():
             refuse_pickled_weights(local)
+        elif local is not None and Path(where).is_dir():  # (a subfolder's typo: read as a hub id, 23 s of retries)
+            raise FileNotFoundError(f"{local} does not exist (subfolder {kwargs.get('subfolder')!r} of the folder "
+                                    f"{where})")
         elif isinstance(where, str) and where:  # a hub id
             refuse_pickled_hub_weights(where, **kwargs)
         if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
@@ -759,9 +780,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
             refuse_non_float_weights(local, variant=variant)
             given = kwargs.get("config")
             if given is None or isinstance(given, PretrainedConfig):  # (a config named by a path: not read here)
-                refuse_sizes_past_the_weights(local, given, {k: kwargs[k] for k in _SIZES if k in kwargs}, variant)
+                refuse_sizes_past_the_weights(local, given, kwargs, variant)
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
+        where = local if local is not None else where  # (the checkpoint the messages below name: its subfolder)
         with LOADING:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if not hasattr(model, "lm_head"):  # a base model loaded from a causal LM's checkpoint drops its head
