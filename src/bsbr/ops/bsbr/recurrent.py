@@ -530,11 +530,7 @@ def recurrent_bsbr_attention(q, k, v, mq, mk, options: BSBROptions, *, fq=None, 
     a, (fq, fk, qr, kr) = check_inputs(options, q, k, v, mq, mk, fq, fk, qr, kr, gate, valid, meta_q, meta_k,
                                        streams=True)
     state = _start(initial_state, options, a, q, (q, k, v, mq, mk, fq, fk, qr, kr, gate, meta_q, meta_k))
-    # a closed gate with no chunk-state features never reads mq, mk, fq or fk: not sliced (a decode step's 4 ops
-    # per layer, about 4% of a converted SmolLM2's step at 1k context)
-    unread = gate_closed(gate) and not options.recall_tokens and state.F_cur.shape[2] == 0
-    ins = (q, k, v, *((None,) * 4 if unread else (mq, mk, fq, fk)), qr, kr)
-    outs = [_step(*(None if x is None else x[:, :, i] for x in ins), state, gate, meta_q, meta_k,
+    outs = [_step(*(x[:, :, i] for x in (q, k, v, mq, mk, fq, fk, qr, kr)), state, gate, meta_q, meta_k,
                   None if valid is None else valid[:, i].bool()) for i in range(a.seq_len if a.batch else 0)]
     o = (outs[0].unsqueeze(2) if len(outs) == 1 else torch.stack(outs, dim=2)) if outs else \
         q.new_zeros(a.batch, a.q_heads, a.seq_len, a.value_dim)
