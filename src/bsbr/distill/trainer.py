@@ -331,7 +331,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
     try:  # (autograd on, whatever the caller's mode: a notebook's torch.set_grad_enabled(False), inference_mode)
         with torch.inference_mode(False), torch.enable_grad():
             if isinstance(windows, (str, bytes)) or not isinstance(windows, Iterable):
-                raise TypeError(f"windows must be a sequence of 1-D tensors of token ids, got {type(windows).__name__}")
+                raise TypeError("windows must be a sequence of 1-D tensors of token ids, got "
+                                f"{type(windows).__name__}")
             windows = [w.clone() if isinstance(w, torch.Tensor) and w.is_inference() else w for w in windows]
             return _distill(teacher, student, windows, output_dir, cfg, resume=resume, settings=settings, data=data,
                             should_stop=should_stop, extra_files=extra_files, overwrite=overwrite, bar_on=progress,
