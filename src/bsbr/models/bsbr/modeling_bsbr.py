@@ -638,8 +638,11 @@ def weight_shapes(path: Path, variant: Optional[str] = None) -> Optional[Dict[st
 def weights_held(path: Path, variant: Optional[str] = None) -> Optional[Tuple[int, Optional[tuple]]]:
     """The number of decoder layers the model directory ``path``'s weights hold (0 if no weight names one) and the
     shape of ``embed_tokens.weight`` (None if absent); None when one of the files is missing."""
-    if (shapes := weight_shapes(path, variant)) is None:
-        return None
+    return None if (shapes := weight_shapes(path, variant)) is None else _held(shapes)
+
+
+def _held(shapes: Dict[str, tuple]) -> Tuple[int, Optional[tuple]]:
+    """:func:`weights_held` of the weights' ``shapes``."""
     layers = max((int(found.group(1)) + 1 for name in shapes if (found := _LAYER_INDEX.search(name))), default=0)
     return layers, next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
 
@@ -687,7 +690,7 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
 
     if (shapes := weight_shapes(path, variant)) is None:  # (a shard missing: transformers names it, not the config)
         return
-    layers, embedding = weights_held(path, variant)
+    layers, embedding = _held(shapes)
     wanted = config.get("num_hidden_layers")
     if layers and isinstance(wanted, int) and wanted > layers:
         raise ValueError(f"{where('num_hidden_layers')}: num_hidden_layers is {wanted}, the weights hold {layers} "
