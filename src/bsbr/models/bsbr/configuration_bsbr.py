@@ -407,7 +407,7 @@ class BSBRConfig(PretrainedConfig):
         for name, value in (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id),
                             ("eos_token_id", eos_token_id)):  # (a "2" failed inside generate, naming nothing)
             if value is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in (
-                    value if isinstance(value, list) and value else [value])):
+                    value if isinstance(value, list) else [value])):
                 raise ValueError(f"{name} must be a token id (an int), a list of them or null, got {shown(value)}")
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
         # the bsbr that saved the config (BSBRPreTrainedModel.save_pretrained sets it): a newer one's options
@@ -432,7 +432,8 @@ class BSBRConfig(PretrainedConfig):
         if rope and "rope_theta" in rope:
             check_number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
         for key in _ROPE_NUMBERS & set(rope or ()):  # (transformers only logs a factor of another type: "4" and 0
-            check_number(f"rope_parameters[{key!r}]", rope[key], 0, above="mscale" not in key)  # failed later)
+            check_number(f"rope_parameters[{key!r}]", rope[key], 0, above="mscale" not in key,  # failed later; null:
+                         none=True)  # the rope type's default)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

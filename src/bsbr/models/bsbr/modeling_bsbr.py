@@ -652,9 +652,10 @@ def _first_unfit_shape(config: dict, shapes: Dict[str, tuple]) -> Optional[str]:
     one ``shapes`` holds, said as such, when the config builds over twice the weights' elements (and 2^24 more):
     a smaller misfit is named by the load's own check, which tells an earlier bsbr's weights apart. None when
     none is, or when the config builds no model (its own checks name the value when it is built)."""
-    try:
+    sizes = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}  # (a loading dtype, "auto"
+    try:  # included: the same shapes)
         with torch.device("meta"), notes_off():
-            built = BSBRForCausalLM(BSBRConfig(**config))
+            built = BSBRForCausalLM(BSBRConfig(**sizes))
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     held = sum(math.prod(shape) for shape in shapes.values())
@@ -701,9 +702,7 @@ def refuse_sizes_past_the_weights(path: Path, given=None, overrides: Optional[di
                 raise ValueError(f"{where(field)}: {field} is {config[field]}, the weights' embedding "
                                  f"{tuple(embedding)}: give the config the model was saved with")
     if unfit := _first_unfit_shape(config, shapes):  # (another size edited: intermediate_size, head_dim, ...)
-        from_file = saved and all(config.get(k) == v for k, v in saved.items() if k in config and k not in
-                                  ("transformers_version", "bsbr_version", "_name_or_path", "auto_map"))
-        named = f"{path / 'config.json'}" if from_file else \
+        named = f"{path / 'config.json'}" if saved and _first_unfit_shape(saved, shapes) else \
             "the config from_pretrained was given (or built from its keyword arguments)"
         raise ValueError(f"{named}: {unfit}: give the config the model was saved with")
 
