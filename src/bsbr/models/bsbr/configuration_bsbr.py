@@ -431,9 +431,10 @@ class BSBRConfig(PretrainedConfig):
             raise ValueError(f"rope_parameters must be None or a dict, got {type(rope).__name__}")
         if rope and "rope_theta" in rope:
             check_number("rope_parameters['rope_theta']", rope["rope_theta"], 0, above=True)
-        for key in _ROPE_NUMBERS & set(rope or ()):  # (transformers only logs a factor of another type: "4" and 0
-            check_number(f"rope_parameters[{key!r}]", rope[key], 0, above="mscale" not in key,  # failed later; null:
-                         none=True)  # the rope type's default)
+        # transformers only logs a factor of another type ("4" and 0 failed later, naming nothing); null is the
+        # rope type's default
+        for key in _ROPE_NUMBERS & set(rope or ()):
+            check_number(f"rope_parameters[{key!r}]", rope[key], 0, above="mscale" not in key, none=True)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -652,8 +652,8 @@ def _first_unfit_shape(config: dict, shapes: Dict[str, tuple]) -> Optional[str]:
     one ``shapes`` holds, said as such, when the config builds over twice the weights' elements (and 2^24 more):
     a smaller misfit is named by the load's own check, which tells an earlier bsbr's weights apart. None when
     none is, or when the config builds no model (its own checks name the value when it is built)."""
-    sizes = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}  # (a loading dtype, "auto"
-    try:  # included: the same shapes)
+    sizes = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}  # (any dtype: the same shapes)
+    try:
         with torch.device("meta"), notes_off():
             built = BSBRForCausalLM(BSBRConfig(**sizes))
     except (ValueError, TypeError, KeyError, AttributeError):
