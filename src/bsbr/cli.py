@@ -453,8 +453,8 @@ def _apply_settings(verbose: bool, no_bars: bool, rank: int) -> dict:
         # under torchrun, the processes past the first say only what goes wrong, and say which process they are
         if not root.handlers:  # (as logging.basicConfig: a program's own handlers are kept, none added)
             handler = saved["handler"] = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") +
-                                                   ": %(message)s", datefmt="%H:%M:%S"))
+            handler.setFormatter(_Formatter("%(asctime)s %(name)s" + (f" (rank {rank})" if rank else "") +
+                                            ": %(level)s%(message)s", datefmt="%H:%M:%S"))
             root.addHandler(handler)
             root.setLevel(logging.WARNING)  # (-v too: matplotlib alone logged 2,118 font lines for one plot)
         ours.setLevel(logging.DEBUG if verbose else logging.INFO if not rank else logging.WARNING)
@@ -462,6 +462,14 @@ def _apply_settings(verbose: bool, no_bars: bool, rank: int) -> dict:
         _restore_settings(saved)
         raise
     return saved
+
+
+class _Formatter(logging.Formatter):
+    """Progress lines as they are; a warning or an error says so before its message ("warning: ...")."""
+
+    def formatMessage(self, record):
+        record.level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return super().formatMessage(record)
 
 
 def _restore_settings(saved: dict) -> None:

@@ -1934,6 +1934,19 @@ def test_verbose_is_bsbr_s_debug_log_not_every_library_s(tmp_path):
     assert r.stdout.strip() == "[True, False]", r.stderr
 
 
+def test_a_logged_warning_says_it_is_one(tmp_path):
+    # the command's log printed warnings and errors like its progress lines ("12:00:00 bsbr.x: ..."): a user could
+    # not tell "the tokenizer cannot stop at stop_strings" from "converted ..."
+    import subprocess
+
+    code = ("import logging; from bsbr.cli import _apply_settings; _apply_settings(False, True, 0)\n"
+            "log = logging.getLogger('bsbr.x'); log.info('done'); log.warning('not applied'); log.error('failed')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": SRC})
+    lines = [line.split(" ", 1)[1] for line in r.stderr.splitlines()]
+    assert lines == ["bsbr.x: done", "bsbr.x: warning: not applied", "bsbr.x: error: failed"], r.stderr
+
+
 def test_a_path_starting_with_a_tilde_is_the_home_folders_in_every_check_and_write(models, tmp_path, monkeypatch,
                                                                                   capsys):
     # `--json=~/x` and a quoted "~/x" reach bsbr unexpanded: SOURCE failed as a hub id, --prompt-file "did not
