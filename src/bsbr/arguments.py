@@ -72,12 +72,23 @@ def weights_fingerprint(model) -> str:
     import torch
 
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+
+    def add(name, x):  # (a quantized module's entries: packed (weight, bias) tuples, its dtype, quantized tensors)
+        if isinstance(x, (tuple, list)):
+            for i, y in enumerate(x):
+                add(f"{name}.{i}", y)
+        elif not isinstance(x, torch.Tensor):
+            h.update(f"{name}|{x!r}\n".encode())
+        else:
+            t = x.detach().cpu()
+            t = (t.dequantize() if t.is_quantized else t).contiguous()
+            h.update(f"{name}|{x.dtype}|{tuple(t.shape)}\n".encode())
             if t.numel():
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            add(name, t)
     return "sha256:" + h.hexdigest()
 
 

@@ -427,6 +427,24 @@ def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+def test_a_quantized_teacher_trains_and_a_quantized_or_float16_student_is_refused_in_one_line(tmp_path):
+    # quantize_dynamic's teacher (a CPU-speed teacher) died in the run's fingerprint ('tuple' object has no attribute
+    # 'detach'); a float16 student "diverged at step 1: lower the learning rate" at any rate (AdamW's eps is 0 there)
+    from torch.ao.quantization import quantize_dynamic
+
+    teacher, student = fresh(0.1)
+    quantized = quantize_dynamic(teacher, {torch.nn.Linear}, dtype=torch.qint8)
+    assert distill(quantized, student, windows(), tmp_path / "a", DistillConfig(steps=2))["step"] == 2
+    _, student = fresh(0.1)
+    with pytest.raises(TypeError, match=r"the student's model.layers.0.attn.q_proj is a quantized module: distill the "
+                                        "float model"):
+        distill(teacher, quantize_dynamic(student, {torch.nn.Linear}, dtype=torch.qint8), windows(), tmp_path / "b",
+                DistillConfig(steps=1))
+    with pytest.raises(TypeError, match=r"is float16, in which AdamW's eps \(1e-8\) is 0: distill student.float\(\)"):
+        distill(teacher, student.half(), windows(), tmp_path / "c", DistillConfig(steps=1))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_lora_trains_adapters_and_new_pieces_then_merges_into_a_plain_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     from bsbr.distill import trainer

@@ -133,6 +133,25 @@ def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path
     assert lm2["gap_closed_by_retrieval"] != 0.0
 
 
+def test_a_dynamically_quantized_model_is_evaluated_and_refused_by_save_pretrained(tiny, tmp_path):
+    # evaluate read the LM head's weight.shape, a method on a quantized linear ('function' object has no attribute
+    # 'shape'); save_pretrained said a bias was missing and to build a new model from the config (its weights lost)
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+
+    src, model, _ = tiny
+    quantized = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    windows = torch.randint(3, 97, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(2))
+    lm = evaluate(quantized, src, None, windows, CHUNK, progress=False)["language_modeling"]
+    float_lm = evaluate(model, src, None, windows, CHUNK, progress=False)["language_modeling"]
+    assert lm["perplexity"]["bsbr"] == pytest.approx(float_lm["perplexity"]["bsbr"], rel=0.05)
+    with pytest.raises(ValueError, match=r"^model.layers.0.attn.q_proj is a quantized module, and a BSBR folder "
+                                         "holds float weights: save the float model"):
+        quantized.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_evaluate_bad_inputs(tiny):
     src, model, local = tiny
     with pytest.raises(ValueError, match="windows"):

@@ -26,6 +26,7 @@ from ..convert.converter import is_new_parameter
 from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..models.bsbr.reach import exact_reach, gate_open
+from ..models.bsbr.modeling_bsbr import quantized_module
 from ..models.heads import final_hidden_states, position_blocks
 from ..outputs import checkpoint_strays, is_bsbr_output, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
@@ -376,6 +377,14 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
         raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
                         f"{type(student).__name__}")
+    quantized = quantized_module(student)
+    if quantized is not None:  # (its packed weights are no parameters to train, nor weights a folder holds)
+        raise TypeError(f"the student's {quantized} is a quantized module: distill the float model, and quantize it "
+                        "after training")
+    half = next((n for n, p in student.named_parameters() if p.dtype == torch.float16), None)
+    if half is not None:  # (every step divided 0 by 0 in the new pieces, whose gradient is 0 while the gate is closed)
+        raise TypeError(f"the student's {half} is float16, in which AdamW's eps (1e-8) is 0: distill student.float() "
+                        "(cfg.bf16 trains it under bfloat16 autocast)")
     head = teacher.get_output_embeddings() if isinstance(teacher, torch.nn.Module) and hasattr(
         teacher, "get_output_embeddings") else None
     if head is None:

@@ -261,6 +261,13 @@ class MetricAccumulator:
 
 @torch.no_grad()
 @in_eval_mode
+def _vocab_rows(model) -> int:
+    """The rows of a model's LM head: its weight's, or a quantized linear's ``out_features`` (its weight is a
+    method there)."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) else model.get_output_embeddings().out_features
+
+
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
              buckets: str = "chunk", ks: Sequence[int] = DEFAULT_KS, passkey: Optional[dict] = None,
              batch_size: int = 1, progress: bool = True, window=None) -> dict:
@@ -283,7 +290,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     check_int("batch_size", batch_size)
     models = {n: m for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window))
               if m is not None}
-    vocab = {n: m.get_output_embeddings().weight.shape[0] for n, m in models.items()}
+    vocab = {n: _vocab_rows(m) for n, m in models.items()}
     if len(set(vocab.values())) != 1:
         raise ValueError(f"the models' vocabularies differ: {vocab} (give the source the model was converted "
                          "from; a model whose embeddings were resized since needs a source with its vocabulary)")

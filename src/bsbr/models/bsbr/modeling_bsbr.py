@@ -387,6 +387,16 @@ def packed_segments(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.cat([segment.new_zeros(segment.shape[0], 1), segment], -1)
 
 
+def quantized_module(model: nn.Module) -> Optional[str]:
+    """The name of ``model``'s first module of torch's quantized kinds (``quantize_dynamic``'s linears: their
+    weights packed, not parameters), or None."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                               "torch.ao.nn.intrinsic.quantized")):
+            return name or type(module).__name__
+    return None
+
+
 def built_with(config) -> dict:
     """What a model takes from its config when it is built, besides its weights' shapes: the attention
     options its layers keep, the position rules its forward reads with them, and the activation and norm
@@ -827,6 +837,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
 
         base = getattr(self, "model", self)
         given = kwargs.get("state_dict", args[0] if args else None)  # (a caller's own weights: DeepSpeed's, a subset)
+        quantized = quantized_module(self) if given is None else None
+        if quantized is not None:  # (its packed weights read as missing ones)
+            raise ValueError(f"{quantized} is a quantized module, and a BSBR folder holds float weights: save the float "
+                             "model, and quantize it again after loading")
         if isinstance(base, BSBRBaseModel) and given is None:  # a config edited so that it builds other weights:
             base._check_config_unchanged(weights_only=True)  # a save that never loads
         self.config.refuse_retired()  # (before transformers makes the folder)
