@@ -839,8 +839,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
         given = kwargs.get("state_dict", args[0] if args else None)  # (a caller's own weights: DeepSpeed's, a subset)
         quantized = quantized_module(self) if given is None else None
         if quantized is not None:  # (its packed weights read as missing ones)
-            raise ValueError(f"{quantized} is a quantized module, and a BSBR folder holds float weights: save the float "
-                             "model, and quantize it again after loading")
+            raise ValueError(f"{quantized} is a quantized module, and a BSBR folder holds float weights: save the "
+                             "float model, and quantize it again after loading")
         if isinstance(base, BSBRBaseModel) and given is None:  # a config edited so that it builds other weights:
             base._check_config_unchanged(weights_only=True)  # a save that never loads
         self.config.refuse_retired()  # (before transformers makes the folder)
