@@ -197,9 +197,13 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
         return None
     why = f"its config differs: {', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}" if fields else \
         "weights fingerprint differs"
+    head = source_model.get_output_embeddings() if hasattr(source_model, "get_output_embeddings") else None
+    resized = fields == ["vocab_size"] and getattr(getattr(head, "weight", None), "shape", (None,))[0] == \
+        config.get("vocab_size")  # (the recorded source resized as the model was, most likely)
     msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
            f"({recorded.get('name')}, {recorded.get('model_type')}; {why}): "
-           f"give that model as {option}, or pass --force to use this one anyway")
+           + (f"if it is that model, resized as {model_dir} was, pass --force to use it" if resized else
+              f"give that model as {option}, or pass --force to use this one anyway"))
     if force:
         _check_vocabulary(model_dir, config, source, source_model, option, its_source=False)
         return "--force: " + msg
@@ -216,10 +220,12 @@ def _check_vocabulary(model_dir, config: dict, source, source_model, option: str
     if not isinstance(vocab, int) or rows is None or rows == vocab:
         return
     why = (f", the model it was converted from: {model_dir}'s embeddings were resized since "
-           "(resize_token_embeddings)" if its_source else f": give the model {model_dir} was converted from, or, if "
-           "its embeddings were resized since (resize_token_embeddings), one with its vocabulary")
+           "(resize_token_embeddings), and the two are compared token by token: resize that model the same way "
+           f"(resize_token_embeddings({vocab})), save it and give it as {option} with --force" if its_source else
+           f": give the model {model_dir} was converted from, or, if its embeddings were resized since "
+           "(resize_token_embeddings), one with its vocabulary; the two are compared token by token")
     raise UserError(f"{model_dir} has a vocabulary of {vocab:,} tokens, {option} {source_label(source)} {rows:,}"
-                    f"{why}; the two are compared token by token")
+                    f"{why}")
 
 
 def check_recorded_source(model_dir, source, *, option: str, force: bool = False, compared: bool = True) -> None:
@@ -464,13 +470,14 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
 def check_tokenizer_fits(tok, vocab: int, what: str) -> None:
     """Refuse a tokenizer with more tokens, or a token id (an EOS or BOS added at id 120 of a 97-token
     model, say) past the model's ``vocab`` embeddings: its text would index outside them."""
+    fix = ("the tokenizer is not this model's, or tokens were added to it (add_tokens) and the model was not "
+           "resized: resize it (model.resize_token_embeddings(len(tokenizer))) and save both")
     if len(tok) > vocab:
-        raise UserError(f"{what}: its tokenizer has {len(tok)} tokens, its model only {vocab}: the tokenizer is not "
-                        "this model's")
+        raise UserError(f"{what}: its tokenizer has {len(tok)} tokens, its model only {vocab}: {fix}")
     top, name = max(((i, t) for t, i in tok.get_vocab().items()), default=(-1, None))
     if top >= vocab:
-        raise UserError(f"{what}: its tokenizer's token {name!r} has id {top}, its model only {vocab} embeddings: the "
-                        "tokenizer is not this model's")
+        raise UserError(f"{what}: its tokenizer's token {name!r} has id {top}, its model only {vocab} embeddings: "
+                        f"{fix}")
 
 
 def check_model_tokenizer(tok, model_dir, option: str, windows: bool = True) -> None:

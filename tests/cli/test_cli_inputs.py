@@ -2180,7 +2180,7 @@ def test_the_gguf_magic_is_read_without_reading_the_whole_file(tmp_path, monkeyp
 def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(models, tmp_path, text, capsys):
     """After resize_token_embeddings, eval --reference SOURCE and distill --teacher SOURCE told the user to give
     the model it was converted from, which they had."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bsbr.models import BSBRForCausalLM
 
@@ -2192,9 +2192,10 @@ def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(mod
     AutoTokenizer.from_pretrained(converted).save_pretrained(grown)
     shutil.copy(converted / "conversion.json", grown)  # (its record: the source's fingerprint)
     vocab = model.config.vocab_size
-    told = (f"{grown} has a vocabulary of {vocab} tokens, {{}} {source} {vocab - 7}, the model it was converted "
-            f"from: {grown}'s embeddings were resized since (resize_token_embeddings); the two are compared token "
-            "by token")
+    told = (f"{grown} has a vocabulary of {vocab} tokens, {{0}} {source} {vocab - 7}, the model it was converted "
+            f"from: {grown}'s embeddings were resized since (resize_token_embeddings), and the two are compared token "
+            f"by token: resize that model the same way (resize_token_embeddings({vocab})), save it and give it as {{0}} "
+            "with --force")
     line = refused(capsys, ["eval", grown, "--reference", source, "--text-file", text, "--seq-len", "24",
                             "--no-passkey"], "eval", grown)
     assert line.endswith(told.format("--reference")), line
@@ -2202,6 +2203,17 @@ def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(mod
                             "--steps", "1", "--seq-len", "90", "--text-file", text], "distill", grown)
     assert line.endswith(told.format("--teacher")), line
     assert not (tmp_path / "d").exists()
+    # the advice, followed: the source resized as the model was is not sent back to the source it was resized from
+    resized = tmp_path / "resized"
+    teacher = AutoModelForCausalLM.from_pretrained(source)
+    teacher.resize_token_embeddings(vocab)
+    teacher.save_pretrained(resized)
+    args = [str(a) for a in ["eval", grown, "--reference", resized, "--text-file", text, "--seq-len", "24",
+                             "--no-passkey", "--json", tmp_path / "e.json"]]
+    line = refused(capsys, args, "eval", grown)
+    assert line.endswith(f"its config differs: vocab_size): if it is that model, resized as {grown} was, pass --force "
+                         "to use it"), line
+    assert main(args + ["--force"]) == 0 and (tmp_path / "e.json").is_file()
 
 
 def test_a_model_folder_without_or_with_broken_weights_is_one_line_naming_the_option(models, tmp_path, text, capsys):

@@ -539,6 +539,8 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
                             unk_token="w0", eos_token="w1").save_pretrained(big_tok)
     line = refused(capsys, ["convert", big_tok, tmp_path / "out"], "convert", big_tok)
     assert "tokenizer has 150 tokens, its model only 97" in line and not (tmp_path / "out").exists()
+    assert line.endswith("or tokens were added to it (add_tokens) and the model was not resized: resize it "
+                         "(model.resize_token_embeddings(len(tokenizer))) and save both"), line
     vocab = {f"w{i}": i for i in range(50)} | {"</s>": 120}  # few tokens, but an EOS past the embeddings: distill
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="w0")),  # failed on it
                             unk_token="w0", eos_token="</s>").save_pretrained(big_tok)

@@ -544,6 +544,25 @@ def test_the_source_generation_config_is_carried_over(tmp_path):
     assert stops  # some prompt stopped early on a stop token
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_a_tied_config_whose_head_was_replaced_converts_untied_as_transformers_loads_it(family, caplog, tmp_path):
+    # "the source config ties word embeddings but its lm_head differs from them", exit 2 with no way on, where
+    # transformers loads such a folder untied (warning to set tie_word_embeddings=False) and runs it
+    source = make_source(family)
+    if not source.config.tie_word_embeddings:
+        source.config.tie_word_embeddings = True
+        source.tie_weights()
+    source.lm_head.weight = torch.nn.Parameter(source.get_input_embeddings().weight.detach() * 1.5)
+    ids = torch.randint(3, VOCAB, (1, CHUNK), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        model = convert_to_bsbr(source, chunk_size=CHUNK)
+    assert "the BSBR model keeps them untied (tie_word_embeddings=False)" in caplog.text
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.get_input_embeddings().weight
+    torch.testing.assert_close(outputs(model, ids), outputs(source, ids), atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(outputs(load_bsbr_model(tmp_path), ids), outputs(source, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_a_source_of_no_float_weights_nan_or_adapters_is_refused_in_one_line():
     # (a dynamically quantized source or a module's extra state: "'torch.dtype' object has no attribute 'is_meta'";
     # nan in an instance converted and saved a checkpoint its own loader refused; peft adapters: "config mismatch?")

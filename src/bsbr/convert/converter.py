@@ -269,6 +269,12 @@ class TransformerToBSBRConverter:
             logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
+        if config.tie_word_embeddings and "lm_head.weight" in sd and family.embed_key in sd and \
+                not torch.equal(sd["lm_head.weight"], sd[family.embed_key]):  # (a head replaced after loading)
+            logger.warning("the source's config ties its word embeddings, but its lm_head differs from them (as "
+                           "transformers loads such a model: untied): the BSBR model keeps them untied "
+                           "(tie_word_embeddings=False)")
+            config.tie_word_embeddings = False
         with _named_as_the_source(mt), torch.random.fork_rng(devices=[]):  # (the random initial weights are all
             model = BSBRForCausalLM(config).float()  # overwritten: the caller's generator is left as it was)
         _check_built_as_configured(src, model)
@@ -291,8 +297,6 @@ class TransformerToBSBRConverter:
                 continue
             used.add(skey)
             if tied_head:
-                if not torch.equal(sd[skey], sd[family.embed_key]):
-                    raise SourceWeightsError("the source config ties word embeddings but its lm_head differs from them")
                 continue
             if tkey not in target:
                 raise SourceWeightsError(f"source weight {skey!r} has no place in the BSBR model ({tkey!r})")

@@ -1003,7 +1003,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
             raise ValueError(f"this model's weights are not the ones its config builds ({unfit}): its config was "
                              "edited or its modules replaced (quantized, pruned) since it was built, and a folder "
                              "saved so would not load: set the config back or build a new model from it "
-                             "(BSBRForCausalLM(config)); after pruning layers, set config.num_hidden_layers to match")
+                             "(BSBRForCausalLM(config)); after pruning layers, set config.num_hidden_layers to match, "
+                             "after swapping the embeddings config.vocab_size (or use resize_token_embeddings)")
         if changed and not weights_only:
             name = changed[0]
             raise ValueError(f"config.{fields.get(name, name)} was changed after this model was built ({name} "
