@@ -263,6 +263,22 @@ def test_bench_converted_refuses_a_context_whose_caches_would_not_fit(tmp_path, 
     assert needs[1] - needs[0] == pytest.approx(2 * per_token * 4096)
 
 
+def test_the_memory_a_length_needs_is_scaled_from_a_warm_prefill_without_a_cache(monkeypatch):
+    """The calibration's first call, scaled by n / 1024, counted its one-time allocations n / 1024 times, and with
+    the cache it also added at a decode context: GPT-2-small was predicted 986 MiB at 4,096 tokens against 374 /
+    440 MiB measured (source / BSBR), so lengths that fit were refused."""
+    import bsbr.bench.converted as converted
+
+    source, _ = _llama_pair()
+    calls, measured = [], []
+    forward = source.forward
+    monkeypatch.setattr(source, "forward", lambda *a, **k: calls.append(k.get("use_cache")) or forward(*a, **k))
+    peak = converted.measure_peak
+    monkeypatch.setattr(converted, "measure_peak", lambda fn: measured.append(len(calls)) or peak(fn))
+    converted.refuse_long_runs(source, [4096], [], 1e9)
+    assert calls == [True, False] and measured == [1]  # (the warm-up's cache gives the bytes per token)
+
+
 def test_a_refused_prediction_never_reads_as_the_limit():
     """Rounded to whole seconds, a prediction of 5.04 s refused at --max-seconds 5 read "5 s > 5"."""
     from bsbr.bench.converted import _duration

@@ -109,24 +109,26 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
                      prefill_flag: str = "--seq-lens", budget_flag: Optional[str] = "--max-seconds") -> None:
     """Refuse, before any timed call, a length whose source prefill is predicted to pass ``max_seconds`` (one
     prefill of :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens, scaled by :func:`prefill_macs`) or not to fit in
-    memory (that prefill's peak, linear in the length; at a decode context both models' caches too, BSBR's taken
-    as the source's: 1.0-1.6x it, docs/findings.md): a typo's context must not start hours of the source's
-    attention or an out-of-memory kill. Lengths up to the calibration's run unchecked. The flags name the lengths
+    memory (that prefill's peak without a cache after a warm-up call, linear in the length; at a decode context
+    both models' caches too, BSBR's taken as the source's: 1.0-1.6x it, docs/findings.md): a typo's context must
+    not start hours of the source's attention or an out-of-memory kill. Lengths up to the calibration's run unchecked. The flags name the lengths
     (``prefill_flag``, ``--decode-contexts``) and the limit (``budget_flag``; None: a fixed limit) in a refusal."""
     asked = [(prefill_flag, n) for n in prefill_lens] + [("--decode-contexts", n) for n in decode_contexts]
     if max((n for _, n in asked), default=0) <= CALIBRATION_LEN:
         return
     ids = torch.zeros(1, CALIBRATION_LEN, dtype=torch.long)
+    timed = {}
 
-    def prefill():
-        return source(ids, use_cache=True, logits_to_keep=1, **output_object(source))
-
-    with torch.no_grad():
-        peak = (measure_peak(prefill).extra_mb or 0.0) * MiB  # (the warm-up call)
+    def prefill(use_cache):
         t0 = time.perf_counter()
-        cache = prefill().cache
-        seconds = time.perf_counter() - t0
-    cache_per_token = cache_bytes(cache) / CALIBRATION_LEN
+        out = source(ids, use_cache=use_cache, logits_to_keep=1, **output_object(source))
+        timed["seconds"] = time.perf_counter() - t0
+        return out
+
+    with torch.no_grad():  # the first call warms up (its one-time allocations, scaled by n, doubled the need)
+        cache_per_token = cache_bytes(prefill(True).cache) / CALIBRATION_LEN
+        peak = (measure_peak(lambda: prefill(False)).extra_mb or 0.0) * MiB  # (as the timed prefills run)
+    seconds = timed["seconds"]
     for flag, n in asked:
         if n <= CALIBRATION_LEN:
             continue
