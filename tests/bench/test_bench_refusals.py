@@ -284,7 +284,9 @@ def test_bench_quality_names_a_bad_corpus(case, what, tmp_path, monkeypatch, cap
     elif case == "empty":
         path.mkdir()
     line = _refused(["bench", "quality", *COMMANDS["quality"], "--corpus", str(path)], capsys, "bench quality")
-    assert f"--corpus {path} {what}" in line and "give a directory of .py files" in line
+    assert f"--corpus {path} {what}" in line, line
+    assert line.endswith("add .py files to it (each goes to one split by a hash of its path)" if case == "empty" else
+                         "give a directory of .py files (or leave out --corpus: the standard library)"), line
 
 
 @pytest.mark.parametrize("option", [["--steps", "999"], ["--models", "gau"], ["--seed", "0"], ["--lr", "0.1"],

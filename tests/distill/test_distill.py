@@ -416,8 +416,18 @@ def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_
     if not getattr(loaded, "_hf_peft_config_loaded", False):
         pytest.skip("this transformers does not load the adapter with the model")
     assert "holds a peft adapter (adapter_config.json), which transformers applied" in caplog.text  # (eval, generate)
-    with pytest.raises(ValueError, match="the student carries a peft adapter transformers loaded with it"):
+    with pytest.raises(ValueError, match=r"the student carries a peft adapter transformers loaded with it .*: move the "
+                                         r"adapter's files out of the folder .* PeftModel.from_pretrained\(model, "
+                                         r"ADAPTER_DIR\).merge_and_unload\(\)\) and save the model"):
         distill(teacher, loaded, windows(), tmp_path / "b", DistillConfig(steps=1))
+    # the advice, followed (merge_and_unload() then save_pretrained on what was loaded failed: "PEFT >= 0.22")
+    (tmp_path / "adapter").mkdir()
+    for f in (tmp_path / "s").glob("adapter_*"):
+        f.rename(tmp_path / "adapter" / f.name)
+    merged = peft.PeftModel.from_pretrained(load_bsbr_model(tmp_path / "s"), tmp_path / "adapter").merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    distill(teacher, load_bsbr_model(tmp_path / "merged"), windows(), tmp_path / "m", DistillConfig(steps=1))
+    assert (tmp_path / "m" / "config.json").is_file()
     # params='lora' made its own adapters the active ones: the caller's were dropped when they were folded in
     _, student = fresh(0.1)
     peft.inject_adapter_in_model(config, student, adapter_name="mine")

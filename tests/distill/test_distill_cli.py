@@ -578,6 +578,10 @@ def test_windows_within_the_exact_reach_are_refused_when_nothing_could_train(mod
     assert not out.exists()
     if params == "all":  # an LM term still trains
         assert main([*args, "--lm-weight", "1"]) == 0
+    else:  # "or --params all" was offered at a length that refuses it too
+        need = int(line.split("or --params all with --seq-len ")[1].split()[0])
+        args[args.index("--params") + 1] = "all"
+        assert f"use --seq-len {need} or more, or give --lm-weight" in refused(capsys, args, "distill", out)
 
 
 def test_params_new_needs_a_window_whose_logits_reach_past_the_blocks(models, text, tmp_path, capsys):

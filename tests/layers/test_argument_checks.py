@@ -489,6 +489,8 @@ def test_a_gate_holding_nan_is_refused_not_read_as_open():
         a.retrieval_gate[1] = float("nan")
         with pytest.raises(ValueError, match="retrieval_gate holds nan"):
             a(torch.randn(1, 12, 32))
+    with pytest.raises(ValueError, match="retrieval_gate holds nan"):  # and with autograd on (a training forward)
+        a(torch.randn(1, 12, 32))
 
 
 def test_a_01_mask_on_the_meta_device_runs_as_a_bool_one_does():

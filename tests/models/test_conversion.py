@@ -632,6 +632,9 @@ def test_hybrid_positions_that_would_read_as_window_are_refused():
                                          r"no further than the window \(1,024 tokens\): it would be 'window' here"):
         convert_to_bsbr(src, chunk_size=512, far_positions="hybrid")
     assert convert_to_bsbr(src, chunk_size=256, far_positions="hybrid").config.own_position_chunks() == 4
+    with pytest.raises(ValueError, match=r"it would be 'window' here: give a smaller chunk_size, or far_positions "
+                                         r"'window'$"):  # (not "fewer local_chunks" than 1)
+        convert_to_bsbr(src, chunk_size=1024, local_chunks=1, far_positions="hybrid")
 
 
 @pytest.mark.parametrize("edit, named", [

@@ -198,8 +198,17 @@ def test_generate_continues_a_cache_with_more_new_tokens_than_it_holds(model):
         model.generate(torch.stack([retokenized[0, 3:], retokenized[1, :27]]), cache=cache, **kw)
     with torch.no_grad():  # the cached text alone again (HF's prompt-reuse recipe with no new text): it was read
         cache = model(ids[:, :10], use_cache=True).cache  # a second time, silently
-    with pytest.raises(ValueError, match="input_ids are the text the cache has read, nothing after it"):
+    with pytest.raises(ValueError, match="input_ids are the text the cache has read, nothing after it") as told:
         model.generate(ids[:, :10], cache=cache, **kw)
+    # its advice, followed: new tokens that repeat the cached text, all but their last read by a forward call (the
+    # advice read them all, then generate was refused again or read some twice)
+    assert "model(input_ids=new[:, :-1], cache=cache)), then generate from the whole text" in str(told.value)
+    twice = torch.cat([ids[:, :10], ids[:, :10]], 1)
+    with torch.no_grad():
+        model(input_ids=ids[:, :9], cache=cache)
+    assert torch.equal(model.generate(twice, cache=cache, **kw), model.generate(twice, **kw))
+    with torch.no_grad():
+        cache = model(ids[:, :10], use_cache=True).cache
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0
     with torch.no_grad():  # the same text under padding, whatever ids lie there
@@ -557,7 +566,8 @@ def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model)
     model.config.output_attentions = True  # set on the config (from_pretrained(d, output_attentions=True)): the same
     try:
         for m in (model, model.model):
-            with pytest.raises(ValueError, match=r"output_attentions is true in the model's config \(config.json\)"):
+            with pytest.raises(ValueError, match=r"output_attentions is true in the model's config \(set in config.json, "
+                                                 "given to from_pretrained or set on model.config\)"):
                 m(ids)  # (the argument's words named no file: a config.json edited to true was not found)
             assert m(ids, output_attentions=False, use_cache=False) is not None
     finally:
@@ -619,13 +629,25 @@ def test_a_config_value_that_shapes_the_weights_changed_after_the_model_was_buil
     model = convert_to_bsbr(make_source("llama"), chunk_size=4).eval()
     setattr(model.config, name, value)
     told = (r"this model holds weights its config does not build \(.*; changed since it was built: " + name +
-            r"\): set the config back, or build a new, untrained model from the edited config \(BSBRForCausalLM")
+            r"\): set the config back(, or build a new, untrained model from the edited config \(BSBRForCausalLM|$)")
     with pytest.raises(ValueError, match=told):
         model(torch.tensor([[3, 4]]))
     for m in (model, model.model):
         with pytest.raises(ValueError, match=told):
             m.save_pretrained(tmp_path / "edited")
     assert not (tmp_path / "edited").exists()
+
+
+def test_a_config_edit_that_builds_no_model_is_told_to_set_it_back_only():
+    # "build a new, untrained model from the edited config (BSBRForCausalLM(config))" was advised for a config that
+    # builds no model (that call failed with the same reason), and the edited fields read "..., far_positions or
+    # max_position_embeddings, far_positions"
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8, retrieval_blocks=2).eval()
+    model.config.recall_tokens, model.config.retrieval_blocks, model.config.far_positions = 16, 0, "hybrid"
+    with pytest.raises(ValueError, match=r"it builds no model: far_positions hybrid needs recall_tokens 0.*; changed "
+                                         r"since it was built: retrieval_blocks, recall_tokens, far_positions\): set "
+                                         r"the config back$"):
+        model(torch.tensor([[3, 4]]))
 
 
 @pytest.mark.parametrize("edit", [dict(gate_init=None), dict(retrieval_blocks=0, recall_tokens=8)])

@@ -76,8 +76,9 @@ def load_corpus(root: Optional[str] = None):
     split = {s: stdlib_files(s, root=root) for s in ("train", "heldout")}
     if not all(split.values()):
         where = f"--corpus {root}" if root is not None else f"the standard library {stdlib_root()}"
+        more = "add .py files to it (each goes to one split by a hash of its path)" if root is not None else fix
         raise UserError(f"{where} has {len(split['train'])} train and {len(split['heldout'])} held-out .py files "
-                        f"(split by a hash of each path; test_*.py skipped), need at least one of each: {fix}")
+                        f"(split by a hash of each path; test_*.py skipped), need at least one of each: {more}")
     train, heldout = (torch.frombuffer(bytearray(b"".join(p.read_bytes() + b"\n\n" for p in files)),
                                        dtype=torch.uint8).long() for files in split.values())
     return train, heldout, sum(map(len, split.values()))

@@ -83,9 +83,11 @@ def _check_new_pieces_matter(student, args, teacher=None, window=None) -> None:
                         "fewer --retrieval-blocks or a smaller --chunk-size" + ("" if args.params == "new" else
                                                                                 ", or give --lm-weight"))
     if args.seq_len < need and refuse:
+        need_all = shortest_window(student, "all") if args.params == "new" and not args.lm_weight else 0
+        other = ", or give --lm-weight" if args.params != "new" else ", or --params all" + (
+            f" with --seq-len {need_all} or more (or --lm-weight)" if args.seq_len < need_all else "")
         raise UserError(f"--seq-len {args.seq_len}: {why}, and a window's last token is only a target: use "
-                        f"--seq-len {need} or more" + (", or --params all" if args.params == "new" else
-                                                        ", or give --lm-weight"))
+                        f"--seq-len {need} or more{other}")
     if not (config.retrieval_blocks and config.retrieval == "normalized"):
         return
     own = config.own_position_chunks() * config.chunk_size

@@ -145,7 +145,11 @@ class BSBRAttention(MultiHeadBase):
         g = self.retrieval_gate
         if g is None:
             return None
-        if torch.is_grad_enabled() and g.requires_grad or exporting():  # (an export records no value read)
+        if exporting():  # (an export records no value read)
+            return self.gate_value()
+        if torch.is_grad_enabled() and g.requires_grad:
+            if not torch.compiler.is_compiling():  # (a gate holding nan refused here too: outputs were all nan)
+                self._gate_closed()
             return self.gate_value()
         return 0 if self._gate_closed() else self.gate_value()
 

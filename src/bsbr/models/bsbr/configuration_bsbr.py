@@ -475,8 +475,8 @@ class BSBRConfig(PretrainedConfig):
         half, window = self.max_position_embeddings // 2, self.local_chunks * self.chunk_size
         return (f"far_positions 'hybrid' reads far keys at their own positions within half the source's positions "
                 f"({half:,} tokens), whole chunks of {self.chunk_size:,} of which reach no further than the window "
-                f"({window:,} tokens): it would be 'window' here: give a smaller chunk_size or fewer local_chunks, "
-                "or far_positions 'window'")
+                f"({window:,} tokens): it would be 'window' here: give a smaller chunk_size"
+                + (" or fewer local_chunks" if self.local_chunks > 1 else "") + ", or far_positions 'window'")
 
     def attention_kwargs(self) -> dict:
         """Keyword arguments of :class:`bsbr.layers.BSBRAttention` for this config."""

@@ -271,8 +271,9 @@ class BSBRCache:
             if bool(same.all()):
                 raise ValueError("input_ids are the text the cache has read, nothing after it (a cache keeps no "
                                  "logits to continue from; new tokens that repeat the cached text cannot be told from "
-                                 "it): build the cache on all but the text's last token, or read such new tokens with "
-                                 "a forward call (model(input_ids=..., cache=cache)) before generate")
+                                 "it): build the cache on all but the text's last token, or read all but the last of "
+                                 "such new tokens with a forward call (model(input_ids=new[:, :-1], cache=cache)), "
+                                 "then generate from the whole text")
             if first:
                 self._warn_of_a_shared_beginning(input_ids, real)
             return False
@@ -362,8 +363,9 @@ def warn_caller(message: str, category=UserWarning) -> None:
 def refuse_output_attentions(output_attentions, config) -> None:
     """``output_attentions`` (the argument, or the config's when it is None) is refused in one line."""
     if output_attentions is None and config.output_attentions:
-        raise ValueError("output_attentions is true in the model's config (config.json): BSBR never forms the "
-                         "attention matrix; set it to false")
+        raise ValueError("output_attentions is true in the model's config (set in config.json, given to "
+                         "from_pretrained or set on model.config): BSBR never forms the attention matrix; set it to "
+                         "false")
     if output_attentions:
         raise ValueError("output_attentions=True is not supported: BSBR never forms the attention matrix")
 
@@ -996,9 +998,12 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                   "own_position_chunks": "far_positions or max_position_embeddings"}  # (config names of built_with's)
         unfit = self._unfit_weight() if weights_only or changed else None
         if unfit and changed:
+            names = [fields.get(k, k) for k in changed]  # ("far_positions or ...": not beside far_positions itself)
+            edited = ", ".join(n for n in names if not (" or " in n and set(n.split(" or ")) & set(names)))
             raise ValueError(f"this model holds weights its config does not build ({unfit}; changed since it was "
-                             f"built: {', '.join(fields.get(k, k) for k in changed)}): set the config back, or build "
-                             "a new, untrained model from the edited config (BSBRForCausalLM(config))")
+                             f"built: {edited}): set the config back" + (
+                                 "" if unfit.startswith("it builds no model") else
+                                 ", or build a new, untrained model from the edited config (BSBRForCausalLM(config))"))
         if unfit:  # (a config field the layers do not keep was edited, or modules were replaced: quantized, pruned)
             raise ValueError(f"this model's weights are not the ones its config builds ({unfit}): its config was "
                              "edited or its modules replaced (quantized, pruned) since it was built, and a folder "
