@@ -218,11 +218,14 @@ def _refuse_native_names(config, kwargs: dict) -> None:
 _WARNED_DROPOUT: set = set()
 
 
-AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.BSBRConfig", "AutoModel": f"{AUTO_MODULE}.BSBRBaseModel",
-            "AutoModelForCausalLM": f"{AUTO_MODULE}.BSBRForCausalLM"}
+_AUTO_CLASSES = {"AutoConfig": "BSBRConfig", "AutoModel": "BSBRBaseModel", "AutoModelForCausalLM": "BSBRForCausalLM",
+                 "AutoModelForSequenceClassification": "BSBRForSequenceClassification",
+                 "AutoModelForTokenClassification": "BSBRForTokenClassification",
+                 "AutoModelForQuestionAnswering": "BSBRForQuestionAnswering"}
+AUTO_MAP = {auto: f"{AUTO_MODULE}.{name}" for auto, name in _AUTO_CLASSES.items()}
 AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transformers\' Auto classes: '
              'config.json\'s auto_map names this file."""\n'
-             "from bsbr.models.bsbr import BSBRBaseModel, BSBRConfig, BSBRForCausalLM  # noqa: F401\n")
+             f"from bsbr.models.bsbr import {', '.join(sorted(_AUTO_CLASSES.values()))}  # noqa: F401\n")
 
 
 def write_auto_code(directory) -> None:

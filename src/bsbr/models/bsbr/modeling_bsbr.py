@@ -25,7 +25,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (GenericForQuestionAnswering, GenericForSequenceClassification,
+                                          GenericForTokenClassification, GradientCheckpointingLayer)
 
 from ...errors import command_path
 from ...layers.bsbr_attention import BSBRAttention, op_dtype
@@ -802,6 +803,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if not hasattr(model, "lm_head"):  # a base model loaded from a causal LM's checkpoint drops its head
             info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith("lm_head.")]
+        new_head = getattr(model, "_new_head", None)  # a task head on a checkpoint without it starts untrained
+        if new_head is not None:  # (transformers' load report names it: MISSING, newly initialized)
+            info["missing_keys"] = [k for k in info.get("missing_keys", ()) if not str(k).startswith(new_head)]
         def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)
             if isinstance(entry, tuple) and len(entry) == 3:
                 return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
@@ -813,6 +817,11 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
+        if problems and problems == {"missing_keys": ["lm_head.weight"]} and "BSBRBaseModel" in (
+                getattr(model.config, "architectures", None) or ()):
+            raise ValueError(f"{where} holds a base model (BSBRBaseModel, saved from AutoModel), with no LM head: "
+                             "load it with AutoModel, or save the causal LM (AutoModelForCausalLM, bsbr convert) "
+                             "instead")
         if problems:
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
@@ -1382,3 +1391,22 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, cache=cache,
                                                      attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                                      **kwargs)
+
+
+class BSBRForSequenceClassification(GenericForSequenceClassification, BSBRPreTrainedModel):
+    """A BSBR decoder with a classification head on its last real token (the last one that is not
+    ``config.pad_token_id``, as transformers' Llama pools). Loaded from a causal LM's folder, the head is new."""
+
+    _new_head = "score."
+
+
+class BSBRForTokenClassification(GenericForTokenClassification, BSBRPreTrainedModel):
+    """A BSBR decoder with a classification head on every token. Loaded from a causal LM's folder, the head is new."""
+
+    _new_head = "score."
+
+
+class BSBRForQuestionAnswering(GenericForQuestionAnswering, BSBRPreTrainedModel):
+    """A BSBR decoder with span start/end logits on every token. Loaded from a causal LM's folder, the head is new."""
+
+    _new_head = "qa_outputs."
