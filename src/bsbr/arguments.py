@@ -470,14 +470,16 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
 def check_tokenizer_fits(tok, vocab: int, what: str) -> None:
     """Refuse a tokenizer with more tokens, or a token id (an EOS or BOS added at id 120 of a 97-token
     model, say) past the model's ``vocab`` embeddings: its text would index outside them."""
-    fix = ("the tokenizer is not this model's, or tokens were added to it (add_tokens) and the model was not "
-           "resized: resize it (model.resize_token_embeddings(len(tokenizer))) and save both")
+    def fix(rows):
+        return ("the tokenizer is not this model's, or tokens were added to it (add_tokens) and the model was not "
+                f"resized: resize it (model.resize_token_embeddings({rows})) and save both")
     if len(tok) > vocab:
-        raise UserError(f"{what}: its tokenizer has {len(tok)} tokens, its model only {vocab}: {fix}")
+        raise UserError(f"{what}: its tokenizer has {len(tok)} tokens, its model only {vocab}: "
+                        f"{fix('len(tokenizer)')}")
     top, name = max(((i, t) for t, i in tok.get_vocab().items()), default=(-1, None))
     if top >= vocab:
         raise UserError(f"{what}: its tokenizer's token {name!r} has id {top}, its model only {vocab} embeddings: "
-                        f"{fix}")
+                        f"{fix(top + 1)}")
 
 
 def check_model_tokenizer(tok, model_dir, option: str, windows: bool = True) -> None:
@@ -581,6 +583,8 @@ def check_bsbr_dir(path, option: str) -> Path:
         filled = {**values, **missing_defaults(values)}
         for key, want in expected.items():
             value = filled.get(key)
+            if key == "tie_word_embeddings" and want and value is False:
+                continue  # (a source whose tied config's head was replaced converts untied, and says so then)
             if key in filled and _differs(value, want):  # (the record's keys no config field holds: not compared)
                 logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model reads config.json's",
                                option, path, key, value, "" if key in values else " (its default: config.json has "

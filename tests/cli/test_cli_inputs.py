@@ -2216,6 +2216,24 @@ def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(mod
     assert main(args + ["--force"]) == 0 and (tmp_path / "e.json").is_file()
 
 
+def test_a_source_converted_untied_is_not_warned_of_as_an_edited_config(models, tmp_path, caplog):
+    # a tied config whose head was replaced converts untied; every later command then warned "config.json's
+    # tie_word_embeddings is False, conversion.json records True", as if the user had edited it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = AutoModelForCausalLM.from_pretrained(models[0])
+    source.config.tie_word_embeddings = True
+    source.tie_weights()
+    source.lm_head.weight = torch.nn.Parameter(source.get_input_embeddings().weight.detach() * 1.5)
+    source.save_pretrained(tmp_path / "src")
+    AutoTokenizer.from_pretrained(models[0]).save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "conv"), "--chunk-size", "8"]) == 0
+    assert "keeps them untied" in caplog.text
+    caplog.clear()
+    assert main(["generate", str(tmp_path / "conv"), "--prompt", "the", "--max-new-tokens", "1"]) == 0
+    assert "tie_word_embeddings" not in caplog.text, caplog.text
+
+
 def test_a_model_folder_without_or_with_broken_weights_is_one_line_naming_the_option(models, tmp_path, text, capsys):
     """generate and distill said only "DIR has no .safetensors weights (pickled checkpoints are not loaded)", and
     for a broken file passed safetensors' own words on ("Error while deserializing header: header too large")."""

@@ -241,6 +241,7 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
         assert {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)} == grads
         assert not student.model.embed_tokens._forward_hooks and not student.is_activation_checkpointing
         assert not hasattr(student, "peft_config")  # (lora's, left after its adapters were folded in)
+        assert all(p.grad is None for m in (teacher, student) for p in m.parameters())  # (the last step's were left)
     trained = []  # the same cfg.seed trains the same weights whatever the caller's RNG
     for global_seed in (1, 2):
         _, fresh_student = fresh(0.1)
@@ -445,6 +446,8 @@ def test_a_quantized_teacher_trains_and_a_quantized_or_float16_student_is_refuse
     teacher, student = fresh(0.1)
     quantized = quantize_dynamic(teacher, {torch.nn.Linear}, dtype=torch.qint8)
     assert distill(quantized, student, windows(), tmp_path / "a", DistillConfig(steps=2))["step"] == 2
+    with pytest.raises(TypeError, match="is a quantized module, which bfloat16 autocast \\(bf16\\) cannot run"):
+        distill(quantized, fresh(0.1)[1], windows(), tmp_path / "d", DistillConfig(steps=1, bf16=True))
     _, student = fresh(0.1)
     with pytest.raises(TypeError, match=r"the student's model.layers.0.attn.q_proj is a quantized module: distill the "
                                         "float model"):
@@ -452,7 +455,7 @@ def test_a_quantized_teacher_trains_and_a_quantized_or_float16_student_is_refuse
                 DistillConfig(steps=1))
     with pytest.raises(TypeError, match=r"is float16, in which AdamW's eps \(1e-8\) is 0: distill student.float\(\)"):
         distill(teacher, student.half(), windows(), tmp_path / "c", DistillConfig(steps=1))
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not any((tmp_path / name).exists() for name in "bcd")
 
 
 def test_lora_trains_adapters_and_new_pieces_then_merges_into_a_plain_checkpoint(tmp_path, monkeypatch):

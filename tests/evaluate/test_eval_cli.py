@@ -113,6 +113,11 @@ def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path
     assert not has_wide_window({"local_chunks": 1, "sink_tokens": 0})
     window = local_baseline(src, CHUNK, like=wide, same_window=True)
     assert (window.config.local_chunks, window.config.sink_tokens, window.config.gate_init) == (2, 2, 0.0)
+    # like= the model's config, as the docstring says: it was ignored (a chunk-local 'window' baseline, silently)
+    by_config = local_baseline(src, CHUNK, like=wide.config, same_window=True).config
+    assert (by_config.local_chunks, by_config.sink_tokens) == (2, 2)
+    with pytest.raises(TypeError, match="like must be a BSBR model or its config, got LlamaForCausalLM"):
+        local_baseline(src, CHUNK, like=src)
     assert local_baseline(src, CHUNK, like=wide).config.local_chunks == 1  # the gap's baseline stays chunk-local
     # random weights: on these windows local > window > source, so both gaps exist
     windows = torch.randint(3, 97, (2, 5 * CHUNK), generator=torch.Generator().manual_seed(11))
@@ -121,7 +126,8 @@ def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path
     assert lm["perplexity"]["local"] > lm["perplexity"]["window"] > lm["perplexity"]["source"]
     assert lm["gap_closed_by_retrieval"] == 0.0 and lm["kl"]["bsbr"] == lm["kl"]["window"]
     assert lm["perplexity"]["window"] != lm["perplexity"]["local"]
-    assert any("retrieval, of the gap the window alone leaves" in line for line in summary_lines(r))
+    assert any("retrieval, of the gap the window alone leaves" in line and line.endswith("no retrieval: 2 chunk(s) + "
+               "2 sink tokens)") for line in summary_lines(r))  # (it said 1 chunk + 0 sinks, the report's defaults)
     from bsbr.evaluate.plots import plot_results
 
     assert plot_results(r, tmp_path / "w.png").stat().st_size > 0
@@ -149,7 +155,25 @@ def test_a_dynamically_quantized_model_is_evaluated_and_refused_by_save_pretrain
     with pytest.raises(ValueError, match=r"^model.layers.0.attn.q_proj is a quantized module, and a BSBR folder "
                                          "holds float weights: save the float model"):
         quantized.save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"^model.layers.0.attn.q_proj is a quantized module"):  # (transformers'
+        quantized.save_pretrained(tmp_path / "q", state_dict=quantized.state_dict())  # AttributeError)
     assert not (tmp_path / "q").exists()
+
+
+def test_evaluate_runs_without_autograd_and_in_eval_mode(tiny):
+    # a helper defined between evaluate and its decorators took them: evaluate ran with autograd on (17 GB at 1,024
+    # tokens on SmolLM2 against 4.6) and in the caller's train mode (dropout: two calls gave two perplexities)
+    src, model, local = tiny
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, o: seen.append((torch.is_grad_enabled(), m.training)))
+    model.train()
+    try:
+        evaluate(model, src, None, torch.randint(3, 97, (1, 3 * CHUNK)), CHUNK, local=local, progress=False)
+        assert model.training  # (given back as it came)
+    finally:
+        hook.remove()
+        model.eval()
+    assert seen and set(seen) == {(False, False)}
 
 
 def test_evaluate_bad_inputs(tiny):
@@ -303,6 +327,11 @@ def test_perplexity_past_is_the_cross_entropy_of_the_scored_tokens_only():
     # forward keyword arguments reach the model: a mask hiding all but the token itself changes the number
     eye = torch.full((30, 30), torch.finfo(torch.float32).min).fill_diagonal_(0.0)[None, None]
     assert perplexity_past(src, windows, 9, attention_mask=eye) != pytest.approx(by_hand, rel=1e-3)
+    # a padding mask: its padding is not scored (right padding scored the pad ids as targets)
+    padded = torch.cat([windows[:1], torch.zeros(1, 8, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 30), torch.zeros(1, 8)], 1).long()
+    alone = perplexity_past(src, windows[:1], 9)
+    assert perplexity_past(src, padded, 9, attention_mask=mask) == pytest.approx(alone, rel=1e-5)
     with pytest.raises(ValueError, match="start must be an int"):
         perplexity_past(src, windows, -1)
     with pytest.raises(ValueError, match="no tokens past start"):

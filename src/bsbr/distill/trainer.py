@@ -44,6 +44,14 @@ LOWER_LR = ("lower the learning rate (--lr, or --base-lr) and start over (--over
 
 @dataclass
 class DistillConfig:
+    """How :func:`distill` trains. ``steps`` or ``minutes`` is required (the stopping rule; with both, whichever
+    ends first). ``params``: "new" (the pieces conversion added: gates, meta maps, feature maps), "all" (every
+    weight) or "lora" (the new pieces plus LoRA adapters, folded in when published); ``lr`` is the new pieces'
+    learning rate and ``base_lr`` (params "all" or "lora" only) that of the source's weights or their adapters.
+    ``lm_weight`` weighs a next-token loss beside the KL to the teacher; ``bf16`` runs the matmuls under bfloat16
+    autocast (the weights stay float32); ``checkpoint_every`` steps a checkpoint is written;
+    ``activation_checkpointing`` recomputes each layer in the backward pass (less memory, one more forward)."""
+
     steps: Optional[int] = None  # optimizer steps (per rank); None = until the time budget
     minutes: Optional[float] = None  # wall-clock budget; with steps, whichever ends first
     lr: float = 3e-3  # learning rate of the new pieces
@@ -325,6 +333,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                          "trained through: load them outside it")
     modes = [([(sub, sub.training) for sub in m.modules()], {p: p.requires_grad for p in m.parameters()})
              for m in (teacher, student) if isinstance(m, torch.nn.Module)]  # (each submodule's mode: one may differ)
+    no_grad = [{p for p in m.parameters() if p.grad is None} for m in (teacher, student)
+               if isinstance(m, torch.nn.Module)]  # (the last step's gradients were left: a model's worth)
     peft_config = hasattr(student, "peft_config")  # (set by a lora run's adapters, left after they are folded in)
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
     theirs = {id(m) for m in student.modules() if hasattr(m, "base_layer")} if isinstance(student, torch.nn.Module) \
@@ -347,11 +357,13 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             _fold_adapters(student, skip=theirs)  # finished run's are
         if not peft_config and hasattr(student, "peft_config"):
             del student.peft_config
-        for submodules, grads in modes:
+        for (submodules, grads), unset in zip(modes, no_grad):
             for sub, training in submodules:
                 sub.training = training
             for p, g in grads.items():  # (by parameter: adapters put in and taken out shift the order)
                 p.requires_grad_(g)
+                if p in unset:
+                    p.grad = None
 
 
 def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
@@ -383,6 +395,9 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if quantized is not None:  # (its packed weights are no parameters to train, nor weights a folder holds)
         raise TypeError(f"the student's {quantized} is a quantized module: distill the float model, and quantize it "
                         "after training")
+    if cfg.bf16 and quantized_module(teacher) is not None:  # (its quantized kernels take float32 alone)
+        raise TypeError(f"the teacher's {quantized_module(teacher)} is a quantized module, which bfloat16 autocast "
+                        "(bf16) cannot run: train without bf16, or give the float teacher")
     half = next((n for n, p in student.named_parameters() if p.dtype == torch.float16), None)
     if half is not None:  # (every step divided 0 by 0 in the new pieces, whose gradient is 0 while the gate is closed)
         raise TypeError(f"the student's {half} is float16, in which AdamW's eps (1e-8) is 0: distill student.float() "

@@ -22,7 +22,7 @@ def has_wide_window(config: dict) -> bool:
 def local_baseline(reference, chunk_size: int, like=None, same_window: bool = False):
     """The chunk-local baseline: ``reference`` converted with ``chunk_size``, a one-chunk window, no sinks,
     no exact blocks and a closed gate (``gate_init=0``): exactly chunk-local softmax attention. The other
-    conversion options are copied from ``like`` (the evaluated model's config) where it has them,
+    conversion options are copied from ``like`` (the evaluated model, or its config) where it has them,
     so positions past the source's table are assigned the same way. ``same_window=True`` also
     copies ``like``'s exact window (``local_chunks``, ``sink_tokens``): the model's exact window alone
     (its sinks read at the far positions the model reads them at), so that only retrieval separates the two."""
@@ -30,8 +30,10 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
 
     # chunk-local, whatever the converter's defaults; no exact blocks either way
     opts = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0, gate_init=0.0)
-    cfg = getattr(like, "config", None)
-    if cfg is not None and getattr(cfg, "model_type", None) == "bsbr":
+    cfg = like if getattr(like, "model_type", None) == "bsbr" else getattr(like, "config", None)  # (a config: read)
+    if like is not None and getattr(cfg, "model_type", None) != "bsbr":  # (a model or config of another kind was
+        raise TypeError(f"like must be a BSBR model or its config, got {type(like).__name__}")  # ignored silently)
+    if cfg is not None:
         # ('hybrid' with no chunk within its reach computes what 'window' does: a model saved so before the
         # converter refused it is compared as that)
         far = "window" if cfg.far_positions == "hybrid" and not cfg.own_position_chunks() else cfg.far_positions

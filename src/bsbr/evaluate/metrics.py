@@ -259,8 +259,6 @@ class MetricAccumulator:
         return out
 
 
-@torch.no_grad()
-@in_eval_mode
 def _vocab_rows(model) -> int:
     """The rows of a model's LM head: its weight's, or a quantized linear's ``out_features`` (its weight is a
     method there)."""
@@ -268,6 +266,8 @@ def _vocab_rows(model) -> int:
     return weight.shape[0] if isinstance(weight, torch.Tensor) else model.get_output_embeddings().out_features
 
 
+@torch.no_grad()
+@in_eval_mode
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
              buckets: str = "chunk", ks: Sequence[int] = DEFAULT_KS, passkey: Optional[dict] = None,
              batch_size: int = 1, progress: bool = True, window=None) -> dict:
@@ -324,6 +324,8 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     result = dict(config=dict(chunk_size=chunk_size, seq_len=seq_len, windows=n_win, scored_tokens=lm["tokens"],
                               bucket_scheme=buckets, ks=list(ks)),
                   language_modeling=lm)
+    if window is not None:  # (the report names the window; it printed a default one, not this)
+        result["config"].update({k: getattr(window.config, k) for k in ("local_chunks", "sink_tokens")})
     if passkey is not None:
         if tokenizer is None:
             raise ValueError("the pass-key test needs a tokenizer")
@@ -338,9 +340,9 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
 def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
     """Perplexity of ``model`` on the tokens at positions ``> start`` of each window, predicted from
     the logits at positions ``>= start`` (no cache, no gradient). ``windows``: a (num_windows,
-    seq_len) integer tensor or a sequence of 1-D ones; ``forward_kwargs`` go to every forward call
-    (e.g. an ``attention_mask``). The quick number probes and sweeps compare; :func:`evaluate` gives
-    the full set of metrics."""
+    seq_len) integer tensor or a sequence of 1-D ones; ``forward_kwargs`` go to every forward call (e.g. an
+    ``attention_mask`` of shape (1, seq_len), shared by every window: its padding is not scored). The quick
+    number probes and sweeps compare; :func:`evaluate` gives the full set of metrics."""
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise ValueError(f"start must be an int >= 0, got {start!r}")
     total, count = 0.0, 0
@@ -353,8 +355,14 @@ def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
                 raise ValueError(f"a window of {w.numel()} tokens has no tokens past start={start}")
             logits = model(input_ids=w[None], use_cache=False, **output_object(model),
                            **forward_kwargs).logits[0, start:-1].float()
-            total += torch.nn.functional.cross_entropy(logits, w[start + 1:], reduction="sum").item()
-            count += w.numel() - start - 1
+            targets = w[start + 1:]
+            mask = forward_kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() <= 2 and mask.numel() == w.numel():  # a padding mask
+                # (padding was scored as targets: 305 -> 419 for one window padded by 8)
+                keep = mask.reshape(-1)[start + 1:].bool()
+                logits, targets = logits[keep], targets[keep]
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
     if count == 0:
         raise ValueError("windows is empty")
     return _perplexity(total / count)

@@ -37,7 +37,7 @@ def check_unchanged(path: os.PathLike, before: tuple) -> None:
 def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BSBRForCausalLM:
     """A saved BSBR model (a ``bsbr convert`` / ``save_pretrained`` directory) in eval mode, from its
     safetensors weights only, strictly (a missing, unexpected or mismatched weight is refused); a folder
-    replaced while it was read is refused too."""
+    replaced while it was read is refused too. ``dtype``: the weights' dtype once loaded."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a model directory's path, got {type(path).__name__}")
     path = Path(path)

@@ -849,6 +849,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
         base = getattr(self, "model", self)
         given = kwargs.get("state_dict", args[0] if args else None)  # (a caller's own weights: DeepSpeed's, a subset)
         quantized = quantized_module(self) if given is None else None
+        if isinstance(given, dict):  # (a quantized module's entries: packed params, a dtype, quantized tensors)
+            key = next((k for k, v in given.items() if not isinstance(v, torch.Tensor) or v.is_quantized), None)
+            quantized = None if key is None else key.split("._packed_params")[0] if "._packed_params" in key else \
+                key.rsplit(".", 1)[0]
         if quantized is not None:  # (its packed weights read as missing ones)
             raise ValueError(f"{quantized} is a quantized module, and a BSBR folder holds float weights: save the "
                              "float model, and quantize it again after loading")
