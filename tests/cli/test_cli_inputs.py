@@ -2194,8 +2194,8 @@ def test_a_model_with_resized_embeddings_is_told_why_its_source_does_not_fit(mod
     vocab = model.config.vocab_size
     told = (f"{grown} has a vocabulary of {vocab} tokens, {{0}} {source} {vocab - 7}, the model it was converted "
             f"from: {grown}'s embeddings were resized since (resize_token_embeddings), and the two are compared token "
-            f"by token: resize that model the same way (resize_token_embeddings({vocab})), save it and give it as {{0}} "
-            "with --force")
+            f"by token: resize that model the same way (resize_token_embeddings({vocab})), save it and give it as "
+            "{0} with --force")
     line = refused(capsys, ["eval", grown, "--reference", source, "--text-file", text, "--seq-len", "24",
                             "--no-passkey"], "eval", grown)
     assert line.endswith(told.format("--reference")), line

@@ -417,9 +417,9 @@ def test_a_student_with_peft_adapters_of_its_own_is_refused_before_training(tmp_
     if not getattr(loaded, "_hf_peft_config_loaded", False):
         pytest.skip("this transformers does not load the adapter with the model")
     assert "holds a peft adapter (adapter_config.json), which transformers applied" in caplog.text  # (eval, generate)
-    with pytest.raises(ValueError, match=r"the student carries a peft adapter transformers loaded with it .*: move the "
-                                         r"adapter's files out of the folder .* PeftModel.from_pretrained\(model, "
-                                         r"ADAPTER_DIR\).merge_and_unload\(\)\) and save the model"):
+    with pytest.raises(ValueError, match=r"the student carries a peft adapter transformers loaded with it .*: move "
+                                         r"the adapter's files out of the folder .* PeftModel.from_pretrained\("
+                                         r"model, ADAPTER_DIR\).merge_and_unload\(\)\) and save the model"):
         distill(teacher, loaded, windows(), tmp_path / "b", DistillConfig(steps=1))
     # the advice, followed (merge_and_unload() then save_pretrained on what was loaded failed: "PEFT >= 0.22")
     (tmp_path / "adapter").mkdir()

@@ -566,8 +566,8 @@ def test_return_dict_false_gives_a_tuple_and_output_attentions_is_refused(model)
     model.config.output_attentions = True  # set on the config (from_pretrained(d, output_attentions=True)): the same
     try:
         for m in (model, model.model):
-            with pytest.raises(ValueError, match=r"output_attentions is true in the model's config \(set in config.json, "
-                                                 "given to from_pretrained or set on model.config\)"):
+            with pytest.raises(ValueError, match=r"output_attentions is true in the model's config \(set in "
+                                                 r"config.json, given to from_pretrained or set on model.config\)"):
                 m(ids)  # (the argument's words named no file: a config.json edited to true was not found)
             assert m(ids, output_attentions=False, use_cache=False) is not None
     finally:

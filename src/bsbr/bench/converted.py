@@ -111,7 +111,8 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
     prefill of :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens, scaled by :func:`prefill_macs`) or not to fit in
     memory (that prefill's peak without a cache after a warm-up call, linear in the length; at a decode context
     both models' caches too, BSBR's taken as the source's: 1.0-1.6x it, docs/findings.md): a typo's context must
-    not start hours of the source's attention or an out-of-memory kill. Lengths up to the calibration's run unchecked. The flags name the lengths
+    not start hours of the source's attention or an out-of-memory kill. Lengths up to the calibration's run
+    unchecked. The flags name the lengths
     (``prefill_flag``, ``--decode-contexts``) and the limit (``budget_flag``; None: a fixed limit) in a refusal."""
     asked = [(prefill_flag, n) for n in prefill_lens] + [("--decode-contexts", n) for n in decode_contexts]
     if max((n for _, n in asked), default=0) <= CALIBRATION_LEN:

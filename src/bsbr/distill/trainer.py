@@ -379,10 +379,10 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
                         "model that returns")
     if getattr(student, "_hf_peft_config_loaded", False):  # (its save would write the adapter, not the model)
         raise ValueError("the student carries a peft adapter transformers loaded with it (an adapter_config.json in "
-                         "its folder): move the adapter's files out of the folder to distill the model alone, or merge "
-                         "it: load the folder without them, apply the adapter (peft's PeftModel.from_pretrained(model, "
-                         "ADAPTER_DIR).merge_and_unload()) and save the model that returns to a new folder, with the "
-                         "tokenizer and conversion.json")
+                         "its folder): move the adapter's files out of the folder to distill the model alone, or "
+                         "merge it: load the folder without them, apply the adapter (peft's "
+                         "PeftModel.from_pretrained(model, ADAPTER_DIR).merge_and_unload()) and save the model that "
+                         "returns to a new folder, with the tokenizer and conversion.json")
     if cfg.params == "lora" and any(hasattr(m, "base_layer") for m in student.modules()):
         # (lora's own adapters become the active ones: the caller's were dropped when they were folded in)
         raise ValueError("params='lora' on a student that already carries adapters: fold them into its weights first "
