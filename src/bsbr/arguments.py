@@ -108,9 +108,24 @@ def architecture(model) -> Optional[dict]:
         if family is None:
             return None
         window, layers = sliding_window(config)
-        return json.loads(json.dumps({**family.config(config), "sliding_window": window, "sliding_layers": layers}))
+        arch = {**family.config(config), "sliding_window": window, "sliding_layers": layers}
+        if arch.get("tie_word_embeddings") and _head_replaced(model):  # (transformers runs it untied; so does a
+            arch["tie_word_embeddings"] = False  # conversion of it)
+        return json.loads(json.dumps(arch))
     except (ValueError, TypeError):  # a config no conversion takes
         return None
+
+
+def _head_replaced(model) -> bool:
+    """Whether a model whose config ties its word embeddings holds an LM head that differs from them."""
+    import torch
+
+    head, embed = (getattr(getattr(model, name, lambda: None)(), "weight", None)
+                   for name in ("get_output_embeddings", "get_input_embeddings"))
+    if not (isinstance(head, torch.Tensor) and isinstance(embed, torch.Tensor)) or head is embed or \
+            head.is_meta or embed.is_meta:  # (the meta device holds no values to compare)
+        return False
+    return head.shape != embed.shape or not torch.equal(head, embed)
 
 
 def _differs(a, b) -> bool:
@@ -583,8 +598,6 @@ def check_bsbr_dir(path, option: str) -> Path:
         filled = {**values, **missing_defaults(values)}
         for key, want in expected.items():
             value = filled.get(key)
-            if key == "tie_word_embeddings" and want and value is False:
-                continue  # (a source whose tied config's head was replaced converts untied, and says so then)
             if key in filled and _differs(value, want):  # (the record's keys no config field holds: not compared)
                 logger.warning("%s %s: config.json's %s is %r%s, %s records %r: the model reads config.json's",
                                option, path, key, value, "" if key in values else " (its default: config.json has "

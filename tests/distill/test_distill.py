@@ -230,6 +230,8 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
     student.model.embed_tokens.eval()  # (submodules in the other mode came back in their model's)
     teacher.lm_head.train(False)
     student.model.layers[0].mlp.requires_grad_(False)
+    held = next(iter(new_parameters(student).values()))  # (a parameter every run trains, holding the caller's grad)
+    mine = held.grad = torch.ones_like(held)
     grads = {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)}
     modes = {m: [s.training for s in m.modules()] for m in (teacher, student)}
     for i, global_seed in enumerate((1, 2)):
@@ -241,7 +243,9 @@ def test_the_models_are_given_back_as_they_came(tmp_path, params):
         assert {m: [p.requires_grad for p in m.parameters()] for m in (teacher, student)} == grads
         assert not student.model.embed_tokens._forward_hooks and not student.is_activation_checkpointing
         assert not hasattr(student, "peft_config")  # (lora's, left after its adapters were folded in)
-        assert all(p.grad is None for m in (teacher, student) for p in m.parameters())  # (the last step's were left)
+        # the last step's gradients were left, and replaced the caller's own
+        assert held.grad is mine and torch.equal(mine, torch.ones_like(mine))
+        assert all(p.grad is None for m in (teacher, student) for p in m.parameters() if p is not held)
     trained = []  # the same cfg.seed trains the same weights whatever the caller's RNG
     for global_seed in (1, 2):
         _, fresh_student = fresh(0.1)

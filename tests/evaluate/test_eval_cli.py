@@ -332,6 +332,10 @@ def test_perplexity_past_is_the_cross_entropy_of_the_scored_tokens_only():
     mask = torch.cat([torch.ones(1, 30), torch.zeros(1, 8)], 1).long()
     alone = perplexity_past(src, windows[:1], 9)
     assert perplexity_past(src, padded, 9, attention_mask=mask) == pytest.approx(alone, rel=1e-5)
+    left = torch.cat([torch.zeros(1, 5, dtype=torch.long), windows[:1]], 1)  # (its first real token, predicted from
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 30)], 1).long()  # padding, was scored)
+    assert perplexity_past(src, left, 0, attention_mask=mask) == pytest.approx(perplexity_past(src, windows[:1], 0),
+                                                                              rel=1e-4)
     with pytest.raises(ValueError, match="start must be an int"):
         perplexity_past(src, windows, -1)
     with pytest.raises(ValueError, match="no tokens past start"):

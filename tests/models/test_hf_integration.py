@@ -1007,7 +1007,15 @@ def test_task_heads_load_from_a_causal_lm_folder_train_and_reload(tmp_path):
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
     with torch.no_grad():
         assert torch.equal(again(ids, attention_mask=mask).logits, cls(ids, attention_mask=mask).logits)
-    AutoModel.from_pretrained(tmp_path / "lm").save_pretrained(tmp_path / "base")  # no LM head: said so, not
-    with pytest.raises(ValueError, match="holds a base model \\(BSBRBaseModel, saved from AutoModel\\), with no LM "
-                                         "head: load it with AutoModel"):  # "does not match its config ... strict"
-        AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    base = AutoModel.from_pretrained(tmp_path / "cls")  # the decoder of a head's folder (its head dropped)
+    torch.testing.assert_close(base(ids).last_hidden_state, cls.model(ids).last_hidden_state)
+    base.save_pretrained(tmp_path / "base")
+    for folder, kind in (("base", "BSBRBaseModel"), ("cls", "BSBRForSequenceClassification")):  # no LM head: said
+        with pytest.raises(ValueError, match=f"holds a {kind} \\(saved from it\\), with no LM head: load it with "
+                                             "its class"):  # (not "strict=False loads it anyway": a random head)
+            AutoModelForCausalLM.from_pretrained(tmp_path / folder)
+    weights = load_file(tmp_path / "cls" / "model.safetensors")  # a head's own folder without its head: refused
+    del weights["score.weight"]
+    save_file(weights, tmp_path / "cls" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing_keys': \\['score.weight'\\]"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")

@@ -333,8 +333,8 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
                          "trained through: load them outside it")
     modes = [([(sub, sub.training) for sub in m.modules()], {p: p.requires_grad for p in m.parameters()})
              for m in (teacher, student) if isinstance(m, torch.nn.Module)]  # (each submodule's mode: one may differ)
-    no_grad = [{p for p in m.parameters() if p.grad is None} for m in (teacher, student)
-               if isinstance(m, torch.nn.Module)]  # (the last step's gradients were left: a model's worth)
+    grads_before = [{p: p.grad for p in m.parameters()} for m in (teacher, student)
+                    if isinstance(m, torch.nn.Module)]  # (the last step's gradients were left: a model's worth)
     peft_config = hasattr(student, "peft_config")  # (set by a lora run's adapters, left after they are folded in)
     hooks = list(getattr(student, "_require_grads_hooks", None) or [])
     theirs = {id(m) for m in student.modules() if hasattr(m, "base_layer")} if isinstance(student, torch.nn.Module) \
@@ -357,13 +357,12 @@ def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: 
             _fold_adapters(student, skip=theirs)  # finished run's are
         if not peft_config and hasattr(student, "peft_config"):
             del student.peft_config
-        for (submodules, grads), unset in zip(modes, no_grad):
+        for (submodules, grads), before in zip(modes, grads_before):
             for sub, training in submodules:
                 sub.training = training
             for p, g in grads.items():  # (by parameter: adapters put in and taken out shift the order)
                 p.requires_grad_(g)
-                if p in unset:
-                    p.grad = None
+                p.grad = before[p]
 
 
 def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,

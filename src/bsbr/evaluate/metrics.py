@@ -359,7 +359,8 @@ def perplexity_past(model, windows, start: int, **forward_kwargs) -> float:
             mask = forward_kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() <= 2 and mask.numel() == w.numel():  # a padding mask
                 # (padding was scored as targets: 305 -> 419 for one window padded by 8)
-                keep = mask.reshape(-1)[start + 1:].bool()
+                m = mask.reshape(-1).bool()
+                keep = m[start + 1:] & m[start:-1]  # (a real token predicted from padding is not scored either)
                 logits, targets = logits[keep], targets[keep]
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()

@@ -801,10 +801,13 @@ class BSBRPreTrainedModel(PreTrainedModel):
         where = local if local is not None else where  # (the checkpoint the messages below name: its subfolder)
         with LOADING:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if not hasattr(model, "lm_head"):  # a base model loaded from a causal LM's checkpoint drops its head
-            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith("lm_head.")]
-        new_head = getattr(model, "_new_head", None)  # a task head on a checkpoint without it starts untrained
-        if new_head is not None:  # (transformers' load report names it: MISSING, newly initialized)
+        new_head = getattr(model, "_new_head", None)
+        if not hasattr(model, "lm_head"):  # a base model or task head loaded from another's checkpoint drops its head
+            heads = ("lm_head.",) if new_head is not None else _HEADS
+            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith(heads)]
+        saved_as = getattr(model.config, "architectures", None) or ()
+        if new_head is not None and type(model).__name__ not in saved_as:  # a task head on another model's folder
+            # starts untrained (transformers' load report names it: MISSING, newly initialized)
             info["missing_keys"] = [k for k in info.get("missing_keys", ()) if not str(k).startswith(new_head)]
         def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)
             if isinstance(entry, tuple) and len(entry) == 3:
@@ -817,11 +820,11 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
-        if problems and problems == {"missing_keys": ["lm_head.weight"]} and "BSBRBaseModel" in (
-                getattr(model.config, "architectures", None) or ()):
-            raise ValueError(f"{where} holds a base model (BSBRBaseModel, saved from AutoModel), with no LM head: "
-                             "load it with AutoModel, or save the causal LM (AutoModelForCausalLM, bsbr convert) "
-                             "instead")
+        other = next((a for a in saved_as if a.startswith("BSBR") and a != "BSBRForCausalLM"), None)
+        if other and problems.get("missing_keys") == ["lm_head.weight"] and not problems.get("mismatched_keys") \
+                and all(k.startswith(_HEADS) for k in problems.get("unexpected_keys", ())):
+            raise ValueError(f"{where} holds a {other} (saved from it), with no LM head: load it with its class, or "
+                             "save the causal LM (AutoModelForCausalLM, bsbr convert) instead")
         if problems:
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
@@ -1395,6 +1398,9 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, cache=cache,
                                                      attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                                      **kwargs)
+
+
+_HEADS = ("lm_head.", "score.", "qa_outputs.")  # (the heads' own weights, beside the decoder's)
 
 
 class BSBRForSequenceClassification(GenericForSequenceClassification, BSBRPreTrainedModel):
