@@ -38,8 +38,8 @@ class SourceWeightsError(ValueError):
 
 
 def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: torch.dtype = torch.float32):
-    """A transformers model from an instance, a local directory, a ``.gguf`` file, or a hub id
-    (where the network allows). ``None`` means the default SmolLM2 model."""
+    """A transformers model from an instance (returned as it is), a local directory, a ``.gguf`` file, or a hub
+    id (where the network allows), loaded in ``dtype``. ``None`` means the default SmolLM2 model."""
     if isinstance(source, PreTrainedModel):
         return source
     if source is None:
@@ -244,6 +244,9 @@ class TransformerToBSBRConverter:
         return config
 
     def convert(self, source) -> BSBRForCausalLM:
+        """``source`` (a transformers causal LM instance, a local directory, a ``.gguf`` file, a hub id, or None for
+        the default SmolLM2) converted: a float32 :class:`BSBRForCausalLM` in eval mode holding copies of its
+        weights (the source is left as it was)."""
         t0 = time.perf_counter()
         src = load_source(source)
         config = self.bsbr_config(src.config)
