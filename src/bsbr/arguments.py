@@ -212,9 +212,10 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
         return None
     why = f"its config differs: {', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}" if fields else \
         "weights fingerprint differs"
-    head = source_model.get_output_embeddings() if hasattr(source_model, "get_output_embeddings") else None
-    resized = fields == ["vocab_size"] and getattr(getattr(head, "weight", None), "shape", (None,))[0] == \
-        config.get("vocab_size")  # (the recorded source resized as the model was, most likely)
+    from .models.heads import head_rows
+
+    # the recorded source resized as the model was, most likely
+    resized = fields == ["vocab_size"] and head_rows(source_model) == config.get("vocab_size")
     msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
            f"({recorded.get('name')}, {recorded.get('model_type')}; {why}): "
            + (f"if it is that model, resized as {model_dir} was, pass --force to use it" if resized else
@@ -230,8 +231,9 @@ def _check_vocabulary(model_dir, config: dict, source, source_model, option: str
     converted model's (config.json's ``vocab_size``), naming the likely cause (``its_source``: it is the
     model it was converted from, so the converted model's embeddings were resized since)."""
     vocab = config.get("vocab_size")
-    head = source_model.get_output_embeddings() if hasattr(source_model, "get_output_embeddings") else None
-    rows = getattr(getattr(head, "weight", None), "shape", (None,))[0]
+    from .models.heads import head_rows
+
+    rows = head_rows(source_model)
     if not isinstance(vocab, int) or rows is None or rows == vocab:
         return
     why = (f", the model it was converted from: {model_dir}'s embeddings were resized since "

@@ -27,7 +27,7 @@ from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..models.bsbr.reach import exact_reach, gate_open
 from ..models.bsbr.modeling_bsbr import quantized_module
-from ..models.heads import final_hidden_states, position_blocks
+from ..models.heads import final_hidden_states, head_rows, position_blocks
 from ..outputs import checkpoint_strays, is_bsbr_output, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
 from ..results import software
@@ -394,9 +394,10 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if quantized is not None:  # (its packed weights are no parameters to train, nor weights a folder holds)
         raise TypeError(f"the student's {quantized} is a quantized module: distill the float model, and quantize it "
                         "after training")
-    if cfg.bf16 and quantized_module(teacher) is not None:  # (its quantized kernels take float32 alone)
-        raise TypeError(f"the teacher's {quantized_module(teacher)} is a quantized module, which bfloat16 autocast "
-                        "(bf16) cannot run: train without bf16, or give the float teacher")
+    quantized = quantized_module(teacher) if cfg.bf16 else None
+    if quantized is not None:  # (its quantized kernels take float32 alone)
+        raise TypeError(f"the teacher's {quantized} is a quantized module, which bfloat16 autocast (bf16) cannot "
+                        "run: train without bf16, or give the float teacher")
     half = next((n for n, p in student.named_parameters() if p.dtype == torch.float16), None)
     if half is not None:  # (every step divided 0 by 0 in the new pieces, whose gradient is 0 while the gate is closed)
         raise TypeError(f"the student's {half} is float16, in which AdamW's eps (1e-8) is 0: distill student.float() "
@@ -406,7 +407,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if head is None:
         raise TypeError(f"teacher must be a causal LM (a transformers model with an LM head), got "
                         f"{type(teacher).__name__}")
-    rows = getattr(getattr(head, "weight", None), "shape", (student.config.vocab_size,))[0]
+    rows = head_rows(teacher) or student.config.vocab_size
     if rows != student.config.vocab_size:  # (the KL compares their logits)
         raise ValueError(f"the teacher's vocabulary ({rows} tokens) is not the student's ({student.config.vocab_size}):"
                          " give the model the student was converted from (a student whose embeddings were resized "

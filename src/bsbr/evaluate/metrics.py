@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import check_not_interrupted
-from ..models.heads import final_hidden_states, output_object, position_blocks
+from ..models.heads import final_hidden_states, head_rows, output_object, position_blocks
 from ..ops.checks import check_int, check_number
 from .modes import in_eval_mode
 
@@ -259,13 +259,6 @@ class MetricAccumulator:
         return out
 
 
-def _vocab_rows(model) -> int:
-    """The rows of a model's LM head: its weight's, or a quantized linear's ``out_features`` (its weight is a
-    method there)."""
-    weight = getattr(model.get_output_embeddings(), "weight", None)
-    return weight.shape[0] if isinstance(weight, torch.Tensor) else model.get_output_embeddings().out_features
-
-
 @torch.no_grad()
 @in_eval_mode
 def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, local=None,
@@ -290,7 +283,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     check_int("batch_size", batch_size)
     models = {n: m for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window))
               if m is not None}
-    vocab = {n: _vocab_rows(m) for n, m in models.items()}
+    vocab = {n: head_rows(m) for n, m in models.items()}
     if len(set(vocab.values())) != 1:
         raise ValueError(f"the models' vocabularies differ: {vocab} (give the source the model was converted "
                          "from; a model whose embeddings were resized since needs a source with its vocabulary)")

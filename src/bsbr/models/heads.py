@@ -4,7 +4,7 @@ logits over SmolLM2's 49,152 tokens take 0.8 GB at 4,096 positions and grow with
 take 0.2 GB whatever its length."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -16,6 +16,14 @@ def output_object(model) -> dict:
     (a model of one's own need not take the argument)."""
     config = getattr(getattr(model, "module", model), "config", None)  # (DistributedDataParallel: its module's)
     return dict(return_dict=True) if getattr(config, "return_dict", True) is False else {}
+
+
+def head_rows(model) -> Optional[int]:
+    """The rows (the vocabulary) of ``model``'s LM head: its weight's, or a quantized linear's ``out_features`` (its
+    weight is a method there); None for a model without one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) else getattr(head, "out_features", None)
 
 
 def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
