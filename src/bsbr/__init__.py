@@ -17,7 +17,9 @@ from .lazy import lazy_names
 
 __version__ = "0.3.0.dev0"
 
-_EXPORTS = {"BSBRAttention": "layers", "BSBRCache": "models", "BSBRConfig": "models", "BSBRForCausalLM": "models", "BSBRLayer": "models",
+_EXPORTS = {"BSBRAttention": "layers", "BSBRBaseModel": "models", "BSBRCache": "models", "BSBRConfig": "models",
+            "BSBRForCausalLM": "models", "BSBRForQuestionAnswering": "models",
+            "BSBRForSequenceClassification": "models", "BSBRForTokenClassification": "models", "BSBRLayer": "models",
             "BSBRModel": "models", "TransformerToBSBRConverter": "convert", "convert_to_bsbr": "convert",
             "BSBROptions": "ops", "load_bsbr_model": "models"}
 __all__ = sorted([*_EXPORTS, "__version__"])

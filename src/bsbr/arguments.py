@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import SourceMismatchError, UserError, absent, check_not_interrupted, command_path
+from .notes import first_time
 
 logger = logging.getLogger(__name__)
 
@@ -280,9 +281,6 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
-_WARNED: set = set()
-
-
 def _warn_ignored_code(path: Path, option: str) -> None:
     """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
     runs (a class transformers does not have is refused when it loads); say that the built-in one is used. (A
@@ -304,8 +302,7 @@ def _warn_ignored_code(path: Path, option: str) -> None:
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
                 for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
         code = sorted({r.split(".")[0] + ".py" for r in refs if (path / (r.split(".")[0] + ".py")).is_file()})
-        if code and (path.resolve(), name) not in _WARNED:  # (a path is checked again when it loads)
-            _WARNED.add((path.resolve(), name))
+        if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
             logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
                            "built-in classes for it are used instead", option, path, name, ", ".join(code))
 

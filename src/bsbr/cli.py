@@ -20,6 +20,7 @@ import warnings
 from typing import Optional
 
 from .errors import INTERRUPTED
+from .notes import occasion
 
 # name -> (help, module whose register(sub) defines it)
 COMMANDS = {
@@ -339,7 +340,8 @@ def _main(argv) -> int:
         _expand_home(args)
         verbose = bool(getattr(args, "verbose", False))
         no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # none in a log, or when asked
-        with _command_settings(verbose, no_bars, _rank(args)), _generator_kept(args), _grad_as_in_a_process():
+        with _command_settings(verbose, no_bars, _rank(args)), _generator_kept(args), _grad_as_in_a_process(), \
+                occasion():  # (each run says its notes, as in a process of its own)
             return _run_main(parser, args, verbose, no_bars)
     except KeyboardInterrupt:  # Ctrl-C while the command's settings are made or given back (its run handles its own)
         return _interrupted(" ".join(filter(None, [args.command, getattr(args, "bench_command", None)])))

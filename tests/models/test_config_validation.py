@@ -422,13 +422,9 @@ def test_a_hand_edited_size_is_refused_before_the_model_is_built(tmp_path, monke
         BSBRForCausalLM.from_pretrained(tmp_path, **{field: value})
 
 
-def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplog, tmp_path, monkeypatch):
+def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplog, tmp_path):
     # BSBRModel's names were kept as unread attributes: BSBRConfig(hidden_dim=128, num_layers=2, ...) built the
     # defaults' 12 layers of 768 (89M parameters), and dropout=0.1 a model without dropout, without a word
-    import json
-
-    import bsbr.models.bsbr.configuration_bsbr as configuration
-
     with pytest.raises(ValueError, match=r"^hidden_dim 128, num_layers 2: BSBRModel's names, not BSBRConfig fields: "
                                          r"give hidden_size, num_hidden_layers \(the config has hidden_size 768, "
                                          r"num_hidden_layers 12\)$"):
@@ -441,7 +437,6 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
     BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "hidden_dim": 128, "dropout": 0.1}))
-    monkeypatch.setattr(configuration, "_WARNED_DROPOUT", set())
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path)
         BSBRConfig(attention_dropout=0.0)
@@ -456,6 +451,22 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         BSBRConfig(dropout=0.1, resid_pdrop=0.2)
     assert "dropout=0.1, resid_pdrop=0.2: bsbr's HF models have no dropout" in caplog.text
+
+
+def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplog):
+    # fine-tuning scripts pass attention_dropout for any Llama-family model: transformers gave it, unknown to the
+    # config, to the model's constructor (a TypeError), and AutoConfig dropped a non-zero one without a word
+    from transformers import AutoModelForSequenceClassification
+
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_pretrained(tmp_path, attention_dropout=0.0, resid_pdrop=0.0)
+    with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, attention_dropout=0.1, num_labels=2)
+    assert "attention_dropout=0.1: bsbr's HF models have no dropout" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
+        assert not hasattr(AutoConfig.from_pretrained(tmp_path, hidden_dropout=0.2), "hidden_dropout")
+    assert "hidden_dropout=0.2: bsbr's HF models have no dropout" in caplog.text
 
 
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
@@ -582,11 +593,8 @@ def test_options_an_earlier_bsbr_had_are_refused_by_name(tmp_path, retired):
 def test_a_folder_saved_when_blocks_were_scored_otherwise_is_warned_of(tmp_path, caplog):
     from model_sources import make_source
 
-    from bsbr.models.bsbr import configuration_bsbr
-
     convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
     _as_saved_before_versions(tmp_path, drop=("recall_tokens",))  # (2026-11-29/30: no recall_tokens yet)
-    configuration_bsbr._WARNED.clear()
     with caplog.at_level("WARNING"):
         load_bsbr_model(tmp_path)
     assert caplog.text.count("scored retrieval blocks by bounds of their keys (retired)") == 1
@@ -595,6 +603,34 @@ def test_a_folder_saved_when_blocks_were_scored_otherwise_is_warned_of(tmp_path,
     with caplog.at_level("WARNING"):
         load_bsbr_model(tmp_path / "now")
     assert "retrieval blocks" not in caplog.text
+
+
+def test_each_load_and_each_command_says_its_notes(tmp_path, caplog):
+    # the notes were said once per process, by their text: a second old folder (or a second command run in one
+    # program) loaded without its warning, as if it were a folder of today
+    from model_sources import make_source
+
+    from bsbr.cli import main
+
+    from word_tokenizer import build_word_tokenizer
+
+    for name in ("a", "b"):
+        convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path / name)
+        _as_saved_before_versions(tmp_path / name)
+    build_word_tokenizer().save_pretrained(tmp_path / "a")
+    note = "config.json records no bsbr_version"
+    for name in ("a", "b", "a"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load_bsbr_model(tmp_path / name)
+            AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert caplog.text.count(note) == 2, (name, caplog.text)  # (once per load, though each builds its config
+        # several times)
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["generate", str(tmp_path / "a"), "--prompt", "w1 w2", "--max-new-tokens", "1"]) == 0
+        assert caplog.text.count(note) == 1, caplog.text
 
 
 def test_weights_an_earlier_bsbr_built_are_refused_as_its(tmp_path):
@@ -639,11 +675,8 @@ def test_each_window_option_an_earlier_save_lacks_is_read_as_it_computed_then(tm
 def test_a_save_that_names_its_block_router_bounds_is_warned_of_as_such(tmp_path, caplog):
     from model_sources import make_source
 
-    from bsbr.models.bsbr import configuration_bsbr
-
     convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path)
     _as_saved_before_versions(tmp_path, block_router="bounds")  # (2026-11-30: recall_tokens recorded already)
-    configuration_bsbr._WARNED.clear()
     with caplog.at_level("WARNING"):
         loaded = load_bsbr_model(tmp_path)
     assert "scored retrieval blocks by bounds of their keys (retired)" in caplog.text

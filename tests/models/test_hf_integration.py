@@ -441,8 +441,9 @@ def test_rows_packing_several_sequences_read_each_alone_as_the_source_does(famil
     model.train()  # gradients reach the weights through the unpacking
     model(**packed).loss.backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
-    model.gradient_checkpointing_enable()  # (which builds no cache, asked or not: as the unpacked forward)
-    assert model(**packed, use_cache=True).cache is None
+    model.gradient_checkpointing_enable()  # (which builds no cache, asked or not: as the unpacked forward, which
+    with pytest.warns(UserWarning, match="use_cache=True does not go with activation checkpointing"):  # says so)
+        assert model(**packed, use_cache=True).cache is None
 
 
 def test_generate_refuses_a_foreign_cache_or_one_of_another_batch_in_one_line(model):
@@ -982,6 +983,43 @@ def test_labels_take_the_loss_ignore_index(model):
         model(ids, labels=labels - 1, ignore_index=-1)
 
 
+def test_a_task_head_where_a_causal_lm_is_needed_is_refused_naming_it(tmp_path):
+    """A classifier given where next-token predictions are read died deep inside (distill: "'NoneType' object is
+    not callable"; evaluate: "the models' vocabularies differ"); a tied model's classifier folder loaded as a
+    causal LM was "strict=False loads it anyway" (a classifier read as an LM); a transformers classifier as a
+    source, weights "missing" (its decoder is there) or "no place for" its head."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    from word_tokenizer import build_word_tokenizer
+
+    from bsbr.distill import DistillConfig, distill
+    from bsbr.evaluate import evaluate, run_passkey
+
+    src = make_source("qwen2")  # (tied embeddings: its classifier's folder lacks no LM head)
+    convert_to_bsbr(src, chunk_size=4).save_pretrained(tmp_path / "lm")
+    head = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2)
+    head.save_pretrained(tmp_path / "cls")
+    with pytest.raises(ValueError, match="cls holds a BSBRForSequenceClassification \\(saved from it\\), not a "
+                                         "causal LM: load it with AutoModelForSequenceClassification;"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "cls")
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    no_head = "is a BSBRForSequenceClassification, with no LM head, and .* compares next-token predictions"
+    with pytest.raises(TypeError, match="^student " + no_head):
+        distill(src, head, ids, tmp_path / "out", DistillConfig(steps=1))
+    with pytest.raises(TypeError, match="^model 'bsbr' " + no_head):
+        evaluate(head, src, build_word_tokenizer(), ids, chunk_size=4)
+    with pytest.raises(TypeError, match="^model 'bsbr' is a BSBRForSequenceClassification, which cannot generate"):
+        run_passkey({"bsbr": head}, build_word_tokenizer(), lengths=[16], depths=[0.5], trials=1)
+    qa = AutoModelForQuestionAnswering.from_config(src.config)
+    with pytest.raises(ValueError, match="^the source is a Qwen2ForQuestionAnswering, not a causal LM: convert the "
+                                         "causal LM it was made from$"):
+        convert_to_bsbr(qa)
+    qa.save_pretrained(tmp_path / "qa")
+    with pytest.raises(ValueError, match="qa holds a Qwen2ForQuestionAnswering \\(config.json's architectures\\), "
+                                         "not a causal LM: give the causal LM it was made from"):
+        convert_to_bsbr(str(tmp_path / "qa"))
+
+
 def test_task_heads_load_from_a_causal_lm_folder_train_and_reload(tmp_path):
     """AutoModelForSequenceClassification / TokenClassification / QuestionAnswering on a BSBR folder failed with
     transformers' 2,000-character "Unrecognized configuration class" (Llama's folders load them). The head is new
@@ -1010,10 +1048,21 @@ def test_task_heads_load_from_a_causal_lm_folder_train_and_reload(tmp_path):
     base = AutoModel.from_pretrained(tmp_path / "cls")  # the decoder of a head's folder (its head dropped)
     torch.testing.assert_close(base(ids).last_hidden_state, cls.model(ids).last_hidden_state)
     base.save_pretrained(tmp_path / "base")
-    for folder, kind in (("base", "BSBRBaseModel"), ("cls", "BSBRForSequenceClassification")):  # no LM head: said
-        with pytest.raises(ValueError, match=f"holds a {kind} \\(saved from it\\), with no LM head: load it with "
-                                             "its class"):  # (not "strict=False loads it anyway": a random head)
+    for folder, kind, auto in (("base", "BSBRBaseModel", "AutoModel"), ("cls", "BSBRForSequenceClassification",
+                                                                    "AutoModelForSequenceClassification")):
+        with pytest.raises(ValueError, match=f"holds a {kind} \\(saved from it\\), not a causal LM: load it with "
+                                             f"{auto};"):  # (no LM head: not "strict=False loads it anyway")
             AutoModelForCausalLM.from_pretrained(tmp_path / folder)
+    # another head's folder: its head dropped, this one's new (as transformers does; refused as not matching its
+    # config); a head of other labels on the folder's own, as the caller asks (ignore_mismatched_sizes=True)
+    qa_again = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "cls")
+    assert torch.equal(qa_again.model.embed_tokens.weight, cls.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="mismatched_keys': \\['score.weight \\(checkpoint \\(3, 48\\), config .*"
+                                         "ignore_mismatched_sizes=True makes a head of these labels anew\\)$"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", num_labels=5)
+    five = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", num_labels=5,
+                                                              ignore_mismatched_sizes=True)
+    assert five.score.weight.shape[0] == 5 and torch.equal(five.model.norm.weight, cls.model.norm.weight)
     weights = load_file(tmp_path / "cls" / "model.safetensors")  # a head's own folder without its head: refused
     del weights["score.weight"]
     save_file(weights, tmp_path / "cls" / "model.safetensors", metadata={"format": "pt"})

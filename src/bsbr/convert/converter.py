@@ -125,6 +125,9 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
 _STRAY_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$|(^|\.)rotary_emb\.inv_freq$")
 
 
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")  # (class names' ends)
+
+
 def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(*args, **kwargs)``, refusing (ValueError) what transformers
     would load with random, dropped or broken weights: a weight missing from the files, one config.json
@@ -145,13 +148,17 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     def listed(keys):
         keys = sorted(str(k) for k in keys)
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-    if info.get("missing_keys"):
-        raise ValueError(f"{name}: weights missing from its files (they would be random): "
-                         f"{listed(info['missing_keys'])}")
     # weights config.json has no place for (more layers than it says, another family's modules) would be
     # dropped silently (a bias config.json says the model has none of too); stray buffers of older checkpoints
     # (GPT-2's attn.bias / attn.masked_bias masks, rotary inv_freq) are not weights
     extra = [k for k in info.get("unexpected_keys") or () if not _STRAY_BUFFER.search(str(k))]
+    head = next((a for a in getattr(model.config, "architectures", None) or () if str(a).endswith(TASK_HEADS)), None)
+    if head is not None and (info.get("missing_keys") or extra):  # (a classifier's folder: its decoder under
+        raise ValueError(f"{name} holds a {head} (config.json's architectures), not a causal LM: give the causal "
+                         "LM it was made from")  # another prefix, or its head where no LM head is)
+    if info.get("missing_keys"):
+        raise ValueError(f"{name}: weights missing from its files (they would be random): "
+                         f"{listed(info['missing_keys'])}")
     if extra:
         raise ValueError(f"{name}: its files hold weights that config.json has no place for, which would be dropped "
                          f"(is config.json this model's?): {listed(extra)}")
@@ -252,6 +259,9 @@ class TransformerToBSBRConverter:
         config = self.bsbr_config(src.config)
         mt = config.source_model_type
         family = FAMILIES[mt]
+        if type(src).__name__.endswith(TASK_HEADS):  # (its own head: no LM head to convert; the weights were
+            raise SourceWeightsError(f"the source is a {type(src).__name__}, not a causal LM: convert the causal LM "
+                                     "it was made from")  # looked up as missing decoder weights)
         sd = src.state_dict()
         odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor) or v.is_quantized), None)
         if odd is not None:  # (torch's dynamic quantization keeps packed params; a module's extra state, a dict)

@@ -27,7 +27,7 @@ from ..arguments import weights_fingerprint
 from ..errors import CheckpointError
 from ..models.bsbr.reach import exact_reach, gate_open
 from ..models.bsbr.modeling_bsbr import quantized_module
-from ..models.heads import final_hidden_states, head_rows, position_blocks
+from ..models.heads import final_hidden_states, head_rows, position_blocks, refuse_without_lm_head
 from ..outputs import checkpoint_strays, is_bsbr_output, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
 from ..results import software
@@ -174,6 +174,8 @@ def end_to_end_loss(student, teacher, input_ids: torch.Tensor, lm_weight: float)
     the backward pass: both models' logits of a whole 4,096-token window, with their softmaxes and
     gradients, were 4 of a step's 9.4 GB (float32)."""
     model = getattr(student, "module", student)
+    refuse_without_lm_head(model, "student", "the distillation loss")
+    refuse_without_lm_head(teacher, "teacher", "the distillation loss")
     n = input_ids.shape[1]
     if n < 2:
         raise ValueError(f"input_ids of {n} token(s) per window: nothing to predict (give windows of >= 2 tokens)")
@@ -390,6 +392,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if getattr(getattr(student, "config", None), "model_type", None) != "bsbr":  # (else an AttributeError, later)
         raise TypeError(f"student must be a converted BSBRForCausalLM (convert_to_bsbr(source)), got "
                         f"{type(student).__name__}")
+    refuse_without_lm_head(student, "student", "distill")
     quantized = quantized_module(student)
     if quantized is not None:  # (its packed weights are no parameters to train, nor weights a folder holds)
         raise TypeError(f"the student's {quantized} is a quantized module: distill the float model, and quantize it "
@@ -402,11 +405,10 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if half is not None:  # (every step divided 0 by 0 in the new pieces, whose gradient is 0 while the gate is closed)
         raise TypeError(f"the student's {half} is float16, in which AdamW's eps (1e-8) is 0: distill student.float() "
                         "(cfg.bf16 trains it under bfloat16 autocast)")
-    head = teacher.get_output_embeddings() if isinstance(teacher, torch.nn.Module) and hasattr(
-        teacher, "get_output_embeddings") else None
-    if head is None:
+    if not isinstance(teacher, torch.nn.Module):
         raise TypeError(f"teacher must be a causal LM (a transformers model with an LM head), got "
                         f"{type(teacher).__name__}")
+    refuse_without_lm_head(teacher, "teacher", "distill")
     rows = head_rows(teacher) or student.config.vocab_size
     if rows != student.config.vocab_size:  # (the KL compares their logits)
         raise ValueError(f"the teacher's vocabulary ({rows} tokens) is not the student's ({student.config.vocab_size}):"

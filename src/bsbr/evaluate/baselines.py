@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..notes import first_time
+
 logger = logging.getLogger(__name__)
 
 
@@ -44,9 +46,6 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     return convert_to_bsbr(reference, chunk_size=chunk_size, **opts)
 
 
-_TOLD: set = set()
-
-
 def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
     """The tokenizer saved next to the model, else the reference's (None: the bundled SmolLM2)."""
     from transformers import AutoTokenizer
@@ -62,8 +61,7 @@ def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
         except Exception as e:  # (unreadable: tokenizers raises its own kind for a newer format)
             why = f"its tokenizer does not load: {' '.join(str(e).split())}"
     said = f"{model_dir}: {why}; using the reference's"
-    if said not in _TOLD:  # (eval loads it for its checks, its models and its pass-key prompts)
-        _TOLD.add(said)
+    if first_time(said):  # (eval loads it for its checks, its models and its pass-key prompts)
         logger.info("%s", said)
     tokenizer = load_tokenizer(reference)
     if tokenizer is None:

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import check_not_interrupted
-from ..models.heads import final_hidden_states, head_rows, output_object, position_blocks
+from ..models.heads import final_hidden_states, head_rows, output_object, position_blocks, refuse_without_lm_head
 from ..ops.checks import check_int, check_number
 from .modes import in_eval_mode
 
@@ -283,6 +283,8 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     check_int("batch_size", batch_size)
     models = {n: m for n, m in (("bsbr", model), ("source", source), ("local", local), ("window", window))
               if m is not None}
+    for n, m in models.items():
+        refuse_without_lm_head(m, f"model {n!r}", "evaluate")
     vocab = {n: head_rows(m) for n, m in models.items()}
     if len(set(vocab.values())) != 1:
         raise ValueError(f"the models' vocabularies differ: {vocab} (give the source the model was converted "

@@ -315,6 +315,10 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
         models = {n: m for n, m in models.items() if n in set(only)}
     if not models:
         raise ValueError("models must name at least one model")
+    for name, model in models.items():
+        if not callable(getattr(model, "generate", None)):  # (a task head's class: an AttributeError, later)
+            raise TypeError(f"model {name!r} is a {type(model).__name__}, which cannot generate: the pass-key test "
+                            "runs causal LMs (AutoModelForCausalLM)")
     sources = filler_sources(default_fillers(trials) if fillers is None else fillers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))

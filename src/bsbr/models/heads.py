@@ -26,6 +26,16 @@ def head_rows(model) -> Optional[int]:
     return weight.shape[0] if isinstance(weight, torch.Tensor) else getattr(head, "out_features", None)
 
 
+def refuse_without_lm_head(model, role: str, use: str) -> None:
+    """A TypeError naming ``role`` when ``model`` has no LM head (a task head's or a base model's class), which
+    ``use`` (what needs next-token predictions) cannot run: else a None head failed deep inside."""
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        return
+    name = type(getattr(model, "module", model)).__name__
+    raise TypeError(f"{role} is a {name}, with no LM head, and {use} compares next-token predictions: give the "
+                    "causal LM (AutoModelForCausalLM; a task head's model: the causal LM it was made from)")
+
+
 def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     """(b, n, D): the input of ``model``'s LM head (after the final norm; HF models and BSBR alike) for
     ``input_ids`` (b, n), no cache; the model's own logits are made for the last position only."""

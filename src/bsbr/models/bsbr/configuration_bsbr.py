@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS, default_feature_map
 from ...ops.bsbr import BSBROptions
+from ...notes import first_time
 from ...numbers import MAX_TOKENS
 from ...ops.checks import check_flag, check_int, check_number, shown
 
@@ -41,14 +42,12 @@ MAX_SIZE = 1 << 24
 # rope_parameters' numbers past rope_theta (linear, dynamic, yarn, llama3, longrope scaling): > 0, yarn's mscales >= 0
 _ROPE_NUMBERS = {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
                  "high_freq_factor", "partial_rotary_factor", "original_max_position_embeddings"}
-_WARNED: set = set()
 
 
 def _warn_once(message: str, *args) -> None:
-    """Log a warning once per process (a model builds its config more than once, a command loads it again)."""
+    """Log a warning once per load or command (:mod:`bsbr.notes`: a load builds its config more than once)."""
     text = message % args
-    if text not in _WARNED and not getattr(_NOTES, "off", False):  # (a note kept back is not said yet)
-        _WARNED.add(text)
+    if not getattr(_NOTES, "off", False) and first_time(text):  # (a note kept back is not said yet)
         logger.warning(text)
 
 
@@ -208,14 +207,16 @@ def _refuse_native_names(config, kwargs: dict) -> None:
                          + ("name, not a BSBRConfig field" if len(wrong) == 1 else "names, not BSBRConfig fields")
                          + f": give {', '.join(_NATIVE_NAMES[n] for n in wrong)} (the config has "
                          + ", ".join(f"{_NATIVE_NAMES[n]} {getattr(config, _NATIVE_NAMES[n])!r}" for n in wrong) + ")")
+    _drop_dropout(kwargs)
+
+
+def _drop_dropout(kwargs: dict) -> None:
+    """Take the dropout options (Llama's ``attention_dropout``, GPT-2's ``resid_pdrop``: scripts pass them for
+    any model) out of ``kwargs``, warned of once where non-zero: the models have no dropout."""
     dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if "dropout" in k or k.endswith("pdrop")]}
     said = ", ".join(f"{k}={v}" for k, v in dropout.items() if v)
-    if said and said not in _WARNED_DROPOUT:
-        _WARNED_DROPOUT.add(said)
-        logger.warning("BSBRConfig: %s: bsbr's HF models have no dropout, so this is not read", said)
-
-
-_WARNED_DROPOUT: set = set()
+    if said:
+        _warn_once("BSBRConfig: %s: bsbr's HF models have no dropout, so this is not read", said)
 
 
 _AUTO_CLASSES = {"AutoConfig": "BSBRConfig", "AutoModel": "BSBRBaseModel", "AutoModelForCausalLM": "BSBRForCausalLM",
@@ -442,7 +443,8 @@ class BSBRConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """transformers' ``from_dict``, except that BSBRModel's argument names a saved config holds (an earlier
-        bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning, and
+        bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning, as
+        are dropout overrides (``from_pretrained(..., attention_dropout=0.1)``: the models have none), and
         a config an earlier bsbr saved is read as that bsbr computed it, or refused or warned of where this
         bsbr cannot (:func:`_saved_config`)."""
         config_dict = _saved_config(config_dict)
@@ -452,6 +454,7 @@ class BSBRConfig(PretrainedConfig):
                            "has %s)", ", ".join(f"{n}={config_dict[n]!r}" for n in stray),
                            ", ".join(f"{_NATIVE_NAMES[n]}={config_dict.get(_NATIVE_NAMES[n])!r}" for n in stray))
             config_dict = {k: v for k, v in config_dict.items() if k not in _NATIVE_NAMES}
+        _drop_dropout(kwargs)  # (from_pretrained's overrides: transformers gives the model those a config lacks)
         return super().from_dict(config_dict, **kwargs)
 
     def convert_rope_params_to_dict(self, **kwargs) -> dict:

@@ -29,13 +29,14 @@ from transformers.modeling_layers import (GenericForQuestionAnswering, GenericFo
                                           GenericForTokenClassification, GradientCheckpointingLayer)
 
 from ...errors import command_path
+from ...notes import occasion
 from ...layers.bsbr_attention import BSBRAttention, op_dtype
 from ...layers.inputs import check_input_ids, check_labels, check_position_ids, mask_to_valid, token_positions
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
 from ...ops.checks import eager, exporting
-from .configuration_bsbr import POSITION_SCHEMES, BSBRConfig, notes_off, write_auto_code
+from .configuration_bsbr import _AUTO_CLASSES, POSITION_SCHEMES, BSBRConfig, notes_off, write_auto_code
 
 
 class BSBRRMSNorm(nn.Module):
@@ -757,9 +758,10 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError(_NO_CONTINUOUS_BATCHING)
         raise ValueError(f"attn_implementation={attn_implementation!r}: a BSBR model takes 'eager' or 'sdpa' (both "
                          "run BSBR attention, its own op: the exact window and the retrieved blocks in one softmax; "
-                         "no other kernel can): load the model without attn_implementation or with one of those")
+                         "no other kernel can): give one of those, or leave attn_implementation out")
 
     @classmethod
+    @occasion()  # (its config's notes are said for each load)
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """transformers' ``from_pretrained`` (also what ``AutoModelForCausalLM`` calls), strict: a weight the
         checkpoint lacks, one it has in excess, one of another shape or one holding nan/inf is an error,
@@ -797,18 +799,21 @@ class BSBRPreTrainedModel(PreTrainedModel):
             if given is None or isinstance(given, PretrainedConfig):  # (a config named by a path: not read here)
                 refuse_sizes_past_the_weights(local, given, kwargs, variant)
         want_info = kwargs.pop("output_loading_info", False)
-        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, with the others
+        reinit_mismatched = kwargs.get("ignore_mismatched_sizes", False)  # (the caller's: a new head of other
+        # labels on a classifier's folder, as transformers does it)
+        kwargs["ignore_mismatched_sizes"] = True  # reported below, by name, with the others
         where = local if local is not None else where  # (the checkpoint the messages below name: its subfolder)
         with LOADING:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         new_head = getattr(model, "_new_head", None)
         if not hasattr(model, "lm_head"):  # a base model or task head loaded from another's checkpoint drops its head
-            heads = ("lm_head.",) if new_head is not None else _HEADS
-            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith(heads)]
+            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith(_HEADS)]
         saved_as = getattr(model.config, "architectures", None) or ()
         if new_head is not None and type(model).__name__ not in saved_as:  # a task head on another model's folder
             # starts untrained (transformers' load report names it: MISSING, newly initialized)
             info["missing_keys"] = [k for k in info.get("missing_keys", ()) if not str(k).startswith(new_head)]
+        if reinit_mismatched:  # (initialised anew: transformers' load report names them)
+            info["mismatched_keys"] = []
         def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)
             if isinstance(entry, tuple) and len(entry) == 3:
                 return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
@@ -821,14 +826,20 @@ class BSBRPreTrainedModel(PreTrainedModel):
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
         other = next((a for a in saved_as if a.startswith("BSBR") and a != "BSBRForCausalLM"), None)
-        if other and problems.get("missing_keys") == ["lm_head.weight"] and not problems.get("mismatched_keys") \
-                and all(k.startswith(_HEADS) for k in problems.get("unexpected_keys", ())):
-            raise ValueError(f"{where} holds a {other} (saved from it), with no LM head: load it with its class, or "
-                             "save the causal LM (AutoModelForCausalLM, bsbr convert) instead")
+        if other and hasattr(model, "lm_head") and set(problems.get("missing_keys", ())) <= {"lm_head.weight"} and \
+                not problems.get("mismatched_keys") and all(k.startswith(_HEADS) for k in problems.get(
+                    "unexpected_keys", ())):  # (a tied model's folder lacks no lm_head: its task head is extra)
+            auto = {name: auto for auto, name in _AUTO_CLASSES.items()}.get(other, other)
+            raise ValueError(f"{where} holds a {other} (saved from it), not a causal LM: load it with {auto}; "
+                             "a causal LM's folder (bsbr convert's output) generates, evaluates and distills")
         if problems:
+            labels = problems.keys() == {"mismatched_keys"} and all(
+                k.startswith(("score.", "qa_outputs.")) for k in problems["mismatched_keys"])
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
-                             f"from_pretrained(..., strict=False) loads it anyway)")
+                             f"from_pretrained(..., strict=False) loads it anyway" + (
+                                 "; ignore_mismatched_sizes=True makes a head of these labels anew" if labels else "")
+                             + ")")
         bad = sorted(n for n, p in model.named_parameters() if not p.is_meta and not bool(torch.isfinite(p).all()))
         bad += offloaded_nonfinite(model)  # (device_map's disk or cpu offload: none of them in memory)
         if bad:  # (a diverged run's weights generate blanks or fail to sample)
@@ -963,6 +974,10 @@ def _refuse_forgotten_tokens(cached_mask: torch.Tensor, cache: BSBRCache) -> Non
 
 # the config fields whose None a new config resolves from the others (a default that depends on them)
 _RESOLVED = ("retrieval_blocks", "feature_map", "head_dim", "num_key_value_heads", "attention_out_bias")
+
+
+_NO_CACHE_CHECKPOINTED = ("use_cache=True does not go with activation checkpointing (each layer runs again in the "
+                          "backward pass): no cache is returned")
 
 
 class BSBRBaseModel(BSBRPreTrainedModel):
@@ -1144,8 +1159,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                                  "the backward pass, which cannot continue a cache: continue it in eval mode or under "
                                  "torch.no_grad(), or call activation_checkpointing_disable() first")
             if use_cache:
-                warn_caller("use_cache=True does not go with activation checkpointing (each layer runs again in the "
-                            "backward pass): no cache is returned")
+                warn_caller(_NO_CACHE_CHECKPOINTED)
             use_cache = False  # as transformers' models do: a training forward builds no cache (without
             # gradients, e.g. generate in train mode, nothing is replayed and the cache is kept)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -1180,7 +1194,9 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         (a BSBR row is one sequence: its chunks count from the row's first token). No cache is built."""
         checkpointed = self.training and torch.is_grad_enabled() and self.layers and \
             self.layers[0].gradient_checkpointing
-        if use_cache and not checkpointed:  # (under activation checkpointing no cache is built anyway)
+        if use_cache and checkpointed:  # (no cache is built anyway)
+            warn_caller(_NO_CACHE_CHECKPOINTED)
+        elif use_cache:
             raise ValueError("use_cache=True: these rows pack several sequences (position_ids restart within a row, "
                              "with no attention_mask), and a cache continues one sequence per row: pass "
                              "use_cache=False, or one sequence per row")
