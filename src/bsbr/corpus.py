@@ -400,6 +400,4 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len
     if not out:
         raise ValueError(f"the corpus has only {len(buffer)} tokens: not enough for one window of {seq_len}; "
                          "lower --seq-len or give more text")
-    if max_windows is not None and len(out) < max_windows:
-        logger.warning("corpus gave %d windows of %d tokens (asked for %d)", len(out), seq_len, max_windows)
     return torch.tensor(out, dtype=torch.long)

@@ -148,7 +148,7 @@ def register(sub) -> None:
     p.add_argument("--no-passkey", action="store_true", help="skip the pass-key (6 prompts of --seq-len tokens "
                                                               "each for the source, the window alone and BSBR)")
     p.add_argument("--speed-lens", type=integer(), nargs="+", default=[1024, 4096],
-                   help="prefill lengths timed side by side (default %(default)s)")
+                   help="prefill lengths timed side by side (default 1024 4096)")
     # a short context, and a long one within the source's 8,192 positions (with 16 decode steps), where BSBR's
     # step is faster (docs/findings.md, Speed)
     p.add_argument("--decode-contexts", type=integer(), nargs="*", default=[1024, 8000],

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -304,6 +305,25 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
     assert _distilled_on(Namespace(**{**vars(args), "split": None}), {}) is None  # (eval's default: heldout)
     (conv / "distill.json").write_text(json.dumps(dict(data=dict(kind="text_files", files=5))))  # (edited by hand)
     assert _distilled_on(Namespace(model=str(conv), text_file=[str(trained)], dataset=None, split=None), {}) is None
+
+
+def test_eval_logs_its_baselines_conversions_quietly(tmp_path, word_tokenizer, caplog):
+    # each baseline conversion logged "converted mistral ..." and the source's sliding-window note again,
+    # with bsbr convert's advice (eval has none of its options); the perplexities were a dict's repr
+    src = make_source("mistral")
+    src.save_pretrained(tmp_path / "ref")
+    convert_to_bsbr(src, chunk_size=CHUNK).save_pretrained(tmp_path / "conv")
+    word_tokenizer.save_pretrained(tmp_path / "conv")
+    (tmp_path / "code.py").write_text(PYTHON_TEXT)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["eval", str(tmp_path / "conv"), "--reference", str(tmp_path / "ref"), "--text-file",
+                     str(tmp_path / "code.py"), "--seq-len", "40", "--max-windows", "1", "--no-passkey",
+                     "--no-progress"]) == 0
+    assert caplog.text.count("attends within a sliding window") == 1, caplog.text
+    assert "converted mistral" not in caplog.text and "{'bsbr'" not in caplog.text
+    assert re.search(r"perplexity past the first chunk: bsbr [0-9.]+, source [0-9.]+, local [0-9.]+, window "
+                     r"[0-9.]+; gap closed -?[0-9.]+", caplog.text), caplog.text
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -112,7 +112,7 @@ def run_attention(args: argparse.Namespace) -> int:
     for t in result["targets"]:
         unjudged = "not measured" if t["value"] is None else f"not judged (set for {shape})"
         met = {True: "MET", False: "NOT MET", None: unjudged}[t["met"]]
-        print(f"  {t['target']}: {t['value']} -> {met}")
+        print(f"  {t['target']}: " + (met if t["value"] is None else f"{t['value']} -> {met}"))
     if "core" in result:
         core = result["core"]
         print(f"core op vs dense matmul ({core['matmul_gflops_per_s']} GFLOP/s at {core['matmul_size']}^2):")

@@ -14,9 +14,10 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from transformers import PreTrainedModel
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
+from ..notes import first_time, occasion
 from ..progress import gguf_bar_follows
 from ..models.bsbr.modeling_bsbr import (refuse_non_float_weights, refuse_pickled_hub_weights, refuse_pickled_weights,
                                           weights_held)
@@ -120,6 +122,20 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
     if isinstance(stated, int) and not isinstance(stated, bool) and held and held[0] and stated > held[0]:
         raise ValueError(f"{path}: config.json gives {stated:,} layers ({key}), its weights hold "
                          f"{held[0]}: restore the config.json saved with these weights")
+
+
+_BASELINE = threading.local()  # .on: this thread converts a baseline (its summary is logged at DEBUG)
+
+
+@contextlib.contextmanager
+def as_baseline() -> Iterator[None]:
+    """Conversions in the block are a command's baselines (``bsbr eval``'s), not the user's: no summary line."""
+    saved = getattr(_BASELINE, "on", False)
+    _BASELINE.on = True
+    try:
+        yield
+    finally:
+        _BASELINE.on = saved
 
 
 _STRAY_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$|(^|\.)rotary_emb\.inv_freq$")
@@ -250,6 +266,7 @@ class TransformerToBSBRConverter:
             raise ValueError(hybrid_as_window)
         return config
 
+    @occasion()  # (its notes are said for each conversion)
     def convert(self, source) -> BSBRForCausalLM:
         """``source`` (a transformers causal LM instance, a local directory, a ``.gguf`` file, a hub id, or None for
         the default SmolLM2) converted: a float32 :class:`BSBRForCausalLM` in eval mode holding copies of its
@@ -279,14 +296,17 @@ class TransformerToBSBRConverter:
         if not any(k.startswith(family.base_prefix + ".") for k in sd):  # a base model (GPT2Model, LlamaModel)
             sd = {f"{family.base_prefix}.{k}": v for k, v in sd.items()}
         for note in source_notes(src.config) if family is LLAMA_LIKE else ():
-            logger.warning("%s", note)
+            if first_time(note):  # (once per conversion, or per command: eval converts its baselines too)
+                logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
         if config.tie_word_embeddings and "lm_head.weight" in sd and family.embed_key in sd and \
                 not torch.equal(sd["lm_head.weight"], sd[family.embed_key]):  # (a head replaced after loading)
-            logger.warning("the source's config ties its word embeddings, but its lm_head differs from them (as "
-                           "transformers loads such a model: untied): the BSBR model keeps them untied "
-                           "(tie_word_embeddings=False)")
+            untied = ("the source's config ties its word embeddings, but its lm_head differs from them (as "
+                      "transformers loads such a model: untied): the BSBR model keeps them untied "
+                      "(tie_word_embeddings=False)")
+            if first_time(untied):
+                logger.warning("%s", untied)
             config.tie_word_embeddings = False
         with _named_as_the_source(mt), torch.random.fork_rng(devices=[]):  # (the random initial weights are all
             model = BSBRForCausalLM(config).float()  # overwritten: the caller's generator is left as it was)
@@ -339,7 +359,8 @@ class TransformerToBSBRConverter:
         s = model.conversion_summary = dict(source_model_type=mt, params_source=before, params_bsbr=after,
                                             extra_params_pct=100.0 * (after - before) / before,
                                             seconds=time.perf_counter() - t0)
-        logger.info("converted %s (%d layers): %.2fM -> %.2fM parameters (+%.2f%%) in %.1fs", mt,
+        logger.log(logging.DEBUG if getattr(_BASELINE, "on", False) else logging.INFO,
+                   "converted %s (%d layers): %.2fM -> %.2fM parameters (+%.2f%%) in %.1fs", mt,
                     config.num_hidden_layers, before / 1e6, after / 1e6, s["extra_params_pct"], s["seconds"])
         return model.eval()
 

@@ -29,6 +29,7 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
     copies ``like``'s exact window (``local_chunks``, ``sink_tokens``): the model's exact window alone
     (its sinks read at the far positions the model reads them at), so that only retrieval separates the two."""
     from ..convert import convert_to_bsbr
+    from ..convert.converter import as_baseline
 
     # chunk-local, whatever the converter's defaults; no exact blocks either way
     opts = dict(local_chunks=1, sink_tokens=0, retrieval_blocks=0, gate_init=0.0)
@@ -43,7 +44,8 @@ def local_baseline(reference, chunk_size: int, like=None, same_window: bool = Fa
                     far_positions=far, position_scheme=cfg.position_scheme)
     if same_window and cfg is not None:
         opts.update(local_chunks=cfg.local_chunks, sink_tokens=cfg.sink_tokens)
-    return convert_to_bsbr(reference, chunk_size=chunk_size, **opts)
+    with as_baseline():
+        return convert_to_bsbr(reference, chunk_size=chunk_size, **opts)
 
 
 def load_eval_tokenizer(model_dir: os.PathLike, reference=None):

@@ -314,8 +314,9 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
         del hidden
         logger.debug("window %d/%d done", start + ids.shape[0], n_win)
     lm = acc.result()
-    logger.info("perplexity past the first chunk: %s; gap closed %s",
-                {k: round(x, 4) for k, x in lm["perplexity"].items()}, lm.get("gap_closed"))
+    gap = lm.get("gap_closed")
+    logger.info("perplexity past the first chunk: %s; gap closed %s", ", ".join(
+        f"{k} {x:.4g}" for k, x in lm["perplexity"].items()), "undefined" if gap is None else f"{gap:.3f}")
     result = dict(config=dict(chunk_size=chunk_size, seq_len=seq_len, windows=n_win, scored_tokens=lm["tokens"],
                               bucket_scheme=buckets, ks=list(ks)),
                   language_modeling=lm)

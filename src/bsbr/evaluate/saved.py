@@ -47,7 +47,11 @@ def eval_windows(tokenizer, *, text_files=None, dataset=None, dataset_config=Non
     from ..corpus import corpus_texts, token_windows
 
     texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
-    return token_windows(tokenizer, texts, seq_len, max_windows, stride), corpus_info
+    windows = token_windows(tokenizer, texts, seq_len, max_windows, stride)
+    if windows.shape[0] < max_windows:  # (distill's --max-windows is a cap, and says how many it trains on)
+        logger.warning("the corpus gave %d windows of %d tokens (of the %d asked for): the figures rest on fewer",
+                       windows.shape[0], seq_len, max_windows)
+    return windows, corpus_info
 
 
 def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[dict] = None,
