@@ -2,6 +2,7 @@
 and runs data-parallel under torchrun (DistributedDataParallel) with the weights of one process."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,18 @@ def test_distill_trains_under_no_grad_and_refuses_weights_made_in_inference_mode
     with pytest.raises(ValueError, match="loaded under torch.inference_mode"):
         distill(teacher, student, windows(2, 48), tmp_path / "b", DistillConfig(steps=2), progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_without_a_progress_bar_the_steps_are_logged(tmp_path, monkeypatch, caplog):
+    # with stderr not a terminal (a log file, CI) a run said nothing between its start and its end
+    from bsbr.distill import trainer
+
+    monkeypatch.setattr(trainer, "STEP_LOG_SECONDS", 0.0)
+    teacher, student = fresh()
+    with caplog.at_level("INFO", logger="bsbr.distill.trainer"):
+        distill(teacher, student, windows(2, 48), tmp_path / "a", DistillConfig(steps=2), progress=False)
+    assert re.search(r"step 1/2: kl [0-9.]+, ce [0-9.]+, \d+ s in", caplog.text), caplog.text
+    assert "step 2/2: kl" in caplog.text
 
 
 def test_an_earlier_bsbrs_checkpoint_is_named_first_by_the_library_too(tmp_path):

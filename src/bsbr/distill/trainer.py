@@ -91,6 +91,7 @@ class DistillConfig:
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
+STEP_LOG_SECONDS = 60.0  # without a progress bar (a log file, --no-progress) a step's losses are logged this often
 RESUMABLE_CHANGES = ("steps", "minutes", "checkpoint_every", "activation_checkpointing")
 
 
@@ -516,6 +517,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     out_of_time = _any_rank(budget is not None and time.monotonic() - t0 >= budget, world)  # every rank starts alike
     bar = progress_bar(disable=rank != 0 or not bar_on, desc="distill", unit="step", total=cfg.steps,
                        initial=progress["step"])  # (a resume's bar starts where its checkpoint is)
+    said_at = time.monotonic()
     try:  # the bar ends its line before any error is printed
         def finished() -> bool:  # the steps asked for are done, or the time budget ran out
             return (cfg.steps is not None and progress["step"] >= cfg.steps) or out_of_time
@@ -549,6 +551,10 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             progress["log"].append(entry)
             bar.update(1)
             bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
+            if rank == 0 and bar.disable and time.monotonic() - said_at >= STEP_LOG_SECONDS:  # (no bar: a line)
+                said_at = time.monotonic()
+                logger.info("step %d%s: kl %.4f, ce %.4f, %.0f s in", progress["step"],
+                            "" if cfg.steps is None else f"/{cfg.steps}", entry["kl"], entry["ce"], said_at - t0)
             # (the last step's checkpoint is written after the trained model's logits are checked, below)
             if rank == 0 and (stop or (progress["step"] % cfg.checkpoint_every == 0 and not finished())):
                 save({**progress, "elapsed": time.monotonic() - t0})
