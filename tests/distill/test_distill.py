@@ -617,25 +617,33 @@ def test_torchrun_two_processes_gloo_equals_one_process_on_both_windows(tmp_path
 
 def test_cli_defaults_are_the_measured_recipe_and_bad_combinations_are_refused(capsys):
     from bsbr.cli import build_parser, main
-    from bsbr.distill.cli import _base_lr, _plan
+    from bsbr.distill.cli import _plan
 
     args = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60"])
-    assert (args.steps, args.params, args.lr, args.lm_weight, _base_lr(args)) == (None, "new", 3e-3, 0.0, None)
+    assert (args.steps, args.params, args.lr, args.lm_weight, args.base_lr) == (None, "new", 3e-3, 0.0, None)
     cfg = _plan(args)
     assert (cfg.steps, cfg.minutes, cfg.params, cfg.lr, cfg.base_lr) == (None, 60.0, "new", 3e-3, None)
     assert cfg.lr == DistillConfig.lr and cfg.checkpoint_every == DistillConfig.checkpoint_every  # one set of defaults
     full = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60",
                                       "--params", "all"])
-    assert _base_lr(full) == 6e-5
+    assert _plan(full).base_lr is None  # (resolved by distill, for Python callers too: test below)
     assert main(["distill", "--student", "s", "--output", "o"]) == 2
     assert "nothing to train" in capsys.readouterr().err
     assert main(["distill", "--student", "s", "--output", "o", "--minutes", "1", "--params", "new",
                  "--base-lr", "1e-5"]) == 2
     err = capsys.readouterr().err
     assert "--base-lr applies only to --params all or lora" in err, err
-    lora = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60",
-                                      "--params", "lora"])
-    assert _base_lr(lora) is None  # the adapters share --lr unless told otherwise
+
+
+def test_params_all_trains_the_sources_weights_at_the_base_lr_from_python_too(tmp_path):
+    # DistillConfig(params="all") trained every weight at lr (3e-3, 50x the command line's 6e-5): the pretrained
+    # weights' default lived in the command line alone
+    from bsbr.distill.trainer import BASE_LR
+
+    teacher, student = fresh()
+    cfg = DistillConfig(steps=1, params="all")
+    log = distill(teacher, student, windows(2, 48), tmp_path / "a", cfg, progress=False)
+    assert log["config"]["base_lr"] == BASE_LR == 6e-5 and cfg.base_lr is None  # (the caller's config as given)
 
 
 def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):

@@ -453,6 +453,31 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
     assert "dropout=0.1, resid_pdrop=0.2: bsbr's HF models have no dropout" in caplog.text
 
 
+def test_a_strict_refusal_says_why_without_transformers_report_first(tmp_path, caplog):
+    # a state_dict (or a config from memory) lacking a weight was blamed on "an earlier bsbr (config.json records
+    # no bsbr_version)", as "the BSBR checkpoint None"; transformers' report that the weight "was newly
+    # initialized" was printed before the refusal
+    from model_sources import make_source
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8)
+    weights = {k: v for k, v in model.state_dict().items() if k != "model.norm.weight"}
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match=r"^the BSBR checkpoint given as state_dict does "
+                                                                     r"not match its config: .*model.norm.weight.* "
+                                                                     r"strict=False\) loads it anyway\)$"):
+        BSBRForCausalLM.from_pretrained(None, config=model.config, state_dict=weights)
+    model.save_pretrained(tmp_path / "m")
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="loads it anyway"):
+        load_bsbr_model(tmp_path / "m")
+    assert "LOAD REPORT" not in caplog.text and "earlier bsbr" not in caplog.text
+    from transformers import AutoModelForSequenceClassification
+
+    model.save_pretrained(tmp_path / "lm")  # a load that is accepted still reports its new weights
+    with caplog.at_level("WARNING"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2)
+    assert "LOAD REPORT" in caplog.text and "score.weight" in caplog.text
+
+
 def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplog):
     # fine-tuning scripts pass attention_dropout for any Llama-family model: transformers gave it, unknown to the
     # config, to the model's constructor (a TypeError), and AutoConfig dropped a non-zero one without a word

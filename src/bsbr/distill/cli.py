@@ -28,11 +28,6 @@ from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_o
 logger = logging.getLogger(__name__)
 
 
-def _base_lr(args):
-    """--base-lr, 6e-5 by default with --params all (with lora, None: the adapters share --lr)."""
-    return 6e-5 if args.params == "all" and args.base_lr is None else args.base_lr
-
-
 def _plan(args):
     """The run's DistillConfig, checked before anything is loaded."""
     from .trainer import DistillConfig
@@ -50,7 +45,6 @@ def _plan(args):
             raise UserError("--params lora needs peft: pip install peft (or bsbr[lora])") from None
     try:  # the config's field names are the options' names
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
-        cfg.base_lr = _base_lr(args)
         cfg.validate()
     except ValueError as e:
         raise UserError(as_flags(str(e), ("base_lr", "lm_weight", "checkpoint_every", "steps", "minutes", "params",

@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
@@ -56,7 +56,8 @@ class DistillConfig:
     minutes: Optional[float] = None  # wall-clock budget; with steps, whichever ends first
     lr: float = 3e-3  # learning rate of the new pieces
     params: str = "new"  # what trains: the new pieces, all weights, or the new pieces plus LoRA adapters
-    base_lr: Optional[float] = None  # "all": lr of the source's own weights; "lora": of the adapters
+    base_lr: Optional[float] = None  # "all": lr of the source's own weights (None: BASE_LR); "lora": of the
+    # adapters (None: lr)
     lm_weight: float = 0.0  # weight of the LM loss beside the KL
     bf16: bool = False  # run teacher and student matmuls in bfloat16 (CPU autocast); weights stay float32
     seed: int = 0
@@ -91,6 +92,8 @@ class DistillConfig:
 
 
 # settings a resumed run may change: how long it runs and how often it saves; any other difference refuses
+BASE_LR = 6e-5  # params "all": the source's own weights' learning rate unless given (they move little; the new
+# pieces start from scratch at lr)
 STEP_LOG_SECONDS = 60.0  # without a progress bar (a log file, --no-progress) a step's losses are logged this often
 RESUMABLE_CHANGES = ("steps", "minutes", "checkpoint_every", "activation_checkpointing")
 
@@ -376,6 +379,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if not isinstance(cfg, DistillConfig):
         raise TypeError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if cfg.params == "all" and cfg.base_lr is None:  # (the caller's config is left as given)
+        cfg = replace(cfg, base_lr=BASE_LR)
     if hasattr(student, "merge_and_unload"):  # (its save_pretrained writes the adapters alone: no model published)
         raise TypeError("student is a peft model: merge its adapters (student.merge_and_unload()), then distill the "
                         "model that returns")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import math
 import re
@@ -128,6 +129,21 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 # it loads and puts back what it found, so two loads in threads left tying off for the process (every later
 # tied model then lacked its lm_head)
 LOADING = threading.RLock()
+
+
+class _HeldReport(logging.Filter):
+    """Holds back transformers' load report (its table of weights missing, "newly initialized"), which a strict
+    load that refuses them must not print first."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
 _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
@@ -802,9 +818,15 @@ class BSBRPreTrainedModel(PreTrainedModel):
         reinit_mismatched = kwargs.get("ignore_mismatched_sizes", False)  # (the caller's: a new head of other
         # labels on a classifier's folder, as transformers does it)
         kwargs["ignore_mismatched_sizes"] = True  # reported below, by name, with the others
-        where = local if local is not None else where  # (the checkpoint the messages below name: its subfolder)
-        with LOADING:
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        where = local if local is not None else where or "given as state_dict"  # (what the messages below name)
+        report = logging.getLogger("transformers.modeling_utils")
+        held = _HeldReport()  # transformers' report of weights "newly initialized", said once the load is accepted
+        report.addFilter(held)
+        try:
+            with LOADING:
+                model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        finally:
+            report.removeFilter(held)
         new_head = getattr(model, "_new_head", None)
         if not hasattr(model, "lm_head"):  # a base model or task head loaded from another's checkpoint drops its head
             info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith(_HEADS)]
@@ -821,7 +843,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
 
         problems = {k: sorted(map(named, v))[:8] for k, v in info.items()
                     if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if problems and getattr(model.config, "bsbr_version", None) is None:  # (config.json records none)
+        if problems and kwargs.get("config") is None and getattr(model.config, "bsbr_version", None) is None:
+            # (config.json records none; a config given from memory has none until it is saved)
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
@@ -845,6 +868,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
         if bad:  # (a diverged run's weights generate blanks or fail to sample)
             raise ValueError(f"the BSBR checkpoint {where}: weights hold nan or inf: {', '.join(bad[:3])}"
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; from Python, from_pretrained(..., strict=False) loads them)")
+        for record in held.records:
+            report.handle(record)
         return (model, info) if want_info else model
 
     @classmethod
