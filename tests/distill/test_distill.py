@@ -626,7 +626,7 @@ def test_cli_defaults_are_the_measured_recipe_and_bad_combinations_are_refused(c
     assert cfg.lr == DistillConfig.lr and cfg.checkpoint_every == DistillConfig.checkpoint_every  # one set of defaults
     full = build_parser().parse_args(["distill", "--student", "s", "--output", "o", "--minutes", "60",
                                       "--params", "all"])
-    assert _plan(full).base_lr is None  # (resolved by distill, for Python callers too: test below)
+    assert _plan(full).base_lr == 6e-5  # (DistillConfig's default, for Python callers too: test below)
     assert main(["distill", "--student", "s", "--output", "o"]) == 2
     assert "nothing to train" in capsys.readouterr().err
     assert main(["distill", "--student", "s", "--output", "o", "--minutes", "1", "--params", "new",

@@ -393,3 +393,21 @@ def test_a_folder_without_a_tokenizer_is_said_to_have_none_once(tmp_path, word_t
             assert load_eval_tokenizer(tmp_path / "model", ref) is not None
     assert caplog.text.count("has no tokenizer files; using the reference's") == 1, caplog.text
     assert "sentencepiece" not in caplog.text
+
+
+def test_evaluate_saved_says_each_note_once_and_reads_every_window_without_a_cap(tiny, tmp_path, word_tokenizer,
+                                                                              caplog):
+    # its loads cleared the notes said before them (the tokenizer note came twice), and max_windows=None (every
+    # window, as token_windows documents) was a TypeError
+    from bsbr.evaluate import evaluate_saved
+
+    src, _, _ = tiny
+    src.save_pretrained(tmp_path / "ref")
+    word_tokenizer.save_pretrained(tmp_path / "ref")
+    convert_to_bsbr(src, chunk_size=CHUNK).save_pretrained(tmp_path / "model")
+    (tmp_path / "code.py").write_text(PYTHON_TEXT * 3)
+    with caplog.at_level("INFO"):
+        result = evaluate_saved(tmp_path / "model", tmp_path / "ref", text_files=[tmp_path / "code.py"], seq_len=40,
+                                max_windows=None, progress=False)
+    assert caplog.text.count("has no tokenizer files; using the reference's") == 1, caplog.text
+    assert result["config"]["windows"] >= 2

@@ -443,14 +443,14 @@ def test_bsbr_models_argument_names_are_refused_and_a_dropout_is_warned_of(caplo
     assert "hidden_dim" not in model.config.to_dict() and "dropout" not in model.config.to_dict()
     assert f"config: hidden_dim=128: BSBRModel's names, which an earlier bsbr saved unread: dropped (the model has " \
         f"hidden_size={TINY['hidden_size']})" in caplog.text
-    assert caplog.text.count("dropout=0.1: bsbr's HF models have no dropout") == 1, caplog.text  # (once, not per build)
+    assert caplog.text.count("dropout=0.1: bsbr's decoder has no dropout") == 1, caplog.text  # (once, not per build)
     # without the field it names, the value is not dropped for the default: refused, as by the constructor
     with pytest.raises(ValueError, match="hidden_dim 48: BSBRModel's name"):
         BSBRConfig.from_dict({k: v for k, v in saved.items() if k != "hidden_size"} | {"hidden_dim": 48})
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         BSBRConfig(dropout=0.1, resid_pdrop=0.2)
-    assert "dropout=0.1, resid_pdrop=0.2: bsbr's HF models have no dropout" in caplog.text
+    assert "dropout=0.1, resid_pdrop=0.2: bsbr's decoder has no dropout" in caplog.text
 
 
 def test_a_strict_refusal_says_why_without_transformers_report_first(tmp_path, caplog):
@@ -487,11 +487,18 @@ def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplo
     AutoModelForCausalLM.from_pretrained(tmp_path, attention_dropout=0.0, resid_pdrop=0.0)
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path, attention_dropout=0.1, num_labels=2)
-    assert "attention_dropout=0.1: bsbr's HF models have no dropout" in caplog.text
+    assert "attention_dropout=0.1: bsbr's decoder has no dropout" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
         assert not hasattr(AutoConfig.from_pretrained(tmp_path, hidden_dropout=0.2), "hidden_dropout")
-    assert "hidden_dropout=0.2: bsbr's HF models have no dropout" in caplog.text
+    assert "hidden_dropout=0.2: bsbr's decoder has no dropout" in caplog.text
+    # the token-classification head's own dropout is kept and read (it was dropped with a note saying no dropout)
+    from transformers import AutoModelForTokenClassification
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tok = AutoModelForTokenClassification.from_pretrained(tmp_path, classifier_dropout=0.0, num_labels=3)
+    assert tok.dropout.p == 0.0 and tok.config.classifier_dropout == 0.0 and "no dropout" not in caplog.text
 
 
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
@@ -535,9 +542,37 @@ def test_the_saved_folder_says_which_bsbr_wrote_it_and_a_newer_one_is_warned_of(
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["bsbr_version"] == bsbr.__version__
     (tmp_path / "config.json").write_text(json.dumps(dict(config, bsbr_version="99.0")))
-    with caplog.at_level("WARNING"):
-        load_bsbr_model(tmp_path)
-    assert caplog.text.count(f"saved by bsbr 99.0, and this is bsbr {bsbr.__version__}: options added") == 1
+    from transformers import AutoModelForSequenceClassification
+
+    for load in (load_bsbr_model, AutoModelForCausalLM.from_pretrained,
+                 AutoModelForSequenceClassification.from_pretrained):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load(tmp_path)
+        newer = f"saved by bsbr 99.0, and this is bsbr {bsbr.__version__}: options added"
+        assert caplog.text.count(newer) == 1, (load, caplog.text)  # (the Auto classes said it twice: AutoConfig
+        # read the config, then the model's constructor built it again)
+
+
+def test_a_note_is_said_for_each_of_two_loads_at_once_in_threads(tmp_path, caplog):
+    # the notes said were shared by the threads: two old folders loaded at once said one note between them
+    import threading
+
+    from model_sources import make_source
+
+    for name in ("a", "b"):
+        convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path / name)
+        _as_saved_before_versions(tmp_path / name)
+    for _ in range(3):
+        caplog.clear()
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=lambda n=n: (start.wait(), load_bsbr_model(tmp_path / n))) for n in "ab"]
+        with caplog.at_level("WARNING"):
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert caplog.text.count("config.json records no bsbr_version") == 2, caplog.text
 
 
 def _as_saved_before_versions(folder, drop=(), **extra):

@@ -1008,6 +1008,10 @@ def test_a_task_head_where_a_causal_lm_is_needed_is_refused_naming_it(tmp_path):
         distill(src, head, ids, tmp_path / "out", DistillConfig(steps=1))
     with pytest.raises(TypeError, match="^model 'bsbr' " + no_head):
         evaluate(head, src, build_word_tokenizer(), ids, chunk_size=4)
+    wrapped = torch.nn.Module()  # (DistributedDataParallel keeps the model as .module)
+    wrapped.module = convert_to_bsbr(src, chunk_size=4)
+    with pytest.raises(TypeError, match="^model 'bsbr' is a Module wrapper: give the model it wraps \\(.module\\)$"):
+        evaluate(wrapped, src, build_word_tokenizer(), ids, chunk_size=4)
     with pytest.raises(TypeError, match="^model 'bsbr' is a BSBRForSequenceClassification, which cannot generate"):
         run_passkey({"bsbr": head}, build_word_tokenizer(), lengths=[16], depths=[0.5], trials=1)
     qa = AutoModelForQuestionAnswering.from_config(src.config)
@@ -1063,6 +1067,12 @@ def test_task_heads_load_from_a_causal_lm_folder_train_and_reload(tmp_path):
     five = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", num_labels=5,
                                                               ignore_mismatched_sizes=True)
     assert five.score.weight.shape[0] == 5 and torch.equal(five.model.norm.weight, cls.model.norm.weight)
+    cls.save_pretrained(tmp_path / "bad")  # (a decoder weight of another shape is still refused: it would be random)
+    weights = load_file(tmp_path / "bad" / "model.safetensors")
+    weights["model.norm.weight"] = torch.ones(7)
+    save_file(weights, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="mismatched_keys': \\['model.norm.weight \\(checkpoint \\(7,\\)"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "bad", ignore_mismatched_sizes=True)
     weights = load_file(tmp_path / "cls" / "model.safetensors")  # a head's own folder without its head: refused
     del weights["score.weight"]
     save_file(weights, tmp_path / "cls" / "model.safetensors", metadata={"format": "pt"})

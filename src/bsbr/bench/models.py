@@ -202,8 +202,9 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                 hist[m][kind].append((n, ms / 1e3))
                 spent[m] += sum(ts) if sum(ts) > 0 else per_model
         for m, row in row_of.items():
-            log.info("%s @ %d: fwd %s ms (+%s MiB), train %s ms (+%s MiB)", m, n, *(
-                "-" if row[k] is None else row[k] for k in ("time_ms", "peak_mb", "train_time_ms", "train_peak_mb")))
+            said = [f"{kind} {row[t]} ms (+{row[p]} MiB)" if row[t] is not None else f"{kind} not run"
+                    for kind, t, p in (("fwd", "time_ms", "peak_mb"), ("train", "train_time_ms", "train_peak_mb"))]
+            log.info("%s @ %d: %s", m, n, ", ".join(said))
         del ids, fns_of
         release_free_memory()
 
@@ -268,7 +269,10 @@ def format_table(result: Dict[str, object]) -> str:
         for m, e in result["exponents"].items())]
     shape = ", ".join(f"{k} {v}" for k, v in TARGET_SHAPE.items())
     for t in result["targets"]:
-        said = "not measured" if t["measured"] in (None, {}) else f"measured {t['measured']} -> " + (
+        measured = t["measured"]
+        if isinstance(measured, dict):  # (a ratio per length)
+            measured = ", ".join(f"{n}: {x}" for n, x in measured.items())
+        said = "not measured" if t["measured"] in (None, {}) else f"measured {measured} -> " + (
             f"met={t['met']}" if t["met"] is not None else f"not judged (set for {shape})")
         lines.append(f"target: {t['target']}: {said}")
     return "\n".join(lines)

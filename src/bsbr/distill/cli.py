@@ -45,7 +45,7 @@ def _plan(args):
             raise UserError("--params lora needs peft: pip install peft (or bsbr[lora])") from None
     try:  # the config's field names are the options' names
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
-        cfg.validate()
+        cfg = cfg.resolved()
     except ValueError as e:
         raise UserError(as_flags(str(e), ("base_lr", "lm_weight", "checkpoint_every", "steps", "minutes", "params",
                                           "lr"))) from e

@@ -66,6 +66,11 @@ class DistillConfig:
     # at 5.3 GB with it (without it, killed at 24 GB), for one more forward pass per step (docs/findings.md)
     activation_checkpointing: bool = True
 
+    def resolved(self) -> "DistillConfig":
+        """This config, validated, with the defaults that depend on ``params`` filled in (a copy)."""
+        self.validate()
+        return replace(self, base_lr=BASE_LR) if self.params == "all" and self.base_lr is None else self
+
     def validate(self) -> None:
         if self.steps is None and self.minutes is None:
             raise ValueError("give steps or minutes (the stopping rule)")
@@ -378,9 +383,7 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     """:func:`distill`, leaving the models' modes to it."""
     if not isinstance(cfg, DistillConfig):
         raise TypeError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
-    cfg.validate()
-    if cfg.params == "all" and cfg.base_lr is None:  # (the caller's config is left as given)
-        cfg = replace(cfg, base_lr=BASE_LR)
+    cfg = cfg.resolved()  # (the caller's config is left as given)
     if hasattr(student, "merge_and_unload"):  # (its save_pretrained writes the adapters alone: no model published)
         raise TypeError("student is a peft model: merge its adapters (student.merge_and_unload()), then distill the "
                         "model that returns")

@@ -8,12 +8,14 @@ import time
 from typing import Optional
 
 from ..models.bsbr.reach import exact_reach, gate_open
+from ..notes import occasion
 from .baselines import load_eval_tokenizer, load_saved_models
 from .metrics import evaluate
 
 logger = logging.getLogger(__name__)
 
 
+@occasion()  # (its loads and baseline conversions say each note once, as bsbr eval)
 def evaluate_saved(model_dir: os.PathLike, reference=None, *, text_files=None, dataset=None, dataset_config=None,
                    dataset_split: str = "test", text_column: str = "text", split: str = "heldout",
                    seq_len: int = 2048, max_windows: int = 16, stride: Optional[int] = None,
@@ -48,12 +50,14 @@ def eval_windows(tokenizer, *, text_files=None, dataset=None, dataset_config=Non
 
     texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
     windows = token_windows(tokenizer, texts, seq_len, max_windows, stride)
-    if windows.shape[0] < max_windows:  # (distill's --max-windows is a cap, and says how many it trains on)
+    if max_windows is not None and windows.shape[0] < max_windows:  # (distill's --max-windows is a cap: it
+        # says how many it trains on)
         logger.warning("the corpus gave %d windows of %d tokens (of the %d asked for): the figures rest on fewer",
                        windows.shape[0], seq_len, max_windows)
     return windows, corpus_info
 
 
+@occasion()
 def passkey_saved(model_dir: os.PathLike, reference=None, *, passkey: Optional[dict] = None,
                   progress: bool = True, check_reference=None) -> dict:
     """``bsbr eval --passkey-only``: pass-key accuracy of every loaded model, no perplexity windows.

@@ -31,7 +31,9 @@ def refuse_without_lm_head(model, role: str, use: str) -> None:
     ``use`` (what needs next-token predictions) cannot run: else a None head failed deep inside."""
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
         return
-    name = type(getattr(model, "module", model)).__name__
+    if getattr(model, "module", None) is not None:  # (DistributedDataParallel)
+        raise TypeError(f"{role} is a {type(model).__name__} wrapper: give the model it wraps (.module)")
+    name = type(model).__name__
     raise TypeError(f"{role} is a {name}, with no LM head, and {use} compares next-token predictions: give the "
                     "causal LM (AutoModelForCausalLM; a task head's model: the causal LM it was made from)")
 

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS, default_feature_map
 from ...ops.bsbr import BSBROptions
-from ...notes import first_time
+from ...notes import first_time, occasion
 from ...numbers import MAX_TOKENS
 from ...ops.checks import check_flag, check_int, check_number, shown
 
@@ -198,8 +198,7 @@ _NATIVE_NAMES = {"hidden_dim": "hidden_size", "num_layers": "num_hidden_layers",
 def _refuse_native_names(config, kwargs: dict) -> None:
     """Take out of ``kwargs`` what transformers would keep as attributes nothing reads: :class:`BSBRModel`'s
     argument names (a ValueError where one disagrees with the field ``config`` has, a config built from them
-    alone; dropped, as a config saved with them holds them) and dropout options, warned of once where non-zero
-    (the models have no dropout)."""
+    alone; dropped, as a config saved with them holds them) and dropout options (:func:`_drop_dropout`)."""
     given = {name: kwargs.pop(name) for name in _NATIVE_NAMES if name in kwargs}
     wrong = [name for name, value in given.items() if value != getattr(config, _NATIVE_NAMES[name])]
     if wrong:
@@ -212,11 +211,14 @@ def _refuse_native_names(config, kwargs: dict) -> None:
 
 def _drop_dropout(kwargs: dict) -> None:
     """Take the dropout options (Llama's ``attention_dropout``, GPT-2's ``resid_pdrop``: scripts pass them for
-    any model) out of ``kwargs``, warned of once where non-zero: the models have no dropout."""
-    dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if "dropout" in k or k.endswith("pdrop")]}
+    any model) out of ``kwargs``, warned of once where non-zero: the decoder has no dropout. ``classifier_dropout``
+    is kept: the token-classification head's (transformers' generic head reads it; 0.1 without it)."""
+    dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if ("dropout" in k or k.endswith("pdrop")) and
+                                          k != "classifier_dropout"]}
     said = ", ".join(f"{k}={v}" for k, v in dropout.items() if v)
     if said:
-        _warn_once("BSBRConfig: %s: bsbr's HF models have no dropout, so this is not read", said)
+        _warn_once("BSBRConfig: %s: bsbr's decoder has no dropout, so this is not read (a token-classification "
+                   "head's is classifier_dropout)", said)
 
 
 _AUTO_CLASSES = {"AutoConfig": "BSBRConfig", "AutoModel": "BSBRBaseModel", "AutoModelForCausalLM": "BSBRForCausalLM",
@@ -441,6 +443,7 @@ class BSBRConfig(PretrainedConfig):
             check_number(f"rope_parameters[{key!r}]", rope[key], 0, above="mscale" not in key, none=True)
 
     @classmethod
+    @occasion()  # (its notes are said for each config read: AutoConfig reads one before a model loads)
     def from_dict(cls, config_dict: dict, **kwargs):
         """transformers' ``from_dict``, except that BSBRModel's argument names a saved config holds (an earlier
         bsbr kept them, unread, beside the fields the weights were built with) are dropped with a warning, as
@@ -455,6 +458,8 @@ class BSBRConfig(PretrainedConfig):
                            ", ".join(f"{_NATIVE_NAMES[n]}={config_dict.get(_NATIVE_NAMES[n])!r}" for n in stray))
             config_dict = {k: v for k, v in config_dict.items() if k not in _NATIVE_NAMES}
         _drop_dropout(kwargs)  # (from_pretrained's overrides: transformers gives the model those a config lacks)
+        if "classifier_dropout" in kwargs:  # (kept, as a field the config has)
+            config_dict = {**config_dict, "classifier_dropout": kwargs.pop("classifier_dropout")}
         return super().from_dict(config_dict, **kwargs)
 
     def convert_rope_params_to_dict(self, **kwargs) -> dict:

@@ -834,15 +834,17 @@ class BSBRPreTrainedModel(PreTrainedModel):
         if new_head is not None and type(model).__name__ not in saved_as:  # a task head on another model's folder
             # starts untrained (transformers' load report names it: MISSING, newly initialized)
             info["missing_keys"] = [k for k in info.get("missing_keys", ()) if not str(k).startswith(new_head)]
-        if reinit_mismatched:  # (initialised anew: transformers' load report names them)
-            info["mismatched_keys"] = []
+        asked = [k for k in info.get("mismatched_keys", ()) if reinit_mismatched and str(
+            k[0] if isinstance(k, tuple) else k).startswith(("score.", "qa_outputs."))]  # (a head of other labels,
+        # made anew as the caller asked: transformers' load report names it; a decoder weight is still refused)
         def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)
             if isinstance(entry, tuple) and len(entry) == 3:
                 return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
             return str(entry)
 
-        problems = {k: sorted(map(named, v))[:8] for k, v in info.items()
-                    if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        left = {k: [e for e in info.get(k, ()) if e not in asked] for k in ("missing_keys", "unexpected_keys",
+                                                                             "mismatched_keys")}
+        problems = {k: sorted(map(named, v))[:8] for k, v in left.items() if v}
         if problems and kwargs.get("config") is None and getattr(model.config, "bsbr_version", None) is None:
             # (config.json records none; a config given from memory has none until it is saved)
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
@@ -1017,7 +1019,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                              "or rope_scaling=None), or position_type changed to 'rope'): a saved model's rotary "
                              "frequencies (rope_theta) would be lost; leave it as saved, or give the whole dict "
                              "(rope_type, rope_theta)")
-        checked = type(config)(**config.to_dict())
+        with notes_off():  # (its notes were said when it was read)
+            checked = type(config)(**config.to_dict())
         for name in _RESOLVED:  # a None set since (update, from_pretrained's overrides): what a new config makes of it
             if getattr(config, name, None) is None:
                 setattr(config, name, getattr(checked, name))
