@@ -639,11 +639,24 @@ def test_params_all_trains_the_sources_weights_at_the_base_lr_from_python_too(tm
     # DistillConfig(params="all") trained every weight at lr (3e-3, 50x the command line's 6e-5): the pretrained
     # weights' default lived in the command line alone
     from bsbr.distill.trainer import BASE_LR
+    from bsbr.errors import CheckpointError
 
     teacher, student = fresh()
     cfg = DistillConfig(steps=1, params="all")
     log = distill(teacher, student, windows(2, 48), tmp_path / "a", cfg, progress=False)
     assert log["config"]["base_lr"] == BASE_LR == 6e-5 and cfg.base_lr is None  # (the caller's config as given)
+    # a checkpoint Python wrote before (base_lr None: the source's weights trained at lr) resumes at that lr
+    manifest = tmp_path / "b" / "checkpoint" / "manifest.json"
+    distill(teacher, fresh()[1], windows(2, 48), tmp_path / "b", DistillConfig(steps=2, params="all",
+                                                                              checkpoint_every=1), progress=False)
+    saved = json.loads(manifest.read_text())
+    saved["progress"]["config"]["base_lr"] = None
+    manifest.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="base_lr: checkpoint 0.003, now 6e-05"):
+        distill(teacher, fresh()[1], windows(2, 48), tmp_path / "b", DistillConfig(steps=3, params="all"),
+                resume=True, progress=False)
+    distill(teacher, fresh()[1], windows(2, 48), tmp_path / "b", DistillConfig(steps=3, params="all", base_lr=3e-3),
+            resume=True, progress=False)
 
 
 def test_new_pieces_on_windows_read_exactly_are_refused(tmp_path):

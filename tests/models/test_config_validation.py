@@ -478,6 +478,27 @@ def test_a_strict_refusal_says_why_without_transformers_report_first(tmp_path, c
     assert "LOAD REPORT" in caplog.text and "score.weight" in caplog.text
 
 
+def test_a_load_holds_back_its_own_report_not_another_threads():
+    # the held report's filter sat on transformers' logger for every thread: an accepted load's report was lost
+    # when a refused load ran beside it
+    import threading
+
+    from bsbr.models.bsbr.modeling_bsbr import _HeldReport
+
+    held = _HeldReport()
+
+    def record():
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, "X LOAD REPORT", None, None)
+
+    mine = record()
+    assert not held.filter(mine) and held.records == [mine]
+    passed = []
+    t = threading.Thread(target=lambda: passed.append(held.filter(record())))
+    t.start()
+    t.join()
+    assert passed == [True] and held.records == [mine]
+
+
 def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplog):
     # fine-tuning scripts pass attention_dropout for any Llama-family model: transformers gave it, unknown to the
     # config, to the model's constructor (a TypeError), and AutoConfig dropped a non-zero one without a word
@@ -490,8 +511,8 @@ def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplo
     assert "attention_dropout=0.1: bsbr's decoder has no dropout" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bsbr.models.bsbr.configuration_bsbr"):
-        assert not hasattr(AutoConfig.from_pretrained(tmp_path, hidden_dropout=0.2), "hidden_dropout")
-    assert "hidden_dropout=0.2: bsbr's decoder has no dropout" in caplog.text
+        assert not hasattr(AutoConfig.from_pretrained(tmp_path, embd_pdrop=0.2), "embd_pdrop")
+    assert "embd_pdrop=0.2: bsbr's decoder has no dropout" in caplog.text
     # the token-classification head's own dropout is kept and read (it was dropped with a note saying no dropout)
     from transformers import AutoModelForTokenClassification
 
@@ -499,6 +520,11 @@ def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplo
     with caplog.at_level("WARNING"):
         tok = AutoModelForTokenClassification.from_pretrained(tmp_path, classifier_dropout=0.0, num_labels=3)
     assert tok.dropout.p == 0.0 and tok.config.classifier_dropout == 0.0 and "no dropout" not in caplog.text
+    tok = AutoModelForTokenClassification.from_pretrained(tmp_path, hidden_dropout=0.0, num_labels=3)
+    assert tok.dropout.p == 0.0  # (transformers' generic head reads it without classifier_dropout, as for a llama)
+    for bad in (1.5, -0.1, "x", float("nan")):
+        with pytest.raises(ValueError, match="^classifier_dropout must be"):
+            BSBRConfig(classifier_dropout=bad)
 
 
 def test_a_config_of_the_retired_second_block_score_loads_with_a_warning(caplog):
@@ -703,9 +729,10 @@ def test_weights_an_earlier_bsbr_built_are_refused_as_its(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.0.attn.meta_h_proj.weight"] = torch.zeros(4, 4)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="saved by an earlier bsbr .*convert the source again") as e:
-        load_bsbr_model(tmp_path)
-    assert "strict=False" not in str(e.value)
+    for load in (load_bsbr_model, AutoModelForCausalLM.from_pretrained):  # (the Auto classes pass the config read)
+        with pytest.raises(ValueError, match="saved by an earlier bsbr .*convert the source again") as e:
+            load(tmp_path)
+        assert "strict=False" not in str(e.value)
 
 
 def test_a_dict_that_no_save_wrote_builds_the_config_its_keywords_do():

@@ -202,7 +202,8 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                 hist[m][kind].append((n, ms / 1e3))
                 spent[m] += sum(ts) if sum(ts) > 0 else per_model
         for m, row in row_of.items():
-            said = [f"{kind} {row[t]} ms (+{row[p]} MiB)" if row[t] is not None else f"{kind} not run"
+            said = [f"{kind} {row[t]} ms (+{row[p]} MiB)" if row[t] is not None else row["reason"] if (
+                        row["reason"] or "").startswith(kind) else f"{kind} not run"
                     for kind, t, p in (("fwd", "time_ms", "peak_mb"), ("train", "train_time_ms", "train_peak_mb"))]
             log.info("%s @ %d: %s", m, n, ", ".join(said))
         del ids, fns_of

@@ -129,6 +129,8 @@ def check_same_run(saved: dict, cfg: DistillConfig, run: dict, directory: Path, 
     :data:`RESUMABLE_CHANGES`), naming every one that differs (as ``bsbr distill``'s flag with ``flags``).
     ``saved``: the checkpoint's progress."""
     old_run, old_cfg = saved.get("run") or {}, saved.get("config") or {}
+    if old_cfg.get("params") == "all" and old_cfg.get("base_lr") is None:  # (written from Python before BASE_LR:
+        old_cfg = {**old_cfg, "base_lr": old_cfg.get("lr")}  # the source's weights trained at lr)
     was, now = old_run.get("world_size"), run.get("world_size")
     if was is not None and now is not None and was != now:  # the data order follows the number of processes
         how = "in one process, without torchrun" if was == 1 else f"under torchrun --nproc_per_node {was}"

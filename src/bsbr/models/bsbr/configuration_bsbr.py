@@ -209,12 +209,20 @@ def _refuse_native_names(config, kwargs: dict) -> None:
     _drop_dropout(kwargs)
 
 
+HEAD_DROPOUT = ("classifier_dropout", "hidden_dropout")  # read by the token-classification head (transformers'
+# generic head: the first given, else 0.1)
+
+
 def _drop_dropout(kwargs: dict) -> None:
     """Take the dropout options (Llama's ``attention_dropout``, GPT-2's ``resid_pdrop``: scripts pass them for
-    any model) out of ``kwargs``, warned of once where non-zero: the decoder has no dropout. ``classifier_dropout``
-    is kept: the token-classification head's (transformers' generic head reads it; 0.1 without it)."""
+    any model) out of ``kwargs``, warned of once where non-zero: the decoder has no dropout. Those of
+    :data:`HEAD_DROPOUT` are kept, and checked: the token-classification head's."""
+    for name in HEAD_DROPOUT:
+        check_number(name, kwargs.get(name), 0, none=True)
+        if kwargs.get(name) is not None and kwargs[name] >= 1:
+            raise ValueError(f"{name} must be in [0, 1), got {kwargs[name]}")
     dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if ("dropout" in k or k.endswith("pdrop")) and
-                                          k != "classifier_dropout"]}
+                                          k not in HEAD_DROPOUT]}
     said = ", ".join(f"{k}={v}" for k, v in dropout.items() if v)
     if said:
         _warn_once("BSBRConfig: %s: bsbr's decoder has no dropout, so this is not read (a token-classification "
@@ -458,8 +466,8 @@ class BSBRConfig(PretrainedConfig):
                            ", ".join(f"{_NATIVE_NAMES[n]}={config_dict.get(_NATIVE_NAMES[n])!r}" for n in stray))
             config_dict = {k: v for k, v in config_dict.items() if k not in _NATIVE_NAMES}
         _drop_dropout(kwargs)  # (from_pretrained's overrides: transformers gives the model those a config lacks)
-        if "classifier_dropout" in kwargs:  # (kept, as a field the config has)
-            config_dict = {**config_dict, "classifier_dropout": kwargs.pop("classifier_dropout")}
+        config_dict = {**config_dict, **{k: kwargs.pop(k) for k in HEAD_DROPOUT if k in kwargs}}  # (kept, as
+        # fields the config has)
         return super().from_dict(config_dict, **kwargs)
 
     def convert_rope_params_to_dict(self, **kwargs) -> dict:

@@ -137,13 +137,14 @@ class _HeldReport(logging.Filter):
 
     def __init__(self):
         super().__init__()
-        self.records = []
+        self.records, self.thread = [], threading.get_ident()  # (another thread's load reports its own)
 
     def filter(self, record) -> bool:
-        if "LOAD REPORT" in str(record.msg):
+        if record.thread == self.thread and "LOAD REPORT" in str(record.msg):
             self.records.append(record)
             return False
         return True
+
 
 _DIGEST_MOD, _DIGEST_BASE = 2_147_483_647, 1_000_003  # a polynomial hash of token ids (products fit int64)
 _RETOKENIZED_MIN = 3  # a text repeating a cache of more ids than this but its last is warned of (fewer: by chance)
@@ -845,8 +846,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         left = {k: [e for e in info.get(k, ()) if e not in asked] for k in ("missing_keys", "unexpected_keys",
                                                                              "mismatched_keys")}
         problems = {k: sorted(map(named, v))[:8] for k, v in left.items() if v}
-        if problems and kwargs.get("config") is None and getattr(model.config, "bsbr_version", None) is None:
-            # (config.json records none; a config given from memory has none until it is saved)
+        if problems and getattr(model.config, "transformers_version", None) is not None and getattr(
+                model.config, "bsbr_version", None) is None:  # (config.json records none; a config built in
+            # memory records neither until it is saved)
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
