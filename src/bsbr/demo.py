@@ -96,7 +96,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
     model = convert_source(source, options, f"--source {source_label(args.source)}")
     model_dir = out / "model"
     model_dir.mkdir()
-    save_conversion(model_dir, model, tokenizer, args.source, source, options, final / "model", time.perf_counter() - t0)
+    save_conversion(model_dir, model, tokenizer, args.source, source, options, time.perf_counter() - t0)
     conv = model.conversion_summary
     print(f"      parameters {conv['params_source'] / 1e6:.1f}M -> {conv['params_bsbr'] / 1e6:.1f}M "
           f"(+{conv['extra_params_pct']:.2f}%); saved to {final / 'model'} (at the end)", flush=True)

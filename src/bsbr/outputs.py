@@ -399,7 +399,8 @@ def _written_name(name: str) -> bool:
 
 
 # SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03), which --overwrite also replaces
-_EARLIER_CARDS = {"0306ce1d1899582c5d13ca55cb7d4a667e42f31f1f3621d5f678b3d2fbc6b198"}
+_EARLIER_CARDS = {"0306ce1d1899582c5d13ca55cb7d4a667e42f31f1f3621d5f678b3d2fbc6b198",
+                  "045040cdb2aa3cc875b44a028ff14c88cf5ff5724834ca530271cf795551d2b4"}
 
 
 def _holds(path: Path, text: str) -> bool:
@@ -1105,8 +1106,9 @@ def file_record(path) -> dict:
 
 MODEL_CARD = """# A BSBR model
 
-Block Sparse attention with Block Retrieval (the `bsbr` package must be installed). After `import bsbr`,
-which registers the model with transformers' Auto classes:
+Block Sparse attention with Block Retrieval. The `bsbr` package that wrote it must be installed (config.json
+records its version as `bsbr_version`). After `import bsbr`, which registers the model with transformers' Auto
+classes:
 
 ```python
 import bsbr
@@ -1116,8 +1118,8 @@ model = AutoModelForCausalLM.from_pretrained(PATH)   # or bsbr.load_bsbr_model(P
 
 Where bsbr is not imported (the `lm_eval` command line, a script written for any model), pass
 `trust_remote_code=True`: `bsbr_auto.py`, which config.json's `auto_map` names, imports the installed bsbr
-and nothing else. `conversion.json` records the conversion's options and its source (name, model type, a
-fingerprint of its weights).
+and nothing else. `conversion.json`, where present, records the conversion's options and its source (name,
+model type, a fingerprint of its weights); `distill.json`, where present, the distillation's settings and losses.
 """
 
 

@@ -226,13 +226,12 @@ def _convert_and_save(args, source, out: Path, options: dict) -> dict:
     check_position_options(args, name, model.config.position_type)
     try:  # all or nothing
         with staged_dir(out, overwrite=args.overwrite) as tmp:
-            return save_conversion(tmp, model, tok, source, src, options, out, time.perf_counter() - t0)
+            return save_conversion(tmp, model, tok, source, src, options, time.perf_counter() - t0)
     except write_errors() as e:  # a full disk, a quota: nothing was published
         raise write_failure("OUTPUT_DIR", out, e, "the model") from e
 
 
-def save_conversion(directory: Path, model, tokenizer, source, source_model, options: dict, output_dir,
-                    seconds: float) -> dict:
+def save_conversion(directory: Path, model, tokenizer, source, source_model, options: dict, seconds: float) -> dict:
     """Write a converted model as ``bsbr convert`` does: its weights and config, the tokenizer, the
     conversion record (``conversion.json``: the source by name, type and weights fingerprint, so later
     commands can check a reference or teacher against it; the options) and a model card. Returns the record."""
@@ -243,7 +242,6 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
 
     s = model.conversion_summary
     record = dict(bsbr_version=__version__, source=source_record(source, source_model),
-                  output_dir=str(Path(output_dir).resolve()),
                   source_model_type=s["source_model_type"], params_source=s["params_source"],
                   params_bsbr=s["params_bsbr"], extra_params_pct=round(s["extra_params_pct"], 3),
                   seconds=round(seconds, 1), **options)

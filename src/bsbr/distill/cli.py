@@ -438,8 +438,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
 
     def extra_files(directory: Path) -> None:
         save_tokenizer(tokenizer, directory)
-        if record is not None:  # the student's, naming the folder it now lies in
-            (directory / METADATA).write_text(_moved_record(record, out, None if note or args.teacher is None else
+        if record is not None:  # the student's, marked distilled since
+            (directory / METADATA).write_text(_moved_record(record, None if note or args.teacher is None else
                                                             source_name(args.teacher)), encoding="utf-8")
         write_model_card(directory)
 
@@ -464,10 +464,11 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     return 0
 
 
-def _moved_record(record: str, out: Path, source: Optional[str] = None) -> str:
-    """The student's conversion record as the distilled model's: its ``output_dir`` this folder, a note that
-    the weights were distilled since (distill.json), and the source named ``source`` where given (the teacher,
-    found to be the recorded source: the path it has now); an unreadable record as it was."""
+def _moved_record(record: str, source: Optional[str] = None) -> str:
+    """The student's conversion record as the distilled model's: a note that the weights were distilled since
+    (distill.json), and the source named ``source`` where given (the teacher, found to be the recorded source: the
+    path it has now); an unreadable record as it was. (``output_dir``, the folder an earlier bsbr recorded, is
+    dropped: nothing reads it, and it publishes a local path.)"""
     try:
         fields = json.loads(record)
     except ValueError:
@@ -476,7 +477,8 @@ def _moved_record(record: str, out: Path, source: Optional[str] = None) -> str:
         return record
     if source is not None and isinstance(fields.get("source"), dict):
         fields["source"] = {**fields["source"], "name": source}
-    return json.dumps({**fields, "output_dir": str(out.resolve()), "distilled": "distill.json"}, indent=2)
+    fields.pop("output_dir", None)
+    return json.dumps({**fields, "distilled": "distill.json"}, indent=2)
 
 
 def register(sub) -> None:
