@@ -442,9 +442,9 @@ def _written_entry(entry: Path) -> bool:
     if entry.name == "README.md":  # the model card bsbr writes, unless edited (then it is the user's)
         return _is_model_card(entry)
     if entry.name == "bsbr_auto.py":  # the same: the module config.json's auto_map names, as bsbr writes it
-        from .models.bsbr.configuration_bsbr import AUTO_CODE
+        from .models.bsbr.configuration_bsbr import AUTO_CODE, EARLIER_AUTO_CODES
 
-        return _holds(entry, AUTO_CODE)
+        return any(_holds(entry, text) for text in (AUTO_CODE, *EARLIER_AUTO_CODES))
     return _written_name(entry.name)
 
 

@@ -625,6 +625,12 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     (mine / "bsbr_auto.py").write_text(auto + "import my_plugin\n")
     line = refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
     assert "holds files no bsbr command wrote" in line and "bsbr_auto.py" in line, line
+    from bsbr.models.bsbr.configuration_bsbr import EARLIER_AUTO_CODES
+
+    for earlier in EARLIER_AUTO_CODES:  # (the module earlier bsbrs wrote is bsbr's: a folder converted before the
+        (mine / "bsbr_auto.py").write_text(earlier)  # task heads, or before its import was guarded, was refused)
+        assert bsbr.outputs.is_bsbr_output(mine)
+    assert "BSBRBaseModel, BSBRConfig, BSBRForCausalLM  # noqa" in EARLIER_AUTO_CODES[0]
     (mine / "bsbr_auto.py").write_text(auto)
     assert bsbr.outputs.is_bsbr_output(mine)
     (mine / "checkpoint").mkdir()  # a folder named like distill's, of other files

@@ -827,6 +827,25 @@ def test_a_process_that_never_imports_bsbr_loads_a_saved_model_with_trust_remote
     assert out.stdout.split() == ["BSBRForCausalLM", "True"]  # (bsbr imported by bsbr_auto.py alone)
 
 
+def test_trust_remote_code_with_another_bsbr_installed_says_which_bsbr_the_model_needs(tmp_path):
+    # PyPI's bsbr (0.1.1, an earlier library without bsbr.models) made "No module named 'bsbr.models'"
+    import os
+    import subprocess
+    import sys
+
+    make("llama").config.save_pretrained(tmp_path / "m")
+    (tmp_path / "old" / "bsbr").mkdir(parents=True)
+    (tmp_path / "old" / "bsbr" / "__init__.py").write_text("__version__ = '0.1.1'\n")
+    code = ("import sys\nfrom transformers import AutoConfig\n"
+            "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(tmp_path / "old")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode != 0
+    assert "ImportError: this model needs the bsbr package that wrote it (config.json's bsbr_version), which this " \
+           "Python cannot import (No module named 'bsbr.models')" in out.stderr, out.stderr[-2000:]
+
+
 def test_a_config_saved_alone_reads_with_trust_remote_code_in_a_process_that_never_imports_bsbr(tmp_path):
     # its auto_map named a bsbr_auto.py only the model's save_pretrained wrote
     import os

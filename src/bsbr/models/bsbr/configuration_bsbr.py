@@ -234,9 +234,16 @@ _AUTO_CLASSES = {"AutoConfig": "BSBRConfig", "AutoModel": "BSBRBaseModel", "Auto
                  "AutoModelForTokenClassification": "BSBRForTokenClassification",
                  "AutoModelForQuestionAnswering": "BSBRForQuestionAnswering"}
 AUTO_MAP = {auto: f"{AUTO_MODULE}.{name}" for auto, name in _AUTO_CLASSES.items()}
-AUTO_CODE = ('"""BSBR model classes from the installed bsbr package, for transformers\' Auto classes: '
-             'config.json\'s auto_map names this file."""\n'
-             f"from bsbr.models.bsbr import {', '.join(sorted(_AUTO_CLASSES.values()))}  # noqa: F401\n")
+_AUTO_DOC = ('"""BSBR model classes from the installed bsbr package, for transformers\' Auto classes: '
+             'config.json\'s auto_map names this file."""\n')
+AUTO_CODE = (_AUTO_DOC + "try:\n    from bsbr.models.bsbr import (  # noqa: F401\n        "
+             + ",\n        ".join(sorted(_AUTO_CLASSES.values())) + ")\n"
+             "except ImportError as e:  # (PyPI's bsbr 0.1.1 is an earlier library, without bsbr.models)\n"
+             "    raise ImportError(\"this model needs the bsbr package that wrote it (config.json's \"\n"
+             "                      f\"bsbr_version), which this Python cannot import ({e})\") from e\n")
+EARLIER_AUTO_CODES = tuple(  # (until 2026-12-07: still bsbr's own file for --overwrite)
+    _AUTO_DOC + f"from bsbr.models.bsbr import {', '.join(names)}  # noqa: F401\n"
+    for names in (("BSBRBaseModel", "BSBRConfig", "BSBRForCausalLM"), sorted(_AUTO_CLASSES.values())))
 
 
 def write_auto_code(directory) -> None:
