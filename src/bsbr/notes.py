@@ -1,7 +1,8 @@
 """Notes said once per occasion. A load builds a model's config several times and a command loads a model
 several times, so a note (a warning of an old config, a tokenizer taken from the reference) is said the first
 time it applies in one :func:`occasion` (a command, a ``from_pretrained`` call, a config read) and again in the
-next; outside any, once per thread. Each thread keeps its own (two loads at once say a note each)."""
+next; outside any, once per thread. Each thread keeps its own (two loads at once say a note each). And
+:class:`ThreadSwitch`, what keeps notes (or a summary line) back in one thread while a block runs."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +25,26 @@ def first_time(key: Hashable) -> bool:
         return False
     said.add(key)
     return True
+
+
+class ThreadSwitch:
+    """On in a thread while a ``with switch.on():`` block runs there (other threads keep theirs); ``bool()``
+    reads this thread's."""
+
+    def __init__(self):
+        self._state = threading.local()
+
+    def __bool__(self) -> bool:
+        return getattr(self._state, "on", False)
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        saved = bool(self)
+        self._state.on = True
+        try:
+            yield
+        finally:
+            self._state.on = saved
 
 
 @contextlib.contextmanager

@@ -14,10 +14,9 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from transformers import PreTrainedModel
@@ -25,7 +24,7 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
-from ..notes import first_time, occasion
+from ..notes import ThreadSwitch, first_time, occasion
 from ..progress import gguf_bar_follows
 from ..models.bsbr.modeling_bsbr import (refuse_non_float_weights, refuse_pickled_hub_weights, refuse_pickled_weights,
                                           weights_held)
@@ -124,18 +123,8 @@ def _refuse_weights_it_cannot_convert(path: Path) -> None:
                          f"{held[0]}: restore the config.json saved with these weights")
 
 
-_BASELINE = threading.local()  # .on: this thread converts a baseline (its summary is logged at DEBUG)
-
-
-@contextlib.contextmanager
-def as_baseline() -> Iterator[None]:
-    """Conversions in the block are a command's baselines (``bsbr eval``'s), not the user's: no summary line."""
-    saved = getattr(_BASELINE, "on", False)
-    _BASELINE.on = True
-    try:
-        yield
-    finally:
-        _BASELINE.on = saved
+_BASELINE = ThreadSwitch()  # on: this thread converts a command's baselines (bsbr eval's), not the user's model:
+as_baseline = _BASELINE.on  # their summary line is logged at DEBUG
 
 
 _STRAY_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$|(^|\.)rotary_emb\.inv_freq$")
@@ -359,7 +348,7 @@ class TransformerToBSBRConverter:
         s = model.conversion_summary = dict(source_model_type=mt, params_source=before, params_bsbr=after,
                                             extra_params_pct=100.0 * (after - before) / before,
                                             seconds=time.perf_counter() - t0)
-        logger.log(logging.DEBUG if getattr(_BASELINE, "on", False) else logging.INFO,
+        logger.log(logging.DEBUG if _BASELINE else logging.INFO,
                    "converted %s (%d layers): %.2fM -> %.2fM parameters (+%.2f%%) in %.1fs", mt,
                     config.num_hidden_layers, before / 1e6, after / 1e6, s["extra_params_pct"], s["seconds"])
         return model.eval()

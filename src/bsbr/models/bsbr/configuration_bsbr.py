@@ -2,36 +2,24 @@
 Qwen2): positions, norms, MLP, biases and embeddings are fields, not separate model classes."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from transformers import PretrainedConfig
 
 from ...layers.feature_maps import BSBR_FEATURE_MAPS, default_feature_map
 from ...ops.bsbr import BSBROptions
-from ...notes import first_time, occasion
+from ...notes import ThreadSwitch, first_time, occasion
 from ...numbers import MAX_TOKENS
 from ...ops.checks import check_flag, check_int, check_number, shown
 
 logger = logging.getLogger(__name__)
-_NOTES = threading.local()  # .off: this thread builds a config only to compare weights (notes_off)
-logger.addFilter(lambda record: not getattr(_NOTES, "off", False))
-
-
-@contextlib.contextmanager
-def notes_off() -> Iterator[None]:
-    """While the block runs, configs built in this thread log no notes (a model built on the meta device only to
-    compare its weights' names and shapes; other threads' notes are kept)."""
-    saved = getattr(_NOTES, "off", False)
-    _NOTES.off = True
-    try:
-        yield
-    finally:
-        _NOTES.off = saved
+_NOTES_OFF = ThreadSwitch()  # on: this thread builds a config only to compare weights (a model built on the meta
+# device to compare its weights' names and shapes): its configs log no notes
+logger.addFilter(lambda record: not _NOTES_OFF)
+notes_off = _NOTES_OFF.on
 
 
 # the largest intermediate_size, head count or head_dim a config may give (10^19 failed in torch's allocator with a
@@ -47,7 +35,7 @@ _ROPE_NUMBERS = {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale
 def _warn_once(message: str, *args) -> None:
     """Log a warning once per load or command (:mod:`bsbr.notes`: a load builds its config more than once)."""
     text = message % args
-    if not getattr(_NOTES, "off", False) and first_time(text):  # (a note kept back is not said yet)
+    if not _NOTES_OFF and first_time(text):  # (a note kept back is not said yet)
         logger.warning(text)
 
 
