@@ -398,7 +398,8 @@ def _written_name(name: str) -> bool:
     return name in _WRITTEN or bool(_SHARD.fullmatch(name))
 
 
-# SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03), which --overwrite also replaces
+# SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03, and until 2026-12-07), which
+# --overwrite also replaces
 _EARLIER_CARDS = {"0306ce1d1899582c5d13ca55cb7d4a667e42f31f1f3621d5f678b3d2fbc6b198",
                   "045040cdb2aa3cc875b44a028ff14c88cf5ff5724834ca530271cf795551d2b4"}
 

@@ -465,6 +465,9 @@ def test_a_strict_refusal_says_why_without_transformers_report_first(tmp_path, c
                                                                      r"not match its config: .*model.norm.weight.* "
                                                                      r"strict=False\) loads it anyway\)$"):
         BSBRForCausalLM.from_pretrained(None, config=model.config, state_dict=weights)
+    copied = BSBRConfig.from_dict(model.config.to_dict())  # (to_dict records transformers' version, not bsbr's)
+    with pytest.raises(ValueError, match="strict=False\\) loads it anyway\\)$"):
+        BSBRForCausalLM.from_pretrained(None, config=copied, state_dict=weights)
     model.save_pretrained(tmp_path / "m")
     save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
     with caplog.at_level("WARNING"), pytest.raises(ValueError, match="loads it anyway"):
@@ -478,7 +481,7 @@ def test_a_strict_refusal_says_why_without_transformers_report_first(tmp_path, c
     assert "LOAD REPORT" in caplog.text and "score.weight" in caplog.text
 
 
-def test_a_load_holds_back_its_own_report_not_another_threads():
+def test_a_load_holds_back_its_own_report_not_another_threads(monkeypatch):
     # the held report's filter sat on transformers' logger for every thread: an accepted load's report was lost
     # when a refused load ran beside it
     import threading
@@ -490,6 +493,7 @@ def test_a_load_holds_back_its_own_report_not_another_threads():
     def record():
         return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, "X LOAD REPORT", None, None)
 
+    monkeypatch.setattr(logging, "logThreads", False)  # (records carry no thread then)
     mine = record()
     assert not held.filter(mine) and held.records == [mine]
     passed = []
@@ -522,6 +526,10 @@ def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplo
     assert tok.dropout.p == 0.0 and tok.config.classifier_dropout == 0.0 and "no dropout" not in caplog.text
     tok = AutoModelForTokenClassification.from_pretrained(tmp_path, hidden_dropout=0.0, num_labels=3)
     assert tok.dropout.p == 0.0  # (transformers' generic head reads it without classifier_dropout, as for a llama)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # (another model reads neither: said, as the other dropout options are)
+        AutoModelForCausalLM.from_pretrained(tmp_path, hidden_dropout=0.1)
+    assert "hidden_dropout=0.1 is read by a token-classification head alone" in caplog.text
     for bad in (1.5, -0.1, "x", float("nan")):
         with pytest.raises(ValueError, match="^classifier_dropout must be"):
             BSBRConfig(classifier_dropout=bad)

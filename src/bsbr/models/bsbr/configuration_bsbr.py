@@ -197,8 +197,8 @@ def _refuse_native_names(config, kwargs: dict) -> None:
     _drop_dropout(kwargs)
 
 
-HEAD_DROPOUT = ("classifier_dropout", "hidden_dropout")  # read by the token-classification head (transformers'
-# generic head: the first given, else 0.1)
+HEAD_DROPOUT = ("classifier_dropout", "hidden_dropout")  # read by the token-classification head alone
+# (transformers' generic head: the first given, else 0.1)
 
 
 def _drop_dropout(kwargs: dict) -> None:
@@ -209,6 +209,9 @@ def _drop_dropout(kwargs: dict) -> None:
         check_number(name, kwargs.get(name), 0, none=True)
         if kwargs.get(name) is not None and kwargs[name] >= 1:
             raise ValueError(f"{name} must be in [0, 1), got {kwargs[name]}")
+        if kwargs.get(name):
+            _warn_once("BSBRConfig: %s=%s is read by a token-classification head alone: bsbr's decoder has no "
+                       "dropout", name, kwargs[name])
     dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if ("dropout" in k or k.endswith("pdrop")) and
                                           k not in HEAD_DROPOUT]}
     said = ", ".join(f"{k}={v}" for k, v in dropout.items() if v)

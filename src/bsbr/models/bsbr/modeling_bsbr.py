@@ -37,7 +37,8 @@ from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
 from ...ops.checks import eager, exporting
-from .configuration_bsbr import _AUTO_CLASSES, POSITION_SCHEMES, BSBRConfig, notes_off, write_auto_code
+from .configuration_bsbr import (_AUTO_CLASSES, POSITION_SCHEMES, BSBRConfig, notes_off, saved_before_versions,
+                                 write_auto_code)
 
 
 class BSBRRMSNorm(nn.Module):
@@ -131,6 +132,15 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 LOADING = threading.RLock()
 
 
+def _saved_before_versions(folder: Path) -> bool:
+    """Whether ``folder``'s config.json was saved by a bsbr that recorded no version (unreadable: no)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(saved, dict) and saved_before_versions(saved)
+
+
 class _HeldReport(logging.Filter):
     """Holds back transformers' load report (its table of weights missing, "newly initialized"), which a strict
     load that refuses them must not print first."""
@@ -139,8 +149,8 @@ class _HeldReport(logging.Filter):
         super().__init__()
         self.records, self.thread = [], threading.get_ident()  # (another thread's load reports its own)
 
-    def filter(self, record) -> bool:
-        if record.thread == self.thread and "LOAD REPORT" in str(record.msg):
+    def filter(self, record) -> bool:  # (run in the thread that logs: logging.logThreads may be off)
+        if threading.get_ident() == self.thread and "LOAD REPORT" in str(record.msg):
             self.records.append(record)
             return False
         return True
@@ -846,9 +856,8 @@ class BSBRPreTrainedModel(PreTrainedModel):
         left = {k: [e for e in info.get(k, ()) if e not in asked] for k in ("missing_keys", "unexpected_keys",
                                                                              "mismatched_keys")}
         problems = {k: sorted(map(named, v))[:8] for k, v in left.items() if v}
-        if problems and getattr(model.config, "transformers_version", None) is not None and getattr(
-                model.config, "bsbr_version", None) is None:  # (config.json records none; a config built in
-            # memory records neither until it is saved)
+        if problems and local is not None and _saved_before_versions(local):  # (the checkpoint's config.json
+            # records no bsbr_version; a config or state_dict given from memory is not an earlier bsbr's)
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
