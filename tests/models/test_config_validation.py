@@ -529,7 +529,13 @@ def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplo
     caplog.clear()
     with caplog.at_level("WARNING"):  # (another model reads neither: said, as the other dropout options are)
         AutoModelForCausalLM.from_pretrained(tmp_path, hidden_dropout=0.1)
-    assert "hidden_dropout=0.1 is read by a token-classification head alone" in caplog.text
+    assert "hidden_dropout=0.1 is not read: bsbr's decoder has no dropout" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # (the token head reads the first given: the other one alone is said)
+        tok = AutoModelForTokenClassification.from_pretrained(tmp_path, classifier_dropout=0.3, hidden_dropout=0.4,
+                                                              num_labels=3)
+    assert tok.dropout.p == 0.3 and "classifier_dropout=0.3 is not read" not in caplog.text
+    assert "hidden_dropout=0.4 is not read" in caplog.text
     for bad in (1.5, -0.1, "x", float("nan")):
         with pytest.raises(ValueError, match="^classifier_dropout must be"):
             BSBRConfig(classifier_dropout=bad)
@@ -741,6 +747,10 @@ def test_weights_an_earlier_bsbr_built_are_refused_as_its(tmp_path):
         with pytest.raises(ValueError, match="saved by an earlier bsbr .*convert the source again") as e:
             load(tmp_path)
         assert "strict=False" not in str(e.value)
+    convert_to_bsbr(make_source("llama"), chunk_size=8).save_pretrained(tmp_path / "now")  # a config of the
+    with pytest.raises(ValueError, match="strict=False\\) loads it anyway\\)$"):  # caller's (another folder's)
+        BSBRForCausalLM.from_pretrained(tmp_path, config=BSBRConfig.from_pretrained(tmp_path / "now"))  # is not
+        # this folder's: the mismatch is the caller's
 
 
 def test_a_dict_that_no_save_wrote_builds_the_config_its_keywords_do():

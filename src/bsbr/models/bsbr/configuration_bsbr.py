@@ -201,6 +201,17 @@ HEAD_DROPOUT = ("classifier_dropout", "hidden_dropout")  # read by the token-cla
 # (transformers' generic head: the first given, else 0.1)
 
 
+def note_unread_head_dropout(config, loaded_as: str) -> None:
+    """Say which of :data:`HEAD_DROPOUT` a model loaded as ``loaded_as`` (a class name) does not read: all of
+    them but on the token-classification head, which reads the first given."""
+    given = [n for n in HEAD_DROPOUT if getattr(config, n, None) is not None]
+    unread = given[1:] if loaded_as == "BSBRForTokenClassification" else given
+    for name in unread:
+        if getattr(config, name):
+            _warn_once("%s=%s is not read: bsbr's decoder has no dropout, and a token-classification head reads "
+                       "classifier_dropout (else hidden_dropout)", name, getattr(config, name))
+
+
 def _drop_dropout(kwargs: dict) -> None:
     """Take the dropout options (Llama's ``attention_dropout``, GPT-2's ``resid_pdrop``: scripts pass them for
     any model) out of ``kwargs``, warned of once where non-zero: the decoder has no dropout. Those of
@@ -209,9 +220,6 @@ def _drop_dropout(kwargs: dict) -> None:
         check_number(name, kwargs.get(name), 0, none=True)
         if kwargs.get(name) is not None and kwargs[name] >= 1:
             raise ValueError(f"{name} must be in [0, 1), got {kwargs[name]}")
-        if kwargs.get(name):
-            _warn_once("BSBRConfig: %s=%s is read by a token-classification head alone: bsbr's decoder has no "
-                       "dropout", name, kwargs[name])
     dropout = {k: kwargs.pop(k) for k in [k for k in kwargs if ("dropout" in k or k.endswith("pdrop")) and
                                           k not in HEAD_DROPOUT]}
     said = ", ".join(f"{k}={v}" for k, v in dropout.items() if v)

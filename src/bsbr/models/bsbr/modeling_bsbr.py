@@ -37,8 +37,8 @@ from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
 from ...ops.checks import eager, exporting
-from .configuration_bsbr import (_AUTO_CLASSES, POSITION_SCHEMES, BSBRConfig, notes_off, saved_before_versions,
-                                 write_auto_code)
+from .configuration_bsbr import (_AUTO_CLASSES, POSITION_SCHEMES, BSBRConfig, note_unread_head_dropout, notes_off,
+                                 saved_before_versions, write_auto_code)
 
 
 class BSBRRMSNorm(nn.Module):
@@ -132,10 +132,19 @@ class BSBRDecoderLayer(GradientCheckpointingLayer):
 LOADING = threading.RLock()
 
 
-def _saved_before_versions(folder: Path) -> bool:
-    """Whether ``folder``'s config.json was saved by a bsbr that recorded no version (unreadable: no)."""
+def _read_from_an_earlier_bsbr(config, given, asked_for, local: Optional[Path]) -> bool:
+    """Whether the checkpoint a load read its ``config`` from was saved by a bsbr that recorded no version: the
+    config read from it (none ``given``; a folder or a hub id), or the one the Auto classes ``given`` read from the
+    same folder (its ``name_or_path``). A config of the caller's (another folder's, a copy, from memory) is not."""
+    if given is None:  # (a config read from a file records transformers' version; one built in memory does not)
+        return getattr(config, "transformers_version", None) is not None and getattr(config, "bsbr_version",
+                                                                                     None) is None
+    named = getattr(given, "name_or_path", None)
+    if local is None or not named or not isinstance(asked_for, (str, os.PathLike)) or \
+            Path(named).resolve() != Path(asked_for).resolve():
+        return False
     try:
-        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        saved = json.loads((local / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(saved, dict) and saved_before_versions(saved)
@@ -798,6 +807,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         Weights load from safetensors only, as with :func:`bsbr.load_bsbr_model` (a ``.bin`` checkpoint is a
         pickle, never loaded, even through torch's restricted unpickler): ``use_safetensors=False`` is refused."""
         where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        asked_for = where  # (the folder or hub id, before a subfolder joins it)
         local = Path(where, kwargs.get("subfolder") or "") if isinstance(where, (str, os.PathLike)) else None
         if local is not None and local.is_dir() and kwargs.get("config") is None:
             if not (local / "config.json").is_file():  # (transformers built a default config, then failed on meta
@@ -818,7 +828,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
             kwargs.setdefault("ignore_mismatched_sizes", True)
             with LOADING:
-                return super().from_pretrained(*args, **kwargs)
+                loaded = super().from_pretrained(*args, **kwargs)
+            note_unread_head_dropout((loaded[0] if isinstance(loaded, tuple) else loaded).config, cls.__name__)
+            return loaded
         variant = kwargs.get("variant")
         if local is not None:
             refuse_non_float_weights(local, variant=variant)
@@ -856,8 +868,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
         left = {k: [e for e in info.get(k, ()) if e not in asked] for k in ("missing_keys", "unexpected_keys",
                                                                              "mismatched_keys")}
         problems = {k: sorted(map(named, v))[:8] for k, v in left.items() if v}
-        if problems and local is not None and _saved_before_versions(local):  # (the checkpoint's config.json
-            # records no bsbr_version; a config or state_dict given from memory is not an earlier bsbr's)
+        if problems and _read_from_an_earlier_bsbr(model.config, kwargs.get("config"), asked_for, local):
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
@@ -883,6 +894,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (refused; from Python, from_pretrained(..., strict=False) loads them)")
         for record in held.records:
             report.handle(record)
+        note_unread_head_dropout(model.config, cls.__name__)
         return (model, info) if want_info else model
 
     @classmethod
