@@ -102,6 +102,7 @@ def architecture(model) -> Optional[dict]:
     parameters, a sliding window, ...): the architecture a conversion carries over and the window it
     cannot, as JSON would hold it; None for a model no family converts."""
     from .convert.families import FAMILIES, sliding_window
+    from .models.heads import head_replaced
 
     config = getattr(model, "config", None)
     family = FAMILIES.get(getattr(config, "model_type", None))
@@ -110,23 +111,11 @@ def architecture(model) -> Optional[dict]:
             return None
         window, layers = sliding_window(config)
         arch = {**family.config(config), "sliding_window": window, "sliding_layers": layers}
-        if arch.get("tie_word_embeddings") and _head_replaced(model):  # (transformers runs it untied; so does a
+        if arch.get("tie_word_embeddings") and head_replaced(model):  # (transformers runs it untied; so does a
             arch["tie_word_embeddings"] = False  # conversion of it)
         return json.loads(json.dumps(arch))
     except (ValueError, TypeError):  # a config no conversion takes
         return None
-
-
-def _head_replaced(model) -> bool:
-    """Whether a model whose config ties its word embeddings holds an LM head that differs from them."""
-    import torch
-
-    head, embed = (getattr(getattr(model, name, lambda: None)(), "weight", None)
-                   for name in ("get_output_embeddings", "get_input_embeddings"))
-    if not (isinstance(head, torch.Tensor) and isinstance(embed, torch.Tensor)) or head is embed or \
-            head.is_meta or embed.is_meta:  # (the meta device holds no values to compare)
-        return False
-    return head.shape != embed.shape or not torch.equal(head, embed)
 
 
 def _differs(a, b) -> bool:

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from ..layers.bsbr_attention import BSBRAttention
 from ..models.bsbr import BSBRConfig, BSBRForCausalLM
 from ..models.bsbr.configuration_bsbr import check_bsbr_options
+from ..models.heads import head_replaced
 from ..notes import ThreadSwitch, first_time, occasion
 from ..progress import gguf_bar_follows
 from ..models.bsbr.modeling_bsbr import (refuse_non_float_weights, refuse_pickled_hub_weights, refuse_pickled_weights,
@@ -289,8 +290,7 @@ class TransformerToBSBRConverter:
                 logger.warning("%s", note)
         if "lm_head.weight" not in sd and not config.tie_word_embeddings:
             raise SourceWeightsError("the source has untied output embeddings but no lm_head: pass the *ForCausalLM model")
-        if config.tie_word_embeddings and "lm_head.weight" in sd and family.embed_key in sd and \
-                not torch.equal(sd["lm_head.weight"], sd[family.embed_key]):  # (a head replaced after loading)
+        if config.tie_word_embeddings and head_replaced(src):  # (a head replaced after loading)
             untied = ("the source's config ties its word embeddings, but its lm_head differs from them (as "
                       "transformers loads such a model: untied): the BSBR model keeps them untied "
                       "(tie_word_embeddings=False)")

@@ -26,6 +26,17 @@ def head_rows(model) -> Optional[int]:
     return weight.shape[0] if isinstance(weight, torch.Tensor) else getattr(head, "out_features", None)
 
 
+def head_replaced(model) -> bool:
+    """Whether ``model`` holds an LM head that differs from its input embeddings (a tied config's head replaced:
+    transformers runs such a model untied). The meta device holds no values to compare: no."""
+    head, embed = (getattr(getattr(model, name, lambda: None)(), "weight", None)
+                   for name in ("get_output_embeddings", "get_input_embeddings"))
+    if not (isinstance(head, torch.Tensor) and isinstance(embed, torch.Tensor)) or head is embed or \
+            head.is_meta or embed.is_meta:
+        return False
+    return head.shape != embed.shape or not torch.equal(head, embed)
+
+
 def refuse_without_lm_head(model, role: str, use: str) -> None:
     """A TypeError naming ``role`` when ``model`` has no LM head (a task head's or a base model's class), which
     ``use`` (what needs next-token predictions) cannot run: else a None head failed deep inside."""

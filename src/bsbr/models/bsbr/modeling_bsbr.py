@@ -857,9 +857,9 @@ class BSBRPreTrainedModel(PreTrainedModel):
         if new_head is not None and type(model).__name__ not in saved_as:  # a task head on another model's folder
             # starts untrained (transformers' load report names it: MISSING, newly initialized)
             info["missing_keys"] = [k for k in info.get("missing_keys", ()) if not str(k).startswith(new_head)]
-        asked = [k for k in info.get("mismatched_keys", ()) if reinit_mismatched and str(
-            k[0] if isinstance(k, tuple) else k).startswith(("score.", "qa_outputs."))]  # (a head of other labels,
-        # made anew as the caller asked: transformers' load report names it; a decoder weight is still refused)
+        head_mismatched = [k for k in info.get("mismatched_keys", ()) if str(
+            k[0] if isinstance(k, tuple) else k).startswith(_TASK_HEADS)]  # (a head of other labels: made anew
+        asked = head_mismatched if reinit_mismatched else []  # where the caller asked; a decoder weight never)
         def named(entry):  # a mismatched key comes as (name, checkpoint's shape, config's shape)
             if isinstance(entry, tuple) and len(entry) == 3:
                 return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
@@ -880,8 +880,7 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{where} holds a {other} (saved from it), not a causal LM: load it with {auto}; "
                              "a causal LM's folder (bsbr convert's output) generates, evaluates and distills")
         if problems:
-            labels = problems.keys() == {"mismatched_keys"} and all(
-                k.startswith(("score.", "qa_outputs.")) for k in problems["mismatched_keys"])
+            labels = problems.keys() == {"mismatched_keys"} and len(head_mismatched) == len(left["mismatched_keys"])
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems} (refused: missing "
                              f"or mismatched weights would be random, unexpected ones dropped; from Python, "
                              f"from_pretrained(..., strict=False) loads it anyway" + (
@@ -1467,7 +1466,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
                                                      **kwargs)
 
 
-_HEADS = ("lm_head.", "score.", "qa_outputs.")  # (the heads' own weights, beside the decoder's)
+_TASK_HEADS = ("score.", "qa_outputs.")  # the task heads' own weights, beside the decoder's
+_HEADS = ("lm_head.", *_TASK_HEADS)
 
 
 class BSBRForSequenceClassification(GenericForSequenceClassification, BSBRPreTrainedModel):
