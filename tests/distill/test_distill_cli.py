@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_checks import refused, tree_hash
+from huggingface_hub import ModelCard
 
 from bsbr import load_bsbr_model
 from bsbr.cli import main
@@ -58,6 +59,16 @@ def test_bad_values_are_refused_before_loading(models, text, tmp_path, capsys, n
     line = refused(capsys, args, "distill", models[1])
     assert message in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_distilled_models_card_names_the_hub_id_its_record_names():
+    from bsbr.distill.cli import _base_model
+
+    assert _base_model(json.dumps(dict(source=dict(name="Qwen/Qwen2-0.5B"), distilled="distill.json"))) == \
+        "Qwen/Qwen2-0.5B"
+    assert _base_model(json.dumps(dict(source="gpt2"))) == "gpt2"  # (bsbr 0.2.0's record: the name alone)
+    assert _base_model(json.dumps(dict(source=dict(name="/home/me/source")))) is None
+    assert _base_model("{not json") is None and _base_model(None) is None and _base_model("[1]") is None
 
 
 def test_config_refuses_non_finite_numbers():
@@ -131,6 +142,7 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     assert "output_dir" not in conversion and conversion["distilled"] == "distill.json"  # (no local path)
     assert {k: v for k, v in conversion.items() if k != "distilled"} == \
         json.loads((Path(converted) / "conversion.json").read_text())
+    assert ModelCard.load(out / "README.md").data.base_model is None  # (the source is a local folder)
     (out / "speed.json").write_text("{}")  # a file bsbr writes (demo) and the new run does not
     before = tree_hash(out)
     old_model = model_files(out)

@@ -235,7 +235,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     """Write a converted model as ``bsbr convert`` does: its weights and config, the tokenizer, the
     conversion record (``conversion.json``: the source by name, type and weights fingerprint, so later
     commands can check a reference or teacher against it; the options) and a model card. Returns the record."""
-    from ..arguments import METADATA, source_record
+    from ..arguments import METADATA, hub_id, source_record
     from ..outputs import save_tokenizer, write_model_card
 
     from .. import __version__
@@ -248,7 +248,7 @@ def save_conversion(directory: Path, model, tokenizer, source, source_model, opt
     model.save_pretrained(directory)
     save_tokenizer(tokenizer, directory)
     (directory / METADATA).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    write_model_card(directory)
+    write_model_card(directory, hub_id(record["source"]["name"]))
     return record
 
 

@@ -18,8 +18,8 @@ from typing import Optional
 from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_default_model,
                          check_model_arg, check_model_tokenizer, check_positions, check_recorded_source, check_source,
-                         check_text_files, check_unique, dataset_options, load_model_arg, load_tokenizer_arg, same_file,
-                         source_name, warn_past_rotary_positions)
+                         check_text_files, check_unique, dataset_options, hub_id, load_model_arg, load_tokenizer_arg,
+                         recorded_source, same_file, source_name, warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
                        resolved_path, resume_strays, save_tokenizer, write_errors, write_failure, write_model_card)
@@ -438,10 +438,11 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
 
     def extra_files(directory: Path) -> None:
         save_tokenizer(tokenizer, directory)
-        if record is not None:  # the student's, marked distilled since
-            (directory / METADATA).write_text(_moved_record(record, None if note or args.teacher is None else
-                                                            source_name(args.teacher)), encoding="utf-8")
-        write_model_card(directory)
+        moved = None if record is None else _moved_record(record, None if note or args.teacher is None else
+                                                          source_name(args.teacher))
+        if moved is not None:  # the student's, marked distilled since
+            (directory / METADATA).write_text(moved, encoding="utf-8")
+        write_model_card(directory, _base_model(moved))
 
     check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training
     with _stop_on_signal() as stop:
@@ -479,6 +480,15 @@ def _moved_record(record: str, source: Optional[str] = None) -> str:
         fields["source"] = {**fields["source"], "name": source}
     fields.pop("output_dir", None)
     return json.dumps({**fields, "distilled": "distill.json"}, indent=2)
+
+
+def _base_model(record: Optional[str]) -> Optional[str]:
+    """The hub id of the source a distilled model's record names (its model card's ``base_model``), where known."""
+    try:
+        fields = json.loads(record) if record is not None else None
+    except ValueError:
+        return None
+    return hub_id(recorded_source(fields).get("name")) if isinstance(fields, dict) else None
 
 
 def register(sub) -> None:
