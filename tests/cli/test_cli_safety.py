@@ -634,8 +634,8 @@ def test_overwrite_replaces_only_what_bsbr_wrote(models, tmp_path, capsys):
     line = refused(capsys, ["convert", source, mine, "--overwrite"], "convert", mine)
     assert "holds files no bsbr command wrote (its README.md is not the model card bsbr writes: edited?)" in line
     # the cards earlier bsbrs wrote are bsbr's (its outputs were refused)
-    for earlier in ("2026-12-03", "2026-12-07"):
-        shutil.copy(Path(__file__).parent / "data" / f"model_card_before_{earlier}.md", mine / "README.md")
+    for earlier in ("before_2026-12-03", "before_2026-12-07", "without_front_matter"):
+        shutil.copy(Path(__file__).parent / "data" / f"model_card_{earlier}.md", mine / "README.md")
         assert bsbr.outputs.is_bsbr_output(mine)
     (mine / "README.md").write_text(card)
     # a backup of the weights named like a shard (model-*.safetensors), the auto_map module edited: the user's
