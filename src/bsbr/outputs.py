@@ -46,6 +46,23 @@ def _overlap(a: Path, b: Path) -> bool:
     return a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _identity(path: Path):
+    """What makes two names of one place one (``path`` real): the nearest folder or file at or above it that exists,
+    by device and inode (one folder under two names: a bind mount, another spelling on a case-insensitive disk,
+    which path strings cannot tell), and the names below it."""
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            return st.st_dev, st.st_ino, path.relative_to(p).parts
+    return path
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies inside it by :func:`_identity` (``b`` must exist)."""
+    place = _identity(b)
+    return isinstance(place, tuple) and not place[2] and any(_identity(p) == place for p in (a, *a.parents))
+
+
 def _mounts() -> list:
     """(mount point, device, root of the mount within its file system) of each mount that can be reached, deepest
     first, from /proc/self/mountinfo (none where there is none: not Linux). A mount another was mounted over, and
@@ -145,8 +162,8 @@ def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
             continue
         s = resolved_path(src)
         real_src = _real(src)
-        overlap = _overlap(real_out, real_src) or _within(real_out, real_src, mounts) or _within(real_src, real_out,
-                                                                                                mounts)
+        overlap = _overlap(real_out, real_src) or _within(real_out, real_src, mounts) or \
+            _within(real_src, real_out, mounts) or _inside(real_out, real_src) or _inside(real_src, real_out)
         if (_overlap(out, s) or overlap) and (s.exists() or out == s):
             raise OutputError(f"{option} {path} overlaps the {label} {src}: the {label} would be overwritten; "
                               f"choose another {option}")
@@ -255,12 +272,12 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} -: results are written to a file, not to standard output: give a file name")
         out = resolved_path(path)
         real = _real(out)
-        key = _in_file_system(real, mounts) or real  # (one file may be reached by two names: a bind mount)
+        key = _identity(real)  # (one file may be reached by two names: a bind mount, a case-insensitive disk)
         if key in seen:
             raise OutputError(f"{option} {path} is also given to {seen[key]}: give each output its own file")
         seen[key] = option
         for label, src in sources:
-            if real.is_relative_to(src) or _within(real, src, mounts):
+            if real.is_relative_to(src) or _within(real, src, mounts) or _inside(real, src):
                 raise OutputError(f"{option} {path} would overwrite the {label} {src}: choose another file")
         _check_path_names(out, path, option)
         if out.is_dir() or str(path).endswith(("/", os.sep)):
@@ -343,6 +360,8 @@ _MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.inde
 
 
 def _owned_by_another_in_a_sticky_folder(path: Path) -> bool:
+    if not hasattr(os, "geteuid"):  # (Windows: no sticky folders)
+        return False
     folder, uid = os.stat(path.parent), os.geteuid()
     return bool(folder.st_mode & stat.S_ISVTX) and uid != 0 and uid not in (folder.st_uid, os.stat(path).st_uid)
 
@@ -592,16 +611,46 @@ def is_bsbr_output(out: Path) -> bool:
 _LOCK = re.compile(r"\..+\.lock")  # output_lock's file beside an output (inside this one: an output within it)
 
 
-def lock_held(path: Path) -> bool:
-    """Whether ``path``, an :func:`output_lock` file or a staging folder, is held by a running command."""
-    import fcntl
+# what flock fails with where the system or file system has no such locks (Lustre without -o flock, NFS without
+# lockd, some SMB and FUSE mounts)
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
+
+def _flock(fd: int, exclusive: bool = True, wait: bool = False) -> Optional[str]:
+    """Lock the open file ``fd`` (``fcntl.flock``; :class:`BlockingIOError` when another holds it and not
+    ``wait``). None once locked, else why nothing was: the system (Windows) or file system has no such locks."""
+    try:
+        import fcntl
+    except ImportError:
+        return "this system has no file locks"
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
+        return f"its file system has no file locks: {e.strerror}"
+    return None
+
+
+def _open_dir(folder: Path) -> Optional[int]:
+    """``folder`` open for reading, to lock (None where the system cannot open a folder: Windows)."""
+    try:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:
+        if os.name == "nt":
+            return None
+        raise
+
+
+def lock_held(path: Path) -> bool:
+    """Whether ``path``, an :func:`output_lock` file or a staging folder, is held by a running command (False
+    where locks are not kept: then none is told from a killed one's)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _flock(fd, exclusive=False)
     except BlockingIOError:
         return True
     finally:
@@ -609,14 +658,13 @@ def lock_held(path: Path) -> bool:
     return False
 
 
-def _hold(folder: Path) -> int:
+def _hold(folder: Path) -> Optional[int]:
     """A descriptor holding an exclusive lock on ``folder`` (a staging folder in use) until it is closed:
     :func:`lock_held` then tells it from one a killed command left."""
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    with contextlib.suppress(OSError):  # (NFS locks exclusively only what is open for writing: then unheld)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    fd = _open_dir(folder)
+    if fd is not None:
+        with contextlib.suppress(OSError):  # (NFS locks exclusively only what is open for writing: then unheld)
+            _flock(fd, wait=True)
     return fd
 
 
@@ -810,7 +858,8 @@ def staged_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
                 _remove_empty(made)
             raise
     finally:
-        os.close(held)
+        if held is not None:
+            os.close(held)
     # what a killed run into the same path left beside it: removed where it holds no intact weights (a kill while
     # it was written; up to a model's size each), else kept (a result kept when its path appeared while it was
     # written, or an old output being moved aside)
@@ -837,23 +886,23 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path`` (released by the kernel if the process
     dies; the file is removed when the block ends), or, where nothing can be made beside it, on the folder
     ``path`` itself (then written into, never replaced by a rename). An output overlapping one of the
-    command's ``inputs`` (:func:`refuse_input_overlap`) is refused first: nothing is written into an input."""
-    import fcntl
-
+    command's ``inputs`` (:func:`refuse_input_overlap`) is refused first: nothing is written into an input.
+    Where the system or file system keeps no locks, the block runs unlocked and a warning says so."""
     out = resolved_path(path)
     _check_path_names(out, path, option)
     refuse_input_overlap(path, inputs, option)
     busy = f"{option} {path} is being written by another bsbr command"  # (which one, the lock cannot tell)
     if unwritable_parent(out) is not None and out.is_dir() and not out.is_symlink():
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        fd = _open_dir(out)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _warn_unlocked(path, option, "this system cannot lock a folder" if fd is None else _flock(fd))
             except BlockingIOError:
                 raise OutputError(f"{busy}: wait for it to finish, or choose another {option}") from None
             yield
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         return
     if unwritable_parent(out) is not None or len(os.fsencode(out.name)) > NAME_MAX - len(".lock."):
         yield  # nothing can be written there (or under that name): the output checks say why
@@ -873,7 +922,7 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
     while True:
         fd = _open_lock(lock)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _warn_unlocked(path, option, _flock(fd))
         except BlockingIOError:
             os.close(fd)
             _remove_empty(made)
@@ -891,6 +940,12 @@ def output_lock(path, option: str, inputs: Iterable = ()) -> Iterator[None]:
             lock.unlink()
         os.close(fd)
         _remove_empty(made)
+
+
+def _warn_unlocked(path, option: str, why: Optional[str]) -> None:
+    if why is not None:
+        logger.warning("%s %s: not locked (%s): a second bsbr command writing there at the same time would not be "
+                       "refused", option, path, why)
 
 
 def _open_lock(lock: Path) -> int:
@@ -923,7 +978,8 @@ def write_together(files: Sequence[Tuple[os.PathLike, Callable[[Path], object]]]
         _write_together(files, figures, held)
     finally:
         for fd in held:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 def _write_together(files, figures, held: list) -> None:
@@ -1030,7 +1086,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux, or a C library without it
+    except (OSError, AttributeError, TypeError):  # not Linux, or a C library without it (Windows: TypeError)
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
@@ -1094,7 +1150,7 @@ def atomic_write_text(path, text: str) -> None:
     path = resolved_path(path)  # (tempfile would take a folder's link/.. for the folder beside the link)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp gives 0600)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp gives 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -883,7 +883,7 @@ def test_convert_writes_all_or_nothing_and_records_its_source(models, tmp_path, 
     shutil.copytree(converted, out)
     before = tree_hash(out)
 
-    def fail(directory):
+    def fail(directory, base_model=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(bsbr.outputs, "write_model_card", fail)  # the last file of the conversion fails
@@ -2210,3 +2210,64 @@ def test_a_mount_hidden_by_a_later_one_is_not_read_as_where_a_path_lies(tmp_path
             check_output_files([("--json", elsewhere / "keep.json")], inputs=[("--text-file", inp2)])
     finally:
         subprocess.run(["umount", str(inp2 / "b")], check=True)
+
+
+def test_one_folder_under_two_names_is_one_without_a_mount_table(models, tmp_path, capsys, monkeypatch):
+    """Where there is no mount table (macOS, Windows) and on a case-insensitive disk (``stu`` and ``STU``), path
+    strings alone told two names of one folder apart: distill --overwrite into the student's other name trained
+    into the student, and --plot and --passkey-plot under two names wrote one file."""
+    from bsbr.errors import OutputError
+    from bsbr.outputs import check_output_files
+
+    source, converted, _ = models
+    monkeypatch.setattr(bsbr.outputs, "_mounts", lambda: [])
+    stu = shutil.copytree(converted, tmp_path / "stu")
+    (tmp_path / "text.txt").write_text(TEXT)
+    with bind_mount(stu, tmp_path / "STU") as other:
+        line = refused(capsys, ["distill", "--student", stu, "--teacher", source, "--text-file", tmp_path / "text.txt",
+                                "--output", other, "--overwrite", "--steps", "1", "--seq-len", "96"], "distill", stu)
+        assert f"--output {other} overlaps the --student {stu}" in line, line
+        with pytest.raises(OutputError, match="would overwrite the --text-file"):
+            check_output_files([("--json", other / "r.json")], inputs=[("--text-file", stu)])
+    (tmp_path / "res").mkdir()
+    with bind_mount(tmp_path / "res", tmp_path / "RES") as again:
+        with pytest.raises(OutputError, match="--passkey-plot .* is also given to --plot"):
+            check_output_files([("--plot", tmp_path / "res" / "a.png"), ("--passkey-plot", again / "a.png")],
+                               plots=("--plot", "--passkey-plot"))
+        check_output_files([("--plot", tmp_path / "res" / "a.png"), ("--passkey-plot", again / "b.png")],
+                           plots=("--plot", "--passkey-plot"))
+
+
+def test_outputs_are_written_where_files_cannot_be_locked(models, tmp_path, capsys, monkeypatch, caplog):
+    """On a file system without flock (Lustre without -o flock, NFS without lockd) every command that writes
+    failed with "[Errno 38] Function not implemented" and left its lock file; on Windows (no fcntl, os.geteuid,
+    os.O_DIRECTORY) with "No module named 'fcntl'", eval --json after the whole evaluation. They write, unlocked,
+    and say so."""
+    import errno
+    import fcntl
+    import sys
+
+    source, _, _ = models
+    eval_args = ["--reference", str(source), "--text-file", str(tmp_path / "text.txt"), "--seq-len", "32",
+                 "--max-windows", "1", "--no-passkey", "--json", str(tmp_path / "r.json")]
+    (tmp_path / "text.txt").write_text(TEXT)
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    for system in ("file system", "Windows"):
+        with monkeypatch.context() as m:
+            if system == "Windows":
+                m.setitem(sys.modules, "fcntl", None)
+                for name in ("geteuid", "O_DIRECTORY", "fchmod"):
+                    m.delattr(os, name)
+            else:
+                m.setattr(fcntl, "flock", no_flock)
+            out = tmp_path / system
+            for again in ((), ("--overwrite",)):
+                caplog.clear()
+                assert main(["convert", str(source), str(out), "--chunk-size", "8", *again]) == 0
+                assert "not locked" in caplog.text and "would not be refused" in caplog.text
+            assert main(["eval", str(out), *eval_args]) == 0 and main(["eval", str(out), *eval_args]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["language_modeling"]
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or staging left
