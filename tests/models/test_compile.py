@@ -170,8 +170,9 @@ def test_a_torch_without_is_exporting_is_not_exporting(monkeypatch):
     assert checks.exporting() is False
 
 
-def test_torch_export_of_the_model_itself_records_its_logits_and_refuses_a_cache_or_labels():
+def test_torch_export_of_the_model_itself_records_its_logits_and_loss_and_refuses_a_cache():
     # the plain call (use_cache defaults to True) failed with torch's data-dependent guard error, as did labels
+    # (then refused, as checked by value; the check is skipped while exporting, as transformers checks nothing)
     model = convert_to_bsbr(make_source("llama"), chunk_size=16).eval()
     ids = torch.randint(3, 97, (1, 40))
     exported = torch.export.export(model, (ids,)).module()
@@ -182,7 +183,30 @@ def test_torch_export_of_the_model_itself_records_its_logits_and_refuses_a_cache
                                    rtol=0, atol=1e-5)
     for kwargs, told in ((dict(use_cache=True), "cannot record a BSBR model's cache .* export with use_cache=False"),
                          (dict(position_ids=torch.arange(40)[None], use_cache=False),
-                          "cannot record position_ids of a BSBR model .* export without them"),
-                         (dict(labels=ids), "cannot record a BSBR model's loss")):
+                          "cannot record position_ids of a BSBR model .* export without them")):
         with pytest.raises(NotImplementedError, match=told):
             torch.export.export(model, (ids,), kwargs)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    exported = torch.export.export(model, (ids,), dict(labels=labels, use_cache=False)).module()
+    torch.testing.assert_close(exported(ids, labels=labels, use_cache=False).loss, model(ids, labels=labels).loss)
+
+
+def test_per_sample_gradients_with_labels_as_on_the_source():
+    # torch.func.vmap(grad(...)) with labels= failed on the labels' check by value ("calling .item() on a Tensor"),
+    # where transformers' model computes them
+    from torch.func import functional_call, grad, vmap
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8)
+    ids = torch.randint(3, 97, (3, 30), generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(model, p, (x[None],), dict(labels=x[None], use_cache=False)).loss
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    for i in (0, 2):
+        one = grad(loss)(params, ids[i])
+        torch.testing.assert_close(per_sample["model.embed_tokens.weight"][i], one["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="labels must lie in"):  # (still checked on an eager call)
+        model(ids, labels=ids + 100)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.checks import check_valid, eager, exporting
+from ..ops.checks import check_valid, eager, exporting, unreadable
 
 
 def check_layer_inputs(hidden_states, hidden_dim: int, attention_mask,
@@ -94,8 +94,8 @@ def check_input_ids(input_ids, vocab_size: Optional[int] = None) -> None:
             or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be an int64 (or int32) tensor of shape (batch, seq_len), got "
                          f"{getattr(input_ids, 'dtype', '')} {getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    if vocab_size is not None and input_ids.numel() and not input_ids.is_meta and not exporting() and (
-            int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):  # (torch.export records no values)
+    if vocab_size is not None and input_ids.numel() and not input_ids.is_meta and not unreadable(input_ids) and (
+            int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size})")
 
 
@@ -106,6 +106,8 @@ def check_labels(labels, batch: int, seq_len: int, vocab_size: int, ignore_index
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (batch, seq_len):
         raise ValueError(f"labels must be an int64 tensor of shape ({batch}, {seq_len}) like the logits, got "
                          f"{getattr(labels, 'dtype', '')} {getattr(labels, 'shape', type(labels).__name__)}")
+    if unreadable(labels):
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         raise ValueError(f"labels must lie in [0, {vocab_size}) or be {ignore_index} (ignore_index: not scored), "

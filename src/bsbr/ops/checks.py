@@ -33,6 +33,14 @@ def exporting() -> bool:
     return is_exporting is not None and is_exporting()
 
 
+def unreadable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values cannot be read on the host now: ``torch.export`` recording the call, or a
+    ``torch.func`` transform (``vmap``, ``grad``) wrapping ``t``; a check by value is then skipped, as
+    transformers' models check nothing by value."""
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
+    return exporting() or (level is not None and level(t) != -1)
+
+
 def shown(value) -> str:
     """``repr(value)``, cut short (a huge int has thousands of digits, or cannot be printed at all)."""
     try:

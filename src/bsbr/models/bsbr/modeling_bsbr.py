@@ -1354,9 +1354,6 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            if exporting():
-                raise NotImplementedError("torch.export cannot record a BSBR model's loss (its labels are checked by "
-                                          "value): export the logits, and compute the loss from them")
             check_labels(labels, *logits.shape[:2], self.config.vocab_size, kwargs.get("ignore_index", -100))
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
