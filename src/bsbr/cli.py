@@ -168,6 +168,14 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal (False for None, a closed one, or a writer without ``isatty``: a tee)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _interrupt(signum, frame):
     INTERRUPTED.set()  # remembered, should a library swallow the exception (bsbr.errors.check_not_interrupted)
     raise KeyboardInterrupt
@@ -210,7 +218,7 @@ def run() -> None:
     interpreter's shutdown (a second or so after the command is done) does not turn a finished command into
     130 or 143. Into a log (stderr not a terminal) no library draws a progress bar either: tqdm reads
     ``TQDM_DISABLE`` when it is imported (transformers' GGUF loader has no switch of its own)."""
-    if sys.stderr is None or not sys.stderr.isatty():
+    if not _terminal(sys.stderr):
         os.environ.setdefault("TQDM_DISABLE", "1")
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -339,7 +347,7 @@ def _main(argv) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)
         _expand_home(args)
         verbose = bool(getattr(args, "verbose", False))
-        no_bars = bool(getattr(args, "no_progress", False)) or not sys.stderr.isatty()  # none in a log, or when asked
+        no_bars = bool(getattr(args, "no_progress", False)) or not _terminal(sys.stderr)  # none in a log, or asked
         with _command_settings(verbose, no_bars, _rank(args)), _generator_kept(args), _grad_as_in_a_process(), \
                 occasion():  # (each run says its notes, as in a process of its own)
             return _run_main(parser, args, verbose, no_bars)

@@ -5,7 +5,26 @@ import os
 import shlex
 import threading
 
-INTERRUPTED = threading.Event()  # set by the command line's Ctrl-C / SIGTERM handler (bsbr.cli.main)
+
+class _Interrupt:
+    """The Ctrl-C (or SIGTERM) that stops the command running in the main thread, set by :func:`bsbr.cli.main`'s
+    handler and remembered should a library swallow the exception. Seen only in the main thread: a command
+    another thread runs (a notebook's background job) is not the one interrupted."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set() and threading.current_thread() is threading.main_thread()
+
+
+INTERRUPTED = _Interrupt()
 
 
 def check_not_interrupted() -> None:

@@ -2271,3 +2271,45 @@ def test_outputs_are_written_where_files_cannot_be_locked(models, tmp_path, caps
             assert main(["eval", str(out), *eval_args]) == 0 and main(["eval", str(out), *eval_args]) == 0
         assert json.loads((tmp_path / "r.json").read_text())["language_modeling"]
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or staging left
+
+
+def test_an_interrupt_of_the_main_threads_command_does_not_stop_another_threads(models, tmp_path):
+    # a notebook's background bsbr command ended 130, its results unwritten, when the user interrupted a command
+    # in the main thread (the interrupt is remembered process-wide, should a library swallow it)
+    import threading
+
+    from bsbr.errors import INTERRUPTED, check_not_interrupted
+
+    source, _, _ = models
+    codes = []
+    INTERRUPTED.set()  # (as the main thread's command's handler leaves it until that command ends)
+    try:
+        worker = threading.Thread(target=lambda: codes.append(main(["convert", str(source), str(tmp_path / "out"),
+                                                                    "--chunk-size", "8"])))
+        worker.start()
+        worker.join()
+        with pytest.raises(KeyboardInterrupt):
+            check_not_interrupted()
+    finally:
+        INTERRUPTED.clear()
+    assert codes == [0] and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_stderr_without_isatty_is_read_as_no_terminal(models, tmp_path, monkeypatch):
+    # a tee (write and flush alone) as sys.stderr: "AttributeError: 'Tee' object has no attribute 'isatty'"
+    class Tee:
+        def __init__(self):
+            self.text = []
+
+        def write(self, text):
+            self.text.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    tee = Tee()
+    monkeypatch.setattr(sys, "stderr", tee)
+    source, _, _ = models
+    assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()

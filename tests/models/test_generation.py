@@ -514,3 +514,40 @@ def test_a_cache_of_another_kind_is_refused_before_a_4d_mask_is_read():
                        do_sample=False)
     with pytest.raises(TypeError, match="cache must be a BSBRCache .*got tuple"):
         model(ids, cache=((torch.zeros(1), torch.zeros(1)),), attention_mask=torch.ones(1, 1, 9, 9))
+
+
+def test_a_cache_a_call_left_midway_is_refused_and_a_copy_made_before_continues():
+    # a Ctrl-C in generate(..., cache=cache) (a notebook's "interrupt kernel") left the first layer advanced and
+    # the others not; the next call continued it without a word, into logits of nothing
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, gate_init=0.7, retrieval_blocks=2).eval()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :20], use_cache=True).cache
+        copy_ = cache.select(torch.arange(2))
+        layer = model.model.layers[1]
+        forward = layer.forward
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        layer.forward = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            model(ids[:, 20:30], cache=cache)
+        layer.forward = forward
+        for again in (cache, cache.select(torch.arange(2))):
+            with pytest.raises(ValueError, match="a call that continued it stopped midway"):
+                model(ids[:, 20:30], cache=again)
+        with pytest.raises(ValueError, match="stopped midway"):
+            model.generate(ids[:, 20:21], cache=cache, max_new_tokens=2, do_sample=False)
+        torch.testing.assert_close(model(ids[:, 20:], cache=copy_).logits, full[:, 20:], rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_and_its_cache_print_their_options():
+    # print(model) showed none of the attention's options nor the norms' eps, repr(cache) an address
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, retrieval_blocks=2)
+    text = str(model)
+    assert "chunk_size=8, local_chunks=2, sink_tokens=4, retrieval_blocks=2" in text and "eps=1e-06" in text
+    with torch.no_grad():
+        cache = model(torch.randint(0, VOCAB, (2, 11)), use_cache=True).cache
+    assert repr(cache) == "BSBRCache(layers=2, positions=11, tokens per row=[11, 11])"

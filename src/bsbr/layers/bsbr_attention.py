@@ -131,6 +131,14 @@ class BSBRAttention(MultiHeadBase):
     own_position_chunks = property(lambda self: self.options.own_position_chunks)
     retrieval = property(lambda self: self.options.retrieval)
 
+    def extra_repr(self) -> str:
+        o = self.options
+        far = [f"{name}={getattr(o, name)}" for name in ("retrieval_blocks", "recall_tokens", "own_position_chunks")
+               if getattr(o, name)]
+        return ", ".join([f"heads={self.num_heads}", f"kv_heads={self.num_kv_heads}", f"head_dim={self.head_dim}",
+                          f"chunk_size={o.chunk_size}", f"local_chunks={o.local_chunks}",
+                          f"sink_tokens={o.sink_tokens}", *far, f"retrieval={o.retrieval!r}"])
+
     def gate_value(self) -> Optional[torch.Tensor]:
         """The gate, clamped at 0 with a straight-through gradient (so a closed gate can open)."""
         g = self.retrieval_gate

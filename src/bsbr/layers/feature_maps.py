@@ -34,6 +34,10 @@ class HeadwiseLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(self.initial_weight(heads, d_in, d_out))
 
+    def extra_repr(self) -> str:
+        heads, d_in, d_out = self.weight.shape
+        return f"heads={heads}, in_features={d_in}, out_features={d_out}"
+
     @staticmethod
     def initial_weight(heads: int, d_in: int, d_out: int) -> torch.Tensor:
         return torch.eye(d_in, d_out).repeat(heads, 1, 1)
@@ -52,6 +56,9 @@ class FeatureMap(nn.Module):
         self.kind = kind
         self.proj = HeadwiseLinear(heads, head_dim, head_dim) if kind == "hedgehog" else None
         self.out_dim = 2 * head_dim if kind == "hedgehog" else head_dim
+
+    def extra_repr(self) -> str:
+        return repr(self.kind)
 
     @property
     def nonnegative(self) -> bool:

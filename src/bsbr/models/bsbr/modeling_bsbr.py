@@ -49,6 +49,9 @@ class BSBRRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
@@ -249,6 +252,7 @@ class BSBRCache:
         self.digest = digest
         self.built_with = built_with
         self.beams = False  # a beam search left it: its rows follow its last beams, not the sequences
+        self.unfinished = False  # a forward is advancing it, layer by layer (left True: that call stopped midway)
 
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
@@ -257,7 +261,23 @@ class BSBRCache:
         fork = BSBRCache([s.select(index) for s in self.states], self.n_positions,
                          None if self.digest is None else self.digest[index.to(self.digest.device)], self.built_with)
         fork.beams = getattr(self, "beams", False)
+        fork.unfinished = getattr(self, "unfinished", False)
         return fork
+
+    def __repr__(self) -> str:
+        tokens = self.states[0].n_seen.tolist() if self.states else []
+        return (f"BSBRCache(layers={len(self.states)}, positions={self.n_positions}, tokens per row={tokens}"
+                f"{', unfinished' if getattr(self, 'unfinished', False) else ''})")
+
+    @eager
+    def begin(self) -> None:
+        """Mark the cache as being advanced by a forward, layer by layer, until :meth:`consumed`; refuse one a
+        call left midway (a Ctrl-C, an error): its layers have read different numbers of tokens."""
+        if getattr(self, "unfinished", False):
+            raise ValueError("cache: a call that continued it stopped midway (interrupted, or it failed), so its "
+                             "layers have read different numbers of tokens and it cannot be continued: build a new "
+                             "one (to continue a prefix more than once, continue copies: cache.select(rows))")
+        self.unfinished = True
 
     @eager  # bookkeeping on a Python int: traced, it recompiled at every new length
     def consumed(self, input_ids: Optional[torch.Tensor], n: int, real: Optional[torch.Tensor] = None) -> None:
@@ -276,6 +296,7 @@ class BSBRCache:
                      count if prev[3] is None else prev[3].to(count.device) + count]
             self.digest = torch.cat([torch.stack(whole, -1), prefixes], -1)
         self.n_positions += n
+        self.unfinished = False
 
     def new_tokens_only(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                         first: bool = True) -> bool:
@@ -1218,6 +1239,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden = [x] if output_hidden_states else None
+        if streaming:
+            cache.begin()
         for i, layer in enumerate(self.layers):
             x, st = layer(x, valid, cos_sin, far, cache.states[i] if streaming else None, streaming=streaming,
                           output_state=use_cache)
