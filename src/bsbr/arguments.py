@@ -578,7 +578,9 @@ def check_bsbr_dir(path, option: str) -> Path:
     if not config.is_file():
         what = absent(path) if not path.exists() else "is a file, not a directory" if not path.is_dir() \
             else "has no config.json" if not config.exists() else "holds a config.json that is not a file"
-        raise UserError(f"{option} {path} {what}: give a directory made by `bsbr convert` or `bsbr distill`")
+        hub = f" (a hub model? bsbr reads it from a local folder: hf download {path} --local-dir DIR, then give DIR)" \
+            if not path.exists() and hub_id(str(path)) is not None and "/" in str(path) else ""
+        raise UserError(f"{option} {path} {what}{hub}: give a directory made by `bsbr convert` or `bsbr distill`")
     values = read_config(config, option)
     if values["model_type"] != "bsbr":
         from .convert.families import SUPPORTED_MODEL_TYPES

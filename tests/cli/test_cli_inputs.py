@@ -59,7 +59,14 @@ def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_pa
     snapshots = {"me/src": tmp_path / "source", "me/bsbr": tmp_path / "converted"}
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: str(snapshots[repo] / name))
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def download(repo, name, **kwargs):  # (as the hub cache gives its files, a file the model lacks refused)
+        if not (snapshots[repo] / name).exists():
+            raise EntryNotFoundError(f"{name} is not a file of {repo}")
+        return str(snapshots[repo] / name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (no network: what transformers asks first fails at once)
@@ -2339,3 +2346,22 @@ def test_a_path_that_cannot_be_reached_is_named_for_what_it_is(models, tmp_path,
     line = refused(capsys, ["eval", converted, "--reference", source, "--no-passkey", "--dataset", "loop"], "eval")
     assert "it is a loop of symbolic links" in line and "hub" not in line.lower()  # (it was looked up on the hub)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_or_a_link_to_a_removed_blob_given_as_a_bsbr_folder_says_what_to_do(models, tmp_path, capsys,
+                                                                                   monkeypatch):
+    # a hub id was "does not exist: give a directory made by bsbr convert"; a folder whose model.safetensors links
+    # to a hub cache's removed blob "has no model.safetensors (model.safetensors is not the model's)"
+    from bsbr import load_bsbr_model
+
+    _, converted, _ = models
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, ["generate", "org/bsbr-model", "--prompt", "hi"], "generate")
+    assert "a hub model? bsbr reads it from a local folder: hf download org/bsbr-model --local-dir DIR" in line, line
+    with pytest.raises(FileNotFoundError, match=r"AutoModelForCausalLM.from_pretrained\('org/bsbr-model'\)"):
+        load_bsbr_model("org/bsbr-model")
+    linked = shutil.copytree(converted, tmp_path / "linked")
+    (linked / "model.safetensors").unlink()
+    (linked / "model.safetensors").symlink_to(tmp_path / "blobs" / "removed")
+    line = refused(capsys, ["generate", linked, "--prompt", "hi"], "generate")
+    assert "has model.safetensors as a link to a file that no longer exists" in line, line

@@ -71,6 +71,18 @@ def test_a_distilled_models_card_names_the_hub_id_its_record_names():
     assert _base_model("{not json") is None and _base_model(None) is None and _base_model("[1]") is None
 
 
+def test_a_student_converted_from_a_hub_id_keeps_it_as_base_model_with_a_local_teacher(models, text, tmp_path):
+    # the teacher given as a local copy of the recorded hub source replaced the record's name, and the card lost
+    # its base_model
+    _, converted, _ = models
+    student = shutil.copytree(converted, tmp_path / "student")
+    record = json.loads((student / "conversion.json").read_text())
+    record["source"]["name"] = "org/src"
+    (student / "conversion.json").write_text(json.dumps(record))
+    assert main(distill_args(models, text, tmp_path / "out", "--steps", "1", student=student)) == 0
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "org/src"
+
+
 def test_config_refuses_non_finite_numbers():
     from bsbr.distill import DistillConfig
 

@@ -1097,3 +1097,52 @@ def test_task_heads_load_from_a_causal_lm_folder_train_and_reload(tmp_path):
     save_file(weights, tmp_path / "cls" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing_keys': \\['score.weight'\\]"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")
+
+
+def test_a_hub_model_in_the_cache_is_checked_as_its_folder_is(tmp_path, monkeypatch):
+    # from a hub id an int32 weight loaded truncated (1.25 -> 1.0) where the folder was refused; weights only as
+    # pytorch_model.bin got transformers' "do not set use_safetensors=True"; a single-file model in the cache was
+    # "not in the local cache" once the hub could not be reached (its shard index was looked for as the model)
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from hub_cache import publish
+
+    import bsbr.models.bsbr.modeling_bsbr as modeling
+    from bsbr.models.bsbr.modeling_bsbr import PickledWeightsError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8)
+    model.save_pretrained(tmp_path / "good")
+    publish(tmp_path / "good", "org/good", cache)
+    loaded = AutoModelForCausalLM.from_pretrained("org/good", cache_dir=cache)
+    torch.testing.assert_close(loaded.model.norm.weight, model.model.norm.weight)
+    weights = load_file(tmp_path / "good" / "model.safetensors")
+    weights["model.norm.weight"] = (weights["model.norm.weight"] * 4).to(torch.int32)
+    (tmp_path / "int").mkdir()
+    (tmp_path / "int" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
+    save_file(weights, tmp_path / "int" / "model.safetensors", metadata={"format": "pt"})
+    publish(tmp_path / "int", "org/int", cache)
+    with pytest.raises(ValueError, match="weight model.norm.weight is I32, not floating point"):
+        AutoModelForCausalLM.from_pretrained("org/int", cache_dir=cache)
+    (tmp_path / "int" / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "int" / "pytorch_model.bin")
+    publish(tmp_path / "int", "org/bin", cache)
+    with pytest.raises(PickledWeightsError, match="org/bin holds its weights only as pytorch_model.bin"):
+        AutoModelForCausalLM.from_pretrained("org/bin", cache_dir=cache)
+    # the hub unreachable (no offline mode set): what the cache holds loads
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+
+    def unreachable(repo_id, filename, **kwargs):  # (as when the hub cannot be reached: the cache, else this)
+        try:
+            return real(repo_id, filename, local_files_only=True, **kwargs)
+        except LocalEntryNotFoundError:
+            raise LocalEntryNotFoundError("cannot reach the hub, and the file is not in the cache") from None
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    assert modeling.hub_folder("org/good", cache_dir=cache) == cache / "models--org--good" / "snapshots" / ("1" * 40)
+    with pytest.raises(OSError, match="org/gone: the hub cannot be reached, and no copy of it is in the local cache"):
+        modeling.hub_folder("org/gone", cache_dir=cache)

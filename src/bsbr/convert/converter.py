@@ -27,7 +27,7 @@ from ..models.bsbr.configuration_bsbr import check_bsbr_options
 from ..models.heads import head_replaced
 from ..notes import ThreadSwitch, first_time, occasion
 from ..progress import gguf_bar_follows
-from ..models.bsbr.modeling_bsbr import (refuse_non_float_weights, refuse_pickled_hub_weights, refuse_pickled_weights,
+from ..models.bsbr.modeling_bsbr import (hub_folder, refuse_non_float_weights, refuse_pickled_weights,
                                           weights_held)
 from .defaults import DEFAULT_CHUNK_SIZE, default_source_path, resolve_options
 from .families import FAMILIES, LLAMA_LIKE, SUPPORTED_MODEL_TYPES, source_notes
@@ -82,15 +82,26 @@ def load_source(source: Union[str, os.PathLike, PreTrainedModel, None], dtype: t
             except Exception:  # (a file it cannot read: the load's own error says more)
                 pass
             raise
-        loaded = set(model.state_dict())  # (what it loaded was cast into the float model; older files name the
-        prefix = f"{model.base_model_prefix}."  # base model's weights without its prefix, as GPT-2's h.0...)
-        refuse_non_float_weights(path, loaded | {n.removeprefix(prefix) for n in loaded})
+        _refuse_non_float_loaded(model, path)
         _warn_unread_generation_config(path)
         return model
     if str(source).startswith((".", "/", "~")) or os.sep in str(source) and str(source).count("/") > 1:
         raise FileNotFoundError(f"model path not found: {source}")
-    refuse_pickled_hub_weights(str(source))  # hub id
-    return _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)
+    folder = hub_folder(str(source))  # a hub id: its files in the hub cache, checked as a folder's
+    if folder is not None:
+        _refuse_weights_it_cannot_convert(folder)
+    model = _load_complete(str(source), str(source), dtype=dtype, use_safetensors=True)
+    if folder is not None:
+        _refuse_non_float_loaded(model, folder)
+    return model
+
+
+def _refuse_non_float_loaded(model, folder: Path) -> None:
+    """:func:`refuse_non_float_weights` for the weights of ``folder`` that ``model`` loaded (cast into its float
+    parameters; older files name the base model's weights without its prefix, as GPT-2's ``h.0...``)."""
+    loaded = set(model.state_dict())
+    prefix = f"{model.base_model_prefix}."
+    refuse_non_float_weights(folder, loaded | {n.removeprefix(prefix) for n in loaded})
 
 
 def unreadable_gguf(error: Exception) -> str:

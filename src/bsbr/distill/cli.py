@@ -442,7 +442,8 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
                                                           source_name(args.teacher))
         if moved is not None:  # the student's, marked distilled since
             (directory / METADATA).write_text(moved, encoding="utf-8")
-        write_model_card(directory, _base_model(moved))
+        write_model_card(directory, _base_model(record) or _base_model(moved))  # (the source by its hub id, where
+        # the conversion named it so: a teacher given as a local copy keeps it)
 
     check_not_interrupted()  # a Ctrl-C while loading that a library swallowed: stop before training
     with _stop_on_signal() as stop:

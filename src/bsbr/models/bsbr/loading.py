@@ -45,7 +45,9 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
     if path.is_file():
         raise FileNotFoundError(f"{path} is a file, not a saved BSBR model directory: give the folder holding it")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json)")
+        hub = f" (a hub model? load it with AutoModelForCausalLM.from_pretrained({str(path)!r}) after import bsbr)" \
+            if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")) else ""
+        raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json){hub}")
     refuse_other_model_type(path)
     if (missing := missing_weights(path)) is not None:
         raise FileNotFoundError(f"{path} {missing}")

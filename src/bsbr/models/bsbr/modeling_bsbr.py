@@ -528,26 +528,65 @@ def refuse_pickled_index(index: Path, read: bool = True) -> None:
                                   "(model.save_pretrained(DIR) does by default)")
 
 
-def refuse_pickled_hub_weights(repo_id: str, **hub_options) -> None:
-    """:func:`refuse_pickled_index` for a hub model, before it loads: its safetensors index, where it has one
-    (from the local cache, or fetched as transformers would fetch it). A hub that cannot be reached, for a model
-    not in the cache, is an OSError here, once (transformers would retry on every file). ``hub_options``:
-    ``revision``, ``subfolder``, ``token``, ... as ``from_pretrained`` takes them."""
-    from huggingface_hub import constants, hf_hub_download
+def hub_folder(repo_id: str, **hub_options) -> Optional[Path]:
+    """The folder of the local hub cache that holds a hub model's ``config.json`` and safetensors weights, fetched
+    as transformers would fetch them (it then reads them from the cache), so that the checks of a model folder run
+    on it; None where they cannot be had (the hub not asked, or no such model: the load then names what is
+    missing). A hub that cannot be reached for a model not in the cache is an OSError here, once (transformers
+    would retry on every file); weights only as ``pytorch_model.bin`` (a pickle) or a shard index naming such
+    files are :class:`PickledWeightsError`. ``hub_options``: ``revision``, ``subfolder``, ``token``, ... as
+    ``from_pretrained`` takes them."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
     options = {k: hub_options[k] for k in ("revision", "subfolder", "token", "cache_dir", "local_files_only")
                if hub_options.get(k) is not None}
+    absent = (EntryNotFoundError, LocalEntryNotFoundError)
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, **options))
+
     try:
-        index = hf_hub_download(repo_id, "model.safetensors.index.json", **options)
+        config = fetch("config.json")
     except LocalEntryNotFoundError as e:  # (not cached, and the hub not asked or not reached)
         if constants.HF_HUB_OFFLINE or options.get("local_files_only"):
-            return  # (the load names what the cache lacks)
+            return None  # (the load names what the cache lacks)
         raise OSError(f"{repo_id}: the hub cannot be reached, and no copy of it is in the local cache "
                       f"({' '.join(str(e).split())[:160]}): check the network, or give a local model folder") from e
     except (EntryNotFoundError, HFValidationError, HfHubHTTPError, ValueError):
-        return  # (no index: one model.safetensors; a name or repository the load then names)
-    refuse_pickled_index(Path(index))
+        return None  # (a name or repository the load then names)
+    if hub_options.get("variant"):
+        return None  # (a variant's files: transformers finds and names them)
+    try:
+        fetch("model.safetensors")
+    except absent:
+        try:
+            index = fetch("model.safetensors.index.json")
+        except absent:
+            cached = try_to_load_from_cache(repo_id, "pytorch_model.bin", cache_dir=options.get("cache_dir"),
+                                            revision=options.get("revision")) if not options.get("subfolder") else None
+            if isinstance(cached, str) or _on_the_hub(repo_id, "pytorch_model.bin", options):
+                raise PickledWeightsError(f"{repo_id} holds its weights only as pytorch_model.bin (a pickle, which "
+                                          "bsbr never loads): save them as safetensors (model.save_pretrained(DIR) "
+                                          "does by default)") from None
+            return None  # (the load names what is missing)
+        refuse_pickled_index(index)
+        for shard in weight_files(index.parent):
+            with contextlib.suppress(*absent):  # (a shard missing: the load names it)
+                fetch(shard.name)
+    return config.parent
+
+
+def _on_the_hub(repo_id: str, name: str, options: dict) -> bool:
+    """Whether the hub holds the file ``name`` of ``repo_id`` (False where it is not asked or cannot say)."""
+    from huggingface_hub import constants, file_exists
+
+    if constants.HF_HUB_OFFLINE or options.get("local_files_only"):
+        return False
+    try:
+        return file_exists(repo_id, name, revision=options.get("revision"), token=options.get("token"))
+    except Exception:  # (the hub cannot be reached, or refuses: the load says what is missing)
+        return False
 
 
 def _cache_argument(cache, kwargs: dict):
@@ -611,6 +650,9 @@ def missing_weights(path: Path) -> Optional[str]:
     with what to do; None when it holds them."""
     if any(p.exists() for p in _layouts(path)):
         return None
+    if broken := [p.name for p in _layouts(path) if p.is_symlink()]:  # (a link to nothing: exists() is False)
+        return (f"has {broken[0]} as a link to a file that no longer exists (a hub cache's file removed?): download "
+                "or save the model again")
     variants = sorted(p.name for pattern in ("model.*.safetensors", "model.safetensors.index.*.json")
                       for p in path.glob(pattern))
     others = sorted(p.name for p in path.glob("*.safetensors"))
@@ -839,13 +881,14 @@ class BSBRPreTrainedModel(PreTrainedModel):
             raise ValueError("use_safetensors=False: a BSBR model loads from safetensors only (a .bin checkpoint is "
                              "a pickle); save it with save_pretrained, which writes safetensors")
         kwargs["use_safetensors"] = True
-        if local is not None and local.exists():
+        checked = local if local is not None and local.exists() else None  # the folder the weights' checks read
+        if checked is not None:
             refuse_pickled_weights(local)
         elif local is not None and Path(where).is_dir():  # (a subfolder's typo: read as a hub id, 23 s of retries)
             raise FileNotFoundError(f"{local} does not exist (subfolder {kwargs.get('subfolder')!r} of the folder "
                                     f"{where})")
-        elif isinstance(where, str) and where:  # a hub id
-            refuse_pickled_hub_weights(where, **kwargs)
+        elif isinstance(where, str) and where:  # a hub id: checked as a folder, its files in the hub cache
+            checked = hub_folder(where, **kwargs)
         if not strict:  # (transformers refuses a weight of another shape unless told to ignore it)
             kwargs.setdefault("ignore_mismatched_sizes", True)
             with LOADING:
@@ -853,11 +896,11 @@ class BSBRPreTrainedModel(PreTrainedModel):
             note_unread_head_dropout((loaded[0] if isinstance(loaded, tuple) else loaded).config, cls.__name__)
             return loaded
         variant = kwargs.get("variant")
-        if local is not None:
-            refuse_non_float_weights(local, variant=variant)
+        if checked is not None:
+            refuse_non_float_weights(checked, variant=variant)
             given = kwargs.get("config")
             if given is None or isinstance(given, PretrainedConfig):  # (a config named by a path: not read here)
-                refuse_sizes_past_the_weights(local, given, kwargs, variant)
+                refuse_sizes_past_the_weights(checked, given, kwargs, variant)
         want_info = kwargs.pop("output_loading_info", False)
         reinit_mismatched = kwargs.get("ignore_mismatched_sizes", False)  # (the caller's: a new head of other
         # labels on a classifier's folder, as transformers does it)
