@@ -110,8 +110,8 @@ def test_a_4d_mask_is_refused_saying_why(model):
     ids, _ = left_padded()
     causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None].expand(2, 1, 6, 6)
     with pytest.raises(ValueError, match=r"attention_mask must be a padding mask of shape \(2, 6\) \(1 real token, "
-                                         r"0 padding\), got \(2, 1, 6, 6\): a BSBR model's window and retrieved "
-                                         r"blocks decide what each token reads, so it takes no other mask"):
+                                         r"0 padding\), got \(2, 1, 6, 6\): .* \(a BSBR model by its window and "
+                                         r"retrieved blocks\), so they take no other mask"):
         model(ids, attention_mask=causal)
     with torch.no_grad():  # a step after a prefill: the shape given, not a slice of it (it said (2, 0, 1, 7))
         cache = model(ids, use_cache=True).cache

@@ -245,3 +245,42 @@ def test_a_window_or_chunk_longer_than_the_sequence_costs_the_sequence_only():
     o, _ = chunk_delta_rule(q, F.normalize(k, dim=-1), v, beta, chunk_size=huge)
     ref = naive_delta_rule(q, F.normalize(k, dim=-1), v, beta)
     torch.testing.assert_close(o, ref[0] if isinstance(ref, tuple) else ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_attention_in_half_precision_sums_in_float32(dtype):
+    # float16: the key sum passed 65,504 within ~1,000 tokens and the output became 0; bfloat16: the decoding
+    # form's running sums rounded single tokens away (0.87 relative error at 2k tokens against 0.003 for the
+    # chunked form)
+    g = torch.Generator().manual_seed(0)
+    q, k = (F.elu(torch.randn(1, 2, 2048, 32, generator=g)) + 1 for _ in range(2))
+    v = torch.randn(1, 2, 2048, 32, generator=g)
+    want = naive_linear_attention(q.double(), k.double(), v.double())[0]
+    half = [x.to(dtype) for x in (q, k, v)]
+    for fn in (chunk_linear_attention, recurrent_linear_attention, naive_linear_attention):
+        o, state = fn(*half) if fn is naive_linear_attention else fn(*half, output_final_state=True)
+        assert o.dtype == dtype
+        err = (o.double() - want)[:, :, 1024:].norm() / want[:, :, 1024:].norm()
+        assert err < 0.01, (fn.__name__, float(err))
+        if state is not None:
+            assert state[0].dtype == torch.float32 and state[1].dtype == torch.float32
+    o, state = recurrent_linear_attention(*(x[:, :, :1024] for x in half), output_final_state=True)
+    more, _ = recurrent_linear_attention(*(x[:, :, 1024:] for x in half), initial_state=state)
+    err = (more.double() - want[:, :, 1024:]).norm() / want[:, :, 1024:].norm()
+    assert err < 0.01, float(err)
+
+
+def test_op_arguments_no_form_reads_otherwise():
+    # beta=nan gave zeros in the chunked Hopfield form and nan in the reference; normalize="no" was read as True;
+    # scale=nan and eps=inf were taken
+    q = k = v = torch.rand(1, 2, 5, 4)
+    for fn in (chunk_hopfield_attention, naive_hopfield_attention):
+        with pytest.raises(ValueError, match="beta must be a finite number"):
+            fn(q, k, v, beta=float("nan"))
+    for fn in (chunk_linear_attention, recurrent_linear_attention, naive_linear_attention):
+        with pytest.raises(ValueError, match="normalize must be True or False"):
+            fn(q, k, v, normalize="no")
+        with pytest.raises(ValueError, match="eps must be a finite float"):
+            fn(q, k, v, eps=float("inf"))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        chunk_sliding_window_attention(q, k, v, window_size=2, scale=float("nan"))

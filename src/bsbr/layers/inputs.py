@@ -142,8 +142,9 @@ def mask_to_valid(attention_mask, batch: int, seq_len: int) -> Optional[torch.Te
     """A (batch, seq_len) mask of 1 (real) / 0 (padding) as a bool tensor; None stays None."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be a padding mask of shape ({batch}, {seq_len}) (1 real token, 0 "
-                         f"padding), got {tuple(attention_mask.shape)}: a BSBR model's window and retrieved blocks "
-                         "decide what each token reads, so it takes no other mask (no 3-D or 4-D attention mask)")
+                         f"padding), got {tuple(attention_mask.shape)}: bsbr's attention layers decide by their own "
+                         "rule which keys a token reads (a BSBR model by its window and retrieved blocks), so they "
+                         "take no other mask (no 3-D or 4-D attention mask)")
     if attention_mask is not None and exporting():
         raise NotImplementedError("torch.export cannot record an attention_mask of a BSBR model: its padding is "
                                   "removed by value (the real tokens renumbered); export without one")

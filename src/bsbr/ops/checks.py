@@ -33,6 +33,12 @@ def exporting() -> bool:
     return is_exporting is not None and is_exporting()
 
 
+def at_least_float32(*tensors: torch.Tensor) -> list:
+    """``tensors`` in float32 where they are half precision (sums over many tokens overflow float16 and round away
+    single terms in bfloat16), else as they are."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def unreadable(t: torch.Tensor) -> bool:
     """Whether ``t``'s values cannot be read on the host now: ``torch.export`` recording the call, or a
     ``torch.func`` transform (``vmap``, ``grad``) wrapping ``t``; a check by value is then skipped, as
@@ -140,12 +146,14 @@ def check_scale(scale, d: int) -> float:
         return d ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be None or a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     return float(scale)
 
 
 def check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
 
 
 def check_state_matrix(name: str, S, b: int, h: int, d: int, dv: int) -> None:

@@ -11,6 +11,8 @@ num_steps = 1 with beta = 1/sqrt(d) is standard causal attention.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Union
 
 import torch
@@ -31,6 +33,8 @@ def check_hopfield_inputs(q, k, v, beta, num_steps, valid):
         if beta.dim() > 1 or beta.numel() not in (1, h):
             raise ValueError(f"beta must be a scalar or have shape ({h},), got {tuple(beta.shape)}")
         return valid, beta.to(q.dtype).reshape(-1).expand(h).view(1, h, 1, 1)
+    if not math.isfinite(beta):  # (nan gave zeros in one form, nan in the other)
+        raise ValueError(f"beta must be a finite number, got {beta!r}")
     return valid, torch.full((1, h, 1, 1), float(beta), dtype=q.dtype, device=q.device)
 
 

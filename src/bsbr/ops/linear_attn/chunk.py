@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_eps, check_int, check_qkv, check_state
+from ..checks import at_least_float32, check_eps, check_flag, check_int, check_qkv, check_state
 
 
 def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
@@ -29,11 +29,16 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         output_final_state: also return ``(S, z)`` after the last token.
 
     Returns:
-        ``(o, state)``: o (b, h, n, dv); state None unless ``output_final_state``.
+        ``(o, state)``: o (b, h, n, dv) in the inputs' dtype; state None unless ``output_final_state``, else in
+        float32 at least (half-precision inputs are summed in float32: the key sum passed float16's range within
+        a thousand tokens, and bfloat16 rounded single tokens away).
     """
     b, h, n, d, dv = check_qkv(q, k, v)
+    check_flag("normalize", normalize)
     check_int("chunk_size", chunk_size)
     check_eps(eps)
+    dtype = q.dtype
+    q, k, v = at_least_float32(q, k, v)
     S0, z0 = check_state(initial_state, b, h, d, dv, q, normalize)
     B = max(1, min(chunk_size, n))  # (a chunk longer than the sequence: padding only)
     C = max(1, -(-n // B))
@@ -58,6 +63,6 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         den = a.sum(-1) + (qb @ z_start.unsqueeze(-1)).squeeze(-1)  # (b, h, C, B)
         o = o / (den.unsqueeze(-1) + eps)
         z_final = z0 + ks_cum[:, :, -1]
-    o = o.reshape(b, h, C * B, dv)[:, :, :n]
+    o = o.reshape(b, h, C * B, dv)[:, :, :n].to(dtype)
     state = (S0 + kv_cum[:, :, -1], z_final) if output_final_state else None
     return o, state

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..checks import check_eps, check_qkv, check_state
+from ..checks import at_least_float32, check_eps, check_flag, check_qkv, check_state
 
 
 def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,
@@ -15,7 +15,10 @@ def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                output_final_state: bool = False):
     """Same meaning as :func:`chunk_linear_attention`, computed one token at a time."""
     b, h, n, d, dv = check_qkv(q, k, v)
+    check_flag("normalize", normalize)
     check_eps(eps)
+    dtype = q.dtype
+    q, k, v = at_least_float32(q, k, v)
     S, z = check_state(initial_state, b, h, d, dv, q, normalize)
     outs = []
     for t in range(n):
@@ -27,4 +30,4 @@ def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             o = o / ((qt * z).sum(-1, keepdim=True) + eps)
         outs.append(o)
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(b, h, 0, dv)
-    return o, ((S, z) if output_final_state else None)
+    return o.to(dtype), ((S, z) if output_final_state else None)
