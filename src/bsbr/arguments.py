@@ -161,11 +161,30 @@ def hub_id(name) -> Optional[str]:
     return name
 
 
+def hub_revision(source) -> Optional[str]:
+    """The commit of the hub model ``source`` whose files the hub cache holds (what a conversion read), None for
+    a local source or where it cannot be told."""
+    if source is None or Path(os.path.expanduser(str(source))).exists() or hub_id(str(source)) is None:
+        return None
+    from .models.bsbr.modeling_bsbr import hub_folder
+
+    try:
+        folder = hub_folder(str(source))
+    except OSError:
+        return None
+    parts = folder.parts if folder is not None else ()
+    at = parts.index("snapshots") + 1 if "snapshots" in parts[:-1] else None
+    return parts[at] if at is not None else None
+
+
 def source_record(source, model) -> dict:
     """What a converted model records of its source: :func:`source_name`, model type, weights fingerprint and
-    :func:`architecture`."""
-    return dict(name=source_name(source), model_type=getattr(model.config, "model_type", None),
-                fingerprint=weights_fingerprint(model), architecture=architecture(model))
+    :func:`architecture`; for a hub model, the commit its files were read at (``revision``)."""
+    record = dict(name=source_name(source), model_type=getattr(model.config, "model_type", None),
+                  fingerprint=weights_fingerprint(model), architecture=architecture(model))
+    if (revision := hub_revision(source)) is not None:
+        record["revision"] = revision
+    return record
 
 
 def read_metadata(model_dir) -> dict:
@@ -224,8 +243,12 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
 
     # the recorded source resized as the model was, most likely
     resized = fields == ["vocab_size"] and head_rows(source_model) == config.get("vocab_size")
+    revision = recorded.get("revision")
+    moved = f"; converted from its commit {revision}, and the hub's may have changed since: hf download {source} " \
+        f"--revision {revision} --local-dir DIR, then give DIR" \
+        if isinstance(revision, str) and str(source) == recorded.get("name") else ""
     msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
-           f"({recorded.get('name')}, {recorded.get('model_type')}; {why}): "
+           f"({recorded.get('name')}, {recorded.get('model_type')}; {why}{moved}): "
            + (f"if it is that model, resized as {model_dir} was, pass --force to use it" if resized else
               f"give that model as {option}, or pass --force to use this one anyway"))
     if force:

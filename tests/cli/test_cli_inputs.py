@@ -2365,3 +2365,33 @@ def test_a_hub_id_or_a_link_to_a_removed_blob_given_as_a_bsbr_folder_says_what_t
     (linked / "model.safetensors").symlink_to(tmp_path / "blobs" / "removed")
     line = refused(capsys, ["generate", linked, "--prompt", "hi"], "generate")
     assert "has model.safetensors as a link to a file that no longer exists" in line, line
+
+
+def test_a_hub_source_records_its_commit_and_a_hub_moved_on_says_which_to_give(models, tmp_path, capsys,
+                                                                              monkeypatch):
+    # conversion.json recorded no revision: once the hub's ORG/NAME moved on to other weights, --reference ORG/NAME
+    # was refused with no way to name the commit converted
+    from huggingface_hub import ModelCard, constants
+    from hub_cache import publish
+    from cli_checks import TEXT
+
+    source, _, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    publish(source, "org/src", cache, commit="2" * 40)
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "org/src", "out", "--chunk-size", "8"]) == 0
+    recorded = json.loads((tmp_path / "out" / "conversion.json").read_text())["source"]
+    assert recorded["name"] == "org/src" and recorded["revision"] == "2" * 40
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "org/src"
+    moved = copy_source(source, tmp_path / "moved", skip=("model.safetensors",))
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, moved / "model.safetensors", metadata={"format": "pt"})
+    publish(moved, "org/src", cache, commit="5" * 40)  # (main now names it)
+    (tmp_path / "text.txt").write_text(TEXT)
+    line = refused(capsys, ["eval", "out", "--reference", "org/src", "--text-file", "text.txt", "--seq-len", "32",
+                            "--no-passkey"], "eval")
+    assert f"converted from its commit {'2' * 40}, and the hub's may have changed since: hf download org/src " \
+           f"--revision {'2' * 40} --local-dir DIR, then give DIR" in line, line
