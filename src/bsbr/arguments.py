@@ -5,6 +5,7 @@ here imports torch at module level."""
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import importlib
 import json
@@ -311,11 +312,12 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
-def _warn_ignored_code(path: Path, option: str) -> None:
+def _warn_ignored_code(path: Path, option: str, shown=None) -> None:
     """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
     runs (a class transformers does not have is refused when it loads); say that the built-in one is used. (A
     saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a model type transformers
-    has no classes for is refused where it loads: no warning.)"""
+    has no classes for is refused where it loads: no warning.) ``shown``: the folder as the user named it (a hub
+    id, for its folder in the hub cache)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
@@ -334,7 +336,7 @@ def _warn_ignored_code(path: Path, option: str) -> None:
         code = sorted({r.split(".")[0] + ".py" for r in refs if (path / (r.split(".")[0] + ".py")).is_file()})
         if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
             logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
-                           "built-in classes for it are used instead", option, path, name, ", ".join(code))
+                           "built-in classes for it are used instead", option, shown or path, name, ", ".join(code))
 
 
 def _first_bytes(path: Path, n: int) -> bytes:
@@ -757,7 +759,15 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
             raise UserError(f"{option} {source_label(source)}: could not load the model ({why})") from e
         if type(e).__name__ == "PickledWeightsError":  # (a hub model's weights as pickles: refused, not missing)
             raise UserError(f"{option} {source}: {why}") from e
+        if isinstance(e, ValueError) and type(e).__name__ != "HFValidationError":  # (its files, read: refused)
+            raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
+    if not local:  # a hub model: its files in the hub cache, as a folder's are checked
+        from .models.bsbr.modeling_bsbr import hub_folder
+
+        with contextlib.suppress(OSError):
+            if (folder := hub_folder(str(source))) is not None:
+                _warn_ignored_code(folder, option, shown=source)
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
 

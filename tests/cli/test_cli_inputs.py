@@ -2395,3 +2395,32 @@ def test_a_hub_source_records_its_commit_and_a_hub_moved_on_says_which_to_give(m
                             "--no-passkey"], "eval")
     assert f"converted from its commit {'2' * 40}, and the hub's may have changed since: hf download org/src " \
            f"--revision {'2' * 40} --local-dir DIR, then give DIR" in line, line
+
+
+def test_a_hub_source_is_checked_and_warned_of_as_its_folder_is(models, tmp_path, capsys, monkeypatch, caplog):
+    # an int32 weight of a hub source was "no local path, and not in the local hub cache" (or loaded truncated);
+    # its config's own code was ignored without the folder's warning
+    from huggingface_hub import constants
+    from hub_cache import publish
+
+    source, _, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    bad = copy_source(source, tmp_path / "bad", skip=("model.safetensors",))
+    weights = load_file(source / "model.safetensors")
+    weights["model.norm.weight"] = (weights["model.norm.weight"] * 4).to(torch.int32)
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    publish(bad, "org/int", cache)
+    line = refused(capsys, ["convert", "org/int", "out", "--chunk-size", "8"], "convert")
+    assert "SOURCE org/int: could not load the model" in line and "is I32, not floating point" in line, line
+    code = copy_source(source, tmp_path / "code")
+    (code / "modeling_x.py").write_text("from transformers import LlamaForCausalLM as MyLlama\n")
+    config = json.loads((code / "config.json").read_text())
+    (code / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.MyLlama"}}))
+    publish(code, "org/code", cache)
+    with caplog.at_level(logging.WARNING, logger="bsbr"):
+        assert main(["convert", "org/code", "out", "--chunk-size", "8"]) == 0
+    assert "SOURCE org/code: its config.json names code of its own (modeling_x.py), which bsbr never runs" in caplog.text
