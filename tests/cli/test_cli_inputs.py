@@ -2419,8 +2419,10 @@ def test_a_hub_source_is_checked_and_warned_of_as_its_folder_is(models, tmp_path
     code = copy_source(source, tmp_path / "code")
     (code / "modeling_x.py").write_text("from transformers import LlamaForCausalLM as MyLlama\n")
     config = json.loads((code / "config.json").read_text())
-    (code / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.MyLlama"}}))
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.MyLlama"}
+    (code / "config.json").write_text(json.dumps(config))
     publish(code, "org/code", cache)
     with caplog.at_level(logging.WARNING, logger="bsbr"):
         assert main(["convert", "org/code", "out", "--chunk-size", "8"]) == 0
-    assert "SOURCE org/code: its config.json names code of its own (modeling_x.py), which bsbr never runs" in caplog.text
+    assert "SOURCE org/code: its config.json names code of its own (modeling_x.py), which bsbr never runs" \
+        in caplog.text
