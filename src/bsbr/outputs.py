@@ -53,7 +53,8 @@ def _identity(path: Path):
     for p in (path, *path.parents):
         with contextlib.suppress(OSError):
             st = os.stat(p)
-            return st.st_dev, st.st_ino, path.relative_to(p).parts
+            # (a file system that numbers no inodes, as some FUSE and network drives, reports 0: the path decides)
+            return (st.st_dev, st.st_ino, path.relative_to(p).parts) if st.st_ino else path
     return path
 
 

@@ -2313,3 +2313,28 @@ def test_a_stderr_without_isatty_is_read_as_no_terminal(models, tmp_path, monkey
     source, _, _ = models
     assert main(["convert", str(source), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+
+def test_a_drive_that_numbers_no_inodes_is_told_apart_by_path(tmp_path, monkeypatch):
+    # some FUSE and network drives report inode 0 for every file: any existing folder there "was" the input
+    from bsbr.outputs import check_output_files, refuse_input_overlap
+
+    vol = tmp_path / "vol"
+    for name in ("model", "results", "src"):
+        (vol / name).mkdir(parents=True)
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        st = real(path, *args, **kwargs)
+        if isinstance(path, int) or not os.path.abspath(os.fsdecode(path)).startswith(str(vol)):
+            return st
+        fields = list(st)
+        fields[1] = 0
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "stat", stat)
+    check_output_files([("--json", vol / "results" / "r.json")], inputs=[("MODEL", vol / "model")])
+    refuse_input_overlap(vol / "out", [("SOURCE", vol / "src")], "OUTPUT_DIR")
+    with pytest.raises(bsbr.errors.OutputError, match="would overwrite the MODEL"):
+        check_output_files([("--json", vol / "model" / "r.json")], inputs=[("MODEL", vol / "model")])

@@ -201,8 +201,8 @@ def test_per_sample_gradients_with_labels_as_on_the_source():
     ids = torch.randint(3, 97, (3, 30), generator=torch.Generator().manual_seed(1))
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def loss(p, x):
-        return functional_call(model, p, (x[None],), dict(labels=x[None], use_cache=False)).loss
+    def loss(p, x):  # (the config's use_cache=True: under vmap no cache is built, as none was asked for)
+        return functional_call(model, p, (x[None],), dict(labels=x[None])).loss
 
     per_sample = vmap(grad(loss), in_dims=(None, 0))(params, ids)
     for i in (0, 2):

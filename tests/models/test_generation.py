@@ -536,9 +536,9 @@ def test_a_cache_a_call_left_midway_is_refused_and_a_copy_made_before_continues(
             model(ids[:, 20:30], cache=cache)
         layer.forward = forward
         for again in (cache, cache.select(torch.arange(2))):
-            with pytest.raises(ValueError, match="a call that continued it stopped midway"):
+            with pytest.raises(ValueError, match="a call that continued it stopped before it finished"):
                 model(ids[:, 20:30], cache=again)
-        with pytest.raises(ValueError, match="stopped midway"):
+        with pytest.raises(ValueError, match="stopped before it finished"):
             model.generate(ids[:, 20:21], cache=cache, max_new_tokens=2, do_sample=False)
         torch.testing.assert_close(model(ids[:, 20:], cache=copy_).logits, full[:, 20:], rtol=1e-4, atol=1e-4)
 
@@ -551,3 +551,22 @@ def test_the_model_and_its_cache_print_their_options():
     with torch.no_grad():
         cache = model(torch.randint(0, VOCAB, (2, 11)), use_cache=True).cache
     assert repr(cache) == "BSBRCache(layers=2, positions=11, tokens per row=[11, 11])"
+
+
+
+def test_labels_refused_leave_a_cache_as_it_was():
+    # labels were checked after the model had continued the cache: the retry with mended labels read the new
+    # tokens twice (logits off by up to 2)
+    model = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK, gate_init=0.7).eval()
+    ids = torch.randint(0, VOCAB, (1, 25), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :20], use_cache=True).cache
+        bad = ids[:, 20:].clone()
+        bad[0, 0] = VOCAB + 3
+        for labels, told in ((bad, "labels must lie in"), (ids[:, 20:23], "labels must be an int64 tensor of shape")):
+            with pytest.raises(ValueError, match=told):
+                model(ids[:, 20:], cache=cache, labels=labels)
+        assert cache.n_positions == 20
+        out = model(ids[:, 20:], cache=cache, labels=ids[:, 20:])
+    torch.testing.assert_close(out.logits, full[:, 20:], rtol=1e-4, atol=1e-4)

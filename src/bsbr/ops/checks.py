@@ -39,12 +39,17 @@ def at_least_float32(*tensors: torch.Tensor) -> list:
     return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
+def transformed(t: torch.Tensor) -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``) wraps ``t``."""
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
+    return level is not None and level(t) != -1
+
+
 def unreadable(t: torch.Tensor) -> bool:
     """Whether ``t``'s values cannot be read on the host now: ``torch.export`` recording the call, or a
-    ``torch.func`` transform (``vmap``, ``grad``) wrapping ``t``; a check by value is then skipped, as
-    transformers' models check nothing by value."""
-    level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
-    return exporting() or (level is not None and level(t) != -1)
+    ``torch.func`` transform wrapping ``t``; a check by value is then skipped, as transformers' models check
+    nothing by value."""
+    return exporting() or transformed(t)
 
 
 def shown(value) -> str:

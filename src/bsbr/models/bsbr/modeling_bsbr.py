@@ -36,7 +36,7 @@ from ...layers.inputs import check_input_ids, check_labels, check_position_ids, 
 from ...layers.feature_maps import HeadwiseLinear, StateCompression
 from ...layers.rotary import RotaryEmbedding, autocast_on
 from ...ops.bsbr import BSBRState
-from ...ops.checks import eager, exporting
+from ...ops.checks import eager, exporting, transformed
 from .configuration_bsbr import (_AUTO_CLASSES, POSITION_SCHEMES, BSBRConfig, note_unread_head_dropout, notes_off,
                                  saved_before_versions, write_auto_code)
 
@@ -274,9 +274,10 @@ class BSBRCache:
         """Mark the cache as being advanced by a forward, layer by layer, until :meth:`consumed`; refuse one a
         call left midway (a Ctrl-C, an error): its layers have read different numbers of tokens."""
         if getattr(self, "unfinished", False):
-            raise ValueError("cache: a call that continued it stopped midway (interrupted, or it failed), so its "
-                             "layers have read different numbers of tokens and it cannot be continued: build a new "
-                             "one (to continue a prefix more than once, continue copies: cache.select(rows))")
+            raise ValueError("cache: a call that continued it stopped before it finished (interrupted, or it "
+                             "failed), so its layers may hold part of that call's tokens and it cannot be continued: "
+                             "build a new one (to continue a prefix more than once, continue copies: "
+                             "cache.select(rows))")
         self.unfinished = True
 
     @eager  # bookkeeping on a Python int: traced, it recompiled at every new length
@@ -1276,6 +1277,8 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 warn_caller(_NO_CACHE_CHECKPOINTED)
             use_cache = False  # as transformers' models do: a training forward builds no cache (without
             # gradients, e.g. generate in train mode, nothing is replayed and the cache is kept)
+        if use_cache is None and transformed(x):  # (vmap: the cache's buffers are written in place; not asked for)
+            use_cache = False
         use_cache = self.config.use_cache if use_cache is None else use_cache
         streaming = cache is not None
         states = []
@@ -1409,6 +1412,13 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         refuse_output_attentions(output_attentions, self.config)
         refuse_token_type_ids(kwargs, self.config)
         cache = _cache_argument(cache, kwargs)
+        text = input_ids if input_ids is not None else inputs_embeds
+        labels_checked = labels is not None and isinstance(text, torch.Tensor) and text.dim() >= 2
+        if labels_checked:  # before the model runs: a refusal after it would leave a cache it continued advanced
+            n = text.shape[1]
+            kept = (min(logits_to_keep, n) or n) if isinstance(logits_to_keep, int) else \
+                torch.arange(n)[logits_to_keep].shape[0]
+            check_labels(labels, text.shape[0], kept, self.config.vocab_size, kwargs.get("ignore_index", -100))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          return_dict=True, output_attentions=False)
@@ -1420,7 +1430,8 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            check_labels(labels, *logits.shape[:2], self.config.vocab_size, kwargs.get("ignore_index", -100))
+            if not labels_checked:
+                check_labels(labels, *logits.shape[:2], self.config.vocab_size, kwargs.get("ignore_index", -100))
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return self._returned(out, return_dict)
