@@ -247,7 +247,7 @@ def check_source(model_dir, source, source_model, *, option: str, force: bool = 
     revision = recorded.get("revision")
     moved = f"; converted from its commit {revision}, and the hub's may have changed since: hf download {source} " \
         f"--revision {revision} --local-dir DIR, then give DIR" \
-        if isinstance(revision, str) and str(source) == recorded.get("name") else ""
+        if isinstance(revision, str) and str(source) == recorded.get("name") and hub_id(str(source)) else ""
     msg = (f"{option} {source_label(source)} is not the model {model_dir} was converted from "
            f"({recorded.get('name')}, {recorded.get('model_type')}; {why}{moved}): "
            + (f"if it is that model, resized as {model_dir} was, pass --force to use it" if resized else

@@ -66,7 +66,7 @@ def test_a_distilled_models_card_names_the_hub_id_its_record_names():
 
     assert _base_model(json.dumps(dict(source=dict(name="Qwen/Qwen2-0.5B"), distilled="distill.json"))) == \
         "Qwen/Qwen2-0.5B"
-    assert _base_model(json.dumps(dict(source="gpt2"))) == "gpt2"  # (bsbr 0.2.0's record: the name alone)
+    assert _base_model(json.dumps(dict(source="src/llama"))) is None  # (bsbr 0.2.0's record: the name as typed)
     assert _base_model(json.dumps(dict(source=dict(name="/home/me/source")))) is None
     assert _base_model("{not json") is None and _base_model(None) is None and _base_model("[1]") is None
 
@@ -79,8 +79,21 @@ def test_a_student_converted_from_a_hub_id_keeps_it_as_base_model_with_a_local_t
     record = json.loads((student / "conversion.json").read_text())
     record["source"]["name"] = "org/src"
     (student / "conversion.json").write_text(json.dumps(record))
+    record["source"]["revision"] = "2" * 40
+    (student / "conversion.json").write_text(json.dumps(record))
     assert main(distill_args(models, text, tmp_path / "out", "--steps", "1", student=student)) == 0
     assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "org/src"
+    # the record keeps the hub id and its commit (a local copy's path with the hub's commit gave "hf download
+    # /abs/path --revision ..."), so a second distillation keeps them too
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text())["source"]["revision"] == "2" * 40
+    assert main(distill_args(models, text, tmp_path / "again", "--steps", "1", student=tmp_path / "out")) == 0
+    assert ModelCard.load(tmp_path / "again" / "README.md").data.base_model == "org/src"
+    # a local record renamed to the teacher's path records no commit
+    from bsbr.distill.cli import _moved_record
+
+    local = json.dumps(dict(source=dict(name="/old/place", revision="3" * 40)))
+    assert json.loads(_moved_record(local, "/new/place"))["source"] == dict(name="/new/place")
+    assert json.loads(_moved_record(local, "org/src", "4" * 40))["source"] == dict(name="org/src", revision="4" * 40)
 
 
 def test_config_refuses_non_finite_numbers():

@@ -19,7 +19,7 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_default_model,
                          check_model_arg, check_model_tokenizer, check_positions, check_recorded_source, check_source,
                          check_text_files, check_unique, dataset_options, hub_id, load_model_arg, load_tokenizer_arg,
-                         recorded_source, same_file, source_name, warn_past_rotary_positions)
+                         hub_revision, same_file, source_name, warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
                        resolved_path, resume_strays, save_tokenizer, write_errors, write_failure, write_model_card)
@@ -438,8 +438,9 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
 
     def extra_files(directory: Path) -> None:
         save_tokenizer(tokenizer, directory)
-        moved = None if record is None else _moved_record(record, None if note or args.teacher is None else
-                                                          source_name(args.teacher))
+        found = note is None and args.teacher is not None  # (the teacher is the recorded source)
+        moved = None if record is None else _moved_record(record, source_name(args.teacher) if found else None,
+                                                          hub_revision(args.teacher) if found else None)
         if moved is not None:  # the student's, marked distilled since
             (directory / METADATA).write_text(moved, encoding="utf-8")
         write_model_card(directory, _base_model(record) or _base_model(moved))  # (the source by its hub id, where
@@ -466,30 +467,40 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     return 0
 
 
-def _moved_record(record: str, source: Optional[str] = None) -> str:
+def _moved_record(record: str, source: Optional[str] = None, revision: Optional[str] = None) -> str:
     """The student's conversion record as the distilled model's: a note that the weights were distilled since
     (distill.json), and the source named ``source`` where given (the teacher, found to be the recorded source: the
-    path it has now); an unreadable record as it was. (``output_dir``, the folder an earlier bsbr recorded, is
-    dropped: nothing reads it, and it publishes a local path.)"""
+    path it has now; at the hub commit ``revision``, None for a local one), unless the record names it by a hub
+    id (which holds wherever its copies lie); an unreadable record as it was. (``output_dir``, the folder an
+    earlier bsbr recorded, is dropped: nothing reads it, and it publishes a local path.)"""
     try:
         fields = json.loads(record)
     except ValueError:
         return record
     if not isinstance(fields, dict):
         return record
-    if source is not None and isinstance(fields.get("source"), dict):
-        fields["source"] = {**fields["source"], "name": source}
+    recorded = fields.get("source")
+    if source is not None and isinstance(recorded, dict) and _hub_name(recorded.get("name")) is None:
+        fields["source"] = {k: v for k, v in {**recorded, "name": source, "revision": revision}.items()
+                            if k != "revision" or v is not None}
     fields.pop("output_dir", None)
     return json.dumps({**fields, "distilled": "distill.json"}, indent=2)
 
 
 def _base_model(record: Optional[str]) -> Optional[str]:
-    """The hub id of the source a distilled model's record names (its model card's ``base_model``), where known."""
+    """The hub id of the source a distilled model's record names (its model card's ``base_model``), where known
+    (a record of bsbr 0.2.0 to 2026-11-28 names a source as it was typed, maybe a relative path: not known)."""
     try:
         fields = json.loads(record) if record is not None else None
     except ValueError:
         return None
-    return hub_id(recorded_source(fields).get("name")) if isinstance(fields, dict) else None
+    return _hub_name(fields.get("source", {}).get("name")) if isinstance(fields, dict) and \
+        isinstance(fields.get("source"), dict) else None
+
+
+def _hub_name(name) -> Optional[str]:
+    """:func:`hub_id` of a recorded source name (records name a local source by its absolute path)."""
+    return hub_id(name) if isinstance(name, str) else None
 
 
 def register(sub) -> None:
