@@ -173,9 +173,9 @@ def hub_revision(source) -> Optional[str]:
         folder = hub_folder(str(source))
     except OSError:
         return None
-    parts = folder.parts if folder is not None else ()
-    at = parts.index("snapshots") + 1 if "snapshots" in parts[:-1] else None
-    return parts[at] if at is not None else None
+    parts = folder.parts if folder is not None else ()  # (.../models--ORG--NAME/snapshots/COMMIT[/subfolder])
+    at = [i for i in range(2, len(parts)) if parts[i - 1] == "snapshots" and parts[i - 2].startswith("models--")]
+    return parts[at[-1]] if at else None
 
 
 def source_record(source, model) -> dict:
@@ -312,12 +312,12 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
-def _warn_ignored_code(path: Path, option: str, shown=None) -> None:
+def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False) -> None:
     """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
     runs (a class transformers does not have is refused when it loads); say that the built-in one is used. (A
     saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a model type transformers
     has no classes for is refused where it loads: no warning.) ``shown``: the folder as the user named it (a hub
-    id, for its folder in the hub cache)."""
+    id, for its folder in the hub cache, ``hub``: where the code named is not downloaded)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
@@ -333,7 +333,7 @@ def _warn_ignored_code(path: Path, option: str, shown=None) -> None:
             continue
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
                 for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
-        code = sorted({r.split(".")[0] + ".py" for r in refs if (path / (r.split(".")[0] + ".py")).is_file()})
+        code = sorted({r.split(".")[0] + ".py" for r in refs if hub or (path / (r.split(".")[0] + ".py")).is_file()})
         if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
             logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
                            "built-in classes for it are used instead", option, shown or path, name, ", ".join(code))
@@ -604,7 +604,8 @@ def check_bsbr_dir(path, option: str) -> Path:
         what = absent(path) if not path.exists() else "is a file, not a directory" if not path.is_dir() \
             else "has no config.json" if not config.exists() else "holds a config.json that is not a file"
         hub = f" (a hub model? bsbr reads it from a local folder: hf download {path} --local-dir DIR, then give DIR)" \
-            if not path.exists() and hub_id(str(path)) is not None and "/" in str(path) else ""
+            if not path.exists() and hub_id(str(path)) is not None and "/" in str(path) and \
+            not Path(str(path).split("/")[0]).exists() else ""  # (not a local folder's name mistyped)
         raise UserError(f"{option} {path} {what}{hub}: give a directory made by `bsbr convert` or `bsbr distill`")
     values = read_config(config, option)
     if values["model_type"] != "bsbr":
@@ -767,7 +768,7 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
 
         with contextlib.suppress(OSError):
             if (folder := hub_folder(str(source))) is not None:
-                _warn_ignored_code(folder, option, shown=source)
+                _warn_ignored_code(folder, option, shown=source, hub=True)
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
 

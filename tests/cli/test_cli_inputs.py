@@ -2358,6 +2358,10 @@ def test_a_hub_id_or_a_link_to_a_removed_blob_given_as_a_bsbr_folder_says_what_t
     monkeypatch.chdir(tmp_path)
     line = refused(capsys, ["generate", "org/bsbr-model", "--prompt", "hi"], "generate")
     assert "a hub model? bsbr reads it from a local folder: hf download org/bsbr-model --local-dir DIR" in line, line
+    (tmp_path / "runs").mkdir()  # a local folder's model mistyped: no hub advice
+    assert "hub model?" not in refused(capsys, ["generate", "runs/bsbr1", "--prompt", "hi"], "generate")
+    with pytest.raises(FileNotFoundError, match=r"\(no config.json\)$"):
+        load_bsbr_model("runs/bsbr1")
     with pytest.raises(FileNotFoundError, match=r"AutoModelForCausalLM.from_pretrained\('org/bsbr-model'\)"):
         load_bsbr_model("org/bsbr-model")
     linked = shutil.copytree(converted, tmp_path / "linked")
@@ -2376,7 +2380,7 @@ def test_a_hub_source_records_its_commit_and_a_hub_moved_on_says_which_to_give(m
     from cli_checks import TEXT
 
     source, _, _ = models
-    cache = tmp_path / "hub"
+    cache = tmp_path / "snapshots" / "hub"  # (a folder named snapshots above the cache: not the commit's)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -2416,8 +2420,7 @@ def test_a_hub_source_is_checked_and_warned_of_as_its_folder_is(models, tmp_path
     publish(bad, "org/int", cache)
     line = refused(capsys, ["convert", "org/int", "out", "--chunk-size", "8"], "convert")
     assert "SOURCE org/int: could not load the model" in line and "is I32, not floating point" in line, line
-    code = copy_source(source, tmp_path / "code")
-    (code / "modeling_x.py").write_text("from transformers import LlamaForCausalLM as MyLlama\n")
+    code = copy_source(source, tmp_path / "code")  # (its modeling_x.py is not downloaded: the config names it)
     config = json.loads((code / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.MyLlama"}
     (code / "config.json").write_text(json.dumps(config))

@@ -569,4 +569,7 @@ def test_labels_refused_leave_a_cache_as_it_was():
                 model(ids[:, 20:], cache=cache, labels=labels)
         assert cache.n_positions == 20
         out = model(ids[:, 20:], cache=cache, labels=ids[:, 20:])
+        # logits_to_keep as transformers reads it (a negative int k: h[:, -k:]), with labels of that length
+        kept = model(ids, labels=ids[:, 1:], logits_to_keep=-1)
+        assert kept.logits.shape[1] == 24 and torch.isfinite(kept.loss)
     torch.testing.assert_close(out.logits, full[:, 20:], rtol=1e-4, atol=1e-4)

@@ -264,6 +264,11 @@ def test_linear_attention_in_half_precision_sums_in_float32(dtype):
         assert err < 0.01, (fn.__name__, float(err))
         if state is not None:
             assert state[0].dtype == torch.float32 and state[1].dtype == torch.float32
+    if dtype == torch.float16:  # (float32 inputs under autocast: its float16 matmuls overflowed the same way)
+        with torch.autocast("cpu", dtype=dtype):
+            o, _ = chunk_linear_attention(q, k, v)
+        err = (o.double() - want)[:, :, 1024:].norm() / want[:, :, 1024:].norm()
+        assert o.dtype == torch.float32 and err < 1e-4, float(err)
     o, state = recurrent_linear_attention(*(x[:, :, :1024] for x in half), output_final_state=True)
     more, _ = recurrent_linear_attention(*(x[:, :, 1024:] for x in half), initial_state=state)
     err = (more.double() - want[:, :, 1024:]).norm() / want[:, :, 1024:].norm()

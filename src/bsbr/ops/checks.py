@@ -3,6 +3,8 @@ baseline ops (sliding window, linear attention, DeltaNet, Hopfield, GAU) all tak
 out (batch, heads, seq_len, dim)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import math
 import numbers
@@ -33,10 +35,25 @@ def exporting() -> bool:
     return is_exporting is not None and is_exporting()
 
 
-def at_least_float32(*tensors: torch.Tensor) -> list:
-    """``tensors`` in float32 where they are half precision (sums over many tokens overflow float16 and round away
-    single terms in bfloat16), else as they are."""
-    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+def in_float32(op):
+    """The op ``op(q, k, v, **options)`` run with half-precision ``q, k, v`` in float32 and autocast off (its sums
+    over many tokens overflow float16 and round single tokens away in bfloat16); its output in ``q``'s dtype,
+    its state as computed (float32)."""
+    @functools.wraps(op)
+    def run(q, k, v, **options):
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            return op(q, k, v, **options)  # (refused by its checks)
+        dtype = q.dtype
+        q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
+        try:
+            autocast = torch.is_autocast_enabled(q.device.type)
+        except (RuntimeError, TypeError):  # (a device autocast does not know, as meta)
+            autocast = False
+        with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            o, state = op(q, k, v, **options)
+        return o.to(dtype), state
+
+    return run
 
 
 def transformed(t: torch.Tensor) -> bool:

@@ -46,7 +46,8 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
         raise FileNotFoundError(f"{path} is a file, not a saved BSBR model directory: give the folder holding it")
     if not (path / "config.json").is_file():
         hub = f" (a hub model? load it with AutoModelForCausalLM.from_pretrained({str(path)!r}) after import bsbr)" \
-            if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")) else ""
+            if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")) and \
+            not path.parent.exists() else ""  # (not a local folder's name mistyped)
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json){hub}")
     refuse_other_model_type(path)
     if (missing := missing_weights(path)) is not None:

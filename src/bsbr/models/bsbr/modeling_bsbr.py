@@ -1415,9 +1415,9 @@ class BSBRForCausalLM(BSBRPreTrainedModel, GenerationMixin):
         text = input_ids if input_ids is not None else inputs_embeds
         labels_checked = labels is not None and isinstance(text, torch.Tensor) and text.dim() >= 2
         if labels_checked:  # before the model runs: a refusal after it would leave a cache it continued advanced
-            n = text.shape[1]
-            kept = (min(logits_to_keep, n) or n) if isinstance(logits_to_keep, int) else \
-                torch.arange(n)[logits_to_keep].shape[0]
+            n = text.shape[1]  # (the logits kept: h[:, -k:] for an int k, as below; an index on its device)
+            kept = (len(range(n)[-logits_to_keep:]) if logits_to_keep else n) if isinstance(logits_to_keep, int) \
+                else torch.arange(n, device=getattr(logits_to_keep, "device", None))[logits_to_keep].shape[0]
             check_labels(labels, text.shape[0], kept, self.config.vocab_size, kwargs.get("ignore_index", -100))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,

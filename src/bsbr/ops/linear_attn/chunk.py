@@ -10,9 +10,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..checks import at_least_float32, check_eps, check_flag, check_int, check_qkv, check_state
+from ..checks import check_eps, check_flag, check_int, check_qkv, check_state, in_float32
 
 
+@in_float32
 def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
                            normalize: bool = True, eps: float = 1e-6,
                            initial_state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
@@ -37,8 +38,6 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     check_flag("normalize", normalize)
     check_int("chunk_size", chunk_size)
     check_eps(eps)
-    dtype = q.dtype
-    q, k, v = at_least_float32(q, k, v)
     S0, z0 = check_state(initial_state, b, h, d, dv, q, normalize)
     B = max(1, min(chunk_size, n))  # (a chunk longer than the sequence: padding only)
     C = max(1, -(-n // B))
@@ -63,6 +62,6 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         den = a.sum(-1) + (qb @ z_start.unsqueeze(-1)).squeeze(-1)  # (b, h, C, B)
         o = o / (den.unsqueeze(-1) + eps)
         z_final = z0 + ks_cum[:, :, -1]
-    o = o.reshape(b, h, C * B, dv)[:, :, :n].to(dtype)
+    o = o.reshape(b, h, C * B, dv)[:, :, :n]
     state = (S0 + kv_cum[:, :, -1], z_final) if output_final_state else None
     return o, state

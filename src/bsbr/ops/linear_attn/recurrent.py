@@ -6,9 +6,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..checks import at_least_float32, check_eps, check_flag, check_qkv, check_state
+from ..checks import check_eps, check_flag, check_qkv, check_state, in_float32
 
 
+@in_float32
 def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,
                                eps: float = 1e-6,
                                initial_state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
@@ -17,8 +18,6 @@ def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     b, h, n, d, dv = check_qkv(q, k, v)
     check_flag("normalize", normalize)
     check_eps(eps)
-    dtype = q.dtype
-    q, k, v = at_least_float32(q, k, v)
     S, z = check_state(initial_state, b, h, d, dv, q, normalize)
     outs = []
     for t in range(n):
@@ -30,4 +29,4 @@ def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             o = o / ((qt * z).sum(-1, keepdim=True) + eps)
         outs.append(o)
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(b, h, 0, dv)
-    return o.to(dtype), ((S, z) if output_final_state else None)
+    return o, ((S, z) if output_final_state else None)
