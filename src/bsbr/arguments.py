@@ -333,7 +333,8 @@ def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False) -
             continue
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
                 for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
-        code = sorted({r.split(".")[0] + ".py" for r in refs if hub or (path / (r.split(".")[0] + ".py")).is_file()})
+        code = sorted({r.split(".")[0] + ".py" for r in refs
+                       if "." in r and (hub or (path / (r.split(".")[0] + ".py")).is_file())})
         if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
             logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
                            "built-in classes for it are used instead", option, shown or path, name, ", ".join(code))

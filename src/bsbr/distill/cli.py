@@ -19,7 +19,7 @@ from ..numbers import MAX_COUNT, SEED_RANGE, finite_number, integer
 from ..arguments import (METADATA, add_dataset_arguments, as_flags, check_bsbr_dir, check_dataset, check_default_model,
                          check_model_arg, check_model_tokenizer, check_positions, check_recorded_source, check_source,
                          check_text_files, check_unique, dataset_options, hub_id, load_model_arg, load_tokenizer_arg,
-                         hub_revision, same_file, source_name, warn_past_rotary_positions)
+                         hub_revision, same_file, source_label, source_name, warn_past_rotary_positions)
 from ..errors import INTERRUPTED, CheckpointError, OutputError, UserError, check_not_interrupted
 from ..outputs import (check_output_dir, checkpoint_strays, holds_cwd, is_bsbr_output, out_of_room, output_lock,
                        resolved_path, resume_strays, save_tokenizer, write_errors, write_failure, write_model_card)
@@ -494,8 +494,10 @@ def _base_model(record: Optional[str]) -> Optional[str]:
         fields = json.loads(record) if record is not None else None
     except ValueError:
         return None
-    return _hub_name(fields.get("source", {}).get("name")) if isinstance(fields, dict) and \
-        isinstance(fields.get("source"), dict) else None
+    source = fields.get("source") if isinstance(fields, dict) else None
+    if isinstance(source, str):  # (the bundled model's label alone is no path)
+        return _hub_name(source) if source == source_label(None) else None
+    return _hub_name(source.get("name")) if isinstance(source, dict) else None
 
 
 def _hub_name(name) -> Optional[str]:

@@ -41,8 +41,7 @@ def in_float32(op):
     its state as computed (float32)."""
     @functools.wraps(op)
     def run(q, k, v, **options):
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-            return op(q, k, v, **options)  # (refused by its checks)
+        check_qkv(q, k, v)  # (the dtypes given, one for all three, before any is cast)
         dtype = q.dtype
         q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
         try:
