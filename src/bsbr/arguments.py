@@ -5,7 +5,6 @@ here imports torch at module level."""
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import importlib
 import json
@@ -162,18 +161,22 @@ def hub_id(name) -> Optional[str]:
     return name
 
 
+def _cached_folder(source) -> Optional[Path]:
+    """The hub cache's folder of the hub model ``source`` that a load just read (its ``config.json`` at the commit
+    ``main`` names), from the cache alone, no request; None for a local source or where the cache holds none."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if source is None or Path(os.path.expanduser(str(source))).exists() or hub_id(str(source)) is None:
+        return None
+    path = try_to_load_from_cache(str(source), "config.json")
+    return Path(path).parent if isinstance(path, str) else None
+
+
 def hub_revision(source) -> Optional[str]:
     """The commit of the hub model ``source`` whose files the hub cache holds (what a conversion read), None for
     a local source or where it cannot be told."""
-    if source is None or Path(os.path.expanduser(str(source))).exists() or hub_id(str(source)) is None:
-        return None
-    from .models.bsbr.modeling_bsbr import hub_folder
-
-    try:
-        folder = hub_folder(str(source))
-    except OSError:
-        return None
-    parts = folder.parts if folder is not None else ()  # (.../models--ORG--NAME/snapshots/COMMIT[/subfolder])
+    folder = _cached_folder(source)
+    parts = folder.parts if folder is not None else ()  # (.../models--ORG--NAME/snapshots/COMMIT)
     at = [i for i in range(2, len(parts)) if parts[i - 1] == "snapshots" and parts[i - 2].startswith("models--")]
     return parts[at[-1]] if at else None
 
@@ -764,12 +767,8 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
         if isinstance(e, ValueError) and type(e).__name__ != "HFValidationError":  # (its files, read: refused)
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
-    if not local:  # a hub model: its files in the hub cache, as a folder's are checked
-        from .models.bsbr.modeling_bsbr import hub_folder
-
-        with contextlib.suppress(OSError):
-            if (folder := hub_folder(str(source))) is not None:
-                _warn_ignored_code(folder, option, shown=source, hub=True)
+    if not local and (folder := _cached_folder(source)) is not None:  # a hub model: warned of as a folder is
+        _warn_ignored_code(folder, option, shown=source, hub=True)
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
 

@@ -480,7 +480,7 @@ def _moved_record(record: str, source: Optional[str] = None, revision: Optional[
     if not isinstance(fields, dict):
         return record
     recorded = fields.get("source")
-    if source is not None and isinstance(recorded, dict) and _hub_name(recorded.get("name")) is None:
+    if source is not None and isinstance(recorded, dict) and hub_id(recorded.get("name")) is None:
         fields["source"] = {k: v for k, v in {**recorded, "name": source, "revision": revision}.items()
                             if k != "revision" or v is not None}
     fields.pop("output_dir", None)
@@ -496,13 +496,8 @@ def _base_model(record: Optional[str]) -> Optional[str]:
         return None
     source = fields.get("source") if isinstance(fields, dict) else None
     if isinstance(source, str):  # (the bundled model's label alone is no path)
-        return _hub_name(source) if source == source_label(None) else None
-    return _hub_name(source.get("name")) if isinstance(source, dict) else None
-
-
-def _hub_name(name) -> Optional[str]:
-    """:func:`hub_id` of a recorded source name (records name a local source by its absolute path)."""
-    return hub_id(name) if isinstance(name, str) else None
+        return hub_id(source) if source == source_label(None) else None
+    return hub_id(source.get("name")) if isinstance(source, dict) else None  # (a local source: its absolute path)
 
 
 def register(sub) -> None:
