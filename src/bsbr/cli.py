@@ -26,7 +26,7 @@ from .notes import occasion
 COMMANDS = {
     "demo": ("convert the default model, evaluate it against the original, show speed", "bsbr.demo"),
     "convert": ("convert a pretrained decoder LM to BSBR", "bsbr.convert.cli"),
-    "generate": ("generate text with a converted model", "bsbr.convert.cli"),
+    "generate": ("generate text with a converted model", "bsbr.generate"),
     "distill": ("recover a converted model's quality from its source", "bsbr.distill.cli"),
     "bench": ("benchmarks: speed and memory, side by side, JSON + PNG", "bsbr.bench.cli"),
     "eval": ("evaluate a converted model against its source, chunk-local attention and its window alone", "bsbr.evaluate.cli"),

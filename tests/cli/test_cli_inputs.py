@@ -977,10 +977,10 @@ def test_without_a_recorded_fingerprint_a_reference_of_another_family_is_refused
 
 def test_generate_refuses_a_prompt_past_the_token_cap_before_loading(models, capsys, monkeypatch):
     # a 4.6 MB prompt file (1.2M tokens) ran out of memory after minutes, with no message
-    import bsbr.convert.cli as convert_cli
+    import bsbr.generate as generate_cli
     import bsbr.models
 
-    monkeypatch.setattr(convert_cli, "MAX_TOKENS", 12)
+    monkeypatch.setattr(generate_cli, "MAX_TOKENS", 12)
     monkeypatch.setattr(bsbr.models, "load_bsbr_model", None)  # (never reached)
     _, converted, _ = models
     line = refused(capsys, ["generate", converted, "--prompt", "def " * 10, "--max-new-tokens", "4"], "generate",
@@ -1369,7 +1369,7 @@ def test_generate_reads_a_long_prompt_from_a_file_or_stdin_and_prints_the_contin
     assert main(["generate", str(converted), "--prompt-file", "-", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() == want.strip()
     # a Windows editor's file: a byte-order mark and CRLF, read as the same text, from a file or a pipe
-    from bsbr.convert.cli import _prompt_text
+    from bsbr.generate import _prompt_text
 
     crlf = ("\ufeff" + text.replace(" def", "\r\ndef")).encode()
     (tmp_path / "crlf.txt").write_bytes(crlf)

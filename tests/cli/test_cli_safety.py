@@ -1927,7 +1927,7 @@ import contextlib, io, json, logging, os, sys, threading, time
 import datasets, transformers
 from bsbr.cli import main
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
-import bsbr.convert.cli
+import bsbr.generate
 disable_progress_bars("huggingface_hub.http_get")
 def run(n):
     assert main(["generate", {str(converted)!r}, "--prompt", "the key is", "--max-new-tokens", str(n)]) == 0
