@@ -652,6 +652,44 @@ def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, na
         convert_to_bsbr(src, chunk_size=CHUNK)
 
 
+@pytest.mark.parametrize("built, edit, named", [
+    ({}, dict(n_head=2), r"h\.0\.attn was built with num_heads 4 \(its config: 2\), head_dim 8 \(its config: 16\)"),
+    (dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_by_inverse_layer_idx=False),
+     r"h\.1\.attn was built with scaling 0\.176777 \(its config: 0\.353553\)"),
+    (dict(scale_attn_weights=False), dict(scale_attn_weights=True), r"h\.0\.attn was built with scaling 1 \(its config")])
+def test_a_gpt2_whose_attention_config_was_edited_after_it_was_built_is_refused(built, edit, named):
+    # GPT-2's weights have one shape for any head count and scale: the conversion followed the edited config
+    # (logits 1-5 off, silently)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **built))
+    for name, value in edit.items():
+        setattr(src.config, name, value)
+    with pytest.raises(ValueError, match=f"the source's transformer\\.{named}.*: was its config edited after"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+def test_the_pad_tokens_embedding_row_trains_as_in_the_source(family, tmp_path):
+    # Llama, Mistral and Qwen2 build their embedding with padding_idx (the pad token's row gets no gradient from
+    # the lookup); the converted model's had none, so fine-tuning it trained a row the source's leaves alone
+    config = make_source(family).config
+    config.pad_token_id = 3
+    torch.manual_seed(0)
+    src = type(make_source(family))(config).eval()  # (no dropout)
+    model = convert_to_bsbr(src, chunk_size=CHUNK).eval()
+    want = src.get_input_embeddings().padding_idx
+    assert want == (None if family == "gpt2" else 3)
+    assert model.get_input_embeddings().padding_idx == want
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).get_input_embeddings().padding_idx == want
+    ids = torch.tensor([[3, 5, 3, 7, 9]])
+    for m in (src, model):
+        m(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model.get_input_embeddings().weight.grad[3], src.get_input_embeddings().weight.grad[3],
+                               rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_source_converts(dtype):  # (its rotary frequencies are rounded, not edited)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1034,13 +1034,41 @@ def test_a_task_head_where_a_causal_lm_is_needed_is_refused_naming_it(tmp_path):
     with pytest.raises(TypeError, match="^model 'bsbr' is a BSBRForSequenceClassification, which cannot generate"):
         run_passkey({"bsbr": head}, build_word_tokenizer(), lengths=[16], depths=[0.5], trials=1)
     qa = AutoModelForQuestionAnswering.from_config(src.config)
-    with pytest.raises(ValueError, match="^the source is a Qwen2ForQuestionAnswering, not a causal LM: convert the "
+    with pytest.raises(ValueError, match="^the source is a Qwen2ForQuestionAnswering, not a causal LM: give the "
                                          "causal LM it was made from$"):
         convert_to_bsbr(qa)
     qa.save_pretrained(tmp_path / "qa")
     with pytest.raises(ValueError, match="qa holds a Qwen2ForQuestionAnswering \\(config.json's architectures\\), "
                                          "not a causal LM: give the causal LM it was made from"):
         convert_to_bsbr(str(tmp_path / "qa"))
+    # a causal LM with a second head: its folder was refused as holding weights "config.json has no place for"
+    from transformers import GPT2Config, GPT2DoubleHeadsModel
+
+    double = GPT2DoubleHeadsModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    double.save_pretrained(tmp_path / "double")
+    for given, named in ((double, "^the source is"), (str(tmp_path / "double"), "double holds")):
+        with pytest.raises(ValueError, match=f"{named} a GPT2DoubleHeadsModel.*, a causal LM with a multiple-choice "
+                                             "head BSBR does not carry: save its causal LM alone"):
+            convert_to_bsbr(given)
+
+
+def test_loading_info_is_transformers_own_and_a_tied_base_models_folder_loads_as_a_causal_lm(tmp_path):
+    # output_loading_info returned bsbr's filtered lists: a task head new on a causal LM's folder was missing from
+    # missing_keys, a dropped LM head from unexpected_keys (code that finds untrained weights by them saw none),
+    # and lists where transformers gives sets; a tied model's base folder (complete: its LM head is the embedding)
+    # was refused as a causal LM, where transformers loads it
+    from transformers import AutoModelForSequenceClassification
+
+    convert_to_bsbr(make_source("llama"), chunk_size=4).save_pretrained(tmp_path / "untied")
+    _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "untied", output_loading_info=True)
+    assert info["missing_keys"] == {"score.weight"} and info["unexpected_keys"] == {"lm_head.weight"}, info
+    _, info = AutoModel.from_pretrained(tmp_path / "untied", output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == {"lm_head.weight"}, info
+    lm = convert_to_bsbr(make_source("qwen2"), chunk_size=4)  # (tied)
+    lm.model.save_pretrained(tmp_path / "base")
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert info["missing_keys"] == set() and torch.equal(again(ids).logits, lm(ids).logits)
 
 
 def test_task_heads_load_from_a_causal_lm_folder_train_and_reload(tmp_path):

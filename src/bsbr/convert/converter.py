@@ -142,7 +142,17 @@ as_baseline = _BASELINE.on  # their summary line is logged at DEBUG
 _STRAY_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$|(^|\.)rotary_emb\.inv_freq$")
 
 
-TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")  # (class names' ends)
+# (class names' ends) models of another task, and a causal LM with a second head (GPT-2's multiple choice)
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "DoubleHeadsModel")
+
+
+def _not_a_causal_lm(kind: str, said: str = "") -> str:
+    """Why a model of class ``kind`` (one of :data:`TASK_HEADS`; ``said``: where that was read) is refused as a
+    source, and what to give instead."""
+    if kind.endswith("DoubleHeadsModel"):
+        return (f"a {kind}{said}, a causal LM with a multiple-choice head BSBR does not carry: save its causal LM "
+                "alone (AutoModelForCausalLM.from_pretrained, then save_pretrained) and convert that")
+    return f"a {kind}{said}, not a causal LM: give the causal LM it was made from"
 
 
 def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
@@ -171,8 +181,8 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
     extra = [k for k in info.get("unexpected_keys") or () if not _STRAY_BUFFER.search(str(k))]
     head = next((a for a in getattr(model.config, "architectures", None) or () if str(a).endswith(TASK_HEADS)), None)
     if head is not None and (info.get("missing_keys") or extra):  # (a classifier's folder: its decoder under
-        raise ValueError(f"{name} holds a {head} (config.json's architectures), not a causal LM: give the causal "
-                         "LM it was made from")  # another prefix, or its head where no LM head is)
+        said = " (config.json's architectures)"  # another prefix, or its head where no LM head is)
+        raise ValueError(f"{name} holds {_not_a_causal_lm(head, said)}")
     if info.get("missing_keys"):
         raise ValueError(f"{name}: weights missing from its files (they would be random): "
                          f"{listed(info['missing_keys'])}")
@@ -277,9 +287,8 @@ class TransformerToBSBRConverter:
         config = self.bsbr_config(src.config)
         mt = config.source_model_type
         family = FAMILIES[mt]
-        if type(src).__name__.endswith(TASK_HEADS):  # (its own head: no LM head to convert; the weights were
-            raise SourceWeightsError(f"the source is a {type(src).__name__}, not a causal LM: convert the causal LM "
-                                     "it was made from")  # looked up as missing decoder weights)
+        if type(src).__name__.endswith(TASK_HEADS):  # (another head than the LM's alone: the weights were
+            raise SourceWeightsError(f"the source is {_not_a_causal_lm(type(src).__name__)}")  # looked up as missing)
         sd = src.state_dict()
         odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor) or v.is_quantized), None)
         if odd is not None:  # (torch's dynamic quantization keeps packed params; a module's extra state, a dict)
@@ -381,9 +390,9 @@ def _named_as_the_source(model_type: str):
 def _check_built_as_configured(src, model) -> None:
     """A :class:`SourceWeightsError` where the source's modules compute otherwise than its config now says, which
     the BSBR model is built from: its norms' epsilon, each layer's activation (what it computes on a probe, not its
-    class: an ``nn.SiLU`` is 'silu'), its rotary frequencies (as its dtype rounds them) and scaling (the config
-    edited after the model was built, e.g. ``rope_parameters`` set to extend the context: the source computes as
-    before)."""
+    class: an ``nn.SiLU`` is 'silu'), its attention modules' head count, head size and score scale, its rotary
+    frequencies (as its dtype rounds them) and scaling (the config edited after the model was built, e.g.
+    ``rope_parameters`` set to extend the context: the source computes as before)."""
     from transformers.activations import ACT2FN
 
     said = "was its config edited after the model was built? Convert a model built from the config (save it, "
@@ -391,7 +400,16 @@ def _check_built_as_configured(src, model) -> None:
     eps, act_name = model.config.norm_eps, model.config.hidden_act
     probe = torch.linspace(-6.0, 6.0, 257, dtype=torch.float32)
     want = ACT2FN[act_name](probe)
+    c = model.config  # each attention module's head count, size and score scale as built (a GPT-2's weights have
+    heads = dict(num_heads=c.num_attention_heads, head_dim=c.head_dim,  # one shape for any head count)
+                 num_key_value_groups=c.num_attention_heads // c.num_key_value_heads, scaling=c.head_dim ** -0.5)
     for name, m in src.named_modules():
+        built = {k: getattr(m, k) for k in heads if isinstance(getattr(m, k, None), (int, float))} \
+            if isinstance(getattr(m, "scaling", None), (int, float)) else {}  # (an attention module)
+        odd = [f"{k} {v:g} (its config: {heads[k]:g})" for k, v in built.items()
+               if not math.isclose(v, heads[k], rel_tol=1e-6)]
+        if odd:
+            raise SourceWeightsError(f"the source's {name} was built with {', '.join(odd)}: {said}")
         have = getattr(m, "variance_epsilon", getattr(m, "eps", None)) if "norm" in type(m).__name__.lower() else None
         if isinstance(have, float) and not math.isclose(have, eps, rel_tol=1e-6, abs_tol=1e-12):
             raise SourceWeightsError(f"the source's {name} has epsilon {have:g}, its config {eps:g}: {said}")

@@ -916,12 +916,14 @@ class BSBRPreTrainedModel(PreTrainedModel):
         finally:
             report.removeFilter(held)
         new_head = getattr(model, "_new_head", None)
-        if not hasattr(model, "lm_head"):  # a base model or task head loaded from another's checkpoint drops its head
-            info["unexpected_keys"] = [k for k in info.get("unexpected_keys", ()) if not str(k).startswith(_HEADS)]
+        # what is refused below: not a head a base model or task head drops from another's checkpoint, nor a task
+        # head new on another model's folder (transformers' load report names it: MISSING, newly initialized);
+        # info, returned, stays transformers' own
         saved_as = getattr(model.config, "architectures", None) or ()
-        if new_head is not None and type(model).__name__ not in saved_as:  # a task head on another model's folder
-            # starts untrained (transformers' load report names it: MISSING, newly initialized)
-            info["missing_keys"] = [k for k in info.get("missing_keys", ()) if not str(k).startswith(new_head)]
+        left = dict(unexpected_keys=[k for k in info.get("unexpected_keys", ()) if hasattr(model, "lm_head")
+                                     or not str(k).startswith(_HEADS)],
+                    missing_keys=[k for k in info.get("missing_keys", ()) if new_head is None or type(model).__name__
+                                  in saved_as or not str(k).startswith(new_head)])
         head_mismatched = [k for k in info.get("mismatched_keys", ()) if str(
             k[0] if isinstance(k, tuple) else k).startswith(_TASK_HEADS)]  # (a head of other labels: made anew
         asked = head_mismatched if reinit_mismatched else []  # where the caller asked; a decoder weight never)
@@ -930,17 +932,18 @@ class BSBRPreTrainedModel(PreTrainedModel):
                 return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
             return str(entry)
 
-        left = {k: [e for e in info.get(k, ()) if e not in asked] for k in ("missing_keys", "unexpected_keys",
-                                                                             "mismatched_keys")}
+        left = {k: [e for e in left.get(k, info.get(k, ())) if e not in asked] for k in (
+            "missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {k: sorted(map(named, v))[:8] for k, v in left.items() if v}
         if problems and _read_from_an_earlier_bsbr(model.config, kwargs.get("config"), asked_for, local):
             raise ValueError(f"the BSBR checkpoint {where} does not match its config: {problems}: saved by an "
                              "earlier bsbr (config.json records no bsbr_version), with weights this bsbr does not "
                              "build: convert the source again with bsbr convert")
         other = next((a for a in saved_as if a.startswith("BSBR") and a != "BSBRForCausalLM"), None)
-        if other and hasattr(model, "lm_head") and set(problems.get("missing_keys", ())) <= {"lm_head.weight"} and \
-                not problems.get("mismatched_keys") and all(k.startswith(_HEADS) for k in problems.get(
-                    "unexpected_keys", ())):  # (a tied model's folder lacks no lm_head: its task head is extra)
+        # (a tied model's folder lacks no lm_head: its task head is extra; a tied base model's is a whole causal LM)
+        if other and hasattr(model, "lm_head") and problems and set(problems.get("missing_keys", ())) <= {
+                "lm_head.weight"} and not problems.get("mismatched_keys") and all(
+                    k.startswith(_HEADS) for k in problems.get("unexpected_keys", ())):
             auto = {name: auto for auto, name in _AUTO_CLASSES.items()}.get(other, other)
             raise ValueError(f"{where} holds a {other} (saved from it), not a causal LM: load it with {auto}; "
                              "a causal LM's folder (bsbr convert's output) generates, evaluates and distills")
@@ -1089,6 +1092,20 @@ def _refuse_forgotten_tokens(cached_mask: torch.Tensor, cache: BSBRCache) -> Non
 # the config fields whose None a new config resolves from the others (a default that depends on them)
 _RESOLVED = ("retrieval_blocks", "feature_map", "head_dim", "num_key_value_heads", "attention_out_bias")
 
+# the source families whose own code builds the token embedding with the pad token's row left untrained
+# (``nn.Embedding``'s ``padding_idx``); GPT-2's, and a model trained from scratch here, train every row
+_PADDING_ROW_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def padding_row(config) -> Optional[int]:
+    """The token embedding's ``padding_idx`` (its row gets no gradient from the lookup): ``pad_token_id`` where
+    the source's family builds it so (a negative id counts from the end, as PyTorch reads it), else None."""
+    pad = config.pad_token_id
+    if config.source_model_type in _PADDING_ROW_FAMILIES and isinstance(pad, int) and not isinstance(pad, bool) \
+            and -config.vocab_size <= pad < config.vocab_size:
+        return pad
+    return None
+
 
 _NO_CACHE_CHECKPOINTED = ("use_cache=True does not go with activation checkpointing (each layer runs again in the "
                           "backward pass): no cache is returned")
@@ -1113,7 +1130,7 @@ class BSBRBaseModel(BSBRPreTrainedModel):
                 setattr(config, name, getattr(checked, name))
         config.warn_unread_position_option()  # (here, once: from_pretrained sets its overrides after construction)
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_row(config))
         self.embed_positions = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size)
             if config.position_type == "learned" else None
