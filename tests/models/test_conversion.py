@@ -656,7 +656,8 @@ def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, na
     ({}, dict(n_head=2), r"h\.0\.attn was built with num_heads 4 \(its config: 2\), head_dim 8 \(its config: 16\)"),
     (dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_by_inverse_layer_idx=False),
      r"h\.1\.attn was built with scaling 0\.176777 \(its config: 0\.353553\)"),
-    (dict(scale_attn_weights=False), dict(scale_attn_weights=True), r"h\.0\.attn was built with scaling 1 \(its config")])
+    (dict(scale_attn_weights=False), dict(scale_attn_weights=True),
+     r"h\.0\.attn was built with scaling 1 \(its config")])
 def test_a_gpt2_whose_attention_config_was_edited_after_it_was_built_is_refused(built, edit, named):
     # GPT-2's weights have one shape for any head count and scale: the conversion followed the edited config
     # (logits 1-5 off, silently)
