@@ -9,14 +9,14 @@ PYTHON = ["def", "return", "class", "import", "self", "x", "y", "if", "else", "f
           "+", "#", "print", "None"]
 
 
-def build_word_tokenizer():
+def build_word_tokenizer(digits: bool = True):  # (without digits: they read as <unk>)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = []
     for text in [passkey.INTRO, *filler.CLASSIC, passkey.KEY_SENTENCE.format(key=""), passkey.QUESTION]:
         words += re.findall(r"\w+|[^\w\s]+", text)
-    words += [str(d) for d in range(10)] + PYTHON
+    words += [str(d) for d in range(10) if digits] + PYTHON
     vocab = {w: i for i, w in enumerate(SPECIALS)}
     for w in words:
         vocab.setdefault(w, len(vocab))

@@ -195,15 +195,16 @@ def cmd_generate(args) -> int:
     # plain greedy (generation_config.json's beams and penalties left out, its stop strings kept), or sampling at
     # --temperature with the model's own settings (top-k, top-p, penalties) as generate() samples; one beam and one
     # text either way, and the prompt continued as given (token healing would rewrite its last tokens)
-    how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1, token_healing=False) \
-        if args.temperature > 0 else dict(GREEDY, temperature=None, stop_strings=_stop_strings(model, tok, path))
+    # (the token ids, whatever generation_config.json says)
+    how = dict(do_sample=True, temperature=args.temperature, num_beams=1, num_return_sequences=1, token_healing=False,
+               return_dict_in_generate=False) if args.temperature > 0 else \
+        dict(GREEDY, temperature=None, stop_strings=_stop_strings(model, tok, path))
     t0 = time.perf_counter()
     with torch.no_grad():  # (bsbr.cli.main gives a seeded run's caller its generator back)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         try:
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **how, tokenizer=tok,
-                                 return_dict_in_generate=False,  # (whatever generation_config.json says)
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         except (ValueError, TypeError) as e:  # a value of generation_config.json's that transformers checks only here
             if not ((path / "generation_config.json").is_file() and _raised_by_generation(e)):

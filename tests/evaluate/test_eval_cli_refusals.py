@@ -516,7 +516,8 @@ def test_lm_eval_task_dir_refuses_a_model_its_command_could_not_run(saved, tmp_p
             shutil.copy(saved / "conv" / name, table)
     for model, words in ((pickled, ["no .safetensors weights"]), (broken, ["chunk_size", "convert it again"]),
                          (table, ["--passkey-lengths 96 needs 95 positions", "64 learned positions",
-                                   "give at most 65,"])):  # (a prompt of n tokens needs n - 1 positions)
+                                   "the shortest pass-key prompt takes", "tokens: none fits the model as converted, "
+                                   "or convert with --position-scheme wrap or clamp"])):
         task = tmp_path / f"task_{model.name}"
         _refused(capsys, ["eval", str(model), "--lm-eval-task-dir", str(task), *PASSKEY], *words)
         assert not task.exists()
@@ -780,6 +781,23 @@ def test_passkey_lengths_past_a_learned_position_reference_are_refused_before_lo
     _refused(capsys, [*grid, "130"], "--passkey-lengths 130 is longer than the --reference's 128 learned positions",
              "give at most 129 (a prompt of n tokens needs n - 1 positions)")
     _refused(capsys, [*grid, "129"], "loading now")  # (its last token is never fed back: 128 positions)
+    # a table shorter than any pass-key prompt: "give at most 33" led to "length 33 is too short"
+    from bsbr.evaluate.passkey import shortest_length
+
+    config.n_positions = 32
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "short")
+    convert_to_bsbr(GPT2LMHeadModel(config), chunk_size=CHUNK, position_scheme="absolute").save_pretrained(
+        tmp_path / "table")
+    word_tokenizer.save_pretrained(tmp_path / "table")
+    shortest = shortest_length(word_tokenizer, [0.5], 1, 0, 8, ["classic"])
+    assert 33 < shortest < 96
+    grid[1], grid[3] = str(tmp_path / "conv"), str(tmp_path / "short")
+    _refused(capsys, [*grid, "96"], "--passkey-lengths 96 is longer than the --reference's 32 learned positions "
+             f"(n_positions): the shortest pass-key prompt takes {shortest} tokens: leave the source out")
+    grid[1] = str(tmp_path / "table")
+    _refused(capsys, [*grid, "96", "--passkey-models", "bsbr"], "--passkey-lengths 96 needs 95 positions, past the "
+             f"32 learned positions of MODEL", f"the shortest pass-key prompt takes {shortest} tokens: give "
+             "--no-passkey, or convert with --position-scheme wrap or clamp")
 
 
 def test_a_local_data_file_evaluates_its_one_split_without_dataset_split(saved, tmp_path, capsys):

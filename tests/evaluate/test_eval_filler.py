@@ -184,6 +184,15 @@ def test_a_filler_file_too_short_for_its_prompts_is_warned_of_and_recorded_by_ab
         assert ("filler " + str(tmp_path / "mine.txt") + " has 2 usable sentences" in caplog.text) is warned, name
 
 
+def test_a_built_in_filler_too_short_for_its_prompts_is_warned_of(word_tokenizer, caplog):
+    # prose and docstrings repeated their whole text at the documented 32k lengths, where a file was warned of
+    with caplog.at_level("WARNING", logger="bsbr"):
+        passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[30_000], depths=[0.5],
+                            trials=2, fillers=["docstrings", "classic"], progress=False)
+    assert "filler docstrings (standard library docstrings) has " in caplog.text
+    assert "usable sentences" in caplog.text and "classic" not in caplog.text.split("usable")[0]
+
+
 def test_a_filler_file_that_cannot_be_read_or_is_huge_is_refused_in_one_line(tmp_path, monkeypatch):
     # an unreadable file was a PermissionError traceback, a 50 GB one was read whole (MemoryError), and a name
     # holding a newline printed the error on two lines

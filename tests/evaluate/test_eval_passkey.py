@@ -101,7 +101,10 @@ def test_prompt_errors(word_tokenizer):
         passkey.build_prompt(word_tokenizer, 120, 0.5, "12345", 5).input_ids
     # trials=True, a length of 120.9 (read as 120) and only="bsbr" (read as its letters) ran
     oracle = {"right": Oracle(word_tokenizer, True)}
+    # (2.5 and "3" with the default fillers: a TypeError of slicing, or of comparing str and int)
     for bad, error, words in ((dict(trials=True), ValueError, "trials must be a positive int"),
+                              (dict(trials=2.5, fillers=None), ValueError, "trials must be a positive int, got 2.5"),
+                              (dict(trials="3", fillers=None), ValueError, "trials must be a positive int, got '3'"),
                               (dict(lengths=[120.9]), ValueError, "lengths must be ints"),
                               (dict(only="right"), TypeError, "only must be a list of model names")):
         kw = {**dict(lengths=[120], depths=[0.5], trials=1, chunk_size=32, progress=False), **bad}
@@ -188,11 +191,20 @@ def test_run_passkey_scores_success_and_failure(word_tokenizer):
                         (160, 0.2, False), (160, 0.2, False), (160, 0.8, True), (160, 0.8, True)]
 
 
+def test_a_tokenizer_that_cannot_write_the_keys_digits_is_refused():
+    # digits read as <unk>: no model could answer, and every model scored 0 without a word
+    from word_tokenizer import build_word_tokenizer
+
+    with pytest.raises(ValueError, match=r"^the tokenizer cannot write the pass key's digits \(' \d{5}' is encoded as "
+                                         r"tokens that decode as '<unk>( <unk>)*'\): no model could answer"):
+        list(passkey.grid_prompts(build_word_tokenizer(digits=False), [128], [0.5], 1, 0, 8, ["classic"]))
+
+
 def test_greedy_continuation_is_plain_greedy_whatever_the_models_generation_config_sets():
     # a source's repetition penalty or no-repeat n-grams, carried over by a conversion, hit the key's digits
     model = convert_to_bsbr(make_source("llama"), chunk_size=16).eval()
     model.generation_config.update(no_repeat_ngram_size=1, repetition_penalty=50.0, eos_token_id=None,
-                                   prompt_lookup_num_tokens=3)
+                                   prompt_lookup_num_tokens=3, return_dict_in_generate=True)  # (a TypeError)
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
     want = ids
     with torch.no_grad():

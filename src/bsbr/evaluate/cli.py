@@ -20,7 +20,8 @@ from ..results import write_json
 from .baselines import has_wide_window, load_eval_tokenizer
 from .filler import FILLER_KINDS, default_fillers, filler_path, get_filler
 from .lm_eval_task import TASK_NAME, check_filler_metrics, is_task_file, write_lm_eval_task
-from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines
+from .passkey import (DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_prompt_lengths, passkey_summary_lines,
+                      shortest_length)
 from .report import summary_lines
 
 logger = logging.getLogger(__name__)
@@ -338,10 +339,26 @@ def cmd_eval(args) -> int:
                                                       "reference's), or measure longer contexts by pass-key alone: "
                                                       "--passkey-only --passkey-models bsbr window")]
         if passkey is not None and (not args.passkey_models or "source" in args.passkey_models):
-            lengths += [("--passkey-lengths", n, lambda table: f"give at most {table + 1:,} (a prompt of n tokens "
-                         "needs n - 1 positions), or leave the source out: --passkey-models bsbr window", n - 1)
-                        for n in passkey["lengths"]]
+            leave = "leave the source out: --passkey-models bsbr window"
+            lengths += [("--passkey-lengths", n, lambda table: passkey_fix(
+                table, f" (a prompt of n tokens needs n - 1 positions), or {leave}", leave), n - 1)
+                for n in passkey["lengths"]]
         return lengths
+
+    def passkey_fix(table: int, fits: str, too_short: str) -> str:
+        """The advice for pass-key lengths past ``table`` positions: at most table + 1 tokens (then ``fits``),
+        or where even the grid's shortest prompt does not fit, ``too_short`` (its tokenizer loaded here, only
+        where a length is refused)."""
+        try:
+            tok = load_tokenizer_arg(args.model, "MODEL") if args.lm_eval_task_dir else \
+                load_eval_tokenizer(args.model, args.reference)
+            shortest = shortest_length(tok, **{k: passkey[k] for k in ("depths", "trials", "seed", "max_new_tokens",
+                                                                       "fillers")})
+        except ValueError:  # (refused where the tokenizer and the grid are checked)
+            shortest = 0
+        if shortest > table + 1:
+            return f"the shortest pass-key prompt takes {shortest:,} tokens: {too_short}"
+        return f"give at most {table + 1:,}{fits}"
 
     def check_reference(source_model):
         note = check_source(args.model, args.reference, source_model, option="--reference", force=args.force)
@@ -364,7 +381,8 @@ def cmd_eval(args) -> int:
     # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
     if passkey is not None and (args.lm_eval_task_dir or set(args.passkey_models or ["bsbr"]) != {"source"}):
-        lengths += [(f"--passkey-lengths {n:,}", n - 1, lambda table: f"give at most {table + 1:,}")
+        too_short = "none fits the model as converted" if args.lm_eval_task_dir else "give --no-passkey"
+        lengths += [(f"--passkey-lengths {n:,}", n - 1, lambda table: passkey_fix(table, "", too_short))
                     for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)
     reference = Path(expand_home(args.reference)) if args.reference is not None else None

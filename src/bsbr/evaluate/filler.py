@@ -9,6 +9,7 @@ import codecs
 import importlib
 import inspect
 import logging
+import numbers
 import os
 import random
 import re
@@ -29,7 +30,9 @@ DEFAULT_FILLERS = ("classic", "prose", "random")
 def default_fillers(trials: int) -> list:
     """The default fillers a grid of ``trials`` trials per cell reads (trial t reads filler t mod F): the first
     ``trials`` of :data:`DEFAULT_FILLERS`, so that none is named that no trial reads."""
-    return list(DEFAULT_FILLERS[:max(trials, 1)])
+    if not isinstance(trials, numbers.Integral) or isinstance(trials, bool) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    return list(DEFAULT_FILLERS[:int(trials)])
 LICENSES_DIR = Path("/usr/share/common-licenses")
 # a fixed list, so the docstring text depends only on the Python version
 DOCSTRING_MODULES = (

@@ -79,6 +79,15 @@ def _running_text(tokenizer) -> Callable[[str], List[int]]:
     return encode
 
 
+class PromptTooShort(ValueError):
+    """:func:`build_prompt`'s refusal of a length that leaves no room for filler; ``needed``: the tokens the
+    instruction, key, question and answer take."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
+
+
 def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: int = 0,
                  filler: Union[str, Filler] = "classic", filler_seed: str = "") -> PasskeyPrompt:
     """A prompt of at most ``length - answer_tokens`` tokens (filler is whole sentences, so it may
@@ -114,10 +123,10 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, answer_tokens: 
     budget = length - answer_tokens - len(intro) - len(key_ids) - len(question)
     sentences = _fill(encode, source.sentences(filler_seed), budget)
     if not sentences:
-        raise ValueError(f"length {length} is too short for a pass-key prompt: the instruction, key and question "
-                         f"and the {answer_tokens} answer tokens alone take {length - budget} "
-                         f"tokens, leaving no room for one {source.name!r} filler sentence (a length above "
-                         f"{length - budget} by at least one sentence's tokens has)")
+        raise PromptTooShort(f"length {length} is too short for a pass-key prompt: the instruction, key and "
+                             f"question and the {answer_tokens} answer tokens alone take {length - budget} "
+                             f"tokens, leaving no room for one {source.name!r} filler sentence (a length above "
+                             f"{length - budget} by at least one sentence's tokens has)", length - budget)
     # insert at the sentence boundary nearest the requested depth
     target = depth * length - len(intro)
     boundaries = [0, *itertools.accumulate(len(s) for s in sentences)]
@@ -175,7 +184,8 @@ GREEDY = dict(do_sample=False, num_beams=1, top_p=None, top_k=None, repetition_p
               exponential_decay_length_penalty=None, guidance_scale=None, watermarking_config=None, stop_strings=None,
               max_time=None, num_return_sequences=1, prompt_lookup_num_tokens=None, assistant_early_exit=None,
               dola_layers=None, penalty_alpha=None, encoder_repetition_penalty=1.0, encoder_no_repeat_ngram_size=0,
-              token_healing=False)  # (the encoder_ ones read a decoder-only model's prompt as its encoder input)
+              token_healing=False,  # (the encoder_ ones read a decoder-only model's prompt as its encoder input)
+              return_dict_in_generate=False)  # (the token ids, whatever generation_config.json says)
 
 
 def greedy_continuation(model, input_ids: Sequence[int], max_new_tokens: int, pad_token_id: Optional[int]) -> List[int]:
@@ -241,12 +251,33 @@ def grid_prompts(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
                 yield p
 
 
+def shortest_length(tokenizer, depths: Sequence[float], trials: int, seed: int, max_new_tokens: int,
+                    fillers: Sequence[Union[str, Filler]]) -> int:
+    """The shortest length whose prompts of :func:`grid_prompts` all have room for filler (keys and filler
+    sentences differ in tokens, so lengths are tried upwards from what the rest takes)."""
+    n = 1
+    for _ in range(1000):  # (a few dozen: the longest filler sentence's tokens)
+        try:
+            list(grid_prompts(tokenizer, [n], depths, trials, seed, max_new_tokens, fillers))
+            break
+        except PromptTooShort as e:
+            n = max(n + 1, e.needed + 1)
+    return n
+
+
 def check_answer_room(tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
                       max_new_tokens: int, name: str = "max_new_tokens") -> None:
-    """A ValueError when ``max_new_tokens`` (the option ``name``) is fewer than the tokens some answer of the
-    grid (a space and its key) takes: no answer could be found."""
-    need = max(len(_ids(tokenizer, " " + make_key(seed, int(n), float(d), t)))
-               for n in lengths for d in depths for t in range(trials))
+    """A ValueError when the tokenizer cannot write some key of the grid (its tokens do not decode to its digits:
+    an unknown token for digits), or ``max_new_tokens`` (the option ``name``) is fewer than the tokens some
+    answer (a space and its key) takes: no answer could be found."""
+    need = 0
+    for key in {make_key(seed, int(n), float(d), t) for n in lengths for d in depths for t in range(trials)}:
+        ids = _ids(tokenizer, " " + key)
+        said = tokenizer.decode(ids)
+        if key not in "".join(said.split()):
+            raise ValueError(f"the tokenizer cannot write the pass key's digits (' {key}' is encoded as tokens that "
+                             f"decode as {said.strip()!r}): no model could answer; use a tokenizer that spells numbers")
+        need = max(need, len(ids))
     if max_new_tokens < need:
         raise ValueError(f"{name} {max_new_tokens} is fewer than the {need} tokens a key's answer (a space and five "
                          f"digits) takes with this tokenizer: give {name} {need} or more")
@@ -277,14 +308,16 @@ def _rate(counts: Iterable[Sequence[int]]) -> dict:
 
 
 def _warn_repeated_files(sources: Sequence[Filler], prompts: Sequence[PasskeyPrompt]) -> None:
-    """Warn of a filler file whose usable sentences are too few to fill a prompt without repeating them."""
+    """Warn of a filler (a file, or a built-in text but the classic sentences, repeated by design) whose usable
+    sentences are too few to fill a prompt without repeating them."""
     for source in sources:
         distinct = source.describe().get("sentences")
         used = max((p.meta["filler_sentences"] for p in prompts if p.meta["filler"] == source.name), default=0)
-        if source.name.startswith("file:") and distinct and used > distinct:
+        if source.name != "classic" and distinct and used > distinct:
+            named = source.origin if source.name.startswith("file:") else f"{source.name} ({source.origin})"
             logger.warning("filler %s has %d usable sentences (%d-%d words, capitalised, ending in . ! or ?, without "
                            "digits): the longest prompts read each %.1f times on average; a longer text gives a test "
-                           "less like the repeated classic filler", source.origin, distinct, MIN_WORDS, MAX_WORDS,
+                           "less like the repeated classic filler", named, distinct, MIN_WORDS, MAX_WORDS,
                            used / distinct)
 
 
