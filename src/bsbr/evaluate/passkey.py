@@ -275,8 +275,9 @@ def check_answer_room(tokenizer, lengths: Sequence[int], depths: Sequence[float]
         ids = _ids(tokenizer, " " + key)
         said = tokenizer.decode(ids)
         if key not in "".join(said.split()):
-            raise ValueError(f"the tokenizer cannot write the pass key's digits (' {key}' is encoded as tokens that "
-                             f"decode as {said.strip()!r}): no model could answer; use a tokenizer that spells numbers")
+            raise ValueError(f"the tokenizer cannot write the pass key's digits (' {key}' is encoded as tokens "
+                             f"that decode as {said.strip()!r}): no model could answer; use a tokenizer that spells "
+                             "numbers")
         need = max(need, len(ids))
     if max_new_tokens < need:
         raise ValueError(f"{name} {max_new_tokens} is fewer than the {need} tokens a key's answer (a space and five "
