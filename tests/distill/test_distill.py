@@ -223,7 +223,7 @@ def test_trains_only_new_pieces_and_lowers_the_kl(tmp_path):
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
     assert any(float(l.attn.gate_value().detach().abs().max()) > 0 for l in student.model.layers)  # gate opened
-    assert [e["step"] for e in progress["log"]] == list(range(12))
+    assert [e["step"] for e in progress["log"]] == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(e["kl"])) for e in progress["log"])
     assert (tmp_path / "distill.png").stat().st_size > 1000  # the training curve beside distill.json
     reloaded = load_bsbr_model(tmp_path)  # the saved result is a normal BSBR checkpoint
@@ -400,9 +400,14 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         distill(t2, s2, ws, tmp_path / "b", DistillConfig(**cfg))
     monkeypatch.setattr(trainer, "_train_step", train_step)
+    manifest = next((tmp_path / "b").rglob("manifest.json"))  # (as an earlier bsbr wrote it: its log counted
+    record = json.loads(manifest.read_text())  # from 0, where its messages and lines count from 1)
+    assert [e["step"] for e in record["progress"]["log"]] == [1, 2, 3, 4]
+    record["progress"]["log"] = [dict(e, step=e["step"] - 1) for e in record["progress"]["log"]]
+    manifest.write_text(json.dumps(record))
     t3, s3 = fresh(0.1)
     resumed = distill(t3, s3, ws, tmp_path / "b", DistillConfig(**cfg), resume=True)
-    assert [e["step"] for e in resumed["log"]] == list(range(6))
+    assert [e["step"] for e in resumed["log"]] == list(range(1, 7))
     for (k, a), b in zip(s1.state_dict().items(), s3.state_dict().values()):
         assert torch.equal(a, b), k
 

@@ -204,7 +204,7 @@ def test_overwrite_keeps_the_old_model_until_the_new_model_replaces_it(models, t
     monkeypatch.undo()
     assert main(last.split("resume with: ")[1].split()[1:]) == 0
     log = json.loads((out / "distill.json").read_text())
-    assert [e["step"] for e in log["log"]] == [0, 1, 2] and log["config"]["seed"] == 1 and "replaces" not in log
+    assert [e["step"] for e in log["log"]] == [1, 2, 3] and log["config"]["seed"] == 1 and "replaces" not in log
     assert set(model_files(out)) == written
     load_bsbr_model(out)
     # an --overwrite that finishes at once: nothing of the old output is left
@@ -332,7 +332,7 @@ def test_resume_with_nothing_left_to_train_is_refused(models, text, tmp_path, ca
     (out / "config.json").unlink()
     monkeypatch.undo()
     assert main([*args, "--steps", "3", "--resume"]) == 0
-    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [0, 1, 2]
+    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [1, 2, 3]
     load_bsbr_model(out)
 
 
@@ -373,7 +373,7 @@ def test_a_ctrl_c_after_the_last_step_publishes_nothing(models, text, tmp_path, 
     assert not (out / "config.json").exists() and not list(out.glob(".final.tmp-*"))
     monkeypatch.undo()
     assert main(last.split("resume with: ")[1].split()[1:]) == 0  # the resume publishes the checkpoint
-    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [0, 1]
+    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [1, 2]
     load_bsbr_model(out)
 
 
@@ -417,7 +417,7 @@ def test_a_second_ctrl_c_prints_the_command_that_resumes_the_last_checkpoint(mod
                            f"bsbr distill "), last
     monkeypatch.undo()
     assert main(last.split("resume with: ")[1].split()[1:]) == 0
-    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [0, 1, 2, 3]
+    assert [e["step"] for e in json.loads((out / "distill.json").read_text())["log"]] == [1, 2, 3, 4]
     # --overwrite stopped before its first checkpoint: the checkpoint there is the old run's, not this one's
     before = tree_hash(out)
     signals_at_step(monkeypatch, 1, signal.SIGINT, signal.SIGINT)

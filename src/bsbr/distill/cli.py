@@ -455,7 +455,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
                            models=dict(teacher=source_name(args.teacher), student=str(student_dir.resolve())))
         stop.trained = True
         if not dist.is_initialized() or dist.get_rank() == 0:
-            last = progress["log"][-1] if progress["log"] else {}  # (its step counts from 0, as distill.json's)
+            last = progress["log"][-1] if progress["log"] else {}
             losses = ", ".join(f"{k} {last[k]:.4g}" for k in ("kl", "ce") if isinstance(last.get(k), float))
             print(f"distilled {len(progress['log'])} steps in {progress['elapsed'] / 60:.1f} min"
                   f"{f' (last step: {losses})' if losses else ''}; saved to {out}")

@@ -499,6 +499,9 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
         if published(manifest["progress"], output_dir):  # the old files it names were replaced then
             progress.pop("replaces", None)
         progress["config"] = asdict(cfg)  # the stopping rule and save interval of this run
+        if progress["log"] and progress["log"][0].get("step") == 0:  # (an earlier bsbr's log counted from 0)
+            progress["log"] = [dict(e, step=e["step"] + 1) if isinstance(e.get("step"), int) else e
+                               for e in progress["log"]]
         logger.info("resumed from %s at step %d", ckpt_dir, progress["step"])
     elif resume:
         logger.info("--resume: no checkpoint in %s yet, starting fresh", ckpt_dir)
@@ -556,8 +559,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
             if not (math.isfinite(entry["kl"]) and math.isfinite(entry["ce"])):  # the same on every rank
                 raise ValueError(f"training diverged at step {progress['step'] + 1}: the loss is {entry['kl']} "
                                  f"(finite weights, non-finite logits): {LOWER_LR}")
+            progress["step"] += 1  # (the steps done: the log, the lines and the messages count from 1)
             entry.update(step=progress["step"], seconds=round(time.monotonic() - t0, 2))
-            progress["step"] += 1
             progress["log"].append(entry)
             bar.update(1)
             bar.set_postfix({k: round(entry[k], 4) for k in ("kl", "ce")})
