@@ -794,10 +794,13 @@ def test_passkey_lengths_past_a_learned_position_reference_are_refused_before_lo
     grid[1], grid[3] = str(tmp_path / "conv"), str(tmp_path / "short")
     _refused(capsys, [*grid, "96"], "--passkey-lengths 96 is longer than the --reference's 32 learned positions "
              f"(n_positions): the shortest pass-key prompt takes {shortest} tokens: leave the source out")
-    grid[1] = str(tmp_path / "table")
+    grid[1] = str(tmp_path / "table")  # (with --passkey-only, --no-passkey is refused)
     _refused(capsys, [*grid, "96", "--passkey-models", "bsbr"], "--passkey-lengths 96 needs 95 positions, past the "
-             f"32 learned positions of MODEL", f"the shortest pass-key prompt takes {shortest} tokens: give "
-             "--no-passkey, or convert with --position-scheme wrap or clamp")
+             f"32 learned positions of MODEL", f"the shortest pass-key prompt takes {shortest} tokens: none fits the "
+             "model as converted, or convert with --position-scheme wrap or clamp")
+    _refused(capsys, [*grid[:4], "--seq-len", "32", "--passkey-lengths", "96", "--passkey-models", "bsbr"],
+             "the shortest pass-key prompt takes", "tokens: give --no-passkey (and no other --passkey- option), or "
+             "convert")  # (the default depths, trials and fillers: another shortest)
 
 
 def test_a_local_data_file_evaluates_its_one_split_without_dataset_split(saved, tmp_path, capsys):

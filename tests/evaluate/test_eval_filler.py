@@ -184,13 +184,19 @@ def test_a_filler_file_too_short_for_its_prompts_is_warned_of_and_recorded_by_ab
         assert ("filler " + str(tmp_path / "mine.txt") + " has 2 usable sentences" in caplog.text) is warned, name
 
 
-def test_a_built_in_filler_too_short_for_its_prompts_is_warned_of(word_tokenizer, caplog):
+def test_a_built_in_filler_too_short_for_its_prompts_is_warned_of(word_tokenizer, caplog, tmp_path):
     # prose and docstrings repeated their whole text at the documented 32k lengths, where a file was warned of
     with caplog.at_level("WARNING", logger="bsbr"):
         passkey.run_passkey({"echo": Echo(word_tokenizer)}, word_tokenizer, lengths=[30_000], depths=[0.5],
                             trials=2, fillers=["docstrings", "classic"], progress=False)
     assert "filler docstrings (standard library docstrings) has " in caplog.text
     assert "usable sentences" in caplog.text and "classic" not in caplog.text.split("usable")[0]
+    caplog.clear()  # (and where the lm-eval task is written from the same prompts)
+    from bsbr.evaluate.lm_eval_task import write_lm_eval_task
+
+    with caplog.at_level("WARNING", logger="bsbr"):
+        write_lm_eval_task(tmp_path / "task", word_tokenizer, [30_000], [0.5], 1, fillers=["docstrings"])
+    assert "filler docstrings (standard library docstrings) has " in caplog.text
 
 
 def test_a_filler_file_that_cannot_be_read_or_is_huge_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -689,6 +689,15 @@ def test_the_pad_tokens_embedding_row_trains_as_in_the_source(family, tmp_path):
         m(ids, labels=ids).loss.backward()
     torch.testing.assert_close(model.get_input_embeddings().weight.grad[3], src.get_input_embeddings().weight.grad[3],
                                rtol=1e-4, atol=1e-6)
+    # a pad_token_id set on a built source's config (a common recipe: pad = eos) leaves its embedding as built;
+    # reloaded, both read it (the converted model followed the config at once: the eos row frozen)
+    src.config.pad_token_id = 5
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    assert model.get_input_embeddings().padding_idx == want
+    model.save_pretrained(tmp_path / "edited")
+    src.save_pretrained(tmp_path / "source")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "edited").get_input_embeddings().padding_idx == \
+        AutoModelForCausalLM.from_pretrained(tmp_path / "source").get_input_embeddings().padding_idx
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -320,6 +320,9 @@ class TransformerToBSBRConverter:
         with _named_as_the_source(mt), torch.random.fork_rng(devices=[]):  # (the random initial weights are all
             model = BSBRForCausalLM(config).float()  # overwritten: the caller's generator is left as it was)
         _check_built_as_configured(src, model)
+        embed = src.get_input_embeddings()  # its pad row trained or not as the source's (a pad_token_id set on the
+        if isinstance(embed, torch.nn.Embedding):  # source's config since, as recipes do, counts once reloaded, as
+            model.get_input_embeddings().padding_idx = embed.padding_idx  # it does for the source)
         if getattr(src, "generation_config", None) is not None:  # stop tokens, sampling defaults
             model.generation_config = copy.deepcopy(src.generation_config)
             model.generation_config._from_model_config = False  # kept as given, not rebuilt from the config

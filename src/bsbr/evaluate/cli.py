@@ -381,7 +381,8 @@ def cmd_eval(args) -> int:
     # table; a pass-key prompt of length n needs n - 1 positions (the last answer token is never fed back)
     lengths = [] if args.passkey_only or args.lm_eval_task_dir else [("--seq-len", args.seq_len)]
     if passkey is not None and (args.lm_eval_task_dir or set(args.passkey_models or ["bsbr"]) != {"source"}):
-        too_short = "none fits the model as converted" if args.lm_eval_task_dir else "give --no-passkey"
+        too_short = "none fits the model as converted" if args.lm_eval_task_dir or args.passkey_only else \
+            "give --no-passkey (and no other --passkey- option)"
         lengths += [(f"--passkey-lengths {n:,}", n - 1, lambda table: passkey_fix(table, "", too_short))
                     for n in passkey["lengths"]]
     check_bsbr_positions(args.model, "MODEL", lengths)

@@ -16,7 +16,8 @@ from typing import Optional, Sequence, Union
 
 from ..outputs import staged_dir, write_together
 from .filler import Filler, default_fillers
-from .passkey import DEFAULT_DEPTHS, DEFAULT_LENGTHS, GREEDY, filler_sources, grid_prompts, passkey_found
+from .passkey import (DEFAULT_DEPTHS, DEFAULT_LENGTHS, GREEDY, filler_sources, grid_prompts, passkey_found,
+                      warn_repeated_fillers)
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
     sources = filler_sources(default_fillers(trials) if fillers is None else fillers)
     check_filler_metrics([f.name for f in sources])
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
+    warn_repeated_fillers(sources, prompts)
     texts = [_prompt_text(tokenizer, p.input_ids) for p in prompts]
     changed = sum(tokenizer(t, add_special_tokens=False)["input_ids"] != _without_bos(tokenizer, p.input_ids)
                   for t, p in zip(texts, prompts))

@@ -308,7 +308,7 @@ def _rate(counts: Iterable[Sequence[int]]) -> dict:
     return dict(correct=correct, trials=trials, accuracy=correct / trials)
 
 
-def _warn_repeated_files(sources: Sequence[Filler], prompts: Sequence[PasskeyPrompt]) -> None:
+def warn_repeated_fillers(sources: Sequence[Filler], prompts: Sequence[PasskeyPrompt]) -> None:
     """Warn of a filler (a file, or a built-in text but the classic sentences, repeated by design) whose usable
     sentences are too few to fill a prompt without repeating them."""
     for source in sources:
@@ -356,7 +356,7 @@ def run_passkey(models: Mapping[str, torch.nn.Module], tokenizer, lengths: Seque
     sources = filler_sources(default_fillers(trials) if fillers is None else fillers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = list(grid_prompts(tokenizer, lengths, depths, trials, seed, max_new_tokens, sources))
-    _warn_repeated_files(sources, prompts)
+    warn_repeated_fillers(sources, prompts)
     cells = {m: {} for m in models}          # (length, depth) -> [correct, n]
     by_filler = {m: {} for m in models}      # filler -> length -> [correct, n]
     seconds = {m: {} for m in models}        # length -> seconds
