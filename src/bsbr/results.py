@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def software() -> dict:
@@ -54,14 +58,26 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squee
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
     """Lay out ``fig`` (from :func:`subplots`), write it to ``path`` (making its folder; one rename, so never half a
-    file)."""
-    if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
-        fig.tight_layout()
+    file). Characters of its labels the font lacks (a CJK model name without a CJK font) are drawn as boxes and
+    said in one warning (matplotlib warned of each glyph at each layout pass, with its source line)."""
+    import warnings
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix names the format
     try:
-        fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message=r"Glyph \d+ .*missing from font")
+            if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
+                fig.tight_layout()
+            fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
+        missing = {m.group(1) for w in caught if (m := re.match(r"Glyph (\d+) .*missing from font", str(w.message)))}
+        for w in caught:
+            if not re.match(r"Glyph \d+ .*missing from font", str(w.message)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if missing:
+            logger.warning("%s: the font lacks %d character(s) of its labels, drawn as boxes (install a font with "
+                           "them, e.g. Noto)", path.name, len(missing))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

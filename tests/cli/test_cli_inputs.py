@@ -656,6 +656,18 @@ def test_every_accepted_figure_format_can_be_replaced_by_a_rerun(tmp_path):
     assert {"png", "pdf", "svg", "gif", "avif"} <= set(accepted)
 
 
+def test_a_label_the_font_cannot_draw_is_one_warning(tmp_path, caplog, recwarn):
+    # a CJK model or filler name printed matplotlib's UserWarning, with bsbr's source line, per glyph and pass
+    from bsbr.results import save_figure, subplots
+
+    fig, ax = subplots()
+    ax.set_title("\u6e90 \u30e2\u30c7\u30eb")  # (no CJK font here: DejaVu)
+    with caplog.at_level("WARNING", logger="bsbr"):
+        save_figure(fig, tmp_path / "p.png")
+    assert (tmp_path / "p.png").is_file() and not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert "p.png: the font lacks 4 character(s) of its labels, drawn as boxes" in caplog.text
+
+
 def test_a_pgf_plot_needs_a_tex_system(tmp_path, monkeypatch):
     """matplotlib writes .pgf only with LaTeX: without one the command failed after its whole run."""
     import bsbr.outputs as outputs

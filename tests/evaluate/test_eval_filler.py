@@ -93,6 +93,23 @@ def test_split_sentences():
     assert got == ["Hello there my friend.", "Fine, it is done!"]
 
 
+
+def test_split_sentences_of_other_languages_and_typographic_quotes():
+    # a sentence starting with a capital outside A-Z, or after an opening quote other than " and ', was glued to
+    # the one before it (German read as half its sentences; Russian merged past 80 words: "no usable sentences")
+    import unicodedata
+
+    german = "Das ist ein guter Tag heute. Über den Berg geht der Weg weiter. Äpfel sind rot und sehr süß."
+    assert len(filler.split_sentences(german)) == 3
+    russian = " ".join(["Это очень хороший день для прогулки."] * 30)
+    assert len(filler.split_sentences(russian)) == 30
+    quoted = "He walked to the door slowly. \u201cCome back,\u201d she said. The rain kept falling all night."
+    assert filler.split_sentences(quoted) == ["He walked to the door slowly.", "The rain kept falling all night."]
+    french = "C'est une belle journée pour sortir. Élise est partie très tôt ce matin."
+    assert filler.split_sentences(unicodedata.normalize("NFD", french)) == filler.split_sentences(french) == [
+        "C'est une belle journée pour sortir.", "Élise est partie très tôt ce matin."]
+
+
 @pytest.mark.parametrize("kind", filler.FILLER_KINDS)
 @pytest.mark.parametrize("length", [200, 1000])
 def test_prompts_from_every_filler(word_tokenizer, kind, length):

@@ -150,7 +150,9 @@ def _quality(p) -> None:
                        integer(1, MAX_WIDTH) if name in ("hidden", "heads", "ff_dim") else integer(),
                        default=None, help=f"default {QUALITY_TRAINING[name]}")
     p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {QUALITY_TRAINING['lr']}")
-    p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib)")
+    p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib); as in the stdlib, "
+                                                  "test suites (test/ and tests/ folders, test_*.py files) and "
+                                                  "site-packages are left out")
     _add_output_arguments(p, "the loss-by-position plot")
     p.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
                    help="instead of training: merge results of runs with the same configuration")

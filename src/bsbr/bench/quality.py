@@ -176,8 +176,8 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, chunk_size: int = 64,
             raise UserError(f"--models {m} cannot be built with --hidden {hidden} and --heads {heads} ({e}): give "
                             f"another --hidden or --heads, or drop {m}") from None
     train_data, eval_data, n_files = load_corpus(corpus)
-    log.info("corpus: %d files, %.1f MB train, %.1f MB held out", n_files, train_data.numel() / 1e6,
-             eval_data.numel() / 1e6)
+    log.info("corpus: %d files (test suites and site-packages left out), %.1f MB train, %.1f MB held out",
+             n_files, train_data.numel() / 1e6, eval_data.numel() / 1e6)
     shortest = min(train_data.numel(), eval_data.numel())
     if seq_len + 1 >= shortest:  # a window is seq_len + 1 bytes, drawn from inside each split
         where = f"--corpus {corpus}" if corpus is not None else "the standard library"

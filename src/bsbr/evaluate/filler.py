@@ -13,6 +13,7 @@ import numbers
 import os
 import random
 import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -44,16 +45,23 @@ DOCSTRING_MODULES = (
     "warnings", "weakref", "zipfile",
 )
 MIN_WORDS, MAX_WORDS = 4, 80
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_OPENERS = "\"'(\u201c\u2018\u00ab\u00bf\u00a1"  # what may open a sentence before its capital: quotes, a bracket, ¿ ¡
 _FORBIDDEN = re.compile(r"\d|pass[\s-]?key|https?:|www\.|@|[<>{}\[\]|\\=_*#`~^$]", re.IGNORECASE)
 
 
 def split_sentences(text: str) -> List[str]:
     """The usable sentences of ``text``, in order, whitespace collapsed: ending in ``.``/``!``/``?``,
-    :data:`MIN_WORDS`..:data:`MAX_WORDS` words, starting with a capital letter, without digits,
+    :data:`MIN_WORDS`..:data:`MAX_WORDS` words, starting with a capital letter (of any script; the text read
+    as NFC), without digits,
     markup-like characters, addresses or the words "pass key"."""
-    return [s for s in map(str.strip, _SENTENCE_END.split(re.sub(r"\s+", " ", text).strip()))
-            if s and s[-1] in ".!?" and s[0].isupper() and not _FORBIDDEN.search(s)
+    pieces = []  # split where an end mark is followed by a capital letter (any script's) or an opener
+    for piece in _SENTENCE_END.split(re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()):
+        if pieces and not (piece[:1].isupper() or piece[:1] in _OPENERS):
+            pieces[-1] += " " + piece
+        else:
+            pieces.append(piece)
+    return [s for s in map(str.strip, pieces) if s and s[-1] in ".!?" and s[0].isupper() and not _FORBIDDEN.search(s)
             and MIN_WORDS <= len(s.split()) <= MAX_WORDS]
 
 
