@@ -45,6 +45,16 @@ EXIT_CODES = """exit status:
   141  the reader of the output went away (`bsbr generate ... | head`), quietly"""
 
 
+def _utf8(value) -> bool:
+    """Whether ``value`` (a command-line value) is text that encodes as UTF-8 (not: lone surrogates, the bytes
+    Python could not decode in this locale)."""
+    try:
+        value.encode("utf-8") if isinstance(value, str) else None
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class _StoreOnce(argparse._StoreAction):
     """argparse's ``store``, except that an option may not be given twice (argparse would keep the last value
     and silently drop the first: ``--text-file a --text-file b`` read only b, ``--prompt a --prompt b``
@@ -60,6 +70,11 @@ class _StoreOnce(argparse._StoreAction):
         given.add(self.dest)
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             raise argparse.ArgumentError(self, "is empty: give a value")
+        if self.dest != "prompt" and not all(_utf8(v) for v in (values if isinstance(values, list) else [values])):
+            # (bytes the locale could not decode as text: the tokenizers' and safetensors' own code takes only
+            # UTF-8 names, and failed at the end of a run; --prompt is read as its bytes where it is used)
+            raise argparse.ArgumentError(self, "is not UTF-8 text in this locale: give a UTF-8 name (rename the "
+                                               "file), or run in a UTF-8 locale (PYTHONUTF8=1)")
         if self.nargs in (None, "?") and isinstance(values, list):  # (argparse 3.11 turns a second `--` into [])
             raise argparse.ArgumentError(self, f"got {' '.join(values) or 'a second --'}: give one value")
         super().__call__(parser, namespace, values, option_string)

@@ -2103,6 +2103,14 @@ def test_convert_reads_options_between_source_and_output(models, tmp_path, capsy
                             "2"], "convert", source)
     assert line.startswith("bsbr convert: error: unrecognized arguments: --local-chunk 2 ("), line
     assert not (tmp_path / "o3").exists()
+    # a name Python could not decode in this locale (Latin-1 bytes; any non-ASCII under LC_ALL=C PYTHONUTF8=0):
+    # tokenizers and safetensors take UTF-8 names alone ("surrogates not allowed", distill after training)
+    odd = str(tmp_path / "out\udce9")
+    for argv, named in ((["convert", source, odd], "output_dir"), (["eval", odd, "--no-passkey"], "model"),
+                        (["distill", "--student", source, "--output", odd, "--steps", "1"], "--output")):
+        line = refused(capsys, argv, argv[0])
+        assert f"argument {named}: is not UTF-8 text in this locale: give a UTF-8 name" in line, line
+    assert not (tmp_path / "out\udce9").exists()
 
 
 def test_suggested_commands_quote_their_paths(models, tmp_path, capsys, monkeypatch):
