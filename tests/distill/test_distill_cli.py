@@ -336,6 +336,29 @@ def test_resume_with_nothing_left_to_train_is_refused(models, text, tmp_path, ca
     load_bsbr_model(out)
 
 
+def test_the_data_record_names_the_files_read_and_the_distillations_before(models, text, tmp_path, caplog):
+    # --max-windows reached inside the first --text-file: the second, never read, was recorded as trained on
+    # (and bsbr eval warned of it); a student distilled before lost that run's data (eval of it said nothing)
+    from argparse import Namespace
+
+    from bsbr.evaluate.cli import _distilled_on
+
+    unread = tmp_path / "unread.py"
+    unread.write_text(Path(text).read_text())
+    args = distill_args(models, text, tmp_path / "one", "--steps", "1")
+    args.insert(args.index(str(text)) + 1, str(unread))
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert f"--text-file: 1 of the 2 files were not read (--max-windows 2 windows reached): {unread}" in caplog.text
+    assert json.loads((tmp_path / "one" / "distill.json").read_text())["data"]["files"] == [str(Path(text).resolve())]
+    assert main(distill_args(models, unread, tmp_path / "two", "--steps", "1", student=tmp_path / "one")) == 0
+    data = json.loads((tmp_path / "two" / "distill.json").read_text())["data"]
+    assert data["files"] == [str(unread.resolve())] and data["earlier"][0]["files"] == [str(Path(text).resolve())]
+    for model, read, said in (("one", unread, None), ("two", text, f"--text-file {text}")):
+        assert _distilled_on(Namespace(model=str(tmp_path / model), text_file=[str(read)], dataset=None,
+                                       split=None), {}) == said
+
+
 def test_no_progress_bar_in_a_log(models, text, tmp_path, capsys):
     # stderr not a terminal (a log file, CI): bsbr's own bars were still drawn, a line per update
     capsys.readouterr()
@@ -1065,7 +1088,8 @@ def test_a_local_dataset_trains_with_evals_dataset_options_and_is_an_input(model
     assert main(more) == 0, capsys.readouterr().err
     # distill.json says what it trained on, as eval's JSON does (it recorded nothing of a local dataset)
     assert json.loads((tmp_path / "out" / "distill.json").read_text())["data"] == dict(
-        kind="dataset", name=str(data.resolve()), config=None, split="validation", text_column="content")
+        kind="dataset", name=str(data.resolve()), config=None, split="validation", text_column="content",
+        files=[str((data / "valid.jsonl").resolve())])  # (its split's files: eval compares what it reads with them)
     with_text = distill_args(models, text, tmp_path / "out2", "--steps", "1", "--text-column", "content")
     assert "--text-column content applies to --dataset only" in refused(capsys, with_text, "distill")
 

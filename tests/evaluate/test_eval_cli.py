@@ -305,6 +305,31 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
     assert _distilled_on(Namespace(**{**vars(args), "split": None}), {}) is None  # (eval's default: heldout)
     (conv / "distill.json").write_text(json.dumps(dict(data=dict(kind="text_files", files=5))))  # (edited by hand)
     assert _distilled_on(Namespace(model=str(conv), text_file=[str(trained)], dataset=None, split=None), {}) is None
+    # the same text named another way was not noticed: compared by the files read
+    from bsbr.corpus import stdlib_files
+
+    def distilled_on(data, text_file=None, dataset=None, split=None, dataset_split="test"):
+        (conv / "distill.json").write_text(json.dumps(dict(data=data)))
+        return _distilled_on(Namespace(model=str(conv), text_file=text_file, dataset=dataset, split=split),
+                             dict(dataset_split=dataset_split, dataset_config=None))
+
+    data_file = str(tmp_path / "ds" / "data.jsonl")
+    assert distilled_on(corpus_texts(text_files=[data_file])[1], dataset=data_file, dataset_split="train") == \
+        f"--dataset {data_file} (split train)"  # (a data file's one split, which eval reads)
+    assert distilled_on(corpus_texts(dataset=data_file, dataset_split="train")[1], text_file=[data_file]) == \
+        f"--text-file {data_file}"
+    (tmp_path / "tt").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "tt" / f"{split}.jsonl").write_text('{"text": "a b"}\n')
+    assert distilled_on(corpus_texts(dataset=str(tmp_path / "tt"), dataset_split="train+test")[1],
+                        dataset=str(tmp_path / "tt")) == f"--dataset {tmp_path / 'tt'} (split test)"
+    assert distilled_on(corpus_texts(dataset=str(tmp_path / "tt"), dataset_split="train")[1],
+                        dataset=str(tmp_path / "tt" / "train.jsonl"), dataset_split="train") is not None
+    held_out, trained_file = stdlib_files("heldout")[0], stdlib_files("train")[0]
+    assert distilled_on(corpus_texts(text_files=[held_out])[1]) == \
+        f"the default corpus's heldout split (1 of its {len(stdlib_files('heldout')):,} files)"
+    assert distilled_on(corpus_texts(split="train")[1], text_file=[str(trained_file)]) == f"--text-file {trained_file}"
+    assert distilled_on(corpus_texts(split="train")[1], text_file=[str(held_out)]) is None
 
 
 def test_eval_logs_its_baselines_conversions_quietly(tmp_path, word_tokenizer, caplog):

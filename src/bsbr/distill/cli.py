@@ -416,8 +416,10 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
     texts, data = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),
                             split="train", seed=args.seed)
-    windows = list(token_windows(tokenizer, texts, args.seq_len, args.max_windows))
+    started = []  # the documents (for --text-file, the files) the windows were read from
+    windows = list(token_windows(tokenizer, (started.append(d) or d for d in texts), args.seq_len, args.max_windows))
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
+    data = _data_record(data, len(started), args, student_dir)
     if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
         check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
                        dict(windows=windows_fingerprint(windows)), out / "checkpoint", flags=True)
@@ -465,6 +467,31 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
         logger.warning("the model was already being published when the signal came: %s holds it, complete", out)
         INTERRUPTED.set()
     return 0
+
+
+def _data_record(data: dict, files_read: int, args, student_dir: Path) -> dict:
+    """distill.json's record of the text trained on (``bsbr eval`` warns when it reads it): the --text-file files
+    read (``files_read`` of them: --max-windows may stop before the last, which is said), a local --dataset's
+    files of its split, and as ``earlier`` the records of the distillations the student came from."""
+    if data.get("kind") == "text_files" and files_read < len(data["files"]):
+        left = data["files"][files_read:]
+        logger.warning("--text-file: %d of the %d files were not read (--max-windows %d windows reached): %s%s",
+                       len(left), len(data["files"]), args.max_windows, ", ".join(left[:3]),
+                       f" and {len(left) - 3} more" if len(left) > 3 else "")
+        data = dict(data, files=data["files"][:files_read])
+    if data.get("kind") == "dataset" and Path(args.dataset).expanduser().exists():
+        from ..corpus import local_dataset_files
+
+        read = local_dataset_files(args.dataset, data.get("config"), data.get("split"))[0]
+        data = dict(data, files=[str(Path(f).resolve()) for f in read])
+    try:
+        earlier = json.loads((student_dir / "distill.json").read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        earlier = None
+    if isinstance(earlier, dict):
+        data = dict(data, earlier=[{k: v for k, v in earlier.items() if k != "earlier"},
+                                   *[e for e in earlier.get("earlier") or () if isinstance(e, dict)]])
+    return data
 
 
 def _moved_record(record: str, source: Optional[str] = None, revision: Optional[str] = None) -> str:

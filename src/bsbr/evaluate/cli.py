@@ -243,34 +243,77 @@ _FILLED = dict(seq_len=2048, max_windows=16, buckets="chunk", passkey_trials=3, 
 
 
 def _distilled_on(args, dataset: dict) -> Optional[str]:
-    """What of this evaluation's text MODEL was distilled on (the data its distill.json records), said as
-    the options that name it; None when that is nothing, or MODEL was not distilled."""
+    """What of this evaluation's text MODEL was distilled on (the data its distill.json records, of this run and
+    the distillations its student came from), said as the options that name it; None when that is nothing, or
+    MODEL was not distilled. Text is compared by the files read (a file named by --text-file, in a local
+    --dataset's split, or in the default corpus's split is one file), a hub dataset by name, config and split."""
     try:
         data = json.loads((Path(args.model).expanduser() / "distill.json").read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
-    data = data if isinstance(data, dict) else {}
-    try:  # (a hand-edited record is read as far as it makes sense)
-        return _read_alike(args, dataset, data)
-    except (TypeError, AttributeError):
+    records = [data, *(data.get("earlier") or [])] if isinstance(data, dict) else []
+    try:
+        files, hub = _read_by(args, dataset)
+    except (OSError, ValueError, ImportError):  # (refused, with its reason, where the text is read)
         return None
-
-
-def _read_alike(args, dataset: dict, data: dict) -> Optional[str]:
-    """:func:`_distilled_on` for the record ``data``."""
+    trained, hubs = set(), []
+    for record in records:
+        try:  # (a hand-edited or moved record is read as far as it makes sense)
+            more, other = _recorded_read(record)
+        except (TypeError, AttributeError, OSError, ValueError, ImportError):
+            continue
+        trained |= more
+        hubs += [other] if other else []
+    both = files & trained
+    if hub is not None and any(h[:2] == hub[:2] and h[2] & hub[2] for h in hubs):
+        return f"--dataset {args.dataset} (split {dataset['dataset_split']})"
+    if not both:
+        return None
     if args.text_file:
-        trained = set(data.get("files") or ()) if data.get("kind") == "text_files" else set()
-        both = [str(f) for f in args.text_file if str(Path(f).resolve()) in trained]
-        return f"--text-file {' '.join(both)}" if both else None
+        return "--text-file " + " ".join(str(f) for f in args.text_file if _resolved(f) in both)
     if args.dataset:
-        local = Path(args.dataset).expanduser()
-        same = data.get("kind") == "dataset" and data.get("split") == dataset["dataset_split"] and \
-            data.get("name") == (str(local.resolve()) if local.exists() else args.dataset) and \
-            data.get("config") == dataset["dataset_config"]
-        return f"--dataset {args.dataset} (split {dataset['dataset_split']})" if same else None
+        return f"--dataset {args.dataset} (split {dataset['dataset_split']}" + (
+            f": {len(both):,} of its {len(files):,} files)" if len(both) < len(files) else ")")
     split = args.split or "heldout"
-    same = data.get("kind") == "stdlib" and data.get("split") == split
-    return f"the default corpus's {split} split" if same else None
+    return f"the default corpus's {split} split" + (f" ({len(both):,} of its {len(files):,} files)"
+                                                      if len(both) < len(files) else "")
+
+
+def _resolved(path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _read_by(args, dataset: dict):
+    """(the files this evaluation reads, resolved; ``(name, config, split parts)`` of a hub dataset, or None)."""
+    from ..corpus import local_dataset_files, stdlib_files
+
+    if args.text_file:
+        return {_resolved(f) for f in args.text_file}, None
+    if args.dataset:
+        read = local_dataset_files(args.dataset, dataset["dataset_config"], dataset["dataset_split"])[0]
+        if read or Path(args.dataset).expanduser().exists():
+            return {_resolved(f) for f in read}, None
+        return set(), (args.dataset, dataset["dataset_config"], set(dataset["dataset_split"].split("+")))
+    return {_resolved(f) for f in stdlib_files(args.split or "heldout")}, None
+
+
+def _recorded_read(data: dict):
+    """:func:`_read_by` for a distill.json ``data`` record."""
+    from ..corpus import local_dataset_files, stdlib_files
+
+    kind = data.get("kind")
+    if kind == "text_files":
+        return {_resolved(f) for f in data.get("files") or ()}, None
+    if kind == "dataset":
+        name, config, split = data.get("name"), data.get("config"), data.get("split") or "train"
+        if data.get("files") is not None:  # (the files its split read)
+            return {_resolved(f) for f in data["files"]}, None
+        if Path(name).expanduser().exists():
+            return {_resolved(f) for f in local_dataset_files(name, config, split)[0]}, None
+        return set(), (name, config, set(split.split("+")))
+    if kind == "stdlib":
+        return {_resolved(f) for f in stdlib_files(data.get("split") or "train", root=data.get("root"))}, None
+    return set(), None
 
 
 def _refuse_ignored(args) -> None:
