@@ -450,8 +450,11 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         return
     try:
         importlib.import_module("datasets")
-    except ImportError:  # (a local path's checks import it first)
-        raise UserError(f"--dataset {name}: needs the 'datasets' package: pip install datasets") from None
+    except ImportError as e:  # (a local path's checks import it first; installed, an import inside it may fail)
+        raise UserError(f"--dataset {name}: needs the 'datasets' package: pip install datasets" if e.name ==
+                        "datasets" else f"--dataset {name}: the 'datasets' package does not import here "
+                        f"({' '.join(str(e).split())[:160]}): install versions of it and its dependencies that work "
+                        "together (bsbr[data])") from None
     from .corpus import DATA_SUFFIXES, data_suffix, dataset_texts, local_dataset_files, rows_file, spelled_as_a_path
 
     _cache_only_if_the_hub_is_unreachable(say=not (Path(name).expanduser().exists() or spelled_as_a_path(name)))

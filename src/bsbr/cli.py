@@ -45,14 +45,27 @@ EXIT_CODES = """exit status:
   141  the reader of the output went away (`bsbr generate ... | head`), quietly"""
 
 
-def _utf8(value) -> bool:
-    """Whether ``value`` (a command-line value) is text that encodes as UTF-8 (not: lone surrogates, the bytes
-    Python could not decode in this locale)."""
+# the values that name a model or output folder, whose files the tokenizers and safetensors libraries read or write:
+# their code takes UTF-8 paths alone
+_FOLDERS = frozenset({"model", "model_dir", "output_dir", "source", "output", "reference", "student", "teacher"})
+
+
+def _not_utf8_path(value: str, output: bool) -> Optional[str]:
+    """Why the folder ``value`` (an ``output`` one, or one that exists: as its absolute path, the working
+    directory's name included; else a hub id as given) cannot be given to the tokenizers and safetensors libraries
+    (bytes this locale could not decode: lone surrogates), or None."""
+    path = os.path.abspath(value) if output or os.path.exists(value) else value
     try:
-        value.encode("utf-8") if isinstance(value, str) else None
-        return True
+        path.encode("utf-8")
+        return None
     except UnicodeEncodeError:
-        return False
+        pass
+    try:  # UTF-8 bytes, decoded by an ASCII locale without Python's UTF-8 mode
+        os.fsencode(path).decode("utf-8")
+        return "holds characters this locale cannot read: run in a UTF-8 locale, or with PYTHONUTF8=1"
+    except UnicodeDecodeError:
+        return ("is not UTF-8 text (its path, the working directory's included): the tokenizers and safetensors "
+                "libraries read UTF-8 paths alone: rename it (or the folder it lies in) in UTF-8")
 
 
 class _StoreOnce(argparse._StoreAction):
@@ -70,11 +83,9 @@ class _StoreOnce(argparse._StoreAction):
         given.add(self.dest)
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             raise argparse.ArgumentError(self, "is empty: give a value")
-        if self.dest != "prompt" and not all(_utf8(v) for v in (values if isinstance(values, list) else [values])):
-            # (bytes the locale could not decode as text: the tokenizers' and safetensors' own code takes only
-            # UTF-8 names, and failed at the end of a run; --prompt is read as its bytes where it is used)
-            raise argparse.ArgumentError(self, "is not UTF-8 text in this locale: give a UTF-8 name (rename the "
-                                               "file), or run in a UTF-8 locale (PYTHONUTF8=1)")
+        if self.dest in _FOLDERS and isinstance(values, str) and (why := _not_utf8_path(
+                values, output=self.dest in ("output_dir", "output"))):
+            raise argparse.ArgumentError(self, why)  # (it failed at the end of a run: distill after training)
         if self.nargs in (None, "?") and isinstance(values, list):  # (argparse 3.11 turns a second `--` into [])
             raise argparse.ArgumentError(self, f"got {' '.join(values) or 'a second --'}: give one value")
         super().__call__(parser, namespace, values, option_string)

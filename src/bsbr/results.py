@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -58,27 +57,50 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squee
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
     """Lay out ``fig`` (from :func:`subplots`), write it to ``path`` (making its folder; one rename, so never half a
-    file). Characters of its labels the font lacks (a CJK model name without a CJK font) are drawn as boxes and
-    said in one warning (matplotlib warned of each glyph at each layout pass, with its source line)."""
-    import warnings
-
+    file). Characters of its labels that no font of theirs draws (a CJK model name without a CJK font; a file name
+    this locale could not decode) are written as escapes (``\\u6e90``) and said in one warning: matplotlib drew
+    boxes and warned of each glyph at each layout pass, or failed."""
+    escaped = _escape_undrawable(fig)
+    if escaped:
+        logger.warning("%s: the fonts lack %d character(s) of its labels, written as escapes (install a font with "
+                       "them, e.g. Noto)", Path(path).name, escaped)
+    if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix names the format
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.filterwarnings("always", message=r"Glyph \d+ .*missing from font")
-            if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
-                fig.tight_layout()
-            fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
-        missing = {m.group(1) for w in caught if (m := re.match(r"Glyph (\d+) .*missing from font", str(w.message)))}
-        for w in caught:
-            if not re.match(r"Glyph \d+ .*missing from font", str(w.message)):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if missing:
-            logger.warning("%s: the font lacks %d character(s) of its labels, drawn as boxes (install a font with "
-                           "them, e.g. Noto)", path.name, len(missing))
+        fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _escape_undrawable(fig) -> int:
+    """Replace the characters of ``fig``'s texts and tick labels that none of their fonts (matplotlib's
+    fallback list) has by their escapes; the number of distinct characters replaced."""
+    from matplotlib import font_manager, ft2font, text
+
+    fonts, missing = {}, set()
+    find = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # (the fallback list text draws by)
+
+    def escaped(label, prop):
+        if not isinstance(label, str) or label.isascii():
+            return label
+        faces = [fonts.setdefault(p, ft2font.FT2Font(p))
+                 for p in (find(prop) if find is not None else [font_manager.findfont(prop)])]
+        odd = {c for c in label if not c.isascii() and not c.isspace() and (
+            0xD800 <= ord(c) < 0xE000 or not any(f.get_char_index(ord(c)) for f in faces))}
+        missing.update(odd)
+        return "".join(c.encode("ascii", "backslashreplace").decode("ascii") if c in odd else c for c in label)
+    for t in fig.findobj(text.Text):
+        if (label := escaped(t.get_text(), t.get_fontproperties())) != t.get_text():
+            t.set_text(label)
+    for ax in fig.axes:  # (tick labels: made by their formatter when drawn)
+        for axis in (ax.xaxis, ax.yaxis):
+            ticks = axis.get_ticklabels()
+            labels = [escaped(t.get_text(), t.get_fontproperties()) for t in ticks]
+            if labels != [t.get_text() for t in ticks]:
+                axis.set_ticklabels(labels)
+    return len(missing)

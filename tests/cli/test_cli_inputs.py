@@ -661,11 +661,13 @@ def test_a_label_the_font_cannot_draw_is_one_warning(tmp_path, caplog, recwarn):
     from bsbr.results import save_figure, subplots
 
     fig, ax = subplots()
-    ax.set_title("\u6e90 \u30e2\u30c7\u30eb")  # (no CJK font here: DejaVu)
+    ax.set_title("\u6e90 \u30e2\u30c7\u30eb caf\u00e9")  # (no CJK font here: DejaVu)
+    ax.set_xlabel("file:caf\udce9.txt")  # (a name this locale could not decode: matplotlib failed on it)
     with caplog.at_level("WARNING", logger="bsbr"):
         save_figure(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").is_file() and not [w for w in recwarn if "Glyph" in str(w.message)]
-    assert "p.png: the font lacks 4 character(s) of its labels, drawn as boxes" in caplog.text
+    assert "p.png: the fonts lack 5 character(s) of its labels, written as escapes" in caplog.text
+    assert ax.get_title() == "\\u6e90 \\u30e2\\u30c7\\u30eb caf\u00e9" and ax.get_xlabel() == "file:caf\\udce9.txt"
 
 
 def test_a_pgf_plot_needs_a_tex_system(tmp_path, monkeypatch):
@@ -859,7 +861,8 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "10"], "generate", conv)
     assert "give a prompt of at most 55 tokens" in line, line
     line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
-    assert "--passkey-lengths 200 needs 199 positions" in line and fix.replace("64", "65") in line, line
+    assert "--passkey-lengths 200 needs 199 positions" in line and "the shortest pass-key prompt takes 81 tokens: " \
+        "none fits the model as converted, or convert with --position-scheme wrap or clamp" in line, line
     text = tmp_path / "t.py"
     text.write_text("x = 1\n" * 300)
     line = refused(capsys, ["eval", conv, "--reference", src, "--text-file", text, "--seq-len", "100",
@@ -2105,12 +2108,22 @@ def test_convert_reads_options_between_source_and_output(models, tmp_path, capsy
     assert not (tmp_path / "o3").exists()
     # a name Python could not decode in this locale (Latin-1 bytes; any non-ASCII under LC_ALL=C PYTHONUTF8=0):
     # tokenizers and safetensors take UTF-8 names alone ("surrogates not allowed", distill after training)
+    # (here a Latin-1 name in a UTF-8 locale; or the working directory's; files Python alone opens are read)
     odd = str(tmp_path / "out\udce9")
     for argv, named in ((["convert", source, odd], "output_dir"), (["eval", odd, "--no-passkey"], "model"),
                         (["distill", "--student", source, "--output", odd, "--steps", "1"], "--output")):
         line = refused(capsys, argv, argv[0])
-        assert f"argument {named}: is not UTF-8 text in this locale: give a UTF-8 name" in line, line
+        assert f"argument {named}: is not UTF-8 text (its path, the working directory's included): the tokenizers " \
+            "and safetensors libraries read UTF-8 paths alone: rename it" in line, line
     assert not (tmp_path / "out\udce9").exists()
+    (tmp_path / "here\udce9").mkdir()
+    monkeypatch.chdir(tmp_path / "here\udce9")
+    assert "argument output_dir: is not UTF-8 text" in refused(capsys, ["convert", source, "out"], "convert")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt\udce9.txt").write_text("def f")
+    _, converted, _ = models
+    assert main(["generate", str(converted), "--prompt-file", str(tmp_path / "prompt\udce9.txt"),
+                 "--max-new-tokens", "1"]) == 0
 
 
 def test_suggested_commands_quote_their_paths(models, tmp_path, capsys, monkeypatch):

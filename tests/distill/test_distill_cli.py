@@ -1120,6 +1120,15 @@ def test_lora_without_peft_is_refused_before_loading_and_named_as_the_flag(model
     line = refused(capsys, distill_args(models, text, tmp_path / "out", "--steps", "2", "--params", "lora"),
                    "distill", models[1])
     assert "--params lora needs peft: pip install peft" in line and not (tmp_path / "out").exists()
+    # installed, but failing inside (peft 0.16 under transformers 5.24): "needs peft" was untrue
+    (tmp_path / "fake" / "peft").mkdir(parents=True)
+    (tmp_path / "fake" / "peft" / "__init__.py").write_text(
+        "raise ImportError(\"cannot import name 'HybridCache' from 'transformers'\", name='transformers')\n")
+    monkeypatch.delitem(sys.modules, "peft")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    line = refused(capsys, distill_args(models, text, tmp_path / "out", "--steps", "2", "--params", "lora"),
+                   "distill", models[1])
+    assert "--params lora: peft does not import here (cannot import name 'HybridCache' from 'transformers')" in line
 
 
 def test_a_first_save_killed_before_its_manifest_is_no_checkpoint(models, text, tmp_path, capsys, caplog):

@@ -424,6 +424,15 @@ def test_a_missing_datasets_package_is_one_line(saved, capsys, monkeypatch, tmp_
     for name in ("wikitext", str(tmp_path / "d.jsonl")):
         _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", name,
                           "--no-passkey"], f"--dataset {name}: needs the 'datasets' package: pip install datasets")
+    # installed, but failing inside (pyarrow 26 under numpy 1.x): "needs the 'datasets' package" was untrue
+    (tmp_path / "fake" / "datasets").mkdir(parents=True)
+    (tmp_path / "fake" / "datasets" / "__init__.py").write_text(
+        "raise ImportError('pyarrow requires NumPy 2.0 or newer', name='pyarrow')\n")
+    monkeypatch.delitem(sys.modules, "datasets")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    _refused(capsys, ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", "wikitext",
+                      "--no-passkey"], "--dataset wikitext: the 'datasets' package does not import here (pyarrow "
+             "requires NumPy 2.0 or newer): install versions of it and its dependencies that work together")
 
 
 @pytest.mark.parametrize("name", [["x"], 5])

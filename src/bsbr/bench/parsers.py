@@ -151,8 +151,8 @@ def _quality(p) -> None:
                        default=None, help=f"default {QUALITY_TRAINING[name]}")
     p.add_argument("--lr", type=finite_number(positive=True), default=None, help=f"default {QUALITY_TRAINING['lr']}")
     p.add_argument("--corpus", default=None, help="directory of .py files (default: the stdlib); as in the stdlib, "
-                                                  "test suites (test/ and tests/ folders, test_*.py files) and "
-                                                  "site-packages are left out")
+                                                  "test suites (test/, tests/ and idle_test/ folders, test_*.py "
+                                                  "files), site-packages and dist-packages are left out")
     _add_output_arguments(p, "the loss-by-position plot")
     p.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
                    help="instead of training: merge results of runs with the same configuration")

@@ -41,8 +41,10 @@ def _plan(args):
     if args.params == "lora":
         try:  # (its adapters are made once the models are loaded: refused now, not then)
             importlib.import_module("peft")
-        except ImportError:
-            raise UserError("--params lora needs peft: pip install peft (or bsbr[lora])") from None
+        except ImportError as e:  # (installed, an import inside it may still fail: said as it is)
+            raise UserError("--params lora needs peft: pip install peft (or bsbr[lora])" if e.name == "peft" else
+                            f"--params lora: peft does not import here ({' '.join(str(e).split())[:160]}): install "
+                            "a peft that works with this transformers (bsbr[lora])") from None
     try:  # the config's field names are the options' names
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
         cfg = cfg.resolved()

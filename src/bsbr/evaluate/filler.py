@@ -53,8 +53,8 @@ _FORBIDDEN = re.compile(r"\d|pass[\s-]?key|https?:|www\.|@|[<>{}\[\]|\\=_*#`~^$]
 def split_sentences(text: str) -> List[str]:
     """The usable sentences of ``text``, in order, whitespace collapsed: ending in ``.``/``!``/``?``,
     :data:`MIN_WORDS`..:data:`MAX_WORDS` words, starting with a capital letter (of any script; the text read
-    as NFC), without digits,
-    markup-like characters, addresses or the words "pass key"."""
+    as NFC: a sentence that opens with a quote, a bracket, ¿ or ¡ is left out), without digits, markup-like
+    characters, addresses or the words "pass key"."""
     pieces = []  # split where an end mark is followed by a capital letter (any script's) or an opener
     for piece in _SENTENCE_END.split(re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()):
         if pieces and not (piece[:1].isupper() or piece[:1] in _OPENERS):
@@ -150,7 +150,9 @@ class CyclingFiller(Filler):
 
     def sentences(self, seed: str) -> Iterator[str]:
         n = len(self._sentences)
-        i = random.Random(f"filler:{self.name}:{seed}").randrange(n) if self.offset else 0
+        # (seeded by the name's bytes: a file name this locale could not decode holds lone surrogates)
+        i = random.Random(f"filler:{self.name}:{seed}".encode("utf-8", "surrogateescape")).randrange(n) \
+            if self.offset else 0
         while True:
             yield self._sentences[i % n]
             i += 1
