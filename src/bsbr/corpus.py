@@ -353,6 +353,35 @@ def corpus_texts(text_files: Optional[Sequence[os.PathLike]] = None, dataset: Op
     return stdlib_texts(split, seed=seed), dict(kind="stdlib", split=split, seed=seed, root=str(stdlib_root()))
 
 
+def read_in_order(description: dict) -> Optional[List[str]]:
+    """The files :func:`corpus_texts` reads for ``description`` one document each, in the order it reads them (its
+    text files; a local plain-text dataset's split; the default corpus's split in its seeded order), or None where
+    its documents are rows (a data file's, a hub dataset's)."""
+    kind = description.get("kind")
+    if kind == "text_files":
+        return list(description["files"])
+    if kind == "dataset" and Path(description["name"]).exists():
+        read, _, plain, _ = local_dataset_files(description["name"], description.get("config"), description["split"])
+        return [str(Path(f).resolve()) for f in read] if plain and not any(
+            f.endswith(COMPRESSED) for f in read) else None
+    if kind == "stdlib":
+        return [str(f) for f in mixed_order(stdlib_files(description["split"]), description.get("seed", 0),
+                                            root=stdlib_root())]
+    return None
+
+
+def files_read(description: dict, documents: int) -> dict:
+    """``description`` with ``files``: the files of its first ``documents`` documents (of :func:`read_in_order`);
+    for a local dataset of rows, its split's files."""
+    order = read_in_order(description)
+    if order is not None:
+        return dict(description, files=order[:documents])
+    if description.get("kind") == "dataset" and Path(description["name"]).exists():
+        read = local_dataset_files(description["name"], description.get("config"), description["split"])[0]
+        return dict(description, files=[str(Path(f).resolve()) for f in read])
+    return description
+
+
 def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len: int, max_windows: Optional[int],
                   stride: Optional[int] = None) -> torch.Tensor:
     """Fixed-length windows of token ids, shape ``(num_windows, seq_len)``.

@@ -1417,7 +1417,7 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(models, text,
     assert manifest["step"] == step and not (out / "config.json").exists()
     assert main(command.split()[1:]) == 0
     log = json.loads((out / "distill.json").read_text())["log"]
-    assert [e["step"] for e in log] == list(range(steps))
+    assert [e["step"] for e in log] == list(range(1, steps + 1))
 
 
 @pytest.mark.parametrize("command", ["convert", "distill"])

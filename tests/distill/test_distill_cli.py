@@ -355,8 +355,8 @@ def test_the_data_record_names_the_files_read_and_the_distillations_before(model
     data = json.loads((tmp_path / "two" / "distill.json").read_text())["data"]
     assert data["files"] == [str(unread.resolve())] and data["earlier"][0]["files"] == [str(Path(text).resolve())]
     for model, read, said in (("one", unread, None), ("two", text, f"--text-file {text}")):
-        assert _distilled_on(Namespace(model=str(tmp_path / model), text_file=[str(read)], dataset=None,
-                                       split=None), {}) == said
+        assert _distilled_on(Namespace(model=str(tmp_path / model), text_file=[str(read)], dataset=None),
+                             dict(kind="text_files", files=[str(Path(read).resolve())])) == said
 
 
 def test_no_progress_bar_in_a_log(models, text, tmp_path, capsys):

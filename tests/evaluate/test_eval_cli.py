@@ -1,6 +1,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,51 +286,56 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
                          "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
         assert (f"MODEL {conv} was distilled on --text-file {text} (its distill.json): its perplexity here is on "
                 "text it was trained on, not held out" in caplog.text) is warned, caplog.text
-    # a local dataset's split, and the default corpus's split, are the same data when the records match
+    # compared by the files read: the same text named another way was not noticed, and files never read were
     from argparse import Namespace
 
+    from bsbr.corpus import files_read, mixed_order, stdlib_files, stdlib_root
     from bsbr.evaluate.cli import _distilled_on
 
     pytest.importorskip("datasets")
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "data.jsonl").write_text('{"text": "a b"}\n')
-    (conv / "distill.json").write_text(json.dumps(dict(data=corpus_texts(dataset=str(tmp_path / "ds"),
-                                                                         dataset_split="train")[1])))
-    args = Namespace(model=str(conv), text_file=None, dataset=str(tmp_path / "ds"), split=None)
-    assert _distilled_on(args, dict(dataset_split="train", dataset_config=None)) == \
-        f"--dataset {tmp_path / 'ds'} (split train)"
-    assert _distilled_on(args, dict(dataset_split="test", dataset_config=None)) is None
-    (conv / "distill.json").write_text(json.dumps(dict(data=corpus_texts(split="train")[1])))
-    args = Namespace(model=str(conv), text_file=None, dataset=None, split="train")
-    assert _distilled_on(args, {}) == "the default corpus's train split"
-    assert _distilled_on(Namespace(**{**vars(args), "split": None}), {}) is None  # (eval's default: heldout)
-    (conv / "distill.json").write_text(json.dumps(dict(data=dict(kind="text_files", files=5))))  # (edited by hand)
-    assert _distilled_on(Namespace(model=str(conv), text_file=[str(trained)], dataset=None, split=None), {}) is None
-    # the same text named another way was not noticed: compared by the files read
-    from bsbr.corpus import stdlib_files
 
-    def distilled_on(data, text_file=None, dataset=None, split=None, dataset_split="test"):
+    def distilled_on(data, text_file=None, dataset=None, split="heldout", dataset_split="test", read=1 << 62):
         (conv / "distill.json").write_text(json.dumps(dict(data=data)))
-        return _distilled_on(Namespace(model=str(conv), text_file=text_file, dataset=dataset, split=split),
-                             dict(dataset_split=dataset_split, dataset_config=None))
+        corpus = files_read(corpus_texts(text_files=text_file, dataset=dataset, dataset_split=dataset_split,
+                                         split=split)[1], read)  # (as eval records what it read)
+        return _distilled_on(Namespace(model=str(conv), text_file=text_file, dataset=dataset), corpus)
 
+    (tmp_path / "ds").mkdir()
     data_file = str(tmp_path / "ds" / "data.jsonl")
+    Path(data_file).write_text('{"text": "a b"}\n')
+    ds = corpus_texts(dataset=str(tmp_path / "ds"), dataset_split="train")[1]
+    assert distilled_on(ds, dataset=str(tmp_path / "ds"), dataset_split="train") == \
+        f"--dataset {tmp_path / 'ds'} (split train)"
+    assert distilled_on(corpus_texts(split="train")[1], split="train") == "the default corpus's train split"
+    assert distilled_on(corpus_texts(split="train")[1]) is None  # (eval's default: heldout)
+    assert distilled_on(dict(kind="text_files", files=5), text_file=[str(trained)]) is None  # (edited by hand)
+    assert distilled_on(dict(corpus_texts(text_files=[trained])[1], earlier=5), text_file=[str(trained)]) == \
+        f"--text-file {trained}"  # (a damaged part of a record is passed over)
     assert distilled_on(corpus_texts(text_files=[data_file])[1], dataset=data_file, dataset_split="train") == \
         f"--dataset {data_file} (split train)"  # (a data file's one split, which eval reads)
-    assert distilled_on(corpus_texts(dataset=data_file, dataset_split="train")[1], text_file=[data_file]) == \
-        f"--text-file {data_file}"
+    assert distilled_on(ds, text_file=[data_file]) == f"--text-file {data_file}"
     (tmp_path / "tt").mkdir()
     for split in ("train", "test"):
         (tmp_path / "tt" / f"{split}.jsonl").write_text('{"text": "a b"}\n')
     assert distilled_on(corpus_texts(dataset=str(tmp_path / "tt"), dataset_split="train+test")[1],
                         dataset=str(tmp_path / "tt")) == f"--dataset {tmp_path / 'tt'} (split test)"
     assert distilled_on(corpus_texts(dataset=str(tmp_path / "tt"), dataset_split="train")[1],
+                        dataset=str(tmp_path / "tt")) is None  # (eval's test split)
+    assert distilled_on(corpus_texts(dataset=str(tmp_path / "tt"), dataset_split="train")[1],
                         dataset=str(tmp_path / "tt" / "train.jsonl"), dataset_split="train") is not None
-    held_out, trained_file = stdlib_files("heldout")[0], stdlib_files("train")[0]
-    assert distilled_on(corpus_texts(text_files=[held_out])[1]) == \
-        f"the default corpus's heldout split (1 of its {len(stdlib_files('heldout')):,} files)"
+    order = mixed_order(stdlib_files("heldout"), 0, root=stdlib_root())  # (the files eval reads, in order)
+    trained_file = stdlib_files("train")[0]
+    assert distilled_on(corpus_texts(text_files=[order[1]])[1]) == \
+        f"the default corpus's heldout split (1 of the {len(order):,} files read)"
+    assert distilled_on(corpus_texts(text_files=[order[1]])[1], read=1) is None  # (never read)
     assert distilled_on(corpus_texts(split="train")[1], text_file=[str(trained_file)]) == f"--text-file {trained_file}"
-    assert distilled_on(corpus_texts(split="train")[1], text_file=[str(held_out)]) is None
+    assert distilled_on(corpus_texts(split="train")[1], text_file=[str(order[0])]) is None
+    # a record of another machine's (or Python's) standard library: its files by their path in the library
+    rel = Path(trained_file).relative_to(stdlib_root()).as_posix()
+    for elsewhere in (dict(kind="stdlib", split="train", seed=0, root="/elsewhere/lib",
+                           files=[f"/elsewhere/lib/{rel}"]),
+                      dict(kind="stdlib", split="train", seed=0, root="/elsewhere/lib")):  # (an older record)
+        assert distilled_on(elsewhere, text_file=[str(trained_file)]) == f"--text-file {trained_file}"
 
 
 def test_eval_logs_its_baselines_conversions_quietly(tmp_path, word_tokenizer, caplog):

@@ -471,28 +471,30 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     return 0
 
 
-def _data_record(data: dict, files_read: int, args, student_dir: Path) -> dict:
-    """distill.json's record of the text trained on (``bsbr eval`` warns when it reads it): the --text-file files
-    read (``files_read`` of them: --max-windows may stop before the last, which is said), a local --dataset's
-    files of its split, and as ``earlier`` the records of the distillations the student came from."""
-    if data.get("kind") == "text_files" and files_read < len(data["files"]):
-        left = data["files"][files_read:]
-        logger.warning("--text-file: %d of the %d files were not read (--max-windows %d windows reached): %s%s",
-                       len(left), len(data["files"]), args.max_windows, ", ".join(left[:3]),
-                       f" and {len(left) - 3} more" if len(left) > 3 else "")
-        data = dict(data, files=data["files"][:files_read])
-    if data.get("kind") == "dataset" and Path(args.dataset).expanduser().exists():
-        from ..corpus import local_dataset_files
+def _data_record(data: dict, documents: int, args, student_dir: Path) -> dict:
+    """distill.json's record of the text trained on (``bsbr eval`` warns when it reads it): the files read (the
+    first ``documents`` of those read one document each; --max-windows may stop before the last, which is said),
+    and as ``earlier`` the records of the distillations the student came from."""
+    from ..corpus import files_read, read_in_order
 
-        read = local_dataset_files(args.dataset, data.get("config"), data.get("split"))[0]
-        data = dict(data, files=[str(Path(f).resolve()) for f in read])
+    order = read_in_order(data)
+    if order is not None and documents < len(order):
+        left = order[documents:]
+        named = "--text-file" if args.text_file else f"--dataset {args.dataset}" if args.dataset else \
+            "the standard library's train split"
+        (logger.warning if args.text_file else logger.info)(
+            "%s: %d of the %d files were not read (--max-windows %d windows reached)%s", named, len(left), len(order),
+            args.max_windows, f": {', '.join(left[:3])}{f' and {len(left) - 3} more' if len(left) > 3 else ''}"
+            if args.text_file else "")
+    data = files_read(data, documents)
     try:
         earlier = json.loads((student_dir / "distill.json").read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError, AttributeError, RecursionError):
         earlier = None
     if isinstance(earlier, dict):
+        before = earlier.get("earlier")
         data = dict(data, earlier=[{k: v for k, v in earlier.items() if k != "earlier"},
-                                   *[e for e in earlier.get("earlier") or () if isinstance(e, dict)]])
+                                   *[e for e in (before if isinstance(before, list) else ()) if isinstance(e, dict)]])
     return data
 
 

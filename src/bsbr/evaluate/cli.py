@@ -242,77 +242,67 @@ _DEFAULTS: dict = {}
 _FILLED = dict(seq_len=2048, max_windows=16, buckets="chunk", passkey_trials=3, passkey_new_tokens=8, seed=0)
 
 
-def _distilled_on(args, dataset: dict) -> Optional[str]:
-    """What of this evaluation's text MODEL was distilled on (the data its distill.json records, of this run and
-    the distillations its student came from), said as the options that name it; None when that is nothing, or
-    MODEL was not distilled. Text is compared by the files read (a file named by --text-file, in a local
-    --dataset's split, or in the default corpus's split is one file), a hub dataset by name, config and split."""
+def _distilled_on(args, corpus: dict) -> Optional[str]:
+    """What of the text this evaluation read (``corpus``: its record, with the files read) MODEL was distilled on
+    (the data its distill.json records, of this run and the distillations its student came from), said as the
+    options that name it; None when that is nothing, or MODEL was not distilled. Text is compared by the files
+    read (a standard-library file by its path in the library, wherever that lies), a hub dataset by name,
+    config and split. Advice only: a record it cannot read is passed over."""
     try:
         data = json.loads((Path(args.model).expanduser() / "distill.json").read_text(encoding="utf-8")).get("data")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    records = [data, *(data.get("earlier") or [])] if isinstance(data, dict) else []
-    try:
-        files, hub = _read_by(args, dataset)
-    except (OSError, ValueError, ImportError):  # (refused, with its reason, where the text is read)
+        earlier = data.get("earlier") if isinstance(data, dict) else None
+        records = [data, *(earlier if isinstance(earlier, list) else ())] if isinstance(data, dict) else []
+        files, hub = _read_keys(corpus)
+    except Exception:  # (a damaged record or dataset: refused, with its reason, where it is read)
         return None
     trained, hubs = set(), []
     for record in records:
-        try:  # (a hand-edited or moved record is read as far as it makes sense)
-            more, other = _recorded_read(record)
-        except (TypeError, AttributeError, OSError, ValueError, ImportError):
+        try:
+            more, other = _read_keys(record)
+        except Exception:
             continue
         trained |= more
         hubs += [other] if other else []
-    both = files & trained
+    split = corpus.get("split")
     if hub is not None and any(h[:2] == hub[:2] and h[2] & hub[2] for h in hubs):
-        return f"--dataset {args.dataset} (split {dataset['dataset_split']})"
+        return f"--dataset {args.dataset} (split {split})"
+    both = files & trained
     if not both:
         return None
     if args.text_file:
-        return "--text-file " + " ".join(str(f) for f in args.text_file if _resolved(f) in both)
+        return "--text-file " + " ".join(str(f) for f in args.text_file if _key(f) in both)
+    part = f"{len(both):,} of the {len(files):,} files read" if len(both) < len(files) else ""
     if args.dataset:
-        return f"--dataset {args.dataset} (split {dataset['dataset_split']}" + (
-            f": {len(both):,} of its {len(files):,} files)" if len(both) < len(files) else ")")
-    split = args.split or "heldout"
-    return f"the default corpus's {split} split" + (f" ({len(both):,} of its {len(files):,} files)"
-                                                      if len(both) < len(files) else "")
+        return f"--dataset {args.dataset} (split {split}{f': {part}' if part else ''})"
+    return f"the default corpus's {split} split" + (f" ({part})" if part else "")
 
 
-def _resolved(path) -> str:
-    return str(Path(path).expanduser().resolve())
+def _key(path, root=None) -> str:
+    """How a file read is compared: its path in the standard library (under ``root``, default this Python's) or
+    its resolved path."""
+    from ..corpus import stdlib_root
+
+    resolved = Path(path).expanduser().resolve()
+    for base in {str(Path(root).resolve()) if root else None, str(stdlib_root().resolve())} - {None}:
+        if resolved.is_relative_to(base):
+            return "stdlib:" + resolved.relative_to(base).as_posix()
+    return str(resolved)
 
 
-def _read_by(args, dataset: dict):
-    """(the files this evaluation reads, resolved; ``(name, config, split parts)`` of a hub dataset, or None)."""
-    from ..corpus import local_dataset_files, stdlib_files
+def _read_keys(record: dict):
+    """(the files a corpus record read, as :func:`_key`; ``(name, config, split parts)`` of a hub dataset, or
+    None). An older record names no files read: all of its text files, its local dataset's split, or this
+    Python's files of its default-corpus split."""
+    from ..corpus import files_read
 
-    if args.text_file:
-        return {_resolved(f) for f in args.text_file}, None
-    if args.dataset:
-        read = local_dataset_files(args.dataset, dataset["dataset_config"], dataset["dataset_split"])[0]
-        if read or Path(args.dataset).expanduser().exists():
-            return {_resolved(f) for f in read}, None
-        return set(), (args.dataset, dataset["dataset_config"], set(dataset["dataset_split"].split("+")))
-    return {_resolved(f) for f in stdlib_files(args.split or "heldout")}, None
-
-
-def _recorded_read(data: dict):
-    """:func:`_read_by` for a distill.json ``data`` record."""
-    from ..corpus import local_dataset_files, stdlib_files
-
-    kind = data.get("kind")
-    if kind == "text_files":
-        return {_resolved(f) for f in data.get("files") or ()}, None
-    if kind == "dataset":
-        name, config, split = data.get("name"), data.get("config"), data.get("split") or "train"
-        if data.get("files") is not None:  # (the files its split read)
-            return {_resolved(f) for f in data["files"]}, None
-        if Path(name).expanduser().exists():
-            return {_resolved(f) for f in local_dataset_files(name, config, split)[0]}, None
-        return set(), (name, config, set(split.split("+")))
-    if kind == "stdlib":
-        return {_resolved(f) for f in stdlib_files(data.get("split") or "train", root=data.get("root"))}, None
+    kind, root = record.get("kind"), record.get("root") if record.get("kind") == "stdlib" else None
+    if record.get("files") is not None and kind in ("text_files", "dataset", "stdlib"):
+        return {_key(f, root) for f in record["files"]}, None
+    if kind == "dataset" and not Path(record["name"]).expanduser().exists():
+        split = record.get("split") or "train"
+        return set(), (record["name"], record.get("config"), set(split.split("+")))
+    if kind in ("dataset", "stdlib"):
+        return {_key(f) for f in files_read(record, 1 << 62).get("files") or ()}, None
     return set(), None
 
 
@@ -355,9 +345,6 @@ def cmd_eval(args) -> int:
         raise UserError(f"--split {args.split} chooses from the default corpus, not from --text-file or --dataset: "
                         "drop one")
     _refuse_ignored(args)
-    if not (args.passkey_only or args.lm_eval_task_dir) and (trained := _distilled_on(args, dataset)):
-        logger.warning("MODEL %s was distilled on %s (its distill.json): its perplexity here is on text it was "
-                       "trained on, not held out", args.model, trained)
     if args.passkey_only and args.plot and args.passkey_plot:
         raise UserError("--plot and --passkey-plot both name the heat map with --passkey-only: give one")
     check_bsbr_dir(args.model, "MODEL")
@@ -464,6 +451,9 @@ def cmd_eval(args) -> int:
                                 buckets=args.buckets, passkey=passkey, seed=args.seed, progress=not args.no_progress,
                                 check_reference=check_reference)
         lines = summary_lines(result)
+        if trained := _distilled_on(args, result["config"].get("corpus") or {}):
+            logger.warning("MODEL %s was distilled on %s (its distill.json): its perplexity here is on text it was "
+                           "trained on, not held out", args.model, trained)
     from .plots import plot_passkey_heatmap, plot_results
 
     files = []  # (path, writer, line): all written together at the end: an error or interruption before
