@@ -50,11 +50,11 @@ EXIT_CODES = """exit status:
 _FOLDERS = frozenset({"model", "model_dir", "output_dir", "source", "output", "reference", "student", "teacher"})
 
 
-def _not_utf8_path(value: str, output: bool) -> Optional[str]:
-    """Why the folder ``value`` (an ``output`` one, or one that exists: as its absolute path, the working
-    directory's name included; else a hub id as given) cannot be given to the tokenizers and safetensors libraries
-    (bytes this locale could not decode: lone surrogates), or None."""
-    path = os.path.abspath(value) if output or os.path.exists(value) else value
+def not_utf8_path(value: str, output: bool) -> Optional[str]:
+    """Why the folder ``value`` cannot be given to the tokenizers and safetensors libraries (bytes this locale could
+    not decode: lone surrogates), or None: an ``output`` one as its absolute path, the working directory's name
+    included (the commands write there by it); an input one as given (read by it)."""
+    path = os.path.abspath(value) if output else value
     try:
         path.encode("utf-8")
         return None
@@ -83,7 +83,7 @@ class _StoreOnce(argparse._StoreAction):
         given.add(self.dest)
         if any(isinstance(v, str) and not v.strip() for v in (values if isinstance(values, list) else [values])):
             raise argparse.ArgumentError(self, "is empty: give a value")
-        if self.dest in _FOLDERS and isinstance(values, str) and (why := _not_utf8_path(
+        if self.dest in _FOLDERS and isinstance(values, str) and (why := not_utf8_path(
                 values, output=self.dest in ("output_dir", "output"))):
             raise argparse.ArgumentError(self, why)  # (it failed at the end of a run: distill after training)
         if self.nargs in (None, "?") and isinstance(values, list):  # (argparse 3.11 turns a second `--` into [])

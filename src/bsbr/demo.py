@@ -15,6 +15,12 @@ def cmd_demo(args) -> int:
     from .outputs import check_output_dir, out_of_room, output_lock, staged_dir, write_errors, write_failure
 
     final = Path(args.output)
+    from .cli import not_utf8_path
+
+    if why := not_utf8_path(args.output, output=True):  # (the default is no typed value, checked when parsed)
+        from .errors import UserError
+
+        raise UserError(f"--output {args.output} {why}")
     check_default_window(args.chunk_size)
     if args.seq_len < args.chunk_size + 2:  # the evaluation scores tokens past the first chunk
         from .errors import UserError

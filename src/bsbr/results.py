@@ -58,7 +58,7 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squee
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
     """Lay out ``fig`` (from :func:`subplots`), write it to ``path`` (making its folder; one rename, so never half a
     file). Characters of its labels that no font of theirs draws (a CJK model name without a CJK font; a file name
-    this locale could not decode) are written as escapes (``\\u6e90``) and said in one warning: matplotlib drew
+    this locale could not decode) are written as escapes (``\\u6e90``; ``?`` in math text) and said in one warning: matplotlib drew
     boxes and warned of each glyph at each layout pass, or failed."""
     escaped = _escape_undrawable(fig)
     if escaped:
@@ -80,7 +80,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) 
 def _escape_undrawable(fig) -> int:
     """Replace the characters of ``fig``'s texts and tick labels that none of their fonts (matplotlib's
     fallback list) has by their escapes; the number of distinct characters replaced."""
-    from matplotlib import font_manager, ft2font, text
+    from matplotlib import cbook, font_manager, ft2font, text
 
     fonts, missing = {}, set()
     find = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # (the fallback list text draws by)
@@ -93,7 +93,9 @@ def _escape_undrawable(fig) -> int:
         odd = {c for c in label if not c.isascii() and not c.isspace() and (
             0xD800 <= ord(c) < 0xE000 or not any(f.get_char_index(ord(c)) for f in faces))}
         missing.update(odd)
-        return "".join(c.encode("ascii", "backslashreplace").decode("ascii") if c in odd else c for c in label)
+        math = cbook.is_math_text(label)  # (an escape's backslash would be a math command there)
+        return "".join(("?" if math else c.encode("ascii", "backslashreplace").decode("ascii")) if c in odd else c
+                       for c in label)
     for t in fig.findobj(text.Text):
         if (label := escaped(t.get_text(), t.get_fontproperties())) != t.get_text():
             t.set_text(label)

@@ -663,10 +663,12 @@ def test_a_label_the_font_cannot_draw_is_one_warning(tmp_path, caplog, recwarn):
     fig, ax = subplots()
     ax.set_title("\u6e90 \u30e2\u30c7\u30eb caf\u00e9")  # (no CJK font here: DejaVu)
     ax.set_xlabel("file:caf\udce9.txt")  # (a name this locale could not decode: matplotlib failed on it)
+    ax.set_ylabel("file:f$\u6e90$.txt")  # (math text: an escape's backslash failed its parser)
     with caplog.at_level("WARNING", logger="bsbr"):
         save_figure(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").is_file() and not [w for w in recwarn if "Glyph" in str(w.message)]
     assert "p.png: the fonts lack 5 character(s) of its labels, written as escapes" in caplog.text
+    assert ax.get_ylabel() == "file:f$?$.txt"
     assert ax.get_title() == "\\u6e90 \\u30e2\\u30c7\\u30eb caf\u00e9" and ax.get_xlabel() == "file:caf\\udce9.txt"
 
 
@@ -2119,9 +2121,12 @@ def test_convert_reads_options_between_source_and_output(models, tmp_path, capsy
     (tmp_path / "here\udce9").mkdir()
     monkeypatch.chdir(tmp_path / "here\udce9")
     assert "argument output_dir: is not UTF-8 text" in refused(capsys, ["convert", source, "out"], "convert")
+    assert "--output outputs/demo is not UTF-8 text" in refused(capsys, ["demo"], "demo")  # (its default)
+    _, converted, _ = models
+    (tmp_path / "here\udce9" / "conv").symlink_to(converted)  # (an input is read by the path given: it works)
+    assert main(["generate", "conv", "--prompt", "def", "--max-new-tokens", "1"]) == 0
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompt\udce9.txt").write_text("def f")
-    _, converted, _ = models
     assert main(["generate", str(converted), "--prompt-file", str(tmp_path / "prompt\udce9.txt"),
                  "--max-new-tokens", "1"]) == 0
 
