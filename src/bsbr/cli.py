@@ -52,9 +52,9 @@ _FOLDERS = frozenset({"model", "model_dir", "output_dir", "source", "output", "r
 
 def not_utf8_path(value: str, output: bool) -> Optional[str]:
     """Why the folder ``value`` cannot be given to the tokenizers and safetensors libraries (bytes this locale could
-    not decode: lone surrogates), or None: an ``output`` one as its absolute path, the working directory's name
-    included (the commands write there by it); an input one as given (read by it)."""
-    path = os.path.abspath(value) if output else value
+    not decode: lone surrogates), or None: an ``output`` one as its real path, the working directory's name and
+    links resolved (the commands write there by it); an input one as given (read by it)."""
+    path = os.path.realpath(value) if output else value
     try:
         path.encode("utf-8")
         return None

@@ -362,8 +362,10 @@ def read_in_order(description: dict) -> Optional[List[str]]:
         return list(description["files"])
     if kind == "dataset" and Path(description["name"]).exists():
         read, _, plain, _ = local_dataset_files(description["name"], description.get("config"), description["split"])
-        return [str(Path(f).resolve()) for f in read if f.endswith(COMPRESSED) or os.path.getsize(f) > 0] \
-            if plain else None  # (as dataset_texts reads them: an empty file is no document)
+        # (as dataset_texts reads them: an empty file is no document; compressed ones are read as rows, an archive's
+        # members and blank texts among them not counted here: None)
+        return [str(Path(f).resolve()) for f in read if os.path.getsize(f) > 0] \
+            if plain and not any(f.endswith(COMPRESSED) for f in read) else None
     if kind == "stdlib":
         return [str(f) for f in mixed_order(stdlib_files(description["split"]), description.get("seed", 0),
                                             root=stdlib_root())]

@@ -62,8 +62,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) 
     warning: matplotlib drew boxes and warned of each glyph at each layout pass, or failed."""
     escaped = _escape_undrawable(fig)
     if escaped:
-        logger.warning("%s: the fonts lack %d character(s) of its labels, written as escapes (install a font with "
-                       "them, e.g. Noto)", Path(path).name, escaped)
+        logger.warning("%s: the fonts lack %d character(s) of its labels, written as escapes (? in math text; install "
+                       "a font with them, e.g. Noto)", Path(path).name, escaped)
     if fig.get_layout_engine() is None:  # a figure made with its own layout (constrained) keeps it
         fig.tight_layout()
     path = Path(path)
@@ -90,10 +90,10 @@ def _escape_undrawable(fig) -> int:
             return label
         faces = [fonts.setdefault(p, ft2font.FT2Font(p))
                  for p in (find(prop) if find is not None else [font_manager.findfont(prop)])]
+        math = cbook.is_math_text(label)  # (math text draws with its own fonts: only what none could, there as ?)
         odd = {c for c in label if not c.isascii() and not c.isspace() and (
-            0xD800 <= ord(c) < 0xE000 or not any(f.get_char_index(ord(c)) for f in faces))}
+            0xD800 <= ord(c) < 0xE000 or not math and not any(f.get_char_index(ord(c)) for f in faces))}
         missing.update(odd)
-        math = cbook.is_math_text(label)  # (an escape's backslash would be a math command there)
         return "".join(("?" if math else c.encode("ascii", "backslashreplace").decode("ascii")) if c in odd else c
                        for c in label)
     for t in fig.findobj(text.Text):

@@ -663,7 +663,7 @@ def test_a_label_the_font_cannot_draw_is_one_warning(tmp_path, caplog, recwarn):
     fig, ax = subplots()
     ax.set_title("\u6e90 \u30e2\u30c7\u30eb caf\u00e9")  # (no CJK font here: DejaVu)
     ax.set_xlabel("file:caf\udce9.txt")  # (a name this locale could not decode: matplotlib failed on it)
-    ax.set_ylabel("file:f$\u6e90$.txt")  # (math text: an escape's backslash failed its parser)
+    ax.set_ylabel("file:f$\udce9$.txt")  # (math text: an escape's backslash failed its parser; its own fonts)
     with caplog.at_level("WARNING", logger="bsbr"):
         save_figure(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").is_file() and not [w for w in recwarn if "Glyph" in str(w.message)]
@@ -2122,6 +2122,9 @@ def test_convert_reads_options_between_source_and_output(models, tmp_path, capsy
     monkeypatch.chdir(tmp_path / "here\udce9")
     assert "argument output_dir: is not UTF-8 text" in refused(capsys, ["convert", source, "out"], "convert")
     assert "--output outputs/demo is not UTF-8 text" in refused(capsys, ["demo"], "demo")  # (its default)
+    (tmp_path / "link").symlink_to(tmp_path / "here\udce9")  # (an output is written by its real path)
+    assert "argument output_dir: is not UTF-8 text" in refused(capsys, ["convert", source, tmp_path / "link" / "o"],
+                                                               "convert")
     _, converted, _ = models
     (tmp_path / "here\udce9" / "conv").symlink_to(converted)  # (an input is read by the path given: it works)
     assert main(["generate", "conv", "--prompt", "def", "--max-new-tokens", "1"]) == 0
