@@ -805,7 +805,7 @@ def test_passkey_lengths_past_a_learned_position_reference_are_refused_before_lo
              f"(n_positions): the shortest pass-key prompt takes {shortest} tokens: leave the source out")
     grid[1] = str(tmp_path / "table")  # (with --passkey-only, --no-passkey is refused)
     _refused(capsys, [*grid, "96", "--passkey-models", "bsbr"], "--passkey-lengths 96 needs 95 positions, past the "
-             f"32 learned positions of MODEL", f"the shortest pass-key prompt takes {shortest} tokens: none fits the "
+             "32 learned positions of MODEL", f"the shortest pass-key prompt takes {shortest} tokens: none fits the "
              "model as converted, or convert with --position-scheme wrap or clamp")
     _refused(capsys, [*grid[:4], "--seq-len", "32", "--passkey-lengths", "96", "--passkey-models", "bsbr"],
              "the shortest pass-key prompt takes", "tokens: give --no-passkey (and no other --passkey- option), or "
