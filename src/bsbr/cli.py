@@ -52,9 +52,12 @@ _FOLDERS = frozenset({"model", "model_dir", "output_dir", "source", "output", "r
 
 def not_utf8_path(value: str, output: bool) -> Optional[str]:
     """Why the folder ``value`` cannot be given to the tokenizers and safetensors libraries (bytes this locale could
-    not decode: lone surrogates), or None: an ``output`` one as its real path, the working directory's name and
-    links resolved (the commands write there by it); an input one as given (read by it)."""
-    path = os.path.realpath(value) if output else value
+    not decode: lone surrogates), or None: an ``output`` one as its real path, ``~``, the working directory's name
+    and links resolved (the commands write there by it); an input one as given, ``~`` expanded (read by it)."""
+    try:
+        path = os.path.realpath(os.path.expanduser(value)) if output else os.path.expanduser(value)
+    except FileNotFoundError:  # (a relative output in a working directory since removed)
+        return "cannot be placed: the working directory no longer exists: cd to one that does"
     try:
         path.encode("utf-8")
         return None

@@ -58,8 +58,9 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, squee
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) -> Path:
     """Lay out ``fig`` (from :func:`subplots`), write it to ``path`` (making its folder; one rename, so never half a
     file). Characters of its labels that no font of theirs draws (a CJK model name without a CJK font; a file name
-    this locale could not decode) are written as escapes (``\\u6e90``; ``?`` in math text) and said in one
-    warning: matplotlib drew boxes and warned of each glyph at each layout pass, or failed."""
+    this locale could not decode) are written as escapes (``\\u6e90``) and said in one warning: matplotlib drew
+    boxes and warned of each glyph at each layout pass, or failed. Math text draws with its own fonts: there only
+    lone surrogates are replaced (by ``?``), other characters left to matplotlib."""
     escaped = _escape_undrawable(fig)
     if escaped:
         logger.warning("%s: the fonts lack %d character(s) of its labels, written as escapes (? in math text; install "

@@ -2122,6 +2122,11 @@ def test_convert_reads_options_between_source_and_output(models, tmp_path, capsy
     monkeypatch.chdir(tmp_path / "here\udce9")
     assert "argument output_dir: is not UTF-8 text" in refused(capsys, ["convert", source, "out"], "convert")
     assert "--output outputs/demo is not UTF-8 text" in refused(capsys, ["demo"], "demo")  # (its default)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # (--output=~/x reaches bsbr unexpanded: written to $HOME/x)
+    assert main(["convert", str(source), "--chunk-size", "16", "~/o"]) == 0  # (here: a non-UTF-8 directory)
+    assert (home / "o" / "config.json").is_file()
     (tmp_path / "link").symlink_to(tmp_path / "here\udce9")  # (an output is written by its real path)
     assert "argument output_dir: is not UTF-8 text" in refused(capsys, ["convert", source, tmp_path / "link" / "o"],
                                                                "convert")
