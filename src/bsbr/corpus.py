@@ -372,16 +372,26 @@ def read_in_order(description: dict) -> Optional[List[str]]:
     return None
 
 
-def files_read(description: dict, documents: int) -> dict:
-    """``description`` with ``files``: the files of its first ``documents`` documents (of :func:`read_in_order`);
-    for a local dataset of rows, its split's files."""
-    order = read_in_order(description)
+def files_read(description: dict, documents: int, order: Optional[List[str]] = None) -> dict:
+    """``description`` with ``files``: the files of its first ``documents`` documents (of ``order``, default
+    :func:`read_in_order`'s); for a local dataset of rows, its split's files."""
+    order = read_in_order(description) if order is None else order
     if order is not None:
         return dict(description, files=order[:documents])
     if description.get("kind") == "dataset" and Path(description["name"]).exists():
         read = local_dataset_files(description["name"], description.get("config"), description["split"])[0]
         return dict(description, files=[str(Path(f).resolve()) for f in read])
     return description
+
+
+def windows_read(tokenizer, texts, description: dict, seq_len: int, max_windows: Optional[int],
+                 stride: Optional[int] = None):
+    """(:func:`token_windows` of ``texts``, ``description`` (:func:`corpus_texts`'s record of them) with the
+    files read, the files left unread in order: ``max_windows`` reached before them)."""
+    started = []  # the documents the windows were read from
+    windows = token_windows(tokenizer, (started.append(d) or d for d in texts), seq_len, max_windows, stride)
+    order = read_in_order(description)
+    return windows, files_read(description, len(started), order), [] if order is None else order[len(started):]
 
 
 def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len: int, max_windows: Optional[int],

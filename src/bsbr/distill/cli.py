@@ -407,7 +407,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..corpus import corpus_texts, token_windows
+    from ..corpus import corpus_texts, windows_read
     from ..models import load_bsbr_model
     from .checkpoint import has_checkpoint, read_manifest
     from .trainer import check_same_run, distill, windows_fingerprint
@@ -418,10 +418,10 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     # the standard library's "train" split by default: evaluation uses the disjoint "heldout" split
     texts, data = corpus_texts(text_files=args.text_file, dataset=args.dataset, **dataset_options(args, "train"),
                             split="train", seed=args.seed)
-    started = []  # the documents (for --text-file, the files) the windows were read from
-    windows = list(token_windows(tokenizer, (started.append(d) or d for d in texts), args.seq_len, args.max_windows))
+    windows, data, left = windows_read(tokenizer, texts, data, args.seq_len, args.max_windows)
+    windows = list(windows)
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
-    data = _data_record(data, len(started), args, student_dir)
+    data = _data_record(data, left, args, student_dir)
     if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
         check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
                        dict(windows=windows_fingerprint(windows)), out / "checkpoint", flags=True)
@@ -471,22 +471,18 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     return 0
 
 
-def _data_record(data: dict, documents: int, args, student_dir: Path) -> dict:
-    """distill.json's record of the text trained on (``bsbr eval`` warns when it reads it): the files read (the
-    first ``documents`` of those read one document each; --max-windows may stop before the last, which is said),
-    and as ``earlier`` the records of the distillations the student came from."""
-    from ..corpus import files_read, read_in_order
-
-    order = read_in_order(data)
-    if order is not None and documents < len(order):
-        left = order[documents:]
+def _data_record(data: dict, left: list, args, student_dir: Path) -> dict:
+    """distill.json's record of the text trained on (``bsbr eval`` warns when it reads it): ``data``, with the files
+    read (--max-windows may stop before the files ``left``, which is said), and as ``earlier`` the records of the
+    distillations the student came from."""
+    if left:
         named = "--text-file" if args.text_file else f"--dataset {args.dataset}" if args.dataset else \
             "the standard library's train split"
         (logger.warning if args.text_file else logger.info)(
-            "%s: %d of the %d files were not read (--max-windows %d windows reached)%s", named, len(left), len(order),
-            args.max_windows, f": {', '.join(left[:3])}{f' and {len(left) - 3} more' if len(left) > 3 else ''}"
-            if args.text_file else "")
-    data = files_read(data, documents)
+            "%s: %d of the %d files were not read (--max-windows %d windows reached)%s", named, len(left),
+            len(left) + len(data.get("files") or ()), args.max_windows, (
+                f": {', '.join(left[:3])}{f' and {len(left) - 3} more' if len(left) > 3 else ''}") if args.text_file
+            else "")
     try:
         earlier = json.loads((student_dir / "distill.json").read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError, AttributeError, RecursionError):

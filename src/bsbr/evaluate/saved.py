@@ -46,12 +46,10 @@ def eval_windows(tokenizer, *, text_files=None, dataset=None, dataset_config=Non
                  text_column: str = "text", split: str = "heldout", seq_len: int = 2048, max_windows: int = 16,
                  stride: Optional[int] = None, seed: int = 0) -> tuple:
     """The evaluation's windows of token ids (:func:`~bsbr.corpus.token_windows`) and the record of their corpus."""
-    from ..corpus import corpus_texts, files_read, token_windows
+    from ..corpus import corpus_texts, windows_read
 
     texts, corpus_info = corpus_texts(text_files, dataset, dataset_config, dataset_split, text_column, split, seed)
-    started = []  # the documents the windows were read from: the record names the files read
-    windows = token_windows(tokenizer, (started.append(d) or d for d in texts), seq_len, max_windows, stride)
-    corpus_info = files_read(corpus_info, len(started))
+    windows, corpus_info, _ = windows_read(tokenizer, texts, corpus_info, seq_len, max_windows, stride)
     if max_windows is not None and windows.shape[0] < max_windows:  # (distill's --max-windows is a cap: it
         # says how many it trains on)
         logger.warning("the corpus gave %d windows of %d tokens (of the %d asked for): the figures rest on fewer",
