@@ -471,7 +471,17 @@ def check_dataset(name: Optional[str], dataset_config: Optional[str], dataset_sp
         listed = local_dataset_files(name, dataset_config, dataset_split)
     except Exception:  # (reported below, by the check that opens it)
         listed = None
-    _, unread, _, splits = listed or ([], [], False, {})
+    parts = dataset_split.split("+")
+    if twice := next((part for i, part in enumerate(parts) if part in parts[:i]), None):
+        raise UserError(f"--dataset-split {dataset_split}: names {twice!r} twice (its text would be read twice): "
+                        "name each split once")
+    read, unread, _, splits = listed or ([], [], False, {})
+    seen = {}
+    for f in read:
+        if (first := seen.setdefault(same_file(f), f)) != f:
+            raise UserError(f"--dataset {name}: {os.path.relpath(first, path.resolve())} and "
+                            f"{os.path.relpath(f, path.resolve())} are one file (a link; its text would be read "
+                            "twice): remove one, or give the files with --text-file")
     formats = {data_suffix(Path(f).name) for fs in splits.values() for f in fs}
     unnamed = [os.path.relpath(f, Path(name).expanduser().resolve()) for f in unread
                if data_suffix(Path(f).name) in formats]

@@ -17,7 +17,7 @@ import logging
 import os
 import sysconfig
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Collection, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -372,12 +372,14 @@ def read_in_order(description: dict) -> Optional[List[str]]:
     return None
 
 
-def files_read(description: dict, documents: int, order: Optional[List[str]] = None) -> dict:
-    """``description`` with ``files``: the files of its first ``documents`` documents (of ``order``, default
-    :func:`read_in_order`'s); for a local dataset of rows, its split's files."""
+def files_read(description: dict, documents: Optional[Collection[int]] = None,
+               order: Optional[List[str]] = None) -> dict:
+    """``description`` with ``files``: the files of the documents numbered ``documents`` (None: all; of ``order``,
+    default :func:`read_in_order`'s); for a local dataset of rows, its split's files (its rows are not traced to
+    their files)."""
     order = read_in_order(description) if order is None else order
     if order is not None:
-        return dict(description, files=order[:documents])
+        return dict(description, files=[f for i, f in enumerate(order) if documents is None or i in documents])
     if description.get("kind") == "dataset" and Path(description["name"]).exists():
         read = local_dataset_files(description["name"], description.get("config"), description["split"])[0]
         return dict(description, files=[str(Path(f).resolve()) for f in read])
@@ -387,15 +389,17 @@ def files_read(description: dict, documents: int, order: Optional[List[str]] = N
 def windows_read(tokenizer, texts, description: dict, seq_len: int, max_windows: Optional[int],
                  stride: Optional[int] = None):
     """(:func:`token_windows` of ``texts``, ``description`` (:func:`corpus_texts`'s record of them) with the
-    files read, the files left unread in order: ``max_windows`` reached before them)."""
-    started = []  # the documents the windows were read from
-    windows = token_windows(tokenizer, (started.append(d) or d for d in texts), seq_len, max_windows, stride)
+    files read: those with a token in a window; the files left unread, in order: ``max_windows`` reached before
+    them, or their tokens in no window (the last, partial window's, or between windows of a wider ``stride``))."""
+    used = set()
+    windows = token_windows(tokenizer, texts, seq_len, max_windows, stride, used=used)
     order = read_in_order(description)
-    return windows, files_read(description, len(started), order), [] if order is None else order[len(started):]
+    return (windows, files_read(description, used, order),
+            [] if order is None else [f for i, f in enumerate(order) if i not in used])
 
 
 def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len: int, max_windows: Optional[int],
-                  stride: Optional[int] = None) -> torch.Tensor:
+                  stride: Optional[int] = None, used: Optional[set] = None) -> torch.Tensor:
     """Fixed-length windows of token ids, shape ``(num_windows, seq_len)``.
 
     Documents (each a string, or an iterator of its pieces, as :func:`read_texts` gives a file) are
@@ -405,7 +409,8 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len
     ``doc_0, EOS, doc_1, EOS, ...``. Window ``i`` is ``stream[i*stride : i*stride + seq_len]``;
     ``stride`` defaults to ``seq_len`` (non-overlapping). Only full windows are returned, at most
     ``max_windows`` (None = all), and documents are read only until enough tokens are buffered,
-    so a large corpus is never tokenized in full. Deterministic given the texts' order.
+    so a large corpus is never tokenized in full. Deterministic given the texts' order. ``used``, where given,
+    gets the numbers (from 0) of the documents with a token of their text in a returned window.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
@@ -419,9 +424,10 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len
         raise ValueError("tokenizer has no eos_token_id: it is needed to separate documents")
 
     buffer: List[int] = []
+    owner: List[int] = []  # the document of each of ``buffer``'s tokens (-1: an EOS)
     start = 0  # where the next window starts in ``buffer``
     out: List[List[int]] = []
-    for doc in texts:
+    for number, doc in enumerate(texts):
         if not isinstance(doc, (str, collections.abc.Iterator)):  # (a dict or list: read as its keys or items)
             raise TypeError(f"texts must yield str or iterators of str pieces, got {type(doc).__name__}")
         pieces = _str_pieces(doc) if isinstance(doc, str) else doc
@@ -429,14 +435,18 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len
             if piece is not None and not isinstance(piece, str):
                 raise TypeError(f"a document's pieces must be str, got {type(piece).__name__}")
             buffer.extend([eos] if piece is None else tokenizer(piece, add_special_tokens=False)["input_ids"])
+            owner.extend([-1 if piece is None else number] * (len(buffer) - len(owner)))
             while start + seq_len <= len(buffer):
                 out.append(buffer[start:start + seq_len])
+                if used is not None:
+                    used.update(owner[start:start + seq_len])
+                    used.discard(-1)
                 start += stride
                 if max_windows is not None and len(out) >= max_windows:
                     return torch.tensor(out, dtype=torch.long)
             # drop what no later window can use, so memory stays O(seq_len + one piece)
             dropped = min(start, len(buffer))
-            del buffer[:dropped]
+            del buffer[:dropped], owner[:dropped]
             start -= dropped
     if not out:
         raise ValueError(f"the corpus has only {len(buffer)} tokens: not enough for one window of {seq_len}; "

@@ -359,6 +359,37 @@ def test_the_data_record_names_the_files_read_and_the_distillations_before(model
                              dict(kind="text_files", files=[str(Path(read).resolve())])) == said
 
 
+def test_the_data_record_keeps_what_a_resumed_run_read_before(models, text, tmp_path, caplog):
+    # a resume reads the same tokens, perhaps from other files (a copy, given as --dataset): the record named the
+    # last run's files alone, so eval of the files the earlier steps read was not warned of; and a file whose
+    # text fell in the last, partial window (dropped) was recorded as trained on
+    from argparse import Namespace
+
+    from bsbr.evaluate.cli import _distilled_on
+
+    pytest.importorskip("datasets")
+    tail = tmp_path / "tail.py"
+    tail.write_text("x")
+    args = distill_args(models, text, tmp_path / "out", "--steps", "1")
+    args[args.index("--max-windows") + 1] = "1000"
+    args.insert(args.index(str(text)) + 1, str(tail))
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert f"--text-file: 1 of the 2 files were not read (their text only in the text's last tokens, fewer than " \
+           f"--seq-len 96: no whole window): {tail}" in caplog.text
+    (tmp_path / "copy").mkdir()
+    shutil.copy(text, tmp_path / "copy" / "train.txt")
+    args = [a for a in args if a != str(tail)]
+    at = args.index("--text-file")
+    args[at:at + 2] = ["--dataset", str(tmp_path / "copy"), "--dataset-split", "train"]
+    assert main([*args[:args.index("--steps")], "--steps", "2", "--resume"]) == 0
+    data = json.loads((tmp_path / "out" / "distill.json").read_text())["data"]
+    assert data["files"] == [str((tmp_path / "copy" / "train.txt").resolve())]
+    assert [e["files"] for e in data["earlier"]] == [[str(Path(text).resolve())]]
+    assert _distilled_on(Namespace(model=str(tmp_path / "out"), text_file=[str(text)], dataset=None),
+                         dict(kind="text_files", files=[str(Path(text).resolve())])) == f"--text-file {text}"
+
+
 def test_no_progress_bar_in_a_log(models, text, tmp_path, capsys):
     # stderr not a terminal (a log file, CI): bsbr's own bars were still drawn, a line per update
     capsys.readouterr()

@@ -294,7 +294,7 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
 
     pytest.importorskip("datasets")
 
-    def distilled_on(data, text_file=None, dataset=None, split="heldout", dataset_split="test", read=1 << 62):
+    def distilled_on(data, text_file=None, dataset=None, split="heldout", dataset_split="test", read=None):
         (conv / "distill.json").write_text(json.dumps(dict(data=data)))
         corpus = files_read(corpus_texts(text_files=text_file, dataset=dataset, dataset_split=dataset_split,
                                          split=split)[1], read)  # (as eval records what it read)
@@ -338,7 +338,7 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
     trained_file = stdlib_files("train")[0]
     assert distilled_on(corpus_texts(text_files=[order[1]])[1]) == \
         f"the default corpus's heldout split (1 of the {len(order):,} files read)"
-    assert distilled_on(corpus_texts(text_files=[order[1]])[1], read=1) is None  # (never read)
+    assert distilled_on(corpus_texts(text_files=[order[1]])[1], read={0}) is None  # (never read)
     assert distilled_on(corpus_texts(split="train")[1], text_file=[str(trained_file)]) == f"--text-file {trained_file}"
     assert distilled_on(corpus_texts(split="train")[1], text_file=[str(order[0])]) is None
     # a record of another machine's (or Python's) standard library: its files by their path in the library

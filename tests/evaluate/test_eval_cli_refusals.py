@@ -555,6 +555,21 @@ def test_fillers_whose_lm_eval_metrics_would_be_one_are_refused(saved, tmp_path,
     assert not (tmp_path / "task").exists()
 
 
+def test_a_dataset_read_twice_is_refused(saved, tmp_path, capsys, no_loading):
+    # --dataset-split train+train, or a folder holding a file and a link to it: each file's text was read (and
+    # trained on, by distill) twice, as `--text-file a a` is refused for
+    pytest.importorskip("datasets")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "a.txt").write_text("The river runs past the old mill and on to the sea. " * 40)
+    argv = ["eval", str(saved / "conv"), "--reference", str(saved / "ref"), "--dataset", str(tmp_path / "ds"),
+            "--seq-len", "40", "--no-passkey", "--no-progress"]
+    _refused(capsys, [*argv, "--dataset-split", "train+train"], "--dataset-split train+train: names 'train' twice",
+             "name each split once")
+    (tmp_path / "ds" / "b.txt").symlink_to(tmp_path / "ds" / "a.txt")
+    _refused(capsys, [*argv, "--dataset-split", "train"], f"--dataset {tmp_path / 'ds'}: a.txt and b.txt are one "
+             "file (a link; its text would be read twice): remove one")
+
+
 def test_an_empty_local_dataset_says_why(saved, tmp_path, capsys, no_loading):
     # datasets raises a bare StopIteration: the line ended at "(config None, split 'test'):"
     (tmp_path / "ds").mkdir()

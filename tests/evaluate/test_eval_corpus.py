@@ -86,6 +86,27 @@ def test_token_windows_shapes_eos_and_determinism():
     assert g[2].tolist() == stream[12:16]
 
 
+def test_the_files_read_are_those_with_a_token_in_a_window(tmp_path):
+    # a file whose tokens all fell in the last, partial window (dropped) or between windows of a wider stride
+    # was recorded as read, and `bsbr eval` warned that a model distilled on it was evaluated on trained text
+    files = [tmp_path / n for n in ("long.txt", "gap.txt", "next.txt", "tail.txt")]
+    for f, text in zip(files, ("a" * 20, "bc", "d" * 12, "ef")):
+        f.write_text(text)
+    texts, record = corpus.corpus_texts(text_files=files)
+    # stream: 20 a, EOS (21), gap 2 + EOS (24), next 12 + EOS (37), tail 2 + EOS (40); windows [0, 8) [12, 20)
+    # [24, 32) with stride 12: gap.txt (21-22) lies between the second and the third, tail.txt (37-38) after it
+    windows, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, None, stride=12)
+    assert len(windows) == 3
+    assert read["files"] == [str(files[0].resolve()), str(files[2].resolve())]
+    assert left == [str(files[1].resolve()), str(files[3].resolve())]
+    texts, record = corpus.corpus_texts(text_files=files)
+    _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, None)  # 5 windows: [0, 40), all read
+    assert read["files"] == [str(f.resolve()) for f in files] and left == []
+    texts, record = corpus.corpus_texts(text_files=files)
+    _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, 3)  # [0, 24): max_windows reached
+    assert read["files"] == [str(f.resolve()) for f in files[:2]] and left == [str(f.resolve()) for f in files[2:]]
+
+
 class CountingTokenizer(CharTokenizer):
     """CharTokenizer that records the length of every string it is asked to tokenize."""
 

@@ -421,7 +421,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     windows, data, left = windows_read(tokenizer, texts, data, args.seq_len, args.max_windows)
     windows = list(windows)
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
-    data = _data_record(data, left, args, student_dir)
+    data = _data_record(data, left, args, student_dir, len(windows))
     if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
         check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
                        dict(windows=windows_fingerprint(windows)), out / "checkpoint", flags=True)
@@ -471,16 +471,17 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     return 0
 
 
-def _data_record(data: dict, left: list, args, student_dir: Path) -> dict:
+def _data_record(data: dict, left: list, args, student_dir: Path, windows: int) -> dict:
     """distill.json's record of the text trained on (``bsbr eval`` warns when it reads it): ``data``, with the files
-    read (--max-windows may stop before the files ``left``, which is said), and as ``earlier`` the records of the
-    distillations the student came from."""
+    read (the files ``left`` have no token in the ``windows`` windows, which is said), and as ``earlier`` the records
+    of the distillations the student came from."""
     if left:
         named = "--text-file" if args.text_file else f"--dataset {args.dataset}" if args.dataset else \
             "the standard library's train split"
         (logger.warning if args.text_file else logger.info)(
-            "%s: %d of the %d files were not read (--max-windows %d windows reached)%s", named, len(left),
-            len(left) + len(data.get("files") or ()), args.max_windows, (
+            "%s: %d of the %d files were not read (%s)%s", named, len(left), len(left) + len(data.get("files") or ()),
+            f"--max-windows {args.max_windows} windows reached" if args.max_windows and windows >= args.max_windows
+            else f"their text only in the text's last tokens, fewer than --seq-len {args.seq_len}: no whole window", (
                 f": {', '.join(left[:3])}{f' and {len(left) - 3} more' if len(left) > 3 else ''}") if args.text_file
             else "")
     try:

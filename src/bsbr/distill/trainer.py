@@ -313,6 +313,19 @@ def shortest_window(student, params: str) -> int:
     return start + 2
 
 
+def _with_earlier_data(data: Optional[dict], before) -> Optional[dict]:
+    """This run's data record, with the checkpoint's record ``before`` among its ``earlier`` ones where it names
+    other files (a resume reads the same tokens, perhaps from other files: the earlier steps' are kept)."""
+    def own(record):
+        return {k: v for k, v in record.items() if k != "earlier"}
+
+    if not isinstance(data, dict) or not isinstance(before, dict) or own(before) == own(data):
+        return data
+    earlier, older = data.get("earlier") or [], before.get("earlier")
+    return dict(data, earlier=earlier + [e for e in (own(before), *(older if isinstance(older, list) else ()))
+                                         if isinstance(e, dict) and e not in earlier])
+
+
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,
             resume: bool = False, settings: Optional[dict] = None, data: Optional[dict] = None,
             should_stop: Optional[Callable[[], bool]] = None, extra_files: Optional[Callable[[Path], None]] = None,
@@ -511,7 +524,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
         if seen[0] != -seen[1]:
             raise CheckpointError(f"the processes of this run found {ckpt_dir} at different steps ({-int(seen[1])} to "
                                   f"{int(seen[0])}): give an --output on storage every node shares")
-    progress.update(data=data, models=models, software=software())  # (this run's: not compared by a resume)
+    progress.update(data=_with_earlier_data(data, progress.get("data")), models=models,  # (this run's: not
+                    software=software())                                                # compared by a resume)
     if overwrite and output_dir.is_dir():  # the old output's files, replaced when this run's model is published
         progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
                                       if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))

@@ -302,7 +302,7 @@ def _read_keys(record: dict):
         split = record.get("split") or "train"
         return set(), (record["name"], record.get("config"), set(split.split("+")))
     if kind in ("dataset", "stdlib"):
-        return {_key(f) for f in files_read(record, 1 << 62).get("files") or ()}, None
+        return {_key(f) for f in files_read(record).get("files") or ()}, None
     return set(), None
 
 
