@@ -329,11 +329,17 @@ def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False) -
         return
     if not isinstance(model_type, str) or model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
         return  # (a model_type that is no string is refused where config.json is read)
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
     for name in ("config.json", "tokenizer_config.json"):
         try:
-            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
+            fields = json.loads((path / name).read_text(encoding="utf-8"))
+            auto_map = fields.get("auto_map") or {}
         except (OSError, ValueError, AttributeError, RecursionError):  # (a broken file is refused where it is read)
             continue
+        own = fields.get("tokenizer_class") if name == "tokenizer_config.json" else None
+        if isinstance(own, str) and tokenizer_class_from_name(own) is None:
+            continue  # (a class of its own alone: refused where the tokenizer loads, nothing built in is used)
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
                 for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
         code = sorted({r.split(".")[0] + ".py" for r in refs
@@ -854,8 +860,9 @@ def load_tokenizer_arg(source, option: str):
             raise _not_on_the_hub(option, source, why) from e
         if "trust_remote_code" in str(e):  # transformers' words for a tokenizer or config that is code of its own
             raise UserError(f"{option} {source}: its tokenizer or config is code of its own (an auto_map in "
-                            "tokenizer_config.json or config.json), which bsbr never runs: save a standard "
-                            "tokenizer beside the model (tokenizer.json)") from e
+                            "tokenizer_config.json or config.json), which bsbr never runs: name one of transformers' "
+                            "classes in tokenizer_config.json's tokenizer_class (PreTrainedTokenizerFast reads a "
+                            "tokenizer.json) and remove its auto_map") from e
         if source is not None:  # the tokenizer reads config.json: a broken one is the model's fault, not its
             _refuse_broken_source(source, option, e)
         gguf = source is not None and str(source).endswith(".gguf") and Path(os.path.expanduser(str(source))).is_file()

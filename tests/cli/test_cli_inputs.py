@@ -40,6 +40,18 @@ def test_weights_only_as_pickle_are_never_loaded(models, tmp_path, capsys, monke
     assert "pickles" in line and "safetensors" in line and not loads and not (tmp_path / "out").exists()
     line = refused(capsys, ["eval", converted, "--reference", src, "--no-passkey"], "eval", src)
     assert "pickles" in line and not loads
+    # a .pt (.pth, .ckpt) checkpoint got transformers' "no file named model.safetensors"; a peft adapter saved as
+    # adapter_model.bin, "No such file or directory: adapter_model.safetensors", a file no one gave
+    (src / "pytorch_model.bin").rename(src / "model.pt")
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "holds its weights only as pickles (model.pt), which bsbr never loads: save them as safetensors" in line
+    adapter = copy_source(converted, tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=2, target_modules=["q_proj"],
+                                                                 base_model_name_or_path=str(adapter))))
+    torch.save({}, adapter / "adapter_model.bin")
+    line = refused(capsys, ["generate", adapter, "--prompt", "def", "--max-new-tokens", "2"], "generate", adapter)
+    assert "holds its adapter only as adapter_model.bin (a pickle, which bsbr never loads): save the adapter as " \
+           "safetensors" in line and not loads
 
 
 def test_a_hub_models_pickles_named_by_its_index_are_never_loaded(models, tmp_path, capsys, monkeypatch):
@@ -140,7 +152,7 @@ def test_pickles_named_by_a_safetensors_index_are_never_loaded(models, tmp_path,
                                                                    "weight_map": dict.fromkeys(weights, "weights.pt")}))
     src, bsbr_dir = tmp_path / "source", tmp_path / "converted"
     line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
-    assert "not safetensors" in line and not loads and not (tmp_path / "out").exists()
+    assert "holds its weights only as pickles (weights.pt)" in line and not loads and not (tmp_path / "out").exists()
     line = refused(capsys, ["generate", bsbr_dir, "--prompt", "the"], "generate", bsbr_dir)
     assert "not safetensors" in line and not loads
 
@@ -1812,7 +1824,7 @@ def test_the_console_command_draws_no_library_progress_bar_into_a_log():
     assert "A-LIBRARY-BAR" not in r.stderr, r.stderr
 
 
-def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatch):
+def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatch, caplog):
     """A tokenizer_config.json whose auto_map names a .py beside it: transformers asked "Do you wish to run
     the custom code? [y/N]" in a terminal, and a yes ran it; the refusal (no terminal) blamed a missing
     tokenizer. bsbr never asks, never runs it, and says what the folder holds."""
@@ -1829,6 +1841,10 @@ def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatc
     line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
     assert "code of its own" in line and "never runs" in line and not marker.exists()
     assert not (tmp_path / "out").exists()
+    # it was first said that transformers' built-in class was used instead, and then to save a tokenizer.json,
+    # which the folder holds
+    assert "built-in classes for it are used instead" not in caplog.text
+    assert "tokenizer_config.json's tokenizer_class" in line and "tokenizer.json)" in line
 
 
 def test_a_sources_tokenizer_auto_map_is_not_carried_into_the_output(models, text, tmp_path):

@@ -60,6 +60,29 @@ def test_rewriting_a_task_is_all_or_nothing(word_tokenizer, tmp_path, monkeypatc
         p.name for p in task.iterdir())
 
 
+def test_bytecode_beside_the_task_never_runs_in_place_of_its_utils(word_tokenizer, tmp_path):
+    # a __pycache__/bsbr_passkey_utils.*.pyc left in the folder (bsbr eval accepts the cache of its own module)
+    # whose source hash is unchecked ran in place of the utils just written when lm-eval imported them
+    import importlib
+    import py_compile
+    import sys
+
+    task, marker = tmp_path / "task", tmp_path / "marker"
+    (task / "__pycache__").mkdir(parents=True)
+    foreign = tmp_path / "foreign.py"
+    foreign.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cached = task / "__pycache__" / f"bsbr_passkey_utils.{sys.implementation.cache_tag}.pyc"
+    py_compile.compile(str(foreign), cfile=str(cached), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[96], trials=1, max_new_tokens=5)
+    sys.path.insert(0, str(task))
+    try:
+        module = importlib.import_module("bsbr_passkey_utils")
+    finally:
+        sys.path.remove(str(task))
+        sys.modules.pop("bsbr_passkey_utils", None)
+    assert not marker.exists() and hasattr(module, "process_results")
+
+
 def test_simple_evaluate_on_a_tiny_bsbr_model(word_tokenizer, tmp_path):
     """lm-eval runs the task offline on a saved BSBR model (HFLM loads it via AutoModelForCausalLM
     once bsbr is imported) and reports the task's metric."""

@@ -106,6 +106,22 @@ def test_a_saved_config_with_a_bad_value_is_refused_on_load(tmp_path, key, value
             load(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["own_position_chunks", "far_shift_chunks", "attention_kwargs", "to_dict"])
+def test_the_name_of_a_config_method_is_refused_as_an_option(tmp_path, name):
+    # kept as an attribute by transformers, it hid the method: every model built from the config (or from a
+    # config.json holding it) failed with "'int' object is not callable"
+    with pytest.raises(ValueError, match=f"{name}: a method of BSBRConfig .*not an option: drop it"):
+        BSBRConfig(**TINY, **{name: 3})
+    BSBRForCausalLM(BSBRConfig(**TINY)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{name}: a method of BSBRConfig"):
+        BSBRForCausalLM.from_pretrained(tmp_path, **{name: 3})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **{name: 3})))
+    for load in (BSBRConfig.from_pretrained, AutoModelForCausalLM.from_pretrained, load_bsbr_model):
+        with pytest.raises(ValueError, match=f"{name}: a method of BSBRConfig"):
+            load(tmp_path)
+
+
 BAD_OPTIONS = [
     ("far_positions", dict(far_positions="windows")), ("position_scheme", dict(position_scheme="wrapped")),
     ("feature_map", dict(feature_map="elu")), ("retrieval", dict(retrieval="normalised")),

@@ -171,6 +171,11 @@ def _load_complete(name: str, *args, **kwargs) -> PreTrainedModel:
                                                                 **kwargs)
     except KeyError as e:  # e.g. hidden_act or rope type: transformers looks the value up in a table
         raise ValueError(f"{name}: config.json names {e} where transformers knows no such value") from e
+    except ValueError as e:  # (transformers' advice, trust_remote_code=True, is not taken: bsbr never runs it)
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(f"{name}: its config.json names a model type of its own (code in an auto_map), which bsbr "
+                         f"never runs: bsbr converts {', '.join(SUPPORTED_MODEL_TYPES)} models") from e
 
     def listed(keys):
         keys = sorted(str(k) for k in keys)

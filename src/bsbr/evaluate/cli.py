@@ -108,7 +108,7 @@ TASK_FILES = (f"{TASK_NAME}.yaml", f"{TASK_NAME}.jsonl", f"{TASK_NAME}_utils.py"
 
 def _check_task_dir(task_dir: Path, arg) -> None:
     """--lm-eval-task-dir may hold only what a previous --lm-eval-task-dir wrote (:data:`TASK_FILES`, and
-    the ``__pycache__`` of the utils module that lm-eval imports)."""
+    the ``__pycache__`` of the utils module that lm-eval imports, whose bytecode is removed when they are written)."""
     for p in sorted(task_dir.iterdir()) if task_dir.is_dir() else ():
         ours = p.is_file() and p.name in TASK_FILES and is_task_file(p) or (
             p.name == "__pycache__" and p.is_dir()

@@ -195,6 +195,8 @@ def write_lm_eval_task(task_dir: Union[str, os.PathLike], tokenizer, lengths: Se
                         fillers=json.dumps([f.name for f in sources]))
     files[f"{task}.yaml"] = f"{yaml}{_DIGEST}{_sha256(yaml)}\n"
     if task_dir.is_dir():  # the files replaced together: never one task's data beside another's YAML
+        for cached in (task_dir / "__pycache__").glob(f"{task}_utils.*.pyc"):  # (bytecode of the utils replaced:
+            cached.unlink()  # one whose source hash is unchecked would run in their place)
         write_together([(task_dir / name, lambda path, text=text: path.write_text(text, encoding="utf-8"))
                         for name, text in files.items()])
     elif task_dir.exists():

@@ -183,10 +183,21 @@ _NATIVE_NAMES = {"hidden_dim": "hidden_size", "num_layers": "num_hidden_layers",
                  "ff_dim": "intermediate_size", "num_kv_heads": "num_key_value_heads"}
 
 
+def _refuse_methods(cls, names) -> None:
+    """Refuse (ValueError) option ``names`` that name a method of ``cls``: transformers keeps an option as an
+    attribute, which would hide the method the model calls."""
+    methods = [name for name in names if callable(getattr(cls, name, None))]
+    if methods:
+        raise ValueError(f"{', '.join(methods)}: {'a method' if len(methods) == 1 else 'methods'} of BSBRConfig (the "
+                         "model reads what it returns from the config's fields), not an option: drop it")
+
+
 def _refuse_native_names(config, kwargs: dict) -> None:
-    """Take out of ``kwargs`` what transformers would keep as attributes nothing reads: :class:`BSBRModel`'s
+    """Refuse (ValueError) the name of a method of ``config`` in ``kwargs``; take out what transformers would keep
+    as attributes nothing reads: :class:`BSBRModel`'s
     argument names (a ValueError where one disagrees with the field ``config`` has, a config built from them
     alone; dropped, as a config saved with them holds them) and dropout options (:func:`_drop_dropout`)."""
+    _refuse_methods(type(config), kwargs)
     given = {name: kwargs.pop(name) for name in _NATIVE_NAMES if name in kwargs}
     wrong = [name for name, value in given.items() if value != getattr(config, _NATIVE_NAMES[name])]
     if wrong:
@@ -464,6 +475,7 @@ class BSBRConfig(PretrainedConfig):
         are dropout overrides (``from_pretrained(..., attention_dropout=0.1)``: the models have none), and
         a config an earlier bsbr saved is read as that bsbr computed it, or refused or warned of where this
         bsbr cannot (:func:`_saved_config`)."""
+        _refuse_methods(cls, kwargs)  # (from_pretrained's overrides, set on the config once it is built)
         config_dict = _saved_config(config_dict)
         stray = [name for name in _NATIVE_NAMES if name in config_dict and _NATIVE_NAMES[name] in config_dict]
         if stray:

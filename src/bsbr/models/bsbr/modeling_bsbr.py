@@ -486,17 +486,28 @@ class PickledWeightsError(OSError):
     """Weights a model would load with torch.load (pickles), refused."""
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # (the names PyTorch checkpoints go by)
+
+
 def refuse_pickled_weights(path: Path) -> None:
-    """Raise OSError when the model directory ``path`` holds its weights only as ``.bin`` files, or has a
-    safetensors index naming files of another kind (:class:`PickledWeightsError`): they are pickles, which bsbr
-    never loads (even with torch's restricted unpickler); or an index that is none; or when ``path`` is a file
-    (transformers loads a file named as the model with torch.load, whatever its kind)."""
+    """Raise OSError when the model directory ``path`` holds its weights (or its peft adapter's) only as pickles
+    (:data:`PICKLE_SUFFIXES`), or has a safetensors index naming files of another kind
+    (:class:`PickledWeightsError`): bsbr never loads pickles (even with torch's restricted unpickler); or an index
+    that is none; or when ``path`` is a file (transformers loads a file named as the model with torch.load,
+    whatever its kind)."""
     if path.exists() and not path.is_dir():
         raise OSError(f"{path} is a file, not a model folder: give the folder save_pretrained wrote (its config.json "
                       "and model.safetensors); bsbr never loads weights by a file's path (a .bin is a pickle)")
-    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-        raise PickledWeightsError(f"{path} holds its weights only as .bin files (pickles, which bsbr never loads): "
-                                  "save them as safetensors (model.save_pretrained(DIR) does by default)")
+    if path.is_dir() and (path / "adapter_config.json").is_file() and (path / "adapter_model.bin").is_file() \
+            and not (path / "adapter_model.safetensors").is_file():
+        raise PickledWeightsError(f"{path} holds its adapter only as adapter_model.bin (a pickle, which bsbr never "
+                                  "loads): save the adapter as safetensors (peft's save_pretrained does by default), "
+                                  "or merge it into the model (merge_and_unload) and save that")
+    pickled = sorted(f.name for f in path.glob("*") if f.suffix in PICKLE_SUFFIXES and f.name != "training_args.bin") \
+        if path.is_dir() and not any(path.glob("*.safetensors")) else ()
+    if pickled:
+        raise PickledWeightsError(f"{path} holds its weights only as pickles ({', '.join(pickled[:3])}), which bsbr "
+                                  "never loads: save them as safetensors (model.save_pretrained(DIR) does by default)")
     for index in sorted(path.glob("*.safetensors.index*.json")) if path.is_dir() else ():
         refuse_pickled_index(index, read=not (path / "model.safetensors").is_file())
 
