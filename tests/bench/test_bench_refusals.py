@@ -54,7 +54,8 @@ def _refused(argv, capsys, command):
 
 def _quality_result(path, models=("bsbr",), machine=None, **config):
     """A small 'bsbr bench quality' result file, as --json writes it."""
-    config = dict(models=list(models), chunk_size=16, hidden=16, layers=1, heads=2, seq_len=64, **config)
+    config = dict(models=list(models), chunk_size=16, hidden=16, layers=1, heads=2, seq_len=64, steps=2, batch=2,
+                  **config)
     results = [{"model": m, "attention": m, "kwargs": {}, "params": 10, "train_seconds": 0.0, "eval_seconds": 0.0,
                 "final_train_loss": 5.0, "eval_loss": 5.0, "buckets": {"0-63": 5.0}} for m in models]
     machine = machine or {"cpu": "test cpu", "torch": "2.13"}
@@ -169,11 +170,20 @@ def test_bench_quality_merge_names_the_settings_that_differ(tmp_path, capsys, no
 
 @pytest.mark.parametrize("text, what", [("[1, 2]", "is not a 'bsbr bench quality' result"),
                                         ("{bad", "is not valid JSON"), ("", "is empty"), ("\n", "is empty"),
-                                        ('{"benchmark": "quality", "config": {}, "results": 3}', "is a damaged")])
+                                        ('{"benchmark": "quality", "config": {}, "results": 3}', "is a damaged"),
+                                        ("damaged", "is a damaged")])
 def test_bench_quality_merge_names_a_bad_file(text, what, tmp_path, capsys, nothing_runs):
     good = _quality_result(tmp_path / "good.json", models=("linear",))
     bad = tmp_path / "bad.json"
     bad.write_text(text)
+    if text == "damaged":  # a setting missing (the plot's title failed on it: "internal error"), or a string
+        for config in ({k: v for k, v in json.loads(Path(good).read_text())["config"].items() if k != "steps"},
+                       dict(json.loads(Path(good).read_text())["config"], seq_len="64")):
+            bad.write_text(json.dumps(dict(json.loads(Path(good).read_text()), config=config)))
+            line = _refused(["bench", "quality", "--merge", good, str(bad), "--plot", str(tmp_path / "m.png")],
+                            capsys, "bench quality")
+            assert f"--merge {bad} is a damaged" in line
+        return
     line = _refused(["bench", "quality", "--merge", good, str(bad), "--json", str(tmp_path / "m.json")], capsys,
                     "bench quality")
     assert f"--merge {bad} {what}" in line
@@ -210,6 +220,12 @@ def test_bench_quality_merges_results_bsbr_0_2_0_wrote(tmp_path, capsys):
     merged = json.loads(out.read_text())
     assert merged["config"]["chunk_size"] == 64 and "block" not in merged["config"]
     assert len(merged["results"]) == 7 and merged["comparison"]
+    # a retired BSBR model of the study (bsbr_topk2) lost its comparison with the window the merged study holds
+    b = str(stored / "quality_b.json")
+    assert main(["bench", "quality", "--merge", a, b, c, "--json", str(tmp_path / "all.json")]) == 0
+    stored_comparison = json.loads((stored / "quality.json").read_text())["comparison"]
+    assert sorted((r["bsbr_model"], r["difference"]) for r in json.loads((tmp_path / "all.json").read_text())[
+        "comparison"]) == sorted((r["bsbr_model"], r["difference"]) for r in stored_comparison)
 
 
 def test_bench_quality_merge_keeps_each_runs_machine(tmp_path):

@@ -390,6 +390,18 @@ def test_the_data_record_keeps_what_a_resumed_run_read_before(models, text, tmp_
                          dict(kind="text_files", files=[str(Path(text).resolve())])) == f"--text-file {text}"
 
 
+def test_distill_json_is_strict_json_whatever_the_checkpoint_log_holds(models, text, tmp_path):
+    # a NaN in a checkpoint's log (Python's json writes and reads it) was published as a bare NaN token
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "1")) == 0
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    manifest["progress"]["log"][0]["kl"] = float("nan")
+    (out / "checkpoint" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(distill_args(models, text, out, "--steps", "2", "--resume")) == 0
+    log = json.loads((out / "distill.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in distill.json"))
+    assert log["log"][0]["kl"] is None and len(log["log"]) == 2
+
+
 def test_no_progress_bar_in_a_log(models, text, tmp_path, capsys):
     # stderr not a terminal (a log file, CI): bsbr's own bars were still drawn, a line per update
     capsys.readouterr()

@@ -204,11 +204,15 @@ def run_quality(models: Sequence[str] = DEFAULT_MODELS, *, chunk_size: int = 64,
             "comparison": compare_to_window(results, chunk_size, seq_len)}
 
 
-def window_pairs(chunk_size: int) -> List[Tuple[str, str, int]]:
-    """(BSBR model, sliding-window model, chunk = window) pairs :func:`compare_to_window` compares."""
-    same_block = ("bsbr", "bsbr_normalized", "bsbr_gated", "bsbr_normalized_gated", "bsbr_blocks2", "bsbr_compressed4")
+def window_pairs(chunk_size: int, models: Sequence[str] = ()) -> List[Tuple[str, str, int]]:
+    """(BSBR model, sliding-window model, chunk = window) pairs :func:`compare_to_window` compares; ``models``: the
+    names of a result's models, whose other BSBR models (a retired one an older result holds, ``bsbr_topk2``)
+    read chunks of ``chunk_size`` too."""
+    own = {"bsbr_chunk32": 32, "bsbr_chunk128": 128}
+    same_block = ["bsbr", "bsbr_normalized", "bsbr_gated", "bsbr_normalized_gated", "bsbr_blocks2", "bsbr_compressed4"]
+    same_block += [m for m in models if m.startswith("bsbr") and m not in same_block and m not in own]
     return [(m, "sliding_window", chunk_size) for m in same_block] + [
-        ("bsbr_chunk32", "sliding_window_32", 32), ("bsbr_chunk128", "sliding_window_128", 128)]
+        (m, f"sliding_window_{chunk}", chunk) for m, chunk in own.items()]
 
 
 def compare_to_window(results: Sequence[Dict[str, object]], chunk_size: int,
@@ -220,7 +224,7 @@ def compare_to_window(results: Sequence[Dict[str, object]], chunk_size: int,
     models are full attention there, with no position past the chunk to compare."""
     by = {r["model"]: r for r in results}
     out = []
-    for a, b, chunk in window_pairs(chunk_size):
+    for a, b, chunk in window_pairs(chunk_size, list(by)):
         if a in by and b in by and (seq_len is None or chunk < seq_len):
             exact = all(str(chunk) in (by[m].get("loss_past") or {}) for m in (a, b))
             (late_a, start), (late_b, _) = (_late_loss(by[m], chunk, exact) for m in (a, b))
@@ -292,7 +296,8 @@ def _read_result(path: str) -> Dict[str, object]:
     config, results = part.get("config"), part.get("results")
     if isinstance(config, dict) and "block" in config and "chunk_size" not in config:
         config["chunk_size"] = config.pop("block")  # bsbr 0.2.0 wrote the chunk size as "block"
-    ok = isinstance(config, dict) and isinstance(config.get("chunk_size"), int) and isinstance(results, list) and all(
+    ok = isinstance(config, dict) and all(isinstance(config.get(k), int) and not isinstance(config[k], bool) for k in (
+        "chunk_size", "steps", "batch", "seq_len", "layers", "hidden")) and isinstance(results, list) and all(
         isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("buckets"), dict)
         and all(re.fullmatch(r"\d+-\d+", k) and (v is None or is_number(v)) for k, v in r["buckets"].items())
         and all(r.get(k) is None or is_number(r[k]) for k in ("params", "train_seconds", "eval_loss"))

@@ -30,7 +30,7 @@ from ..models.bsbr.modeling_bsbr import quantized_module
 from ..models.heads import final_hidden_states, head_rows, position_blocks, refuse_without_lm_head
 from ..outputs import checkpoint_strays, is_bsbr_output, publish_files, resume_strays, temp_dir
 from ..progress import bar as progress_bar
-from ..results import software
+from ..results import software, write_json
 from ..ops.checks import check_int, check_number, is_number, shown
 from .checkpoint import (earlier_layout, earlier_layout_error, has_checkpoint, load_checkpoint, read_manifest,
                          save_checkpoint)
@@ -663,8 +663,7 @@ def _publish(student, progress: dict, output_dir: Path, extra_files, should_stop
         try:
             with library_bars_off(not bar_on):  # (save_pretrained's own "Writing model shards")
                 student.save_pretrained(final)
-            (final / "distill.json").write_text(json.dumps({k: v for k, v in progress.items() if k != "replaces"},
-                                                           indent=1), encoding="utf-8")
+            write_json({k: v for k, v in progress.items() if k != "replaces"}, final / "distill.json")  # (NaN: null)
             plot_progress(progress, final / "distill.png")
             if extra_files is not None:
                 extra_files(final)

@@ -316,7 +316,7 @@ def evaluate(model, source, tokenizer, windows: torch.Tensor, chunk_size: int, l
     lm = acc.result()
     gap = lm.get("gap_closed")
     logger.info("perplexity past the first chunk: %s; gap closed %s", ", ".join(
-        f"{k} {x:.4g}" for k, x in lm["perplexity"].items()), "undefined" if gap is None else f"{gap:.3f}")
+        f"{k} {x:.4g}" for k, x in lm["perplexity"].items()), "undefined" if gap is None else f"{100 * gap:.2f}%")
     result = dict(config=dict(chunk_size=chunk_size, seq_len=seq_len, windows=n_win, scored_tokens=lm["tokens"],
                               bucket_scheme=buckets, ks=list(ks)),
                   language_modeling=lm)
