@@ -658,7 +658,10 @@ def _run_command(args, name: str, verbose: bool) -> int:
                 type(e).__name__ == "SafetensorError":  # bad input, not a bug
             what, code = _one_line(e), EXIT_USAGE
         elif isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # inputs too large for this machine
-            what, code = (f"out of memory ({_one_line(e)[:160]}): give shorter or fewer inputs, or smaller sizes "
+            import textwrap  # (a cut at a word's end)
+
+            what, code = (f"out of memory ({textwrap.shorten(_one_line(e), 160, placeholder=' ...')}): give shorter "
+                          "or fewer inputs, or smaller sizes "
                           "(a model's sink tokens or window, a benchmark's model)"), EXIT_USAGE
         else:
             what, code = (f"internal error {type(e).__name__}: {_one_line(e)} "

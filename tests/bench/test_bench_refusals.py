@@ -487,3 +487,20 @@ def test_quality_refuses_a_model_it_cannot_build_before_any_model_trains(capsys,
                     "bench quality")
     assert "--models bsbr_compressed4 cannot be built with --hidden 12 and --heads 2" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["attention", "models"])
+def test_a_bench_that_measured_nothing_exits_2_and_writes_nothing(command, tmp_path, capsys, monkeypatch):
+    # every row failed (out of memory at a length too long for the machine): exit 0, a JSON of no measurement and
+    # an empty plot (with matplotlib's warning of a legend without labels)
+    from bsbr.bench import layers
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(layers if command == "attention" else bench_models, "measure_peak", out_of_memory)
+    argv = _argv(command, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+                 *(["--skip-core"] if command == "attention" else ["--no-train"]))
+    line = _refused(argv, capsys, f"bench {command}")
+    assert "nothing was measured: every row failed or was skipped" in line and "give shorter --seq-lens" in line
+    assert not list(tmp_path.iterdir())

@@ -803,11 +803,14 @@ def test_running_out_of_memory_is_one_line(models, capsys, monkeypatch):
 
     def too_big(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
-                           "tried to allocate 62499500001 bytes")
+                           "tried to allocate 62499500001 bytes. Error code 12 (Cannot allocate memory) "
+                           "(frame #0: c10::Error::Error at 0x7f0000001234)")
 
     monkeypatch.setattr("bsbr.models.load_bsbr_model", too_big)
     line = refused(capsys, ["generate", converted, "--prompt", "x"], "generate")
     assert "out of memory" in line and "shorter" in line
+    assert "62499500001 bytes. Error code 12 (Cannot allocate ...): give" in line  # (cut at a word's end,
+    # not "(frame #0: c10::Err")
 
 
 def test_a_failed_convert_leaves_no_folders_it_made(models, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,7 @@ from typing import Dict, Sequence
 
 
 from ..errors import UserError
-from .common import (check_device, check_head_size, check_outputs, check_unique, given,
+from .common import (check_device, check_head_size, check_measured, check_outputs, check_unique, given,
                      machine_info, set_threads, write_outputs)
 from .core import bench_core
 from .earlier import check_wheel
@@ -120,5 +120,7 @@ def run_attention(args: argparse.Namespace) -> int:
         for r in core["rows"]:
             print(f"{r['seq_len']:>8} {r['time_ms']:>10.2f} {r['gflop']:>10.3f} {r['gflops_per_s']:>10.1f} "
                   f"{r['fraction_of_matmul']:>10.1%}")
+    if not result.get("core", {}).get("rows"):  # (the core op's rows, where timed, are a measurement)
+        check_measured(result["rows"])
     write_outputs(result, args, lambda r, path: plot_rows(r["rows"], path, title))
     return 0

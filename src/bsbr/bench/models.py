@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .common import (VOCAB, check_head_size, check_outputs,
+from .common import (VOCAB, check_head_size, check_measured, check_outputs,
                      check_unique, failure, forward_fn, interleaved_times, machine_info, median, own_rng, round_sig,
                      set_threads, write_outputs)
 from .defaults import CALIBRATION_LEN, DEFAULT_SEQ_LENS, DEFAULT_SHELL_MODELS as DEFAULT_MODELS
@@ -293,5 +293,6 @@ def run_models(args: argparse.Namespace) -> int:
                           max_seconds=args.max_seconds, model_budget=args.model_budget or 90.0,
                           train=not args.no_train, seed=args.seed)
     print(format_table(result))
+    check_measured(result["rows"])
     write_outputs(result, args, plot_models)
     return 0
