@@ -20,7 +20,7 @@ from script_args import check_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=integer(1), nargs=2, default=[1024, 32768], metavar=("SHORT", "LONG"))
     ap.add_argument("--rounds", type=integer(1, MAX_COUNT), default=20, help="decode steps per context")
     ap.add_argument("--json", default=None)

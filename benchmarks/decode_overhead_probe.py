@@ -41,7 +41,7 @@ def attention_calls_only(q, k, v, mq, mk, options, *, qr=None, initial_state=Non
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=integer(1), default=1024)
     ap.add_argument("--steps", type=integer(1), default=80)
     ap.add_argument("--json", default=None)

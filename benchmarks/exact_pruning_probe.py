@@ -72,7 +72,7 @@ def probe_call(op, stats, queries):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=integer(1), default=8192)
     ap.add_argument("--source", nargs="+", choices=SOURCES, default=list(SOURCES))
     ap.add_argument("--queries", type=integer(1), default=8, help="last tokens of the window probed")

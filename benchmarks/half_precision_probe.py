@@ -43,7 +43,7 @@ def agreement(ref: torch.Tensor, got: torch.Tensor, skip: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=integer(DEFAULT_CHUNK_SIZE + 1), default=8192,
                     help="tokens (past the first chunk, which is not compared)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

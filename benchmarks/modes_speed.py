@@ -26,7 +26,7 @@ from script_args import check_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=integer(1), nargs="+", default=[1024, 8192])
     ap.add_argument("--decode-steps", type=integer(1), default=16)
     ap.add_argument("--recall-tokens", type=integer(1, MAX_RECALL_TOKENS), default=256)

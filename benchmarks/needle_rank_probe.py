@@ -97,7 +97,7 @@ def ranks(prompt, got, B, L, sinks, min_mass):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=integer(1), default=16384)
     ap.add_argument("--depths", type=needle_depth, nargs="+", default=[0.5, 0.9])
     ap.add_argument("--fillers", type=filler_spec, nargs="+", default=["prose", "random"])

@@ -31,7 +31,7 @@ KEY_TOKENS = 24  # the key sentence's first tokens ("The pass key is 12345. Reme
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="a converted model directory (exact blocks)")
     ap.add_argument("--length", type=integer(1), required=True)
     ap.add_argument("--depth", type=needle_depth, required=True)

@@ -25,7 +25,7 @@ from script_args import check_args, prompts
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="a converted model directory")
     ap.add_argument("--length", type=integer(1), required=True)
     ap.add_argument("--depth", type=needle_depth, required=True)

@@ -17,7 +17,7 @@ from retrieval_probe import SOURCES, texts_of
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=integer(1), default=16384)
     ap.add_argument("--source", choices=SOURCES, default="prose")
     ap.add_argument("--recall-tokens", type=integer(1, MAX_RECALL_TOKENS), default=256)

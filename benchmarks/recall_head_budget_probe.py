@@ -55,7 +55,7 @@ def variant(text: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=integer(1), default=8192)
     ap.add_argument("--fillers", type=filler_spec, nargs="+", default=["prose"])
     ap.add_argument("--depths", type=needle_depth, nargs="+", default=[0.1, 0.5, 0.9])

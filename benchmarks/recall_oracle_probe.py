@@ -46,7 +46,7 @@ def layer_range(text: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=integer(1), default=8192)
     ap.add_argument("--filler", type=filler_spec, default="prose")
     ap.add_argument("--depths", type=needle_depth, nargs="+", default=[0.5])

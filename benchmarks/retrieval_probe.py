@@ -57,7 +57,7 @@ def build(source, name: str, chunk: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=integer(1), default=8192)
     ap.add_argument("--windows", type=integer(1), default=2, help="windows per text source")
     ap.add_argument("--chunk-size", type=integer(1), default=256)

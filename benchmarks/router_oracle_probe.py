@@ -79,7 +79,7 @@ def scoring(router_scores, options, select: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--select", choices=["router", "oracle"], required=True)
     ap.add_argument("--seq-len", type=integer(1), default=8192)
     ap.add_argument("--windows", type=integer(1), default=2)

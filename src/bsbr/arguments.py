@@ -315,9 +315,12 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
-def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False) -> None:
-    """A config.json or tokenizer_config.json whose ``auto_map`` names a ``.py`` in the folder: that code never
-    runs (a class transformers does not have is refused when it loads); say that the built-in one is used. (A
+def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False,
+                       names=("config.json", "tokenizer_config.json")) -> None:
+    """A config.json or tokenizer_config.json (of ``names``: the tokenizer's once it loaded, for transformers
+    decides by rules of its own whether a built-in class serves) whose ``auto_map`` names a ``.py`` in the folder:
+    that code never runs (a class transformers does not have is refused when it loads); say that the built-in one
+    is used. (A
     saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a model type transformers
     has no classes for is refused where it loads: no warning.) ``shown``: the folder as the user named it (a hub
     id, for its folder in the hub cache, ``hub``: where the code named is not downloaded)."""
@@ -329,17 +332,11 @@ def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False) -
         return
     if not isinstance(model_type, str) or model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
         return  # (a model_type that is no string is refused where config.json is read)
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-    for name in ("config.json", "tokenizer_config.json"):
+    for name in names:
         try:
-            fields = json.loads((path / name).read_text(encoding="utf-8"))
-            auto_map = fields.get("auto_map") or {}
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
         except (OSError, ValueError, AttributeError, RecursionError):  # (a broken file is refused where it is read)
             continue
-        own = fields.get("tokenizer_class") if name == "tokenizer_config.json" else None
-        if isinstance(own, str) and tokenizer_class_from_name(own) is None:
-            continue  # (a class of its own alone: refused where the tokenizer loads, nothing built in is used)
         refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
                 for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
         code = sorted({r.split(".")[0] + ".py" for r in refs
@@ -373,7 +370,7 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory"
                             + (f" (if you meant the hub model {text}: a local folder of that name is read first; "
                                "run from another directory)" if shadows else ""))
-        _warn_ignored_code(path, option)
+        _warn_ignored_code(path, option, names=("config.json",))
         if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
             raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
                             f"(its conversion.json names it)")
@@ -787,7 +784,7 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
     if not local and (folder := _cached_folder(source)) is not None:  # a hub model: warned of as a folder is
-        _warn_ignored_code(folder, option, shown=source, hub=True)
+        _warn_ignored_code(folder, option, shown=source, hub=True, names=("config.json",))
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
 
@@ -872,6 +869,11 @@ def load_tokenizer_arg(source, option: str):
         ) from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
+    local = None if source is None else Path(os.path.expanduser(str(source)))
+    folder = (local if local.is_dir() else None) if local is not None and local.exists() else \
+        _cached_folder(source) if source is not None else None
+    if folder is not None:
+        _warn_ignored_code(folder, option, shown=source, hub=not local.exists(), names=("tokenizer_config.json",))
     added = (getattr(tok, "added_tokens_decoder", None) or {}).values()
     specials = sum(bool(getattr(t, "special", True)) for t in added)
     if len(tok.get_vocab()) <= specials:  # (its vocabulary files missing: transformers builds one of no words)

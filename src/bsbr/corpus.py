@@ -431,11 +431,14 @@ def token_windows(tokenizer, texts: Iterable[Union[str, Iterator[str]]], seq_len
         if not isinstance(doc, (str, collections.abc.Iterator)):  # (a dict or list: read as its keys or items)
             raise TypeError(f"texts must yield str or iterators of str pieces, got {type(doc).__name__}")
         pieces = _str_pieces(doc) if isinstance(doc, str) else doc
+        text = False  # whether it has a token of text
         for piece in itertools.chain(pieces, [None]):  # None: the document's end
             if piece is not None and not isinstance(piece, str):
                 raise TypeError(f"a document's pieces must be str, got {type(piece).__name__}")
             buffer.extend([eos] if piece is None else tokenizer(piece, add_special_tokens=False)["input_ids"])
-            owner.extend([-1 if piece is None else number] * (len(buffer) - len(owner)))
+            text |= piece is not None and len(buffer) > len(owner)
+            # (an EOS is its document's where it has no text: an empty file is read where its EOS is)
+            owner.extend([-1 if piece is None and text else number] * (len(buffer) - len(owner)))
             while start + seq_len <= len(buffer):
                 out.append(buffer[start:start + seq_len])
                 if used is not None:

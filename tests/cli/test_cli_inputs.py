@@ -45,6 +45,13 @@ def test_weights_only_as_pickle_are_never_loaded(models, tmp_path, capsys, monke
     (src / "pytorch_model.bin").rename(src / "model.pt")
     line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
     assert "holds its weights only as pickles (model.pt), which bsbr never loads: save them as safetensors" in line
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):  # (a Trainer's state)
+        torch.save({}, src / name)
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "only as pickles (model.pt), which" in line  # (its state files were named as its weights)
+    (src / "model.pt").unlink()
+    line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "pickles" not in line and "model.safetensors" in line and not loads
     adapter = copy_source(converted, tmp_path / "adapter")
     (adapter / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=2, target_modules=["q_proj"],
                                                                  base_model_name_or_path=str(adapter))))
@@ -1848,6 +1855,15 @@ def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatc
     # which the folder holds
     assert "built-in classes for it are used instead" not in caplog.text
     assert "tokenizer_config.json's tokenizer_class" in line and "tokenizer.json)" in line
+    # a family transformers has a tokenizer for (qwen2) loads its built-in class beside the same files: said so
+    from model_sources import make_source
+
+    make_source("qwen2").save_pretrained(src)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert "its tokenizer_config.json names code of its own (tokenization_custom.py), which bsbr never runs: " \
+           "transformers' built-in classes for it are used instead" in caplog.text and not marker.exists()
 
 
 def test_a_sources_tokenizer_auto_map_is_not_carried_into_the_output(models, text, tmp_path):

@@ -904,3 +904,20 @@ def test_processes_that_find_the_checkpoint_at_different_steps_are_refused_toget
     with pytest.raises(CheckpointError, match="found .*checkpoint at different steps .0 to 3.: give an --output on "
                                               "storage every node shares"):
         distill(teacher, student, windows(2, 96), tmp_path / "out", DistillConfig(steps=1))
+
+
+def test_a_resumes_data_record_keeps_each_earlier_record_once():
+    # a second resume on the same data dropped the checkpoint's earlier records (eval of the files the first steps
+    # read was no longer warned of); alternating resumes listed records twice and this run's own among them
+    from bsbr.distill.trainer import _with_earlier_data
+
+    a, b = dict(kind="text_files", files=["a.py"]), dict(kind="dataset", name="copy", files=["copy/a.txt"])
+    second = _with_earlier_data(b, a)
+    assert second == dict(b, earlier=[a])
+    assert _with_earlier_data(b, second) == dict(b, earlier=[a])  # the same data again: a kept
+    third = _with_earlier_data(a, second)
+    assert third == dict(a, earlier=[b])  # (a, this run's own, not among them)
+    assert _with_earlier_data(b, third) == dict(b, earlier=[a])
+    assert _with_earlier_data(a, None) == a and _with_earlier_data(a, a) == a
+    student = dict(b, earlier=[dict(kind="stdlib", split="train")])  # (the student's own distillations first)
+    assert _with_earlier_data(student, a)["earlier"] == [dict(kind="stdlib", split="train"), a]

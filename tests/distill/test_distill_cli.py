@@ -349,7 +349,8 @@ def test_the_data_record_names_the_files_read_and_the_distillations_before(model
     args.insert(args.index(str(text)) + 1, str(unread))
     with caplog.at_level("WARNING"):
         assert main(args) == 0
-    assert f"--text-file: 1 of the 2 files were not read (--max-windows 2 windows reached): {unread}" in caplog.text
+    assert f"--text-file: 1 of the 2 files were not read (--max-windows 2 windows reached before them, or their " \
+           f"text in the last tokens, fewer than --seq-len 96): {unread}" in caplog.text
     assert json.loads((tmp_path / "one" / "distill.json").read_text())["data"]["files"] == [str(Path(text).resolve())]
     assert main(distill_args(models, unread, tmp_path / "two", "--steps", "1", student=tmp_path / "one")) == 0
     data = json.loads((tmp_path / "two" / "distill.json").read_text())["data"]

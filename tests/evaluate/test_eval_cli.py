@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -339,6 +340,9 @@ def test_eval_warns_when_it_reads_the_text_the_model_was_distilled_on(tiny, tmp_
     assert distilled_on(corpus_texts(text_files=[order[1]])[1]) == \
         f"the default corpus's heldout split (1 of the {len(order):,} files read)"
     assert distilled_on(corpus_texts(text_files=[order[1]])[1], read={0}) is None  # (never read)
+    os.link(trained, tmp_path / "hard.py")  # a hard link of a trained file (a symbolic one was noticed)
+    assert distilled_on(corpus_texts(text_files=[trained])[1], text_file=[str(tmp_path / "hard.py")]) == \
+        f"--text-file {tmp_path / 'hard.py'}"
     assert distilled_on(corpus_texts(split="train")[1], text_file=[str(trained_file)]) == f"--text-file {trained_file}"
     assert distilled_on(corpus_texts(split="train")[1], text_file=[str(order[0])]) is None
     # a record of another machine's (or Python's) standard library: its files by their path in the library

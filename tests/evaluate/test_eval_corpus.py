@@ -102,6 +102,11 @@ def test_the_files_read_are_those_with_a_token_in_a_window(tmp_path):
     texts, record = corpus.corpus_texts(text_files=files)
     _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, None)  # 5 windows: [0, 40), all read
     assert read["files"] == [str(f.resolve()) for f in files] and left == []
+    # an empty file (no text: its EOS alone) is read where its EOS is in a window; it was named as not read
+    (tmp_path / "empty.txt").write_text("")
+    texts, record = corpus.corpus_texts(text_files=[files[0], tmp_path / "empty.txt", files[2]])
+    _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, None)  # [0, 32): 20 + 1, 1, 12 + 1 of 35
+    assert read["files"] == [str(f.resolve()) for f in (files[0], tmp_path / "empty.txt", files[2])] and left == []
     texts, record = corpus.corpus_texts(text_files=files)
     _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, 3)  # [0, 24): max_windows reached
     assert read["files"] == [str(f.resolve()) for f in files[:2]] and left == [str(f.resolve()) for f in files[2:]]

@@ -480,7 +480,8 @@ def _data_record(data: dict, left: list, args, student_dir: Path, windows: int) 
             "the standard library's train split"
         (logger.warning if args.text_file else logger.info)(
             "%s: %d of the %d files were not read (%s)%s", named, len(left), len(left) + len(data.get("files") or ()),
-            f"--max-windows {args.max_windows} windows reached" if args.max_windows and windows >= args.max_windows
+            f"--max-windows {args.max_windows} windows reached before them, or their text in the last tokens, fewer "
+            f"than --seq-len {args.seq_len}" if args.max_windows and windows >= args.max_windows
             else f"their text only in the text's last tokens, fewer than --seq-len {args.seq_len}: no whole window", (
                 f": {', '.join(left[:3])}{f' and {len(left) - 3} more' if len(left) > 3 else ''}") if args.text_file
             else "")

@@ -314,16 +314,18 @@ def shortest_window(student, params: str) -> int:
 
 
 def _with_earlier_data(data: Optional[dict], before) -> Optional[dict]:
-    """This run's data record, with the checkpoint's record ``before`` among its ``earlier`` ones where it names
-    other files (a resume reads the same tokens, perhaps from other files: the earlier steps' are kept)."""
+    """This run's data record, with the checkpoint's record ``before`` and its ``earlier`` ones among its ``earlier``
+    ones, each once (a resume reads the same tokens, perhaps from other files: the earlier steps' are kept)."""
     def own(record):
         return {k: v for k, v in record.items() if k != "earlier"}
 
-    if not isinstance(data, dict) or not isinstance(before, dict) or own(before) == own(data):
+    if not isinstance(data, dict) or not isinstance(before, dict):
         return data
-    earlier, older = data.get("earlier") or [], before.get("earlier")
-    return dict(data, earlier=earlier + [e for e in (own(before), *(older if isinstance(older, list) else ()))
-                                         if isinstance(e, dict) and e not in earlier])
+    earlier, older = list(data.get("earlier") or []), before.get("earlier")
+    for e in (own(before), *(older if isinstance(older, list) else ())):
+        if isinstance(e, dict) and e != own(data) and e not in earlier:  # (each record once, this run's not)
+            earlier.append(e)
+    return dict(data, earlier=earlier) if earlier else data
 
 
 def distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg: DistillConfig,

@@ -277,16 +277,16 @@ def _distilled_on(args, corpus: dict) -> Optional[str]:
     return f"the default corpus's {split} split" + (f" ({part})" if part else "")
 
 
-def _key(path, root=None) -> str:
-    """How a file read is compared: its path in the standard library (under ``root``, default this Python's) or
-    its resolved path."""
+def _key(path, root=None):
+    """How a file read is compared: its path in the standard library (under ``root``, default this Python's), or
+    what makes two names one file here (:func:`~bsbr.arguments.same_file`: a hard link too)."""
     from ..corpus import stdlib_root
 
     resolved = Path(path).expanduser().resolve()
     for base in {str(Path(root).resolve()) if root else None, str(stdlib_root().resolve())} - {None}:
         if resolved.is_relative_to(base):
             return "stdlib:" + resolved.relative_to(base).as_posix()
-    return str(resolved)
+    return same_file(resolved)
 
 
 def _read_keys(record: dict):

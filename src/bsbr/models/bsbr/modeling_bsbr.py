@@ -489,6 +489,11 @@ class PickledWeightsError(OSError):
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # (the names PyTorch checkpoints go by)
 
 
+def _trainer_state(name: str) -> bool:
+    """Whether ``name`` is a file of transformers' Trainer checkpoints that holds no weights."""
+    return name in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt") or name.startswith("rng_state")
+
+
 def refuse_pickled_weights(path: Path) -> None:
     """Raise OSError when the model directory ``path`` holds its weights (or its peft adapter's) only as pickles
     (:data:`PICKLE_SUFFIXES`), or has a safetensors index naming files of another kind
@@ -503,7 +508,7 @@ def refuse_pickled_weights(path: Path) -> None:
         raise PickledWeightsError(f"{path} holds its adapter only as adapter_model.bin (a pickle, which bsbr never "
                                   "loads): save the adapter as safetensors (peft's save_pretrained does by default), "
                                   "or merge it into the model (merge_and_unload) and save that")
-    pickled = sorted(f.name for f in path.glob("*") if f.suffix in PICKLE_SUFFIXES and f.name != "training_args.bin") \
+    pickled = sorted(f.name for f in path.glob("*") if f.suffix in PICKLE_SUFFIXES and not _trainer_state(f.name)) \
         if path.is_dir() and not any(path.glob("*.safetensors")) else ()
     if pickled:
         raise PickledWeightsError(f"{path} holds its weights only as pickles ({', '.join(pickled[:3])}), which bsbr "
