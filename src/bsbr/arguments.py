@@ -370,7 +370,6 @@ def check_model_arg(source, option: str, bsbr_ok: bool = False) -> None:
             raise UserError(f"{option} {text} is a directory without config.json: not a model directory"
                             + (f" (if you meant the hub model {text}: a local folder of that name is read first; "
                                "run from another directory)" if shadows else ""))
-        _warn_ignored_code(path, option, names=("config.json",))
         if read_config(path / "config.json", option)["model_type"] == "bsbr" and not bsbr_ok:
             raise UserError(f"{option} {text} is already a BSBR model: give the model it was converted from "
                             f"(its conversion.json names it)")
@@ -783,8 +782,7 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
         if isinstance(e, ValueError) and type(e).__name__ != "HFValidationError":  # (its files, read: refused)
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
-    if not local and (folder := _cached_folder(source)) is not None:  # a hub model: warned of as a folder is
-        _warn_ignored_code(folder, option, shown=source, hub=True, names=("config.json",))
+    warn_ignored_code(source, option, "config.json")
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
 
@@ -869,11 +867,6 @@ def load_tokenizer_arg(source, option: str):
         ) from e
     if tok is None or isinstance(tok, bool):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: save one beside it")
-    local = None if source is None else Path(os.path.expanduser(str(source)))
-    folder = (local if local.is_dir() else None) if local is not None and local.exists() else \
-        _cached_folder(source) if source is not None else None
-    if folder is not None:
-        _warn_ignored_code(folder, option, shown=source, hub=not local.exists(), names=("tokenizer_config.json",))
     added = (getattr(tok, "added_tokens_decoder", None) or {}).values()
     specials = sum(bool(getattr(t, "special", True)) for t in added)
     if len(tok.get_vocab()) <= specials:  # (its vocabulary files missing: transformers builds one of no words)
@@ -881,7 +874,19 @@ def load_tokenizer_arg(source, option: str):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: it holds its {specials} special "
                         f"tokens and no others (are its vocabulary files missing? {files or 'tokenizer.json'}): save "
                         "the model's tokenizer beside it (tokenizer.save_pretrained)")
+    warn_ignored_code(source, option, "tokenizer_config.json")
     # transformers' built-in class was loaded; an auto_map saved with it would have trust_remote_code=True (which
     # a BSBR model's config asks of lm_eval) fetch and run the source's tokenizer code
     tok.init_kwargs.pop("auto_map", None)
     return tok
+
+
+def warn_ignored_code(source, option: str, name: str) -> None:
+    """:func:`_warn_ignored_code` for ``name`` (config.json, tokenizer_config.json) of a model argument once its
+    model or tokenizer has loaded (what transformers loaded instead of the code is known then: said before, it
+    came before refusals of the folder): a local folder's, or a hub model's in the local hub cache."""
+    local = None if source is None else Path(os.path.expanduser(str(source)))
+    folder = (local if local.is_dir() else None) if local is not None and local.exists() else \
+        _cached_folder(source) if source is not None else None
+    if folder is not None:
+        _warn_ignored_code(folder, option, shown=source, hub=not local.exists(), names=(name,))

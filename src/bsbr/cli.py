@@ -660,7 +660,10 @@ def _run_command(args, name: str, verbose: bool) -> int:
         elif isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # inputs too large for this machine
             import textwrap  # (a cut at a word's end)
 
-            what, code = (f"out of memory ({textwrap.shorten(_one_line(e), 160, placeholder=' ...')}): give shorter "
+            said = _one_line(e)
+            cut = textwrap.shorten(said, 160, placeholder=" ...")
+            cut = said[:156] + " ..." if cut.strip(" .") == "" and said else cut  # (a first word past 160: cut in it)
+            what, code = (f"out of memory ({cut}): give shorter "
                           "or fewer inputs, or smaller sizes "
                           "(a model's sink tokens or window, a benchmark's model)"), EXIT_USAGE
         else:

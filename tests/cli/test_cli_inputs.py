@@ -819,6 +819,13 @@ def test_running_out_of_memory_is_one_line(models, capsys, monkeypatch):
     assert "62499500001 bytes. Error code 12 (Cannot allocate ...): give" in line  # (cut at a word's end,
     # not "(frame #0: c10::Err")
 
+    def long_word(*a, **k):  # (a message whose first word is longer than the cut: "(...)" alone was left)
+        raise MemoryError("/data/" + "x" * 200 + "/weights.bin: can't allocate memory")
+
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", long_word)
+    line = refused(capsys, ["generate", converted, "--prompt", "x"], "generate")
+    assert "out of memory (/data/xxxx" in line and "x ...): give" in line
+
 
 def test_a_failed_convert_leaves_no_folders_it_made(models, tmp_path, capsys, monkeypatch):
     source, _, _ = models
@@ -1864,6 +1871,23 @@ def test_code_in_a_source_folder_never_runs(models, tmp_path, capsys, monkeypatc
         assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
     assert "its tokenizer_config.json names code of its own (tokenization_custom.py), which bsbr never runs: " \
            "transformers' built-in classes for it are used instead" in caplog.text and not marker.exists()
+
+
+def test_code_named_by_a_config_is_said_not_to_run_only_of_a_model_that_loads(models, tmp_path, capsys, caplog):
+    # the warning that transformers' built-in classes are used instead of a config.json's code came before the
+    # folder was refused (no weights): nothing was used instead
+    source, _, _ = models
+    src = copy_source(source, tmp_path / "src", skip=("model.safetensors",))
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, auto_map={"AutoModelForCausalLM": "modeling_my.MyModel"})))
+    (src / "modeling_my.py").write_text("raise SystemExit('ran')\n")
+    with caplog.at_level("WARNING"):
+        refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
+    assert "names code of its own" not in caplog.text
+    shutil.copy(source / "model.safetensors", src)
+    with caplog.at_level("WARNING"):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
+    assert caplog.text.count("its config.json names code of its own (modeling_my.py), which bsbr never runs") == 1
 
 
 def test_a_sources_tokenizer_auto_map_is_not_carried_into_the_output(models, text, tmp_path):

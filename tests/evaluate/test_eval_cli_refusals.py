@@ -45,6 +45,29 @@ def no_loading(monkeypatch):
     monkeypatch.setattr("bsbr.evaluate.cli.load_eval_tokenizer", loaded)
 
 
+def test_code_of_the_references_tokenizer_is_said_once_its_tokenizer_is_used(saved, tmp_path, word_tokenizer,
+                                                                              caplog):
+    # MODEL without tokenizer files reads with the reference's: the warning that the reference's tokenizer code
+    # never runs was lost when it moved to where a model argument's tokenizer loads
+    import shutil
+
+    ref, model, marker = tmp_path / "ref", tmp_path / "model", tmp_path / "ran"
+    shutil.copytree(saved / "ref", ref)
+    word_tokenizer.save_pretrained(ref)
+    cfg = json.loads((ref / "tokenizer_config.json").read_text())
+    (ref / "tokenizer_config.json").write_text(json.dumps(dict(cfg, auto_map={"AutoTokenizer": [
+        None, "tokenization_my.MyTokenizer"]})))
+    (ref / "tokenization_my.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    shutil.copytree(saved / "conv", model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"):
+        (model / name).unlink(missing_ok=True)
+    with caplog.at_level("WARNING"):
+        assert main(["eval", str(model), "--reference", str(ref), "--text-file", str(saved / "text.py"), "--seq-len",
+                     "40", "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
+    assert caplog.text.count(f"--reference {ref}: its tokenizer_config.json names code of its own "
+                             "(tokenization_my.py), which bsbr never runs") == 1 and not marker.exists()
+
+
 def test_a_corpus_too_small_for_one_window_is_refused_before_any_model_loads(saved, tmp_path, capsys, monkeypatch):
     # enough bytes for the file check, too few tokens: refused after loading the model and its reference twice
     def loaded(*args, **kwargs):

@@ -68,6 +68,9 @@ def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
     tokenizer = load_tokenizer(reference)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer and the reference gives none")
+    from ..arguments import warn_ignored_code
+
+    warn_ignored_code(reference, "--reference", "tokenizer_config.json")
     return tokenizer
 
 
