@@ -31,7 +31,7 @@ BAD_CONFIGS = [
     ("compression_factor", dict(compression_factor=2.0)),
     ("attention_bias", dict(attention_bias="no")), ("attention_out_bias", dict(attention_out_bias=1)),
     ("mlp_bias", dict(mlp_bias="no")), ("tie_word_embeddings", dict(tie_word_embeddings="no")),
-    ("use_cache", dict(use_cache="no")),
+    ("use_cache", dict(use_cache="no")), ("hidden_act", dict(hidden_act="gelu_nwe")),  # (saved, then failed the build)
     ("feature_map hedgehog", dict(retrieval="normalized", feature_map="identity")),
     ("head_dim must be even", dict(position_type="rope", head_dim=9)),  # (learned positions take one: below)
 ]

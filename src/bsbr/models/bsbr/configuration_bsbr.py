@@ -361,6 +361,9 @@ class BSBRConfig(PretrainedConfig):
                            feature_map=feature_map, gate_init=gate_init, local_chunks=local_chunks,
                            sink_tokens=sink_tokens, retrieval_blocks=retrieval_blocks, recall_tokens=recall_tokens,
                            far_positions=far_positions, position_scheme=position_scheme)
+        from transformers.activations import ACT2FN
+
+        _choice("hidden_act", hidden_act, sorted(ACT2FN))  # (a misspelt one was saved, and failed the model's build)
         _choice("mlp_type", mlp_type, MLP_TYPES)
         _choice("norm_type", norm_type, NORM_TYPES)
         _choice("position_type", position_type, POSITION_TYPES)
