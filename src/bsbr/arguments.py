@@ -739,10 +739,11 @@ def check_default_model(source, option: str) -> None:
             raise UserError(f"{option} not given: {e}") from e
 
 
-def load_model_arg(source, option: str, bsbr_ok: bool = False):
+def load_model_arg(source, option: str, bsbr_ok: bool = False, tokenizer: bool = False):
     """:func:`bsbr.convert.load_source` for a command-line argument: a local path that does not exist, or a
     hub id that cannot be fetched, is one :class:`UserError` naming the argument (``bsbr_ok``: as
-    :func:`check_model_arg`)."""
+    :func:`check_model_arg`). Code its config.json names (and its tokenizer_config.json, where the command loaded
+    its ``tokenizer`` before) is said not to run once the model has loaded (:func:`warn_ignored_code`)."""
     from .convert.converter import load_source
 
     check_model_arg(source, option, bsbr_ok)
@@ -783,6 +784,8 @@ def load_model_arg(source, option: str, bsbr_ok: bool = False):
             raise UserError(f"{option} {source}: could not load the model ({why})") from e
         raise _not_on_the_hub(option, source, why) from e
     warn_ignored_code(source, option, "config.json")
+    if tokenizer:
+        warn_ignored_code(source, option, "tokenizer_config.json")
     check_not_interrupted()  # a Ctrl-C during loading that a library swallowed stops the command here
     return model
 
@@ -874,7 +877,6 @@ def load_tokenizer_arg(source, option: str):
         raise UserError(f"{option} {source_label(source)} has no usable tokenizer: it holds its {specials} special "
                         f"tokens and no others (are its vocabulary files missing? {files or 'tokenizer.json'}): save "
                         "the model's tokenizer beside it (tokenizer.save_pretrained)")
-    warn_ignored_code(source, option, "tokenizer_config.json")
     # transformers' built-in class was loaded; an auto_map saved with it would have trust_remote_code=True (which
     # a BSBR model's config asks of lm_eval) fetch and run the source's tokenizer code
     tok.init_kwargs.pop("auto_map", None)

@@ -658,11 +658,10 @@ def _run_command(args, name: str, verbose: bool) -> int:
                 type(e).__name__ == "SafetensorError":  # bad input, not a bug
             what, code = _one_line(e), EXIT_USAGE
         elif isinstance(e, MemoryError) or "can't allocate memory" in str(e):  # inputs too large for this machine
-            import textwrap  # (a cut at a word's end)
-
-            said = _one_line(e)
-            cut = textwrap.shorten(said, 160, placeholder=" ...")
-            cut = said[:156] + " ..." if cut.strip(" .") == "" and said else cut  # (a first word past 160: cut in it)
+            cut = _one_line(e)
+            if len(cut) > 160:  # at a word's end, unless that loses more than half of it (a long path)
+                space = cut.rfind(" ", 0, 157)
+                cut = cut[:space if space >= 80 else 156] + " ..."
             what, code = (f"out of memory ({cut}): give shorter "
                           "or fewer inputs, or smaller sizes "
                           "(a model's sink tokens or window, a benchmark's model)"), EXIT_USAGE

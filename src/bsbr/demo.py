@@ -88,7 +88,7 @@ def _demo(args, out: Path, final: Path, t0: float) -> None:
         check_prompt_lengths(tokenizer, "--seq-len", "give a longer --seq-len, or --no-passkey", **passkey)
     # the evaluation's windows before loading: a corpus too small for one is refused at once
     windows = eval_windows(tokenizer, seq_len=args.seq_len, max_windows=args.max_windows)
-    source = load_model_arg(args.source, "--source")
+    source = load_model_arg(args.source, "--source", tokenizer=True)
     check_positions(source, "--source", [("--seq-len", args.seq_len)] + [("--speed-lens", n) for n in args.speed_lens]
                     + [(f"--decode-contexts (plus {DECODE_STEPS} decode steps)", n + DECODE_STEPS,
                         lambda table: f"give --decode-contexts at most {table - DECODE_STEPS:,}")

@@ -199,7 +199,7 @@ def test_broken_weights_and_fake_gguf_are_one_line(models, tmp_path, capsys):
     ("drop", "weights missing from its files (they would be random): model.layers.1.self_attn.k_proj.weight"),
     ("shape", "weights do not fit its config.json (model.layers.1.self_attn.k_proj.weight has shape"),
     ("nan", "weights hold nan or inf: model.layers.1.self_attn.k_proj.weight"),
-    ("hidden_act", "config.json names 'nope' where transformers knows no such value")])
+    ("hidden_act", "'nope'")])  # (convert: refused before loading by the converted config's check)
 def test_a_source_that_would_load_with_random_or_broken_weights_is_refused(models, tmp_path, capsys, damage, expect):
     from safetensors.torch import save_file
 
@@ -217,7 +217,7 @@ def test_a_source_that_would_load_with_random_or_broken_weights_is_refused(model
         (src / "config.json").write_text(json.dumps({**cfg, "hidden_act": "nope"}))
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     line = refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
-    assert line.startswith(f"bsbr convert: error: SOURCE {src}: could not load the model (") and expect in line
+    assert line.startswith(f"bsbr convert: error: SOURCE {src}") and expect in line
     assert not (tmp_path / "out").exists()
     line = refused(capsys, ["eval", converted, "--reference", src, "--no-passkey", "--force"], "eval", src)
     assert "--reference" in line and expect in line
@@ -825,6 +825,8 @@ def test_running_out_of_memory_is_one_line(models, capsys, monkeypatch):
     monkeypatch.setattr("bsbr.models.load_bsbr_model", long_word)
     line = refused(capsys, ["generate", converted, "--prompt", "x"], "generate")
     assert "out of memory (/data/xxxx" in line and "x ...): give" in line
+    monkeypatch.setattr("bsbr.models.load_bsbr_model", lambda *a, **k: (_ for _ in ()).throw(MemoryError("...")))
+    assert "out of memory (...): give" in refused(capsys, ["generate", converted, "--prompt", "x"], "generate")
 
 
 def test_a_failed_convert_leaves_no_folders_it_made(models, tmp_path, capsys, monkeypatch):
@@ -1881,6 +1883,10 @@ def test_code_named_by_a_config_is_said_not_to_run_only_of_a_model_that_loads(mo
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, auto_map={"AutoModelForCausalLM": "modeling_my.MyModel"})))
     (src / "modeling_my.py").write_text("raise SystemExit('ran')\n")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())  # (and its tokenizer's, loaded first)
+    (src / "tokenizer_config.json").write_text(json.dumps(dict(cfg, auto_map={"AutoTokenizer": [
+        None, "tokenization_my.MyTokenizer"]})))
+    (src / "tokenization_my.py").write_text("raise SystemExit('ran')\n")
     with caplog.at_level("WARNING"):
         refused(capsys, ["convert", src, tmp_path / "out", "--chunk-size", "8"], "convert", src)
     assert "names code of its own" not in caplog.text
@@ -1888,6 +1894,7 @@ def test_code_named_by_a_config_is_said_not_to_run_only_of_a_model_that_loads(mo
     with caplog.at_level("WARNING"):
         assert main(["convert", str(src), str(tmp_path / "out"), "--chunk-size", "8"]) == 0
     assert caplog.text.count("its config.json names code of its own (modeling_my.py), which bsbr never runs") == 1
+    assert caplog.text.count("its tokenizer_config.json names code of its own (tokenization_my.py)") == 1
 
 
 def test_a_sources_tokenizer_auto_map_is_not_carried_into_the_output(models, text, tmp_path):

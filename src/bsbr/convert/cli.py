@@ -216,7 +216,7 @@ def _convert_and_save(args, source, out: Path, options: dict) -> dict:
     # the tokenizer first: it is cheap, and a source without one is refused before any work
     tok = load_tokenizer_arg(source, "SOURCE")
     logger.info("loading %s", source or "the bundled SmolLM2-135M-Instruct (GGUF)")  # (progress: stderr)
-    src = load_model_arg(source, "SOURCE")
+    src = load_model_arg(source, "SOURCE", tokenizer=True)
     check_tokenizer_fits(tok, src.get_input_embeddings().weight.shape[0], f"SOURCE {source}")
     logger.info("converting (%s, %d layers)", src.config.model_type, src.config.num_hidden_layers)
     name = f"SOURCE {source or 'the bundled SmolLM2'}"

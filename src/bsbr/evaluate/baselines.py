@@ -68,9 +68,7 @@ def load_eval_tokenizer(model_dir: os.PathLike, reference=None):
     tokenizer = load_tokenizer(reference)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer and the reference gives none")
-    from ..arguments import warn_ignored_code
-
-    warn_ignored_code(reference, "--reference", "tokenizer_config.json")
+    tokenizer.bsbr_from_reference = True  # (its code, if any, said not to run once the reference has loaded)
     return tokenizer
 
 
@@ -100,7 +98,8 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     models = {"bsbr": model} if "bsbr" in wanted else {}
     if wanted - {"bsbr"}:
         logger.info("loading the reference %s", source_label(reference))
-        source = load_model_arg(reference, "--reference")  # (refused as convert refuses its SOURCE)
+        source = load_model_arg(reference, "--reference",  # (refused as convert refuses its SOURCE)
+                                tokenizer=getattr(tokenizer, "bsbr_from_reference", False))
         if check_reference is not None:
             check_reference(source)
         if "source" in wanted:
