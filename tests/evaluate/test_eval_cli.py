@@ -369,8 +369,8 @@ def test_eval_logs_its_baselines_conversions_quietly(tmp_path, word_tokenizer, c
     assert caplog.text.count("attends within a sliding window") == 1, caplog.text
     assert "converted mistral" not in caplog.text and "{'bsbr'" not in caplog.text
     assert re.search(r"perplexity past the first chunk: bsbr [0-9.]+, source [0-9.]+, local [0-9.]+, window "
-                     r"[0-9.]+; gap closed (-?[0-9.]+%|undefined)\n", caplog.text), caplog.text  # (a percentage, as the
-    # report gives it: the log gave the fraction, 54.344 where the report said 5434.37%)
+                     r"[0-9.]+; gap closed (-?[0-9.]+%|undefined)\n", caplog.text), caplog.text
+    # (a percentage, as the report gives it: the log gave the fraction, 54.344 where the report said 5434.37%)
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -72,7 +72,8 @@ def test_bytecode_beside_the_task_never_runs_in_place_of_its_utils(word_tokenize
     foreign = tmp_path / "foreign.py"
     foreign.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     cached = task / "__pycache__" / f"bsbr_passkey_utils.{sys.implementation.cache_tag}.pyc"
-    py_compile.compile(str(foreign), cfile=str(cached), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    py_compile.compile(str(foreign), cfile=str(cached),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     lm_eval_task.write_lm_eval_task(task, word_tokenizer, lengths=[96], trials=1, max_new_tokens=5)
     sys.path.insert(0, str(task))
     try:
