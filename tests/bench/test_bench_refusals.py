@@ -504,3 +504,12 @@ def test_a_bench_that_measured_nothing_exits_2_and_writes_nothing(command, tmp_p
     line = _refused(argv, capsys, f"bench {command}")
     assert "nothing was measured: every row failed or was skipped" in line and "give shorter --seq-lens" in line
     assert not list(tmp_path.iterdir())
+
+    def fault(*a, **k):  # (not the lengths: shorter ones would not help)
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(layers if command == "attention" else bench_models, "measure_peak", fault)
+    assert main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, f"bench {command}")
+    assert "internal error RuntimeError: nothing was measured" in line and "TypeError" in line
+    assert "shorter" not in line and not list(tmp_path.iterdir())

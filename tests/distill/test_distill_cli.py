@@ -378,6 +378,11 @@ def test_the_data_record_keeps_what_a_resumed_run_read_before(models, text, tmp_
         assert main(args) == 0
     assert f"--text-file: 1 of the 2 files were not read (their text only in the text's last tokens, fewer than " \
            f"--seq-len 96: no whole window): {tail}" in caplog.text
+    caplog.clear()  # a run refused after the windows are read (too short for the new pieces): no word of them
+    short = [a if a != "96" else "16" for a in args]
+    with caplog.at_level("WARNING"):
+        assert main(short) == 2
+    assert "were not read" not in caplog.text
     (tmp_path / "copy").mkdir()
     shutil.copy(text, tmp_path / "copy" / "train.txt")
     args = [a for a in args if a != str(tail)]

@@ -66,6 +66,14 @@ def test_code_of_the_references_tokenizer_is_said_once_its_tokenizer_is_used(sav
                      "40", "--max-windows", "1", "--no-passkey", "--no-progress"]) == 0
     assert caplog.text.count(f"--reference {ref}: its tokenizer_config.json names code of its own "
                              "(tokenization_my.py), which bsbr never runs") == 1 and not marker.exists()
+    # the BSBR model alone evaluated (the reference model not loaded: --passkey-only --passkey-models bsbr)
+    from bsbr.evaluate.baselines import load_saved_models
+    from bsbr.notes import occasion
+
+    caplog.clear()
+    with caplog.at_level("WARNING"), occasion():
+        load_saved_models(model, reference=str(ref), only={"bsbr"})
+    assert f"--reference {ref}: its tokenizer_config.json names code of its own" in caplog.text
 
 
 def test_a_corpus_too_small_for_one_window_is_refused_before_any_model_loads(saved, tmp_path, capsys, monkeypatch):

@@ -183,12 +183,15 @@ def write_outputs(result: Dict[str, object], args, plot: Callable) -> None:
 
 def check_measured(rows: Sequence[Dict[str, object]]) -> None:
     """Refuse (:class:`UserError`: exit 2, nothing written) a run none of whose ``rows`` was measured: every
-    model failed or was skipped at every length."""
+    model ran out of memory or was skipped at every length; a row that failed otherwise is a RuntimeError."""
     if rows and not any(r.get("status") == "ok" for r in rows):
-        first = next((r for r in rows if r.get("reason")), rows[0])
+        first = next((r for r in rows if r.get("status") == "failed" and not r.get("oom")), None)
+        first = first or next((r for r in rows if r.get("reason")), rows[0])
         where = f"{first['model']} @ {first['seq_len']}" if "model" in first else f"@ {first['seq_len']}"
-        raise UserError(f"nothing was measured: every row failed or was skipped ({where}: {first.get('reason')}): "
-                        "give shorter --seq-lens")
+        said = f"nothing was measured: every row failed or was skipped ({where}: {first.get('reason')})"
+        if first.get("status") == "failed" and not first.get("oom"):  # (not the lengths: a fault, exit 1)
+            raise RuntimeError(said)
+        raise UserError(f"{said}: give shorter --seq-lens")
 
 
 def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -182,7 +182,7 @@ def bench_models(seq_lens: Sequence[int] = DEFAULT_SEQ_LENS, models: Sequence[st
                     row[key] = round_sig(measure_peak(fn).extra_mb)
                 except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
                     row.update(status="failed" if kind == "fwd" else row["status"],
-                               reason=f"{kind}: {failure(e)['reason']}")
+                               reason=f"{kind}: {failure(e)['reason']}", oom=is_oom(e))
                     if kind == "fwd" or not is_oom(e):
                         stopped[m] = row["reason"]
                     release_free_memory()

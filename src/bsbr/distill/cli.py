@@ -421,7 +421,6 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     windows, data, left = windows_read(tokenizer, texts, data, args.seq_len, args.max_windows)
     windows = list(windows)
     logger.info("%d training windows of %d tokens", len(windows), args.seq_len)
-    data = _data_record(data, left, args, student_dir, len(windows))
     if args.resume and has_checkpoint(out / "checkpoint"):  # other text (a local dataset is known by its tokens
         check_same_run(read_manifest(out / "checkpoint")["progress"], cfg,  # alone) refused before loading
                        dict(windows=windows_fingerprint(windows)), out / "checkpoint", flags=True)
@@ -439,6 +438,7 @@ def _train(args, cfg, student_dir: Path, out: Path) -> int:
     warn_past_rotary_positions(teacher, "--teacher", [("--seq-len", args.seq_len)])  # (the student imitates it)
     if args.params != "new":
         _check_new_pieces_matter(student, args, teacher, windows[0])
+    data = _data_record(data, left, args, student_dir, len(windows))  # (its warning once the run is not refused)
 
     def extra_files(directory: Path) -> None:
         save_tokenizer(tokenizer, directory)

@@ -96,6 +96,10 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     wanted = {"bsbr", "source", "local", *(["window"] if has_wide_window(model.config.to_dict()) else [])}
     wanted &= set(wanted if only is None else only)
     models = {"bsbr": model} if "bsbr" in wanted else {}
+    if not wanted - {"bsbr"} and getattr(tokenizer, "bsbr_from_reference", False):  # (no reference model to load)
+        from ..arguments import warn_ignored_code
+
+        warn_ignored_code(reference, "--reference", "tokenizer_config.json")
     if wanted - {"bsbr"}:
         logger.info("loading the reference %s", source_label(reference))
         source = load_model_arg(reference, "--reference",  # (refused as convert refuses its SOURCE)
