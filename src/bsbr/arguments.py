@@ -315,15 +315,13 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
-def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False,
-                       names=("config.json", "tokenizer_config.json")) -> None:
-    """A config.json or tokenizer_config.json (of ``names``: the tokenizer's once it loaded, for transformers
-    decides by rules of its own whether a built-in class serves) whose ``auto_map`` names a ``.py`` in the folder:
-    that code never runs (a class transformers does not have is refused when it loads); say that the built-in one
-    is used. (A
-    saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a model type transformers
-    has no classes for is refused where it loads: no warning.) ``shown``: the folder as the user named it (a hub
-    id, for its folder in the hub cache, ``hub``: where the code named is not downloaded)."""
+def _warn_ignored_code(path: Path, option: str, name: str, shown=None, hub: bool = False) -> None:
+    """The folder's ``name`` (config.json or tokenizer_config.json) whose ``auto_map`` names a ``.py`` in the
+    folder: that code never runs (a class transformers does not have is refused when it loads); say that the
+    built-in one is used. (A saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a
+    model type transformers has no classes for is refused where it loads: no warning.) ``shown``: the folder as
+    the user named it (a hub id, for its folder in the hub cache, ``hub``: where the code named is not
+    downloaded)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
@@ -332,18 +330,17 @@ def _warn_ignored_code(path: Path, option: str, shown=None, hub: bool = False,
         return
     if not isinstance(model_type, str) or model_type == "bsbr" or model_type not in CONFIG_MAPPING_NAMES:
         return  # (a model_type that is no string is refused where config.json is read)
-    for name in names:
-        try:
-            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError, RecursionError):  # (a broken file is refused where it is read)
-            continue
-        refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
-                for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
-        code = sorted({r.split(".")[0] + ".py" for r in refs
-                       if "." in r and (hub or (path / (r.split(".")[0] + ".py")).is_file())})
-        if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
-            logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
-                           "built-in classes for it are used instead", option, shown or path, name, ", ".join(code))
+    try:
+        auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError, RecursionError):  # (a broken file is refused where it is read)
+        return
+    refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else ())
+            for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" not in r]
+    code = sorted({r.split(".")[0] + ".py" for r in refs
+                   if "." in r and (hub or (path / (r.split(".")[0] + ".py")).is_file())})
+    if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
+        logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
+                       "built-in classes for it are used instead", option, shown or path, name, ", ".join(code))
 
 
 def _first_bytes(path: Path, n: int) -> bytes:
@@ -891,4 +888,4 @@ def warn_ignored_code(source, option: str, name: str) -> None:
     folder = (local if local.is_dir() else None) if local is not None and local.exists() else \
         _cached_folder(source) if source is not None else None
     if folder is not None:
-        _warn_ignored_code(folder, option, shown=source, hub=not local.exists(), names=(name,))
+        _warn_ignored_code(folder, option, name, shown=source, hub=not local.exists())
