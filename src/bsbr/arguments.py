@@ -315,13 +315,19 @@ def _is_default_source(name: str) -> bool:
         return False
 
 
-def _warn_ignored_code(path: Path, option: str, name: str, shown=None, hub: bool = False) -> None:
-    """The folder's ``name`` (config.json or tokenizer_config.json) whose ``auto_map`` names a ``.py`` in the
-    folder: that code never runs (a class transformers does not have is refused when it loads); say that the
-    built-in one is used. (A saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself, and a
-    model type transformers has no classes for is refused where it loads: no warning.) ``shown``: the folder as
-    the user named it (a hub id, for its folder in the hub cache, ``hub``: where the code named is not
-    downloaded)."""
+def warn_ignored_code(source, option: str, name: str) -> None:
+    """Say that the code a model argument's ``name`` (config.json or tokenizer_config.json) names in its
+    ``auto_map`` never runs, and that transformers' built-in class is used: called once that model or tokenizer
+    has loaded (a class transformers does not have is refused when it loads; said before, it came before
+    refusals of the folder). The folder is a local one, or a hub model's in the local hub cache (whose code
+    named is not downloaded). (A saved BSBR model's own ``bsbr_auto.py`` is what bsbr runs as the model itself,
+    and a model type transformers has no classes for is refused where it loads: no warning.)"""
+    local = None if source is None else Path(os.path.expanduser(str(source)))
+    path = (local if local.is_dir() else None) if local is not None and local.exists() else \
+        _cached_folder(source) if source is not None else None
+    if path is None:
+        return
+    hub = not local.exists()
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
@@ -340,7 +346,7 @@ def _warn_ignored_code(path: Path, option: str, name: str, shown=None, hub: bool
                    if "." in r and (hub or (path / (r.split(".")[0] + ".py")).is_file())})
     if code and first_time((path.resolve(), name)):  # (a path is checked again when it loads)
         logger.warning("%s %s: its %s names code of its own (%s), which bsbr never runs: transformers' "
-                       "built-in classes for it are used instead", option, shown or path, name, ", ".join(code))
+                       "built-in classes for it are used instead", option, source, name, ", ".join(code))
 
 
 def _first_bytes(path: Path, n: int) -> bytes:
@@ -878,14 +884,3 @@ def load_tokenizer_arg(source, option: str):
     # a BSBR model's config asks of lm_eval) fetch and run the source's tokenizer code
     tok.init_kwargs.pop("auto_map", None)
     return tok
-
-
-def warn_ignored_code(source, option: str, name: str) -> None:
-    """:func:`_warn_ignored_code` for ``name`` (config.json, tokenizer_config.json) of a model argument once its
-    model or tokenizer has loaded (what transformers loaded instead of the code is known then: said before, it
-    came before refusals of the folder): a local folder's, or a hub model's in the local hub cache."""
-    local = None if source is None else Path(os.path.expanduser(str(source)))
-    folder = (local if local.is_dir() else None) if local is not None and local.exists() else \
-        _cached_folder(source) if source is not None else None
-    if folder is not None:
-        _warn_ignored_code(folder, option, name, shown=source, hub=not local.exists())

@@ -83,7 +83,7 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     build (None: all); the reference is not loaded when none of them needs it."""
     from ..models import load_bsbr_model
     from ..models.bsbr.loading import check_unchanged, folder_identity
-    from ..arguments import load_model_arg, source_label, source_name, weights_fingerprint
+    from ..arguments import load_model_arg, source_label, source_name, warn_ignored_code, weights_fingerprint
     from ..errors import UserError
     from ..results import software
 
@@ -96,14 +96,9 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
     wanted = {"bsbr", "source", "local", *(["window"] if has_wide_window(model.config.to_dict()) else [])}
     wanted &= set(wanted if only is None else only)
     models = {"bsbr": model} if "bsbr" in wanted else {}
-    if not wanted - {"bsbr"} and getattr(tokenizer, "bsbr_from_reference", False):  # (no reference model to load)
-        from ..arguments import warn_ignored_code
-
-        warn_ignored_code(reference, "--reference", "tokenizer_config.json")
     if wanted - {"bsbr"}:
         logger.info("loading the reference %s", source_label(reference))
-        source = load_model_arg(reference, "--reference",  # (refused as convert refuses its SOURCE)
-                                tokenizer=getattr(tokenizer, "bsbr_from_reference", False))
+        source = load_model_arg(reference, "--reference")  # (refused as convert refuses its SOURCE)
         if check_reference is not None:
             check_reference(source)
         if "source" in wanted:
@@ -114,6 +109,8 @@ def load_saved_models(model_dir: os.PathLike, reference=None, check_reference=No
                     models[name] = local_baseline(source, chunk, like=model, same_window=same_window)
                 except ValueError as e:  # (a config the converter refuses: named as convert names its SOURCE)
                     raise UserError(f"--reference {source_label(reference)} cannot be converted: {e}") from e
+    if getattr(tokenizer, "bsbr_from_reference", False):  # (once the reference, where needed, was not refused)
+        warn_ignored_code(reference, "--reference", "tokenizer_config.json")
     check_unchanged(model_dir, before)
     # what identifies the run: the model's attention options and weights, the software, the machine
     options = ("local_chunks", "sink_tokens", "retrieval_blocks", "recall_tokens", "far_positions", "retrieval",
