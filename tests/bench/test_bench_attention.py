@@ -7,8 +7,9 @@ import zipfile
 import pytest
 import torch
 
+from bsbr import memory
 from bsbr.bench import attention as ba
-from bsbr.bench import common, earlier, layers, memory, plots, scaling
+from bsbr.bench import common, earlier, layers, plots, scaling
 from bsbr.bench import core as bc
 from bsbr.cli import build_parser, main
 from bsbr.errors import UserError

@@ -921,3 +921,60 @@ def test_a_resumes_data_record_keeps_each_earlier_record_once():
     assert _with_earlier_data(a, None) == a and _with_earlier_data(a, a) == a
     student = dict(b, earlier=[dict(kind="stdlib", split="train")])  # (the student's own distillations first)
     assert _with_earlier_data(student, a)["earlier"] == [dict(kind="stdlib", split="train"), a]
+
+
+def test_a_step_predicted_past_the_time_budget_is_refused_before_training(tmp_path, monkeypatch):
+    """A window longer than the calibration's is timed on its first tokens and scaled: a run whose first step
+    would outlast --minutes is refused before any step (before, it ran the step, however long, then said
+    that none fit), and the student is left as it came."""
+    monkeypatch.setattr("bsbr.distill.budget.CALIBRATION_TOKENS", 16)
+    teacher, student = fresh(0.1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=r"one training step on 40-token windows \(seq_len\) is predicted to take "
+                       r"[\d.]+ s \(one on 16 tokens took [\d.]+ s\), longer than minutes=1e-06: give more --minutes"):
+        distill(teacher, student, windows(), tmp_path / "o", DistillConfig(minutes=1e-6))
+    assert not (tmp_path / "o" / "checkpoint").exists()
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert all(p.grad is None for p in student.parameters())
+    from bsbr.distill.budget import check_step_fits
+
+    with pytest.raises(ValueError, match=r"longer than minutes=1 \(0.0 s of it left\)"):  # a resumed run's budget
+        check_step_fits(teacher, student, {}, SimpleNamespace(state={}), windows()[0], DistillConfig(minutes=1),
+                        1e-9, 1, step=lambda ids: None)
+
+    def another_process_predicts(t, op):  # every process of a run refuses alike: by the largest prediction
+        assert op == torch.distributed.ReduceOp.MAX
+        t[0] = 1e9
+    monkeypatch.setattr("bsbr.distill.budget.dist.all_reduce", another_process_predicts)
+    with pytest.raises(ValueError, match=r"predicted to take 277,777.8 hours .*, longer than minutes=1e\+06:"):
+        check_step_fits(teacher, student, {}, SimpleNamespace(state={}), windows()[0], DistillConfig(minutes=1e6),
+                        6e7, 2, step=lambda ids: None)
+
+
+def test_a_step_predicted_past_memory_is_refused_and_the_prediction_changes_no_training(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """The step's memory is predicted from the calibration's peak, linear in the window's length, for every
+    process on the machine (torchrun's LOCAL_WORLD_SIZE); the calibration leaves the run's weights as a run
+    without it reaches."""
+    import bsbr.distill.budget as budget
+
+    needs = []
+    monkeypatch.setattr(budget, "memory_refusal", lambda need: needs.append(need) or None)
+    monkeypatch.setattr(budget, "measure_peak", lambda fn: SimpleNamespace(extra_bytes=fn() or 10 ** 9))
+    trained = []
+    for calibration, length in ((20, 40), (1000, 40), (20, 80)):
+        monkeypatch.setattr(budget, "CALIBRATION_TOKENS", calibration)
+        teacher, student = fresh(0.1)
+        with caplog.at_level("INFO", logger="bsbr.distill.budget"):
+            distill(teacher, student, windows(2, length), tmp_path / f"{calibration}-{length}", DistillConfig(steps=2))
+        trained.append(new_parameters(student))
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    assert len(needs) == 2 and needs[1] > needs[0] > 0  # (the 1000-token calibration was not run)
+    assert "one training step on 40 tokens is predicted to take" in caplog.text
+    monkeypatch.setattr(budget, "memory_refusal", lambda need: f"would need {need:g} bytes, more than there are")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"one training step on 40-token windows \(seq_len\), in 2 processes, would "
+                       r"need [\d.e+]+ bytes, more than there are: give shorter windows \(--seq-len\), or run fewer "
+                       r"than 2 processes on this machine$"):
+        distill(*fresh(0.1), windows(2, 40), tmp_path / "refused", DistillConfig(steps=2))
+    assert not (tmp_path / "refused" / "checkpoint").exists()

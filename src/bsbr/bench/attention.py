@@ -9,7 +9,7 @@ Three measurements, all forward only (``torch.no_grad``), batch 1, eval mode, dr
 3. **Model scaling** (:mod:`bsbr.bench.scaling`, ``--model-scaling``): a 2-layer ``BSBRModel`` at
    8k to 64k tokens; its rows also give the whole process's peak RSS (``process_peak_mb``).
 
-``peak_mb`` is the extra peak RSS of one call in MiB (see :mod:`bsbr.bench.memory`).
+``peak_mb`` is the extra peak RSS of one call in MiB (see :mod:`bsbr.memory`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 **Medians of interleaved repeats.** The machines are shared, so a slow spell would bias whichever
 model ran during it; running the models side by side in every repeat, in a rotating order, keeps the
-*ratios* robust when absolute times drift. Peak memory: :mod:`bsbr.bench.memory`.
+*ratios* robust when absolute times drift. Peak memory: :mod:`bsbr.memory`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .. import __version__, arguments
 from ..errors import UserError, check_not_interrupted
 from ..outputs import check_output_files
 from .defaults import DEFAULT_THREADS
-from .memory import is_oom, memory_method, proc_field
+from ..memory import is_oom, memory_method, proc_field
 
 VOCAB = 256  # the LM shells of bench models and bench quality read bytes
 

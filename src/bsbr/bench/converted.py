@@ -25,7 +25,7 @@ from .common import (check_outputs, check_unique, interleaved_times, machine_inf
                      own_rng, set_threads, write_outputs)
 from ..models.heads import output_object
 from .defaults import CALIBRATION_LEN
-from .memory import MiB, measure_peak, memory_refusal
+from ..memory import MiB, measure_peak, memory_refusal
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 
 from .common import failure, forward_fn, interleaved_times, median, new_row, own_rng, round_sig, time_call
 from .defaults import CALIBRATION_LEN, DEFAULT_SEQ_LENS
-from .memory import MiB, measure_peak, memory_refusal, release_free_memory
+from ..memory import MiB, measure_peak, memory_refusal, release_free_memory
 from .earlier import earlier_bytes_estimate, load_earlier_bsbr
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 tokens: forward time, forward+backward ("train") time, extra peak memory of each, parameter count,
 and the fitted scaling exponent (slope of log time vs log n).
 
-Measured with :mod:`bsbr.bench.common` and :mod:`bsbr.bench.memory`: batch 1, float32, eval mode,
+Measured with :mod:`bsbr.bench.common` and :mod:`bsbr.memory`: batch 1, float32, eval mode,
 dropout 0, forward under ``torch.no_grad``; the train step is the forward, a next-token cross-entropy and ``backward()``. At
 each length a model's first call measures its extra peak RSS and is its warm-up, then ``--repeats``
 interleaved rounds give the medians. A model stops growing when its next call is predicted (from its
@@ -31,7 +31,7 @@ from .common import (VOCAB, check_head_size, check_measured, check_outputs,
                      set_threads, write_outputs)
 from .defaults import CALIBRATION_LEN, DEFAULT_SEQ_LENS, DEFAULT_SHELL_MODELS as DEFAULT_MODELS
 from .layers import calibrate
-from .memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
+from ..memory import MiB, is_oom, measure_peak, memory_refusal, release_free_memory
 from .plots import plot_models
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import torch
 
 from .common import failure, forward_fn, median, new_row, own_rng, round_sig, time_call
 from .defaults import DEFAULT_MODEL_SEQ_LENS
-from .memory import measure_peak, release_free_memory
+from ..memory import measure_peak, release_free_memory
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from ..outputs import checkpoint_strays, is_bsbr_output, publish_files, resume_s
 from ..progress import bar as progress_bar
 from ..results import software, write_json
 from ..ops.checks import check_int, check_number, is_number, shown
+from .budget import check_step_fits
 from .checkpoint import (earlier_layout, earlier_layout_error, has_checkpoint, load_checkpoint, read_manifest,
                          save_checkpoint)
 
@@ -531,6 +532,9 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
     if overwrite and output_dir.is_dir():  # the old output's files, replaced when this run's model is published
         progress["replaces"] = sorted(p.name for p in output_dir.iterdir()
                                       if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))
+    left = None if cfg.minutes is None else cfg.minutes * 60.0 - progress["elapsed"]
+    check_step_fits(teacher, student, params, opt, max(windows, key=len), cfg, left, world,
+                    step=lambda ids: _train_step(teacher, student, ids, cfg))
     # every trained parameter gets a gradient in every step (checked for new, all and lora, windows of one
     # chunk or more) but the new pieces on a window within the exact reach, where they have no effect: only
     # then does DDP search the graph for unused parameters
