@@ -156,20 +156,22 @@ def test_model_scaling_tiny():
 def test_cli_runs_and_writes(tmp_path, fake_wheel, capsys):
     out, png = tmp_path / "a.json", tmp_path / "a.png"
     rc = main(["bench", "attention", "--seq-lens", "64", "128", "--hidden", "32", "--heads", "2",
-               "--chunk-size", "32", "--repeats", "1", "--earlier-wheel", fake_wheel,
+               "--chunk-size", "32", "--repeats", "1", "--earlier-wheel", fake_wheel, "--seed", "7",
                "--json", str(out), "--plot", str(png)])
     assert rc == 0
     data = json.loads(out.read_text())
     _check_rows(data["rows"], ["bsbr", "standard", "earlier"], [64, 128])
-    assert data["core"]["rows"] and data["machine"]["memory_method"]
+    assert data["core"]["rows"] and data["machine"]["memory_method"] and data["config"]["seed"] == 7
     assert png.stat().st_size > 0
-    assert "standard/bsbr" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "standard/bsbr" in printed and f"wrote {out}\nwrote {png}\n" in printed
 
     out2, png2 = tmp_path / "m.json", tmp_path / "m.png"
     rc = main(["bench", "attention", "--model-scaling", "--seq-lens", "64", "128", "--hidden", "32",
                "--heads", "2", "--chunk-size", "32", "--ff-dim", "64", "--vocab", "50", "--repeats", "1",
-               "--json", str(out2), "--plot", str(png2)])
-    assert rc == 0 and json.loads(out2.read_text())["benchmark"] == "model_scaling" and png2.exists()
+               "--seed", "7", "--json", str(out2), "--plot", str(png2)])
+    data = json.loads(out2.read_text())
+    assert rc == 0 and data["benchmark"] == "model_scaling" and png2.exists() and data["config"]["seed"] == 7
 
 
 def test_cli_parses_and_rejects_bad_arguments(capsys):

@@ -1154,6 +1154,9 @@ def test_a_command_that_only_prints_its_results_names_a_lost_stdout(models, tmp_
     assert line.endswith("stdout: No space left on device: what the command printed is lost"), line
     monkeypatch.setattr(sys, "stdout", None)  # (with --json its results are written there)
     assert main(argv + ["--json", str(tmp_path / "r.json")]) == 0 and (tmp_path / "r.json").is_file()
+    assert main(argv + ["--plot", str(tmp_path / "r.png")]) == 0 and (tmp_path / "r.png").is_file()  # (or plotted)
+    assert main(["eval", str(converted), "--lm-eval-task-dir", str(tmp_path / "task"), "--passkey-lengths", "96",
+                 "--passkey-depths", "0.5", "--passkey-trials", "1"]) == 0 and (tmp_path / "task").is_dir()
 
 
 def test_a_command_that_only_prints_its_results_stops_when_its_reader_has_gone(models, tmp_path, capsys, monkeypatch):

@@ -978,7 +978,7 @@ def test_generate_bad_inputs_are_one_line(models, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, capsys):
+def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, capsys, caplog):
     source, converted, other = models
     base = ["eval", converted, "--text-file", text, "--seq-len", "24", "--max-windows", "1", "--no-passkey",
             "--no-progress"]
@@ -988,8 +988,10 @@ def test_eval_refuses_another_reference_unless_forced(models, text, tmp_path, ca
     assert "does not exist" in refused(capsys, [*base, "--reference", "./nowhere"], "eval")
     assert "nope.txt does not exist" in refused(capsys, [*base[:2], "--text-file", tmp_path / "nope.txt"], "eval")
     assert "not a BSBR one" in refused(capsys, ["eval", source, "--reference", source], "eval")
+    caplog.clear()
     assert main([str(a) for a in [*base, "--reference", other, "--force", "--json", tmp_path / "r.json"]]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["config"]["windows"] == 1
+    assert f"--force: --reference {other} is not the model {converted} was converted from" in caplog.text  # (said)
 
 
 def test_a_reference_or_teacher_with_the_same_weights_but_another_architecture_is_refused(models, text, tmp_path,
@@ -1129,7 +1131,7 @@ def test_distill_never_writes_into_the_student(models, text, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
+def test_distill_refuses_another_teacher(models, text, tmp_path, capsys, caplog):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     source, converted, other = models
@@ -1144,7 +1146,9 @@ def test_distill_refuses_another_teacher(models, text, tmp_path, capsys):
     line = refused(capsys, override(args, "--teacher", wide, "--force"), "distill", converted)
     assert f"{converted} has a vocabulary of 97 tokens, --teacher {wide} 120: give the model" in line, line
     assert not (tmp_path / "out").exists()
+    caplog.clear()
     assert main([str(a) for a in override(args, "--teacher", other, "--force")]) == 0
+    assert f"--force: --teacher {other} is not the model {converted} was converted from" in caplog.text  # (said)
     # another BSBR model as the teacher, with --force: accepted up front, then refused once the student loaded
     assert main(["convert", str(other), str(tmp_path / "other-bsbr"), "--chunk-size", "8"]) == 0
     args = distill_args(models, text, tmp_path / "out2", "--steps", "2")

@@ -280,6 +280,29 @@ def test_resume_refuses_a_student_with_another_config(models, text, tmp_path, ca
     assert len(json.loads((out / "distill.json").read_text())["log"]) == 3
 
 
+def test_resume_refuses_a_student_or_teacher_with_other_weights(models, text, tmp_path, capsys):
+    """The same config with one weight changed, or another teacher given with --force: the checkpoint records
+    the weights each run started from, and a resume on others is refused naming them."""
+    from safetensors.torch import load_file, save_file
+
+    source, converted, other = models
+    out = tmp_path / "out"
+    assert main(distill_args(models, text, out, "--steps", "2")) == 0
+    student = tmp_path / "reweighted"
+    shutil.copytree(converted, student)
+    weights = load_file(student / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "3", student=student), "--resume"], "distill",
+                   out)
+    assert "other settings (the student's initial weights: checkpoint 'sha256:" in line, line
+    args = [*distill_args(models, text, out, "--steps", "3"), "--resume", "--force"]
+    args[args.index("--teacher") + 1] = str(other)
+    line = refused(capsys, args, "distill", out)
+    assert "other settings (the teacher's weights: checkpoint 'sha256:" in line, line
+
+
 def test_resume_compares_what_an_older_checkpoint_records(models, text, tmp_path, capsys):
     # an older bsbr recorded fewer of the student's options (a resume was refused, blaming the ones it did not
     # record), or one this bsbr retired (the refusal said to resume with the same settings, which cannot be given)
@@ -581,7 +604,8 @@ def test_overwrite_and_resume_keep_a_users_files(models, text, tmp_path, capsys)
     (out / "important.txt").write_text("mine")
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "2", "--checkpoint-every", "1"), "--resume"],
                    "distill", out)
-    assert "holds files no bsbr command wrote" in line and "move them" in line, line
+    assert line == (f"bsbr distill: error: --output {out} holds files no bsbr command wrote (important.txt): the "
+                    "resumed run's model replaces the directory; move them first"), line  # (the flags' words)
     assert (out / "important.txt").read_text() == "mine"
     # with neither flag it advised --resume or --overwrite, each then refused for the user's file
     line = refused(capsys, distill_args(models, text, out, "--steps", "2"), "distill", out)

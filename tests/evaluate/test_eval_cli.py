@@ -229,6 +229,10 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "gap closed" in printed and "pass-key accuracy" in printed
+    assert r["config"]["stride"] == 40  # (no --stride: windows side by side; the record says which were scored)
+    assert main(["eval", str(conv), "--reference", "ref", "--text-file", str(text), "--seq-len", "40", "--stride", "20",
+                 "--max-windows", "3", "--no-passkey", "--json", str(tmp_path / "s.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["config"]["stride"] == 20
 
 
 def test_eval_warns_when_its_windows_end_before_an_open_gate_is_read(tiny, tmp_path, word_tokenizer, caplog):
