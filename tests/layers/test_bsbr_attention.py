@@ -67,15 +67,39 @@ def test_one_chunk_equals_standard_attention_with_same_projections():
     torch.testing.assert_close(a(x), s(x), rtol=1e-10, atol=1e-10)
 
 
-def test_closed_gate_is_chunk_local_attention_and_can_open():
-    a = layer(retrieval="normalized", gate_init=0.0)
+def test_the_op_gets_rotated_queries_and_keys_un_rotated_meta_inputs_and_each_far_table_its_own(monkeypatch):
+    """What the layer hands the op: q and k rotated by the token's own positions; the meta maps' inputs not
+    rotated (a chunk's mean of rotated vectors cancels out); far queries and far keys each rotated by their
+    own table (tables that differ here)."""
+    import bsbr.layers.bsbr_attention as module
+    from bsbr.layers.rotary import apply_rotary
+
+    a = layer(retrieval="normalized", gate_init=0.5, retrieval_blocks=1, local_chunks=2)
+    x = torch.randn(1, 40, 24, dtype=torch.float64)
+    cos, sin, cq, sq, ck, sk = torch.randn(6, 40, 6, dtype=torch.float64).unbind(0)
+    seen = []
+    real = module._run_op
+    monkeypatch.setattr(module, "_run_op", lambda op, tensors, **kw: seen.append(tensors) or real(op, tensors, **kw))
+    a(x, position_embeddings=(cos, sin), far_position_embeddings=((cq, sq), (ck, sk)))
+    q, k, _, _ = a.project(x, None)
+    got_q, got_k, _, mq, mk, _, _, qr, kr = seen[0]
+    for got, want in ((got_q, apply_rotary(q, cos, sin)), (got_k, apply_rotary(k, cos, sin)), (mq, q), (mk, k),
+                      (qr, apply_rotary(q, cq, sq)), (kr, apply_rotary(k, ck, sk))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gate", [0.0, -0.5])
+def test_closed_gate_is_chunk_local_attention_and_can_open(gate):
+    """A gate at or below 0 reads no chunk state, yet gets the gradient of an open one (straight through the
+    clamp), so training can open it: below 0 too, where the clamp's own gradient is 0."""
+    a = layer(retrieval="normalized", gate_init=gate)
     x = torch.randn(1, 24, 24, dtype=torch.float64)
     out = a(x)
     # chunk-local attention: each chunk alone
     local = torch.cat([a(x[:, i : i + 8]) for i in range(0, 24, 8)], dim=1)
     torch.testing.assert_close(out, local, rtol=1e-10, atol=1e-10)
     out.square().sum().backward()
-    assert a.retrieval_gate.grad is not None and a.retrieval_gate.grad.abs().sum() > 0
+    assert a.retrieval_gate.grad is not None and (a.retrieval_gate.grad != 0).all()
 
 
 @pytest.mark.parametrize("gate", [0.0, 0.5])

@@ -910,6 +910,18 @@ def test_open_gate_gist_written_out_by_hand(variant, L):
         torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-10)
 
 
+def test_the_gist_of_unselected_chunks_is_renormalised_to_one_with_a_floor_of_001():
+    """gist_scale (docs/design.md): 1 / (total - picked), the unselected chunks' share, floored at 0.01 (a
+    token that selected nearly all its chunk weight does not read the rest magnified past 100x); 0 where no
+    chunk is left unread."""
+    from bsbr.ops.bsbr.retrieval import gist_scale
+
+    total = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=DT)
+    picked = torch.tensor([0.5, 0.95, 0.995, 0.3], dtype=DT)
+    got = gist_scale(total, picked, torch.tensor([True, True, True, False]))
+    torch.testing.assert_close(got, torch.tensor([2.0, 20.0, 100.0, 0.0], dtype=DT), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("extra", [dict(retrieval_blocks=2, sink_tokens=2), dict(recall_tokens=3), {}])
 def test_a_sequence_shorter_than_its_chunk_computes_no_padding(monkeypatch, extra):
     # a 5-token prompt padded to its chunk computed a (g*B, B) mask and scores: 4 GB in float64 at chunk 16384

@@ -159,6 +159,15 @@ def test_ties_keep_the_later_token():
     assert idx.tolist() == [2, 1, 0] and kept.all()
 
 
+def test_a_near_duplicate_is_a_value_at_cosine_above_095_with_one_ranked_before():
+    """The threshold (docs/design.md, 5b): a value at cosine 0.97 with a worse-recalled one waits for the slots
+    left; one at 0.9 (the digits of a number differ about so) is kept in its turn."""
+    for cosine, want in ((0.97, [0, 2]), (0.9, [0, 1])):
+        v = torch.tensor([[1.0, 0.0], [cosine, (1 - cosine ** 2) ** 0.5], [0.0, 1.0]])
+        idx, kept = keep_largest(torch.tensor([3.0, 2.0, 1.0]), torch.arange(3), torch.ones(3, dtype=torch.bool), v, 2)
+        assert idx.tolist() == want and kept.all(), cosine
+
+
 def test_options_refuse_recall_with_blocks():
     with pytest.raises(ValueError, match="exclusive"):
         BSBROptions(8, retrieval_blocks=2, recall_tokens=4)
