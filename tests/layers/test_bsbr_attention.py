@@ -264,6 +264,18 @@ def test_bad_forward_inputs_raise():
         m(torch.randn(1, 5))
 
 
+def test_the_native_model_rotates_by_its_rope_theta_and_drops_out_its_embeddings_in_training():
+    m = BSBRModel(50, 32, 1, 4, 4, 64, dropout=0.5, rope_theta=500.0)
+    d = m.layers[0].attention.head_dim
+    torch.testing.assert_close(m.rotary.inv_freq, 500.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d))
+    seen = []
+    m.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(0))
+    m.train()(ids)
+    m.eval()(ids)
+    assert (seen[0] == 0).float().mean() > 0.3 and not (seen[1] == 0).any()
+
+
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_prefill_state_is_contiguous(kw):
     # the layer's q/k/v are transposed views; decode reshapes the state's arrays every step, which

@@ -43,6 +43,20 @@ def test_bad_config_values_are_refused(name, bad):
         BSBRConfig(**{**TINY, **bad})
 
 
+def test_the_output_projections_bias_follows_attention_bias_unless_given(tmp_path):
+    """attention_out_bias defaults to attention_bias (a config written by hand, or saved before the key existed,
+    builds the model its attention_bias says); load_bsbr_model(dtype=...) loads in that dtype."""
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+              chunk_size=8)
+    for bias in (True, False):
+        config = BSBRConfig(attention_bias=bias, **kw)
+        assert config.attention_out_bias is bias
+        assert (BSBRForCausalLM(config).model.layers[0].attn.out_proj.bias is not None) is bias
+    assert BSBRConfig(attention_bias=True, attention_out_bias=False, **kw).attention_out_bias is False
+    BSBRForCausalLM(BSBRConfig(**kw)).save_pretrained(tmp_path)
+    assert {p.dtype for p in load_bsbr_model(tmp_path, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+
+
 def test_good_values_still_pass():
     for ok in (dict(), dict(gate_init=None), dict(gate_init=1), dict(initializer_range=0.0), dict(norm_eps=1),
                dict(attention_out_bias=None), dict(position_type="rope"),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config
 import bsbr
 from bsbr import BSBRForCausalLM, TransformerToBSBRConverter, convert_to_bsbr, load_bsbr_model
 
-from model_sources import VOCAB, make_source
+from model_sources import VOCAB, make_source, randomize
 
 CHUNK = 16
 
@@ -522,17 +522,38 @@ def test_default_rotary_frequencies_are_the_sources_to_the_bit():
         assert diff <= 1e-5, (src.config.model_type, diff)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_source_whose_head_dim_is_not_hidden_over_heads_converts_exactly(family):
+    """Mistral-NeMo's shape (head_dim 128 with 5,120 hidden and 32 heads): the heads are as wide as the source
+    says, not hidden_size // num_attention_heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config, cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (MistralConfig, MistralForCausalLM)
+    torch.manual_seed(0)
+    src = randomize(cls(config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16)))
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    assert model.config.head_dim == 16
+    ids = torch.randint(0, VOCAB, (1, 2 * CHUNK), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(outputs(model, ids), outputs(src, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_the_source_generation_config_is_carried_over(tmp_path):
     """Chat models keep extra stop tokens and sampling defaults in generation_config: a converted model
     stops where its source stops, and keeps them through save/load."""
     src = make_source("llama")
     src.generation_config.eos_token_id = [2, 35]
     src.generation_config.do_sample, src.generation_config.temperature = True, 0.6
+    src.generation_config.stop_marker = "<|end|>"  # a key of the source's own (a source built in memory has a
+    assert src.generation_config._from_model_config  # config transformers says it built from the model's config)
     converted = convert_to_bsbr(src, chunk_size=64)  # the whole generation inside one chunk: the source's logits
     assert converted.generation_config.eos_token_id == [2, 35] and converted.generation_config.temperature == 0.6
     converted.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.generation_config.eos_token_id == [2, 35] and loaded.generation_config.temperature == 0.6
+    # saved as the model's own, not one transformers built from its config and drops keys of on loading
+    assert json.loads((tmp_path / "m" / "generation_config.json").read_text())["_from_model_config"] is False
+    assert loaded.generation_config.stop_marker == "<|end|>"
     stops = 0
     for seed in range(6):
         ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
@@ -542,6 +563,17 @@ def test_the_source_generation_config_is_carried_over(tmp_path):
         assert got.tolist() == want.tolist()
         stops += want.shape[1] < 46
     assert stops  # some prompt stopped early on a stop token
+
+
+def test_an_untied_gpt2_converts_untied_without_a_word_of_ties(caplog):
+    source = randomize(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                                  tie_word_embeddings=False)))
+    assert source.lm_head.weight is not source.get_input_embeddings().weight
+    ids = torch.randint(3, VOCAB, (1, CHUNK), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        model = convert_to_bsbr(source, chunk_size=CHUNK)
+    assert "ties its word embeddings" not in caplog.text and not model.config.tie_word_embeddings
+    torch.testing.assert_close(outputs(model, ids), outputs(source, ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
