@@ -924,14 +924,14 @@ def test_a_resumes_data_record_keeps_each_earlier_record_once():
 
 
 def test_a_step_predicted_past_the_time_budget_is_refused_before_training(tmp_path, monkeypatch):
-    """A window longer than the calibration's is timed on its first tokens and scaled: a run whose first step
-    would outlast --minutes is refused before any step (before, it ran the step, however long, then said
-    that none fit), and the student is left as it came."""
+    """A window longer than the calibration's is timed on its first tokens (16, or the 18 a step of the new
+    pieces learns from) and scaled: a run whose first step would outlast --minutes is refused before any step
+    (before, it ran the step, however long, then said that none fit), and the student is left as it came."""
     monkeypatch.setattr("bsbr.distill.budget.CALIBRATION_TOKENS", 16)
     teacher, student = fresh(0.1)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     with pytest.raises(ValueError, match=r"one training step on 40-token windows \(seq_len\) is predicted to take "
-                       r"[\d.]+ s \(one on 16 tokens took [\d.]+ s\), longer than minutes=1e-06: give more --minutes"):
+                       r"[\d.]+ s \(one on 18 tokens took [\d.]+ s\), longer than minutes=1e-06: give more --minutes"):
         distill(teacher, student, windows(), tmp_path / "o", DistillConfig(minutes=1e-6))
     assert not (tmp_path / "o" / "checkpoint").exists()
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
@@ -940,7 +940,7 @@ def test_a_step_predicted_past_the_time_budget_is_refused_before_training(tmp_pa
 
     with pytest.raises(ValueError, match=r"longer than minutes=1 \(0.0 s of it left\)"):  # a resumed run's budget
         check_step_fits(teacher, student, {}, SimpleNamespace(state={}), windows()[0], DistillConfig(minutes=1),
-                        1e-9, 1, step=lambda ids: None)
+                        1e-9, 1, step=lambda ids: None, shortest=0)
 
     def another_process_predicts(t, op):  # every process of a run refuses alike: by the largest prediction
         assert op == torch.distributed.ReduceOp.MAX
@@ -948,7 +948,7 @@ def test_a_step_predicted_past_the_time_budget_is_refused_before_training(tmp_pa
     monkeypatch.setattr("bsbr.distill.budget.dist.all_reduce", another_process_predicts)
     with pytest.raises(ValueError, match=r"predicted to take 277,777.8 hours .*, longer than minutes=1e\+06:"):
         check_step_fits(teacher, student, {}, SimpleNamespace(state={}), windows()[0], DistillConfig(minutes=1e6),
-                        6e7, 2, step=lambda ids: None)
+                        6e7, 2, step=lambda ids: None, shortest=0)
 
 
 def test_a_step_predicted_past_memory_is_refused_and_the_prediction_changes_no_training(tmp_path, monkeypatch,
@@ -978,3 +978,34 @@ def test_a_step_predicted_past_memory_is_refused_and_the_prediction_changes_no_t
                        r"than 2 processes on this machine$"):
         distill(*fresh(0.1), windows(2, 40), tmp_path / "refused", DistillConfig(steps=2))
     assert not (tmp_path / "refused" / "checkpoint").exists()
+
+
+def test_the_calibration_is_scaled_by_the_steps_multiply_adds_from_a_length_the_step_learns_from(monkeypatch,
+                                                                                                tmp_path):
+    """The time of the calibration's step (here a clock that it moves by 1 s) times the ratio of the two lengths'
+    multiply-adds (the teacher's attention quadratic); the calibration is as long as a step needs to reach what
+    it trains (params='new' without activation checkpointing had no gradient at all on 1,024 tokens of the
+    default conversion, whose new pieces are read from token 2,562: an internal error)."""
+    import bsbr.distill.budget as budget
+
+    monkeypatch.setattr(budget, "CALIBRATION_TOKENS", 16)
+    clock = [0.0]
+    lengths = []
+
+    def step(ids):
+        lengths.append(ids.shape[1])
+        clock[0] += 1.0
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    teacher, student = fresh(0.1)
+    ratio = budget.step_macs(teacher, student, 400, True) / budget.step_macs(teacher, student, 20, True)
+    assert budget.step_macs(teacher, student, 400, True) > 20 * budget.step_macs(teacher, student, 20, True)
+    with pytest.raises(ValueError, match=rf"predicted to take {ratio:,.1f} s \(one on 20 tokens took 1.0 s\)"):
+        budget.check_step_fits(teacher, student, {}, SimpleNamespace(state={}), windows(1, 400)[0],
+                               DistillConfig(minutes=1e-3), 0.06, 1, step=step, shortest=20)
+    assert lengths == [20]
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, "CALIBRATION_TOKENS", 16)
+    for params in ("new", "all"):  # the default conversion: closed gate, exact blocks (new pieces read from 82)
+        student = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK)
+        cfg = DistillConfig(steps=1, params=params, activation_checkpointing=False)
+        assert distill(make_source("llama"), student, windows(2, 100), tmp_path / params, cfg)["step"] == 1

@@ -839,10 +839,10 @@ def test_a_run_whose_logits_diverge_on_finite_weights_publishes_nothing(models, 
 def test_a_step_predicted_past_the_time_budget_is_refused_in_one_line(models, text, tmp_path, capsys, monkeypatch):
     """--minutes shorter than one step on --seq-len tokens (predicted from a step on fewer): refused before
     training, naming both flags (a 32k-token step runs for hours; the run ran it, then said none fit)."""
-    monkeypatch.setattr("bsbr.distill.budget.CALIBRATION_TOKENS", 32)
+    monkeypatch.setattr("bsbr.distill.budget.CALIBRATION_TOKENS", 32)  # (the new pieces are read from token 80)
     line = refused(capsys, distill_args(models, text, tmp_path / "out", "--minutes", "0.000001"), "distill")
     assert re.fullmatch(r"bsbr distill: error: one training step on 96-token windows \(seq_len\) is predicted to take "
-                        r"[\d.]+ s \(one on 32 tokens took [\d.]+ s\), longer than minutes=1e-06: give more "
+                        r"[\d.]+ s \(one on 82 tokens took [\d.]+ s\), longer than minutes=1e-06: give more "
                         r"--minutes, or shorter windows \(--seq-len\)", line), line
     assert not (tmp_path / "out").exists()
 

@@ -1,9 +1,11 @@
 """A training step's time and memory on the run's longest window, predicted before training from one step on
-that window's first :data:`CALIBRATION_TOKENS` tokens: a run whose first step would outlast its time budget or
-not fit in memory is refused before it starts (one step on an 8,192-token window of SmolLM2-135M took 12
-minutes and 9.1 GB; the teacher's attention grows with the square of the length). Shorter windows are not
-predicted. Measured on SmolLM2 (one thread, beside other jobs): 107 s predicted for a 2,048-token step that
-took 76 s, 6.3 minutes for a 4,096-token one that took 7.2 (/tmp script timing check_step_fits, then a step)."""
+that window's first :data:`CALIBRATION_TOKENS` tokens (or more, :func:`check_step_fits`): a run whose first step
+would outlast its time budget or not fit in memory is refused before it starts (one step on an 8,192-token
+window of SmolLM2-135M took 12 minutes and 9.1 GB; the teacher's attention grows with the square of the length).
+Shorter windows are not predicted. Measured on SmolLM2 (one thread, beside other jobs): 107 s predicted for a
+2,048-token step that took 76 s, 6.3 minutes for a 4,096-token one that took 7.2 (/tmp script timing
+check_step_fits, then a step); 118 s for a 2,048-token step of every weight that took 124 s (a review's
+`bsbr distill --params all`)."""
 from __future__ import annotations
 
 import logging
@@ -47,14 +49,16 @@ def duration(seconds: float) -> str:
 
 
 def check_step_fits(teacher, student, trained: Dict[str, torch.nn.Parameter], optimizer, window: torch.Tensor, cfg,
-                    seconds_left: Optional[float], world: int, step: Callable[[torch.Tensor], object]) -> None:
+                    seconds_left: Optional[float], world: int, step: Callable[[torch.Tensor], object],
+                    shortest: int) -> None:
     """Time one ``step`` (forward and backward of the loss) on the first :data:`CALIBRATION_TOKENS` tokens of
-    ``window`` and scale it to the whole window by :func:`step_macs` (its memory linearly, plus the optimizer's
+    ``window``, or ``shortest`` (the fewest a step learns anything from: with ``params="new"`` a window must reach
+    the new pieces, 2,562 tokens on the default conversion, or its loss has no gradient), and scale it to the whole window by :func:`step_macs` (its memory linearly, plus the optimizer's
     moments not allocated yet); raise ValueError if the step is predicted to take longer than the
     ``seconds_left`` of ``cfg.minutes`` (None: no budget) or to need more memory than this machine has for the
     processes on it. ``cfg``: the :class:`~bsbr.distill.trainer.DistillConfig`. Gradients are left unset and the
     random state as it was; every process of a run (``world``) gets the same answer (the largest prediction)."""
-    n, c, recompute = len(window), CALIBRATION_TOKENS, cfg.activation_checkpointing
+    n, c, recompute = len(window), max(CALIBRATION_TOKENS, shortest), cfg.activation_checkpointing
     if n <= c:
         return
     timed = []

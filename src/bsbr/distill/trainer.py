@@ -534,7 +534,8 @@ def _distill(teacher, student, windows: Sequence[torch.Tensor], output_dir, cfg:
                                       if p.name != ckpt_dir.name and not p.name.startswith(".final.tmp-"))
     left = None if cfg.minutes is None else cfg.minutes * 60.0 - progress["elapsed"]
     check_step_fits(teacher, student, params, opt, max(windows, key=len), cfg, left, world,
-                    step=lambda ids: _train_step(teacher, student, ids, cfg))
+                    step=lambda ids: _train_step(teacher, student, ids, cfg),
+                    shortest=shortest_window(student, cfg.params))
     # every trained parameter gets a gradient in every step (checked for new, all and lora, windows of one
     # chunk or more) but the new pieces on a window within the exact reach, where they have no effect: only
     # then does DDP search the graph for unused parameters
