@@ -52,12 +52,13 @@ def check_step_fits(teacher, student, trained: Dict[str, torch.nn.Parameter], op
                     seconds_left: Optional[float], world: int, step: Callable[[torch.Tensor], object],
                     shortest: int) -> None:
     """Time one ``step`` (forward and backward of the loss) on the first :data:`CALIBRATION_TOKENS` tokens of
-    ``window``, or ``shortest`` (the fewest a step learns anything from: with ``params="new"`` a window must reach
-    the new pieces, 2,562 tokens on the default conversion, or its loss has no gradient), and scale it to the whole window by :func:`step_macs` (its memory linearly, plus the optimizer's
-    moments not allocated yet); raise ValueError if the step is predicted to take longer than the
-    ``seconds_left`` of ``cfg.minutes`` (None: no budget) or to need more memory than this machine has for the
-    processes on it. ``cfg``: the :class:`~bsbr.distill.trainer.DistillConfig`. Gradients are left unset and the
-    random state as it was; every process of a run (``world``) gets the same answer (the largest prediction)."""
+    ``window``, or ``shortest`` (the fewest a step learns anything from: with ``params="new"`` a window must
+    reach the new pieces, 2,562 tokens on the default conversion, or its loss has no gradient), and scale it to
+    the whole window by :func:`step_macs` (its memory linearly, plus the optimizer's moments not allocated yet);
+    raise ValueError if the step is predicted to take longer than the ``seconds_left`` of ``cfg.minutes``
+    (None: no budget) or to need more memory than this machine has for the processes on it. ``cfg``: the
+    :class:`~bsbr.distill.trainer.DistillConfig`. Gradients are left unset and the random state as it was;
+    every process of a run (``world``) gets the same answer (the largest prediction)."""
     n, c, recompute = len(window), max(CALIBRATION_TOKENS, shortest), cfg.activation_checkpointing
     if n <= c:
         return
