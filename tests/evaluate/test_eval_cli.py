@@ -44,6 +44,8 @@ def test_a_saved_hybrid_model_that_reads_as_window_gets_its_baselines():
     model = convert_to_bsbr(src, chunk_size=512)
     model.config.far_positions = "hybrid"  # (what an earlier bsbr wrote to config.json)
     assert local_baseline(src, 512, like=model, same_window=True).config.far_positions == "window"
+    absolute = convert_to_bsbr(src, chunk_size=8, far_positions="absolute")  # (the baselines assign positions
+    assert local_baseline(src, 8, like=absolute).config.far_positions == "absolute"  # past the table alike)
 
 
 def test_local_baseline_is_chunk_local(tiny):
@@ -114,6 +116,7 @@ def test_window_baseline_is_the_source_in_the_models_exact_window(tiny, tmp_path
     assert has_wide_window({}) and has_wide_window({"bsbr_version": "0.3.0", "transformers_version": "5.0.0"})
     assert not has_wide_window({"transformers_version": "4.57.0"})
     assert not has_wide_window({"local_chunks": 1, "sink_tokens": 0})
+    assert has_wide_window({"local_chunks": 1, "sink_tokens": 4})  # (the window is its chunk and the sinks)
     window = local_baseline(src, CHUNK, like=wide, same_window=True)
     assert (window.config.local_chunks, window.config.sink_tokens, window.config.gate_init) == (2, 2, 0.0)
     # like= the model's config, as the docstring says: it was ignored (a chunk-local 'window' baseline, silently)
@@ -462,3 +465,10 @@ def test_evaluate_saved_says_each_note_once_and_reads_every_window_without_a_cap
                                 max_windows=None, progress=False)
     assert caplog.text.count("has no tokenizer files; using the reference's") == 1, caplog.text
     assert result["config"]["windows"] >= 2
+
+
+def test_the_printed_gap_closed_has_two_decimals_of_a_percent():
+    lm = dict(tokens=10, perplexity=dict(source=10.0, local=20.0, bsbr=12.345), agreement={}, kl={},
+              gap_closed=0.7655, buckets=[])
+    lines = summary_lines(dict(config=dict(windows=1, seq_len=64, chunk_size=16), language_modeling=lm))
+    assert "gap closed (ppl_local - ppl_bsbr) / (ppl_local - ppl_source): 76.55%" in lines

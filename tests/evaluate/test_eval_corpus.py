@@ -16,7 +16,8 @@ def test_stdlib_split_is_deterministic_disjoint_and_complete():
     assert every == sorted(every)
     root = sysconfig.get_paths()["stdlib"]
     rel = [p.relative_to(root).as_posix() for p in every]
-    assert not any(part in ("site-packages", "test", "idle_test") for r in rel for part in r.split("/"))
+    excluded = ("site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__")  # (distutils/tests)
+    assert not any(part in excluded for r in rel for part in r.split("/"))
     assert 0.05 < len(held) / len(every) < 0.15  # about 10% held out
     # the split is a function of the relative path only
     assert all(corpus.split_of(p.relative_to(root).as_posix()) == "heldout" for p in held)
@@ -26,6 +27,9 @@ def test_split_is_stable_across_processes_and_versions():
     # pinned: a split that changed between runs or releases would put evaluation files in training
     assert [corpus.split_of(p) for p in ("bz2.py", "calendar.py", "asyncio/subprocess.py")] == ["heldout"] * 3
     assert [corpus.split_of(p) for p in ("os.py", "typing.py", "json/decoder.py")] == ["train"] * 3
+    # either side of the 10% cut: hashes in [0.085, 0.1) and [0.1, 0.12)
+    assert [corpus.split_of(p) for p in ("dbm/__init__.py", "_pyio.py", "antigravity.py")] == \
+        ["heldout", "train", "train"]
 
 
 def test_the_default_corpus_order_is_the_same_wherever_python_is_installed(tmp_path, monkeypatch):
@@ -273,3 +277,37 @@ def test_a_folder_inside_a_corpus_that_cannot_be_listed_is_refused_not_skipped(t
         with pytest.raises(OSError, match="a folder inside the corpus, whose files would be left out") as e:
             call()
         assert e.value.filename == str(tmp_path / "sub")
+
+
+def test_the_seed_orders_the_corpus_and_the_record_names_what_that_order_read():
+    """--seed shuffles which files come first (eval and distill read them in that order), and the files-read
+    record names that seed's files."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    root, files = corpus.stdlib_root(), corpus.stdlib_files("heldout")
+    assert corpus.mixed_order(files, 0, root=root) != corpus.mixed_order(files, 1, root=root)
+    texts, record = corpus.corpus_texts(split="heldout", seed=1)
+    _, read, _ = corpus.windows_read(build_word_tokenizer(), texts, record, 64, 1)
+    order = corpus.mixed_order(files, 1, root=root)
+    assert read["files"] and [Path(f) for f in read["files"]] == order[:len(read["files"])]
+
+
+def test_a_document_whose_only_token_in_a_window_is_its_last_was_read():
+    class CharTok:
+        eos_token_id = 99
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 50 for c in text]}
+    used = set()
+    corpus.token_windows(CharTok(), ["aaaaaa", "bc"], 8, 1, used=used)  # a*6 EOS b | c EOS: the window ends with b
+    assert used == {0, 1}
+
+
+def test_a_long_string_is_cut_at_line_ends(monkeypatch):
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 16)
+    text = "def alpha():\n    return beta\n" * 2
+    pieces = list(corpus._str_pieces(text))
+    assert "".join(pieces) == text and len(pieces) > 1 and all(p.endswith("\n") for p in pieces[:-1])

@@ -235,3 +235,20 @@ def test_a_filler_file_that_cannot_be_read_or_is_huge_is_refused_in_one_line(tmp
     monkeypatch.setattr(type(small), "read_bytes", denied)
     with pytest.raises(ValueError, match="small.txt: cannot read it \\(Permission denied\\): give a readable"):
         filler.get_filler(str(small))
+
+
+def test_prose_sentences_are_listed_once_and_kept_whole_past_an_abbreviation():
+    sentences = filler.license_sentences(str(filler.LICENSES_DIR))
+    assert len(sentences) == len(set(sentences)) == filler.get_filler("prose").describe()["sentences"]
+    assert filler.split_sentences("Pick one of the tools, e.g. the small hammer by the door. Then walk home slowly "
+                                  "now.") == ["Pick one of the tools, e.g. the small hammer by the door.",
+                                              "Then walk home slowly now."]
+
+
+def test_the_random_filler_writes_each_of_its_three_sentence_forms():
+    import random
+
+    rng = random.Random(0)
+    sentences = [filler.random_sentence(rng) for _ in range(200)]
+    place_first = sum(s.split(",")[0].lower() in filler._PLACE for s in sentences)
+    assert 20 < place_first < 100

@@ -239,3 +239,70 @@ def test_depth_minus_zero_is_depth_zero(word_tokenizer):
     r = passkey.run_passkey({"right": Oracle(word_tokenizer, True)}, word_tokenizer, lengths=[200], depths=[-0.0],
                             trials=1, progress=False)
     assert [str(d) for d in r["depths"]] == ["0.0"] and "right@0 " in " ".join(passkey.passkey_summary_lines(r))
+
+
+def test_each_trial_of_a_cell_reads_its_own_stretch_of_filler(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    seeds = []
+    real = passkey.build_prompt
+    monkeypatch.setattr(passkey, "build_prompt", lambda *a, **k: seeds.append(k["filler_seed"]) or real(*a, **k))
+    list(passkey.grid_prompts(build_word_tokenizer(), [256], [0.5], 3, 0, 8, ["docstrings"]))
+    assert len(seeds) == 3 and len(set(seeds)) == 3
+
+
+class _Generates(torch.nn.Module):
+    """A model the pass-key run accepts; the tests replace its continuation."""
+
+    def generate(self):
+        raise AssertionError("not called: greedy_continuation is replaced")
+
+
+def test_a_key_sentence_ending_at_a_chunk_boundary_is_not_in_the_questions_chunk(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    def run(key_end):
+        p = passkey.PasskeyPrompt(input_ids=[5] * 100, key="12345", key_start=40, key_end=key_end, depth=0.5,
+                                  target_length=100, meta=dict(filler="classic", filler_sentences=1, trial=0))
+        monkeypatch.setattr(passkey, "grid_prompts", lambda *a, **k: iter([p]))
+        monkeypatch.setattr(passkey, "greedy_continuation", lambda *a, **k: [])
+        r = passkey.run_passkey({"bsbr": _Generates()}, build_word_tokenizer(), lengths=[100], depths=[0.5],
+                                trials=1, chunk_size=64, progress=False, fillers=["classic"])
+        return r["samples"][0]["key_in_last_chunk"]
+    assert (run(64), run(65)) == (False, True)  # tokens [40, 64) lie wholly before the chunk [64, 128)
+
+
+def test_each_fillers_accuracy_by_length_is_a_share_of_its_trials(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    answers = iter([True, False, True, True])
+    monkeypatch.setattr(passkey, "greedy_continuation", lambda *a, **k: [])
+    monkeypatch.setattr(passkey, "passkey_found", lambda text, key: next(answers))
+    r = passkey.run_passkey({"bsbr": _Generates()}, build_word_tokenizer(), lengths=[128], depths=[0.2, 0.8],
+                            trials=2, progress=False, fillers=["classic"])
+    assert r["models"]["bsbr"]["by_filler"]["classic"]["by_length"] == {"128": 0.75}
+
+
+def test_an_answer_budget_one_token_short_of_the_key_is_refused():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer()  # (a key's five digits are five tokens)
+    passkey.check_answer_room(tok, [256], [0.5], 1, 0, 5)
+    with pytest.raises(ValueError):
+        passkey.check_answer_room(tok, [256], [0.5], 1, 0, 4)
