@@ -1190,6 +1190,10 @@ def test_distill_checkpoint_is_never_replaced_silently(models, text, tmp_path, c
     good = data.read_bytes()
     data.write_bytes(good[: len(good) // 2])  # truncated
     assert "is corrupt" in refused(capsys, override(args, "--resume"), "distill", out)
+    flipped = bytearray(good)
+    flipped[-3] ^= 1  # one bit of a weight: the same size, another hash
+    data.write_bytes(bytes(flipped))
+    assert "is corrupt" in refused(capsys, override(args, "--resume"), "distill", out)
     data.unlink()  # missing
     assert "is partial" in refused(capsys, override(args, "--resume"), "distill", out)
     data.write_bytes(good)

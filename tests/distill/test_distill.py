@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,9 +84,9 @@ def test_without_a_progress_bar_the_steps_are_logged(tmp_path, monkeypatch, capl
     monkeypatch.setattr(trainer, "STEP_LOG_SECONDS", 0.0)
     teacher, student = fresh()
     with caplog.at_level("INFO", logger="bsbr.distill.trainer"):
-        distill(teacher, student, windows(2, 48), tmp_path / "a", DistillConfig(steps=2), progress=False)
+        log = distill(teacher, student, windows(2, 48), tmp_path / "a", DistillConfig(steps=2), progress=False)["log"]
     assert re.search(r"step 1/2: kl [0-9.]+, ce [0-9.]+, \d+ s in", caplog.text), caplog.text
-    assert "step 2/2: kl" in caplog.text
+    assert f"step 2/2: kl {log[1]['kl']:.4f}, ce {log[1]['ce']:.4f}, " in caplog.text  # (the log's, in order)
 
 
 def test_an_earlier_bsbrs_checkpoint_is_named_first_by_the_library_too(tmp_path):
@@ -412,11 +413,13 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
 
 
-def test_all_weights_with_their_own_learning_rate(tmp_path):
+@pytest.mark.parametrize("params", ["all", "lora"])
+def test_all_weights_with_their_own_learning_rate(tmp_path, params):
+    """base_lr trains the source's weights (all) or the adapters merged into them (lora); lr the new pieces."""
     teacher, student = fresh(0.1)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     new = set(new_parameters(student))
-    cfg = DistillConfig(steps=2, params="all", lr=1e-2, base_lr=1e-6, checkpoint_every=100)
+    cfg = DistillConfig(steps=2, params=params, lr=1e-2, base_lr=1e-6, checkpoint_every=100)
     distill(teacher, student, windows(), tmp_path, cfg)
     moved = {k: float((v - before[k]).abs().max()) for k, v in student.state_dict().items()}
     assert max(moved[k] for k in new) > 1e-3  # Adam moves each weight by about its learning rate per step
@@ -1009,3 +1012,68 @@ def test_the_calibration_is_scaled_by_the_steps_multiply_adds_from_a_length_the_
         student = convert_to_bsbr(make_source("llama"), chunk_size=CHUNK)
         cfg = DistillConfig(steps=1, params=params, activation_checkpointing=False)
         assert distill(make_source("llama"), student, windows(2, 100), tmp_path / params, cfg)["step"] == 1
+
+
+def test_the_log_holds_each_steps_kl_and_ce_and_the_seconds_since_the_start(tmp_path):
+    teacher, student = fresh(0.1)
+    window = windows(1, 48)[0]
+    kl, ce = end_to_end_loss(student, teacher, window[None], 0.0)[1:]  # the first step's, before any update
+    progress = distill(teacher, student, [window], tmp_path, DistillConfig(steps=3))
+    log = progress["log"]
+    assert (log[0]["kl"], log[0]["ce"]) == pytest.approx((kl, ce), rel=1e-4)
+    assert 0 < log[0]["seconds"] <= log[1]["seconds"] <= log[2]["seconds"] <= progress["elapsed"]
+
+
+def test_minutes_stop_after_the_first_step_that_ends_past_them_and_a_resume_keeps_the_time_used(tmp_path):
+    teacher, student = fresh(0.1)
+    log = distill(teacher, student, windows(2, 40), tmp_path / "a", DistillConfig(minutes=0.05))["log"]
+    assert log[-2]["seconds"] < 3.0 <= log[-1]["seconds"]
+    teacher, student = fresh(0.1)
+    used = distill(teacher, student, windows(2, 40), tmp_path / "b", DistillConfig(steps=20, checkpoint_every=5))
+    minutes = (used["elapsed"] + 0.5) / 60
+    teacher, student = fresh(0.1)
+    start = time.monotonic()
+    progress = distill(teacher, student, windows(2, 40), tmp_path / "b", DistillConfig(minutes=minutes,
+                       checkpoint_every=5), resume=True)
+    assert progress["elapsed"] >= minutes * 60 and progress["step"] > 20
+    assert time.monotonic() - start < minutes * 60  # its last 0.5 s and a step, not another 60 x minutes
+
+
+def test_a_resumed_runs_step_is_predicted_against_the_time_it_has_left(tmp_path, monkeypatch):
+    monkeypatch.setattr("bsbr.distill.budget.CALIBRATION_TOKENS", 16)
+    teacher, student = fresh(0.1)
+    used = distill(teacher, student, windows(2, 40), tmp_path, DistillConfig(steps=6, checkpoint_every=1))
+    teacher, student = fresh(0.1)
+    with pytest.raises(ValueError, match=r"longer than minutes=[\d.e-]+ \(0.0 s of it left\)"):
+        distill(teacher, student, windows(2, 40), tmp_path, DistillConfig(minutes=(used["elapsed"] + 0.001) / 60),
+                resume=True)
+
+
+@pytest.mark.parametrize("params", ["new", "lora"])
+def test_the_seed_changes_what_is_trained(tmp_path, params):
+    """--seed orders the windows (and initialises LoRA's adapters): two seeds train two models."""
+    trained = []
+    for seed in (0, 1):
+        teacher, student = fresh(0.1)
+        distill(teacher, student, windows(4, 40), tmp_path / str(seed), DistillConfig(steps=1, seed=seed,
+                params=params, lr=1e-2))
+        trained.append(student.state_dict())
+    assert any(not torch.equal(v, trained[1][k]) for k, v in trained[0].items())
+
+
+def test_the_memory_prediction_counts_the_optimizers_moments_and_every_process_on_the_machine(monkeypatch):
+    import bsbr.distill.budget as budget
+
+    needs = []
+    monkeypatch.setattr(budget, "memory_refusal", lambda need: needs.append(need) or None)
+    monkeypatch.setattr(budget, "measure_peak", lambda fn: SimpleNamespace(extra_bytes=fn() or 10 ** 6))
+    monkeypatch.setattr(budget, "CALIBRATION_TOKENS", 16)
+    teacher, student = fresh(0.1)
+    trained = {"w": torch.nn.Parameter(torch.zeros(1000))}
+    for state, local in (({}, None), ({"w": {}}, None), ({"w": {}}, "2")):
+        if local:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        budget.check_step_fits(teacher, student, trained, SimpleNamespace(state=state), windows(1, 40)[0],
+                               DistillConfig(steps=1), None, 1, step=lambda ids: None, shortest=0)
+    assert needs[0] - needs[1] == 2 * 4000 and needs[2] == 2 * needs[1]  # (AdamW's two float32 moments)
+    assert budget.step_macs(teacher, student, 40, True) > budget.step_macs(teacher, student, 40, False)
