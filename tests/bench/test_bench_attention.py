@@ -335,3 +335,21 @@ def test_the_benchmark_functions_give_the_callers_random_stream_back(tmp_path):
         state = torch.random.get_rng_state()
         call()
         assert torch.equal(torch.random.get_rng_state(), state), name
+
+
+def test_the_attention_targets_are_judged_at_their_goals_and_ratios_favour_bsbr_above_1():
+    rows = [{"model": m, "seq_len": n, "status": "ok", "time_ms": t, "peak_mb": p}
+            for m, n, t, p in (("earlier", 4096, 100.0, 200.0), ("bsbr", 4096, 4.0, 10.0))]
+    assert layers.attention_ratios(rows) == [{"baseline": "earlier", "seq_len": 4096, "time_ratio": 25.0,
+                                              "memory_ratio": 20.0}]
+    config = dict(layers.TARGET_SHAPE)
+    for baseline, n, key, goal in (("standard", 16384, "time_ratio", 5.0), ("standard", 1024, "time_ratio", 1.0),
+                                   ("earlier", 4096, "time_ratio", 20.0), ("earlier", 4096, "memory_ratio", 10.0)):
+        met = []
+        for value in (goal * 0.99, goal):
+            ratios = [{"baseline": baseline, "seq_len": n, "time_ratio": value, "memory_ratio": value}]
+            (target,) = [t for t in layers.attention_targets(ratios, config) if t["value"] is not None and
+                         t["target"].startswith(f"{baseline}/bsbr {'time' if key == 'time_ratio' else 'extra memory'}"
+                                                f" at {n} ")]
+            met.append(target["met"])
+        assert met == [False, True] and target["goal"] == goal, target

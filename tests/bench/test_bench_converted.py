@@ -285,3 +285,30 @@ def test_a_refused_prediction_never_reads_as_the_limit():
 
     assert [_duration(x) for x in (0.00033, 5.04, 9.96, 119.7, 150.0, 97_320.0)] == [
         "0.1 s", "5.1 s", "10.0 s", "119.7 s", "150 s (2.5 minutes)", "97,320 s (1,622.0 minutes)"]
+
+
+def test_decode_alternates_which_model_steps_first_and_counts_the_cache_per_context_token():
+    """Each step the other model goes first (load on a shared machine falls on both alike), and the cache's bytes
+    per context token are its bytes over the context: a llama's key and value per layer and K/V head, float32."""
+    from bsbr.bench.converted import _decode
+
+    source = make_source("llama")
+    blocks = convert_to_bsbr(source, chunk_size=8, local_chunks=2, sink_tokens=2, retrieval_blocks=2).eval()
+    order = []
+    for name, m in (("source", source), ("bsbr", blocks)):
+        m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
+    res = _decode({"source": source, "bsbr": blocks}, torch.randint(0, 50, (1, 40)), steps=4)
+    timed = order[-8:]
+    assert [timed[i:i + 2] for i in range(0, 8, 2)] == [["source", "bsbr"], ["bsbr", "source"]] * 2
+    c = source.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    assert res["source"][1] == 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
+
+
+def test_the_prefill_prediction_grows_with_the_square_of_the_length():
+    from bsbr.bench.converted import prefill_macs
+
+    source = make_source("llama")
+    c, weights = source.config, source.num_parameters(exclude_embeddings=True)
+    for n in (1024, 65536):
+        assert prefill_macs(source, n) == n * weights + n * n * c.num_hidden_layers * c.hidden_size
