@@ -1034,6 +1034,9 @@ def test_generate_refuses_a_prompt_past_the_token_cap_before_loading(models, cap
     line = refused(capsys, ["generate", converted, "--prompt", "def " * 10, "--max-new-tokens", "4"], "generate",
                    converted)
     assert "--prompt (10 tokens) with --max-new-tokens 4 is longer than the 12 tokens" in line, line
+    monkeypatch.undo()
+    monkeypatch.setattr(generate_cli, "MAX_TOKENS", 12)  # the most the line advises: the prompt and 3 new tokens
+    assert main(["generate", str(converted), "--prompt", "def " * 10, "--max-new-tokens", "3"]) == 0
 
 
 class ClosedPipe:
@@ -1508,7 +1511,22 @@ def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(mod
     (tmp_path / "prompt.txt").write_text("def f\n\n")
     assert main(["generate", str(chat), "--prompt-file", str(tmp_path / "prompt.txt"), "--chat",
                  "--max-new-tokens", "4"]) == 0
-    assert messages == ["def f\n"]  # (one newline: the file's last)
+    assert main(["generate", str(chat), "--prompt", "def f\n", "--chat", "--max-new-tokens", "4"]) == 0
+    assert messages == ["def f\n", "def f\n"]  # (one newline: the file's last; a --prompt's own, kept)
+    # the reply without special tokens (the template's or the model's own <s>)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["generate", str(chat), "--prompt", "Find", "--chat", "--max-new-tokens", "20"]) == 0
+    ids = tok.apply_chat_template([{"role": "user", "content": "Find"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    from bsbr import load_bsbr_model
+
+    with torch.no_grad():
+        out = load_bsbr_model(chat).generate(**{k: ids[k] for k in ("input_ids", "attention_mask")},
+                                             max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert set(out[0, ids["input_ids"].shape[1]:].tolist()) & set(tok.all_special_ids)  # (the model emits one)
+    reply = capsys.readouterr().out
+    assert not any(t in reply for t in tok.all_special_tokens) and reply.strip()
 
 
 def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unusable_generation_config(
@@ -1555,7 +1573,8 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
                      temperature]) == 0
     # (a token id past the vocabulary: an IndexError deep in generate, or an eos that never stops it)
     for bad in ('{"eos_token_id": "x"}', '{"num_beams": 0}', '{"eos_token_id": ', '{"num_beam_groups": 2}',
-                '{"num_return_sequences": 2}',
+                '{"num_return_sequences": 2}', '{"low_memory": true}', '{"diversity_penalty": 0.5}',
+                '{"dola_layers": "low"}',
                 f'{{"forced_eos_token_id": {vocab}}}', f'{{"eos_token_id": [1, {vocab + 5000}]}}',
                 '{"pad_token_id": 1.5}', f'{{"suppress_tokens": [{vocab}]}}'):
         (chat / "generation_config.json").write_text(bad)
@@ -2547,3 +2566,22 @@ def test_a_hub_source_is_checked_and_warned_of_as_its_folder_is(models, tmp_path
         assert main(["convert", "org/code", "out", "--chunk-size", "8"]) == 0
     assert "SOURCE org/code: its config.json names code of its own (modeling_x.py), which bsbr never runs" \
         in caplog.text and "PreTrainedTokenizerFast.py" not in caplog.text
+
+
+def test_sampling_takes_one_beam_and_the_prompt_as_given_whatever_the_config_asks(models, tmp_path, monkeypatch):
+    """generation_config.json's num_beams would make sampling beam sampling, its token_healing rewrite the
+    prompt's last tokens (and fail: the tokenizer has no pad token): --temperature samples one beam of the
+    prompt as given."""
+    from bsbr import BSBRForCausalLM
+
+    _, converted, _ = models
+    model = copy_source(converted, tmp_path / "m")
+    path = model / "generation_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(dict(settings, num_beams=3, token_healing=True)))
+    asked = []
+    generate = BSBRForCausalLM.generate
+    monkeypatch.setattr(BSBRForCausalLM, "generate", lambda self, *a, **k: asked.append(k) or generate(self, *a, **k))
+    assert main(["generate", str(model), "--prompt", "def f", "--max-new-tokens", "4", "--temperature", "1",
+                 "--seed", "1"]) == 0
+    assert asked[-1]["do_sample"] and asked[-1]["num_beams"] == 1 and asked[-1]["token_healing"] is False

@@ -547,6 +547,10 @@ def test_convert_checks_before_the_work(models, tmp_path, capsys, monkeypatch):
     line = refused(capsys, ["convert", big_tok, tmp_path / "out"], "convert", big_tok)
     assert "tokenizer's token '</s>' has id 120, its model only 97 embeddings" in line, line
     assert line.endswith("resize it (model.resize_token_embeddings(121)) and save both"), line  # (not len(tokenizer))
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab | {"</s>": 97}, unk_token="w0")),
+                            unk_token="w0", eos_token="</s>").save_pretrained(big_tok)  # one past the last row
+    line = refused(capsys, ["convert", big_tok, tmp_path / "out"], "convert", big_tok)
+    assert "tokenizer's token '</s>' has id 97, its model only 97 embeddings" in line, line
     monkeypatch.chdir(tmp_path)
     t0 = time.perf_counter()
     line = refused(capsys, ["convert", "victim2", "out"], "convert")  # a relative path mistyped: no hub lookup
