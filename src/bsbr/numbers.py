@@ -1,5 +1,5 @@
-"""Finite numbers: float32's range, and the argparse type every command uses for its float options
-(no torch import: command parsers are built for ``--help``)."""
+"""Finite numbers: float32's range, the argparse types every command uses for its number options, and
+durations as messages give them (no torch import: command parsers are built for ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -61,3 +61,10 @@ def integer(low: int = 1, high: int = MAX_TOKENS):
         return value
     parse.__name__ = "integer"
     return parse
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a message, rounded up (a prediction just past a limit never reads as the limit): "5.1 s",
+    or past 2 minutes "150 s (2.5 minutes)"."""
+    up = math.ceil(seconds * 10) / 10
+    return f"{up:,.1f} s" if up < 120 else f"{math.ceil(seconds):,} s ({seconds / 60:,.1f} minutes)"

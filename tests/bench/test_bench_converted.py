@@ -281,9 +281,9 @@ def test_the_memory_a_length_needs_is_scaled_from_a_warm_prefill_without_a_cache
 
 def test_a_refused_prediction_never_reads_as_the_limit():
     """Rounded to whole seconds, a prediction of 5.04 s refused at --max-seconds 5 read "5 s > 5"."""
-    from bsbr.bench.converted import _duration
+    from bsbr.numbers import duration
 
-    assert [_duration(x) for x in (0.00033, 5.04, 9.96, 119.7, 150.0, 97_320.0)] == [
+    assert [duration(x) for x in (0.00033, 5.04, 9.96, 119.7, 150.0, 97_320.0)] == [
         "0.1 s", "5.1 s", "10.0 s", "119.7 s", "150 s (2.5 minutes)", "97,320 s (1,622.0 minutes)"]
 
 

@@ -9,7 +9,6 @@ are source time / BSBR time (> 1 means BSBR is faster), medians of interleaved r
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -26,6 +25,7 @@ from .common import (check_outputs, check_unique, interleaved_times, machine_inf
 from ..models.heads import output_object
 from .defaults import CALIBRATION_LEN
 from ..memory import MiB, measure_peak, memory_refusal
+from ..numbers import duration
 from .plots import plot_converted
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,6 @@ def prefill_macs(model, n: int) -> float:
         model.config.hidden_size
 
 
-def _duration(seconds: float) -> str:
-    up = math.ceil(seconds * 10) / 10  # (rounded up: a prediction just past the limit never reads as the limit)
-    return f"{up:,.1f} s" if up < 120 else f"{math.ceil(seconds):,} s ({seconds / 60:,.1f} minutes)"
-
-
 def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float, *,
                      prefill_flag: str = "--seq-lens", budget_flag: Optional[str] = "--max-seconds") -> None:
     """Refuse, before any timed call, a length whose source prefill is predicted to pass ``max_seconds`` (one
@@ -136,8 +131,8 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
         predicted = seconds * prefill_macs(source, n) / prefill_macs(source, CALIBRATION_LEN)
         if predicted > max_seconds:
             limit = f"{budget_flag} {max_seconds:,.10g}" if budget_flag else f"{max_seconds:,.10g} s"
-            raise UserError(f"{flag} {n}: the source's prefill is predicted to take {_duration(predicted)} "
-                            f"(one of {CALIBRATION_LEN} tokens took {_duration(seconds)}) > {limit}: give a shorter "
+            raise UserError(f"{flag} {n}: the source's prefill is predicted to take {duration(predicted)} "
+                            f"(one of {CALIBRATION_LEN} tokens took {duration(seconds)}) > {limit}: give a shorter "
                             "length"
                             + (f", or a larger {budget_flag}" if budget_flag else ""))
         need = peak * n / CALIBRATION_LEN + (2 * cache_per_token * n if flag == "--decode-contexts" else 0)

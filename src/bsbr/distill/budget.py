@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..memory import measure_peak, memory_refusal
+from ..numbers import duration
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ def step_macs(teacher, student, n: int, recompute: bool) -> float:
     t = teacher.config
     return (n * per_token(teacher) + n * n * t.num_hidden_layers * t.hidden_size
             + (3 + recompute) * (n * per_token(student) + 2 * n * keys * c.num_hidden_layers * c.hidden_size))
-
-
-def duration(seconds: float) -> str:
-    """``seconds`` for a message: "42.1 s", "51.7 minutes", "7.2 hours"."""
-    if seconds < 120:
-        return f"{seconds:,.1f} s"
-    return f"{seconds / 60:,.1f} minutes" if seconds < 7200 else f"{seconds / 3600:,.1f} hours"
 
 
 def check_step_fits(teacher, student, trained: Dict[str, torch.nn.Parameter], optimizer, window: torch.Tensor, cfg,
