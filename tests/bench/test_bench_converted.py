@@ -305,10 +305,16 @@ def test_decode_alternates_which_model_steps_first_and_counts_the_cache_per_cont
     assert res["source"][1] == 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
 
 
-def test_the_prefill_prediction_grows_with_the_square_of_the_length():
-    from bsbr.bench.converted import prefill_macs
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_multiply_adds_count_each_weight_once_per_token_and_the_head_only_where_logits_are_kept(family):
+    from bsbr.macs import forward_macs
 
-    source = make_source("llama")
+    source = make_source(family)  # (llama's head is its own weight, gpt2's the embeddings')
     c, weights = source.config, source.num_parameters(exclude_embeddings=True)
-    for n in (1024, 65536):
-        assert prefill_macs(source, n) == n * weights + n * n * c.num_hidden_layers * c.hidden_size
+    head = c.vocab_size * c.hidden_size
+    layers = weights - head * (not c.tie_word_embeddings)
+    for n in (1024, 65536):  # (a prefill: causal attention, the last position's logits only)
+        assert forward_macs(source, n, logits=False) == n * layers + n * n * c.num_hidden_layers * c.hidden_size
+        assert forward_macs(source, n) == n * (layers + head) + n * n * c.num_hidden_layers * c.hidden_size
+        assert forward_macs(source, n, keys=40) == n * (layers + head) + 2 * n * 40 * c.num_hidden_layers * \
+            c.hidden_size

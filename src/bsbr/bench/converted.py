@@ -24,6 +24,7 @@ from .common import (check_outputs, check_unique, interleaved_times, machine_inf
                      own_rng, set_threads, write_outputs)
 from ..models.heads import output_object
 from .defaults import CALIBRATION_LEN
+from ..macs import forward_macs
 from ..memory import MiB, measure_peak, memory_refusal
 from ..numbers import duration
 from .plots import plot_converted
@@ -93,22 +94,15 @@ def _decode(models: Dict, ids: torch.Tensor, steps: int):
     return {name: (1000.0 * median(times[name]), per_token[name]) for name in models}
 
 
-def prefill_macs(model, n: int) -> float:
-    """Multiply-adds of a causal prefill of ``n`` tokens: each weight outside the embeddings once per token, and
-    for each of the n^2/2 query-key pairs a product with the key and one with the value in every layer's heads."""
-    return n * model.num_parameters(exclude_embeddings=True) + n * n * model.config.num_hidden_layers * \
-        model.config.hidden_size
-
-
 def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Sequence[int], max_seconds: float, *,
                      prefill_flag: str = "--seq-lens", budget_flag: Optional[str] = "--max-seconds") -> None:
     """Refuse, before any timed call, a length whose source prefill is predicted to pass ``max_seconds`` (one
-    prefill of :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens, scaled by :func:`prefill_macs`) or not to fit in
-    memory (that prefill's peak without a cache after a warm-up call, linear in the length; at a decode context
-    both models' caches too, BSBR's taken as the source's: 1.0-1.6x it, docs/findings.md): a typo's context must
-    not start hours of the source's attention or an out-of-memory kill. Lengths up to the calibration's run
-    unchecked. The flags name the lengths
-    (``prefill_flag``, ``--decode-contexts``) and the limit (``budget_flag``; None: a fixed limit) in a refusal."""
+    prefill of :data:`~bsbr.bench.layers.CALIBRATION_LEN` tokens, scaled by :func:`~bsbr.macs.forward_macs`) or
+    not to fit in memory (that prefill's peak without a cache after a warm-up call, linear in the length; at a
+    decode context both models' caches too, BSBR's taken as the source's: 1.0-1.6x it, docs/findings.md): a
+    typo's context must not start hours of the source's attention or an out-of-memory kill. Lengths up to the
+    calibration's run unchecked. The flags name the lengths (``prefill_flag``, ``--decode-contexts``) and the
+    limit (``budget_flag``; None: a fixed limit) in a refusal."""
     asked = [(prefill_flag, n) for n in prefill_lens] + [("--decode-contexts", n) for n in decode_contexts]
     if max((n for _, n in asked), default=0) <= CALIBRATION_LEN:
         return
@@ -128,7 +122,7 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
     for flag, n in asked:
         if n <= CALIBRATION_LEN:
             continue
-        predicted = seconds * prefill_macs(source, n) / prefill_macs(source, CALIBRATION_LEN)
+        predicted = seconds * forward_macs(source, n, logits=False) / forward_macs(source, CALIBRATION_LEN, logits=False)
         if predicted > max_seconds:
             limit = f"{budget_flag} {max_seconds:,.10g}" if budget_flag else f"{max_seconds:,.10g} s"
             raise UserError(f"{flag} {n}: the source's prefill is predicted to take {duration(predicted)} "

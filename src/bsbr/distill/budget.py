@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ..macs import forward_macs
 from ..memory import measure_peak, memory_refusal
 from ..numbers import duration
 
@@ -25,21 +26,15 @@ logger = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 1024  # windows longer than this are predicted from one step on this many tokens
 
 
-def step_macs(teacher, student, n: int, recompute: bool) -> float:
-    """Multiply-adds of one training step on an ``n``-token window: the teacher's forward (each weight once per
-    token, the LM head's too, and for each of the n^2/2 query-key pairs a product with the key and one with the
-    value in every layer), and the student's forward and backward, 3 forwards' worth (4 with ``recompute``,
-    activation checkpointing), each token reading the keys within its window, blocks, recall slots and sinks."""
-    def per_token(model) -> float:
-        cfg = model.config
-        return model.num_parameters(exclude_embeddings=True) + cfg.vocab_size * cfg.hidden_size
-
+def step_macs(teacher, student, n: int, recompute: bool) -> int:
+    """Multiply-adds of one training step on an ``n``-token window (:func:`~bsbr.macs.forward_macs`, logits at
+    every position): the teacher's forward, causal over the whole window, and the student's forward and
+    backward, 3 forwards' worth (4 with ``recompute``, activation checkpointing), each token reading the keys
+    within its window, blocks, recall slots and sinks."""
     c = student.config
     keys = min(n, c.chunk_size * (c.local_chunks + getattr(c, "retrieval_blocks", 0)) + c.sink_tokens
                + getattr(c, "recall_tokens", 0))
-    t = teacher.config
-    return (n * per_token(teacher) + n * n * t.num_hidden_layers * t.hidden_size
-            + (3 + recompute) * (n * per_token(student) + 2 * n * keys * c.num_hidden_layers * c.hidden_size))
+    return forward_macs(teacher, n) + (3 + recompute) * forward_macs(student, n, keys)
 
 
 def check_step_fits(teacher, student, trained: Dict[str, torch.nn.Parameter], optimizer, window: torch.Tensor, cfg,
