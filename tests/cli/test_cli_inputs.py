@@ -298,6 +298,22 @@ def test_hybrid_far_positions_with_the_bounded_mode_are_refused_before_loading(m
     assert not (tmp_path / "out").exists()
 
 
+def test_the_bounded_mode_without_sinks_takes_far_positions_and_every_option_is_recorded(models, tmp_path):
+    # the recall cache is placed by --far-positions too (refused as "this conversion has none" without sinks);
+    # --gate-init reads none in any case; conversion.json records each option given, --compression-factor too
+    from bsbr.cli import main
+
+    source, _, _ = models
+    out = tmp_path / "out"
+    assert main([str(a) for a in ["convert", source, out, "--chunk-size", "8", "--sink-tokens", "0", "--recall-tokens",
+                                  "16", "--far-positions", "absolute", "--gate-init", "None", "--compression-factor",
+                                  "2"]]) == 0
+    record, config = (json.loads((out / name).read_text()) for name in ("conversion.json", "config.json"))
+    want = dict(sink_tokens=0, recall_tokens=16, far_positions="absolute", gate_init=None, compression_factor=2)
+    assert {k: record.get(k, "absent") for k in want} == want
+    assert {k: config.get(k, "absent") for k in want} == want
+
+
 def test_a_compression_factor_the_source_heads_do_not_fit_is_refused_before_loading(models, tmp_path, capsys,
                                                                                     monkeypatch):
     source, _, _ = models  # head_dim 8: hedgehog features 16
@@ -1759,6 +1775,10 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the layers were built"))
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert "config.json gives 3,000 layers (num_hidden_layers), its weights hold 2" in line, line
+    shutil.rmtree(d)
+    d = _edited_source(models, tmp_path, num_hidden_layers=3)  # (one too many: as plainly named)
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert "config.json gives 3 layers (num_hidden_layers), its weights hold 2: restore the config.json" in line, line
     monkeypatch.undo()
     # integer weights (a quantized or edited source) were cast into the float model silently, exit 0
     from safetensors.torch import load_file, save_file

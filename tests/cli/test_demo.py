@@ -64,6 +64,8 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch)
     (["--chunk-size", str(2 ** 63)], "argument --chunk-size: must be an integer from 1 to"),
     (["--repeats", str(2 ** 63)], "argument --repeats: must be an integer from 1 to 1,000"),
     (["--speed-lens", "0"], "argument --speed-lens: must be an integer from 1 to"),
+    (["--chunk-size", "600000", "--seq-len", "600002"], "--chunk-size 600,000 must be at most 524,288 (the "
+     "conversion's window is 2 chunks"),
 ])
 def test_demo_refuses_bad_sizes_before_converting(models, tmp_path, capsys, monkeypatch, extra, words):
     source, _, _ = models

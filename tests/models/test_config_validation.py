@@ -566,7 +566,7 @@ def test_a_dropout_given_to_from_pretrained_loads_as_for_a_llama(tmp_path, caplo
                                                               num_labels=3)
     assert tok.dropout.p == 0.3 and "classifier_dropout=0.3 is not read" not in caplog.text
     assert "hidden_dropout=0.4 is not read" in caplog.text
-    for bad in (1.5, -0.1, "x", float("nan")):
+    for bad in (1.5, 1.0, -0.1, "x", float("nan")):  # (1.0 would drop every feature the head reads)
         with pytest.raises(ValueError, match="^classifier_dropout must be"):
             BSBRConfig(classifier_dropout=bad)
 
@@ -622,6 +622,11 @@ def test_the_saved_folder_says_which_bsbr_wrote_it_and_a_newer_one_is_warned_of(
         newer = f"saved by bsbr 99.0, and this is bsbr {bsbr.__version__}: options added"
         assert caplog.text.count(newer) == 1, (load, caplog.text)  # (the Auto classes said it twice: AutoConfig
         # read the config, then the model's constructor built it again)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # (written by this bsbr: nothing to say)
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        load_bsbr_model(tmp_path)
+    assert "saved by bsbr" not in caplog.text
 
 
 def test_a_note_is_said_for_each_of_two_loads_at_once_in_threads(tmp_path, caplog):
@@ -911,3 +916,32 @@ def test_a_retired_value_of_a_current_option_is_refused_on_saving_with_advice_th
     with pytest.raises(ValueError, match="retrieval_top_k=3"):  # (before transformers makes the folder)
         model.save_pretrained(tmp_path / "m", state_dict=model.state_dict())
     assert not (tmp_path / "m").exists()
+
+
+def test_a_compression_factor_that_divides_hedgehogs_doubled_features_builds_a_model():
+    # hedgehog's features are [softmax(xW), softmax(-xW)]: twice head_dim; a factor dividing them (16 with
+    # head_dim 8) is a model that builds and runs, and one dividing neither (3) is refused naming both sizes
+    config = BSBRConfig(**{**TINY, "hidden_size": 32, "num_attention_heads": 4}, compression_factor=16,
+                        feature_map="hedgehog", retrieval="normalized")
+    model = BSBRForCausalLM(config).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 97, (1, 20))).logits).all()
+    with pytest.raises(ValueError, match=r"compression_factor \(3\) must divide the chunk states' feature dim \(16: "
+                       r"head_dim 8 x 2 for hedgehog\)"):
+        BSBRConfig(**{**TINY, "hidden_size": 32, "num_attention_heads": 4}, compression_factor=3)
+
+
+def test_a_config_differs_from_its_record_beyond_float32_rounding_and_by_any_key(tmp_path, caplog):
+    # a GGUF source stores its floats in float32 (1e-5 reads back as 9.99999975e-06): not an edit of config.json;
+    # a rope_parameters that lost a key (yarn's attention_factor) is one, though every key it kept is equal
+    from bsbr.arguments import check_bsbr_dir
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    BSBRForCausalLM(BSBRConfig(**TINY, norm_eps=9.99999975e-06, position_type="rope",
+                               rope_parameters=rope)).save_pretrained(tmp_path)
+    (tmp_path / "conversion.json").write_text(json.dumps(dict(source=dict(name="x", architecture=dict(
+        norm_eps=1e-05, rope_parameters={**rope, "attention_factor": 2.0})))))
+    with caplog.at_level("WARNING", logger="bsbr.arguments"):
+        check_bsbr_dir(tmp_path, "MODEL_DIR")
+    assert "norm_eps" not in caplog.text
+    assert "config.json's rope_parameters is" in caplog.text

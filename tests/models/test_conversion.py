@@ -402,9 +402,10 @@ def test_errors():
         convert_to_bsbr("/nonexistent/model.gguf")
     with pytest.raises(FileNotFoundError):
         convert_to_bsbr("./no/such/dir")
-    with pytest.raises(ValueError, match="not supported"):
-        convert_to_bsbr(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2,
-                                                   scale_attn_by_inverse_layer_idx=True)))
+    for flag, bad in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                      ("add_cross_attention", True)):  # (said as unsupported, not as a config edited since)
+        with pytest.raises(ValueError, match=f"^GPT-2 sources with {flag}={bad} are not supported"):
+            convert_to_bsbr(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, **{flag: bad})))
     with pytest.raises(ValueError, match="already a BSBR"):
         convert_to_bsbr(convert_to_bsbr(src, chunk_size=CHUNK))
 
@@ -808,3 +809,23 @@ def test_training_runs_under_anomaly_detection(options, n):
         model(ids).logits.sum().backward()
     assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters())
 
+
+
+def test_a_gpt2_with_its_own_mlp_width_and_the_sources_special_tokens_convert_exactly():
+    # n_inner (GPT-2's MLP width, None: 4 x n_embd) and bos/eos/pad ids are the source's in the converted config
+    src = randomize(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                               n_inner=100, bos_token_id=3, eos_token_id=4, pad_token_id=5)))
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    assert model.config.intermediate_size == 100
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (3, 4, 5)
+    ids = torch.randint(0, VOCAB, (1, CHUNK))
+    assert torch.allclose(outputs(model, ids), outputs(src.eval(), ids), atol=1e-5)
+
+
+def test_an_untied_base_model_without_its_head_is_refused_with_the_class_to_pass():
+    from transformers import LlamaConfig, LlamaModel
+
+    src = LlamaModel(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                 num_attention_heads=4, tie_word_embeddings=False))
+    with pytest.raises(ValueError, match="untied output embeddings but no lm_head: pass the \\*ForCausalLM model"):
+        convert_to_bsbr(src, chunk_size=CHUNK)

@@ -18,8 +18,8 @@ def gate_value(text: str):
 
 
 def check_default_window(chunk_size: int) -> None:
-    """For commands that convert with the default window and have no ``--local-chunks`` (``demo``, ``bench
-    converted``): refuse, before loading, a ``--chunk-size`` whose window would pass ``MAX_TOKENS``."""
+    """For a command that converts with the default window and has no ``--local-chunks`` (``demo``): refuse,
+    before loading, a ``--chunk-size`` whose window would pass ``MAX_TOKENS``."""
     from ..errors import UserError
     from .defaults import DEFAULT_OPTIONS
 
