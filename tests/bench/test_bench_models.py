@@ -1,6 +1,7 @@
 """Smoke tests of ``bsbr bench models`` and ``bsbr bench quality``: they run at tiny sizes and write
 the documented JSON keys. No timing assertions (the machines are shared)."""
 import json
+import math
 
 import pytest
 
@@ -64,6 +65,8 @@ def test_bench_quality_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert [r["model"] for r in result["results"]] == ["bsbr", "sliding_window"]
     assert list(result["results"][0]["buckets"]) == ["0-63", "64-79"]
+    # each window's loss per byte, averaged over the windows (near ln 256 for these untrained models, not a sum)
+    assert all(0 < v < 1.5 * math.log(256) for r in result["results"] for v in r["buckets"].values())
     c = result["comparison"][0]
     assert c["bsbr_model"] == "bsbr" and c["chunk"] == c["positions_from"] == 16
     # positions 16-79 exactly (the buckets are 0-63, 64-79: it compared positions 64-79 and said ">= 16")
@@ -79,6 +82,7 @@ def test_bench_quality_tiny(tmp_path):
     assert main(["bench", "quality", "--merge", str(out), str(other), "--json", str(merged)]) == 0
     assert len(json.loads(merged.read_text())["results"]) == 3  # the same file twice is refused (test_bench_refusals)
     assert bench_quality.buckets_for(512) == [(0, 64), (64, 128), (128, 256), (256, 512)]
+    assert bench_quality.buckets_for(40) == [(0, 40)]  # (a window shorter than the first bucket: named 0-39)
 
 
 def test_quality_comparison_of_an_older_result_says_which_positions_it_covers():
@@ -89,7 +93,17 @@ def test_quality_comparison_of_an_older_result_says_which_positions_it_covers():
     (c,) = bench_quality.compare_to_window(old, 32)
     assert (c["positions_from"], c["bsbr_loss_past_chunk"], c["window_loss_past_chunk"]) == (64, 1.0, 2.0)
     table = bench_quality.format_table(dict(results=old, comparison=[c]))
-    assert "bsbr vs sliding_window on positions >= 64: 1.0000 vs 2.0000" in table
+    assert "bsbr vs sliding_window on positions >= 64: 1.0000 vs 2.0000 (BSBR better, diff -1.0000)" in table
+    worse = [dict(r, buckets={k: 3.0 - v if k != "0-63" else v for k, v in r["buckets"].items()}) for r in old]
+    table = bench_quality.format_table(dict(results=worse, comparison=bench_quality.compare_to_window(worse, 32)))
+    assert "on positions >= 64: 2.0000 vs 1.0000 (BSBR NOT better, diff +1.0000)" in table
+    # a late bucket JSON could not hold (null: NaN, the training diverged) compares as n/a
+    (c,) = bench_quality.compare_to_window([dict(old[0], buckets={"0-63": 3.0, "64-127": None}), old[1]], 32)
+    assert c["bsbr_loss_past_chunk"] != c["bsbr_loss_past_chunk"] and c["bsbr_better"] is None
+    # the model column is as wide as the longest name (bsbr_normalized_gated's row was shifted one column)
+    long = [dict(r, model=m) for r, m in zip(old, ("bsbr_normalized_gated", "sliding_window"))]
+    head, _, row, _ = bench_quality.format_table(dict(results=long, comparison=[])).splitlines()
+    assert len(row) == len(head) and row.startswith("bsbr_normalized_gated ")
     new = [dict(r, loss_past={"32": r["buckets"]["64-127"] + 0.5}) for r in old]
     (c,) = bench_quality.compare_to_window(new, 32)
     assert (c["positions_from"], c["bsbr_loss_past_chunk"], c["window_loss_past_chunk"]) == (32, 1.5, 2.5)
@@ -107,6 +121,8 @@ def test_quality_is_deterministic_for_a_seed(tmp_path):
     for ra, rb in zip(a["results"], b["results"]):
         assert ra["buckets"] == rb["buckets"] and ra["final_train_loss"] == rb["final_train_loss"]
     other = bench_quality.run_quality(["bsbr_gated", "deltanet"], **{**kw, "seed": 4})  # the seed is used
+    alone = bench_quality.run_quality(["deltanet"], **kw)  # a model's start is the seed's, whatever ran before it
+    assert alone["results"][0]["buckets"] == a["results"][1]["buckets"]
     assert all(ra["final_train_loss"] != ro["final_train_loss"] for ra, ro in zip(a["results"], other["results"]))
 
 

@@ -199,6 +199,24 @@ def test_bench_quality_merges_results_of_different_models(tmp_path, capsys):
     assert [r["model"] for r in merged["results"]] == ["bsbr", "sliding_window"]
     assert merged["config"]["merged_from"] == [a, b] and len(merged["comparison"]) == 1
     assert merged["machine"] == {"cpu": "test cpu", "torch": "2.13"}  # both ran on it
+    c = _quality_result(tmp_path / "c.json", models=("standard",))  # (a merge merged again: its merged_from is
+    again = tmp_path / "again.json"  # no setting of the runs)
+    assert main(["bench", "quality", "--merge", str(out), c, "--json", str(again)]) == 0
+    assert [r["model"] for r in json.loads(again.read_text())["results"]] == ["bsbr", "sliding_window", "standard"]
+
+
+def test_bench_quality_refuses_a_split_just_one_window_long_in_one_line(monkeypatch):
+    # a window is seq_len + 1 bytes drawn from inside a split: one exactly that long has no room (randint failed)
+    import torch
+
+    from bsbr.errors import UserError
+
+    monkeypatch.setattr(bench_quality, "load_corpus", lambda root=None: (torch.zeros(33, dtype=torch.long),
+                                                                         torch.zeros(1000, dtype=torch.long), 2))
+    with pytest.raises(UserError, match="--seq-len 32 does not fit the standard library: its train and held-out "
+                                        "splits hold 33 and 1,000 bytes; give a --seq-len below 32"):
+        bench_quality.run_quality(["bsbr"], chunk_size=8, hidden=16, layers=1, heads=2, ff_dim=16, seq_len=32, batch=1,
+                                  steps=1, eval_windows=1, progress=False)
 
 
 def test_bench_quality_merges_a_corpus_recorded_relative_with_its_real_path(tmp_path, capsys, monkeypatch):
