@@ -285,3 +285,16 @@ def test_bench_help_runs_without_docstrings():
         run = subprocess.run([sys.executable, "-OO", "-m", "bsbr.cli", "bench", name, "--help"], capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0 and "usage: bsbr bench" in run.stdout, run.stderr[-1000:]
+
+
+def test_the_quality_plot_gives_each_of_twelve_models_its_own_colour(tmp_path, monkeypatch):
+    # matplotlib's default cycle repeats after 10 lines: models 1 and 11 were drawn alike
+    from bsbr.bench import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    results = [dict(model=f"m{i}", buckets={"0-63": 2.0 + i, "64-127": 1.0 + i}) for i in range(12)]
+    plots.plot_quality(dict(results=results, config=dict(steps=1, batch=1, seq_len=128, layers=1, hidden=16,
+                                                         chunk_size=32)), str(tmp_path / "q.png"))
+    colours = [line.get_color() for line in figures[0].axes[0].lines]
+    assert len(colours) == 12 and len(set(map(str, colours))) == 12

@@ -252,3 +252,35 @@ def test_the_task_writer_defaults_are_bsbr_eval_s_pass_key_defaults():
     for name, value in cli_defaults.items():
         assert task[name].default == value, name
         assert run[name].default == value, name
+
+
+def test_the_task_is_written_for_any_tokenizer_and_any_folder(word_tokenizer, tmp_path, monkeypatch, caplog):
+    """A tokenizer that adds a BOS gives prompts without it (HFLM adds its own); no false warning of appended
+    special tokens; a relative task folder names its data by absolute path (lm-eval runs from anywhere); fillers
+    whose metrics would be one, and a task folder that is a file, are refused with nothing left behind."""
+    from tokenizers import processors
+    from word_tokenizer import build_word_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    bos = build_word_tokenizer()
+    bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    with caplog.at_level("WARNING"):
+        lm_eval_task.write_lm_eval_task("rel", bos, lengths=[96], depths=[0.5], trials=1, fillers=["classic"])
+        lm_eval_task.write_lm_eval_task("plain", word_tokenizer, lengths=[96], depths=[0.5], trials=1,
+                                        fillers=["classic"])
+    assert "special token" not in caplog.text
+    (row,) = [json.loads(line) for line in (tmp_path / "rel" / "bsbr_passkey.jsonl").read_text().splitlines()]
+    (prompt,) = passkey.grid_prompts(bos, [96], [0.5], 1, 0, 8, ["classic"])
+    assert not row["prompt"].startswith("<s>") and bos(row["prompt"])["input_ids"] == list(prompt.input_ids)
+    assert f'test: "{(tmp_path / "rel" / "bsbr_passkey.jsonl").resolve()}"' in \
+        (tmp_path / "rel" / "bsbr_passkey.yaml").read_text()
+    for name in ("a-b.txt", "a_b.txt"):
+        (tmp_path / name).write_text("The fox ran over the hill on a bright and windy day in the valley.\n" * 5)
+    with pytest.raises(ValueError, match="fillers file:a-b.txt and file:a_b.txt would share the lm-eval metric"):
+        lm_eval_task.write_lm_eval_task("both", word_tokenizer, lengths=[96], depths=[0.5], trials=1,
+                                        fillers=["a-b.txt", "a_b.txt"])
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="task_dir file is a file, not a directory"):
+        lm_eval_task.write_lm_eval_task("file", word_tokenizer, lengths=[96], depths=[0.5], trials=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-b.txt", "a_b.txt", "file", "plain", "rel"]
+    assert (tmp_path / "file").read_text() == "mine"

@@ -61,6 +61,9 @@ def test_passkey_only_cli(saved, tmp_path, capsys):
                for m in pk["models"].values())
     heat = tmp_path / "pk.passkey.png"
     assert heat.read_bytes()[:8] == PNG
+    from bsbr.evaluate.plots import HEATMAP_TITLE, png_title
+
+    assert png_title(heat) == HEATMAP_TITLE  # (how a rerun knows the file is its own heat map to replace)
     assert json.loads(heat.with_suffix(".json").read_text()) == dict(config=r["config"], **pk)  # (the run's record)
     printed = capsys.readouterr().out
     assert "pass-key accuracy per filler" in printed and f"pass-key heat map: {heat}" in printed
@@ -149,3 +152,29 @@ print(matplotlib.get_backend(), plt.get_fignums() == [mine.number])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["svg", "True"] and (tmp_path / "p.png").read_bytes()[:8] == PNG
+
+
+def test_grouped_bars_stand_over_their_own_group_in_the_names_order():
+    from types import SimpleNamespace
+
+    from bsbr.evaluate.plots import grouped_bars
+
+    bars = []
+    ax = SimpleNamespace(bar=lambda x, heights, width, **kw: bars.append((list(x), heights, kw["label"])),
+                         set_xticks=lambda ticks: None)
+    grouped_bars(ax, ["source", "bsbr"], ["classic", "random", "prose"], lambda name, group: (name, group))
+    for x, heights, _ in bars:
+        assert [round(v) for v in x] == [0, 1, 2] and [g for _, g in heights] == ["classic", "random", "prose"]
+    assert [label for *_, label in bars] == ["source (full attention)", "BSBR"] and bars[0][0][0] < bars[1][0][0]
+
+
+def test_the_text_report_puts_each_agreement_under_its_own_column():
+    from bsbr.evaluate.report import summary_lines
+
+    result = dict(config=dict(windows=1, seq_len=64, chunk_size=16),
+                  language_modeling=dict(tokens=48, perplexity={"bsbr": 10.0}, kl={"bsbr": 0.25}, buckets=[],
+                                         agreement={"bsbr": dict(top1=0.1, top5=0.5, top10=0.9)}))
+    lines = list(summary_lines(result))
+    head = lines[1].split()
+    row = dict(zip(head, next(line for line in lines if line.startswith("bsbr")).split()))
+    assert (row["ppl"], row["top1"], row["top5"], row["top10"], row["KL"]) == ("10", "0.100", "0.500", "0.900", "0.25")
