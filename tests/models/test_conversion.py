@@ -326,9 +326,15 @@ def test_gpt2_runs_past_its_position_table():
         out = outputs(model, ids)
         assert out.shape == (1, 200, VOCAB) and torch.isfinite(out).all()
         torch.testing.assert_close(out[:, :CHUNK], outputs(src, ids[:, :CHUNK]), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # (generate's default length runs past the table too: 20 new tokens, as for 'wrap')
+            assert model.generate(ids[:, :70], do_sample=False, pad_token_id=0, eos_token_id=None).shape == (1, 90)
     model = convert_to_bsbr(src, chunk_size=CHUNK, position_scheme="absolute")
     with pytest.raises(ValueError, match="position"):
         outputs(model, ids)
+    with pytest.raises(ValueError, match="^input reaches position 64 but max_position_embeddings is 64; use "
+                                         "position_scheme 'wrap' or 'clamp'"):
+        outputs(model, ids[:, :65])  # (one past the table: the last position it has is 63)
+    assert outputs(model, ids[:, :64]).shape == (1, 64, VOCAB)
 
 
 @pytest.mark.parametrize("family, option, value", [("gpt2", "far_positions", "hybrid"),
@@ -722,6 +728,14 @@ def test_the_pad_tokens_embedding_row_trains_as_in_the_source(family, tmp_path):
         m(ids, labels=ids).loss.backward()
     torch.testing.assert_close(model.get_input_embeddings().weight.grad[3], src.get_input_embeddings().weight.grad[3],
                                rtol=1e-4, atol=1e-6)
+    if family != "gpt2":  # (old LLaMA configs ship pad_token_id -1, which nn.Embedding reads as the last row)
+        config.pad_token_id = -1
+        src = type(make_source(family))(config)
+        convert_to_bsbr(src, chunk_size=CHUNK).save_pretrained(tmp_path / "minus")
+        src.save_pretrained(tmp_path / "src")
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "src").get_input_embeddings().padding_idx
+        assert want == VOCAB - 1
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "minus").get_input_embeddings().padding_idx == want
     # a pad_token_id set on a built source's config (a common recipe: pad = eos) leaves its embedding as built;
     # reloaded, both read it (the converted model followed the config at once: the eos row frozen)
     src.config.pad_token_id = 5

@@ -363,8 +363,9 @@ def test_ids_after_a_cache_of_embeddings_are_read_as_the_whole_text_with_a_warni
     with torch.no_grad():
         cache = model(inputs_embeds=model.get_input_embeddings()(ids), use_cache=True).cache
     with pytest.warns(UserWarning, match="this cache read inputs_embeds, whose ids it cannot compare, so input_ids "
-                                         "are read as the whole text: its first 5 tokens"):
+                                         "are read as the whole text: its first 5 tokens") as said:
         a = model.generate(whole, cache=cache, max_new_tokens=4, **GEN)
+    assert sum("inputs_embeds" in str(w.message) for w in said) == 1  # (at the prefill, not at each new token)
     assert torch.equal(a, model.generate(whole, max_new_tokens=4, **GEN))
     with torch.no_grad():  # new tokens alone, as the warning says: all but the last through the forward
         cache = model(inputs_embeds=model.get_input_embeddings()(ids), use_cache=True).cache
@@ -905,6 +906,9 @@ def test_a_forward_advances_the_cache_it_is_given_and_a_copy_forks_it():
         cache = model(ids[:, :9]).cache
         fork = cache.select(torch.arange(2))
         swapped = cache.select([1, 0])  # a list of rows too (it failed: "list object has no attribute to")
+        assert cache.select([]).states[0].n_seen.shape == (0,)  # (an empty list is float to torch: IndexError)
+        assert cache.select(torch.tensor([False, True])).digest.tolist() == cache.select([-1]).digest.tolist() == \
+            cache.digest[1:].tolist()
         with pytest.raises(ValueError, match="past_key_value= is not an argument of this model"):
             model(ids[:, 9:], past_key_value=cache)  # (ignored, the step was a fresh forward of 2 tokens)
         out = model(ids[:, 9:], cache=cache)
@@ -1174,3 +1178,17 @@ def test_a_hub_model_in_the_cache_is_checked_as_its_folder_is(tmp_path, monkeypa
     assert modeling.hub_folder("org/good", cache_dir=cache) == cache / "models--org--good" / "snapshots" / ("1" * 40)
     with pytest.raises(OSError, match="org/gone: the hub cannot be reached, and no copy of it is in the local cache"):
         modeling.hub_folder("org/gone", cache_dir=cache)
+
+
+def test_a_cache_whose_every_row_is_padded_continues_as_generate_without_it():
+    # (padding="max_length" pads every row: the tokens a cache holds are its positions, padding included; the
+    # tests' left-padded batches always had one row without padding)
+    model = make("llama")
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[0, :3] = mask[1, :5] = 0
+    with torch.no_grad():
+        cache = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+        assert cache.get_seq_length() == 23
+        assert torch.equal(model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, **GEN),
+                           model.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN))
