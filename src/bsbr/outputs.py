@@ -23,6 +23,10 @@ from .errors import OutputError, UserError, absent, check_not_interrupted
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 PATH_MAX = 4096  # bytes in a path, its terminating NUL included (Linux)
 STAGED_EXTRA = len(".tmp-12345678.")  # bytes a name gains as the temporary file or folder an output is staged in
+FIGURE_EXTRA = len("..tmp")  # bytes a figure's name gains as the file it is saved through (results.save_figure)
+# bytes an output's path may gain where it is written: a staging folder beside it (".bsbr-results.tmp-12345678/")
+# or in its place (".NAME.tmp-12345678/"), and a name inside that (a file written through ".NAME.tmp-12345678")
+PATH_RESERVE = 2 * (NAME_MAX + 1)
 logger = logging.getLogger(__name__)
 
 
@@ -148,9 +152,10 @@ def _check_path_names(out: Path, path, option: str) -> None:
         if len(os.fsencode(part)) > NAME_MAX:
             raise OutputError(f"{option} {path}: its name {part[:24]}... is {len(os.fsencode(part))} bytes, more "
                               f"than a file name may be ({NAME_MAX}): give a shorter name")
-    if len(os.fsencode(str(out))) >= PATH_MAX:
-        raise OutputError(f"{option} {str(path)[:48]}...: the path is {len(os.fsencode(str(out))):,} bytes, more than "
-                          f"a path may be ({PATH_MAX - 1:,}): give a shorter path")
+    if (n := len(os.fsencode(str(out)))) + PATH_RESERVE >= PATH_MAX:
+        raise OutputError(f"{option} {str(path)[:48]}...: the path is {n:,} bytes, and the files it is written through "
+                          f"(up to {PATH_RESERVE} bytes longer) would pass what a path may be ({PATH_MAX - 1:,}): "
+                          f"give a path of at most {PATH_MAX - 1 - PATH_RESERVE:,} bytes")
 
 
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
@@ -290,10 +295,10 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory): choose "
                               "another path")
         name_bytes = len(os.fsencode(out.name))
-        if option not in plots and name_bytes > NAME_MAX - STAGED_EXTRA:  # (atomic_write_text's file beside it)
+        extra = FIGURE_EXTRA if option in plots else STAGED_EXTRA  # (save_figure's, atomic_write_text's file beside it)
+        if name_bytes > NAME_MAX - extra:
             raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
-                              f"beside it needs {STAGED_EXTRA} more: give a name of at most {NAME_MAX - STAGED_EXTRA} "
-                              "bytes")
+                              f"beside it needs {extra} more: give a name of at most {NAME_MAX - extra} bytes")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 

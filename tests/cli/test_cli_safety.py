@@ -2350,3 +2350,110 @@ def test_a_drive_that_numbers_no_inodes_is_told_apart_by_path(tmp_path, monkeypa
     refuse_input_overlap(vol / "out", [("SOURCE", vol / "src")], "OUTPUT_DIR")
     with pytest.raises(bsbr.errors.OutputError, match="would overwrite the MODEL"):
         check_output_files([("--json", vol / "model" / "r.json")], inputs=[("MODEL", vol / "model")])
+
+
+def test_a_link_put_at_a_result_path_meanwhile_is_not_replaced(tmp_path):
+    from bsbr.errors import UserError
+
+    target = tmp_path / "precious.json"
+    target.write_text('{"keep": 1}')
+
+    def write(p):
+        p.write_text('{"new": 1}')
+        os.symlink(target, tmp_path / "r.json")  # (while the results are computed)
+
+    with pytest.raises(UserError, match="r.json became a file no bsbr command wrote while the results were computed"):
+        bsbr.outputs.write_together([(tmp_path / "r.json", write)], figures=[])
+    assert (tmp_path / "r.json").is_symlink() and target.read_text() == '{"keep": 1}'
+
+
+def test_an_output_folder_name_too_long_for_its_staging_folder_is_refused_before_the_work(tmp_path):
+    from bsbr.errors import OutputError
+    from bsbr.outputs import NAME_MAX, STAGED_EXTRA, check_output_dir, staged_dir
+
+    longest = tmp_path / ("o" * (NAME_MAX - STAGED_EXTRA))
+    check_output_dir(longest)
+    with staged_dir(longest) as tmp:  # (it can be written)
+        (tmp / "config.json").write_text("{}")
+    with pytest.raises(OutputError, match=f"give a name of at most {NAME_MAX - STAGED_EXTRA} bytes"):
+        check_output_dir(tmp_path / ("o" * (NAME_MAX - STAGED_EXTRA + 1)))
+
+
+def test_a_killed_runs_staging_folder_beside_a_users_file_is_not_called_all_that_is_there(tmp_path):
+    from bsbr.errors import OutputError
+    from bsbr.outputs import check_output_dir
+
+    out = tmp_path / "out"
+    (out / ".bsbr.tmp-abcd1234").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # (told "holds only ... left by a killed bsbr command: pass --overwrite")
+        with pytest.raises(OutputError, match=r"holds files no bsbr command wrote \(notes.txt\)"):
+            check_output_dir(out, overwrite=overwrite)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_empty_output_folder_is_written_into_whatever_its_parent_allows(tmp_path, monkeypatch):
+    # a folder made for the user in a read-only parent (or a mount point) is written into, not replaced
+    import tempfile
+
+    from bsbr.outputs import check_output_dir, staged_dir
+
+    out = tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    mkstemp = tempfile.mkstemp
+
+    def no_new_files_in_the_parent(*args, dir=None, **kw):
+        if Path(dir) == out.parent:
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(bsbr.outputs.tempfile, "mkstemp", no_new_files_in_the_parent)
+    check_output_dir(out)
+    with staged_dir(out) as tmp:
+        (tmp / "eval.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
+
+
+def test_without_a_one_step_swap_an_output_is_replaced_only_whole_or_not_at_all(tmp_path, monkeypatch):
+    # (where the system cannot exchange two folders in one step, as macOS or some network disks: two renames)
+    from bsbr.errors import OutputError
+    from bsbr.outputs import staged_dir
+
+    monkeypatch.setattr(bsbr.outputs, "_exchange", lambda a, b: False)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "bsbr"}))
+    with pytest.raises(OutputError):  # a user's file added to the old output meanwhile: kept, not replaced
+        with staged_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(json.dumps({"model_type": "bsbr", "new": 1}))
+            (out / "my_notes.txt").write_text("written meanwhile")
+    assert (out / "my_notes.txt").exists() and "new" not in json.loads((out / "config.json").read_text())
+    (out / "my_notes.txt").unlink()
+    replace = os.replace
+
+    def second_rename_fails(a, b):
+        if ".model.tmp-" in str(a) and Path(b) == out:
+            raise OSError(5, "Input/output error")
+        return replace(a, b)
+
+    monkeypatch.setattr(bsbr.outputs.os, "replace", second_rename_fails)
+    with pytest.raises(OSError):  # the old output is put back where it was, not left hidden as .model.old-*
+        with staged_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(json.dumps({"model_type": "bsbr", "new": 1}))
+    assert json.loads((out / "config.json").read_text()) == {"model_type": "bsbr"}
+
+
+def test_a_model_folders_config_is_moved_in_last(tmp_path, monkeypatch):
+    # until config.json is in place the folder holds no loadable model: a kill meanwhile leaves what the next
+    # run knows as a killed run's leftovers
+    from bsbr.outputs import publish_files
+
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (staging / name).write_text("{}")
+    order, replace = [], os.replace
+    monkeypatch.setattr(bsbr.outputs.os, "replace", lambda a, b: (order.append(Path(b).name), replace(a, b)))
+    publish_files(staging, out)
+    assert order[-1] == "config.json" and sorted(order) == ["config.json", "model.safetensors", "tokenizer.json"]
