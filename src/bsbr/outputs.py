@@ -153,8 +153,8 @@ def _check_path_names(out: Path, path, option: str) -> None:
             raise OutputError(f"{option} {path}: its name {part[:24]}... is {len(os.fsencode(part))} bytes, more "
                               f"than a file name may be ({NAME_MAX}): give a shorter name")
     if (n := len(os.fsencode(str(out)))) + PATH_RESERVE >= PATH_MAX:
-        raise OutputError(f"{option} {str(path)[:48]}...: the path is {n:,} bytes, and the files it is written through "
-                          f"(up to {PATH_RESERVE} bytes longer) would pass what a path may be ({PATH_MAX - 1:,}): "
+        raise OutputError(f"{option} {str(path)[:48]}...: the path is {n:,} bytes, and the files it is written "
+                          f"through (up to {PATH_RESERVE} bytes longer) would pass what a path may be ({PATH_MAX - 1:,}): "
                           f"give a path of at most {PATH_MAX - 1 - PATH_RESERVE:,} bytes")
 
 
@@ -295,7 +295,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
             raise OutputError(f"{option} {path}: cannot write in {parent} (not a writable directory): choose "
                               "another path")
         name_bytes = len(os.fsencode(out.name))
-        extra = FIGURE_EXTRA if option in plots else STAGED_EXTRA  # (save_figure's, atomic_write_text's file beside it)
+        extra = FIGURE_EXTRA if option in plots else STAGED_EXTRA  # (save_figure's, atomic_write_text's file)
         if name_bytes > NAME_MAX - extra:
             raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
                               f"beside it needs {extra} more: give a name of at most {NAME_MAX - extra} bytes")

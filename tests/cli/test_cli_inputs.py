@@ -2075,7 +2075,8 @@ def test_a_result_path_too_long_for_the_files_it_is_written_through_is_refused_b
     write_together([(longest, lambda p: write_json({"a": 1}, p))])  # (it can be written)
     assert json.loads(longest.read_text()) == {"a": 1}
     too_long = longest.with_name("r" + longest.name)
-    for check in (lambda: check_output_files([("--json", too_long)]), lambda: check_output_dir(too_long, option="OUT")):
+    for check in (lambda: check_output_files([("--json", too_long)]),
+                  lambda: check_output_dir(too_long, option="OUT")):
         with pytest.raises(OutputError, match=f"the path is {most + 1:,} bytes, and the files it is written through "
                                               f"\\(up to {PATH_RESERVE} bytes longer\\) would pass what a path may be "
                                               f"\\({PATH_MAX - 1:,}\\): give a path of at most {most:,} bytes"):
