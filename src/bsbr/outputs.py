@@ -154,8 +154,8 @@ def _check_path_names(out: Path, path, option: str) -> None:
                               f"than a file name may be ({NAME_MAX}): give a shorter name")
     if (n := len(os.fsencode(str(out)))) + PATH_RESERVE >= PATH_MAX:
         raise OutputError(f"{option} {str(path)[:48]}...: the path is {n:,} bytes, and the files it is written "
-                          f"through (up to {PATH_RESERVE} bytes longer) would pass what a path may be ({PATH_MAX - 1:,}): "
-                          f"give a path of at most {PATH_MAX - 1 - PATH_RESERVE:,} bytes")
+                          f"through (up to {PATH_RESERVE} bytes longer) would pass what a path may be "
+                          f"({PATH_MAX - 1:,}): give a path of at most {PATH_MAX - 1 - PATH_RESERVE:,} bytes")
 
 
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:

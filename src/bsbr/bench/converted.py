@@ -122,7 +122,8 @@ def refuse_long_runs(source, prefill_lens: Sequence[int], decode_contexts: Seque
     for flag, n in asked:
         if n <= CALIBRATION_LEN:
             continue
-        predicted = seconds * forward_macs(source, n, logits=False) / forward_macs(source, CALIBRATION_LEN, logits=False)
+        predicted = seconds * forward_macs(source, n, logits=False) / forward_macs(source, CALIBRATION_LEN,
+                                                                                   logits=False)
         if predicted > max_seconds:
             limit = f"{budget_flag} {max_seconds:,.10g}" if budget_flag else f"{max_seconds:,.10g} s"
             raise UserError(f"{flag} {n}: the source's prefill is predicted to take {duration(predicted)} "
