@@ -2457,3 +2457,58 @@ def test_a_model_folders_config_is_moved_in_last(tmp_path, monkeypatch):
     monkeypatch.setattr(bsbr.outputs.os, "replace", lambda a, b: (order.append(Path(b).name), replace(a, b)))
     publish_files(staging, out)
     assert order[-1] == "config.json" and sorted(order) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_a_result_with_an_infinity_is_strict_json(tmp_path):
+    # (an overflowed perplexity was written as Infinity, which strict JSON readers refuse)
+    from bsbr.results import write_json
+
+    write_json({"ppl": float("inf"), "low": -float("inf"), "kl": float("nan"), "rows": [1.5, float("inf")]},
+               tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        {"ppl": None, "low": None, "kl": None, "rows": [1.5, None]}
+
+
+def test_a_figure_that_fails_to_save_leaves_no_file(tmp_path):
+    from bsbr.results import save_figure, subplots
+
+    fig, _ = subplots()
+
+    def fails(tmp, **kw):
+        Path(tmp).write_bytes(b"half a figure")
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = fails
+    with pytest.raises(OSError):
+        save_figure(fig, tmp_path / "p.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bars_off_stays_off_inside_and_the_programs_switches_come_back_as_they_were(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from bsbr.progress import bar, bars_off, library_bars_off
+
+    with bars_off(), bars_off(False):  # (a call that does not ask for --no-progress, inside one that does)
+        assert bar(range(3)).disable
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()  # (a program that turned transformers' bars off keeps them off)
+        with library_bars_off():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+        hf_logging.enable_progress_bar()
+        with library_bars_off():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_an_earlier_result_of_any_size_is_replaced_by_a_rerun(tmp_path):
+    from bsbr.outputs import check_output_files
+
+    out = tmp_path / "eval.json"
+    out.write_text(json.dumps({"ppl": list(range(30000))}, indent=1))  # (about 230 KB)
+    check_output_files([("--json", out)])
