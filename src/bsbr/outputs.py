@@ -129,6 +129,10 @@ def _links_into(folder: Path, target: Path) -> bool:
     return False
 
 
+def _bytes(k: int) -> str:
+    return f"{k:,} byte{'' if k == 1 else 's'}"
+
+
 def _check_path_names(out: Path, path, option: str) -> None:
     """An :class:`OutputError` when a name in the path is longer than a file name may be (else the file
     system's bare "File name too long" comes from the first look at it), when a ``..`` in it follows a folder
@@ -152,10 +156,12 @@ def _check_path_names(out: Path, path, option: str) -> None:
         if len(os.fsencode(part)) > NAME_MAX:
             raise OutputError(f"{option} {path}: its name {part[:24]}... is {len(os.fsencode(part))} bytes, more "
                               f"than a file name may be ({NAME_MAX}): give a shorter name")
-    if (n := len(os.fsencode(str(out)))) + PATH_RESERVE >= PATH_MAX:
-        raise OutputError(f"{option} {str(path)[:48]}...: the path is {n:,} bytes, and the files it is written "
+    if (n := len(os.fsencode(str(out)))) + PATH_RESERVE >= PATH_MAX:  # (shorter by k: true of a file beside it too)
+        shown, k = str(path) if len(str(path)) <= 60 else f"{str(path)[:48]}...", n - (PATH_MAX - 1 - PATH_RESERVE)
+        raise OutputError(f"{option} {shown}: the path is {n:,} bytes"
+                          f"{'' if str(out) == str(path) else ' as an absolute path'}, and the files it is written "
                           f"through (up to {PATH_RESERVE} bytes longer) would pass what a path may be "
-                          f"({PATH_MAX - 1:,}): give a path of at most {PATH_MAX - 1 - PATH_RESERVE:,} bytes")
+                          f"({PATH_MAX - 1:,}): give a path {_bytes(k)} shorter")
 
 
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
@@ -298,7 +304,8 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         extra = FIGURE_EXTRA if option in plots else STAGED_EXTRA  # (save_figure's, atomic_write_text's file)
         if name_bytes > NAME_MAX - extra:
             raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
-                              f"beside it needs {extra} more: give a name of at most {NAME_MAX - extra} bytes")
+                              f"beside it needs {extra} more than a name may have ({NAME_MAX}): give a name "
+                              f"{_bytes(name_bytes - (NAME_MAX - extra))} shorter")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 

@@ -104,6 +104,9 @@ def test_quality_comparison_of_an_older_result_says_which_positions_it_covers():
     long = [dict(r, model=m) for r, m in zip(old, ("bsbr_normalized_gated", "sliding_window"))]
     head, _, row, _ = bench_quality.format_table(dict(results=long, comparison=[])).splitlines()
     assert len(row) == len(head) and row.startswith("bsbr_normalized_gated ")
+    wide = [dict(r, buckets={"4096-8191": 1.0, "8192-16383": 1.0, "16384-32767": 1.0}) for r in old]
+    head, _, row, _ = bench_quality.format_table(dict(results=wide, comparison=[])).splitlines()
+    assert head.split()[-3:] == ["4096-8191", "8192-16383", "16384-32767"] and len(row) == len(head)
     new = [dict(r, loss_past={"32": r["buckets"]["64-127"] + 0.5}) for r in old]
     (c,) = bench_quality.compare_to_window(new, 32)
     assert (c["positions_from"], c["bsbr_loss_past_chunk"], c["window_loss_past_chunk"]) == (32, 1.5, 2.5)

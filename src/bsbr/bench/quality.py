@@ -255,11 +255,13 @@ def _late_loss(result: Dict[str, object], chunk: int, exact: bool) -> Tuple[floa
 def format_table(result: Dict[str, object]) -> str:
     keys = list(result["results"][0]["buckets"]) if result["results"] else []
     width = max([20] + [len(r["model"]) + 1 for r in result["results"]])
-    head = f"{'model':<{width}}{'params':>9}{'train s':>9}{'eval':>8}" + "".join(f"{k:>10}" for k in keys)
+    cols = {k: max(10, len(k) + 1) for k in keys}  # (16384-32767 and its neighbours ran together at width 10)
+    head = f"{'model':<{width}}{'params':>9}{'train s':>9}{'eval':>8}" + "".join(f"{k:>{cols[k]}}" for k in keys)
     lines = [head, "-" * len(head)]
     for r in result["results"]:
         lines.append(f"{r['model']:<{width}}" + _num(r.get("params"), ">9") + _num(r.get("train_seconds"), ">9.0f")
-                     + _num(r.get("eval_loss"), ">8.3f") + "".join(_num(r["buckets"].get(k), ">10.3f") for k in keys))
+                     + _num(r.get("eval_loss"), ">8.3f")
+                     + "".join(_num(r["buckets"].get(k), f">{cols[k]}.3f") for k in keys))
     for c in result["comparison"]:
         lines.append(f"{c['bsbr_model']} vs {c['window_model']} on positions >= {c.get('positions_from', c['chunk'])}: "
                      f"{_num(c['bsbr_loss_past_chunk'], '.4f')} vs {_num(c['window_loss_past_chunk'], '.4f')} "

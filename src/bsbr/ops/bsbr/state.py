@@ -147,7 +147,7 @@ class BSBRState:
         or a boolean mask over the batch."""
         b = self.n_seen.shape[0]
         index = torch.as_tensor(index, device=self.n_seen.device)
-        if index.numel() == 0 and index.dim() == 1:  # (torch.as_tensor([]) is float)
+        if index.numel() == 0 and index.dim() == 1 and index.is_floating_point():  # (torch.as_tensor([]) is float)
             index = index.long()
         if index.dtype == torch.bool:
             if index.shape != (b,):
