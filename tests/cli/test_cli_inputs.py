@@ -2048,8 +2048,8 @@ def test_a_result_name_too_long_for_its_staged_file_is_refused_before_the_work(t
     check_output_files([("--json", longest)])
     atomic_write_text(longest, "{}")  # (it can be written)
     too_long = tmp_path / ("n" * (NAME_MAX - STAGED_EXTRA - 4) + ".json")
-    with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a name 1 "
-                                          "byte shorter"):
+    with pytest.raises(OutputError, match=f"--json .*: its name is {NAME_MAX - STAGED_EXTRA + 1} bytes; .* give a "
+                                          "name 1 byte shorter"):
         check_output_files([("--json", too_long)])
     # a figure is saved through ".NAME.tmp.png" in the staging folder: 5 bytes more (251-255 failed at the end)
     check_output_files([("--plot", tmp_path / ("p" * 246 + ".png"))], plots=("--plot",))
