@@ -47,6 +47,7 @@ def test_demo_writes_model_eval_and_speed(models, tmp_path, capsys, monkeypatch)
     assert [r["seq_len"] for r in speed["prefill"]] == [32] and [r["context"] for r in speed["decode"]] == [24]
     assert speed["prefill"][0]["bsbr_ms"] > 0 and speed["decode"][0]["bsbr_ms_per_token"] > 0
     assert speed["machine"]["torch_threads"] == 1  # measured side by side on one thread
+    assert speed["config"]["repeats"] == 1  # (--repeats given)
     assert speed["config"]["model"] == str(source.resolve())  # a local source by absolute path, as typed it was not
     assert json.loads((out / "model" / "config.json").read_text())["retrieval_blocks"] > 0
     # recorded as `bsbr convert` records it, so eval and distill can check a --reference/--teacher against it

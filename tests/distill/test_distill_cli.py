@@ -1284,3 +1284,12 @@ def test_a_distilled_model_records_the_sources_path_it_was_found_at(models, text
     out = tmp_path / "out"
     assert main(distill_args((moved, student, None), text, out, "--steps", "1")) == 0
     assert json.loads((out / "conversion.json").read_text())["source"]["name"] == str(moved)
+
+
+def test_the_student_as_its_own_teacher_is_refused_before_loading_even_with_force(models, text, tmp_path, capsys,
+                                                                                   no_loading):
+    args = distill_args(models, text, tmp_path / "out", "--force", "--steps", "1")
+    args[args.index("--teacher") + 1] = str(models[1])
+    line = refused(capsys, args, "distill", models[1])
+    assert f"--teacher {models[1]} is the --student: it would learn from itself" in line, line
+    assert not (tmp_path / "out").exists()

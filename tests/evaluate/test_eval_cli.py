@@ -236,6 +236,15 @@ def test_cli_end_to_end(tiny, tmp_path, word_tokenizer, capsys, monkeypatch):
     assert main(["eval", str(conv), "--reference", "ref", "--text-file", str(text), "--seq-len", "40", "--stride", "20",
                  "--max-windows", "3", "--no-passkey", "--json", str(tmp_path / "s.json"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["config"]["stride"] == 20
+    assert main(["eval", str(conv), "--reference", "ref", "--split", "train", "--seq-len", "40", "--max-windows", "1",
+                 "--no-passkey", "--json", str(tmp_path / "t.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["config"]["corpus"]["split"] == "train"  # (not held out)
+    # the pass-key alone with --plot: the heat map is the plot (it ran, then failed on the missing perplexities);
+    # of the model alone, no reference is needed (nor a conversion record naming one: this folder has none)
+    assert main(["eval", str(conv), "--passkey-only", "--passkey-models", "bsbr",
+                 "--passkey-lengths", "96", "--passkey-depths", "0.5", "--passkey-trials", "1", "--passkey-new-tokens",
+                 "5", "--plot", str(tmp_path / "p.png"), "--no-progress"]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.json").is_file()
 
 
 def test_eval_warns_when_its_windows_end_before_an_open_gate_is_read(tiny, tmp_path, word_tokenizer, caplog):

@@ -978,3 +978,37 @@ def test_a_plot_whose_heat_map_name_is_too_long_is_refused_by_name(saved, tmp_pa
     plot = tmp_path / ("p" * 245 + ".png")
     _refused(capsys, _base(saved, *PASSKEY, "--plot", str(plot)), "the pass-key heat map (beside --plot)",
              "more than a file name may be (255): give a shorter name")
+
+
+def test_eval_fills_the_defaults_its_help_gives_and_reads_a_depth_of_one(capsys):
+    import argparse
+
+    from bsbr.cli import build_parser
+    from bsbr.evaluate import cli as ev
+
+    args, _ = build_parser().parse_known_args(["eval", "m/conv"])
+    ev._refuse_ignored(args)  # (where the defaults are filled, after the refusals of options given)
+    assert (args.seq_len, args.passkey_trials) == (2048, 3)
+    assert main(["eval", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "tokens per window (default 2048)" in help_text and "number of fillers (default 3)" in help_text
+    assert (ev.needle_depth("0"), ev.needle_depth("1")) == (0.0, 1.0)  # (the help's [0, 1])
+    with pytest.raises(argparse.ArgumentTypeError):
+        ev.needle_depth("1.01")
+
+
+def test_a_users_file_in_the_task_folders_bytecode_cache_is_refused(tmp_path):
+    from bsbr.errors import UserError
+    from bsbr.evaluate.cli import _check_task_dir
+
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "bsbr_passkey_utils.notes.txt").write_text("mine")  # (not the task's bytecode)
+    with pytest.raises(UserError):
+        _check_task_dir(tmp_path, str(tmp_path))
+
+
+def test_a_passkey_plot_alone_is_a_file_output_on_a_closed_stdout():
+    from bsbr.cli import _writes_files, build_parser
+
+    args, _ = build_parser().parse_known_args(["eval", "m/conv", "--passkey-only", "--passkey-plot", "p.png"])
+    assert _writes_files(args)
