@@ -50,6 +50,8 @@ def no_loading(monkeypatch):
     (["--steps", "2", "--max-windows", "-1"], "--max-windows: must be an integer from 1 to"),
     (["--steps", "2", "--seed", str(2 ** 70)], "--seed: must be an integer from 0 to 4,294,967,295"),
     (["--steps", "2", "--text-file"], "--text-file needs at least one file"),
+    (["--steps", "2", "--resume", "--overwrite"], "--resume continues the checkpoint in --output, --overwrite "
+                                                  "replaces it: give one of them"),
 ])
 def test_bad_values_are_refused_before_loading(models, text, tmp_path, capsys, no_loading, extra, message):
     args = distill_args(models, text, tmp_path / "out", *extra)
