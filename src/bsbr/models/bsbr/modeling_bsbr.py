@@ -257,8 +257,7 @@ class BSBRCache:
     def select(self, index: torch.Tensor) -> "BSBRCache":
         """A new cache of the rows ``index`` (b',) of this one (repeated, reordered or a subset); this one is
         left as it is."""
-        index = torch.as_tensor(index)  # (a list of rows, too)
-        index = index.long() if not index.numel() and index.is_floating_point() else index  # (as_tensor([]) is float)
+        index = self.states[0].row_index(index) if self.states else torch.as_tensor(index)  # (rows, as the states')
         fork = BSBRCache([s.select(index) for s in self.states], self.n_positions,
                          None if self.digest is None else self.digest[index.to(self.digest.device)], self.built_with)
         fork.beams = getattr(self, "beams", False)

@@ -145,6 +145,13 @@ class BSBRState:
     def select(self, index) -> "BSBRState":
         """Reorder/select batch entries (beam search): ``index`` the rows' indices (ints, repeats allowed)
         or a boolean mask over the batch."""
+        index = self.row_index(index)
+        return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()},
+                         grad_history=self.grad_history and torch.is_grad_enabled())  # (tied to the graph still)
+
+    def row_index(self, index) -> torch.Tensor:
+        """:meth:`select`'s ``index`` as int64 rows in [0, batch) on the state's device; ValueError if it is
+        none (a boolean mask of another length, an index out of range, floats)."""
         b = self.n_seen.shape[0]
         index = torch.as_tensor(index, device=self.n_seen.device)
         if index.numel() == 0 and index.dim() == 1 and index.is_floating_point():  # (torch.as_tensor([]) is float)
@@ -156,9 +163,7 @@ class BSBRState:
         if index.dim() != 1 or index.is_floating_point() or index.is_complex() or \
                 (index.numel() and not -b <= int(index.min()) <= int(index.max()) < b):
             raise ValueError(f"index must be a 1-D tensor of row indices in [0, {b}) or a boolean mask, got {index!r}")
-        index = (index % b).long() if index.numel() else index.long()  # (index_select takes int64 or int32)
-        return BSBRState(options=self.options, **{n: t.index_select(0, index) for n, t in self.tensors().items()},
-                         grad_history=self.grad_history and torch.is_grad_enabled())  # (tied to the graph still)
+        return (index % b).long() if index.numel() else index.long()  # (index_select takes int64 or int32)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
