@@ -252,3 +252,26 @@ def test_the_random_filler_writes_each_of_its_three_sentence_forms():
     sentences = [filler.random_sentence(rng) for _ in range(200)]
     place_first = sum(s.split(",")[0].lower() in filler._PLACE for s in sentences)
     assert 20 < place_first < 100
+
+
+def test_a_filler_file_lists_each_sentence_once(tmp_path):
+    """A repeated sentence (a refrain, a licence's repeated clause) is one sentence of the cycle, not a heavier one."""
+    text = tmp_path / "refrain.txt"
+    text.write_text("The river runs down to the sea. The wind is cold tonight. The river runs down to the sea.\n"
+                    "The river runs down to the sea.\n")
+    f = filler.get_filler(str(text))
+    assert f.describe()["sentences"] == 2
+    assert first(f, SEED, 4)[0::2] == first(f, SEED, 4)[0::2][:1] * 2  # strictly alternating
+
+
+def test_licence_texts_read_each_file_once_not_through_its_links(tmp_path):
+    """Debian links GPL to GPL-3 and so on: a link is skipped, so the prose keeps the files' own order
+    (through the link, GPL-3's sentences came first, sorted under GPL)."""
+    lic = tmp_path / "licenses"
+    lic.mkdir()
+    (lic / "Apache").write_text("Apache sentences come first in order. Apache has a second sentence too.\n")
+    (lic / "Zlib").write_text("Zlib sentences come last in order. Zlib has a second sentence too.\n")
+    (lic / "Aardvark").symlink_to(lic / "Zlib")
+    assert filler.license_sentences(str(lic)) == (
+        "Apache sentences come first in order.", "Apache has a second sentence too.",
+        "Zlib sentences come last in order.", "Zlib has a second sentence too.")

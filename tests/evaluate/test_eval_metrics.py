@@ -27,6 +27,10 @@ def test_gap_closed():
     # bounds in the wrong order or equal up to rounding: no gap (the ratio called a model worse than both 109%)
     assert gap_closed(229.19, 290.98, 285.93) is None
     assert gap_closed(10.0000002, 10.5, 10.0) is None
+    # the tolerance is relative to the full model's perplexity: at perplexity 5,000 a gap of 0.1 is rounding,
+    # at perplexity 5 a gap of 0.01 is not
+    assert gap_closed(5000.1, 5000.05, 5000.0) is None
+    assert gap_closed(5.01, 5.005, 5.0) == pytest.approx(0.5)
     # numpy floats and 0-d tensors are numbers (they gave None, "no gap"); a bool is not
     import numpy as np
 
@@ -157,6 +161,9 @@ def test_bad_inputs():
         acc.update(ids[:, :5], {m: logits for m in ("bsbr", "source", "local")})
     with pytest.raises(ValueError, match="source"):
         MetricAccumulator(N, B, models=("bsbr", "local"))
+    for ks in ([0], [1, 0], [], [True], [2.0]):  # a top-0 agreement is no agreement (k = 0 was let through)
+        with pytest.raises(ValueError, match="ks must be positive ints"):
+            MetricAccumulator(N, B, ks=ks)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -219,3 +226,24 @@ def test_evaluate_refuses_a_bool_for_a_count(option):
     with pytest.raises(ValueError, match=f"{next(iter(option))} must be an int >= 1"):
         metrics.evaluate(None, None, None, torch.zeros(1, 20, dtype=torch.long), args["chunk_size"],
                          batch_size=args["batch_size"], progress=False)
+
+
+@pytest.mark.parametrize("bad", ["vocab", "negative"])
+def test_evaluate_refuses_token_ids_outside_the_vocabulary(bad):
+    """An id equal to the vocabulary size is out of range too (an embedding's IndexError mid-run otherwise)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from model_sources import VOCAB, make_source
+
+    from bsbr import convert_to_bsbr
+    from bsbr.evaluate import metrics
+
+    src = make_source("llama").eval()
+    model = convert_to_bsbr(src, chunk_size=8).eval()
+    windows = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    windows[0, 5] = VOCAB if bad == "vocab" else -1
+    with pytest.raises(ValueError, match=rf"token ids outside \[0, {VOCAB}\)"):
+        metrics.evaluate(model, src, None, windows, 8, progress=False)
+    windows[0, 5] = VOCAB - 1  # the largest id is in range
+    assert metrics.evaluate(model, src, None, windows, 8, progress=False)["language_modeling"]["windows"] == 1

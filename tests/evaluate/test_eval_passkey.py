@@ -149,6 +149,8 @@ def test_scorer():
                   "\n4\n0\n7\n2\n1", " 4  0 7 2 1"):  # longer numbers are other keys; digits one space apart
         assert not passkey.passkey_found(other, "40721"), other
     assert passkey.passkey_found(" 12721 40721", "40721")
+    # the digits after a dot that opens or continues a number are that number's, not a key of their own
+    assert not passkey.passkey_found(" .40721", "40721") and not passkey.passkey_found(" 5..40721", "40721")
     assert not passkey.passkey_found("", "40721")
     assert not passkey.passkey_found(" the pass key", "40721")
 
@@ -293,6 +295,23 @@ def test_each_fillers_accuracy_by_length_is_a_share_of_its_trials(monkeypatch):
     r = passkey.run_passkey({"bsbr": _Generates()}, build_word_tokenizer(), lengths=[128], depths=[0.2, 0.8],
                             trials=2, progress=False, fillers=["classic"])
     assert r["models"]["bsbr"]["by_filler"]["classic"]["by_length"] == {"128": 0.75}
+
+
+def test_seconds_by_length_add_up_every_prompt_of_that_length(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    clock = iter(range(1000))  # each generation takes 1 s: 4 prompts of 128 tokens, 4 of 256 per model
+    monkeypatch.setattr(passkey.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(passkey, "greedy_continuation", lambda *a, **k: [])
+    r = passkey.run_passkey({"bsbr": _Generates(), "source": _Generates()}, build_word_tokenizer(),
+                            lengths=[128, 256], depths=[0.2, 0.8], trials=2, progress=False, fillers=["classic"])
+    for name in ("bsbr", "source"):
+        assert r["models"][name]["seconds_by_length"] == {"128": 4.0, "256": 4.0}
+        assert r["models"][name]["seconds"] == 8.0
 
 
 def test_an_answer_budget_one_token_short_of_the_key_is_refused():
