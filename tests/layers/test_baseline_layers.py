@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from bsbr.layers import (
+    BSBRAttention,
     DeltaNet,
     GatedAttentionUnit,
     HopfieldAttention,
     LinearAttention,
     RotaryEmbedding,
     SlidingWindowAttention,
+    StandardAttention,
 )
 from bsbr.models.shell import ATTENTIONS, AttentionLM
 
@@ -159,3 +161,32 @@ def test_shell_bad_arguments():
         m(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\)"):
         m(torch.full((1, 3), 64))
+
+
+
+DROPPING = {
+    "bsbr": lambda p: BSBRAttention(HIDDEN, HEADS, 4, dropout=p),
+    "standard": lambda p: StandardAttention(HIDDEN, HEADS, dropout=p),
+    "sliding_window": lambda p: SlidingWindowAttention(HIDDEN, HEADS, window_size=5, dropout=p),
+    "linear": lambda p: LinearAttention(HIDDEN, HEADS, chunk_size=4, dropout=p),
+    "deltanet": lambda p: DeltaNet(HIDDEN, HEADS, chunk_size=4, dropout=p),
+    "hopfield": lambda p: HopfieldAttention(HIDDEN, HEADS, dropout=p),
+}
+
+
+@pytest.mark.parametrize("name", DROPPING)
+def test_dropout_falls_on_the_heads_output_in_training_only(name):
+    """``dropout`` drops entries of the heads' concatenated output before ``out_proj``, in training mode only."""
+    torch.manual_seed(0)
+    m = DROPPING[name](0.5).to(DT)
+    x = torch.randn(1, 9, HIDDEN, dtype=DT)
+    seen = []
+    m.out_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    m.eval()
+    m(x)
+    m.train()
+    m(x)
+    kept, dropped = seen
+    zeros = dropped == 0
+    assert 0.2 < zeros.double().mean() < 0.8  # about half the entries dropped
+    torch.testing.assert_close(dropped[~zeros], 2 * kept[~zeros])  # the rest scaled by 1 / (1 - p)

@@ -843,3 +843,19 @@ def test_an_untied_base_model_without_its_head_is_refused_with_the_class_to_pass
                                  num_attention_heads=4, tie_word_embeddings=False))
     with pytest.raises(ValueError, match="untied output embeddings but no lm_head: pass the \\*ForCausalLM model"):
         convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_a_yarn_source_converts_exactly_with_its_attention_factor_on_cos_and_sin():
+    # yarn scales both rotary tables by its attention factor (here 0.1 ln 4 + 1 = 1.139): a factor left off one
+    # of them changes every logit past the first position
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = randomize(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=256, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "original_max_position_embeddings": 64}))).eval()
+    model = convert_to_bsbr(src, chunk_size=CHUNK).eval()
+    assert model.model.rotary.attention_scaling == pytest.approx(0.1 * __import__("math").log(4.0) + 1)
+    ids = torch.randint(0, VOCAB, (1, 2 * CHUNK), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, src(ids).logits, rtol=1e-4, atol=1e-4)
