@@ -354,3 +354,28 @@ def test_the_attention_targets_are_judged_at_their_goals_and_ratios_favour_bsbr_
                                                 f" at {n} ")]
             met.append(target["met"])
         assert met == [False, True] and target["goal"] == goal, target
+
+
+def test_interleaved_times_warm_each_callable_then_rotate_who_runs_first(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "time_call", lambda fn, device: calls.append(fn()) or 1.0)
+    times = common.interleaved_times({n: (lambda n=n: n) for n in "abc"}, repeats=4, warmup=2)
+    assert "".join(calls) == "aabbcc" + "abc" + "bca" + "cab" + "abc"  # warm-up untimed, then each first in turn
+    assert times == {n: [1.0] * 4 for n in "abc"}
+
+
+def test_round_sig_keeps_significant_digits():
+    assert [common.round_sig(x) for x in (123456.0, 0.00123456, -9.87654, 1.0)] == [123500.0, 0.001235, -9.877, 1.0]
+    assert common.round_sig(0.123456, 2) == 0.12 and common.round_sig(None) is None and common.round_sig(0) == 0
+
+
+def test_nothing_measured_is_a_fault_unless_every_failure_was_out_of_memory():
+    # an error other than running out of memory is a bug (exit 1), not a length to shorten (exit 2)
+    fault = common.failure(ValueError("shapes do not match\nmore"))
+    oom = common.failure(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 10 GB"))
+    assert (fault["oom"], oom["oom"]) == (False, True) and fault["reason"] == "ValueError: shapes do not match"
+    row = lambda m, f: dict(common.new_row(m, 64), **f)  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"nothing was measured.*\(b @ 64: ValueError: shapes do not match\)"):
+        common.check_measured([row("a", oom), row("b", fault)])
+    with pytest.raises(UserError, match="give shorter --seq-lens"):
+        common.check_measured([row("a", oom), row("b", oom)])
