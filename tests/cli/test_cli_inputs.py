@@ -909,6 +909,10 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     long.write_text(" ".join(["def"] * 80))
     line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "10"], "generate", conv)
     assert "give a prompt of at most 55 tokens" in line, line
+    line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "64"], "generate", conv)
+    assert "give a prompt of at most 1 token" in line and "1 tokens" not in line, line  # (64 new tokens alone fit: the last is not fed)
+    line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "65"], "generate", conv)
+    assert "give a shorter prompt and --max-new-tokens at most 64" in line, line
     line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
     assert "--passkey-lengths 200 needs 199 positions" in line and "the shortest pass-key prompt takes 81 tokens: " \
         "none fits the model as converted, or convert with --position-scheme wrap or clamp" in line, line
