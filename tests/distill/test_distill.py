@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from bsbr import convert_to_bsbr, load_bsbr_model
 from bsbr.distill import DistillConfig, distill, end_to_end_loss, new_parameters
+from bsbr.errors import CheckpointError
 
 CHUNK = 8
 
@@ -128,11 +129,19 @@ def test_bad_windows_and_an_output_holding_files_are_refused_before_training(tmp
                                r"windows\[0\] must be a 1-D int64 \(or int32\) tensor"),
                               ([w.tolist() for w in ws], TypeError, "windows.0. must be"),
                               ([ws[0], ws[1] + VOCAB], ValueError, r"windows\[1\] holds ids outside"),
+                              ([ws[0], ws[1].index_fill(0, torch.tensor([5]), VOCAB)], ValueError,
+                               r"windows\[1\] holds ids outside"),  # (the vocabulary's size itself is past it)
                               ([ws[0], ws[1][:1]], ValueError, r"windows\[1\] holds 1 token\(s\): a window needs 2")):
         with pytest.raises(error, match=words):
             distill(teacher, student, bad, tmp_path / "out", DistillConfig(steps=1))
     mine = tmp_path / "mine"
     mine.mkdir()
+    (mine / "checkpoint").mkdir()  # a folder of the user's own where a checkpoint would go: a save replaced it
+    (mine / "checkpoint" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds a checkpoint"):
+        distill(teacher, student, ws, mine, DistillConfig(steps=1))
+    assert (mine / "checkpoint" / "notes.txt").read_text() == "mine"
+    shutil.rmtree(mine / "checkpoint")
     (mine / "config.json").write_text('{"mine": 1}')
     with pytest.raises(ValueError, match="holds files, which the model would replace"):
         distill(teacher, student, ws, mine, DistillConfig(steps=1))
@@ -1080,3 +1089,88 @@ def test_the_memory_prediction_counts_the_optimizers_moments_and_every_process_o
                                DistillConfig(steps=1), None, 1, step=lambda ids: None, shortest=0)
     assert needs[0] - needs[1] == 2 * 4000 and needs[2] == 2 * needs[1]  # (AdamW's two float32 moments)
     assert budget.step_macs(teacher, student, 40, True) > budget.step_macs(teacher, student, 40, False)
+
+
+def test_the_training_curve_is_against_minutes_with_a_running_mean_of_the_last_steps(monkeypatch, tmp_path):
+    import bsbr.distill.plots as plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=None: drawn.update(fig=fig) or Path(path))
+    log = [dict(step=i + 1, kl=float(i), ce=2.0 * i, seconds=60.0 * (i + 1)) for i in range(5)]
+    plots.plot_progress({"log": log}, tmp_path / "d.png", smooth=2)
+    kl_ax, ce_ax = drawn["fig"].axes
+    raw, mean = kl_ax.get_lines()
+    assert list(raw.get_xdata()) == [1.0, 2.0, 3.0, 4.0, 5.0] and kl_ax.get_xlabel() == "minutes"
+    assert list(mean.get_ydata()) == [0.0, 0.5, 1.5, 2.5, 3.5] and mean.get_label() == "mean of last 2"
+    assert list(ce_ax.get_lines()[1].get_ydata()) == [0.0, 1.0, 3.0, 5.0, 7.0]
+
+
+def test_a_steps_multiply_adds_are_the_teachers_forward_and_the_students_forward_and_backward():
+    from bsbr.distill.budget import step_macs
+    from bsbr.macs import forward_macs
+
+    teacher, student = fresh()
+    c = student.config
+    reach = c.chunk_size * c.local_chunks + c.sink_tokens  # the keys a token reads: its window and the sinks
+    assert reach == 20
+    for n, keys in ((16, 16), (400, 20)):
+        # a backward is two forwards' multiply-adds; recomputing the activations is one more forward
+        assert step_macs(teacher, student, n, False) == forward_macs(teacher, n) + 3 * forward_macs(student, n, keys)
+        assert step_macs(teacher, student, n, True) == forward_macs(teacher, n) + 4 * forward_macs(student, n, keys)
+
+
+def test_the_memory_prediction_scales_the_activations_not_the_gradients(monkeypatch):
+    import bsbr.distill.budget as budget
+    from bsbr.distill.trainer import _train_step
+
+    needs = []
+    monkeypatch.setattr(budget, "memory_refusal", lambda need: needs.append(need) or None)
+    monkeypatch.setattr(budget, "measure_peak", lambda fn: SimpleNamespace(extra_bytes=fn() or 10 ** 7))
+    monkeypatch.setattr(budget, "CALIBRATION_TOKENS", 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    teacher, student = fresh(0.1)
+    trained = dict(student.named_parameters())
+    cfg = DistillConfig(steps=1)
+    budget.check_step_fits(teacher, student, trained, SimpleNamespace(state={"x": 1}), windows(1, 160)[0], cfg, None,
+                           1, step=lambda ids: _train_step(teacher, student, ids, cfg), shortest=0)
+    # the calibration step's float32 gradients are held once whatever the length (the prediction gives back the
+    # .grad it found); the optimizer has state already, so no moments are added
+    _train_step(teacher, student, windows(1, 16)[0][None], cfg)
+    grads = sum(4 * p.numel() for p in trained.values() if p.grad is not None)
+    assert grads > 0
+    assert needs == [pytest.approx((10 ** 7 - grads) * 160 / 16 + grads)]
+
+
+def test_a_resume_stopped_after_its_last_step_over_an_older_model_publishes_the_new_one(tmp_path):
+    # an --overwrite run stopped after its last step but before publishing leaves the older model in place: its
+    # resume with the same --steps must publish (the older model's config.json is not this checkpoint's model)
+    ws = windows(4)
+    distill(*fresh(), ws, tmp_path, DistillConfig(steps=2), progress=False)
+    calls = []
+    with pytest.raises(KeyboardInterrupt, match="before the model was published"):
+        distill(*fresh(), ws, tmp_path, DistillConfig(steps=3), progress=False, overwrite=True,
+                should_stop=lambda: calls.append(1) or len(calls) == 5)
+    assert json.loads((tmp_path / "distill.json").read_text())["step"] == 2  # the older model, still there
+    distill(*fresh(), ws, tmp_path, DistillConfig(steps=3), progress=False, resume=True)
+    assert json.loads((tmp_path / "distill.json").read_text())["step"] == 3
+
+
+def test_a_publish_that_fails_after_removing_older_files_leaves_no_loadable_mix(tmp_path, monkeypatch):
+    import bsbr.distill.trainer as trainer
+
+    ws = windows(2)
+    distill(*fresh(), ws, tmp_path, DistillConfig(steps=1), progress=False)
+    (tmp_path / "speed.json").write_text("{}")  # a file bsbr writes (demo) that the new run does not
+    monkeypatch.setattr(trainer, "publish_files", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        distill(*fresh(), ws, tmp_path, DistillConfig(steps=2), progress=False, overwrite=True)
+    assert not (tmp_path / "speed.json").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_a_resume_records_the_stopping_rule_it_ran_under(tmp_path):
+    ws = windows(2)
+    distill(*fresh(), ws, tmp_path, DistillConfig(steps=2), progress=False)
+    distill(*fresh(), ws, tmp_path, DistillConfig(steps=3), progress=False, resume=True)
+    assert json.loads((tmp_path / "distill.json").read_text())["config"]["steps"] == 3
+    manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
+    assert manifest["progress"]["config"]["steps"] == 3
