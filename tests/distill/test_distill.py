@@ -1174,3 +1174,24 @@ def test_a_resume_records_the_stopping_rule_it_ran_under(tmp_path):
     assert json.loads((tmp_path / "distill.json").read_text())["config"]["steps"] == 3
     manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
     assert manifest["progress"]["config"]["steps"] == 3
+
+
+def test_a_weight_gone_inf_names_the_step_that_made_it_and_the_last_checkpoint_is_the_step_before(tmp_path):
+    with pytest.raises(ValueError, match=r"training diverged at step (\d+): .* became inf or nan") as e:
+        distill(*fresh(), windows(4), tmp_path, DistillConfig(steps=6, lr=1e30, checkpoint_every=1), progress=False)
+    step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
+    assert step > 1 and manifest["progress"]["step"] == step - 1
+
+
+def test_a_checkpoint_of_another_format_is_refused_by_its_number(tmp_path):
+    from bsbr.distill.checkpoint import FORMAT, read_manifest
+
+    distill(*fresh(), windows(2), tmp_path, DistillConfig(steps=1, checkpoint_every=1), progress=False)
+    path = tmp_path / "checkpoint" / "manifest.json"
+    m = json.loads(path.read_text())
+    for other in (FORMAT - 1, FORMAT + 1, None):
+        m["format"] = other
+        path.write_text(json.dumps(m))
+        with pytest.raises(CheckpointError, match=f"has format {other}, this bsbr reads {FORMAT}"):
+            read_manifest(tmp_path / "checkpoint")

@@ -317,9 +317,13 @@ def test_resume_compares_what_an_older_checkpoint_records(models, text, tmp_path
     manifest.write_text(json.dumps(m))
     assert main([*distill_args(models, text, out, "--steps", "3"), "--resume"]) == 0
     m = json.loads(manifest.read_text())
+    m["progress"]["run"]["student_config"]["window_scored_blocks"] = 0  # a retired option recorded off: no change
+    manifest.write_text(json.dumps(m))
+    assert main([*distill_args(models, text, out, "--steps", "4"), "--resume"]) == 0
+    m = json.loads(manifest.read_text())
     m["progress"]["run"]["student_config"]["window_scored_blocks"] = 2
     manifest.write_text(json.dumps(m))
-    line = refused(capsys, [*distill_args(models, text, out, "--steps", "4"), "--resume"], "distill", out)
+    line = refused(capsys, [*distill_args(models, text, out, "--steps", "5"), "--resume"], "distill", out)
     assert "records the student's window_scored_blocks=2: an option an earlier bsbr had" in line, line
     assert "new --output" in line and "same settings" not in line, line
 
@@ -641,7 +645,8 @@ def test_a_checkpoint_in_the_current_directory_is_not_advised_to_be_overwritten(
 HAND_EDITS = [("files", []), ("progress.config", [1]), ("progress.run", "abc"), ("progress.log", None),
               ("progress.step", -5), ("progress.step", "2"), ("progress.elapsed", -1e9), ("progress.elapsed", "x"),
               ("files.weights.name", 5), ("files.weights.name", "../x.safetensors"), ("progress.optimizer_scalars", []),
-              ("progress.replaces", ["../../important.txt"]), ("progress", 3), ("progress.log", [{"kl": "x"}])]
+              ("progress.replaces", ["../../important.txt"]), ("progress", 3), ("progress.log", [{"kl": "x"}]),
+              ("progress.elapsed", float("inf"))]
 
 
 @pytest.mark.parametrize("key, value", HAND_EDITS, ids=[f"{k}={v!r}" for k, v in HAND_EDITS])
@@ -663,7 +668,7 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(models, text, tmp_path, c
 
 
 TENSOR_EDITS = ["exp_avg shape", "exp_avg_sq gone", "exp_avg int", "step of 5", "step a string", "nan weight",
-                "int weight"]
+                "int weight", "step of -1"]
 
 
 @pytest.mark.parametrize("edit", TENSOR_EDITS)
@@ -692,6 +697,8 @@ def test_a_checkpoint_with_tensors_distill_does_not_write_is_refused_in_one_line
         tensors[key] = tensors[key].to(torch.int32)
     elif edit == "step of 5":
         tensors[f"{name}::step"] = torch.ones(5)
+    elif edit == "step of -1":  # (AdamW's bias correction divided by zero)
+        tensors[f"{name}::step"] = torch.tensor(-1.0)
     elif edit == "nan weight":
         tensors[key] = torch.full_like(tensors[key], float("nan"))
     if edit == "step a string":
