@@ -205,6 +205,10 @@ def test_rotary_tables_of_the_wrong_form_are_named():
         assert words in str(e.value), (kwargs.keys(), str(e.value))
     with pytest.raises(TypeError, match="position_embeddings must be a pair"):
         a.step(x[:, :1], None, position_embeddings=cos[:, :1])
+    # tables for a batch of 2 given a batch of 1 (they broadcast it to 2 rows)
+    with pytest.raises(ValueError, match=r"must be \(cos, sin\) tensors of shape \(20, 8\) or \(1, 20, 8\), got "
+                                         r"\(2, 20, 8\)"):
+        a(x[:1], position_embeddings=(cos, sin))
 
 
 def _freed_after(forward, tables_of):

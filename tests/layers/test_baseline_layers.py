@@ -190,3 +190,48 @@ def test_dropout_falls_on_the_heads_output_in_training_only(name):
     zeros = dropped == 0
     assert 0.2 < zeros.double().mean() < 0.8  # about half the entries dropped
     torch.testing.assert_close(dropped[~zeros], 2 * kept[~zeros])  # the rest scaled by 1 / (1 - p)
+
+
+def test_a_one_token_rotation_under_autocast_keeps_the_tables_float32():
+    # the one-token path's rotation matrix is a matmul, which autocast rounds to bfloat16 (off by 1e-2)
+    from bsbr.layers import apply_rotary
+
+    x = torch.randn(1, 2, 1, 64)
+    cos, sin = RotaryEmbedding(64)(torch.tensor([[12345]]))
+    want = x * cos[:, None] + torch.cat((-x[..., 32:], x[..., :32]), -1) * sin[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(apply_rotary(x, cos, sin), want)  # (the matrix path, outside autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = apply_rotary(x, cos, sin)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_deltanet_reads_and_writes_with_unit_norm_queries_and_keys():
+    m = DeltaNet(HIDDEN, HEADS, chunk_size=4).to(DT)
+    q, k, *_ = m._inputs(torch.randn(2, 7, HIDDEN, dtype=DT) * 5, None)
+    for t in (q, k):
+        torch.testing.assert_close(t.norm(dim=-1), torch.ones(t.shape[:-1], dtype=DT))
+
+
+def test_gau_keys_have_their_own_scale_and_rotary_positions_are_relative():
+    torch.manual_seed(0)
+    m = GatedAttentionUnit(HIDDEN, query_key_dim=8, block_size=4).to(DT).eval()
+    x = torch.randn(1, 9, HIDDEN, dtype=DT)
+    rot = RotaryEmbedding(m.rotary_dim)
+    tables = lambda shift: tuple(t.to(DT) for t in rot(torch.arange(9)[None] + shift))  # noqa: E731
+    with torch.no_grad():
+        # queries and keys both rotated: a shift of every position changes nothing
+        torch.testing.assert_close(m(x, position_embeddings=tables(100)), m(x, position_embeddings=tables(0)))
+        before = m(x)
+        m.qk_scale[1].mul_(3.0)  # the keys' scale alone
+        assert not torch.allclose(m(x), before)
+
+
+def test_hopfield_updates_the_query_num_steps_times_at_a_default_temperature_of_one_over_sqrt_d():
+    torch.manual_seed(0)
+    one, three = (HopfieldAttention(HIDDEN, HEADS, num_steps=s).to(DT) for s in (1, 3))
+    three.load_state_dict(one.state_dict())
+    torch.testing.assert_close(one.log_beta.exp(), torch.full((HEADS,), (HIDDEN // HEADS) ** -0.5, dtype=DT))
+    x = torch.randn(1, 9, HIDDEN, dtype=DT)
+    assert not torch.allclose(one(x), three(x))

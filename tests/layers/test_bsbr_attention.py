@@ -323,3 +323,15 @@ def test_a_step_advances_the_state_it_is_given_after_inference_mode():
     with torch.no_grad():
         _, advanced = layer.step(x[:, 8:9], state)
     assert advanced is state and state.n_seen.tolist() == [9]
+
+
+def test_a_frozen_closed_gate_keeps_no_chunk_states_even_with_autograd_on():
+    # a gate that cannot open in this call (closed, and requires_grad off) reads no state, so none is built
+    a = BSBRAttention(16, 2, 4, dropout=0.0, gate_init=0.0, retrieval="normalized")
+    x = torch.randn(1, 12, 16)
+    _, open_state = a(x, output_state=True)  # trainable: the states are kept, so the gate can open
+    assert open_state.feature_size > 0
+    a.requires_grad_(False)
+    assert a._op_gate() == 0
+    _, state = a(x, output_state=True)
+    assert state.feature_size == 0

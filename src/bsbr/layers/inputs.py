@@ -54,7 +54,8 @@ def check_rotary(name: str, tables, like: torch.Tensor, pairs: int = 1) -> None:
         raise ValueError(f"{name}: rotary positions rotate pairs of dimensions, and the head dim {head_dim} is odd: "
                          "give an even head_dim, or no rotary tables")
     def shape():  # (formatted only to raise: a compiled model's sizes stay symbolic)
-        return f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({batch} or 1, {seq_len}, {head_dim})"
+        lead = "1" if batch == 1 else f"{batch} or 1"
+        return f"(cos, sin) tensors of shape ({seq_len}, {head_dim}) or ({lead}, {seq_len}, {head_dim})"
     many = pairs != 1
     if many and not (isinstance(tables, (tuple, list)) and len(tables) == pairs):
         raise TypeError(f"{name} must be a tuple of {pairs} pairs of {shape()}, got "
