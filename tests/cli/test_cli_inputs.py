@@ -434,6 +434,10 @@ def test_options_cap_what_is_allocated_whole():
     with pytest.raises(ValueError, match="local_chunks must be at most 4"):
         BSBROptions(chunk_size=1 << 18, local_chunks=5)
     BSBROptions(chunk_size=1 << 18, local_chunks=4, sink_tokens=1 << 20, recall_tokens=1 << 12)
+    for name in ("sink_tokens", "retrieval_blocks", "own_position_chunks"):  # (10**12 sinks: a 16 TB allocation)
+        BSBROptions(chunk_size=4, local_chunks=2, **{name: 1 << 20})
+        with pytest.raises(ValueError, match=f"{name} must be at most 1,048,576, got 1,048,577"):
+            BSBROptions(chunk_size=4, local_chunks=2, **{name: (1 << 20) + 1})
 
 
 def test_generate_refuses_an_infinite_temperature(models, capsys):

@@ -241,6 +241,10 @@ def test_empty_sequence():
         ({"kr": torch.zeros(2, 4, 9, 6, dtype=DT)}, dict(chunk_size=4), ValueError),  # kr heads
         ({}, dict(chunk_size=4, meta_q=torch.zeros(4, 5, 3, dtype=DT)), ValueError),  # meta map input size
         ({}, dict(chunk_size=4, meta_q="linear"), TypeError),
+        # one map for every head (it broadcast silently), or one per query head given as the K/V heads' maps
+        ({}, dict(chunk_size=4, meta_q=torch.zeros(1, 5, 5, dtype=DT)), ValueError),
+        ({}, dict(chunk_size=4, meta_k=torch.zeros(1, 5, 5, dtype=DT)), ValueError),
+        ({}, dict(chunk_size=4, meta_k=torch.zeros(4, 5, 5, dtype=DT)), ValueError),
         # a head or meta size of 0: a division by zero (head) or nan, the forms disagreeing (meta)
         ({n: torch.zeros(2, 4 if n == "q" else 2, 9, 0, dtype=DT) for n in ("q", "k")}, dict(chunk_size=4), ValueError),
         ({n: torch.zeros(2, 4 if n == "mq" else 2, 9, 0, dtype=DT) for n in ("mq", "mk")}, dict(chunk_size=4),
