@@ -249,7 +249,7 @@ def test_model_scaling_targets_judged_only_at_their_lengths_and_shape(capsys):
     assert rc == 0 and "MET" not in out and out.count("not judged (set for shortest 8192, longest 65536, hidden 256") == 2
 
 
-def test_first_call_of_each_layer_is_untimed_even_with_warmup_0(monkeypatch):
+def test_first_call_of_each_layer_is_untimed_even_with_warmup_0(monkeypatch, tmp_path):
     """--warmup 0: the process's one-time allocations were charged to the memory of the model measured first
     (BSBR); each model's first length still gets one untimed call before its memory is measured."""
     events = []
@@ -263,6 +263,13 @@ def test_first_call_of_each_layer_is_untimed_even_with_warmup_0(monkeypatch):
     monkeypatch.setattr(layers, "measure_peak", lambda fn, device="cpu": events.append("peak") or real_peak(fn, device))
     layers.bench_attention([64, 128], warmup=0, **TINY)
     assert events == ["warm", "peak", "warm", "peak", "peak", "peak"]  # at 128: no warm-up, as asked
+    events.clear()  # the same from the command line, which records the 0
+    out = tmp_path / "r.json"
+    assert main(["bench", "attention", "--seq-lens", "64", "128", "--hidden", "32", "--heads", "2", "--chunk-size",
+                 "32", "--repeats", "1", "--warmup", "0", "--skip-core", "--json",
+                 str(out)]) == 0
+    assert events == ["warm", "peak", "warm", "peak", "peak", "peak"]
+    assert json.loads(out.read_text())["config"]["warmup"] == 0
 
 
 def test_core_uses_the_warmup_it_is_given(monkeypatch):
@@ -343,6 +350,11 @@ def test_the_attention_targets_are_judged_at_their_goals_and_ratios_favour_bsbr_
             for m, n, t, p in (("earlier", 4096, 100.0, 200.0), ("bsbr", 4096, 4.0, 10.0))]
     assert layers.attention_ratios(rows) == [{"baseline": "earlier", "seq_len": 4096, "time_ratio": 25.0,
                                               "memory_ratio": 20.0}]
+    for peak in (0.0, None):  # BSBR's extra peak measured as 0 (short lengths) or unknown: no memory ratio
+        rows[1]["peak_mb"] = peak
+        assert layers.attention_ratios(rows) == [{"baseline": "earlier", "seq_len": 4096, "time_ratio": 25.0,
+                                                  "memory_ratio": None}]
+    rows[1]["peak_mb"] = 10.0
     config = dict(layers.TARGET_SHAPE)
     for baseline, n, key, goal in (("standard", 16384, "time_ratio", 5.0), ("standard", 1024, "time_ratio", 1.0),
                                    ("earlier", 4096, "time_ratio", 20.0), ("earlier", 4096, "memory_ratio", 10.0)):

@@ -7,6 +7,7 @@ from model_sources import make_source
 
 from bsbr.bench.converted import bench_converted, cache_bytes, speed_lines
 from bsbr.convert import convert_to_bsbr
+from bsbr.errors import UserError
 
 
 def test_bench_converted_reports_speed_and_cache_bytes():
@@ -318,3 +319,18 @@ def test_the_multiply_adds_count_each_weight_once_per_token_and_the_head_only_wh
         assert forward_macs(source, n) == n * (layers + head) + n * n * c.num_hidden_layers * c.hidden_size
         assert forward_macs(source, n, keys=40) == n * (layers + head) + 2 * n * 40 * c.num_hidden_layers * \
             c.hidden_size
+
+
+def test_lengths_up_to_the_calibration_length_run_unchecked_and_need_no_calibration(monkeypatch):
+    import bsbr.bench.converted as converted
+
+    source, _ = _llama_pair()
+    calls = []
+    forward = source.forward
+    monkeypatch.setattr(source, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    n = converted.CALIBRATION_LEN
+    converted.refuse_long_runs(source, [n // 2, n], [n], 1e-9)  # however small the budget
+    assert calls == []  # (no calibration prefill was run for them)
+    with pytest.raises(UserError, match=f"--seq-lens {2 * n}: the source's prefill is predicted"):
+        converted.refuse_long_runs(source, [n // 2, 2 * n], [], 1e-9)  # the longer length is the one named
+    assert calls
