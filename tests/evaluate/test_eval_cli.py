@@ -48,6 +48,32 @@ def test_a_saved_hybrid_model_that_reads_as_window_gets_its_baselines():
     assert local_baseline(src, 8, like=absolute).config.far_positions == "absolute"  # past the table alike)
 
 
+@pytest.mark.parametrize("options", [dict(position_scheme="clamp"), dict(retrieval="additive", feature_map="identity"),
+                                     dict(compression_factor=2, gate_init=0.5)])
+def test_the_chunk_local_baseline_takes_the_models_conversion_options(options):
+    # the lower bound of "gap closed" assigns positions and reads states as the model does (with the converter's
+    # defaults, a GPT-2 model converted with --position-scheme clamp had a baseline that wrapped positions)
+    src = make_source("gpt2")
+    model = convert_to_bsbr(src, chunk_size=4, retrieval_blocks=0, **options)
+    got = local_baseline(src, 4, like=model).config
+    for name in ("position_scheme", "retrieval", "feature_map", "compression_factor", "far_positions"):
+        assert getattr(got, name) == getattr(model.config, name), name
+    assert (got.local_chunks, got.sink_tokens, got.retrieval_blocks) == (1, 0, 0)
+
+
+def test_fewer_windows_than_asked_are_warned_of(tmp_path, caplog):
+    from word_tokenizer import build_word_tokenizer
+
+    from bsbr.evaluate.saved import eval_windows
+
+    text = tmp_path / "t.py"
+    text.write_text("x = 1\n" * 200)  # 1,200 tokens: 4 windows of 256
+    with caplog.at_level("WARNING"):
+        windows, _ = eval_windows(build_word_tokenizer(), text_files=[str(text)], split="all", seq_len=256,
+                                  max_windows=16)
+    assert f"the corpus gave {windows.shape[0]} windows of 256 tokens (of the 16 asked for)" in caplog.text
+
+
 def test_local_baseline_is_chunk_local(tiny):
     """Chunk c of the baseline's logits = the source run on chunk c alone (rotary positions are relative)."""
     src, _, local = tiny

@@ -161,6 +161,8 @@ def test_bad_inputs():
         acc.update(ids[:, :5], {m: logits for m in ("bsbr", "source", "local")})
     with pytest.raises(ValueError, match="source"):
         MetricAccumulator(N, B, models=("bsbr", "local"))
+    with pytest.raises(ValueError, match="models must be distinct names"):  # (its NLL was summed twice)
+        MetricAccumulator(N, B, models=("bsbr", "source", "bsbr"))
     for ks in ([0], [1, 0], [], [True], [2.0]):  # a top-0 agreement is no agreement (k = 0 was let through)
         with pytest.raises(ValueError, match="ks must be positive ints"):
             MetricAccumulator(N, B, ks=ks)
@@ -247,3 +249,20 @@ def test_evaluate_refuses_token_ids_outside_the_vocabulary(bad):
         metrics.evaluate(model, src, None, windows, 8, progress=False)
     windows[0, 5] = VOCAB - 1  # the largest id is in range
     assert metrics.evaluate(model, src, None, windows, 8, progress=False)["language_modeling"]["windows"] == 1
+
+
+def test_evaluate_refuses_models_of_other_vocabularies_before_any_forward(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from model_sources import VOCAB, make_source
+
+    from bsbr import convert_to_bsbr
+    from bsbr.evaluate import metrics
+
+    src = make_source("llama").eval()
+    model = convert_to_bsbr(src, chunk_size=8).eval()
+    src.resize_token_embeddings(VOCAB + 8)
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("ran a forward"))
+    with pytest.raises(ValueError, match=rf"the models' vocabularies differ: .*'bsbr': {VOCAB}.*'source': {VOCAB + 8}"):
+        metrics.evaluate(model, src, None, torch.zeros(1, 20, dtype=torch.long), 8, progress=False)

@@ -297,6 +297,19 @@ def test_each_fillers_accuracy_by_length_is_a_share_of_its_trials(monkeypatch):
     assert r["models"]["bsbr"]["by_filler"]["classic"]["by_length"] == {"128": 0.75}
 
 
+def test_a_run_of_no_model_is_refused():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    for models, only in (({}, None), ({"bsbr": _Generates()}, [])):  # (an empty only ran nothing, "ok")
+        with pytest.raises(ValueError, match="models must name at least one model"):
+            passkey.run_passkey(models, build_word_tokenizer(), lengths=[128], depths=[0.5], trials=1, only=only,
+                                progress=False, fillers=["classic"])
+
+
 def test_seconds_by_length_add_up_every_prompt_of_that_length(monkeypatch):
     import sys
     from pathlib import Path
