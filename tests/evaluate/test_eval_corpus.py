@@ -311,3 +311,19 @@ def test_a_long_string_is_cut_at_line_ends(monkeypatch):
     text = "def alpha():\n    return beta\n" * 2
     pieces = list(corpus._str_pieces(text))
     assert "".join(pieces) == text and len(pieces) > 1 and all(p.endswith("\n") for p in pieces[:-1])
+
+
+@pytest.mark.parametrize("template, lead", [("$A", []), ("<s> $A", ["<s>"]), ("$A </s>", []),
+                                            ("<s> $A </s>", ["<s>"]), ("<s> <s> $A", ["<s>", "<s>"])])
+def test_a_prompt_begins_with_the_specials_a_tokenizer_puts_before_a_text_not_after(template, lead):
+    import sys
+
+    from tokenizers import processors
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from word_tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    assert corpus.leading_specials(tok) == tok.convert_tokens_to_ids(lead)
