@@ -914,7 +914,8 @@ def test_lengths_past_an_absolute_position_table_are_refused_before_loading(tmp_
     line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "10"], "generate", conv)
     assert "give a prompt of at most 55 tokens" in line, line
     line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "64"], "generate", conv)
-    assert "give a prompt of at most 1 token" in line and "1 tokens" not in line, line  # (64 new tokens alone fit: the last is not fed)
+    # (64 new tokens alone fit: the last is not fed back)
+    assert "give a prompt of at most 1 token" in line and "1 tokens" not in line, line
     line = refused(capsys, ["generate", conv, "--prompt-file", long, "--max-new-tokens", "65"], "generate", conv)
     assert "give a shorter prompt and --max-new-tokens at most 64" in line, line
     line = refused(capsys, ["eval", conv, "--reference", src, "--passkey-only", "--passkey-lengths", "200"], "eval")
