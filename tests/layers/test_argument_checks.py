@@ -502,3 +502,26 @@ def test_a_01_mask_on_the_meta_device_runs_as_a_bool_one_does():
     a = BSBRAttention(32, 4, 4).to("meta")
     x = torch.randn(2, 9, 32, device="meta")
     assert a(x, attention_mask=torch.ones(2, 9, dtype=torch.long, device="meta")).shape == (2, 9, 32)
+
+
+def test_ids_labels_and_dropout_at_their_upper_edge():
+    from bsbr.layers.inputs import check_dropout, check_input_ids, check_labels
+
+    check_input_ids(torch.tensor([[0, 9]]), 10)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 10\)"):  # (the embedding's IndexError)
+        check_input_ids(torch.tensor([[0, 10]]), 10)
+    check_labels(torch.tensor([[9, -100]]), 1, 2, 10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\) or be -100 .*got 10"):
+        check_labels(torch.tensor([[10, -100]]), 1, 2, 10)
+    assert check_dropout(0.999) == 0.999
+    with pytest.raises(ValueError, match=r"dropout must be a float in \[0, 1\), got 1.0"):  # (every output 0)
+        check_dropout(1.0)
+
+
+def test_float16_inputs_run_the_op_in_float32_and_bfloat16_only_in_the_bounded_mode():
+    from bsbr.layers.bsbr_attention import op_dtype
+
+    exact, bounded = BSBROptions(4), BSBROptions(4, retrieval_blocks=0, recall_tokens=4)
+    assert [op_dtype(torch.float16, "cpu", o) for o in (exact, bounded)] == [torch.float32] * 2
+    assert [op_dtype(torch.bfloat16, "cpu", o) for o in (exact, bounded)] == [torch.bfloat16, torch.float32]
+    assert op_dtype(torch.float64, "cpu", exact) == torch.float64

@@ -235,3 +235,19 @@ def test_hopfield_updates_the_query_num_steps_times_at_a_default_temperature_of_
     torch.testing.assert_close(one.log_beta.exp(), torch.full((HEADS,), (HIDDEN // HEADS) ** -0.5, dtype=DT))
     x = torch.randn(1, 9, HIDDEN, dtype=DT)
     assert not torch.allclose(one(x), three(x))
+
+
+def test_linear_attention_maps_queries_and_keys_with_their_own_features():
+    m = LinearAttention(HIDDEN, HEADS, feature_map="hedgehog", chunk_size=4)
+    assert m.feature_q is not m.feature_k
+    assert {"feature_q.proj.weight", "feature_k.proj.weight"} <= set(m.state_dict())
+
+
+def test_deltanet_steps_give_a_padded_token_no_output():
+    torch.manual_seed(0)
+    m = DeltaNet(HIDDEN, HEADS, chunk_size=4).to(DT).eval()
+    x = torch.randn(1, 5, HIDDEN, dtype=DT)
+    mask = torch.tensor([[1, 1, 0, 1, 1]])
+    out, _ = m.step(x, None, attention_mask=mask)
+    torch.testing.assert_close(out[0, 2], m.out_proj(torch.zeros(HIDDEN, dtype=DT)))  # the output bias alone
+    torch.testing.assert_close(out, m(x, attention_mask=mask))

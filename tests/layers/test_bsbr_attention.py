@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -335,3 +337,18 @@ def test_a_frozen_closed_gate_keeps_no_chunk_states_even_with_autograd_on():
     assert a._op_gate() == 0
     _, state = a(x, output_state=True)
     assert state.feature_size == 0
+
+
+def test_training_from_a_cache_built_without_autograd_warns_that_the_closed_gate_gets_no_gradient():
+    a = BSBRAttention(16, 2, 4, dropout=0.0, gate_init=0.0, retrieval="normalized")
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        _, state = a(x, output_state=True)
+    assert state.feature_size == 0  # (no chunk states: the gate was closed and could not open)
+    a.train()
+    with pytest.warns(UserWarning, match="the cache continued here was built without autograd"):
+        a.step(x[:, :1], state.select(torch.arange(1)))
+    a.eval()  # in eval mode it is what was asked: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.step(x[:, :1], state.select(torch.arange(1)))
