@@ -266,3 +266,23 @@ def test_evaluate_refuses_models_of_other_vocabularies_before_any_forward(monkey
     monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("ran a forward"))
     with pytest.raises(ValueError, match=rf"vocabularies differ: .*'bsbr': {VOCAB}.*'source': {VOCAB + 8}"):
         metrics.evaluate(model, src, None, torch.zeros(1, 20, dtype=torch.long), 8, progress=False)
+
+
+def test_final_hidden_states_ask_the_model_for_the_last_positions_logits_only():
+    # every position's logits over SmolLM2's 49,152 tokens take 0.8 GB per 4,096-token window, made and dropped
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from model_sources import VOCAB, make_source
+
+    from bsbr import convert_to_bsbr
+    from bsbr.models.heads import final_hidden_states
+
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8).eval()
+    kept = []
+    model.register_forward_hook(lambda m, a, k, out: kept.append(out.logits.shape), with_kwargs=True)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = final_hidden_states(model, ids)
+        torch.testing.assert_close(model.lm_head(h), model(ids).logits)
+    assert h.shape[:2] == (2, 20) and kept[0] == (2, 1, VOCAB)
