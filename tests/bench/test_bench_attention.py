@@ -391,3 +391,52 @@ def test_nothing_measured_is_a_fault_unless_every_failure_was_out_of_memory():
         common.check_measured([row("a", oom), row("b", fault)])
     with pytest.raises(UserError, match="give shorter --seq-lens"):
         common.check_measured([row("a", oom), row("b", oom)])
+
+
+def test_a_baseline_is_skipped_by_its_quadratic_time_and_linear_memory_predictions(monkeypatch):
+    monkeypatch.setattr(layers, "memory_refusal", lambda need: f"needs {need / 2 ** 20:.0f} MiB" if need else None)
+    kw = dict(max_len=None, heads=8, chunk_size=128)
+    slow = {"seq_len": 1024, "time_ms": 2000.0, "peak_mb": 0}  # 2 s at 1k: 32 s at 4k
+    assert layers._skip_reason("standard", 4096, slow, max_seconds=30, device="cpu", **kw).startswith(
+        "predicted 32 s per call (quadratic from 1024 tokens) > --max-seconds 30")
+    assert layers._skip_reason("standard", 4096, slow, max_seconds=33, device="cpu", **kw) is None
+    big = {"seq_len": 1024, "time_ms": 1.0, "peak_mb": 1000.0}  # its extra memory scaled as its time
+    assert layers._skip_reason("standard", 4096, big, max_seconds=30, device="cpu", **kw) == "needs 16000 MiB"
+    # the host's memory is not what a GPU run needs
+    assert layers._skip_reason("standard", 4096, big, max_seconds=30, device="cuda", **kw) is None
+
+
+def test_a_baseline_that_fails_its_timing_is_recorded_as_failed(monkeypatch):
+    real = layers.interleaved_times
+
+    def flaky(fns, repeats, warmup=1, device="cpu"):
+        if "standard" in fns:
+            raise RuntimeError("simulated failure")
+        return real(fns, repeats, warmup, device)
+
+    monkeypatch.setattr(layers, "interleaved_times", flaky)
+    rows = {r["model"]: r for r in layers.bench_attention([64], **TINY)["rows"]}
+    assert rows["standard"]["status"] == "failed" and "simulated failure" in rows["standard"]["reason"]
+    assert rows["bsbr"]["status"] == "ok" and rows["bsbr"]["time_ms"] > 0
+
+
+def test_the_matmul_ceiling_is_the_median_of_before_and_after_in_flops(monkeypatch):
+    monkeypatch.setattr(bc, "interleaved_times", lambda fns, repeats, warmup=1, device="cpu": {"matmul": [0.5]})
+    assert bc.matmul_gflops(1000, 1, "cpu") == 4.0  # 2 n^3 FLOPs in 0.5 s
+    monkeypatch.undo()
+    rates = iter([10.0, 30.0])
+    monkeypatch.setattr(bc, "matmul_gflops", lambda *a, **k: next(rates))
+    core = bc.bench_core([64], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64)
+    assert core["matmul_gflops_per_s"] == 20.0
+
+
+def test_nothing_measured_means_no_row_at_all_was(monkeypatch):
+    ok, skipped = common.new_row("bsbr", 64), dict(common.new_row("standard", 64), status="skipped", reason="cap")
+    common.check_measured([ok, skipped])  # one model measured: a result
+    with pytest.raises(UserError):
+        common.check_measured([skipped])
+
+
+def test_bench_attention_takes_retrieval_blocks_0_its_default():
+    args = build_parser().parse_args(["bench", "attention", "--retrieval-blocks", "0"])
+    assert args.retrieval_blocks == 0 == build_parser().parse_args(["bench", "attention"]).retrieval_blocks

@@ -286,6 +286,7 @@ def test_a_refused_prediction_never_reads_as_the_limit():
 
     assert [duration(x) for x in (0.00033, 5.04, 9.96, 119.7, 150.0, 97_320.0)] == [
         "0.1 s", "5.1 s", "10.0 s", "119.7 s", "150 s (2.5 minutes)", "97,320 s (1,622.0 minutes)"]
+    assert duration(150.4) == "151 s (2.5 minutes)"  # (rounded up past 2 minutes too: never below the limit)
 
 
 def test_decode_alternates_which_model_steps_first_and_counts_the_cache_per_context_token():

@@ -301,3 +301,24 @@ def test_the_quality_plot_gives_each_of_twelve_models_its_own_colour(tmp_path, m
                                                          chunk_size=32)), str(tmp_path / "q.png"))
     colours = [line.get_color() for line in figures[0].axes[0].lines]
     assert len(colours) == 12 and len(set(map(str, colours))) == 12
+
+
+def test_speed_ratios_and_the_targets_at_their_edges():
+    from bsbr.bench.models import TARGET_SHAPE, check_targets, speed_ratios
+
+    rows = [dict(model=m, seq_len=n, time_ms=t, train_time_ms=tt)
+            for m, n, t, tt in (("standard", 4096, 40.0, 120.0), ("bsbr", 4096, 40.0, 60.0),
+                                ("standard", 8192, 300.0, 900.0), ("bsbr", 8192, 100.0, 300.0))]
+    ratios = speed_ratios(rows)
+    assert [(r["seq_len"], r["forward_speedup"], r["train_speedup"]) for r in ratios] == [(4096, 1.0, 2.0),
+                                                                                         (8192, 3.0, 3.0)]
+    faster = check_targets(ratios, dict(TARGET_SHAPE))[0]
+    assert faster["measured"] == {4096: 1.0, 8192: 3.0} and faster["met"] is False  # 1.0x at 4,096 is not faster
+
+
+def test_a_models_time_budget_skips_its_next_train_step():
+    from bsbr.bench.models import _skip
+
+    assert _skip("train", 4096, [], [], spent=100.0, max_seconds=15.0, budget=90.0) == \
+        "train: model's measuring time 100 s passed --model-budget 90 s"
+    assert _skip("train", 4096, [], [], spent=90.0, max_seconds=15.0, budget=90.0) is None
