@@ -1068,3 +1068,13 @@ def test_float32_steps_read_the_chunks_of_sinks_alone_as_precisely_as_the_forwar
     for fn in (chunk_bsbr_attention, recurrent_bsbr_attention):
         err = (call(fn, x32, **kw).double() - truth).abs().max() / truth.abs().max()
         assert err < 5e-6, (fn.__name__, float(err))  # (the old step: 7e-5 and 1.6e-4)
+
+
+def test_the_input_checks_memory_stays_bounded_over_many_shapes():
+    # each new sequence length is one more remembered signature: a server seeing every prompt length kept them all
+    from bsbr.ops.bsbr import inputs
+
+    o = BSBROptions(4)
+    for n in range(1, 1100):
+        chunk_bsbr_attention(*[torch.randn(1, 1, n, 2) for _ in range(5)], o)
+    assert 0 < len(inputs._CHECKED) <= 1024
