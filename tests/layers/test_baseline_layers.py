@@ -251,3 +251,39 @@ def test_deltanet_steps_give_a_padded_token_no_output():
     out, _ = m.step(x, None, attention_mask=mask)
     torch.testing.assert_close(out[0, 2], m.out_proj(torch.zeros(HIDDEN, dtype=DT)))  # the output bias alone
     torch.testing.assert_close(out, m(x, attention_mask=mask))
+
+
+def test_a_sliding_window_reads_exactly_window_size_tokens():
+    torch.manual_seed(0)
+    m = SlidingWindowAttention(HIDDEN, HEADS, window_size=2).to(DT).eval()
+    x = torch.randn(1, 6, HIDDEN, dtype=DT)
+    y = x.clone()
+    y[0, 3] += 1.0  # token 3: inside token 4's window of 2 (tokens 3, 4), outside token 5's (4, 5)
+    a, b = m(x), m(y)
+    assert not torch.allclose(a[0, 4], b[0, 4]) and torch.equal(a[0, 5], b[0, 5])
+
+
+def test_standard_attention_gives_a_padded_token_no_output():
+    torch.manual_seed(0)
+    m = StandardAttention(HIDDEN, HEADS).to(DT).eval()
+    out = m(torch.randn(1, 4, HIDDEN, dtype=DT), attention_mask=torch.tensor([[1, 1, 0, 0]]))
+    for i in (2, 3):
+        torch.testing.assert_close(out[0, i], m.out_proj(torch.zeros(HIDDEN, dtype=DT)))
+
+
+def test_gau_gates_its_attention_by_u():
+    torch.manual_seed(0)
+    m = GatedAttentionUnit(HIDDEN, query_key_dim=8, block_size=4).to(DT).eval()
+    x = torch.randn(1, 5, HIDDEN, dtype=DT)
+    seen = []
+    m.out_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    m(x)
+    u = F.silu(m.uv_proj(x)).chunk(2, dim=-1)[0]
+    with torch.no_grad():  # another u, the same attention (v is the other half of uv_proj)
+        m.uv_proj.weight[: u.shape[-1]].mul_(2.0)
+        if m.uv_proj.bias is not None:
+            m.uv_proj.bias[: u.shape[-1]].mul_(2.0)
+    m(x)
+    u2 = F.silu(m.uv_proj(x)).chunk(2, dim=-1)[0]
+    torch.testing.assert_close(seen[1] / u2, seen[0] / u)  # the attention read-out, divided out of both
+    assert not torch.allclose(seen[1], seen[0])
