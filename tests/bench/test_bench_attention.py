@@ -440,3 +440,11 @@ def test_nothing_measured_means_no_row_at_all_was(monkeypatch):
 def test_bench_attention_takes_retrieval_blocks_0_its_default():
     args = build_parser().parse_args(["bench", "attention", "--retrieval-blocks", "0"])
     assert args.retrieval_blocks == 0 == build_parser().parse_args(["bench", "attention"]).retrieval_blocks
+
+
+def test_calibration_warms_up_before_its_timed_call_and_the_core_runs_the_normalized_form():
+    calls = []
+    row = layers.calibrate(lambda: calls.append(1))
+    assert len(calls) == 3 and row["seq_len"] == layers.CALIBRATION_LEN  # warm-up, timed call, memory
+    core = bc.bench_core([64], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64, retrieval="normalized")
+    assert core["rows"][0]["time_ms"] > 0
