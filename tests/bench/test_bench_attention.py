@@ -448,3 +448,16 @@ def test_calibration_warms_up_before_its_timed_call_and_the_core_runs_the_normal
     assert len(calls) == 3 and row["seq_len"] == layers.CALIBRATION_LEN  # warm-up, timed call, memory
     core = bc.bench_core([64], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64, retrieval="normalized")
     assert core["rows"][0]["time_ms"] > 0
+
+
+def test_a_wheel_without_the_earlier_layer_is_refused_every_time(tmp_path):
+    # the failed import stayed in sys.modules, so a second load returned the broken module
+    import zipfile
+
+    wheel = tmp_path / "bsbr-0.1.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("bsbr/bsbr.py", "x = 1\n")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="bsbr/bsbr.py defines no BSBRAttention"):
+            earlier.load_earlier_bsbr(str(wheel))
+    assert earlier.EARLIER_MODULE_NAME not in __import__("sys").modules
