@@ -287,3 +287,26 @@ def test_gau_gates_its_attention_by_u():
     u2 = F.silu(m.uv_proj(x)).chunk(2, dim=-1)[0]
     torch.testing.assert_close(seen[1] / u2, seen[0] / u)  # the attention read-out, divided out of both
     assert not torch.allclose(seen[1], seen[0])
+
+
+def test_the_shell_ties_its_lm_head_to_the_embedding_after_a_final_norm():
+    m = lm("bsbr").to(DT).eval()
+    assert m.lm_head.weight is m.embedding.weight  # (bench models compares parameter counts across attentions)
+    ids = torch.randint(1, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.norm.weight.zero_()
+        m.norm.bias.fill_(1.0)  # every position's normalised state is all ones
+        torch.testing.assert_close(m(ids), m.embedding.weight.sum(-1).expand(1, 10, -1))
+
+
+def test_the_native_model_reads_left_padded_tokens_at_their_own_positions():
+    # the normalized form's chunk states hold a feature map (hedgehog, not linear) of rotated keys, which a shift of
+    # every position changes: left padding must not shift them
+    from bsbr import BSBRModel
+
+    torch.manual_seed(0)
+    m = BSBRModel(50, 32, 2, 4, 4, 64, dropout=0.0, retrieval="normalized", gate_init=0.5).to(DT).eval()
+    ids = torch.randint(0, 50, (1, 30))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], 1)
+    torch.testing.assert_close(m(padded, mask)[:, 3:], m(ids))
