@@ -1194,3 +1194,32 @@ def test_a_cache_whose_every_row_is_padded_continues_as_generate_without_it():
         assert cache.get_seq_length() == 23
         assert torch.equal(model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, **GEN),
                            model.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN))
+
+
+def test_a_config_asking_for_tuples_gets_tuples_unless_the_call_asks_otherwise(model):
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    m = copy.deepcopy(model)
+    m.config.return_dict = False
+    out = m(ids)
+    assert isinstance(out, tuple) and torch.equal(out[0], model(ids).logits)
+    assert torch.equal(m(ids, return_dict=True).logits, model(ids).logits)
+
+
+def test_a_question_answering_folder_loads_as_the_base_model_and_is_named_to_a_causal_lm(tmp_path):
+    from bsbr.models.bsbr.modeling_bsbr import BSBRForQuestionAnswering
+
+    convert_to_bsbr(make_source("llama"), chunk_size=4).save_pretrained(tmp_path / "lm")
+    BSBRForQuestionAnswering.from_pretrained(tmp_path / "lm").save_pretrained(tmp_path / "qa")
+    assert type(BSBRBaseModel.from_pretrained(tmp_path / "qa")) is BSBRBaseModel
+    with pytest.raises(ValueError, match="qa holds a BSBRForQuestionAnswering \\(saved from it\\), not a causal LM: "
+                                         "load it with AutoModelForQuestionAnswering"):
+        BSBRForCausalLM.from_pretrained(tmp_path / "qa")
+
+
+@pytest.mark.parametrize("weights, embeds", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_half_precision_embeddings_of_the_other_half_type_are_refused(model, weights, embeds):
+    # bfloat16 into a float16 model was cast silently (values past 65,504 become inf)
+    m = copy.deepcopy(model).to(weights)
+    e = m.get_input_embeddings()(torch.tensor([[3, 4, 5]])).to(embeds)
+    with pytest.raises(ValueError, match=f"inputs_embeds are {embeds}, the model's weights {weights}: cast"):
+        m(inputs_embeds=e)
