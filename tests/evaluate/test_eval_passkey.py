@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from model_sources import make_source
@@ -318,7 +320,8 @@ def test_seconds_by_length_add_up_every_prompt_of_that_length(monkeypatch):
     from word_tokenizer import build_word_tokenizer
 
     clock = iter(range(1000))  # each generation takes 1 s: 4 prompts of 128 tokens, 4 of 256 per model
-    monkeypatch.setattr(passkey.time, "perf_counter", lambda: float(next(clock)))
+    # (the module's own clock: the process-wide time.perf_counter is read by other threads too)
+    monkeypatch.setattr(passkey, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     monkeypatch.setattr(passkey, "greedy_continuation", lambda *a, **k: [])
     r = passkey.run_passkey({"bsbr": _Generates(), "source": _Generates()}, build_word_tokenizer(),
                             lengths=[128, 256], depths=[0.2, 0.8], trials=2, progress=False, fillers=["classic"])
