@@ -529,6 +529,29 @@ def test_default_rotary_frequencies_are_the_sources_to_the_bit():
         assert diff <= 1e-5, (src.config.model_type, diff)
 
 
+@pytest.mark.parametrize("rope_type", ["default", "linear"])
+def test_a_partial_rotary_factor_converts_as_the_source_rotates_or_is_refused_by_name(rope_type):
+    """transformers keeps ``partial_rotary_factor`` in rope_parameters: the default rope's tables ignore it (the source
+    rotates whole heads, and so does the conversion); a scaled rope's tables honour it and cover half of each head,
+    which the source's own forward cannot use: refused, naming the field (not "inv_freq must have shape")."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    if rope_type == "linear":
+        rope["factor"] = 4.0
+    torch.manual_seed(0)
+    src = randomize(LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
+                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                 rope_parameters=rope))).eval()
+    if rope_type == "linear":
+        with pytest.raises(ValueError, match=r"^rope_parameters' partial_rotary_factor 0.5 with rope_type 'linear'"):
+            convert_to_bsbr(src, chunk_size=CHUNK)
+        return
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    ids = torch.randint(0, VOCAB, (1, 2 * CHUNK), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(outputs(model, ids), outputs(src, ids), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_a_source_whose_head_dim_is_not_hidden_over_heads_converts_exactly(family):
     """Mistral-NeMo's shape (head_dim 128 with 5,120 hidden and 32 heads): the heads are as wide as the source
