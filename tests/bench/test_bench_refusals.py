@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_checks import one_error_line, tree_hash
 
@@ -91,9 +92,14 @@ def test_bench_refuses_bad_float_options(command, flag, value, capsys, nothing_r
     assert f"argument {flag}: '{value}': give a " in line and ("finite number" in line or "> 0" in line)
 
 
-def test_bench_attention_refuses_an_unknown_device(capsys, nothing_runs):
-    line = _refused(["bench", "attention", *COMMANDS["attention"], "--device", "bogus"], capsys, "bench attention")
-    assert "--device bogus" in line and "cpu" in line
+@pytest.mark.parametrize("device, told", [("bogus", "give cpu, cuda or cuda:N"), ("cpu:1", "give cpu, cuda or cuda:N"),
+                                          ("meta", "give cpu, cuda or cuda:N"),
+                                          ("cuda:0", "CUDA is not available here: give --device cpu")])
+def test_bench_attention_refuses_a_device_it_cannot_run_on(device, told, capsys, nothing_runs):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = _refused(["bench", "attention", *COMMANDS["attention"], "--device", device], capsys, "bench attention")
+    assert f"--device {device}" in line and told in line, line
 
 
 def test_bench_converted_refuses_a_source_with_gpt2_small_random(tmp_path, capsys, nothing_runs):
