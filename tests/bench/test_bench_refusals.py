@@ -92,6 +92,13 @@ def test_bench_refuses_bad_float_options(command, flag, value, capsys, nothing_r
     assert f"argument {flag}: '{value}': give a " in line and ("finite number" in line or "> 0" in line)
 
 
+def test_bench_models_refuses_a_one_token_length(capsys, nothing_runs):
+    """Its training step predicts each next token: one token has none to predict."""
+    argv = ["bench", "models", *COMMANDS["models"][2:], "--seq-lens", "64", "1"]
+    line = _refused(argv, capsys, "bench models")
+    assert "argument --seq-lens: must be an integer from 2 to" in line and "got 1" in line, line
+
+
 @pytest.mark.parametrize("device, told", [("bogus", "give cpu, cuda or cuda:N"), ("cpu:1", "give cpu, cuda or cuda:N"),
                                           ("meta", "give cpu, cuda or cuda:N"),
                                           ("cuda:0", "CUDA is not available here: give --device cpu")])
