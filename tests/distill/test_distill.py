@@ -576,7 +576,7 @@ def _torchrun(out, *mode):
     tmp = Path(f"{out}_tmp")  # (torchrun leaves a torchelastic_* folder in TMPDIR)
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", worker, str(out), tests_dir, *mode],
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", worker, str(out), tests_dir, *mode],
                    check=True, env=env, timeout=600)
 
 

@@ -1060,7 +1060,7 @@ def test_a_process_that_dies_under_torchrun_leaves_the_other_saying_how_to_resum
     out = tmp_path / "out"
     argv = distill_args(models, text, out, "--steps", "100000", "--checkpoint-every", "1")
     argv[argv.index("--seq-len") + 1] = "88"
-    run = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "bsbr.cli", *argv],
+    run = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "bsbr.cli", *argv],
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 300
@@ -1097,7 +1097,7 @@ def test_an_output_locked_by_another_run_stops_every_process_under_torchrun(mode
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "out"
     with output_lock(out, "--output"):  # another run writing it
-        run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29542", "-m", "bsbr.cli",
+        run = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "bsbr.cli",
                               *distill_args(models, text, out, "--steps", "1")], capture_output=True, text=True,
                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert run.returncode != 0
