@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import SourceMismatchError, UserError, absent, check_not_interrupted, command_path
+from .errors import SourceMismatchError, UserError, absent, check_not_interrupted, command_path, reads_as_hub_id
 from .notes import first_time
 
 logger = logging.getLogger(__name__)
@@ -620,14 +620,13 @@ def check_bsbr_positions(model_dir, option: str, lengths: Iterable) -> None:
 
 def check_bsbr_dir(path, option: str) -> Path:
     """Refuse, before loading, a directory that is not a saved BSBR model (``bsbr convert`` / ``distill``)."""
-    path = Path(os.path.expanduser(str(path)))
+    typed, path = str(path), Path(os.path.expanduser(str(path)))
     config = path / "config.json"
     if not config.is_file():
         what = absent(path) if not path.exists() else "is a file, not a directory" if not path.is_dir() \
             else "has no config.json" if not config.exists() else "holds a config.json that is not a file"
-        hub = f" (a hub model? bsbr reads it from a local folder: hf download {path} --local-dir DIR, then give DIR)" \
-            if not path.exists() and hub_id(str(path)) is not None and "/" in str(path) and \
-            not Path(str(path).split("/")[0]).exists() else ""  # (not a local folder's name mistyped)
+        hub = f" (a hub model? bsbr reads it from a local folder: hf download {typed} --local-dir DIR, then give DIR)" \
+            if reads_as_hub_id(typed) else ""
         raise UserError(f"{option} {path} {what}{hub}: give a directory made by `bsbr convert` or `bsbr distill`")
     values = read_config(config, option)
     if values["model_type"] != "bsbr":

@@ -58,6 +58,23 @@ def command_path(path) -> str:
     return shlex.quote(f"./{text}" if text.startswith("-") else text)
 
 
+def reads_as_hub_id(text: str) -> bool:
+    """Whether a model path that does not exist reads, as typed, as a hub id ``ORG/NAME`` (not ``./a/b``, ``~/a``,
+    ``/a/b`` or ``a/b/c``) whose ``ORG`` is no local folder (that would be a local model's name mistyped): a
+    message may then say how to fetch it."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(text)
+    if "/" not in text or os.path.lexists(os.path.expanduser(text)) or os.path.lexists(text.split("/")[0]):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def absent(path) -> str:
     """Why ``path`` cannot be found, for an error message (on one line): "does not exist", or a loop of links, a
     link (through links) to nothing, a folder on its way that may not be entered."""

@@ -2559,10 +2559,15 @@ def test_a_hub_id_or_a_link_to_a_removed_blob_given_as_a_bsbr_folder_says_what_t
     assert "a hub model? bsbr reads it from a local folder: hf download org/bsbr-model --local-dir DIR" in line, line
     (tmp_path / "runs").mkdir()  # a local folder's model mistyped: no hub advice
     assert "hub model?" not in refused(capsys, ["generate", "runs/bsbr1", "--prompt", "hi"], "generate")
+    for path in ("./org/bsbr-model", "org/bsbr-model/more"):  # a local path as typed: no hub advice
+        assert "hub model?" not in refused(capsys, ["generate", path, "--prompt", "hi"], "generate")
     with pytest.raises(FileNotFoundError, match=r"\(no config.json\)$"):
         load_bsbr_model("runs/bsbr1")
     with pytest.raises(FileNotFoundError, match=r"AutoModelForCausalLM.from_pretrained\('org/bsbr-model'\)"):
         load_bsbr_model("org/bsbr-model")
+    for path in ("org/bsbr-model/more", "./org/bsbr-model", "/org/bsbr-model"):  # no hub id: no hub advice
+        with pytest.raises(FileNotFoundError, match=r"\(no config.json\)$"):
+            load_bsbr_model(path)
     linked = shutil.copytree(converted, tmp_path / "linked")
     (linked / "model.safetensors").unlink()
     (linked / "model.safetensors").symlink_to(tmp_path / "blobs" / "removed")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from ...errors import reads_as_hub_id
 from .modeling_bsbr import BSBRForCausalLM, missing_weights, refuse_other_model_type
 
 
@@ -40,14 +41,13 @@ def load_bsbr_model(path: os.PathLike, dtype: torch.dtype = torch.float32) -> BS
     replaced while it was read is refused too. ``dtype``: the weights' dtype once loaded."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a model directory's path, got {type(path).__name__}")
-    path = Path(path)
+    typed, path = os.fspath(path), Path(path)
     before = folder_identity(path)
     if path.is_file():
         raise FileNotFoundError(f"{path} is a file, not a saved BSBR model directory: give the folder holding it")
     if not (path / "config.json").is_file():
-        hub = f" (a hub model? load it with AutoModelForCausalLM.from_pretrained({str(path)!r}) after import bsbr)" \
-            if not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")) and \
-            not path.parent.exists() else ""  # (not a local folder's name mistyped)
+        hub = f" (a hub model? load it with AutoModelForCausalLM.from_pretrained({typed!r}) after import bsbr)" \
+            if reads_as_hub_id(typed) else ""
         raise FileNotFoundError(f"{path} is not a saved BSBR model directory (no config.json){hub}")
     refuse_other_model_type(path)
     if (missing := missing_weights(path)) is not None:
