@@ -126,6 +126,17 @@ def test_gradients_agree(variant, top_k, dv):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_backward_with_blocks_runs_under_anomaly_detection(fn):
+    """The first chunks have no earlier chunk to select: the log-sum-exp of nothing must not give NaN inside
+    the backward pass (anomaly mode raises on it), and every gradient is finite."""
+    x = make_inputs(b=1, hq=2, hkv=1, n=40, d=4, dv=5, positive=True, requires_grad=True)
+    with torch.autograd.detect_anomaly():
+        o = call(fn, x, chunk_size=8, local_chunks=1, retrieval_blocks=1, retrieval="normalized")
+        o.sum().backward()
+    assert all(bool(t.grad.isfinite().all()) for t in x.values())
+
+
 @pytest.mark.parametrize("variant", ["additive", "normalized"])
 def test_causal_perturbing_a_later_token(variant):
     x = make_inputs(b=1, hq=2, hkv=2, n=50, d=4, positive=True)
@@ -478,6 +489,10 @@ def test_half_precision_parts_are_merged_by_float32_log_sum_exps(monkeypatch):
     q, k, v, mq, mk = (torch.randn(1, 2, 256, d, generator=g).bfloat16() for d in (16, 16, 16, 4, 4))
     o = chunk_bsbr_attention(q, k, v, mq, mk, BSBROptions(32, sink_tokens=2, retrieval_blocks=2), gate=0)[0]
     assert o.dtype == torch.bfloat16 and merged == [[torch.float32] * 3]  # the window, the sinks, the blocks
+    merged.clear()  # blocks covering every earlier chunk, at far positions: read densely, merged as float32 too
+    qr, kr = (torch.randn(1, 2, 256, 16, generator=g).bfloat16() for _ in range(2))
+    o = chunk_bsbr_attention(q, k, v, mq, mk, BSBROptions(32, retrieval_blocks=8), qr=qr, kr=kr, gate=0)[0]
+    assert o.dtype == torch.bfloat16 and merged and all(d == torch.float32 for m in merged for d in m), merged
 
 
 @pytest.mark.parametrize("retrieval", ["normalized", "additive"])
@@ -545,6 +560,7 @@ BLOCK_CASES = [  # (n, chunk, hq, hkv, local_chunks, sink_tokens, retrieval_bloc
     pytest.param(300, 64, 2, 1, 1, 3, 2, "normalized",  # four 16-token pieces per chunk, sinks in the first
                  marks=pytest.mark.slow),
     (70, 8, 2, 2, 2, 10, 9, "normalized"),  # K covers every earlier chunk (read densely); chunk 0 all sinks
+    (40, 4, 2, 1, 1, 4, 20, "normalized"),  # dense, and chunk 0 exactly the sinks: its state is read all the same
 ]
 
 

@@ -159,6 +159,28 @@ def test_ties_keep_the_later_token():
     assert idx.tolist() == [2, 1, 0] and kept.all()
 
 
+@pytest.mark.parametrize("case", ["tie", "zero feature"])
+def test_the_three_forms_keep_the_same_token_on_a_tie_and_on_a_zero_feature(case):
+    """The reference ranks recall errors by its own code (not keep_largest): on a tie it keeps the later token as the
+    others do, and a token of all-zero features (0/0 under the normalized form: ReLU-like maps) ranks first."""
+    if case == "tie":  # tokens 4 and 5 (one chunk) of equal features and values: equal errors, the largest
+        x, chunk = make(b=1, hq=1, hkv=1, n=12, seed=3), 2
+        for name in ("fk", "v"):
+            x[name][:, :, 5] = x[name][:, :, 4]
+        x["v"][:, :, 4:6] *= 20
+    else:
+        x, chunk = make(b=1, hq=1, hkv=1, n=16, seed=3), 4
+        x["fk"][:, :, 5] = 0.0
+    options = BSBROptions(chunk, local_chunks=1, recall_tokens=1, retrieval="normalized")
+    gate = torch.ones(1, dtype=DT)
+    ref, o_c, o_r = (run(fn, x, options, gate=gate)[0] for fn in FORMS)
+    torch.testing.assert_close(o_c, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(o_r, ref, rtol=1e-10, atol=1e-10)
+    if case == "tie":
+        st = run(chunk_bsbr_attention, x, options, gate=gate, output_final_state=True)[1]
+        assert st.recall_pos[0, 0].tolist() == [5]  # the later of the two
+
+
 def test_a_near_duplicate_is_a_value_at_cosine_above_095_with_one_ranked_before():
     """The threshold (docs/design.md, 5b): a value at cosine 0.97 with a worse-recalled one waits for the slots
     left; one at 0.9 (the digits of a number differ about so) is kept in its turn."""
