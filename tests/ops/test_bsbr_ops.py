@@ -194,6 +194,38 @@ def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant, dv,
         torch.testing.assert_close(call(fn, y, valid=valid, **kw), o, rtol=0, atol=0, msg=str(garbage))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_streams_out_of_step_and_back_in_step_equal_each_sequence_alone(grad):
+    """The whole-context buffer (chunk < L + K <= own_position_chunks): one sequence falls two chunks behind and the
+    other waits until they are at one position again; the buffer is sized for the sequence ahead throughout."""
+    n, kw = 16, dict(chunk_size=2, retrieval_blocks=4, own_position_chunks=6, retrieval="normalized")
+    x = with_far_keys(make_inputs(b=2, hq=2, hkv=1, n=n, d=4, dv=4, positive=True))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, 1:5] = False
+    valid[0, 8:12] = False
+    with torch.set_grad_enabled(grad):
+        o = call(recurrent_bsbr_attention, x, valid=valid, **kw)
+    for b in range(2):
+        alone = {k: t[b : b + 1][:, :, valid[b]] for k, t in x.items()}
+        torch.testing.assert_close(o[b : b + 1][:, :, valid[b]], call(naive_bsbr_attention, alone, **kw),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_float32_steps_give_no_gist_where_every_earlier_chunk_is_selected():
+    """In a batch where one sequence has more candidate chunks than K and the other (left padded) selects all of
+    its own, the second's gist (its chunks' read-out less the selected ones') is exactly 0, not float32 rounding
+    scaled up by the renormalisation (up to 100x)."""
+    n, kw = 40, dict(chunk_size=4, retrieval_blocks=3, retrieval="normalized")
+    x = with_far_keys(make_inputs(b=2, hq=2, hkv=1, n=n, d=4, dv=5, positive=True, seed=3))
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, :26] = False
+    with torch.no_grad():
+        o = call(recurrent_bsbr_attention, {k: t.float() for k, t in x.items()}, valid=valid, **kw)
+    alone = {k: t[1:2][:, :, valid[1]] for k, t in x.items()}
+    err = (o[1:2][:, :, valid[1]].double() - call(naive_bsbr_attention, alone, **kw)).abs().max().item()
+    assert err < 2e-6, err
+
+
 def prefill_then_stream(x, valid, cut, **kw):
     """Chunked prefill of tokens [0, cut), then its state handed to the streaming form for the rest."""
     pre = {k: t[:, :, :cut] for k, t in x.items()}
@@ -270,6 +302,26 @@ def test_bad_inputs_raise(change, kw, exc):
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         with pytest.raises(exc):
             call(fn, x, **kw)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 9, 5), (2, 4, 8, 5), (1, 4, 9, 5), (3, 4, 9, 5)])
+def test_meta_queries_of_the_wrong_leading_shape_are_refused_by_name(shape):
+    # (the K/V heads', one token short, another batch: a traceback, or an output for a batch of 3 from 2)
+    x = make_inputs(b=2, hq=4, hkv=2, n=9, d=6)
+    x["mq"] = torch.zeros(shape, dtype=DT)
+    for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
+        with pytest.raises(ValueError, match=r"^mq must have leading shape \(2, 4, 9\)"):
+            call(fn, x, chunk_size=4)
+
+
+@pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
+def test_inputs_of_two_dtypes_are_refused_after_a_call_of_the_same_shapes(fn):
+    """The input checks are skipped for a signature seen before: the signature holds each tensor's dtype, so a
+    float32 value beside float64 queries is refused by name, not a raw kernel error or a silent float64 output."""
+    x = make_inputs(b=1, hq=2, hkv=2, n=10, d=4, dv=4)
+    call(fn, x, chunk_size=4)
+    with pytest.raises(TypeError, match="one dtype"):
+        call(fn, dict(x, v=x["v"].float()), chunk_size=4)
 
 
 @pytest.mark.parametrize("fn", [naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention])
@@ -423,6 +475,15 @@ def test_bad_window_options_raise(kw):
     for fn in (naive_bsbr_attention, chunk_bsbr_attention, recurrent_bsbr_attention):
         with pytest.raises(ValueError, match=next(iter(kw))):
             call(fn, x, chunk_size=4, **kw)
+
+
+def test_a_window_of_exactly_the_most_tokens_is_allowed_and_one_chunk_more_refused():
+    from bsbr.ops.bsbr.options import MAX_TOKENS
+
+    assert BSBROptions(MAX_TOKENS).chunk_size == MAX_TOKENS
+    assert BSBROptions(MAX_TOKENS // 2, local_chunks=2).local_chunks == 2
+    with pytest.raises(ValueError, match=f"^local_chunks must be at most 2 with chunk_size {MAX_TOKENS // 2:,} .* got 3$"):
+        BSBROptions(MAX_TOKENS // 2, local_chunks=3)
 
 
 # ---------------------------------------------------------------- exact block retrieval
