@@ -482,7 +482,8 @@ def test_a_window_of_exactly_the_most_tokens_is_allowed_and_one_chunk_more_refus
 
     assert BSBROptions(MAX_TOKENS).chunk_size == MAX_TOKENS
     assert BSBROptions(MAX_TOKENS // 2, local_chunks=2).local_chunks == 2
-    with pytest.raises(ValueError, match=f"^local_chunks must be at most 2 with chunk_size {MAX_TOKENS // 2:,} .* got 3$"):
+    told = f"^local_chunks must be at most 2 with chunk_size {MAX_TOKENS // 2:,} .* got 3$"
+    with pytest.raises(ValueError, match=told):
         BSBROptions(MAX_TOKENS // 2, local_chunks=3)
 
 
