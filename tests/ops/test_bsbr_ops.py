@@ -195,14 +195,20 @@ def test_padding_left_right_and_holes_equal_each_sequence_alone(fn, variant, dv,
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_streams_out_of_step_and_back_in_step_equal_each_sequence_alone(grad):
-    """The whole-context buffer (chunk < L + K <= own_position_chunks): one sequence falls two chunks behind and the
-    other waits until they are at one position again; the buffer is sized for the sequence ahead throughout."""
+@pytest.mark.parametrize("case", ["back in step", "growing"])
+def test_streams_out_of_step_equal_each_sequence_alone(grad, case):
+    """Back in step: the whole-context buffer (chunk < L + K <= own_position_chunks), one sequence two chunks behind
+    and the other waiting until they are at one position again (the buffer is sized for the one ahead throughout).
+    Growing: two sequences end a chunk at the same step at different chunk indices while the per-chunk arrays grow
+    (they grow for the one ahead)."""
     n, kw = 16, dict(chunk_size=2, retrieval_blocks=4, own_position_chunks=6, retrieval="normalized")
     x = with_far_keys(make_inputs(b=2, hq=2, hkv=1, n=n, d=4, dv=4, positive=True))
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, 1:5] = False
-    valid[0, 8:12] = False
+    if case == "back in step":
+        valid[0, 8:12] = False
+    else:
+        kw = dict(chunk_size=2, retrieval="normalized")
     with torch.set_grad_enabled(grad):
         o = call(recurrent_bsbr_attention, x, valid=valid, **kw)
     for b in range(2):
