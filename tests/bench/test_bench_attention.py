@@ -209,6 +209,14 @@ def test_measure_peak_sees_torch_allocations():
     assert [len(v) for v in times.values()] == [3, 3]
 
 
+def test_proc_fields_are_read_in_kib(tmp_path):
+    # (/proc's "kB" are 1,024 bytes: read as 1,000, a 64 MiB peak measured 62.5)
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t    2048 kB\nVmRSS:\t  1024 kB\n")
+    assert memory._proc_bytes(str(status), "VmHWM") == 2 * 2**20
+    assert memory._proc_bytes(str(status), "VmRSS") == 2**20 and memory._proc_bytes(str(status), "VmPeak") is None
+
+
 def test_measure_peak_falls_back_to_sampling_where_the_peak_cannot_be_reset(monkeypatch):
     """Where /proc/self/clear_refs cannot be written (containers, other kernels) RSS is sampled instead."""
     monkeypatch.setattr(memory, "_reset_hwm", lambda: False)

@@ -1822,6 +1822,9 @@ def test_a_source_config_with_more_layers_than_its_weights_is_refused_before_bui
     (d / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
     assert "config.json holds a quantization_config (fp8): bsbr converts float weights" in line, line
+    (d / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))  # (transformers: no folder named)
+    line = refused(capsys, ["convert", d, tmp_path / "out", "--chunk-size", "8"], "convert", d)
+    assert "config.json holds a quantization_config (quantized weights): bsbr converts float weights" in line, line
     # what transformers does not load is not looked at: GPT-2's old uint8 mask buffers, another .safetensors file
     from model_sources import make_source
     from word_tokenizer import build_word_tokenizer

@@ -136,3 +136,15 @@ def test_demo_on_a_full_disk_names_its_output_and_leaves_nothing(models, tmp_pat
                             "--no-passkey"], "demo")
     assert f"--output {out}: could not write the demo's files (Error while serializing" in line
     assert "free some space or choose another --output" in line and not list(tmp_path.iterdir())
+
+
+def test_the_demos_chunk_size_may_fill_the_window_to_its_limit_and_no_further():
+    from bsbr.convert.cli import check_default_window
+    from bsbr.convert.defaults import DEFAULT_OPTIONS
+    from bsbr.errors import UserError
+    from bsbr.ops.bsbr.options import MAX_TOKENS
+
+    most = MAX_TOKENS // DEFAULT_OPTIONS["local_chunks"]
+    check_default_window(most)
+    with pytest.raises(UserError, match=f"^--chunk-size {most + 1:,} must be at most {most:,} "):
+        check_default_window(most + 1)

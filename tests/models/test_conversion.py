@@ -184,10 +184,27 @@ def test_converted_weights_are_copies():
         assert torch.equal(v, before[k]), k
 
 
+def test_the_layers_a_source_slides_in_are_recorded_as_its_code_reads_them():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from bsbr.convert.families import sliding_window
+
+    assert sliding_window(MistralConfig(num_hidden_layers=3, sliding_window=16)) == (16, [0, 1, 2])
+    assert sliding_window(MistralConfig(num_hidden_layers=3, sliding_window=None)) == (None, [])
+    qwen2 = dict(num_hidden_layers=3, sliding_window=16, max_window_layers=1)
+    assert sliding_window(Qwen2Config(**qwen2, use_sliding_window=True)) == (16, [1, 2])
+    assert sliding_window(Qwen2Config(**qwen2, use_sliding_window=False)) == (None, [])
+    assert sliding_window(LlamaConfig(num_hidden_layers=3, sliding_window=16)) == (None, [])
+
+
 def test_parameter_overhead_and_closed_gate_is_chunk_local():
     src = make_source("llama")
     model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=1, sink_tokens=0, retrieval_blocks=0)
-    assert model.conversion_summary["params_bsbr"] > model.conversion_summary["params_source"]
+    summary = model.conversion_summary
+    assert summary["params_source"] == sum(p.numel() for p in src.parameters())
+    assert summary["params_bsbr"] == sum(p.numel() for p in model.parameters()) > summary["params_source"]
+    assert summary["extra_params_pct"] == pytest.approx(100 * (summary["params_bsbr"] / summary["params_source"] - 1))
+    assert not model.training  # (returned in eval mode, as a loaded model)
     # a closed gate: every chunk is processed as if it were alone
     ids = torch.randint(0, VOCAB, (1, 3 * CHUNK), generator=torch.Generator().manual_seed(3))
     full = outputs(model, ids)
@@ -701,7 +718,9 @@ def test_hybrid_positions_that_would_read_as_window_are_refused():
 
 @pytest.mark.parametrize("edit, named", [
     (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), "rotary frequencies"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 505.0}), "rotary frequencies"),  # (built: 500)
     (dict(rms_norm_eps=0.5), "epsilon 1e-06, its config 0.5"),
+    (dict(rms_norm_eps=1e-5), "epsilon 1e-06, its config 1e-05"),
     (dict(hidden_act="gelu"), "mlp computes another activation than its config's 'gelu'")])
 def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, named):
     # the source's modules keep what they were built with (its logits do not change), the conversion followed the
@@ -712,6 +731,41 @@ def test_a_source_whose_config_was_edited_after_it_was_built_is_refused(edit, na
         setattr(src.config, name, value)
     with pytest.raises(ValueError, match=f"the source's .*{named}.*: was its config edited after the model was built"):
         convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_small_edits_of_a_gpt2_activation_or_a_yarn_attention_factor_are_refused():
+    # gelu_new and gelu differ by at most 1e-3 (logits 1.1e-3 off); a yarn attention factor set after the build
+    # scales cos and sin (logits 1.9e-3 off)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = make_source("gpt2")  # built with gelu_new
+    src.config.activation_function = "gelu"
+    with pytest.raises(ValueError, match="computes another activation than its config's 'gelu'"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    src = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, max_position_embeddings=256, rope_parameters=dict(rope)))
+    convert_to_bsbr(src.eval(), chunk_size=CHUNK)  # as built
+    src.config.rope_parameters = {**rope, "attention_factor": 1.5}
+    with pytest.raises(ValueError, match="rotary frequencies or scaling are not the ones its config's rope_parameters"):
+        convert_to_bsbr(src, chunk_size=CHUNK)
+
+
+def test_a_dynamic_rope_source_that_ran_past_its_positions_converts_as_built():
+    """Dynamic rope rescales the live inv_freq on a long input; the conversion compares the frequencies it was built
+    with (original_inv_freq), and reproduces the source on an input within its positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    src = randomize(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))).eval()
+    with torch.no_grad():
+        src(torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(src.model.rotary_emb.inv_freq, src.model.rotary_emb.original_inv_freq)
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    ids = torch.randint(0, VOCAB, (1, CHUNK), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(outputs(model, ids), outputs(src, ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("built, edit, named", [
