@@ -759,7 +759,8 @@ def test_a_dynamic_rope_source_that_ran_past_its_positions_converts_as_built():
     torch.manual_seed(0)
     src = randomize(LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))).eval()
+        max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ))).eval()
     with torch.no_grad():
         src(torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(1)))
     assert not torch.equal(src.model.rotary_emb.inv_freq, src.model.rotary_emb.original_inv_freq)
