@@ -1669,7 +1669,9 @@ def test_every_flag_has_a_help_line(command, capsys):
     import re
 
     assert bsbr.cli.main([*command, "--help"]) == 0
-    lines = capsys.readouterr().out.split("options:")[-1].splitlines()
+    out = capsys.readouterr().out
+    assert "default: None" not in " ".join(out.split())  # (a default is said where there is one)
+    lines = out.split("options:")[-1].splitlines()
     bare = [line.strip() for i, line in enumerate(lines)  # a flag line with no text beside it or under it
             if re.match(r"^  -\S", line) and "  " not in line.strip()
             and not (i + 1 < len(lines) and lines[i + 1].startswith(" " * 16))]

@@ -1483,6 +1483,23 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command_before_it_publishe
     assert (tmp_path / "later.json").is_file()
 
 
+def test_a_ctrl_c_a_library_swallowed_in_a_command_that_then_finished_is_an_interrupt(monkeypatch, capsys):
+    # (a command that publishes nothing after it, or checks too late: its 0 is not what the user asked for)
+    import bsbr.bench.attention
+    import bsbr.cli
+
+    def swallowed(args):
+        try:
+            bsbr.cli._interrupt(2, None)
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    monkeypatch.setattr(bsbr.bench.attention, "run_attention", swallowed)
+    assert main(["bench", "attention", "--seq-lens", "64"]) == 130
+    assert capsys.readouterr().err.strip() == "bsbr bench attention: interrupted"
+
+
 def test_a_ctrl_c_swallowed_while_loading_stops_distill_and_eval_before_their_work(models, text, tmp_path, capsys,
                                                                                   monkeypatch):
     """Swallowed while a model loads, the interrupt stops the command right after the load: distill trained

@@ -148,3 +148,32 @@ def test_the_demos_chunk_size_may_fill_the_window_to_its_limit_and_no_further():
     check_default_window(most)
     with pytest.raises(UserError, match=f"^--chunk-size {most + 1:,} must be at most {most:,} "):
         check_default_window(most + 1)
+
+
+def test_demo_with_a_closed_stdout_goes_on_to_its_checks(models, tmp_path, capsys, monkeypatch):
+    # (it writes files, so a closed stdout loses only its summary: refused as a command whose results are printed
+    # there alone, `bsbr demo ... >&-` and `| head` wrote nothing)
+    import sys
+
+    source, _, _ = models
+    monkeypatch.setattr(sys, "stdout", None)
+    line = refused(capsys, ["demo", "--source", source, "--output", tmp_path / "out", "--chunk-size", "8",
+                            "--seq-len", "9"], "demo")
+    assert "--seq-len must be at least --chunk-size + 2 = 10" in line, line
+
+
+def test_demo_refuses_decode_steps_past_a_sources_learned_positions_before_converting(tmp_path, capsys, monkeypatch):
+    # (the decode context alone was checked: a GPT-2 of 64 positions converted and evaluated, then failed in the
+    # speed step with "internal error IndexError")
+    from model_sources import make_source
+    from word_tokenizer import build_word_tokenizer
+
+    src = tmp_path / "gpt2"
+    make_source("gpt2").save_pretrained(src)  # 64 positions
+    build_word_tokenizer().save_pretrained(src)
+    monkeypatch.setattr("bsbr.convert.cli.convert_source", lambda *a: pytest.fail("converted the source"))
+    line = refused(capsys, ["demo", "--source", src, "--output", tmp_path / "out", "--chunk-size", "8", "--seq-len",
+                            "40", "--speed-lens", "32", "--decode-contexts", "60", "--no-passkey"], "demo")
+    assert "--decode-contexts (plus 16 decode steps) 76 is longer than" in line and \
+        "give --decode-contexts at most 48" in line, line
+    assert not (tmp_path / "out").exists()

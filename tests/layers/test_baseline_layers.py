@@ -147,6 +147,17 @@ def test_shell_is_causal_and_left_padding_invariant(name):
     torch.testing.assert_close(padded[1, 7:], m(ids[1:, 7:])[0], rtol=1e-9, atol=1e-9)
 
 
+def test_shell_mlp_is_four_times_wide_by_default_and_drops_out_in_training():
+    m = AttentionLM(64, 32, 1, 4, attention="standard", dropout=0.5)
+    mlp = m.layers[0].mlp
+    assert mlp[0].out_features == 128 and mlp[2].in_features == 128
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    mlp.train()
+    assert not torch.equal(mlp(x), mlp(x))
+    mlp.eval()
+    assert torch.equal(mlp(x), mlp(x))
+
+
 def test_shell_bad_arguments():
     with pytest.raises(ValueError, match="attention must be one of .*sliding_window"):
         AttentionLM(64, HIDDEN, 1, HEADS, attention="flash")

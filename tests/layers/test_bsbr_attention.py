@@ -278,6 +278,14 @@ def test_the_native_model_rotates_by_its_rope_theta_and_drops_out_its_embeddings
     assert (seen[0] == 0).float().mean() > 0.3 and not (seen[1] == 0).any()
 
 
+def test_the_native_models_layers_read_rotary_positions():
+    # without them one layer is blind to the order of what a token reads: the same output for [5, 6, 7], [6, 5, 7]
+    torch.manual_seed(0)
+    m = BSBRModel(vocab_size=50, hidden_dim=32, num_layers=1, num_heads=4, chunk_size=8, ff_dim=64, dropout=0.0).eval()
+    a, b = m(torch.tensor([[5, 6, 7]]))[0, -1], m(torch.tensor([[6, 5, 7]]))[0, -1]
+    assert (a - b).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_prefill_state_is_contiguous(kw):
     # the layer's q/k/v are transposed views; decode reshapes the state's arrays every step, which

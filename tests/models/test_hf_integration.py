@@ -540,7 +540,7 @@ def test_bad_position_ids_are_one_clear_error():
     for family in ("gpt2", "llama"):  # learned and rotary positions
         m = convert_to_bsbr(make_source(family), chunk_size=4).eval()
         for bad in (torch.arange(4)[None], torch.arange(3.0)[None], torch.arange(6).view(2, 3, 1),
-                    torch.ones(1, 3, dtype=torch.bool)):  # (bool: every learned position read as 1)
+                    torch.ones(1, 3, dtype=torch.bool), torch.arange(9).view(3, 3)):  # (bool: every position 1)
             with pytest.raises(ValueError, match=r"position_ids must be an integer tensor of shape \(2, 3\) or \(1, 3\) "
                                                  r"or \(3,\)"):
                 m(ids, position_ids=bad)
