@@ -26,7 +26,6 @@ class Family:
     config: Callable  # source config -> BSBRConfig architecture kwargs
     base_prefix: str  # prefix of the base model inside the *ForCausalLM state dict
     layer_prefix: str  # source key prefix of layer {i}
-    embed_key: str  # source key of the token embedding (what a tied lm_head must equal)
     # source keys that are not weights (buffers) and are knowingly not carried over
     ignored_suffixes: Tuple[str, ...] = ()
     # the source config's names of BSBRConfig fields that it names otherwise (an error about one names both)
@@ -148,7 +147,6 @@ GPT2 = Family(
     config=_gpt2_config,
     base_prefix="transformer",
     layer_prefix="transformer.h.{i}.",
-    embed_key="transformer.wte.weight",
     ignored_suffixes=("attn.bias", "attn.masked_bias"),
     source_names=dict(hidden_size="n_embd", intermediate_size="n_inner", num_hidden_layers="n_layer",
                       num_attention_heads="n_head", hidden_act="activation_function", norm_eps="layer_norm_epsilon",
@@ -173,7 +171,6 @@ LLAMA_LIKE = Family(
     config=_llama_like_config,
     base_prefix="model",
     layer_prefix="model.layers.{i}.",
-    embed_key="model.embed_tokens.weight",
     ignored_suffixes=("rotary_emb.inv_freq",),
     source_names=dict(norm_eps="rms_norm_eps"),
 )
