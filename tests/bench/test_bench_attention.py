@@ -99,11 +99,23 @@ def test_skips_are_recorded():
     assert std[0]["status"] == "skipped" and f"from {layers.CALIBRATION_LEN} tokens" in std[0]["reason"]
 
 
-def test_bench_core_and_flops():
+def test_bench_core_and_flops(monkeypatch):
     core = bc.bench_core([64, 128], heads=2, head_dim=16, chunk_size=32, repeats=1, matmul_size=64)
     assert core["matmul_gflops_per_s"] > 0
     for r in core["rows"]:
         assert r["time_ms"] > 0 and r["gflop"] > 0 and r["gflops_per_s"] > 0 and r["fraction_of_matmul"] > 0
+    # with blocks: the op timed and the FLOPs counted are those of that op
+    import bsbr.ops.bsbr as ops
+
+    seen, op = [], ops.chunk_bsbr_attention
+    monkeypatch.setattr(ops, "chunk_bsbr_attention", lambda *a, **k: seen.append(a[5].retrieval_blocks) or op(*a, **k))
+    row = bc.bench_core([256], heads=1, head_dim=16, chunk_size=32, repeats=1, matmul_size=64,
+                        retrieval_blocks=2)["rows"][0]
+    assert seen and set(seen) == {2}
+    flops = bc.bsbr_core_flops(256, 32, 1, 16, retrieval_blocks=2)
+    assert row["flops_by_term"] == {k: common.round_sig(v) for k, v in flops.items()}
+    assert row["flops_by_term"]["block_attention"] > 0
+    assert bc.bsbr_core_flops(100, 32, 1, 16)["chunk_states"] == 2 * 128 * 16 * 16  # (padded to whole chunks)
     f = bc.bsbr_core_flops(16384, 128, 8, 64)
     assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k not in ("total", "standard_causal")))
     assert f["standard_causal"] / f["total"] > 20  # the cost model's point: far fewer FLOPs at 16k
@@ -122,6 +134,11 @@ def test_bench_core_and_flops():
     assert sparse["block_scores"] == 2 * 128 * (0 + 1 + 2 + 3) * 128 * 64
     assert sparse["block_attention"] == 4 * 128 * (0 + 1 + 1 + 1) * 128 * 64
     assert sparse["read_out"] == 2 * 512 * 64 * 64 and sparse["retrieved_states"] == 2 * 4 * 4 * 64 * 64
+
+
+def test_the_matmul_rate_is_the_median_of_its_repeats(monkeypatch):
+    monkeypatch.setattr(bc, "interleaved_times", lambda fns, repeats, **kw: {"matmul": [1.0, 2.0, 3.0]})
+    assert bc.matmul_gflops(64, 3, "cpu") == pytest.approx(2 * 64**3 / 2.0 / 1e9)
 
 
 def test_the_cost_model_follows_the_ops_dense_path():
@@ -143,14 +160,24 @@ def test_the_cost_model_follows_the_ops_dense_path():
     assert bc.bsbr_core_flops(32, 128, 1, 16) == bc.bsbr_core_flops(32, 32, 1, 16)
 
 
-def test_model_scaling_tiny():
-    res = scaling.bench_model_scaling([64, 128], hidden=32, heads=2, chunk_size=32, ff_dim=64, vocab_size=50, repeats=1)
+def test_model_scaling_tiny(monkeypatch):
+    tiny = dict(hidden=32, heads=2, chunk_size=32, ff_dim=64, vocab_size=50)
+    res = scaling.bench_model_scaling([128, 64], **tiny, repeats=3)  # (lengths in any order)
     _check_rows(res["rows"], ["bsbr_model"], [64, 128])
-    assert all(r["process_peak_mb"] > 0 for r in res["rows"])
+    assert all(r["process_peak_mb"] > 0 and len(r["times_ms"]) == 3 for r in res["rows"])
     t = {r["seq_len"]: r["time_ms"] for r in res["rows"]}  # the longest's time over the shortest's, beside 2
     assert res["ratios"] == {"time_ratio_longest_shortest": common.round_sig(t[128] / t[64]), "linear_would_be": 2.0}
+    peak = {r["seq_len"]: r["process_peak_mb"] for r in res["rows"]}
+    assert res["targets"][1]["value"] == peak[128]  # the process's peak at the longest length
     # measured, but not judged: the targets are set for other lengths and another model
     assert all(t["value"] is not None and t["met"] is None for t in res["targets"])
+    # judged only for the target's own model: one with retrieved blocks is another model
+    monkeypatch.setattr(scaling, "TARGET_MODEL_SHAPE", dict(scaling.TARGET_MODEL_SHAPE, shortest=64, longest=128,
+                                                            **tiny))
+    judged = scaling.bench_model_scaling([64, 128], **tiny, repeats=1)
+    assert all(t["met"] is not None for t in judged["targets"])
+    blocks = scaling.bench_model_scaling([64, 128], **tiny, repeats=1, retrieval_blocks=2)
+    assert all(t["met"] is None for t in blocks["targets"])
 
 
 @pytest.mark.slow

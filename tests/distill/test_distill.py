@@ -873,6 +873,12 @@ def test_the_reaches_are_where_the_logits_first_change(family, options):
     with torch.no_grad():
         t, s = teacher(ids).logits, student(ids).logits
         assert _first_change(t, s) == teacher_reach(student.config, False)
+        gates = [p for name, p in student.named_parameters() if name.endswith("retrieval_gate")]
+        if gates:  # one layer's gate opened is an open gate (its states are read)
+            gates[0].add_(1.0)
+            assert gate_open(student)
+            gates[0].sub_(1.0)
+            assert not gate_open(student)
         for p in new_parameters(student).values():  # open the gate, change the maps
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
         assert gate_open(student)

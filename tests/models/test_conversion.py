@@ -35,6 +35,19 @@ def test_one_chunk_reproduces_the_source(source):
     assert diff <= 1e-4, f"{name}: max |logit diff| {diff}"
 
 
+def test_one_chunk_reproduces_every_hidden_state_of_the_source(source):
+    # (the first is the embeddings with GPT-2's learned positions added: it was the token embeddings alone)
+    name, src = source
+    model = convert_to_bsbr(src, chunk_size=CHUNK)
+    ids = torch.randint(0, VOCAB, (1, CHUNK), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = (model if hasattr(src, "lm_head") else model.model)(ids, output_hidden_states=True).hidden_states
+        want = src(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{name}: hidden state {i}")
+
+
 def test_first_chunk_of_a_long_input_reproduces_the_source(source):
     name, src = source
     model = convert_to_bsbr(src, chunk_size=CHUNK, local_chunks=1, sink_tokens=0, retrieval_blocks=0)

@@ -183,6 +183,8 @@ def test_generate_past_the_sources_positions_with_the_default_length(monkeypatch
     out = model.generate(prompt, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape == (1, 320)  # transformers' default: 20 new tokens
     assert model.generate(prompt, do_sample=False, max_new_tokens=3, eos_token_id=None, pad_token_id=0).shape == (1, 303)
+    # a max_length the caller gave is theirs (not the default's 20 new tokens)
+    assert model.generate(prompt, do_sample=False, max_length=305, eos_token_id=None, pad_token_id=0).shape == (1, 305)
     gpt2 = convert_to_bsbr(make_source("gpt2"), chunk_size=CHUNK)  # learned absolute positions: 64 of them
     gpt2.config.position_scheme = "absolute"
     with pytest.raises(ValueError, match="max_length"):
