@@ -56,6 +56,24 @@ def test_three_forms_agree(n, chunk, L, S, M, hq, hkv, variant, padded):
     torch.testing.assert_close(o_r, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fn", FORMS)
+def test_garbage_in_padded_positions_reaches_nothing(fn):
+    # (design.md: a NaN there changes nothing; in the bounded mode a padded token must not reach a slot)
+    n = 45
+    x = make(hq=4, hkv=2, n=n, seed=50)
+    options = BSBROptions(4, local_chunks=2, sink_tokens=3, recall_tokens=5, retrieval="normalized")
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, :9] = False
+    valid[0, n // 2] = False
+    gate = torch.full((4,), 0.7, dtype=DT)
+    o = run(fn, x, options, gate=gate, valid=valid)[0]
+    for garbage in (1e3, float("nan"), float("inf")):
+        y = {k: t.clone() for k, t in x.items()}
+        for t in y.values():
+            t[~valid[:, None, :].expand(-1, t.shape[1], -1)] = garbage
+        assert torch.equal(run(fn, y, options, gate=gate, valid=valid)[0], o), garbage
+
+
 @pytest.mark.parametrize("variant", ["normalized", "additive"])
 @pytest.mark.parametrize("dv", [6, 5])  # 5: the head dim, where the CPU forward would use the fused kernel
 def test_gradients_chunked_equal_reference(variant, dv):
