@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .numbers import MAX_TOKENS, SEED_RANGE, finite_number, integer
+from .numbers import MAX_TOKENS, SEED_RANGE, counted, finite_number, integer
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,7 @@ def cmd_generate(args) -> int:
         if n <= table:
             return f"give --max-new-tokens at most {table - n + 1:,}"
         if args.max_new_tokens <= table:
-            k = table - args.max_new_tokens + 1
-            return f"give a prompt of at most {k:,} token{'s' if k > 1 else ''}"
+            return f"give a prompt of at most {counted(table - args.max_new_tokens + 1, 'token')}"
         return f"give a shorter prompt and --max-new-tokens at most {table:,}"
     if n + args.max_new_tokens - 1 > MAX_TOKENS:  # (every other length option has this cap)
         raise UserError(f"{what} ({n:,} tokens) with --max-new-tokens {args.max_new_tokens:,} is longer than the "

@@ -8,6 +8,11 @@ import math
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: a larger value is inf in float32
 
 
+def counted(n: int, word: str) -> str:
+    """``n`` (with thousands separators) and ``word``, plural unless ``n`` is 1: "1 token", "2,048 bytes"."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _plain(text: str) -> str:
     """``text`` if it is written with ASCII characters and no ``_`` (Python's int() and float() also read
     "1_6" as 16 and other scripts' digits, which a mistyped flag should not become); else ValueError."""

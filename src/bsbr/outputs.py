@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .errors import OutputError, UserError, absent, check_not_interrupted
+from .numbers import counted
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 PATH_MAX = 4096  # bytes in a path, its terminating NUL included (Linux)
@@ -129,10 +130,6 @@ def _links_into(folder: Path, target: Path) -> bool:
     return False
 
 
-def _bytes(k: int) -> str:
-    return f"{k:,} byte{'' if k == 1 else 's'}"
-
-
 def _check_path_names(out: Path, path, option: str) -> None:
     """An :class:`OutputError` when a name in the path is longer than a file name may be (else the file
     system's bare "File name too long" comes from the first look at it), when a ``..`` in it follows a folder
@@ -161,7 +158,7 @@ def _check_path_names(out: Path, path, option: str) -> None:
         raise OutputError(f"{option} {shown}: the path is {n:,} bytes"
                           f"{'' if str(out) == str(path) else ' as an absolute path'}, and the files it is written "
                           f"through (up to {PATH_RESERVE} bytes longer) would pass what a path may be "
-                          f"({PATH_MAX - 1:,}): give a path {_bytes(k)} shorter")
+                          f"({PATH_MAX - 1:,}): give a path {counted(k, 'byte')} shorter")
 
 
 def refuse_input_overlap(path, inputs: Iterable, option: str) -> None:
@@ -305,7 +302,7 @@ def check_output_files(outputs: Iterable, *, inputs: Iterable = (), plots: Itera
         if name_bytes > NAME_MAX - extra:
             raise OutputError(f"{option} {path}: its name is {name_bytes} bytes; the file it is written through "
                               f"beside it needs {extra} more than a name may have ({NAME_MAX}): give a name "
-                              f"{_bytes(name_bytes - (NAME_MAX - extra))} shorter")
+                              f"{counted(name_bytes - (NAME_MAX - extra), 'byte')} shorter")
         if option in plots:
             from matplotlib.backend_bases import FigureCanvasBase
 
