@@ -59,8 +59,9 @@ def _llama_like_config(c) -> dict:
     # so they cover part of each head and the source's own forward fails on them)
     partial = rope.get("partial_rotary_factor", 1.0)
     if partial not in (None, 1.0) and rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters' partial_rotary_factor {partial} with rope_type {rope.get('rope_type')!r} is "
-                         "not supported (its rotary tables cover part of each head; this family's code rotates all of it)")
+        raise ValueError(f"rope_parameters' partial_rotary_factor {partial} with rope_type {rope.get('rope_type')!r} "
+                         "is not supported (its rotary tables cover part of each head; this family's code rotates all "
+                         "of it)")
     # biases as each family's model code builds them: Llama's from its config, Qwen2's q/k/v always, Mistral
     # none (its config may carry attention_bias / mlp_bias, which its code never reads)
     llama = c.model_type == "llama"
