@@ -1691,18 +1691,18 @@ def test_usage_errors_and_internal_errors_are_one_line(models, capsys, monkeypat
                                           (["bench", "models"], "--model-budget"),
                                           (["bench", "converted"], "--decode-contexts"),
                                           (["bench", "quality"], "--merge")])
-def test_help_is_fast_imports_no_torch_and_lists_exit_codes(command, flag):
-    code = ("import sys, time; t = time.perf_counter(); from bsbr.cli import main\n"
+def test_help_imports_no_torch_and_lists_exit_codes(command, flag):
+    """``--help`` is fast because it imports neither torch nor transformers (their import is the seconds; the
+    time itself is a benchmark figure, docs/findings.md: on a busy machine a unit test cannot time it)."""
+    code = ("import sys; from bsbr.cli import main\n"
             f"try: main({command + ['--help']!r})\nexcept SystemExit: pass\n"
-            "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)")
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": SRC}
     import subprocess
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     *help_lines, last = r.stdout.strip().splitlines()
-    torch_loaded, transformers_loaded, seconds = last.split()
-    assert (torch_loaded, transformers_loaded) == ("False", "False")
-    assert float(seconds) < 1.0
+    assert last.split() == ["False", "False"]
     text = "\n".join(help_lines)
     if not command:
         assert "exit status:" in text and "130" in text and "internal error" in text

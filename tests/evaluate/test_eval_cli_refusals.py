@@ -993,18 +993,25 @@ def test_eval_fills_the_defaults_its_help_gives_and_reads_a_depth_of_one(capsys)
     help_text = " ".join(capsys.readouterr().out.split())
     assert "tokens per window (default 2048)" in help_text and "number of fillers (default 3)" in help_text
     assert (ev.needle_depth("0"), ev.needle_depth("1")) == (0.0, 1.0)  # (the help's [0, 1])
-    with pytest.raises(argparse.ArgumentTypeError):
-        ev.needle_depth("1.01")
+    for bad in ("1.01", "-0.1", "nan", "inf", "-inf"):  # (nan compares false both ways)
+        with pytest.raises(argparse.ArgumentTypeError, match="depth must lie in"):
+            ev.needle_depth(bad)
 
 
 def test_a_users_file_in_the_task_folders_bytecode_cache_is_refused(tmp_path):
     from bsbr.errors import UserError
     from bsbr.evaluate.cli import _check_task_dir
 
-    (tmp_path / "__pycache__").mkdir()
-    (tmp_path / "__pycache__" / "bsbr_passkey_utils.notes.txt").write_text("mine")  # (not the task's bytecode)
-    with pytest.raises(UserError):
-        _check_task_dir(tmp_path, str(tmp_path))
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    _check_task_dir(tmp_path, str(tmp_path))  # an empty one (a rerun deletes the bytecode it finds)
+    (cache / "bsbr_passkey_utils.cpython-311.pyc").write_bytes(b"")
+    _check_task_dir(tmp_path, str(tmp_path))  # the task's bytecode alone
+    for mine in ("bsbr_passkey_utils.notes.txt", "my_notes.txt"):  # beside the task's bytecode, not its own
+        (cache / mine).write_text("mine")
+        with pytest.raises(UserError, match="__pycache__"):
+            _check_task_dir(tmp_path, str(tmp_path))
+        (cache / mine).unlink()
 
 
 def test_a_passkey_plot_alone_is_a_file_output_on_a_closed_stdout():

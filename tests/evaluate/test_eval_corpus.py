@@ -111,9 +111,21 @@ def test_the_files_read_are_those_with_a_token_in_a_window(tmp_path):
     texts, record = corpus.corpus_texts(text_files=[files[0], tmp_path / "empty.txt", files[2]])
     _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, None)  # [0, 32): 20 + 1, 1, 12 + 1 of 35
     assert read["files"] == [str(f.resolve()) for f in (files[0], tmp_path / "empty.txt", files[2])] and left == []
+    # a file whose text makes no token (blank, to a tokenizer that drops whitespace) is read where its EOS is
+    (tmp_path / "blank.txt").write_text("\n\n")
+    texts, record = corpus.corpus_texts(text_files=[files[0], tmp_path / "blank.txt", files[2]])
+    _, read, left = corpus.windows_read(NoSpaceTokenizer(), texts, record, 8, None)
+    assert read["files"] == [str(f.resolve()) for f in (files[0], tmp_path / "blank.txt", files[2])] and left == []
     texts, record = corpus.corpus_texts(text_files=files)
     _, read, left = corpus.windows_read(CharTokenizer(), texts, record, 8, 3)  # [0, 24): max_windows reached
     assert read["files"] == [str(f.resolve()) for f in files[:2]] and left == [str(f.resolve()) for f in files[2:]]
+
+
+class NoSpaceTokenizer(CharTokenizer):
+    """CharTokenizer that drops whitespace, as a word-level tokenizer does."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return super().__call__("".join(text.split()), add_special_tokens)
 
 
 class CountingTokenizer(CharTokenizer):
@@ -146,6 +158,27 @@ def test_a_large_document_is_read_and_tokenized_a_piece_at_a_time(tmp_path, monk
     tok = CountingTokenizer()  # a long string (a dataset row) is cut the same way
     w = corpus.token_windows(tok, [whole, "abc"], 8, None)
     assert max(tok.calls) <= 100 and torch.equal(w, corpus.token_windows(CharTokenizer(), [whole, "abc"], 8, None))
+
+
+def test_a_file_of_short_lines_is_cut_into_pieces_at_the_last_line_end_in_reach(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 100)
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line {i:03d}\n" for i in range(60)))  # 60 lines of 9 characters
+    assert [len(p) for p in next(corpus.read_texts([path]))] == [99, 99, 99, 99, 99, 45]  # 11 lines a piece
+
+
+def test_token_windows_keep_only_what_a_later_window_can_use():
+    """Windows far apart in a long stream (a wide stride) keep about a window and a piece of tokens, not the
+    stream read so far (2M tokens here: about 32 MB as Python lists)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        windows = corpus.token_windows(CharTokenizer(), ("x" * 1000 for _ in range(2000)), 16, None, stride=100_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert windows.shape == (21, 16) and peak < 4 * 2 ** 20, peak
 
 
 def test_token_windows_errors():

@@ -58,6 +58,9 @@ def test_file_filler_and_errors(tmp_path):
         filler.get_filler(str(empty))
     with pytest.raises(ValueError, match="unknown filler"):
         filler.get_filler("lorem")
+    for missing in ("notes.txt", "sub/notes", "file:notes"):  # reads as a file's name, not a mistyped kind
+        with pytest.raises(ValueError, match=f"filler file '{missing}' does not exist"):
+            filler.get_filler(missing)
     with pytest.raises(ValueError, match="is a directory"):
         filler.get_filler(str(tmp_path))
     # a UTF-8 byte-order mark hid the first sentence's capital (a one-sentence file had "no usable sentences");

@@ -157,6 +157,10 @@ def test_bad_inputs():
     acc = MetricAccumulator(N, B)
     with pytest.raises(ValueError, match="logits missing"):
         acc.update(ids, {"bsbr": logits, "source": logits})
+    block = {m: logits[:, :4] for m in ("bsbr", "source", "local")}
+    with pytest.raises(ValueError, match=f"positions {N - 3} .. {N} lie outside the window of {N}"):
+        acc.update(ids, block, start=N - 3)  # a block running one past the window's end
+    acc.update(ids, block, start=N - 4)  # (its last four positions)
     with pytest.raises(ValueError, match="targets"):
         acc.update(ids[:, :5], {m: logits for m in ("bsbr", "source", "local")})
     with pytest.raises(ValueError, match="source"):

@@ -120,6 +120,14 @@ def test_prompt_errors(word_tokenizer):
     assert json.loads(json.dumps({k: r[k] for k in ("lengths", "depths", "trials", "seed", "max_new_tokens")}))
 
 
+def test_filling_takes_a_sentence_that_exactly_fills_the_space_left():
+    sentences = ["a b c", "d e", "f g h i", "j"]
+    assert passkey._fill(str.split, sentences, 5) == [["a", "b", "c"], ["d", "e"]]  # 3 + 2: full, stop
+    assert passkey._fill(str.split, sentences, 4) == [["a", "b", "c"], ["j"]]  # "d e" and "f g h i" skipped
+    assert passkey._fill(str.split, ["a b c d"], 4) == [["a", "b", "c", "d"]]
+    assert passkey._fill(str.split, ["a b c d"], 3) == []
+
+
 def test_where_a_filler_starts_never_makes_a_length_too_short(word_tokenizer):
     # one short sentence among 200 long ones: filling gave up after 64 misses in a row, so a length was too short
     # or not by where the seed started the filler (and a grid's check of its shortest length passed the rest)

@@ -1,0 +1,73 @@
+"""The output helpers on their own (bsbr.outputs, bsbr.results, bsbr.arguments): what each refuses, what it
+leaves behind when a write fails."""
+import errno
+import json
+
+import pytest
+
+from bsbr import outputs
+from bsbr.arguments import check_bsbr_positions
+from bsbr.errors import OutputError, UserError
+from bsbr.results import write_json
+
+
+def test_a_json_lines_file_named_as_json_is_not_replaced(tmp_path):
+    data = tmp_path / "train.jsonl"  # each line a JSON document, the whole file none
+    data.write_text('{"text": "first document"}\n{"text": "second document"}\n')
+    with pytest.raises(OutputError, match="exists and is not a JSON file"):
+        outputs.check_output_files([("--json", str(data))])
+    result = tmp_path / "r.json"
+    result.write_text('{"perplexity": 1.5}\n')
+    outputs.check_output_files([("--json", str(result))])  # an earlier result is replaced
+
+
+def test_a_failed_write_of_a_set_leaves_neither_the_set_nor_its_staging(tmp_path):
+    def ok(p):
+        p.write_text("{}\n")
+
+    def full(p):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises((UserError, OSError)):
+        outputs.write_together([(tmp_path / "a.json", ok), (tmp_path / "b.json", full)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text("old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        outputs.atomic_write_text(path, "new\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"] and path.read_text() == "old\n"
+
+
+def test_a_failed_write_says_the_output_is_as_it_was_only_when_it_is():
+    error = OSError(errno.ENOSPC, "No space left on device")
+    kept = str(outputs.write_failure("--output", "run1", error, "the checkpoint"))
+    written = str(outputs.write_failure("--output", "run1", error, "the checkpoint", unchanged=False))
+    assert "run1 is as it was" in kept and "free some space or choose another --output" in kept
+    assert "as it was" not in written and "free some space or choose another --output" in written
+
+
+def test_json_results_write_nan_and_infinity_as_null_in_lists_and_tuples(tmp_path):
+    path = write_json({"ppl": float("inf"), "by_length": (1.5, float("nan")), "rows": [[float("-inf")]]},
+                      tmp_path / "r.json")
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=strict) == {"ppl": None, "by_length": [1.5, None],
+                                                                   "rows": [[None]]}
+
+
+def test_lengths_up_to_a_learned_table_are_accepted_and_one_past_it_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="bsbr", position_type="learned", position_scheme="absolute", max_position_embeddings=128)))
+    check_bsbr_positions(tmp_path, "MODEL", [("--seq-len", 128)])
+    with pytest.raises(UserError, match="--seq-len needs 129 positions, past the 128 learned positions of MODEL"):
+        check_bsbr_positions(tmp_path, "MODEL", [("--seq-len", 129)])
