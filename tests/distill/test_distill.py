@@ -192,6 +192,10 @@ def test_end_to_end_loss_by_hand():
     assert kl_value == pytest.approx(want_kl) and float(total) == pytest.approx(want_kl)
     assert ce == pytest.approx(-math.log(0.75))
     assert float(end_to_end_loss(student, teacher, ids, 1.0)[0]) == pytest.approx(want_kl - math.log(0.75))
+    # the LM term trains: d/dlogits of KL is p - q = (-0.25, 0.25), of CE p - onehot(1) = (0.25, -0.25)
+    student.logp.requires_grad_(True)
+    end_to_end_loss(student, teacher, ids, 2.0)[0].backward()
+    assert student.logp.grad.tolist() == pytest.approx([0.25, -0.25])
 
 
 def test_loss_over_blocks_of_positions_is_the_loss_over_the_whole_window(monkeypatch):
@@ -1146,6 +1150,16 @@ def test_the_memory_prediction_scales_the_activations_not_the_gradients(monkeypa
     grads = sum(4 * p.numel() for p in trained.values() if p.grad is not None)
     assert grads > 0
     assert needs == [pytest.approx((10 ** 7 - grads) * 160 / 16 + grads)]
+
+
+def test_a_stop_between_checkpoints_writes_one_at_the_step_it_stopped(tmp_path):
+    from bsbr.distill.trainer import DistillInterrupted
+
+    calls = []
+    with pytest.raises(DistillInterrupted):
+        distill(*fresh(gate_init=0.3), windows(4), tmp_path, DistillConfig(steps=5, checkpoint_every=10),
+                progress=False, should_stop=lambda: calls.append(1) or len(calls) == 2)
+    assert json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())["step"] == 2
 
 
 def test_a_resume_stopped_after_its_last_step_over_an_older_model_publishes_the_new_one(tmp_path):

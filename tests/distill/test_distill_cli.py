@@ -46,6 +46,7 @@ def no_loading(monkeypatch):
     (["--minutes", "nan"], "argument --minutes: 'nan': give a finite number"),
     (["--minutes", "inf"], "argument --minutes: 'inf'"),
     (["--minutes", "-1"], "--minutes must be a finite number > 0"),
+    (["--steps", "2", "--lm-weight", "-1"], "--lm-weight must be a finite number >= 0"),
     (["--steps", "2", "--seq-len", "0"], "--seq-len: must be an integer from 2 to"),
     (["--steps", "2", "--max-windows", "-1"], "--max-windows: must be an integer from 1 to"),
     (["--steps", "2", "--seed", str(2 ** 70)], "--seed: must be an integer from 0 to 4,294,967,295"),
@@ -98,6 +99,9 @@ def test_a_student_converted_from_a_hub_id_keeps_it_as_base_model_with_a_local_t
     local = json.dumps(dict(source=dict(name="/old/place", revision="3" * 40)))
     assert json.loads(_moved_record(local, "/new/place"))["source"] == dict(name="/new/place")
     assert json.loads(_moved_record(local, "org/src", "4" * 40))["source"] == dict(name="org/src", revision="4" * 40)
+    # a record an earlier bsbr wrote with the conversion's own (local) path: not published
+    older = json.dumps(dict(source=dict(name="org/src"), output_dir="/home/alice/secret/converted"))
+    assert "output_dir" not in json.loads(_moved_record(older))
 
 
 def test_config_refuses_non_finite_numbers():
@@ -668,7 +672,7 @@ def test_a_hand_edited_manifest_is_refused_in_one_line(models, text, tmp_path, c
 
 
 TENSOR_EDITS = ["exp_avg shape", "exp_avg_sq gone", "exp_avg int", "step of 5", "step a string", "nan weight",
-                "int weight", "step of -1"]
+                "int weight", "step of -1", "weight shape"]
 
 
 @pytest.mark.parametrize("edit", TENSOR_EDITS)
@@ -701,6 +705,9 @@ def test_a_checkpoint_with_tensors_distill_does_not_write_is_refused_in_one_line
         tensors[f"{name}::step"] = torch.tensor(-1.0)
     elif edit == "nan weight":
         tensors[key] = torch.full_like(tensors[key], float("nan"))
+    elif edit == "weight shape":  # (one value, which would broadcast into the student's weight)
+        key = next(k for k in sorted(tensors) if tensors[k].numel() > 1)
+        tensors[key] = torch.full((1,) * tensors[key].dim(), 7.0)
     if edit == "step a string":
         m["progress"]["optimizer_scalars"] = {f"{name}::step": "many"}
         tensors.pop(f"{name}::step", None)
@@ -708,7 +715,10 @@ def test_a_checkpoint_with_tensors_distill_does_not_write_is_refused_in_one_line
     m["files"][role].update(file_record(path))
     (ckpt / "manifest.json").write_text(json.dumps(m))
     line = refused(capsys, [*distill_args(models, text, out, "--steps", "3"), "--resume"], "distill", out)
-    assert "is not one bsbr distill wrote" in line, line
+    if edit == "weight shape":  # (a checkpoint of another student: named as such)
+        assert f"{key} has shape {tuple(tensors[key].shape)}, the student's is" in line, line
+    else:
+        assert "is not one bsbr distill wrote" in line, line
 
 
 @pytest.mark.parametrize("params", ["new", "all"])
@@ -1005,6 +1015,23 @@ def test_a_ctrl_c_once_the_model_is_published_says_it_is_complete(models, text, 
     err = capsys.readouterr().err
     assert f"interrupted; {out} holds the distilled model, complete" in err and "resume with" not in err, err
     load_bsbr_model(out)
+
+
+def test_a_signal_after_the_last_step_says_training_is_over(models, text, tmp_path, monkeypatch, caplog):
+    import builtins
+    import signal
+
+    import bsbr.distill.cli as cli
+
+    def print_then_signal(*args, **kwargs):  # (the summary line, printed once training is over)
+        builtins.print(*args, **kwargs)
+        if args and str(args[0]).startswith("distilled"):
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "print", print_then_signal, raising=False)
+    main(distill_args(models, text, tmp_path / "out", "--steps", "1"))
+    assert "training is over; stopping once the model is published" in caplog.text, caplog.text
+    assert "writing a checkpoint" not in caplog.text, caplog.text
 
 
 def test_a_signal_once_training_is_over_says_so(caplog):
