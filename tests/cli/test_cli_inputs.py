@@ -1601,10 +1601,25 @@ def test_generate_refuses_a_prompt_of_no_text_a_failing_chat_template_and_an_unu
                 '{"num_return_sequences": 2}', '{"low_memory": true}', '{"diversity_penalty": 0.5}',
                 '{"dola_layers": "low"}',
                 f'{{"forced_eos_token_id": {vocab}}}', f'{{"eos_token_id": [1, {vocab + 5000}]}}',
-                '{"pad_token_id": 1.5}', f'{{"suppress_tokens": [{vocab}]}}'):
+                '{"pad_token_id": 1.5}', f'{{"suppress_tokens": [{vocab}]}}', '{"eos_token_id": [-5, 2]}'):
         (chat / "generation_config.json").write_text(bad)
         line = refused(capsys, ["generate", chat, "--prompt", "def"], "generate")
         assert "generation_config.json cannot be used" in line and "fix or delete it" in line, (bad, line)
+
+
+def test_a_models_own_value_error_in_generate_is_not_blamed_on_generation_config(models, capsys, monkeypatch):
+    from bsbr.models import BSBRForCausalLM
+
+    _, converted, _ = models
+    assert (converted / "generation_config.json").is_file()
+
+    def fails(self, *args, **kwargs):
+        raise ValueError("the model failed here")
+
+    monkeypatch.setattr(BSBRForCausalLM, "forward", fails)
+    assert main(["generate", str(converted), "--prompt", "def", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the model failed here" in err and "generation_config.json" not in err, err
 
 
 def test_generate_greedy_is_plain_greedy_and_bad_decoding_settings_name_the_file(models, tmp_path, capsys):

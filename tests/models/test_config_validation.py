@@ -945,3 +945,26 @@ def test_a_config_differs_from_its_record_beyond_float32_rounding_and_by_any_key
         check_bsbr_dir(tmp_path, "MODEL_DIR")
     assert "norm_eps" not in caplog.text
     assert "config.json's rope_parameters is" in caplog.text
+
+
+def test_a_config_saved_without_a_version_reads_a_null_default_as_it_was_then_and_others_keep_theirs(tmp_path):
+    from model_sources import make_source
+
+    from bsbr.models.bsbr.configuration_bsbr import missing_defaults
+
+    filled = missing_defaults({"retrieval_blocks": None, "feature_map": None})
+    assert (filled["retrieval_blocks"], filled["feature_map"]) == (8, "hedgehog")  # (null: the default derived)
+    make_source("llama").save_pretrained(tmp_path / "llama")  # another model type's folder: not an earlier bsbr's
+    config = BSBRConfig.from_pretrained(tmp_path / "llama")
+    assert (config.local_chunks, config.sink_tokens, config.retrieval_blocks) == (2, 4, 8)
+
+
+def test_an_earlier_learned_position_config_is_not_told_of_far_positions_it_never_set(tmp_path, caplog):
+    from model_sources import make_source
+
+    convert_to_bsbr(make_source("gpt2"), chunk_size=8).save_pretrained(tmp_path)
+    _as_saved_before_versions(tmp_path, drop=("far_positions",))
+    with caplog.at_level("INFO"):
+        loaded = load_bsbr_model(tmp_path)
+    assert loaded.config.far_positions == BSBRConfig().far_positions
+    assert "far_positions" not in caplog.text, caplog.text

@@ -575,3 +575,55 @@ def test_labels_refused_leave_a_cache_as_it_was():
         kept = model(ids, labels=ids[:, 1:], logits_to_keep=-1)
         assert kept.logits.shape[1] == 24 and torch.isfinite(kept.loss)
     torch.testing.assert_close(out.logits, full[:, 20:], rtol=1e-4, atol=1e-4)
+
+
+def _cache_warnings(record):
+    return [str(w.message) for w in record if "cache read" in str(w.message)]
+
+
+def test_new_tokens_with_a_mask_over_the_cache_alone_are_refused():
+    # a right-padded row's cache mask given with new tokens was read as their mask: that row generated from
+    # positions it never had, silently
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8).eval()
+    ids = torch.randint(3, VOCAB, (2, 14), generator=torch.Generator().manual_seed(0))
+    cached = torch.ones(2, 10, dtype=torch.long)
+    cached[1, 7:] = 0
+    with torch.no_grad():
+        cache = model(ids[:, :10], attention_mask=cached, use_cache=True).cache
+    with pytest.raises(ValueError, match="attention_mask has 10 columns, the input 4 tokens and the cache 10 positions"):
+        model.generate(ids[:, 10:], cache=cache, attention_mask=cached, do_sample=False, max_new_tokens=2,
+                       pad_token_id=0, eos_token_id=None)
+
+
+def test_negative_rows_select_the_cache_rows_they_name():
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8).eval()
+    ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cache = model(ids[:, :13], use_cache=True).cache
+    want = model.generate(ids[[1, 0], 13:], cache=cache.select(torch.tensor([1, 0])), **kw)
+    assert torch.equal(model.generate(ids[[1, 0], 13:], cache=cache.select(torch.tensor([-1, 0])), **kw), want)
+
+
+def test_rows_of_which_only_some_begin_with_the_cached_text_are_not_warned_of_as_all_doing_so():
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 20), generator=g)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    new = torch.randint(3, VOCAB, (2, 18), generator=g)
+    new[0, :16] = ids[0, :16]  # row 0 begins with the cache's first 16 tokens, row 1 does not
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.generate(new, cache=cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert not any("real tokens the cache read" in m for m in _cache_warnings(record)), _cache_warnings(record)
+
+
+def test_new_tokens_of_a_short_cache_that_begin_as_its_text_are_not_called_its_text_tokenized_again():
+    model = convert_to_bsbr(make_source("llama"), chunk_size=8).eval()
+    with torch.no_grad():
+        cache = model(torch.tensor([[5, 6, 7]]), use_cache=True).cache  # 3 tokens
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.generate(torch.tensor([[5, 6, 9, 10]]), cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert not any("but for its last token" in m for m in _cache_warnings(record)), _cache_warnings(record)
