@@ -2,6 +2,7 @@
 leaves behind when a write fails."""
 import errno
 import json
+import os
 
 import pytest
 
@@ -71,3 +72,71 @@ def test_lengths_up_to_a_learned_table_are_accepted_and_one_past_it_refused(tmp_
     check_bsbr_positions(tmp_path, "MODEL", [("--seq-len", 128)])
     with pytest.raises(UserError, match="--seq-len needs 129 positions, past the 128 learned positions of MODEL"):
         check_bsbr_positions(tmp_path, "MODEL", [("--seq-len", 129)])
+
+
+def test_a_folder_name_of_exactly_the_longest_a_name_may_be_is_accepted(tmp_path):
+    folder = tmp_path / ("p" * 255)  # 255 bytes: legal
+    folder.mkdir()
+    outputs.check_output_dir(folder / "model", option="OUTPUT_DIR")
+    outputs.check_output_files([("--json", str(folder / "r.json"))])
+
+
+def test_a_nul_byte_anywhere_in_a_text_files_first_8_kb_makes_it_binary(tmp_path):
+    from bsbr.arguments import check_text_files
+
+    dump = tmp_path / "dump.txt"
+    dump.write_bytes(b"word " * 1000 + b"\0\0\0\0binary tail\n")  # its first NUL at byte 5,000
+    with pytest.raises(UserError, match="--text-file"):
+        check_text_files([str(dump)], option="--text-file")
+
+
+def test_overwrite_refuses_an_output_whose_subfolder_is_the_current_directory(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "additional_chat_templates").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    monkeypatch.chdir(out / "additional_chat_templates")
+    with pytest.raises(OutputError, match="current directory"):
+        outputs.check_output_dir(out, overwrite=True, option="OUTPUT_DIR")
+
+
+def test_a_users_model_beside_a_killed_runs_staging_folder_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    (out / ".bsbr.tmp-abcd1234").mkdir(parents=True)  # a killed run's staging folder
+    (out / "config.json").write_text(json.dumps({"model_type": "llama"}))  # the user's model, saved there later
+    with pytest.raises(OutputError, match="never replaces"):
+        outputs.check_output_dir(out, overwrite=True, option="OUTPUT_DIR")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/proc/self"), reason="root on Linux: only /proc refuses")
+def test_a_result_file_in_a_folder_nothing_can_be_created_in_is_refused_before_the_work():
+    with pytest.raises(OutputError, match="/proc"):
+        outputs.check_output_files([("--json", "/proc/r.json")])
+
+
+def test_a_full_quota_is_told_to_free_some_space():
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        error = OSError(code, os.strerror(code))
+        assert outputs.out_of_room(error)
+        assert "free some space or choose another --json" in str(outputs.write_failure("--json", "r.json", error,
+                                                                                      "the results"))
+    assert not outputs.out_of_room(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_an_output_that_gains_a_users_file_while_it_is_written_is_not_written_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OutputError):
+        with outputs.staged_dir(out) as staged:
+            (staged / "config.json").write_text('{"model_type": "bsbr"}')
+            (staged / "README.md").write_text("model card")
+            (out / "README.md").write_text("my notes")  # saved by the user meanwhile
+    assert (out / "README.md").read_text() == "my notes"
+
+
+def test_a_second_writer_of_an_output_leaves_the_first_ones_staging_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputError):
+        with outputs.staged_dir(out) as first:  # still writing (its staging folder locked)
+            with outputs.staged_dir(out) as second:  # finishes first
+                (second / "config.json").write_text("{}")
+            assert first.exists()
