@@ -131,6 +131,32 @@ def test_heatmap_data_may_not_replace_the_results_json(saved, tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_a_derived_file_a_user_wrote_is_refused_naming_the_option_it_is_derived_from(saved, tmp_path, capsys,
+                                                                                     no_loading):
+    (tmp_path / "res.passkey.json").write_text('{"mine": 1}')
+    _refused(capsys, _base(saved, *PASSKEY, "--plot", str(tmp_path / "res.png")),
+             f"--plot {tmp_path / 'res.png'} puts the pass-key data at {tmp_path / 'res.passkey.json'}")
+    assert (tmp_path / "res.passkey.json").read_text() == '{"mine": 1}'
+
+
+def test_without_pass_keys_the_files_they_would_write_are_not_checked(saved, tmp_path, capsys):
+    for mine in ("res.passkey.json", "res.passkey.png"):
+        (tmp_path / mine).write_text("mine")
+    assert main(_base(saved, "--no-passkey", "--json", str(tmp_path / "res.json"))) == 0, capsys.readouterr().err
+    assert (tmp_path / "res.json").is_file()
+    assert all((tmp_path / mine).read_text() == "mine" for mine in ("res.passkey.json", "res.passkey.png"))
+
+
+def test_results_may_not_replace_a_filler_file_that_holds_json(saved, tmp_path, capsys, no_loading):
+    notes = tmp_path / "notes.json"  # (JSON, so it passes for a result file that may be replaced)
+    notes.write_text(json.dumps([" ".join(["The quiet river ran past the old stone mill at dawn."] * 40)]))
+    before = notes.read_text()
+    _refused(capsys, _base(saved, "--passkey-lengths", "96", "--passkey-depths", "0.5", "--passkey-trials", "1",
+                           "--passkey-new-tokens", "5", "--passkey-filler", str(notes), "--json", str(notes)),
+             "would overwrite the --passkey-filler")
+    assert notes.read_text() == before
+
+
 def test_json_and_plot_may_not_be_one_file(saved, tmp_path, capsys, no_loading):
     same = tmp_path / "ev" / "same.png"
     _refused(capsys, _base(saved, "--no-passkey", "--json", str(same), "--plot", str(same)), "--plot", "--json")

@@ -128,6 +128,21 @@ def test_filling_takes_a_sentence_that_exactly_fills_the_space_left():
     assert passkey._fill(str.split, ["a b c d"], 3) == []
 
 
+def test_a_filler_is_warned_of_only_when_a_prompt_reads_a_sentence_twice(caplog):
+    from bsbr.evaluate.filler import CyclingFiller
+
+    filler = CyclingFiller("file:f.txt", [f"Sentence number {w} is here." for w in "abcdef"], "f.txt")
+
+    def prompt(sentences):
+        return passkey.PasskeyPrompt([1], "12345", 0, 1, 0.5, 2, dict(filler="file:f.txt", filler_sentences=sentences))
+
+    with caplog.at_level("WARNING", logger="bsbr.evaluate.passkey"):
+        passkey.warn_repeated_fillers([filler], [prompt(5), prompt(6)])  # each sentence once at most
+        assert "usable sentences" not in caplog.text
+        passkey.warn_repeated_fillers([filler], [prompt(7)])
+    assert "filler f.txt has 6 usable sentences" in caplog.text, caplog.text
+
+
 def test_where_a_filler_starts_never_makes_a_length_too_short(word_tokenizer):
     # one short sentence among 200 long ones: filling gave up after 64 misses in a row, so a length was too short
     # or not by where the seed started the filler (and a grid's check of its shortest length passed the rest)
