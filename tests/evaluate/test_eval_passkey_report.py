@@ -96,6 +96,7 @@ def test_lm_eval_task_dir_cli(saved, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "task" / "bsbr_passkey.yaml").is_file()
     out = capsys.readouterr().out
     assert "simple_evaluate" in out and "dtype='float32'" in out  # (as bsbr eval runs it, whatever dtype was saved)
+    assert "max_length=104)" in out  # the longest prompt and its answer (96 + the default 8 new tokens)
     assert "pip install" not in out
     # without lm-eval the printed snippet's import fails: said, with what to install
     find_spec = importlib.util.find_spec
